@@ -1,0 +1,126 @@
+"""Safe checkpoint loading: ``weights_only`` pickles and safetensors, never arbitrary code.
+
+Accepts a raw state dict or one wrapped in ``model`` / ``state_dict`` / ``model_ema``, strips ``module.``
+prefixes (DataParallel / DDP), and reports missing / unexpected / mis-shaped keys by name.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from erf_lab.errors import CheckpointError
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module", "net")
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict without running any code in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read safetensors checkpoint {path}: {e}") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+                raise CheckpointError(
+                    f"refusing to load {path}: it contains Python objects beyond tensors "
+                    f"(loading it could run code); save a plain state dict or .safetensors instead"
+                ) from None
+            raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+        except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a PyTorch file): {first}") from None
+    return unwrap_state_dict(obj, source=str(path))
+
+
+def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the state dict inside a checkpoint object and strip ``module.`` prefixes."""
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not _is_state_dict(obj):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, Mapping) or not _is_state_dict(obj):
+        raise CheckpointError(f"{source}: no state dict found (expected tensors, or a dict with 'model' or 'state_dict')")
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(k, str) for k in obj) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the classifier (``model.head_names`` if the model declares them)."""
+    names = getattr(model, "head_names", None)
+    if names:
+        return tuple(n.rstrip(".") + "." for n in names)
+    return ("head.", "fc.", "classifier.", "_fc.")
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, drop_head: bool = False,
+                 source: str = "checkpoint") -> None:
+    """Load ``state_dict`` strictly into ``model``; errors name the first offending keys.
+
+    The model may define ``adapt_state_dict(sd) -> sd`` to map other key layouts onto its own.
+    A classifier of another class count raises unless ``drop_head=True``, which keeps the model's head.
+    """
+    if hasattr(model, "adapt_state_dict"):
+        state_dict = model.adapt_state_dict(dict(state_dict))
+    own = model.state_dict()
+    heads = _head_prefixes(model)
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    head_mismatch = [k for k in mismatched if k.startswith(heads)]
+    if head_mismatch:
+        k = head_mismatch[0]
+        if not drop_head:
+            raise CheckpointError(
+                f"{source}: classifier has {state_dict[k].shape[0]} classes, the model {own[k].shape[0]} "
+                f"(key {k}); pass drop_head=True (CLI: --drop-head) to load everything but the head"
+            )
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
+        missing = [k for k in missing if not k.startswith(heads)]
+        mismatched = [k for k in mismatched if not k.startswith(heads)]
+        unexpected = [k for k in unexpected if not k.startswith(heads)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_first(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
+    if mismatched:
+        k = mismatched[0]
+        problems.append(f"{len(mismatched)} shape mismatch(es): {k} is {tuple(state_dict[k].shape)} in the file, "
+                        f"{tuple(own[k].shape)} in the model")
+    if problems:
+        raise CheckpointError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
+    if drop_head:
+        keep = {k: v for k, v in own.items() if k.startswith(heads)}
+        state_dict = {**state_dict, **keep}
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")

