@@ -5,8 +5,10 @@ prefixes (DataParallel / DDP), and reports missing / unexpected / mis-shaped key
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,19 +34,51 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot read safetensors checkpoint {path}: {e}") from None
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with _allow_metadata():
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            msg = str(e)
+            blocked = re.search(r"(?:unsupported GLOBAL|Unsupported global:\s*GLOBAL)\s+([\w.]+)", msg, re.IGNORECASE)
+            if blocked:
                 raise CheckpointError(
-                    f"refusing to load {path}: it contains Python objects beyond tensors "
+                    f"refusing to load {path}: it references the Python object {blocked.group(1)} "
                     f"(loading it could run code); save a plain state dict or .safetensors instead"
                 ) from None
-            raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
-        except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a PyTorch file): "
+                                  f"{_last_reason(msg)}") from None
+        except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a PyTorch file): {first}") from None
     return unwrap_state_dict(obj, source=str(path))
+
+
+def _allow_metadata():
+    """Context allowing :func:`_metadata_globals` in weights-only loads (torch >= 2.5; no-op before)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return safe_globals(_metadata_globals()) if safe_globals is not None else contextlib.nullcontext()
+
+
+def _metadata_globals() -> list:
+    """Harmless classes that training checkpoints carry beside the weights (``args`` namespaces, numpy scalars
+    such as ``best_acc``), allowed in addition to torch's weights-only set. Nothing here can run code."""
+    import argparse
+
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    allowed = [argparse.Namespace, np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar")]
+    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    return allowed
+
+
+def _last_reason(msg: str) -> str:
+    """The informative line of torch's long weights-only error (e.g. 'Unsupported operand 79')."""
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("Unsupported", "Expected", "Invalid", "invalid", "Trying")):
+            return ln
+    return lines[-1] if lines else "unreadable pickle"
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:

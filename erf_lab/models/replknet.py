@@ -1,1 +1,493 @@
-"""(being written)"""
+"""RepLKNet (Ding et al., "Scaling Up Your Kernels to 31x31: Revisiting Large Kernel Design in CNNs", CVPR 2022).
+
+Architecture (paper Sec. 4.1, Fig. 4; official ``replknet.py``): a stem (3x3/2 conv, 3x3 depthwise, 1x1 conv,
+3x3/2 depthwise, each conv-BN-ReLU), four stages of alternating RepLK blocks and ConvFFN blocks, transitions
+(1x1 conv-BN-ReLU, 3x3/2 depthwise conv-BN-ReLU) between stages, then BN, global average pooling and a linear
+head. Every conv is followed by BN. A RepLK block is ``x + DropPath(pw2(ReLU(LK(pw1(BN(x))))))`` with
+``pw1`` = 1x1 conv-BN-ReLU, ``LK`` = depthwise KxK conv-BN (+ parallel small-kernel depthwise conv-BN for
+structural re-parameterization, Sec. 3 guideline 3), ``pw2`` = 1x1 conv-BN. A ConvFFN block is
+``x + DropPath(BN(conv1x1(GELU(BN(conv1x1(BN(x)))))))``.
+
+State-dict key names are those of the official implementation (``stem.0.conv.weight``,
+``stages.2.blocks.5.large_kernel.lkb_origin.bn.running_var``, ``transitions.0.1.conv.weight``, ``norm.*``,
+``head.*``; merged form ``...large_kernel.lkb_reparam.weight/bias``), so official checkpoints load directly.
+
+Three forms of the network:
+
+* train-time (default): ``lkb_origin`` + ``small_conv`` branches, conv-BN pairs everywhere;
+* official merged / deploy layout (``deploy=True`` or :func:`merge_large_kernels`): each large-kernel
+  branch and its small kernel are merged into one biased conv ``lkb_reparam``, everything else unchanged;
+* fully fused (:func:`erf_lab.models.reparameterize_model`): additionally every conv-BN pair is folded and the
+  BNs that precede a 1x1 conv (``prelkb_bn``, ``preffn_bn``) are folded into it. In-memory inference form.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
+
+from erf_lab.errors import ErfLabError
+from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.registry import register_model
+from erf_lab.models.reparam import fuse_conv_bn
+
+__all__ = [
+    "RepLKNet", "RepLKBlock", "ConvFFN", "ReparamLargeKernelConv", "ConvBN", "DropPath", "VARIANTS",
+    "merge_large_kernels", "resolve_conv_backend", "CONV_BACKEND_ENV",
+]
+
+CONV_BACKEND_ENV = "ERF_LAB_CONV_BACKEND"
+
+#: Paper configurations (Table 5: kernel-size family at 31B widths; Table 6: 31B / 31L / XL). ``params_m`` is
+#: the parameter count (millions) the paper reports for the 1000-class model, where it reports one.
+VARIANTS: dict[str, dict] = {
+    "replknet_31b": dict(large_kernel_sizes=(31, 29, 27, 13), layers=(2, 2, 18, 2), channels=(128, 256, 512, 1024),
+                         small_kernel=5, dw_ratio=1.0, params_m=79, paper="Table 6"),
+    "replknet_31l": dict(large_kernel_sizes=(31, 29, 27, 13), layers=(2, 2, 18, 2), channels=(192, 384, 768, 1536),
+                         small_kernel=5, dw_ratio=1.0, params_m=172, paper="Table 6"),
+    "replknet_xl": dict(large_kernel_sizes=(27, 27, 27, 13), layers=(2, 2, 18, 2), channels=(256, 512, 1024, 2048),
+                        small_kernel=None, dw_ratio=1.5, params_m=335, paper="Table 6"),
+    "replknet_3": dict(large_kernel_sizes=(3, 3, 3, 3), layers=(2, 2, 18, 2), channels=(128, 256, 512, 1024),
+                       small_kernel=None, dw_ratio=1.0, params_m=None, paper="Table 5"),
+    "replknet_7": dict(large_kernel_sizes=(7, 7, 7, 7), layers=(2, 2, 18, 2), channels=(128, 256, 512, 1024),
+                       small_kernel=5, dw_ratio=1.0, params_m=None, paper="Table 5"),
+    "replknet_13": dict(large_kernel_sizes=(13, 13, 13, 13), layers=(2, 2, 18, 2), channels=(128, 256, 512, 1024),
+                        small_kernel=5, dw_ratio=1.0, params_m=None, paper="Table 5"),
+    "replknet_25": dict(large_kernel_sizes=(25, 25, 25, 13), layers=(2, 2, 18, 2), channels=(128, 256, 512, 1024),
+                        small_kernel=5, dw_ratio=1.0, params_m=None, paper="Table 5"),
+}
+
+
+# --------------------------------------------------------------------------------------------- building blocks
+def resolve_conv_backend(conv_backend: str | None) -> str:
+    """``None`` -> ``$ERF_LAB_CONV_BACKEND`` or ``"auto"``. ``"native"`` = ``nn.Conv2d``; any other value is a
+    :mod:`fastconv` backend used for the large depthwise convolutions."""
+    backend = conv_backend if conv_backend is not None else os.environ.get(CONV_BACKEND_ENV, "").strip() or "auto"
+    if not isinstance(backend, str) or not backend:
+        raise ErfLabError(f"conv_backend must be a non-empty string, got {backend!r}")
+    if backend != "native":
+        import fastconv
+
+        known = getattr(fastconv, "BACKENDS", None)
+        if known is not None and backend not in known and backend != "auto":
+            raise ErfLabError(f"unknown conv backend {backend!r}; choose 'native' or one of {', '.join(known)}")
+    return backend
+
+
+def _conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, groups: int,
+            bias: bool, backend: str) -> nn.Conv2d:
+    """A conv; large (K > 5) stride-1 depthwise convs go to ``fastconv.DepthwiseConv2d`` unless backend is native
+    (the official code routes the same convs to its implicit-GEMM kernel)."""
+    is_large_dw = (in_channels == out_channels == groups and kernel_size > 5 and stride == 1
+                   and padding == kernel_size // 2)
+    if is_large_dw and backend != "native":
+        from fastconv import DepthwiseConv2d
+
+        return DepthwiseConv2d(in_channels, kernel_size, bias=bias, backend=backend)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups, bias=bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016), survivors rescaled by 1/keep."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+def _drop_path(rate: float) -> nn.Module:
+    return DropPath(rate) if rate > 0.0 else nn.Identity()
+
+
+class ConvBN(nn.Module):
+    """conv -> BN (-> ReLU): the official ``conv_bn`` / ``conv_bn_relu`` (keys ``conv.weight``, ``bn.*``).
+
+    ``reparameterize()`` folds the BN into a biased conv and sets ``bn`` to None (idempotent).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int | None = None, groups: int = 1, relu: bool = False, backend: str = "native"):
+        super().__init__()
+        padding = kernel_size // 2 if padding is None else padding
+        self.conv = _conv2d(in_channels, out_channels, kernel_size, stride, padding, groups, False, backend)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.nonlinear = nn.ReLU() if relu else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.nonlinear is not None:
+            x = self.nonlinear(x)
+        return x
+
+    @torch.no_grad()
+    def fused_weight_bias(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The single conv equivalent to conv-BN (eval mode), in ``dtype`` (default: the conv's)."""
+        w = self.conv.weight.detach()
+        dtype = dtype or w.dtype
+        b = self.conv.bias.detach() if self.conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
+        if self.bn is None:
+            return w.to(dtype, copy=True), b.to(dtype, copy=True)
+        # Fold in float64, then round once (paper Sec. 3 / official fuse_bn: w*gamma/std, beta + (b-mean)*gamma/std).
+        w, b = fuse_conv_bn(w.double(), b.double(), _BNDouble(self.bn))
+        return w.to(dtype), b.to(dtype)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if self.bn is None:
+            return
+        w, b = self.fused_weight_bias()
+        self.conv.weight = nn.Parameter(w)
+        self.conv.bias = nn.Parameter(b)
+        self.bn = None
+
+
+class _BNDouble:
+    """float64 view of an eval-mode BN's statistics and affine parameters (for exact folding)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        self.running_mean, self.running_var = bn.running_mean.double(), bn.running_var.double()
+        self.weight, self.bias, self.eps = bn.weight.detach().double(), bn.bias.detach().double(), bn.eps
+
+
+class ReparamLargeKernelConv(nn.Module):
+    """Depthwise KxK conv-BN with a parallel small-kernel depthwise conv-BN (paper Sec. 3, guideline 3).
+
+    After :meth:`merge_kernel` the two branches are one biased conv ``lkb_reparam``: both BNs are fused and the
+    small kernel is zero-padded to KxK and added to the large one (convolution is linear; equal 'same' padding).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
+                 small_kernel: int | None, small_kernel_merged: bool = False, backend: str = "auto"):
+        super().__init__()
+        if kernel_size % 2 == 0 or kernel_size < 1:
+            raise ErfLabError(f"large kernel sizes must be odd and positive, got {kernel_size}")
+        if small_kernel is not None and (small_kernel % 2 == 0 or small_kernel < 1):
+            raise ErfLabError(f"small_kernel must be odd and positive, got {small_kernel}")
+        if small_kernel is not None and small_kernel > kernel_size:
+            small_kernel = None  # nothing to re-parameterize into a smaller kernel (e.g. 3x3 stages)
+        self.in_channels, self.out_channels, self.groups, self.stride = in_channels, out_channels, groups, stride
+        self.kernel_size = kernel_size
+        self.small_kernel = small_kernel
+        self.backend = backend
+        self.lkb_origin = self.small_conv = self.lkb_reparam = None
+        if small_kernel_merged:
+            self.lkb_reparam = self._merged_conv()
+        else:
+            self.lkb_origin = ConvBN(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups,
+                                     backend=backend)
+            if small_kernel is not None:
+                self.small_conv = ConvBN(in_channels, out_channels, small_kernel, stride, small_kernel // 2, groups,
+                                         backend=backend)
+
+    def _merged_conv(self, device=None, dtype=None) -> nn.Conv2d:
+        conv = _conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.kernel_size // 2,
+                       self.groups, True, self.backend)
+        return conv.to(device=device, dtype=dtype) if device is not None or dtype is not None else conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lkb_reparam is not None:
+            return self.lkb_reparam(x)
+        out = self.lkb_origin(x)
+        if self.small_conv is not None:
+            out = out + self.small_conv(x)
+        return out
+
+    @torch.no_grad()
+    def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged (KxK kernel, bias): both branches BN-fused, the small kernel zero-padded to the centre."""
+        dtype = self.lkb_origin.conv.weight.dtype
+        k, b = self.lkb_origin.fused_weight_bias(torch.float64)
+        if self.small_conv is not None:
+            sk, sb = self.small_conv.fused_weight_bias(torch.float64)
+            pad = (self.kernel_size - self.small_kernel) // 2
+            k = k + F.pad(sk, [pad] * 4)
+            b = b + sb
+        return k.to(dtype), b.to(dtype)
+
+    @torch.no_grad()
+    def merge_kernel(self) -> None:
+        """Merge into ``lkb_reparam`` (official deploy layout); idempotent."""
+        if self.lkb_reparam is not None:
+            return
+        k, b = self.get_equivalent_kernel_bias()
+        conv = self._merged_conv(device=k.device, dtype=k.dtype)
+        conv.weight.copy_(k)
+        conv.bias.copy_(b)
+        self.lkb_reparam = conv
+        self.lkb_origin = None
+        self.small_conv = None
+
+    def reparameterize(self) -> None:
+        self.merge_kernel()
+
+
+@torch.no_grad()
+def _fold_preceding_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
+    """Fold an eval-mode BN that directly precedes a 1x1, groups-1 conv into that conv (exact):
+    ``W (a*x + c) + b = (W*a) x + (b + W c)`` with ``a = gamma/sqrt(var+eps)``, ``c = beta - mean*a``."""
+    if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.padding != (0, 0):
+        raise ValueError("a preceding BN can only be folded exactly into a 1x1, groups=1, unpadded conv")
+    dtype = conv.weight.dtype
+    a = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    c = bn.bias.double() - bn.running_mean.double() * a
+    w = conv.weight.double()
+    b = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    conv.bias = nn.Parameter((b + w[:, :, 0, 0] @ c).to(dtype))
+    conv.weight = nn.Parameter((w * a.reshape(1, -1, 1, 1)).to(dtype))
+
+
+class RepLKBlock(nn.Module):
+    """``x + DropPath(pw2(ReLU(LK(pw1(BN(x))))))`` (paper Fig. 4; official ``RepLKBlock``)."""
+
+    def __init__(self, in_channels: int, dw_channels: int, block_lk_size: int, small_kernel: int | None,
+                 drop_path: float, small_kernel_merged: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.pw1 = ConvBN(in_channels, dw_channels, 1, 1, 0, relu=True)
+        self.pw2 = ConvBN(dw_channels, in_channels, 1, 1, 0)
+        self.large_kernel = ReparamLargeKernelConv(dw_channels, dw_channels, block_lk_size, 1, dw_channels,
+                                                   small_kernel, small_kernel_merged, backend=backend)
+        self.lk_nonlinear = nn.ReLU()
+        self.prelkb_bn = nn.BatchNorm2d(in_channels)
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.prelkb_bn(x) if self.prelkb_bn is not None else x
+        out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(out))))
+        return x + self.drop_path(out)
+
+    def reparameterize(self) -> None:
+        """Fully fused form: LK merge, conv-BN folds, ``prelkb_bn`` folded into ``pw1`` (idempotent)."""
+        self.large_kernel.reparameterize()
+        self.pw1.reparameterize()
+        self.pw2.reparameterize()
+        if self.prelkb_bn is not None:
+            _fold_preceding_bn(self.prelkb_bn, self.pw1.conv)
+            self.prelkb_bn = None
+
+
+class ConvFFN(nn.Module):
+    """``x + DropPath(pw2(GELU(pw1(BN(x)))))`` with 1x1 conv-BN ``pw1``/``pw2`` (official ``ConvFFN``)."""
+
+    def __init__(self, in_channels: int, internal_channels: int, out_channels: int, drop_path: float):
+        super().__init__()
+        self.drop_path = _drop_path(drop_path)
+        self.preffn_bn = nn.BatchNorm2d(in_channels)
+        self.pw1 = ConvBN(in_channels, internal_channels, 1, 1, 0)
+        self.pw2 = ConvBN(internal_channels, out_channels, 1, 1, 0)
+        self.nonlinear = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.preffn_bn(x) if self.preffn_bn is not None else x
+        out = self.pw2(self.nonlinear(self.pw1(out)))
+        return x + self.drop_path(out)
+
+    def reparameterize(self) -> None:
+        self.pw1.reparameterize()
+        self.pw2.reparameterize()
+        if self.preffn_bn is not None:
+            _fold_preceding_bn(self.preffn_bn, self.pw1.conv)
+            self.preffn_bn = None
+
+
+class RepLKNetStage(nn.Module):
+    """``num_blocks`` x (RepLK block, ConvFFN) sharing one large kernel size (keys ``blocks.{2i,2i+1}``)."""
+
+    def __init__(self, channels: int, num_blocks: int, stage_lk_size: int, drop_path: Sequence[float],
+                 small_kernel: int | None, dw_ratio: float = 1.0, ffn_ratio: float = 4.0,
+                 use_checkpoint: bool = False, small_kernel_merged: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        blocks = []
+        for i in range(num_blocks):
+            blocks.append(RepLKBlock(channels, int(channels * dw_ratio), stage_lk_size, small_kernel, drop_path[i],
+                                     small_kernel_merged, backend=backend))
+            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), channels, drop_path[i]))
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.use_checkpoint and self.training and torch.is_grad_enabled():
+                x = torch_checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------- the model
+class RepLKNet(nn.Module):
+    """RepLKNet; arguments keep the official constructor's names and meaning.
+
+    ``forward_features`` returns the last stage's feature map (N, C, H/32, W/32), before the final BN: the
+    tensor the official ERF script measures on. ``forward_head`` = BN -> global average pool -> linear.
+    ``num_classes=0`` (or None) drops the classifier (``forward`` then returns pooled features).
+    """
+
+    head_names = ("head",)
+
+    def __init__(self, large_kernel_sizes: Sequence[int], layers: Sequence[int], channels: Sequence[int],
+                 drop_path_rate: float = 0.0, small_kernel: int | None = 5, dw_ratio: float = 1.0,
+                 ffn_ratio: float = 4.0, in_channels: int = 3, num_classes: int | None = 1000,
+                 use_checkpoint: bool = False, small_kernel_merged: bool = False, conv_backend: str | None = None):
+        super().__init__()
+        large_kernel_sizes, layers, channels = tuple(large_kernel_sizes), tuple(layers), tuple(channels)
+        if not (len(large_kernel_sizes) == len(layers) == len(channels)) or not layers:
+            raise ErfLabError(f"RepLKNet needs one kernel size, block count and width per stage; got "
+                              f"kernels={large_kernel_sizes}, layers={layers}, channels={channels}")
+        if any(int(n) < 1 for n in layers) or any(int(c) < 1 for c in channels):
+            raise ErfLabError(f"layers and channels must be positive, got layers={layers}, channels={channels}")
+        if not 0.0 <= float(drop_path_rate) < 1.0:
+            raise ErfLabError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if dw_ratio <= 0 or ffn_ratio <= 0:
+            raise ErfLabError(f"dw_ratio and ffn_ratio must be positive, got {dw_ratio}, {ffn_ratio}")
+        backend = resolve_conv_backend(conv_backend)
+        self.large_kernel_sizes = tuple(int(k) for k in large_kernel_sizes)
+        self.layers = tuple(int(n) for n in layers)
+        self.channels = tuple(int(c) for c in channels)
+        self.small_kernel = small_kernel
+        self.dw_ratio, self.ffn_ratio = dw_ratio, ffn_ratio
+        self.conv_backend = backend
+        self.num_classes = int(num_classes or 0)
+        self.num_features = self.channels[-1]
+        self.num_stages = len(layers)
+        self.default_cfg = dict(input_size=(in_channels, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                interpolation="bicubic", num_classes=self.num_classes)
+
+        c0 = self.channels[0]
+        self.stem = nn.ModuleList([
+            ConvBN(in_channels, c0, 3, 2, 1, groups=1, relu=True),
+            ConvBN(c0, c0, 3, 1, 1, groups=c0, relu=True),
+            ConvBN(c0, c0, 1, 1, 0, groups=1, relu=True),
+            ConvBN(c0, c0, 3, 2, 1, groups=c0, relu=True),
+        ])
+        # Block-wise stochastic depth, linearly increasing over all blocks (as in Swin / the official code).
+        total = sum(self.layers)
+        dpr = [float(drop_path_rate) * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+        self.stages = nn.ModuleList()
+        self.transitions = nn.ModuleList()
+        for i in range(self.num_stages):
+            start = sum(self.layers[:i])
+            self.stages.append(RepLKNetStage(
+                self.channels[i], self.layers[i], self.large_kernel_sizes[i], dpr[start:start + self.layers[i]],
+                small_kernel, dw_ratio, ffn_ratio, use_checkpoint, small_kernel_merged, backend=backend))
+            if i < self.num_stages - 1:
+                c_next = self.channels[i + 1]
+                self.transitions.append(nn.Sequential(
+                    ConvBN(self.channels[i], c_next, 1, 1, 0, groups=1, relu=True),
+                    ConvBN(c_next, c_next, 3, 2, 1, groups=c_next, relu=True),
+                ))
+        self.norm = nn.BatchNorm2d(self.channels[-1])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(self.channels[-1], self.num_classes) if self.num_classes > 0 else None
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.stem:
+            x = layer(x)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i < self.num_stages - 1:
+                x = self.transitions[i](x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.avgpool(self.norm(x)), 1)
+        if pre_logits or self.head is None:
+            return x
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @property
+    def is_merged(self) -> bool:
+        """True when every large-kernel conv is in the merged ``lkb_reparam`` form."""
+        return all(m.lkb_reparam is not None for m in self.modules() if isinstance(m, ReparamLargeKernelConv))
+
+    def structural_reparam(self) -> "RepLKNet":
+        """Official name: merge the large/small kernels only (official deploy layout)."""
+        return merge_large_kernels(self)
+
+
+def merge_large_kernels(model: nn.Module) -> nn.Module:
+    """Convert a train-time model in place to the official merged layout (``lkb_reparam``; other conv-BN pairs
+    kept), the layout of the official deploy checkpoints. Idempotent; puts the model in eval mode."""
+    model.eval()
+    for m in list(model.modules()):
+        if hasattr(m, "merge_kernel"):
+            m.merge_kernel()
+    return model
+
+
+# ------------------------------------------------------------------------------------------ registered variants
+_ALIASES = {"kernels": "large_kernel_sizes", "blocks": "layers", "deploy": "small_kernel_merged"}
+
+
+def _create(variant: str, **kwargs) -> RepLKNet:
+    cfg = {k: v for k, v in VARIANTS[variant].items() if k not in ("params_m", "paper")}
+    for alias, official in _ALIASES.items():
+        if alias in kwargs:
+            value = kwargs.pop(alias)
+            if official in kwargs and kwargs[official] != value:
+                raise ErfLabError(f"both {alias!r} and {official!r} given with different values")
+            kwargs[official] = value
+    cfg.update(kwargs)
+    model = RepLKNet(**cfg)
+    model.default_cfg["architecture"] = variant
+    return model
+
+
+@register_model
+def replknet_31b(**kwargs) -> RepLKNet:
+    """RepLKNet-31B: kernels 31-29-27-13, blocks 2-2-18-2, widths 128-256-512-1024, small kernel 5 (79M)."""
+    return _create("replknet_31b", **kwargs)
+
+
+@register_model
+def replknet_31l(**kwargs) -> RepLKNet:
+    """RepLKNet-31L: as 31B with widths 192-384-768-1536 (172M)."""
+    return _create("replknet_31l", **kwargs)
+
+
+@register_model
+def replknet_xl(**kwargs) -> RepLKNet:
+    """RepLKNet-XL: kernels 27-27-27-13, widths 256-512-1024-2048, dw ratio 1.5, no small kernel (335M)."""
+    return _create("replknet_xl", **kwargs)
+
+
+@register_model
+def replknet_3(**kwargs) -> RepLKNet:
+    """Table 5 kernel family at 31B widths: 3-3-3-3 (no re-param branch: the small kernel would not be smaller)."""
+    return _create("replknet_3", **kwargs)
+
+
+@register_model
+def replknet_7(**kwargs) -> RepLKNet:
+    """Table 5 kernel family at 31B widths: 7-7-7-7."""
+    return _create("replknet_7", **kwargs)
+
+
+@register_model
+def replknet_13(**kwargs) -> RepLKNet:
+    """Table 5 kernel family at 31B widths: 13-13-13-13."""
+    return _create("replknet_13", **kwargs)
+
+
+@register_model
+def replknet_25(**kwargs) -> RepLKNet:
+    """Table 5 kernel family at 31B widths: 25-25-25-13."""
+    return _create("replknet_25", **kwargs)

@@ -1,0 +1,110 @@
+"""Export a re-parameterized (deploy) checkpoint in the official RepLKNet merged key layout."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from erf_lab.errors import ErfLabError
+from erf_lab.models.flops import count_flops, count_params
+
+
+def max_relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """``max |reference - other| / max |reference|`` (scale-free; robust to logits near zero)."""
+    reference, other = reference.double(), other.double()
+    scale = reference.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return float((reference - other).abs().max() / scale)
+
+
+def has_mergeable_kernels(model: nn.Module) -> bool:
+    return any(hasattr(m, "merge_kernel") for m in model.modules())
+
+
+def merge_to_official_layout(model: nn.Module) -> nn.Module:
+    """In place: merge every large/small kernel pair into ``lkb_reparam`` (official deploy layout)."""
+    from erf_lab.models.replknet import merge_large_kernels
+
+    return merge_large_kernels(model)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path) -> Path:
+    """Write a state dict atomically: ``.safetensors`` by suffix, else a plain ``torch.save`` tensor dict."""
+    from erf_lab.io import atomic_path
+
+    out = Path(out)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_path(out) as tmp:
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp))
+        else:
+            torch.save(tensors, tmp)
+    return out
+
+
+def export_deploy(model_name: str, out: str | Path, *, weights: str | None = None, drop_head: bool = False,
+                  batch_size: int = 2, input_size: int = 224, flops_input_size: int = 224, seed: int = 0,
+                  show_progress: bool | None = None, **overrides) -> dict:
+    """Build ``model_name`` (optionally with ``weights``), merge its kernels into the official deploy layout,
+    measure the equivalence error of the logits on a random batch, and save the merged state dict to ``out``.
+
+    Returns a summary: parameters and MACs ("FLOPs", paper convention) before/after, the max relative logit
+    error, output path, its SHA-256 and the number of keys. The model runs in eval mode (BN running statistics),
+    where the merge is exact up to float rounding.
+    """
+    from erf_lab.io import progress, sha256_file, write_json
+    from erf_lab.models.registry import create_model
+
+    out = Path(out)
+    if out.suffix not in (".pth", ".pt", ".bin", ".safetensors", ".ckpt"):
+        raise ErfLabError(f"output {out} should end in .pth, .pt or .safetensors")
+    if batch_size < 1 or input_size < 32:
+        raise ErfLabError(f"batch size must be >= 1 and input size >= 32, got {batch_size}, {input_size}")
+    t0 = time.perf_counter()
+    bar = progress(total=6, desc=f"reparam {model_name}", unit="step",
+                   disable=None if show_progress is None else not show_progress)
+    try:
+        bar.set_postfix_str("build")
+        model = create_model(model_name, weights=weights, drop_head=drop_head, **overrides)
+        if not has_mergeable_kernels(model):
+            raise ErfLabError(f"model {model_name!r} has no re-parameterizable large kernels (RepLKNet variants only)")
+        model.eval()
+        bar.update()
+        bar.set_postfix_str("count")
+        params_before, flops_before = count_params(model), count_flops(model, flops_input_size)
+        in_ch = int(getattr(model, "default_cfg", {}).get("input_size", (3,))[0])
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch_size, in_ch, input_size, input_size, generator=gen)
+        bar.update()
+        with torch.no_grad():
+            bar.set_postfix_str("train-time forward")
+            before = model(x)
+            bar.update()
+            bar.set_postfix_str("merge")
+            merge_to_official_layout(model)
+            bar.update()
+            bar.set_postfix_str("deploy forward")
+            after = model(x)
+            bar.update()
+        error = max_relative_error(before, after)
+        params_after, flops_after = count_params(model), count_flops(model, flops_input_size)
+        bar.set_postfix_str("save")
+        state = model.state_dict()
+        save_state_dict(state, out)
+        bar.update()
+    finally:
+        bar.close()
+    summary = dict(
+        model=model_name, weights=str(weights) if weights else None, drop_head=drop_head,
+        overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+        out=str(out), sha256=sha256_file(out), num_keys=len(state),
+        params_before=params_before, params_after=params_after,
+        flops_before=flops_before, flops_after=flops_after, flops_input_size=flops_input_size,
+        max_rel_error=error, check_batch=[batch_size, in_ch, input_size, input_size], seed=seed,
+        seconds=round(time.perf_counter() - t0, 2), torch=torch.__version__,
+    )
+    write_json(out.with_name(out.name + ".run.json"), summary)
+    return summary

@@ -1,0 +1,107 @@
+"""Describe registered models: parameters, FLOPs at 224 (multiply-accumulates, as in the RepLKNet paper's
+tables), kernel sizes and the parameter count of the deploy (re-parameterized) form.
+
+Models are built on the ``meta`` device (no memory, no initialisation cost), so even RepLKNet-XL is
+described in well under a second; results are cached per process.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.nn as nn
+
+from erf_lab.models.registry import create_model, list_models
+
+FIELDS = ("name", "family", "params", "flops_224", "kernel_sizes", "deploy_params")
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _count_flops(model: nn.Module, input_size: int) -> int:
+    # erf_lab.models.flops.count_flops: forward hooks on conv / linear layers, run on meta tensors.
+    from erf_lab.models.flops import count_flops
+
+    return count_flops(model, input_size)
+
+
+def model_kernel_sizes(model: nn.Module) -> list[int]:
+    """The kernel sizes that characterise ``model``: RepLKNet's per-stage ``large_kernel_sizes``, else the
+    model's ``kernel_sizes`` attribute, else the distinct spatial sizes (> 1) of its convolutions."""
+    for attr in ("large_kernel_sizes", "kernel_sizes"):
+        ks = getattr(model, attr, None)
+        if ks is not None:
+            return [int(k) for k in ks]
+    sizes = {max(m.kernel_size) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    return sorted(k for k in sizes if k > 1)
+
+
+def model_family(model: nn.Module) -> str:
+    """Architecture family: the model module's file name (``resnet``, ``mobilenetv2``, ``replknet``, ...)."""
+    return type(model).__module__.rsplit(".", 1)[-1]
+
+
+def _build_meta(name: str, **overrides) -> nn.Module:
+    with torch.device("meta"):
+        return create_model(name, **overrides)
+
+
+def describe_model(name: str) -> dict:
+    """``dict(name, family, params, flops_224, kernel_sizes, deploy_params)`` of a registered model.
+
+    ``flops_224`` counts the conv / linear multiply-accumulates for one 224x224 image (the "FLOPs" of the
+    paper's tables). ``deploy_params`` is the count of the ``deploy=True`` form (RepLKNet: small kernels merged
+    into the large ones, Ding et al. 2022 Sec. 3); equal to ``params`` for models without re-parameterizable
+    branches. Unknown names raise ``ErfLabError``. Cached per process (a fresh copy is returned).
+    """
+    return copy.deepcopy(_describe(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _describe(name: str) -> dict:
+    model = _build_meta(name)
+    params = _count_params(model)
+    if any(hasattr(m, "reparameterize") for m in model.modules()):
+        deploy_params = _count_params(_build_meta(name, deploy=True))
+    else:
+        deploy_params = params
+    return dict(name=name, family=model_family(model), params=params, flops_224=_count_flops(model, 224),
+                kernel_sizes=model_kernel_sizes(model), deploy_params=deploy_params)
+
+
+def describe_models(names: list[str] | None = None, family: str | None = None,
+                    show_progress: bool = False) -> list[dict]:
+    """Descriptions of ``names`` (default: every registered model), optionally of one ``family`` only."""
+    names = list(names) if names else list_models()
+    if show_progress:
+        from erf_lab.io import progress
+
+        names_iter = progress(names, desc="describing models", unit="model")
+    else:
+        names_iter = names
+    rows = [describe_model(n) for n in names_iter]
+    if family is not None:
+        families = sorted({r["family"] for r in rows})
+        rows = [r for r in rows if r["family"] == family]
+        if not rows:
+            from erf_lab.errors import ErfLabError
+
+            raise ErfLabError(f"no model of family {family!r}; families: {', '.join(families)}")
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table: name, family, params (M), GFLOPs at 224, kernel sizes, deploy params (M)."""
+    header = ("model", "family", "params (M)", "GFLOPs@224", "kernel sizes", "deploy params (M)")
+    body = [(r["name"], r["family"], f"{r['params'] / 1e6:.2f}", f"{r['flops_224'] / 1e9:.2f}",
+             ",".join(str(k) for k in r["kernel_sizes"]), f"{r['deploy_params'] / 1e6:.2f}") for r in rows]
+    widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
+    right = {2, 3, 5}
+
+    def fmt(row):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])

@@ -1,0 +1,152 @@
+"""Safe checkpoint loading (erf_lab/checkpoint.py): no code execution, wrappers, clear errors."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from erf_lab.checkpoint import load_state_dict_file, load_weights, unwrap_state_dict
+from erf_lab.errors import CheckpointError, ErfLabError
+from erf_lab.models import create_model
+
+TINY = dict(channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), kernels=(7, 5, 5, 3), small_kernel=3,
+            num_classes=10, conv_backend="native")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class _Evil:
+    """Unpickling this would run ``os.system(touch <marker>)``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "payload": _Evil(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*(posix|os|nt)\.system.*could run code"):
+        load_state_dict_file(path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError):
+        create_model("replknet_31b", weights=str(path), **TINY)
+    assert not marker.exists()
+
+
+def test_training_metadata_is_tolerated(tmp_path):
+    """ConvNeXt/official-style training checkpoints carry ``args`` (a Namespace) and numpy scalars."""
+    model = create_model("replknet_31b", **TINY)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=4e-3, model="RepLKNet-31B"),
+                "epoch": 299, "max_accuracy": np.float64(83.5)}, path)
+    sd = load_state_dict_file(path)
+    assert sd.keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04garbage" * 20, bytes(range(256)) * 8])
+def test_corrupt_files_give_one_clear_line(tmp_path, content):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_file(path)
+    msg = str(e.value)
+    assert "corrupt or not a PyTorch file" in msg and str(path) in msg and "\n" not in msg
+
+
+def test_missing_and_bad_safetensors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict_file(tmp_path / "nope.pth")
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_state_dict_file(bad)
+
+
+def test_wrappers_prefixes_and_safetensors_round_trip(tmp_path):
+    from safetensors.torch import save_file
+
+    model = create_model("replknet_31b", **TINY)
+    sd = model.state_dict()
+    variants = {
+        "raw.pth": sd,
+        "model.pth": {"model": sd, "epoch": 3},
+        "state_dict.pth": {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+        "nested.pth": {"model": {"module.module." + k: v for k, v in sd.items()}},
+    }
+    for name, obj in variants.items():
+        torch.save(obj, tmp_path / name)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    for name in [*variants, "w.safetensors"]:
+        loaded = load_state_dict_file(tmp_path / name)
+        assert sorted(loaded) == sorted(sd), name  # safetensors stores keys sorted
+        assert all(torch.equal(loaded[k], sd[k]) for k in sd), name
+    with pytest.raises(CheckpointError, match="no state dict"):
+        unwrap_state_dict({"epoch": 3, "optimizer": {"lr": 1.0}})
+
+
+def _model():
+    return create_model("replknet_31b", **TINY)
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named():
+    model = _model()
+    sd = model.state_dict()
+    missing = {k: v for k, v in sd.items() if not k.startswith("stages.2.")}
+    with pytest.raises(CheckpointError, match=r"missing key\(s\): stages\.2\.blocks\.0\.pw1\.conv\.weight"):
+        load_weights(model, missing, source="ckpt.pth")
+    extra = {**sd, "stages.0.blocks.0.large_kernel.bogus.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): stages\.0\.blocks\.0\.large_kernel\.bogus"):
+        load_weights(model, extra)
+    shaped = {**sd, "stages.0.blocks.0.large_kernel.lkb_origin.conv.weight": torch.zeros(8, 1, 9, 9)}
+    with pytest.raises(CheckpointError, match=r"lkb_origin\.conv\.weight is \(8, 1, 9, 9\) in the file, "
+                                              r"\(8, 1, 7, 7\) in the model"):
+        load_weights(model, shaped)
+    # a merged (deploy) checkpoint into a train-time model names the lkb_reparam keys
+    deploy = create_model("replknet_31b", deploy=True, **TINY).state_dict()
+    with pytest.raises(CheckpointError, match="lkb_reparam"):
+        load_weights(model, deploy)
+
+
+def test_head_of_other_class_count(tmp_path):
+    model = _model()
+    sd = dict(model.state_dict())
+    sd["head.weight"], sd["head.bias"] = torch.randn(21841, 8), torch.randn(21841)
+    with pytest.raises(CheckpointError, match=r"classifier has 21841 classes, the model 10.*drop_head"):
+        load_weights(_model(), sd)
+    fresh = _model()
+    head_before = fresh.head.weight.clone()
+    load_weights(fresh, sd, drop_head=True)
+    assert torch.equal(fresh.head.weight, head_before)
+    assert torch.equal(fresh.stem[0].conv.weight, sd["stem.0.conv.weight"])
+    path = tmp_path / "in22k.pth"
+    torch.save({"model": sd}, path)
+    with pytest.raises(ErfLabError, match="21841"):
+        create_model("replknet_31b", weights=str(path), **TINY)
+    m = create_model("replknet_31b", weights=str(path), drop_head=True, **TINY)
+    assert m.head.out_features == 10
+
+
+def test_generic_module_without_head_names():
+    net = nn.Sequential()
+    net.add_module("body", nn.Conv2d(3, 4, 3))
+    net.add_module("fc", nn.Linear(4, 5))
+    sd = {"body.weight": torch.zeros(4, 3, 3, 3), "body.bias": torch.zeros(4),
+          "fc.weight": torch.zeros(7, 4), "fc.bias": torch.zeros(7)}
+    with pytest.raises(CheckpointError, match="7 classes"):
+        load_weights(net, sd)
+    load_weights(net, sd, drop_head=True)
+    assert torch.equal(net.body.weight, torch.zeros(4, 3, 3, 3)) and net.fc.out_features == 5

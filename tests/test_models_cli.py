@@ -1,0 +1,100 @@
+"""``erf-lab models`` and ``erf_lab.models.summary.describe_model``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from erf_lab.cli.main import main
+from erf_lab.models import list_models
+from erf_lab.models.summary import describe_model
+
+PAPER_PARAMS = {"resnet50": 25_557_032, "resnet101": 44_549_160, "resnet152": 60_192_808,
+                "mobilenetv2": 3_504_872, "efficientnet_lite0": 4_652_008}
+
+
+def run_cli(capsys, *argv):
+    rc = main(["models", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def mnv2_dw_macs(k: int) -> int:
+    """Depthwise MACs of MobileNetV2 at 224 with k x k kernels (Sandler et al. 2018, Table 2 shapes)."""
+    total, cin, hw = 0, 32, 112
+    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1)]:
+        for i in range(n):
+            hw_out = hw // (s if i == 0 else 1)
+            total += hw_out * hw_out * cin * t * k * k
+            cin, hw = c, hw_out
+    return total
+
+
+def test_json_output_has_exact_counts(capsys):
+    rc, out, err = run_cli(capsys, *PAPER_PARAMS, "--json")
+    assert rc == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert set(rows) == set(PAPER_PARAMS)
+    for name, params in PAPER_PARAMS.items():
+        assert rows[name]["params"] == params
+        assert rows[name]["deploy_params"] == params  # nothing to re-parameterize
+    assert rows["resnet50"]["kernel_sizes"] == [7, 3]
+    assert rows["efficientnet_lite0"]["kernel_sizes"] == [3, 5]
+    assert rows["resnet50"]["family"] == "resnet" and rows["mobilenetv2"]["family"] == "mobilenetv2"
+    # ResNet-50: 4.09 GMACs (He et al. 2016 report 3.8 GFLOPs for v1 strides); MobileNetV2: 300M (Sandler Table 4).
+    assert 4.05e9 < rows["resnet50"]["flops_224"] < 4.15e9
+    assert 2.95e8 < rows["mobilenetv2"]["flops_224"] < 3.05e8
+
+
+def test_flops_follow_kernel_size_theory():
+    """Only the depthwise convs change between kernel variants: dFLOPs = sum H*W*C*(k^2 - 9)."""
+    base = describe_model("mobilenetv2")["flops_224"]
+    for name, k in [("mobilenetv2_k7", 7), ("mobilenetv2_k13", 13)]:
+        assert describe_model(name)["flops_224"] - base == mnv2_dw_macs(k) - mnv2_dw_macs(3)
+    assert describe_model("mobilenetv2_k13_noshortcut")["flops_224"] == describe_model("mobilenetv2_k13")["flops_224"]
+
+
+def test_table_lists_every_model_with_matching_numbers(capsys):
+    rc, out, err = run_cli(capsys)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:2] == ["model", "family"] and "GFLOPs@224" in lines[0]
+    body = {ln.split()[0]: ln.split() for ln in lines[2:]}
+    assert set(body) == set(list_models())
+    for name in list_models():
+        d = describe_model(name)
+        cols = body[name]
+        assert cols[1] == d["family"]
+        assert float(cols[2]) == pytest.approx(d["params"] / 1e6, abs=0.005)
+        assert float(cols[3]) == pytest.approx(d["flops_224"] / 1e9, abs=0.005)
+        assert cols[4] == ",".join(map(str, d["kernel_sizes"]))
+        assert float(cols[5]) == pytest.approx(d["deploy_params"] / 1e6, abs=0.005)
+    for name, params in PAPER_PARAMS.items():
+        assert body[name][2] == f"{params / 1e6:.2f}"
+    rlk = describe_model("replknet_31b")
+    assert rlk["kernel_sizes"] == [31, 29, 27, 13] and rlk["deploy_params"] < rlk["params"]
+
+
+def test_family_filter_and_sort(capsys):
+    rc, out, _ = run_cli(capsys, "--family", "resnet", "--sort", "params", "--json")
+    assert rc == 0
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+def test_user_errors_are_one_line(capsys):
+    rc, out, err = run_cli(capsys, "resnet5O")
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and "unknown model 'resnet5O'" in err and "resnet50" in err
+    rc, _, err = run_cli(capsys, "--family", "vit")
+    assert rc == 2 and err.count("\n") == 1 and "replknet" in err
+
+
+def test_help_documents_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["models", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--json", "--family", "--sort", "MODEL"):
+        assert opt in out

@@ -1,0 +1,485 @@
+"""RepLKNet: paper numbers, official key layout, structural re-parameterization, official checkpoints, CLI."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from erf_lab.errors import CheckpointError, ErfLabError
+from erf_lab.models import create_model, list_models, reparameterize_model
+from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.deploy import max_relative_error
+from erf_lab.models.flops import count_flops, count_params
+from erf_lab.models.replknet import VARIANTS, RepLKNet, merge_large_kernels
+
+VARIANT_NAMES = ["replknet_31b", "replknet_31l", "replknet_xl", "replknet_3", "replknet_7", "replknet_13", "replknet_25"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: OpenMP thread hand-offs dominate (x100 on a busy 2-core box), one thread is fastest."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(channels=(8, 16, 16, 16), layers=(1, 1, 1, 1), conv_backend="native")
+
+
+def tiny(name="replknet_31b", **kw):
+    return create_model(name, **{**TINY, **kw})
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int = 0, size: int = 64, batch: int = 4) -> nn.Module:
+    """Random BN statistics and affine parameters so that fusion errors show.
+
+    Running statistics are first set to the real batch statistics of random images (so every branch contributes
+    O(1) to the logits), then perturbed at random; gamma and beta are random. ``running_var`` gets +0.05 so that
+    gamma/std stays moderate: near-empty channels would otherwise amplify fp32 rounding of *both* forms by ~50x.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: running stats = batch stats after one pass
+    model.train()
+    model(torch.randn(batch, 3, size, size, generator=g))
+    for m in bns:
+        n = m.num_features
+        m.momentum = 0.1
+        m.running_mean.add_(torch.randn(n, generator=g) * 0.1 * m.running_var.sqrt())
+        m.running_var.mul_(torch.rand(n, generator=g) * 0.5 + 0.75).add_(0.05)  # bounds gamma/std (fp32 noise)
+        m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+        m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------- paper numbers
+@pytest.mark.slow
+@pytest.mark.parametrize("name,paper_m", [("replknet_31b", 79), ("replknet_31l", 172), ("replknet_xl", 335)])
+def test_parameter_counts_match_paper_table6(name, paper_m):
+    with torch.device("meta"):
+        model = create_model(name)
+    millions = count_params(model) / 1e6
+    assert abs(millions - paper_m) / paper_m < 0.015, millions
+    assert VARIANTS[name]["params_m"] == paper_m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size,paper_g", [("replknet_31b", 224, 15.3), ("replknet_31l", 384, 96.0),
+                                               ("replknet_xl", 320, 128.7)])
+def test_flops_match_paper_table6(name, size, paper_g):
+    with torch.device("meta"):
+        model = create_model(name, deploy=True)
+    giga = count_flops(model, size) / 1e9
+    assert abs(giga - paper_g) / paper_g < 0.01, giga
+
+
+def test_count_flops_matches_hand_formula():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 5, padding=2, groups=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))
+    expected = 16 * 16 * 8 * 3 * 9 + 16 * 16 * 8 * 1 * 25 + 8 * 10
+    assert count_flops(model, 32, in_channels=3) == expected
+    assert model.training and next(model.parameters()).device.type == "cpu"  # untouched
+
+
+def test_variants_registered_with_paper_configs():
+    assert set(VARIANT_NAMES) <= set(list_models())
+    with torch.device("meta"):
+        m = create_model("replknet_xl")
+    assert isinstance(m, RepLKNet) and m.large_kernel_sizes == (27, 27, 27, 13) and m.small_kernel is None
+    assert m.channels[-1] == 2048
+    assert m.stages[0].blocks[0].large_kernel.lkb_origin.conv.out_channels == 384  # dw ratio 1.5
+    assert m.stages[0].blocks[0].large_kernel.small_conv is None
+    with torch.device("meta"):
+        m = create_model("replknet_25")
+    assert m.large_kernel_sizes == (25, 25, 25, 13) and m.small_kernel == 5 and m.layers == (2, 2, 18, 2)
+    assert m.default_cfg == dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                 interpolation="bicubic", num_classes=1000, architecture="replknet_25")
+
+
+# ------------------------------------------------------------------------------------------------ official keys
+def _bn_keys(p):
+    return [f"{p}.weight", f"{p}.bias", f"{p}.running_mean", f"{p}.running_var", f"{p}.num_batches_tracked"]
+
+
+def official_keys(layers, merged=False, small=True, head=True):
+    """Key list (in registration order) of the official RepLKNet definition, written from its source."""
+    keys = []
+    for i in range(4):
+        keys += [f"stem.{i}.conv.weight"] + _bn_keys(f"stem.{i}.bn")
+    for s, n in enumerate(layers):
+        for b in range(n):
+            p = f"stages.{s}.blocks.{2 * b}"
+            keys += [f"{p}.pw1.conv.weight"] + _bn_keys(f"{p}.pw1.bn") + [f"{p}.pw2.conv.weight"] + _bn_keys(f"{p}.pw2.bn")
+            if merged:
+                keys += [f"{p}.large_kernel.lkb_reparam.weight", f"{p}.large_kernel.lkb_reparam.bias"]
+            else:
+                keys += [f"{p}.large_kernel.lkb_origin.conv.weight"] + _bn_keys(f"{p}.large_kernel.lkb_origin.bn")
+                if small:
+                    keys += [f"{p}.large_kernel.small_conv.conv.weight"] + _bn_keys(f"{p}.large_kernel.small_conv.bn")
+            keys += _bn_keys(f"{p}.prelkb_bn")
+            p = f"stages.{s}.blocks.{2 * b + 1}"
+            keys += _bn_keys(f"{p}.preffn_bn") + [f"{p}.pw1.conv.weight"] + _bn_keys(f"{p}.pw1.bn")
+            keys += [f"{p}.pw2.conv.weight"] + _bn_keys(f"{p}.pw2.bn")
+    for t in range(len(layers) - 1):
+        for j in range(2):
+            keys += [f"transitions.{t}.{j}.conv.weight"] + _bn_keys(f"transitions.{t}.{j}.bn")
+    keys += _bn_keys("norm")
+    if head:
+        keys += ["head.weight", "head.bias"]
+    return keys
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_state_dict_keys_are_official(deploy):
+    model = tiny(layers=(1, 2, 1, 1), deploy=deploy)
+    assert list(model.state_dict()) == official_keys((1, 2, 1, 1), merged=deploy)
+    sd = model.state_dict()
+    if deploy:
+        assert sd["stages.0.blocks.0.large_kernel.lkb_reparam.weight"].shape == (8, 1, 31, 31)
+        assert sd["stages.0.blocks.0.large_kernel.lkb_reparam.bias"].shape == (8,)
+    else:
+        assert sd["stages.1.blocks.2.large_kernel.lkb_origin.conv.weight"].shape == (16, 1, 29, 29)
+        assert sd["stages.1.blocks.2.large_kernel.small_conv.conv.weight"].shape == (16, 1, 5, 5)
+    assert sd["stages.3.blocks.1.pw1.conv.weight"].shape == (64, 16, 1, 1)  # ffn ratio 4
+    assert sd["transitions.0.1.conv.weight"].shape == (16, 1, 3, 3)
+    assert sd["stem.1.conv.weight"].shape == (8, 1, 3, 3) and sd["stem.2.conv.weight"].shape == (8, 8, 1, 1)
+
+
+def test_xl_keys_without_small_kernel():
+    model = tiny("replknet_xl")
+    assert list(model.state_dict()) == official_keys((1, 1, 1, 1), small=False)
+    assert model.state_dict()["stages.0.blocks.0.pw1.conv.weight"].shape == (12, 8, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------- re-parameterize
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_reparameterization_is_exact_for_every_variant(name):
+    model = randomize(tiny(name))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+        merged = merge_large_kernels(copy.deepcopy(model))
+        fused = reparameterize_model(copy.deepcopy(model))
+        err_merged, err_fused = max_relative_error(ref, merged(x)), max_relative_error(ref, fused(x))
+    assert err_merged < 1e-5 and err_fused < 1e-5, (err_merged, err_fused)
+    # The algebra is exact: in float64 both forms agree to rounding (~1e-15).
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        ref64 = m64(x.double())
+        assert max_relative_error(ref64, reparameterize_model(m64)(x.double())) < 1e-12
+    assert merged.is_merged and not model.is_merged
+    # Fully fused: only the final BN (before pooling) is left; every conv carries a bias.
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == 1
+    assert all(m.bias is not None for m in fused.modules() if isinstance(m, nn.Conv2d))
+    assert count_params(fused) < count_params(model)
+
+
+def test_reparameterization_can_fail_when_bn_ignored():
+    """Guard for the tests above: dropping one BN's statistics from the merge must show as a real error."""
+    model = randomize(tiny())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        merged = merge_large_kernels(copy.deepcopy(model))
+        merged.stages[0].blocks[0].large_kernel.lkb_reparam.bias.zero_()
+        assert max_relative_error(ref, merged(x)) > 1e-3
+
+
+@pytest.mark.slow
+def test_full_31b_reparameterization_is_exact():
+    model = randomize(create_model("replknet_31b", conv_backend="native"), batch=2)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x)
+        reparameterize_model(model)
+        err = max_relative_error(ref, model(x))
+    assert err < 1e-5, err
+    assert 79.0e6 < count_params(model) < 79.6e6
+
+
+def test_reparameterize_is_idempotent():
+    model = randomize(tiny())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        merge_large_kernels(model)
+        once = {k: v.clone() for k, v in model.state_dict().items()}
+        merge_large_kernels(model)
+        assert model.state_dict().keys() == once.keys()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in once.items())
+        reparameterize_model(model)
+        y1, sd1 = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+        reparameterize_model(model)
+        assert torch.equal(y1, model(x)) and all(torch.equal(v, model.state_dict()[k]) for k, v in sd1.items())
+
+
+def test_deploy_round_trip_through_checkpoint(tmp_path):
+    model = randomize(tiny())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        merge_large_kernels(model)
+        torch.save(model.state_dict(), tmp_path / "deploy.pth")
+        assert list(model.state_dict()) == list(tiny(deploy=True).state_dict())
+        loaded = create_model("replknet_31b", weights=str(tmp_path / "deploy.pth"), **TINY).eval()  # implies deploy
+        assert loaded.is_merged
+        assert max_relative_error(ref, loaded(x)) < 1e-5
+        # and the train-time checkpoint round trip is bit-exact
+        train = randomize(tiny(), seed=3)
+        torch.save(train.state_dict(), tmp_path / "train.pth")
+        again = create_model("replknet_31b", weights=str(tmp_path / "train.pth"), **TINY).eval()
+        assert torch.equal(train(x), again(x))
+
+
+# --------------------------------------------------------------------------- official-layout checkpoints: exact
+KERNELS = (7, 5, 5, 3)
+
+
+def official_state_dict(layers=(1, 1, 1, 1), channels=(8, 16, 16, 16), kernels=KERNELS, small=3, merged=False,
+                        num_classes=10, seed=0):
+    """A random state dict with official names and shapes, built without the model under test."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def conv(p, cout, cin_per_group, k, bias=False):
+        sd[f"{p}.weight"] = torch.randn(cout, cin_per_group, k, k, generator=g) / math.sqrt(cin_per_group * k * k)
+        if bias:
+            sd[f"{p}.bias"] = torch.randn(cout, generator=g) * 0.1
+
+    def bn(p, n):
+        sd[f"{p}.weight"] = torch.rand(n, generator=g) + 0.5
+        sd[f"{p}.bias"] = torch.randn(n, generator=g) * 0.2
+        sd[f"{p}.running_mean"] = torch.randn(n, generator=g) * 0.3
+        sd[f"{p}.running_var"] = torch.rand(n, generator=g) + 0.5
+        sd[f"{p}.num_batches_tracked"] = torch.tensor(7)
+
+    def conv_bn(p, cout, cin_per_group, k):
+        conv(f"{p}.conv", cout, cin_per_group, k)
+        bn(f"{p}.bn", cout)
+
+    c0 = channels[0]
+    for i, (cin, k) in enumerate([(3, 3), (1, 3), (c0, 1), (1, 3)]):
+        conv_bn(f"stem.{i}", c0, cin, k)
+    for s, (n, c, k) in enumerate(zip(layers, channels, kernels)):
+        for b in range(n):
+            p = f"stages.{s}.blocks.{2 * b}"
+            conv_bn(f"{p}.pw1", c, c, 1)
+            conv_bn(f"{p}.pw2", c, c, 1)
+            if merged:
+                conv(f"{p}.large_kernel.lkb_reparam", c, 1, k, bias=True)
+            else:
+                conv_bn(f"{p}.large_kernel.lkb_origin", c, 1, k)
+                conv_bn(f"{p}.large_kernel.small_conv", c, 1, small)
+            bn(f"{p}.prelkb_bn", c)
+            p = f"stages.{s}.blocks.{2 * b + 1}"
+            bn(f"{p}.preffn_bn", c)
+            conv_bn(f"{p}.pw1", 4 * c, c, 1)
+            conv_bn(f"{p}.pw2", c, 4 * c, 1)
+    for t in range(len(layers) - 1):
+        conv_bn(f"transitions.{t}.0", channels[t + 1], channels[t], 1)
+        conv_bn(f"transitions.{t}.1", channels[t + 1], 1, 3)
+    bn("norm", channels[-1])
+    sd["head.weight"] = torch.randn(num_classes, channels[-1], generator=g) * 0.1
+    sd["head.bias"] = torch.randn(num_classes, generator=g) * 0.1
+    return sd
+
+
+def reference_forward(sd, x):
+    """Plain functional RepLKNet forward driven only by the official key names (paper Fig. 4, official code)."""
+
+    def bn(p, t):
+        return F.batch_norm(t, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"],
+                            training=False, eps=1e-5)
+
+    def conv(p, t, stride=1, bias=None):
+        w = sd[f"{p}.weight"]
+        return F.conv2d(t, w, bias, stride=stride, padding=w.shape[-1] // 2, groups=t.shape[1] // w.shape[1])
+
+    def conv_bn(p, t, stride=1, relu=False):
+        t = bn(f"{p}.bn", conv(f"{p}.conv", t, stride))
+        return F.relu(t) if relu else t
+
+    for i, stride in enumerate((2, 1, 1, 2)):
+        x = conv_bn(f"stem.{i}", x, stride, relu=True)
+    s = 0
+    while f"stages.{s}.blocks.0.prelkb_bn.weight" in sd:
+        b = 0
+        while f"stages.{s}.blocks.{b}.pw1.conv.weight" in sd:
+            p = f"stages.{s}.blocks.{b}"
+            if f"{p}.prelkb_bn.weight" in sd:  # RepLK block
+                y = conv_bn(f"{p}.pw1", bn(f"{p}.prelkb_bn", x), relu=True)
+                lk = f"{p}.large_kernel"
+                if f"{lk}.lkb_reparam.weight" in sd:
+                    y = conv(f"{lk}.lkb_reparam", y, bias=sd[f"{lk}.lkb_reparam.bias"])
+                else:
+                    y = conv_bn(f"{lk}.lkb_origin", y) + conv_bn(f"{lk}.small_conv", y)
+                x = x + conv_bn(f"{p}.pw2", F.relu(y))
+            else:  # ConvFFN
+                y = conv_bn(f"{p}.pw1", bn(f"{p}.preffn_bn", x))
+                x = x + conv_bn(f"{p}.pw2", F.gelu(y))
+            b += 1
+        if f"transitions.{s}.0.conv.weight" in sd:
+            x = conv_bn(f"transitions.{s}.0", x, relu=True)
+            x = conv_bn(f"transitions.{s}.1", x, stride=2, relu=True)
+        s += 1
+    x = bn("norm", x).mean((2, 3))
+    return F.linear(x, sd["head.weight"], sd["head.bias"])
+
+
+def _official_model(weights, **kw):
+    return create_model("replknet_31b", weights=str(weights), channels=(8, 16, 16, 16), layers=(1, 1, 1, 1),
+                        kernels=KERNELS, small_kernel=3, num_classes=10, **kw).eval()
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("fmt", ["plain", "wrapped", "safetensors"])
+def test_official_layout_checkpoint_gives_exact_logits(tmp_path, merged, fmt):
+    sd = official_state_dict(merged=merged)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    if fmt == "plain":
+        path = tmp_path / "official.pth"
+        torch.save(sd, path)
+    elif fmt == "wrapped":
+        path = tmp_path / "official_ddp.pth"
+        torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 299}, path)
+    else:
+        from safetensors.torch import save_file
+
+        path = tmp_path / "official.safetensors"
+        save_file(sd, str(path))
+    with torch.no_grad():
+        ref = reference_forward(sd, x)
+        for backend in ("native", "auto"):
+            model = _official_model(path, conv_backend=backend)
+            assert model.is_merged == merged
+            assert max_relative_error(ref, model(x)) < 1e-4, backend
+        if not merged:  # the train-time file re-parameterized must still match the reference
+            assert max_relative_error(ref, reparameterize_model(model)(x)) < 1e-4
+
+
+def test_official_checkpoint_with_21841_class_head(tmp_path):
+    sd = official_state_dict(num_classes=21841)
+    torch.save(sd, tmp_path / "in22k.pth")
+    with pytest.raises(CheckpointError, match="21841"):
+        _official_model(tmp_path / "in22k.pth")
+    model = _official_model(tmp_path / "in22k.pth", drop_head=True)
+    assert model.head.weight.shape == (10, 16)
+    assert torch.equal(model.state_dict()["norm.running_var"], sd["norm.running_var"])
+    feats = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        sd10 = {**sd, "head.weight": model.head.weight, "head.bias": model.head.bias}
+        assert max_relative_error(reference_forward(sd10, feats), model(feats)) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------- interface, options
+def test_forward_features_and_head():
+    model = randomize(tiny(num_classes=7))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f = model.forward_features(x)
+        assert f.shape == (2, 16, 2, 2)
+        assert torch.allclose(model.forward_head(f), model(x))
+        assert model.forward_head(f, pre_logits=True).shape == (2, 16)
+    assert model.large_kernel_sizes == (31, 29, 27, 13) and model.small_kernel == 5
+    assert model.default_cfg["num_classes"] == 7
+
+
+def test_overrides_aliases_and_drop_path():
+    m = create_model("replknet_31b", kernels=(9, 7, 5, 3), blocks=(1, 2, 1, 1), channels=(8, 8, 16, 16),
+                     small_kernel=3, dw_ratio=2, drop_path_rate=0.5, conv_backend="native")
+    assert m.large_kernel_sizes == (9, 7, 5, 3) and m.layers == (1, 2, 1, 1)
+    assert m.stages[1].blocks[0].large_kernel.lkb_origin.conv.kernel_size == (7, 7)
+    assert m.stages[0].blocks[0].pw1.conv.out_channels == 16
+    rates = [blk.drop_path.drop_prob for st in m.stages for blk in st.blocks[::2] if hasattr(blk.drop_path, "drop_prob")]
+    assert rates == pytest.approx([0.5 / 4, 1.0 / 4, 1.5 / 4, 0.5])  # linear 0 .. rate over 5 blocks; first is 0
+    x = torch.randn(4, 3, 64, 64)
+    m.train()
+    assert not torch.equal(m(x), m(x))  # stochastic depth active in training
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    with pytest.raises(ErfLabError):
+        create_model("replknet_31b", channels=(8, 8), layers=(1, 1, 1, 1))
+    with pytest.raises(ErfLabError, match="does not accept"):
+        create_model("replknet_31b", colour="red")
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    plain = tiny()
+    ckpt = tiny(use_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        m(x).square().sum().backward()
+        grads.append(m.stages[0].blocks[0].large_kernel.lkb_origin.conv.weight.grad)
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_conv_backend_routing(monkeypatch):
+    from fastconv import DepthwiseConv2d
+
+    auto = tiny(conv_backend="auto")
+    lk = auto.stages[0].blocks[0].large_kernel
+    assert isinstance(lk.lkb_origin.conv, DepthwiseConv2d)  # 31x31 -> fastconv
+    assert type(lk.small_conv.conv) is nn.Conv2d and type(auto.stem[1].conv) is nn.Conv2d  # small kernels native
+    monkeypatch.setenv("ERF_LAB_CONV_BACKEND", "native")
+    native = create_model("replknet_31b", channels=(8, 16, 16, 16), layers=(1, 1, 1, 1))
+    assert type(native.stages[0].blocks[0].large_kernel.lkb_origin.conv) is nn.Conv2d
+    assert native.conv_backend == "native"
+    randomize(auto)
+    native.load_state_dict(auto.state_dict())
+    native.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert max_relative_error(native(x), auto(x)) < 1e-4
+        merge_large_kernels(auto)
+        assert isinstance(auto.stages[0].blocks[0].large_kernel.lkb_reparam, DepthwiseConv2d)
+    monkeypatch.setenv("ERF_LAB_CONV_BACKEND", "no-such-backend")
+    with pytest.raises(ErfLabError, match="no-such-backend"):
+        create_model("replknet_31b", channels=(8, 16, 16, 16), layers=(1, 1, 1, 1))
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def test_cli_reparam_writes_official_deploy_checkpoint(tmp_path, capsys):
+    from erf_lab.cli.main import main
+
+    train = randomize(tiny(), seed=4)
+    torch.save({"model": train.state_dict()}, tmp_path / "train.pth")
+    out = tmp_path / "deploy.safetensors"
+    rc = main(["reparam", "--model", "replknet_31b", "--weights", str(tmp_path / "train.pth"),
+               "--override", "channels=(8,16,16,16)", "--override", "layers=(1,1,1,1)",
+               "--override", "conv_backend='native'", "--out", str(out), "--check-size", "64"])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.is_file() and (tmp_path / "deploy.safetensors.run.json").is_file()
+    assert "params" in text and "FLOPs" in text and "max rel err" in text
+    err = float(text.split("max rel err")[1].split()[0])
+    assert err < 1e-5
+    deploy = create_model("replknet_31b", weights=str(out), **TINY).eval()
+    assert deploy.is_merged and list(deploy.state_dict()) == official_keys((1, 1, 1, 1), merged=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert max_relative_error(train(x), deploy(x)) < 1e-5
+
+
+def test_cli_reparam_errors_are_one_line(tmp_path, capsys):
+    from erf_lab.cli.main import main
+
+    assert main(["reparam", "--model", "replknet_31x", "--out", str(tmp_path / "d.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown model 'replknet_31x'" in err and "replknet_31b" in err
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"\x80\x02not a checkpoint at all" * 10)
+    assert main(["reparam", "--model", "replknet_31b", "--weights", str(bad), "--out", str(tmp_path / "d.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "corrupt" in err and str(bad) in err
+    assert not (tmp_path / "d.pth").exists()
