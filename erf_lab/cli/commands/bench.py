@@ -1,0 +1,29 @@
+"""``erf-lab bench``: RepLKNet Table 1 (24 stacked depthwise layers) for PyTorch vs fastconv; see fastconv.bench."""
+from __future__ import annotations
+
+from erf_lab.errors import ErfLabError
+
+NAME = "bench"
+HELP = "benchmark depthwise large-kernel convs (RepLKNet Table 1): PyTorch vs fastconv"
+DESCRIPTION = ("Latency of a stack of 24 depthwise KxK layers on (B, 384, R, R), PyTorch NCHW and channels_last vs "
+               "fastconv, forward and forward+backward, with GFLOP/s, % of SGEMM and the paper's 2080Ti numbers; "
+               "writes table.csv, results.json, run.json.")
+ORDER = 90
+
+
+def add_arguments(parser) -> None:
+    from fastconv.bench import add_arguments as add
+
+    add(parser)
+
+
+def run(args) -> int:
+    from fastconv.bench import format_table, run_from_args
+
+    try:
+        result, paths = run_from_args(args)
+    except ValueError as e:
+        raise ErfLabError(str(e)) from None
+    print(format_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

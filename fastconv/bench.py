@@ -1,0 +1,307 @@
+"""Table 1 of RepLKNet (Ding et al., CVPR 2022): latency of a stack of 24 depthwise layers, input (B, 384, R, R).
+
+``python -m fastconv.bench`` (or ``erf-lab bench``) times PyTorch's F.conv2d with an NCHW input, the same with a
+channels_last input, and ``fastconv.depthwise_conv2d(backend="auto")``, forward and forward+backward (input and
+weight gradients); reports the median latency, speedup, achieved GFLOP/s and % of this machine's measured SGEMM
+rate, prints the paper's 2080Ti numbers beside ours, and writes table.csv, results.json and run.json atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fastconv
+
+PAPER_KERNELS = (3, 5, 7, 9, 13, 17, 21, 27, 29, 31)
+PAPER_RESOLUTIONS = (16, 32, 64)
+# Table 1 of the paper (GTX 2080Ti, B=64, C=384, FP32, PyTorch 1.9.0 + cuDNN 7.6.5; forward only), in ms.
+# Transcribed from the table as reprinted with the same caption in the UniRepLKNet journal extension
+# (Ding et al.), the text the search tool holds; keyed by R -> (PyTorch row, Ours row) over PAPER_KERNELS.
+PAPER_TABLE1_MS = {
+    16: ((5.6, 11.0, 14.4, 17.6, 36.0, 57.2, 83.4, 133.5, 150.7, 171.4),
+         (5.6, 6.5, 6.4, 6.9, 7.5, 8.4, 8.4, 8.4, 8.3, 8.4)),
+    32: ((21.9, 34.1, 54.8, 76.1, 141.2, 230.5, 342.3, 557.8, 638.6, 734.8),
+         (21.9, 28.7, 34.6, 40.6, 52.5, 64.5, 73.9, 87.9, 92.7, 96.7)),
+    64: ((69.6, 141.2, 228.6, 319.8, 600.0, 977.7, 1454.4, 2371.1, 2698.4, 3090.4),
+         (69.6, 112.6, 130.7, 152.6, 199.7, 251.5, 301.0, 378.2, 406.0, 431.7)),
+}
+IMPLS = ("pytorch_nchw", "pytorch_cl", "fastconv")
+
+
+def paper_ms(r: int, k: int) -> tuple[float | None, float | None]:
+    if r in PAPER_TABLE1_MS and k in PAPER_KERNELS:
+        i = PAPER_KERNELS.index(k)
+        return PAPER_TABLE1_MS[r][0][i], PAPER_TABLE1_MS[r][1][i]
+    return None, None
+
+
+class Timer:
+    """Median wall time of ``fn`` after warm-up; CUDA events (synchronised) on GPU."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int):
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+
+    def __call__(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(self.device)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(self.device)
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+
+def sgemm_gflops(device: torch.device, n: int | None = None, repeats: int = 5) -> float:
+    """This machine's measured fp32 matrix-multiply rate, the roofline reference for '% of SGEMM'."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    t = Timer(device, 2, repeats)(lambda: a @ b)
+    return 2 * n ** 3 / t / 1e9
+
+
+def conv_flops(b: int, c: int, r: int, k: int, layers: int) -> float:
+    """Multiply-adds x2 of ``layers`` depthwise KxK same convs on (b, c, r, r)."""
+    return 2.0 * b * c * r * r * k * k * layers
+
+
+def _stack(impl: str, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    for w in ws:
+        if impl == "fastconv":
+            x = fastconv.depthwise_conv2d(x, w)
+        else:
+            x = F.conv2d(x, w, padding=w.shape[-1] // 2, groups=x.shape[1])
+    return x
+
+
+def bench_one(impl: str, mode: str, b: int, c: int, r: int, k: int, layers: int, timer: Timer,
+              device: torch.device, dtype: torch.dtype) -> float:
+    """Seconds for one pass of the stack; ``mode`` "fwd" (no grad) or "fwdbwd" (input + weight gradients)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(b, c, r, r, generator=g).to(device, dtype)
+    if impl == "pytorch_cl" or (impl == "fastconv" and device.type == "cpu"):
+        # fastconv's CPU paths are NHWC internally: feed the layout a CPU model would use (same as 'pytorch_cl')
+        x = x.contiguous(memory_format=torch.channels_last)
+    ws = [(torch.randn(c, 1, k, k, generator=g) / k).to(device, dtype).requires_grad_(mode == "fwdbwd")
+          for _ in range(layers)]
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                _stack(impl, x, ws)
+    else:
+        xg = x.detach().requires_grad_(True)
+
+        def fn():
+            y = _stack(impl, xg, ws)
+            y.backward(torch.ones_like(y))
+            xg.grad = None
+            for w in ws:
+                w.grad = None
+    return timer(fn)
+
+
+def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None = None, channels: int = 384,
+        layers: int = 24, repeats: int = 3, warmup: int = 1, device: str | None = None, modes=("fwd", "fwdbwd"),
+        impls=IMPLS, show_progress: bool = True, sgemm_size: int | None = None) -> dict:
+    """Measure the table; returns {"meta": ..., "rows": [...]} (pure: prints and writes nothing)."""
+    from erf_lab.io import progress
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch = batch or (64 if dev.type == "cuda" else 2)
+    for k in kernels:
+        if k % 2 == 0 or not 1 <= k <= fastconv.functional.MAX_KERNEL:
+            raise ValueError(f"kernel {k} unsupported: odd sizes 1..{fastconv.functional.MAX_KERNEL}")
+    if min(resolutions) < 1 or batch < 1 or layers < 1 or repeats < 1 or channels < 1:
+        raise ValueError("resolutions, batch, channels, layers and repeats must be positive")
+    timer = Timer(dev, warmup, repeats)
+    peak = sgemm_gflops(dev, sgemm_size)
+    rows = []
+    jobs = [(r, k, m, i) for r in resolutions for k in kernels for m in modes for i in impls]
+    bar = progress(total=len(jobs), desc="fastconv bench", unit="case", disable=not show_progress)
+    for r in resolutions:
+        for k in kernels:
+            row = {"R": r, "K": k, "batch": batch, "channels": channels, "layers": layers}
+            row["paper_pytorch_ms"], row["paper_ours_ms"] = paper_ms(r, k)
+            for m in modes:
+                flops = conv_flops(batch, channels, r, k, layers) * (3 if m == "fwdbwd" else 1)
+                for impl in impls:
+                    bar.set_postfix_str(f"R={r} K={k} {m} {impl}")
+                    t = bench_one(impl, m, batch, channels, r, k, layers, timer, dev, torch.float32)
+                    row[f"{m}_{impl}_ms"] = round(t * 1e3, 3)
+                    row[f"{m}_{impl}_gflops"] = round(flops / t / 1e9, 2)
+                    bar.update(1)
+                if "fastconv" in impls:
+                    fc = row[f"{m}_fastconv_ms"]
+                    row[f"{m}_fastconv_pct_sgemm"] = round(100 * row[f"{m}_fastconv_gflops"] / peak, 1)
+                    for base in ("pytorch_nchw", "pytorch_cl"):
+                        if base in impls:
+                            row[f"{m}_speedup_vs_{base.split('_')[1]}"] = round(row[f"{m}_{base}_ms"] / fc, 2)
+                    x = torch.empty(batch, channels, r, r, device=dev)
+                    if dev.type == "cpu":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    w = torch.empty(channels, 1, k, k, device=dev, requires_grad=m == "fwdbwd")
+                    with torch.set_grad_enabled(m == "fwdbwd"):
+                        row[f"{m}_fastconv_backend"] = fastconv.dispatch.decide(x.requires_grad_(m == "fwdbwd"),
+                                                                                w, None)["backend"]
+            rows.append(row)
+    bar.close()
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or
+                                                                                    platform.machine()),
+            "device_type": dev.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "batch": batch, "channels": channels, "layers": layers, "repeats": repeats, "warmup": warmup,
+            "sgemm_gflops": round(peak, 2), "modes": list(modes), "impls": list(impls),
+            "paper": "RepLKNet Table 1: GTX 2080Ti, B=64, FP32, forward only (PyTorch 1.9.0 + cuDNN 7.6.5)"}
+    return {"meta": meta, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    """The paper's layout (rows per resolution, one column per kernel size), ours beside the paper's."""
+    meta, rows = result["meta"], result["rows"]
+    out = io.StringIO()
+    kernels = sorted({r["K"] for r in rows})
+    out.write(f"Stack of {meta['layers']} depthwise layers, input ({meta['batch']}, {meta['channels']}, R, R), "
+              f"{meta['device']} ({meta['device_type']}, {meta['threads']} threads), torch {meta['torch']}, "
+              f"median of {meta['repeats']}; SGEMM {meta['sgemm_gflops']} GFLOP/s\n")
+    out.write(f"Paper: {meta['paper']}\n")
+    if meta["device_type"] == "cpu":
+        out.write("fastconv is fed a channels_last input on CPU (its NHWC kernels' native layout)\n")
+    labels = {"pytorch_nchw": "PyTorch NCHW", "pytorch_cl": "PyTorch ch_last", "fastconv": "fastconv"}
+    for m in meta["modes"]:
+        out.write(f"\n== {'forward' if m == 'fwd' else 'forward + backward (input and weight gradients)'}:"
+                  f" latency (ms) @ kernel size ==\n")
+        head = f"{'R':>5} {'impl':<24}" + "".join(f"{k:>9}" for k in kernels) + "\n"
+        out.write(head)
+        for res in sorted({r["R"] for r in rows}):
+            rr = {r["K"]: r for r in rows if r["R"] == res}
+            lines = []
+            if m == "fwd" and any(rr[k]["paper_pytorch_ms"] for k in kernels):
+                lines.append(("paper 2080Ti PyTorch", [rr[k]["paper_pytorch_ms"] for k in kernels], "{:>9.1f}"))
+                lines.append(("paper 2080Ti Ours", [rr[k]["paper_ours_ms"] for k in kernels], "{:>9.1f}"))
+            for impl in meta["impls"]:
+                lines.append((labels[impl], [rr[k][f"{m}_{impl}_ms"] for k in kernels], "{:>9.1f}"))
+            if "fastconv" in meta["impls"]:
+                for base in ("nchw", "cl"):
+                    if f"{m}_speedup_vs_{base}" in rr[kernels[0]]:
+                        lines.append((f"speedup vs {base}", [rr[k][f"{m}_speedup_vs_{base}"] for k in kernels],
+                                      "{:>8.2f}x"))
+                lines.append(("fastconv GFLOP/s", [rr[k][f"{m}_fastconv_gflops"] for k in kernels], "{:>9.1f}"))
+                lines.append(("fastconv % of SGEMM", [rr[k][f"{m}_fastconv_pct_sgemm"] for k in kernels],
+                              "{:>8.1f}%"))
+                short = {"channels_last": "ch_last"}
+                lines.append(("fastconv backend", [short.get(rr[k][f"{m}_fastconv_backend"], rr[k][f"{m}_fastconv_backend"])
+                                                   for k in kernels], "{:>9.8}"))
+            for i, (label, vals, fmt) in enumerate(lines):
+                cells = "".join("{:>9}".format("-") if v is None else fmt.format(v) for v in vals)
+                out.write(f"{(str(res) + 'x' + str(res)) if i == 0 else '':>5} {label:<24}{cells}\n")
+    return out.getvalue()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_results(result: dict, out_dir: str | os.PathLike, argv: list[str] | None = None) -> list[Path]:
+    """table.csv, results.json, table.txt and run.json (how it was made) in ``out_dir``, each atomically."""
+    out = Path(out_dir)
+    rows = result["rows"]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    paths = [out / "table.csv", out / "results.json", out / "table.txt", out / "run.json"]
+    _atomic_write(paths[0], buf.getvalue())
+    _atomic_write(paths[1], json.dumps(result, indent=2) + "\n")
+    _atomic_write(paths[2], format_table(result))
+    run_info = {"command": "fastconv.bench", "argv": argv if argv is not None else sys.argv[1:],
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result["meta"],
+                "python": platform.python_version(), "platform": platform.platform(),
+                "autotune_cache": str(fastconv.dispatch.cache_file()),
+                "env": {k: os.environ[k] for k in ("ERF_LAB_CONV_BACKEND", "FASTCONV_CACHE", "OMP_NUM_THREADS")
+                        if k in os.environ}}
+    _atomic_write(paths[3], json.dumps(run_info, indent=2) + "\n")
+    return paths
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", type=_ints, default=PAPER_KERNELS, help="comma-separated odd kernel sizes")
+    p.add_argument("--resolutions", type=_ints, default=PAPER_RESOLUTIONS, help="comma-separated R")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 64 on GPU, 2 on CPU)")
+    p.add_argument("--channels", type=int, default=384)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both")
+    p.add_argument("--quick", action="store_true", help="K 3,13,31; R 16,32; 4 layers; 2 repeats; batch 1 on CPU")
+    p.add_argument("--out", default="runs/fastconv-bench", help="output directory (table.csv, results.json, run.json)")
+
+
+def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
+    kw = dict(kernels=args.kernels, resolutions=args.resolutions, batch=args.batch, channels=args.channels,
+              layers=args.layers, repeats=args.repeats, warmup=args.warmup, device=args.device,
+              modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,))
+    if args.quick:
+        kw.update(kernels=(3, 13, 31), resolutions=(16, 32), layers=4, repeats=2)
+        if args.batch is None and not (args.device or "").startswith("cuda") and not torch.cuda.is_available():
+            kw["batch"] = 1
+    if kw["device"] and kw["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    result = run(**kw)
+    return result, write_results(result, args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastconv.bench", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        result, paths = run_from_args(args)
+    except ValueError as e:
+        print(f"fastconv.bench: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print("wrote " + ", ".join(str(x) for x in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

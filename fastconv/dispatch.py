@@ -1,0 +1,264 @@
+"""Backend choice for ``backend="auto"``: a timed autotune per (device, dtype, layout, shape, grad mode) with a
+persistent JSON cache (``$FASTCONV_CACHE`` or ``erf_lab.paths.cache_dir()/fastconv``, atomic writes), a cost-model
+pre-filter that never times a known cliff, and ``explain`` to say which backend runs and why.
+
+The FFT path is exact and selectable explicitly but is not an auto candidate: it never won a measurement here.
+Known cliffs on CPU (oneDNN 3.x): NCHW depthwise with padding > 6 falls back to im2col+GEMM, and the weight
+gradient of F.conv2d for K > 14 always takes the GEMM path; "native" is only a candidate away from them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from fastconv import cpu_kernels as ck
+from fastconv.functional import BACKENDS, _triton, check_inputs, memory_format_of, run_backend
+
+ENV_FORCE = "ERF_LAB_CONV_BACKEND"
+ENV_AUTOTUNE = "FASTCONV_AUTOTUNE"  # "0" -> cost model only, no timing
+ONEDNN_MAX_PAD = 6
+NATIVE_WGRAD_MAX_K = 14
+
+_mem: dict[str, dict] = {}
+_mem_file: Path | None = None
+_lock = threading.Lock()
+
+
+def cache_file() -> Path:
+    return ck.cache_root() / "autotune.json"
+
+
+def clear_cache(memory_only: bool = False) -> None:
+    """Forget autotune decisions (in memory, and on disk unless ``memory_only``)."""
+    global _mem_file
+    with _lock:
+        _mem.clear()
+        _mem_file = None
+        if not memory_only and cache_file().exists():
+            cache_file().unlink()
+
+
+def _load() -> dict:
+    global _mem_file
+    f = cache_file()
+    if _mem_file != f:
+        _mem.clear()
+        _mem_file = f
+        try:
+            _mem.update(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            pass
+    return _mem
+
+
+def _store(key: str, entry: dict) -> None:
+    f = cache_file()
+    try:
+        on_disk = json.loads(f.read_text())  # merge: other processes may have tuned other shapes
+    except (OSError, ValueError):
+        on_disk = {}
+    on_disk[key] = entry
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".json.tmp", dir=f.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(on_disk, fh, indent=1, sort_keys=True)
+        os.replace(tmp, f)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
+    """Whether ``backend`` computes this call exactly, and if not why."""
+    dev, dt = x.device.type, x.dtype
+    if backend in ("native", "channels_last"):
+        return True, ""
+    if backend == "cpp":
+        if dev != "cpu" or dt != torch.float32:
+            return False, "cpp handles float32 CPU tensors only"
+        if not ck.cpp_available():
+            return False, f"cpp kernel unavailable: {ck.cpp_unavailable_reason()}"
+        return True, ""
+    if backend == "fft":
+        if dt not in (torch.float32, torch.float64):
+            return False, "fft needs float32/float64 (half-precision FFTs need power-of-two sizes)"
+        return True, ""
+    if backend == "triton":
+        interp = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+        if dev != "cuda" and not interp:
+            return False, "triton needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)"
+        if _triton() is None:
+            return False, "triton backend unavailable (fastconv.triton_backend missing or triton_available() False)"
+        return True, ""
+    return False, f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}"
+
+
+def _needs_grad(x, weight, bias) -> tuple[bool, bool]:
+    if not torch.is_grad_enabled():
+        return False, False
+    return x.requires_grad, weight.requires_grad or (bias is not None and bias.requires_grad)
+
+
+def candidates(x, weight, bias) -> tuple[list[str], dict[str, str]]:
+    """Backends worth timing, and for each excluded one the reason (cost model)."""
+    kh, kw = weight.shape[-2:]
+    _, gw = _needs_grad(x, weight, bias)
+    out, why = [], {}
+    for b in BACKENDS:
+        ok, reason = supports(b, x, weight)
+        if not ok:
+            why[b] = reason
+            continue
+        if b == "native" and x.device.type == "cpu":
+            pad = max(kh, kw) // 2
+            if pad > ONEDNN_MAX_PAD and memory_format_of(x) != torch.channels_last:
+                why[b] = f"padding {pad} > {ONEDNN_MAX_PAD}: oneDNN NCHW depthwise falls back to im2col+GEMM"
+                continue
+            if gw and max(kh, kw) > NATIVE_WGRAD_MAX_K:
+                why[b] = f"K > {NATIVE_WGRAD_MAX_K}: PyTorch's weight gradient takes oneDNN's slow GEMM path"
+                continue
+        if b == "triton" and x.device.type != "cuda":
+            why[b] = "explicit only on CPU (Triton interpreter: for testing, not speed)"
+            continue
+        if b == "fft":
+            why[b] = ("explicit only: never measured faster (CPU, 1 thread, B=2 C=384: R=16 K=31 632 ms vs 112 ms "
+                      "oneDNN channels_last; R=32 K=31 1527 vs 858 ms)")
+            continue
+        out.append(b)
+    return out, why
+
+
+def cache_key(x, weight, bias) -> str:
+    gx, gw = _needs_grad(x, weight, bias)
+    dev = x.device.type
+    if dev == "cuda":
+        dev = torch.cuda.get_device_name(x.device).replace(" ", "_")
+    else:
+        dev = f"cpu{torch.get_num_threads()}t"
+    layout = "nhwc" if memory_format_of(x) == torch.channels_last else "nchw"
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    return (f"{dev}|{str(x.dtype).replace('torch.', '')}|{layout}|{n}x{c}x{h}x{w}|k{kh}x{kw}"
+            f"|grad_x{int(gx)}w{int(gw)}|bias{int(bias is not None)}|torch{torch.__version__}")
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time_backend(name, x, weight, bias, gx, gw, budget_s: float) -> float:
+    """Best-of-repeats seconds of forward (+ the needed backward) on random data of the call's shape.
+
+    The minimum (not the median) is the load-robust estimate on a shared machine; fast candidates repeat until
+    ~30 ms (3..10 runs) were spent, and a candidate slower than ``budget_s`` on warm-up is not repeated."""
+    xs = torch.randn_like(x).requires_grad_(gx)
+    ws = torch.randn_like(weight).requires_grad_(gw)
+    bs = None if bias is None else torch.randn_like(bias).requires_grad_(gw)
+
+    def step():
+        with torch.enable_grad() if (gx or gw) else torch.no_grad():
+            y = run_backend(name, xs, ws, bs)
+            if gx or gw:
+                y.backward(torch.ones_like(y))
+        _sync(x.device)
+
+    t0 = time.perf_counter()
+    step()  # warm-up (also JIT builds / cuDNN algorithm search)
+    first = time.perf_counter() - t0
+    if first > budget_s:
+        return first
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < 0.03 and len(times) < 10):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+        if sum(times) > budget_s:
+            break
+    return min(times)
+
+
+def _cost_model(cands: list[str], x) -> str:
+    order = (["triton", "channels_last", "native"] if x.device.type == "cuda"
+             else ["channels_last", "cpp", "native"])
+    return next((b for b in order if b in cands), cands[0])
+
+
+def decide(x, weight, bias) -> dict:
+    """The decision for this call: {"backend", "why", "times_ms"?, "cached"?}. Times and caches on first use."""
+    forced = os.environ.get(ENV_FORCE, "").strip()
+    if forced and forced != "auto":
+        ok, reason = supports(forced, x, weight)
+        if not ok:
+            raise ValueError(f"{ENV_FORCE}={forced}: {reason}")
+        return {"backend": forced, "why": f"forced by ${ENV_FORCE}={forced}"}
+    if x.numel() == 0:
+        return {"backend": "native", "why": "empty input: plain F.conv2d"}
+    cands, excluded = candidates(x, weight, bias)
+    if len(cands) == 1:
+        return {"backend": cands[0], "why": "only applicable backend", "excluded": excluded}
+    if os.environ.get(ENV_AUTOTUNE, "1") == "0":
+        b = _cost_model(cands, x)
+        return {"backend": b, "why": f"cost model (${ENV_AUTOTUNE}=0); candidates {cands}", "excluded": excluded}
+    key = cache_key(x, weight, bias)
+    with _lock:
+        hit = _load().get(key)
+    if hit is not None and hit.get("backend") in cands:
+        return {**hit, "cached": True, "key": key, "excluded": excluded}
+    gx, gw = _needs_grad(x, weight, bias)
+    times: dict[str, float] = {}
+    for b in cands:
+        best = min(times.values()) if times else float("inf")
+        try:
+            times[b] = _time_backend(b, x, weight, bias, gx, gw, budget_s=max(3 * best, 0.05))
+        except Exception as e:  # noqa: BLE001 - a failing candidate (e.g. a GPU kernel build) is skipped
+            excluded[b] = f"failed while autotuning: {type(e).__name__}: {str(e)[:120]}"
+    if not times:
+        return {"backend": "native", "why": "every candidate failed to run; plain F.conv2d", "excluded": excluded}
+    winner = min(times, key=times.get)
+    entry = {"backend": winner, "why": "autotuned (fastest measured)",
+             "times_ms": {b: round(t * 1e3, 4) for b, t in sorted(times.items(), key=lambda kv: kv[1])}}
+    with _lock:
+        _load()[key] = entry
+        try:
+            _store(key, entry)
+        except OSError:
+            pass  # read-only cache dir: keep the in-memory decision
+    return {**entry, "cached": False, "key": key, "excluded": excluded}
+
+
+def resolve(backend: str, x, weight, bias) -> str:
+    """Backend name to run: ``backend`` itself when explicit (checked), else ``decide(...)``."""
+    if backend == "auto":
+        return decide(x, weight, bias)["backend"]
+    ok, reason = supports(backend, x, weight)
+    if not ok:
+        raise ValueError(f"depthwise_conv2d: backend {backend!r} cannot run this call: {reason}")
+    return backend
+
+
+def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """Which backend ``depthwise_conv2d(x, weight, bias)`` would run for this call, and why (may autotune)."""
+    check_inputs(x, weight, bias)
+    d = decide(x, weight, bias)
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    gx, gw = _needs_grad(x, weight, bias)
+    lines = [f"depthwise_conv2d on {x.device.type} {str(x.dtype).replace('torch.', '')} "
+             f"{'channels_last' if memory_format_of(x) == torch.channels_last else 'NCHW'} "
+             f"x=({n},{c},{h},{w}) kernel {kh}x{kw}, grads: input={gx} weight={gw}",
+             f"-> backend {d['backend']!r}: {d['why']}"
+             + (" [from cache " + str(cache_file()) + "]" if d.get("cached") else "")]
+    if d.get("times_ms"):
+        lines.append("   measured (fwd" + ("+bwd" if gx or gw else "") + ", best-of-repeats ms): "
+                     + ", ".join(f"{b} {t:.3g}" for b, t in d["times_ms"].items()))
+    for b, r in d.get("excluded", {}).items():
+        lines.append(f"   not {b}: {r}")
+    return "\n".join(lines)

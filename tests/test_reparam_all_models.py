@@ -1,0 +1,165 @@
+"""``reparameterize_model`` gives an exact inference form for EVERY registered model (timm convention):
+all conv-BN pairs folded into biased convs (conv-BN fusion, Ding et al. 2021 RepVGG / 2022 RepLKNet Sec. 3),
+idempotent, in place. New registered models are covered automatically (parametrized over ``list_models()``)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from erf_lab.models import create_model, list_models, reparameterize_model
+from erf_lab.models.deploy import max_relative_error
+from erf_lab.models.summary import model_family
+
+#: Reduced-width overrides per architecture family (the module file name), to keep the test fast.
+TINY = {
+    "replknet": dict(channels=(8, 16, 16, 16), layers=(1, 1, 1, 1)),
+    "resnet": dict(width=8),
+    "mobilenetv2": dict(width_mult=0.25),
+    "efficientnet_lite": {},
+}
+#: BatchNorms deliberately left by the fused form (documented in the architecture's module).
+KEPT_BN = {"replknet": {"norm"}}  # final BN before pooling: nothing after it to fold into (replknet.py)
+#: Odd, non-square input: exercises EfficientNet-Lite's asymmetric TF "SAME" padding after fusion.
+INPUT = (1, 3, 49, 47)
+#: Required fp32 agreement (max |y - y'| / max |y|) of the original and the fused form, or (deep nets whose
+#: own fp32 rounding w.r.t. float64 is already ~TOL: ResNet-101/152 with random BN, 1.4e-5 accumulated over
+#: 100-150 layers) a fused form whose error w.r.t. float64 is within FLOOR_FACTOR x the original's (measured
+#: ratio <= 1.95; a wrong fold gives > 1e-3, i.e. > 15x this bound).
+TOL = 1e-5
+FLOOR_FACTOR = 4.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a busy 2-core box: OpenMP hand-offs dominate, one thread is fastest."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def family(name: str) -> str:
+    with torch.device("meta"):
+        return model_family(create_model(name))
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics and affine parameters (so a wrong fold shows): running statistics start as the
+    real batch statistics of random images (every BN matters at O(1)), then are perturbed; gamma, beta random."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns, "model has no BatchNorm2d to fold"
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: running stats = batch stats after one pass
+    model.train()
+    model(torch.randn(4, 3, 48, 48, generator=g))
+    for m in bns:
+        n = m.num_features
+        m.momentum = 0.1
+        m.running_mean.add_(torch.randn(n, generator=g) * 0.1 * m.running_var.sqrt())
+        m.running_var.mul_(torch.rand(n, generator=g) * 0.5 + 0.75).add_(0.05)
+        m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+        m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+    return model.eval()
+
+
+def conv_types(model: nn.Module) -> list[type]:
+    return [type(m) for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature map, logits) of ``model`` on ``x`` (cast to the model's dtype)."""
+    feat = model.forward_features(x.to(next(model.parameters()).dtype))
+    return feat, model.forward_head(feat)
+
+
+def error(ref: tuple[torch.Tensor, torch.Tensor], out: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Max relative error (max |a - b| / max |a|, in float64) over the feature map and the logits."""
+    return max(max_relative_error(r, o) for r, o in zip(ref, out))
+
+
+def check_fused(model: nn.Module, fam: str, x: torch.Tensor) -> tuple[float, float, float]:
+    """Fuse a copy of ``model``; assert equivalence (feature map and logits), exactness in float64, idempotence,
+    BN removal. Returns (fp32 error, fp32 rounding floor of the original, float64 error)."""
+    with torch.no_grad():
+        ref = outputs(model, x)
+        m64 = copy.deepcopy(model).double()
+        ref64 = outputs(m64, x)
+        floor = error(ref64, ref)  # fp32 rounding of the ORIGINAL model w.r.t. float64
+        # The algebra is exact: in float64 the fused form agrees to rounding.
+        err64 = error(ref64, outputs(reparameterize_model(m64), x))
+        assert err64 < 1e-12, err64
+        fused = reparameterize_model(copy.deepcopy(model))
+        out = outputs(fused, x)
+        err = error(ref, out)
+        assert err < TOL or error(ref64, out) <= FLOOR_FACTOR * floor, (err, floor)
+        # Idempotent: a second call changes neither the state dict nor the output.
+        sd = {k: v.clone() for k, v in fused.state_dict().items()}
+        reparameterize_model(fused)
+        assert fused.state_dict().keys() == sd.keys()
+        assert all(torch.equal(v, fused.state_dict()[k]) for k, v in sd.items())
+        assert all(torch.equal(a, b) for a, b in zip(outputs(fused, x), out))
+    left = {n for n, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert left == KEPT_BN.get(fam, set()), left
+    # Every conv carries its folded bias; conv classes (SameConv2d, fastconv.DepthwiseConv2d) are kept.
+    assert all(m.bias is not None for m in fused.modules() if isinstance(m, nn.Conv2d))
+    if any(hasattr(m, "merge_kernel") for m in model.modules()):  # RepLKNet: two branch convs become one
+        assert set(conv_types(fused)) == set(conv_types(model))
+    else:
+        assert conv_types(fused) == conv_types(model)
+    assert sum(p.numel() for p in fused.parameters()) < sum(p.numel() for p in model.parameters())
+    # The tolerance can fail: a wrong fold of the last conv's BN (its bias off by 0.5) is a real error.
+    with torch.no_grad():
+        broken = copy.deepcopy(fused)
+        last = [m for m in broken.modules() if isinstance(m, nn.Conv2d)][-1]
+        last.bias.add_(0.5)
+        assert max_relative_error(ref[0], broken.forward_features(x)) > 1e-3
+    return err, floor, err64
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_reparameterize_model_is_exact(name):
+    fam = family(name)
+    torch.manual_seed(0)
+    model = randomize_bn(create_model(name, **TINY.get(fam, {})))
+    x = torch.randn(*INPUT, generator=torch.Generator().manual_seed(1))
+    err, floor, err64 = check_fused(model, fam, x)
+    print(f"\n{name}: fp32 {err:.2e} (fp32 floor {floor:.2e})  fp64 {err64:.2e}")
+
+
+def test_reparameterize_pretrained_efficientnet_lite0():
+    """Real ImageNet weights (lukemelas layout, loaded unfused), then fused: same feature map and logits."""
+    model = create_model("efficientnet_lite0", pretrained=True).eval()
+    mean = torch.tensor(model.default_cfg["mean"]).reshape(1, 3, 1, 1)
+    std = torch.tensor(model.default_cfg["std"]).reshape(1, 3, 1, 1)
+    x = (torch.rand(*INPUT, generator=torch.Generator().manual_seed(2)) - mean) / std
+    err, floor, err64 = check_fused(model, "efficientnet_lite", x)
+    print(f"\nefficientnet_lite0 pretrained: fp32 {err:.2e} (fp32 floor {floor:.2e})  fp64 {err64:.2e}")
+
+
+def test_mobilenetv2_large_depthwise_uses_fastconv():
+    """Stride-1 depthwise convs with K > 5 are fastconv.DepthwiseConv2d (unless native); same state dict."""
+    from fastconv import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    fast = randomize_bn(create_model("mobilenetv2_k13_last", width_mult=0.25, conv_backend="auto"))
+    native = create_model("mobilenetv2_k13_last", width_mult=0.25, conv_backend="native").eval()
+    native.load_state_dict(fast.state_dict())
+    assert fast.state_dict().keys() == native.state_dict().keys()
+    dws = [m for m in fast.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    big = [m for m in dws if m.kernel_size == (13, 13)]
+    # Stages 5 (3 blocks, first strided) and 6 (1 block) have 13x13 kernels: 3 of the 4 are stride 1.
+    assert len(big) == 4 and sum(type(m) is DepthwiseConv2d for m in big) == 3
+    assert all(type(m) is nn.Conv2d for m in dws if m.stride != (1, 1) or m.kernel_size[0] <= 5)
+    assert not any(isinstance(m, DepthwiseConv2d) for m in native.modules())
+    x = torch.randn(*INPUT, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert max_relative_error(native(x), fast(x)) < 1e-5
+        reparameterize_model(fast)
+        assert sum(type(m) is DepthwiseConv2d for m in fast.modules()) == 3
+        assert max_relative_error(native(x), fast(x)) < 1e-5
