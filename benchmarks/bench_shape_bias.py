@@ -1,0 +1,89 @@
+"""Shape-bias pipeline throughput vs. the model's pure inference time on the same batches.
+
+Side by side in one process, alternating, so machine load hits both alike:
+  pure     — the preprocessed batches already in memory, only ``model(x)`` under ``torch.inference_mode``;
+  pipeline — ``erf_lab.shape_bias.evaluate.run_set``: PNG decode + resize in DataLoader workers, inference,
+             16-class mapping, bookkeeping.
+Target: pipeline time within 15% of pure inference (overhead <= 1.15x).
+
+    python benchmarks/bench_shape_bias.py [--model efficientnet_lite0] [--images 256] [--batch-size 32]
+                                          [--workers W] [--repeats 3] [--out runs/bench_shape_bias]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from erf_lab.io import write_json  # noqa: E402
+from erf_lab.models import create_model  # noqa: E402
+from erf_lab.shape_bias.evaluate import default_workers, run_set, versions  # noqa: E402
+from erf_lab.shape_bias.stimuli import Preprocess, StimulusDataset, find_stimuli_root, list_stimuli  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--pretrained", action="store_true", default=True)
+    ap.add_argument("--stimuli", default=None)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="runs/bench_shape_bias")
+    args = ap.parse_args(argv)
+
+    kwargs = {"pretrained": True} if args.model == "efficientnet_lite0" else {}
+    model = create_model(args.model, **kwargs).eval()
+    stim, _ = list_stimuli(find_stimuli_root(args.stimuli), args.images)
+    pp = Preprocess.from_model(model)
+    ds = StimulusDataset(stim, pp)
+    xs = torch.stack([ds[i][0] for i in range(len(ds))])
+    batches = list(xs.split(args.batch_size))
+    workers = default_workers() if args.workers is None else args.workers
+
+    def pure() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for b in batches:
+                model(b)
+        return time.perf_counter() - t
+
+    def pipeline() -> float:
+        t = time.perf_counter()
+        run_set(model, "bench", stim, pp, batch_size=args.batch_size, workers=workers, show_progress=False)
+        return time.perf_counter() - t
+
+    pure(); pipeline()  # warm-up (allocator, worker start-up paths, oneDNN primitives)
+    t_pure, t_pipe = [], []
+    for _ in range(args.repeats):
+        t_pure.append(pure())
+        t_pipe.append(pipeline())
+    best_pure, best_pipe = min(t_pure), min(t_pipe)
+    res = {"model": args.model, "images": len(stim), "batch_size": args.batch_size, "workers": workers,
+           "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
+           "pure_inference_s": t_pure, "pipeline_s": t_pipe,
+           "pure_images_per_s": len(stim) / best_pure, "pipeline_images_per_s": len(stim) / best_pipe,
+           "overhead_ratio_best": best_pipe / best_pure,
+           "overhead_ratio_median": sorted(t_pipe)[len(t_pipe) // 2] / sorted(t_pure)[len(t_pure) // 2],
+           "target_ratio": 1.15, "versions": versions(), "command": sys.argv}
+    print(f"{args.model}: {len(stim)} images, batch {args.batch_size}, {workers} workers, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  pure inference : {res['pure_images_per_s']:.1f} img/s  (runs {', '.join(f'{t:.2f}' for t in t_pure)} s)")
+    print(f"  full pipeline  : {res['pipeline_images_per_s']:.1f} img/s  (runs {', '.join(f'{t:.2f}' for t in t_pipe)} s)")
+    print(f"  overhead       : {res['overhead_ratio_best']:.3f}x best, {res['overhead_ratio_median']:.3f}x median "
+          f"(target <= 1.15x)")
+    out = Path(args.out)
+    write_json(out / "results.json", res)
+    write_json(out / "run.json", {"what": "benchmarks/bench_shape_bias.py", "command": sys.argv,
+                                  "versions": res["versions"]})
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""``erf-lab shape-bias``: shape vs. texture decisions on cue-conflict stimuli (Geirhos et al., ICLR 2019)."""
+from __future__ import annotations
+
+import sys
+
+NAME = "shape-bias"
+HELP = "shape bias on Geirhos cue-conflict stimuli (model-vs-human 16-class mapping), figures vs. humans"
+ORDER = 60
+DESCRIPTION = (
+    "Run a classifier on the 1280 cue-conflict images (and edges / silhouettes when present), map ImageNet-1k "
+    "softmax to the 16 categories by mean probability (model-vs-human), and report shape bias = shape hits / "
+    "(shape + texture hits) over images whose shape and texture differ. Writes decisions.csv, summary.json, "
+    "run.json, a model-vs-human CSV and shape_bias.png/pdf. With --compare RUN_DIR..., draws several runs in one "
+    "figure and table. Data: --stimuli DIR, $ERF_LAB_DATA, or 'erf-lab data download'."
+)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="registered model name or package.module:factory")
+    p.add_argument("--weights", help="checkpoint (.pth/.pt state dict, or .safetensors)")
+    p.add_argument("--pretrained", action="store_true", help="use the model's published ImageNet weights")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE", help="model constructor option (repeatable)")
+    p.add_argument("--stimuli", help="cue-conflict folder (<category>/<shape><i>-<texture><j>.png), default from "
+                                     "$ERF_LAB_DATA / shared datasets / download cache")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader decode workers (default half the CPUs, 1-4)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--limit", type=int, default=None, help="evaluate N images spread over all categories")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare finished runs instead of evaluating")
+    p.add_argument("--no-humans", action="store_true", help="leave the human reference out of the figure")
+    p.add_argument("--out", default=None, help="output folder (default runs/shape_bias/<model> or "
+                                               "runs/shape_bias/comparison)")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from erf_lab.errors import ErfLabError
+    from erf_lab.shape_bias.analysis import human_csvs
+
+    if args.compare:
+        from erf_lab.shape_bias.plotting import compare_runs
+
+        out = Path(args.out or "runs/shape_bias/comparison")
+        res = compare_runs(args.compare, out, human_csv_paths=None if args.no_humans else human_csvs())
+        print(res["markdown"])
+        print(f"wrote {out}/comparison.md, comparison.csv, shape_bias_comparison.png/pdf")
+        return 0
+    if not args.model:
+        raise ErfLabError("--model is required (or --compare RUN_DIR...)")
+    from erf_lab.cli.commands.compute import parse_overrides
+    from erf_lab.shape_bias.evaluate import run_shape_bias
+
+    out = Path(args.out or Path("runs/shape_bias") / args.model.replace(":", "_"))
+    s = run_shape_bias(args.model, out=out, weights=args.weights, pretrained=args.pretrained,
+                       overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
+                       workers=args.workers, device=args.device, limit=args.limit, command=sys.argv)
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    print(f"{args.model}: shape bias {f(s['shape_bias'])} (shape hits {s['shape_hits']}, texture hits "
+          f"{s['texture_hits']}, of {s['n_conflict']} cue-conflict images)")
+    print(f"  fraction shape {f(s['fraction_shape_hits'])}, texture {f(s['fraction_texture_hits'])}; "
+          f"edge acc {f(s['edge_accuracy'])}, silhouette acc {f(s['silhouette_accuracy'])}")
+    if s.get("human_reference"):
+        print(f"  humans: shape bias {f(s['human_reference']['shape_bias'])}")
+    if s["n_skipped"]:
+        print(f"  warning: {s['n_skipped']} file(s) skipped (see summary.json)", file=sys.stderr)
+    print(f"wrote {out}/decisions.csv, summary.json, shape_bias.png/pdf")
+    return 0

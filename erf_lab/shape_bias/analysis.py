@@ -1,0 +1,126 @@
+"""Shape-bias numbers from decisions, and from model-vs-human-format CSVs (humans and models alike).
+
+Shape bias (Geirhos et al., ICLR 2019, Sec. 3): over cue-conflict images whose shape and texture categories
+differ, ``shape hits / (shape hits + texture hits)``. Images whose shape equals their texture (80 of 1280) are
+excluded, exactly as model-vs-human's ``ShapeBias`` analysis does (Geirhos et al., NeurIPS 2021).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from erf_lab.errors import ErfLabError
+from erf_lab.shape_bias.categories import CATEGORIES
+from erf_lab.shape_bias.stimuli import parse_name
+
+MVH_COLUMNS = ("subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename")
+
+
+def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
+    """``rows`` of ``(shape, texture, decision)`` -> shape bias, hit fractions, counts and per-category values.
+
+    Fractions are over the cue-conflict images (shape != texture). Per-category shape bias groups images by
+    their *shape* category. ``shape_bias`` is ``None`` when there is no shape or texture hit at all.
+    """
+    n = shape_hits = texture_hits = 0
+    per = defaultdict(lambda: [0, 0, 0])  # shape category -> [n, shape hits, texture hits]
+    for shape, texture, decision in rows:
+        if shape == texture:
+            continue
+        n += 1
+        p = per[shape]
+        p[0] += 1
+        if decision == shape:
+            shape_hits += 1
+            p[1] += 1
+        elif decision == texture:
+            texture_hits += 1
+            p[2] += 1
+
+    def ratio(a, b):
+        return a / (a + b) if a + b else None
+
+    return {
+        "shape_bias": ratio(shape_hits, texture_hits),
+        "fraction_shape_hits": shape_hits / n if n else None,
+        "fraction_texture_hits": texture_hits / n if n else None,
+        "fraction_shape_or_texture_hits": (shape_hits + texture_hits) / n if n else None,
+        "n_conflict": n,
+        "shape_hits": shape_hits,
+        "texture_hits": texture_hits,
+        "per_category": {c: {"shape_bias": ratio(per[c][1], per[c][2]), "n": per[c][0],
+                             "shape_hits": per[c][1], "texture_hits": per[c][2]}
+                         for c in CATEGORIES if c in per},
+    }
+
+
+def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of one model-vs-human-format CSV; raises ``ErfLabError`` for missing columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise ErfLabError(f"CSV not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"subj", "object_response", "category", "imagename"} - set(reader.fieldnames or ())
+        if missing:
+            raise ErfLabError(f"{path}: not a model-vs-human CSV (missing columns {', '.join(sorted(missing))})")
+        return list(reader)
+
+
+def shape_bias_from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> dict:
+    """Shape bias of model-vs-human-format CSVs: pooled over all rows, and per subject (``subj`` column).
+
+    As in model-vs-human: the shape is the ``category`` column, the texture is the last ``-`` part of the image
+    name (digits removed), rows with shape == texture are dropped. On the 10 human cue-conflict CSVs the pooled
+    value is 0.95869.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise ErfLabError("no CSV files given")
+    by_subject: dict[str, list] = defaultdict(list)
+    bad = 0
+    for p in paths:
+        for r in read_mvh_csv(p):
+            try:
+                _, texture = parse_name(r["imagename"])
+            except ValueError:
+                bad += 1
+                continue
+            by_subject[r["subj"]].append((r["category"], texture, r["object_response"]))
+    pooled = shape_bias_from_decisions(row for rows in by_subject.values() for row in rows)
+    pooled["per_subject"] = {s: shape_bias_from_decisions(rows)["shape_bias"] for s, rows in sorted(by_subject.items())}
+    pooled["unparsed_rows"] = bad
+    pooled["files"] = [str(p) for p in paths]
+    return pooled
+
+
+def write_mvh_csv(path: str | os.PathLike, subject: str, images: Sequence[str], shapes: Sequence[str],
+                  decisions: Sequence[str]) -> None:
+    """Write model decisions in model-vs-human format (atomically) so ``shape_bias_from_csv`` reads them too."""
+    from erf_lab.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(MVH_COLUMNS)
+        for i, (img, shape, dec) in enumerate(zip(images, shapes, decisions), start=1):
+            w.writerow([subject, 1, i, "NaN", dec, shape, 0, Path(img).name])
+
+
+def human_csvs(root: Path | None = None) -> list[Path]:
+    """The human cue-conflict CSVs under ``<datasets root>/human-cue-conflict`` (empty list when absent)."""
+    from erf_lab.paths import datasets_root
+
+    root = root or datasets_root()
+    if root is None:
+        return []
+    return sorted((root / "human-cue-conflict").glob("*.csv"))
+
+
+def read_decisions_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of an erf-lab ``decisions.csv``."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,160 @@
+"""Download the public cue-conflict / edge / silhouette stimuli and the human responses from their upstream
+repositories: rgeirhos/texture-vs-shape (``stimuli/``; Geirhos et al., ICLR 2019, CC BY 4.0) and
+bethgelab/model-vs-human (``raw-data/cue-conflict``; Geirhos et al., NeurIPS 2021).
+
+Every file is checked against the SHA-256 in :mod:`erf_lab.shape_bias.manifest_data`; partial files resume with
+HTTP ``Range``; a set is staged under ``<dest>/.incoming/`` and moved into place with one atomic rename once all
+its files verify, so ``<dest>/<set>`` is either complete or absent.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from erf_lab.errors import ErfLabError
+
+DEFAULT_BASE_URL = "https://raw.githubusercontent.com"
+SETS = ("cue-conflict", "edges", "silhouettes", "human-cue-conflict")
+CHUNK = 1 << 16
+
+
+def default_dest() -> Path:
+    """``<cache>/datasets`` — the last place :func:`erf_lab.paths.datasets_root` looks."""
+    from erf_lab.paths import cache_dir
+
+    return cache_dir() / "datasets"
+
+
+def load_manifest() -> dict:
+    from erf_lab.shape_bias.manifest_data import MANIFEST
+
+    return MANIFEST
+
+
+def build_manifest(root: str | os.PathLike) -> dict:
+    """Manifest (``{set: {"upstream": path, "files": {rel: [sha256, size]}}}``) of a local copy of the sets."""
+    from erf_lab.io import sha256_file
+
+    root = Path(root)
+    upstream = {"cue-conflict": "rgeirhos/texture-vs-shape/master/stimuli/style-transfer-preprocessed-512",
+                "edges": "rgeirhos/texture-vs-shape/master/stimuli/edges",
+                "silhouettes": "rgeirhos/texture-vs-shape/master/stimuli/filled-silhouettes",
+                "human-cue-conflict": "bethgelab/model-vs-human/master/raw-data/cue-conflict"}
+    out = {}
+    for name, up in upstream.items():
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        out[name] = {"upstream": up, "files": {p.relative_to(root / name).as_posix(): [sha256_file(p), p.stat().st_size]
+                                               for p in files}}
+    return out
+
+
+def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout: float = 60.0) -> str:
+    """Download ``url`` to ``target`` via ``target.part`` (resumed with HTTP Range), verify SHA-256, rename.
+
+    Returns ``"present"``, ``"downloaded"`` or ``"resumed"``. On a checksum mismatch the partial file is deleted
+    and ``ErfLabError`` raised; ``target`` is never created with wrong contents.
+    """
+    from erf_lab.io import sha256_file
+
+    if target.is_file() and sha256_file(target) == sha256:
+        return "present"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    status = "downloaded"
+    req = urllib.request.Request(url, headers={"User-Agent": "erf-lab"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            code = resp.status
+            mode = "ab" if (have and code == 206) else "wb"
+            status = "resumed" if mode == "ab" else "downloaded"
+            with open(part, mode) as f:
+                while block := resp.read(CHUNK):
+                    f.write(block)
+    except urllib.error.HTTPError as e:
+        if not (e.code == 416 and have):  # 416: the partial file is already complete
+            raise ErfLabError(f"download failed: {url}: HTTP {e.code} {e.reason}") from None
+        status = "resumed"
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise ErfLabError(f"download failed: {url}: {reason} (rerun to resume)") from None
+    digest = sha256_file(part)
+    if digest != sha256:
+        part.unlink()
+        raise ErfLabError(f"checksum mismatch for {url}: expected sha256 {sha256[:12]}…, got {digest[:12]}…; "
+                          f"the file was discarded and nothing was installed")
+    os.replace(part, target)
+    return status
+
+
+def download(dest: str | os.PathLike | None = None, base_url: str = DEFAULT_BASE_URL, sets=SETS,
+             manifest: dict | None = None, workers: int = 4, show_progress: bool = True) -> dict:
+    """Fetch ``sets`` into ``dest`` (default: the cache); returns a report per set. Idempotent: complete sets
+    are skipped, interrupted ones resume."""
+    from erf_lab.io import progress, write_json
+
+    manifest = manifest or load_manifest()
+    dest = Path(dest).expanduser() if dest else default_dest()
+    unknown = [s for s in sets if s not in manifest]
+    if unknown:
+        raise ErfLabError(f"unknown data set(s) {', '.join(unknown)}; choose from {', '.join(manifest)}")
+    base_url = base_url.rstrip("/")
+    report = {}
+    for name in sets:
+        entry = manifest[name]
+        final = dest / name
+        record = final / "MANIFEST.json"
+        if final.exists():
+            if record.is_file() and json.loads(record.read_text()).get("files") == entry["files"]:
+                report[name] = {"status": "present", "path": str(final), "files": len(entry["files"])}
+                continue
+            raise ErfLabError(f"{final} exists but was not made by 'erf-lab data download'; remove it or use --dest")
+        staging = dest / ".incoming" / name
+        counts = {"present": 0, "downloaded": 0, "resumed": 0}
+        files = list(entry["files"].items())
+        total = sum(size for _, (_, size) in files)
+
+        def one(item):
+            rel, (sha, size) = item
+            url = f"{base_url}/{entry['upstream']}/{rel}"
+            return fetch(url, staging / rel, sha, size), size
+
+        with progress(total=total, desc=f"download {name}", unit="B", unit_scale=True,
+                      disable=not show_progress) as bar, ThreadPoolExecutor(max(1, workers)) as pool:
+            for status, size in pool.map(one, files):
+                counts[status] += 1
+                bar.update(size)
+        write_json(staging / "MANIFEST.json", {"set": name, "source": f"{base_url}/{entry['upstream']}",
+                                               "files": entry["files"], "downloaded_utc":
+                                                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        os.replace(staging, final)  # atomic: the set appears complete or not at all
+        report[name] = {"status": "installed", "path": str(final), "files": len(files), **counts}
+    incoming = dest / ".incoming"
+    if incoming.is_dir() and not any(incoming.iterdir()):
+        shutil.rmtree(incoming, ignore_errors=True)
+    return {"dest": str(dest), "sets": report}
+
+
+def info() -> dict:
+    """Where the data sets are found (``$ERF_LAB_DATA``, ``../shared/datasets``, or the cache) and what is there."""
+    from erf_lab.paths import cache_dir, datasets_root
+
+    root = datasets_root()
+    sets = {}
+    if root is not None:
+        for name in SETS:
+            d = root / name
+            n = sum(1 for p in d.rglob("*") if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".csv")) \
+                if d.is_dir() else 0
+            sets[name] = {"present": d.is_dir(), "files": n}
+    return {"root": None if root is None else str(root), "env_ERF_LAB_DATA": os.environ.get("ERF_LAB_DATA"),
+            "cache": str(cache_dir() / "datasets"), "sets": sets}

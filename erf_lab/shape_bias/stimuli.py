@@ -1,0 +1,170 @@
+"""Finding, parsing and decoding the cue-conflict, edge and silhouette stimuli (Geirhos et al., ICLR 2019)."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from erf_lab.errors import ErfLabError
+from erf_lab.shape_bias.categories import CATEGORIES
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+HOW_TO_GET = ("get the stimuli with 'erf-lab data download', or point --stimuli DIR / $ERF_LAB_DATA at a folder "
+              "holding cue-conflict/ (and edges/, silhouettes/)")
+_CUE_RE = re.compile(r"^([a-z]+)(\d+)-([a-z]+)(\d+)$")
+_SINGLE_RE = re.compile(r"^([a-z]+)(\d+)$")
+
+
+@dataclass(frozen=True)
+class Stimulus:
+    path: Path
+    shape: str
+    texture: str  # equal to shape for edges / silhouettes and for the 80 non-conflict cue-conflict images
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def parse_name(name: str) -> tuple[str, str]:
+    """``'bird1-bear2.png'`` -> ``('bird', 'bear')``; ``'bird3.png'`` -> ``('bird', 'bird')``.
+
+    Also accepts model-vs-human image names (``0001_s5n_s01_0_bird_00_bird3-bird2.png``: the last ``_`` part).
+    Raises ``ValueError`` for names that do not follow the convention or use unknown categories.
+    """
+    stem = Path(name).name.rsplit("_", 1)[-1]
+    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    m = _CUE_RE.match(stem)
+    if m:
+        shape, texture = m.group(1), m.group(3)
+    else:
+        m = _SINGLE_RE.match(stem)
+        if not m:
+            raise ValueError(f"cannot parse stimulus name {name!r} (expected <shape><i>-<texture><j>.png)")
+        shape = texture = m.group(1)
+    for c in (shape, texture):
+        if c not in CATEGORIES:
+            raise ValueError(f"unknown category {c!r} in stimulus name {name!r}")
+    return shape, texture
+
+
+def list_stimuli(folder: str | os.PathLike, limit: int | None = None) -> tuple[list[Stimulus], list[dict]]:
+    """All images in ``folder/<category>/`` sorted by (category, name); returns (stimuli, skipped).
+
+    Files whose name does not parse are skipped with a reason (never silently). ``limit`` takes an even
+    spread over categories (every k-th image) so small runs still cover all 16 categories.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ErfLabError(f"stimulus folder not found: {folder}; {HOW_TO_GET}")
+    stimuli, skipped = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            shape, texture = parse_name(path.name)
+        except ValueError as e:
+            skipped.append({"file": str(path.relative_to(folder)), "reason": str(e)})
+            continue
+        if path.parent != folder and path.parent.name in CATEGORIES and path.parent.name != shape:
+            skipped.append({"file": str(path.relative_to(folder)),
+                            "reason": f"file in folder {path.parent.name!r} but its name says shape {shape!r}"})
+            continue
+        stimuli.append(Stimulus(path, shape, texture))
+    if not stimuli:
+        raise ErfLabError(f"no stimulus images found in {folder}; {HOW_TO_GET}")
+    if limit is not None and 0 < limit < len(stimuli):
+        step = len(stimuli) / limit
+        stimuli = [stimuli[int(i * step)] for i in range(limit)]
+    return stimuli, skipped
+
+
+def find_stimuli_root(stimuli: str | os.PathLike | None = None) -> Path:
+    """The folder holding ``cue-conflict/``: ``--stimuli`` (either that folder or cue-conflict/ itself), else
+    ``erf_lab.paths.datasets_root()``. Raises ``ErfLabError`` with instructions when nothing is found."""
+    from erf_lab.paths import datasets_root
+
+    if stimuli is not None:
+        p = Path(stimuli).expanduser()
+        if not p.is_dir():
+            raise ErfLabError(f"stimulus folder not found: {p}; {HOW_TO_GET}")
+        return p / "cue-conflict" if (p / "cue-conflict").is_dir() else p
+    root = datasets_root()
+    if root is None or not (root / "cue-conflict").is_dir():
+        raise ErfLabError(f"cue-conflict stimuli not found; {HOW_TO_GET}")
+    return root / "cue-conflict"
+
+
+def sibling_set(cue_dir: Path, name: str) -> Path | None:
+    """``edges`` / ``silhouettes`` beside the cue-conflict folder, if present."""
+    p = cue_dir.parent / name
+    return p if p.is_dir() and p != cue_dir else None
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Per-model preprocessing from its ``default_cfg`` (timm convention): resize the short side to
+    ``size / crop_pct`` with ``interpolation``, centre-crop ``size``, scale to [0, 1], normalize ``mean``/``std``."""
+    size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+    @classmethod
+    def from_model(cls, model) -> "Preprocess":
+        cfg = dict(getattr(model, "default_cfg", None) or getattr(model, "pretrained_cfg", None) or {})
+        size = cfg.get("input_size", (3, 224, 224))
+        size = tuple(int(s) for s in (size[-2:] if len(size) >= 2 else (size[0], size[0])))
+        return cls(size=size, mean=tuple(float(x) for x in cfg.get("mean", cls.mean)),
+                   std=tuple(float(x) for x in cfg.get("std", cls.std)),
+                   interpolation=str(cfg.get("interpolation", "bilinear")),
+                   crop_pct=float(cfg.get("crop_pct", 1.0) or 1.0))
+
+    def as_dict(self) -> dict:
+        return {"input_size": list(self.size), "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "crop_pct": self.crop_pct,
+                "steps": "resize short side to size/crop_pct, centre crop, /255, (x-mean)/std"}
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+                    "lanczos": Image.LANCZOS}.get(self.interpolation, Image.BILINEAR)
+        img = img.convert("RGB")
+        h, w = self.size
+        scale_h, scale_w = int(round(h / self.crop_pct)), int(round(w / self.crop_pct))
+        if img.size != (scale_w, scale_h):
+            iw, ih = img.size
+            r = max(scale_w / iw, scale_h / ih)
+            img = img.resize((max(scale_w, round(iw * r)), max(scale_h, round(ih * r))), resample)
+        iw, ih = img.size
+        left, top = (iw - w) // 2, (ih - h) // 2
+        img = img.crop((left, top, left + w, top + h))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+
+class StimulusDataset(torch.utils.data.Dataset):
+    """Decodes images in DataLoader workers; an undecodable image yields ``ok=False`` (counted, not fatal)."""
+
+    def __init__(self, stimuli: list[Stimulus], preprocess: Preprocess):
+        self.stimuli = stimuli
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.stimuli)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.stimuli[i].path) as img:
+                x = self.preprocess(img)
+            return x, i, True, ""
+        except Exception as e:  # PIL raises many types for broken files
+            h, w = self.preprocess.size
+            return torch.zeros(3, h, w), i, False, f"{type(e).__name__}: {e}".splitlines()[0]

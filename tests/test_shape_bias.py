@@ -1,0 +1,229 @@
+"""Shape-bias probes: 16-class mapping, name parsing, shape-bias arithmetic, human reference, real lite0 numbers."""
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from erf_lab.errors import ErfLabError
+from erf_lab.shape_bias import CATEGORIES, imagenet_to_16, parse_name, shape_bias_from_csv, shape_bias_from_decisions
+from erf_lab.shape_bias.analysis import human_csvs, write_mvh_csv
+from erf_lab.shape_bias.categories import category_table
+from erf_lab.shape_bias.evaluate import evaluate, logits_to_scores16, write_decisions_csv
+from erf_lab.shape_bias.stimuli import Preprocess, list_stimuli
+
+
+class Tiny(nn.Module):
+    """A cheap classifier (stride-16 conv, pooled) with a ``num_classes``-way head."""
+
+    def __init__(self, num_classes=1000, size=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 16, stride=16)
+        self.fc = nn.Linear(8, num_classes)
+        self.default_cfg = {"input_size": (3, size, size), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+                            "interpolation": "bilinear", "crop_pct": 1.0}
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class Constant16(nn.Module):
+    """16-way head that always prefers one category (tests the direct 16-class path)."""
+
+    def __init__(self, category):
+        super().__init__()
+        self.k = CATEGORIES.index(category)
+        self.default_cfg = {"input_size": (3, 32, 32)}
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 16)
+        out[:, self.k] = 5.0
+        return out
+
+
+# ---------------------------------------------------------------- 16-class table and decision mapping
+
+def test_category_table_matches_model_vs_human():
+    t = category_table()
+    assert tuple(t) == CATEGORIES
+    assert t["airplane"] == [404] and t["bear"] == [294, 295, 296, 297] and t["knife"] == [499]
+    assert t["oven"] == [766] and t["elephant"] == [385, 386] and t["keyboard"] == [508, 878]
+    assert len(t["bird"]) == 49 and len(t["dog"]) == 109
+    all_idx = [i for v in t.values() for i in v]
+    assert len(all_idx) == len(set(all_idx)) == 207  # disjoint categories
+
+
+def test_mean_probability_mapping_hand_computed():
+    """Bird holds more total mass (49 x 0.01 = 0.49) but airplane's single class (0.3) has the higher *mean*."""
+    p = np.zeros((1, 1000))
+    p[0, 404] = 0.30                       # airplane
+    p[0, category_table()["bird"]] = 0.01  # bird: mean 0.01
+    p[0, [294, 295]] = [0.08, 0.04]        # bear: (0.08 + 0.04 + 0 + 0) / 4 = 0.03
+    p[0, 0] = 1 - p.sum()                  # tench: in no category
+    s = imagenet_to_16(p)[0]
+    assert s[CATEGORIES.index("airplane")] == pytest.approx(0.30)
+    assert s[CATEGORIES.index("bird")] == pytest.approx(0.01)
+    assert s[CATEGORIES.index("bear")] == pytest.approx(0.03)
+    assert s[CATEGORIES.index("dog")] == 0.0
+    assert CATEGORIES[int(np.argmax(s))] == "airplane"
+    assert p[0, category_table()["bird"]].sum() > p[0, 404]  # a sum-aggregation would pick bird instead
+
+
+def test_logits_heads():
+    logits = torch.zeros(2, 1000)
+    logits[:, 404] = 10.0
+    assert CATEGORIES[logits_to_scores16(logits).argmax(1)[0]] == "airplane"
+    l16 = torch.randn(3, 16)
+    assert np.allclose(logits_to_scores16(l16), torch.softmax(l16, -1).numpy(), atol=1e-6)
+    with pytest.raises(ErfLabError, match="10 outputs"):
+        logits_to_scores16(torch.zeros(1, 10))
+
+
+# ---------------------------------------------------------------- names and arithmetic
+
+@pytest.mark.parametrize("name,expected", [
+    ("bird1-bear2.png", ("bird", "bear")),
+    ("airplane10-knife3.png", ("airplane", "knife")),
+    ("cat7.png", ("cat", "cat")),
+    ("0001_s5n_s01_0_bird_00_bird3-bird2.png", ("bird", "bird")),
+    ("0002_s5n_s02_0_clock_00_clock4-chair1.png", ("clock", "chair")),
+])
+def test_parse_name(name, expected):
+    assert parse_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["bird-bear.png", "Bird1-bear2.png", "zebra1-bear2.png", "notes.png", "bird1-bear2-cat3.png"])
+def test_parse_name_rejects(name):
+    with pytest.raises(ValueError):
+        parse_name(name)
+
+
+def test_shape_bias_arithmetic():
+    rows = [("cat", "dog", "cat"), ("cat", "dog", "dog"), ("cat", "bird", "cat"), ("cat", "bird", "knife"),
+            ("dog", "cat", "cat"), ("dog", "dog", "dog")]  # last row: no conflict, excluded
+    r = shape_bias_from_decisions(rows)
+    assert (r["n_conflict"], r["shape_hits"], r["texture_hits"]) == (5, 2, 2)
+    assert r["shape_bias"] == 0.5 and r["fraction_shape_hits"] == 0.4 and r["fraction_texture_hits"] == 0.4
+    assert r["per_category"]["cat"]["shape_bias"] == pytest.approx(2 / 3)
+    assert r["per_category"]["dog"]["shape_bias"] == 0.0
+    assert shape_bias_from_decisions([("cat", "dog", "knife")])["shape_bias"] is None
+
+
+def test_humans_0_95869_pooled_and_per_subject(shared_datasets):
+    paths = human_csvs(shared_datasets)
+    assert len(paths) == 10
+    r = shape_bias_from_csv(paths)
+    assert round(r["shape_bias"], 5) == 0.95869
+    assert r["n_conflict"] == 12000 and r["unparsed_rows"] == 0
+    assert len(r["per_subject"]) == 10
+    vals = list(r["per_subject"].values())
+    assert 0.91 < min(vals) < max(vals) < 0.99  # every subject strongly shape-biased
+    one = shape_bias_from_csv(paths[0])
+    assert one["per_subject"] == {"subject-01": pytest.approx(r["per_subject"]["subject-01"])}
+
+
+def test_mvh_csv_round_trip(tmp_path, shared_datasets):
+    stim, _ = list_stimuli(shared_datasets / "cue-conflict")
+    rng = np.random.default_rng(0)
+    decisions = [str(rng.choice([s.shape, s.texture, "knife"])) for s in stim]
+    p = tmp_path / "cue-conflict_model_session-1.csv"
+    write_mvh_csv(p, "model", [s.name for s in stim], [s.shape for s in stim], decisions)
+    with open(p, newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename"]
+    back = shape_bias_from_csv(p)
+    direct = shape_bias_from_decisions([(s.shape, s.texture, d) for s, d in zip(stim, decisions)])
+    assert back["shape_bias"] == direct["shape_bias"] and back["n_conflict"] == direct["n_conflict"] == 1200
+
+
+# ---------------------------------------------------------------- preprocessing and evaluation
+
+def test_preprocess_from_default_cfg():
+    m = Tiny(size=40)
+    m.default_cfg.update(mean=(0.25, 0.5, 0.75), std=(0.5, 0.25, 0.125), crop_pct=0.5)
+    pp = Preprocess.from_model(m)
+    assert pp.size == (40, 40) and pp.crop_pct == 0.5
+    img = Image.new("RGB", (224, 224), (255, 0, 51))
+    x = pp(img)
+    assert x.shape == (3, 40, 40)
+    assert torch.allclose(x[:, 20, 20], torch.tensor([(1 - 0.25) / 0.5, (0 - 0.5) / 0.25, (0.2 - 0.75) / 0.125]),
+                          atol=1e-5)
+    assert Preprocess.from_model(nn.Identity()).size == (224, 224)  # no default_cfg: ImageNet defaults
+
+
+def test_sixteen_way_head_used_directly(shared_datasets, tmp_path):
+    r = evaluate(Constant16("bird"), shared_datasets / "cue-conflict", limit=160, workers=0, show_progress=False)
+    s = r["summary"]
+    stim = r["sets"]["cue-conflict"].stimuli
+    shape_hits = sum(1 for x in stim if x.shape == "bird" and x.texture != "bird")
+    texture_hits = sum(1 for x in stim if x.texture == "bird" and x.shape != "bird")
+    assert (s["shape_hits"], s["texture_hits"]) == (shape_hits, texture_hits) and shape_hits + texture_hits > 0
+    for name, key in (("edges", "edge_accuracy"), ("silhouettes", "silhouette_accuracy")):
+        shapes = [x.shape for x in r["sets"][name].stimuli]
+        assert len(set(shapes)) == 16 and s[key] == pytest.approx(shapes.count("bird") / len(shapes))
+    write_decisions_csv(tmp_path / "d.csv", r["sets"])
+    with open(tmp_path / "d.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(len(x.stimuli) for x in r["sets"].values())
+    assert {(row["decision"], row["top_class"]) for row in rows} == {("bird", "bird")}
+
+
+def test_bad_files_are_counted_not_silent(tmp_path, shared_datasets):
+    src = shared_datasets / "cue-conflict"
+    for cat in ("bird", "cat"):
+        (tmp_path / "cc" / cat).mkdir(parents=True)
+        for p in sorted((src / cat).glob("*.png"))[:6]:
+            shutil.copy(p, tmp_path / "cc" / cat / p.name)
+    (tmp_path / "cc" / "bird" / "bird9-cat9.png").write_bytes(b"not a png")
+    (tmp_path / "cc" / "cat" / "kitten.png").write_bytes(b"x")
+    with pytest.warns(UserWarning, match="cannot decode"):
+        r = evaluate(Tiny(), tmp_path / "cc", workers=0, show_progress=False)
+    s = r["summary"]
+    assert [u["file"].endswith("bird9-cat9.png") for u in s["undecodable_files"]] == [True]
+    assert [k["file"] for k in s["skipped_files"]] == ["cat/kitten.png"]
+    assert s["n_skipped"] == 2
+    good = [x for x, ok in zip(r["sets"]["cue-conflict"].stimuli, r["sets"]["cue-conflict"].ok) if ok]
+    assert len(good) == 12 and s["n_images"] == {"cue-conflict": 13}
+    assert s["n_conflict"] == sum(x.shape != x.texture for x in good)
+
+
+def test_wrong_head_size_is_an_error(shared_datasets):
+    with pytest.raises(ErfLabError, match="10 outputs"):
+        evaluate(Tiny(num_classes=10), shared_datasets / "cue-conflict", limit=4, workers=0, show_progress=False)
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "bird").mkdir()
+    with pytest.raises(ErfLabError, match="erf-lab data download"):
+        list_stimuli(tmp_path)
+
+
+# ---------------------------------------------------------------- the real ImageNet-trained EfficientNet-Lite0
+
+@pytest.fixture(scope="module")
+def lite0_full(shared_datasets):
+    from erf_lab.models import create_model
+
+    model = create_model("efficientnet_lite0", pretrained=True)
+    return evaluate(model, shared_datasets / "cue-conflict", batch_size=64, show_progress=False)["summary"]
+
+
+def test_lite0_shape_bias_in_cnn_band(lite0_full):
+    s = lite0_full
+    assert s["n_images"] == {"cue-conflict": 1280, "edges": 160, "silhouettes": 160}
+    assert s["n_conflict"] == 1200 and s["n_skipped"] == 0
+    assert 0.20 <= s["shape_bias"] <= 0.32  # ImageNet CNNs are texture-biased (Geirhos et al. 2019: ResNet-50 0.22)
+    assert s["preprocessing"]["interpolation"] == "bicubic" and s["preprocessing"]["crop_pct"] == 0.875
+
+
+def test_lite0_far_above_chance(lite0_full):
+    s = lite0_full
+    chance = 2 / 16  # shape or texture category by guessing
+    assert s["fraction_shape_or_texture_hits"] > 4 * chance
+    assert s["edge_accuracy"] > 2 / 16 and s["silhouette_accuracy"] > 4 / 16

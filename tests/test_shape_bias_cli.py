@@ -1,0 +1,114 @@
+"""`erf-lab shape-bias`: outputs, --compare, and one-line errors (exit 2). Tiny models, --limit runs."""
+from __future__ import annotations
+
+import csv
+import json
+import textwrap
+
+import pytest
+
+from erf_lab.cli.main import main
+from erf_lab.shape_bias import shape_bias_from_csv
+
+TINY = textwrap.dedent('''
+    import torch, torch.nn as nn
+
+    class Tiny(nn.Module):
+        def __init__(self, num_classes=1000):
+            super().__init__()
+            torch.manual_seed(num_classes)
+            self.conv = nn.Conv2d(3, 8, 16, stride=16)
+            self.fc = nn.Linear(8, num_classes)
+            self.default_cfg = {"input_size": (3, 64, 64), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                                "interpolation": "bilinear", "crop_pct": 0.875}
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    def tiny(num_classes=1000, seed=0):
+        torch.manual_seed(seed)
+        return Tiny(num_classes)
+''')
+
+
+@pytest.fixture()
+def tiny_model(tmp_path, monkeypatch):
+    (tmp_path / "sb_tiny_models.py").write_text(TINY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "sb_tiny_models:tiny"
+
+
+def _one_error_line(err: str) -> list[str]:
+    return [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
+
+
+def test_run_writes_all_outputs(tiny_model, tmp_path, shared_datasets, capsys):
+    out = tmp_path / "run"
+    rc = main(["shape-bias", "--model", tiny_model, "--stimuli", str(shared_datasets / "cue-conflict"),
+               "--limit", "32", "--batch-size", "8", "--workers", "1", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "shape bias" in capsys.readouterr().out
+    for name in ("decisions.csv", "summary.json", "run.json", "shape_bias.png", "shape_bias.pdf",
+                 "cue-conflict_sb-tiny-models-tiny_session-1.csv"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    s = json.loads((out / "summary.json").read_text())
+    with open(out / "decisions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cue = [r for r in rows if r["set"] == "cue-conflict"]
+    assert len(cue) == 32 and s["n_images"]["cue-conflict"] == 32
+    assert {r["set"] for r in rows} == {"cue-conflict", "edges", "silhouettes"}
+    assert {f"score_{c}" for c in ("airplane", "truck")} <= set(rows[0]) and rows[0]["top_class"]
+    # decisions.csv, summary.json and the model-vs-human CSV all agree
+    shape = sum(r["decision"] == r["shape"] for r in cue if r["shape"] != r["texture"])
+    texture = sum(r["decision"] == r["texture"] for r in cue if r["shape"] != r["texture"])
+    assert (s["shape_hits"], s["texture_hits"]) == (shape, texture)
+    mvh = shape_bias_from_csv(out / "cue-conflict_sb-tiny-models-tiny_session-1.csv")
+    assert (mvh["shape_hits"], mvh["texture_hits"]) == (shape, texture)
+    assert s["preprocessing"]["input_size"] == [64, 64] and s["preprocessing"]["crop_pct"] == 0.875
+    assert round(s["human_reference"]["shape_bias"], 5) == 0.95869
+    assert len(s["state_dict_sha256"]) == 64 and s["versions"]["torch"] and s["command"]
+    assert json.loads((out / "run.json").read_text())["limit"] == 32
+
+
+def test_compare_two_runs(tiny_model, tmp_path, shared_datasets, capsys):
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"run{seed}"
+        assert main(["shape-bias", "--model", tiny_model, "--override", f"seed={seed}", "--limit", "16",
+                     "--workers", "0", "--stimuli", str(shared_datasets), "--out", str(out)]) == 0  # root works too
+        runs.append(str(out))
+    capsys.readouterr()
+    cmp_dir = tmp_path / "cmp"
+    assert main(["shape-bias", "--compare", *runs, "--out", str(cmp_dir)]) == 0
+    md = (cmp_dir / "comparison.md").read_text()
+    assert "| humans | 0.959 |" in md and md.count("sb_tiny_models:tiny") == 2 and "CC BY 4.0" in md
+    with open(cmp_dir / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows][0] == "humans" and len(rows) == 3
+    for r, d in zip(rows[1:], runs):
+        assert float(r["shape_bias"] or "nan") == pytest.approx(json.loads(
+            (tmp_path / d / "summary.json").read_text())["shape_bias"] or float("nan"), nan_ok=True)
+    assert (cmp_dir / "shape_bias_comparison.png").is_file() and (cmp_dir / "shape_bias_comparison.pdf").is_file()
+
+
+@pytest.mark.parametrize("make_args,needle", [
+    (lambda t, m: ["--model", m, "--stimuli", str(t / "nope")], "stimulus folder not found"),
+    (lambda t, m: ["--model", m, "--stimuli", str(t)], "no stimulus images"),
+    (lambda t, m: ["--model", m + "", "--override", "num_classes=10", "--limit", "4"], "10 outputs"),
+    (lambda t, m: ["--stimuli", str(t)], "--model is required"),
+    (lambda t, m: ["--compare", str(t)], "no summary.json"),
+    (lambda t, m: ["--model", "no_such_model", "--limit", "4"], "unknown model"),
+])
+def test_errors_exit_2_with_one_line(tiny_model, tmp_path, capsys, make_args, needle):
+    rc = main(["shape-bias", *make_args(tmp_path, tiny_model), "--workers", "0", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = _one_error_line(err)
+    assert len(lines) == 1 and needle in lines[0], err
+
+
+def test_missing_data_tells_how_to_get_it(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ERF_LAB_DATA", str(tmp_path))  # a root without cue-conflict/
+    rc = main(["shape-bias", "--model", tiny_model, "--out", str(tmp_path / "o")])
+    lines = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and len(lines) == 1 and "erf-lab data download" in lines[0] and "ERF_LAB_DATA" in lines[0]
