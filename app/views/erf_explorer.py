@@ -1,0 +1,180 @@
+"""ERF explorer (landing page): effective receptive fields of up to four configurations on one colour scale.
+
+ERF = gradient of the centre output pixel w.r.t. the input, aggregated over images (Luo et al., NeurIPS 2016;
+RepLKNet, Ding et al., CVPR 2022, Sec. 5.2). Renders the cached tiny default without any click.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+import loaders
+import safety
+from ui import cli_hint, guard, parse_int_tuple, show_figure
+
+st.title("ERF explorer")
+st.caption("Effective receptive field: |d output-centre / d input| aggregated over images (Luo et al., 2016), "
+           "shown as log10(A+1)/max like RepLKNet (Ding et al., CVPR 2022, Fig. 1). "
+           "Defaults use a narrow, shallow RepLKNet so the page answers in seconds on a laptop CPU.")
+
+AGGREGATES = ["relu", "abs"]
+MAX_CONFIGS = 4
+
+
+def _pct(v):
+    return "n/a" if v is None else f"{v:.1f}%"
+
+
+def _config_widgets(i: int, models: list[str]) -> dict:
+    """Widgets of one configuration column; returns the spec (plain JSON-able dict)."""
+    default_model = loaders.DEFAULT_MODEL if loaders.DEFAULT_MODEL in models else models[0]
+    name = st.selectbox("Model", models, index=models.index(default_model), key=f"erf-model-{i}")
+    overrides: dict = {}
+    if loaders.is_replknet(name):
+        default_k = "31,29,27,13" if i % 2 == 0 else "3"
+        kernels = parse_int_tuple(st.text_input("Large kernels (per stage, or one)", default_k, key=f"erf-k-{i}",
+                                                help="e.g. 31,29,27,13 (RepLKNet-31B) or 13 or 3"),
+                                  4, "large kernels")
+        small = st.selectbox("Small kernel (re-param branch)", [5, 3, "none"], key=f"erf-sk-{i}")
+        size = st.selectbox("Width / depth", ["tiny (16-128 ch, 1-1-2-1 blocks)", "paper"], key=f"erf-size-{i}")
+        overrides["large_kernel_sizes"] = list(kernels)
+        overrides["small_kernel"] = None if small == "none" or small >= min(kernels) else int(small)
+        if size.startswith("tiny"):
+            overrides["channels"] = list(loaders.TINY_CHANNELS)
+            overrides["layers"] = list(loaders.TINY_LAYERS)
+    elif name == "efficientnet_lite0" and st.toggle("Pretrained ImageNet weights", value=True, key=f"erf-pre-{i}"):
+        overrides["pretrained"] = True
+    reparam = st.toggle("Re-parameterized (deploy form)", value=True, key=f"erf-rep-{i}",
+                        help="Merge each small-kernel/BN branch into the large kernel first; the ERF must not change.")
+    return {"model": name, "overrides": loaders.overrides_key(overrides), "reparameterize": reparam}
+
+
+def _image_source():
+    """Built-in images, a folder (under the allowed roots) or uploads -> a hashable image source."""
+    kind = st.radio("Images", ["Built-in", "Folder", "Upload"], horizontal=True, key="erf-img-kind")
+    if kind == "Built-in":
+        names = loaders.builtin_image_names()
+        chosen = st.multiselect("Built-in images", names, default=names[:loaders.DEFAULT_NUM_IMAGES],
+                                key="erf-img-builtin")
+        if not chosen:
+            st.info("Choose at least one image.")
+            return None
+        return ("builtin", tuple(chosen))
+    if kind == "Folder":
+        text = st.text_input("Image folder", key="erf-img-folder",
+                             help="Under the working directory, your home, data/ or the datasets root.")
+        if not text:
+            return None
+        folder = safety.safe_directory(text, "image folder")
+        files = safety.image_files(folder)
+        st.caption(f"{len(files)} image(s) in {folder} (at most {safety.MAX_IMAGES} are used)")
+        return ("folder", str(folder))
+    ups = st.file_uploader("Upload images", type=[s.lstrip(".") for s in safety.IMAGE_SUFFIXES],
+                           accept_multiple_files=True, max_upload_size=safety.MAX_IMAGE_MB, key="erf-img-up")
+    if not ups:
+        return None
+    items = []
+    for up in ups[:safety.MAX_IMAGES]:
+        data = up.getvalue()
+        safety.verify_image_bytes(up.name, data)
+        items.append((up.name, data))
+    return ("upload", tuple(items))
+
+
+with guard("Model list"):
+    MODELS = loaders.registered_models()
+
+with st.sidebar:
+    st.subheader("ERF settings")
+    n_cfg = st.number_input("Configurations side by side", 1, MAX_CONFIGS, 1, key="erf-ncfg")
+    input_size = st.select_slider("Input size (px)", [64, 96, 128, 160, 224, 320], value=loaders.DEFAULT_INPUT,
+                                  key="erf-size")
+    aggregate = st.selectbox("Aggregation over output channels", AGGREGATES, key="erf-agg",
+                             help="relu: sum of positive gradients (official RepLKNet script); abs: |gradient|")
+    source = None
+    with guard("Images"):
+        source = _image_source()
+
+specs = []
+weights_for: dict[int, bytes | None] = {}
+if "MODELS" in globals() and MODELS:
+    cols = st.columns(int(n_cfg))
+    for i, col in enumerate(cols):
+        with col, st.expander(f"Configuration {i + 1}", expanded=int(n_cfg) > 1), guard(f"Configuration {i + 1}"):
+            spec = _config_widgets(i, MODELS)
+            rows = loaders.layer_table(spec["model"], spec["overrides"], int(input_size))
+            show_all = st.checkbox("List every layer", key=f"erf-all-{i}")
+            rows = loaders.main_layers(rows, show_all)
+            names = [r["name"] for r in rows]
+            layer = st.selectbox("Layer (centre pixel of its output)", names, index=len(names) - 1,
+                                 key=f"erf-layer-{i}", help="forward_features = last stage, as in the paper")
+            row = rows[names.index(layer)]
+            ck = st.file_uploader("Checkpoint (optional; random init otherwise)",
+                                  type=["pth", "pt", "bin", "safetensors"], max_upload_size=safety.MAX_CHECKPOINT_MB,
+                                  key=f"erf-ckpt-{i}")
+            weights = None
+            if ck is not None:
+                safety.check_checkpoint_upload(ck.name, ck.size)
+                weights = ck.getvalue()
+                spec["weights_name"] = ck.name
+                spec["weights_sha"] = loaders.sha(weights)
+            spec.update(layer=layer, trf=row.get("theoretical_rf"), input_size=int(input_size), aggregate=aggregate)
+            weights_for[len(specs)] = weights
+            specs.append(spec)
+
+def _is_quick(spec: dict) -> bool:
+    """Tiny RepLKNets and small models at <= 160 px run automatically; anything bigger waits for a click."""
+    tiny = '"channels": [16' in spec["overrides"] or spec["model"] == "efficientnet_lite0" or spec["model"].startswith("mobilenetv2")
+    return tiny and spec["input_size"] <= 160 and spec.get("weights_sha") is None
+
+
+if specs and source is not None and not all(_is_quick(s) for s in specs):
+    import json
+
+    key = json.dumps([specs, str(source)[:2000]], sort_keys=True, default=str)
+    if st.button("Compute ERFs", type="primary", key="erf-run", icon=":material/play_arrow:"):
+        st.session_state["erf-confirmed"] = key
+    if st.session_state.get("erf-confirmed") != key:
+        st.info("This configuration is larger than the interactive default; press **Compute ERFs** to run it "
+                "(or use the command line below for the full protocol).")
+        cli_hint(loaders.erf_cli_args(specs[0], source, full=False), "This configuration from the command line:")
+        specs = []
+
+if specs and source is not None:
+    results = []
+    bar = st.progress(0.0, text="computing ERFs")
+    for i, spec in enumerate(specs):
+        def on_progress(frac, i=i):
+            bar.progress((i + frac) / len(specs), text=f"ERF {i + 1}/{len(specs)}: {frac:.0%} of the images")
+        with guard(f"ERF of configuration {i + 1}"):
+            results.append((spec, loaders.erf_for(spec, source, weights_for.get(i), on_progress)))
+    bar.empty()
+    if results:
+        with guard("ERF figure"):
+            normalize = st.radio("Colour scale", ["each", "joint"], horizontal=True, key="erf-norm",
+                                 help="each: log10(A+1)/own max (paper); joint: divide by the largest map's max")
+            show_figure("erf_comparison", ([r["erf"] for _, r in results], [r["label"] for _, r in results]),
+                        stem="erf", key="erf-fig", kwargs={"normalize": normalize},
+                        caption="log10(A+1) normalized; one colour scale for all panels",
+                        width="stretch" if len(results) > 1 else 520)
+        cols = st.columns(len(results))
+        for col, (spec, res) in zip(cols, results):
+            with col:
+                s = res["summary"]
+                st.markdown(f"**{res['label']}**")
+                st.caption(f"{res['num_used']} image(s), {res['num_skipped']} skipped · layer `{res['layer']}` · "
+                           f"theoretical RF {res['trf'] if res['trf'] else 'n/a'} px · {res['seconds']:.1f} s")
+                m1, m2 = st.columns(2)
+                m1.metric("Area @20%", _pct(s.get("area@20%")))
+                m2.metric("Area @99%", _pct(s.get("area@99%")))
+                m3, m4 = st.columns(2)
+                m3.metric("r_rms (px)", "n/a" if s.get("r_rms") is None else f"{s['r_rms']:.1f}")
+                m4.metric("ERF / TRF", "n/a" if s.get("erf/trf") is None else f"{s['erf/trf']:.2f}")
+        with guard("Metrics table"):
+            st.dataframe(loaders.summary_table(results), hide_index=True)
+            st.caption("Area @t: smallest centred square holding t of the contribution, % of the input "
+                       "(Ding et al. 2022, Table 10); r_rms: RMS radius (Luo et al. 2016).")
+        cli_hint(loaders.erf_cli_args(specs[0], source, full=False), "This configuration from the command line:")
+        cli_hint(loaders.erf_cli_args(specs[0], source, full=True),
+                 "Full-size protocol (paper: trained weights, 50 ImageNet images at 1024 px):")
+elif source is None:
+    st.info("Choose images in the sidebar.")

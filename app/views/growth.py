@@ -1,0 +1,109 @@
+"""Growth: how the ERF grows with kernel size (RepLKNet Table 5 family) and with depth, train-time vs
+re-parameterized (identical function, Ding et al., CVPR 2022, Sec. 3), random init vs loaded weights."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from erf_lab.errors import ErfLabError
+
+import loaders
+import safety
+from ui import cli_hint, guard, show_figure
+
+st.title("ERF growth")
+st.caption("Kernel-size family of RepLKNet (Ding et al., CVPR 2022, Table 5): kernels K-K-K-min(K,13), "
+           "measured on a narrow, shallow body so the default answers in seconds. Train-time and "
+           "re-parameterized (deploy) forms compute the same function, so their ERFs must coincide.")
+
+tab_k, tab_d = st.tabs(["vs kernel size", "vs depth"])
+
+with tab_k:
+    c1, c2, c3, c4 = st.columns(4)
+    kernels_text = c1.text_input("Kernel sizes", "3,31", key="g-kernels", help="odd sizes from 3 to 31")
+    reparam = c2.selectbox("Form", ["both", "train", "deploy"], key="g-reparam",
+                           help="train: with the small-kernel branch; deploy: merged into one large kernel")
+    size = c3.select_slider("Input size (px)", [64, 96, 128, 224], value=64, key="g-size")
+    n_img = c4.number_input("Images (built-in set)", 1, 8, 1, key="g-nimg")
+    c5, c6 = st.columns([1, 3])
+    init = c5.radio("Weights", ["random", "weights"], key="g-init", horizontal=True,
+                    help="random: seeded init (seed 0); weights: one checkpoint per K in a folder")
+    tiny = c6.toggle("Tiny width/depth (16-128 channels, 1-1-2-1 blocks)", value=True, key="g-tiny")
+    weights_dir = None
+    ok = True
+    ks, bad = [], []
+    with guard("Settings"):
+        ks = [int(k) for k in kernels_text.replace(" ", "").split(",") if k]
+        bad = [k for k in ks if k < 1 or k % 2 == 0 or k > 31]
+        if bad or not ks:
+            raise ErfLabError(f"kernel sizes must be odd integers in 3..31, got {kernels_text!r}")
+        if init == "weights":
+            text = st.text_input("Checkpoint folder (replknet_<K>.pth / K<K>.pth ...)", key="g-wdir")
+            weights_dir = str(safety.safe_directory(text, "checkpoint folder")) if text else None
+            if weights_dir is None:
+                ok = False
+                st.info("Enter the folder holding one checkpoint per kernel size.")
+    overrides = {"channels": list(loaders.TINY_CHANNELS), "layers": list(loaders.TINY_LAYERS)} if tiny else {}
+    ov_json = loaders.overrides_key(overrides)
+    if ok and ks and not bad:
+        rows, maps, diffs = [], {}, []
+        bar = st.progress(0.0, text="sweeping kernel sizes")
+        for i, k in enumerate(ks):
+            with guard(f"K = {k}"):
+                r = loaders.sweep_member(k, reparam=reparam, init=init, weights_dir=weights_dir,
+                                         input_size=int(size), num_images=int(n_img), overrides_json=ov_json)
+                rows += r["rows"]
+                diffs += r["reparam_diff"]
+                for mode, erf in r["maps"].items():
+                    maps[(k, mode)] = erf
+            bar.progress((i + 1) / len(ks), text=f"K = {k} done ({i + 1}/{len(ks)})")
+        bar.empty()
+        done = [k for k in ks if any((k, m) in maps for m in ("train", "deploy"))]
+        modes = [m for m in ("train", "deploy") if any((k, m) in maps for k in done)]
+        if done:
+            with guard("Growth curves"):
+                show_figure("erf_growth", (rows,), stem="growth", key="g-growth",
+                            kwargs={"x": "kernel", "group": "reparam"})
+            with guard("Heatmap grid"):
+                show_figure("erf_grid", ([[maps.get((k, m)) for k in done] for m in modes], modes,
+                                         [f"K = {k}" for k in done]), stem="grid", key="g-grid")
+            st.dataframe(pd.DataFrame(rows).drop(columns=["run_dir"], errors="ignore"), hide_index=True)
+            if diffs:
+                worst = max(d["max_rel_diff"] for d in diffs)
+                st.metric("train vs deploy ERF: largest relative difference", f"{worst:.2e}",
+                          help="max |ERF_train - ERF_deploy| / max ERF_train over all kernel sizes")
+                st.dataframe(pd.DataFrame(diffs), hide_index=True)
+        args = ["sweep", "--kernels", "3,7,13,25,31", "--reparam", "both", "--input-size", "1024",
+                "--num-images", "50", "--images", "IMAGENET_VAL_DIR"]
+        if init == "weights":
+            args += ["--init", "weights", "--weights-dir", "CHECKPOINT_DIR"]
+        cli_hint(args + ["--out", "runs/sweep"], "Full-size sweep (paper protocol) from the command line:")
+
+with tab_d:
+    st.caption("ERF at the output of each stage of one network (deeper layers see further).")
+    d1, d2, d3 = st.columns(3)
+    model = d1.selectbox("Model", ["replknet_31b", "replknet_13", "replknet_7", "replknet_3"], key="d-model")
+    d_size = d2.select_slider("Input size (px)", [64, 96, 128], value=64, key="d-size")
+    d_rep = d3.toggle("Re-parameterized", value=True, key="d-rep")
+    run_depth = st.button("Compute ERF vs depth", key="d-run", icon=":material/play_arrow:")
+    if run_depth or st.session_state.get("d-done"):
+        st.session_state["d-done"] = True
+        with guard("ERF vs depth"):
+            ov = loaders.overrides_key({"channels": list(loaders.TINY_CHANNELS), "layers": list(loaders.TINY_LAYERS)})
+            table = loaders.layer_table(model, ov, int(d_size))
+            stage_rows = [r for r in table if r["name"].count(".") == 1 and r["name"].startswith("stages.")]
+            results, rows = [], []
+            bar = st.progress(0.0, text="stages")
+            for i, r in enumerate(stage_rows):
+                spec = {"model": model, "overrides": ov, "reparameterize": d_rep, "layer": r["name"],
+                        "trf": r.get("theoretical_rf"), "input_size": int(d_size), "aggregate": "relu"}
+                res = loaders.erf_for(spec, ("builtin", tuple(loaders.builtin_image_names()[:1])))
+                results.append(res)
+                rows.append({"depth": i + 1, "reparam": "deploy" if d_rep else "train", **res["summary"]})
+                bar.progress((i + 1) / len(stage_rows), text=f"stage {i + 1}/{len(stage_rows)}")
+            bar.empty()
+            show_figure("erf_comparison", ([r["erf"] for r in results], [f"stage {i + 1}" for i in range(len(results))]),
+                        stem="erf-vs-depth", key="d-fig")
+            show_figure("erf_growth", (rows,), stem="growth-vs-depth", key="d-growth",
+                        kwargs={"x": "depth", "group": "reparam"})
+            st.dataframe(pd.DataFrame(rows), hide_index=True)

@@ -1,0 +1,112 @@
+"""Shape bias on the cue-conflict stimuli (Geirhos et al., ICLR 2019): over images whose shape and texture
+categories differ, shape hits / (shape hits + texture hits); humans (model-vs-human, Geirhos et al., NeurIPS
+2021) as reference. Stimuli and human data: CC BY 4.0."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+import loaders
+import safety
+from ui import cli_hint, guard
+
+st.title("Shape bias")
+st.caption("Cue-conflict stimuli and human data: Geirhos et al., ICLR 2019 "
+           "([texture-vs-shape](https://github.com/rgeirhos/texture-vs-shape)) and NeurIPS 2021 "
+           "([model-vs-human](https://github.com/bethgelab/model-vs-human)), licensed "
+           "[CC BY 4.0](https://creativecommons.org/licenses/by/4.0/).")
+
+mode = st.radio("Source", ["Run a model", "Load results"], horizontal=True, key="sb-mode")
+run_dir = None
+if mode == "Run a model":
+    c1, c2, c3 = st.columns(3)
+    with guard("Model list"):
+        options = [m for m in loaders.SHAPE_BIAS_MODELS if m in loaders.registered_models()]
+    model = c1.selectbox("Model", options or list(loaders.SHAPE_BIAS_MODELS), key="sb-model")
+    pretrained = c2.toggle("Pretrained ImageNet weights", value=model == "efficientnet_lite0", key="sb-pre",
+                           disabled=model != "efficientnet_lite0",
+                           help="packaged weights exist for efficientnet_lite0; others: upload a checkpoint")
+    limit = c3.number_input("Cue-conflict images (--limit)", 16, 1280, 16, step=16, key="sb-limit",
+                            help="an even spread over the 16 categories; the full set has 1280")
+    ck = st.file_uploader("Checkpoint (optional)", type=["pth", "pt", "bin", "safetensors"],
+                          max_upload_size=safety.MAX_CHECKPOINT_MB, key="sb-ckpt")
+    with guard("Shape-bias evaluation"):
+        weights = None
+        if ck is not None:
+            safety.check_checkpoint_upload(ck.name, ck.size)
+            weights = ck.getvalue()
+        ov = "{}"
+        if model.startswith("replknet"):
+            ov = loaders.overrides_key({"channels": list(loaders.TINY_CHANNELS), "layers": list(loaders.TINY_LAYERS)}
+                                       if weights is None else {})
+        with st.spinner(f"classifying {limit} cue-conflict images (+ edges / silhouettes) ..."):
+            run_dir = loaders.shape_bias_run(model, pretrained=bool(pretrained and model == "efficientnet_lite0"),
+                                             limit=int(limit), overrides_json=ov, weights=weights,
+                                             weights_name=ck.name if ck else "")
+        if weights is None and not (pretrained and model == "efficientnet_lite0"):
+            st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
+    args = ["shape-bias", "--model", model] + (["--pretrained"] if pretrained else ["--weights", "CHECKPOINT.pth"])
+    cli_hint(args + ["--out", "runs/shape-bias"], "Full stimulus set (1280 images) from the command line:")
+else:
+    text = st.text_input("Shape-bias results folder (holds summary.json)", key="sb-dir")
+    if text:
+        with guard("Results folder"):
+            run_dir = safety.safe_directory(text, "results folder")
+
+if run_dir is not None:
+    with guard("Shape-bias results"):
+        s = loaders.shape_bias_summary(str(run_dir))
+        human = (s.get("human_reference") or {})
+        m1, m2, m3, m4 = st.columns(4)
+        m1.metric("Shape bias", "n/a" if s.get("shape_bias") is None else f"{s['shape_bias']:.3f}")
+        m2.metric("Humans", "n/a" if human.get("shape_bias") is None else f"{human['shape_bias']:.3f}",
+                  help=f"{human.get('n_subjects', '?')} subjects (model-vs-human)")
+        m3.metric("Shape or texture hits", "n/a" if s.get("fraction_shape_or_texture_hits") is None
+                  else f"{s['fraction_shape_or_texture_hits']:.1%}", help=f"chance: {s.get('chance_shape_or_texture', 0.125):.1%}")
+        m4.metric("Conflict images", s.get("n_conflict", 0))
+        fig = Path(run_dir) / "shape_bias.png"
+        if fig.is_file():
+            st.image(str(fig), caption="model vs humans (dashed: mean shape bias)", width=560)
+            cols = st.columns(4)
+            for col, suffix in zip(cols, ("png", "pdf")):
+                p = fig.with_suffix("." + suffix)
+                if p.is_file():
+                    col.download_button(p.name, data=(lambda p=p: p.read_bytes()), file_name=p.name,
+                                        key=f"sb-dl-{suffix}", icon=":material/download:", on_click="ignore")
+            dec = Path(run_dir) / "decisions.csv"
+            cols[2].download_button("decisions.csv", data=(lambda: dec.read_bytes()), file_name="decisions.csv",
+                                    mime="text/csv", key="sb-dl-csv", icon=":material/download:", on_click="ignore")
+        rows = []
+        for cat, v in sorted(s.get("per_category", {}).items()):
+            h = (human.get("per_category") or {}).get(cat) or {}
+            rows.append({"category": cat, "images": v.get("n"), "shape hits": v.get("shape_hits"),
+                         "texture hits": v.get("texture_hits"), "shape bias": v.get("shape_bias"),
+                         "humans": h.get("shape_bias")})
+        st.subheader("Per category")
+        st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+    with guard("Stimulus browser"):
+        st.subheader("Stimuli and decisions")
+        decisions = [r for r in loaders.shape_bias_decisions(str(run_dir)) if r.get("set") == "cue-conflict"]
+        # summary.json names the stimulus folder; it is still held to the app's path policy.
+        stim_dir = safety.safe_directory(s.get("stimuli_dir", ""), "stimulus folder")
+        cats = sorted({r["shape"] for r in decisions})
+        f1, f2 = st.columns(2)
+        cat = f1.selectbox("Shape category", ["all"] + cats, key="sb-cat")
+        outcome = f2.selectbox("Decision", ["all", "shape", "texture", "other"], key="sb-outcome")
+
+        def kind(r):
+            return "shape" if r["decision"] == r["shape"] else ("texture" if r["decision"] == r["texture"] else "other")
+
+        shown = [r for r in decisions if (cat == "all" or r["shape"] == cat) and (outcome == "all" or kind(r) == outcome)]
+        st.caption(f"{len(shown)} of {len(decisions)} images")
+        cols = st.columns(6)
+        for i, r in enumerate(shown[:24]):
+            p = (stim_dir / r["shape"] / r["image"]).resolve()
+            if not p.is_file():
+                p = (stim_dir / r["image"]).resolve()
+            if p.is_file() and stim_dir in p.parents and p.suffix.lower() in safety.IMAGE_SUFFIXES:
+                cols[i % 6].image(str(p), caption=f"{r['shape']}/{r['texture']} → {r['decision']} ({kind(r)})",
+                                  width="stretch")

@@ -1,0 +1,89 @@
+"""``erf-lab compute``: measure a model's effective receptive field (RepLKNet protocol by default)."""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import warnings
+
+from erf_lab.errors import ErfLabError
+
+NAME = "compute"
+HELP = "measure the effective receptive field (ERF) of a model"
+ORDER = 20
+DESCRIPTION = (
+    "Measure the ERF as in RepLKNet (Ding et al., CVPR 2022, App. C): for each image, the gradient of the summed "
+    "ReLU'd centre pixel of the chosen feature map w.r.t. the input, ReLU'd and summed over RGB, averaged over "
+    "images (default: the built-in image set at 1024x1024). Writes erf.npy, metrics.json, erf.png/pdf and run.json; "
+    "Ctrl-C keeps progress (continue with --resume). Under torchrun the images are sharded across processes."
+)
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``key=value`` pairs; values are Python literals when they parse as one (``channels=(8,8,8,8)``)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ErfLabError(f"--override expects key=value (a Python identifier as key), got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key] = value.strip()
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="registered model name or package.module:factory")
+    p.add_argument("--weights", help="checkpoint (.pth/.pt state dict, or .safetensors)")
+    p.add_argument("--drop-head", action="store_true", help="load a checkpoint whose classifier differs")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE",
+                   help="model constructor option, e.g. channels=(8,8,8,8); repeatable")
+    p.add_argument("--images", help="folder of images (recursive); default: the built-in image set")
+    p.add_argument("--num-images", type=int, help="images to use (default: all of the set, at most 50)")
+    p.add_argument("--input-size", type=int, default=1024, help="square input side in pixels (default 1024)")
+    p.add_argument("--layer", help="layer name (see 'erf-lab layers'); default: forward_features")
+    p.add_argument("--aggregate", choices=("relu", "abs"), default="relu", help="gradient aggregation (default relu)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward/backward (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", help="output folder (default runs/<model>-<images>-<size>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite a complete or interrupted run in --out")
+    p.add_argument("--no-reparam", action="store_true", help="measure the train-time form (slower, same ERF)")
+    p.add_argument("--conv-backend", choices=("fastconv", "native"), default="fastconv",
+                   help="large depthwise conv implementation (default fastconv)")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
+    p.add_argument("--seed", type=int, default=0, help="seed for random initialization (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"erf-lab compute: warning: {message}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from erf_lab.erf.run import run_compute
+
+    if args.resume and not args.out:
+        raise ErfLabError("--resume needs --out DIR (the folder of the interrupted run)")
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        res = run_compute(
+            args.model, weights=args.weights, drop_head=args.drop_head, overrides=parse_overrides(args.override),
+            images=args.images, num_images=args.num_images, input_size=args.input_size, layer=args.layer,
+            aggregate=args.aggregate, batch_size=args.batch_size, device=args.device, out=args.out,
+            resume=args.resume, force=args.force, reparameterize=not args.no_reparam,
+            channels_last=not args.no_channels_last, conv_backend=args.conv_backend, seed=args.seed,
+            show_progress=not args.quiet, argv=["erf-lab", *sys.argv[1:]],
+        )
+    if res["already_complete"]:
+        print(f"{res['out_dir']} already holds a complete run; nothing to resume")
+        return 0
+    if res["run_info"] is None:
+        return 0  # non-zero rank of a distributed run: rank 0 reports
+    info = res["run_info"]
+    print(f"ERF of {info['model']} at {info['layer']} over {info['num_used']} image(s) "
+          f"({info['num_skipped']} skipped), input {info['input_size']}px, theoretical RF {info['theoretical_rf']}px")
+    print(f"wrote {res['out_dir']}")
+    return 0

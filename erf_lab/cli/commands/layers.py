@@ -1,0 +1,51 @@
+"""``erf-lab layers``: layer names, output shapes and theoretical receptive fields, to pick ``--layer``."""
+from __future__ import annotations
+
+import argparse
+
+NAME = "layers"
+HELP = "list a model's layers with output shapes and theoretical receptive fields"
+ORDER = 21
+DESCRIPTION = ("List every module that outputs a feature map, in execution order, with its (C, H, W) shape at "
+               "--input-size and its theoretical receptive field computed from the module graph (kernels, strides, "
+               "dilations; parallel branches take the max). The names are valid values for 'compute --layer'.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="registered model name or package.module:factory")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE", help="model constructor option; repeatable")
+    p.add_argument("--input-size", type=int, default=224, help="square input side for the shapes (default 224)")
+    p.add_argument("--filter", help="only names containing this text")
+    p.add_argument("--all", action="store_true", help="also list sub-modules inside blocks (BN, activations)")
+
+
+def layer_table(model_name: str, input_size: int = 224, overrides: dict | None = None, *,
+                contains: str | None = None, all_modules: bool = False) -> list[dict]:
+    """Rows of ``list_layers`` for a model by name (containers' leaves elided unless ``all_modules``)."""
+    from erf_lab.erf.receptive_field import list_layers
+    from erf_lab.errors import ErfLabError
+    from erf_lab.models import create_model
+
+    if input_size < 1:
+        raise ErfLabError(f"--input-size must be positive, got {input_size}")
+    model = create_model(model_name, **(overrides or {}))
+    rows = list_layers(model, input_size)
+    if not all_modules:
+        leaf_like = (".bn", ".nonlinear", ".drop_path", ".act", ".relu")
+        rows = [r for r in rows if not r["name"].endswith(leaf_like)]
+    if contains:
+        rows = [r for r in rows if contains in r["name"]]
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from erf_lab.cli.commands.compute import parse_overrides
+
+    rows = layer_table(args.model, args.input_size, parse_overrides(args.override), contains=args.filter,
+                       all_modules=args.all)
+    width = max([len(r["name"]) for r in rows] + [5])
+    print(f"{'layer':<{width}}  {'output (C, H, W)':<18}  {'stride':>6}  {'theoretical RF':>14}")
+    for r in rows:
+        shape = "x".join(str(s) for s in r["shape"])
+        print(f"{r['name']:<{width}}  {shape:<18}  {str(r['stride']):>6}  {str(r['theoretical_rf']):>14}")
+    return 0

@@ -1,0 +1,47 @@
+"""``erf-lab sweep``: ERF growth with kernel size and re-parameterization (RepLKNet kernel family)."""
+from __future__ import annotations
+
+import sys
+
+NAME = "sweep"
+HELP = "ERF vs kernel size (RepLKNet-3/7/13/25/31 family) and train vs re-parameterized form"
+ORDER = 42
+DESCRIPTION = (HELP + ". Each (K, mode) becomes a run directory (reused if already complete with the same "
+               "settings); the sweep writes a heatmap grid, growth curves, sweep.csv/.md and sweep.json. With "
+               "--reparam both the train-time and deploy ERFs are compared (they should agree).")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--kernels", default="3,7,13,25,31", help="odd kernel sizes, comma-separated (default 3,7,13,25,31)")
+    p.add_argument("--reparam", choices=("train", "deploy", "both"), default="both",
+                   help="measure the train-time form, the re-parameterized form, or both (default both)")
+    p.add_argument("--init", choices=("random", "weights"), default="random",
+                   help="seeded random initialization (same seed per K) or checkpoints from --weights-dir")
+    p.add_argument("--weights-dir", default=None, help="folder with replknet_<K>.pth/.safetensors (or K<K>.pth) per K")
+    p.add_argument("--input-size", type=int, default=1024, help="square input side (default 1024, as the paper)")
+    p.add_argument("--images", default=None, help="image folder (default: the built-in image set)")
+    p.add_argument("--num-images", type=int, default=None, help="images per run (default: all, at most 50)")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE",
+                   help="model option for every member, e.g. channels=(8,8,8,8); repeatable")
+    p.add_argument("--layer", default=None, help="layer to measure (default forward_features)")
+    p.add_argument("--seed", type=int, default=0, help="random-init seed (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward/backward (default 1)")
+    p.add_argument("--out", default="sweep", help="output folder (default ./sweep)")
+    p.add_argument("--formats", default="png,pdf", help="figure formats: png,pdf,svg (default png,pdf)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from erf_lab.cli.commands.compute import parse_overrides
+    from erf_lab.erf.plotting import parse_formats
+    from erf_lab.erf.sweep import parse_kernels, run_sweep
+
+    res = run_sweep(parse_kernels(args.kernels), reparam=args.reparam, init=args.init, weights_dir=args.weights_dir,
+                    input_size=args.input_size, images=args.images, num_images=args.num_images,
+                    overrides=parse_overrides(args.override), out=args.out, formats=parse_formats(args.formats),
+                    seed=args.seed, layer=args.layer, device=args.device, batch_size=args.batch_size,
+                    show_progress=not args.quiet, argv=sys.argv)
+    print(res["markdown"])
+    print(f"wrote {res['out_dir']}/ ({', '.join(p.name for p in res['files'])})")
+    return 0

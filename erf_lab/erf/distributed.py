@@ -1,0 +1,99 @@
+"""Data-parallel ERF runs under ``torchrun``: rank r takes images r::N, sums and counts are all-reduced
+(gloo on CPU, NCCL on CUDA) and rank 0 writes the outputs. Detected from the RANK / WORLD_SIZE variables."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_info() -> DistInfo:
+    """Rank / world size from the torchrun environment (1 process when absent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    local = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
+    return DistInfo(rank=rank, world_size=world, local_rank=local)
+
+
+def init(device: str = "cpu") -> DistInfo:
+    """Join the process group when launched by torchrun (idempotent); returns this process's place."""
+    info = env_info()
+    if info.world_size <= 1:
+        return info
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return DistInfo(info.rank, info.world_size, info.local_rank, dist.get_backend())
+
+
+def device_for(device: str, info: DistInfo) -> str:
+    """``cuda`` -> ``cuda:<local_rank>`` in a multi-process run."""
+    if info.enabled and str(device) == "cuda":
+        return f"cuda:{info.local_rank}"
+    return device
+
+
+def shard(items: list, info: DistInfo) -> list:
+    """This rank's share: ``items[rank::world_size]``."""
+    return list(items)[info.rank::info.world_size]
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def make_reducer(info: DistInfo, shape: tuple[int, int], device: str = "cpu"):
+    """A ``compute_erf`` reducer: all-reduce (sum, count) in float64 and gather processed / skipped ids."""
+    def reduce(acc):
+        from erf_lab.erf.compute import Accumulator
+
+        if not info.enabled:
+            return acc
+        dev = torch.device(device if info.backend == "nccl" else "cpu")
+        s = torch.from_numpy(acc.sum if acc.sum is not None else np.zeros(shape)).to(dev, torch.float64)
+        c = torch.tensor([float(acc.count)], dtype=torch.float64, device=dev)
+        dist.all_reduce(s)
+        dist.all_reduce(c)
+        lists = [None] * info.world_size
+        dist.all_gather_object(lists, (acc.processed, acc.skipped))
+        processed = [p for pr, _ in lists for p in pr]
+        skipped = [s_ for _, sk in lists for s_ in sk]
+        return Accumulator(sum=s.cpu().numpy(), count=int(round(c.item())), processed=processed, skipped=skipped)
+
+    return reduce
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,162 @@
+"""Image input for ERF measurement: folders of images, the built-in default set, preprocessing.
+
+Paper protocol (RepLKNet, Ding et al., CVPR 2022, App. C): 50 ImageNet validation images, resized to
+1024x1024 (bicubic), normalized with the ImageNet mean / std.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from erf_lab.errors import ErfLabError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
+PAPER_NUM_IMAGES = 50
+PAPER_INPUT_SIZE = 1024
+DEFAULT_SET = "default"
+
+
+def default_images_dir() -> Path:
+    """The built-in image set (8 CC0 / public-domain photographs, see its LICENSE.md)."""
+    from erf_lab.paths import data_dir
+
+    return data_dir() / "default_images"
+
+
+def list_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """Image files under ``folder`` (recursive, sorted, hidden files ignored) and the other files found.
+
+    Class sub-folders are allowed but not required. Raises ``ErfLabError`` for a missing folder.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise ErfLabError(f"image folder not found: {folder}")
+    if not folder.is_dir():
+        raise ErfLabError(f"--images must be a folder of images, got a file: {folder}")
+    images, others = [], []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            p = Path(root) / name
+            (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
+    images.sort(key=lambda p: p.relative_to(folder).as_posix())
+    return images, others
+
+
+def model_mean_std(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The model's ``default_cfg`` / ``pretrained_cfg`` mean and std if it has them, else ImageNet's."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and "mean" in cfg and "std" in cfg:
+            return tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"]))
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def preprocess(image, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """PIL image -> normalized (3, S, S) float tensor: RGB, bicubic resize to S x S (as the official
+    ``transforms.Resize((1024, 1024), BICUBIC)``), scale to [0, 1], subtract mean, divide by std."""
+    from PIL import Image
+
+    image = image.convert("RGB").resize((input_size, input_size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+@dataclass
+class ImageSource:
+    """A lazily loaded, ordered list of image files; ``ids`` are paths relative to ``root``."""
+
+    root: Path
+    files: list[Path]
+    input_size: int = PAPER_INPUT_SIZE
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    name: str = ""
+    skipped: list = field(default_factory=list)  # (id, reason) found while selecting
+    num_other_files: int = 0
+
+    @property
+    def ids(self) -> list[str]:
+        return [self.id_of(p) for p in self.files]
+
+    def id_of(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, path: Path) -> torch.Tensor:
+        """The preprocessed (3, S, S) tensor; raises ``OSError``/``ValueError`` for an unreadable file."""
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return preprocess(im, self.input_size, self.mean, self.std)
+
+    def items(self):
+        """Yield ``(id, loader)`` pairs; ``loader()`` returns the tensor or raises for unreadable files."""
+        for p in self.files:
+            yield self.id_of(p), (lambda p=p: self.load(p))
+
+
+def _readable(path: Path) -> str | None:
+    """None if PIL can decode the file header and data, else the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return None
+    except Exception as e:  # PIL raises many types for corrupt / non-image files
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+
+
+def load_images(images: str | os.PathLike | None = None, *, num_images: int | None = None,
+                input_size: int = PAPER_INPUT_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ImageSource:
+    """Select the images of a run: the first ``num_images`` readable images of a folder (sorted by relative
+    path), or of the built-in set when ``images`` is None / ``"default"``. Default count: all, at most 50.
+
+    Unreadable or non-image files are skipped with a warning and recorded in ``ImageSource.skipped``.
+    """
+    if input_size is None or int(input_size) < 1:
+        raise ErfLabError(f"--input-size must be a positive integer, got {input_size}")
+    if num_images is not None and int(num_images) < 1:
+        raise ErfLabError(f"--num-images must be at least 1, got {num_images}")
+    builtin = images is None or str(images) == DEFAULT_SET
+    root = default_images_dir() if builtin else Path(images).expanduser()
+    files, others = list_image_files(root)
+    if builtin:
+        others = []  # LICENSE.md lives beside the built-in images
+    limit = PAPER_NUM_IMAGES if num_images is None else int(num_images)
+    chosen, skipped = [], []
+    for o in others:
+        skipped.append((o.relative_to(root).as_posix(), "not an image file (extension)"))
+    for p in files:
+        if len(chosen) >= limit:
+            break
+        reason = _readable(p)
+        if reason is None:
+            chosen.append(p)
+        else:
+            skipped.append((p.relative_to(root).as_posix(), reason))
+    if not chosen:
+        what = "no readable images" if files else "no image files (" + "/".join(e[1:] for e in IMAGE_EXTENSIONS[:4]) + " ...)"
+        raise ErfLabError(f"{what} found in {root}")
+    bad = [s for s in skipped if s[1] != "not an image file (extension)"]
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {root}: "
+                      + ", ".join(s[0] for s in bad[:5]) + (", ..." if len(bad) > 5 else ""), stacklevel=2)
+    if others:
+        warnings.warn(f"ignored {len(others)} non-image file(s) in {root}", stacklevel=2)
+    return ImageSource(root=root, files=chosen, input_size=int(input_size), mean=tuple(mean), std=tuple(std),
+                       name=DEFAULT_SET if builtin else root.name, skipped=skipped, num_other_files=len(others))

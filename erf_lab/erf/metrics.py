@@ -1,0 +1,271 @@
+"""Quantitative ERF measures: the RepLKNet high-contribution area ratio plus spread, radius and Gaussian fit.
+
+The area ratio follows Ding et al., "Scaling Up Your Kernels to 31x31", CVPR 2022, Appendix (Table 10) and the
+official ``erf/analyze_erf.py``: the contribution map A is rescaled to A' = log10(A + 1) / max(log10(A + 1)),
+then for a threshold t the smallest centred square whose sum exceeds t of the total is reported.
+The spread measures follow Luo et al., "Understanding the Effective Receptive Field", NeurIPS 2016.
+"""
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from erf_lab.errors import ErfLabError
+
+THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+RADIUS_SHARES = (0.5, 0.9)
+
+
+def validate_erf(erf) -> np.ndarray:
+    """Return ``erf`` as a 2-D float64 array; ErfLabError for wrong rank, empty, non-finite or negative maps."""
+    a = np.asarray(erf)
+    if a.dtype == object or not np.issubdtype(a.dtype, np.number):
+        raise ErfLabError(f"ERF map must be numeric, got dtype {a.dtype}")
+    a = a.astype(np.float64, copy=False)
+    if a.ndim != 2:
+        raise ErfLabError(f"ERF map must be 2-D (H, W), got shape {tuple(a.shape)}")
+    if a.size == 0:
+        raise ErfLabError("ERF map is empty (size 0)")
+    if not np.isfinite(a).all():
+        raise ErfLabError(f"ERF map has {int((~np.isfinite(a)).sum())} non-finite values (NaN/inf)")
+    if a.min() < 0:
+        raise ErfLabError(f"ERF map has negative values (min {a.min():.3g}); metrics need a non-negative "
+                          "contribution map (aggregate 'relu' or 'abs')")
+    return a
+
+
+def log_normalize(erf) -> np.ndarray:
+    """A' = log10(A + 1) / max (Ding et al. 2022, App.; official analyze_erf.py). An all-zero map stays zero."""
+    a = np.log10(np.asarray(erf, dtype=np.float64) + 1.0)
+    m = a.max()
+    return a / m if m > 0 else a
+
+
+def _centre_and_max_half(h: int, w: int) -> tuple[int, int, int]:
+    """Centre (h//2, w//2) as in the official script; largest half-width i whose square fits in the map."""
+    cy, cx = h // 2, w // 2
+    return cy, cx, min(cy, cx, h - 1 - cy, w - 1 - cx)
+
+
+def contribution_curve(erf, *, preprocess: bool = True) -> np.ndarray:
+    """share[i] = sum of the centred (2i+1)^2 square / total sum, for i = 0 .. largest square that fits.
+
+    Squares are centred on (H//2, W//2) like the official script, so for even sizes the centre is the
+    lower-right of the four central pixels and the largest square has side H-1 (the first row and column
+    are never inside any square, exactly as in the official ``get_rectangle``).
+    """
+    a = validate_erf(erf)
+    if preprocess:
+        a = log_normalize(a)
+    h, w = a.shape
+    cy, cx, imax = _centre_and_max_half(h, w)
+    total = np.sum(a)
+    sums = np.array([np.sum(a[cy - i:cy + i + 1, cx - i:cx + i + 1]) for i in range(imax + 1)])
+    if total <= 0:
+        return np.zeros_like(sums)
+    return sums / total
+
+
+def high_contribution_area_ratio(erf, t: float, *, preprocess: bool = True) -> dict:
+    """Smallest centred odd square whose share of the total is strictly greater than ``t``.
+
+    Returns ``{"threshold", "side", "area_ratio", "reached"}`` with area_ratio = side^2 / (H W)
+    (Ding et al. 2022, Table 10: r = side^2 / area). When no square that fits in the map exceeds ``t``
+    (e.g. t >= 1, an all-zero map, or mass on the border row of an even-sized map), side and area_ratio
+    are None and reached is False. ``preprocess`` applies A' = log10(A+1)/max first (the paper's setting).
+
+    Matches the official ``get_rectangle`` wherever its loop gives an answer; it additionally tests
+    side 1 (the official loop starts at side 3) and, for odd sizes, the full map (the official loop stops
+    two pixels short), so a delta map gives side 1 instead of 3.
+    """
+    t = float(t)
+    if not 0 <= t <= 1:
+        raise ErfLabError(f"threshold must be in [0, 1], got {t}")
+    curve = contribution_curve(erf, preprocess=preprocess)
+    h, w = np.shape(erf)
+    hits = np.nonzero(curve > t)[0]
+    if hits.size == 0:
+        return {"threshold": t, "side": None, "area_ratio": None, "reached": False}
+    side = 2 * int(hits[0]) + 1
+    return {"threshold": t, "side": side, "area_ratio": side * side / (h * w), "reached": True}
+
+
+def distribution_stats(erf, shares=RADIUS_SHARES) -> dict | None:
+    """Spread of the raw map treated as a 2-D distribution p = A / sum(A) (Luo et al. 2016).
+
+    - ``center_of_mass`` (y, x) and ``std`` per axis about it (pixels); for n stacked k x k uniform
+      kernels the theory gives std = sqrt(n (k^2 - 1) / 12) per axis.
+    - ``r_rms`` = sqrt(E[(y-cy)^2 + (x-cx)^2]) = sqrt(std_y^2 + std_x^2), the effective radius.
+    - ``r{NN}`` = radius of the smallest disk about the centre of mass holding at least NN% of the mass.
+    Returns None for an all-zero map.
+    """
+    a = validate_erf(erf)
+    total = a.sum()
+    if total <= 0:
+        return None
+    p = a / total
+    h, w = a.shape
+    py, px = p.sum(axis=1), p.sum(axis=0)
+    ys, xs = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
+    cy, cx = float(py @ ys), float(px @ xs)
+    vy, vx = float(py @ (ys - cy) ** 2), float(px @ (xs - cx) ** 2)
+    out = {"center_of_mass": [cy, cx], "std": {"y": math.sqrt(vy), "x": math.sqrt(vx)},
+           "r_rms": math.sqrt(vy + vx)}
+    d2 = (ys[:, None] - cy) ** 2 + (xs[None, :] - cx) ** 2
+    order = np.argsort(d2, axis=None, kind="stable")
+    cum = np.cumsum(p.ravel()[order])
+    for s in shares:
+        k = min(int(np.searchsorted(cum, s - 1e-12)), cum.size - 1)
+        out[f"r{round(s * 100)}"] = math.sqrt(float(d2.ravel()[order[k]]))
+    return out
+
+
+def fit_gaussian(erf) -> dict | None:
+    """Least-squares fit of an axis-aligned 2-D Gaussian a exp(-(x-x0)^2/2sx^2 - (y-y0)^2/2sy^2) + c to A / max.
+
+    Returns sigma_y, sigma_x (pixels), center (y, x), amplitude, offset, R^2 (on A / max) and whether the
+    optimizer converged; None for an all-zero map. Luo et al. (2016) show ERFs are approximately Gaussian.
+    """
+    from scipy.optimize import least_squares
+
+    a = validate_erf(erf)
+    m = a.max()
+    if m <= 0:
+        return None
+    z = a / m
+    h, w = z.shape
+    ys, xs = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
+    stats = distribution_stats(a)
+    cy, cx = stats["center_of_mass"]
+    sy0, sx0 = max(stats["std"]["y"], 0.5), max(stats["std"]["x"], 0.5)
+    zr = z.ravel()
+
+    def model(p):
+        amp, y0, x0, sy, sx, c = p
+        gy = np.exp(-0.5 * ((ys - y0) / sy) ** 2)
+        gx = np.exp(-0.5 * ((xs - x0) / sx) ** 2)
+        return amp * np.outer(gy, gx) + c, gy, gx
+
+    def resid(p):
+        return (model(p)[0]).ravel() - zr
+
+    def jac(p):
+        amp, y0, x0, sy, sx, c = p
+        _, gy, gx = model(p)
+        dy, dx = (ys - y0), (xs - x0)
+        g = np.outer(gy, gx)
+        return np.stack([
+            g.ravel(),
+            (amp * g * (dy / sy ** 2)[:, None]).ravel(),
+            (amp * g * (dx / sx ** 2)[None, :]).ravel(),
+            (amp * g * (dy ** 2 / sy ** 3)[:, None]).ravel(),
+            (amp * g * (dx ** 2 / sx ** 3)[None, :]).ravel(),
+            np.ones(zr.size),
+        ], axis=1)
+
+    p0 = [1.0, cy, cx, sy0, sx0, 0.0]
+    lo = [0.0, -h, -w, 1e-3, 1e-3, -1.0]
+    hi = [np.inf, 2 * h, 2 * w, 10 * h, 10 * w, 1.0]
+    try:
+        res = least_squares(resid, p0, jac=jac, bounds=(lo, hi), x_scale="jac", max_nfev=200)
+    except (ValueError, np.linalg.LinAlgError) as e:  # pragma: no cover - degenerate input
+        return {"converged": False, "error": str(e)}
+    amp, y0, x0, sy, sx, c = (float(v) for v in res.x)
+    ss_res = float(np.sum(res.fun ** 2))
+    ss_tot = float(np.sum((zr - zr.mean()) ** 2))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else None
+    return {"sigma_y": sy, "sigma_x": sx, "center": [y0, x0], "amplitude": amp, "offset": c,
+            "r2": r2, "converged": bool(res.success)}
+
+
+def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLDS, *,
+                    gaussian: bool = True) -> dict:
+    """All metrics of one ERF map as a JSON-ready dict (written as ``metrics.json``).
+
+    ``high_contribution``: the paper's area ratios (Ding et al. 2022, Table 10) on log10(A+1)/max.
+    ``distribution``: centre of mass, per-axis std, r_rms, r50/r90 of the raw map (Luo et al. 2016).
+    ``gaussian_fit``: 2-D Gaussian fit of A / max with R^2.
+    ``erf_to_trf``: with ``theoretical_rf`` T (pixels): ``rms_diameter`` = 2 r_rms / T and
+    ``side_at_<t>`` = side(t) / T -- the share of the theoretical RF the ERF actually covers.
+    ``flags`` lists anything unusual (e.g. ``threshold_0.99_not_reached``, ``empty_map``).
+    """
+    a = validate_erf(erf)
+    h, w = a.shape
+    flags = []
+    curve = contribution_curve(a)
+    hc = []
+    for t in thresholds:
+        hits = np.nonzero(curve > t)[0]
+        if hits.size:
+            side = 2 * int(hits[0]) + 1
+            hc.append({"threshold": float(t), "side": side, "area_ratio": side * side / (h * w), "reached": True})
+        else:
+            hc.append({"threshold": float(t), "side": None, "area_ratio": None, "reached": False})
+            flags.append(f"threshold_{t:g}_not_reached")
+    total = float(a.sum())
+    if total <= 0:
+        flags.append("empty_map")
+    if h != w:
+        flags.append("non_square_map")
+    dist = distribution_stats(a)
+    peak = np.unravel_index(int(np.argmax(a)), a.shape)
+    out = {
+        "shape": [h, w],
+        "center": [h // 2, w // 2],
+        "preprocessing": "A' = log10(A + 1) / max (Ding et al., CVPR 2022, Appendix)",
+        "high_contribution": hc,
+        "peak": {"value": float(a.max()), "position": [int(peak[0]), int(peak[1])]},
+        "total": total,
+        "distribution": dist,
+        "gaussian_fit": fit_gaussian(a) if gaussian and total > 0 else None,
+        "theoretical_rf": int(theoretical_rf) if theoretical_rf is not None else None,
+        "erf_to_trf": None,
+        "flags": flags,
+    }
+    if theoretical_rf is not None:
+        if theoretical_rf <= 0:
+            raise ErfLabError(f"theoretical receptive field must be positive, got {theoretical_rf}")
+        ratio = {"rms_diameter": 2 * dist["r_rms"] / theoretical_rf if dist else None}
+        for e in hc:
+            ratio[f"side_at_{e['threshold']:g}"] = e["side"] / theoretical_rf if e["reached"] else None
+        out["erf_to_trf"] = ratio
+    return out
+
+
+def summary(metrics: dict) -> dict:
+    """Flat one-line summary of a metrics dict (for run.json, tables and CSV)."""
+    s = {"shape": "x".join(str(v) for v in metrics["shape"])}
+    for e in metrics["high_contribution"]:
+        key = f"{round(e['threshold'] * 100)}"
+        s[f"side@{key}%"] = e["side"]
+        s[f"area@{key}%"] = None if e["area_ratio"] is None else 100.0 * e["area_ratio"]
+    d = metrics.get("distribution") or {}
+    s["std_y"] = d.get("std", {}).get("y")
+    s["std_x"] = d.get("std", {}).get("x")
+    s["r_rms"] = d.get("r_rms")
+    g = metrics.get("gaussian_fit") or {}
+    s["gauss_sigma_y"], s["gauss_sigma_x"], s["gauss_r2"] = g.get("sigma_y"), g.get("sigma_x"), g.get("r2")
+    s["trf"] = metrics.get("theoretical_rf")
+    s["erf/trf"] = (metrics.get("erf_to_trf") or {}).get("rms_diameter")
+    return s
+
+
+@lru_cache(maxsize=1)
+def _load_paper_reference() -> dict:
+    from erf_lab.paths import data_dir
+
+    return json.loads((data_dir() / "paper_reference.json").read_text(encoding="utf-8"))
+
+
+def paper_reference() -> dict:
+    """The shipped reference data (data/paper_reference.json: Ding et al. 2022, Table 10, with citation)."""
+    return _load_paper_reference()
+
+
+PAPER_TABLE10: dict[str, list[float]] = {
+    name: list(entry["area_ratio_percent"]) for name, entry in _load_paper_reference()["models"].items()
+}
+"""``{model: [r@20%, r@30%, r@50%, r@99%]}`` in percent (Ding et al. 2022, Table 10; 1024x1024, trained)."""

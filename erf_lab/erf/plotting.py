@@ -1,0 +1,223 @@
+"""Paper-style ERF figures (Ding et al., CVPR 2022, Fig. 1 / App. C and the official ``erf/analyze_erf.py``).
+
+Heatmaps show A' = log10(A + 1) / max with seaborn, ``RdYlGn`` centred at 0 (so [0, 1] maps onto the
+yellow-green half), no tick labels and a horizontal colour bar on top. Figures are built on
+``matplotlib.figure.Figure`` (Agg canvas, no pyplot global state) and written atomically by
+:func:`erf_lab.io.save_figure` as PNG (300 dpi) and PDF (vector text/axes, rasterized heatmap cells), plus SVG on request.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from erf_lab.erf.metrics import log_normalize, validate_erf
+from erf_lab.errors import ErfLabError
+from erf_lab.io import save_figure
+
+FORMATS = ("png", "pdf", "svg")
+CMAP = "RdYlGn"
+_RC = {
+    "font.family": "serif",
+    "font.serif": ["Times New Roman", "Times", "Nimbus Roman", "Liberation Serif", "DejaVu Serif"],
+    "axes.unicode_minus": False,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "legend.fontsize": 9,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "pdf.fonttype": 42,  # embed TrueType (editable text in Illustrator, accepted by publishers)
+    "svg.fonttype": "none",
+}
+
+
+def parse_formats(text: str | Sequence[str] | None, default=("png", "pdf")) -> tuple[str, ...]:
+    """'png,pdf,svg' -> ('png', 'pdf', 'svg'); ErfLabError on an unknown format."""
+    if text is None:
+        return tuple(default)
+    items = text.split(",") if isinstance(text, str) else list(text)
+    fmts = tuple(dict.fromkeys(f.strip().lower().lstrip(".") for f in items if f.strip()))
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad or not fmts:
+        raise ErfLabError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    return fmts
+
+
+@contextlib.contextmanager
+def _style():
+    import matplotlib
+    import seaborn as sns
+
+    with matplotlib.rc_context(_RC), sns.axes_style("white"), matplotlib.rc_context(_RC):
+        yield
+
+
+def _new_figure(figsize):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def paper_cmap():
+    """``RdYlGn`` recentred at 0 for data in [0, 1], i.e. its upper half (what the official script gets from
+    ``sns.heatmap(..., cmap='RdYlGn', center=0)``), built directly to avoid seaborn's deprecated ``set_bad``."""
+    import matplotlib
+
+    base = matplotlib.colormaps[CMAP]
+    return matplotlib.colors.ListedColormap(base(np.linspace(0.5, 1.0, 256)), name="RdYlGn_center0")
+
+
+def _heatmap(ax, data: np.ndarray, title: str | None = None):
+    """One paper-style panel on ``ax``; returns the QuadMesh (for a shared colour bar)."""
+    import seaborn as sns
+
+    sns.heatmap(data, ax=ax, xticklabels=False, yticklabels=False, cmap=paper_cmap(), vmin=0.0, vmax=1.0,
+                cbar=False, square=True, rasterized=True)
+    if title:
+        ax.set_title(title)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return ax.collections[0]
+
+
+def _colorbar(fig, mesh, axes):
+    cb = fig.colorbar(mesh, ax=axes, location="top", fraction=0.05, pad=0.04, aspect=40 if np.ndim(axes) else 25)
+    cb.set_ticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    cb.outline.set_linewidth(0.5)
+    return cb
+
+
+def _display(erf, scale: float | None = None) -> np.ndarray:
+    a = validate_erf(erf)
+    if scale is None:
+        return log_normalize(a)
+    return np.log10(a + 1.0) / scale if scale > 0 else np.log10(a + 1.0)
+
+
+def erf_figure(erf, title: str | None = None):
+    """The paper-style heatmap of one ERF as a ``matplotlib.figure.Figure`` (e.g. for ``st.pyplot``)."""
+    data = _display(erf)
+    with _style():
+        fig = _new_figure((4.0, 4.4))
+        ax = fig.add_subplot()
+        mesh = _heatmap(ax, data, title)
+        _colorbar(fig, mesh, ax)
+    return fig
+
+
+def plot_erf(erf, stem: str | os.PathLike, title: str | None = None,
+             formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Paper-style heatmap of one ERF saved as ``stem.<fmt>``; returns the written paths."""
+    fig = erf_figure(erf, title)
+    with _style():
+        return save_figure(fig, stem, tuple(formats))
+
+
+def plot_comparison(erfs: Sequence, labels: Sequence[str], stem: str | os.PathLike,
+                    formats: Sequence[str] = ("png", "pdf"), normalize: str = "each",
+                    ncols: int | None = None) -> list[Path]:
+    """:func:`comparison_figure` saved as ``stem.<fmt>``; returns the written paths."""
+    fig = comparison_figure(erfs, labels, normalize=normalize, ncols=ncols)
+    with _style():
+        return save_figure(fig, stem, tuple(formats))
+
+
+def comparison_figure(erfs: Sequence, labels: Sequence[str], normalize: str = "each", ncols: int | None = None):
+    """Several ERFs side by side on ONE colour scale with titles (the paper's ResNet vs RepLKNet figure).
+
+    ``normalize="each"`` (paper): every map is log10(A+1) / its own max, so all lie in [0, 1] and share
+    one colour bar. ``"joint"``: divide by the largest log10(A+1) over all maps (absolute comparison).
+    """
+    if len(erfs) != len(labels):
+        raise ErfLabError(f"{len(erfs)} maps but {len(labels)} labels")
+    if not erfs:
+        raise ErfLabError("nothing to compare")
+    if normalize not in ("each", "joint"):
+        raise ErfLabError(f"normalize must be 'each' or 'joint', got {normalize!r}")
+    scale = None
+    if normalize == "joint":
+        scale = max(float(np.log10(validate_erf(e) + 1.0).max()) for e in erfs)
+    data = [_display(e, scale) for e in erfs]
+    n = len(data)
+    ncols = ncols or min(n, 4)
+    nrows = math.ceil(n / ncols)
+    with _style():
+        fig = _new_figure((3.2 * ncols, 3.5 * nrows + 0.3))
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        mesh = None
+        for ax, d, lab in zip(axes, data, labels):
+            mesh = _heatmap(ax, d, lab)
+        for ax in axes[n:]:
+            ax.set_axis_off()
+        _colorbar(fig, mesh, list(axes))
+    return fig
+
+
+def plot_grid(erfs: Sequence[Sequence], row_labels: Sequence[str], col_labels: Sequence[str],
+              stem: str | os.PathLike, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Heatmap grid (rows x columns, e.g. re-param mode x kernel size) on one [0, 1] colour scale.
+
+    ``erfs[r][c]`` may be None for a missing cell (left blank).
+    """
+    nrows, ncols = len(row_labels), len(col_labels)
+    if nrows == 0 or ncols == 0 or len(erfs) != nrows or any(len(r) != ncols for r in erfs):
+        raise ErfLabError(f"grid shape does not match labels ({nrows} rows x {ncols} columns)")
+    with _style():
+        fig = _new_figure((2.4 * ncols + 0.6, 2.5 * nrows + 0.4))
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        mesh = None
+        for r in range(nrows):
+            for c in range(ncols):
+                ax = axes[r][c]
+                if erfs[r][c] is None:
+                    ax.set_axis_off()
+                    continue
+                mesh = _heatmap(ax, _display(erfs[r][c]), col_labels[c] if r == 0 else None)
+                if c == 0:
+                    ax.set_ylabel(row_labels[r])
+        if mesh is None:
+            raise ErfLabError("grid has no maps")
+        _colorbar(fig, mesh, list(axes.ravel()))
+        return save_figure(fig, stem, tuple(formats))
+
+
+GROWTH_METRICS = (
+    ("area@20%", "area ratio t=20% (%)"),
+    ("area@50%", "area ratio t=50% (%)"),
+    ("area@99%", "area ratio t=99% (%)"),
+    ("r_rms", "effective radius r_rms (px)"),
+)
+
+
+def plot_growth(rows: Sequence[dict], stem: str | os.PathLike, *, x: str = "kernel", group: str = "reparam",
+                metrics=GROWTH_METRICS, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Growth curves: each metric against ``x`` (kernel size), one line per ``group`` (re-param mode).
+
+    ``rows`` are flat dicts (see :func:`erf_lab.erf.metrics.summary`) holding ``x``, ``group`` and the metric
+    keys; None values (threshold not reached) are left out of the line.
+    """
+    if not rows:
+        raise ErfLabError("no rows to plot")
+    groups = list(dict.fromkeys(r.get(group, "") for r in rows))
+    markers = "osD^v<>"
+    with _style():
+        fig = _new_figure((3.0 * len(metrics), 3.0))
+        axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+        for ax, (key, label) in zip(axes, metrics):
+            for gi, g in enumerate(groups):
+                pts = sorted((r[x], r.get(key)) for r in rows if r.get(group, "") == g and r.get(key) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[gi % len(markers)],
+                            linestyle="-" if gi == 0 else "--", label=str(g), linewidth=1.4, markersize=5)
+            ax.set_xlabel("kernel size" if x == "kernel" else x)
+            ax.set_ylabel(label)
+            xs = sorted({r[x] for r in rows})
+            ax.set_xticks(xs)
+            ax.grid(True, linewidth=0.4, alpha=0.5)
+        if len(groups) > 1 or groups[0]:
+            axes[0].legend(title=group, frameon=False)
+        return save_figure(fig, stem, tuple(formats))

@@ -1,0 +1,179 @@
+"""Theoretical receptive field from the executed module graph, and the layer listing behind ``--layer``.
+
+Along each axis, a convolution / pooling with kernel k, stride s, dilation d maps (rf, jump) to
+(rf + (k - 1) * d * jump, jump * s), starting from (1, 1) at the input (Araujo et al., Distill 2019).
+Every torch op is intercepted while the model runs once, so parallel branches (RepLKNet's large- and
+small-kernel branches, residual shortcuts) merge by taking the max over the op's inputs.
+"""
+from __future__ import annotations
+
+import difflib
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from erf_lab.errors import ErfLabError
+
+DEFAULT_LAYER = "forward_features"
+_ATTR = "_erf_lab_rf"
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[-1]))
+    return (int(v), int(v))
+
+
+def _infos(obj, out):
+    if isinstance(obj, torch.Tensor):
+        info = getattr(obj, _ATTR, None)
+        if info is not None:
+            out.append(info)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _infos(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _infos(o, out)
+    return out
+
+
+def _tag(obj, info):
+    if isinstance(obj, torch.Tensor):
+        try:
+            setattr(obj, _ATTR, info)
+        except Exception:  # some tensor subclasses refuse attributes
+            pass
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _tag(o, info)
+
+
+class _RFMode(TorchFunctionMode):
+    """Propagates ((rf_h, rf_w), (jump_h, jump_w)) through every torch op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        infos = _infos(args, []) + _infos(kwargs, [])
+        if not infos:
+            return out
+        rf = (max(i[0][0] for i in infos), max(i[0][1] for i in infos))
+        jump = (max(i[1][0] for i in infos), max(i[1][1] for i in infos))
+        name = getattr(func, "__name__", "")
+        kernel = stride = dilation = None
+        if name in ("conv2d", "conv_transpose2d") and len(args) >= 2:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            kernel = tuple(weight.shape[-2:])
+            stride = _pair(args[3] if len(args) > 3 else kwargs.get("stride", 1))
+            dilation = _pair(args[5] if len(args) > 5 else kwargs.get("dilation", 1))
+            if name == "conv_transpose2d":
+                stride = (1, 1)  # upsampling: no coarser grid (rare in the models studied here)
+        elif "pool2d" in name and "adaptive" not in name:
+            kernel = _pair(args[1] if len(args) > 1 else kwargs["kernel_size"])
+            s = args[2] if len(args) > 2 else kwargs.get("stride")
+            stride = _pair(s) if s not in (None, [], ()) else kernel
+            dilation = _pair(args[4] if len(args) > 4 and "max" in name else kwargs.get("dilation", 1))
+        if kernel is not None:
+            rf = tuple(rf[a] + (kernel[a] - 1) * dilation[a] * jump[a] for a in range(2))
+            jump = tuple(jump[a] * stride[a] for a in range(2))
+        _tag(out, (rf, jump))
+        return out
+
+
+def _module_hook(module, inp, out):
+    """Set the output's (rf, jump) from the module's own geometry: exact whatever kernel implementation the
+    module uses (e.g. fastconv's custom kernels, which the op interceptor may not see as a convolution)."""
+    info = getattr(inp[0], _ATTR, None) if inp and isinstance(inp[0], torch.Tensor) else None
+    if info is None or not isinstance(out, torch.Tensor):
+        return
+    if isinstance(module, nn.Conv2d):
+        k, s, d = module.kernel_size, module.stride, module.dilation
+    else:
+        k = _pair(module.kernel_size)
+        s = _pair(module.stride if module.stride is not None else module.kernel_size)
+        d = _pair(getattr(module, "dilation", 1))
+    rf = tuple(info[0][a] + (k[a] - 1) * d[a] * info[1][a] for a in range(2))
+    _tag(out, (rf, tuple(info[1][a] * s[a] for a in range(2))))
+
+
+def _features_fn(model: nn.Module):
+    return model.forward_features if hasattr(model, "forward_features") else model
+
+
+def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = False) -> list[dict]:
+    """Every module that runs on a (1, 3, S, S) input with a 4-D output: ``name``, output ``shape``
+    (C, H, W), ``theoretical_rf`` (pixels, max of both axes) and total ``stride``, in execution order; the default
+    layer ``forward_features`` comes last. ``include_all`` also lists modules with non-4-D outputs."""
+    m = model
+    rows: dict[str, dict] = {}
+    hooks = [mod.register_forward_hook(_module_hook) for mod in m.modules()
+             if isinstance(mod, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
+    training = {mod: mod.training for mod in m.modules()}
+    m.eval()  # never update BN statistics while probing
+
+    def make_hook(name):
+        def hook(module, inp, out):
+            t = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
+            if not isinstance(t, torch.Tensor) or (t.dim() != 4 and not include_all) or name in rows:
+                return
+            info = getattr(t, _ATTR, None)
+            rows[name] = {"name": name, "shape": list(t.shape[1:]),
+                          "theoretical_rf": int(max(info[0])) if info else None,
+                          "stride": int(max(info[1])) if info else None}
+        return hook
+
+    for name, module in m.named_modules():
+        if name:
+            hooks.append(module.register_forward_hook(make_hook(name)))
+    x = torch.zeros(1, 3, int(input_size), int(input_size))
+    setattr(x, _ATTR, ((1, 1), (1, 1)))
+    try:
+        with torch.no_grad(), _RFMode():
+            feats = _features_fn(m)(x)
+    except RuntimeError as e:
+        raise ErfLabError(f"input size {input_size} does not fit {type(model).__name__}: "
+                          f"{str(e).splitlines()[0]}") from None
+    finally:
+        for h in hooks:
+            h.remove()
+        for mod, flag in training.items():
+            mod.training = flag
+    out = list(rows.values())
+    if isinstance(feats, torch.Tensor):
+        info = getattr(feats, _ATTR, None)
+        out.append({"name": DEFAULT_LAYER, "shape": list(feats.shape[1:]),
+                    "theoretical_rf": int(max(info[0])) if info else None,
+                    "stride": int(max(info[1])) if info else None})
+    return out
+
+
+def theoretical_rf(model: nn.Module, layer: str | None = None, input_size: int = 64) -> int:
+    """Theoretical receptive field (pixels, larger axis) of ``layer`` (default: ``forward_features``)."""
+    name = layer or DEFAULT_LAYER
+    rows = list_layers(model, input_size, include_all=True)
+    for r in rows:
+        if r["name"] == name:
+            if r["theoretical_rf"] is None:
+                raise ErfLabError(f"layer {name!r} does not depend spatially on the input")
+            return r["theoretical_rf"]
+    resolve_layer(model, name)  # raises with close names if unknown
+    raise ErfLabError(f"layer {name!r} does not run in the forward pass at input size {input_size}")
+
+
+def resolve_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module | None]:
+    """``(name, module)``; ``None``/``forward_features`` gives ``(forward_features, None)``.
+
+    An unknown name raises ``ErfLabError`` listing the closest module names."""
+    if layer in (None, "", DEFAULT_LAYER):
+        return DEFAULT_LAYER, None
+    modules = dict(model.named_modules())
+    if layer in modules and layer:
+        return layer, modules[layer]
+    names = [n for n in modules if n] + [DEFAULT_LAYER]
+    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+    if not close:
+        close = [n for n in names if n.startswith(layer.split(".")[0])][:5]
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    raise ErfLabError(f"unknown layer {layer!r}{hint} (run 'erf-lab layers --model ...' for the list)")

@@ -1,0 +1,338 @@
+"""Streamlit app (app/main.py): every page through AppTest, the input policy, and the 127.0.0.1 default.
+
+The landing page must render an ERF without any click; numbers shown are checked against the library.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP = REPO_ROOT / "app" / "main.py"
+sys.path.insert(0, str(APP.parent))  # app/safety.py and app/loaders.py, as Streamlit itself does
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch):
+    """App run directories go to tmp; tmp is an allowed root for typed paths."""
+    monkeypatch.setenv("ERF_LAB_APP_RUNS", str(tmp_path / "app-runs"))
+    monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
+    return tmp_path
+
+
+def new_app() -> AppTest:
+    return AppTest.from_file(str(APP), default_timeout=240)
+
+
+def ok(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def metric(at: AppTest, label: str, index: int = 0) -> str:
+    vals = [m.value for m in at.metric if m.label == label]
+    assert len(vals) > index, f"metric {label!r} not shown; have {[m.label for m in at.metric]}"
+    return vals[index]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+# ------------------------------------------------------------------------------------------- ERF explorer
+def test_landing_page_renders_default_erf_without_click(app_env):
+    """First load shows the heatmap and metrics of the tiny RepLKNet; r_rms equals the library's own value."""
+    at = ok(new_app().run())
+    assert not errors(at), errors(at)
+    assert len(at.image) >= 1  # the ERF figure (PNG rendered by erf_lab.erf.plotting.plot_comparison)
+    r_shown = float(metric(at, "r_rms (px)"))
+    area20 = float(metric(at, "Area @20%").rstrip("%"))
+    assert 0 < area20 < 100
+    assert at.dataframe[0].value.shape[0] == 1
+    assert any("erf-lab compute --model replknet_31b" in c.value for c in at.code)
+
+    # The same measurement straight from the library (seeded random init, first two built-in images, 96 px).
+    import torch
+
+    import loaders
+    from erf_lab.erf.compute import compute_erf
+    from erf_lab.erf.images import load_images
+    from erf_lab.erf.metrics import compute_metrics, summary
+    from erf_lab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("replknet_31b", channels=loaders.TINY_CHANNELS, layers=loaders.TINY_LAYERS,
+                         large_kernel_sizes=loaders.PAPER_31B_KERNELS, small_kernel=5).eval()
+    res = compute_erf(model, load_images(None, num_images=2, input_size=96), show_progress=False)
+    s = summary(compute_metrics(res.erf))
+    assert r_shown == pytest.approx(s["r_rms"], abs=0.051)
+    assert area20 == pytest.approx(s["area@20%"], abs=0.051)
+
+
+def test_side_by_side_kernel_31_vs_3_and_bad_input(app_env):
+    """Two configurations on one scale: the 31-29-27-13 network has the wider ERF than the 3x3 one
+    (RepLKNet's central claim, here at random init); bad kernel text gives one readable error, no traceback."""
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(2).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    r31, r3 = float(metric(at, "r_rms (px)", 0)), float(metric(at, "r_rms (px)", 1))
+    assert r31 > r3 + 1.0, (r31, r3)
+    assert at.dataframe[0].value.shape[0] == 2
+
+    at.text_input(key="erf-k-1").set_value("30").run()
+    ok(at)
+    assert any("odd" in e for e in errors(at)), errors(at)
+    at.text_input(key="erf-k-1").set_value("abc").run()
+    ok(at)
+    assert any("comma-separated integers" in e for e in errors(at)), errors(at)
+    assert len(at.image) >= 1  # configuration 1 still renders
+
+
+def test_uploaded_images_are_verified_then_used(app_env):
+    """A fake image upload is refused with one line; a real one (a built-in photo's bytes) gives an ERF
+    identical to the same photo taken from the built-in set."""
+    at = ok(new_app().run())
+    at.radio(key="erf-img-kind").set_value("Upload").run()
+    ok(at)
+    at.file_uploader(key="erf-img-up").set_value([("cat.jpg", b"GIF89a not really", "image/jpeg")]).run()
+    ok(at)
+    assert any("not a valid image" in e for e in errors(at)), errors(at)
+    photo = (REPO_ROOT / "data" / "default_images" / "astronaut.jpg").read_bytes()
+    at.file_uploader(key="erf-img-up").set_value([("astronaut.jpg", photo, "image/jpeg")]).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert any(c.value.startswith("1 image(s), 0 skipped") for c in at.caption)
+    r_upload = float(metric(at, "r_rms (px)"))
+    at.radio(key="erf-img-kind").set_value("Built-in").run()
+    at.multiselect(key="erf-img-builtin").set_value(["astronaut.jpg"]).run()
+    ok(at)
+    assert float(metric(at, "r_rms (px)")) == pytest.approx(r_upload, abs=0.051)
+
+
+# ----------------------------------------------------------------------------------------- other pages
+def test_growth_page_train_equals_deploy(app_env):
+    """Kernel sweep 3 and 31: train-time and re-parameterized ERFs agree (same function); runs are recorded."""
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    worst = float(metric(at, "train vs deploy ERF: largest relative difference"))
+    assert worst < 1e-4
+    table = at.dataframe[0].value
+    assert sorted(zip(table["kernel"], table["reparam"])) == [(3, "deploy"), (3, "train"), (31, "deploy"), (31, "train")]
+    assert len(at.image) == 2  # growth curves + heatmap grid
+    runs = list((app_env / "app-runs").rglob("run.json"))
+    assert len(runs) == 4
+
+
+def test_reparam_page_equivalence_and_counts(app_env):
+    at = ok(new_app().run())
+    at.switch_page("views/reparam.py").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    err_merged = float(metric(at, "max relative output error", 0))
+    err_fused = float(metric(at, "max relative output error", 1))
+    assert err_merged < 1e-5 and err_fused < 1e-5
+    p_train = float(metric(at, "train-time: params").split()[0])
+    p_merged = float(metric(at, "merged (official deploy layout): params").split()[0])
+    assert p_merged < p_train  # the small-kernel branch and its BN are gone
+    forms = at.dataframe[0].value
+    assert forms["flops"].iloc[1] < forms["flops"].iloc[0]
+    assert len(at.image) == 1  # kernel heatmaps
+    at.number_input(key="rp-ch").set_value(5).run()
+    ok(at)
+    assert len(at.image) == 1
+
+
+def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):
+    """Pretrained EfficientNet-Lite0 on 16 cue-conflict images; humans' value is the model-vs-human one."""
+    from erf_lab.shape_bias.analysis import human_csvs, shape_bias_from_csv
+
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    sb = float(metric(at, "Shape bias"))
+    assert 0.0 <= sb <= 1.0
+    humans = shape_bias_from_csv(human_csvs(shared_datasets))["shape_bias"]
+    assert float(metric(at, "Humans")) == pytest.approx(humans, abs=5e-4)
+    assert humans > 0.9  # Geirhos et al.: humans decide by shape
+    assert int(metric(at, "Conflict images")) >= 14
+    per_cat = at.dataframe[0].value
+    assert set(per_cat.columns) >= {"category", "shape bias", "humans"}
+    assert len(at.image) >= 2  # the model-vs-human figure and stimulus thumbnails
+    assert any("CC BY 4.0" in c.value for c in list(at.caption) + list(at.markdown))
+
+
+def test_kernels_page_explain_and_small_benchmark(app_env):
+    at = ok(new_app().run())
+    at.switch_page("views/kernels.py").run()
+    ok(at)
+    assert any("-> backend" in c.value for c in at.code)
+    at.text_input(key="kb-ks").set_value("3,31")
+    at.text_input(key="kb-res").set_value("16")
+    at.select_slider(key="kb-ch").set_value(16)
+    at.button(key="kb-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    table = at.dataframe[0].value
+    assert list(table["K"]) == [3, 31]
+    assert (table["fwd_fastconv_ms"] > 0).all()
+    assert len(at.image) == 1
+
+
+def _gaussian(size: int, sigma: float) -> np.ndarray:
+    y, x = np.mgrid[:size, :size] - size // 2
+    return np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
+
+
+def test_results_page_compares_runs_and_offers_downloads(app_env):
+    from erf_lab.erf.metrics import compute_metrics, summary
+    from erf_lab.erf.report import write_run_dir
+
+    root = app_env / "runs"
+    for name, sigma in (("narrow", 3.0), ("wide", 12.0)):
+        write_run_dir(root / name, _gaussian(65, sigma), {"label": name, "model": "synthetic", "num_used": 1,
+                                                           "input_size": 65})
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(root)).run()
+    ok(at)
+    at.multiselect(key="res-chosen-erf").set_value(["narrow", "wide"]).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    table = at.dataframe[0].value
+    expect = {n: summary(compute_metrics(_gaussian(65, s)))["area@50%"] for n, s in (("narrow", 3.0), ("wide", 12.0))}
+    got = dict(zip(table["run"], table["area@50%"]))
+    assert got["narrow"] == pytest.approx(expect["narrow"]) and got["wide"] == pytest.approx(expect["wide"])
+    assert got["wide"] > got["narrow"]
+    labels = {b.proto.label for b in at.get("download_button")}
+    assert {"PNG", "PDF", "SVG", "erf.npy", "metrics.json", "run.json", "erf.png"} <= labels
+
+    at.text_input(key="res-root").set_value("/etc").run()
+    ok(at)
+    assert any("system directory" in e for e in errors(at)), errors(at)
+
+
+# ------------------------------------------------------------------------------------------- input policy
+def test_safe_directory_policy(tmp_path, monkeypatch):
+    import safety
+    from erf_lab.errors import ErfLabError
+
+    monkeypatch.delenv("ERF_LAB_APP_ROOTS", raising=False)
+    monkeypatch.delenv("ERF_LAB_APP_RUNS", raising=False)
+    monkeypatch.chdir(REPO_ROOT)
+    assert safety.safe_directory("data") == (REPO_ROOT / "data").resolve()
+    for bad, words in (("/etc", "system directory"), ("/proc/self", "system directory"),
+                       (str(tmp_path / "missing"), "does not exist"), ("", "enter")):
+        with pytest.raises(ErfLabError, match=words):
+            safety.safe_directory(bad)
+    outside = tmp_path / "imgs"
+    outside.mkdir()
+    if not any(safety._is_within(outside.resolve(), r) for r in safety.allowed_roots()):
+        with pytest.raises(ErfLabError, match="outside the allowed roots"):
+            safety.safe_directory(str(outside))
+    (outside / "link").symlink_to("/etc")
+    with pytest.raises(ErfLabError, match="system directory"):  # symlinks are resolved before the check
+        safety.safe_directory(str(outside / "link"))
+    monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
+    assert safety.safe_directory(str(outside)) == outside.resolve()
+    with pytest.raises(ErfLabError, match="no images"):
+        safety.image_files(outside)
+
+
+def test_upload_checks():
+    import io
+
+    from PIL import Image
+
+    import safety
+    from erf_lab.errors import ErfLabError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(buf, format="PNG")
+    img = safety.verify_image_bytes("red.png", buf.getvalue())
+    assert img.size == (8, 6) and img.mode == "RGB"
+    with pytest.raises(ErfLabError, match="not a valid image"):
+        safety.verify_image_bytes("evil.png", b"#!/bin/sh\nrm -rf /\n")
+    with pytest.raises(ErfLabError, match="not a valid image"):
+        safety.verify_image_bytes("cut.png", buf.getvalue()[:40])  # truncated
+    with pytest.raises(ErfLabError, match="over the"):
+        safety.verify_image_bytes("big.png", b"0" * (safety.MAX_IMAGE_MB * 2**20 + 1))
+    with pytest.raises(ErfLabError, match="must be"):
+        safety.check_checkpoint_upload("model.py", 10)
+    with pytest.raises(ErfLabError, match="limit"):
+        safety.check_checkpoint_upload("big.pth", (safety.MAX_CHECKPOINT_MB + 1) * 2**20)
+    safety.check_checkpoint_upload("w.safetensors", 1000)
+
+
+def test_app_never_offers_module_factory_models():
+    import loaders
+    from erf_lab.errors import ErfLabError
+
+    assert all(":" not in m for m in loaders.registered_models())
+    with pytest.raises(ErfLabError, match="registered"):
+        loaders.build_model("os:system")
+
+
+# ------------------------------------------------------------------------------------ loopback default
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses in LISTEN state on ``port`` (from /proc/net/tcp and tcp6)."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            addr, state = parts[1], parts[3]
+            host, p = addr.rsplit(":", 1)
+            if int(p, 16) == port and state == "0A":
+                out.add(host)
+    return out
+
+
+def test_streamlit_run_binds_loopback_by_default(tmp_path):
+    """`streamlit run app/main.py` with no --server.address, from another working directory, listens on
+    127.0.0.1 only (app/.streamlit/config.toml, Streamlit's script-level config)."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+                             "--server.port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("streamlit did not answer on 127.0.0.1")
+        hosts = _listening_addresses(port)
+        assert hosts == {"0100007F"}, hosts  # 127.0.0.1 (little-endian hex), and nothing else
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,195 @@
+"""``erf-lab analyze`` / ``compare`` / ``sweep`` end to end (tiny maps and tiny RepLKNets)."""
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erf_lab.cli.main import main
+from erf_lab.erf.metrics import compute_metrics
+from erf_lab.erf.report import write_run_dir
+
+TINY = ["--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)", "--input-size", "64",
+        "--num-images", "1", "--quiet"]
+
+
+def gaussian_map(n=40, s=5.0):
+    y, x = np.mgrid[:n, :n]
+    return 60.0 * np.exp(-((y - n // 2) ** 2 + (x - n // 2) ** 2) / (2 * s ** 2))
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, command):
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"erf-lab {command}: error:"), err
+    assert "Traceback" not in err
+
+
+@pytest.fixture()
+def two_runs(tmp_path):
+    a, b = tmp_path / "small", tmp_path / "large"
+    write_run_dir(a, gaussian_map(s=3.0), {"model": "small_k", "label": "small"}, theoretical_rf=30)
+    write_run_dir(b, gaussian_map(s=8.0), {"model": "large_k", "label": "large"}, theoretical_rf=90)
+    return a, b
+
+
+def test_analyze_run_dir(capsys, two_runs):
+    a, _ = two_runs
+    (a / "metrics.json").unlink()
+    (a / "erf.png").unlink()
+    rc, out, err = run_cli(capsys, "analyze", str(a), "--formats", "png,pdf,svg")
+    assert rc == 0, err
+    for name in ("metrics.json", "erf.png", "erf.pdf", "erf.svg", "analysis.json"):
+        assert (a / name).is_file()
+    metrics = json.loads((a / "metrics.json").read_text())
+    expected = compute_metrics(gaussian_map(s=3.0), theoretical_rf=30)  # TRF taken from run.json
+    assert metrics["high_contribution"] == expected["high_contribution"] and metrics["theoretical_rf"] == 30
+    assert "RepLKNet-31" in out and "98.6" in out and "23.4" in out  # paper Table 10 beside the results
+    side50 = expected["high_contribution"][2]["side"]
+    assert f"{100 * side50 ** 2 / 1600:.2f}" in out
+    analysis = json.loads((a / "analysis.json").read_text())
+    assert analysis["command"] == "analyze" and "versions" in analysis and analysis["source_run"]["model"] == "small_k"
+
+
+def test_analyze_bare_npy_and_out(capsys, tmp_path):
+    np.save(tmp_path / "map.npy", gaussian_map(33))
+    rc, out, err = run_cli(capsys, "analyze", str(tmp_path / "map.npy"))
+    assert rc == 0, err
+    assert (tmp_path / "map.metrics.json").is_file() and (tmp_path / "map.png").is_file()
+    rc, out, err = run_cli(capsys, "analyze", str(tmp_path / "map.npy"), "--out", str(tmp_path / "o"),
+                           "--json", "--theoretical-rf", "50")
+    assert rc == 0, err
+    printed = json.loads(out)
+    assert printed["theoretical_rf"] == 50
+    assert json.loads((tmp_path / "o" / "map.metrics.json").read_text()) == printed
+
+
+def test_compare_two_runs(capsys, two_runs, tmp_path):
+    a, b = two_runs
+    out_dir = tmp_path / "cmp"
+    rc, out, err = run_cli(capsys, "compare", str(a), str(b / "erf.npy"), "--labels", "ResNet-like",
+                           "RepLK-like", "--out", str(out_dir))
+    assert rc == 0, err
+    for name in ("compare.png", "compare.pdf", "compare.md", "compare.csv", "compare.json"):
+        assert (out_dir / name).is_file()
+    with Image.open(out_dir / "compare.png") as im:
+        assert im.size[0] > 1.5 * im.size[1]
+    rows = list(csv.DictReader(io.StringIO((out_dir / "compare.csv").read_text())))
+    assert [r["label"] for r in rows] == ["ResNet-like", "RepLK-like", "ResNet-101", "ResNet-152", "RepLKNet-13",
+                                         "RepLKNet-31"]
+    for r, s in zip(rows[:2], (3.0, 8.0)):
+        m = compute_metrics(gaussian_map(s=s))
+        assert float(r["area@50%"]) == pytest.approx(100 * m["high_contribution"][2]["area_ratio"])
+    assert float(rows[1]["area@20%"]) > float(rows[0]["area@20%"])  # wider Gaussian -> larger area
+    assert float(rows[5]["area@99%"]) == 98.6
+    assert "| RepLK-like |" in out and "Table 10" in out
+
+
+def test_compare_mixed_sizes(capsys, tmp_path, two_runs):
+    a, _ = two_runs
+    np.save(tmp_path / "big.npy", gaussian_map(64))
+    rc, out, err = run_cli(capsys, "compare", str(a), str(tmp_path / "big.npy"), "--out", str(tmp_path / "c"))
+    assert_one_line_error(rc, err, "compare")
+    assert "differ in size" in err and "40x40" in err and "64x64" in err
+    rc, out, err = run_cli(capsys, "compare", str(a), str(tmp_path / "big.npy"), "--out", str(tmp_path / "c"),
+                           "--allow-mixed-sizes", "--formats", "png")
+    assert rc == 0, err
+    assert "| 64x64 |" in out and "| 40x40 |" in out
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "analyze", str(tmp_path / "nope"))
+    assert_one_line_error(rc, err, "analyze")
+    (tmp_path / "bad.npy").write_bytes(b"not a numpy file at all")
+    rc, _, err = run_cli(capsys, "analyze", str(tmp_path / "bad.npy"))
+    assert_one_line_error(rc, err, "analyze")
+    assert "corrupt" in err
+    np.save(tmp_path / "ok.npy", gaussian_map(16))
+    rc, _, err = run_cli(capsys, "analyze", str(tmp_path / "ok.npy"), "--formats", "png,gif")
+    assert_one_line_error(rc, err, "analyze")
+    rc, _, err = run_cli(capsys, "compare", str(tmp_path / "ok.npy"), str(tmp_path / "bad.npy"))
+    assert_one_line_error(rc, err, "compare")
+    rc, _, err = run_cli(capsys, "compare", str(tmp_path / "ok.npy"), "--labels", "a", "b")
+    assert_one_line_error(rc, err, "compare")
+    rc, _, err = run_cli(capsys, "sweep", "--kernels", "3,8", "--out", str(tmp_path / "s"))
+    assert_one_line_error(rc, err, "sweep")
+    rc, _, err = run_cli(capsys, "sweep", "--kernels", "3", "--init", "weights", "--out", str(tmp_path / "s"))
+    assert_one_line_error(rc, err, "sweep")
+    rc, _, err = run_cli(capsys, "sweep", "--kernels", "3", "--override", "large_kernel_sizes=(3,3,3,3)",
+                         "--out", str(tmp_path / "s"), *TINY)
+    assert_one_line_error(rc, err, "sweep")
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """One tiny sweep (K = 3, 7; train + deploy) shared by the sweep tests."""
+    out_dir = tmp_path_factory.mktemp("sweep") / "sweep"
+    rc = main(["sweep", "--kernels", "3,7", "--reparam", "both", "--out", str(out_dir), "--formats", "png,pdf", *TINY])
+    assert rc == 0
+    return out_dir
+
+
+def test_sweep_tiny(capsys, tiny_sweep):
+    out_dir = tiny_sweep
+    for name in ("grid.png", "grid.pdf", "growth.png", "growth.pdf", "sweep.csv", "sweep.md", "sweep.json"):
+        assert (out_dir / name).is_file(), name
+    for k in (3, 7):
+        for mode in ("train", "deploy"):
+            sub = out_dir / f"K{k}-{mode}"
+            assert {"erf.npy", "metrics.json", "erf.png", "erf.pdf", "run.json"} <= {p.name for p in sub.iterdir()}
+    record = json.loads((out_dir / "sweep.json").read_text())
+    assert record["parameters"]["kernels"] == [3, 7] and record["parameters"]["overrides"]["channels"] == [8] * 4
+    rows = list(csv.DictReader(io.StringIO((out_dir / "sweep.csv").read_text())))
+    assert [(r["kernel"], r["reparam"]) for r in rows] == [("3", "train"), ("3", "deploy"), ("7", "train"),
+                                                           ("7", "deploy")]
+    assert rows[0]["model"] == "replknet_3" and rows[2]["model"] == "replknet_7"
+    assert int(rows[2]["trf"]) > int(rows[0]["trf"])  # the theoretical RF grows with the kernel
+    # re-parameterization is exact: the deploy ERF equals the train-time ERF up to float rounding
+    assert [d["kernel"] for d in record["reparam_diff"]] == [3, 7]
+    for d in record["reparam_diff"]:
+        assert d["max_rel_diff"] < 1e-5
+    e3 = np.load(out_dir / "K3-train" / "erf.npy")
+    e7 = np.load(out_dir / "K7-train" / "erf.npy")
+    assert e3.shape == e7.shape == (64, 64) and not np.allclose(e3, e7)
+    d7 = np.load(out_dir / "K7-deploy" / "erf.npy")
+    assert np.abs(d7 - e7).max() == pytest.approx(record["reparam_diff"][1]["max_abs_diff"], rel=1e-12, abs=1e-300)
+    assert "train vs deploy" in (out_dir / "sweep.md").read_text()
+    with Image.open(out_dir / "grid.png") as im:
+        assert im.size[0] > 800 and im.size[1] > 800
+
+    # a second run with the same settings reuses the finished sub-runs
+    before = (out_dir / "K7-deploy" / "erf.npy").stat().st_mtime_ns
+    rc, out, err = run_cli(capsys, "sweep", "--kernels", "3,7", "--out", str(out_dir), "--formats", "png", *TINY)
+    assert rc == 0, err
+    assert (out_dir / "K7-deploy" / "erf.npy").stat().st_mtime_ns == before
+    assert "| 7 | deploy | replknet_7 |" in out
+
+
+def test_sweep_with_weights_dir(capsys, tmp_path, tiny_sweep):
+    from erf_lab.models import create_model
+
+    torch.manual_seed(0)  # the same seed the sweep uses for random init -> identical weights
+    model = create_model("replknet_3", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1))
+    wdir = tmp_path / "weights"
+    wdir.mkdir()
+    torch.save(model.state_dict(), wdir / "replknet_3.pth")
+    rc, _, err = run_cli(capsys, "sweep", "--kernels", "3", "--reparam", "train", "--init", "weights",
+                         "--weights-dir", str(wdir), "--out", str(tmp_path / "w"), "--formats", "png", *TINY)
+    assert rc == 0, err
+    np.testing.assert_allclose(np.load(tmp_path / "w" / "K3-train" / "erf.npy"),
+                               np.load(tiny_sweep / "K3-train" / "erf.npy"), rtol=1e-10)
+    run_json = json.loads((tmp_path / "w" / "K3-train" / "run.json").read_text())
+    assert run_json["sweep_key"]["weights"].endswith("replknet_3.pth")
+    rc, _, err = run_cli(capsys, "sweep", "--kernels", "7", "--init", "weights", "--weights-dir", str(wdir),
+                         "--out", str(tmp_path / "x"), *TINY)
+    assert_one_line_error(rc, err, "sweep")
+    assert "no checkpoint for kernel 7" in err

@@ -1,0 +1,172 @@
+"""``erf-lab compute`` / ``erf-lab layers`` and the resumable run (tiny RepLKNet, small inputs, built-in images)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from erf_lab.cli.commands.compute import parse_overrides
+from erf_lab.cli.main import main
+from erf_lab.errors import ErfLabError
+from erf_lab.erf.run import run_compute
+
+TINY = ["--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)"]
+TINY_KW = {"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_parse_overrides_literals_and_strings():
+    assert parse_overrides(["channels=(8, 8)", "small_kernel=None", "name=abc", "r=0.5"]) == \
+        {"channels": (8, 8), "small_kernel": None, "name": "abc", "r": 0.5}
+    with pytest.raises(ErfLabError, match="key=value"):
+        parse_overrides(["channels"])
+
+
+def test_compute_writes_complete_run_dir(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = _cli(capsys, "compute", *TINY, "--num-images", "2", "--input-size", "32",
+                             "--batch-size", "2", "--out", str(out), "--quiet")
+    assert code == 0, err
+    assert str(out) in stdout
+    for f in ("erf.npy", "metrics.json", "erf.png", "erf.pdf", "run.json"):
+        assert (out / f).is_file(), f
+    assert not list(out.glob(".erf_state*"))
+    erf = np.load(out / "erf.npy")
+    assert erf.shape == (32, 32) and np.isfinite(erf).all() and erf.sum() > 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["model"] == "replknet_31b" and info["overrides"]["channels"] == [8, 8, 8, 8]
+    assert info["layer"] == "forward_features" and info["aggregate"] == "relu" and info["input_size"] == 32
+    assert info["image_list"] == ["astronaut.jpg", "brick.jpg"] and info["num_used"] == 2
+    assert info["num_skipped"] == 0 and info["skipped"] == []
+    assert info["reparameterized"] is True and info["batch_size"] == 2 and info["world_size"] == 1
+    assert info["theoretical_rf"] == 1211 and info["seed"] == 0 and info["device"] == "cpu"
+    assert info["weights"] is None and info["weights_sha256"] is None
+    for k in ("erf-lab", "torch", "captum", "numpy"):
+        assert k in info["versions"]
+    assert info["start_time"] <= info["end_time"] and info["command"][0] == "erf-lab"
+    # a complete run is never overwritten without --force
+    code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "2", "--input-size", "32", "--out", str(out))
+    assert code == 2 and "already holds a complete run" in err and err.count("\n") == 1
+
+
+def test_weights_file_is_loaded_and_hashed(tmp_path, capsys):
+    from erf_lab.io import sha256_file
+    from erf_lab.models import create_model
+
+    torch.manual_seed(5)
+    w = tmp_path / "w.pth"
+    torch.save(create_model("replknet_31b", **TINY_KW).state_dict(), w)
+    res = run_compute("replknet_31b", weights=str(w), overrides=TINY_KW, num_images=1, input_size=32,
+                      out=tmp_path / "a", show_progress=False, seed=1)
+    res2 = run_compute("replknet_31b", weights=str(w), overrides=TINY_KW, num_images=1, input_size=32,
+                       out=tmp_path / "b", show_progress=False, seed=2)  # same weights, other seed: same ERF
+    assert res["run_info"]["weights_sha256"] == sha256_file(w)
+    np.testing.assert_array_equal(np.load(tmp_path / "a" / "erf.npy"), np.load(tmp_path / "b" / "erf.npy"))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
+    kw = dict(overrides=TINY_KW, num_images=4, input_size=32, show_progress=False, checkpoint_every=1)
+    full = run_compute("replknet_31b", out=tmp_path / "full", **kw)
+    seen = []
+
+    def stop_after_two(acc):
+        seen.append(len(acc.processed))
+        if len(acc.processed) == 2:
+            raise _Interrupt
+
+    part = tmp_path / "part"
+    with pytest.raises(_Interrupt):
+        run_compute("replknet_31b", out=part, on_batch=stop_after_two, **kw)
+    assert (part / ".erf_state.npz").is_file() and not (part / "run.json").exists()
+    assert not (part / "erf.npy").exists()  # a partial run never looks complete
+    with pytest.raises(ErfLabError, match="interrupted run"):
+        run_compute("replknet_31b", out=part, **kw)
+    with pytest.raises(ErfLabError, match="settings differ"):
+        run_compute("replknet_31b", out=part, resume=True, **{**kw, "aggregate": "abs"})
+    counted = []
+    res = run_compute("replknet_31b", out=part, resume=True, on_batch=lambda a: counted.append(len(a.processed)), **kw)
+    assert counted == [3, 4]  # the two saved images are not processed again
+    assert res["run_info"]["resumed"] is True and res["run_info"]["resumed_after_images"] == 2
+    assert res["result"].num_used == 4 and sorted(res["result"].processed) == sorted(set(res["result"].processed))
+    np.testing.assert_array_equal(np.load(part / "erf.npy"), np.load(tmp_path / "full" / "erf.npy"))
+    assert not (part / ".erf_state.npz").exists()
+    assert full["run_info"]["image_list"] == res["run_info"]["image_list"]
+
+
+def test_cli_resume_on_complete_run_is_a_no_op(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--out", str(out), "--quiet")[0] == 0
+    before = (out / "run.json").read_text()
+    code, stdout, _ = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--out", str(out),
+                           "--resume", "--quiet")
+    assert code == 0 and "nothing to resume" in stdout and (out / "run.json").read_text() == before
+    code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--out", str(out),
+                        "--force", "--quiet", "--aggregate", "abs")
+    assert code == 0 and json.loads((out / "run.json").read_text())["aggregate"] == "abs"
+
+
+def _expect_error(capsys, tmp_path, argv, pattern):
+    out = tmp_path / "err_out"
+    code, stdout, err = _cli(capsys, "compute", *argv, "--out", str(out), "--quiet")
+    assert code == 2, (stdout, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert pattern in err, err
+    assert not (out / "run.json").exists() and not (out / "erf.npy").exists()
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    bad_ckpt = tmp_path / "bad.pth"
+    torch.save({"w": torch.zeros(64)}, bad_ckpt)
+    bad_ckpt.write_bytes(bad_ckpt.read_bytes()[:300])  # truncated download
+    base = [*TINY, "--num-images", "1", "--input-size", "64"]
+    _expect_error(capsys, tmp_path, [*base, "--images", str(empty)], "no image files")
+    _expect_error(capsys, tmp_path, [*base, "--images", str(tmp_path / "nope")], "image folder not found")
+    _expect_error(capsys, tmp_path, [*base, "--layer", "stages.3.blockz"], "close names: stages.3.blocks")
+    _expect_error(capsys, tmp_path, [*TINY, "--num-images", "1", "--input-size", "16"], "too small")
+    _expect_error(capsys, tmp_path, ["--model", "replknet_31bb", "--num-images", "1"], "unknown model")
+    _expect_error(capsys, tmp_path, [*base, "--weights", str(bad_ckpt)], "cannot read checkpoint")
+    _expect_error(capsys, tmp_path, [*base, "--override", "channels=(8,8)"], "one kernel size")
+    code, _, err = _cli(capsys, "compute", *base, "--resume")
+    assert code == 2 and "--resume needs --out" in err
+
+
+def test_named_layer_and_user_factory(tmp_path, capsys):
+    code, _, err = _cli(capsys, "compute", "--model", "torch.nn:Identity", "--num-images", "1", "--input-size", "16",
+                        "--out", str(tmp_path / "id"), "--quiet")
+    assert code == 0, err  # identity: only the centre pixel contributes, 1 per channel where it is > 0 (ReLU)
+    from erf_lab.erf.images import load_images
+
+    src = load_images(None, num_images=1, input_size=16)
+    positive = int((src.load(src.files[0])[:, 8, 8] > 0).sum())
+    e = np.load(tmp_path / "id" / "erf.npy")
+    assert e[8, 8] == positive and e.sum() == positive
+    out = tmp_path / "layer"
+    code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32",
+                        "--layer", "stages.1", "--out", str(out), "--quiet")
+    assert code == 0, err
+    info = json.loads((out / "run.json").read_text())
+    assert info["layer"] == "stages.1" and info["theoretical_rf"] == 11 + 30 * 4 + 2 * 4 + 28 * 8
+
+
+def test_layers_command_lists_names_shapes_and_rf(capsys):
+    code, out, err = _cli(capsys, "layers", *TINY, "--input-size", "64")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split()[0] == "layer"
+    last = lines[-1].split()
+    assert last[0] == "forward_features" and last[1] == "8x2x2" and last[2] == "32" and last[3] == "1211"
+    assert any(line.split()[0] == "stages.0.blocks.0.large_kernel" and line.split()[-1] == "131" for line in lines)
+    code, _, err = _cli(capsys, "layers", "--model", "nope_model")
+    assert code == 2 and "unknown model" in err

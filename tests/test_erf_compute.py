@@ -1,0 +1,253 @@
+"""ERF engine: theory (Luo et al. 2016), re-parameterization / backend / batching invariance, layers, images."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from erf_lab.errors import ErfLabError
+from erf_lab.erf.compute import TruncatedForward, compute_erf, set_conv_backend
+from erf_lab.erf.images import PAPER_INPUT_SIZE, load_images, preprocess
+from erf_lab.erf.receptive_field import list_layers, theoretical_rf
+from erf_lab.models import create_model
+
+
+def _uniform_stack(n, k, channels=1):
+    convs = [nn.Conv2d(3 if i == 0 else channels, channels, k, padding=k // 2, bias=False) for i in range(n)]
+    for c in convs:
+        nn.init.constant_(c.weight, 1.0)
+    return nn.Sequential(*convs)
+
+
+def _axis_variance(erf):
+    p = erf.sum(1) / erf.sum()
+    i = np.arange(len(p))
+    mu = (p * i).sum()
+    return (p * (i - mu) ** 2).sum()
+
+
+def _tiny_replknet(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), **kw)
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():  # non-trivial BN statistics so that fusing BN is really tested
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.4 - 0.2)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) * 1.5 + 0.5)
+            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.rand(mod.num_features, generator=g) * 0.4 - 0.2)
+    return m.eval()
+
+
+@pytest.mark.parametrize("n,k", [(4, 5), (6, 3)])
+def test_luo_theory_variance_of_uniform_linear_stack(n, k):
+    """n uniform k x k linear convs: the ERF is the n-fold box convolution, per-axis variance n(k^2-1)/12."""
+    x = torch.rand(2, 3, 81, 81) + 0.1  # positive input and weights: the centre output is > 0 (ReLU exact)
+    res = compute_erf(_uniform_stack(n, k), x, show_progress=False)
+    theory = n * (k * k - 1) / 12
+    assert res.num_used == 2 and res.num_skipped == 0
+    assert abs(_axis_variance(res.erf) - theory) / theory < 0.01
+    assert abs(_axis_variance(res.erf.T) - theory) / theory < 0.01
+    # the 1-D profile is exactly the n-fold convolution of a length-k box (times the 3 input channels)
+    box = np.ones(k)
+    prof = box
+    for _ in range(n - 1):
+        prof = np.convolve(prof, box)
+    c = 40
+    half = len(prof) // 2
+    np.testing.assert_allclose(res.erf[c, c - half:c + half + 1], 3 * prof[half] * prof, rtol=1e-6)
+
+
+def test_single_conv_has_exact_k_by_k_support():
+    k = 7
+    res = compute_erf(_uniform_stack(1, k), torch.rand(1, 3, 33, 33) + 0.1, show_progress=False)
+    ys, xs = np.nonzero(res.erf)
+    assert (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) == (k, k)
+    assert (ys.min(), xs.min()) == (16 - k // 2, 16 - k // 2)
+    assert np.allclose(res.erf[res.erf > 0], 3.0)  # d(sum of 3*k*k inputs)/dx = 1 per channel, summed over RGB
+
+
+def test_abs_aggregate_differs_from_relu_on_signed_weights():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.ReLU(), nn.Conv2d(4, 4, 5, padding=2))
+    x = torch.randn(2, 3, 32, 32)
+    r = compute_erf(m, x, aggregate="relu", show_progress=False).erf
+    a = compute_erf(m, x, aggregate="abs", show_progress=False).erf
+    assert (a >= r - 1e-12).all() and a.sum() > r.sum() * 1.01
+
+
+def test_reparameterized_equals_train_time_replknet():
+    m = _tiny_replknet()
+    x = torch.randn(2, 3, 64, 64)
+    train = compute_erf(m, x, reparameterize=False, channels_last=False, conv_backend="native", show_progress=False)
+    fast = compute_erf(m, x, reparameterize=True, channels_last=True, conv_backend="fastconv", show_progress=False)
+    assert train.erf.sum() > 0
+    rel = np.abs(train.erf - fast.erf).max() / np.abs(train.erf).max()
+    assert rel < 1e-4, rel
+    assert fast.info["reparameterized"] and fast.info["fastconv_modules"] >= 4
+    assert any(n.endswith("small_conv") for n, _ in m.named_modules())  # the caller's model is untouched
+
+
+def test_fastconv_and_native_backends_give_same_erf():
+    m = _tiny_replknet(1)
+    x = torch.randn(2, 3, 64, 64)
+    a = compute_erf(m, x, conv_backend="fastconv", show_progress=False)
+    b = compute_erf(m, x, conv_backend="native", show_progress=False)
+    assert a.info["fastconv_modules"] == 4 and b.info["fastconv_modules"] == 0
+    assert np.abs(a.erf - b.erf).max() / np.abs(a.erf).max() < 1e-5
+
+
+def test_set_conv_backend_swaps_and_shares_parameters():
+    conv = nn.Conv2d(4, 4, 9, padding=4, groups=4)
+    m = nn.Sequential(conv, nn.Conv2d(4, 4, 3, padding=1, groups=4))
+    assert set_conv_backend(m, "fastconv") == 1
+    from fastconv import DepthwiseConv2d
+
+    assert type(m[0]) is DepthwiseConv2d and m[0].weight is conv.weight and type(m[1]) is nn.Conv2d
+    assert set_conv_backend(m, "native") == 1 and type(m[0]) is nn.Conv2d
+
+
+def test_batch_size_and_order_do_not_change_result():
+    m = _tiny_replknet(2)
+    x = torch.randn(5, 3, 64, 64)
+    one = compute_erf(m, x, batch_size=1, show_progress=False).erf
+    three = compute_erf(m, x, batch_size=3, show_progress=False).erf
+    rev = compute_erf(m, x.flip(0), batch_size=2, show_progress=False).erf
+    scale = np.abs(one).max()
+    assert np.abs(one - three).max() / scale < 1e-5
+    assert np.abs(one - rev).max() / scale < 1e-5
+
+
+def test_erf_is_mean_of_per_image_maps():
+    x = torch.randn(3, 3, 17, 17)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1))
+    maps = [compute_erf(net, x[i:i + 1], show_progress=False).erf for i in range(3)]
+    assert not np.allclose(maps[0], maps[1])  # input-dependent maps (ReLU net)
+    assert np.allclose(compute_erf(net, x, batch_size=2, show_progress=False).erf, np.mean(maps, 0), atol=1e-12)
+
+
+class _NaNOnBright(nn.Module):
+    def forward(self, x):
+        bright = (x.mean(dim=(1, 2, 3), keepdim=True) > 0.5).float()
+        return x * torch.where(bright > 0, torch.tensor(float("nan")), torch.tensor(1.0))
+
+
+def test_non_finite_maps_are_skipped_and_counted():
+    net = nn.Sequential(_NaNOnBright(), nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
+    x = torch.rand(4, 3, 16, 16) * 0.2
+    x[2] += 1.0
+    res = compute_erf(net, x, batch_size=2, show_progress=False)
+    assert (res.num_used, res.num_skipped) == (3, 1)
+    assert res.skipped[0][0] == "2" and "NaN" in res.skipped[0][1]
+    assert np.isfinite(res.erf).all()
+
+
+class _Boom(nn.Module):
+    def forward(self, x):
+        raise AssertionError("the forward must stop at the chosen layer")
+
+
+def test_named_layer_truncates_forward_and_matches_prefix_model():
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 5, padding=2))
+    full = nn.Sequential(*head, _Boom())
+    x = torch.randn(2, 3, 24, 24)
+    res = compute_erf(full, x, layer="2", show_progress=False)
+    ref = compute_erf(head, x, show_progress=False)
+    assert res.layer == "2"
+    np.testing.assert_allclose(res.erf, ref.erf, rtol=1e-6, atol=1e-12)
+    out = TruncatedForward(full, full[2], "2")(x)
+    assert out.shape == (2, 4, 24, 24)
+
+
+def test_unknown_layer_lists_close_names():
+    m = _tiny_replknet()
+    with pytest.raises(ErfLabError, match=r"unknown layer 'stages\.3\.blockz'.*stages\.3\.blocks"):
+        compute_erf(m, torch.randn(1, 3, 64, 64), layer="stages.3.blockz", show_progress=False)
+
+
+def test_theoretical_rf_formula_strides_dilation_pool_and_parallel_max():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=2, dilation=2),
+                      nn.MaxPool2d(2), nn.Conv2d(4, 4, 5, padding=2))
+    # rf: 1 -> 3 (j=2) -> 3 + 2*2*2 = 11 -> 11 + 1*2 = 13 (j=4) -> 13 + 4*4 = 29
+    assert theoretical_rf(m) == 29
+    assert [r["theoretical_rf"] for r in list_layers(m, 32)] == [3, 11, 13, 29, 29]
+
+    class Par(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big, self.small = nn.Conv2d(3, 3, 13, padding=6), nn.Conv2d(3, 3, 5, padding=2)
+
+        def forward_features(self, x):
+            return self.big(x) + self.small(x) + x
+
+    assert theoretical_rf(Par()) == 13  # parallel branches: max, not sum
+
+
+def test_replknet_31b_theoretical_rf_matches_hand_count():
+    m = _tiny_replknet()
+    # stem 3/2, dw3, 1x1, dw3/2 -> 11 (j 4); stage kernels 31, 29, 27, 13 with 3x3/2 transitions
+    rf, j = 11, 4
+    for i, k in enumerate((31, 29, 27, 13)):
+        rf += (k - 1) * j
+        if i < 3:
+            rf += 2 * j
+            j *= 2
+    assert theoretical_rf(m) == rf == 1211
+
+
+def test_builtin_default_images_are_licensed_and_load():
+    src = load_images(None, input_size=32)
+    assert 6 <= len(src) <= 12 and src.name == "default" and not src.skipped
+    lic = (src.root / "LICENSE.md").read_text()
+    for i in src.ids:
+        assert i in lic
+    x = src.load(src.files[0])
+    assert x.shape == (3, 32, 32) and abs(float(x.mean())) < 3
+    assert PAPER_INPUT_SIZE == 1024
+    assert len(load_images(None, num_images=2, input_size=32)) == 2
+
+
+def test_image_folder_recursive_with_bad_files(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a" / "b" / "red.png")
+    Image.new("L", (20, 20), 128).save(tmp_path / "gray.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.warns(UserWarning, match="unreadable"):
+        src = load_images(tmp_path, input_size=16)
+    assert src.ids == ["a/b/red.png", "gray.jpg"]
+    assert {s[0] for s in src.skipped} == {"broken.jpg", "notes.txt"}
+    red = src.load(src.files[0])
+    ref = preprocess(Image.new("RGB", (16, 16), (200, 10, 10)), 16)
+    assert torch.allclose(red, ref, atol=1e-5) and red[0].mean() > 1.0 > red[1].mean()
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(ErfLabError, match="not found"):
+        load_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ErfLabError, match="no image files"):
+        load_images(tmp_path / "empty")
+
+
+def test_branch_removed_by_reparam_needs_no_reparam():
+    m = _tiny_replknet()
+    x = torch.randn(1, 3, 32, 32)
+    name = "stages.0.blocks.0.large_kernel.small_conv"
+    with pytest.raises(ErfLabError, match="--no-reparam"):
+        compute_erf(m, x, layer=name, show_progress=False)
+    res = compute_erf(m, x, layer=name, reparameterize=False, show_progress=False)
+    ys, xs = np.nonzero(res.erf)  # theory: small 5x5 branch after the stem's 11 px RF at stride 4 -> 27 px
+    assert ys.max() - ys.min() + 1 <= theoretical_rf(m, name) == 27
+
+
+def test_list_layers_restores_training_mode_and_bn_statistics():
+    m = _tiny_replknet().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rows = list_layers(m, 32)
+    assert m.training and all(mod.training for mod in m.modules())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert rows[-1]["name"] == "forward_features" and rows[-1]["stride"] == 32

@@ -1,0 +1,50 @@
+"""``torchrun --nproc_per_node=2 -m erf_lab compute``: 2 gloo ranks on 127.0.0.1 give the 1-process matrix."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from erf_lab.erf import distributed as D
+from erf_lab.erf.run import run_compute
+
+ARGS = ["--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)",
+        "--num-images", "3", "--input-size", "32", "--quiet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_shard_takes_every_nth_image():
+    items = list("abcdefg")
+    parts = [D.shard(items, D.DistInfo(rank=r, world_size=3)) for r in range(3)]
+    assert parts == [list("adg"), list("be"), list("cf")]
+    assert sorted(sum(parts, [])) == items
+    assert D.env_info().world_size == int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    single = run_compute("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)},
+                         num_images=3, input_size=32, out=tmp_path / "one", show_progress=False)
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "erf_lab", "compute", *ARGS, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = np.load(out / "erf.npy")
+    one = np.load(tmp_path / "one" / "erf.npy")
+    assert np.abs(two - one).max() <= 1e-6 * np.abs(one).max()
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2 and info["dist_backend"] == "gloo"
+    assert info["num_used"] == 3 and info["image_list"] == single["run_info"]["image_list"]
+    assert not list(out.glob(".erf_state*"))
+    assert proc.stdout.count("wrote ") == 1  # only rank 0 writes and reports

@@ -1,0 +1,142 @@
+"""Paper-style figures and run directories (write_run_dir / load_run)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erf_lab.erf.metrics import compute_metrics
+from erf_lab.erf.plotting import (comparison_figure, erf_figure, parse_formats, plot_comparison, plot_erf, plot_grid,
+                                  plot_growth)
+from erf_lab.erf.report import load_run, write_run_dir
+from erf_lab.errors import ErfLabError
+
+
+def gaussian_map(n=48, s=6.0, amp=80.0):
+    y, x = np.mgrid[:n, :n]
+    return amp * np.exp(-((y - n // 2) ** 2 + (x - n // 2) ** 2) / (2 * s ** 2))
+
+
+def check_png(path, min_px=600, max_px=6000):
+    with Image.open(path) as im:
+        im.load()
+        assert im.format == "PNG"
+        assert min_px <= im.size[0] <= max_px and min_px <= im.size[1] <= max_px, im.size
+        return im.size
+
+
+def check_pdf(path):
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF") and b"%%EOF" in data[-64:]
+    return len(data)
+
+
+def test_plot_erf_png_pdf_svg(tmp_path):
+    paths = plot_erf(gaussian_map(96), tmp_path / "erf", title="RepLKNet-31B", formats=("png", "pdf", "svg"))
+    assert [p.suffix for p in paths] == [".png", ".pdf", ".svg"]
+    w, h = check_png(paths[0])
+    assert h > w  # colour bar on top of a square heatmap
+    # heatmap cells are rasterized inside the vector PDF: 96^2 quads would otherwise make it huge
+    assert check_pdf(paths[1]) < 300_000
+    svg = paths[2].read_text()
+    assert "<svg" in svg and "RepLKNet-31B" in svg  # text kept as text (svg.fonttype none)
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_comparison_on_one_colour_scale(tmp_path):
+    small, large = gaussian_map(s=3.0), gaussian_map(s=10.0)
+    paths = plot_comparison([small, large, large * 5], ["ResNet-101", "RepLKNet-13", "RepLKNet-31"],
+                            tmp_path / "cmp", formats=("png", "pdf"))
+    w, h = check_png(paths[0], max_px=12000)
+    assert w > 2 * h  # three panels side by side
+    check_pdf(paths[1])
+    plot_comparison([small, large], ["a", "b"], tmp_path / "joint", formats=("png",), normalize="joint")
+    with pytest.raises(ErfLabError):
+        plot_comparison([small], ["a", "b"], tmp_path / "x")
+    with pytest.raises(ErfLabError):
+        plot_comparison([small], ["a"], tmp_path / "x", normalize="nope")
+
+
+def test_one_colour_scale_and_paper_normalisation():
+    maps = [gaussian_map(s=3.0), gaussian_map(s=10.0) * 7]
+    fig = comparison_figure(maps, ["a", "b"])
+    meshes = [ax.collections[0] for ax in fig.axes if ax.get_title() in ("a", "b")]
+    assert len(meshes) == 2 and len(fig.axes) == 3  # two panels + ONE colour bar
+    for mesh, m in zip(meshes, maps):
+        assert (mesh.norm.vmin, mesh.norm.vmax) == (0.0, 1.0)
+        np.testing.assert_array_equal(mesh.cmap(np.linspace(0, 1, 64)), meshes[0].cmap(np.linspace(0, 1, 64)))
+        shown = np.asarray(mesh.get_array()).reshape(m.shape)
+        np.testing.assert_allclose(shown, np.log10(m + 1) / np.log10(m + 1).max())  # log10(A+1)/max
+    # RdYlGn centred at 0 as in the official script: 0 -> yellow (upper half start), 1 -> dark green
+    lo, hi = meshes[0].cmap(0.0), meshes[0].cmap(1.0)
+    assert lo[0] > 0.9 and lo[1] > 0.9 and hi[1] > hi[0] and hi[1] > hi[2]
+    single = erf_figure(maps[0], "x")
+    assert len(single.axes) == 2 and not single.axes[0].get_xticklabels()
+
+
+def test_grid_and_growth(tmp_path):
+    m = gaussian_map(32)
+    grid = plot_grid([[m, m * 2], [m, None]], ["train", "deploy"], ["K = 3", "K = 7"], tmp_path / "grid")
+    check_png(grid[0])
+    check_pdf(grid[1])
+    rows = [{"kernel": k, "reparam": mode, "area@20%": 0.1 * k, "area@50%": 0.3 * k,
+             "area@99%": None if k > 7 else k, "r_rms": float(k)} for k in (3, 7, 13) for mode in ("train", "deploy")]
+    growth = plot_growth(rows, tmp_path / "growth", formats=("png", "pdf", "svg"))
+    w, h = check_png(growth[0], min_px=500, max_px=8000)
+    assert w > 2 * h
+    with pytest.raises(ErfLabError):
+        plot_grid([[m]], ["a", "b"], ["c"], tmp_path / "bad")
+
+
+def test_parse_formats():
+    assert parse_formats("png, PDF,svg") == ("png", "pdf", "svg")
+    assert parse_formats(None) == ("png", "pdf")
+    with pytest.raises(ErfLabError, match="jpeg"):
+        parse_formats("png,jpeg")
+
+
+def test_write_run_dir_and_load_run(tmp_path):
+    erf = gaussian_map(40, s=5.0)
+    info = {"model": "toy", "input_size": 40, "command": ["erf-lab", "compute"]}
+    metrics = write_run_dir(tmp_path / "run", erf, info, theoretical_rf=77)
+    d = tmp_path / "run"
+    names = {"erf.npy", "metrics.json", "erf.png", "erf.pdf", "run.json"}
+    assert {p.name for p in d.iterdir()} == names
+    # run.json is written last: its presence marks a complete directory
+    assert all((d / "run.json").stat().st_mtime_ns >= (d / n).stat().st_mtime_ns for n in names)
+    run_json = json.loads((d / "run.json").read_text())
+    assert run_json["model"] == "toy" and run_json["command"] == ["erf-lab", "compute"]
+    assert run_json["metrics_summary"]["trf"] == 77
+    assert json.loads((d / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics == json.loads(json.dumps(compute_metrics(erf, theoretical_rf=77)))
+    run = load_run(d)
+    np.testing.assert_array_equal(run.erf, erf)
+    assert run.theoretical_rf == 77 and run.label == "toy" and run.metrics["shape"] == [40, 40]
+    bare = load_run(d / "erf.npy")
+    assert bare.run_dir == d
+    check_png(d / "erf.png")
+
+
+def test_load_run_errors(tmp_path):
+    with pytest.raises(ErfLabError, match="no such"):
+        load_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ErfLabError, match="no erf.npy"):
+        load_run(tmp_path / "empty")
+    (tmp_path / "corrupt.npy").write_bytes(b"\x93NUMPY garbage" + bytes(range(50)))
+    with pytest.raises(ErfLabError, match="corrupt"):
+        load_run(tmp_path / "corrupt.npy")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ErfLabError, match="pickle"):
+        load_run(tmp_path / "obj.npy")
+    np.save(tmp_path / "cube.npy", np.zeros((2, 3, 3)))
+    with pytest.raises(ErfLabError, match="2-D"):
+        load_run(tmp_path / "cube.npy")
+    (tmp_path / "r").mkdir()
+    np.save(tmp_path / "r" / "erf.npy", gaussian_map(16))
+    (tmp_path / "r" / "run.json").write_text("{not json")
+    with pytest.raises(ErfLabError, match="corrupt JSON"):
+        load_run(tmp_path / "r")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(ErfLabError, match=".npy"):
+        load_run(tmp_path / "x.txt")

@@ -1,0 +1,203 @@
+"""ERF metrics against analytic answers and independent brute-force implementations."""
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.signal import convolve2d
+
+from erf_lab.erf.metrics import (PAPER_TABLE10, compute_metrics, distribution_stats, fit_gaussian,
+                                 high_contribution_area_ratio, log_normalize, summary)
+from erf_lab.errors import ErfLabError
+from erf_lab.paths import data_dir
+
+
+def brute_force(a, t):
+    """Independent reference: grow a centred square pixel by pixel with explicit loops."""
+    h, w = a.shape
+    cy, cx = h // 2, w // 2
+    total = 0.0
+    for y in range(h):
+        for x in range(w):
+            total += a[y, x]
+    i = 0
+    while cy - i >= 0 and cx - i >= 0 and cy + i < h and cx + i < w:
+        s = 0.0
+        for y in range(cy - i, cy + i + 1):
+            for x in range(cx - i, cx + i + 1):
+                s += a[y, x]
+        if total > 0 and s / total > t:
+            return 2 * i + 1
+        i += 1
+    return None
+
+
+def official_get_rectangle(data, thresh):
+    """The loop of the official erf/analyze_erf.py (starts at side 3, stops before i = h // 2)."""
+    h, w = data.shape
+    all_sum = np.sum(data)
+    for i in range(1, h // 2):
+        sel = data[h // 2 - i:h // 2 + 1 + i, w // 2 - i:w // 2 + 1 + i]
+        if np.sum(sel) / all_sum > thresh:
+            return i * 2 + 1, (i * 2 + 1) / h * (i * 2 + 1) / w
+    return None
+
+
+@pytest.mark.parametrize("shape", [(9, 9), (10, 10), (12, 9), (15, 20)])
+def test_area_ratio_matches_brute_force(shape):
+    rng = np.random.default_rng(sum(shape))
+    y, x = np.mgrid[:shape[0], :shape[1]]
+    a = rng.exponential(size=shape) * np.exp(-((y - shape[0] / 2) ** 2 + (x - shape[1] / 2) ** 2) / 20)
+    for t in (0.05, 0.2, 0.3, 0.5, 0.8, 0.99):
+        for pre in (False, True):
+            ref_in = log_normalize(a) if pre else a
+            got = high_contribution_area_ratio(a, t, preprocess=pre)
+            side = brute_force(ref_in, t)
+            assert got["side"] == side and got["reached"] == (side is not None)
+            if side is not None:
+                assert got["area_ratio"] == pytest.approx(side * side / (shape[0] * shape[1]), rel=1e-15)
+
+
+@pytest.mark.parametrize("n", [64, 65])
+def test_matches_official_script_wherever_it_answers(n):
+    rng = np.random.default_rng(n)
+    y, x = np.mgrid[:n, :n]
+    raw = rng.gamma(2.0, size=(n, n)) * 50 * np.exp(-((y - n / 2) ** 2 + (x - n / 2) ** 2) / (2 * 9.0 ** 2))
+    data = log_normalize(raw)
+    answered = 0
+    for t in (0.2, 0.3, 0.5, 0.9, 0.99):
+        off = official_get_rectangle(data, t)
+        got = high_contribution_area_ratio(raw, t)
+        if off is not None:
+            answered += 1
+            assert (got["side"], got["area_ratio"]) == pytest.approx(off, rel=1e-15)
+    assert answered >= 4
+
+
+def test_uniform_map_side_grows_as_sqrt_t():
+    n = 101
+    a = np.full((n, n), 3.0)
+    for t in (0.2, 0.25, 0.3, 0.5, 0.9, 0.99):
+        s = high_contribution_area_ratio(a, t)["side"]
+        expected = math.floor(n * math.sqrt(t)) + 1  # smallest odd side s with s / n > sqrt(t)
+        expected += 1 - expected % 2
+        assert s == expected
+        assert (s / n) ** 2 > t >= ((s - 2) / n) ** 2
+    assert high_contribution_area_ratio(a, 0.25)["side"] == 51  # 51^2 / 101^2 = 0.255 > 0.25 >= 49^2/101^2
+
+
+def test_delta_gives_side_one():
+    for shape in [(7, 7), (8, 8), (33, 21)]:
+        a = np.zeros(shape)
+        a[shape[0] // 2, shape[1] // 2] = 5.0
+        for t in (0.2, 0.99):
+            r = high_contribution_area_ratio(a, t)
+            assert r["side"] == 1 and r["area_ratio"] == 1 / (shape[0] * shape[1])
+
+
+def test_strictly_greater_at_exact_boundary():
+    a = np.ones((5, 5))
+    a[2, 2] = 24.0  # centre holds exactly 24 / 48 = 0.5 of the total
+    assert high_contribution_area_ratio(a, 0.5, preprocess=False)["side"] == 3  # 0.5 is not > 0.5
+    assert high_contribution_area_ratio(a, 0.4999, preprocess=False)["side"] == 1
+    assert high_contribution_area_ratio(a, 1.0, preprocess=False)["reached"] is False  # full map share == 1.0
+
+
+def test_threshold_never_reached_on_even_map():
+    # Even 4x4: centre (2, 2) as in the official script, so the largest centred square is rows/cols 1..3 and
+    # row 0 / column 0 are never inside it. Put exactly half of the mass there: share tops out at 0.5.
+    a = np.full((4, 4), 9.0)
+    a[1:, 1:] = 7.0
+    r = high_contribution_area_ratio(a, 0.5, preprocess=False)
+    assert r == {"threshold": 0.5, "side": None, "area_ratio": None, "reached": False}
+    assert high_contribution_area_ratio(a, 0.49, preprocess=False)["side"] == 3
+    # all the mass on the border row: nothing is ever reached, and compute_metrics flags it without crashing
+    b = np.zeros((6, 6))
+    b[0, :] = 100.0
+    m = compute_metrics(b)
+    assert [e["reached"] for e in m["high_contribution"]] == [False] * 4
+    assert "threshold_0.99_not_reached" in m["flags"]
+    assert json.loads(json.dumps(m))["high_contribution"][3]["side"] is None
+
+
+def test_empty_map_is_flagged_not_crashing():
+    m = compute_metrics(np.zeros((8, 8)), theoretical_rf=20)
+    assert "empty_map" in m["flags"] and m["distribution"] is None and m["gaussian_fit"] is None
+    assert m["erf_to_trf"]["rms_diameter"] is None
+
+
+def test_gaussian_fit_recovers_sigmas_within_1_percent():
+    rng = np.random.default_rng(0)
+    h, w = 96, 80
+    y, x = np.mgrid[:h, :w]
+    sy, sx = 7.5, 12.0
+    g = 40.0 * np.exp(-((y - 50.3) ** 2 / (2 * sy ** 2) + (x - 37.6) ** 2 / (2 * sx ** 2)))
+    noisy = np.clip(g + rng.normal(0, 0.2, g.shape), 0, None)
+    fit = fit_gaussian(noisy)
+    assert fit["converged"]
+    assert fit["sigma_y"] == pytest.approx(sy, rel=0.01) and fit["sigma_x"] == pytest.approx(sx, rel=0.01)
+    assert fit["center"] == pytest.approx([50.3, 37.6], abs=0.1)
+    assert fit["r2"] > 0.99
+    assert fit_gaussian(np.ones((20, 20)) + np.eye(20))["r2"] < 0.5  # a non-Gaussian map fits badly
+
+
+@pytest.mark.parametrize("ky,kx,n", [(5, 5, 4), (3, 7, 3)])
+def test_std_of_box_convolution_matches_theory(ky, kx, n):
+    """n stacked uniform ky x kx kernels: variance n (k^2 - 1) / 12 per axis (Luo et al. 2016)."""
+    size = 2 * n * max(ky, kx) + 11
+    a = np.zeros((size, size))
+    a[size // 2, size // 2] = 1.0
+    box = np.ones((ky, kx)) / (ky * kx)
+    for _ in range(n):
+        a = convolve2d(a, box, mode="same")
+    d = distribution_stats(a)
+    assert d["std"]["y"] == pytest.approx(math.sqrt(n * (ky ** 2 - 1) / 12), rel=1e-9)
+    assert d["std"]["x"] == pytest.approx(math.sqrt(n * (kx ** 2 - 1) / 12), rel=1e-9)
+    assert d["r_rms"] == pytest.approx(math.hypot(d["std"]["y"], d["std"]["x"]), rel=1e-12)
+    assert d["center_of_mass"] == pytest.approx([size // 2, size // 2], abs=1e-9)
+
+
+def test_r50_of_isotropic_gaussian():
+    s = 10.0
+    y, x = np.mgrid[:121, :121]
+    g = np.exp(-((y - 60) ** 2 + (x - 60) ** 2) / (2 * s ** 2))
+    d = distribution_stats(g)
+    assert d["r50"] == pytest.approx(s * math.sqrt(2 * math.log(2)), abs=0.6)  # Rayleigh median
+    assert d["r90"] == pytest.approx(s * math.sqrt(2 * math.log(10)), abs=0.6)
+    assert d["r_rms"] == pytest.approx(s * math.sqrt(2), rel=1e-3)
+
+
+def test_erf_to_theoretical_rf_ratio():
+    y, x = np.mgrid[:64, :64]
+    g = 100 * np.exp(-((y - 32) ** 2 + (x - 32) ** 2) / (2 * 6.0 ** 2))
+    m = compute_metrics(g, theoretical_rf=99)
+    r = m["erf_to_trf"]
+    assert r["rms_diameter"] == pytest.approx(2 * m["distribution"]["r_rms"] / 99, rel=1e-12)
+    for e in m["high_contribution"]:
+        assert r[f"side_at_{e['threshold']:g}"] == pytest.approx(e["side"] / 99)
+    s = summary(m)
+    assert s["erf/trf"] == r["rms_diameter"] and s["area@50%"] == pytest.approx(100 * m["high_contribution"][2]["area_ratio"])
+    with pytest.raises(ErfLabError):
+        compute_metrics(g, theoretical_rf=0)
+
+
+@pytest.mark.parametrize("bad", [np.full((4, 4), np.nan), np.zeros((2, 3, 3)), -np.ones((4, 4)), np.zeros((0, 5))])
+def test_bad_maps_raise_clear_errors(bad):
+    with pytest.raises(ErfLabError):
+        compute_metrics(bad)
+
+
+def test_bad_threshold():
+    with pytest.raises(ErfLabError):
+        high_contribution_area_ratio(np.ones((5, 5)), 1.5)
+
+
+def test_paper_reference_data():
+    ref = json.loads((data_dir() / "paper_reference.json").read_text())
+    assert "CVPR 2022" in ref["source"] and "Table 10" in ref["source"]
+    assert ref["thresholds"] == [0.2, 0.3, 0.5, 0.99] and ref["input_size"] == 1024
+    assert PAPER_TABLE10["ResNet-101"] == [1.0, 1.7, 3.5, 23.4]
+    assert PAPER_TABLE10["RepLKNet-31"] == [15.0, 23.4, 41.4, 98.6]
+    # the paper's claim: larger kernels -> larger high-contribution area at every threshold
+    for i in range(4):
+        assert PAPER_TABLE10["ResNet-101"][i] < PAPER_TABLE10["RepLKNet-13"][i] < PAPER_TABLE10["RepLKNet-31"][i]
