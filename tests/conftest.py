@@ -16,3 +16,14 @@ def pytest_configure(config):
 def shared_datasets() -> Path:
     assert SHARED.is_dir(), f"shared datasets not found at {SHARED}"
     return SHARED
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a busy 2-core box: OpenMP hand-offs dominate, one thread is fastest."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

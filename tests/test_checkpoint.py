@@ -17,12 +17,7 @@ TINY = dict(channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), kernels=(7, 5, 5, 3), sm
             num_classes=10, conv_backend="native")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Evil:

@@ -25,14 +25,8 @@ def _isolated_cache(tmp_path, monkeypatch):
     dispatch.clear_cache(memory_only=True)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny shapes: one thread avoids OpenMP barrier stalls on a busy 2-core CI box (the cpp kernel's
-    multi-threaded split is covered by test_cpp_weight_grad_accumulates_in_fp32_accurately)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one_thread (tests/conftest.py): the cpp kernel's multi-threaded split is covered by
+# test_cpp_weight_grad_accumulates_in_fp32_accurately.
 
 
 def _ref(x, w, b):

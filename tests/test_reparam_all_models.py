@@ -32,13 +32,7 @@ TOL = 1e-5
 FLOOR_FACTOR = 4.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a busy 2-core box: OpenMP hand-offs dominate, one thread is fastest."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def family(name: str) -> str:

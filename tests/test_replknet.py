@@ -19,13 +19,7 @@ from erf_lab.models.replknet import VARIANTS, RepLKNet, merge_large_kernels
 VARIANT_NAMES = ["replknet_31b", "replknet_31l", "replknet_xl", "replknet_3", "replknet_7", "replknet_13", "replknet_25"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: OpenMP thread hand-offs dominate (x100 on a busy 2-core box), one thread is fastest."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(channels=(8, 16, 16, 16), layers=(1, 1, 1, 1), conv_backend="native")

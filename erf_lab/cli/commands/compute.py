@@ -85,5 +85,12 @@ def run(args: argparse.Namespace) -> int:
     info = res["run_info"]
     print(f"ERF of {info['model']} at {info['layer']} over {info['num_used']} image(s) "
           f"({info['num_skipped']} skipped), input {info['input_size']}px, theoretical RF {info['theoretical_rf']}px")
+    metrics = res.get("metrics")
+    if metrics is not None:
+        from erf_lab.erf.report import markdown_table, table_rows
+
+        print(markdown_table(table_rows([(info["model"], metrics)])))
+        if info.get("weights") is None:
+            print("(random initialization: pass --weights for a trained checkpoint; paper rows are trained, 1024px)")
     print(f"wrote {res['out_dir']}")
     return 0

@@ -1,0 +1,33 @@
+"""The README's two set-up commands, .ci/run and the console script stay consistent."""
+import re
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def _readme_commands() -> list[str]:
+    text = (REPO_ROOT / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", quick)
+
+
+def test_readme_gives_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    main_job, test_cmd = commands
+    assert main_job.startswith("pip install torch==2.13.0") and "erf-lab compute --model replknet_31b" in main_job
+    assert "pytest" in test_cmd and test_cmd.startswith("pip install torch==2.13.0")
+    ci_lines = (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd in ci_lines, "the README's test command must appear verbatim as a line of .ci/run"
+
+
+def test_console_script_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "erf_lab", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("models", "compute", "layers", "analyze", "compare", "sweep", "reparam", "shape-bias", "bench", "data"):
+        assert re.search(rf"^\s+{re.escape(command)}\b", out, re.M), command
+
+
+def test_no_command_prints_help_and_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "erf_lab"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: erf-lab" in proc.stdout
