@@ -61,7 +61,7 @@ def test_landing_page_renders_default_erf_without_click(app_env):
     assert at.dataframe[0].value.shape[0] == 1
     assert any("erf-lab compute --model replknet_31b" in c.value for c in at.code)
 
-    # The same measurement straight from the library (seeded random init, first two built-in images, 96 px).
+    # The same measurement straight from the library (seeded random init, first two built-in images, 128 px).
     import torch
 
     import loaders
@@ -73,7 +73,7 @@ def test_landing_page_renders_default_erf_without_click(app_env):
     torch.manual_seed(0)
     model = create_model("replknet_31b", channels=loaders.TINY_CHANNELS, layers=loaders.TINY_LAYERS,
                          large_kernel_sizes=loaders.PAPER_31B_KERNELS, small_kernel=5).eval()
-    res = compute_erf(model, load_images(None, num_images=2, input_size=96), show_progress=False)
+    res = compute_erf(model, load_images(None, num_images=2, input_size=128), show_progress=False)
     s = summary(compute_metrics(res.erf))
     assert r_shown == pytest.approx(s["r_rms"], abs=0.051)
     assert area20 == pytest.approx(s["area@20%"], abs=0.051)

@@ -12,7 +12,7 @@ import safety
 from ui import cli_hint, guard, parse_int_tuple, show_figure
 
 st.title("ERF explorer")
-st.caption("Effective receptive field: |d output-centre / d input| aggregated over images (Luo et al., 2016), "
+st.caption("Effective receptive field: ReLU(d output-centre / d input) aggregated over images (Luo et al., 2016), "
            "shown as log10(A+1)/max like RepLKNet (Ding et al., CVPR 2022, Fig. 1). "
            "Defaults use a narrow, shallow RepLKNet so the page answers in seconds on a laptop CPU.")
 
@@ -86,8 +86,9 @@ with guard("Model list"):
 with st.sidebar:
     st.subheader("ERF settings")
     n_cfg = st.number_input("Configurations side by side", 1, MAX_CONFIGS, 1, key="erf-ncfg")
-    input_size = st.select_slider("Input size (px)", [64, 96, 128, 160, 224, 320], value=loaders.DEFAULT_INPUT,
-                                  key="erf-size")
+    input_size = st.select_slider("Input size (px)", [64, 128, 192, 256, 320, 384], value=loaders.DEFAULT_INPUT,
+                                  key="erf-size", help="Multiples of 64 give an even feature map whose centre pixel "
+                                  "lies over the image centre (as at the paper's 1024 px).")
     aggregate = st.selectbox("Aggregation over output channels", AGGREGATES, key="erf-agg",
                              help="relu: sum of positive gradients (official RepLKNet script); abs: |gradient|")
     source = None
