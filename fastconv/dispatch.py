@@ -24,10 +24,18 @@ ENV_FORCE = "ERF_LAB_CONV_BACKEND"
 ENV_AUTOTUNE = "FASTCONV_AUTOTUNE"  # "0" -> cost model only, no timing
 ONEDNN_MAX_PAD = 6
 NATIVE_WGRAD_MAX_K = 14
+NCHW_NATIVE_MAX_K = 9  # cost model for large calls: NCHW F.conv2d measured fast up to 9x9 (pad 4)
 
 _mem: dict[str, dict] = {}
 _mem_file: Path | None = None
 _lock = threading.Lock()
+# per-call fast path for ``resolve(backend="auto")``: a cheap tuple key -> backend name, so a cached decision
+# costs one dict lookup (no string key, no cache-file path, no candidate filtering); cleared with the cache.
+_fast: dict[tuple, str] = {}
+#: on CPU, calls with more forward work than this (multiply-adds) are decided by the cost model, not timed:
+#: one timing round of every candidate at such sizes (e.g. 2x128x112x112, K=31: ~6 s each) costs more than the
+#: best choice can save over the cost model's (oneDNN channels_last, the measured winner at these sizes).
+CPU_TIMING_MAX_MACS = 2e8
 
 
 def cache_file() -> Path:
@@ -39,6 +47,7 @@ def clear_cache(memory_only: bool = False) -> None:
     global _mem_file
     with _lock:
         _mem.clear()
+        _fast.clear()
         _mem_file = None
         if not memory_only and cache_file().exists():
             cache_file().unlink()
@@ -207,6 +216,16 @@ def decide(x, weight, bias) -> dict:
     if os.environ.get(ENV_AUTOTUNE, "1") == "0":
         b = _cost_model(cands, x)
         return {"backend": b, "why": f"cost model (${ENV_AUTOTUNE}=0); candidates {cands}", "excluded": excluded}
+    if x.device.type == "cpu" and _macs(x, weight) > CPU_TIMING_MAX_MACS:
+        # plain F.conv2d where it is fast (no conversion, no custom-autograd overhead): on a channels_last input,
+        # or NCHW up to K=9 (measured B=1 C=384 R=64: NCHW 6.2 ms vs channels_last 8.9 at K=9, but 176 vs 19 ms
+        # at K=13); else oneDNN channels_last (the measured winner at large sizes, see the note on fft)
+        nchw_ok = memory_format_of(x) == torch.channels_last or max(weight.shape[-2:]) <= NCHW_NATIVE_MAX_K
+        b = next((c for c in ("native", "channels_last", "cpp") if c in cands and (c != "native" or nchw_ok)),
+                 cands[0])
+        return {"backend": b, "why": f"cost model (large call: {_macs(x, weight):.3g} multiply-adds > "
+                f"{CPU_TIMING_MAX_MACS:.0e}, timing would cost more than it saves); candidates {cands}",
+                "excluded": excluded}
     key = cache_key(x, weight, bias)
     with _lock:
         hit = _load().get(key)
@@ -234,10 +253,42 @@ def decide(x, weight, bias) -> dict:
     return {**entry, "cached": False, "key": key, "excluded": excluded}
 
 
+def _macs(x, weight) -> float:
+    n, c, h, w = x.shape
+    return float(n * c * h * w) * weight.shape[-2] * weight.shape[-1]
+
+
+def _fast_key(x, weight, bias) -> tuple:
+    """Everything the decision and ``check_inputs`` depend on, cheap to build (no string formatting)."""
+    grad = torch.is_grad_enabled()
+    env = _ENV_RAW.get if _ENV_RAW is not None else os.environ.get
+    return (x.device, x.dtype, x.shape, x.stride(), weight.device, weight.dtype, weight.shape,
+            None if bias is None else (bias.device, bias.dtype, bias.shape),
+            grad and x.requires_grad, grad and (weight.requires_grad or (bias is not None and bias.requires_grad)),
+            torch.get_num_threads(), env(_K_FORCE), env(_K_AUTOTUNE), env(_K_CACHE))
+
+
+# os.environ.get costs microseconds (key encoding); its backing dict (bytes keys on POSIX) is read directly
+_ENV_RAW = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_K_FORCE, _K_AUTOTUNE, _K_CACHE = ((k.encode() if _ENV_RAW is not None else k)
+                                   for k in (ENV_FORCE, ENV_AUTOTUNE, "FASTCONV_CACHE"))
+
+
+def cached_auto(x, weight, bias) -> str | None:
+    """The memoized "auto" backend for a call signature already checked and decided in this process, else None."""
+    return _fast.get(_fast_key(x, weight, bias))
+
+
 def resolve(backend: str, x, weight, bias) -> str:
-    """Backend name to run: ``backend`` itself when explicit (checked), else ``decide(...)``."""
+    """Backend name to run: ``backend`` itself when explicit (checked), else ``decide(...)`` (memoized per
+    call signature in memory, so a repeated shape costs one dict lookup)."""
     if backend == "auto":
-        return decide(x, weight, bias)["backend"]
+        key = _fast_key(x, weight, bias)
+        name = _fast.get(key)
+        if name is None:
+            name = decide(x, weight, bias)["backend"]
+            _fast[key] = name
+        return name
     ok, reason = supports(backend, x, weight)
     if not ok:
         raise ValueError(f"depthwise_conv2d: backend {backend!r} cannot run this call: {reason}")

@@ -146,8 +146,13 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
-    check_inputs(x, weight, bias)
-    from fastconv.dispatch import resolve
+    from fastconv.dispatch import cached_auto, resolve
 
-    name = resolve(backend, x, weight, bias)
+    # a signature already checked and decided in this process costs one dict lookup
+    tensors = (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
+               and (bias is None or isinstance(bias, torch.Tensor)))
+    name = cached_auto(x, weight, bias) if backend == "auto" and tensors else None
+    if name is None:
+        check_inputs(x, weight, bias)
+        name = resolve(backend, x, weight, bias)
     return run_backend(name, x, weight, bias)

@@ -11,6 +11,7 @@ are independent in eval mode), and the fastconv depthwise kernel for large kerne
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -168,21 +169,62 @@ def prepare_model(model: nn.Module, *, reparameterize: bool = True, channels_las
     returns (model, info)."""
     from erf_lab.models.reparam import reparameterize_model
 
-    m = (model if inplace else copy.deepcopy(model)).eval()
-    if reparameterize:
-        reparameterize_model(m)
-    m.requires_grad_(False)
-    swapped = set_conv_backend(m, conv_backend)
-    m.to(device)
-    if channels_last:
-        m.to(memory_format=torch.channels_last)
+    # ~2000 small memory-bound tensor ops: fork/join of a 2nd OpenMP thread costs more than it saves (and
+    # stalls for a time slice whenever that core is busy); one thread keeps this well under a second.
+    with _num_threads(1):
+        m = (model if inplace else copy.deepcopy(model)).eval()
+        if reparameterize:
+            reparameterize_model(m)
+        m.requires_grad_(False)
+        swapped = set_conv_backend(m, conv_backend)
+        m.to(device)
+        if channels_last:
+            _to_channels_last(m)
     from fastconv import DepthwiseConv2d
 
-    n_fast = sum(type(mod) is DepthwiseConv2d for mod in m.modules())
+    fixed = cpu_depthwise_backend(channels_last) if torch.device(device).type == "cpu" else None
+    n_fast = 0
+    for mod in m.modules():
+        if type(mod) is DepthwiseConv2d:
+            n_fast += 1
+            if fixed is not None and mod.backend == "auto":
+                mod.backend = fixed
     info = {"reparameterized": bool(reparameterize), "channels_last": bool(channels_last),
             "conv_backend": conv_backend, "fastconv_modules": n_fast, "modules_swapped": swapped,
-            "weight_grads": False, "device": str(device)}
+            "fastconv_backend": fixed or "auto", "weight_grads": False, "device": str(device)}
     return m, info
+
+
+def _to_channels_last(model: nn.Module) -> None:
+    """In place, like ``model.to(memory_format=torch.channels_last)`` but without copying the 4-D tensors that
+    already are channels_last-contiguous (all 1x1 and depthwise (C,1,K,K) weights: most of the parameters)."""
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for t in store.values():
+                if t is not None and t.dim() == 4:
+                    t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
+def cpu_depthwise_backend(channels_last: bool) -> str:
+    """The fixed CPU choice for the ERF path (frozen weights: forward + input gradient only), instead of timing
+    candidates per new shape (at 448^2 autotuning cost more than it saved): oneDNN's direct channels_last
+    depthwise kernel has no large-padding cliff, so on a channels_last model plain ``F.conv2d`` ("native") is
+    it, with no per-layer layout copy and no weight gradient; on an NCHW model "channels_last" converts per call."""
+    return "native" if channels_last else "channels_last"
+
+
+@contextlib.contextmanager
+def _num_threads(n: int):
+    """Temporarily run torch ops on ``n`` intra-op threads."""
+    old = torch.get_num_threads()
+    if n >= old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _check_device(device) -> torch.device:

@@ -6,6 +6,7 @@ metrics.json, erf.png/pdf, run.json) are written only at the end, by rank 0.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import re
@@ -55,17 +56,32 @@ def default_out_dir(model: str, images_name: str, input_size: int, root: str | o
     return Path(root) / f"{_safe(model)}-{_safe(images_name)}-{input_size}-{stamp}"
 
 
+@contextlib.contextmanager
+def _plain_depthwise(model):
+    """fastconv modules run plain F.conv2d meanwhile: the tiny geometry probe must not autotune (time candidate
+    backends, build the C++ kernel) for shapes the measurement never uses."""
+    mods = [m for m in model.modules() if getattr(m, "backend", None) == "auto" and type(m).__name__ == "DepthwiseConv2d"]
+    for m in mods:
+        m.backend = "native"
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.backend = "auto"
+
+
 def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     """Feature-map shape and theoretical RF of ``layer``; ErfLabError if ``input_size`` is too small."""
     name, _ = resolve_layer(model, layer)
     probe = int(min(input_size, 32))  # RF and stride do not depend on the input size: probe small and fast
-    try:
-        rows = {r["name"]: r for r in list_layers(model, probe)}
-    except ErfLabError:
-        if probe == input_size:
-            raise
-        probe = input_size
-        rows = {r["name"]: r for r in list_layers(model, probe)}
+    with _plain_depthwise(model):
+        try:
+            rows = {r["name"]: r for r in list_layers(model, probe)}
+        except ErfLabError:
+            if probe == input_size:
+                raise
+            probe = input_size
+            rows = {r["name"]: r for r in list_layers(model, probe)}
     row = rows.get(name)
     if row is None:
         raise ErfLabError(f"layer {name!r} does not produce a (N, C, H, W) feature map in the forward pass")

@@ -143,6 +143,13 @@ class ConvBN(nn.Module):
         b = self.conv.bias.detach() if self.conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
         if self.bn is None:
             return w.to(dtype, copy=True), b.to(dtype, copy=True)
+        if dtype == w.dtype:
+            # Same float64 arithmetic and single rounding as below, without materializing a float64 copy of the
+            # weight: ``mul`` computes in the promoted dtype (float64) and rounds once into the output.
+            bn = _BNDouble(self.bn)
+            t = bn.weight / (bn.running_var + bn.eps).sqrt()
+            wf = torch.mul(w, t.reshape(-1, *([1] * (w.dim() - 1))), out=torch.empty_like(w))
+            return wf, (bn.bias + (b.double() - bn.running_mean) * t).to(dtype)
         # Fold in float64, then round once (paper Sec. 3 / official fuse_bn: w*gamma/std, beta + (b-mean)*gamma/std).
         w, b = fuse_conv_bn(w.double(), b.double(), _BNDouble(self.bn))
         return w.to(dtype), b.to(dtype)
@@ -246,10 +253,12 @@ def _fold_preceding_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
     dtype = conv.weight.dtype
     a = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
     c = bn.bias.double() - bn.running_mean.double() * a
-    w = conv.weight.double()
+    w32 = conv.weight.detach()
+    w = w32[:, :, 0, 0].double()
     b = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    conv.bias = nn.Parameter((b + w[:, :, 0, 0] @ c).to(dtype))
-    conv.weight = nn.Parameter((w * a.reshape(1, -1, 1, 1)).to(dtype))
+    conv.bias = nn.Parameter((b + w @ c).to(dtype))
+    # float64 product rounded once into the weight's dtype (``mul`` computes in the promoted dtype)
+    conv.weight = nn.Parameter(torch.mul(w32, a.reshape(1, -1, 1, 1), out=torch.empty_like(w32)))
 
 
 class RepLKBlock(nn.Module):
