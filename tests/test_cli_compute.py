@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from erf_lab.cli.commands.compute import parse_overrides
+from erf_lab.cli.options import parse_overrides
 from erf_lab.cli.main import main
 from erf_lab.errors import ErfLabError
 from erf_lab.erf.run import run_compute

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 import warnings
 
+from erf_lab.cli.options import parse_overrides
 from erf_lab.errors import ErfLabError
 
 NAME = "compute"
@@ -17,21 +17,6 @@ DESCRIPTION = (
     "images (default: the built-in image set at 1024x1024). Writes erf.npy, metrics.json, erf.png/pdf and run.json; "
     "Ctrl-C keeps progress (continue with --resume). Under torchrun the images are sharded across processes."
 )
-
-
-def parse_overrides(items: list[str] | None) -> dict:
-    """``key=value`` pairs; values are Python literals when they parse as one (``channels=(8,8,8,8)``)."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ErfLabError(f"--override expects key=value (a Python identifier as key), got {item!r}")
-        try:
-            out[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key] = value.strip()
-    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -39,7 +39,7 @@ def layer_table(model_name: str, input_size: int = 224, overrides: dict | None =
 
 
 def run(args: argparse.Namespace) -> int:
-    from erf_lab.cli.commands.compute import parse_overrides
+    from erf_lab.cli.options import parse_overrides
 
     rows = layer_table(args.model, args.input_size, parse_overrides(args.override), contains=args.filter,
                        all_modules=args.all)

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from erf_lab.cli.commands.compute import parse_overrides
+    from erf_lab.cli.options import parse_overrides
     from erf_lab.models.deploy import export_deploy
 
     s = export_deploy(args.model, args.out, weights=args.weights, drop_head=args.drop_head,

@@ -48,7 +48,7 @@ def run(args) -> int:
         return 0
     if not args.model:
         raise ErfLabError("--model is required (or --compare RUN_DIR...)")
-    from erf_lab.cli.commands.compute import parse_overrides
+    from erf_lab.cli.options import parse_overrides
     from erf_lab.shape_bias.evaluate import run_shape_bias
 
     out = Path(args.out or Path("runs/shape_bias") / args.model.replace(":", "_"))

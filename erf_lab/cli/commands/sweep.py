@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from erf_lab.cli.commands.compute import parse_overrides
+    from erf_lab.cli.options import parse_overrides
     from erf_lab.erf.plotting import parse_formats
     from erf_lab.erf.sweep import parse_kernels, run_sweep
 
