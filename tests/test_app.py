@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "app" / "main.py"
@@ -330,9 +331,4 @@ def test_streamlit_run_binds_loopback_by_default(tmp_path):
         hosts = _listening_addresses(port)
         assert hosts == {"0100007F"}, hosts  # 127.0.0.1 (little-endian hex), and nothing else
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
