@@ -33,22 +33,22 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "replknet_31b"
 
 
-def official(weights: str, n: int, size: int, save: str) -> None:
-    """The official algorithm (visualize_erf.py), on CPU, with this repo's train-time RepLKNet."""
+def official(weights: str, n: int, size: int, save: str, device: str = "cpu") -> None:
+    """The official algorithm (visualize_erf.py) with this repo's train-time RepLKNet (CPU, or ``--device cuda``)."""
     import torch
     import torch.nn.functional as F
 
     from erf_lab.erf.images import load_images
     from erf_lab.models import create_model
 
-    model = create_model(MODEL, weights=weights, conv_backend="native")  # train-time form, plain nn.Conv2d
+    model = create_model(MODEL, weights=weights, conv_backend="native").to(device)  # train-time, plain nn.Conv2d
     model.eval()  # fix BN and droppath
     optimizer = torch.optim.SGD(model.parameters(), lr=0, weight_decay=0)
     src = load_images(None, num_images=n, input_size=size)
     total, count = None, 0
     optimizer.zero_grad()
     for path in src.files:
-        samples = src.load(path).unsqueeze(0)  # bicubic resize + ImageNet normalization, NCHW, batch 1
+        samples = src.load(path).unsqueeze(0).to(device)  # bicubic resize + ImageNet normalization, NCHW, batch 1
         samples.requires_grad = True
         optimizer.zero_grad()
         outputs = model.forward_features(samples)
@@ -64,7 +64,7 @@ def official(weights: str, n: int, size: int, save: str) -> None:
     np.save(save, total / count)
 
 
-def float64_agreement(weights: str, size: int = 224) -> dict:
+def float64_agreement(weights: str, size: int = 224, device: str = "cpu") -> dict:
     """Honest agreement: the same pipeline in float64, where rounding no longer hides a real difference.
 
     On one image at ``size``: our measurement (re-parameterized copy, channels_last, frozen weights, fastconv,
@@ -83,21 +83,21 @@ def float64_agreement(weights: str, size: int = 224) -> dict:
     from erf_lab.models import create_model
 
     src = load_images(None, num_images=1, input_size=size)
-    x = src.load(src.files[0]).unsqueeze(0)
+    x = src.load(src.files[0]).unsqueeze(0).to(device)
 
     def official_map(model, dtype):
         xs = x.to(dtype).requires_grad_(True)
         out = model.forward_features(xs)
         h, w = out.shape[2:]
         g = torch.autograd.grad(F.relu(out[:, :, h // 2, w // 2]).sum(), xs)[0]
-        return F.relu(g).sum((0, 1)).double().numpy()
+        return F.relu(g).sum((0, 1)).double().cpu().numpy()
 
-    train = create_model(MODEL, weights=weights, conv_backend="native").eval()
+    train = create_model(MODEL, weights=weights, conv_backend="native").to(device).eval()
     off32 = official_map(train, torch.float32)
     train = train.double()
     off64 = official_map(train, torch.float64)
     def ours_map(dtype):
-        ours, _ = prepare_model(create_model(MODEL, weights=weights).to(dtype), inplace=True)  # as compute_erf
+        ours, _ = prepare_model(create_model(MODEL, weights=weights).to(device, dtype), inplace=True)  # as compute_erf
         name, layer = resolve_layer(ours, None)
         return _grad_maps(ours, layer, name, x.to(dtype).contiguous(memory_format=torch.channels_last), "relu")[0]
 
@@ -156,10 +156,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="process pairs, order alternated; medians reported")
     ap.add_argument("--no-f64-check", action="store_true", help="skip the float64 agreement check (1 image, 224^2)")
     ap.add_argument("--full", action="store_true", help="also run replknet_31b at 1024^2 (1 image) for peak RSS")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
     ap.add_argument("--out", help="folder for bench.json (default runs/bench_erf-<time>)")
     args = ap.parse_args()
     if args.official:
-        official(args.weights, args.images, args.size, args.save)
+        official(args.weights, args.images, args.size, args.save, args.device)
         return 0
 
     out = Path(args.out or ROOT / "runs" / f"bench_erf-{dt.datetime.now():%Y%m%d-%H%M%S}")
@@ -171,9 +172,9 @@ def main() -> int:
         make_weights(weights)
         ours_cmd = [py, "-m", "erf_lab", "compute", "--model", MODEL, "--weights", str(weights), "--num-images",
                     str(args.images), "--input-size", str(args.size), "--batch-size", str(args.batch_size),
-                    "--out", str(tmp / "ours"), "--quiet", "--force"]
+                    "--out", str(tmp / "ours"), "--quiet", "--force", "--device", args.device]
         off_cmd = [py, __file__, "--official", "--weights", str(weights), "--images", str(args.images),
-                   "--size", str(args.size), "--save", str(tmp / "official.npy")]
+                   "--size", str(args.size), "--save", str(tmp / "official.npy"), "--device", args.device]
         # alternate the order each repeat (the machine's load drifts); medians per side
         runs = {"ours": [], "official": []}
         for i in range(args.repeats):
@@ -193,17 +194,18 @@ def main() -> int:
             "wall_s_each": {k: [r["wall_s"] for r in v] for k, v in runs.items()},
             "loadavg_1m_before_each": {k: [r["loadavg_1m_before"] for r in v] for k, v in runs.items()},
             "max_rel_err": rel, "rel_frobenius_err": rel_fro,
-            "threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
+            "device": args.device, "threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
             "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         print(json.dumps(result, indent=2))
+        (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")  # kept even if a check fails
         # float32 through ~50 layers of a randomly initialized net: fusing BN / branches (exact in real arithmetic)
         # changes rounding, which flips a few ReLU gradient masks (measured at 224^2 on one image: ours float32 vs
         # float64 reference 2.3e-3 max-relative, official float32 1.5e-5, ours vs official in float64 2.6e-15; see
         # float64_agreement, run below); hence a float32 tolerance here.
         assert rel < 1e-2 and rel_fro < 1e-3, f"matrices differ: max rel {rel:.3g}, Frobenius rel {rel_fro:.3g}"
         if not args.no_f64_check:
-            result["float64_check"] = f64 = float64_agreement(str(weights))
+            result["float64_check"] = f64 = float64_agreement(str(weights), device=args.device)
             print(json.dumps({"float64_check": f64}, indent=2))
             # in float64 the two algorithms must agree to rounding (~1e-7 through ~50 layers): a real bug would not
             assert f64["ours_f64_vs_official_f64_max_rel"] < 1e-5, f64
