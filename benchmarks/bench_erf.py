@@ -97,7 +97,7 @@ def float64_agreement(weights: str, size: int = 224, device: str = "cpu") -> dic
     train = train.double()
     off64 = official_map(train, torch.float64)
     def ours_map(dtype):
-        ours, _ = prepare_model(create_model(MODEL, weights=weights).to(device, dtype), inplace=True)  # as compute_erf
+        ours, _ = prepare_model(create_model(MODEL, weights=weights).to(dtype), inplace=True, device=device)  # as compute_erf
         name, layer = resolve_layer(ours, None)
         return _grad_maps(ours, layer, name, x.to(dtype).contiguous(memory_format=torch.channels_last), "relu")[0]
 

@@ -58,7 +58,17 @@ def _build() -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]
+    last_error = ""
+    for flags in (["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
+                  ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]):  # without OpenMP: Python threads
+        try:
+            return _build_with(cxx, flags)
+        except RuntimeError as e:
+            last_error = str(e)
+    raise RuntimeError(last_error)
+
+
+def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     key = hashlib.sha256(_SRC.read_bytes() + " ".join([cxx, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     out = cache_root() / "build" / f"dwconv_{key}.so"
     if not out.exists():
@@ -75,10 +85,12 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.dw_fwd.argtypes = [p, p, p, p] + [i64] * 8
-    lib.dw_fwd.restype = None
-    lib.dw_wgrad.argtypes = [p, p, p] + [i64] * 8
-    lib.dw_wgrad.restype = None
+    lib.dw_fwd_blocked.argtypes = [p, p, p, p] + [i64] * 8
+    lib.dw_fwd_blocked.restype = None
+    lib.dw_wgrad_blocked.argtypes = [p, p, p] + [i64] * 9
+    lib.dw_wgrad_blocked.restype = None
+    lib.dw_has_openmp.argtypes = []
+    lib.dw_has_openmp.restype = ctypes.c_int
     return lib
 
 
@@ -127,37 +139,84 @@ def _parallel(fn, total: int) -> None:
         f.result()
 
 
-def _nhwc_padded(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    """(N, H+KH-1, W+KW-1, C) contiguous zero-padded copy of an NCHW-shaped tensor of any memory format."""
-    ph, pw = kh // 2, kw // 2
-    xn = x.permute(0, 2, 3, 1)
-    return F.pad(xn, (0, 0, pw, pw, ph, ph)).contiguous()
+def _run_split(lib, fn, args: tuple, total: int) -> None:
+    """``fn(*args, start, stop, threads)`` over [0, total): one call on the OpenMP pool, else split over Python
+    threads."""
+    if lib.dw_has_openmp():
+        fn(*args, 0, total, _threads())
+    else:
+        _parallel(lambda a, b: fn(*args, a, b, 1), total)
+
+
+LANES = 8  # channels per vector in the blocked layout (one AVX2 register)
+
+
+def _blocked(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """(N, ceil(C/8), H+2ph, W+2pw, 8) contiguous zero-padded copy of an (N, C, H, W) tensor of any memory format
+    (channels beyond C are zero). Only the border is zero-filled; the interior is one strided copy."""
+    n, c, h, w = x.shape
+    cb = -(-c // LANES)
+    out = x.new_empty((n, cb, h + 2 * ph, w + 2 * pw, LANES))
+    if ph:
+        out[:, :, :ph].zero_()
+        out[:, :, ph + h:].zero_()
+    if pw:
+        out[:, :, ph:ph + h, :pw].zero_()
+        out[:, :, ph:ph + h, pw + w:].zero_()
+    if c % LANES:
+        x = F.pad(x, (0, 0, 0, 0, 0, cb * LANES - c))
+    out[:, :, ph:ph + h, pw:pw + w, :].copy_(x.unflatten(1, (cb, LANES)).permute(0, 1, 3, 4, 2))
+    return out
+
+
+def _blocked_weight(w: torch.Tensor) -> torch.Tensor:
+    """(C, 1, KH, KW) -> (ceil(C/8), KH, KW, 8) contiguous."""
+    c, _, kh, kw = w.shape
+    cb = -(-c // LANES)
+    w = F.pad(w.reshape(c, kh, kw), (0, 0, 0, 0, 0, cb * LANES - c))
+    return w.reshape(cb, LANES, kh, kw).permute(0, 2, 3, 1).contiguous()
+
+
+def _unblocked(y: torch.Tensor, c: int, channels_last: bool) -> torch.Tensor:
+    """(N, CB, H, W, 8) -> (N, C, H, W), stored channels_last or NCHW-contiguous (one copy of 32-byte runs)."""
+    n, cb, h, w, _ = y.shape
+    if channels_last:
+        out = y.permute(0, 2, 3, 1, 4).reshape(n, h, w, cb * LANES)  # copy -> (N, H, W, C)
+        return out[..., :c].permute(0, 3, 1, 2)
+    return y.permute(0, 1, 4, 2, 3).reshape(n, cb * LANES, h, w)[:, :c]
 
 
 def cpp_conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise same conv of ``x`` (N,C,H,W any format) with ``w`` (C,1,KH,KW); result is channels_last."""
+    """Depthwise same conv of ``x`` (N,C,H,W any format) with ``w`` (C,1,KH,KW) through the blocked C++ kernel;
+    returns an (N,C,H,W) tensor (the autograd wrapper restores the input's memory format)."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]
-    xp = _nhwc_padded(x, kh, kw)
-    wt = w.reshape(c, kh * kw).t().contiguous()  # (KH*KW, C)
-    b = bias.contiguous() if bias is not None else None
-    y = torch.empty((n, h, wd, c), dtype=x.dtype)
-    args = (xp.data_ptr(), wt.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(), n, h, wd, c, kh, kw)
-    _parallel(lambda r0, r1: lib.dw_fwd(*args, r0, r1), n * h)
-    return y.permute(0, 3, 1, 2)
+    xp = _blocked(x.float(), kh // 2, kw // 2)
+    wb = _blocked_weight(w.float())
+    cb = xp.shape[1]
+    b = None
+    if bias is not None:
+        b = F.pad(bias.float(), (0, cb * LANES - c)).contiguous()
+    y = torch.empty((n, cb, h, wd, LANES), dtype=torch.float32)
+    args = (xp.data_ptr(), wb.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(), cb, h, wd, kh, kw)
+    _run_split(lib, lib.dw_fwd_blocked, args, n * cb)
+    from fastconv.functional import memory_format_of
+
+    return _unblocked(y, c, memory_format_of(x) == torch.channels_last)
 
 
 def cpp_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """dL/dw (C,1,KH,KW) = correlation of the padded input with the output gradient, summed over the batch."""
     lib = cpp_library()
     n, c, h, wd = x.shape
-    xp = _nhwc_padded(x, kh, kw)
-    gn = g.permute(0, 2, 3, 1).contiguous()
-    gw = torch.empty((kh, kw, c), dtype=x.dtype)
-    args = (xp.data_ptr(), gn.data_ptr(), gw.data_ptr(), n, h, wd, c, kh, kw)
-    _parallel(lambda b0, b1: lib.dw_wgrad(*args, b0, b1), -(-c // 8))  # channel blocks of 8 (GCB)
-    return gw.permute(2, 0, 1).unsqueeze(1).contiguous()
+    xp = _blocked(x.float(), kh // 2, kw // 2)
+    gb = _blocked(g.float(), 0, 0)
+    cb = xp.shape[1]
+    gw = torch.empty((cb, kh, kw, LANES), dtype=torch.float32)
+    args = (xp.data_ptr(), gb.data_ptr(), gw.data_ptr(), n, cb, h, wd, kh, kw)
+    _run_split(lib, lib.dw_wgrad_blocked, args, cb)
+    return gw.permute(0, 3, 1, 2).reshape(cb * LANES, 1, kh, kw)[:c].contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- oneDNN paths

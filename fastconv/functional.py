@@ -75,7 +75,7 @@ def _fwd(backend, x, w, b):
     if backend == "cpp":
         return ck.cpp_conv_nhwc(x, w, b)
     if backend == "triton":
-        return _triton().dwconv_forward(x, w, b)
+        return _triton().dwconv_forward(_nhwc_on_gpu(x), w, b)
     raise AssertionError(backend)
 
 
@@ -86,7 +86,7 @@ def _grad_input(backend, g, w):
     if backend == "cpp":
         return ck.cpp_conv_nhwc(g, wf, None)
     if backend == "triton":
-        return _triton().dwconv_backward_input(g, w)
+        return _triton().dwconv_backward_input(_nhwc_on_gpu(g), w)
     raise AssertionError(backend)
 
 
@@ -96,8 +96,28 @@ def _grad_weight(backend, x, g, kh, kw):
     if backend == "cpp":
         return ck.cpp_weight_grad(x, g, kh, kw)
     if backend == "triton":
+        if x.is_cuda:  # cuDNN channels_last: measured faster than the Triton dL/dw kernel at every H200 config
+            return _cudnn_weight_grad_nhwc(x, g, kh, kw)
         return _triton().dwconv_backward_weight(x, g, kh, kw).reshape(-1, 1, kh, kw)
     raise AssertionError(backend)
+
+
+def _nhwc_on_gpu(t: torch.Tensor) -> torch.Tensor:
+    """On CUDA the Triton kernels run NHWC: measured on an H200 (B=64, C=384, K=31, fp32) the NCHW Triton forward
+    takes 12.4 ms at R=32 against 4.4 ms NHWC, and the layout change costs ~0.1 ms; the output layout is restored
+    by the caller."""
+    return t.contiguous(memory_format=torch.channels_last) if t.is_cuda else t
+
+
+def _cudnn_weight_grad_nhwc(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """dL/dw through cuDNN on channels_last tensors.  H200, B=64, C=384, fp32: R=32 K=31 19.3 ms (Triton 22.0,
+    native NCHW 31.9); R=64 K=31 29.1 ms (Triton 89.3, NCHW 124); K=3 0.11-0.25 ms (Triton 0.40-1.42); fp16 K=31
+    R=32 31.5 ms (Triton 61.8)."""
+    cl = torch.channels_last
+    x, g = x.contiguous(memory_format=cl), g.contiguous(memory_format=cl)
+    w_shape = torch.empty((x.shape[1], 1, kh, kw), device=x.device, dtype=x.dtype).contiguous(memory_format=cl)
+    return torch.ops.aten.convolution_backward(g, x, w_shape, None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
+                                               [0, 0], x.shape[1], [False, True, False])[1]
 
 
 class _DepthwiseConv2dFn(torch.autograd.Function):

@@ -1,131 +1,160 @@
-// Depthwise "same" convolution, stride 1, fp32, NHWC, vectorised over channels.
-// Plain C ABI (no torch headers) so the JIT build takes about a second; called through ctypes,
-// which releases the GIL, so Python threads split the work by rows.
+// Depthwise 2-D correlation on channel-blocked planes, fp32, one 8-channel vector per pixel.
 //
-// Conventions: xp is the zero-padded input (N, H+KH-1, W+KW-1, C); w is (KH, KW, C).
+// Plain C ABI (no torch headers) so the JIT build takes a couple of seconds; called through ctypes, which releases
+// the GIL. Threads: OpenMP over planes (see dw_has_openmp), else Python threads split the planes. Layout: a "plane" is one (image, block of 8 channels) slice stored
+// (rows, cols, 8) contiguous, i.e. the tensor is (N, C/8, H, W, 8) (oneDNN's nChw8c).
+//
+// One primitive serves all three passes of a "same" depthwise convolution (RepLKNet, Ding et al. CVPR 2022, Sec. 3):
+//   forward      y  = corr(x_pad,  w)                        (kernel KHxKW, output HxW)
+//   input grad   dx = corr(gy_pad, flip(w))                  (same shapes)
+//   weight grad  dw = sum_n corr(x_pad[n], gy[n])            (the output gradient is the HxW "kernel", output KHxKW)
+// corr(in, k)[p, q] = sum_{i<KH, j<KW} in[p+i, q+j] * k[i, j]  (valid, per 8-channel lane).
+//
+// Register tile: RO output rows x CO output columns of 8-lane accumulators. Input row ii feeds output row r through
+// kernel row ii - r, so each loaded input vector is used RO times and each weight vector CO times: per (ii, j) CO
+// input loads + RO weight loads for RO*CO FMAs (4x3: 7 loads / 12 FMAs, which keeps a 1-load-per-FMA core FMA-bound).
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 
+typedef __m256 v8;  // needs AVX (the build uses -march=native; cpu_kernels falls back without it)
 
-extern "C" {
+namespace {
 
-#define WB 4   // output pixels per register block
-#define CB 16  // channels per register block (2 AVX2 / 1 AVX-512 vector)
+#ifndef DW_RO
+#define DW_RO 4
+#endif
+#ifndef DW_CO
+#define DW_CO 3
+#endif
+constexpr int RO = DW_RO;
+constexpr int CO = DW_CO;
 
-// y[n,h,w,c] = b[c] + sum_ij xp[n,h+i,w+j,c] * w[i,j,c] for rows r in [r0, r1) of the flattened (n, h).
-// (A 8-output x 4-tap register tile measured slower than this simple blocking on the dev box; kept simple.)
-void dw_fwd(const float* xp, const float* w, const float* b, float* y,
-            int64_t N, int64_t H, int64_t W, int64_t C, int64_t KH, int64_t KW, int64_t r0, int64_t r1) {
-    const int64_t Hp = H + KH - 1, Wp = W + KW - 1;
-    for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / H, h = r % H;
-        float* yrow = y + (n * H + h) * W * C;
-        const float* xbase = xp + (n * Hp + h) * Wp * C;
-        int64_t c0 = 0;
-        for (; c0 + CB <= C; c0 += CB) {
-            int64_t w0 = 0;
-            for (; w0 + WB <= W; w0 += WB) {
-                float acc[WB][CB];
-                for (int q = 0; q < WB; ++q)
-                    for (int c = 0; c < CB; ++c) acc[q][c] = b ? b[c0 + c] : 0.f;
-                for (int64_t i = 0; i < KH; ++i) {
-                    const float* xr = xbase + i * Wp * C + w0 * C + c0;
-                    const float* wr = w + i * KW * C + c0;
-                    for (int64_t j = 0; j < KW; ++j) {
-                        const float* wv = wr + j * C;
-                        const float* xv = xr + j * C;
-                        for (int q = 0; q < WB; ++q) {
-#pragma GCC ivdep
-                            for (int c = 0; c < CB; ++c) acc[q][c] += xv[q * C + c] * wv[c];
-                        }
-                    }
+inline v8 load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, v8 v) { _mm256_storeu_ps(p, v); }
+inline v8 fma(v8 a, v8 b, v8 c) {
+#ifdef __FMA__
+    return _mm256_fmadd_ps(a, b, c);
+#else
+    return _mm256_add_ps(_mm256_mul_ps(a, b), c);
+#endif
+}
+
+// One tile of R x C outputs (R <= RO, C <= CO) at out (row stride out_rs floats); in points at the tile's first
+// input pixel (row stride in_rs), k at the kernel (KH x KW vectors). acc starts from init (or from out when accum).
+template <int R, int C>
+inline void tile(const float* in, int64_t in_rs, const float* k, int64_t KH, int64_t KW, float* out, int64_t out_rs,
+                 const float* init, bool accum) {
+    v8 acc[R][C];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) acc[r][c] = accum ? load(out + r * out_rs + c * 8) : (init ? load(init) : _mm256_setzero_ps());
+    const int64_t rows = R + KH - 1;
+    for (int64_t ii = 0; ii < rows; ++ii) {
+        const float* inrow = in + ii * in_rs;
+        if (ii >= R - 1 && ii < KH) {  // every output row of the tile uses this input row: no range checks
+            const float* krow = k + ii * KW * 8;
+            for (int64_t j = 0; j < KW; ++j) {
+                v8 x[C];
+#pragma GCC unroll 4
+                for (int c = 0; c < C; ++c) x[c] = load(inrow + (j + c) * 8);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r) {
+                    const v8 w = load(krow + (j - r * KW) * 8);  // kernel row ii - r
+#pragma GCC unroll 4
+                    for (int c = 0; c < C; ++c) acc[r][c] = fma(x[c], w, acc[r][c]);
                 }
-                for (int q = 0; q < WB; ++q) std::memcpy(yrow + (w0 + q) * C + c0, acc[q], sizeof(float) * CB);
             }
-            for (; w0 < W; ++w0) {  // column tail
-                float acc[CB];
-                for (int c = 0; c < CB; ++c) acc[c] = b ? b[c0 + c] : 0.f;
-                for (int64_t i = 0; i < KH; ++i)
-                    for (int64_t j = 0; j < KW; ++j) {
-                        const float* xv = xbase + (i * Wp + w0 + j) * C + c0;
-                        const float* wv = w + (i * KW + j) * C + c0;
-                        for (int c = 0; c < CB; ++c) acc[c] += xv[c] * wv[c];
-                    }
-                std::memcpy(yrow + w0 * C + c0, acc, sizeof(float) * CB);
+        } else {
+            for (int64_t j = 0; j < KW; ++j) {
+                v8 x[C];
+#pragma GCC unroll 4
+                for (int c = 0; c < C; ++c) x[c] = load(inrow + (j + c) * 8);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r) {
+                    const int64_t i = ii - r;
+                    if (i < 0 || i >= KH) continue;
+                    const v8 w = load(k + (i * KW + j) * 8);
+#pragma GCC unroll 4
+                    for (int c = 0; c < C; ++c) acc[r][c] = fma(x[c], w, acc[r][c]);
+                }
             }
         }
-        for (; c0 < C; ++c0) {  // channel tail, scalar
-            for (int64_t w0 = 0; w0 < W; ++w0) {
-                float acc = b ? b[c0] : 0.f;
-                for (int64_t i = 0; i < KH; ++i)
-                    for (int64_t j = 0; j < KW; ++j)
-                        acc += xbase[(i * Wp + w0 + j) * C + c0] * w[(i * KW + j) * C + c0];
-                yrow[w0 * C + c0] = acc;
-            }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) store(out + r * out_rs + c * 8, acc[r][c]);
+}
+
+// Dispatch a runtime edge size (r rows <= R, c columns <= C) to the matching fixed-size tile.
+template <int R, int C>
+inline void tile_n(int r, int c, const float* in, int64_t in_rs, const float* k, int64_t KH, int64_t KW, float* out,
+                   int64_t out_rs, const float* init, bool accum) {
+    if constexpr (R > 1) {
+        if (r < R) return tile_n<R - 1, C>(r, c, in, in_rs, k, KH, KW, out, out_rs, init, accum);
+    }
+    if constexpr (C > 1) {
+        if (c < C) return tile_n<R, C - 1>(r, c, in, in_rs, k, KH, KW, out, out_rs, init, accum);
+    }
+    tile<R, C>(in, in_rs, k, KH, KW, out, out_rs, init, accum);
+}
+
+// corr of one plane: in (OH+KH-1, OW+KW-1, 8), k (KH, KW, 8), out (OH, OW, 8).
+void corr_plane(const float* in, const float* k, float* out, int64_t OH, int64_t OW, int64_t KH, int64_t KW,
+                const float* init, bool accum) {
+    const int64_t IW = OW + KW - 1, in_rs = IW * 8, out_rs = OW * 8;
+    for (int64_t p = 0; p < OH; p += RO) {
+        const int r = (int)((OH - p) < RO ? (OH - p) : RO);
+        for (int64_t q = 0; q < OW; q += CO) {
+            const int c = (int)((OW - q) < CO ? (OW - q) : CO);
+            const float* ip = in + p * in_rs + q * 8;
+            float* op = out + p * out_rs + q * 8;
+            tile_n<RO, CO>(r, c, ip, in_rs, k, KH, KW, op, out_rs, init, accum);
         }
     }
 }
 
-// gw[i,j,c] = sum_{n,h,w} xp[n,h+i,w+j,c] * g[n,h,w,c] for channel blocks [cb0, cb1) of width GCB.
-// Per channel block the (KH, KW, GCB) accumulator stays in L1/L2; for every gradient row (n, h) and kernel row i
-// the input row slab (W+KW-1 positions x GCB channels) is L1-resident, so no pass streams from memory.
-#define GCB 8
-#define GJB 8
-void dw_wgrad(const float* xp, const float* g, float* gw,
-              int64_t N, int64_t H, int64_t W, int64_t C, int64_t KH, int64_t KW, int64_t cb0, int64_t cb1) {
-    const int64_t Hp = H + KH - 1, Wp = W + KW - 1;
-    float* acc = new float[KH * KW * GCB];
-    for (int64_t cb = cb0; cb < cb1; ++cb) {
-        const int64_t c0 = cb * GCB;
-        const int64_t cw = (C - c0) < GCB ? (C - c0) : GCB;
-        std::memset(acc, 0, sizeof(float) * KH * KW * GCB);
-        if (cw == GCB) {
-            for (int64_t n = 0; n < N; ++n)
-                for (int64_t h = 0; h < H; ++h) {
-                    const float* gr = g + ((n * H + h) * W) * C + c0;
-                    for (int64_t i = 0; i < KH; ++i) {
-                        const float* xr = xp + ((n * Hp + h + i) * Wp) * C + c0;
-                        float* ar = acc + i * KW * GCB;
-                        int64_t j0 = 0;
-                        for (; j0 + GJB <= KW; j0 += GJB) {
-                            float a[GJB][GCB];
-                            std::memcpy(a, ar + j0 * GCB, sizeof(a));
-                            for (int64_t x = 0; x < W; ++x) {
-                                const float* gv = gr + x * C;
-                                const float* xv = xr + (x + j0) * C;
-                                for (int q = 0; q < GJB; ++q) {
-#pragma GCC ivdep
-                                    for (int c = 0; c < GCB; ++c) a[q][c] += xv[q * C + c] * gv[c];
-                                }
-                            }
-                            std::memcpy(ar + j0 * GCB, a, sizeof(a));
-                        }
-                        for (; j0 < KW; ++j0) {
-                            float a[GCB];
-                            std::memcpy(a, ar + j0 * GCB, sizeof(a));
-                            for (int64_t x = 0; x < W; ++x) {
-                                const float* gv = gr + x * C;
-                                const float* xv = xr + (x + j0) * C;
-                                for (int c = 0; c < GCB; ++c) a[c] += xv[c] * gv[c];
-                            }
-                            std::memcpy(ar + j0 * GCB, a, sizeof(a));
-                        }
-                    }
-                }
-        } else {  // channel tail, scalar
-            for (int64_t n = 0; n < N; ++n)
-                for (int64_t h = 0; h < H; ++h)
-                    for (int64_t i = 0; i < KH; ++i)
-                        for (int64_t j = 0; j < KW; ++j)
-                            for (int64_t x = 0; x < W; ++x)
-                                for (int64_t c = 0; c < cw; ++c)
-                                    acc[(i * KW + j) * GCB + c] += xp[((n * Hp + h + i) * Wp + j + x) * C + c0 + c] *
-                                                                   g[((n * H + h) * W + x) * C + c0 + c];
-        }
-        for (int64_t t = 0; t < KH * KW; ++t)
-            for (int64_t c = 0; c < cw; ++c) gw[t * C + c0 + c] = acc[t * GCB + c];
+}  // namespace
+
+extern "C" {
+
+// 1 when built with OpenMP: the parallel loops then run on the process's OpenMP pool, which is PyTorch's own
+// (torch loads its libgomp.so.1 first and the dynamic loader resolves this library's libgomp.so.1 to it), so the
+// kernel does not compete with PyTorch's spinning worker threads.
+int dw_has_openmp() {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// Forward / input gradient: planes [p0, p1) of (N * CB); xp (N, CB, H+KH-1, W+KW-1, 8), w (CB, KH, KW, 8),
+// b (CB, 8) or null, y (N, CB, H, W, 8).
+void dw_fwd_blocked(const float* xp, const float* w, const float* b, float* y, int64_t CB, int64_t H, int64_t W,
+                    int64_t KH, int64_t KW, int64_t p0, int64_t p1, int64_t nthreads) {
+    const int64_t in_plane = (H + KH - 1) * (W + KW - 1) * 8, out_plane = H * W * 8, k_plane = KH * KW * 8;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t p = p0; p < p1; ++p) {
+        const int64_t cb = p % CB;
+        corr_plane(xp + p * in_plane, w + cb * k_plane, y + p * out_plane, H, W, KH, KW, b ? b + cb * 8 : nullptr,
+                   false);
     }
-    delete[] acc;
+}
+
+// Weight gradient: channel blocks [cb0, cb1); xp (N, CB, H+KH-1, W+KW-1, 8), g (N, CB, H, W, 8),
+// gw (CB, KH, KW, 8) overwritten with sum_n corr(xp[n, cb], g[n, cb]).
+void dw_wgrad_blocked(const float* xp, const float* g, float* gw, int64_t N, int64_t CB, int64_t H, int64_t W,
+                      int64_t KH, int64_t KW, int64_t cb0, int64_t cb1, int64_t nthreads) {
+    const int64_t in_plane = (H + KH - 1) * (W + KW - 1) * 8, g_plane = H * W * 8, k_plane = KH * KW * 8;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t cb = cb0; cb < cb1; ++cb)
+        for (int64_t n = 0; n < N; ++n) {
+            const int64_t p = n * CB + cb;
+            corr_plane(xp + p * in_plane, g + p * g_plane, gw + cb * k_plane, KH, KW, H, W, nullptr, n > 0);
+        }
 }
 
 }  // extern "C"
