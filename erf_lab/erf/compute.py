@@ -182,16 +182,19 @@ def prepare_model(model: nn.Module, *, reparameterize: bool = True, channels_las
             _to_channels_last(m)
     from fastconv import DepthwiseConv2d
 
-    fixed = cpu_depthwise_backend(channels_last) if torch.device(device).type == "cpu" else None
-    n_fast = 0
+    on_cpu = torch.device(device).type == "cpu"
+    n_fast, chosen = 0, {}
     for mod in m.modules():
         if type(mod) is DepthwiseConv2d:
             n_fast += 1
-            if fixed is not None and mod.backend == "auto":
-                mod.backend = fixed
+            if on_cpu and mod.backend == "auto":
+                mod.backend = cpu_depthwise_backend(channels_last, mod.kernel_size)
+            k = "x".join(map(str, mod.kernel_size))
+            chosen[k] = mod.backend
     info = {"reparameterized": bool(reparameterize), "channels_last": bool(channels_last),
             "conv_backend": conv_backend, "fastconv_modules": n_fast, "modules_swapped": swapped,
-            "fastconv_backend": fixed or "auto", "weight_grads": False, "device": str(device)}
+            "fastconv_backend": chosen if len(set(chosen.values())) > 1 else next(iter(chosen.values()), "auto"),
+            "weight_grads": False, "device": str(device)}
     return m, info
 
 
@@ -205,11 +208,17 @@ def _to_channels_last(model: nn.Module) -> None:
                     t.data = t.data.contiguous(memory_format=torch.channels_last)
 
 
-def cpu_depthwise_backend(channels_last: bool) -> str:
+def cpu_depthwise_backend(channels_last: bool, kernel_size: tuple[int, int] = (1, 1)) -> str:
     """The fixed CPU choice for the ERF path (frozen weights: forward + input gradient only), instead of timing
-    candidates per new shape (at 448^2 autotuning cost more than it saved): oneDNN's direct channels_last
-    depthwise kernel has no large-padding cliff, so on a channels_last model plain ``F.conv2d`` ("native") is
-    it, with no per-layer layout copy and no weight gradient; on an NCHW model "channels_last" converts per call."""
+    candidates per new shape (at 448^2 autotuning cost more than it saved): from ``fastconv.dispatch.CPP_MIN_K``
+    up the blocked C++ kernel (1.3-2.5x oneDNN's throughput there), else oneDNN's direct channels_last depthwise
+    kernel, which has no large-padding cliff: plain ``F.conv2d`` ("native") on a channels_last model, with no
+    per-layer layout copy, and "channels_last" (a copy per call) on an NCHW model."""
+    from fastconv import cpu_kernels
+    from fastconv.dispatch import CPP_MIN_K
+
+    if max(kernel_size) >= CPP_MIN_K and cpu_kernels.cpp_available():
+        return "cpp"
     return "native" if channels_last else "channels_last"
 
 

@@ -157,4 +157,51 @@ void dw_wgrad_blocked(const float* xp, const float* g, float* gw, int64_t N, int
         }
 }
 
+// Layout copies, strides in elements (any memory format of an (N, C, H, W) tensor).
+// Pack: out (N, CB, H+2ph, W+2pw, 8) = x zero-padded by (ph, pw), channels beyond C zero.
+void dw_pack(const float* x, float* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
+             int64_t sH, int64_t sW, int64_t ph, int64_t pw, int64_t nthreads) {
+    const int64_t CB = (C + 7) / 8, Hp = H + 2 * ph, Wp = W + 2 * pw;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t p = 0; p < N * CB; ++p)
+        for (int64_t r = 0; r < Hp; ++r) {
+            const int64_t n = p / CB, c0 = (p % CB) * 8, lanes = (C - c0) < 8 ? (C - c0) : 8;
+            float* o = out + (p * Hp + r) * Wp * 8;
+            const int64_t h = r - ph;
+            if (h < 0 || h >= H) {
+                std::memset(o, 0, sizeof(float) * Wp * 8);
+                continue;
+            }
+            std::memset(o, 0, sizeof(float) * pw * 8);
+            std::memset(o + (pw + W) * 8, 0, sizeof(float) * pw * 8);
+            const float* xr = x + n * sN + c0 * sC + h * sH;
+            float* orow = o + pw * 8;
+            if (sC == 1 && lanes == 8) {
+                for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * 8, xr + w * sW, sizeof(float) * 8);
+            } else {
+                for (int64_t l = 0; l < 8; ++l)  // lane-outer: contiguous reads along W for NCHW inputs
+                    for (int64_t w = 0; w < W; ++w) orow[w * 8 + l] = l < lanes ? xr[w * sW + l * sC] : 0.f;
+            }
+        }
+}
+
+// Unpack: y (N, CB, H, W, 8) -> out (N, C, H, W) with the given strides.
+void dw_unpack(const float* y, float* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
+               int64_t sH, int64_t sW, int64_t nthreads) {
+    const int64_t CB = (C + 7) / 8;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t p = 0; p < N * CB; ++p)
+        for (int64_t h = 0; h < H; ++h) {
+            const int64_t n = p / CB, c0 = (p % CB) * 8, lanes = (C - c0) < 8 ? (C - c0) : 8;
+            const float* yr = y + (p * H + h) * W * 8;
+            float* orow = out + n * sN + c0 * sC + h * sH;
+            if (sC == 1 && lanes == 8) {
+                for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * sW, yr + w * 8, sizeof(float) * 8);
+            } else {
+                for (int64_t l = 0; l < lanes; ++l)
+                    for (int64_t w = 0; w < W; ++w) orow[w * sW + l * sC] = yr[w * 8 + l];
+            }
+        }
+}
+
 }  // extern "C"
