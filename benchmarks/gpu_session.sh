@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared device session (see /work/.library/device): GPU tests of the Triton kernels, the kernel
-# speed/correctness sweep, the ERF benchmark on CUDA (erf-lab vs the official algorithm) and a torchrun/NCCL run.
-# Usage on the GPU machine, from the repository root:  bash benchmarks/gpu_session.sh   (results under $OUT)
+# One prepared device session (see /work/.library/device): GPU tests of the Triton backend, the paper's Table 1 on
+# the GPU (fastconv.bench, cudnn.benchmark on), optionally the kernel sweep, the ERF benchmark on CUDA and torchrun/NCCL.
+# Usage on the GPU machine, from the repository root:  bash benchmarks/gpu_session.sh [full]   (results under $OUT)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
@@ -13,10 +13,15 @@ fi
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
   echo "== pytest -m gpu"; timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fastconv_triton.py 2>&1 | tail -15
-  echo "== kernel sweep"; timeout 170 python3 benchmarks/gpu_fastconv_check.py --ks 31 3 13 27 --resolutions 32 64 \
-      --dtypes float32 float16 bfloat16 --budget-s 120 --out "$OUT"
-  echo "== ERF benchmark on cuda"; timeout 150 python3 benchmarks/bench_erf.py --device cuda --images 6 --size 448 \
-      --repeats 2 --out "$OUT/erf" 2>&1 | tail -60
-  echo "== torchrun / NCCL"; timeout 50 torchrun --standalone --nproc_per_node=1 -m erf_lab compute --model replknet_31b \
-      --device cuda --num-images 2 --input-size 224 --out /tmp/nccl_run --quiet && cp /tmp/nccl_run/run.json "$OUT/nccl_run.json"
+  echo "== Table 1 on the GPU"; timeout 170 python3 -m fastconv.bench --device cuda --kernels 3,13,31 --resolutions 32,64 \
+      --layers 2 --repeats 5 --out "$OUT/table1" 2>&1 | grep -v '^fastconv bench'
+  if [ "${1:-}" = full ]; then
+    echo "== kernel sweep"; timeout 170 python3 benchmarks/gpu_fastconv_check.py --ks 31 3 13 27 --resolutions 32 64 \
+        --dtypes float32 float16 bfloat16 --budget-s 120 --out "$OUT"
+    echo "== ERF benchmark on cuda (TF32 off: fp32 gradients)"; NVIDIA_TF32_OVERRIDE=0 timeout 150 python3 \
+        benchmarks/bench_erf.py --device cuda --images 6 --size 448 --repeats 2 --out "$OUT/erf" 2>&1 | tail -60
+    echo "== torchrun / NCCL"; timeout 50 torchrun --standalone --nproc_per_node=1 -m erf_lab compute \
+        --model replknet_31b --device cuda --num-images 2 --input-size 224 --out /tmp/nccl_run --quiet \
+        && cp /tmp/nccl_run/run.json "$OUT/nccl_run.json"
+  fi
 } 2>&1 | tee "$OUT/log.txt"

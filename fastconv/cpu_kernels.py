@@ -101,6 +101,11 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     return lib
 
 
+def kernel_id() -> str:
+    """Short hash of the C++ source: part of the autotune cache key, so a changed kernel is timed again."""
+    return hashlib.sha256(_SRC.read_bytes()).hexdigest()[:10]
+
+
 def cpp_library():
     """The loaded kernel library (built on first use), or None with the reason in ``cpp_unavailable_reason()``."""
     global _lib, _lib_error
@@ -208,14 +213,30 @@ def _unblocked(y: torch.Tensor, c: int, channels_last: bool) -> torch.Tensor:
     return y.permute(0, 1, 4, 2, 3).reshape(n, cb * LANES, h, w)[:, :c]
 
 
-def cpp_conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise same conv of ``x`` (N,C,H,W any format) with ``w`` (C,1,KH,KW) through the blocked C++ kernel;
-    returns an (N,C,H,W) tensor (the autograd wrapper restores the input's memory format)."""
+def _blocked_weight_packed(w: torch.Tensor, flip: bool) -> torch.Tensor:
+    """(C, 1, KH, KW) -> (ceil(C/8), KH, KW, 8), flipped in both axes if ``flip`` (the input gradient's kernel):
+    one ``dw_pack`` pass, the flip done by negative strides (no flipped copy)."""
+    lib = cpp_library()
+    c, _, kh, kw = w.shape
+    w = w.float()
+    out = torch.empty((-(-c // LANES), kh, kw, LANES), dtype=torch.float32)
+    s_c, _, s_h, s_w = w.stride()
+    ptr = w.data_ptr()
+    if flip:
+        ptr += ((kh - 1) * s_h + (kw - 1) * s_w) * w.element_size()
+        s_h, s_w = -s_h, -s_w
+    lib.dw_pack(ptr, out.data_ptr(), 1, c, kh, kw, 0, s_c, s_h, s_w, 0, 0, _omp_threads(lib))
+    return out
+
+
+def cpp_conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: bool = False) -> torch.Tensor:
+    """Depthwise same conv of ``x`` (N,C,H,W any format) with ``w`` (C,1,KH,KW) (flipped in both axes if ``flip``:
+    the input gradient) through the blocked C++ kernel; returns an (N,C,H,W) tensor in ``x``'s memory format."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]
     xp = _blocked(x.float(), kh // 2, kw // 2)
-    wb = _blocked_weight(w.float())
+    wb = _blocked_weight_packed(w, flip)
     cb = xp.shape[1]
     b = None
     if bias is not None:

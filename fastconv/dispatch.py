@@ -30,6 +30,7 @@ NCHW_NATIVE_MAX_K = 9  # cost model for large calls: NCHW F.conv2d measured fast
 #: weight gradient K=13 51.8/50.6 vs 21.3/26.3, K=31 71.0/73.4 vs 44.2/48.1; at K=3 the layout copies dominate
 #: (cpp 4-7 GFLOP/s vs oneDNN 17-25).
 CPP_MIN_K = 13
+_KERNEL_ID = ck.kernel_id()  # a changed C++ kernel invalidates earlier timings
 
 _mem: dict[str, dict] = {}
 _mem_file: Path | None = None
@@ -160,7 +161,7 @@ def cache_key(x, weight, bias) -> str:
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
     return (f"{dev}|{str(x.dtype).replace('torch.', '')}|{layout}|{n}x{c}x{h}x{w}|k{kh}x{kw}"
-            f"|grad_x{int(gx)}w{int(gw)}|bias{int(bias is not None)}|torch{torch.__version__}")
+            f"|grad_x{int(gx)}w{int(gw)}|bias{int(bias is not None)}|torch{torch.__version__}|kernel{_KERNEL_ID}")
 
 
 def _sync(dev):

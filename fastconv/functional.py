@@ -80,11 +80,10 @@ def _fwd(backend, x, w, b):
 
 
 def _grad_input(backend, g, w):
-    wf = w.flip(-1, -2)
     if backend == "channels_last":
-        return ck.onednn_conv_cl(g, wf, None)
+        return ck.onednn_conv_cl(g, w.flip(-1, -2), None)
     if backend == "cpp":
-        return ck.cpp_conv_nhwc(g, wf, None)
+        return ck.cpp_conv_nhwc(g, w, None, flip=True)
     if backend == "triton":
         return _triton().dwconv_backward_input(_nhwc_on_gpu(g), w)
     raise AssertionError(backend)

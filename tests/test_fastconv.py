@@ -290,3 +290,45 @@ def test_autotune_skips_a_candidate_that_fails(monkeypatch):
     assert "not channels_last: failed while autotuning: RuntimeError: kernel build failed" in text
     assert dispatch.decide(x, w, None)["backend"] != "channels_last"
     assert _rel(fastconv.depthwise_conv2d(x, w), _ref(x, w, None)) <= 1e-5
+
+
+def test_cudnn_weight_grad_helper_matches_autograd():
+    """The CUDA Triton backend takes dL/dw from ``_cudnn_weight_grad_nhwc``; its math is device independent."""
+    from fastconv.functional import _cudnn_weight_grad_nhwc, _nhwc_on_gpu
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 9, 7, dtype=torch.float64, generator=g)
+    gy = torch.randn(2, 6, 9, 7, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 1, 5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    exp = torch.autograd.grad(F.conv2d(x, w, padding=(2, 1), groups=6), w, gy)[0]
+    got = _cudnn_weight_grad_nhwc(x, gy, 5, 3)
+    assert got.shape == exp.shape and _rel(got, exp) <= 1e-12
+    assert _nhwc_on_gpu(x) is x  # CPU tensors keep their layout
+
+
+@pytest.mark.parametrize("c", [5, 16, 21])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_cpp_layout_packing_round_trips(c, layout):
+    """dw_pack / dw_unpack (channel-blocked, zero-padded copies) for any strides, channel tails and the
+    negative-stride flipped weight."""
+    if "cpp" not in CPU_BACKENDS:
+        pytest.fail("cpp backend expected on this machine: " + str(ck.cpp_unavailable_reason()))
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(2, c, 7, 9, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(2, c, 14, 9, generator=g)[:, :, ::2]
+    xp = ck._blocked(x, 2, 3)
+    cb = -(-c // 8)
+    exp = F.pad(F.pad(x, (3, 3, 2, 2)), (0, 0, 0, 0, 0, 8 * cb - c)).reshape(2, cb, 8, 11, 15).permute(0, 1, 3, 4, 2)
+    assert torch.equal(xp, exp)
+    y = xp[:, :, 2:9, 3:12].contiguous()
+    for cl in (False, True):
+        back = ck._unblocked(y, c, cl)
+        assert torch.equal(back, x) and back.is_contiguous(memory_format=torch.channels_last if cl else
+                                                             torch.contiguous_format)
+    w = torch.randn(c, 1, 5, 3, generator=g)
+    for flip in (False, True):
+        wf = w.flip(-1, -2) if flip else w
+        assert torch.equal(ck._blocked_weight_packed(w, flip), ck._blocked_weight(wf))
