@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import fastconv
+from fastconv.bench_args import PAPER_KERNELS, PAPER_RESOLUTIONS, add_arguments  # noqa: F401
 
-PAPER_KERNELS = (3, 5, 7, 9, 13, 17, 21, 27, 29, 31)
-PAPER_RESOLUTIONS = (16, 32, 64)
 # Table 1 of the paper (GTX 2080Ti, B=64, C=384, FP32, PyTorch 1.9.0 + cuDNN 7.6.5; forward only), in ms.
 # Transcribed from the table as reprinted with the same caption in the UniRepLKNet journal extension
 # (Ding et al.), the text the search tool holds; keyed by R -> (PyTorch row, Ours row) over PAPER_KERNELS.
@@ -256,27 +255,6 @@ def write_results(result: dict, out_dir: str | os.PathLike, argv: list[str] | No
                         if k in os.environ}}
     _atomic_write(paths[3], json.dumps(run_info, indent=2) + "\n")
     return paths
-
-
-def _ints(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in s.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernels", type=_ints, default=PAPER_KERNELS, help="comma-separated odd kernel sizes")
-    p.add_argument("--resolutions", type=_ints, default=PAPER_RESOLUTIONS, help="comma-separated R")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 64 on GPU, 2 on CPU)")
-    p.add_argument("--channels", type=int, default=384)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both")
-    p.add_argument("--quick", action="store_true", help="K 3,13,31; R 16,32; 4 layers; 2 repeats; batch 1 on CPU")
-    p.add_argument("--out", default="runs/fastconv-bench", help="output directory (table.csv, results.json, run.json)")
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:

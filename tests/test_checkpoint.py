@@ -145,3 +145,41 @@ def test_generic_module_without_head_names():
         load_weights(net, sd)
     load_weights(net, sd, drop_head=True)
     assert torch.equal(net.body.weight, torch.zeros(4, 3, 3, 3)) and net.fc.out_features == 5
+
+
+@pytest.mark.parametrize("name,overrides", [("replknet_31b", dict(channels=(16, 32, 64, 128), layers=(1, 1, 2, 1),
+                                                                   small_kernel=5)),
+                                             ("resnet18", {}), ("mobilenetv2", {})])
+def test_loading_weights_skips_random_init_but_sets_every_tensor(tmp_path, name, overrides):
+    """With a checkpoint, registered models are built on the meta device and allocated uninitialized
+    (the strict load then sets every tensor): same tensors and outputs as building normally and loading."""
+    from erf_lab.models import registry
+
+    torch.manual_seed(3)
+    ref = create_model(name, **overrides).eval()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "w.pth"
+    torch.save(ref.state_dict(), path)
+    assert registry._build_uninitialized(name, registry._resolve_factory(name), dict(overrides)) is not None
+    got = create_model(name, weights=str(path), **overrides).eval()
+    assert all(t.device.type == "cpu" for t in list(got.parameters()) + list(got.buffers()))
+    sd_ref, sd_got = ref.state_dict(), got.state_dict()
+    assert sd_ref.keys() == sd_got.keys() and all(torch.equal(sd_ref[k], sd_got[k]) for k in sd_ref)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ref(x), got(x))
+
+
+def test_model_with_non_persistent_buffer_is_built_normally():
+    from erf_lab.models import registry
+
+    class WithScratch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+
+    assert registry._build_uninitialized("x", WithScratch, {}) is None

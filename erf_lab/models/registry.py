@@ -67,15 +67,42 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     kwargs = dict(overrides)
     if deploy:
         kwargs["deploy"] = True
-    try:
-        model = factory(**kwargs)
-    except TypeError as e:
-        raise ErfLabError(f"model {name!r} does not accept these options: {e}") from None
+    if state_dict is not None and name in _MODELS and not drop_head and not kwargs.get("pretrained"):
+        model = _build_uninitialized(name, factory, kwargs)
+        if model is not None:
+            from erf_lab.checkpoint import load_weights
+
+            load_weights(model, state_dict, source=str(weights))  # strict: every tensor is overwritten
+            return model
+    model = _build(name, factory, kwargs)
     if state_dict is not None:
         from erf_lab.checkpoint import load_weights
 
         load_weights(model, state_dict, drop_head=drop_head, source=str(weights))
     return model
+
+
+def _build(name: str, factory, kwargs: dict) -> nn.Module:
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        raise ErfLabError(f"model {name!r} does not accept these options: {e}") from None
+
+
+def _build_uninitialized(name: str, factory, kwargs: dict) -> nn.Module | None:
+    """The model with allocated but uninitialized tensors, when a strict checkpoint load will overwrite all of
+    them (skips the random initialization: ~1.7 s for replknet_31b, ~7 s for XL on the dev box). None when the
+    model holds a tensor outside its state dict (a non-persistent buffer), which the load would not set."""
+    import torch
+
+    with torch.device("meta"):
+        model = _build(name, factory, kwargs)
+    persistent = set(model.state_dict(keep_vars=True))
+    everything = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    everything |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    if not everything <= persistent:
+        return None
+    return model.to_empty(device="cpu")
 
 
 def _implies_deploy(state_dict) -> bool:

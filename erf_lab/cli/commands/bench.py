@@ -12,7 +12,7 @@ ORDER = 90
 
 
 def add_arguments(parser) -> None:
-    from fastconv.bench import add_arguments as add
+    from fastconv.bench_args import add_arguments as add
 
     add(parser)
 

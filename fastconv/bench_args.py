@@ -1,0 +1,28 @@
+"""Command-line options of the Table 1 benchmark (no torch import: ``erf-lab --help`` stays fast)."""
+from __future__ import annotations
+
+import argparse
+
+PAPER_KERNELS = (3, 5, 7, 9, 13, 17, 21, 27, 29, 31)
+PAPER_RESOLUTIONS = (16, 32, 64)
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", type=_ints, default=PAPER_KERNELS, help="comma-separated odd kernel sizes")
+    p.add_argument("--resolutions", type=_ints, default=PAPER_RESOLUTIONS, help="comma-separated R")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 64 on GPU, 2 on CPU)")
+    p.add_argument("--channels", type=int, default=384)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both")
+    p.add_argument("--quick", action="store_true", help="K 3,13,31; R 16,32; 4 layers; 2 repeats; batch 1 on CPU")
+    p.add_argument("--out", default="runs/fastconv-bench", help="output directory (table.csv, results.json, run.json)")
