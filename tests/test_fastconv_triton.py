@@ -298,6 +298,18 @@ def test_rejects_bad_inputs(monkeypatch):
         tb.dwconv_backward_weight(x, torch.zeros(1, 4, 8, 7), 3, 3)
 
 
+def _cuda_case(dtype, k, channels_last, shape):
+    """(memory format, x, weight, bias, dL/dy) on CUDA, seeded by k."""
+    g = torch.Generator(device="cuda").manual_seed(k)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    c = shape[1]
+    x = torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    w = torch.randn(c, 1, k, k, device="cuda", generator=g).to(dtype)
+    b = torch.randn(c, device="cuda", generator=g).to(dtype)
+    gy = torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    return fmt, x, w, b, gy
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k", [3, 13, 31])
@@ -308,12 +320,7 @@ def test_cuda_matches_cudnn(dtype, k, channels_last):
     from fastconv import triton_backend as tb
 
     assert tb.triton_available()
-    g = torch.Generator(device="cuda").manual_seed(k)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(4, 48, 40, 36, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
-    w = torch.randn(48, 1, k, k, device="cuda", generator=g).to(dtype)
-    b = torch.randn(48, device="cuda", generator=g).to(dtype)
-    gy = torch.randn(x.shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    fmt, x, w, b, gy = _cuda_case(dtype, k, channels_last, (4, 48, 40, 36))
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()   # fp64: no TF32 in the reference
     yr = F.conv2d(xr, wr, b.double(), padding=k // 2, groups=48)
     gx_ref, gw_ref = torch.autograd.grad(yr, (xr, wr), gy.double())
@@ -338,12 +345,7 @@ def test_cuda_autograd_through_the_public_op(dtype, k, channels_last):
         pytest.skip("needs a CUDA device")
     import fastconv
 
-    g = torch.Generator(device="cuda").manual_seed(k)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 40, 24, 20, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
-    w = torch.randn(40, 1, k, k, device="cuda", generator=g).to(dtype)
-    b = torch.randn(40, device="cuda", generator=g).to(dtype)
-    gy = torch.randn(x.shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    fmt, x, w, b, gy = _cuda_case(dtype, k, channels_last, (2, 40, 24, 20))
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     y = fastconv.depthwise_conv2d(*leaves, backend="triton")
     gx, gw, gb = torch.autograd.grad(y, leaves, gy)
@@ -354,7 +356,7 @@ def test_cuda_autograd_through_the_public_op(dtype, k, channels_last):
     assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
     assert y.dtype == gx.dtype == gw.dtype == dtype
     for got, ref in ((y, yr), (gx, rx), (gw, rw), (gb, rb)):
-        assert _rel(got, ref.detach()) <= tol
+        assert _rel(got.detach(), ref.detach()) <= tol
 
 
 if __name__ == "__main__" and "--interpret-worker" in sys.argv:

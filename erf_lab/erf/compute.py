@@ -188,7 +188,7 @@ def prepare_model(model: nn.Module, *, reparameterize: bool = True, channels_las
         if type(mod) is DepthwiseConv2d:
             n_fast += 1
             if on_cpu and mod.backend == "auto":
-                mod.backend = cpu_depthwise_backend(channels_last, mod.kernel_size)
+                mod.backend = cpu_depthwise_backend(channels_last, mod.kernel_size, mod.weight.dtype)
             k = "x".join(map(str, mod.kernel_size))
             chosen[k] = mod.backend
     info = {"reparameterized": bool(reparameterize), "channels_last": bool(channels_last),
@@ -208,16 +208,18 @@ def _to_channels_last(model: nn.Module) -> None:
                     t.data = t.data.contiguous(memory_format=torch.channels_last)
 
 
-def cpu_depthwise_backend(channels_last: bool, kernel_size: tuple[int, int] = (1, 1)) -> str:
+def cpu_depthwise_backend(channels_last: bool, kernel_size: tuple[int, int] = (1, 1),
+                          dtype: torch.dtype = torch.float32) -> str:
     """The fixed CPU choice for the ERF path (frozen weights: forward + input gradient only), instead of timing
     candidates per new shape (at 448^2 autotuning cost more than it saved): from ``fastconv.dispatch.CPP_MIN_K``
     up the blocked C++ kernel (1.3-2.5x oneDNN's throughput there), else oneDNN's direct channels_last depthwise
     kernel, which has no large-padding cliff: plain ``F.conv2d`` ("native") on a channels_last model, with no
-    per-layer layout copy, and "channels_last" (a copy per call) on an NCHW model."""
+    per-layer layout copy, and "channels_last" (a copy per call) on an NCHW model. The C++ kernel is float32
+    only: other dtypes (e.g. a float64 reference run) take the oneDNN path."""
     from fastconv import cpu_kernels
     from fastconv.dispatch import CPP_MIN_K
 
-    if max(kernel_size) >= CPP_MIN_K and cpu_kernels.cpp_available():
+    if max(kernel_size) >= CPP_MIN_K and dtype == torch.float32 and cpu_kernels.cpp_available():
         return "cpp"
     return "native" if channels_last else "channels_last"
 
@@ -340,6 +342,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
 
     from erf_lab.io import progress
 
+    param_dtype = next((p.dtype for p in m.parameters() if p.is_floating_point()), torch.float32)
     bar = progress(total=total, desc=f"ERF {layer_name}", unit="img", disable=not show_progress,
                    initial=len(done) if total else 0)
     input_hw = None
@@ -350,7 +353,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
             nonlocal input_hw
             if not pending:
                 return
-            x = torch.stack([t for _, t in pending]).to(dev)
+            x = torch.stack([t for _, t in pending]).to(dev, param_dtype)  # images in the model's precision
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             input_hw = tuple(x.shape[-2:])

@@ -41,6 +41,25 @@ inline v8 fma(v8 a, v8 b, v8 c) {
 #endif
 }
 
+// Input row ii of a tile: acc[r][c] += in[ii][j + c] * k[ii - r][j] over j, for every output row r whose kernel
+// row ii - r exists. CHECK = false where all R rows use it (the tile's interior rows): no range test in the loop.
+template <int R, int C, bool CHECK>
+inline void input_row(v8 (&acc)[R][C], const float* inrow, const float* k, int64_t ii, int64_t KH, int64_t KW) {
+    for (int64_t j = 0; j < KW; ++j) {
+        v8 x[C];
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) x[c] = load(inrow + (j + c) * 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const int64_t i = ii - r;
+            if (CHECK && (i < 0 || i >= KH)) continue;
+            const v8 w = load(k + (i * KW + j) * 8);
+#pragma GCC unroll 4
+            for (int c = 0; c < C; ++c) acc[r][c] = fma(x[c], w, acc[r][c]);
+        }
+    }
+}
+
 // One tile of R x C outputs (R <= RO, C <= CO) at out (row stride out_rs floats); in points at the tile's first
 // input pixel (row stride in_rs), k at the kernel (KH x KW vectors). acc starts from init (or from out when accum).
 template <int R, int C>
@@ -50,38 +69,14 @@ inline void tile(const float* in, int64_t in_rs, const float* k, int64_t KH, int
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int c = 0; c < C; ++c) acc[r][c] = accum ? load(out + r * out_rs + c * 8) : (init ? load(init) : _mm256_setzero_ps());
+        for (int c = 0; c < C; ++c)
+            acc[r][c] = accum ? load(out + r * out_rs + c * 8) : (init ? load(init) : _mm256_setzero_ps());
     const int64_t rows = R + KH - 1;
     for (int64_t ii = 0; ii < rows; ++ii) {
-        const float* inrow = in + ii * in_rs;
-        if (ii >= R - 1 && ii < KH) {  // every output row of the tile uses this input row: no range checks
-            const float* krow = k + ii * KW * 8;
-            for (int64_t j = 0; j < KW; ++j) {
-                v8 x[C];
-#pragma GCC unroll 4
-                for (int c = 0; c < C; ++c) x[c] = load(inrow + (j + c) * 8);
-#pragma GCC unroll 4
-                for (int r = 0; r < R; ++r) {
-                    const v8 w = load(krow + (j - r * KW) * 8);  // kernel row ii - r
-#pragma GCC unroll 4
-                    for (int c = 0; c < C; ++c) acc[r][c] = fma(x[c], w, acc[r][c]);
-                }
-            }
-        } else {
-            for (int64_t j = 0; j < KW; ++j) {
-                v8 x[C];
-#pragma GCC unroll 4
-                for (int c = 0; c < C; ++c) x[c] = load(inrow + (j + c) * 8);
-#pragma GCC unroll 4
-                for (int r = 0; r < R; ++r) {
-                    const int64_t i = ii - r;
-                    if (i < 0 || i >= KH) continue;
-                    const v8 w = load(k + (i * KW + j) * 8);
-#pragma GCC unroll 4
-                    for (int c = 0; c < C; ++c) acc[r][c] = fma(x[c], w, acc[r][c]);
-                }
-            }
-        }
+        if (ii >= R - 1 && ii < KH)
+            input_row<R, C, false>(acc, in + ii * in_rs, k, ii, KH, KW);
+        else
+            input_row<R, C, true>(acc, in + ii * in_rs, k, ii, KH, KW);
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
