@@ -259,3 +259,20 @@ def test_list_layers_restores_training_mode_and_bn_statistics():
     assert m.training and all(mod.training for mod in m.modules())
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert rows[-1]["name"] == "forward_features" and rows[-1]["stride"] == 32
+
+
+def test_full_fp32_switches_tf32_off_on_cuda_only_and_restores():
+    from erf_lab.erf.compute import full_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with full_fp32(torch.device("cuda")):  # flags only: no CUDA device needed
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with full_fp32(torch.device("cuda"), allow_tf32=True), full_fp32(torch.device("cpu")):
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    res = compute_erf(_tiny_replknet(2), torch.randn(1, 3, 64, 64), show_progress=False)
+    assert res.info["tf32"] is None  # CPU run: not applicable

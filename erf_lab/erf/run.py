@@ -220,6 +220,7 @@ def _run(model_name, weights, drop_head, overrides, images, num_images, input_si
             "gradient": "captum.attr.NeuronGradient", "reparameterized": bool(reparameterize),
             "channels_last": bool(channels_last), "conv_backend": conv_backend,
             "fastconv_modules": result.info.get("fastconv_modules"), "weight_grads": False,
+            "tf32": result.info.get("tf32"),
             "batch_size": batch_size, "seed": int(seed), "device": str(device), "world_size": dinfo.world_size,
             "dist_backend": dinfo.backend, "resumed": resumed_from > 0, "resumed_after_images": resumed_from,
             "start_time": start, "end_time": _now(), "wall_seconds_this_session": round(time.time() - t0, 2),
