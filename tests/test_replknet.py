@@ -104,7 +104,7 @@ def _bn_keys(p):
     return [f"{p}.weight", f"{p}.bias", f"{p}.running_mean", f"{p}.running_var", f"{p}.num_batches_tracked"]
 
 
-def official_keys(layers, merged=False, small=True, head=True):
+def official_keys(layers, merged=False, small=True, head=True, stage_norm=False, classifier=True):
     """Key list (in registration order) of the official RepLKNet definition, written from its source."""
     keys = []
     for i in range(4):
@@ -123,9 +123,13 @@ def official_keys(layers, merged=False, small=True, head=True):
             p = f"stages.{s}.blocks.{2 * b + 1}"
             keys += _bn_keys(f"{p}.preffn_bn") + [f"{p}.pw1.conv.weight"] + _bn_keys(f"{p}.pw1.bn")
             keys += [f"{p}.pw2.conv.weight"] + _bn_keys(f"{p}.pw2.bn")
+        if stage_norm:
+            keys += _bn_keys(f"stages.{s}.norm")
     for t in range(len(layers) - 1):
         for j in range(2):
             keys += [f"transitions.{t}.{j}.conv.weight"] + _bn_keys(f"transitions.{t}.{j}.bn")
+    if not classifier:
+        return keys
     keys += _bn_keys("norm")
     if head:
         keys += ["head.weight", "head.bias"]
@@ -152,6 +156,34 @@ def test_xl_keys_without_small_kernel():
     model = tiny("replknet_xl")
     assert list(model.state_dict()) == official_keys((1, 1, 1, 1), small=False)
     assert model.state_dict()["stages.0.blocks.0.pw1.conv.weight"].shape == (12, 8, 1, 1)
+
+
+def test_downstream_backbone_layout_out_indices_and_stage_norms():
+    """Official downstream options: ``out_indices`` (list of stage outputs, no final BN / head keys) and
+    ``norm_intermediate_features`` (``stages.i.norm`` BN on each returned map), as the XL COCO/ADE20K backbones."""
+    model = randomize(tiny("replknet_xl", num_classes=None, out_indices=(0, 1, 2, 3), norm_intermediate_features=True))
+    assert list(model.state_dict()) == official_keys((1, 1, 1, 1), small=False, stage_norm=True, classifier=False)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        outs = model(x)
+        assert [tuple(o.shape) for o in outs] == [(2, c, 16 >> i, 16 >> i) for i, c in enumerate(model.channels)]
+        plain = copy.deepcopy(model)
+        for st in plain.stages:
+            st.norm = None
+        raw = plain(x)
+        for o, r, st in zip(outs, raw, model.stages):  # each returned map is the stage output through its BN
+            assert torch.allclose(o, st.norm(r), atol=1e-6) and not torch.allclose(o, r, atol=1e-3)
+        fused = reparameterize_model(copy.deepcopy(model))
+        for o, f in zip(outs, fused(x)):
+            assert (o - f).abs().max() / o.abs().max() < 1e-5
+    two = tiny("replknet_31b", num_classes=None, out_indices=[1, 3])
+    assert [o.shape[1] for o in two(x)] == [two.channels[1], two.channels[3]]
+    with pytest.raises(ErfLabError, match="exclusive"):
+        tiny("replknet_31b", out_indices=(0,))
+    with pytest.raises(ErfLabError, match="needs out_indices"):
+        tiny("replknet_31b", norm_intermediate_features=True)
+    with pytest.raises(ErfLabError, match="stages 0..3"):
+        tiny("replknet_31b", num_classes=None, out_indices=(4,))
 
 
 # --------------------------------------------------------------------------------------------- re-parameterize

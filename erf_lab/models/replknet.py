@@ -319,7 +319,8 @@ class RepLKNetStage(nn.Module):
 
     def __init__(self, channels: int, num_blocks: int, stage_lk_size: int, drop_path: Sequence[float],
                  small_kernel: int | None, dw_ratio: float = 1.0, ffn_ratio: float = 4.0,
-                 use_checkpoint: bool = False, small_kernel_merged: bool = False, backend: str = "auto"):
+                 use_checkpoint: bool = False, small_kernel_merged: bool = False, backend: str = "auto",
+                 norm_intermediate_features: bool = False):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         blocks = []
@@ -328,6 +329,8 @@ class RepLKNetStage(nn.Module):
                                      small_kernel_merged, backend=backend))
             blocks.append(ConvFFN(channels, int(channels * ffn_ratio), channels, drop_path[i]))
         self.blocks = nn.ModuleList(blocks)
+        # official downstream option (RepLKNet-XL on COCO / ADE20K): a BN on the stage output fed to the heads
+        self.norm = nn.BatchNorm2d(channels) if norm_intermediate_features else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
@@ -345,6 +348,9 @@ class RepLKNet(nn.Module):
     ``forward_features`` returns the last stage's feature map (N, C, H/32, W/32), before the final BN: the
     tensor the official ERF script measures on. ``forward_head`` = BN -> global average pool -> linear.
     ``num_classes=0`` (or None) drops the classifier (``forward`` then returns pooled features).
+    ``out_indices`` (official downstream option, exclusive with a classifier: pass ``num_classes=None``) makes
+    ``forward_features`` and ``forward`` return the listed stages' outputs, each through its stage's BN when
+    ``norm_intermediate_features`` (the layout of the official XL detection / segmentation backbones).
     """
 
     head_names = ("head",)
@@ -352,7 +358,8 @@ class RepLKNet(nn.Module):
     def __init__(self, large_kernel_sizes: Sequence[int], layers: Sequence[int], channels: Sequence[int],
                  drop_path_rate: float = 0.0, small_kernel: int | None = 5, dw_ratio: float = 1.0,
                  ffn_ratio: float = 4.0, in_channels: int = 3, num_classes: int | None = 1000,
-                 use_checkpoint: bool = False, small_kernel_merged: bool = False, conv_backend: str | None = None):
+                 use_checkpoint: bool = False, small_kernel_merged: bool = False, conv_backend: str | None = None,
+                 out_indices: Sequence[int] | None = None, norm_intermediate_features: bool = False):
         super().__init__()
         large_kernel_sizes, layers, channels = tuple(large_kernel_sizes), tuple(layers), tuple(channels)
         if not (len(large_kernel_sizes) == len(layers) == len(channels)) or not layers:
@@ -364,6 +371,16 @@ class RepLKNet(nn.Module):
             raise ErfLabError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if dw_ratio <= 0 or ffn_ratio <= 0:
             raise ErfLabError(f"dw_ratio and ffn_ratio must be positive, got {dw_ratio}, {ffn_ratio}")
+        if out_indices is not None:
+            out_indices = tuple(int(i) for i in out_indices)
+            if num_classes:
+                raise ErfLabError("out_indices (a downstream backbone) and a classifier are exclusive; "
+                                  "pass num_classes=None with out_indices")
+            if not out_indices or any(not 0 <= i < len(layers) for i in out_indices):
+                raise ErfLabError(f"out_indices must name stages 0..{len(layers) - 1}, got {out_indices}")
+        elif norm_intermediate_features:
+            raise ErfLabError("norm_intermediate_features is a downstream option: it needs out_indices")
+        self.out_indices = out_indices
         backend = resolve_conv_backend(conv_backend)
         self.large_kernel_sizes = tuple(int(k) for k in large_kernel_sizes)
         self.layers = tuple(int(n) for n in layers)
@@ -393,33 +410,42 @@ class RepLKNet(nn.Module):
             start = sum(self.layers[:i])
             self.stages.append(RepLKNetStage(
                 self.channels[i], self.layers[i], self.large_kernel_sizes[i], dpr[start:start + self.layers[i]],
-                small_kernel, dw_ratio, ffn_ratio, use_checkpoint, small_kernel_merged, backend=backend))
+                small_kernel, dw_ratio, ffn_ratio, use_checkpoint, small_kernel_merged, backend=backend,
+                norm_intermediate_features=norm_intermediate_features))
             if i < self.num_stages - 1:
                 c_next = self.channels[i + 1]
                 self.transitions.append(nn.Sequential(
                     ConvBN(self.channels[i], c_next, 1, 1, 0, groups=1, relu=True),
                     ConvBN(c_next, c_next, 3, 2, 1, groups=c_next, relu=True),
                 ))
-        self.norm = nn.BatchNorm2d(self.channels[-1])
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(self.channels[-1], self.num_classes) if self.num_classes > 0 else None
+        classifier = out_indices is None  # a downstream backbone has no final BN / pool / head (official keys)
+        self.norm = nn.BatchNorm2d(self.channels[-1]) if classifier else None
+        self.avgpool = nn.AdaptiveAvgPool2d(1) if classifier else None
+        self.head = nn.Linear(self.channels[-1], self.num_classes) if classifier and self.num_classes > 0 else None
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         for layer in self.stem:
             x = layer(x)
+        outs = []
         for i, stage in enumerate(self.stages):
             x = stage(x)
+            if self.out_indices is not None and i in self.out_indices:
+                outs.append(stage.norm(x) if stage.norm is not None else x)
             if i < self.num_stages - 1:
                 x = self.transitions[i](x)
-        return x
+        return x if self.out_indices is None else outs
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.out_indices is not None:
+            raise ErfLabError("this RepLKNet is a downstream backbone (out_indices): it has no classifier head")
         x = torch.flatten(self.avgpool(self.norm(x)), 1)
         if pre_logits or self.head is None:
             return x
         return self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.out_indices is not None:
+            return self.forward_features(x)
         return self.forward_head(self.forward_features(x))
 
     @property
