@@ -17,6 +17,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _output_tile(H, tiles_w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(image n, first output row h0, first output column w0) of this program's tile; axis 0 enumerates
+    (n, tile_h, tile_w)."""
+    pid_s = tl.program_id(0)
+    n_tiles = tl.cdiv(H, BLOCK_H) * tiles_w
+    t = pid_s % n_tiles
+    return pid_s // n_tiles, (t // tiles_w) * BLOCK_H, (t % tiles_w) * BLOCK_W
+
+
+
+@triton.jit
 def dwconv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     C, H, W,
@@ -27,13 +38,8 @@ def dwconv_fwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """y[n,c,h,w] = b[c] + sum_{i,j} x[n,c,h+i-KH//2,w+j-KW//2] * w[i,j,c]; ``w`` is pre-transposed to (KH,KW,C)."""
-    pid_s = tl.program_id(0)          # (n, tile_h, tile_w)
+    n, h0, w0 = _output_tile(H, tiles_w, BLOCK_H, BLOCK_W)
     pid_c = tl.program_id(1)          # channel block
-    n_tiles = tl.cdiv(H, BLOCK_H) * tiles_w
-    n = pid_s // n_tiles
-    t = pid_s % n_tiles
-    h0 = (t // tiles_w) * BLOCK_H
-    w0 = (t % tiles_w) * BLOCK_W
 
     oh = h0 + tl.arange(0, BLOCK_H)[:, None, None]
     ow = w0 + tl.arange(0, BLOCK_W)[None, :, None]
@@ -132,13 +138,8 @@ def dwconv_fwd_dot_kernel(
     with u over BLOCK_U >= BLOCK_W+KW-1 input columns.  It spends BLOCK_U/KW times the useful FLOPs, so it only
     pays off for large kernels, and only for 16-bit inputs (fp32 would run as TF32 or slow IEEE emulation).
     """
-    pid_s = tl.program_id(0)
+    n, h0, w0 = _output_tile(H, tiles_w, BLOCK_H, BLOCK_W)
     pid_c = tl.program_id(1)
-    n_tiles = tl.cdiv(H, BLOCK_H) * tiles_w
-    n = pid_s // n_tiles
-    t = pid_s % n_tiles
-    h0 = (t // tiles_w) * BLOCK_H
-    w0 = (t % tiles_w) * BLOCK_W
 
     cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c3 = cc[:, None, None]                                            # (BC, 1, 1)
