@@ -168,49 +168,23 @@ LANES = 8  # channels per vector in the blocked layout (one AVX2 register)
 
 
 def _blocked(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
-    """(N, ceil(C/8), H+2ph, W+2pw, 8) contiguous zero-padded copy of an (N, C, H, W) float32 tensor of any memory
-    format (channels beyond C are zero): one parallel pass in C++ (``dw_pack``), else torch ops."""
-    n, c, h, w = x.shape
+    """(N, ceil(C/8), H+2ph, W+2pw, 8) contiguous zero-padded copy of an (N, C, H, W) float32 CPU tensor of any
+    memory format (channels beyond C are zero): one parallel ``dw_pack`` pass."""
     lib = cpp_library()
-    if lib is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-        out = torch.empty((n, -(-c // LANES), h + 2 * ph, w + 2 * pw, LANES), dtype=torch.float32)
-        lib.dw_pack(x.data_ptr(), out.data_ptr(), n, c, h, w, *x.stride(), ph, pw, _omp_threads(lib))
-        return out
-    cb = -(-c // LANES)
-    out = x.new_empty((n, cb, h + 2 * ph, w + 2 * pw, LANES))
-    if ph:
-        out[:, :, :ph].zero_()
-        out[:, :, ph + h:].zero_()
-    if pw:
-        out[:, :, ph:ph + h, :pw].zero_()
-        out[:, :, ph:ph + h, pw + w:].zero_()
-    if c % LANES:
-        x = F.pad(x, (0, 0, 0, 0, 0, cb * LANES - c))
-    out[:, :, ph:ph + h, pw:pw + w, :].copy_(x.unflatten(1, (cb, LANES)).permute(0, 1, 3, 4, 2))
+    n, c, h, w = x.shape
+    out = torch.empty((n, -(-c // LANES), h + 2 * ph, w + 2 * pw, LANES), dtype=torch.float32)
+    lib.dw_pack(x.data_ptr(), out.data_ptr(), n, c, h, w, *x.stride(), ph, pw, _omp_threads(lib))
     return out
 
 
-def _blocked_weight(w: torch.Tensor) -> torch.Tensor:
-    """(C, 1, KH, KW) -> (ceil(C/8), KH, KW, 8) contiguous."""
-    c, _, kh, kw = w.shape
-    cb = -(-c // LANES)
-    w = F.pad(w.reshape(c, kh, kw), (0, 0, 0, 0, 0, cb * LANES - c))
-    return w.reshape(cb, LANES, kh, kw).permute(0, 2, 3, 1).contiguous()
-
-
 def _unblocked(y: torch.Tensor, c: int, channels_last: bool) -> torch.Tensor:
-    """(N, CB, H, W, 8) -> (N, C, H, W), stored channels_last or NCHW-contiguous (one copy)."""
-    n, cb, h, w, _ = y.shape
+    """(N, CB, H, W, 8) -> (N, C, H, W), stored channels_last or NCHW-contiguous: one ``dw_unpack`` pass."""
     lib = cpp_library()
-    if lib is not None:
-        out = torch.empty((n, c, h, w), dtype=torch.float32,
-                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        lib.dw_unpack(y.data_ptr(), out.data_ptr(), n, c, h, w, *out.stride(), _omp_threads(lib))
-        return out
-    if channels_last:
-        out = y.permute(0, 2, 3, 1, 4).reshape(n, h, w, cb * LANES)  # copy -> (N, H, W, C)
-        return out[..., :c].permute(0, 3, 1, 2)
-    return y.permute(0, 1, 4, 2, 3).reshape(n, cb * LANES, h, w)[:, :c]
+    n, _, h, w, _ = y.shape
+    out = torch.empty((n, c, h, w), dtype=torch.float32,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    lib.dw_unpack(y.data_ptr(), out.data_ptr(), n, c, h, w, *out.stride(), _omp_threads(lib))
+    return out
 
 
 def _blocked_weight_packed(w: torch.Tensor, flip: bool) -> torch.Tensor:

@@ -330,5 +330,6 @@ def test_cpp_layout_packing_round_trips(c, layout):
                                                              torch.contiguous_format)
     w = torch.randn(c, 1, 5, 3, generator=g)
     for flip in (False, True):
-        wf = w.flip(-1, -2) if flip else w
-        assert torch.equal(ck._blocked_weight_packed(w, flip), ck._blocked_weight(wf))
+        wf = (w.flip(-1, -2) if flip else w).reshape(c, 5, 3)
+        exp = F.pad(wf, (0, 0, 0, 0, 0, 8 * cb - c)).reshape(cb, 8, 5, 3).permute(0, 2, 3, 1)
+        assert torch.equal(ck._blocked_weight_packed(w, flip), exp)
