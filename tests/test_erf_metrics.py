@@ -141,6 +141,54 @@ def test_gaussian_fit_recovers_sigmas_within_1_percent():
     assert fit_gaussian(np.ones((20, 20)) + np.eye(20))["r2"] < 0.5  # a non-Gaussian map fits badly
 
 
+def _scipy_gaussian_fit(a):
+    """Reference: the same model, start and bounds through scipy's dense trust-region least squares."""
+    from scipy.optimize import least_squares
+
+    z = a / a.max()
+    h, w = z.shape
+    ys, xs = np.arange(h, dtype=float), np.arange(w, dtype=float)
+    st = distribution_stats(a)
+    p0 = [1.0, *st["center_of_mass"], max(st["std"]["y"], 0.5), max(st["std"]["x"], 0.5), 0.0]
+
+    def resid(p):
+        amp, y0, x0, sy, sx, c = p
+        return (amp * np.outer(np.exp(-0.5 * ((ys - y0) / sy) ** 2), np.exp(-0.5 * ((xs - x0) / sx) ** 2))
+                + c - z).ravel()
+
+    res = least_squares(resid, p0, bounds=([0, -h, -w, 1e-3, 1e-3, -1], [np.inf, 2 * h, 2 * w, 10 * h, 10 * w, 1]),
+                        x_scale="jac", ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=2000)
+    return res.x, 1 - np.sum(res.fun ** 2) / np.sum((z - z.mean()) ** 2)
+
+
+@pytest.mark.parametrize("case", ["gaussian_offset", "heavy_tailed", "luo_stack", "noise"])
+def test_separable_gaussian_fit_finds_the_dense_least_squares_optimum(case):
+    """fit_gaussian's separable Levenberg-Marquardt reaches the optimum of scipy's dense least squares."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[:70, :90].astype(float)
+    if case == "gaussian_offset":
+        a = 3 * np.exp(-((y - 30.2) ** 2 / 50 + (x - 51.7) ** 2 / 200)) + 0.4
+    elif case == "heavy_tailed":  # an ERF-like core with 1/r^2 tails, plus noise
+        a = 1 / (1 + ((y - 35) ** 2 + (x - 45) ** 2) / 30) + np.exp(-((y - 35) ** 2 + (x - 45) ** 2) / 8)
+        a = np.abs(a + rng.normal(0, 0.01, a.shape))
+    elif case == "luo_stack":  # a box convolved 5 times (Luo et al.): nearly Gaussian
+        a = np.zeros((70, 90))
+        a[35, 45] = 1.0
+        for _ in range(5):
+            a = convolve2d(a, np.ones((7, 9)), mode="same")
+    else:
+        a = rng.random((70, 90))
+    fit = fit_gaussian(a)
+    ref, ref_r2 = _scipy_gaussian_fit(a)
+    got = np.array([fit["amplitude"], *fit["center"], fit["sigma_y"], fit["sigma_x"], fit["offset"]])
+    if case == "noise":  # no Gaussian in it: both fits explain (almost) nothing
+        assert fit["r2"] < 0.01 and ref_r2 < 0.01
+        return
+    assert fit["converged"]
+    assert fit["r2"] >= ref_r2 - 1e-9  # never a worse optimum
+    assert np.allclose(got, ref, rtol=1e-4, atol=1e-6), (got, ref)  # a well-posed fit: the same parameters
+
+
 @pytest.mark.parametrize("ky,kx,n", [(5, 5, 4), (3, 7, 3)])
 def test_std_of_box_convolution_matches_theory(ky, kx, n):
     """n stacked uniform ky x kx kernels: variance n (k^2 - 1) / 12 per axis (Luo et al. 2016)."""
