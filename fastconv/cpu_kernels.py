@@ -2,11 +2,13 @@
 
 The C++ kernel is plain C ABI, built once with the system C++ compiler (a few seconds, cached under the fastconv
 cache directory keyed by source hash, flags, compiler and CPU) and called through ``ctypes`` (which releases the
-GIL). It works on channel-blocked copies (N, C/8, H, W, 8) and computes forward, input gradient and weight gradient
-with one register-tiled correlation (see the source). Built with OpenMP, its loops run on PyTorch's own OpenMP
+GIL). Per (image, 8-channel block) plane it packs a cache-resident
+channel-blocked copy and computes forward, input gradient and weight gradient with one register-tiled correlation
+(see the source). Built with OpenMP, its loops run on PyTorch's own OpenMP
 pool: measured on the 2-core dev box, running them on separate Python threads instead lost a third of the speed
-to PyTorch's spinning OpenMP workers (R=32, K=31: 45 vs 71 GFLOP/s). Without OpenMP a small Python thread pool
-splits the planes; without a compiler ``cpp_available()`` is False and dispatch uses the pure-PyTorch paths.
+to PyTorch's spinning OpenMP workers (R=32, K=31: 45 vs 71 GFLOP/s). Without OpenMP the kernel runs on one thread
+(the cost model then prefers oneDNN, see ``cpp_multithreaded``); without a compiler ``cpp_available()`` is False
+and dispatch uses the pure-PyTorch paths.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,7 +29,6 @@ _SRC = Path(__file__).with_name("csrc") / "dwconv.cpp"
 _lib = None
 _lib_error: str | None = None
 _lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
 
 
 def cache_root() -> Path:
@@ -88,14 +88,10 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.dw_fwd_blocked.argtypes = [p, p, p, p] + [i64] * 8
-    lib.dw_fwd_blocked.restype = None
-    lib.dw_wgrad_blocked.argtypes = [p, p, p] + [i64] * 9
-    lib.dw_wgrad_blocked.restype = None
-    lib.dw_pack.argtypes = [p, p] + [i64] * 11
-    lib.dw_pack.restype = None
-    lib.dw_unpack.argtypes = [p, p] + [i64] * 9
-    lib.dw_unpack.restype = None
+    lib.dw_wgrad_fused.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, i64, p] + [i64] * 7
+    lib.dw_wgrad_fused.restype = None
+    lib.dw_conv_fused.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, p] + [i64] * 11
+    lib.dw_conv_fused.restype = None
     lib.dw_has_openmp.argtypes = []
     lib.dw_has_openmp.restype = ctypes.c_int
     return lib
@@ -135,105 +131,48 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _parallel(fn, total: int) -> None:
-    """Run ``fn(start, stop)`` over [0, total) split into one chunk per thread (ctypes drops the GIL)."""
-    global _pool
-    t = min(_threads(), total)
-    if t <= 1:
-        fn(0, total)
-        return
-    if _pool is None or _pool._max_workers < t:  # noqa: SLF001
-        _pool = ThreadPoolExecutor(max_workers=t, thread_name_prefix="fastconv")
-    bounds = [total * k // t for k in range(t + 1)]
-    futs = [_pool.submit(fn, bounds[k], bounds[k + 1]) for k in range(1, t)]
-    fn(bounds[0], bounds[1])
-    for f in futs:
-        f.result()
-
-
 def _omp_threads(lib) -> int:
     return _threads() if lib.dw_has_openmp() else 1
 
 
-def _run_split(lib, fn, args: tuple, total: int) -> None:
-    """``fn(*args, start, stop, threads)`` over [0, total): one call on the OpenMP pool, else split over Python
-    threads."""
-    if lib.dw_has_openmp():
-        fn(*args, 0, total, _threads())
-    else:
-        _parallel(lambda a, b: fn(*args, a, b, 1), total)
-
-
-LANES = 8  # channels per vector in the blocked layout (one AVX2 register)
-
-
-def _blocked(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
-    """(N, ceil(C/8), H+2ph, W+2pw, 8) contiguous zero-padded copy of an (N, C, H, W) float32 CPU tensor of any
-    memory format (channels beyond C are zero): one parallel ``dw_pack`` pass."""
+def cpp_multithreaded() -> bool:
+    """The C++ kernel is available and uses all of torch's threads (built with OpenMP, or torch runs 1 thread):
+    the condition under which the cost model prefers it."""
     lib = cpp_library()
-    n, c, h, w = x.shape
-    out = torch.empty((n, -(-c // LANES), h + 2 * ph, w + 2 * pw, LANES), dtype=torch.float32)
-    lib.dw_pack(x.data_ptr(), out.data_ptr(), n, c, h, w, *x.stride(), ph, pw, _omp_threads(lib))
-    return out
-
-
-def _unblocked(y: torch.Tensor, c: int, channels_last: bool) -> torch.Tensor:
-    """(N, CB, H, W, 8) -> (N, C, H, W), stored channels_last or NCHW-contiguous: one ``dw_unpack`` pass."""
-    lib = cpp_library()
-    n, _, h, w, _ = y.shape
-    out = torch.empty((n, c, h, w), dtype=torch.float32,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    lib.dw_unpack(y.data_ptr(), out.data_ptr(), n, c, h, w, *out.stride(), _omp_threads(lib))
-    return out
-
-
-def _blocked_weight_packed(w: torch.Tensor, flip: bool) -> torch.Tensor:
-    """(C, 1, KH, KW) -> (ceil(C/8), KH, KW, 8), flipped in both axes if ``flip`` (the input gradient's kernel):
-    one ``dw_pack`` pass, the flip done by negative strides (no flipped copy)."""
-    lib = cpp_library()
-    c, _, kh, kw = w.shape
-    w = w.float()
-    out = torch.empty((-(-c // LANES), kh, kw, LANES), dtype=torch.float32)
-    s_c, _, s_h, s_w = w.stride()
-    ptr = w.data_ptr()
-    if flip:
-        ptr += ((kh - 1) * s_h + (kw - 1) * s_w) * w.element_size()
-        s_h, s_w = -s_h, -s_w
-    lib.dw_pack(ptr, out.data_ptr(), 1, c, kh, kw, 0, s_c, s_h, s_w, 0, 0, _omp_threads(lib))
-    return out
+    return lib is not None and (bool(lib.dw_has_openmp()) or _threads() == 1)
 
 
 def cpp_conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: bool = False) -> torch.Tensor:
     """Depthwise same conv of ``x`` (N,C,H,W any format) with ``w`` (C,1,KH,KW) (flipped in both axes if ``flip``:
-    the input gradient) through the blocked C++ kernel; returns an (N,C,H,W) tensor in ``x``'s memory format."""
+    the input gradient) through the C++ kernel in one fused pass (``dw_conv_fused``: per-plane packing, the
+    register-tiled correlation and the write-back); returns an (N,C,H,W) tensor in ``x``'s memory format."""
+    from fastconv.functional import memory_format_of
+
     lib = cpp_library()
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]
-    xp = _blocked(x.float(), kh // 2, kw // 2)
-    wb = _blocked_weight_packed(w, flip)
-    cb = xp.shape[1]
-    b = None
-    if bias is not None:
-        b = F.pad(bias.float(), (0, cb * LANES - c)).contiguous()
-    y = torch.empty((n, cb, h, wd, LANES), dtype=torch.float32)
-    args = (xp.data_ptr(), wb.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(), cb, h, wd, kh, kw)
-    _run_split(lib, lib.dw_fwd_blocked, args, n * cb)
-    from fastconv.functional import memory_format_of
-
-    return _unblocked(y, c, memory_format_of(x) == torch.channels_last)
+    w = w.float()
+    s_c, _, s_h, s_w = w.stride()
+    w_ptr = w.data_ptr()
+    if flip:  # the flipped kernel as a negative-stride view: no copy
+        w_ptr += ((kh - 1) * s_h + (kw - 1) * s_w) * w.element_size()
+        s_h, s_w = -s_h, -s_w
+    b = bias.float().contiguous() if bias is not None else None
+    y = torch.empty((n, c, h, wd), dtype=torch.float32, memory_format=memory_format_of(x))
+    lib.dw_conv_fused(x.data_ptr(), *x.stride(), w_ptr, s_c, s_h, s_w, b.data_ptr() if b is not None else None,
+                      y.data_ptr(), *y.stride(), n, c, h, wd, kh, kw, _omp_threads(lib))
+    return y
 
 
 def cpp_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    """dL/dw (C,1,KH,KW) = correlation of the padded input with the output gradient, summed over the batch."""
+    """dL/dw (C,1,KH,KW) = correlation of the padded input with the output gradient, summed over the batch, in
+    one fused C++ pass (``dw_wgrad_fused``) reading both tensors in any layout."""
     lib = cpp_library()
     n, c, h, wd = x.shape
-    xp = _blocked(x.float(), kh // 2, kw // 2)
-    gb = _blocked(g.float(), 0, 0)
-    cb = xp.shape[1]
-    gw = torch.empty((cb, kh, kw, LANES), dtype=torch.float32)
-    args = (xp.data_ptr(), gb.data_ptr(), gw.data_ptr(), n, cb, h, wd, kh, kw)
-    _run_split(lib, lib.dw_wgrad_blocked, args, cb)
-    return gw.permute(0, 3, 1, 2).reshape(cb * LANES, 1, kh, kw)[:c].contiguous()
+    gw = torch.empty((c, 1, kh, kw), dtype=torch.float32)
+    lib.dw_wgrad_fused(x.data_ptr(), *x.stride(), g.data_ptr(), *g.stride(), gw.data_ptr(), n, c, h, wd, kh, kw,
+                       _omp_threads(lib))
+    return gw
 
 
 # ----------------------------------------------------------------------------------------------- oneDNN paths

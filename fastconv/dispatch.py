@@ -25,11 +25,11 @@ ENV_AUTOTUNE = "FASTCONV_AUTOTUNE"  # "0" -> cost model only, no timing
 ONEDNN_MAX_PAD = 6
 NATIVE_WGRAD_MAX_K = 14
 NCHW_NATIVE_MAX_K = 9  # cost model for large calls: NCHW F.conv2d measured fast up to 9x9 (pad 4)
-#: cost model: the blocked C++ kernel from this kernel size up. Measured (2-core AVX2 EPYC, B=1, C=384, GFLOP/s,
-#: cpp vs oneDNN channels_last): forward K=13 R=32/64 48.9/48.2 vs 36.4/34.9, K=31 72.6/73.9 vs 42.3/34.3;
-#: weight gradient K=13 51.8/50.6 vs 21.3/26.3, K=31 71.0/73.4 vs 44.2/48.1; at K=3 the layout copies dominate
-#: (cpp 4-7 GFLOP/s vs oneDNN 17-25).
-CPP_MIN_K = 13
+#: cost model: the C++ kernel from this kernel size up. Measured (2-core AVX2 EPYC, B=1, C=384, channels_last
+#: input, GFLOP/s, cpp vs oneDNN channels_last): forward K=9 R=16/32/64 44/50/41 vs 28/31/26, K=13 61/65/57 vs
+#: 35/33/31, K=31 70/75/75 vs 63/42/32; weight gradient K=9 45/48/43 vs 9/13/12, K=31 65/73/73 vs 28/40/41;
+#: K=7 ties at R=64, and at K=3..5 oneDNN's direct kernel is as fast or faster.
+CPP_MIN_K = 9
 _KERNEL_ID = ck.kernel_id()  # a changed C++ kernel invalidates earlier timings
 
 _mem: dict[str, dict] = {}
@@ -201,7 +201,7 @@ def _time_backend(name, x, weight, bias, gx, gw, budget_s: float) -> float:
 
 
 def _cost_model(cands: list[str], x, weight) -> str:
-    big = max(weight.shape[-2:]) >= CPP_MIN_K
+    big = max(weight.shape[-2:]) >= CPP_MIN_K and ck.cpp_multithreaded()
     order = (["triton", "channels_last", "native"] if x.device.type == "cuda"
              else ["cpp", "channels_last", "native"] if big else ["channels_last", "cpp", "native"])
     return next((b for b in order if b in cands), cands[0])
@@ -227,10 +227,10 @@ def decide(x, weight, bias) -> dict:
         # plain F.conv2d where it is fast (no conversion, no custom-autograd overhead): on a channels_last input,
         # or NCHW up to K=9 (measured B=1 C=384 R=64: NCHW 6.2 ms vs channels_last 8.9 at K=9, but 176 vs 19 ms
         # at K=13); else oneDNN channels_last (the measured winner at large sizes, see the note on fft)
-        # from K=13 up the blocked C++ kernel (see CPP_MIN_K)
+        # from CPP_MIN_K up the C++ kernel
         nchw_ok = memory_format_of(x) == torch.channels_last or max(weight.shape[-2:]) <= NCHW_NATIVE_MAX_K
-        order = ("cpp", "native", "channels_last") if max(weight.shape[-2:]) >= CPP_MIN_K else (
-            "native", "channels_last", "cpp")
+        cpp_first = max(weight.shape[-2:]) >= CPP_MIN_K and ck.cpp_multithreaded()
+        order = ("cpp", "native", "channels_last") if cpp_first else ("native", "channels_last", "cpp")
         b = next((c for c in order if c in cands and (c != "native" or nchw_ok)), cands[0])
         return {"backend": b, "why": f"cost model (large call: {_macs(x, weight):.3g} multiply-adds > "
                 f"{CPU_TIMING_MAX_MACS:.0e}, timing would cost more than it saves); candidates {cands}",

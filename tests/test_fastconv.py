@@ -308,28 +308,25 @@ def test_cudnn_weight_grad_helper_matches_autograd():
 
 @pytest.mark.parametrize("c", [5, 16, 21])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
-def test_cpp_layout_packing_round_trips(c, layout):
-    """dw_pack / dw_unpack (channel-blocked, zero-padded copies) for any strides, channel tails and the
-    negative-stride flipped weight."""
+def test_cpp_kernels_read_any_layout(c, layout):
+    """The fused C++ passes pack each plane from the tensor's own strides (NCHW, channels_last, a strided view),
+    handle channel tails (C % 8) and the negative-stride flipped weight, and write the input's layout."""
     if "cpp" not in CPU_BACKENDS:
         pytest.fail("cpp backend expected on this machine: " + str(ck.cpp_unavailable_reason()))
     g = torch.Generator().manual_seed(c)
     x = torch.randn(2, c, 7, 9, generator=g)
+    gy = torch.randn(2, c, 7, 9, generator=g)
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
     elif layout == "strided":
-        x = torch.randn(2, c, 14, 9, generator=g)[:, :, ::2]
-    xp = ck._blocked(x, 2, 3)
-    cb = -(-c // 8)
-    exp = F.pad(F.pad(x, (3, 3, 2, 2)), (0, 0, 0, 0, 0, 8 * cb - c)).reshape(2, cb, 8, 11, 15).permute(0, 1, 3, 4, 2)
-    assert torch.equal(xp, exp)
-    y = xp[:, :, 2:9, 3:12].contiguous()
-    for cl in (False, True):
-        back = ck._unblocked(y, c, cl)
-        assert torch.equal(back, x) and back.is_contiguous(memory_format=torch.channels_last if cl else
-                                                             torch.contiguous_format)
+        x, gy = (torch.randn(2, c, 14, 9, generator=g)[:, :, ::2] for _ in range(2))
+    exp_gw = torch.nn.grad.conv2d_weight(x.double(), (c, 1, 5, 3), gy.double(), padding=(2, 1), groups=c)
+    assert _rel(ck.cpp_weight_grad(x, gy, 5, 3).double(), exp_gw) <= 1e-5
     w = torch.randn(c, 1, 5, 3, generator=g)
-    for flip in (False, True):
-        wf = (w.flip(-1, -2) if flip else w).reshape(c, 5, 3)
-        exp = F.pad(wf, (0, 0, 0, 0, 0, 8 * cb - c)).reshape(cb, 8, 5, 3).permute(0, 2, 3, 1)
-        assert torch.equal(ck._blocked_weight_packed(w, flip), exp)
+    bias = torch.randn(c, generator=g)
+    for flip in (False, True):  # the fused forward reads any strides and writes x's layout
+        got = ck.cpp_conv_nhwc(x, w, bias, flip=flip)
+        exp = F.conv2d(x, w.flip(-1, -2) if flip else w, bias, padding=(2, 1), groups=c)
+        assert _rel(got, exp) <= 1e-5
+        assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                 torch.contiguous_format)

@@ -213,14 +213,14 @@ def cpu_depthwise_backend(channels_last: bool, kernel_size: tuple[int, int] = (1
                           dtype: torch.dtype = torch.float32) -> str:
     """The fixed CPU choice for the ERF path (frozen weights: forward + input gradient only), instead of timing
     candidates per new shape (at 448^2 autotuning cost more than it saved): from ``fastconv.dispatch.CPP_MIN_K``
-    up the blocked C++ kernel (1.3-2.5x oneDNN's throughput there), else oneDNN's direct channels_last depthwise
+    up the C++ kernel (1.4-2.3x oneDNN's forward throughput there), else oneDNN's direct channels_last depthwise
     kernel, which has no large-padding cliff: plain ``F.conv2d`` ("native") on a channels_last model, with no
     per-layer layout copy, and "channels_last" (a copy per call) on an NCHW model. The C++ kernel is float32
     only: other dtypes (e.g. a float64 reference run) take the oneDNN path."""
     from fastconv import cpu_kernels
     from fastconv.dispatch import CPP_MIN_K
 
-    if max(kernel_size) >= CPP_MIN_K and dtype == torch.float32 and cpu_kernels.cpp_available():
+    if max(kernel_size) >= CPP_MIN_K and dtype == torch.float32 and cpu_kernels.cpp_multithreaded():
         return "cpp"
     return "native" if channels_last else "channels_last"
 

@@ -1,22 +1,25 @@
-// Depthwise 2-D correlation on channel-blocked planes, fp32, one 8-channel vector per pixel.
+// Depthwise 2-D correlation on channel-blocked planes, fp32, one 8-channel AVX vector per pixel.
 //
 // Plain C ABI (no torch headers) so the JIT build takes a couple of seconds; called through ctypes, which releases
-// the GIL. Threads: OpenMP over planes (see dw_has_openmp), else Python threads split the planes. Layout: a "plane" is one (image, block of 8 channels) slice stored
-// (rows, cols, 8) contiguous, i.e. the tensor is (N, C/8, H, W, 8) (oneDNN's nChw8c).
+// the GIL. A "plane" is one (image, block of 8 channels) slice stored (rows, cols, 8) contiguous (oneDNN's nChw8c
+// for one block). Each OpenMP thread (PyTorch's own pool, see dw_has_openmp) packs its planes from the tensors'
+// own layout (any strides) into cache-resident buffers, correlates, and writes the result back in place.
 //
 // One primitive serves all three passes of a "same" depthwise convolution (RepLKNet, Ding et al. CVPR 2022, Sec. 3):
 //   forward      y  = corr(x_pad,  w)                        (kernel KHxKW, output HxW)
-//   input grad   dx = corr(gy_pad, flip(w))                  (same shapes)
+//   input grad   dx = corr(gy_pad, flip(w))                  (same shapes; the flip is a negative-stride view)
 //   weight grad  dw = sum_n corr(x_pad[n], gy[n])            (the output gradient is the HxW "kernel", output KHxKW)
 // corr(in, k)[p, q] = sum_{i<KH, j<KW} in[p+i, q+j] * k[i, j]  (valid, per 8-channel lane).
 //
 // Register tile: RO output rows x CO output columns of 8-lane accumulators (2 x 4: the fastest of 4x3, 2x4, 3x3,
 // 3x4, 1x6, 2x3 on the dev box, 37-39 GFLOP/s on one core = its SGEMM rate). Input row ii feeds output row r through
 // kernel row ii - r, so each loaded input vector is used RO times and each weight vector CO times: per (ii, j) CO
-// input loads + RO weight loads for RO*CO FMAs (2x4: 6 loads / 8 FMAs; a core that issues one 256-bit load and one FMA per cycle stays FMA-bound).
+// input loads + RO weight loads for RO*CO FMAs (2x4: 6 loads / 8 FMAs; a core that issues one 256-bit load and one
+// FMA per cycle stays FMA-bound).
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
+#include <vector>
 
 typedef __m256 v8;  // needs AVX (the build uses -march=native; cpu_kernels falls back without it)
 
@@ -112,6 +115,38 @@ void corr_plane(const float* in, const float* k, float* out, int64_t OH, int64_t
     }
 }
 
+inline int64_t lane_count(int64_t C, int64_t c0) { return (C - c0) < 8 ? (C - c0) : 8; }
+
+// Padded row r of one plane: out (W+2pw, 8) from x rows (element strides sC, sH, sW; ``lanes`` real channels).
+inline void pack_row(const float* x, int64_t lanes, int64_t sC, int64_t sH, int64_t sW, int64_t H, int64_t W,
+                     int64_t ph, int64_t pw, int64_t r, float* o) {
+    const int64_t Wp = W + 2 * pw, h = r - ph;
+    if (h < 0 || h >= H) {
+        std::memset(o, 0, sizeof(float) * Wp * 8);
+        return;
+    }
+    std::memset(o, 0, sizeof(float) * pw * 8);
+    std::memset(o + (pw + W) * 8, 0, sizeof(float) * pw * 8);
+    const float* xr = x + h * sH;
+    float* orow = o + pw * 8;
+    if (sC == 1 && lanes == 8) {
+        for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * 8, xr + w * sW, sizeof(float) * 8);
+    } else {
+        for (int64_t l = 0; l < 8; ++l)  // lane-outer: contiguous reads along W for NCHW inputs
+            for (int64_t w = 0; w < W; ++w) orow[w * 8 + l] = l < lanes ? xr[w * sW + l * sC] : 0.f;
+    }
+}
+
+// One plane row (W, 8) back to an (N, C, H, W) row with element strides sC, sW.
+inline void unpack_row(const float* yr, int64_t lanes, int64_t W, float* orow, int64_t sC, int64_t sW) {
+    if (sC == 1 && lanes == 8) {
+        for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * sW, yr + w * 8, sizeof(float) * 8);
+    } else {
+        for (int64_t l = 0; l < lanes; ++l)
+            for (int64_t w = 0; w < W; ++w) orow[w * sW + l * sC] = yr[w * 8 + l];
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -127,77 +162,58 @@ int dw_has_openmp() {
 #endif
 }
 
-// Forward / input gradient: planes [p0, p1) of (N * CB); xp (N, CB, H+KH-1, W+KW-1, 8), w (CB, KH, KW, 8),
-// b (CB, 8) or null, y (N, CB, H, W, 8).
-void dw_fwd_blocked(const float* xp, const float* w, const float* b, float* y, int64_t CB, int64_t H, int64_t W,
-                    int64_t KH, int64_t KW, int64_t p0, int64_t p1, int64_t nthreads) {
-    const int64_t in_plane = (H + KH - 1) * (W + KW - 1) * 8, out_plane = H * W * 8, k_plane = KH * KW * 8;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int64_t p = p0; p < p1; ++p) {
-        const int64_t cb = p % CB;
-        corr_plane(xp + p * in_plane, w + cb * k_plane, y + p * out_plane, H, W, KH, KW, b ? b + cb * 8 : nullptr,
-                   false);
+// Weight gradient: gw (C, KH, KW) contiguous = sum_n corr(x_pad[n, c], g[n, c]) with x, g (N, C, H, W) given by
+// element strides. Per 8-channel block a thread packs each image's padded input plane and output-gradient plane
+// into its own buffers and accumulates the (KH, KW, 8) correlation, then writes it out.
+void dw_wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
+                    int64_t gC, int64_t gH, int64_t gW, float* gw, int64_t N, int64_t C, int64_t H, int64_t W,
+                    int64_t KH, int64_t KW, int64_t nthreads) {
+    const int64_t CB = (C + 7) / 8, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> xin(Hp * Wp * 8), gin(H * W * 8), acc(KH * KW * 8);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t cb = 0; cb < CB; ++cb) {
+            const int64_t c0 = cb * 8, lanes = lane_count(C, c0);
+            for (int64_t n = 0; n < N; ++n) {
+                for (int64_t r = 0; r < Hp; ++r)
+                    pack_row(x + n * sN + c0 * sC, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * 8);
+                for (int64_t r = 0; r < H; ++r)
+                    pack_row(g + n * gN + c0 * gC, lanes, gC, gH, gW, H, W, 0, 0, r, gin.data() + r * W * 8);
+                corr_plane(xin.data(), gin.data(), acc.data(), KH, KW, H, W, nullptr, n > 0);
+            }
+            for (int64_t i = 0; i < KH; ++i)
+                unpack_row(acc.data() + i * KW * 8, lanes, KW, gw + c0 * KH * KW + i * KW, KH * KW, 1);
+        }
     }
 }
 
-// Weight gradient: channel blocks [cb0, cb1); xp (N, CB, H+KH-1, W+KW-1, 8), g (N, CB, H, W, 8),
-// gw (CB, KH, KW, 8) overwritten with sum_n corr(xp[n, cb], g[n, cb]).
-void dw_wgrad_blocked(const float* xp, const float* g, float* gw, int64_t N, int64_t CB, int64_t H, int64_t W,
-                      int64_t KH, int64_t KW, int64_t cb0, int64_t cb1, int64_t nthreads) {
-    const int64_t in_plane = (H + KH - 1) * (W + KW - 1) * 8, g_plane = H * W * 8, k_plane = KH * KW * 8;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int64_t cb = cb0; cb < cb1; ++cb)
-        for (int64_t n = 0; n < N; ++n) {
-            const int64_t p = n * CB + cb;
-            corr_plane(xp + p * in_plane, g + p * g_plane, gw + cb * k_plane, KH, KW, H, W, nullptr, n > 0);
+// Forward (or, with a flipped weight view, input gradient) in one pass: per (image, 8-channel block) plane, a
+// thread packs the padded input plane and its 8 weight vectors into its own buffers (cache-resident), correlates,
+// and writes the plane to y in y's own layout. x (N, C, H, W) and y (N, C, H, W) with element strides; w is
+// (C, KH, KW) with strides (swC, swH, swW) (negative for the flipped kernel); b (C) contiguous or null.
+void dw_conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
+                   int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
+                   int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
+    const int64_t CB = (C + 7) / 8, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> xin(Hp * Wp * 8), ker(KH * KW * 8), out(H * W * 8);
+        float bias[8];
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t p = 0; p < N * CB; ++p) {
+            const int64_t n = p / CB, c0 = (p % CB) * 8, lanes = lane_count(C, c0);
+            const float* xp = x + n * sN + c0 * sC;
+            for (int64_t r = 0; r < Hp; ++r) pack_row(xp, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * 8);
+            for (int64_t i = 0; i < KH; ++i)
+                pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, ker.data() + i * KW * 8);
+            if (b)
+                for (int64_t l = 0; l < 8; ++l) bias[l] = l < lanes ? b[c0 + l] : 0.f;
+            corr_plane(xin.data(), ker.data(), out.data(), H, W, KH, KW, b ? bias : nullptr, false);
+            float* yp = y + n * yN + c0 * yC;
+            for (int64_t h = 0; h < H; ++h) unpack_row(out.data() + h * W * 8, lanes, W, yp + h * yH, yC, yW);
         }
-}
-
-// Layout copies, strides in elements (any memory format of an (N, C, H, W) tensor).
-// Pack: out (N, CB, H+2ph, W+2pw, 8) = x zero-padded by (ph, pw), channels beyond C zero.
-void dw_pack(const float* x, float* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
-             int64_t sH, int64_t sW, int64_t ph, int64_t pw, int64_t nthreads) {
-    const int64_t CB = (C + 7) / 8, Hp = H + 2 * ph, Wp = W + 2 * pw;
-#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
-    for (int64_t p = 0; p < N * CB; ++p)
-        for (int64_t r = 0; r < Hp; ++r) {
-            const int64_t n = p / CB, c0 = (p % CB) * 8, lanes = (C - c0) < 8 ? (C - c0) : 8;
-            float* o = out + (p * Hp + r) * Wp * 8;
-            const int64_t h = r - ph;
-            if (h < 0 || h >= H) {
-                std::memset(o, 0, sizeof(float) * Wp * 8);
-                continue;
-            }
-            std::memset(o, 0, sizeof(float) * pw * 8);
-            std::memset(o + (pw + W) * 8, 0, sizeof(float) * pw * 8);
-            const float* xr = x + n * sN + c0 * sC + h * sH;
-            float* orow = o + pw * 8;
-            if (sC == 1 && lanes == 8) {
-                for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * 8, xr + w * sW, sizeof(float) * 8);
-            } else {
-                for (int64_t l = 0; l < 8; ++l)  // lane-outer: contiguous reads along W for NCHW inputs
-                    for (int64_t w = 0; w < W; ++w) orow[w * 8 + l] = l < lanes ? xr[w * sW + l * sC] : 0.f;
-            }
-        }
-}
-
-// Unpack: y (N, CB, H, W, 8) -> out (N, C, H, W) with the given strides.
-void dw_unpack(const float* y, float* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
-               int64_t sH, int64_t sW, int64_t nthreads) {
-    const int64_t CB = (C + 7) / 8;
-#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
-    for (int64_t p = 0; p < N * CB; ++p)
-        for (int64_t h = 0; h < H; ++h) {
-            const int64_t n = p / CB, c0 = (p % CB) * 8, lanes = (C - c0) < 8 ? (C - c0) : 8;
-            const float* yr = y + (p * H + h) * W * 8;
-            float* orow = out + n * sN + c0 * sC + h * sH;
-            if (sC == 1 && lanes == 8) {
-                for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * sW, yr + w * 8, sizeof(float) * 8);
-            } else {
-                for (int64_t l = 0; l < lanes; ++l)
-                    for (int64_t w = 0; w < W; ++w) orow[w * sW + l * sC] = yr[w * 8 + l];
-            }
-        }
+    }
 }
 
 }  // extern "C"
