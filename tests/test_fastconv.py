@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -330,3 +331,24 @@ def test_cpp_kernels_read_any_layout(c, layout):
         assert _rel(got, exp) <= 1e-5
         assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
                                  torch.contiguous_format)
+
+
+def test_autotune_never_counts_a_one_time_build_of_a_candidate(monkeypatch, tmp_path):
+    """A candidate whose first call pays a one-time cost (a JIT build) still wins when its steady state is the
+    fastest: the warm-up call is not timed."""
+    x = torch.randn(1, 4, 8, 8)
+    w = torch.randn(4, 1, 17, 17)
+    seen = set()
+
+    def fake_run(name, xs, ws, bs):
+        if name == "channels_last" and name not in seen:
+            time.sleep(0.3)  # "compiling"
+        seen.add(name)
+        time.sleep({"channels_last": 0.001, "cpp": 0.02}.get(name, 0.01))
+        return _ref(xs, ws, bs)
+
+    monkeypatch.setattr(dispatch, "run_backend", fake_run)
+    monkeypatch.setattr(dispatch, "candidates", lambda *a: (["cpp", "channels_last"], {}))
+    with torch.no_grad():
+        d = dispatch.decide(x, w, None)
+    assert d["backend"] == "channels_last" and d["times_ms"]["channels_last"] < 10, d
