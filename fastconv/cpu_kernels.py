@@ -142,7 +142,7 @@ def cpp_multithreaded() -> bool:
     return lib is not None and (bool(lib.dw_has_openmp()) or _threads() == 1)
 
 
-def cpp_conv_nhwc(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: bool = False) -> torch.Tensor:
+def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: bool = False) -> torch.Tensor:
     """Depthwise same conv of ``x`` (N,C,H,W any format) with ``w`` (C,1,KH,KW) (flipped in both axes if ``flip``:
     the input gradient) through the C++ kernel in one fused pass (``dw_conv_fused``: per-plane packing, the
     register-tiled correlation and the write-back); returns an (N,C,H,W) tensor in ``x``'s memory format."""

@@ -73,7 +73,7 @@ def _fwd(backend, x, w, b):
     if backend == "channels_last":
         return ck.onednn_conv_cl(x, w, b)
     if backend == "cpp":
-        return ck.cpp_conv_nhwc(x, w, b)
+        return ck.cpp_conv(x, w, b)
     if backend == "triton":
         return _triton().dwconv_forward(_nhwc_on_gpu(x), w, b)
     raise AssertionError(backend)
@@ -83,7 +83,7 @@ def _grad_input(backend, g, w):
     if backend == "channels_last":
         return ck.onednn_conv_cl(g, w.flip(-1, -2), None)
     if backend == "cpp":
-        return ck.cpp_conv_nhwc(g, w, None, flip=True)
+        return ck.cpp_conv(g, w, None, flip=True)
     if backend == "triton":
         return _triton().dwconv_backward_input(_nhwc_on_gpu(g), w)
     raise AssertionError(backend)

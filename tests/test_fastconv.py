@@ -326,7 +326,7 @@ def test_cpp_kernels_read_any_layout(c, layout):
     w = torch.randn(c, 1, 5, 3, generator=g)
     bias = torch.randn(c, generator=g)
     for flip in (False, True):  # the fused forward reads any strides and writes x's layout
-        got = ck.cpp_conv_nhwc(x, w, bias, flip=flip)
+        got = ck.cpp_conv(x, w, bias, flip=flip)
         exp = F.conv2d(x, w.flip(-1, -2) if flip else w, bias, padding=(2, 1), groups=c)
         assert _rel(got, exp) <= 1e-5
         assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else

@@ -123,11 +123,12 @@ def distribution_stats(erf, shares=RADIUS_SHARES) -> dict | None:
     return out
 
 
-def fit_gaussian(erf) -> dict | None:
+def fit_gaussian(erf, stats: dict | None = None) -> dict | None:
     """Least-squares fit of an axis-aligned 2-D Gaussian a exp(-(x-x0)^2/2sx^2 - (y-y0)^2/2sy^2) + c to A / max.
 
     Returns sigma_y, sigma_x (pixels), center (y, x), amplitude, offset, R^2 (on A / max) and whether the
     optimizer converged; None for an all-zero map. Luo et al. (2016) show ERFs are approximately Gaussian.
+    ``stats``: the map's ``distribution_stats`` when the caller has them (the start point), else computed.
 
     Levenberg-Marquardt on the separable structure: every Jacobian column is an outer product u_k v_k^T, so
     J^T J = (U^T U) * (V^T V) and J^T r = diag(U^T R V) cost O(H W) per step without forming the (H W x 6)
@@ -139,7 +140,7 @@ def fit_gaussian(erf) -> dict | None:
         return None
     z = a / m
     h, w = z.shape
-    stats = distribution_stats(a)
+    stats = stats or distribution_stats(a)
     cy, cx = stats["center_of_mass"]
     p0 = np.array([1.0, cy, cx, max(stats["std"]["y"], 0.5), max(stats["std"]["x"], 0.5), 0.0])
     lo = np.array([0.0, -h, -w, 1e-3, 1e-3, -1.0])
@@ -160,11 +161,19 @@ def _separable_gaussian_lm(z: np.ndarray, p: np.ndarray, lo: np.ndarray, hi: np.
     collapse onto the lower bound from a far start)."""
     h, w = z.shape
     ys, xs = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
-    to_q = np.array([0, 0, 0, 1, 1, 0], dtype=bool)          # entries held as logarithms
-    qlo, qhi = np.where(to_q, np.log(lo.clip(1e-300)), lo), np.where(to_q, np.log(hi), hi)
+    widths = slice(3, 5)                                      # sy, sx are held as logarithms
+
+    def to_q(v):
+        q = np.array(v, dtype=np.float64)
+        q[widths] = np.log(q[widths])
+        return q
 
     def params(q):
-        return np.where(to_q, np.exp(np.where(to_q, q, 0.0)), q)
+        v = q.copy()
+        v[widths] = np.exp(q[widths])
+        return v
+
+    qlo, qhi = to_q(lo), to_q(hi)
 
     def evaluate(q):
         amp, y0, x0, sy, sx, c = params(q)
@@ -173,7 +182,7 @@ def _separable_gaussian_lm(z: np.ndarray, p: np.ndarray, lo: np.ndarray, hi: np.
         r = amp * np.outer(gy, gx) + (c - z)
         return r, float(np.vdot(r, r)), (gy, gx, dy, dx)
 
-    q = np.where(to_q, np.log(np.clip(p, lo, hi).clip(1e-300)), np.clip(p, lo, hi))
+    q = to_q(np.clip(p, lo, hi))
     r, cost, parts = evaluate(q)
     lam, converged = 1e-2, False
     one_h, one_w = np.ones(h), np.ones(w)
@@ -248,7 +257,7 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
         "peak": {"value": float(a.max()), "position": [int(peak[0]), int(peak[1])]},
         "total": total,
         "distribution": dist,
-        "gaussian_fit": fit_gaussian(a) if gaussian and total > 0 else None,
+        "gaussian_fit": fit_gaussian(a, dist) if gaussian and total > 0 else None,
         "theoretical_rf": int(theoretical_rf) if theoretical_rf is not None else None,
         "erf_to_trf": None,
         "flags": flags,
