@@ -44,6 +44,41 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Create the output folder ``path`` (parents too) and check that files can be written there, before any
+    work starts; ErfLabError (one line) when ``path`` or one of its parents is a file, or the folder is not
+    writable (read-only filesystem, permissions)."""
+    from erf_lab.errors import ErfLabError
+
+    p = Path(path).expanduser()
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == p else f"lies under a file ({parent})"
+            raise ErfLabError(f"{what} {p} {where}; choose a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ErfLabError(f"{what} {p} is not writable: {e.strerror or type(e).__name__}") from None
+    return p
+
+
+def read_json_or_none(path: str | os.PathLike) -> Any:
+    """The parsed JSON of ``path``, or None when it is missing or corrupt."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

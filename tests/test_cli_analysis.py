@@ -10,7 +10,7 @@ from PIL import Image
 
 from erf_lab.cli.main import main
 from erf_lab.erf.metrics import compute_metrics
-from erf_lab.erf.report import write_run_dir
+from erf_lab.erf.rundir import write_run_dir
 
 TINY = ["--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)", "--input-size", "64",
         "--num-images", "1", "--quiet"]

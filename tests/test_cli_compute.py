@@ -8,10 +8,17 @@ import torch
 from erf_lab.cli.options import parse_overrides
 from erf_lab.cli.main import main
 from erf_lab.errors import ErfLabError
-from erf_lab.erf.run import run_compute
+from erf_lab.erf.runner import ErfSpec, run_erf
 
 TINY = ["--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)"]
 TINY_KW = {"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}
+
+
+def run_compute(model, *, out, overrides=None, show_progress=False, on_batch=None, resume=False, force=False,
+                checkpoint_seconds=0.0, **spec):
+    """One tiny ERF run through the runner (what ``erf-lab compute`` calls)."""
+    return run_erf(ErfSpec(model=model, overrides=overrides or {}, **spec), out=out, resume=resume, force=force,
+                   show_progress=show_progress, on_batch=on_batch, checkpoint_seconds=checkpoint_seconds)
 
 
 def _cli(capsys, *argv):
@@ -45,10 +52,11 @@ def test_compute_writes_complete_run_dir(tmp_path, capsys):
     assert info["num_skipped"] == 0 and info["skipped"] == []
     assert info["reparameterized"] is True and info["batch_size"] == 2 and info["world_size"] == 1
     assert info["theoretical_rf"] == 1211 and info["seed"] == 0 and info["device"] == "cpu"
-    assert info["weights"] is None and info["weights_sha256"] is None
-    for k in ("erf-lab", "torch", "captum", "numpy"):
-        assert k in info["versions"]
-    assert info["start_time"] <= info["end_time"] and info["command"][0] == "erf-lab"
+    assert info["weights"] is None and info["weights_sha256"] is None and info["random_init"] is True
+    assert info["schema_version"] == 1 and info["kind"] == "erf" and info["config"]["input_size"] == 32
+    for k in ("erf_lab", "torch", "captum", "numpy"):
+        assert k in info["provenance"]["versions"]
+    assert info["start_time"] <= info["end_time"] and info["provenance"]["argv"][0] == "erf-lab"
     # a complete run is never overwritten without --force
     code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "2", "--input-size", "32", "--out", str(out))
     assert code == 2 and "already holds a complete run" in err and err.count("\n") == 1
@@ -74,7 +82,7 @@ class _Interrupt(Exception):
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
-    kw = dict(overrides=TINY_KW, num_images=4, input_size=32, show_progress=False, checkpoint_every=1)
+    kw = dict(overrides=TINY_KW, num_images=4, input_size=32)
     full = run_compute("replknet_31b", out=tmp_path / "full", **kw)
     seen = []
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from erf_lab.erf import distributed as D
-from erf_lab.erf.run import run_compute
+from erf_lab.erf.runner import ErfSpec, run_erf
 
 ARGS = ["--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)",
         "--num-images", "3", "--input-size", "32", "--quiet"]
@@ -29,8 +29,9 @@ def test_shard_takes_every_nth_image():
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    single = run_compute("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)},
-                         num_images=3, input_size=32, out=tmp_path / "one", show_progress=False)
+    spec = ErfSpec("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, num_images=3,
+                   input_size=32)
+    single = run_erf(spec, out=tmp_path / "one", show_progress=False)
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)

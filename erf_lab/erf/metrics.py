@@ -16,7 +16,7 @@ import numpy as np
 from erf_lab.errors import ErfLabError
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
-RADIUS_SHARES = (0.5, 0.9)
+RADIUS_SHARES = (0.2, 0.5, 0.9, 0.99)
 
 
 def validate_erf(erf) -> np.ndarray:
@@ -283,6 +283,8 @@ def summary(metrics: dict) -> dict:
     s["std_y"] = d.get("std", {}).get("y")
     s["std_x"] = d.get("std", {}).get("x")
     s["r_rms"] = d.get("r_rms")
+    for share in RADIUS_SHARES:
+        s[f"r{round(share * 100)}"] = d.get(f"r{round(share * 100)}")
     g = metrics.get("gaussian_fit") or {}
     s["gauss_sigma_y"], s["gauss_sigma_x"], s["gauss_r2"] = g.get("sigma_y"), g.get("sigma_x"), g.get("r2")
     s["trf"] = metrics.get("theoretical_rf")

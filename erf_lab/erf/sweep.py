@@ -1,9 +1,12 @@
-"""How the ERF grows with kernel size and with structural re-parameterization (``erf-lab sweep``).
+"""How the ERF changes with kernel size, input size and structural re-parameterization (``erf-lab sweep``).
 
 The kernel family is the one of RepLKNet's kernel-size study (Ding et al., CVPR 2022, Table 5): the registered
 ``replknet_3/7/13/25`` and ``replknet_31b`` (kernels 31-29-27-13); any other K uses the 31B layout with kernels
-(K, K, K, min(K, 13)) and a 5x5 re-param branch when K > 5. Every (K, mode) is its own run directory
-(:func:`erf_lab.erf.report.write_run_dir`); the sweep adds a heatmap grid, growth curves and a table.
+(K, K, K, min(K, 13)) and a 5x5 re-param branch when K > 5. Every member is its own run directory written by the
+one runner (:func:`erf_lab.erf.runner.run_erf`); the sweep adds a heatmap grid, growth curves and a table.
+Across input sizes, the paper's area ratios are fractions of the image (they shrink as the image grows even when
+the ERF in pixels does not), so the size-free metrics (r_rms, r50 / r99, Gaussian sigma, in pixels) are reported
+beside them.
 The train-time and deploy (re-parameterized) forms compute the same function, so their ERFs must agree
 (Ding et al. 2022, Sec. 3, Guideline 2); the sweep reports the largest difference.
 """
@@ -16,14 +19,15 @@ from typing import Sequence
 import numpy as np
 
 from erf_lab.erf.metrics import summary
-from erf_lab.erf.report import csv_text, load_run, markdown_table, provenance, write_run_dir, write_text
+from erf_lab.erf.tables import csv_text, markdown_table
 from erf_lab.errors import ErfLabError
-from erf_lab.io import progress, write_json
+from erf_lab.io import progress, write_json, write_text
+from erf_lab.provenance import provenance
 
 REPARAM_MODES = {"train": ("train",), "deploy": ("deploy",), "both": ("train", "deploy")}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 SWEEP_COLUMNS = ("kernel", "reparam", "model", "shape", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms",
-                 "std_y", "std_x", "gauss_sigma_x", "gauss_r2", "trf", "erf/trf", "num_used", "run_dir")
+                 "r50", "r99", "std_y", "std_x", "gauss_sigma_x", "gauss_r2", "trf", "erf/trf", "num_used", "run_dir")
 
 
 def parse_kernels(text: str | Sequence[int]) -> list[int]:
@@ -71,105 +75,145 @@ def find_weights(weights_dir: str | os.PathLike, k: int) -> Path:
     return hits[0]
 
 
-def _build(k: int, init: str, weights_dir, overrides: dict, seed: int):
-    import torch
+SIZE_FREE_METRICS = (
+    ("r_rms", "effective radius r_rms (px)"),
+    ("gauss_sigma_x", "Gaussian sigma (px)"),
+    ("r50", "radius holding 50% (px)"),
+    ("r99", "radius holding 99% (px)"),
+)
+AREA_METRICS = (("area@20%", "area ratio t=20% (%)"), ("area@50%", "area ratio t=50% (%)"),
+                ("area@99%", "area ratio t=99% (%)"))
 
-    from erf_lab.models import create_model
 
-    name, fam = kernel_family_member(k)
-    clash = [key for key in ("large_kernel_sizes", "kernels") if key in overrides]
+def parse_sizes(text: str | Sequence[int]) -> list[int]:
+    """'224,384' -> [224, 384]: positive odd-or-even integers, no duplicates, at most the runner's maximum."""
+    from erf_lab.erf.runner import MAX_INPUT_SIZE
+
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        sizes = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise ErfLabError(f"--input-sizes expects comma-separated integers, got {text!r}") from None
+    if not sizes:
+        raise ErfLabError("--input-sizes is empty")
+    bad = [v for v in sizes if v < 1 or v > MAX_INPUT_SIZE]
+    if bad:
+        raise ErfLabError(f"input sizes must be between 1 and {MAX_INPUT_SIZE}, got {', '.join(map(str, bad))}")
+    if len(set(sizes)) != len(sizes):
+        raise ErfLabError(f"duplicate input sizes in {text!r}")
+    return sizes
+
+
+def _members(ks, sizes, model, weights, init, weights_dir, overrides):
+    """(sub-dir stem, kernel or None, size, model name, model kwargs, weights) for every swept member."""
+    clash = [key for key in ("large_kernel_sizes", "kernels") if key in overrides and ks]
     if clash:
         raise ErfLabError(f"--override {clash[0]} conflicts with the swept kernel size (set by --kernels)")
-    kwargs = {**fam, **overrides}
-    weights = find_weights(weights_dir, k) if init == "weights" else None
-    torch.manual_seed(seed)  # same seed for every K: the only difference between members is the kernel
-    model = create_model(name, weights=None if weights is None else str(weights), **kwargs)
-    return name, kwargs, weights, model.eval()
+    out = []
+    for k in ks or [None]:
+        if k is None:
+            name, kwargs, w = model, dict(overrides), weights
+        else:
+            name, fam = kernel_family_member(k)
+            kwargs = {**fam, **overrides}
+            w = str(find_weights(weights_dir, k)) if init == "weights" else None
+        for size in sizes:
+            parts = ([f"K{k}"] if k is not None else []) + ([f"S{size}"] if len(sizes) > 1 or k is None else [])
+            out.append(("-".join(parts), k, size, name, kwargs, w))
+    return out
 
 
-def run_sweep(kernels: Sequence[int], *, reparam: str = "both", init: str = "random",
+def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int] | None = None,
+              model: str = "replknet_31b", weights: str | None = None, reparam: str = "both", init: str = "random",
               weights_dir: str | os.PathLike | None = None, input_size: int = 1024, images: str | None = None,
               num_images: int | None = None, overrides: dict | None = None, out: str | os.PathLike = "sweep",
               formats: Sequence[str] = ("png", "pdf"), seed: int = 0, layer: str | None = None,
               aggregate: str = "relu", batch_size: int = 1, device: str = "cpu", show_progress: bool = True,
               argv: Sequence[str] | None = None) -> dict:
-    """Measure the ERF of each kernel-family member (train-time and/or deploy form) and summarise.
+    """ERF of each kernel-family member and / or each input size (train-time and/or deploy form), summarised.
 
-    Writes ``out/K<k>-<mode>/`` run directories (reused when their run.json records the same settings),
-    ``grid.<fmt>`` (rows: mode, columns: K, one colour scale), ``growth.<fmt>`` (metrics vs K, a line per
-    mode), ``sweep.csv`` / ``sweep.md`` and ``sweep.json`` last (provenance, rows, train-vs-deploy
-    differences). Returns ``{"rows", "reparam_diff", "files", "out_dir"}``.
+    Every member is one :func:`erf_lab.erf.runner.run_erf` run directory ``out/<K..>-<S..>-<mode>/`` (reused when
+    complete with the same settings); the sweep adds ``grid.<fmt>`` (heatmaps: rows = kernel x mode, columns = the
+    swept axis), ``growth.<fmt>`` (area ratios and size-free metrics against the swept axis), ``sweep.csv`` /
+    ``sweep.md`` and ``sweep.json`` last. Returns ``{"rows", "reparam_diff", "files", "out_dir", "markdown"}``.
     """
-    from erf_lab.erf.compute import compute_erf
-    from erf_lab.erf.images import load_images, model_mean_std
     from erf_lab.erf.plotting import plot_grid, plot_growth
-    from erf_lab.erf.receptive_field import theoretical_rf
+    from erf_lab.erf.rundir import load_run
+    from erf_lab.erf.runner import ErfSpec, run_erf
+    from erf_lab.io import prepare_out_dir
 
-    ks = parse_kernels(kernels)
+    ks = parse_kernels(kernels) if kernels is not None else []
+    sizes = parse_sizes(input_sizes) if input_sizes is not None else [int(input_size)]
+    if not ks and input_sizes is None:
+        raise ErfLabError("give --kernels, --input-sizes or both")
     if reparam not in REPARAM_MODES:
         raise ErfLabError(f"--reparam must be train, deploy or both, got {reparam!r}")
     if init not in ("random", "weights"):
         raise ErfLabError(f"--init must be random or weights, got {init!r}")
-    if init == "weights" and weights_dir is None:
+    if init == "weights" and weights_dir is None and ks:
         raise ErfLabError("--init weights needs --weights-dir (one checkpoint per kernel size)")
-    if int(input_size) < 1:
-        raise ErfLabError(f"--input-size must be a positive integer, got {input_size}")
     overrides = dict(overrides or {})
     modes = REPARAM_MODES[reparam]
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    params = {"kernels": ks, "reparam": reparam, "init": init, "weights_dir": None if weights_dir is None else
-              str(Path(weights_dir).resolve()), "input_size": int(input_size), "images": images or "default",
-              "num_images": num_images, "overrides": overrides, "seed": int(seed), "layer": layer or "forward_features",
-              "aggregate": aggregate, "batch_size": int(batch_size), "device": device, "formats": list(formats)}
+    members = _members(ks, sizes, model, weights, init, weights_dir, overrides)
+    specs = {(stem, mode): (k, size, ErfSpec(
+        model=name, weights=w, overrides=kwargs, images=images, num_images=num_images, input_size=size, layer=layer,
+        aggregate=aggregate, batch_size=batch_size, device=device, reparameterize=(mode == "deploy"),
+        seed=seed).validate()) for stem, k, size, name, kwargs, w in members for mode in modes}
+    out_dir = prepare_out_dir(out)
+    params = {"kernels": ks, "input_sizes": sizes, "model": None if ks else model, "reparam": reparam, "init": init,
+              "weights_dir": None if weights_dir is None else str(Path(weights_dir).resolve()), "images": images or
+              "default", "num_images": num_images, "overrides": {k: repr(v) for k, v in overrides.items()},
+              "seed": int(seed), "layer": layer or "forward_features", "aggregate": aggregate,
+              "batch_size": int(batch_size), "device": device, "formats": list(formats)}
 
-    rows, maps, diffs = [], {}, []
-    bar = progress(total=len(ks) * len(modes), desc="sweep", unit="run", disable=not show_progress)
+    rows, maps = [], {}
+    bar = progress(total=len(specs), desc="sweep", unit="run", disable=not show_progress)
     try:
-        for k in ks:
-            name, kwargs, weights, model = _build(k, init, weights_dir, overrides, seed)
-            mean, std = model_mean_std(model)
-            source = load_images(images, num_images=num_images, input_size=int(input_size), mean=mean, std=std)
-            trf = theoretical_rf(model, layer)
-            for mode in modes:
-                sub = out_dir / f"K{k}-{mode}"
-                key = {"kernel": k, "mode": mode, "model": name, "model_kwargs": _jsonable(kwargs),
-                       "weights": None if weights is None else str(weights.resolve()), **{
-                           p: params[p] for p in ("init", "input_size", "images", "num_images", "seed", "layer",
-                                                  "aggregate")}}
-                run = _reuse(sub, key)
-                if run is None:
-                    res = compute_erf(model, source, layer=layer, aggregate=aggregate, batch_size=batch_size,
-                                      device=device, reparameterize=(mode == "deploy"), show_progress=False)
-                    info = {"label": f"K={k} {mode}", "model": name, "sweep_key": key, "kernel": k,
-                            "reparam": mode, "theoretical_rf": trf, "layer": res.layer, "input_size": res.input_size,
-                            "num_used": res.num_used, "num_skipped": res.num_skipped, "skipped": res.skipped,
-                            "image_list": [p for p in res.processed if p not in {s[0] for s in res.skipped}],
-                            **provenance("sweep", params, argv)}
-                    metrics = write_run_dir(sub, res.erf, info, theoretical_rf=trf, formats=formats)
-                    erf, num_used = res.erf, res.num_used
-                else:
-                    erf, metrics, num_used = run.erf, run.metrics, (run.run_info or {}).get("num_used")
-                maps[(k, mode)] = erf
-                rows.append({"kernel": k, "reparam": mode, "model": name, "num_used": num_used,
-                             "run_dir": sub.name, **summary(metrics)})
-                bar.update(1)
-            if len(modes) == 2:
-                a, b = maps[(k, "train")], maps[(k, "deploy")]
-                scale = float(np.abs(a).max()) or 1.0
-                diffs.append({"kernel": k, "max_abs_diff": float(np.abs(a - b).max()),
-                              "max_rel_diff": float(np.abs(a - b).max()) / scale})
+        for (stem, mode), (k, size, spec) in specs.items():
+            sub = out_dir / f"{stem}-{mode}"
+            what = " ".join(p for p in (f"K={k}" if k is not None else spec.model, f"{size}px", mode) if p)
+            res = run_erf(spec, out=sub, reuse=True, label=what, tags={"sweep": {"kernel": k, "input_size": size,
+                          "reparam": mode}}, formats=formats, show_progress=False, argv=argv)
+            run = load_run(sub)
+            maps[(stem, mode)] = run.erf
+            rows.append({"kernel": k, "input_size": size, "reparam": mode, "model": spec.model,
+                         "num_used": run.run_info.get("num_used"), "run_dir": sub.name,
+                         "reused": res["already_complete"], **summary(run.metrics or res["metrics"])})
+            bar.update(1)
     finally:
         bar.close()
+    diffs = []
+    if len(modes) == 2:
+        for stem in dict.fromkeys(m[0] for m in members):
+            a, b = maps[(stem, "train")], maps[(stem, "deploy")]
+            scale = float(np.abs(a).max()) or 1.0
+            diffs.append({"member": stem, "max_abs_diff": float(np.abs(a - b).max()),
+                          "max_rel_diff": float(np.abs(a - b).max()) / scale})
 
-    files = plot_grid([[maps[(k, m)] for k in ks] for m in modes], [f"{m}" for m in modes],
-                      [f"K = {k}" for k in ks], out_dir / "grid", formats=formats)
-    files += plot_growth(rows, out_dir / "growth", x="kernel", group="reparam", formats=formats)
-    write_text(out_dir / "sweep.csv", csv_text(rows, SWEEP_COLUMNS))
-    md = markdown_table(rows, SWEEP_COLUMNS)
+    by_size = input_sizes is not None
+    axis = sizes if by_size else ks
+    row_keys = [(k, mode) for k in (ks if (ks and by_size) else [None]) for mode in modes]
+
+    def cell(k, mode, v):
+        stem = next(m[0] for m in members if (m[1] == k or k is None) and (m[2] == v if by_size else m[1] == v))
+        return maps[(stem, mode)]
+
+    files = plot_grid([[cell(k, mode, v) for v in axis] for k, mode in row_keys],
+                      [f"K={k} {mode}" if k is not None else mode for k, mode in row_keys],
+                      [f"{v}px" if by_size else f"K = {v}" for v in axis], out_dir / "grid", formats=formats)
+    x = "input_size" if by_size else "kernel"
+    group = "kernel" if (ks and by_size and len(modes) == 1) else "reparam"
+    metric_set = AREA_METRICS + SIZE_FREE_METRICS if by_size else AREA_METRICS + SIZE_FREE_METRICS[:1]
+    files += plot_growth(rows, out_dir / "growth", x=x, group=group, metrics=metric_set, formats=formats)
+    columns = ("input_size",) + SWEEP_COLUMNS if by_size else SWEEP_COLUMNS
+    write_text(out_dir / "sweep.csv", csv_text(rows, columns))
+    md = markdown_table(rows, columns)
+    if by_size:
+        md += ("\n\nArea ratios are fractions of the image and shrink as the image grows even when the ERF in pixels "
+               "does not; compare r_rms, r50/r99 and the Gaussian sigma (pixels) across input sizes.")
     if diffs:
         md += "\n\ntrain vs deploy (re-parameterized) ERF, largest difference:\n\n" + markdown_table(
-            diffs, ("kernel", "max_abs_diff", "max_rel_diff"))
+            diffs, ("member", "max_abs_diff", "max_rel_diff"))
     write_text(out_dir / "sweep.md", md + "\n")
     files += [out_dir / "sweep.csv", out_dir / "sweep.md"]
     record = provenance("sweep", params, argv)
@@ -177,28 +221,3 @@ def run_sweep(kernels: Sequence[int], *, reparam: str = "both", init: str = "ran
     write_json(out_dir / "sweep.json", record)
     files.append(out_dir / "sweep.json")
     return {"rows": rows, "reparam_diff": diffs, "files": files, "out_dir": out_dir, "markdown": md}
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _reuse(sub: Path, key: dict):
-    """The finished run in ``sub`` when its run.json records exactly ``key`` (else None: recompute)."""
-    if not (sub / "run.json").is_file():
-        return None
-    try:
-        run = load_run(sub)
-    except ErfLabError:
-        return None
-    stored = (run.run_info or {}).get("sweep_key")
-    if stored is None or _norm(stored) != _norm(key) or run.metrics is None:
-        return None
-    return run
-
-
-def _norm(obj):
-    import json
-
-    return json.loads(json.dumps(obj, default=str))
-

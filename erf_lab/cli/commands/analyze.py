@@ -23,7 +23,7 @@ def run(args) -> int:
     import json
 
     from erf_lab.erf.plotting import parse_formats
-    from erf_lab.erf.report import analyze
+    from erf_lab.erf.analysis import analyze
 
     res = analyze(args.path, out=args.out, formats=parse_formats(args.formats),
                   theoretical_rf=args.theoretical_rf, argv=sys.argv)

@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from erf_lab.erf.plotting import parse_formats
-    from erf_lab.erf.report import compare
+    from erf_lab.erf.analysis import compare
 
     labels = args.labels
     if labels is not None and len(labels) == 1 and "," in labels[0]:

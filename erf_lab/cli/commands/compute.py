@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="large depthwise conv implementation (default fastconv)")
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
     p.add_argument("--seed", type=int, default=0, help="seed for random initialization (default 0)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="the model's training resolution in pixels (default: from the model or checkpoint name); "
+                        "a measurement more than 2x away from it is flagged")
+    p.add_argument("--checkpoint-seconds", type=float, default=30.0,
+                   help="save resumable progress at most this often (default 30; 0 = after every batch)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -48,20 +53,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from erf_lab.erf.run import run_compute
+    from erf_lab.erf.runner import ErfSpec, run_erf
 
     if args.resume and not args.out:
         raise ErfLabError("--resume needs --out DIR (the folder of the interrupted run)")
+    spec = ErfSpec(model=args.model, weights=args.weights, drop_head=args.drop_head,
+                   overrides=parse_overrides(args.override), images=args.images, num_images=args.num_images,
+                   input_size=args.input_size, layer=args.layer, aggregate=args.aggregate, batch_size=args.batch_size,
+                   device=args.device, reparameterize=not args.no_reparam, channels_last=not args.no_channels_last,
+                   conv_backend=args.conv_backend, seed=args.seed, train_size=args.train_size)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        res = run_compute(
-            args.model, weights=args.weights, drop_head=args.drop_head, overrides=parse_overrides(args.override),
-            images=args.images, num_images=args.num_images, input_size=args.input_size, layer=args.layer,
-            aggregate=args.aggregate, batch_size=args.batch_size, device=args.device, out=args.out,
-            resume=args.resume, force=args.force, reparameterize=not args.no_reparam,
-            channels_last=not args.no_channels_last, conv_backend=args.conv_backend, seed=args.seed,
-            show_progress=not args.quiet, argv=["erf-lab", *sys.argv[1:]],
-        )
+        res = run_erf(spec, out=args.out, resume=args.resume, force=args.force, show_progress=not args.quiet,
+                      checkpoint_seconds=max(0.0, args.checkpoint_seconds), argv=["erf-lab", *sys.argv[1:]])
     if res["already_complete"]:
         print(f"{res['out_dir']} already holds a complete run; nothing to resume")
         return 0
@@ -70,12 +74,12 @@ def run(args: argparse.Namespace) -> int:
     info = res["run_info"]
     print(f"ERF of {info['model']} at {info['layer']} over {info['num_used']} image(s) "
           f"({info['num_skipped']} skipped), input {info['input_size']}px, theoretical RF {info['theoretical_rf']}px")
-    metrics = res.get("metrics")
-    if metrics is not None:
-        from erf_lab.erf.report import markdown_table, table_rows
+    if info.get("size_note"):
+        print(f"note: {info['size_note']}")
+    from erf_lab.erf.tables import markdown_table, table_rows
 
-        print(markdown_table(table_rows([(info["model"], metrics)])))
-        if info.get("weights") is None:
-            print("(random initialization: pass --weights for a trained checkpoint; paper rows are trained, 1024px)")
+    print(markdown_table(table_rows([(info["model"], res["metrics"])])))
+    if info["random_init"]:
+        print("(random initialization: pass --weights for a trained checkpoint; paper rows are trained, 1024px)")
     print(f"wrote {res['out_dir']}")
     return 0

@@ -4,15 +4,21 @@ from __future__ import annotations
 import sys
 
 NAME = "sweep"
-HELP = "ERF vs kernel size (RepLKNet-3/7/13/25/31 family) and train vs re-parameterized form"
+HELP = "ERF vs kernel size (RepLKNet-3/7/13/25/31 family), vs input size, and train vs re-parameterized form"
 ORDER = 42
-DESCRIPTION = (HELP + ". Each (K, mode) becomes a run directory (reused if already complete with the same "
+DESCRIPTION = (HELP + ". Each member (K, input size, mode) becomes a run directory (reused if already complete with the same "
                "settings); the sweep writes a heatmap grid, growth curves, sweep.csv/.md and sweep.json. With "
                "--reparam both the train-time and deploy ERFs are compared (they should agree).")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--kernels", default="3,7,13,25,31", help="odd kernel sizes, comma-separated (default 3,7,13,25,31)")
+    p.add_argument("--kernels", default=None,
+                   help="odd kernel sizes, comma-separated (default 3,7,13,25,31 unless --input-sizes is given)")
+    p.add_argument("--input-sizes", default=None,
+                   help="input sizes, comma-separated, e.g. 224,384,640,1024: the ERF against input size "
+                        "(alone: of --model; with --kernels: of each member)")
+    p.add_argument("--model", default="replknet_31b", help="model for an --input-sizes sweep without --kernels")
+    p.add_argument("--weights", default=None, help="checkpoint of --model (input-size sweep without --kernels)")
     p.add_argument("--reparam", choices=("train", "deploy", "both"), default="both",
                    help="measure the train-time form, the re-parameterized form, or both (default both)")
     p.add_argument("--init", choices=("random", "weights"), default="random",
@@ -35,9 +41,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from erf_lab.cli.options import parse_overrides
     from erf_lab.erf.plotting import parse_formats
-    from erf_lab.erf.sweep import parse_kernels, run_sweep
+    from erf_lab.erf.sweep import run_sweep
 
-    res = run_sweep(parse_kernels(args.kernels), reparam=args.reparam, init=args.init, weights_dir=args.weights_dir,
+    kernels = args.kernels if args.kernels is not None or args.input_sizes is not None else "3,7,13,25,31"
+    res = run_sweep(kernels, input_sizes=args.input_sizes, model=args.model, weights=args.weights, reparam=args.reparam, init=args.init, weights_dir=args.weights_dir,
                     input_size=args.input_size, images=args.images, num_images=args.num_images,
                     overrides=parse_overrides(args.override), out=args.out, formats=parse_formats(args.formats),
                     seed=args.seed, layer=args.layer, device=args.device, batch_size=args.batch_size,

@@ -1,0 +1,96 @@
+"""``erf-lab analyze`` and ``erf-lab compare``: metrics and figures recomputed from run directories."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from erf_lab.erf.metrics import compute_metrics, summary
+from erf_lab.erf.rundir import METRICS_FILE, load_run
+from erf_lab.erf.tables import csv_text, markdown_table, metrics_text, table_rows
+from erf_lab.errors import ErfLabError
+from erf_lab.io import prepare_out_dir, write_json, write_text
+from erf_lab.provenance import provenance
+
+
+def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, formats: Sequence[str] = ("png", "pdf"),
+            theoretical_rf: int | None = None, argv: Sequence[str] | None = None) -> dict:
+    """Recompute metrics and figures of a run dir or an ``.npy`` (``erf-lab analyze``).
+
+    Writes next to the npy (``metrics.json`` + ``erf.<fmt>`` for ``erf.npy``; ``<stem>.metrics.json`` +
+    ``<stem>.<fmt>`` for another name), or into ``out``; ``analysis.json`` records how. run.json of a
+    run directory is left untouched. Returns ``{"metrics", "files", "out_dir", "text", "label"}``.
+    """
+    from erf_lab.erf.plotting import plot_erf
+
+    run = load_run(path)
+    trf = theoretical_rf if theoretical_rf is not None else run.theoretical_rf
+    metrics = compute_metrics(run.erf, theoretical_rf=trf)
+    out_dir = prepare_out_dir(out if out is not None else run.npy.parent)
+    stem = run.npy.stem
+    prefix = "" if stem == "erf" else f"{stem}."
+    mpath = out_dir / f"{prefix}{METRICS_FILE}"
+    write_json(mpath, metrics)
+    files = [mpath] + plot_erf(run.erf, out_dir / stem, title=run.label, formats=tuple(formats))
+    text = metrics_text(metrics, run.label)
+    record = provenance("analyze", {"source": str(run.npy.resolve()), "out": str(out_dir.resolve()),
+                                    "formats": list(formats), "theoretical_rf": trf}, argv)
+    record["source_run"] = run.run_info
+    record["metrics_summary"] = summary(metrics)
+    record["files"] = [p.name for p in files]
+    write_json(out_dir / f"{prefix}analysis.json", record)
+    return {"metrics": metrics, "files": files + [out_dir / f"{prefix}analysis.json"], "out_dir": out_dir,
+            "text": text, "label": run.label}
+
+
+# ------------------------------------------------------------------------------------------------ compare
+def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None = None,
+            out: str | os.PathLike = "compare", formats: Sequence[str] = ("png", "pdf"),
+            allow_mixed_sizes: bool = False, normalize: str = "each", argv: Sequence[str] | None = None) -> dict:
+    """Side-by-side heatmaps on one colour scale + a metrics table (markdown + CSV) with the paper rows.
+
+    Maps of different sizes are refused (area ratios are relative to the map, so they would not be
+    comparable) unless ``allow_mixed_sizes``: then each panel is drawn at its own size and each map's
+    metrics are computed on its own area (the table's ``shape`` column shows it).
+    Writes ``out/compare.<fmt>``, ``compare.md``, ``compare.csv``, ``compare.json`` (last).
+    """
+    from erf_lab.erf.plotting import plot_comparison
+
+    if not paths:
+        raise ErfLabError("give at least one run directory or .npy file")
+    if labels is not None and len(labels) != len(paths):
+        raise ErfLabError(f"--labels has {len(labels)} names for {len(paths)} runs")
+    runs = [load_run(p) for p in paths]
+    if labels is not None:
+        for r, lab in zip(runs, labels):
+            r.label = lab
+    names = [r.label for r in runs]
+    if len(set(names)) != len(names):  # disambiguate equal labels (e.g. two dirs both named after the model)
+        names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
+        for r, n in zip(runs, names):
+            r.label = n
+    shapes = {r.erf.shape for r in runs}
+    if len(shapes) > 1 and not allow_mixed_sizes:
+        desc = ", ".join(f"{r.label}: {r.erf.shape[0]}x{r.erf.shape[1]}" for r in runs)
+        raise ErfLabError(f"ERF maps differ in size ({desc}); area ratios are relative to the map size and not "
+                          "comparable - use the same --input-size, or pass --allow-mixed-sizes")
+    measured = [(r.label, compute_metrics(r.erf, theoretical_rf=r.theoretical_rf)) for r in runs]
+    rows = table_rows(measured)
+    md = markdown_table(rows)
+    csv_s = csv_text(rows)
+    out_dir = prepare_out_dir(out)
+    figs = plot_comparison([r.erf for r in runs], [r.label for r in runs], out_dir / "compare",
+                           formats=tuple(formats), normalize=normalize)
+    note = ("Area columns: % of the map area inside the smallest centred square holding > t of log10(A+1)/max; "
+            "n/r = not reached, - = not available. Paper rows: Ding et al., CVPR 2022, Table 10 (1024x1024, trained weights).")
+    write_text(out_dir / "compare.md", md + "\n\n" + note + "\n")
+    write_text(out_dir / "compare.csv", csv_s)
+    record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": names,
+                                    "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
+                                    "normalize": normalize}, argv)
+    record["rows"] = rows
+    record["files"] = [p.name for p in figs] + ["compare.md", "compare.csv"]
+    write_json(out_dir / "compare.json", record)
+    return {"rows": rows, "markdown": md, "csv": csv_s, "note": note, "files": figs + [
+        out_dir / "compare.md", out_dir / "compare.csv", out_dir / "compare.json"], "out_dir": out_dir,
+        "metrics": dict(measured)}

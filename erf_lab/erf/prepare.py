@@ -1,0 +1,109 @@
+"""The model as the ERF measurement runs it: a frozen eval-mode copy, re-parameterized, channels_last, with
+fastconv for the large depthwise convolutions (the speed levers; each gives the same function)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn as nn
+
+from erf_lab.errors import ErfLabError
+
+CONV_BACKENDS = ("fastconv", "native")
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(device) -> torch.device:
+    """``torch.device`` for ``device``; ErfLabError for unknown kinds (tpu, cuda:x) and missing CUDA devices."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ErfLabError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ErfLabError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ErfLabError(f"--device {device} requested but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ErfLabError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
+def conv_settings(conv_backend: str, device: torch.device):
+    """How fastconv runs the depthwise convolutions during a measurement: ``native`` forces ``F.conv2d``;
+    ``fastconv`` lets fastconv's dispatcher decide, on the CPU from its cost model without timing (frozen
+    weights need forward + input gradient only; at 448^2 autotuning cost more than it saved)."""
+    import fastconv
+
+    if conv_backend not in CONV_BACKENDS:
+        raise ErfLabError(f"unknown conv backend {conv_backend!r}; choose from {', '.join(CONV_BACKENDS)}")
+    if conv_backend == "native":
+        return fastconv.use(backend="native")
+    return fastconv.use(autotune=False) if torch.device(device).type == "cpu" else contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, *, reparameterize: bool = True, channels_last: bool = True,
+                  conv_backend: str = "fastconv", device: str | torch.device = "cpu",
+                  inplace: bool = False) -> tuple[nn.Module, dict]:
+    """A frozen eval-mode copy of ``model`` (``inplace``: the model itself) with the speed levers applied;
+    returns (model, info). Run it inside :func:`conv_settings` (``compute_erf`` does)."""
+    import fastconv
+
+    from erf_lab.models import reparameterize_model
+
+    if conv_backend not in CONV_BACKENDS:
+        raise ErfLabError(f"unknown conv backend {conv_backend!r}; choose from {', '.join(CONV_BACKENDS)}")
+    # ~2000 small memory-bound tensor ops: fork/join of a 2nd OpenMP thread costs more than it saves
+    with num_threads(1):
+        m = (model if inplace else copy.deepcopy(model)).eval()
+        if reparameterize:
+            reparameterize_model(m, inplace=True)
+        m.requires_grad_(False)
+        converted = fastconv.convert_model(m) if conv_backend == "fastconv" else 0
+        m.to(device)
+        if channels_last:
+            _to_channels_last(m)
+    n_fast = sum(type(mod) is fastconv.DepthwiseConv2d for mod in m.modules())
+    info = {"reparameterized": bool(reparameterize), "channels_last": bool(channels_last),
+            "conv_backend": conv_backend, "fastconv_modules": n_fast if conv_backend == "fastconv" else 0,
+            "modules_converted": converted, "weight_grads": False, "device": str(device)}
+    return m, info
+
+
+def _to_channels_last(model: nn.Module) -> None:
+    """In place, like ``model.to(memory_format=torch.channels_last)`` but without copying the 4-D tensors that
+    already are channels_last-contiguous (all 1x1 and depthwise (C,1,K,K) weights: most of the parameters)."""
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for t in store.values():
+                if t is not None and t.dim() == 4:
+                    t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def full_fp32(device: torch.device, allow_tf32: bool = False):
+    """On CUDA, run the block without TF32 (cuDNN convolutions and cuBLAS matmuls); restores the settings."""
+    if device.type != "cuda" or allow_tf32:
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Temporarily run torch ops on at most ``n`` intra-op threads."""
+    old = torch.get_num_threads()
+    if n >= old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,394 @@
+"""The one orchestrator of ERF runs: ``erf-lab compute``, ``erf-lab sweep``, the app and the training timeline all
+measure through :func:`run_erf`, which writes a run directory through :func:`erf_lab.erf.rundir.write_run_dir`.
+
+A run is described by an :class:`ErfSpec` (what to measure) and executed with resume, reuse, distributed
+sharding and atomic outputs: the accumulator (sum, count, processed ids) is saved atomically to
+``<out>/.erf_state*.npz`` at most every ``checkpoint_seconds`` (default 30 s; after every image when images are
+slower) and on Ctrl-C / crash, so ``--resume`` continues with no image counted twice, even after SIGKILL.
+Final files are written only at the end, by rank 0, run.json last.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from erf_lab.erf import distributed as D
+from erf_lab.erf.attribution import AGGREGATES
+from erf_lab.erf.compute import Accumulator, compute_erf
+from erf_lab.erf.prepare import CONV_BACKENDS, check_device
+from erf_lab.erf.rundir import RUN_FILE, load_run, write_run_dir
+from erf_lab.errors import ErfLabError
+from erf_lab.provenance import now, provenance
+
+OUTPUT_FILES = ("erf.npy", "metrics.json", "erf.png", "erf.pdf", "erf.svg", RUN_FILE)
+STATE_GLOB = ".erf_state*.npz"
+CHECKPOINT_SECONDS = 30.0
+#: largest accepted --input-size (pixels per side); the paper measures at 1024. Larger inputs need memory for
+#: every activation of the model at that size (RepLKNet-31B: ~4.5 GiB at 1024^2, growing with the area).
+MAX_INPUT_SIZE = 4096
+#: a measurement more than this factor away from the model's training resolution is flagged (not refused)
+SIZE_NOTE_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class ErfSpec:
+    """What one ERF run measures (its ``config`` is recorded in run.json and decides resume / reuse)."""
+
+    model: str
+    weights: str | None = None
+    drop_head: bool = False
+    overrides: dict = field(default_factory=dict)
+    images: str | None = None  # a folder, or None / "default" for the built-in set
+    num_images: int | None = None
+    input_size: int = 1024
+    layer: str | None = None
+    aggregate: str = "relu"
+    batch_size: int = 1
+    device: str = "cpu"
+    reparameterize: bool = True
+    channels_last: bool = True
+    conv_backend: str = "fastconv"
+    seed: int = 0
+    train_size: int | None = None  # the model's training resolution, when known
+
+    def validate(self) -> "ErfSpec":
+        """Every check that needs no model, once, before anything is built or written."""
+        if self.aggregate not in AGGREGATES:
+            raise ErfLabError(f"unknown aggregate {self.aggregate!r}; choose from {', '.join(AGGREGATES)}")
+        if self.conv_backend not in CONV_BACKENDS:
+            raise ErfLabError(f"unknown conv backend {self.conv_backend!r}; choose from {', '.join(CONV_BACKENDS)}")
+        for name, v, lo in (("--batch-size", self.batch_size, 1), ("--input-size", self.input_size, 1),
+                            ("--num-images", self.num_images, 1), ("--train-size", self.train_size, 1)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                raise ErfLabError(f"{name} must be a positive integer, got {v!r}")
+        if self.input_size > MAX_INPUT_SIZE:
+            raise ErfLabError(f"--input-size {self.input_size} is above the maximum {MAX_INPUT_SIZE} (activation "
+                              f"memory grows with the image area; the paper measures at 1024)")
+        if self.images is not None and str(self.images) != "default":
+            p = Path(self.images).expanduser()
+            if not p.is_dir():
+                raise ErfLabError(f"image folder not found: {self.images}" if not p.exists()
+                                  else f"--images must be a folder of images, got a file: {self.images}")
+        if self.weights is not None and not Path(self.weights).expanduser().is_file():
+            raise ErfLabError(f"weights file not found: {self.weights}")
+        check_device(self.device)
+        return self
+
+    def config(self) -> dict:
+        """JSON-ready record of the spec (tuples as lists)."""
+        d = dataclasses.asdict(self)
+        d["overrides"] = {k: _jsonable(v) for k, v in self.overrides.items()}
+        return d
+
+
+def _jsonable(v):
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return repr(v)
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "model"
+
+
+def default_out_dir(model: str, images_name: str, input_size: int, root: str | os.PathLike = "runs") -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{_safe(model)}-{_safe(images_name)}-{input_size}-{stamp}"
+
+
+def state_path(out_dir: Path, info: D.DistInfo) -> Path:
+    name = ".erf_state.npz" if not info.enabled else f".erf_state.rank{info.rank}of{info.world_size}.npz"
+    return Path(out_dir) / name
+
+
+def check_out_path(out: str | os.PathLike | None) -> None:
+    """``--out`` must be a folder or a path that can become one (not a file, not under a file)."""
+    if out is None:
+        return
+    p = Path(out).expanduser()
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == p else f"lies under a file ({parent})"
+            raise ErfLabError(f"--out {p} {where}; choose a folder")
+
+
+def layer_geometry(model, layer: str | None, input_size: int) -> dict:
+    """Feature-map shape and theoretical RF of ``layer``; ErfLabError if ``input_size`` is too small."""
+    import fastconv
+
+    from erf_lab.erf.receptive_field import list_layers, resolve_layer
+
+    name, _ = resolve_layer(model, layer)
+    probe = int(min(input_size, 32))  # RF and stride do not depend on the input size: probe small and fast
+    with fastconv.use(backend="native"):  # no autotuning for shapes the measurement never uses
+        try:
+            rows = {r["name"]: r for r in list_layers(model, probe)}
+        except ErfLabError:
+            if probe == input_size:
+                raise
+            probe = input_size
+            rows = {r["name"]: r for r in list_layers(model, probe)}
+    row = rows.get(name)
+    if row is None:
+        raise ErfLabError(f"layer {name!r} does not produce a (N, C, H, W) feature map in the forward pass")
+    stride = int(row.get("stride") or 1)
+    if input_size < stride or row["shape"][-1] < 1 or row["shape"][-2] < 1:
+        raise ErfLabError(f"input size {input_size} is too small for layer {name!r} (total stride {stride}: "
+                          f"the feature map would be under 1 pixel); use --input-size >= {stride}")
+    return {"layer": name, "theoretical_rf": row["theoretical_rf"], "stride": stride,
+            "feature_shape": [row["shape"][0], -(-input_size // stride), -(-input_size // stride)]}
+
+
+_SIZE_IN_NAME = re.compile(r"(?:^|[_\-.])(\d{3,4})(?=[_\-.]|$)")
+
+
+def training_resolution(spec: ErfSpec, model) -> int | None:
+    """The model's training resolution: ``spec.train_size``, else ``pretrained_cfg`` / ``default_cfg``
+    ``input_size`` of the model, else a 3-4 digit size in the checkpoint's file name (the official RepLKNet
+    files: ``..._224.pth``, ``..._384.pth``, ``..._320.pth``)."""
+    if spec.train_size is not None:
+        return int(spec.train_size)
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
+            return int(cfg["input_size"][-1])
+    if spec.weights:
+        hits = [int(m) for m in _SIZE_IN_NAME.findall(Path(spec.weights).stem) if 96 <= int(m) <= 2048]
+        if hits:
+            return hits[-1]
+    return None
+
+
+def size_note(input_size: int, train_size: int | None) -> str | None:
+    """A warning when the measurement size is far (> 2x) from the training resolution (allowed: the paper's
+    protocol measures 224-trained models at 1024)."""
+    if train_size is None:
+        return None
+    f = input_size / train_size
+    if f > SIZE_NOTE_FACTOR or f < 1 / SIZE_NOTE_FACTOR:
+        return (f"measured at {input_size}px, {f:.2g}x the training resolution {train_size}px: the model may behave "
+                f"unlike at its training size; compare size-free metrics (effective radius, sigma) across sizes")
+    return None
+
+
+@contextlib.contextmanager
+def _owned_out_dir(out_dir: Path, info: D.DistInfo):
+    """Create ``out_dir`` (checking it is writable); on failure, remove it again when this run created it and
+    left nothing in it (no empty folder that looks like a result)."""
+    from erf_lab.io import prepare_out_dir
+
+    existed = out_dir.exists()
+    if info.is_main:
+        prepare_out_dir(out_dir)
+    D.barrier(info)
+    try:
+        yield
+    except BaseException:
+        if info.is_main and not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+        w in str(e).lower() for w in ("out of memory", "not enough memory", "can't allocate memory")))
+
+
+def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
+            reuse: bool = False, label: str | None = None, tags: dict | None = None,
+            formats: Sequence[str] = ("png", "pdf"), show_progress: bool = True,
+            on_batch: Callable[[Accumulator], None] | None = None, checkpoint_seconds: float = CHECKPOINT_SECONDS,
+            argv: Sequence[str] | None = None, runs_root: str | os.PathLike = "runs") -> dict:
+    """Measure one ERF and write its run directory; returns ``{"out_dir", "metrics", "run_info", "result",
+    "already_complete", "reused"}`` (metrics / result on rank 0 only; result is None for a reused run).
+
+    ``resume``: continue an interrupted run in ``out`` (same spec required). ``reuse``: a complete run in ``out``
+    with the same spec is returned as is (sweeps, the app, the training timeline), any other content is replaced.
+    ``force``: start over. ``label`` / ``tags`` go into run.json (``tags``: the orchestrator's own keys).
+    """
+    spec.validate()
+    check_out_path(out)
+    start, t0 = now(), time.time()
+    dinfo = D.init(spec.device)
+    try:
+        return _run(spec, dinfo, out=out, resume=resume, force=force, reuse=reuse, label=label, tags=tags or {},
+                    formats=formats, show_progress=show_progress, on_batch=on_batch,
+                    checkpoint_seconds=checkpoint_seconds, argv=argv, runs_root=runs_root, start=start, t0=t0)
+    finally:
+        D.shutdown(dinfo)
+
+
+def _config(spec: ErfSpec, source, mean, std, weights_sha, dinfo) -> dict:
+    return {**spec.config(), "weights": weights_sha, "images": source.ids, "mean": list(mean), "std": list(std),
+            "world_size": dinfo.world_size}
+
+
+def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: bool):
+    """What is already in ``out_dir``: ('complete', Run) to return, ('resume', state files), or ('new', files
+    to delete before starting)."""
+    from erf_lab.io import read_json_or_none
+
+    outputs = [out_dir / f for f in OUTPUT_FILES if (out_dir / f).exists()]
+    states = sorted(out_dir.glob(STATE_GLOB)) if out_dir.is_dir() else []
+    complete = (out_dir / RUN_FILE).exists()
+    if reuse and complete:
+        info = read_json_or_none(out_dir / RUN_FILE)
+        if info is not None and info.get("config") == _normalise(config):
+            return "complete", None
+        return "new", [*outputs, *states]
+    if reuse:
+        return ("resume", states) if states else ("new", [*outputs, *states])
+    if complete and not force:
+        if resume:
+            return "complete", None
+        raise ErfLabError(f"{out_dir} already holds a complete run; use --force to overwrite or choose another --out")
+    if states and not (resume or force):
+        raise ErfLabError(f"{out_dir} holds an interrupted run; pass --resume to continue it or --force to start over")
+    if outputs and not states and not force:
+        raise ErfLabError(f"{out_dir} holds incomplete output files ({outputs[0].name}); use --force to overwrite")
+    if force:
+        return "new", [*outputs, *states]
+    return ("resume", states) if resume else ("new", [])
+
+
+def _normalise(obj):
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, tags, formats, show_progress,
+         on_batch, checkpoint_seconds, argv, runs_root, start, t0) -> dict:
+    from erf_lab.erf.images import load_images, model_mean_std
+    from erf_lab.io import sha256_file
+    from erf_lab.models import create_model
+
+    device = D.device_for(spec.device, dinfo)
+    torch.manual_seed(spec.seed)
+    model = create_model(spec.model, weights=spec.weights, drop_head=spec.drop_head, **spec.overrides)
+    mean, std = model_mean_std(model)
+    source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean, std=std)
+    geom = layer_geometry(model, spec.layer, spec.input_size)
+    train_size = training_resolution(spec, model)
+    weights_sha = sha256_file(spec.weights) if spec.weights else None
+    config = _config(spec, source, mean, std, weights_sha, dinfo)
+
+    out_dir = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size, runs_root)
+    out_dir = Path(D.broadcast_object(str(out_dir), dinfo))
+    action, stale = _existing(out_dir, config, resume, force, reuse)
+    if action == "complete":
+        run = load_run(out_dir) if dinfo.is_main else None
+        return {"out_dir": out_dir, "already_complete": True, "reused": reuse, "result": None,
+                "metrics": run.metrics if run else None, "run_info": run.run_info if run else None}
+    D.barrier(dinfo)
+    if dinfo.is_main and action == "new":
+        for f in stale:
+            f.unlink(missing_ok=True)
+    D.barrier(dinfo)
+
+    spath = state_path(out_dir, dinfo)
+    acc, resumed_from = Accumulator(), 0
+    if action == "resume" and spath.exists():
+        try:
+            acc, extra = Accumulator.load(spath)
+        except Exception as e:
+            raise ErfLabError(f"cannot read the saved state {spath}: {type(e).__name__}; use --force to start over") from None
+        old = extra.get("config", {})
+        diff = [k for k in config if old.get(k) != _normalise(config)[k]]
+        if diff:
+            if not reuse:
+                raise ErfLabError(f"cannot resume {out_dir}: settings differ from the interrupted run "
+                                  f"({', '.join(diff)}); use the same options or --force to start over")
+            acc = Accumulator()
+        else:
+            start = extra.get("start_time", start)
+            resumed_from = len(acc.processed)
+    elif resume and not reuse and dinfo.is_main:
+        print(f"no interrupted run in {out_dir}; starting a new one", file=sys.stderr)
+
+    source.files = D.shard(source.files, dinfo)
+    extra = {"config": _normalise(config), "start_time": start}
+    last_save = [time.monotonic()]
+
+    def checkpoint(a: Accumulator):
+        if time.monotonic() - last_save[0] >= checkpoint_seconds:
+            a.save(spath, extra)
+            last_save[0] = time.monotonic()
+        if on_batch is not None:
+            on_batch(a)
+
+    with _owned_out_dir(out_dir, dinfo):
+        t_measure = time.time()
+        try:
+            result = compute_erf(model, source, layer=geom["layer"], aggregate=spec.aggregate,
+                                 batch_size=spec.batch_size, device=device, reparameterize=spec.reparameterize,
+                                 channels_last=spec.channels_last, conv_backend=spec.conv_backend,
+                                 show_progress=show_progress and dinfo.is_main, state=acc, on_batch=checkpoint,
+                                 inplace=True, reducer=D.make_reducer(dinfo, (spec.input_size, spec.input_size), device))
+        except ErfLabError:
+            spath.unlink(missing_ok=True)  # nothing to resume from: every image failed, or bad input
+            raise
+        except BaseException as e:
+            if acc.processed:
+                acc.save(spath, extra)  # Ctrl-C or crash: keep every image already accumulated
+            if _is_oom(e):
+                raise ErfLabError(f"out of memory at --input-size {spec.input_size} with --batch-size "
+                                  f"{spec.batch_size}; use a smaller input or batch"
+                                  + (" (progress saved: --resume)" if acc.processed else "")) from None
+            raise
+        measure_s = time.time() - t_measure
+
+        run_info = metrics = None
+        if dinfo.is_main:
+            run_info = _run_info(spec, config, result, source, geom, train_size, device, dinfo, label, tags,
+                                 resumed_from, start, t0, measure_s, argv)
+            metrics = write_run_dir(out_dir, result.erf, run_info, theoretical_rf=geom["theoretical_rf"],
+                                    formats=formats)
+        D.barrier(dinfo)
+        spath.unlink(missing_ok=True)
+    return {"out_dir": out_dir, "metrics": metrics, "run_info": run_info, "result": result if dinfo.is_main else None,
+            "already_complete": False, "reused": False}
+
+
+def _run_info(spec, config, result, source, geom, train_size, device, dinfo, label, tags, resumed_from, start, t0,
+              measure_s, argv) -> dict:
+    order = {i: n for n, i in enumerate(config["images"])}
+    skipped_ids = {s[0] for s in result.skipped}
+    used = sorted((p for p in result.processed if p not in skipped_ids), key=lambda p: order.get(p, 1 << 30))
+    skipped = [list(s) for s in source.skipped] + result.skipped
+    new_images = max(1, len(result.processed) - resumed_from)
+    return {
+        "label": label, "config": _normalise(config), "tags": _normalise(tags),
+        "model": spec.model, "overrides": _normalise(spec.config()["overrides"]),
+        "weights": str(Path(spec.weights).resolve()) if spec.weights else None, "weights_sha256": config["weights"],
+        "random_init": spec.weights is None and not spec.overrides.get("pretrained"), "drop_head": spec.drop_head,
+        "train_size": train_size, "size_note": size_note(spec.input_size, train_size),
+        "layer": geom["layer"], "aggregate": spec.aggregate, "input_size": spec.input_size,
+        "feature_shape": geom["feature_shape"], "theoretical_rf": geom["theoretical_rf"],
+        "images": "default" if source.name == "default" else str(Path(source.root).resolve()),
+        "image_list": used, "num_images_requested": spec.num_images, "num_used": result.num_used,
+        "num_skipped": len(skipped), "skipped": skipped, "mean": list(config["mean"]), "std": list(config["std"]),
+        "resize": "bicubic, square", "target": result.info.get("target"), "map": result.info.get("map"),
+        "gradient": "captum.attr.NeuronGradient", "reparameterized": spec.reparameterize,
+        "channels_last": spec.channels_last, "conv_backend": spec.conv_backend,
+        "fastconv_modules": result.info.get("fastconv_modules"), "weight_grads": False, "tf32": result.info.get("tf32"),
+        "batch_size": spec.batch_size, "seed": spec.seed, "device": str(device), "world_size": dinfo.world_size,
+        "dist_backend": dinfo.backend, "resumed": resumed_from > 0, "resumed_after_images": resumed_from,
+        "start_time": start, "end_time": now(), "wall_seconds": round(time.time() - t0, 2),
+        "seconds_per_image": round(measure_s / new_images, 4),
+        "provenance": provenance("erf", spec.config(), argv),
+    }

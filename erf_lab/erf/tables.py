@@ -1,0 +1,87 @@
+"""Metric tables of ERF runs: rows, markdown, CSV and the console text with the paper's Table 10 beside them."""
+from __future__ import annotations
+
+import csv
+import io
+from typing import Sequence
+
+from erf_lab.erf.metrics import PAPER_TABLE10, paper_reference, summary
+
+TABLE_COLUMNS = ("label", "source", "shape", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "std_y", "std_x",
+                 "gauss_sigma_y", "gauss_sigma_x", "gauss_r2", "trf", "erf/trf")
+
+
+_TEXT_COLUMNS = ("label", "source", "shape", "model", "reparam", "run_dir")
+
+
+def _fmt(v, column: str = "") -> str:
+    if v is None:
+        return "n/r" if column.startswith(("area@", "side@")) else "-"  # n/r: threshold not reached
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def table_rows(runs: Sequence[tuple[str, dict]], with_paper: bool = True) -> list[dict]:
+    """Flat rows (label + :func:`summary`) for measured runs, then the paper's Table 10 references."""
+    rows = [{"label": label, "source": "measured", **summary(m)} for label, m in runs]
+    if with_paper:
+        ref = paper_reference()
+        for name, vals in PAPER_TABLE10.items():
+            row = {c: None for c in TABLE_COLUMNS}
+            row["source"] = "paper"
+            row.update({"label": name, "shape": f"{ref['input_size']}x{ref['input_size']}"})
+            for t, v in zip(ref["thresholds"], vals):
+                row[f"area@{round(t * 100)}%"] = v
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """GitHub-flavoured markdown; area columns are percent of the map area, ``n/r`` = not reached."""
+    head = "| " + " | ".join(columns) + " |"
+    sep = "|" + "|".join("---" if c in _TEXT_COLUMNS else "---:" for c in columns) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(c), c) for c in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def csv_text(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+    return buf.getvalue()
+
+
+def metrics_text(metrics: dict, label: str = "") -> str:
+    """Human-readable metrics with the paper's Table 10 beside the area ratios."""
+    lines = [f"ERF {label} ({metrics['shape'][0]}x{metrics['shape'][1]})".replace("  ", " ")]
+    ref = paper_reference()
+    names = list(PAPER_TABLE10)
+    lines.append(f"  high-contribution area ratio on log10(A+1)/max (paper Table 10 at {ref['input_size']}^2, trained):")
+    lines.append(f"    {'t':>5}  {'side':>5}  {'area %':>11} | " + " | ".join(f"{n:>11}" for n in names))
+    for i, e in enumerate(metrics["high_contribution"]):
+        side = "n/r" if not e["reached"] else str(e["side"])
+        area = "not reached" if not e["reached"] else f"{100 * e['area_ratio']:.2f}"
+        known = i < len(ref["thresholds"]) and e["threshold"] == ref["thresholds"][i]
+        refs = " | ".join(f"{PAPER_TABLE10[n][i]:>11.1f}" if known else f"{'-':>11}" for n in names)
+        lines.append(f"    {100 * e['threshold']:>4.0f}%  {side:>5}  {area:>11} | {refs}")
+    d = metrics.get("distribution")
+    if d:
+        lines.append(f"  std (y, x) = {d['std']['y']:.2f}, {d['std']['x']:.2f} px about the centre of mass "
+                     f"({d['center_of_mass'][0]:.1f}, {d['center_of_mass'][1]:.1f}); r_rms = {d['r_rms']:.2f} px, "
+                     f"r50 = {d['r50']:.1f} px, r90 = {d['r90']:.1f} px")
+    g = metrics.get("gaussian_fit")
+    if g and g.get("r2") is not None:
+        lines.append(f"  Gaussian fit: sigma (y, x) = {g['sigma_y']:.2f}, {g['sigma_x']:.2f} px, R^2 = {g['r2']:.4f}"
+                     + ("" if g.get("converged") else " (not converged)"))
+    if metrics.get("theoretical_rf"):
+        r = metrics["erf_to_trf"]
+        lines.append(f"  theoretical RF = {metrics['theoretical_rf']} px; ERF / TRF (2 r_rms / TRF) = "
+                     + ("n/a" if r["rms_diameter"] is None else f"{r['rms_diameter']:.4f}"))
+    if metrics.get("flags"):
+        lines.append("  flags: " + ", ".join(metrics["flags"]))
+    return "\n".join(lines)
+
+
