@@ -1,16 +1,20 @@
 """fastconv: depthwise large-kernel convolution that stays fast from 3x3 to 31x31 (RepLKNet, Table 1).
 
-``depthwise_conv2d(x, w, b, backend="auto")`` picks the fastest exact backend per call (``explain`` says which
-and why); ``DepthwiseConv2d`` is a drop-in ``nn.Conv2d`` subclass; ``python -m fastconv.bench`` is Table 1.
-Attributes load on first use (PEP 562), so ``import fastconv`` does not import torch until one is needed.
+``depthwise_conv2d(x, w, b)`` runs the backend the dispatcher picks per call (``explain`` says which and why);
+``DepthwiseConv2d`` is a drop-in ``nn.Conv2d`` subclass and ``convert_model`` swaps a model's eligible convs for it;
+``use`` / ``configure`` / ``settings`` are the one place that says how they run; ``python -m fastconv.bench`` is
+Table 1. Attributes load on first use (PEP 562), so ``import fastconv`` does not import torch until one is needed.
 """
 from __future__ import annotations
 
 import importlib
 
-_ATTRS = {"clear_cache": "dispatch", "explain": "dispatch", "supports": "dispatch", "BACKENDS": "functional",
-          "depthwise_conv2d": "functional", "DepthwiseConv2d": "module"}
-_SUBMODULES = ("bench", "bench_args", "cpu_kernels", "dispatch", "functional", "module", "triton_backend")
+_ATTRS = {"clear_cache": "dispatch", "explain": "dispatch", "supports": "backends", "BACKENDS": "config",
+          "Settings": "config", "configure": "config", "settings": "config", "use": "config",
+          "depthwise_conv2d": "functional", "DepthwiseConv2d": "module", "convert_model": "module",
+          "revert_model": "module"}
+_SUBMODULES = ("backends", "bench", "bench_args", "config", "cpu_kernels", "dispatch", "functional", "module",
+               "triton_backend")
 
 
 def __getattr__(name: str):
@@ -27,12 +31,13 @@ def available_backends(device: str = "cpu", dtype=None) -> list[str]:
     """Backends that can run float32 (or ``dtype``) tensors on ``device`` in this installation."""
     import torch
 
-    from fastconv.dispatch import supports
-    from fastconv.functional import BACKENDS
+    from fastconv.backends import supports
+    from fastconv.config import BACKENDS
 
     x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype or torch.float32)
     w = torch.empty(1, 1, 1, 1, device=device, dtype=x.dtype)
     return [b for b in BACKENDS if supports(b, x, w)[0]]
 
 
-__all__ = ["BACKENDS", "DepthwiseConv2d", "available_backends", "clear_cache", "depthwise_conv2d", "explain"]
+__all__ = ["BACKENDS", "DepthwiseConv2d", "Settings", "available_backends", "clear_cache", "configure",
+           "convert_model", "depthwise_conv2d", "explain", "revert_model", "settings", "use"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import fastconv
 from fastconv.bench_args import PAPER_KERNELS, PAPER_RESOLUTIONS, add_arguments  # noqa: F401
@@ -126,13 +127,11 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
         layers: int = 24, repeats: int = 3, warmup: int = 1, device: str | None = None, modes=("fwd", "fwdbwd"),
         impls=IMPLS, show_progress: bool = True, sgemm_size: int | None = None) -> dict:
     """Measure the table; returns {"meta": ..., "rows": [...]} (pure: prints and writes nothing)."""
-    from erf_lab.io import progress
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = batch or (64 if dev.type == "cuda" else 2)
     for k in kernels:
-        if k % 2 == 0 or not 1 <= k <= fastconv.functional.MAX_KERNEL:
-            raise ValueError(f"kernel {k} unsupported: odd sizes 1..{fastconv.functional.MAX_KERNEL}")
+        if k % 2 == 0 or k < 1:
+            raise ValueError(f"kernel {k} unsupported: odd sizes only")
     if min(resolutions) < 1 or batch < 1 or layers < 1 or repeats < 1 or channels < 1:
         raise ValueError("resolutions, batch, channels, layers and repeats must be positive")
     if dev.type == "cuda":
@@ -141,7 +140,7 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
     peak = sgemm_gflops(dev, sgemm_size)
     rows = []
     jobs = [(r, k, m, i) for r in resolutions for k in kernels for m in modes for i in impls]
-    bar = progress(total=len(jobs), desc="fastconv bench", unit="case", disable=not show_progress)
+    bar = tqdm(total=len(jobs), desc="fastconv bench", unit="case", disable=not show_progress, dynamic_ncols=True)
     for r in resolutions:
         for k in kernels:
             row = {"R": r, "K": k, "batch": batch, "channels": channels, "layers": layers}
@@ -251,8 +250,9 @@ def write_results(result: dict, out_dir: str | os.PathLike, argv: list[str] | No
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result["meta"],
                 "python": platform.python_version(), "platform": platform.platform(),
                 "autotune_cache": str(fastconv.dispatch.cache_file()),
-                "env": {k: os.environ[k] for k in ("ERF_LAB_CONV_BACKEND", "FASTCONV_CACHE", "OMP_NUM_THREADS")
-                        if k in os.environ}}
+                "settings": {k: str(v) for k, v in vars(fastconv.settings()).items()},
+                "env": {k: os.environ[k] for k in ("FASTCONV_BACKEND", "FASTCONV_AUTOTUNE", "FASTCONV_CACHE",
+                                                   "OMP_NUM_THREADS") if k in os.environ}}
     _atomic_write(paths[3], json.dumps(run_info, indent=2) + "\n")
     return paths
 

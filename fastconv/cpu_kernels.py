@@ -25,22 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastconv.config import settings
+
 _SRC = Path(__file__).with_name("csrc") / "dwconv.cpp"
 _lib = None
 _lib_error: str | None = None
 _lock = threading.Lock()
-
-
-def cache_root() -> Path:
-    """``$FASTCONV_CACHE`` or ``erf_lab.paths.cache_dir()/fastconv``."""
-    env = os.environ.get("FASTCONV_CACHE")
-    if env:
-        return Path(env).expanduser()
-    try:
-        from erf_lab.paths import cache_dir
-        return cache_dir() / "fastconv"
-    except ImportError:  # fastconv used on its own
-        return Path.home() / ".cache" / "fastconv"
 
 
 def _cpu_id() -> str:
@@ -73,7 +63,7 @@ def _build() -> ctypes.CDLL:
 
 def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     key = hashlib.sha256(_SRC.read_bytes() + " ".join([cxx, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    out = cache_root() / "build" / f"dwconv_{key}.so"
+    out = settings().cache_dir / "build" / f"dwconv_{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".dwconv_", suffix=".so", dir=out.parent)
@@ -146,8 +136,6 @@ def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: 
     """Depthwise same conv of ``x`` (N,C,H,W any format) with ``w`` (C,1,KH,KW) (flipped in both axes if ``flip``:
     the input gradient) through the C++ kernel in one fused pass (``dw_conv_fused``: per-plane packing, the
     register-tiled correlation and the write-back); returns an (N,C,H,W) tensor in ``x``'s memory format."""
-    from fastconv.functional import memory_format_of
-
     lib = cpp_library()
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]
@@ -158,7 +146,7 @@ def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: 
         w_ptr += ((kh - 1) * s_h + (kw - 1) * s_w) * w.element_size()
         s_h, s_w = -s_h, -s_w
     b = bias.float().contiguous() if bias is not None else None
-    y = torch.empty((n, c, h, wd), dtype=torch.float32, memory_format=memory_format_of(x))
+    y = torch.empty_like(x, dtype=torch.float32)  # x's strides when dense (NCHW, channels_last), else NCHW
     lib.dw_conv_fused(x.data_ptr(), *x.stride(), w_ptr, s_c, s_h, s_w, b.data_ptr() if b is not None else None,
                       y.data_ptr(), *y.stride(), n, c, h, wd, kh, kw, _omp_threads(lib))
     return y

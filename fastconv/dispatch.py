@@ -1,6 +1,7 @@
-"""Backend choice for ``backend="auto"``: a timed autotune per (device, dtype, layout, shape, grad mode) with a
-persistent JSON cache (``$FASTCONV_CACHE`` or ``erf_lab.paths.cache_dir()/fastconv``, atomic writes), a cost-model
-pre-filter that never times a known cliff, and ``explain`` to say which backend runs and why.
+"""The one place that decides how a depthwise conv runs: the backend ``fastconv.settings()`` forces, or a timed
+autotune per (device, dtype, layout, shape, grad mode) with a persistent JSON cache (``settings().cache_dir``,
+atomic writes), a cost model where timing is off or would cost more than it saves, a pre-filter that never times a
+known cliff, and ``explain`` to say which backend runs and why.
 
 The FFT path is exact and selectable explicitly but is not an auto candidate: it never won a measurement here.
 Known cliffs on CPU (oneDNN 3.x): NCHW depthwise with padding > 6 falls back to im2col+GEMM, and the weight
@@ -18,10 +19,9 @@ from pathlib import Path
 import torch
 
 from fastconv import cpu_kernels as ck
-from fastconv.functional import BACKENDS, _triton, check_inputs, memory_format_of, run_backend
+from fastconv.backends import check_inputs, memory_format_of, run_backend, supports
+from fastconv.config import BACKENDS, ENV_BACKEND, memo_key, settings
 
-ENV_FORCE = "ERF_LAB_CONV_BACKEND"
-ENV_AUTOTUNE = "FASTCONV_AUTOTUNE"  # "0" -> cost model only, no timing
 ONEDNN_MAX_PAD = 6
 NATIVE_WGRAD_MAX_K = 14
 NCHW_NATIVE_MAX_K = 9  # cost model for large calls: NCHW F.conv2d measured fast up to 9x9 (pad 4)
@@ -45,7 +45,7 @@ CPU_TIMING_MAX_MACS = 2e8
 
 
 def cache_file() -> Path:
-    return ck.cache_root() / "autotune.json"
+    return settings().cache_dir / "autotune.json"
 
 
 def clear_cache(memory_only: bool = False) -> None:
@@ -90,31 +90,6 @@ def _store(key: str, entry: dict) -> None:
             os.unlink(tmp)
 
 
-def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
-    """Whether ``backend`` computes this call exactly, and if not why."""
-    dev, dt = x.device.type, x.dtype
-    if backend in ("native", "channels_last"):
-        return True, ""
-    if backend == "cpp":
-        if dev != "cpu" or dt != torch.float32:
-            return False, "cpp handles float32 CPU tensors only"
-        if not ck.cpp_available():
-            return False, f"cpp kernel unavailable: {ck.cpp_unavailable_reason()}"
-        return True, ""
-    if backend == "fft":
-        if dt not in (torch.float32, torch.float64):
-            return False, "fft needs float32/float64 (half-precision FFTs need power-of-two sizes)"
-        return True, ""
-    if backend == "triton":
-        interp = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-        if dev != "cuda" and not interp:
-            return False, "triton needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)"
-        if _triton() is None:
-            return False, "triton backend unavailable (fastconv.triton_backend missing or triton_available() False)"
-        return True, ""
-    return False, f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}"
-
-
 def _needs_grad(x, weight, bias) -> tuple[bool, bool]:
     if not torch.is_grad_enabled():
         return False, False
@@ -133,7 +108,7 @@ def candidates(x, weight, bias) -> tuple[list[str], dict[str, str]]:
             continue
         if b == "native" and x.device.type == "cpu":
             pad = max(kh, kw) // 2
-            if pad > ONEDNN_MAX_PAD and memory_format_of(x) != torch.channels_last:
+            if pad > ONEDNN_MAX_PAD and not x.is_contiguous(memory_format=torch.channels_last):
                 why[b] = f"padding {pad} > {ONEDNN_MAX_PAD}: oneDNN NCHW depthwise falls back to im2col+GEMM"
                 continue
             if gw and max(kh, kw) > NATIVE_WGRAD_MAX_K:
@@ -203,29 +178,38 @@ def _time_backend(name, x, weight, bias, gx, gw, budget_s: float) -> float:
     return min(times)
 
 
-def _cost_model(cands: list[str], x, weight) -> str:
+def _cost_model(cands: list[str], x, weight, bias) -> str:
+    """The choice without timing. From ``CPP_MIN_K`` up the C++ kernel when it runs multi-threaded (CPU, float32).
+    Below that, frozen weights (forward + input gradient: ERF, attribution) take oneDNN's direct depthwise kernel,
+    which has no large-padding cliff on a channels_last input: plain F.conv2d ("native") there, with no layout copy,
+    and "channels_last" (one copy per call) on an NCHW input; calls with weight gradients take "channels_last"."""
     big = max(weight.shape[-2:]) >= CPP_MIN_K and ck.cpp_multithreaded()
-    order = (["triton", "channels_last", "native"] if x.device.type == "cuda"
-             else ["cpp", "channels_last", "native"] if big else ["channels_last", "cpp", "native"])
+    if x.device.type == "cuda":
+        order = ["triton", "channels_last", "native"]
+    elif not _needs_grad(x, weight, bias)[1]:
+        order = ["cpp"] * big + ["native" if x.is_contiguous(memory_format=torch.channels_last) else "channels_last"]
+    else:
+        order = ["cpp", "channels_last", "native"] if big else ["channels_last", "cpp", "native"]
     return next((b for b in order if b in cands), cands[0])
 
 
 def decide(x, weight, bias) -> dict:
-    """The decision for this call: {"backend", "why", "times_ms"?, "cached"?}. Times and caches on first use."""
-    forced = os.environ.get(ENV_FORCE, "").strip()
-    if forced and forced != "auto":
-        ok, reason = supports(forced, x, weight)
+    """The decision for this call under ``settings()``: {"backend", "why", "times_ms"?, "cached"?}. Times and caches
+    on first use (when ``settings().autotune``)."""
+    s = settings()
+    if s.backend != "auto":
+        ok, reason = supports(s.backend, x, weight)
         if not ok:
-            raise ValueError(f"{ENV_FORCE}={forced}: {reason}")
-        return {"backend": forced, "why": f"forced by ${ENV_FORCE}={forced}"}
+            raise ValueError(f"fastconv backend {s.backend!r} (fastconv.use / configure / ${ENV_BACKEND}): {reason}")
+        return {"backend": s.backend, "why": f"forced by fastconv settings (backend={s.backend!r})"}
     if x.numel() == 0:
         return {"backend": "native", "why": "empty input: plain F.conv2d"}
     cands, excluded = candidates(x, weight, bias)
     if len(cands) == 1:
         return {"backend": cands[0], "why": "only applicable backend", "excluded": excluded}
-    if os.environ.get(ENV_AUTOTUNE, "1") == "0":
-        b = _cost_model(cands, x, weight)
-        return {"backend": b, "why": f"cost model (${ENV_AUTOTUNE}=0); candidates {cands}", "excluded": excluded}
+    if not s.autotune:
+        b = _cost_model(cands, x, weight, bias)
+        return {"backend": b, "why": f"cost model (autotune off); candidates {cands}", "excluded": excluded}
     if x.device.type == "cpu" and _macs(x, weight) > CPU_TIMING_MAX_MACS:
         # plain F.conv2d where it is fast (no conversion, no custom-autograd overhead): on a channels_last input,
         # or NCHW up to K=9 (measured B=1 C=384 R=64: NCHW 6.2 ms vs channels_last 8.9 at K=9, but 176 vs 19 ms
@@ -273,28 +257,21 @@ def _macs(x, weight) -> float:
 def _fast_key(x, weight, bias) -> tuple:
     """Everything the decision and ``check_inputs`` depend on, cheap to build (no string formatting)."""
     grad = torch.is_grad_enabled()
-    env = _ENV_RAW.get if _ENV_RAW is not None else os.environ.get
     return (x.device, x.dtype, x.shape, x.stride(), weight.device, weight.dtype, weight.shape,
             None if bias is None else (bias.device, bias.dtype, bias.shape),
             grad and x.requires_grad, grad and (weight.requires_grad or (bias is not None and bias.requires_grad)),
-            torch.get_num_threads(), env(_K_FORCE), env(_K_AUTOTUNE), env(_K_CACHE))
-
-
-# os.environ.get costs microseconds (key encoding); its backing dict (bytes keys on POSIX) is read directly
-_ENV_RAW = getattr(os.environ, "_data", None) if os.name == "posix" else None
-_K_FORCE, _K_AUTOTUNE, _K_CACHE = ((k.encode() if _ENV_RAW is not None else k)
-                                   for k in (ENV_FORCE, ENV_AUTOTUNE, "FASTCONV_CACHE"))
+            torch.get_num_threads(), memo_key())
 
 
 def cached_auto(x, weight, bias) -> str | None:
-    """The memoized "auto" backend for a call signature already checked and decided in this process, else None."""
+    """The memoized decision for a call signature already checked and decided under these settings, else None."""
     return _fast.get(_fast_key(x, weight, bias))
 
 
-def resolve(backend: str, x, weight, bias) -> str:
-    """Backend name to run: ``backend`` itself when explicit (checked), else ``decide(...)`` (memoized per
-    call signature in memory, so a repeated shape costs one dict lookup)."""
-    if backend == "auto":
+def resolve(backend: str | None, x, weight, bias) -> str:
+    """Backend name to run: ``backend`` itself when explicit (checked), else (None or "auto") ``decide(...)``
+    under ``settings()``, memoized per call signature so a repeated shape costs one dict lookup."""
+    if backend is None or backend == "auto":
         key = _fast_key(x, weight, bias)
         name = _fast.get(key)
         if name is None:
@@ -308,7 +285,8 @@ def resolve(backend: str, x, weight, bias) -> str:
 
 
 def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
-    """Which backend ``depthwise_conv2d(x, weight, bias)`` would run for this call, and why (may autotune)."""
+    """Which backend ``depthwise_conv2d(x, weight, bias)`` runs for this call under ``fastconv.settings()``, and
+    why (may autotune)."""
     check_inputs(x, weight, bias)
     d = decide(x, weight, bias)
     n, c, h, w = x.shape

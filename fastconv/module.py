@@ -1,4 +1,5 @@
-"""``DepthwiseConv2d``: drop-in for ``nn.Conv2d(C, C, K, padding=K//2, groups=C)``."""
+"""``DepthwiseConv2d``: drop-in for ``nn.Conv2d(C, C, K, padding=K//2, groups=C)``; ``convert_model`` /
+``revert_model`` swap between the two in place, sharing parameters."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -8,9 +9,10 @@ from fastconv.functional import depthwise_conv2d
 
 class DepthwiseConv2d(nn.Conv2d):
     """Same parameters (``weight`` (C,1,KH,KW), ``bias``) and state-dict keys as the ``nn.Conv2d`` it replaces,
-    so checkpoints load unchanged; the forward runs ``fastconv.depthwise_conv2d`` with ``backend``."""
+    so checkpoints load unchanged; the forward runs ``fastconv.depthwise_conv2d``. ``backend`` None (default)
+    follows ``fastconv.settings()`` (``fastconv.use`` / ``configure``); a named backend on the module wins."""
 
-    def __init__(self, channels: int, kernel_size, bias: bool = True, backend: str = "auto", stride=1,
+    def __init__(self, channels: int, kernel_size, bias: bool = True, backend: str | None = None, stride=1,
                  device=None, dtype=None):
         k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         if stride not in (1, (1, 1)):
@@ -31,3 +33,40 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
+
+
+def _swap(model: nn.Module, old: type, make) -> int:
+    """Replace each child of exact type ``old`` for which ``make(child)`` returns a module by it, sharing the
+    parameters and the train/eval flag; returns the count."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = make(child) if type(child) is old else None
+            if new is not None:
+                new.weight, new.bias = child.weight, child.bias
+                setattr(parent, name, new.train(child.training))
+                swapped += 1
+    return swapped
+
+
+def convert_model(model: nn.Module, min_kernel: int = 7) -> int:
+    """In place: every plain ``nn.Conv2d`` that is depthwise (groups = in = out channels), stride 1, dilation 1,
+    'same' zero padding, odd kernel sides and ``max(K) >= min_kernel`` becomes a ``DepthwiseConv2d`` (backend
+    None: following ``fastconv.settings()``) sharing its parameters. Returns the number of modules swapped."""
+    def make(m: nn.Conv2d):
+        k = m.kernel_size
+        if (m.groups == m.in_channels == m.out_channels and m.stride == (1, 1) and m.dilation == (1, 1)
+                and m.padding == (k[0] // 2, k[1] // 2) and m.padding_mode == "zeros" and k[0] % 2 == 1
+                and k[1] % 2 == 1 and max(k) >= min_kernel):
+            return DepthwiseConv2d(m.in_channels, k, bias=m.bias is not None, device="meta")
+        return None
+
+    return _swap(model, nn.Conv2d, make)
+
+
+def revert_model(model: nn.Module) -> int:
+    """In place: every ``DepthwiseConv2d`` becomes the plain ``nn.Conv2d`` it stands for, sharing its parameters.
+    Returns the number of modules swapped."""
+    return _swap(model, DepthwiseConv2d, lambda m: nn.Conv2d(
+        m.in_channels, m.out_channels, m.kernel_size, padding=m.padding, groups=m.groups,
+        bias=m.bias is not None, device="meta"))

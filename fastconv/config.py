@@ -1,0 +1,92 @@
+"""How fastconv runs, decided in one place: the backend, whether the dispatcher may time candidates, the cache.
+
+Initial values come from ``$FASTCONV_BACKEND`` ("auto" or one of ``BACKENDS``), ``$FASTCONV_AUTOTUNE`` ("0": cost
+model only, never timing) and ``$FASTCONV_CACHE`` (default ``$XDG_CACHE_HOME/fastconv`` or ``~/.cache/fastconv``),
+read on first use. ``configure`` changes the process-wide defaults; ``use`` overrides them inside a ``with`` block
+(a context variable: per thread and asyncio task, nestable, restored on exit). No torch import here.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from pathlib import Path
+
+BACKENDS = ("native", "channels_last", "cpp", "fft", "triton")
+ENV_BACKEND, ENV_AUTOTUNE, ENV_CACHE = "FASTCONV_BACKEND", "FASTCONV_AUTOTUNE", "FASTCONV_CACHE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """``backend``: "auto" (the dispatcher decides) or one of ``BACKENDS`` (forced for every call that does not
+    name its own); ``autotune``: False = cost model only; ``cache_dir``: autotune decisions and the C++ build."""
+    backend: str
+    autotune: bool
+    cache_dir: Path
+
+
+def _backend(value) -> str:
+    value = "auto" if value is None else value
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"fastconv: unknown backend {value!r}; choose auto or one of {', '.join(BACKENDS)}")
+    return value
+
+
+def _from_env() -> Settings:
+    cache = os.environ.get(ENV_CACHE) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastconv"
+    return Settings(_backend(os.environ.get(ENV_BACKEND, "").strip() or "auto"),
+                    os.environ.get(ENV_AUTOTUNE, "1").strip() != "0", Path(cache).expanduser())
+
+
+_defaults: Settings | None = None
+_generation = 0  # bumped by configure(): part of the dispatcher's per-call memo key
+_overrides: contextvars.ContextVar[tuple] = contextvars.ContextVar("fastconv_use", default=())
+
+
+def _replace(base: Settings, backend=None, autotune=None, cache_dir=None) -> Settings:
+    changes = {}
+    if backend is not None:
+        changes["backend"] = _backend(backend)
+    if autotune is not None:
+        changes["autotune"] = bool(autotune)
+    if cache_dir is not None:
+        changes["cache_dir"] = Path(cache_dir).expanduser()
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def settings() -> Settings:
+    """The settings in effect here: the process defaults with the enclosing ``use`` blocks applied."""
+    global _defaults
+    if _defaults is None:
+        _defaults = _from_env()
+    s = _defaults
+    for backend, autotune in _overrides.get():
+        s = _replace(s, backend, autotune)
+    return s
+
+
+def memo_key() -> tuple:
+    """Cheap key that changes whenever ``settings()`` may (for per-call memoization)."""
+    return _generation, _overrides.get()
+
+
+def configure(*, backend: str | None = None, autotune: bool | None = None, cache_dir=None) -> Settings:
+    """Change the process-wide defaults (None leaves a setting as it is); returns the new defaults."""
+    global _defaults, _generation
+    settings()
+    _defaults = _replace(_defaults, backend, autotune, cache_dir)
+    _generation += 1
+    return _defaults
+
+
+@contextlib.contextmanager
+def use(backend: str | None = None, autotune: bool | None = None):
+    """``with fastconv.use(backend="cpp"):`` / ``use(autotune=False)``: override the settings inside the block
+    (None leaves a setting as it is, "auto" hands the choice back to the dispatcher); yields the settings."""
+    token = _overrides.set(_overrides.get() + ((_backend(backend) if backend is not None else None,
+                                                None if autotune is None else bool(autotune)),))
+    try:
+        yield settings()
+    finally:
+        _overrides.reset(token)
