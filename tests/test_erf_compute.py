@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
-from erf_lab.erf.compute import TruncatedForward, compute_erf, set_conv_backend
+from erf_lab.erf.attribution import EffectiveReceptiveField, TruncatedForward
+from erf_lab.erf.compute import compute_erf
 from erf_lab.erf.images import PAPER_INPUT_SIZE, load_images, preprocess
 from erf_lab.erf.receptive_field import list_layers, theoretical_rf
 from erf_lab.models import create_model
@@ -87,31 +88,74 @@ def test_reparameterized_equals_train_time_replknet():
     assert any(n.endswith("small_conv") for n, _ in m.named_modules())  # the caller's model is untouched
 
 
-def test_fastconv_and_native_backends_give_same_erf():
+def test_fastconv_and_native_backends_give_same_erf(monkeypatch):
+    import fastconv.functional as fc_functional
+    from fastconv import cpu_kernels
+
+    ran = []
+    real = fc_functional.run_backend
+    monkeypatch.setattr(fc_functional, "run_backend", lambda name, *a: ran.append(name) or real(name, *a))
     m = _tiny_replknet(1)
     x = torch.randn(2, 3, 64, 64)
     a = compute_erf(m, x, conv_backend="fastconv", show_progress=False)
+    ran_fast, ran[:] = list(ran), []
     b = compute_erf(m, x, conv_backend="native", show_progress=False)
     assert a.info["fastconv_modules"] == 4 and b.info["fastconv_modules"] == 0
+    assert set(ran) == {"native"}  # --conv-backend native: every depthwise conv through F.conv2d
     assert np.abs(a.erf - b.erf).max() / np.abs(a.erf).max() < 1e-5
-    from fastconv import cpu_kernels
-
-    # kernels 31/29/27/13: the C++ kernel from K=13 when it is built (it is on CI), for float32 only
-    if cpu_kernels.cpp_available():
-        assert a.info["fastconv_backend"] == "cpp"
+    # kernels 31/29/27/13: the C++ kernel from K=9 when it is built and multi-threaded, for float32 only
+    if cpu_kernels.cpp_multithreaded():
+        assert set(ran_fast) == {"cpp"}
+    ran[:] = []
     d = compute_erf(m.double(), x.double(), show_progress=False)  # a float64 reference run takes oneDNN
-    assert d.info["fastconv_backend"] == "native"
+    assert set(ran) == {"native"}
     assert np.abs(d.erf - b.erf).max() / np.abs(d.erf).max() < 1e-4
 
 
-def test_set_conv_backend_swaps_and_shares_parameters():
-    conv = nn.Conv2d(4, 4, 9, padding=4, groups=4)
-    m = nn.Sequential(conv, nn.Conv2d(4, 4, 3, padding=1, groups=4))
-    assert set_conv_backend(m, "fastconv") == 1
+def test_foreign_model_depthwise_convs_run_through_fastconv():
+    """A plain nn.Conv2d depthwise 9x9 of a user's model is converted on the measured copy only."""
     from fastconv import DepthwiseConv2d
+    from erf_lab.erf.prepare import prepare_model
 
-    assert type(m[0]) is DepthwiseConv2d and m[0].weight is conv.weight and type(m[1]) is nn.Conv2d
-    assert set_conv_backend(m, "native") == 1 and type(m[0]) is nn.Conv2d
+    conv = nn.Conv2d(3, 3, 9, padding=4, groups=3)
+    m = nn.Sequential(conv, nn.Conv2d(3, 3, 3, padding=1, groups=3))
+    prepared, info = prepare_model(m)
+    assert type(prepared[0]) is DepthwiseConv2d and type(prepared[1]) is nn.Conv2d and info["modules_converted"] == 1
+    assert type(m[0]) is nn.Conv2d  # the caller's model is untouched
+    x = torch.randn(2, 3, 20, 20)
+    np.testing.assert_allclose(compute_erf(m, x, show_progress=False).erf,
+                               compute_erf(m, x, conv_backend="native", show_progress=False).erf, rtol=1e-5)
+
+
+def test_attribution_object_returns_one_map_per_image():
+    """captum-style: ``attribute`` gives (B, H, W); for a linear 5x5 box filter the map is the box itself."""
+    conv = nn.Conv2d(3, 1, 5, padding=2, bias=False)
+    nn.init.constant_(conv.weight, 1.0)
+    x = torch.rand(3, 3, 21, 21) + 0.1
+    maps = EffectiveReceptiveField(nn.Sequential(conv), aggregate="abs").attribute(x)
+    assert maps.shape == (3, 21, 21)
+    expected = torch.zeros(21, 21)
+    expected[8:13, 8:13] = 3.0  # 5x5 support, 1 per RGB channel
+    assert torch.equal(maps[0], expected) and torch.equal(maps[2], expected)
+
+
+def test_feature_info_layer_stops_through_forward_intermediates(monkeypatch):
+    """A RepLKNet stage named in ``feature_info`` is reached by ``forward_intermediates(stop_early=True)`` (no
+    hook exception); the result equals the hook path on a model without that interface."""
+    import erf_lab.erf.attribution as attribution
+
+    m = _tiny_replknet(3)
+    x = torch.randn(2, 3, 64, 64)
+    if attribution.intermediate_index(m, "stages.1") is None:
+        pytest.fail("RepLKNet must expose feature_info / forward_intermediates with stages.1")
+    calls = []
+    real = type(m).forward_intermediates
+    monkeypatch.setattr(type(m), "forward_intermediates", lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
+    via_intermediates = compute_erf(m, x, layer="stages.1", show_progress=False).erf
+    assert calls and calls[0]["stop_early"] is True
+    monkeypatch.setattr(attribution, "intermediate_index", lambda model, name: None)
+    via_hook = compute_erf(m, x, layer="stages.1", show_progress=False).erf
+    np.testing.assert_array_equal(via_intermediates, via_hook)
 
 
 def test_batch_size_and_order_do_not_change_result():
@@ -262,7 +306,7 @@ def test_list_layers_restores_training_mode_and_bn_statistics():
 
 
 def test_full_fp32_switches_tf32_off_on_cuda_only_and_restores():
-    from erf_lab.erf.compute import full_fp32
+    from erf_lab.erf.prepare import full_fp32
 
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
