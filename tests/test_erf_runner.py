@@ -1,0 +1,211 @@
+"""The one ERF orchestrator (``erf_lab.erf.runner.run_erf``): bad input before any work, no lost work on SIGKILL,
+reuse of finished runs, the run.json schema, and the training-resolution note."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from erf_lab.cli.main import main
+from erf_lab.erf.rundir import RUN_FIELDS, load_run, validate_run_info, write_run_dir
+from erf_lab.erf.runner import MAX_INPUT_SIZE, ErfSpec, run_erf, size_note, training_resolution
+from erf_lab.errors import ErfLabError
+
+TINY_KW = {"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}
+TINY = ["--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)"]
+
+
+def _spec(**kw):
+    return ErfSpec("replknet_31b", overrides=TINY_KW, **{"num_images": 2, "input_size": 32, **kw})
+
+
+def _cli_error(capsys, argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--input-size", str(MAX_INPUT_SIZE + 1)], "above the maximum"),
+    (["--input-size", "100000"], "above the maximum"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "meta"], "unsupported device 'meta'"),
+    (["--device", "cuda:x"], "unknown device"),
+    (["--device", "cuda:99"], "CUDA device"),  # none here; 'only N CUDA device(s) present' on a GPU machine
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--num-images", "-5"], "--num-images must be a positive integer"),
+])
+def test_bad_settings_fail_before_any_folder_is_made(tmp_path, capsys, extra, pattern):
+    out = tmp_path / "out"
+    err = _cli_error(capsys, ["compute", *TINY, "--num-images", "1", "--input-size", "32", *extra, "--out", str(out)])
+    assert pattern in err
+    assert not out.exists()  # nothing left behind
+
+
+def test_out_that_is_a_file_or_under_a_file(tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    for out, pattern in ((f, "is a file"), (f / "sub", "lies under a file")):
+        err = _cli_error(capsys, ["compute", *TINY, "--num-images", "1", "--input-size", "32", "--out", str(out)])
+        assert pattern in err
+    for cmd in (["analyze", str(f)], ["compare", str(f), "--out", str(f / "x")]):
+        _cli_error(capsys, cmd)
+
+
+def test_unwritable_out_is_refused_before_the_work(tmp_path, monkeypatch):
+    """Read-only filesystems: the write probe fails -> one error before any image is measured."""
+    import erf_lab.io as io
+
+    measured = []
+    monkeypatch.setattr("erf_lab.erf.runner.compute_erf", lambda *a, **k: measured.append(1))
+
+    def refuse(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", refuse)
+    with pytest.raises(ErfLabError, match="not writable: Read-only file system"):
+        run_erf(_spec(), out=tmp_path / "run", show_progress=False)
+    assert not measured
+
+
+def test_all_images_failing_leaves_no_state_file(tmp_path):
+    from erf_lab.models import create_model
+
+    w = tmp_path / "nan.pth"
+    model = create_model("replknet_31b", **TINY_KW)
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(state, w)
+    out = tmp_path / "run"
+    with pytest.raises(ErfLabError, match="no usable image"):
+        run_erf(_spec(weights=str(w)), out=out, show_progress=False, checkpoint_seconds=0)
+    assert not out.exists() or not list(out.glob(".erf_state*"))
+    res = run_erf(_spec(), out=out, show_progress=False)  # the next run there needs neither --resume nor --force
+    assert res["run_info"]["num_used"] == 2
+
+
+def test_out_of_memory_is_one_line_and_keeps_progress(tmp_path, monkeypatch):
+    import erf_lab.erf.attribution as attribution
+
+    real = attribution.EffectiveReceptiveField.attribute
+    calls = []
+
+    def attribute(self, x):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1000000000000 bytes.")
+        return real(self, x)
+
+    monkeypatch.setattr(attribution.EffectiveReceptiveField, "attribute", attribute)
+    out = tmp_path / "run"
+    with pytest.raises(ErfLabError, match="out of memory .*progress saved"):
+        run_erf(_spec(), out=out, show_progress=False, checkpoint_seconds=0)
+    assert (out / ".erf_state.npz").is_file() and not (out / "run.json").exists()
+
+
+def test_reuse_returns_a_finished_run_and_redoes_a_different_one(tmp_path):
+    out = tmp_path / "run"
+    first = run_erf(_spec(), out=out, show_progress=False, reuse=True)
+    assert not first["already_complete"]
+    again = run_erf(_spec(), out=out, show_progress=False, reuse=True)
+    assert again["already_complete"] and again["metrics"] == first["metrics"]
+    other = run_erf(_spec(aggregate="abs"), out=out, show_progress=False, reuse=True)
+    assert not other["already_complete"] and json.loads((out / "run.json").read_text())["aggregate"] == "abs"
+
+
+def test_sigkill_mid_run_loses_at_most_the_current_image(tmp_path):
+    """Progress is saved atomically (here after every image); a SIGKILL leaves a resumable state, and the resumed
+    run gives the same matrix as an uninterrupted one, without measuring saved images again."""
+    full = run_erf(_spec(num_images=8), out=tmp_path / "full", show_progress=False)
+    part = tmp_path / "part"
+    cmd = [sys.executable, "-m", "erf_lab", "compute", *TINY, "--num-images", "8", "--input-size", "32",
+           "--checkpoint-seconds", "0", "--out", str(part), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = part / ".erf_state.npz"
+    deadline = time.time() + 240
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file():
+            try:
+                with np.load(state, allow_pickle=False) as z:
+                    done = len(json.loads(str(z["processed"])))
+            except (OSError, ValueError, KeyError):
+                done = 0
+            if done >= 3:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (part / "run.json").exists() and not (part / "erf.npy").exists()
+    with np.load(state, allow_pickle=False) as z:
+        saved = len(json.loads(str(z["processed"])))
+    assert 3 <= saved < 8
+    counted = []
+    res = run_erf(_spec(num_images=8), out=part, resume=True, show_progress=False,
+                  on_batch=lambda a: counted.append(len(a.processed)))
+    assert counted[0] == saved + 1 and res["run_info"]["resumed_after_images"] == saved
+    np.testing.assert_array_equal(np.load(part / "erf.npy"), np.load(tmp_path / "full" / "erf.npy"))
+    assert full["run_info"]["num_used"] == res["run_info"]["num_used"] == 8
+
+
+def test_run_json_schema_names_the_wrong_field(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_run_dir(run, np.ones((9, 9)), {"model": "m", "theoretical_rf": 31, "num_used": 2})
+    info = json.loads((run / "run.json").read_text())
+    assert info["schema_version"] == 1 and info["kind"] == "erf" and set(info) <= set(RUN_FIELDS)
+    info["theoretical_rf"] = "abc"
+    (run / "run.json").write_text(json.dumps(info))
+    err = _cli_error(capsys, ["analyze", str(run)])
+    assert "field 'theoretical_rf' must be integer or null" in err
+    with pytest.raises(ErfLabError, match="field 'num_used' must be integer"):
+        validate_run_info({"schema_version": 1, "kind": "erf", "num_used": True})
+    with pytest.raises(ErfLabError, match="schema_version 9"):
+        validate_run_info({"schema_version": 9, "kind": "erf"})
+    with pytest.raises(ErfLabError, match="field 'input_size' must be positive"):
+        validate_run_info({"input_size": 0})
+    legacy = {"model": "m", "input_size": 64, "theoretical_rf": 11}  # written before the schema existed
+    assert validate_run_info(legacy) is legacy
+
+
+def test_analyze_recomputes_a_corrupt_metrics_json(tmp_path, capsys):
+    run = tmp_path / "run"
+    yy, xx = np.mgrid[:33, :33]
+    write_run_dir(run, np.exp(-((yy - 16) ** 2 + (xx - 16) ** 2) / 18.0), {"model": "m"}, theoretical_rf=40)
+    good = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text("{ truncated")
+    assert load_run(run).metrics is None
+    assert main(["analyze", str(run)]) == 0
+    capsys.readouterr()
+    assert json.loads((run / "metrics.json").read_text()) == good
+
+
+def test_training_resolution_and_size_note():
+    class M(torch.nn.Module):
+        pretrained_cfg = {"input_size": (3, 384, 384)}
+
+    spec = ErfSpec("replknet_31b", weights=None)
+    assert training_resolution(spec, torch.nn.Identity()) is None
+    assert training_resolution(spec, M()) == 384
+    assert training_resolution(ErfSpec("x", train_size=320), M()) == 320
+    named = ErfSpec("replknet_31b", weights="/w/RepLKNet-31B_ImageNet-1K_224.pth")
+    assert training_resolution(named, torch.nn.Identity()) == 224
+    assert size_note(1024, 224) and "4.6x" in size_note(1024, 224)
+    assert size_note(448, 224) is None and size_note(100, 224) and size_note(1024, None) is None
+
+
+def test_size_note_is_recorded_and_printed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["compute", *TINY, "--num-images", "1", "--input-size", "128", "--train-size", "32",
+                 "--out", str(out), "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    info = json.loads((out / "run.json").read_text())
+    assert info["train_size"] == 32 and "4x the training resolution 32px" in info["size_note"]
+    assert "note: measured at 128px" in stdout
