@@ -98,12 +98,16 @@ def test_compare_mixed_sizes(capsys, tmp_path, two_runs):
     a, _ = two_runs
     np.save(tmp_path / "big.npy", gaussian_map(64))
     rc, out, err = run_cli(capsys, "compare", str(a), str(tmp_path / "big.npy"), "--out", str(tmp_path / "c"))
-    assert_one_line_error(rc, err, "compare")
-    assert "differ in size" in err and "40x40" in err and "64x64" in err
-    rc, out, err = run_cli(capsys, "compare", str(a), str(tmp_path / "big.npy"), "--out", str(tmp_path / "c"),
+    assert rc == 0, err  # size-free metrics side by side, area ratios marked not comparable, no heatmaps
+    assert "differ in size" in out and "40x40" in out and "64x64" in out and "n/c" in out
+    assert not list((tmp_path / "c").glob("compare.p*"))
+    header = next(line for line in out.splitlines() if line.startswith("| label"))
+    assert header.index("r_rms") < header.index("area@20%") and "r50" in header
+    rc, out, err = run_cli(capsys, "compare", str(a), str(tmp_path / "big.npy"), "--out", str(tmp_path / "c2"),
                            "--allow-mixed-sizes", "--formats", "png")
     assert rc == 0, err
-    assert "| 64x64 |" in out and "| 40x40 |" in out
+    assert "| 64x64 |" in out and "| 40x40 |" in out and "n/c" not in out
+    assert (tmp_path / "c2" / "compare.png").is_file()
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path):
@@ -188,7 +192,7 @@ def test_sweep_with_weights_dir(capsys, tmp_path, tiny_sweep):
     np.testing.assert_allclose(np.load(tmp_path / "w" / "K3-train" / "erf.npy"),
                                np.load(tiny_sweep / "K3-train" / "erf.npy"), rtol=1e-10)
     run_json = json.loads((tmp_path / "w" / "K3-train" / "run.json").read_text())
-    assert run_json["sweep_key"]["weights"].endswith("replknet_3.pth")
+    assert run_json["weights"].endswith("replknet_3.pth") and run_json["tags"]["sweep"]["kernel"] == 3
     rc, _, err = run_cli(capsys, "sweep", "--kernels", "7", "--init", "weights", "--weights-dir", str(wdir),
                          "--out", str(tmp_path / "x"), *TINY)
     assert_one_line_error(rc, err, "sweep")

@@ -7,7 +7,8 @@ from typing import Sequence
 
 from erf_lab.erf.metrics import compute_metrics, summary
 from erf_lab.erf.rundir import METRICS_FILE, load_run
-from erf_lab.erf.tables import csv_text, markdown_table, metrics_text, table_rows
+from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, markdown_table,
+                                metrics_text, table_rows)
 from erf_lab.errors import ErfLabError
 from erf_lab.io import prepare_out_dir, write_json, write_text
 from erf_lab.provenance import provenance
@@ -49,10 +50,11 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
             allow_mixed_sizes: bool = False, normalize: str = "each", argv: Sequence[str] | None = None) -> dict:
     """Side-by-side heatmaps on one colour scale + a metrics table (markdown + CSV) with the paper rows.
 
-    Maps of different sizes are refused (area ratios are relative to the map, so they would not be
-    comparable) unless ``allow_mixed_sizes``: then each panel is drawn at its own size and each map's
-    metrics are computed on its own area (the table's ``shape`` column shows it).
-    Writes ``out/compare.<fmt>``, ``compare.md``, ``compare.csv``, ``compare.json`` (last).
+    Maps of different sizes: the paper's area ratios are fractions of each map, so they are marked ``n/c`` (not
+    comparable) and the size-free metrics (r_rms, r20 / r50 / r99, Gaussian sigma, in pixels) carry the
+    comparison; no heatmap figure is drawn unless ``allow_mixed_sizes`` (then each panel at its own size, and each
+    map's area ratios on its own area). Writes ``out/compare.<fmt>``, ``compare.md``, ``compare.csv``,
+    ``compare.json`` (last).
     """
     from erf_lab.erf.plotting import plot_comparison
 
@@ -69,26 +71,34 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
         names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
         for r, n in zip(runs, names):
             r.label = n
-    shapes = {r.erf.shape for r in runs}
-    if len(shapes) > 1 and not allow_mixed_sizes:
-        desc = ", ".join(f"{r.label}: {r.erf.shape[0]}x{r.erf.shape[1]}" for r in runs)
-        raise ErfLabError(f"ERF maps differ in size ({desc}); area ratios are relative to the map size and not "
-                          "comparable - use the same --input-size, or pass --allow-mixed-sizes")
-    measured = [(r.label, compute_metrics(r.erf, theoretical_rf=r.theoretical_rf)) for r in runs]
-    rows = table_rows(measured)
-    md = markdown_table(rows)
-    csv_s = csv_text(rows)
     out_dir = prepare_out_dir(out)
-    figs = plot_comparison([r.erf for r in runs], [r.label for r in runs], out_dir / "compare",
-                           formats=tuple(formats), normalize=normalize)
+    mixed = len({r.erf.shape for r in runs}) > 1
+    measured = [(r.label, compute_metrics(r.erf, theoretical_rf=r.theoretical_rf)) for r in runs]
+    rows = table_rows(measured, with_paper=not mixed)
+    columns = MIXED_SIZE_COLUMNS if mixed else TABLE_COLUMNS
+    if mixed and not allow_mixed_sizes:
+        for row in rows:
+            row.update({c: NOT_COMPARABLE for c in columns if c.startswith("area@")})
+    md = markdown_table(rows, columns)
+    csv_s = csv_text(rows, columns)
+    figs = [] if mixed and not allow_mixed_sizes else plot_comparison(
+        [r.erf for r in runs], [r.label for r in runs], out_dir / "compare", formats=tuple(formats), normalize=normalize)
     note = ("Area columns: % of the map area inside the smallest centred square holding > t of log10(A+1)/max; "
             "n/r = not reached, - = not available. Paper rows: Ding et al., CVPR 2022, Table 10 (1024x1024, trained weights).")
+    if mixed:
+        note = ("The maps differ in size (" + ", ".join(f"{r.label}: {r.erf.shape[0]}x{r.erf.shape[1]}" for r in runs)
+                + "): area ratios are fractions of each image and change with the image size even when the ERF in "
+                "pixels does not" + (", so they are marked n/c (not comparable) and no heatmap figure is drawn "
+                "(--allow-mixed-sizes draws each map at its own size)" if not allow_mixed_sizes else "")
+                + ". Compare the size-free columns: r_rms, r20/r50/r99 (radius holding that share of the mass) and "
+                "the Gaussian sigma, all in pixels.")
     write_text(out_dir / "compare.md", md + "\n\n" + note + "\n")
     write_text(out_dir / "compare.csv", csv_s)
     record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": names,
                                     "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
                                     "normalize": normalize}, argv)
     record["rows"] = rows
+    record["mixed_sizes"] = mixed
     record["files"] = [p.name for p in figs] + ["compare.md", "compare.csv"]
     write_json(out_dir / "compare.json", record)
     return {"rows": rows, "markdown": md, "csv": csv_s, "note": note, "files": figs + [

@@ -89,13 +89,13 @@ class ErfSpec:
     def config(self) -> dict:
         """JSON-ready record of the spec (tuples as lists)."""
         d = dataclasses.asdict(self)
-        d["overrides"] = {k: _jsonable(v) for k, v in self.overrides.items()}
+        d["overrides"] = {k: jsonable(v) for k, v in self.overrides.items()}
         return d
 
 
-def _jsonable(v):
+def jsonable(v):
     if isinstance(v, (tuple, list)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
     return repr(v)

@@ -139,7 +139,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     """
     from erf_lab.erf.plotting import plot_grid, plot_growth
     from erf_lab.erf.rundir import load_run
-    from erf_lab.erf.runner import ErfSpec, run_erf
+    from erf_lab.erf.runner import ErfSpec, jsonable, run_erf
     from erf_lab.io import prepare_out_dir
 
     ks = parse_kernels(kernels) if kernels is not None else []
@@ -162,7 +162,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     out_dir = prepare_out_dir(out)
     params = {"kernels": ks, "input_sizes": sizes, "model": None if ks else model, "reparam": reparam, "init": init,
               "weights_dir": None if weights_dir is None else str(Path(weights_dir).resolve()), "images": images or
-              "default", "num_images": num_images, "overrides": {k: repr(v) for k, v in overrides.items()},
+              "default", "num_images": num_images, "overrides": {k: jsonable(v) for k, v in overrides.items()},
               "seed": int(seed), "layer": layer or "forward_features", "aggregate": aggregate,
               "batch_size": int(batch_size), "device": device, "formats": list(formats)}
 
@@ -184,10 +184,10 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
         bar.close()
     diffs = []
     if len(modes) == 2:
-        for stem in dict.fromkeys(m[0] for m in members):
+        for stem, k, size, *_ in members:
             a, b = maps[(stem, "train")], maps[(stem, "deploy")]
             scale = float(np.abs(a).max()) or 1.0
-            diffs.append({"member": stem, "max_abs_diff": float(np.abs(a - b).max()),
+            diffs.append({"member": stem, "kernel": k, "input_size": size, "max_abs_diff": float(np.abs(a - b).max()),
                           "max_rel_diff": float(np.abs(a - b).max()) / scale})
 
     by_size = input_sizes is not None

@@ -9,6 +9,10 @@ from erf_lab.erf.metrics import PAPER_TABLE10, paper_reference, summary
 
 TABLE_COLUMNS = ("label", "source", "shape", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "std_y", "std_x",
                  "gauss_sigma_y", "gauss_sigma_x", "gauss_r2", "trf", "erf/trf")
+#: maps of different sizes: the size-free metrics (pixels) first, the area ratios (fractions of each map) last
+MIXED_SIZE_COLUMNS = ("label", "shape", "r_rms", "r20", "r50", "r99", "gauss_sigma_y", "gauss_sigma_x", "trf",
+                      "erf/trf", "area@20%", "area@50%", "area@99%")
+NOT_COMPARABLE = "n/c"
 
 
 _TEXT_COLUMNS = ("label", "source", "shape", "model", "reparam", "run_dir")

@@ -6,8 +6,9 @@ import sys
 NAME = "compare"
 HELP = "compare ERF runs: heatmaps side by side on one colour scale + metrics table (markdown, CSV)"
 ORDER = 41
-DESCRIPTION = (HELP + ". Maps of different sizes are refused unless --allow-mixed-sizes (area ratios are relative "
-               "to the map size). Paper Table 10 rows are appended for reference.")
+DESCRIPTION = (HELP + ". Maps of different sizes are compared by the size-free metrics (pixels); their area ratios "
+               "are marked not comparable (fractions of each image) and heatmaps are drawn only with "
+               "--allow-mixed-sizes. Paper Table 10 rows are appended for maps of one size.")
 
 
 def add_arguments(p) -> None:
@@ -16,7 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="compare", help="output folder (default ./compare)")
     p.add_argument("--formats", default="png,pdf", help="figure formats: png,pdf,svg (default png,pdf)")
     p.add_argument("--allow-mixed-sizes", action="store_true",
-                   help="accept maps of different sizes (each panel at its own size, metrics per map)")
+                   help="maps of different sizes: draw the heatmaps too (each at its own size) and show each map's "
+                        "area ratios on its own area")
     p.add_argument("--normalize", choices=("each", "joint"), default="each",
                    help="each: log10(A+1)/own max as in the paper (default); joint: one max over all maps")
 
