@@ -1,4 +1,5 @@
-"""Small widget helpers shared by the pages: readable errors, command hints, checkpoint uploads, integer lists."""
+"""Small widget helpers shared by the pages: readable errors, command hints, uploads and
+downloads, integer lists."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,7 @@ import shlex
 import streamlit as st
 
 from app import safety
+from app.runs import DOWNLOAD_SUFFIXES
 from erf_lab.errors import ErfLabError
 
 log = logging.getLogger("erf_lab.app")
@@ -40,6 +42,15 @@ def checkpoint_upload(key: str, label: str = "Checkpoint (optional)") -> tuple[b
         return None, ""
     safety.check_checkpoint_upload(ck.name, ck.size)
     return ck.getvalue(), ck.name
+
+
+def file_downloads(paths, key: str, ncols: int = 4) -> None:
+    """One download button per file, labelled with its name (the file is read on click)."""
+    cols = st.columns(ncols)
+    for i, p in enumerate(paths):
+        cols[i % ncols].download_button(p.name, data=(lambda p=p: p.read_bytes()), file_name=p.name,
+                                        mime=DOWNLOAD_SUFFIXES.get(p.suffix.lower()), key=f"{key}-{p.name}",
+                                        icon=":material/download:", on_click="ignore")
 
 
 def parse_int_tuple(text: str, n: int | None = None, what: str = "values") -> tuple[int, ...]:

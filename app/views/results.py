@@ -10,8 +10,8 @@ import streamlit as st
 
 from app import safety
 from app.figures import show_figure
-from app.runs import DOWNLOAD_SUFFIXES, app_runs_dir, downloadable_files, find_runs
-from app.ui import guard
+from app.runs import app_runs_dir, downloadable_files, find_runs
+from app.ui import file_downloads, guard
 from erf_lab.erf.metrics import summary as summary_fn
 from erf_lab.erf.report import load_run
 
@@ -30,8 +30,7 @@ with guard("Folder"):
         st.info(f"No result directories (erf.npy, sweep.json, summary.json or run.json) under {root}.")
 
 if runs:
-    table = pd.DataFrame([{"run": r["name"], "kind": r["kind"]} for r in runs])
-    kinds = sorted(set(table["kind"]))
+    kinds = sorted({r["kind"] for r in runs})
     kind = st.segmented_control("Kind", kinds, default="erf" if "erf" in kinds else kinds[0], key="res-kind")
     names = [r["name"] for r in runs if r["kind"] == kind]
     chosen = st.multiselect(f"{kind} runs ({len(names)})", names, default=names[:1], key=f"res-chosen-{kind}")
@@ -69,10 +68,4 @@ if runs:
                 for p in downloadable_files(d):
                     if p.suffix == ".csv" and p.stat().st_size < 2 * 2**20 and r["kind"] in ("sweep", "benchmark"):
                         st.dataframe(pd.read_csv(p), hide_index=True)
-                files = downloadable_files(d)
-                cols = st.columns(4)
-                for i, p in enumerate(files):
-                    cols[i % 4].download_button(p.name, data=(lambda p=p: p.read_bytes()), file_name=p.name,
-                                                mime=DOWNLOAD_SUFFIXES[p.suffix.lower()],
-                                                key=f"res-dl-{n}-{p.name}", icon=":material/download:",
-                                                on_click="ignore")
+                file_downloads(downloadable_files(d), key=f"res-dl-{n}")

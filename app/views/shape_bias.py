@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import models, safety
 from app.shape_bias_runs import SHAPE_BIAS_MODELS, shape_bias_run
-from app.ui import checkpoint_upload, cli_hint, guard
+from app.ui import checkpoint_upload, cli_hint, file_downloads, guard
 from erf_lab.shape_bias.analysis import read_decisions_csv
 from erf_lab.shape_bias.plotting import load_run
 
@@ -65,15 +65,8 @@ if run_dir is not None:
         fig = Path(run_dir) / "shape_bias.png"
         if fig.is_file():
             st.image(str(fig), caption="model vs humans (dashed: mean shape bias)", width=560)
-            cols = st.columns(4)
-            for col, suffix in zip(cols, ("png", "pdf")):
-                p = fig.with_suffix("." + suffix)
-                if p.is_file():
-                    col.download_button(p.name, data=(lambda p=p: p.read_bytes()), file_name=p.name,
-                                        key=f"sb-dl-{suffix}", icon=":material/download:", on_click="ignore")
-            dec = Path(run_dir) / "decisions.csv"
-            cols[2].download_button("decisions.csv", data=(lambda: dec.read_bytes()), file_name="decisions.csv",
-                                    mime="text/csv", key="sb-dl-csv", icon=":material/download:", on_click="ignore")
+            files = [fig, fig.with_suffix(".pdf"), Path(run_dir) / "decisions.csv"]
+            file_downloads([p for p in files if p.is_file()], key="sb-dl")
         rows = []
         for cat, v in sorted(s.get("per_category", {}).items()):
             h = (human.get("per_category") or {}).get(cat) or {}
