@@ -16,7 +16,7 @@ from erf_lab.errors import ErfLabError
 
 # Library plotting functions the app renders (each writes ``stem.<fmt>`` files atomically).
 PLOTS = {"erf_comparison": plotting.plot_comparison, "erf_grid": plotting.plot_grid,
-         "erf_growth": plotting.plot_growth, "erf_single": plotting.plot_erf}
+         "erf_growth": plotting.plot_growth}
 _MIME = {"png": "image/png", "pdf": "application/pdf", "svg": "image/svg+xml"}
 
 
