@@ -5,7 +5,17 @@ calls. Pages live in ``app/views/`` (never ``app/pages/``, which Streamlit would
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import streamlit as st
+
+# Streamlit runs this file as a script with only app/ on sys.path; the pages import the package ``app``,
+# so the repository root (this checkout, whose erf_lab the pages should use) must be importable too: once,
+# here; nowhere else touches sys.path.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 st.set_page_config(page_title="erf-lab", page_icon=":material/blur_on:", layout="wide")
 

@@ -3,15 +3,18 @@
 Policy for user-typed directories: the path is expanded and resolved (symlinks followed), must be an
 existing, readable directory, and must lie under an allowed root: the current working directory, the
 home directory, the project's ``data/`` folder, the datasets root (``$ERF_LAB_DATA`` or
-``../shared/datasets``), the app's run folder (``$ERF_LAB_APP_RUNS``), or a root listed in ``$ERF_LAB_APP_ROOTS`` (``os.pathsep``-separated). System
-directories (``/proc``, ``/sys``, ``/dev``, ``/etc``, ...) are refused even if a root contains them.
-Uploaded images are size-limited and verified with PIL; uploaded checkpoints go only through the safe
-loader (``weights_only=True`` / safetensors) in :mod:`loaders`.
+``../shared/datasets``), the app's run folder (``$ERF_LAB_APP_RUNS``), or a root listed in
+``$ERF_LAB_APP_ROOTS`` (``os.pathsep``-separated). System directories (``/proc``, ``/sys``, ``/dev``,
+``/etc``, ...) are refused even if a root contains them. Every refusal gives the same message, so the app
+never tells whether a server path exists. Uploaded images are size-limited and verified with PIL (bad ones
+are skipped and counted); uploaded checkpoints go only through the safe loader (``weights_only=True`` /
+safetensors) in :mod:`app.models`.
 """
 from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 from erf_lab.errors import ErfLabError
@@ -32,7 +35,7 @@ def allowed_roots() -> list[Path]:
     ds = datasets_root()
     if ds is not None:
         roots.append(ds)
-    if os.environ.get("ERF_LAB_APP_RUNS"):  # where the app writes its own runs (see loaders.app_runs_dir)
+    if os.environ.get("ERF_LAB_APP_RUNS"):  # where the app writes its own runs (see app.runs.app_runs_dir)
         roots.append(Path(os.environ["ERF_LAB_APP_RUNS"]).expanduser())
     for extra in os.environ.get("ERF_LAB_APP_ROOTS", "").split(os.pathsep):
         if extra.strip():
@@ -53,26 +56,23 @@ def _is_within(path: Path, root: Path) -> bool:
 
 
 def safe_directory(text: str, what: str = "folder") -> Path:
-    """Resolve a user-typed directory under the policy above; raise ``ErfLabError`` with one line if refused."""
+    """Resolve a user-typed directory under the policy above; raise ``ErfLabError`` with one line if refused.
+
+    Every refusal (missing, not a directory, outside the roots, system, unreadable) gives the same message,
+    naming only what the user typed, so that the app does not reveal which server paths exist."""
     text = (text or "").strip()
     if not text:
         raise ErfLabError(f"enter a {what} path")
-    if "\x00" in text:
-        raise ErfLabError(f"invalid {what} path")
     try:
         path = Path(text).expanduser().resolve()
-    except (OSError, RuntimeError) as e:
-        raise ErfLabError(f"cannot resolve {what} {text!r}: {e}") from None
-    if any(_is_within(path, Path(s)) for s in _SYSTEM_DIRS):
-        raise ErfLabError(f"{what} {path} is inside a system directory; choose a data folder")
-    if not path.is_dir():
-        raise ErfLabError(f"{what} {path} does not exist or is not a directory")
-    roots = allowed_roots()
-    if not any(_is_within(path, r) for r in roots):
-        raise ErfLabError(f"{what} {path} is outside the allowed roots ({', '.join(map(str, roots))}); "
-                          f"add its parent to $ERF_LAB_APP_ROOTS to allow it")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise ErfLabError(f"{what} {path} is not readable")
+        allowed = (path.is_dir() and not any(_is_within(path, Path(s)) for s in _SYSTEM_DIRS)
+                   and any(_is_within(path, r) for r in allowed_roots()) and os.access(path, os.R_OK | os.X_OK))
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the text
+        allowed = False
+    if not allowed:
+        raise ErfLabError(f"cannot open {what} {text!r}: not a readable folder the app may use (under the "
+                          f"working directory, your home, data/, the datasets root or $ERF_LAB_APP_ROOTS; "
+                          f"never a system directory)")
     return path
 
 
@@ -89,9 +89,15 @@ def image_files(folder: Path, limit: int = MAX_IMAGES) -> list[Path]:
     return files[:limit]
 
 
+def _reason(e: Exception) -> str:
+    """First line of a decoder error without object reprs (``<_io.BytesIO object at 0x...>``)."""
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def verify_image_bytes(name: str, data: bytes, max_mb: float = MAX_IMAGE_MB):
     """Check an uploaded image (size, PIL ``verify``) and return it decoded as an RGB ``PIL.Image``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if len(data) > max_mb * 1024 * 1024:
         raise ErfLabError(f"{name}: {len(data) / 2**20:.1f} MB is over the {max_mb} MB limit per image")
@@ -100,8 +106,24 @@ def verify_image_bytes(name: str, data: bytes, max_mb: float = MAX_IMAGE_MB):
             im.verify()
         with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ErfLabError(f"{name}: not a valid image ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt / non-image data
+        raise ErfLabError(f"{name}: not a valid image ({_reason(e)})") from None
+
+
+def split_uploads(items) -> tuple[tuple[tuple[str, bytes], ...], tuple[tuple[str, str], ...]]:
+    """``(name, bytes)`` uploads -> (the valid ones, ``(name, reason)`` of the others), as the CLI skips and
+    counts unreadable files of a folder; ``ErfLabError`` if none is valid."""
+    good, skipped = [], []
+    for name, data in items:
+        try:
+            verify_image_bytes(name, data)
+            good.append((name, data))
+        except ErfLabError as e:
+            skipped.append((name, str(e).removeprefix(f"{name}: ")))
+    if not good:
+        raise ErfLabError(f"none of the {len(skipped)} uploaded image(s) is usable: "
+                          + "; ".join(f"{n}: {r}" for n, r in skipped[:3]))
+    return tuple(good), tuple(skipped)
 
 
 def check_checkpoint_upload(name: str, size: int) -> None:

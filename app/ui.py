@@ -1,37 +1,18 @@
-"""Small UI helpers shared by the pages: readable errors, optional library parts, figure downloads."""
+"""Small widget helpers shared by the pages: readable errors, command hints, uploads and
+downloads, integer lists."""
 from __future__ import annotations
 
 import contextlib
-import importlib
-import io
 import logging
 import shlex
 
 import streamlit as st
 
+from app import safety
+from app.runs import DOWNLOAD_SUFFIXES
 from erf_lab.errors import ErfLabError
 
 log = logging.getLogger("erf_lab.app")
-
-
-class MissingFeature(Exception):
-    """A library function this page needs is not available (module not written yet or failed to import)."""
-
-
-def need(module: str, *names: str):
-    """Import ``module`` and return the requested attributes (or the module); ``MissingFeature`` if absent."""
-    try:
-        mod = importlib.import_module(module)
-    except Exception as e:  # a sibling module still being written must not break the page
-        raise MissingFeature(f"`{module}` is not available ({type(e).__name__}: {e})") from None
-    if not names:
-        return mod
-    out = []
-    for n in names:
-        if not hasattr(mod, n):
-            raise MissingFeature(f"`{module}.{n}` is not available")
-        out.append(getattr(mod, n))
-    return out[0] if len(out) == 1 else tuple(out)
 
 
 @contextlib.contextmanager
@@ -41,8 +22,6 @@ def guard(what: str):
         yield
     except ErfLabError as e:
         st.error(f"{what}: {e}", icon=":material/error:")
-    except MissingFeature as e:
-        st.warning(f"{what} is unavailable: {e}", icon=":material/construction:")
     except Exception as e:  # noqa: BLE001 - shown to the user instead of a traceback
         log.exception("%s failed", what)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -55,39 +34,23 @@ def cli_hint(args: list[str], note: str = "Full-size protocol from the command l
     st.code(shlex.join(([prog] if prog else []) + [str(a) for a in args]), language="bash")
 
 
-_MIME = {"png": "image/png", "pdf": "application/pdf", "svg": "image/svg+xml"}
+def checkpoint_upload(key: str, label: str = "Checkpoint (optional)") -> tuple[bytes | None, str]:
+    """A checkpoint uploader: (bytes, the user's file name), or (None, "") before an upload; refusals raise."""
+    ck = st.file_uploader(label, type=["pth", "pt", "bin", "safetensors"], max_upload_size=safety.MAX_CHECKPOINT_MB,
+                          key=key)
+    if ck is None:
+        return None, ""
+    safety.check_checkpoint_upload(ck.name, ck.size)
+    return ck.getvalue(), ck.name
 
 
-def figure_bytes(fig, fmt: str) -> bytes:
-    """A matplotlib figure as ``fmt`` bytes (for figures the library does not draw itself)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=200 if fmt == "png" else None, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def show_figure(kind: str, args: tuple, stem: str, key: str, kwargs: dict | None = None,
-                caption: str | None = None, width: int | str = "stretch") -> None:
-    """Render a library figure (PNG shown) with PNG / PDF / SVG downloads (PDF / SVG made on click)."""
-    import json
-
-    import loaders
-
-    kw = json.dumps(kwargs or {}, sort_keys=True)
-    png = loaders.render_figure(kind, "png", args, kw)
-    st.image(png, caption=caption, width=width)
-    cols = st.columns(3)
-    for col, fmt in zip(cols, ("png", "pdf", "svg")):
-        data = png if fmt == "png" else (lambda fmt=fmt: loaders.render_figure(kind, fmt, args, kw))
-        col.download_button(fmt.upper(), data=data, file_name=f"{stem}.{fmt}", mime=_MIME[fmt],
-                            key=f"{key}-{fmt}", icon=":material/download:", on_click="ignore")
-
-
-def matplotlib_downloads(fig, stem: str, key: str) -> None:
-    """PNG / PDF / SVG download buttons for a matplotlib figure drawn by the page."""
-    cols = st.columns(3)
-    for col, fmt in zip(cols, ("png", "pdf", "svg")):
-        col.download_button(fmt.upper(), data=figure_bytes(fig, fmt), file_name=f"{stem}.{fmt}",
-                            mime=_MIME[fmt], key=f"{key}-{fmt}", icon=":material/download:", on_click="ignore")
+def file_downloads(paths, key: str, ncols: int = 4) -> None:
+    """One download button per file, labelled with its name (the file is read on click)."""
+    cols = st.columns(ncols)
+    for i, p in enumerate(paths):
+        cols[i % ncols].download_button(p.name, data=(lambda p=p: p.read_bytes()), file_name=p.name,
+                                        mime=DOWNLOAD_SUFFIXES.get(p.suffix.lower()), key=f"{key}-{p.name}",
+                                        icon=":material/download:", on_click="ignore")
 
 
 def parse_int_tuple(text: str, n: int | None = None, what: str = "values") -> tuple[int, ...]:

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import stop_process
+from streamlit.testing.v1 import AppTest
+
+from app import models, safety
+from erf_lab.errors import ErfLabError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "app" / "main.py"
-sys.path.insert(0, str(APP.parent))  # app/safety.py and app/loaders.py, as Streamlit itself does
-
-from streamlit.testing.v1 import AppTest  # noqa: E402
 
 
 @pytest.fixture
@@ -65,15 +66,14 @@ def test_landing_page_renders_default_erf_without_click(app_env):
     # The same measurement straight from the library (seeded random init, first two built-in images, 128 px).
     import torch
 
-    import loaders
     from erf_lab.erf.compute import compute_erf
     from erf_lab.erf.images import load_images
     from erf_lab.erf.metrics import compute_metrics, summary
     from erf_lab.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("replknet_31b", channels=loaders.TINY_CHANNELS, layers=loaders.TINY_LAYERS,
-                         large_kernel_sizes=loaders.PAPER_31B_KERNELS, small_kernel=5).eval()
+    model = create_model("replknet_31b", channels=models.TINY_CHANNELS, layers=models.TINY_LAYERS,
+                         large_kernel_sizes=models.PAPER_31B_KERNELS, small_kernel=5).eval()
     res = compute_erf(model, load_images(None, num_images=2, input_size=128), show_progress=False)
     s = summary(compute_metrics(res.erf))
     assert r_shown == pytest.approx(s["r_rms"], abs=0.051)
@@ -101,24 +101,49 @@ def test_side_by_side_kernel_31_vs_3_and_bad_input(app_env):
 
 
 def test_uploaded_images_are_verified_then_used(app_env):
-    """A fake image upload is refused with one line; a real one (a built-in photo's bytes) gives an ERF
-    identical to the same photo taken from the built-in set."""
+    """A fake image upload is refused with one line naming the file; one corrupt image among three is skipped
+    and counted like the CLI does, and the ERF over the other two equals the one of the same two photos taken
+    from the built-in set."""
     at = ok(new_app().run())
     at.radio(key="erf-img-kind").set_value("Upload").run()
     ok(at)
     at.file_uploader(key="erf-img-up").set_value([("cat.jpg", b"GIF89a not really", "image/jpeg")]).run()
     ok(at)
-    assert any("not a valid image" in e for e in errors(at)), errors(at)
-    photo = (REPO_ROOT / "data" / "default_images" / "astronaut.jpg").read_bytes()
-    at.file_uploader(key="erf-img-up").set_value([("astronaut.jpg", photo, "image/jpeg")]).run()
+    assert any("cat.jpg: not a valid image" in e for e in errors(at)), errors(at)
+    assert not any("BytesIO" in e or "/tmp" in e for e in errors(at)), errors(at)
+    photos = [(n, (REPO_ROOT / "data" / "default_images" / n).read_bytes(), "image/jpeg")
+              for n in ("astronaut.jpg", "brick.jpg")]
+    at.file_uploader(key="erf-img-up").set_value(photos[:1] + [("broken.png", photos[1][1][:600], "image/png")]
+                                                 + photos[1:]).run()
     ok(at)
     assert not errors(at), errors(at)
-    assert any(c.value.startswith("1 image(s), 0 skipped") for c in at.caption)
+    assert any(c.value.startswith("2 image(s), 1 skipped") for c in at.caption), [c.value for c in at.caption]
+    warnings = [w.value for w in at.warning]
+    assert any(w.startswith("1 of 3 images skipped: broken.png: not a valid image") for w in warnings), warnings
+    assert not any("BytesIO" in w or "/tmp" in w for w in warnings), warnings
     r_upload = float(metric(at, "r_rms (px)"))
     at.radio(key="erf-img-kind").set_value("Built-in").run()
-    at.multiselect(key="erf-img-builtin").set_value(["astronaut.jpg"]).run()
+    at.multiselect(key="erf-img-builtin").set_value(["astronaut.jpg", "brick.jpg"]).run()
     ok(at)
+    assert any(c.value.startswith("2 image(s), 0 skipped") for c in at.caption)
     assert float(metric(at, "r_rms (px)")) == pytest.approx(r_upload, abs=0.051)
+    at.multiselect(key="erf-img-builtin").set_value(["astronaut.jpg"]).run()
+    assert float(metric(at, "r_rms (px)")) != pytest.approx(r_upload, abs=0.051)  # the two-image mean differs
+
+
+@pytest.mark.parametrize("content", [b"hello, these are not weights\n", b"(ello, these are not weights\n"],
+                         ids=["unpickling-error", "index-error"])
+def test_uploaded_checkpoint_errors_name_the_users_file(app_env, content):
+    """A text file uploaded as weights: one error naming the uploaded file, never the server's temporary copy
+    (``/tmp/...``) or an object repr; both failure modes of torch's weights-only unpickler (issue #13)."""
+    at = ok(new_app().run())
+    at.file_uploader(key="erf-ckpt-0").set_value([("my notes.pth", content, "application/octet-stream")]).run()
+    at.button(key="erf-run").click().run()
+    ok(at)
+    msgs = errors(at)
+    assert len(msgs) == 1 and "my notes.pth" in msgs[0], msgs
+    assert "cannot read checkpoint" in msgs[0] and "/tmp" not in msgs[0] and "BytesIO" not in msgs[0], msgs
+    assert "upload.pth" not in msgs[0], msgs
 
 
 # ----------------------------------------------------------------------------------------- other pages
@@ -223,32 +248,42 @@ def test_results_page_compares_runs_and_offers_downloads(app_env):
 
     at.text_input(key="res-root").set_value("/etc").run()
     ok(at)
-    assert any("system directory" in e for e in errors(at)), errors(at)
+    assert errors(at) == ["Folder: " + refusal("results folder", "/etc")], errors(at)
 
 
 # ------------------------------------------------------------------------------------------- input policy
-def test_safe_directory_policy(tmp_path, monkeypatch):
-    import safety
-    from erf_lab.errors import ErfLabError
+def refusal(what: str, text: str) -> str:
+    """The one message of a refused typed folder (missing and forbidden alike)."""
+    with pytest.raises(ErfLabError) as e:
+        safety.safe_directory(text, what)
+    return str(e.value)
 
+
+def test_safe_directory_policy(tmp_path, monkeypatch):
     monkeypatch.delenv("ERF_LAB_APP_ROOTS", raising=False)
     monkeypatch.delenv("ERF_LAB_APP_RUNS", raising=False)
     monkeypatch.chdir(REPO_ROOT)
     assert safety.safe_directory("data") == (REPO_ROOT / "data").resolve()
-    for bad, words in (("/etc", "system directory"), ("/proc/self", "system directory"),
-                       (str(tmp_path / "missing"), "does not exist"), ("", "enter")):
-        with pytest.raises(ErfLabError, match=words):
-            safety.safe_directory(bad)
+    with pytest.raises(ErfLabError, match="enter a folder path"):
+        safety.safe_directory("")
     outside = tmp_path / "imgs"
     outside.mkdir()
-    if not any(safety._is_within(outside.resolve(), r) for r in safety.allowed_roots()):
-        with pytest.raises(ErfLabError, match="outside the allowed roots"):
-            safety.safe_directory(str(outside))
     (outside / "link").symlink_to("/etc")
-    with pytest.raises(ErfLabError, match="system directory"):  # symlinks are resolved before the check
-        safety.safe_directory(str(outside / "link"))
+    (outside / "file.txt").write_text("x")
+    # Missing, a file, a system directory (also through a symlink), outside the roots, a NUL byte: one message
+    # that does not tell whether the server path exists.
+    cases = ["/etc", "/proc/self", "/etc-missing", str(tmp_path / "missing"), str(outside / "link"),
+             str(outside / "file.txt"), "bad\x00path"]
+    if not any(safety._is_within(outside.resolve(), r) for r in safety.allowed_roots()):
+        cases.append(str(outside))
+    shapes = {refusal("image folder", t).replace(repr(t), "<typed>") for t in cases}
+    assert shapes == {"cannot open image folder <typed>: not a readable folder the app may use (under the working "
+                      "directory, your home, data/, the datasets root or $ERF_LAB_APP_ROOTS; never a system "
+                      "directory)"}, shapes
     monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
     assert safety.safe_directory(str(outside)) == outside.resolve()
+    with pytest.raises(ErfLabError, match="cannot open"):  # symlinks are resolved before the check
+        safety.safe_directory(str(outside / "link"))
     with pytest.raises(ErfLabError, match="no images"):
         safety.image_files(outside)
 
@@ -258,19 +293,22 @@ def test_upload_checks():
 
     from PIL import Image
 
-    import safety
-    from erf_lab.errors import ErfLabError
-
     buf = io.BytesIO()
     Image.new("RGB", (8, 6), (200, 10, 10)).save(buf, format="PNG")
     img = safety.verify_image_bytes("red.png", buf.getvalue())
     assert img.size == (8, 6) and img.mode == "RGB"
-    with pytest.raises(ErfLabError, match="not a valid image"):
+    with pytest.raises(ErfLabError, match="not a valid image") as e:
         safety.verify_image_bytes("evil.png", b"#!/bin/sh\nrm -rf /\n")
+    assert str(e.value) == "evil.png: not a valid image (UnidentifiedImageError: cannot identify image file)"
     with pytest.raises(ErfLabError, match="not a valid image"):
         safety.verify_image_bytes("cut.png", buf.getvalue()[:40])  # truncated
     with pytest.raises(ErfLabError, match="over the"):
         safety.verify_image_bytes("big.png", b"0" * (safety.MAX_IMAGE_MB * 2**20 + 1))
+    good, skipped = safety.split_uploads([("a.png", buf.getvalue()), ("b.png", b"no"), ("c.png", buf.getvalue())])
+    assert [n for n, _ in good] == ["a.png", "c.png"] and [n for n, _ in skipped] == ["b.png"]
+    assert skipped[0][1].startswith("not a valid image (UnidentifiedImageError")
+    with pytest.raises(ErfLabError, match="none of the 2 uploaded image"):
+        safety.split_uploads([("b.png", b"no"), ("d.png", b"")])
     with pytest.raises(ErfLabError, match="must be"):
         safety.check_checkpoint_upload("model.py", 10)
     with pytest.raises(ErfLabError, match="limit"):
@@ -279,12 +317,9 @@ def test_upload_checks():
 
 
 def test_app_never_offers_module_factory_models():
-    import loaders
-    from erf_lab.errors import ErfLabError
-
-    assert all(":" not in m for m in loaders.registered_models())
+    assert all(":" not in m for m in models.registered_models())
     with pytest.raises(ErfLabError, match="registered"):
-        loaders.build_model("os:system")
+        models.build_model("os:system")
 
 
 # ------------------------------------------------------------------------------------ loopback default

@@ -30,13 +30,14 @@ def _free_port() -> int:
 @pytest.fixture
 def server(tmp_path):
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    # No PYTHONPATH and another working directory: app/main.py alone must make the package ``app`` importable.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_") and k != "PYTHONPATH"}
     env["ERF_LAB_APP_RUNS"] = str(tmp_path / "app-runs")
     log = open(tmp_path / "streamlit.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
                              "--server.address", "127.0.0.1", "--server.port", str(port),
                              "--browser.gatherUsageStats", "false"],
-                            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-import loaders
-import safety
-from ui import cli_hint, guard, parse_int_tuple, show_figure
+from app import erf_maps, models, safety
+from app.cache import sha
+from app.commands import erf_cli_args
+from app.figures import show_figure
+from app.ui import checkpoint_upload, cli_hint, guard, parse_int_tuple
 
 st.title("ERF explorer")
 st.caption("Effective receptive field: ReLU(d output-centre / d input) aggregated over images (Luo et al., 2016), "
@@ -24,12 +26,12 @@ def _pct(v):
     return "n/a" if v is None else f"{v:.1f}%"
 
 
-def _config_widgets(i: int, models: list[str]) -> dict:
+def _config_widgets(i: int, choices: list[str]) -> dict:
     """Widgets of one configuration column; returns the spec (plain JSON-able dict)."""
-    default_model = loaders.DEFAULT_MODEL if loaders.DEFAULT_MODEL in models else models[0]
-    name = st.selectbox("Model", models, index=models.index(default_model), key=f"erf-model-{i}")
+    default_model = models.DEFAULT_MODEL if models.DEFAULT_MODEL in choices else choices[0]
+    name = st.selectbox("Model", choices, index=choices.index(default_model), key=f"erf-model-{i}")
     overrides: dict = {}
-    if loaders.is_replknet(name):
+    if models.is_replknet(name):
         default_k = "31,29,27,13" if i % 2 == 0 else "3"
         kernels = parse_int_tuple(st.text_input("Large kernels (per stage, or one)", default_k, key=f"erf-k-{i}",
                                                 help="e.g. 31,29,27,13 (RepLKNet-31B) or 13 or 3"),
@@ -39,21 +41,21 @@ def _config_widgets(i: int, models: list[str]) -> dict:
         overrides["large_kernel_sizes"] = list(kernels)
         overrides["small_kernel"] = None if small == "none" or small >= min(kernels) else int(small)
         if size.startswith("tiny"):
-            overrides["channels"] = list(loaders.TINY_CHANNELS)
-            overrides["layers"] = list(loaders.TINY_LAYERS)
+            overrides["channels"] = list(models.TINY_CHANNELS)
+            overrides["layers"] = list(models.TINY_LAYERS)
     elif name == "efficientnet_lite0" and st.toggle("Pretrained ImageNet weights", value=True, key=f"erf-pre-{i}"):
         overrides["pretrained"] = True
     reparam = st.toggle("Re-parameterized (deploy form)", value=True, key=f"erf-rep-{i}",
                         help="Merge each small-kernel/BN branch into the large kernel first; the ERF must not change.")
-    return {"model": name, "overrides": loaders.overrides_key(overrides), "reparameterize": reparam}
+    return {"model": name, "overrides": models.overrides_key(overrides), "reparameterize": reparam}
 
 
 def _image_source():
     """Built-in images, a folder (under the allowed roots) or uploads -> a hashable image source."""
     kind = st.radio("Images", ["Built-in", "Folder", "Upload"], horizontal=True, key="erf-img-kind")
     if kind == "Built-in":
-        names = loaders.builtin_image_names()
-        chosen = st.multiselect("Built-in images", names, default=names[:loaders.DEFAULT_NUM_IMAGES],
+        names = erf_maps.builtin_image_names()
+        chosen = st.multiselect("Built-in images", names, default=names[:erf_maps.DEFAULT_NUM_IMAGES],
                                 key="erf-img-builtin")
         if not chosen:
             st.info("Choose at least one image.")
@@ -72,21 +74,17 @@ def _image_source():
                            accept_multiple_files=True, max_upload_size=safety.MAX_IMAGE_MB, key="erf-img-up")
     if not ups:
         return None
-    items = []
-    for up in ups[:safety.MAX_IMAGES]:
-        data = up.getvalue()
-        safety.verify_image_bytes(up.name, data)
-        items.append((up.name, data))
-    return ("upload", tuple(items))
+    good, skipped = safety.split_uploads((up.name, up.getvalue()) for up in ups[:safety.MAX_IMAGES])
+    return ("upload", good, skipped)
 
 
 with guard("Model list"):
-    MODELS = loaders.registered_models()
+    MODELS = models.registered_models()
 
 with st.sidebar:
     st.subheader("ERF settings")
     n_cfg = st.number_input("Configurations side by side", 1, MAX_CONFIGS, 1, key="erf-ncfg")
-    input_size = st.select_slider("Input size (px)", [64, 128, 192, 256, 320, 384], value=loaders.DEFAULT_INPUT,
+    input_size = st.select_slider("Input size (px)", [64, 128, 192, 256, 320, 384], value=erf_maps.DEFAULT_INPUT,
                                   key="erf-size", help="Multiples of 64 give an even feature map whose centre pixel "
                                   "lies over the image centre (as at the paper's 1024 px).")
     aggregate = st.selectbox("Aggregation over output channels", AGGREGATES, key="erf-agg",
@@ -102,22 +100,16 @@ if "MODELS" in globals() and MODELS:
     for i, col in enumerate(cols):
         with col, st.expander(f"Configuration {i + 1}", expanded=int(n_cfg) > 1), guard(f"Configuration {i + 1}"):
             spec = _config_widgets(i, MODELS)
-            rows = loaders.layer_table(spec["model"], spec["overrides"], int(input_size))
+            rows = models.layer_table(spec["model"], spec["overrides"], int(input_size))
             show_all = st.checkbox("List every layer", key=f"erf-all-{i}")
-            rows = loaders.main_layers(rows, show_all)
+            rows = models.main_layers(rows, show_all)
             names = [r["name"] for r in rows]
             layer = st.selectbox("Layer (centre pixel of its output)", names, index=len(names) - 1,
                                  key=f"erf-layer-{i}", help="forward_features = last stage, as in the paper")
             row = rows[names.index(layer)]
-            ck = st.file_uploader("Checkpoint (optional; random init otherwise)",
-                                  type=["pth", "pt", "bin", "safetensors"], max_upload_size=safety.MAX_CHECKPOINT_MB,
-                                  key=f"erf-ckpt-{i}")
-            weights = None
-            if ck is not None:
-                safety.check_checkpoint_upload(ck.name, ck.size)
-                weights = ck.getvalue()
-                spec["weights_name"] = ck.name
-                spec["weights_sha"] = loaders.sha(weights)
+            weights, weights_name = checkpoint_upload(f"erf-ckpt-{i}", "Checkpoint (optional; random init otherwise)")
+            if weights is not None:
+                spec.update(weights_name=weights_name, weights_sha=sha(weights))
             spec.update(layer=layer, trf=row.get("theoretical_rf"), input_size=int(input_size), aggregate=aggregate)
             weights_for[len(specs)] = weights
             specs.append(spec)
@@ -137,7 +129,7 @@ if specs and source is not None and not all(_is_quick(s) for s in specs):
     if st.session_state.get("erf-confirmed") != key:
         st.info("This configuration is larger than the interactive default; press **Compute ERFs** to run it "
                 "(or use the command line below for the full protocol).")
-        cli_hint(loaders.erf_cli_args(specs[0], source, full=False), "This configuration from the command line:")
+        cli_hint(erf_cli_args(specs[0], source, full=False), "This configuration from the command line:")
         specs = []
 
 if specs and source is not None:
@@ -147,7 +139,7 @@ if specs and source is not None:
         def on_progress(frac, i=i):
             bar.progress((i + frac) / len(specs), text=f"ERF {i + 1}/{len(specs)}: {frac:.0%} of the images")
         with guard(f"ERF of configuration {i + 1}"):
-            results.append((spec, loaders.erf_for(spec, source, weights_for.get(i), on_progress)))
+            results.append((spec, erf_maps.erf_for(spec, source, weights_for.get(i), on_progress)))
     bar.empty()
     if results:
         with guard("ERF figure"):
@@ -164,6 +156,8 @@ if specs and source is not None:
                 st.markdown(f"**{res['label']}**")
                 st.caption(f"{res['num_used']} image(s), {res['num_skipped']} skipped · layer `{res['layer']}` · "
                            f"theoretical RF {res['trf'] if res['trf'] else 'n/a'} px · {res['seconds']:.1f} s")
+                if skipped := erf_maps.skip_message(res["skipped"], res["num_used"]):
+                    st.warning(skipped, icon=":material/warning:")
                 m1, m2 = st.columns(2)
                 m1.metric("Area @20%", _pct(s.get("area@20%")))
                 m2.metric("Area @99%", _pct(s.get("area@99%")))
@@ -171,11 +165,11 @@ if specs and source is not None:
                 m3.metric("r_rms (px)", "n/a" if s.get("r_rms") is None else f"{s['r_rms']:.1f}")
                 m4.metric("ERF / TRF", "n/a" if s.get("erf/trf") is None else f"{s['erf/trf']:.2f}")
         with guard("Metrics table"):
-            st.dataframe(loaders.summary_table(results), hide_index=True)
+            st.dataframe(erf_maps.summary_table(results), hide_index=True)
             st.caption("Area @t: smallest centred square holding t of the contribution, % of the input "
                        "(Ding et al. 2022, Table 10); r_rms: RMS radius (Luo et al. 2016).")
-        cli_hint(loaders.erf_cli_args(specs[0], source, full=False), "This configuration from the command line:")
-        cli_hint(loaders.erf_cli_args(specs[0], source, full=True),
+        cli_hint(erf_cli_args(specs[0], source, full=False), "This configuration from the command line:")
+        cli_hint(erf_cli_args(specs[0], source, full=True),
                  "Full-size protocol (paper: trained weights, 50 ImageNet images at 1024 px):")
 elif source is None:
     st.info("Choose images in the sidebar.")

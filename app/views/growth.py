@@ -7,9 +7,9 @@ import streamlit as st
 
 from erf_lab.errors import ErfLabError
 
-import loaders
-import safety
-from ui import cli_hint, guard, show_figure
+from app import erf_maps, models, safety
+from app.figures import show_figure
+from app.ui import cli_hint, guard
 
 st.title("ERF growth")
 st.caption("Kernel-size family of RepLKNet (Ding et al., CVPR 2022, Table 5): kernels K-K-K-min(K,13), "
@@ -43,14 +43,13 @@ with tab_k:
             if weights_dir is None:
                 ok = False
                 st.info("Enter the folder holding one checkpoint per kernel size.")
-    overrides = {"channels": list(loaders.TINY_CHANNELS), "layers": list(loaders.TINY_LAYERS)} if tiny else {}
-    ov_json = loaders.overrides_key(overrides)
+    ov_json = models.tiny_overrides() if tiny else "{}"
     if ok and ks and not bad:
         rows, maps, diffs = [], {}, []
         bar = st.progress(0.0, text="sweeping kernel sizes")
         for i, k in enumerate(ks):
             with guard(f"K = {k}"):
-                r = loaders.sweep_member(k, reparam=reparam, init=init, weights_dir=weights_dir,
+                r = erf_maps.sweep_member(k, reparam=reparam, init=init, weights_dir=weights_dir,
                                          input_size=int(size), num_images=int(n_img), overrides_json=ov_json)
                 rows += r["rows"]
                 diffs += r["reparam_diff"]
@@ -89,15 +88,15 @@ with tab_d:
     if run_depth or st.session_state.get("d-done"):
         st.session_state["d-done"] = True
         with guard("ERF vs depth"):
-            ov = loaders.overrides_key({"channels": list(loaders.TINY_CHANNELS), "layers": list(loaders.TINY_LAYERS)})
-            table = loaders.layer_table(model, ov, int(d_size))
+            ov = models.tiny_overrides()
+            table = models.layer_table(model, ov, int(d_size))
             stage_rows = [r for r in table if r["name"].count(".") == 1 and r["name"].startswith("stages.")]
             results, rows = [], []
             bar = st.progress(0.0, text="stages")
             for i, r in enumerate(stage_rows):
                 spec = {"model": model, "overrides": ov, "reparameterize": d_rep, "layer": r["name"],
                         "trf": r.get("theoretical_rf"), "input_size": int(d_size), "aggregate": "relu"}
-                res = loaders.erf_for(spec, ("builtin", tuple(loaders.builtin_image_names()[:1])))
+                res = erf_maps.erf_for(spec, ("builtin", tuple(erf_maps.builtin_image_names()[:1])))
                 results.append(res)
                 rows.append({"depth": i + 1, "reparam": "deploy" if d_rep else "train", **res["summary"]})
                 bar.progress((i + 1) / len(stage_rows), text=f"stage {i + 1}/{len(stage_rows)}")

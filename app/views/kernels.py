@@ -2,10 +2,12 @@
 Table 1): latency of a depthwise conv against kernel size per resolution, and which fastconv backend runs."""
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
-import loaders
-from ui import cli_hint, guard
+from app import kernel_bench, safety
+from app.figures import bench_figure, show_matplotlib
+from app.ui import cli_hint, guard, parse_int_tuple
 
 st.title("Kernels")
 st.caption("RepLKNet's Table 1 measures a depthwise conv from 3x3 to 31x31 at several resolutions: with a "
@@ -22,7 +24,7 @@ with tab_explain:
     layout = c4.radio("Layout", ["channels_last", "NCHW"], key="k-layout")
     grads = st.toggle("Training (input and weight gradients)", value=False, key="k-grads")
     with guard("Backend explanation"):
-        text = loaders.fastconv_explain(int(res), int(k), int(ch), layout == "channels_last", bool(grads))
+        text = kernel_bench.fastconv_explain(int(res), int(k), int(ch), layout == "channels_last", bool(grads))
         st.code(text, language="text")
         st.caption("First use of a shape times every applicable backend once; later calls read the cache.")
 
@@ -35,8 +37,6 @@ with tab_bench:
             ks_text = b1.text_input("Kernel sizes", "3,13,31", key="kb-ks")
             res_text = b2.text_input("Resolutions", "16,32", key="kb-res")
             channels = b3.select_slider("Channels", [16, 32, 64, 128, 256], value=32, key="kb-ch")
-            from ui import parse_int_tuple
-
             ks = parse_int_tuple(ks_text, what="kernel sizes")
             rs = parse_int_tuple(res_text, what="resolutions")
             if st.button("Run benchmark", key="kb-run", icon=":material/play_arrow:"):
@@ -47,23 +47,17 @@ with tab_bench:
         if mode == "Run a small benchmark" and st.session_state.get("kb-last") is not None:
             ks, rs, channels = st.session_state["kb-last"]
             bar = st.progress(0.0, text="benchmark")
-            table = loaders.fastconv_bench(ks, rs, channels,
+            table = kernel_bench.fastconv_bench(ks, rs, channels,
                                            on_progress=lambda f, t: bar.progress(min(f, 1.0), text=t))
             st.caption(f"{table['meta'].get('device')} · {table['meta'].get('threads')} threads · batch "
                        f"{table['meta'].get('batch')} · {table['meta'].get('channels')} channels · "
                        f"{table['meta'].get('layers')} stacked layers · forward only")
             bar.empty()
         elif mode == "Load saved results":
-            import safety
-
             text = st.text_input("Benchmark results folder (holds results.json from fastconv.bench --out)", key="kb-dir")
             if text:
-                table = loaders.load_bench_results(safety.safe_directory(text, "benchmark folder"))
+                table = kernel_bench.load_bench_results(safety.safe_directory(text, "benchmark folder"))
         if table is not None:
-            fig = loaders.bench_figure(table)
-            st.pyplot(fig, width="stretch")
-            from ui import matplotlib_downloads
-
-            matplotlib_downloads(fig, "kernel-latency", key="kb-fig")
-            st.dataframe(loaders.bench_table(table), hide_index=True)
+            show_matplotlib(bench_figure(table["rows"]), "kernel-latency", key="kb-fig")
+            st.dataframe(pd.DataFrame(table["rows"]), hide_index=True)
     cli_hint(["bench", "--out", "runs/bench"], "Full Table-1 benchmark from the command line (CSV + JSON):")

@@ -8,27 +8,29 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-import loaders
-import safety
-from ui import guard, show_figure
+from app import safety
+from app.figures import show_figure
+from app.runs import app_runs_dir, downloadable_files, find_runs
+from app.ui import file_downloads, guard
+from erf_lab.erf.metrics import summary as summary_fn
+from erf_lab.erf.report import load_run
 
 st.title("Results")
 st.caption("Run directories of `erf-lab compute`, `sweep`, `shape-bias` and the kernel benchmark. Folders are "
            "confined to the working directory, your home, data/ and the datasets root "
            "(extend with $ERF_LAB_APP_ROOTS).")
 
-default_root = str(loaders.app_runs_dir()) if loaders.app_runs_dir().is_dir() else "runs"
+default_root = str(app_runs_dir())
 root_text = st.text_input("Folder holding run directories", value=default_root, key="res-root")
 runs = []
 with guard("Folder"):
     root = safety.safe_directory(root_text, "results folder")
-    runs = loaders.find_runs(root)
+    runs = find_runs(root)
     if not runs:
         st.info(f"No result directories (erf.npy, sweep.json, summary.json or run.json) under {root}.")
 
 if runs:
-    table = pd.DataFrame([{"run": r["name"], "kind": r["kind"]} for r in runs])
-    kinds = sorted(set(table["kind"]))
+    kinds = sorted({r["kind"] for r in runs})
     kind = st.segmented_control("Kind", kinds, default="erf" if "erf" in kinds else kinds[0], key="res-kind")
     names = [r["name"] for r in runs if r["kind"] == kind]
     chosen = st.multiselect(f"{kind} runs ({len(names)})", names, default=names[:1], key=f"res-chosen-{kind}")
@@ -36,13 +38,11 @@ if runs:
 
     if kind == "erf" and chosen:
         with guard("ERF runs"):
-            loaded = [loaders.load_erf_run(str(by_name[n]["path"])) for n in chosen]
+            loaded = [load_run(str(by_name[n]["path"])) for n in chosen]
             labels = [f"{r.label} [{n}]" if [x.label for x in loaded].count(r.label) > 1 else r.label
                       for r, n in zip(loaded, chosen)]
             show_figure("erf_comparison", ([r.erf for r in loaded], labels), stem="comparison", key="res-cmp",
                         caption="log10(A+1) / max of each map, one colour scale")
-            from erf_lab.erf.metrics import summary as summary_fn
-
             rows = []
             for r, lab in zip(loaded, labels):
                 s = summary_fn(r.metrics) if r.metrics else {}
@@ -62,16 +62,10 @@ if runs:
                         st.code(" ".join(map(str, argv)) if isinstance(argv, list) else str(argv), language="bash")
                     with st.popover("run record"):
                         st.json(info, expanded=False)
-                pngs = [p for p in loaders.downloadable_files(d) if p.suffix == ".png"]
+                pngs = [p for p in downloadable_files(d) if p.suffix == ".png"]
                 if pngs and r["kind"] != "erf":
                     st.image(str(pngs[0]), caption=pngs[0].name, width="stretch")
-                for p in loaders.downloadable_files(d):
+                for p in downloadable_files(d):
                     if p.suffix == ".csv" and p.stat().st_size < 2 * 2**20 and r["kind"] in ("sweep", "benchmark"):
                         st.dataframe(pd.read_csv(p), hide_index=True)
-                files = loaders.downloadable_files(d)
-                cols = st.columns(4)
-                for i, p in enumerate(files):
-                    cols[i % 4].download_button(p.name, data=(lambda p=p: p.read_bytes()), file_name=p.name,
-                                                mime=loaders.DOWNLOAD_SUFFIXES[p.suffix.lower()],
-                                                key=f"res-dl-{n}-{p.name}", icon=":material/download:",
-                                                on_click="ignore")
+                file_downloads(downloadable_files(d), key=f"res-dl-{n}")

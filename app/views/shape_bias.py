@@ -8,9 +8,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-import loaders
-import safety
-from ui import cli_hint, guard
+from app import models, safety
+from app.shape_bias_runs import SHAPE_BIAS_MODELS, shape_bias_run
+from app.ui import checkpoint_upload, cli_hint, file_downloads, guard
+from erf_lab.shape_bias.analysis import read_decisions_csv
+from erf_lab.shape_bias.plotting import load_run
 
 st.title("Shape bias")
 st.caption("Cue-conflict stimuli and human data: Geirhos et al., ICLR 2019 "
@@ -23,28 +25,22 @@ run_dir = None
 if mode == "Run a model":
     c1, c2, c3 = st.columns(3)
     with guard("Model list"):
-        options = [m for m in loaders.SHAPE_BIAS_MODELS if m in loaders.registered_models()]
-    model = c1.selectbox("Model", options or list(loaders.SHAPE_BIAS_MODELS), key="sb-model")
+        options = [m for m in SHAPE_BIAS_MODELS if m in models.registered_models()]
+    model = c1.selectbox("Model", options or list(SHAPE_BIAS_MODELS), key="sb-model")
     pretrained = c2.toggle("Pretrained ImageNet weights", value=model == "efficientnet_lite0", key="sb-pre",
                            disabled=model != "efficientnet_lite0",
                            help="packaged weights exist for efficientnet_lite0; others: upload a checkpoint")
     limit = c3.number_input("Cue-conflict images (--limit)", 16, 1280, 16, step=16, key="sb-limit",
                             help="an even spread over the 16 categories; the full set has 1280")
-    ck = st.file_uploader("Checkpoint (optional)", type=["pth", "pt", "bin", "safetensors"],
-                          max_upload_size=safety.MAX_CHECKPOINT_MB, key="sb-ckpt")
     with guard("Shape-bias evaluation"):
-        weights = None
-        if ck is not None:
-            safety.check_checkpoint_upload(ck.name, ck.size)
-            weights = ck.getvalue()
+        weights, weights_name = checkpoint_upload("sb-ckpt")
         ov = "{}"
         if model.startswith("replknet"):
-            ov = loaders.overrides_key({"channels": list(loaders.TINY_CHANNELS), "layers": list(loaders.TINY_LAYERS)}
-                                       if weights is None else {})
+            ov = models.tiny_overrides() if weights is None else "{}"
         with st.spinner(f"classifying {limit} cue-conflict images (+ edges / silhouettes) ..."):
-            run_dir = loaders.shape_bias_run(model, pretrained=bool(pretrained and model == "efficientnet_lite0"),
-                                             limit=int(limit), overrides_json=ov, weights=weights,
-                                             weights_name=ck.name if ck else "")
+            run_dir = shape_bias_run(model, pretrained=bool(pretrained and model == "efficientnet_lite0"),
+                                     limit=int(limit), overrides_json=ov, weights=weights,
+                                     weights_name=weights_name)
         if weights is None and not (pretrained and model == "efficientnet_lite0"):
             st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
     args = ["shape-bias", "--model", model] + (["--pretrained"] if pretrained else ["--weights", "CHECKPOINT.pth"])
@@ -57,7 +53,7 @@ else:
 
 if run_dir is not None:
     with guard("Shape-bias results"):
-        s = loaders.shape_bias_summary(str(run_dir))
+        s = load_run(run_dir)
         human = (s.get("human_reference") or {})
         m1, m2, m3, m4 = st.columns(4)
         m1.metric("Shape bias", "n/a" if s.get("shape_bias") is None else f"{s['shape_bias']:.3f}")
@@ -69,15 +65,8 @@ if run_dir is not None:
         fig = Path(run_dir) / "shape_bias.png"
         if fig.is_file():
             st.image(str(fig), caption="model vs humans (dashed: mean shape bias)", width=560)
-            cols = st.columns(4)
-            for col, suffix in zip(cols, ("png", "pdf")):
-                p = fig.with_suffix("." + suffix)
-                if p.is_file():
-                    col.download_button(p.name, data=(lambda p=p: p.read_bytes()), file_name=p.name,
-                                        key=f"sb-dl-{suffix}", icon=":material/download:", on_click="ignore")
-            dec = Path(run_dir) / "decisions.csv"
-            cols[2].download_button("decisions.csv", data=(lambda: dec.read_bytes()), file_name="decisions.csv",
-                                    mime="text/csv", key="sb-dl-csv", icon=":material/download:", on_click="ignore")
+            files = [fig, fig.with_suffix(".pdf"), Path(run_dir) / "decisions.csv"]
+            file_downloads([p for p in files if p.is_file()], key="sb-dl")
         rows = []
         for cat, v in sorted(s.get("per_category", {}).items()):
             h = (human.get("per_category") or {}).get(cat) or {}
@@ -89,7 +78,7 @@ if run_dir is not None:
 
     with guard("Stimulus browser"):
         st.subheader("Stimuli and decisions")
-        decisions = [r for r in loaders.shape_bias_decisions(str(run_dir)) if r.get("set") == "cue-conflict"]
+        decisions = [r for r in read_decisions_csv(Path(run_dir) / "decisions.csv") if r.get("set") == "cue-conflict"]
         # summary.json names the stimulus folder; it is still held to the app's path policy.
         stim_dir = safety.safe_directory(s.get("stimuli_dir", ""), "stimulus folder")
         cats = sorted({r["shape"] for r in decisions})

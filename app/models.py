@@ -1,0 +1,111 @@
+"""Models of the app: registered names only, seeded random init or an uploaded checkpoint read through the
+library's safe loader (``weights_only=True`` / safetensors), and the layer table of the ERF explorer."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+import torch
+
+from erf_lab.errors import ErfLabError
+from erf_lab.erf.receptive_field import list_layers
+from erf_lab.models import create_model, list_models
+
+# Tiny RepLKNet used by every interactive default: the paper's 31B kernel schedule on a narrow, shallow
+# body so that an ERF at 128 px over two images takes a few seconds on a 2-core CPU. 128 px (a multiple of
+# the total stride 32) gives an even feature map whose centre pixel sits over the image centre, as at 1024 px.
+TINY_CHANNELS = (16, 32, 64, 128)
+TINY_LAYERS = (1, 1, 2, 1)
+PAPER_31B_KERNELS = (31, 29, 27, 13)
+DEFAULT_MODEL = "replknet_31b"
+
+
+def overrides_key(overrides: dict[str, Any] | None) -> str:
+    """A stable, hashable form of model overrides (JSON with sorted keys)."""
+    return json.dumps(overrides or {}, sort_keys=True, default=list)
+
+
+def tiny_overrides() -> str:
+    """``overrides_key`` of the tiny width / depth."""
+    return overrides_key({"channels": list(TINY_CHANNELS), "layers": list(TINY_LAYERS)})
+
+
+def parse_overrides(overrides_json: str) -> dict[str, Any]:
+    """``overrides_key`` back to keyword arguments (JSON lists become tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(overrides_json).items()}
+
+
+def registered_models() -> list[str]:
+    """Registered model names only: the app never imports ``module:factory`` code."""
+    return list(list_models())
+
+
+def is_replknet(name: str) -> bool:
+    return name.startswith("replknet")
+
+
+def check_registered(name: str) -> None:
+    if ":" in name or name not in registered_models():
+        raise ErfLabError(f"unknown model {name!r}; choose one of the registered models")
+
+
+def build_model(name: str, overrides_json: str = "{}", weights: bytes | None = None, weights_name: str = "",
+                deploy: bool = False) -> torch.nn.Module:
+    """A fresh model in eval mode (random init unless ``weights``, the bytes of an uploaded checkpoint).
+
+    Errors about the upload name the user's file ``weights_name``, never the server's temporary copy."""
+    check_registered(name)
+    overrides = parse_overrides(overrides_json)
+    if weights is None:
+        return create_model(name, deploy=deploy, **overrides).eval()
+    shown = Path(weights_name).name or "the uploaded checkpoint"
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / ("upload.safetensors" if shown.endswith(".safetensors") else "upload.pth")
+        path.write_bytes(weights)
+        try:
+            model = create_model(name, weights=str(path), deploy=deploy, drop_head=True, **overrides)
+        except Exception as e:  # noqa: BLE001 - the unpickler fails with any type on a non-checkpoint
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            text = text.replace(str(path), shown).replace(d, "")
+            if not isinstance(e, ErfLabError):
+                text = f"cannot read checkpoint {shown} (corrupt or not a PyTorch file): {type(e).__name__}"
+            elif shown not in text:
+                text = f"{shown}: {text}"
+            raise ErfLabError(text) from None
+    return model.eval()
+
+
+@st.cache_resource(max_entries=6, show_spinner=False)
+def cached_model(name: str, overrides_json: str = "{}") -> torch.nn.Module:
+    """Shared random-init model for read-only uses (layer listing); ``copy.deepcopy`` it before mutating."""
+    return build_model(name, overrides_json)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def layer_table(name: str, overrides_json: str, input_size: int) -> list[dict]:
+    """``erf_lab.erf.receptive_field.list_layers``: name, output shape and theoretical RF of each layer."""
+    return [dict(r) for r in list_layers(cached_model(name, overrides_json), input_size)]
+
+
+def main_layers(rows: list[dict], show_all: bool = False) -> list[dict]:
+    """Stage-level layers (at most two name levels deep) plus ``forward_features``, unless ``show_all``."""
+    if show_all:
+        return rows
+    return [r for r in rows if r["name"].count(".") <= 1 or r is rows[-1]]
+
+
+@torch.no_grad()
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded random BN statistics and affine parameters (a fresh model's identity BNs make fusion trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()

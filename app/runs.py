@@ -1,0 +1,58 @@
+"""Run directories: where the app writes its own, and finding / listing those written by the CLI."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from erf_lab.paths import cache_dir
+
+DOWNLOAD_SUFFIXES = {".png": "image/png", ".pdf": "application/pdf", ".svg": "image/svg+xml",
+                     ".npy": "application/octet-stream", ".csv": "text/csv", ".json": "application/json",
+                     ".md": "text/markdown"}
+MAX_DOWNLOAD_MB = 200
+
+
+def app_runs_dir() -> Path:
+    """Where the app writes its run directories: ``$ERF_LAB_APP_RUNS`` or ``<cache>/app-runs``; the Results
+    page opens them like any CLI run directory."""
+    d = Path(os.environ.get("ERF_LAB_APP_RUNS") or cache_dir() / "app-runs").expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def run_kind(d: Path) -> str | None:
+    """What a directory holds: erf / sweep / shape-bias / benchmark / run (has run.json), else None."""
+    if (d / "erf.npy").is_file():
+        return "erf"
+    if (d / "sweep.json").is_file():
+        return "sweep"
+    if (d / "summary.json").is_file() and (d / "decisions.csv").is_file():
+        return "shape-bias"
+    if (d / "results.json").is_file() and (d / "table.csv").is_file():
+        return "benchmark"
+    if (d / "run.json").is_file():
+        return "run"
+    return None
+
+
+def find_runs(root: Path, max_depth: int = 4, limit: int = 300) -> list[dict]:
+    """Result directories under ``root`` (itself included), breadth first, symlinks not followed."""
+    out, frontier = [], [(root, 0)]
+    while frontier and len(out) < limit:
+        d, depth = frontier.pop(0)
+        kind = run_kind(d)
+        if kind:
+            out.append({"path": d, "name": "." if d == root else d.relative_to(root).as_posix(), "kind": kind})
+        if depth < max_depth:
+            try:
+                subs = sorted(p for p in d.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+            except OSError:
+                continue
+            frontier += [(p, depth + 1) for p in subs]
+    return out
+
+
+def downloadable_files(d: Path) -> list[Path]:
+    """Figure and data files directly inside a result directory (size-limited, no symlinks)."""
+    return [p for p in sorted(d.iterdir()) if p.is_file() and not p.is_symlink() and p.suffix.lower() in
+            DOWNLOAD_SUFFIXES and not p.name.startswith(".") and p.stat().st_size <= MAX_DOWNLOAD_MB * 2**20]

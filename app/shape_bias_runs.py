@@ -1,0 +1,36 @@
+"""Shape-bias page: ``erf_lab.shape_bias.evaluate.run_shape_bias`` into an app run directory."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from app.cache import sha
+from app.models import build_model, check_registered, parse_overrides
+from app.runs import app_runs_dir
+from erf_lab.shape_bias.evaluate import run_shape_bias
+
+SHAPE_BIAS_MODELS = ("efficientnet_lite0", "resnet50", "mobilenetv2", "replknet_31b")
+
+
+def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_json: str = "{}",
+                   weights: bytes | None = None, weights_name: str = "") -> Path:
+    """The run directory of ``model_name`` on ``limit`` cue-conflict images (reused when it already holds the
+    result); random init is seeded."""
+    check_registered(model_name)
+    tag = hashlib.sha256(json.dumps([model_name, pretrained, limit, overrides_json, sha(weights)]).encode()
+                         ).hexdigest()[:12]
+    out = app_runs_dir() / f"shape-bias-{model_name}-{tag}"
+    if (out / "summary.json").is_file() and (out / "decisions.csv").is_file():
+        return out
+    torch.manual_seed(0)
+    overrides = parse_overrides(overrides_json)
+    if pretrained:
+        overrides["pretrained"] = True
+    model = build_model(model_name, json.dumps(overrides), weights, weights_name)
+    run_shape_bias(model_name, out=out, model=model, pretrained=pretrained, overrides=overrides or None,
+                   limit=int(limit), batch_size=16, workers=0, show_progress=False,
+                   command=["streamlit", "app/main.py", "(shape-bias page)"])
+    return out
