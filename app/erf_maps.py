@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
+import shutil
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from app import safety
 from app.cache import cached, sha
 from app.models import TINY_CHANNELS, build_model, parse_overrides
 from app.runs import app_runs_dir
-from erf_lab.erf.compute import compute_erf
-from erf_lab.erf.images import ImageSource, default_images_dir, list_image_files, load_images, model_mean_std
-from erf_lab.erf.metrics import compute_metrics, summary
-from erf_lab.erf.report import load_run
+from erf_lab.erf.images import default_images_dir, list_image_files
+from erf_lab.erf.metrics import summary
+from erf_lab.erf.rundir import load_run
+from erf_lab.erf.runner import ErfSpec, run_erf
 from erf_lab.erf.sweep import run_sweep
 from erf_lab.errors import ErfLabError
 
@@ -34,24 +31,49 @@ def builtin_image_names() -> list[str]:
     return [p.relative_to(root).as_posix() for p in list_image_files(root)[0]]
 
 
-def _images(source: tuple, input_size: int, model, tmp: Path) -> ImageSource:
-    """The library's ``ImageSource`` for a page's image choice (uploads are written to ``tmp`` as PNG)."""
-    mean, std = model_mean_std(model)
+def _stored(kind: str, key: str) -> Path:
+    """A folder of the app's run area for uploaded or selected inputs (content-addressed: reused)."""
+    d = app_runs_dir() / "inputs" / f"{kind}-{key}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _images_folder(source: tuple) -> str | None:
+    """The folder the runner reads for a page's image choice: None for all built-in images, else a folder of
+    the chosen built-in images, the user's (checked) folder, or the uploads written as PNG."""
     kind, payload = source[:2]
     if kind == "builtin":
-        src = load_images(None, num_images=len(builtin_image_names()), input_size=input_size, mean=mean, std=std)
-        src.files = [p for p in src.files if src.id_of(p) in set(payload)]
-        if not src.files:
+        names = builtin_image_names()
+        chosen = [n for n in names if n in set(payload)]
+        if not chosen:
             raise ErfLabError(f"none of {sorted(payload)} is a built-in image")
-        return src
+        d = _stored("builtin", hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:16])
+        for n in chosen:
+            if not (d / n).exists():
+                shutil.copyfile(default_images_dir() / n, d / n)
+        return str(d)
     if kind == "folder":
-        folder = safety.safe_directory(payload, "image folder")
-        return load_images(folder, num_images=safety.MAX_IMAGES, input_size=input_size, mean=mean, std=std)
+        return str(safety.safe_directory(payload, "image folder"))
     if kind == "upload":
+        d = _stored("upload", hashlib.sha256(_source_key(source).encode()).hexdigest()[:16])
         for i, (name, data) in enumerate(payload):
-            safety.verify_image_bytes(name, data).save(tmp / f"{i:03d}_{Path(name).stem[:40]}.png")
-        return load_images(tmp, num_images=safety.MAX_IMAGES, input_size=input_size, mean=mean, std=std)
+            target = d / f"{i:03d}_{Path(name).stem[:40]}.png"
+            if not target.exists():
+                safety.verify_image_bytes(name, data).save(target)
+        return str(d)
     raise ErfLabError(f"unknown image source {kind!r}")
+
+
+def _weights_file(spec: dict, weights: bytes | None) -> str | None:
+    """The uploaded checkpoint, checked first by ``build_model`` (errors name the user's file), then stored."""
+    if weights is None:
+        return None
+    build_model(spec["model"], spec["overrides"], weights, spec.get("weights_name", ""))
+    suffix = ".safetensors" if spec.get("weights_name", "").endswith(".safetensors") else ".pth"
+    path = _stored("weights", sha(weights)[:16]) / f"checkpoint{suffix}"
+    if not path.exists():
+        path.write_bytes(weights)
+    return str(path)
 
 
 def spec_label(spec: dict) -> str:
@@ -77,39 +99,37 @@ def _source_key(source: tuple) -> str:
     return json.dumps(list(source), default=list)
 
 
-def measure(model, images: ImageSource, spec: dict, on_progress=None):
-    """The ERF measurement of one configuration (``erf_lab.erf.compute.compute_erf``)."""
-    total = max(len(images), 1)
-    callback = (lambda acc: on_progress(min(len(acc.processed) / total, 1.0))) if on_progress else None
-    return compute_erf(model, images, layer=spec.get("layer") or None, aggregate=spec.get("aggregate", "relu"),
-                       reparameterize=bool(spec.get("reparameterize", True)), show_progress=False, on_batch=callback)
-
-
 def erf_for(spec: dict, source: tuple, weights: bytes | None = None, on_progress=None) -> dict:
-    """ERF map, metrics and skipped images of one configuration, cached across sessions.
+    """ERF map, metrics and skipped images of one configuration, measured by the one runner
+    (``erf_lab.erf.runner.run_erf``) into a run directory of the app's run area, reused when it exists.
 
-    Random-init models are seeded (``torch.manual_seed(0)``) so a configuration always gives the same map.
+    Random-init models are seeded (seed 0) so a configuration always gives the same map, as in the CLI.
     ``on_progress(fraction)`` is called after every image. Skipped images are counted as by the CLI: the
     unusable uploads, the unreadable files of the folder, and the images whose gradient was not finite.
     """
     key = "erf:" + json.dumps(spec, sort_keys=True) + _source_key(source) + sha(weights)
-    return cached(key, lambda: _erf(spec, source, weights, on_progress))
+    return cached(key, lambda: _erf(spec, source, weights, on_progress, key))
 
 
-def _erf(spec: dict, source: tuple, weights: bytes | None, on_progress) -> dict:
-    torch.manual_seed(0)
-    model = build_model(spec["model"], spec["overrides"], weights, spec.get("weights_name", ""))
+def _erf(spec: dict, source: tuple, weights: bytes | None, on_progress, key: str) -> dict:
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d:
-        images = _images(source, int(spec["input_size"]), model, Path(d))
-        res = measure(model, images, spec, on_progress)
+    images = _images_folder(source)
+    num = len(source[1]) if source[0] in ("builtin", "upload") else safety.MAX_IMAGES
+    run_spec = ErfSpec(model=spec["model"], weights=_weights_file(spec, weights), drop_head=weights is not None,
+                       overrides=parse_overrides(spec["overrides"]), images=images, num_images=num,
+                       input_size=int(spec["input_size"]), layer=spec.get("layer") or None,
+                       aggregate=spec.get("aggregate", "relu"), reparameterize=bool(spec.get("reparameterize", True)))
+    out = app_runs_dir() / f"erf-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    callback = (lambda acc: on_progress(min(len(acc.processed) / max(num, 1), 1.0))) if on_progress else None
+    run_erf(run_spec, out=out, reuse=True, label=spec_label(spec), show_progress=False, on_batch=callback,
+            formats=("png",), argv=["streamlit", "app/main.py", "(ERF explorer)"])
+    run = load_run(out)
+    info = run.run_info
     skipped = [list(s) for s in (source[2] if source[0] == "upload" else ())]
-    skipped += [list(s) for s in images.skipped if s[1] != "not an image file (extension)"] + list(res.skipped)
-    erf = np.asarray(res.erf, dtype=np.float64)
-    metrics = compute_metrics(erf, theoretical_rf=spec.get("trf"))
-    return {"erf": erf, "metrics": metrics, "summary": summary(metrics), "num_used": int(res.num_used),
-            "num_skipped": len(skipped), "skipped": skipped, "layer": str(res.layer), "trf": spec.get("trf"),
-            "seconds": time.perf_counter() - t0, "label": spec_label(spec), "info": dict(res.info)}
+    skipped += [list(s) for s in info["skipped"] if s[1] != "not an image file (extension)"]
+    return {"erf": run.erf, "metrics": run.metrics, "summary": summary(run.metrics), "num_used": info["num_used"],
+            "num_skipped": len(skipped), "skipped": skipped, "layer": info["layer"], "trf": info["theoretical_rf"],
+            "seconds": time.perf_counter() - t0, "label": spec_label(spec), "info": info, "run_dir": str(out)}
 
 
 def skip_message(skipped: list, num_used: int) -> str | None:

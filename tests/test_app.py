@@ -225,7 +225,7 @@ def _gaussian(size: int, sigma: float) -> np.ndarray:
 
 def test_results_page_compares_runs_and_offers_downloads(app_env):
     from erf_lab.erf.metrics import compute_metrics, summary
-    from erf_lab.erf.report import write_run_dir
+    from erf_lab.erf.rundir import write_run_dir
 
     root = app_env / "runs"
     for name, sigma in (("narrow", 3.0), ("wide", 12.0)):

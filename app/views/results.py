@@ -13,7 +13,7 @@ from app.figures import show_figure
 from app.runs import app_runs_dir, downloadable_files, find_runs
 from app.ui import file_downloads, guard
 from erf_lab.erf.metrics import summary as summary_fn
-from erf_lab.erf.report import load_run
+from erf_lab.erf.rundir import load_run
 
 st.title("Results")
 st.caption("Run directories of `erf-lab compute`, `sweep`, `shape-bias` and the kernel benchmark. Folders are "
