@@ -6,7 +6,6 @@ each function builds its inputs and calls the ``erf_lab`` / ``fastconv`` library
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import tempfile
@@ -345,15 +344,9 @@ def reparam_report(name: str, overrides_json: str, random_bn: bool, input_size: 
     torch.manual_seed(seed)
     model = build_model(name, overrides_json, _weights, weights_name)
     if random_bn:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    n = m.num_features
-                    m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                    m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+        from erf_lab.models.reparam import randomize_bn
+
+        randomize_bn(model, seed + 1)
     model.eval()
     blocks = {}
     for mod_name, m in model.named_modules():
@@ -374,11 +367,11 @@ def reparam_report(name: str, overrides_json: str, random_bn: bool, input_size: 
     with torch.no_grad():
         y = model(x)
         forms["train-time"] = {"params": count_params(model), "flops": count_flops(model, input_size), "error": 0.0}
-        merged_model = merge_large_kernels(copy.deepcopy(model))
+        merged_model = merge_large_kernels(model)
         forms["merged (official deploy layout)"] = {
             "params": count_params(merged_model), "flops": count_flops(merged_model, input_size),
             "error": max_relative_error(y, merged_model(x))}
-        fused = reparameterize_model(copy.deepcopy(model))
+        fused = reparameterize_model(model)
         forms["fully fused (reparameterize_model)"] = {
             "params": count_params(fused), "flops": count_flops(fused, input_size),
             "error": max_relative_error(y, fused(x))}
