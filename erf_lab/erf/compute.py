@@ -175,7 +175,7 @@ def prepare_model(model: nn.Module, *, reparameterize: bool = True, channels_las
     with _num_threads(1):
         m = (model if inplace else copy.deepcopy(model)).eval()
         if reparameterize:
-            reparameterize_model(m)
+            reparameterize_model(m, inplace=True)
         m.requires_grad_(False)
         swapped = set_conv_backend(m, conv_backend)
         m.to(device)
