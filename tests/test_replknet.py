@@ -167,6 +167,47 @@ def test_downstream_backbone_layout_out_indices_and_stage_norms():
         tiny("replknet_31b", num_classes=None, out_indices=(4,))
 
 
+def test_forward_intermediates_norm_and_final_features():
+    """timm semantics on RepLKNet: final = forward_features (before the final BN); ``norm=True`` puts the last
+    stage through the final BN ``norm`` (so ``forward_head`` = pool + linear of it), other stages unchanged;
+    with the downstream stage BNs, ``norm=True`` gives exactly the ``out_indices`` outputs. Same in the fused form."""
+    model = randomize(tiny())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        final, raw = model.forward_intermediates(x)
+        _, normed = model.forward_intermediates(x, norm=True)
+        assert torch.equal(final, feats) and torch.equal(raw[-1], feats)
+        assert torch.equal(normed[-1], model.norm(feats)) and not torch.allclose(normed[-1], feats, atol=1e-3)
+        assert all(torch.equal(a, b) for a, b in zip(normed[:-1], raw[:-1]))
+        assert torch.equal(model.head(normed[-1].mean((2, 3))), model.forward_head(feats))
+        fused = reparameterize_model(model)
+        assert max_relative_error(raw[2], fused.forward_intermediates(x, indices=[2], stop_early=True)[1][0]) < 1e-5
+    down = randomize(tiny("replknet_xl", num_classes=None, out_indices=(1, 3), norm_intermediate_features=True))
+    with torch.no_grad():
+        outs = down(x)
+        inter = down.forward_intermediates(x, indices=[1, 3], norm=True, intermediates_only=True)
+        plain = down.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(inter, outs))
+    assert all(torch.equal(a, st.norm(b)) for a, b, st in zip(inter, plain, (down.stages[1], down.stages[3])))
+
+
+def test_prune_intermediate_layers():
+    """timm: stages after the last kept index (and their transitions) are removed; the pruned model gives the
+    same intermediates; prune_head / prune_norm drop the classifier / final BN."""
+    model = randomize(tiny())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        assert model.prune_intermediate_layers([0, 1], prune_norm=True) == [0, 1]
+        final, got = model.forward_intermediates(x)
+    assert len(model.stages) == 2 and len(model.transitions) == 1 and len(model.feature_info) == 2
+    assert model.head is None and isinstance(model.norm, nn.Identity) and model.num_classes == 0
+    assert all(torch.equal(a, b) for a, b in zip(got, ref)) and torch.equal(final, ref[-1])
+    with torch.no_grad():
+        assert torch.equal(model(x), ref[-1].mean((2, 3)))
+
+
 # --------------------------------------------------------------------------------------------- re-parameterize
 @pytest.mark.parametrize("name", VARIANT_NAMES)
 def test_reparameterization_is_exact_for_every_variant(name):

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.features import FeatureIntermediates, stage_end_feature_info
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
 from erf_lab.models.replknet import resolve_conv_backend
@@ -92,13 +93,16 @@ class InvertedResidual(nn.Module):
         self.conv[-1] = fold_bn_into_conv(self.conv[-2], self.conv[-1])
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(FeatureIntermediates, nn.Module):
     """MobileNetV2. ``kernel_size`` is the depthwise kernel of the stages chosen by ``kernel_stages``:
     ``'all'`` (every stage), ``'last'`` (the last stride-32 stages: 160 and 320 channels, RepLKNet Table 2)
     or a sequence of stage indices 0..6; other stages keep 3x3. ``shortcut=False`` removes every identity
     shortcut (RepLKNet Table 4). ``conv_backend``: ``None`` -> ``$ERF_LAB_CONV_BACKEND`` or ``"auto"``;
     ``"native"`` keeps every conv ``nn.Conv2d``, any other value is the :mod:`fastconv` backend of the stride-1
-    depthwise convs with K > 5 (see :func:`erf_lab.models.replknet.resolve_conv_backend`)."""
+    depthwise convs with K > 5 (see :func:`erf_lab.models.replknet.resolve_conv_backend`).
+
+    ``feature_info`` (timm): the last block of each stride (``features.1``, ``.3``, ``.6``, ``.13``, ``.17`` for
+    the standard layout: strides 2 .. 32); the final 1x1 conv ``features.18`` follows."""
 
     head_names = ("classifier.1",)
 
@@ -117,16 +121,18 @@ class MobileNetV2(nn.Module):
         cin = make_divisible(32 * width_mult, round_nearest)
         self.num_features = make_divisible(1280 * max(1.0, width_mult), round_nearest)
         features: list[nn.Module] = [ConvBNReLU(in_chans, cin, 3, stride=2)]
-        kernels = []
+        kernels, strides = [], [("features.0", 2, cin)]
         for si, (t, c, n, s) in enumerate(_SETTINGS):
             k = kernel_size if si in stages else 3
             kernels.append(k)
             cout = make_divisible(c * width_mult, round_nearest)
             for i in range(n):
+                strides.append((f"features.{len(features)}", s if i == 0 else 1, cout))
                 features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, k, shortcut, backend))
                 cin = cout
         features.append(ConvBNReLU(cin, self.num_features, 1))
         self.features = nn.Sequential(*features)
+        self.feature_info = stage_end_feature_info(strides)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.num_features, num_classes))
         self.stage_kernel_sizes = kernels
@@ -148,6 +154,9 @@ class MobileNetV2(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the final 1x1 conv (N, 1280, H/32, W/32), before pooling."""
         return self.features(x)
+
+    def _feature_steps(self) -> list[tuple[str, nn.Module]]:
+        return [(f"features.{i}", m) for i, m in enumerate(self.features)]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.avgpool(x).flatten(1)

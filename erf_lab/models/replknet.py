@@ -33,6 +33,7 @@ import torch.utils.checkpoint as torch_checkpoint
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.features import FeatureIntermediates, feature_take_indices
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, fold_preceding_bn
 
@@ -295,7 +296,7 @@ class RepLKNetStage(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- the model
-class RepLKNet(nn.Module):
+class RepLKNet(FeatureIntermediates, nn.Module):
     """RepLKNet; arguments keep the official constructor's names and meaning.
 
     ``forward_features`` returns the last stage's feature map (N, C, H/32, W/32), before the final BN: the
@@ -304,6 +305,11 @@ class RepLKNet(nn.Module):
     ``out_indices`` (official downstream option, exclusive with a classifier: pass ``num_classes=None``) makes
     ``forward_features`` and ``forward`` return the listed stages' outputs, each through its stage's BN when
     ``norm_intermediate_features`` (the layout of the official XL detection / segmentation backbones).
+
+    ``feature_info[i]`` is stage ``i``'s output (``module='stages.i'``, stride 4 * 2^i), before the transition:
+    ``forward_intermediates(x, indices=[i], stop_early=True)`` runs nothing after stage ``i``. With ``norm=True``
+    a stage output goes through its stage BN (downstream option) or, for the last stage, the final BN ``norm``
+    (``forward_head``'s first step); the final features are ``forward_features(x)`` (before that BN).
     """
 
     head_names = ("head",)
@@ -375,6 +381,37 @@ class RepLKNet(nn.Module):
         self.norm = nn.BatchNorm2d(self.channels[-1]) if classifier else None
         self.avgpool = nn.AdaptiveAvgPool2d(1) if classifier else None
         self.head = nn.Linear(self.channels[-1], self.num_classes) if classifier and self.num_classes > 0 else None
+        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}")
+                             for i, c in enumerate(self.channels)]
+
+    def _feature_steps(self) -> list[tuple[str, nn.Module]]:
+        steps = [(f"stem.{i}", m) for i, m in enumerate(self.stem)]
+        for i, stage in enumerate(self.stages):
+            steps.append((f"stages.{i}", stage))
+            if i < len(self.transitions):
+                steps.append((f"transitions.{i}", self.transitions[i]))
+        return steps
+
+    def _intermediate_norm(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self.stages[index].norm is not None:
+            return self.stages[index].norm(x)
+        return self.norm(x) if index == self.num_stages - 1 and self.norm is not None else x
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm: drop the stages after the last of ``indices`` (and their transitions); ``prune_norm`` drops
+        the final BN, ``prune_head`` the classifier (``forward_head`` then returns pooled features). Returns
+        the indices kept."""
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        self.stages, self.transitions = self.stages[:max_index + 1], self.transitions[:max_index]
+        self.num_stages, self.feature_info = max_index + 1, self.feature_info[:max_index + 1]
+        if self.out_indices is not None:
+            self.out_indices = tuple(i for i in self.out_indices if i <= max_index)
+        if prune_norm and self.norm is not None:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.head, self.num_classes = None, 0
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         for layer in self.stem:
@@ -384,7 +421,7 @@ class RepLKNet(nn.Module):
             x = stage(x)
             if self.out_indices is not None and i in self.out_indices:
                 outs.append(stage.norm(x) if stage.norm is not None else x)
-            if i < self.num_stages - 1:
+            if i < len(self.transitions):
                 x = self.transitions[i](x)
         return x if self.out_indices is None else outs
 
