@@ -9,6 +9,9 @@ names as ``nn.Conv2d``, so state dicts are unchanged) unless the backend is ``"n
 
 ``reparameterize()`` (idempotent, in place) folds every conv-BN pair into a biased conv, the BN becoming
 ``nn.Identity``: the in-memory inference form (``erf_lab.models.reparameterize_model``).
+
+``feature_info`` / ``forward_intermediates`` (timm): the last block of each stride (``features.1``, ``.3``,
+``.6``, ``.13``, ``.17`` in the standard layout: strides 2 .. 32); the final 1x1 conv ``features.18`` follows.
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = int(round(inp * expand_ratio))
         self.use_res_connect = shortcut and stride == 1 and inp == oup
-        self.kernel_size = kernel_size
+        self.kernel_size, self.stride, self.out_channels = kernel_size, stride, oup
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(ConvBNReLU(inp, hidden, 1))
@@ -99,10 +102,7 @@ class MobileNetV2(FeatureIntermediates, nn.Module):
     or a sequence of stage indices 0..6; other stages keep 3x3. ``shortcut=False`` removes every identity
     shortcut (RepLKNet Table 4). ``conv_backend``: ``None`` -> ``$ERF_LAB_CONV_BACKEND`` or ``"auto"``;
     ``"native"`` keeps every conv ``nn.Conv2d``, any other value is the :mod:`fastconv` backend of the stride-1
-    depthwise convs with K > 5 (see :func:`erf_lab.models.replknet.resolve_conv_backend`).
-
-    ``feature_info`` (timm): the last block of each stride (``features.1``, ``.3``, ``.6``, ``.13``, ``.17`` for
-    the standard layout: strides 2 .. 32); the final 1x1 conv ``features.18`` follows."""
+    depthwise convs with K > 5 (see :func:`erf_lab.models.replknet.resolve_conv_backend`)."""
 
     head_names = ("classifier.1",)
 
@@ -121,18 +121,18 @@ class MobileNetV2(FeatureIntermediates, nn.Module):
         cin = make_divisible(32 * width_mult, round_nearest)
         self.num_features = make_divisible(1280 * max(1.0, width_mult), round_nearest)
         features: list[nn.Module] = [ConvBNReLU(in_chans, cin, 3, stride=2)]
-        kernels, strides = [], [("features.0", 2, cin)]
+        kernels = []
         for si, (t, c, n, s) in enumerate(_SETTINGS):
             k = kernel_size if si in stages else 3
             kernels.append(k)
             cout = make_divisible(c * width_mult, round_nearest)
             for i in range(n):
-                strides.append((f"features.{len(features)}", s if i == 0 else 1, cout))
                 features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, k, shortcut, backend))
                 cin = cout
         features.append(ConvBNReLU(cin, self.num_features, 1))
         self.features = nn.Sequential(*features)
-        self.feature_info = stage_end_feature_info(strides)
+        blocks = [(f"features.{i}", b.stride, b.out_channels) for i, b in enumerate(features[1:-1], 1)]
+        self.feature_info = stage_end_feature_info(blocks, start_reduction=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.num_features, num_classes))
         self.stage_kernel_sizes = kernels

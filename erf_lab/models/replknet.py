@@ -22,7 +22,6 @@ Three forms of the network:
 """
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
 
@@ -449,6 +448,8 @@ def merge_large_kernels(model: nn.Module, inplace: bool = False) -> nn.Module:
     :class:`ReparamLargeKernelConv` merged into ``lkb_reparam``, every other conv-BN pair kept. Copies the model
     unless ``inplace=True`` (as :func:`~erf_lab.models.reparameterize_model`); idempotent; eval mode."""
     if not inplace:
+        import copy
+
         model = copy.deepcopy(model)
     model.eval()
     for m in list(model.modules()):
