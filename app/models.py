@@ -95,17 +95,3 @@ def main_layers(rows: list[dict], show_all: bool = False) -> list[dict]:
     if show_all:
         return rows
     return [r for r in rows if r["name"].count(".") <= 1 or r is rows[-1]]
-
-
-@torch.no_grad()
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded random BN statistics and affine parameters (a fresh model's identity BNs make fusion trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model.eval()

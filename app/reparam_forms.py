@@ -1,19 +1,19 @@
 """Re-parameterization page: the kernels of every large-kernel block and, for each form of the network
 (train-time, official merged layout, fully fused), its parameters, FLOPs and output error, all from
-``erf_lab.models`` (``deploy.merge_to_official_layout``, ``reparameterize_model``, ``deploy.max_relative_error``)."""
+``erf_lab.models`` (``merge_large_kernels``, ``reparameterize_model``, ``deploy.max_relative_error``)."""
 from __future__ import annotations
 
-import copy
-import functools
 import json
 
 import numpy as np
 import torch
 
 from app.cache import cached, sha
-from app.models import build_model, randomize_bn
+from app.models import build_model
 from erf_lab.models import reparameterize_model
-from erf_lab.models.deploy import max_relative_error, merge_to_official_layout
+from erf_lab.models.deploy import max_relative_error
+from erf_lab.models.reparam import randomize_bn
+from erf_lab.models.replknet import merge_large_kernels
 from erf_lab.models.flops import count_flops, count_params
 
 FORMS = ("train-time", "merged (official deploy layout)", "fully fused (reparameterize_model)")
@@ -61,11 +61,10 @@ def _report(name, overrides_json, random_bn, input_size, seed, weights, weights_
     with torch.no_grad():
         step(0.4, "train-time forward")
         y = model(x)
-        in_place = (None, merge_to_official_layout, functools.partial(reparameterize_model, inplace=True))
-        for form, convert, frac in zip(FORMS, in_place, (0.4, 0.6, 0.8)):
+        for form, convert, frac in zip(FORMS, (None, merge_large_kernels, reparameterize_model), (0.4, 0.6, 0.8)):
             if convert is not None:
                 step(frac, f"{form}: convert and forward")
-            m = model if convert is None else convert(copy.deepcopy(model))
+            m = model if convert is None else convert(model)  # both convert a copy
             forms[form] = {"params": count_params(m), "flops": count_flops(m, input_size),
                            "error": 0.0 if convert is None else max_relative_error(y, m(x))}
     step(1.0, "done")

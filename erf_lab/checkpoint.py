@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,35 +21,38 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module", "net")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict without running any code in it."""
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict without running any code in it.
+
+    Any failure to read the file (not a checkpoint, truncated, a pickle of disallowed objects) is a
+    :class:`CheckpointError` with one line; other exception types never escape (issue #13).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read safetensors checkpoint {path}: {e}") from None
-    else:
-        try:
-            with _allow_metadata():
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            msg = str(e)
-            blocked = re.search(r"(?:unsupported GLOBAL|Unsupported global:\s*GLOBAL)\s+([\w.]+)", msg, re.IGNORECASE)
-            if blocked:
-                raise CheckpointError(
-                    f"refusing to load {path}: it references the Python object {blocked.group(1)} "
-                    f"(loading it could run code); save a plain state dict or .safetensors instead"
-                ) from None
-            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a PyTorch file): "
-                                  f"{_last_reason(msg)}") from None
-        except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a PyTorch file): {first}") from None
+    try:
+        obj = _read_checkpoint(path)
+    except Exception as e:  # torch's weights-only unpickler raises anything (IndexError, KeyError, ...) on non-pickles
+        msg = str(e)
+        blocked = re.search(r"(?:unsupported GLOBAL|Unsupported global:\s*GLOBAL)\s+([\w.]+)\s+(?:was not|whose)",
+                            msg, re.IGNORECASE)
+        if blocked:
+            raise CheckpointError(
+                f"refusing to load {path}: it references the Python object {blocked.group(1)} "
+                f"(loading it could run code); save a plain state dict or .safetensors instead"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or safetensors file "
+                              f"({type(e).__name__}: {_last_reason(msg)})") from None
     return unwrap_state_dict(obj, source=str(path))
+
+
+def _read_checkpoint(path: Path):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    with _allow_metadata(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 104" for bytes that are no pickle
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _allow_metadata():
@@ -73,12 +76,12 @@ def _metadata_globals() -> list:
 
 
 def _last_reason(msg: str) -> str:
-    """The informative line of torch's long weights-only error (e.g. 'Unsupported operand 79')."""
+    """The informative line of a (long, multi-line) reading error, e.g. 'Unsupported operand 79'."""
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     for ln in lines:
         if ln.startswith(("Unsupported", "Expected", "Invalid", "invalid", "Trying")):
             return ln
-    return lines[-1] if lines else "unreadable pickle"
+    return lines[-1][:200] if lines else "unreadable"
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -52,14 +52,36 @@ def test_training_metadata_is_tolerated(tmp_path):
     assert sd.keys() == model.state_dict().keys()
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04garbage" * 20, bytes(range(256)) * 8])
-def test_corrupt_files_give_one_clear_line(tmp_path, content):
-    path = tmp_path / "broken.pth"
-    path.write_bytes(content)
-    with pytest.raises(CheckpointError) as e:
-        load_state_dict_file(path)
-    msg = str(e.value)
-    assert "corrupt or not a PyTorch file" in msg and str(path) in msg and "\n" not in msg
+def _truncated_zip() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(1000.0)}, buf)
+    return buf.getvalue()[:300]
+
+
+_TEXT = b"model: replknet_31b\nweights are elsewhere, this is a text file\n"
+_BAD_FILES = {
+    "empty": b"", "zip header + garbage": b"PK\x03\x04garbage" * 20, "all bytes": bytes(range(256)) * 8,
+    "truncated torch zip": _truncated_zip(), "json": b'{"model": "replknet_31b", "epochs": [1, 2, 3]}\n',
+    "random bytes": bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()),
+    # one text file per first byte: ~1 in 8 made torch's weights-only unpickler raise IndexError (issue #13)
+    **{f"text starting with byte {b}": bytes([b]) + _TEXT for b in range(256)},
+}
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_unreadable_files_give_one_checkpoint_error_line(tmp_path, suffix):
+    """Every failure to read a file is a CheckpointError (an ErfLabError: one 'error:' line in the CLI) that
+    names the file, never another exception type."""
+    for what, content in _BAD_FILES.items():
+        path = tmp_path / f"broken{suffix}"
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError) as e:
+            load_state_dict_file(path)
+        msg = str(e.value)
+        assert "not a PyTorch checkpoint or safetensors file" in msg and str(path) in msg, (what, msg)
+        assert "\n" not in msg, (what, msg)
 
 
 def test_missing_and_bad_safetensors(tmp_path):

@@ -301,3 +301,89 @@ def test_efficientnet_lite0_imagenet_accuracy_on_silhouettes(shared_datasets):
     n, acc = sixteen_class_accuracy(model, shared_datasets, "silhouettes", cfg["mean"], cfg["std"])
     assert n == 160
     assert acc > 0.42, acc
+
+
+# ------------------------------------------------------------------------------------ timm feature interface
+FEATURE_MODELS = {  # one per family, small; module names of the feature maps as documented in each model
+    "replknet_31b": (dict(channels=(8, 16, 16, 16), layers=(1, 1, 1, 1), conv_backend="native"),
+                     ["stages.0", "stages.1", "stages.2", "stages.3"]),
+    "resnet18": (dict(width=8), ["relu", "layer1", "layer2", "layer3", "layer4"]),
+    "resnet50": (dict(width=8), ["relu", "layer1", "layer2", "layer3", "layer4"]),
+    "mobilenetv2_k13_last": (dict(width_mult=0.25, conv_backend="native"),
+                             ["features.1", "features.3", "features.6", "features.13", "features.17"]),
+    "efficientnet_lite0": ({}, ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15"]),
+}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", list(FEATURE_MODELS))
+def test_forward_intermediates_equal_forward_hooks(name):
+    """Each intermediate is exactly what a forward hook on its ``feature_info`` module captures in the plain
+    forward; channels / strides are those of ``feature_info``; the final output is ``forward_features``."""
+    overrides, modules = FEATURE_MODELS[name]
+    torch.manual_seed(0)
+    model = create_model(name, **overrides).eval()
+    assert [f["module"] for f in model.feature_info] == modules
+    captured = {}
+    handles = [model.get_submodule(m).register_forward_hook(
+        lambda mod, inp, out, m=m: captured.setdefault(m, []).append(out.clone())) for m in modules]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        features = model.forward_features(x)
+        final, inter = model.forward_intermediates(x)
+    for h in handles:
+        h.remove()
+    assert torch.equal(final, features)
+    assert len(inter) == len(modules)
+    for t, f in zip(inter, model.feature_info):
+        first, second = captured[f["module"]]  # hooked in forward_features, then in forward_intermediates
+        assert torch.equal(t, first) and torch.equal(t, second)
+        assert t.shape == (2, f["num_chs"], 64 // f["reduction"], 64 // f["reduction"])
+    # indices: an int = the last n, a list (negative allowed) in forward order; intermediates_only
+    with torch.no_grad():
+        last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        picked = model.forward_intermediates(x, indices=[-1, 1], intermediates_only=True)
+    assert len(last2) == 2 and all(torch.equal(a, b) for a, b in zip(last2, inter[-2:]))
+    assert len(picked) == 2 and torch.equal(picked[0], inter[1]) and torch.equal(picked[1], inter[-1])
+    with pytest.raises(ErfLabError, match="out of range"):
+        model.forward_intermediates(x, indices=[len(modules)])
+    with pytest.raises(ErfLabError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", list(FEATURE_MODELS))
+def test_forward_intermediates_stop_early_runs_no_later_module(name):
+    """``stop_early`` stops after the requested feature: no module that ``forward_features`` starts after that
+    feature's module has finished runs (calls counted with hooks); without it, exactly the modules of
+    ``forward_features`` run, in its order."""
+    overrides, modules = FEATURE_MODELS[name]
+    model = create_model(name, **overrides).eval()
+    events = []
+    for n, m in model.named_modules():
+        m.register_forward_pre_hook(lambda mod, inp, n=n: events.append(("start", n)))
+        m.register_forward_hook(lambda mod, inp, out, n=n: events.append(("end", n)))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model.forward_features(x)
+    full = list(events)
+    for k, module in enumerate(modules):
+        end = full.index(("end", module))
+        first_start = {}
+        for i, (kind, n) in enumerate(full):
+            if kind == "start":
+                first_start.setdefault(n, i)
+        later = {n for n, i in first_start.items() if i > end}
+        events.clear()
+        with torch.no_grad():
+            (out,) = model.forward_intermediates(x, indices=[k], stop_early=True, intermediates_only=True)
+        ran = [n for kind, n in events if kind == "start"]
+        assert ran.count(module) == 1 and not later & set(ran), (module, sorted(later & set(ran))[:5])
+        assert out.shape[1] == model.feature_info[k]["num_chs"]
+        if k < len(modules) - 1:
+            assert later, module  # the check is not vacuous
+    events.clear()
+    with torch.no_grad():
+        model.forward_intermediates(x, indices=[0])
+    leaves = {n for n, m in model.named_modules() if not any(True for _ in m.children())}
+    assert [e for e in events if e[1] in leaves] == [e for e in full if e[1] in leaves]

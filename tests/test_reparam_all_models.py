@@ -1,6 +1,6 @@
 """``reparameterize_model`` gives an exact inference form for EVERY registered model (timm convention):
 all conv-BN pairs folded into biased convs (conv-BN fusion, Ding et al. 2021 RepVGG / 2022 RepLKNet Sec. 3),
-idempotent, in place. New registered models are covered automatically (parametrized over ``list_models()``)."""
+idempotent, on a copy unless ``inplace=True``. New registered models are covered automatically (parametrized over ``list_models()``)."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +11,8 @@ import torch.nn as nn
 
 from erf_lab.models import create_model, list_models, reparameterize_model
 from erf_lab.models.deploy import max_relative_error
+from erf_lab.models.reparam import randomize_bn
+from erf_lab.models.replknet import ReparamLargeKernelConv
 from erf_lab.models.summary import model_family
 
 #: Reduced-width overrides per architecture family (the module file name), to keep the test fast.
@@ -40,28 +42,6 @@ def family(name: str) -> str:
         return model_family(create_model(name))
 
 
-@torch.no_grad()
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics and affine parameters (so a wrong fold shows): running statistics start as the
-    real batch statistics of random images (every BN matters at O(1)), then are perturbed; gamma, beta random."""
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert bns, "model has no BatchNorm2d to fold"
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: running stats = batch stats after one pass
-    model.train()
-    model(torch.randn(4, 3, 48, 48, generator=g))
-    for m in bns:
-        n = m.num_features
-        m.momentum = 0.1
-        m.running_mean.add_(torch.randn(n, generator=g) * 0.1 * m.running_var.sqrt())
-        m.running_var.mul_(torch.rand(n, generator=g) * 0.5 + 0.75).add_(0.05)
-        m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-        m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-    return model.eval()
-
-
 def conv_types(model: nn.Module) -> list[type]:
     return [type(m) for m in model.modules() if isinstance(m, nn.Conv2d)]
 
@@ -88,13 +68,15 @@ def check_fused(model: nn.Module, fam: str, x: torch.Tensor) -> tuple[float, flo
         # The algebra is exact: in float64 the fused form agrees to rounding.
         err64 = error(ref64, outputs(reparameterize_model(m64), x))
         assert err64 < 1e-12, err64
-        fused = reparameterize_model(copy.deepcopy(model))
+        fused = reparameterize_model(model)
+        assert all(torch.equal(a, b) for a, b in zip(outputs(model, x), ref))  # copy by default: model untouched
+        assert fused is not model and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
         out = outputs(fused, x)
         err = error(ref, out)
         assert err < TOL or error(ref64, out) <= FLOOR_FACTOR * floor, (err, floor)
         # Idempotent: a second call changes neither the state dict nor the output.
         sd = {k: v.clone() for k, v in fused.state_dict().items()}
-        reparameterize_model(fused)
+        reparameterize_model(fused, inplace=True)
         assert fused.state_dict().keys() == sd.keys()
         assert all(torch.equal(v, fused.state_dict()[k]) for k, v in sd.items())
         assert all(torch.equal(a, b) for a, b in zip(outputs(fused, x), out))
@@ -102,7 +84,7 @@ def check_fused(model: nn.Module, fam: str, x: torch.Tensor) -> tuple[float, flo
     assert left == KEPT_BN.get(fam, set()), left
     # Every conv carries its folded bias; conv classes (SameConv2d, fastconv.DepthwiseConv2d) are kept.
     assert all(m.bias is not None for m in fused.modules() if isinstance(m, nn.Conv2d))
-    if any(hasattr(m, "merge_kernel") for m in model.modules()):  # RepLKNet: two branch convs become one
+    if any(isinstance(m, ReparamLargeKernelConv) for m in model.modules()):  # RepLKNet: two branch convs become one
         assert set(conv_types(fused)) == set(conv_types(model))
     else:
         assert conv_types(fused) == conv_types(model)
@@ -154,6 +136,6 @@ def test_mobilenetv2_large_depthwise_uses_fastconv():
     x = torch.randn(*INPUT, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert max_relative_error(native(x), fast(x)) < 1e-5
-        reparameterize_model(fast)
+        reparameterize_model(fast, inplace=True)
         assert sum(type(m) is DepthwiseConv2d for m in fast.modules()) == 3
         assert max_relative_error(native(x), fast(x)) < 1e-5

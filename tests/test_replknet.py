@@ -14,6 +14,7 @@ from erf_lab.models import create_model, list_models, reparameterize_model
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.models.deploy import max_relative_error
 from erf_lab.models.flops import count_flops, count_params
+from erf_lab.models.reparam import randomize_bn
 from erf_lab.models.replknet import VARIANTS, RepLKNet, merge_large_kernels
 
 VARIANT_NAMES = ["replknet_31b", "replknet_31l", "replknet_xl", "replknet_3", "replknet_7", "replknet_13", "replknet_25"]
@@ -29,29 +30,9 @@ def tiny(name="replknet_31b", **kw):
     return create_model(name, **{**TINY, **kw})
 
 
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int = 0, size: int = 64, batch: int = 4) -> nn.Module:
-    """Random BN statistics and affine parameters so that fusion errors show.
-
-    Running statistics are first set to the real batch statistics of random images (so every branch contributes
-    O(1) to the logits), then perturbed at random; gamma and beta are random. ``running_var`` gets +0.05 so that
-    gamma/std stays moderate: near-empty channels would otherwise amplify fp32 rounding of *both* forms by ~50x.
-    """
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: running stats = batch stats after one pass
-    model.train()
-    model(torch.randn(batch, 3, size, size, generator=g))
-    for m in bns:
-        n = m.num_features
-        m.momentum = 0.1
-        m.running_mean.add_(torch.randn(n, generator=g) * 0.1 * m.running_var.sqrt())
-        m.running_var.mul_(torch.rand(n, generator=g) * 0.5 + 0.75).add_(0.05)  # bounds gamma/std (fp32 noise)
-        m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-        m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-    return model.eval()
+def randomize(model: nn.Module, seed: int = 0, batch: int = 4) -> nn.Module:
+    """Random BN statistics calibrated on 64x64 inputs (:func:`erf_lab.models.reparam.randomize_bn`)."""
+    return randomize_bn(model, seed, input_size=64, batch=batch)
 
 
 # ------------------------------------------------------------------------------------------------- paper numbers
@@ -173,7 +154,7 @@ def test_downstream_backbone_layout_out_indices_and_stage_norms():
         raw = plain(x)
         for o, r, st in zip(outs, raw, model.stages):  # each returned map is the stage output through its BN
             assert torch.allclose(o, st.norm(r), atol=1e-6) and not torch.allclose(o, r, atol=1e-3)
-        fused = reparameterize_model(copy.deepcopy(model))
+        fused = reparameterize_model(model)
         for o, f in zip(outs, fused(x)):
             assert (o - f).abs().max() / o.abs().max() < 1e-5
     two = tiny("replknet_31b", num_classes=None, out_indices=[1, 3])
@@ -186,6 +167,47 @@ def test_downstream_backbone_layout_out_indices_and_stage_norms():
         tiny("replknet_31b", num_classes=None, out_indices=(4,))
 
 
+def test_forward_intermediates_norm_and_final_features():
+    """timm semantics on RepLKNet: final = forward_features (before the final BN); ``norm=True`` puts the last
+    stage through the final BN ``norm`` (so ``forward_head`` = pool + linear of it), other stages unchanged;
+    with the downstream stage BNs, ``norm=True`` gives exactly the ``out_indices`` outputs. Same in the fused form."""
+    model = randomize(tiny())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        final, raw = model.forward_intermediates(x)
+        _, normed = model.forward_intermediates(x, norm=True)
+        assert torch.equal(final, feats) and torch.equal(raw[-1], feats)
+        assert torch.equal(normed[-1], model.norm(feats)) and not torch.allclose(normed[-1], feats, atol=1e-3)
+        assert all(torch.equal(a, b) for a, b in zip(normed[:-1], raw[:-1]))
+        assert torch.equal(model.head(normed[-1].mean((2, 3))), model.forward_head(feats))
+        fused = reparameterize_model(model)
+        assert max_relative_error(raw[2], fused.forward_intermediates(x, indices=[2], stop_early=True)[1][0]) < 1e-5
+    down = randomize(tiny("replknet_xl", num_classes=None, out_indices=(1, 3), norm_intermediate_features=True))
+    with torch.no_grad():
+        outs = down(x)
+        inter = down.forward_intermediates(x, indices=[1, 3], norm=True, intermediates_only=True)
+        plain = down.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(inter, outs))
+    assert all(torch.equal(a, st.norm(b)) for a, b, st in zip(inter, plain, (down.stages[1], down.stages[3])))
+
+
+def test_prune_intermediate_layers():
+    """timm: stages after the last kept index (and their transitions) are removed; the pruned model gives the
+    same intermediates; prune_head / prune_norm drop the classifier / final BN."""
+    model = randomize(tiny())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        assert model.prune_intermediate_layers([0, 1], prune_norm=True) == [0, 1]
+        final, got = model.forward_intermediates(x)
+    assert len(model.stages) == 2 and len(model.transitions) == 1 and len(model.feature_info) == 2
+    assert model.head is None and isinstance(model.norm, nn.Identity) and model.num_classes == 0
+    assert all(torch.equal(a, b) for a, b in zip(got, ref)) and torch.equal(final, ref[-1])
+    with torch.no_grad():
+        assert torch.equal(model(x), ref[-1].mean((2, 3)))
+
+
 # --------------------------------------------------------------------------------------------- re-parameterize
 @pytest.mark.parametrize("name", VARIANT_NAMES)
 def test_reparameterization_is_exact_for_every_variant(name):
@@ -193,8 +215,8 @@ def test_reparameterization_is_exact_for_every_variant(name):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(x)
-        merged = merge_large_kernels(copy.deepcopy(model))
-        fused = reparameterize_model(copy.deepcopy(model))
+        merged = merge_large_kernels(model)
+        fused = reparameterize_model(model)
         err_merged, err_fused = max_relative_error(ref, merged(x)), max_relative_error(ref, fused(x))
     assert err_merged < 1e-5 and err_fused < 1e-5, (err_merged, err_fused)
     # The algebra is exact: in float64 both forms agree to rounding (~1e-15).
@@ -215,7 +237,7 @@ def test_reparameterization_can_fail_when_bn_ignored():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
-        merged = merge_large_kernels(copy.deepcopy(model))
+        merged = merge_large_kernels(model)
         merged.stages[0].blocks[0].large_kernel.lkb_reparam.bias.zero_()
         assert max_relative_error(ref, merged(x)) > 1e-3
 
@@ -226,7 +248,7 @@ def test_full_31b_reparameterization_is_exact():
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(x)
-        reparameterize_model(model)
+        reparameterize_model(model, inplace=True)
         err = max_relative_error(ref, model(x))
     assert err < 1e-5, err
     assert 79.0e6 < count_params(model) < 79.6e6
@@ -236,14 +258,14 @@ def test_reparameterize_is_idempotent():
     model = randomize(tiny())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        merge_large_kernels(model)
+        merge_large_kernels(model, inplace=True)
         once = {k: v.clone() for k, v in model.state_dict().items()}
-        merge_large_kernels(model)
+        merge_large_kernels(model, inplace=True)
         assert model.state_dict().keys() == once.keys()
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in once.items())
-        reparameterize_model(model)
+        reparameterize_model(model, inplace=True)
         y1, sd1 = model(x), {k: v.clone() for k, v in model.state_dict().items()}
-        reparameterize_model(model)
+        reparameterize_model(model, inplace=True)
         assert torch.equal(y1, model(x)) and all(torch.equal(v, model.state_dict()[k]) for k, v in sd1.items())
 
 
@@ -252,7 +274,7 @@ def test_deploy_round_trip_through_checkpoint(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
-        merge_large_kernels(model)
+        merge_large_kernels(model, inplace=True)
         torch.save(model.state_dict(), tmp_path / "deploy.pth")
         assert list(model.state_dict()) == list(tiny(deploy=True).state_dict())
         loaded = create_model("replknet_31b", weights=str(tmp_path / "deploy.pth"), **TINY).eval()  # implies deploy
@@ -468,7 +490,7 @@ def test_conv_backend_routing(monkeypatch):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert max_relative_error(native(x), auto(x)) < 1e-4
-        merge_large_kernels(auto)
+        merge_large_kernels(auto, inplace=True)
         assert isinstance(auto.stages[0].blocks[0].large_kernel.lkb_reparam, DepthwiseConv2d)
     monkeypatch.setenv("ERF_LAB_CONV_BACKEND", "no-such-backend")
     with pytest.raises(ErfLabError, match="no-such-backend"):

@@ -14,9 +14,7 @@ import numpy as np
 import torch
 
 from erf_lab.errors import ErfLabError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 PAPER_NUM_IMAGES = 50
 PAPER_INPUT_SIZE = 1024

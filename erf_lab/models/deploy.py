@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.flops import count_flops, count_params
+from erf_lab.models.replknet import ReparamLargeKernelConv, merge_large_kernels
 
 
 def max_relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -19,14 +20,8 @@ def max_relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def has_mergeable_kernels(model: nn.Module) -> bool:
-    return any(hasattr(m, "merge_kernel") for m in model.modules())
-
-
-def merge_to_official_layout(model: nn.Module) -> nn.Module:
-    """In place: merge every large/small kernel pair into ``lkb_reparam`` (official deploy layout)."""
-    from erf_lab.models.replknet import merge_large_kernels
-
-    return merge_large_kernels(model)
+    """True when ``model`` has RepLKNet large-kernel convs (what :func:`merge_large_kernels` merges)."""
+    return any(isinstance(m, ReparamLargeKernelConv) for m in model.modules())
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path) -> Path:
@@ -84,7 +79,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
             before = model(x)
             bar.update()
             bar.set_postfix_str("merge")
-            merge_to_official_layout(model)
+            merge_large_kernels(model, inplace=True)
             bar.update()
             bar.set_postfix_str("deploy forward")
             after = model(x)

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
+from erf_lab.models.features import FeatureIntermediates, stage_end_feature_info
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
 
@@ -102,8 +103,11 @@ class MBConvBlock(nn.Module):
         self._bn2 = fold_bn_into_conv(self._project_conv, self._bn2)
 
 
-class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite (B0 depth/width): stem 32, 16 MBConv blocks, head 1280, ReLU6, no SE."""
+class EfficientNetLite(FeatureIntermediates, nn.Module):
+    """EfficientNet-Lite (B0 depth/width): stem 32, 16 MBConv blocks, head 1280, ReLU6, no SE.
+
+    ``feature_info`` (timm): the last block of each stride (``_blocks.0``, ``.2``, ``.4``, ``.10``, ``.15``:
+    strides 2 .. 32); the head conv follows."""
 
     head_names = ("_fc",)
 
@@ -113,14 +117,16 @@ class EfficientNetLite(nn.Module):
         self.num_classes = num_classes
         self._conv_stem = SameConv2d(in_chans, stem_chs, 3, stride=2)
         self._bn0 = _bn(stem_chs)
-        layers, kernels = [], []
+        layers, kernels, strides = [], [], []
         c = stem_chs
         for e, k, s, out, n in blocks:
             for i in range(n):
+                strides.append((f"_blocks.{len(layers)}", s if i == 0 else 1, out))
                 layers.append(MBConvBlock(c, out, e, k, s if i == 0 else 1))
                 c = out
             kernels.append(k)
         self._blocks = nn.ModuleList(layers)
+        self.feature_info = stage_end_feature_info(strides, start_reduction=2)
         self._conv_head = nn.Conv2d(c, head_chs, 1, bias=False)
         self._bn1 = _bn(head_chs)
         self.act = nn.ReLU6(inplace=True)
@@ -145,6 +151,11 @@ class EfficientNetLite(nn.Module):
         for block in self._blocks:
             x = block(x)
         return self.act(self._bn1(self._conv_head(x)))
+
+    def _feature_steps(self) -> list[tuple[str, nn.Module]]:
+        steps = [("_conv_stem", self._conv_stem), ("_bn0", self._bn0), ("act", self.act)]
+        steps += [(f"_blocks.{i}", b) for i, b in enumerate(self._blocks)]
+        return steps + [("_conv_head", self._conv_head), ("_bn1", self._bn1), ("act", self.act)]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self._avg_pooling(x).flatten(1)

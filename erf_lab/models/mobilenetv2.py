@@ -9,6 +9,9 @@ names as ``nn.Conv2d``, so state dicts are unchanged) unless the backend is ``"n
 
 ``reparameterize()`` (idempotent, in place) folds every conv-BN pair into a biased conv, the BN becoming
 ``nn.Identity``: the in-memory inference form (``erf_lab.models.reparameterize_model``).
+
+``feature_info`` / ``forward_intermediates`` (timm): the last block of each stride (``features.1``, ``.3``,
+``.6``, ``.13``, ``.17`` in the standard layout: strides 2 .. 32); the final 1x1 conv ``features.18`` follows.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.features import FeatureIntermediates, stage_end_feature_info
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
 from erf_lab.models.replknet import resolve_conv_backend
@@ -73,7 +77,7 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = int(round(inp * expand_ratio))
         self.use_res_connect = shortcut and stride == 1 and inp == oup
-        self.kernel_size = kernel_size
+        self.kernel_size, self.stride, self.out_channels = kernel_size, stride, oup
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(ConvBNReLU(inp, hidden, 1))
@@ -92,7 +96,7 @@ class InvertedResidual(nn.Module):
         self.conv[-1] = fold_bn_into_conv(self.conv[-2], self.conv[-1])
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(FeatureIntermediates, nn.Module):
     """MobileNetV2. ``kernel_size`` is the depthwise kernel of the stages chosen by ``kernel_stages``:
     ``'all'`` (every stage), ``'last'`` (the last stride-32 stages: 160 and 320 channels, RepLKNet Table 2)
     or a sequence of stage indices 0..6; other stages keep 3x3. ``shortcut=False`` removes every identity
@@ -127,6 +131,8 @@ class MobileNetV2(nn.Module):
                 cin = cout
         features.append(ConvBNReLU(cin, self.num_features, 1))
         self.features = nn.Sequential(*features)
+        blocks = [(f"features.{i}", b.stride, b.out_channels) for i, b in enumerate(features[1:-1], 1)]
+        self.feature_info = stage_end_feature_info(blocks, start_reduction=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.num_features, num_classes))
         self.stage_kernel_sizes = kernels
@@ -148,6 +154,9 @@ class MobileNetV2(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the final 1x1 conv (N, 1280, H/32, W/32), before pooling."""
         return self.features(x)
+
+    def _feature_steps(self) -> list[tuple[str, nn.Module]]:
+        return [(f"features.{i}", m) for i, m in enumerate(self.features)]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.avgpool(x).flatten(1)

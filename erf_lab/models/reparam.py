@@ -1,50 +1,68 @@
-"""Model-level structural re-parameterization (the timm ``reparameterize_model`` convention)."""
+"""Structural re-parameterization (the timm convention): one BN-fold primitive, per-block idempotent
+``reparameterize()``, and the model-level :func:`reparameterize_model`."""
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
 
 
 @torch.no_grad()
-def fuse_conv_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold an eval-mode BatchNorm into the preceding convolution: returns (weight, bias).
+def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module,
+            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the single conv equivalent to conv -> eval-mode BN (Ding et al., RepVGG, CVPR 2021,
+    Sec. 3.3): ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``.
 
-    w' = w * gamma / sqrt(var + eps);  b' = beta + (b - mean) * gamma / sqrt(var + eps).
+    Computed in float64 and rounded once into ``dtype`` (default: the weight's), without a float64 copy of the
+    weight (``mul`` computes in the promoted dtype and rounds into ``out``). Returns new tensors.
     """
-    std = (bn.running_var + bn.eps).sqrt()
-    t = bn.weight / std
-    w = weight * t.reshape(-1, *([1] * (weight.dim() - 1)))
-    b0 = bias if bias is not None else torch.zeros_like(bn.running_mean)
-    return w, bn.bias + (b0 - bn.running_mean) * t
+    dtype = dtype or weight.dtype
+    t = bn.weight.detach().double() / (bn.running_var.double() + bn.eps).sqrt()
+    b0 = bias.detach().double() if bias is not None else torch.zeros_like(t)
+    w = torch.mul(weight.detach(), t.reshape(-1, *([1] * (weight.dim() - 1))),
+                  out=torch.empty_like(weight, dtype=dtype))
+    return w, (bn.bias.detach().double() + (b0 - bn.running_mean.double()) * t).to(dtype)
 
 
 @torch.no_grad()
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Module:
-    """In place: fold the eval-mode BN that follows ``conv`` into ``conv`` (which gains a bias), computed in
-    float64 and rounded once; returns the module to put in ``bn``'s place (``nn.Identity``). Idempotent: a ``bn``
-    that is not a BatchNorm (already folded) is returned unchanged. Works for any padding/stride (the BN acts
+    """In place: fold the eval-mode BN that follows ``conv`` into ``conv`` (which gains a bias) with
+    :func:`fold_bn`; returns the module to put in ``bn``'s place (``nn.Identity``). Idempotent: a ``bn`` that is
+    not a BatchNorm (already folded, or None) is returned unchanged. Exact for any padding / stride (the BN acts
     on the conv output), e.g. TF-"SAME" convs keep their padding rule."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         return bn
-    w = conv.weight.detach()
-    b = conv.bias.detach().double() if conv.bias is not None else None
-    std = (bn.running_var.double() + bn.eps).sqrt()
-    t = bn.weight.detach().double() / std
-    b0 = b if b is not None else torch.zeros_like(t)
-    conv.weight = nn.Parameter((w.double() * t.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
-    conv.bias = nn.Parameter((bn.bias.detach().double() + (b0 - bn.running_mean.double()) * t).to(w.dtype))
+    w, b = fold_bn(conv.weight, conv.bias, bn)
+    conv.weight, conv.bias = nn.Parameter(w), nn.Parameter(b)
     return nn.Identity()
 
 
-def reparameterize_model(model: nn.Module, inplace: bool = True) -> nn.Module:
-    """Call ``reparameterize()`` on every sub-module that has it (idempotent), giving the deploy form; the
-    model's own ``reparameterize()`` (stem / head conv-BN pairs held directly by the model) is called last.
+@torch.no_grad()
+def fold_preceding_bn(bn: nn.Module, conv: nn.Conv2d) -> nn.Module:
+    """In place: fold an eval-mode BN that directly precedes a 1x1, groups-1, unpadded conv into it (exact):
+    ``W (a x + c) + b = (W a) x + (b + W c)``, where ``(a, c)`` is the BN as a per-channel affine map, i.e.
+    :func:`fold_bn` of the identity. Returns ``nn.Identity`` for ``bn``'s place; idempotent like
+    :func:`fold_bn_into_conv`."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        return bn
+    if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.padding != (0, 0):
+        raise ValueError("a preceding BN can only be folded exactly into a 1x1, groups=1, unpadded conv")
+    a, c = fold_bn(torch.ones_like(bn.running_var, dtype=torch.float64), None, bn)
+    w = conv.weight.detach()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                                device=w.device)
+    conv.bias = nn.Parameter((b + w[:, :, 0, 0].double() @ c).to(w.dtype))
+    conv.weight = nn.Parameter(torch.mul(w, a.reshape(1, -1, 1, 1), out=torch.empty_like(w)))
+    return nn.Identity()
 
-    The model is put in eval mode (the fused form is only equivalent with running BN statistics).
-    """
+
+def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The deploy (fully fused) form of ``model``: ``reparameterize()`` is called on every sub-module that has
+    it (idempotent), the model's own (stem / head conv-BN pairs held by the model) last. As in timm, the model
+    is copied unless ``inplace=True``. The result is in eval mode (the fused form is only equivalent with
+    running BN statistics)."""
     if not inplace:
-        import copy
-
         model = copy.deepcopy(model)
     model.eval()
     for module in list(model.modules()):
@@ -53,3 +71,31 @@ def reparameterize_model(model: nn.Module, inplace: bool = True) -> nn.Module:
     if callable(getattr(model, "reparameterize", None)):
         model.reparameterize()
     return model
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, seed: int = 0, input_size: int = 48, batch: int = 4) -> nn.Module:
+    """Random eval-mode BN statistics and affine parameters, so that a wrong BN fold shows.
+
+    Running statistics are first set to the real batch statistics of ``batch`` random images of ``input_size``
+    (so every BN acts at O(1) on the output), then perturbed; gamma ~ U(0.5, 1.5), beta ~ N(0, 0.3^2).
+    ``running_var`` gets +0.05 so that gamma/std stays moderate (near-empty channels would amplify the fp32
+    rounding of both forms). Returns the model in eval mode.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: running stats = batch stats after one pass
+    model.train()
+    in_ch = int(getattr(model, "default_cfg", {}).get("input_size", (3,))[0])
+    model(torch.randn(batch, in_ch, input_size, input_size, generator=g))
+    for m, momentum in zip(bns, momenta):
+        n = m.num_features
+        m.momentum = momentum
+        m.running_mean.add_(torch.randn(n, generator=g) * 0.1 * m.running_var.sqrt())
+        m.running_var.mul_(torch.rand(n, generator=g) * 0.5 + 0.75).add_(0.05)
+        m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+        m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+    return model.eval()

@@ -32,8 +32,9 @@ import torch.utils.checkpoint as torch_checkpoint
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.features import FeatureIntermediates, feature_take_indices
 from erf_lab.models.registry import register_model
-from erf_lab.models.reparam import fuse_conv_bn
+from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, fold_preceding_bn
 
 __all__ = [
     "RepLKNet", "RepLKBlock", "ConvFFN", "ReparamLargeKernelConv", "ConvBN", "DropPath", "VARIANTS",
@@ -135,47 +136,25 @@ class ConvBN(nn.Module):
             x = self.nonlinear(x)
         return x
 
-    @torch.no_grad()
     def fused_weight_bias(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The single conv equivalent to conv-BN (eval mode), in ``dtype`` (default: the conv's)."""
-        w = self.conv.weight.detach()
-        dtype = dtype or w.dtype
-        b = self.conv.bias.detach() if self.conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
-        if self.bn is None:
-            return w.to(dtype, copy=True), b.to(dtype, copy=True)
-        if dtype == w.dtype:
-            # Same float64 arithmetic and single rounding as below, without materializing a float64 copy of the
-            # weight: ``mul`` computes in the promoted dtype (float64) and rounds once into the output.
-            bn = _BNDouble(self.bn)
-            t = bn.weight / (bn.running_var + bn.eps).sqrt()
-            wf = torch.mul(w, t.reshape(-1, *([1] * (w.dim() - 1))), out=torch.empty_like(w))
-            return wf, (bn.bias + (b.double() - bn.running_mean) * t).to(dtype)
-        # Fold in float64, then round once (paper Sec. 3 / official fuse_bn: w*gamma/std, beta + (b-mean)*gamma/std).
-        w, b = fuse_conv_bn(w.double(), b.double(), _BNDouble(self.bn))
-        return w.to(dtype), b.to(dtype)
+        """The single conv equivalent to conv-BN (eval mode), in ``dtype`` (default: the conv's); see
+        :func:`~erf_lab.models.reparam.fold_bn`."""
+        w, b = self.conv.weight.detach(), self.conv.bias
+        if self.bn is not None:
+            return fold_bn(w, b, self.bn, dtype)
+        b = b.detach() if b is not None else torch.zeros_like(w[:, 0, 0, 0])
+        return w.to(dtype or w.dtype, copy=True), b.to(dtype or w.dtype, copy=True)
 
-    @torch.no_grad()
     def reparameterize(self) -> None:
-        if self.bn is None:
-            return
-        w, b = self.fused_weight_bias()
-        self.conv.weight = nn.Parameter(w)
-        self.conv.bias = nn.Parameter(b)
+        """Fold the BN into a biased conv; ``bn`` becomes None (idempotent)."""
+        fold_bn_into_conv(self.conv, self.bn)
         self.bn = None
-
-
-class _BNDouble:
-    """float64 view of an eval-mode BN's statistics and affine parameters (for exact folding)."""
-
-    def __init__(self, bn: nn.BatchNorm2d):
-        self.running_mean, self.running_var = bn.running_mean.double(), bn.running_var.double()
-        self.weight, self.bias, self.eps = bn.weight.detach().double(), bn.bias.detach().double(), bn.eps
 
 
 class ReparamLargeKernelConv(nn.Module):
     """Depthwise KxK conv-BN with a parallel small-kernel depthwise conv-BN (paper Sec. 3, guideline 3).
 
-    After :meth:`merge_kernel` the two branches are one biased conv ``lkb_reparam``: both BNs are fused and the
+    After :meth:`reparameterize` the two branches are one biased conv ``lkb_reparam``: both BNs are fused and the
     small kernel is zero-padded to KxK and added to the large one (convolution is linear; equal 'same' padding).
     """
 
@@ -228,7 +207,7 @@ class ReparamLargeKernelConv(nn.Module):
         return k.to(dtype), b.to(dtype)
 
     @torch.no_grad()
-    def merge_kernel(self) -> None:
+    def reparameterize(self) -> None:
         """Merge into ``lkb_reparam`` (official deploy layout); idempotent."""
         if self.lkb_reparam is not None:
             return
@@ -239,26 +218,6 @@ class ReparamLargeKernelConv(nn.Module):
         self.lkb_reparam = conv
         self.lkb_origin = None
         self.small_conv = None
-
-    def reparameterize(self) -> None:
-        self.merge_kernel()
-
-
-@torch.no_grad()
-def _fold_preceding_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
-    """Fold an eval-mode BN that directly precedes a 1x1, groups-1 conv into that conv (exact):
-    ``W (a*x + c) + b = (W*a) x + (b + W c)`` with ``a = gamma/sqrt(var+eps)``, ``c = beta - mean*a``."""
-    if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.padding != (0, 0):
-        raise ValueError("a preceding BN can only be folded exactly into a 1x1, groups=1, unpadded conv")
-    dtype = conv.weight.dtype
-    a = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
-    c = bn.bias.double() - bn.running_mean.double() * a
-    w32 = conv.weight.detach()
-    w = w32[:, :, 0, 0].double()
-    b = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    conv.bias = nn.Parameter((b + w @ c).to(dtype))
-    # float64 product rounded once into the weight's dtype (``mul`` computes in the promoted dtype)
-    conv.weight = nn.Parameter(torch.mul(w32, a.reshape(1, -1, 1, 1), out=torch.empty_like(w32)))
 
 
 class RepLKBlock(nn.Module):
@@ -276,8 +235,7 @@ class RepLKBlock(nn.Module):
         self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.prelkb_bn(x) if self.prelkb_bn is not None else x
-        out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(out))))
+        out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(self.prelkb_bn(x)))))
         return x + self.drop_path(out)
 
     def reparameterize(self) -> None:
@@ -285,9 +243,7 @@ class RepLKBlock(nn.Module):
         self.large_kernel.reparameterize()
         self.pw1.reparameterize()
         self.pw2.reparameterize()
-        if self.prelkb_bn is not None:
-            _fold_preceding_bn(self.prelkb_bn, self.pw1.conv)
-            self.prelkb_bn = None
+        self.prelkb_bn = fold_preceding_bn(self.prelkb_bn, self.pw1.conv)
 
 
 class ConvFFN(nn.Module):
@@ -302,16 +258,13 @@ class ConvFFN(nn.Module):
         self.nonlinear = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.preffn_bn(x) if self.preffn_bn is not None else x
-        out = self.pw2(self.nonlinear(self.pw1(out)))
+        out = self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x))))
         return x + self.drop_path(out)
 
     def reparameterize(self) -> None:
         self.pw1.reparameterize()
         self.pw2.reparameterize()
-        if self.preffn_bn is not None:
-            _fold_preceding_bn(self.preffn_bn, self.pw1.conv)
-            self.preffn_bn = None
+        self.preffn_bn = fold_preceding_bn(self.preffn_bn, self.pw1.conv)
 
 
 class RepLKNetStage(nn.Module):
@@ -342,7 +295,7 @@ class RepLKNetStage(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- the model
-class RepLKNet(nn.Module):
+class RepLKNet(FeatureIntermediates, nn.Module):
     """RepLKNet; arguments keep the official constructor's names and meaning.
 
     ``forward_features`` returns the last stage's feature map (N, C, H/32, W/32), before the final BN: the
@@ -351,6 +304,11 @@ class RepLKNet(nn.Module):
     ``out_indices`` (official downstream option, exclusive with a classifier: pass ``num_classes=None``) makes
     ``forward_features`` and ``forward`` return the listed stages' outputs, each through its stage's BN when
     ``norm_intermediate_features`` (the layout of the official XL detection / segmentation backbones).
+
+    ``feature_info[i]`` is stage ``i``'s output (``module='stages.i'``, stride 4 * 2^i), before the transition:
+    ``forward_intermediates(x, indices=[i], stop_early=True)`` runs nothing after stage ``i``. With ``norm=True``
+    a stage output goes through its stage BN (downstream option) or, for the last stage, the final BN ``norm``
+    (``forward_head``'s first step); the final features are ``forward_features(x)`` (before that BN).
     """
 
     head_names = ("head",)
@@ -422,6 +380,37 @@ class RepLKNet(nn.Module):
         self.norm = nn.BatchNorm2d(self.channels[-1]) if classifier else None
         self.avgpool = nn.AdaptiveAvgPool2d(1) if classifier else None
         self.head = nn.Linear(self.channels[-1], self.num_classes) if classifier and self.num_classes > 0 else None
+        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}")
+                             for i, c in enumerate(self.channels)]
+
+    def _feature_steps(self) -> list[tuple[str, nn.Module]]:
+        steps = [(f"stem.{i}", m) for i, m in enumerate(self.stem)]
+        for i, stage in enumerate(self.stages):
+            steps.append((f"stages.{i}", stage))
+            if i < len(self.transitions):
+                steps.append((f"transitions.{i}", self.transitions[i]))
+        return steps
+
+    def _intermediate_norm(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self.stages[index].norm is not None:
+            return self.stages[index].norm(x)
+        return self.norm(x) if index == self.num_stages - 1 and self.norm is not None else x
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm: drop the stages after the last of ``indices`` (and their transitions); ``prune_norm`` drops
+        the final BN, ``prune_head`` the classifier (``forward_head`` then returns pooled features). Returns
+        the indices kept."""
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        self.stages, self.transitions = self.stages[:max_index + 1], self.transitions[:max_index]
+        self.num_stages, self.feature_info = max_index + 1, self.feature_info[:max_index + 1]
+        if self.out_indices is not None:
+            self.out_indices = tuple(i for i in self.out_indices if i <= max_index)
+        if prune_norm and self.norm is not None:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.head, self.num_classes = None, 0
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         for layer in self.stem:
@@ -431,7 +420,7 @@ class RepLKNet(nn.Module):
             x = stage(x)
             if self.out_indices is not None and i in self.out_indices:
                 outs.append(stage.norm(x) if stage.norm is not None else x)
-            if i < self.num_stages - 1:
+            if i < len(self.transitions):
                 x = self.transitions[i](x)
         return x if self.out_indices is None else outs
 
@@ -453,18 +442,19 @@ class RepLKNet(nn.Module):
         """True when every large-kernel conv is in the merged ``lkb_reparam`` form."""
         return all(m.lkb_reparam is not None for m in self.modules() if isinstance(m, ReparamLargeKernelConv))
 
-    def structural_reparam(self) -> "RepLKNet":
-        """Official name: merge the large/small kernels only (official deploy layout)."""
-        return merge_large_kernels(self)
 
+def merge_large_kernels(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The official merged / deploy layout of ``model`` (the layout of the official deploy checkpoints): every
+    :class:`ReparamLargeKernelConv` merged into ``lkb_reparam``, every other conv-BN pair kept. Copies the model
+    unless ``inplace=True`` (as :func:`~erf_lab.models.reparameterize_model`); idempotent; eval mode."""
+    if not inplace:
+        import copy
 
-def merge_large_kernels(model: nn.Module) -> nn.Module:
-    """Convert a train-time model in place to the official merged layout (``lkb_reparam``; other conv-BN pairs
-    kept), the layout of the official deploy checkpoints. Idempotent; puts the model in eval mode."""
+        model = copy.deepcopy(model)
     model.eval()
     for m in list(model.modules()):
-        if hasattr(m, "merge_kernel"):
-            m.merge_kernel()
+        if isinstance(m, ReparamLargeKernelConv):
+            m.reparameterize()
     return model
 
 

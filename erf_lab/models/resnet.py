@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.features import FeatureIntermediates
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
 
@@ -89,8 +90,11 @@ def _reparameterize_downsample(downsample: nn.Sequential | None) -> None:
         downsample[1] = fold_bn_into_conv(downsample[0], downsample[1])
 
 
-class ResNet(nn.Module):
-    """ResNet with torchvision's layout. ``width`` is the base channel count (64 in the paper)."""
+class ResNet(FeatureIntermediates, nn.Module):
+    """ResNet with torchvision's layout. ``width`` is the base channel count (64 in the paper).
+
+    ``feature_info`` (timm): the stem activation ``relu`` (stride 2), then ``layer1`` .. ``layer4`` (4 .. 32).
+    """
 
     head_names = ("fc",)
 
@@ -115,6 +119,9 @@ class ResNet(nn.Module):
         self.num_features = width * 8 * block.expansion
         self.fc = nn.Linear(self.num_features, num_classes)
         self.kernel_sizes = [7, 3]
+        self.feature_info = [dict(num_chs=width, reduction=2, module="relu")] + [
+            dict(num_chs=width * 2 ** i * block.expansion, reduction=4 * 2 ** i, module=f"layer{i + 1}")
+            for i in range(4)]
         self.default_cfg = dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                 interpolation="bilinear", crop_pct=0.875, num_classes=num_classes)
         # Meta-device builds (erf_lab.models.summary) need no values; normal_ on meta imports torch._dynamo.
@@ -145,6 +152,10 @@ class ResNet(nn.Module):
         """Output of ``layer4`` (N, 8*width*expansion, H/32, W/32), before pooling."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def _feature_steps(self) -> list[tuple[str, nn.Module]]:
+        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        return [(n, getattr(self, n)) for n in names]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.avgpool(x).flatten(1)

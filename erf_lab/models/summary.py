@@ -17,17 +17,6 @@ from erf_lab.models.registry import create_model, list_models
 FIELDS = ("name", "family", "params", "flops_224", "kernel_sizes", "deploy_params")
 
 
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _count_flops(model: nn.Module, input_size: int) -> int:
-    # erf_lab.models.flops.count_flops: forward hooks on conv / linear layers, run on meta tensors.
-    from erf_lab.models.flops import count_flops
-
-    return count_flops(model, input_size)
-
-
 def model_kernel_sizes(model: nn.Module) -> list[int]:
     """The kernel sizes that characterise ``model``: RepLKNet's per-stage ``large_kernel_sizes``, else the
     model's ``kernel_sizes`` attribute, else the distinct spatial sizes (> 1) of its convolutions."""
@@ -62,13 +51,15 @@ def describe_model(name: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _describe(name: str) -> dict:
+    from erf_lab.models.flops import count_flops, count_params  # imported on use: torch.func is slow to import
+
     model = _build_meta(name)
-    params = _count_params(model)
+    params = count_params(model)
     if any(hasattr(m, "reparameterize") for m in model.modules()):
-        deploy_params = _count_params(_build_meta(name, deploy=True))
+        deploy_params = count_params(_build_meta(name, deploy=True))
     else:
         deploy_params = params
-    return dict(name=name, family=model_family(model), params=params, flops_224=_count_flops(model, 224),
+    return dict(name=name, family=model_family(model), params=params, flops_224=count_flops(model, 224),
                 kernel_sizes=model_kernel_sizes(model), deploy_params=deploy_params)
 
 

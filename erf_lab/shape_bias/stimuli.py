@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from erf_lab.errors import ErfLabError
+from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.shape_bias.categories import CATEGORIES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -111,8 +112,8 @@ class Preprocess:
     """Per-model preprocessing from its ``default_cfg`` (timm convention): resize the short side to
     ``size / crop_pct`` with ``interpolation``, centre-crop ``size``, scale to [0, 1], normalize ``mean``/``std``."""
     size: tuple[int, int] = (224, 224)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     crop_pct: float = 1.0
 
