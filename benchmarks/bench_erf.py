@@ -37,11 +37,13 @@ def official(weights: str, n: int, size: int, save: str, device: str = "cpu") ->
     """The official algorithm (visualize_erf.py) with this repo's train-time RepLKNet (CPU, or ``--device cuda``)."""
     import torch
     import torch.nn.functional as F
+    from fastconv import revert_model
 
     from erf_lab.erf.images import load_images
     from erf_lab.models import create_model
 
-    model = create_model(MODEL, weights=weights, conv_backend="native").to(device)  # train-time, plain nn.Conv2d
+    model = create_model(MODEL, weights=weights).to(device)
+    revert_model(model)  # train-time, plain nn.Conv2d
     model.eval()  # fix BN and droppath
     optimizer = torch.optim.SGD(model.parameters(), lr=0, weight_decay=0)
     src = load_images(None, num_images=n, input_size=size)
@@ -76,6 +78,7 @@ def float64_agreement(weights: str, size: int = 224, device: str = "cpu") -> dic
     from float64 by ~1e-5 (measured at 224^2 with the seeded weights)."""
     import torch
     import torch.nn.functional as F
+    from fastconv import revert_model
 
     from erf_lab.erf.compute import _grad_maps, prepare_model
     from erf_lab.erf.receptive_field import resolve_layer
@@ -92,7 +95,8 @@ def float64_agreement(weights: str, size: int = 224, device: str = "cpu") -> dic
         g = torch.autograd.grad(F.relu(out[:, :, h // 2, w // 2]).sum(), xs)[0]
         return F.relu(g).sum((0, 1)).double().cpu().numpy()
 
-    train = create_model(MODEL, weights=weights, conv_backend="native").to(device).eval()
+    train = create_model(MODEL, weights=weights).to(device).eval()
+    revert_model(train)  # train-time, plain nn.Conv2d
     off32 = official_map(train, torch.float32)
     train = train.double()
     off64 = official_map(train, torch.float64)

@@ -14,7 +14,7 @@ from erf_lab.errors import CheckpointError, ErfLabError
 from erf_lab.models import create_model
 
 TINY = dict(channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), kernels=(7, 5, 5, 3), small_kernel=3,
-            num_classes=10, conv_backend="native")
+            num_classes=10)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

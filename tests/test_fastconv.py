@@ -1,8 +1,15 @@
-"""fastconv: exactness of every CPU backend vs F.conv2d, autograd, dispatch/explain/cache, errors, drop-in module."""
+"""fastconv: exactness of every CPU backend vs F.conv2d, autograd, dispatch/explain/cache, settings, errors,
+drop-in module and model conversion, and fastconv on its own (erf_lab not importable)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +20,20 @@ import fastconv
 from fastconv import cpu_kernels as ck
 from fastconv import dispatch
 
-CPU_BACKENDS = fastconv.available_backends("cpu")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: the C++ kernel is expected wherever a compiler exists: a failed build then fails every test that names "cpp"
+#: (depthwise_conv2d(backend="cpp") raises with the build error) instead of dropping "cpp" from them
+HAS_COMPILER = ck._compiler() is not None and not os.environ.get("FASTCONV_NO_CPP")
+CPU_BACKENDS = [b for b in fastconv.BACKENDS if b != "triton" and (b != "cpp" or HAS_COMPILER)]
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTCONV_CACHE", str(tmp_path / "fc"))
-    monkeypatch.delenv("ERF_LAB_CONV_BACKEND", raising=False)
-    monkeypatch.delenv("FASTCONV_AUTOTUNE", raising=False)
+def _isolated_settings(tmp_path):
+    before = fastconv.settings()
+    fastconv.configure(backend="auto", autotune=True, cache_dir=tmp_path / "fc")
     dispatch.clear_cache(memory_only=True)
     yield
+    fastconv.configure(backend=before.backend, autotune=before.autotune, cache_dir=before.cache_dir)
     dispatch.clear_cache(memory_only=True)
 
 
@@ -39,16 +50,35 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def test_cpu_backends_present():
-    # the pure-PyTorch paths always exist; cpp whenever a compiler is there (this CI image has g++)
-    assert {"native", "channels_last", "fft"} <= set(CPU_BACKENDS)
-    assert ("cpp" in CPU_BACKENDS) == (ck.cpp_unavailable_reason() is None)
+def _need_cpp():
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler (or FASTCONV_NO_CPP set): the cpp backend cannot be built here")
+    assert ck.cpp_unavailable_reason() is None, ck.cpp_unavailable_reason()
+
+
+def test_cpp_kernel_builds_where_a_compiler_exists():
+    _need_cpp()
+    assert {"native", "channels_last", "cpp", "fft"} <= set(fastconv.available_backends("cpu"))
+
+
+def test_failed_cpp_build_is_reported_not_silent(tmp_path):
+    """A compiler that fails: "cpp" is unavailable with the compiler's verdict, and naming it raises that reason."""
+    code = ("import torch, fastconv; from fastconv import cpu_kernels as ck; print(ck.cpp_unavailable_reason()); "
+            "print(fastconv.available_backends());\n"
+            "try: fastconv.depthwise_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3), backend='cpp')\n"
+            "except ValueError as e: print(e)")
+    env = {**os.environ, "CXX": "false", "FASTCONV_CACHE": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("FASTCONV_NO_CPP", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    reason, backends, error = out.splitlines()
+    assert reason.startswith("compiling dwconv.cpp failed") and "'cpp'" not in backends
+    assert "backend 'cpp' cannot run this call: cpp kernel unavailable: compiling dwconv.cpp failed" in error
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
 @pytest.mark.parametrize("kernel,shape", [((1, 1), (2, 5, 6, 7)), ((3, 3), (2, 17, 9, 8)), ((7, 5), (1, 20, 11, 13)),
                                           ((31, 31), (2, 16, 12, 12)), ((63, 63), (1, 3, 9, 10)),
-                                          ((1, 9), (1, 18, 7, 12))])
+                                          ((65, 67), (1, 9, 9, 10)), ((1, 9), (1, 18, 7, 12))])
 @pytest.mark.parametrize("layout,with_bias", [("nchw", True), ("channels_last", False)])
 def test_forward_and_grads_match_conv2d(backend, kernel, shape, layout, with_bias, one_thread):
     g = torch.Generator().manual_seed(hash((kernel, shape)) % 1000)
@@ -87,8 +117,7 @@ def test_gradcheck_float64(backend, one_thread):
 
 def test_cpp_weight_grad_accumulates_in_fp32_accurately():
     # long reduction (N*H*W = 2*24*24 terms) vs a float64 reference
-    if "cpp" not in CPU_BACKENDS:
-        pytest.fail("cpp backend expected on this machine: " + str(ck.cpp_unavailable_reason()))
+    _need_cpp()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 24, 24, 24, generator=g)
     gy = torch.randn(2, 24, 24, 24, generator=g)
@@ -98,7 +127,7 @@ def test_cpp_weight_grad_accumulates_in_fp32_accurately():
     assert _rel(ck.onednn_weight_grad(x, gy, 13, 11).double(), exp) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["channels_last", "cpp", "auto"])
+@pytest.mark.parametrize("backend", [b for b in ("channels_last", "cpp") if b in CPU_BACKENDS] + [None])
 def test_input_only_gradient_skips_weight_gradient(backend, monkeypatch, one_thread):
     """captum / torch.autograd.grad w.r.t. the input with frozen weights never computes dL/dw."""
     def boom(*a, **k):
@@ -144,7 +173,6 @@ def test_module_is_drop_in_for_conv2d_state_dict():
 
 @pytest.mark.parametrize("call,msg", [
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 4, 4)), "odd"),
-    (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 65, 65)), "1..63"),
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(5, 1, 3, 3)), "channels"),
     (lambda: fastconv.depthwise_conv2d(torch.randn(4, 8, 8), torch.randn(4, 1, 3, 3)), "4-D"),
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 2, 3, 3)), "(C, 1, KH, KW)"),
@@ -214,19 +242,103 @@ def test_real_autotune_times_and_explain_reports_them():
     assert min(d["times_ms"], key=d["times_ms"].get) == d["backend"]
 
 
-def test_env_var_forces_backend_and_cost_model(monkeypatch):
-    x = torch.randn(1, 4, 8, 8)
-    w = torch.randn(4, 1, 5, 5)
-    monkeypatch.setenv("ERF_LAB_CONV_BACKEND", "fft")
-    assert "forced by $ERF_LAB_CONV_BACKEND=fft" in fastconv.explain(x, w)
-    assert _rel(fastconv.depthwise_conv2d(x, w), _ref(x, w, None)) <= 1e-5
-    monkeypatch.setenv("ERF_LAB_CONV_BACKEND", "triton")
-    with pytest.raises(ValueError, match="ERF_LAB_CONV_BACKEND=triton"):
+def test_triton_is_never_picked_above_its_kernel_limit(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(1, 2, 5, 5)
+    ok, why = fastconv.supports("triton", x, torch.randn(2, 1, 65, 3))
+    assert not ok and "up to 63" in why
+
+
+def _spy_backends(monkeypatch) -> list[str]:
+    """The backend names ``depthwise_conv2d`` runs, in call order."""
+    from fastconv import functional
+
+    ran, real = [], functional.run_backend
+    monkeypatch.setattr(functional, "run_backend", lambda name, *a: ran.append(name) or real(name, *a))
+    return ran
+
+
+def test_use_forces_a_backend_nests_and_restores(monkeypatch):
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 5, 5)
+    ran = _spy_backends(monkeypatch)
+    default = fastconv.settings()
+    with fastconv.use(backend="fft") as s:
+        assert s == fastconv.settings() == fastconv.Settings("fft", True, default.cache_dir)
+        assert "forced by fastconv settings (backend='fft')" in fastconv.explain(x, w)
+        assert _rel(fastconv.depthwise_conv2d(x, w), _ref(x, w, None)) <= 1e-5
+        with fastconv.use(autotune=False):
+            assert fastconv.settings() == fastconv.Settings("fft", False, default.cache_dir)
+            with fastconv.use(backend="auto"):  # the dispatcher decides again, by the cost model
+                fastconv.depthwise_conv2d(x, w)
+            fastconv.depthwise_conv2d(x, w)
+            fastconv.DepthwiseConv2d(4, 5, backend="native")(x)  # a backend named on the module wins
+            seen = []
+            t = threading.Thread(target=lambda: seen.append(fastconv.settings()))
+            t.start()
+            t.join()
+        assert fastconv.settings().autotune is True
+    assert fastconv.settings() == default
+    assert ran == ["fft", "channels_last", "fft", "native"] and seen and seen[0] == default  # per thread
+    with fastconv.use(backend="triton"), pytest.raises(ValueError, match="fastconv backend 'triton'.*CUDA"):
         fastconv.depthwise_conv2d(x, w)
-    monkeypatch.delenv("ERF_LAB_CONV_BACKEND")
-    monkeypatch.setenv("FASTCONV_AUTOTUNE", "0")
-    assert dispatch.decide(x, w, None)["backend"] == "channels_last"
-    assert not (dispatch.cache_file()).exists()
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"), fastconv.use(backend="cuda"):
+        pass
+    assert not dispatch.cache_file().exists()  # nothing was timed
+
+
+def test_configure_and_environment_give_the_defaults(tmp_path):
+    defaults = fastconv.configure(backend="native", autotune=False)
+    assert fastconv.settings() == defaults == fastconv.Settings("native", False, tmp_path / "fc")
+    with fastconv.use(backend="fft"):
+        fastconv.configure(cache_dir=tmp_path / "other")  # a process default changed inside a block shows there
+        assert fastconv.settings() == fastconv.Settings("fft", False, tmp_path / "other")
+    code = "import sys, fastconv; s = fastconv.settings(); print(s.backend, s.autotune, s.cache_dir, 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCONV_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+
+    def run(**extra):
+        proc = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+        return proc.stdout.strip() or proc.stderr.strip().splitlines()[-1]
+
+    assert run() == f"auto True {tmp_path / 'xdg' / 'fastconv'} False"
+    assert run(FASTCONV_BACKEND="cpp", FASTCONV_AUTOTUNE="0", FASTCONV_CACHE="~/fc") == \
+        f"cpp False {Path.home() / 'fc'} False"
+    assert "unknown backend 'cudnn'" in run(FASTCONV_BACKEND="cudnn")
+
+
+def _erf_cpu_rule(channels_last: bool, kernel_size, dtype) -> str:
+    """Copy of the ERF path's fixed CPU choice (``erf_lab.erf.compute.cpu_depthwise_backend`` as it was, CPP_MIN_K
+    = 9): the C++ kernel from 9x9 for float32 when it runs multi-threaded, else oneDNN's direct kernel."""
+    if max(kernel_size) >= 9 and dtype == torch.float32 and ck.cpp_multithreaded():
+        return "cpp"
+    return "native" if channels_last else "channels_last"
+
+
+@pytest.mark.parametrize("cpp_threads", ["as built", "single-threaded"])
+def test_cost_model_for_frozen_weights_is_the_erf_cpu_rule(cpp_threads, monkeypatch):
+    """``use(autotune=False)`` picks exactly what the ERF code picked per module, so its matrices stay identical."""
+    if cpp_threads == "single-threaded":
+        monkeypatch.setattr(ck, "cpp_multithreaded", lambda: False)
+    ran = _spy_backends(monkeypatch)
+    got, want = [], []
+    for k in (3, 5, 7, 9, 13, 31):
+        for channels_last in (True, False):
+            for dtype in (torch.float32, torch.float64):
+                for shape in ((1, 8, 12, 12), (1, 64, 64, 64)):  # the second is a "large call" (> 2e8 MACs at K=31)
+                    x = torch.randn(shape, dtype=dtype)
+                    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+                    w, b = torch.randn(shape[1], 1, k, k, dtype=dtype), torch.randn(shape[1], dtype=dtype)
+                    with fastconv.use(autotune=False):
+                        got.append(dispatch.decide(x.requires_grad_(), w, b)["backend"])  # forward + input grad
+                        with torch.no_grad():
+                            got.append(dispatch.decide(x, w, None)["backend"])
+                        if shape[1] == 8:
+                            fastconv.depthwise_conv2d(x, w, b)
+                    want += [_erf_cpu_rule(channels_last, (k, k), dtype)] * 2
+    assert got == want
+    assert ran == want[::4]
+    assert ("cpp" in want) == (cpp_threads == "as built" and ck.cpp_multithreaded())
+    assert not dispatch.cache_file().exists()
 
 
 def test_weight_grad_cost_model_excludes_native_at_large_k():
@@ -239,7 +351,6 @@ def test_weight_grad_cost_model_excludes_native_at_large_k():
 
 
 def test_bench_cli_writes_table_and_reports_paper_numbers(tmp_path, capsys, one_thread, monkeypatch):
-    from erf_lab.cli.main import main
     import fastconv.bench as fb
 
     real_run = fb.run
@@ -249,7 +360,7 @@ def test_bench_cli_writes_table_and_reports_paper_numbers(tmp_path, capsys, one_
     assert PAPER_TABLE1_MS[16][0][-1] == 171.4 and PAPER_TABLE1_MS[64][1][0] == 69.6  # Table 1 transcription
     assert conv_flops(64, 384, 16, 31, 24) == 2 * 64 * 384 * 256 * 961 * 24
     out = tmp_path / "bench"
-    rc = main(["bench", "--kernels", "3,31", "--resolutions", "16", "--batch", "1", "--channels", "4",
+    rc = fb.main(["--kernels", "3,31", "--resolutions", "16", "--batch", "1", "--channels", "4",
                "--layers", "2", "--repeats", "1", "--warmup", "1", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -269,12 +380,15 @@ def test_bench_cli_writes_table_and_reports_paper_numbers(tmp_path, capsys, one_
     assert run["command"] == "fastconv.bench" and run["sgemm_gflops"] > 0 and run["batch"] == 1
 
 
-def test_bench_cli_bad_kernel_exits_2(tmp_path, capsys):
-    from erf_lab.cli.main import main
-
-    assert main(["bench", "--kernels", "4", "--out", str(tmp_path)]) == 2
+@pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
+def test_bench_cli_bad_kernel_exits_2(cli, tmp_path, capsys):
+    if cli == "fastconv.bench":
+        from fastconv.bench import main
+    else:
+        main = pytest.importorskip("erf_lab.cli.main", reason="erf_lab not installed").main
+    assert main(["bench"] * (cli != "fastconv.bench") + ["--kernels", "4", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "kernel 4 unsupported" in err and "Traceback" not in err
+    assert "kernel 4 unsupported" in err and "Traceback" not in err and err.count("error:") == 1
 
 
 def test_autotune_skips_a_candidate_that_fails(monkeypatch):
@@ -295,7 +409,7 @@ def test_autotune_skips_a_candidate_that_fails(monkeypatch):
 
 def test_cudnn_weight_grad_helper_matches_autograd():
     """The CUDA Triton backend takes dL/dw from ``_cudnn_weight_grad_nhwc``; its math is device independent."""
-    from fastconv.functional import _cudnn_weight_grad_nhwc, _nhwc_on_gpu
+    from fastconv.backends import _cudnn_weight_grad_nhwc, _nhwc_on_gpu
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 6, 9, 7, dtype=torch.float64, generator=g)
@@ -312,8 +426,7 @@ def test_cudnn_weight_grad_helper_matches_autograd():
 def test_cpp_kernels_read_any_layout(c, layout):
     """The fused C++ passes pack each plane from the tensor's own strides (NCHW, channels_last, a strided view),
     handle channel tails (C % 8) and the negative-stride flipped weight, and write the input's layout."""
-    if "cpp" not in CPU_BACKENDS:
-        pytest.fail("cpp backend expected on this machine: " + str(ck.cpp_unavailable_reason()))
+    _need_cpp()
     g = torch.Generator().manual_seed(c)
     x = torch.randn(2, c, 7, 9, generator=g)
     gy = torch.randn(2, c, 7, 9, generator=g)
@@ -352,3 +465,69 @@ def test_autotune_never_counts_a_one_time_build_of_a_candidate(monkeypatch, tmp_
     with torch.no_grad():
         d = dispatch.decide(x, w, None)
     assert d["backend"] == "channels_last" and d["times_ms"]["channels_last"] < 10, d
+
+
+def test_convert_and_revert_model_share_parameters():
+    model = nn.Sequential(nn.Conv2d(6, 6, 9, padding=4, groups=6), nn.Conv2d(6, 6, 7, padding=3, groups=6, bias=False),
+                          nn.Conv2d(6, 6, 5, padding=2, groups=6),  # below min_kernel
+                          nn.Conv2d(6, 6, 9, padding=4, groups=3),  # not depthwise
+                          nn.Conv2d(6, 6, 9, padding=4, groups=6, stride=2),
+                          nn.Conv2d(6, 6, 9, padding=8, groups=6, dilation=2),
+                          nn.Conv2d(6, 6, 9, padding=4, groups=6, padding_mode="reflect"),
+                          nn.Conv2d(6, 6, (9, 7), padding="same", groups=6))
+    model[1].eval()
+    x = torch.randn(2, 6, 20, 20)
+    with torch.no_grad():
+        ref = model(x)
+    params = [p for p in model.parameters()]
+    keys = list(model.state_dict())
+    assert fastconv.convert_model(model) == 3
+    assert [type(m).__name__ for m in model] == ["DepthwiseConv2d"] * 2 + ["Conv2d"] * 5 + ["DepthwiseConv2d"]
+    assert all(a is b for a, b in zip(model.parameters(), params)) and list(model.state_dict()) == keys
+    assert model[0].training and not model[1].training and model[0].backend is None and model[1].bias is None
+    with torch.no_grad():
+        assert _rel(model(x), ref) <= 1e-5
+    assert fastconv.convert_model(model, min_kernel=5) == 1 and type(model[2]).__name__ == "DepthwiseConv2d"
+    assert fastconv.revert_model(model) == 4
+    assert all(type(m) is nn.Conv2d for m in model) and all(a is b for a, b in zip(model.parameters(), params))
+    assert not model[1].training and model[7].padding == (4, 3)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_fastconv_works_without_erf_lab(tmp_path):
+    """fastconv is a library of its own: with every import of erf_lab failing, the op, its gradients, explain,
+    the settings and the benchmark all work."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["erf_lab"] = None  # any import of erf_lab (or a submodule) now raises ImportError
+        import torch, torch.nn.functional as F
+        import fastconv
+        for name in ("backends", "bench", "config", "cpu_kernels", "dispatch", "functional", "module",
+                     "triton_backend"):
+            __import__("fastconv." + name)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 6, 11, 10, generator=g, requires_grad=True)
+        w = torch.randn(6, 1, 9, 7, generator=g, requires_grad=True)
+        b = torch.randn(6, generator=g, requires_grad=True)
+        y = fastconv.depthwise_conv2d(x, w, b)
+        ref = F.conv2d(x, w, b, padding=(4, 3), groups=6)
+        gy = torch.randn(y.shape, generator=g)
+        got = (y,) + torch.autograd.grad(y, (x, w, b), gy)
+        exp = (ref,) + torch.autograd.grad(ref, (x, w, b), gy)
+        print(max(float((a - e).abs().max() / e.abs().max()) for a, e in zip(got, exp)))
+        print(fastconv.explain(x, w, b).replace(chr(10), " | "))
+        r = fastconv.bench.run(kernels=(3,), resolutions=(8,), batch=1, channels=2, layers=1, repeats=1, warmup=0,
+                               modes=("fwd",), show_progress=False, sgemm_size=32)
+        print(r["rows"][0]["fwd_fastconv_backend"], fastconv.settings().cache_dir)
+        print(sorted(m for m, v in sys.modules.items() if m.split(".")[0] == "erf_lab" and v is not None))
+    """)
+    env = {**os.environ, "FASTCONV_CACHE": str(tmp_path / "fc"), "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err, explained, bench, erf_modules = proc.stdout.splitlines()
+    assert float(err) <= 1e-5
+    assert "kernel 9x7, grads: input=True weight=True" in explained and "-> backend" in explained
+    backend, cache = bench.split()
+    assert backend in CPU_BACKENDS and cache == str(tmp_path / "fc")
+    assert (tmp_path / "fc" / "autotune.json").is_file() and erf_modules == "[]"

@@ -119,12 +119,13 @@ def test_reparameterize_pretrained_efficientnet_lite0():
 
 
 def test_mobilenetv2_large_depthwise_uses_fastconv():
-    """Stride-1 depthwise convs with K > 5 are fastconv.DepthwiseConv2d (unless native); same state dict."""
-    from fastconv import DepthwiseConv2d
+    """Stride-1 depthwise convs with K > 5 are fastconv.DepthwiseConv2d; same state dict as plain nn.Conv2d."""
+    from fastconv import DepthwiseConv2d, revert_model
 
     torch.manual_seed(0)
-    fast = randomize_bn(create_model("mobilenetv2_k13_last", width_mult=0.25, conv_backend="auto"))
-    native = create_model("mobilenetv2_k13_last", width_mult=0.25, conv_backend="native").eval()
+    fast = randomize_bn(create_model("mobilenetv2_k13_last", width_mult=0.25))
+    native = create_model("mobilenetv2_k13_last", width_mult=0.25).eval()
+    assert revert_model(native) == 3
     native.load_state_dict(fast.state_dict())
     assert fast.state_dict().keys() == native.state_dict().keys()
     dws = [m for m in fast.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]

@@ -23,7 +23,7 @@ VARIANT_NAMES = ["replknet_31b", "replknet_31l", "replknet_xl", "replknet_3", "r
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-TINY = dict(channels=(8, 16, 16, 16), layers=(1, 1, 1, 1), conv_backend="native")
+TINY = dict(channels=(8, 16, 16, 16), layers=(1, 1, 1, 1))
 
 
 def tiny(name="replknet_31b", **kw):
@@ -244,7 +244,7 @@ def test_reparameterization_can_fail_when_bn_ignored():
 
 @pytest.mark.slow
 def test_full_31b_reparameterization_is_exact():
-    model = randomize(create_model("replknet_31b", conv_backend="native"), batch=2)
+    model = randomize(create_model("replknet_31b"), batch=2)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(x)
@@ -403,12 +403,15 @@ def test_official_layout_checkpoint_gives_exact_logits(tmp_path, merged, fmt):
 
         path = tmp_path / "official.safetensors"
         save_file(sd, str(path))
+    import fastconv
+
     with torch.no_grad():
         ref = reference_forward(sd, x)
+        model = _official_model(path)
+        assert model.is_merged == merged
         for backend in ("native", "auto"):
-            model = _official_model(path, conv_backend=backend)
-            assert model.is_merged == merged
-            assert max_relative_error(ref, model(x)) < 1e-4, backend
+            with fastconv.use(backend=backend):
+                assert max_relative_error(ref, model(x)) < 1e-4, backend
         if not merged:  # the train-time file re-parameterized must still match the reference
             assert max_relative_error(ref, reparameterize_model(model)(x)) < 1e-4
 
@@ -442,7 +445,7 @@ def test_forward_features_and_head():
 
 def test_overrides_aliases_and_drop_path():
     m = create_model("replknet_31b", kernels=(9, 7, 5, 3), blocks=(1, 2, 1, 1), channels=(8, 8, 16, 16),
-                     small_kernel=3, dw_ratio=2, drop_path_rate=0.5, conv_backend="native")
+                     small_kernel=3, dw_ratio=2, drop_path_rate=0.5)
     assert m.large_kernel_sizes == (9, 7, 5, 3) and m.layers == (1, 2, 1, 1)
     assert m.stages[1].blocks[0].large_kernel.lkb_origin.conv.kernel_size == (7, 7)
     assert m.stages[0].blocks[0].pw1.conv.out_channels == 16
@@ -473,28 +476,50 @@ def test_activation_checkpointing_gives_same_gradients():
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_conv_backend_routing(monkeypatch):
+def test_large_depthwise_convs_are_fastconv_run_as_fastconv_says(monkeypatch):
+    """Models only declare their large depthwise convs (fastconv.DepthwiseConv2d, nn.Conv2d's keys); how they run
+    is fastconv.use / configure, never a model keyword or an erf-lab environment variable."""
+    import fastconv
     from fastconv import DepthwiseConv2d
 
-    auto = tiny(conv_backend="auto")
-    lk = auto.stages[0].blocks[0].large_kernel
-    assert isinstance(lk.lkb_origin.conv, DepthwiseConv2d)  # 31x31 -> fastconv
-    assert type(lk.small_conv.conv) is nn.Conv2d and type(auto.stem[1].conv) is nn.Conv2d  # small kernels native
-    monkeypatch.setenv("ERF_LAB_CONV_BACKEND", "native")
-    native = create_model("replknet_31b", channels=(8, 16, 16, 16), layers=(1, 1, 1, 1))
-    assert type(native.stages[0].blocks[0].large_kernel.lkb_origin.conv) is nn.Conv2d
-    assert native.conv_backend == "native"
-    randomize(auto)
-    native.load_state_dict(auto.state_dict())
-    native.eval()
+    monkeypatch.setenv("ERF_LAB_CONV_BACKEND", "native")  # no longer read by models
+    model = randomize(tiny())
+    lk = model.stages[0].blocks[0].large_kernel
+    assert type(lk.lkb_origin.conv) is DepthwiseConv2d and lk.lkb_origin.conv.backend is None  # 31x31 -> fastconv
+    assert type(lk.small_conv.conv) is nn.Conv2d and type(model.stem[1].conv) is nn.Conv2d  # small kernels native
+    plain = copy.deepcopy(model)
+    assert fastconv.revert_model(plain) == 4 and list(plain.state_dict()) == list(model.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert max_relative_error(native(x), auto(x)) < 1e-4
-        merge_large_kernels(auto, inplace=True)
-        assert isinstance(auto.stages[0].blocks[0].large_kernel.lkb_reparam, DepthwiseConv2d)
-    monkeypatch.setenv("ERF_LAB_CONV_BACKEND", "no-such-backend")
-    with pytest.raises(ErfLabError, match="no-such-backend"):
-        create_model("replknet_31b", channels=(8, 16, 16, 16), layers=(1, 1, 1, 1))
+        ref = plain(x)
+        with fastconv.use(backend="native"):
+            assert torch.equal(model(x), ref)
+        for backend in ("channels_last", "fft", "auto"):
+            with fastconv.use(backend=backend):
+                assert max_relative_error(ref, model(x)) < 1e-5, backend
+        merge_large_kernels(model, inplace=True)
+        assert isinstance(model.stages[0].blocks[0].large_kernel.lkb_reparam, DepthwiseConv2d)
+    with pytest.raises(ErfLabError, match="does not accept"):
+        create_model("replknet_31b", conv_backend="native", **TINY)
+
+
+def test_kernels_above_63_run_forward_and_backward():
+    """Issue #13 item 7: any odd kernel runs (only the Triton kernels stop at 63, and the dispatcher skips them)."""
+    import fastconv
+
+    model = create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), large_kernel_sizes=(65, 3, 3, 3))
+    assert model.stages[0].blocks[0].large_kernel.lkb_origin.conv.kernel_size == (65, 65)
+    plain = copy.deepcopy(model)
+    fastconv.revert_model(plain)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for m in (model, plain):
+        m.train()
+        xs = x.clone().requires_grad_()
+        m(xs).square().sum().backward()
+        grads += [xs.grad, m.stages[0].blocks[0].large_kernel.lkb_origin.conv.weight.grad]
+    assert grads[1].abs().sum() > 0
+    assert max_relative_error(grads[2], grads[0]) < 1e-4 and max_relative_error(grads[3], grads[1]) < 1e-4
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -506,7 +531,7 @@ def test_cli_reparam_writes_official_deploy_checkpoint(tmp_path, capsys):
     out = tmp_path / "deploy.safetensors"
     rc = main(["reparam", "--model", "replknet_31b", "--weights", str(tmp_path / "train.pth"),
                "--override", "channels=(8,16,16,16)", "--override", "layers=(1,1,1,1)",
-               "--override", "conv_backend='native'", "--out", str(out), "--check-size", "64"])
+               "--out", str(out), "--check-size", "64"])
     text = capsys.readouterr().out
     assert rc == 0 and out.is_file() and (tmp_path / "deploy.safetensors.run.json").is_file()
     assert "params" in text and "FLOPs" in text and "max rel err" in text

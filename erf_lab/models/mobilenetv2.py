@@ -3,9 +3,9 @@
 Table 4 (shortcut removed).
 
 Parameter names follow torchvision (``features.N.conv.M...``, ``classifier.1``), so a torchvision
-checkpoint of the standard 3x3 model loads. Depthwise convs use "same" padding k//2; like RepLKNet's
-``conv_backend`` option, stride-1 depthwise convs with K > 5 are ``fastconv.DepthwiseConv2d`` (same parameter
-names as ``nn.Conv2d``, so state dicts are unchanged) unless the backend is ``"native"``.
+checkpoint of the standard 3x3 model loads. Depthwise convs use "same" padding k//2; as in RepLKNet, stride-1
+depthwise convs with K > 5 are ``fastconv.DepthwiseConv2d`` (same parameter names as ``nn.Conv2d``, so state
+dicts are unchanged), run as ``fastconv.use`` / ``configure`` say.
 
 ``reparameterize()`` (idempotent, in place) folds every conv-BN pair into a biased conv, the BN becoming
 ``nn.Identity``: the in-memory inference form (``erf_lab.models.reparameterize_model``).
@@ -23,7 +23,6 @@ from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.models.features import FeatureIntermediates, stage_end_feature_info
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
-from erf_lab.models.replknet import resolve_conv_backend
 
 # (expansion t, output channels c, repeats n, first stride s) of Sandler et al. 2018, Table 2.
 _SETTINGS = (
@@ -46,22 +45,21 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
     return new_v
 
 
-def _conv(cin: int, cout: int, kernel_size: int, stride: int, groups: int, backend: str) -> nn.Conv2d:
-    """Bias-free 'same' conv; a stride-1 depthwise conv with K > 5 is ``fastconv.DepthwiseConv2d`` unless
-    ``backend == "native"`` (as ``replknet._conv2d`` does for RepLKNet's large kernels)."""
-    if cin == cout == groups and kernel_size > 5 and stride == 1 and backend != "native":
+def _conv(cin: int, cout: int, kernel_size: int, stride: int, groups: int) -> nn.Conv2d:
+    """Bias-free 'same' conv; a stride-1 depthwise conv with K > 5 is ``fastconv.DepthwiseConv2d`` (as
+    ``replknet._conv2d`` does for RepLKNet's large kernels)."""
+    if cin == cout == groups and kernel_size > 5 and stride == 1:
         from fastconv import DepthwiseConv2d
 
-        return DepthwiseConv2d(cin, kernel_size, bias=False, backend=backend)
+        return DepthwiseConv2d(cin, kernel_size, bias=False)
     return nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
 
 
 class ConvBNReLU(nn.Sequential):
     """conv -> BN -> ReLU6, indexed 0/1/2 like torchvision's ``Conv2dNormActivation``."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
-                 backend: str = "native"):
-        conv = _conv(cin, cout, kernel_size, stride, groups, backend)
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
+        conv = _conv(cin, cout, kernel_size, stride, groups)
         super().__init__(conv, nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
 
     def reparameterize(self) -> None:
@@ -73,7 +71,7 @@ class InvertedResidual(nn.Module):
     """1x1 expand -> kxk depthwise -> 1x1 linear projection, identity shortcut when shapes allow."""
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, kernel_size: int = 3,
-                 shortcut: bool = True, backend: str = "native"):
+                 shortcut: bool = True):
         super().__init__()
         hidden = int(round(inp * expand_ratio))
         self.use_res_connect = shortcut and stride == 1 and inp == oup
@@ -81,7 +79,7 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(ConvBNReLU(inp, hidden, 1))
-        layers += [ConvBNReLU(hidden, hidden, kernel_size, stride, groups=hidden, backend=backend),
+        layers += [ConvBNReLU(hidden, hidden, kernel_size, stride, groups=hidden),
                    nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup)]
         self.conv = nn.Sequential(*layers)
 
@@ -100,23 +98,19 @@ class MobileNetV2(FeatureIntermediates, nn.Module):
     """MobileNetV2. ``kernel_size`` is the depthwise kernel of the stages chosen by ``kernel_stages``:
     ``'all'`` (every stage), ``'last'`` (the last stride-32 stages: 160 and 320 channels, RepLKNet Table 2)
     or a sequence of stage indices 0..6; other stages keep 3x3. ``shortcut=False`` removes every identity
-    shortcut (RepLKNet Table 4). ``conv_backend``: ``None`` -> ``$ERF_LAB_CONV_BACKEND`` or ``"auto"``;
-    ``"native"`` keeps every conv ``nn.Conv2d``, any other value is the :mod:`fastconv` backend of the stride-1
-    depthwise convs with K > 5 (see :func:`erf_lab.models.replknet.resolve_conv_backend`)."""
+    shortcut (RepLKNet Table 4)."""
 
     head_names = ("classifier.1",)
 
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, kernel_size: int = 3,
                  kernel_stages="all", shortcut: bool = True, in_chans: int = 3, drop_rate: float = 0.2,
-                 round_nearest: int = 8, conv_backend: str | None = None):
+                 round_nearest: int = 8):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ErfLabError(f"kernel_size must be odd and positive, got {kernel_size}")
         if width_mult <= 0:
             raise ErfLabError(f"width_mult must be > 0, got {width_mult}")
         stages = _stage_indices(kernel_stages)
-        backend = resolve_conv_backend(conv_backend)
-        self.conv_backend = backend
         self.num_classes = num_classes
         cin = make_divisible(32 * width_mult, round_nearest)
         self.num_features = make_divisible(1280 * max(1.0, width_mult), round_nearest)
@@ -127,7 +121,7 @@ class MobileNetV2(FeatureIntermediates, nn.Module):
             kernels.append(k)
             cout = make_divisible(c * width_mult, round_nearest)
             for i in range(n):
-                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, k, shortcut, backend))
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, k, shortcut))
                 cin = cout
         features.append(ConvBNReLU(cin, self.num_features, 1))
         self.features = nn.Sequential(*features)

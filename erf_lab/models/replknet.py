@@ -22,7 +22,6 @@ Three forms of the network:
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -38,10 +37,8 @@ from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, fold_preceding_bn
 
 __all__ = [
     "RepLKNet", "RepLKBlock", "ConvFFN", "ReparamLargeKernelConv", "ConvBN", "DropPath", "VARIANTS",
-    "merge_large_kernels", "resolve_conv_backend", "CONV_BACKEND_ENV",
+    "merge_large_kernels",
 ]
-
-CONV_BACKEND_ENV = "ERF_LAB_CONV_BACKEND"
 
 #: Paper configurations (Table 5: kernel-size family at 31B widths; Table 6: 31B / 31L / XL). ``params_m`` is
 #: the parameter count (millions) the paper reports for the 1000-class model, where it reports one.
@@ -64,31 +61,16 @@ VARIANTS: dict[str, dict] = {
 
 
 # --------------------------------------------------------------------------------------------- building blocks
-def resolve_conv_backend(conv_backend: str | None) -> str:
-    """``None`` -> ``$ERF_LAB_CONV_BACKEND`` or ``"auto"``. ``"native"`` = ``nn.Conv2d``; any other value is a
-    :mod:`fastconv` backend used for the large depthwise convolutions."""
-    backend = conv_backend if conv_backend is not None else os.environ.get(CONV_BACKEND_ENV, "").strip() or "auto"
-    if not isinstance(backend, str) or not backend:
-        raise ErfLabError(f"conv_backend must be a non-empty string, got {backend!r}")
-    if backend != "native":
-        import fastconv
-
-        known = getattr(fastconv, "BACKENDS", None)
-        if known is not None and backend not in known and backend != "auto":
-            raise ErfLabError(f"unknown conv backend {backend!r}; choose 'native' or one of {', '.join(known)}")
-    return backend
-
-
 def _conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, groups: int,
-            bias: bool, backend: str) -> nn.Conv2d:
-    """A conv; large (K > 5) stride-1 depthwise convs go to ``fastconv.DepthwiseConv2d`` unless backend is native
-    (the official code routes the same convs to its implicit-GEMM kernel)."""
+            bias: bool) -> nn.Conv2d:
+    """A conv; large (K > 5) stride-1 'same' depthwise convs are ``fastconv.DepthwiseConv2d`` (the official code
+    routes the same convs to its implicit-GEMM kernel), run as ``fastconv.use`` / ``configure`` say."""
     is_large_dw = (in_channels == out_channels == groups and kernel_size > 5 and stride == 1
                    and padding == kernel_size // 2)
-    if is_large_dw and backend != "native":
+    if is_large_dw:
         from fastconv import DepthwiseConv2d
 
-        return DepthwiseConv2d(in_channels, kernel_size, bias=bias, backend=backend)
+        return DepthwiseConv2d(in_channels, kernel_size, bias=bias)
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups, bias=bias)
 
 
@@ -121,10 +103,10 @@ class ConvBN(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int | None = None, groups: int = 1, relu: bool = False, backend: str = "native"):
+                 padding: int | None = None, groups: int = 1, relu: bool = False):
         super().__init__()
         padding = kernel_size // 2 if padding is None else padding
-        self.conv = _conv2d(in_channels, out_channels, kernel_size, stride, padding, groups, False, backend)
+        self.conv = _conv2d(in_channels, out_channels, kernel_size, stride, padding, groups, False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.nonlinear = nn.ReLU() if relu else None
 
@@ -159,7 +141,7 @@ class ReparamLargeKernelConv(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
-                 small_kernel: int | None, small_kernel_merged: bool = False, backend: str = "auto"):
+                 small_kernel: int | None, small_kernel_merged: bool = False):
         super().__init__()
         if kernel_size % 2 == 0 or kernel_size < 1:
             raise ErfLabError(f"large kernel sizes must be odd and positive, got {kernel_size}")
@@ -170,20 +152,17 @@ class ReparamLargeKernelConv(nn.Module):
         self.in_channels, self.out_channels, self.groups, self.stride = in_channels, out_channels, groups, stride
         self.kernel_size = kernel_size
         self.small_kernel = small_kernel
-        self.backend = backend
         self.lkb_origin = self.small_conv = self.lkb_reparam = None
         if small_kernel_merged:
             self.lkb_reparam = self._merged_conv()
         else:
-            self.lkb_origin = ConvBN(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups,
-                                     backend=backend)
+            self.lkb_origin = ConvBN(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups)
             if small_kernel is not None:
-                self.small_conv = ConvBN(in_channels, out_channels, small_kernel, stride, small_kernel // 2, groups,
-                                         backend=backend)
+                self.small_conv = ConvBN(in_channels, out_channels, small_kernel, stride, small_kernel // 2, groups)
 
     def _merged_conv(self, device=None, dtype=None) -> nn.Conv2d:
         conv = _conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.kernel_size // 2,
-                       self.groups, True, self.backend)
+                       self.groups, True)
         return conv.to(device=device, dtype=dtype) if device is not None or dtype is not None else conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,12 +203,12 @@ class RepLKBlock(nn.Module):
     """``x + DropPath(pw2(ReLU(LK(pw1(BN(x))))))`` (paper Fig. 4; official ``RepLKBlock``)."""
 
     def __init__(self, in_channels: int, dw_channels: int, block_lk_size: int, small_kernel: int | None,
-                 drop_path: float, small_kernel_merged: bool = False, backend: str = "auto"):
+                 drop_path: float, small_kernel_merged: bool = False):
         super().__init__()
         self.pw1 = ConvBN(in_channels, dw_channels, 1, 1, 0, relu=True)
         self.pw2 = ConvBN(dw_channels, in_channels, 1, 1, 0)
         self.large_kernel = ReparamLargeKernelConv(dw_channels, dw_channels, block_lk_size, 1, dw_channels,
-                                                   small_kernel, small_kernel_merged, backend=backend)
+                                                   small_kernel, small_kernel_merged)
         self.lk_nonlinear = nn.ReLU()
         self.prelkb_bn = nn.BatchNorm2d(in_channels)
         self.drop_path = _drop_path(drop_path)
@@ -272,14 +251,14 @@ class RepLKNetStage(nn.Module):
 
     def __init__(self, channels: int, num_blocks: int, stage_lk_size: int, drop_path: Sequence[float],
                  small_kernel: int | None, dw_ratio: float = 1.0, ffn_ratio: float = 4.0,
-                 use_checkpoint: bool = False, small_kernel_merged: bool = False, backend: str = "auto",
+                 use_checkpoint: bool = False, small_kernel_merged: bool = False,
                  norm_intermediate_features: bool = False):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         blocks = []
         for i in range(num_blocks):
             blocks.append(RepLKBlock(channels, int(channels * dw_ratio), stage_lk_size, small_kernel, drop_path[i],
-                                     small_kernel_merged, backend=backend))
+                                     small_kernel_merged))
             blocks.append(ConvFFN(channels, int(channels * ffn_ratio), channels, drop_path[i]))
         self.blocks = nn.ModuleList(blocks)
         # official downstream option (RepLKNet-XL on COCO / ADE20K): a BN on the stage output fed to the heads
@@ -316,7 +295,7 @@ class RepLKNet(FeatureIntermediates, nn.Module):
     def __init__(self, large_kernel_sizes: Sequence[int], layers: Sequence[int], channels: Sequence[int],
                  drop_path_rate: float = 0.0, small_kernel: int | None = 5, dw_ratio: float = 1.0,
                  ffn_ratio: float = 4.0, in_channels: int = 3, num_classes: int | None = 1000,
-                 use_checkpoint: bool = False, small_kernel_merged: bool = False, conv_backend: str | None = None,
+                 use_checkpoint: bool = False, small_kernel_merged: bool = False,
                  out_indices: Sequence[int] | None = None, norm_intermediate_features: bool = False):
         super().__init__()
         large_kernel_sizes, layers, channels = tuple(large_kernel_sizes), tuple(layers), tuple(channels)
@@ -339,13 +318,11 @@ class RepLKNet(FeatureIntermediates, nn.Module):
         elif norm_intermediate_features:
             raise ErfLabError("norm_intermediate_features is a downstream option: it needs out_indices")
         self.out_indices = out_indices
-        backend = resolve_conv_backend(conv_backend)
         self.large_kernel_sizes = tuple(int(k) for k in large_kernel_sizes)
         self.layers = tuple(int(n) for n in layers)
         self.channels = tuple(int(c) for c in channels)
         self.small_kernel = small_kernel
         self.dw_ratio, self.ffn_ratio = dw_ratio, ffn_ratio
-        self.conv_backend = backend
         self.num_classes = int(num_classes or 0)
         self.num_features = self.channels[-1]
         self.num_stages = len(layers)
@@ -368,7 +345,7 @@ class RepLKNet(FeatureIntermediates, nn.Module):
             start = sum(self.layers[:i])
             self.stages.append(RepLKNetStage(
                 self.channels[i], self.layers[i], self.large_kernel_sizes[i], dpr[start:start + self.layers[i]],
-                small_kernel, dw_ratio, ffn_ratio, use_checkpoint, small_kernel_merged, backend=backend,
+                small_kernel, dw_ratio, ffn_ratio, use_checkpoint, small_kernel_merged,
                 norm_intermediate_features=norm_intermediate_features))
             if i < self.num_stages - 1:
                 c_next = self.channels[i + 1]
