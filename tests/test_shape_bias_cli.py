@@ -9,6 +9,7 @@ import pytest
 
 from erf_lab.cli.main import main
 from erf_lab.shape_bias import shape_bias_from_csv
+from erf_lab.shape_bias.analysis import human_csvs
 
 TINY = textwrap.dedent('''
     import torch, torch.nn as nn
@@ -42,9 +43,10 @@ def _one_error_line(err: str) -> list[str]:
     return [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
 
 
-def test_run_writes_all_outputs(tiny_model, tmp_path, shared_datasets, capsys):
+def test_run_writes_all_outputs(tiny_model, tmp_path, datasets, capsys):
     out = tmp_path / "run"
-    rc = main(["shape-bias", "--model", tiny_model, "--stimuli", str(shared_datasets / "cue-conflict"),
+    n = min(32, sum(1 for _ in (datasets / "cue-conflict").rglob("*.png")))
+    rc = main(["shape-bias", "--model", tiny_model, "--stimuli", str(datasets / "cue-conflict"),
                "--limit", "32", "--batch-size", "8", "--workers", "1", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert "shape bias" in capsys.readouterr().out
@@ -55,7 +57,7 @@ def test_run_writes_all_outputs(tiny_model, tmp_path, shared_datasets, capsys):
     with open(out / "decisions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     cue = [r for r in rows if r["set"] == "cue-conflict"]
-    assert len(cue) == 32 and s["n_images"]["cue-conflict"] == 32
+    assert len(cue) == n and s["n_images"]["cue-conflict"] == n
     assert {r["set"] for r in rows} == {"cue-conflict", "edges", "silhouettes"}
     assert {f"score_{c}" for c in ("airplane", "truck")} <= set(rows[0]) and rows[0]["top_class"]
     # decisions.csv, summary.json and the model-vs-human CSV all agree
@@ -65,23 +67,24 @@ def test_run_writes_all_outputs(tiny_model, tmp_path, shared_datasets, capsys):
     mvh = shape_bias_from_csv(out / "cue-conflict_sb-tiny-models-tiny_session-1.csv")
     assert (mvh["shape_hits"], mvh["texture_hits"]) == (shape, texture)
     assert s["preprocessing"]["input_size"] == [64, 64] and s["preprocessing"]["crop_pct"] == 0.875
-    assert round(s["human_reference"]["shape_bias"], 5) == 0.95869
+    assert s["human_reference"]["shape_bias"] == shape_bias_from_csv(human_csvs(datasets))["shape_bias"]
     assert len(s["state_dict_sha256"]) == 64 and s["versions"]["torch"] and s["command"]
     assert json.loads((out / "run.json").read_text())["limit"] == 32
 
 
-def test_compare_two_runs(tiny_model, tmp_path, shared_datasets, capsys):
+def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
     runs = []
     for seed in (0, 1):
         out = tmp_path / f"run{seed}"
         assert main(["shape-bias", "--model", tiny_model, "--override", f"seed={seed}", "--limit", "16",
-                     "--workers", "0", "--stimuli", str(shared_datasets), "--out", str(out)]) == 0  # root works too
+                     "--workers", "0", "--stimuli", str(datasets), "--out", str(out)]) == 0  # root works too
         runs.append(str(out))
     capsys.readouterr()
     cmp_dir = tmp_path / "cmp"
     assert main(["shape-bias", "--compare", *runs, "--out", str(cmp_dir)]) == 0
     md = (cmp_dir / "comparison.md").read_text()
-    assert "| humans | 0.959 |" in md and md.count("sb_tiny_models:tiny") == 2 and "CC BY 4.0" in md
+    humans = shape_bias_from_csv(human_csvs(datasets))["shape_bias"]
+    assert f"| humans | {humans:.3f} |" in md and md.count("sb_tiny_models:tiny") == 2 and "CC BY 4.0" in md
     with open(cmp_dir / "comparison.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows][0] == "humans" and len(rows) == 3

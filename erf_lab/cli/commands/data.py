@@ -7,7 +7,7 @@ ORDER = 95
 DESCRIPTION = (
     "'download' fetches the stimuli of rgeirhos/texture-vs-shape (Geirhos et al., ICLR 2019, CC BY 4.0) and the "
     "human cue-conflict responses of bethgelab/model-vs-human into the cache (or --dest), verifying every file's "
-    "SHA-256 and resuming partial files. 'info' shows which folder erf-lab reads ($ERF_LAB_DATA, ../shared/datasets, "
+    "SHA-256 and resuming partial files. 'info' shows which folder erf-lab reads ($ERF_LAB_DATA, else the "
     "cache)."
 )
 

@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("--pretrained", action="store_true", help="use the model's published ImageNet weights")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="model constructor option (repeatable)")
     p.add_argument("--stimuli", help="cue-conflict folder (<category>/<shape><i>-<texture><j>.png), default from "
-                                     "$ERF_LAB_DATA / shared datasets / download cache")
+                                     "$ERF_LAB_DATA, else the download cache")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="DataLoader decode workers (default half the CPUs, 1-4)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
