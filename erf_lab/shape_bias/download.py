@@ -24,6 +24,9 @@ from erf_lab.errors import ErfLabError
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"
 SETS = ("cue-conflict", "edges", "silhouettes", "human-cue-conflict")
 CHUNK = 1 << 16
+CREDIT = ("Stimuli: Geirhos et al., ICLR 2019 (github.com/rgeirhos/texture-vs-shape), CC BY 4.0; "
+          "human data: Geirhos et al., NeurIPS 2021 (github.com/bethgelab/model-vs-human).")
+"""Credit shown wherever results on these sets are shown (CC BY 4.0 asks for it)."""
 
 
 def default_dest() -> Path:

@@ -25,9 +25,6 @@ from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imag
 from erf_lab.shape_bias.stimuli import (Preprocess, Stimulus, StimulusDataset, find_stimuli_root, list_stimuli,
                                         sibling_set)
 
-CREDIT = ("Stimuli: Geirhos et al., ICLR 2019 (github.com/rgeirhos/texture-vs-shape), CC BY 4.0; "
-          "human data: Geirhos et al., NeurIPS 2021 (github.com/bethgelab/model-vs-human).")
-
 
 def default_workers() -> int:
     """Decode workers: half the CPUs (1 on 2 cores, at most 4), leaving the rest to inference threads.
