@@ -14,7 +14,7 @@ from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias import CATEGORIES, imagenet_to_16, parse_name, shape_bias_from_csv, shape_bias_from_decisions
 from erf_lab.shape_bias.analysis import human_csvs, write_mvh_csv
 from erf_lab.shape_bias.categories import category_table
-from erf_lab.shape_bias.evaluate import evaluate, logits_to_scores16, write_decisions_csv
+from erf_lab.shape_bias.evaluate import degenerate_warnings, evaluate, logits_to_scores16, write_decisions_csv
 from erf_lab.shape_bias.stimuli import Preprocess, list_stimuli
 
 
@@ -182,6 +182,7 @@ def test_sixteen_way_head_used_directly(datasets, tmp_path):
     r = evaluate(Constant16("bird"), datasets / "cue-conflict", limit=160, workers=0, show_progress=False)
     s = r["summary"]
     stim = r["sets"]["cue-conflict"].stimuli
+    assert s["warnings"][0] == f"degenerate run: {len(stim)} of {len(stim)} cue-conflict images (100%) are classified 'bird'"
     shape_hits = sum(1 for x in stim if x.shape == "bird" and x.texture != "bird")
     texture_hits = sum(1 for x in stim if x.texture == "bird" and x.shape != "bird")
     assert (s["shape_hits"], s["texture_hits"]) == (shape_hits, texture_hits) and shape_hits + texture_hits > 0
@@ -194,6 +195,21 @@ def test_sixteen_way_head_used_directly(datasets, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == sum(len(x.stimuli) for x in r["sets"].values())
     assert {(row["decision"], row["top_class"]) for row in rows} == {("bird", "bird")}
+
+
+def test_degenerate_warnings_at_their_thresholds():
+    """One category for >= 90% of the images; shape-or-texture hits below 2/16 of the conflict images."""
+    ten = [("cat", "oven", "oven")] * 9 + [("cat", "oven", "cat")]  # all hits, but 90% one answer
+    assert degenerate_warnings(ten) == ["degenerate run: 9 of 10 cue-conflict images (90%) are classified 'oven'"]
+    assert degenerate_warnings([("cat", "oven", "oven")] * 8 + [("cat", "oven", "cat"), ("cat", "oven", "dog")]) == []
+    # 16 conflict rows over 16 different answers: 2 hits is exactly chance (no warning), 1 hit is below
+    others = [c for c in CATEGORIES if c not in ("cat", "dog")]
+    two = [("cat", "dog", "cat"), ("cat", "dog", "dog")] + [("cat", "dog", c) for c in others]
+    assert len(two) == 16 and degenerate_warnings(two) == []
+    one = [("cat", "dog", "cat"), ("cat", "dog", "knife")] + [("cat", "dog", c) for c in others]
+    assert degenerate_warnings(one + [("dog", "dog", "dog")]) == [  # the non-conflict row does not count as a hit
+        "shape-or-texture hits on 0.062 of the conflict images, below chance (0.125): the shape bias is noise"]
+    assert degenerate_warnings([]) == []
 
 
 def test_bad_files_are_counted_not_silent(tmp_path, datasets):
