@@ -1,4 +1,4 @@
-"""Where erf-lab finds its shipped data and the shared datasets."""
+"""Where erf-lab finds its shipped data and the shape-bias data sets."""
 from __future__ import annotations
 
 import os
@@ -18,17 +18,13 @@ def data_dir() -> Path:
 
 
 def datasets_root() -> Path | None:
-    """Root holding ``cue-conflict/``, ``edges/``, ... : ``$ERF_LAB_DATA``, else ``../shared/datasets`` beside
-    the repository (development and CI), else the download cache. ``None`` when nothing is found."""
-    candidates = []
+    """Root holding ``cue-conflict/``, ``edges/``, ... : ``$ERF_LAB_DATA``, else the download cache
+    (``<cache>/datasets``, filled by ``erf-lab data download``). ``None`` when neither is a folder.
+    Commands also take an explicit ``--stimuli DIR``, which wins over both."""
+    candidates = [cache_dir() / "datasets"]
     if os.environ.get("ERF_LAB_DATA"):
-        candidates.append(Path(os.environ["ERF_LAB_DATA"]).expanduser())
-    candidates.append(REPO_ROOT.parent / "shared" / "datasets")
-    candidates.append(cache_dir() / "datasets")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
+        candidates.insert(0, Path(os.environ["ERF_LAB_DATA"]).expanduser())
+    return next((c for c in candidates if c.is_dir()), None)
 
 
 def cache_dir() -> Path:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.server
+import re
 import shutil
 import threading
 from functools import partial
@@ -13,6 +14,7 @@ from erf_lab.cli.main import main
 from erf_lab.errors import ErfLabError
 from erf_lab.io import sha256_file
 from erf_lab.shape_bias import download as dl
+from erf_lab.shape_bias.stimuli import parse_name
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
@@ -49,18 +51,19 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture()
-def mirror(tmp_path, shared_datasets):
-    """A temporary upstream-layout copy of a few shared files, served on 127.0.0.1; yields (url, manifest)."""
+def mirror(tmp_path, fixture_datasets):
+    """A temporary upstream-layout copy of a few fixture files, served on 127.0.0.1; yields (url, manifest)."""
     full = dl.load_manifest()
     manifest = {}
     root = tmp_path / "www"
-    for name, n in (("edges", 3), ("human-cue-conflict", 2)):
-        files = dict(list(full[name]["files"].items())[:n])
+    for name, n in (("edges", 3), ("human-cue-conflict", 1)):
+        files = dict([kv for kv in full[name]["files"].items() if (fixture_datasets / name / kv[0]).is_file()][:n])
+        assert len(files) == n
         manifest[name] = {"upstream": full[name]["upstream"], "files": files}
         for rel in files:
             target = root / full[name]["upstream"] / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shared_datasets / name / rel, target)
+            shutil.copyfile(fixture_datasets / name / rel, target)
     RangeHandler.requests_seen = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
     t = threading.Thread(target=server.serve_forever, daemon=True)
@@ -70,16 +73,65 @@ def mirror(tmp_path, shared_datasets):
     server.server_close()
 
 
-def test_manifest_matches_shared_data(shared_datasets):
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def test_manifest_entries_are_well_formed():
     m = dl.load_manifest()
     assert {k: len(v["files"]) for k, v in m.items()} == {"cue-conflict": 1280, "edges": 160, "silhouettes": 160,
                                                            "human-cue-conflict": 10}
-    rel, (sha, size) = next(iter(m["cue-conflict"]["files"].items()))
-    assert sha256_file(shared_datasets / "cue-conflict" / rel) == sha
     assert m["silhouettes"]["upstream"].endswith("texture-vs-shape/master/stimuli/filled-silhouettes")
+    assert m["human-cue-conflict"]["upstream"] == "bethgelab/model-vs-human/master/raw-data/cue-conflict"
+    for name, entry in m.items():
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+/master/[\w./-]+", entry["upstream"]), entry["upstream"]
+        for rel, value in entry["files"].items():
+            sha, size = value
+            assert len(value) == 2 and SHA256.match(sha) and type(size) is int and size > 0, (name, rel)
+            parts = rel.split("/")
+            assert ".." not in parts and not rel.startswith("/") and "\\" not in rel, rel
+            if name == "human-cue-conflict":
+                assert re.fullmatch(r"cue-conflict_subject-\d\d_session_1\.csv", rel), rel
+            else:  # <category>/<name>.png and the name says that category (see stimuli.parse_name)
+                assert len(parts) == 2 and parts[1].endswith(".png") and parse_name(parts[1])[0] == parts[0], rel
+    shas = [v[0] for e in m.values() for v in e["files"].values()]
+    assert len(set(shas)) == len(shas)  # no file listed twice
 
 
-def test_full_download_then_idempotent(mirror, tmp_path, shared_datasets):
+def _files(folder: Path) -> dict[str, Path]:
+    return {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")}
+
+
+def test_fixture_files_are_unmodified_upstream_files(fixture_datasets):
+    m = dl.load_manifest()
+    seen = 0
+    for name, entry in m.items():
+        for rel, p in _files(fixture_datasets / name).items():
+            assert entry["files"][rel] == [sha256_file(p), p.stat().st_size], rel
+            seen += 1
+    assert seen == 29
+
+
+def test_manifest_matches_shared_data(shared_datasets):
+    """Every file of the full sets, and nothing else, with its size and SHA-256 (regenerated from disk)."""
+    assert dl.build_manifest(shared_datasets) == dl.load_manifest()
+
+
+def test_data_found_only_through_documented_places(tmp_path, monkeypatch):
+    """$ERF_LAB_DATA, else the download cache; never a folder beside the source tree (../shared/datasets)."""
+    from erf_lab.paths import datasets_root
+
+    monkeypatch.delenv("ERF_LAB_DATA", raising=False)
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))
+    assert datasets_root() is None
+    (tmp_path / "cache" / "datasets").mkdir(parents=True)
+    assert datasets_root() == tmp_path / "cache" / "datasets"
+    monkeypatch.setenv("ERF_LAB_DATA", str(tmp_path / "mine"))
+    assert datasets_root() == tmp_path / "cache" / "datasets"  # not a folder: falls back to the cache
+    (tmp_path / "mine").mkdir()
+    assert datasets_root() == tmp_path / "mine"
+
+
+def test_full_download_then_idempotent(mirror, tmp_path, fixture_datasets):
     url, manifest, _ = mirror
     dest = tmp_path / "dest"
     rep = dl.download(dest, base_url=url, sets=list(manifest), manifest=manifest, show_progress=False)
@@ -88,7 +140,7 @@ def test_full_download_then_idempotent(mirror, tmp_path, shared_datasets):
         assert rep["sets"][name]["downloaded"] == len(entry["files"])
         for rel, (sha, size) in entry["files"].items():
             got = dest / name / rel
-            assert got.read_bytes() == (shared_datasets / name / rel).read_bytes()
+            assert got.read_bytes() == (fixture_datasets / name / rel).read_bytes()
             assert sha256_file(got) == sha and got.stat().st_size == size
         assert (dest / name / "MANIFEST.json").is_file()
     assert not (dest / ".incoming").exists()
@@ -111,14 +163,14 @@ def test_checksum_mismatch_leaves_nothing(mirror, tmp_path):
     assert not list((dest / ".incoming").rglob(Path(rel).name + "*"))  # bad file and its .part removed
 
 
-def test_resume_truncated_partial_with_range(mirror, tmp_path, shared_datasets):
+def test_resume_truncated_partial_with_range(mirror, tmp_path, fixture_datasets):
     url, manifest, _ = mirror
     entry = manifest["human-cue-conflict"]
     rel, (sha, size) = next(iter(entry["files"].items()))
     dest = tmp_path / "dest"
     part = dest / ".incoming" / "human-cue-conflict" / (rel + ".part")
     part.parent.mkdir(parents=True)
-    original = (shared_datasets / "human-cue-conflict" / rel).read_bytes()
+    original = (fixture_datasets / "human-cue-conflict" / rel).read_bytes()
     part.write_bytes(original[: size // 3])
     rep = dl.download(dest, base_url=url, sets=["human-cue-conflict"], manifest=manifest, workers=1,
                       show_progress=False)

@@ -95,26 +95,61 @@ def test_parse_formats():
         parse_formats("png,jpeg")
 
 
-def test_write_run_dir_and_load_run(tmp_path):
+def _record_renames(monkeypatch, stop_at: str | None = None) -> list[str]:
+    """Record the target names of every atomic rename (``os.replace``); interrupt before ``stop_at``."""
+    import os
+
+    done, real = [], os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == stop_at:
+            raise KeyboardInterrupt
+        real(src, dst)
+        done.append(os.path.basename(dst))
+
+    monkeypatch.setattr(os, "replace", replace)
+    return done
+
+
+def test_write_run_dir_and_load_run(tmp_path, monkeypatch):
     erf = gaussian_map(40, s=5.0)
     info = {"model": "toy", "input_size": 40, "command": ["erf-lab", "compute"]}
+    renames = _record_renames(monkeypatch)
     metrics = write_run_dir(tmp_path / "run", erf, info, theoretical_rf=77)
+    monkeypatch.undo()
     d = tmp_path / "run"
-    names = {"erf.npy", "metrics.json", "erf.png", "erf.pdf", "run.json"}
-    assert {p.name for p in d.iterdir()} == names
-    # run.json is written last: its presence marks a complete directory
-    assert all((d / "run.json").stat().st_mtime_ns >= (d / n).stat().st_mtime_ns for n in names)
+    # every file appears by one atomic rename, and run.json last: its presence marks a complete directory
+    assert renames == ["erf.npy", "metrics.json", "erf.png", "erf.pdf", "run.json"]
+    assert sorted(p.name for p in d.iterdir()) == sorted(renames)
     run_json = json.loads((d / "run.json").read_text())
     assert run_json["model"] == "toy" and run_json["command"] == ["erf-lab", "compute"]
-    assert run_json["metrics_summary"]["trf"] == 77
-    assert json.loads((d / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    assert metrics == json.loads(json.dumps(compute_metrics(erf, theoretical_rf=77)))
+    assert run_json["metrics_summary"]["trf"] == 77 and run_json["files"] == renames[:-1]
+    # metrics.json holds the metrics of the map as stored in erf.npy, and those are the known ones of the map
+    stored = json.loads((d / "metrics.json").read_text())
+    assert stored == json.loads(json.dumps(compute_metrics(np.load(d / "erf.npy"), theoretical_rf=77)))
+    assert stored["distribution"]["center_of_mass"] == pytest.approx([20, 20], abs=1e-3)  # row -20 has no mirror
+    assert stored["distribution"]["r_rms"] == pytest.approx(5.0 * 2 ** 0.5, rel=2e-3)  # sqrt(2) sigma
+    assert stored["gaussian_fit"]["sigma_y"] == pytest.approx(5.0, rel=1e-3)
+    assert stored["peak"] == {"value": 80.0, "position": [20, 20]} and stored["erf_to_trf"]["rms_diameter"] == \
+        pytest.approx(2 * 5.0 * 2 ** 0.5 / 77, rel=2e-3)
+    assert metrics["total"] == stored["total"] == pytest.approx(erf.sum())
     run = load_run(d)
     np.testing.assert_array_equal(run.erf, erf)
     assert run.theoretical_rf == 77 and run.label == "toy" and run.metrics["shape"] == [40, 40]
     bare = load_run(d / "erf.npy")
     assert bare.run_dir == d
     check_png(d / "erf.png")
+
+
+def test_interrupted_run_dir_has_no_run_json(tmp_path, monkeypatch):
+    """Ctrl-C after three files: those three are whole, nothing half-written, no run.json claims completeness."""
+    renames = _record_renames(monkeypatch, stop_at="erf.pdf")
+    with pytest.raises(KeyboardInterrupt):
+        write_run_dir(tmp_path / "run", gaussian_map(40), {"model": "toy"})
+    monkeypatch.undo()
+    assert renames == ["erf.npy", "metrics.json", "erf.png"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(renames)  # temp file removed too
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "erf.npy"), gaussian_map(40))
 
 
 def test_load_run_errors(tmp_path):

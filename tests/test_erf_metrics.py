@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.signal import convolve2d
 
-from erf_lab.erf.metrics import (PAPER_TABLE10, compute_metrics, distribution_stats, fit_gaussian,
+from erf_lab.erf.metrics import (PAPER_TABLE10, THRESHOLDS, compute_metrics, distribution_stats, fit_gaussian,
                                  high_contribution_area_ratio, log_normalize, summary)
 from erf_lab.errors import ErfLabError
 from erf_lab.paths import data_dir
@@ -240,12 +240,22 @@ def test_bad_threshold():
         high_contribution_area_ratio(np.ones((5, 5)), 1.5)
 
 
-def test_paper_reference_data():
+def test_paper_reference_lines_up_with_our_metrics():
+    """Table 10's columns are the thresholds compute_metrics uses, in its order, in the unit summary() reports:
+    a uniform 1024^2 map (the paper's input size) gives sides by hand (smallest odd s with s^2 > t * 1024^2)."""
     ref = json.loads((data_dir() / "paper_reference.json").read_text())
-    assert "CVPR 2022" in ref["source"] and "Table 10" in ref["source"]
-    assert ref["thresholds"] == [0.2, 0.3, 0.5, 0.99] and ref["input_size"] == 1024
-    assert PAPER_TABLE10["ResNet-101"] == [1.0, 1.7, 3.5, 23.4]
-    assert PAPER_TABLE10["RepLKNet-31"] == [15.0, 23.4, 41.4, 98.6]
-    # the paper's claim: larger kernels -> larger high-contribution area at every threshold
-    for i in range(4):
-        assert PAPER_TABLE10["ResNet-101"][i] < PAPER_TABLE10["RepLKNet-13"][i] < PAPER_TABLE10["RepLKNet-31"][i]
+    assert "CVPR 2022" in ref["source"] and "Table 10" in ref["source"] and ref["input_size"] == 1024
+    assert tuple(ref["thresholds"]) == THRESHOLDS
+    assert PAPER_TABLE10["RepLKNet-31"] == [15.0, 23.4, 41.4, 98.6]  # as printed in the paper
+    n = ref["input_size"]
+    s = summary(compute_metrics(np.ones((n, n)), gaussian=False))
+    sides = [459, 561, 725, 1019]
+    for t, side in zip(ref["thresholds"], sides):
+        assert side % 2 == 1 and (side - 2) ** 2 <= t * n * n < side ** 2  # hand-derived, checked here
+        key = f"{round(t * 100)}%"
+        assert s[f"side@{key}"] == side and s[f"area@{key}"] == pytest.approx(100 * side ** 2 / n ** 2, rel=1e-12)
+    # a delta: everything in the centre pixel, the smallest possible area at every threshold
+    delta = np.zeros((n, n))
+    delta[n // 2, n // 2] = 5.0
+    d = summary(compute_metrics(delta, gaussian=False))
+    assert [d[f"area@{round(t * 100)}%"] for t in ref["thresholds"]] == [100 / n ** 2] * 4

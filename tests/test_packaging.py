@@ -31,3 +31,19 @@ def test_console_script_help_lists_every_command():
 def test_no_command_prints_help_and_exits_2():
     proc = subprocess.run([sys.executable, "-m", "erf_lab"], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage: erf-lab" in proc.stdout
+
+
+def test_built_package_finds_its_data_without_the_source_tree(tmp_path):
+    """setup.py ships data/ as package ``erf_lab_data`` (checksum manifest included); a build used away from the
+    repository loads the manifest from there (erf_lab.paths.data_dir's installed branch)."""
+    subprocess.run([sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path / "build")],
+                   cwd=REPO_ROOT, check=True, capture_output=True)
+    lib = next((tmp_path / "build").glob("lib*"))
+    shipped = lib / "erf_lab_data" / "shape_bias_sha256.json"
+    assert shipped.read_bytes() == (REPO_ROOT / "data" / "shape_bias_sha256.json").read_bytes()
+    assert not (lib / "erf_lab" / "shape_bias" / "manifest_data.py").exists()
+    code = ("from erf_lab.paths import data_dir; from erf_lab.shape_bias.download import load_manifest; "
+            "m = load_manifest(); print(data_dir(), sum(len(e['files']) for e in m.values()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PATH": "", "PYTHONPATH": str(lib)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(lib / "erf_lab_data"), "1610"]

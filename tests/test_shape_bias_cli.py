@@ -9,6 +9,7 @@ import pytest
 
 from erf_lab.cli.main import main
 from erf_lab.shape_bias import shape_bias_from_csv
+from erf_lab.shape_bias.analysis import human_csvs
 
 TINY = textwrap.dedent('''
     import torch, torch.nn as nn
@@ -28,6 +29,17 @@ TINY = textwrap.dedent('''
     def tiny(num_classes=1000, seed=0):
         torch.manual_seed(seed)
         return Tiny(num_classes)
+
+    class Oven(nn.Module):  # answers ImageNet class 766 (oven) for every image
+        default_cfg = {"input_size": (3, 32, 32)}
+
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 1000)
+            out[:, 766] = 9.0
+            return out
+
+    def oven():
+        return Oven()
 ''')
 
 
@@ -42,46 +54,48 @@ def _one_error_line(err: str) -> list[str]:
     return [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
 
 
-def test_run_writes_all_outputs(tiny_model, tmp_path, shared_datasets, capsys):
+def test_run_writes_all_outputs(tiny_model, tmp_path, datasets, capsys):
     out = tmp_path / "run"
-    rc = main(["shape-bias", "--model", tiny_model, "--stimuli", str(shared_datasets / "cue-conflict"),
+    n = min(32, sum(1 for _ in (datasets / "cue-conflict").rglob("*.png")))
+    rc = main(["shape-bias", "--model", tiny_model, "--stimuli", str(datasets / "cue-conflict"), "--allow-random",
                "--limit", "32", "--batch-size", "8", "--workers", "1", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert "shape bias" in capsys.readouterr().out
     for name in ("decisions.csv", "summary.json", "run.json", "shape_bias.png", "shape_bias.pdf",
-                 "cue-conflict_sb-tiny-models-tiny_session-1.csv"):
+                 "cue-conflict_sb-tiny-models-tiny-random-init_session-1.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     s = json.loads((out / "summary.json").read_text())
     with open(out / "decisions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     cue = [r for r in rows if r["set"] == "cue-conflict"]
-    assert len(cue) == 32 and s["n_images"]["cue-conflict"] == 32
+    assert len(cue) == n and s["n_images"]["cue-conflict"] == n
     assert {r["set"] for r in rows} == {"cue-conflict", "edges", "silhouettes"}
     assert {f"score_{c}" for c in ("airplane", "truck")} <= set(rows[0]) and rows[0]["top_class"]
     # decisions.csv, summary.json and the model-vs-human CSV all agree
     shape = sum(r["decision"] == r["shape"] for r in cue if r["shape"] != r["texture"])
     texture = sum(r["decision"] == r["texture"] for r in cue if r["shape"] != r["texture"])
     assert (s["shape_hits"], s["texture_hits"]) == (shape, texture)
-    mvh = shape_bias_from_csv(out / "cue-conflict_sb-tiny-models-tiny_session-1.csv")
+    mvh = shape_bias_from_csv(out / "cue-conflict_sb-tiny-models-tiny-random-init_session-1.csv")
     assert (mvh["shape_hits"], mvh["texture_hits"]) == (shape, texture)
     assert s["preprocessing"]["input_size"] == [64, 64] and s["preprocessing"]["crop_pct"] == 0.875
-    assert round(s["human_reference"]["shape_bias"], 5) == 0.95869
+    assert s["human_reference"]["shape_bias"] == shape_bias_from_csv(human_csvs(datasets))["shape_bias"]
     assert len(s["state_dict_sha256"]) == 64 and s["versions"]["torch"] and s["command"]
     assert json.loads((out / "run.json").read_text())["limit"] == 32
 
 
-def test_compare_two_runs(tiny_model, tmp_path, shared_datasets, capsys):
+def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
     runs = []
     for seed in (0, 1):
         out = tmp_path / f"run{seed}"
-        assert main(["shape-bias", "--model", tiny_model, "--override", f"seed={seed}", "--limit", "16",
-                     "--workers", "0", "--stimuli", str(shared_datasets), "--out", str(out)]) == 0  # root works too
+        assert main(["shape-bias", "--model", tiny_model, "--override", f"seed={seed}", "--limit", "16", "--allow-random",
+                     "--workers", "0", "--stimuli", str(datasets), "--out", str(out)]) == 0  # root works too
         runs.append(str(out))
     capsys.readouterr()
     cmp_dir = tmp_path / "cmp"
     assert main(["shape-bias", "--compare", *runs, "--out", str(cmp_dir)]) == 0
     md = (cmp_dir / "comparison.md").read_text()
-    assert "| humans | 0.959 |" in md and md.count("sb_tiny_models:tiny") == 2 and "CC BY 4.0" in md
+    humans = shape_bias_from_csv(human_csvs(datasets))["shape_bias"]
+    assert f"| humans | {humans:.3f} |" in md and md.count("sb_tiny_models:tiny") == 2 and "CC BY 4.0" in md
     with open(cmp_dir / "comparison.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows][0] == "humans" and len(rows) == 3
@@ -92,12 +106,13 @@ def test_compare_two_runs(tiny_model, tmp_path, shared_datasets, capsys):
 
 
 @pytest.mark.parametrize("make_args,needle", [
-    (lambda t, m: ["--model", m, "--stimuli", str(t / "nope")], "stimulus folder not found"),
-    (lambda t, m: ["--model", m, "--stimuli", str(t)], "no stimulus images"),
-    (lambda t, m: ["--model", m + "", "--override", "num_classes=10", "--limit", "4"], "10 outputs"),
+    (lambda t, m: ["--model", m, "--allow-random", "--stimuli", str(t / "nope")], "stimulus folder not found"),
+    (lambda t, m: ["--model", m, "--allow-random", "--stimuli", str(t)], "no stimulus images"),
+    (lambda t, m: ["--model", m, "--allow-random", "--override", "num_classes=10", "--limit", "4"], "10 outputs"),
     (lambda t, m: ["--stimuli", str(t)], "--model is required"),
     (lambda t, m: ["--compare", str(t)], "no summary.json"),
-    (lambda t, m: ["--model", "no_such_model", "--limit", "4"], "unknown model"),
+    (lambda t, m: ["--model", "no_such_model", "--allow-random", "--limit", "4"], "unknown model"),
+    (lambda t, m: ["--model", m, "--limit", "4"], "has no trained weights"),
 ])
 def test_errors_exit_2_with_one_line(tiny_model, tmp_path, capsys, make_args, needle):
     rc = main(["shape-bias", *make_args(tmp_path, tiny_model), "--workers", "0", "--out", str(tmp_path / "o")])
@@ -109,6 +124,65 @@ def test_errors_exit_2_with_one_line(tiny_model, tmp_path, capsys, make_args, ne
 
 def test_missing_data_tells_how_to_get_it(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ERF_LAB_DATA", str(tmp_path))  # a root without cue-conflict/
-    rc = main(["shape-bias", "--model", tiny_model, "--out", str(tmp_path / "o")])
+    rc = main(["shape-bias", "--model", tiny_model, "--allow-random", "--out", str(tmp_path / "o")])
     lines = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and len(lines) == 1 and "erf-lab data download" in lines[0] and "ERF_LAB_DATA" in lines[0]
+
+
+def test_untrained_model_is_refused_with_how_to_get_weights(tmp_path, capsys):
+    rc = main(["shape-bias", "--model", "efficientnet_lite0", "--limit", "4", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    lines = _one_error_line(err)
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    for needle in ("efficientnet_lite0 has no trained weights", "--pretrained", "--weights FILE", "--allow-random"):
+        assert needle in lines[0], needle
+    assert not (tmp_path / "o").exists()
+
+
+def test_allow_random_marks_every_output(tiny_model, tmp_path, fixture_datasets, capsys, monkeypatch):
+    from erf_lab.shape_bias import plotting
+
+    plotted = []
+    real_plot = plotting.plot_shape_bias
+    monkeypatch.setattr(plotting, "plot_shape_bias", lambda s, *a, **k: plotted.extend(x["label"] for x in s) or
+                        real_plot(s, *a, **k))
+    out = tmp_path / "run"
+    assert main(["shape-bias", "--model", tiny_model, "--allow-random", "--stimuli", str(fixture_datasets),
+                 "--workers", "0", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "UNTRAINED" in stdout and "sb_tiny_models:tiny (random init): shape bias" in stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["random_weights"] is True and s["label"] == "sb_tiny_models:tiny (random init)"
+    assert plotted == ["sb_tiny_models:tiny (random init)"]  # the figure's label
+    with open(out / "cue-conflict_sb-tiny-models-tiny-random-init_session-1.csv", newline="") as f:
+        assert {r["subj"] for r in csv.DictReader(f)} == {"sb_tiny_models:tiny-random-init"}
+
+
+def test_weights_file_is_a_trained_run(tiny_model, tmp_path, fixture_datasets, capsys):
+    import torch
+
+    from sb_tiny_models import tiny
+
+    torch.save(tiny().state_dict(), tmp_path / "tiny.pth")
+    out = tmp_path / "run"
+    assert main(["shape-bias", "--model", tiny_model, "--weights", str(tmp_path / "tiny.pth"), "--stimuli",
+                 str(fixture_datasets), "--workers", "0", "--out", str(out)]) == 0
+    assert "UNTRAINED" not in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert s["random_weights"] is False and s["label"] == "sb_tiny_models:tiny (tiny.pth)"
+    assert (out / "cue-conflict_sb-tiny-models-tiny_session-1.csv").is_file()
+
+
+def test_degenerate_run_is_flagged(tiny_model, tmp_path, fixture_datasets, capsys):
+    out = tmp_path / "run"
+    assert main(["shape-bias", "--model", "sb_tiny_models:oven", "--allow-random", "--stimuli",
+                 str(fixture_datasets), "--workers", "0", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    # fixture: 12 images, all answered 'oven'; of the 11 conflict images one has texture oven (bottle5-oven2)
+    assert s["warnings"] == ["degenerate run: 12 of 12 cue-conflict images (100%) are classified 'oven'",
+                             "shape-or-texture hits on 0.091 of the conflict images, below chance (0.125): "
+                             "the shape bias is noise"]
+    assert (s["shape_hits"], s["texture_hits"], s["n_conflict"]) == (0, 1, 11)
+    assert [line.strip() for line in err.splitlines() if line.strip().startswith("warning:")] == \
+        [f"warning: {w}" for w in s["warnings"]]

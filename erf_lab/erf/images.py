@@ -59,13 +59,55 @@ def model_mean_std(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def preprocess(image, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """PIL image -> normalized (3, S, S) float tensor: RGB, bicubic resize to S x S (as the official
-    ``transforms.Resize((1024, 1024), BICUBIC)``), scale to [0, 1], subtract mean, divide by std."""
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels show white, as a viewer on a white page shows them
+
+
+def to_rgb(image):
+    """A PIL image of any mode at its real range: an 8-bit ``'RGB'`` image, or for 16-bit, 32-bit integer and
+    float modes a grayscale ``'F'`` image in [0, 1] (``convert("RGB")`` would clip those at 255).
+
+    - 1, L, P, RGB, CMYK, YCbCr, HSV: PIL's conversion to RGB (1 -> 0/255; CMYK and YCbCr by PIL's formulas).
+    - Alpha (RGBA, LA, PA, RGBa, La, or a ``transparency`` key): composited over white (``ALPHA_BACKGROUND``).
+    - I;16, I;16L, I;16B, I;16N: ``value / 65535``. I (32-bit int): ``value / 65535`` when every value lies in
+      [0, 65535] (16-bit data in a 32-bit container), else refused. F (float): used as is when every value lies
+      in [0, 1], else refused. Refusals raise ``ValueError`` (an image that is skipped and counted, not fatal).
+    """
     from PIL import Image
 
-    image = image.convert("RGB").resize((input_size, input_size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(image)
+        if mode == "F":
+            x, scale = a.astype(np.float32), 1.0
+        else:
+            x, scale = a.astype(np.float64), 65535.0
+        lo, hi = (float(np.min(x)), float(np.max(x))) if x.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0 and hi <= scale):
+            what = "float image (mode F)" if mode == "F" else "32-bit integer image (mode I)"
+            raise ValueError(f"{what} with values in [{lo:g}, {hi:g}]: no defined black and white level "
+                             f"(expected [0, {scale:g}]); save it as 8- or 16-bit")
+        return Image.fromarray((x / scale).astype(np.float32), mode="F")
+    if "A" in mode or "a" in mode or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_tensor(image) -> torch.Tensor:
+    """An ``'RGB'`` or ``'F'`` image from :func:`to_rgb` -> ``(3, H, W)`` float32 in [0, 1]."""
+    if image.mode == "F":  # resampling may overshoot [0, 1] slightly; 8-bit images clip there too
+        x = torch.from_numpy(np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0))
+        return x.unsqueeze(0).repeat(3, 1, 1)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
+
+
+def preprocess(image, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """PIL image -> normalized (3, S, S) float tensor: RGB at the image's real range (:func:`to_rgb`), bicubic
+    resize to S x S (as the official ``transforms.Resize((1024, 1024), BICUBIC)``), [0, 1], subtract mean,
+    divide by std."""
+    from PIL import Image
+
+    x = to_tensor(to_rgb(image).resize((input_size, input_size), Image.BICUBIC))
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - m) / s

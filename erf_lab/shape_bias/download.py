@@ -2,7 +2,8 @@
 repositories: rgeirhos/texture-vs-shape (``stimuli/``; Geirhos et al., ICLR 2019, CC BY 4.0) and
 bethgelab/model-vs-human (``raw-data/cue-conflict``; Geirhos et al., NeurIPS 2021).
 
-Every file is checked against the SHA-256 in :mod:`erf_lab.shape_bias.manifest_data`; partial files resume with
+Every file is checked against the SHA-256 in the shipped manifest ``data/shape_bias_sha256.json`` (package
+``erf_lab_data`` once installed); partial files resume with
 HTTP ``Range``; a set is staged under ``<dest>/.incoming/`` and moved into place with one atomic rename once all
 its files verify, so ``<dest>/<set>`` is either complete or absent.
 """
@@ -23,6 +24,9 @@ from erf_lab.errors import ErfLabError
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"
 SETS = ("cue-conflict", "edges", "silhouettes", "human-cue-conflict")
 CHUNK = 1 << 16
+CREDIT = ("Stimuli: Geirhos et al., ICLR 2019 (github.com/rgeirhos/texture-vs-shape), CC BY 4.0; "
+          "human data: Geirhos et al., NeurIPS 2021 (github.com/bethgelab/model-vs-human).")
+"""Credit shown wherever results on these sets are shown (CC BY 4.0 asks for it)."""
 
 
 def default_dest() -> Path:
@@ -32,26 +36,28 @@ def default_dest() -> Path:
     return cache_dir() / "datasets"
 
 
-def load_manifest() -> dict:
-    from erf_lab.shape_bias.manifest_data import MANIFEST
+MANIFEST_FILE = "shape_bias_sha256.json"
 
-    return MANIFEST
+
+def load_manifest() -> dict:
+    """``{set: {"upstream": path under the base URL, "files": {rel: [sha256, size]}}}`` from the shipped JSON."""
+    from erf_lab.paths import data_dir
+
+    return json.loads((data_dir() / MANIFEST_FILE).read_text(encoding="utf-8"))["sets"]
 
 
 def build_manifest(root: str | os.PathLike) -> dict:
-    """Manifest (``{set: {"upstream": path, "files": {rel: [sha256, size]}}}``) of a local copy of the sets."""
+    """The ``sets`` part of the manifest for a local copy of the sets under ``root`` (same upstream paths as the
+    shipped one); used to regenerate ``data/shape_bias_sha256.json`` from a verified copy."""
     from erf_lab.io import sha256_file
 
     root = Path(root)
-    upstream = {"cue-conflict": "rgeirhos/texture-vs-shape/master/stimuli/style-transfer-preprocessed-512",
-                "edges": "rgeirhos/texture-vs-shape/master/stimuli/edges",
-                "silhouettes": "rgeirhos/texture-vs-shape/master/stimuli/filled-silhouettes",
-                "human-cue-conflict": "bethgelab/model-vs-human/master/raw-data/cue-conflict"}
     out = {}
-    for name, up in upstream.items():
+    for name, entry in load_manifest().items():
         files = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
-        out[name] = {"upstream": up, "files": {p.relative_to(root / name).as_posix(): [sha256_file(p), p.stat().st_size]
-                                               for p in files}}
+        out[name] = {"upstream": entry["upstream"],
+                     "files": {p.relative_to(root / name).as_posix(): [sha256_file(p), p.stat().st_size]
+                               for p in files}}
     return out
 
 
@@ -145,7 +151,7 @@ def download(dest: str | os.PathLike | None = None, base_url: str = DEFAULT_BASE
 
 
 def info() -> dict:
-    """Where the data sets are found (``$ERF_LAB_DATA``, ``../shared/datasets``, or the cache) and what is there."""
+    """Where the data sets are found (``$ERF_LAB_DATA`` or the download cache) and what is there."""
     from erf_lab.paths import cache_dir, datasets_root
 
     root = datasets_root()

@@ -12,6 +12,7 @@ import platform
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imag
 from erf_lab.shape_bias.stimuli import (Preprocess, Stimulus, StimulusDataset, find_stimuli_root, list_stimuli,
                                         sibling_set)
 
-CREDIT = ("Stimuli: Geirhos et al., ICLR 2019 (github.com/rgeirhos/texture-vs-shape), CC BY 4.0; "
-          "human data: Geirhos et al., NeurIPS 2021 (github.com/bethgelab/model-vs-human).")
+CHANCE_SHAPE_OR_TEXTURE = 2 / len(CATEGORIES)  # a guess hits the shape or the texture category
+DEGENERATE_SHARE = 0.9  # one category for at least this share of the images: the model is not looking
+RANDOM_SUFFIX = "-random-init"
 
 
 def default_workers() -> int:
@@ -144,7 +146,8 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
     undecodable = [{"file": str(r.stimuli[i].path), "reason": e, "set": name}
                    for name, r in sets.items() for i, e in sorted(r.errors.items())]
     summary.update({
-        "chance_shape_or_texture": 2 / len(CATEGORIES),
+        "warnings": degenerate_warnings(rows),
+        "chance_shape_or_texture": CHANCE_SHAPE_OR_TEXTURE,
         "n_images": {name: len(r.stimuli) for name, r in sets.items()},
         "edge_accuracy": sets["edges"].accuracy() if "edges" in sets else None,
         "silhouette_accuracy": sets["silhouettes"].accuracy() if "silhouettes" in sets else None,
@@ -159,6 +162,26 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
         "images_per_second": round(sum(len(r.stimuli) for r in sets.values()) / max(1e-9, sum(r.seconds for r in sets.values())), 1),
     })
     return {"summary": summary, "sets": sets}
+
+
+def degenerate_warnings(rows) -> list[str]:
+    """Signs that a run measured nothing, from ``(shape, texture, decision)`` of the decoded cue-conflict images:
+    one category for at least 90 % of them, or fewer shape-or-texture hits than chance (2/16 of the conflict
+    images, Geirhos et al., ICLR 2019: a guess among 16 categories hits one of the two cues that often)."""
+    rows = list(rows)
+    out = []
+    if rows:
+        top, n = Counter(d for _, _, d in rows).most_common(1)[0]
+        if n >= DEGENERATE_SHARE * len(rows):
+            out.append(f"degenerate run: {n} of {len(rows)} cue-conflict images ({n / len(rows):.0%}) are classified "
+                       f"'{top}'")
+    conflict = [(s, t, d) for s, t, d in rows if s != t]
+    if conflict:
+        hits = sum(d in (s, t) for s, t, d in conflict) / len(conflict)
+        if hits < CHANCE_SHAPE_OR_TEXTURE:
+            out.append(f"shape-or-texture hits on {hits:.3f} of the conflict images, below chance "
+                       f"({CHANCE_SHAPE_OR_TEXTURE:.3f}): the shape bias is noise")
+    return out
 
 
 def _nonconflict_accuracy(r: SetResult) -> float | None:
@@ -202,9 +225,14 @@ def load_model(name: str, weights=None, pretrained: bool = False, overrides: dic
 def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = False, overrides: dict | None = None,
                    stimuli=None, batch_size: int = 32, workers: int | None = None, device: str = "cpu",
                    limit: int | None = None, show_progress: bool = True, command: list[str] | None = None,
-                   model: nn.Module | None = None) -> dict:
+                   model: nn.Module | None = None, allow_random: bool = False) -> dict:
     """Evaluate a zoo model and write ``decisions.csv``, ``summary.json``, ``run.json``, the model-vs-human CSV
-    and the shape-bias figure (PNG + PDF) into ``out``. Returns the summary."""
+    and the shape-bias figure (PNG + PDF) into ``out``. Returns the summary.
+
+    Without ``weights`` or ``pretrained`` the network is untrained and its shape bias means nothing: refused
+    (``ErfLabError``) unless ``allow_random``, and then marked everywhere (``random_weights`` in summary.json,
+    ``-random-init`` in the CSV's subject, "(random init)" in the label). A caller passing its own ``model``
+    vouches for its weights; it passes ``allow_random=True`` when they are random."""
     from erf_lab.io import sha256_file, write_json
     from erf_lab.shape_bias.analysis import human_csvs, shape_bias_from_csv
     from erf_lab.shape_bias.plotting import plot_shape_bias
@@ -215,6 +243,11 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
         raise ErfLabError("--batch-size must be >= 1")
     if limit is not None and limit < 1:
         raise ErfLabError("--limit must be >= 1")
+    random_weights = weights is None and not pretrained and (model is None or allow_random)
+    if random_weights and not allow_random:
+        raise ErfLabError(f"{model_name} has no trained weights: pass --weights FILE (.pth/.pt/.safetensors) or "
+                          f"--pretrained (published ImageNet weights, e.g. efficientnet_lite0); a shape bias of "
+                          f"random weights means nothing (--allow-random measures one anyway, marked untrained)")
     find_stimuli_root(stimuli)  # fail fast, before building the model
     model = model if model is not None else load_model(model_name, weights, pretrained, overrides)
     result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
@@ -223,8 +256,9 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(getattr(model, "default_cfg", None) or {})
-    summary = {"model": model_name, "label": model_name + ("" if weights is None else f" ({Path(weights).name})"),
-               "weights": None if weights is None else str(weights),
+    label = model_name + ("" if weights is None else f" ({Path(weights).name})")
+    summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
+               "random_weights": random_weights, "weights": None if weights is None else str(weights),
                "weights_sha256": None if weights is None else sha256_file(weights),
                "pretrained": pretrained, "overrides": overrides or {},
                "state_dict_sha256": state_dict_sha256(model),
@@ -238,8 +272,9 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     cue = result["sets"]["cue-conflict"]
     write_decisions_csv(out / "decisions.csv", result["sets"])
     keep = [i for i in range(len(cue.stimuli)) if cue.ok[i]]
-    write_mvh_csv(out / f"cue-conflict_{model_name.replace(':', '-').replace('_', '-')}_session-1.csv",
-                  model_name, [cue.stimuli[i].name for i in keep], [cue.stimuli[i].shape for i in keep],
+    subject = model_name + (RANDOM_SUFFIX if random_weights else "")
+    write_mvh_csv(out / f"cue-conflict_{subject.replace(':', '-').replace('_', '-')}_session-1.csv",
+                  subject, [cue.stimuli[i].name for i in keep], [cue.stimuli[i].shape for i in keep],
                   [cue.decisions[i] for i in keep])
     meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
             "workers": default_workers() if workers is None else workers,

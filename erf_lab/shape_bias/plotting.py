@@ -13,7 +13,7 @@ import numpy as np
 
 from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.categories import CATEGORIES
-from erf_lab.shape_bias.evaluate import CREDIT
+from erf_lab.shape_bias.download import CREDIT
 
 _HUMAN_STYLE = {"color": "#d62728", "marker": "D", "label": "humans"}
 _MARKERS = ["o", "s", "^", "v", "P", "X", "<", ">", "h", "*"]

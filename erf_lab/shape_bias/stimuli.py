@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from erf_lab.erf.images import to_rgb, to_tensor
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.shape_bias.categories import CATEGORIES
@@ -130,12 +130,13 @@ class Preprocess:
     def as_dict(self) -> dict:
         return {"input_size": list(self.size), "mean": list(self.mean), "std": list(self.std),
                 "interpolation": self.interpolation, "crop_pct": self.crop_pct,
-                "steps": "resize short side to size/crop_pct, centre crop, /255, (x-mean)/std"}
+                "steps": "RGB at the image's real range (alpha over white), resize short side to size/crop_pct, "
+                         "centre crop, scale to [0, 1], (x-mean)/std"}
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
                     "lanczos": Image.LANCZOS}.get(self.interpolation, Image.BILINEAR)
-        img = img.convert("RGB")
+        img = to_rgb(img)
         h, w = self.size
         scale_h, scale_w = int(round(h / self.crop_pct)), int(round(w / self.crop_pct))
         if img.size != (scale_w, scale_h):
@@ -145,7 +146,7 @@ class Preprocess:
         iw, ih = img.size
         left, top = (iw - w) // 2, (ih - h) // 2
         img = img.crop((left, top, left + w, top + h))
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
+        x = to_tensor(img)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (x - mean) / std

@@ -7,7 +7,7 @@ ORDER = 95
 DESCRIPTION = (
     "'download' fetches the stimuli of rgeirhos/texture-vs-shape (Geirhos et al., ICLR 2019, CC BY 4.0) and the "
     "human cue-conflict responses of bethgelab/model-vs-human into the cache (or --dest), verifying every file's "
-    "SHA-256 and resuming partial files. 'info' shows which folder erf-lab reads ($ERF_LAB_DATA, ../shared/datasets, "
+    "SHA-256 and resuming partial files. 'info' shows which folder erf-lab reads ($ERF_LAB_DATA, else the "
     "cache)."
 )
 
@@ -39,7 +39,7 @@ def run(args) -> int:
         if args.dest and Path(rep["dest"]).resolve() != dl.default_dest().resolve():
             print(f"erf-lab looks there when ERF_LAB_DATA={rep['dest']} is set (or pass --stimuli "
                   f"{rep['dest']}/cue-conflict)")
-        print("Stimuli: Geirhos et al., ICLR 2019, CC BY 4.0; human data: Geirhos et al., NeurIPS 2021.")
+        print(dl.CREDIT)
         return 0
     if args.data_command == "info":
         i = dl.info()

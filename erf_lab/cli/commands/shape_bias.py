@@ -11,7 +11,10 @@ DESCRIPTION = (
     "softmax to the 16 categories by mean probability (model-vs-human), and report shape bias = shape hits / "
     "(shape + texture hits) over images whose shape and texture differ. Writes decisions.csv, summary.json, "
     "run.json, a model-vs-human CSV and shape_bias.png/pdf. With --compare RUN_DIR..., draws several runs in one "
-    "figure and table. Data: --stimuli DIR, $ERF_LAB_DATA, or 'erf-lab data download'."
+    "figure and table. Data: --stimuli DIR, $ERF_LAB_DATA, or 'erf-lab data download'. Needs trained weights "
+    "(--pretrained or --weights); --allow-random measures an untrained network and marks every output so. Runs "
+    "that answer one category for >= 90% of the images or hit shape or texture less often than chance (2/16) "
+    "are flagged."
 )
 
 
@@ -19,9 +22,11 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="registered model name or package.module:factory")
     p.add_argument("--weights", help="checkpoint (.pth/.pt state dict, or .safetensors)")
     p.add_argument("--pretrained", action="store_true", help="use the model's published ImageNet weights")
+    p.add_argument("--allow-random", action="store_true",
+                   help="measure an untrained (randomly initialized) network; marked untrained in every output")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="model constructor option (repeatable)")
     p.add_argument("--stimuli", help="cue-conflict folder (<category>/<shape><i>-<texture><j>.png), default from "
-                                     "$ERF_LAB_DATA / shared datasets / download cache")
+                                     "$ERF_LAB_DATA, else the download cache")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="DataLoader decode workers (default half the CPUs, 1-4)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -54,17 +59,22 @@ def run(args) -> int:
     out = Path(args.out or Path("runs/shape_bias") / args.model.replace(":", "_"))
     s = run_shape_bias(args.model, out=out, weights=args.weights, pretrained=args.pretrained,
                        overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
-                       workers=args.workers, device=args.device, limit=args.limit, command=sys.argv)
+                       workers=args.workers, device=args.device, limit=args.limit, command=sys.argv,
+                       allow_random=args.allow_random)
 
     def f(v):
         return "n/a" if v is None else f"{v:.3f}"
 
-    print(f"{args.model}: shape bias {f(s['shape_bias'])} (shape hits {s['shape_hits']}, texture hits "
+    if s["random_weights"]:
+        print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
+    print(f"{s['label']}: shape bias {f(s['shape_bias'])} (shape hits {s['shape_hits']}, texture hits "
           f"{s['texture_hits']}, of {s['n_conflict']} cue-conflict images)")
     print(f"  fraction shape {f(s['fraction_shape_hits'])}, texture {f(s['fraction_texture_hits'])}; "
           f"edge acc {f(s['edge_accuracy'])}, silhouette acc {f(s['silhouette_accuracy'])}")
     if s.get("human_reference"):
         print(f"  humans: shape bias {f(s['human_reference']['shape_bias'])}")
+    for w in s["warnings"]:
+        print(f"  warning: {w}", file=sys.stderr)
     if s["n_skipped"]:
         print(f"  warning: {s['n_skipped']} file(s) skipped (see summary.json)", file=sys.stderr)
     print(f"wrote {out}/decisions.csv, summary.json, shape_bias.png/pdf")
