@@ -96,8 +96,13 @@ def _reason(e: Exception) -> str:
 
 
 def verify_image_bytes(name: str, data: bytes, max_mb: float = MAX_IMAGE_MB):
-    """Check an uploaded image (size, PIL ``verify``) and return it decoded as an RGB ``PIL.Image``."""
+    """Check an uploaded image (size, PIL ``verify``) and return it decoded at its real range
+    (``erf_lab.erf.images.to_rgb``: 8-bit RGB, or 16-bit grayscale for 16-bit, 32-bit and float images, never
+    clipped at 255) as a ``PIL.Image`` that PNG can store."""
+    import numpy as np
     from PIL import Image
+
+    from erf_lab.erf.images import to_rgb
 
     if len(data) > max_mb * 1024 * 1024:
         raise ErfLabError(f"{name}: {len(data) / 2**20:.1f} MB is over the {max_mb} MB limit per image")
@@ -105,7 +110,10 @@ def verify_image_bytes(name: str, data: bytes, max_mb: float = MAX_IMAGE_MB):
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            rgb = to_rgb(im)
+        if rgb.mode == "F":  # [0, 1] grayscale: keep 16 bits
+            return Image.fromarray(np.round(np.asarray(rgb, dtype=np.float64) * 65535).astype(np.uint16))
+        return rgb
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt / non-image data
         raise ErfLabError(f"{name}: not a valid image ({_reason(e)})") from None
 

@@ -18,7 +18,7 @@ SHAPE_BIAS_MODELS = ("efficientnet_lite0", "resnet50", "mobilenetv2", "replknet_
 def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_json: str = "{}",
                    weights: bytes | None = None, weights_name: str = "") -> Path:
     """The run directory of ``model_name`` on ``limit`` cue-conflict images (reused when it already holds the
-    result); random init is seeded."""
+    result); random init is seeded and marked as untrained in the results (``random_weights``)."""
     check_registered(model_name)
     tag = hashlib.sha256(json.dumps([model_name, pretrained, limit, overrides_json, sha(weights)]).encode()
                          ).hexdigest()[:12]
@@ -32,5 +32,6 @@ def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_j
     model = build_model(model_name, json.dumps(overrides), weights, weights_name)
     run_shape_bias(model_name, out=out, model=model, pretrained=pretrained, overrides=overrides or None,
                    limit=int(limit), batch_size=16, workers=0, show_progress=False,
+                   allow_random=weights is None and not pretrained,
                    command=["streamlit", "app/main.py", "(shape-bias page)"])
     return out

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from erf_lab.io import write_json  # noqa: E402
 from erf_lab.models import create_model  # noqa: E402
-from erf_lab.shape_bias.evaluate import default_workers, run_set, versions  # noqa: E402
+from erf_lab.provenance import versions  # noqa: E402
+from erf_lab.shape_bias.evaluate import default_workers, run_set  # noqa: E402
 from erf_lab.shape_bias.stimuli import Preprocess, StimulusDataset, find_stimuli_root, list_stimuli  # noqa: E402
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from erf_lab.erf.metrics import compute_metrics
 from erf_lab.erf.plotting import (comparison_figure, erf_figure, parse_formats, plot_comparison, plot_erf, plot_grid,
                                   plot_growth)
-from erf_lab.erf.report import load_run, write_run_dir
+from erf_lab.erf.rundir import load_run, write_run_dir
 from erf_lab.errors import ErfLabError
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
+from erf_lab.provenance import versions
 from erf_lab.shape_bias.analysis import shape_bias_from_decisions, write_mvh_csv
 from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imagenet_to_16
 from erf_lab.shape_bias.stimuli import (Preprocess, Stimulus, StimulusDataset, find_stimuli_root, list_stimuli,
@@ -204,13 +205,6 @@ def write_decisions_csv(path, sets: dict[str, SetResult]) -> None:
                 cls = "" if t < 0 else (CATEGORIES[t] if r.head_size == len(CATEGORIES) else names[t])
                 w.writerow([name, s.name, s.shape, s.texture, d or "", t, cls] +
                            ([f"{v:.6g}" for v in r.scores16[i]] if r.ok[i] else [""] * len(CATEGORIES)))
-
-
-def versions() -> dict:
-    import erf_lab
-
-    return {"erf_lab": erf_lab.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def load_model(name: str, weights=None, pretrained: bool = False, overrides: dict | None = None) -> nn.Module:
