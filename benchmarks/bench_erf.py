@@ -80,8 +80,7 @@ def float64_agreement(weights: str, size: int = 224, device: str = "cpu") -> dic
     import torch.nn.functional as F
     from fastconv import revert_model
 
-    from erf_lab.erf.compute import _grad_maps, prepare_model
-    from erf_lab.erf.receptive_field import resolve_layer
+    from erf_lab.erf.compute import compute_erf
     from erf_lab.erf.images import load_images
     from erf_lab.models import create_model
 
@@ -101,9 +100,8 @@ def float64_agreement(weights: str, size: int = 224, device: str = "cpu") -> dic
     train = train.double()
     off64 = official_map(train, torch.float64)
     def ours_map(dtype):
-        ours, _ = prepare_model(create_model(MODEL, weights=weights).to(dtype), inplace=True, device=device)  # as compute_erf
-        name, layer = resolve_layer(ours, None)
-        return _grad_maps(ours, layer, name, x.to(dtype).contiguous(memory_format=torch.channels_last), "relu")[0]
+        return compute_erf(create_model(MODEL, weights=weights).to(dtype), x.to(dtype), device=device,
+                           inplace=True, show_progress=False).erf
 
     ours64, ours32 = ours_map(torch.float64), ours_map(torch.float32)
 

@@ -9,7 +9,6 @@ its files verify, so ``<dest>/<set>`` is either complete or absent.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import platform
 import sys
 import time
 import warnings
