@@ -1,0 +1,158 @@
+"""Every bad input a careful new user tries (issue #13): exit status 2, exactly one ``error:`` line, no traceback,
+and no output directory that looks complete. One table for all commands; new commands join it."""
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erf_lab.cli.main import main
+
+TINY = ["--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)"]
+SMALL = ["compute", *TINY, "--num-images", "1", "--input-size", "32"]
+COMPLETE_MARKERS = ("run.json", "erf.npy", "summary.json", "sweep.json", "compare.json", "analysis.json")
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/erf-lab-pwned",))
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """Files and folders that a user gets wrong, made once."""
+    from erf_lab.erf.rundir import write_run_dir
+    from erf_lab.models import create_model
+
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty").mkdir()
+    (d / "text_only").mkdir()
+    (d / "text_only" / "notes.txt").write_text("no images here")
+    (d / "broken_images").mkdir()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(d / "good.png")
+    (d / "broken_images" / "truncated.png").write_bytes((d / "good.png").read_bytes()[:60])
+    (d / "broken_images" / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    bomb = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(bomb, format="PNG")  # 900 Mpx: PIL's decompression-bomb guard
+    (d / "broken_images" / "bomb.png").write_bytes(bomb.getvalue())
+    (d / "file.txt").write_text("a file, not a folder")
+    (d / "empty.pth").write_bytes(b"")
+    (d / "notes.pth").write_text("these are my notes, not a checkpoint\n")
+    torch.save(create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1)).state_dict(), d / "tiny.pth")
+    (d / "truncated.pth").write_bytes((d / "tiny.pth").read_bytes()[:4000])
+    torch.save(create_model("resnet50").state_dict(), d / "resnet.pth")  # the wrong model
+    torch.save(create_model("replknet_31b", channels=(8, 8, 8, 16), layers=(1, 1, 1, 1)).state_dict(),
+               d / "wrong_shape.pth")
+    torch.save({"model": _Evil()}, d / "evil.pth")  # a checkpoint that would run a command when unpickled
+    with open(d / "evil_plain.pth", "wb") as f:
+        pickle.dump({"model": _Evil()}, f)
+    write_run_dir(d / "good_run", np.ones((9, 9)), {"model": "m"})
+    (d / "no_npy").mkdir()
+    (d / "no_npy" / "run.json").write_text("{}")
+    (d / "garbage_npy").mkdir()
+    (d / "garbage_npy" / "erf.npy").write_bytes(b"not a numpy file")
+    write_run_dir(d / "bad_type", np.ones((9, 9)), {"model": "m"})
+    (d / "bad_type" / "run.json").write_text('{"schema_version": 1, "kind": "erf", "theoretical_rf": "abc"}')
+    write_run_dir(d / "bad_json", np.ones((9, 9)), {"model": "m"})
+    (d / "bad_json" / "run.json").write_text('{"model": ')
+    np.save(d / "nan.npy", np.full((8, 8), np.nan))
+    return d
+
+
+def _cases():
+    c = []
+    add = lambda name, argv, pattern: c.append(pytest.param(argv, pattern, id=name))  # noqa: E731
+    # compute: models, layers, sizes
+    add("unknown-model", ["compute", "--model", "replknet_31bb", "--num-images", "1"], "unknown model")
+    add("user-factory-missing", ["compute", "--model", "no_such_pkg.mod:make"], "cannot import module")
+    add("misspelled-layer", [*SMALL, "--layer", "stages.3.blockz"], "close names: stages.3.blocks")
+    add("size-0", ["compute", *TINY, "--input-size", "0"], "--input-size must be a positive integer")
+    add("size-negative", ["compute", *TINY, "--input-size", "-5"], "--input-size must be a positive integer")
+    add("size-7", ["compute", *TINY, "--num-images", "1", "--input-size", "7"], "too small")
+    add("size-abc", ["compute", *TINY, "--input-size", "abc"], "invalid int value")
+    add("size-huge", ["compute", *TINY, "--input-size", "100000"], "above the maximum")
+    add("batch-0", [*SMALL, "--batch-size", "0"], "--batch-size must be a positive integer")
+    add("device-tpu", [*SMALL, "--device", "tpu"], "unknown device")
+    add("device-cuda-x", [*SMALL, "--device", "cuda:x"], "unknown device")
+    add("override-nonsense", [*SMALL, "--override", "channels=(8,8)"], "one kernel size")
+    add("override-unknown-key", [*SMALL, "--override", "colour=7"], "does not accept")
+    add("override-no-equals", [*SMALL, "--override", "channels"], "key=value")
+    # compute: image folders
+    add("images-missing", [*SMALL, "--images", "{bad}/nope"], "image folder not found")
+    add("images-a-file", [*SMALL, "--images", "{bad}/file.txt"], "must be a folder")
+    add("images-empty", [*SMALL, "--images", "{bad}/empty"], "no image files")
+    add("images-non-image", [*SMALL, "--images", "{bad}/text_only"], "no image files")
+    add("images-all-broken", [*SMALL, "--images", "{bad}/broken_images"], "no readable images")
+    # compute: checkpoints
+    add("weights-missing", [*SMALL, "--weights", "{bad}/nope.pth"], "weights file not found")
+    add("weights-empty", [*SMALL, "--weights", "{bad}/empty.pth"], "cannot read checkpoint")
+    add("weights-text", [*SMALL, "--weights", "{bad}/notes.pth"], "cannot read checkpoint")
+    add("weights-truncated", [*SMALL, "--weights", "{bad}/truncated.pth"], "cannot read checkpoint")
+    add("weights-wrong-model", [*SMALL, "--weights", "{bad}/resnet.pth"], "missing")
+    add("weights-wrong-shape", [*SMALL, "--weights", "{bad}/wrong_shape.pth"], "shape")
+    add("weights-malicious", [*SMALL, "--weights", "{bad}/evil.pth"], "could run code")
+    add("weights-malicious-plain-pickle", [*SMALL, "--weights", "{bad}/evil_plain.pth"], "cannot read checkpoint")
+    # compute: --out
+    add("out-is-file", [*SMALL, "--out", "{bad}/file.txt"], "is a file")
+    add("out-under-file", [*SMALL, "--out", "{bad}/file.txt/run"], "lies under a file")
+    add("resume-without-out", [*SMALL, "--resume"], "--resume needs --out")
+    # layers
+    add("layers-unknown-model", ["layers", "--model", "nope_model"], "unknown model")
+    add("layers-size-0", ["layers", *TINY, "--input-size", "0"], "")
+    # analyze / compare: corrupt run directories
+    add("analyze-missing", ["analyze", "{bad}/nope"], "no such run directory")
+    add("analyze-no-npy", ["analyze", "{bad}/no_npy"], "no erf.npy")
+    add("analyze-garbage-npy", ["analyze", "{bad}/garbage_npy"], "corrupt")
+    add("analyze-run-json-type", ["analyze", "{bad}/bad_type"], "field 'theoretical_rf' must be integer or null")
+    add("analyze-run-json-corrupt", ["analyze", "{bad}/bad_json"], "corrupt JSON")
+    add("analyze-nan-map", ["analyze", "{bad}/nan.npy"], "non-finite")
+    add("analyze-out-is-file", ["analyze", "{bad}/good_run", "--out", "{bad}/file.txt"], "is a file")
+    add("compare-missing", ["compare", "{bad}/nope", "--out", "{out}"], "no such run directory")
+    add("compare-labels", ["compare", "{bad}/nan.npy", "--labels", "a", "b"], "")
+    add("compare-out-under-file", ["compare", "{bad}/good_run", "--out", "{bad}/file.txt/c"], "lies under a file")
+    # sweep
+    add("sweep-even-kernel", ["sweep", "--kernels", "3,8", "--out", "{out}"], "odd")
+    add("sweep-bad-sizes", ["sweep", "--input-sizes", "0,224", "--out", "{out}"], "between 1")
+    add("sweep-sizes-text", ["sweep", "--input-sizes", "abc", "--out", "{out}"], "comma-separated")
+    add("sweep-no-weights-dir", ["sweep", "--kernels", "3", "--init", "weights", "--out", "{out}"], "--weights-dir")
+    # reparam
+    add("reparam-unknown-model", ["reparam", "--model", "replknet_99", "--out", "{out}/x.pth"], "unknown model")
+    add("reparam-text-weights", ["reparam", *TINY, "--weights", "{bad}/notes.pth", "--out", "{out}/x.pth"],
+        "cannot read checkpoint")
+    # shape-bias
+    add("shape-bias-untrained", ["shape-bias", "--model", "resnet50", "--out", "{out}"], "--allow-random")
+    add("shape-bias-stimuli-missing", ["shape-bias", *TINY, "--allow-random", "--stimuli", "{bad}/nope",
+                                       "--out", "{out}"], "")
+    add("shape-bias-stimuli-empty", ["shape-bias", *TINY, "--allow-random", "--stimuli", "{bad}/empty",
+                                     "--out", "{out}"], "")
+    add("shape-bias-unknown-model", ["shape-bias", "--model", "nope", "--allow-random", "--out", "{out}"],
+        "unknown model")
+    return c
+
+
+@pytest.mark.parametrize("argv,pattern", _cases())
+def test_bad_input_is_one_error_line_exit_2_and_nothing_complete(argv, pattern, bad, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [a.format(bad=bad, out=out) for a in argv]
+    if "compute" == argv[0] and "--out" not in argv and "--resume" not in argv:
+        argv += ["--out", str(out)]
+    try:
+        code = main(argv + (["--quiet"] if argv[0] == "compute" else []))
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    stdout, err = capsys.readouterr()
+    assert code == 2, (stdout, err)
+    assert "Traceback" not in err + stdout
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, err
+    assert pattern in error_lines[0], error_lines[0]
+    if out.exists():
+        found = [p.name for p in out.rglob("*") if p.name in COMPLETE_MARKERS]
+        assert not found, found
+    import pathlib
+
+    assert not pathlib.Path("/tmp/erf-lab-pwned").exists()  # the malicious checkpoint never ran
