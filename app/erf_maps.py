@@ -162,3 +162,17 @@ def sweep_member(k: int, *, reparam: str, init: str, weights_dir: str | None, in
                     layer=layer, show_progress=False, argv=["streamlit", "app/main.py", "(growth page)"])
     maps = {row["reparam"]: load_run(out / row["run_dir"]).erf for row in res["rows"]}
     return {"rows": res["rows"], "reparam_diff": res["reparam_diff"], "maps": maps, "out_dir": str(out)}
+
+
+def size_sweep(sizes: tuple[int, ...], *, model: str, overrides_json: str, num_images: int,
+               reparam: str = "deploy") -> dict:
+    """``erf_lab.erf.sweep.run_sweep`` over input sizes (its run directories are reused when settings match).
+
+    Returns ``{"rows", "out_dir", "markdown"}``; the sweep folder holds growth / grid figures and sweep.csv."""
+    check = parse_overrides(overrides_json)
+    tag = hashlib.sha256(json.dumps([sorted(sizes), model, overrides_json, num_images, reparam]).encode()).hexdigest()
+    out = app_runs_dir() / f"size-sweep-{tag[:12]}"
+    res = run_sweep(None, input_sizes=sorted(sizes), model=model, reparam=reparam, num_images=num_images,
+                    overrides=check, out=out, formats=("png", "pdf"), show_progress=False,
+                    argv=["streamlit", "app/main.py", "(growth page, vs input size)"])
+    return {"rows": res["rows"], "out_dir": str(out), "markdown": res["markdown"]}

@@ -162,6 +162,28 @@ def test_growth_page_train_equals_deploy(app_env):
     assert len(runs) == 4
 
 
+def test_growth_page_vs_input_size(app_env):
+    """The 'vs input size' tab runs the library's input-size sweep: one row per size, and each row's area ratio
+    is the side^2 / S^2 of its own map (a fraction of the image), recorded as sweep run directories."""
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    at.multiselect(key="s-sizes").set_value([64, 128]).run()
+    at.button(key="s-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    table = at.dataframe[-1].value
+    assert list(table["input_size"]) == [64, 128]
+    sweeps = list((app_env / "app-runs").glob("size-sweep-*/sweep.json"))
+    assert len(sweeps) == 1
+    import json
+
+    rows = json.loads(sweeps[0].read_text())["rows"]
+    for row, shown in zip(rows, table["area@50%"]):
+        side = row["side@50%"]
+        assert shown == pytest.approx(100.0 * side * side / row["input_size"] ** 2)
+    assert len(at.image) == 4  # kernel tab (2) + growth curves and heatmaps of the size tab
+
+
 def test_reparam_page_equivalence_and_counts(app_env):
     at = ok(new_app().run())
     at.switch_page("views/reparam.py").run()

@@ -9,14 +9,14 @@ from erf_lab.errors import ErfLabError
 
 from app import erf_maps, models, safety
 from app.figures import show_figure
-from app.ui import cli_hint, guard
+from app.ui import cli_hint, file_downloads, guard
 
 st.title("ERF growth")
 st.caption("Kernel-size family of RepLKNet (Ding et al., CVPR 2022, Table 5): kernels K-K-K-min(K,13), "
            "measured on a narrow, shallow body so the default answers in seconds. Train-time and "
            "re-parameterized (deploy) forms compute the same function, so their ERFs must coincide.")
 
-tab_k, tab_d = st.tabs(["vs kernel size", "vs depth"])
+tab_k, tab_d, tab_s = st.tabs(["vs kernel size", "vs depth", "vs input size"])
 
 with tab_k:
     c1, c2, c3, c4 = st.columns(4)
@@ -106,3 +106,34 @@ with tab_d:
             show_figure("erf_growth", (rows,), stem="growth-vs-depth", key="d-growth",
                         kwargs={"x": "depth", "group": "reparam"})
             st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+with tab_s:
+    st.caption("ERF of one network at several input sizes. The paper's area ratios are fractions of the image: "
+               "they shrink as the image grows even when the ERF in pixels does not, so compare the size-free "
+               "metrics (effective radius r_rms, radius holding 50 % / 99 % of the mass, Gaussian sigma, pixels) "
+               "across sizes. A network measured far from its training resolution may also behave differently "
+               "(the paper measures 224-trained models at 1024).")
+    s1, s2, s3 = st.columns(3)
+    s_model = s1.selectbox("Model", ["replknet_31b", "replknet_13", "replknet_7", "replknet_3"], key="s-model")
+    s_sizes = s2.multiselect("Input sizes (px)", [64, 96, 128, 192, 256, 384], default=[64, 128, 256], key="s-sizes")
+    s_n = s3.number_input("Images (built-in set)", 1, 8, 1, key="s-nimg")
+    if st.button("Compute ERF vs input size", key="s-run", icon=":material/play_arrow:") or st.session_state.get("s-done"):
+        st.session_state["s-done"] = True
+        with guard("ERF vs input size"):
+            if len(s_sizes) < 2:
+                raise ErfLabError("choose at least two input sizes")
+            with st.spinner("measuring the ERF at each input size"):
+                sweep = erf_maps.size_sweep(tuple(s_sizes), model=s_model, overrides_json=models.tiny_overrides(),
+                                            num_images=int(s_n))
+            from pathlib import Path
+
+            out = Path(sweep["out_dir"])
+            st.image(str(out / "growth.png"), caption="area ratios (fractions of the image) and size-free metrics "
+                                                      "(pixels) against input size")
+            st.image(str(out / "grid.png"), caption="ERF heatmaps, each at its own size")
+            cols = ["input_size", "area@20%", "area@50%", "area@99%", "r_rms", "r50", "r99", "gauss_sigma_x"]
+            st.dataframe(pd.DataFrame(sweep["rows"])[cols], hide_index=True)
+            file_downloads([out / n for n in ("growth.pdf", "grid.pdf", "sweep.csv", "sweep.json")], key="s-files")
+        cli_hint(["sweep", "--input-sizes", "224,384,640,1024", "--model", s_model, "--reparam", "deploy",
+                  "--num-images", "50", "--images", "IMAGENET_VAL_DIR", "--out", "runs/size-sweep"],
+                 "Full-size input-size sweep from the command line:")
