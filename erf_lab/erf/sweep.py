@@ -30,21 +30,26 @@ SWEEP_COLUMNS = ("kernel", "reparam", "model", "shape", "area@20%", "area@30%", 
                  "r50", "r99", "std_y", "std_x", "gauss_sigma_x", "gauss_r2", "trf", "erf/trf", "num_used", "run_dir")
 
 
-def parse_kernels(text: str | Sequence[int]) -> list[int]:
-    """'3,7,13' -> [3, 7, 13]; kernels must be odd and >= 1, no duplicates."""
+def _parse_int_list(text: str | Sequence[int], option: str, valid, rule: str) -> list[int]:
+    """'3,7,13' -> [3, 7, 13] for ``option``; every value must pass ``valid`` (described by ``rule``), no duplicates."""
     items = text.split(",") if isinstance(text, str) else list(text)
     try:
-        ks = [int(str(k).strip()) for k in items if str(k).strip()]
+        values = [int(str(v).strip()) for v in items if str(v).strip()]
     except ValueError:
-        raise ErfLabError(f"--kernels expects comma-separated odd integers, got {text!r}") from None
-    if not ks:
-        raise ErfLabError("--kernels is empty")
-    bad = [k for k in ks if k < 1 or k % 2 == 0]
+        raise ErfLabError(f"{option} expects comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ErfLabError(f"{option} is empty")
+    bad = [v for v in values if not valid(v)]
     if bad:
-        raise ErfLabError(f"kernel sizes must be odd positive integers, got {', '.join(map(str, bad))}")
-    if len(set(ks)) != len(ks):
-        raise ErfLabError(f"duplicate kernel sizes in {text!r}")
-    return ks
+        raise ErfLabError(f"{option}: values must be {rule}, got {', '.join(map(str, bad))}")
+    if len(set(values)) != len(values):
+        raise ErfLabError(f"{option}: duplicate values in {text!r}")
+    return values
+
+
+def parse_kernels(text: str | Sequence[int]) -> list[int]:
+    """'3,7,13' -> [3, 7, 13]: odd positive kernel sizes, no duplicates."""
+    return _parse_int_list(text, "--kernels", lambda k: k >= 1 and k % 2 == 1, "odd positive integers")
 
 
 def kernel_family_member(k: int) -> tuple[str, dict]:
@@ -86,22 +91,11 @@ AREA_METRICS = (("area@20%", "area ratio t=20% (%)"), ("area@50%", "area ratio t
 
 
 def parse_sizes(text: str | Sequence[int]) -> list[int]:
-    """'224,384' -> [224, 384]: positive odd-or-even integers, no duplicates, at most the runner's maximum."""
+    """'224,384' -> [224, 384]: input sizes from 1 to the runner's maximum, no duplicates."""
     from erf_lab.erf.runner import MAX_INPUT_SIZE
 
-    items = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        sizes = [int(str(v).strip()) for v in items if str(v).strip()]
-    except ValueError:
-        raise ErfLabError(f"--input-sizes expects comma-separated integers, got {text!r}") from None
-    if not sizes:
-        raise ErfLabError("--input-sizes is empty")
-    bad = [v for v in sizes if v < 1 or v > MAX_INPUT_SIZE]
-    if bad:
-        raise ErfLabError(f"input sizes must be between 1 and {MAX_INPUT_SIZE}, got {', '.join(map(str, bad))}")
-    if len(set(sizes)) != len(sizes):
-        raise ErfLabError(f"duplicate input sizes in {text!r}")
-    return sizes
+    return _parse_int_list(text, "--input-sizes", lambda v: 1 <= v <= MAX_INPUT_SIZE,
+                           f"between 1 and {MAX_INPUT_SIZE}")
 
 
 def _members(ks, sizes, model, weights, init, weights_dir, overrides):
