@@ -118,6 +118,9 @@ def _cases():
     add("sweep-even-kernel", ["sweep", "--kernels", "3,8", "--out", "{out}"], "odd")
     add("sweep-bad-sizes", ["sweep", "--input-sizes", "0,224", "--out", "{out}"], "between 1")
     add("sweep-sizes-text", ["sweep", "--input-sizes", "abc", "--out", "{out}"], "comma-separated")
+    add("sweep-size-above-max", ["sweep", "--input-sizes", "224,5000", "--out", "{out}"], "between 1 and 4096")
+    add("sweep-size-below-stride", ["sweep", "--input-sizes", "8,16", "--reparam", "deploy", "--num-images", "1",
+                                    *TINY[2:], "--out", "{out}"], "too small")
     add("sweep-no-weights-dir", ["sweep", "--kernels", "3", "--init", "weights", "--out", "{out}"], "--weights-dir")
     # reparam
     add("reparam-unknown-model", ["reparam", "--model", "replknet_99", "--out", "{out}/x.pth"], "unknown model")

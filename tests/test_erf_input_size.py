@@ -74,3 +74,15 @@ def test_input_size_sweep_writes_rows_curves_and_the_note(tmp_path):
         run_sweep(input_sizes="8", model="replknet_31b", reparam="deploy", num_images=1,
                   overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, out=tmp_path / "small",
                   show_progress=False)
+
+
+def test_kernels_and_input_sizes_together(tmp_path):
+    """--kernels with --input-sizes: one run per (K, size); rows grouped by kernel, curves against input size."""
+    res = run_sweep([3, 7], input_sizes=[32, 64], reparam="deploy", num_images=1,
+                    overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, out=tmp_path / "s",
+                    formats=("png",), show_progress=False)
+    assert [(r["kernel"], r["input_size"]) for r in res["rows"]] == [(3, 32), (3, 64), (7, 32), (7, 64)]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == [
+        "K3-S32-deploy", "K3-S64-deploy", "K7-S32-deploy", "K7-S64-deploy"]
+    trf = {(r["kernel"], r["input_size"]): r["trf"] for r in res["rows"]}
+    assert trf[(3, 32)] == trf[(3, 64)] < trf[(7, 32)] == trf[(7, 64)]  # the theoretical RF ignores the image size

@@ -170,7 +170,8 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
                           "reparam": mode}}, formats=formats, show_progress=False, argv=argv)
             run = load_run(sub)
             maps[(stem, mode)] = run.erf
-            rows.append({"kernel": k, "input_size": size, "reparam": mode, "model": spec.model,
+            rows.append({"kernel": k, "input_size": size, "reparam": mode, "series": f"K={k} {mode}" if k else mode,
+                         "model": spec.model,
                          "num_used": run.run_info.get("num_used"), "run_dir": sub.name,
                          "reused": res["already_complete"], **summary(run.metrics or res["metrics"])})
             bar.update(1)
@@ -196,7 +197,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
                       [f"K={k} {mode}" if k is not None else mode for k, mode in row_keys],
                       [f"{v}px" if by_size else f"K = {v}" for v in axis], out_dir / "grid", formats=formats)
     x = "input_size" if by_size else "kernel"
-    group = "kernel" if (ks and by_size and len(modes) == 1) else "reparam"
+    group = "series" if (ks and by_size) else "reparam"
     metric_set = AREA_METRICS + SIZE_FREE_METRICS if by_size else AREA_METRICS + SIZE_FREE_METRICS[:1]
     files += plot_growth(rows, out_dir / "growth", x=x, group=group, metrics=metric_set, formats=formats)
     columns = ("input_size",) + SWEEP_COLUMNS if by_size else SWEEP_COLUMNS
