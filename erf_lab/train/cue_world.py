@@ -43,13 +43,13 @@ _POLYGONS = {
     "cross": np.array([[-0.3, 0.95], [0.3, 0.95], [0.3, 0.3], [0.95, 0.3], [0.95, -0.3], [0.3, -0.3], [0.3, -0.95],
                        [-0.3, -0.95], [-0.3, -0.3], [-0.95, -0.3], [-0.95, 0.3], [-0.3, 0.3]]),
     "arrow": np.array([[1.0, 0.0], [0.2, 0.75], [0.2, 0.3], [-0.95, 0.3], [-0.95, -0.3], [0.2, -0.3], [0.2, -0.75]]),
-    "hexagon": np.stack([np.cos(np.arange(6) * np.pi / 3), np.sin(np.arange(6) * np.pi / 3)], 1) * 0.92,
+    "ell": np.array([[-0.75, -0.9], [0.8, -0.9], [0.8, -0.42], [-0.27, -0.42], [-0.27, 0.95], [-0.75, 0.95]]),
     "heart-tip": np.array([[-0.84, 0.12], [0.84, 0.12], [0.0, -0.92]]),
 }
 
 #: Shape names in class order (class k has shape ``SHAPES[k]``).
 SHAPES = ("circle", "triangle", "square", "star", "cross", "crescent", "heart", "ellipse", "arrow", "ring",
-          "blob", "hexagon")
+          "blob", "ell")
 
 
 def _polygon_sdf(x: np.ndarray, y: np.ndarray, poly: np.ndarray) -> np.ndarray:

@@ -109,7 +109,7 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int, device, mean, std, i
     model.eval()
     idx = list(range(info.rank, len(dataset), info.world_size))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, generator=torch.Generator().manual_seed(0))
     sums = _Sums()
     for x, y in loader:
         x, y = _prepare(x, y, device, mean, std, channels_last)
@@ -372,7 +372,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 d.train.set_epoch(epoch)
             order = list(sampler)[: steps_per_epoch * B][position * B:]
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(d.train, order), batch_size=B,
-                                                 num_workers=num_workers, pin_memory=device.startswith("cuda"))
+                                                 num_workers=num_workers, pin_memory=device.startswith("cuda"),
+                                                 # its own generator: the global RNG (drop path) stays resumable
+                                                 generator=torch.Generator().manual_seed(seed + epoch))
             train_net.train()
             t0 = time.time()
             for x, y in loader:
