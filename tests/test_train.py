@@ -164,7 +164,9 @@ def test_sixteen_bit_images_use_their_range():
     from erf_lab.train.data import to_rgb_array
 
     a = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
-    rgb = to_rgb_array(Image.fromarray(a, mode="I;16"))
+    im = Image.fromarray(a)
+    assert im.mode == "I;16"
+    rgb = to_rgb_array(im)
     assert rgb.shape == (8, 8, 3) and rgb.min() == 0 and rgb.max() == 255
     assert (rgb[..., 0] == np.round(a / a.max() * 255)).all()
 
