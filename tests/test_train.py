@@ -215,6 +215,20 @@ def test_bad_input_one_error_line_exit_2_nothing_written(tmp_path, capsys):
         assert not out.exists(), name  # validated before anything is written
 
 
+def test_out_that_is_a_file_or_not_empty(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for out, message in ((f, "is not a folder"), (other, "is not empty")):
+        rc = main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--batch-size", "8",
+                   "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("error:") == 1 and message in err, err
+    assert f.read_text() == "x" and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):

@@ -35,8 +35,6 @@ COMPLETE_FILE = "run.json"
 OUR_FILES = ("metrics.csv", "model.pth", "model.safetensors", "model_ema.safetensors", "curves.png", "curves.pdf",
              C.STATE_FILE, COMPLETE_FILE)
 AMP_MODES = ("auto", "bf16", "fp16", "none")
-#: settings that may differ on --resume (they do not change the numbers on the same device).
-RESUME_FREE = ("num_workers", "show_progress", "checkpoint_format", "device")
 
 
 def _now() -> str:
@@ -290,7 +288,13 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 "data": str(data), "input_size": input_size, "train_size": train_size, "val_size": val_size,
                 "num_classes": num_classes, "seed": seed, "recipe": recipe.as_dict(), "amp": amp,
                 "channels_last": bool(channels_last), "sync_bn": bool(sync_bn), "world_size": info.world_size}
-    mode = _prepare_out_dir(out, resume, force)
+    try:  # rank 0 decides (the other ranks would race with its first writes) and tells the others
+        mode = _prepare_out_dir(out, resume, force) if info.is_main else None
+    except ErfLabError as e:
+        mode = e
+    mode = D.broadcast_object(mode if not isinstance(mode, ErfLabError) else ("error", str(mode)), info)
+    if isinstance(mode, tuple):
+        raise ErfLabError(mode[1])
     if mode == "complete":
         return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
     state = C.load_state(out) if mode == "resume" else None
@@ -427,7 +431,6 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                           f"val loss {val_loss:.4f} acc {val_acc:.3f}")
             save_state()
     except KeyboardInterrupt:
-        epoch_time += time.time() - t0 if "t0" in locals() else 0.0
         save_state()
         bar.close()
         raise
