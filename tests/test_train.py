@@ -243,3 +243,39 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
     assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs",
                  "2", "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"]) == 0
     assert (out / "run.json").exists()
+
+
+def test_kill_stops_at_a_step_and_resume_completes(tmp_path):
+    """SIGTERM (``kill``) to a real ``erf-lab train`` process: it stops after the current step with exit 130 and a
+    saved state, without run.json; ``--resume`` then finishes the run with every step done once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [*TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "8", "--epochs", "4",
+            "--batch-size", "8", "--checkpoint-format", "safetensors", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "erf_lab", "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "epoch_001.safetensors").exists() and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "continue with --resume" in err and "Traceback" not in err
+    assert not (out / "run.json").exists()
+    state = C.load_state(out)
+    assert 1 <= state["epoch"] < 4 and state["step"] == 4 * state["epoch"] + state["position"]
+    assert main(["train", *args, "--resume"]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [4 * e for e in range(1, 5)]
+    assert json.loads((out / "run.json").read_text())["resumed"] is True

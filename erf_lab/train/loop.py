@@ -132,6 +132,10 @@ def _autocast(device, dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+class _ForcedStop(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, without saving (the last saved state stays the resume point)."""
+
+
 class _StopRequest:
     """Ctrl-C (SIGINT) or ``kill`` (SIGTERM) asks the run to stop after the current step, so the saved state is
     always a consistent step boundary; a second signal stops at once."""
@@ -148,7 +152,7 @@ class _StopRequest:
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise _ForcedStop
         self.requested = True
 
     def __exit__(self, *exc):
@@ -430,9 +434,15 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 bar.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.3f}, "
                           f"val loss {val_loss:.4f} acc {val_acc:.3f}")
             save_state()
+    except _ForcedStop:
+        bar.close()
+        raise
     except KeyboardInterrupt:
         save_state()
         bar.close()
+        if info.is_main:
+            print(f"stopped at epoch {epoch + 1}, step {step}: state saved in {out}; continue with --resume",
+                  file=sys.stderr)
         raise
     bar.close()
 
