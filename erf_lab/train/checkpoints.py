@@ -86,4 +86,5 @@ def load_state(out_dir: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ErfLabError(f"cannot read the training state {path} (corrupt?): {first}; start again with --force") from None
+        raise ErfLabError(f"cannot read the training state {path} (corrupt?): {first}; "
+                          f"start again with --force") from None

@@ -94,10 +94,6 @@ class ImageFolderSplit(torch.utils.data.Dataset):
             rgb = rgb.crop((left, top, left + s, top + s))
         return torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
 
-    def describe(self) -> dict:
-        return {"kind": "folder", "root": str(self.root), "size": len(self.files), "skipped": len(self.skipped),
-                "num_classes": len(self.classes), "classes": self.classes}
-
 
 def _random_resized_box(w: int, h: int, rng: np.random.Generator, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
     area = w * h
@@ -133,7 +129,8 @@ def _scan_split(root: Path, split: str) -> tuple[dict[str, list[Path]], list[str
     return {c: v for c, v in found.items() if v}, skipped
 
 
-def image_folder(root: str | os.PathLike, input_size: int, seed: int = 0) -> tuple[ImageFolderSplit, ImageFolderSplit]:
+def image_folder(root: str | os.PathLike, input_size: int,
+                 seed: int = 0) -> tuple[ImageFolderSplit, ImageFolderSplit]:
     """(train, val) splits of an ImageFolder tree; ErfLabError for a missing / empty split or a class present
     in only one split."""
     root = Path(root).expanduser()

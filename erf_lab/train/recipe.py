@@ -34,7 +34,8 @@ class Recipe:
             raise ErfLabError(f"--epochs must be at least 1, got {self.epochs}")
         if int(self.batch_size) < 1:
             raise ErfLabError(f"--batch-size must be at least 1, got {self.batch_size}")
-        checks = [("lr", self.lr > 0), ("min-lr", 0 <= self.min_lr <= self.lr), ("weight-decay", self.weight_decay >= 0),
+        checks = [("lr", self.lr > 0), ("min-lr", 0 <= self.min_lr <= self.lr),
+                  ("weight-decay", self.weight_decay >= 0),
                   ("warmup-epochs", 0 <= self.warmup_epochs <= self.epochs),
                   ("label-smoothing", 0 <= self.label_smoothing < 1), ("drop-path", 0 <= self.drop_path < 1),
                   ("ema", self.ema == 0 or 0 < self.ema < 1), ("clip-grad", self.clip_grad >= 0)]
@@ -100,9 +101,4 @@ class ModelEma:
         self.module.load_state_dict(sd)
 
 
-def recipe_from(**kwargs) -> Recipe:
-    names = {f.name for f in fields(Recipe)}
-    return Recipe(**{k: v for k, v in kwargs.items() if k in names})
-
-
-__all__ = ["Recipe", "lr_at", "param_groups", "build_optimizer", "set_lr", "ModelEma", "recipe_from"]
+__all__ = ["Recipe", "lr_at", "param_groups", "build_optimizer", "set_lr", "ModelEma"]
