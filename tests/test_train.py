@@ -215,6 +215,24 @@ def test_bad_input_one_error_line_exit_2_nothing_written(tmp_path, capsys):
         assert not out.exists(), name  # validated before anything is written
 
 
+def test_corrupt_or_malicious_training_state_is_refused(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran code",))
+
+    for name, payload in (("corrupt", b"\x80\x02garbage"), ("malicious", pickle.dumps({"model": Evil()}))):
+        out = tmp_path / name
+        out.mkdir()
+        (out / C.STATE_FILE).write_bytes(payload)
+        rc = main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--batch-size", "8",
+                   "--out", str(out), "--resume"])
+        cap = capsys.readouterr()
+        assert rc == 2 and cap.err.count("error:") == 1 and "training state" in cap.err, cap.err
+        assert "ran code" not in cap.out and not (out / "run.json").exists()
+
+
 def test_out_that_is_a_file_or_not_empty(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
