@@ -132,3 +132,15 @@ def test_examples_figure(tmp_path):
 def test_bad_parameters(kwargs):
     with pytest.raises(ErfLabError):
         cw.CueWorld(**{"split": "train", "size": 4, **kwargs})
+
+
+def test_resample_draws_new_images_each_epoch():
+    ds = cw.CueWorld("train", 5, 32, resample=True)
+    fixed = cw.CueWorld("train", 5, 32)
+    first = [ds[i][0] for i in range(5)]
+    assert all(torch.equal(a, fixed[i][0]) for i, a in enumerate(first))  # epoch 0 = the fixed set
+    ds.set_epoch(2)
+    assert all(torch.equal(ds[i][0], cw.render_batch("train", [10 + i], 32)[0]) for i in range(5))
+    assert ds.label(3) == cw.draw_scene("train", 13).shape
+    fixed.set_epoch(2)
+    assert all(torch.equal(fixed[i][0], first[i]) for i in range(5))  # without resample: the same images

@@ -260,11 +260,13 @@ class CueWorld(torch.utils.data.Dataset):
 
     The label is the class for train / val, the shape class for cue-conflict and shape-only, the texture class
     for texture-only; :meth:`cues` gives both. ``cache=True`` renders the split once into
-    ``<erf-lab cache>/cue-world/`` (uint8) and reads it from there afterwards.
+    ``<erf-lab cache>/cue-world/`` (uint8) and reads it from there afterwards. ``resample=True`` makes the set
+    an endless stream: after :meth:`set_epoch` (e), item i is image ``e * size + i`` of the split.
     """
 
     def __init__(self, split: str = "train", size: int = 2000, input_size: int = 64,
-                 num_classes: int = DEFAULT_NUM_CLASSES, seed: int = 0, cache: bool = False):
+                 num_classes: int = DEFAULT_NUM_CLASSES, seed: int = 0, cache: bool = False,
+                 resample: bool = False):
         if split not in SPLITS:
             raise ErfLabError(f"unknown cue-world split {split!r}; choose one of {', '.join(SPLITS)}")
         if not 2 <= int(num_classes) <= len(SHAPES):
@@ -276,15 +278,24 @@ class CueWorld(torch.utils.data.Dataset):
         self.split, self.size, self.input_size = split, int(size), int(input_size)
         self.num_classes, self.seed = int(num_classes), int(seed)
         self.classes = class_names(self.num_classes)
+        self.resample, self.epoch = bool(resample), 0
         self._scenes = [draw_scene(split, i, self.num_classes, self.seed) for i in range(self.size)]
         self._cached = self._load_cache() if cache else None
 
     def __len__(self) -> int:
         return self.size
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def scene(self, index: int) -> Scene:
+        if self.resample and self.epoch > 0:
+            return draw_scene(self.split, self.epoch * self.size + int(index), self.num_classes, self.seed)
+        return self._scenes[index]
+
     def cues(self, index: int) -> tuple[int, int]:
         """(shape class, texture class) of image ``index``; -1 where the cue is absent."""
-        s = self._scenes[index]
+        s = self.scene(index)
         return s.shape, s.texture
 
     @property
@@ -292,20 +303,21 @@ class CueWorld(torch.utils.data.Dataset):
         return [self.label(i) for i in range(self.size)]
 
     def image(self, index: int) -> torch.Tensor:
-        if self._cached is not None:
+        if self._cached is not None and not (self.resample and self.epoch > 0):
             return torch.from_numpy(self._cached[index].astype(np.float32) / 255.0)
-        return torch.from_numpy(render_scene(self._scenes[index], self.input_size))
+        return torch.from_numpy(render_scene(self.scene(index), self.input_size))
 
     def __getitem__(self, index: int):
         return self.image(index), self.label(index)
 
     def label(self, index: int) -> int:
-        s = self._scenes[index]
+        s = self.scene(index)
         return s.shape if s.shape >= 0 else s.texture
 
     def describe(self) -> dict:
         return {"kind": "cue-world", "split": self.split, "size": self.size, "input_size": self.input_size,
-                "num_classes": self.num_classes, "seed": self.seed, "classes": self.classes}
+                "num_classes": self.num_classes, "seed": self.seed, "resample": self.resample,
+                "classes": self.classes}
 
     def _load_cache(self) -> np.ndarray:
         from erf_lab.io import atomic_path

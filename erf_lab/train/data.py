@@ -165,15 +165,19 @@ class Data:
 
 
 def build_data(data: str, input_size: int, *, train_size: int = 2000, val_size: int = 500,
-               num_classes: int = 10, seed: int = 0) -> Data:
-    """``data`` = ``"cue-world"`` (sizes, classes and world seed from the keywords) or an ImageFolder root."""
+               num_classes: int = 10, seed: int = 0, resample: bool = False) -> Data:
+    """``data`` = ``"cue-world"`` (sizes, classes, world seed and ``resample``: new training images every epoch,
+    from the keywords) or an ImageFolder root."""
     if str(data) == CUE_WORLD:
         from erf_lab.train.cue_world import CueWorld
 
-        tr = CueWorld("train", train_size, input_size, num_classes=num_classes, seed=seed)
+        tr = CueWorld("train", train_size, input_size, num_classes=num_classes, seed=seed, resample=resample)
         va = CueWorld("val", val_size, input_size, num_classes=num_classes, seed=seed)
         return Data(tr, va, tr.classes, {"kind": CUE_WORLD, "train_size": tr.size, "val_size": va.size,
-                                         "num_classes": tr.num_classes, "world_seed": seed, "classes": tr.classes})
+                                         "num_classes": tr.num_classes, "world_seed": seed, "resample": resample,
+                                         "classes": tr.classes})
+    if resample:
+        raise ErfLabError("--resample is a cue-world option (a folder dataset has a fixed set of images)")
     tr, va = image_folder(data, input_size, seed=seed)
     return Data(tr, va, tr.classes, {"kind": "folder", "root": str(Path(data).expanduser().resolve()),
                                      "train_size": len(tr), "val_size": len(va), "num_classes": len(tr.classes),

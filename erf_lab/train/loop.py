@@ -247,7 +247,8 @@ def _clear(out: Path) -> None:
 
 
 def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = None, recipe: Recipe | None = None,
-          input_size: int = 64, train_size: int = 2000, val_size: int = 500, num_classes: int = 10, seed: int = 0,
+          input_size: int = 64, train_size: int = 2000, val_size: int = 500, num_classes: int = 10,
+          resample: bool = False, seed: int = 0,
           device: str = "cpu", amp: str = "auto", channels_last: bool = False, sync_bn: bool = False,
           num_workers: int = 0, resume: bool = False, force: bool = False, checkpoint_format: str = "both",
           show_progress: bool = True, argv: list[str] | None = None, on_step=None) -> dict:
@@ -273,15 +274,15 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     try:
         with _StopRequest() as stop:
             return _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
-                          int(val_size), int(num_classes), int(seed), D.device_for(device, info), amp, amp_dtype,
-                          channels_last, sync_bn, int(num_workers), resume, force, checkpoint_format, show_progress,
-                          argv, on_step, info, stop)
+                          int(val_size), int(num_classes), bool(resample), int(seed), D.device_for(device, info),
+                          amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
+                          checkpoint_format, show_progress, argv, on_step, info, stop)
     finally:
         D.shutdown(info)
 
 
-def _train(model_name, data, out, overrides, recipe, input_size, train_size, val_size, num_classes, seed, device,
-           amp, amp_dtype, channels_last, sync_bn, num_workers, resume, force, checkpoint_format, show_progress,
+def _train(model_name, data, out, overrides, recipe, input_size, train_size, val_size, num_classes, resample, seed,
+           device, amp, amp_dtype, channels_last, sync_bn, num_workers, resume, force, checkpoint_format, show_progress,
            argv, on_step, info: D.DistInfo, stop: _StopRequest) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
@@ -290,8 +291,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     settings = {"model": model_name, "overrides": {k: (list(v) if isinstance(v, tuple) else v)
                                                    for k, v in overrides.items()},
                 "data": str(data), "input_size": input_size, "train_size": train_size, "val_size": val_size,
-                "num_classes": num_classes, "seed": seed, "recipe": recipe.as_dict(), "amp": amp,
-                "channels_last": bool(channels_last), "sync_bn": bool(sync_bn), "world_size": info.world_size}
+                "num_classes": num_classes, "resample": resample, "seed": seed, "recipe": recipe.as_dict(),
+                "amp": amp, "channels_last": bool(channels_last), "sync_bn": bool(sync_bn),
+                "world_size": info.world_size}
     try:  # rank 0 decides (the other ranks would race with its first writes) and tells the others
         mode = _prepare_out_dir(out, resume, force) if info.is_main else None
     except ErfLabError as e:
@@ -310,7 +312,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                               f"{k}: {state['settings'].get(k)!r} there, {settings[k]!r} now); repeat its "
                               f"command or start over with --force")
 
-    d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes, seed=seed)
+    d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes, seed=seed,
+                   resample=resample)
     n_classes = len(d.classes)
     B, W = recipe.batch_size, info.world_size
     steps_per_epoch = len(d.train) // (B * W)

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=int, default=2000, help="cue-world training images (default 2000)")
     p.add_argument("--val-size", type=int, default=500, help="cue-world validation images (default 500)")
     p.add_argument("--num-classes", type=int, default=10, help="cue-world classes, 2-12 (default 10)")
+    p.add_argument("--resample", action="store_true",
+                   help="cue-world: new training images every epoch (--train-size per epoch, an endless stream)")
     p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step and process (default 64)")
     p.add_argument("--input-size", type=int, default=64, help="square input side in pixels (default 64)")
@@ -73,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.showwarning = _show_warning
         res = train(args.model, args.data, out=args.out, overrides=parse_overrides(args.override), recipe=recipe,
                     input_size=args.input_size, train_size=args.train_size, val_size=args.val_size,
-                    num_classes=args.num_classes, seed=args.seed, device=args.device, amp=args.amp,
-                    channels_last=args.channels_last, sync_bn=args.sync_bn, num_workers=args.num_workers,
+                    num_classes=args.num_classes, resample=args.resample, seed=args.seed, device=args.device,
+                    amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn, num_workers=args.num_workers,
                     resume=args.resume, force=args.force, checkpoint_format=args.checkpoint_format,
                     show_progress=not args.quiet, argv=["erf-lab", *sys.argv[1:]])
     if res["already_complete"]:
