@@ -213,7 +213,7 @@ def plot_growth(rows: Sequence[dict], stem: str | os.PathLike, *, x: str = "kern
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[gi % len(markers)],
                             linestyle="-" if gi == 0 else "--", label=str(g), linewidth=1.4, markersize=5)
-            ax.set_xlabel("kernel size" if x == "kernel" else x)
+            ax.set_xlabel({"kernel": "kernel size", "input_size": "input size (px)"}.get(x, x))
             ax.set_ylabel(label)
             xs = sorted({r[x] for r in rows})
             ax.set_xticks(xs)
