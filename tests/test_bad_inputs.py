@@ -12,7 +12,8 @@ from erf_lab.cli.main import main
 
 TINY = ["--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)"]
 SMALL = ["compute", *TINY, "--num-images", "1", "--input-size", "32"]
-COMPLETE_MARKERS = ("run.json", "erf.npy", "summary.json", "sweep.json", "compare.json", "analysis.json")
+COMPLETE_MARKERS = ("run.json", "erf.npy", "summary.json", "sweep.json", "compare.json", "analysis.json",
+                    "model.pth", "model.safetensors", "metrics.csv")
 
 
 class _Evil:
@@ -134,6 +135,16 @@ def _cases():
                                      "--out", "{out}"], "")
     add("shape-bias-unknown-model", ["shape-bias", "--model", "nope", "--allow-random", "--out", "{out}"],
         "unknown model")
+    # train (the training lab): its own data checks are in tests/test_train.py
+    tr = ["train", *TINY, "--input-size", "32", "--num-classes", "4", "--train-size", "16", "--val-size", "8",
+          "--epochs", "1", "--quiet"]
+    add("train-unknown-model", ["train", "--model", "replknet_99", "--out", "{out}"], "unknown model")
+    add("train-batch-0", [*tr, "--batch-size", "0", "--out", "{out}"], "--batch-size must be at least 1")
+    add("train-device-tpu", [*tr, "--batch-size", "4", "--device", "tpu", "--out", "{out}"], "--device")
+    add("train-resume-nothing", [*tr, "--batch-size", "4", "--resume", "--out", "{out}"], "nothing to resume")
+    add("train-data-missing", [*tr, "--batch-size", "4", "--data", "{bad}/nope", "--out", "{out}"], "")
+    add("train-data-empty", [*tr, "--batch-size", "4", "--data", "{bad}/empty", "--out", "{out}"], "")
+    add("train-out-is-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt"], "")
     return c
 
 
