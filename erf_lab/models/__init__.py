@@ -9,5 +9,6 @@ from erf_lab.models import resnet  # noqa: F401,E402
 from erf_lab.models import mobilenetv2  # noqa: F401,E402
 from erf_lab.models import efficientnet_lite  # noqa: F401,E402
 from erf_lab.models import unireplknet  # noqa: F401,E402
+from erf_lab.models import slak  # noqa: F401,E402
 
 __all__ = ["create_model", "list_models", "register_model", "is_model", "reparameterize_model"]
