@@ -154,3 +154,11 @@ def test_erf_run_through_the_runner(tmp_path):
     erf = res["result"].erf
     assert erf.shape == (64, 64) and float(erf.max()) > 0
     assert np.array_equal(np.load(tmp_path / "run" / "erf.npy"), erf)
+
+
+def test_erf_lab_models_describes_the_variants():
+    from erf_lab.models.summary import describe_model
+
+    row = describe_model("slak_t")
+    assert row["family"] == "slak" and row["kernel_sizes"] == [51, 49, 47, 13]
+    assert row["params"] == 50_703_838 and row["deploy_params"] == 60_577_702  # dense: merged 51x51 is larger

@@ -207,3 +207,11 @@ def test_erf_run_through_the_runner(tmp_path):
     assert erf.shape == (64, 64) and float(erf.max()) > 0
     assert np.array_equal(np.load(tmp_path / "run" / "erf.npy"), erf)
     assert res["run_info"]["model"] == "unireplknet_t"
+
+
+def test_erf_lab_models_describes_the_variants():
+    from erf_lab.models.summary import describe_model
+
+    row = describe_model("unireplknet_t")
+    assert row["family"] == "unireplknet" and row["kernel_sizes"] == [3, 13, 13, 13]
+    assert row["params"] == 31_693_420 and row["deploy_params"] == 31_037_980  # train-time / paper (31M) form

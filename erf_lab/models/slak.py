@@ -174,6 +174,7 @@ class SLaK(FeatureIntermediates, nn.Module):
         if not 0.0 <= float(drop_path_rate) < 1.0:
             raise ErfLabError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.depths, self.dims, self.kernel_size = depths, dims, kernel_size
+        self.large_kernel_sizes = kernel_size[:4]  # per stage, as RepLKNet's
         self.num_classes = int(num_classes or 0)
         self.num_features = dims[-1]
         self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,

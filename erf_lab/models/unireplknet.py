@@ -307,6 +307,7 @@ class UniRepLKNet(FeatureIntermediates, nn.Module):
         if not 0.0 <= float(drop_path_rate) < 1.0:
             raise ErfLabError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.depths, self.dims, self.kernel_sizes = depths, dims, kernel_sizes
+        self.large_kernel_sizes = tuple(max(ks) for ks in kernel_sizes)  # per stage, as RepLKNet's
         self.num_classes = int(num_classes or 0)
         self.num_features = dims[-1]
         self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
