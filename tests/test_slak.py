@@ -101,8 +101,8 @@ def test_merge_is_idempotent_and_pads_each_branch_to_its_place():
     expected[:, 2:5] += 1  # 7x3: full height, centre columns
     expected[2:5, :] += 1  # 3x7
     expected[2:5, 2:5] += 1  # 3x3
-    assert torch.allclose(k[0, 0], expected * bn_scale, rtol=0, atol=1e-12) and torch.equal(b, torch.zeros(2,
-                                                                                         dtype=torch.float64))
+    assert torch.allclose(k[0, 0], expected * bn_scale, rtol=0, atol=1e-12)
+    assert torch.equal(b, torch.zeros(2, dtype=torch.float64))
     lk.reparameterize()
     first = lk.lkb_reparam.weight.clone()
     lk.reparameterize()

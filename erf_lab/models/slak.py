@@ -154,7 +154,7 @@ class SLaK(FeatureIntermediates, nn.Module):
     """SLaK; arguments keep the official constructor's names (``depths``, ``dims`` before ``width_factor``,
     ``kernel_size`` = the four stage kernels + the small kernel, ``Decom`` as ``decompose``) plus ``deploy``
     (build merged). ``forward_features`` returns the last stage's map (N, C, H/32, W/32) before pooling (the
-    official ERF script measures the pooled+normed vector of the same map); ``feature_info[i]`` = ``stages.i``.
+    official ``forward_features`` pools and norms it); ``feature_info[i]`` = ``stages.i``.
     """
 
     head_names = ("head",)
