@@ -12,7 +12,6 @@ import torch.nn as nn
 from erf_lab.models import create_model, list_models, reparameterize_model
 from erf_lab.models.deploy import max_relative_error
 from erf_lab.models.reparam import randomize_bn
-from erf_lab.models.replknet import ReparamLargeKernelConv
 from erf_lab.models.summary import model_family
 
 #: Reduced-width overrides per architecture family (the module file name), to keep the test fast.
@@ -21,7 +20,14 @@ TINY = {
     "resnet": dict(width=8),
     "mobilenetv2": dict(width_mult=0.25),
     "efficientnet_lite": {},
+    # layer scale 1 (1e-6 at init would hide every block behind the residual)
+    "unireplknet": dict(dims=(8, 16, 16, 24), depths=(1, 1, 2, 1), kernel_sizes=((3,), (13,), (7, 5), (9,)),
+                        layer_scale_init_value=1.0),
+    "slak": dict(dims=(8, 8, 16, 16), depths=(1, 1, 1, 1), kernel_size=(13, 11, 9, 7, 3), width_factor=1.0,
+                 layer_scale_init_value=1.0),
 }
+#: Families whose fused form merges parallel branch convs into one (the conv list shrinks, its types stay).
+MERGES_BRANCHES = {"replknet", "unireplknet", "slak"}
 #: BatchNorms deliberately left by the fused form (documented in the architecture's module).
 KEPT_BN = {"replknet": {"norm"}}  # final BN before pooling: nothing after it to fold into (replknet.py)
 #: Odd, non-square input: exercises EfficientNet-Lite's asymmetric TF "SAME" padding after fusion.
@@ -84,16 +90,19 @@ def check_fused(model: nn.Module, fam: str, x: torch.Tensor) -> tuple[float, flo
     assert left == KEPT_BN.get(fam, set()), left
     # Every conv carries its folded bias; conv classes (SameConv2d, fastconv.DepthwiseConv2d) are kept.
     assert all(m.bias is not None for m in fused.modules() if isinstance(m, nn.Conv2d))
-    if any(isinstance(m, ReparamLargeKernelConv) for m in model.modules()):  # RepLKNet: two branch convs become one
+    if fam in MERGES_BRANCHES:  # e.g. RepLKNet: two branch convs become one
         assert set(conv_types(fused)) == set(conv_types(model))
+        assert len(conv_types(fused)) < len(conv_types(model))
     else:
         assert conv_types(fused) == conv_types(model)
-    assert sum(p.numel() for p in fused.parameters()) < sum(p.numel() for p in model.parameters())
+    if fam != "slak":  # SLaK's merge turns Kx5 + 5xK + 5x5 kernels into one KxK: more parameters, one conv
+        assert sum(p.numel() for p in fused.parameters()) < sum(p.numel() for p in model.parameters())
     # The tolerance can fail: a wrong fold of the last conv's BN (its bias off by 0.5) is a real error.
     with torch.no_grad():
         broken = copy.deepcopy(fused)
         last = [m for m in broken.modules() if isinstance(m, nn.Conv2d)][-1]
-        last.bias.add_(0.5)
+        # one channel: a uniform shift of all channels would vanish in SLaK's channel LayerNorm
+        (last.bias[:1] if fam == "slak" else last.bias).add_(0.5)
         assert max_relative_error(ref[0], broken.forward_features(x)) > 1e-3
     return err, floor, err64
 

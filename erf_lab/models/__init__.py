@@ -1,4 +1,5 @@
-"""The model zoo: RepLKNet (Ding et al., CVPR 2022) and the comparison models of its paper."""
+"""The model zoo: RepLKNet (Ding et al., CVPR 2022), the comparison models of its paper, and its large-kernel
+successors UniRepLKNet (CVPR 2024) and SLaK (ICLR 2023)."""
 from erf_lab.models.registry import create_model, is_model, list_models, register_model
 from erf_lab.models.reparam import reparameterize_model
 
@@ -7,5 +8,7 @@ from erf_lab.models import replknet  # noqa: F401,E402
 from erf_lab.models import resnet  # noqa: F401,E402
 from erf_lab.models import mobilenetv2  # noqa: F401,E402
 from erf_lab.models import efficientnet_lite  # noqa: F401,E402
+from erf_lab.models import unireplknet  # noqa: F401,E402
+from erf_lab.models import slak  # noqa: F401,E402
 
 __all__ = ["create_model", "list_models", "register_model", "is_model", "reparameterize_model"]

@@ -52,9 +52,10 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
                  drop_head: bool = False, **overrides) -> nn.Module:
     """Build a registered model (or ``package.module:factory``), optionally load ``weights``.
 
-    ``deploy=True`` builds re-parameterizable models in their merged (inference) form. A checkpoint in
-    the merged RepLKNet layout (``lkb_reparam`` keys) implies ``deploy=True``. ``drop_head=True`` loads a
-    checkpoint whose classifier has a different class count, keeping the model's own head.
+    ``deploy=True`` builds re-parameterizable models in their merged (inference) form. A checkpoint in a
+    merged layout (``lkb_reparam`` keys; UniRepLKNet's ``lk_origin.bias``) implies ``deploy=True``.
+    ``drop_head=True`` loads a checkpoint whose classifier has a different class count, keeping the model's
+    own head.
     """
     factory = _resolve_factory(name)
     state_dict = None
@@ -106,4 +107,5 @@ def _build_uninitialized(name: str, factory, kwargs: dict) -> nn.Module | None:
 
 
 def _implies_deploy(state_dict) -> bool:
-    return any(".lkb_reparam." in "." + k for k in state_dict)
+    """A merged layout: RepLKNet / SLaK ``lkb_reparam``, UniRepLKNet's biased ``dwconv.lk_origin``."""
+    return any(".lkb_reparam." in "." + k or k.endswith(".dwconv.lk_origin.bias") for k in state_dict)

@@ -1,0 +1,255 @@
+"""SLaK (Liu et al., "More ConvNets in the 2020s: Scaling up Kernels Beyond 51x51 using Sparsity", ICLR 2023;
+official code: github VITA-Group/SLaK, ``models/SLaK.py``).
+
+Architecture (paper Sec. 4-5): ConvNeXt (Liu et al., CVPR 2022) with 1.3x wider stages and each 7x7 depthwise
+conv replaced by a *decomposed* large kernel (paper Sec. 4.2, "kernel decomposition"): two parallel depthwise
+conv-BNs of shapes K x 5 and 5 x K plus a 5 x 5 conv-BN, summed. Stage kernels K = 51, 49, 47, 13 (official
+``--kernel_size 51 49 47 13 5``). A block is ``x + DropPath(gamma * Linear(GELU(Linear(LN(LK(x))))))``
+(LN / Linears in NHWC); stem 4x4/4 conv-LN, downsampling LN-2x2/2 conv, head: pool -> LN -> Linear.
+
+State-dict keys are the official ones (``stages.0.0.large_kernel.LoRA1.conv.weight`` (C, 1, 51, 5),
+``...LoRA1.bn.*``, ``...LoRA2.*`` (5 x 51), ``...small_conv.*`` (5 x 5), ``...norm.*``, ``...pwconv1.*``,
+``...gamma``, ``downsample_layers.*``, ``norm.*``, ``head.*``); ``decompose=False`` is the official
+``Decom=None`` path (``lkb_origin`` K x K + ``small_conv``), ``bn=False`` the official BN-free branches.
+
+Kernel merge for inference (:meth:`SLaKLargeKernel.reparameterize`, ``reparameterize_model``, ``deploy=True``):
+each branch's BN is folded into its kernel and the K x 5, 5 x K and 5 x 5 kernels are zero-padded to K x K and
+summed into one biased depthwise conv ``lkb_reparam`` (the official merged name). The convolutions are linear and
+all 'same'-padded, so the merge is exact.
+
+Sparsity: the paper trains with dynamic sparsity (40 % of the conv / linear weights zero, SNIP init, prune-and-
+grow). This implementation holds dense weights only (a sparse checkpoint loads unchanged: its zeros are ordinary
+values); no sparse training. The paper's parameter counts are the non-zero weights at that sparsity
+(:func:`sparse_param_count`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from erf_lab.errors import ErfLabError
+from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.features import FeatureIntermediates
+from erf_lab.models.registry import register_model
+from erf_lab.models.replknet import ConvBN, DropPath
+from erf_lab.models.unireplknet import LayerNorm2d
+
+__all__ = ["SLaK", "SLaKBlock", "SLaKLargeKernel", "VARIANTS", "sparse_param_count"]
+
+#: Paper Table 2 / official README; ``params_m``: reported count (millions) at the paper's 40 % sparsity.
+VARIANTS: dict[str, dict] = {
+    "slak_t": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), params_m=30),
+    "slak_s": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), params_m=55),
+    "slak_b": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), params_m=95),
+}
+#: The paper's sparsity (official training command ``--sparsity 0.4``).
+PAPER_SPARSITY = 0.4
+
+
+def _dw_conv_bn(channels: int, kernel_size: tuple[int, int], bn: bool) -> ConvBN:
+    """Depthwise 'same' conv (-> BN) with official keys ``conv.weight`` / ``bn.*``; through
+    ``fastconv.DepthwiseConv2d`` (rectangular kernels included), as the official code's iGEMM conv."""
+    from fastconv import DepthwiseConv2d
+
+    block = ConvBN(channels, channels, 1, groups=channels)
+    block.conv = DepthwiseConv2d(channels, kernel_size, bias=False)
+    if not bn:
+        block.bn = None
+    return block
+
+
+class SLaKLargeKernel(nn.Module):
+    """The decomposed large kernel (official ``ReparamLargeKernelConv`` with ``Decom``): ``LoRA1`` (K x s) +
+    ``LoRA2`` (s x K) + ``small_conv`` (s x s), each depthwise conv-BN; ``decompose=False``: ``lkb_origin``
+    (K x K) + ``small_conv``. The small conv is omitted when s >= K (as officially)."""
+
+    def __init__(self, channels: int, kernel_size: int, small_kernel: int, decompose: bool = True,
+                 bn: bool = True, merged: bool = False):
+        super().__init__()
+        if kernel_size % 2 == 0 or small_kernel % 2 == 0 or min(kernel_size, small_kernel) < 1:
+            raise ErfLabError(f"SLaK kernel sizes must be odd and positive, got {kernel_size}, {small_kernel}")
+        self.channels, self.kernel_size, self.small_kernel = channels, kernel_size, small_kernel
+        self.lkb_reparam = self.LoRA1 = self.LoRA2 = self.lkb_origin = self.small_conv = None
+        if merged:
+            self.lkb_reparam = self._merged_conv()
+            return
+        k, s = kernel_size, small_kernel
+        if decompose:
+            self.LoRA1 = _dw_conv_bn(channels, (k, s), bn)
+            self.LoRA2 = _dw_conv_bn(channels, (s, k), bn)
+        else:
+            self.lkb_origin = _dw_conv_bn(channels, (k, k), bn)
+        if s < k:
+            self.small_conv = _dw_conv_bn(channels, (s, s), bn)
+
+    def _merged_conv(self) -> nn.Module:
+        from fastconv import DepthwiseConv2d
+
+        return DepthwiseConv2d(self.channels, self.kernel_size, bias=True)
+
+    def _branches(self) -> list[ConvBN]:
+        return [b for b in (self.LoRA1, self.LoRA2, self.lkb_origin, self.small_conv) if b is not None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lkb_reparam is not None:
+            return self.lkb_reparam(x)
+        branches = self._branches()
+        out = branches[0](x)
+        for b in branches[1:]:
+            out = out + b(x)
+        return out
+
+    @torch.no_grad()
+    def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K x K kernel, bias) in float64: every branch BN-fused, zero-padded to K x K around the centre, summed."""
+        if self.lkb_reparam is not None:
+            return self.lkb_reparam.weight.double(), self.lkb_reparam.bias.double()
+        k_sum = b_sum = 0
+        for branch in self._branches():
+            w, b = branch.fused_weight_bias(torch.float64)
+            ph, pw = (self.kernel_size - w.shape[-2]) // 2, (self.kernel_size - w.shape[-1]) // 2
+            k_sum, b_sum = k_sum + F.pad(w, [pw, pw, ph, ph]), b_sum + b
+        return k_sum, b_sum
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Merge into ``lkb_reparam``; idempotent."""
+        if self.lkb_reparam is not None:
+            return
+        ref = self._branches()[0].conv.weight
+        k, b = self.equivalent_kernel_bias()
+        conv = self._merged_conv().to(device=ref.device, dtype=ref.dtype)
+        conv.weight.copy_(k)
+        conv.bias.copy_(b)
+        self.lkb_reparam = conv
+        self.LoRA1 = self.LoRA2 = self.lkb_origin = self.small_conv = None
+
+
+class SLaKBlock(nn.Module):
+    """``x + DropPath(gamma * pwconv2(GELU(pwconv1(norm(large_kernel(x))))))`` (official ``Block``; NHWC MLP)."""
+
+    def __init__(self, dim: int, kernel_size: int, small_kernel: int, drop_path: float = 0.0,
+                 layer_scale_init_value: float = 1e-6, decompose: bool = True, bn: bool = True,
+                 merged: bool = False):
+        super().__init__()
+        self.large_kernel = SLaKLargeKernel(dim, kernel_size, small_kernel, decompose, bn, merged)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.large_kernel(x).permute(0, 2, 3, 1)))))
+        if self.gamma is not None:
+            y = self.gamma * y
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+class SLaK(FeatureIntermediates, nn.Module):
+    """SLaK; arguments keep the official constructor's names (``depths``, ``dims`` before ``width_factor``,
+    ``kernel_size`` = the four stage kernels + the small kernel, ``Decom`` as ``decompose``) plus ``deploy``
+    (build merged). ``forward_features`` returns the last stage's map (N, C, H/32, W/32) before pooling (the
+    official ``forward_features`` pools and norms it); ``feature_info[i]`` = ``stages.i``.
+    """
+
+    head_names = ("head",)
+
+    def __init__(self, in_chans: int = 3, num_classes: int | None = 1000, depths: Sequence[int] = (3, 3, 9, 3),
+                 dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.0,
+                 layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.0,
+                 kernel_size: Sequence[int] = (51, 49, 47, 13, 5), width_factor: float = 1.3,
+                 decompose: bool = True, bn: bool = True, deploy: bool = False):
+        super().__init__()
+        depths, kernel_size = tuple(int(d) for d in depths), tuple(int(k) for k in kernel_size)
+        dims = tuple(int(c * width_factor) for c in dims)
+        if len(depths) != 4 or len(dims) != 4 or min(depths) < 1 or min(dims) < 1:
+            raise ErfLabError(f"SLaK needs 4 positive depths and widths, got depths={depths}, dims={dims}")
+        if len(kernel_size) != 5:
+            raise ErfLabError(f"kernel_size: four stage kernels and the small kernel, got {kernel_size}")
+        if not 0.0 <= float(drop_path_rate) < 1.0:
+            raise ErfLabError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.depths, self.dims, self.kernel_size = depths, dims, kernel_size
+        self.large_kernel_sizes = kernel_size[:4]  # per stage, as RepLKNet's
+        self.num_classes = int(num_classes or 0)
+        self.num_features = dims[-1]
+        self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                interpolation="bicubic", num_classes=self.num_classes)
+        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4),
+                                                              LayerNorm2d(dims[0]))])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i]),
+                                                        nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
+        total = sum(depths)
+        dpr = [float(drop_path_rate) * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+        self.stages = nn.ModuleList()
+        for i in range(4):
+            start = sum(depths[:i])
+            self.stages.append(nn.Sequential(*[
+                SLaKBlock(dims[i], kernel_size[i], kernel_size[-1], dpr[start + j], layer_scale_init_value,
+                          decompose, bn, merged=deploy) for j in range(depths[i])]))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], self.num_classes) if self.num_classes > 0 else None
+        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}") for i, c in enumerate(dims)]
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+            if self.head is not None:
+                self.head.weight.data.mul_(head_init_scale)
+                self.head.bias.data.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def _feature_steps(self) -> list[tuple[str, nn.Module]]:
+        steps = []
+        for i in range(len(self.stages)):
+            steps += [(f"downsample_layers.{i}", self.downsample_layers[i]), (f"stages.{i}", self.stages[i])]
+        return steps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for _, module in self._feature_steps():
+            x = module(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.norm(x.mean((-2, -1)))
+        return x if pre_logits or self.head is None else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def sparse_param_count(model: nn.Module, sparsity: float = PAPER_SPARSITY) -> int:
+    """Parameters left non-zero when ``sparsity`` of the weights the official ``Masking`` sparsifies (every 2-D
+    and 4-D parameter: conv kernels and linear weights, head included) is zero: the paper's "#params"."""
+    masked = sum(p.numel() for p in model.parameters() if p.dim() in (2, 4))
+    total = sum(p.numel() for p in model.parameters())
+    return round(total - sparsity * masked)
+
+
+# ------------------------------------------------------------------------------------------ registered variants
+def _register(variant: str, label: str):
+    cfg = {k: v for k, v in VARIANTS[variant].items() if k != "params_m"}
+
+    def factory(**kwargs) -> SLaK:
+        model = SLaK(**{**cfg, **kwargs})
+        model.default_cfg["architecture"] = variant
+        return model
+
+    factory.__name__ = factory.__qualname__ = variant
+    factory.__doc__ = (f"SLaK-{label}: depths {cfg['depths']}, widths 1.3 x {cfg['dims']}, kernels 51-49-47-13 "
+                       f"decomposed into Kx5 + 5xK + 5x5 ({VARIANTS[variant]['params_m']}M at 40% sparsity).")
+    return register_model(factory)
+
+
+slak_t = _register("slak_t", "T")
+slak_s = _register("slak_s", "S")
+slak_b = _register("slak_b", "B")
