@@ -68,6 +68,61 @@ def plot_shape_bias(summaries: Sequence[dict], stem, human_csv_paths: Sequence[o
     return paths
 
 
+def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = None):
+    """Error consistency (Cohen's kappa; Geirhos, Meding & Wichmann, NeurIPS 2020) per dataset: each model's
+    kappa with each human subject (small markers) and its mean (large), over a grey band spanning the
+    human-human pairs (line: their mean). Saves ``stem.png`` / ``stem.pdf``; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from erf_lab.io import save_figure
+    from erf_lab.shape_bias.consistency import MVH_DATASETS
+
+    datasets = [d for d in MVH_DATASETS.values() if any(d in (s.get("consistency") or {}) for s in summaries)]
+    if not datasets:
+        raise ErfLabError("no consistency results to plot (no model-vs-human data)")
+    fig, ax = plt.subplots(figsize=(1.6 * len(datasets) + 2.6, 3.6), layout="constrained")
+    cmap = matplotlib.colormaps["tab10"]
+    palette = [cmap(k) for k in (0, 1, 2, 4, 5, 6, 8, 9, 7)]
+    width = 0.7
+    for x, ds in enumerate(datasets):
+        hh = next(((s["consistency"].get(ds) or {}).get("human_vs_human") for s in summaries
+                   if (s.get("consistency") or {}).get(ds, {}).get("human_vs_human")), None)
+        if hh:
+            k = hh["error_consistency"]
+            ax.fill_between([x - width / 2, x + width / 2], k["min"], k["max"], color="0.88", zorder=1,
+                            label="human-human pairs (range)" if x == 0 else None)
+            ax.plot([x - width / 2, x + width / 2], [k["mean"]] * 2, color=_HUMAN_STYLE["color"], lw=1.5, zorder=2,
+                    label="human-human mean" if x == 0 else None)
+        n = len(summaries)
+        for i, s in enumerate(summaries):
+            vs = ((s.get("consistency") or {}).get(ds) or {}).get("vs_humans")
+            if not vs:
+                continue
+            xi = x + (i - (n - 1) / 2) * width / max(n, 2)
+            per = [v["error_consistency"] for v in vs["per_subject"].values()]
+            jitter = np.linspace(-0.04, 0.04, len(per))
+            color = palette[i % len(palette)]
+            ax.scatter(xi + jitter, per, s=10, color=color, alpha=0.55, zorder=3, linewidth=0)
+            ax.scatter([xi], [vs["error_consistency"]["mean"]], s=60, color=color, marker=_MARKERS[i % len(_MARKERS)],
+                       edgecolor="0.2", linewidth=0.5, zorder=4,
+                       label=(s.get("label") or s.get("model")) + " (mean over subjects)" if x == 0 else None)
+    ax.axhline(0, color="0.5", linestyle=":", linewidth=1)
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_xlim(-0.6, len(datasets) - 0.4)
+    ax.set_ylim(-0.2, 1)
+    ax.set_ylabel("error consistency (kappa)")
+    ax.spines[["right", "top"]].set_visible(False)
+    ax.set_title(title or "Error consistency with each human subject", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=7)
+    fig.text(0.5, -0.01, CREDIT, ha="center", va="top", fontsize=5.5, wrap=True, color="0.35")
+    paths = save_figure(fig, stem)
+    plt.close(fig)
+    return paths
+
+
 def load_run(run_dir) -> dict:
     p = Path(run_dir) / "summary.json"
     if not p.is_file():
