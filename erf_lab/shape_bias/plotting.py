@@ -112,7 +112,7 @@ def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = 
     ax.axhline(0, color="0.5", linestyle=":", linewidth=1)
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set_xlim(-0.6, len(datasets) - 0.4)
-    ax.set_ylim(-0.2, 1)
+    ax.set_ylim(-0.2, 1.03)
     ax.set_ylabel("error consistency (kappa)")
     ax.spines[["right", "top"]].set_visible(False)
     ax.set_title(title or "Error consistency with each human subject", fontsize=10)
