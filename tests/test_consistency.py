@@ -20,7 +20,8 @@ import pytest
 
 from erf_lab.cli.main import main
 from erf_lab.errors import ErfLabError
-from erf_lab.shape_bias.analysis import MVH_COLUMNS, analyse_csvs
+from erf_lab.shape_bias.consistency import MVH_COLUMNS
+from erf_lab.shape_bias.plotting import analyse_csvs
 from erf_lab.shape_bias.consistency import (MVH_DATASETS, accuracy, consistency, human_trials, human_vs_human,
                                             image_id, read_trials, texture_accuracy, versus_humans)
 

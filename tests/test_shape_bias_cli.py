@@ -9,7 +9,8 @@ import pytest
 
 from erf_lab.cli.main import main
 from erf_lab.shape_bias import shape_bias_from_csv
-from erf_lab.shape_bias.analysis import analyse_csvs, human_csvs
+from erf_lab.shape_bias.analysis import human_csvs
+from erf_lab.shape_bias.plotting import analyse_csvs
 
 TINY = textwrap.dedent('''
     import torch, torch.nn as nn

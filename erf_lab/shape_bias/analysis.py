@@ -14,10 +14,10 @@ from typing import Iterable, Sequence
 
 from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.categories import CATEGORIES
+from erf_lab.shape_bias.consistency import MVH_COLUMNS, read_mvh_csv
 from erf_lab.shape_bias.stimuli import parse_name
 
 FIGURES = ("shape_bias.png", "shape_bias.pdf", "error_consistency.png", "error_consistency.pdf")
-MVH_COLUMNS = ("subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename")
 
 
 def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
@@ -56,19 +56,6 @@ def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
                              "shape_hits": per[c][1], "texture_hits": per[c][2]}
                          for c in CATEGORIES if c in per},
     }
-
-
-def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows of one model-vs-human-format CSV; raises ``ErfLabError`` for missing columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise ErfLabError(f"CSV not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"subj", "object_response", "category", "imagename"} - set(reader.fieldnames or ())
-        if missing:
-            raise ErfLabError(f"{path}: not a model-vs-human CSV (missing columns {', '.join(sorted(missing))})")
-        return list(reader)
 
 
 def shape_bias_from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> dict:
@@ -146,57 +133,6 @@ def add_consistency(summary: dict, model_trials: dict, near: Path | None = None)
     summary.update(flat_keys(report))
     summary["consistency"] = report
     return humans
-
-
-def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None = None, humans: bool = True,
-                 command: list[str] | None = None) -> list[dict]:
-    """``erf-lab shape-bias --from-csv``: every non-human subject of model-vs-human CSVs (any of cue-conflict,
-    edge, silhouette, told apart by file name) analysed like a model run, without running a model: shape bias,
-    accuracies and consistency with the humans (found beside ``near`` or under the datasets root). Writes
-    ``summary.json``, ``run.json`` and the figures into ``out`` (one subject) or ``out/<subject>/``."""
-    import sys
-
-    from erf_lab.io import write_json
-    from erf_lab.shape_bias.consistency import is_human, read_trials
-    from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
-
-    if not paths:
-        raise ErfLabError("--from-csv needs at least one CSV file")
-    trials = read_trials(paths)
-    subjects = sorted({s for by_subject in trials.values() for s in by_subject if not is_human(s)})
-    if not subjects:
-        raise ErfLabError("no model in these CSVs: every subject is a human (subject-NN); model-vs-human names "
-                          "model subjects by the model")
-    out = Path(out)
-    summaries = []
-    for subj in subjects:
-        model = {ds: t[subj] for ds, t in trials.items() if subj in t}
-        cue = model.get("cue-conflict") or {}
-        rows = []
-        for img, (category, response) in cue.items():
-            try:
-                rows.append((category, parse_name(img)[1], response))
-            except ValueError as e:
-                raise ErfLabError(f"cue-conflict trial of {subj}: {e}") from None
-        summary = {"model": subj, "label": subj, "from_csv": [str(p) for p in paths],
-                   **shape_bias_from_decisions(rows), "chance_shape_or_texture": 2 / len(CATEGORIES),
-                   "n_images": {ds: len(t) for ds, t in model.items()}}
-        human_paths = add_consistency(summary, model, near) if humans else []
-        if not humans:
-            summary["consistency"] = None
-        folder = out if len(subjects) == 1 else out / subj.replace(":", "-").replace("/", "-")
-        folder.mkdir(parents=True, exist_ok=True)
-        summary["command"] = command or sys.argv
-        write_json(folder / "summary.json", summary)
-        write_json(folder / "run.json", {"what": "erf-lab shape-bias --from-csv", "model": subj,
-                                         "csv": summary["from_csv"], "outputs": ["summary.json", *FIGURES],
-                                         "command": summary["command"]})
-        if rows:
-            plot_shape_bias([summary], folder / "shape_bias", human_csv_paths=human_paths)
-        if summary["consistency"]:
-            plot_error_consistency([summary], folder / "error_consistency")
-        summaries.append(dict(summary, out=str(folder)))
-    return summaries
 
 
 def read_decisions_csv(path: str | os.PathLike) -> list[dict]:

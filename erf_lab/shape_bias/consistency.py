@@ -20,6 +20,7 @@ both saw (all of them for full runs), and ``n_trials`` says how many that was.
 """
 from __future__ import annotations
 
+import csv
 import math
 import os
 import re
@@ -36,6 +37,7 @@ MVH_DATASETS = {"cue-conflict": "cue-conflict", "edges": "edge", "silhouettes": 
 HUMAN_PREFIX = "subject-"
 MEASURES = ("observed_consistency", "expected_consistency", "error_consistency")
 
+MVH_COLUMNS = ("subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename")
 Trials = dict  # image id -> (category, object_response)
 
 
@@ -63,13 +65,24 @@ def dataset_of(path: str | os.PathLike) -> str:
                       f"<dataset>_<subject>_session-1.csv with dataset one of {', '.join(MVH_DATASETS.values())}")
 
 
+def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of one model-vs-human-format CSV; raises ``ErfLabError`` for missing columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise ErfLabError(f"CSV not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"subj", "object_response", "category", "imagename"} - set(reader.fieldnames or ())
+        if missing:
+            raise ErfLabError(f"{path}: not a model-vs-human CSV (missing columns {', '.join(sorted(missing))})")
+        return list(reader)
+
+
 def read_trials(paths: Sequence[str | os.PathLike]) -> dict[str, dict[str, Trials]]:
     """``{dataset: {subject: {image id: (category, response)}}}`` from model-vs-human CSVs.
 
     ErfLabError for a missing file, missing columns or an image seen twice by one subject in one dataset.
     """
-    from erf_lab.shape_bias.analysis import read_mvh_csv
-
     out: dict[str, dict[str, Trials]] = defaultdict(dict)
     for p in paths:
         ds = dataset_of(p)
@@ -173,3 +186,20 @@ def flat_keys(report: Mapping[str, dict]) -> dict:
         out[f"{key}_accuracy"] = r["accuracy"]
         out[f"{key}_error_consistency"] = (r["vs_humans"] or {}).get("error_consistency", {}).get("mean")
     return out
+
+
+def consistency_rows(report: Mapping[str, dict]) -> list[dict]:
+    """One table row per dataset: trials, accuracies, the mean (and SD, range) over subjects of each measure,
+    and the human-human mean error consistency."""
+    rows = []
+    for ds, r in report.items():
+        vs, hh = r.get("vs_humans") or {}, r.get("human_vs_human") or {}
+        k = vs.get("error_consistency") or {}
+        rows.append({"dataset": ds, "trials": r["n_trials"], "accuracy": r["accuracy"],
+                     "texture-label accuracy": r.get("texture_accuracy"),
+                     "observed consistency": (vs.get("observed_consistency") or {}).get("mean"),
+                     "expected consistency": (vs.get("expected_consistency") or {}).get("mean"),
+                     "error consistency": k.get("mean"), "SD over subjects": k.get("sd"),
+                     "min": k.get("min"), "max": k.get("max"),
+                     "human-human": (hh.get("error_consistency") or {}).get("mean")})
+    return rows

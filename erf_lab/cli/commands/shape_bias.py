@@ -56,7 +56,7 @@ def run(args) -> int:
         print(f"wrote {out}/comparison.md, comparison.csv, shape_bias_comparison.png/pdf")
         return 0
     if args.from_csv:
-        from erf_lab.shape_bias.analysis import analyse_csvs
+        from erf_lab.shape_bias.plotting import analyse_csvs
 
         out = Path(args.out or "runs/shape_bias/from_csv")
         for s in analyse_csvs(args.from_csv, out, near=Path(args.stimuli) if args.stimuli else None,
