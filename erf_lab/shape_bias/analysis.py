@@ -17,7 +17,6 @@ from erf_lab.shape_bias.categories import CATEGORIES
 from erf_lab.shape_bias.consistency import MVH_COLUMNS, read_mvh_csv
 from erf_lab.shape_bias.stimuli import parse_name
 
-FIGURES = ("shape_bias.png", "shape_bias.pdf", "error_consistency.png", "error_consistency.pdf")
 
 
 def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
@@ -118,13 +117,15 @@ def humans_root(near: Path | None = None) -> Path | None:
     return datasets_root()
 
 
-def add_consistency(summary: dict, model_trials: dict, near: Path | None = None) -> list[Path]:
-    """Add the human reference shape bias, the model-vs-human consistency report (``consistency``) and its flat
-    keys to ``summary``; returns the human cue-conflict CSVs used (empty without human data)."""
+def add_consistency(summary: dict, model_trials: dict, near: Path | None = None, with_humans: bool = True
+                    ) -> list[Path]:
+    """Add the human reference shape bias, the model-vs-human consistency report (``consistency``: accuracies,
+    and with ``with_humans`` the comparison with each subject) and its flat keys to ``summary``; returns the
+    human cue-conflict CSVs used (empty without human data)."""
     from erf_lab.shape_bias.consistency import consistency_summary, flat_keys, human_trials
 
-    root = humans_root(near)
-    humans = human_csvs(root)
+    root = humans_root(near) if with_humans else None
+    humans = human_csvs(root) if root else []
     if humans:
         h = shape_bias_from_csv(humans)
         summary["human_reference"] = {"shape_bias": h["shape_bias"], "per_category": h["per_category"],

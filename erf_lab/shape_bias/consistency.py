@@ -85,6 +85,8 @@ def read_trials(paths: Sequence[str | os.PathLike]) -> dict[str, dict[str, Trial
     """
     out: dict[str, dict[str, Trials]] = defaultdict(dict)
     for p in paths:
+        if not Path(p).is_file():
+            raise ErfLabError(f"CSV not found: {p}")
         ds = dataset_of(p)
         for r in read_mvh_csv(p):
             t = out[ds].setdefault(r["subj"], {})

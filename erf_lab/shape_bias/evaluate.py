@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.provenance import versions
-from erf_lab.shape_bias.analysis import FIGURES, add_consistency, shape_bias_from_decisions, write_mvh_csv
+from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions, write_mvh_csv
 from erf_lab.shape_bias.consistency import MVH_DATASETS
 from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imagenet_to_16
 from erf_lab.shape_bias.stimuli import (Preprocess, Stimulus, StimulusDataset, find_stimuli_root, list_stimuli,
@@ -284,9 +284,10 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     summary.update(meta)
     write_json(out / "summary.json", summary)
+    figs = plot_shape_bias([summary], out / "shape_bias", human_csv_paths=humans)
+    figs += plot_error_consistency([summary], out / "error_consistency")
     write_json(out / "run.json", {"what": "erf-lab shape-bias", "model": model_name, "weights": summary["weights"],
                                   "weights_sha256": summary["weights_sha256"], "stimuli_dir": summary["stimuli_dir"],
-                                  "limit": limit, "outputs": ["decisions.csv", "summary.json", *csvs, *FIGURES], **meta})
-    plot_shape_bias([summary], out / "shape_bias", human_csv_paths=humans)
-    plot_error_consistency([summary], out / "error_consistency")
+                                  "limit": limit, "outputs": ["decisions.csv", "summary.json", *csvs,
+                                                              *(Path(p).name for p in figs)], **meta})
     return summary

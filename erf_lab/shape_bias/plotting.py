@@ -71,7 +71,8 @@ def plot_shape_bias(summaries: Sequence[dict], stem, human_csv_paths: Sequence[o
 def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = None):
     """Error consistency (Cohen's kappa; Geirhos, Meding & Wichmann, NeurIPS 2020) per dataset: each model's
     kappa with each human subject (small markers) and its mean (large), over a grey band spanning the
-    human-human pairs (line: their mean). Saves ``stem.png`` / ``stem.pdf``; returns the paths."""
+    human-human pairs (line: their mean). Saves ``stem.png`` / ``stem.pdf``; returns the paths ([] and no
+    figure when no summary was compared with humans)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -80,9 +81,10 @@ def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = 
     from erf_lab.io import save_figure
     from erf_lab.shape_bias.consistency import MVH_DATASETS
 
-    datasets = [d for d in MVH_DATASETS.values() if any(d in (s.get("consistency") or {}) for s in summaries)]
+    datasets = [d for d in MVH_DATASETS.values()
+                if any(((s.get("consistency") or {}).get(d) or {}).get("vs_humans") for s in summaries)]
     if not datasets:
-        raise ErfLabError("no consistency results to plot (no model-vs-human data)")
+        return []
     fig, ax = plt.subplots(figsize=(1.6 * len(datasets) + 2.6, 3.6), layout="constrained")
     cmap = matplotlib.colormaps["tab10"]
     palette = [cmap(k) for k in (0, 1, 2, 4, 5, 6, 8, 9, 7)]
@@ -188,7 +190,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     import sys
 
     from erf_lab.io import write_json
-    from erf_lab.shape_bias.analysis import FIGURES, add_consistency, shape_bias_from_decisions
+    from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions
     from erf_lab.shape_bias.consistency import is_human, read_trials
     from erf_lab.shape_bias.stimuli import parse_name
 
@@ -213,19 +215,16 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
         summary = {"model": subj, "label": subj, "from_csv": [str(p) for p in paths],
                    **shape_bias_from_decisions(rows), "chance_shape_or_texture": 2 / len(CATEGORIES),
                    "n_images": {ds: len(t) for ds, t in model.items()}}
-        human_paths = add_consistency(summary, model, near) if humans else []
-        if not humans:
-            summary["consistency"] = None
+        human_paths = add_consistency(summary, model, near, with_humans=humans)
         folder = out if len(subjects) == 1 else out / subj.replace(":", "-").replace("/", "-")
         folder.mkdir(parents=True, exist_ok=True)
         summary["command"] = command or sys.argv
         write_json(folder / "summary.json", summary)
+        figs = plot_shape_bias([summary], folder / "shape_bias", human_csv_paths=human_paths) if rows else []
+        figs += plot_error_consistency([summary], folder / "error_consistency")
         write_json(folder / "run.json", {"what": "erf-lab shape-bias --from-csv", "model": subj,
-                                         "csv": summary["from_csv"], "outputs": ["summary.json", *FIGURES],
+                                         "csv": summary["from_csv"],
+                                         "outputs": ["summary.json", *(Path(p).name for p in figs)],
                                          "command": summary["command"]})
-        if rows:
-            plot_shape_bias([summary], folder / "shape_bias", human_csv_paths=human_paths)
-        if summary["consistency"]:
-            plot_error_consistency([summary], folder / "error_consistency")
         summaries.append(dict(summary, out=str(folder)))
     return summaries

@@ -92,9 +92,12 @@ def _f(v):
 
 def _report(s: dict) -> None:
     """Shape bias, accuracies and mean error consistency with the humans, one dataset a line."""
-    print(f"{s['label']}: shape bias {_f(s['shape_bias'])} (shape hits {s['shape_hits']}, texture hits "
-          f"{s['texture_hits']}, of {s['n_conflict']} cue-conflict images)")
-    if s.get("human_reference"):
+    if s["n_conflict"]:
+        print(f"{s['label']}: shape bias {_f(s['shape_bias'])} (shape hits {s['shape_hits']}, texture hits "
+              f"{s['texture_hits']}, of {s['n_conflict']} cue-conflict images)")
+    else:
+        print(f"{s['label']}: no cue-conflict trials (no shape bias)")
+    if s.get("human_reference") and s["n_conflict"]:
         print(f"  humans: shape bias {_f(s['human_reference']['shape_bias'])}")
     for ds, r in (s.get("consistency") or {}).items():
         line = f"  {ds}: accuracy {_f(r['accuracy'])}"
