@@ -109,6 +109,7 @@ def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
         assert float(r["shape_bias"] or "nan") == pytest.approx(json.loads(
             (tmp_path / d / "summary.json").read_text())["shape_bias"] or float("nan"), nan_ok=True)
     assert (cmp_dir / "shape_bias_comparison.png").is_file() and (cmp_dir / "shape_bias_comparison.pdf").is_file()
+    assert (cmp_dir / "error_consistency_comparison.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("make_args,needle", [

@@ -174,6 +174,7 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
     with atomic_path(out / "comparison.md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
     plot_shape_bias(summaries, out / "shape_bias_comparison", human_csv_paths=human_csv_paths)
+    plot_error_consistency(summaries, out / "error_consistency_comparison")
     import sys
 
     write_json(out / "run.json", {"what": "erf-lab shape-bias --compare", "runs": [str(d) for d in run_dirs],

@@ -53,7 +53,8 @@ def run(args) -> int:
         out = Path(args.out or "runs/shape_bias/comparison")
         res = compare_runs(args.compare, out, human_csv_paths=None if args.no_humans else human_csvs())
         print(res["markdown"])
-        print(f"wrote {out}/comparison.md, comparison.csv, shape_bias_comparison.png/pdf")
+        print(f"wrote {out}/comparison.md, comparison.csv, shape_bias_comparison.png/pdf (and "
+              f"error_consistency_comparison.png/pdf with human data)")
         return 0
     if args.from_csv:
         from erf_lab.shape_bias.plotting import analyse_csvs
