@@ -219,7 +219,13 @@ def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):
     assert int(metric(at, "Conflict images")) >= 14
     per_cat = at.dataframe[0].value
     assert set(per_cat.columns) >= {"category", "shape bias", "humans"}
-    assert len(at.image) >= 2  # the model-vs-human figure and stimulus thumbnails
+    assert len(at.image) >= 3  # the two model-vs-human figures and stimulus thumbnails
+    from erf_lab.shape_bias.consistency import human_trials, human_vs_human
+    table = at.dataframe[1].value  # consistency with the humans, one row per dataset
+    assert list(table["dataset"]) == ["cue-conflict", "edge", "silhouette"] and (table["trials"] == 16).all()
+    hh = human_vs_human(human_trials(shared_datasets)["edge"])["error_consistency"]["mean"]
+    assert table["human-human"].iloc[1] == pytest.approx(hh, abs=1e-12)
+    assert ((table["error consistency"] >= -1) & (table["error consistency"] <= 1)).all()
     assert any("CC BY 4.0" in c.value for c in list(at.caption) + list(at.markdown))
 
 

@@ -10,6 +10,7 @@ import pytest
 from erf_lab.cli.main import main
 from erf_lab.shape_bias import shape_bias_from_csv
 from erf_lab.shape_bias.analysis import human_csvs
+from erf_lab.shape_bias.plotting import analyse_csvs
 
 TINY = textwrap.dedent('''
     import torch, torch.nn as nn
@@ -81,6 +82,11 @@ def test_run_writes_all_outputs(tiny_model, tmp_path, datasets, capsys):
     assert s["human_reference"]["shape_bias"] == shape_bias_from_csv(human_csvs(datasets))["shape_bias"]
     assert len(s["state_dict_sha256"]) == 64 and s["versions"]["torch"] and s["command"]
     assert json.loads((out / "run.json").read_text())["limit"] == 32
+    # one model-vs-human CSV per set, read back by --from-csv to the same consistency numbers
+    csvs = [out / f"{ds}_sb-tiny-models-tiny-random-init_session-1.csv" for ds in ("cue-conflict", "edge", "silhouette")]
+    again = analyse_csvs(csvs, tmp_path / "again", near=datasets)[0]
+    assert again["consistency"] == s["consistency"] and s["edge_accuracy"] == s["consistency"]["edge"]["accuracy"]
+    assert (out / "error_consistency.png").stat().st_size > 0
 
 
 def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
@@ -103,6 +109,7 @@ def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
         assert float(r["shape_bias"] or "nan") == pytest.approx(json.loads(
             (tmp_path / d / "summary.json").read_text())["shape_bias"] or float("nan"), nan_ok=True)
     assert (cmp_dir / "shape_bias_comparison.png").is_file() and (cmp_dir / "shape_bias_comparison.pdf").is_file()
+    assert (cmp_dir / "error_consistency_comparison.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("make_args,needle", [

@@ -12,6 +12,7 @@ from app import models, safety
 from app.shape_bias_runs import SHAPE_BIAS_MODELS, shape_bias_run
 from app.ui import checkpoint_upload, cli_hint, file_downloads, guard
 from erf_lab.shape_bias.analysis import read_decisions_csv
+from erf_lab.shape_bias.consistency import consistency_rows
 from erf_lab.shape_bias.plotting import load_run
 
 st.title("Shape bias")
@@ -75,6 +76,23 @@ if run_dir is not None:
                          "humans": h.get("shape_bias")})
         st.subheader("Per category")
         st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+    with guard("Consistency with humans"):
+        st.subheader("Consistency with the 10 human subjects")
+        report = s.get("consistency")
+        if not report:
+            st.info("This run has no model-vs-human consistency results (older run, or no human data found).")
+        else:
+            st.caption("16-class accuracy (correct = the shape category, all trials), and trial by trial against each "
+                       "subject: observed consistency (both right or both wrong), expected consistency from the two "
+                       "accuracies, error consistency = Cohen's kappa (Geirhos, Meding & Wichmann, NeurIPS 2020); "
+                       "mean over subjects, human-human = mean over the 45 pairs of subjects (model-vs-human).")
+            st.dataframe(pd.DataFrame(consistency_rows(report)), hide_index=True)
+            fig = Path(run_dir) / "error_consistency.png"
+            if fig.is_file():
+                st.image(str(fig), caption="error consistency with each subject (grey: human-human range)",
+                         width=560)
+                file_downloads([p for p in (fig, fig.with_suffix(".pdf")) if p.is_file()], key="sb-ec-dl")
 
     with guard("Stimulus browser"):
         st.subheader("Stimuli and decisions")

@@ -14,15 +14,16 @@ from erf_lab.provenance import provenance
 
 
 def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, formats: Sequence[str] = ("png", "pdf"),
-            theoretical_rf: int | None = None, argv: Sequence[str] | None = None) -> dict:
+            theoretical_rf: int | None = None, argv: Sequence[str] | None = None, display: str | None = None) -> dict:
     """Recompute metrics and figures of a run dir or an ``.npy`` (``erf-lab analyze``).
 
     Writes next to the npy (``metrics.json`` + ``erf.<fmt>`` for ``erf.npy``; ``<stem>.metrics.json`` +
     ``<stem>.<fmt>`` for another name), or into ``out``; ``analysis.json`` records how. run.json of a
     run directory is left untouched. Returns ``{"metrics", "files", "out_dir", "text", "label"}``.
     """
-    from erf_lab.erf.plotting import plot_erf
+    from erf_lab.erf.plotting import display_preset, plot_erf
 
+    display = display_preset(display)
     run = load_run(path)
     trf = theoretical_rf if theoretical_rf is not None else run.theoretical_rf
     metrics = compute_metrics(run.erf, theoretical_rf=trf)
@@ -31,10 +32,11 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     prefix = "" if stem == "erf" else f"{stem}."
     mpath = out_dir / f"{prefix}{METRICS_FILE}"
     write_json(mpath, metrics)
-    files = [mpath] + plot_erf(run.erf, out_dir / stem, title=run.label, formats=tuple(formats))
+    files = [mpath] + plot_erf(run.erf, out_dir / stem, title=run.label, formats=tuple(formats), display=display)
     text = metrics_text(metrics, run.label)
     record = provenance("analyze", {"source": str(run.npy.resolve()), "out": str(out_dir.resolve()),
-                                    "formats": list(formats), "theoretical_rf": trf}, argv)
+                                    "formats": list(formats), "theoretical_rf": trf,
+                                    "display": display}, argv)
     record["source_run"] = run.run_info
     record["metrics_summary"] = summary(metrics)
     record["files"] = [p.name for p in files]
@@ -46,7 +48,8 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
 # ------------------------------------------------------------------------------------------------ compare
 def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None = None,
             out: str | os.PathLike = "compare", formats: Sequence[str] = ("png", "pdf"),
-            allow_mixed_sizes: bool = False, normalize: str = "each", argv: Sequence[str] | None = None) -> dict:
+            allow_mixed_sizes: bool = False, normalize: str = "each", argv: Sequence[str] | None = None,
+            display: str | None = None) -> dict:
     """Side-by-side heatmaps on one colour scale + a metrics table (markdown + CSV) with the paper rows.
 
     Maps of different sizes: the paper's area ratios are fractions of each map, so they are marked ``n/c`` (not
@@ -55,8 +58,9 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     map's area ratios on its own area). Writes ``out/compare.<fmt>``, ``compare.md``, ``compare.csv``,
     ``compare.json`` (last).
     """
-    from erf_lab.erf.plotting import plot_comparison
+    from erf_lab.erf.plotting import display_preset, plot_comparison
 
+    display = display_preset(display)
     if not paths:
         raise ErfLabError("give at least one run directory or .npy file")
     if labels is not None and len(labels) != len(paths):
@@ -81,7 +85,8 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     md = markdown_table(rows, columns)
     csv_s = csv_text(rows, columns)
     figs = [] if mixed and not allow_mixed_sizes else plot_comparison(
-        [r.erf for r in runs], [r.label for r in runs], out_dir / "compare", formats=tuple(formats), normalize=normalize)
+        [r.erf for r in runs], [r.label for r in runs], out_dir / "compare", formats=tuple(formats), normalize=normalize,
+        display=display)
     note = ("Area columns: % of the map area inside the smallest centred square holding > t of log10(A+1)/max; "
             "n/r = not reached, - = not available. Paper rows: Ding et al., CVPR 2022, Table 10 (1024x1024, trained weights).")
     if mixed:
@@ -95,7 +100,7 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     write_text(out_dir / "compare.csv", csv_s)
     record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": names,
                                     "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
-                                    "normalize": normalize}, argv)
+                                    "normalize": normalize, "display": display}, argv)
     record["rows"] = rows
     record["mixed_sizes"] = mixed
     record["files"] = [p.name for p in figs] + ["compare.md", "compare.csv"]

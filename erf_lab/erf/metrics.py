@@ -17,6 +17,8 @@ from erf_lab.errors import ErfLabError
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 RADIUS_SHARES = (0.2, 0.5, 0.9, 0.99)
+MASS_RADII = (5, 10, 20, 40, 80)  # px, the OpenERF-style mass-within-radius curve
+SUMMARY_MASS_RADII = (20, 80)
 
 
 def validate_erf(erf) -> np.ndarray:
@@ -123,6 +125,20 @@ def distribution_stats(erf, shares=RADIUS_SHARES) -> dict | None:
     return out
 
 
+def mass_within_radii(erf, radii=MASS_RADII) -> dict[str, float] | None:
+    """Share of the raw ERF mass on pixels within Euclidean distance r (px) of the map centre (H//2, W//2),
+    for each r: ``{"5": 0.12, ...}`` (OpenERF-style curve; pixels count by their centre). None for an all-zero map.
+    Size-free like r50, unlike the paper's area ratios (fractions of the map area)."""
+    a = validate_erf(erf)
+    total = a.sum()
+    if total <= 0:
+        return None
+    h, w = a.shape
+    ys, xs = np.arange(h) - h // 2, np.arange(w) - w // 2
+    d2 = ys[:, None] ** 2 + xs[None, :] ** 2
+    return {f"{r:g}": float(a[d2 <= r * r].sum() / total) for r in radii}
+
+
 def fit_gaussian(erf, stats: dict | None = None) -> dict | None:
     """Least-squares fit of an axis-aligned 2-D Gaussian a exp(-(x-x0)^2/2sx^2 - (y-y0)^2/2sy^2) + c to A / max.
 
@@ -224,6 +240,7 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
 
     ``high_contribution``: the paper's area ratios (Ding et al. 2022, Table 10) on log10(A+1)/max.
     ``distribution``: centre of mass, per-axis std, r_rms, r50/r90 of the raw map (Luo et al. 2016).
+    ``mass_within_radius``: share of the raw mass within r = 5, 10, 20, 40, 80 px of the centre (OpenERF-style).
     ``gaussian_fit``: 2-D Gaussian fit of A / max with R^2.
     ``erf_to_trf``: with ``theoretical_rf`` T (pixels): ``rms_diameter`` = 2 r_rms / T and
     ``side_at_<t>`` = side(t) / T -- the share of the theoretical RF the ERF actually covers.
@@ -257,6 +274,7 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
         "peak": {"value": float(a.max()), "position": [int(peak[0]), int(peak[1])]},
         "total": total,
         "distribution": dist,
+        "mass_within_radius": mass_within_radii(a),
         "gaussian_fit": fit_gaussian(a, dist) if gaussian and total > 0 else None,
         "theoretical_rf": int(theoretical_rf) if theoretical_rf is not None else None,
         "erf_to_trf": None,
@@ -285,6 +303,9 @@ def summary(metrics: dict) -> dict:
     s["r_rms"] = d.get("r_rms")
     for share in RADIUS_SHARES:
         s[f"r{round(share * 100)}"] = d.get(f"r{round(share * 100)}")
+    mass = metrics.get("mass_within_radius") or {}
+    for r in SUMMARY_MASS_RADII:
+        s[f"mass@{r}px"] = mass.get(f"{r:g}")
     g = metrics.get("gaussian_fit") or {}
     s["gauss_sigma_y"], s["gauss_sigma_x"], s["gauss_r2"] = g.get("sigma_y"), g.get("sigma_x"), g.get("r2")
     s["trf"] = metrics.get("theoretical_rf")

@@ -1,6 +1,7 @@
 """Paper-style ERF figures (Ding et al., CVPR 2022, Fig. 1 / App. C and the official ``erf/analyze_erf.py``).
 
-Heatmaps show A' = log10(A + 1) / max with seaborn, ``RdYlGn`` centred at 0 (so [0, 1] maps onto the
+Heatmaps show a display transform of A scaled by its max (``DISPLAY_PRESETS``; default RepLKNet's
+A' = log10(A + 1) / max) with seaborn, ``RdYlGn`` centred at 0 (so [0, 1] maps onto the
 yellow-green half), no tick labels and a horizontal colour bar on top. Figures are built on
 ``matplotlib.figure.Figure`` (Agg canvas, no pyplot global state) and written atomically by
 :func:`erf_lab.io.save_figure` as PNG (300 dpi) and PDF (vector text/axes, rasterized heatmap cells), plus SVG on request.
@@ -15,11 +16,19 @@ from typing import Sequence
 
 import numpy as np
 
-from erf_lab.erf.metrics import log_normalize, validate_erf
+from erf_lab.erf.metrics import validate_erf
 from erf_lab.errors import ErfLabError
 from erf_lab.io import save_figure
 
 FORMATS = ("png", "pdf", "svg")
+# name -> (formula shown in the figure, whose convention, transform before dividing by the max). Display only:
+# erf.npy and the metrics never depend on it.
+DISPLAY_PRESETS = {
+    "replknet": ("log10(A+1)/max", "RepLKNet, Ding et al., CVPR 2022", lambda a: np.log10(a + 1.0)),
+    "slak": ("A/max", "SLaK, Liu et al., ICLR 2023", lambda a: a),
+    "power": ("A^0.25/max", "VMamba, Liu et al., NeurIPS 2024 (analyze/utils.py simpnorm)", lambda a: a ** 0.25),
+}
+DEFAULT_DISPLAY = "replknet"
 CMAP = "RdYlGn"
 _RC = {
     "font.family": "serif",
@@ -84,53 +93,71 @@ def _heatmap(ax, data: np.ndarray, title: str | None = None):
     return ax.collections[0]
 
 
-def _colorbar(fig, mesh, axes):
+def _colorbar(fig, mesh, axes, display: str | None = None):
     cb = fig.colorbar(mesh, ax=axes, location="top", fraction=0.05, pad=0.04, aspect=40 if np.ndim(axes) else 25)
     cb.set_ticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    cb.set_label(display_caption(display), fontsize=7)
     cb.outline.set_linewidth(0.5)
     return cb
 
 
-def _display(erf, scale: float | None = None) -> np.ndarray:
-    a = validate_erf(erf)
-    if scale is None:
-        return log_normalize(a)
-    return np.log10(a + 1.0) / scale if scale > 0 else np.log10(a + 1.0)
+def display_preset(name: str | None) -> str:
+    """The preset name (None -> the default); ErfLabError for an unknown one."""
+    name = DEFAULT_DISPLAY if name is None else str(name).lower()
+    if name not in DISPLAY_PRESETS:
+        raise ErfLabError(f"unknown display preset {name!r}; choose from {', '.join(DISPLAY_PRESETS)}")
+    return name
 
 
-def erf_figure(erf, title: str | None = None):
-    """The paper-style heatmap of one ERF as a ``matplotlib.figure.Figure`` (e.g. for ``st.pyplot``)."""
-    data = _display(erf)
+def display_caption(name: str | None) -> str:
+    """What a figure drawn with preset ``name`` shows, e.g. ``'log10(A+1)/max (RepLKNet, ...)'``."""
+    formula, source, _ = DISPLAY_PRESETS[display_preset(name)]
+    return f"{formula} ({source})"
+
+
+def display_map(erf, display: str | None = None, scale: float | None = None) -> np.ndarray:
+    """The heatmap values of one map: the preset's transform divided by its max (or by ``scale``, the joint
+    max over several maps). An all-zero map stays zero."""
+    t = DISPLAY_PRESETS[display_preset(display)][2](validate_erf(erf))
+    m = float(t.max()) if scale is None else scale
+    return t / m if m > 0 else t
+
+
+def erf_figure(erf, title: str | None = None, display: str | None = None):
+    """The paper-style heatmap of one ERF as a ``matplotlib.figure.Figure`` (e.g. for ``st.pyplot``); the colour
+    bar names the ``display`` preset."""
+    data = display_map(erf, display)
     with _style():
         fig = _new_figure((4.0, 4.4))
         ax = fig.add_subplot()
         mesh = _heatmap(ax, data, title)
-        _colorbar(fig, mesh, ax)
+        _colorbar(fig, mesh, ax, display)
     return fig
 
 
 def plot_erf(erf, stem: str | os.PathLike, title: str | None = None,
-             formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+             formats: Sequence[str] = ("png", "pdf"), display: str | None = None) -> list[Path]:
     """Paper-style heatmap of one ERF saved as ``stem.<fmt>``; returns the written paths."""
-    fig = erf_figure(erf, title)
+    fig = erf_figure(erf, title, display)
     with _style():
         return save_figure(fig, stem, tuple(formats))
 
 
 def plot_comparison(erfs: Sequence, labels: Sequence[str], stem: str | os.PathLike,
                     formats: Sequence[str] = ("png", "pdf"), normalize: str = "each",
-                    ncols: int | None = None) -> list[Path]:
+                    ncols: int | None = None, display: str | None = None) -> list[Path]:
     """:func:`comparison_figure` saved as ``stem.<fmt>``; returns the written paths."""
-    fig = comparison_figure(erfs, labels, normalize=normalize, ncols=ncols)
+    fig = comparison_figure(erfs, labels, normalize=normalize, ncols=ncols, display=display)
     with _style():
         return save_figure(fig, stem, tuple(formats))
 
 
-def comparison_figure(erfs: Sequence, labels: Sequence[str], normalize: str = "each", ncols: int | None = None):
+def comparison_figure(erfs: Sequence, labels: Sequence[str], normalize: str = "each", ncols: int | None = None,
+                      display: str | None = None):
     """Several ERFs side by side on ONE colour scale with titles (the paper's ResNet vs RepLKNet figure).
 
-    ``normalize="each"`` (paper): every map is log10(A+1) / its own max, so all lie in [0, 1] and share
-    one colour bar. ``"joint"``: divide by the largest log10(A+1) over all maps (absolute comparison).
+    ``normalize="each"`` (paper): every map is the ``display`` transform (default log10(A+1)) / its own max, so
+    all lie in [0, 1] and share one colour bar. ``"joint"``: divide by the largest transformed value over all maps.
     """
     if len(erfs) != len(labels):
         raise ErfLabError(f"{len(erfs)} maps but {len(labels)} labels")
@@ -140,8 +167,8 @@ def comparison_figure(erfs: Sequence, labels: Sequence[str], normalize: str = "e
         raise ErfLabError(f"normalize must be 'each' or 'joint', got {normalize!r}")
     scale = None
     if normalize == "joint":
-        scale = max(float(np.log10(validate_erf(e) + 1.0).max()) for e in erfs)
-    data = [_display(e, scale) for e in erfs]
+        scale = max(float(display_map(e, display, scale=1.0).max()) for e in erfs)
+    data = [display_map(e, display, scale) for e in erfs]
     n = len(data)
     ncols = ncols or min(n, 4)
     nrows = math.ceil(n / ncols)
@@ -153,12 +180,13 @@ def comparison_figure(erfs: Sequence, labels: Sequence[str], normalize: str = "e
             mesh = _heatmap(ax, d, lab)
         for ax in axes[n:]:
             ax.set_axis_off()
-        _colorbar(fig, mesh, list(axes))
+        _colorbar(fig, mesh, list(axes), display)
     return fig
 
 
 def plot_grid(erfs: Sequence[Sequence], row_labels: Sequence[str], col_labels: Sequence[str],
-              stem: str | os.PathLike, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+              stem: str | os.PathLike, formats: Sequence[str] = ("png", "pdf"),
+              display: str | None = None) -> list[Path]:
     """Heatmap grid (rows x columns, e.g. re-param mode x kernel size) on one [0, 1] colour scale.
 
     ``erfs[r][c]`` may be None for a missing cell (left blank).
@@ -176,12 +204,12 @@ def plot_grid(erfs: Sequence[Sequence], row_labels: Sequence[str], col_labels: S
                 if erfs[r][c] is None:
                     ax.set_axis_off()
                     continue
-                mesh = _heatmap(ax, _display(erfs[r][c]), col_labels[c] if r == 0 else None)
+                mesh = _heatmap(ax, display_map(erfs[r][c], display), col_labels[c] if r == 0 else None)
                 if c == 0:
                     ax.set_ylabel(row_labels[r])
         if mesh is None:
             raise ErfLabError("grid has no maps")
-        _colorbar(fig, mesh, list(axes.ravel()))
+        _colorbar(fig, mesh, list(axes.ravel()), display)
         return save_figure(fig, stem, tuple(formats))
 
 

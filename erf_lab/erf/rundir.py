@@ -83,7 +83,7 @@ def validate_run_info(info: dict, source: str = "run.json") -> dict:
 
 
 def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_rf: int | None = None,
-                  formats: Sequence[str] = ("png", "pdf")) -> dict:
+                  formats: Sequence[str] = ("png", "pdf"), display: str | None = None) -> dict:
     """Write a complete run directory; returns the metrics.
 
     Order: erf.npy, metrics.json, erf.<formats>, then run.json (``run_info`` + ``schema_version``, ``kind``,
@@ -104,7 +104,7 @@ def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_r
     title = info.get("label") or info.get("model")
     if info.get("random_init"):
         title = f"{title} (random init)"
-    figs = plot_erf(a, out / "erf", title=title, formats=tuple(formats))
+    figs = plot_erf(a, out / "erf", title=title, formats=tuple(formats), display=display)
     info["metrics_summary"] = summary(metrics)
     info["files"] = [ERF_FILE, METRICS_FILE] + [p.name for p in figs]
     info.setdefault("written", now())

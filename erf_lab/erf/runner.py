@@ -211,22 +211,27 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
             reuse: bool = False, label: str | None = None, tags: dict | None = None,
             formats: Sequence[str] = ("png", "pdf"), show_progress: bool = True,
             on_batch: Callable[[Accumulator], None] | None = None, checkpoint_seconds: float = CHECKPOINT_SECONDS,
-            argv: Sequence[str] | None = None, runs_root: str | os.PathLike = "runs") -> dict:
+            argv: Sequence[str] | None = None, runs_root: str | os.PathLike = "runs", display: str | None = None) -> dict:
     """Measure one ERF and write its run directory; returns ``{"out_dir", "metrics", "run_info", "result",
     "already_complete", "reused"}`` (metrics / result on rank 0 only; result is None for a reused run).
 
     ``resume``: continue an interrupted run in ``out`` (same spec required). ``reuse``: a complete run in ``out``
     with the same spec is returned as is (sweeps, the app, the training timeline), any other content is replaced.
     ``force``: start over. ``label`` / ``tags`` go into run.json (``tags``: the orchestrator's own keys).
+    ``display``: heatmap preset of the figure (``erf_lab.erf.plotting.DISPLAY_PRESETS``; data unaffected).
     """
+    from erf_lab.erf.plotting import display_preset
+
     spec.validate()
+    display = display_preset(display)  # before measuring
     check_out_path(out)
     start, t0 = now(), time.time()
     dinfo = D.init(spec.device)
     try:
         return _run(spec, dinfo, out=out, resume=resume, force=force, reuse=reuse, label=label, tags=tags or {},
                     formats=formats, show_progress=show_progress, on_batch=on_batch,
-                    checkpoint_seconds=checkpoint_seconds, argv=argv, runs_root=runs_root, start=start, t0=t0)
+                    checkpoint_seconds=checkpoint_seconds, argv=argv, runs_root=runs_root, start=start, t0=t0,
+                    display=display)
     finally:
         D.shutdown(dinfo)
 
@@ -271,7 +276,7 @@ def _normalise(obj):
 
 
 def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, tags, formats, show_progress,
-         on_batch, checkpoint_seconds, argv, runs_root, start, t0) -> dict:
+         on_batch, checkpoint_seconds, argv, runs_root, start, t0, display=None) -> dict:
     from erf_lab.erf.images import load_images, model_mean_std
     from erf_lab.io import sha256_file
     from erf_lab.models import create_model
@@ -356,7 +361,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
             run_info = _run_info(spec, config, result, source, geom, train_size, device, dinfo, label, tags,
                                  resumed_from, start, t0, measure_s, argv)
             metrics = write_run_dir(out_dir, result.erf, run_info, theoretical_rf=geom["theoretical_rf"],
-                                    formats=formats)
+                                    formats=formats, display=display)
         D.barrier(dinfo)
         spath.unlink(missing_ok=True)
     return {"out_dir": out_dir, "metrics": metrics, "run_info": run_info, "result": result if dinfo.is_main else None,

@@ -14,9 +14,9 @@ from typing import Iterable, Sequence
 
 from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.categories import CATEGORIES
+from erf_lab.shape_bias.consistency import MVH_COLUMNS, read_mvh_csv
 from erf_lab.shape_bias.stimuli import parse_name
 
-MVH_COLUMNS = ("subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename")
 
 
 def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
@@ -55,19 +55,6 @@ def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
                              "shape_hits": per[c][1], "texture_hits": per[c][2]}
                          for c in CATEGORIES if c in per},
     }
-
-
-def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows of one model-vs-human-format CSV; raises ``ErfLabError`` for missing columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise ErfLabError(f"CSV not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"subj", "object_response", "category", "imagename"} - set(reader.fieldnames or ())
-        if missing:
-            raise ErfLabError(f"{path}: not a model-vs-human CSV (missing columns {', '.join(sorted(missing))})")
-        return list(reader)
 
 
 def shape_bias_from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> dict:
@@ -110,14 +97,43 @@ def write_mvh_csv(path: str | os.PathLike, subject: str, images: Sequence[str], 
             w.writerow([subject, 1, i, "NaN", dec, shape, 0, Path(img).name])
 
 
-def human_csvs(root: Path | None = None) -> list[Path]:
-    """The human cue-conflict CSVs under ``<datasets root>/human-cue-conflict`` (empty list when absent)."""
+def human_csvs(root: Path | None = None, dataset: str = "cue-conflict") -> list[Path]:
+    """The human CSVs under ``<root>/human-<dataset>`` (``root`` default: the datasets root); [] when absent."""
     from erf_lab.paths import datasets_root
 
     root = root or datasets_root()
     if root is None:
         return []
-    return sorted((root / "human-cue-conflict").glob("*.csv"))
+    return sorted((Path(root) / f"human-{dataset}").glob("*.csv"))
+
+
+def humans_root(near: Path | None = None) -> Path | None:
+    """Where the human data lie: beside the stimuli (``near``) when they are there, else the datasets root."""
+    from erf_lab.paths import datasets_root
+
+    for p in ([Path(near), Path(near).parent] if near is not None else []):
+        if human_csvs(p):
+            return p
+    return datasets_root()
+
+
+def add_consistency(summary: dict, model_trials: dict, near: Path | None = None, with_humans: bool = True
+                    ) -> list[Path]:
+    """Add the human reference shape bias, the model-vs-human consistency report (``consistency``: accuracies,
+    and with ``with_humans`` the comparison with each subject) and its flat keys to ``summary``; returns the
+    human cue-conflict CSVs used (empty without human data)."""
+    from erf_lab.shape_bias.consistency import consistency_summary, flat_keys, human_trials
+
+    root = humans_root(near) if with_humans else None
+    humans = human_csvs(root) if root else []
+    if humans:
+        h = shape_bias_from_csv(humans)
+        summary["human_reference"] = {"shape_bias": h["shape_bias"], "per_category": h["per_category"],
+                                      "n_subjects": len(h["per_subject"])}
+    report = consistency_summary(model_trials, human_trials(root) if root else {})
+    summary.update(flat_keys(report))
+    summary["consistency"] = report
+    return humans
 
 
 def read_decisions_csv(path: str | os.PathLike) -> list[dict]:

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.provenance import versions
-from erf_lab.shape_bias.analysis import shape_bias_from_decisions, write_mvh_csv
+from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions, write_mvh_csv
+from erf_lab.shape_bias.consistency import MVH_DATASETS
 from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imagenet_to_16
 from erf_lab.shape_bias.stimuli import (Preprocess, Stimulus, StimulusDataset, find_stimuli_root, list_stimuli,
                                         sibling_set)
@@ -206,6 +207,24 @@ def write_decisions_csv(path, sets: dict[str, SetResult]) -> None:
                            ([f"{v:.6g}" for v in r.scores16[i]] if r.ok[i] else [""] * len(CATEGORIES)))
 
 
+def model_trials(sets: dict[str, SetResult]) -> dict[str, dict]:
+    """``{model-vs-human dataset: {image id: (category, decision)}}`` of the decoded images."""
+    return {MVH_DATASETS[name]: {s.name: (s.shape, d) for s, d, ok in zip(r.stimuli, r.decisions, r.ok) if ok}
+            for name, r in sets.items() if name in MVH_DATASETS}
+
+
+def write_mvh_csvs(out: Path, subject: str, sets: dict[str, SetResult]) -> list[str]:
+    """One model-vs-human CSV per stimulus set (``<dataset>_<subject>_session-1.csv``, model-vs-human's raw-data
+    naming with ``_`` in the subject replaced); returns the file names."""
+    names = []
+    tag = subject.replace(":", "-").replace("_", "-")
+    for ds, trials in model_trials(sets).items():
+        names.append(f"{ds}_{tag}_session-1.csv")
+        write_mvh_csv(out / names[-1], subject, list(trials), [c for c, _ in trials.values()],
+                      [d for _, d in trials.values()])
+    return names
+
+
 def load_model(name: str, weights=None, pretrained: bool = False, overrides: dict | None = None) -> nn.Module:
     from erf_lab.models import create_model
 
@@ -227,8 +246,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     ``-random-init`` in the CSV's subject, "(random init)" in the label). A caller passing its own ``model``
     vouches for its weights; it passes ``allow_random=True`` when they are random."""
     from erf_lab.io import sha256_file, write_json
-    from erf_lab.shape_bias.analysis import human_csvs, shape_bias_from_csv
-    from erf_lab.shape_bias.plotting import plot_shape_bias
+    from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ErfLabError("--device cuda requested but no CUDA device is available")
@@ -257,26 +275,19 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
                "state_dict_sha256": state_dict_sha256(model),
                "default_cfg": {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, list, tuple, type(None)))},
                **summary}
-    humans = human_csvs()
-    if humans:
-        h = shape_bias_from_csv(humans)
-        summary["human_reference"] = {"shape_bias": h["shape_bias"], "per_category": h["per_category"],
-                                      "n_subjects": len(h["per_subject"])}
-    cue = result["sets"]["cue-conflict"]
     write_decisions_csv(out / "decisions.csv", result["sets"])
-    keep = [i for i in range(len(cue.stimuli)) if cue.ok[i]]
     subject = model_name + (RANDOM_SUFFIX if random_weights else "")
-    write_mvh_csv(out / f"cue-conflict_{subject.replace(':', '-').replace('_', '-')}_session-1.csv",
-                  subject, [cue.stimuli[i].name for i in keep], [cue.stimuli[i].shape for i in keep],
-                  [cue.decisions[i] for i in keep])
+    csvs = write_mvh_csvs(out, subject, result["sets"])
+    humans = add_consistency(summary, model_trials(result["sets"]), Path(summary["stimuli_dir"]).parent)
     meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
             "workers": default_workers() if workers is None else workers,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     summary.update(meta)
     write_json(out / "summary.json", summary)
+    figs = plot_shape_bias([summary], out / "shape_bias", human_csv_paths=humans)
+    figs += plot_error_consistency([summary], out / "error_consistency")
     write_json(out / "run.json", {"what": "erf-lab shape-bias", "model": model_name, "weights": summary["weights"],
                                   "weights_sha256": summary["weights_sha256"], "stimuli_dir": summary["stimuli_dir"],
-                                  "limit": limit, "outputs": ["decisions.csv", "summary.json", "shape_bias.png",
-                                                              "shape_bias.pdf"], **meta})
-    plot_shape_bias([summary], out / "shape_bias", human_csv_paths=humans)
+                                  "limit": limit, "outputs": ["decisions.csv", "summary.json", *csvs,
+                                                              *(Path(p).name for p in figs)], **meta})
     return summary

@@ -68,6 +68,63 @@ def plot_shape_bias(summaries: Sequence[dict], stem, human_csv_paths: Sequence[o
     return paths
 
 
+def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = None):
+    """Error consistency (Cohen's kappa; Geirhos, Meding & Wichmann, NeurIPS 2020) per dataset: each model's
+    kappa with each human subject (small markers) and its mean (large), over a grey band spanning the
+    human-human pairs (line: their mean). Saves ``stem.png`` / ``stem.pdf``; returns the paths ([] and no
+    figure when no summary was compared with humans)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from erf_lab.io import save_figure
+    from erf_lab.shape_bias.consistency import MVH_DATASETS
+
+    datasets = [d for d in MVH_DATASETS.values()
+                if any(((s.get("consistency") or {}).get(d) or {}).get("vs_humans") for s in summaries)]
+    if not datasets:
+        return []
+    fig, ax = plt.subplots(figsize=(1.6 * len(datasets) + 2.6, 3.6), layout="constrained")
+    cmap = matplotlib.colormaps["tab10"]
+    palette = [cmap(k) for k in (0, 1, 2, 4, 5, 6, 8, 9, 7)]
+    width = 0.7
+    for x, ds in enumerate(datasets):
+        hh = next(((s["consistency"].get(ds) or {}).get("human_vs_human") for s in summaries
+                   if (s.get("consistency") or {}).get(ds, {}).get("human_vs_human")), None)
+        if hh:
+            k = hh["error_consistency"]
+            ax.fill_between([x - width / 2, x + width / 2], k["min"], k["max"], color="0.88", zorder=1,
+                            label="human-human pairs (range)" if x == 0 else None)
+            ax.plot([x - width / 2, x + width / 2], [k["mean"]] * 2, color=_HUMAN_STYLE["color"], lw=1.5, zorder=2,
+                    label="human-human mean" if x == 0 else None)
+        n = len(summaries)
+        for i, s in enumerate(summaries):
+            vs = ((s.get("consistency") or {}).get(ds) or {}).get("vs_humans")
+            if not vs:
+                continue
+            xi = x + (i - (n - 1) / 2) * width / max(n, 2)
+            per = [v["error_consistency"] for v in vs["per_subject"].values()]
+            jitter = np.linspace(-0.04, 0.04, len(per))
+            color = palette[i % len(palette)]
+            ax.scatter(xi + jitter, per, s=10, color=color, alpha=0.55, zorder=3, linewidth=0)
+            ax.scatter([xi], [vs["error_consistency"]["mean"]], s=60, color=color, marker=_MARKERS[i % len(_MARKERS)],
+                       edgecolor="0.2", linewidth=0.5, zorder=4,
+                       label=(s.get("label") or s.get("model")) + " (mean over subjects)" if x == 0 else None)
+    ax.axhline(0, color="0.5", linestyle=":", linewidth=1)
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_xlim(-0.6, len(datasets) - 0.4)
+    ax.set_ylim(-0.2, 1.03)
+    ax.set_ylabel("error consistency (kappa)")
+    ax.spines[["right", "top"]].set_visible(False)
+    ax.set_title(title or "Error consistency with each human subject", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=7)
+    fig.text(0.5, -0.01, CREDIT, ha="center", va="top", fontsize=5.5, wrap=True, color="0.35")
+    paths = save_figure(fig, stem)
+    plt.close(fig)
+    return paths
+
+
 def load_run(run_dir) -> dict:
     p = Path(run_dir) / "summary.json"
     if not p.is_file():
@@ -117,8 +174,58 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
     with atomic_path(out / "comparison.md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
     plot_shape_bias(summaries, out / "shape_bias_comparison", human_csv_paths=human_csv_paths)
+    plot_error_consistency(summaries, out / "error_consistency_comparison")
     import sys
 
     write_json(out / "run.json", {"what": "erf-lab shape-bias --compare", "runs": [str(d) for d in run_dirs],
                                   "command": sys.argv})
     return {"rows": rows, "markdown": "\n".join(md)}
+
+
+def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None = None, humans: bool = True,
+                 command: list[str] | None = None) -> list[dict]:
+    """``erf-lab shape-bias --from-csv``: every non-human subject of model-vs-human CSVs (any of cue-conflict,
+    edge, silhouette, told apart by file name) analysed like a model run, without running a model: shape bias,
+    accuracies and consistency with the humans (found beside ``near`` or under the datasets root). Writes
+    ``summary.json``, ``run.json`` and the figures into ``out`` (one subject) or ``out/<subject>/``."""
+    import sys
+
+    from erf_lab.io import write_json
+    from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions
+    from erf_lab.shape_bias.consistency import is_human, read_trials
+    from erf_lab.shape_bias.stimuli import parse_name
+
+    if not paths:
+        raise ErfLabError("--from-csv needs at least one CSV file")
+    trials = read_trials(paths)
+    subjects = sorted({s for by_subject in trials.values() for s in by_subject if not is_human(s)})
+    if not subjects:
+        raise ErfLabError("no model in these CSVs: every subject is a human (subject-NN); model-vs-human names "
+                          "model subjects by the model")
+    out = Path(out)
+    summaries = []
+    for subj in subjects:
+        model = {ds: t[subj] for ds, t in trials.items() if subj in t}
+        cue = model.get("cue-conflict") or {}
+        rows = []
+        for img, (category, response) in cue.items():
+            try:
+                rows.append((category, parse_name(img)[1], response))
+            except ValueError as e:
+                raise ErfLabError(f"cue-conflict trial of {subj}: {e}") from None
+        summary = {"model": subj, "label": subj, "from_csv": [str(p) for p in paths],
+                   **shape_bias_from_decisions(rows), "chance_shape_or_texture": 2 / len(CATEGORIES),
+                   "n_images": {ds: len(t) for ds, t in model.items()}}
+        human_paths = add_consistency(summary, model, near, with_humans=humans)
+        folder = out if len(subjects) == 1 else out / subj.replace(":", "-").replace("/", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        summary["command"] = command or sys.argv
+        write_json(folder / "summary.json", summary)
+        figs = plot_shape_bias([summary], folder / "shape_bias", human_csv_paths=human_paths) if rows else []
+        figs += plot_error_consistency([summary], folder / "error_consistency")
+        write_json(folder / "run.json", {"what": "erf-lab shape-bias --from-csv", "model": subj,
+                                         "csv": summary["from_csv"],
+                                         "outputs": ["summary.json", *(Path(p).name for p in figs)],
+                                         "command": summary["command"]})
+        summaries.append(dict(summary, out=str(folder)))
+    return summaries

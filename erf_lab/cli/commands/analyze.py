@@ -17,6 +17,9 @@ def add_arguments(p) -> None:
     p.add_argument("--theoretical-rf", type=int, default=None,
                    help="theoretical receptive field in pixels (default: from the run's run.json)")
     p.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
+    p.add_argument("--display", default="replknet", metavar="PRESET",
+                   help="heatmap display: replknet = log10(A+1)/max (default, Ding et al. 2022), slak = A/max "
+                        "(SLaK), power = A^0.25/max (VMamba); erf.npy and the metrics do not change")
 
 
 def run(args) -> int:
@@ -26,7 +29,7 @@ def run(args) -> int:
     from erf_lab.erf.analysis import analyze
 
     res = analyze(args.path, out=args.out, formats=parse_formats(args.formats),
-                  theoretical_rf=args.theoretical_rf, argv=sys.argv)
+                  theoretical_rf=args.theoretical_rf, argv=sys.argv, display=args.display)
     if args.json:
         print(json.dumps(res["metrics"], indent=2))
     else:

@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
                         "area ratios on its own area")
     p.add_argument("--normalize", choices=("each", "joint"), default="each",
                    help="each: log10(A+1)/own max as in the paper (default); joint: one max over all maps")
+    p.add_argument("--display", default="replknet", metavar="PRESET",
+                   help="heatmap display: replknet = log10(A+1)/max (default, Ding et al. 2022), slak = A/max "
+                        "(SLaK), power = A^0.25/max (VMamba); erf.npy and the metrics do not change")
 
 
 def run(args) -> int:
@@ -31,7 +34,8 @@ def run(args) -> int:
     if labels is not None and len(labels) == 1 and "," in labels[0]:
         labels = [s.strip() for s in labels[0].split(",")]
     res = compare(args.paths, labels=labels, out=args.out, formats=parse_formats(args.formats),
-                  allow_mixed_sizes=args.allow_mixed_sizes, normalize=args.normalize, argv=sys.argv)
+                  allow_mixed_sizes=args.allow_mixed_sizes, normalize=args.normalize, argv=sys.argv,
+                  display=args.display)
     print(res["markdown"])
     print()
     print(res["note"])

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-seconds", type=float, default=30.0,
                    help="save resumable progress at most this often (default 30; 0 = after every batch)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--display", default="replknet", metavar="PRESET",
+                   help="heatmap display: replknet = log10(A+1)/max (default, Ding et al. 2022), slak = A/max "
+                        "(SLaK), power = A^0.25/max (VMamba); erf.npy and the metrics do not change")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         res = run_erf(spec, out=args.out, resume=args.resume, force=args.force, show_progress=not args.quiet,
-                      checkpoint_seconds=max(0.0, args.checkpoint_seconds), argv=["erf-lab", *sys.argv[1:]])
+                      checkpoint_seconds=max(0.0, args.checkpoint_seconds), argv=["erf-lab", *sys.argv[1:]],
+                      display=args.display)
     if res["already_complete"]:
         print(f"{res['out_dir']} already holds a complete run; nothing to resume")
         return 0

@@ -14,7 +14,9 @@ DESCRIPTION = (
     "figure and table. Data: --stimuli DIR, $ERF_LAB_DATA, or 'erf-lab data download'. Needs trained weights "
     "(--pretrained or --weights); --allow-random measures an untrained network and marks every output so. Runs "
     "that answer one category for >= 90% of the images or hit shape or texture less often than chance (2/16) "
-    "are flagged."
+    "are flagged. Every run also reports 16-class accuracies and observed / expected / error consistency "
+    "(Cohen's kappa) with each of the 10 human subjects of model-vs-human; --from-csv FILE... analyses "
+    "model-vs-human CSVs (<dataset>_<subject>_session-1.csv) without running a model."
 )
 
 
@@ -31,6 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader decode workers (default half the CPUs, 1-4)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--limit", type=int, default=None, help="evaluate N images spread over all categories")
+    p.add_argument("--from-csv", nargs="+", metavar="CSV",
+                   help="analyse model-vs-human CSVs (cue-conflict / edge / silhouette) instead of running a model")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare finished runs instead of evaluating")
     p.add_argument("--no-humans", action="store_true", help="leave the human reference out of the figure")
     p.add_argument("--out", default=None, help="output folder (default runs/shape_bias/<model> or "
@@ -49,10 +53,20 @@ def run(args) -> int:
         out = Path(args.out or "runs/shape_bias/comparison")
         res = compare_runs(args.compare, out, human_csv_paths=None if args.no_humans else human_csvs())
         print(res["markdown"])
-        print(f"wrote {out}/comparison.md, comparison.csv, shape_bias_comparison.png/pdf")
+        print(f"wrote {out}/comparison.md, comparison.csv, shape_bias_comparison.png/pdf (and "
+              f"error_consistency_comparison.png/pdf with human data)")
+        return 0
+    if args.from_csv:
+        from erf_lab.shape_bias.plotting import analyse_csvs
+
+        out = Path(args.out or "runs/shape_bias/from_csv")
+        for s in analyse_csvs(args.from_csv, out, near=Path(args.stimuli) if args.stimuli else None,
+                              humans=not args.no_humans, command=sys.argv):
+            _report(s)
+            print(f"wrote {s['out']}/summary.json and figures")
         return 0
     if not args.model:
-        raise ErfLabError("--model is required (or --compare RUN_DIR...)")
+        raise ErfLabError("--model is required (or --compare RUN_DIR..., or --from-csv CSV...)")
     from erf_lab.cli.options import parse_overrides
     from erf_lab.shape_bias.evaluate import run_shape_bias
 
@@ -62,20 +76,37 @@ def run(args) -> int:
                        workers=args.workers, device=args.device, limit=args.limit, command=sys.argv,
                        allow_random=args.allow_random)
 
-    def f(v):
-        return "n/a" if v is None else f"{v:.3f}"
-
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
-    print(f"{s['label']}: shape bias {f(s['shape_bias'])} (shape hits {s['shape_hits']}, texture hits "
-          f"{s['texture_hits']}, of {s['n_conflict']} cue-conflict images)")
-    print(f"  fraction shape {f(s['fraction_shape_hits'])}, texture {f(s['fraction_texture_hits'])}; "
-          f"edge acc {f(s['edge_accuracy'])}, silhouette acc {f(s['silhouette_accuracy'])}")
-    if s.get("human_reference"):
-        print(f"  humans: shape bias {f(s['human_reference']['shape_bias'])}")
+    _report(s)
     for w in s["warnings"]:
         print(f"  warning: {w}", file=sys.stderr)
     if s["n_skipped"]:
         print(f"  warning: {s['n_skipped']} file(s) skipped (see summary.json)", file=sys.stderr)
-    print(f"wrote {out}/decisions.csv, summary.json, shape_bias.png/pdf")
+    print(f"wrote {out}/decisions.csv, summary.json, model-vs-human CSVs, shape_bias.png/pdf, error_consistency.png/pdf")
     return 0
+
+
+def _f(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _report(s: dict) -> None:
+    """Shape bias, accuracies and mean error consistency with the humans, one dataset a line."""
+    if s["n_conflict"]:
+        print(f"{s['label']}: shape bias {_f(s['shape_bias'])} (shape hits {s['shape_hits']}, texture hits "
+              f"{s['texture_hits']}, of {s['n_conflict']} cue-conflict images)")
+    else:
+        print(f"{s['label']}: no cue-conflict trials (no shape bias)")
+    if s.get("human_reference") and s["n_conflict"]:
+        print(f"  humans: shape bias {_f(s['human_reference']['shape_bias'])}")
+    for ds, r in (s.get("consistency") or {}).items():
+        line = f"  {ds}: accuracy {_f(r['accuracy'])}"
+        if "texture_accuracy" in r:
+            line += f" (texture label {_f(r['texture_accuracy'])})"
+        if r["vs_humans"]:
+            k = r["vs_humans"]["error_consistency"]
+            line += f"; error consistency with humans {_f(k['mean'])} +- {_f(k['sd'])}"
+        if r["human_vs_human"]:
+            line += f" (human-human {_f(r['human_vs_human']['error_consistency']['mean'])})"
+        print(line)

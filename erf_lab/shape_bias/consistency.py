@@ -1,0 +1,207 @@
+"""Trial-wise agreement with the human observers of model-vs-human (Geirhos et al., NeurIPS 2021).
+
+Definitions as in model-vs-human (``modelvshuman/plotting/analyses.py``: ``SixteenClassAccuracy``,
+``ErrorConsistency``; ``helper/plotting_helper.py``: ``get_short_imagename``; ``plotting/plot.py``:
+``get_raw_benchmark_df`` / ``get_raw_matrix``):
+
+- a trial is correct when ``object_response == category`` (the *shape* category on cue-conflict); every trial
+  counts, including the 80 cue-conflict images whose shape equals their texture (those are left out of the
+  shape bias only) and the humans' ``na`` answers (wrong);
+- 16-class accuracy p = correct trials / trials;
+- two observers are matched trial by trial on the image id (the last ``_`` part of ``imagename``, e.g.
+  ``0001_s5n_s01_0_bird_00_bird3-bird2.png`` -> ``bird3-bird2.png``);
+- observed consistency c_obs = share of trials both got right or both got wrong; expected consistency
+  c_exp = p1 p2 + (1 - p1)(1 - p2); error consistency kappa = (c_obs - c_exp) / (1 - c_exp), and 1 when
+  c_obs = 1 (Cohen's kappa; Geirhos, Meding & Wichmann, NeurIPS 2020, Eqs. 1-3);
+- a model's value is the mean over the 10 subjects; the human reference averages every pair of subjects.
+
+model-vs-human requires both observers to have seen the same images; here the pair is matched on the images
+both saw (all of them for full runs), and ``n_trials`` says how many that was.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections import defaultdict
+from itertools import combinations
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from erf_lab.errors import ErfLabError
+from erf_lab.shape_bias.stimuli import parse_name
+
+# erf-lab stimulus folder -> model-vs-human dataset name (CSV prefix, human-<name>/ folder)
+MVH_DATASETS = {"cue-conflict": "cue-conflict", "edges": "edge", "silhouettes": "silhouette"}
+HUMAN_PREFIX = "subject-"
+MEASURES = ("observed_consistency", "expected_consistency", "error_consistency")
+
+MVH_COLUMNS = ("subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename")
+Trials = dict  # image id -> (category, object_response)
+
+
+def image_id(imagename: str) -> str:
+    """model-vs-human's trial key (``get_short_imagename``): the last ``_`` part of the name, keeping the
+    ``n0...`` synset prefix of ImageNet file names."""
+    parts = str(imagename).split("_")
+    if len(parts) == 1:
+        return parts[0]
+    return "_".join(parts[-2:]) if parts[-2].startswith("n0") else parts[-1]
+
+
+def is_human(subject: str) -> bool:
+    """model-vs-human's rule (``get_human_and_CNN_subjects``): human subjects are named ``subject-NN``."""
+    return str(subject).startswith(HUMAN_PREFIX)
+
+
+def dataset_of(path: str | os.PathLike) -> str:
+    """The model-vs-human dataset of a raw-data CSV from its file name (``<dataset>_<subject>_session...``)."""
+    name = Path(path).name
+    for ds in sorted(MVH_DATASETS.values(), key=len, reverse=True):
+        if name.startswith(ds + "_"):
+            return ds
+    raise ErfLabError(f"{path}: cannot tell the dataset from the file name; model-vs-human names its CSVs "
+                      f"<dataset>_<subject>_session-1.csv with dataset one of {', '.join(MVH_DATASETS.values())}")
+
+
+def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of one model-vs-human-format CSV; raises ``ErfLabError`` for missing columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise ErfLabError(f"CSV not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"subj", "object_response", "category", "imagename"} - set(reader.fieldnames or ())
+        if missing:
+            raise ErfLabError(f"{path}: not a model-vs-human CSV (missing columns {', '.join(sorted(missing))})")
+        return list(reader)
+
+
+def read_trials(paths: Sequence[str | os.PathLike]) -> dict[str, dict[str, Trials]]:
+    """``{dataset: {subject: {image id: (category, response)}}}`` from model-vs-human CSVs.
+
+    ErfLabError for a missing file, missing columns or an image seen twice by one subject in one dataset.
+    """
+    out: dict[str, dict[str, Trials]] = defaultdict(dict)
+    for p in paths:
+        if not Path(p).is_file():
+            raise ErfLabError(f"CSV not found: {p}")
+        ds = dataset_of(p)
+        for r in read_mvh_csv(p):
+            t = out[ds].setdefault(r["subj"], {})
+            key = image_id(r["imagename"])
+            if key in t:
+                raise ErfLabError(f"{p}: subject {r['subj']} saw image {key} twice")
+            t[key] = (r["category"], r["object_response"])
+    return dict(out)
+
+
+def accuracy(trials: Trials) -> float | None:
+    """16-class accuracy: share of trials with response == category (``SixteenClassAccuracy``)."""
+    return sum(c == r for c, r in trials.values()) / len(trials) if trials else None
+
+
+def texture_accuracy(trials: Trials) -> float | None:
+    """Cue-conflict share of trials answered with the *texture* category (from the image name), all trials."""
+    if not trials:
+        return None
+    return sum(r == parse_name(img)[1] for img, (_, r) in trials.items()) / len(trials)
+
+
+def consistency(a: Trials, b: Trials) -> dict:
+    """Observed, expected and error consistency of two observers over the images both saw."""
+    common = sorted(a.keys() & b.keys())
+    if not common:
+        raise ErfLabError("the two observers share no image (check that both CSVs are of the same dataset)")
+    ca = [a[k][0] == a[k][1] for k in common]
+    cb = [b[k][0] == b[k][1] for k in common]
+    n = len(common)
+    p1, p2 = sum(ca) / n, sum(cb) / n
+    expected = p1 * p2 + (1 - p1) * (1 - p2)
+    observed = sum(x == y for x, y in zip(ca, cb)) / n
+    kappa = 1.0 if observed == 1.0 else (observed - expected) / (1 - expected)
+    return {"observed_consistency": observed, "expected_consistency": expected, "error_consistency": kappa,
+            "n_trials": n}
+
+
+def _spread(values: Sequence[dict]) -> dict:
+    """Mean, sample SD (ddof = 1), min and max of each measure over a list of ``consistency`` results."""
+    out = {}
+    for m in MEASURES:
+        v = [d[m] for d in values]
+        mean = sum(v) / len(v)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None
+        out[m] = {"mean": mean, "sd": sd, "min": min(v), "max": max(v)}
+    return out
+
+
+def human_vs_human(humans: Mapping[str, Trials]) -> dict | None:
+    """Every pair of subjects: ``{"pairs": {"a|b": ...}, <measure>: {mean, sd, min, max}, "n_pairs"}``."""
+    if len(humans) < 2:
+        return None
+    pairs = {f"{s}|{t}": consistency(humans[s], humans[t]) for s, t in combinations(sorted(humans), 2)}
+    return {"n_pairs": len(pairs), **_spread(list(pairs.values())), "pairs": pairs}
+
+
+def versus_humans(model: Trials, humans: Mapping[str, Trials]) -> dict | None:
+    """The model against each subject: ``{"per_subject": {...}, <measure>: {mean, sd, min, max}}``."""
+    if not humans:
+        return None
+    per = {s: consistency(model, humans[s]) for s in sorted(humans)}
+    return {"n_subjects": len(per), **_spread(list(per.values())), "per_subject": per}
+
+
+def dataset_report(model: Trials, humans: Mapping[str, Trials], dataset: str) -> dict:
+    """Accuracy (and on cue-conflict the texture-label accuracy), consistency with each human and the human
+    reference on one model-vs-human dataset."""
+    out = {"n_trials": len(model), "accuracy": accuracy(model)}
+    if dataset == "cue-conflict":
+        out["texture_accuracy"] = texture_accuracy(model)
+    out["vs_humans"] = versus_humans(model, humans)
+    out["human_accuracy"] = ({s: accuracy(t) for s, t in sorted(humans.items())} if humans else None)
+    out["human_vs_human"] = human_vs_human(humans)
+    return out
+
+
+def human_trials(root: str | os.PathLike | None = None) -> dict[str, dict[str, Trials]]:
+    """The human subjects' trials under ``<datasets root>/human-<dataset>/`` (missing datasets are absent)."""
+    from erf_lab.paths import datasets_root
+
+    root = Path(root) if root is not None else datasets_root()
+    if root is None:
+        return {}
+    paths = [p for ds in MVH_DATASETS.values() for p in sorted((root / f"human-{ds}").glob("*.csv"))]
+    return {ds: {s: t for s, t in subj.items() if is_human(s)} for ds, subj in read_trials(paths).items()}
+
+
+def consistency_summary(model: Mapping[str, Trials], humans: Mapping[str, Mapping[str, Trials]]) -> dict:
+    """``dataset_report`` for every dataset the model has trials on (model-vs-human dataset names)."""
+    return {ds: dataset_report(model[ds], humans.get(ds) or {}, ds) for ds in MVH_DATASETS.values() if model.get(ds)}
+
+
+def flat_keys(report: Mapping[str, dict]) -> dict:
+    """A few flat keys for tables: accuracy and mean error consistency per dataset."""
+    out = {}
+    for ds, r in report.items():
+        key = re.sub(r"\W", "_", ds)
+        out[f"{key}_accuracy"] = r["accuracy"]
+        out[f"{key}_error_consistency"] = (r["vs_humans"] or {}).get("error_consistency", {}).get("mean")
+    return out
+
+
+def consistency_rows(report: Mapping[str, dict]) -> list[dict]:
+    """One table row per dataset: trials, accuracies, the mean (and SD, range) over subjects of each measure,
+    and the human-human mean error consistency."""
+    rows = []
+    for ds, r in report.items():
+        vs, hh = r.get("vs_humans") or {}, r.get("human_vs_human") or {}
+        k = vs.get("error_consistency") or {}
+        rows.append({"dataset": ds, "trials": r["n_trials"], "accuracy": r["accuracy"],
+                     "texture-label accuracy": r.get("texture_accuracy"),
+                     "observed consistency": (vs.get("observed_consistency") or {}).get("mean"),
+                     "expected consistency": (vs.get("expected_consistency") or {}).get("mean"),
+                     "error consistency": k.get("mean"), "SD over subjects": k.get("sd"),
+                     "min": k.get("min"), "max": k.get("max"),
+                     "human-human": (hh.get("error_consistency") or {}).get("mean")})
+    return rows

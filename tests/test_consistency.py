@@ -1,0 +1,170 @@
+"""model-vs-human consistency metrics (erf_lab.shape_bias.consistency).
+
+How the definitions were checked against model-vs-human (bethgelab/model-vs-human, read, not copied):
+``plotting/analyses.py`` (``SixteenClassAccuracy``: response == category over all trials; ``ErrorConsistency``:
+trials sorted by image id, c_obs, c_exp = p1 p2 + (1-p1)(1-p2), kappa with c_obs == 1 -> 1), ``helper/
+plotting_helper.py`` (``get_short_imagename``: the trial key), ``plotting/plot.py`` (``get_raw_matrix`` /
+``get_raw_benchmark_df``: all trials of a subject, cue-conflict included without dropping shape == texture;
+human-human over pairs j > i). Below: hand-computed values on constructed responses, and an independent
+re-implementation (numpy, written from the paper's Eqs. 1-3) on the real human CSVs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from itertools import combinations
+
+import numpy as np
+import pytest
+
+from erf_lab.cli.main import main
+from erf_lab.errors import ErfLabError
+from erf_lab.shape_bias.consistency import MVH_COLUMNS
+from erf_lab.shape_bias.plotting import analyse_csvs
+from erf_lab.shape_bias.consistency import (MVH_DATASETS, accuracy, consistency, human_trials, human_vs_human,
+                                            image_id, read_trials, texture_accuracy, versus_humans)
+
+
+def _write(path, subject, rows):
+    """rows: (imagename, category, response)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(MVH_COLUMNS)
+        for i, (img, cat, resp) in enumerate(rows, 1):
+            w.writerow([subject, 1, i, 0.5, resp, cat, 0, img])
+    return path
+
+
+def test_image_id_is_model_vs_humans_trial_key():
+    assert image_id("0001_s5n_s01_0_bird_00_bird3-bird2.png") == "bird3-bird2.png"
+    assert image_id("0001_edg_s01_0_oven_00_oven10.png") == "oven10.png"
+    assert image_id("oven10.png") == "oven10.png"
+    assert image_id("0000_cl_s01_bw_boat_40_n02951358_5952.JPEG") == "n02951358_5952.JPEG"
+
+
+def test_hand_computed_kappa_trials_matched_by_image_not_order():
+    # correctness A = [1, 1, 1, 0], B = [1, 1, 0, 0] on images i1..i4; B listed in another order
+    a = {"i1": ("cat", "cat"), "i2": ("dog", "dog"), "i3": ("car", "car"), "i4": ("oven", "knife")}
+    b = {"i4": ("oven", "na"), "i2": ("dog", "dog"), "i3": ("car", "boat"), "i1": ("cat", "cat")}
+    r = consistency(a, b)
+    # p1 = .75, p2 = .5 -> c_exp = .375 + .125 = .5; c_obs = 3/4; kappa = (.75 - .5) / .5 = .5
+    assert r == {"observed_consistency": 0.75, "expected_consistency": 0.5, "error_consistency": 0.5, "n_trials": 4}
+    # independent errors: A = [1,1,0,0], B = [1,0,1,0] -> c_obs = c_exp = .5, kappa 0
+    c = {"i1": ("cat", "cat"), "i2": ("dog", "dog"), "i3": ("car", "x"), "i4": ("oven", "x")}
+    d = {"i1": ("cat", "cat"), "i2": ("dog", "x"), "i3": ("car", "car"), "i4": ("oven", "x")}
+    assert consistency(c, d)["error_consistency"] == 0.0
+    # opposite errors: kappa -1
+    e = {k: (v[0], "x" if v[0] == v[1] else v[0]) for k, v in c.items()}
+    assert consistency(c, e)["error_consistency"] == -1.0
+    # c_obs == 1 with c_exp == 1 (both always right): model-vs-human defines kappa = 1
+    assert consistency(a, a)["error_consistency"] == 1.0
+    assert consistency(d, d)["expected_consistency"] == 0.5 and consistency(d, d)["error_consistency"] == 1.0
+    # only the images both saw count (a --limit run)
+    assert consistency(a, {"i1": ("cat", "cat"), "i4": ("oven", "oven")})["n_trials"] == 2
+    with pytest.raises(ErfLabError, match="share no image"):
+        consistency(a, {"zz": ("cat", "cat")})
+
+
+def test_accuracies_count_every_cue_conflict_trial():
+    t = {"bird3-bird2.png": ("bird", "bird"),      # shape == texture: counts for accuracy (not for shape bias)
+         "cat1-dog2.png": ("cat", "dog"),          # texture answer
+         "car1-boat3.png": ("car", "car"),         # shape answer
+         "oven2-knife1.png": ("oven", "na")}       # no answer: wrong
+    assert accuracy(t) == 0.5
+    assert texture_accuracy(t) == 0.5   # bird (texture bird) and dog
+
+
+def test_spread_over_subjects_hand_computed():
+    model = {"i1": ("a", "a"), "i2": ("b", "b"), "i3": ("c", "x"), "i4": ("d", "x")}  # [1,1,0,0]
+    humans = {"subject-01": dict(model), "subject-02": {"i1": ("a", "a"), "i2": ("b", "x"), "i3": ("c", "c"),
+                                                         "i4": ("d", "x")}}
+    v = versus_humans(model, humans)
+    assert v["per_subject"]["subject-01"]["error_consistency"] == 1.0
+    assert v["per_subject"]["subject-02"]["error_consistency"] == 0.0
+    assert v["error_consistency"]["mean"] == 0.5 and v["error_consistency"]["sd"] == pytest.approx(0.5 ** 0.5)
+    h = human_vs_human(humans)
+    assert h["n_pairs"] == 1 and h["pairs"]["subject-01|subject-02"]["error_consistency"] == 0.0
+
+
+def _kappa_reference(rows_a, rows_b):
+    """Independent: correctness vectors aligned by np.argsort on the short image name, Eqs. 1-3 of Geirhos,
+    Meding & Wichmann (2020)."""
+    def vec(rows):
+        names = np.array([r["imagename"].split("_")[-1] for r in rows])
+        ok = np.array([r["object_response"] == r["category"] for r in rows])
+        return names[np.argsort(names)], ok[np.argsort(names)]
+    na, ca = vec(rows_a)
+    nb, cb = vec(rows_b)
+    assert (na == nb).all()
+    p1, p2 = ca.mean(), cb.mean()
+    c_exp = p1 * p2 + (1 - p1) * (1 - p2)
+    c_obs = (ca == cb).mean()
+    return c_obs, c_exp, 1.0 if c_obs == 1 else (c_obs - c_exp) / (1 - c_exp)
+
+
+# Measured on the 10 subjects of model-vs-human (mean over the 45 pairs): cue-conflict, edge, silhouette
+HUMAN_HUMAN_KAPPA = {"cue-conflict": 0.3311, "edge": 0.3184, "silhouette": 0.4757}
+
+
+@pytest.mark.parametrize("dataset", list(MVH_DATASETS.values()))
+def test_human_vs_human_matches_independent_implementation(shared_datasets, dataset):
+    files = sorted((shared_datasets / f"human-{dataset}").glob("*.csv"))
+    assert len(files) == 10
+    raw = {f: list(csv.DictReader(open(f, newline=""))) for f in files}
+    h = human_vs_human(human_trials(shared_datasets)[dataset])
+    assert h["n_pairs"] == 45
+    kappas = []
+    for fa, fb in combinations(files, 2):
+        ref = _kappa_reference(raw[fa], raw[fb])
+        got = h["pairs"][f"{raw[fa][0]['subj']}|{raw[fb][0]['subj']}"]
+        assert got["n_trials"] == len(raw[fa]) == (1280 if dataset == "cue-conflict" else 160)
+        assert abs(got["observed_consistency"] - ref[0]) < 1e-12
+        assert abs(got["expected_consistency"] - ref[1]) < 1e-12
+        assert abs(got["error_consistency"] - ref[2]) < 1e-12
+        kappas.append(ref[2])
+    assert h["error_consistency"]["mean"] == pytest.approx(statistics.mean(kappas), abs=1e-12)
+    assert h["error_consistency"]["sd"] == pytest.approx(statistics.stdev(kappas), abs=1e-12)
+    assert h["error_consistency"]["mean"] == pytest.approx(HUMAN_HUMAN_KAPPA[dataset], abs=5e-5)
+
+
+def test_from_csv_copy_of_a_subject(shared_datasets, tmp_path, capsys):
+    """A 'model' answering exactly like subject-01: kappa 1 with subject-01, and with every other subject the
+    human-human value of (subject-01, that subject); accuracies equal subject-01's."""
+    humans = human_trials(shared_datasets)
+    files = []
+    for ds in MVH_DATASETS.values():
+        src = next((shared_datasets / f"human-{ds}").glob("*subject-01_*.csv"))
+        rows = [(r["imagename"].split("_")[-1], r["category"], r["object_response"])
+                for r in csv.DictReader(open(src, newline=""))]
+        files.append(str(_write(tmp_path / f"{ds}_copycat_session-1.csv", "copycat", rows[::-1])))
+    out = tmp_path / "out"
+    assert main(["shape-bias", "--from-csv", *files, "--stimuli", str(shared_datasets), "--out", str(out)]) == 0
+    assert "error consistency with humans" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    for ds in MVH_DATASETS.values():
+        r = s["consistency"][ds]
+        assert r["accuracy"] == accuracy(humans[ds]["subject-01"])
+        per = r["vs_humans"]["per_subject"]
+        assert per["subject-01"]["error_consistency"] == 1.0
+        for subj in humans[ds]:
+            if subj != "subject-01":
+                ref = r["human_vs_human"]["pairs"][f"subject-01|{subj}"]
+                assert per[subj]["error_consistency"] == pytest.approx(ref["error_consistency"], abs=1e-12)
+    assert s["edge_accuracy"] == s["consistency"]["edge"]["accuracy"]
+    from erf_lab.shape_bias import shape_bias_from_csv
+    assert s["shape_bias"] == shape_bias_from_csv(files[0])["shape_bias"]
+    for name in ("shape_bias.png", "shape_bias.pdf", "error_consistency.png", "error_consistency.pdf"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_from_csv_errors(tmp_path, fixture_datasets):
+    bad = _write(tmp_path / "results.csv", "m", [("cat1-dog2.png", "cat", "cat")])
+    with pytest.raises(ErfLabError, match="dataset from the file name"):
+        read_trials([bad])
+    human = _write(tmp_path / "edge_subject-01_session_1.csv", "subject-01", [("cat1.png", "cat", "cat")])
+    with pytest.raises(ErfLabError, match="no model"):
+        analyse_csvs([human], tmp_path / "o")
+    twice = _write(tmp_path / "edge_m_session-1.csv", "m", [("cat1.png", "cat", "cat")] * 2)
+    with pytest.raises(ErfLabError, match="twice"):
+        read_trials([twice])
