@@ -18,7 +18,6 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "matplotlib>=3.8",
-        "seaborn>=0.13",
         "streamlit>=1.40",
         "captum>=0.7",
         "pillow>=10",
