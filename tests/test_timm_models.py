@@ -85,9 +85,11 @@ def test_timm_not_installed_is_a_clear_error(monkeypatch):
 
 @needs_timm
 @pytest.mark.parametrize("name", list(CASES))
-def test_weights_round_trip_and_erf_equals_plain_autograd(name, tmp_path):
+def test_weights_round_trip_and_erf_equals_plain_autograd(name, tmp_path, capsys):
     """Saved weights (safetensors, or a weights-only .pth for the ViT) load strictly into a fresh model; the
-    whole measurement (``run_erf``: re-parameterized copy, channels_last, fastconv) gives the reference map."""
+    whole measurement (``erf-lab compute`` for the ResNet-50, ``run_erf`` for the others: re-parameterized copy,
+    channels_last, fastconv) gives the reference map, and run.json records the model's own preprocessing."""
+    from erf_lab.cli.main import main
     from erf_lab.erf.images import load_images, model_data_config
     from erf_lab.erf.runner import ErfSpec, run_erf
 
@@ -100,26 +102,35 @@ def test_weights_round_trip_and_erf_equals_plain_autograd(name, tmp_path):
     for k, v in src.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
 
-    res = run_erf(ErfSpec(model=f"timm/{name}", weights=str(path), overrides=overrides, input_size=size,
-                          num_images=1), out=tmp_path / "run", show_progress=False, formats=())
+    out = tmp_path / "run"
+    if name == "resnet50":
+        code = main(["compute", "--model", "timm/resnet50", "--weights", str(path), "--input-size", str(size),
+                     "--num-images", "1", "--out", str(out), "--quiet"])
+        assert code == 0, capsys.readouterr().err
+    else:
+        run_erf(ErfSpec(model=f"timm/{name}", weights=str(path), overrides=overrides, input_size=size,
+                        num_images=1), out=out, show_progress=False, formats=())
     cfg = model_data_config(model)
     source = load_images(None, num_images=1, input_size=size, mean=cfg["mean"], std=cfg["std"])
     x = source.load(source.files[0]).unsqueeze(0)
     ref = reference_map(model, x, kind)[0]
-    erf = np.load(tmp_path / "run" / "erf.npy")
+    erf = np.load(out / "erf.npy")
     assert erf.shape == (size, size)
     assert float(ref.abs().max()) > 0
     assert max_rel_err(erf, ref.numpy()) < 1e-5
-    info = res["run_info"]
-    assert info["layer"] == "forward_features"
+    info = json.loads((out / "run.json").read_text())
+    assert info["layer"] == "forward_features" and info["weights_sha256"] and not info["random_init"]
     pre = model.pretrained_cfg
     assert info["mean"] == pytest.approx(list(pre["mean"])) and info["std"] == pytest.approx(list(pre["std"]))
     assert info["model_preprocessing"]["interpolation"] == pre["interpolation"]
     assert info["model_preprocessing"]["crop_pct"] == pytest.approx(pre["crop_pct"])
+    assert info["train_size"] == pre["input_size"][-1]
     if kind == "nchw":
         assert isinstance(info["theoretical_rf"], int) and info["theoretical_rf"] > size
     else:
         assert info["theoretical_rf"] is None  # after attention: no kernel-defined RF
+    if name == "resnet50":
+        assert info["feature_shape"] == [2048, 2, 2]
 
 
 @needs_timm
@@ -157,26 +168,15 @@ def test_prefix_tokens_are_dropped():
 
 
 @needs_timm
-def test_cli_compute_and_layers(tmp_path, capsys):
+def test_layers_of_cnn_vit_and_swin(capsys):
     from erf_lab.cli.commands.layers import layer_table
     from erf_lab.cli.main import main
-
-    torch.manual_seed(0)
-    w = tmp_path / "w.safetensors"
-    save_weights(create_model("timm/resnet50"), w)
-    out = tmp_path / "run"
-    code = main(["compute", "--model", "timm/resnet50", "--weights", str(w), "--input-size", "64",
-                 "--num-images", "1", "--out", str(out), "--quiet"])
-    assert code == 0, capsys.readouterr().err
-    info = json.loads((out / "run.json").read_text())
-    assert info["model"] == "timm/resnet50" and info["weights_sha256"] and not info["random_init"]
-    assert info["feature_shape"] == [2048, 2, 2]
 
     rows = {r["name"]: r for r in layer_table("timm/resnet50", 64)}
     assert list(rows)[-1] == "forward_features"
     assert rows["forward_features"]["shape"] == [2048, 2, 2] and rows["forward_features"]["stride"] == 32
     assert rows["layer1"]["theoretical_rf"] < rows["layer4"]["theoretical_rf"]
-    assert code == main(["layers", "--model", "timm/resnet50", "--input-size", "64", "--filter", "layer4"])
+    assert main(["layers", "--model", "timm/resnet50", "--input-size", "64", "--filter", "layer4"]) == 0
     assert "layer4" in capsys.readouterr().out
 
     vit = {r["name"]: r for r in layer_table("timm/vit_tiny_patch16_224", 64, {"img_size": 64})}
@@ -227,3 +227,32 @@ def test_unknown_timm_name_and_shape_bias_preprocessing():
     cfg = model.pretrained_cfg
     assert pre.size == tuple(cfg["input_size"][-2:]) and pre.crop_pct == cfg["crop_pct"]
     assert pre.interpolation == cfg["interpolation"] and pre.mean == tuple(cfg["mean"])
+
+
+@needs_timm
+def test_app_erf_explorer_takes_timm_names(tmp_path, monkeypatch):
+    """The model picker takes any timm name: a ViT is built at the page's input size (its fixed_input_size)
+    and measured; a name timm does not know is refused."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ERF_LAB_APP_RUNS", str(tmp_path / "app-runs"))
+    monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "main.py"), default_timeout=240).run()
+    assert "timm/vit_tiny_patch16_224" in at.selectbox(key="erf-model-0").options
+    at.selectbox(key="erf-model-0").set_value("timm/vit_tiny_patch16_224").run()
+    assert not at.exception, [e.value for e in at.exception]
+    layers = at.selectbox(key="erf-layer-0").options
+    assert "blocks.11" in layers and layers[-1] == "forward_features"
+    at.button(key="erf-run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert float([m.value for m in at.metric if m.label == "r_rms (px)"][0]) > 0
+    assert any("theoretical RF n/a" in c.value for c in at.caption)
+
+    from app import models  # AppTest cannot type a new option; the page checks typed names with this
+
+    models.check_registered("timm:resnet18")
+    for bad in ("timm/not_a_model", "os:system"):
+        with pytest.raises(ErfLabError, match="unknown model"):
+            models.check_registered(bad)
