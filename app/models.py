@@ -1,5 +1,6 @@
-"""Models of the app: registered names and ``timm/<name>`` architectures (when timm is installed), seeded random init or an uploaded checkpoint read through the
-library's safe loader (``weights_only=True`` / safetensors), and the layer table of the ERF explorer."""
+"""Models of the app: registered names and ``timm/<name>`` architectures (when timm is installed), seeded random
+init or an uploaded checkpoint read through the library's safe loader (``weights_only=True`` / safetensors), and
+the layer table of the ERF explorer."""
 from __future__ import annotations
 
 import json

@@ -74,7 +74,8 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     kwargs = dict(overrides)
     if deploy and not is_timm_name(name):  # timm models have no deploy flag (re-parameterized when measured)
         kwargs["deploy"] = True
-    if state_dict is not None and (name in _MODELS or is_timm_name(name)) and not drop_head and not kwargs.get("pretrained"):
+    known = name in _MODELS or is_timm_name(name)
+    if state_dict is not None and known and not drop_head and not kwargs.get("pretrained"):
         model = _build_uninitialized(name, factory, kwargs)
         if model is not None:
             from erf_lab.checkpoint import load_weights
