@@ -8,6 +8,7 @@ small-kernel branches, residual shortcuts) merge by taking the max over the op's
 Attention has no kernel: a product of two input-dependent tensors (``q @ k^T``, ``attn @ v``,
 ``scaled_dot_product_attention``) mixes tokens, and every layer after it has no theoretical RF in this sense
 (``None``): a ViT's patch sees the whole image after the first block, a Swin's a window that the shifts grow.
+Token-mixing MLPs (MLP-Mixer's linear layer over the token axis) are not recognised: their RF stays the patch's.
 Token and NHWC outputs are listed as (C, H, W) maps (:func:`erf_lab.erf.tokens.to_spatial`); the stride of a
 layer after attention is read off its map (input side / map side).
 """
