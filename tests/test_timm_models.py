@@ -187,6 +187,9 @@ def test_layers_of_cnn_vit_and_swin(capsys):
     swin = {r["name"]: r for r in layer_table("timm/swin_tiny_patch4_window7_224", 64,
                                               {"img_size": 64, "window_size": 4})}
     assert swin["forward_features"]["shape"] == [768, 2, 2] and swin["forward_features"]["stride"] == 32
+    # the patch-embedding conv is NCHW, the embedding's output NHWC: both listed as (C, H, W)
+    assert swin["patch_embed.proj"]["shape"] == swin["patch_embed"]["shape"] == [96, 16, 16]
+    assert swin["patch_embed"]["theoretical_rf"] == 4 and swin["layers.1"]["stride"] == 8
     with pytest.raises(ErfLabError, match="img_size"):
         layer_table("timm/vit_tiny_patch16_224", 64)  # built for 224 px
 
