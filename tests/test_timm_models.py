@@ -147,6 +147,9 @@ def test_intermediate_token_layers_equal_plain_autograd(name, layer):
     erf = EffectiveReceptiveField(model, layer=layer).attribute(x)
     ref = reference_map(model, x, kind, dict(model.named_modules())[layer])
     assert max_rel_err(erf.detach().numpy(), ref.numpy()) < 1e-5
+    if kind == "nhwc":  # inside a block, window attention runs on windows, not images: refused
+        with pytest.raises(ErfLabError, match="one map per image"):
+            EffectiveReceptiveField(model, layer=f"{layer}.attn").attribute(x)
 
 
 @needs_timm
@@ -183,6 +186,7 @@ def test_layers_of_cnn_vit_and_swin(capsys):
     assert vit["patch_embed.proj"] == {"name": "patch_embed.proj", "shape": [192, 4, 4], "theoretical_rf": 16,
                                        "stride": 16}
     assert vit["blocks.0"]["shape"] == [192, 4, 4] and vit["blocks.0"]["theoretical_rf"] is None
+    assert "blocks.0.attn.q_norm" not in vit  # per-head (B, heads, N, d): no spatial map
     assert vit["forward_features"]["stride"] == 16
     swin = {r["name"]: r for r in layer_table("timm/swin_tiny_patch4_window7_224", 64,
                                               {"img_size": 64, "window_size": 4})}

@@ -76,6 +76,9 @@ class TruncatedForward(nn.Module):
             raise ErfLabError(f"layer {self.layer_name!r} is not run by the model's forward pass")
         out = captured[0]
         out = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] != x.shape[0]:
+            raise ErfLabError(f"layer {self.layer_name!r} does not output one map per image (batch {out.shape[0]} "
+                              f"for {x.shape[0]} images, e.g. a Swin's attention windows); choose its block")
         return to_spatial(out, self.model, tuple(x.shape[-2:]), self._target)
 
 

@@ -143,10 +143,16 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
             t = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
             if not isinstance(t, torch.Tensor) or name in rows:
                 return
+            heads = _heads(name, module, t)
             t = _spatial_or_none(t, module)
-            if t is not None and (t.dim() == 4 or include_all):
+            if t is not None and (include_all or (t.dim() == 4 and t.shape[0] == 1 and not heads)):
                 rows[name] = _row(name, t, input_size)
         return hook
+
+    def _heads(name, module, t):
+        """A ViT's 4-D output past its patch embedding that no conv made: per-head (B, heads, N, d) attention."""
+        return (hasattr(m, "num_prefix_tokens") and t.dim() == 4 and not name.startswith("patch_embed")
+                and not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)))
 
     def _spatial_or_none(t, module):
         if t.dim() not in (3, 4):
