@@ -66,8 +66,6 @@ def build_timm_model(base: str, *, pretrained: bool = False, **overrides) -> nn.
     timm = import_timm()
     try:
         model = timm.create_model(base, pretrained=bool(pretrained), **overrides)
-    except TypeError:
-        raise  # unknown keyword: the registry reports it as an option error
     except (OSError, RuntimeError) as e:
         if not pretrained:
             raise
