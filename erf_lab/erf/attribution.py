@@ -8,7 +8,8 @@ sum_rgb ReLU(dt/dx) (``aggregate="abs"``: |dt/dx|). :class:`EffectiveReceptiveFi
 
 The forward stops at the layer: ``forward_features`` by default; for a layer named in ``model.feature_info``
 the model's own ``forward_intermediates(..., stop_early=True)`` (timm's interface); for any other module a
-forward hook that ends the pass once the output is captured.
+forward hook that ends the pass once the output is captured. Token and NHWC outputs (ViT, Swin) are arranged as
+(B, C, H, W) maps first (:func:`erf_lab.erf.tokens.to_spatial`), so a transformer is measured like a CNN.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from erf_lab.erf.receptive_field import DEFAULT_LAYER, resolve_layer
+from erf_lab.erf.tokens import to_spatial
 from erf_lab.errors import ErfLabError
 
 AGGREGATES = ("relu", "abs")
@@ -36,7 +38,8 @@ def intermediate_index(model: nn.Module, layer_name: str) -> int | None:
 
 
 class TruncatedForward(nn.Module):
-    """Runs ``model`` only up to ``layer`` and returns that layer's output (``forward_features`` if None).
+    """Runs ``model`` only up to ``layer`` and returns that layer's output (``forward_features`` if None) as a
+    spatial map (tokens / NHWC arranged as NCHW).
 
     captum hooks this wrapper as its layer, so it receives exactly the chosen feature map, and the forward truly
     stops there: through ``forward_intermediates(stop_early=True)`` for a feature_info layer, else through a
@@ -52,8 +55,8 @@ class TruncatedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._target is None:
             fn = self.model.forward_features if hasattr(self.model, "forward_features") else self.model
-            return fn(x)
-        if self._index is not None:
+            return to_spatial(fn(x), self.model, tuple(x.shape[-2:]))
+        if self._index is not None:  # timm's forward_intermediates returns NCHW maps for every family
             return self.model.forward_intermediates(x, indices=[self._index], stop_early=True,
                                                     intermediates_only=True)[0]
         captured = []
@@ -72,7 +75,11 @@ class TruncatedForward(nn.Module):
         if not captured:
             raise ErfLabError(f"layer {self.layer_name!r} is not run by the model's forward pass")
         out = captured[0]
-        return out[0] if isinstance(out, (tuple, list)) else out
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] != x.shape[0]:
+            raise ErfLabError(f"layer {self.layer_name!r} does not output one map per image (batch {out.shape[0]} "
+                              f"for {x.shape[0]} images, e.g. a Swin's attention windows); choose its block")
+        return to_spatial(out, self.model, tuple(x.shape[-2:]), self._target)
 
 
 class EffectiveReceptiveField:

@@ -50,13 +50,30 @@ def list_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]
     return images, others
 
 
-def model_mean_std(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The model's ``default_cfg`` / ``pretrained_cfg`` mean and std if it has them, else ImageNet's."""
+def model_data_config(model) -> dict:
+    """The model's own preprocessing (timm's ``pretrained_cfg``, or the older ``default_cfg``): ``mean``, ``std``,
+    ``interpolation``, ``crop_pct``, ``input_size`` (C, H, W); ImageNet's mean / std, bilinear, no crop and 224
+    where the model declares none."""
+    cfg = {}
     for attr in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(model, attr, None)
-        if isinstance(cfg, dict) and "mean" in cfg and "std" in cfg:
-            return tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"]))
-    return IMAGENET_MEAN, IMAGENET_STD
+        c = getattr(model, attr, None)
+        if isinstance(c, dict) and c:
+            cfg = c
+            break
+    mean_std = "mean" in cfg and "std" in cfg
+    size = cfg.get("input_size") or 224
+    size = [int(v) for v in size] if isinstance(size, (tuple, list)) else [int(size)]
+    return {"mean": tuple(map(float, cfg["mean"] if mean_std else IMAGENET_MEAN)),
+            "std": tuple(map(float, cfg["std"] if mean_std else IMAGENET_STD)),
+            "interpolation": str(cfg.get("interpolation") or "bilinear"),
+            "crop_pct": float(cfg.get("crop_pct") or 1.0),
+            "input_size": (3, size[-2] if len(size) > 1 else size[0], size[-1])}
+
+
+def model_mean_std(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std of :func:`model_data_config`."""
+    cfg = model_data_config(model)
+    return cfg["mean"], cfg["std"]
 
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels show white, as a viewer on a white page shows them

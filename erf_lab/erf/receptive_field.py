@@ -4,19 +4,29 @@ Along each axis, a convolution / pooling with kernel k, stride s, dilation d map
 (rf + (k - 1) * d * jump, jump * s), starting from (1, 1) at the input (Araujo et al., Distill 2019).
 Every torch op is intercepted while the model runs once, so parallel branches (RepLKNet's large- and
 small-kernel branches, residual shortcuts) merge by taking the max over the op's inputs.
+
+Attention has no kernel: a product of two input-dependent tensors (``q @ k^T``, ``attn @ v``,
+``scaled_dot_product_attention``) mixes tokens, and every layer after it has no theoretical RF in this sense
+(``None``): a ViT's patch sees the whole image after the first block, a Swin's a window that the shifts grow.
+Token-mixing MLPs (MLP-Mixer's linear layer over the token axis) are not recognised: their RF stays the patch's.
+Token and NHWC outputs are listed as (C, H, W) maps (:func:`erf_lab.erf.tokens.to_spatial`); the stride of a
+layer after attention is read off its map (input side / map side).
 """
 from __future__ import annotations
 
 import difflib
+import math
 
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from erf_lab.erf.tokens import to_spatial
 from erf_lab.errors import ErfLabError
 
 DEFAULT_LAYER = "forward_features"
 _ATTR = "_erf_lab_rf"
+_TOKEN_MIXING = ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention")
 
 
 def _pair(v) -> tuple[int, int]:
@@ -63,7 +73,9 @@ class _RFMode(TorchFunctionMode):
         jump = (max(i[1][0] for i in infos), max(i[1][1] for i in infos))
         name = getattr(func, "__name__", "")
         kernel = stride = dilation = None
-        if name in ("conv2d", "conv_transpose2d") and len(args) >= 2:
+        if name in _TOKEN_MIXING and len(infos) >= 2:
+            rf = (math.inf, math.inf)
+        elif name in ("conv2d", "conv_transpose2d") and len(args) >= 2:
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             kernel = tuple(weight.shape[-2:])
             stride = _pair(args[3] if len(args) > 3 else kwargs.get("stride", 1))
@@ -102,10 +114,23 @@ def _features_fn(model: nn.Module):
     return model.forward_features if hasattr(model, "forward_features") else model
 
 
+def _row(name: str, t: torch.Tensor, input_size: int) -> dict:
+    info = getattr(t, _ATTR, None)
+    rf = max(info[0]) if info else None
+    stride = int(max(info[1])) if info else None
+    if rf is not None and math.isinf(rf):  # after attention: no kernel RF; the stride from the map's side
+        rf = None
+        if t.dim() == 4 and min(t.shape[-2:]) > 0:
+            stride = max(stride, input_size // max(t.shape[-2:]))
+    return {"name": name, "shape": list(t.shape[1:]), "theoretical_rf": None if rf is None else int(rf),
+            "stride": stride}
+
+
 def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = False) -> list[dict]:
-    """Every module that runs on a (1, 3, S, S) input with a 4-D output: ``name``, output ``shape``
-    (C, H, W), ``theoretical_rf`` (pixels, max of both axes) and total ``stride``, in execution order; the default
-    layer ``forward_features`` comes last. ``include_all`` also lists modules with non-4-D outputs."""
+    """Every module that runs on a (1, 3, S, S) input with a spatial output (token and NHWC outputs arranged as
+    (C, H, W)): ``name``, output ``shape`` (C, H, W), ``theoretical_rf`` (pixels, max of both axes; None after
+    attention) and total ``stride``, in execution order; the default layer ``forward_features`` comes last.
+    ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}
     hooks = [mod.register_forward_hook(_module_hook) for mod in m.modules()
@@ -116,13 +141,26 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     def make_hook(name):
         def hook(module, inp, out):
             t = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
-            if not isinstance(t, torch.Tensor) or (t.dim() != 4 and not include_all) or name in rows:
+            if not isinstance(t, torch.Tensor) or name in rows:
                 return
-            info = getattr(t, _ATTR, None)
-            rows[name] = {"name": name, "shape": list(t.shape[1:]),
-                          "theoretical_rf": int(max(info[0])) if info else None,
-                          "stride": int(max(info[1])) if info else None}
+            heads = _heads(name, module, t)
+            t = _spatial_or_none(t, module)
+            if t is not None and (include_all or (t.dim() == 4 and t.shape[0] == 1 and not heads)):
+                rows[name] = _row(name, t, input_size)
         return hook
+
+    def _heads(name, module, t):
+        """A ViT's 4-D output past its patch embedding that no conv made: per-head (B, heads, N, d) attention."""
+        return (hasattr(m, "num_prefix_tokens") and t.dim() == 4 and not name.startswith("patch_embed")
+                and not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)))
+
+    def _spatial_or_none(t, module):
+        if t.dim() not in (3, 4):
+            return t
+        try:
+            return to_spatial(t, m, (int(input_size), int(input_size)), module)
+        except ErfLabError:  # tokens that form no patch grid (e.g. attention logits)
+            return t if include_all else None
 
     for name, module in m.named_modules():
         if name:
@@ -132,9 +170,12 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     try:
         with torch.no_grad(), _RFMode():
             feats = _features_fn(m)(x)
-    except RuntimeError as e:
+            feats = _spatial_or_none(feats, None) if isinstance(feats, torch.Tensor) else feats
+    except (RuntimeError, AssertionError) as e:  # timm's fixed-size patch embeddings assert the input size
+        hint = ("; a timm ViT / Swin takes other sizes with --override img_size=N or dynamic_img_size=True"
+                if isinstance(e, AssertionError) else "")
         raise ErfLabError(f"input size {input_size} does not fit {type(model).__name__}: "
-                          f"{str(e).splitlines()[0]}") from None
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
     finally:
         for h in hooks:
             h.remove()
@@ -142,10 +183,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
             mod.training = flag
     out = list(rows.values())
     if isinstance(feats, torch.Tensor):
-        info = getattr(feats, _ATTR, None)
-        out.append({"name": DEFAULT_LAYER, "shape": list(feats.shape[1:]),
-                    "theoretical_rf": int(max(info[0])) if info else None,
-                    "stride": int(max(info[1])) if info else None})
+        out.append(_row(DEFAULT_LAYER, feats, input_size))
     return out
 
 
@@ -156,7 +194,8 @@ def theoretical_rf(model: nn.Module, layer: str | None = None, input_size: int =
     for r in rows:
         if r["name"] == name:
             if r["theoretical_rf"] is None:
-                raise ErfLabError(f"layer {name!r} does not depend spatially on the input")
+                raise ErfLabError(f"layer {name!r} has no theoretical receptive field from kernels (it follows "
+                                  "attention, or does not depend spatially on the input)")
             return r["theoretical_rf"]
     resolve_layer(model, name)  # raises with close names if unknown
     raise ErfLabError(f"layer {name!r} does not run in the forward pass at input size {input_size}")

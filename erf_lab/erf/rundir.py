@@ -41,7 +41,7 @@ RUN_FIELDS: dict[str, tuple] = {
     "theoretical_rf": _INT_OR_NONE, "target": _STR_OR_NONE, "map": _STR_OR_NONE, "gradient": _STR_OR_NONE,
     "reparameterized": (bool,), "channels_last": (bool,), "conv_backend": (str,), "fastconv_modules": _INT_OR_NONE,
     "weight_grads": (bool,), "tf32": (bool, type(None)), "batch_size": (int,), "seed": (int,), "device": (str,),
-    "mean": (list,), "std": (list,), "resize": (str,), "size_note": _STR_OR_NONE,
+    "mean": (list,), "std": (list,), "resize": (str,), "model_preprocessing": (dict,), "size_note": _STR_OR_NONE,
     # images
     "images": (str,), "image_list": (list,), "num_images_requested": _INT_OR_NONE, "num_used": (int,),
     "num_skipped": (int,), "skipped": (list,),

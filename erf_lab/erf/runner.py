@@ -211,7 +211,8 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
             reuse: bool = False, label: str | None = None, tags: dict | None = None,
             formats: Sequence[str] = ("png", "pdf"), show_progress: bool = True,
             on_batch: Callable[[Accumulator], None] | None = None, checkpoint_seconds: float = CHECKPOINT_SECONDS,
-            argv: Sequence[str] | None = None, runs_root: str | os.PathLike = "runs", display: str | None = None) -> dict:
+            argv: Sequence[str] | None = None, runs_root: str | os.PathLike = "runs",
+            display: str | None = None) -> dict:
     """Measure one ERF and write its run directory; returns ``{"out_dir", "metrics", "run_info", "result",
     "already_complete", "reused"}`` (metrics / result on rank 0 only; result is None for a reused run).
 
@@ -277,14 +278,15 @@ def _normalise(obj):
 
 def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, tags, formats, show_progress,
          on_batch, checkpoint_seconds, argv, runs_root, start, t0, display=None) -> dict:
-    from erf_lab.erf.images import load_images, model_mean_std
+    from erf_lab.erf.images import load_images, model_data_config
     from erf_lab.io import sha256_file
     from erf_lab.models import create_model
 
     device = D.device_for(spec.device, dinfo)
     torch.manual_seed(spec.seed)
     model = create_model(spec.model, weights=spec.weights, drop_head=spec.drop_head, **spec.overrides)
-    mean, std = model_mean_std(model)
+    data_cfg = model_data_config(model)
+    mean, std = data_cfg["mean"], data_cfg["std"]
     source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean, std=std)
     geom = layer_geometry(model, spec.layer, spec.input_size)
     train_size = training_resolution(spec, model)
@@ -359,7 +361,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         run_info = metrics = None
         if dinfo.is_main:
             run_info = _run_info(spec, config, result, source, geom, train_size, device, dinfo, label, tags,
-                                 resumed_from, start, t0, measure_s, argv)
+                                 resumed_from, start, t0, measure_s, argv, data_cfg)
             metrics = write_run_dir(out_dir, result.erf, run_info, theoretical_rf=geom["theoretical_rf"],
                                     formats=formats, display=display)
         D.barrier(dinfo)
@@ -369,7 +371,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
 
 
 def _run_info(spec, config, result, source, geom, train_size, device, dinfo, label, tags, resumed_from, start, t0,
-              measure_s, argv) -> dict:
+              measure_s, argv, data_cfg) -> dict:
     order = {i: n for n, i in enumerate(config["images"])}
     skipped_ids = {s[0] for s in result.skipped}
     used = sorted((p for p in result.processed if p not in skipped_ids), key=lambda p: order.get(p, 1 << 30))
@@ -386,7 +388,8 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
         "images": "default" if source.name == "default" else str(Path(source.root).resolve()),
         "image_list": used, "num_images_requested": spec.num_images, "num_used": result.num_used,
         "num_skipped": len(skipped), "skipped": skipped, "mean": list(config["mean"]), "std": list(config["std"]),
-        "resize": "bicubic, square", "target": result.info.get("target"), "map": result.info.get("map"),
+        "resize": "bicubic, square", "model_preprocessing": _normalise(data_cfg),
+        "target": result.info.get("target"), "map": result.info.get("map"),
         "gradient": "captum.attr.NeuronGradient", "reparameterized": spec.reparameterize,
         "channels_last": spec.channels_last, "conv_backend": spec.conv_backend,
         "fastconv_modules": result.info.get("fastconv_modules"), "weight_grads": False, "tf32": result.info.get("tf32"),

@@ -33,6 +33,10 @@ def is_model(name: str) -> bool:
 def _resolve_factory(name: str) -> Callable[..., nn.Module]:
     if name in _MODELS:
         return _MODELS[name]
+    from erf_lab.models.timm_models import is_timm_name, timm_factory
+
+    if is_timm_name(name):  # timm/<name> or timm:<name>
+        return timm_factory(name)
     if ":" in name:  # user model: package.module:factory
         module_name, _, attr = name.partition(":")
         try:
@@ -50,13 +54,16 @@ def _resolve_factory(name: str) -> Callable[..., nn.Module]:
 
 def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
                  drop_head: bool = False, **overrides) -> nn.Module:
-    """Build a registered model (or ``package.module:factory``), optionally load ``weights``.
+    """Build a registered model (or ``timm/<name>``, ``timm:<name>``, ``package.module:factory``), optionally
+    load ``weights``.
 
     ``deploy=True`` builds re-parameterizable models in their merged (inference) form. A checkpoint in a
     merged layout (``lkb_reparam`` keys; UniRepLKNet's ``lk_origin.bias``) implies ``deploy=True``.
     ``drop_head=True`` loads a checkpoint whose classifier has a different class count, keeping the model's
     own head.
     """
+    from erf_lab.models.timm_models import is_timm_name
+
     factory = _resolve_factory(name)
     state_dict = None
     if weights is not None:
@@ -66,9 +73,10 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
         if _implies_deploy(state_dict):
             deploy = True
     kwargs = dict(overrides)
-    if deploy:
+    if deploy and not is_timm_name(name):  # timm models have no deploy flag (re-parameterized when measured)
         kwargs["deploy"] = True
-    if state_dict is not None and name in _MODELS and not drop_head and not kwargs.get("pretrained"):
+    known = name in _MODELS or is_timm_name(name)
+    if state_dict is not None and known and not drop_head and not kwargs.get("pretrained"):
         model = _build_uninitialized(name, factory, kwargs)
         if model is not None:
             from erf_lab.checkpoint import load_weights

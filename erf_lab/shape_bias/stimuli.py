@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from erf_lab.erf.images import to_rgb, to_tensor
+from erf_lab.erf.images import model_data_config, to_rgb, to_tensor
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.shape_bias.categories import CATEGORIES
@@ -109,7 +109,7 @@ def sibling_set(cue_dir: Path, name: str) -> Path | None:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Per-model preprocessing from its ``default_cfg`` (timm convention): resize the short side to
+    """Per-model preprocessing from its ``pretrained_cfg`` (timm convention): resize the short side to
     ``size / crop_pct`` with ``interpolation``, centre-crop ``size``, scale to [0, 1], normalize ``mean``/``std``."""
     size: tuple[int, int] = (224, 224)
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -119,13 +119,10 @@ class Preprocess:
 
     @classmethod
     def from_model(cls, model) -> "Preprocess":
-        cfg = dict(getattr(model, "default_cfg", None) or getattr(model, "pretrained_cfg", None) or {})
-        size = cfg.get("input_size", (3, 224, 224))
-        size = tuple(int(s) for s in (size[-2:] if len(size) >= 2 else (size[0], size[0])))
-        return cls(size=size, mean=tuple(float(x) for x in cfg.get("mean", cls.mean)),
-                   std=tuple(float(x) for x in cfg.get("std", cls.std)),
-                   interpolation=str(cfg.get("interpolation", "bilinear")),
-                   crop_pct=float(cfg.get("crop_pct", 1.0) or 1.0))
+        """From :func:`erf_lab.erf.images.model_data_config` (timm's ``pretrained_cfg``)."""
+        cfg = model_data_config(model)
+        return cls(size=tuple(cfg["input_size"][-2:]), mean=cfg["mean"], std=cfg["std"],
+                   interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"])
 
     def as_dict(self) -> dict:
         return {"input_size": list(self.size), "mean": list(self.mean), "std": list(self.std),

@@ -20,7 +20,8 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registered model name or package.module:factory")
+    p.add_argument("--model", required=True,
+                   help="registered model name, timm/<name> (extra '.[timm]') or package.module:factory")
     p.add_argument("--weights", help="checkpoint (.pth/.pt state dict, or .safetensors)")
     p.add_argument("--drop-head", action="store_true", help="load a checkpoint whose classifier differs")
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         return 0  # non-zero rank of a distributed run: rank 0 reports
     info = res["run_info"]
     print(f"ERF of {info['model']} at {info['layer']} over {info['num_used']} image(s) "
-          f"({info['num_skipped']} skipped), input {info['input_size']}px, theoretical RF {info['theoretical_rf']}px")
+          f"({info['num_skipped']} skipped), input {info['input_size']}px, theoretical RF "
+          + (f"{info['theoretical_rf']}px" if info["theoretical_rf"] else "n/a (attention)"))
     if info.get("size_note"):
         print(f"note: {info['size_note']}")
     from erf_lab.erf.tables import markdown_table, table_rows

@@ -12,7 +12,8 @@ DESCRIPTION = ("List every module that outputs a feature map, in execution order
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registered model name or package.module:factory")
+    p.add_argument("--model", required=True,
+                   help="registered model name, timm/<name> (extra '.[timm]') or package.module:factory")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="model constructor option; repeatable")
     p.add_argument("--input-size", type=int, default=224, help="square input side for the shapes (default 224)")
     p.add_argument("--filter", help="only names containing this text")
@@ -47,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'layer':<{width}}  {'output (C, H, W)':<18}  {'stride':>6}  {'theoretical RF':>14}")
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
-        print(f"{r['name']:<{width}}  {shape:<18}  {str(r['stride']):>6}  {str(r['theoretical_rf']):>14}")
+        print(f"{r['name']:<{width}}  {shape:<18}  {str(r['stride']):>6}  {str(r['theoretical_rf'] or 'n/a'):>14}")
     return 0

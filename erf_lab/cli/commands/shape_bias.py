@@ -21,7 +21,8 @@ DESCRIPTION = (
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="registered model name or package.module:factory")
+    p.add_argument("--model",
+                   help="registered model name, timm/<name> (extra '.[timm]') or package.module:factory")
     p.add_argument("--weights", help="checkpoint (.pth/.pt state dict, or .safetensors)")
     p.add_argument("--pretrained", action="store_true", help="use the model's published ImageNet weights")
     p.add_argument("--allow-random", action="store_true",

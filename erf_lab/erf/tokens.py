@@ -1,0 +1,65 @@
+"""Token and channels-last outputs as (B, C, H, W) spatial maps, so that the ERF of a transformer is measured exactly
+like a CNN's (target: the centre unit of the map).
+
+- (B, N, C) tokens (ViT, DeiT, Mixer; timm ``forward_features``): the ``model.num_prefix_tokens`` leading class /
+  register / distillation tokens are dropped when present, the patch tokens reshaped row-major onto the patch
+  grid (the order of timm's ``PatchEmbed``: ``flatten(2).transpose(1, 2)``).
+- (B, H, W, C) maps of models whose ``output_fmt`` is ``"NHWC"`` (Swin) are permuted to NCHW, except the outputs
+  of convolutions and pooling layers inside them, which are NCHW already.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from erf_lab.errors import ErfLabError
+
+_NCHW_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def channels_last_output(model: nn.Module, module: nn.Module | None = None) -> bool:
+    """True when ``module``'s 4-D output (``forward_features`` if None) is NHWC: the model declares
+    ``output_fmt = "NHWC"`` (timm's Swin) and the module is not a convolution or pooling."""
+    return str(getattr(model, "output_fmt", "NCHW")).upper() == "NHWC" and not isinstance(module, _NCHW_MODULES)
+
+
+def patch_grid(model: nn.Module, num_tokens: int, input_hw: tuple[int, int]) -> tuple[int, int] | None:
+    """The (rows, cols) grid of ``num_tokens`` patch tokens for an ``input_hw`` input, or None when no candidate
+    fits: the grid for this input size from the patch size, the model's fixed ``patch_embed.grid_size``, a
+    square."""
+    embed = getattr(model, "patch_embed", None)
+    candidates = []
+    patch = getattr(embed, "patch_size", None)
+    if patch is not None:
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)[:2]
+        h, w = input_hw
+        candidates += [(h // ph, w // pw), (-(-h // ph), -(-w // pw))]
+    grid = getattr(embed, "grid_size", None)
+    if grid is not None:
+        candidates.append(tuple(int(g) for g in grid)[:2])
+    side = math.isqrt(num_tokens)
+    candidates.append((side, side))
+    return next((g for g in candidates if len(g) == 2 and g[0] * g[1] == num_tokens), None)
+
+
+def to_spatial(out: torch.Tensor, model: nn.Module, input_hw: tuple[int, int],
+               module: nn.Module | None = None) -> torch.Tensor:
+    """``out`` (the output of ``module`` of ``model``, or of ``forward_features`` if None) as (B, C, H, W);
+    NCHW maps and anything that is not a 3-D / 4-D tensor are returned unchanged."""
+    if not isinstance(out, torch.Tensor):
+        return out
+    if out.dim() == 4:
+        return out.permute(0, 3, 1, 2) if channels_last_output(model, module) else out
+    if out.dim() != 3:
+        return out
+    n = int(out.shape[1])
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    for drop in dict.fromkeys((prefix, 0)):  # with the prefix tokens; without (e.g. the patch_embed output)
+        grid = patch_grid(model, n - drop, input_hw) if n > drop else None
+        if grid is not None:
+            tokens = out[:, drop:, :]
+            return tokens.transpose(1, 2).reshape(out.shape[0], out.shape[2], *grid)
+    raise ErfLabError(f"cannot arrange the {n} tokens of {type(model).__name__} ({prefix} prefix tokens) on a patch "
+                      f"grid for a {input_hw[0]}x{input_hw[1]} input")

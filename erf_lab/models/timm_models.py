@@ -1,0 +1,77 @@
+"""Any timm model by name: ``timm/<name>`` or ``timm:<name>`` (timm is the optional extra ``.[timm]``).
+
+The model is built by ``timm.create_model(name, pretrained=..., **overrides)``; weights from a file go through
+:mod:`erf_lab.checkpoint` like every other model (strict, never unpickled). Preprocessing comes from the model's
+own ``pretrained_cfg`` (:func:`erf_lab.erf.images.model_data_config`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch.nn as nn
+
+from erf_lab.errors import ErfLabError
+
+PREFIXES = ("timm/", "timm:")
+INSTALL_HINT = "pip install -e '.[timm]'"
+
+
+def is_timm_name(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(PREFIXES) and len(name) > len(PREFIXES[0])
+
+
+def timm_name(name: str) -> str:
+    """``timm/resnet50`` / ``timm:resnet50`` -> ``resnet50``."""
+    return name[len(PREFIXES[0]):]
+
+
+def import_timm():
+    """The ``timm`` module, or an ErfLabError saying how to install it."""
+    try:
+        import timm
+    except ImportError as e:
+        raise ErfLabError(f"timm models need the optional extra: {INSTALL_HINT} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a torchvision built for another torch fails with RuntimeError
+        raise ErfLabError(f"timm is installed but cannot be imported ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); reinstall it: {INSTALL_HINT}") from None
+    return timm
+
+
+def known_timm_model(name: str) -> bool:
+    """True when timm is importable and ``name`` (with or without the prefix) is one of its architectures."""
+    try:
+        timm = import_timm()
+    except ErfLabError:
+        return False
+    base = timm_name(name) if is_timm_name(name) else name
+    return bool(timm.is_model(base.split(".", 1)[0]))
+
+
+def timm_factory(name: str):
+    """A constructor ``(**overrides) -> nn.Module`` for ``timm/<name>`` (the registry's factory interface)."""
+    timm = import_timm()
+    base = timm_name(name)
+    if not timm.is_model(base.split(".", 1)[0]):  # 'resnet50.a1_in1k': architecture.pretrained-tag
+        import difflib
+
+        close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join('timm/' + c for c in close)}?" if close else ""
+        raise ErfLabError(f"unknown timm model {base!r}{hint}")
+    return functools.partial(build_timm_model, base)
+
+
+def build_timm_model(base: str, *, pretrained: bool = False, **overrides) -> nn.Module:
+    """``timm.create_model(base, pretrained=pretrained, **overrides)``, with the classifier prefix recorded as
+    ``head_names`` (for ``drop_head`` loading); a failed weight download is an ErfLabError."""
+    timm = import_timm()
+    try:
+        model = timm.create_model(base, pretrained=bool(pretrained), **overrides)
+    except (OSError, RuntimeError) as e:
+        if not pretrained:
+            raise
+        raise ErfLabError(f"cannot get the pretrained weights of timm/{base} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); pass --weights FILE instead") from None
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if classifier:
+        model.head_names = tuple(classifier) if isinstance(classifier, (list, tuple)) else (classifier,)
+    return model

@@ -1,0 +1,265 @@
+"""Any timm model (``timm/<name>``): CNNs and transformers, randomly initialised, saved and loaded through
+``--weights``; the ERF of the library equals an independent plain-autograd computation of the same definition
+(target = sum_c ReLU(M[c, h//2, w//2]) of the spatial map M; map = sum_rgb ReLU(d target / d input)).
+
+The token / NHWC arrangement is written out here independently of ``erf_lab.erf.tokens``: a ViT's patch tokens
+after its ``num_prefix_tokens`` on the (H/16, W/16) grid, a Swin's (B, H, W, C) permuted to NCHW.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from erf_lab.errors import ErfLabError
+from erf_lab.models import create_model
+from erf_lab.models.timm_models import INSTALL_HINT, import_timm
+
+try:
+    import_timm()
+    TIMM_ERROR = None
+except ErfLabError as e:  # not installed, or installed beside a torchvision that cannot load
+    TIMM_ERROR = str(e)
+needs_timm = pytest.mark.skipif(TIMM_ERROR is not None, reason=f"timm unavailable: {TIMM_ERROR}")
+
+# name, constructor overrides (small ViT / Swin inputs), input side, how forward_features is arranged
+CASES = {
+    "resnet50": ({}, 64, "nchw"),
+    "convnext_tiny": ({}, 64, "nchw"),
+    "vit_tiny_patch16_224": ({"img_size": 64}, 64, "tokens"),
+    "swin_tiny_patch4_window7_224": ({"img_size": 64, "window_size": 4}, 64, "nhwc"),
+}
+
+
+def reference_map(model: nn.Module, x: torch.Tensor, kind: str, module: nn.Module | None = None) -> torch.Tensor:
+    """The ERF map of one image by plain autograd: forward_features (or ``module``'s output), arranged as NCHW."""
+    x = x.clone().requires_grad_(True)
+    if module is None:
+        out = model.forward_features(x)
+    else:
+        captured = []
+        handle = module.register_forward_hook(lambda m, i, o: captured.append(o))
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        out = captured[0]
+    if kind == "tokens":
+        patches = out[:, model.num_prefix_tokens:, :]
+        gh, gw = x.shape[-2] // 16, x.shape[-1] // 16
+        out = patches.reshape(x.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
+    elif kind == "nhwc":
+        out = out.permute(0, 3, 1, 2)
+    h, w = out.shape[-2:]
+    target = F.relu(out[:, :, h // 2, w // 2]).sum()
+    (grad,) = torch.autograd.grad(target, x)
+    return F.relu(grad).sum(1)
+
+
+def max_rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def save_weights(model: nn.Module, path) -> None:
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+
+
+def test_timm_not_installed_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    with pytest.raises(ErfLabError, match=r"pip install -e '\.\[timm\]'"):
+        create_model("timm/resnet50")
+    assert INSTALL_HINT == "pip install -e '.[timm]'"
+
+
+@needs_timm
+@pytest.mark.parametrize("name", list(CASES))
+def test_weights_round_trip_and_erf_equals_plain_autograd(name, tmp_path, capsys):
+    """Saved weights (safetensors, or a weights-only .pth for the ViT) load strictly into a fresh model; the
+    whole measurement (``erf-lab compute`` for the ResNet-50, ``run_erf`` for the others: re-parameterized copy,
+    channels_last, fastconv) gives the reference map, and run.json records the model's own preprocessing."""
+    from erf_lab.cli.main import main
+    from erf_lab.erf.images import load_images, model_data_config
+    from erf_lab.erf.runner import ErfSpec, run_erf
+
+    overrides, size, kind = CASES[name]
+    torch.manual_seed(0)
+    src = create_model(f"timm/{name}", **overrides).eval()
+    path = tmp_path / ("w.pth" if kind == "tokens" else "w.safetensors")
+    save_weights(src, path)
+    model = create_model(f"timm:{name}", weights=str(path), **overrides).eval()
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+    out = tmp_path / "run"
+    if name == "resnet50":
+        code = main(["compute", "--model", "timm/resnet50", "--weights", str(path), "--input-size", str(size),
+                     "--num-images", "1", "--out", str(out), "--quiet"])
+        assert code == 0, capsys.readouterr().err
+    else:
+        run_erf(ErfSpec(model=f"timm/{name}", weights=str(path), overrides=overrides, input_size=size,
+                        num_images=1), out=out, show_progress=False, formats=())
+    cfg = model_data_config(model)
+    source = load_images(None, num_images=1, input_size=size, mean=cfg["mean"], std=cfg["std"])
+    x = source.load(source.files[0]).unsqueeze(0)
+    ref = reference_map(model, x, kind)[0]
+    erf = np.load(out / "erf.npy")
+    assert erf.shape == (size, size)
+    assert float(ref.abs().max()) > 0
+    assert max_rel_err(erf, ref.numpy()) < 1e-5
+    info = json.loads((out / "run.json").read_text())
+    assert info["layer"] == "forward_features" and info["weights_sha256"] and not info["random_init"]
+    pre = model.pretrained_cfg
+    assert info["mean"] == pytest.approx(list(pre["mean"])) and info["std"] == pytest.approx(list(pre["std"]))
+    assert info["model_preprocessing"]["interpolation"] == pre["interpolation"]
+    assert info["model_preprocessing"]["crop_pct"] == pytest.approx(pre["crop_pct"])
+    assert info["train_size"] == pre["input_size"][-1]
+    if kind == "nchw":
+        assert isinstance(info["theoretical_rf"], int) and info["theoretical_rf"] > size
+    else:
+        assert info["theoretical_rf"] is None  # after attention: no kernel-defined RF
+    if name == "resnet50":
+        assert info["feature_shape"] == [2048, 2, 2]
+
+
+@needs_timm
+@pytest.mark.parametrize("name,layer", [("vit_tiny_patch16_224", "blocks.1"),  # forward_intermediates
+                                        ("vit_tiny_patch16_224", "blocks.1.mlp"),  # forward hook, tokens
+                                        ("swin_tiny_patch4_window7_224", "layers.1.blocks.0")])  # hook, NHWC
+def test_intermediate_token_layers_equal_plain_autograd(name, layer):
+    from erf_lab.erf.attribution import EffectiveReceptiveField
+
+    overrides, size, kind = CASES[name]
+    torch.manual_seed(1)
+    model = create_model(f"timm/{name}", **overrides).eval()
+    x = torch.randn(2, 3, size, size)
+    erf = EffectiveReceptiveField(model, layer=layer).attribute(x)
+    ref = reference_map(model, x, kind, dict(model.named_modules())[layer])
+    assert max_rel_err(erf.detach().numpy(), ref.numpy()) < 1e-5
+    if kind == "nhwc":  # inside a block, window attention runs on windows, not images: refused
+        with pytest.raises(ErfLabError, match="one map per image"):
+            EffectiveReceptiveField(model, layer=f"{layer}.attn").attribute(x)
+
+
+@needs_timm
+def test_prefix_tokens_are_dropped():
+    """Register tokens too (num_prefix_tokens = 1 class + 3 registers): the grid holds only patch tokens."""
+    from erf_lab.erf.tokens import to_spatial
+
+    model = create_model("timm/vit_tiny_patch16_224", img_size=64, reg_tokens=3).eval()
+    assert model.num_prefix_tokens == 4
+    tokens = torch.arange(4 + 16, dtype=torch.float32).view(1, 20, 1).repeat(1, 1, 2)
+    m = to_spatial(tokens, model, (64, 64))
+    assert m.shape == (1, 2, 4, 4)
+    assert m[0, 0].flatten().tolist() == list(range(4, 20))  # row-major patch order, prefix gone
+    x = torch.randn(1, 3, 64, 64)
+    from erf_lab.erf.attribution import EffectiveReceptiveField
+
+    erf = EffectiveReceptiveField(model).attribute(x)
+    assert max_rel_err(erf.detach().numpy(), reference_map(model, x, "tokens").numpy()) < 1e-5
+
+
+@needs_timm
+def test_layers_of_cnn_vit_and_swin(capsys):
+    from erf_lab.cli.commands.layers import layer_table
+    from erf_lab.cli.main import main
+
+    rows = {r["name"]: r for r in layer_table("timm/resnet50", 64)}
+    assert list(rows)[-1] == "forward_features"
+    assert rows["forward_features"]["shape"] == [2048, 2, 2] and rows["forward_features"]["stride"] == 32
+    assert rows["layer1"]["theoretical_rf"] < rows["layer4"]["theoretical_rf"]
+    assert main(["layers", "--model", "timm/resnet50", "--input-size", "64", "--filter", "layer4"]) == 0
+    assert "layer4" in capsys.readouterr().out
+
+    vit = {r["name"]: r for r in layer_table("timm/vit_tiny_patch16_224", 64, {"img_size": 64})}
+    assert vit["patch_embed.proj"] == {"name": "patch_embed.proj", "shape": [192, 4, 4], "theoretical_rf": 16,
+                                       "stride": 16}
+    assert vit["blocks.0"]["shape"] == [192, 4, 4] and vit["blocks.0"]["theoretical_rf"] is None
+    assert "blocks.0.attn.q_norm" not in vit  # per-head (B, heads, N, d): no spatial map
+    assert vit["forward_features"]["stride"] == 16
+    swin = {r["name"]: r for r in layer_table("timm/swin_tiny_patch4_window7_224", 64,
+                                              {"img_size": 64, "window_size": 4})}
+    assert swin["forward_features"]["shape"] == [768, 2, 2] and swin["forward_features"]["stride"] == 32
+    # the patch-embedding conv is NCHW, the embedding's output NHWC: both listed as (C, H, W)
+    assert swin["patch_embed.proj"]["shape"] == swin["patch_embed"]["shape"] == [96, 16, 16]
+    assert swin["patch_embed"]["theoretical_rf"] == 4 and swin["layers.1"]["stride"] == 8
+    with pytest.raises(ErfLabError, match="img_size"):
+        layer_table("timm/vit_tiny_patch16_224", 64)  # built for 224 px
+
+
+@needs_timm
+def test_pretrained_passes_through_to_timm(monkeypatch):
+    """Offline: the code path of pretrained=True reaches timm.create_model with pretrained=True, and a failed
+    download is one ErfLabError pointing at --weights."""
+    timm = import_timm()
+    calls = []
+    real = timm.create_model
+
+    def recording(name, pretrained=False, **kw):
+        calls.append((name, pretrained, kw))
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    model = create_model("timm/resnet18", pretrained=True, num_classes=10)
+    assert calls == [("resnet18", True, {"num_classes": 10})]
+    assert model.fc.out_features == 10 and model.head_names == ("fc",)
+
+    def offline(name, pretrained=False, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ErfLabError, match="--weights FILE"):
+        create_model("timm/resnet18", pretrained=True)
+
+
+@needs_timm
+def test_unknown_timm_name_and_shape_bias_preprocessing():
+    from erf_lab.shape_bias.stimuli import Preprocess
+
+    with pytest.raises(ErfLabError, match="did you mean timm/resnet50"):
+        create_model("timm/resnet5O")
+    model = create_model("timm/convnext_tiny")
+    pre = Preprocess.from_model(model)
+    cfg = model.pretrained_cfg
+    assert pre.size == tuple(cfg["input_size"][-2:]) and pre.crop_pct == cfg["crop_pct"]
+    assert pre.interpolation == cfg["interpolation"] and pre.mean == tuple(cfg["mean"])
+
+
+@needs_timm
+def test_app_erf_explorer_takes_timm_names(tmp_path, monkeypatch):
+    """The model picker takes any timm name: a ViT is built at the page's input size (its fixed_input_size)
+    and measured; a name timm does not know is refused."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ERF_LAB_APP_RUNS", str(tmp_path / "app-runs"))
+    monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "main.py"), default_timeout=240).run()
+    assert "timm/vit_tiny_patch16_224" in at.selectbox(key="erf-model-0").options
+    at.selectbox(key="erf-model-0").set_value("timm/vit_tiny_patch16_224").run()
+    assert not at.exception, [e.value for e in at.exception]
+    layers = at.selectbox(key="erf-layer-0").options
+    assert "blocks.11" in layers and layers[-1] == "forward_features"
+    at.button(key="erf-run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert float([m.value for m in at.metric if m.label == "r_rms (px)"][0]) > 0
+    assert any("theoretical RF n/a" in c.value for c in at.caption)
+
+    from app import models  # AppTest cannot type a new option; the page checks typed names with this
+
+    models.check_registered("timm:resnet18")
+    for bad in ("timm/not_a_model", "os:system"):
+        with pytest.raises(ErfLabError, match="unknown model"):
+            models.check_registered(bad)
