@@ -1,6 +1,6 @@
 """Re-parameterization page: the kernels of every large-kernel block and, for each form of the network
 (train-time, official merged layout, fully fused), its parameters, FLOPs and output error, all from
-``erf_lab.models`` (``merge_large_kernels``, ``reparameterize_model``, ``deploy.max_relative_error``)."""
+``erf_lab.models`` (``deploy.official_deploy_layout``, ``reparameterize_model``, ``deploy.max_relative_error``)."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,8 @@ import torch
 from app.cache import cached, sha
 from app.models import build_model
 from erf_lab.models import reparameterize_model
-from erf_lab.models.deploy import max_relative_error
+from erf_lab.models.deploy import max_relative_error, official_deploy_layout
 from erf_lab.models.reparam import randomize_bn
-from erf_lab.models.replknet import merge_large_kernels
 from erf_lab.models.flops import count_flops, count_params
 
 FORMS = ("train-time", "merged (official deploy layout)", "fully fused (reparameterize_model)")
@@ -61,7 +60,7 @@ def _report(name, overrides_json, random_bn, input_size, seed, weights, weights_
     with torch.no_grad():
         step(0.4, "train-time forward")
         y = model(x)
-        for form, convert, frac in zip(FORMS, (None, merge_large_kernels, reparameterize_model), (0.4, 0.6, 0.8)):
+        for form, convert, frac in zip(FORMS, (None, official_deploy_layout, reparameterize_model), (0.4, 0.6, 0.8)):
             if convert is not None:
                 step(frac, f"{form}: convert and forward")
             m = model if convert is None else convert(model)  # both convert a copy

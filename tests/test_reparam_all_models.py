@@ -149,3 +149,28 @@ def test_mobilenetv2_large_depthwise_uses_fastconv():
         reparameterize_model(fast, inplace=True)
         assert sum(type(m) is DepthwiseConv2d for m in fast.modules()) == 3
         assert max_relative_error(native(x), fast(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["replknet_31b", "unireplknet_a", "slak_t"])
+def test_official_deploy_layout_of_each_large_kernel_family(name, tmp_path):
+    """The official deploy layout (what ``erf-lab reparam`` writes and the app's Re-param page shows): RepLKNet keeps
+    its other conv-BN pairs (``lkb_reparam`` + BNs), UniRepLKNet / SLaK re-parameterize every block; same logits,
+    and the written checkpoint loads into the family's deploy model."""
+    from erf_lab.models import create_model
+    from erf_lab.models.deploy import export_deploy, max_relative_error, official_deploy_layout
+    from erf_lab.models.reparam import randomize_bn
+
+    torch.manual_seed(0)
+    model = randomize_bn(create_model(name, **TINY[family(name)]), input_size=48)
+    deployed = official_deploy_layout(model)
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert max_relative_error(model(x), deployed(x)) < TOL
+    keys = set(deployed.state_dict())
+    assert len(keys) < len(model.state_dict())
+    if name == "replknet_31b":
+        assert any(k.endswith("lkb_reparam.weight") for k in keys) and any(".bn." in k for k in keys)
+    summary = export_deploy(name, tmp_path / "deploy.pth", show_progress=False, input_size=48, **TINY[family(name)])
+    assert summary["max_rel_error"] < TOL and summary["num_keys"] == len(keys)
+    reloaded = create_model(name, weights=str(tmp_path / "deploy.pth"), **TINY[family(name)])
+    assert set(reloaded.state_dict()) == keys

@@ -26,8 +26,13 @@ run_dir = None
 if mode == "Run a model":
     c1, c2, c3 = st.columns(3)
     with guard("Model list"):
-        options = [m for m in SHAPE_BIAS_MODELS if m in models.registered_models()]
-    model = c1.selectbox("Model", options or list(SHAPE_BIAS_MODELS), key="sb-model")
+        registered = models.registered_models()
+        options = [m for m in SHAPE_BIAS_MODELS if m in registered]
+        options += [m for m in registered if m not in options] + models.timm_models()
+    model = c1.selectbox("Model", options or list(SHAPE_BIAS_MODELS), key="sb-model", accept_new_options=True,
+                         help="a registered model or timm/<name> (any timm architecture; its own preprocessing)")
+    with guard("Model"):
+        models.check_registered(model)
     pretrained = c2.toggle("Pretrained ImageNet weights", value=model == "efficientnet_lite0", key="sb-pre",
                            disabled=model != "efficientnet_lite0",
                            help="packaged weights exist for efficientnet_lite0; others: upload a checkpoint")

@@ -20,8 +20,27 @@ def max_relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def has_mergeable_kernels(model: nn.Module) -> bool:
-    """True when ``model`` has RepLKNet large-kernel convs (what :func:`merge_large_kernels` merges)."""
-    return any(isinstance(m, ReparamLargeKernelConv) for m in model.modules())
+    """True when ``model`` has re-parameterizable large kernels with an official deploy layout: RepLKNet's
+    large-kernel convs, UniRepLKNet's dilated re-param blocks, SLaK's decomposed kernels."""
+    from erf_lab.models.slak import SLaKLargeKernel
+    from erf_lab.models.unireplknet import DilatedReparamBlock
+
+    kinds = (ReparamLargeKernelConv, DilatedReparamBlock, SLaKLargeKernel)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+def official_deploy_layout(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The layout of the family's official deploy checkpoints (a copy unless ``inplace``): RepLKNet merges only its
+    large-kernel convs into ``lkb_reparam`` (:func:`merge_large_kernels`, every other conv-BN pair kept);
+    UniRepLKNet and SLaK re-parameterize every block, as their official scripts do (``reparameterize_model``)."""
+    from erf_lab.models.reparam import reparameterize_model
+
+    if any(isinstance(m, ReparamLargeKernelConv) for m in model.modules()):
+        return merge_large_kernels(model, inplace=inplace)
+    if has_mergeable_kernels(model):
+        return reparameterize_model(model, inplace=inplace)
+    raise ErfLabError(f"{type(model).__name__} has no re-parameterizable large kernels (RepLKNet, UniRepLKNet "
+                      "and SLaK have an official deploy layout)")
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path) -> Path:
@@ -65,7 +84,8 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         bar.set_postfix_str("build")
         model = create_model(model_name, weights=weights, drop_head=drop_head, **overrides)
         if not has_mergeable_kernels(model):
-            raise ErfLabError(f"model {model_name!r} has no re-parameterizable large kernels (RepLKNet variants only)")
+            raise ErfLabError(f"model {model_name!r} has no re-parameterizable large kernels (RepLKNet, UniRepLKNet "
+                              "and SLaK variants)")
         model.eval()
         bar.update()
         bar.set_postfix_str("count")
@@ -79,7 +99,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
             before = model(x)
             bar.update()
             bar.set_postfix_str("merge")
-            merge_large_kernels(model, inplace=True)
+            official_deploy_layout(model, inplace=True)
             bar.update()
             bar.set_postfix_str("deploy forward")
             after = model(x)
