@@ -3,7 +3,7 @@
 Policy for user-typed directories: the path is expanded and resolved (symlinks followed), must be an
 existing, readable directory, and must lie under an allowed root: the current working directory, the
 home directory, the project's ``data/`` folder, the datasets root (``$ERF_LAB_DATA`` or
-``../shared/datasets``), the app's run folder (``$ERF_LAB_APP_RUNS``), or a root listed in
+the download cache), the app's run folder (``$ERF_LAB_APP_RUNS``), or a root listed in
 ``$ERF_LAB_APP_ROOTS`` (``os.pathsep``-separated). System directories (``/proc``, ``/sys``, ``/dev``,
 ``/etc``, ...) are refused even if a root contains them. Every refusal gives the same message, so the app
 never tells whether a server path exists. Uploaded images are size-limited and verified with PIL (bad ones
