@@ -305,17 +305,26 @@ def test_efficientnet_lite0_imagenet_accuracy_on_silhouettes(shared_datasets):
 
 # ------------------------------------------------------------------------------------ timm feature interface
 FEATURE_MODELS = {  # one per family, small; module names of the feature maps as documented in each model
-    "replknet_31b": (dict(channels=(8, 16, 16, 16), layers=(1, 1, 1, 1), conv_backend="native"),
+    "replknet_31b": (dict(channels=(8, 16, 16, 16), layers=(1, 1, 1, 1)),
                      ["stages.0", "stages.1", "stages.2", "stages.3"]),
     "resnet18": (dict(width=8), ["relu", "layer1", "layer2", "layer3", "layer4"]),
     "resnet50": (dict(width=8), ["relu", "layer1", "layer2", "layer3", "layer4"]),
-    "mobilenetv2_k13_last": (dict(width_mult=0.25, conv_backend="native"),
+    "mobilenetv2_k13_last": (dict(width_mult=0.25),
                              ["features.1", "features.3", "features.6", "features.13", "features.17"]),
     "efficientnet_lite0": ({}, ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15"]),
 }
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.fixture
+def native_convs():
+    """Large depthwise convs through F.conv2d (fastconv's setting), so both forwards run the same kernels."""
+    import fastconv
+
+    with fastconv.use(backend="native"):
+        yield
+
+
+@pytest.mark.usefixtures("one_thread", "native_convs")
 @pytest.mark.parametrize("name", list(FEATURE_MODELS))
 def test_forward_intermediates_equal_forward_hooks(name):
     """Each intermediate is exactly what a forward hook on its ``feature_info`` module captures in the plain
@@ -351,7 +360,7 @@ def test_forward_intermediates_equal_forward_hooks(name):
         model.forward_intermediates(x, output_fmt="NHWC")
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_thread", "native_convs")
 @pytest.mark.parametrize("name", list(FEATURE_MODELS))
 def test_forward_intermediates_stop_early_runs_no_later_module(name):
     """``stop_early`` stops after the requested feature: no module that ``forward_features`` starts after that
