@@ -1,0 +1,90 @@
+"""Checkpoints of a training run.
+
+* Weights, in the official RepLKNet layout: ``{"model": state_dict}`` saved with ``torch.save`` (``.pth``) and
+  the same tensors as ``.safetensors``; both load with ``create_model(name, weights=path, **overrides)``.
+* The training state (``.train_state.pt``): weights, optimizer, AMP scaler, EMA, epoch, step, position in the
+  epoch, partial-epoch sums, metrics rows and the RNG states of torch / numpy / python, all as tensors, lists and
+  numbers, so it loads with ``torch.load(weights_only=True)``. Saved atomically: the file is the commit point
+  of ``--resume``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from erf_lab.errors import ErfLabError
+from erf_lab.io import atomic_path
+
+STATE_FILE = ".train_state.pt"
+WEIGHT_FORMATS = ("pth", "safetensors", "both")
+
+
+def save_weights(state_dict: dict, stem: str | os.PathLike, fmt: str = "both",
+                 extra: dict | None = None) -> list[Path]:
+    """Write ``stem.pth`` (``{"model": sd, **extra}``) and / or ``stem.safetensors`` atomically."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ErfLabError(f"unknown checkpoint format {fmt!r}; choose {', '.join(WEIGHT_FORMATS)}")
+    stem = Path(stem)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    out = []
+    if fmt in ("pth", "both"):
+        path = stem.with_name(stem.name + ".pth")
+        with atomic_path(path) as tmp:
+            torch.save({"model": sd, **(extra or {})}, tmp)
+        out.append(path)
+    if fmt in ("safetensors", "both"):
+        from safetensors.torch import save_file
+
+        path = stem.with_name(stem.name + ".safetensors")
+        with atomic_path(path) as tmp:
+            save_file(sd, str(tmp))
+        out.append(path)
+    return out
+
+
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states as tensors / lists / numbers."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                    "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+          "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_state(out_dir: str | os.PathLike, state: dict) -> Path:
+    path = Path(out_dir) / STATE_FILE
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_state(out_dir: str | os.PathLike) -> dict:
+    """The training state of the run in ``out_dir`` (weights-only unpickling: no code runs)."""
+    path = Path(out_dir) / STATE_FILE
+    if not path.is_file():
+        raise ErfLabError(f"nothing to resume in {out_dir}: no interrupted training run there ({STATE_FILE} missing)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ErfLabError(f"cannot read the training state {path} (corrupt?): {first}; "
+                          f"start again with --force") from None

@@ -1,0 +1,185 @@
+"""Training data: the built-in cue-world, or a folder in the ImageFolder layout (``train/<class>/*``,
+``val/<class>/*``, any format PIL opens). Images come out as float32 (3, S, S) in [0, 1]; the loop normalizes.
+
+Folder augmentations are the standard light ones (random resized crop, scale 0.35-1, ratio 3/4-4/3, and a
+horizontal flip; Szegedy et al. 2015), drawn from ``default_rng([seed, epoch, index])``: the same image gets the
+same crop in a resumed run, whatever the worker count.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from erf_lab.errors import ErfLabError
+
+CUE_WORLD = "cue-world"
+
+
+def _readable(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # PIL raises many types for corrupt / non-image files
+        return False
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """PIL image -> uint8 (H, W, 3). 16/32-bit and float modes are scaled by their real range (``convert("RGB")``
+    would clip them at 255)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo)
+        return np.repeat(np.round(a * 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
+class ImageFolderSplit(torch.utils.data.Dataset):
+    """One split of an ImageFolder tree. Files PIL cannot open are left out at scan time and counted in
+    ``skipped``; a file that fails later (truncated data) is replaced by the next readable image and counted."""
+
+    def __init__(self, root: Path, classes: list[str], files: list[tuple[Path, int]], skipped: list[str],
+                 input_size: int, train: bool, seed: int = 0):
+        self.root, self.classes, self.files, self.skipped = root, classes, files, skipped
+        self.input_size, self.train, self.seed, self.epoch = int(input_size), bool(train), int(seed), 0
+        self.failed_loads = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def targets(self) -> list[int]:
+        return [c for _, c in self.files]
+
+    def __getitem__(self, index: int):
+        for k in range(len(self.files)):
+            path, label = self.files[(index + k) % len(self.files)]
+            try:
+                return self._load(path, (index + k) % len(self.files)), label
+            except Exception:  # unreadable after all: count it, use the next image
+                self.failed_loads += 1
+        raise ErfLabError(f"no image of {self.root} could be read")
+
+    def _load(self, path: Path, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            rgb = Image.fromarray(to_rgb_array(im))
+        s = self.input_size
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            box = _random_resized_box(rgb.width, rgb.height, rng)
+            rgb = rgb.resize((s, s), Image.BILINEAR, box=box)
+            if rng.random() < 0.5:
+                rgb = rgb.transpose(Image.FLIP_LEFT_RIGHT)
+        else:  # resize the short side to S / 0.875, centre crop S (the usual ImageNet evaluation)
+            short = round(s / 0.875)
+            scale = short / min(rgb.width, rgb.height)
+            w, h = max(s, round(rgb.width * scale)), max(s, round(rgb.height * scale))
+            rgb = rgb.resize((w, h), Image.BILINEAR)
+            left, top = (w - s) // 2, (h - s) // 2
+            rgb = rgb.crop((left, top, left + s, top + s))
+        return torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
+
+
+def _random_resized_box(w: int, h: int, rng: np.random.Generator, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * r)), round(math.sqrt(target / r))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return (x0, y0, x0 + cw, y0 + ch)
+    side = min(w, h)  # fall back to the central square
+    return ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+
+
+def _scan_split(root: Path, split: str) -> tuple[dict[str, list[Path]], list[str]]:
+    from erf_lab.erf.images import list_image_files
+
+    folder = root / split
+    if not folder.is_dir():
+        raise ErfLabError(f"{root} has no {split}/ folder (expected the ImageFolder layout {split}/<class>/<image>)")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found, skipped = {}, []
+    for c in classes:
+        images, others = list_image_files(folder / c)
+        good = []
+        for p in images + others:  # any format PIL opens, whatever its extension
+            (good if _readable(p) else skipped).append(p)
+        found[c] = good
+    skipped = [str(p.relative_to(root)) for p in skipped]
+    if not any(found.values()):
+        raise ErfLabError(f"{folder} holds no readable image in class folders (ImageFolder layout: "
+                          f"{split}/<class>/<image>)" + (f"; {len(skipped)} unreadable file(s)" if skipped else ""))
+    return {c: v for c, v in found.items() if v}, skipped
+
+
+def image_folder(root: str | os.PathLike, input_size: int,
+                 seed: int = 0) -> tuple[ImageFolderSplit, ImageFolderSplit]:
+    """(train, val) splits of an ImageFolder tree; ErfLabError for a missing / empty split or a class present
+    in only one split."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ErfLabError(f"--data: no such folder: {root}" if not root.exists()
+                          else f"--data must be a folder (with train/ and val/) or 'cue-world', got a file: {root}")
+    train, train_skipped = _scan_split(root, "train")
+    val, val_skipped = _scan_split(root, "val")
+    only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    if only_train or only_val:
+        where = (f"{only_train[0]!r} is only in train/" if only_train else f"{only_val[0]!r} is only in val/")
+        raise ErfLabError(f"{root}: class {where} ({len(only_train) + len(only_val)} class(es) in one split only); "
+                          f"every class needs images in both train/ and val/")
+    classes = sorted(train)
+    idx = {c: i for i, c in enumerate(classes)}
+    total_skipped = len(train_skipped) + len(val_skipped)
+    if total_skipped:
+        warnings.warn(f"skipped {total_skipped} unreadable file(s) in {root} (e.g. "
+                      f"{(train_skipped + val_skipped)[0]})")
+    return (ImageFolderSplit(root / "train", classes, [(p, idx[c]) for c in classes for p in train[c]],
+                             train_skipped, input_size, train=True, seed=seed),
+            ImageFolderSplit(root / "val", classes, [(p, idx[c]) for c in classes for p in val[c]],
+                             val_skipped, input_size, train=False, seed=seed))
+
+
+@dataclass
+class Data:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    classes: list[str]
+    description: dict
+
+
+def build_data(data: str, input_size: int, *, train_size: int = 2000, val_size: int = 500,
+               num_classes: int = 10, seed: int = 0, resample: bool = False) -> Data:
+    """``data`` = ``"cue-world"`` (sizes, classes, world seed and ``resample``: new training images every epoch,
+    from the keywords) or an ImageFolder root."""
+    if str(data) == CUE_WORLD:
+        from erf_lab.train.cue_world import CueWorld
+
+        tr = CueWorld("train", train_size, input_size, num_classes=num_classes, seed=seed, resample=resample)
+        va = CueWorld("val", val_size, input_size, num_classes=num_classes, seed=seed)
+        return Data(tr, va, tr.classes, {"kind": CUE_WORLD, "train_size": tr.size, "val_size": va.size,
+                                         "num_classes": tr.num_classes, "world_seed": seed, "resample": resample,
+                                         "classes": tr.classes})
+    if resample:
+        raise ErfLabError("--resample is a cue-world option (a folder dataset has a fixed set of images)")
+    tr, va = image_folder(data, input_size, seed=seed)
+    return Data(tr, va, tr.classes, {"kind": "folder", "root": str(Path(data).expanduser().resolve()),
+                                     "train_size": len(tr), "val_size": len(va), "num_classes": len(tr.classes),
+                                     "classes": tr.classes, "skipped_train": tr.skipped,
+                                     "skipped_val": va.skipped})

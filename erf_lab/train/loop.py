@@ -1,0 +1,473 @@
+"""One whole training run: validation of the inputs, the model, data-parallel training (DDP under torchrun),
+per-epoch evaluation and checkpoints, exact resume, and the run directory.
+
+Run directory: ``checkpoints/epoch_000`` (the initialisation) ... ``epoch_NNN`` (``.pth`` = ``{"model": sd}`` and
+``.safetensors``), ``metrics.csv`` (rewritten atomically after every epoch), ``.train_state.pt`` (the resume
+point, removed at the end), then ``model.pth`` / ``model.safetensors``, ``curves.png`` / ``.pdf`` and last
+``run.json``: its presence marks a complete run.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import io
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from erf_lab.errors import ErfLabError
+from erf_lab.erf import distributed as D
+from erf_lab.train import checkpoints as C
+from erf_lab.train.data import build_data
+from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
+
+COMPLETE_FILE = "run.json"
+OUR_FILES = ("metrics.csv", "model.pth", "model.safetensors", "model_ema.safetensors", "curves.png", "curves.pdf",
+             C.STATE_FILE, COMPLETE_FILE)
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_device(device: str) -> str:
+    device = str(device)
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ErfLabError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+            raise ErfLabError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise ErfLabError(f"unknown --device {device!r}; choose cpu, cuda or cuda:N")
+
+
+def _amp_dtype(amp: str, device: str):
+    if amp not in AMP_MODES:
+        raise ErfLabError(f"unknown --amp {amp!r}; choose {', '.join(AMP_MODES)}")
+    if amp == "auto":
+        amp = "bf16" if device.startswith("cuda") else "none"
+    if amp == "fp16" and not device.startswith("cuda"):
+        raise ErfLabError("--amp fp16 needs a CUDA device (on the CPU use bf16 or none)")
+    return amp, {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def build_model(model: str, overrides: dict, num_classes: int, drop_path: float = 0.0, seed: int = 0) -> nn.Module:
+    """``create_model(model, num_classes=..., drop_path_rate=..., **overrides)`` after ``torch.manual_seed(seed)``."""
+    from erf_lab.models import create_model
+
+    kwargs = {**overrides, "num_classes": num_classes}
+    if drop_path > 0:
+        kwargs["drop_path_rate"] = drop_path
+    torch.manual_seed(seed)
+    try:
+        return create_model(model, **kwargs)
+    except ErfLabError as e:
+        if drop_path > 0 and "drop_path_rate" in str(e):
+            raise ErfLabError(f"model {model!r} has no drop_path_rate option: train it with --drop-path 0") from None
+        raise
+
+
+class _Sums:
+    """Loss / correct / count sums, all-reduced over ranks."""
+
+    def __init__(self, loss=0.0, correct=0.0, count=0.0):
+        self.v = torch.tensor([loss, correct, count], dtype=torch.float64)
+
+    def add(self, loss_sum: float, correct: float, count: int) -> None:
+        self.v += torch.tensor([loss_sum, correct, count], dtype=torch.float64)
+
+    def reduced(self, info: D.DistInfo, device) -> tuple[float, float]:
+        v = self.v.clone()
+        if info.enabled:
+            v = v.to(device if info.backend == "nccl" else "cpu")
+            dist.all_reduce(v)
+            v = v.cpu()
+        loss, correct, count = v.tolist()
+        return loss / max(count, 1), correct / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, *, batch_size: int, device, mean, std, info: D.DistInfo = D.DistInfo(),
+             amp_dtype=None, channels_last: bool = False, num_workers: int = 0) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) of ``model`` on ``dataset``; rank r takes items r::N."""
+    was = model.training
+    model.eval()
+    idx = list(range(info.rank, len(dataset), info.world_size))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
+                                         num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+    sums = _Sums()
+    for x, y in loader:
+        x, y = _prepare(x, y, device, mean, std, channels_last)
+        with _autocast(device, amp_dtype):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        sums.add(loss.item(), (logits.argmax(1) == y).sum().item(), len(y))
+    model.train(was)
+    return sums.reduced(info, device)
+
+
+def _prepare(x, y, device, mean, std, channels_last):
+    x = (x.to(device, non_blocking=True) - mean) / std
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def _autocast(device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class _ForcedStop(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, without saving (the last saved state stays the resume point)."""
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) or ``kill`` (SIGTERM) asks the run to stop after the current step, so the saved state is
+    always a consistent step boundary; a second signal stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise _ForcedStop
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def check(self, info: D.DistInfo, device="cpu") -> None:
+        """Raise KeyboardInterrupt when any rank was asked to stop (all ranks stop at the same step)."""
+        flag = self.requested
+        if info.enabled:
+            t = torch.tensor([float(flag)], device=device if info.backend == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        if flag:
+            raise KeyboardInterrupt
+
+
+def _versions() -> dict:
+    import erf_lab
+
+    return {"erf-lab": erf_lab.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": sys.version.split()[0]}
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    from erf_lab.io import atomic_path
+
+    buf = io.StringIO()
+    cols = list(rows[0]) if rows else ["epoch"]
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def plot_curves(rows: list[dict], stem) -> list[Path]:
+    """Training curves (loss and accuracy, train and val, against epoch) as ``stem.png`` / ``stem.pdf``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from erf_lab.io import save_figure
+
+    ep = [r["epoch"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+    for key, ax in (("loss", a1), ("acc", a2)):
+        ax.plot(ep, [r[f"train_{key}"] for r in rows], "o-", label="train")
+        ax.plot(ep, [r[f"val_{key}"] for r in rows], "s-", label="val")
+        if rows and f"val_{key}_ema" in rows[0]:
+            ax.plot(ep, [r[f"val_{key}_ema"] for r in rows], "^--", label="val (EMA)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("cross-entropy" if key == "loss" else "top-1 accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return save_figure(fig, stem)
+    finally:
+        plt.close(fig)
+
+
+def _prepare_out_dir(out: Path, resume: bool, force: bool) -> str:
+    """'new', 'resume' or 'complete'; raises for a folder holding something else."""
+    if out.exists() and not out.is_dir():
+        raise ErfLabError(f"--out {out} exists and is not a folder")
+    complete = (out / COMPLETE_FILE).is_file()
+    state = (out / C.STATE_FILE).is_file()
+    if force:
+        return "new"
+    if complete:
+        if resume:
+            return "complete"
+        raise ErfLabError(f"{out} already holds a complete training run; use --force to overwrite or another --out")
+    if resume:
+        if not state:
+            raise ErfLabError(f"nothing to resume in {out}: no interrupted training run there")
+        return "resume"
+    if state:
+        raise ErfLabError(f"{out} holds an interrupted training run; pass --resume to continue it or --force to "
+                          f"start over")
+    if out.is_dir() and any(out.iterdir()):
+        raise ErfLabError(f"--out {out} is not empty; choose a new folder or pass --force")
+    return "new"
+
+
+def _clear(out: Path) -> None:
+    for name in OUR_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = None, recipe: Recipe | None = None,
+          input_size: int = 64, train_size: int = 2000, val_size: int = 500, num_classes: int = 10,
+          resample: bool = False, seed: int = 0,
+          device: str = "cpu", amp: str = "auto", channels_last: bool = False, sync_bn: bool = False,
+          num_workers: int = 0, resume: bool = False, force: bool = False, checkpoint_format: str = "both",
+          show_progress: bool = True, argv: list[str] | None = None, on_step=None) -> dict:
+    """Train ``model`` on ``data`` (``"cue-world"`` or an ImageFolder root) into the run folder ``out``.
+
+    Under torchrun (``RANK`` / ``WORLD_SIZE`` set) this is one DDP rank (gloo on CPU, NCCL on CUDA); the batch
+    size is per rank. ``on_step(epoch, step)`` is called after every optimizer step (tests use it to interrupt).
+    Returns ``{"out_dir", "rows", "run_info", "already_complete"}`` (``run_info`` None on ranks > 0).
+    """
+    recipe = recipe or Recipe()
+    recipe.validate()
+    device = _check_device(device)
+    amp, amp_dtype = _amp_dtype(amp, device)
+    if sync_bn and not device.startswith("cuda"):
+        raise ErfLabError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
+    if int(num_workers) < 0:
+        raise ErfLabError(f"--num-workers must be >= 0, got {num_workers}")
+    if not 8 <= int(input_size) <= 4096:
+        raise ErfLabError(f"--input-size must be in [8, 4096], got {input_size}")
+    if checkpoint_format not in C.WEIGHT_FORMATS:
+        raise ErfLabError(f"unknown checkpoint format {checkpoint_format!r}; choose {', '.join(C.WEIGHT_FORMATS)}")
+    info = D.init(device)
+    try:
+        with _StopRequest() as stop:
+            return _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
+                          int(val_size), int(num_classes), bool(resample), int(seed), D.device_for(device, info),
+                          amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
+                          checkpoint_format, show_progress, argv, on_step, info, stop)
+    finally:
+        D.shutdown(info)
+
+
+def _train(model_name, data, out, overrides, recipe, input_size, train_size, val_size, num_classes, resample, seed,
+           device, amp, amp_dtype, channels_last, sync_bn, num_workers, resume, force, checkpoint_format, show_progress,
+           argv, on_step, info: D.DistInfo, stop: _StopRequest) -> dict:
+    from erf_lab.erf.images import model_mean_std
+    from erf_lab.io import progress, write_json
+
+    start_time, t_start = _now(), time.time()
+    settings = {"model": model_name, "overrides": {k: (list(v) if isinstance(v, tuple) else v)
+                                                   for k, v in overrides.items()},
+                "data": str(data), "input_size": input_size, "train_size": train_size, "val_size": val_size,
+                "num_classes": num_classes, "resample": resample, "seed": seed, "recipe": recipe.as_dict(),
+                "amp": amp, "channels_last": bool(channels_last), "sync_bn": bool(sync_bn),
+                "world_size": info.world_size}
+    try:  # rank 0 decides (the other ranks would race with its first writes) and tells the others
+        mode = _prepare_out_dir(out, resume, force) if info.is_main else None
+    except ErfLabError as e:
+        mode = e
+    mode = D.broadcast_object(mode if not isinstance(mode, ErfLabError) else ("error", str(mode)), info)
+    if isinstance(mode, tuple):
+        raise ErfLabError(mode[1])
+    if mode == "complete":
+        return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
+    state = C.load_state(out) if mode == "resume" else None
+    if state is not None:
+        diff = [k for k in settings if state["settings"].get(k) != settings[k]]
+        if diff:
+            k = diff[0]
+            raise ErfLabError(f"--resume: the run in {out} was made with other settings ({len(diff)} differ, e.g. "
+                              f"{k}: {state['settings'].get(k)!r} there, {settings[k]!r} now); repeat its "
+                              f"command or start over with --force")
+
+    d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes, seed=seed,
+                   resample=resample)
+    n_classes = len(d.classes)
+    B, W = recipe.batch_size, info.world_size
+    steps_per_epoch = len(d.train) // (B * W)
+    if steps_per_epoch < 1:
+        raise ErfLabError(f"--batch-size {B} x {W} process(es) is larger than the train set ({len(d.train)} images); "
+                          f"the incomplete last batch is dropped, so no step would run")
+    net = build_model(model_name, overrides, n_classes, recipe.drop_path, seed)
+    mean, std = model_mean_std(net)
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    net.to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(net, recipe)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    ema = ModelEma(net, recipe.ema) if recipe.ema > 0 else None
+    total_steps = recipe.epochs * steps_per_epoch
+    warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
+
+    epoch, position, step, rows, sums = 0, 0, 0, [], _Sums()
+    if state is not None:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        epoch, position, step, rows = state["epoch"], state["position"], state["step"], list(state["rows"])
+        sums.v = state["sums"].clone()
+        C.set_rng_state(state["rng"][info.rank])
+    else:
+        torch.manual_seed(seed + 1000 * (info.rank + 1))  # drop path differs per rank, not per run
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if force:
+                _clear(out)
+            C.save_weights(net.state_dict(), out / "checkpoints" / "epoch_000", checkpoint_format)
+
+    train_net = net
+    if sync_bn and W > 1:
+        train_net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if W > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_net = DDP(train_net, device_ids=[torch.device(device).index or 0] if device.startswith("cuda") else None)
+    sampler = torch.utils.data.DistributedSampler(d.train, num_replicas=W, rank=info.rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    bar = progress(total=total_steps, initial=step, desc="train", unit="step",
+                   disable=not (show_progress and info.is_main))
+    epoch_images, epoch_time = 0, 0.0
+
+    def save_state():
+        rng = [C.rng_state()]
+        if W > 1:
+            rng = [None] * W
+            dist.all_gather_object(rng, C.rng_state())
+        if info.is_main:
+            C.save_state(out, {"settings": settings, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict() if scaler is not None else {},
+                               "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch,
+                               "position": position, "step": step, "rows": rows, "sums": sums.v, "rng": rng})
+
+    try:
+        while epoch < recipe.epochs:
+            sampler.set_epoch(epoch)
+            if hasattr(d.train, "set_epoch"):
+                d.train.set_epoch(epoch)
+            order = list(sampler)[: steps_per_epoch * B][position * B:]
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(d.train, order), batch_size=B,
+                                                 num_workers=num_workers, pin_memory=device.startswith("cuda"),
+                                                 # its own generator: the global RNG (drop path) stays resumable
+                                                 generator=torch.Generator().manual_seed(seed + epoch))
+            train_net.train()
+            t0 = time.time()
+            for x, y in loader:
+                lr = lr_at(step, total_steps, warmup_steps, recipe.lr, recipe.min_lr)
+                set_lr(optimizer, lr)
+                x, y = _prepare(x, y, device, mean, std, channels_last)
+                with _autocast(device, amp_dtype):
+                    logits = train_net(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if recipe.clip_grad > 0:
+                    nn.utils.clip_grad_norm_(net.parameters(), recipe.clip_grad)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                if ema is not None:
+                    ema.update(net)
+                sums.add(loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y))
+                step, position = step + 1, position + 1
+                epoch_images += len(y) * W
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}",
+                                img_s=f"{epoch_images / max(epoch_time + time.time() - t0, 1e-9):.0f}")
+                if on_step is not None:
+                    on_step(epoch, step)
+                stop.check(info, device)
+            epoch_time += time.time() - t0
+            train_loss, train_acc = sums.reduced(info, device)
+            ev = dict(batch_size=max(B, 64), device=device, mean=mean, std=std, info=info, amp_dtype=amp_dtype,
+                      channels_last=channels_last, num_workers=num_workers)
+            val_loss, val_acc = evaluate(net, d.val, **ev)
+            row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+                   "val_loss": val_loss, "val_acc": val_acc, "img_per_s": epoch_images / max(epoch_time, 1e-9)}
+            if ema is not None:
+                row["val_loss_ema"], row["val_acc_ema"] = evaluate(ema.module, d.val, **ev)
+            rows.append(row)
+            epoch, position, sums, epoch_images, epoch_time = epoch + 1, 0, _Sums(), 0, 0.0
+            if info.is_main:
+                C.save_weights(net.state_dict(), out / "checkpoints" / f"epoch_{epoch:03d}", checkpoint_format,
+                               extra={"model_ema": ema.state_dict()} if ema is not None else None)
+                _write_metrics(out / "metrics.csv", rows)
+                bar.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.3f}, "
+                          f"val loss {val_loss:.4f} acc {val_acc:.3f}")
+            save_state()
+    except _ForcedStop:
+        bar.close()
+        raise
+    except KeyboardInterrupt:
+        save_state()
+        bar.close()
+        if info.is_main:
+            print(f"stopped at epoch {epoch + 1}, step {step}: state saved in {out}; continue with --resume",
+                  file=sys.stderr)
+        raise
+    bar.close()
+
+    if not info.is_main:
+        return {"out_dir": out, "rows": rows, "run_info": None, "already_complete": False}
+    files = C.save_weights(net.state_dict(), out / "model", checkpoint_format)
+    if ema is not None:
+        files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors")
+    plot_curves(rows, out / "curves")
+    run_info = {
+        "command": argv, "settings": settings, "device": device, "num_workers": num_workers,
+        "checkpoint_format": checkpoint_format, "versions": _versions(),
+        "model_config": {"name": model_name, "overrides": settings["overrides"], "num_classes": n_classes,
+                         "drop_path_rate": recipe.drop_path,
+                         "params": sum(p.numel() for p in net.parameters())},
+        "data": {k: v for k, v in d.description.items() if not k.startswith("skipped")},
+        "skipped_images": len(d.description.get("skipped_train", [])) + len(d.description.get("skipped_val", [])),
+        "seeds": {"init": seed, "data": seed, "sampler": seed}, "world_size": W, "dist_backend": info.backend,
+        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "final": rows[-1],
+        "weights": [str(p.relative_to(out)) for p in files], "start_time": start_time, "end_time": _now(),
+        "resumed": state is not None, "wall_s_this_session": time.time() - t_start,
+    }
+    write_json(out / COMPLETE_FILE, run_info)
+    (out / C.STATE_FILE).unlink(missing_ok=True)
+    return {"out_dir": out, "rows": rows, "run_info": run_info, "already_complete": False}

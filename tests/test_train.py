@@ -1,0 +1,299 @@
+"""erf-lab train: recipe numbers, run directory, official-layout checkpoints, exact resume, folder data, bad input."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erf_lab.cli.main import main
+from erf_lab.errors import ErfLabError
+from erf_lab.models import create_model
+from erf_lab.train import checkpoints as C
+from erf_lab.train.loop import train
+from erf_lab.train.recipe import ModelEma, Recipe, lr_at, param_groups
+
+TINY = {"channels": (8, 8, 16, 16), "layers": (1, 1, 1, 1), "large_kernel_sizes": (7, 7, 7, 3)}
+TINY_CLI = ["--model", "replknet_31b", "--override", "channels=(8,8,16,16)", "--override", "layers=(1,1,1,1)",
+            "--override", "large_kernel_sizes=(7,7,7,3)", "--input-size", "32", "--quiet"]
+CUE = dict(input_size=32, train_size=32, val_size=16, num_classes=4)
+
+
+def _run(out, recipe=None, **kw):
+    args = {**CUE, **kw}
+    return train("replknet_31b", "cue-world", out=out, overrides=TINY, show_progress=False,
+                 recipe=recipe or Recipe(epochs=2, batch_size=8, warmup_epochs=0.5), **args)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
+    assert lrs[10] == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lrs[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = create_model("replknet_31b", num_classes=4, **TINY)
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"head.bias", "norm.weight", "norm.bias"}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_ema_update_formula():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ema = ModelEma(a, 0.9)
+    ema.update(b)
+    assert torch.allclose(ema.module.weight, 0.9 * a.weight + 0.1 * b.weight)
+
+
+def test_run_directory_and_official_checkpoints(tmp_path, one_thread):
+    out = tmp_path / "run"
+    rc = main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "2",
+               "--batch-size", "8", "--out", str(out)])
+    assert rc == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and [int(r["step"]) for r in rows] == [4, 8]
+    assert set(rows[0]) == {"epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s"}
+    assert all(0 <= float(r["val_acc"]) <= 1 and float(r["train_loss"]) > 0 for r in rows)
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 1 and info["settings"]["recipe"]["batch_size"] == 8
+    assert info["command"][:2] == ["erf-lab", "train"] or info["command"][0] == "erf-lab"
+    assert info["data"]["kind"] == "cue-world" and info["data"]["num_classes"] == 4
+    assert info["versions"]["torch"] == torch.__version__ and info["start_time"] <= info["end_time"]
+    assert info["final"]["val_acc"] == pytest.approx(float(rows[-1]["val_acc"]))
+    assert (out / "curves.png").stat().st_size > 0 and (out / "curves.pdf").stat().st_size > 0
+    assert not (out / C.STATE_FILE).exists()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == [f"epoch_00{e}.{x}" for e in range(3) for x in ("pth", "safetensors")]
+    # official layout, loadable by create_model; the .pth and the .safetensors hold the same tensors
+    raw = torch.load(out / "model.pth", weights_only=True)
+    assert list(raw) == ["model"]
+    x = torch.rand(2, 3, 32, 32)
+    outs = []
+    for f in ("model.pth", "model.safetensors", "checkpoints/epoch_002.safetensors"):
+        m = create_model("replknet_31b", weights=str(out / f), num_classes=4, **TINY).eval()
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in raw["model"].items())
+        outs.append(m(x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    init = create_model("replknet_31b", weights=str(out / "checkpoints/epoch_000.pth"), num_classes=4, **TINY)
+    assert not torch.equal(init.head.weight, raw["model"]["head.weight"])  # epoch 0 is the initialisation
+    assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs",
+                 "2", "--batch-size", "8", "--out", str(out), "--resume"]) == 0  # complete: nothing to do
+
+
+class _Interrupt:
+    def __init__(self, at_step, exc):
+        self.at_step, self.exc = at_step, exc
+
+    def __call__(self, epoch, step):
+        if step == self.at_step:
+            raise self.exc
+
+
+@pytest.mark.parametrize("how", ["ctrl-c mid-epoch", "crash after epoch 1"])
+def test_resume_is_bit_identical(tmp_path, one_thread, how):
+    """3 epochs x 4 steps with drop path and EMA. Ctrl-C at step 6 saves the state there; a crash (as a kill)
+    at step 6 loses epoch 2's steps and resumes from the end of epoch 1. Both end bit-identical to an
+    uninterrupted run (weights, EMA and metrics apart from img/s)."""
+    recipe = dict(epochs=3, batch_size=8, warmup_epochs=0.5, drop_path=0.2, ema=0.9, clip_grad=1.0)
+    full = _run(tmp_path / "full", Recipe(**recipe))
+    out = tmp_path / "cut"
+    exc = KeyboardInterrupt() if how.startswith("ctrl-c") else RuntimeError("killed")
+    with pytest.raises(type(exc)):
+        _run(out, Recipe(**recipe), on_step=_Interrupt(6, exc))
+    assert not (out / "run.json").exists() and (out / C.STATE_FILE).exists()
+    state = C.load_state(out)  # weights_only=True inside
+    assert (state["epoch"], state["position"]) == ((1, 2) if how.startswith("ctrl-c") else (1, 0))
+    with pytest.raises(ErfLabError, match="interrupted training run"):
+        _run(out, Recipe(**recipe))
+    resumed = _run(out, Recipe(**recipe), resume=True)
+    a = torch.load(tmp_path / "full" / "model.pth", weights_only=True)["model"]
+    b = torch.load(out / "model.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from safetensors.torch import load_file
+
+    ea, eb = load_file(tmp_path / "full" / "model_ema.safetensors"), load_file(out / "model_ema.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    strip = [{k: v for k, v in r.items() if k != "img_per_s"} for r in full["rows"]]
+    assert [{k: v for k, v in r.items() if k != "img_per_s"} for r in resumed["rows"]] == strip
+    assert resumed["run_info"]["resumed"] and not (out / C.STATE_FILE).exists()
+
+
+def test_training_state_holds_no_python_objects(tmp_path, one_thread):
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "r", on_step=_Interrupt(2, KeyboardInterrupt()))
+    st = torch.load(tmp_path / "r" / C.STATE_FILE, weights_only=True)
+    assert {"model", "optimizer", "scaler", "ema", "epoch", "step", "position", "rng", "settings"} <= set(st)
+    assert st["step"] == 2 and isinstance(st["rng"][0]["torch"], torch.Tensor)
+
+
+def _png(path, rng, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).convert(mode).save(path, format="PNG")
+
+
+def _folder(root, classes=("a", "b"), n=6, rng=None):
+    rng = rng or np.random.default_rng(0)
+    for split, k in (("train", n), ("val", 2)):
+        for c in classes:
+            for i in range(k):
+                _png(root / split / c / f"{i}.png", rng)
+    return root
+
+
+def test_image_folder_skips_unreadable_files(tmp_path, one_thread):
+    root = _folder(tmp_path / "data")
+    (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (root / "train" / "b" / "notes.txt").write_text("hello")
+    _png(root / "val" / "b" / "image.noext", np.random.default_rng(1))  # any format PIL opens, any name
+    res = train("replknet_31b", str(root), out=tmp_path / "run", overrides=TINY, input_size=32, show_progress=False,
+                recipe=Recipe(epochs=1, batch_size=4, warmup_epochs=0))
+    info = res["run_info"]
+    assert info["skipped_images"] == 2 and info["data"]["train_size"] == 12 and info["data"]["val_size"] == 5
+    assert info["data"]["classes"] == ["a", "b"] and info["steps_per_epoch"] == 3
+
+
+def test_sixteen_bit_images_use_their_range():
+    from erf_lab.train.data import to_rgb_array
+
+    a = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    im = Image.fromarray(a)
+    assert im.mode == "I;16"
+    rgb = to_rgb_array(im)
+    assert rgb.shape == (8, 8, 3) and rgb.min() == 0 and rgb.max() == 255
+    assert (rgb[..., 0] == np.round(a / a.max() * 255)).all()
+
+
+def _bad_cases(tmp_path):
+    good = _folder(tmp_path / "good")
+    missing = _folder(tmp_path / "missing")
+    import shutil
+
+    shutil.rmtree(missing / "val")
+    empty = _folder(tmp_path / "empty")
+    shutil.rmtree(empty / "val")
+    (empty / "val" / "a").mkdir(parents=True)
+    one_split = _folder(tmp_path / "one_split")
+    _png(one_split / "train" / "c" / "0.png", np.random.default_rng(2))
+    cue = ["--num-classes", "4", "--train-size", "32", "--val-size", "8", "--epochs", "1"]
+    return {
+        "missing split": (["--data", str(missing), "--batch-size", "4"], "no val/ folder"),
+        "empty split": (["--data", str(empty), "--batch-size", "4"], "no readable image"),
+        "class in one split": (["--data", str(one_split), "--batch-size", "4"], "'c' is only in train/"),
+        "data is a file": (["--data", str(good / "train" / "a" / "0.png")], "must be a folder"),
+        "batch size 0": ([*cue, "--batch-size", "0"], "--batch-size must be at least 1"),
+        "negative batch size": ([*cue, "--batch-size", "-3"], "--batch-size must be at least 1"),
+        "batch larger than the train set": ([*cue, "--batch-size", "33"], "larger than the train set"),
+        "unknown model": ([*cue, "--batch-size", "8", "--model", "replknet_99"], "unknown model"),
+        "resume with no run": ([*cue, "--batch-size", "8", "--resume"], "nothing to resume"),
+        "sync-bn on cpu": ([*cue, "--batch-size", "8", "--sync-bn"], "needs CUDA"),
+        "fp16 on cpu": ([*cue, "--batch-size", "8", "--amp", "fp16"], "needs a CUDA device"),
+        "unknown device": ([*cue, "--batch-size", "8", "--device", "tpu"], "unknown --device"),
+        "negative lr": ([*cue, "--batch-size", "8", "--lr", "-1"], "--lr out of range"),
+    }
+
+
+def test_bad_input_one_error_line_exit_2_nothing_written(tmp_path, capsys):
+    for name, (extra, message) in _bad_cases(tmp_path).items():
+        out = tmp_path / "out" / name.replace(" ", "_")
+        args = ["train", *TINY_CLI, *extra, "--out", str(out)]
+        if "--model" in extra:
+            i = args.index("--model")
+            del args[i:i + 2]
+        rc = main(args)
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if "error:" in ln]
+        assert rc == 2, (name, err)
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, (name, err)
+        assert not out.exists(), name  # validated before anything is written
+
+
+def test_corrupt_or_malicious_training_state_is_refused(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran code",))
+
+    for name, payload in (("corrupt", b"\x80\x02garbage"), ("malicious", pickle.dumps({"model": Evil()}))):
+        out = tmp_path / name
+        out.mkdir()
+        (out / C.STATE_FILE).write_bytes(payload)
+        rc = main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--batch-size", "8",
+                   "--out", str(out), "--resume"])
+        cap = capsys.readouterr()
+        assert rc == 2 and cap.err.count("error:") == 1 and "training state" in cap.err, cap.err
+        assert "ran code" not in cap.out and not (out / "run.json").exists()
+
+
+def test_out_that_is_a_file_or_not_empty(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for out, message in ((f, "is not a folder"), (other, "is not empty")):
+        rc = main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--batch-size", "8",
+                   "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("error:") == 1 and message in err, err
+    assert f.read_text() == "x" and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, on_step=_Interrupt(2, KeyboardInterrupt()))
+    before = sorted(p.name for p in out.rglob("*"))
+    rc = main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "2",
+               "--batch-size", "8", "--lr", "0.01", "--warmup-epochs", "0.5", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "other settings" in err and "lr" in err
+    assert sorted(p.name for p in out.rglob("*")) == before and not (out / "run.json").exists()
+    # the same settings resume it
+    assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs",
+                 "2", "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"]) == 0
+    assert (out / "run.json").exists()
+
+
+def test_kill_stops_at_a_step_and_resume_completes(tmp_path):
+    """SIGTERM (``kill``) to a real ``erf-lab train`` process: it stops after the current step with exit 130 and a
+    saved state, without run.json; ``--resume`` then finishes the run with every step done once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [*TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "8", "--epochs", "4",
+            "--batch-size", "8", "--checkpoint-format", "safetensors", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "erf_lab", "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "epoch_001.safetensors").exists() and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "continue with --resume" in err and "Traceback" not in err
+    assert not (out / "run.json").exists()
+    state = C.load_state(out)
+    assert 1 <= state["epoch"] < 4 and state["step"] == 4 * state["epoch"] + state["position"]
+    assert main(["train", *args, "--resume"]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [4 * e for e in range(1, 5)]
+    assert json.loads((out / "run.json").read_text())["resumed"] is True
