@@ -55,12 +55,19 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     ``deploy=True`` builds re-parameterizable models in their merged (inference) form. A checkpoint in
     the merged RepLKNet layout (``lkb_reparam`` keys) implies ``deploy=True``. ``drop_head=True`` loads a
     checkpoint whose classifier has a different class count, keeping the model's own head.
+    ``weights="builtin:NAME"`` loads a model shipped under ``data/trained/`` with the options it was trained with
+    (its JSON record; explicit ``overrides`` win).
     """
     factory = _resolve_factory(name)
     state_dict = None
     if weights is not None:
-        from erf_lab.checkpoint import load_state_dict_file
+        from erf_lab.checkpoint import load_state_dict_file, resolve_weights
 
+        record = resolve_weights(weights)[1]  # a builtin: model brings the options it was trained with
+        if record:
+            if record.get("model") not in (None, name):
+                raise ErfLabError(f"{weights} are weights of {record['model']!r}, not of {name!r}")
+            overrides = {**record.get("overrides", {}), "num_classes": record["num_classes"], **overrides}
         state_dict = load_state_dict_file(weights)
         if _implies_deploy(state_dict):
             deploy = True
