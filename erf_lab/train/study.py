@@ -145,22 +145,24 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
     write_json(study / "study.json", {"settings": _jsonable(asdict(settings)),
                                       "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv})
     results = {}
+
+    def done(r):  # the tables so far after every model: an interrupted study still leaves valid tables
+        results[r["name"]] = r
+        print(f"[{r['name']}] measured: shape bias {r['probe']['shape_bias']}, "
+              f"area@50% {r['erf'].get('area@50%')}", flush=True)
+        write_results(study, [_row(m, results[m.name]) for m in models if m.name in results], settings)
+
     if jobs == 1:
         for m in models:
-            results[m.name] = _job(m, settings, study, threads)
+            done(_job(m, settings, study, threads))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(int(jobs), mp_context=mp.get_context("spawn")) as ex:
-            futs = {ex.submit(_job, m, settings, study, threads): m for m in models}
-            for fut in as_completed(futs):
-                r = fut.result()
-                results[r["name"]] = r
-                print(f"[{r['name']}] measured: shape bias {r['probe']['shape_bias']}, "
-                      f"area@50% {r['erf'].get('area@50%')}", flush=True)
+            for fut in as_completed([ex.submit(_job, m, settings, study, threads) for m in models]):
+                done(fut.result())
     rows = [_row(m, results[m.name]) for m in models]
-    write_results(study, rows, settings)
     return {"rows": rows, "out_dir": study}
 
 
@@ -213,6 +215,8 @@ def write_results(study: Path, rows: list[dict], settings: StudySettings) -> Non
     from erf_lab.io import write_text
 
     fam = [r for r in rows if r["group"] == "family"]
+    if not rows:
+        return
     gl = [r for r in rows if r["group"] == "guideline"]
     keys = ["name", "params", "val_acc", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50",
             "shape_bias", "shape_only_accuracy", "texture_only_accuracy", "train_s"]
@@ -230,7 +234,8 @@ def write_results(study: Path, rows: list[dict], settings: StudySettings) -> Non
         text += "\n## Guidelines (Table 2: shortcuts; Table 4: small-kernel re-param)\n\n" + markdown_table(ref + gl, keys)
         write_csv(study / "guidelines.csv", ref + gl)
     write_text(study / "results.md", text)
-    plot_family(study, fam, s)
+    if fam:
+        plot_family(study, fam, s)
 
 
 def plot_family(study: Path, fam: list[dict], settings: StudySettings, formats=("png", "pdf")) -> list[Path]:
@@ -266,7 +271,7 @@ def ship(study, dest, *, subset: int = 200) -> list[Path]:
     """Copy every trained model of the study folder to ``dest/<name>.safetensors`` with its record
     ``<name>.json`` (model, overrides, classes, training settings, val accuracy, the correct count on the first
     ``subset`` val images) and ``<name>.metrics.csv``; plus the study's results and log. Returns the files."""
-    from erf_lab.io import read_json_or_none, write_json
+    from erf_lab.io import read_json_or_none, write_json, write_text
     from erf_lab.models import create_model
 
     study, dest = Path(study).expanduser(), Path(dest).expanduser()
@@ -297,6 +302,17 @@ def ship(study, dest, *, subset: int = 200) -> list[Path]:
         if (study / name).is_file():
             shutil.copyfile(study / name, dest / name)
             files.append(dest / name)
+    command = "erf-lab " + " ".join(str(a) for a in (meta.get("command") or ["", "study", "kernel-family"])[1:])
+    results = (study / "results.md").read_text() if (study / "results.md").is_file() else ""
+    write_text(dest / "README.md", (
+        "# Trained on cue-world: the RepLKNet kernel family (and two guideline ablations)\n\n"
+        f"Made with\n\n    OMP_NUM_THREADS=1 {command}\n\n"
+        "(`study.log` is its log, `study.json` its settings; each model's `NAME.metrics.csv` its training curve.) "
+        "Use a model by name: `create_model(record['model'], weights='builtin:cue-world/NAME')` applies the "
+        "options of `NAME.json`; on the command line `--model replknet_31b --weights builtin:cue-world/K31-seed0`. "
+        f"`NAME.json` also records the correct count on the first {subset} val images, which "
+        "tests/test_trained_weights.py checks.\n\n" + results.split("\n", 1)[-1]))
+    files.append(dest / "README.md")
     return files
 
 
