@@ -376,7 +376,8 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
     return {
         "label": label, "config": _normalise(config), "tags": _normalise(tags),
         "model": spec.model, "overrides": _normalise(spec.config()["overrides"]),
-        "weights": str(resolve_weights(spec.weights)[0].resolve()) if spec.weights else None, "weights_sha256": config["weights"],
+        "weights": str(resolve_weights(spec.weights)[0].resolve()) if spec.weights else None,
+        "weights_sha256": config["weights"],
         "random_init": spec.weights is None and not spec.overrides.get("pretrained"), "drop_head": spec.drop_head,
         "train_size": train_size, "size_note": size_note(spec.input_size, train_size),
         "layer": geom["layer"], "aggregate": spec.aggregate, "input_size": spec.input_size,

@@ -190,7 +190,8 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     res = probe(model, spec, batch_size=batch_size, device=device)
     random_weights = weights is None
     names = class_names(n_cls)
-    label = model_name + ("" if weights is None else f" ({weights if str(weights).startswith('builtin:') else Path(weights).name})")
+    shown = None if weights is None else (weights if str(weights).startswith("builtin:") else Path(weights).name)
+    label = model_name + ("" if shown is None else f" ({shown})")
     summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
                "stimuli": "cue-world", "random_weights": random_weights,
                "weights": None if weights is None else str(weights),

@@ -231,7 +231,8 @@ def write_results(study: Path, rows: list[dict], settings: StudySettings) -> Non
     write_csv(study / "family.csv", fam)
     if gl:
         ref = [r for r in fam if r["name"] == "K31-seed0"]
-        text += "\n## Guidelines (Table 2: shortcuts; Table 4: small-kernel re-param)\n\n" + markdown_table(ref + gl, keys)
+        text += ("\n## Guidelines (Table 2: shortcuts; Table 4: small-kernel re-param)\n\n"
+                 + markdown_table(ref + gl, keys))
         write_csv(study / "guidelines.csv", ref + gl)
     write_text(study / "results.md", text)
     if fam:

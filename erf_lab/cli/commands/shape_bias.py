@@ -97,7 +97,8 @@ def _cue_world(args, out, overrides) -> int:
                                  allow_random=args.allow_random, size=args.limit or 500, batch_size=args.batch_size,
                                  device=args.device, command=sys.argv)
     if s["random_weights"]:
-        print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
+        print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained "
+              f"model")
     sb = "n/a" if s["shape_bias"] is None else f"{s['shape_bias']:.3f}"
     print(f"{s['label']}: cue-world shape bias {sb} (shape hits {s['shape_hits']}, texture hits "
           f"{s['texture_hits']}, of {s['n_conflict']} cue-conflict images)")
