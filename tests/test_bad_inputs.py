@@ -131,6 +131,16 @@ def _cases():
                                      "--out", "{out}"], "")
     add("shape-bias-unknown-model", ["shape-bias", "--model", "nope", "--allow-random", "--out", "{out}"],
         "unknown model")
+    add("shape-bias-cue-world-untrained", ["shape-bias", *TINY, "--stimuli", "cue-world", "--out", "{out}"],
+        "random weights means nothing")
+    add("shape-bias-builtin-unknown", ["shape-bias", "--model", "replknet_31b", "--weights", "builtin:cue-world/K99",
+                                       "--stimuli", "cue-world", "--out", "{out}"], "no shipped weights")
+    # timeline / study
+    add("timeline-missing", ["timeline", "{bad}/nope"], "no such training run folder")
+    add("timeline-empty-folder", ["timeline", "{bad}/empty"], "not an erf-lab training run")
+    add("timeline-erf-run", ["timeline", "{bad}/good_run"], "not an erf-lab training run")
+    add("study-channels", ["study", "kernel-family", "--out", "{out}", "--channels", "8,8"], "4 positive integers")
+    add("study-out-is-file", ["study", "kernel-family", "--out", "{bad}/file.txt"], "is a file")
     return c
 
 
