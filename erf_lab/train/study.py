@@ -46,6 +46,9 @@ class StudySettings:
     probe_size: int = 500
     world_seed: int = 0
     mobilenet_width: float = 0.35
+    #: MobileNetV2's strided 13x13 depthwise convs run natively (~7x the cost of the whole RepLKNet step on
+    #: this CPU at 64 px), so the MobileNetV2 pair trains at half the size; None = the study's size
+    mobilenet_input_size: int | None = 32
 
     def recipe(self):
         from erf_lab.train.recipe import Recipe
@@ -61,25 +64,35 @@ class StudyModel:
     seed: int = 0
     group: str = "family"  # "family" or "guideline"
     kernel: int | None = None
+    input_size: int | None = None  # training size when not the study's (the ERF size scales with it)
+
+    def sizes(self, settings: "StudySettings") -> tuple[int, int]:
+        """(training size, ERF measurement size) of this model."""
+        size = int(self.input_size or settings.input_size)
+        return size, int(round(settings.erf_input_size * size / settings.input_size))
 
 
 def plan(settings: StudySettings = StudySettings(), *, kernels=(3, 7, 13, 31), seeds=(0, 1),
          seeded_kernels=(3, 31), guidelines: bool = True) -> list[StudyModel]:
-    """The models of the study in training order: the family at seed 0, the extra seeds, then the guidelines."""
+    """The models of the study in training order: the family at seed 0 with the slow MobileNetV2 pair right
+    after its first three members (so that a run with a few parallel jobs ends sooner), the rest of the family,
+    the extra seeds, then the re-param ablation. Tables list the family by (seed, kernel)."""
     base = {"channels": tuple(settings.channels), "layers": tuple(settings.layers)}
     for k in kernels:
         if k not in FAMILY_MODELS:
             raise ErfLabError(f"kernel {k} is not in the family {sorted(FAMILY_MODELS)}")
-    out = [StudyModel(f"K{k}-seed{seeds[0]}", FAMILY_MODELS[k], base, seeds[0], "family", k) for k in kernels]
-    out += [StudyModel(f"K{k}-seed{s}", FAMILY_MODELS[k], base, s, "family", k)
-            for s in seeds[1:] for k in seeded_kernels if k in kernels]
-    if guidelines:
-        mw = {"width_mult": settings.mobilenet_width}
-        out += [StudyModel("K31-noreparam-seed0", "replknet_31b", {**base, "small_kernel": None}, seeds[0], "guideline",
-                           31),
-                StudyModel("MNv2-k13-seed0", "mobilenetv2_k13", mw, seeds[0], "guideline", 13),
-                StudyModel("MNv2-k13-noshortcut-seed0", "mobilenetv2_k13_noshortcut", mw, seeds[0], "guideline", 13)]
-    return out
+    family = [StudyModel(f"K{k}-seed{seeds[0]}", FAMILY_MODELS[k], base, seeds[0], "family", k) for k in kernels]
+    family += [StudyModel(f"K{k}-seed{s}", FAMILY_MODELS[k], base, s, "family", k)
+               for s in seeds[1:] for k in seeded_kernels if k in kernels]
+    if not guidelines:
+        return family
+    mw, ms = {"width_mult": settings.mobilenet_width}, settings.mobilenet_input_size
+    mobilenets = [StudyModel("MNv2-k13-seed0", "mobilenetv2_k13", mw, seeds[0], "guideline", 13, ms),
+                  StudyModel("MNv2-k13-noshortcut-seed0", "mobilenetv2_k13_noshortcut", mw, seeds[0], "guideline",
+                             13, ms)]
+    reparam = StudyModel("K31-noreparam-seed0", "replknet_31b", {**base, "small_kernel": None}, seeds[0],
+                         "guideline", 31)
+    return family[:3] + mobilenets + family[3:] + [reparam]
 
 
 def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int | None = None) -> dict:
@@ -99,7 +112,7 @@ def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int |
     t0 = time.time()
     print(f"[{m.name}] training {m.model} {m.overrides}", flush=True)
     res = train(m.model, "cue-world", out=out, overrides=dict(m.overrides), recipe=settings.recipe(),
-                input_size=settings.input_size, train_size=settings.train_size, val_size=settings.val_size,
+                input_size=m.sizes(settings)[0], train_size=settings.train_size, val_size=settings.val_size,
                 resample=True, seed=m.seed, resume=(out / STATE_FILE).is_file(),
                 force=not (out / STATE_FILE).is_file(), show_progress=False,
                 argv=["erf-lab", "study", "kernel-family", f"({m.name})"])
@@ -114,13 +127,13 @@ def measure_one(m: StudyModel, settings: StudySettings, study: Path) -> dict:
     from erf_lab.train.timeline import cue_world_images, measure_checkpoint
 
     s = settings
-    images = cue_world_images(study / f"erf-images-{s.erf_input_size}px", s.erf_images, s.erf_input_size, 10,
-                              s.world_seed)
+    size, erf_size = m.sizes(s)
+    images = cue_world_images(study / f"erf-images-{erf_size}px", s.erf_images, erf_size, 10, s.world_seed)
     return measure_checkpoint(m.model, study / "runs" / m.name / "model.safetensors",
-                              {**m.overrides, "num_classes": 10}, erf_dir=study / f"erf-{s.erf_input_size}px" / m.name,
+                              {**m.overrides, "num_classes": 10}, erf_dir=study / f"erf-{erf_size}px" / m.name,
                               probe_file=study / "probes" / f"{m.name}.json", images=images,
-                              num_images=s.erf_images, input_size=s.erf_input_size, train_size=s.input_size,
-                              probe_spec=ProbeSpec(s.input_size, s.probe_size, 10, s.world_seed))
+                              num_images=s.erf_images, input_size=erf_size, train_size=size,
+                              probe_spec=ProbeSpec(size, s.probe_size, 10, s.world_seed))
 
 
 def _job(m: StudyModel, settings: StudySettings, study: Path, threads: int | None) -> dict:
@@ -177,11 +190,11 @@ def _jsonable(v):
 def _row(m: StudyModel, r: dict) -> dict:
     info, erf, p = r["info"], r["erf"], r["probe"]
     return {"name": m.name, "group": m.group, "model": m.model, "kernel": m.kernel, "seed": m.seed,
-            "params": info["model_config"]["params"], "val_acc": info["final"]["val_acc"],
+            "train_px": info["settings"]["input_size"], "params": info["model_config"]["params"], "val_acc": info["final"]["val_acc"],
             **{k: erf.get(k) for k in ("area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50")},
             "shape_bias": p["shape_bias"], "shape_only_accuracy": p["shape_only_accuracy"],
             "texture_only_accuracy": p["texture_only_accuracy"],
-            "train_s": round(float(info.get("wall_s_this_session", 0.0)), 1)}
+            "img_per_s": round(float(info["final"]["img_per_s"]), 1)}  # last epoch, on a shared CPU
 
 
 def _fmt(v, key: str) -> str:
@@ -189,7 +202,7 @@ def _fmt(v, key: str) -> str:
         return "n/r"  # threshold not reached inside the image
     if key.startswith("area@"):
         return f"{v:.2f}"
-    if key in ("r_rms", "r50", "train_s"):
+    if key in ("r_rms", "r50", "img_per_s"):
         return f"{v:.1f}"
     if isinstance(v, float):
         return f"{v:.3f}"
@@ -214,17 +227,18 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def write_results(study: Path, rows: list[dict], settings: StudySettings) -> None:
     from erf_lab.io import write_text
 
-    fam = [r for r in rows if r["group"] == "family"]
+    fam = sorted((r for r in rows if r["group"] == "family"), key=lambda r: (r["seed"], r["kernel"]))
     if not rows:
         return
     gl = [r for r in rows if r["group"] == "guideline"]
-    keys = ["name", "params", "val_acc", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50",
-            "shape_bias", "shape_only_accuracy", "texture_only_accuracy", "train_s"]
+    keys = ["name", "train_px", "params", "val_acc", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50",
+            "shape_bias", "shape_only_accuracy", "texture_only_accuracy", "img_per_s"]
     s = settings
     text = (f"# Kernel-family study on cue-world\n\nRepLKNet family at channels={tuple(s.channels)}, "
             f"layers={tuple(s.layers)}; {s.epochs} epochs x {s.train_size} new cue-world images at {s.input_size} px "
             f"(batch {s.batch_size}, AdamW lr {s.lr}, cosine, 1 warm-up epoch, label smoothing 0.1), val on "
-            f"{s.val_size} images. ERF: {s.erf_images} cue-world val images at {s.erf_input_size} px (area ratios in "
+            f"{s.val_size} images. ERF: {s.erf_images} cue-world val images at {s.erf_input_size} px, i.e. "
+            f"{s.erf_input_size / s.input_size:g}x the training size (train_px) of each model (area ratios in "
             f"% of the image, n/r = not reached inside it; r_rms / r50 in pixels). Shape bias: {s.probe_size} "
             f"cue-conflict images, shape hits / (shape + texture hits).\n\n## Kernel family\n\n"
             + markdown_table(fam, keys))
@@ -299,6 +313,11 @@ def ship(study, dest, *, subset: int = 200) -> list[Path]:
             "val_subset": {"size": subset, "correct": correct, "world_seed": s["seed"]},
             "settings": s, "params": info["model_config"]["params"], "wall_s": info.get("wall_s_this_session")})
         files += [dest / f"{m['name']}{ext}" for ext in (".safetensors", ".json", ".metrics.csv")]
+        if (run / "timeline" / "timeline.json").is_file():  # made by erf-lab timeline: shipped for the app
+            (dest / "timeline" / m["name"]).mkdir(parents=True, exist_ok=True)
+            for name in ("timeline.json", "timeline.csv", "timeline.png", "timeline.pdf"):
+                shutil.copyfile(run / "timeline" / name, dest / "timeline" / m["name"] / name)
+                files.append(dest / "timeline" / m["name"] / name)
     for name in ("results.md", "family.csv", "guidelines.csv", "family.png", "study.json", "study.log"):
         if (study / name).is_file():
             shutil.copyfile(study / name, dest / name)

@@ -55,7 +55,7 @@ def run(args) -> int:
                       erf_input_size=args.erf_input_size)
     res = run_study(args.out, s, jobs=args.jobs, threads=args.threads, guidelines=not args.no_guidelines)
     print(markdown_table(res["rows"], ["name", "val_acc", "area@20%", "area@50%", "area@99%", "r_rms",
-                                       "shape_bias", "train_s"]))
+                                       "shape_bias", "img_per_s"]))
     print(f"wrote {res['out_dir']}/results.md, family.csv, family.png/pdf")
     if args.ship:
         files = ship(args.out, args.ship)
