@@ -20,7 +20,9 @@ def test_the_kernel_family_is_shipped_and_small():
     assert total <= 25 * 2 ** 20, f"{total / 2 ** 20:.1f} MB"
     for p in RECORDS:
         r = json.loads(p.read_text())
-        assert r["val_acc"] > 0.5 and (SHIPPED / f"{p.stem}.metrics.csv").is_file()  # learned (10 classes)
+        assert (SHIPPED / f"{p.stem}.metrics.csv").is_file()
+        if r["group"] == "family":
+            assert r["val_acc"] > 0.6, p.stem  # learned: chance is 0.1 on 10 classes
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=[p.stem for p in RECORDS])
