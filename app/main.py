@@ -24,6 +24,7 @@ PAGES = [
     st.Page("views/growth.py", title="Growth", icon=":material/trending_up:"),
     st.Page("views/reparam.py", title="Re-parameterization", icon=":material/merge:"),
     st.Page("views/shape_bias.py", title="Shape bias", icon=":material/pets:"),
+    st.Page("views/training.py", title="Training", icon=":material/model_training:"),
     st.Page("views/kernels.py", title="Kernels", icon=":material/speed:"),
     st.Page("views/results.py", title="Results", icon=":material/folder_open:"),
 ]

@@ -18,6 +18,31 @@ import torch.nn as nn
 from erf_lab.errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module", "net")
+#: ``builtin:NAME`` names a model shipped under ``data/trained/``: ``NAME.safetensors`` and ``NAME.json``
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict]:
+    """(file, record) of ``weights``: a path as given with ``{}``, or for ``builtin:NAME`` the shipped
+    ``data/trained/NAME.safetensors`` and its ``NAME.json`` record (``model``, ``overrides``, ``num_classes``,
+    ``input_size``, ...; :func:`erf_lab.models.create_model` applies its overrides)."""
+    text = str(weights)
+    if not text.startswith(BUILTIN_PREFIX):
+        return Path(weights).expanduser(), {}
+    import json
+
+    from erf_lab.paths import data_dir
+
+    name = text[len(BUILTIN_PREFIX):].strip("/")
+    root = data_dir() / "trained"
+    stem = (root / name).resolve()
+    path, meta = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+    if not name or root.resolve() not in stem.parents or not path.is_file() or not meta.is_file():
+        shipped = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.safetensors")) \
+            if root.is_dir() else []
+        raise CheckpointError(f"no shipped weights {text!r}; shipped: "
+                              + (", ".join(BUILTIN_PREFIX + s for s in shipped) or "none"))
+    return path, json.loads(meta.read_text())
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -26,7 +51,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Any failure to read the file (not a checkpoint, truncated, a pickle of disallowed objects) is a
     :class:`CheckpointError` with one line; other exception types never escape (issue #13).
     """
-    path = Path(path)
+    path = resolve_weights(path)[0]
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -145,6 +145,16 @@ def _cases():
     add("train-data-missing", [*tr, "--batch-size", "4", "--data", "{bad}/nope", "--out", "{out}"], "")
     add("train-data-empty", [*tr, "--batch-size", "4", "--data", "{bad}/empty", "--out", "{out}"], "")
     add("train-out-is-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt"], "")
+    add("shape-bias-cue-world-untrained", ["shape-bias", *TINY, "--stimuli", "cue-world", "--out", "{out}"],
+        "random weights means nothing")
+    add("shape-bias-builtin-unknown", ["shape-bias", "--model", "replknet_31b", "--weights", "builtin:cue-world/K99",
+                                       "--stimuli", "cue-world", "--out", "{out}"], "no shipped weights")
+    # timeline / study
+    add("timeline-missing", ["timeline", "{bad}/nope"], "no such training run folder")
+    add("timeline-empty-folder", ["timeline", "{bad}/empty"], "not an erf-lab training run")
+    add("timeline-erf-run", ["timeline", "{bad}/good_run"], "not an erf-lab training run")
+    add("study-channels", ["study", "kernel-family", "--out", "{out}", "--channels", "8,8"], "4 positive integers")
+    add("study-out-is-file", ["study", "kernel-family", "--out", "{bad}/file.txt"], "is a file")
     return c
 
 

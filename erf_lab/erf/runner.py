@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from erf_lab.checkpoint import resolve_weights
 from erf_lab.erf import distributed as D
 from erf_lab.erf.attribution import AGGREGATES
 from erf_lab.erf.compute import Accumulator, compute_erf
@@ -80,7 +81,7 @@ class ErfSpec:
             if not p.is_dir():
                 raise ErfLabError(f"image folder not found: {self.images}" if not p.exists()
                                   else f"--images must be a folder of images, got a file: {self.images}")
-        if self.weights is not None and not Path(self.weights).expanduser().is_file():
+        if self.weights is not None and not resolve_weights(self.weights)[0].is_file():
             raise ErfLabError(f"weights file not found: {self.weights}")
         check_device(self.device)
         return self
@@ -161,6 +162,8 @@ def training_resolution(spec: ErfSpec, model) -> int | None:
     files: ``..._224.pth``, ``..._384.pth``, ``..._320.pth``)."""
     if spec.train_size is not None:
         return int(spec.train_size)
+    if spec.weights and resolve_weights(spec.weights)[1].get("input_size"):
+        return int(resolve_weights(spec.weights)[1]["input_size"])  # a builtin: model's training record
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
@@ -290,7 +293,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean, std=std)
     geom = layer_geometry(model, spec.layer, spec.input_size)
     train_size = training_resolution(spec, model)
-    weights_sha = sha256_file(spec.weights) if spec.weights else None
+    weights_sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None
     config = _config(spec, source, mean, std, weights_sha, dinfo)
 
     out_dir = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size, runs_root)
@@ -380,7 +383,8 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
     return {
         "label": label, "config": _normalise(config), "tags": _normalise(tags),
         "model": spec.model, "overrides": _normalise(spec.config()["overrides"]),
-        "weights": str(Path(spec.weights).resolve()) if spec.weights else None, "weights_sha256": config["weights"],
+        "weights": str(resolve_weights(spec.weights)[0].resolve()) if spec.weights else None,
+        "weights_sha256": config["weights"],
         "random_init": spec.weights is None and not spec.overrides.get("pretrained"), "drop_head": spec.drop_head,
         "train_size": train_size, "size_note": size_note(spec.input_size, train_size),
         "layer": geom["layer"], "aggregate": spec.aggregate, "input_size": spec.input_size,

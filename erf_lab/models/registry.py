@@ -61,14 +61,21 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     merged layout (``lkb_reparam`` keys; UniRepLKNet's ``lk_origin.bias``) implies ``deploy=True``.
     ``drop_head=True`` loads a checkpoint whose classifier has a different class count, keeping the model's
     own head.
+    ``weights="builtin:NAME"`` loads a model shipped under ``data/trained/`` with the options it was trained with
+    (its JSON record; explicit ``overrides`` win).
     """
     from erf_lab.models.timm_models import is_timm_name
 
     factory = _resolve_factory(name)
     state_dict = None
     if weights is not None:
-        from erf_lab.checkpoint import load_state_dict_file
+        from erf_lab.checkpoint import load_state_dict_file, resolve_weights
 
+        record = resolve_weights(weights)[1]  # a builtin: model brings the options it was trained with
+        if record:
+            if record.get("model") not in (None, name):
+                raise ErfLabError(f"{weights} are weights of {record['model']!r}, not of {name!r}")
+            overrides = {**record.get("overrides", {}), "num_classes": record["num_classes"], **overrides}
         state_dict = load_state_dict_file(weights)
         if _implies_deploy(state_dict):
             deploy = True

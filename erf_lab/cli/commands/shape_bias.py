@@ -29,7 +29,9 @@ def add_arguments(p) -> None:
                    help="measure an untrained (randomly initialized) network; marked untrained in every output")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="model constructor option (repeatable)")
     p.add_argument("--stimuli", help="cue-conflict folder (<category>/<shape><i>-<texture><j>.png), default from "
-                                     "$ERF_LAB_DATA, else the download cache")
+                                     "$ERF_LAB_DATA, else the download cache; 'cue-world' probes a cue-world "
+                                     "classifier on the built-in world's cue-conflict / shape-only / texture-only "
+                                     "splits (--limit images each, default 500)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="DataLoader decode workers (default half the CPUs, 1-4)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -72,6 +74,8 @@ def run(args) -> int:
     from erf_lab.shape_bias.evaluate import run_shape_bias
 
     out = Path(args.out or Path("runs/shape_bias") / args.model.replace(":", "_"))
+    if args.stimuli == "cue-world":
+        return _cue_world(args, out, parse_overrides(args.override))
     s = run_shape_bias(args.model, out=out, weights=args.weights, pretrained=args.pretrained,
                        overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
                        workers=args.workers, device=args.device, limit=args.limit, command=sys.argv,
@@ -111,3 +115,25 @@ def _report(s: dict) -> None:
         if r["human_vs_human"]:
             line += f" (human-human {_f(r['human_vs_human']['error_consistency']['mean'])})"
         print(line)
+
+
+def _cue_world(args, out, overrides) -> int:
+    from erf_lab.errors import ErfLabError
+    from erf_lab.train.probes import run_cue_world_shape_bias
+
+    if args.pretrained:
+        raise ErfLabError("--stimuli cue-world needs a cue-world classifier (--weights), not ImageNet weights")
+    if args.limit is not None and args.limit < 1:
+        raise ErfLabError("--limit must be >= 1")
+    s = run_cue_world_shape_bias(args.model, out=out, weights=args.weights, overrides=overrides,
+                                 allow_random=args.allow_random, size=args.limit or 500, batch_size=args.batch_size,
+                                 device=args.device, command=sys.argv)
+    if s["random_weights"]:
+        print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained "
+              f"model")
+    sb = "n/a" if s["shape_bias"] is None else f"{s['shape_bias']:.3f}"
+    print(f"{s['label']}: cue-world shape bias {sb} (shape hits {s['shape_hits']}, texture hits "
+          f"{s['texture_hits']}, of {s['n_conflict']} cue-conflict images)")
+    print(f"  shape-only acc {s['shape_only_accuracy']:.3f}, texture-only acc {s['texture_only_accuracy']:.3f}")
+    print(f"wrote {out}/decisions.csv, summary.json, shape_bias.png/pdf")
+    return 0

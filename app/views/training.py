@@ -1,0 +1,73 @@
+"""Training: ERF and cue-world shape bias across training (``erf-lab timeline``), for the shipped run or any
+``erf-lab train`` run folder, and the shipped kernel-family table (``erf-lab study kernel-family``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from app import safety
+from app.ui import cli_hint, file_downloads, guard
+from erf_lab.paths import data_dir
+
+SHIPPED = data_dir() / "trained" / "cue-world"
+
+st.title("Training")
+st.caption("How the effective receptive field and the cue-world shape bias change while a network learns: "
+           "every saved checkpoint, epoch 0 (the initialisation) included, measured with the same ERF runner "
+           "and probes as the CLI.")
+
+
+def show_timeline(folder: Path, key: str) -> None:
+    data = json.loads((folder / "timeline.json").read_text(encoding="utf-8"))
+    st.image(str(folder / "timeline.png"), caption=f"{data['model']}: ERF at {data['erf_input_size']} px on "
+                                                   f"{data['num_images']} cue-world val images; probes at "
+                                                   f"{data['train_input_size']} px")
+    st.dataframe(pd.DataFrame(data["rows"]).drop(columns=["checkpoint"], errors="ignore"), hide_index=True,
+                 key=f"{key}-table")
+    file_downloads([p for p in (folder / n for n in ("timeline.png", "timeline.pdf", "timeline.csv",
+                                                     "timeline.json")) if p.is_file()], key=key)
+
+
+tab_shipped, tab_run, tab_family = st.tabs(["shipped run", "your training run", "kernel family"])
+
+with tab_shipped:
+    timelines = sorted(p.parent for p in (SHIPPED / "timeline").glob("*/timeline.json"))
+    if not timelines:
+        st.info("No shipped timeline in data/trained/cue-world/timeline.")
+    else:
+        name = st.selectbox("Shipped run", [p.name for p in timelines], key="tr-shipped")
+        with guard("Shipped timeline"):
+            show_timeline(SHIPPED / "timeline" / name, "tr-shipped-files")
+
+with tab_run:
+    text = st.text_input("Training run folder (made by erf-lab train on cue-world)", key="tr-run")
+    c1, c2, c3 = st.columns(3)
+    size = c1.number_input("ERF input size (px, 0 = training size)", 0, 1024, 0, step=16, key="tr-size")
+    n_img = c2.number_input("ERF images", 1, 50, 4, key="tr-nimg")
+    n_probe = c3.number_input("Probe images per split", 10, 2000, 100, step=10, key="tr-probe")
+    if text:
+        with guard("Timeline"):
+            from erf_lab.train.timeline import timeline
+
+            run = safety.safe_directory(text, "training run folder")
+            with st.spinner("measuring new checkpoints (cached ones are reused)"):
+                res = timeline(run, input_size=int(size) or None, num_images=int(n_img), probe_size=int(n_probe),
+                               show_progress=False)
+            st.caption(f"measured {res['measured']['erf']} ERF(s) and {res['measured']['probe']} probe(s) now; "
+                       f"the rest came from the cache in {res['out_dir']}")
+            show_timeline(res["out_dir"], "tr-run-files")
+            cli_hint(["timeline", str(run), "--num-images", "20"])
+
+with tab_family:
+    results = SHIPPED / "results.md"
+    if results.is_file():
+        if (SHIPPED / "family.png").is_file():
+            st.image(str(SHIPPED / "family.png"))
+        st.markdown(results.read_text(encoding="utf-8").split("\n", 1)[-1])
+        cli_hint(["study", "kernel-family", "--out", "runs/kernel-family", "--jobs", "3", "--threads", "1"],
+                 note="Reproduce (the shipped weights load as --weights builtin:cue-world/NAME):")
+    else:
+        st.info("The kernel-family study is not shipped in this installation.")

@@ -1,0 +1,48 @@
+"""``erf-lab timeline``: ERF and cue-world shape bias at every checkpoint of a training run."""
+from __future__ import annotations
+
+NAME = "timeline"
+HELP = "ERF and cue-world shape bias at every checkpoint of an 'erf-lab train' run (epoch 0 included), one figure"
+ORDER = 61
+DESCRIPTION = (
+    "For every checkpoint RUN_DIR/checkpoints/epoch_XXX of a cue-world training run (complete or still running), "
+    "measure the ERF through the ERF runner (paper protocol, metrics.json per checkpoint) on cue-world "
+    "validation images and the cue-world probes (shape bias on cue-conflict, shape-only and texture-only "
+    "accuracy). Results are cached per checkpoint in RUN_DIR/timeline/, so a second call measures only new "
+    "checkpoints. Writes timeline.csv, timeline.json and timeline.png/pdf (ERF strip over epochs; area ratios, "
+    "effective radius, shape bias and val accuracy against epoch)."
+)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="an 'erf-lab train' run folder on cue-world")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="ERF measurement size in pixels (default: the training input size)")
+    p.add_argument("--num-images", type=int, default=20, help="cue-world val images per ERF (default 20)")
+    p.add_argument("--probe-size", type=int, default=300, help="images per probe split (default 300)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated (default png,pdf)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from erf_lab.erf.plotting import parse_formats
+    from erf_lab.train.timeline import timeline
+
+    res = timeline(args.run_dir, input_size=args.input_size, num_images=args.num_images,
+                   probe_size=args.probe_size, device=args.device, formats=parse_formats(args.formats),
+                   show_progress=not args.quiet)
+
+    def f(v, fmt=".3f"):
+        return "n/a" if v is None else format(v, fmt)
+
+    print(f"{'epoch':>5}  {'area@20%':>8}  {'area@50%':>8}  {'area@99%':>8}  {'r_rms':>6}  {'shape bias':>10}  "
+          f"{'val acc':>7}")
+    for r in res["rows"]:
+        print(f"{r['epoch']:>5}  {f(r['area@20%'], '.2f'):>8}  {f(r['area@50%'], '.2f'):>8}  "
+              f"{f(r['area@99%'], '.2f'):>8}  {f(r['r_rms'], '.1f'):>6}  {f(r['shape_bias']):>10}  "
+              f"{f(r['val_acc']):>7}")
+    m = res["measured"]
+    print(f"measured {m['erf']} ERF(s) and {m['probe']} probe(s); the rest came from the cache")
+    print(f"wrote {res['out_dir']}/timeline.csv, timeline.json, timeline.png/pdf")
+    return 0

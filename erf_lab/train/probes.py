@@ -1,0 +1,232 @@
+"""Shape bias of a cue-world classifier, measured as for the Geirhos stimuli (model-vs-human formula).
+
+On the cue-conflict split (shape i filled with texture j != i) a decision is a *shape hit* when the predicted
+class is i, a *texture hit* when it is j; shape bias = shape hits / (shape hits + texture hits) (Geirhos et
+al., ICLR 2019, Sec. 3; model-vs-human, NeurIPS 2021). The shape-only (flat silhouettes) and texture-only
+(texture over the whole frame) splits give how well each cue alone is read. Probe images come from the splits'
+own seed streams, never from the training images.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from erf_lab.errors import ErfLabError
+
+PROBE_SPLITS = ("cue-conflict", "shape-only", "texture-only")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Which probe images: ``size`` images of each probe split of the world (``num_classes``, ``seed``) at
+    ``input_size`` pixels."""
+
+    input_size: int = 64
+    size: int = 500
+    num_classes: int = 10
+    seed: int = 0
+
+    def validate(self) -> "ProbeSpec":
+        from erf_lab.train.cue_world import SHAPES
+
+        if not 8 <= int(self.input_size) <= 4096:
+            raise ErfLabError(f"cue-world probe input size must be in [8, 4096] pixels, got {self.input_size}")
+        if int(self.size) < 1:
+            raise ErfLabError(f"cue-world probe size must be at least 1 image, got {self.size}")
+        if not 2 <= int(self.num_classes) <= len(SHAPES):
+            raise ErfLabError(f"cue-world has 2 to {len(SHAPES)} classes, got {self.num_classes}")
+        return self
+
+
+def shape_bias_counts(shapes, textures, predictions) -> dict:
+    """Shape / texture hits of cue-conflict decisions and the shape bias (None when no image hit either cue)."""
+    s, t, p = (np.asarray(a, dtype=np.int64) for a in (shapes, textures, predictions))
+    if (s == t).any():
+        raise ErfLabError("cue-conflict images need shape != texture")
+    shape_hits, texture_hits, n = int((p == s).sum()), int((p == t).sum()), len(p)
+    return {"n_conflict": n, "shape_hits": shape_hits, "texture_hits": texture_hits,
+            "shape_bias": shape_hits / (shape_hits + texture_hits) if shape_hits + texture_hits else None,
+            "fraction_shape_hits": shape_hits / n if n else None,
+            "fraction_texture_hits": texture_hits / n if n else None}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, device: str = "cpu") -> np.ndarray:
+    """Top-1 classes of ``images`` (N, 3, S, S) in [0, 1], normalised with the model's mean / std."""
+    from erf_lab.erf.images import model_mean_std
+
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in model_mean_std(model))
+    was = model.training
+    model.eval().to(device)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = ((images[i:i + batch_size] - mean) / std).to(device)
+        out.append(model(x).argmax(1).cpu())
+    model.train(was)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def probe(model: nn.Module, spec: ProbeSpec = ProbeSpec(), *, batch_size: int = 128, device: str = "cpu") -> dict:
+    """``{"summary": {...}, "rows": [...]}``: the shape bias on cue-conflict and the accuracies on shape-only /
+    texture-only (one row per image: split, index, shape, texture, prediction)."""
+    from erf_lab.train.cue_world import draw_scene, render_scene
+
+    spec.validate()
+    rows, per = [], {}
+    for split in PROBE_SPLITS:
+        scenes = [draw_scene(split, i, spec.num_classes, spec.seed) for i in range(spec.size)]
+        images = torch.from_numpy(np.stack([render_scene(s, spec.input_size) for s in scenes]))
+        pred = predict(model, images, batch_size, device)
+        if pred.size and int(pred.max()) >= spec.num_classes:
+            raise ErfLabError(f"the model answered class {int(pred.max())}, outside cue-world's {spec.num_classes} "
+                              f"classes: is its head (num_classes) the cue-world one?")
+        per[split] = ([s.shape for s in scenes], [s.texture for s in scenes], pred)
+        rows += [{"split": split, "index": i, "shape": s.shape, "texture": s.texture, "prediction": int(p)}
+                 for i, (s, p) in enumerate(zip(scenes, pred))]
+    summary = shape_bias_counts(*per["cue-conflict"])
+    s_shape, _, p_shape = per["shape-only"]
+    _, t_tex, p_tex = per["texture-only"]
+    summary["shape_only_accuracy"] = float(np.mean(np.asarray(p_shape) == np.asarray(s_shape)))
+    summary["texture_only_accuracy"] = float(np.mean(np.asarray(p_tex) == np.asarray(t_tex)))
+    s, t, p = (np.asarray(a) for a in per["cue-conflict"])
+    summary["per_class"] = {  # by the shape class of the conflict image
+        int(k): {"shape_hits": int(((p == s) & (s == k)).sum()), "texture_hits": int(((p == t) & (s == k)).sum()),
+                 "n": int((s == k).sum())} for k in range(spec.num_classes)}
+    summary["probe"] = {"input_size": spec.input_size, "size": spec.size, "num_classes": spec.num_classes,
+                        "seed": spec.seed, "splits": list(PROBE_SPLITS)}
+    return {"summary": summary, "rows": rows}
+
+
+def write_decisions_csv(path, rows: list[dict], class_names: list[str]) -> None:
+    from erf_lab.io import write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["split", "index", "shape", "texture", "decision", "shape_name", "texture_name", "decision_name"])
+    shapes_tex = [n.split("/") for n in class_names]
+    for r in rows:
+        sn = shapes_tex[r["shape"]][0] if r["shape"] >= 0 else ""
+        tn = shapes_tex[r["texture"]][1] if r["texture"] >= 0 else ""
+        w.writerow([r["split"], r["index"], r["shape"], r["texture"], r["prediction"], sn, tn,
+                    class_names[r["prediction"]]])
+    write_text(path, buf.getvalue())
+
+
+def plot_probe(summary: dict, stem, class_names: list[str]) -> list[Path]:
+    """Per shape class, the fraction of shape decisions among cue hits (shape on the left, as in Geirhos et al.
+    Fig. 4), the overall shape bias as a dashed line, and the single-cue accuracies in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from erf_lab.io import save_figure
+
+    ks = sorted(summary["per_class"], key=int)
+    xs = []
+    for k in ks:
+        c = summary["per_class"][k]
+        hits = c["shape_hits"] + c["texture_hits"]
+        xs.append(c["shape_hits"] / hits if hits else np.nan)
+    fig, ax = plt.subplots(figsize=(5.2, 0.3 * len(ks) + 1.9), layout="constrained")
+    ax.scatter(xs, np.arange(len(ks)), color="#1f77b4", zorder=3)
+    if summary["shape_bias"] is not None:
+        ax.axvline(summary["shape_bias"], color="#1f77b4", linestyle="--",
+                   label=f"{summary.get('label', 'model')}: {summary['shape_bias']:.3f}")
+        ax.legend(fontsize=7, loc="lower left")
+    ax.set_yticks(np.arange(len(ks)), [class_names[int(k)] for k in ks], fontsize=7)
+    ax.set_ylim(len(ks) - 0.5, -0.5)
+    ax.set_xlim(1.02, -0.02)
+    ax.set_xlabel("fraction of 'shape' decisions (cue-conflict, by shape)")
+    ax.grid(axis="y", color="0.92")
+    ax.set_title(f"cue-world: shape-only acc {summary['shape_only_accuracy']:.3f}, "
+                 f"texture-only acc {summary['texture_only_accuracy']:.3f}", fontsize=8)
+    try:
+        return save_figure(fig, stem)
+    finally:
+        plt.close(fig)
+
+
+def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: dict | None = None,
+                             allow_random: bool = False, input_size: int | None = None, size: int = 500,
+                             num_classes: int | None = None, seed: int = 0, batch_size: int = 128,
+                             device: str = "cpu", command: list[str] | None = None) -> dict:
+    """``erf-lab shape-bias --stimuli cue-world``: probe a cue-world classifier and write ``decisions.csv``,
+    ``summary.json``, ``run.json`` and ``shape_bias.png`` / ``.pdf`` into ``out``. Returns the summary.
+
+    The world's class count and input size come from the weights' training record when there is one (a
+    ``builtin:`` model's JSON or the ``run.json`` of the training run that holds the checkpoint), else
+    ``num_classes`` / ``input_size`` (defaults 10 and 64). Untrained weights are refused unless ``allow_random``.
+    """
+    from erf_lab.checkpoint import resolve_weights
+    from erf_lab.io import sha256_file, write_json
+    from erf_lab.models import create_model
+    from erf_lab.provenance import versions
+    from erf_lab.train.cue_world import class_names
+
+    if weights is None and not allow_random:
+        raise ErfLabError(f"{model_name} has no trained weights: pass --weights FILE (a cue-world training "
+                          f"checkpoint or builtin:cue-world/...); a shape bias of random weights means nothing "
+                          f"(--allow-random measures one anyway, marked untrained)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ErfLabError("--device cuda requested but no CUDA device is available")
+    if int(batch_size) < 1:
+        raise ErfLabError("--batch-size must be >= 1")
+    path, record = resolve_weights(weights) if weights is not None else (None, {})
+    record = record or training_record(path)
+    n_cls = int(num_classes or record.get("num_classes") or 10)
+    spec = ProbeSpec(int(input_size or record.get("input_size") or 64), int(size), n_cls, int(seed)).validate()
+    kwargs = {**record.get("overrides", {}), **(overrides or {}), "num_classes": n_cls}
+    model = create_model(model_name, weights=weights, **kwargs)
+    res = probe(model, spec, batch_size=batch_size, device=device)
+    random_weights = weights is None
+    names = class_names(n_cls)
+    shown = None if weights is None else (weights if str(weights).startswith("builtin:") else Path(weights).name)
+    label = model_name + ("" if shown is None else f" ({shown})")
+    summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
+               "stimuli": "cue-world", "random_weights": random_weights,
+               "weights": None if weights is None else str(weights),
+               "weights_sha256": None if path is None else sha256_file(path), "overrides": kwargs,
+               "classes": names, **res["summary"]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_decisions_csv(out / "decisions.csv", res["rows"], names)
+    write_json(out / "summary.json", {**summary, **meta})
+    plot_probe(summary, out / "shape_bias", names)
+    write_json(out / "run.json", {"what": "erf-lab shape-bias --stimuli cue-world", "model": model_name,
+                                  "weights": summary["weights"], "weights_sha256": summary["weights_sha256"],
+                                  "probe": summary["probe"], "outputs": ["decisions.csv", "summary.json",
+                                                                         "shape_bias.png", "shape_bias.pdf"], **meta})
+    return summary
+
+
+def training_record(weights: str | os.PathLike | None) -> dict:
+    """``{"overrides", "num_classes", "input_size"}`` of the ``erf-lab train`` run whose folder holds
+    ``weights`` (``RUN/model.*`` or ``RUN/checkpoints/epoch_*.*``); {} when there is none."""
+    from erf_lab.io import read_json_or_none
+
+    if weights is None:
+        return {}
+    p = Path(weights).expanduser().resolve()
+    for run in (p.parent, p.parent.parent):
+        info = read_json_or_none(run / "run.json")
+        if isinstance(info, dict) and isinstance(info.get("settings"), dict) and "model_config" in info:
+            s = info["settings"]
+            return {"overrides": dict(s.get("overrides") or {}), "num_classes": info["model_config"]["num_classes"],
+                    "input_size": s.get("input_size"), "model": s.get("model")}
+    return {}
+
+
+__all__ = ["ProbeSpec", "PROBE_SPLITS", "shape_bias_counts", "predict", "probe", "run_cue_world_shape_bias",
+           "training_record", "plot_probe"]

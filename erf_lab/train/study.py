@@ -1,0 +1,354 @@
+"""The kernel-family study on cue-world: RepLKNet's Table 5 family (kernel 3 / 7 / 13 / 31, Ding et al., CVPR
+2022) trained with one recipe, seed and data at a CPU size, then each model's ERF (area ratios at t = 20 / 30 /
+50 / 99 %, effective radius) and cue-world shape bias; plus two of the paper's guidelines as experiments:
+MobileNetV2 13x13 with and without identity shortcuts (Table 2) and RepLKNet-31 with and without the small-kernel
+re-parameterization (Table 4).
+
+Every step is cached in the study folder (a complete training run is kept, an interrupted one resumed, ERF and
+probe results reused), so re-running the command continues where it stopped. ``ship`` copies the weights with
+their records into ``data/trained/`` where ``builtin:`` names find them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from erf_lab.errors import ErfLabError
+
+FAMILY_MODELS = {3: "replknet_3", 7: "replknet_7", 13: "replknet_13", 31: "replknet_31b"}
+#: what the family's erf / table columns are
+TABLE_KEYS = ("val_acc", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50", "shape_bias",
+              "shape_only_accuracy", "texture_only_accuracy")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """One recipe and world for every model (CPU-sized defaults; see the shipped README for the choice)."""
+
+    channels: tuple = (16, 32, 64, 128)
+    layers: tuple = (1, 1, 1, 1)
+    input_size: int = 64
+    train_size: int = 2000  # images per epoch, new ones every epoch (resample)
+    val_size: int = 500
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 4e-3
+    erf_input_size: int = 128
+    erf_images: int = 20
+    probe_size: int = 500
+    world_seed: int = 0
+    mobilenet_width: float = 0.35
+    #: MobileNetV2's strided 13x13 depthwise convs run natively (~7x the cost of the whole RepLKNet step on
+    #: this CPU at 64 px), so the MobileNetV2 pair trains at half the size; None = the study's size
+    mobilenet_input_size: int | None = 32
+
+    def recipe(self):
+        from erf_lab.train.recipe import Recipe
+
+        return Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+
+
+@dataclass(frozen=True)
+class StudyModel:
+    name: str  # e.g. "K31-seed0"
+    model: str
+    overrides: dict = field(default_factory=dict)
+    seed: int = 0
+    group: str = "family"  # "family" or "guideline"
+    kernel: int | None = None
+    input_size: int | None = None  # training size when not the study's (the ERF size scales with it)
+
+    def sizes(self, settings: "StudySettings") -> tuple[int, int]:
+        """(training size, ERF measurement size) of this model."""
+        size = int(self.input_size or settings.input_size)
+        return size, int(round(settings.erf_input_size * size / settings.input_size))
+
+
+def plan(settings: StudySettings = StudySettings(), *, kernels=(3, 7, 13, 31), seeds=(0, 1),
+         seeded_kernels=(3, 31), guidelines: bool = True) -> list[StudyModel]:
+    """The models of the study in training order: the family at seed 0 with the slow MobileNetV2 pair right
+    after its first three members (so that a run with a few parallel jobs ends sooner), the rest of the family,
+    the extra seeds, then the re-param ablation. Tables list the family by (seed, kernel)."""
+    base = {"channels": tuple(settings.channels), "layers": tuple(settings.layers)}
+    for k in kernels:
+        if k not in FAMILY_MODELS:
+            raise ErfLabError(f"kernel {k} is not in the family {sorted(FAMILY_MODELS)}")
+    family = [StudyModel(f"K{k}-seed{seeds[0]}", FAMILY_MODELS[k], base, seeds[0], "family", k) for k in kernels]
+    family += [StudyModel(f"K{k}-seed{s}", FAMILY_MODELS[k], base, s, "family", k)
+               for s in seeds[1:] for k in seeded_kernels if k in kernels]
+    if not guidelines:
+        return family
+    mw, ms = {"width_mult": settings.mobilenet_width}, settings.mobilenet_input_size
+    mobilenets = [StudyModel("MNv2-k13-seed0", "mobilenetv2_k13", mw, seeds[0], "guideline", 13, ms),
+                  StudyModel("MNv2-k13-noshortcut-seed0", "mobilenetv2_k13_noshortcut", mw, seeds[0], "guideline",
+                             13, ms)]
+    reparam = StudyModel("K31-noreparam-seed0", "replknet_31b", {**base, "small_kernel": None}, seeds[0],
+                         "guideline", 31)
+    return family[:3] + mobilenets + family[3:] + [reparam]
+
+
+def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int | None = None) -> dict:
+    """Train one model (kept when complete, resumed when interrupted); returns its run.json plus wall time."""
+    import torch
+
+    from erf_lab.io import read_json_or_none
+    from erf_lab.train.checkpoints import STATE_FILE
+    from erf_lab.train.loop import train
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = runs / m.name
+    info = read_json_or_none(out / "run.json")
+    if isinstance(info, dict) and "final" in info:
+        return info
+    t0 = time.time()
+    print(f"[{m.name}] training {m.model} {m.overrides}", flush=True)
+    res = train(m.model, "cue-world", out=out, overrides=dict(m.overrides), recipe=settings.recipe(),
+                input_size=m.sizes(settings)[0], train_size=settings.train_size, val_size=settings.val_size,
+                resample=True, seed=m.seed, resume=(out / STATE_FILE).is_file(),
+                force=not (out / STATE_FILE).is_file(), show_progress=False,
+                argv=["erf-lab", "study", "kernel-family", f"({m.name})"])
+    f = res["run_info"]["final"]
+    print(f"[{m.name}] done in {time.time() - t0:.0f} s: val acc {f['val_acc']:.3f}", flush=True)
+    return res["run_info"]
+
+
+def measure_one(m: StudyModel, settings: StudySettings, study: Path) -> dict:
+    """ERF (at ``erf_input_size``) and cue-world probes of a trained study model (cached)."""
+    from erf_lab.train.probes import ProbeSpec
+    from erf_lab.train.timeline import cue_world_images, measure_checkpoint
+
+    s = settings
+    size, erf_size = m.sizes(s)
+    images = cue_world_images(study / f"erf-images-{erf_size}px", s.erf_images, erf_size, 10, s.world_seed)
+    return measure_checkpoint(m.model, study / "runs" / m.name / "model.safetensors",
+                              {**m.overrides, "num_classes": 10}, erf_dir=study / f"erf-{erf_size}px" / m.name,
+                              probe_file=study / "probes" / f"{m.name}.json", images=images,
+                              num_images=s.erf_images, input_size=erf_size, train_size=size,
+                              probe_spec=ProbeSpec(size, s.probe_size, 10, s.world_seed))
+
+
+def _job(m: StudyModel, settings: StudySettings, study: Path, threads: int | None) -> dict:
+    info = train_one(m, settings, study / "runs", threads)
+    meas = measure_one(m, settings, study)
+    return {"name": m.name, "info": info, "erf": meas["erf"], "probe": meas["probe"]}
+
+
+def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, threads: int | None = None,
+              guidelines: bool = True, kernels=(3, 7, 13, 31), seeds=(0, 1)) -> dict:
+    """Train and measure every model of :func:`plan` (``jobs`` processes at once, ``threads`` torch threads
+    each), then write ``family.csv`` / ``guidelines.csv``, ``results.md`` and ``family.png`` / ``.pdf``."""
+    from erf_lab.io import write_json
+
+    study = Path(out).expanduser()
+    if study.exists() and not study.is_dir():
+        raise ErfLabError(f"--out {study} is a file; choose a folder")
+    if int(jobs) < 1:
+        raise ErfLabError(f"--jobs must be at least 1, got {jobs}")
+    models = plan(settings, kernels=kernels, seeds=seeds, guidelines=guidelines)
+    study.mkdir(parents=True, exist_ok=True)
+    write_json(study / "study.json", {"settings": _jsonable(asdict(settings)),
+                                      "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv})
+    results = {}
+
+    def done(r):  # the tables so far after every model: an interrupted study still leaves valid tables
+        results[r["name"]] = r
+        print(f"[{r['name']}] measured: shape bias {r['probe']['shape_bias']}, "
+              f"area@50% {r['erf'].get('area@50%')}", flush=True)
+        write_results(study, [_row(m, results[m.name]) for m in models if m.name in results], settings)
+
+    if jobs == 1:
+        for m in models:
+            done(_job(m, settings, study, threads))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(int(jobs), mp_context=mp.get_context("spawn")) as ex:
+            for fut in as_completed([ex.submit(_job, m, settings, study, threads) for m in models]):
+                done(fut.result())
+    rows = [_row(m, results[m.name]) for m in models]
+    return {"rows": rows, "out_dir": study}
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _row(m: StudyModel, r: dict) -> dict:
+    info, erf, p = r["info"], r["erf"], r["probe"]
+    return {"name": m.name, "group": m.group, "model": m.model, "kernel": m.kernel, "seed": m.seed,
+            "train_px": info["settings"]["input_size"], "params": info["model_config"]["params"], "val_acc": info["final"]["val_acc"],
+            **{k: erf.get(k) for k in ("area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50")},
+            "shape_bias": p["shape_bias"], "shape_only_accuracy": p["shape_only_accuracy"],
+            "texture_only_accuracy": p["texture_only_accuracy"],
+            "img_per_s": round(float(info["final"]["img_per_s"]), 1)}  # last epoch, on a shared CPU
+
+
+def _fmt(v, key: str) -> str:
+    if v is None:
+        return "n/r"  # threshold not reached inside the image
+    if key.startswith("area@"):
+        return f"{v:.2f}"
+    if key in ("r_rms", "r50", "img_per_s"):
+        return f"{v:.1f}"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], keys) -> str:
+    head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    return head + "".join("| " + " | ".join(_fmt(r.get(k), k) for k in keys) + " |\n" for r in rows)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    from erf_lab.io import write_text
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
+    write_text(path, buf.getvalue())
+
+
+def write_results(study: Path, rows: list[dict], settings: StudySettings) -> None:
+    from erf_lab.io import write_text
+
+    fam = sorted((r for r in rows if r["group"] == "family"), key=lambda r: (r["seed"], r["kernel"]))
+    if not rows:
+        return
+    gl = [r for r in rows if r["group"] == "guideline"]
+    keys = ["name", "train_px", "params", "val_acc", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50",
+            "shape_bias", "shape_only_accuracy", "texture_only_accuracy", "img_per_s"]
+    s = settings
+    text = (f"# Kernel-family study on cue-world\n\nRepLKNet family at channels={tuple(s.channels)}, "
+            f"layers={tuple(s.layers)}; {s.epochs} epochs x {s.train_size} new cue-world images at {s.input_size} px "
+            f"(batch {s.batch_size}, AdamW lr {s.lr}, cosine, 1 warm-up epoch, label smoothing 0.1), val on "
+            f"{s.val_size} images. ERF: {s.erf_images} cue-world val images at {s.erf_input_size} px, i.e. "
+            f"{s.erf_input_size / s.input_size:g}x the training size (train_px) of each model (area ratios in "
+            f"% of the image, n/r = not reached inside it; r_rms / r50 in pixels). Shape bias: {s.probe_size} "
+            f"cue-conflict images, shape hits / (shape + texture hits).\n\n## Kernel family\n\n"
+            + markdown_table(fam, keys))
+    write_csv(study / "family.csv", fam)
+    if gl:
+        ref = [r for r in fam if r["name"] == "K31-seed0"]
+        text += ("\n## Guidelines (Table 2: shortcuts; Table 4: small-kernel re-param)\n\n"
+                 + markdown_table(ref + gl, keys))
+        write_csv(study / "guidelines.csv", ref + gl)
+    write_text(study / "results.md", text)
+    if fam:
+        plot_family(study, fam, s)
+
+
+def plot_family(study: Path, fam: list[dict], settings: StudySettings, formats=("png", "pdf")) -> list[Path]:
+    """Seed-0 ERF maps of the family side by side, then area@50 %, r_rms, shape bias and val accuracy against
+    kernel size (every seed a point, seed 0 joined by a line)."""
+    from erf_lab.erf.plotting import _display, _heatmap, _new_figure, _style
+    from erf_lab.io import save_figure
+
+    seed0 = sorted((r for r in fam if r["seed"] == min(x["seed"] for x in fam)), key=lambda r: r["kernel"])
+    with _style():
+        fig = _new_figure((max(9.0, 2.2 * len(seed0)), 6.0))
+        top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1])
+        for ax, r in zip(top.subplots(1, len(seed0), squeeze=False)[0], seed0):
+            erf = np.load(study / f"erf-{settings.erf_input_size}px" / r["name"] / "erf.npy", allow_pickle=False)
+            _heatmap(ax, _display(erf), f"K = {r['kernel']}")
+        top.suptitle(f"trained on cue-world ({settings.input_size} px), ERF at {settings.erf_input_size} px",
+                     fontsize=9)
+        axes = bottom.subplots(1, 4)
+        for ax, (key, label) in zip(axes, (("area@50%", "area ratio t = 50 % (%)"), ("r_rms", "r_rms (px)"),
+                                           ("shape_bias", "shape bias"), ("val_acc", "val accuracy"))):
+            pts = [(r["kernel"], r[key]) for r in fam if r.get(key) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="0.5", markersize=4)
+            line = [(r["kernel"], r[key]) for r in seed0 if r.get(key) is not None]
+            ax.plot([p[0] for p in line], [p[1] for p in line], "o-", markersize=5)
+            ax.set_xticks(sorted({r["kernel"] for r in fam}))
+            ax.set_xlabel("kernel size")
+            ax.set_ylabel(label)
+            ax.grid(True, linewidth=0.4, alpha=0.5)
+        return save_figure(fig, study / "family", tuple(formats))
+
+
+def ship(study, dest, *, subset: int = 200) -> list[Path]:
+    """Copy every trained model of the study folder to ``dest/<name>.safetensors`` with its record
+    ``<name>.json`` (model, overrides, classes, training settings, val accuracy, the correct count on the first
+    ``subset`` val images) and ``<name>.metrics.csv``; plus the study's results and log. Returns the files."""
+    from erf_lab.io import read_json_or_none, write_json, write_text
+    from erf_lab.models import create_model
+
+    study, dest = Path(study).expanduser(), Path(dest).expanduser()
+    meta = read_json_or_none(study / "study.json")
+    if not isinstance(meta, dict):
+        raise ErfLabError(f"{study} is not a study folder (no study.json)")
+    dest.mkdir(parents=True, exist_ok=True)
+    files = []
+    for m in meta["models"]:
+        run = study / "runs" / m["name"]
+        info = read_json_or_none(run / "run.json")
+        if not isinstance(info, dict) or "final" not in info:
+            continue  # not trained (yet)
+        s = info["settings"]
+        overrides = {**s["overrides"], "num_classes": info["model_config"]["num_classes"]}
+        net = create_model(m["model"], weights=run / "model.safetensors", **overrides)
+        correct = val_subset_correct(net, subset, s["input_size"], overrides["num_classes"], s["seed"])
+        shutil.copyfile(run / "model.safetensors", dest / f"{m['name']}.safetensors")
+        shutil.copyfile(run / "metrics.csv", dest / f"{m['name']}.metrics.csv")
+        write_json(dest / f"{m['name']}.json", {
+            "model": m["model"], "overrides": s["overrides"], "num_classes": overrides["num_classes"],
+            "input_size": s["input_size"], "seed": s["seed"], "group": m["group"], "kernel": m["kernel"],
+            "val_acc": info["final"]["val_acc"], "val_size": s["val_size"],
+            "val_subset": {"size": subset, "correct": correct, "world_seed": s["seed"]},
+            "settings": s, "params": info["model_config"]["params"], "wall_s": info.get("wall_s_this_session")})
+        files += [dest / f"{m['name']}{ext}" for ext in (".safetensors", ".json", ".metrics.csv")]
+        if (run / "timeline" / "timeline.json").is_file():  # made by erf-lab timeline: shipped for the app
+            (dest / "timeline" / m["name"]).mkdir(parents=True, exist_ok=True)
+            for name in ("timeline.json", "timeline.csv", "timeline.png", "timeline.pdf"):
+                shutil.copyfile(run / "timeline" / name, dest / "timeline" / m["name"] / name)
+                files.append(dest / "timeline" / m["name"] / name)
+    for name in ("results.md", "family.csv", "guidelines.csv", "family.png", "study.json", "study.log"):
+        if (study / name).is_file():
+            shutil.copyfile(study / name, dest / name)
+            files.append(dest / name)
+    command = "erf-lab " + " ".join(str(a) for a in (meta.get("command") or ["", "study", "kernel-family"])[1:])
+    results = (study / "results.md").read_text() if (study / "results.md").is_file() else ""
+    write_text(dest / "README.md", (
+        "# Trained on cue-world: the RepLKNet kernel family (and two guideline ablations)\n\n"
+        f"Made with\n\n    OMP_NUM_THREADS=1 {command}\n\n"
+        "(`study.log` is its log, `study.json` its settings; each model's `NAME.metrics.csv` its training curve.) "
+        "Use a model by name: `create_model(record['model'], weights='builtin:cue-world/NAME')` applies the "
+        "options of `NAME.json`; on the command line `--model replknet_31b --weights builtin:cue-world/K31-seed0`. "
+        f"`NAME.json` also records the correct count on the first {subset} val images, which "
+        "tests/test_trained_weights.py checks.\n\n" + results.split("\n", 1)[-1]))
+    files.append(dest / "README.md")
+    return files
+
+
+def val_subset_correct(model, size: int, input_size: int, num_classes: int, seed: int) -> int:
+    """Correct top-1 answers of ``model`` on the first ``size`` cue-world val images (the shipped check)."""
+    import torch
+
+    from erf_lab.train.cue_world import render_batch
+    from erf_lab.train.probes import predict
+
+    from erf_lab.train.cue_world import draw_scene
+
+    images = render_batch("val", range(size), input_size, num_classes, seed)
+    labels = torch.tensor([draw_scene("val", i, num_classes, seed).shape for i in range(size)])
+    return int((torch.from_numpy(predict(model, images)) == labels).sum())
+
+
+__all__ = ["StudySettings", "StudyModel", "plan", "run_study", "ship", "val_subset_correct", "FAMILY_MODELS",
+           "markdown_table"]

@@ -1,0 +1,241 @@
+"""ERF and cue-world shape bias across training: every saved checkpoint of an ``erf-lab train`` run, epoch 0
+(the initialisation) included.
+
+Per checkpoint, the ERF is measured through the one runner (:func:`erf_lab.erf.runner.run_erf`, the paper's
+protocol: Ding et al., CVPR 2022, Sec. 3 / App. C) into ``RUN/timeline/erf-<S>px/epoch_XXX`` with ``reuse``,
+and the probes of :mod:`erf_lab.train.probes` into ``RUN/timeline/probe-<S>px/epoch_XXX.json``; both are
+caches keyed by the checkpoint's hash and the settings, so a second call measures only new checkpoints.
+Writes ``RUN/timeline/timeline.csv`` / ``.json`` and ``timeline.png`` / ``.pdf``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from erf_lab.errors import ErfLabError
+
+#: ERF summary columns of the timeline (keys of :func:`erf_lab.erf.metrics.summary`)
+AREA_KEYS = ("area@20%", "area@30%", "area@50%", "area@99%")
+_EPOCH = re.compile(r"^epoch_(\d{3,})\.(safetensors|pth)$")
+
+
+@dataclass
+class TrainingRun:
+    """What the timeline needs of a training run folder (complete or still running)."""
+
+    root: Path
+    settings: dict
+    num_classes: int
+    checkpoints: dict  # epoch -> weights file
+    metrics: dict  # epoch -> metrics.csv row
+
+
+def read_training_run(run_dir: str | os.PathLike) -> TrainingRun:
+    """The settings (``run.json``, or the resume state of a run still in progress), checkpoints and metrics of a
+    training run; ErfLabError for a folder that is no training run or has no checkpoint."""
+    import torch
+
+    from erf_lab.io import read_json_or_none
+    from erf_lab.train.checkpoints import STATE_FILE
+
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise ErfLabError(f"no such training run folder: {root}" if not root.exists()
+                          else f"{root} is a file, not a training run folder")
+    info = read_json_or_none(root / "run.json")
+    if isinstance(info, dict) and isinstance(info.get("settings"), dict) and "model_config" in info:
+        settings, num_classes = info["settings"], int(info["model_config"]["num_classes"])
+    elif (root / STATE_FILE).is_file():  # a run in progress: its resume point holds the settings
+        try:
+            settings = torch.load(root / STATE_FILE, map_location="cpu", weights_only=True)["settings"]
+        except Exception as e:  # any unreadable state: one line
+            raise ErfLabError(f"cannot read the training state of {root} ({type(e).__name__})") from None
+        num_classes = None
+    else:
+        raise ErfLabError(f"{root} is not an erf-lab training run (no run.json with training settings, no "
+                          f"{STATE_FILE}); make one with 'erf-lab train'")
+    ckpts = {}
+    for p in sorted((root / "checkpoints").glob("epoch_*")):
+        m = _EPOCH.match(p.name)
+        if m and (int(m.group(1)) not in ckpts or m.group(2) == "safetensors"):
+            ckpts[int(m.group(1))] = p
+    if not ckpts:
+        raise ErfLabError(f"{root} holds no checkpoint (checkpoints/epoch_XXX.safetensors or .pth)")
+    metrics = {}
+    if (root / "metrics.csv").is_file():
+        for row in csv.DictReader(io.StringIO((root / "metrics.csv").read_text())):
+            metrics[int(row["epoch"])] = {k: float(v) for k, v in row.items() if v not in ("", None)}
+    if num_classes is None:
+        data = str(settings.get("data"))
+        if data != "cue-world":
+            raise ErfLabError(f"{root}: the timeline's shape-bias probe needs a cue-world run (this one: {data})")
+        num_classes = int(settings["num_classes"])
+    return TrainingRun(root, settings, num_classes, ckpts, metrics)
+
+
+def cue_world_images(folder: Path, num_images: int, input_size: int, num_classes: int, seed: int) -> Path:
+    """The first ``num_images`` cue-world validation images at ``input_size`` px as PNG files in ``folder``
+    (written once; the ERF runner reads them like any image folder)."""
+    from PIL import Image
+
+    from erf_lab.io import atomic_path
+    from erf_lab.train.cue_world import draw_scene, render_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(num_images):
+        path = folder / f"val_{i:05d}.png"
+        if not path.is_file():
+            img = render_scene(draw_scene("val", i, num_classes, seed), input_size)
+            with atomic_path(path) as tmp:
+                Image.fromarray(np.round(img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(tmp, format="PNG")
+    return folder
+
+
+def measure_checkpoint(model: str, weights, overrides: dict, *, erf_dir: Path, probe_file: Path, images: Path,
+                       num_images: int, input_size: int, train_size: int, probe_spec, device: str = "cpu") -> dict:
+    """ERF summary and cue-world probe of one checkpoint, each reused from its cache when the checkpoint and the
+    settings are unchanged. Returns ``{"erf": summary row, "probe": probe summary, "erf_dir", "measured": [...]}``
+    (``measured`` names what was computed now: "erf", "probe")."""
+    from erf_lab.erf.metrics import summary as erf_summary
+    from erf_lab.erf.runner import ErfSpec, run_erf
+    from erf_lab.io import read_json_or_none, sha256_file, write_json
+    from erf_lab.models import create_model
+    from erf_lab.train.probes import probe
+
+    measured = []
+    spec = ErfSpec(model, weights=str(weights), overrides=dict(overrides), images=str(images),
+                   num_images=num_images, input_size=input_size, train_size=train_size, device=device)
+    res = run_erf(spec, out=erf_dir, reuse=True, show_progress=False)
+    if not res["already_complete"]:
+        measured.append("erf")
+    key = {"weights_sha256": sha256_file(weights), "model": model,
+           "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+           "probe": dict(probe_spec.__dict__)}
+    cached = read_json_or_none(probe_file)
+    if isinstance(cached, dict) and cached.get("key") == key:
+        summ = cached["summary"]
+    else:
+        net = create_model(model, weights=weights, **overrides)
+        summ = probe(net, probe_spec, device=device)["summary"]
+        write_json(probe_file, {"key": key, "summary": summ})
+        measured.append("probe")
+    return {"erf": erf_summary(res["metrics"]), "probe": summ, "erf_dir": Path(res["out_dir"]),
+            "measured": measured}
+
+
+def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_images: int = 20,
+             probe_size: int = 300, device: str = "cpu", formats=("png", "pdf"), show_progress: bool = True) -> dict:
+    """Measure every checkpoint of the training run ``run_dir`` (see the module docstring) and write the table
+    and the figure. ``input_size``: ERF measurement size (default: the training size). Returns
+    ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}}``."""
+    from erf_lab.io import progress, write_json
+    from erf_lab.train.probes import ProbeSpec
+
+    run = read_training_run(run_dir)
+    s = run.settings
+    if s.get("data") != "cue-world":
+        raise ErfLabError(f"{run.root}: the timeline's shape-bias probe needs a cue-world run (this one: "
+                          f"{s.get('data')})")
+    train_size = int(s["input_size"])
+    size = int(input_size or train_size)
+    if int(num_images) < 1 or int(probe_size) < 1:
+        raise ErfLabError("--num-images and --probe-size must be at least 1")
+    out = run.root / "timeline"
+    images = cue_world_images(out / f"images-{size}px", int(num_images), size, run.num_classes, int(s["seed"]))
+    probe_spec = ProbeSpec(train_size, int(probe_size), run.num_classes, int(s["seed"])).validate()
+    overrides = {**(s.get("overrides") or {}), "num_classes": run.num_classes}
+    rows, counts, maps = [], {"erf": 0, "probe": 0}, {}
+    for epoch in progress(sorted(run.checkpoints), desc="timeline", unit="ckpt", disable=not show_progress):
+        m = measure_checkpoint(s["model"], run.checkpoints[epoch], overrides,
+                               erf_dir=out / f"erf-{size}px" / f"epoch_{epoch:03d}",
+                               probe_file=out / f"probe-{train_size}px" / f"epoch_{epoch:03d}.json",
+                               images=images, num_images=int(num_images), input_size=size, train_size=train_size,
+                               probe_spec=probe_spec, device=device)
+        for k in m["measured"]:
+            counts[k] += 1
+        maps[epoch] = np.load(m["erf_dir"] / "erf.npy", allow_pickle=False)
+        met = run.metrics.get(epoch, {})
+        p = m["probe"]
+        rows.append({"epoch": epoch, **{k: m["erf"].get(k) for k in AREA_KEYS}, "r_rms": m["erf"].get("r_rms"),
+                     "r50": m["erf"].get("r50"), "shape_bias": p["shape_bias"],
+                     "shape_only_accuracy": p["shape_only_accuracy"],
+                     "texture_only_accuracy": p["texture_only_accuracy"],
+                     "val_acc": met.get("val_acc"), "train_acc": met.get("train_acc"),
+                     "checkpoint": str(run.checkpoints[epoch].relative_to(run.root))})
+    write_table(out / "timeline.csv", rows)
+    write_json(out / "timeline.json", {"run": str(run.root.resolve()), "model": s["model"], "overrides": overrides,
+                                       "erf_input_size": size, "train_input_size": train_size,
+                                       "num_images": int(num_images), "probe": dict(probe_spec.__dict__),
+                                       "rows": rows})
+    plot_timeline(rows, maps, out / "timeline", title=f"{s['model']} on cue-world: ERF at {size} px",
+                  formats=formats)
+    return {"rows": rows, "out_dir": out, "measured": counts}
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    from erf_lab.io import write_text
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
+    write_text(path, buf.getvalue())
+
+
+def _strip_epochs(epochs: list[int], most: int = 8) -> list[int]:
+    """At most ``most`` epochs, evenly spread, first and last included."""
+    if len(epochs) <= most:
+        return epochs
+    idx = np.unique(np.round(np.linspace(0, len(epochs) - 1, most)).astype(int))
+    return [epochs[i] for i in idx]
+
+
+def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", formats=("png", "pdf")) -> list[Path]:
+    """One figure: ERF heatmaps as a strip over epochs (paper colours, log-normalised each), then area ratios,
+    effective radius (r_rms) and shape bias / val accuracy against epoch."""
+    from erf_lab.erf.plotting import _display, _heatmap, _new_figure, _style
+    from erf_lab.io import save_figure
+
+    shown = _strip_epochs(sorted(maps))
+    ep = [r["epoch"] for r in rows]
+
+    def col(key):
+        return [np.nan if r.get(key) is None else r[key] for r in rows]
+
+    with _style():
+        fig = _new_figure((max(9.0, 1.4 * len(shown)), 6.2))
+        top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.25])
+        for ax, e in zip(top.subplots(1, len(shown), squeeze=False)[0], shown):
+            _heatmap(ax, _display(maps[e]), f"epoch {e}")
+        if title:
+            top.suptitle(title, fontsize=9)
+        a1, a2, a3 = bottom.subplots(1, 3)
+        for k, mk in zip(AREA_KEYS, "os^D"):
+            a1.plot(ep, col(k), marker=mk, label=f"t = {k[5:]}", markersize=4)
+        a1.set_ylabel("area ratio (%)")
+        a1.set_yscale("log")
+        a1.legend(fontsize=7, frameon=False)
+        a2.plot(ep, col("r_rms"), "o-", markersize=4, label="r_rms")
+        a2.plot(ep, col("r50"), "s--", markersize=4, label="r50")
+        a2.set_ylabel("effective radius (px)")
+        a2.legend(fontsize=7, frameon=False)
+        for k, mk, lab in (("shape_bias", "o-", "shape bias"), ("val_acc", "s-", "val accuracy"),
+                           ("shape_only_accuracy", "^--", "shape-only acc"),
+                           ("texture_only_accuracy", "v--", "texture-only acc")):
+            a3.plot(ep, col(k), mk, markersize=4, label=lab)
+        a3.set_ylim(-0.02, 1.02)
+        a3.legend(fontsize=7, frameon=False)
+        for ax in (a1, a2, a3):
+            ax.set_xlabel("epoch")
+            ax.grid(True, linewidth=0.4, alpha=0.5)
+        return save_figure(fig, stem, tuple(formats))
+
+
+__all__ = ["TrainingRun", "read_training_run", "cue_world_images", "measure_checkpoint", "timeline",
+           "plot_timeline", "AREA_KEYS"]

@@ -1,0 +1,61 @@
+"""The app's Training page: the shipped timeline and the timeline of a user's run, through AppTest."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from erf_lab.paths import data_dir
+from erf_lab.train.loop import train
+from erf_lab.train.recipe import Recipe
+
+APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
+TINY = {"channels": (8, 8, 16, 16), "layers": (1, 1, 1, 1), "large_kernel_sizes": (7, 7, 7, 3)}
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERF_LAB_APP_RUNS", str(tmp_path / "app-runs"))
+    monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
+    return tmp_path
+
+
+def _page() -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=240).run()
+    at.switch_page("views/training.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_training_page_shows_the_shipped_timeline(app_env):
+    at = _page()
+    shipped = sorted((data_dir() / "trained" / "cue-world" / "timeline").glob("*/timeline.json"))
+    assert shipped, "no shipped timeline"
+    rows = json.loads(shipped[0].read_text())["rows"]
+    table = at.dataframe[0].value
+    assert list(table["epoch"]) == [r["epoch"] for r in rows] and rows[0]["epoch"] == 0
+    assert list(table["shape_bias"]) == pytest.approx([r["shape_bias"] for r in rows], nan_ok=True)
+    assert not at.error
+
+
+def test_training_page_measures_a_users_run_and_refuses_a_non_run(app_env):
+    torch.set_num_threads(1)
+    run = app_env / "run"
+    train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
+          val_size=8, num_classes=4, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5))
+    at = _page()
+    at.number_input(key="tr-nimg").set_value(1)
+    at.number_input(key="tr-probe").set_value(10)
+    at.text_input(key="tr-run").input(str(run)).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    csv_rows = (run / "timeline" / "timeline.csv").read_text().splitlines()
+    assert len(csv_rows) == 3  # header, epoch 0, epoch 1
+    shown = [df.value for df in at.dataframe if "area@50%" in df.value.columns][-1]
+    assert list(shown["epoch"]) == [0, 1]
+    assert any("measured 2 ERF(s) and 2 probe(s)" in c.value for c in at.caption)
+    (app_env / "empty").mkdir()
+    at.text_input(key="tr-run").input(str(app_env / "empty")).run()
+    assert any("not an erf-lab training run" in e.value for e in at.error)

@@ -1,0 +1,154 @@
+"""Cue-world probes (shape bias by the model-vs-human formula), the training timeline (cached per checkpoint),
+builtin: weights, and their bad inputs."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from erf_lab.cli.main import main
+from erf_lab.errors import ErfLabError
+from erf_lab.models import create_model
+from erf_lab.train.cue_world import draw_scene
+from erf_lab.train.loop import train
+from erf_lab.train.probes import ProbeSpec, probe, shape_bias_counts
+from erf_lab.train.recipe import Recipe
+
+TINY = {"channels": (8, 8, 16, 16), "layers": (1, 1, 1, 1), "large_kernel_sizes": (7, 7, 7, 3)}
+
+
+class _Always(nn.Module):
+    """Answers class ``k`` for every image."""
+
+    def __init__(self, k: int, n: int = 4):
+        super().__init__()
+        self.k, self.n = k, n
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.zeros(len(x), self.n)
+        out[:, self.k] = 1.0
+        return out
+
+
+def test_shape_bias_formula_on_constructed_decisions():
+    shapes, textures = [0, 1, 2, 3, 0, 1], [1, 2, 3, 0, 2, 3]
+    preds = [0, 2, 2, 0, 1, 1]  # shape hits: 0, 2, 1 -> 3; texture hits: 2, 0 -> 2; one neither
+    r = shape_bias_counts(shapes, textures, preds)
+    assert (r["shape_hits"], r["texture_hits"], r["n_conflict"]) == (3, 2, 6)
+    assert r["shape_bias"] == pytest.approx(3 / 5) and r["fraction_shape_hits"] == pytest.approx(0.5)
+    assert shape_bias_counts([0], [1], [3])["shape_bias"] is None
+    with pytest.raises(ErfLabError, match="shape != texture"):
+        shape_bias_counts([1], [1], [1])
+
+
+def test_probe_counts_of_a_constant_model():
+    spec = ProbeSpec(input_size=16, size=40, num_classes=4, seed=3)
+    res = probe(_Always(2), spec)["summary"]
+    conflict = [draw_scene("cue-conflict", i, 4, 3) for i in range(40)]
+    n_shape, n_tex = sum(s.shape == 2 for s in conflict), sum(s.texture == 2 for s in conflict)
+    assert n_shape > 0 and n_tex > 0
+    assert (res["shape_hits"], res["texture_hits"]) == (n_shape, n_tex)
+    assert res["shape_bias"] == pytest.approx(n_shape / (n_shape + n_tex))
+    shape_only = [draw_scene("shape-only", i, 4, 3).shape for i in range(40)]
+    texture_only = [draw_scene("texture-only", i, 4, 3).texture for i in range(40)]
+    assert res["shape_only_accuracy"] == pytest.approx(np.mean(np.array(shape_only) == 2))
+    assert res["texture_only_accuracy"] == pytest.approx(np.mean(np.array(texture_only) == 2))
+    assert sum(c["shape_hits"] for c in res["per_class"].values()) == n_shape
+    with pytest.raises(ErfLabError, match="outside cue-world"):
+        probe(_Always(5, n=6), spec)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("timeline") / "run"
+    train("replknet_31b", "cue-world", out=out, overrides=TINY, show_progress=False, input_size=32, train_size=32,
+          val_size=16, num_classes=4, recipe=Recipe(epochs=2, batch_size=8, warmup_epochs=0.5))
+    return out
+
+
+def test_timeline_measures_each_checkpoint_once(tiny_run, tmp_path):
+    from erf_lab.train.timeline import timeline
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for p in run.glob("checkpoints/epoch_002.*"):  # as if the run had reached epoch 1 only
+        shutil.move(p, aside / p.name)
+    kw = dict(num_images=2, probe_size=12, show_progress=False, formats=("png",))
+    first = timeline(run, **kw)
+    assert first["measured"] == {"erf": 2, "probe": 2}
+    assert [r["epoch"] for r in first["rows"]] == [0, 1]
+    for p in aside.iterdir():
+        shutil.move(p, run / "checkpoints" / p.name)
+    second = timeline(run, **kw)
+    assert second["measured"] == {"erf": 1, "probe": 1}  # only the new checkpoint
+    assert second["rows"][:2] == first["rows"]
+    assert timeline(run, **kw)["measured"] == {"erf": 0, "probe": 0}
+    rows = second["rows"]
+    metrics = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert rows[0]["val_acc"] is None and rows[2]["val_acc"] == pytest.approx(float(metrics[1][6]))
+    for r in rows:
+        assert 0 < r["area@50%"] <= 100 and r["r_rms"] > 0 and 0 <= r["shape_only_accuracy"] <= 1
+    erf_json = json.loads((run / "timeline" / "erf-32px" / "epoch_001" / "run.json").read_text())
+    assert erf_json["input_size"] == 32 and erf_json["num_used"] == 2
+    assert (run / "timeline" / "timeline.png").is_file()
+    lines = (run / "timeline" / "timeline.csv").read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("epoch,area@20%")
+
+
+def test_timeline_bad_input(tiny_run, tmp_path, capsys):
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    no_ckpt = tmp_path / "no-ckpt"
+    no_ckpt.mkdir()
+    shutil.copy(tiny_run / "run.json", no_ckpt / "run.json")
+    for path, pattern in ((empty, "not an erf-lab training run"), (no_ckpt, "holds no checkpoint"),
+                          (tmp_path / "missing", "no such training run folder")):
+        assert main(["timeline", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "error:" in lines[0] and pattern in lines[0], err
+    assert not (no_ckpt / "timeline").exists()
+
+
+def test_shape_bias_cli_on_cue_world(tiny_run, tmp_path, capsys):
+    out = tmp_path / "sb"
+    assert main(["shape-bias", "--model", "replknet_31b", "--weights", str(tiny_run / "model.safetensors"),
+                 "--stimuli", "cue-world", "--limit", "20", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["probe"] == {"input_size": 32, "size": 20, "num_classes": 4, "seed": 0,
+                          "splits": ["cue-conflict", "shape-only", "texture-only"]}
+    net = create_model("replknet_31b", weights=str(tiny_run / "model.safetensors"), num_classes=4, **TINY)
+    again = probe(net, ProbeSpec(32, 20, 4, 0))["summary"]
+    assert (s["shape_hits"], s["texture_hits"]) == (again["shape_hits"], again["texture_hits"])
+    assert len((out / "decisions.csv").read_text().splitlines()) == 1 + 3 * 20
+    assert (out / "shape_bias.png").is_file() and (out / "shape_bias.pdf").is_file()
+    assert main(["shape-bias", "--model", "replknet_31b", "--stimuli", "cue-world", "--out", str(tmp_path / "r")]) == 2
+    assert "random weights means nothing" in capsys.readouterr().err
+
+
+def test_builtin_weights_resolve_with_their_overrides(tiny_run, tmp_path, monkeypatch):
+    import erf_lab.paths
+
+    root = tmp_path / "data"
+    (root / "trained" / "cue-world").mkdir(parents=True)
+    shutil.copy(tiny_run / "model.safetensors", root / "trained" / "cue-world" / "tiny.safetensors")
+    (root / "trained" / "cue-world" / "tiny.json").write_text(json.dumps(
+        {"model": "replknet_31b", "overrides": {k: list(v) for k, v in TINY.items()}, "num_classes": 4,
+         "input_size": 32}))
+    monkeypatch.setattr(erf_lab.paths, "data_dir", lambda: root)
+    net = create_model("replknet_31b", weights="builtin:cue-world/tiny")
+    ref = create_model("replknet_31b", weights=str(tiny_run / "model.safetensors"), num_classes=4, **TINY)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(net.eval()(x), ref.eval()(x)) and net.large_kernel_sizes == (7, 7, 7, 3)
+    with pytest.raises(ErfLabError, match="shipped: builtin:cue-world/tiny"):
+        create_model("replknet_31b", weights="builtin:cue-world/nope")
+    with pytest.raises(ErfLabError, match="no shipped weights"):
+        create_model("replknet_31b", weights="builtin:../../etc/passwd")
+    with pytest.raises(ErfLabError, match="weights of 'replknet_31b', not of 'replknet_3'"):
+        create_model("replknet_3", weights="builtin:cue-world/tiny")
