@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 import sys
 import time
