@@ -24,7 +24,8 @@ def test_readme_gives_exactly_two_setup_commands_and_ci_runs_the_test_one():
 
 def test_console_script_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "erf_lab", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("models", "compute", "layers", "analyze", "compare", "sweep", "reparam", "shape-bias", "bench", "data"):
+    for command in ("models", "compute", "layers", "analyze", "compare", "sweep", "reparam", "shape-bias", "bench", "data",
+                    "train", "timeline", "study"):
         assert re.search(rf"^\s+{re.escape(command)}\b", out, re.M), command
 
 
