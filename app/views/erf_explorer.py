@@ -68,7 +68,7 @@ def _config_widgets(i: int, choices: list[str], input_size: int) -> dict:
 
 
 def _image_source():
-    """Built-in images, a folder (under the allowed roots) or uploads -> a hashable image source."""
+    """cue-world val images, built-in photos, a folder (under the allowed roots) or uploads -> a hashable source."""
     kind = st.radio("Images", ["cue-world val", "Built-in", "Folder", "Upload"], horizontal=True, key="erf-img-kind",
                     help="cue-world val: the validation images of the world the shipped models were trained on; "
                          "Built-in: photos in data/default_images")
