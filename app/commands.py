@@ -29,8 +29,12 @@ def erf_cli_args(spec: dict, source: tuple, full: bool = True) -> list[str]:
         args += ["--weights", "CHECKPOINT.pth", "--images", "IMAGENET_VAL_DIR", "--num-images", "50",
                  "--input-size", "1024"]
     else:
+        if spec.get("weights"):
+            args += ["--weights", spec["weights"]]
         args += ["--input-size", str(spec["input_size"])]
-        if source[0] == "folder":
+        if source[0] == "cue-world":
+            args += ["--images", "CUE_WORLD_VAL_DIR", "--num-images", str(source[1])]
+        elif source[0] == "folder":
             args += ["--images", source[1]]
         elif source[0] == "builtin":
             args += ["--num-images", str(len(source[1]))]

@@ -1,7 +1,11 @@
 """ERF maps of the explorer and growth pages: image sources, the measurement, metrics, kernel sweeps.
 
-A page's image choice is a hashable ``source``: ``("builtin", names)``, ``("folder", path)`` or
-``("upload", ((name, bytes), ...), ((name, reason), ...))`` (valid uploads, then the skipped ones)."""
+A page's image choice is a hashable ``source``: ``("builtin", names)``, ``("cue-world", n)`` (the first n cue-world
+validation images, drawn at the measured size), ``("folder", path)`` or
+``("upload", ((name, bytes), ...), ((name, reason), ...))`` (valid uploads, then the skipped ones).
+
+A configuration ``spec`` may name shipped trained weights, ``spec["weights"] = "builtin:cue-world/K31-seed0"``
+(data/trained/cue-world, :func:`erf_lab.checkpoint.resolve_weights`); its model options come from the record."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +16,7 @@ from pathlib import Path
 
 from app import safety
 from app.cache import cached, sha
-from app.models import TINY_CHANNELS, build_model, parse_overrides
+from app.models import TINY_CHANNELS, build_model, overrides_key, parse_overrides
 from app.runs import app_runs_dir
 from erf_lab.erf.images import default_images_dir, list_image_files
 from erf_lab.erf.metrics import summary
@@ -23,6 +27,31 @@ from erf_lab.errors import ErfLabError
 
 DEFAULT_INPUT = 128
 DEFAULT_NUM_IMAGES = 2
+#: the shipped kernel family (data/trained/cue-world): kernel size -> name; trained at 64 px, 10 classes
+SHIPPED_FAMILY = {3: "K3-seed0", 7: "K7-seed0", 13: "K13-seed0", 31: "K31-seed0"}
+SHIPPED_PREFIX = "builtin:cue-world/"
+#: cue-world validation images of the trained defaults (4 keep a page at a few seconds per model)
+DEFAULT_CUE_WORLD_IMAGES = 4
+
+
+def shipped_names() -> list[str]:
+    """Names of the shipped cue-world models (``K31-seed0``, ...): the stems of data/trained/cue-world/*.safetensors."""
+    from erf_lab.paths import data_dir
+
+    return sorted(p.stem for p in (data_dir() / "trained" / "cue-world").glob("*.safetensors"))
+
+
+def shipped_spec(name: str, **fields) -> dict:
+    """ERF configuration of the shipped model ``name`` (e.g. ``"K31-seed0"``) with its recorded model options;
+    ``random_init=True`` gives the same architecture without the weights (seeded init)."""
+    from erf_lab.checkpoint import resolve_weights
+
+    record = resolve_weights(SHIPPED_PREFIX + name)[1]
+    overrides = {**record.get("overrides", {}), "num_classes": record["num_classes"]}
+    spec = {"model": record["model"], "overrides": overrides_key(overrides), "reparameterize": True, **fields}
+    if not spec.pop("random_init", False):
+        spec["weights"] = SHIPPED_PREFIX + name
+    return spec
 
 
 def builtin_image_names() -> list[str]:
@@ -38,10 +67,14 @@ def _stored(kind: str, key: str) -> Path:
     return d
 
 
-def _images_folder(source: tuple) -> str | None:
-    """The folder the runner reads for a page's image choice: None for all built-in images, else a folder of
-    the chosen built-in images, the user's (checked) folder, or the uploads written as PNG."""
+def _images_folder(source: tuple, input_size: int) -> str | None:
+    """The folder the runner reads for a page's image choice: a folder of the chosen built-in images, of cue-world
+    validation images drawn at ``input_size``, the user's (checked) folder, or the uploads written as PNG."""
     kind, payload = source[:2]
+    if kind == "cue-world":
+        from erf_lab.train.timeline import cue_world_images
+
+        return str(cue_world_images(_stored("cue-world", f"val-{input_size}px"), int(payload), input_size, 10, 0))
     if kind == "builtin":
         names = builtin_image_names()
         chosen = [n for n in names if n in set(payload)]
@@ -78,6 +111,9 @@ def _weights_file(spec: dict, weights: bytes | None) -> str | None:
 
 def spec_label(spec: dict) -> str:
     """Short human label of one ERF configuration."""
+    form = "re-param" if spec.get("reparameterize") else "train-time"
+    if spec.get("weights", "").startswith(SHIPPED_PREFIX):
+        return f"{spec['weights'][len(SHIPPED_PREFIX):]} · trained (cue-world) · {form}"
     ov = json.loads(spec["overrides"])
     parts = [spec["model"]]
     if "large_kernel_sizes" in ov:
@@ -85,7 +121,7 @@ def spec_label(spec: dict) -> str:
         parts.append("K" + ("-".join(map(str, ks)) if len(set(ks)) > 1 else str(ks[0])))
     if ov.get("channels") == list(TINY_CHANNELS):
         parts.append("tiny")
-    parts.append("re-param" if spec.get("reparameterize") else "train-time")
+    parts.append(form)
     if spec.get("weights_name"):
         parts.append(Path(spec["weights_name"]).stem[:20])
     elif spec.get("pretrained"):
@@ -113,9 +149,11 @@ def erf_for(spec: dict, source: tuple, weights: bytes | None = None, on_progress
 
 def _erf(spec: dict, source: tuple, weights: bytes | None, on_progress, key: str) -> dict:
     t0 = time.perf_counter()
-    images = _images_folder(source)
-    num = len(source[1]) if source[0] in ("builtin", "upload") else safety.MAX_IMAGES
-    run_spec = ErfSpec(model=spec["model"], weights=_weights_file(spec, weights), drop_head=weights is not None,
+    images = _images_folder(source, int(spec["input_size"]))
+    num = (int(source[1]) if source[0] == "cue-world" else len(source[1]) if source[0] in ("builtin", "upload")
+           else safety.MAX_IMAGES)
+    run_spec = ErfSpec(model=spec["model"], weights=spec.get("weights") or _weights_file(spec, weights),
+                       drop_head=weights is not None,
                        overrides=parse_overrides(spec["overrides"]), images=images, num_images=num,
                        input_size=int(spec["input_size"]), layer=spec.get("layer") or None,
                        aggregate=spec.get("aggregate", "relu"), reparameterize=bool(spec.get("reparameterize", True)))
@@ -162,6 +200,34 @@ def sweep_member(k: int, *, reparam: str, init: str, weights_dir: str | None, in
                     layer=layer, show_progress=False, argv=["streamlit", "app/main.py", "(growth page)"])
     maps = {row["reparam"]: load_run(out / row["run_dir"]).erf for row in res["rows"]}
     return {"rows": res["rows"], "reparam_diff": res["reparam_diff"], "maps": maps, "out_dir": str(out)}
+
+
+def shipped_member(k: int, *, reparam: str, input_size: int, num_images: int, random_init: bool = False) -> dict:
+    """The shipped trained model of kernel ``k`` (or, ``random_init``, its architecture at seeded random init) on
+    ``num_images`` cue-world validation images, through :func:`erf_for`; same return as :func:`sweep_member`."""
+    from erf_lab.erf.sweep import REPARAM_MODES
+
+    if k not in SHIPPED_FAMILY:
+        raise ErfLabError(f"no shipped trained model for K = {k}; shipped: K = {', '.join(map(str, SHIPPED_FAMILY))}")
+    init = "random" if random_init else "trained"
+    rows, maps = [], {}
+    for mode in REPARAM_MODES[reparam]:
+        spec = shipped_spec(SHIPPED_FAMILY[k], random_init=random_init, reparameterize=mode == "deploy",
+                            input_size=int(input_size), aggregate="relu")
+        res = erf_for(spec, ("cue-world", int(num_images)))
+        maps[mode] = res["erf"]
+        rows.append({"kernel": k, "input_size": int(input_size), "reparam": mode, "init": init,
+                     "series": f"{init} {mode}", "model": spec["model"], "num_used": res["num_used"],
+                     "run_dir": res["run_dir"], **res["summary"]})
+    diffs = []
+    if len(maps) == 2:
+        import numpy as np
+
+        a, b = maps["train"], maps["deploy"]
+        worst = float(np.abs(a - b).max())
+        diffs.append({"member": f"K{k} {init}", "kernel": k, "input_size": int(input_size), "max_abs_diff": worst,
+                      "max_rel_diff": worst / (float(np.abs(a).max()) or 1.0)})
+    return {"rows": rows, "reparam_diff": diffs, "maps": maps}
 
 
 def size_sweep(sizes: tuple[int, ...], *, model: str, overrides_json: str, num_images: int,

@@ -53,51 +53,55 @@ def errors(at: AppTest) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- ERF explorer
 def test_landing_page_renders_default_erf_without_click(app_env):
-    """First load shows the heatmap and metrics of the tiny RepLKNet; r_rms equals the library's own value."""
+    """First load shows the shipped trained K = 3 and K = 31 models side by side on cue-world val images at 128 px;
+    the shown r_rms / area@50% equal the library's own values, and the K = 31 map is the wider one."""
     at = ok(new_app().run())
     assert not errors(at), errors(at)
     assert len(at.image) >= 1  # the ERF figure (PNG rendered by erf_lab.erf.plotting.plot_comparison)
-    r_shown = float(metric(at, "r_rms (px)"))
-    area20 = float(metric(at, "Area @20%").rstrip("%"))
-    assert 0 < area20 < 100
-    assert at.dataframe[0].value.shape[0] == 1
-    assert any("erf-lab compute --model replknet_31b" in c.value for c in at.code)
+    table = at.dataframe[0].value
+    assert list(table["configuration"]) == ["K3-seed0 · trained (cue-world) · re-param",
+                                            "K31-seed0 · trained (cue-world) · re-param"]
+    assert any("erf-lab compute --model replknet_3" in c.value and "--weights builtin:cue-world/K3-seed0" in c.value
+               for c in at.code)
+    shown = [(float(metric(at, "r_rms (px)", i)), float(metric(at, "Area @50%", i).rstrip("%"))) for i in (0, 1)]
+    assert shown[1][0] > shown[0][0] + 1.0 and shown[1][1] > shown[0][1] + 3.0, shown  # K = 31 sees further
 
-    # The same measurement straight from the library (seeded random init, first two built-in images, 128 px).
-    import torch
-
+    # The same measurement straight from the library (shipped weights, first 4 cue-world val images, 128 px).
     from erf_lab.erf.compute import compute_erf
     from erf_lab.erf.images import load_images
     from erf_lab.erf.metrics import compute_metrics, summary
     from erf_lab.models import create_model
+    from erf_lab.train.timeline import cue_world_images
 
-    torch.manual_seed(0)
-    model = create_model("replknet_31b", channels=models.TINY_CHANNELS, layers=models.TINY_LAYERS,
-                         large_kernel_sizes=models.PAPER_31B_KERNELS, small_kernel=5).eval()
-    res = compute_erf(model, load_images(None, num_images=2, input_size=128), show_progress=False)
-    s = summary(compute_metrics(res.erf))
-    assert r_shown == pytest.approx(s["r_rms"], abs=0.051)
-    assert area20 == pytest.approx(s["area@20%"], abs=0.051)
+    folder = cue_world_images(app_env / "cue-val", 4, 128, 10, 0)
+    for (r_shown, a50), (model, name) in zip(shown, [("replknet_3", "K3-seed0"), ("replknet_31b", "K31-seed0")]):
+        net = create_model(model, weights=f"builtin:cue-world/{name}").eval()
+        s = summary(compute_metrics(compute_erf(net, load_images(str(folder), num_images=4, input_size=128),
+                                                show_progress=False).erf))
+        assert r_shown == pytest.approx(s["r_rms"], abs=0.051), name
+        assert a50 == pytest.approx(s["area@50%"], abs=0.051), name
 
 
 def test_side_by_side_kernel_31_vs_3_and_bad_input(app_env):
-    """Two configurations on one scale: the 31-29-27-13 network has the wider ERF than the 3x3 one
+    """Random init one click away per configuration: the 31-29-27-13 network has the wider ERF than the 3x3 one
     (RepLKNet's central claim, here at random init); bad kernel text gives one readable error, no traceback."""
     at = ok(new_app().run())
-    at.number_input(key="erf-ncfg").set_value(2).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.radio(key="erf-init-1").set_value("random").run()
     ok(at)
     assert not errors(at), errors(at)
-    r31, r3 = float(metric(at, "r_rms (px)", 0)), float(metric(at, "r_rms (px)", 1))
+    r3, r31 = float(metric(at, "r_rms (px)", 0)), float(metric(at, "r_rms (px)", 1))
     assert r31 > r3 + 1.0, (r31, r3)
-    assert at.dataframe[0].value.shape[0] == 2
+    assert list(at.dataframe[0].value["configuration"]) == ["replknet_31b · K3 · tiny · re-param",
+                                                            "replknet_31b · K31-29-27-13 · tiny · re-param"]
 
-    at.text_input(key="erf-k-1").set_value("30").run()
+    at.text_input(key="erf-k-0").set_value("30").run()
     ok(at)
     assert any("odd" in e for e in errors(at)), errors(at)
-    at.text_input(key="erf-k-1").set_value("abc").run()
+    at.text_input(key="erf-k-0").set_value("abc").run()
     ok(at)
     assert any("comma-separated integers" in e for e in errors(at)), errors(at)
-    assert len(at.image) >= 1  # configuration 1 still renders
+    assert len(at.image) >= 1  # configuration 2 still renders
 
 
 def test_uploaded_images_are_verified_then_used(app_env):
@@ -137,6 +141,7 @@ def test_uploaded_checkpoint_errors_name_the_users_file(app_env, content):
     """A text file uploaded as weights: one error naming the uploaded file, never the server's temporary copy
     (``/tmp/...``) or an object repr; both failure modes of torch's weights-only unpickler (issue #13)."""
     at = ok(new_app().run())
+    at.radio(key="erf-init-0").set_value("random").run()
     at.file_uploader(key="erf-ckpt-0").set_value([("my notes.pth", content, "application/octet-stream")]).run()
     at.button(key="erf-run").click().run()
     ok(at)
@@ -148,7 +153,8 @@ def test_uploaded_checkpoint_errors_name_the_users_file(app_env, content):
 
 # ----------------------------------------------------------------------------------------- other pages
 def test_growth_page_train_equals_deploy(app_env):
-    """Kernel sweep 3 and 31: train-time and re-parameterized ERFs agree (same function); runs are recorded."""
+    """Default: the shipped trained family K = 3, 7, 13, 31 at 128 px; train-time and re-parameterized ERFs agree
+    (same function); runs are recorded; random init beside on request, and random init alone one click away."""
     at = ok(new_app().run())
     at.switch_page("views/growth.py").run()
     ok(at)
@@ -156,10 +162,31 @@ def test_growth_page_train_equals_deploy(app_env):
     worst = float(metric(at, "train vs deploy ERF: largest relative difference"))
     assert worst < 1e-4
     table = at.dataframe[0].value
-    assert sorted(zip(table["kernel"], table["reparam"])) == [(3, "deploy"), (3, "train"), (31, "deploy"), (31, "train")]
+    assert sorted(zip(table["kernel"], table["reparam"])) == [(k, m) for k in (3, 7, 13, 31) for m in ("deploy", "train")]
+    assert set(table["init"]) == {"trained"} and set(table["input_size"]) == {128}
+    assert list(table["model"][::2]) == ["replknet_3", "replknet_7", "replknet_13", "replknet_31b"]
+    area = dict(zip(table["kernel"], table["area@50%"]))
+    assert area[31] > area[3] + 3.0, area  # the trained K = 31 map is wider than the K = 3 one
     assert len(at.image) == 2  # growth curves + heatmap grid
-    runs = list((app_env / "app-runs").rglob("run.json"))
-    assert len(runs) == 4
+    assert len(list((app_env / "app-runs").rglob("run.json"))) == 8
+
+    at.text_input(key="g-kernels").set_value("3,31").run()
+    at.selectbox(key="g-reparam").set_value("deploy").run()
+    at.toggle(key="g-beside").set_value(True).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    table = at.dataframe[0].value
+    assert sorted(zip(table["init"], table["kernel"])) == [("random", 3), ("random", 31), ("trained", 3),
+                                                           ("trained", 31)]
+    trained = table[table["init"] == "trained"]
+    assert list(trained["area@50%"]) == pytest.approx([area[3], area[31]])  # the same runs, reused
+
+    at.radio(key="g-init").set_value("random").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    table = at.dataframe[0].value
+    assert sorted(zip(table["kernel"], table["reparam"])) == [(3, "deploy"), (31, "deploy")]
+    assert "init" not in table.columns  # the kernel-family sweep on the built-in photos, as before
 
 
 def test_growth_page_vs_input_size(app_env):

@@ -1,7 +1,8 @@
 """ERF explorer (landing page): effective receptive fields of up to four configurations on one colour scale.
 
 ERF = gradient of the centre output pixel w.r.t. the input, aggregated over images (Luo et al., NeurIPS 2016;
-RepLKNet, Ding et al., CVPR 2022, Sec. 5.2). Renders the cached tiny default without any click.
+RepLKNet, Ding et al., CVPR 2022, Sec. 5.2). Renders without any click the shipped trained K = 3 and K = 31
+models (data/trained/cue-world) side by side on cue-world validation images; random init is one click away.
 """
 from __future__ import annotations
 
@@ -16,10 +17,15 @@ from app.ui import checkpoint_upload, cli_hint, guard, parse_int_tuple
 st.title("ERF explorer")
 st.caption("Effective receptive field: ReLU(d output-centre / d input) aggregated over images (Luo et al., 2016), "
            "shown as log10(A+1)/max like RepLKNet (Ding et al., CVPR 2022, Fig. 1). "
-           "Defaults use a narrow, shallow RepLKNet so the page answers in seconds on a laptop CPU.")
+           "The default compares RepLKNets with 3x3 and 31x31 kernels trained on cue-world (erf-lab's built-in "
+           "shape/texture world, data/trained/cue-world), measured at 128 px (twice their training size) on "
+           "cue-world validation images; switch a configuration to random init to see the untrained network.")
 
 AGGREGATES = ["relu", "abs"]
 MAX_CONFIGS = 4
+#: kernel size of each configuration's default: the shipped trained model, or the same K at random init
+DEFAULT_KERNELS = (3, 31, 7, 13)
+INITS = {"trained": "trained (shipped)", "random": "random init / upload"}
 
 
 def _pct(v):
@@ -28,13 +34,20 @@ def _pct(v):
 
 def _config_widgets(i: int, choices: list[str], input_size: int) -> dict:
     """Widgets of one configuration column; returns the spec (plain JSON-able dict)."""
+    k = DEFAULT_KERNELS[i % len(DEFAULT_KERNELS)]
+    if st.radio("Weights", list(INITS), format_func=INITS.get, key=f"erf-init-{i}", horizontal=True) == "trained":
+        names = erf_maps.shipped_names()
+        name = st.selectbox("Shipped model (data/trained/cue-world)", names,
+                            index=names.index(erf_maps.SHIPPED_FAMILY[k]), key=f"erf-shipped-{i}")
+        reparam = st.toggle("Re-parameterized (deploy form)", value=True, key=f"erf-rep-{i}")
+        return erf_maps.shipped_spec(name, reparameterize=reparam)
     default_model = models.DEFAULT_MODEL if models.DEFAULT_MODEL in choices else choices[0]
     name = st.selectbox("Model", choices, index=choices.index(default_model), key=f"erf-model-{i}",
                         accept_new_options=True, help="a registered model or timm/<name> (any timm architecture)")
     models.check_registered(name)
     overrides: dict = {}
     if models.is_replknet(name):
-        default_k = "31,29,27,13" if i % 2 == 0 else "3"
+        default_k = ",".join(map(str, models.PAPER_31B_KERNELS)) if k == 31 else str(k)
         kernels = parse_int_tuple(st.text_input("Large kernels (per stage, or one)", default_k, key=f"erf-k-{i}",
                                                 help="e.g. 31,29,27,13 (RepLKNet-31B) or 13 or 3"),
                                   4, "large kernels")
@@ -55,8 +68,13 @@ def _config_widgets(i: int, choices: list[str], input_size: int) -> dict:
 
 
 def _image_source():
-    """Built-in images, a folder (under the allowed roots) or uploads -> a hashable image source."""
-    kind = st.radio("Images", ["Built-in", "Folder", "Upload"], horizontal=True, key="erf-img-kind")
+    """cue-world val images, built-in photos, a folder (under the allowed roots) or uploads -> a hashable source."""
+    kind = st.radio("Images", ["cue-world val", "Built-in", "Folder", "Upload"], horizontal=True, key="erf-img-kind",
+                    help="cue-world val: the validation images of the world the shipped models were trained on; "
+                         "Built-in: photos in data/default_images")
+    if kind == "cue-world val":
+        return ("cue-world", int(st.number_input("cue-world val images", 1, safety.MAX_IMAGES,
+                                                 erf_maps.DEFAULT_CUE_WORLD_IMAGES, key="erf-img-cue")))
     if kind == "Built-in":
         names = erf_maps.builtin_image_names()
         chosen = st.multiselect("Built-in images", names, default=names[:erf_maps.DEFAULT_NUM_IMAGES],
@@ -87,7 +105,7 @@ with guard("Model list"):
 
 with st.sidebar:
     st.subheader("ERF settings")
-    n_cfg = st.number_input("Configurations side by side", 1, MAX_CONFIGS, 1, key="erf-ncfg")
+    n_cfg = st.number_input("Configurations side by side", 1, MAX_CONFIGS, 2, key="erf-ncfg")
     input_size = st.select_slider("Input size (px)", [64, 128, 192, 256, 320, 384], value=erf_maps.DEFAULT_INPUT,
                                   key="erf-size", help="Multiples of 64 give an even feature map whose centre pixel "
                                   "lies over the image centre (as at the paper's 1024 px).")
@@ -111,7 +129,8 @@ if "MODELS" in globals() and MODELS:
             layer = st.selectbox("Layer (centre pixel of its output)", names, index=len(names) - 1,
                                  key=f"erf-layer-{i}", help="forward_features = last stage, as in the paper")
             row = rows[names.index(layer)]
-            weights, weights_name = checkpoint_upload(f"erf-ckpt-{i}", "Checkpoint (optional; random init otherwise)")
+            weights, weights_name = (None, "") if "weights" in spec else checkpoint_upload(
+                f"erf-ckpt-{i}", "Checkpoint (optional; random init otherwise)")
             if weights is not None:
                 spec.update(weights_name=weights_name, weights_sha=sha(weights))
             spec.update(layer=layer, trf=row.get("theoretical_rf"), input_size=int(input_size), aggregate=aggregate)
@@ -164,7 +183,7 @@ if specs and source is not None:
                     st.warning(skipped, icon=":material/warning:")
                 m1, m2 = st.columns(2)
                 m1.metric("Area @20%", _pct(s.get("area@20%")))
-                m2.metric("Area @99%", _pct(s.get("area@99%")))
+                m2.metric("Area @50%", _pct(s.get("area@50%")))
                 m3, m4 = st.columns(2)
                 m3.metric("r_rms (px)", "n/a" if s.get("r_rms") is None else f"{s['r_rms']:.1f}")
                 m4.metric("ERF / TRF", "n/a" if s.get("erf/trf") is None else f"{s['erf/trf']:.2f}")

@@ -1,5 +1,6 @@
 """Growth: how the ERF grows with kernel size (RepLKNet Table 5 family) and with depth, train-time vs
-re-parameterized (identical function, Ding et al., CVPR 2022, Sec. 3), random init vs loaded weights."""
+re-parameterized (identical function, Ding et al., CVPR 2022, Sec. 3); by default the shipped family trained on
+cue-world (data/trained/cue-world), random init and loaded weights one click away."""
 from __future__ import annotations
 
 import pandas as pd
@@ -18,17 +19,29 @@ st.caption("Kernel-size family of RepLKNet (Ding et al., CVPR 2022, Table 5): ke
 
 tab_k, tab_d, tab_s = st.tabs(["vs kernel size", "vs depth", "vs input size"])
 
+INITS = {"trained": "trained (shipped cue-world family)", "random": "random", "weights": "weights (a folder)"}
+
 with tab_k:
     c1, c2, c3, c4 = st.columns(4)
-    kernels_text = c1.text_input("Kernel sizes", "3,31", key="g-kernels", help="odd sizes from 3 to 31")
+    kernels_text = c1.text_input("Kernel sizes", "3,7,13,31", key="g-kernels", help="odd sizes from 3 to 31")
     reparam = c2.selectbox("Form", ["both", "train", "deploy"], key="g-reparam",
                            help="train: with the small-kernel branch; deploy: merged into one large kernel")
-    size = c3.select_slider("Input size (px)", [64, 96, 128, 224], value=64, key="g-size")
-    n_img = c4.number_input("Images (built-in set)", 1, 8, 1, key="g-nimg")
-    c5, c6 = st.columns([1, 3])
-    init = c5.radio("Weights", ["random", "weights"], key="g-init", horizontal=True,
-                    help="random: seeded init (seed 0); weights: one checkpoint per K in a folder")
-    tiny = c6.toggle("Tiny width/depth (16-128 channels, 1-1-2-1 blocks)", value=True, key="g-tiny")
+    size = c3.select_slider("Input size (px)", [64, 96, 128, 224], value=erf_maps.DEFAULT_INPUT, key="g-size",
+                            help="the shipped models were trained at 64 px; at 128 px the larger kernels can show")
+    c5, c6 = st.columns([2, 3])
+    init = c5.radio("Weights", list(INITS), format_func=INITS.get, key="g-init", horizontal=True,
+                    help="trained: data/trained/cue-world (K = 3, 7, 13, 31, seed 0; trained at 64 px on "
+                         "cue-world); random: seeded init (seed 0); weights: one checkpoint per K in a folder")
+    trained = init == "trained"
+    n_img = c4.number_input("Images (cue-world val)" if trained else "Images (built-in set)", 1, 20,
+                            erf_maps.DEFAULT_CUE_WORLD_IMAGES if trained else 1, key=f"g-nimg-{trained}")
+    if trained:
+        beside = c6.toggle("Random init beside (same architectures and images)", value=False, key="g-beside")
+        st.caption("The shipped family: RepLKNet K = 3, 7, 13, 31 at 16-128 channels, one block per stage, trained "
+                   "10 epochs at 64 px on cue-world (data/trained/cue-world/README.md), measured on cue-world "
+                   "validation images.")
+    else:
+        tiny = c6.toggle("Tiny width/depth (16-128 channels, 1-1-2-1 blocks)", value=True, key="g-tiny")
     weights_dir = None
     ok = True
     ks, bad = [], []
@@ -43,30 +56,38 @@ with tab_k:
             if weights_dir is None:
                 ok = False
                 st.info("Enter the folder holding one checkpoint per kernel size.")
-    ov_json = models.tiny_overrides() if tiny else "{}"
     if ok and ks and not bad:
         rows, maps, diffs = [], {}, []
         bar = st.progress(0.0, text="sweeping kernel sizes")
         for i, k in enumerate(ks):
             with guard(f"K = {k}"):
-                r = erf_maps.sweep_member(k, reparam=reparam, init=init, weights_dir=weights_dir,
-                                         input_size=int(size), num_images=int(n_img), overrides_json=ov_json)
-                rows += r["rows"]
-                diffs += r["reparam_diff"]
-                for mode, erf in r["maps"].items():
-                    maps[(k, mode)] = erf
+                if trained:
+                    runs = [erf_maps.shipped_member(k, reparam=reparam, input_size=int(size), num_images=int(n_img),
+                                                    random_init=r) for r in ((False, True) if beside else (False,))]
+                else:
+                    runs = [erf_maps.sweep_member(k, reparam=reparam, init=init, weights_dir=weights_dir,
+                                                  input_size=int(size), num_images=int(n_img),
+                                                  overrides_json=models.tiny_overrides() if tiny else "{}")]
+                for r in runs:
+                    rows += r["rows"]
+                    diffs += r["reparam_diff"]
+                    series = r["rows"][0].get("init", init)
+                    for mode, erf in r["maps"].items():
+                        maps[(k, f"{series} {mode}")] = erf
             bar.progress((i + 1) / len(ks), text=f"K = {k} done ({i + 1}/{len(ks)})")
         bar.empty()
-        done = [k for k in ks if any((k, m) in maps for m in ("train", "deploy"))]
-        modes = [m for m in ("train", "deploy") if any((k, m) in maps for k in done)]
+        done = [k for k in ks if any(key[0] == k for key in maps)]
+        series = list(dict.fromkeys(key[1] for key in maps))
         if done:
+            for row in rows:
+                row["series"] = f"{row.get('init', init)} {row['reparam']}"
             with guard("Growth curves"):
                 show_figure("erf_growth", (rows,), stem="growth", key="g-growth",
-                            kwargs={"x": "kernel", "group": "reparam"})
+                            kwargs={"x": "kernel", "group": "series"})
             with guard("Heatmap grid"):
-                show_figure("erf_grid", ([[maps.get((k, m)) for k in done] for m in modes], modes,
+                show_figure("erf_grid", ([[maps.get((k, m)) for k in done] for m in series], series,
                                          [f"K = {k}" for k in done]), stem="grid", key="g-grid")
-            st.dataframe(pd.DataFrame(rows).drop(columns=["run_dir"], errors="ignore"), hide_index=True)
+            st.dataframe(pd.DataFrame(rows).drop(columns=["run_dir", "series"], errors="ignore"), hide_index=True)
             if diffs:
                 worst = max(d["max_rel_diff"] for d in diffs)
                 st.metric("train vs deploy ERF: largest relative difference", f"{worst:.2e}",
@@ -76,6 +97,10 @@ with tab_k:
                 "--num-images", "50", "--images", "IMAGENET_VAL_DIR"]
         if init == "weights":
             args += ["--init", "weights", "--weights-dir", "CHECKPOINT_DIR"]
+        if trained:
+            cli_hint(["compute", "--model", "replknet_31b", "--weights", "builtin:cue-world/K31-seed0",
+                      "--input-size", str(size), "--out", "runs/erf-K31-trained"],
+                     "One shipped model from the command line (on the built-in photos):")
         cli_hint(args + ["--out", "runs/sweep"], "Full-size sweep (paper protocol) from the command line:")
 
 with tab_d:
