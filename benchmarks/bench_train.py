@@ -4,16 +4,17 @@ A K = 31 RepLKNet (replknet_31b at the kernel-family study's CPU size: channels 
 (1, 1, 1, 1), 10 classes) trained on cue-world at 64 px, batch 64; every variant sees the same batches: the
 images the real loop's sampler picks for epoch 0, in its order, rendered once up front.
   (a) fastconv (default backend) vs ``fastconv.use(backend="native")``: img/s of a bare step (forward,
-      cross-entropy with label smoothing, backward, AdamW step);
+      cross-entropy with label smoothing, backward, AdamW step), the two models stepping in turn on each batch;
   (b) the training loop's overhead: img/s of ``erf_lab.train.loop.train`` (1 epoch, progress bar off, checkpoints
-      and outputs as usual, whole call) vs the bare fastconv loop; goal <= 10 %. Its parts are timed once
-      after the repeats: setup (scenes, model, epoch-0 checkpoint), rendering the training images, the
-      end-of-epoch evaluation, checkpoints + resume state, the curves figure.
-Wall time is the headline; process CPU time is reported beside it (on a shared machine other processes stretch
+      and outputs as usual, whole call) vs a bare fastconv loop run step by step beside it (from the loop's
+      ``on_step``, timed and subtracted); goal <= 10 %. The loop's other parts are timed once after the repeats:
+      setup (scenes, model, epoch-0 checkpoint), rendering the training images, the end-of-epoch evaluation,
+      checkpoints + resume state, the curves figure.
+Interleaving step by step makes the load of a shared machine hit both sides of each ratio alike. Wall time is the headline; process CPU time is reported beside it (on a shared machine other processes stretch
 wall time but hardly this process's CPU time). Prints the CPU model, its ISA and its SGEMM rate measured in the
 same run (the roofline reference of issue 14).
 
-    python benchmarks/bench_train.py [--steps 8] [--batch-size 64] [--repeats 3] [--threads N] [--out DIR]
+    python benchmarks/bench_train.py [--steps 8] [--batch-size 64] [--repeats 2] [--threads N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -65,33 +66,33 @@ def epoch_batches(train_set, batch_size: int, steps: int, seed: int = 0):
     return batches, render_s
 
 
-def bare_loop(batches, backend: str | None, recipe, seed: int = 0, warmup: int = 0) -> tuple[float, float]:
-    """(wall, process CPU) seconds of forward / backward / AdamW step over ``batches`` (normalized, as the loop feeds them) on a
-    fresh model; ``warmup`` extra steps first, untimed (fastconv's autotune, first-call allocations)."""
-    import torch.nn.functional as F
+class BareTrainer:
+    """A bare training step on a fresh model: forward, cross-entropy with label smoothing, backward, AdamW step,
+    under ``fastconv.use(backend=backend)`` (None: fastconv's default); inputs normalized as the loop does."""
 
-    import fastconv
-    from erf_lab.erf.images import model_mean_std
-    from erf_lab.train.loop import build_model
-    from erf_lab.train.recipe import build_optimizer
+    def __init__(self, backend: str | None, recipe, seed: int = 0):
+        from erf_lab.erf.images import model_mean_std
+        from erf_lab.train.loop import build_model
+        from erf_lab.train.recipe import build_optimizer
 
-    net = build_model(MODEL, OVERRIDES, 10, 0.0, seed)
-    opt = build_optimizer(net, recipe)
-    mean, std = (torch_view(v) for v in model_mean_std(net))
-    data = [((x - mean) / std, y) for x, y in batches]
-    net.train()
-    with fastconv.use(backend=backend) if backend else contextlib.nullcontext():
-        def step(x, y):
-            loss = F.cross_entropy(net(x), y, label_smoothing=recipe.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        self.backend, self.recipe = backend, recipe
+        self.net = build_model(MODEL, OVERRIDES, 10, 0.0, seed).train()
+        self.opt = build_optimizer(self.net, recipe)
+        self.mean, self.std = (torch_view(v) for v in model_mean_std(self.net))
 
-        for x, y in data[:warmup]:
-            step(x, y)
+    def step(self, x, y) -> tuple[float, float]:
+        """(wall, process CPU) seconds of one step on the raw batch ``x`` in [0, 1]."""
+        import torch.nn.functional as F
+
+        import fastconv
+
         t0, c0 = time.perf_counter(), time.process_time()
-        for x, y in data:
-            step(x, y)
+        with fastconv.use(backend=self.backend) if self.backend else contextlib.nullcontext():
+            loss = F.cross_entropy(self.net((x - self.mean) / self.std), y,
+                                   label_smoothing=self.recipe.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
         return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -101,14 +102,40 @@ def torch_view(v):
     return torch.tensor(v).view(1, 3, 1, 1)
 
 
-def real_loop(out: Path, recipe, train_size: int, val_size: int, input_size: int) -> tuple[float, float, dict]:
-    """(wall, process CPU) seconds of one whole ``train(...)`` call (1 epoch) and its metrics row."""
+def compare_backends(batches, recipe, first: int = 0) -> dict:
+    """(a): fastconv and native models stepping in turn on every batch (order alternating per step, so the
+    load of a shared machine hits both alike); {variant: [wall s, CPU s]} summed over the batches."""
+    trainers = {"fastconv": BareTrainer(None, recipe), "native": BareTrainer("native", recipe)}
+    total = {k: [0.0, 0.0] for k in trainers}
+    for i, (x, y) in enumerate(batches):
+        for k in (list(trainers) if (i + first) % 2 == 0 else list(trainers)[::-1]):
+            w, c = trainers[k].step(x, y)
+            total[k][0] += w
+            total[k][1] += c
+    return total
+
+
+def loop_vs_bare(out: Path, batches, recipe, train_size: int, val_size: int, input_size: int) -> dict:
+    """(b): one whole ``train(...)`` call (1 epoch); after each of its steps (``on_step``) a bare fastconv step on
+    the same batch, timed and subtracted from the loop's time, so both see the same moment's load.
+    {"loop": [wall, CPU], "bare": [wall, CPU], "loop_train_phase_s": the loop's epoch time (its metrics.csv
+    img/s) less the bare steps}."""
     from erf_lab.train.loop import train
+
+    bare = BareTrainer(None, recipe)
+    spent = [0.0, 0.0]
+
+    def on_step(epoch, step):
+        w, c = bare.step(*batches[step - 1])
+        spent[0] += w
+        spent[1] += c
 
     t0, c0 = time.perf_counter(), time.process_time()
     res = train(MODEL, "cue-world", out=out, overrides=dict(OVERRIDES), recipe=recipe, input_size=input_size,
-                train_size=train_size, val_size=val_size, show_progress=False, force=True)
-    return time.perf_counter() - t0, time.process_time() - c0, res["rows"][-1]
+                train_size=train_size, val_size=val_size, show_progress=False, force=True, on_step=on_step)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    epoch_s = train_size / res["rows"][-1]["img_per_s"]
+    return {"loop": [wall - spent[0], cpu - spent[1]], "bare": spent, "loop_train_phase_s": epoch_s - spent[0]}
 
 
 def loop_components(tmp: Path, recipe, train_size: int, val_size: int, input_size: int, render_s: float) -> dict:
@@ -151,7 +178,8 @@ def markdown(r: dict) -> str:
              f"{m['cpu_model']} ({m['isa']}), {m['threads']} threads, SGEMM {m['sgemm_gflops']:.1f} GFLOP/s "
              f"(same run), load {m['loadavg_1m_before']} before / {m['loadavg_1m_after']} after; torch {m['torch']}.", "",
              f"{MODEL} {OVERRIDES['channels']} x {OVERRIDES['layers']}, {r['input_size']} px, batch "
-             f"{r['batch_size']}, {r['steps']} steps per variant, {r['repeats']} alternating repeats (medians).", "",
+             f"{r['batch_size']}, {r['steps']} steps per variant, interleaved step by step, {r['repeats']} repeats "
+             f"(medians).", "",
              "| measurement | img/s | ratio |", "|---|---|---|",
              f"| (a) bare step, fastconv (default) | {a['fastconv_img_s']:.1f} | {a['speedup']:.2f}x native "
              f"({a['speedup_cpu_time']:.2f}x in CPU time) |",
@@ -173,7 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--input-size", type=int, default=64)
     ap.add_argument("--val-size", type=int, default=128, help="the loop's end-of-epoch validation images")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds over the variants, order rotated; medians")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of (a) and (b), order alternated; medians")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all CPUs)")
     ap.add_argument("--out", help="folder for bench_train.json / .md (default runs/bench_train-<time>)")
     args = ap.parse_args(argv)
@@ -199,46 +227,48 @@ def main(argv=None) -> int:
 
     d = build_data("cue-world", args.input_size, train_size=train_size, val_size=args.val_size)
     batches, render_s = epoch_batches(d.train, B, steps)
-    for backend in (None, "native"):  # fastconv's autotune and the C++ build happen here, untimed
-        bare_loop(batches[:1], backend, recipe, warmup=1)
+    compare_backends(batches[:2], recipe)  # warm-up, untimed: fastconv's autotune and C++ build, first calls
 
-    wall = {"fastconv": [], "native": [], "loop": []}
-    cpu = {k: [] for k in wall}
-    rows = []
+    runs = {"a": [], "b": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        variants = list(wall)
         for i in range(args.repeats):
-            for v in variants[i % 3:] + variants[:i % 3]:  # each variant in each position across 3 repeats
-                if v == "loop":
-                    s, c, row = real_loop(tmp / "run", recipe, train_size, args.val_size, args.input_size)
-                    rows.append(row)
+            for part in ("a", "b") if i % 2 == 0 else ("b", "a"):
+                if part == "a":
+                    r = compare_backends(batches, recipe, first=i)
                 else:
-                    s, c = bare_loop(batches, None if v == "fastconv" else "native", recipe)
-                wall[v].append(s)
-                cpu[v].append(c)
-                print(f"repeat {i + 1}: {v} {s:.2f} s wall, {c:.2f} s CPU ({train_size / s:.1f} img/s)", flush=True)
+                    r = loop_vs_bare(tmp / "run", batches, recipe, train_size, args.val_size, args.input_size)
+                runs[part].append(r)
+                print(f"repeat {i + 1} ({part}): " + ", ".join(f"{k} {v[0]:.2f} s wall / {v[1]:.2f} s CPU"
+                                                             for k, v in r.items() if isinstance(v, list)), flush=True)
         comp = loop_components(tmp / "parts", recipe, train_size, args.val_size, args.input_size, render_s)
 
-    med = {k: statistics.median(v) for k, v in wall.items()}
-    cmed = {k: statistics.median(v) for k, v in cpu.items()}
-    ips = {k: train_size / v for k, v in med.items()}
-    phase_ips = statistics.median(r["img_per_s"] for r in rows)
+    def med(part, key, j=0):
+        return statistics.median(r[key][j] if j is not None else r[key] for r in runs[part])
+
+    def ratio(part, num, den, j=0):
+        return statistics.median(r[num][j] / r[den][j] for r in runs[part])
+
+    a_w, a_c = {k: med("a", k) for k in ("fastconv", "native")}, {k: med("a", k, 1) for k in ("fastconv", "native")}
+    b_w, b_c = {k: med("b", k) for k in ("loop", "bare")}, {k: med("b", k, 1) for k in ("loop", "bare")}
+    phase = med("b", "loop_train_phase_s", None)
     result = {
         "model": MODEL, "overrides": {k: list(v) for k, v in OVERRIDES.items()}, "input_size": args.input_size,
         "batch_size": B, "steps": steps, "train_images": train_size, "val_images": args.val_size,
         "repeats": args.repeats, "machine": {**machine, "loadavg_1m_after": round(os.getloadavg()[0], 2)},
-        "wall_s_each": {k: [round(s, 3) for s in v] for k, v in wall.items()},
-        "cpu_s_each": {k: [round(s, 3) for s in v] for k, v in cpu.items()},
-        "a_fastconv_vs_native": {"fastconv_img_s": ips["fastconv"], "native_img_s": ips["native"],
-                                 "speedup": med["native"] / med["fastconv"],
-                                 "speedup_cpu_time": cmed["native"] / cmed["fastconv"]},
-        "b_loop_overhead": {"bare_img_s": ips["fastconv"], "loop_img_s": ips["loop"],
-                            "overhead_pct": 100 * (med["loop"] / med["fastconv"] - 1),
-                            "overhead_pct_cpu_time": 100 * (cmed["loop"] / cmed["fastconv"] - 1),
-                            "extra_s": med["loop"] - med["fastconv"],
-                            "loop_train_phase_img_s": phase_ips,
-                            "train_phase_overhead_pct": 100 * (ips["fastconv"] / phase_ips - 1),
+        "runs": runs,
+        # ratios: median over repeats of each repeat's ratio (both sides of a repeat ran interleaved)
+        "a_fastconv_vs_native": {"fastconv_img_s": train_size / a_w["fastconv"],
+                                 "native_img_s": train_size / a_w["native"],
+                                 "speedup": ratio("a", "native", "fastconv"),
+                                 "speedup_cpu_time": ratio("a", "native", "fastconv", 1)},
+        "b_loop_overhead": {"bare_img_s": train_size / b_w["bare"], "loop_img_s": train_size / b_w["loop"],
+                            "overhead_pct": 100 * (ratio("b", "loop", "bare") - 1),
+                            "overhead_pct_cpu_time": 100 * (ratio("b", "loop", "bare", 1) - 1),
+                            "extra_s": b_w["loop"] - b_w["bare"],
+                            "loop_train_phase_img_s": train_size / phase,
+                            "train_phase_overhead_pct": 100 * (statistics.median(
+                                r["loop_train_phase_s"] / r["bare"][0] for r in runs["b"]) - 1),
                             "components_s": {k: round(v, 3) for k, v in comp.items()}, "goal_pct": 10},
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
