@@ -10,9 +10,9 @@ images the real loop's sampler picks for epoch 0, in its order, rendered once up
       ``on_step``, timed and subtracted); goal <= 10 %. The loop's other parts are timed once after the repeats:
       setup (scenes, model, epoch-0 checkpoint), rendering the training images, the end-of-epoch evaluation,
       checkpoints + resume state, the curves figure.
-Interleaving step by step makes the load of a shared machine hit both sides of each ratio alike. Wall time is the headline; process CPU time is reported beside it (on a shared machine other processes stretch
-wall time but hardly this process's CPU time). Prints the CPU model, its ISA and its SGEMM rate measured in the
-same run (the roofline reference of issue 14).
+Interleaving step by step makes the load of a shared machine hit both sides of each ratio alike; ratios are
+medians over repeats of each repeat's ratio. Wall time is the headline, process CPU time is reported beside it.
+Prints the CPU model, its ISA and its SGEMM rate measured in the same run (the roofline reference of issue 14).
 
     python benchmarks/bench_train.py [--steps 8] [--batch-size 64] [--repeats 2] [--threads N] [--out DIR]
 """
@@ -176,7 +176,8 @@ def markdown(r: dict) -> str:
     comp = b["components_s"]
     lines = [f"# Training throughput ({r['time']})", "",
              f"{m['cpu_model']} ({m['isa']}), {m['threads']} threads, SGEMM {m['sgemm_gflops']:.1f} GFLOP/s "
-             f"(same run), load {m['loadavg_1m_before']} before / {m['loadavg_1m_after']} after; torch {m['torch']}.", "",
+             f"(same run), load {m['loadavg_1m_before']} before / {m['loadavg_1m_after']} after; "
+             f"torch {m['torch']}.", "",
              f"{MODEL} {OVERRIDES['channels']} x {OVERRIDES['layers']}, {r['input_size']} px, batch "
              f"{r['batch_size']}, {r['steps']} steps per variant, interleaved step by step, {r['repeats']} repeats "
              f"(medians).", "",
