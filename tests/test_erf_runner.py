@@ -191,12 +191,17 @@ def test_training_resolution_and_size_note():
     class M(torch.nn.Module):
         pretrained_cfg = {"input_size": (3, 384, 384)}
 
-    spec = ErfSpec("replknet_31b", weights=None)
-    assert training_resolution(spec, torch.nn.Identity()) is None
-    assert training_resolution(spec, M()) == 384
+    random_init = ErfSpec("replknet_31b", weights=None)
+    assert training_resolution(random_init, M()) is None  # never trained: no training resolution, no note
+    trained = ErfSpec("x", weights="/w/model.pth")
+    assert training_resolution(trained, torch.nn.Identity()) is None
+    assert training_resolution(trained, M()) == 384
+    assert training_resolution(ErfSpec("x", overrides={"pretrained": True}), M()) == 384
     assert training_resolution(ErfSpec("x", train_size=320), M()) == 320
-    named = ErfSpec("replknet_31b", weights="/w/RepLKNet-31B_ImageNet-1K_224.pth")
-    assert training_resolution(named, torch.nn.Identity()) == 224
+    named = ErfSpec("replknet_31b", weights="/w/RepLKNet-31B_ImageNet-1K_384.pth")
+    assert training_resolution(named, M()) == 384 and training_resolution(named, torch.nn.Identity()) == 384
+    official = ErfSpec("replknet_31b", weights="/w/RepLKNet-31B_ImageNet-1K_224.pth")
+    assert training_resolution(official, M()) == 224  # the checkpoint's own size wins over the model default
     assert size_note(1024, 224) and "4.6x" in size_note(1024, 224)
     assert size_note(448, 224) is None and size_note(100, 224) and size_note(1024, None) is None
 

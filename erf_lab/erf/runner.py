@@ -157,21 +157,25 @@ _SIZE_IN_NAME = re.compile(r"(?:^|[_\-.])(\d{3,4})(?=[_\-.]|$)")
 
 
 def training_resolution(spec: ErfSpec, model) -> int | None:
-    """The model's training resolution: ``spec.train_size``, else ``pretrained_cfg`` / ``default_cfg``
-    ``input_size`` of the model, else a 3-4 digit size in the checkpoint's file name (the official RepLKNet
-    files: ``..._224.pth``, ``..._384.pth``, ``..._320.pth``)."""
+    """The model's training resolution: ``spec.train_size``; None for a randomly initialised model (it was never
+    trained); else a ``builtin:`` model's training record, a 3-4 digit size in the checkpoint's file name (the
+    official RepLKNet files: ``..._224.pth``, ``..._384.pth``, ``..._320.pth``), or the model's
+    ``pretrained_cfg`` / ``default_cfg`` ``input_size``."""
     if spec.train_size is not None:
         return int(spec.train_size)
-    if spec.weights and resolve_weights(spec.weights)[1].get("input_size"):
-        return int(resolve_weights(spec.weights)[1]["input_size"])  # a builtin: model's training record
+    if not spec.weights and not spec.overrides.get("pretrained"):
+        return None
+    if spec.weights:
+        record = resolve_weights(spec.weights)[1]
+        if record.get("input_size"):
+            return int(record["input_size"])  # a builtin: model's training record
+        hits = [int(m) for m in _SIZE_IN_NAME.findall(Path(spec.weights).stem) if 96 <= int(m) <= 2048]
+        if hits:
+            return hits[-1]
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
             return int(cfg["input_size"][-1])
-    if spec.weights:
-        hits = [int(m) for m in _SIZE_IN_NAME.findall(Path(spec.weights).stem) if 96 <= int(m) <= 2048]
-        if hits:
-            return hits[-1]
     return None
 
 
