@@ -247,6 +247,7 @@ def test_app_erf_explorer_takes_timm_names(tmp_path, monkeypatch):
     monkeypatch.setenv("ERF_LAB_APP_RUNS", str(tmp_path / "app-runs"))
     monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "main.py"), default_timeout=240).run()
+    at.radio(key="erf-init-0").set_value("random").run()  # the landing view shows the shipped trained models
     assert "timm/vit_tiny_patch16_224" in at.selectbox(key="erf-model-0").options
     at.selectbox(key="erf-model-0").set_value("timm/vit_tiny_patch16_224").run()
     assert not at.exception, [e.value for e in at.exception]
