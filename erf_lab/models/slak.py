@@ -32,10 +32,9 @@ import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
-from erf_lab.models.features import FeatureIntermediates
 from erf_lab.models.registry import register_model
 from erf_lab.models.replknet import ConvBN, DropPath
-from erf_lab.models.unireplknet import LayerNorm2d
+from erf_lab.models.unireplknet import ConvNeXtLayout, LayerNorm2d
 
 __all__ = ["SLaK", "SLaKBlock", "SLaKLargeKernel", "VARIANTS", "sparse_param_count"]
 
@@ -150,14 +149,12 @@ class SLaKBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
-class SLaK(FeatureIntermediates, nn.Module):
+class SLaK(ConvNeXtLayout):
     """SLaK; arguments keep the official constructor's names (``depths``, ``dims`` before ``width_factor``,
     ``kernel_size`` = the four stage kernels + the small kernel, ``Decom`` as ``decompose``) plus ``deploy``
     (build merged). ``forward_features`` returns the last stage's map (N, C, H/32, W/32) before pooling (the
     official ``forward_features`` pools and norms it); ``feature_info[i]`` = ``stages.i``.
     """
-
-    head_names = ("head",)
 
     def __init__(self, in_chans: int = 3, num_classes: int | None = 1000, depths: Sequence[int] = (3, 3, 9, 3),
                  dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.0,
@@ -192,39 +189,7 @@ class SLaK(FeatureIntermediates, nn.Module):
             self.stages.append(nn.Sequential(*[
                 SLaKBlock(dims[i], kernel_size[i], kernel_size[-1], dpr[start + j], layer_scale_init_value,
                           decompose, bn, merged=deploy) for j in range(depths[i])]))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], self.num_classes) if self.num_classes > 0 else None
-        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}") for i, c in enumerate(dims)]
-        if not any(p.is_meta for p in self.parameters()):
-            self.apply(self._init_weights)
-            if self.head is not None:
-                self.head.weight.data.mul_(head_init_scale)
-                self.head.bias.data.mul_(head_init_scale)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def _feature_steps(self) -> list[tuple[str, nn.Module]]:
-        steps = []
-        for i in range(len(self.stages)):
-            steps += [(f"downsample_layers.{i}", self.downsample_layers[i]), (f"stages.{i}", self.stages[i])]
-        return steps
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for _, module in self._feature_steps():
-            x = module(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.norm(x.mean((-2, -1)))
-        return x if pre_logits or self.head is None else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        self._add_head(dims, head_init_scale)
 
 
 def sparse_param_count(model: nn.Module, sparsity: float = PAPER_SPARSITY) -> int:

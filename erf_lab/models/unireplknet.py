@@ -277,7 +277,50 @@ class UniRepLKNetBlock(nn.Module):
             self.gamma = None
 
 
-class UniRepLKNet(FeatureIntermediates, nn.Module):
+class ConvNeXtLayout(FeatureIntermediates, nn.Module):
+    """The ConvNeXt-style body that UniRepLKNet and SLaK share (official key names): ``downsample_layers[i]`` then
+    ``stages[i]``; ``forward_head`` = global average pool -> LayerNorm -> linear ``head``; truncated-normal init."""
+
+    head_names = ("head",)
+
+    def _add_head(self, dims: Sequence[int], head_init_scale: float) -> None:
+        """The final norm, head and ``feature_info`` (stage ``i`` = ``stages.i``), then the initialisation."""
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], self.num_classes) if self.num_classes > 0 else None
+        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}") for i, c in enumerate(dims)]
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+            if self.head is not None:
+                self.head.weight.data.mul_(head_init_scale)
+                self.head.bias.data.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def _feature_steps(self) -> list[tuple[str, nn.Module]]:
+        steps = []
+        for i in range(len(self.stages)):
+            steps += [(f"downsample_layers.{i}", self.downsample_layers[i]), (f"stages.{i}", self.stages[i])]
+        return steps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for _, module in self._feature_steps():
+            x = module(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.norm(x.mean((-2, -1)))
+        return x if pre_logits or self.head is None else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class UniRepLKNet(ConvNeXtLayout):
     """UniRepLKNet; arguments keep the official constructor's names (``in_chans``, ``depths``, ``dims``,
     ``kernel_sizes`` (None: the official defaults for ``depths``), ``deploy``).
 
@@ -285,8 +328,6 @@ class UniRepLKNet(FeatureIntermediates, nn.Module):
     LayerNorm (which acts on the pooled vector). ``forward_head`` = average pool -> LayerNorm -> linear;
     ``num_classes=0`` drops the classifier. ``feature_info[i]`` is stage ``i`` (``module='stages.i'``).
     """
-
-    head_names = ("head",)
 
     def __init__(self, in_chans: int = 3, num_classes: int | None = 1000, depths: Sequence[int] = _S_B_L_XL,
                  dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.0,
@@ -326,39 +367,7 @@ class UniRepLKNet(FeatureIntermediates, nn.Module):
             self.stages.append(nn.Sequential(*[
                 UniRepLKNetBlock(dims[i], kernel_sizes[i][j], dpr[start + j], layer_scale_init_value, deploy)
                 for j in range(depths[i])]))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], self.num_classes) if self.num_classes > 0 else None
-        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}") for i, c in enumerate(dims)]
-        if not any(p.is_meta for p in self.parameters()):
-            self.apply(self._init_weights)
-            if self.head is not None:
-                self.head.weight.data.mul_(head_init_scale)
-                self.head.bias.data.mul_(head_init_scale)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def _feature_steps(self) -> list[tuple[str, nn.Module]]:
-        steps = []
-        for i in range(len(self.stages)):
-            steps += [(f"downsample_layers.{i}", self.downsample_layers[i]), (f"stages.{i}", self.stages[i])]
-        return steps
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for _, module in self._feature_steps():
-            x = module(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.norm(x.mean((-2, -1)))
-        return x if pre_logits or self.head is None else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        self._add_head(dims, head_init_scale)
 
 
 # ------------------------------------------------------------------------------------------ registered variants
