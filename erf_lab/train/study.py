@@ -10,8 +10,6 @@ their records into ``data/trained/`` where ``builtin:`` names find them.
 """
 from __future__ import annotations
 
-import csv
-import io
 import shutil
 import sys
 import time
@@ -213,17 +211,8 @@ def markdown_table(rows: list[dict], keys) -> str:
     return head + "".join("| " + " | ".join(_fmt(r.get(k), k) for k in keys) + " |\n" for r in rows)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    from erf_lab.io import write_text
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
-    write_text(path, buf.getvalue())
-
-
 def write_results(study: Path, rows: list[dict], settings: StudySettings) -> None:
+    from erf_lab.erf.tables import csv_text
     from erf_lab.io import write_text
 
     fam = sorted((r for r in rows if r["group"] == "family"), key=lambda r: (r["seed"], r["kernel"]))
@@ -241,12 +230,12 @@ def write_results(study: Path, rows: list[dict], settings: StudySettings) -> Non
             f"% of the image, n/r = not reached inside it; r_rms / r50 in pixels). Shape bias: {s.probe_size} "
             f"cue-conflict images, shape hits / (shape + texture hits).\n\n## Kernel family\n\n"
             + markdown_table(fam, keys))
-    write_csv(study / "family.csv", fam)
+    write_text(study / "family.csv", csv_text(fam, list(fam[0])))
     if gl:
         ref = [r for r in fam if r["name"] == "K31-seed0"]
         text += ("\n## Guidelines (Table 2: shortcuts; Table 4: small-kernel re-param)\n\n"
                  + markdown_table(ref + gl, keys))
-        write_csv(study / "guidelines.csv", ref + gl)
+        write_text(study / "guidelines.csv", csv_text(ref + gl, list((ref + gl)[0])))
     write_text(study / "results.md", text)
     if fam:
         plot_family(study, fam, s)

@@ -134,7 +134,8 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     """Measure every checkpoint of the training run ``run_dir`` (see the module docstring) and write the table
     and the figure. ``input_size``: ERF measurement size (default: the training size). Returns
     ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}}``."""
-    from erf_lab.io import progress, write_json
+    from erf_lab.erf.tables import csv_text
+    from erf_lab.io import progress, write_json, write_text
     from erf_lab.train.probes import ProbeSpec
 
     run = read_training_run(run_dir)
@@ -168,7 +169,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
                      "texture_only_accuracy": p["texture_only_accuracy"],
                      "val_acc": met.get("val_acc"), "train_acc": met.get("train_acc"),
                      "checkpoint": str(run.checkpoints[epoch].relative_to(run.root))})
-    write_table(out / "timeline.csv", rows)
+    write_text(out / "timeline.csv", csv_text(rows, list(rows[0])))
     write_json(out / "timeline.json", {"run": str(run.root.resolve()), "model": s["model"], "overrides": overrides,
                                        "erf_input_size": size, "train_input_size": train_size,
                                        "num_images": int(num_images), "probe": dict(probe_spec.__dict__),
@@ -176,16 +177,6 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     plot_timeline(rows, maps, out / "timeline", title=f"{s['model']} on cue-world: ERF at {size} px",
                   formats=formats)
     return {"rows": rows, "out_dir": out, "measured": counts}
-
-
-def write_table(path: Path, rows: list[dict]) -> None:
-    from erf_lab.io import write_text
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
-    write_text(path, buf.getvalue())
 
 
 def _strip_epochs(epochs: list[int], most: int = 8) -> list[int]:
