@@ -65,3 +65,11 @@ def stop_process(proc, timeout: float = 15) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch):
+    """App run directories go to tmp; tmp is an allowed root for typed paths."""
+    monkeypatch.setenv("ERF_LAB_APP_RUNS", str(tmp_path / "app-runs"))
+    monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
+    return tmp_path

@@ -24,14 +24,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "app" / "main.py"
 
 
-@pytest.fixture
-def app_env(tmp_path, monkeypatch):
-    """App run directories go to tmp; tmp is an allowed root for typed paths."""
-    monkeypatch.setenv("ERF_LAB_APP_RUNS", str(tmp_path / "app-runs"))
-    monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
-    return tmp_path
-
-
 def new_app() -> AppTest:
     return AppTest.from_file(str(APP), default_timeout=240)
 

@@ -16,13 +16,6 @@ APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
 TINY = {"channels": (8, 8, 16, 16), "layers": (1, 1, 1, 1), "large_kernel_sizes": (7, 7, 7, 3)}
 
 
-@pytest.fixture
-def app_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("ERF_LAB_APP_RUNS", str(tmp_path / "app-runs"))
-    monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
-    return tmp_path
-
-
 def _page() -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=240).run()
     at.switch_page("views/training.py").run()
