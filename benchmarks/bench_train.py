@@ -23,7 +23,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,19 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "replknet_31b"
 OVERRIDES = {"channels": (16, 32, 64, 128), "layers": (1, 1, 1, 1)}
-
-
-def cpu_description() -> dict:
-    """CPU model name and the widest SIMD ISA its flags announce (Linux /proc/cpuinfo)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    isa = next((i for i in ("avx512f", "avx2", "avx", "sse4_2", "neon", "asimd") if i in flags), "unknown")
-    return {"cpu_model": model, "isa": isa, "cpu_count": os.cpu_count()}
 
 
 def epoch_batches(train_set, batch_size: int, steps: int, seed: int = 0):
@@ -212,7 +198,7 @@ def main(argv=None) -> int:
     from erf_lab.io import atomic_path, write_json
     from erf_lab.train.data import build_data
     from erf_lab.train.recipe import Recipe
-    from fastconv.bench import sgemm_gflops
+    from fastconv.roofline import cpu_description, sgemm_gflops
 
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     torch.set_num_threads(threads)

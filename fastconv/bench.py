@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fastconv
+from fastconv.roofline import sgemm_gflops
 from fastconv.bench_args import PAPER_KERNELS, PAPER_RESOLUTIONS, add_arguments  # noqa: F401
 
 # Table 1 of the paper (GTX 2080Ti, B=64, C=384, FP32, PyTorch 1.9.0 + cuDNN 7.6.5; forward only), in ms.
@@ -72,15 +73,6 @@ class Timer:
                 fn()
                 times.append(time.perf_counter() - t)
         return statistics.median(times)
-
-
-def sgemm_gflops(device: torch.device, n: int | None = None, repeats: int = 5) -> float:
-    """This machine's measured fp32 matrix-multiply rate, the roofline reference for '% of SGEMM'."""
-    n = n or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    t = Timer(device, 2, repeats)(lambda: a @ b)
-    return 2 * n ** 3 / t / 1e9
 
 
 def conv_flops(b: int, c: int, r: int, k: int, layers: int) -> float:

@@ -61,21 +61,32 @@ def _build() -> ctypes.CDLL:
     raise RuntimeError(last_error)
 
 
-def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
-    key = hashlib.sha256(_SRC.read_bytes() + " ".join([cxx, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    out = settings().cache_dir / "build" / f"dwconv_{key}.so"
+def compile_shared_library(src: Path, flags: list[str], cxx: str | None = None) -> Path:
+    """``src`` compiled to a shared library with ``flags``, cached under the fastconv cache directory by a hash of
+    the source, flags, compiler and CPU (written atomically: concurrent builders never load a half-written file)."""
+    cxx = cxx or _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    key = hashlib.sha256(src.read_bytes() + " ".join([cxx, *flags, _cpu_id()]).encode()).hexdigest()[:16]
+    out = settings().cache_dir / "build" / f"{src.stem}_{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".dwconv_", suffix=".so", dir=out.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}_", suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *flags, "-o", tmp, str(_SRC)], capture_output=True, text=True)
+            lang = ["-x", "c++"] if src.suffix == ".cpp" else ["-x", "c"]
+            proc = subprocess.run([cxx, *flags, "-o", tmp, *lang, str(src)], capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"compiling {_SRC.name} failed: {proc.stderr.strip()[-500:]}")
-            os.replace(tmp, out)  # atomic: concurrent builders never load a half-written library
+                raise RuntimeError(f"compiling {src.name} failed: {proc.stderr.strip()[-500:]}")
+            os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    return out
+
+
+def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
+    out = compile_shared_library(_SRC, flags, cxx)
     lib = ctypes.CDLL(str(out))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.dw_wgrad_fused.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, i64, p] + [i64] * 7

@@ -1,0 +1,155 @@
+"""This machine's own limits, measured in the run that uses them: the roofline references of erf-lab's speed goals.
+
+- ``sgemm_gflops``: fp32 ``torch.mm`` on large square matrices, the reference for work that runs through the GEMM
+  library (the 1x1 convolutions of an ERF measurement, a training step);
+- ``fma_peak_gflops``: a pure-FMA loop (ten independent chains per thread on the widest vectors the compiler
+  targets, ``csrc/fma_peak.c``), the reference for fastconv's own kernels;
+- ``cpu_description``: CPU model name and the widest SIMD ISA it announces, to print beside every ratio.
+
+``machine_roofline()`` gathers them once per process (and in ``<fastconv cache>/roofline.json`` per CPU, thread
+count and torch version when ``cache=True``, so short runs such as ``erf-lab compute`` do not pay the probes again).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+_FMA_SRC = Path(__file__).with_name("csrc") / "fma_peak.c"
+_ISAS = ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon")
+
+
+def cpu_description() -> dict:
+    """{"cpu_model", "isa" (the widest SIMD ISA the CPU announces), "cpu_count"} from /proc/cpuinfo (Linux), else
+    from ``platform``."""
+    model, flags = "", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip()
+            if key == "model name" and not model:
+                model = line.split(":", 1)[1].strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    isa = next((i for i in _ISAS if i in flags), "unknown")
+    return {"cpu_model": model or platform.processor() or platform.machine(), "isa": isa,
+            "cpu_count": os.cpu_count()}
+
+
+def sgemm_gflops(device="cpu", n: int | None = None, repeats: int = 5) -> float:
+    """Measured fp32 matrix-multiply rate in GFLOP/s (best of ``repeats`` after two warm-ups; n x n x n, n = 1024 on
+    the CPU, 8192 on CUDA)."""
+    import torch
+
+    device = torch.device(device)
+    n = int(n or (8192 if device.type == "cuda" else 1024))
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def fma_peak_gflops(threads: int | None = None, flops_per_thread: float = 2e9, repeats: int = 3) -> float | None:
+    """Measured fp32 FMA peak in GFLOP/s on ``threads`` threads (default torch's), or None where the probe cannot
+    be built (no compiler, no FMA unit)."""
+    lib = _fma_library()
+    if lib is None:
+        return None
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    return float(lib.fma_peak_gflops(int(threads), float(flops_per_thread), int(repeats)))
+
+
+def fma_lanes() -> int | None:
+    """fp32 lanes of the vectors the FMA probe (and so fastconv's C++ kernels) was built for: 16 (AVX-512), 8."""
+    lib = _fma_library()
+    return None if lib is None else int(lib.fma_lanes())
+
+
+_fma_lib: ctypes.CDLL | None | bool = False
+
+
+def _fma_library():
+    global _fma_lib
+    if _fma_lib is False:
+        from fastconv.cpu_kernels import compile_shared_library
+
+        _fma_lib = None
+        for flags in (["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"],
+                      ["-O3", "-march=native", "-shared", "-fPIC"]):
+            try:
+                lib = ctypes.CDLL(str(compile_shared_library(_FMA_SRC, flags)))
+            except (RuntimeError, OSError):
+                continue
+            lib.fma_peak_gflops.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.c_int]
+            lib.fma_peak_gflops.restype = ctypes.c_double
+            lib.fma_lanes.argtypes = []
+            lib.fma_lanes.restype = ctypes.c_int
+            _fma_lib = lib
+            break
+    return _fma_lib
+
+
+_memo: dict = {}
+
+
+def machine_roofline(fma: bool = True, cache: bool = False) -> dict:
+    """{"cpu_model", "isa", "cpu_count", "threads", "torch", "sgemm_gflops", "fma_peak_gflops" (None when not
+    measured or not measurable), "measured_at"}. Measured once per process; with ``cache=True`` also reused from
+    ``<fastconv cache>/roofline.json`` for the same CPU, thread count and torch version."""
+    import torch
+
+    from fastconv.config import settings
+
+    desc = cpu_description()
+    key = f"{desc['cpu_model']}|{desc['isa']}|{torch.get_num_threads()}|{torch.__version__}|fma={fma}"
+    if key in _memo:
+        return dict(_memo[key])
+    path = settings().cache_dir / "roofline.json"
+    if cache:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            stored = json.loads(path.read_text()).get(key)
+            if isinstance(stored, dict) and stored.get("sgemm_gflops"):
+                _memo[key] = stored
+                return dict(stored)
+    out = {**desc, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "sgemm_gflops": round(sgemm_gflops("cpu"), 1),
+           "fma_peak_gflops": None, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if fma:
+        peak = fma_peak_gflops(out["threads"])
+        out["fma_peak_gflops"] = None if peak is None else round(peak, 1)
+    _memo[key] = out
+    if cache:
+        with contextlib.suppress(OSError, ValueError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                table = json.loads(path.read_text())
+                table = table if isinstance(table, dict) else {}
+            except (OSError, ValueError):
+                table = {}
+            table[key] = out
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1))
+            os.replace(tmp, path)
+    return dict(out)
+
+
+def describe(r: dict) -> str:
+    """One line for a benchmark header: CPU, ISA, threads, SGEMM and FMA peak."""
+    fma = f", FMA peak {r['fma_peak_gflops']:.1f} GFLOP/s" if r.get("fma_peak_gflops") else ""
+    return (f"{r['cpu_model']} ({r['isa']}), {r['threads']} threads, torch {r['torch']}: "
+            f"SGEMM {r['sgemm_gflops']:.1f} GFLOP/s{fma}")
