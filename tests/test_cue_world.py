@@ -109,16 +109,30 @@ def test_generation_speed_at_64px():
     assert rate > 150  # ~400-900/s measured on the 2-core dev box under load
 
 
-def test_disk_cache_matches_rendering(tmp_path, monkeypatch):
+def test_disk_cache_is_bit_identical_to_rendering(tmp_path, monkeypatch):
     monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path))
     cached = cw.CueWorld("val", 12, 32, seed=1, cache=True)
     plain = cw.CueWorld("val", 12, 32, seed=1)
     files = list((tmp_path / "cue-world").glob("*.npy"))
-    assert len(files) == 1
-    again = cw.CueWorld("val", 12, 32, seed=1, cache=True)  # read back from disk
+    assert len(files) == 1 and cw.renderer_version() in files[0].name and cached.cached and not plain.cached
+    again = cw.CueWorld("val", 12, 32, seed=1, cache=True)  # read back from disk (memory-mapped)
     for i in range(12):
-        assert (cached[i][0] - plain[i][0]).abs().max() <= 0.5 / 255 + 1e-6
-        assert torch.equal(cached[i][0], again[i][0])
+        assert torch.equal(cached[i][0], plain[i][0]) and torch.equal(again[i][0], plain[i][0])
+        assert cached[i][1] == plain[i][1]
+    files[0].write_bytes(b"not an array")  # a damaged cache file is rendered again, not trusted
+    assert torch.equal(cw.CueWorld("val", 12, 32, seed=1, cache=True)[3][0], plain[3][0])
+
+
+def test_cache_parallel_render_and_resample(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path))
+    big = cw.CueWorld("train", 300, 64, cache=True)  # large enough for worker processes
+    for i in (0, 157, 299):
+        assert torch.equal(big[i][0], torch.from_numpy(cw.render_scene(cw.draw_scene("train", i), 64)))
+    stream = cw.CueWorld("train", 300, 64, cache=True, resample=True)
+    stream.set_epoch(1)  # later epochs of a resampled set are new images, rendered on the fly
+    assert torch.equal(stream[5][0], torch.from_numpy(cw.render_scene(cw.draw_scene("train", 305), 64)))
+    monkeypatch.setattr(cw, "CACHE_MAX_BYTES", 1000)
+    assert not cw.CueWorld("val", 4, 32, cache=True).cached  # too big for the cache: rendered on the fly
 
 
 def test_examples_figure(tmp_path):

@@ -255,18 +255,32 @@ def class_names(num_classes: int = DEFAULT_NUM_CLASSES) -> list[str]:
     return [f"{SHAPES[k]}/{TEXTURES[k]}" for k in range(num_classes)]
 
 
+#: Above this many bytes a split is not cached (rendered on the fly instead): float32, 3 x S x S per image.
+CACHE_MAX_BYTES = 2 << 30
+
+
+def renderer_version() -> str:
+    """Hash of this module's source: part of every cache file name, so a changed renderer never serves old images."""
+    import hashlib
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
+
+
 class CueWorld(torch.utils.data.Dataset):
     """``size`` images of ``split`` as ``(float32 tensor (3, S, S) in [0, 1], label)``.
 
     The label is the class for train / val, the shape class for cue-conflict and shape-only, the texture class
-    for texture-only; :meth:`cues` gives both. ``cache=True`` renders the split once into
-    ``<erf-lab cache>/cue-world/`` (uint8) and reads it from there afterwards. ``resample=True`` makes the set
-    an endless stream: after :meth:`set_epoch` (e), item i is image ``e * size + i`` of the split.
+    for texture-only; :meth:`cues` gives both. ``cache=True`` renders the split once (in parallel worker processes
+    for large splits, with a progress bar) into ``<erf-lab cache>/cue-world/`` as float32, bit-identical to
+    rendering on the fly, keyed by the renderer's source hash, and reads it memory-mapped afterwards: a training
+    run then spends no time drawing images (splits over ``CACHE_MAX_BYTES`` render on the fly; an unwritable cache
+    keeps the split in memory). ``resample=True`` makes the set an endless stream: after :meth:`set_epoch` (e),
+    item i is image ``e * size + i`` of the split (epoch 0 comes from the cache, later epochs are rendered).
     """
 
     def __init__(self, split: str = "train", size: int = 2000, input_size: int = 64,
                  num_classes: int = DEFAULT_NUM_CLASSES, seed: int = 0, cache: bool = False,
-                 resample: bool = False):
+                 resample: bool = False, show_progress: bool = False):
         if split not in SPLITS:
             raise ErfLabError(f"unknown cue-world split {split!r}; choose one of {', '.join(SPLITS)}")
         if not 2 <= int(num_classes) <= len(SHAPES):
@@ -280,7 +294,9 @@ class CueWorld(torch.utils.data.Dataset):
         self.classes = class_names(self.num_classes)
         self.resample, self.epoch = bool(resample), 0
         self._scenes = [draw_scene(split, i, self.num_classes, self.seed) for i in range(self.size)]
-        self._cached = self._load_cache() if cache else None
+        self._cached = None
+        if cache and self.size * 3 * self.input_size ** 2 * 4 <= CACHE_MAX_BYTES:
+            self._cached = self._load_cache(show_progress)
 
     def __len__(self) -> int:
         return self.size
@@ -302,9 +318,13 @@ class CueWorld(torch.utils.data.Dataset):
     def targets(self) -> list[int]:
         return [self.label(i) for i in range(self.size)]
 
+    @property
+    def cached(self) -> bool:
+        return self._cached is not None
+
     def image(self, index: int) -> torch.Tensor:
         if self._cached is not None and not (self.resample and self.epoch > 0):
-            return torch.from_numpy(self._cached[index].astype(np.float32) / 255.0)
+            return torch.from_numpy(np.array(self._cached[index]))  # a copy: the cache is a read-only map
         return torch.from_numpy(render_scene(self.scene(index), self.input_size))
 
     def __getitem__(self, index: int):
@@ -319,21 +339,57 @@ class CueWorld(torch.utils.data.Dataset):
                 "num_classes": self.num_classes, "seed": self.seed, "resample": self.resample,
                 "classes": self.classes}
 
-    def _load_cache(self) -> np.ndarray:
-        from erf_lab.io import atomic_path
+    def cache_path(self) -> Path:
         from erf_lab.paths import cache_dir
 
-        path = (cache_dir() / "cue-world" /
-                f"{self.split}-n{self.size}-c{self.num_classes}-s{self.seed}-{self.input_size}px.npy")
+        return (cache_dir() / "cue-world" / f"{self.split}-n{self.size}-c{self.num_classes}-s{self.seed}-"
+                                            f"{self.input_size}px-{renderer_version()}.f32.npy")
+
+    def _load_cache(self, show_progress: bool) -> np.ndarray:
+        from erf_lab.io import atomic_path
+
+        path, shape = self.cache_path(), (self.size, 3, self.input_size, self.input_size)
         if path.is_file():
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            if arr.shape == (self.size, 3, self.input_size, self.input_size):
-                return arr
-        arr = np.stack([np.round(render_scene(s, self.input_size) * 255).astype(np.uint8) for s in self._scenes])
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-        return arr
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                if arr.shape == shape and arr.dtype == np.float32:
+                    return arr
+            except (OSError, ValueError):
+                pass  # unreadable or truncated by something else: render it again
+        arr = self._render_all(show_progress)
+        try:
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+        except OSError:
+            return arr  # an unwritable cache: keep the split in memory for this process
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+    def _render_all(self, show_progress: bool) -> np.ndarray:
+        """Every image of the split, (N, 3, S, S) float32; worker processes share the work for large splits."""
+        from erf_lab.io import progress
+
+        workers = min(os.cpu_count() or 1, 8) if self.size * self.input_size ** 2 >= 256 * 64 * 64 else 0
+        loader = torch.utils.data.DataLoader(_Renderer(self._scenes, self.input_size), batch_size=32,
+                                             num_workers=workers if workers > 1 else 0)
+        out = np.empty((self.size, 3, self.input_size, self.input_size), np.float32)
+        done = 0
+        for batch in progress(loader, desc=f"cue-world {self.split} (rendered once, then cached)", unit="batch",
+                              disable=not show_progress):
+            out[done:done + len(batch)] = batch.numpy()
+            done += len(batch)
+        return out
+
+
+class _Renderer(torch.utils.data.Dataset):
+    def __init__(self, scenes, size):
+        self.scenes, self.size = scenes, size
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(render_scene(self.scenes[i], self.size))
 
 
 def render_batch(split: str, indices, input_size: int, num_classes: int = DEFAULT_NUM_CLASSES,

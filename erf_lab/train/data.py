@@ -165,14 +165,16 @@ class Data:
 
 
 def build_data(data: str, input_size: int, *, train_size: int = 2000, val_size: int = 500,
-               num_classes: int = 10, seed: int = 0, resample: bool = False) -> Data:
+               num_classes: int = 10, seed: int = 0, resample: bool = False, show_progress: bool = False) -> Data:
     """``data`` = ``"cue-world"`` (sizes, classes, world seed and ``resample``: new training images every epoch,
-    from the keywords) or an ImageFolder root."""
+    from the keywords; both splits rendered once into the erf-lab cache, see ``CueWorld``) or an ImageFolder
+    root."""
     if str(data) == CUE_WORLD:
         from erf_lab.train.cue_world import CueWorld
 
-        tr = CueWorld("train", train_size, input_size, num_classes=num_classes, seed=seed, resample=resample)
-        va = CueWorld("val", val_size, input_size, num_classes=num_classes, seed=seed)
+        kw = dict(num_classes=num_classes, seed=seed, cache=True, show_progress=show_progress)
+        tr = CueWorld("train", train_size, input_size, resample=resample, **kw)
+        va = CueWorld("val", val_size, input_size, **kw)
         return Data(tr, va, tr.classes, {"kind": CUE_WORLD, "train_size": tr.size, "val_size": va.size,
                                          "num_classes": tr.num_classes, "world_seed": seed, "resample": resample,
                                          "classes": tr.classes})

@@ -312,8 +312,12 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                               f"{k}: {state['settings'].get(k)!r} there, {settings[k]!r} now); repeat its "
                               f"command or start over with --force")
 
+    if info.world_size > 1 and not info.is_main:
+        dist.barrier()  # rank 0 renders (and caches) a generated dataset first; the others then read its cache
     d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes, seed=seed,
-                   resample=resample)
+                   resample=resample, show_progress=show_progress and info.is_main)
+    if info.world_size > 1 and info.is_main:
+        dist.barrier()
     n_classes = len(d.classes)
     B, W = recipe.batch_size, info.world_size
     steps_per_epoch = len(d.train) // (B * W)
