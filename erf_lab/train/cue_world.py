@@ -369,7 +369,8 @@ class CueWorld(torch.utils.data.Dataset):
         """Every image of the split, (N, 3, S, S) float32; worker processes share the work for large splits."""
         from erf_lab.io import progress
 
-        workers = min(os.cpu_count() or 1, 8) if self.size * self.input_size ** 2 >= 256 * 64 * 64 else 0
+        # as many workers as torch has threads (a study running jobs with --threads 1 renders in each job)
+        workers = min(torch.get_num_threads(), 8) if self.size * self.input_size ** 2 >= 256 * 64 * 64 else 0
         loader = torch.utils.data.DataLoader(_Renderer(self._scenes, self.input_size), batch_size=32,
                                              num_workers=workers if workers > 1 else 0)
         out = np.empty((self.size, 3, self.input_size, self.input_size), np.float32)
