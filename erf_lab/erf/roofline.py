@@ -1,0 +1,121 @@
+"""How close an ERF measurement runs to the machine's roofline: its FLOPs per image and the SGEMM rate.
+
+- :func:`counting_flops`: ``torch.utils.flop_counter.FlopCounterMode`` around one real batch of the measurement
+  (forward to the measured layer + input gradient; frozen weights, so no weight gradients), with fastconv's
+  depthwise convolutions counted by hand, whichever backend runs them (its C++, oneDNN, FFT and Triton kernels are
+  invisible to FlopCounterMode, which sees only ATen convolutions, and its autotuning trials must not count):
+  ``2 * out.numel() * KH * KW`` for the forward and as much again for the input gradient, the numbers
+  FlopCounterMode gives the same convolution through ``F.conv2d``.
+- :func:`sgemm_reference`: the fp32 matrix-multiply rate of the device that runs the measurement
+  (``fastconv.roofline``: on the CPU cached per CPU / threads / torch in fastconv's cache dir; on CUDA measured once
+  per process).
+
+``roofline_fraction = flops_per_image / compute_seconds_per_image / sgemm``: the fraction of the SGEMM rate that the
+model's FLOPs reach. 1.0 would mean every FLOP ran at GEMM speed; the large depthwise convolutions are not GEMMs
+(memory-bound, a few FLOPs per byte), so a RepLKNet stays well below it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+_sgemm_memo: dict = {}
+
+
+class _NoModuleTracking:
+    """Stands in for FlopCounterMode's module tracker: its per-module hooks break captum's ``autograd.grad`` on
+    a leaf input, and only the global count is used here."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@contextlib.contextmanager
+def counting_flops(model: nn.Module):
+    """``with counting_flops(m) as total: ...run the batch...``; ``total()`` is the FLOPs counted so far (multiply-
+    add = 2 FLOPs), forward and backward."""
+    import fastconv
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fc = FlopCounterMode(display=False)
+    if hasattr(fc, "mod_tracker"):
+        fc.mod_tracker = _NoModuleTracking()
+    extra = [0]
+    before: dict = {}
+
+    def pre(mod, args):
+        before[id(mod)] = fc.get_total_flops()
+
+    def post(mod, args, out):
+        # whatever ATen counted inside the call (F.conv2d, or the trial runs of fastconv's autotuning) is
+        # replaced by the convolution's own count; its gradient is counted here unless autograd will run it
+        # through ATen's convolution_backward (the native backend), which FlopCounterMode counts itself
+        extra[0] -= fc.get_total_flops() - before.pop(id(mod), 0)
+        x, w = args[0], mod.weight
+        macs = out.numel() * w.shape[-2] * w.shape[-1] * w.shape[1]
+        aten_backward = out.grad_fn is not None and "Convolution" in type(out.grad_fn).__name__
+        passes = 1 + (0 if aten_backward else bool(x.requires_grad) + bool(w.requires_grad))  # fwd, dx, dw
+        extra[0] += 2 * macs * passes
+
+    handles = []
+    for mod in model.modules():
+        if isinstance(mod, fastconv.DepthwiseConv2d):
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        with fc:
+            yield lambda: fc.get_total_flops() + extra[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def sgemm_reference(device) -> dict:
+    """{"sgemm_gflops", "sgemm_device", "cpu_model", "isa", "threads"} for ``device`` (the fp32 GEMM rate the
+    roofline fraction is taken against)."""
+    from fastconv.roofline import cpu_description, machine_roofline, sgemm_gflops
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index not in _sgemm_memo:
+            _sgemm_memo[index] = round(sgemm_gflops(torch.device("cuda", index)), 1)
+        cpu = cpu_description()
+        return {"sgemm_gflops": _sgemm_memo[index], "sgemm_device": torch.cuda.get_device_name(index),
+                "cpu_model": cpu["cpu_model"], "isa": cpu["isa"], "threads": torch.get_num_threads()}
+    r = machine_roofline(fma=False, cache=True)
+    return {"sgemm_gflops": r["sgemm_gflops"], "sgemm_device": "cpu", "cpu_model": r["cpu_model"], "isa": r["isa"],
+            "threads": r["threads"]}
+
+
+def steady_seconds_per_image(batches: list) -> float | None:
+    """Compute seconds per image from ``[(images, seconds), ...]`` of the batches run in this process: the first
+    batch (warm-up: first calls, kernel choice, FLOP counting) is left out when later ones exist."""
+    use = batches[1:] if len(batches) > 1 else batches
+    n = sum(b[0] for b in use)
+    return sum(b[1] for b in use) / n if n else None
+
+
+def roofline_numbers(flops_per_image: int | None, seconds_per_image: float | None,
+                     sgemm_gflops: float | None) -> dict:
+    """{"achieved_gflops", "roofline_fraction"} (None where an input is missing)."""
+    if not flops_per_image or not seconds_per_image or seconds_per_image <= 0:
+        return {"achieved_gflops": None, "roofline_fraction": None}
+    achieved = flops_per_image / seconds_per_image / 1e9
+    return {"achieved_gflops": float(f"{achieved:.4g}"),
+            "roofline_fraction": float(f"{achieved / sgemm_gflops:.4g}") if sgemm_gflops else None}
+
+
+def postfix(flops_per_image: int | None, seconds_per_image: float | None, sgemm_gflops: float | None) -> str:
+    """The progress-bar text: ``"12.3 GFLOP/s/img, 4.5% of SGEMM"``."""
+    r = roofline_numbers(flops_per_image, seconds_per_image, sgemm_gflops)
+    if r["achieved_gflops"] is None:
+        return ""
+    pct = f", {100 * r['roofline_fraction']:.1f}% of SGEMM" if r["roofline_fraction"] is not None else ""
+    return f"{r['achieved_gflops']:.1f} GFLOP/s{pct}"
