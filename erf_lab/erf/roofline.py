@@ -37,6 +37,20 @@ class _NoModuleTracking:
         return False
 
 
+def _without_dynamo_import(mode_cls) -> None:
+    """torch wraps every TorchDispatchMode's ``__torch_dispatch__`` in ``torch._disable_dynamo``, which imports
+    ``torch._dynamo`` at the first call (2.7 s on a 2-core CPU, sympy included) only to make the mode opaque to
+    ``torch.compile``. Nothing here is compiled, so when dynamo is not loaded yet, the mode's own function is
+    cached as its "disabled" form (the slot ``_disable_dynamo`` fills on first use); other torch versions are
+    left as they are."""
+    import sys
+
+    wrapper = mode_cls.__dict__.get("__torch_dispatch__")
+    raw = getattr(wrapper, "__wrapped__", None)
+    if "torch._dynamo" not in sys.modules and callable(raw) and getattr(raw, "__dynamo_disable", None) is None:
+        raw.__dynamo_disable = raw
+
+
 @contextlib.contextmanager
 def counting_flops(model: nn.Module):
     """``with counting_flops(m) as total: ...run the batch...``; ``total()`` is the FLOPs counted so far (multiply-
@@ -44,6 +58,9 @@ def counting_flops(model: nn.Module):
     import fastconv
     from torch.utils.flop_counter import FlopCounterMode
 
+    from torch.utils import flop_counter
+
+    _without_dynamo_import(getattr(flop_counter, "_FlopCounterMode", type(None)))
     fc = FlopCounterMode(display=False)
     if hasattr(fc, "mod_tracker"):
         fc.mod_tracker = _NoModuleTracking()
