@@ -18,6 +18,12 @@ TINY_KW = {"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}
 FAKE_REF = {"sgemm_gflops": 100.0, "sgemm_device": "cpu", "cpu_model": "test cpu", "isa": "avx2", "threads": 1}
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """FLOP counts are cached in the erf-lab cache: each test starts with an empty one."""
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))
+
+
 class Tiny(nn.Module):
     """conv 3->4 (3x3) -> ReLU -> fastconv depthwise 7x7 -> ReLU -> conv 4->2 (1x1)."""
 
@@ -62,6 +68,21 @@ def test_compute_erf_reports_flops_per_image_and_batch_times(monkeypatch):
     # not asked: no count, no reference, still the batch times
     res = compute_erf(Tiny(), torch.randn(2, 3, 16, 16), show_progress=False, reparameterize=False)
     assert "flops_per_image" not in res.info and len(res.info["batch_seconds"]) == 2
+
+
+def test_a_repeated_run_takes_the_flop_count_from_the_cache(monkeypatch):
+    monkeypatch.setattr(R, "sgemm_reference", lambda dev: dict(FAKE_REF))
+    x = torch.randn(2, 3, 16, 16)
+    first = compute_erf(Tiny(), x, show_progress=False, roofline=True, reparameterize=False)
+
+    def no_counting(model):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(R, "counting_flops", no_counting)
+    again = compute_erf(Tiny(), x, show_progress=False, roofline=True, reparameterize=False)
+    assert again.info["flops_per_image"] == first.info["flops_per_image"] == hand_count(16, 16)
+    with pytest.raises(AssertionError, match="counted again"):  # another input size is another key
+        compute_erf(Tiny(), torch.randn(1, 3, 20, 16), show_progress=False, roofline=True, reparameterize=False)
 
 
 def test_progress_bar_shows_gflops_and_percent_of_sgemm(monkeypatch, capsys):
