@@ -130,11 +130,14 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     """Feature-map shape and theoretical RF of ``layer``; ErfLabError if ``input_size`` is too small."""
     import fastconv
 
+    from erf_lab.erf.prepare import num_threads
     from erf_lab.erf.receptive_field import list_layers, resolve_layer
 
     name, _ = resolve_layer(model, layer)
     probe = int(min(input_size, 32))  # RF and stride do not depend on the input size: probe small and fast
-    with fastconv.use(backend="native"):  # no autotuning for shapes the measurement never uses
+    # no autotuning for shapes the measurement never uses; one thread: ~1000 tiny ops, where a second OpenMP
+    # thread only adds fork/join (RepLKNet-31B with 2 busy cores: 0.7 s on one thread, 3.7-8 s on two)
+    with fastconv.use(backend="native"), num_threads(1):
         try:
             rows = {r["name"]: r for r in list_layers(model, probe)}
         except ErfLabError:
