@@ -135,3 +135,25 @@ def test_run_json_records_the_roofline_and_old_files_still_load(tmp_path):
     (tmp_path / "run" / RUN_FILE).write_text(json.dumps(info))
     with pytest.raises(ErfLabError, match="roofline_fraction"):
         load_run(tmp_path / "run")
+
+
+def test_cpu_sgemm_is_the_largest_cached_for_this_machine(tmp_path, monkeypatch):
+    """A first SGEMM measurement taken while other processes ran is low; a larger one cached for the same CPU,
+    threads and torch (e.g. with the FMA probe) wins."""
+    import fastconv.roofline as FR
+    from fastconv.config import settings
+
+    base = {"cpu_model": "cpu X", "isa": "avx2", "cpu_count": 2, "threads": 2, "torch": torch.__version__,
+            "fma_peak_gflops": None, "measured_at": "now"}
+    monkeypatch.setattr(FR, "machine_roofline", lambda fma=True, cache=False: {**base, "sgemm_gflops": 40.0})
+    old = settings().cache_dir
+    fastconv.configure(cache_dir=tmp_path)
+    try:
+        (tmp_path / "roofline.json").write_text(json.dumps({
+            "a": {**base, "sgemm_gflops": 40.0}, "b": {**base, "sgemm_gflops": 130.0, "fma_peak_gflops": 190.0},
+            "other threads": {**base, "threads": 1, "sgemm_gflops": 500.0}, "junk": [1, 2]}))
+        assert R.sgemm_reference("cpu")["sgemm_gflops"] == 130.0
+        (tmp_path / "roofline.json").write_text("not json")
+        assert R.sgemm_reference("cpu")["sgemm_gflops"] == 40.0
+    finally:
+        fastconv.configure(cache_dir=old)
