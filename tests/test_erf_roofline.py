@@ -98,7 +98,8 @@ def test_steady_time_leaves_out_the_warm_up_batch():
     assert R.steady_seconds_per_image([]) is None
     assert R.roofline_numbers(4e9, 2.0, 100.0) == {"achieved_gflops": 2.0, "roofline_fraction": 0.02}
     assert R.roofline_numbers(None, 2.0, 100.0)["roofline_fraction"] is None
-    assert R.postfix(4e9, 2.0, 100.0) == "2.0 GFLOP/s, 2.0% of SGEMM"
+    assert R.postfix(4e9, 2.0, 100.0) == "2 GFLOP/s, 2.0% of SGEMM"
+    assert R.postfix(3.1e6, 0.006, 135.4) == "0.517 GFLOP/s, 0.4% of SGEMM"
 
 
 def test_run_json_records_the_roofline_and_old_files_still_load(tmp_path):

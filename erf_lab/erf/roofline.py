@@ -198,9 +198,9 @@ def roofline_numbers(flops_per_image: int | None, seconds_per_image: float | Non
 
 
 def postfix(flops_per_image: int | None, seconds_per_image: float | None, sgemm_gflops: float | None) -> str:
-    """The progress-bar text: ``"12.3 GFLOP/s/img, 4.5% of SGEMM"``."""
+    """The progress-bar text: ``"12.3 GFLOP/s, 4.5% of SGEMM"``."""
     r = roofline_numbers(flops_per_image, seconds_per_image, sgemm_gflops)
     if r["achieved_gflops"] is None:
         return ""
     pct = f", {100 * r['roofline_fraction']:.1f}% of SGEMM" if r["roofline_fraction"] is not None else ""
-    return f"{r['achieved_gflops']:.1f} GFLOP/s{pct}"
+    return f"{r['achieved_gflops']:.3g} GFLOP/s{pct}"
