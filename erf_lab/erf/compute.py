@@ -8,7 +8,9 @@ and fastconv for the large depthwise kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -106,12 +108,32 @@ def _iter_items(images):
     return (len(images) if hasattr(images, "__len__") and not isinstance(images, (list, tuple)) else None), gen()
 
 
+def _counting_flops(model):
+    from erf_lab.erf.roofline import counting_flops
+
+    return counting_flops(model)
+
+
+def _sgemm_reference(dev) -> dict | None:
+    """The device's SGEMM rate for the roofline; None (and the run goes on) if it cannot be measured."""
+    from erf_lab.erf.roofline import sgemm_reference
+
+    try:
+        return sgemm_reference(dev)
+    except (RuntimeError, OSError) as e:
+        import warnings
+
+        warnings.warn(f"SGEMM rate not measured ({type(e).__name__}: {e}); no roofline fraction", stacklevel=2)
+        return None
+
+
 def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate: str = "relu",
                 batch_size: int = 1, device: str = "cpu", reparameterize: bool = True,
                 channels_last: bool = True, conv_backend: str = "fastconv", show_progress: bool = True,
                 state: Accumulator | None = None, on_batch: Callable[[Accumulator], None] | None = None,
                 reducer: Callable[[Accumulator], Accumulator] | None = None,
-                prepared: bool = False, inplace: bool = False, allow_tf32: bool | None = None) -> ErfResult:
+                prepared: bool = False, inplace: bool = False, allow_tf32: bool | None = None,
+                roofline: bool = False) -> ErfResult:
     """Measure the ERF of ``model`` at ``layer`` over ``images``.
 
     ``images``: an (N, 3, H, W) tensor, an iterable of batches (or of ``(id, tensor)`` pairs), or an
@@ -122,6 +144,12 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     On CUDA the gradients are computed in full fp32: TF32 convolutions and matmuls are switched off for the
     measurement (``allow_tf32=True`` or ``$ERF_LAB_ALLOW_TF32=1`` keeps them; measured on an H200 for
     replknet_31b at 448^2, TF32 moved the ERF matrix by 4.4% max-relative, full fp32 by 5e-4).
+
+    Every batch's compute time (forward + input gradient + copy of the maps to the host; not the image loading,
+    not ``on_batch``) is in ``info["batch_seconds"]`` as ``[images, seconds]``. ``roofline``: also count the FLOPs
+    of the first batch (:func:`erf_lab.erf.roofline.counting_flops`, ``info["flops_per_image"]``; kept in the
+    erf-lab cache per model structure, layer and input size, so a repeated run does not count again), measure the
+    device's SGEMM rate (``info["roofline"]``) and show GFLOP/s and the % of SGEMM in the progress bar.
     """
     if aggregate not in AGGREGATES:
         raise ErfLabError(f"unknown aggregate {aggregate!r}; choose from {', '.join(AGGREGATES)}")
@@ -152,6 +180,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     bar = progress(total=total, desc=f"ERF {layer_name}", unit="img", disable=not show_progress,
                    initial=len(done) if total else 0)
     input_hw = None
+    batches: list = []  # [images, compute seconds] of every batch run here
+    rl: dict = {"flops_per_image": None, "roofline": None}
     try:
         pending: list = []
 
@@ -163,8 +193,32 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             input_hw = tuple(x.shape[-2:])
-            with full_fp32(dev, allow_tf32), conv_settings(conv_backend, dev):
-                maps = attribution.attribute(x).double().cpu().numpy()
+            count = roofline and not batches
+            if count:  # the same structure, layer and size were counted before: no FlopCounterMode pass
+                from erf_lab.erf.roofline import cached_flops, flops_key
+
+                rl["key"] = flops_key(m, layer_name, x.shape[-2:])
+                rl["flops_per_image"] = cached_flops(rl["key"])
+                count = rl["flops_per_image"] is None
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            with full_fp32(dev, allow_tf32), conv_settings(conv_backend, dev), \
+                    (_counting_flops(m) if count else contextlib.nullcontext()) as total:
+                maps = attribution.attribute(x).double().cpu().numpy()  # .cpu() waits for the device
+            batches.append([len(pending), time.perf_counter() - t0])
+            if count:
+                from erf_lab.erf.roofline import store_flops
+
+                rl["flops_per_image"] = int(total() // len(pending))
+                store_flops(rl["key"], rl["flops_per_image"])
+            if roofline and len(batches) == 1:
+                rl["roofline"] = _sgemm_reference(dev)
+            if roofline:
+                from erf_lab.erf.roofline import postfix, steady_seconds_per_image
+
+                bar.set_postfix_str(postfix(rl["flops_per_image"], steady_seconds_per_image(batches),
+                                            (rl["roofline"] or {}).get("sgemm_gflops")), refresh=False)
             for (ident, _), gm in zip(pending, maps):
                 if np.isfinite(gm).all():
                     acc.add(ident, gm)
@@ -199,7 +253,9 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                           + "; ".join(f"{i}: {r}" for i, r in acc.skipped[:3]) + ")")
     erf = acc.sum / acc.count
     input_size = int(input_hw[0]) if input_hw else int(erf.shape[0])
-    info.update({"tf32": bool(allow_tf32) if dev.type == "cuda" else None})
+    info.update({"tf32": bool(allow_tf32) if dev.type == "cuda" else None, "batch_seconds": batches})
+    if roofline:
+        info.update({"flops_per_image": rl["flops_per_image"], "roofline": rl["roofline"]})
     info.update({"batch_size": int(batch_size), "captum": "NeuronGradient", "target":
                  "sum_c ReLU(M[:, c, h//2, w//2])", "map": f"sum_rgb {aggregate.upper()}(d target / d input)"})
     return ErfResult(erf=erf, num_used=acc.count, num_skipped=len(acc.skipped), skipped=[list(s) for s in acc.skipped],

@@ -29,6 +29,7 @@ RUN_KIND = "erf"
 _NUM = (int, float)
 _STR_OR_NONE = (str, type(None))
 _INT_OR_NONE = (int, type(None))
+_NUM_OR_NONE = (int, float, type(None))
 #: run.json, schema version 1: field -> accepted JSON types. ``schema_version`` and ``kind`` are required; every
 #: other field is optional but, when present, must have its type (the README documents each field).
 RUN_FIELDS: dict[str, tuple] = {
@@ -49,6 +50,10 @@ RUN_FIELDS: dict[str, tuple] = {
     "world_size": (int,), "dist_backend": _STR_OR_NONE, "resumed": (bool,), "resumed_after_images": (int,),
     "start_time": (str,), "end_time": (str,), "wall_seconds": _NUM, "seconds_per_image": (*_NUM, type(None)),
     "provenance": (dict,), "metrics_summary": (dict,), "files": (list,), "written": (str,),
+    # roofline (erf_lab.erf.roofline; added within version 1: optional, absent from older files)
+    "flops_per_image": _INT_OR_NONE, "compute_seconds_per_image": _NUM_OR_NONE, "achieved_gflops": _NUM_OR_NONE,
+    "sgemm_gflops": _NUM_OR_NONE, "roofline_fraction": _NUM_OR_NONE, "sgemm_device": _STR_OR_NONE,
+    "cpu_model": _STR_OR_NONE, "isa": _STR_OR_NONE, "threads": _INT_OR_NONE,
 }
 
 
@@ -77,6 +82,10 @@ def validate_run_info(info: dict, source: str = "run.json") -> dict:
     for key in ("input_size", "num_used", "batch_size", "world_size"):
         if key in info and info[key] < (0 if key == "num_used" else 1):
             raise ErfLabError(f"{source}: field {key!r} must be positive, got {info[key]}")
+    for key in ("flops_per_image", "compute_seconds_per_image", "achieved_gflops", "sgemm_gflops",
+                "roofline_fraction"):
+        if info.get(key) is not None and info[key] < 0:
+            raise ErfLabError(f"{source}: field {key!r} must not be negative, got {info[key]}")
     if info.get("theoretical_rf") is not None and info["theoretical_rf"] < 1:
         raise ErfLabError(f"{source}: field 'theoretical_rf' must be positive, got {info['theoretical_rf']}")
     return info

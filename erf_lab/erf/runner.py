@@ -130,11 +130,14 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     """Feature-map shape and theoretical RF of ``layer``; ErfLabError if ``input_size`` is too small."""
     import fastconv
 
+    from erf_lab.erf.prepare import num_threads
     from erf_lab.erf.receptive_field import list_layers, resolve_layer
 
     name, _ = resolve_layer(model, layer)
     probe = int(min(input_size, 32))  # RF and stride do not depend on the input size: probe small and fast
-    with fastconv.use(backend="native"):  # no autotuning for shapes the measurement never uses
+    # no autotuning for shapes the measurement never uses; one thread: ~1000 tiny ops, where a second OpenMP
+    # thread only adds fork/join (RepLKNet-31B with 2 busy cores: 0.7 s on one thread, 3.7-8 s on two)
+    with fastconv.use(backend="native"), num_threads(1):
         try:
             rows = {r["name"]: r for r in list_layers(model, probe)}
         except ErfLabError:
@@ -351,7 +354,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                                  batch_size=spec.batch_size, device=device, reparameterize=spec.reparameterize,
                                  channels_last=spec.channels_last, conv_backend=spec.conv_backend,
                                  show_progress=show_progress and dinfo.is_main, state=acc, on_batch=checkpoint,
-                                 inplace=True, reducer=D.make_reducer(dinfo, (spec.input_size, spec.input_size), device))
+                                 inplace=True, reducer=D.make_reducer(dinfo, (spec.input_size, spec.input_size), device),
+                                 roofline=True)
         except ErfLabError:
             spath.unlink(missing_ok=True)  # nothing to resume from: every image failed, or bad input
             raise
@@ -405,5 +409,20 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
         "dist_backend": dinfo.backend, "resumed": resumed_from > 0, "resumed_after_images": resumed_from,
         "start_time": start, "end_time": now(), "wall_seconds": round(time.time() - t0, 2),
         "seconds_per_image": round(measure_s / new_images, 4),
+        **_roofline_fields(result.info),
         "provenance": provenance("erf", spec.config(), argv),
     }
+
+
+def _roofline_fields(info: dict) -> dict:
+    """run.json's roofline fields from ``compute_erf``'s info (this process's batches only: a resumed run times
+    the images it computed itself)."""
+    from erf_lab.erf.roofline import roofline_numbers, steady_seconds_per_image
+
+    ref = info.get("roofline") or {}
+    sec = steady_seconds_per_image(info.get("batch_seconds") or [])
+    return {"flops_per_image": info.get("flops_per_image"),
+            "compute_seconds_per_image": None if sec is None else round(sec, 5),
+            **roofline_numbers(info.get("flops_per_image"), sec, ref.get("sgemm_gflops")),
+            "sgemm_gflops": ref.get("sgemm_gflops"), "sgemm_device": ref.get("sgemm_device"),
+            "cpu_model": ref.get("cpu_model"), "isa": ref.get("isa"), "threads": ref.get("threads")}

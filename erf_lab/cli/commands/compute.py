@@ -82,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
           + (f"{info['theoretical_rf']}px" if info["theoretical_rf"] else "n/a (attention)"))
     if info.get("size_note"):
         print(f"note: {info['size_note']}")
+    if info.get("achieved_gflops"):
+        ref = (f", {100 * info['roofline_fraction']:.1f}% of the {info['sgemm_device']} SGEMM rate "
+               f"{info['sgemm_gflops']:.1f} GFLOP/s ({info['cpu_model']}, {info['isa']}, {info['threads']} threads)"
+               if info.get("roofline_fraction") is not None else "")
+        print(f"speed: {info['flops_per_image'] / 1e9:.3g} GFLOP per image in {info['compute_seconds_per_image']:.3g} s "
+              f"= {info['achieved_gflops']:.3g} GFLOP/s{ref}")
     from erf_lab.erf.tables import markdown_table, table_rows
 
     print(markdown_table(table_rows([(info["model"], res["metrics"])])))

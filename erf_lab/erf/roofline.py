@@ -1,0 +1,206 @@
+"""How close an ERF measurement runs to the machine's roofline: its FLOPs per image and the SGEMM rate.
+
+- :func:`counting_flops`: ``torch.utils.flop_counter.FlopCounterMode`` around one real batch of the measurement
+  (forward to the measured layer + input gradient; frozen weights, so no weight gradients), with fastconv's
+  depthwise convolutions counted by hand, whichever backend runs them (its C++, oneDNN, FFT and Triton kernels are
+  invisible to FlopCounterMode, which sees only ATen convolutions, and its autotuning trials must not count):
+  ``2 * out.numel() * KH * KW`` for the forward and as much again for the input gradient, the numbers
+  FlopCounterMode gives the same convolution through ``F.conv2d``.
+- :func:`sgemm_reference`: the fp32 matrix-multiply rate of the device that runs the measurement
+  (``fastconv.roofline``: on the CPU cached per CPU / threads / torch in fastconv's cache dir, the largest rate the
+  cache holds for them; on CUDA measured once per process).
+
+``roofline_fraction = flops_per_image / compute_seconds_per_image / sgemm``: the fraction of the SGEMM rate that the
+model's FLOPs reach. 1.0 would mean every FLOP ran at GEMM speed; the large depthwise convolutions are not GEMMs
+(memory-bound, a few FLOPs per byte), so a RepLKNet stays well below it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+_sgemm_memo: dict = {}
+
+
+class _NoModuleTracking:
+    """Stands in for FlopCounterMode's module tracker: its per-module hooks break captum's ``autograd.grad`` on
+    a leaf input, and only the global count is used here."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _without_dynamo_import(mode_cls) -> None:
+    """torch wraps every TorchDispatchMode's ``__torch_dispatch__`` in ``torch._disable_dynamo``, which imports
+    ``torch._dynamo`` at the first call (2.7 s on a 2-core CPU, sympy included) only to make the mode opaque to
+    ``torch.compile``. Nothing here is compiled, so when dynamo is not loaded yet, the mode's own function is
+    cached as its "disabled" form (the slot ``_disable_dynamo`` fills on first use); other torch versions are
+    left as they are."""
+    import sys
+
+    wrapper = mode_cls.__dict__.get("__torch_dispatch__")
+    raw = getattr(wrapper, "__wrapped__", None)
+    if "torch._dynamo" not in sys.modules and callable(raw) and getattr(raw, "__dynamo_disable", None) is None:
+        raw.__dynamo_disable = raw
+
+
+@contextlib.contextmanager
+def counting_flops(model: nn.Module):
+    """``with counting_flops(m) as total: ...run the batch...``; ``total()`` is the FLOPs counted so far (multiply-
+    add = 2 FLOPs), forward and backward."""
+    import fastconv
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from torch.utils import flop_counter
+
+    _without_dynamo_import(getattr(flop_counter, "_FlopCounterMode", type(None)))
+    fc = FlopCounterMode(display=False)
+    if hasattr(fc, "mod_tracker"):
+        fc.mod_tracker = _NoModuleTracking()
+    extra = [0]
+    before: dict = {}
+
+    def pre(mod, args):
+        before[id(mod)] = fc.get_total_flops()
+
+    def post(mod, args, out):
+        # whatever ATen counted inside the call (F.conv2d, or the trial runs of fastconv's autotuning) is
+        # replaced by the convolution's own count; its gradient is counted here unless autograd will run it
+        # through ATen's convolution_backward (the native backend), which FlopCounterMode counts itself
+        extra[0] -= fc.get_total_flops() - before.pop(id(mod), 0)
+        x, w = args[0], mod.weight
+        macs = out.numel() * w.shape[-2] * w.shape[-1] * w.shape[1]
+        aten_backward = out.grad_fn is not None and "Convolution" in type(out.grad_fn).__name__
+        passes = 1 + (0 if aten_backward else bool(x.requires_grad) + bool(w.requires_grad))  # fwd, dx, dw
+        extra[0] += 2 * macs * passes
+
+    handles = []
+    for mod in model.modules():
+        if isinstance(mod, fastconv.DepthwiseConv2d):
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        with fc:
+            yield lambda: fc.get_total_flops() + extra[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+FLOPS_CACHE = "erf_flops.json"
+
+
+def flops_key(model: nn.Module, layer: str, input_hw) -> str:
+    """What the FLOPs of a measurement depend on: the prepared model's structure (every module's class and every
+    tensor's name and shape), the layer, the input size, and the erf-lab / torch versions (weights do not count)."""
+    import hashlib
+    import json
+
+    import erf_lab
+
+    parts = [erf_lab.__version__, torch.__version__, layer, list(input_hw),
+             [(n, type(m).__qualname__) for n, m in model.named_modules()],
+             [(n, list(t.shape)) for n, t in (*model.named_parameters(), *model.named_buffers())]]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def cached_flops(key: str) -> int | None:
+    """FLOPs per image counted by an earlier run for ``key`` (``<erf-lab cache>/erf_flops.json``), else None."""
+    import json
+
+    from erf_lab.paths import cache_dir
+
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        v = json.loads((cache_dir() / FLOPS_CACHE).read_text()).get(key)
+        if type(v) is int and v > 0:
+            return v
+    return None
+
+
+def store_flops(key: str, flops: int) -> None:
+    """Remember ``flops`` for ``key`` (atomic rewrite; a cache that cannot be written is skipped)."""
+    import json
+    import os
+
+    from erf_lab.paths import cache_dir
+
+    path = cache_dir() / FLOPS_CACHE
+    with contextlib.suppress(OSError, ValueError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+            table = table if isinstance(table, dict) else {}
+        except (OSError, ValueError):
+            table = {}
+        table[key] = int(flops)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+
+
+def sgemm_reference(device) -> dict:
+    """{"sgemm_gflops", "sgemm_device", "cpu_model", "isa", "threads"} for ``device`` (the fp32 GEMM rate the
+    roofline fraction is taken against)."""
+    from fastconv.roofline import cpu_description, machine_roofline, sgemm_gflops
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index not in _sgemm_memo:
+            _sgemm_memo[index] = round(sgemm_gflops(torch.device("cuda", index)), 1)
+        cpu = cpu_description()
+        return {"sgemm_gflops": _sgemm_memo[index], "sgemm_device": torch.cuda.get_device_name(index),
+                "cpu_model": cpu["cpu_model"], "isa": cpu["isa"], "threads": torch.get_num_threads()}
+    r = machine_roofline(fma=False, cache=True)
+    return {"sgemm_gflops": max([r["sgemm_gflops"], *_cached_sgemm(r)]), "sgemm_device": "cpu",
+            "cpu_model": r["cpu_model"], "isa": r["isa"], "threads": r["threads"]}
+
+
+def _cached_sgemm(r: dict) -> list[float]:
+    """Every SGEMM rate in fastconv's roofline cache for the CPU, thread count and torch version of ``r`` (its
+    entries with and without the FMA probe). Other processes on the machine can only lower a measurement, so the
+    largest known is the better estimate of the machine's rate than the first one cached."""
+    import json
+
+    from fastconv.config import settings
+
+    try:
+        table = json.loads((settings().cache_dir / "roofline.json").read_text())
+        return [float(e["sgemm_gflops"]) for e in table.values()
+                if isinstance(e, dict) and isinstance(e.get("sgemm_gflops"), (int, float))
+                and all(e.get(k) == r.get(k) for k in ("cpu_model", "isa", "threads", "torch"))]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+
+
+def steady_seconds_per_image(batches: list) -> float | None:
+    """Compute seconds per image from ``[(images, seconds), ...]`` of the batches run in this process: the first
+    batch (warm-up: first calls, kernel choice, FLOP counting) is left out when later ones exist."""
+    use = batches[1:] if len(batches) > 1 else batches
+    n = sum(b[0] for b in use)
+    return sum(b[1] for b in use) / n if n else None
+
+
+def roofline_numbers(flops_per_image: int | None, seconds_per_image: float | None,
+                     sgemm_gflops: float | None) -> dict:
+    """{"achieved_gflops", "roofline_fraction"} (None where an input is missing)."""
+    if not flops_per_image or not seconds_per_image or seconds_per_image <= 0:
+        return {"achieved_gflops": None, "roofline_fraction": None}
+    achieved = flops_per_image / seconds_per_image / 1e9
+    return {"achieved_gflops": float(f"{achieved:.4g}"),
+            "roofline_fraction": float(f"{achieved / sgemm_gflops:.4g}") if sgemm_gflops else None}
+
+
+def postfix(flops_per_image: int | None, seconds_per_image: float | None, sgemm_gflops: float | None) -> str:
+    """The progress-bar text: ``"12.3 GFLOP/s, 4.5% of SGEMM"``."""
+    r = roofline_numbers(flops_per_image, seconds_per_image, sgemm_gflops)
+    if r["achieved_gflops"] is None:
+        return ""
+    pct = f", {100 * r['roofline_fraction']:.1f}% of SGEMM" if r["roofline_fraction"] is not None else ""
+    return f"{r['achieved_gflops']:.3g} GFLOP/s{pct}"

@@ -1,0 +1,160 @@
+"""Roofline of an ERF measurement (``erf_lab.erf.roofline``): the FLOP count against a hand count on every
+fastconv backend, the run.json fields, old run.json files without them, and the progress-bar text."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastconv
+from erf_lab.erf import roofline as R
+from erf_lab.erf.attribution import EffectiveReceptiveField
+from erf_lab.erf.compute import compute_erf
+from erf_lab.erf.rundir import RUN_FILE, load_run
+from erf_lab.erf.runner import ErfSpec, run_erf
+from erf_lab.errors import ErfLabError
+
+TINY_KW = {"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}
+FAKE_REF = {"sgemm_gflops": 100.0, "sgemm_device": "cpu", "cpu_model": "test cpu", "isa": "avx2", "threads": 1}
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """FLOP counts are cached in the erf-lab cache: each test starts with an empty one."""
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))
+
+
+class Tiny(nn.Module):
+    """conv 3->4 (3x3) -> ReLU -> fastconv depthwise 7x7 -> ReLU -> conv 4->2 (1x1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.dw = fastconv.DepthwiseConv2d(4, 7, bias=True)
+        self.c2 = nn.Conv2d(4, 2, 1)
+
+    def forward_features(self, x):
+        return self.c2(torch.relu(self.dw(torch.relu(self.c1(x)))))
+
+
+def hand_count(h, w):
+    """Multiply-adds x 2 for the forward, as much again for the input gradient (frozen weights: no dL/dw)."""
+    fwd = 2 * h * w * (4 * 3 * 3 * 3 + 4 * 7 * 7 + 2 * 4)
+    return 2 * fwd
+
+
+@pytest.mark.parametrize("backend", ["native", "cpp", "fft", "auto"])
+def test_flop_count_of_a_tiny_model_is_the_hand_count(backend):
+    torch.manual_seed(0)
+    m = Tiny().eval().requires_grad_(False)
+    erf = EffectiveReceptiveField(m)
+    x = torch.randn(2, 3, 12, 10)
+    try:
+        with fastconv.use(backend=backend), R.counting_flops(m) as total:
+            erf.attribute(x)
+    except RuntimeError as e:  # a backend that cannot be built here (no compiler)
+        pytest.skip(f"{backend}: {e}")
+    assert total() == 2 * hand_count(12, 10)  # two images
+
+
+def test_compute_erf_reports_flops_per_image_and_batch_times(monkeypatch):
+    monkeypatch.setattr(R, "sgemm_reference", lambda dev: dict(FAKE_REF))
+    torch.manual_seed(0)
+    res = compute_erf(Tiny(), torch.randn(5, 3, 16, 16), batch_size=2, show_progress=False, roofline=True,
+                      reparameterize=False)
+    assert res.info["flops_per_image"] == hand_count(16, 16)
+    assert [b[0] for b in res.info["batch_seconds"]] == [2, 2, 1]
+    assert res.info["roofline"] == FAKE_REF
+    # not asked: no count, no reference, still the batch times
+    res = compute_erf(Tiny(), torch.randn(2, 3, 16, 16), show_progress=False, reparameterize=False)
+    assert "flops_per_image" not in res.info and len(res.info["batch_seconds"]) == 2
+
+
+def test_a_repeated_run_takes_the_flop_count_from_the_cache(monkeypatch):
+    monkeypatch.setattr(R, "sgemm_reference", lambda dev: dict(FAKE_REF))
+    x = torch.randn(2, 3, 16, 16)
+    first = compute_erf(Tiny(), x, show_progress=False, roofline=True, reparameterize=False)
+
+    def no_counting(model):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(R, "counting_flops", no_counting)
+    again = compute_erf(Tiny(), x, show_progress=False, roofline=True, reparameterize=False)
+    assert again.info["flops_per_image"] == first.info["flops_per_image"] == hand_count(16, 16)
+    with pytest.raises(AssertionError, match="counted again"):  # another input size is another key
+        compute_erf(Tiny(), torch.randn(1, 3, 20, 16), show_progress=False, roofline=True, reparameterize=False)
+
+
+def test_progress_bar_shows_gflops_and_percent_of_sgemm(monkeypatch, capsys):
+    monkeypatch.setattr(R, "sgemm_reference", lambda dev: dict(FAKE_REF))
+    compute_erf(Tiny(), torch.randn(3, 3, 16, 16), show_progress=True, roofline=True, reparameterize=False)
+    err = capsys.readouterr().err
+    assert "GFLOP/s" in err and "% of SGEMM" in err, err
+
+
+def test_steady_time_leaves_out_the_warm_up_batch():
+    assert R.steady_seconds_per_image([[2, 10.0], [2, 1.0], [1, 0.5]]) == pytest.approx(0.5)
+    assert R.steady_seconds_per_image([[2, 3.0]]) == pytest.approx(1.5)
+    assert R.steady_seconds_per_image([]) is None
+    assert R.roofline_numbers(4e9, 2.0, 100.0) == {"achieved_gflops": 2.0, "roofline_fraction": 0.02}
+    assert R.roofline_numbers(None, 2.0, 100.0)["roofline_fraction"] is None
+    assert R.postfix(4e9, 2.0, 100.0) == "2 GFLOP/s, 2.0% of SGEMM"
+    assert R.postfix(3.1e6, 0.006, 135.4) == "0.517 GFLOP/s, 0.4% of SGEMM"
+
+
+def test_run_json_records_the_roofline_and_old_files_still_load(tmp_path):
+    spec = ErfSpec("replknet_31b", overrides=TINY_KW, num_images=3, input_size=32, batch_size=1)
+    res = run_erf(spec, out=tmp_path / "run", show_progress=False, formats=("png",))
+    info = json.loads((tmp_path / "run" / RUN_FILE).read_text())
+    assert info["flops_per_image"] > 0 and info["compute_seconds_per_image"] > 0
+    assert info["sgemm_gflops"] > 0 and info["achieved_gflops"] > 0
+    assert 0 < info["roofline_fraction"] < 1.5  # FLOPs / time / SGEMM; above 1 only if SGEMM was measured low
+    assert info["roofline_fraction"] == pytest.approx(info["achieved_gflops"] / info["sgemm_gflops"], rel=1e-2)
+    assert info["cpu_model"] and info["isa"] and info["threads"] >= 1 and info["sgemm_device"] == "cpu"
+    assert res["run_info"]["flops_per_image"] == info["flops_per_image"]
+    # same FLOPs as FlopCounterMode sees on the native path (F.conv2d everywhere)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from erf_lab.erf.prepare import prepare_model
+    from erf_lab.models import create_model
+
+    torch.manual_seed(0)
+    m, _ = prepare_model(create_model("replknet_31b", **TINY_KW), conv_backend="native")
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    with fastconv.use(backend="native"), FlopCounterMode(display=False) as fc:
+        out = EffectiveReceptiveField(m).forward_func(x)
+        torch.relu(out[:, :, out.shape[2] // 2, out.shape[3] // 2]).sum().backward()
+    assert info["flops_per_image"] == fc.get_total_flops()
+
+    # a run.json written before the roofline fields: loads as before
+    for k in ("flops_per_image", "compute_seconds_per_image", "achieved_gflops", "sgemm_gflops",
+              "roofline_fraction", "sgemm_device", "cpu_model", "isa", "threads"):
+        info.pop(k)
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps(info))
+    assert load_run(tmp_path / "run").run_info["model"] == "replknet_31b"
+    info["roofline_fraction"] = "fast"
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps(info))
+    with pytest.raises(ErfLabError, match="roofline_fraction"):
+        load_run(tmp_path / "run")
+
+
+def test_cpu_sgemm_is_the_largest_cached_for_this_machine(tmp_path, monkeypatch):
+    """A first SGEMM measurement taken while other processes ran is low; a larger one cached for the same CPU,
+    threads and torch (e.g. with the FMA probe) wins."""
+    import fastconv.roofline as FR
+    from fastconv.config import settings
+
+    base = {"cpu_model": "cpu X", "isa": "avx2", "cpu_count": 2, "threads": 2, "torch": torch.__version__,
+            "fma_peak_gflops": None, "measured_at": "now"}
+    monkeypatch.setattr(FR, "machine_roofline", lambda fma=True, cache=False: {**base, "sgemm_gflops": 40.0})
+    old = settings().cache_dir
+    fastconv.configure(cache_dir=tmp_path)
+    try:
+        (tmp_path / "roofline.json").write_text(json.dumps({
+            "a": {**base, "sgemm_gflops": 40.0}, "b": {**base, "sgemm_gflops": 130.0, "fma_peak_gflops": 190.0},
+            "other threads": {**base, "threads": 1, "sgemm_gflops": 500.0}, "junk": [1, 2]}))
+        assert R.sgemm_reference("cpu")["sgemm_gflops"] == 130.0
+        (tmp_path / "roofline.json").write_text("not json")
+        assert R.sgemm_reference("cpu")["sgemm_gflops"] == 40.0
+    finally:
+        fastconv.configure(cache_dir=old)
