@@ -90,6 +90,10 @@ def _loadavg() -> str:
         return "n/a"
 
 
+def _sig(v: float) -> float:
+    return float(f"{v:.4g}")
+
+
 def _bench(fastconv, a, r, k, peak):
     b, c = a.batch, a.channels
     g = torch.Generator().manual_seed(k)
@@ -145,12 +149,12 @@ def _bench(fastconv, a, r, k, peak):
             wg = w.detach().requires_grad_(mode == "fwdbwd")
             with torch.enable_grad() if mode == "fwdbwd" else torch.no_grad():
                 backend = fastconv.dispatch.decide(xg, wg, None)["backend"]
-            rows.append({"R": r, "K": k, "layout": lay, "mode": mode, "fastconv_ms": round(fc * 1e3, 4),
+            rows.append({"R": r, "K": k, "layout": lay, "mode": mode, "fastconv_ms": _sig(fc * 1e3),
                          "fastconv_backend": backend,
-                         **{f"{n}_ms": round(t[n] * 1e3, 4) for n in stock}, "best_stock": best_stock,
-                         "ratio_vs_best_stock": round(ratio, 3),
+                         **{f"{n}_ms": _sig(t[n] * 1e3) for n in stock}, "best_stock": best_stock,
+                         "ratio_vs_best_stock": _sig(ratio),
                          "never_slower": "PASS" if ratio <= 1 + a.noise else "FAIL",
-                         "gflops": round(gf, 2), "fraction_of_fma_peak": None if frac is None else round(frac, 3),
+                         "gflops": _sig(gf), "fraction_of_fma_peak": None if frac is None else _sig(frac),
                          "roofline_target": target if k >= ROOFLINE_MIN_K else None, "roofline": roof_check})
             row = rows[-1]
             stock_txt = " ".join(f"{n.replace('stock_', '')} {t[n] * 1e3:8.2f}" for n in stock)
