@@ -190,7 +190,8 @@ def test_benchmark_reports_ratio_and_roofline(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(roofline, "_memo", {})
     monkeypatch.setattr(roofline, "sgemm_gflops", lambda *a, **k: 10.0)
     monkeypatch.setattr(roofline, "fma_peak_gflops", lambda *a, **k: 20.0)
-    bench.main(["--kernels", "3,13", "--res", "8", "--channels", "4", "--repeats", "2", "--out", str(tmp_path)])
+    bench.main(["--kernels", "3,13", "--res", "8", "--channels", "4", "--repeats", "2", "--min-time", "0",
+                "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert "SGEMM 10.0 GFLOP/s, FMA peak 20.0 GFLOP/s" in text and "load average" in text
     res = json.loads((tmp_path / "fastconv_cpu.json").read_text())
