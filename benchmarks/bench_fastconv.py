@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     roof = machine_roofline(fma=True, cache=False)  # measured in this run, beside the timings
     peak = roof.get("fma_peak_gflops")
     if peak:  # a second probe: on a shared machine one probe can lose a core to another process; the peak is the max
-        again = fma_peak_gflops(roof["threads"], repeats=5)
+        again = fma_peak_gflops(roof["threads"])
         roof["fma_peak_probes"] = [peak, round(again, 1)]
         roof["fma_peak_gflops"] = peak = max(peak, round(again, 1))
     machine = describe(roof)
