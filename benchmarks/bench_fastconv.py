@@ -166,7 +166,8 @@ def _bench(fastconv, a, r, k, peak):
                          "ratio_vs_best_stock": _sig(ratio),
                          "never_slower": "PASS" if ratio <= 1 + a.noise else "FAIL",
                          "gflops": _sig(gf), "fraction_of_fma_peak": None if frac is None else _sig(frac),
-                         "roofline_target": target if k >= ROOFLINE_MIN_K else None, "roofline": roof_check})
+                         "roofline_target": target if k >= ROOFLINE_MIN_K else None, "roofline": roof_check,
+                         "load_average": _loadavg()})
             row = rows[-1]
             stock_txt = " ".join(f"{n.replace('stock_', '')} {t[n] * 1e3:8.2f}" for n in stock)
             print(f"R={r:3d} K={k:2d} {lay:4s} {mode:6s} fastconv {fc * 1e3:8.2f} ms ({backend:13s}) | stock ms: "
