@@ -11,7 +11,8 @@ Targets:
                 forward + both gradients.
 Times are the minimum over round-robin rounds (every implementation sees the same machine load; the minimum is the
 load-robust estimate on a shared machine; at least --repeats rounds and --min-time seconds). The FMA peak is the
-larger of two probes (start of the run and just after it). Writes ``benchmarks/results/fastconv_cpu.{json,md}`` (``--out``).
+larger of two probes (start of the run and just after it). On a shared machine a competing process makes the
+2-thread times jump in scheduler ticks (4 ms multiples seen on the dev box): --threads 1 is the steadier view. Writes ``benchmarks/results/fastconv_cpu.{json,md}`` (``--out``).
 Not a test: the machine is noisy.
 Usage: python benchmarks/bench_fastconv.py [--batch 1] [--res 32] [--repeats 7] [--kernels 3,5,...] [--noise 0.05]
 """
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, default=0.05, help="allowance of the never-slower check (0.05 = 5%%)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--fresh-autotune", action="store_true", help="tune in a temporary cache (this run's conditions)")
-    p.add_argument("--out", default=str(RESULTS), help="directory for fastconv_cpu.json / .md ('' = none)")
+    p.add_argument("--out", default=str(RESULTS), help="directory for <name>.json / .md ('' = none)")
+    p.add_argument("--name", default="fastconv_cpu", help="file stem of the results")
     a = p.parse_args(argv)
     if a.fresh_autotune:
         os.environ["FASTCONV_CACHE"] = tempfile.mkdtemp(prefix="fastconv-bench-")
@@ -83,9 +85,9 @@ def main(argv=None) -> int:
                                                         "fwdbwd_fraction_of_fma_peak": TARGET_FWDBWD,
                                                         "roofline_min_k": ROOFLINE_MIN_K},
                 "command": " ".join(["python", "benchmarks/bench_fastconv.py", *(argv or sys.argv[1:])])}
-        (out / "fastconv_cpu.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-        (out / "fastconv_cpu.md").write_text(_markdown(meta, rows))
-        print(f"wrote {out / 'fastconv_cpu.json'} and {out / 'fastconv_cpu.md'}")
+        (out / f"{a.name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+        (out / f"{a.name}.md").write_text(_markdown(meta, rows))
+        print(f"wrote {out / (a.name + '.json')} and {out / (a.name + '.md')}")
     return 0 if not fails else 1
 
 
