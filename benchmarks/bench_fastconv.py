@@ -9,10 +9,11 @@ Targets:
   roofline:     K >= 13, achieved GFLOP/s >= 85% (forward) / 80% (forward + both grads) of this machine's FMA peak,
                 measured in the same run (``fastconv.roofline``). FLOPs = 2*B*C*R*R*K*K per pass, 3 passes for
                 forward + both gradients.
-Times are the minimum over round-robin rounds (every implementation sees the same machine load; the minimum is the
-load-robust estimate on a shared machine; at least --repeats rounds and --min-time seconds). The FMA peak is the
-larger of two probes (start of the run and just after it). On a shared machine a competing process makes the
-2-thread times jump in scheduler ticks (4 ms multiples seen on the dev box): --threads 1 is the steadier view. Writes ``benchmarks/results/fastconv_cpu.{json,md}`` (``--out``).
+Times are the minimum over round-robin rounds (every implementation sees the same machine load, in an order that
+rotates each round; the minimum is the load-robust estimate on a shared machine; at least --repeats rounds and
+--min-time seconds). The FMA peak is the larger of two probes (start of the run and just after it). On a shared
+machine a competing process makes the 2-thread times jump in scheduler ticks (4 ms multiples seen on the dev box):
+--threads 1 is the steadier view. Writes ``benchmarks/results/<--name>.{json,md}`` (default fastconv_cpu).
 Not a test: the machine is noisy.
 Usage: python benchmarks/bench_fastconv.py [--batch 1] [--res 32] [--repeats 7] [--kernels 3,5,...] [--noise 0.05]
 """
@@ -141,7 +142,8 @@ def _bench(fastconv, a, r, k, peak):
         # on a shared machine, where another process can take a core at any moment
         while i < a.repeats or (time.perf_counter() - t_start < a.min_time and i < 200):
             best = min((min(v) for v in times.values() if v), default=float("inf"))
-            for n in impls:
+            names = list(impls)
+            for n in names[i % len(names):] + names[:i % len(names)]:  # rotated: no one always follows the same
                 if i >= 2 and min(times[n]) > 10 * best:  # 10x slower than the best: two runs are enough
                     continue
                 t = time.perf_counter()
