@@ -2,11 +2,13 @@
 
 The C++ kernel is plain C ABI, built once with the system C++ compiler (a few seconds, cached under the fastconv
 cache directory keyed by source hash, flags, compiler and CPU) and called through ``ctypes`` (which releases the
-GIL). Per (image, 8-channel block) plane it packs a cache-resident
-channel-blocked copy and computes forward, input gradient and weight gradient with one register-tiled correlation
-(see the source). Built with OpenMP, its loops run on PyTorch's own OpenMP
-pool: measured on the 2-core dev box, running them on separate Python threads instead lost a third of the speed
-to PyTorch's spinning OpenMP workers (R=32, K=31: 45 vs 71 GFLOP/s). Without OpenMP the kernel runs on one thread
+GIL). Per (image, L-channel block) plane it packs a cache-resident channel-blocked copy and computes forward, input
+gradient and weight gradient with one register-tiled correlation (see the source). L, the lane width, is chosen at
+run time (``cpu_lanes``): 16 (the AVX-512 variant) on a CPU that reports avx512f, else 8; ``$FASTCONV_CPU_LANES`` =
+8 or 16 forces one (16 on a CPU without AVX-512 runs the same 16-lane code lowered to pairs of 256-bit vectors: how
+the tests check it on an AVX2 machine). Built with OpenMP, its loops run on PyTorch's own OpenMP pool: measured on
+the 2-core dev box, running them on separate Python threads instead lost a third of the speed to PyTorch's spinning
+OpenMP workers (R=32, K=31: 45 vs 71 GFLOP/s). Without OpenMP the kernel runs on one thread
 (the cost model then prefers oneDNN, see ``cpp_multithreaded``); without a compiler ``cpp_available()`` is False
 and dispatch uses the pure-PyTorch paths.
 """
@@ -52,8 +54,8 @@ def _build() -> ctypes.CDLL:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
     last_error = ""
-    for flags in (["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
-                  ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]):  # without OpenMP: Python threads
+    common = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=fast", "-Wno-psabi"]
+    for flags in (common + ["-fopenmp"], common):  # without OpenMP: one thread
         try:
             return _build_with(cxx, flags)
         except RuntimeError as e:
@@ -89,13 +91,59 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     out = compile_shared_library(_SRC, flags, cxx)
     lib = ctypes.CDLL(str(out))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.dw_wgrad_fused.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, i64, p] + [i64] * 7
+    lib.dw_wgrad_fused.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, i64, p] + [i64] * 8
     lib.dw_wgrad_fused.restype = None
-    lib.dw_conv_fused.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, p] + [i64] * 11
+    lib.dw_conv_fused.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, p] + [i64] * 12
     lib.dw_conv_fused.restype = None
-    lib.dw_has_openmp.argtypes = []
-    lib.dw_has_openmp.restype = ctypes.c_int
+    for name in ("dw_has_openmp", "dw_has_avx512_build", "dw_cpu_avx512f"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = ctypes.c_int
+    lib.dw_variant.argtypes = [i64]
+    lib.dw_variant.restype = ctypes.c_int
     return lib
+
+
+# ------------------------------------------------------------------------------------------------- lane width
+ENV_LANES = "FASTCONV_CPU_LANES"
+_VARIANTS = {8: "8-lane (256-bit vectors)", 16: "16-lane AVX-512", 17: "16-lane lowered to 2x256-bit (no AVX-512)"}
+
+
+def _requested_lanes(lanes=None) -> int:
+    """0 (auto), 8 or 16 from ``lanes`` or else ``$FASTCONV_CPU_LANES`` ("auto"/"" = auto); ValueError otherwise."""
+    raw = os.environ.get(ENV_LANES, "") if lanes is None else lanes
+    if isinstance(raw, str):
+        raw = raw.strip().lower()
+        if raw in ("", "auto", "0"):
+            return 0
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = -1
+    if value not in (0, 8, 16):
+        src = f"${ENV_LANES}" if lanes is None else "lanes"
+        raise ValueError(f"fastconv: {src}={raw!r} is not a CPU lane width; use 8, 16 or auto")
+    return value
+
+
+def cpu_lanes(lanes=None) -> int:
+    """fp32 lanes per vector the C++ kernel runs with: ``lanes`` (8 or 16) or ``$FASTCONV_CPU_LANES`` when given,
+    else 16 where the CPU reports avx512f (and the AVX-512 variant was built), else 8."""
+    req = _requested_lanes(lanes)
+    if req:
+        return req
+    lib = cpp_library()
+    return 16 if lib is not None and lib.dw_variant(0) == 16 else 8
+
+
+def cpu_variant(lanes=None) -> str:
+    """Which variant of the C++ kernel runs, in words (for ``explain`` and the benchmark header)."""
+    lib = cpp_library()
+    if lib is None:
+        return "unavailable"
+    req = _requested_lanes(lanes)
+    how = f"forced by {'lanes' if lanes is not None else '$' + ENV_LANES}" if req else (
+        "auto: CPU has avx512f" if lib.dw_cpu_avx512f() else "auto: CPU without avx512f")
+    return f"{_VARIANTS[lib.dw_variant(req)]}, {how}"
 
 
 def kernel_id() -> str:
@@ -143,10 +191,12 @@ def cpp_multithreaded() -> bool:
     return lib is not None and (bool(lib.dw_has_openmp()) or _threads() == 1)
 
 
-def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: bool = False) -> torch.Tensor:
+def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: bool = False,
+             lanes: int | None = None) -> torch.Tensor:
     """Depthwise same conv of ``x`` (N,C,H,W any format) with ``w`` (C,1,KH,KW) (flipped in both axes if ``flip``:
     the input gradient) through the C++ kernel in one fused pass (``dw_conv_fused``: per-plane packing, the
-    register-tiled correlation and the write-back); returns an (N,C,H,W) tensor in ``x``'s memory format."""
+    register-tiled correlation and the write-back); returns an (N,C,H,W) tensor in ``x``'s memory format.
+    ``lanes``: 8 or 16 forces a lane width (default ``cpu_lanes()``)."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]
@@ -159,18 +209,18 @@ def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: 
     b = bias.float().contiguous() if bias is not None else None
     y = torch.empty_like(x, dtype=torch.float32)  # x's strides when dense (NCHW, channels_last), else NCHW
     lib.dw_conv_fused(x.data_ptr(), *x.stride(), w_ptr, s_c, s_h, s_w, b.data_ptr() if b is not None else None,
-                      y.data_ptr(), *y.stride(), n, c, h, wd, kh, kw, _omp_threads(lib))
+                      y.data_ptr(), *y.stride(), n, c, h, wd, kh, kw, _omp_threads(lib), _requested_lanes(lanes))
     return y
 
 
-def cpp_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+def cpp_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int, lanes: int | None = None) -> torch.Tensor:
     """dL/dw (C,1,KH,KW) = correlation of the padded input with the output gradient, summed over the batch, in
-    one fused C++ pass (``dw_wgrad_fused``) reading both tensors in any layout."""
+    one fused C++ pass (``dw_wgrad_fused``) reading both tensors in any layout (``lanes`` as in ``cpp_conv``)."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     gw = torch.empty((c, 1, kh, kw), dtype=torch.float32)
     lib.dw_wgrad_fused(x.data_ptr(), *x.stride(), g.data_ptr(), *g.stride(), gw.data_ptr(), n, c, h, wd, kh, kw,
-                       _omp_threads(lib))
+                       _omp_threads(lib), _requested_lanes(lanes))
     return gw
 
 

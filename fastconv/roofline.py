@@ -61,9 +61,11 @@ def sgemm_gflops(device="cpu", n: int | None = None, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best / 1e9
 
 
-def fma_peak_gflops(threads: int | None = None, flops_per_thread: float = 2e9, repeats: int = 3) -> float | None:
+def fma_peak_gflops(threads: int | None = None, flops_per_thread: float = 2e8, repeats: int = 30) -> float | None:
     """Measured fp32 FMA peak in GFLOP/s on ``threads`` threads (default torch's), or None where the probe cannot
-    be built (no compiler, no FMA unit)."""
+    be built (no compiler, no FMA unit). Many short runs (best of 30 x ~2 ms): on a shared machine a run that loses
+    a core to another process only counts when none was quiet (2-core dev box under load average 3: 3 x 20 ms gave
+    190, 30 x 2 ms 203 GFLOP/s; at other moments 3 x 20 ms read 88-97, one core's worth)."""
     lib = _fma_library()
     if lib is None:
         return None

@@ -1,152 +1,86 @@
-// Depthwise 2-D correlation on channel-blocked planes, fp32, one 8-channel AVX vector per pixel.
+// Depthwise 2-D correlation on channel-blocked planes, fp32, one L-channel vector per pixel (L = 8 or 16).
 //
-// Plain C ABI (no torch headers) so the JIT build takes a couple of seconds; called through ctypes, which releases
-// the GIL. A "plane" is one (image, block of 8 channels) slice stored (rows, cols, 8) contiguous (oneDNN's nChw8c
-// for one block). Each OpenMP thread (PyTorch's own pool, see dw_has_openmp) packs its planes from the tensors'
-// own layout (any strides) into cache-resident buffers, correlates, and writes the result back in place.
+// Plain C ABI (no torch headers) so the JIT build takes a few seconds; called through ctypes, which releases
+// the GIL. A "plane" is one (image, block of L channels) slice stored (rows, cols, L) contiguous (oneDNN's nChw8c /
+// nChw16c for one block). Each OpenMP thread (PyTorch's own pool, see dw_has_openmp) packs its planes from the
+// tensors' own layout (any strides) into cache-resident buffers, correlates, and writes the result back in place.
 //
 // One primitive serves all three passes of a "same" depthwise convolution (RepLKNet, Ding et al. CVPR 2022, Sec. 3):
 //   forward      y  = corr(x_pad,  w)                        (kernel KHxKW, output HxW)
 //   input grad   dx = corr(gy_pad, flip(w))                  (same shapes; the flip is a negative-stride view)
 //   weight grad  dw = sum_n corr(x_pad[n], gy[n])            (the output gradient is the HxW "kernel", output KHxKW)
-// corr(in, k)[p, q] = sum_{i<KH, j<KW} in[p+i, q+j] * k[i, j]  (valid, per 8-channel lane).
+// corr(in, k)[p, q] = sum_{i<KH, j<KW} in[p+i, q+j] * k[i, j]  (valid, per lane).
 //
-// Register tile: RO output rows x CO output columns of 8-lane accumulators (2 x 4: the fastest of 4x3, 2x4, 3x3,
-// 3x4, 1x6, 2x3 on the dev box, 37-39 GFLOP/s on one core = its SGEMM rate). Input row ii feeds output row r through
-// kernel row ii - r, so each loaded input vector is used RO times and each weight vector CO times: per (ii, j) CO
-// input loads + RO weight loads for RO*CO FMAs (2x4: 6 loads / 8 FMAs; a core that issues one 256-bit load and one
-// FMA per cycle stays FMA-bound).
+// Lane widths. The kernel body (below the #else) is written once over a GCC vector type of L floats and compiled
+// three times into this one library, by including this file into three namespaces:
+//   dw8    L = 8,  the build's own target (-march=native: AVX2 here);
+//   dw16g  L = 16, the build's own target: on an AVX2 CPU GCC lowers each 16-lane vector to two 256-bit ones, so
+//          the 16-lane blocking, packing and tiling run (and are tested) on a machine without AVX-512;
+//   dw16   L = 16 with every function built for target("avx512f") (zmm registers), run only where the CPU reports
+//          avx512f (__builtin_cpu_supports).
+// dw_conv_fused / dw_wgrad_fused take the lane width (8 or 16; 0 = auto: 16 on an avx512f CPU, else 8) and run the
+// matching variant; fastconv.cpu_kernels exposes the choice (FASTCONV_CPU_LANES, explain()).
+// NOTE: the AVX-512 variant's speed could not be measured on the dev box (2-core AMD EPYC, AVX2 only): its register
+// tile (4x5: 20 zmm accumulators + 5 window + 1 weight of 32 registers) is chosen by register count, not by timing.
+//
+// Register tile: RO output rows x CO output columns of L-lane accumulators. Input row ii feeds output row r through
+// kernel row ii - r: per (ii, j) the CO input vectors in[ii][j .. j+CO-1] are a window that slides by one along j
+// (one new input load per j, the rest register moves), and each of the RO weight vectors k[ii-r][j] is loaded once
+// and used CO times: 1 + RO loads for RO*CO FMAs. The accumulator count must cover FMA latency x FMA ports (Zen 2:
+// 5 x 2 = 10), and accumulators + window + 1 weight must fit the register file. 8 lanes (16 ymm): 2 x 5 = 10
+// accumulators + 5 + 1 = 16 registers. Measured on the dev box (1 thread, C=96, GFLOP/s forward / weight grad, FMA
+// peak ~100): R=32 K=31 2x5 sliding 88/84 vs the earlier 2x4 without the window 51/51; R=64 K=31 87/82 vs 52/41;
+// R=32 K=13 80/72 vs 39/41 (4x3, 3x4, 5x2, 6x2, 3x3, 1x7 sliding: all slower, 27-74). 16 lanes lowered to AVX2 (two
+// ymm per vector): 1 x 3; AVX-512 (32 zmm): 4 x 5.
+#ifndef DW_KERNEL_BODY
 #include <cstdint>
 #include <cstring>
-#include <immintrin.h>
 #include <vector>
 
-typedef __m256 v8;  // needs AVX (the build uses -march=native; cpu_kernels falls back without it)
+#define DW_KERNEL_BODY 1
+namespace dw8 {
+constexpr int L = 8;
+#ifdef DW_RO8
+constexpr int RO = DW_RO8, CO = DW_CO8;  // tuning experiments: -DDW_RO8=.. -DDW_CO8=..
+#else
+constexpr int RO = 2, CO = 5;
+#endif
+#include __FILE__
+}  // namespace dw8
+namespace dw16g {
+constexpr int L = 16, RO = 1, CO = 3;
+#include __FILE__
+}  // namespace dw16g
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(DW_NO_AVX512)
+#define DW_HAS_AVX512 1
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#endif
+namespace dw16 {
+constexpr int L = 16, RO = 4, CO = 5;
+#include __FILE__
+}  // namespace dw16
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#else
+#define DW_HAS_AVX512 0
+#endif
+#undef DW_KERNEL_BODY
 
 namespace {
-
-#ifndef DW_RO
-#define DW_RO 2
-#endif
-#ifndef DW_CO
-#define DW_CO 4
-#endif
-constexpr int RO = DW_RO;
-constexpr int CO = DW_CO;
-
-inline v8 load(const float* p) { return _mm256_loadu_ps(p); }
-inline void store(float* p, v8 v) { _mm256_storeu_ps(p, v); }
-inline v8 fma(v8 a, v8 b, v8 c) {
-#ifdef __FMA__
-    return _mm256_fmadd_ps(a, b, c);
+bool cpu_avx512f() {
+#if DW_HAS_AVX512
+    return __builtin_cpu_supports("avx512f");
 #else
-    return _mm256_add_ps(_mm256_mul_ps(a, b), c);
+    return false;
 #endif
 }
-
-// Input row ii of a tile: acc[r][c] += in[ii][j + c] * k[ii - r][j] over j, for every output row r whose kernel
-// row ii - r exists. CHECK = false where all R rows use it (the tile's interior rows): no range test in the loop.
-template <int R, int C, bool CHECK>
-inline void input_row(v8 (&acc)[R][C], const float* inrow, const float* k, int64_t ii, int64_t KH, int64_t KW) {
-    for (int64_t j = 0; j < KW; ++j) {
-        v8 x[C];
-#pragma GCC unroll 4
-        for (int c = 0; c < C; ++c) x[c] = load(inrow + (j + c) * 8);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-            const int64_t i = ii - r;
-            if (CHECK && (i < 0 || i >= KH)) continue;
-            const v8 w = load(k + (i * KW + j) * 8);
-#pragma GCC unroll 4
-            for (int c = 0; c < C; ++c) acc[r][c] = fma(x[c], w, acc[r][c]);
-        }
-    }
-}
-
-// One tile of R x C outputs (R <= RO, C <= CO) at out (row stride out_rs floats); in points at the tile's first
-// input pixel (row stride in_rs), k at the kernel (KH x KW vectors). acc starts from init (or from out when accum).
-template <int R, int C>
-inline void tile(const float* in, int64_t in_rs, const float* k, int64_t KH, int64_t KW, float* out, int64_t out_rs,
-                 const float* init, bool accum) {
-    v8 acc[R][C];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-        for (int c = 0; c < C; ++c)
-            acc[r][c] = accum ? load(out + r * out_rs + c * 8) : (init ? load(init) : _mm256_setzero_ps());
-    const int64_t rows = R + KH - 1;
-    for (int64_t ii = 0; ii < rows; ++ii) {
-        if (ii >= R - 1 && ii < KH)
-            input_row<R, C, false>(acc, in + ii * in_rs, k, ii, KH, KW);
-        else
-            input_row<R, C, true>(acc, in + ii * in_rs, k, ii, KH, KW);
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-        for (int c = 0; c < C; ++c) store(out + r * out_rs + c * 8, acc[r][c]);
-}
-
-// Dispatch a runtime edge size (r rows <= R, c columns <= C) to the matching fixed-size tile.
-template <int R, int C>
-inline void tile_n(int r, int c, const float* in, int64_t in_rs, const float* k, int64_t KH, int64_t KW, float* out,
-                   int64_t out_rs, const float* init, bool accum) {
-    if constexpr (R > 1) {
-        if (r < R) return tile_n<R - 1, C>(r, c, in, in_rs, k, KH, KW, out, out_rs, init, accum);
-    }
-    if constexpr (C > 1) {
-        if (c < C) return tile_n<R, C - 1>(r, c, in, in_rs, k, KH, KW, out, out_rs, init, accum);
-    }
-    tile<R, C>(in, in_rs, k, KH, KW, out, out_rs, init, accum);
-}
-
-// corr of one plane: in (OH+KH-1, OW+KW-1, 8), k (KH, KW, 8), out (OH, OW, 8).
-void corr_plane(const float* in, const float* k, float* out, int64_t OH, int64_t OW, int64_t KH, int64_t KW,
-                const float* init, bool accum) {
-    const int64_t IW = OW + KW - 1, in_rs = IW * 8, out_rs = OW * 8;
-    for (int64_t p = 0; p < OH; p += RO) {
-        const int r = (int)((OH - p) < RO ? (OH - p) : RO);
-        for (int64_t q = 0; q < OW; q += CO) {
-            const int c = (int)((OW - q) < CO ? (OW - q) : CO);
-            const float* ip = in + p * in_rs + q * 8;
-            float* op = out + p * out_rs + q * 8;
-            tile_n<RO, CO>(r, c, ip, in_rs, k, KH, KW, op, out_rs, init, accum);
-        }
-    }
-}
-
-inline int64_t lane_count(int64_t C, int64_t c0) { return (C - c0) < 8 ? (C - c0) : 8; }
-
-// Padded row r of one plane: out (W+2pw, 8) from x rows (element strides sC, sH, sW; ``lanes`` real channels).
-inline void pack_row(const float* x, int64_t lanes, int64_t sC, int64_t sH, int64_t sW, int64_t H, int64_t W,
-                     int64_t ph, int64_t pw, int64_t r, float* o) {
-    const int64_t Wp = W + 2 * pw, h = r - ph;
-    if (h < 0 || h >= H) {
-        std::memset(o, 0, sizeof(float) * Wp * 8);
-        return;
-    }
-    std::memset(o, 0, sizeof(float) * pw * 8);
-    std::memset(o + (pw + W) * 8, 0, sizeof(float) * pw * 8);
-    const float* xr = x + h * sH;
-    float* orow = o + pw * 8;
-    if (sC == 1 && lanes == 8) {
-        for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * 8, xr + w * sW, sizeof(float) * 8);
-    } else {
-        for (int64_t l = 0; l < 8; ++l)  // lane-outer: contiguous reads along W for NCHW inputs
-            for (int64_t w = 0; w < W; ++w) orow[w * 8 + l] = l < lanes ? xr[w * sW + l * sC] : 0.f;
-    }
-}
-
-// One plane row (W, 8) back to an (N, C, H, W) row with element strides sC, sW.
-inline void unpack_row(const float* yr, int64_t lanes, int64_t W, float* orow, int64_t sC, int64_t sW) {
-    if (sC == 1 && lanes == 8) {
-        for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * sW, yr + w * 8, sizeof(float) * 8);
-    } else {
-        for (int64_t l = 0; l < lanes; ++l)
-            for (int64_t w = 0; w < W; ++w) orow[w * sW + l * sC] = yr[w * 8 + l];
-    }
-}
-
 }  // namespace
 
 extern "C" {
@@ -162,58 +96,221 @@ int dw_has_openmp() {
 #endif
 }
 
+// 1 when the AVX-512 variant is in this library; 1 when the CPU runs it.
+int dw_has_avx512_build() { return DW_HAS_AVX512; }
+int dw_cpu_avx512f() { return cpu_avx512f() ? 1 : 0; }
+
+// Which variant a lane request runs: 8 (dw8), 16 (dw16, AVX-512), 17 (dw16g, 16 lanes lowered to the build's
+// target), 0 for an invalid request. lanes 0 = auto (16 on an avx512f CPU with the variant built, else 8).
+int dw_variant(int64_t lanes) {
+    const bool avx512 = DW_HAS_AVX512 && cpu_avx512f();
+    if (lanes == 0) return avx512 ? 16 : 8;
+    if (lanes == 8) return 8;
+    if (lanes == 16) return avx512 ? 16 : 17;
+    return 0;
+}
+
 // Weight gradient: gw (C, KH, KW) contiguous = sum_n corr(x_pad[n, c], g[n, c]) with x, g (N, C, H, W) given by
-// element strides. Per 8-channel block a thread packs each image's padded input plane and output-gradient plane
-// into its own buffers and accumulates the (KH, KW, 8) correlation, then writes it out.
+// element strides. Per L-channel block a thread packs each image's padded input plane and output-gradient plane
+// into its own buffers and accumulates the (KH, KW, L) correlation, then writes it out.
 void dw_wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
                     int64_t gC, int64_t gH, int64_t gW, float* gw, int64_t N, int64_t C, int64_t H, int64_t W,
-                    int64_t KH, int64_t KW, int64_t nthreads) {
-    const int64_t CB = (C + 7) / 8, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
-#pragma omp parallel num_threads(nthreads)
-    {
-        std::vector<float> xin(Hp * Wp * 8), gin(H * W * 8), acc(KH * KW * 8);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t cb = 0; cb < CB; ++cb) {
-            const int64_t c0 = cb * 8, lanes = lane_count(C, c0);
-            for (int64_t n = 0; n < N; ++n) {
-                for (int64_t r = 0; r < Hp; ++r)
-                    pack_row(x + n * sN + c0 * sC, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * 8);
-                for (int64_t r = 0; r < H; ++r)
-                    pack_row(g + n * gN + c0 * gC, lanes, gC, gH, gW, H, W, 0, 0, r, gin.data() + r * W * 8);
-                corr_plane(xin.data(), gin.data(), acc.data(), KH, KW, H, W, nullptr, n > 0);
-            }
-            for (int64_t i = 0; i < KH; ++i)
-                unpack_row(acc.data() + i * KW * 8, lanes, KW, gw + c0 * KH * KW + i * KW, KH * KW, 1);
-        }
+                    int64_t KH, int64_t KW, int64_t nthreads, int64_t lanes) {
+    switch (dw_variant(lanes)) {
+        case 8: return dw8::wgrad_fused(x, sN, sC, sH, sW, g, gN, gC, gH, gW, gw, N, C, H, W, KH, KW, nthreads);
+#if DW_HAS_AVX512
+        case 16: return dw16::wgrad_fused(x, sN, sC, sH, sW, g, gN, gC, gH, gW, gw, N, C, H, W, KH, KW, nthreads);
+#endif
+        case 17: return dw16g::wgrad_fused(x, sN, sC, sH, sW, g, gN, gC, gH, gW, gw, N, C, H, W, KH, KW, nthreads);
+        default: return;
     }
 }
 
-// Forward (or, with a flipped weight view, input gradient) in one pass: per (image, 8-channel block) plane, a
-// thread packs the padded input plane and its 8 weight vectors into its own buffers (cache-resident), correlates,
-// and writes the plane to y in y's own layout. x (N, C, H, W) and y (N, C, H, W) with element strides; w is
-// (C, KH, KW) with strides (swC, swH, swW) (negative for the flipped kernel); b (C) contiguous or null.
+// Forward (or, with a flipped weight view, input gradient) in one pass: per (image, L-channel block) plane, a
+// thread packs the padded input plane and its L-lane weight vectors into its own buffers (cache-resident),
+// correlates, and writes the plane to y in y's own layout. x (N, C, H, W) and y (N, C, H, W) with element strides; w
+// is (C, KH, KW) with strides (swC, swH, swW) (negative for the flipped kernel); b (C) contiguous or null.
 void dw_conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
                    int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
-                   int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
-    const int64_t CB = (C + 7) / 8, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
-#pragma omp parallel num_threads(nthreads)
-    {
-        std::vector<float> xin(Hp * Wp * 8), ker(KH * KW * 8), out(H * W * 8);
-        float bias[8];
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t p = 0; p < N * CB; ++p) {
-            const int64_t n = p / CB, c0 = (p % CB) * 8, lanes = lane_count(C, c0);
-            const float* xp = x + n * sN + c0 * sC;
-            for (int64_t r = 0; r < Hp; ++r) pack_row(xp, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * 8);
-            for (int64_t i = 0; i < KH; ++i)
-                pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, ker.data() + i * KW * 8);
-            if (b)
-                for (int64_t l = 0; l < 8; ++l) bias[l] = l < lanes ? b[c0 + l] : 0.f;
-            corr_plane(xin.data(), ker.data(), out.data(), H, W, KH, KW, b ? bias : nullptr, false);
-            float* yp = y + n * yN + c0 * yC;
-            for (int64_t h = 0; h < H; ++h) unpack_row(out.data() + h * W * 8, lanes, W, yp + h * yH, yC, yW);
-        }
+                   int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads,
+                   int64_t lanes) {
+    switch (dw_variant(lanes)) {
+        case 8: return dw8::conv_fused(x, sN, sC, sH, sW, w, swC, swH, swW, b, y, yN, yC, yH, yW, N, C, H, W, KH, KW,
+                                       nthreads);
+#if DW_HAS_AVX512
+        case 16: return dw16::conv_fused(x, sN, sC, sH, sW, w, swC, swH, swW, b, y, yN, yC, yH, yW, N, C, H, W, KH,
+                                         KW, nthreads);
+#endif
+        case 17: return dw16g::conv_fused(x, sN, sC, sH, sW, w, swC, swH, swW, b, y, yN, yC, yH, yW, N, C, H, W, KH,
+                                          KW, nthreads);
+        default: return;
     }
 }
 
 }  // extern "C"
+
+#else  // ------------------------------------------------------------- the kernel body, per namespace (L, RO, CO)
+
+typedef float vec __attribute__((vector_size(L * sizeof(float))));
+
+inline vec load(const float* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof v);  // an unaligned vector load
+    return v;
+}
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+// a * b + c: one FMA instruction per register (the build passes -ffp-contract=fast)
+inline vec fma(vec a, vec b, vec c) { return a * b + c; }
+
+// Input row ii of a tile: acc[r][c] += in[ii][j + c] * k[ii - r][j] over j, for every output row r whose kernel
+// row ii - r exists. CHECK = false where all R rows use it (the tile's interior rows): no range test in the loop.
+template <int R, int C, bool CHECK>
+inline void input_row(vec (&acc)[R][C], const float* inrow, const float* k, int64_t ii, int64_t KH, int64_t KW) {
+    vec x[C];  // the sliding window in[ii][j .. j+C-1]: one new input load per j
+#pragma GCC unroll 8
+    for (int c = 0; c + 1 < C; ++c) x[c] = load(inrow + c * L);
+    for (int64_t j = 0; j < KW; ++j) {
+        x[C - 1] = load(inrow + (j + C - 1) * L);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const int64_t i = ii - r;
+            if (CHECK && (i < 0 || i >= KH)) continue;
+            const vec w = load(k + (i * KW + j) * L);
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) acc[r][c] = fma(x[c], w, acc[r][c]);
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c + 1 < C; ++c) x[c] = x[c + 1];  // register moves (renamed away)
+    }
+}
+
+// One tile of R x C outputs (R <= RO, C <= CO) at out (row stride out_rs floats); in points at the tile's first
+// input pixel (row stride in_rs), k at the kernel (KH x KW vectors). acc starts from init (or from out when accum).
+template <int R, int C>
+inline void tile(const float* in, int64_t in_rs, const float* k, int64_t KH, int64_t KW, float* out, int64_t out_rs,
+                 const float* init, bool accum) {
+    vec acc[R][C];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[r][c] = accum ? load(out + r * out_rs + c * L) : (init ? load(init) : vec{});
+    const int64_t rows = R + KH - 1;
+    for (int64_t ii = 0; ii < rows; ++ii) {
+        if (ii >= R - 1 && ii < KH)
+            input_row<R, C, false>(acc, in + ii * in_rs, k, ii, KH, KW);
+        else
+            input_row<R, C, true>(acc, in + ii * in_rs, k, ii, KH, KW);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) store(out + r * out_rs + c * L, acc[r][c]);
+}
+
+// Dispatch a runtime edge size (r rows <= R, c columns <= C) to the matching fixed-size tile.
+template <int R, int C>
+inline void tile_n(int r, int c, const float* in, int64_t in_rs, const float* k, int64_t KH, int64_t KW, float* out,
+                   int64_t out_rs, const float* init, bool accum) {
+    if constexpr (R > 1) {
+        if (r < R) return tile_n<R - 1, C>(r, c, in, in_rs, k, KH, KW, out, out_rs, init, accum);
+    }
+    if constexpr (C > 1) {
+        if (c < C) return tile_n<R, C - 1>(r, c, in, in_rs, k, KH, KW, out, out_rs, init, accum);
+    }
+    tile<R, C>(in, in_rs, k, KH, KW, out, out_rs, init, accum);
+}
+
+// corr of one plane: in (OH+KH-1, OW+KW-1, L), k (KH, KW, L), out (OH, OW, L).
+inline void corr_plane(const float* in, const float* k, float* out, int64_t OH, int64_t OW, int64_t KH, int64_t KW,
+                       const float* init, bool accum) {
+    const int64_t IW = OW + KW - 1, in_rs = IW * L, out_rs = OW * L;
+    for (int64_t p = 0; p < OH; p += RO) {
+        const int r = (int)((OH - p) < RO ? (OH - p) : RO);
+        for (int64_t q = 0; q < OW; q += CO) {
+            const int c = (int)((OW - q) < CO ? (OW - q) : CO);
+            tile_n<RO, CO>(r, c, in + p * in_rs + q * L, in_rs, k, KH, KW, out + p * out_rs + q * L, out_rs, init,
+                           accum);
+        }
+    }
+}
+
+inline int64_t lane_count(int64_t C, int64_t c0) { return (C - c0) < L ? (C - c0) : L; }
+
+// Padded row r of one plane: out (W+2pw, L) from x rows (element strides sC, sH, sW; ``lanes`` real channels).
+inline void pack_row(const float* x, int64_t lanes, int64_t sC, int64_t sH, int64_t sW, int64_t H, int64_t W,
+                     int64_t ph, int64_t pw, int64_t r, float* o) {
+    const int64_t Wp = W + 2 * pw, h = r - ph;
+    if (h < 0 || h >= H) {
+        std::memset(o, 0, sizeof(float) * Wp * L);
+        return;
+    }
+    std::memset(o, 0, sizeof(float) * pw * L);
+    std::memset(o + (pw + W) * L, 0, sizeof(float) * pw * L);
+    const float* xr = x + h * sH;
+    float* orow = o + pw * L;
+    if (sC == 1 && lanes == L) {
+        for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * L, xr + w * sW, sizeof(float) * L);
+    } else {
+        for (int64_t l = 0; l < L; ++l)  // lane-outer: contiguous reads along W for NCHW inputs
+            for (int64_t w = 0; w < W; ++w) orow[w * L + l] = l < lanes ? xr[w * sW + l * sC] : 0.f;
+    }
+}
+
+// One plane row (W, L) back to an (N, C, H, W) row with element strides sC, sW.
+inline void unpack_row(const float* yr, int64_t lanes, int64_t W, float* orow, int64_t sC, int64_t sW) {
+    if (sC == 1 && lanes == L) {
+        for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * sW, yr + w * L, sizeof(float) * L);
+    } else {
+        for (int64_t l = 0; l < lanes; ++l)
+            for (int64_t w = 0; w < W; ++w) orow[w * sW + l * sC] = yr[w * L + l];
+    }
+}
+
+void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
+                 int64_t gC, int64_t gH, int64_t gW, float* gw, int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH,
+                 int64_t KW, int64_t nthreads) {
+    const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> xin(Hp * Wp * L), gin(H * W * L), acc(KH * KW * L);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t cb = 0; cb < CB; ++cb) {
+            const int64_t c0 = cb * L, lanes = lane_count(C, c0);
+            for (int64_t n = 0; n < N; ++n) {
+                for (int64_t r = 0; r < Hp; ++r)
+                    pack_row(x + n * sN + c0 * sC, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * L);
+                for (int64_t r = 0; r < H; ++r)
+                    pack_row(g + n * gN + c0 * gC, lanes, gC, gH, gW, H, W, 0, 0, r, gin.data() + r * W * L);
+                corr_plane(xin.data(), gin.data(), acc.data(), KH, KW, H, W, nullptr, n > 0);
+            }
+            for (int64_t i = 0; i < KH; ++i)
+                unpack_row(acc.data() + i * KW * L, lanes, KW, gw + c0 * KH * KW + i * KW, KH * KW, 1);
+        }
+    }
+}
+
+void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
+                int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
+                int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
+    const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> xin(Hp * Wp * L), ker(KH * KW * L), out(H * W * L);
+        float bias[L];
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t p = 0; p < N * CB; ++p) {
+            const int64_t n = p / CB, c0 = (p % CB) * L, lanes = lane_count(C, c0);
+            const float* xp = x + n * sN + c0 * sC;
+            for (int64_t r = 0; r < Hp; ++r) pack_row(xp, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * L);
+            for (int64_t i = 0; i < KH; ++i)
+                pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, ker.data() + i * KW * L);
+            if (b)
+                for (int64_t l = 0; l < L; ++l) bias[l] = l < lanes ? b[c0 + l] : 0.f;
+            corr_plane(xin.data(), ker.data(), out.data(), H, W, KH, KW, b ? bias : nullptr, false);
+            float* yp = y + n * yN + c0 * yC;
+            for (int64_t h = 0; h < H; ++h) unpack_row(out.data() + h * W * L, lanes, W, yp + h * yH, yC, yW);
+        }
+    }
+}
+
+#endif  // DW_KERNEL_BODY

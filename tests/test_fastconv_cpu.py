@@ -1,0 +1,213 @@
+"""fastconv's CPU targets (issue 14): the C++ kernel's lane widths (the 16-lane path forced on any x86 CPU equals
+F.conv2d), the lane-width selection, the stock path at small kernels, ``fastconv.roofline`` and the benchmark."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+from fastconv import cpu_kernels as ck
+from fastconv import dispatch, roofline
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HAS_COMPILER = ck._compiler() is not None and not os.environ.get("FASTCONV_NO_CPP")
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv(ck.ENV_LANES, raising=False)
+    before = fastconv.settings()
+    fastconv.configure(backend="auto", autotune=True, cache_dir=tmp_path / "fc")
+    dispatch.clear_cache(memory_only=True)
+    yield
+    fastconv.configure(backend=before.backend, autotune=before.autotune, cache_dir=before.cache_dir)
+    dispatch.clear_cache(memory_only=True)
+
+
+def _need_cpp():
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler (or FASTCONV_NO_CPP set): the cpp backend cannot be built here")
+    assert ck.cpp_unavailable_reason() is None, ck.cpp_unavailable_reason()
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("shape,kernel", [((2, 21, 9, 11), (7, 5)), ((3, 37, 8, 7), (3, 9)),
+                                          ((1, 16, 12, 12), (13, 13)), ((2, 5, 6, 5), (1, 3))])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_forced_lane_width_matches_conv2d_in_float64(lanes, shape, kernel, layout, monkeypatch, one_thread):
+    """The cpp backend with $FASTCONV_CPU_LANES forced (16 on a CPU without AVX-512 runs the 16-lane code lowered to
+    256-bit vectors): forward, input and weight gradient vs F.conv2d in float64; channel counts that are not a
+    multiple of 16 (tails), non-square kernels, batch > 1, NCHW and channels_last inputs."""
+    _need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    assert ck.cpu_lanes() == int(lanes)
+    g = torch.Generator().manual_seed(sum(shape) + sum(kernel))
+    x = torch.randn(*shape, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    w = torch.randn(c, 1, *kernel, generator=g)
+    b = torch.randn(c, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = fastconv.depthwise_conv2d(*leaves, backend="cpp")
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = F.conv2d(*ref_leaves, padding=(kernel[0] // 2, kernel[1] // 2), groups=c)
+    assert _rel(y.double(), ref) <= 1e-5
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    gy = torch.randn(ref.shape, generator=g)
+    for got, exp in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, ref_leaves, gy.double())):
+        assert got.shape == exp.shape and _rel(got.double(), exp) <= 1e-5
+
+
+def test_lane_width_argument_equals_the_other_width():
+    _need_cpp()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 19, 10, 9, generator=g)
+    w = torch.randn(19, 1, 5, 7, generator=g)
+    for flip in (False, True):
+        assert _rel(ck.cpp_conv(x, w, None, flip=flip, lanes=16), ck.cpp_conv(x, w, None, flip=flip, lanes=8)) <= 1e-6
+    assert _rel(ck.cpp_weight_grad(x, x, 5, 7, lanes=16), ck.cpp_weight_grad(x, x, 5, 7, lanes=8)) <= 1e-6
+
+
+def test_lane_width_selection_and_override(monkeypatch):
+    _need_cpp()
+    lib = ck.cpp_library()
+    avx512 = "avx512f" in _cpu_flags()
+    if X86 and _cpu_flags():
+        assert bool(lib.dw_cpu_avx512f()) == avx512
+    # auto: 16 only on an avx512f CPU with the AVX-512 variant built, else the 8-lane path
+    assert ck.cpu_lanes() == (16 if avx512 and lib.dw_has_avx512_build() else 8)
+    if not avx512:
+        assert ck.cpu_lanes() == 8 and "auto: CPU without avx512f" in ck.cpu_variant()
+        assert lib.dw_variant(16) == 17 and "lowered" in ck.cpu_variant(16)  # forced 16: the generic 16-lane code
+    if X86 and ck._compiler() and "g++" in os.path.basename(os.path.realpath(ck._compiler())):
+        assert lib.dw_has_avx512_build() == 1  # the AVX-512 variant is compiled in (run only where the CPU has it)
+    for value, want in (("8", 8), ("16", 16), (" 16 ", 16), ("auto", ck.cpu_lanes()), ("", ck.cpu_lanes())):
+        monkeypatch.setenv(ck.ENV_LANES, value)
+        assert ck.cpu_lanes() == want
+    monkeypatch.setenv(ck.ENV_LANES, "16")
+    assert "forced by $FASTCONV_CPU_LANES" in ck.cpu_variant()
+    assert ck.cpu_lanes(8) == 8  # an argument beats the environment
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(3, 1, 3, 3)
+    for bad in ("12", "avx512", "4"):
+        monkeypatch.setenv(ck.ENV_LANES, bad)
+        with pytest.raises(ValueError, match=r"FASTCONV_CPU_LANES=.* use 8, 16 or auto"):
+            ck.cpu_lanes()
+        with pytest.raises(ValueError, match="FASTCONV_CPU_LANES"):
+            ck.cpp_conv(x, w, None)
+    monkeypatch.delenv(ck.ENV_LANES)
+    with pytest.raises(ValueError, match=r"lanes=32 is not a CPU lane width"):
+        ck.cpp_conv(x, w, None, lanes=32)
+
+
+def test_explain_names_the_lane_width(monkeypatch):
+    _need_cpp()
+    x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 9, 9)
+    assert f"cpp kernel variant: {ck.cpu_variant()}" in fastconv.explain(x, w)
+    monkeypatch.setenv(ck.ENV_LANES, "16")
+    assert "cpp kernel variant: 16-lane" in fastconv.explain(x, w)
+    assert f"cpu{torch.get_num_threads()}t16l" in dispatch.cache_key(x, w, None)  # timings are per lane width
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_small_kernels_run_the_stock_call_without_timing(layout, monkeypatch):
+    """K=3 (any grads) and K<=5 without weight gradient: plain F.conv2d on the input's layout, never timed; K=5 with
+    the weight gradient is timed as before."""
+    timed = []
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: timed.append(name) or 1.0)
+    x = torch.randn(2, 8, 12, 12)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ran = []
+    from fastconv import functional
+
+    real = functional.run_backend
+    monkeypatch.setattr(functional, "run_backend", lambda name, *a: ran.append(name) or real(name, *a))
+    for k, grad_w in ((3, True), (3, False), (5, False), (1, True)):
+        w = torch.randn(8, 1, k, k, requires_grad=grad_w)
+        xg = x.clone().requires_grad_()
+        d = dispatch.decide(xg, w, None)
+        assert d["backend"] == "native" and "stock F.conv2d" in d["why"], d
+        y = fastconv.depthwise_conv2d(xg, w)
+        assert y.grad_fn is not None and "DepthwiseConv2dFn" not in type(y.grad_fn).__name__  # PyTorch's autograd
+        assert torch.allclose(y, F.conv2d(x, w, padding=k // 2, groups=8), atol=1e-5)
+    assert timed == [] and set(ran) == {"native"}
+    w5 = torch.randn(8, 1, 5, 5, requires_grad=True)
+    assert "stock" not in dispatch.decide(x.clone().requires_grad_(), w5, None)["why"] and timed
+
+
+def test_cpu_description_and_probes():
+    d = roofline.cpu_description()
+    assert {"cpu_model", "isa", "cpu_count"} <= set(d) and d["cpu_model"] and d["isa"]
+    assert roofline.sgemm_gflops("cpu", n=64, repeats=1) > 0
+    peak = roofline.fma_peak_gflops(threads=1, flops_per_thread=2e7, repeats=1)
+    assert peak is None or peak > 0
+    lanes = roofline.fma_lanes()
+    assert lanes is None or lanes in (8, 16)
+
+
+def test_machine_roofline_cache_file(tmp_path, monkeypatch):
+    cache = tmp_path / "rc"
+    monkeypatch.setenv("FASTCONV_CACHE", str(cache))
+    fastconv.configure(cache_dir=cache)
+    monkeypatch.setattr(roofline, "_memo", {})
+    monkeypatch.setattr(roofline, "sgemm_gflops", lambda *a, **k: 12.3)
+    r = roofline.machine_roofline(fma=False, cache=True)
+    assert r["sgemm_gflops"] == 12.3 and r["fma_peak_gflops"] is None and r["threads"] == torch.get_num_threads()
+    stored = json.loads((cache / "roofline.json").read_text())
+    assert list(stored.values()) == [r]
+    # a new process (memo cleared) reads the file instead of measuring again
+    monkeypatch.setattr(roofline, "_memo", {})
+    monkeypatch.setattr(roofline, "sgemm_gflops", lambda *a, **k: pytest.fail("measured again"))
+    assert roofline.machine_roofline(fma=False, cache=True) == r
+    assert "SGEMM 12.3 GFLOP/s" in roofline.describe(r)
+
+
+def test_benchmark_reports_ratio_and_roofline(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("bench_fastconv", REPO_ROOT / "benchmarks" / "bench_fastconv.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(roofline, "_memo", {})
+    monkeypatch.setattr(roofline, "sgemm_gflops", lambda *a, **k: 10.0)
+    monkeypatch.setattr(roofline, "fma_peak_gflops", lambda *a, **k: 20.0)
+    bench.main(["--kernels", "3,13", "--res", "8", "--channels", "4", "--repeats", "2", "--min-time", "0",
+                "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "SGEMM 10.0 GFLOP/s, FMA peak 20.0 GFLOP/s" in text and "load average" in text
+    res = json.loads((tmp_path / "fastconv_cpu.json").read_text())
+    assert res["roofline"]["fma_peak_gflops"] == 20.0 and res["machine"] == roofline.describe(res["roofline"])
+    rows = res["rows"]
+    assert {(r["K"], r["layout"], r["mode"]) for r in rows} == {
+        (k, lay, m) for k in (3, 13) for lay in ("nchw", "cl") for m in ("fwd", "fwdbwd")}
+    for r in rows:
+        stock = ("stock_nchw", "stock_nchw_via_cl") if r["layout"] == "nchw" else ("stock_cl",)
+        assert r["best_stock"] in stock
+        assert r["ratio_vs_best_stock"] == pytest.approx(r["fastconv_ms"] / r[r["best_stock"] + "_ms"], rel=0.02)
+        passes = 3 if r["mode"] == "fwdbwd" else 1
+        assert r["gflops"] == pytest.approx(passes * 2 * 4 * 64 * r["K"] ** 2 / r["fastconv_ms"] / 1e6, rel=0.02)
+        assert r["fraction_of_fma_peak"] == pytest.approx(r["gflops"] / 20.0, abs=1e-3)
+        assert r["never_slower"] in ("PASS", "FAIL") and r["roofline"] == ("-" if r["K"] < 13 else r["roofline"])
+        if r["K"] == 3:
+            assert r["fastconv_backend"] == "native"
+    md = (tmp_path / "fastconv_cpu.md").read_text()
+    assert "fastconv / best stock" in md and "% FMA peak" in md and len(md.splitlines()) == 9 + len(rows)
