@@ -157,26 +157,9 @@ def sgemm_reference(device) -> dict:
         cpu = cpu_description()
         return {"sgemm_gflops": _sgemm_memo[index], "sgemm_device": torch.cuda.get_device_name(index),
                 "cpu_model": cpu["cpu_model"], "isa": cpu["isa"], "threads": torch.get_num_threads()}
-    r = machine_roofline(fma=False, cache=True)
-    return {"sgemm_gflops": max([r["sgemm_gflops"], *_cached_sgemm(r)]), "sgemm_device": "cpu",
+    r = machine_roofline(fma=False, cache=True)  # the best rate known for this CPU, threads and torch
+    return {"sgemm_gflops": r["sgemm_gflops"], "sgemm_device": "cpu",
             "cpu_model": r["cpu_model"], "isa": r["isa"], "threads": r["threads"]}
-
-
-def _cached_sgemm(r: dict) -> list[float]:
-    """Every SGEMM rate in fastconv's roofline cache for the CPU, thread count and torch version of ``r`` (its
-    entries with and without the FMA probe). Other processes on the machine can only lower a measurement, so the
-    largest known is the better estimate of the machine's rate than the first one cached."""
-    import json
-
-    from fastconv.config import settings
-
-    try:
-        table = json.loads((settings().cache_dir / "roofline.json").read_text())
-        return [float(e["sgemm_gflops"]) for e in table.values()
-                if isinstance(e, dict) and isinstance(e.get("sgemm_gflops"), (int, float))
-                and all(e.get(k) == r.get(k) for k in ("cpu_model", "isa", "threads", "torch"))]
-    except (OSError, ValueError, TypeError, AttributeError):
-        return []
 
 
 def steady_seconds_per_image(batches: list) -> float | None:
