@@ -82,7 +82,7 @@ class _Interrupt(Exception):
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
-    kw = dict(overrides=TINY_KW, num_images=4, input_size=32)
+    kw = dict(overrides=TINY_KW, num_images=4, input_size=32, batch_size=1)  # per-image progress
     full = run_compute("replknet_31b", out=tmp_path / "full", **kw)
     seen = []
 

@@ -20,8 +20,8 @@ TINY_KW = {"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}
 TINY = ["--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)"]
 
 
-def _spec(**kw):
-    return ErfSpec("replknet_31b", overrides=TINY_KW, **{"num_images": 2, "input_size": 32, **kw})
+def _spec(**kw):  # one image per pass unless a test says otherwise (per-image progress, interruption points)
+    return ErfSpec("replknet_31b", overrides=TINY_KW, **{"num_images": 2, "input_size": 32, "batch_size": 1, **kw})
 
 
 def _cli_error(capsys, argv):
@@ -125,7 +125,7 @@ def test_sigkill_mid_run_loses_at_most_the_current_image(tmp_path):
     full = run_erf(_spec(num_images=8), out=tmp_path / "full", show_progress=False)
     part = tmp_path / "part"
     cmd = [sys.executable, "-m", "erf_lab", "compute", *TINY, "--num-images", "8", "--input-size", "32",
-           "--checkpoint-seconds", "0", "--out", str(part), "--quiet"]
+           "--batch-size", "1", "--checkpoint-seconds", "0", "--out", str(part), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = part / ".erf_state.npz"
@@ -214,3 +214,16 @@ def test_size_note_is_recorded_and_printed(tmp_path, capsys):
     info = json.loads((out / "run.json").read_text())
     assert info["train_size"] == 32 and "4x the training resolution 32px" in info["size_note"]
     assert "note: measured at 128px" in stdout
+
+
+def test_auto_batch_size_rule_and_same_result(tmp_path):
+    from erf_lab.erf.runner import auto_batch_size
+
+    # 448^2 pixels per pass at most, capped at 8 and at the number of images
+    assert [auto_batch_size(s, 50) for s in (32, 128, 224, 256, 320, 448, 1024)] == [8, 8, 4, 3, 1, 1, 1]
+    assert auto_batch_size(224, 3) == 3 and auto_batch_size(224, 1) == 1
+    auto = run_erf(_spec(num_images=5, batch_size=None), out=tmp_path / "auto", show_progress=False)
+    one = run_erf(_spec(num_images=5, batch_size=1), out=tmp_path / "one", show_progress=False)
+    assert auto["run_info"]["batch_size"] == 5 and one["run_info"]["batch_size"] == 1  # 32 px: all 5 in one pass
+    a, b = np.load(tmp_path / "auto" / "erf.npy"), np.load(tmp_path / "one" / "erf.npy")
+    assert np.allclose(a, b, rtol=1e-5, atol=1e-7 * np.abs(b).max())

@@ -40,6 +40,19 @@ CHECKPOINT_SECONDS = 30.0
 MAX_INPUT_SIZE = 4096
 #: a measurement more than this factor away from the model's training resolution is flagged (not refused)
 SIZE_NOTE_FACTOR = 2.0
+#: ``batch_size=None`` (auto): images per forward/backward pass until a pass holds this many pixels, at most
+#: AUTO_BATCH_MAX. Small inputs make small GEMMs (the 1x1 convs of a late stage at 224 px have 49 rows per image):
+#: measured for RepLKNet-31B on the 2-core AVX2 EPYC, forward + input gradient, at 224 px B = 1 / 2 / 4 / 8 gave
+#: 73 / 96 / 111 / 112 GFLOP/s, at 448 px B = 1 111 and B = 2 100; the activation memory of an auto batch stays
+#: that of one 448 px image.
+AUTO_BATCH_PIXELS = 448 * 448
+AUTO_BATCH_MAX = 8
+
+
+def auto_batch_size(input_size: int, num_images: int) -> int:
+    """Images per pass for ``batch_size=None``: as many as fit ``AUTO_BATCH_PIXELS`` (1 from 448 px up), at most
+    ``AUTO_BATCH_MAX`` and the number of images."""
+    return max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_PIXELS // max(1, int(input_size)) ** 2, int(num_images)))
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,7 @@ class ErfSpec:
     input_size: int = 1024
     layer: str | None = None
     aggregate: str = "relu"
-    batch_size: int = 1
+    batch_size: int | None = None  # None: auto_batch_size (recorded resolved in run.json)
     device: str = "cpu"
     reparameterize: bool = True
     channels_last: bool = True
@@ -337,6 +350,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         print(f"no interrupted run in {out_dir}; starting a new one", file=sys.stderr)
 
     source.files = D.shard(source.files, dinfo)
+    batch_size = spec.batch_size or auto_batch_size(spec.input_size, len(source.files))
     extra = {"config": _normalise(config), "start_time": start}
     last_save = [time.monotonic()]
 
@@ -351,7 +365,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         t_measure = time.time()
         try:
             result = compute_erf(model, source, layer=geom["layer"], aggregate=spec.aggregate,
-                                 batch_size=spec.batch_size, device=device, reparameterize=spec.reparameterize,
+                                 batch_size=batch_size, device=device, reparameterize=spec.reparameterize,
                                  channels_last=spec.channels_last, conv_backend=spec.conv_backend,
                                  show_progress=show_progress and dinfo.is_main, state=acc, on_batch=checkpoint,
                                  inplace=True, reducer=D.make_reducer(dinfo, (spec.input_size, spec.input_size), device),
@@ -364,10 +378,11 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                 acc.save(spath, extra)  # Ctrl-C or crash: keep every image already accumulated
             if _is_oom(e):
                 raise ErfLabError(f"out of memory at --input-size {spec.input_size} with --batch-size "
-                                  f"{spec.batch_size}; use a smaller input or batch"
+                                  f"{batch_size}; use a smaller input or batch"
                                   + (" (progress saved: --resume)" if acc.processed else "")) from None
             raise
         measure_s = time.time() - t_measure
+        result.info["batch_size"] = batch_size
 
         run_info = metrics = None
         if dinfo.is_main:
@@ -405,7 +420,7 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
         "gradient": "captum.attr.NeuronGradient", "reparameterized": spec.reparameterize,
         "channels_last": spec.channels_last, "conv_backend": spec.conv_backend,
         "fastconv_modules": result.info.get("fastconv_modules"), "weight_grads": False, "tf32": result.info.get("tf32"),
-        "batch_size": spec.batch_size, "seed": spec.seed, "device": str(device), "world_size": dinfo.world_size,
+        "batch_size": result.info["batch_size"], "seed": spec.seed, "device": str(device), "world_size": dinfo.world_size,
         "dist_backend": dinfo.backend, "resumed": resumed_from > 0, "resumed_after_images": resumed_from,
         "start_time": start, "end_time": now(), "wall_seconds": round(time.time() - t0, 2),
         "seconds_per_image": round(measure_s / new_images, 4),

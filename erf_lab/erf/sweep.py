@@ -122,7 +122,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
               weights_dir: str | os.PathLike | None = None, input_size: int = 1024, images: str | None = None,
               num_images: int | None = None, overrides: dict | None = None, out: str | os.PathLike = "sweep",
               formats: Sequence[str] = ("png", "pdf"), seed: int = 0, layer: str | None = None,
-              aggregate: str = "relu", batch_size: int = 1, device: str = "cpu", show_progress: bool = True,
+              aggregate: str = "relu", batch_size: int | None = None, device: str = "cpu", show_progress: bool = True,
               argv: Sequence[str] | None = None) -> dict:
     """ERF of each kernel-family member and / or each input size (train-time and/or deploy form), summarised.
 
@@ -158,7 +158,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
               "weights_dir": None if weights_dir is None else str(Path(weights_dir).resolve()), "images": images or
               "default", "num_images": num_images, "overrides": {k: jsonable(v) for k, v in overrides.items()},
               "seed": int(seed), "layer": layer or "forward_features", "aggregate": aggregate,
-              "batch_size": int(batch_size), "device": device, "formats": list(formats)}
+              "batch_size": batch_size, "device": device, "formats": list(formats)}
 
     rows, maps = [], {}
     bar = progress(total=len(specs), desc="sweep", unit="run", disable=not show_progress)

@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=1024, help="square input side in pixels (default 1024)")
     p.add_argument("--layer", help="layer name (see 'erf-lab layers'); default: forward_features")
     p.add_argument("--aggregate", choices=("relu", "abs"), default="relu", help="gradient aggregation (default relu)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward/backward (default 1)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward/backward (default: auto, up to 8 while a batch holds at most 448x448 "
+                        "pixels: 4 at 224 px, 1 from 448 px; the result does not depend on it)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", help="output folder (default runs/<model>-<images>-<size>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -32,7 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--layer", default=None, help="layer to measure (default forward_features)")
     p.add_argument("--seed", type=int, default=0, help="random-init seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward/backward (default 1)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward/backward (default: auto, up to 8 while a batch holds at most 448x448 "
+                        "pixels: 4 at 224 px, 1 from 448 px; the result does not depend on it)")
     p.add_argument("--out", default="sweep", help="output folder (default ./sweep)")
     p.add_argument("--formats", default="png,pdf", help="figure formats: png,pdf,svg (default png,pdf)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
