@@ -43,6 +43,10 @@ def conv_settings(conv_backend: str, device: torch.device):
     return fastconv.use(autotune=False) if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
+#: from this many parameters ``prepare_model`` uses all of torch's threads
+LARGE_MODEL_PARAMS = 5_000_000
+
+
 def prepare_model(model: nn.Module, *, reparameterize: bool = True, channels_last: bool = True,
                   conv_backend: str = "fastconv", device: str | torch.device = "cpu",
                   inplace: bool = False) -> tuple[nn.Module, dict]:
@@ -54,8 +58,11 @@ def prepare_model(model: nn.Module, *, reparameterize: bool = True, channels_las
 
     if conv_backend not in CONV_BACKENDS:
         raise ErfLabError(f"unknown conv backend {conv_backend!r}; choose from {', '.join(CONV_BACKENDS)}")
-    # ~2000 small memory-bound tensor ops: fork/join of a 2nd OpenMP thread costs more than it saves
-    with num_threads(1):
+    # a small model is ~2000 small memory-bound tensor ops, where fork/join of a 2nd OpenMP thread costs more than
+    # it saves; a large one is dominated by its big tensors (RepLKNet-31B, first call in a process on the 2-core dev
+    # box: 0.92 s on 2 threads against 1.28 s on one)
+    large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS
+    with num_threads(torch.get_num_threads() if large else 1):
         m = (model if inplace else copy.deepcopy(model)).eval()
         if reparameterize:
             reparameterize_model(m, inplace=True)
