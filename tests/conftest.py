@@ -73,3 +73,19 @@ def app_env(tmp_path, monkeypatch):
     monkeypatch.setenv("ERF_LAB_APP_RUNS", str(tmp_path / "app-runs"))
     monkeypatch.setenv("ERF_LAB_APP_ROOTS", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture
+def fastconv_isolated(tmp_path, monkeypatch):
+    """fastconv as a fresh process sees it: auto backend, autotune on, an empty cache folder, no lane override;
+    the settings and the dispatcher's memory are restored afterwards. Returns ``fastconv``."""
+    import fastconv
+    from fastconv import dispatch
+
+    monkeypatch.delenv("FASTCONV_CPU_LANES", raising=False)
+    before = fastconv.settings()
+    fastconv.configure(backend="auto", autotune=True, cache_dir=tmp_path / "fc")
+    dispatch.clear_cache(memory_only=True)
+    yield fastconv
+    fastconv.configure(backend=before.backend, autotune=before.autotune, cache_dir=before.cache_dir)
+    dispatch.clear_cache(memory_only=True)

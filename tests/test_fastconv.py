@@ -30,13 +30,8 @@ ck.cpp_library()  # built (or loaded) once per process, here, before any test mo
 
 
 @pytest.fixture(autouse=True)
-def _isolated_settings(tmp_path):
-    before = fastconv.settings()
-    fastconv.configure(backend="auto", autotune=True, cache_dir=tmp_path / "fc")
-    dispatch.clear_cache(memory_only=True)
+def _isolated_settings(fastconv_isolated):
     yield
-    fastconv.configure(backend=before.backend, autotune=before.autotune, cache_dir=before.cache_dir)
-    dispatch.clear_cache(memory_only=True)
 
 
 # one_thread (tests/conftest.py): the cpp kernel's multi-threaded split is covered by

@@ -22,14 +22,8 @@ X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 @pytest.fixture(autouse=True)
-def _isolated_settings(tmp_path, monkeypatch):
-    monkeypatch.delenv(ck.ENV_LANES, raising=False)
-    before = fastconv.settings()
-    fastconv.configure(backend="auto", autotune=True, cache_dir=tmp_path / "fc")
-    dispatch.clear_cache(memory_only=True)
+def _isolated_settings(fastconv_isolated):
     yield
-    fastconv.configure(backend=before.backend, autotune=before.autotune, cache_dir=before.cache_dir)
-    dispatch.clear_cache(memory_only=True)
 
 
 def _need_cpp():
