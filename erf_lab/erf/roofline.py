@@ -7,12 +7,12 @@
   ``2 * out.numel() * KH * KW`` for the forward and as much again for the input gradient, the numbers
   FlopCounterMode gives the same convolution through ``F.conv2d``.
 - :func:`sgemm_reference`: the fp32 matrix-multiply rate of the device that runs the measurement
-  (``fastconv.roofline``: on the CPU cached per CPU / threads / torch in fastconv's cache dir, the largest rate the
-  cache holds for them; on CUDA measured once per process).
+  (``fastconv.roofline``: on the CPU the best rate measured for this CPU / threads / torch, kept in fastconv's
+  cache dir; on CUDA measured once per process).
 
 ``roofline_fraction = flops_per_image / compute_seconds_per_image / sgemm``: the fraction of the SGEMM rate that the
-model's FLOPs reach. 1.0 would mean every FLOP ran at GEMM speed; the large depthwise convolutions are not GEMMs
-(memory-bound, a few FLOPs per byte), so a RepLKNet stays well below it.
+model's FLOPs reach. 1.0 would mean every FLOP ran at GEMM speed; the depthwise convolutions do not run through the
+GEMM library (and the small ones are memory-bound), so a RepLKNet stays below it.
 """
 from __future__ import annotations
 
@@ -126,22 +126,19 @@ def cached_flops(key: str) -> int | None:
 def store_flops(key: str, flops: int) -> None:
     """Remember ``flops`` for ``key`` (atomic rewrite; a cache that cannot be written is skipped)."""
     import json
-    import os
 
+    from erf_lab.io import write_json
     from erf_lab.paths import cache_dir
 
     path = cache_dir() / FLOPS_CACHE
-    with contextlib.suppress(OSError, ValueError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            table = json.loads(path.read_text())
-            table = table if isinstance(table, dict) else {}
-        except (OSError, ValueError):
-            table = {}
-        table[key] = int(flops)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
+    try:
+        table = json.loads(path.read_text())
+        table = table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        table = {}
+    table[key] = int(flops)
+    with contextlib.suppress(OSError):
+        write_json(path, table)
 
 
 def sgemm_reference(device) -> dict:
