@@ -38,6 +38,11 @@
 #include <vector>
 
 #define DW_KERNEL_BODY 1
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define L8_SHUFFLE 1
+#else
+#define L8_SHUFFLE 0
+#endif
 namespace dw8 {
 constexpr int L = 8;
 #ifdef DW_RO8
@@ -236,34 +241,83 @@ inline void corr_plane(const float* in, const float* k, float* out, int64_t OH, 
 
 inline int64_t lane_count(int64_t C, int64_t c0) { return (C - c0) < L ? (C - c0) : L; }
 
+// The transpose of an 8 x 8 block held as 8 vectors (v[l] = 8 pixels of channel l -> v[p] = 8 channels of pixel p):
+// unpack, shuffle, 128-bit permute (three shuffle stages; vunpck/vshufps/vperm2f128 on AVX2).
+#if L8_SHUFFLE
+typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
+inline void transpose8(vec8 (&v)[8]) {
+    vec8 a[8], t[8];
+    for (int i = 0; i < 8; i += 2) {
+        a[i] = __builtin_shufflevector(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        a[i + 1] = __builtin_shufflevector(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int h = 0; h < 2; ++h) {
+            t[i + 2 * h] = __builtin_shufflevector(a[i + h], a[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            t[i + 2 * h + 1] = __builtin_shufflevector(a[i + h], a[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int i = 0; i < 4; ++i) {
+        v[i] = __builtin_shufflevector(t[i], t[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        v[i + 4] = __builtin_shufflevector(t[i], t[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+#endif
+
 // Padded row r of one plane: out (W+2pw, L) from x rows (element strides sC, sH, sW; ``lanes`` real channels).
+// The pad columns and rows are written only when ``zero_pad``: a thread's buffer keeps them zero between planes.
 inline void pack_row(const float* x, int64_t lanes, int64_t sC, int64_t sH, int64_t sW, int64_t H, int64_t W,
-                     int64_t ph, int64_t pw, int64_t r, float* o) {
+                     int64_t ph, int64_t pw, int64_t r, float* o, bool zero_pad = true) {
     const int64_t Wp = W + 2 * pw, h = r - ph;
     if (h < 0 || h >= H) {
-        std::memset(o, 0, sizeof(float) * Wp * L);
+        if (zero_pad) std::memset(o, 0, sizeof(float) * Wp * L);
         return;
     }
-    std::memset(o, 0, sizeof(float) * pw * L);
-    std::memset(o + (pw + W) * L, 0, sizeof(float) * pw * L);
+    if (zero_pad) {
+        std::memset(o, 0, sizeof(float) * pw * L);
+        std::memset(o + (pw + W) * L, 0, sizeof(float) * pw * L);
+    }
     const float* xr = x + h * sH;
     float* orow = o + pw * L;
     if (sC == 1 && lanes == L) {
         for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * L, xr + w * sW, sizeof(float) * L);
-    } else {
-        for (int64_t l = 0; l < L; ++l)  // lane-outer: contiguous reads along W for NCHW inputs
-            for (int64_t w = 0; w < W; ++w) orow[w * L + l] = l < lanes ? xr[w * sW + l * sC] : 0.f;
+        return;
     }
+    int64_t w0 = 0;
+#if L8_SHUFFLE
+    if constexpr (L == 8) {
+        if (sW == 1 && lanes == L)  // NCHW rows: 8 x 8 blocks through registers
+            for (; w0 + 8 <= W; w0 += 8) {
+                vec8 v[8];
+                for (int l = 0; l < 8; ++l) std::memcpy(&v[l], xr + l * sC + w0, sizeof v[l]);
+                transpose8(v);
+                for (int p = 0; p < 8; ++p) std::memcpy(orow + (w0 + p) * L, &v[p], sizeof v[p]);
+            }
+    }
+#endif
+    for (int64_t l = 0; l < L; ++l)  // lane-outer: contiguous reads along W for NCHW inputs
+        for (int64_t w = w0; w < W; ++w) orow[w * L + l] = l < lanes ? xr[w * sW + l * sC] : 0.f;
 }
 
 // One plane row (W, L) back to an (N, C, H, W) row with element strides sC, sW.
 inline void unpack_row(const float* yr, int64_t lanes, int64_t W, float* orow, int64_t sC, int64_t sW) {
     if (sC == 1 && lanes == L) {
         for (int64_t w = 0; w < W; ++w) std::memcpy(orow + w * sW, yr + w * L, sizeof(float) * L);
-    } else {
-        for (int64_t l = 0; l < lanes; ++l)
-            for (int64_t w = 0; w < W; ++w) orow[w * sW + l * sC] = yr[w * L + l];
+        return;
     }
+    int64_t w0 = 0;
+#if L8_SHUFFLE
+    if constexpr (L == 8) {
+        if (sW == 1 && lanes == L)
+            for (; w0 + 8 <= W; w0 += 8) {
+                vec8 v[8];
+                for (int p = 0; p < 8; ++p) std::memcpy(&v[p], yr + (w0 + p) * L, sizeof v[p]);
+                transpose8(v);
+                for (int l = 0; l < 8; ++l) std::memcpy(orow + l * sC + w0, &v[l], sizeof v[l]);
+            }
+    }
+#endif
+    for (int64_t l = 0; l < lanes; ++l)
+        for (int64_t w = w0; w < W; ++w) orow[w * sW + l * sC] = yr[w * L + l];
 }
 
 void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
@@ -278,7 +332,7 @@ void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
             const int64_t c0 = cb * L, lanes = lane_count(C, c0);
             for (int64_t n = 0; n < N; ++n) {
                 for (int64_t r = 0; r < Hp; ++r)
-                    pack_row(x + n * sN + c0 * sC, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * L);
+                    pack_row(x + n * sN + c0 * sC, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * L, false);
                 for (int64_t r = 0; r < H; ++r)
                     pack_row(g + n * gN + c0 * gC, lanes, gC, gH, gW, H, W, 0, 0, r, gin.data() + r * W * L);
                 corr_plane(xin.data(), gin.data(), acc.data(), KH, KW, H, W, nullptr, n > 0);
@@ -301,7 +355,8 @@ void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, 
         for (int64_t p = 0; p < N * CB; ++p) {
             const int64_t n = p / CB, c0 = (p % CB) * L, lanes = lane_count(C, c0);
             const float* xp = x + n * sN + c0 * sC;
-            for (int64_t r = 0; r < Hp; ++r) pack_row(xp, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * L);
+            for (int64_t r = ph; r < ph + H; ++r)
+                pack_row(xp, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * L, false);
             for (int64_t i = 0; i < KH; ++i)
                 pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, ker.data() + i * KW * L);
             if (b)
