@@ -227,3 +227,23 @@ def test_auto_batch_size_rule_and_same_result(tmp_path):
     assert auto["run_info"]["batch_size"] == 5 and one["run_info"]["batch_size"] == 1  # 32 px: all 5 in one pass
     a, b = np.load(tmp_path / "auto" / "erf.npy"), np.load(tmp_path / "one" / "erf.npy")
     assert np.allclose(a, b, rtol=1e-5, atol=1e-7 * np.abs(b).max())
+
+
+def test_background_imports_run_on_their_own_thread_and_leave_failures_to_the_caller(tmp_path, monkeypatch):
+    """captum and the figure backends are imported on a second thread while the model is built (issue 14): the
+    module is imported there, and a failing import neither raises in the caller nor leaves a thread running."""
+    import sys
+
+    from erf_lab.erf import runner
+
+    (tmp_path / "erf_bg_probe.py").write_text("import threading\nTHREAD = threading.current_thread().name\n")
+    (tmp_path / "erf_bg_broken.py").write_text("raise RuntimeError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("erf_bg_probe", "erf_bg_broken"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    thread = runner._start_background_imports(("erf_bg_probe", "erf_bg_broken", "erf_bg_never"))
+    thread.join(30)
+    assert not thread.is_alive() and thread.name == "erf-lab-imports"
+    assert sys.modules["erf_bg_probe"].THREAD == "erf-lab-imports"
+    assert "erf_bg_broken" not in sys.modules and "erf_bg_never" not in sys.modules
+    assert set(runner.BACKGROUND_IMPORTS) >= {"captum.attr", "matplotlib.backends.backend_pdf"}

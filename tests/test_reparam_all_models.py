@@ -176,3 +176,19 @@ def test_official_deploy_layout_of_each_large_kernel_family(name, tmp_path):
     assert summary["max_rel_error"] < TOL and summary["num_keys"] == len(keys)
     reloaded = create_model(name, weights=str(tmp_path / "deploy.pth"), **TINY[family(name)])
     assert set(reloaded.state_dict()) == keys
+
+
+def test_blocked_float64_fold_equals_the_full_float64_product():
+    """The BN fold's cache-blocked float64 product (issue 14: 2x less fixed cost) gives the numbers of the
+    full-size float64 copy bit for bit, for a following BN (output rows) and a preceding one (input columns)."""
+    from erf_lab.models.reparam import _matvec_in_float64, scale_in_float64
+
+    g = torch.Generator().manual_seed(3)
+    for shape, dim in (((300, 257, 1, 1), 0), ((96, 1, 31, 31), 0), ((130, 700, 1, 1), 1)):
+        w = torch.randn(*shape, generator=g)
+        view = [1] * len(shape)
+        view[dim] = shape[dim]
+        s = (torch.rand(shape[dim], dtype=torch.float64, generator=g) + 0.5).reshape(view)
+        assert torch.equal(scale_in_float64(w, s, torch.float32), torch.mul(w.double(), s).float())
+    m, v = torch.randn(300, 700, generator=g), torch.randn(700, dtype=torch.float64, generator=g)
+    assert (_matvec_in_float64(m, v) - m.double() @ v).abs().max().item() <= 1e-12

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import importlib
 import os
 import re
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +301,30 @@ def _normalise(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+# imported on a second thread while the model is built (see _start_background_imports): captum (which pulls in
+# matplotlib.pyplot) and the figure backends; together ~0.9 s of a process on the 2-core dev box
+BACKGROUND_IMPORTS = ("captum.attr", "matplotlib.figure", "matplotlib.backends.backend_agg",
+                      "matplotlib.backends.backend_pdf")
+
+
+def _start_background_imports(names=BACKGROUND_IMPORTS) -> threading.Thread:
+    """Import ``names`` on a daemon thread and return it (join it before the measurement). Building and loading
+    a model runs torch kernels that release the GIL (the random initialization alone: 0.7 s for RepLKNet-31B),
+    so the imports overlap it instead of adding to the fixed cost of a process (issue 14). A failed import is
+    left for the main thread, whose own import then raises it where it is needed."""
+    def work():
+        for name in names:
+            if name not in sys.modules:
+                try:
+                    importlib.import_module(name)
+                except Exception:  # noqa: BLE001 - re-raised by the main thread's own import
+                    return
+
+    thread = threading.Thread(target=work, name="erf-lab-imports", daemon=True)
+    thread.start()
+    return thread
+
+
 def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, tags, formats, show_progress,
          on_batch, checkpoint_seconds, argv, runs_root, start, t0, display=None) -> dict:
     from erf_lab.erf.images import load_images, model_data_config
@@ -306,12 +332,17 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     from erf_lab.models import create_model
 
     device = D.device_for(spec.device, dinfo)
+    imports = _start_background_imports()
     torch.manual_seed(spec.seed)
-    model = create_model(spec.model, weights=spec.weights, drop_head=spec.drop_head, **spec.overrides)
-    data_cfg = model_data_config(model)
-    mean, std = data_cfg["mean"], data_cfg["std"]
-    source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean, std=std)
-    geom = layer_geometry(model, spec.layer, spec.input_size)
+    try:
+        model = create_model(spec.model, weights=spec.weights, drop_head=spec.drop_head, **spec.overrides)
+        data_cfg = model_data_config(model)
+        mean, std = data_cfg["mean"], data_cfg["std"]
+        source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean,
+                             std=std)
+        geom = layer_geometry(model, spec.layer, spec.input_size)
+    finally:
+        imports.join()  # done before the measurement (and on an error: no import left running behind it)
     train_size = training_resolution(spec, model)
     weights_sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None
     config = _config(spec, source, mean, std, weights_sha, dinfo)
