@@ -54,6 +54,10 @@ def test_flop_count_of_a_tiny_model_is_the_hand_count(backend):
     with fastconv.use(backend=backend), R.counting_flops(m) as total:
         erf.attribute(x)
     assert total() == 2 * hand_count(12, 10)  # two images
+    # the depthwise products with zero padding, by brute force over outputs and taps (7x7 on 12x10, pad 3)
+    inside = sum(1 for p in range(12) for i in range(7) if 0 <= p + i - 3 < 12) * \
+        sum(1 for q in range(10) for j in range(7) if 0 <= q + j - 3 < 10)
+    assert total.padding() == 2 * 2 * 2 * 4 * (12 * 10 * 49 - inside)  # images x (fwd + dx) x 2 FLOPs x channels
 
 
 def test_compute_erf_reports_flops_per_image_and_batch_times(monkeypatch):
@@ -111,6 +115,9 @@ def test_run_json_records_the_roofline_and_old_files_still_load(tmp_path):
     assert info["roofline_fraction"] == pytest.approx(info["achieved_gflops"] / info["sgemm_gflops"], rel=1e-2)
     assert info["cpu_model"] and info["isa"] and info["threads"] >= 1 and info["sgemm_device"] == "cpu"
     assert res["run_info"]["flops_per_image"] == info["flops_per_image"]
+    assert 0 < info["padding_flops_per_image"] < info["flops_per_image"]
+    assert info["roofline_fraction_without_padding"] == pytest.approx(
+        info["roofline_fraction"] * (1 - info["padding_flops_per_image"] / info["flops_per_image"]), rel=2e-3)
     # same FLOPs as FlopCounterMode sees on the native path (F.conv2d everywhere)
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -127,7 +134,8 @@ def test_run_json_records_the_roofline_and_old_files_still_load(tmp_path):
 
     # a run.json written before the roofline fields: loads as before
     for k in ("flops_per_image", "compute_seconds_per_image", "achieved_gflops", "sgemm_gflops",
-              "roofline_fraction", "sgemm_device", "cpu_model", "isa", "threads"):
+              "roofline_fraction", "sgemm_device", "cpu_model", "isa", "threads", "padding_flops_per_image",
+              "roofline_fraction_without_padding"):
         info.pop(k)
     (tmp_path / "run" / RUN_FILE).write_text(json.dumps(info))
     assert load_run(tmp_path / "run").run_info["model"] == "replknet_31b"

@@ -199,9 +199,62 @@ def test_benchmark_reports_ratio_and_roofline(tmp_path, monkeypatch, capsys):
         assert r["ratio_vs_best_stock"] == pytest.approx(r["fastconv_ms"] / r[r["best_stock"] + "_ms"], rel=0.02)
         passes = 3 if r["mode"] == "fwdbwd" else 1
         assert r["gflops"] == pytest.approx(passes * 2 * 4 * 64 * r["K"] ** 2 / r["fastconv_ms"] / 1e6, rel=0.02)
-        assert r["fraction_of_fma_peak"] == pytest.approx(r["gflops"] / 20.0, abs=1e-3)
+        inside = passes * roofline.depthwise_flops(1, 4, 8, 8, r["K"], r["K"])["inside"]
+        assert r["gflops_inside"] == pytest.approx(inside / r["fastconv_ms"] / 1e6, rel=0.02)
+        assert r["gflops_inside"] < r["gflops"]  # some taps always meet the padding
+        assert r["fraction_of_fma_peak"] == pytest.approx(r["gflops_inside"] / 20.0, abs=1e-3)
         assert r["never_slower"] in ("PASS", "FAIL") and r["roofline"] == ("-" if r["K"] < 13 else r["roofline"])
         if r["K"] == 3:
             assert r["fastconv_backend"] == "native"
     md = (tmp_path / "fastconv_cpu.md").read_text()
     assert "fastconv / best stock" in md and "% FMA peak" in md and len(md.splitlines()) == 9 + len(rows)
+
+
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("shape,kernel", [((2, 19, 5, 6), (13, 15)), ((1, 8, 3, 3), (9, 7)), ((3, 24, 14, 14), (27, 27))])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, shape, kernel, layout, monkeypatch,
+                                                                        one_thread):
+    """Kernels larger than the feature map (RepLKNet-31B's 27x27 on a 14x14 map at 224 px, 31x31 on cue-world's
+    small images): the cpp kernel skips the taps that fall wholly in the zero padding, so most products are never
+    formed. Forward, input and weight gradient still equal F.conv2d in float64, including weight taps that see
+    only padding (K > 2H: their gradient is exactly 0)."""
+    _need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    g = torch.Generator().manual_seed(sum(shape) * 7 + sum(kernel))
+    x = torch.randn(*shape, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    w, b = torch.randn(c, 1, *kernel, generator=g), torch.randn(c, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = fastconv.depthwise_conv2d(*leaves, backend="cpp")
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = F.conv2d(*ref_leaves, padding=(kernel[0] // 2, kernel[1] // 2), groups=c)
+    assert _rel(y.double(), ref) <= 1e-5
+    gy = torch.randn(ref.shape, generator=g)
+    grads = torch.autograd.grad(y, leaves, gy)
+    for got, exp in zip(grads, torch.autograd.grad(ref, ref_leaves, gy.double())):
+        assert got.shape == exp.shape and _rel(got.double(), exp) <= 1e-5
+    kh, kw = kernel
+    h, wd = shape[-2:]
+    outside_rows = [i for i in range(kh) if abs(i - kh // 2) >= h]  # taps that only ever meet padding
+    outside_cols = [j for j in range(kw) if abs(j - kw // 2) >= wd]
+    if outside_rows:
+        assert grads[1][:, :, outside_rows, :].abs().max().item() == 0.0
+    if outside_cols:
+        assert grads[1][:, :, :, outside_cols].abs().max().item() == 0.0
+
+
+def test_depthwise_flops_inside_the_map_by_brute_force():
+    """fastconv.roofline.depthwise_flops: nominal = the flop counter's 2*B*C*H*W*KH*KW; inside = the products
+    whose input pixel is in the map (the rest meet zero padding), counted one by one."""
+    from fastconv.roofline import depthwise_flops
+
+    for b, c, h, w, kh, kw in ((2, 3, 14, 14, 27, 27), (1, 5, 7, 9, 13, 3), (1, 1, 32, 32, 31, 31), (1, 2, 4, 4, 1, 1)):
+        f = depthwise_flops(b, c, h, w, kh, kw)
+        brute = sum(1 for p in range(h) for q in range(w) for i in range(kh) for j in range(kw)
+                    if 0 <= p + i - kh // 2 < h and 0 <= q + j - kw // 2 < w)
+        assert f == {"nominal": 2 * b * c * h * w * kh * kw, "inside": 2 * b * c * brute}
+    assert depthwise_flops(1, 1, 14, 14, 27, 27)["inside"] / depthwise_flops(1, 1, 14, 14, 27, 27)["nominal"] == \
+        pytest.approx(196 ** 2 / (196 * 729))

@@ -181,7 +181,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                    initial=len(done) if total else 0)
     input_hw = None
     batches: list = []  # [images, compute seconds] of every batch run here
-    rl: dict = {"flops_per_image": None, "roofline": None}
+    rl: dict = {"flops_per_image": None, "padding_flops_per_image": None, "roofline": None}
     try:
         pending: list = []
 
@@ -199,7 +199,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
 
                 rl["key"] = flops_key(m, layer_name, x.shape[-2:])
                 rl["flops_per_image"] = cached_flops(rl["key"])
-                count = rl["flops_per_image"] is None
+                rl["padding_flops_per_image"] = cached_flops(rl["key"] + "|padding")
+                count = rl["flops_per_image"] is None or rl["padding_flops_per_image"] is None
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
@@ -211,7 +212,9 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 from erf_lab.erf.roofline import store_flops
 
                 rl["flops_per_image"] = int(total() // len(pending))
+                rl["padding_flops_per_image"] = int(total.padding() // len(pending))
                 store_flops(rl["key"], rl["flops_per_image"])
+                store_flops(rl["key"] + "|padding", rl["padding_flops_per_image"])
             if roofline and len(batches) == 1:
                 rl["roofline"] = _sgemm_reference(dev)
             if roofline:
@@ -255,7 +258,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     input_size = int(input_hw[0]) if input_hw else int(erf.shape[0])
     info.update({"tf32": bool(allow_tf32) if dev.type == "cuda" else None, "batch_seconds": batches})
     if roofline:
-        info.update({"flops_per_image": rl["flops_per_image"], "roofline": rl["roofline"]})
+        info.update({"flops_per_image": rl["flops_per_image"], "padding_flops_per_image": rl["padding_flops_per_image"],
+                     "roofline": rl["roofline"]})
     info.update({"batch_size": int(batch_size), "captum": "NeuronGradient", "target":
                  "sum_c ReLU(M[:, c, h//2, w//2])", "map": f"sum_rgb {aggregate.upper()}(d target / d input)"})
     return ErfResult(erf=erf, num_used=acc.count, num_skipped=len(acc.skipped), skipped=[list(s) for s in acc.skipped],

@@ -54,7 +54,9 @@ def _without_dynamo_import(mode_cls) -> None:
 @contextlib.contextmanager
 def counting_flops(model: nn.Module):
     """``with counting_flops(m) as total: ...run the batch...``; ``total()`` is the FLOPs counted so far (multiply-
-    add = 2 FLOPs), forward and backward."""
+    add = 2 FLOPs), forward and backward; ``total.padding()`` the part of them that fastconv's depthwise convs
+    spend on zero padding (``fastconv.roofline.depthwise_flops``: ``nominal - inside``), which its C++ kernel
+    skips."""
     import fastconv
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -64,7 +66,9 @@ def counting_flops(model: nn.Module):
     fc = FlopCounterMode(display=False)
     if hasattr(fc, "mod_tracker"):
         fc.mod_tracker = _NoModuleTracking()
-    extra = [0]
+    from fastconv.roofline import depthwise_flops
+
+    extra, padding = [0], [0]
     before: dict = {}
 
     def pre(mod, args):
@@ -80,6 +84,10 @@ def counting_flops(model: nn.Module):
         aten_backward = out.grad_fn is not None and "Convolution" in type(out.grad_fn).__name__
         passes = 1 + (0 if aten_backward else bool(x.requires_grad) + bool(w.requires_grad))  # fwd, dx, dw
         extra[0] += 2 * macs * passes
+        kh, kw = w.shape[-2:]
+        if tuple(mod.stride) == (1, 1) and kh % 2 and kw % 2:  # 'same': the products with the zero padding
+            f = depthwise_flops(out.shape[0], out.shape[1], out.shape[-2], out.shape[-1], kh, kw)
+            padding[0] += (f["nominal"] - f["inside"]) * (1 + bool(x.requires_grad) + bool(w.requires_grad))
 
     handles = []
     for mod in model.modules():
@@ -87,7 +95,11 @@ def counting_flops(model: nn.Module):
             handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
     try:
         with fc:
-            yield lambda: fc.get_total_flops() + extra[0]
+            def total():
+                return fc.get_total_flops() + extra[0]
+
+            total.padding = lambda: padding[0]  # of those, the depthwise products with zero padding
+            yield total
     finally:
         for h in handles:
             h.remove()

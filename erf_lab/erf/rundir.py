@@ -54,6 +54,7 @@ RUN_FIELDS: dict[str, tuple] = {
     "flops_per_image": _INT_OR_NONE, "compute_seconds_per_image": _NUM_OR_NONE, "achieved_gflops": _NUM_OR_NONE,
     "sgemm_gflops": _NUM_OR_NONE, "roofline_fraction": _NUM_OR_NONE, "sgemm_device": _STR_OR_NONE,
     "cpu_model": _STR_OR_NONE, "isa": _STR_OR_NONE, "threads": _INT_OR_NONE,
+    "padding_flops_per_image": _INT_OR_NONE, "roofline_fraction_without_padding": _NUM_OR_NONE,
 }
 
 
@@ -83,7 +84,7 @@ def validate_run_info(info: dict, source: str = "run.json") -> dict:
         if key in info and info[key] < (0 if key == "num_used" else 1):
             raise ErfLabError(f"{source}: field {key!r} must be positive, got {info[key]}")
     for key in ("flops_per_image", "compute_seconds_per_image", "achieved_gflops", "sgemm_gflops",
-                "roofline_fraction"):
+                "roofline_fraction", "padding_flops_per_image", "roofline_fraction_without_padding"):
         if info.get(key) is not None and info[key] < 0:
             raise ErfLabError(f"{source}: field {key!r} must not be negative, got {info[key]}")
     if info.get("theoretical_rf") is not None and info["theoretical_rf"] < 1:
