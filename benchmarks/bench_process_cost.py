@@ -76,7 +76,9 @@ def child(argv: list[str]) -> int:
     stats["main()"] = time.perf_counter() - t
     stats["python (after interpreter start)"] = time.perf_counter() - t_start
     print("PHASES " + json.dumps(stats), file=sys.stderr)
-    cli.exit_now(code)  # the console script's own exit (without the interpreter's teardown)
+    # the console script's own exit (without the interpreter's teardown); a checkout from before exit_now exits
+    # the way its console script did
+    getattr(cli, "exit_now", sys.exit)(code)
 
 
 # --- parent --------------------------------------------------------------------------------------------------------
