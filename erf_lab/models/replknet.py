@@ -160,9 +160,10 @@ class ReparamLargeKernelConv(nn.Module):
             if small_kernel is not None:
                 self.small_conv = ConvBN(in_channels, out_channels, small_kernel, stride, small_kernel // 2, groups)
 
-    def _merged_conv(self) -> nn.Conv2d:
-        return _conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.kernel_size // 2,
+    def _merged_conv(self, device=None, dtype=None) -> nn.Conv2d:
+        conv = _conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.kernel_size // 2,
                        self.groups, True)
+        return conv.to(device=device, dtype=dtype) if device is not None or dtype is not None else conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lkb_reparam is not None:
@@ -190,9 +191,7 @@ class ReparamLargeKernelConv(nn.Module):
         if self.lkb_reparam is not None:
             return
         k, b = self.get_equivalent_kernel_bias()
-        with torch.device("meta"):  # no random initialization of a tensor about to be overwritten
-            conv = self._merged_conv()
-        conv = conv.to_empty(device=k.device).to(dtype=k.dtype)
+        conv = self._merged_conv(device=k.device, dtype=k.dtype)
         conv.weight.copy_(k)
         conv.bias.copy_(b)
         self.lkb_reparam = conv
