@@ -205,3 +205,25 @@ def test_model_with_non_persistent_buffer_is_built_normally():
             self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
 
     assert registry._build_uninitialized("x", WithScratch, {}) is None
+
+
+def test_materialize_replaces_meta_tensors_and_keeps_shared_ones_shared():
+    """The uninitialized build of a strict checkpoint load (no random init) makes real CPU tensors of every meta
+    parameter and buffer without ``to_empty`` (whose first call imports torch's reference ops, ~0.5 s); a weight
+    shared by two modules stays one tensor."""
+    import torch.nn as nn
+
+    from erf_lab.models.registry import _materialize
+
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(5, 5, bias=False))
+        m.append(nn.Linear(5, 5, bias=False))
+    m[3].weight = m[2].weight
+    m[0].bias.requires_grad_(False)
+    out = _materialize(m)
+    tensors = list(out.parameters()) + list(out.buffers())
+    assert out is m and tensors and not any(t.is_meta for t in tensors)
+    assert m[3].weight is m[2].weight and isinstance(m[2].weight, nn.Parameter)
+    assert m[0].weight.shape == (4, 3, 3, 3) and m[1].running_var.shape == (4,)
+    assert m[1].num_batches_tracked.dtype == torch.long and not m[0].bias.requires_grad
+    assert m[0].weight.requires_grad
