@@ -239,11 +239,12 @@ def test_background_imports_run_on_their_own_thread_and_leave_failures_to_the_ca
     (tmp_path / "erf_bg_probe.py").write_text("import threading\nTHREAD = threading.current_thread().name\n")
     (tmp_path / "erf_bg_broken.py").write_text("raise RuntimeError('broken on purpose')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("erf_bg_probe", "erf_bg_broken"):
+    for name in ("erf_bg_probe", "erf_bg_broken", "erf_bg_after"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    thread = runner._start_background_imports(("erf_bg_probe", "erf_bg_broken", "erf_bg_never"))
+    (tmp_path / "erf_bg_after.py").write_text("X = 1\n")
+    thread = runner._start_background_imports(("erf_bg_broken", "erf_bg_probe", "erf_bg_missing", "erf_bg_after"))
     thread.join(30)
     assert not thread.is_alive() and thread.name == "erf-lab-imports"
-    assert sys.modules["erf_bg_probe"].THREAD == "erf-lab-imports"
-    assert "erf_bg_broken" not in sys.modules and "erf_bg_never" not in sys.modules
+    assert sys.modules["erf_bg_probe"].THREAD == "erf-lab-imports" and sys.modules["erf_bg_after"].X == 1
+    assert "erf_bg_broken" not in sys.modules and "erf_bg_missing" not in sys.modules
     assert set(runner.BACKGROUND_IMPORTS) >= {"captum.attr", "matplotlib.backends.backend_pdf"}

@@ -304,21 +304,22 @@ def _normalise(obj):
 # imported on a second thread while the model is built (see _start_background_imports): captum (which pulls in
 # matplotlib.pyplot) and the figure backends; together ~0.9 s of a process on the 2-core dev box
 BACKGROUND_IMPORTS = ("captum.attr", "matplotlib.figure", "matplotlib.backends.backend_agg",
-                      "matplotlib.backends.backend_pdf")
+                      "matplotlib.backends.backend_pdf", "matplotlib.backends._backend_pdf_ps")
 
 
 def _start_background_imports(names=BACKGROUND_IMPORTS) -> threading.Thread:
     """Import ``names`` on a daemon thread and return it (join it before the measurement). Building and loading
     a model runs torch kernels that release the GIL (the random initialization alone: 0.7 s for RepLKNet-31B),
     so the imports overlap it instead of adding to the fixed cost of a process (issue 14). A failed import is
-    left for the main thread, whose own import then raises it where it is needed."""
+    skipped and left for the main thread, whose own import then raises it where it is needed (the PDF backend's
+    font subsetting, imported on the first PDF save, is a private matplotlib module: it may move)."""
     def work():
         for name in names:
             if name not in sys.modules:
                 try:
                     importlib.import_module(name)
                 except Exception:  # noqa: BLE001 - re-raised by the main thread's own import
-                    return
+                    continue
 
     thread = threading.Thread(target=work, name="erf-lab-imports", daemon=True)
     thread.start()
