@@ -248,3 +248,37 @@ def test_background_imports_run_on_their_own_thread_and_leave_failures_to_the_ca
     assert sys.modules["erf_bg_probe"].THREAD == "erf-lab-imports" and sys.modules["erf_bg_after"].X == 1
     assert "erf_bg_broken" not in sys.modules and "erf_bg_missing" not in sys.modules
     assert set(runner.BACKGROUND_IMPORTS) >= {"captum.attr", "matplotlib.backends.backend_pdf"}
+
+
+def test_layer_geometry_is_kept_per_structure_and_a_changed_structure_is_probed_again(tmp_path, monkeypatch):
+    """The probe forward of ``layer_geometry`` runs once per model structure / layer / size (the erf-lab cache's
+    erf_geometry.json); a different stride (same tensors) or a corrupt table makes it probe again, and the cached
+    answer equals the probed one."""
+    import torch.nn as nn
+
+    from erf_lab.erf import receptive_field, runner
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path))
+    probes = []
+    real = receptive_field.list_layers
+
+    def counting(model, size):
+        probes.append(size)
+        return real(model, size)
+
+    monkeypatch.setattr(receptive_field, "list_layers", counting)
+
+    def net(stride):
+        m = nn.Sequential(nn.Conv2d(3, 4, 3, stride=stride, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 5, padding=2))
+        m.forward_features = m.forward
+        return m
+
+    first = runner.layer_geometry(net(1), None, 40)
+    again = runner.layer_geometry(net(1), None, 40)
+    assert probes == [32] and again == first and first["theoretical_rf"] == 7 and first["feature_shape"] == [4, 40, 40]
+    strided = runner.layer_geometry(net(2), None, 40)
+    assert probes == [32, 32] and strided["stride"] == 2 and strided["theoretical_rf"] == 11
+    assert strided["feature_shape"] == [4, 20, 20]
+    assert len(json.loads((tmp_path / runner.GEOMETRY_CACHE).read_text())) == 2
+    (tmp_path / runner.GEOMETRY_CACHE).write_text("{not json")
+    assert runner.layer_geometry(net(1), None, 40) == first and probes == [32, 32, 32]

@@ -109,48 +109,26 @@ FLOPS_CACHE = "erf_flops.json"
 
 
 def flops_key(model: nn.Module, layer: str, input_hw) -> str:
-    """What the FLOPs of a measurement depend on: the prepared model's structure (every module's class and every
-    tensor's name and shape), the layer, the input size, and the erf-lab / torch versions (weights do not count)."""
-    import hashlib
-    import json
+    """What the FLOPs of a measurement depend on: the prepared model's structure
+    (:func:`erf_lab.erf.structure_cache.structure_key`: weights do not count), the layer and the input size."""
+    from erf_lab.erf.structure_cache import structure_key
 
-    import erf_lab
-
-    parts = [erf_lab.__version__, torch.__version__, layer, list(input_hw),
-             [(n, type(m).__qualname__) for n, m in model.named_modules()],
-             [(n, list(t.shape)) for n, t in (*model.named_parameters(), *model.named_buffers())]]
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+    return structure_key(model, "flops", layer, list(input_hw))
 
 
 def cached_flops(key: str) -> int | None:
     """FLOPs per image counted by an earlier run for ``key`` (``<erf-lab cache>/erf_flops.json``), else None."""
-    import json
+    from erf_lab.erf.structure_cache import cached
 
-    from erf_lab.paths import cache_dir
-
-    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-        v = json.loads((cache_dir() / FLOPS_CACHE).read_text()).get(key)
-        if type(v) is int and v > 0:
-            return v
-    return None
+    v = cached(FLOPS_CACHE, key)
+    return v if type(v) is int and v >= 0 else None
 
 
 def store_flops(key: str, flops: int) -> None:
     """Remember ``flops`` for ``key`` (atomic rewrite; a cache that cannot be written is skipped)."""
-    import json
+    from erf_lab.erf.structure_cache import store
 
-    from erf_lab.io import write_json
-    from erf_lab.paths import cache_dir
-
-    path = cache_dir() / FLOPS_CACHE
-    try:
-        table = json.loads(path.read_text())
-        table = table if isinstance(table, dict) else {}
-    except (OSError, ValueError):
-        table = {}
-    table[key] = int(flops)
-    with contextlib.suppress(OSError):
-        write_json(path, table)
+    store(FLOPS_CACHE, key, int(flops))
 
 
 def sgemm_reference(device) -> dict:

@@ -1,0 +1,75 @@
+"""Per-machine memo of what a model's *structure* determines, so a repeated run does not compute it again: its
+FLOPs per image (``erf_lab.erf.roofline``) and its layer geometry (``erf_lab.erf.runner.layer_geometry``).
+
+Keys: :func:`structure_key` (weights never count). Tables: small JSON files in the erf-lab cache folder, rewritten
+atomically; an unreadable or unwritable table is treated as empty (the value is then computed, as without it).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+from typing import Any
+
+import torch.nn as nn
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def _class_source(cls: type) -> str | None:
+    try:
+        path = inspect.getsourcefile(cls)
+    except TypeError:  # a built-in class
+        return None
+    return _file_digest(path) if path else None
+
+
+def structure_key(model: nn.Module, *parts: Any) -> str:
+    """A digest of everything a model's FLOPs and layer geometry depend on, weights aside: the erf-lab and torch
+    versions, every module's name and ``repr`` (class, kernel sizes, strides, padding, dilation, groups), every
+    tensor's name and shape, the source files of the modules' classes (a custom model whose ``forward`` changed
+    gets a new key), and ``parts`` (layer, input size ...)."""
+    import torch
+
+    import erf_lab
+
+    classes = sorted({type(m) for m in model.modules()}, key=lambda c: (c.__module__, c.__qualname__))
+    key = [erf_lab.__version__, torch.__version__, [json.dumps(p, default=str) for p in parts],
+           [(n, repr(m) if not list(m.children()) else type(m).__qualname__) for n, m in model.named_modules()],
+           [(n, list(t.shape)) for n, t in (*model.named_parameters(), *model.named_buffers())],
+           [(c.__module__, c.__qualname__, _class_source(c)) for c in classes]]
+    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]
+
+
+def cached(table: str, key: str) -> Any:
+    """The value stored under ``key`` in the cache table ``table`` (a file name), else None."""
+    from erf_lab.paths import cache_dir
+
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        return json.loads((cache_dir() / table).read_text()).get(key)
+    return None
+
+
+def store(table: str, key: str, value: Any) -> None:
+    """Remember ``value`` under ``key`` in ``table`` (atomic rewrite; a cache that cannot be written is skipped)."""
+    from erf_lab.io import write_json
+    from erf_lab.paths import cache_dir
+
+    path = cache_dir() / table
+    try:
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = value
+    with contextlib.suppress(OSError):
+        write_json(path, data)
