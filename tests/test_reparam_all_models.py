@@ -178,10 +178,14 @@ def test_official_deploy_layout_of_each_large_kernel_family(name, tmp_path):
     assert set(reloaded.state_dict()) == keys
 
 
-def test_blocked_float64_fold_equals_the_full_float64_product():
+def test_blocked_float64_fold_equals_the_full_float64_product(monkeypatch):
     """The BN fold's cache-blocked float64 product (issue 14: 2x less fixed cost) gives the numbers of the
-    full-size float64 copy bit for bit, for a following BN (output rows) and a preceding one (input columns)."""
+    full-size float64 copy bit for bit, for a following BN (output rows) and a preceding one (input columns);
+    blocks made small here so that these tensors span many of them, with a ragged last block."""
+    from erf_lab.models import reparam
     from erf_lab.models.reparam import _matvec_in_float64, scale_in_float64
+
+    monkeypatch.setattr(reparam, "_BLOCK_ELEMENTS", 5000)
 
     g = torch.Generator().manual_seed(3)
     for shape, dim in (((300, 257, 1, 1), 0), ((96, 1, 31, 31), 0), ((130, 700, 1, 1), 1)):
