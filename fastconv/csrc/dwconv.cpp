@@ -32,6 +32,8 @@
 // peak ~100): R=32 K=31 2x5 sliding 88/84 vs the earlier 2x4 without the window 51/51; R=64 K=31 87/82 vs 52/41;
 // R=32 K=13 80/72 vs 39/41 (4x3, 3x4, 5x2, 6x2, 3x3, 1x7 sliding: all slower, 27-74). 16 lanes lowered to AVX2 (two
 // ymm per vector): 1 x 3; AVX-512 (32 zmm): 4 x 5.
+// Padding: the packed planes carry explicit zero borders, and corr_plane skips the input rows and kernel-column
+// windows of a tile that lie wholly in them (a kernel as large as the map multiplies zeros in most of its taps).
 #ifndef DW_KERNEL_BODY
 #include <cstdint>
 #include <cstring>
@@ -237,7 +239,8 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // corr of one plane: in (OH+KH-1, OW+KW-1, L), k (KH, KW, L), out (OH, OW, L). Only input rows [row_lo, row_hi)
 // and columns [col_lo, col_hi) of ``in`` may be nonzero (the rest is zero padding): a tile skips the input rows
-// and kernel columns whose products all fall outside (same numbers: only exact zeros are left out of the sums).
+// and kernel columns whose products all fall outside (same numbers for finite weights: only products with exact
+// zeros are left out of the sums; an inf or NaN weight that meets only padding no longer turns its output NaN).
 inline void corr_plane(const float* in, const float* k, float* out, int64_t OH, int64_t OW, int64_t KH, int64_t KW,
                        const float* init, bool accum, int64_t row_lo, int64_t row_hi, int64_t col_lo,
                        int64_t col_hi) {
