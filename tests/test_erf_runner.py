@@ -282,3 +282,30 @@ def test_layer_geometry_is_kept_per_structure_and_a_changed_structure_is_probed_
     assert len(json.loads((tmp_path / runner.GEOMETRY_CACHE).read_text())) == 2
     (tmp_path / runner.GEOMETRY_CACHE).write_text("{not json")
     assert runner.layer_geometry(net(1), None, 40) == first and probes == [32, 32, 32]
+
+
+def test_structure_key_sees_settings_and_classes_without_a_source_file():
+    """The structure key changes with a container's plain setting that forward reads (not in any repr) and with
+    the bytecode of a class defined where inspect finds no source (a notebook, ``python -c``), and is stable."""
+    import subprocess
+    import sys
+
+    import torch.nn as nn
+
+    from erf_lab.erf.structure_cache import structure_key
+
+    class Net(nn.Sequential):
+        pass
+
+    a, b = Net(nn.Conv2d(3, 4, 3)), Net(nn.Conv2d(3, 4, 3))
+    b.pool = "max"
+    assert structure_key(a, "x") == structure_key(Net(nn.Conv2d(3, 4, 3)), "x") != structure_key(b, "x")
+    assert structure_key(a, "x") != structure_key(a.train(False), "y")
+    a.train(True)
+    assert structure_key(a, "x") == structure_key(a.eval(), "x")  # the train / eval flag does not count
+    code = ("import torch.nn as nn\nfrom erf_lab.erf.structure_cache import structure_key\n"
+            "class M(nn.Module):\n    def forward(self, x):\n        return x * {}\n"
+            "print(structure_key(M(), 'k'))\n")
+    keys = [subprocess.run([sys.executable, "-c", code.format(v)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout.strip() for v in (2, 2, 3)]
+    assert keys[0] == keys[1] != keys[2] and len(keys[0]) == 32

@@ -72,7 +72,7 @@ def exit_now(code: int):
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # closed, or None (pythonw)
             pass
     os._exit(code)
 

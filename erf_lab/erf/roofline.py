@@ -55,8 +55,8 @@ def _without_dynamo_import(mode_cls) -> None:
 def counting_flops(model: nn.Module):
     """``with counting_flops(m) as total: ...run the batch...``; ``total()`` is the FLOPs counted so far (multiply-
     add = 2 FLOPs), forward and backward; ``total.padding()`` the part of them that fastconv's depthwise convs
-    spend on zero padding (``fastconv.roofline.depthwise_flops``: ``nominal - inside``), which its C++ kernel
-    skips."""
+    spend on products with the zero padding (``fastconv.roofline.depthwise_flops``: ``nominal - inside``):
+    avoidable work, which fastconv's C++ kernel skips and its other backends (oneDNN, F.conv2d, Triton) do."""
     import fastconv
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -98,7 +98,7 @@ def counting_flops(model: nn.Module):
             def total():
                 return fc.get_total_flops() + extra[0]
 
-            total.padding = lambda: padding[0]  # of those, the depthwise products with zero padding
+            total.padding = lambda: padding[0]  # of those, the depthwise products with the zero padding
             yield total
     finally:
         for h in handles:

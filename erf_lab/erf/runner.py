@@ -492,7 +492,7 @@ def _roofline_fields(info: dict) -> dict:
     return {"flops_per_image": flops,
             "compute_seconds_per_image": None if sec is None else round(sec, 5),
             **roofline_numbers(flops, sec, ref.get("sgemm_gflops")),
-            # the depthwise products with zero padding, which fastconv's C++ kernel skips, left out of the count
+            # the depthwise products with the zero padding (avoidable work: fastconv's C++ kernel skips it)
             "padding_flops_per_image": padding,
             "roofline_fraction_without_padding": without["roofline_fraction"],
             "sgemm_gflops": ref.get("sgemm_gflops"), "sgemm_device": ref.get("sgemm_device"),

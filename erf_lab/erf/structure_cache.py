@@ -26,25 +26,52 @@ def _file_digest(path: str) -> str | None:
 
 
 def _class_source(cls: type) -> str | None:
+    """A digest of the file that defines ``cls``; for a class without one (defined in a notebook, ``python -c``
+    or stdin) a digest of its functions' bytecode and constants, so an edited class still gets a new key."""
     try:
         path = inspect.getsourcefile(cls)
-    except TypeError:  # a built-in class
-        return None
-    return _file_digest(path) if path else None
+    except (TypeError, OSError):  # a built-in class, or one defined in a __main__ without a file
+        path = None
+    digest = _file_digest(path) if path else None
+    if digest is not None:
+        return digest
+    h = hashlib.sha256()
+    for name, v in sorted(vars(cls).items()):
+        code = getattr(getattr(v, "__func__", v), "__code__", None)
+        if code is not None:
+            h.update(name.encode() + code.co_code + repr(code.co_consts).encode())
+    return "code:" + h.hexdigest()[:16]
+
+
+_PRIMITIVE = (bool, int, float, str, type(None))
+
+
+def _settings(m: nn.Module) -> list:
+    """A module's plain settings that ``forward`` may read beyond its ``repr`` (e.g. a container's pooling mode or
+    a flag), as (name, value) pairs: attributes holding numbers, strings, None or tuples / lists of them; the
+    train / eval flag is left out (it changes neither FLOPs nor geometry)."""
+    out = []
+    for k, v in sorted(vars(m).items()):
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, _PRIMITIVE) or (isinstance(v, (tuple, list)) and all(isinstance(e, _PRIMITIVE) for e in v)):
+            out.append((k, v))
+    return out
 
 
 def structure_key(model: nn.Module, *parts: Any) -> str:
     """A digest of everything a model's FLOPs and layer geometry depend on, weights aside: the erf-lab and torch
-    versions, every module's name and ``repr`` (class, kernel sizes, strides, padding, dilation, groups), every
-    tensor's name and shape, the source files of the modules' classes (a custom model whose ``forward`` changed
-    gets a new key), and ``parts`` (layer, input size ...)."""
+    versions, every module's name, class, ``extra_repr`` (kernel sizes, strides, padding, dilation, groups) and
+    plain settings (:func:`_settings`), every tensor's name and shape, the source of the modules' classes (a
+    custom model whose ``forward`` changed gets a new key), and ``parts`` (layer, input size ...). Code outside
+    the modules' own classes (a helper function in another file) is not covered: erf-lab's version is."""
     import torch
 
     import erf_lab
 
     classes = sorted({type(m) for m in model.modules()}, key=lambda c: (c.__module__, c.__qualname__))
     key = [erf_lab.__version__, torch.__version__, [json.dumps(p, default=str) for p in parts],
-           [(n, repr(m) if not list(m.children()) else type(m).__qualname__) for n, m in model.named_modules()],
+           [(n, type(m).__qualname__, m.extra_repr(), _settings(m)) for n, m in model.named_modules()],
            [(n, list(t.shape)) for n, t in (*model.named_parameters(), *model.named_buffers())],
            [(c.__module__, c.__qualname__, _class_source(c)) for c in classes]]
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]

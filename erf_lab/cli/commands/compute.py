@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
                f"{info['sgemm_gflops']:.1f} GFLOP/s ({info['cpu_model']}, {info['isa']}, {info['threads']} threads)"
                if info.get("roofline_fraction") is not None else "")
         pad = info.get("padding_flops_per_image")
-        without = (f"; without the {pad / 1e9:.3g} GFLOP of depthwise products with zero padding (skipped by "
-                   f"fastconv): {100 * info['roofline_fraction_without_padding']:.1f}%"
+        without = (f"; without the {pad / 1e9:.3g} GFLOP of depthwise products with the zero padding (avoidable: "
+                   f"fastconv's C++ kernel skips them): {100 * info['roofline_fraction_without_padding']:.1f}%"
                    if pad and info.get("roofline_fraction_without_padding") is not None else "")
         print(f"speed: {info['flops_per_image'] / 1e9:.3g} GFLOP per image in {info['compute_seconds_per_image']:.3g} s "
               f"= {info['achieved_gflops']:.3g} GFLOP/s{ref}{without}")
