@@ -121,11 +121,19 @@ def test_reuse_returns_a_finished_run_and_redoes_a_different_one(tmp_path):
 
 def test_sigkill_mid_run_loses_at_most_the_current_image(tmp_path):
     """Progress is saved atomically (here after every image); a SIGKILL leaves a resumable state, and the resumed
-    run gives the same matrix as an uninterrupted one, without measuring saved images again."""
-    full = run_erf(_spec(num_images=8), out=tmp_path / "full", show_progress=False)
+    run gives the same matrix as an uninterrupted one, without measuring saved images again. 120 images: the
+    tiny model measures one in milliseconds, so a run of the 8 built-in ones could end between two polls."""
+    from PIL import Image
+
+    folder, n = tmp_path / "images", 120
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+    full = run_erf(_spec(num_images=n, images=str(folder)), out=tmp_path / "full", show_progress=False)
     part = tmp_path / "part"
-    cmd = [sys.executable, "-m", "erf_lab", "compute", *TINY, "--num-images", "8", "--input-size", "32",
-           "--batch-size", "1", "--checkpoint-seconds", "0", "--out", str(part), "--quiet"]
+    cmd = [sys.executable, "-m", "erf_lab", "compute", *TINY, "--images", str(folder), "--num-images", str(n),
+           "--input-size", "32", "--batch-size", "1", "--checkpoint-seconds", "0", "--out", str(part), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = part / ".erf_state.npz"
@@ -147,13 +155,13 @@ def test_sigkill_mid_run_loses_at_most_the_current_image(tmp_path):
     assert not (part / "run.json").exists() and not (part / "erf.npy").exists()
     with np.load(state, allow_pickle=False) as z:
         saved = len(json.loads(str(z["processed"])))
-    assert 3 <= saved < 8
+    assert 3 <= saved < n
     counted = []
-    res = run_erf(_spec(num_images=8), out=part, resume=True, show_progress=False,
+    res = run_erf(_spec(num_images=n, images=str(folder)), out=part, resume=True, show_progress=False,
                   on_batch=lambda a: counted.append(len(a.processed)))
     assert counted[0] == saved + 1 and res["run_info"]["resumed_after_images"] == saved
     np.testing.assert_array_equal(np.load(part / "erf.npy"), np.load(tmp_path / "full" / "erf.npy"))
-    assert full["run_info"]["num_used"] == res["run_info"]["num_used"] == 8
+    assert full["run_info"]["num_used"] == res["run_info"]["num_used"] == n
 
 
 def test_run_json_schema_names_the_wrong_field(tmp_path, capsys):
