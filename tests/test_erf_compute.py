@@ -320,3 +320,31 @@ def test_full_fp32_switches_tf32_off_on_cuda_only_and_restores():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     res = compute_erf(_tiny_replknet(2), torch.randn(1, 3, 64, 64), show_progress=False)
     assert res.info["tf32"] is None  # CPU run: not applicable
+
+
+def test_keep_freed_memory_cuts_the_page_faults_of_large_tensors():
+    """compute_erf tells glibc to keep freed memory in its heap instead of handing every tensor over 32 MB fresh,
+    zero-filled pages (1.3-1.5x faster at 1024 px). In child processes: the setting takes and is idempotent, and
+    20 rounds of allocate-fill-free of a 64 MB tensor fault in far fewer pages than by default (16384 a round);
+    ERF_LAB_KEEP_FREED_MEMORY=0 turns it off."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import resource, torch\nfrom erf_lab.erf.prepare import keep_freed_memory\n"
+            "torch.set_num_threads(1)\nok = keep_freed_memory(); assert keep_freed_memory() == ok\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(20):\n    a = torch.empty(16 << 20); a.fill_(1.0); del a\n"
+            "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    kept_ok, kept = run({})
+    off_ok, default = run({"ERF_LAB_KEEP_FREED_MEMORY": "0"})
+    assert not off_ok and default >= 20 * 16000
+    if not kept_ok:
+        pytest.skip("glibc's malloc tunables are not available here")
+    assert kept < default / 2

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from erf_lab.erf.attribution import AGGREGATES, EffectiveReceptiveField
-from erf_lab.erf.prepare import check_device, conv_settings, full_fp32, prepare_model
+from erf_lab.erf.prepare import check_device, conv_settings, full_fp32, keep_freed_memory, prepare_model
 from erf_lab.errors import ErfLabError
 
 
@@ -158,6 +158,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     if int(batch_size) < 1:
         raise ErfLabError(f"--batch-size must be at least 1, got {batch_size}")
     dev = check_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # no page faults on the large activations of big inputs
     if prepared:
         m, info = model, {"prepared_by_caller": True}
     else:
