@@ -124,7 +124,7 @@ def keep_freed_memory() -> bool:
     process: ``mallopt(M_MMAP_THRESHOLD)`` and ``mallopt(M_TRIM_THRESHOLD)`` at 2 GiB. By default each tensor over
     32 MB gets fresh pages from the kernel (mmap), which are faulted in and zeroed on first touch and returned on
     free, so a measurement at 1024 px (activations of 33-134 MB) pays page faults in every layer: RepLKNet-31B,
-    one image at 1024 px on the 2-core dev box, 14.1-15.4 s -> 10.4-11.3 s per image (no change at 224 px). The
+    one image at 1024 px on the 2-core dev box, 14.1-15.4 s -> 10.4-11.8 s per image (no change at 224 px). The
     cost: the process keeps its freed memory until it exits (peak RSS 4.7 -> 5.2-5.5 GB there, flat over 10
     images). ``ERF_LAB_KEEP_FREED_MEMORY=0`` leaves malloc as it is. Returns whether the setting is in effect."""
     if not _MALLOC_KEPT:
