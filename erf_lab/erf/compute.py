@@ -200,9 +200,10 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 from erf_lab.erf.roofline import cached_flops, flops_key
 
                 rl["key"] = flops_key(m, layer_name, x.shape[-2:])
-                rl["flops_per_image"] = cached_flops(rl["key"])
-                rl["padding_flops_per_image"] = cached_flops(rl["key"] + "|padding")
-                count = rl["flops_per_image"] is None or rl["padding_flops_per_image"] is None
+                hit = cached_flops(rl["key"])
+                if hit is not None:
+                    rl["flops_per_image"], rl["padding_flops_per_image"] = hit
+                count = hit is None
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
@@ -215,8 +216,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
 
                 rl["flops_per_image"] = int(total() // len(pending))
                 rl["padding_flops_per_image"] = int(total.padding() // len(pending))
-                store_flops(rl["key"], rl["flops_per_image"])
-                store_flops(rl["key"] + "|padding", rl["padding_flops_per_image"])
+                store_flops(rl["key"], rl["flops_per_image"], rl["padding_flops_per_image"])
             if roofline and len(batches) == 1:
                 rl["roofline"] = _sgemm_reference(dev)
             if roofline:

@@ -116,19 +116,23 @@ def flops_key(model: nn.Module, layer: str, input_hw) -> str:
     return structure_key(model, "flops", layer, list(input_hw))
 
 
-def cached_flops(key: str) -> int | None:
-    """FLOPs per image counted by an earlier run for ``key`` (``<erf-lab cache>/erf_flops.json``), else None."""
+def cached_flops(key: str) -> tuple[int, int] | None:
+    """(FLOPs, padding FLOPs) per image counted by an earlier run for ``key`` (``<erf-lab cache>/erf_flops.json``),
+    else None."""
     from erf_lab.erf.structure_cache import cached
 
     v = cached(FLOPS_CACHE, key)
-    return v if type(v) is int and v >= 0 else None
+    if isinstance(v, dict) and all(type(v.get(k)) is int and v[k] >= 0 for k in ("flops", "padding")):
+        return v["flops"], v["padding"]
+    return None
 
 
-def store_flops(key: str, flops: int) -> None:
-    """Remember ``flops`` for ``key`` (atomic rewrite; a cache that cannot be written is skipped)."""
+def store_flops(key: str, flops: int, padding: int) -> None:
+    """Remember the FLOPs and padding FLOPs per image for ``key`` (one atomic rewrite of the table; a cache that
+    cannot be written is skipped)."""
     from erf_lab.erf.structure_cache import store
 
-    store(FLOPS_CACHE, key, int(flops))
+    store(FLOPS_CACHE, key, {"flops": int(flops), "padding": int(padding)})
 
 
 def sgemm_reference(device) -> dict:
