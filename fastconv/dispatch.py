@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -30,15 +31,19 @@ NCHW_NATIVE_MAX_K = 9  # cost model for large calls: NCHW F.conv2d measured fast
 #: 35/33/31, K=31 70/75/75 vs 63/42/32; weight gradient K=9 45/48/43 vs 9/13/12, K=31 65/73/73 vs 28/40/41;
 #: K=7 ties at R=64, and at K=3..5 oneDNN's direct kernel is as fast or faster.
 CPP_MIN_K = 9
-#: small kernels run the stock call itself (plain F.conv2d with PyTorch's own autograd, on the input's layout, no
-#: custom Function, no timing): up to this size when the weight gradient is needed, up to ``STOCK_MAX_K_FWD``
-#: for forward / input-gradient-only calls. Measured (2-core AVX2 EPYC, B=1, C=384, R=16/32/64, best-of-9 us, under
-#: load): K=3 fwd+bwd NCHW F.conv2d 850/1882/12303 vs the cpp kernel 453/1718/12955 (a tie within the noise) and
-#: autotuning there picked at random (0.65-0.96x of stock); K=5 forward NCHW 329/729/2237 vs cpp 592/975/2823,
-#: channels_last 298/878/2538 vs cpp 592/1153/4234; but K=5 fwd+bwd stock 1555-104310 vs cpp 748-16142 (PyTorch's
-#: CPU depthwise weight gradient is slow from K=5 up), and K=7 forward cpp 324/860/2588 vs NCHW 345/986/2952.
+#: small kernels on a channels_last CPU input run the stock call itself (plain F.conv2d with PyTorch's own
+#: autograd, no custom Function, no timing: oneDNN's direct depthwise kernel): up to this size when the weight
+#: gradient is needed, up to ``STOCK_MAX_K_FWD`` for forward / input-gradient-only calls. Measured (2-core AVX2
+#: EPYC, B=1, C=384, R=16/32/64, best-of-9 us, under load): K=5 forward channels_last 298/878/2538 vs cpp
+#: 592/1153/4234; K=5 fwd+bwd stock 1555-104310 vs cpp 748-16142 (PyTorch's CPU depthwise weight gradient is slow
+#: from K=5 up). An NCHW input is timed instead: there PyTorch's own call is bimodal at K=3 (B=1, C=384, R=32,
+#: 2 threads: 0.35 ms in a few % of the calls, 2.4-3.4 ms in most; median forward 3.2 ms against the C++ kernel's
+#: 0.75 ms, fwd+bwd 6.3 against 2.4 ms) while at K=5 it is fast (forward median 0.53 ms against 0.89 ms).
 STOCK_MAX_K_GRAD = 3
 STOCK_MAX_K_FWD = 5
+#: how the autotuner estimates a candidate's time (part of the cache key: decisions made under an older estimator
+#: are timed again): the median of its repeats within a round, the minimum over interleaved rounds
+_ESTIMATOR = "median-in-round,min-over-rounds"
 _KERNEL_ID = ck.kernel_id()  # a changed C++ kernel invalidates earlier timings
 
 _mem: dict[str, dict] = {}
@@ -146,7 +151,8 @@ def cache_key(x, weight, bias) -> str:
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
     return (f"{dev}|{str(x.dtype).replace('torch.', '')}|{layout}|{n}x{c}x{h}x{w}|k{kh}x{kw}"
-            f"|grad_x{int(gx)}w{int(gw)}|bias{int(bias is not None)}|torch{torch.__version__}|kernel{_KERNEL_ID}")
+            f"|grad_x{int(gx)}w{int(gw)}|bias{int(bias is not None)}|torch{torch.__version__}|kernel{_KERNEL_ID}"
+            f"|{_ESTIMATOR}")
 
 
 def _sync(dev):
@@ -155,12 +161,13 @@ def _sync(dev):
 
 
 def _time_backend(name, x, weight, bias, gx, gw, budget_s: float) -> float:
-    """Best-of-repeats seconds of forward (+ the needed backward) on random data of the call's shape.
-
-    The minimum (not the median) is the load-robust estimate on a shared machine; fast candidates repeat until
-    ~30 ms (3..10 runs) were spent, and a candidate slower than ``budget_s`` after its warm-up call is not
-    repeated. The warm-up call itself is never counted: it once was, and a Triton kernel's JIT build then lost
-    the H200 forward at R=32, K=31 to PyTorch NCHW (5.8 ms per layer against Triton's 4.4 ms)."""
+    """Typical seconds of forward (+ the needed backward) on random data of the call's shape: the median of its
+    repeats. A call can be bimodal on its own (PyTorch's NCHW 3x3 depthwise on CPU: 0.35 ms in a few % of the calls,
+    ~3 ms in most), and its best run then says nothing about what a user gets; the load of a shared machine is
+    handled by ``decide``, which keeps each candidate's best round. Fast candidates repeat until ~30 ms (3..10
+    runs) were spent, and a candidate slower than ``budget_s`` after its warm-up call is not repeated. The warm-up
+    call itself is never counted: it once was, and a Triton kernel's JIT build then lost the H200 forward at R=32,
+    K=31 to PyTorch NCHW (5.8 ms per layer against Triton's 4.4 ms)."""
     xs = torch.randn_like(x).requires_grad_(gx)
     ws = torch.randn_like(weight).requires_grad_(gw)
     bs = None if bias is None else torch.randn_like(bias).requires_grad_(gw)
@@ -185,7 +192,7 @@ def _time_backend(name, x, weight, bias, gx, gw, budget_s: float) -> float:
         times.append(time.perf_counter() - t)
         if sum(times) > budget_s:
             break
-    return min(times)
+    return statistics.median(times)
 
 
 def _cost_model(cands: list[str], x, weight, bias) -> str:
@@ -220,7 +227,7 @@ def decide(x, weight, bias) -> dict:
     if not s.autotune:
         b = _cost_model(cands, x, weight, bias)
         return {"backend": b, "why": f"cost model (autotune off); candidates {cands}", "excluded": excluded}
-    if x.device.type == "cpu" and "native" in cands:
+    if x.device.type == "cpu" and "native" in cands and memory_format_of(x) == torch.channels_last:
         k, gw = max(weight.shape[-2:]), _needs_grad(x, weight, bias)[1]
         if k <= (STOCK_MAX_K_GRAD if gw else STOCK_MAX_K_FWD):
             return {"backend": "native", "why": f"small kernel (K={k} <= "
@@ -246,9 +253,9 @@ def decide(x, weight, bias) -> dict:
         return {**hit, "cached": True, "key": key, "excluded": excluded}
     gx, gw = _needs_grad(x, weight, bias)
     times: dict[str, float] = {}
-    # on CPU the candidates are timed in interleaved rounds, each keeping its best: a shared machine's load comes in
-    # bursts, and one candidate timed alone in a burst once lost by 10x (2-core box under load, B=1 C=384 R=32 K=5
-    # with grads: cpp 48 ms against native 28 ms in one round; 1.9-2.5 ms against 17-167 ms in the others)
+    # on CPU the candidates are timed in interleaved rounds, each keeping its best round: a shared machine's load
+    # comes in bursts, and one candidate timed alone in a burst once lost by 10x (2-core box under load, B=1 C=384 R=32
+    # K=5 with grads: cpp 48 ms against native 28 ms in one round; 1.9-2.5 ms against 17-167 ms in the others)
     for _ in range(CPU_TIMING_ROUNDS if x.device.type == "cpu" else 1):
         for b in [c for c in cands if c not in excluded]:
             best = min(times.values()) if times else float("inf")

@@ -123,15 +123,12 @@ def test_explain_names_the_lane_width(monkeypatch):
     assert f"cpu{torch.get_num_threads()}t16l" in dispatch.cache_key(x, w, None)  # timings are per lane width
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_small_kernels_run_the_stock_call_without_timing(layout, monkeypatch):
-    """K=3 (any grads) and K<=5 without weight gradient: plain F.conv2d on the input's layout, never timed; K=5 with
-    the weight gradient is timed as before."""
+def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkeypatch):
+    """channels_last input: K=3 (any grads) and K<=5 without weight gradient run plain F.conv2d, never timed; K=5
+    with the weight gradient is timed as before."""
     timed = []
     monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: timed.append(name) or 1.0)
-    x = torch.randn(2, 8, 12, 12)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
     ran = []
     from fastconv import functional
 
@@ -148,6 +145,28 @@ def test_small_kernels_run_the_stock_call_without_timing(layout, monkeypatch):
     assert timed == [] and set(ran) == {"native"}
     w5 = torch.randn(8, 1, 5, 5, requires_grad=True)
     assert "stock" not in dispatch.decide(x.clone().requires_grad_(), w5, None)["why"] and timed
+
+
+def test_small_kernels_on_nchw_are_timed_by_their_typical_time(monkeypatch):
+    """NCHW input: PyTorch's own call is bimodal there (K=3: a fast run in a few % of the calls), so small kernels
+    are timed like any other, and a candidate's time in a round is the median of its repeats, not its best run."""
+    seq = {"native": [0.010, 0.010, 0.001] + [0.010] * 20, "channels_last": [0.004] * 21, "cpp": [0.003] * 21}
+    clock = {"t": 0.0, "name": None}
+
+    def fake_run(name, x, w, b):  # each call advances a fake clock by this backend's next duration
+        clock["t"] += seq[name].pop(0) if len(seq[name]) > 1 else seq[name][0]
+        return F.conv2d(x, w, b, padding=w.shape[-1] // 2, groups=x.shape[1])
+
+    monkeypatch.setattr(dispatch, "run_backend", fake_run)
+    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: clock["t"])
+    x, w = torch.randn(1, 8, 12, 12), torch.randn(8, 1, 3, 3)
+    times = {b: dispatch._time_backend(b, x, w, None, False, False, budget_s=1.0) for b in seq}
+    # native's one fast run (a warm-up and one timed call come before it) is not its time
+    assert times == pytest.approx({"native": 0.010, "channels_last": 0.004, "cpp": 0.003})
+    d = dispatch.decide(x, w, None)
+    assert d["backend"] in dispatch.candidates(x, w, None)[0] and "stock F.conv2d" not in d["why"]
+    assert "autotuned" in d["why"] and set(d["times_ms"]) >= {"native", "cpp"}
+    assert dispatch._ESTIMATOR in dispatch.cache_key(x, w, None)  # decisions of an older estimator are re-timed
 
 
 def test_cpu_description_and_probes():
@@ -196,7 +215,11 @@ def test_benchmark_reports_ratio_and_roofline(tmp_path, monkeypatch, capsys):
     for r in rows:
         stock = ("stock_nchw", "stock_nchw_via_cl") if r["layout"] == "nchw" else ("stock_cl",)
         assert r["best_stock"] in stock
-        assert r["ratio_vs_best_stock"] == pytest.approx(r["fastconv_ms"] / r[r["best_stock"] + "_ms"], rel=0.02)
+        assert 0 < r["ratio_vs_best_stock"] < float("inf")  # median of per-round ratios (pairs in one round)
+        assert r["ratio_of_best_times"] == pytest.approx(r["fastconv_ms"] / min(r[n + "_ms"] for n in stock), rel=0.02)
+        best, median = r[r["best_stock"] + "_ms"], r[r["best_stock"] + "_median_ms"]
+        assert r["fastconv_ms"] <= r["fastconv_median_ms"] and best <= median
+        assert r["never_slower"] == ("PASS" if r["ratio_vs_best_stock"] <= 1.05 else "FAIL")
         passes = 3 if r["mode"] == "fwdbwd" else 1
         assert r["gflops"] == pytest.approx(passes * 2 * 4 * 64 * r["K"] ** 2 / r["fastconv_ms"] / 1e6, rel=0.02)
         inside = passes * roofline.depthwise_flops(1, 4, 8, 8, r["K"], r["K"])["inside"]
@@ -204,7 +227,7 @@ def test_benchmark_reports_ratio_and_roofline(tmp_path, monkeypatch, capsys):
         assert r["gflops_inside"] < r["gflops"]  # some taps always meet the padding
         assert r["fraction_of_fma_peak"] == pytest.approx(r["gflops_inside"] / 20.0, abs=1e-3)
         assert r["never_slower"] in ("PASS", "FAIL") and r["roofline"] == ("-" if r["K"] < 13 else r["roofline"])
-        if r["K"] == 3:
+        if r["K"] == 3 and r["layout"] == "cl":
             assert r["fastconv_backend"] == "native"
     md = (tmp_path / "fastconv_cpu.md").read_text()
     assert "fastconv / best stock" in md and "% FMA peak" in md and len(md.splitlines()) == 9 + len(rows)
