@@ -369,16 +369,21 @@ void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, 
     {
         std::vector<float> xin(Hp * Wp * L), ker(KH * KW * L), out(H * W * L);
         float bias[L];
+        int64_t packed_cb = -1;  // the channel block whose kernel (and bias) is in ker: packed once per block
+        // planes in channel-block-major order (p = cb * N + n): a thread's consecutive planes mostly share a block
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < N * CB; ++p) {
-            const int64_t n = p / CB, c0 = (p % CB) * L, lanes = lane_count(C, c0);
+            const int64_t cb = p / N, n = p % N, c0 = cb * L, lanes = lane_count(C, c0);
             const float* xp = x + n * sN + c0 * sC;
             for (int64_t r = ph; r < ph + H; ++r)
                 pack_row(xp, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * L, false);
-            for (int64_t i = 0; i < KH; ++i)
-                pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, ker.data() + i * KW * L);
-            if (b)
-                for (int64_t l = 0; l < L; ++l) bias[l] = l < lanes ? b[c0 + l] : 0.f;
+            if (cb != packed_cb) {
+                for (int64_t i = 0; i < KH; ++i)
+                    pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, ker.data() + i * KW * L);
+                if (b)
+                    for (int64_t l = 0; l < L; ++l) bias[l] = l < lanes ? b[c0 + l] : 0.f;
+                packed_cb = cb;
+            }
             corr_plane(xin.data(), ker.data(), out.data(), H, W, KH, KW, b ? bias : nullptr, false, ph, ph + H, pw,
                        pw + W);
             float* yp = y + n * yN + c0 * yC;
