@@ -194,5 +194,13 @@ def test_blocked_float64_fold_equals_the_full_float64_product(monkeypatch):
         view[dim] = shape[dim]
         s = (torch.rand(shape[dim], dtype=torch.float64, generator=g) + 0.5).reshape(view)
         assert torch.equal(scale_in_float64(w, s, torch.float32), torch.mul(w.double(), s).float())
+        expected, storage = torch.mul(w.double(), s).float(), w.data_ptr()
+        # written into the weight's own memory (the folds reuse it): every block is read before it is written
+        assert scale_in_float64(w, s, torch.float32, out=w) is w and w.data_ptr() == storage
+        assert torch.equal(w, expected)
+    small = torch.randn(4, 3, 3, 3, generator=g)  # below two blocks: the unblocked product, then copied into out
+    s = torch.rand(4, 1, 1, 1, dtype=torch.float64, generator=g) + 0.5
+    expected = torch.mul(small.double(), s).float()
+    assert scale_in_float64(small, s, torch.float32, out=small) is small and torch.equal(small, expected)
     m, v = torch.randn(300, 700, generator=g), torch.randn(700, dtype=torch.float64, generator=g)
     assert (_matvec_in_float64(m, v) - m.double() @ v).abs().max().item() <= 1e-12

@@ -191,9 +191,9 @@ class ReparamLargeKernelConv(nn.Module):
         if self.lkb_reparam is not None:
             return
         k, b = self.get_equivalent_kernel_bias()
-        conv = self._merged_conv(device=k.device, dtype=k.dtype)
-        conv.weight.copy_(k)
-        conv.bias.copy_(b)
+        with torch.device("meta"):  # no random init of tensors replaced at once
+            conv = self._merged_conv()
+        conv.weight, conv.bias = nn.Parameter(k), nn.Parameter(b)
         self.lkb_reparam = conv
         self.lkb_origin = None
         self.small_conv = None
