@@ -16,12 +16,12 @@ Targets:
                 both gradients). The C++ kernel skips the products with zero padding (at R=32, K=31: 43% of the
                 nominal 2*B*C*R*R*K*K), so nominal GFLOP/s (also reported) can exceed the FMA peak and mean nothing
                 as a roofline fraction.
-Times come from round-robin rounds (every implementation sees the same machine load, in an order that rotates each
-round; at least --repeats rounds and --min-time seconds): the minimum (the load-robust estimate on a shared machine,
-used for the roofline fraction) and the median; never-slower pairs the times of each round. The FMA peak is the
-larger of two probes (start of the run and just after it). On a shared machine a competing process makes the
-2-thread times jump in scheduler ticks (4 ms multiples seen on the dev box): --threads 1 is the steadier view.
-Writes ``benchmarks/results/<--name>.{json,md}`` (default fastconv_cpu).
+Times come from round-robin rounds (every implementation sees the same machine load, in a random order each round;
+at least --repeats rounds and --min-time seconds): the minimum (the load-robust estimate on a shared machine, used
+for the roofline fraction) and the median; never-slower pairs the times of each round. The FMA peak is the larger of
+two probes (start of the run and just after it). On a shared machine a competing process makes the 2-thread times
+jump in scheduler ticks (4 ms multiples seen on the dev box): --threads 1 is the steadier view. Writes
+``benchmarks/results/<--name>.{json,md}`` (default fastconv_cpu).
 Not a test: the machine is noisy.
 Usage: python benchmarks/bench_fastconv.py [--batch 1] [--res 32] [--repeats 7] [--kernels 3,5,...] [--noise 0.05]
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -149,6 +150,7 @@ def _bench(fastconv, a, r, k, peak):
         for n in impls:  # warm-up (and autotune for fastconv)
             step(n)
         t_start, i = time.perf_counter(), 0
+        order = random.Random(1000 * r + k)
         # round-robin rounds (every implementation sees the same machine load): at least --repeats, and more for
         # fast calls until --min-time seconds were spent (at most 200 rounds): the minimum needs many samples
         # on a shared machine, where another process can take a core at any moment
@@ -156,7 +158,10 @@ def _bench(fastconv, a, r, k, peak):
             best = min((min(v) for v in times.values() if v), default=float("inf"))
             names = list(impls)
             rounds.append({})
-            for n in names[i % len(names):] + names[:i % len(names)]:  # rotated: no one always follows the same
+            # a fresh random order each round: a rotation kept the cyclic order, so one implementation always ran
+            # right after the one converting to channels_last and back (its big frees), which cost it ~30% at K=3
+            order.shuffle(names)
+            for n in names:
                 if i >= 2 and min(times[n]) > 10 * best:  # 10x slower than the best: two runs are enough
                     continue
                 t = time.perf_counter()
