@@ -176,12 +176,9 @@ def _bench(fastconv, a, r, k, peak):
         for lay, stock in (("nchw", ("stock_nchw", "stock_nchw_via_cl")), ("cl", ("stock_cl",))):
             best_stock = min(stock, key=typ.get)
             fc = t[f"fastconv_{lay}"]
-            paired = [rd[f"fastconv_{lay}"] / min(rd[n] for n in stock) for rd in rounds
-                      if f"fastconv_{lay}" in rd and all(n in rd for n in stock)]
-            # the median of per-round ratios (fastconv against the best stock way of the same round: slow swings of
-            # the machine's load cancel); with fewer than 3 complete rounds (a 10x slower way is run only twice)
-            # the ratio of the medians
-            ratio = statistics.median(paired) if len(paired) >= 3 else typ[f"fastconv_{lay}"] / typ[best_stock]
+            ratio = paired_ratio(rounds, f"fastconv_{lay}", stock)
+            if ratio is None:  # fewer than 3 rounds with both: the ratio of the medians
+                ratio = typ[f"fastconv_{lay}"] / typ[best_stock]
             ratio_best = fc / min(t[n] for n in stock)
             gf, gf_inside = flops / fc / 1e9, inside / fc / 1e9
             frac = gf_inside / peak if peak else None
@@ -210,6 +207,15 @@ def _bench(fastconv, a, r, k, peak):
                   + (f" = {100 * frac:4.1f}% FMA peak" if frac else "")
                   + (f" (target {100 * target:.0f}%: {roof_check})" if roof_check != "-" else ""), flush=True)
     return rows
+
+
+def paired_ratio(rounds: list[dict[str, float]], fast: str, stock: tuple[str, ...]) -> float | None:
+    """The median over rounds of ``fast``'s time / the fastest of the ``stock`` ways that ran in the same round
+    (a way 10x slower than the best is run only twice, so later rounds compare against the ones left): slow swings
+    of the machine's load cancel within a round. None with fewer than 3 such rounds."""
+    ratios = [rd[fast] / min(rd[n] for n in stock if n in rd) for rd in rounds
+              if fast in rd and any(n in rd for n in stock)]
+    return statistics.median(ratios) if len(ratios) >= 3 else None
 
 
 def _markdown(meta, rows) -> str:

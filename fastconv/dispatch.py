@@ -31,14 +31,15 @@ NCHW_NATIVE_MAX_K = 9  # cost model for large calls: NCHW F.conv2d measured fast
 #: 35/33/31, K=31 70/75/75 vs 63/42/32; weight gradient K=9 45/48/43 vs 9/13/12, K=31 65/73/73 vs 28/40/41;
 #: K=7 ties at R=64, and at K=3..5 oneDNN's direct kernel is as fast or faster.
 CPP_MIN_K = 9
-#: small kernels on a channels_last CPU input run the stock call itself (plain F.conv2d with PyTorch's own
-#: autograd, no custom Function, no timing: oneDNN's direct depthwise kernel): up to this size when the weight
-#: gradient is needed, up to ``STOCK_MAX_K_FWD`` for forward / input-gradient-only calls. Measured (2-core AVX2
-#: EPYC, B=1, C=384, R=16/32/64, best-of-9 us, under load): K=5 forward channels_last 298/878/2538 vs cpp
-#: 592/1153/4234; K=5 fwd+bwd stock 1555-104310 vs cpp 748-16142 (PyTorch's CPU depthwise weight gradient is slow
-#: from K=5 up). An NCHW input is timed instead: there PyTorch's own call is bimodal at K=3 (B=1, C=384, R=32,
-#: 2 threads: 0.35 ms in a few % of the calls, 2.4-3.4 ms in most; median forward 3.2 ms against the C++ kernel's
-#: 0.75 ms, fwd+bwd 6.3 against 2.4 ms) while at K=5 it is fast (forward median 0.53 ms against 0.89 ms).
+#: small kernels on a channels_last CPU input run the stock call itself (plain F.conv2d with PyTorch's own autograd,
+#: no custom Function, no timing: oneDNN's direct depthwise kernel): up to this size when the weight gradient is
+#: needed, up to ``STOCK_MAX_K_FWD`` for forward / input-gradient-only calls. Measured (2-core AVX2 EPYC, B=1, C=384,
+#: R=16/32/64, best-of-9 us, under load): K=5 forward channels_last 298/878/2538 vs cpp 592/1153/4234; K=5 fwd+bwd
+#: stock 1555-104310 vs cpp 748-16142 (PyTorch's CPU depthwise weight gradient is slow from K=5 up). An NCHW input is
+#: timed instead (below ``CPU_TIMING_MAX_MACS``; larger calls follow the cost model): there PyTorch's own call is
+#: bimodal at K=3 (B=1, C=384, R=32, 2 threads: 0.35 ms in a few % of the calls, 2.4-3.4 ms in most; median forward
+#: 3.2 ms against the C++ kernel's 0.75 ms, fwd+bwd 6.3 against 2.4 ms) while at K=5 it is fast (forward median 0.53
+#: ms against 0.89 ms).
 STOCK_MAX_K_GRAD = 3
 STOCK_MAX_K_FWD = 5
 #: how the autotuner estimates a candidate's time (part of the cache key: decisions made under an older estimator
@@ -328,8 +329,8 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
              f"-> backend {d['backend']!r}: {d['why']}"
              + (" [from cache " + str(cache_file()) + "]" if d.get("cached") else "")]
     if d.get("times_ms"):
-        lines.append("   measured (fwd" + ("+bwd" if gx or gw else "") + ", best-of-repeats ms): "
-                     + ", ".join(f"{b} {t:.3g}" for b, t in d["times_ms"].items()))
+        lines.append("   measured (fwd" + ("+bwd" if gx or gw else "") + ", ms: median of a round's repeats, best "
+                     "round): " + ", ".join(f"{b} {t:.3g}" for b, t in d["times_ms"].items()))
     for b, r in d.get("excluded", {}).items():
         lines.append(f"   not {b}: {r}")
     if x.device.type == "cpu" and ck.cpp_available():

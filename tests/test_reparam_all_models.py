@@ -178,6 +178,37 @@ def test_official_deploy_layout_of_each_large_kernel_family(name, tmp_path):
     assert set(reloaded.state_dict()) == keys
 
 
+@pytest.mark.parametrize("inference", [False, True])
+def test_bn_fold_writes_over_the_conv_weight_where_it_can(inference):
+    """``fold_bn_into_conv`` / ``fold_preceding_bn`` reuse the conv's weight memory (no new tensor to page in), and
+    allocate where they cannot: weights made under ``torch.inference_mode`` cannot back a new Parameter in place.
+    Either way the folded convs give the conv-BN outputs."""
+    from erf_lab.models.reparam import fold_bn_into_conv, fold_preceding_bn
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, 8)
+    with torch.inference_mode(inference):
+        model = nn.Sequential(nn.BatchNorm2d(6), nn.Conv2d(6, 8, 1), nn.Conv2d(8, 8, 3, padding=1),
+                              nn.BatchNorm2d(8))
+        for bn in (model[0], model[3]):  # eval-mode statistics and affine parameters away from the identity
+            n = bn.num_features
+            bn.running_mean.copy_(torch.randn(n)), bn.running_var.copy_(torch.rand(n) + 0.5)
+            bn.weight.data.copy_(torch.rand(n) + 0.5), bn.bias.data.copy_(torch.randn(n))
+        model.eval()
+        expected = model(x).clone()
+    ptrs = [model[1].weight.data_ptr(), model[2].weight.data_ptr()]
+    model[0] = fold_preceding_bn(model[0], model[1])
+    model[3] = fold_bn_into_conv(model[2], model[3])
+    now = [model[1].weight.data_ptr(), model[2].weight.data_ptr()]
+    if inference:
+        assert now[0] != ptrs[0] and now[1] != ptrs[1]
+        assert not any(torch.is_inference(p) for p in (model[1].weight, model[2].weight))
+    else:
+        assert now == ptrs
+    with torch.no_grad():
+        assert (model(x) - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
 def test_blocked_float64_fold_equals_the_full_float64_product(monkeypatch):
     """The BN fold's cache-blocked float64 product (issue 14: 2x less fixed cost) gives the numbers of the
     full-size float64 copy bit for bit, for a following BN (output rows) and a preceding one (input columns);

@@ -15,10 +15,12 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module,
     Sec. 3.3): ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``.
 
     Computed in float64 and rounded once into ``dtype`` (default: the weight's). Returns new tensors, or writes
-    the weight into ``out`` (which may be ``weight`` itself) and returns it. The product is taken by
+    the weight into ``out`` (``dtype``; it may be ``weight`` itself) and returns it. The product is taken by
     :func:`scale_in_float64` (cache-sized float64 blocks of the weight).
     """
     dtype = dtype or weight.dtype
+    if out is not None and (out.dtype != dtype or out.shape != weight.shape):
+        raise ValueError(f"fold_bn: out must be {dtype} of shape {tuple(weight.shape)}")
     t = bn.weight.detach().double() / (bn.running_var.double() + bn.eps).sqrt()
     b0 = bias.detach().double() if bias is not None else torch.zeros_like(t)
     w = scale_in_float64(weight.detach(), t.reshape(-1, *([1] * (weight.dim() - 1))), dtype, out=out)
@@ -63,7 +65,8 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Module:
     """In place: fold the eval-mode BN that follows ``conv`` into ``conv`` (which gains a bias) with
     :func:`fold_bn`; returns the module to put in ``bn``'s place (``nn.Identity``). Idempotent: a ``bn`` that is
     not a BatchNorm (already folded, or None) is returned unchanged. Exact for any padding / stride (the BN acts
-    on the conv output), e.g. TF-"SAME" convs keep their padding rule."""
+    on the conv output), e.g. TF-"SAME" convs keep their padding rule. The folded weight is written over the
+    conv's old weight tensor where it can be (see ``_reusable``)."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         return bn
     w, b = fold_bn(conv.weight, conv.bias, bn, out=_reusable(conv.weight))
@@ -72,10 +75,14 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Module:
 
 
 def _reusable(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight``'s own memory for its folded values (the folds are in place on the conv: its old weight is
-    dropped), where the blocked float64 product can write it: a dense CPU tensor. None otherwise."""
+    """``weight``'s own memory for its folded values, where the blocked float64 product can write it: a dense,
+    floating-point CPU tensor made outside ``torch.inference_mode`` (an inference tensor cannot back a new
+    Parameter). None otherwise (the fold then allocates). The folds are in place on the conv: the old weight
+    tensor is overwritten, so a ``state_dict()`` taken before them shares the folded values (clone it to keep the
+    unfolded ones), and an autograd graph recorded through the old weight can no longer run backward."""
     w = weight.detach()
-    return w if w.device.type == "cpu" and w.is_contiguous() and w.dtype.is_floating_point else None
+    ok = w.device.type == "cpu" and w.is_contiguous() and w.dtype.is_floating_point and not torch.is_inference(w)
+    return w if ok else None
 
 
 @torch.no_grad()
@@ -83,7 +90,7 @@ def fold_preceding_bn(bn: nn.Module, conv: nn.Conv2d) -> nn.Module:
     """In place: fold an eval-mode BN that directly precedes a 1x1, groups-1, unpadded conv into it (exact):
     ``W (a x + c) + b = (W a) x + (b + W c)``, where ``(a, c)`` is the BN as a per-channel affine map, i.e.
     :func:`fold_bn` of the identity. Returns ``nn.Identity`` for ``bn``'s place; idempotent like
-    :func:`fold_bn_into_conv`."""
+    :func:`fold_bn_into_conv`, and like it writes over the conv's old weight tensor (see ``_reusable``)."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         return bn
     if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.padding != (0, 0):
