@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
