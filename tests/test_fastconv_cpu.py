@@ -151,7 +151,7 @@ def test_small_kernels_on_nchw_are_timed_by_their_typical_time(monkeypatch):
     """NCHW input: PyTorch's own call is bimodal there (K=3: a fast run in a few % of the calls), so small kernels
     are timed like any other, and a candidate's time in a round is the median of its repeats, not its best run."""
     seq = {"native": [0.010, 0.010, 0.001] + [0.010] * 20, "channels_last": [0.004] * 21, "cpp": [0.003] * 21}
-    clock = {"t": 0.0, "name": None}
+    clock = {"t": 0.0}
 
     def fake_run(name, x, w, b):  # each call advances a fake clock by this backend's next duration
         clock["t"] += seq[name].pop(0) if len(seq[name]) > 1 else seq[name][0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -102,6 +103,15 @@ def fold_preceding_bn(bn: nn.Module, conv: nn.Conv2d) -> nn.Module:
     conv.bias = nn.Parameter((b + _matvec_in_float64(w[:, :, 0, 0], c)).to(w.dtype))
     conv.weight = nn.Parameter(scale_in_float64(w, a.reshape(1, -1, 1, 1), w.dtype, out=_reusable(w)))  # as fold_bn
     return nn.Identity()
+
+
+def merged_conv(make: Callable[[], nn.Module], weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """The conv that ``make()`` builds, holding ``weight`` and ``bias`` (the merged branches of a re-parameterized
+    block): built on the meta device, so no random init runs for tensors that are replaced at once."""
+    with torch.device("meta"):
+        conv = make()
+    conv.weight, conv.bias = nn.Parameter(weight), nn.Parameter(bias)
+    return conv
 
 
 def _matvec_in_float64(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.models.features import FeatureIntermediates, feature_take_indices
 from erf_lab.models.registry import register_model
-from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, fold_preceding_bn
+from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, fold_preceding_bn, merged_conv
 
 __all__ = [
     "RepLKNet", "RepLKBlock", "ConvFFN", "ReparamLargeKernelConv", "ConvBN", "DropPath", "VARIANTS",
@@ -160,10 +160,9 @@ class ReparamLargeKernelConv(nn.Module):
             if small_kernel is not None:
                 self.small_conv = ConvBN(in_channels, out_channels, small_kernel, stride, small_kernel // 2, groups)
 
-    def _merged_conv(self, device=None, dtype=None) -> nn.Conv2d:
-        conv = _conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.kernel_size // 2,
+    def _merged_conv(self) -> nn.Conv2d:
+        return _conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.kernel_size // 2,
                        self.groups, True)
-        return conv.to(device=device, dtype=dtype) if device is not None or dtype is not None else conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lkb_reparam is not None:
@@ -190,11 +189,7 @@ class ReparamLargeKernelConv(nn.Module):
         """Merge into ``lkb_reparam`` (official deploy layout); idempotent."""
         if self.lkb_reparam is not None:
             return
-        k, b = self.get_equivalent_kernel_bias()
-        with torch.device("meta"):  # no random init of tensors replaced at once
-            conv = self._merged_conv()
-        conv.weight, conv.bias = nn.Parameter(k), nn.Parameter(b)
-        self.lkb_reparam = conv
+        self.lkb_reparam = merged_conv(self._merged_conv, *self.get_equivalent_kernel_bias())
         self.lkb_origin = None
         self.small_conv = None
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.models.registry import register_model
+from erf_lab.models.reparam import merged_conv
 from erf_lab.models.replknet import ConvBN, DropPath
 from erf_lab.models.unireplknet import ConvNeXtLayout, LayerNorm2d
 
@@ -119,11 +120,8 @@ class SLaKLargeKernel(nn.Module):
         if self.lkb_reparam is not None:
             return
         ref = self._branches()[0].conv.weight
-        k, b = self.equivalent_kernel_bias()
-        conv = self._merged_conv().to(device=ref.device, dtype=ref.dtype)
-        conv.weight.copy_(k)
-        conv.bias.copy_(b)
-        self.lkb_reparam = conv
+        k, b = (t.to(device=ref.device, dtype=ref.dtype) for t in self.equivalent_kernel_bias())
+        self.lkb_reparam = merged_conv(self._merged_conv, k, b)
         self.LoRA1 = self.LoRA2 = self.lkb_origin = self.small_conv = None
 
 

@@ -39,7 +39,7 @@ from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.models.features import FeatureIntermediates
 from erf_lab.models.registry import register_model
-from erf_lab.models.reparam import fold_bn, fold_bn_into_conv
+from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, merged_conv
 from erf_lab.models.replknet import DropPath
 
 __all__ = ["UniRepLKNet", "UniRepLKNetBlock", "DilatedReparamBlock", "GRN", "SEBlock", "LayerNorm2d", "VARIANTS",
@@ -204,11 +204,9 @@ class DilatedReparamBlock(nn.Module):
         if self.merged:
             return
         dtype, device = self.lk_origin.weight.dtype, self.lk_origin.weight.device
-        k, b = self.equivalent_kernel_bias()
-        conv = _dw_conv(self.channels, self.kernel_size, bias=True).to(device=device, dtype=dtype)
-        conv.weight.copy_(k)
-        conv.bias.copy_(b)
-        self.lk_origin, self.merged = conv, True
+        k, b = (t.to(device=device, dtype=dtype) for t in self.equivalent_kernel_bias())
+        self.lk_origin = merged_conv(lambda: _dw_conv(self.channels, self.kernel_size, bias=True), k, b)
+        self.merged = True
         del self.origin_bn
         for k_, r in self.branches:
             delattr(self, f"dil_conv_k{k_}_{r}")
