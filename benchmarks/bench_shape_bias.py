@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from erf_lab.erf.prepare import keep_freed_memory  # noqa: E402
 from erf_lab.io import write_json  # noqa: E402
 from erf_lab.models import create_model  # noqa: E402
 from erf_lab.provenance import versions  # noqa: E402
@@ -38,6 +39,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="runs/bench_shape_bias")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as run_set on CPU, so that "pure" runs under the pipeline's allocator setting
 
     kwargs = {"pretrained": True} if args.model == "efficientnet_lite0" else {}
     model = create_model(args.model, **kwargs).eval()

@@ -220,6 +220,9 @@ def main(argv=None) -> int:
 
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     torch.set_num_threads(threads)
+    from erf_lab.erf.prepare import keep_freed_memory
+
+    keep_freed_memory()  # as train() on CPU: every side of every ratio runs under the same allocator setting
     out = Path(args.out or ROOT / "runs" / f"bench_train-{dt.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     B, steps = args.batch_size, args.steps

@@ -178,9 +178,14 @@ def test_preprocess_from_default_cfg():
     assert Preprocess.from_model(nn.Identity()).size == (224, 224)  # no default_cfg: ImageNet defaults
 
 
-def test_sixteen_way_head_used_directly(datasets, tmp_path):
+def test_sixteen_way_head_used_directly(datasets, tmp_path, monkeypatch):
+    from erf_lab.erf import prepare
+
+    kept = []  # CPU inference keeps freed memory in the heap (no fresh pages for every layer's activations)
+    monkeypatch.setattr(prepare, "keep_freed_memory", lambda: kept.append(True) or True)
     r = evaluate(Constant16("bird"), datasets / "cue-conflict", limit=160, workers=0, show_progress=False)
     s = r["summary"]
+    assert kept == [True] * 3  # one call per stimulus set
     stim = r["sets"]["cue-conflict"].stimuli
     assert s["warnings"][0] == f"degenerate run: {len(stim)} of {len(stim)} cue-conflict images (100%) are classified 'bird'"
     shape_hits = sum(1 for x in stim if x.shape == "bird" and x.texture != "bird")

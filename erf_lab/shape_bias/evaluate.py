@@ -73,8 +73,11 @@ def logits_to_scores16(logits: torch.Tensor) -> np.ndarray:
 def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Preprocess, *, batch_size: int = 32,
             workers: int | None = None, device: str = "cpu", show_progress: bool = True) -> SetResult:
     """Batched inference under ``torch.inference_mode``, images decoded in ``workers`` DataLoader processes."""
+    from erf_lab.erf.prepare import keep_freed_memory
     from erf_lab.io import progress
 
+    if not device.startswith("cuda"):
+        keep_freed_memory()  # the activations of a batch at 224 px: 25-100 MB tensors, fresh pages every layer
     workers = default_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(StimulusDataset(stimuli, preprocess), batch_size=batch_size, shuffle=False,
                                          num_workers=workers, pin_memory=device.startswith("cuda"),

@@ -270,6 +270,10 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
         raise ErfLabError(f"--input-size must be in [8, 4096], got {input_size}")
     if checkpoint_format not in C.WEIGHT_FORMATS:
         raise ErfLabError(f"unknown checkpoint format {checkpoint_format!r}; choose {', '.join(C.WEIGHT_FORMATS)}")
+    if device == "cpu":
+        from erf_lab.erf.prepare import keep_freed_memory
+
+        keep_freed_memory()  # a step's activations and gradients are allocated and freed again every step
     info = D.init(device)
     try:
         with _StopRequest() as stop:
