@@ -79,7 +79,7 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
     from erf_lab.erf.prepare import keep_freed_memory
     from erf_lab.io import progress
 
-    if not device.startswith("cuda"):
+    if torch.device(device).type == "cpu":
         keep_freed_memory()  # the activations of a batch at 224 px: 25-100 MB tensors, fresh pages every layer
     workers = default_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(StimulusDataset(stimuli, preprocess), batch_size=batch_size, shuffle=False,
