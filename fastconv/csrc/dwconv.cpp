@@ -326,6 +326,15 @@ inline void transpose_row(const float* chan, int64_t lanes, int64_t sC, int64_t 
         return;
     }
 #endif
+    if (lanes == L && sC == 1) {  // without AVX: channels_last pixels as L-float copies
+        for (int64_t w = 0; w < W; ++w) {
+            if (to_planes)
+                std::memcpy(pix + w * L, chan + w * sW, sizeof(float) * L);
+            else
+                std::memcpy(const_cast<float*>(chan) + w * sW, pix + w * L, sizeof(float) * L);
+        }
+        return;
+    }
     if (to_planes) {
         for (int64_t l = 0; l < L; ++l)  // lane-outer: contiguous reads along W for NCHW inputs
             for (int64_t w = 0; w < W; ++w) pix[w * L + l] = l < lanes ? chan[w * sW + l * sC] : 0.f;
