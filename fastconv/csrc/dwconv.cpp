@@ -298,14 +298,14 @@ inline void transpose8x8(const float* src, int64_t ss, float* dst, int64_t ds) {
 // before it, whose pixels are written twice with the same values), vector copies where channels are contiguous
 // (sC == 1: channels_last), else scalar.
 template <bool to_planes>
-inline void transpose_row(const float* chan, int64_t lanes, int64_t sC, int64_t sW, int64_t W, float* pix) {
+inline void transpose_row(float* chan, int64_t lanes, int64_t sC, int64_t sW, int64_t W, float* pix) {
 #if DW_AVX
     if (lanes == L && (sW == 1 || sW == -1) && W >= 8) {
         for (int64_t w0 = 0;; w0 += 8) {
             const int64_t w = w0 + 8 <= W ? w0 : W - 8;
             // pixels w .. w+7: ascending in memory, or descending (sW = -1: a flipped kernel) from pixel w+7's address
             const int64_t first = sW == 1 ? w : w + 7, step = sW * L;
-            float* c = const_cast<float*>(chan) + first * sW;
+            float* c = chan + first * sW;
             for (int h = 0; h < L / 8; ++h) {
                 if (to_planes)
                     transpose8x8(c + h * 8 * sC, sC, pix + first * L + h * 8, step);
@@ -321,7 +321,7 @@ inline void transpose_row(const float* chan, int64_t lanes, int64_t sC, int64_t 
                 if (to_planes)
                     _mm256_storeu_ps(pix + w * L + h * 8, _mm256_loadu_ps(chan + w * sW + h * 8));
                 else
-                    _mm256_storeu_ps(const_cast<float*>(chan) + w * sW + h * 8, _mm256_loadu_ps(pix + w * L + h * 8));
+                    _mm256_storeu_ps(chan + w * sW + h * 8, _mm256_loadu_ps(pix + w * L + h * 8));
             }
         return;
     }
@@ -331,7 +331,7 @@ inline void transpose_row(const float* chan, int64_t lanes, int64_t sC, int64_t 
             if (to_planes)
                 std::memcpy(pix + w * L, chan + w * sW, sizeof(float) * L);
             else
-                std::memcpy(const_cast<float*>(chan) + w * sW, pix + w * L, sizeof(float) * L);
+                std::memcpy(chan + w * sW, pix + w * L, sizeof(float) * L);
         }
         return;
     }
@@ -340,7 +340,7 @@ inline void transpose_row(const float* chan, int64_t lanes, int64_t sC, int64_t 
             for (int64_t w = 0; w < W; ++w) pix[w * L + l] = l < lanes ? chan[w * sW + l * sC] : 0.f;
     } else {
         for (int64_t l = 0; l < lanes; ++l)
-            for (int64_t w = 0; w < W; ++w) const_cast<float*>(chan)[w * sW + l * sC] = pix[w * L + l];
+            for (int64_t w = 0; w < W; ++w) chan[w * sW + l * sC] = pix[w * L + l];
     }
 }
 
@@ -357,7 +357,7 @@ inline void pack_row(const float* x, int64_t lanes, int64_t sC, int64_t sH, int6
         std::memset(o, 0, sizeof(float) * pw * L);
         std::memset(o + (pw + W) * L, 0, sizeof(float) * pw * L);
     }
-    transpose_row<true>(x + h * sH, lanes, sC, sW, W, o + pw * L);
+    transpose_row<true>(const_cast<float*>(x + h * sH), lanes, sC, sW, W, o + pw * L);  // read, not written
 }
 
 // One plane row (W, L) back to an (N, C, H, W) row with element strides sC, sW.
