@@ -60,15 +60,15 @@ def test_comparison_on_one_colour_scale(tmp_path):
 def test_one_colour_scale_and_paper_normalisation():
     maps = [gaussian_map(s=3.0), gaussian_map(s=10.0) * 7]
     fig = comparison_figure(maps, ["a", "b"])
-    meshes = [ax.collections[0] for ax in fig.axes if ax.get_title() in ("a", "b")]
-    assert len(meshes) == 2 and len(fig.axes) == 3  # two panels + ONE colour bar
-    for mesh, m in zip(meshes, maps):
-        assert (mesh.norm.vmin, mesh.norm.vmax) == (0.0, 1.0)
-        np.testing.assert_array_equal(mesh.cmap(np.linspace(0, 1, 64)), meshes[0].cmap(np.linspace(0, 1, 64)))
-        shown = np.asarray(mesh.get_array()).reshape(m.shape)
+    images = [ax.images[0] for ax in fig.axes if ax.get_title() in ("a", "b")]
+    assert len(images) == 2 and len(fig.axes) == 3  # two panels + ONE colour bar
+    for image, m in zip(images, maps):
+        assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+        np.testing.assert_array_equal(image.cmap(np.linspace(0, 1, 64)), images[0].cmap(np.linspace(0, 1, 64)))
+        shown = np.asarray(image.get_array()).reshape(m.shape)
         np.testing.assert_allclose(shown, np.log10(m + 1) / np.log10(m + 1).max())  # log10(A+1)/max
     # RdYlGn centred at 0 as in the official script: 0 -> yellow (upper half start), 1 -> dark green
-    lo, hi = meshes[0].cmap(0.0), meshes[0].cmap(1.0)
+    lo, hi = images[0].cmap(0.0), images[0].cmap(1.0)
     assert lo[0] > 0.9 and lo[1] > 0.9 and hi[1] > hi[0] and hi[1] > hi[2]
     single = erf_figure(maps[0], "x")
     assert len(single.axes) == 2 and not single.axes[0].get_xticklabels()
