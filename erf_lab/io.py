@@ -96,6 +96,29 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
             np.save(f, array)
 
 
+def load_cached_array(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> np.ndarray | None:
+    """A cache file written by :func:`save_cached_array`, memory-mapped read-only; None when it is missing,
+    unreadable, truncated or not of ``shape`` and ``dtype`` (the caller then builds it again)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return arr if arr.shape == tuple(shape) and arr.dtype == np.dtype(dtype) else None
+
+
+def save_cached_array(path: str | os.PathLike, array: np.ndarray) -> np.ndarray:
+    """Write ``array`` as a cache file (atomically) and return it memory-mapped read-only; where the cache
+    cannot be written, ``array`` itself (the process keeps it in memory)."""
+    try:
+        save_npy(path, array)
+    except OSError:
+        return array
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
 def save_figure(fig, stem: str | os.PathLike, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """Save a matplotlib figure as ``stem.<fmt>`` for each format, atomically; returns the paths."""
     stem = Path(stem)

@@ -6,6 +6,8 @@ skipped with a reason when absent. The library itself never looks there: the tes
 the data or pass ``--stimuli``.
 """
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_DATASETS = REPO_ROOT / "tests" / "fixtures" / "datasets"
 SHARED = REPO_ROOT.parent / "shared" / "datasets"
+_SESSION_CACHE: list[str] = []
 NO_FULL_DATA = f"needs the full shape-bias data sets at {SHARED} (CI has them; or run 'erf-lab data download')"
 
 
@@ -22,6 +25,16 @@ def pytest_configure(config):
     # Library code finds data only through $ERF_LAB_DATA / --stimuli / the download cache: point it at the full
     # sets when they are beside the repository, else at the shipped fixture (unless the caller chose a folder).
     os.environ.setdefault("ERF_LAB_DATA", str(SHARED if SHARED.is_dir() else FIXTURE_DATASETS))
+    # The erf-lab cache (FLOP and geometry tables, rendered cue-world splits, decoded stimuli: ~250 MB for the
+    # full sets) goes to a folder of this session, not the user's ~/.cache/erf-lab (unless the caller chose one).
+    if "ERF_LAB_CACHE" not in os.environ:
+        _SESSION_CACHE.append(tempfile.mkdtemp(prefix="erf-lab-test-cache-"))
+        os.environ["ERF_LAB_CACHE"] = _SESSION_CACHE[0]
+
+
+def pytest_unconfigure(config):
+    for folder in _SESSION_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -274,3 +274,115 @@ def test_lite0_far_above_chance(lite0_full):
     chance = 2 / 16  # shape or texture category by guessing
     assert s["fraction_shape_or_texture_hits"] > 4 * chance
     assert s["edge_accuracy"] > 2 / 16 and s["silhouette_accuracy"] > 4 / 16
+
+
+# ---------------------------------------------------------------- decoded-stimulus cache
+
+def _copy_stimuli(src_root, dst, n=12):
+    """``n`` fixture stimuli copied into ``dst`` (so that a test may touch or break them)."""
+    stim, _ = list_stimuli(src_root / "cue-conflict", n)
+    for s in stim:
+        (dst / s.shape).mkdir(parents=True, exist_ok=True)
+        shutil.copy(s.path, dst / s.shape / s.path.name)
+    return list_stimuli(dst)[0]
+
+
+def _count_decodes(monkeypatch):
+    import erf_lab.shape_bias.stimuli as stimuli_module
+
+    calls = []
+    real_open = stimuli_module.Image.open
+
+    def counting_open(path, *a, **k):
+        calls.append(path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(stimuli_module.Image, "open", counting_open)
+    return calls
+
+
+def test_decoded_cache_gives_bit_identical_inputs_without_decoding(fixture_datasets, tmp_path, monkeypatch):
+    from erf_lab.shape_bias.evaluate import run_set
+    from erf_lab.shape_bias.stimuli import DecodedCache, StimulusDataset
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))
+    stim = _copy_stimuli(fixture_datasets, tmp_path / "stim")
+    model = Tiny(size=40).eval()
+    pp = Preprocess.from_model(model)
+    pp = Preprocess(size=(40, 40), mean=pp.mean, std=pp.std, interpolation="bicubic", crop_pct=0.875)
+    decodes = _count_decodes(monkeypatch)
+    first = run_set(model, "cue", stim, pp, batch_size=5, workers=0, show_progress=False)
+    assert len(decodes) == len(stim)
+    cache = DecodedCache(stim, pp)
+    pixels = np.load(cache.path)
+    assert pixels.shape == (len(stim), 3, 40, 40) and pixels.dtype == np.uint8
+    # the cached pixels are the decoder's own, and the model inputs built from them are bit for bit the same
+    direct = torch.stack([StimulusDataset(stim, pp)[i][0] for i in range(len(stim))])
+    decodes.clear()
+    assert torch.equal(torch.from_numpy(pixels).float().div_(255.0), direct)
+    second = run_set(model, "cue", stim, pp, batch_size=5, workers=0, show_progress=False)
+    assert decodes == []  # nothing decoded: read from the cache
+    np.testing.assert_array_equal(second.scores16, first.scores16)
+    np.testing.assert_array_equal(second.top_index, first.top_index)
+    assert second.ok.all() and second.errors == {}
+    # per image through Preprocess.__call__ (the path of a single image) gives the same model input
+    from erf_lab.shape_bias.evaluate import _cached_batch
+
+    x = _cached_batch(pixels, 0, 3)[0]
+    for i in range(3):
+        with Image.open(stim[i].path) as img:
+            assert torch.equal(pp.normalize(x[i]), pp(img))
+
+
+def test_decoded_cache_follows_changed_files_and_survives_a_broken_cache(fixture_datasets, tmp_path, monkeypatch):
+    import os
+
+    from erf_lab.shape_bias.evaluate import run_set
+    from erf_lab.shape_bias.stimuli import DecodedCache
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))
+    stim = _copy_stimuli(fixture_datasets, tmp_path / "stim", n=6)
+    model, pp = Tiny(size=32).eval(), Preprocess(size=(32, 32))
+    decodes = _count_decodes(monkeypatch)
+    run_set(model, "cue", stim, pp, batch_size=4, workers=0, show_progress=False)
+    old = DecodedCache(stim, pp).path
+    # an image replaced by another one (new contents, new mtime): a new key, decoded again
+    shutil.copy(stim[1].path, stim[0].path)
+    os.utime(stim[0].path, ns=(1, 1))
+    decodes.clear()
+    changed = run_set(model, "cue", stim, pp, batch_size=4, workers=0, show_progress=False)
+    assert len(decodes) == len(stim) and DecodedCache(stim, pp).path != old
+    np.testing.assert_array_equal(changed.scores16[0], changed.scores16[1])  # the new pixels were used
+    # a truncated cache file is decoded again and rewritten, not an error
+    path = DecodedCache(stim, pp).path
+    path.write_bytes(path.read_bytes()[:100])
+    decodes.clear()
+    again = run_set(model, "cue", stim, pp, batch_size=4, workers=0, show_progress=False)
+    assert len(decodes) == len(stim)
+    np.testing.assert_array_equal(again.scores16, changed.scores16)
+    assert np.load(path).shape == (len(stim), 3, 32, 32)
+    # another geometry of the same files is another cache
+    assert DecodedCache(stim, Preprocess(size=(48, 48))).path != path
+
+
+def test_decoded_cache_skips_undecodable_sets_and_can_be_turned_off(fixture_datasets, tmp_path, monkeypatch):
+    from erf_lab.shape_bias.evaluate import run_set
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ERF_LAB_CACHE", str(cache))
+    stim = _copy_stimuli(fixture_datasets, tmp_path / "stim", n=6)
+    model, pp = Tiny(size=32).eval(), Preprocess(size=(32, 32))
+    run_set(model, "cue", stim, pp, batch_size=4, workers=0, show_progress=False, cache=False)
+    assert not (cache / "stimuli").exists()
+    stim[2].path.write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="cannot decode"):
+        res = run_set(model, "cue", stim, pp, batch_size=4, workers=0, show_progress=False)
+    assert not res.ok[2] and res.ok.sum() == 5 and 2 in res.errors
+    assert not list((cache / "stimuli").glob("*.npy"))  # a set with an undecodable image is never cached
+    # an unwritable cache: the run works and writes nothing
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("ERF_LAB_CACHE", str(blocker))
+    stim[2].path.write_bytes((fixture_datasets / "cue-conflict").rglob("*.png").__next__().read_bytes())
+    ok = run_set(model, "cue", stim, pp, batch_size=4, workers=0, show_progress=False)
+    assert ok.ok.all()

@@ -24,8 +24,8 @@ from erf_lab.provenance import versions
 from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions, write_mvh_csv
 from erf_lab.shape_bias.consistency import MVH_DATASETS
 from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imagenet_to_16
-from erf_lab.shape_bias.stimuli import (Preprocess, Stimulus, StimulusDataset, find_stimuli_root, list_stimuli,
-                                        sibling_set)
+from erf_lab.shape_bias.stimuli import (DecodedCache, Preprocess, Stimulus, StimulusDataset, find_stimuli_root,
+                                        list_stimuli, sibling_set)
 
 CHANCE_SHAPE_OR_TEXTURE = 2 / len(CATEGORIES)  # a guess hits the shape or the texture category
 DEGENERATE_SHARE = 0.9  # one category for at least this share of the images: the model is not looking
@@ -74,18 +74,26 @@ def logits_to_scores16(logits: torch.Tensor) -> np.ndarray:
 
 
 def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Preprocess, *, batch_size: int = 32,
-            workers: int | None = None, device: str = "cpu", show_progress: bool = True) -> SetResult:
-    """Batched inference under ``torch.inference_mode``, images decoded in ``workers`` DataLoader processes."""
+            workers: int | None = None, device: str = "cpu", show_progress: bool = True,
+            cache: bool = True) -> SetResult:
+    """Batched inference under ``torch.inference_mode``, images decoded in ``workers`` DataLoader processes, or
+    read from the :class:`DecodedCache` of an earlier run on the same files (``cache``: use and fill it)."""
     from erf_lab.erf.prepare import keep_freed_memory
     from erf_lab.io import progress
 
     if torch.device(device).type == "cpu":
         keep_freed_memory()  # the activations of a batch at 224 px: 25-100 MB tensors, fresh pages every layer
-    workers = default_workers() if workers is None else workers
-    loader = torch.utils.data.DataLoader(StimulusDataset(stimuli, preprocess), batch_size=batch_size, shuffle=False,
-                                         num_workers=workers, pin_memory=device.startswith("cuda"),
-                                         persistent_workers=False)
     n = len(stimuli)
+    decoded = DecodedCache(stimuli, preprocess) if cache else None
+    cached = decoded.load() if decoded is not None else None
+    fill = np.zeros(decoded.shape, np.uint8) if decoded is not None and cached is None and decoded.fits else None
+    if cached is not None:
+        batches = (_cached_batch(cached, i, min(n, i + batch_size)) for i in range(0, n, batch_size))
+    else:
+        workers = default_workers() if workers is None else workers
+        batches = torch.utils.data.DataLoader(StimulusDataset(stimuli, preprocess), batch_size=batch_size,
+                                              shuffle=False, num_workers=workers,
+                                              pin_memory=device.startswith("cuda"), persistent_workers=False)
     scores = np.zeros((n, len(CATEGORIES)))
     top = np.full(n, -1, dtype=np.int64)
     ok = np.zeros(n, dtype=bool)
@@ -94,8 +102,8 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
     t0 = time.perf_counter()
     model.eval()
     with torch.inference_mode(), progress(total=n, desc=f"{name}", unit="img", disable=not show_progress) as bar:
-        for x, idx, good, err in loader:
-            logits = model(x.to(device, non_blocking=True))
+        for pixels, idx, good, err, rgb8 in batches:
+            logits = model(preprocess.normalize(pixels).to(device, non_blocking=True))
             if logits.ndim != 2:
                 raise ErfLabError(f"model output has shape {tuple(logits.shape)}; expected (batch, classes)")
             s = logits_to_scores16(logits)
@@ -109,9 +117,23 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
                 if not g:
                     errors[int(i)] = e
                     warnings.warn(f"cannot decode {stimuli[int(i)].path}: {e}", stacklevel=2)
+            if fill is not None:
+                if bool(good.all()) and bool(rgb8.all()):
+                    fill[idx] = pixels.mul(255).round_().to(torch.uint8).numpy()  # k / 255 -> k exactly
+                else:
+                    fill = None  # an undecodable or high-bit-depth image: this list is not cached
             bar.update(len(idx))
+    if fill is not None:
+        decoded.save(fill)
     top[~ok] = -1
     return SetResult(name, stimuli, scores, top, ok, errors, time.perf_counter() - t0, head_size)
+
+
+def _cached_batch(pixels: np.ndarray, start: int, stop: int):
+    """Images [start, stop) of a decoded cache as a loader batch (pixels, indices, ok, errors, rgb8)."""
+    x = torch.from_numpy(np.array(pixels[start:stop])).float().div_(255.0)
+    k = stop - start
+    return x, torch.arange(start, stop), torch.ones(k, dtype=torch.bool), [""] * k, torch.ones(k, dtype=torch.bool)
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -126,9 +148,10 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, workers: int | None = None,
              device: str = "cpu", limit: int | None = None, show_progress: bool = True,
-             preprocess: Preprocess | None = None) -> dict:
+             preprocess: Preprocess | None = None, cache: bool = True) -> dict:
     """Shape bias of ``model`` on the cue-conflict set (plus edge / silhouette accuracy when those sets are
-    beside it). Returns ``{"summary": dict, "sets": {name: SetResult}}``; pure (writes nothing)."""
+    beside it). Returns ``{"summary": dict, "sets": {name: SetResult}}``; writes nothing but the decoded
+    stimuli's cache (:class:`DecodedCache`; ``cache=False``: nothing)."""
     cue_dir = find_stimuli_root(stimuli_dir)
     preprocess = preprocess or Preprocess.from_model(model)
     model = model.to(device)
@@ -136,7 +159,7 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
     stim, sk = list_stimuli(cue_dir, limit)
     skipped += [dict(s, set="cue-conflict") for s in sk]
     sets["cue-conflict"] = run_set(model, "cue-conflict", stim, preprocess, batch_size=batch_size, workers=workers,
-                                   device=device, show_progress=show_progress)
+                                   device=device, show_progress=show_progress, cache=cache)
     for extra in ("edges", "silhouettes"):
         d = sibling_set(cue_dir, extra)
         if d is None:
@@ -144,7 +167,7 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
         stim, sk = list_stimuli(d, None if limit is None else max(16, limit // 8))
         skipped += [dict(s, set=extra) for s in sk]
         sets[extra] = run_set(model, extra, stim, preprocess, batch_size=batch_size, workers=workers, device=device,
-                              show_progress=show_progress)
+                              show_progress=show_progress, cache=cache)
     cue = sets["cue-conflict"]
     rows = [(s.shape, s.texture, d) for s, d, ok in zip(cue.stimuli, cue.decisions, cue.ok) if ok]
     summary = shape_bias_from_decisions(rows)
@@ -243,7 +266,7 @@ def load_model(name: str, weights=None, pretrained: bool = False, overrides: dic
 def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = False, overrides: dict | None = None,
                    stimuli=None, batch_size: int = 32, workers: int | None = None, device: str = "cpu",
                    limit: int | None = None, show_progress: bool = True, command: list[str] | None = None,
-                   model: nn.Module | None = None, allow_random: bool = False) -> dict:
+                   model: nn.Module | None = None, allow_random: bool = False, cache: bool = True) -> dict:
     """Evaluate a zoo model and write ``decisions.csv``, ``summary.json``, ``run.json``, the model-vs-human CSV
     and the shape-bias figure (PNG + PDF) into ``out``. Returns the summary.
 
@@ -268,7 +291,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     find_stimuli_root(stimuli)  # fail fast, before building the model
     model = model if model is not None else load_model(model_name, weights, pretrained, overrides)
     result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
-                      show_progress=show_progress)
+                      show_progress=show_progress, cache=cache)
     summary = result["summary"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

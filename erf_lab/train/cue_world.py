@@ -346,24 +346,11 @@ class CueWorld(torch.utils.data.Dataset):
                                             f"{self.input_size}px-{renderer_version()}.f32.npy")
 
     def _load_cache(self, show_progress: bool) -> np.ndarray:
-        from erf_lab.io import atomic_path
+        from erf_lab.io import load_cached_array, save_cached_array
 
         path, shape = self.cache_path(), (self.size, 3, self.input_size, self.input_size)
-        if path.is_file():
-            try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-                if arr.shape == shape and arr.dtype == np.float32:
-                    return arr
-            except (OSError, ValueError):
-                pass  # unreadable or truncated by something else: render it again
-        arr = self._render_all(show_progress)
-        try:
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, arr)
-        except OSError:
-            return arr  # an unwritable cache: keep the split in memory for this process
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = load_cached_array(path, shape, np.float32)  # None when missing or unreadable: render it again
+        return arr if arr is not None else save_cached_array(path, self._render_all(show_progress))
 
     def _render_all(self, show_progress: bool) -> np.ndarray:
         """Every image of the split, (N, 3, S, S) float32; worker processes share the work for large splits."""

@@ -34,6 +34,9 @@ def add_arguments(p) -> None:
                                      "splits (--limit images each, default 500)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="DataLoader decode workers (default half the CPUs, 1-4)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="decode every image again, without reading or writing the decoded-stimulus cache "
+                        "(<erf-lab cache>/stimuli, ~150 KB per 224 px image)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--limit", type=int, default=None, help="evaluate N images spread over all categories")
     p.add_argument("--from-csv", nargs="+", metavar="CSV",
@@ -79,7 +82,7 @@ def run(args) -> int:
     s = run_shape_bias(args.model, out=out, weights=args.weights, pretrained=args.pretrained,
                        overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
                        workers=args.workers, device=args.device, limit=args.limit, command=sys.argv,
-                       allow_random=args.allow_random)
+                       allow_random=args.allow_random, cache=not args.no_cache)
 
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
