@@ -326,9 +326,9 @@ def test_decoded_cache_gives_bit_identical_inputs_without_decoding(fixture_datas
     np.testing.assert_array_equal(second.top_index, first.top_index)
     assert second.ok.all() and second.errors == {}
     # per image through Preprocess.__call__ (the path of a single image) gives the same model input
-    from erf_lab.shape_bias.evaluate import _cached_batch
+    from erf_lab.shape_bias.evaluate import _pixel_batch
 
-    x = _cached_batch(pixels, 0, 3)[0]
+    x = _pixel_batch(pixels, {}, {}, 0, 3)[0]
     for i in range(3):
         with Image.open(stim[i].path) as img:
             assert torch.equal(pp.normalize(x[i]), pp(img))
@@ -386,3 +386,51 @@ def test_decoded_cache_skips_undecodable_sets_and_can_be_turned_off(fixture_data
     stim[2].path.write_bytes((fixture_datasets / "cue-conflict").rglob("*.png").__next__().read_bytes())
     ok = run_set(model, "cue", stim, pp, batch_size=4, workers=0, show_progress=False)
     assert ok.ok.all()
+
+
+def test_decoding_first_and_streaming_give_the_same_result_high_bit_depth_too(fixture_datasets, tmp_path,
+                                                                              monkeypatch):
+    import erf_lab.shape_bias.stimuli as stimuli_module
+    from erf_lab.shape_bias.evaluate import _pixel_batch, decode_all, run_set
+    from erf_lab.shape_bias.stimuli import StimulusDataset
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ERF_LAB_CACHE", str(cache))
+    stim = _copy_stimuli(fixture_datasets, tmp_path / "stim", n=8)
+    # one stimulus as a 16-bit grayscale PNG: decoded to float pixels that uint8 cannot hold
+    with Image.open(stim[3].path) as img:
+        gray16 = (np.asarray(img.convert("L"), dtype=np.uint16) * 257 + 3).astype(np.uint16)
+    Image.fromarray(gray16).save(stim[3].path)
+    with Image.open(stim[3].path) as img:
+        assert img.mode.startswith("I")
+    model, pp = Tiny(size=32).eval(), Preprocess(size=(32, 32))
+    pixels, others, failed = decode_all(stim, pp, workers=2)
+    assert list(others) == [3] and failed == {}
+    direct = torch.stack([StimulusDataset(stim, pp)[i][0] for i in range(len(stim))])
+    assert torch.equal(_pixel_batch(pixels, others, failed, 0, len(stim))[0], direct)
+    assert not (direct[3] * 255 - (direct[3] * 255).round()).abs().max() < 1e-3  # not 8-bit values
+    first = run_set(model, "cue", stim, pp, batch_size=3, workers=2, show_progress=False)
+    assert first.ok.all() and not list(cache.rglob("*.npy"))  # not cached: uint8 cannot hold image 3
+    monkeypatch.setattr(stimuli_module, "DECODED_CACHE_MAX_BYTES", 0)  # too big to hold: streamed
+    streamed = run_set(model, "cue", stim, pp, batch_size=3, workers=0, show_progress=False)
+    np.testing.assert_array_equal(streamed.scores16, first.scores16)
+    np.testing.assert_array_equal(streamed.top_index, first.top_index)
+
+
+def test_shape_bias_benchmark_runs_and_leaves_the_cache_alone(fixture_datasets, tmp_path, monkeypatch):
+    import importlib.util
+    import os
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_shape_bias", REPO_ROOT / "benchmarks" / "bench_shape_bias.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))
+    res = bench.main(["--stimuli", str(fixture_datasets), "--images", "12", "--batch-size", "8", "--repeats", "1",
+                      "--workers", "0", "--out", str(tmp_path / "out")])
+    assert res["images"] == 12 and len(res["pure_inference_s"]) == len(res["pipeline_s"]) == len(res["decoding_s"])
+    assert res["overhead_ratio_best"] > 0 and res["decoding_overhead_ratio_best"] > 0
+    assert res["machine"]["cpu_count"] == os.cpu_count()
+    assert os.environ["ERF_LAB_CACHE"] == str(tmp_path / "cache") and not (tmp_path / "cache").exists()
+    assert (tmp_path / "out" / "results.json").is_file()

@@ -193,3 +193,17 @@ def test_degenerate_run_is_flagged(tiny_model, tmp_path, fixture_datasets, capsy
     assert (s["shape_hits"], s["texture_hits"], s["n_conflict"]) == (0, 1, 11)
     assert [line.strip() for line in err.splitlines() if line.strip().startswith("warning:")] == \
         [f"warning: {w}" for w in s["warnings"]]
+
+
+def test_no_cache_decodes_and_writes_no_cache(tiny_model, tmp_path, fixture_datasets, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ERF_LAB_CACHE", str(cache))
+    args = ["shape-bias", "--model", tiny_model, "--allow-random", "--stimuli", str(fixture_datasets), "--workers",
+            "0"]
+    assert main([*args, "--no-cache", "--out", str(tmp_path / "a")]) == 0
+    assert not (cache / "stimuli").exists()
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert len(list((cache / "stimuli").glob("*.u8.npy"))) == 3  # cue-conflict, edges, silhouettes
+    assert main([*args, "--out", str(tmp_path / "c")]) == 0  # from the cache: the same decisions
+    for run in ("b", "c"):
+        assert (tmp_path / run / "decisions.csv").read_text() == (tmp_path / "a" / "decisions.csv").read_text()

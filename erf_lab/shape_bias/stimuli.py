@@ -159,9 +159,8 @@ class Preprocess:
 
 
 class StimulusDataset(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers: item i is ``(pixels (3, H, W) in [0, 1], i, ok, error, rgb8)``, the
-    pixels before ``Preprocess.normalize``; an undecodable image yields ``ok=False`` and zeros (counted, not
-    fatal); ``rgb8``: the pixels are 8-bit values (k / 255), which :class:`DecodedCache` stores exactly."""
+    """Decodes images in DataLoader workers: item i is ``(pixels (3, H, W) in [0, 1], i, ok, error)``, the pixels
+    before ``Preprocess.normalize``; an undecodable image yields ``ok=False`` and zeros (counted, not fatal)."""
 
     def __init__(self, stimuli: list[Stimulus], preprocess: Preprocess):
         self.stimuli = stimuli
@@ -174,10 +173,33 @@ class StimulusDataset(torch.utils.data.Dataset):
         try:
             with Image.open(self.stimuli[i].path) as img:
                 px = self.preprocess.pixels(img)
-            return to_tensor(px), i, True, "", px.mode == "RGB"
+            return to_tensor(px), i, True, ""
         except Exception as e:  # PIL raises many types for broken files
             h, w = self.preprocess.size
-            return torch.zeros(3, h, w), i, False, f"{type(e).__name__}: {e}".splitlines()[0], False
+            return torch.zeros(3, h, w), i, False, f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+class StimulusPixels(torch.utils.data.Dataset):
+    """Item i: ``(i, pixels, error)`` with the resized, cropped pixels as uint8 (3, H, W) for 8-bit RGB (a quarter
+    of the bytes to send back from a worker process), as float32 (3, H, W) in [0, 1] otherwise, and None with the
+    reason for an undecodable image. Load with ``collate_fn=list``."""
+
+    def __init__(self, stimuli: list[Stimulus], preprocess: Preprocess):
+        self.stimuli = stimuli
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.stimuli)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.stimuli[i].path) as img:
+                px = self.preprocess.pixels(img)
+            if px.mode == "RGB":
+                return i, np.ascontiguousarray(np.asarray(px).transpose(2, 0, 1)), ""
+            return i, to_tensor(px), ""
+        except Exception as e:  # PIL raises many types for broken files
+            return i, None, f"{type(e).__name__}: {e}".splitlines()[0]
 
 
 #: decoded sets larger than this (uint8, 3 x H x W bytes per image) are not cached
@@ -219,11 +241,11 @@ class DecodedCache:
 
         return load_cached_array(self.path, self.shape, np.uint8) if self.fits else None
 
-    def save(self, pixels: np.ndarray) -> None:
+    def save(self, pixels: np.ndarray) -> np.ndarray:
+        """Store ``pixels``; returns them memory-mapped from the cache (``pixels`` where it is not writable)."""
         from erf_lab.io import save_cached_array
 
-        if self.fits:
-            save_cached_array(self.path, pixels)
+        return save_cached_array(self.path, pixels) if self.fits else pixels
 
 
 def _size_mtime(path: Path) -> tuple[int, int]:
