@@ -250,9 +250,17 @@ def test_background_imports_run_on_their_own_thread_and_leave_failures_to_the_ca
     for name in ("erf_bg_probe", "erf_bg_broken", "erf_bg_after"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     (tmp_path / "erf_bg_after.py").write_text("X = 1\n")
-    thread = runner._start_background_imports(("erf_bg_broken", "erf_bg_probe", "erf_bg_missing", "erf_bg_after"))
+    interval = sys.getswitchinterval()
+    (tmp_path / "erf_bg_interval.py").write_text("import sys\nSEEN = sys.getswitchinterval()\n")
+    monkeypatch.delitem(sys.modules, "erf_bg_interval", raising=False)
+    thread = runner._start_background_imports(("erf_bg_broken", "erf_bg_probe", "erf_bg_missing", "erf_bg_after",
+                                               "erf_bg_interval"))
     thread.join(30)
     assert not thread.is_alive() and thread.name == "erf-lab-imports"
+    # a short GIL switch interval while the thread imports, the interpreter's own again afterwards
+    assert sys.modules["erf_bg_interval"].SEEN == pytest.approx(runner.BACKGROUND_SWITCH_INTERVAL_S)
+    assert runner.BACKGROUND_SWITCH_INTERVAL_S < interval
+    assert sys.getswitchinterval() == interval
     assert sys.modules["erf_bg_probe"].THREAD == "erf-lab-imports" and sys.modules["erf_bg_after"].X == 1
     assert "erf_bg_broken" not in sys.modules and "erf_bg_missing" not in sys.modules
     assert set(runner.BACKGROUND_IMPORTS) >= {"captum.attr", "matplotlib.backends.backend_pdf"}

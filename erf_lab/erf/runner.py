@@ -325,20 +325,32 @@ BACKGROUND_IMPORTS = ("captum.attr", "matplotlib.figure", "matplotlib.backends.b
                       "matplotlib.backends.backend_pdf", "matplotlib.backends._backend_pdf_ps")
 
 
+#: the interpreter's GIL switch interval while the background imports run (see _start_background_imports)
+BACKGROUND_SWITCH_INTERVAL_S = 0.0002
+
+
 def _start_background_imports(names=BACKGROUND_IMPORTS) -> threading.Thread:
     """Import ``names`` on a daemon thread and return it (join it before the measurement). Building and loading
     a model runs torch kernels that release the GIL (the random initialization alone: 0.7 s for RepLKNet-31B),
     so the imports overlap it instead of adding to the fixed cost of a process (issue 14). A failed import is
     skipped and left for the main thread, whose own import then raises it where it is needed (the PDF backend's
     font subsetting, imported on the first PDF save, is a private matplotlib module: it may move)."""
-    def work():
-        for name in names:
-            if name not in sys.modules:
-                try:
-                    importlib.import_module(name)
-                except Exception:  # noqa: BLE001 - re-raised by the main thread's own import
-                    continue
+    interval = sys.getswitchinterval()
 
+    def work():
+        try:
+            for name in names:
+                if name not in sys.modules:
+                    try:
+                        importlib.import_module(name)
+                    except Exception:  # noqa: BLE001 - re-raised by the main thread's own import
+                        continue
+        finally:
+            sys.setswitchinterval(interval)
+
+    # Each of the model build's ~2000 small torch calls gives up the GIL and waits to get it back from the importing
+    # thread, which holds it for a switch interval (5 ms by default) between hand-overs: shorter while it runs.
+    sys.setswitchinterval(BACKGROUND_SWITCH_INTERVAL_S)
     thread = threading.Thread(target=work, name="erf-lab-imports", daemon=True)
     thread.start()
     return thread
