@@ -261,6 +261,16 @@ def test_background_imports_run_on_their_own_thread_and_leave_failures_to_the_ca
     assert sys.modules["erf_bg_interval"].SEEN == pytest.approx(runner.BACKGROUND_SWITCH_INTERVAL_S)
     assert runner.BACKGROUND_SWITCH_INTERVAL_S < interval
     assert sys.getswitchinterval() == interval
+    # two at once (the app): the interval comes back when the last one ends; nothing left to import: untouched
+    first, second = (runner._start_background_imports((f"erf_bg_missing_{i}",)) for i in range(2))
+    first.join(30), second.join(30)
+    assert sys.getswitchinterval() == interval and runner._switch["threads"] == 0
+    sys.setswitchinterval(0.004)
+    try:
+        runner._start_background_imports(("erf_bg_after",)).join(30)
+        assert sys.getswitchinterval() == 0.004
+    finally:
+        sys.setswitchinterval(interval)
     assert sys.modules["erf_bg_probe"].THREAD == "erf-lab-imports" and sys.modules["erf_bg_after"].X == 1
     assert "erf_bg_broken" not in sys.modules and "erf_bg_missing" not in sys.modules
     assert set(runner.BACKGROUND_IMPORTS) >= {"captum.attr", "matplotlib.backends.backend_pdf"}

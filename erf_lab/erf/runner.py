@@ -327,6 +327,7 @@ BACKGROUND_IMPORTS = ("captum.attr", "matplotlib.figure", "matplotlib.backends.b
 
 #: the interpreter's GIL switch interval while the background imports run (see _start_background_imports)
 BACKGROUND_SWITCH_INTERVAL_S = 0.0002
+_switch = {"lock": threading.Lock(), "threads": 0, "interval": None}  # importing threads, the interval they found
 
 
 def _start_background_imports(names=BACKGROUND_IMPORTS) -> threading.Thread:
@@ -334,23 +335,35 @@ def _start_background_imports(names=BACKGROUND_IMPORTS) -> threading.Thread:
     a model runs torch kernels that release the GIL (the random initialization alone: 0.7 s for RepLKNet-31B),
     so the imports overlap it instead of adding to the fixed cost of a process (issue 14). A failed import is
     skipped and left for the main thread, whose own import then raises it where it is needed (the PDF backend's
-    font subsetting, imported on the first PDF save, is a private matplotlib module: it may move)."""
-    interval = sys.getswitchinterval()
+    font subsetting, imported on the first PDF save, is a private matplotlib module: it may move).
+
+    While it imports, the GIL switch interval is ``BACKGROUND_SWITCH_INTERVAL_S``: each of the model build's ~2000
+    small torch calls gives the GIL up and waits to get it back from the importing thread, which keeps it for a
+    switch interval (5 ms by default) between hand-overs. The interpreter's own interval is back once the last
+    importing thread ends (runs started at the same time, as in the app, share the lowered one)."""
+    todo = [name for name in names if name not in sys.modules]
 
     def work():
         try:
-            for name in names:
+            for name in todo:
                 if name not in sys.modules:
                     try:
                         importlib.import_module(name)
                     except Exception:  # noqa: BLE001 - re-raised by the main thread's own import
                         continue
         finally:
-            sys.setswitchinterval(interval)
+            if todo:
+                with _switch["lock"]:
+                    _switch["threads"] -= 1
+                    if _switch["threads"] == 0:
+                        sys.setswitchinterval(_switch["interval"])
 
-    # Each of the model build's ~2000 small torch calls gives up the GIL and waits to get it back from the importing
-    # thread, which holds it for a switch interval (5 ms by default) between hand-overs: shorter while it runs.
-    sys.setswitchinterval(BACKGROUND_SWITCH_INTERVAL_S)
+    if todo:
+        with _switch["lock"]:
+            if _switch["threads"] == 0:
+                _switch["interval"] = sys.getswitchinterval()
+                sys.setswitchinterval(min(BACKGROUND_SWITCH_INTERVAL_S, _switch["interval"]))
+            _switch["threads"] += 1
     thread = threading.Thread(target=work, name="erf-lab-imports", daemon=True)
     thread.start()
     return thread
