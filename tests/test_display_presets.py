@@ -31,13 +31,13 @@ def test_figures_show_and_name_the_preset():
     maps = [gaussian_map(48, 3.0), gaussian_map(48, 8.0) * 5]
     for name, (formula, _, _) in DISPLAY_PRESETS.items():
         fig = comparison_figure(maps, ["a", "b"], display=name)
-        images = [ax.images[0] for ax in fig.axes if ax.get_title() in ("a", "b")]
-        for image, m in zip(images, maps):
-            np.testing.assert_allclose(np.asarray(image.get_array()).reshape(m.shape), display_map(m, name))
+        meshes = [ax.collections[0] for ax in fig.axes if ax.get_title() in ("a", "b")]
+        for mesh, m in zip(meshes, maps):
+            np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(m.shape), display_map(m, name))
         labels = [ax.get_xlabel() for ax in fig.axes] + [ax.get_ylabel() for ax in fig.axes]
         assert any(formula in lab for lab in labels), labels
     joint = comparison_figure(maps, ["a", "b"], normalize="joint", display="slak")
-    shown = [np.asarray(ax.images[0].get_array()).max() for ax in joint.axes if ax.get_title() in ("a", "b")]
+    shown = [np.asarray(ax.collections[0].get_array()).max() for ax in joint.axes if ax.get_title() in ("a", "b")]
     assert shown == pytest.approx([maps[0].max() / maps[1].max(), 1.0])  # A / joint max
     assert "log10(A+1)/max" in erf_figure(maps[0]).axes[1].get_xlabel()  # default: RepLKNet
 
