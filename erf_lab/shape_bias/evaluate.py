@@ -81,8 +81,8 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
 
     - the :class:`DecodedCache` of an earlier run on the same files (``cache``: read it, and write it after a
       first run whose images all decode to 8-bit RGB);
-    - on CPU, else: all images decoded first, in ``workers`` processes (default: every CPU, up to 8), then
-      inference on every core. Decoding beside inference made the two fight for the cores: EfficientNet-Lite0,
+    - on CPU, else: all images decoded first, in ``workers`` processes (default: one per torch thread, up to 8),
+      then inference on every core. Decoding beside inference made the two fight for the cores: EfficientNet-Lite0,
       256 stimuli on the 2-core dev box, 1.50x the time of pure inference against 1.1-1.2x this way;
     - on CUDA (or a set over ``DECODED_CACHE_MAX_BYTES``): decoded in ``workers`` DataLoader processes (default
       half the CPUs) while the device runs the batches before."""
@@ -138,8 +138,10 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
 
 
 def decode_workers() -> int:
-    """Processes that decode a whole set before CPU inference: every CPU, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Processes that decode a whole set before CPU inference: as many as torch has threads, at most 8 (as the
+    cue-world renderer); 0 (this process) with one thread, e.g. in a study's ``--threads 1`` jobs."""
+    n = min(torch.get_num_threads(), 8)
+    return n if n > 1 else 0
 
 
 def decode_all(stimuli: list[Stimulus], preprocess: Preprocess, *, workers: int | None = None,
