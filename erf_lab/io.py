@@ -99,12 +99,9 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 def load_cached_array(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> np.ndarray | None:
     """A cache file written by :func:`save_cached_array`, memory-mapped read-only; None when it is missing,
     unreadable, truncated or not of ``shape`` and ``dtype`` (the caller then builds it again)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+        arr = np.load(Path(path), mmap_mode="r", allow_pickle=False)
+    except Exception:  # noqa: BLE001 - missing, unreadable, empty or not an .npy file: built again
         return None
     return arr if arr.shape == tuple(shape) and arr.dtype == np.dtype(dtype) else None
 

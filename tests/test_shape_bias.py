@@ -434,3 +434,56 @@ def test_shape_bias_benchmark_runs_and_leaves_the_cache_alone(fixture_datasets, 
     assert res["machine"]["cpu_count"] == os.cpu_count()
     assert os.environ["ERF_LAB_CACHE"] == str(tmp_path / "cache") and not (tmp_path / "cache").exists()
     assert (tmp_path / "out" / "results.json").is_file()
+
+
+def test_many_high_bit_depth_images_from_worker_processes_hold_no_file_descriptors(fixture_datasets, tmp_path):
+    """Float pixels come back from decode workers as arrays: a tensor from a worker keeps a file descriptor open
+    while it lives (a full set of 16-bit images would run out of them)."""
+    import os
+
+    from erf_lab.shape_bias.evaluate import decode_all
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("counts open file descriptors through /proc")
+    src = next((fixture_datasets / "cue-conflict").rglob("*.png"))
+    with Image.open(src) as img:
+        gray16 = (np.asarray(img.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    (tmp_path / "bear").mkdir()
+    for i in range(40):
+        Image.fromarray(gray16).save(tmp_path / "bear" / f"bear{i}-cat{i}.png")
+    stim = list_stimuli(tmp_path)[0]
+    before = len(os.listdir("/proc/self/fd"))
+    pixels, others, failed = decode_all(stim, Preprocess(size=(24, 24)), workers=2)
+    assert len(others) == 40 and failed == {} and not pixels.any()
+    assert len(os.listdir("/proc/self/fd")) - before < 10
+
+
+def test_decoded_cache_key_folder_trim_and_unreadable_files(fixture_datasets, tmp_path, monkeypatch):
+    import PIL
+
+    import erf_lab.shape_bias.stimuli as stimuli_module
+    from erf_lab.shape_bias.stimuli import DecodedCache
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))
+    stim = _copy_stimuli(fixture_datasets, tmp_path / "stim", n=4)
+    cache = DecodedCache(stim, Preprocess(size=(16, 16)))
+    path = cache.path
+    monkeypatch.setattr(PIL, "__version__", "0.0-other")
+    assert cache.path != path  # another Pillow may decode or resize differently
+    monkeypatch.undo()
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")  # an empty file (a full disk): decoded again, not an error
+    assert cache.load() is None
+    pixels = np.arange(4 * 3 * 16 * 16, dtype=np.uint8).reshape(4, 3, 16, 16)
+    np.testing.assert_array_equal(cache.save(pixels), pixels)
+    np.testing.assert_array_equal(cache.load(), pixels)
+    # the folder keeps the most recently used sets within the budget
+    old = path.parent / "old.u8.npy"
+    np.save(old, np.zeros(4096, np.uint8))
+    os_time = path.stat().st_mtime_ns
+    import os
+
+    os.utime(old, ns=(os_time - 10**9, os_time - 10**9))
+    stimuli_module._trim(path.parent, keep=path, budget=path.stat().st_size + 100)
+    assert path.exists() and not old.exists()

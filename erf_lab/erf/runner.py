@@ -353,20 +353,33 @@ def _start_background_imports(names=BACKGROUND_IMPORTS) -> threading.Thread:
                         continue
         finally:
             if todo:
-                with _switch["lock"]:
-                    _switch["threads"] -= 1
-                    if _switch["threads"] == 0:
-                        sys.setswitchinterval(_switch["interval"])
+                _switch_interval(lower=False)
 
     if todo:
-        with _switch["lock"]:
+        _switch_interval(lower=True)
+    thread = threading.Thread(target=work, name="erf-lab-imports", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        if todo:  # work() never runs: give its share of the lowered interval back here
+            _switch_interval(lower=False)
+        raise
+    return thread
+
+
+def _switch_interval(lower: bool) -> None:
+    """One importing thread more (``lower``: the first lowers the switch interval) or fewer (the last restores
+    the interval it found)."""
+    with _switch["lock"]:
+        if lower:
             if _switch["threads"] == 0:
                 _switch["interval"] = sys.getswitchinterval()
                 sys.setswitchinterval(min(BACKGROUND_SWITCH_INTERVAL_S, _switch["interval"]))
             _switch["threads"] += 1
-    thread = threading.Thread(target=work, name="erf-lab-imports", daemon=True)
-    thread.start()
-    return thread
+        else:
+            _switch["threads"] -= 1
+            if _switch["threads"] == 0:
+                sys.setswitchinterval(_switch["interval"])
 
 
 def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, tags, formats, show_progress,

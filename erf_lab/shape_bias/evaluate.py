@@ -85,7 +85,8 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
       then inference on every core. Decoding beside inference made the two fight for the cores: EfficientNet-Lite0,
       256 stimuli on the 2-core dev box, 1.50x the time of pure inference against 1.1-1.2x this way;
     - on CUDA (or a set over ``DECODED_CACHE_MAX_BYTES``): decoded in ``workers`` DataLoader processes (default
-      half the CPUs) while the device runs the batches before."""
+      half the CPUs) while the device runs the batches before (this path reads the cache but does not write it).
+    ``SetResult.seconds`` counts decoding."""
     from erf_lab.erf.prepare import keep_freed_memory
     from erf_lab.io import progress
 
@@ -93,6 +94,7 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
     if on_cpu:
         keep_freed_memory()  # the activations of a batch at 224 px: 25-100 MB tensors, fresh pages every layer
     n = len(stimuli)
+    t0 = time.perf_counter()  # decoding counts, as it did when workers decoded beside the batches
     decoded = DecodedCache(stimuli, preprocess)
     pixels = decoded.load() if cache else None
     others: dict[int, torch.Tensor] = {}  # decoded images that uint8 cannot hold (high bit depth)
@@ -114,11 +116,10 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
     ok = np.zeros(n, dtype=bool)
     errors: dict[int, str] = {}
     head_size = 1000
-    t0 = time.perf_counter()
     model.eval()
     with torch.inference_mode(), progress(total=n, desc=f"{name}", unit="img", disable=not show_progress) as bar:
         for x, idx, good, err in batches:
-            logits = model(preprocess.normalize(x).to(device, non_blocking=True))
+            logits = model(preprocess.normalize(x.to(device, non_blocking=True)))
             if logits.ndim != 2:
                 raise ErfLabError(f"model output has shape {tuple(logits.shape)}; expected (batch, classes)")
             s = logits_to_scores16(logits)
@@ -165,10 +166,10 @@ def decode_all(stimuli: list[Stimulus], preprocess: Preprocess, *, workers: int 
             for i, px, err in batch:
                 if px is None:
                     failed[i] = err
-                elif isinstance(px, np.ndarray):
+                elif px.dtype == np.uint8:
                     pixels[i] = px
                 else:
-                    others[i] = px
+                    others[i] = torch.from_numpy(px)
             bar.update(len(batch))
     return pixels, others, failed
 

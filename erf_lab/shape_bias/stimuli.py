@@ -1,6 +1,7 @@
 """Finding, parsing and decoding the cue-conflict, edge and silhouette stimuli (Geirhos et al., ICLR 2019)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -152,9 +153,9 @@ class Preprocess:
         return img.crop((left, top, left + w, top + h))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(x - mean) / std per channel of (3, H, W) or (B, 3, H, W) values in [0, 1]."""
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
+        """(x - mean) / std per channel of (3, H, W) or (B, 3, H, W) values in [0, 1], on ``x``'s device."""
+        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
         return (x - mean) / std
 
 
@@ -180,9 +181,10 @@ class StimulusDataset(torch.utils.data.Dataset):
 
 
 class StimulusPixels(torch.utils.data.Dataset):
-    """Item i: ``(i, pixels, error)`` with the resized, cropped pixels as uint8 (3, H, W) for 8-bit RGB (a quarter
-    of the bytes to send back from a worker process), as float32 (3, H, W) in [0, 1] otherwise, and None with the
-    reason for an undecodable image. Load with ``collate_fn=list``."""
+    """Item i: ``(i, pixels, error)`` with the resized, cropped pixels as a NumPy array: uint8 (3, H, W) for 8-bit
+    RGB (a quarter of the bytes to send back from a worker process), float32 (3, H, W) in [0, 1] otherwise, and
+    None with the reason for an undecodable image. Arrays, not tensors: a tensor from a worker process keeps a
+    file descriptor open while it lives, and a set's pixels live until it is done. Load with ``collate_fn=list``."""
 
     def __init__(self, stimuli: list[Stimulus], preprocess: Preprocess):
         self.stimuli = stimuli
@@ -197,12 +199,13 @@ class StimulusPixels(torch.utils.data.Dataset):
                 px = self.preprocess.pixels(img)
             if px.mode == "RGB":
                 return i, np.ascontiguousarray(np.asarray(px).transpose(2, 0, 1)), ""
-            return i, to_tensor(px), ""
+            return i, to_tensor(px).numpy(), ""
         except Exception as e:  # PIL raises many types for broken files
             return i, None, f"{type(e).__name__}: {e}".splitlines()[0]
 
 
-#: decoded sets larger than this (uint8, 3 x H x W bytes per image) are not cached
+#: decoded sets larger than this (uint8, 3 x H x W bytes per image) are not cached, and the cache folder keeps the
+#: most recently used sets up to this many bytes in all
 DECODED_CACHE_MAX_BYTES = 2 << 30
 
 
@@ -210,42 +213,85 @@ class DecodedCache:
     """The decoded, resized and cropped pixels of a stimulus list as uint8 (N, 3, H, W) under
     ``<erf-lab cache>/stimuli/``, so a second run on the same images skips PNG decoding and resizing (4.6-5.5 ms
     of a core per stimulus on the 2-core dev box, which the inference threads need there). Keyed by every file's
-    path, size and modification time, the preprocessing geometry and the decoder's source: a changed image, size
-    or decoder is decoded again. Stored only for a list whose images all decoded to 8-bit RGB, which uint8 holds
-    exactly: ``uint8 / 255`` is bit for bit what :class:`StimulusDataset` gives."""
+    path, size and modification time, the preprocessing geometry, the decoder's source and Pillow's version and
+    codec libraries: a changed image, size or decoder is decoded again. Stored only for a list whose images all
+    decoded to 8-bit RGB, which uint8 holds exactly: ``uint8 / 255`` is bit for bit what :class:`StimulusDataset`
+    gives. The folder keeps the most recently used sets up to ``DECODED_CACHE_MAX_BYTES``; delete it at will."""
 
     def __init__(self, stimuli: list[Stimulus], preprocess: Preprocess):
-        import hashlib
-        import json
-
-        import erf_lab.erf.images as images_module
-        from erf_lab.paths import cache_dir
-
         h, w = preprocess.size
+        self.stimuli, self.preprocess = stimuli, preprocess
         self.shape = (len(stimuli), 3, h, w)
-        key = hashlib.sha256(json.dumps({
-            "files": [[str(s.path.resolve()), *_size_mtime(s.path)] for s in stimuli],
-            "size": [h, w], "interpolation": preprocess.interpolation, "crop_pct": preprocess.crop_pct,
-        }).encode())
-        for module_file in (__file__, images_module.__file__):
-            key.update(Path(module_file).read_bytes())
-        self.path = cache_dir() / "stimuli" / f"{len(stimuli)}x{h}x{w}-{key.hexdigest()[:20]}.u8.npy"
 
     @property
     def fits(self) -> bool:
         return 0 < math.prod(self.shape) <= DECODED_CACHE_MAX_BYTES
 
+    @property
+    def path(self) -> Path:
+        import hashlib
+        import json
+
+        import PIL
+        from PIL import features
+
+        import erf_lab.erf.images as images_module
+        from erf_lab.paths import cache_dir
+
+        n, _, h, w = self.shape
+        pp = self.preprocess
+        key = hashlib.sha256(json.dumps({
+            "files": [[str(s.path.resolve()), *_size_mtime(s.path)] for s in self.stimuli],
+            "size": [h, w], "interpolation": pp.interpolation, "crop_pct": pp.crop_pct,
+            "pillow": [PIL.__version__, *(features.version(f) for f in ("jpg", "zlib", "libtiff", "webp"))],
+        }).encode())
+        for module_file in (__file__, images_module.__file__):
+            key.update(Path(module_file).read_bytes())
+        return cache_dir() / "stimuli" / f"{n}x{h}x{w}-{key.hexdigest()[:20]}.u8.npy"
+
     def load(self) -> np.ndarray | None:
         """The cached pixels (memory-mapped, read-only), or None."""
         from erf_lab.io import load_cached_array
 
-        return load_cached_array(self.path, self.shape, np.uint8) if self.fits else None
+        if not self.fits:
+            return None
+        try:
+            path = self.path
+        except OSError:  # no home folder for the cache, an unreadable stimulus folder: decode
+            return None
+        arr = load_cached_array(path, self.shape, np.uint8)
+        if arr is not None:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: kept when the folder is trimmed
+        return arr
 
     def save(self, pixels: np.ndarray) -> np.ndarray:
-        """Store ``pixels``; returns them memory-mapped from the cache (``pixels`` where it is not writable)."""
+        """Store ``pixels`` and trim the folder; returns them memory-mapped from the cache (``pixels`` where it is
+        not writable)."""
         from erf_lab.io import save_cached_array
 
-        return save_cached_array(self.path, pixels) if self.fits else pixels
+        if not self.fits:
+            return pixels
+        try:
+            path = self.path
+        except OSError:
+            return pixels
+        stored = save_cached_array(path, pixels)
+        _trim(path.parent, keep=path)
+        return stored
+
+
+def _trim(folder: Path, keep: Path, budget: int | None = None) -> None:
+    """Delete the least recently used ``*.u8.npy`` sets of ``folder`` beyond ``budget`` bytes (default
+    ``DECODED_CACHE_MAX_BYTES``) in all; ``keep`` stays."""
+    budget = DECODED_CACHE_MAX_BYTES if budget is None else budget
+    with contextlib.suppress(OSError):
+        files = sorted(((f.stat().st_mtime_ns, f.stat().st_size, f) for f in folder.glob("*.u8.npy")), reverse=True)
+        total = 0
+        for _, size, f in files:
+            total += size
+            if total > budget and f != keep:
+                f.unlink(missing_ok=True)
 
 
 def _size_mtime(path: Path) -> tuple[int, int]:

@@ -33,7 +33,9 @@ def add_arguments(p) -> None:
                                      "classifier on the built-in world's cue-conflict / shape-only / texture-only "
                                      "splits (--limit images each, default 500)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader decode workers (default half the CPUs, 1-4)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode worker processes (default on CPU one per torch thread, up to 8, decoding before "
+                        "inference; on CUDA half the CPUs, 1-4, beside it)")
     p.add_argument("--no-cache", action="store_true",
                    help="decode every image again, without reading or writing the decoded-stimulus cache "
                         "(<erf-lab cache>/stimuli, ~150 KB per 224 px image)")
