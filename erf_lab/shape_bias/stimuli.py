@@ -159,27 +159,6 @@ class Preprocess:
         return (x - mean) / std
 
 
-class StimulusDataset(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers: item i is ``(pixels (3, H, W) in [0, 1], i, ok, error)``, the pixels
-    before ``Preprocess.normalize``; an undecodable image yields ``ok=False`` and zeros (counted, not fatal)."""
-
-    def __init__(self, stimuli: list[Stimulus], preprocess: Preprocess):
-        self.stimuli = stimuli
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.stimuli)
-
-    def __getitem__(self, i: int):
-        try:
-            with Image.open(self.stimuli[i].path) as img:
-                px = self.preprocess.pixels(img)
-            return to_tensor(px), i, True, ""
-        except Exception as e:  # PIL raises many types for broken files
-            h, w = self.preprocess.size
-            return torch.zeros(3, h, w), i, False, f"{type(e).__name__}: {e}".splitlines()[0]
-
-
 class StimulusPixels(torch.utils.data.Dataset):
     """Item i: ``(i, pixels, error)`` with the resized, cropped pixels as a NumPy array: uint8 (3, H, W) for 8-bit
     RGB (a quarter of the bytes to send back from a worker process), float32 (3, H, W) in [0, 1] otherwise, and
@@ -193,15 +172,33 @@ class StimulusPixels(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.stimuli)
 
-    def __getitem__(self, i: int):
+    def decode(self, i: int) -> tuple[Image.Image | None, str]:
+        """(``Preprocess.pixels`` of image i, ""), or (None, the reason) for an undecodable image."""
         try:
             with Image.open(self.stimuli[i].path) as img:
-                px = self.preprocess.pixels(img)
-            if px.mode == "RGB":
-                return i, np.ascontiguousarray(np.asarray(px).transpose(2, 0, 1)), ""
-            return i, to_tensor(px).numpy(), ""
+                return self.preprocess.pixels(img), ""
         except Exception as e:  # PIL raises many types for broken files
-            return i, None, f"{type(e).__name__}: {e}".splitlines()[0]
+            return None, f"{type(e).__name__}: {e}".splitlines()[0]
+
+    def __getitem__(self, i: int):
+        px, err = self.decode(i)
+        if px is None:
+            return i, None, err
+        if px.mode == "RGB":
+            return i, np.ascontiguousarray(np.asarray(px).transpose(2, 0, 1)), ""
+        return i, to_tensor(px).numpy(), ""
+
+
+class StimulusDataset(StimulusPixels):
+    """Decodes images in DataLoader workers: item i is ``(pixels (3, H, W) in [0, 1], i, ok, error)``, the pixels
+    before ``Preprocess.normalize``; an undecodable image yields ``ok=False`` and zeros (counted, not fatal)."""
+
+    def __getitem__(self, i: int):
+        px, err = self.decode(i)
+        if px is None:
+            h, w = self.preprocess.size
+            return torch.zeros(3, h, w), i, False, err
+        return to_tensor(px), i, True, ""
 
 
 #: decoded sets larger than this (uint8, 3 x H x W bytes per image) are not cached, and the cache folder keeps the
