@@ -110,9 +110,17 @@ def test_shape_bias_arithmetic():
     r = shape_bias_from_decisions(rows)
     assert (r["n_conflict"], r["shape_hits"], r["texture_hits"]) == (5, 2, 2)
     assert r["shape_bias"] == 0.5 and r["fraction_shape_hits"] == 0.4 and r["fraction_texture_hits"] == 0.4
+    # model-vs-human's fraction-correct-shape / -texture: over all 6 trials, the one without conflict included
+    assert r["n_trials"] == 6 and r["fraction_correct_shape"] == r["fraction_correct_texture"] == 2 / 6
     assert r["per_category"]["cat"]["shape_bias"] == pytest.approx(2 / 3)
     assert r["per_category"]["dog"]["shape_bias"] == 0.0
     assert shape_bias_from_decisions([("cat", "dog", "knife")])["shape_bias"] is None
+
+    from erf_lab.shape_bias.plotting import _correct_fractions
+
+    older = {"shape_hits": 3, "texture_hits": 1, "n_images": {"cue-conflict": 12},
+             "undecodable_files": [{"set": "cue-conflict"}, {"set": "edges"}]}  # a summary without them
+    assert _correct_fractions(older) == {"fraction_correct_shape": 3 / 11, "fraction_correct_texture": 1 / 11}
 
 
 def test_humans_0_95869_pooled_and_per_subject(shared_datasets):
@@ -121,6 +129,9 @@ def test_humans_0_95869_pooled_and_per_subject(shared_datasets):
     r = shape_bias_from_csv(paths)
     assert round(r["shape_bias"], 5) == 0.95869
     assert r["n_conflict"] == 12000 and r["unparsed_rows"] == 0
+    # model-vs-human's ShapeBias.analysis on these CSVs: fraction-correct-shape 0.7216, -texture 0.0311
+    assert (r["shape_hits"], r["texture_hits"], r["n_trials"]) == (9236, 398, 12800)
+    assert (round(r["fraction_correct_shape"], 4), round(r["fraction_correct_texture"], 4)) == (0.7216, 0.0311)
     assert len(r["per_subject"]) == 10
     vals = list(r["per_subject"].values())
     assert 0.91 < min(vals) < max(vals) < 0.99  # every subject strongly shape-biased
@@ -168,7 +179,7 @@ def test_mvh_csv_round_trip(tmp_path, datasets):
 def test_preprocess_from_default_cfg():
     m = Tiny(size=40)
     m.default_cfg.update(mean=(0.25, 0.5, 0.75), std=(0.5, 0.25, 0.125), crop_pct=0.5)
-    pp = Preprocess.from_model(m)
+    pp = Preprocess.from_model(m, crop_pct=None)  # the model's own ImageNet-evaluation crop
     assert pp.size == (40, 40) and pp.crop_pct == 0.5
     img = Image.new("RGB", (224, 224), (255, 0, 51))
     x = pp(img)
@@ -176,6 +187,31 @@ def test_preprocess_from_default_cfg():
     assert torch.allclose(x[:, 20, 20], torch.tensor([(1 - 0.25) / 0.5, (0 - 0.5) / 0.25, (0.2 - 0.75) / 0.125]),
                           atol=1e-5)
     assert Preprocess.from_model(nn.Identity()).size == (224, 224)  # no default_cfg: ImageNet defaults
+    with pytest.raises(ErfLabError, match="crop_pct"):
+        Preprocess.from_model(m, crop_pct=1.5)
+
+
+def test_stimuli_go_in_whole_as_in_model_vs_human():
+    """model-vs-human feeds the 224 px stimuli through ToTensor + Normalize only: by default a 224 px model sees
+    every pixel unchanged whatever its ImageNet crop, and a model of another size the whole stimulus resized."""
+    m = Tiny(size=224)
+    m.default_cfg.update(crop_pct=0.875, mean=(0.5,) * 3, std=(0.25,) * 3)
+    pp = Preprocess.from_model(m)
+    assert pp.crop_pct == 1.0 and pp.as_dict()["model_vs_human_geometry"]
+    rgb = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    x = pp(Image.fromarray(rgb))
+    expected = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+    assert torch.equal(x, expected)
+    cropped = Preprocess.from_model(m, crop_pct=None)
+    assert cropped.crop_pct == 0.875 and not cropped.as_dict()["model_vs_human_geometry"]
+    # resize to 256, centre-crop 224: the border is gone and the middle enlarged
+    assert not torch.equal(cropped(Image.fromarray(rgb)), expected)
+    small = Tiny(size=112)
+    small.default_cfg.update(crop_pct=0.875, mean=(0,) * 3, std=(1,) * 3)
+    img = Image.new("RGB", (224, 224), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 2, 224))  # a white 2 px left border survives a whole-image resize only
+    assert Preprocess.from_model(small)(img)[:, :, 0].min() > 0.4
+    assert Preprocess.from_model(small, crop_pct=None)(img)[:, :, 0].max() == 0
 
 
 def test_sixteen_way_head_used_directly(datasets, tmp_path, monkeypatch):
@@ -264,9 +300,11 @@ def test_lite0_shape_bias_in_cnn_band(lite0_full):
     assert s["n_images"] == {"cue-conflict": 1280, "edges": 160, "silhouettes": 160}
     assert s["n_conflict"] == 1200 and s["n_skipped"] == 0
     assert 0.20 <= s["shape_bias"] <= 0.32  # ImageNet CNNs are texture-biased (Geirhos et al. 2019: ResNet-50 0.22)
-    # the exact result recorded when the pipeline was first measured (173 shape vs 615 texture decisions)
-    assert (s["shape_hits"], s["texture_hits"]) == (173, 615) and round(s["shape_bias"], 4) == 0.2195
-    assert s["preprocessing"]["interpolation"] == "bicubic" and s["preprocessing"]["crop_pct"] == 0.875
+    # the exact result measured with model-vs-human's whole 224 px stimuli (with the model's 0.875 crop it was
+    # 173 vs 615, 0.2195; edges 0.325, silhouettes 0.425)
+    assert (s["shape_hits"], s["texture_hits"]) == (197, 622) and round(s["shape_bias"], 4) == 0.2405
+    assert (s["edge_accuracy"], s["silhouette_accuracy"]) == (57 / 160, 81 / 160)
+    assert s["preprocessing"]["interpolation"] == "bicubic" and s["preprocessing"]["crop_pct"] == 1.0
 
 
 def test_lite0_far_above_chance(lite0_full):

@@ -78,7 +78,8 @@ def test_run_writes_all_outputs(tiny_model, tmp_path, datasets, capsys):
     assert (s["shape_hits"], s["texture_hits"]) == (shape, texture)
     mvh = shape_bias_from_csv(out / "cue-conflict_sb-tiny-models-tiny-random-init_session-1.csv")
     assert (mvh["shape_hits"], mvh["texture_hits"]) == (shape, texture)
-    assert s["preprocessing"]["input_size"] == [64, 64] and s["preprocessing"]["crop_pct"] == 0.875
+    assert s["preprocessing"]["input_size"] == [64, 64]
+    assert s["preprocessing"]["crop_pct"] == 1.0  # the model's 0.875 only with --crop-pct model
     assert s["human_reference"]["shape_bias"] == shape_bias_from_csv(human_csvs(datasets))["shape_bias"]
     assert len(s["state_dict_sha256"]) == 64 and s["versions"]["torch"] and s["command"]
     assert json.loads((out / "run.json").read_text())["limit"] == 32
@@ -105,9 +106,12 @@ def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
     with open(cmp_dir / "comparison.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows][0] == "humans" and len(rows) == 3
+    assert round(float(rows[0]["fraction_correct_shape"]), 4) == round(shape_bias_from_csv(human_csvs(datasets))[
+        "fraction_correct_shape"], 4)
     for r, d in zip(rows[1:], runs):
-        assert float(r["shape_bias"] or "nan") == pytest.approx(json.loads(
-            (tmp_path / d / "summary.json").read_text())["shape_bias"] or float("nan"), nan_ok=True)
+        s = json.loads((tmp_path / d / "summary.json").read_text())
+        assert float(r["shape_bias"] or "nan") == pytest.approx(s["shape_bias"] or float("nan"), nan_ok=True)
+        assert float(r["fraction_correct_shape"]) == pytest.approx(s["shape_hits"] / s["n_trials"])
     assert (cmp_dir / "shape_bias_comparison.png").is_file() and (cmp_dir / "shape_bias_comparison.pdf").is_file()
     assert (cmp_dir / "error_consistency_comparison.png").stat().st_size > 0
 
@@ -120,6 +124,8 @@ def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
     (lambda t, m: ["--compare", str(t)], "no summary.json"),
     (lambda t, m: ["--model", "no_such_model", "--allow-random", "--limit", "4"], "unknown model"),
     (lambda t, m: ["--model", m, "--limit", "4"], "has no trained weights"),
+    (lambda t, m: ["--model", m, "--allow-random", "--crop-pct", "0"], "--crop-pct must be a fraction"),
+    (lambda t, m: ["--model", m, "--allow-random", "--crop-pct", "most"], "--crop-pct must be a fraction"),
 ])
 def test_errors_exit_2_with_one_line(tiny_model, tmp_path, capsys, make_args, needle):
     rc = main(["shape-bias", *make_args(tmp_path, tiny_model), "--workers", "0", "--out", str(tmp_path / "o")])

@@ -232,7 +232,8 @@ def test_unknown_timm_name_and_shape_bias_preprocessing():
     model = create_model("timm/convnext_tiny")
     pre = Preprocess.from_model(model)
     cfg = model.pretrained_cfg
-    assert pre.size == tuple(cfg["input_size"][-2:]) and pre.crop_pct == cfg["crop_pct"]
+    assert pre.size == tuple(cfg["input_size"][-2:]) and pre.crop_pct == 1.0  # model-vs-human: stimuli whole
+    assert Preprocess.from_model(model, crop_pct=None).crop_pct == cfg["crop_pct"] < 1
     assert pre.interpolation == cfg["interpolation"] and pre.mean == tuple(cfg["mean"])
 
 

@@ -22,12 +22,16 @@ from erf_lab.shape_bias.stimuli import parse_name
 def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
     """``rows`` of ``(shape, texture, decision)`` -> shape bias, hit fractions, counts and per-category values.
 
-    Fractions are over the cue-conflict images (shape != texture). Per-category shape bias groups images by
-    their *shape* category. ``shape_bias`` is ``None`` when there is no shape or texture hit at all.
+    ``fraction_shape_hits`` / ``fraction_texture_hits`` are over the cue-conflict images (shape != texture);
+    ``fraction_correct_shape`` / ``fraction_correct_texture`` are model-vs-human's ``fraction-correct-shape`` /
+    ``-texture`` (``ShapeBias.analysis``): the same hits over every trial, the ``n_trials - n_conflict`` without a
+    conflict included. Per-category shape bias groups images by their *shape* category. ``shape_bias`` is
+    ``None`` when there is no shape or texture hit at all.
     """
-    n = shape_hits = texture_hits = 0
+    n = shape_hits = texture_hits = trials = 0
     per = defaultdict(lambda: [0, 0, 0])  # shape category -> [n, shape hits, texture hits]
     for shape, texture, decision in rows:
+        trials += 1
         if shape == texture:
             continue
         n += 1
@@ -48,7 +52,10 @@ def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
         "fraction_shape_hits": shape_hits / n if n else None,
         "fraction_texture_hits": texture_hits / n if n else None,
         "fraction_shape_or_texture_hits": (shape_hits + texture_hits) / n if n else None,
+        "fraction_correct_shape": shape_hits / trials if trials else None,
+        "fraction_correct_texture": texture_hits / trials if trials else None,
         "n_conflict": n,
+        "n_trials": trials,
         "shape_hits": shape_hits,
         "texture_hits": texture_hits,
         "per_category": {c: {"shape_bias": ratio(per[c][1], per[c][2]), "n": per[c][0],

@@ -62,5 +62,6 @@ def imagenet_to_16(probs: np.ndarray) -> np.ndarray:
 
 
 def decisions_from_scores(scores16: np.ndarray) -> list[str]:
-    """Argmax over the 16 category scores -> category names (ties: first category in alphabetical order)."""
+    """Argmax over the 16 category scores -> category names (ties: first category in alphabetical order; exact
+    ties have no fixed winner in model-vs-human, whose ``np.argsort`` is not a stable sort)."""
     return [CATEGORIES[i] for i in np.asarray(scores16).argmax(axis=1)]

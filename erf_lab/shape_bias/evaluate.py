@@ -315,14 +315,16 @@ def load_model(name: str, weights=None, pretrained: bool = False, overrides: dic
 def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = False, overrides: dict | None = None,
                    stimuli=None, batch_size: int = 32, workers: int | None = None, device: str = "cpu",
                    limit: int | None = None, show_progress: bool = True, command: list[str] | None = None,
-                   model: nn.Module | None = None, allow_random: bool = False, cache: bool = True) -> dict:
+                   model: nn.Module | None = None, allow_random: bool = False, cache: bool = True,
+                   crop_pct: float | None = 1.0) -> dict:
     """Evaluate a zoo model and write ``decisions.csv``, ``summary.json``, ``run.json``, the model-vs-human CSV
     and the shape-bias figure (PNG + PDF) into ``out``. Returns the summary.
 
     Without ``weights`` or ``pretrained`` the network is untrained and its shape bias means nothing: refused
     (``ErfLabError``) unless ``allow_random``, and then marked everywhere (``random_weights`` in summary.json,
     ``-random-init`` in the CSV's subject, "(random init)" in the label). A caller passing its own ``model``
-    vouches for its weights; it passes ``allow_random=True`` when they are random."""
+    vouches for its weights; it passes ``allow_random=True`` when they are random. ``crop_pct``: see
+    :meth:`Preprocess.from_model` (1.0: model-vs-human's whole stimuli; None: the model's own crop)."""
     from erf_lab.io import sha256_file, write_json
     from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
 
@@ -337,10 +339,12 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
         raise ErfLabError(f"{model_name} has no trained weights: pass --weights FILE (.pth/.pt/.safetensors) or "
                           f"--pretrained (published ImageNet weights, e.g. efficientnet_lite0); a shape bias of "
                           f"random weights means nothing (--allow-random measures one anyway, marked untrained)")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ErfLabError(f"--crop-pct must be in (0, 1] or 'model', got {crop_pct}")
     find_stimuli_root(stimuli)  # fail fast, before building the model
     model = model if model is not None else load_model(model_name, weights, pretrained, overrides)
     result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
-                      show_progress=show_progress, cache=cache)
+                      show_progress=show_progress, cache=cache, preprocess=Preprocess.from_model(model, crop_pct))
     summary = result["summary"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,20 @@ def load_run(run_dir) -> dict:
         raise ErfLabError(f"{p}: unreadable JSON ({e.msg})") from None
 
 
+def _correct_fractions(s: dict) -> dict:
+    """model-vs-human's fraction-correct-shape / -texture of a summary; derived for summaries written before they
+    were recorded: the hits over the decoded cue-conflict images (``n_images`` less the undecodable ones)."""
+    if "fraction_correct_shape" in s:
+        return {k: s[k] for k in ("fraction_correct_shape", "fraction_correct_texture")}
+    try:
+        trials = s["n_images"]["cue-conflict"] - sum(u.get("set") == "cue-conflict"
+                                                     for u in s.get("undecodable_files", []))
+        return {"fraction_correct_shape": s["shape_hits"] / trials, "fraction_correct_texture":
+                s["texture_hits"] / trials}
+    except (KeyError, TypeError, ZeroDivisionError):
+        return {"fraction_correct_shape": None, "fraction_correct_texture": None}
+
+
 def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> dict:
     """Several runs in one figure and one table (``comparison.md`` + ``comparison.csv``). Returns the rows."""
     from erf_lab.io import atomic_path, write_json
@@ -146,18 +160,18 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
     for i, lab in enumerate(labels):  # disambiguate equal labels by folder name
         if labels.count(lab) > 1:
             summaries[i]["label"] = f"{lab} [{Path(run_dirs[i]).name}]"
-    cols = ["model", "shape_bias", "fraction_shape_hits", "fraction_texture_hits", "edge_accuracy",
+    cols = ["model", "shape_bias", "fraction_correct_shape", "fraction_correct_texture", "edge_accuracy",
             "silhouette_accuracy", "n_conflict", "run"]
     rows = []
     if human_csv_paths:
         from erf_lab.shape_bias.analysis import shape_bias_from_csv
 
         h = shape_bias_from_csv(list(human_csv_paths))
-        rows.append({"model": "humans", "shape_bias": h["shape_bias"], "fraction_shape_hits": h["fraction_shape_hits"],
-                     "fraction_texture_hits": h["fraction_texture_hits"], "edge_accuracy": None,
+        rows.append({"model": "humans", **{c: h[c] for c in cols[1:4]}, "edge_accuracy": None,
                      "silhouette_accuracy": None, "n_conflict": h["n_conflict"], "run": "human-cue-conflict"})
     for s, d in zip(summaries, run_dirs):
-        rows.append({"model": s.get("label", s.get("model")), **{c: s.get(c) for c in cols[1:-1]}, "run": str(d)})
+        rows.append({"model": s.get("label", s.get("model")), **{c: s.get(c) for c in cols[1:-1]},
+                     **_correct_fractions(s), "run": str(d)})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "comparison.csv") as tmp, open(tmp, "w", newline="") as f:

@@ -112,8 +112,8 @@ def sibling_set(cue_dir: Path, name: str) -> Path | None:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Per-model preprocessing from its ``pretrained_cfg`` (timm convention): resize the short side to
-    ``size / crop_pct`` with ``interpolation``, centre-crop ``size``, scale to [0, 1], normalize ``mean``/``std``."""
+    """Preprocessing of a stimulus: resize the short side to ``size / crop_pct`` with ``interpolation`` (no resize
+    when the image has that size already), centre-crop ``size``, scale to [0, 1], normalize ``mean``/``std``."""
     size: tuple[int, int] = (224, 224)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -121,17 +121,29 @@ class Preprocess:
     crop_pct: float = 1.0
 
     @classmethod
-    def from_model(cls, model) -> "Preprocess":
-        """From :func:`erf_lab.erf.images.model_data_config` (timm's ``pretrained_cfg``)."""
+    def from_model(cls, model, crop_pct: float | None = 1.0) -> "Preprocess":
+        """The model's input size, mean / std and interpolation from :func:`erf_lab.erf.images.model_data_config`
+        (timm's ``pretrained_cfg``).
+
+        ``crop_pct=1.0`` (default) is model-vs-human's protocol (Geirhos et al., NeurIPS 2021): it feeds the
+        224 px stimuli whole (``datasets/dataloaders.py``: ToTensor and Normalize only), so a 224 px model sees
+        every pixel and a model of another input size gets the whole stimulus resized. ``crop_pct=None`` takes
+        the model's own ImageNet-evaluation crop instead (e.g. 0.875: resize to 256, centre-crop 224), which cuts
+        the stimulus's border and enlarges the rest: a departure from the protocol, recorded in the summary.
+        """
         cfg = model_data_config(model)
+        crop = cfg["crop_pct"] if crop_pct is None else crop_pct
+        if not 0 < crop <= 1:
+            raise ErfLabError(f"crop_pct must be in (0, 1], got {crop}")
         return cls(size=tuple(cfg["input_size"][-2:]), mean=cfg["mean"], std=cfg["std"],
-                   interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"])
+                   interpolation=cfg["interpolation"], crop_pct=float(crop))
 
     def as_dict(self) -> dict:
         return {"input_size": list(self.size), "mean": list(self.mean), "std": list(self.std),
                 "interpolation": self.interpolation, "crop_pct": self.crop_pct,
                 "steps": "RGB at the image's real range (alpha over white), resize short side to size/crop_pct, "
-                         "centre crop, scale to [0, 1], (x-mean)/std"}
+                         "centre crop, scale to [0, 1], (x-mean)/std",
+                "model_vs_human_geometry": self.crop_pct == 1.0}
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """The model input (3, H, W) of one image: ``normalize(to_tensor(pixels(img)))``."""

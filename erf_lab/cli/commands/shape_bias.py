@@ -39,6 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="decode every image again, without reading or writing the decoded-stimulus cache "
                         "(<erf-lab cache>/stimuli, ~150 KB per 224 px image)")
+    p.add_argument("--crop-pct", default="1.0", metavar="F|model",
+                   help="centre-crop fraction: 1.0 (default) feeds the stimuli whole, as model-vs-human does; "
+                        "'model' takes the model's ImageNet-evaluation crop (e.g. 0.875), which cuts the border")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--limit", type=int, default=None, help="evaluate N images spread over all categories")
     p.add_argument("--from-csv", nargs="+", metavar="CSV",
@@ -84,7 +87,7 @@ def run(args) -> int:
     s = run_shape_bias(args.model, out=out, weights=args.weights, pretrained=args.pretrained,
                        overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
                        workers=args.workers, device=args.device, limit=args.limit, command=sys.argv,
-                       allow_random=args.allow_random, cache=not args.no_cache)
+                       allow_random=args.allow_random, cache=not args.no_cache, crop_pct=_crop_pct(args.crop_pct))
 
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
@@ -95,6 +98,21 @@ def run(args) -> int:
         print(f"  warning: {s['n_skipped']} file(s) skipped (see summary.json)", file=sys.stderr)
     print(f"wrote {out}/decisions.csv, summary.json, model-vs-human CSVs, shape_bias.png/pdf, error_consistency.png/pdf")
     return 0
+
+
+def _crop_pct(text: str) -> float | None:
+    """``--crop-pct``: a fraction in (0, 1], or 'model' (None: the model's own crop)."""
+    from erf_lab.errors import ErfLabError
+
+    if text == "model":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v <= 1:
+        raise ErfLabError(f"--crop-pct must be a fraction in (0, 1] or 'model', got {text!r}")
+    return v
 
 
 def _f(v):
