@@ -132,6 +132,8 @@ def test_humans_0_95869_pooled_and_per_subject(shared_datasets):
     # model-vs-human's ShapeBias.analysis on these CSVs: fraction-correct-shape 0.7216, -texture 0.0311
     assert (r["shape_hits"], r["texture_hits"], r["n_trials"]) == (9236, 398, 12800)
     assert (round(r["fraction_correct_shape"], 4), round(r["fraction_correct_texture"], 4)) == (0.7216, 0.0311)
+    lo, hi = r["shape_bias_ci95"]  # 9634 decisions: a narrow interval
+    assert lo < r["shape_bias"] < hi and round(lo, 4) == 0.9545 and round(hi, 4) == 0.9625
     assert len(r["per_subject"]) == 10
     vals = list(r["per_subject"].values())
     assert 0.91 < min(vals) < max(vals) < 0.99  # every subject strongly shape-biased
@@ -240,17 +242,35 @@ def test_sixteen_way_head_used_directly(datasets, tmp_path, monkeypatch):
 
 def test_degenerate_warnings_at_their_thresholds():
     """One category for >= 90% of the images; shape-or-texture hits below 2/16 of the conflict images."""
+    def warnings(rows):
+        return [w for w in degenerate_warnings(rows) if "decisions" not in w]  # the few-decisions flag: below
+
     ten = [("cat", "oven", "oven")] * 9 + [("cat", "oven", "cat")]  # all hits, but 90% one answer
-    assert degenerate_warnings(ten) == ["degenerate run: 9 of 10 cue-conflict images (90%) are classified 'oven'"]
-    assert degenerate_warnings([("cat", "oven", "oven")] * 8 + [("cat", "oven", "cat"), ("cat", "oven", "dog")]) == []
+    assert warnings(ten) == ["degenerate run: 9 of 10 cue-conflict images (90%) are classified 'oven'"]
+    assert warnings([("cat", "oven", "oven")] * 8 + [("cat", "oven", "cat"), ("cat", "oven", "dog")]) == []
     # 16 conflict rows over 16 different answers: 2 hits is exactly chance (no warning), 1 hit is below
     others = [c for c in CATEGORIES if c not in ("cat", "dog")]
     two = [("cat", "dog", "cat"), ("cat", "dog", "dog")] + [("cat", "dog", c) for c in others]
-    assert len(two) == 16 and degenerate_warnings(two) == []
+    assert len(two) == 16 and warnings(two) == []
     one = [("cat", "dog", "cat"), ("cat", "dog", "knife")] + [("cat", "dog", c) for c in others]
-    assert degenerate_warnings(one + [("dog", "dog", "dog")]) == [  # the non-conflict row does not count as a hit
+    assert warnings(one + [("dog", "dog", "dog")]) == [  # the non-conflict row does not count as a hit
         "shape-or-texture hits on 0.062 of the conflict images, below chance (0.125): the shape bias is noise"]
     assert degenerate_warnings([]) == []
+
+
+def test_few_decisions_give_the_shape_bias_with_its_wilson_interval():
+    from erf_lab.shape_bias.analysis import wilson_interval
+
+    # Wilson (1927) at z = 1.96, by hand: 1 of 10 -> 0.0179-0.4042; 2 of 2 -> 0.3424-1
+    assert [round(v, 4) for v in wilson_interval(1, 10)] == [0.0179, 0.4042]
+    assert [round(v, 4) for v in wilson_interval(2, 2)] == [0.3424, 1.0] and wilson_interval(0, 0) is None
+    two = [("cat", "dog", "cat"), ("bird", "dog", "bird")] + [("cat", "dog", c) for c in CATEGORIES[:14]
+                                                              if c not in ("cat", "dog")]
+    assert degenerate_warnings(two) == [
+        "shape bias from only 2 shape-or-texture decisions: its 95% interval is 0.34-1.00"]
+    assert shape_bias_from_decisions(two)["shape_bias_ci95"] == wilson_interval(2, 2)
+    many = [("cat", "dog", "cat")] * 20 + [("cat", "dog", "dog")] * 10  # 30 decisions: no flag
+    assert degenerate_warnings(many) == []
 
 
 def test_bad_files_are_counted_not_silent(tmp_path, datasets):

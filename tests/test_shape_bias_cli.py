@@ -126,13 +126,59 @@ def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
     (lambda t, m: ["--model", m, "--limit", "4"], "has no trained weights"),
     (lambda t, m: ["--model", m, "--allow-random", "--crop-pct", "0"], "--crop-pct must be a fraction"),
     (lambda t, m: ["--model", m, "--allow-random", "--crop-pct", "most"], "--crop-pct must be a fraction"),
+    (lambda t, m: ["--compare", str(t), "--model", m], "--compare draws finished runs only; drop --model"),
+    (lambda t, m: ["--from-csv", str(t / "a.csv"), "--pretrained"], "--from-csv analyses CSV files without a model"),
+    (lambda t, m: ["--model", m, "--allow-random", "--limit", "4", "--workers", "-1"], "--workers must be >= 0"),
 ])
 def test_errors_exit_2_with_one_line(tiny_model, tmp_path, capsys, make_args, needle):
-    rc = main(["shape-bias", *make_args(tmp_path, tiny_model), "--workers", "0", "--out", str(tmp_path / "o")])
+    rc = main(["shape-bias", "--workers", "0", "--out", str(tmp_path / "o"), *make_args(tmp_path, tiny_model)])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     lines = _one_error_line(err)
     assert len(lines) == 1 and needle in lines[0], err
+
+
+def test_unwritable_out_fails_before_any_image_is_read(tiny_model, tmp_path, capsys, monkeypatch, datasets):
+    import erf_lab.shape_bias.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("evaluated before --out was checked"))
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file" / "o", tmp_path / "file"):
+        rc = main(["shape-bias", "--model", tiny_model, "--allow-random", "--stimuli", str(datasets),
+                   "--out", str(out)])
+        lines = _one_error_line(capsys.readouterr().err)
+        assert rc == 2 and len(lines) == 1 and "choose a folder" in lines[0]
+
+
+def test_a_full_disk_is_one_error_line(tiny_model, tmp_path, capsys, monkeypatch, datasets):
+    import errno
+
+    import erf_lab.shape_bias.evaluate as evaluate_module
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate_module, "write_decisions_csv", full)
+    rc = main(["shape-bias", "--model", tiny_model, "--allow-random", "--limit", "4", "--workers", "0",
+               "--stimuli", str(datasets), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    lines = _one_error_line(err)
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert "No space left on device: " + str(tmp_path / "o" / "decisions.csv") in lines[0]
+
+
+def test_random_init_is_seeded_and_recorded(tmp_path, capsys, datasets):
+    sha = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = tmp_path / name
+        assert main(["shape-bias", "--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override",
+                     "layers=(1,1,1,1)", "--allow-random", "--seed", str(seed), "--limit", "4", "--workers", "0",
+                     "--stimuli", str(datasets), "--out", str(out)]) == 0
+        s = json.loads((out / "summary.json").read_text())
+        assert s["seed"] == seed and json.loads((out / "run.json").read_text())["seed"] == seed
+        sha[name] = s["state_dict_sha256"]
+    assert sha["a"] == sha["b"] != sha["c"]
+    assert "95% CI" in capsys.readouterr().out
 
 
 def test_missing_data_tells_how_to_get_it(tiny_model, tmp_path, monkeypatch, capsys):
@@ -195,7 +241,8 @@ def test_degenerate_run_is_flagged(tiny_model, tmp_path, fixture_datasets, capsy
     # fixture: 12 images, all answered 'oven'; of the 11 conflict images one has texture oven (bottle5-oven2)
     assert s["warnings"] == ["degenerate run: 12 of 12 cue-conflict images (100%) are classified 'oven'",
                              "shape-or-texture hits on 0.091 of the conflict images, below chance (0.125): "
-                             "the shape bias is noise"]
+                             "the shape bias is noise",
+                             "shape bias from only 1 shape-or-texture decisions: its 95% interval is 0.00-0.79"]
     assert (s["shape_hits"], s["texture_hits"], s["n_conflict"]) == (0, 1, 11)
     assert [line.strip() for line in err.splitlines() if line.strip().startswith("warning:")] == \
         [f"warning: {w}" for w in s["warnings"]]

@@ -7,6 +7,7 @@ excluded, exactly as model-vs-human's ``ShapeBias`` analysis does (Geirhos et al
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -17,6 +18,16 @@ from erf_lab.shape_bias.categories import CATEGORIES
 from erf_lab.shape_bias.consistency import MVH_COLUMNS, read_mvh_csv
 from erf_lab.shape_bias.stimuli import parse_name
 
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95 % Wilson score interval of the proportion ``hits / n`` (None for n = 0): how far a shape bias from ``n``
+    shape-or-texture decisions can be trusted (Wilson, JASA 1927)."""
+    if n <= 0:
+        return None
+    p, z2 = hits / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
@@ -49,6 +60,7 @@ def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
 
     return {
         "shape_bias": ratio(shape_hits, texture_hits),
+        "shape_bias_ci95": wilson_interval(shape_hits, shape_hits + texture_hits),
         "fraction_shape_hits": shape_hits / n if n else None,
         "fraction_texture_hits": texture_hits / n if n else None,
         "fraction_shape_or_texture_hits": (shape_hits + texture_hits) / n if n else None,

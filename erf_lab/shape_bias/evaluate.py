@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.provenance import versions
-from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions, write_mvh_csv
+from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions, wilson_interval, write_mvh_csv
 from erf_lab.shape_bias.consistency import MVH_DATASETS
 from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imagenet_to_16
 from erf_lab.shape_bias.stimuli import (DecodedCache, Preprocess, Stimulus, StimulusDataset, StimulusPixels,
@@ -29,6 +29,7 @@ from erf_lab.shape_bias.stimuli import (DecodedCache, Preprocess, Stimulus, Stim
 
 CHANCE_SHAPE_OR_TEXTURE = 2 / len(CATEGORIES)  # a guess hits the shape or the texture category
 DEGENERATE_SHARE = 0.9  # one category for at least this share of the images: the model is not looking
+FEW_DECISIONS = 30  # fewer shape-or-texture decisions: the shape bias is flagged with its 95 % interval
 RANDOM_SUFFIX = "-random-init"
 
 
@@ -245,8 +246,9 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
 
 def degenerate_warnings(rows) -> list[str]:
     """Signs that a run measured nothing, from ``(shape, texture, decision)`` of the decoded cue-conflict images:
-    one category for at least 90 % of them, or fewer shape-or-texture hits than chance (2/16 of the conflict
-    images, Geirhos et al., ICLR 2019: a guess among 16 categories hits one of the two cues that often)."""
+    one category for at least 90 % of them, fewer shape-or-texture hits than chance (2/16 of the conflict
+    images, Geirhos et al., ICLR 2019: a guess among 16 categories hits one of the two cues that often), or so
+    few shape-or-texture decisions (< ``FEW_DECISIONS``) that the shape bias is a wide interval."""
     rows = list(rows)
     out = []
     if rows:
@@ -260,6 +262,11 @@ def degenerate_warnings(rows) -> list[str]:
         if hits < CHANCE_SHAPE_OR_TEXTURE:
             out.append(f"shape-or-texture hits on {hits:.3f} of the conflict images, below chance "
                        f"({CHANCE_SHAPE_OR_TEXTURE:.3f}): the shape bias is noise")
+        decided = sum(d in (s, t) for s, t, d in conflict)
+        if 0 < decided < FEW_DECISIONS:
+            lo, hi = wilson_interval(sum(d == s for s, _, d in conflict), decided)
+            out.append(f"shape bias from only {decided} shape-or-texture decisions: its 95% interval is "
+                       f"{lo:.2f}-{hi:.2f}")
     return out
 
 
@@ -316,7 +323,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
                    stimuli=None, batch_size: int = 32, workers: int | None = None, device: str = "cpu",
                    limit: int | None = None, show_progress: bool = True, command: list[str] | None = None,
                    model: nn.Module | None = None, allow_random: bool = False, cache: bool = True,
-                   crop_pct: float | None = 1.0) -> dict:
+                   crop_pct: float | None = 1.0, seed: int = 0) -> dict:
     """Evaluate a zoo model and write ``decisions.csv``, ``summary.json``, ``run.json``, the model-vs-human CSV
     and the shape-bias figure (PNG + PDF) into ``out``. Returns the summary.
 
@@ -324,8 +331,9 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     (``ErfLabError``) unless ``allow_random``, and then marked everywhere (``random_weights`` in summary.json,
     ``-random-init`` in the CSV's subject, "(random init)" in the label). A caller passing its own ``model``
     vouches for its weights; it passes ``allow_random=True`` when they are random. ``crop_pct``: see
-    :meth:`Preprocess.from_model` (1.0: model-vs-human's whole stimuli; None: the model's own crop)."""
-    from erf_lab.io import sha256_file, write_json
+    :meth:`Preprocess.from_model` (1.0: model-vs-human's whole stimuli; None: the model's own crop). ``seed``
+    seeds the model's initialisation (a random init is then the same network every run)."""
+    from erf_lab.io import prepare_out_dir, sha256_file, write_json
     from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -341,17 +349,21 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
                           f"random weights means nothing (--allow-random measures one anyway, marked untrained)")
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise ErfLabError(f"--crop-pct must be in (0, 1] or 'model', got {crop_pct}")
+    if workers is not None and workers < 0:
+        raise ErfLabError(f"--workers must be >= 0, got {workers}")
     find_stimuli_root(stimuli)  # fail fast, before building the model
-    model = model if model is not None else load_model(model_name, weights, pretrained, overrides)
+    out = prepare_out_dir(out)
+    if model is None:
+        torch.manual_seed(seed)
+        model = load_model(model_name, weights, pretrained, overrides)
     result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
                       show_progress=show_progress, cache=cache, preprocess=Preprocess.from_model(model, crop_pct))
     summary = result["summary"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = dict(getattr(model, "default_cfg", None) or {})
     label = model_name + ("" if weights is None else f" ({Path(weights).name})")
     summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
-               "random_weights": random_weights, "weights": None if weights is None else str(weights),
+               "random_weights": random_weights, "seed": seed if random_weights else None,
+               "weights": None if weights is None else str(weights),
                "weights_sha256": None if weights is None else sha256_file(weights),
                "pretrained": pretrained, "overrides": overrides or {},
                "state_dict_sha256": state_dict_sha256(model),
@@ -368,7 +380,8 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     write_json(out / "summary.json", summary)
     figs = plot_shape_bias([summary], out / "shape_bias", human_csv_paths=humans)
     figs += plot_error_consistency([summary], out / "error_consistency")
-    write_json(out / "run.json", {"what": "erf-lab shape-bias", "model": model_name, "weights": summary["weights"],
+    write_json(out / "run.json", {"what": "erf-lab shape-bias", "model": model_name, "seed": summary["seed"],
+                                  "weights": summary["weights"],
                                   "weights_sha256": summary["weights_sha256"], "stimuli_dir": summary["stimuli_dir"],
                                   "limit": limit, "outputs": ["decisions.csv", "summary.json", *csvs,
                                                               *(Path(p).name for p in figs)], **meta})

@@ -151,11 +151,12 @@ def _correct_fractions(s: dict) -> dict:
 
 def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> dict:
     """Several runs in one figure and one table (``comparison.md`` + ``comparison.csv``). Returns the rows."""
-    from erf_lab.io import atomic_path, write_json
+    from erf_lab.io import atomic_path, prepare_out_dir, write_json
 
     if not run_dirs:
         raise ErfLabError("--compare needs at least one run folder")
     summaries = [load_run(d) for d in run_dirs]
+    out = prepare_out_dir(out)
     labels = [s.get("label", s.get("model")) for s in summaries]
     for i, lab in enumerate(labels):  # disambiguate equal labels by folder name
         if labels.count(lab) > 1:
@@ -172,8 +173,6 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
     for s, d in zip(summaries, run_dirs):
         rows.append({"model": s.get("label", s.get("model")), **{c: s.get(c) for c in cols[1:-1]},
                      **_correct_fractions(s), "run": str(d)})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "comparison.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -204,7 +203,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     ``summary.json``, ``run.json`` and the figures into ``out`` (one subject) or ``out/<subject>/``."""
     import sys
 
-    from erf_lab.io import write_json
+    from erf_lab.io import prepare_out_dir, write_json
     from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions
     from erf_lab.shape_bias.consistency import is_human, read_trials
     from erf_lab.shape_bias.stimuli import parse_name
@@ -216,7 +215,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     if not subjects:
         raise ErfLabError("no model in these CSVs: every subject is a human (subject-NN); model-vs-human names "
                           "model subjects by the model")
-    out = Path(out)
+    out = prepare_out_dir(out)
     summaries = []
     for subj in subjects:
         model = {ds: t[subj] for ds, t in trials.items() if subj in t}

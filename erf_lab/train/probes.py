@@ -159,16 +159,17 @@ def plot_probe(summary: dict, stem, class_names: list[str]) -> list[Path]:
 def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: dict | None = None,
                              allow_random: bool = False, input_size: int | None = None, size: int = 500,
                              num_classes: int | None = None, seed: int = 0, batch_size: int = 128,
-                             device: str = "cpu", command: list[str] | None = None) -> dict:
+                             device: str = "cpu", command: list[str] | None = None, init_seed: int = 0) -> dict:
     """``erf-lab shape-bias --stimuli cue-world``: probe a cue-world classifier and write ``decisions.csv``,
     ``summary.json``, ``run.json`` and ``shape_bias.png`` / ``.pdf`` into ``out``. Returns the summary.
+    ``seed`` picks the world's probe images, ``init_seed`` the model's initialisation (random weights).
 
     The world's class count and input size come from the weights' training record when there is one (a
     ``builtin:`` model's JSON or the ``run.json`` of the training run that holds the checkpoint), else
     ``num_classes`` / ``input_size`` (defaults 10 and 64). Untrained weights are refused unless ``allow_random``.
     """
     from erf_lab.checkpoint import resolve_weights
-    from erf_lab.io import sha256_file, write_json
+    from erf_lab.io import prepare_out_dir, sha256_file, write_json
     from erf_lab.models import create_model
     from erf_lab.provenance import versions
     from erf_lab.train.cue_world import class_names
@@ -186,6 +187,8 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     n_cls = int(num_classes or record.get("num_classes") or 10)
     spec = ProbeSpec(int(input_size or record.get("input_size") or 64), int(size), n_cls, int(seed)).validate()
     kwargs = {**record.get("overrides", {}), **(overrides or {}), "num_classes": n_cls}
+    out = prepare_out_dir(out)
+    torch.manual_seed(init_seed)  # a random init is the same network every run
     model = create_model(model_name, weights=weights, **kwargs)
     res = probe(model, spec, batch_size=batch_size, device=device)
     random_weights = weights is None
@@ -193,12 +196,10 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     shown = None if weights is None else (weights if str(weights).startswith("builtin:") else Path(weights).name)
     label = model_name + ("" if shown is None else f" ({shown})")
     summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
-               "stimuli": "cue-world", "random_weights": random_weights,
+               "stimuli": "cue-world", "random_weights": random_weights, "seed": init_seed if random_weights else None,
                "weights": None if weights is None else str(weights),
                "weights_sha256": None if path is None else sha256_file(path), "overrides": kwargs,
                "classes": names, **res["summary"]}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_decisions_csv(out / "decisions.csv", res["rows"], names)

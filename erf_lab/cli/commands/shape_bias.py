@@ -28,6 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-random", action="store_true",
                    help="measure an untrained (randomly initialized) network; marked untrained in every output")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="model constructor option (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (--allow-random; default 0)")
     p.add_argument("--stimuli", help="cue-conflict folder (<category>/<shape><i>-<texture><j>.png), default from "
                                      "$ERF_LAB_DATA, else the download cache; 'cue-world' probes a cue-world "
                                      "classifier on the built-in world's cue-conflict / shape-only / texture-only "
@@ -58,6 +59,13 @@ def run(args) -> int:
     from erf_lab.errors import ErfLabError
     from erf_lab.shape_bias.analysis import human_csvs
 
+    model_flags = [flag for flag, v in (("--model", args.model), ("--weights", args.weights),
+                                        ("--pretrained", args.pretrained)) if v]
+    if args.compare and (model_flags or args.from_csv):
+        extra = model_flags + (["--from-csv"] if args.from_csv else [])
+        raise ErfLabError(f"--compare draws finished runs only; drop {', '.join(extra)}")
+    if args.from_csv and model_flags:
+        raise ErfLabError(f"--from-csv analyses CSV files without a model; drop {', '.join(model_flags)}")
     if args.compare:
         from erf_lab.shape_bias.plotting import compare_runs
 
@@ -87,7 +95,8 @@ def run(args) -> int:
     s = run_shape_bias(args.model, out=out, weights=args.weights, pretrained=args.pretrained,
                        overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
                        workers=args.workers, device=args.device, limit=args.limit, command=sys.argv,
-                       allow_random=args.allow_random, cache=not args.no_cache, crop_pct=_crop_pct(args.crop_pct))
+                       allow_random=args.allow_random, cache=not args.no_cache, crop_pct=_crop_pct(args.crop_pct),
+                       seed=args.seed)
 
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
@@ -122,8 +131,10 @@ def _f(v):
 def _report(s: dict) -> None:
     """Shape bias, accuracies and mean error consistency with the humans, one dataset a line."""
     if s["n_conflict"]:
-        print(f"{s['label']}: shape bias {_f(s['shape_bias'])} (shape hits {s['shape_hits']}, texture hits "
-              f"{s['texture_hits']}, of {s['n_conflict']} cue-conflict images)")
+        ci = s.get("shape_bias_ci95")
+        print(f"{s['label']}: shape bias {_f(s['shape_bias'])}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+              + f"; shape hits {s['shape_hits']}, texture hits {s['texture_hits']}, of {s['n_conflict']} "
+              f"cue-conflict images")
     else:
         print(f"{s['label']}: no cue-conflict trials (no shape bias)")
     if s.get("human_reference") and s["n_conflict"]:
@@ -150,7 +161,7 @@ def _cue_world(args, out, overrides) -> int:
         raise ErfLabError("--limit must be >= 1")
     s = run_cue_world_shape_bias(args.model, out=out, weights=args.weights, overrides=overrides,
                                  allow_random=args.allow_random, size=args.limit or 500, batch_size=args.batch_size,
-                                 device=args.device, command=sys.argv)
+                                 device=args.device, command=sys.argv, init_seed=args.seed)
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained "
               f"model")
