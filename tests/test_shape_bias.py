@@ -546,3 +546,47 @@ def test_decoded_cache_key_folder_trim_and_unreadable_files(fixture_datasets, tm
     os.utime(old, ns=(os_time - 10**9, os_time - 10**9))
     stimuli_module._trim(path.parent, keep=path, budget=path.stat().st_size + 100)
     assert path.exists() and not old.exists()
+
+
+class CountingTiny(Tiny):
+    """Tiny that counts the images it sees and can stop the run (Ctrl-C) at its ``stop_at``-th batch."""
+
+    def __init__(self, stop_at=None):
+        super().__init__(size=32)
+        self.seen, self.calls, self.stop_at = 0, 0, stop_at
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        self.seen += len(x)
+        return super().forward(x)
+
+
+def test_interrupted_run_resumes_where_it_stopped(fixture_datasets, tmp_path):
+    """Ctrl-C keeps the scores of the finished batches in --out; a rerun with the same weights runs only the
+    rest and ends with the decisions of an uninterrupted run. Other weights start again."""
+    from erf_lab.shape_bias.evaluate import run_shape_bias
+
+    def run(model, out):
+        return run_shape_bias("tiny", out=out, model=model, allow_random=True, stimuli=fixture_datasets,
+                              batch_size=4, workers=0, show_progress=False)
+
+    whole = run(CountingTiny(), tmp_path / "whole")
+    n = sum(whole["n_images"].values())
+    with pytest.raises(KeyboardInterrupt):
+        run(CountingTiny(stop_at=3), tmp_path / "run")  # two batches of 4 cue-conflict images done
+    assert (tmp_path / "run" / ".partial-cue-conflict.npz").is_file()
+    again = CountingTiny()
+    resumed = run(again, tmp_path / "run")
+    assert resumed["resumed_images"] == {"cue-conflict": 8, "edges": 0, "silhouettes": 0}
+    assert again.seen == n - 8 and not list((tmp_path / "run").glob(".partial-*"))
+    drop = ("resumed_images", "seconds", "images_per_second", "time_utc", "command", "workers")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert (tmp_path / "run" / "decisions.csv").read_text() == (tmp_path / "whole" / "decisions.csv").read_text()
+    with pytest.raises(KeyboardInterrupt):
+        run(CountingTiny(stop_at=3), tmp_path / "other")
+    changed = CountingTiny()
+    with torch.no_grad():
+        changed.fc.bias.add_(1.0)  # other weights: the saved scores are not theirs
+    assert run(changed, tmp_path / "other")["resumed_images"]["cue-conflict"] == 0 and changed.seen == n

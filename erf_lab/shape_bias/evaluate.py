@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import sys
 import time
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisio
 from erf_lab.shape_bias.consistency import MVH_DATASETS
 from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imagenet_to_16
 from erf_lab.shape_bias.stimuli import (DecodedCache, Preprocess, Stimulus, StimulusDataset, StimulusPixels,
-                                        find_stimuli_root, list_stimuli, sibling_set)
+                                        files_fingerprint, find_stimuli_root, list_stimuli, sibling_set)
 
 CHANCE_SHAPE_OR_TEXTURE = 2 / len(CATEGORIES)  # a guess hits the shape or the texture category
 DEGENERATE_SHARE = 0.9  # one category for at least this share of the images: the model is not looking
@@ -75,9 +77,51 @@ def logits_to_scores16(logits: torch.Tensor) -> np.ndarray:
     raise ErfLabError(f"model head has {n} outputs; shape-bias probes need a 1000-way ImageNet or a 16-way head")
 
 
+class PartialSet:
+    """The scores of a set's images so far, kept in ``path`` (``.npz``, written atomically at most every
+    ``SAVE_SECONDS`` and when the run stops early) so that a rerun into the same folder goes on where an interrupted
+    one stopped. ``key`` (the weights, the preprocessing, the files) must match, else the set starts again."""
+
+    SAVE_SECONDS = 30.0
+
+    def __init__(self, path: Path | None, key: str, n: int):
+        """``path`` None: kept in memory only."""
+        self.path, self.key, self.saved = path, key, time.monotonic()
+        self.scores, self.top = np.zeros((n, len(CATEGORIES))), np.full(n, -1, dtype=np.int64)
+        self.ok, self.done = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        self.errors: dict[int, str] = {}
+        self.head_size = 1000
+        self.resumed = 0
+        if path is None:
+            return
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                if str(z["key"]) == key and z["scores"].shape == self.scores.shape:
+                    self.scores, self.top, self.ok, self.done = (z[k].copy() for k in ("scores", "top", "ok", "done"))
+                    self.errors = {int(i): str(e) for i, e in json.loads(str(z["errors"]))}
+                    self.head_size = int(z["head_size"])
+                    self.resumed = int(self.done.sum())
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+            pass  # no state, or one of another run / unreadable: start the set again
+
+    def save(self, force: bool = False) -> None:
+        if self.path is None or not force and time.monotonic() - self.saved < self.SAVE_SECONDS:
+            return
+        from erf_lab.io import atomic_path
+
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, key=self.key, scores=self.scores, top=self.top, ok=self.ok, done=self.done,
+                     errors=json.dumps(sorted(self.errors.items())), head_size=self.head_size)
+        self.saved = time.monotonic()
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Preprocess, *, batch_size: int = 32,
             workers: int | None = None, device: str = "cpu", show_progress: bool = True,
-            cache: bool = True) -> SetResult:
+            cache: bool = True, partial: PartialSet | None = None) -> SetResult:
     """Batched inference under ``torch.inference_mode`` on the stimuli's pixels, which come from
 
     - the :class:`DecodedCache` of an earlier run on the same files (``cache``: read it, and write it after a
@@ -87,7 +131,8 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
       256 stimuli on the 2-core dev box, 1.50x the time of pure inference against 1.1-1.2x this way;
     - on CUDA (or a set over ``DECODED_CACHE_MAX_BYTES``): decoded in ``workers`` DataLoader processes (default
       half the CPUs) while the device runs the batches before (this path reads the cache but does not write it).
-    ``SetResult.seconds`` counts decoding."""
+    ``SetResult.seconds`` counts decoding. ``partial``: images it holds as done are not run again, and the
+    scores go there as they come (an interrupted run resumes); it is removed when the set is complete."""
     from erf_lab.erf.prepare import keep_freed_memory
     from erf_lab.io import progress
 
@@ -105,38 +150,48 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
                                             show_progress=show_progress)
         if cache and not others and not failed:
             pixels = decoded.save(pixels)
+    st = partial if partial is not None else PartialSet(None, "", n)
+    todo = np.flatnonzero(~st.done)
     if pixels is not None:
-        batches = (_pixel_batch(pixels, others, failed, i, min(n, i + batch_size)) for i in range(0, n, batch_size))
+        starts = [i for i in range(0, n, batch_size) if not st.done[i:i + batch_size].all()]
+        batches = (_pixel_batch(pixels, others, failed, i, min(n, i + batch_size)) for i in starts)
     else:
-        batches = torch.utils.data.DataLoader(StimulusDataset(stimuli, preprocess), batch_size=batch_size,
-                                              shuffle=False, num_workers=default_workers() if workers is None
-                                              else workers, pin_memory=device.startswith("cuda"),
-                                              persistent_workers=False)
-    scores = np.zeros((n, len(CATEGORIES)))
-    top = np.full(n, -1, dtype=np.int64)
-    ok = np.zeros(n, dtype=bool)
-    errors: dict[int, str] = {}
-    head_size = 1000
+        dataset = StimulusDataset(stimuli, preprocess)
+        batches = torch.utils.data.DataLoader(dataset if len(todo) == n else torch.utils.data.Subset(dataset, todo),
+                                              batch_size=batch_size, shuffle=False,
+                                              num_workers=default_workers() if workers is None else workers,
+                                              pin_memory=device.startswith("cuda"), persistent_workers=False)
     model.eval()
-    with torch.inference_mode(), progress(total=n, desc=f"{name}", unit="img", disable=not show_progress) as bar:
-        for x, idx, good, err in batches:
-            logits = model(preprocess.normalize(x.to(device, non_blocking=True)))
-            if logits.ndim != 2:
-                raise ErfLabError(f"model output has shape {tuple(logits.shape)}; expected (batch, classes)")
-            s = logits_to_scores16(logits)
-            head_size = logits.shape[-1]
-            idx = idx.numpy()
-            good = good.numpy().astype(bool)
-            scores[idx] = s
-            top[idx] = logits.argmax(-1).cpu().numpy()
-            ok[idx] = good
-            for i, g, e in zip(idx, good, err):
-                if not g:
-                    errors[int(i)] = e
-                    warnings.warn(f"cannot decode {stimuli[int(i)].path}: {e}", stacklevel=2)
-            bar.update(len(idx))
-    top[~ok] = -1
-    return SetResult(name, stimuli, scores, top, ok, errors, time.perf_counter() - t0, head_size)
+    finished = False
+    try:
+        with torch.inference_mode(), progress(total=n, initial=n - len(todo), desc=f"{name}", unit="img",
+                                              disable=not show_progress) as bar:
+            for x, idx, good, err in batches:
+                logits = model(preprocess.normalize(x.to(device, non_blocking=True)))
+                if logits.ndim != 2:
+                    raise ErfLabError(f"model output has shape {tuple(logits.shape)}; expected (batch, classes)")
+                s = logits_to_scores16(logits)
+                st.head_size = logits.shape[-1]
+                idx = idx.numpy()
+                good = good.numpy().astype(bool)
+                st.scores[idx] = s
+                st.top[idx] = logits.argmax(-1).cpu().numpy()
+                st.ok[idx] = good
+                st.done[idx] = True
+                for i, g, e in zip(idx, good, err):
+                    if not g:
+                        st.errors[int(i)] = e
+                        warnings.warn(f"cannot decode {stimuli[int(i)].path}: {e}", stacklevel=2)
+                bar.update(len(idx))
+                st.save()
+        finished = True
+    finally:
+        if finished:
+            st.remove()
+        else:
+            st.save(force=True)
+    st.top[~st.ok] = -1
+    return SetResult(name, stimuli, st.scores, st.top, st.ok, st.errors, time.perf_counter() - t0, st.head_size)
 
 
 def decode_workers() -> int:
@@ -198,26 +253,30 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, workers: int | None = None,
              device: str = "cpu", limit: int | None = None, show_progress: bool = True,
-             preprocess: Preprocess | None = None, cache: bool = True) -> dict:
+             preprocess: Preprocess | None = None, cache: bool = True, partial_dir=None) -> dict:
     """Shape bias of ``model`` on the cue-conflict set (plus edge / silhouette accuracy when those sets are
     beside it). Returns ``{"summary": dict, "sets": {name: SetResult}}``; writes nothing but the decoded
-    stimuli's cache (:class:`DecodedCache`; ``cache=False``: nothing)."""
+    stimuli's cache (:class:`DecodedCache`; ``cache=False``: nothing) and, with ``partial_dir``, each set's
+    :class:`PartialSet` there while it runs (a rerun with the same weights, preprocessing and files resumes)."""
     cue_dir = find_stimuli_root(stimuli_dir)
     preprocess = preprocess or Preprocess.from_model(model)
     model = model.to(device)
-    sets, skipped = {}, []
-    stim, sk = list_stimuli(cue_dir, limit)
-    skipped += [dict(s, set="cue-conflict") for s in sk]
-    sets["cue-conflict"] = run_set(model, "cue-conflict", stim, preprocess, batch_size=batch_size, workers=workers,
-                                   device=device, show_progress=show_progress, cache=cache)
-    for extra in ("edges", "silhouettes"):
-        d = sibling_set(cue_dir, extra)
+    weights_id = state_dict_sha256(model) if partial_dir is not None else None
+    sets, skipped, resumed = {}, [], {}
+    for name, d in (("cue-conflict", cue_dir), ("edges", sibling_set(cue_dir, "edges")),
+                    ("silhouettes", sibling_set(cue_dir, "silhouettes"))):
         if d is None:
             continue
-        stim, sk = list_stimuli(d, None if limit is None else max(16, limit // 8))
-        skipped += [dict(s, set=extra) for s in sk]
-        sets[extra] = run_set(model, extra, stim, preprocess, batch_size=batch_size, workers=workers, device=device,
-                              show_progress=show_progress, cache=cache)
+        stim, sk = list_stimuli(d, limit if name == "cue-conflict" or limit is None else max(16, limit // 8))
+        skipped += [dict(s, set=name) for s in sk]
+        partial = None
+        if partial_dir is not None:
+            key = hashlib.sha256(json.dumps({"weights": weights_id, "preprocess": preprocess.as_dict(),
+                                             "files": files_fingerprint(stim)}).encode()).hexdigest()
+            partial = PartialSet(Path(partial_dir) / f".partial-{name}.npz", key, len(stim))
+            resumed[name] = partial.resumed
+        sets[name] = run_set(model, name, stim, preprocess, batch_size=batch_size, workers=workers, device=device,
+                             show_progress=show_progress, cache=cache, partial=partial)
     cue = sets["cue-conflict"]
     rows = [(s.shape, s.texture, d) for s, d, ok in zip(cue.stimuli, cue.decisions, cue.ok) if ok]
     summary = shape_bias_from_decisions(rows)
@@ -237,6 +296,8 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
         "n_skipped": len(skipped) + len(undecodable),
         "preprocessing": preprocess.as_dict(),
         "stimuli_dir": str(cue_dir),
+        "resumed_images": resumed,
+        **({"state_dict_sha256": weights_id} if weights_id else {}),
         "limit": limit,
         "seconds": {name: round(r.seconds, 2) for name, r in sets.items()},
         "images_per_second": round(sum(len(r.stimuli) for r in sets.values()) / max(1e-9, sum(r.seconds for r in sets.values())), 1),
@@ -357,7 +418,8 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
         torch.manual_seed(seed)
         model = load_model(model_name, weights, pretrained, overrides)
     result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
-                      show_progress=show_progress, cache=cache, preprocess=Preprocess.from_model(model, crop_pct))
+                      show_progress=show_progress, cache=cache, preprocess=Preprocess.from_model(model, crop_pct),
+                      partial_dir=out)
     summary = result["summary"]
     cfg = dict(getattr(model, "default_cfg", None) or {})
     label = model_name + ("" if weights is None else f" ({Path(weights).name})")
@@ -366,7 +428,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
                "weights": None if weights is None else str(weights),
                "weights_sha256": None if weights is None else sha256_file(weights),
                "pretrained": pretrained, "overrides": overrides or {},
-               "state_dict_sha256": state_dict_sha256(model),
+               "state_dict_sha256": summary.get("state_dict_sha256") or state_dict_sha256(model),
                "default_cfg": {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, list, tuple, type(None)))},
                **summary}
     write_decisions_csv(out / "decisions.csv", result["sets"])

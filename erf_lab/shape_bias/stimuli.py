@@ -250,7 +250,7 @@ class DecodedCache:
         n, _, h, w = self.shape
         pp = self.preprocess
         key = hashlib.sha256(json.dumps({
-            "files": [[str(s.path.resolve()), *_size_mtime(s.path)] for s in self.stimuli],
+            "files": files_fingerprint(self.stimuli),
             "size": [h, w], "interpolation": pp.interpolation, "crop_pct": pp.crop_pct,
             "pillow": [PIL.__version__, *(features.version(f) for f in ("jpg", "zlib", "libtiff", "webp"))],
         }).encode())
@@ -303,9 +303,13 @@ def _trim(folder: Path, keep: Path, budget: int | None = None) -> None:
                 f.unlink(missing_ok=True)
 
 
-def _size_mtime(path: Path) -> tuple[int, int]:
-    try:
-        st = path.stat()
-    except OSError:
-        return -1, -1
-    return st.st_size, st.st_mtime_ns
+def files_fingerprint(stimuli: list[Stimulus]) -> list:
+    """``[path, size, mtime_ns]`` of every stimulus file (-1s for a missing one): a changed file changes it."""
+    out = []
+    for s in stimuli:
+        try:
+            st = s.path.stat()
+            out.append([str(s.path.resolve()), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([str(s.path.resolve()), -1, -1])
+    return out
