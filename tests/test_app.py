@@ -236,6 +236,8 @@ def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):
     assert float(metric(at, "Humans")) == pytest.approx(humans, abs=5e-4)
     assert humans > 0.9  # Geirhos et al.: humans decide by shape
     assert int(metric(at, "Conflict images")) >= 14
+    # 16 images give fewer than 30 shape-or-texture decisions: the page shows the run's flag with its interval
+    assert any("shape-or-texture decisions: its 95% interval" in w.value for w in at.warning), at.warning
     per_cat = at.dataframe[0].value
     assert set(per_cat.columns) >= {"category", "shape bias", "humans"}
     assert len(at.image) >= 3  # the two model-vs-human figures and stimulus thumbnails

@@ -61,8 +61,14 @@ if run_dir is not None:
     with guard("Shape-bias results"):
         s = load_run(run_dir)
         human = (s.get("human_reference") or {})
+        if s.get("random_weights"):
+            st.warning("UNTRAINED: these results come from random initial weights and describe no trained model.")
+        for w in s.get("warnings") or []:
+            st.warning(w)
         m1, m2, m3, m4 = st.columns(4)
-        m1.metric("Shape bias", "n/a" if s.get("shape_bias") is None else f"{s['shape_bias']:.3f}")
+        ci = s.get("shape_bias_ci95")
+        m1.metric("Shape bias", "n/a" if s.get("shape_bias") is None else f"{s['shape_bias']:.3f}",
+                  help=None if not ci else f"95% Wilson interval {ci[0]:.3f}-{ci[1]:.3f}")
         m2.metric("Humans", "n/a" if human.get("shape_bias") is None else f"{human['shape_bias']:.3f}",
                   help=f"{human.get('n_subjects', '?')} subjects (model-vs-human)")
         m3.metric("Shape or texture hits", "n/a" if s.get("fraction_shape_or_texture_hits") is None
