@@ -123,6 +123,15 @@ def _cases():
     add("sweep-size-below-stride", ["sweep", "--input-sizes", "8,16", "--reparam", "deploy", "--num-images", "1",
                                     *TINY[2:], "--out", "{out}"], "too small")
     add("sweep-no-weights-dir", ["sweep", "--kernels", "3", "--init", "weights", "--out", "{out}"], "--weights-dir")
+    add("sweep-neither-axis", ["sweep", "--model", "resnet18", "--out", "{out}"], "give --kernels")
+    add("sweep-model-with-kernels", ["sweep", "--kernels", "3", "--model", "resnet18", "--out", "{out}"],
+        "--model is for an --input-sizes sweep without --kernels")
+    add("sweep-weights-with-kernels", ["sweep", "--kernels", "3", "--weights", "{bad}/tiny.pth", "--out", "{out}"],
+        "--weights is for an --input-sizes sweep without --kernels")
+    add("sweep-weights-dir-init-random", ["sweep", "--kernels", "3", "--weights-dir", "{bad}", "--init", "random",
+                                          "--out", "{out}"], "--weights-dir conflicts with --init random")
+    add("sweep-weights-dir-without-kernels", ["sweep", "--input-sizes", "32", "--weights-dir", "{bad}",
+                                              "--out", "{out}"], "are for --kernels")
     # reparam
     add("reparam-unknown-model", ["reparam", "--model", "replknet_99", "--out", "{out}/x.pth"], "unknown model")
     add("reparam-text-weights", ["reparam", *TINY, "--weights", "{bad}/notes.pth", "--out", "{out}/x.pth"],
