@@ -123,6 +123,15 @@ def _cases():
     add("sweep-size-below-stride", ["sweep", "--input-sizes", "8,16", "--reparam", "deploy", "--num-images", "1",
                                     *TINY[2:], "--out", "{out}"], "too small")
     add("sweep-no-weights-dir", ["sweep", "--kernels", "3", "--init", "weights", "--out", "{out}"], "--weights-dir")
+    add("sweep-neither-axis", ["sweep", "--model", "resnet18", "--out", "{out}"], "give --kernels")
+    add("sweep-model-with-kernels", ["sweep", "--kernels", "3", "--model", "resnet18", "--out", "{out}"],
+        "--model is for an --input-sizes sweep without --kernels")
+    add("sweep-weights-with-kernels", ["sweep", "--kernels", "3", "--weights", "{bad}/tiny.pth", "--out", "{out}"],
+        "--weights is for an --input-sizes sweep without --kernels")
+    add("sweep-weights-dir-init-random", ["sweep", "--kernels", "3", "--weights-dir", "{bad}", "--init", "random",
+                                          "--out", "{out}"], "--weights-dir conflicts with --init random")
+    add("sweep-weights-dir-without-kernels", ["sweep", "--input-sizes", "32", "--weights-dir", "{bad}",
+                                              "--out", "{out}"], "are for --kernels")
     # reparam
     add("reparam-unknown-model", ["reparam", "--model", "replknet_99", "--out", "{out}/x.pth"], "unknown model")
     add("reparam-text-weights", ["reparam", *TINY, "--weights", "{bad}/notes.pth", "--out", "{out}/x.pth"],
@@ -155,6 +164,15 @@ def _cases():
     add("timeline-erf-run", ["timeline", "{bad}/good_run"], "not an erf-lab training run")
     add("study-channels", ["study", "kernel-family", "--out", "{out}", "--channels", "8,8"], "4 positive integers")
     add("study-out-is-file", ["study", "kernel-family", "--out", "{bad}/file.txt"], "is a file")
+    st = ["study", "kernel-family", "--out", "{out}"]
+    add("study-erf-size-0", [*st, "--erf-input-size", "0"], "--erf-input-size must be in [1, 4096], got 0")
+    add("study-erf-size-negative", [*st, "--erf-input-size", "-32"], "--erf-input-size must be in [1, 4096]")
+    add("study-erf-size-below-stride", [*st, "--erf-input-size", "8"], "--erf-input-size 8 is too small")
+    add("study-input-size-0", [*st, "--input-size", "0"], "--input-size must be in [8, 4096], got 0")
+    add("study-threads-negative", [*st, "--threads", "-1"], "--threads must be at least 1, got -1")
+    add("study-train-size-below-batch", [*st, "--train-size", "32"],
+        "--train-size 32 is smaller than the study's batch of 64 images")
+    add("study-out-under-file", ["study", "kernel-family", "--out", "{bad}/file.txt/s"], "lies under a file")
     return c
 
 

@@ -175,7 +175,9 @@ def test_sweep_tiny(capsys, tiny_sweep):
     rc, out, err = run_cli(capsys, "sweep", "--kernels", "3,7", "--out", str(out_dir), "--formats", "png", *TINY)
     assert rc == 0, err
     assert (out_dir / "K7-deploy" / "erf.npy").stat().st_mtime_ns == before
-    assert "| 7 | deploy | replknet_7 |" in out
+    assert "| 7 | deploy | replknet_7 | random |" in out
+    assert "weights = random: seeded random initialization, not trained weights" in out
+    assert {r["weights"] for r in rows} == {"random"}
 
 
 def test_sweep_with_weights_dir(capsys, tmp_path, tiny_sweep):
@@ -186,14 +188,33 @@ def test_sweep_with_weights_dir(capsys, tmp_path, tiny_sweep):
     wdir = tmp_path / "weights"
     wdir.mkdir()
     torch.save(model.state_dict(), wdir / "replknet_3.pth")
-    rc, _, err = run_cli(capsys, "sweep", "--kernels", "3", "--reparam", "train", "--init", "weights",
-                         "--weights-dir", str(wdir), "--out", str(tmp_path / "w"), "--formats", "png", *TINY)
+    rc, out, err = run_cli(capsys, "sweep", "--kernels", "3", "--reparam", "train",  # --weights-dir: --init weights
+                           "--weights-dir", str(wdir), "--out", str(tmp_path / "w"), "--formats", "png", *TINY)
     assert rc == 0, err
+    assert "| 3 | train | replknet_3 | replknet_3.pth |" in out and "random" not in out
     np.testing.assert_allclose(np.load(tmp_path / "w" / "K3-train" / "erf.npy"),
                                np.load(tiny_sweep / "K3-train" / "erf.npy"), rtol=1e-10)
     run_json = json.loads((tmp_path / "w" / "K3-train" / "run.json").read_text())
     assert run_json["weights"].endswith("replknet_3.pth") and run_json["tags"]["sweep"]["kernel"] == 3
+    assert run_json["random_init"] is False
     rc, _, err = run_cli(capsys, "sweep", "--kernels", "7", "--init", "weights", "--weights-dir", str(wdir),
                          "--out", str(tmp_path / "x"), *TINY)
     assert_one_line_error(rc, err, "sweep")
     assert "no checkpoint for kernel 7" in err
+
+
+def test_sweep_refuses_to_overwrite_members_of_other_settings(capsys, tmp_path):
+    """A member folder with a complete run of another configuration is kept unless --force (like compute)."""
+    out_dir = tmp_path / "s"
+    args = ["sweep", "--kernels", "3", "--reparam", "train", "--num-images", "1", "--formats", "png",
+            "--out", str(out_dir), *TINY]
+    assert run_cli(capsys, *args, "--input-size", "32")[0] == 0
+    before = (out_dir / "K3-train" / "erf.npy").read_bytes()
+    rc, out, err = run_cli(capsys, *args, "--input-size", "48")
+    assert_one_line_error(rc, err, "sweep")
+    assert "K3-train already holds a complete run with other settings (input_size); use --force" in err
+    assert json.loads((out_dir / "K3-train" / "run.json").read_text())["input_size"] == 32
+    assert (out_dir / "K3-train" / "erf.npy").read_bytes() == before
+    rc, out, err = run_cli(capsys, *args, "--input-size", "48", "--force")
+    assert rc == 0, err
+    assert json.loads((out_dir / "K3-train" / "run.json").read_text())["input_size"] == 48

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from erf_lab.models import create_model
-from erf_lab.train.study import StudySettings, plan, run_study, ship, val_subset_correct
+from erf_lab.cli.main import main
+from erf_lab.train.study import (StudySettings, at_chance, markdown_table, plan, run_study, ship, table_notes,
+                                 val_subset_correct)
 
 TOY = StudySettings(channels=(8, 8, 16, 16), input_size=32, train_size=64, val_size=32, epochs=1, batch_size=32,
                     erf_input_size=48, erf_images=2, probe_size=16)
@@ -36,7 +38,12 @@ def test_toy_study_tables_cache_and_ship(tmp_path, monkeypatch, one_thread):
     for r, info in zip(rows, (json.loads((out / "runs" / n / "run.json").read_text()) for n in ("K3-seed0",
                                                                                                  "K31-seed0"))):
         assert float(r["val_acc"]) == pytest.approx(info["final"]["val_acc"])
+    for r in rows:  # the labels agree with what was measured
+        assert r["at_chance"] == str(at_chance(float(r["val_acc"]), 10, TOY.val_size))
+        flags = json.loads((out / "erf-48px" / r["name"] / "metrics.json").read_text())["flags"]
+        assert r["erf_empty"] == str("empty_map" in flags)
     md = (out / "results.md").read_text()
+    assert ("†: val_acc at chance" in md) == any(r["at_chance"] == "True" for r in rows)
     assert "| K31-seed0 | 32 |" in md and (out / "family.png").is_file()
     stamp = (out / "runs" / "K3-seed0" / "model.safetensors").stat().st_mtime_ns
     run_study(out, TOY, kernels=(3, 31), seeds=(0,), guidelines=False)  # all cached: nothing retrained
@@ -51,3 +58,31 @@ def test_toy_study_tables_cache_and_ship(tmp_path, monkeypatch, one_thread):
     with torch.no_grad():
         assert val_subset_correct(net, 20, 32, 10, 0) == rec["val_subset"]["correct"]
     assert rec["overrides"]["channels"] == [8, 8, 16, 16] and rec["input_size"] == 32
+
+
+def test_tables_mark_empty_maps_and_models_at_chance():
+    assert at_chance(0.10, 10, 500) and at_chance(0.14, 10, 500)  # chance + 3 SE = 0.1402
+    assert not at_chance(0.141, 10, 500) and not at_chance(0.174, 10, 500)  # the shipped no-shortcut MNv2
+    rows = [{"name": "a", "area@50%": None, "r_rms": None, "shape_bias": 0.5, "erf_empty": True, "at_chance": True},
+            {"name": "b", "area@50%": 42.0, "r_rms": None, "shape_bias": 0.125, "erf_empty": False,
+             "at_chance": False}]
+    md = markdown_table(rows, ["name", "area@50%", "r_rms", "shape_bias"])
+    assert "| a | empty | empty | 0.500 † |" in md and "| b | 42.00 | n/r | 0.125 |" in md
+    notes = table_notes(rows)
+    assert "empty: the ERF map is all zeros" in notes and "its shape bias means nothing" in notes
+    assert table_notes(rows[1:]) == ""
+
+
+def test_study_out_not_writable_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    rc = main(["study", "kernel-family", "--out", str(tmp_path / "s"), "--no-guidelines"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert "--out" in err and "is not writable: Read-only file system" in err
+    assert not list((tmp_path / "s").rglob("*"))

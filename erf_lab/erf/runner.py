@@ -313,6 +313,25 @@ def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: boo
     return ("resume", states) if resume else ("new", [])
 
 
+def settings_differ(out_dir: str | os.PathLike, spec: ErfSpec) -> list[str]:
+    """The settings in which the complete run in ``out_dir`` differs from ``spec`` (empty when there is no
+    complete run or it is the same measurement), read from run.json without building anything."""
+    from erf_lab.io import read_json_or_none, sha256_file
+
+    info = read_json_or_none(Path(out_dir) / RUN_FILE)
+    if not isinstance(info, dict):
+        return []
+    old, new = info.get("config") or {}, _normalise(spec.config())
+    diff = [k for k in new if k not in ("weights", "images") and old.get(k) != new[k]]
+    sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None
+    if info.get("weights_sha256") != sha:
+        diff.append("weights")
+    folder = "default" if spec.images in (None, "default") else str(Path(spec.images).expanduser().resolve())
+    if info.get("images") != folder:
+        diff.append("images")
+    return diff
+
+
 def _normalise(obj):
     import json
 

@@ -26,8 +26,9 @@ from erf_lab.provenance import provenance
 
 REPARAM_MODES = {"train": ("train",), "deploy": ("deploy",), "both": ("train", "deploy")}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-SWEEP_COLUMNS = ("kernel", "reparam", "model", "shape", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms",
-                 "r50", "r99", "std_y", "std_x", "gauss_sigma_x", "gauss_r2", "trf", "erf/trf", "num_used", "run_dir")
+SWEEP_COLUMNS = ("kernel", "reparam", "model", "weights", "shape", "area@20%", "area@30%", "area@50%", "area@99%",
+                 "r_rms", "r50", "r99", "std_y", "std_x", "gauss_sigma_x", "gauss_r2", "trf", "erf/trf", "num_used",
+                 "run_dir")
 
 
 def _parse_int_list(text: str | Sequence[int], option: str, valid, rule: str) -> list[int]:
@@ -80,6 +81,14 @@ def find_weights(weights_dir: str | os.PathLike, k: int) -> Path:
     return hits[0]
 
 
+def weights_label(run_info: dict) -> str:
+    """What a member's weights were, for the tables: "random" (seeded init), the checkpoint's file name, or
+    "pretrained" (a model's own download)."""
+    if run_info.get("random_init"):
+        return "random"
+    return Path(run_info["weights"]).name if run_info.get("weights") else "pretrained"
+
+
 SIZE_FREE_METRICS = (
     ("r_rms", "effective radius r_rms (px)"),
     ("gauss_sigma_x", "Gaussian sigma (px)"),
@@ -118,34 +127,46 @@ def _members(ks, sizes, model, weights, init, weights_dir, overrides):
 
 
 def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int] | None = None,
-              model: str = "replknet_31b", weights: str | None = None, reparam: str = "both", init: str = "random",
+              model: str | None = None, weights: str | None = None, reparam: str = "both", init: str | None = None,
               weights_dir: str | os.PathLike | None = None, input_size: int = 1024, images: str | None = None,
               num_images: int | None = None, overrides: dict | None = None, out: str | os.PathLike = "sweep",
-              formats: Sequence[str] = ("png", "pdf"), seed: int = 0, layer: str | None = None,
+              force: bool = False, formats: Sequence[str] = ("png", "pdf"), seed: int = 0, layer: str | None = None,
               aggregate: str = "relu", batch_size: int | None = None, device: str = "cpu", show_progress: bool = True,
               argv: Sequence[str] | None = None) -> dict:
     """ERF of each kernel-family member and / or each input size (train-time and/or deploy form), summarised.
 
     Every member is one :func:`erf_lab.erf.runner.run_erf` run directory ``out/<K..>-<S..>-<mode>/`` (reused when
-    complete with the same settings); the sweep adds ``grid.<fmt>`` (heatmaps: rows = kernel x mode, columns = the
-    swept axis), ``growth.<fmt>`` (area ratios and size-free metrics against the swept axis), ``sweep.csv`` /
-    ``sweep.md`` and ``sweep.json`` last. Returns ``{"rows", "reparam_diff", "files", "out_dir", "markdown"}``.
+    complete with the same settings; one with other settings is an error unless ``force``). ``model`` / ``weights``
+    belong to a sweep without kernels, ``weights_dir`` (which implies ``init="weights"``) to one with them. The sweep
+    adds ``grid.<fmt>`` (heatmaps: rows = kernel x mode, columns = the swept axis), ``growth.<fmt>`` (area ratios
+    and size-free metrics against the swept axis), ``sweep.csv`` / ``sweep.md`` (a weights column; random-init
+    members noted) and ``sweep.json`` last. Returns ``{"rows", "reparam_diff", "files", "out_dir", "markdown"}``.
     """
     from erf_lab.erf.plotting import plot_grid, plot_growth
     from erf_lab.erf.rundir import load_run
-    from erf_lab.erf.runner import ErfSpec, jsonable, run_erf
+    from erf_lab.erf.runner import ErfSpec, jsonable, run_erf, settings_differ
     from erf_lab.io import prepare_out_dir
 
     ks = parse_kernels(kernels) if kernels is not None else []
     sizes = parse_sizes(input_sizes) if input_sizes is not None else [int(input_size)]
     if not ks and input_sizes is None:
-        raise ErfLabError("give --kernels, --input-sizes or both")
+        raise ErfLabError("give --kernels (the RepLKNet kernel family), --input-sizes (of --model) or both")
     if reparam not in REPARAM_MODES:
         raise ErfLabError(f"--reparam must be train, deploy or both, got {reparam!r}")
+    init = init or ("weights" if weights_dir is not None else "random")
     if init not in ("random", "weights"):
         raise ErfLabError(f"--init must be random or weights, got {init!r}")
-    if init == "weights" and weights_dir is None and ks:
+    if ks and (model is not None or weights is not None):
+        raise ErfLabError(f"{'--model' if model is not None else '--weights'} is for an --input-sizes sweep without "
+                          "--kernels; --kernels measures the RepLKNet family (checkpoints: --weights-dir)")
+    if not ks and (weights_dir is not None or init == "weights"):
+        raise ErfLabError("--weights-dir / --init weights are for --kernels (one checkpoint per kernel size); "
+                          "give --weights for --model")
+    if init == "random" and weights_dir is not None:
+        raise ErfLabError("--weights-dir conflicts with --init random; drop one of them")
+    if init == "weights" and weights_dir is None:
         raise ErfLabError("--init weights needs --weights-dir (one checkpoint per kernel size)")
+    model = model or "replknet_31b"
     overrides = dict(overrides or {})
     modes = REPARAM_MODES[reparam]
     members = _members(ks, sizes, model, weights, init, weights_dir, overrides)
@@ -153,6 +174,11 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
         model=name, weights=w, overrides=kwargs, images=images, num_images=num_images, input_size=size, layer=layer,
         aggregate=aggregate, batch_size=batch_size, device=device, reparameterize=(mode == "deploy"),
         seed=seed).validate()) for stem, k, size, name, kwargs, w in members for mode in modes}
+    for (stem, mode), (_, _, spec) in specs.items():
+        diff = [] if force else settings_differ(Path(out) / f"{stem}-{mode}", spec)
+        if diff:
+            raise ErfLabError(f"{Path(out) / f'{stem}-{mode}'} already holds a complete run with other settings "
+                              f"({', '.join(diff)}); use --force to overwrite or choose another --out")
     out_dir = prepare_out_dir(out)
     params = {"kernels": ks, "input_sizes": sizes, "model": None if ks else model, "reparam": reparam, "init": init,
               "weights_dir": None if weights_dir is None else str(Path(weights_dir).resolve()), "images": images or
@@ -171,7 +197,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
             run = load_run(sub)
             maps[(stem, mode)] = run.erf
             rows.append({"kernel": k, "input_size": size, "reparam": mode, "series": f"K={k} {mode}" if k else mode,
-                         "model": spec.model,
+                         "model": spec.model, "weights": weights_label(run.run_info),
                          "num_used": run.run_info.get("num_used"), "run_dir": sub.name,
                          "reused": res["already_complete"], **summary(run.metrics or res["metrics"])})
             bar.update(1)
@@ -206,6 +232,9 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     if by_size:
         md += ("\n\nArea ratios are fractions of the image and shrink as the image grows even when the ERF in pixels "
                "does not; compare r_rms, r50/r99 and the Gaussian sigma (pixels) across input sizes.")
+    if any(r["weights"] == "random" for r in rows):
+        md += ("\n\nweights = random: seeded random initialization, not trained weights; these ERFs describe the "
+               "untrained architecture, not what a trained network sees.")
     if diffs:
         md += "\n\ntrain vs deploy (re-parameterized) ERF, largest difference:\n\n" + markdown_table(
             diffs, ("member", "max_abs_diff", "max_rel_diff"))

@@ -24,6 +24,10 @@ FAMILY_MODELS = {3: "replknet_3", 7: "replknet_7", 13: "replknet_13", 31: "replk
 #: what the family's erf / table columns are
 TABLE_KEYS = ("val_acc", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50", "shape_bias",
               "shape_only_accuracy", "texture_only_accuracy")
+ERF_KEYS = ("area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50")
+NUM_CLASSES = 10  # cue-world's shapes in the study
+#: a val accuracy within this many binomial standard errors of chance (1 / classes) is "at chance"
+CHANCE_SE = 3.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,35 @@ def plan(settings: StudySettings = StudySettings(), *, kernels=(3, 7, 13, 31), s
     return family[:3] + mobilenets + family[3:] + [reparam]
 
 
+def check_study(settings: StudySettings, models: list[StudyModel], *, jobs: int, threads: int | None) -> None:
+    """Every check that needs no training, before the study folder is touched: ErfLabError (one line) naming the
+    study's own option."""
+    from erf_lab.erf.runner import MAX_INPUT_SIZE, layer_geometry
+    from erf_lab.models import create_model
+    from erf_lab.train.probes import ProbeSpec
+
+    s = settings
+    s.recipe().validate()
+    for name, v in (("--jobs", jobs), ("--threads", threads), ("--train-size", s.train_size)):
+        if v is not None and int(v) < 1:
+            raise ErfLabError(f"{name} must be at least 1, got {v}")
+    if not 8 <= int(s.input_size) <= 4096:
+        raise ErfLabError(f"--input-size must be in [8, 4096], got {s.input_size}")
+    if not 1 <= int(s.erf_input_size) <= MAX_INPUT_SIZE:
+        raise ErfLabError(f"--erf-input-size must be in [1, {MAX_INPUT_SIZE}], got {s.erf_input_size}")
+    if int(s.train_size) < int(s.batch_size):
+        raise ErfLabError(f"--train-size {s.train_size} is smaller than the study's batch of {s.batch_size} images "
+                          f"(no training step would run); give --train-size {s.batch_size} or more")
+    for m in models:
+        size, erf_size = m.sizes(s)
+        ProbeSpec(size, s.probe_size, NUM_CLASSES, s.world_seed).validate()
+        try:
+            layer_geometry(create_model(m.model, **m.overrides, num_classes=NUM_CLASSES), None, erf_size)
+        except ErfLabError:
+            raise ErfLabError(f"--erf-input-size {s.erf_input_size} is too small: {m.name} would be measured at "
+                              f"{erf_size} px, under its total stride") from None
+
+
 def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int | None = None) -> dict:
     """Train one model (kept when complete, resumed when interrupted); returns its run.json plus wall time."""
     import torch
@@ -127,31 +160,27 @@ def measure_one(m: StudyModel, settings: StudySettings, study: Path) -> dict:
     size, erf_size = m.sizes(s)
     images = cue_world_images(study / f"erf-images-{erf_size}px", s.erf_images, erf_size, 10, s.world_seed)
     return measure_checkpoint(m.model, study / "runs" / m.name / "model.safetensors",
-                              {**m.overrides, "num_classes": 10}, erf_dir=study / f"erf-{erf_size}px" / m.name,
+                              {**m.overrides, "num_classes": NUM_CLASSES}, erf_dir=study / f"erf-{erf_size}px" / m.name,
                               probe_file=study / "probes" / f"{m.name}.json", images=images,
                               num_images=s.erf_images, input_size=erf_size, train_size=size,
-                              probe_spec=ProbeSpec(size, s.probe_size, 10, s.world_seed))
+                              probe_spec=ProbeSpec(size, s.probe_size, NUM_CLASSES, s.world_seed))
 
 
 def _job(m: StudyModel, settings: StudySettings, study: Path, threads: int | None) -> dict:
     info = train_one(m, settings, study / "runs", threads)
     meas = measure_one(m, settings, study)
-    return {"name": m.name, "info": info, "erf": meas["erf"], "probe": meas["probe"]}
+    return {"name": m.name, "info": info, "erf": meas["erf"], "erf_flags": meas["erf_flags"], "probe": meas["probe"]}
 
 
 def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, threads: int | None = None,
               guidelines: bool = True, kernels=(3, 7, 13, 31), seeds=(0, 1)) -> dict:
     """Train and measure every model of :func:`plan` (``jobs`` processes at once, ``threads`` torch threads
     each), then write ``family.csv`` / ``guidelines.csv``, ``results.md`` and ``family.png`` / ``.pdf``."""
-    from erf_lab.io import write_json
+    from erf_lab.io import prepare_out_dir, write_json
 
-    study = Path(out).expanduser()
-    if study.exists() and not study.is_dir():
-        raise ErfLabError(f"--out {study} is a file; choose a folder")
-    if int(jobs) < 1:
-        raise ErfLabError(f"--jobs must be at least 1, got {jobs}")
     models = plan(settings, kernels=kernels, seeds=seeds, guidelines=guidelines)
-    study.mkdir(parents=True, exist_ok=True)
+    check_study(settings, models, jobs=jobs, threads=threads)
+    study = prepare_out_dir(out)
     write_json(study / "study.json", {"settings": _jsonable(asdict(settings)),
                                       "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv})
     results = {}
@@ -187,11 +216,21 @@ def _jsonable(v):
 def _row(m: StudyModel, r: dict) -> dict:
     info, erf, p = r["info"], r["erf"], r["probe"]
     return {"name": m.name, "group": m.group, "model": m.model, "kernel": m.kernel, "seed": m.seed,
-            "train_px": info["settings"]["input_size"], "params": info["model_config"]["params"], "val_acc": info["final"]["val_acc"],
-            **{k: erf.get(k) for k in ("area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50")},
+            "train_px": info["settings"]["input_size"], "params": info["model_config"]["params"],
+            "val_acc": info["final"]["val_acc"], **{k: erf.get(k) for k in ERF_KEYS},
             "shape_bias": p["shape_bias"], "shape_only_accuracy": p["shape_only_accuracy"],
             "texture_only_accuracy": p["texture_only_accuracy"],
-            "img_per_s": round(float(info["final"]["img_per_s"]), 1)}  # last epoch, on a shared CPU
+            "img_per_s": round(float(info["final"]["img_per_s"]), 1),  # last epoch, on a shared CPU
+            "erf_empty": "empty_map" in r["erf_flags"],
+            "at_chance": at_chance(info["final"]["val_acc"], info["model_config"]["num_classes"],
+                                   info["settings"]["val_size"])}
+
+
+def at_chance(val_acc: float, num_classes: int, val_size: int) -> bool:
+    """Whether ``val_acc`` on ``val_size`` images is within CHANCE_SE binomial standard errors of guessing among
+    ``num_classes`` classes (such a model has learned nothing, so its shape bias means nothing)."""
+    p = 1.0 / num_classes
+    return val_acc <= p + CHANCE_SE * (p * (1 - p) / val_size) ** 0.5
 
 
 def _fmt(v, key: str) -> str:
@@ -206,9 +245,28 @@ def _fmt(v, key: str) -> str:
     return str(v)
 
 
+def _cell(r: dict, key: str) -> str:
+    if key in ERF_KEYS and r.get("erf_empty"):
+        return "empty"
+    return _fmt(r.get(key), key) + (" †" if key == "shape_bias" and r.get("at_chance") else "")
+
+
 def markdown_table(rows: list[dict], keys) -> str:
+    """The rows as a markdown table: an all-zero ERF map's metrics read "empty", the shape bias of a model at
+    chance is marked "†" (:func:`table_notes` explains both)."""
     head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    return head + "".join("| " + " | ".join(_fmt(r.get(k), k) for k in keys) + " |\n" for r in rows)
+    return head + "".join("| " + " | ".join(_cell(r, k) for k in keys) + " |\n" for r in rows)
+
+
+def table_notes(rows: list[dict]) -> str:
+    """The note lines under a table for its "empty" and "†" cells ("" when there are none)."""
+    notes = []
+    if any(r.get("erf_empty") for r in rows):
+        notes.append("empty: the ERF map is all zeros (no gradient reached the input), so it has no area or radius.")
+    if any(r.get("at_chance") for r in rows):
+        notes.append(f"†: val_acc at chance (within {CHANCE_SE:g} standard errors of 1 / classes): the model has "
+                     "not learned the task, so its shape bias means nothing.")
+    return "".join(f"\n{n}\n" for n in notes)
 
 
 def write_results(study: Path, rows: list[dict], settings: StudySettings) -> None:
@@ -229,12 +287,12 @@ def write_results(study: Path, rows: list[dict], settings: StudySettings) -> Non
             f"{s.erf_input_size / s.input_size:g}x the training size (train_px) of each model (area ratios in "
             f"% of the image, n/r = not reached inside it; r_rms / r50 in pixels). Shape bias: {s.probe_size} "
             f"cue-conflict images, shape hits / (shape + texture hits).\n\n## Kernel family\n\n"
-            + markdown_table(fam, keys))
+            + markdown_table(fam, keys) + table_notes(fam))
     write_text(study / "family.csv", csv_text(fam, list(fam[0])))
     if gl:
         ref = [r for r in fam if r["name"] == "K31-seed0"]
         text += ("\n## Guidelines (Table 2: shortcuts; Table 4: small-kernel re-param)\n\n"
-                 + markdown_table(ref + gl, keys))
+                 + markdown_table(ref + gl, keys) + table_notes(ref + gl))
         write_text(study / "guidelines.csv", csv_text(ref + gl, list((ref + gl)[0])))
     write_text(study / "results.md", text)
     if fam:

@@ -100,8 +100,8 @@ def cue_world_images(folder: Path, num_images: int, input_size: int, num_classes
 def measure_checkpoint(model: str, weights, overrides: dict, *, erf_dir: Path, probe_file: Path, images: Path,
                        num_images: int, input_size: int, train_size: int, probe_spec, device: str = "cpu") -> dict:
     """ERF summary and cue-world probe of one checkpoint, each reused from its cache when the checkpoint and the
-    settings are unchanged. Returns ``{"erf": summary row, "probe": probe summary, "erf_dir", "measured": [...]}``
-    (``measured`` names what was computed now: "erf", "probe")."""
+    settings are unchanged. Returns ``{"erf": summary row, "erf_flags": the map's flags, "probe": probe summary,
+    "erf_dir", "measured": [...]}`` (``measured`` names what was computed now: "erf", "probe")."""
     from erf_lab.erf.metrics import summary as erf_summary
     from erf_lab.erf.runner import ErfSpec, run_erf
     from erf_lab.io import read_json_or_none, sha256_file, write_json
@@ -125,8 +125,8 @@ def measure_checkpoint(model: str, weights, overrides: dict, *, erf_dir: Path, p
         summ = probe(net, probe_spec, device=device)["summary"]
         write_json(probe_file, {"key": key, "summary": summ})
         measured.append("probe")
-    return {"erf": erf_summary(res["metrics"]), "probe": summ, "erf_dir": Path(res["out_dir"]),
-            "measured": measured}
+    return {"erf": erf_summary(res["metrics"]), "erf_flags": list(res["metrics"].get("flags") or []), "probe": summ,
+            "erf_dir": Path(res["out_dir"]), "measured": measured}
 
 
 def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_images: int = 20,

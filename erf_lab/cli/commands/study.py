@@ -48,14 +48,14 @@ def _ints(text: str, what: str) -> tuple:
 
 
 def run(args) -> int:
-    from erf_lab.train.study import StudySettings, markdown_table, run_study, ship
+    from erf_lab.train.study import StudySettings, markdown_table, run_study, ship, table_notes
 
     s = StudySettings(channels=_ints(args.channels, "channels"), layers=_ints(args.layers, "layers"),
                       input_size=args.input_size, train_size=args.train_size, epochs=args.epochs,
                       erf_input_size=args.erf_input_size)
     res = run_study(args.out, s, jobs=args.jobs, threads=args.threads, guidelines=not args.no_guidelines)
     print(markdown_table(res["rows"], ["name", "val_acc", "area@20%", "area@50%", "area@99%", "r_rms",
-                                       "shape_bias", "img_per_s"]))
+                                       "shape_bias", "img_per_s"]) + table_notes(res["rows"]))
     print(f"wrote {res['out_dir']}/results.md, family.csv, family.png/pdf")
     if args.ship:
         files = ship(args.out, args.ship)

@@ -6,24 +6,31 @@ import sys
 NAME = "sweep"
 HELP = "ERF vs kernel size (RepLKNet-3/7/13/25/31 family), vs input size, and train vs re-parameterized form"
 ORDER = 42
-DESCRIPTION = (HELP + ". Each member (K, input size, mode) becomes a run directory (reused if already complete with the same "
-               "settings); the sweep writes a heatmap grid, growth curves, sweep.csv/.md and sweep.json. With "
+DESCRIPTION = (HELP + ". Each member (K, input size, mode) becomes a run directory (reused if already complete "
+               "with the same settings; one with other settings needs --force); the sweep writes a heatmap grid, "
+               "growth curves, sweep.csv/.md (a weights column: random marks untrained members) and sweep.json. With "
                "--reparam both the train-time and deploy ERFs are compared (they should agree).")
 
 
 def add_arguments(p) -> None:
     p.add_argument("--kernels", default=None,
-                   help="odd kernel sizes, comma-separated (default 3,7,13,25,31 unless --input-sizes is given)")
+                   help="odd kernel sizes, comma-separated, e.g. 3,7,13,25,31 (the paper's family); give --kernels, "
+                        "--input-sizes or both")
     p.add_argument("--input-sizes", default=None,
                    help="input sizes, comma-separated, e.g. 224,384,640,1024: the ERF against input size "
                         "(alone: of --model; with --kernels: of each member)")
-    p.add_argument("--model", default="replknet_31b", help="model for an --input-sizes sweep without --kernels")
-    p.add_argument("--weights", default=None, help="checkpoint of --model (input-size sweep without --kernels)")
+    p.add_argument("--model", default=None,
+                   help="model for an --input-sizes sweep without --kernels (default replknet_31b); refused with "
+                        "--kernels")
+    p.add_argument("--weights", default=None,
+                   help="checkpoint of --model (input-size sweep without --kernels); with --kernels use --weights-dir")
     p.add_argument("--reparam", choices=("train", "deploy", "both"), default="both",
                    help="measure the train-time form, the re-parameterized form, or both (default both)")
-    p.add_argument("--init", choices=("random", "weights"), default="random",
-                   help="seeded random initialization (same seed per K) or checkpoints from --weights-dir")
-    p.add_argument("--weights-dir", default=None, help="folder with replknet_<K>.pth/.safetensors (or K<K>.pth) per K")
+    p.add_argument("--init", choices=("random", "weights"), default=None,
+                   help="seeded random initialization (same seed per K) or checkpoints from --weights-dir (default: "
+                        "weights when --weights-dir is given, else random)")
+    p.add_argument("--weights-dir", default=None,
+                   help="folder with replknet_<K>.pth/.safetensors (or K<K>.pth) per K; implies --init weights")
     p.add_argument("--input-size", type=int, default=1024, help="square input side (default 1024, as the paper)")
     p.add_argument("--images", default=None, help="image folder (default: the built-in image set)")
     p.add_argument("--num-images", type=int, default=None, help="images per run (default: all, at most 50)")
@@ -36,6 +43,8 @@ def add_arguments(p) -> None:
                    help="images per forward/backward (default: auto, up to 8 while a batch holds at most 448x448 "
                         "pixels: 4 at 224 px, 1 from 448 px; the result does not depend on it)")
     p.add_argument("--out", default="sweep", help="output folder (default ./sweep)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite member runs in --out that were measured with other settings")
     p.add_argument("--formats", default="png,pdf", help="figure formats: png,pdf,svg (default png,pdf)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -45,10 +54,10 @@ def run(args) -> int:
     from erf_lab.erf.plotting import parse_formats
     from erf_lab.erf.sweep import run_sweep
 
-    kernels = args.kernels if args.kernels is not None or args.input_sizes is not None else "3,7,13,25,31"
-    res = run_sweep(kernels, input_sizes=args.input_sizes, model=args.model, weights=args.weights, reparam=args.reparam, init=args.init, weights_dir=args.weights_dir,
-                    input_size=args.input_size, images=args.images, num_images=args.num_images,
-                    overrides=parse_overrides(args.override), out=args.out, formats=parse_formats(args.formats),
+    res = run_sweep(args.kernels, input_sizes=args.input_sizes, model=args.model, weights=args.weights,
+                    reparam=args.reparam, init=args.init, weights_dir=args.weights_dir, input_size=args.input_size,
+                    images=args.images, num_images=args.num_images, overrides=parse_overrides(args.override),
+                    out=args.out, force=args.force, formats=parse_formats(args.formats),
                     seed=args.seed, layer=args.layer, device=args.device, batch_size=args.batch_size,
                     show_progress=not args.quiet, argv=sys.argv)
     print(res["markdown"])
