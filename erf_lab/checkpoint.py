@@ -20,6 +20,9 @@ from erf_lab.errors import CheckpointError
 _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module", "net")
 #: ``builtin:NAME`` names a model shipped under ``data/trained/``: ``NAME.safetensors`` and ``NAME.json``
 BUILTIN_PREFIX = "builtin:"
+#: safetensors metadata of weights that were never trained (``erf-lab reparam`` of a random init); the
+#: ``<file>.run.json`` sidecar carries the same as ``random_init`` / ``init_seed``
+RANDOM_INIT_KEY, INIT_SEED_KEY = "erf_lab_random_init", "erf_lab_init_seed"
 
 
 def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict]:
@@ -43,6 +46,29 @@ def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict]:
         raise CheckpointError(f"no shipped weights {text!r}; shipped: "
                               + (", ".join(BUILTIN_PREFIX + s for s in shipped) or "none"))
     return path, json.loads(meta.read_text())
+
+
+def random_init_record(weights: str | os.PathLike) -> dict | None:
+    """``{"seed": int | None}`` when ``weights`` holds a random initialisation written by erf-lab (its safetensors
+    metadata, or the ``<file>.run.json`` that ``erf-lab reparam`` writes beside it); None otherwise."""
+    import json
+
+    path = resolve_weights(weights)[0]
+    meta = {}
+    if path.suffix == ".safetensors":
+        with contextlib.suppress(Exception):  # unreadable files are reported when the weights are loaded
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+    if meta.get(RANDOM_INIT_KEY) == "true":
+        seed = meta.get(INIT_SEED_KEY)
+        return {"seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else None}
+    with contextlib.suppress(OSError, ValueError):
+        sidecar = json.loads(path.with_name(path.name + ".run.json").read_text(encoding="utf-8"))
+        if isinstance(sidecar, dict) and sidecar.get("random_init") is True:
+            return {"seed": sidecar.get("init_seed")}
+    return None
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

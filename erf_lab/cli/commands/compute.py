@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     from erf_lab.erf.tables import markdown_table, table_rows
 
     print(markdown_table(table_rows([(info["model"], res["metrics"])])))
-    if info["random_init"]:
+    if info["random_init"] and info["weights"]:
+        print(f"(random initialization: {args.weights} holds untrained weights (marked by erf-lab reparam); "
+              "paper rows are trained, 1024px)")
+    elif info["random_init"]:
         print("(random initialization: pass --weights for a trained checkpoint; paper rows are trained, 1024px)")
     print(f"wrote {res['out_dir']}")
     return 0
