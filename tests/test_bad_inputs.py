@@ -81,6 +81,9 @@ def _cases():
     add("device-cuda-x", [*SMALL, "--device", "cuda:x"], "unknown device")
     add("override-nonsense", [*SMALL, "--override", "channels=(8,8)"], "one kernel size")
     add("override-unknown-key", [*SMALL, "--override", "colour=7"], "does not accept")
+    add("pretrained-unpublished", ["compute", "--model", "resnet18", "--override", "pretrained=True"],
+        "model 'resnet18' has no published weights in erf-lab; pass a file (--weights) or use a model that ships "
+        "them: efficientnet_lite0 (timm/<name> downloads its own)")
     add("override-no-equals", [*SMALL, "--override", "channels"], "key=value")
     # compute: image folders
     add("images-missing", [*SMALL, "--images", "{bad}/nope"], "image folder not found")
@@ -95,6 +98,8 @@ def _cases():
     add("weights-truncated", [*SMALL, "--weights", "{bad}/truncated.pth"], "cannot read checkpoint")
     add("weights-wrong-model", [*SMALL, "--weights", "{bad}/resnet.pth"], "missing")
     add("weights-wrong-shape", [*SMALL, "--weights", "{bad}/wrong_shape.pth"], "shape")
+    add("weights-other-size", ["compute", "--model", "replknet_3", *TINY[2:], "--weights", "{bad}/tiny.pth"],
+        "does not match RepLKNet (a checkpoint of another architecture or size")
     add("weights-malicious", [*SMALL, "--weights", "{bad}/evil.pth"], "could run code")
     add("weights-malicious-plain-pickle", [*SMALL, "--weights", "{bad}/evil_plain.pth"], "cannot read checkpoint")
     # compute: --out
