@@ -132,6 +132,10 @@ def _cases():
     add("reparam-unknown-model", ["reparam", "--model", "replknet_99", "--out", "{out}/x.pth"], "unknown model")
     add("reparam-text-weights", ["reparam", *TINY, "--weights", "{bad}/notes.pth", "--out", "{out}/x.pth"],
         "cannot read checkpoint")
+    add("reparam-out-under-file", ["reparam", *TINY, "--out", "{bad}/file.txt/x.pth"],
+        "--out's folder {bad}/file.txt is a file")
+    # data
+    add("data-dest-under-file", ["data", "download", "--dest", "{bad}/file.txt/dl"], "--dest {bad}/file.txt/dl lies")
     # shape-bias
     add("shape-bias-untrained", ["shape-bias", "--model", "resnet50", "--out", "{out}"], "--allow-random")
     add("shape-bias-stimuli-missing", ["shape-bias", *TINY, "--allow-random", "--stimuli", "{bad}/nope",
@@ -150,6 +154,7 @@ def _cases():
     add("train-data-missing", [*tr, "--batch-size", "4", "--data", "{bad}/nope", "--out", "{out}"], "")
     add("train-data-empty", [*tr, "--batch-size", "4", "--data", "{bad}/empty", "--out", "{out}"], "")
     add("train-out-is-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt"], "")
+    add("train-out-under-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt/tr"], "lies under a file")
     add("shape-bias-cue-world-untrained", ["shape-bias", *TINY, "--stimuli", "cue-world", "--out", "{out}"],
         "random weights means nothing")
     add("shape-bias-builtin-unknown", ["shape-bias", "--model", "replknet_31b", "--weights", "builtin:cue-world/K99",
@@ -178,10 +183,31 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_complete(argv, pattern, 
     assert "Traceback" not in err + stdout
     error_lines = [line for line in err.splitlines() if "error:" in line]
     assert len(error_lines) == 1, err
-    assert pattern in error_lines[0], error_lines[0]
+    assert pattern.format(bad=bad) in error_lines[0], error_lines[0]
     if out.exists():
         found = [p.name for p in out.rglob("*") if p.name in COMPLETE_MARKERS]
         assert not found, found
     import pathlib
 
     assert not pathlib.Path("/tmp/erf-lab-pwned").exists()  # the malicious checkpoint never ran
+
+
+@pytest.mark.parametrize("argv", [
+    ["reparam", *TINY, "--out", "{out}/x.pth"],
+    ["train", *TINY, "--input-size", "32", "--num-classes", "4", "--train-size", "16", "--epochs", "1", "--quiet",
+     "--out", "{out}/tr"],
+    ["data", "download", "--dest", "{out}/dl"],
+], ids=["reparam", "train", "data-download"])
+def test_read_only_output_is_one_error_line_before_the_work(argv, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import erf_lab.io as io
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", refuse)
+    code = main([a.format(out=tmp_path) for a in argv])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and stdout == "" and "Traceback" not in err
+    assert err.count("error:") == 1 and "is not writable: Read-only file system" in err, err

@@ -73,7 +73,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     random init (or weights that are one) is marked in the output (safetensors metadata and the sidecar).
     """
     from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, random_init_record
-    from erf_lab.io import progress, sha256_file, write_json
+    from erf_lab.io import prepare_out_dir, progress, sha256_file, write_json
     from erf_lab.models.registry import create_model
 
     out = Path(out)
@@ -81,6 +81,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         raise ErfLabError(f"output {out} should end in .pth, .pt or .safetensors")
     if batch_size < 1 or input_size < 32:
         raise ErfLabError(f"batch size must be >= 1 and input size >= 32, got {batch_size}, {input_size}")
+    prepare_out_dir(out.parent, what="--out's folder")
     random_init = random_init_record(weights) if weights is not None else (
         None if overrides.get("pretrained") else {"seed": seed})
     t0 = time.perf_counter()

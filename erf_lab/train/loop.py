@@ -289,7 +289,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
            device, amp, amp_dtype, channels_last, sync_bn, num_workers, resume, force, checkpoint_format, show_progress,
            argv, on_step, info: D.DistInfo, stop: _StopRequest) -> dict:
     from erf_lab.erf.images import model_mean_std
-    from erf_lab.io import progress, write_json
+    from erf_lab.io import prepare_out_dir, progress, write_json
 
     start_time, t_start = _now(), time.time()
     settings = {"model": model_name, "overrides": {k: (list(v) if isinstance(v, tuple) else v)
@@ -300,6 +300,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 "world_size": info.world_size}
     try:  # rank 0 decides (the other ranks would race with its first writes) and tells the others
         mode = _prepare_out_dir(out, resume, force) if info.is_main else None
+        if mode in ("new", "resume"):
+            prepare_out_dir(out)  # writable (read-only filesystem, permissions), before any data is built
     except ErfLabError as e:
         mode = e
     mode = D.broadcast_object(mode if not isinstance(mode, ErfLabError) else ("error", str(mode)), info)

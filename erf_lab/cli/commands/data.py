@@ -28,11 +28,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from erf_lab.errors import ErfLabError
+    from erf_lab.io import prepare_out_dir
     from erf_lab.shape_bias import download as dl
 
     if args.data_command == "download":
         if args.workers < 1:
             raise ErfLabError("--workers must be >= 1")
+        prepare_out_dir(args.dest or dl.default_dest(), what="--dest")
         rep = dl.download(args.dest, base_url=args.base_url, sets=args.sets, workers=args.workers)
         for name, r in rep["sets"].items():
             print(f"{name}: {r['status']} ({r['files']} files) -> {r['path']}")
