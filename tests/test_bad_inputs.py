@@ -134,6 +134,10 @@ def _cases():
         "cannot read checkpoint")
     add("reparam-out-under-file", ["reparam", *TINY, "--out", "{bad}/file.txt/x.pth"],
         "--out's folder {bad}/file.txt is a file")
+    # bench (fastconv's Table 1): explicit options win over --quick's and are checked
+    add("bench-quick-even-kernel", ["bench", "--quick", "--kernels", "4", "--out", "{out}"], "kernel 4 unsupported")
+    add("bench-batch-0", ["bench", "--quick", "--batch", "0", "--out", "{out}"], "--batch must be positive, got 0")
+    add("bench-device-foo", ["bench", "--quick", "--device", "foo", "--out", "{out}"], "unknown device 'foo'")
     # data
     add("data-dest-under-file", ["data", "download", "--dest", "{bad}/file.txt/dl"], "--dest {bad}/file.txt/dl lies")
     # shape-bias
