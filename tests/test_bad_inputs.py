@@ -54,6 +54,8 @@ def bad(tmp_path_factory):
     write_run_dir(d / "good_run", np.ones((9, 9)), {"model": "m"})
     (d / "no_npy").mkdir()
     (d / "no_npy" / "run.json").write_text("{}")
+    (d / "interrupted").mkdir()
+    (d / "interrupted" / ".erf_state.npz").write_bytes(b"progress")
     (d / "garbage_npy").mkdir()
     (d / "garbage_npy" / "erf.npy").write_bytes(b"not a numpy file")
     write_run_dir(d / "bad_type", np.ones((9, 9)), {"model": "m"})
@@ -106,12 +108,20 @@ def _cases():
     add("out-is-file", [*SMALL, "--out", "{bad}/file.txt"], "is a file")
     add("out-under-file", [*SMALL, "--out", "{bad}/file.txt/run"], "lies under a file")
     add("resume-without-out", [*SMALL, "--resume"], "--resume needs --out")
+    add("resume-and-force", [*SMALL, "--resume", "--force", "--out", "{out}"],
+        "--resume and --force exclude each other")
+    add("checkpoint-seconds-negative", [*SMALL, "--checkpoint-seconds", "-1"],
+        "--checkpoint-seconds must be 0 or more, got -1")
     # layers
     add("layers-unknown-model", ["layers", "--model", "nope_model"], "unknown model")
     add("layers-size-0", ["layers", *TINY, "--input-size", "0"], "")
+    add("layers-filter-nothing", ["layers", "--model", "resnet18", "--filter", "layer5"],
+        "--filter 'layer5' matches no layer of resnet18; close names: layer4, layer3, layer2")
     # analyze / compare: corrupt run directories
     add("analyze-missing", ["analyze", "{bad}/nope"], "no such run directory")
     add("analyze-no-npy", ["analyze", "{bad}/no_npy"], "no erf.npy")
+    add("analyze-interrupted", ["analyze", "{bad}/interrupted"], "an interrupted run: continue it with 'erf-lab "
+        "compute --resume --out {bad}/interrupted' and its options")
     add("analyze-garbage-npy", ["analyze", "{bad}/garbage_npy"], "corrupt")
     add("analyze-run-json-type", ["analyze", "{bad}/bad_type"], "field 'theoretical_rf' must be integer or null")
     add("analyze-run-json-corrupt", ["analyze", "{bad}/bad_json"], "corrupt JSON")
@@ -215,3 +225,10 @@ def test_read_only_output_is_one_error_line_before_the_work(argv, tmp_path, caps
     stdout, err = capsys.readouterr()
     assert code == 2 and stdout == "" and "Traceback" not in err
     assert err.count("error:") == 1 and "is not writable: Read-only file system" in err, err
+
+
+def test_data_info_names_a_bad_erf_lab_data(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("ERF_LAB_DATA", str(tmp_path / "nonexistent"))
+    assert main(["data", "info"]) == 2
+    assert capsys.readouterr().err.strip() == (f"erf-lab data: error: ERF_LAB_DATA={tmp_path / 'nonexistent'} is "
+                                               "not a folder; point it at the folder holding cue-conflict/ or unset it")

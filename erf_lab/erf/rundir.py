@@ -25,6 +25,8 @@ from erf_lab.provenance import now
 ERF_FILE, METRICS_FILE, RUN_FILE = "erf.npy", "metrics.json", "run.json"
 RUN_SCHEMA_VERSION = 1
 RUN_KIND = "erf"
+#: the resumable progress of an interrupted ``erf-lab compute`` (one file per process)
+STATE_GLOB = ".erf_state*.npz"
 #: appended to the title / label of an ERF measured with random weights (run.json ``random_init``)
 RANDOM_MARK = "(random init)"
 
@@ -199,7 +201,11 @@ def load_run(path: str | os.PathLike) -> Run:
     if p.is_dir():
         npy = p / ERF_FILE
         if not npy.is_file():
-            hint = " (incomplete run? it has no run.json either)" if not (p / RUN_FILE).exists() else ""
+            hint = ""
+            if any(p.glob(STATE_GLOB)):
+                hint = f" (an interrupted run: continue it with 'erf-lab compute --resume --out {p}' and its options)"
+            elif not (p / RUN_FILE).exists():
+                hint = " (incomplete run? it has no run.json either)"
             raise ErfLabError(f"{p} is not a run directory: no {ERF_FILE}{hint}")
         run_dir = p
     else:

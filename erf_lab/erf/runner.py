@@ -30,12 +30,11 @@ from erf_lab.erf import distributed as D
 from erf_lab.erf.attribution import AGGREGATES
 from erf_lab.erf.compute import Accumulator, compute_erf
 from erf_lab.erf.prepare import CONV_BACKENDS, check_device
-from erf_lab.erf.rundir import RUN_FILE, load_run, write_run_dir
+from erf_lab.erf.rundir import RUN_FILE, STATE_GLOB, load_run, write_run_dir
 from erf_lab.errors import ErfLabError
 from erf_lab.provenance import now, provenance
 
 OUTPUT_FILES = ("erf.npy", "metrics.json", "erf.png", "erf.pdf", "erf.svg", RUN_FILE)
-STATE_GLOB = ".erf_state*.npz"
 CHECKPOINT_SECONDS = 30.0
 #: largest accepted --input-size (pixels per side); the paper measures at 1024. Larger inputs need memory for
 #: every activation of the model at that size (RepLKNet-31B: ~4.5 GiB at 1024^2, growing with the area).

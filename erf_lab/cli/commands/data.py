@@ -45,6 +45,10 @@ def run(args) -> int:
         return 0
     if args.data_command == "info":
         i = dl.info()
+        env = i["env_ERF_LAB_DATA"]
+        if env and not Path(env).expanduser().is_dir():
+            raise ErfLabError(f"ERF_LAB_DATA={env} is not a folder; point it at the folder holding cue-conflict/ or "
+                              "unset it")
         if i["root"] is None:
             print(f"no data found; run 'erf-lab data download' (into {i['cache']}) or set ERF_LAB_DATA")
             return 0
