@@ -20,6 +20,9 @@ from erf_lab.errors import CheckpointError
 _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module", "net")
 #: ``builtin:NAME`` names a model shipped under ``data/trained/``: ``NAME.safetensors`` and ``NAME.json``
 BUILTIN_PREFIX = "builtin:"
+#: safetensors metadata of weights that were never trained (``erf-lab reparam`` of a random init); the
+#: ``<file>.run.json`` sidecar carries the same as ``random_init`` / ``init_seed``
+RANDOM_INIT_KEY, INIT_SEED_KEY = "erf_lab_random_init", "erf_lab_init_seed"
 
 
 def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict]:
@@ -45,6 +48,29 @@ def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict]:
     return path, json.loads(meta.read_text())
 
 
+def random_init_record(weights: str | os.PathLike) -> dict | None:
+    """``{"seed": int | None}`` when ``weights`` holds a random initialisation written by erf-lab (its safetensors
+    metadata, or the ``<file>.run.json`` that ``erf-lab reparam`` writes beside it); None otherwise."""
+    import json
+
+    path = resolve_weights(weights)[0]
+    meta = {}
+    if path.suffix == ".safetensors":
+        with contextlib.suppress(Exception):  # unreadable files are reported when the weights are loaded
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+    if meta.get(RANDOM_INIT_KEY) == "true":
+        seed = meta.get(INIT_SEED_KEY)
+        return {"seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else None}
+    with contextlib.suppress(OSError, ValueError):
+        sidecar = json.loads(path.with_name(path.name + ".run.json").read_text(encoding="utf-8"))
+        if isinstance(sidecar, dict) and sidecar.get("random_init") is True:
+            return {"seed": sidecar.get("init_seed")}
+    return None
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict without running any code in it.
 
@@ -57,17 +83,28 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = _read_checkpoint(path)
     except Exception as e:  # torch's weights-only unpickler raises anything (IndexError, KeyError, ...) on non-pickles
-        msg = str(e)
-        blocked = re.search(r"(?:unsupported GLOBAL|Unsupported global:\s*GLOBAL)\s+([\w.]+)\s+(?:was not|whose)",
-                            msg, re.IGNORECASE)
-        if blocked:
-            raise CheckpointError(
-                f"refusing to load {path}: it references the Python object {blocked.group(1)} "
-                f"(loading it could run code); save a plain state dict or .safetensors instead"
-            ) from None
+        if blocked_global(e):
+            raise CheckpointError(f"refusing to load {path}: {load_failure(e)}; save a plain state dict or "
+                                  ".safetensors instead") from None
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or safetensors file "
-                              f"({type(e).__name__}: {_last_reason(msg)})") from None
+                              f"({load_failure(e)})") from None
     return unwrap_state_dict(obj, source=str(path))
+
+
+def blocked_global(e: BaseException) -> str | None:
+    """The Python object a weights-only load refused (a pickle that could run code), else None."""
+    blocked = re.search(r"(?:unsupported GLOBAL|Unsupported global:\s*GLOBAL)\s+([\w.]+)\s+(?:was not|whose)",
+                        str(e), re.IGNORECASE)
+    return blocked.group(1) if blocked else None
+
+
+def load_failure(e: BaseException) -> str:
+    """Why a weights-only ``torch.load`` / safetensors read failed, in one line, without torch's advice to load
+    with ``weights_only=False`` (which would run the code in the file)."""
+    name = blocked_global(e)
+    if name:
+        return f"it references the Python object {name} (loading it could run code)"
+    return f"{type(e).__name__}: {_last_reason(str(e))}"
 
 
 def _read_checkpoint(path: Path):
@@ -100,9 +137,13 @@ def _metadata_globals() -> list:
     return allowed
 
 
+#: torch's boilerplate around a refused weights-only load (it suggests ``weights_only=False``)
+_TORCH_ADVICE = re.compile(r"weights.only|Check the documentation of torch\.load", re.IGNORECASE)
+
+
 def _last_reason(msg: str) -> str:
     """The informative line of a (long, multi-line) reading error, e.g. 'Unsupported operand 79'."""
-    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not _TORCH_ADVICE.search(ln)]
     for ln in lines:
         if ln.startswith(("Unsupported", "Expected", "Invalid", "invalid", "Trying")):
             return ln
@@ -146,7 +187,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     """Load ``state_dict`` strictly into ``model``; errors name the first offending keys.
 
     The model may define ``adapt_state_dict(sd) -> sd`` to map other key layouts onto its own.
-    A classifier of another class count raises unless ``drop_head=True``, which keeps the model's head.
+    A classifier of another class count (same input width, every other tensor matching) raises unless
+    ``drop_head=True``, which keeps the model's head; any other mismatch names the checkpoint as another
+    architecture or size.
     """
     if hasattr(model, "adapt_state_dict"):
         state_dict = model.adapt_state_dict(dict(state_dict))
@@ -156,7 +199,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
     head_mismatch = [k for k in mismatched if k.startswith(heads)]
-    if head_mismatch:
+    body_ok = not [k for k in missing + unexpected + mismatched if not k.startswith(heads)]
+    other_width = [k for k in head_mismatch if state_dict[k].shape[1:] != own[k].shape[1:]]
+    if head_mismatch and (drop_head or (body_ok and not other_width)):
         k = head_mismatch[0]
         if not drop_head:
             raise CheckpointError(
@@ -177,7 +222,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
         problems.append(f"{len(mismatched)} shape mismatch(es): {k} is {tuple(state_dict[k].shape)} in the file, "
                         f"{tuple(own[k].shape)} in the model")
     if problems:
-        raise CheckpointError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not match {type(model).__name__} (a checkpoint of another architecture "
+                              "or size: check the model name and its options): " + "; ".join(problems))
     if drop_head:
         keep = {k: v for k, v in own.items() if k.startswith(heads)}
         state_dict = {**state_dict, **keep}

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import fastconv
 from fastconv.roofline import sgemm_gflops
-from fastconv.bench_args import PAPER_KERNELS, PAPER_RESOLUTIONS, add_arguments  # noqa: F401
+from fastconv.bench_args import FULL, PAPER_KERNELS, PAPER_RESOLUTIONS, QUICK, add_arguments  # noqa: F401
 
 # Table 1 of the paper (GTX 2080Ti, B=64, C=384, FP32, PyTorch 1.9.0 + cuDNN 7.6.5; forward only), in ms.
 # Transcribed from the table as reprinted with the same caption in the UniRepLKNet journal extension
@@ -115,17 +115,41 @@ def bench_one(impl: str, mode: str, b: int, c: int, r: int, k: int, layers: int,
     return timer(fn)
 
 
+def check_device(device: str | None) -> torch.device:
+    """The benchmark's device (default: cuda when available); ValueError (one line) for an unknown one or a
+    missing CUDA device."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
 def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None = None, channels: int = 384,
         layers: int = 24, repeats: int = 3, warmup: int = 1, device: str | None = None, modes=("fwd", "fwdbwd"),
         impls=IMPLS, show_progress: bool = True, sgemm_size: int | None = None) -> dict:
     """Measure the table; returns {"meta": ..., "rows": [...]} (pure: prints and writes nothing)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    batch = batch or (64 if dev.type == "cuda" else 2)
+    dev = check_device(device)
+    batch = (64 if dev.type == "cuda" else 2) if batch is None else batch
+    if not kernels or not resolutions:
+        raise ValueError("--kernels and --resolutions need at least one value")
     for k in kernels:
         if k % 2 == 0 or k < 1:
             raise ValueError(f"kernel {k} unsupported: odd sizes only")
-    if min(resolutions) < 1 or batch < 1 or layers < 1 or repeats < 1 or channels < 1:
-        raise ValueError("resolutions, batch, channels, layers and repeats must be positive")
+    for name, v in (("resolutions", min(resolutions)), ("batch", batch), ("channels", channels), ("layers", layers),
+                    ("repeats", repeats)):
+        if v < 1:
+            raise ValueError(f"--{name} must be positive, got {v}")
+    if warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, got {warmup}")
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # cuDNN at its best (the comparison the paper's Table 1 makes)
     timer = Timer(dev, warmup, repeats)
@@ -250,16 +274,12 @@ def write_results(result: dict, out_dir: str | os.PathLike, argv: list[str] | No
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
-    kw = dict(kernels=args.kernels, resolutions=args.resolutions, batch=args.batch, channels=args.channels,
-              layers=args.layers, repeats=args.repeats, warmup=args.warmup, device=args.device,
-              modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,))
-    if args.quick:
-        kw.update(kernels=(3, 13, 31), resolutions=(16, 32), layers=4, repeats=2)
-        if args.batch is None and not (args.device or "").startswith("cuda") and not torch.cuda.is_available():
-            kw["batch"] = 1
-    if kw["device"] and kw["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available")
-    result = run(**kw)
+    sizes = QUICK if args.quick else FULL
+    kw = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()}
+    dev = check_device(args.device)
+    batch = 1 if args.batch is None and args.quick and dev.type == "cpu" else args.batch
+    result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev),
+                 modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,))
     return result, write_results(result, args.out)
 
 

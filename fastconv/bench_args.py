@@ -14,15 +14,22 @@ def _ints(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+#: the table's size (the paper's Table 1) and ``--quick``'s; an explicit option wins over either
+FULL = {"kernels": PAPER_KERNELS, "resolutions": PAPER_RESOLUTIONS, "layers": 24, "repeats": 3}
+QUICK = {"kernels": (3, 13, 31), "resolutions": (16, 32), "layers": 4, "repeats": 2}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernels", type=_ints, default=PAPER_KERNELS, help="comma-separated odd kernel sizes")
-    p.add_argument("--resolutions", type=_ints, default=PAPER_RESOLUTIONS, help="comma-separated R")
+    p.add_argument("--kernels", type=_ints, default=None,
+                   help="comma-separated odd kernel sizes (default: the paper's 3..31)")
+    p.add_argument("--resolutions", type=_ints, default=None, help="comma-separated R (default 16,32,64)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 64 on GPU, 2 on CPU)")
     p.add_argument("--channels", type=int, default=384)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--layers", type=int, default=None, help="stacked depthwise layers (default 24)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repeats first (default 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both")
-    p.add_argument("--quick", action="store_true", help="K 3,13,31; R 16,32; 4 layers; 2 repeats; batch 1 on CPU")
+    p.add_argument("--quick", action="store_true", help="defaults K 3,13,31; R 16,32; 4 layers; 2 repeats; batch 1 "
+                                                        "on CPU (explicit options win)")
     p.add_argument("--out", default="runs/fastconv-bench", help="output directory (table.csv, results.json, run.json)")

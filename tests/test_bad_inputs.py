@@ -54,6 +54,8 @@ def bad(tmp_path_factory):
     write_run_dir(d / "good_run", np.ones((9, 9)), {"model": "m"})
     (d / "no_npy").mkdir()
     (d / "no_npy" / "run.json").write_text("{}")
+    (d / "interrupted").mkdir()
+    (d / "interrupted" / ".erf_state.npz").write_bytes(b"progress")
     (d / "garbage_npy").mkdir()
     (d / "garbage_npy" / "erf.npy").write_bytes(b"not a numpy file")
     write_run_dir(d / "bad_type", np.ones((9, 9)), {"model": "m"})
@@ -81,6 +83,9 @@ def _cases():
     add("device-cuda-x", [*SMALL, "--device", "cuda:x"], "unknown device")
     add("override-nonsense", [*SMALL, "--override", "channels=(8,8)"], "one kernel size")
     add("override-unknown-key", [*SMALL, "--override", "colour=7"], "does not accept")
+    add("pretrained-unpublished", ["compute", "--model", "resnet18", "--override", "pretrained=True"],
+        "model 'resnet18' has no published weights in erf-lab; pass a file (--weights) or use a model that ships "
+        "them: efficientnet_lite0 (timm/<name> downloads its own)")
     add("override-no-equals", [*SMALL, "--override", "channels"], "key=value")
     # compute: image folders
     add("images-missing", [*SMALL, "--images", "{bad}/nope"], "image folder not found")
@@ -95,18 +100,28 @@ def _cases():
     add("weights-truncated", [*SMALL, "--weights", "{bad}/truncated.pth"], "cannot read checkpoint")
     add("weights-wrong-model", [*SMALL, "--weights", "{bad}/resnet.pth"], "missing")
     add("weights-wrong-shape", [*SMALL, "--weights", "{bad}/wrong_shape.pth"], "shape")
+    add("weights-other-size", ["compute", "--model", "replknet_3", *TINY[2:], "--weights", "{bad}/tiny.pth"],
+        "does not match RepLKNet (a checkpoint of another architecture or size")
     add("weights-malicious", [*SMALL, "--weights", "{bad}/evil.pth"], "could run code")
     add("weights-malicious-plain-pickle", [*SMALL, "--weights", "{bad}/evil_plain.pth"], "cannot read checkpoint")
     # compute: --out
     add("out-is-file", [*SMALL, "--out", "{bad}/file.txt"], "is a file")
     add("out-under-file", [*SMALL, "--out", "{bad}/file.txt/run"], "lies under a file")
     add("resume-without-out", [*SMALL, "--resume"], "--resume needs --out")
+    add("resume-and-force", [*SMALL, "--resume", "--force", "--out", "{out}"],
+        "--resume and --force exclude each other")
+    add("checkpoint-seconds-negative", [*SMALL, "--checkpoint-seconds", "-1"],
+        "--checkpoint-seconds must be 0 or more, got -1")
     # layers
     add("layers-unknown-model", ["layers", "--model", "nope_model"], "unknown model")
     add("layers-size-0", ["layers", *TINY, "--input-size", "0"], "")
+    add("layers-filter-nothing", ["layers", "--model", "resnet18", "--filter", "layer5"],
+        "--filter 'layer5' matches no layer of resnet18; close names: layer4, layer3, layer2")
     # analyze / compare: corrupt run directories
     add("analyze-missing", ["analyze", "{bad}/nope"], "no such run directory")
     add("analyze-no-npy", ["analyze", "{bad}/no_npy"], "no erf.npy")
+    add("analyze-interrupted", ["analyze", "{bad}/interrupted"], "an interrupted run: continue it with 'erf-lab "
+        "compute --resume --out {bad}/interrupted' and its options")
     add("analyze-garbage-npy", ["analyze", "{bad}/garbage_npy"], "corrupt")
     add("analyze-run-json-type", ["analyze", "{bad}/bad_type"], "field 'theoretical_rf' must be integer or null")
     add("analyze-run-json-corrupt", ["analyze", "{bad}/bad_json"], "corrupt JSON")
@@ -136,6 +151,14 @@ def _cases():
     add("reparam-unknown-model", ["reparam", "--model", "replknet_99", "--out", "{out}/x.pth"], "unknown model")
     add("reparam-text-weights", ["reparam", *TINY, "--weights", "{bad}/notes.pth", "--out", "{out}/x.pth"],
         "cannot read checkpoint")
+    add("reparam-out-under-file", ["reparam", *TINY, "--out", "{bad}/file.txt/x.pth"],
+        "--out's folder {bad}/file.txt is a file")
+    # bench (fastconv's Table 1): explicit options win over --quick's and are checked
+    add("bench-quick-even-kernel", ["bench", "--quick", "--kernels", "4", "--out", "{out}"], "kernel 4 unsupported")
+    add("bench-batch-0", ["bench", "--quick", "--batch", "0", "--out", "{out}"], "--batch must be positive, got 0")
+    add("bench-device-foo", ["bench", "--quick", "--device", "foo", "--out", "{out}"], "unknown device 'foo'")
+    # data
+    add("data-dest-under-file", ["data", "download", "--dest", "{bad}/file.txt/dl"], "--dest {bad}/file.txt/dl lies")
     # shape-bias
     add("shape-bias-untrained", ["shape-bias", "--model", "resnet50", "--out", "{out}"], "--allow-random")
     add("shape-bias-stimuli-missing", ["shape-bias", *TINY, "--allow-random", "--stimuli", "{bad}/nope",
@@ -154,6 +177,7 @@ def _cases():
     add("train-data-missing", [*tr, "--batch-size", "4", "--data", "{bad}/nope", "--out", "{out}"], "")
     add("train-data-empty", [*tr, "--batch-size", "4", "--data", "{bad}/empty", "--out", "{out}"], "")
     add("train-out-is-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt"], "")
+    add("train-out-under-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt/tr"], "lies under a file")
     add("shape-bias-cue-world-untrained", ["shape-bias", *TINY, "--stimuli", "cue-world", "--out", "{out}"],
         "random weights means nothing")
     add("shape-bias-builtin-unknown", ["shape-bias", "--model", "replknet_31b", "--weights", "builtin:cue-world/K99",
@@ -191,10 +215,38 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_complete(argv, pattern, 
     assert "Traceback" not in err + stdout
     error_lines = [line for line in err.splitlines() if "error:" in line]
     assert len(error_lines) == 1, err
-    assert pattern in error_lines[0], error_lines[0]
+    assert pattern.format(bad=bad) in error_lines[0], error_lines[0]
     if out.exists():
         found = [p.name for p in out.rglob("*") if p.name in COMPLETE_MARKERS]
         assert not found, found
     import pathlib
 
     assert not pathlib.Path("/tmp/erf-lab-pwned").exists()  # the malicious checkpoint never ran
+
+
+@pytest.mark.parametrize("argv", [
+    ["reparam", *TINY, "--out", "{out}/x.pth"],
+    ["train", *TINY, "--input-size", "32", "--num-classes", "4", "--train-size", "16", "--epochs", "1", "--quiet",
+     "--out", "{out}/tr"],
+    ["data", "download", "--dest", "{out}/dl"],
+], ids=["reparam", "train", "data-download"])
+def test_read_only_output_is_one_error_line_before_the_work(argv, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import erf_lab.io as io
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", refuse)
+    code = main([a.format(out=tmp_path) for a in argv])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and stdout == "" and "Traceback" not in err
+    assert err.count("error:") == 1 and "is not writable: Read-only file system" in err, err
+
+
+def test_data_info_names_a_bad_erf_lab_data(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("ERF_LAB_DATA", str(tmp_path / "nonexistent"))
+    assert main(["data", "info"]) == 2
+    assert capsys.readouterr().err.strip() == (f"erf-lab data: error: ERF_LAB_DATA={tmp_path / 'nonexistent'} is "
+                                               "not a folder; point it at the folder holding cue-conflict/ or unset it")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import numpy as np
 import pytest
@@ -39,6 +40,25 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
     with pytest.raises(CheckpointError):
         create_model("replknet_31b", weights=str(path), **TINY)
+    assert not marker.exists()
+
+
+def test_refusals_never_pass_on_torchs_advice_to_load_unsafely(tmp_path):
+    from erf_lab.train.checkpoints import STATE_FILE, load_state
+
+    marker = tmp_path / "pwned"
+    torch.save({"settings": {}, "payload": _Evil(marker)}, tmp_path / STATE_FILE)
+    (tmp_path / "text.pth").write_text("notes\n")
+    with pytest.raises(ErfLabError) as state:
+        load_state(tmp_path)
+    with pytest.raises(CheckpointError) as text:
+        load_state_dict_file(tmp_path / "text.pth")
+    assert re.fullmatch(rf"refusing to load the training state {re.escape(str(tmp_path / STATE_FILE))}: it "
+                        r"references the Python object (posix|os|nt)\.system \(loading it could run code\); start "
+                        r"again with --force", str(state.value))
+    assert str(text.value).endswith("(UnpicklingError: Unsupported operand 110)")
+    for msg in (str(state.value), str(text.value)):
+        assert "weights_only" not in msg and "Re-running" not in msg and "\n" not in msg
     assert not marker.exists()
 
 
@@ -155,6 +175,17 @@ def test_head_of_other_class_count(tmp_path):
         create_model("replknet_31b", weights=str(path), **TINY)
     m = create_model("replknet_31b", weights=str(path), drop_head=True, **TINY)
     assert m.head.out_features == 10
+
+
+def test_checkpoint_of_another_size_is_not_called_a_class_count_mismatch():
+    wider = create_model("replknet_31b", **{**TINY, "channels": (8, 8, 8, 16)}).state_dict()
+    head_input = {**_model().state_dict(), "head.weight": torch.randn(10, 16)}  # same class count, other width
+    for sd, first in ((wider, "53 shape mismatch(es)"), (head_input, "head.weight is (10, 16) in the file, (10, 8)")):
+        with pytest.raises(CheckpointError) as e:
+            load_weights(_model(), sd, source="ck.pth")
+        msg = str(e.value)
+        assert msg.startswith("ck.pth does not match RepLKNet (a checkpoint of another architecture or size")
+        assert "classes" not in msg and first in msg, msg
 
 
 def test_generic_module_without_head_names():

@@ -178,3 +178,45 @@ def test_layers_command_lists_names_shapes_and_rf(capsys):
     assert any(line.split()[0] == "stages.0.blocks.0.large_kernel" and line.split()[-1] == "131" for line in lines)
     code, _, err = _cli(capsys, "layers", "--model", "nope_model")
     assert code == 2 and "unknown model" in err
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_reparam_of_random_init_stays_random_through_compute_and_compare(tmp_path, capsys, suffix):
+    from safetensors import safe_open
+
+    ckpt = tmp_path / f"deploy{suffix}"
+    code, stdout, err = _cli(capsys, "reparam", *TINY, "--check-size", "32", "--out", str(ckpt))
+    assert code == 0, err
+    assert "(random init, seed 0; the output is marked as untrained)" in stdout
+    sidecar = json.loads((tmp_path / f"deploy{suffix}.run.json").read_text())
+    assert sidecar["random_init"] is True and sidecar["init_seed"] == 0
+    if suffix == ".safetensors":
+        with safe_open(str(ckpt), framework="pt") as f:
+            assert f.metadata() == {"erf_lab_random_init": "true", "erf_lab_init_seed": "0"}
+    run = tmp_path / "run"
+    code, stdout, err = _cli(capsys, "compute", *TINY, "--weights", str(ckpt), "--num-images", "1",
+                             "--input-size", "32", "--out", str(run), "--quiet")
+    assert code == 0, err
+    assert f"(random initialization: {ckpt} holds untrained weights" in stdout
+    info = json.loads((run / "run.json").read_text())
+    assert info["random_init"] is True and info["init_seed"] == 0 and info["weights"] == str(ckpt.resolve())
+    assert info["train_size"] is None
+    code, stdout, err = _cli(capsys, "compare", str(run), "--labels", "mine", "--out", str(tmp_path / "cmp"),
+                             "--formats", "png")
+    assert code == 0, err
+    assert "| mine (random init) | measured |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert "\nmine (random init),measured," in (tmp_path / "cmp" / "compare.csv").read_text()
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert rows[0]["random_init"] is True and rows[0]["label"] == "mine (random init)"
+    assert "random_init" not in rows[1] and rows[1]["source"] == "paper"
+
+
+def test_trained_checkpoint_is_not_random_init(tmp_path):
+    from erf_lab.checkpoint import random_init_record
+    from erf_lab.models import create_model
+
+    path = tmp_path / "trained.pth"
+    torch.save(create_model("replknet_31b", **TINY_KW).state_dict(), path)
+    assert random_init_record(path) is None
+    (tmp_path / "trained.pth.run.json").write_text('{"random_init": false}')
+    assert random_init_record(path) is None

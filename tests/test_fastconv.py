@@ -389,6 +389,43 @@ def test_bench_cli_bad_kernel_exits_2(cli, tmp_path, capsys):
     assert "kernel 4 unsupported" in err and "Traceback" not in err and err.count("error:") == 1
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--quick", "--kernels", "4"], "kernel 4 unsupported: odd sizes only"),
+    (["--quick", "--batch", "0"], "--batch must be positive, got 0"),
+    (["--quick", "--repeats", "0"], "--repeats must be positive, got 0"),
+    (["--quick", "--warmup", "-1"], "--warmup must be 0 or more, got -1"),
+    (["--quick", "--device", "foo"], "unknown device 'foo'; use cpu, cuda or cuda:N"),
+])
+def test_bench_bad_options_exit_2_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    import fastconv.bench as fb
+
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a: pytest.fail("the benchmark started"))
+    assert fb.main([*argv, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"fastconv.bench: error: {message}" and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--quick"], dict(kernels=(3, 13, 31), resolutions=(16, 32), layers=4, repeats=2, batch=1)),
+    (["--quick", "--kernels", "5", "--resolutions", "8", "--layers", "1", "--repeats", "1", "--batch", "3"],
+     dict(kernels=(5,), resolutions=(8,), layers=1, repeats=1, batch=3)),
+    (["--layers", "2"], dict(kernels=(3, 5, 7, 9, 13, 17, 21, 27, 29, 31), resolutions=(16, 32, 64), layers=2,
+                             repeats=3, batch=None)),
+])
+def test_bench_explicit_options_win_over_quick(argv, expected, tmp_path, monkeypatch):
+    import argparse
+
+    import fastconv.bench as fb
+
+    seen = {}
+    monkeypatch.setattr(fb, "run", lambda **kw: seen.update(kw) or {})
+    monkeypatch.setattr(fb, "write_results", lambda result, out: [])
+    p = argparse.ArgumentParser()
+    fb.add_arguments(p)
+    fb.run_from_args(p.parse_args([*argv, "--device", "cpu", "--warmup", "0"]))
+    assert {k: seen[k] for k in expected} == expected and seen["warmup"] == 0 and seen["device"] == "cpu"
+
+
 def test_autotune_skips_a_candidate_that_fails(monkeypatch):
     real = dispatch._time_backend
 

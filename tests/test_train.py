@@ -191,6 +191,9 @@ def _bad_cases(tmp_path):
         "missing split": (["--data", str(missing), "--batch-size", "4"], "no val/ folder"),
         "empty split": (["--data", str(empty), "--batch-size", "4"], "no readable image"),
         "class in one split": (["--data", str(one_split), "--batch-size", "4"], "'c' is only in train/"),
+        "other class count": (["--data", str(good), "--batch-size", "4", "--num-classes", "5"],
+                              f"--num-classes 5, but {good} has 2 classes (a, b); drop --num-classes or use a "
+                              "folder with 5"),
         "data is a file": (["--data", str(good / "train" / "a" / "0.png")], "must be a folder"),
         "batch size 0": ([*cue, "--batch-size", "0"], "--batch-size must be at least 1"),
         "negative batch size": ([*cue, "--batch-size", "-3"], "--batch-size must be at least 1"),

@@ -99,6 +99,12 @@ def test_timeline_measures_each_checkpoint_once(tiny_run, tmp_path):
     assert (run / "timeline" / "timeline.png").is_file()
     lines = (run / "timeline" / "timeline.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("epoch,area@20%")
+    elsewhere = tmp_path / "elsewhere"  # --out: the caches and results of a read-only run in another folder
+    shutil.copytree(run / "timeline", elsewhere)
+    (elsewhere / "timeline.csv").unlink()
+    moved = timeline(run, out=elsewhere, **kw)
+    assert moved["measured"] == {"erf": 0, "probe": 0} and moved["out_dir"] == elsewhere
+    assert (elsewhere / "timeline.csv").read_text().splitlines() == lines
 
 
 def test_timeline_bad_input(tiny_run, tmp_path, capsys):
@@ -114,6 +120,26 @@ def test_timeline_bad_input(tiny_run, tmp_path, capsys):
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and "error:" in lines[0] and pattern in lines[0], err
     assert not (no_ckpt / "timeline").exists()
+    (tmp_path / "file").write_text("x")
+    for extra, pattern in ((["--input-size", "-1"], "--input-size must be a positive integer, got -1"),
+                           (["--input-size", "0"], "--input-size must be a positive integer, got 0"),
+                           (["--out", str(tmp_path / "file" / "t")], f"lies under a file ({tmp_path / 'file'})")):
+        assert main(["timeline", str(tiny_run), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and pattern in err and "Traceback" not in err, err
+
+
+def test_timeline_of_a_read_only_run_points_to_out(tiny_run, capsys, monkeypatch):
+    import erf_lab.io as io
+
+    def refuse(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", refuse)
+    assert main(["timeline", str(tiny_run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"erf-lab timeline: error: --out {tiny_run / 'timeline'} is not writable: Read-only file "
+                           "system; pass --out FOLDER to write elsewhere")
 
 
 def test_shape_bias_cli_on_cue_world(tiny_run, tmp_path, capsys):

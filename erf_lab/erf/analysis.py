@@ -5,7 +5,7 @@ import os
 from typing import Sequence
 
 from erf_lab.erf.metrics import compute_metrics, summary
-from erf_lab.erf.rundir import METRICS_FILE, load_run
+from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, markdown_table,
                                 metrics_text, table_rows)
 from erf_lab.errors import ErfLabError
@@ -32,7 +32,8 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     prefix = "" if stem == "erf" else f"{stem}."
     mpath = out_dir / f"{prefix}{METRICS_FILE}"
     write_json(mpath, metrics)
-    files = [mpath] + plot_erf(run.erf, out_dir / stem, title=run.label, formats=tuple(formats), display=display)
+    title = f"{run.label} {RANDOM_MARK}" if (run.run_info or {}).get("random_init") else run.label
+    files = [mpath] + plot_erf(run.erf, out_dir / stem, title=title, formats=tuple(formats), display=display)
     text = metrics_text(metrics, run.label)
     record = provenance("analyze", {"source": str(run.npy.resolve()), "out": str(out_dir.resolve()),
                                     "formats": list(formats), "theoretical_rf": trf,
@@ -74,6 +75,10 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
         names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
         for r, n in zip(runs, names):
             r.label = n
+    random = [bool((r.run_info or {}).get("random_init")) for r in runs]
+    for r, rand in zip(runs, random):  # every table row and heatmap title of an untrained model says so
+        if rand:
+            r.label = f"{r.label} {RANDOM_MARK}"
     out_dir = prepare_out_dir(out)
     mixed = len({r.erf.shape for r in runs}) > 1
     measured = [(r.label, compute_metrics(r.erf, theoretical_rf=r.theoretical_rf)) for r in runs]
@@ -96,11 +101,15 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
                 "(--allow-mixed-sizes draws each map at its own size)" if not allow_mixed_sizes else "")
                 + ". Compare the size-free columns: r_rms, r20/r50/r99 (radius holding that share of the mass) and "
                 "the Gaussian sigma, all in pixels.")
+    if any(random):
+        note += f" {RANDOM_MARK}: randomly initialised weights (never trained), not comparable to trained models."
     write_text(out_dir / "compare.md", md + "\n\n" + note + "\n")
     write_text(out_dir / "compare.csv", csv_s)
     record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": names,
                                     "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
                                     "normalize": normalize, "display": display}, argv)
+    for row, rand in zip(rows, random):  # the measured rows come first
+        row["random_init"] = rand
     record["rows"] = rows
     record["mixed_sizes"] = mixed
     record["files"] = [p.name for p in figs] + ["compare.md", "compare.csv"]

@@ -25,6 +25,10 @@ from erf_lab.provenance import now
 ERF_FILE, METRICS_FILE, RUN_FILE = "erf.npy", "metrics.json", "run.json"
 RUN_SCHEMA_VERSION = 1
 RUN_KIND = "erf"
+#: the resumable progress of an interrupted ``erf-lab compute`` (one file per process)
+STATE_GLOB = ".erf_state*.npz"
+#: appended to the title / label of an ERF measured with random weights (run.json ``random_init``)
+RANDOM_MARK = "(random init)"
 
 _NUM = (int, float)
 _STR_OR_NONE = (str, type(None))
@@ -36,7 +40,7 @@ RUN_FIELDS: dict[str, tuple] = {
     "schema_version": (int,), "kind": (str,), "label": _STR_OR_NONE, "config": (dict,), "tags": (dict,),
     # model
     "model": (str,), "overrides": (dict,), "weights": _STR_OR_NONE, "weights_sha256": _STR_OR_NONE,
-    "random_init": (bool,), "drop_head": (bool,), "train_size": _INT_OR_NONE,
+    "random_init": (bool,), "init_seed": _INT_OR_NONE, "drop_head": (bool,), "train_size": _INT_OR_NONE,
     # measurement
     "layer": (str,), "aggregate": (str,), "input_size": (int,), "feature_shape": (list,),
     "theoretical_rf": _INT_OR_NONE, "target": _STR_OR_NONE, "map": _STR_OR_NONE, "gradient": _STR_OR_NONE,
@@ -113,7 +117,7 @@ def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_r
     write_json(out / METRICS_FILE, metrics)
     title = info.get("label") or info.get("model")
     if info.get("random_init"):
-        title = f"{title} (random init)"
+        title = f"{title} {RANDOM_MARK}"
     figs = plot_erf(a, out / "erf", title=title, formats=tuple(formats), display=display)
     info["metrics_summary"] = summary(metrics)
     info["files"] = [ERF_FILE, METRICS_FILE] + [p.name for p in figs]
@@ -197,7 +201,11 @@ def load_run(path: str | os.PathLike) -> Run:
     if p.is_dir():
         npy = p / ERF_FILE
         if not npy.is_file():
-            hint = " (incomplete run? it has no run.json either)" if not (p / RUN_FILE).exists() else ""
+            hint = ""
+            if any(p.glob(STATE_GLOB)):
+                hint = f" (an interrupted run: continue it with 'erf-lab compute --resume --out {p}' and its options)"
+            elif not (p / RUN_FILE).exists():
+                hint = " (incomplete run? it has no run.json either)"
             raise ErfLabError(f"{p} is not a run directory: no {ERF_FILE}{hint}")
         run_dir = p
     else:

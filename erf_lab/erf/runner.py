@@ -25,17 +25,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from erf_lab.checkpoint import resolve_weights
+from erf_lab.checkpoint import random_init_record, resolve_weights
 from erf_lab.erf import distributed as D
 from erf_lab.erf.attribution import AGGREGATES
 from erf_lab.erf.compute import Accumulator, compute_erf
 from erf_lab.erf.prepare import CONV_BACKENDS, check_device
-from erf_lab.erf.rundir import RUN_FILE, load_run, write_run_dir
+from erf_lab.erf.rundir import RUN_FILE, STATE_GLOB, load_run, write_run_dir
 from erf_lab.errors import ErfLabError
 from erf_lab.provenance import now, provenance
 
 OUTPUT_FILES = ("erf.npy", "metrics.json", "erf.png", "erf.pdf", "erf.svg", RUN_FILE)
-STATE_GLOB = ".erf_state*.npz"
 CHECKPOINT_SECONDS = 30.0
 #: largest accepted --input-size (pixels per side); the paper measures at 1024. Larger inputs need memory for
 #: every activation of the model at that size (RepLKNet-31B: ~4.5 GiB at 1024^2, growing with the area).
@@ -192,6 +191,14 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
 _SIZE_IN_NAME = re.compile(r"(?:^|[_\-.])(\d{3,4})(?=[_\-.]|$)")
 
 
+def random_init(spec: ErfSpec) -> dict | None:
+    """``{"seed": ...}`` when the measured weights are random: no weights and not ``pretrained``, or a file
+    marked as a random initialisation (``erf-lab reparam`` of an untrained model); None for trained weights."""
+    if spec.weights is None:
+        return None if spec.overrides.get("pretrained") else {"seed": spec.seed}
+    return random_init_record(spec.weights)
+
+
 def training_resolution(spec: ErfSpec, model) -> int | None:
     """The model's training resolution: ``spec.train_size``; None for a randomly initialised model (it was never
     trained); else a ``builtin:`` model's training record, a 3-4 digit size in the checkpoint's file name (the
@@ -199,7 +206,7 @@ def training_resolution(spec: ErfSpec, model) -> int | None:
     ``pretrained_cfg`` / ``default_cfg`` ``input_size``."""
     if spec.train_size is not None:
         return int(spec.train_size)
-    if not spec.weights and not spec.overrides.get("pretrained"):
+    if random_init(spec) is not None:
         return None
     if spec.weights:
         record = resolve_weights(spec.weights)[1]
@@ -510,12 +517,14 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
     used = sorted((p for p in result.processed if p not in skipped_ids), key=lambda p: order.get(p, 1 << 30))
     skipped = [list(s) for s in source.skipped] + result.skipped
     new_images = max(1, len(result.processed) - resumed_from)
+    init = random_init(spec)
     return {
         "label": label, "config": _normalise(config), "tags": _normalise(tags),
         "model": spec.model, "overrides": _normalise(spec.config()["overrides"]),
         "weights": str(resolve_weights(spec.weights)[0].resolve()) if spec.weights else None,
         "weights_sha256": config["weights"],
-        "random_init": spec.weights is None and not spec.overrides.get("pretrained"), "drop_head": spec.drop_head,
+        "random_init": init is not None, "init_seed": None if init is None else init["seed"],
+        "drop_head": spec.drop_head,
         "train_size": train_size, "size_note": size_note(spec.input_size, train_size),
         "layer": geom["layer"], "aggregate": spec.aggregate, "input_size": spec.input_size,
         "feature_shape": geom["feature_shape"], "theoretical_rf": geom["theoretical_rf"],

@@ -43,8 +43,10 @@ def official_deploy_layout(model: nn.Module, inplace: bool = False) -> nn.Module
                       "and SLaK have an official deploy layout)")
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path) -> Path:
-    """Write a state dict atomically: ``.safetensors`` by suffix, else a plain ``torch.save`` tensor dict."""
+def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path, metadata: dict[str, str] | None = None
+                    ) -> Path:
+    """Write a state dict atomically: ``.safetensors`` (with ``metadata``) by suffix, else a plain ``torch.save``
+    tensor dict."""
     from erf_lab.io import atomic_path
 
     out = Path(out)
@@ -53,7 +55,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path) -> Pat
         if out.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata=metadata)
         else:
             torch.save(tensors, tmp)
     return out
@@ -67,9 +69,11 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
 
     Returns a summary: parameters and MACs ("FLOPs", paper convention) before/after, the max relative logit
     error, output path, its SHA-256 and the number of keys. The model runs in eval mode (BN running statistics),
-    where the merge is exact up to float rounding.
+    where the merge is exact up to float rounding. Without ``weights`` the model is initialised from ``seed``; a
+    random init (or weights that are one) is marked in the output (safetensors metadata and the sidecar).
     """
-    from erf_lab.io import progress, sha256_file, write_json
+    from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, random_init_record
+    from erf_lab.io import prepare_out_dir, progress, sha256_file, write_json
     from erf_lab.models.registry import create_model
 
     out = Path(out)
@@ -77,11 +81,15 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         raise ErfLabError(f"output {out} should end in .pth, .pt or .safetensors")
     if batch_size < 1 or input_size < 32:
         raise ErfLabError(f"batch size must be >= 1 and input size >= 32, got {batch_size}, {input_size}")
+    prepare_out_dir(out.parent, what="--out's folder")
+    random_init = random_init_record(weights) if weights is not None else (
+        None if overrides.get("pretrained") else {"seed": seed})
     t0 = time.perf_counter()
     bar = progress(total=6, desc=f"reparam {model_name}", unit="step",
                    disable=None if show_progress is None else not show_progress)
     try:
         bar.set_postfix_str("build")
+        torch.manual_seed(seed)
         model = create_model(model_name, weights=weights, drop_head=drop_head, **overrides)
         if not has_mergeable_kernels(model):
             raise ErfLabError(f"model {model_name!r} has no re-parameterizable large kernels (RepLKNet, UniRepLKNet "
@@ -108,12 +116,15 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         params_after, flops_after = count_params(model), count_flops(model, flops_input_size)
         bar.set_postfix_str("save")
         state = model.state_dict()
-        save_state_dict(state, out)
+        marker = None if random_init is None else {RANDOM_INIT_KEY: "true", **(
+            {} if random_init["seed"] is None else {INIT_SEED_KEY: str(random_init["seed"])})}
+        save_state_dict(state, out, metadata=marker)
         bar.update()
     finally:
         bar.close()
     summary = dict(
         model=model_name, weights=str(weights) if weights else None, drop_head=drop_head,
+        random_init=random_init is not None, init_seed=None if random_init is None else random_init["seed"],
         overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
         out=str(out), sha256=sha256_file(out), num_keys=len(state),
         params_before=params_before, params_after=params_after,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from typing import Callable
 
 import torch.nn as nn
@@ -24,6 +25,11 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
     return sorted(_MODELS)
+
+
+def pretrained_models() -> list[str]:
+    """Registered models that can load published weights (``pretrained=True``), sorted."""
+    return [n for n in list_models() if "pretrained" in inspect.signature(_MODELS[n]).parameters]
 
 
 def is_model(name: str) -> bool:
@@ -80,6 +86,9 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
         if _implies_deploy(state_dict):
             deploy = True
     kwargs = dict(overrides)
+    if kwargs.get("pretrained") and name in _MODELS and "pretrained" not in inspect.signature(factory).parameters:
+        raise ErfLabError(f"model {name!r} has no published weights in erf-lab; pass a file (--weights) or use a "
+                          f"model that ships them: {', '.join(pretrained_models())} (timm/<name> downloads its own)")
     if deploy and not is_timm_name(name):  # timm models have no deploy flag (re-parameterized when measured)
         kwargs["deploy"] = True
     known = name in _MODELS or is_timm_name(name)

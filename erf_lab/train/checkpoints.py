@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from erf_lab.checkpoint import blocked_global, load_failure
 from erf_lab.errors import ErfLabError
 from erf_lab.io import atomic_path
 
@@ -85,6 +86,5 @@ def load_state(out_dir: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ErfLabError(f"cannot read the training state {path} (corrupt?): {first}; "
-                          f"start again with --force") from None
+        what = "refusing to load the training state" if blocked_global(e) else "cannot read the training state"
+        raise ErfLabError(f"{what} {path}: {load_failure(e)}; start again with --force") from None

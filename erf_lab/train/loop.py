@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from erf_lab.errors import ErfLabError
 from erf_lab.erf import distributed as D
 from erf_lab.train import checkpoints as C
-from erf_lab.train.data import build_data
+from erf_lab.train.data import CUE_WORLD, build_data
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
 
 COMPLETE_FILE = "run.json"
@@ -240,6 +240,17 @@ def _prepare_out_dir(out: Path, resume: bool, force: bool) -> str:
     return "new"
 
 
+def _check_writable(out: Path) -> None:
+    """ErfLabError (one line) when ``out`` cannot be written (read-only filesystem, permissions); folders made for
+    the check are removed again (training makes them when it starts, so a later error leaves nothing behind)."""
+    from erf_lab.io import prepare_out_dir
+
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    prepare_out_dir(out)
+    for p in made:
+        p.rmdir()
+
+
 def _clear(out: Path) -> None:
     for name in OUR_FILES:
         (out / name).unlink(missing_ok=True)
@@ -247,13 +258,14 @@ def _clear(out: Path) -> None:
 
 
 def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = None, recipe: Recipe | None = None,
-          input_size: int = 64, train_size: int = 2000, val_size: int = 500, num_classes: int = 10,
+          input_size: int = 64, train_size: int = 2000, val_size: int = 500, num_classes: int | None = None,
           resample: bool = False, seed: int = 0,
           device: str = "cpu", amp: str = "auto", channels_last: bool = False, sync_bn: bool = False,
           num_workers: int = 0, resume: bool = False, force: bool = False, checkpoint_format: str = "both",
           show_progress: bool = True, argv: list[str] | None = None, on_step=None) -> dict:
     """Train ``model`` on ``data`` (``"cue-world"`` or an ImageFolder root) into the run folder ``out``.
 
+    ``num_classes``: cue-world's (default 10); for a folder its class count, checked when given.
     Under torchrun (``RANK`` / ``WORLD_SIZE`` set) this is one DDP rank (gloo on CPU, NCCL on CUDA); the batch
     size is per rank. ``on_step(epoch, step)`` is called after every optimizer step (tests use it to interrupt).
     Returns ``{"out_dir", "rows", "run_info", "already_complete"}`` (``run_info`` None on ranks > 0).
@@ -268,6 +280,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
         raise ErfLabError(f"--num-workers must be >= 0, got {num_workers}")
     if not 8 <= int(input_size) <= 4096:
         raise ErfLabError(f"--input-size must be in [8, 4096], got {input_size}")
+    if num_classes is None and str(data) == CUE_WORLD:
+        num_classes = 10
     if checkpoint_format not in C.WEIGHT_FORMATS:
         raise ErfLabError(f"unknown checkpoint format {checkpoint_format!r}; choose {', '.join(C.WEIGHT_FORMATS)}")
     if device == "cpu":
@@ -278,7 +292,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     try:
         with _StopRequest() as stop:
             return _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
-                          int(val_size), int(num_classes), bool(resample), int(seed), D.device_for(device, info),
+                          int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
                           amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
                           checkpoint_format, show_progress, argv, on_step, info, stop)
     finally:
@@ -300,6 +314,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 "world_size": info.world_size}
     try:  # rank 0 decides (the other ranks would race with its first writes) and tells the others
         mode = _prepare_out_dir(out, resume, force) if info.is_main else None
+        if mode in ("new", "resume"):
+            _check_writable(out)
     except ErfLabError as e:
         mode = e
     mode = D.broadcast_object(mode if not isinstance(mode, ErfLabError) else ("error", str(mode)), info)
@@ -323,6 +339,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     if info.world_size > 1 and info.is_main:
         dist.barrier()
     n_classes = len(d.classes)
+    if num_classes is not None and num_classes != n_classes:
+        raise ErfLabError(f"--num-classes {num_classes}, but {data} has {n_classes} classes ({', '.join(d.classes)}); "
+                          f"drop --num-classes or use a folder with {num_classes}")
     B, W = recipe.batch_size, info.world_size
     steps_per_epoch = len(d.train) // (B * W)
     if steps_per_epoch < 1:

@@ -130,12 +130,14 @@ def measure_checkpoint(model: str, weights, overrides: dict, *, erf_dir: Path, p
 
 
 def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_images: int = 20,
-             probe_size: int = 300, device: str = "cpu", formats=("png", "pdf"), show_progress: bool = True) -> dict:
+             probe_size: int = 300, device: str = "cpu", formats=("png", "pdf"), show_progress: bool = True,
+             out: str | os.PathLike | None = None) -> dict:
     """Measure every checkpoint of the training run ``run_dir`` (see the module docstring) and write the table
-    and the figure. ``input_size``: ERF measurement size (default: the training size). Returns
-    ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}}``."""
+    and the figure into ``out`` (default ``RUN/timeline``; another folder for a read-only run). ``input_size``: ERF
+    measurement size (default: the training size). Returns ``{"rows", "out_dir", "measured": {"erf": n, "probe":
+    n}}``."""
     from erf_lab.erf.tables import csv_text
-    from erf_lab.io import progress, write_json, write_text
+    from erf_lab.io import prepare_out_dir, progress, write_json, write_text
     from erf_lab.train.probes import ProbeSpec
 
     run = read_training_run(run_dir)
@@ -144,10 +146,15 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
         raise ErfLabError(f"{run.root}: the timeline's shape-bias probe needs a cue-world run (this one: "
                           f"{s.get('data')})")
     train_size = int(s["input_size"])
+    if input_size is not None and int(input_size) < 1:
+        raise ErfLabError(f"--input-size must be a positive integer, got {input_size}")
     size = int(input_size or train_size)
     if int(num_images) < 1 or int(probe_size) < 1:
         raise ErfLabError("--num-images and --probe-size must be at least 1")
-    out = run.root / "timeline"
+    try:
+        out = prepare_out_dir(run.root / "timeline" if out is None else out)
+    except ErfLabError as e:
+        raise ErfLabError(f"{e}; pass --out FOLDER to write elsewhere" if out is None else str(e)) from None
     images = cue_world_images(out / f"images-{size}px", int(num_images), size, run.num_classes, int(s["seed"]))
     probe_spec = ProbeSpec(train_size, int(probe_size), run.num_classes, int(s["seed"])).validate()
     overrides = {**(s.get("overrides") or {}), "num_classes": run.num_classes}

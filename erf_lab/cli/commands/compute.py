@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and not args.out:
         raise ErfLabError("--resume needs --out DIR (the folder of the interrupted run)")
+    if args.resume and args.force:
+        raise ErfLabError("--resume and --force exclude each other")
+    if args.checkpoint_seconds < 0:
+        raise ErfLabError(f"--checkpoint-seconds must be 0 or more, got {args.checkpoint_seconds:g}")
     spec = ErfSpec(model=args.model, weights=args.weights, drop_head=args.drop_head,
                    overrides=parse_overrides(args.override), images=args.images, num_images=args.num_images,
                    input_size=args.input_size, layer=args.layer, aggregate=args.aggregate, batch_size=args.batch_size,
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         res = run_erf(spec, out=args.out, resume=args.resume, force=args.force, show_progress=not args.quiet,
-                      checkpoint_seconds=max(0.0, args.checkpoint_seconds), argv=["erf-lab", *sys.argv[1:]],
+                      checkpoint_seconds=args.checkpoint_seconds, argv=["erf-lab", *sys.argv[1:]],
                       display=args.display)
     if res["already_complete"]:
         print(f"{res['out_dir']} already holds a complete run; nothing to resume")
@@ -97,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
     from erf_lab.erf.tables import markdown_table, table_rows
 
     print(markdown_table(table_rows([(info["model"], res["metrics"])])))
-    if info["random_init"]:
+    if info["random_init"] and info["weights"]:
+        print(f"(random initialization: {args.weights} holds untrained weights (marked by erf-lab reparam); "
+              "paper rows are trained, 1024px)")
+    elif info["random_init"]:
         print("(random initialization: pass --weights for a trained checkpoint; paper rows are trained, 1024px)")
     print(f"wrote {res['out_dir']}")
     return 0

@@ -28,11 +28,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from erf_lab.errors import ErfLabError
+    from erf_lab.io import prepare_out_dir
     from erf_lab.shape_bias import download as dl
 
     if args.data_command == "download":
         if args.workers < 1:
             raise ErfLabError("--workers must be >= 1")
+        prepare_out_dir(args.dest or dl.default_dest(), what="--dest")
         rep = dl.download(args.dest, base_url=args.base_url, sets=args.sets, workers=args.workers)
         for name, r in rep["sets"].items():
             print(f"{name}: {r['status']} ({r['files']} files) -> {r['path']}")
@@ -43,6 +45,10 @@ def run(args) -> int:
         return 0
     if args.data_command == "info":
         i = dl.info()
+        env = i["env_ERF_LAB_DATA"]
+        if env and not Path(env).expanduser().is_dir():
+            raise ErfLabError(f"ERF_LAB_DATA={env} is not a folder; point it at the folder holding cue-conflict/ or "
+                              "unset it")
         if i["root"] is None:
             print(f"no data found; run 'erf-lab data download' (into {i['cache']}) or set ERF_LAB_DATA")
             return 0

@@ -35,7 +35,14 @@ def layer_table(model_name: str, input_size: int = 224, overrides: dict | None =
         leaf_like = (".bn", ".nonlinear", ".drop_path", ".act", ".relu")
         rows = [r for r in rows if not r["name"].endswith(leaf_like)]
     if contains:
+        names = [r["name"] for r in rows]
         rows = [r for r in rows if contains in r["name"]]
+        if not rows:
+            import difflib
+
+            close = difflib.get_close_matches(contains, names, n=3, cutoff=0.5)
+            raise ErfLabError(f"--filter {contains!r} matches no layer of {model_name}"
+                              + (f"; close names: {', '.join(close)}" if close else "; run without --filter"))
     return rows
 
 

@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
 
     s = export_deploy(args.model, args.out, weights=args.weights, drop_head=args.drop_head,
                       batch_size=args.check_batch, input_size=args.check_size, **parse_overrides(args.override))
-    print(f"model        {s['model']}" + (f"  (weights {s['weights']})" if s["weights"] else "  (random init)"))
+    seed = "" if s["init_seed"] is None else f", seed {s['init_seed']}"
+    init = f"  (random init{seed}; the output is marked as untrained)" if s["random_init"] else ""
+    print(f"model        {s['model']}" + (f"  (weights {s['weights']})" if s["weights"] else "") + init)
     print(f"params       {s['params_before'] / 1e6:.2f}M -> {s['params_after'] / 1e6:.2f}M")
     print(f"FLOPs@{s['flops_input_size']}    {s['flops_before'] / 1e9:.2f}G -> {s['flops_after'] / 1e9:.2f}G (MACs)")
     print(f"max rel err  {s['max_rel_error']:.2e}  (logits, {'x'.join(map(str, s['check_batch']))} random batch)")

@@ -8,7 +8,7 @@ DESCRIPTION = (
     "For every checkpoint RUN_DIR/checkpoints/epoch_XXX of a cue-world training run (complete or still running), "
     "measure the ERF through the ERF runner (paper protocol, metrics.json per checkpoint) on cue-world "
     "validation images and the cue-world probes (shape bias on cue-conflict, shape-only and texture-only "
-    "accuracy). Results are cached per checkpoint in RUN_DIR/timeline/, so a second call measures only new "
+    "accuracy). Results are cached per checkpoint in RUN_DIR/timeline/ (or --out), so a second call measures only new "
     "checkpoints. Writes timeline.csv, timeline.json and timeline.png/pdf (ERF strip over epochs; area ratios, "
     "effective radius, shape bias and val accuracy against epoch)."
 )
@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--probe-size", type=int, default=300, help="images per probe split (default 300)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated (default png,pdf)")
+    p.add_argument("--out", default=None,
+                   help="output and cache folder (default RUN_DIR/timeline; another folder for a read-only run)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -31,7 +33,7 @@ def run(args) -> int:
 
     res = timeline(args.run_dir, input_size=args.input_size, num_images=args.num_images,
                    probe_size=args.probe_size, device=args.device, formats=parse_formats(args.formats),
-                   show_progress=not args.quiet)
+                   show_progress=not args.quiet, out=args.out)
 
     def f(v, fmt=".3f"):
         return "n/a" if v is None else format(v, fmt)

@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="cue-world", help="'cue-world' (default) or a folder with train/ and val/")
     p.add_argument("--train-size", type=int, default=2000, help="cue-world training images (default 2000)")
     p.add_argument("--val-size", type=int, default=500, help="cue-world validation images (default 500)")
-    p.add_argument("--num-classes", type=int, default=10, help="cue-world classes, 2-12 (default 10)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="cue-world classes, 2-12 (default 10); with --data FOLDER: checked against its classes")
     p.add_argument("--resample", action="store_true",
                    help="cue-world: new training images every epoch (--train-size per epoch, an endless stream)")
     p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
