@@ -197,6 +197,7 @@ def sweep_member(k: int, *, reparam: str, init: str, weights_dir: str | None, in
     out = app_runs_dir() / f"sweep-{tag}" / f"K{k}"
     res = run_sweep([k], reparam=reparam, init=init, weights_dir=weights_dir, input_size=input_size,
                     num_images=num_images, overrides=parse_overrides(overrides_json), out=out, formats=("png",),
+                    force=True,  # a cache: a member of other settings (e.g. a replaced checkpoint) is measured again
                     layer=layer, show_progress=False, argv=["streamlit", "app/main.py", "(growth page)"])
     maps = {row["reparam"]: load_run(out / row["run_dir"]).erf for row in res["rows"]}
     return {"rows": res["rows"], "reparam_diff": res["reparam_diff"], "maps": maps, "out_dir": str(out)}
@@ -239,6 +240,6 @@ def size_sweep(sizes: tuple[int, ...], *, model: str, overrides_json: str, num_i
     tag = hashlib.sha256(json.dumps([sorted(sizes), model, overrides_json, num_images, reparam]).encode()).hexdigest()
     out = app_runs_dir() / f"size-sweep-{tag[:12]}"
     res = run_sweep(None, input_sizes=sorted(sizes), model=model, reparam=reparam, num_images=num_images,
-                    overrides=check, out=out, formats=("png", "pdf"), show_progress=False,
+                    overrides=check, out=out, formats=("png", "pdf"), show_progress=False, force=True,
                     argv=["streamlit", "app/main.py", "(growth page, vs input size)"])
     return {"rows": res["rows"], "out_dir": str(out), "markdown": res["markdown"]}

@@ -20,7 +20,8 @@ def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_j
     """The run directory of ``model_name`` on ``limit`` cue-conflict images (reused when it already holds the
     result); random init is seeded and marked as untrained in the results (``random_weights``)."""
     check_registered(model_name)
-    tag = hashlib.sha256(json.dumps([model_name, pretrained, limit, overrides_json, sha(weights)]).encode()
+    # "whole": the stimulus geometry (model-vs-human's whole images); results of the earlier crop are not reused
+    tag = hashlib.sha256(json.dumps([model_name, pretrained, limit, overrides_json, sha(weights), "whole"]).encode()
                          ).hexdigest()[:12]
     out = app_runs_dir() / f"shape-bias-{model_name}-{tag}"
     if (out / "summary.json").is_file() and (out / "decisions.csv").is_file():

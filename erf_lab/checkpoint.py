@@ -53,6 +53,8 @@ def random_init_record(weights: str | os.PathLike) -> dict | None:
     metadata, or the ``<file>.run.json`` that ``erf-lab reparam`` writes beside it); None otherwise."""
     import json
 
+    from erf_lab.io import sha256_file
+
     path = resolve_weights(weights)[0]
     meta = {}
     if path.suffix == ".safetensors":
@@ -66,8 +68,11 @@ def random_init_record(weights: str | os.PathLike) -> dict | None:
         return {"seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else None}
     with contextlib.suppress(OSError, ValueError):
         sidecar = json.loads(path.with_name(path.name + ".run.json").read_text(encoding="utf-8"))
-        if isinstance(sidecar, dict) and sidecar.get("random_init") is True:
-            return {"seed": sidecar.get("init_seed")}
+        # the sidecar speaks for the file it was written with, not for other weights saved there later
+        if isinstance(sidecar, dict) and sidecar.get("random_init") is True and \
+                sidecar.get("sha256") == sha256_file(path):
+            seed = sidecar.get("init_seed")
+            return {"seed": seed if isinstance(seed, int) else None}
     return None
 
 

@@ -61,12 +61,16 @@ def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
         if parent.exists() and not parent.is_dir():
             where = "is a file" if parent == p else f"lies under a file ({parent})"
             raise ErfLabError(f"{what} {p} {where}; choose a folder")
+    made = [d for d in [p, *p.parents] if not d.exists()]
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=p)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
+        for d in made:  # deepest first: leave no empty folder behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise ErfLabError(f"{what} {p} is not writable: {e.strerror or type(e).__name__}") from None
     return p
 

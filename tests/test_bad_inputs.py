@@ -250,3 +250,19 @@ def test_data_info_names_a_bad_erf_lab_data(capsys, monkeypatch, tmp_path):
     assert main(["data", "info"]) == 2
     assert capsys.readouterr().err.strip() == (f"erf-lab data: error: ERF_LAB_DATA={tmp_path / 'nonexistent'} is "
                                                "not a folder; point it at the folder holding cue-conflict/ or unset it")
+
+
+def test_an_unwritable_out_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from erf_lab.errors import ErfLabError
+    from erf_lab.io import prepare_out_dir
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(ErfLabError, match="--out .* is not writable: Read-only file system"):
+        prepare_out_dir(tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists() and tmp_path.is_dir()

@@ -220,3 +220,18 @@ def test_trained_checkpoint_is_not_random_init(tmp_path):
     assert random_init_record(path) is None
     (tmp_path / "trained.pth.run.json").write_text('{"random_init": false}')
     assert random_init_record(path) is None
+
+
+def test_a_stale_sidecar_does_not_mark_other_weights_random(tmp_path, capsys):
+    """reparam's sidecar speaks for the file it was written with: trained weights saved over it later are not
+    random init."""
+    from erf_lab.checkpoint import random_init_record
+    from erf_lab.models import create_model
+
+    ckpt = tmp_path / "deploy.pth"
+    code, _, err = _cli(capsys, "reparam", *TINY, "--check-size", "32", "--out", str(ckpt))
+    assert code == 0, err
+    assert random_init_record(ckpt) == {"seed": 0}
+    torch.manual_seed(1)
+    torch.save(create_model("replknet_31b", deploy=True, **TINY_KW).state_dict(), ckpt)  # other weights, same name
+    assert random_init_record(ckpt) is None

@@ -213,6 +213,7 @@ def test_stimuli_go_in_whole_as_in_model_vs_human():
     img = Image.new("RGB", (224, 224), (0, 0, 0))
     img.paste((255, 255, 255), (0, 0, 2, 224))  # a white 2 px left border survives a whole-image resize only
     assert Preprocess.from_model(small)(img)[:, :, 0].min() > 0.4
+    assert not Preprocess.from_model(small).as_dict()["model_vs_human_geometry"]  # resized: not their geometry
     assert Preprocess.from_model(small, crop_pct=None)(img)[:, :, 0].max() == 0
 
 
@@ -584,6 +585,11 @@ def test_interrupted_run_resumes_where_it_stopped(fixture_datasets, tmp_path):
     drop = ("resumed_images", "seconds", "images_per_second", "time_utc", "command", "workers")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
     assert (tmp_path / "run" / "decisions.csv").read_text() == (tmp_path / "whole" / "decisions.csv").read_text()
+    with pytest.raises(KeyboardInterrupt):  # stopped in the edges: the finished cue-conflict set is kept too
+        run(CountingTiny(stop_at=5), tmp_path / "later")
+    later = CountingTiny()
+    assert run(later, tmp_path / "later")["resumed_images"] == {"cue-conflict": 12, "edges": 4, "silhouettes": 0}
+    assert later.seen == n - 16
     with pytest.raises(KeyboardInterrupt):
         run(CountingTiny(stop_at=3), tmp_path / "other")
     changed = CountingTiny()

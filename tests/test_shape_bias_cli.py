@@ -167,6 +167,22 @@ def test_a_full_disk_is_one_error_line(tiny_model, tmp_path, capsys, monkeypatch
     assert "No space left on device: " + str(tmp_path / "o" / "decisions.csv") in lines[0]
 
 
+def test_a_reparameterized_random_init_is_not_taken_for_trained_weights(tmp_path, capsys, datasets):
+    tiny = ["--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)"]
+    deploy = tmp_path / "deploy.safetensors"
+    assert main(["reparam", *tiny, "--check-size", "32", "--out", str(deploy)]) == 0
+    base = ["shape-bias", *tiny, "--weights", str(deploy), "--limit", "4", "--workers", "0", "--stimuli",
+            str(datasets), "--out", str(tmp_path / "sb")]
+    capsys.readouterr()
+    assert main(base) == 2
+    lines = _one_error_line(capsys.readouterr().err)
+    assert len(lines) == 1 and f"{deploy} holds a random initialisation" in lines[0]
+    assert not (tmp_path / "sb").exists()
+    assert main(base + ["--allow-random"]) == 0
+    s = json.loads((tmp_path / "sb" / "summary.json").read_text())
+    assert s["random_weights"] is True and s["seed"] == 0 and s["label"].endswith("(random init)")
+
+
 def test_random_init_is_seeded_and_recorded(tmp_path, capsys, datasets):
     sha = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):

@@ -13,8 +13,8 @@ from erf_lab import __version__
 from erf_lab.errors import ErfLabError
 
 EXIT_USAGE = 2
-#: errors of a file that cannot be written: one error line, not a traceback
-_CANNOT_WRITE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+#: a file that cannot be read or written (permissions, read-only, full disk): one error line, not a traceback
+_CANNOT_ACCESS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 
 def _command_modules():
@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"erf-lab {args.command}: interrupted", file=sys.stderr)
         return 130
-    except OSError as e:  # a file the command had to write (commands check their outputs first where they can)
-        if e.errno not in _CANNOT_WRITE:
+    except OSError as e:  # a file that cannot be read or written (commands check their outputs first)
+        if e.errno not in _CANNOT_ACCESS:
             raise
-        print(f"erf-lab {args.command}: error: {e.strerror}: {e.filename or ''}; nothing was written there "
-              f"(choose another --out)", file=sys.stderr)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"erf-lab {args.command}: error: {e.strerror}{where}; the command stopped there (outputs it had "
+              f"finished are kept)", file=sys.stderr)
         return EXIT_USAGE
 
 

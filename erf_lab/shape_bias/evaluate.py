@@ -5,6 +5,7 @@ Decisions follow model-vs-human (Geirhos et al., NeurIPS 2021): ImageNet-1k soft
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -114,9 +115,12 @@ class PartialSet:
                      errors=json.dumps(sorted(self.errors.items())), head_size=self.head_size)
         self.saved = time.monotonic()
 
-    def remove(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+
+
+def remove_partial_sets(folder) -> None:
+    """Remove the :class:`PartialSet` files that :func:`evaluate` kept in ``folder`` (its outputs are written)."""
+    for f in Path(folder).glob(".partial-*.npz"):
+        f.unlink(missing_ok=True)
 
 
 def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Preprocess, *, batch_size: int = 32,
@@ -132,7 +136,8 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
     - on CUDA (or a set over ``DECODED_CACHE_MAX_BYTES``): decoded in ``workers`` DataLoader processes (default
       half the CPUs) while the device runs the batches before (this path reads the cache but does not write it).
     ``SetResult.seconds`` counts decoding. ``partial``: images it holds as done are not run again, and the
-    scores go there as they come (an interrupted run resumes); it is removed when the set is complete."""
+    scores go there as they come (an interrupted run resumes); the caller removes it once its outputs are
+    written."""
     from erf_lab.erf.prepare import keep_freed_memory
     from erf_lab.io import progress
 
@@ -177,18 +182,16 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
                 st.scores[idx] = s
                 st.top[idx] = logits.argmax(-1).cpu().numpy()
                 st.ok[idx] = good
-                st.done[idx] = True
                 for i, g, e in zip(idx, good, err):
                     if not g:
                         st.errors[int(i)] = e
                         warnings.warn(f"cannot decode {stimuli[int(i)].path}: {e}", stacklevel=2)
+                st.done[idx] = True
                 bar.update(len(idx))
                 st.save()
         finished = True
     finally:
-        if finished:
-            st.remove()
-        else:
+        with contextlib.nullcontext() if finished else contextlib.suppress(OSError):  # keep the first error
             st.save(force=True)
     st.top[~st.ok] = -1
     return SetResult(name, stimuli, st.scores, st.top, st.ok, st.errors, time.perf_counter() - t0, st.head_size)
@@ -257,7 +260,8 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
     """Shape bias of ``model`` on the cue-conflict set (plus edge / silhouette accuracy when those sets are
     beside it). Returns ``{"summary": dict, "sets": {name: SetResult}}``; writes nothing but the decoded
     stimuli's cache (:class:`DecodedCache`; ``cache=False``: nothing) and, with ``partial_dir``, each set's
-    :class:`PartialSet` there while it runs (a rerun with the same weights, preprocessing and files resumes)."""
+    :class:`PartialSet` there (a rerun with the same weights, preprocessing, files and device resumes; the
+    caller removes them, :func:`remove_partial_sets`, once its outputs are written)."""
     cue_dir = find_stimuli_root(stimuli_dir)
     preprocess = preprocess or Preprocess.from_model(model)
     model = model.to(device)
@@ -272,7 +276,8 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
         partial = None
         if partial_dir is not None:
             key = hashlib.sha256(json.dumps({"weights": weights_id, "preprocess": preprocess.as_dict(),
-                                             "files": files_fingerprint(stim)}).encode()).hexdigest()
+                                             "files": files_fingerprint(stim), "device": torch.device(device).type}
+                                            ).encode()).hexdigest()
             partial = PartialSet(Path(partial_dir) / f".partial-{name}.npz", key, len(stim))
             resumed[name] = partial.resumed
         sets[name] = run_set(model, name, stim, preprocess, batch_size=batch_size, workers=workers, device=device,
@@ -300,7 +305,8 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
         **({"state_dict_sha256": weights_id} if weights_id else {}),
         "limit": limit,
         "seconds": {name: round(r.seconds, 2) for name, r in sets.items()},
-        "images_per_second": round(sum(len(r.stimuli) for r in sets.values()) / max(1e-9, sum(r.seconds for r in sets.values())), 1),
+        "images_per_second": round(sum(len(r.stimuli) - resumed.get(name, 0) for name, r in sets.items())
+                                   / max(1e-9, sum(r.seconds for r in sets.values())), 1),
     })
     return {"summary": summary, "sets": sets}
 
@@ -394,6 +400,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     vouches for its weights; it passes ``allow_random=True`` when they are random. ``crop_pct``: see
     :meth:`Preprocess.from_model` (1.0: model-vs-human's whole stimuli; None: the model's own crop). ``seed``
     seeds the model's initialisation (a random init is then the same network every run)."""
+    from erf_lab.checkpoint import random_init_record
     from erf_lab.io import prepare_out_dir, sha256_file, write_json
     from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
 
@@ -403,20 +410,20 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
         raise ErfLabError("--batch-size must be >= 1")
     if limit is not None and limit < 1:
         raise ErfLabError("--limit must be >= 1")
-    random_weights = weights is None and not pretrained and (model is None or allow_random)
+    marked = weights is not None and random_init_record(weights) is not None  # e.g. a reparam of a random init
+    random_weights = marked or (weights is None and not pretrained and (model is None or allow_random))
     if random_weights and not allow_random:
-        raise ErfLabError(f"{model_name} has no trained weights: pass --weights FILE (.pth/.pt/.safetensors) or "
+        why = f"{weights} holds a random initialisation" if marked else f"{model_name} has no trained weights"
+        raise ErfLabError(f"{why}: pass --weights FILE (.pth/.pt/.safetensors) of a trained model or "
                           f"--pretrained (published ImageNet weights, e.g. efficientnet_lite0); a shape bias of "
                           f"random weights means nothing (--allow-random measures one anyway, marked untrained)")
-    if crop_pct is not None and not 0 < crop_pct <= 1:
-        raise ErfLabError(f"--crop-pct must be in (0, 1] or 'model', got {crop_pct}")
     if workers is not None and workers < 0:
         raise ErfLabError(f"--workers must be >= 0, got {workers}")
     find_stimuli_root(stimuli)  # fail fast, before building the model
-    out = prepare_out_dir(out)
     if model is None:
         torch.manual_seed(seed)
         model = load_model(model_name, weights, pretrained, overrides)
+    out = prepare_out_dir(out)  # before minutes of inference; after the model, so a bad file leaves no folder
     result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
                       show_progress=show_progress, cache=cache, preprocess=Preprocess.from_model(model, crop_pct),
                       partial_dir=out)
@@ -424,7 +431,8 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     cfg = dict(getattr(model, "default_cfg", None) or {})
     label = model_name + ("" if weights is None else f" ({Path(weights).name})")
     summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
-               "random_weights": random_weights, "seed": seed if random_weights else None,
+               "random_weights": random_weights,
+               "seed": (random_init_record(weights)["seed"] if marked else seed) if random_weights else None,
                "weights": None if weights is None else str(weights),
                "weights_sha256": None if weights is None else sha256_file(weights),
                "pretrained": pretrained, "overrides": overrides or {},
@@ -447,4 +455,5 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
                                   "weights_sha256": summary["weights_sha256"], "stimuli_dir": summary["stimuli_dir"],
                                   "limit": limit, "outputs": ["decisions.csv", "summary.json", *csvs,
                                                               *(Path(p).name for p in figs)], **meta})
+    remove_partial_sets(out)
     return summary

@@ -127,7 +127,8 @@ class Preprocess:
 
         ``crop_pct=1.0`` (default) is model-vs-human's protocol (Geirhos et al., NeurIPS 2021): it feeds the
         224 px stimuli whole (``datasets/dataloaders.py``: ToTensor and Normalize only), so a 224 px model sees
-        every pixel and a model of another input size gets the whole stimulus resized. ``crop_pct=None`` takes
+        every pixel. A model of another input size gets the whole stimulus resized (model-vs-human would feed it
+        the 224 px image as it is; ``model_vs_human_geometry`` is then false). ``crop_pct=None`` takes
         the model's own ImageNet-evaluation crop instead (e.g. 0.875: resize to 256, centre-crop 224), which cuts
         the stimulus's border and enlarges the rest: a departure from the protocol, recorded in the summary.
         """
@@ -143,7 +144,7 @@ class Preprocess:
                 "interpolation": self.interpolation, "crop_pct": self.crop_pct,
                 "steps": "RGB at the image's real range (alpha over white), resize short side to size/crop_pct, "
                          "centre crop, scale to [0, 1], (x-mean)/std",
-                "model_vs_human_geometry": self.crop_pct == 1.0}
+                "model_vs_human_geometry": self.crop_pct == 1.0 and tuple(self.size) == (224, 224)}
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """The model input (3, H, W) of one image: ``normalize(to_tensor(pixels(img)))``."""

@@ -324,8 +324,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     if mode == "complete":
         return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
     state = C.load_state(out) if mode == "resume" else None
-    if state is not None:
-        diff = [k for k in settings if state["settings"].get(k) != settings[k]]
+    if state is not None:  # a folder's class count is the folder's: --num-classes only checks it (below)
+        folder = str(data) != CUE_WORLD
+        diff = [k for k in settings if state["settings"].get(k) != settings[k] and not (folder and k == "num_classes")]
         if diff:
             k = diff[0]
             raise ErfLabError(f"--resume: the run in {out} was made with other settings ({len(diff)} differ, e.g. "
@@ -342,6 +343,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     if num_classes is not None and num_classes != n_classes:
         raise ErfLabError(f"--num-classes {num_classes}, but {data} has {n_classes} classes ({', '.join(d.classes)}); "
                           f"drop --num-classes or use a folder with {num_classes}")
+    settings["num_classes"] = n_classes  # recorded as trained
     B, W = recipe.batch_size, info.world_size
     steps_per_epoch = len(d.train) // (B * W)
     if steps_per_epoch < 1:

@@ -168,14 +168,17 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     ``builtin:`` model's JSON or the ``run.json`` of the training run that holds the checkpoint), else
     ``num_classes`` / ``input_size`` (defaults 10 and 64). Untrained weights are refused unless ``allow_random``.
     """
-    from erf_lab.checkpoint import resolve_weights
+    from erf_lab.checkpoint import random_init_record, resolve_weights
     from erf_lab.io import prepare_out_dir, sha256_file, write_json
     from erf_lab.models import create_model
     from erf_lab.provenance import versions
     from erf_lab.train.cue_world import class_names
 
-    if weights is None and not allow_random:
-        raise ErfLabError(f"{model_name} has no trained weights: pass --weights FILE (a cue-world training "
+    marked = random_init_record(weights) if weights is not None else None  # e.g. a reparam of a random init
+    random_weights = weights is None or marked is not None
+    if random_weights and not allow_random:
+        why = f"{weights} holds a random initialisation" if marked else f"{model_name} has no trained weights"
+        raise ErfLabError(f"{why}: pass --weights FILE (a cue-world training "
                           f"checkpoint or builtin:cue-world/...); a shape bias of random weights means nothing "
                           f"(--allow-random measures one anyway, marked untrained)")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -187,16 +190,16 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     n_cls = int(num_classes or record.get("num_classes") or 10)
     spec = ProbeSpec(int(input_size or record.get("input_size") or 64), int(size), n_cls, int(seed)).validate()
     kwargs = {**record.get("overrides", {}), **(overrides or {}), "num_classes": n_cls}
-    out = prepare_out_dir(out)
     torch.manual_seed(init_seed)  # a random init is the same network every run
     model = create_model(model_name, weights=weights, **kwargs)
+    out = prepare_out_dir(out)  # after the model: a bad weights file leaves no folder
     res = probe(model, spec, batch_size=batch_size, device=device)
-    random_weights = weights is None
     names = class_names(n_cls)
     shown = None if weights is None else (weights if str(weights).startswith("builtin:") else Path(weights).name)
     label = model_name + ("" if shown is None else f" ({shown})")
     summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
-               "stimuli": "cue-world", "random_weights": random_weights, "seed": init_seed if random_weights else None,
+               "stimuli": "cue-world", "random_weights": random_weights,
+               "seed": (marked["seed"] if marked else init_seed) if random_weights else None,
                "weights": None if weights is None else str(weights),
                "weights_sha256": None if path is None else sha256_file(path), "overrides": kwargs,
                "classes": names, **res["summary"]}
