@@ -81,7 +81,7 @@ def logits_to_scores16(logits: torch.Tensor) -> np.ndarray:
 class PartialSet:
     """The scores of a set's images so far, kept in ``path`` (``.npz``, written atomically at most every
     ``SAVE_SECONDS`` and when the run stops early) so that a rerun into the same folder goes on where an interrupted
-    one stopped. ``key`` (the weights, the preprocessing, the files) must match, else the set starts again."""
+    one stopped. ``key`` (weights, preprocessing, files, device) must match, else the set starts again."""
 
     SAVE_SECONDS = 30.0
 
@@ -114,7 +114,6 @@ class PartialSet:
             np.savez(f, key=self.key, scores=self.scores, top=self.top, ok=self.ok, done=self.done,
                      errors=json.dumps(sorted(self.errors.items())), head_size=self.head_size)
         self.saved = time.monotonic()
-
 
 
 def remove_partial_sets(folder) -> None:
