@@ -127,6 +127,10 @@ def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
     (lambda t, m: ["--model", m, "--allow-random", "--crop-pct", "0"], "--crop-pct must be a fraction"),
     (lambda t, m: ["--model", m, "--allow-random", "--crop-pct", "most"], "--crop-pct must be a fraction"),
     (lambda t, m: ["--compare", str(t), "--model", m], "--compare draws finished runs only; drop --model"),
+    (lambda t, m: ["--compare", str(t), "--seed", "1"], "--compare draws finished runs only; drop --seed"),
+    (lambda t, m: ["--from-csv", str(t / "a.csv"), "--crop-pct", "model"], "without a model; drop --crop-pct"),
+    (lambda t, m: ["--model", m, "--allow-random", "--stimuli", "cue-world", "--crop-pct", "0.9"],
+     "--crop-pct is for the cue-conflict stimuli"),
     (lambda t, m: ["--from-csv", str(t / "a.csv"), "--pretrained"], "--from-csv analyses CSV files without a model"),
     (lambda t, m: ["--model", m, "--allow-random", "--limit", "4", "--workers", "-1"], "--workers must be >= 0"),
 ])

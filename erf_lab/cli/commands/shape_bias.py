@@ -28,7 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-random", action="store_true",
                    help="measure an untrained (randomly initialized) network; marked untrained in every output")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="model constructor option (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (--allow-random; default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the random initialisation (--allow-random; default 0)")
     p.add_argument("--stimuli", help="cue-conflict folder (<category>/<shape><i>-<texture><j>.png), default from "
                                      "$ERF_LAB_DATA, else the download cache; 'cue-world' probes a cue-world "
                                      "classifier on the built-in world's cue-conflict / shape-only / texture-only "
@@ -40,7 +41,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="decode every image again, without reading or writing the decoded-stimulus cache "
                         "(<erf-lab cache>/stimuli, ~150 KB per 224 px image)")
-    p.add_argument("--crop-pct", default="1.0", metavar="F|model",
+    p.add_argument("--crop-pct", default=None, metavar="F|model",
                    help="centre-crop fraction: 1.0 (default) feeds the stimuli whole, as model-vs-human does; "
                         "'model' takes the model's ImageNet-evaluation crop (e.g. 0.875), which cuts the border")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -60,7 +61,8 @@ def run(args) -> int:
     from erf_lab.shape_bias.analysis import human_csvs
 
     model_flags = [flag for flag, v in (("--model", args.model), ("--weights", args.weights),
-                                        ("--pretrained", args.pretrained)) if v]
+                                        ("--pretrained", args.pretrained), ("--seed", args.seed is not None),
+                                        ("--crop-pct", args.crop_pct is not None)) if v]
     if args.compare and (model_flags or args.from_csv):
         extra = model_flags + (["--from-csv"] if args.from_csv else [])
         raise ErfLabError(f"--compare draws finished runs only; drop {', '.join(extra)}")
@@ -95,8 +97,8 @@ def run(args) -> int:
     s = run_shape_bias(args.model, out=out, weights=args.weights, pretrained=args.pretrained,
                        overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
                        workers=args.workers, device=args.device, limit=args.limit, command=sys.argv,
-                       allow_random=args.allow_random, cache=not args.no_cache, crop_pct=_crop_pct(args.crop_pct),
-                       seed=args.seed)
+                       allow_random=args.allow_random, cache=not args.no_cache,
+                       crop_pct=_crop_pct(args.crop_pct or "1.0"), seed=args.seed or 0)
 
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
@@ -157,11 +159,13 @@ def _cue_world(args, out, overrides) -> int:
 
     if args.pretrained:
         raise ErfLabError("--stimuli cue-world needs a cue-world classifier (--weights), not ImageNet weights")
+    if args.crop_pct is not None:
+        raise ErfLabError("--crop-pct is for the cue-conflict stimuli; cue-world images are drawn at the model's size")
     if args.limit is not None and args.limit < 1:
         raise ErfLabError("--limit must be >= 1")
     s = run_cue_world_shape_bias(args.model, out=out, weights=args.weights, overrides=overrides,
                                  allow_random=args.allow_random, size=args.limit or 500, batch_size=args.batch_size,
-                                 device=args.device, command=sys.argv, init_seed=args.seed)
+                                 device=args.device, command=sys.argv, init_seed=args.seed or 0)
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained "
               f"model")
