@@ -76,6 +76,16 @@ def random_init_record(weights: str | os.PathLike) -> dict | None:
     return None
 
 
+def random_init_of(weights: str | os.PathLike | None, *, pretrained: bool = False,
+                   seed: int | None = None) -> dict | None:
+    """``{"seed": ...}`` when a model built with ``weights`` is untrained: no weights and not ``pretrained`` (then
+    ``seed`` is its init's), or a file marked as a random initialisation (:func:`random_init_record`); None for
+    trained weights."""
+    if weights is None:
+        return None if pretrained else {"seed": seed}
+    return random_init_record(weights)
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict without running any code in it.
 

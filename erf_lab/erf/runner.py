@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from erf_lab.checkpoint import random_init_record, resolve_weights
+from erf_lab.checkpoint import random_init_of, resolve_weights
 from erf_lab.erf import distributed as D
 from erf_lab.erf.attribution import AGGREGATES
 from erf_lab.erf.compute import Accumulator, compute_erf
@@ -194,9 +194,7 @@ _SIZE_IN_NAME = re.compile(r"(?:^|[_\-.])(\d{3,4})(?=[_\-.]|$)")
 def random_init(spec: ErfSpec) -> dict | None:
     """``{"seed": ...}`` when the measured weights are random: no weights and not ``pretrained``, or a file
     marked as a random initialisation (``erf-lab reparam`` of an untrained model); None for trained weights."""
-    if spec.weights is None:
-        return None if spec.overrides.get("pretrained") else {"seed": spec.seed}
-    return random_init_record(spec.weights)
+    return random_init_of(spec.weights, pretrained=bool(spec.overrides.get("pretrained")), seed=spec.seed)
 
 
 def training_resolution(spec: ErfSpec, model) -> int | None:

@@ -72,7 +72,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     where the merge is exact up to float rounding. Without ``weights`` the model is initialised from ``seed``; a
     random init (or weights that are one) is marked in the output (safetensors metadata and the sidecar).
     """
-    from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, random_init_record
+    from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, random_init_of
     from erf_lab.io import prepare_out_dir, progress, sha256_file, write_json
     from erf_lab.models.registry import create_model
 
@@ -82,8 +82,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     if batch_size < 1 or input_size < 32:
         raise ErfLabError(f"batch size must be >= 1 and input size >= 32, got {batch_size}, {input_size}")
     prepare_out_dir(out.parent, what="--out's folder")
-    random_init = random_init_record(weights) if weights is not None else (
-        None if overrides.get("pretrained") else {"seed": seed})
+    random_init = random_init_of(weights, pretrained=bool(overrides.get("pretrained")), seed=seed)
     t0 = time.perf_counter()
     bar = progress(total=6, desc=f"reparam {model_name}", unit="step",
                    disable=None if show_progress is None else not show_progress)

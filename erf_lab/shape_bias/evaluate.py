@@ -399,7 +399,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     vouches for its weights; it passes ``allow_random=True`` when they are random. ``crop_pct``: see
     :meth:`Preprocess.from_model` (1.0: model-vs-human's whole stimuli; None: the model's own crop). ``seed``
     seeds the model's initialisation (a random init is then the same network every run)."""
-    from erf_lab.checkpoint import random_init_record
+    from erf_lab.checkpoint import random_init_of
     from erf_lab.io import prepare_out_dir, sha256_file, write_json
     from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
 
@@ -409,10 +409,12 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
         raise ErfLabError("--batch-size must be >= 1")
     if limit is not None and limit < 1:
         raise ErfLabError("--limit must be >= 1")
-    marked = weights is not None and random_init_record(weights) is not None  # e.g. a reparam of a random init
-    random_weights = marked or (weights is None and not pretrained and (model is None or allow_random))
+    # no weights, or a file marked untrained (reparam of a random init); a caller's own model vouches for itself
+    init = random_init_of(weights, pretrained=pretrained, seed=seed) if weights or model is None or allow_random \
+        else None
+    random_weights = init is not None
     if random_weights and not allow_random:
-        why = f"{weights} holds a random initialisation" if marked else f"{model_name} has no trained weights"
+        why = f"{weights} holds a random initialisation" if weights else f"{model_name} has no trained weights"
         raise ErfLabError(f"{why}: pass --weights FILE (.pth/.pt/.safetensors) of a trained model or "
                           f"--pretrained (published ImageNet weights, e.g. efficientnet_lite0); a shape bias of "
                           f"random weights means nothing (--allow-random measures one anyway, marked untrained)")
@@ -431,7 +433,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     label = model_name + ("" if weights is None else f" ({Path(weights).name})")
     summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
                "random_weights": random_weights,
-               "seed": (random_init_record(weights)["seed"] if marked else seed) if random_weights else None,
+               "seed": init["seed"] if random_weights else None,
                "weights": None if weights is None else str(weights),
                "weights_sha256": None if weights is None else sha256_file(weights),
                "pretrained": pretrained, "overrides": overrides or {},

@@ -168,16 +168,16 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     ``builtin:`` model's JSON or the ``run.json`` of the training run that holds the checkpoint), else
     ``num_classes`` / ``input_size`` (defaults 10 and 64). Untrained weights are refused unless ``allow_random``.
     """
-    from erf_lab.checkpoint import random_init_record, resolve_weights
+    from erf_lab.checkpoint import random_init_of, resolve_weights
     from erf_lab.io import prepare_out_dir, sha256_file, write_json
     from erf_lab.models import create_model
     from erf_lab.provenance import versions
     from erf_lab.train.cue_world import class_names
 
-    marked = random_init_record(weights) if weights is not None else None  # e.g. a reparam of a random init
-    random_weights = weights is None or marked is not None
+    init = random_init_of(weights, seed=init_seed)  # no weights, or a file marked untrained (reparam of a random init)
+    random_weights = init is not None
     if random_weights and not allow_random:
-        why = f"{weights} holds a random initialisation" if marked else f"{model_name} has no trained weights"
+        why = f"{weights} holds a random initialisation" if weights else f"{model_name} has no trained weights"
         raise ErfLabError(f"{why}: pass --weights FILE (a cue-world training "
                           f"checkpoint or builtin:cue-world/...); a shape bias of random weights means nothing "
                           f"(--allow-random measures one anyway, marked untrained)")
@@ -199,7 +199,7 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     label = model_name + ("" if shown is None else f" ({shown})")
     summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
                "stimuli": "cue-world", "random_weights": random_weights,
-               "seed": (marked["seed"] if marked else init_seed) if random_weights else None,
+               "seed": init["seed"] if random_weights else None,
                "weights": None if weights is None else str(weights),
                "weights_sha256": None if path is None else sha256_file(path), "overrides": kwargs,
                "classes": names, **res["summary"]}
