@@ -27,6 +27,24 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastconv' has no attribute {name!r}")
 
 
+def check_device(device):
+    """``torch.device`` for ``device``; ValueError (one line) for an unknown kind (tpu, cuda:x) or a CUDA device
+    that is not there."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
 def available_backends(device: str = "cpu", dtype=None) -> list[str]:
     """Backends that can run float32 (or ``dtype``) tensors on ``device`` in this installation."""
     import torch
@@ -39,5 +57,5 @@ def available_backends(device: str = "cpu", dtype=None) -> list[str]:
     return [b for b in BACKENDS if supports(b, x, w)[0]]
 
 
-__all__ = ["BACKENDS", "DepthwiseConv2d", "Settings", "available_backends", "clear_cache", "configure",
-           "convert_model", "depthwise_conv2d", "explain", "revert_model", "settings", "use"]
+__all__ = ["BACKENDS", "DepthwiseConv2d", "Settings", "available_backends", "check_device", "clear_cache",
+           "configure", "convert_model", "depthwise_conv2d", "explain", "revert_model", "settings", "use"]

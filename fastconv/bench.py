@@ -115,29 +115,18 @@ def bench_one(impl: str, mode: str, b: int, c: int, r: int, k: int, layers: int,
     return timer(fn)
 
 
-def check_device(device: str | None) -> torch.device:
+def bench_device(device: str | None) -> torch.device:
     """The benchmark's device (default: cuda when available); ValueError (one line) for an unknown one or a
-    missing CUDA device."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but no CUDA device is available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return dev
+    missing CUDA device (:func:`fastconv.check_device`)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else \
+        fastconv.check_device(device)
 
 
 def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None = None, channels: int = 384,
         layers: int = 24, repeats: int = 3, warmup: int = 1, device: str | None = None, modes=("fwd", "fwdbwd"),
         impls=IMPLS, show_progress: bool = True, sgemm_size: int | None = None) -> dict:
     """Measure the table; returns {"meta": ..., "rows": [...]} (pure: prints and writes nothing)."""
-    dev = check_device(device)
+    dev = bench_device(device)
     batch = (64 if dev.type == "cuda" else 2) if batch is None else batch
     if not kernels or not resolutions:
         raise ValueError("--kernels and --resolutions need at least one value")
@@ -276,7 +265,7 @@ def write_results(result: dict, out_dir: str | os.PathLike, argv: list[str] | No
 def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
     sizes = QUICK if args.quick else FULL
     kw = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()}
-    dev = check_device(args.device)
+    dev = bench_device(args.device)
     batch = 1 if args.batch is None and args.quick and dev.type == "cpu" else args.batch
     result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev),
                  modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,))

@@ -11,23 +11,17 @@ import torch.nn as nn
 from erf_lab.errors import ErfLabError
 
 CONV_BACKENDS = ("fastconv", "native")
-DEVICE_TYPES = ("cpu", "cuda")
 
 
 def check_device(device) -> torch.device:
-    """``torch.device`` for ``device``; ErfLabError for unknown kinds (tpu, cuda:x) and missing CUDA devices."""
+    """``torch.device`` for ``device``; ErfLabError for unknown kinds (tpu, cuda:x) and missing CUDA devices
+    (:func:`fastconv.check_device`)."""
+    import fastconv
+
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ErfLabError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type not in DEVICE_TYPES:
-        raise ErfLabError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ErfLabError(f"--device {device} requested but no CUDA device is available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ErfLabError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return dev
+        return fastconv.check_device(device)
+    except ValueError as e:
+        raise ErfLabError(str(e)) from None
 
 
 def conv_settings(conv_backend: str, device: torch.device):
