@@ -4,7 +4,9 @@ A K = 31 RepLKNet (replknet_31b at the kernel-family study's CPU size: channels 
 (1, 1, 1, 1), 10 classes) trained on cue-world at 64 px, batch 64; every variant sees the same batches: the
 images the real loop's sampler picks for epoch 0, in its order, rendered once up front.
   (a) fastconv (default backend) vs ``fastconv.use(backend="native")``: img/s of a bare step (forward,
-      cross-entropy with label smoothing, backward, AdamW step), the two models stepping in turn on each batch;
+      cross-entropy with label smoothing, backward, AdamW step), the models stepping in turn on each batch:
+      ``train()``'s CPU default (``speed_levers``: small depthwise convs through fastconv, channels_last), the
+      default before them (NCHW, only K > 5 through fastconv), and stock PyTorch in NCHW and in channels_last;
   (b) the training loop's overhead: img/s of ``erf_lab.train.loop.train`` (1 epoch, progress bar off, checkpoints
       and outputs as usual, whole call) vs a bare fastconv loop run step by step beside it (from the loop's
       ``on_step``, timed and subtracted); goal <= 10 %. The loop's other parts are timed once after the repeats:
@@ -66,15 +68,21 @@ def epoch_batches(train_set, batch_size: int, steps: int, seed: int = 0):
 
 class BareTrainer:
     """A bare training step on a fresh model: forward, cross-entropy with label smoothing, backward, AdamW step,
-    under ``fastconv.use(backend=backend)`` (None: fastconv's default); inputs normalized as the loop does."""
+    under ``fastconv.use(backend=backend)`` (None: fastconv's default); inputs normalized as the loop does.
+    ``levers``: the loop's ``speed_levers`` (small depthwise convs through fastconv) with ``channels_last``;
+    without them, the model as built (only K > 5 depthwise convs are fastconv modules)."""
 
-    def __init__(self, backend: str | None, recipe, seed: int = 0):
+    def __init__(self, backend: str | None, recipe, seed: int = 0, levers: bool = True, channels_last: bool = True):
         from erf_lab.erf.images import model_mean_std
-        from erf_lab.train.loop import build_model
+        from erf_lab.train.loop import build_model, speed_levers
         from erf_lab.train.recipe import build_optimizer
 
-        self.backend, self.recipe = backend, recipe
+        self.backend, self.recipe, self.channels_last = backend, recipe, channels_last
         self.net = build_model(MODEL, OVERRIDES, 10, 0.0, seed).train()
+        if levers:
+            speed_levers(self.net, channels_last)
+        elif channels_last:
+            self.net.to(memory_format=torch_channels_last())
         self.opt = build_optimizer(self.net, recipe)
         self.mean, self.std = (torch_view(v) for v in model_mean_std(self.net))
 
@@ -86,8 +94,10 @@ class BareTrainer:
 
         t0, c0 = time.perf_counter(), time.process_time()
         with fastconv.use(backend=self.backend) if self.backend else contextlib.nullcontext():
-            loss = F.cross_entropy(self.net((x - self.mean) / self.std), y,
-                                   label_smoothing=self.recipe.label_smoothing)
+            x = (x - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch_channels_last())
+            loss = F.cross_entropy(self.net(x), y, label_smoothing=self.recipe.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -100,10 +110,23 @@ def torch_view(v):
     return torch.tensor(v).view(1, 3, 1, 1)
 
 
+def torch_channels_last():
+    import torch
+
+    return torch.channels_last
+
+
+#: (a)'s variants: (fastconv backend, the loop's speed levers, channels_last)
+VARIANTS = {"fastconv": (None, True, True),  # train()'s default on the CPU
+            "fastconv_nchw_large_only": (None, False, False),  # train()'s default before the levers
+            "native": ("native", False, False),  # stock PyTorch, NCHW
+            "native_cl": ("native", False, True)}  # stock PyTorch, channels_last
+
+
 def compare_backends(batches, recipe, first: int = 0) -> dict:
-    """(a): fastconv and native models stepping in turn on every batch (order alternating per step, so the
-    load of a shared machine hits both alike); {variant: [wall s, CPU s]} summed over the batches."""
-    trainers = {"fastconv": BareTrainer(None, recipe), "native": BareTrainer("native", recipe)}
+    """(a): the ``VARIANTS`` stepping in turn on every batch (order reversed every other step, so the load of a
+    shared machine hits all alike); {variant: [wall s, CPU s]} summed over the batches."""
+    trainers = {k: BareTrainer(b, recipe, levers=lev, channels_last=cl) for k, (b, lev, cl) in VARIANTS.items()}
     total = {k: [0.0, 0.0] for k in trainers}
     for i, (x, y) in enumerate(batches):
         for k in (list(trainers) if (i + first) % 2 == 0 else list(trainers)[::-1]):
@@ -179,9 +202,14 @@ def markdown(r: dict) -> str:
              f"{r['batch_size']}, {r['steps']} steps per variant, interleaved step by step, {r['repeats']} repeats "
              f"(medians).", "",
              "| measurement | img/s | ratio |", "|---|---|---|",
-             f"| (a) bare step, fastconv (default) | {a['fastconv_img_s']:.1f} | {a['speedup']:.2f}x native "
-             f"({a['speedup_cpu_time']:.2f}x in CPU time) |",
-             f"| (a) bare step, native backend | {a['native_img_s']:.1f} | 1 |",
+             f"| (a) bare step, fastconv, `train()`'s default (small depthwise convs through fastconv, "
+             f"channels_last) | {a['fastconv_img_s']:.1f} | {a['speedup']:.2f}x native "
+             f"({a['speedup_cpu_time']:.2f}x in CPU time); {a['speedup_vs_best_native']:.2f}x the faster native |",
+             f"| (a) bare step, fastconv, NCHW, only K > 5 through fastconv (the default before) | "
+             f"{a['fastconv_nchw_large_only_img_s']:.1f} | {a['speedup_nchw_large_only']:.2f}x native |",
+             f"| (a) bare step, native backend, NCHW | {a['native_img_s']:.1f} | 1 |",
+             f"| (a) bare step, native backend, channels_last | {a['native_cl_img_s']:.1f} | "
+             f"{a['speedup_native_cl']:.2f}x native |",
              f"| (b) bare loop (fastconv) | {b['bare_img_s']:.1f} | 1 |",
              f"| (b) `train()` train phase (its metrics.csv img/s) | {b['loop_train_phase_img_s']:.1f} | overhead "
              f"**{b['train_phase_overhead_pct']:.1f} %** (goal <= {b['goal_pct']} %) |",
@@ -260,7 +288,7 @@ def main(argv=None) -> int:
     def ratio(part, num, den, j=0):
         return statistics.median(r[num][j] / r[den][j] for r in runs[part])
 
-    a_w = {k: med("a", k) for k in ("fastconv", "native")}
+    a_w = {k: med("a", k) for k in VARIANTS}
     b_w = {k: med("b", k) for k in ("loop", "bare")}
     phase = med("b", "loop_train_phase_s", None)
     result = {
@@ -269,10 +297,13 @@ def main(argv=None) -> int:
         "repeats": args.repeats, "machine": {**machine, "loadavg_1m_after": round(os.getloadavg()[0], 2)},
         "runs": runs,
         # ratios: median over repeats of each repeat's ratio (both sides of a repeat ran interleaved)
-        "a_fastconv_vs_native": {"fastconv_img_s": train_size / a_w["fastconv"],
-                                 "native_img_s": train_size / a_w["native"],
+        "a_fastconv_vs_native": {**{f"{k}_img_s": train_size / a_w[k] for k in VARIANTS},
                                  "speedup": ratio("a", "native", "fastconv"),
-                                 "speedup_cpu_time": ratio("a", "native", "fastconv", 1)},
+                                 "speedup_cpu_time": ratio("a", "native", "fastconv", 1),
+                                 "speedup_vs_best_native": statistics.median(
+                                     min(r["native"][0], r["native_cl"][0]) / r["fastconv"][0] for r in runs["a"]),
+                                 "speedup_nchw_large_only": ratio("a", "native", "fastconv_nchw_large_only"),
+                                 "speedup_native_cl": ratio("a", "native", "native_cl")},
         "b_loop_overhead": {"bare_img_s": train_size / b_w["bare"], "loop_img_s": train_size / b_w["loop"],
                             "overhead_pct": 100 * (ratio("b", "loop", "bare") - 1),
                             "overhead_pct_cpu_time": 100 * (ratio("b", "loop", "bare", 1) - 1),

@@ -270,6 +270,49 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
     assert (out / "run.json").exists()
 
 
+def test_speed_levers_convert_the_small_depthwise_convs_and_keep_the_model(one_thread):
+    """``speed_levers`` (what ``train`` applies): every stride-1 'same' depthwise conv from 3x3 up becomes a
+    fastconv module (the 5x5 re-param branches, the stem's 3x3), nothing else changes type; same state-dict keys;
+    outputs and parameter gradients as close to a float64 run of the model as built as float32 stock PyTorch is."""
+    import fastconv
+    from erf_lab.train.loop import build_model, speed_levers
+
+    stock, exact = (build_model("replknet_31b", TINY, 4, 0.0, seed=0).train() for _ in range(2))
+    exact.double()
+    net = build_model("replknet_31b", TINY, 4, 0.0, seed=0).train()
+    before = {n: type(m) for n, m in net.named_modules()}
+    speed_levers(net, channels_last=True)
+    changed = sorted(n for n, m in net.named_modules() if type(m) is not before[n])
+    assert changed == [f"stages.{i}.blocks.0.large_kernel.small_conv.conv" for i in range(3)] + [
+        "stages.3.blocks.0.large_kernel.lkb_origin.conv", "stem.1.conv"]  # stage 3's large kernel is 3x3 here
+    assert all(type(net.get_submodule(n)) is fastconv.DepthwiseConv2d for n in changed)
+    assert list(net.state_dict()) == list(stock.state_dict())
+    assert net.stem[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    outs = [stock(x), net(x.contiguous(memory_format=torch.channels_last)), exact(x.double())]
+    for y in outs:
+        y.square().sum().backward()
+    y_err = [(y.double() - outs[2]).abs().max().item() / outs[2].abs().max().item() for y in outs[:2]]
+    scale = max(p.grad.abs().max().item() for p in exact.parameters())
+    g_err = [max((a.grad.double() - b.grad).abs().max().item() for a, b in zip(m.parameters(), exact.parameters()))
+             / scale for m in (stock, net)]
+    print(f"vs float64: output {y_err[1]:.1e} (stock {y_err[0]:.1e}), gradients {g_err[1]:.1e} (stock {g_err[0]:.1e})")
+    assert y_err[1] < 1e-5 and g_err[1] < 2e-4
+    assert y_err[1] <= 2 * y_err[0] + 1e-7 and g_err[1] <= 2 * g_err[0]
+
+
+def test_channels_last_is_the_cpu_default_and_a_resumed_run_keeps_its_own(tmp_path, one_thread):
+    fresh = _run(tmp_path / "fresh", Recipe(epochs=1, batch_size=8, warmup_epochs=0.5))
+    assert fresh["run_info"]["settings"]["channels_last"] is True
+    out = tmp_path / "nchw"
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, channels_last=False, on_step=_Interrupt(2, KeyboardInterrupt()))
+    with pytest.raises(ErfLabError, match="other settings.*channels_last"):
+        _run(out, channels_last=True, resume=True)
+    resumed = _run(out, resume=True)  # None: the run's own setting
+    assert resumed["run_info"]["settings"]["channels_last"] is False and resumed["run_info"]["resumed"]
+
+
 def test_kill_stops_at_a_step_and_resume_completes(tmp_path):
     """SIGTERM (``kill``) to a real ``erf-lab train`` process: it stops after the current step with exit 130 and a
     saved state, without run.json; ``--resume`` then finishes the run with every step done once."""

@@ -1,5 +1,8 @@
 """``torchrun --nproc_per_node=2 -m erf_lab train`` (gloo, CPU) equals one process that accumulates the gradients
-of the same two micro-batches (BatchNorm statistics per micro-batch, as on each rank)."""
+of the same two micro-batches (BatchNorm statistics per micro-batch, as on each rank), run the way ``train`` runs
+on the CPU (``speed_levers``, channels_last) with one fastconv backend on both sides: AdamW's first steps move a
+parameter whose gradient is only rounding noise (a BN bias before another BN) by about the learning rate in the
+noise's direction, so both sides must compute the same rounding, not just the same mathematics."""
 import json
 import os
 import socket
@@ -11,11 +14,13 @@ import torch.nn.functional as F
 
 from erf_lab.erf.images import model_mean_std
 from erf_lab.train.cue_world import CueWorld
-from erf_lab.train.loop import build_model
+from erf_lab.train.loop import build_model, speed_levers
 from erf_lab.train.recipe import Recipe, build_optimizer, lr_at, set_lr
+import fastconv
 
 TINY = {"channels": (8, 8, 16, 16), "layers": (1, 1, 1, 1), "large_kernel_sizes": (7, 7, 7, 3)}
 B, STEPS, TRAIN_SIZE = 4, 4, 32  # 32 images / (4 per rank x 2 ranks) = 4 steps
+BACKEND = "cpp" if fastconv.cpu_kernels.cpp_available() else "channels_last"  # not timed: the same on both sides
 
 
 def _free_port() -> int:
@@ -26,7 +31,7 @@ def _free_port() -> int:
 
 def _reference(recipe: Recipe) -> dict:
     ds = CueWorld("train", TRAIN_SIZE, 32, num_classes=4, seed=0)
-    net = build_model("replknet_31b", TINY, 4, 0.0, seed=0)
+    net = speed_levers(build_model("replknet_31b", TINY, 4, 0.0, seed=0), channels_last=True)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in model_mean_std(net))
     opt = build_optimizer(net, recipe)
     orders = []
@@ -40,7 +45,7 @@ def _reference(recipe: Recipe) -> dict:
         opt.zero_grad()
         for order in orders:  # rank r's batch = micro-batch r; DDP averages the two gradients
             items = [ds[i] for i in order[step * B:(step + 1) * B]]
-            x = (torch.stack([im for im, _ in items]) - mean) / std
+            x = ((torch.stack([im for im, _ in items]) - mean) / std).contiguous(memory_format=torch.channels_last)
             y = torch.tensor([lab for _, lab in items])
             (F.cross_entropy(net(x), y, label_smoothing=recipe.label_smoothing) / 2).backward()
         opt.step()
@@ -49,7 +54,7 @@ def _reference(recipe: Recipe) -> dict:
 
 def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
@@ -67,7 +72,8 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
 
     ddp = load_file(out / "model.safetensors")
     torch.set_num_threads(1)
-    ref = _reference(Recipe(epochs=1, batch_size=B, warmup_epochs=0.5))
+    with fastconv.use(backend=BACKEND):
+        ref = _reference(Recipe(epochs=1, batch_size=B, warmup_epochs=0.5))
     worst = max(((ddp[k] - p.detach()).abs().max() / p.detach().abs().max().clamp_min(1e-12)).item()
                 for k, p in ref.items())
     print(f"2 gloo ranks vs 1 process with gradient accumulation: max relative parameter error {worst:.2e}")

@@ -80,6 +80,21 @@ def build_model(model: str, overrides: dict, num_classes: int, drop_path: float 
         raise
 
 
+def speed_levers(net: nn.Module, channels_last: bool) -> nn.Module:
+    """In place, what makes a training step fast without changing the model: every stride-1 'same' depthwise conv
+    from 3x3 up runs through ``fastconv`` (whose dispatcher picks the fastest backend per shape for the forward and
+    both gradients; PyTorch's own NCHW depthwise backward made the 5x5 re-param branches and the 3x3 stem convs
+    the slowest ops of a step), and, if ``channels_last``, the channels_last memory format. The state dict keeps its
+    keys. Measured on the 2-core AVX2 EPYC (2 threads), the kernel-family study's K = 31 model at 64 px, batch 64:
+    86 ms a step before, 76 ms with the small convs through fastconv, 60 ms with channels_last as well."""
+    import fastconv
+
+    fastconv.convert_model(net, min_kernel=3)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
 class _Sums:
     """Loss / correct / count sums, all-reduced over ranks."""
 
@@ -260,12 +275,13 @@ def _clear(out: Path) -> None:
 def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = None, recipe: Recipe | None = None,
           input_size: int = 64, train_size: int = 2000, val_size: int = 500, num_classes: int | None = None,
           resample: bool = False, seed: int = 0,
-          device: str = "cpu", amp: str = "auto", channels_last: bool = False, sync_bn: bool = False,
+          device: str = "cpu", amp: str = "auto", channels_last: bool | None = None, sync_bn: bool = False,
           num_workers: int = 0, resume: bool = False, force: bool = False, checkpoint_format: str = "both",
           show_progress: bool = True, argv: list[str] | None = None, on_step=None) -> dict:
     """Train ``model`` on ``data`` (``"cue-world"`` or an ImageFolder root) into the run folder ``out``.
 
     ``num_classes``: cue-world's (default 10); for a folder its class count, checked when given.
+    ``channels_last``: None = the resumed run's setting, else on for the CPU (see ``speed_levers``), off on CUDA.
     Under torchrun (``RANK`` / ``WORLD_SIZE`` set) this is one DDP rank (gloo on CPU, NCCL on CUDA); the batch
     size is per rank. ``on_step(epoch, step)`` is called after every optimizer step (tests use it to interrupt).
     Returns ``{"out_dir", "rows", "run_info", "already_complete"}`` (``run_info`` None on ranks > 0).
@@ -310,7 +326,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                                    for k, v in overrides.items()},
                 "data": str(data), "input_size": input_size, "train_size": train_size, "val_size": val_size,
                 "num_classes": num_classes, "resample": resample, "seed": seed, "recipe": recipe.as_dict(),
-                "amp": amp, "channels_last": bool(channels_last), "sync_bn": bool(sync_bn),
+                "amp": amp, "channels_last": channels_last, "sync_bn": bool(sync_bn),
                 "world_size": info.world_size}
     try:  # rank 0 decides (the other ranks would race with its first writes) and tells the others
         mode = _prepare_out_dir(out, resume, force) if info.is_main else None
@@ -324,6 +340,10 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     if mode == "complete":
         return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
     state = C.load_state(out) if mode == "resume" else None
+    if channels_last is None:  # a speed setting: a resumed run keeps its own
+        channels_last = (bool(state["settings"].get("channels_last", False)) if state is not None
+                         else torch.device(device).type == "cpu")
+    settings["channels_last"] = channels_last = bool(channels_last)
     if state is not None:  # a folder's class count is the folder's: --num-classes only checks it (below)
         folder = str(data) != CUE_WORLD
         diff = [k for k in settings if state["settings"].get(k) != settings[k] and not (folder and k == "num_classes")]
@@ -354,8 +374,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=device).view(1, 3, 1, 1)
     net.to(device)
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
+    speed_levers(net, channels_last)
     optimizer = build_optimizer(net, recipe)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     ema = ModelEma(net, recipe.ema) if recipe.ema > 0 else None
