@@ -160,10 +160,13 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
+        # create_graph (double backward: gradient penalties, Hessian-vector products): the C++ and Triton kernels
+        # are opaque to autograd, so the gradients come from F.conv2d ("channels_last"), which autograd differentiates
+        backend = "channels_last" if torch.is_grad_enabled() else ctx.backend
         if ctx.needs_input_grad[0]:
-            gx = _grad_input(ctx.backend, g, w).contiguous(memory_format=ctx.fmt)
+            gx = _grad_input(backend, g, w).contiguous(memory_format=ctx.fmt)
         if ctx.needs_input_grad[1]:
-            gw = _grad_weight(ctx.backend, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
+            gw = _grad_weight(backend, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(dim=(0, 2, 3))
         return gx, gw, gb, None
