@@ -18,8 +18,8 @@ from fastconv import cpu_kernels as ck
 from fastconv import triton_backend
 from fastconv.config import BACKENDS
 
-CPU_DTYPES = (torch.float32, torch.float64)
-CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: what F.conv2d computes on CPU and CUDA alike (half precision on CPU: "native" and "channels_last" only)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -46,10 +46,23 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if any(t.dtype != x.dtype for t in tensors):
         raise ValueError(f"depthwise_conv2d: dtypes differ (x {x.dtype}, weight {weight.dtype}"
                          f"{', bias ' + str(bias.dtype) if bias is not None else ''})")
-    allowed = CUDA_DTYPES if x.device.type == "cuda" else CPU_DTYPES
-    if x.dtype not in allowed:
-        raise ValueError(f"depthwise_conv2d: dtype {x.dtype} unsupported on {x.device.type}; "
-                         f"use one of {', '.join(str(d) for d in allowed)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"depthwise_conv2d: dtype {x.dtype} unsupported; use one of {', '.join(map(str, DTYPES))}")
+
+
+def autocast_inputs(x, weight, bias):
+    """``(x, weight, bias)`` cast as autocast casts F.conv2d's inputs (on the lower-precision list on CPU and CUDA:
+    floating tensors but float64 go to the autocast dtype), unchanged outside autocast (and on the meta device)."""
+    if (not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda")
+            or not torch.is_autocast_enabled(x.device.type)):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(weight), cast(bias)
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fastconv import cpu_kernels as ck
-from fastconv.backends import check_inputs, memory_format_of, run_backend, supports
+from fastconv.backends import autocast_inputs, check_inputs, memory_format_of, run_backend, supports
 from fastconv.config import BACKENDS, ENV_BACKEND, memo_key, settings
 
 ONEDNN_MAX_PAD = 6
@@ -318,6 +318,7 @@ def resolve(backend: str | None, x, weight, bias) -> str:
 def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
     """Which backend ``depthwise_conv2d(x, weight, bias)`` runs for this call under ``fastconv.settings()``, and
     why (may autotune)."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias)
     d = decide(x, weight, bias)
     n, c, h, w = x.shape

@@ -141,6 +141,47 @@ def test_input_only_gradient_skips_weight_gradient(backend, monkeypatch, one_thr
     assert _rel(gx, rx) <= 1e-4
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["native", "channels_last", "auto"])
+def test_half_precision_on_cpu_runs_like_conv2d(dtype, backend, one_thread):
+    """F.conv2d computes fp16 / bf16 on CPU, so the drop-in does too (a bf16 model was refused: "unsupported")."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(2, 10, 9, 11, generator=g), torch.randn(10, 1, 7, 9, generator=g) / 8,
+               torch.randn(10, generator=g))
+    ours = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+    ref = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+    y, yr = fastconv.depthwise_conv2d(*ours, backend=backend), _ref(*ref)
+    gy = torch.randn(y.shape, generator=g).to(dtype)
+    got = (y,) + torch.autograd.grad(y, ours, gy)
+    exp = (yr,) + torch.autograd.grad(yr, ref, gy)
+    assert all(a.dtype == dtype for a in got)
+    for a, e in zip(got, exp):  # same dtype, different summation orders: a few units in the last place
+        assert _rel(a.float(), e.float()) <= 2e-2
+    assert torch.equal(got[0], exp[0]) or backend != "native"
+
+
+def test_autocast_casts_like_conv2d(one_thread):
+    """Under autocast a converted model runs as nn.Conv2d does (it raised 'dtypes differ' on the bf16 activations
+    of the layer before): same output dtype and values, gradients reach the float32 parameters."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 9, padding=4, groups=6))
+    ours = nn.Sequential(nn.Conv2d(6, 6, 1), fastconv.DepthwiseConv2d(6, 9))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yr = ours(x), ref(x)
+        assert fastconv.depthwise_conv2d(x, ref[1].weight).dtype == torch.bfloat16
+        assert "cpu bfloat16" in fastconv.explain(x, ref[1].weight)
+    assert y.dtype == yr.dtype == torch.bfloat16 and torch.equal(y, yr)
+    y.float().square().sum().backward()
+    yr.float().square().sum().backward()
+    assert ours[1].weight.grad.dtype == torch.float32
+    assert _rel(ours[1].weight.grad, ref[1].weight.grad) <= 2e-2 and _rel(ours[0].weight.grad, ref[0].weight.grad) <= 2e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is never cast, as for F.conv2d
+        assert fastconv.depthwise_conv2d(x.double(), ref[1].weight.double()).dtype == torch.float64
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_double_backward_matches_conv2d(backend, one_thread):
     """A gradient penalty (create_graph=True) differentiates the backward: through the C++ kernel it was silently
