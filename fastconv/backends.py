@@ -99,6 +99,8 @@ def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool,
         interp = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
         if dev != "cuda" and not interp:
             return False, "triton needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)"
+        if dt not in triton_backend.DTYPES:
+            return False, f"the Triton kernels handle {', '.join(map(str, triton_backend.DTYPES))} only"
         if max(weight.shape[-2:]) > triton_backend.MAX_KERNEL:
             return False, f"the Triton kernels handle kernel sides up to {triton_backend.MAX_KERNEL}"
         if _triton() is None:

@@ -307,6 +307,17 @@ def test_triton_is_never_picked_above_its_kernel_limit(monkeypatch):
     assert not ok and "up to 63" in why
 
 
+def test_triton_is_not_offered_float64(monkeypatch):
+    """The Triton kernels refuse float64: ``supports`` says so, so the CUDA cost model (autotune off), whose first
+    choice is triton, picks another backend instead of raising inside the kernel launcher."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    ok, why = fastconv.supports("triton", x, w)
+    assert not ok and "float64" not in why and "torch.float32" in why
+    with pytest.raises(ValueError, match="cannot run this call"):
+        fastconv.depthwise_conv2d(x, w, backend="triton")
+
+
 def _spy_backends(monkeypatch) -> list[str]:
     """The backend names ``depthwise_conv2d`` runs, in call order."""
     from fastconv import functional
