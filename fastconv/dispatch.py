@@ -81,19 +81,25 @@ def _load() -> dict:
     if _mem_file != f:
         _mem.clear()
         _mem_file = f
-        try:
-            _mem.update(json.loads(f.read_text()))
-        except (OSError, ValueError):
-            pass
+        _mem.update(_read(f))
     return _mem
+
+
+def _read(f: Path) -> dict:
+    """The decisions in cache file ``f``; what is missing, unreadable or not a decision is left out (and timed
+    again)."""
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("backend"), str)}
 
 
 def _store(key: str, entry: dict) -> None:
     f = cache_file()
-    try:
-        on_disk = json.loads(f.read_text())  # merge: other processes may have tuned other shapes
-    except (OSError, ValueError):
-        on_disk = {}
+    on_disk = _read(f)  # merge: other processes may have tuned other shapes
     on_disk[key] = entry
     f.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".json.tmp", dir=f.parent)

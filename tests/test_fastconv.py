@@ -288,6 +288,23 @@ def test_auto_autotunes_once_and_persists_cache(monkeypatch, tmp_path):
     assert calls and len(json.loads((tmp_path / "fc" / "autotune.json").read_text())) == 2
 
 
+
+@pytest.mark.parametrize("content", ["null", "[1, 2]", '"text"', '{"k": 1}', "{bad", "WRONG_ENTRY"])
+def test_corrupt_autotune_cache_is_timed_again_and_rewritten(content, monkeypatch, tmp_path):
+    """A cache file that is not a JSON object of decisions (it crashed every call: TypeError / AttributeError) is
+    read as empty; the next decision rewrites it."""
+    x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 9, 9)
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: {"channels_last": 1.0}.get(name, 2.0))
+    key = dispatch.cache_key(x, w, None)
+    f = tmp_path / "fc" / "autotune.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({key: "cpp"}) if content == "WRONG_ENTRY" else content)
+    assert _rel(fastconv.depthwise_conv2d(x, w), _ref(x, w, None)) <= 1e-5
+    assert "backend 'channels_last'" in fastconv.explain(x, w)
+    on_disk = json.loads(f.read_text())
+    assert on_disk[key]["backend"] == "channels_last" and ("k" not in on_disk or content != '{"k": 1}')
+
+
 def test_real_autotune_times_and_explain_reports_them():
     x = torch.randn(1, 8, 8, 8)
     w = torch.randn(8, 1, 7, 7)  # forward K=7 on NCHW: timed
