@@ -619,6 +619,31 @@ def test_convert_and_revert_model_share_parameters():
         assert torch.equal(model(x), ref)
 
 
+
+def test_convert_model_leaves_convs_with_hooks_or_computed_weights():
+    """weight_norm / spectral_norm compute ``weight`` in a hook (converting crashed: TypeError on the assignment),
+    and a conv's own hooks would be lost: such convs stay nn.Conv2d, computing what they computed."""
+    from torch.nn.utils import spectral_norm, weight_norm
+
+    def conv():
+        return nn.Conv2d(4, 4, 7, padding=3, groups=4)
+
+    hooked, calls = conv(), []
+    hooked.register_forward_hook(lambda *a: calls.append(1))
+    model = nn.Sequential(weight_norm(conv()), spectral_norm(conv()), hooked, conv()).eval()
+    x = torch.randn(1, 4, 9, 9)
+    with torch.no_grad():
+        ref = model(x)
+    assert fastconv.convert_model(model) == 1
+    assert [type(m).__name__ for m in model] == ["Conv2d"] * 3 + ["DepthwiseConv2d"]
+    calls.clear()
+    with torch.no_grad():
+        assert _rel(model(x), ref) <= 1e-5
+    assert calls == [1]
+    model[3].register_forward_pre_hook(lambda *a: None)
+    assert fastconv.revert_model(model) == 0
+
+
 def test_fastconv_works_without_erf_lab(tmp_path):
     """fastconv is a library of its own: with every import of erf_lab failing, the op, its gradients, explain,
     the settings and the benchmark all work."""
