@@ -29,6 +29,8 @@ class DepthwiseConv2d(nn.Conv2d):
                 or self.padding_mode != "zeros" or self.groups != self.in_channels):
             raise ValueError("DepthwiseConv2d: stride, dilation, padding or groups were changed after construction;"
                              " only stride 1, dilation 1, 'same' zero padding, groups=C are supported")
+        if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes it
+            return depthwise_conv2d(x.unsqueeze(0), self.weight, self.bias, backend=self.backend).squeeze(0)
         return depthwise_conv2d(x, self.weight, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:

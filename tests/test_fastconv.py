@@ -224,6 +224,7 @@ def test_module_is_drop_in_for_conv2d_state_dict():
     dw.load_state_dict(conv.state_dict(), strict=True)
     x = torch.randn(2, 12, 9, 9)
     assert _rel(dw(x), conv(x)) <= 1e-5
+    assert torch.equal(dw(x[0]), dw(x[:1])[0]) and _rel(dw(x[0]), conv(x[0])) <= 1e-5  # unbatched (C, H, W)
     back = nn.Conv2d(12, 12, (7, 5), padding=(3, 2), groups=12, bias=True)
     back.load_state_dict(fastconv.DepthwiseConv2d(12, (7, 5)).state_dict(), strict=True)
     assert fastconv.DepthwiseConv2d(3, 5, bias=False).bias is None
