@@ -188,8 +188,9 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
 
 
 def run_backend(backend: str, x, weight, bias):
-    """Compute with one named backend (no checks, no dispatch)."""
-    if backend == "native":
+    """Compute with one named backend (no checks, no dispatch); an empty input runs plain F.conv2d (the FFT of an
+    empty batch fails in MKL)."""
+    if backend == "native" or x.numel() == 0:
         kh, kw = weight.shape[-2:]
         return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
     if backend == "fft":

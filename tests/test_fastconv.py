@@ -202,6 +202,19 @@ def test_double_backward_matches_conv2d(backend, one_thread):
         assert _rel(a, e) <= 1e-4
 
 
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+def test_empty_batch_runs_with_every_backend(backend):
+    """An empty batch (e.g. a rank's share of a short last batch) gives an empty output and zero parameter
+    gradients with any backend (the FFT backend raised an MKL error)."""
+    x = torch.randn(0, 4, 6, 7, requires_grad=True)
+    w, b = torch.randn(4, 1, 5, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    y = fastconv.depthwise_conv2d(x, w, b, backend=backend)
+    assert y.shape == (0, 4, 6, 7)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros(4))
+
+
 def test_captum_saliency_with_frozen_model():
     from captum.attr import Saliency
 
