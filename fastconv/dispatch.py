@@ -3,7 +3,8 @@ autotune per (device, dtype, layout, shape, grad mode) with a persistent JSON ca
 atomic writes), a cost model where timing is off or would cost more than it saves, a pre-filter that never times a
 known cliff, and ``explain`` to say which backend runs and why.
 
-The FFT path is exact and selectable explicitly but is not an auto candidate: it never won a measurement here.
+The FFT path is exact for finite inputs (a NaN or inf spreads over its whole plane) and selectable explicitly but
+is not an auto candidate: it never won a measurement here.
 Known cliffs on CPU (oneDNN 3.x): NCHW depthwise with padding > 6 falls back to im2col+GEMM, and the weight
 gradient of F.conv2d for K > 14 always takes the GEMM path; "native" is only a candidate away from them.
 """

@@ -215,6 +215,24 @@ def test_empty_batch_runs_with_every_backend(backend):
     assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros(4))
 
 
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_and_inf_inputs_reach_the_outputs_conv2d_reaches(backend, one_thread):
+    """A NaN / inf input pixel makes NaN / inf exactly the outputs within the kernel's reach, as in F.conv2d, and
+    leaves the rest equal; the FFT backend (explicit only) spreads it over the whole plane, as documented."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 9, 12, 11, generator=g), torch.rand(9, 1, 5, 3, generator=g) + 0.1
+    x[0, 1, 2, 3], x[1, 8, 11, 0] = float("nan"), float("inf")
+    y, ref = fastconv.depthwise_conv2d(x, w, backend=backend), _ref(x, w, None)
+    if backend == "fft":
+        assert y[0, 1].isnan().all() and y[0, 0].isfinite().all()
+        return
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    assert ref.isnan().sum() == 15 and ref.isinf().sum() == 6  # 5x3 around (2, 3); rows 9-11 x cols 0-1
+    fin = ref.isfinite()
+    assert _rel(y[fin], ref[fin]) <= 1e-5
+
+
 def test_captum_saliency_with_frozen_model():
     from captum.attr import Saliency
 
