@@ -338,6 +338,22 @@ def test_corrupt_autotune_cache_is_timed_again_and_rewritten(content, monkeypatc
     assert on_disk[key]["backend"] == "channels_last" and ("k" not in on_disk or content != '{"k": 1}')
 
 
+
+def test_unwritable_cache_dir_keeps_decisions_in_memory(monkeypatch, tmp_path):
+    """A cache folder that cannot be written (here a regular file in its place, which holds for root too): the call
+    runs, and the decision is remembered for the process instead of being timed again."""
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    fastconv.configure(cache_dir=blocker)
+    calls = []
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: calls.append(name) or 1.0)
+    x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 9, 9)
+    assert _rel(fastconv.depthwise_conv2d(x, w), _ref(x, w, None)) <= 1e-5
+    timed = len(calls)
+    dispatch._fast.clear()  # the per-signature memo: the decision must come from the in-memory cache
+    assert "autotuned" in fastconv.explain(x, w) and len(calls) == timed > 0 and blocker.read_text() == ""
+
+
 def test_real_autotune_times_and_explain_reports_them():
     x = torch.randn(1, 8, 8, 8)
     w = torch.randn(8, 1, 7, 7)  # forward K=7 on NCHW: timed
