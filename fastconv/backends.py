@@ -161,15 +161,20 @@ def _cudnn_weight_grad_nhwc(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) 
 
 
 class _DepthwiseConv2dFn(torch.autograd.Function):
-    """Custom autograd: each gradient is computed only when needed (frozen weights under captum skip dL/dw)."""
+    """Custom autograd: each gradient is computed only when needed (frozen weights under captum skip dL/dw). The
+    forward and its context are separate (``setup_context``), as ``torch.func.grad`` / ``vjp`` need."""
 
     @staticmethod
-    def forward(ctx, x, w, b, backend):
+    def forward(x, w, b, backend):
+        return _fwd(backend, x, w, b).contiguous(memory_format=memory_format_of(x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, backend = inputs
         ctx.backend = backend
         ctx.fmt = memory_format_of(x)
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return _fwd(backend, x, w, b).contiguous(memory_format=ctx.fmt)
 
     @staticmethod
     def backward(ctx, g):

@@ -233,6 +233,30 @@ def test_nan_and_inf_inputs_reach_the_outputs_conv2d_reaches(backend, one_thread
     assert _rel(y[fin], ref[fin]) <= 1e-5
 
 
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_func_grad_matches_conv2d(backend, one_thread):
+    """torch.func.grad (and grad of grad) through every backend equals F.conv2d's (the custom Function raised
+    'it must override the setup_context staticmethod'); vmap over the custom Function is refused with PyTorch's
+    own message."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 5, 8, 7, generator=g), torch.randn(5, 1, 9, 5, generator=g)
+
+    def grads(conv):
+        def loss(a, k):
+            return conv(a, k).square().sum()
+        gx, gw = torch.func.grad(loss, argnums=(0, 1))(x, w)
+        ggx = torch.func.grad(lambda a: torch.func.grad(loss)(a, w).square().sum())(x)
+        return gx, gw, ggx
+
+    for a, e in zip(grads(lambda a, k: fastconv.depthwise_conv2d(a, k, backend=backend)),
+                    grads(lambda a, k: _ref(a, k, None))):
+        assert _rel(a, e) <= 1e-5
+    if backend in ("cpp", "channels_last"):  # the custom autograd.Function has no vmap rule
+        with pytest.raises(RuntimeError, match="vmap"):
+            torch.func.vmap(lambda a: fastconv.depthwise_conv2d(a, w, backend=backend))(x.unsqueeze(1))
+
+
 def test_captum_saliency_with_frozen_model():
     from captum.attr import Saliency
 
