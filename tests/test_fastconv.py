@@ -234,6 +234,18 @@ def test_nan_and_inf_inputs_reach_the_outputs_conv2d_reaches(backend, one_thread
 
 
 
+
+def test_plain_backward_still_runs_the_cpp_kernels(monkeypatch):
+    """Only create_graph moves the gradients to F.conv2d: a plain backward runs the C++ input and weight gradient."""
+    _need_cpp()
+    calls, conv, wgrad = [], ck.cpp_conv, ck.cpp_weight_grad
+    monkeypatch.setattr(ck, "cpp_conv", lambda *a, **k: calls.append(("conv", k.get("flip", False))) or conv(*a, **k))
+    monkeypatch.setattr(ck, "cpp_weight_grad", lambda *a, **k: calls.append("wgrad") or wgrad(*a, **k))
+    x, w = torch.randn(1, 8, 9, 9, requires_grad=True), torch.randn(8, 1, 9, 9, requires_grad=True)
+    fastconv.depthwise_conv2d(x, w, backend="cpp").square().sum().backward()
+    assert calls == [("conv", False), ("conv", True), "wgrad"]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_torch_func_grad_matches_conv2d(backend, one_thread):
     """torch.func.grad (and grad of grad) through every backend equals F.conv2d's (the custom Function raised
