@@ -58,6 +58,15 @@ def test_cpp_kernel_builds_where_a_compiler_exists():
     assert {"native", "channels_last", "cpp", "fft"} <= set(fastconv.available_backends("cpu"))
 
 
+def test_available_backends_per_dtype_and_missing_device():
+    """bfloat16 on CPU runs the two F.conv2d backends; a CUDA request without CUDA is one clear ValueError (it was
+    torch's AssertionError 'Torch not compiled with CUDA enabled')."""
+    assert fastconv.available_backends("cpu", torch.bfloat16) == ["native", "channels_last"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            fastconv.available_backends("cuda")
+
+
 def test_failed_cpp_build_is_reported_not_silent(tmp_path):
     """A compiler that fails: "cpp" is unavailable with the compiler's verdict, and naming it raises that reason."""
     code = ("import torch, fastconv; from fastconv import cpu_kernels as ck; print(ck.cpp_unavailable_reason()); "
