@@ -46,13 +46,14 @@ def check_device(device):
 
 
 def available_backends(device: str = "cpu", dtype=None) -> list[str]:
-    """Backends that can run float32 (or ``dtype``) tensors on ``device`` in this installation."""
+    """Backends that can run float32 (or ``dtype``) tensors on ``device`` in this installation; ValueError (one
+    line, as ``check_device``) for a device that is not there."""
     import torch
 
     from fastconv.backends import supports
     from fastconv.config import BACKENDS
 
-    x = torch.empty(1, 1, 1, 1, device=device, dtype=dtype or torch.float32)
+    x = torch.empty(1, 1, 1, 1, device=check_device(device), dtype=dtype or torch.float32)
     w = torch.empty(1, 1, 1, 1, device=device, dtype=x.dtype)
     return [b for b in BACKENDS if supports(b, x, w)[0]]
 

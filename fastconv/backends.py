@@ -18,8 +18,8 @@ from fastconv import cpu_kernels as ck
 from fastconv import triton_backend
 from fastconv.config import BACKENDS
 
-CPU_DTYPES = (torch.float32, torch.float64)
-CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: what F.conv2d computes on CPU and CUDA alike (half precision on CPU: "native" and "channels_last" only)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -46,10 +46,23 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if any(t.dtype != x.dtype for t in tensors):
         raise ValueError(f"depthwise_conv2d: dtypes differ (x {x.dtype}, weight {weight.dtype}"
                          f"{', bias ' + str(bias.dtype) if bias is not None else ''})")
-    allowed = CUDA_DTYPES if x.device.type == "cuda" else CPU_DTYPES
-    if x.dtype not in allowed:
-        raise ValueError(f"depthwise_conv2d: dtype {x.dtype} unsupported on {x.device.type}; "
-                         f"use one of {', '.join(str(d) for d in allowed)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"depthwise_conv2d: dtype {x.dtype} unsupported; use one of {', '.join(map(str, DTYPES))}")
+
+
+def autocast_inputs(x, weight, bias):
+    """``(x, weight, bias)`` cast as autocast casts F.conv2d's inputs (on the lower-precision list on CPU and CUDA:
+    floating tensors but float64 go to the autocast dtype), unchanged outside autocast (and on the meta device)."""
+    if (not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda")
+            or not torch.is_autocast_enabled(x.device.type)):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(weight), cast(bias)
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -86,6 +99,8 @@ def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool,
         interp = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
         if dev != "cuda" and not interp:
             return False, "triton needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)"
+        if dt not in triton_backend.DTYPES:
+            return False, f"the Triton kernels handle {', '.join(map(str, triton_backend.DTYPES))} only"
         if max(weight.shape[-2:]) > triton_backend.MAX_KERNEL:
             return False, f"the Triton kernels handle kernel sides up to {triton_backend.MAX_KERNEL}"
         if _triton() is None:
@@ -146,32 +161,41 @@ def _cudnn_weight_grad_nhwc(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) 
 
 
 class _DepthwiseConv2dFn(torch.autograd.Function):
-    """Custom autograd: each gradient is computed only when needed (frozen weights under captum skip dL/dw)."""
+    """Custom autograd: each gradient is computed only when needed (frozen weights under captum skip dL/dw). The
+    forward and its context are separate (``setup_context``), as ``torch.func.grad`` / ``vjp`` need."""
 
     @staticmethod
-    def forward(ctx, x, w, b, backend):
+    def forward(x, w, b, backend):
+        return _fwd(backend, x, w, b).contiguous(memory_format=memory_format_of(x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, backend = inputs
         ctx.backend = backend
         ctx.fmt = memory_format_of(x)
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return _fwd(backend, x, w, b).contiguous(memory_format=ctx.fmt)
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
+        # create_graph (double backward: gradient penalties, Hessian-vector products): the C++ and Triton kernels
+        # are opaque to autograd, so the gradients come from F.conv2d ("channels_last"), which autograd differentiates
+        backend = "channels_last" if torch.is_grad_enabled() else ctx.backend
         if ctx.needs_input_grad[0]:
-            gx = _grad_input(ctx.backend, g, w).contiguous(memory_format=ctx.fmt)
+            gx = _grad_input(backend, g, w).contiguous(memory_format=ctx.fmt)
         if ctx.needs_input_grad[1]:
-            gw = _grad_weight(ctx.backend, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
+            gw = _grad_weight(backend, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(dim=(0, 2, 3))
         return gx, gw, gb, None
 
 
 def run_backend(backend: str, x, weight, bias):
-    """Compute with one named backend (no checks, no dispatch)."""
-    if backend == "native":
+    """Compute with one named backend (no checks, no dispatch); an empty input runs plain F.conv2d (the FFT of an
+    empty batch fails in MKL)."""
+    if backend == "native" or x.numel() == 0:
         kh, kw = weight.shape[-2:]
         return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
     if backend == "fft":

@@ -246,7 +246,8 @@ def onednn_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> to
 # -------------------------------------------------------------------------------------------------- FFT path
 def fft_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Same-padded depthwise cross-correlation by the convolution theorem (differentiable through torch.fft):
-    linear correlation via zero padding to (H+KH-1, W+KW-1), cost O(NC P log P) independent of K."""
+    linear correlation via zero padding to (H+KH-1, W+KW-1), cost O(NC P log P) independent of K. A NaN or inf
+    in a plane turns the whole output plane NaN (F.conv2d: only the outputs within reach of it)."""
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]
     fh, fw = h + kh - 1, wd + kw - 1

@@ -3,7 +3,8 @@ autotune per (device, dtype, layout, shape, grad mode) with a persistent JSON ca
 atomic writes), a cost model where timing is off or would cost more than it saves, a pre-filter that never times a
 known cliff, and ``explain`` to say which backend runs and why.
 
-The FFT path is exact and selectable explicitly but is not an auto candidate: it never won a measurement here.
+The FFT path is exact for finite inputs (a NaN or inf spreads over its whole plane) and selectable explicitly but
+is not an auto candidate: it never won a measurement here.
 Known cliffs on CPU (oneDNN 3.x): NCHW depthwise with padding > 6 falls back to im2col+GEMM, and the weight
 gradient of F.conv2d for K > 14 always takes the GEMM path; "native" is only a candidate away from them.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastconv import cpu_kernels as ck
-from fastconv.backends import check_inputs, memory_format_of, run_backend, supports
+from fastconv.backends import autocast_inputs, check_inputs, memory_format_of, run_backend, supports
 from fastconv.config import BACKENDS, ENV_BACKEND, memo_key, settings
 
 ONEDNN_MAX_PAD = 6
@@ -81,19 +82,25 @@ def _load() -> dict:
     if _mem_file != f:
         _mem.clear()
         _mem_file = f
-        try:
-            _mem.update(json.loads(f.read_text()))
-        except (OSError, ValueError):
-            pass
+        _mem.update(_read(f))
     return _mem
+
+
+def _read(f: Path) -> dict:
+    """The decisions in cache file ``f``; what is missing, unreadable or not a decision is left out (and timed
+    again)."""
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("backend"), str)}
 
 
 def _store(key: str, entry: dict) -> None:
     f = cache_file()
-    try:
-        on_disk = json.loads(f.read_text())  # merge: other processes may have tuned other shapes
-    except (OSError, ValueError):
-        on_disk = {}
+    on_disk = _read(f)  # merge: other processes may have tuned other shapes
     on_disk[key] = entry
     f.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".json.tmp", dir=f.parent)
@@ -318,6 +325,7 @@ def resolve(backend: str | None, x, weight, bias) -> str:
 def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
     """Which backend ``depthwise_conv2d(x, weight, bias)`` runs for this call under ``fastconv.settings()``, and
     why (may autotune)."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias)
     d = decide(x, weight, bias)
     n, c, h, w = x.shape

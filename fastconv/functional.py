@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastconv.backends import check_inputs, run_backend
+from fastconv.backends import autocast_inputs, check_inputs, run_backend
 from fastconv.dispatch import cached_auto, resolve
 
 
@@ -16,11 +16,13 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ``weight`` is (C, 1, KH, KW) with odd KH, KW (the Triton kernels stop at 63; the dispatcher then picks another
     backend). The output keeps the memory format of ``x``. ``backend``: None or "auto" follows
     ``fastconv.settings()`` (see ``fastconv.use``; "auto" there = fastest measured for this device/dtype/layout/
-    shape, see ``fastconv.explain``); one of ``fastconv.BACKENDS`` runs that one.
+    shape, see ``fastconv.explain``); one of ``fastconv.BACKENDS`` runs that one. Under ``torch.autocast`` the
+    tensors are cast as autocast casts F.conv2d's (float32 ones to the autocast dtype).
     """
     if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
+    x, weight, bias = autocast_inputs(x, weight, bias)
     # a signature already checked and decided in this process costs one dict lookup
     tensors = (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
                and (bias is None or isinstance(bias, torch.Tensor)))

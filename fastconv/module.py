@@ -29,6 +29,8 @@ class DepthwiseConv2d(nn.Conv2d):
                 or self.padding_mode != "zeros" or self.groups != self.in_channels):
             raise ValueError("DepthwiseConv2d: stride, dilation, padding or groups were changed after construction;"
                              " only stride 1, dilation 1, 'same' zero padding, groups=C are supported")
+        if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes it
+            return depthwise_conv2d(x.unsqueeze(0), self.weight, self.bias, backend=self.backend).squeeze(0)
         return depthwise_conv2d(x, self.weight, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -37,11 +39,13 @@ class DepthwiseConv2d(nn.Conv2d):
 
 def _swap(model: nn.Module, old: type, make) -> int:
     """Replace each child of exact type ``old`` for which ``make(child)`` returns a module by it, sharing the
-    parameters and the train/eval flag; returns the count."""
+    parameters and the train/eval flag; returns the count. A child with hooks of its own (which would be lost) or
+    with a weight that is not a parameter of its own (``weight_norm``, ``spectral_norm``: computed in a hook)
+    stays as it is."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            new = make(child) if type(child) is old else None
+            new = make(child) if type(child) is old and _swappable(child) else None
             if new is not None:
                 new.weight, new.bias = child.weight, child.bias
                 setattr(parent, name, new.train(child.training))
@@ -49,11 +53,17 @@ def _swap(model: nn.Module, old: type, make) -> int:
     return swapped
 
 
+def _swappable(m: nn.Module) -> bool:
+    hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, getattr(m, "_backward_pre_hooks", None))
+    return (not any(hooks) and isinstance(m.weight, nn.Parameter)
+            and (m.bias is None or isinstance(m.bias, nn.Parameter)))
+
+
 def convert_model(model: nn.Module, min_kernel: int = 7) -> int:
     """In place: every plain ``nn.Conv2d`` that is depthwise (groups = in = out channels), stride 1, dilation 1,
     'same' zero padding (``padding="same"`` or K//2), with odd kernel sides and ``max(K) >= min_kernel``, becomes a
-    ``DepthwiseConv2d`` (backend None: following ``fastconv.settings()``) sharing its parameters and train/eval flag.
-    Returns the number of modules swapped."""
+    ``DepthwiseConv2d`` (backend None: following ``fastconv.settings()``) sharing its parameters and train/eval flag
+    (a conv with hooks or a computed weight stays, see ``_swap``). Returns the number of modules swapped."""
     def make(m: nn.Conv2d):
         k = m.kernel_size
         if (m.groups == m.in_channels == m.out_channels and m.stride == (1, 1) and m.dilation == (1, 1)

@@ -24,7 +24,7 @@ import torch
 __all__ = ["triton_available", "dwconv_forward", "dwconv_backward_input", "dwconv_backward_weight"]
 
 MAX_KERNEL = 63
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _interpreting() -> bool:
@@ -62,7 +62,7 @@ def _next_pow2(v: int) -> int:
 def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if a.dim() != 4 or b.dim() != 4:
         raise ValueError(f"{what}: expected 4-D tensors, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype not in _DTYPES:
+    if a.dtype not in DTYPES:
         raise ValueError(f"{what}: dtype {a.dtype} is not supported (use float32, float16 or bfloat16)")
     if a.dtype != b.dtype or a.device != b.device:
         raise ValueError(f"{what}: tensors must share dtype and device, got {a.dtype}/{a.device} "

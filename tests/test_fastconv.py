@@ -58,6 +58,15 @@ def test_cpp_kernel_builds_where_a_compiler_exists():
     assert {"native", "channels_last", "cpp", "fft"} <= set(fastconv.available_backends("cpu"))
 
 
+def test_available_backends_per_dtype_and_missing_device():
+    """bfloat16 on CPU runs the two F.conv2d backends; a CUDA request without CUDA is one clear ValueError (it was
+    torch's AssertionError 'Torch not compiled with CUDA enabled')."""
+    assert fastconv.available_backends("cpu", torch.bfloat16) == ["native", "channels_last"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            fastconv.available_backends("cuda")
+
+
 def test_failed_cpp_build_is_reported_not_silent(tmp_path):
     """A compiler that fails: "cpp" is unavailable with the compiler's verdict, and naming it raises that reason."""
     code = ("import torch, fastconv; from fastconv import cpu_kernels as ck; print(ck.cpp_unavailable_reason()); "
@@ -141,6 +150,134 @@ def test_input_only_gradient_skips_weight_gradient(backend, monkeypatch, one_thr
     assert _rel(gx, rx) <= 1e-4
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["native", "channels_last", "auto"])
+def test_half_precision_on_cpu_runs_like_conv2d(dtype, backend, one_thread):
+    """F.conv2d computes fp16 / bf16 on CPU, so the drop-in does too (a bf16 model was refused: "unsupported")."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(2, 10, 9, 11, generator=g), torch.randn(10, 1, 7, 9, generator=g) / 8,
+               torch.randn(10, generator=g))
+    ours = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+    ref = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+    y, yr = fastconv.depthwise_conv2d(*ours, backend=backend), _ref(*ref)
+    gy = torch.randn(y.shape, generator=g).to(dtype)
+    got = (y,) + torch.autograd.grad(y, ours, gy)
+    exp = (yr,) + torch.autograd.grad(yr, ref, gy)
+    assert all(a.dtype == dtype for a in got)
+    for a, e in zip(got, exp):  # same dtype, different summation orders: a few units in the last place
+        assert _rel(a.float(), e.float()) <= 2e-2
+    assert torch.equal(got[0], exp[0]) or backend != "native"
+
+
+def test_autocast_casts_like_conv2d(one_thread):
+    """Under autocast a converted model runs as nn.Conv2d does (it raised 'dtypes differ' on the bf16 activations
+    of the layer before): same output dtype and values, gradients reach the float32 parameters."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 9, padding=4, groups=6))
+    ours = nn.Sequential(nn.Conv2d(6, 6, 1), fastconv.DepthwiseConv2d(6, 9))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yr = ours(x), ref(x)
+        assert fastconv.depthwise_conv2d(x, ref[1].weight).dtype == torch.bfloat16
+        assert "cpu bfloat16" in fastconv.explain(x, ref[1].weight)
+    assert y.dtype == yr.dtype == torch.bfloat16 and torch.equal(y, yr)
+    y.float().square().sum().backward()
+    yr.float().square().sum().backward()
+    assert ours[1].weight.grad.dtype == torch.float32
+    for a, e in zip(ours.parameters(), ref.parameters()):
+        assert _rel(a.grad, e.grad) <= 2e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is never cast, as for F.conv2d
+        assert fastconv.depthwise_conv2d(x.double(), ref[1].weight.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_matches_conv2d(backend, one_thread):
+    """A gradient penalty (create_graph=True) differentiates the backward: through the C++ kernel it was silently
+    dropped (its gradients had no graph), and the loss's weight gradient was wrong by orders of magnitude."""
+    g = torch.Generator().manual_seed(0)
+    x0, w0, b0 = torch.randn(2, 9, 7, 8, generator=g), torch.randn(9, 1, 5, 7, generator=g), torch.randn(9, generator=g)
+
+    def penalised_grads(conv):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        y = conv(x, w, b)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(y.sum() + gx.square().sum(), (x, w, b))
+
+    got = penalised_grads(lambda *t: fastconv.depthwise_conv2d(*t, backend=backend))
+    exp = penalised_grads(_ref)
+    for a, e in zip(got, exp):
+        assert _rel(a, e) <= 1e-4
+
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+def test_empty_batch_runs_with_every_backend(backend):
+    """An empty batch (e.g. a rank's share of a short last batch) gives an empty output and zero parameter
+    gradients with any backend (the FFT backend raised an MKL error)."""
+    x = torch.randn(0, 4, 6, 7, requires_grad=True)
+    w, b = torch.randn(4, 1, 5, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    y = fastconv.depthwise_conv2d(x, w, b, backend=backend)
+    assert y.shape == (0, 4, 6, 7)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros(4))
+
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_and_inf_inputs_reach_the_outputs_conv2d_reaches(backend, one_thread):
+    """A NaN / inf input pixel makes NaN / inf exactly the outputs within the kernel's reach, as in F.conv2d, and
+    leaves the rest equal; the FFT backend (explicit only) spreads it over the whole plane, as documented."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 9, 12, 11, generator=g), torch.rand(9, 1, 5, 3, generator=g) + 0.1
+    x[0, 1, 2, 3], x[1, 8, 11, 0] = float("nan"), float("inf")
+    y, ref = fastconv.depthwise_conv2d(x, w, backend=backend), _ref(x, w, None)
+    if backend == "fft":
+        assert y[0, 1].isnan().all() and y[0, 0].isfinite().all()
+        return
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    assert ref.isnan().sum() == 15 and ref.isinf().sum() == 6  # 5x3 around (2, 3); rows 9-11 x cols 0-1
+    fin = ref.isfinite()
+    assert _rel(y[fin], ref[fin]) <= 1e-5
+
+
+
+
+def test_plain_backward_still_runs_the_cpp_kernels(monkeypatch):
+    """Only create_graph moves the gradients to F.conv2d: a plain backward runs the C++ input and weight gradient."""
+    _need_cpp()
+    calls, conv, wgrad = [], ck.cpp_conv, ck.cpp_weight_grad
+    monkeypatch.setattr(ck, "cpp_conv", lambda *a, **k: calls.append(("conv", k.get("flip", False))) or conv(*a, **k))
+    monkeypatch.setattr(ck, "cpp_weight_grad", lambda *a, **k: calls.append("wgrad") or wgrad(*a, **k))
+    x, w = torch.randn(1, 8, 9, 9, requires_grad=True), torch.randn(8, 1, 9, 9, requires_grad=True)
+    fastconv.depthwise_conv2d(x, w, backend="cpp").square().sum().backward()
+    assert calls == [("conv", False), ("conv", True), "wgrad"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_func_grad_matches_conv2d(backend, one_thread):
+    """torch.func.grad (and grad of grad) through every backend equals F.conv2d's (the custom Function raised
+    'it must override the setup_context staticmethod'); vmap over the custom Function is refused with PyTorch's
+    own message."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 5, 8, 7, generator=g), torch.randn(5, 1, 9, 5, generator=g)
+
+    def grads(conv):
+        def loss(a, k):
+            return conv(a, k).square().sum()
+        gx, gw = torch.func.grad(loss, argnums=(0, 1))(x, w)
+        ggx = torch.func.grad(lambda a: torch.func.grad(loss)(a, w).square().sum())(x)
+        return gx, gw, ggx
+
+    for a, e in zip(grads(lambda a, k: fastconv.depthwise_conv2d(a, k, backend=backend)),
+                    grads(lambda a, k: _ref(a, k, None))):
+        assert _rel(a, e) <= 1e-5
+    if backend in ("cpp", "channels_last"):  # the custom autograd.Function has no vmap rule
+        with pytest.raises(RuntimeError, match="vmap"):
+            torch.func.vmap(lambda a: fastconv.depthwise_conv2d(a, w, backend=backend))(x.unsqueeze(1))
+
+
 def test_captum_saliency_with_frozen_model():
     from captum.attr import Saliency
 
@@ -163,6 +300,7 @@ def test_module_is_drop_in_for_conv2d_state_dict():
     dw.load_state_dict(conv.state_dict(), strict=True)
     x = torch.randn(2, 12, 9, 9)
     assert _rel(dw(x), conv(x)) <= 1e-5
+    assert torch.equal(dw(x[0]), dw(x[:1])[0]) and _rel(dw(x[0]), conv(x[0])) <= 1e-5  # unbatched (C, H, W)
     back = nn.Conv2d(12, 12, (7, 5), padding=(3, 2), groups=12, bias=True)
     back.load_state_dict(fastconv.DepthwiseConv2d(12, (7, 5)).state_dict(), strict=True)
     assert fastconv.DepthwiseConv2d(3, 5, bias=False).bias is None
@@ -173,7 +311,8 @@ def test_module_is_drop_in_for_conv2d_state_dict():
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(5, 1, 3, 3)), "channels"),
     (lambda: fastconv.depthwise_conv2d(torch.randn(4, 8, 8), torch.randn(4, 1, 3, 3)), "4-D"),
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 2, 3, 3)), "(C, 1, KH, KW)"),
-    (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8).half(), torch.randn(4, 1, 3, 3).half()), "dtype"),
+    (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8, dtype=torch.complex64),
+                                       torch.randn(4, 1, 3, 3, dtype=torch.complex64)), "dtype"),
     (lambda: fastconv.depthwise_conv2d(torch.ones(1, 4, 8, 8, dtype=torch.int32),
                                        torch.ones(4, 1, 3, 3, dtype=torch.int32)), "dtype"),
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3).double()), "dtypes differ"),
@@ -227,6 +366,39 @@ def test_auto_autotunes_once_and_persists_cache(monkeypatch, tmp_path):
     assert calls and len(json.loads((tmp_path / "fc" / "autotune.json").read_text())) == 2
 
 
+
+@pytest.mark.parametrize("content", ["null", "[1, 2]", '"text"', '{"k": 1}', "{bad", "WRONG_ENTRY"])
+def test_corrupt_autotune_cache_is_timed_again_and_rewritten(content, monkeypatch, tmp_path):
+    """A cache file that is not a JSON object of decisions (it crashed every call: TypeError / AttributeError) is
+    read as empty; the next decision rewrites it."""
+    x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 9, 9)
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: {"channels_last": 1.0}.get(name, 2.0))
+    key = dispatch.cache_key(x, w, None)
+    f = tmp_path / "fc" / "autotune.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({key: "cpp"}) if content == "WRONG_ENTRY" else content)
+    assert _rel(fastconv.depthwise_conv2d(x, w), _ref(x, w, None)) <= 1e-5
+    assert "backend 'channels_last'" in fastconv.explain(x, w)
+    on_disk = json.loads(f.read_text())
+    assert on_disk[key]["backend"] == "channels_last" and ("k" not in on_disk or content != '{"k": 1}')
+
+
+
+def test_unwritable_cache_dir_keeps_decisions_in_memory(monkeypatch, tmp_path):
+    """A cache folder that cannot be written (here a regular file in its place, which holds for root too): the call
+    runs, and the decision is remembered for the process instead of being timed again."""
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    fastconv.configure(cache_dir=blocker)
+    calls = []
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: calls.append(name) or 1.0)
+    x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 9, 9)
+    assert _rel(fastconv.depthwise_conv2d(x, w), _ref(x, w, None)) <= 1e-5
+    timed = len(calls)
+    dispatch._fast.clear()  # the per-signature memo: the decision must come from the in-memory cache
+    assert "autotuned" in fastconv.explain(x, w) and len(calls) == timed > 0 and blocker.read_text() == ""
+
+
 def test_real_autotune_times_and_explain_reports_them():
     x = torch.randn(1, 8, 8, 8)
     w = torch.randn(8, 1, 7, 7)  # forward K=7 on NCHW: timed
@@ -244,6 +416,17 @@ def test_triton_is_never_picked_above_its_kernel_limit(monkeypatch):
     x = torch.randn(1, 2, 5, 5)
     ok, why = fastconv.supports("triton", x, torch.randn(2, 1, 65, 3))
     assert not ok and "up to 63" in why
+
+
+def test_triton_is_not_offered_float64(monkeypatch):
+    """The Triton kernels refuse float64: ``supports`` says so, so the CUDA cost model (autotune off), whose first
+    choice is triton, picks another backend instead of raising inside the kernel launcher."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    ok, why = fastconv.supports("triton", x, w)
+    assert not ok and "float64" not in why and "torch.float32" in why
+    with pytest.raises(ValueError, match="cannot run this call"):
+        fastconv.depthwise_conv2d(x, w, backend="triton")
 
 
 def _spy_backends(monkeypatch) -> list[str]:
@@ -528,6 +711,31 @@ def test_convert_and_revert_model_share_parameters():
     assert not model[1].training and model[7].padding == (4, 3)
     with torch.no_grad():
         assert torch.equal(model(x), ref)
+
+
+
+def test_convert_model_leaves_convs_with_hooks_or_computed_weights():
+    """weight_norm / spectral_norm compute ``weight`` in a hook (converting crashed: TypeError on the assignment),
+    and a conv's own hooks would be lost: such convs stay nn.Conv2d, computing what they computed."""
+    from torch.nn.utils import spectral_norm, weight_norm
+
+    def conv():
+        return nn.Conv2d(4, 4, 7, padding=3, groups=4)
+
+    hooked, calls = conv(), []
+    hooked.register_forward_hook(lambda *a: calls.append(1))
+    model = nn.Sequential(weight_norm(conv()), spectral_norm(conv()), hooked, conv()).eval()
+    x = torch.randn(1, 4, 9, 9)
+    with torch.no_grad():
+        ref = model(x)
+    assert fastconv.convert_model(model) == 1
+    assert [type(m).__name__ for m in model] == ["Conv2d"] * 3 + ["DepthwiseConv2d"]
+    calls.clear()
+    with torch.no_grad():
+        assert _rel(model(x), ref) <= 1e-5
+    assert calls == [1]
+    model[3].register_forward_pre_hook(lambda *a: None)
+    assert fastconv.revert_model(model) == 0
 
 
 def test_fastconv_works_without_erf_lab(tmp_path):
