@@ -101,20 +101,23 @@ class _Interrupt:
             raise self.exc
 
 
-@pytest.mark.parametrize("how", ["ctrl-c mid-epoch", "crash after epoch 1"])
+@pytest.mark.parametrize("how", ["ctrl-c mid-epoch", "ctrl-c at an epoch's last step", "crash after epoch 1"])
 def test_resume_is_bit_identical(tmp_path, one_thread, how):
-    """3 epochs x 4 steps with drop path and EMA. Ctrl-C at step 6 saves the state there; a crash (as a kill)
-    at step 6 loses epoch 2's steps and resumes from the end of epoch 1. Both end bit-identical to an
-    uninterrupted run (weights, EMA and metrics apart from img/s)."""
+    """3 epochs x 4 steps with drop path and EMA. Ctrl-C at step 6 saves the state there; Ctrl-C at step 4 (the
+    last of epoch 1) saves it before epoch 1's evaluation; a crash (as a kill) at step 6 loses epoch 2's steps
+    and resumes from the end of epoch 1. All end bit-identical to an uninterrupted run (weights, EMA and metrics
+    apart from img/s, which counts every epoch's images and time over the sessions)."""
     recipe = dict(epochs=3, batch_size=8, warmup_epochs=0.5, drop_path=0.2, ema=0.9, clip_grad=1.0)
     full = _run(tmp_path / "full", Recipe(**recipe))
     out = tmp_path / "cut"
     exc = KeyboardInterrupt() if how.startswith("ctrl-c") else RuntimeError("killed")
+    at_step, saved = {"ctrl-c mid-epoch": (6, (1, 2)), "ctrl-c at an epoch's last step": (4, (0, 4)),
+                      "crash after epoch 1": (6, (1, 0))}[how]
     with pytest.raises(type(exc)):
-        _run(out, Recipe(**recipe), on_step=_Interrupt(6, exc))
+        _run(out, Recipe(**recipe), on_step=_Interrupt(at_step, exc))
     assert not (out / "run.json").exists() and (out / C.STATE_FILE).exists()
     state = C.load_state(out)  # weights_only=True inside
-    assert (state["epoch"], state["position"]) == ((1, 2) if how.startswith("ctrl-c") else (1, 0))
+    assert (state["epoch"], state["position"]) == saved
     with pytest.raises(ErfLabError, match="interrupted training run"):
         _run(out, Recipe(**recipe))
     resumed = _run(out, Recipe(**recipe), resume=True)
@@ -127,6 +130,7 @@ def test_resume_is_bit_identical(tmp_path, one_thread, how):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     strip = [{k: v for k, v in r.items() if k != "img_per_s"} for r in full["rows"]]
     assert [{k: v for k, v in r.items() if k != "img_per_s"} for r in resumed["rows"]] == strip
+    assert all(r["img_per_s"] > 1 for r in resumed["rows"])
     assert resumed["run_info"]["resumed"] and not (out / C.STATE_FILE).exists()
 
 

@@ -363,6 +363,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
 
     epoch, position, step, rows, sums = 0, 0, 0, [], _Sums()
+    epoch_images, epoch_time = 0, 0.0  # of the epoch so far (img/s), over sessions
     if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -372,6 +373,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             ema.load_state_dict(state["ema"])
         epoch, position, step, rows = state["epoch"], state["position"], state["step"], list(state["rows"])
         sums.v = state["sums"].clone()
+        epoch_images, epoch_time = state.get("epoch_images", 0), state.get("epoch_time", 0.0)
         C.set_rng_state(state["rng"][info.rank])
     else:
         torch.manual_seed(seed + 1000 * (info.rank + 1))  # drop path differs per rank, not per run
@@ -392,7 +394,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                                   seed=seed, drop_last=True)
     bar = progress(total=total_steps, initial=step, desc="train", unit="step",
                    disable=not (show_progress and info.is_main))
-    epoch_images, epoch_time = 0, 0.0
+    t0 = None  # start of the timed part of the current epoch in this session
 
     def save_state():
         rng = [C.rng_state()]
@@ -403,7 +405,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             C.save_state(out, {"settings": settings, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict() if scaler is not None else {},
                                "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch,
-                               "position": position, "step": step, "rows": rows, "sums": sums.v, "rng": rng})
+                               "position": position, "step": step, "rows": rows, "sums": sums.v, "rng": rng,
+                               "epoch_images": epoch_images, "epoch_time": epoch_time})
 
     try:
         while epoch < recipe.epochs:
@@ -448,11 +451,12 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 if on_step is not None:
                     on_step(epoch, step)
                 stop.check(info, device)
-            epoch_time += time.time() - t0
+            epoch_time, t0 = epoch_time + time.time() - t0, None
             train_loss, train_acc = sums.reduced(info, device)
             ev = dict(batch_size=max(B, 64), device=device, mean=mean, std=std, info=info, amp_dtype=amp_dtype,
                       channels_last=channels_last, num_workers=num_workers)
             val_loss, val_acc = evaluate(net, d.val, **ev)
+            lr = lr_at(step - 1, total_steps, warmup_steps, recipe.lr, recipe.min_lr)  # of its last step
             row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "img_per_s": epoch_images / max(epoch_time, 1e-9)}
             if ema is not None:
@@ -470,6 +474,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         bar.close()
         raise
     except KeyboardInterrupt:
+        if t0 is not None:
+            epoch_time += time.time() - t0
         save_state()
         bar.close()
         if info.is_main:
