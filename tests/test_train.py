@@ -188,12 +188,14 @@ def _bad_cases(tmp_path):
     empty = _folder(tmp_path / "empty")
     shutil.rmtree(empty / "val")
     (empty / "val" / "a").mkdir(parents=True)
+    one_class = _folder(tmp_path / "one_class", classes=("a",))
     one_split = _folder(tmp_path / "one_split")
     _png(one_split / "train" / "c" / "0.png", np.random.default_rng(2))
     cue = ["--num-classes", "4", "--train-size", "32", "--val-size", "8", "--epochs", "1"]
     return {
         "missing split": (["--data", str(missing), "--batch-size", "4"], "no val/ folder"),
         "empty split": (["--data", str(empty), "--batch-size", "4"], "no readable image"),
+        "one class": (["--data", str(one_class), "--batch-size", "4"], "only one class ('a')"),
         "class in one split": (["--data", str(one_split), "--batch-size", "4"], "'c' is only in train/"),
         "other class count": (["--data", str(good), "--batch-size", "4", "--num-classes", "5"],
                               f"--num-classes 5, but {good} has 2 classes (a, b); drop --num-classes or use a "

@@ -131,8 +131,8 @@ def _scan_split(root: Path, split: str) -> tuple[dict[str, list[Path]], list[str
 
 def image_folder(root: str | os.PathLike, input_size: int,
                  seed: int = 0) -> tuple[ImageFolderSplit, ImageFolderSplit]:
-    """(train, val) splits of an ImageFolder tree; ErfLabError for a missing / empty split or a class present
-    in only one split."""
+    """(train, val) splits of an ImageFolder tree; ErfLabError for a missing / empty split, a class present
+    in only one split or a single class."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ErfLabError(f"--data: no such folder: {root}" if not root.exists()
@@ -145,6 +145,9 @@ def image_folder(root: str | os.PathLike, input_size: int,
         raise ErfLabError(f"{root}: class {where} ({len(only_train) + len(only_val)} class(es) in one split only); "
                           f"every class needs images in both train/ and val/")
     classes = sorted(train)
+    if len(classes) < 2:
+        raise ErfLabError(f"{root}: only one class ({classes[0]!r}); training a classifier needs at least 2 class "
+                          f"folders with images in train/ and val/")
     idx = {c: i for i, c in enumerate(classes)}
     total_skipped = len(train_skipped) + len(val_skipped)
     if total_skipped:
