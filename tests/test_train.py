@@ -229,13 +229,17 @@ def test_bad_input_one_error_line_exit_2_nothing_written(tmp_path, capsys):
 
 
 def test_corrupt_or_malicious_training_state_is_refused(tmp_path, capsys):
+    import io
     import pickle
 
     class Evil:
         def __reduce__(self):
             return (print, ("ran code",))
 
-    for name, payload in (("corrupt", b"\x80\x02garbage"), ("malicious", pickle.dumps({"model": Evil()}))):
+    weights = io.BytesIO()  # a weights file, not a training state
+    torch.save({"model": create_model("replknet_31b", num_classes=4, **TINY).state_dict()}, weights)
+    for name, payload in (("corrupt", b"\x80\x02garbage"), ("malicious", pickle.dumps({"model": Evil()})),
+                          ("weights", weights.getvalue())):
         out = tmp_path / name
         out.mkdir()
         (out / C.STATE_FILE).write_bytes(payload)
