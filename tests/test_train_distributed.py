@@ -1,5 +1,6 @@
 """``torchrun --nproc_per_node=2 -m erf_lab train`` (gloo, CPU) equals one process that accumulates the gradients
-of the same two micro-batches (BatchNorm statistics per micro-batch, as on each rank)."""
+of the same two micro-batches (BatchNorm statistics per micro-batch, as on each rank); its val metrics are those of
+the saved model."""
 import json
 import os
 import socket
@@ -72,5 +73,14 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
                 for k, p in ref.items())
     print(f"2 gloo ranks vs 1 process with gradient accumulation: max relative parameter error {worst:.2e}")
     assert worst < 1e-5  # float32 summation order (DDP averages the summed gradients): ~1e-7 .. 1e-6
+    # the reported val loss is the saved model's (rank 0's BN statistics on every rank, not each rank its own)
+    from erf_lab.train.loop import evaluate
+
+    net = build_model("replknet_31b", TINY, 4)
+    net.load_state_dict(ddp)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in model_mean_std(net))
+    val_loss, _ = evaluate(net, CueWorld("val", 8, 32, num_classes=4, seed=0), batch_size=64, device="cpu",
+                           mean=mean, std=std)
+    assert abs(val_loss - info["final"]["val_loss"]) < 1e-5 * val_loss, (val_loss, info["final"]["val_loss"])
     moved = max((ddp[k] - v).abs().max().item() for k, v in build_model("replknet_31b", TINY, 4).named_parameters())
     assert moved > 1e-3  # training changed the weights: the comparison is not trivial

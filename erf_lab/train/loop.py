@@ -453,6 +453,10 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 stop.check(info, device)
             epoch_time, t0 = epoch_time + time.time() - t0, None
             train_loss, train_acc = sums.reduced(info, device)
+            if W > 1:  # each rank's BN statistics saw its own batches: evaluate rank 0's, the model it saves
+                for m in (net, ema.module) if ema is not None else (net,):
+                    for b in m.buffers():
+                        dist.broadcast(b, 0)
             ev = dict(batch_size=max(B, 64), device=device, mean=mean, std=std, info=info, amp_dtype=amp_dtype,
                       channels_last=channels_last, num_workers=num_workers)
             val_loss, val_acc = evaluate(net, d.val, **ev)
