@@ -168,6 +168,25 @@ def test_image_folder_skips_unreadable_files(tmp_path, one_thread):
     assert info["data"]["classes"] == ["a", "b"] and info["steps_per_epoch"] == 3
 
 
+def test_image_that_fails_after_the_scan_is_replaced_with_a_warning(tmp_path):
+    """A truncated JPEG passes the scan (PIL's verify() does not decode JPEG data) and fails when loaded: the
+    next image takes its place, and the user is told (it was only counted, silently, before)."""
+    import io
+
+    from erf_lab.train.data import image_folder
+
+    root = _folder(tmp_path / "data")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    (root / "train" / "a" / "truncated.jpg").write_bytes(buf.getvalue()[:1500])
+    train_set, _ = image_folder(root, 32)
+    i = [p.name for p, _ in train_set.files].index("truncated.jpg")
+    assert len(train_set) == 13 and not train_set.skipped  # not caught by the scan
+    with pytest.warns(UserWarning, match=r"cannot read .*truncated\.jpg \(image file is truncated.*next image"):
+        x, y = train_set[i]
+    assert train_set.failed_loads == 1 and torch.equal(x, train_set[i + 1][0]) and y == train_set.files[i + 1][1]
+
+
 def test_sixteen_bit_images_use_their_range():
     from erf_lab.train.data import to_rgb_array
 

@@ -45,7 +45,8 @@ def to_rgb_array(image) -> np.ndarray:
 
 class ImageFolderSplit(torch.utils.data.Dataset):
     """One split of an ImageFolder tree. Files PIL cannot open are left out at scan time and counted in
-    ``skipped``; a file that fails later (truncated data) is replaced by the next readable image and counted."""
+    ``skipped``; a file that fails later (truncated data) is replaced by the next readable image, counted and
+    warned about."""
 
     def __init__(self, root: Path, classes: list[str], files: list[tuple[Path, int]], skipped: list[str],
                  input_size: int, train: bool, seed: int = 0):
@@ -68,8 +69,9 @@ class ImageFolderSplit(torch.utils.data.Dataset):
             path, label = self.files[(index + k) % len(self.files)]
             try:
                 return self._load(path, (index + k) % len(self.files)), label
-            except Exception:  # unreadable after all: count it, use the next image
+            except Exception as e:  # unreadable after all (e.g. a truncated JPEG passes the scan): say so, use the next
                 self.failed_loads += 1
+                warnings.warn(f"cannot read {path} ({e}); the next image is used in its place")
         raise ErfLabError(f"no image of {self.root} could be read")
 
     def _load(self, path: Path, index: int) -> torch.Tensor:
