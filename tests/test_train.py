@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -297,6 +298,27 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
     assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs",
                  "2", "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"]) == 0
     assert (out / "run.json").exists()
+
+
+def test_resume_of_a_folder_that_changed_is_refused(tmp_path, capsys, one_thread):
+    """A class or images added to the folder since the interruption: one error line (a class was a size-mismatch
+    traceback, images a silent change of the data and of the step count)."""
+    root = _folder(tmp_path / "data")
+    args = ["train", *TINY_CLI, "--data", str(root), "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0"]
+    for name, change, message in (("class", lambda: _folder(root, classes=("c",)), "now has 3 classes"),
+                                  ("image", lambda: _png(root / "train" / "a" / "new.png", np.random.default_rng(5)),
+                                   "now has 13 training images, the interrupted run in")):
+        out = tmp_path / name
+        with pytest.raises(KeyboardInterrupt):
+            train("replknet_31b", str(root), out=out, overrides=TINY, input_size=32, show_progress=False,
+                  recipe=Recipe(epochs=2, batch_size=4, warmup_epochs=0), on_step=_Interrupt(2, KeyboardInterrupt()))
+        change()
+        rc = main([*args, "--out", str(out), "--resume"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("error:") == 1 and message in err and "Traceback" not in err, err
+        assert (out / C.STATE_FILE).exists() and not (out / "run.json").exists()
+        shutil.rmtree(root / "train" / "c", ignore_errors=True)
+        shutil.rmtree(root / "val" / "c", ignore_errors=True)
 
 
 def test_kill_stops_at_a_step_and_resume_completes(tmp_path):

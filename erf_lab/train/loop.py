@@ -343,7 +343,12 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     if num_classes is not None and num_classes != n_classes:
         raise ErfLabError(f"--num-classes {num_classes}, but {data} has {n_classes} classes ({', '.join(d.classes)}); "
                           f"drop --num-classes or use a folder with {num_classes}")
-    settings["num_classes"] = n_classes  # recorded as trained
+    settings["num_classes"], settings["train_images"] = n_classes, len(d.train)  # recorded as trained
+    if state is not None:  # a folder may have changed since the interruption
+        for k, what in (("num_classes", "classes"), ("train_images", "training images")):
+            if state["settings"].get(k) != settings[k]:
+                raise ErfLabError(f"--resume: {data} now has {settings[k]} {what}, the interrupted run in {out} "
+                                  f"had {state['settings'].get(k)}; restore the data or start over with --force")
     B, W = recipe.batch_size, info.world_size
     steps_per_epoch = len(d.train) // (B * W)
     if steps_per_epoch < 1:
