@@ -3,7 +3,7 @@
 * Weights, in the official RepLKNet layout: ``{"model": state_dict}`` saved with ``torch.save`` (``.pth``) and
   the same tensors as ``.safetensors``; both load with ``create_model(name, weights=path, **overrides)``.
 * The training state (``.train_state.pt``): weights, optimizer, AMP scaler, EMA, epoch, step, position in the
-  epoch, partial-epoch sums (loss, accuracy, images and seconds), metrics rows and the RNG states of torch /
+  epoch, partial-epoch sums (loss, accuracy per rank; images, seconds), metrics rows and the RNG states of torch /
   numpy / python, all as tensors, lists and numbers, so it loads with ``torch.load(weights_only=True)``. Saved
   atomically: the file is the commit point of ``--resume``.
 """

@@ -377,7 +377,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         if ema is not None:
             ema.load_state_dict(state["ema"])
         epoch, position, step, rows = state["epoch"], state["position"], state["step"], list(state["rows"])
-        sums.v = state["sums"].clone()
+        sums.v = state["sums"][info.rank].clone()  # each rank's own partial-epoch sums
         epoch_images, epoch_time = state.get("epoch_images", 0), state.get("epoch_time", 0.0)
         C.set_rng_state(state["rng"][info.rank])
     else:
@@ -402,15 +402,16 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     t0 = None  # start of the timed part of the current epoch in this session
 
     def save_state():
-        rng = [C.rng_state()]
+        rng, rank_sums = [C.rng_state()], [sums.v]
         if W > 1:
-            rng = [None] * W
+            rng, rank_sums = [None] * W, [None] * W
             dist.all_gather_object(rng, C.rng_state())
+            dist.all_gather_object(rank_sums, sums.v)
         if info.is_main:
             C.save_state(out, {"settings": settings, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict() if scaler is not None else {},
                                "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch,
-                               "position": position, "step": step, "rows": rows, "sums": sums.v, "rng": rng,
+                               "position": position, "step": step, "rows": rows, "sums": rank_sums, "rng": rng,
                                "epoch_images": epoch_images, "epoch_time": epoch_time})
 
     try:
