@@ -346,7 +346,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     settings["num_classes"], settings["train_images"] = n_classes, len(d.train)  # recorded as trained
     if state is not None:  # a folder may have changed since the interruption
         for k, what in (("num_classes", "classes"), ("train_images", "training images")):
-            if state["settings"].get(k) != settings[k]:
+            if k in state["settings"] and state["settings"][k] != settings[k]:
                 raise ErfLabError(f"--resume: {data} now has {settings[k]} {what}, the interrupted run in {out} "
                                   f"had {state['settings'].get(k)}; restore the data or start over with --force")
     B, W = recipe.batch_size, info.world_size
@@ -377,7 +377,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         if ema is not None:
             ema.load_state_dict(state["ema"])
         epoch, position, step, rows = state["epoch"], state["position"], state["step"], list(state["rows"])
-        sums.v = state["sums"][info.rank].clone()  # each rank's own partial-epoch sums
+        saved = state["sums"]  # each rank's own partial-epoch sums (one tensor: a state of an older erf-lab)
+        sums.v = (saved if isinstance(saved, torch.Tensor) else saved[info.rank]).clone()
         epoch_images, epoch_time = state.get("epoch_images", 0), state.get("epoch_time", 0.0)
         C.set_rng_state(state["rng"][info.rank])
     else:
