@@ -28,6 +28,22 @@ def _run(out, recipe=None, **kw):
                  recipe=recipe or Recipe(epochs=2, batch_size=8, warmup_epochs=0.5), **args)
 
 
+@pytest.mark.parametrize("smoothing", [0.1, 0.0])
+def test_curves_say_when_the_train_loss_is_label_smoothed(tmp_path, monkeypatch, smoothing):
+    """The train loss is the smoothed objective (never near 0), the val loss plain cross-entropy: the legend says so."""
+    import erf_lab.io
+    from erf_lab.train.loop import plot_curves
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem: figs.append(fig) or [])
+    rows = [{"epoch": 1, "train_loss": 0.9, "train_acc": 0.5, "val_loss": 0.4, "val_acc": 0.9}]
+    plot_curves(rows, tmp_path / "curves", smoothing)
+    loss_legend = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    acc_legend = [t.get_text() for t in figs[0].axes[1].get_legend().get_texts()]
+    assert loss_legend == (["train (label smoothing 0.1)", "val"] if smoothing else ["train", "val"])
+    assert acc_legend == ["train", "val"]
+
+
 def test_lr_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up

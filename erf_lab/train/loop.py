@@ -189,8 +189,9 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def plot_curves(rows: list[dict], stem) -> list[Path]:
-    """Training curves (loss and accuracy, train and val, against epoch) as ``stem.png`` / ``stem.pdf``."""
+def plot_curves(rows: list[dict], stem, label_smoothing: float = 0.0) -> list[Path]:
+    """Training curves (loss and accuracy, train and val, against epoch) as ``stem.png`` / ``stem.pdf``; the
+    train loss is the training objective (with ``label_smoothing``, above the plain val cross-entropy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,7 +202,9 @@ def plot_curves(rows: list[dict], stem) -> list[Path]:
     ep = [r["epoch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
     for key, ax in (("loss", a1), ("acc", a2)):
-        ax.plot(ep, [r[f"train_{key}"] for r in rows], "o-", label="train")
+        smoothed = key == "loss" and label_smoothing > 0
+        ax.plot(ep, [r[f"train_{key}"] for r in rows], "o-",
+                label=f"train (label smoothing {label_smoothing:g})" if smoothed else "train")
         ax.plot(ep, [r[f"val_{key}"] for r in rows], "s-", label="val")
         if rows and f"val_{key}_ema" in rows[0]:
             ax.plot(ep, [r[f"val_{key}_ema"] for r in rows], "^--", label="val (EMA)")
@@ -500,7 +503,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     files = C.save_weights(net.state_dict(), out / "model", checkpoint_format)
     if ema is not None:
         files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors")
-    plot_curves(rows, out / "curves")
+    plot_curves(rows, out / "curves", recipe.label_smoothing)
     run_info = {
         "command": argv, "settings": settings, "device": device, "num_workers": num_workers,
         "checkpoint_format": checkpoint_format, "versions": _versions(),
