@@ -1,5 +1,6 @@
 """erf-lab study kernel-family at a toy size: plan, cached steps, tables, figure, and shipping for builtin:."""
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from erf_lab.models import create_model
 from erf_lab.cli.main import main
+from erf_lab.errors import ErfLabError
 from erf_lab.train.study import (StudySettings, at_chance, markdown_table, plan, run_study, ship, table_notes,
                                  val_subset_correct)
 
@@ -48,6 +50,11 @@ def test_toy_study_tables_cache_and_ship(tmp_path, monkeypatch, one_thread):
     stamp = (out / "runs" / "K3-seed0" / "model.safetensors").stat().st_mtime_ns
     run_study(out, TOY, kernels=(3, 31), seeds=(0,), guidelines=False)  # all cached: nothing retrained
     assert (out / "runs" / "K3-seed0" / "model.safetensors").stat().st_mtime_ns == stamp
+    # other settings would reuse runs that do not match them (results.md would claim the new ones): refused
+    with pytest.raises(ErfLabError, match=r"other settings \(1 differ, e.g. epochs: 1 there, 2 now\)"):
+        run_study(out, dataclasses.replace(TOY, epochs=2), kernels=(3, 31), seeds=(0,), guidelines=False)
+    assert (out / "runs" / "K3-seed0" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((out / "study.json").read_text())["settings"]["epochs"] == 1
 
     dest = tmp_path / "data" / "trained" / "cue-world"
     files = ship(out, dest, subset=20)

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -25,6 +26,22 @@ def _run(out, recipe=None, **kw):
     args = {**CUE, **kw}
     return train("replknet_31b", "cue-world", out=out, overrides=TINY, show_progress=False,
                  recipe=recipe or Recipe(epochs=2, batch_size=8, warmup_epochs=0.5), **args)
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.0])
+def test_curves_say_when_the_train_loss_is_label_smoothed(tmp_path, monkeypatch, smoothing):
+    """The train loss is the smoothed objective (never near 0), the val loss plain cross-entropy: the legend says so."""
+    import erf_lab.io
+    from erf_lab.train.loop import plot_curves
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem: figs.append(fig) or [])
+    rows = [{"epoch": 1, "train_loss": 0.9, "train_acc": 0.5, "val_loss": 0.4, "val_acc": 0.9}]
+    plot_curves(rows, tmp_path / "curves", smoothing)
+    loss_legend = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    acc_legend = [t.get_text() for t in figs[0].axes[1].get_legend().get_texts()]
+    assert loss_legend == (["train (label smoothing 0.1)", "val"] if smoothing else ["train", "val"])
+    assert acc_legend == ["train", "val"]
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -101,20 +118,23 @@ class _Interrupt:
             raise self.exc
 
 
-@pytest.mark.parametrize("how", ["ctrl-c mid-epoch", "crash after epoch 1"])
+@pytest.mark.parametrize("how", ["ctrl-c mid-epoch", "ctrl-c at an epoch's last step", "crash after epoch 1"])
 def test_resume_is_bit_identical(tmp_path, one_thread, how):
-    """3 epochs x 4 steps with drop path and EMA. Ctrl-C at step 6 saves the state there; a crash (as a kill)
-    at step 6 loses epoch 2's steps and resumes from the end of epoch 1. Both end bit-identical to an
-    uninterrupted run (weights, EMA and metrics apart from img/s)."""
+    """3 epochs x 4 steps with drop path and EMA. Ctrl-C at step 6 saves the state there; Ctrl-C at step 4 (the
+    last of epoch 1) saves it before epoch 1's evaluation; a crash (as a kill) at step 6 loses epoch 2's steps
+    and resumes from the end of epoch 1. All end bit-identical to an uninterrupted run (weights, EMA and metrics
+    apart from img/s, which counts every epoch's images and time over the sessions)."""
     recipe = dict(epochs=3, batch_size=8, warmup_epochs=0.5, drop_path=0.2, ema=0.9, clip_grad=1.0)
     full = _run(tmp_path / "full", Recipe(**recipe))
     out = tmp_path / "cut"
     exc = KeyboardInterrupt() if how.startswith("ctrl-c") else RuntimeError("killed")
+    at_step, saved = {"ctrl-c mid-epoch": (6, (1, 2)), "ctrl-c at an epoch's last step": (4, (0, 4)),
+                      "crash after epoch 1": (6, (1, 0))}[how]
     with pytest.raises(type(exc)):
-        _run(out, Recipe(**recipe), on_step=_Interrupt(6, exc))
+        _run(out, Recipe(**recipe), on_step=_Interrupt(at_step, exc))
     assert not (out / "run.json").exists() and (out / C.STATE_FILE).exists()
     state = C.load_state(out)  # weights_only=True inside
-    assert (state["epoch"], state["position"]) == ((1, 2) if how.startswith("ctrl-c") else (1, 0))
+    assert (state["epoch"], state["position"]) == saved
     with pytest.raises(ErfLabError, match="interrupted training run"):
         _run(out, Recipe(**recipe))
     resumed = _run(out, Recipe(**recipe), resume=True)
@@ -127,6 +147,7 @@ def test_resume_is_bit_identical(tmp_path, one_thread, how):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     strip = [{k: v for k, v in r.items() if k != "img_per_s"} for r in full["rows"]]
     assert [{k: v for k, v in r.items() if k != "img_per_s"} for r in resumed["rows"]] == strip
+    assert all(r["img_per_s"] > 1 for r in resumed["rows"])
     assert resumed["run_info"]["resumed"] and not (out / C.STATE_FILE).exists()
 
 
@@ -164,6 +185,25 @@ def test_image_folder_skips_unreadable_files(tmp_path, one_thread):
     assert info["data"]["classes"] == ["a", "b"] and info["steps_per_epoch"] == 3
 
 
+def test_image_that_fails_after_the_scan_is_replaced_with_a_warning(tmp_path):
+    """A truncated JPEG passes the scan (PIL's verify() does not decode JPEG data) and fails when loaded: the
+    next image takes its place, and the user is told (it was only counted, silently, before)."""
+    import io
+
+    from erf_lab.train.data import image_folder
+
+    root = _folder(tmp_path / "data")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    (root / "train" / "a" / "truncated.jpg").write_bytes(buf.getvalue()[:1500])
+    train_set, _ = image_folder(root, 32)
+    i = [p.name for p, _ in train_set.files].index("truncated.jpg")
+    assert len(train_set) == 13 and not train_set.skipped  # not caught by the scan
+    with pytest.warns(UserWarning, match=r"cannot read .*truncated\.jpg \(image file is truncated.*next image"):
+        x, y = train_set[i]
+    assert train_set.failed_loads == 1 and torch.equal(x, train_set[i + 1][0]) and y == train_set.files[i + 1][1]
+
+
 def test_sixteen_bit_images_use_their_range():
     from erf_lab.train.data import to_rgb_array
 
@@ -184,12 +224,14 @@ def _bad_cases(tmp_path):
     empty = _folder(tmp_path / "empty")
     shutil.rmtree(empty / "val")
     (empty / "val" / "a").mkdir(parents=True)
+    one_class = _folder(tmp_path / "one_class", classes=("a",))
     one_split = _folder(tmp_path / "one_split")
     _png(one_split / "train" / "c" / "0.png", np.random.default_rng(2))
     cue = ["--num-classes", "4", "--train-size", "32", "--val-size", "8", "--epochs", "1"]
     return {
         "missing split": (["--data", str(missing), "--batch-size", "4"], "no val/ folder"),
         "empty split": (["--data", str(empty), "--batch-size", "4"], "no readable image"),
+        "one class": (["--data", str(one_class), "--batch-size", "4"], "only one class ('a')"),
         "class in one split": (["--data", str(one_split), "--batch-size", "4"], "'c' is only in train/"),
         "other class count": (["--data", str(good), "--batch-size", "4", "--num-classes", "5"],
                               f"--num-classes 5, but {good} has 2 classes (a, b); drop --num-classes or use a "
@@ -223,13 +265,17 @@ def test_bad_input_one_error_line_exit_2_nothing_written(tmp_path, capsys):
 
 
 def test_corrupt_or_malicious_training_state_is_refused(tmp_path, capsys):
+    import io
     import pickle
 
     class Evil:
         def __reduce__(self):
             return (print, ("ran code",))
 
-    for name, payload in (("corrupt", b"\x80\x02garbage"), ("malicious", pickle.dumps({"model": Evil()}))):
+    weights = io.BytesIO()  # a weights file, not a training state
+    torch.save({"model": create_model("replknet_31b", num_classes=4, **TINY).state_dict()}, weights)
+    for name, payload in (("corrupt", b"\x80\x02garbage"), ("malicious", pickle.dumps({"model": Evil()})),
+                          ("weights", weights.getvalue())):
         out = tmp_path / name
         out.mkdir()
         (out / C.STATE_FILE).write_bytes(payload)
@@ -311,6 +357,27 @@ def test_channels_last_is_the_cpu_default_and_a_resumed_run_keeps_its_own(tmp_pa
         _run(out, channels_last=True, resume=True)
     resumed = _run(out, resume=True)  # None: the run's own setting
     assert resumed["run_info"]["settings"]["channels_last"] is False and resumed["run_info"]["resumed"]
+
+
+def test_resume_of_a_folder_that_changed_is_refused(tmp_path, capsys, one_thread):
+    """A class or images added to the folder since the interruption: one error line (a class was a size-mismatch
+    traceback, images a silent change of the data and of the step count)."""
+    root = _folder(tmp_path / "data")
+    args = ["train", *TINY_CLI, "--data", str(root), "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0"]
+    for name, change, message in (("class", lambda: _folder(root, classes=("c",)), "now has 3 classes"),
+                                  ("image", lambda: _png(root / "train" / "a" / "new.png", np.random.default_rng(5)),
+                                   "now has 13 training images, the interrupted run in")):
+        out = tmp_path / name
+        with pytest.raises(KeyboardInterrupt):
+            train("replknet_31b", str(root), out=out, overrides=TINY, input_size=32, show_progress=False,
+                  recipe=Recipe(epochs=2, batch_size=4, warmup_epochs=0), on_step=_Interrupt(2, KeyboardInterrupt()))
+        change()
+        rc = main([*args, "--out", str(out), "--resume"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("error:") == 1 and message in err and "Traceback" not in err, err
+        assert (out / C.STATE_FILE).exists() and not (out / "run.json").exists()
+        shutil.rmtree(root / "train" / "c", ignore_errors=True)
+        shutil.rmtree(root / "val" / "c", ignore_errors=True)
 
 
 def test_kill_stops_at_a_step_and_resume_completes(tmp_path):

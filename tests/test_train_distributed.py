@@ -2,7 +2,8 @@
 of the same two micro-batches (BatchNorm statistics per micro-batch, as on each rank), run the way ``train`` runs
 on the CPU (``speed_levers``, channels_last) with one fastconv backend on both sides: AdamW's first steps move a
 parameter whose gradient is only rounding noise (a BN bias before another BN) by about the learning rate in the
-noise's direction, so both sides must compute the same rounding, not just the same mathematics."""
+noise's direction, so both sides must compute the same rounding, not just the same mathematics. Its val metrics are
+those of the saved model."""
 import json
 import os
 import socket
@@ -78,5 +79,64 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
                 for k, p in ref.items())
     print(f"2 gloo ranks vs 1 process with gradient accumulation: max relative parameter error {worst:.2e}")
     assert worst < 1e-5  # float32 summation order (DDP averages the summed gradients): ~1e-7 .. 1e-6
+    # the reported val loss is the saved model's (rank 0's BN statistics on every rank, not each rank its own)
+    from erf_lab.train.loop import evaluate
+
+    net = speed_levers(build_model("replknet_31b", TINY, 4), channels_last=True)
+    net.load_state_dict(ddp)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in model_mean_std(net))
+    with fastconv.use(backend=BACKEND):
+        val_loss, _ = evaluate(net, CueWorld("val", 8, 32, num_classes=4, seed=0), batch_size=64, device="cpu",
+                               mean=mean, std=std, channels_last=True)
+    assert abs(val_loss - info["final"]["val_loss"]) < 1e-5 * val_loss, (val_loss, info["final"]["val_loss"])
     moved = max((ddp[k] - v).abs().max().item() for k, v in build_model("replknet_31b", TINY, 4).named_parameters())
     assert moved > 1e-3  # training changed the weights: the comparison is not trivial
+
+
+_DRIVER = """
+import sys
+from erf_lab.train.loop import train
+from erf_lab.train.recipe import Recipe
+
+out, cut, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"
+
+
+def on_step(epoch, step):  # every rank stops at the same step, as after Ctrl-C
+    if step == cut:
+        raise KeyboardInterrupt
+
+
+try:
+    train("replknet_31b", "cue-world", out=out, overrides={TINY}, show_progress=False, input_size=32,
+          train_size={TRAIN_SIZE}, val_size=8, num_classes=4, resume=resume, on_step=on_step,
+          recipe=Recipe(epochs=2, batch_size={B}, warmup_epochs=0.5, drop_path=0.1))
+except KeyboardInterrupt:
+    pass
+"""
+
+
+def test_two_gloo_ranks_resume_mid_epoch_exactly(tmp_path):
+    """Stopped at step 6 (mid-epoch 2) and resumed, 2 ranks end as an uninterrupted run: the same weights and
+    metrics, train loss and accuracy included (each rank's partial-epoch sums are kept, not rank 0's for all)."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER.replace("{TINY}", repr(TINY)).replace("{TRAIN_SIZE}", str(TRAIN_SIZE))
+                      .replace("{B}", str(B)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}  # no timing-dependent choice
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    for out, cut, mode in (("full", 0, "new"), ("cut", 6, "new"), ("cut", 0, "resume")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver), str(tmp_path / out),
+               str(cut), mode]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    full, cut = (list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("full", "cut"))
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed"]
+    strip = [[{k: v for k, v in r.items() if k != "img_per_s"} for r in rows] for rows in (full, cut)]
+    assert strip[0] == strip[1] and len(strip[0]) == 2
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

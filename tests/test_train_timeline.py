@@ -70,8 +70,9 @@ def tiny_run(tmp_path_factory):
     return out
 
 
-def test_timeline_measures_each_checkpoint_once(tiny_run, tmp_path):
-    from erf_lab.train.timeline import timeline
+def test_timeline_measures_each_checkpoint_once(tiny_run, tmp_path, capsys):
+    from erf_lab.train.study import at_chance
+    from erf_lab.train.timeline import UNTRAINED_NOTE, timeline
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -94,6 +95,13 @@ def test_timeline_measures_each_checkpoint_once(tiny_run, tmp_path):
     assert rows[0]["val_acc"] is None and rows[2]["val_acc"] == pytest.approx(float(metrics[1][6]))
     for r in rows:
         assert 0 < r["area@50%"] <= 100 and r["r_rms"] > 0 and 0 <= r["shape_only_accuracy"] <= 1
+    # a shape bias of the initialisation or of a model at chance is marked (as in the study's tables)
+    assert rows[0]["untrained"] is True
+    assert [r["untrained"] for r in rows[1:]] == [at_chance(r["val_acc"], 4, 16) for r in rows[1:]]
+    capsys.readouterr()
+    assert main(["timeline", str(run), "--num-images", "2", "--probe-size", "12", "--formats", "png", "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split()[0] == "0" and printed[1].split()[-2] == "†" and UNTRAINED_NOTE in printed
     erf_json = json.loads((run / "timeline" / "erf-32px" / "epoch_001" / "run.json").read_text())
     assert erf_json["input_size"] == 32 and erf_json["num_used"] == 2
     assert (run / "timeline" / "timeline.png").is_file()

@@ -3,9 +3,9 @@
 * Weights, in the official RepLKNet layout: ``{"model": state_dict}`` saved with ``torch.save`` (``.pth``) and
   the same tensors as ``.safetensors``; both load with ``create_model(name, weights=path, **overrides)``.
 * The training state (``.train_state.pt``): weights, optimizer, AMP scaler, EMA, epoch, step, position in the
-  epoch, partial-epoch sums, metrics rows and the RNG states of torch / numpy / python, all as tensors, lists and
-  numbers, so it loads with ``torch.load(weights_only=True)``. Saved atomically: the file is the commit point
-  of ``--resume``.
+  epoch, partial-epoch sums (loss, accuracy per rank; images, seconds), metrics rows and the RNG states of torch /
+  numpy / python, all as tensors, lists and numbers, so it loads with ``torch.load(weights_only=True)``. Saved
+  atomically: the file is the commit point of ``--resume``.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from erf_lab.errors import ErfLabError
 from erf_lab.io import atomic_path
 
 STATE_FILE = ".train_state.pt"
+#: what a training state holds (besides the AMP scaler, EMA and img/s counters, which may be empty or absent)
+STATE_KEYS = ("settings", "model", "optimizer", "epoch", "position", "step", "rows", "sums", "rng")
 WEIGHT_FORMATS = ("pth", "safetensors", "both")
 
 
@@ -84,7 +86,11 @@ def load_state(out_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ErfLabError(f"nothing to resume in {out_dir}: no interrupted training run there ({STATE_FILE} missing)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         what = "refusing to load the training state" if blocked_global(e) else "cannot read the training state"
         raise ErfLabError(f"{what} {path}: {load_failure(e)}; start again with --force") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise ErfLabError(f"{path} is not an erf-lab training state (no {missing[0]!r}); start again with --force")
+    return state

@@ -45,7 +45,8 @@ def to_rgb_array(image) -> np.ndarray:
 
 class ImageFolderSplit(torch.utils.data.Dataset):
     """One split of an ImageFolder tree. Files PIL cannot open are left out at scan time and counted in
-    ``skipped``; a file that fails later (truncated data) is replaced by the next readable image and counted."""
+    ``skipped``; a file that fails later (truncated data) is replaced by the next readable image, counted and
+    warned about."""
 
     def __init__(self, root: Path, classes: list[str], files: list[tuple[Path, int]], skipped: list[str],
                  input_size: int, train: bool, seed: int = 0):
@@ -68,8 +69,9 @@ class ImageFolderSplit(torch.utils.data.Dataset):
             path, label = self.files[(index + k) % len(self.files)]
             try:
                 return self._load(path, (index + k) % len(self.files)), label
-            except Exception:  # unreadable after all: count it, use the next image
+            except Exception as e:  # unreadable after all (e.g. a truncated JPEG passes the scan): say so, use the next
                 self.failed_loads += 1
+                warnings.warn(f"cannot read {path} ({e}); the next image is used in its place")
         raise ErfLabError(f"no image of {self.root} could be read")
 
     def _load(self, path: Path, index: int) -> torch.Tensor:
@@ -131,8 +133,8 @@ def _scan_split(root: Path, split: str) -> tuple[dict[str, list[Path]], list[str
 
 def image_folder(root: str | os.PathLike, input_size: int,
                  seed: int = 0) -> tuple[ImageFolderSplit, ImageFolderSplit]:
-    """(train, val) splits of an ImageFolder tree; ErfLabError for a missing / empty split or a class present
-    in only one split."""
+    """(train, val) splits of an ImageFolder tree; ErfLabError for a missing / empty split, a class present
+    in only one split or a single class."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ErfLabError(f"--data: no such folder: {root}" if not root.exists()
@@ -145,6 +147,9 @@ def image_folder(root: str | os.PathLike, input_size: int,
         raise ErfLabError(f"{root}: class {where} ({len(only_train) + len(only_val)} class(es) in one split only); "
                           f"every class needs images in both train/ and val/")
     classes = sorted(train)
+    if len(classes) < 2:
+        raise ErfLabError(f"{root}: only one class ({classes[0]!r}); training a classifier needs at least 2 class "
+                          f"folders with images in train/ and val/")
     idx = {c: i for i, c in enumerate(classes)}
     total_skipped = len(train_skipped) + len(val_skipped)
     if total_skipped:

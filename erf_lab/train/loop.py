@@ -204,8 +204,9 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def plot_curves(rows: list[dict], stem) -> list[Path]:
-    """Training curves (loss and accuracy, train and val, against epoch) as ``stem.png`` / ``stem.pdf``."""
+def plot_curves(rows: list[dict], stem, label_smoothing: float = 0.0) -> list[Path]:
+    """Training curves (loss and accuracy, train and val, against epoch) as ``stem.png`` / ``stem.pdf``; the
+    train loss is the training objective (with ``label_smoothing``, above the plain val cross-entropy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +217,9 @@ def plot_curves(rows: list[dict], stem) -> list[Path]:
     ep = [r["epoch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
     for key, ax in (("loss", a1), ("acc", a2)):
-        ax.plot(ep, [r[f"train_{key}"] for r in rows], "o-", label="train")
+        smoothed = key == "loss" and label_smoothing > 0
+        ax.plot(ep, [r[f"train_{key}"] for r in rows], "o-",
+                label=f"train (label smoothing {label_smoothing:g})" if smoothed else "train")
         ax.plot(ep, [r[f"val_{key}"] for r in rows], "s-", label="val")
         if rows and f"val_{key}_ema" in rows[0]:
             ax.plot(ep, [r[f"val_{key}_ema"] for r in rows], "^--", label="val (EMA)")
@@ -363,7 +366,12 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     if num_classes is not None and num_classes != n_classes:
         raise ErfLabError(f"--num-classes {num_classes}, but {data} has {n_classes} classes ({', '.join(d.classes)}); "
                           f"drop --num-classes or use a folder with {num_classes}")
-    settings["num_classes"] = n_classes  # recorded as trained
+    settings["num_classes"], settings["train_images"] = n_classes, len(d.train)  # recorded as trained
+    if state is not None:  # a folder may have changed since the interruption
+        for k, what in (("num_classes", "classes"), ("train_images", "training images")):
+            if k in state["settings"] and state["settings"][k] != settings[k]:
+                raise ErfLabError(f"--resume: {data} now has {settings[k]} {what}, the interrupted run in {out} "
+                                  f"had {state['settings'].get(k)}; restore the data or start over with --force")
     B, W = recipe.batch_size, info.world_size
     steps_per_epoch = len(d.train) // (B * W)
     if steps_per_epoch < 1:
@@ -382,6 +390,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
 
     epoch, position, step, rows, sums = 0, 0, 0, [], _Sums()
+    epoch_images, epoch_time = 0, 0.0  # of the epoch so far (img/s), over sessions
     if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -390,7 +399,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         if ema is not None:
             ema.load_state_dict(state["ema"])
         epoch, position, step, rows = state["epoch"], state["position"], state["step"], list(state["rows"])
-        sums.v = state["sums"].clone()
+        saved = state["sums"]  # each rank's own partial-epoch sums (one tensor: a state of an older erf-lab)
+        sums.v = (saved if isinstance(saved, torch.Tensor) else saved[info.rank]).clone()
+        epoch_images, epoch_time = state.get("epoch_images", 0), state.get("epoch_time", 0.0)
         C.set_rng_state(state["rng"][info.rank])
     else:
         torch.manual_seed(seed + 1000 * (info.rank + 1))  # drop path differs per rank, not per run
@@ -411,18 +422,20 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                                   seed=seed, drop_last=True)
     bar = progress(total=total_steps, initial=step, desc="train", unit="step",
                    disable=not (show_progress and info.is_main))
-    epoch_images, epoch_time = 0, 0.0
+    t0 = None  # start of the timed part of the current epoch in this session
 
     def save_state():
-        rng = [C.rng_state()]
+        rng, rank_sums = [C.rng_state()], [sums.v]
         if W > 1:
-            rng = [None] * W
+            rng, rank_sums = [None] * W, [None] * W
             dist.all_gather_object(rng, C.rng_state())
+            dist.all_gather_object(rank_sums, sums.v)
         if info.is_main:
             C.save_state(out, {"settings": settings, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict() if scaler is not None else {},
                                "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch,
-                               "position": position, "step": step, "rows": rows, "sums": sums.v, "rng": rng})
+                               "position": position, "step": step, "rows": rows, "sums": rank_sums, "rng": rng,
+                               "epoch_images": epoch_images, "epoch_time": epoch_time})
 
     try:
         while epoch < recipe.epochs:
@@ -467,11 +480,16 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 if on_step is not None:
                     on_step(epoch, step)
                 stop.check(info, device)
-            epoch_time += time.time() - t0
+            epoch_time, t0 = epoch_time + time.time() - t0, None
             train_loss, train_acc = sums.reduced(info, device)
+            if W > 1:  # each rank's BN statistics saw its own batches: evaluate rank 0's, the model it saves
+                for m in (net, ema.module) if ema is not None else (net,):
+                    for b in m.buffers():
+                        dist.broadcast(b, 0)
             ev = dict(batch_size=max(B, 64), device=device, mean=mean, std=std, info=info, amp_dtype=amp_dtype,
                       channels_last=channels_last, num_workers=num_workers)
             val_loss, val_acc = evaluate(net, d.val, **ev)
+            lr = lr_at(step - 1, total_steps, warmup_steps, recipe.lr, recipe.min_lr)  # of its last step
             row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "img_per_s": epoch_images / max(epoch_time, 1e-9)}
             if ema is not None:
@@ -489,6 +507,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         bar.close()
         raise
     except KeyboardInterrupt:
+        if t0 is not None:
+            epoch_time += time.time() - t0
         save_state()
         bar.close()
         if info.is_main:
@@ -502,7 +522,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     files = C.save_weights(net.state_dict(), out / "model", checkpoint_format)
     if ema is not None:
         files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors")
-    plot_curves(rows, out / "curves")
+    plot_curves(rows, out / "curves", recipe.label_smoothing)
     run_info = {
         "command": argv, "settings": settings, "device": device, "num_workers": num_workers,
         "checkpoint_format": checkpoint_format, "versions": _versions(),

@@ -175,13 +175,23 @@ def _job(m: StudyModel, settings: StudySettings, study: Path, threads: int | Non
 def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, threads: int | None = None,
               guidelines: bool = True, kernels=(3, 7, 13, 31), seeds=(0, 1)) -> dict:
     """Train and measure every model of :func:`plan` (``jobs`` processes at once, ``threads`` torch threads
-    each), then write ``family.csv`` / ``guidelines.csv``, ``results.md`` and ``family.png`` / ``.pdf``."""
-    from erf_lab.io import prepare_out_dir, write_json
+    each), then write ``family.csv`` / ``guidelines.csv``, ``results.md`` and ``family.png`` / ``.pdf``. A study
+    folder continues only with its own settings (ErfLabError otherwise; the model list may change)."""
+    from erf_lab.io import prepare_out_dir, read_json_or_none, write_json
 
     models = plan(settings, kernels=kernels, seeds=seeds, guidelines=guidelines)
     check_study(settings, models, jobs=jobs, threads=threads)
+    new = _jsonable(asdict(settings))
+    old = read_json_or_none(Path(out).expanduser() / "study.json")
+    if isinstance(old, dict):  # its runs and measurements are reused: they must be of these settings
+        diff = [k for k in new if (old.get("settings") or {}).get(k) != new[k]]
+        if diff:
+            k = diff[0]
+            raise ErfLabError(f"{out} holds a study made with other settings ({len(diff)} differ, e.g. {k}: "
+                              f"{(old.get('settings') or {}).get(k)!r} there, {new[k]!r} now); repeat its command "
+                              f"to continue it, or use another --out")
     study = prepare_out_dir(out)
-    write_json(study / "study.json", {"settings": _jsonable(asdict(settings)),
+    write_json(study / "study.json", {"settings": new,
                                       "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv})
     results = {}
 

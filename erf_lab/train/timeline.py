@@ -172,6 +172,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
         p = m["probe"]
         rows.append({"epoch": epoch, **{k: m["erf"].get(k) for k in AREA_KEYS}, "r_rms": m["erf"].get("r_rms"),
                      "r50": m["erf"].get("r50"), "shape_bias": p["shape_bias"],
+                     "untrained": untrained(epoch, met.get("val_acc"), run.num_classes, s.get("val_size")),
                      "shape_only_accuracy": p["shape_only_accuracy"],
                      "texture_only_accuracy": p["texture_only_accuracy"],
                      "val_acc": met.get("val_acc"), "train_acc": met.get("train_acc"),
@@ -184,6 +185,23 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     plot_timeline(rows, maps, out / "timeline", title=f"{s['model']} on cue-world: ERF at {size} px",
                   formats=formats)
     return {"rows": rows, "out_dir": out, "measured": counts}
+
+
+#: the note for the rows marked ``untrained`` (the CLI's "†")
+UNTRAINED_NOTE = ("†: the random initialisation (epoch 0) or val accuracy at chance: the model has not learned the "
+                  "task, so its shape bias means nothing.")
+
+
+def untrained(epoch: int, val_acc: float | None, num_classes: int, val_size: int | None) -> bool | None:
+    """Whether the checkpoint of ``epoch`` has learned nothing: epoch 0 (the initialisation), or a val accuracy
+    at chance (:func:`erf_lab.train.study.at_chance`); None when its val accuracy is unknown."""
+    from erf_lab.train.study import at_chance
+
+    if epoch == 0:
+        return True
+    if val_acc is None or not val_size:
+        return None
+    return at_chance(val_acc, num_classes, int(val_size))
 
 
 def _strip_epochs(epochs: list[int], most: int = 8) -> list[int]:
@@ -236,4 +254,4 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
 
 
 __all__ = ["TrainingRun", "read_training_run", "cue_world_images", "measure_checkpoint", "timeline",
-           "plot_timeline", "AREA_KEYS"]
+           "plot_timeline", "untrained", "AREA_KEYS", "UNTRAINED_NOTE"]

@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from erf_lab.erf.plotting import parse_formats
-    from erf_lab.train.timeline import timeline
+    from erf_lab.train.timeline import UNTRAINED_NOTE, timeline
 
     res = timeline(args.run_dir, input_size=args.input_size, num_images=args.num_images,
                    probe_size=args.probe_size, device=args.device, formats=parse_formats(args.formats),
@@ -42,8 +42,10 @@ def run(args) -> int:
           f"{'val acc':>7}")
     for r in res["rows"]:
         print(f"{r['epoch']:>5}  {f(r['area@20%'], '.2f'):>8}  {f(r['area@50%'], '.2f'):>8}  "
-              f"{f(r['area@99%'], '.2f'):>8}  {f(r['r_rms'], '.1f'):>6}  {f(r['shape_bias']):>10}  "
-              f"{f(r['val_acc']):>7}")
+              f"{f(r['area@99%'], '.2f'):>8}  {f(r['r_rms'], '.1f'):>6}  "
+              f"{f(r['shape_bias']) + (' †' if r['untrained'] else ''):>10}  {f(r['val_acc']):>7}")
+    if any(r["untrained"] for r in res["rows"]):
+        print(UNTRAINED_NOTE)
     m = res["measured"]
     print(f"measured {m['erf']} ERF(s) and {m['probe']} probe(s); the rest came from the cache")
     print(f"wrote {res['out_dir']}/timeline.csv, timeline.json, timeline.png/pdf")
