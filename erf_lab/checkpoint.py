@@ -201,32 +201,40 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
                  source: str = "checkpoint") -> None:
     """Load ``state_dict`` strictly into ``model``; errors name the first offending keys.
 
-    The model may define ``adapt_state_dict(sd) -> sd`` to map other key layouts onto its own.
-    A classifier of another class count (same input width, every other tensor matching) raises unless
-    ``drop_head=True``, which keeps the model's head; any other mismatch names the checkpoint as another
-    architecture or size.
+    The model may define ``adapt_state_dict(sd) -> sd`` to map other key layouts onto its own. BatchNorm
+    ``num_batches_tracked`` counters the file lacks (checkpoints of old PyTorch versions or conversions; PyTorch's
+    own strict load accepts them too) start at 0.
+    A classifier that differs while every other tensor matches (another class count at the same input width, or a
+    classifier in only one of file and model, e.g. ``num_classes=0``) raises unless ``drop_head=True``, which
+    keeps the model's own head (or none); any other mismatch names the checkpoint as another architecture or size.
     """
     if hasattr(model, "adapt_state_dict"):
         state_dict = model.adapt_state_dict(dict(state_dict))
     own = model.state_dict()
+    counters = {k: torch.zeros(own[k].shape, dtype=own[k].dtype) for k in own
+                if k.rpartition(".")[2] == "num_batches_tracked" and k not in state_dict}
+    state_dict = {**state_dict, **counters}
     heads = _head_prefixes(model)
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    head_mismatch = [k for k in mismatched if k.startswith(heads)]
-    body_ok = not [k for k in missing + unexpected + mismatched if not k.startswith(heads)]
-    other_width = [k for k in head_mismatch if state_dict[k].shape[1:] != own[k].shape[1:]]
-    if head_mismatch and (drop_head or (body_ok and not other_width)):
-        k = head_mismatch[0]
-        if not drop_head:
-            raise CheckpointError(
-                f"{source}: classifier has {state_dict[k].shape[0]} classes, the model {own[k].shape[0]} "
-                f"(key {k}); pass drop_head=True (CLI: --drop-head) to load everything but the head"
-            )
+    head_problems = [k for k in missing + unexpected + mismatched if k.startswith(heads)]
+    body_ok = len(head_problems) == len(missing + unexpected + mismatched)
+    other_width = [k for k in mismatched if k.startswith(heads) and state_dict[k].shape[1:] != own[k].shape[1:]]
+    if head_problems and not drop_head and body_ok and not other_width:
+        k = head_problems[0]
+        if k in missing:
+            what = f"the model has a classifier ({k}), the file none"
+        elif k in unexpected:
+            what = f"the file has a classifier ({k}), the model none"
+        else:
+            what = f"classifier has {state_dict[k].shape[0]} classes, the model {own[k].shape[0]} (key {k})"
+        raise CheckpointError(f"{source}: {what}; pass drop_head=True (CLI: --drop-head) to load everything but "
+                              "the head")
+    if drop_head:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
-        missing = [k for k in missing if not k.startswith(heads)]
-        mismatched = [k for k in mismatched if not k.startswith(heads)]
-        unexpected = [k for k in unexpected if not k.startswith(heads)]
+        missing, unexpected, mismatched = ([k for k in keys if not k.startswith(heads)]
+                                           for keys in (missing, unexpected, mismatched))
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {_first(missing)}")

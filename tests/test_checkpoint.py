@@ -177,6 +177,51 @@ def test_head_of_other_class_count(tmp_path):
     assert m.head.out_features == 10
 
 
+def test_classifier_in_only_one_of_file_and_model(tmp_path):
+    """A headless model (num_classes=0) and a file with a head, or the reverse: --drop-head loads the body."""
+    with_head = {k: v.clone() for k, v in _model().state_dict().items()}
+    headless = {k: v for k, v in with_head.items() if not k.startswith("head.")}
+    no_head_model = lambda: create_model("replknet_31b", **{**TINY, "num_classes": 0})  # noqa: E731
+    with pytest.raises(CheckpointError, match=r"the file has a classifier \(head\.weight\), the model none.*drop_head"):
+        load_weights(no_head_model(), with_head, source="ck.pth")
+    with pytest.raises(CheckpointError, match=r"the model has a classifier \(head\.weight\), the file none.*drop_h"):
+        load_weights(_model(), headless, source="ck.pth")
+    m = no_head_model()
+    load_weights(m, with_head, drop_head=True)
+    assert m.head is None and torch.equal(m.stem[0].conv.weight, with_head["stem.0.conv.weight"])
+    m = _model()
+    head_before = m.head.weight.clone()
+    load_weights(m, headless, drop_head=True)
+    assert torch.equal(m.head.weight, head_before) and torch.equal(m.norm.running_var, headless["norm.running_var"])
+    path = tmp_path / "with_head.pth"
+    torch.save(with_head, path)
+    assert create_model("replknet_31b", weights=str(path), drop_head=True, **{**TINY, "num_classes": 0}).head is None
+
+
+def test_bn_counters_the_file_lacks_start_at_zero(tmp_path):
+    """Checkpoints without BatchNorm's num_batches_tracked (old PyTorch, conversions) load, as with PyTorch's own
+    strict load_state_dict; the counters are 0, every other tensor is the file's."""
+    ref = _model()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2)
+            m.num_batches_tracked.fill_(7)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    nn.Sequential(*ref.stem).load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("stem.")})  # torch's
+    path = tmp_path / "old.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    got = create_model("replknet_31b", weights=str(path), **TINY)
+    own = got.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in sd.items())
+    counters = [v for k, v in own.items() if k.endswith("num_batches_tracked")]
+    assert counters and all(int(v) == 0 for v in counters)
+    partial = {k: v for k, v in sd.items() if not k.startswith("stages.1.")}  # a real gap is still named
+    with pytest.raises(CheckpointError, match=r"missing key\(s\): stages\.1\.blocks\.0\.pw1\.conv\.weight"):
+        load_weights(_model(), partial)
+
+
 def test_checkpoint_of_another_size_is_not_called_a_class_count_mismatch():
     wider = create_model("replknet_31b", **{**TINY, "channels": (8, 8, 8, 16)}).state_dict()
     head_input = {**_model().state_dict(), "head.weight": torch.randn(10, 16)}  # same class count, other width
