@@ -80,6 +80,16 @@ def test_variants_registered_with_paper_configs():
                                  interpolation="bicubic", num_classes=1000, architecture="replknet_25")
 
 
+def test_xl_declares_the_normalization_of_its_official_weights():
+    """RepLKNet-XL's only weights (MegData-73M) take pixels to [-1, 1] (official eval: --imagenet_default_mean_and_std
+    false; XL downstream configs: mean = std = 127.5): the images fed to it must be normalized so."""
+    from erf_lab.erf.images import model_mean_std
+
+    xl = tiny("replknet_xl")
+    assert model_mean_std(xl) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert model_mean_std(tiny("replknet_31b")) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
 # ------------------------------------------------------------------------------------------------ official keys
 def _bn_keys(p):
     return [f"{p}.weight", f"{p}.bias", f"{p}.running_mean", f"{p}.running_var", f"{p}.num_batches_tracked"]
