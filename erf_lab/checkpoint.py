@@ -166,14 +166,10 @@ def _last_reason(msg: str) -> str:
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the state dict inside a checkpoint object and strip ``module.`` prefixes."""
-    for _ in range(3):
-        if isinstance(obj, Mapping) and not _is_state_dict(obj):
-            inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-            if inner is None:
-                break
-            obj = inner
-    if not isinstance(obj, Mapping) or not _is_state_dict(obj):
+    """Find the state dict inside a checkpoint object and strip ``module.`` prefixes. A wrapper (``model``,
+    ``state_dict``, ...) wins over tensors beside it (e.g. the ``best_acc1`` tensor of PyTorch's ImageNet example)."""
+    obj = _find_state_dict(obj)
+    if obj is None:
         raise CheckpointError(f"{source}: no state dict found (expected tensors, or a dict with 'model' or 'state_dict')")
     out = {}
     for k, v in obj.items():
@@ -183,6 +179,20 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
             k = k[len("module."):]
         out[k] = v
     return out
+
+
+def _find_state_dict(obj, depth: int = 0) -> Mapping | None:
+    """The first state dict under the wrapper keys (in ``_WRAPPER_KEYS`` order, up to 3 levels), else ``obj``
+    itself when it is one, else None."""
+    if not isinstance(obj, Mapping):
+        return None
+    if depth < 3:
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            found = _find_state_dict(inner, depth + 1) if isinstance(inner, Mapping) else None
+            if found is not None:
+                return found
+    return obj if _is_state_dict(obj) else None
 
 
 def _is_state_dict(obj: Mapping) -> bool:

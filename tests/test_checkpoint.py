@@ -123,6 +123,11 @@ def test_wrappers_prefixes_and_safetensors_round_trip(tmp_path):
         "model.pth": {"model": sd, "epoch": 3},
         "state_dict.pth": {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
         "nested.pth": {"model": {"module.module." + k: v for k, v in sd.items()}},
+        # PyTorch's ImageNet example: the metric is a tensor beside the wrapped weights
+        "imagenet_example.pth": {"epoch": 90, "arch": "x", "best_acc1": torch.tensor(76.1),
+                                 "state_dict": {f"module.{k}": v for k, v in sd.items()}},
+        "convnext_style.pth": {"model": sd, "model_ema": {k: v + 1 for k, v in sd.items()},
+                               "max_accuracy": torch.tensor(83.5), "optimizer": {"state": {}, "param_groups": []}},
     }
     for name, obj in variants.items():
         torch.save(obj, tmp_path / name)
