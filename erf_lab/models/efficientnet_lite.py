@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
-from erf_lab.models.features import FeatureIntermediates, stage_end_feature_info
+from erf_lab.models.features import FeatureIntermediates, ResettableClassifier, stage_end_feature_info
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
 
@@ -103,7 +103,7 @@ class MBConvBlock(nn.Module):
         self._bn2 = fold_bn_into_conv(self._project_conv, self._bn2)
 
 
-class EfficientNetLite(FeatureIntermediates, nn.Module):
+class EfficientNetLite(FeatureIntermediates, ResettableClassifier, nn.Module):
     """EfficientNet-Lite (B0 depth/width): stem 32, 16 MBConv blocks, head 1280, ReLU6, no SE.
 
     ``feature_info`` (timm): the last block of each stride (``_blocks.0``, ``.2``, ``.4``, ``.10``, ``.15``:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
-from erf_lab.models.features import FeatureIntermediates, stage_end_feature_info
+from erf_lab.models.features import FeatureIntermediates, ResettableClassifier, stage_end_feature_info
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
 
@@ -94,7 +94,7 @@ class InvertedResidual(nn.Module):
         self.conv[-1] = fold_bn_into_conv(self.conv[-2], self.conv[-1])
 
 
-class MobileNetV2(FeatureIntermediates, nn.Module):
+class MobileNetV2(FeatureIntermediates, ResettableClassifier, nn.Module):
     """MobileNetV2. ``kernel_size`` is the depthwise kernel of the stages chosen by ``kernel_stages``:
     ``'all'`` (every stage), ``'last'`` (the last stride-32 stages: 160 and 320 channels, RepLKNet Table 2)
     or a sequence of stage indices 0..6; other stages keep 3x3. ``shortcut=False`` removes every identity

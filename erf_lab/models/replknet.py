@@ -31,7 +31,7 @@ import torch.utils.checkpoint as torch_checkpoint
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, IMAGENET_MEAN, IMAGENET_STD
-from erf_lab.models.features import FeatureIntermediates, feature_take_indices
+from erf_lab.models.features import FeatureIntermediates, ResettableClassifier, feature_take_indices
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, fold_preceding_bn, merged_conv
 
@@ -271,7 +271,7 @@ class RepLKNetStage(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- the model
-class RepLKNet(FeatureIntermediates, nn.Module):
+class RepLKNet(FeatureIntermediates, ResettableClassifier, nn.Module):
     """RepLKNet; arguments keep the official constructor's names and meaning.
 
     ``forward_features`` returns the last stage's feature map (N, C, H/32, W/32), before the final BN: the

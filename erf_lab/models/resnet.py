@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
-from erf_lab.models.features import FeatureIntermediates
+from erf_lab.models.features import FeatureIntermediates, ResettableClassifier
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
 
@@ -90,7 +90,7 @@ def _reparameterize_downsample(downsample: nn.Sequential | None) -> None:
         downsample[1] = fold_bn_into_conv(downsample[0], downsample[1])
 
 
-class ResNet(FeatureIntermediates, nn.Module):
+class ResNet(FeatureIntermediates, ResettableClassifier, nn.Module):
     """ResNet with torchvision's layout. ``width`` is the base channel count (64 in the paper).
 
     ``num_classes=0`` (or None) has no classifier: ``forward`` returns the pooled features (timm convention).
