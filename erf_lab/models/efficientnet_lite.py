@@ -136,7 +136,7 @@ class EfficientNetLite(FeatureIntermediates, ResettableClassifier, nn.Module):
         self._fc = nn.Linear(head_chs, num_classes) if num_classes > 0 else nn.Identity()
         self.num_features = head_chs
         self.kernel_sizes = sorted(set(kernels))
-        self.default_cfg = dict(input_size=(3, 224, 224), mean=LITE_MEAN, std=LITE_STD, interpolation="bicubic",
+        self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=LITE_MEAN, std=LITE_STD, interpolation="bicubic",
                                 crop_pct=0.875, num_classes=num_classes)
         # Meta-device builds (erf_lab.models.summary) need no values; normal_ on meta imports torch._dynamo.
         for m in (() if self._conv_stem.weight.is_meta else self.modules()):

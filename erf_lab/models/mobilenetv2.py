@@ -133,7 +133,7 @@ class MobileNetV2(FeatureIntermediates, ResettableClassifier, nn.Module):
         self.stage_kernel_sizes = kernels
         self.kernel_sizes = sorted(set(kernels))
         self.shortcut = shortcut
-        self.default_cfg = dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                 interpolation="bilinear", crop_pct=0.875, num_classes=num_classes)
         # Meta-device builds (erf_lab.models.summary) need no values; normal_ on meta imports torch._dynamo.
         for m in (() if self.features[0][0].weight.is_meta else self.modules()):

@@ -123,7 +123,7 @@ class ResNet(FeatureIntermediates, ResettableClassifier, nn.Module):
         self.feature_info = [dict(num_chs=width, reduction=2, module="relu")] + [
             dict(num_chs=width * 2 ** i * block.expansion, reduction=4 * 2 ** i, module=f"layer{i + 1}")
             for i in range(4)]
-        self.default_cfg = dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                 interpolation="bilinear", crop_pct=0.875, num_classes=num_classes)
         # Meta-device builds (erf_lab.models.summary) need no values; normal_ on meta imports torch._dynamo.
         for m in (() if self.conv1.weight.is_meta else self.modules()):
