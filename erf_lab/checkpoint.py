@@ -101,9 +101,23 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if blocked_global(e):
             raise CheckpointError(f"refusing to load {path}: {load_failure(e)}; save a plain state dict or "
                                   ".safetensors instead") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or safetensors file "
-                              f"({load_failure(e)})") from None
+        damaged = _damaged_format(path)
+        what = (f"a {damaged} checkpoint that is truncated or damaged (an interrupted download or copy?)" if damaged
+                else "not a PyTorch checkpoint or safetensors file")
+        raise CheckpointError(f"cannot read checkpoint {path}: {what} ({load_failure(e)})") from None
     return unwrap_state_dict(obj, source=str(path))
+
+
+def _damaged_format(path: Path) -> str | None:
+    """The format an unreadable file starts like ('PyTorch zip': the zip magic of ``torch.save``; 'safetensors': an
+    8-byte header length then JSON), i.e. a checkpoint cut short or damaged; None for anything else."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        head = f.read(9)
+        if head.startswith(b"PK\x03\x04"):
+            return "PyTorch zip"
+        if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
+            return "safetensors"
+    return None
 
 
 def blocked_global(e: BaseException) -> str | None:
@@ -162,7 +176,7 @@ def _last_reason(msg: str) -> str:
     for ln in lines:
         if ln.startswith(("Unsupported", "Expected", "Invalid", "invalid", "Trying")):
             return ln
-    return lines[-1][:200] if lines else "unreadable"
+    return lines[-1].split(". ", 1)[0][:200] if lines else "unreadable"  # its first sentence
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -100,8 +100,28 @@ def test_unreadable_files_give_one_checkpoint_error_line(tmp_path, suffix):
         with pytest.raises(CheckpointError) as e:
             load_state_dict_file(path)
         msg = str(e.value)
-        assert "not a PyTorch checkpoint or safetensors file" in msg and str(path) in msg, (what, msg)
+        kind = "PyTorch zip checkpoint that is truncated or damaged" if what.endswith(("zip", "garbage")) else \
+            "not a PyTorch checkpoint or safetensors file"
+        assert kind in msg and str(path) in msg, (what, msg)
         assert "\n" not in msg, (what, msg)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("keep", [0.02, 0.5, 0.99])
+def test_checkpoint_cut_short_is_called_truncated(tmp_path, suffix, keep):
+    """An interrupted download or copy of a real checkpoint is named as such, not as a file of another kind."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in _model().state_dict().items()}
+    full = tmp_path / f"full{suffix}"
+    save_file(sd, str(full)) if suffix == ".safetensors" else torch.save(sd, full)
+    data = full.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*: a (PyTorch zip|safetensors) checkpoint "
+                                              r"that is truncated or damaged") as e:
+        load_state_dict_file(cut)
+    assert "\n" not in str(e.value) and "high likelihood" not in str(e.value)  # torch's text, cut mid-sentence
 
 
 def test_missing_and_bad_safetensors(tmp_path):
