@@ -246,15 +246,18 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     body_ok = len(head_problems) == len(missing + unexpected + mismatched)
     other_width = [k for k in mismatched if k.startswith(heads) and state_dict[k].shape[1:] != own[k].shape[1:]]
     if head_problems and not drop_head and body_ok and not other_width:
-        k = head_problems[0]
+        k, keep = head_problems[0], ""
         if k in missing:
             what = f"the model has a classifier ({k}), the file none"
         elif k in unexpected:
             what = f"the file has a classifier ({k}), the model none"
         else:
             what = f"classifier has {state_dict[k].shape[0]} classes, the model {own[k].shape[0]} (key {k})"
-        raise CheckpointError(f"{source}: {what}; pass drop_head=True (CLI: --drop-head) to load everything but "
-                              "the head")
+        if k in state_dict and state_dict[k].dim():
+            n = state_dict[k].shape[0]
+            keep = f"build the model with num_classes={n} (CLI: --override num_classes={n}) to keep it, or "
+        raise CheckpointError(f"{source}: {what}; {keep}pass drop_head=True (CLI: --drop-head) to load everything "
+                              "but the head")
     if drop_head:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
         missing, unexpected, mismatched = ([k for k in keys if not k.startswith(heads)]

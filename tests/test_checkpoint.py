@@ -187,8 +187,12 @@ def test_head_of_other_class_count(tmp_path):
     model = _model()
     sd = dict(model.state_dict())
     sd["head.weight"], sd["head.bias"] = torch.randn(21841, 8), torch.randn(21841)
-    with pytest.raises(CheckpointError, match=r"classifier has 21841 classes, the model 10.*drop_head"):
+    with pytest.raises(CheckpointError, match=r"classifier has 21841 classes, the model 10.*--override "
+                                              r"num_classes=21841.*drop_head"):
         load_weights(_model(), sd)
+    kept = create_model("replknet_31b", **{**TINY, "num_classes": 21841})
+    load_weights(kept, sd)
+    assert torch.equal(kept.head.weight, sd["head.weight"])
     fresh = _model()
     head_before = fresh.head.weight.clone()
     load_weights(fresh, sd, drop_head=True)
