@@ -1,7 +1,8 @@
 """Safe checkpoint loading: ``weights_only`` pickles and safetensors, never arbitrary code.
 
 Accepts a raw state dict or one wrapped in ``model`` / ``state_dict`` / ``model_ema``, strips ``module.``
-prefixes (DataParallel / DDP), and reports missing / unexpected / mis-shaped keys by name.
+(DataParallel / DDP) and ``_orig_mod.`` (``torch.compile``) prefixes, and reports missing / unexpected /
+mis-shaped keys by name.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch.nn as nn
 from erf_lab.errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module", "net")
+#: key prefixes of wrapped models: DataParallel / DDP (``module.``), ``torch.compile`` (``_orig_mod.``)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: ``builtin:NAME`` names a model shipped under ``data/trained/``: ``NAME.safetensors`` and ``NAME.json``
 BUILTIN_PREFIX = "builtin:"
 #: safetensors metadata of weights that were never trained (``erf-lab reparam`` of a random init); the
@@ -180,8 +183,9 @@ def _last_reason(msg: str) -> str:
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the state dict inside a checkpoint object and strip ``module.`` prefixes. A wrapper (``model``,
-    ``state_dict``, ...) wins over tensors beside it (e.g. the ``best_acc1`` tensor of PyTorch's ImageNet example)."""
+    """Find the state dict inside a checkpoint object and strip ``module.`` / ``_orig_mod.`` prefixes. A wrapper
+    (``model``, ``state_dict``, ...) wins over tensors beside it (e.g. the ``best_acc1`` tensor of PyTorch's
+    ImageNet example)."""
     obj = _find_state_dict(obj)
     if obj is None:
         raise CheckpointError(f"{source}: no state dict found (expected tensors, or a dict with 'model' or 'state_dict')")
@@ -189,8 +193,8 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             continue
-        while k.startswith("module."):
-            k = k[len("module."):]
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.partition(".")[2]
         out[k] = v
     return out
 

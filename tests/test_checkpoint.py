@@ -143,6 +143,9 @@ def test_wrappers_prefixes_and_safetensors_round_trip(tmp_path):
         "model.pth": {"model": sd, "epoch": 3},
         "state_dict.pth": {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
         "nested.pth": {"model": {"module.module." + k: v for k, v in sd.items()}},
+        # torch.compile(model).state_dict(), alone and under DDP
+        "compiled.pth": {"model": {f"_orig_mod.{k}": v for k, v in sd.items()}},
+        "ddp_compiled.pth": {f"module._orig_mod.{k}": v for k, v in sd.items()},
         # PyTorch's ImageNet example: the metric is a tensor beside the wrapped weights
         "imagenet_example.pth": {"epoch": 90, "arch": "x", "best_acc1": torch.tensor(76.1),
                                  "state_dict": {f"module.{k}": v for k, v in sd.items()}},
