@@ -234,7 +234,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     own strict load accepts them too) start at 0.
     A classifier that differs while every other tensor matches (another class count at the same input width, or a
     classifier in only one of file and model, e.g. ``num_classes=0``) raises unless ``drop_head=True``, which
-    keeps the model's own head (or none); any other mismatch names the checkpoint as another architecture or size.
+    then keeps the model's own head (or none); a classifier that fits is loaded either way. Any other mismatch
+    names the checkpoint as another architecture or size.
     """
     if hasattr(model, "adapt_state_dict"):
         state_dict = model.adapt_state_dict(dict(state_dict))
@@ -262,6 +263,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
             keep = f"build the model with num_classes={n} (CLI: --override num_classes={n}) to keep it, or "
         raise CheckpointError(f"{source}: {what}; {keep}pass drop_head=True (CLI: --drop-head) to load everything "
                               "but the head")
+    drop_head = drop_head and bool(head_problems)  # a classifier that fits is loaded (app uploads pass drop_head)
     if drop_head:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
         missing, unexpected, mismatched = ([k for k in keys if not k.startswith(heads)]
@@ -279,8 +281,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
         raise CheckpointError(f"{source} does not match {type(model).__name__} (a checkpoint of another architecture "
                               "or size: check the model name and its options): " + "; ".join(problems))
     if drop_head:
-        keep = {k: v for k, v in own.items() if k.startswith(heads)}
-        state_dict = {**state_dict, **keep}
+        state_dict = {**state_dict, **{k: v for k, v in own.items() if k.startswith(heads)}}
     model.load_state_dict(state_dict, strict=True)
 
 

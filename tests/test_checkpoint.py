@@ -254,6 +254,20 @@ def test_bn_counters_the_file_lacks_start_at_zero(tmp_path):
         load_weights(_model(), partial)
 
 
+def test_drop_head_loads_a_classifier_that_fits(tmp_path):
+    """drop_head only replaces a head that differs: one that fits the model is loaded (a trained classifier must not
+    become a random one because the caller allowed another class count)."""
+    src = _model()
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    m = _model()
+    load_weights(m, sd, drop_head=True)
+    assert torch.equal(m.head.weight, sd["head.weight"]) and torch.equal(m.head.bias, sd["head.bias"])
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)
+    got = create_model("replknet_31b", weights=str(path), drop_head=True, **TINY)
+    assert torch.equal(got.head.weight, sd["head.weight"])
+
+
 def test_checkpoint_of_another_size_is_not_called_a_class_count_mismatch():
     wider = create_model("replknet_31b", **{**TINY, "channels": (8, 8, 8, 16)}).state_dict()
     head_input = {**_model().state_dict(), "head.weight": torch.randn(10, 16)}  # same class count, other width
