@@ -177,6 +177,20 @@ def test_downstream_backbone_layout_out_indices_and_stage_norms():
         tiny("replknet_31b", num_classes=None, out_indices=(4,))
 
 
+def test_reparam_of_a_downstream_backbone(tmp_path):
+    """``erf-lab reparam`` of the XL detection / segmentation layout (a list of stage maps, no logits): the
+    equivalence error is the worst map's, and the merged file loads into the downstream model."""
+    from erf_lab.models.deploy import export_deploy
+
+    down = dict(TINY, num_classes=None, out_indices=(0, 1, 2, 3), norm_intermediate_features=True)
+    s = export_deploy("replknet_xl", tmp_path / "down.pth", input_size=48, show_progress=False, **down)
+    assert s["max_rel_error"] < 1e-5 and s["branch_max_rel_error"] < 1e-5
+    merged = create_model("replknet_xl", weights=str(tmp_path / "down.pth"), **down)
+    assert merged.is_merged and merged.out_indices == (0, 1, 2, 3)
+    a, b = [torch.ones(2, 3)], [torch.ones(2, 3) * 1.5]
+    assert max_relative_error([*a, *a], [*a, *b]) == pytest.approx(0.5)
+
+
 def test_forward_intermediates_norm_and_final_features():
     """timm semantics on RepLKNet: final = forward_features (before the final BN); ``norm=True`` puts the last
     stage through the final BN ``norm`` (so ``forward_head`` = pool + linear of it), other stages unchanged;

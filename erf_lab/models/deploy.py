@@ -12,8 +12,13 @@ from erf_lab.models.flops import count_flops, count_params
 from erf_lab.models.replknet import ReparamLargeKernelConv, merge_large_kernels
 
 
-def max_relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """``max |reference - other| / max |reference|`` (scale-free; robust to logits near zero)."""
+def max_relative_error(reference, other) -> float:
+    """``max |reference - other| / max |reference|`` (scale-free; robust to logits near zero); of lists of tensors
+    (a downstream backbone's feature maps) the largest of the pairs'."""
+    if isinstance(reference, (list, tuple)):
+        if not isinstance(other, (list, tuple)) or len(other) != len(reference) or not reference:
+            raise ValueError("max_relative_error: two equally long, non-empty lists of tensors expected")
+        return max(max_relative_error(r, o) for r, o in zip(reference, other))
     reference, other = reference.double(), other.double()
     scale = reference.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     return float((reference - other).abs().max() / scale)
