@@ -1,7 +1,8 @@
 """Safe checkpoint loading: ``weights_only`` pickles and safetensors, never arbitrary code.
 
 Accepts a raw state dict or one wrapped in ``model`` / ``state_dict`` / ``model_ema``, strips ``module.``
-prefixes (DataParallel / DDP), and reports missing / unexpected / mis-shaped keys by name.
+(DataParallel / DDP) and ``_orig_mod.`` (``torch.compile``) prefixes, and reports missing / unexpected /
+mis-shaped keys by name.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch.nn as nn
 from erf_lab.errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module", "net")
+#: key prefixes of wrapped models: DataParallel / DDP (``module.``), ``torch.compile`` (``_orig_mod.``)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: ``builtin:NAME`` names a model shipped under ``data/trained/``: ``NAME.safetensors`` and ``NAME.json``
 BUILTIN_PREFIX = "builtin:"
 #: safetensors metadata of weights that were never trained (``erf-lab reparam`` of a random init); the
@@ -101,9 +104,23 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if blocked_global(e):
             raise CheckpointError(f"refusing to load {path}: {load_failure(e)}; save a plain state dict or "
                                   ".safetensors instead") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or safetensors file "
-                              f"({load_failure(e)})") from None
+        damaged = _damaged_format(path)
+        what = (f"a {damaged} checkpoint that is truncated or damaged (an interrupted download or copy?)" if damaged
+                else "not a PyTorch checkpoint or safetensors file")
+        raise CheckpointError(f"cannot read checkpoint {path}: {what} ({load_failure(e)})") from None
     return unwrap_state_dict(obj, source=str(path))
+
+
+def _damaged_format(path: Path) -> str | None:
+    """The format an unreadable file starts like ('PyTorch zip': the zip magic of ``torch.save``; 'safetensors': an
+    8-byte header length then JSON), i.e. a checkpoint cut short or damaged; None for anything else."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        head = f.read(9)
+        if head.startswith(b"PK\x03\x04"):
+            return "PyTorch zip"
+        if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
+            return "safetensors"
+    return None
 
 
 def blocked_global(e: BaseException) -> str | None:
@@ -162,27 +179,38 @@ def _last_reason(msg: str) -> str:
     for ln in lines:
         if ln.startswith(("Unsupported", "Expected", "Invalid", "invalid", "Trying")):
             return ln
-    return lines[-1][:200] if lines else "unreadable"
+    return lines[-1].split(". ", 1)[0][:200] if lines else "unreadable"  # its first sentence
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the state dict inside a checkpoint object and strip ``module.`` prefixes."""
-    for _ in range(3):
-        if isinstance(obj, Mapping) and not _is_state_dict(obj):
-            inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-            if inner is None:
-                break
-            obj = inner
-    if not isinstance(obj, Mapping) or not _is_state_dict(obj):
+    """Find the state dict inside a checkpoint object and strip ``module.`` / ``_orig_mod.`` prefixes. A wrapper
+    (``model``, ``state_dict``, ...) wins over tensors beside it (e.g. the ``best_acc1`` tensor of PyTorch's
+    ImageNet example)."""
+    obj = _find_state_dict(obj)
+    if obj is None:
         raise CheckpointError(f"{source}: no state dict found (expected tensors, or a dict with 'model' or 'state_dict')")
     out = {}
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             continue
-        while k.startswith("module."):
-            k = k[len("module."):]
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.partition(".")[2]
         out[k] = v
     return out
+
+
+def _find_state_dict(obj, depth: int = 0) -> Mapping | None:
+    """The first state dict under the wrapper keys (in ``_WRAPPER_KEYS`` order, up to 3 levels), else ``obj``
+    itself when it is one, else None."""
+    if not isinstance(obj, Mapping):
+        return None
+    if depth < 3:
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            found = _find_state_dict(inner, depth + 1) if isinstance(inner, Mapping) else None
+            if found is not None:
+                return found
+    return obj if _is_state_dict(obj) else None
 
 
 def _is_state_dict(obj: Mapping) -> bool:
@@ -201,32 +229,45 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
                  source: str = "checkpoint") -> None:
     """Load ``state_dict`` strictly into ``model``; errors name the first offending keys.
 
-    The model may define ``adapt_state_dict(sd) -> sd`` to map other key layouts onto its own.
-    A classifier of another class count (same input width, every other tensor matching) raises unless
-    ``drop_head=True``, which keeps the model's head; any other mismatch names the checkpoint as another
-    architecture or size.
+    The model may define ``adapt_state_dict(sd) -> sd`` to map other key layouts onto its own. BatchNorm
+    ``num_batches_tracked`` counters the file lacks (checkpoints of old PyTorch versions or conversions; PyTorch's
+    own strict load accepts them too) start at 0.
+    A classifier that differs while every other tensor matches (another class count at the same input width, or a
+    classifier in only one of file and model, e.g. ``num_classes=0``) raises unless ``drop_head=True``, which
+    then keeps the model's own head (or none); a classifier that fits is loaded either way. Any other mismatch
+    names the checkpoint as another architecture or size.
     """
     if hasattr(model, "adapt_state_dict"):
         state_dict = model.adapt_state_dict(dict(state_dict))
     own = model.state_dict()
+    counters = {k: torch.zeros(own[k].shape, dtype=own[k].dtype) for k in own
+                if k.rpartition(".")[2] == "num_batches_tracked" and k not in state_dict}
+    state_dict = {**state_dict, **counters}
     heads = _head_prefixes(model)
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    head_mismatch = [k for k in mismatched if k.startswith(heads)]
-    body_ok = not [k for k in missing + unexpected + mismatched if not k.startswith(heads)]
-    other_width = [k for k in head_mismatch if state_dict[k].shape[1:] != own[k].shape[1:]]
-    if head_mismatch and (drop_head or (body_ok and not other_width)):
-        k = head_mismatch[0]
-        if not drop_head:
-            raise CheckpointError(
-                f"{source}: classifier has {state_dict[k].shape[0]} classes, the model {own[k].shape[0]} "
-                f"(key {k}); pass drop_head=True (CLI: --drop-head) to load everything but the head"
-            )
+    head_problems = [k for k in missing + unexpected + mismatched if k.startswith(heads)]
+    body_ok = len(head_problems) == len(missing + unexpected + mismatched)
+    other_width = [k for k in mismatched if k.startswith(heads) and state_dict[k].shape[1:] != own[k].shape[1:]]
+    if head_problems and not drop_head and body_ok and not other_width:
+        k, keep = head_problems[0], ""
+        if k in missing:
+            what = f"the model has a classifier ({k}), the file none"
+        elif k in unexpected:
+            what = f"the file has a classifier ({k}), the model none"
+        else:
+            what = f"classifier has {state_dict[k].shape[0]} classes, the model {own[k].shape[0]} (key {k})"
+        if k in state_dict and state_dict[k].dim():
+            n = state_dict[k].shape[0]
+            keep = f"build the model with num_classes={n} (CLI: --override num_classes={n}) to keep it, or "
+        raise CheckpointError(f"{source}: {what}; {keep}pass drop_head=True (CLI: --drop-head) to load everything "
+                              "but the head")
+    drop_head = drop_head and bool(head_problems)  # a classifier that fits is loaded (app uploads pass drop_head)
+    if drop_head:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
-        missing = [k for k in missing if not k.startswith(heads)]
-        mismatched = [k for k in mismatched if not k.startswith(heads)]
-        unexpected = [k for k in unexpected if not k.startswith(heads)]
+        missing, unexpected, mismatched = ([k for k in keys if not k.startswith(heads)]
+                                           for keys in (missing, unexpected, mismatched))
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {_first(missing)}")
@@ -240,8 +281,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
         raise CheckpointError(f"{source} does not match {type(model).__name__} (a checkpoint of another architecture "
                               "or size: check the model name and its options): " + "; ".join(problems))
     if drop_head:
-        keep = {k: v for k, v in own.items() if k.startswith(heads)}
-        state_dict = {**state_dict, **keep}
+        state_dict = {**state_dict, **{k: v for k, v in own.items() if k.startswith(heads)}}
     model.load_state_dict(state_dict, strict=True)
 
 

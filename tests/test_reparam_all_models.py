@@ -178,6 +178,29 @@ def test_official_deploy_layout_of_each_large_kernel_family(name, tmp_path):
     assert set(reloaded.state_dict()) == keys
 
 
+@pytest.mark.parametrize("name,module", [("unireplknet_a", "unireplknet"), ("slak_t", "slak"),
+                                         ("replknet_31b", "replknet")])
+def test_reparam_check_sees_every_residual_branch(name, module, tmp_path, monkeypatch):
+    """At initialisation (layer scale 1e-6) UniRepLKNet's and SLaK's logits do not see their blocks: a merge with
+    its kernels mirrored leaves the logit error at float32 rounding. The per-branch error of ``erf-lab reparam``
+    shows it."""
+    import importlib
+
+    from erf_lab.models.deploy import export_deploy
+
+    tiny = {k: v for k, v in TINY[family(name)].items() if k != "layer_scale_init_value"}  # the default, 1e-6
+    good = export_deploy(name, tmp_path / "good.pth", show_progress=False, input_size=48, **tiny)
+    assert good["num_branches"] == (2 * sum(tiny["layers"]) if module == "replknet" else sum(tiny["depths"]))
+    assert good["branch_max_rel_error"] < TOL and good["max_rel_error"] < TOL
+    arch = importlib.import_module(f"erf_lab.models.{module}")
+    merged_conv = arch.merged_conv
+    monkeypatch.setattr(arch, "merged_conv", lambda make, w, b: merged_conv(make, w.flip(-1), b))  # a wrong merge
+    bad = export_deploy(name, tmp_path / "bad.pth", show_progress=False, input_size=48, **tiny)
+    assert bad["branch_max_rel_error"] > 0.05
+    if module != "replknet":  # no layer scale in RepLKNet: its logits show the error too
+        assert bad["max_rel_error"] < TOL
+
+
 @pytest.mark.parametrize("inference", [False, True])
 def test_bn_fold_writes_over_the_conv_weight_where_it_can(inference):
     """``fold_bn_into_conv`` / ``fold_preceding_bn`` reuse the conv's weight memory (no new tensor to page in), and

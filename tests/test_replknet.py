@@ -80,6 +80,16 @@ def test_variants_registered_with_paper_configs():
                                  interpolation="bicubic", num_classes=1000, architecture="replknet_25")
 
 
+def test_xl_declares_the_normalization_of_its_official_weights():
+    """RepLKNet-XL's only weights (MegData-73M) take pixels to [-1, 1] (official eval: --imagenet_default_mean_and_std
+    false; XL downstream configs: mean = std = 127.5): the images fed to it must be normalized so."""
+    from erf_lab.erf.images import model_mean_std
+
+    xl = tiny("replknet_xl")
+    assert model_mean_std(xl) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert model_mean_std(tiny("replknet_31b")) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
 # ------------------------------------------------------------------------------------------------ official keys
 def _bn_keys(p):
     return [f"{p}.weight", f"{p}.bias", f"{p}.running_mean", f"{p}.running_var", f"{p}.num_batches_tracked"]
@@ -165,6 +175,20 @@ def test_downstream_backbone_layout_out_indices_and_stage_norms():
         tiny("replknet_31b", norm_intermediate_features=True)
     with pytest.raises(ErfLabError, match="stages 0..3"):
         tiny("replknet_31b", num_classes=None, out_indices=(4,))
+
+
+def test_reparam_of_a_downstream_backbone(tmp_path):
+    """``erf-lab reparam`` of the XL detection / segmentation layout (a list of stage maps, no logits): the
+    equivalence error is the worst map's, and the merged file loads into the downstream model."""
+    from erf_lab.models.deploy import export_deploy
+
+    down = dict(TINY, num_classes=None, out_indices=(0, 1, 2, 3), norm_intermediate_features=True)
+    s = export_deploy("replknet_xl", tmp_path / "down.pth", input_size=48, show_progress=False, **down)
+    assert s["max_rel_error"] < 1e-5 and s["branch_max_rel_error"] < 1e-5
+    merged = create_model("replknet_xl", weights=str(tmp_path / "down.pth"), **down)
+    assert merged.is_merged and merged.out_indices == (0, 1, 2, 3)
+    a, b = [torch.ones(2, 3)], [torch.ones(2, 3) * 1.5]
+    assert max_relative_error([*a, *a], [*a, *b]) == pytest.approx(0.5)
 
 
 def test_forward_intermediates_norm_and_final_features():

@@ -12,11 +12,51 @@ from erf_lab.models.flops import count_flops, count_params
 from erf_lab.models.replknet import ReparamLargeKernelConv, merge_large_kernels
 
 
-def max_relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """``max |reference - other| / max |reference|`` (scale-free; robust to logits near zero)."""
+def max_relative_error(reference, other) -> float:
+    """``max |reference - other| / max |reference|`` (scale-free; robust to logits near zero); of lists of tensors
+    (a downstream backbone's feature maps) the largest of the pairs'."""
+    if isinstance(reference, (list, tuple)):
+        if not isinstance(other, (list, tuple)) or len(other) != len(reference) or not reference:
+            raise ValueError("max_relative_error: two equally long, non-empty lists of tensors expected")
+        return max(max_relative_error(r, o) for r, o in zip(reference, other))
     reference, other = reference.double(), other.double()
     scale = reference.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     return float((reference - other).abs().max() / scale)
+
+
+class ResidualBranchCheck:
+    """Forward hooks on every residual branch's last module (``drop_path``, identity in eval mode): a first pass
+    records each branch's output, a second pass measures each against its record (:func:`max_relative_error`).
+
+    The logits alone can hide a wrong merge: a layer scale of 1e-6 (UniRepLKNet and SLaK at initialisation) puts
+    every block's branch below the float32 rounding of the residual sum, so their logit error is 0 whatever the
+    merge did. The error per branch is scale-free. Use as a context manager; ``errors`` after the second pass."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = [m for n, m in model.named_modules() if n.rpartition(".")[2] == "drop_path"]
+        self.reference: list[torch.Tensor] = []
+        self.errors: list[float] = []
+        self.recording = True
+
+    def _hook(self, module, args, output) -> None:
+        if self.recording:
+            self.reference.append(output.detach().clone())
+        elif len(self.errors) < len(self.reference):
+            self.errors.append(max_relative_error(self.reference[len(self.errors)], output))
+            self.reference[len(self.errors) - 1] = None  # measured: free it
+
+    def __enter__(self) -> ResidualBranchCheck:
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    @property
+    def max_error(self) -> float | None:
+        """The largest branch error of the second pass (None without residual branches)."""
+        return max(self.errors) if self.errors else None
 
 
 def has_mergeable_kernels(model: nn.Module) -> bool:
@@ -68,9 +108,11 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     measure the equivalence error of the logits on a random batch, and save the merged state dict to ``out``.
 
     Returns a summary: parameters and MACs ("FLOPs", paper convention) before/after, the max relative logit
-    error, output path, its SHA-256 and the number of keys. The model runs in eval mode (BN running statistics),
-    where the merge is exact up to float rounding. Without ``weights`` the model is initialised from ``seed``; a
-    random init (or weights that are one) is marked in the output (safetensors metadata and the sidecar).
+    error and the largest of every residual branch's (:class:`ResidualBranchCheck`: the logits of an untrained
+    UniRepLKNet / SLaK do not see their blocks), output path, its SHA-256 and the number of keys. The model runs
+    in eval mode (BN running statistics), where the merge is exact up to float rounding. Without ``weights`` the
+    model is initialised from ``seed``; a random init (or weights that are one) is marked in the output
+    (safetensors metadata and the sidecar).
     """
     from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, random_init_of
     from erf_lab.io import prepare_out_dir, progress, sha256_file, write_json
@@ -101,7 +143,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(batch_size, in_ch, input_size, input_size, generator=gen)
         bar.update()
-        with torch.no_grad():
+        with torch.no_grad(), ResidualBranchCheck(model) as branches:
             bar.set_postfix_str("train-time forward")
             before = model(x)
             bar.update()
@@ -109,6 +151,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
             official_deploy_layout(model, inplace=True)
             bar.update()
             bar.set_postfix_str("deploy forward")
+            branches.recording = False
             after = model(x)
             bar.update()
         error = max_relative_error(before, after)
@@ -128,7 +171,8 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         out=str(out), sha256=sha256_file(out), num_keys=len(state),
         params_before=params_before, params_after=params_after,
         flops_before=flops_before, flops_after=flops_after, flops_input_size=flops_input_size,
-        max_rel_error=error, check_batch=[batch_size, in_ch, input_size, input_size], seed=seed,
+        max_rel_error=error, branch_max_rel_error=branches.max_error, num_branches=len(branches.errors),
+        check_batch=[batch_size, in_ch, input_size, input_size], seed=seed,
         seconds=round(time.perf_counter() - t0, 2), torch=torch.__version__,
     )
     write_json(out.with_name(out.name + ".run.json"), summary)

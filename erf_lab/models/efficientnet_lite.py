@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
-from erf_lab.models.features import FeatureIntermediates, stage_end_feature_info
+from erf_lab.models.features import FeatureIntermediates, ResettableClassifier, stage_end_feature_info
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
 
@@ -103,7 +103,7 @@ class MBConvBlock(nn.Module):
         self._bn2 = fold_bn_into_conv(self._project_conv, self._bn2)
 
 
-class EfficientNetLite(FeatureIntermediates, nn.Module):
+class EfficientNetLite(FeatureIntermediates, ResettableClassifier, nn.Module):
     """EfficientNet-Lite (B0 depth/width): stem 32, 16 MBConv blocks, head 1280, ReLU6, no SE.
 
     ``feature_info`` (timm): the last block of each stride (``_blocks.0``, ``.2``, ``.4``, ``.10``, ``.15``:
@@ -111,10 +111,10 @@ class EfficientNetLite(FeatureIntermediates, nn.Module):
 
     head_names = ("_fc",)
 
-    def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2,
+    def __init__(self, num_classes: int | None = 1000, in_chans: int = 3, drop_rate: float = 0.2,
                  blocks=_B0_BLOCKS, stem_chs: int = 32, head_chs: int = 1280):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes = num_classes = int(num_classes or 0)
         self._conv_stem = SameConv2d(in_chans, stem_chs, 3, stride=2)
         self._bn0 = _bn(stem_chs)
         layers, kernels, strides = [], [], []
@@ -132,13 +132,14 @@ class EfficientNetLite(FeatureIntermediates, nn.Module):
         self.act = nn.ReLU6(inplace=True)
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
         self._dropout = nn.Dropout(drop_rate)
-        self._fc = nn.Linear(head_chs, num_classes)
+        # num_classes=0: no classifier, forward gives pooled features (timm)
+        self._fc = nn.Linear(head_chs, num_classes) if num_classes > 0 else nn.Identity()
         self.num_features = head_chs
         self.kernel_sizes = sorted(set(kernels))
-        self.default_cfg = dict(input_size=(3, 224, 224), mean=LITE_MEAN, std=LITE_STD, interpolation="bicubic",
+        self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=LITE_MEAN, std=LITE_STD, interpolation="bicubic",
                                 crop_pct=0.875, num_classes=num_classes)
         # Meta-device builds (erf_lab.models.summary) need no values; normal_ on meta imports torch._dynamo.
-        for m in (() if self._fc.weight.is_meta else self.modules()):
+        for m in (() if self._conv_stem.weight.is_meta else self.modules()):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):

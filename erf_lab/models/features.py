@@ -1,4 +1,5 @@
-"""timm's feature-extraction interface: ``feature_info`` and ``forward_intermediates``.
+"""timm's feature-extraction interface (``feature_info``, ``forward_intermediates``) and classifier interface
+(``get_classifier``, ``reset_classifier``).
 
 A model lists its forward pass as named steps (``_feature_steps()``, module names as in ``named_modules()``)
 and declares ``feature_info``: one ``dict(num_chs, reduction, module)`` per feature map it exposes, ``module``
@@ -77,3 +78,33 @@ class FeatureIntermediates:
                 outputs[k] = self._intermediate_norm(k, x) if norm else x
         intermediates = [outputs[k] for k in sorted(outputs)]
         return intermediates if intermediates_only else (x, intermediates)
+
+
+class ResettableClassifier:
+    """Mixin: timm's ``get_classifier`` / ``reset_classifier`` for a model whose classifier is the Linear at
+    ``head_names[0]`` on ``num_features`` pooled features (None or ``nn.Identity`` when ``num_classes`` is 0)."""
+
+    head_names: tuple[str, ...]
+    num_features: int
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier module (``nn.Identity`` when there is none)."""
+        parent, _, name = self.head_names[0].rpartition(".")
+        head = getattr(self.get_submodule(parent) if parent else self, name, None)
+        return head if head is not None else nn.Identity()
+
+    def reset_classifier(self, num_classes: int | None, global_pool: str | None = None) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` (0 or None: none; ``forward`` then returns the
+        pooled features). Only average pooling exists (``global_pool`` None or ``'avg'``)."""
+        if global_pool not in (None, "avg"):
+            raise ErfLabError(f"global_pool={global_pool!r}: this model pools by average only")
+        if getattr(self, "out_indices", None) is not None:
+            raise ErfLabError("a downstream backbone (out_indices) has no classifier to reset")
+        num_classes = int(num_classes or 0)
+        parent, _, name = self.head_names[0].rpartition(".")
+        ref = next(self.parameters())
+        head = nn.Linear(self.num_features, num_classes).to(ref.device, ref.dtype) if num_classes else nn.Identity()
+        setattr(self.get_submodule(parent) if parent else self, name, head)
+        self.num_classes = num_classes
+        if isinstance(getattr(self, "default_cfg", None), dict):
+            self.default_cfg["num_classes"] = num_classes

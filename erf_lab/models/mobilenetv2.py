@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
-from erf_lab.models.features import FeatureIntermediates, stage_end_feature_info
+from erf_lab.models.features import FeatureIntermediates, ResettableClassifier, stage_end_feature_info
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
 
@@ -94,7 +94,7 @@ class InvertedResidual(nn.Module):
         self.conv[-1] = fold_bn_into_conv(self.conv[-2], self.conv[-1])
 
 
-class MobileNetV2(FeatureIntermediates, nn.Module):
+class MobileNetV2(FeatureIntermediates, ResettableClassifier, nn.Module):
     """MobileNetV2. ``kernel_size`` is the depthwise kernel of the stages chosen by ``kernel_stages``:
     ``'all'`` (every stage), ``'last'`` (the last stride-32 stages: 160 and 320 channels, RepLKNet Table 2)
     or a sequence of stage indices 0..6; other stages keep 3x3. ``shortcut=False`` removes every identity
@@ -102,7 +102,7 @@ class MobileNetV2(FeatureIntermediates, nn.Module):
 
     head_names = ("classifier.1",)
 
-    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, kernel_size: int = 3,
+    def __init__(self, num_classes: int | None = 1000, width_mult: float = 1.0, kernel_size: int = 3,
                  kernel_stages="all", shortcut: bool = True, in_chans: int = 3, drop_rate: float = 0.2,
                  round_nearest: int = 8):
         super().__init__()
@@ -111,7 +111,7 @@ class MobileNetV2(FeatureIntermediates, nn.Module):
         if width_mult <= 0:
             raise ErfLabError(f"width_mult must be > 0, got {width_mult}")
         stages = _stage_indices(kernel_stages)
-        self.num_classes = num_classes
+        self.num_classes = num_classes = int(num_classes or 0)
         cin = make_divisible(32 * width_mult, round_nearest)
         self.num_features = make_divisible(1280 * max(1.0, width_mult), round_nearest)
         features: list[nn.Module] = [ConvBNReLU(in_chans, cin, 3, stride=2)]
@@ -128,14 +128,15 @@ class MobileNetV2(FeatureIntermediates, nn.Module):
         blocks = [(f"features.{i}", b.stride, b.out_channels) for i, b in enumerate(features[1:-1], 1)]
         self.feature_info = stage_end_feature_info(blocks, start_reduction=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.num_features, num_classes))
+        self.classifier = nn.Sequential(  # num_classes=0: no classifier, forward gives pooled features (timm)
+            nn.Dropout(drop_rate), nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
         self.stage_kernel_sizes = kernels
         self.kernel_sizes = sorted(set(kernels))
         self.shortcut = shortcut
-        self.default_cfg = dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                 interpolation="bilinear", crop_pct=0.875, num_classes=num_classes)
         # Meta-device builds (erf_lab.models.summary) need no values; normal_ on meta imports torch._dynamo.
-        for m in (() if self.classifier[1].weight.is_meta else self.modules()):
+        for m in (() if self.features[0][0].weight.is_meta else self.modules()):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
             elif isinstance(m, nn.BatchNorm2d):

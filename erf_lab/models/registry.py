@@ -65,8 +65,8 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
 
     ``deploy=True`` builds re-parameterizable models in their merged (inference) form. A checkpoint in a
     merged layout (``lkb_reparam`` keys; UniRepLKNet's ``lk_origin.bias``) implies ``deploy=True``.
-    ``drop_head=True`` loads a checkpoint whose classifier has a different class count, keeping the model's
-    own head.
+    ``drop_head=True`` loads a checkpoint whose classifier has a different class count (or is absent on one
+    side), keeping the model's own head; a classifier that fits is loaded.
     ``weights="builtin:NAME"`` loads a model shipped under ``data/trained/`` with the options it was trained with
     (its JSON record; explicit ``overrides`` win).
     """

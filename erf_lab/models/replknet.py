@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 
 from erf_lab.errors import ErfLabError
-from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
-from erf_lab.models.features import FeatureIntermediates, feature_take_indices
+from erf_lab.models.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.features import FeatureIntermediates, ResettableClassifier, feature_take_indices
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, fold_preceding_bn, merged_conv
 
@@ -41,14 +41,16 @@ __all__ = [
 ]
 
 #: Paper configurations (Table 5: kernel-size family at 31B widths; Table 6: 31B / 31L / XL). ``params_m`` is
-#: the parameter count (millions) the paper reports for the 1000-class model, where it reports one.
+#: the parameter count (millions) the paper reports for the 1000-class model, where it reports one; ``mean`` /
+#: ``std``: the input normalization of the official weights where it is not ImageNet's (``default_cfg``).
 VARIANTS: dict[str, dict] = {
     "replknet_31b": dict(large_kernel_sizes=(31, 29, 27, 13), layers=(2, 2, 18, 2), channels=(128, 256, 512, 1024),
                          small_kernel=5, dw_ratio=1.0, params_m=79, paper="Table 6"),
     "replknet_31l": dict(large_kernel_sizes=(31, 29, 27, 13), layers=(2, 2, 18, 2), channels=(192, 384, 768, 1536),
                          small_kernel=5, dw_ratio=1.0, params_m=172, paper="Table 6"),
     "replknet_xl": dict(large_kernel_sizes=(27, 27, 27, 13), layers=(2, 2, 18, 2), channels=(256, 512, 1024, 2048),
-                        small_kernel=None, dw_ratio=1.5, params_m=335, paper="Table 6"),
+                        small_kernel=None, dw_ratio=1.5, params_m=335, paper="Table 6",
+                        mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD),
     "replknet_3": dict(large_kernel_sizes=(3, 3, 3, 3), layers=(2, 2, 18, 2), channels=(128, 256, 512, 1024),
                        small_kernel=None, dw_ratio=1.0, params_m=None, paper="Table 5"),
     "replknet_7": dict(large_kernel_sizes=(7, 7, 7, 7), layers=(2, 2, 18, 2), channels=(128, 256, 512, 1024),
@@ -269,7 +271,7 @@ class RepLKNetStage(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- the model
-class RepLKNet(FeatureIntermediates, nn.Module):
+class RepLKNet(FeatureIntermediates, ResettableClassifier, nn.Module):
     """RepLKNet; arguments keep the official constructor's names and meaning.
 
     ``forward_features`` returns the last stage's feature map (N, C, H/32, W/32), before the final BN: the
@@ -435,7 +437,7 @@ _ALIASES = {"kernels": "large_kernel_sizes", "blocks": "layers", "deploy": "smal
 
 
 def _create(variant: str, **kwargs) -> RepLKNet:
-    cfg = {k: v for k, v in VARIANTS[variant].items() if k not in ("params_m", "paper")}
+    cfg = {k: v for k, v in VARIANTS[variant].items() if k not in ("params_m", "paper", "mean", "std")}
     for alias, official in _ALIASES.items():
         if alias in kwargs:
             value = kwargs.pop(alias)
@@ -445,6 +447,7 @@ def _create(variant: str, **kwargs) -> RepLKNet:
     cfg.update(kwargs)
     model = RepLKNet(**cfg)
     model.default_cfg["architecture"] = variant
+    model.default_cfg.update({k: v for k, v in VARIANTS[variant].items() if k in ("mean", "std")})
     return model
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
-from erf_lab.models.features import FeatureIntermediates
+from erf_lab.models.features import FeatureIntermediates, ResettableClassifier
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn_into_conv
 
@@ -90,21 +90,22 @@ def _reparameterize_downsample(downsample: nn.Sequential | None) -> None:
         downsample[1] = fold_bn_into_conv(downsample[0], downsample[1])
 
 
-class ResNet(FeatureIntermediates, nn.Module):
+class ResNet(FeatureIntermediates, ResettableClassifier, nn.Module):
     """ResNet with torchvision's layout. ``width`` is the base channel count (64 in the paper).
 
+    ``num_classes=0`` (or None) has no classifier: ``forward`` returns the pooled features (timm convention).
     ``feature_info`` (timm): the stem activation ``relu`` (stride 2), then ``layer1`` .. ``layer4`` (4 .. 32).
     """
 
     head_names = ("fc",)
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, int, int, int],
-                 num_classes: int = 1000, width: int = 64, in_chans: int = 3, drop_rate: float = 0.0,
+                 num_classes: int | None = 1000, width: int = 64, in_chans: int = 3, drop_rate: float = 0.0,
                  zero_init_residual: bool = False):
         super().__init__()
         if width < 1:
             raise ErfLabError(f"width must be >= 1, got {width}")
-        self.num_classes = num_classes
+        self.num_classes = num_classes = int(num_classes or 0)
         self.inplanes = width
         self.conv1 = nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -117,15 +118,15 @@ class ResNet(FeatureIntermediates, nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else None
         self.num_features = width * 8 * block.expansion
-        self.fc = nn.Linear(self.num_features, num_classes)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.kernel_sizes = [7, 3]
         self.feature_info = [dict(num_chs=width, reduction=2, module="relu")] + [
             dict(num_chs=width * 2 ** i * block.expansion, reduction=4 * 2 ** i, module=f"layer{i + 1}")
             for i in range(4)]
-        self.default_cfg = dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                 interpolation="bilinear", crop_pct=0.875, num_classes=num_classes)
         # Meta-device builds (erf_lab.models.summary) need no values; normal_ on meta imports torch._dynamo.
-        for m in (() if self.fc.weight.is_meta else self.modules()):
+        for m in (() if self.conv1.weight.is_meta else self.modules()):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):

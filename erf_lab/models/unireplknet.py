@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
-from erf_lab.models.features import FeatureIntermediates
+from erf_lab.models.features import FeatureIntermediates, ResettableClassifier
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, merged_conv
 from erf_lab.models.replknet import DropPath
@@ -275,7 +275,7 @@ class UniRepLKNetBlock(nn.Module):
             self.gamma = None
 
 
-class ConvNeXtLayout(FeatureIntermediates, nn.Module):
+class ConvNeXtLayout(FeatureIntermediates, ResettableClassifier, nn.Module):
     """The ConvNeXt-style body that UniRepLKNet and SLaK share (official key names): ``downsample_layers[i]`` then
     ``stages[i]``; ``forward_head`` = global average pool -> LayerNorm -> linear ``head``; truncated-normal init."""
 

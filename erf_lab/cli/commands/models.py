@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="MODEL",
                         help="models to describe (default: all registered models)")
     parser.add_argument("--family", metavar="FAMILY",
-                        help="only models of this family (replknet, resnet, mobilenetv2, efficientnet_lite)")
+                        help="only models of this family (replknet, unireplknet, slak, resnet, mobilenetv2, "
+                             "efficientnet_lite)")
     parser.add_argument("--sort", choices=sorted(SORT_KEYS), default="name",
                         help="sort the rows by this column (default: name)")
     parser.add_argument("--json", action="store_true",
