@@ -289,7 +289,7 @@ def test_results_page_compares_runs_and_offers_downloads(app_env):
     assert not errors(at), errors(at)
     table = at.dataframe[0].value
     expect = {n: summary(compute_metrics(_gaussian(65, s)))["area@50%"] for n, s in (("narrow", 3.0), ("wide", 12.0))}
-    got = dict(zip(table["run"], table["area@50%"]))
+    got = dict(zip(table["label"], table["area@50%"]))
     assert got["narrow"] == pytest.approx(expect["narrow"]) and got["wide"] == pytest.approx(expect["wide"])
     assert got["wide"] > got["narrow"]
     labels = {b.proto.label for b in at.get("download_button")}
@@ -298,6 +298,39 @@ def test_results_page_compares_runs_and_offers_downloads(app_env):
     at.text_input(key="res-root").set_value("/etc").run()
     ok(at)
     assert errors(at) == ["Folder: " + refusal("results folder", "/etc")], errors(at)
+
+
+def test_results_page_table_is_the_compare_table(app_env):
+    """The Results page shows `erf-lab compare`'s table: metrics recomputed from erf.npy (a run of an older version
+    without metrics.json, or with a corrupt one, still gets them), an untrained run marked (random init), and maps
+    of different sizes with their area ratios marked n/c (fractions of different images) and no joint heatmap."""
+    from erf_lab.erf.analysis import compare
+    from erf_lab.erf.rundir import write_run_dir
+
+    root = app_env / "runs"
+    write_run_dir(root / "trained", _gaussian(65, 6.0), {"label": "net", "model": "m", "num_used": 1, "input_size": 65})
+    write_run_dir(root / "untrained", _gaussian(65, 3.0), {"label": "net", "model": "m", "num_used": 1,
+                                                           "input_size": 65, "random_init": True})
+    write_run_dir(root / "old", _gaussian(129, 6.0), {"label": "old", "model": "m", "num_used": 1, "input_size": 129})
+    (root / "old" / "metrics.json").unlink()
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(root)).run()
+
+    for chosen in (["trained", "untrained"], ["old"], ["trained", "old"]):
+        at.multiselect(key="res-chosen-erf").set_value(chosen).run()
+        ok(at)
+        assert not errors(at), errors(at)
+        shown = at.dataframe[0].value
+        cli = compare([root / n for n in chosen], out=app_env / "cmp" / "-".join(chosen), formats=("png",))["rows"]
+        assert list(shown["label"]) == [r["label"] for r in cli]  # measured rows, then the paper's (same sizes)
+        for col in ("r_rms", "area@50%"):
+            assert list(shown[col][:len(chosen)]) == pytest.approx([r[col] for r in cli[:len(chosen)]]), col
+    assert list(shown["area@50%"][:2]) == ["n/c", "n/c"] and len(at.image) == 0  # mixed sizes
+    assert any("differ in size" in i.value for i in at.info), [i.value for i in at.info]
+    at.multiselect(key="res-chosen-erf").set_value(["trained", "untrained"]).run()
+    assert list(at.dataframe[0].value["label"][:2]) == ["net (1)", "net (2) (random init)"]
+    assert at.dataframe[0].value["r_rms"][0] > at.dataframe[0].value["r_rms"][1] > 0
 
 
 # ------------------------------------------------------------------------------------------- input policy
