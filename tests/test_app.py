@@ -250,6 +250,31 @@ def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):
     assert any("CC BY 4.0" in c.value for c in list(at.caption) + list(at.markdown))
 
 
+def test_shape_bias_page_load_results_bad_folders(app_env):
+    """Loading a folder that is no shape-bias run gives one readable line (no NameError / FileNotFoundError from
+    the sections that need the summary); a summary of an older version without decisions.csv or stimulus folder
+    still shows its numbers, and the stimulus browser says in one line what it lacks."""
+    import json
+
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    at.radio(key="sb-mode").set_value("Load results").run()
+    (app_env / "empty").mkdir()
+    (app_env / "broken").mkdir()
+    (app_env / "broken" / "summary.json").write_text("{not json")
+    for name in ("empty", "broken"):
+        at.text_input(key="sb-dir").set_value(str(app_env / name)).run()
+        ok(at)
+        assert len(errors(at)) == 1 and errors(at)[0].startswith("Shape-bias results: "), errors(at)
+    (app_env / "old").mkdir()
+    (app_env / "old" / "summary.json").write_text(json.dumps({"shape_bias": 0.25, "n_conflict": 12}))
+    at.text_input(key="sb-dir").set_value(str(app_env / "old")).run()
+    ok(at)
+    assert metric(at, "Shape bias") == "0.250" and metric(at, "Conflict images") == "12"
+    assert errors(at) == ["Stimulus browser: this run has no decisions.csv (written by erf-lab shape-bias with "
+                          "each run)"], errors(at)
+
+
 def test_kernels_page_explain_and_small_benchmark(app_env):
     at = ok(new_app().run())
     at.switch_page("views/kernels.py").run()

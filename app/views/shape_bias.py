@@ -11,6 +11,7 @@ import streamlit as st
 from app import models, safety
 from app.shape_bias_runs import SHAPE_BIAS_MODELS, shape_bias_run
 from app.ui import checkpoint_upload, cli_hint, file_downloads, guard
+from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.analysis import read_decisions_csv
 from erf_lab.shape_bias.consistency import consistency_rows
 from erf_lab.shape_bias.plotting import load_run
@@ -57,9 +58,13 @@ else:
         with guard("Results folder"):
             run_dir = safety.safe_directory(text, "results folder")
 
+s = None
 if run_dir is not None:
     with guard("Shape-bias results"):
         s = load_run(run_dir)
+
+if s is not None:  # the sections below read the run's summary: none of them without it
+    with guard("Shape-bias results"):
         human = (s.get("human_reference") or {})
         if s.get("random_weights"):
             st.warning("UNTRAINED: these results come from random initial weights and describe no trained model.")
@@ -107,9 +112,13 @@ if run_dir is not None:
 
     with guard("Stimulus browser"):
         st.subheader("Stimuli and decisions")
+        if not (Path(run_dir) / "decisions.csv").is_file():
+            raise ErfLabError("this run has no decisions.csv (written by erf-lab shape-bias with each run)")
         decisions = [r for r in read_decisions_csv(Path(run_dir) / "decisions.csv") if r.get("set") == "cue-conflict"]
         # summary.json names the stimulus folder; it is still held to the app's path policy.
-        stim_dir = safety.safe_directory(s.get("stimuli_dir", ""), "stimulus folder")
+        if not s.get("stimuli_dir"):
+            raise ErfLabError("this run does not record its stimulus folder (stimuli_dir in summary.json)")
+        stim_dir = safety.safe_directory(s["stimuli_dir"], "stimulus folder")
         cats = sorted({r["shape"] for r in decisions})
         f1, f2 = st.columns(2)
         cat = f1.selectbox("Shape category", ["all"] + cats, key="sb-cat")
