@@ -127,6 +127,47 @@ def test_uploaded_images_are_verified_then_used(app_env):
     assert float(metric(at, "r_rms (px)")) != pytest.approx(r_upload, abs=0.051)  # the two-image mean differs
 
 
+def test_explorer_command_line_reproduces_the_shown_erf(app_env, monkeypatch):
+    """"This configuration from the command line" gives the ERF the page shows: a chosen built-in photo that is
+    not the first of the set (the images the app read, not the first n of the default set) and an uploaded
+    checkpoint (loaded by name, without its classifier, as the app does), not a random init on other photos."""
+    import io
+    import json
+    import shlex
+
+    import torch
+
+    from erf_lab.cli.main import main
+    from erf_lab.models import create_model
+
+    torch.manual_seed(1)
+    net = create_model("replknet_31b", large_kernel_sizes=(7, 7, 7, 7), small_kernel=5,
+                       channels=models.TINY_CHANNELS, layers=models.TINY_LAYERS)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    (app_env / "mine.pth").write_bytes(buf.getvalue())
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.text_input(key="erf-k-0").set_value("7").run()
+    at.radio(key="erf-img-kind").set_value("Built-in").run()
+    at.multiselect(key="erf-img-builtin").set_value(["brick.jpg"]).run()
+    at.file_uploader(key="erf-ckpt-0").set_value([("mine.pth", buf.getvalue(), "application/octet-stream")]).run()
+    at.button(key="erf-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    shown = float(metric(at, "r_rms (px)"))
+    hint = next(c.value for c in at.code if "--input-size 128" in c.value)
+    argv = shlex.split(hint)[1:]
+    assert argv[argv.index("--weights") + 1:argv.index("--weights") + 3] == ["mine.pth", "--drop-head"], argv
+    argv[argv.index("--out") + 1] = str(app_env / "cli")
+    monkeypatch.chdir(app_env)
+    assert main(argv + ["--quiet"]) == 0
+    record = json.loads((app_env / "cli" / "run.json").read_text())
+    assert record["image_list"] == ["brick.jpg"] and not record.get("random_init")
+    assert record["metrics_summary"]["r_rms"] == pytest.approx(shown, abs=0.051)
+
+
 @pytest.mark.parametrize("content", [b"hello, these are not weights\n", b"(ello, these are not weights\n"],
                          ids=["unpickling-error", "index-error"])
 def test_uploaded_checkpoint_errors_name_the_users_file(app_env, content):
