@@ -168,6 +168,31 @@ def test_explorer_command_line_reproduces_the_shown_erf(app_env, monkeypatch):
     assert record["metrics_summary"]["r_rms"] == pytest.approx(shown, abs=0.051)
 
 
+def test_explorer_reads_a_folder_of_class_subfolders(app_env):
+    """An ImageNet-style folder (images in class sub-folders, as `erf-lab compute --images` reads it) is accepted
+    and counted like the runner reads it; a folder without any image gets one readable line."""
+    import shutil
+
+    for cls, name in (("n01", "astronaut.jpg"), ("n02", "brick.jpg")):
+        (app_env / "val" / cls).mkdir(parents=True)
+        shutil.copyfile(REPO_ROOT / "data" / "default_images" / name, app_env / "val" / cls / name)
+    (app_env / "val" / "README.txt").write_text("not an image")
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.radio(key="erf-img-kind").set_value("Folder").run()
+    at.text_input(key="erf-img-folder").set_value(str(app_env / "val")).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("2 image(s) in ") for c in captions), captions
+    assert any(c.startswith("2 image(s), 0 skipped") for c in captions), captions
+    (app_env / "none" / "sub").mkdir(parents=True)
+    at.text_input(key="erf-img-folder").set_value(str(app_env / "none")).run()
+    ok(at)
+    assert len(errors(at)) == 1 and errors(at)[0].startswith("Images: no images"), errors(at)
+
+
 @pytest.mark.parametrize("content", [b"hello, these are not weights\n", b"(ello, these are not weights\n"],
                          ids=["unpickling-error", "index-error"])
 def test_uploaded_checkpoint_errors_name_the_users_file(app_env, content):
