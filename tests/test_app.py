@@ -247,6 +247,20 @@ def test_growth_page_train_equals_deploy(app_env):
     assert "init" not in table.columns  # the kernel-family sweep on the built-in photos, as before
 
 
+def test_growth_page_refuses_bad_kernel_sizes(app_env):
+    """Kernel text that is not integers, or a size outside the odd 3..31 the page offers (K = 1 included), gets
+    one readable line and measures nothing."""
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    at.radio(key="g-init").set_value("random").run()
+    for text, expect in (("3,x", "Settings: kernel sizes: expected comma-separated integers, got '3,x'"),
+                         ("1,3", "Settings: kernel sizes must be odd integers in 3..31, got '1,3'")):
+        at.text_input(key="g-kernels").set_value(text).run()
+        ok(at)
+        assert errors(at) == [expect], errors(at)
+        assert not at.dataframe
+
+
 def test_growth_page_vs_input_size(app_env):
     """The 'vs input size' tab runs the library's input-size sweep: one row per size, and each row's area ratio
     is the side^2 / S^2 of its own map (a fraction of the image), recorded as sweep run directories."""

@@ -10,7 +10,7 @@ from erf_lab.errors import ErfLabError
 
 from app import erf_maps, models, safety
 from app.figures import show_figure
-from app.ui import cli_hint, file_downloads, guard
+from app.ui import cli_hint, file_downloads, guard, parse_int_tuple
 
 st.title("ERF growth")
 st.caption("Kernel-size family of RepLKNet (Ding et al., CVPR 2022, Table 5): kernels K-K-K-min(K,13), "
@@ -46,9 +46,9 @@ with tab_k:
     ok = True
     ks, bad = [], []
     with guard("Settings"):
-        ks = [int(k) for k in kernels_text.replace(" ", "").split(",") if k]
-        bad = [k for k in ks if k < 1 or k % 2 == 0 or k > 31]
-        if bad or not ks:
+        ks = list(parse_int_tuple(kernels_text, what="kernel sizes"))
+        bad = [k for k in ks if k < 3 or k % 2 == 0 or k > 31]
+        if bad:
             raise ErfLabError(f"kernel sizes must be odd integers in 3..31, got {kernels_text!r}")
         if init == "weights":
             text = st.text_input("Checkpoint folder (replknet_<K>.pth / K<K>.pth ...)", key="g-wdir")
