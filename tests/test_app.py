@@ -330,6 +330,30 @@ def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):
     assert any("CC BY 4.0" in c.value for c in list(at.caption) + list(at.markdown))
 
 
+def test_shape_bias_page_waits_for_a_click_beyond_the_default(app_env):
+    """The default (16 images of a listed model) shows at once; more images wait for the button, as the README
+    says of every computation beyond the interactive default, and a finished run shows again without one."""
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    metric(at, "Shape bias")
+    at.number_input(key="sb-limit").set_value(32).run()
+    ok(at)
+    assert not [m for m in at.metric if m.label == "Shape bias"] and not errors(at), errors(at)
+    assert any("press **Run shape-bias evaluation**" in i.value for i in at.info)
+    assert len(list((app_env / "app-runs").glob("shape-bias-*"))) == 1  # nothing ran for 32 images
+    at.button(key="sb-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    metric(at, "Shape bias")
+    assert len(list((app_env / "app-runs").glob("shape-bias-*/summary.json"))) == 2
+    at.number_input(key="sb-limit").set_value(16).run()
+    at.number_input(key="sb-limit").set_value(32).run()
+    ok(at)
+    metric(at, "Shape bias")  # finished: shown without another click
+
+
 def test_shape_bias_page_load_results_bad_folders(app_env):
     """Loading a folder that is no shape-bias run gives one readable line (no NameError / FileNotFoundError from
     the sections that need the summary); a summary of an older version without decisions.csv or stimulus folder

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from app import models, safety
-from app.shape_bias_runs import SHAPE_BIAS_MODELS, shape_bias_run
+from app.shape_bias_runs import SHAPE_BIAS_MODELS, is_complete, shape_bias_run, shape_bias_run_dir
 from app.ui import checkpoint_upload, cli_hint, file_downloads, guard
 from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.analysis import read_decisions_csv
@@ -32,24 +32,38 @@ if mode == "Run a model":
         options += [m for m in registered if m not in options] + models.timm_models()
     model = c1.selectbox("Model", options or list(SHAPE_BIAS_MODELS), key="sb-model", accept_new_options=True,
                          help="a registered model or timm/<name> (any timm architecture; its own preprocessing)")
+    known = False
     with guard("Model"):
         models.check_registered(model)
+        known = True
     pretrained = c2.toggle("Pretrained ImageNet weights", value=model == "efficientnet_lite0", key="sb-pre",
                            disabled=model != "efficientnet_lite0",
                            help="packaged weights exist for efficientnet_lite0; others: upload a checkpoint")
     limit = c3.number_input("Cue-conflict images (--limit)", 16, 1280, 16, step=16, key="sb-limit",
                             help="an even spread over the 16 categories; the full set has 1280")
-    with guard("Shape-bias evaluation"):
-        weights, weights_name = checkpoint_upload("sb-ckpt")
-        ov = "{}"
-        if model.startswith("replknet"):
-            ov = models.tiny_overrides() if weights is None else "{}"
-        with st.spinner(f"classifying {limit} cue-conflict images (+ edges / silhouettes) ..."):
-            run_dir = shape_bias_run(model, pretrained=bool(pretrained and model == "efficientnet_lite0"),
-                                     limit=int(limit), overrides_json=ov, weights=weights,
-                                     weights_name=weights_name)
-        if weights is None and not (pretrained and model == "efficientnet_lite0"):
-            st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
+    if known:
+        with guard("Shape-bias evaluation"):
+            weights, weights_name = checkpoint_upload("sb-ckpt")
+            ov = "{}"
+            if model.startswith("replknet"):
+                ov = models.tiny_overrides() if weights is None else "{}"
+            settings = dict(pretrained=bool(pretrained and model == "efficientnet_lite0"), limit=int(limit),
+                            overrides_json=ov, weights=weights)
+            target = shape_bias_run_dir(model, **settings)
+            # the default (16 images, a listed model, no upload) and finished runs show at once; the rest on a click
+            quick = int(limit) <= 16 and weights is None and model in SHAPE_BIAS_MODELS
+            if not (quick or is_complete(target)):
+                if st.button("Run shape-bias evaluation", type="primary", key="sb-run", icon=":material/play_arrow:"):
+                    st.session_state["sb-confirmed"] = str(target)
+                if st.session_state.get("sb-confirmed") != str(target):
+                    st.info(f"{model} on {limit} cue-conflict images (+ edges / silhouettes) takes longer than the "
+                            "interactive default; press **Run shape-bias evaluation**.")
+                    target = None
+            if target is not None:
+                with st.spinner(f"classifying {limit} cue-conflict images (+ edges / silhouettes) ..."):
+                    run_dir = shape_bias_run(model, weights_name=weights_name, **settings)
+            if run_dir is not None and weights is None and not (pretrained and model == "efficientnet_lite0"):
+                st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
     args = ["shape-bias", "--model", model] + (["--pretrained"] if pretrained else ["--weights", "CHECKPOINT.pth"])
     cli_hint(args + ["--out", "runs/shape-bias"], "Full stimulus set (1280 images) from the command line:")
 else:
