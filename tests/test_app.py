@@ -302,6 +302,38 @@ def test_reparam_page_equivalence_and_counts(app_env):
     assert len(at.image) == 1
 
 
+def test_reparam_page_waits_for_a_click_beyond_the_tiny_default(app_env):
+    """Paper-size networks and uploads are built only on 'Compare the forms' (not on every widget change); the
+    merged and fused forms of an uploaded tiny checkpoint then match it."""
+    import io
+
+    import torch
+
+    from erf_lab.models import create_model
+
+    at = ok(new_app().run())
+    at.switch_page("views/reparam.py").run()
+    metric(at, "max relative output error")
+    at.toggle(key="rp-tiny").set_value(False).run()
+    ok(at)
+    assert not [m for m in at.metric if m.label == "max relative output error"] and not errors(at), errors(at)
+    assert any("press **Compare the forms**" in i.value for i in at.info)
+    at.toggle(key="rp-tiny").set_value(True).run()
+    torch.manual_seed(3)
+    net = create_model("replknet_31b", channels=models.TINY_CHANNELS, layers=models.TINY_LAYERS)
+    with torch.no_grad():
+        net.stages[0].blocks[0].large_kernel.lkb_origin.conv.weight.mul_(7.0)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    at.file_uploader(key="rp-ckpt").set_value([("mine.pth", buf.getvalue(), "application/octet-stream")]).run()
+    assert not [m for m in at.metric if m.label == "max relative output error"]
+    at.button(key="rp-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert float(metric(at, "max relative output error", 0)) < 1e-5
+    assert float(metric(at, "max relative output error", 1)) < 1e-5
+
+
 def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):
     """Pretrained EfficientNet-Lite0 on 16 cue-conflict images; humans' value is the model-vs-human one."""
     from erf_lab.shape_bias.analysis import human_csvs, shape_bias_from_csv
