@@ -84,8 +84,8 @@ def test_side_by_side_kernel_31_vs_3_and_bad_input(app_env):
     assert not errors(at), errors(at)
     r3, r31 = float(metric(at, "r_rms (px)", 0)), float(metric(at, "r_rms (px)", 1))
     assert r31 > r3 + 1.0, (r31, r3)
-    assert list(at.dataframe[0].value["configuration"]) == ["replknet_31b · K3 · tiny · re-param",
-                                                            "replknet_31b · K31-29-27-13 · tiny · re-param"]
+    assert list(at.dataframe[0].value["configuration"]) == [  # untrained, and the labels say so
+        "replknet_31b · K3 · tiny · re-param (random init)", "replknet_31b · K31-29-27-13 · tiny · re-param (random init)"]
 
     at.text_input(key="erf-k-0").set_value("30").run()
     ok(at)
@@ -157,6 +157,7 @@ def test_explorer_command_line_reproduces_the_shown_erf(app_env, monkeypatch):
     ok(at)
     assert not errors(at), errors(at)
     shown = float(metric(at, "r_rms (px)"))
+    assert list(at.dataframe[0].value["configuration"]) == ["replknet_31b · K7 · tiny · re-param · mine"]
     hint = next(c.value for c in at.code if "--input-size 128" in c.value)
     argv = shlex.split(hint)[1:]
     assert argv[argv.index("--weights") + 1:argv.index("--weights") + 3] == ["mine.pth", "--drop-head"], argv
