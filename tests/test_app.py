@@ -262,6 +262,19 @@ def test_growth_page_refuses_bad_kernel_sizes(app_env):
         assert not at.dataframe
 
 
+def test_growth_page_vs_depth_says_random_init(app_env):
+    """The depth and input-size tabs measure an untrained network, and say so."""
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    at.button(key="d-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert [r for r in at.dataframe[-1].value["depth"]] == [1, 2, 3, 4]
+    untrained = [c.value for c in at.caption if "at random init (seed 0), untrained" in c.value]
+    assert len(untrained) == 1, [c.value for c in at.caption]
+    assert any("at random init, seed 0, untrained" in c.value for c in at.caption)
+
+
 def test_growth_page_vs_input_size(app_env):
     """The 'vs input size' tab runs the library's input-size sweep: one row per size, and each row's area ratio
     is the side^2 / S^2 of its own map (a fraction of the image), recorded as sweep run directories."""
