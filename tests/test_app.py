@@ -442,6 +442,20 @@ def test_kernels_page_explain_and_small_benchmark(app_env):
     assert len(at.image) == 1
 
 
+def test_kernels_page_bounds_the_live_benchmark(app_env):
+    """An even or huge kernel, or a resolution whose tensors would fill the server's memory (a typo such as
+    '1632'), gets one readable line instead of a ValueError or an hour-long / out-of-memory run."""
+    at = ok(new_app().run())
+    at.switch_page("views/kernels.py").run()
+    for ks, rs in (("3,4", "16"), ("3,301", "16"), ("3", "1632")):
+        at.text_input(key="kb-ks").set_value(ks)
+        at.text_input(key="kb-res").set_value(rs).run()
+        ok(at)
+        assert [e for e in errors(at) if e.startswith("Benchmark: the live benchmark takes odd kernel sizes up to 31 "
+                                                      "and resolutions up to 128")], errors(at)
+        assert not at.dataframe
+
+
 def _gaussian(size: int, sigma: float) -> np.ndarray:
     y, x = np.mgrid[:size, :size] - size // 2
     return np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
