@@ -194,6 +194,31 @@ def test_explorer_reads_a_folder_of_class_subfolders(app_env):
     assert len(errors(at)) == 1 and errors(at)[0].startswith("Images: no images"), errors(at)
 
 
+def test_uploads_over_the_limit_are_counted_as_skipped(app_env):
+    """Uploads beyond the per-measurement limit are not dropped silently: counted and named like unusable ones."""
+    import io
+
+    from PIL import Image
+
+    files = []
+    for i in range(safety.MAX_IMAGES + 2):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (4 * i, 100, 200)).save(buf, format="PNG")
+        files.append((f"img{i:03d}.png", buf.getvalue(), "image/png"))
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.select_slider(key="erf-size").set_value(64).run()
+    at.radio(key="erf-img-kind").set_value("Upload").run()
+    at.file_uploader(key="erf-img-up").set_value(files).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    n = safety.MAX_IMAGES
+    assert any(c.value.startswith(f"{n} image(s), 2 skipped") for c in at.caption), [c.value for c in at.caption]
+    assert any(w.value.startswith(f"2 of {n + 2} images skipped: img{n:03d}.png: over the {n}-image limit")
+               for w in at.warning), [w.value for w in at.warning]
+
+
 @pytest.mark.parametrize("content", [b"hello, these are not weights\n", b"(ello, these are not weights\n"],
                          ids=["unpickling-error", "index-error"])
 def test_uploaded_checkpoint_errors_name_the_users_file(app_env, content):

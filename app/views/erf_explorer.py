@@ -97,7 +97,8 @@ def _image_source():
     if not ups:
         return None
     good, skipped = safety.split_uploads((up.name, up.getvalue()) for up in ups[:safety.MAX_IMAGES])
-    return ("upload", good, skipped)
+    over = tuple((up.name, f"over the {safety.MAX_IMAGES}-image limit") for up in ups[safety.MAX_IMAGES:])
+    return ("upload", good, skipped + over)
 
 
 with guard("Model list"):
