@@ -545,6 +545,10 @@ def test_results_page_table_is_the_compare_table(app_env):
     at.multiselect(key="res-chosen-erf").set_value(["trained", "untrained"]).run()
     assert list(at.dataframe[0].value["label"][:2]) == ["net (1)", "net (2) (random init)"]
     assert at.dataframe[0].value["r_rms"][0] > at.dataframe[0].value["r_rms"][1] > 0
+    at.session_state["res-kind"] = None  # the selected kind clicked again
+    at.run()
+    ok(at)
+    assert not at.multiselect and any("Choose a kind" in i.value for i in at.info)
 
 
 # ------------------------------------------------------------------------------------------- input policy

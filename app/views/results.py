@@ -33,7 +33,11 @@ if runs:
     kinds = sorted({r["kind"] for r in runs})
     kind = st.segmented_control("Kind", kinds, default="erf" if "erf" in kinds else kinds[0], key="res-kind")
     names = [r["name"] for r in runs if r["kind"] == kind]
-    chosen = st.multiselect(f"{kind} runs ({len(names)})", names, default=names[:1], key=f"res-chosen-{kind}")
+    chosen = []
+    if kind is None:  # the selected segment clicked again
+        st.info("Choose a kind of result above.")
+    else:
+        chosen = st.multiselect(f"{kind} runs ({len(names)})", names, default=names[:1], key=f"res-chosen-{kind}")
     by_name = {r["name"]: r for r in runs}
 
     if kind == "erf" and chosen:
