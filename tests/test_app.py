@@ -85,7 +85,8 @@ def test_side_by_side_kernel_31_vs_3_and_bad_input(app_env):
     r3, r31 = float(metric(at, "r_rms (px)", 0)), float(metric(at, "r_rms (px)", 1))
     assert r31 > r3 + 1.0, (r31, r3)
     assert list(at.dataframe[0].value["configuration"]) == [  # untrained, and the labels say so
-        "replknet_31b · K3 · tiny · re-param (random init)", "replknet_31b · K31-29-27-13 · tiny · re-param (random init)"]
+        "replknet_31b · K3 · tiny · re-param (random init)",
+        "replknet_31b · K31-29-27-13 · tiny · re-param (random init)"]
 
     at.text_input(key="erf-k-0").set_value("30").run()
     ok(at)
