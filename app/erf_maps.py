@@ -20,7 +20,7 @@ from app.models import TINY_CHANNELS, build_model, overrides_key, parse_override
 from app.runs import app_runs_dir
 from erf_lab.erf.images import default_images_dir, list_image_files
 from erf_lab.erf.metrics import summary
-from erf_lab.erf.rundir import load_run
+from erf_lab.erf.rundir import RANDOM_MARK, load_run
 from erf_lab.erf.runner import ErfSpec, run_erf
 from erf_lab.erf.sweep import run_sweep
 from erf_lab.errors import ErfLabError
@@ -163,11 +163,12 @@ def _erf(spec: dict, source: tuple, weights: bytes | None, on_progress, key: str
             formats=("png",), argv=["streamlit", "app/main.py", "(ERF explorer)"])
     run = load_run(out)
     info = run.run_info
+    label = f"{spec_label(spec)} {RANDOM_MARK}" if info.get("random_init") else spec_label(spec)
     skipped = [list(s) for s in (source[2] if source[0] == "upload" else ())]
     skipped += [list(s) for s in info["skipped"] if s[1] != "not an image file (extension)"]
     return {"erf": run.erf, "metrics": run.metrics, "summary": summary(run.metrics), "num_used": info["num_used"],
             "num_skipped": len(skipped), "skipped": skipped, "layer": info["layer"], "trf": info["theoretical_rf"],
-            "seconds": time.perf_counter() - t0, "label": spec_label(spec), "info": info, "run_dir": str(out)}
+            "seconds": time.perf_counter() - t0, "label": label, "info": info, "run_dir": str(out)}
 
 
 def skip_message(skipped: list, num_used: int) -> str | None:

@@ -77,15 +77,13 @@ def safe_directory(text: str, what: str = "folder") -> Path:
 
 
 def image_files(folder: Path, limit: int = MAX_IMAGES) -> list[Path]:
-    """Image files directly inside ``folder`` (sorted, at most ``limit``, no symlinks out of it)."""
-    files = []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-            if not _is_within(p.resolve(), folder):
-                continue
-            files.append(p)
+    """The image files of ``folder`` as the ERF runner lists them (``erf_lab.erf.images.list_image_files``:
+    class sub-folders included, sorted, hidden files ignored), at most ``limit``, none resolving out of it."""
+    from erf_lab.erf.images import IMAGE_EXTENSIONS, list_image_files
+
+    files = [p for p in list_image_files(folder)[0] if p.is_file() and _is_within(p.resolve(), folder)]
     if not files:
-        raise ErfLabError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        raise ErfLabError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder} or its sub-folders")
     return files[:limit]
 
 

@@ -15,16 +15,28 @@ from erf_lab.shape_bias.evaluate import run_shape_bias
 SHAPE_BIAS_MODELS = ("efficientnet_lite0", "resnet50", "mobilenetv2", "replknet_31b")
 
 
-def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_json: str = "{}",
-                   weights: bytes | None = None, weights_name: str = "") -> Path:
-    """The run directory of ``model_name`` on ``limit`` cue-conflict images (reused when it already holds the
-    result); random init is seeded and marked as untrained in the results (``random_weights``)."""
+def shape_bias_run_dir(model_name: str, *, pretrained: bool, limit: int, overrides_json: str = "{}",
+                       weights: bytes | None = None) -> Path:
+    """The app's run directory of these settings (it may not exist yet)."""
     check_registered(model_name)
     # "whole": the stimulus geometry (model-vs-human's whole images); results of the earlier crop are not reused
     tag = hashlib.sha256(json.dumps([model_name, pretrained, limit, overrides_json, sha(weights), "whole"]).encode()
                          ).hexdigest()[:12]
-    out = app_runs_dir() / f"shape-bias-{model_name}-{tag}"
-    if (out / "summary.json").is_file() and (out / "decisions.csv").is_file():
+    return app_runs_dir() / f"shape-bias-{model_name}-{tag}"
+
+
+def is_complete(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a finished shape-bias run."""
+    return (run_dir / "summary.json").is_file() and (run_dir / "decisions.csv").is_file()
+
+
+def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_json: str = "{}",
+                   weights: bytes | None = None, weights_name: str = "") -> Path:
+    """The run directory of ``model_name`` on ``limit`` cue-conflict images (reused when it already holds the
+    result); random init is seeded and marked as untrained in the results (``random_weights``)."""
+    out = shape_bias_run_dir(model_name, pretrained=pretrained, limit=limit, overrides_json=overrides_json,
+                             weights=weights)
+    if is_complete(out):
         return out
     torch.manual_seed(0)
     overrides = parse_overrides(overrides_json)

@@ -84,8 +84,9 @@ def test_side_by_side_kernel_31_vs_3_and_bad_input(app_env):
     assert not errors(at), errors(at)
     r3, r31 = float(metric(at, "r_rms (px)", 0)), float(metric(at, "r_rms (px)", 1))
     assert r31 > r3 + 1.0, (r31, r3)
-    assert list(at.dataframe[0].value["configuration"]) == ["replknet_31b · K3 · tiny · re-param",
-                                                            "replknet_31b · K31-29-27-13 · tiny · re-param"]
+    assert list(at.dataframe[0].value["configuration"]) == [  # untrained, and the labels say so
+        "replknet_31b · K3 · tiny · re-param (random init)",
+        "replknet_31b · K31-29-27-13 · tiny · re-param (random init)"]
 
     at.text_input(key="erf-k-0").set_value("30").run()
     ok(at)
@@ -125,6 +126,98 @@ def test_uploaded_images_are_verified_then_used(app_env):
     assert float(metric(at, "r_rms (px)")) == pytest.approx(r_upload, abs=0.051)
     at.multiselect(key="erf-img-builtin").set_value(["astronaut.jpg"]).run()
     assert float(metric(at, "r_rms (px)")) != pytest.approx(r_upload, abs=0.051)  # the two-image mean differs
+
+
+def test_explorer_command_line_reproduces_the_shown_erf(app_env, monkeypatch):
+    """"This configuration from the command line" gives the ERF the page shows: a chosen built-in photo that is
+    not the first of the set (the images the app read, not the first n of the default set) and an uploaded
+    checkpoint (loaded by name, without its classifier, as the app does), not a random init on other photos."""
+    import io
+    import json
+    import shlex
+
+    import torch
+
+    from erf_lab.cli.main import main
+    from erf_lab.models import create_model
+
+    torch.manual_seed(1)
+    net = create_model("replknet_31b", large_kernel_sizes=(7, 7, 7, 7), small_kernel=5,
+                       channels=models.TINY_CHANNELS, layers=models.TINY_LAYERS)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    (app_env / "mine.pth").write_bytes(buf.getvalue())
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.text_input(key="erf-k-0").set_value("7").run()
+    at.radio(key="erf-img-kind").set_value("Built-in").run()
+    at.multiselect(key="erf-img-builtin").set_value(["brick.jpg"]).run()
+    at.file_uploader(key="erf-ckpt-0").set_value([("mine.pth", buf.getvalue(), "application/octet-stream")]).run()
+    at.button(key="erf-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    shown = float(metric(at, "r_rms (px)"))
+    assert list(at.dataframe[0].value["configuration"]) == ["replknet_31b · K7 · tiny · re-param · mine"]
+    hint = next(c.value for c in at.code if "--input-size 128" in c.value)
+    argv = shlex.split(hint)[1:]
+    assert argv[argv.index("--weights") + 1:argv.index("--weights") + 3] == ["mine.pth", "--drop-head"], argv
+    argv[argv.index("--out") + 1] = str(app_env / "cli")
+    monkeypatch.chdir(app_env)
+    assert main(argv + ["--quiet"]) == 0
+    record = json.loads((app_env / "cli" / "run.json").read_text())
+    assert record["image_list"] == ["brick.jpg"] and not record.get("random_init")
+    assert record["metrics_summary"]["r_rms"] == pytest.approx(shown, abs=0.051)
+
+
+def test_explorer_reads_a_folder_of_class_subfolders(app_env):
+    """An ImageNet-style folder (images in class sub-folders, as `erf-lab compute --images` reads it) is accepted
+    and counted like the runner reads it; a folder without any image gets one readable line."""
+    import shutil
+
+    for cls, name in (("n01", "astronaut.jpg"), ("n02", "brick.jpg")):
+        (app_env / "val" / cls).mkdir(parents=True)
+        shutil.copyfile(REPO_ROOT / "data" / "default_images" / name, app_env / "val" / cls / name)
+    (app_env / "val" / "README.txt").write_text("not an image")
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.radio(key="erf-img-kind").set_value("Folder").run()
+    at.text_input(key="erf-img-folder").set_value(str(app_env / "val")).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("2 image(s) in ") for c in captions), captions
+    assert any(c.startswith("2 image(s), 0 skipped") for c in captions), captions
+    (app_env / "none" / "sub").mkdir(parents=True)
+    at.text_input(key="erf-img-folder").set_value(str(app_env / "none")).run()
+    ok(at)
+    assert len(errors(at)) == 1 and errors(at)[0].startswith("Images: no images"), errors(at)
+
+
+def test_uploads_over_the_limit_are_counted_as_skipped(app_env):
+    """Uploads beyond the per-measurement limit are not dropped silently: counted and named like unusable ones."""
+    import io
+
+    from PIL import Image
+
+    files = []
+    for i in range(safety.MAX_IMAGES + 2):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (4 * i, 100, 200)).save(buf, format="PNG")
+        files.append((f"img{i:03d}.png", buf.getvalue(), "image/png"))
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.select_slider(key="erf-size").set_value(64).run()
+    at.radio(key="erf-img-kind").set_value("Upload").run()
+    at.file_uploader(key="erf-img-up").set_value(files).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    n = safety.MAX_IMAGES
+    assert any(c.value.startswith(f"{n} image(s), 2 skipped") for c in at.caption), [c.value for c in at.caption]
+    assert any(w.value.startswith(f"2 of {n + 2} images skipped: img{n:03d}.png: over the {n}-image limit")
+               for w in at.warning), [w.value for w in at.warning]
 
 
 @pytest.mark.parametrize("content", [b"hello, these are not weights\n", b"(ello, these are not weights\n"],
@@ -181,6 +274,33 @@ def test_growth_page_train_equals_deploy(app_env):
     assert "init" not in table.columns  # the kernel-family sweep on the built-in photos, as before
 
 
+def test_growth_page_refuses_bad_kernel_sizes(app_env):
+    """Kernel text that is not integers, or a size outside the odd 3..31 the page offers (K = 1 included), gets
+    one readable line and measures nothing."""
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    at.radio(key="g-init").set_value("random").run()
+    for text, expect in (("3,x", "Settings: kernel sizes: expected comma-separated integers, got '3,x'"),
+                         ("1,3", "Settings: kernel sizes must be odd integers in 3..31, got '1,3'")):
+        at.text_input(key="g-kernels").set_value(text).run()
+        ok(at)
+        assert errors(at) == [expect], errors(at)
+        assert not at.dataframe
+
+
+def test_growth_page_vs_depth_says_random_init(app_env):
+    """The depth and input-size tabs measure an untrained network, and say so."""
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    at.button(key="d-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert [r for r in at.dataframe[-1].value["depth"]] == [1, 2, 3, 4]
+    untrained = [c.value for c in at.caption if "at random init (seed 0), untrained" in c.value]
+    assert len(untrained) == 1, [c.value for c in at.caption]
+    assert any("at random init, seed 0, untrained" in c.value for c in at.caption)
+
+
 def test_growth_page_vs_input_size(app_env):
     """The 'vs input size' tab runs the library's input-size sweep: one row per size, and each row's area ratio
     is the side^2 / S^2 of its own map (a fraction of the image), recorded as sweep run directories."""
@@ -222,6 +342,38 @@ def test_reparam_page_equivalence_and_counts(app_env):
     assert len(at.image) == 1
 
 
+def test_reparam_page_waits_for_a_click_beyond_the_tiny_default(app_env):
+    """Paper-size networks and uploads are built only on 'Compare the forms' (not on every widget change); the
+    merged and fused forms of an uploaded tiny checkpoint then match it."""
+    import io
+
+    import torch
+
+    from erf_lab.models import create_model
+
+    at = ok(new_app().run())
+    at.switch_page("views/reparam.py").run()
+    metric(at, "max relative output error")
+    at.toggle(key="rp-tiny").set_value(False).run()
+    ok(at)
+    assert not [m for m in at.metric if m.label == "max relative output error"] and not errors(at), errors(at)
+    assert any("press **Compare the forms**" in i.value for i in at.info)
+    at.toggle(key="rp-tiny").set_value(True).run()
+    torch.manual_seed(3)
+    net = create_model("replknet_31b", channels=models.TINY_CHANNELS, layers=models.TINY_LAYERS)
+    with torch.no_grad():
+        net.stages[0].blocks[0].large_kernel.lkb_origin.conv.weight.mul_(7.0)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    at.file_uploader(key="rp-ckpt").set_value([("mine.pth", buf.getvalue(), "application/octet-stream")]).run()
+    assert not [m for m in at.metric if m.label == "max relative output error"]
+    at.button(key="rp-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert float(metric(at, "max relative output error", 0)) < 1e-5
+    assert float(metric(at, "max relative output error", 1)) < 1e-5
+
+
 def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):
     """Pretrained EfficientNet-Lite0 on 16 cue-conflict images; humans' value is the model-vs-human one."""
     from erf_lab.shape_bias.analysis import human_csvs, shape_bias_from_csv
@@ -250,6 +402,55 @@ def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):
     assert any("CC BY 4.0" in c.value for c in list(at.caption) + list(at.markdown))
 
 
+def test_shape_bias_page_waits_for_a_click_beyond_the_default(app_env):
+    """The default (16 images of a listed model) shows at once; more images wait for the button, as the README
+    says of every computation beyond the interactive default, and a finished run shows again without one."""
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    metric(at, "Shape bias")
+    at.number_input(key="sb-limit").set_value(32).run()
+    ok(at)
+    assert not [m for m in at.metric if m.label == "Shape bias"] and not errors(at), errors(at)
+    assert any("press **Run shape-bias evaluation**" in i.value for i in at.info)
+    assert len(list((app_env / "app-runs").glob("shape-bias-*"))) == 1  # nothing ran for 32 images
+    at.button(key="sb-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    metric(at, "Shape bias")
+    assert len(list((app_env / "app-runs").glob("shape-bias-*/summary.json"))) == 2
+    at.number_input(key="sb-limit").set_value(16).run()
+    at.number_input(key="sb-limit").set_value(32).run()
+    ok(at)
+    metric(at, "Shape bias")  # finished: shown without another click
+
+
+def test_shape_bias_page_load_results_bad_folders(app_env):
+    """Loading a folder that is no shape-bias run gives one readable line (no NameError / FileNotFoundError from
+    the sections that need the summary); a summary of an older version without decisions.csv or stimulus folder
+    still shows its numbers, and the stimulus browser says in one line what it lacks."""
+    import json
+
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    at.radio(key="sb-mode").set_value("Load results").run()
+    (app_env / "empty").mkdir()
+    (app_env / "broken").mkdir()
+    (app_env / "broken" / "summary.json").write_text("{not json")
+    for name in ("empty", "broken"):
+        at.text_input(key="sb-dir").set_value(str(app_env / name)).run()
+        ok(at)
+        assert len(errors(at)) == 1 and errors(at)[0].startswith("Shape-bias results: "), errors(at)
+    (app_env / "old").mkdir()
+    (app_env / "old" / "summary.json").write_text(json.dumps({"shape_bias": 0.25, "n_conflict": 12}))
+    at.text_input(key="sb-dir").set_value(str(app_env / "old")).run()
+    ok(at)
+    assert metric(at, "Shape bias") == "0.250" and metric(at, "Conflict images") == "12"
+    assert errors(at) == ["Stimulus browser: this run has no decisions.csv (written by erf-lab shape-bias with "
+                          "each run)"], errors(at)
+
+
 def test_kernels_page_explain_and_small_benchmark(app_env):
     at = ok(new_app().run())
     at.switch_page("views/kernels.py").run()
@@ -265,6 +466,20 @@ def test_kernels_page_explain_and_small_benchmark(app_env):
     assert list(table["K"]) == [3, 31]
     assert (table["fwd_fastconv_ms"] > 0).all()
     assert len(at.image) == 1
+
+
+def test_kernels_page_bounds_the_live_benchmark(app_env):
+    """An even or huge kernel, or a resolution whose tensors would fill the server's memory (a typo such as
+    '1632'), gets one readable line instead of a ValueError or an hour-long / out-of-memory run."""
+    at = ok(new_app().run())
+    at.switch_page("views/kernels.py").run()
+    for ks, rs in (("3,4", "16"), ("3,301", "16"), ("3", "1632")):
+        at.text_input(key="kb-ks").set_value(ks)
+        at.text_input(key="kb-res").set_value(rs).run()
+        ok(at)
+        assert [e for e in errors(at) if e.startswith("Benchmark: the live benchmark takes odd kernel sizes up to 31 "
+                                                      "and resolutions up to 128")], errors(at)
+        assert not at.dataframe
 
 
 def _gaussian(size: int, sigma: float) -> np.ndarray:
@@ -289,7 +504,7 @@ def test_results_page_compares_runs_and_offers_downloads(app_env):
     assert not errors(at), errors(at)
     table = at.dataframe[0].value
     expect = {n: summary(compute_metrics(_gaussian(65, s)))["area@50%"] for n, s in (("narrow", 3.0), ("wide", 12.0))}
-    got = dict(zip(table["run"], table["area@50%"]))
+    got = dict(zip(table["label"], table["area@50%"]))
     assert got["narrow"] == pytest.approx(expect["narrow"]) and got["wide"] == pytest.approx(expect["wide"])
     assert got["wide"] > got["narrow"]
     labels = {b.proto.label for b in at.get("download_button")}
@@ -298,6 +513,43 @@ def test_results_page_compares_runs_and_offers_downloads(app_env):
     at.text_input(key="res-root").set_value("/etc").run()
     ok(at)
     assert errors(at) == ["Folder: " + refusal("results folder", "/etc")], errors(at)
+
+
+def test_results_page_table_is_the_compare_table(app_env):
+    """The Results page shows `erf-lab compare`'s table: metrics recomputed from erf.npy (a run of an older version
+    without metrics.json, or with a corrupt one, still gets them), an untrained run marked (random init), and maps
+    of different sizes with their area ratios marked n/c (fractions of different images) and no joint heatmap."""
+    from erf_lab.erf.analysis import compare
+    from erf_lab.erf.rundir import write_run_dir
+
+    root = app_env / "runs"
+    write_run_dir(root / "trained", _gaussian(65, 6.0), {"label": "net", "model": "m", "num_used": 1, "input_size": 65})
+    write_run_dir(root / "untrained", _gaussian(65, 3.0), {"label": "net", "model": "m", "num_used": 1,
+                                                           "input_size": 65, "random_init": True})
+    write_run_dir(root / "old", _gaussian(129, 6.0), {"label": "old", "model": "m", "num_used": 1, "input_size": 129})
+    (root / "old" / "metrics.json").unlink()
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(root)).run()
+
+    for chosen in (["trained", "untrained"], ["old"], ["trained", "old"]):
+        at.multiselect(key="res-chosen-erf").set_value(chosen).run()
+        ok(at)
+        assert not errors(at), errors(at)
+        shown = at.dataframe[0].value
+        cli = compare([root / n for n in chosen], out=app_env / "cmp" / "-".join(chosen), formats=("png",))["rows"]
+        assert list(shown["label"]) == [r["label"] for r in cli]  # measured rows, then the paper's (same sizes)
+        for col in ("r_rms", "area@50%"):
+            assert list(shown[col][:len(chosen)]) == pytest.approx([r[col] for r in cli[:len(chosen)]]), col
+    assert list(shown["area@50%"][:2]) == ["n/c", "n/c"] and len(at.image) == 0  # mixed sizes
+    assert any("differ in size" in i.value for i in at.info), [i.value for i in at.info]
+    at.multiselect(key="res-chosen-erf").set_value(["trained", "untrained"]).run()
+    assert list(at.dataframe[0].value["label"][:2]) == ["net (1)", "net (2) (random init)"]
+    assert at.dataframe[0].value["r_rms"][0] > at.dataframe[0].value["r_rms"][1] > 0
+    at.session_state["res-kind"] = None  # the selected kind clicked again
+    at.run()
+    ok(at)
+    assert not at.multiselect and any("Choose a kind" in i.value for i in at.info)
 
 
 # ------------------------------------------------------------------------------------------- input policy

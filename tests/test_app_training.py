@@ -44,7 +44,11 @@ def test_training_page_measures_a_users_run_and_refuses_a_non_run(app_env):
     at.number_input(key="tr-probe").set_value(10)
     at.text_input(key="tr-run").input(str(run)).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    csv_rows = (run / "timeline" / "timeline.csv").read_text().splitlines()
+    assert any("Measure the timeline" in i.value for i in at.info)  # measured on a click only
+    at.button(key="tr-measure").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert not (run / "timeline").exists()  # the user's run folder is only read; the app writes to its run area
+    csv_rows = next((app_env / "app-runs").glob("timeline-*/timeline.csv")).read_text().splitlines()
     assert len(csv_rows) == 3  # header, epoch 0, epoch 1
     shown = [df.value for df in at.dataframe if "area@50%" in df.value.columns][-1]
     assert list(shown["epoch"]) == [0, 1]

@@ -97,7 +97,8 @@ def _image_source():
     if not ups:
         return None
     good, skipped = safety.split_uploads((up.name, up.getvalue()) for up in ups[:safety.MAX_IMAGES])
-    return ("upload", good, skipped)
+    over = tuple((up.name, f"over the {safety.MAX_IMAGES}-image limit") for up in ups[safety.MAX_IMAGES:])
+    return ("upload", good, skipped + over)
 
 
 with guard("Model list"):
@@ -191,8 +192,11 @@ if specs and source is not None:
             st.dataframe(erf_maps.summary_table(results), hide_index=True)
             st.caption("Area @t: smallest centred square holding t of the contribution, % of the input "
                        "(Ding et al. 2022, Table 10); r_rms: RMS radius (Luo et al. 2016).")
-        cli_hint(erf_cli_args(specs[0], source, full=False), "This configuration from the command line:")
-        cli_hint(erf_cli_args(specs[0], source, full=True),
+        first_spec, first = results[0]
+        cli_hint(erf_cli_args(first_spec, source, full=False, run_info=first["info"]),
+                 f"Configuration {specs.index(first_spec) + 1} from the command line (the same images, as the app "
+                 "stored them):")
+        cli_hint(erf_cli_args(first_spec, source, full=True),
                  "Full-size protocol (paper: trained weights, 50 ImageNet images at 1024 px):")
 elif source is None:
     st.info("Choose images in the sidebar.")

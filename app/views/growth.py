@@ -6,11 +6,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from erf_lab.erf.rundir import RANDOM_MARK
 from erf_lab.errors import ErfLabError
 
 from app import erf_maps, models, safety
 from app.figures import show_figure
-from app.ui import cli_hint, file_downloads, guard
+from app.ui import cli_hint, file_downloads, guard, parse_int_tuple
 
 st.title("ERF growth")
 st.caption("Kernel-size family of RepLKNet (Ding et al., CVPR 2022, Table 5): kernels K-K-K-min(K,13), "
@@ -46,9 +47,9 @@ with tab_k:
     ok = True
     ks, bad = [], []
     with guard("Settings"):
-        ks = [int(k) for k in kernels_text.replace(" ", "").split(",") if k]
-        bad = [k for k in ks if k < 1 or k % 2 == 0 or k > 31]
-        if bad or not ks:
+        ks = list(parse_int_tuple(kernels_text, what="kernel sizes"))
+        bad = [k for k in ks if k < 3 or k % 2 == 0 or k > 31]
+        if bad:
             raise ErfLabError(f"kernel sizes must be odd integers in 3..31, got {kernels_text!r}")
         if init == "weights":
             text = st.text_input("Checkpoint folder (replknet_<K>.pth / K<K>.pth ...)", key="g-wdir")
@@ -104,7 +105,8 @@ with tab_k:
         cli_hint(args + ["--out", "runs/sweep"], "Full-size sweep (paper protocol) from the command line:")
 
 with tab_d:
-    st.caption("ERF at the output of each stage of one network (deeper layers see further).")
+    st.caption("ERF at the output of each stage of one network (deeper layers see further): the tiny width / depth "
+               "at random init (seed 0), untrained.")
     d1, d2, d3 = st.columns(3)
     model = d1.selectbox("Model", ["replknet_31b", "replknet_13", "replknet_7", "replknet_3"], key="d-model")
     d_size = d2.select_slider("Input size (px)", [64, 96, 128], value=64, key="d-size")
@@ -126,14 +128,16 @@ with tab_d:
                 rows.append({"depth": i + 1, "reparam": "deploy" if d_rep else "train", **res["summary"]})
                 bar.progress((i + 1) / len(stage_rows), text=f"stage {i + 1}/{len(stage_rows)}")
             bar.empty()
-            show_figure("erf_comparison", ([r["erf"] for r in results], [f"stage {i + 1}" for i in range(len(results))]),
+            show_figure("erf_comparison", ([r["erf"] for r in results],
+                                           [f"stage {i + 1} {RANDOM_MARK}" for i in range(len(results))]),
                         stem="erf-vs-depth", key="d-fig")
             show_figure("erf_growth", (rows,), stem="growth-vs-depth", key="d-growth",
                         kwargs={"x": "depth", "group": "reparam"})
             st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 with tab_s:
-    st.caption("ERF of one network at several input sizes. The paper's area ratios are fractions of the image: "
+    st.caption("ERF of one network (the tiny width / depth at random init, seed 0, untrained) at several input "
+               "sizes. The paper's area ratios are fractions of the image: "
                "they shrink as the image grows even when the ERF in pixels does not, so compare the size-free "
                "metrics (effective radius r_rms, radius holding 50 % / 99 % of the mass, Gaussian sigma, pixels) "
                "across sizes. A network measured far from its training resolution may also behave differently "

@@ -8,11 +8,15 @@ import streamlit as st
 from app import kernel_bench, safety
 from app.figures import bench_figure, show_matplotlib
 from app.ui import cli_hint, guard, parse_int_tuple
+from erf_lab.errors import ErfLabError
 
 st.title("Kernels")
 st.caption("RepLKNet's Table 1 measures a depthwise conv from 3x3 to 31x31 at several resolutions: with a "
            "good implementation the latency grows far slower than the K^2 FLOPs. `fastconv` picks the fastest "
            "exact backend per call (autotuned, cached) and says why.")
+
+#: bounds of the live benchmark (Table 1 spans K = 3..31 at R = 16..64); beyond them the command line
+MAX_LIVE_KERNEL, MAX_LIVE_RESOLUTION = 31, 128
 
 tab_bench, tab_explain = st.tabs(["Table-1 benchmark", "Backend choice"])
 
@@ -39,6 +43,10 @@ with tab_bench:
             channels = b3.select_slider("Channels", [16, 32, 64, 128, 256], value=32, key="kb-ch")
             ks = parse_int_tuple(ks_text, what="kernel sizes")
             rs = parse_int_tuple(res_text, what="resolutions")
+            if any(k % 2 == 0 or k > MAX_LIVE_KERNEL for k in ks) or max(rs) > MAX_LIVE_RESOLUTION:
+                raise ErfLabError(f"the live benchmark takes odd kernel sizes up to {MAX_LIVE_KERNEL} and resolutions "
+                                  f"up to {MAX_LIVE_RESOLUTION}, got {ks_text!r} and {res_text!r}; larger ones: "
+                                  "erf-lab bench (below)")
             if st.button("Run benchmark", key="kb-run", icon=":material/play_arrow:"):
                 st.session_state["kb-last"] = (ks, rs, int(channels))
             last = st.session_state.get("kb-last")

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app import models
+from app.cache import sha
 from app.figures import kernels_figure, show_matplotlib
 from app.reparam_forms import reparam_report
 from app.ui import checkpoint_upload, cli_hint, guard
@@ -31,13 +32,23 @@ report = None
 with guard("Re-parameterization"):
     weights, weights_name = checkpoint_upload("rp-ckpt")
     ov = models.tiny_overrides() if tiny else "{}"
-    bar = st.progress(0.0, text="building, merging and comparing the forms")
-    try:
-        report = reparam_report(model, ov, bool(random_bn and weights is None), int(size), 0,
-                                weights=weights, weights_name=weights_name,
-                                on_progress=lambda frac, text: bar.progress(frac, text=text))
-    finally:
-        bar.empty()
+    args = (model, ov, bool(random_bn and weights is None), int(size), 0)
+    # the tiny random-init default shows at once; a paper-size network or an upload waits for a click
+    if not tiny or weights is not None:
+        key = repr((args, sha(weights)))
+        if st.button("Compare the forms", type="primary", key="rp-run", icon=":material/play_arrow:"):
+            st.session_state["rp-confirmed"] = key
+        if st.session_state.get("rp-confirmed") != key:
+            st.info(f"{model} at paper size or with a checkpoint is built three times (train-time, merged, fused); "
+                    "press **Compare the forms**.")
+            args = None
+    if args is not None:
+        bar = st.progress(0.0, text="building, merging and comparing the forms")
+        try:
+            report = reparam_report(*args, weights=weights, weights_name=weights_name,
+                                    on_progress=lambda frac, text: bar.progress(frac, text=text))
+        finally:
+            bar.empty()
 
 if report:
     forms = report["forms"]

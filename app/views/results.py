@@ -12,7 +12,7 @@ from app import safety
 from app.figures import show_figure
 from app.runs import app_runs_dir, downloadable_files, find_runs
 from app.ui import file_downloads, guard
-from erf_lab.erf.metrics import summary as summary_fn
+from erf_lab.erf.analysis import comparison_table
 from erf_lab.erf.rundir import load_run
 
 st.title("Results")
@@ -33,22 +33,28 @@ if runs:
     kinds = sorted({r["kind"] for r in runs})
     kind = st.segmented_control("Kind", kinds, default="erf" if "erf" in kinds else kinds[0], key="res-kind")
     names = [r["name"] for r in runs if r["kind"] == kind]
-    chosen = st.multiselect(f"{kind} runs ({len(names)})", names, default=names[:1], key=f"res-chosen-{kind}")
+    chosen = []
+    if kind is None:  # the selected segment clicked again
+        st.info("Choose a kind of result above.")
+    else:
+        chosen = st.multiselect(f"{kind} runs ({len(names)})", names, default=names[:1], key=f"res-chosen-{kind}")
     by_name = {r["name"]: r for r in runs}
 
     if kind == "erf" and chosen:
         with guard("ERF runs"):
             loaded = [load_run(str(by_name[n]["path"])) for n in chosen]
-            labels = [f"{r.label} [{n}]" if [x.label for x in loaded].count(r.label) > 1 else r.label
-                      for r, n in zip(loaded, chosen)]
-            show_figure("erf_comparison", ([r.erf for r in loaded], labels), stem="comparison", key="res-cmp",
-                        caption="log10(A+1) / max of each map, one colour scale")
-            rows = []
-            for r, lab in zip(loaded, labels):
-                s = summary_fn(r.metrics) if r.metrics else {}
-                rows.append({"run": lab, "images": (r.run_info or {}).get("num_used"),
-                             "input": (r.run_info or {}).get("input_size"), **s})
-            st.dataframe(pd.DataFrame(rows), hide_index=True)
+            table = comparison_table(loaded)  # erf-lab compare's table: labels, metrics and n/c as the CLI writes
+            if table["mixed"]:
+                st.info(table["note"])
+            else:
+                show_figure("erf_comparison", ([r.erf for r in loaded], [r.label for r in loaded]), stem="comparison",
+                            key="res-cmp", caption="log10(A+1) / max of each map, one colour scale")
+            info = [r.run_info or {} for r in loaded] + [{}] * (len(table["rows"]) - len(loaded))  # paper rows last
+            st.dataframe(pd.DataFrame([{**{c: row.get(c) for c in table["columns"]}, "images": i.get("num_used"),
+                                        "input": i.get("input_size")} for row, i in zip(table["rows"], info)]
+                                      ).astype({"images": "Int64", "input": "Int64"}), hide_index=True)
+            if not table["mixed"]:
+                st.caption(table["note"])
     for n in chosen:
         r = by_name[n]
         with st.expander(f"{n} ({r['kind']})", expanded=len(chosen) == 1):

@@ -9,8 +9,9 @@ import pandas as pd
 import streamlit as st
 
 from app import models, safety
-from app.shape_bias_runs import SHAPE_BIAS_MODELS, shape_bias_run
+from app.shape_bias_runs import SHAPE_BIAS_MODELS, is_complete, shape_bias_run, shape_bias_run_dir
 from app.ui import checkpoint_upload, cli_hint, file_downloads, guard
+from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.analysis import read_decisions_csv
 from erf_lab.shape_bias.consistency import consistency_rows
 from erf_lab.shape_bias.plotting import load_run
@@ -31,24 +32,38 @@ if mode == "Run a model":
         options += [m for m in registered if m not in options] + models.timm_models()
     model = c1.selectbox("Model", options or list(SHAPE_BIAS_MODELS), key="sb-model", accept_new_options=True,
                          help="a registered model or timm/<name> (any timm architecture; its own preprocessing)")
+    known = False
     with guard("Model"):
         models.check_registered(model)
+        known = True
     pretrained = c2.toggle("Pretrained ImageNet weights", value=model == "efficientnet_lite0", key="sb-pre",
                            disabled=model != "efficientnet_lite0",
                            help="packaged weights exist for efficientnet_lite0; others: upload a checkpoint")
     limit = c3.number_input("Cue-conflict images (--limit)", 16, 1280, 16, step=16, key="sb-limit",
                             help="an even spread over the 16 categories; the full set has 1280")
-    with guard("Shape-bias evaluation"):
-        weights, weights_name = checkpoint_upload("sb-ckpt")
-        ov = "{}"
-        if model.startswith("replknet"):
-            ov = models.tiny_overrides() if weights is None else "{}"
-        with st.spinner(f"classifying {limit} cue-conflict images (+ edges / silhouettes) ..."):
-            run_dir = shape_bias_run(model, pretrained=bool(pretrained and model == "efficientnet_lite0"),
-                                     limit=int(limit), overrides_json=ov, weights=weights,
-                                     weights_name=weights_name)
-        if weights is None and not (pretrained and model == "efficientnet_lite0"):
-            st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
+    if known:
+        with guard("Shape-bias evaluation"):
+            weights, weights_name = checkpoint_upload("sb-ckpt")
+            ov = "{}"
+            if model.startswith("replknet"):
+                ov = models.tiny_overrides() if weights is None else "{}"
+            settings = dict(pretrained=bool(pretrained and model == "efficientnet_lite0"), limit=int(limit),
+                            overrides_json=ov, weights=weights)
+            target = shape_bias_run_dir(model, **settings)
+            # the default (16 images, a listed model, no upload) and finished runs show at once; the rest on a click
+            quick = int(limit) <= 16 and weights is None and model in SHAPE_BIAS_MODELS
+            if not (quick or is_complete(target)):
+                if st.button("Run shape-bias evaluation", type="primary", key="sb-run", icon=":material/play_arrow:"):
+                    st.session_state["sb-confirmed"] = str(target)
+                if st.session_state.get("sb-confirmed") != str(target):
+                    st.info(f"{model} on {limit} cue-conflict images (+ edges / silhouettes) takes longer than the "
+                            "interactive default; press **Run shape-bias evaluation**.")
+                    target = None
+            if target is not None:
+                with st.spinner(f"classifying {limit} cue-conflict images (+ edges / silhouettes) ..."):
+                    run_dir = shape_bias_run(model, weights_name=weights_name, **settings)
+            if run_dir is not None and weights is None and not (pretrained and model == "efficientnet_lite0"):
+                st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
     args = ["shape-bias", "--model", model] + (["--pretrained"] if pretrained else ["--weights", "CHECKPOINT.pth"])
     cli_hint(args + ["--out", "runs/shape-bias"], "Full stimulus set (1280 images) from the command line:")
 else:
@@ -57,9 +72,13 @@ else:
         with guard("Results folder"):
             run_dir = safety.safe_directory(text, "results folder")
 
+s = None
 if run_dir is not None:
     with guard("Shape-bias results"):
         s = load_run(run_dir)
+
+if s is not None:  # the sections below read the run's summary: none of them without it
+    with guard("Shape-bias results"):
         human = (s.get("human_reference") or {})
         if s.get("random_weights"):
             st.warning("UNTRAINED: these results come from random initial weights and describe no trained model.")
@@ -107,9 +126,13 @@ if run_dir is not None:
 
     with guard("Stimulus browser"):
         st.subheader("Stimuli and decisions")
+        if not (Path(run_dir) / "decisions.csv").is_file():
+            raise ErfLabError("this run has no decisions.csv (written by erf-lab shape-bias with each run)")
         decisions = [r for r in read_decisions_csv(Path(run_dir) / "decisions.csv") if r.get("set") == "cue-conflict"]
         # summary.json names the stimulus folder; it is still held to the app's path policy.
-        stim_dir = safety.safe_directory(s.get("stimuli_dir", ""), "stimulus folder")
+        if not s.get("stimuli_dir"):
+            raise ErfLabError("this run does not record its stimulus folder (stimuli_dir in summary.json)")
+        stim_dir = safety.safe_directory(s["stimuli_dir"], "stimulus folder")
         cats = sorted({r["shape"] for r in decisions})
         f1, f2 = st.columns(2)
         cat = f1.selectbox("Shape category", ["all"] + cats, key="sb-cat")

@@ -2,6 +2,7 @@
 ``erf-lab train`` run folder, and the shipped kernel-family table (``erf-lab study kernel-family``)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from app import safety
+from app.runs import app_runs_dir
 from app.ui import cli_hint, file_downloads, guard
 from erf_lab.paths import data_dir
 
@@ -50,15 +52,23 @@ with tab_run:
     n_probe = c3.number_input("Probe images per split", 10, 2000, 100, step=10, key="tr-probe")
     if text:
         with guard("Timeline"):
-            from erf_lab.train.timeline import timeline
+            from erf_lab.train.timeline import read_training_run, timeline
 
             run = safety.safe_directory(text, "training run folder")
-            with st.spinner("measuring new checkpoints (cached ones are reused)"):
-                res = timeline(run, input_size=int(size) or None, num_images=int(n_img), probe_size=int(n_probe),
-                               show_progress=False)
-            st.caption(f"measured {res['measured']['erf']} ERF(s) and {res['measured']['probe']} probe(s) now; "
-                       f"the rest came from the cache in {res['out_dir']}")
-            show_timeline(res["out_dir"], "tr-run-files")
+            read_training_run(run)  # a folder that is no training run is refused before any button
+            settings = dict(input_size=int(size) or None, num_images=int(n_img), probe_size=int(n_probe))
+            if st.button("Measure the timeline", type="primary", key="tr-measure", icon=":material/play_arrow:"):
+                st.session_state["tr-confirmed"] = repr((str(run), settings))
+            if st.session_state.get("tr-confirmed") != repr((str(run), settings)):
+                st.info("Press **Measure the timeline**: every checkpoint of the run gets an ERF and the probes.")
+            else:
+                # into the app's run area (the user's run folder is only read), one folder per run: reused
+                out = app_runs_dir() / f"timeline-{hashlib.sha256(str(run).encode()).hexdigest()[:12]}"
+                with st.spinner("measuring new checkpoints (cached ones are reused)"):
+                    res = timeline(run, **settings, show_progress=False, out=out)
+                st.caption(f"measured {res['measured']['erf']} ERF(s) and {res['measured']['probe']} probe(s) now; "
+                           f"the rest came from the cache in {res['out_dir']}")
+                show_timeline(res["out_dir"], "tr-run-files")
             cli_hint(["timeline", str(run), "--num-images", "20"])
 
 with tab_family:

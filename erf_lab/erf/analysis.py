@@ -70,6 +70,32 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     if labels is not None:
         for r, lab in zip(runs, labels):
             r.label = lab
+    table = comparison_table(runs, allow_mixed_sizes=allow_mixed_sizes)
+    rows, md, csv_s, mixed = table["rows"], table["markdown"], table["csv"], table["mixed"]
+    out_dir = prepare_out_dir(out)
+    figs = [] if mixed and not allow_mixed_sizes else plot_comparison(
+        [r.erf for r in runs], [r.label for r in runs], out_dir / "compare", formats=tuple(formats), normalize=normalize,
+        display=display)
+    write_text(out_dir / "compare.md", md + "\n\n" + table["note"] + "\n")
+    write_text(out_dir / "compare.csv", csv_s)
+    record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": table["names"],
+                                    "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
+                                    "normalize": normalize, "display": display}, argv)
+    record["rows"] = rows
+    record["mixed_sizes"] = mixed
+    record["files"] = [p.name for p in figs] + ["compare.md", "compare.csv"]
+    write_json(out_dir / "compare.json", record)
+    return {"rows": rows, "markdown": md, "csv": csv_s, "note": table["note"], "files": figs + [
+        out_dir / "compare.md", out_dir / "compare.csv", out_dir / "compare.json"], "out_dir": out_dir,
+        "metrics": dict(table["measured"])}
+
+
+def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
+    """The table of ``erf-lab compare`` for loaded runs (:func:`erf_lab.erf.rundir.load_run`): metrics recomputed
+    from each map, equal labels numbered and untrained runs marked :data:`RANDOM_MARK` (``runs``' labels are
+    updated in place, as the figure shows them), the paper rows unless the maps differ in size, whose area ratios
+    are then ``n/c`` unless ``allow_mixed_sizes``. Returns ``{"rows", "columns", "markdown", "csv", "note",
+    "names", "random", "mixed", "measured"}``."""
     names = [r.label for r in runs]
     if len(set(names)) != len(names):  # disambiguate equal labels (e.g. two dirs both named after the model)
         names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
@@ -79,7 +105,6 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     for r, rand in zip(runs, random):  # every table row and heatmap title of an untrained model says so
         if rand:
             r.label = f"{r.label} {RANDOM_MARK}"
-    out_dir = prepare_out_dir(out)
     mixed = len({r.erf.shape for r in runs}) > 1
     measured = [(r.label, compute_metrics(r.erf, theoretical_rf=r.theoretical_rf)) for r in runs]
     rows = table_rows(measured, with_paper=not mixed)
@@ -87,11 +112,8 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     if mixed and not allow_mixed_sizes:
         for row in rows:
             row.update({c: NOT_COMPARABLE for c in columns if c.startswith("area@")})
-    md = markdown_table(rows, columns)
-    csv_s = csv_text(rows, columns)
-    figs = [] if mixed and not allow_mixed_sizes else plot_comparison(
-        [r.erf for r in runs], [r.label for r in runs], out_dir / "compare", formats=tuple(formats), normalize=normalize,
-        display=display)
+    for row, rand in zip(rows, random):  # the measured rows come first
+        row["random_init"] = rand
     note = ("Area columns: % of the map area inside the smallest centred square holding > t of log10(A+1)/max; "
             "n/r = not reached, - = not available. Paper rows: Ding et al., CVPR 2022, Table 10 (1024x1024, trained weights).")
     if mixed:
@@ -103,17 +125,5 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
                 "the Gaussian sigma, all in pixels.")
     if any(random):
         note += f" {RANDOM_MARK}: randomly initialised weights (never trained), not comparable to trained models."
-    write_text(out_dir / "compare.md", md + "\n\n" + note + "\n")
-    write_text(out_dir / "compare.csv", csv_s)
-    record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": names,
-                                    "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
-                                    "normalize": normalize, "display": display}, argv)
-    for row, rand in zip(rows, random):  # the measured rows come first
-        row["random_init"] = rand
-    record["rows"] = rows
-    record["mixed_sizes"] = mixed
-    record["files"] = [p.name for p in figs] + ["compare.md", "compare.csv"]
-    write_json(out_dir / "compare.json", record)
-    return {"rows": rows, "markdown": md, "csv": csv_s, "note": note, "files": figs + [
-        out_dir / "compare.md", out_dir / "compare.csv", out_dir / "compare.json"], "out_dir": out_dir,
-        "metrics": dict(measured)}
+    return {"rows": rows, "columns": columns, "markdown": markdown_table(rows, columns), "csv": csv_text(rows, columns),
+            "note": note, "names": names, "random": random, "mixed": mixed, "measured": measured}
