@@ -9,7 +9,8 @@ import torch
 from erf_lab.models import create_model
 from erf_lab.cli.main import main
 from erf_lab.errors import ErfLabError
-from erf_lab.train.study import (StudySettings, at_chance, markdown_table, plan, run_study, ship, table_notes,
+from erf_lab.shape_bias.analysis import at_chance
+from erf_lab.train.study import (StudySettings, markdown_table, plan, run_study, ship, table_notes,
                                  val_subset_correct)
 
 TOY = StudySettings(channels=(8, 8, 16, 16), input_size=32, train_size=64, val_size=32, epochs=1, batch_size=32,

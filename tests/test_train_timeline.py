@@ -71,7 +71,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_timeline_measures_each_checkpoint_once(tiny_run, tmp_path, capsys):
-    from erf_lab.train.study import at_chance
+    from erf_lab.shape_bias.analysis import at_chance
     from erf_lab.train.timeline import UNTRAINED_NOTE, timeline
 
     run = tmp_path / "run"

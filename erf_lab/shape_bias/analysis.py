@@ -30,6 +30,17 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float] | None:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+#: a val accuracy within this many binomial standard errors of chance (1 / classes) is "at chance"
+CHANCE_SE = 3.0
+
+
+def at_chance(val_acc: float, num_classes: int, val_size: int) -> bool:
+    """Whether ``val_acc`` on ``val_size`` images is within CHANCE_SE binomial standard errors of guessing among
+    ``num_classes`` classes (such a model has learned nothing, so its shape bias means nothing)."""
+    p = 1.0 / num_classes
+    return val_acc <= p + CHANCE_SE * (p * (1 - p) / val_size) ** 0.5
+
+
 def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
     """``rows`` of ``(shape, texture, decision)`` -> shape bias, hit fractions, counts and per-category values.
 

@@ -26,8 +26,6 @@ TABLE_KEYS = ("val_acc", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms"
               "shape_only_accuracy", "texture_only_accuracy")
 ERF_KEYS = ("area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50")
 NUM_CLASSES = 10  # cue-world's shapes in the study
-#: a val accuracy within this many binomial standard errors of chance (1 / classes) is "at chance"
-CHANCE_SE = 3.0
 
 
 @dataclass(frozen=True)
@@ -224,6 +222,8 @@ def _jsonable(v):
 
 
 def _row(m: StudyModel, r: dict) -> dict:
+    from erf_lab.shape_bias.analysis import at_chance
+
     info, erf, p = r["info"], r["erf"], r["probe"]
     return {"name": m.name, "group": m.group, "model": m.model, "kernel": m.kernel, "seed": m.seed,
             "train_px": info["settings"]["input_size"], "params": info["model_config"]["params"],
@@ -234,13 +234,6 @@ def _row(m: StudyModel, r: dict) -> dict:
             "erf_empty": "empty_map" in r["erf_flags"],
             "at_chance": at_chance(info["final"]["val_acc"], info["model_config"]["num_classes"],
                                    info["settings"]["val_size"])}
-
-
-def at_chance(val_acc: float, num_classes: int, val_size: int) -> bool:
-    """Whether ``val_acc`` on ``val_size`` images is within CHANCE_SE binomial standard errors of guessing among
-    ``num_classes`` classes (such a model has learned nothing, so its shape bias means nothing)."""
-    p = 1.0 / num_classes
-    return val_acc <= p + CHANCE_SE * (p * (1 - p) / val_size) ** 0.5
 
 
 def _fmt(v, key: str) -> str:
@@ -270,6 +263,8 @@ def markdown_table(rows: list[dict], keys) -> str:
 
 def table_notes(rows: list[dict]) -> str:
     """The note lines under a table for its "empty" and "†" cells ("" when there are none)."""
+    from erf_lab.shape_bias.analysis import CHANCE_SE
+
     notes = []
     if any(r.get("erf_empty") for r in rows):
         notes.append("empty: the ERF map is all zeros (no gradient reached the input), so it has no area or radius.")

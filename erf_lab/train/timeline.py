@@ -194,8 +194,8 @@ UNTRAINED_NOTE = ("†: the random initialisation (epoch 0) or val accuracy at c
 
 def untrained(epoch: int, val_acc: float | None, num_classes: int, val_size: int | None) -> bool | None:
     """Whether the checkpoint of ``epoch`` has learned nothing: epoch 0 (the initialisation), or a val accuracy
-    at chance (:func:`erf_lab.train.study.at_chance`); None when its val accuracy is unknown."""
-    from erf_lab.train.study import at_chance
+    at chance (:func:`erf_lab.shape_bias.analysis.at_chance`); None when its val accuracy is unknown."""
+    from erf_lab.shape_bias.analysis import at_chance
 
     if epoch == 0:
         return True
