@@ -78,10 +78,13 @@ def check_registered(name: str) -> None:
 
 
 def build_model(name: str, overrides_json: str = "{}", weights: bytes | None = None, weights_name: str = "",
-                deploy: bool = False) -> torch.nn.Module:
+                deploy: bool = False, drop_head: bool = True) -> torch.nn.Module:
     """A fresh model in eval mode (random init unless ``weights``, the bytes of an uploaded checkpoint).
 
-    Errors about the upload name the user's file ``weights_name``, never the server's temporary copy."""
+    ``drop_head``: an upload whose classifier does not fit the model loads without it (the model's own, random
+    head): right where the head is not used (ERF, re-param equivalence), wrong where it classifies (shape bias,
+    which passes False and so shows the mismatch). Errors about the upload name the user's file ``weights_name``,
+    never the server's temporary copy."""
     check_registered(name)
     overrides = parse_overrides(overrides_json)
     if weights is None:
@@ -91,7 +94,7 @@ def build_model(name: str, overrides_json: str = "{}", weights: bytes | None = N
         path = Path(d) / ("upload.safetensors" if shown.endswith(".safetensors") else "upload.pth")
         path.write_bytes(weights)
         try:
-            model = create_model(name, weights=str(path), deploy=deploy, drop_head=True, **overrides)
+            model = create_model(name, weights=str(path), deploy=deploy, drop_head=drop_head, **overrides)
         except Exception as e:  # noqa: BLE001 - the unpickler fails with any type on a non-checkpoint
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
             text = text.replace(str(path), shown).replace(d, "")

@@ -81,10 +81,15 @@ def image_files(folder: Path, limit: int = MAX_IMAGES) -> list[Path]:
     class sub-folders included, sorted, hidden files ignored), at most ``limit``, none resolving out of it."""
     from erf_lab.erf.images import IMAGE_EXTENSIONS, list_image_files
 
-    files = [p for p in list_image_files(folder)[0] if p.is_file() and _is_within(p.resolve(), folder)]
+    files: list[Path] = []
+    for p in list_image_files(folder)[0]:  # resolved one by one up to the limit, not the whole tree
+        if p.is_file() and _is_within(p.resolve(), folder):
+            files.append(p)
+            if len(files) == limit:
+                break
     if not files:
         raise ErfLabError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder} or its sub-folders")
-    return files[:limit]
+    return files
 
 
 def _reason(e: Exception) -> str:

@@ -42,7 +42,7 @@ def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_j
     overrides = parse_overrides(overrides_json)
     if pretrained:
         overrides["pretrained"] = True
-    model = build_model(model_name, json.dumps(overrides), weights, weights_name)
+    model = build_model(model_name, json.dumps(overrides), weights, weights_name, drop_head=False)  # it classifies
     run_shape_bias(model_name, out=out, model=model, pretrained=pretrained, overrides=overrides or None,
                    limit=int(limit), batch_size=16, workers=0, show_progress=False,
                    allow_random=weights is None and not pretrained,

@@ -164,18 +164,18 @@ def loop_components(tmp: Path, recipe, train_size: int, val_size: int, input_siz
     from erf_lab.erf.images import model_mean_std
     from erf_lab.train import checkpoints as C
     from erf_lab.train.data import build_data
-    from erf_lab.train.loop import build_model, evaluate, plot_curves
+    from erf_lab.train.loop import build_model, evaluate, plot_curves, speed_levers
     from erf_lab.train.recipe import build_optimizer
 
     t0 = time.perf_counter()
     d = build_data("cue-world", input_size, train_size=train_size, val_size=val_size)
-    net = build_model(MODEL, OVERRIDES, len(d.classes), 0.0, 0)
+    net = speed_levers(build_model(MODEL, OVERRIDES, len(d.classes), 0.0, 0), channels_last=True)  # as train()'s
     opt = build_optimizer(net, recipe)
     C.save_weights(net.state_dict(), tmp / "checkpoints" / "epoch_000", "both")
     setup = time.perf_counter() - t0
     mean, std = (torch_view(v) for v in model_mean_std(net))
     t0 = time.perf_counter()
-    evaluate(net, d.val, batch_size=max(recipe.batch_size, 64), device="cpu", mean=mean, std=std)
+    evaluate(net, d.val, batch_size=max(recipe.batch_size, 64), device="cpu", mean=mean, std=std, channels_last=True)
     ev = time.perf_counter() - t0
     t0 = time.perf_counter()
     for stem in ("checkpoints/epoch_001", "model"):

@@ -188,7 +188,8 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
     ImageNet example)."""
     obj = _find_state_dict(obj)
     if obj is None:
-        raise CheckpointError(f"{source}: no state dict found (expected tensors, or a dict with 'model' or 'state_dict')")
+        raise CheckpointError(f"{source}: no state dict found (expected tensors, or a dict with 'model' or "
+                              "'state_dict')")
     out = {}
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
@@ -214,7 +215,8 @@ def _find_state_dict(obj, depth: int = 0) -> Mapping | None:
 
 
 def _is_state_dict(obj: Mapping) -> bool:
-    return len(obj) > 0 and all(isinstance(k, str) for k in obj) and any(isinstance(v, torch.Tensor) for v in obj.values())
+    return (len(obj) > 0 and all(isinstance(k, str) for k in obj)
+            and any(isinstance(v, torch.Tensor) for v in obj.values()))
 
 
 def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -234,7 +236,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     own strict load accepts them too) start at 0.
     A classifier that differs while every other tensor matches (another class count at the same input width, or a
     classifier in only one of file and model, e.g. ``num_classes=0``) raises unless ``drop_head=True``, which
-    then keeps the model's own head (or none); a classifier that fits is loaded either way. Any other mismatch
+    then keeps the model's own tensors for the head keys that differ (or none) and loads the rest of the head (a
+    pre-logits norm); a classifier that fits is loaded either way. Any other mismatch
     names the checkpoint as another architecture or size.
     """
     if hasattr(model, "adapt_state_dict"):
@@ -264,9 +267,10 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
         raise CheckpointError(f"{source}: {what}; {keep}pass drop_head=True (CLI: --drop-head) to load everything "
                               "but the head")
     drop_head = drop_head and bool(head_problems)  # a classifier that fits is loaded (app uploads pass drop_head)
+    dropped = set(head_problems) if drop_head else set()  # only the keys that differ: a pre-logits norm is kept
     if drop_head:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
-        missing, unexpected, mismatched = ([k for k in keys if not k.startswith(heads)]
+        state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+        missing, unexpected, mismatched = ([k for k in keys if k not in dropped]
                                            for keys in (missing, unexpected, mismatched))
     problems = []
     if missing:
@@ -281,7 +285,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
         raise CheckpointError(f"{source} does not match {type(model).__name__} (a checkpoint of another architecture "
                               "or size: check the model name and its options): " + "; ".join(problems))
     if drop_head:
-        state_dict = {**state_dict, **{k: v for k, v in own.items() if k.startswith(heads)}}
+        state_dict = {**state_dict, **{k: own[k] for k in dropped if k in own}}
     model.load_state_dict(state_dict, strict=True)
 
 

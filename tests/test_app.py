@@ -247,7 +247,8 @@ def test_growth_page_train_equals_deploy(app_env):
     worst = float(metric(at, "train vs deploy ERF: largest relative difference"))
     assert worst < 1e-4
     table = at.dataframe[0].value
-    assert sorted(zip(table["kernel"], table["reparam"])) == [(k, m) for k in (3, 7, 13, 31) for m in ("deploy", "train")]
+    assert sorted(zip(table["kernel"], table["reparam"])) == [(k, m) for k in (3, 7, 13, 31)
+                                                              for m in ("deploy", "train")]
     assert set(table["init"]) == {"trained"} and set(table["input_size"]) == {128}
     assert list(table["model"][::2]) == ["replknet_3", "replknet_7", "replknet_13", "replknet_31b"]
     area = dict(zip(table["kernel"], table["area@50%"]))
@@ -642,6 +643,12 @@ def test_uploaded_checkpoint_keeps_its_trained_classifier(tmp_path):
     assert torch.equal(got.head.weight, src.head.weight) and torch.equal(got.head.bias, src.head.bias)
     other = models.build_model("replknet_31b", json.dumps({**ov, "num_classes": 4}), buf.getvalue(), "trained.pth")
     assert other.head.out_features == 4 and torch.equal(other.stem[0].conv.weight, src.stem[0].conv.weight)
+    # shape bias classifies with the head: a 10-class upload on a 1000-class model is refused, not given a random one
+    from app.shape_bias_runs import shape_bias_run
+
+    with pytest.raises(ErfLabError, match=r"trained\.pth: classifier has 10 classes, the model 1000.*num_classes=10"):
+        shape_bias_run("replknet_31b", pretrained=False, limit=2, weights=buf.getvalue(), weights_name="trained.pth",
+                       overrides_json=json.dumps({k: v for k, v in ov.items() if k != "num_classes"}))
 
 
 # ------------------------------------------------------------------------------------ loopback default

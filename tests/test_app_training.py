@@ -31,6 +31,9 @@ def test_training_page_shows_the_shipped_timeline(app_env):
     table = at.dataframe[0].value
     assert list(table["epoch"]) == [r["epoch"] for r in rows] and rows[0]["epoch"] == 0
     assert list(table["shape_bias"]) == pytest.approx([r["shape_bias"] for r in rows], nan_ok=True)
+    # the initialisation and the at-chance epoch 1 are marked: their shape bias means nothing
+    assert list(table["untrained"][:3]) == [True, True, False]
+    assert any("has not learned the task" in c.value for c in at.caption)
     assert not at.error
 
 

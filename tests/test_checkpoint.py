@@ -268,6 +268,31 @@ def test_drop_head_loads_a_classifier_that_fits(tmp_path):
     assert torch.equal(got.head.weight, sd["head.weight"])
 
 
+def test_drop_head_replaces_only_the_head_keys_that_differ():
+    """A timm-style head with a pre-logits norm beside its classifier (ConvNeXt's ``head.norm`` + ``head.fc``):
+    drop_head replaces the classifier of another class count, or removes it for ``num_classes=0``, and loads the
+    trained norm from the file (it shapes the features)."""
+    class Net(nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.body = nn.Linear(4, 6)
+            self.head = nn.Module()
+            self.head.norm = nn.LayerNorm(6)
+            self.head.fc = nn.Linear(6, num_classes) if num_classes else nn.Identity()
+
+    torch.manual_seed(0)
+    src = Net(10)
+    with torch.no_grad():
+        src.head.norm.weight.uniform_(0.5, 1.5)
+    sd = src.state_dict()
+    for n in (5, 0):
+        m = Net(n)
+        fc = {k: v.clone() for k, v in m.head.fc.state_dict().items()}
+        load_weights(m, sd, drop_head=True)
+        assert torch.equal(m.head.norm.weight, sd["head.norm.weight"]) and torch.equal(m.body.weight, sd["body.weight"])
+        assert all(torch.equal(v, m.head.fc.state_dict()[k]) for k, v in fc.items())  # its own (or no) classifier
+
+
 def test_checkpoint_of_another_size_is_not_called_a_class_count_mismatch():
     wider = create_model("replknet_31b", **{**TINY, "channels": (8, 8, 8, 16)}).state_dict()
     head_input = {**_model().state_dict(), "head.weight": torch.randn(10, 16)}  # same class count, other width

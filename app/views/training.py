@@ -29,6 +29,10 @@ def show_timeline(folder: Path, key: str) -> None:
                                                    f"{data['train_input_size']} px")
     st.dataframe(pd.DataFrame(data["rows"]).drop(columns=["checkpoint"], errors="ignore"), hide_index=True,
                  key=f"{key}-table")
+    if any(r.get("untrained") for r in data["rows"]):
+        from erf_lab.train.timeline import UNTRAINED_NOTE
+
+        st.caption(UNTRAINED_NOTE.replace("†: ", "untrained = True: ", 1))
     file_downloads([p for p in (folder / n for n in ("timeline.png", "timeline.pdf", "timeline.csv",
                                                      "timeline.json")) if p.is_file()], key=key)
 

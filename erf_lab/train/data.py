@@ -57,6 +57,16 @@ class ImageFolderSplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def fingerprint(self) -> str:
+        """sha256 of the class names and of every image's path (relative to the split) and label: what a resumed
+        run must find again (a renamed class or another image set changes it; a file rewritten in place does not)."""
+        import hashlib
+
+        h = hashlib.sha256("\n".join(self.classes).encode())
+        for path, label in self.files:
+            h.update(f"\n{Path(path).relative_to(self.root).as_posix()}\t{label}".encode())
+        return h.hexdigest()
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 

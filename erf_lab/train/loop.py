@@ -80,16 +80,18 @@ def build_model(model: str, overrides: dict, num_classes: int, drop_path: float 
         raise
 
 
-def speed_levers(net: nn.Module, channels_last: bool) -> nn.Module:
-    """In place, what makes a training step fast without changing the model: every stride-1 'same' depthwise conv
-    from 3x3 up runs through ``fastconv`` (whose dispatcher picks the fastest backend per shape for the forward and
-    both gradients; PyTorch's own NCHW depthwise backward made the 5x5 re-param branches and the 3x3 stem convs
-    the slowest ops of a step), and, if ``channels_last``, the channels_last memory format. The state dict keeps its
-    keys. Measured on the 2-core AVX2 EPYC (2 threads), the kernel-family study's K = 31 model at 64 px, batch 64:
-    86 ms a step before, 76 ms with the small convs through fastconv, 60 ms with channels_last as well."""
-    import fastconv
+def speed_levers(net: nn.Module, channels_last: bool, device: str = "cpu") -> nn.Module:
+    """In place, what makes a training step fast without changing the model. On the CPU every stride-1 'same'
+    depthwise conv from 3x3 up runs through ``fastconv``, whose dispatcher picks the fastest backend per shape for
+    the forward and both gradients (PyTorch's own NCHW depthwise backward made the 5x5 re-param branches and the
+    3x3 stem convs the slowest ops of a step); elsewhere the model is left as built (not measured on a GPU). With
+    ``channels_last``, the channels_last memory format. The state dict keeps its keys. ``benchmarks/bench_train.py``
+    on the 2-core AVX2 EPYC, the kernel-family study's K = 31 model at 64 px, batch 64: 901 img/s against 653 for
+    the model as built in NCHW (``benchmarks/results/train_cpu.md``)."""
+    if torch.device(device).type == "cpu":
+        import fastconv
 
-    fastconv.convert_model(net, min_kernel=3)
+        fastconv.convert_model(net, min_kernel=3)
     if channels_last:
         net.to(memory_format=torch.channels_last)
     return net
@@ -367,11 +369,17 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         raise ErfLabError(f"--num-classes {num_classes}, but {data} has {n_classes} classes ({', '.join(d.classes)}); "
                           f"drop --num-classes or use a folder with {num_classes}")
     settings["num_classes"], settings["train_images"] = n_classes, len(d.train)  # recorded as trained
+    if hasattr(d.train, "fingerprint"):  # a folder: its class names and image paths
+        settings["train_fingerprint"] = d.train.fingerprint()
     if state is not None:  # a folder may have changed since the interruption
         for k, what in (("num_classes", "classes"), ("train_images", "training images")):
             if k in state["settings"] and state["settings"][k] != settings[k]:
                 raise ErfLabError(f"--resume: {data} now has {settings[k]} {what}, the interrupted run in {out} "
                                   f"had {state['settings'].get(k)}; restore the data or start over with --force")
+        old = state["settings"].get("train_fingerprint")
+        if old is not None and old != settings.get("train_fingerprint"):
+            raise ErfLabError(f"--resume: the class names or training images of {data} differ from the interrupted "
+                              f"run's in {out} (same counts); restore the data or start over with --force")
     B, W = recipe.batch_size, info.world_size
     steps_per_epoch = len(d.train) // (B * W)
     if steps_per_epoch < 1:
@@ -382,7 +390,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=device).view(1, 3, 1, 1)
     net.to(device)
-    speed_levers(net, channels_last)
+    speed_levers(net, channels_last, device)
     optimizer = build_optimizer(net, recipe)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     ema = ModelEma(net, recipe.ema) if recipe.ema > 0 else None

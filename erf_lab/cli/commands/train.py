@@ -48,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="autocast dtype (default auto: bf16 on CUDA, none on CPU)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory format (default: on for the CPU, where a step ran 1.3x faster; off on CUDA; "
-                        "a resumed run keeps its own)")
+                   help="NHWC memory format (default: on for the CPU, see benchmarks/results/train_cpu.md; off "
+                        "on CUDA; a resumed run keeps its own)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--checkpoint-format", choices=("pth", "safetensors", "both"), default="both",
