@@ -289,8 +289,15 @@ def test_growth_page_refuses_bad_kernel_sizes(app_env):
         assert not at.dataframe
 
 
-def test_growth_page_vs_depth_says_random_init(app_env):
-    """The depth and input-size tabs measure an untrained network, and say so."""
+def test_growth_page_vs_depth_says_random_init(app_env, monkeypatch):
+    """The depth and input-size tabs measure an untrained network, and say so (captions and heatmap labels)."""
+    from app import figures
+    from erf_lab.erf.rundir import RANDOM_MARK
+
+    drawn = []
+    real = figures.render_figure
+    monkeypatch.setattr(figures, "render_figure", lambda kind, fmt, args, kw="{}": drawn.append((kind, args))
+                        or real(kind, fmt, args, kw))
     at = ok(new_app().run())
     at.switch_page("views/growth.py").run()
     at.button(key="d-run").click().run()
@@ -300,6 +307,8 @@ def test_growth_page_vs_depth_says_random_init(app_env):
     untrained = [c.value for c in at.caption if "at random init (seed 0), untrained" in c.value]
     assert len(untrained) == 1, [c.value for c in at.caption]
     assert any("at random init, seed 0, untrained" in c.value for c in at.caption)
+    depth = [args[1] for kind, args in drawn if kind == "erf_comparison" and args[1][0].startswith("stage")]
+    assert depth and len(depth[-1]) == 4 and all(RANDOM_MARK in label for label in depth[-1]), depth
 
 
 def test_growth_page_vs_input_size(app_env):

@@ -419,8 +419,9 @@ def test_triton_is_never_picked_above_its_kernel_limit(monkeypatch):
 
 
 def test_triton_is_not_offered_float64(monkeypatch):
-    """The Triton kernels refuse float64: ``supports`` says so, so the CUDA cost model (autotune off), whose first
-    choice is triton, picks another backend instead of raising inside the kernel launcher."""
+    """The Triton kernels refuse float64, and ``supports`` says so: the CUDA cost model, whose first choice is
+    triton, asks ``supports`` before choosing (that dispatch itself needs a GPU; here, the refusal and the explicit
+    call's clear error)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, w = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.randn(2, 1, 3, 3, dtype=torch.float64)
     ok, why = fastconv.supports("triton", x, w)
