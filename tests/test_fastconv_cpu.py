@@ -286,14 +286,18 @@ def test_benchmark_judges_the_per_round_ratio():
 
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
-@pytest.mark.parametrize("shape,kernel", [((2, 19, 5, 6), (13, 15)), ((1, 8, 3, 3), (9, 7)), ((3, 24, 14, 14), (27, 27))])
+@pytest.mark.parametrize("shape,kernel", [
+    ((2, 19, 5, 6), (13, 15)), ((1, 8, 3, 3), (9, 7)), ((3, 24, 14, 14), (27, 27)), ((2, 10, 7, 8), (13, 13)),
+    ((2, 9, 4, 4), (7, 31)), ((1, 5, 1, 2), (3, 3))])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, shape, kernel, layout, monkeypatch,
                                                                         one_thread):
     """Kernels larger than the feature map (RepLKNet-31B's 27x27 on a 14x14 map at 224 px, 31x31 on cue-world's
     small images): the cpp kernel skips the taps that fall wholly in the zero padding, so most products are never
-    formed. Forward, input and weight gradient still equal F.conv2d in float64, including weight taps that see
-    only padding (K > 2H: their gradient is exactly 0)."""
+    formed; where K >= 2H - 1 on both axes (all but the (7, 8) / 13x13 case here) the forward and the input
+    gradient swap the roles of map and kernel (``swap_roles`` in dwconv.cpp: nothing padded). Forward, input and
+    weight gradient still equal F.conv2d in float64, including weight taps that see only padding (K > 2H: their
+    gradient is exactly 0)."""
     _need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     g = torch.Generator().manual_seed(sum(shape) * 7 + sum(kernel))

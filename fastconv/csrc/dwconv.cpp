@@ -34,6 +34,8 @@
 // ymm per vector): 1 x 3; AVX-512 (32 zmm): 4 x 5.
 // Padding: the packed planes carry explicit zero borders, and corr_plane skips the input rows and kernel-column
 // windows of a tile that lie wholly in them (a kernel as large as the map multiplies zeros in most of its taps).
+// A kernel at least twice the map swaps the roles of map and kernel in the forward / input gradient (swap_roles,
+// above conv_fused): then nothing is padded at all.
 #ifndef DW_KERNEL_BODY
 #include <cstdint>
 #include <cstring>
@@ -242,10 +244,12 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // and columns [col_lo, col_hi) of ``in`` may be nonzero (the rest is zero padding): a tile skips the input rows
 // and kernel columns whose products all fall outside (same numbers for finite weights: only products with exact
 // zeros are left out of the sums; an inf or NaN weight that meets only padding no longer turns its output NaN).
+// ``in_rs``: the input's row stride in floats (0: packed, (OW + KW - 1) * L).
 inline void corr_plane(const float* in, const float* k, float* out, int64_t OH, int64_t OW, int64_t KH, int64_t KW,
                        const float* init, bool accum, int64_t row_lo, int64_t row_hi, int64_t col_lo,
-                       int64_t col_hi) {
-    const int64_t IW = OW + KW - 1, in_rs = IW * L, out_rs = OW * L;
+                       int64_t col_hi, int64_t in_rs = 0) {
+    const int64_t out_rs = OW * L;
+    if (in_rs == 0) in_rs = (OW + KW - 1) * L;
     for (int64_t p = 0; p < OH; p += RO) {
         const int r = (int)((OH - p) < RO ? (OH - p) : RO);
         for (int64_t q = 0; q < OW; q += CO) {
@@ -403,10 +407,21 @@ void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
     }
 }
 
+// A kernel at least twice the map (KH >= 2H - 1 and KW >= 2W - 1: RepLKNet-31B's stages 3 and 4 at 224 px, every
+// stage of the kernel-family study at 64 px) meets every input pixel from every output pixel through a real tap:
+// y[p, q] = sum_{u, v} x[u, v] k[u - p + ph, v - q + pw] with all indices inside k. Swapping the roles,
+// y[H-1-p', W-1-q'] = corr(kwin, x)[p', q'] where kwin is the (2H-1) x (2W-1) window of k starting at
+// (ph - H + 1, pw - W + 1): the map is the "kernel" and nothing is padded, so no product meets padding (the padded
+// form wastes the tile-edge FMAs on zeros). The same products, summed in another order; the output is written back
+// flipped in both axes. Measured on the dev box (1 thread, 64 planes, correlation only): 14x14 K=27 1.41x,
+// 7x7 K=13 1.36x, 16x16 K=31 1.21x, 8x8 K=29 1.47x, 4x4 K=27 1.63x.
+inline bool swap_roles(int64_t H, int64_t W, int64_t KH, int64_t KW) { return KH >= 2 * H - 1 && KW >= 2 * W - 1; }
+
 void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
                 int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
     const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
+    const bool swap = swap_roles(H, W, KH, KW);
     const int64_t G = blocks_per_line(sC == 1 || yC == 1), CBG = (CB + G - 1) / G;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -422,8 +437,11 @@ void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, 
             float* kp = ker.data() + k * KH * KW * L;
             float* bp = bias.data() + k * L;
             const float* xp = x + n * sN + c0 * sC;
-            for (int64_t r = ph; r < ph + H; ++r)
-                pack_row(xp, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * L, false);
+            if (swap)  // the map as the "kernel": unpadded
+                for (int64_t r = 0; r < H; ++r) pack_row(xp, lanes, sC, sH, sW, H, W, 0, 0, r, xin.data() + r * W * L);
+            else
+                for (int64_t r = ph; r < ph + H; ++r)
+                    pack_row(xp, lanes, sC, sH, sW, H, W, ph, pw, r, xin.data() + r * Wp * L, false);
             if (cb != packed_cb[k]) {
                 for (int64_t i = 0; i < KH; ++i)
                     pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, kp + i * KW * L);
@@ -431,8 +449,16 @@ void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, 
                     for (int64_t l = 0; l < L; ++l) bp[l] = l < lanes ? b[c0 + l] : 0.f;
                 packed_cb[k] = cb;
             }
-            corr_plane(xin.data(), kp, out.data(), H, W, KH, KW, b ? bp : nullptr, false, ph, ph + H, pw, pw + W);
             float* yp = y + n * yN + c0 * yC;
+            if (swap) {
+                const float* kwin = kp + ((ph - H + 1) * KW + (pw - W + 1)) * L;
+                corr_plane(kwin, xin.data(), out.data(), H, W, H, W, b ? bp : nullptr, false, 0, 2 * H - 1, 0,
+                           2 * W - 1, KW * L);
+                for (int64_t h = 0; h < H; ++h)  // row H-1-h, columns reversed (a negative pixel stride)
+                    unpack_row(out.data() + (H - 1 - h) * W * L, lanes, W, yp + h * yH + (W - 1) * yW, yC, -yW);
+                continue;
+            }
+            corr_plane(xin.data(), kp, out.data(), H, W, KH, KW, b ? bp : nullptr, false, ph, ph + H, pw, pw + W);
             for (int64_t h = 0; h < H; ++h) unpack_row(out.data() + h * W * L, lanes, W, yp + h * yH, yC, yW);
         }
     }
