@@ -360,14 +360,14 @@ def test_materialize_replaces_meta_tensors_and_keeps_shared_ones_shared():
     shared by two modules stays one tensor."""
     import torch.nn as nn
 
-    from erf_lab.models.registry import _materialize
+    from erf_lab.models.initialization import materialize
 
     with torch.device("meta"):
         m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(5, 5, bias=False))
         m.append(nn.Linear(5, 5, bias=False))
     m[3].weight = m[2].weight
     m[0].bias.requires_grad_(False)
-    out = _materialize(m)
+    out = materialize(m)
     tensors = list(out.parameters()) + list(out.buffers())
     assert out is m and tensors and not any(t.is_meta for t in tensors)
     assert m[3].weight is m[2].weight and isinstance(m[2].weight, nn.Parameter)

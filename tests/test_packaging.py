@@ -61,3 +61,24 @@ def test_console_script_skips_the_teardown_but_keeps_output_and_exit_codes(tmp_p
     proc = subprocess.run([sys.executable, "-m", "erf_lab", "compute", "--model", "no_such_model"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "unknown model" in proc.stderr
+
+
+def test_console_script_raises_the_gc_threshold_before_the_command(monkeypatch):
+    """``run`` sets generation 0's threshold to ``GC_THRESHOLD`` before the command runs (the start-up's full
+    collections of torch's objects: ~0.3 s per process, issue 14) and never lowers a higher one."""
+    import gc
+
+    import erf_lab.cli.main as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv=None: seen.append(gc.get_threshold()[0]) or 0)
+    monkeypatch.setattr(cli, "exit_now", lambda code: seen.append(code))
+    old = gc.get_threshold()
+    try:
+        gc.set_threshold(700)
+        cli.run([])
+        gc.set_threshold(50_000)
+        cli.run([])
+    finally:
+        gc.set_threshold(*old)
+    assert seen == [cli.GC_THRESHOLD, 0, 50_000, 0] and cli.GC_THRESHOLD == 20_000

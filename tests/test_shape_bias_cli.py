@@ -188,17 +188,21 @@ def test_a_reparameterized_random_init_is_not_taken_for_trained_weights(tmp_path
 
 
 def test_random_init_is_seeded_and_recorded(tmp_path, capsys, datasets):
-    sha = {}
+    sha, printed_ci = {}, 0
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         out = tmp_path / name
         assert main(["shape-bias", "--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override",
-                     "layers=(1,1,1,1)", "--allow-random", "--seed", str(seed), "--limit", "4", "--workers", "0",
+                     "layers=(1,1,1,1)", "--allow-random", "--seed", str(seed), "--limit", "16", "--workers", "0",
                      "--stimuli", str(datasets), "--out", str(out)]) == 0
         s = json.loads((out / "summary.json").read_text())
         assert s["seed"] == seed and json.loads((out / "run.json").read_text())["seed"] == seed
         sha[name] = s["state_dict_sha256"]
+        # the interval is printed exactly when there is one (a random model may hit neither cue)
+        ci, text = s.get("shape_bias_ci95"), capsys.readouterr().out
+        assert (f"(95% CI {ci[0]:.3f}-{ci[1]:.3f})" in text) if ci else ("95% CI" not in text), text
+        printed_ci += bool(ci)
     assert sha["a"] == sha["b"] != sha["c"]
-    assert "95% CI" in capsys.readouterr().out
+    assert printed_ci  # these seeds hit a cue: the interval's line is exercised
 
 
 def test_missing_data_tells_how_to_get_it(tiny_model, tmp_path, monkeypatch, capsys):

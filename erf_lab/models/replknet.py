@@ -32,6 +32,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.models.features import FeatureIntermediates, ResettableClassifier, feature_take_indices
+from erf_lab.models.initialization import ambient_device, init_default_, materialize
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, fold_preceding_bn, merged_conv
 
@@ -326,34 +327,39 @@ class RepLKNet(FeatureIntermediates, ResettableClassifier, nn.Module):
         self.default_cfg = dict(input_size=(in_channels, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                 interpolation="bicubic", num_classes=self.num_classes)
 
-        c0 = self.channels[0]
-        self.stem = nn.ModuleList([
-            ConvBN(in_channels, c0, 3, 2, 1, groups=1, relu=True),
-            ConvBN(c0, c0, 3, 1, 1, groups=c0, relu=True),
-            ConvBN(c0, c0, 1, 1, 0, groups=1, relu=True),
-            ConvBN(c0, c0, 3, 2, 1, groups=c0, relu=True),
-        ])
-        # Block-wise stochastic depth, linearly increasing over all blocks (as in Swin / the official code).
-        total = sum(self.layers)
-        dpr = [float(drop_path_rate) * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
-        self.stages = nn.ModuleList()
-        self.transitions = nn.ModuleList()
-        for i in range(self.num_stages):
-            start = sum(self.layers[:i])
-            self.stages.append(RepLKNetStage(
-                self.channels[i], self.layers[i], self.large_kernel_sizes[i], dpr[start:start + self.layers[i]],
-                small_kernel, dw_ratio, ffn_ratio, use_checkpoint, small_kernel_merged,
-                norm_intermediate_features=norm_intermediate_features))
-            if i < self.num_stages - 1:
-                c_next = self.channels[i + 1]
-                self.transitions.append(nn.Sequential(
-                    ConvBN(self.channels[i], c_next, 1, 1, 0, groups=1, relu=True),
-                    ConvBN(c_next, c_next, 3, 2, 1, groups=c_next, relu=True),
-                ))
-        classifier = out_indices is None  # a downstream backbone has no final BN / pool / head (official keys)
-        self.norm = nn.BatchNorm2d(self.channels[-1]) if classifier else None
-        self.avgpool = nn.AdaptiveAvgPool2d(1) if classifier else None
-        self.head = nn.Linear(self.channels[-1], self.num_classes) if classifier and self.num_classes > 0 else None
+        # built on the meta device, then drawn once, on all threads (initialization.py; issue 14's fixed cost)
+        device = ambient_device()
+        with torch.device("meta"):
+            c0 = self.channels[0]
+            self.stem = nn.ModuleList([
+                ConvBN(in_channels, c0, 3, 2, 1, groups=1, relu=True),
+                ConvBN(c0, c0, 3, 1, 1, groups=c0, relu=True),
+                ConvBN(c0, c0, 1, 1, 0, groups=1, relu=True),
+                ConvBN(c0, c0, 3, 2, 1, groups=c0, relu=True),
+            ])
+            # Block-wise stochastic depth, linearly increasing over all blocks (as in Swin / the official code).
+            total = sum(self.layers)
+            dpr = [float(drop_path_rate) * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+            self.stages = nn.ModuleList()
+            self.transitions = nn.ModuleList()
+            for i in range(self.num_stages):
+                start = sum(self.layers[:i])
+                self.stages.append(RepLKNetStage(
+                    self.channels[i], self.layers[i], self.large_kernel_sizes[i], dpr[start:start + self.layers[i]],
+                    small_kernel, dw_ratio, ffn_ratio, use_checkpoint, small_kernel_merged,
+                    norm_intermediate_features=norm_intermediate_features))
+                if i < self.num_stages - 1:
+                    c_next = self.channels[i + 1]
+                    self.transitions.append(nn.Sequential(
+                        ConvBN(self.channels[i], c_next, 1, 1, 0, groups=1, relu=True),
+                        ConvBN(c_next, c_next, 3, 2, 1, groups=c_next, relu=True),
+                    ))
+            classifier = out_indices is None  # a downstream backbone has no final BN / pool / head (official keys)
+            self.norm = nn.BatchNorm2d(self.channels[-1]) if classifier else None
+            self.avgpool = nn.AdaptiveAvgPool2d(1) if classifier else None
+            self.head = nn.Linear(self.channels[-1], self.num_classes) if classifier and self.num_classes > 0 else None
+        if device.type != "meta":
+            init_default_(materialize(self, device))
         self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}")
                              for i, c in enumerate(self.channels)]
 

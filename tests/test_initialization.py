@@ -1,0 +1,110 @@
+"""Random initialization on all threads (erf_lab.models.initialization): PyTorch's own distributions, values set
+by torch.manual_seed alone, nothing left uninitialized."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from erf_lab.models import create_model
+from erf_lab.models.initialization import _reset, init_default_, materialize
+
+TINY = dict(channels=(8, 16, 16, 16), layers=(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Conv2d(6, 10, 3),
+    lambda: nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False),
+    lambda: nn.Conv2d(4, 6, (3, 7), groups=2),
+    lambda: nn.Linear(12, 7),
+    lambda: nn.Linear(12, 7, bias=False),
+], ids=["conv", "depthwise-nobias", "grouped-rect", "linear", "linear-nobias"])
+def test_reset_draws_exactly_what_torch_reset_parameters_draws(make):
+    """The same generator state gives bit-identical weights and biases through torch's own reset_parameters
+    (global generator) and through _reset (an explicit one): the formula is PyTorch's, not an approximation."""
+    a, b = make(), make()
+    torch.manual_seed(123)
+    a.reset_parameters()
+    _reset(b, torch.Generator().manual_seed(123))
+    assert torch.equal(a.weight, b.weight)
+    assert (a.bias is None) == (b.bias is None)
+    if a.bias is not None:
+        assert torch.equal(a.bias, b.bias)
+
+
+def test_reset_matches_torch_for_fastconv_depthwise():
+    from fastconv import DepthwiseConv2d
+
+    a, b = DepthwiseConv2d(16, 13), DepthwiseConv2d(16, 13)
+    torch.manual_seed(7)
+    a.reset_parameters()
+    _reset(b, torch.Generator().manual_seed(7))
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_replknet_values_follow_the_seed_not_the_thread_count():
+    torch.manual_seed(0)
+    a = create_model("replknet_31b", **TINY)
+    torch.manual_seed(0)
+    b = create_model("replknet_31b", **TINY)
+    torch.manual_seed(1)
+    c = create_model("replknet_31b", **TINY)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["head.weight"], sc["head.weight"])
+    # the same draw on one and on two threads (each module has its own generator); large enough to go parallel
+    with torch.device("meta"):
+        m1 = nn.Sequential(nn.Conv2d(64, 256, 3), nn.Conv2d(256, 64, 3), nn.BatchNorm2d(64), nn.Linear(300, 300))
+        m2 = nn.Sequential(nn.Conv2d(64, 256, 3), nn.Conv2d(256, 64, 3), nn.BatchNorm2d(64), nn.Linear(300, 300))
+    torch.manual_seed(5)
+    init_default_(materialize(m1), threads=1)
+    torch.manual_seed(5)
+    init_default_(materialize(m2), threads=2)
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    twins = init_default_(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)))  # each module its own stream
+    assert not torch.equal(twins[0].weight, twins[1].weight)
+
+
+def test_replknet_has_torch_default_distributions_everywhere():
+    """Every conv / linear weight of a full-width stage is U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (max close to the
+    bound, variance bound^2/3), BN starts at weight 1, bias 0, running mean 0, var 1: no uninitialized memory."""
+    torch.manual_seed(0)
+    model = create_model("replknet_31b", channels=(32, 64, 128, 128), layers=(1, 1, 2, 1))
+    n_conv = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            fan_in = mod.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            w = mod.weight.detach()
+            assert w.abs().max() <= bound, name
+            if w.numel() >= 4096:
+                assert w.abs().max() > 0.99 * bound, name
+                assert abs(w.var().item() / (bound ** 2 / 3) - 1) < 0.1, name
+            if mod.bias is not None:
+                assert mod.bias.abs().max() <= bound and mod.bias.abs().max() > 0, name
+            n_conv += 1
+        elif isinstance(mod, nn.BatchNorm2d):
+            assert torch.all(mod.weight == 1) and torch.all(mod.bias == 0), name
+            assert torch.all(mod.running_mean == 0) and torch.all(mod.running_var == 1), name
+            assert int(mod.num_batches_tracked) == 0, name
+    assert n_conv > 20
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_replknet_stays_on_the_meta_device_inside_a_meta_block():
+    with torch.device("meta"):
+        model = create_model("replknet_31b", **TINY)
+    assert all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def test_init_default_refuses_a_module_it_cannot_initialize():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.empty(4))
+
+    with pytest.raises(TypeError, match="Scale holds tensors but has no reset_parameters"):
+        init_default_(nn.Sequential(nn.Conv2d(4, 4, 1), Scale()))
