@@ -50,9 +50,17 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"depthwise_conv2d: dtype {x.dtype} unsupported; use one of {', '.join(map(str, DTYPES))}")
 
 
+#: True when autocast is on for any device: one call, without building ``x.device`` (a private torch function,
+#: checked for; without it every call takes the per-device check). Measured per call on the 2-core dev box between
+#: 0.3 ms convolutions (caches cold): ~2 us against ~10 us for ``torch.is_autocast_enabled(x.device.type)``.
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def autocast_inputs(x, weight, bias):
     """``(x, weight, bias)`` cast as autocast casts F.conv2d's inputs (on the lower-precision list on CPU and CUDA:
     floating tensors but float64 go to the autocast dtype), unchanged outside autocast (and on the meta device)."""
+    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():  # the usual case, in ~2 us instead of ~10 us per call
+        return x, weight, bias
     if (not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda")
             or not torch.is_autocast_enabled(x.device.type)):
         return x, weight, bias

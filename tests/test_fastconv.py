@@ -367,6 +367,33 @@ def test_auto_autotunes_once_and_persists_cache(monkeypatch, tmp_path):
 
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="needs the C++ kernel as a candidate")
+@pytest.mark.parametrize("cpp_ms,expect", [(0.95, "native"), (0.85, "cpp")])
+def test_autotune_keeps_the_stock_call_unless_another_is_clearly_faster(cpp_ms, expect, monkeypatch, tmp_path):
+    """A backend other than stock F.conv2d (in the input's layout, or through channels_last) is picked only when
+    it measured ``STOCK_TIE`` (10 %) faster than the fastest stock way: fastconv never slower than PyTorch. The
+    rule also applies to a decision read from the cache (one written by an older erf-lab, with the times)."""
+    x = torch.randn(1, 8, 12, 12)
+    w = torch.randn(8, 1, 5, 5)
+    fake = {"native": 1.0, "channels_last": 1.2, "cpp": cpp_ms}
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: fake[name])
+    with torch.no_grad():
+        d = dispatch.decide(x, w, None)
+    assert d["backend"] == expect and not d["cached"] and d["times_ms"]["cpp"] == cpp_ms * 1e3
+    assert ("less than 10% faster" in d["why"]) == (expect == "native")
+    # an entry cached with the fastest-wins rule: re-decided from its times, without timing again
+    cache = tmp_path / "fc" / "autotune.json"
+    entries = json.loads(cache.read_text())
+    (key,) = entries
+    entries[key] = {"backend": "cpp", "why": "autotuned (fastest measured)", "times_ms": d["times_ms"]}
+    cache.write_text(json.dumps(entries))
+    dispatch.clear_cache(memory_only=True)
+    monkeypatch.setattr(dispatch, "_time_backend", lambda *a, **k: pytest.fail("timed again"))
+    with torch.no_grad():
+        again = dispatch.decide(x, w, None)
+    assert again["cached"] and again["backend"] == expect
+
+
 @pytest.mark.parametrize("content", ["null", "[1, 2]", '"text"', '{"k": 1}', "{bad", "WRONG_ENTRY"])
 def test_corrupt_autotune_cache_is_timed_again_and_rewritten(content, monkeypatch, tmp_path):
     """A cache file that is not a JSON object of decisions (it crashed every call: TypeError / AttributeError) is
