@@ -11,6 +11,7 @@ gradient of F.conv2d for K > 14 always takes the GEMM path; "native" is only a c
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -264,8 +265,11 @@ def decide(x, weight, bias) -> dict:
     with _lock:
         hit = _load().get(key)
     if hit is not None and hit.get("backend") in cands:
-        timed = {b: t for b, t in (hit.get("times_ms") or {}).items() if b in cands}
-        return {**hit, **_choose(timed, hit), "cached": True, "key": key, "excluded": excluded}
+        stored = hit.get("times_ms")
+        timed = {b: t for b, t in stored.items() if b in cands and _is_time(t)} if isinstance(stored, dict) else {}
+        if hit["backend"] not in timed:  # without the decision's own time there is nothing to compare
+            timed = {}
+        return {**hit, **_choose(timed, hit), "times_ms": timed, "cached": True, "key": key, "excluded": excluded}
     gx, gw = _needs_grad(x, weight, bias)
     times: dict[str, float] = {}
     # on CPU the candidates are timed in interleaved rounds, each keeping its best round: a shared machine's load
@@ -293,9 +297,14 @@ def decide(x, weight, bias) -> dict:
     return {**entry, "cached": False, "key": key, "excluded": excluded}
 
 
+def _is_time(t) -> bool:
+    return isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+
+
 def _choose(times_ms: dict[str, float], cached: dict | None = None) -> dict:
-    """{"backend", "why"} from measured times: the fastest, unless a stock backend (``STOCK_BACKENDS``) is within
-    ``STOCK_TIE`` of it; then the fastest stock one. ``cached`` (an entry without times) is kept as it is."""
+    """{"backend", "why"} from measured times: the fastest, unless it measured less than ``STOCK_TIE`` faster than
+    the fastest stock backend (``STOCK_BACKENDS``); then that stock one. ``cached`` (an entry without usable
+    times) is kept as it is."""
     if not times_ms:
         return {"backend": cached["backend"], "why": cached.get("why", "cached")} if cached else {}
     winner = min(times_ms, key=times_ms.get)

@@ -80,6 +80,8 @@ def test_replknet_has_torch_default_distributions_everywhere():
             bound = 1 / math.sqrt(fan_in)
             w = mod.weight.detach()
             assert w.abs().max() <= bound, name
+            if w.numel() >= 64:  # drawn, not left at zero: P(max < bound / 2) = 2^-64
+                assert w.abs().max() > 0.5 * bound, name
             if w.numel() >= 4096:
                 assert w.abs().max() > 0.99 * bound, name
                 assert abs(w.var().item() / (bound ** 2 / 3) - 1) < 0.1, name
@@ -94,6 +96,28 @@ def test_replknet_has_torch_default_distributions_everywhere():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("options", [{}, {"deploy": True}, {"num_classes": 0},
+                                     {"num_classes": None, "out_indices": (1, 3), "norm_intermediate_features": True}],
+                         ids=["train-form", "deploy", "no-head", "backbone"])
+def test_init_default_leaves_no_tensor_uninitialized(options, monkeypatch):
+    """Every parameter and buffer that RepLKNet's build draws or resets is written: its memory starts as NaN here
+    (``materialize``'s ``torch.empty`` filled), and none is left."""
+    from erf_lab.models import initialization
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(initialization.torch, "empty", poisoned_empty)
+    model = create_model("replknet_31b", channels=(8, 16, 16, 16), layers=(1, 2, 1, 1), **options)
+    monkeypatch.undo()
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+            if (torch.isnan(t).any() if t.is_floating_point() else (t == -7).any())]
+    assert not left and len(model.state_dict()) > 40
+
+
 def test_replknet_stays_on_the_meta_device_inside_a_meta_block():
     with torch.device("meta"):
         model = create_model("replknet_31b", **TINY)
@@ -106,5 +130,5 @@ def test_init_default_refuses_a_module_it_cannot_initialize():
             super().__init__()
             self.gamma = nn.Parameter(torch.empty(4))
 
-    with pytest.raises(TypeError, match="Scale holds tensors but has no reset_parameters"):
+    with pytest.raises(RuntimeError, match="Scale holds tensors but has no reset_parameters"):
         init_default_(nn.Sequential(nn.Conv2d(4, 4, 1), Scale()))

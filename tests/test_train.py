@@ -319,9 +319,9 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
 def test_speed_levers_convert_the_small_depthwise_convs_and_keep_the_model(one_thread):
     """``speed_levers`` (what ``train`` applies): every stride-1 'same' depthwise conv from 3x3 up becomes a
     fastconv module (the 5x5 re-param branches, the stem's 3x3), nothing else changes type; same state-dict keys;
-    outputs and parameter gradients as close to a float64 run of the model as stock float32 PyTorch in the same
-    memory format is (channels_last alone moves stock PyTorch ~1e-5 further from float64 than NCHW on this model:
-    train-mode BN over a few values amplifies rounding; the margin of that varies with the random draw)."""
+    outputs and parameter gradients within rounding of stock float32 PyTorch in the same memory format, and near a
+    float64 run of the model (channels_last alone moves stock PyTorch 1e-5 to 5e-5 further from float64 than NCHW
+    on this model, seeds 0-5: train-mode BN over a few values amplifies rounding)."""
     import fastconv
     from erf_lab.train.loop import build_model, speed_levers
 
@@ -347,10 +347,13 @@ def test_speed_levers_convert_the_small_depthwise_convs_and_keep_the_model(one_t
     scale = max(p.grad.abs().max().item() for p in exact.parameters())
     g_err = [max((a.grad.double() - b.grad).abs().max().item() for a, b in zip(m.parameters(), exact.parameters()))
              / scale for m in models]
+    y_cl = (outs[2] - outs[1]).abs().max().item() / outs[3].abs().max().item()
+    g_cl = max((a.grad - b.grad).abs().max().item() for a, b in zip(net.parameters(), stock_cl.parameters())) / scale
     print(f"vs float64: output {y_err[2]:.1e} (stock NCHW {y_err[0]:.1e}, channels_last {y_err[1]:.1e}), "
-          f"gradients {g_err[2]:.1e} (stock NCHW {g_err[0]:.1e}, channels_last {g_err[1]:.1e})")
-    assert y_err[2] < 2e-4 and g_err[2] < 2e-3
-    assert y_err[2] <= 2 * y_err[1] + 1e-7 and g_err[2] <= 2 * g_err[1]
+          f"gradients {g_err[2]:.1e} (stock NCHW {g_err[0]:.1e}, channels_last {g_err[1]:.1e}); "
+          f"vs stock channels_last: {y_cl:.1e}, {g_cl:.1e}")
+    assert y_cl <= 1e-5 and g_cl <= 1e-4  # the fastconv modules round differently, nothing more
+    assert y_err[2] < 1.2e-4 and g_err[2] < 5e-4  # 3x what this draw gives (4.0e-5, 1.5e-4)
 
 
 def test_channels_last_is_the_cpu_default_and_a_resumed_run_keeps_its_own(tmp_path, one_thread):

@@ -21,11 +21,13 @@ import torch.nn as nn
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
-def materialize(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+def materialize(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
     """In place: every meta parameter / buffer of ``model`` becomes an uninitialized tensor of its shape and dtype
-    on ``device`` (shared tensors stay shared); returns ``model``. ``model.to_empty`` without its first-call cost:
-    it goes through torch's Python reference ops, whose import (sympy included) takes ~0.5 s of a process."""
+    on ``device`` (default: ``torch.get_default_device()``; shared tensors stay shared); returns ``model``.
+    ``model.to_empty`` without its first-call cost: it goes through torch's Python reference ops, whose import
+    (sympy included) takes ~0.5 s of a process."""
     made: dict = {}
+    device = torch.get_default_device() if device is None else device
 
     def real(t):
         if id(t) not in made:
@@ -77,7 +79,7 @@ def init_default_(model: nn.Module, threads: int | None = None) -> nn.Module:
         elif callable(getattr(mod, "reset_parameters", None)):
             others.append(mod)
         else:
-            raise TypeError(f"{type(mod).__name__} holds tensors but has no reset_parameters(): "
+            raise RuntimeError(f"{type(mod).__name__} holds tensors but has no reset_parameters(): "
                             f"init_default_ cannot initialize it")
     if not drawn and not others:
         return model
@@ -103,8 +105,3 @@ def init_default_(model: nn.Module, threads: int | None = None) -> nn.Module:
         mod.reset_parameters()
     return model
 
-
-def ambient_device() -> torch.device:
-    """The device a tensor is created on without a ``device=`` (a ``with torch.device(...)`` block, or
-    ``torch.set_default_device``)."""
-    return torch.empty(0).device

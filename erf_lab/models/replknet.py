@@ -32,7 +32,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.models.features import FeatureIntermediates, ResettableClassifier, feature_take_indices
-from erf_lab.models.initialization import ambient_device, init_default_, materialize
+from erf_lab.models.initialization import init_default_, materialize
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, fold_preceding_bn, merged_conv
 
@@ -328,7 +328,7 @@ class RepLKNet(FeatureIntermediates, ResettableClassifier, nn.Module):
                                 interpolation="bicubic", num_classes=self.num_classes)
 
         # built on the meta device, then drawn once, on all threads (initialization.py; issue 14's fixed cost)
-        device = ambient_device()
+        device = torch.get_default_device()
         with torch.device("meta"):
             c0 = self.channels[0]
             self.stem = nn.ModuleList([
