@@ -16,8 +16,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ``weight`` is (C, 1, KH, KW) with odd KH, KW (the Triton kernels stop at 63; the dispatcher then picks another
     backend). The output keeps the memory format of ``x``. ``backend``: None or "auto" follows
     ``fastconv.settings()`` (see ``fastconv.use``; "auto" there = fastest measured for this device/dtype/layout/
-    shape, unless it is less than 10 % faster than the stock F.conv2d call; see ``fastconv.explain``); one of ``fastconv.BACKENDS`` runs that one. Under ``torch.autocast`` the
-    tensors are cast as autocast casts F.conv2d's (float32 ones to the autocast dtype).
+    shape, unless it is less than 10 % faster than the stock F.conv2d call; see ``fastconv.explain``); one of
+    ``fastconv.BACKENDS`` runs that one. Under ``torch.autocast`` the tensors are cast as autocast casts
+    F.conv2d's (float32 ones to the autocast dtype).
     """
     if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
