@@ -80,7 +80,7 @@ def init_default_(model: nn.Module, threads: int | None = None) -> nn.Module:
             others.append(mod)
         else:
             raise RuntimeError(f"{type(mod).__name__} holds tensors but has no reset_parameters(): "
-                            f"init_default_ cannot initialize it")
+                               f"init_default_ cannot initialize it")
     if not drawn and not others:
         return model
     device = next(t for m in drawn + others for t in (*m._parameters.values(), *m._buffers.values())
