@@ -119,6 +119,47 @@ def test_reuse_returns_a_finished_run_and_redoes_a_different_one(tmp_path):
     assert not other["already_complete"] and json.loads((out / "run.json").read_text())["aggregate"] == "abs"
 
 
+def test_an_image_rewritten_in_place_is_not_resumed_or_reused(tmp_path):
+    """Resume and reuse compare the images' contents, not only their names: a file rewritten under the same name
+    (same size, even) would otherwise mix two image sets in one ERF matrix."""
+    from PIL import Image
+
+    from erf_lab.erf.images import load_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i}.bmp")
+    before = load_images(folder, input_size=32)
+    assert len(before.file_sha256) == 3 and len(before.content_sha256) == 64
+
+    class _Stop(Exception):
+        pass
+
+    def stop_after_one(acc):
+        if len(acc.processed) == 1:
+            raise _Stop
+
+    out, spec = tmp_path / "run", _spec(images=str(folder), num_images=3)
+    with pytest.raises(_Stop):
+        run_erf(spec, out=out, show_progress=False, on_batch=stop_after_one, checkpoint_seconds=0)
+    size = (folder / "2.bmp").stat().st_size
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / "2.bmp")
+    assert (folder / "2.bmp").stat().st_size == size  # same name, same size: only the contents tell
+    after = load_images(folder, input_size=32)
+    assert after.ids == before.ids and after.content_sha256 != before.content_sha256
+    with pytest.raises(ErfLabError, match=r"settings differ .*images' contents"):
+        run_erf(spec, out=out, show_progress=False, resume=True)
+
+    done = run_erf(spec, out=tmp_path / "done", show_progress=False, reuse=True)
+    assert not done["already_complete"]
+    assert done["run_info"]["config"]["images_sha256"] == after.content_sha256
+    assert run_erf(spec, out=tmp_path / "done", show_progress=False, reuse=True)["already_complete"]
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / "0.bmp")
+    assert not run_erf(spec, out=tmp_path / "done", show_progress=False, reuse=True)["already_complete"]
+
+
 def test_sigkill_mid_run_loses_at_most_the_current_image(tmp_path):
     """Progress is saved atomically (here after every image); a SIGKILL leaves a resumable state, and the resumed
     run gives the same matrix as an uninterrupted one, without measuring saved images again. 120 images: the

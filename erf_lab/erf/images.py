@@ -142,6 +142,18 @@ class ImageSource:
     name: str = ""
     skipped: list = field(default_factory=list)  # (id, reason) found while selecting
     num_other_files: int = 0
+    file_sha256: dict = field(default_factory=dict)  # id -> sha256 of the file's bytes, read while selecting
+
+    @property
+    def content_sha256(self) -> str:
+        """One sha256 over the chosen files' relative paths and contents, in order: what decides whether a resumed
+        or reused run measured the same images (a file rewritten in place under the same name changes it)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for i in self.ids:
+            h.update(f"{i}\0{self.file_sha256.get(i, '')}\0".encode())
+        return h.hexdigest()
 
     @property
     def ids(self) -> list[str]:
@@ -166,16 +178,21 @@ class ImageSource:
             yield self.id_of(p), (lambda p=p: self.load(p))
 
 
-def _readable(path: Path) -> str | None:
-    """None if PIL can decode the file header and data, else the reason."""
+def _check_image(path: Path) -> tuple[str | None, str | None]:
+    """(None, sha256 of the file's bytes) if PIL can decode the file header and data, else (the reason, None).
+    The file is read once: the digest costs no extra I/O."""
+    import hashlib
+    import io
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
             im.verify()
-        return None
-    except Exception as e:  # PIL raises many types for corrupt / non-image files
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+        return None, hashlib.sha256(data).hexdigest()
+    except Exception as e:  # OSError, or one of PIL's many types for corrupt / non-image files
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}", None
 
 
 def load_images(images: str | os.PathLike | None = None, *, num_images: int | None = None,
@@ -198,12 +215,14 @@ def load_images(images: str | os.PathLike | None = None, *, num_images: int | No
     chosen, skipped = [], []
     for o in others:
         skipped.append((o.relative_to(root).as_posix(), "not an image file (extension)"))
+    digests = {}
     for p in files:
         if len(chosen) >= limit:
             break
-        reason = _readable(p)
+        reason, digest = _check_image(p)
         if reason is None:
             chosen.append(p)
+            digests[p.relative_to(root).as_posix()] = digest
         else:
             skipped.append((p.relative_to(root).as_posix(), reason))
     if not chosen:
@@ -216,4 +235,5 @@ def load_images(images: str | os.PathLike | None = None, *, num_images: int | No
     if others:
         warnings.warn(f"ignored {len(others)} non-image file(s) in {root}", stacklevel=2)
     return ImageSource(root=root, files=chosen, input_size=int(input_size), mean=tuple(mean), std=tuple(std),
-                       name=DEFAULT_SET if builtin else root.name, skipped=skipped, num_other_files=len(others))
+                       name=DEFAULT_SET if builtin else root.name, skipped=skipped, num_other_files=len(others),
+                       file_sha256=digests)

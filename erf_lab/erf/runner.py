@@ -285,9 +285,14 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
         D.shutdown(dinfo)
 
 
+#: how a resume refusal names a config entry that is not an option
+CONFIG_KEY_NAMES = {"images": "the image list", "images_sha256": "the images' contents (a file changed since)",
+                    "weights": "the weights file's contents"}
+
+
 def _config(spec: ErfSpec, source, mean, std, weights_sha, dinfo) -> dict:
-    return {**spec.config(), "weights": weights_sha, "images": source.ids, "mean": list(mean), "std": list(std),
-            "world_size": dinfo.world_size}
+    return {**spec.config(), "weights": weights_sha, "images": source.ids, "images_sha256": source.content_sha256,
+            "mean": list(mean), "std": list(std), "world_size": dinfo.world_size}
 
 
 def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: bool):
@@ -452,8 +457,9 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         diff = [k for k in config if old.get(k) != _normalise(config)[k]]
         if diff:
             if not reuse:
+                what = [CONFIG_KEY_NAMES.get(k, k) for k in diff]
                 raise ErfLabError(f"cannot resume {out_dir}: settings differ from the interrupted run "
-                                  f"({', '.join(diff)}); use the same options or --force to start over")
+                                  f"({', '.join(what)}); use the same options or --force to start over")
             acc = Accumulator()
         else:
             start = extra.get("start_time", start)
