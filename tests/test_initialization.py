@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from erf_lab.models import create_model
-from erf_lab.models.initialization import _reset, init_default_, materialize
+from erf_lab.models.initialization import _reset, init_default_, materialize, trunc_normal_conv_linear
 
 TINY = dict(channels=(8, 16, 16, 16), layers=(1, 1, 1, 1))
 
@@ -132,3 +132,69 @@ def test_init_default_refuses_a_module_it_cannot_initialize():
 
     with pytest.raises(RuntimeError, match="Scale holds tensors but has no reset_parameters"):
         init_default_(nn.Sequential(nn.Conv2d(4, 4, 1), Scale()))
+
+
+# UniRepLKNet / SLaK: the official ``_init_weights`` (truncated normal, std 0.02) drawn the same way
+CONVNEXT_FAMILY = [
+    ("unireplknet_t", dict(dims=(16, 32, 64, 64), depths=(1, 1, 2, 1), kernel_sizes=((3,), (13,), (7, 5), (9,)),
+                           num_classes=10, layer_scale_init_value=0.25)),
+    ("slak_t", dict(dims=(16, 32, 64, 64), depths=(1, 1, 2, 1), kernel_size=(13, 11, 9, 7, 3), width_factor=1.0,
+                    num_classes=10, layer_scale_init_value=0.25)),
+]
+
+
+@pytest.mark.parametrize("name,kw", CONVNEXT_FAMILY, ids=["unireplknet", "slak"])
+def test_convnext_family_draws_the_official_init_everywhere(name, kw, monkeypatch):
+    """Built on the meta device and drawn once: conv / linear weights N(0, 0.02) (std within 3 %, the max where a
+    normal's puts it), biases 0; layer scale, GRN, BN and LayerNorm at their constructor values; the head scaled
+    by ``head_init_scale``; no tensor left uninitialized (fresh memory poisoned with NaN); the seed, not the
+    thread count, decides the values."""
+    from erf_lab.models import initialization
+
+    real_empty = torch.empty
+    monkeypatch.setattr(initialization.torch, "empty", lambda *a, **k: (
+        lambda t: t.fill_(float("nan") if t.is_floating_point() else -7))(real_empty(*a, **k)))
+    torch.manual_seed(0)
+    model = create_model(name, head_init_scale=0.5, **kw)
+    monkeypatch.undo()
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+            if (torch.isnan(t).any() if t.is_floating_point() else (t == -7).any())]
+    assert not left
+    drawn = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(drawn) > 10
+    body = torch.cat([m.weight.detach().flatten() for m in drawn if m is not model.head])
+    assert abs(body.std().item() / 0.02 - 1) < 0.03 and abs(body.mean().item()) < 1e-3
+    assert 3.5 * 0.02 < body.abs().max().item() < 7 * 0.02  # a normal's max over ~1e5 draws, far inside +-2
+    assert all(torch.all(m.bias == 0) for m in drawn if m.bias is not None and m is not model.head)
+    assert abs(model.head.weight.std().item() / 0.01 - 1) < 0.15  # 0.5 x 0.02
+    gammas = [m.gamma for m in model.modules() if type(m).__name__ in ("UniRepLKNetBlock", "SLaKBlock")]
+    assert gammas and all(torch.all(g == 0.25) for g in gammas)
+    for mod in model.modules():
+        if type(mod).__name__ == "GRN":
+            assert torch.all(mod.gamma == 0) and (mod.beta is None or torch.all(mod.beta == 0))
+        elif isinstance(mod, nn.BatchNorm2d):
+            assert torch.all(mod.weight == 1) and torch.all(mod.running_var == 1) and torch.all(mod.bias == 0)
+        elif isinstance(mod, nn.LayerNorm):
+            assert torch.all(mod.weight == 1) and torch.all(mod.bias == 0)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = create_model(name, head_init_scale=0.5, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    sa, sb = model.state_dict(), again.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.device("meta"):
+        assert all(t.is_meta for t in create_model(name, **kw).parameters())
+
+
+def test_trunc_normal_draw_truncates_where_the_bounds_are_near():
+    """Bounds within 10 std are a real truncation (``trunc_normal_``), beyond them a plain normal draw."""
+    wide = nn.Linear(1000, 1000)
+    trunc_normal_conv_linear(wide, torch.Generator().manual_seed(0), std=1.0)
+    w = wide.weight.detach()
+    assert w.abs().max() <= 2.0 and w.abs().max() > 1.99 and torch.all(wide.bias == 0)
+    assert abs(w.std().item() - 0.880) < 0.01  # the std of N(0, 1) truncated to [-2, 2]
+    trunc_normal_conv_linear(wide, torch.Generator().manual_seed(0), std=0.02)
+    assert abs(wide.weight.std().item() / 0.02 - 1) < 0.01

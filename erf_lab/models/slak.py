@@ -137,8 +137,15 @@ class SLaKBlock(nn.Module):
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.layer_scale_init_value = layer_scale_init_value
         self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The block's own tensor (the layer scale); its sub-modules reset their own."""
+        if self.gamma is not None:
+            nn.init.constant_(self.gamma, self.layer_scale_init_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pwconv2(self.act(self.pwconv1(self.norm(self.large_kernel(x).permute(0, 2, 3, 1)))))
@@ -174,20 +181,23 @@ class SLaK(ConvNeXtLayout):
         self.num_features = dims[-1]
         self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                 interpolation="bicubic", num_classes=self.num_classes)
-        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4),
-                                                              LayerNorm2d(dims[0]))])
-        for i in range(3):
-            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i]),
-                                                        nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
-        total = sum(depths)
-        dpr = [float(drop_path_rate) * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
-        self.stages = nn.ModuleList()
-        for i in range(4):
-            start = sum(depths[:i])
-            self.stages.append(nn.Sequential(*[
-                SLaKBlock(dims[i], kernel_size[i], kernel_size[-1], dpr[start + j], layer_scale_init_value,
-                          decompose, bn, merged=deploy) for j in range(depths[i])]))
-        self._add_head(dims, head_init_scale)
+        device = torch.get_default_device()
+        with torch.device("meta"):  # drawn once, on all threads, by _initialize
+            self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4),
+                                                                  LayerNorm2d(dims[0]))])
+            for i in range(3):
+                self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i]),
+                                                            nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
+            total = sum(depths)
+            dpr = [float(drop_path_rate) * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+            self.stages = nn.ModuleList()
+            for i in range(4):
+                start = sum(depths[:i])
+                self.stages.append(nn.Sequential(*[
+                    SLaKBlock(dims[i], kernel_size[i], kernel_size[-1], dpr[start + j], layer_scale_init_value,
+                              decompose, bn, merged=deploy) for j in range(depths[i])]))
+            self._add_head(dims)
+        self._initialize(device, head_init_scale)
 
 
 def sparse_param_count(model: nn.Module, sparsity: float = PAPER_SPARSITY) -> int:

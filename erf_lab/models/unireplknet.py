@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 from erf_lab.models.features import FeatureIntermediates, ResettableClassifier
+from erf_lab.models.initialization import is_conv_or_linear, init_parallel_, materialize, trunc_normal_conv_linear
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import fold_bn, fold_bn_into_conv, merged_conv
 from erf_lab.models.replknet import DropPath
@@ -124,6 +125,12 @@ class GRN(nn.Module):
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim)) if use_bias else None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.gamma)
+        if self.beta is not None:
+            nn.init.zeros_(self.beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
@@ -240,8 +247,15 @@ class UniRepLKNetBlock(nn.Module):
         else:
             self.pwconv2 = nn.Sequential(nn.Linear(ffn_dim, dim, bias=False), ToNCHW(), nn.BatchNorm2d(dim))
         use_gamma = not deploy and layer_scale_init_value is not None and layer_scale_init_value > 0
+        self.layer_scale_init_value = layer_scale_init_value
         self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim)) if use_gamma else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The block's own tensor (the layer scale); its sub-modules reset their own."""
+        if self.gamma is not None:
+            nn.init.constant_(self.gamma, self.layer_scale_init_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pwconv2(self.act(self.pwconv1(self.se(self.norm(self.dwconv(x))))))
@@ -281,23 +295,24 @@ class ConvNeXtLayout(FeatureIntermediates, ResettableClassifier, nn.Module):
 
     head_names = ("head",)
 
-    def _add_head(self, dims: Sequence[int], head_init_scale: float) -> None:
-        """The final norm, head and ``feature_info`` (stage ``i`` = ``stages.i``), then the initialisation."""
+    def _add_head(self, dims: Sequence[int]) -> None:
+        """The final norm, head and ``feature_info`` (stage ``i`` = ``stages.i``)."""
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], self.num_classes) if self.num_classes > 0 else None
         self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}") for i, c in enumerate(dims)]
-        if not any(p.is_meta for p in self.parameters()):
-            self.apply(self._init_weights)
-            if self.head is not None:
-                self.head.weight.data.mul_(head_init_scale)
-                self.head.bias.data.mul_(head_init_scale)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    @torch.no_grad()
+    def _initialize(self, device: torch.device, head_init_scale: float) -> None:
+        """The model was built on the meta device: real tensors on ``device`` (none when it is meta: a checkpoint
+        fills them), drawn as the official ``_init_weights`` (convs and linear layers truncated normal, std 0.02,
+        zero bias) on all threads (initialization.py; issue 14's fixed cost: unireplknet_l's serial draws took
+        4.3 s), other modules their own ``reset_parameters``; the head scaled by ``head_init_scale``."""
+        if device.type == "meta":
+            return
+        init_parallel_(materialize(self, device), trunc_normal_conv_linear, is_conv_or_linear)
+        if self.head is not None:
+            self.head.weight.mul_(head_init_scale)
+            self.head.bias.mul_(head_init_scale)
 
     def _feature_steps(self) -> list[tuple[str, nn.Module]]:
         steps = []
@@ -351,21 +366,24 @@ class UniRepLKNet(ConvNeXtLayout):
         self.num_features = dims[-1]
         self.default_cfg = dict(input_size=(in_chans, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                 interpolation="bicubic", num_classes=self.num_classes)
-        self.downsample_layers = nn.ModuleList([nn.Sequential(
-            nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1), LayerNorm2d(dims[0] // 2), nn.GELU(),
-            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1), LayerNorm2d(dims[0]))])
-        for i in range(3):
-            self.downsample_layers.append(nn.Sequential(
-                nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1])))
-        total = sum(depths)  # stochastic depth rising linearly over all blocks
-        dpr = [float(drop_path_rate) * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
-        self.stages = nn.ModuleList()
-        for i in range(4):
-            start = sum(depths[:i])
-            self.stages.append(nn.Sequential(*[
-                UniRepLKNetBlock(dims[i], kernel_sizes[i][j], dpr[start + j], layer_scale_init_value, deploy)
-                for j in range(depths[i])]))
-        self._add_head(dims, head_init_scale)
+        device = torch.get_default_device()
+        with torch.device("meta"):  # drawn once, on all threads, by _initialize
+            self.downsample_layers = nn.ModuleList([nn.Sequential(
+                nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1), LayerNorm2d(dims[0] // 2), nn.GELU(),
+                nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1), LayerNorm2d(dims[0]))])
+            for i in range(3):
+                self.downsample_layers.append(nn.Sequential(
+                    nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1])))
+            total = sum(depths)  # stochastic depth rising linearly over all blocks
+            dpr = [float(drop_path_rate) * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+            self.stages = nn.ModuleList()
+            for i in range(4):
+                start = sum(depths[:i])
+                self.stages.append(nn.Sequential(*[
+                    UniRepLKNetBlock(dims[i], kernel_sizes[i][j], dpr[start + j], layer_scale_init_value, deploy)
+                    for j in range(depths[i])]))
+            self._add_head(dims)
+        self._initialize(device, head_init_scale)
 
 
 # ------------------------------------------------------------------------------------------ registered variants
