@@ -95,6 +95,44 @@ def test_progress_bar_shows_gflops_and_percent_of_sgemm(monkeypatch, capsys):
     assert "GFLOP/s" in err and "% of SGEMM" in err, err
 
 
+def test_a_rate_above_the_cached_sgemm_rate_probes_it_again(fastconv_isolated, monkeypatch):
+    """A cached SGEMM rate probed while the machine was busy would make every later run read above 100 %: a run
+    faster than it probes again (merged into the cache, which keeps the best), and the CLI says what a fraction
+    still above 1 means."""
+    from fastconv import roofline as FR
+
+    monkeypatch.setattr(FR, "sgemm_gflops", lambda device="cpu", **kw: 123.4)
+    low = {**FAKE_REF, "sgemm_gflops": 1e-6}
+    monkeypatch.setattr(R, "sgemm_reference", lambda dev: dict(low))
+    res = compute_erf(Tiny(), torch.randn(3, 3, 16, 16), batch_size=1, show_progress=False, roofline=True,
+                      reparameterize=False)
+    assert res.info["roofline"]["sgemm_gflops"] == 123.4 and res.info["roofline"]["reprobed"] is True
+    _, _, key = FR._machine_key()
+    assert FR._read_table()[key]["sgemm_gflops"] == 123.4  # the next run starts from it
+    monkeypatch.setattr(FR, "sgemm_gflops", lambda device="cpu", **kw: 50.0)
+    assert FR.remeasure_sgemm()["sgemm_gflops"] == 123.4  # a slower probe never lowers the reference
+    # below the reference: no probe
+    monkeypatch.setattr(FR, "remeasure_sgemm", lambda: (_ for _ in ()).throw(AssertionError("probed")))
+    assert R.recheck_reference(dict(FAKE_REF), 10 ** 9, [[1, 9.0], [1, 1.0]]) == FAKE_REF  # 1 GFLOP/s < 100
+    assert R.recheck_reference({**FAKE_REF, "sgemm_device": "NVIDIA H200"}, 10 ** 12, [[1, 1.0]])["sgemm_gflops"] == 100
+
+
+def test_cli_says_what_a_fraction_above_one_means(monkeypatch, capsys, tmp_path):
+    from erf_lab.cli.main import main
+    from fastconv import roofline as FR
+
+    monkeypatch.setattr(R, "sgemm_reference", lambda dev: {**FAKE_REF, "sgemm_gflops": 1e-6})
+    monkeypatch.setattr(FR, "remeasure_sgemm", lambda: {"sgemm_gflops": 2e-6})  # still below: reported as measured
+    argv = ["compute", "--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override",
+            "layers=(1,1,1,1)", "--num-images", "2", "--input-size", "32", "--batch-size", "1", "--out",
+            str(tmp_path / "r"), "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "SGEMM rate 0.0 GFLOP/s" in out and "note: above 100 % of the SGEMM rate" in out, out
+    info = json.loads((tmp_path / "r" / RUN_FILE).read_text())
+    assert info["sgemm_gflops"] == 2e-6 and info["roofline_fraction"] > 1
+
+
 def test_steady_time_leaves_out_the_warm_up_batch():
     assert R.steady_seconds_per_image([[2, 10.0], [2, 1.0], [1, 0.5]]) == pytest.approx(0.5)
     assert R.steady_seconds_per_image([[2, 3.0]]) == pytest.approx(1.5)

@@ -260,8 +260,10 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     input_size = int(input_hw[0]) if input_hw else int(erf.shape[0])
     info.update({"tf32": bool(allow_tf32) if dev.type == "cuda" else None, "batch_seconds": batches})
     if roofline:
+        from erf_lab.erf.roofline import recheck_reference
+
         info.update({"flops_per_image": rl["flops_per_image"], "padding_flops_per_image": rl["padding_flops_per_image"],
-                     "roofline": rl["roofline"]})
+                     "roofline": recheck_reference(rl["roofline"], rl["flops_per_image"], batches)})
     info.update({"batch_size": int(batch_size), "captum": "NeuronGradient", "target":
                  "sum_c ReLU(M[:, c, h//2, w//2])", "map": f"sum_rgb {aggregate.upper()}(d target / d input)"})
     return ErfResult(erf=erf, num_used=acc.count, num_skipped=len(acc.skipped), skipped=[list(s) for s in acc.skipped],

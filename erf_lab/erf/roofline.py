@@ -153,6 +153,23 @@ def sgemm_reference(device) -> dict:
             "cpu_model": r["cpu_model"], "isa": r["isa"], "threads": r["threads"]}
 
 
+def recheck_reference(ref: dict | None, flops_per_image: int | None, batches: list) -> dict | None:
+    """``ref`` (from :func:`sgemm_reference`), probed again on the CPU when this run's steady rate came out above
+    it: a fraction above 1 only says that the cached SGEMM rate was measured while the machine was busier (a
+    shared host's speed changes by 2x within an hour). The new probe is merged into the cache, which keeps the
+    best rate, so the reference can only rise; ``reprobed`` marks it. A fraction still above 1 is reported as
+    measured."""
+    sec = steady_seconds_per_image(batches)
+    if not ref or ref.get("sgemm_device") != "cpu" or not flops_per_image or not sec or not ref.get("sgemm_gflops"):
+        return ref
+    if flops_per_image / sec / 1e9 <= ref["sgemm_gflops"]:
+        return ref
+    from fastconv.roofline import remeasure_sgemm
+
+    fresh = remeasure_sgemm()["sgemm_gflops"]
+    return {**ref, "sgemm_gflops": max(ref["sgemm_gflops"], fresh), "reprobed": True}
+
+
 def steady_seconds_per_image(batches: list) -> float | None:
     """Compute seconds per image from ``[(images, seconds), ...]`` of the batches run in this process: the first
     batch (warm-up: first calls, kernel choice, FLOP counting) is left out when later ones exist."""
