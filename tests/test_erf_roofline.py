@@ -107,6 +107,12 @@ def test_a_rate_above_the_cached_sgemm_rate_probes_it_again(fastconv_isolated, m
     res = compute_erf(Tiny(), torch.randn(3, 3, 16, 16), batch_size=1, show_progress=False, roofline=True,
                       reparameterize=False)
     assert res.info["roofline"]["sgemm_gflops"] == 123.4 and res.info["roofline"]["reprobed"] is True
+    probes, remeasure = [], FR.remeasure_sgemm
+    monkeypatch.setattr(FR, "remeasure_sgemm", lambda: probes.append(1) or {"sgemm_gflops": 2e-6})
+    res = compute_erf(Tiny(), torch.randn(4, 3, 16, 16), batch_size=1, show_progress=False, roofline=True,
+                      reparameterize=False)
+    assert probes == [1] and res.info["roofline"]["sgemm_gflops"] == 2e-6  # once, after the first steady batch
+    monkeypatch.setattr(FR, "remeasure_sgemm", remeasure)
     _, _, key = FR._machine_key()
     assert FR._read_table()[key]["sgemm_gflops"] == 123.4  # the next run starts from it
     monkeypatch.setattr(FR, "sgemm_gflops", lambda device="cpu", **kw: 50.0)

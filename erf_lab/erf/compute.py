@@ -219,6 +219,10 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 store_flops(rl["key"], rl["flops_per_image"], rl["padding_flops_per_image"])
             if roofline and len(batches) == 1:
                 rl["roofline"] = _sgemm_reference(dev)
+            if roofline and len(batches) == 2:  # the first steady batch: a rate above the reference probes again
+                from erf_lab.erf.roofline import recheck_reference
+
+                rl["roofline"] = recheck_reference(rl["roofline"], rl["flops_per_image"], batches)
             if roofline:
                 from erf_lab.erf.roofline import postfix, steady_seconds_per_image
 

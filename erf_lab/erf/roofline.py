@@ -158,9 +158,10 @@ def recheck_reference(ref: dict | None, flops_per_image: int | None, batches: li
     it: a fraction above 1 only says that the cached SGEMM rate was measured while the machine was busier (a
     shared host's speed changes by 2x within an hour). The new probe is merged into the cache, which keeps the
     best rate, so the reference can only rise; ``reprobed`` marks it. A fraction still above 1 is reported as
-    measured."""
+    measured. Probed at most once per run (after the first steady batch, or at the end of a one-batch run)."""
     sec = steady_seconds_per_image(batches)
-    if not ref or ref.get("sgemm_device") != "cpu" or not flops_per_image or not sec or not ref.get("sgemm_gflops"):
+    if (not ref or ref.get("sgemm_device") != "cpu" or ref.get("reprobed") or not flops_per_image or not sec
+            or not ref.get("sgemm_gflops")):
         return ref
     if flops_per_image / sec / 1e9 <= ref["sgemm_gflops"]:
         return ref
