@@ -101,6 +101,7 @@ def test_a_rate_above_the_cached_sgemm_rate_probes_it_again(fastconv_isolated, m
     still above 1 means."""
     from fastconv import roofline as FR
 
+    monkeypatch.setattr(FR, "_memo", {})  # this process's measurements: none leak into other tests
     monkeypatch.setattr(FR, "sgemm_gflops", lambda device="cpu", **kw: 123.4)
     low = {**FAKE_REF, "sgemm_gflops": 1e-6}
     monkeypatch.setattr(R, "sgemm_reference", lambda dev: dict(low))
@@ -119,8 +120,23 @@ def test_a_rate_above_the_cached_sgemm_rate_probes_it_again(fastconv_isolated, m
     assert FR.remeasure_sgemm()["sgemm_gflops"] == 123.4  # a slower probe never lowers the reference
     # below the reference: no probe
     monkeypatch.setattr(FR, "remeasure_sgemm", lambda: (_ for _ in ()).throw(AssertionError("probed")))
-    assert R.recheck_reference(dict(FAKE_REF), 10 ** 9, [[1, 9.0], [1, 1.0]]) == FAKE_REF  # 1 GFLOP/s < 100
-    assert R.recheck_reference({**FAKE_REF, "sgemm_device": "NVIDIA H200"}, 10 ** 12, [[1, 1.0]])["sgemm_gflops"] == 100
+    assert R.recheck_reference(dict(FAKE_REF), 10 ** 9, 0, [[1, 9.0], [1, 1.0]]) == FAKE_REF  # 1 GFLOP/s < 100
+    # above only in the nominal count (the padding products the C++ kernel skips): no probe either
+    assert R.recheck_reference(dict(FAKE_REF), 2 * 10 ** 11, 10 ** 11 + 1, [[1, 1.0]]) == FAKE_REF
+    gpu = {**FAKE_REF, "sgemm_device": "NVIDIA H200"}
+    assert R.recheck_reference(gpu, 10 ** 12, 0, [[1, 1.0]]) == gpu
+
+
+def test_a_fraction_above_one_says_why_it_is_no_bound():
+    cpu = {"sgemm_device": "cpu", "roofline_fraction": 1.02, "roofline_fraction_without_padding": 1.01}
+    assert "probed while the machine ran slower" in R.fraction_note(cpu)
+    gpu = {**cpu, "sgemm_device": "NVIDIA H200"}
+    assert "TF32 was allowed" in R.fraction_note(gpu, tf32=True)
+    assert "GPU was slower" in R.fraction_note(gpu, tf32=False)
+    nominal = {**cpu, "roofline_fraction_without_padding": 0.874}
+    assert R.fraction_note(nominal).endswith("the work done reaches 87.4 % of the SGEMM rate")
+    assert R.fraction_note({**cpu, "roofline_fraction": 0.9, "roofline_fraction_without_padding": 0.8}) is None
+    assert R.fraction_note({"sgemm_device": "cpu", "roofline_fraction": None}) is None
 
 
 def test_cli_says_what_a_fraction_above_one_means(monkeypatch, capsys, tmp_path):
@@ -136,7 +152,8 @@ def test_cli_says_what_a_fraction_above_one_means(monkeypatch, capsys, tmp_path)
     out = capsys.readouterr().out
     assert "SGEMM rate 0.0 GFLOP/s" in out and "note: above 100 % of the SGEMM rate" in out, out
     info = json.loads((tmp_path / "r" / RUN_FILE).read_text())
-    assert info["sgemm_gflops"] == 2e-6 and info["roofline_fraction"] > 1
+    assert info["sgemm_gflops"] == 2e-6 and info["roofline_fraction"] > 1 and info["sgemm_reprobed"] is True
+    assert info["roofline_note"] in out
 
 
 def test_steady_time_leaves_out_the_warm_up_batch():

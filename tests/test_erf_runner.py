@@ -158,6 +158,26 @@ def test_an_image_rewritten_in_place_is_not_resumed_or_reused(tmp_path):
     assert run_erf(spec, out=tmp_path / "done", show_progress=False, reuse=True)["already_complete"]
     Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / "0.bmp")
     assert not run_erf(spec, out=tmp_path / "done", show_progress=False, reuse=True)["already_complete"]
+    # a run written before the content check (no images_sha256) is still reused, with a warning
+    info_path = tmp_path / "done" / "run.json"
+    info = json.loads(info_path.read_text())
+    del info["config"]["images_sha256"]
+    info_path.write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="predates image-content checks"):
+        assert run_erf(spec, out=tmp_path / "done", show_progress=False, reuse=True)["already_complete"]
+
+
+def test_config_diff_names_what_changed():
+    from erf_lab.erf.runner import config_diff
+
+    new = {"model": "m", "images": ["a.png"], "images_sha256": "x" * 64, "mean": (0.5,)}
+    assert config_diff({"model": "m", "images": ["a.png"], "images_sha256": "x" * 64, "mean": [0.5]}, new) == []
+    assert config_diff({"model": "m", "images": ["b.png"], "images_sha256": "y" * 64, "mean": [0.5]}, new) == \
+        ["images", "images_sha256"]
+    assert config_diff({"model": "m", "images": ["a.png"], "images_sha256": "x" * 64, "mean": [0.5], "old": 1},
+                       new) == ["old"]
+    with pytest.warns(UserWarning, match="predates"):
+        assert config_diff({"model": "m", "images": ["a.png"], "mean": [0.5]}, new) == []
 
 
 def test_sigkill_mid_run_loses_at_most_the_current_image(tmp_path):

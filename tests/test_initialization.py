@@ -176,15 +176,17 @@ def test_convnext_family_draws_the_official_init_everywhere(name, kw, monkeypatc
             assert torch.all(mod.weight == 1) and torch.all(mod.running_var == 1) and torch.all(mod.bias == 0)
         elif isinstance(mod, nn.LayerNorm):
             assert torch.all(mod.weight == 1) and torch.all(mod.bias == 0)
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    monkeypatch.setattr(initialization, "PARALLEL_MIN_ELEMENTS", 1)  # every draw on the pool: 2 threads, then 1
+    threads, built = torch.get_num_threads(), []
     try:
-        again = create_model(name, head_init_scale=0.5, **kw)
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            built.append(create_model(name, head_init_scale=0.5, **kw).state_dict())
     finally:
         torch.set_num_threads(threads)
-    sa, sb = model.state_dict(), again.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    first = model.state_dict()
+    assert all(torch.equal(first[k], sd[k]) for sd in built for k in first)
     with torch.device("meta"):
         assert all(t.is_meta for t in create_model(name, **kw).parameters())
 

@@ -222,7 +222,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
             if roofline and len(batches) == 2:  # the first steady batch: a rate above the reference probes again
                 from erf_lab.erf.roofline import recheck_reference
 
-                rl["roofline"] = recheck_reference(rl["roofline"], rl["flops_per_image"], batches)
+                rl["roofline"] = recheck_reference(rl["roofline"], rl["flops_per_image"],
+                                                   rl["padding_flops_per_image"], batches)
             if roofline:
                 from erf_lab.erf.roofline import postfix, steady_seconds_per_image
 
@@ -267,7 +268,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
         from erf_lab.erf.roofline import recheck_reference
 
         info.update({"flops_per_image": rl["flops_per_image"], "padding_flops_per_image": rl["padding_flops_per_image"],
-                     "roofline": recheck_reference(rl["roofline"], rl["flops_per_image"], batches)})
+                     "roofline": recheck_reference(rl["roofline"], rl["flops_per_image"],
+                                                   rl["padding_flops_per_image"], batches)})
     info.update({"batch_size": int(batch_size), "captum": "NeuronGradient", "target":
                  "sum_c ReLU(M[:, c, h//2, w//2])", "map": f"sum_rgb {aggregate.upper()}(d target / d input)"})
     return ErfResult(erf=erf, num_used=acc.count, num_skipped=len(acc.skipped), skipped=[list(s) for s in acc.skipped],

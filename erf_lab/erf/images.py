@@ -146,8 +146,9 @@ class ImageSource:
 
     @property
     def content_sha256(self) -> str:
-        """One sha256 over the chosen files' relative paths and contents, in order: what decides whether a resumed
-        or reused run measured the same images (a file rewritten in place under the same name changes it)."""
+        """One sha256 over the chosen files' relative paths and contents, in order, as they were when selected:
+        what decides whether a resumed or reused run measured the same images (a file rewritten in place under the
+        same name changes it; one rewritten while the run measures is not noticed)."""
         import hashlib
 
         h = hashlib.sha256()
@@ -180,17 +181,19 @@ class ImageSource:
 
 def _check_image(path: Path) -> tuple[str | None, str | None]:
     """(None, sha256 of the file's bytes) if PIL can decode the file header and data, else (the reason, None).
-    The file is read once: the digest costs no extra I/O."""
+    The digest reads the whole file once more (in 1 MiB pieces; ~0.3 ms for a 100 kB JPEG)."""
     import hashlib
-    import io
 
     from PIL import Image
 
     try:
-        data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(path) as im:
             im.verify()
-        return None, hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                digest.update(piece)
+        return None, digest.hexdigest()
     except Exception as e:  # OSError, or one of PIL's many types for corrupt / non-image files
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}", None
 

@@ -59,6 +59,7 @@ RUN_FIELDS: dict[str, tuple] = {
     "sgemm_gflops": _NUM_OR_NONE, "roofline_fraction": _NUM_OR_NONE, "sgemm_device": _STR_OR_NONE,
     "cpu_model": _STR_OR_NONE, "isa": _STR_OR_NONE, "threads": _INT_OR_NONE,
     "padding_flops_per_image": _INT_OR_NONE, "roofline_fraction_without_padding": _NUM_OR_NONE,
+    "sgemm_reprobed": (bool, type(None)), "roofline_note": _STR_OR_NONE,
 }
 
 

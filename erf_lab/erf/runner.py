@@ -295,6 +295,20 @@ def _config(spec: ErfSpec, source, mean, std, weights_sha, dinfo) -> dict:
             "mean": list(mean), "std": list(std), "world_size": dinfo.world_size}
 
 
+def config_diff(old: dict, new: dict) -> list[str]:
+    """The config entries in which a stored run (``old``) differs from this one (``new``). A run written before
+    erf-lab hashed the images' contents has no ``images_sha256``: it is taken as matching, with a warning, as the
+    version that wrote it would have taken it."""
+    new = _normalise(new)
+    if "images_sha256" not in old and "images_sha256" in new:
+        import warnings
+
+        warnings.warn("the stored run predates image-content checks: its images are assumed unchanged (names and "
+                      "order are still compared)", stacklevel=3)
+        new = {k: v for k, v in new.items() if k != "images_sha256"}
+    return [k for k in dict.fromkeys([*new, *old]) if old.get(k) != new.get(k)]
+
+
 def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: bool):
     """What is already in ``out_dir``: ('complete', Run) to return, ('resume', state files), or ('new', files
     to delete before starting)."""
@@ -305,7 +319,7 @@ def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: boo
     complete = (out_dir / RUN_FILE).exists()
     if reuse and complete:
         info = read_json_or_none(out_dir / RUN_FILE)
-        if info is not None and info.get("config") == _normalise(config):
+        if isinstance(info, dict) and isinstance(info.get("config"), dict) and not config_diff(info["config"], config):
             return "complete", None
         return "new", [*outputs, *states]
     if reuse:
@@ -454,7 +468,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         except Exception as e:
             raise ErfLabError(f"cannot read the saved state {spath}: {type(e).__name__}; use --force to start over") from None
         old = extra.get("config", {})
-        diff = [k for k in config if old.get(k) != _normalise(config)[k]]
+        diff = config_diff(old if isinstance(old, dict) else {}, config)
         if diff:
             if not reuse:
                 what = [CONFIG_KEY_NAMES.get(k, k) for k in diff]
@@ -552,18 +566,20 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
 def _roofline_fields(info: dict) -> dict:
     """run.json's roofline fields from ``compute_erf``'s info (this process's batches only: a resumed run times
     the images it computed itself)."""
-    from erf_lab.erf.roofline import roofline_numbers, steady_seconds_per_image
+    from erf_lab.erf.roofline import fraction_note, roofline_numbers, steady_seconds_per_image
 
     ref = info.get("roofline") or {}
     sec = steady_seconds_per_image(info.get("batch_seconds") or [])
     flops, padding = info.get("flops_per_image"), info.get("padding_flops_per_image")
     inside = flops - padding if flops is not None and padding is not None else None
     without = roofline_numbers(inside, sec, ref.get("sgemm_gflops"))
-    return {"flops_per_image": flops,
-            "compute_seconds_per_image": None if sec is None else round(sec, 5),
-            **roofline_numbers(flops, sec, ref.get("sgemm_gflops")),
-            # the depthwise products with the zero padding (avoidable work: fastconv's C++ kernel skips it)
-            "padding_flops_per_image": padding,
-            "roofline_fraction_without_padding": without["roofline_fraction"],
-            "sgemm_gflops": ref.get("sgemm_gflops"), "sgemm_device": ref.get("sgemm_device"),
-            "cpu_model": ref.get("cpu_model"), "isa": ref.get("isa"), "threads": ref.get("threads")}
+    fields = {"flops_per_image": flops,
+              "compute_seconds_per_image": None if sec is None else round(sec, 5),
+              **roofline_numbers(flops, sec, ref.get("sgemm_gflops")),
+              # the depthwise products with the zero padding (avoidable work: fastconv's C++ kernel skips it)
+              "padding_flops_per_image": padding,
+              "roofline_fraction_without_padding": without["roofline_fraction"],
+              "sgemm_gflops": ref.get("sgemm_gflops"), "sgemm_device": ref.get("sgemm_device"),
+              "sgemm_reprobed": bool(ref.get("reprobed")) if ref else None,
+              "cpu_model": ref.get("cpu_model"), "isa": ref.get("isa"), "threads": ref.get("threads")}
+    return {**fields, "roofline_note": fraction_note(fields, info.get("tf32"))}

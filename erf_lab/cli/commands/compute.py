@@ -98,9 +98,8 @@ def run(args: argparse.Namespace) -> int:
                    if pad and info.get("roofline_fraction_without_padding") is not None else "")
         print(f"speed: {info['flops_per_image'] / 1e9:.3g} GFLOP per image in {info['compute_seconds_per_image']:.3g} s "
               f"= {info['achieved_gflops']:.3g} GFLOP/s{ref}{without}")
-        if (info.get("roofline_fraction") or 0) > 1:
-            print("note: above 100 % of the SGEMM rate, which is not a bound then: the rate was probed (again, after "
-                  "this run) while the machine ran slower than during the measurement")
+        if info.get("roofline_note"):
+            print(f"note: {info['roofline_note']}")
     from erf_lab.erf.tables import markdown_table, table_rows
 
     print(markdown_table(table_rows([(info["model"], res["metrics"])])))
