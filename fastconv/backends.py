@@ -50,16 +50,17 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"depthwise_conv2d: dtype {x.dtype} unsupported; use one of {', '.join(map(str, DTYPES))}")
 
 
-#: True when autocast is on for any device: one call, without building ``x.device`` (a private torch function,
-#: checked for; without it every call takes the per-device check). Measured per call on the 2-core dev box between
-#: 0.3 ms convolutions (caches cold): ~2 us against ~10 us for ``torch.is_autocast_enabled(x.device.type)``.
-_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+#: ``any_autocast_enabled()``: True when autocast is on for any device: one call, without building ``x.device`` (a
+#: private torch function, checked for; without it this is always True and every call takes the per-device check).
+#: Measured per call on the 2-core dev box between 0.3 ms convolutions (caches cold): ~2 us against ~10 us for
+#: ``torch.is_autocast_enabled(x.device.type)``.
+any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
 
 
 def autocast_inputs(x, weight, bias):
     """``(x, weight, bias)`` cast as autocast casts F.conv2d's inputs (on the lower-precision list on CPU and CUDA:
     floating tensors but float64 go to the autocast dtype), unchanged outside autocast (and on the meta device)."""
-    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():  # the usual case, in ~2 us instead of ~10 us per call
+    if not any_autocast_enabled():  # the usual case, in ~2 us instead of ~10 us per call
         return x, weight, bias
     if (not isinstance(x, torch.Tensor) or x.device.type not in ("cpu", "cuda")
             or not torch.is_autocast_enabled(x.device.type)):
@@ -200,12 +201,19 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-def run_backend(backend: str, x, weight, bias):
-    """Compute with one named backend (no checks, no dispatch); an empty input runs plain F.conv2d (the FFT of an
-    empty batch fails in MKL)."""
+def backend_runner(backend: str, x, weight):
+    """A function ``(x, weight, bias) -> output`` that runs one named backend for calls shaped like ``(x, weight)``
+    (no checks, no dispatch; the dispatcher memoizes it per call signature). An empty input runs plain F.conv2d
+    (the FFT of an empty batch fails in MKL)."""
     if backend == "native" or x.numel() == 0:
-        kh, kw = weight.shape[-2:]
-        return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+        # positional arguments, the padding and groups computed once: the stock call with the least Python around it
+        pad, groups = (weight.shape[-2] // 2, weight.shape[-1] // 2), x.shape[1]
+        return lambda x, w, b: F.conv2d(x, w, b, 1, pad, 1, groups)
     if backend == "fft":
-        return ck.fft_conv(x, weight, bias).contiguous(memory_format=memory_format_of(x))
-    return _DepthwiseConv2dFn.apply(x, weight, bias, backend)
+        return lambda x, w, b: ck.fft_conv(x, w, b).contiguous(memory_format=memory_format_of(x))
+    return lambda x, w, b: _DepthwiseConv2dFn.apply(x, w, b, backend)
+
+
+def run_backend(backend: str, x, weight, bias):
+    """Compute with one named backend (no checks, no dispatch)."""
+    return backend_runner(backend, x, weight)(x, weight, bias)

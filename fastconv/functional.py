@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fastconv.backends import autocast_inputs, check_inputs, run_backend
-from fastconv.dispatch import cached_auto, resolve
+from fastconv.backends import any_autocast_enabled, autocast_inputs, check_inputs, run_backend
+from fastconv.dispatch import cached_runner, resolve
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -20,15 +20,13 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ``fastconv.BACKENDS`` runs that one. Under ``torch.autocast`` the tensors are cast as autocast casts
     F.conv2d's (float32 ones to the autocast dtype).
     """
+    if (backend is None or backend == "auto") and stride == 1 and dilation == 1 and not any_autocast_enabled():
+        run = cached_runner(x, weight, bias)  # a signature already checked and decided: one dict lookup
+        if run is not None:
+            return run(x, weight, bias)
     if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
     x, weight, bias = autocast_inputs(x, weight, bias)
-    # a signature already checked and decided in this process costs one dict lookup
-    tensors = (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
-               and (bias is None or isinstance(bias, torch.Tensor)))
-    name = cached_auto(x, weight, bias) if (backend is None or backend == "auto") and tensors else None
-    if name is None:
-        check_inputs(x, weight, bias)
-        name = resolve(backend, x, weight, bias)
-    return run_backend(name, x, weight, bias)
+    check_inputs(x, weight, bias)
+    return run_backend(resolve(backend, x, weight, bias), x, weight, bias)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import platform
 import time
@@ -162,35 +161,38 @@ def remeasure_sgemm() -> dict:
     return dict(best)
 
 
+def _table_path():
+    from fastconv.config import settings
+
+    return settings().cache_dir / "roofline.json"
+
+
 def _read_table() -> dict:
-    from fastconv.config import settings
+    from fastconv.jsonstore import read_table
 
-    try:
-        table = json.loads((settings().cache_dir / "roofline.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return table if isinstance(table, dict) else {}
+    return read_table(_table_path())
 
 
-def _remember_best(key: str, measured: dict) -> dict:
-    """Merge ``measured`` into the cache entry ``key`` keeping the larger of each rate; returns the entry."""
-    from fastconv.config import settings
-
+def _best(old, measured: dict) -> dict:
+    """``measured`` with each rate raised to ``old``'s where that is larger."""
     entry = dict(measured)
-    old = _read_table().get(key)
     if isinstance(old, dict):
         for rate in ("sgemm_gflops", "fma_peak_gflops"):
             if isinstance(old.get(rate), (int, float)) and (entry.get(rate) is None or old[rate] > entry[rate]):
                 entry[rate] = old[rate]
-    path = settings().cache_dir / "roofline.json"
-    with contextlib.suppress(OSError, ValueError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table = _read_table()
-        table[key] = entry
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
     return entry
+
+
+def _remember_best(key: str, measured: dict) -> dict:
+    """Merge ``measured`` into the cache entry ``key`` keeping the larger of each rate (under the table's lock: a
+    process measuring at the same time never lowers it); returns the entry (unstored where the cache cannot be
+    written)."""
+    from fastconv.jsonstore import update_table
+
+    try:
+        return update_table(_table_path(), lambda t: {**t, key: _best(t.get(key), measured)})[key]
+    except (OSError, ValueError):
+        return _best(_read_table().get(key), measured)
 
 
 def describe(r: dict) -> str:

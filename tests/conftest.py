@@ -89,6 +89,25 @@ def app_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def backend_spy(monkeypatch):
+    """The names of the backends ``fastconv.depthwise_conv2d`` runs, one per call, in call order: every runner is
+    made through the spy (the dispatcher's per-signature memo starts empty, and is restored afterwards), so calls
+    the memo serves are counted too."""
+    from fastconv import backends, dispatch
+
+    ran, real = [], backends.backend_runner
+
+    def spy(name, x, weight):
+        run = real(name, x, weight)
+        return lambda *a: ran.append(name) or run(*a)
+
+    monkeypatch.setattr(backends, "backend_runner", spy)
+    monkeypatch.setattr(dispatch, "backend_runner", spy)
+    monkeypatch.setattr(dispatch, "_fast", {})
+    return ran
+
+
+@pytest.fixture
 def fastconv_isolated(tmp_path, monkeypatch):
     """fastconv as a fresh process sees it: auto backend, autotune on, an empty cache folder, no lane override;
     the settings and the dispatcher's memory are restored afterwards. Returns ``fastconv``."""

@@ -88,13 +88,10 @@ def test_reparameterized_equals_train_time_replknet():
     assert any(n.endswith("small_conv") for n, _ in m.named_modules())  # the caller's model is untouched
 
 
-def test_fastconv_and_native_backends_give_same_erf(monkeypatch):
-    import fastconv.functional as fc_functional
+def test_fastconv_and_native_backends_give_same_erf(backend_spy):
     from fastconv import cpu_kernels
 
-    ran = []
-    real = fc_functional.run_backend
-    monkeypatch.setattr(fc_functional, "run_backend", lambda name, *a: ran.append(name) or real(name, *a))
+    ran = backend_spy
     m = _tiny_replknet(1)
     x = torch.randn(2, 3, 64, 64)
     a = compute_erf(m, x, conv_backend="fastconv", show_progress=False)

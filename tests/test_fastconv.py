@@ -441,6 +441,35 @@ def test_unwritable_cache_dir_keeps_decisions_in_memory(monkeypatch, tmp_path):
     assert "autotuned" in fastconv.explain(x, w) and len(calls) == timed > 0 and blocker.read_text() == ""
 
 
+def test_concurrent_table_updates_keep_every_entry(tmp_path):
+    """Four processes add 50 keys each to one JSON table at once (``fastconv.jsonstore``, behind the autotune,
+    roofline and erf-lab structure caches): under the lock all 200 are kept (measured with the lock disabled: 55 of
+    200 survived the read-merge-write race)."""
+    from fastconv import jsonstore
+
+    script = textwrap.dedent("""
+        import importlib.util, os, sys, time
+        spec = importlib.util.spec_from_file_location("jsonstore", sys.argv[1])
+        js = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(js)  # without fastconv's package import (torch): the processes start together
+        table, who, go = sys.argv[2], sys.argv[3], sys.argv[4]
+        open(go + "." + who, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.001)
+        for i in range(50):
+            js.store(table, f"{who}-{i}", i)
+    """)
+    table, go = tmp_path / "table.json", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(REPO_ROOT / "fastconv" / "jsonstore.py"),
+                               str(table), str(n), str(go)]) for n in range(4)]
+    deadline = time.time() + 60
+    while not all((tmp_path / f"go.{n}").exists() for n in range(4)) and time.time() < deadline:
+        time.sleep(0.01)
+    go.write_text("")
+    assert all(p.wait(60) == 0 for p in procs)
+    assert jsonstore.read_table(table) == {f"{n}-{i}": i for n in range(4) for i in range(50)}
+
+
 def test_real_autotune_times_and_explain_reports_them():
     x = torch.randn(1, 8, 8, 8)
     w = torch.randn(8, 1, 7, 7)  # forward K=7 on NCHW: timed
@@ -476,18 +505,9 @@ def test_triton_is_not_offered_float64(monkeypatch):
         fastconv.depthwise_conv2d(x, w, backend="triton")
 
 
-def _spy_backends(monkeypatch) -> list[str]:
-    """The backend names ``depthwise_conv2d`` runs, in call order."""
-    from fastconv import functional
-
-    ran, real = [], functional.run_backend
-    monkeypatch.setattr(functional, "run_backend", lambda name, *a: ran.append(name) or real(name, *a))
-    return ran
-
-
-def test_use_forces_a_backend_nests_and_restores(monkeypatch):
+def test_use_forces_a_backend_nests_and_restores(backend_spy):
     x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 5, 5)
-    ran = _spy_backends(monkeypatch)
+    ran = backend_spy
     default = fastconv.settings()
     with fastconv.use(backend="fft") as s:
         assert s == fastconv.settings() == fastconv.Settings("fft", True, default.cache_dir)
@@ -511,6 +531,47 @@ def test_use_forces_a_backend_nests_and_restores(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'cuda'"), fastconv.use(backend="cuda"):
         pass
     assert not dispatch.cache_file().exists()  # nothing was timed
+
+
+def test_a_decided_call_skips_checks_and_dispatch_until_its_signature_changes(monkeypatch):
+    """The per-signature memo (the stock call's overhead at K = 3 / 5): a repeated call runs the memoized runner,
+    without the input checks or the dispatcher; a changed layout, grad mode, thread count or setting is checked and
+    decided again, and arguments that are not tensors still get the checked path's error."""
+    from fastconv import functional
+
+    checked, real_check = [], functional.check_inputs
+    monkeypatch.setattr(functional, "check_inputs", lambda *a: checked.append(1) or real_check(*a))
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: 1.0)  # equal times: the stock call
+    x, w, b = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 3, 3), torch.randn(8)
+    for _ in range(3):
+        assert _rel(fastconv.depthwise_conv2d(x, w, b), _ref(x, w, b)) <= 1e-6
+    assert len(checked) == 1
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    y = fastconv.depthwise_conv2d(x_cl, w, b)
+    assert y.is_contiguous(memory_format=torch.channels_last) and _rel(y, _ref(x, w, b)) <= 1e-6
+    assert len(checked) == 2
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_()
+        fastconv.depthwise_conv2d(xg, w, b).sum().backward()
+    assert len(checked) == 3 and _rel(xg.grad, F.conv_transpose2d(torch.ones_like(x), w, padding=1, groups=8)) <= 1e-6
+    with fastconv.use(backend="fft"):
+        assert _rel(fastconv.depthwise_conv2d(x, w, b), _ref(x, w, b)) <= 1e-5
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        fastconv.depthwise_conv2d(x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(checked) == 5
+    fastconv.depthwise_conv2d(x, w, b)
+    assert len(checked) == 5
+    for bad_bias in (0.5, b.numpy()):
+        with pytest.raises(ValueError, match="bias must have shape"):
+            fastconv.depthwise_conv2d(x, w, bad_bias)
+    with pytest.raises(ValueError, match="must be torch.Tensors"):
+        fastconv.depthwise_conv2d(x.numpy(), w, b)
+    with pytest.raises(ValueError, match="stride"):
+        fastconv.depthwise_conv2d(x, w, b, stride=2)
 
 
 def test_configure_and_environment_give_the_defaults(tmp_path):
@@ -543,11 +604,11 @@ def _erf_cpu_rule(channels_last: bool, kernel_size, dtype) -> str:
 
 
 @pytest.mark.parametrize("cpp_threads", ["as built", "single-threaded"])
-def test_cost_model_for_frozen_weights_is_the_erf_cpu_rule(cpp_threads, monkeypatch):
+def test_cost_model_for_frozen_weights_is_the_erf_cpu_rule(cpp_threads, monkeypatch, backend_spy):
     """``use(autotune=False)`` picks exactly what the ERF code picked per module, so its matrices stay identical."""
     if cpp_threads == "single-threaded":
         monkeypatch.setattr(ck, "cpp_multithreaded", lambda: False)
-    ran = _spy_backends(monkeypatch)
+    ran = backend_spy
     got, want = [], []
     for k in (3, 5, 7, 9, 13, 31):
         for channels_last in (True, False):

@@ -73,6 +73,27 @@ def test_forced_lane_width_matches_conv2d_in_float64(lanes, shape, kernel, layou
         assert got.shape == exp.shape and _rel(got.double(), exp) <= 1e-5
 
 
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("width,kernel_w", [(10, 11), (11, 7), (12, 13), (13, 9), (14, 5)])
+def test_every_tail_tile_matches_conv2d_in_float64(lanes, width, kernel_w, monkeypatch, one_thread):
+    """The kernel's edge tiles: output widths W (forward, input gradient) and KW (weight gradient) leave every
+    remainder mod the tile width (0..4 of 5 columns with 8 lanes, 0..2 of 3 with 16), and 23 / 21 output rows leave
+    rows below the taller tiles of the last columns (``tail_rows``: up to 10 rows)."""
+    _need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    g = torch.Generator().manual_seed(width * 100 + kernel_w)
+    c, kernel = 19, (21, kernel_w)
+    x, w, b = torch.randn(2, c, 23, width, generator=g), torch.randn(c, 1, *kernel, generator=g), torch.randn(c)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = fastconv.depthwise_conv2d(*leaves, backend="cpp")
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = F.conv2d(*ref_leaves, padding=(kernel[0] // 2, kernel[1] // 2), groups=c)
+    assert _rel(y.double(), ref) <= 1e-5
+    gy = torch.randn(ref.shape, generator=g)
+    for got, exp in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, ref_leaves, gy.double())):
+        assert _rel(got.double(), exp) <= 1e-5
+
+
 def test_lane_width_argument_equals_the_other_width():
     _need_cpp()
     g = torch.Generator().manual_seed(3)
@@ -123,17 +144,13 @@ def test_explain_names_the_lane_width(monkeypatch):
     assert f"cpu{torch.get_num_threads()}t16l" in dispatch.cache_key(x, w, None)  # timings are per lane width
 
 
-def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkeypatch):
+def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkeypatch, backend_spy):
     """channels_last input: K=3 (any grads) and K<=5 without weight gradient run plain F.conv2d, never timed; K=5
     with the weight gradient is timed as before."""
     timed = []
     monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: timed.append(name) or 1.0)
     x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
-    ran = []
-    from fastconv import functional
-
-    real = functional.run_backend
-    monkeypatch.setattr(functional, "run_backend", lambda name, *a: ran.append(name) or real(name, *a))
+    ran = backend_spy
     for k, grad_w in ((3, True), (3, False), (5, False), (1, True)):
         w = torch.randn(8, 1, k, k, requires_grad=grad_w)
         xg = x.clone().requires_grad_()

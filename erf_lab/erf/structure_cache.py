@@ -87,16 +87,11 @@ def cached(table: str, key: str) -> Any:
 
 
 def store(table: str, key: str, value: Any) -> None:
-    """Remember ``value`` under ``key`` in ``table`` (atomic rewrite; a cache that cannot be written is skipped)."""
-    from erf_lab.io import write_json
+    """Remember ``value`` under ``key`` in ``table`` (merged under the table's lock with what other processes
+    stored, atomic rewrite: ``fastconv.jsonstore``; a cache that cannot be written is skipped)."""
+    from fastconv import jsonstore
+
     from erf_lab.paths import cache_dir
 
-    path = cache_dir() / table
-    try:
-        data = json.loads(path.read_text())
-        data = data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        data = {}
-    data[key] = value
-    with contextlib.suppress(OSError):
-        write_json(path, data)
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        jsonstore.store(cache_dir() / table, key, value)

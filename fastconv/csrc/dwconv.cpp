@@ -31,7 +31,7 @@
 // accumulators + 5 + 1 = 16 registers. Measured on the dev box (1 thread, C=96, GFLOP/s forward / weight grad, FMA
 // peak ~100): R=32 K=31 2x5 sliding 88/84 vs the earlier 2x4 without the window 51/51; R=64 K=31 87/82 vs 52/41;
 // R=32 K=13 80/72 vs 39/41 (4x3, 3x4, 5x2, 6x2, 3x3, 1x7 sliding: all slower, 27-74). 16 lanes lowered to AVX2 (two
-// ymm per vector): 1 x 3; AVX-512 (32 zmm): 4 x 5.
+// ymm per vector): 1 x 3; AVX-512 (32 zmm): 4 x 5. The last OW mod CO columns take taller tiles (tail_rows).
 // Padding: the packed planes carry explicit zero borders, and corr_plane skips the input rows and kernel-column
 // windows of a tile that lie wholly in them (a kernel as large as the map multiplies zeros in most of its taps).
 // A kernel at least twice the map swaps the roles of map and kernel in the forward / input gradient (swap_roles,
@@ -53,10 +53,11 @@ constexpr int RO = DW_RO8, CO = DW_CO8;  // tuning experiments: -DDW_RO8=.. -DDW
 #else
 constexpr int RO = 2, CO = 5;
 #endif
+constexpr int NREG = 16;  // vector registers of L floats: 16 ymm (AVX2); NEON: 32 q registers, two per vector
 #include __FILE__
 }  // namespace dw8
 namespace dw16g {
-constexpr int L = 16, RO = 1, CO = 3;
+constexpr int L = 16, RO = 1, CO = 3, NREG = 8;  // two ymm per vector
 #include __FILE__
 }  // namespace dw16g
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(DW_NO_AVX512)
@@ -69,7 +70,7 @@ constexpr int L = 16, RO = 1, CO = 3;
 #endif
 #define DW_IN_AVX512 1
 namespace dw16 {
-constexpr int L = 16, RO = 4, CO = 5;
+constexpr int L = 16, RO = 4, CO = 5, NREG = 32;
 #include __FILE__
 }  // namespace dw16
 #undef DW_IN_AVX512
@@ -224,15 +225,12 @@ inline void tile(const float* in, int64_t in_rs, const float* k, int64_t KH, int
         for (int c = 0; c < C; ++c) store(out + r * out_rs + c * L, acc[r][c]);
 }
 
-// Dispatch a runtime edge size (r rows <= R, c columns <= C) to the matching fixed-size tile.
+// Dispatch a runtime row count r <= R to the matching fixed-size tile of C columns.
 template <int R, int C>
-inline void tile_n(int r, int c, const float* in, int64_t in_rs, const float* k, int64_t KH, int64_t KW, float* out,
-                   int64_t out_rs, const float* init, bool accum, Span sp) {
+inline void tile_rows(int r, const float* in, int64_t in_rs, const float* k, int64_t KH, int64_t KW, float* out,
+                      int64_t out_rs, const float* init, bool accum, Span sp) {
     if constexpr (R > 1) {
-        if (r < R) return tile_n<R - 1, C>(r, c, in, in_rs, k, KH, KW, out, out_rs, init, accum, sp);
-    }
-    if constexpr (C > 1) {
-        if (c < C) return tile_n<R, C - 1>(r, c, in, in_rs, k, KH, KW, out, out_rs, init, accum, sp);
+        if (r < R) return tile_rows<R - 1, C>(r, in, in_rs, k, KH, KW, out, out_rs, init, accum, sp);
     }
     tile<R, C>(in, in_rs, k, KH, KW, out, out_rs, init, accum, sp);
 }
@@ -240,25 +238,78 @@ inline void tile_n(int r, int c, const float* in, int64_t in_rs, const float* k,
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// What corr_plane's tiles share: the plane's geometry, the nonzero input window and how outputs start.
+struct Plane {
+    const float* in;
+    const float* k;
+    float* out;
+    int64_t OH, KH, KW, in_rs, out_rs;
+    const float* init;
+    bool accum;
+    int64_t row_lo, row_hi, col_lo, col_hi;
+};
+
+// Outputs [p, p + r) x [q, q + C) in one tile (r <= R).
+template <int R, int C>
+inline void tile_at(const Plane& pl, int64_t p, int r, int64_t q) {
+    const Span sp{max64(0, pl.row_lo - p), min64(r + pl.KH - 1, pl.row_hi - p), max64(0, pl.col_lo - q - C + 1),
+                  min64(pl.KW, pl.col_hi - q)};
+    tile_rows<R, C>(r, pl.in + p * pl.in_rs + q * L, pl.in_rs, pl.k, pl.KH, pl.KW, pl.out + p * pl.out_rs + q * L,
+                    pl.out_rs, pl.init, pl.accum, sp);
+}
+
+// All output rows of columns [q0, q1) (a multiple of C wide) in tiles of R x C, the last rows (fewer than R) in
+// tiles of up to RO rows (fewer template instances than every row count up to R: the build stays a few seconds).
+template <int R, int C>
+inline void tile_columns(const Plane& pl, int64_t q0, int64_t q1) {
+    int64_t p = 0;
+    for (; p + R <= pl.OH; p += R)
+        for (int64_t q = q0; q < q1; q += C) tile_at<R, C>(pl, p, R, q);
+    for (; p < pl.OH; p += RO) {
+        const int r = (int)((pl.OH - p) < RO ? (pl.OH - p) : RO);
+        for (int64_t q = q0; q < q1; q += C) tile_at<RO, C>(pl, p, r, q);
+    }
+}
+
+// Output rows per tile for the last c < CO columns of a plane. An RO x c tile has too few accumulators to hide the
+// FMA latency (each accumulator is one dependency chain: Zen 2 needs 5 cycles x 2 ports = 10 in flight), so the
+// tail columns take taller tiles: about 10 accumulators, within the registers (c accumulators per row, a c-vector
+// window, one weight). dw8: c = 1, 2, 3, 4 -> 10, 5, 4, 2 rows (RO x c tiles: 2-8 accumulators, so c tail columns
+// took the time of CO). The tails are wide: 32 = 6 x 5 + 2 output columns at R = 32, 13 = 2 x 5 + 3 and 31 = 6 x 5
+// + 1 kernel columns in the weight gradient. Measured on the dev box against RO x c tails (1 thread, B=1, C=96,
+// R=32, per-round paired medians, the same build flags; the spread is the host's): forward K=13 0.80-0.95x,
+// K=31 0.80-0.98x; weight gradient K=13 0.83-0.96x, K=31 0.83-0.99x; 2 threads, C=384: 0.87-0.93x.
+template <int C>
+constexpr int tail_rows() {
+    constexpr int fit = (NREG - C - 1) / C, want = (10 + C - 1) / C;
+    constexpr int rows = fit < want ? fit : want;
+    return rows > RO ? rows : RO;
+}
+
+template <int C>
+inline void tail_columns(int c, const Plane& pl, int64_t q0, int64_t q1) {
+    if constexpr (C > 1) {
+        if (c < C) return tail_columns<C - 1>(c, pl, q0, q1);
+    }
+    tile_columns<tail_rows<C>(), C>(pl, q0, q1);
+}
+
 // corr of one plane: in (OH+KH-1, OW+KW-1, L), k (KH, KW, L), out (OH, OW, L). Only input rows [row_lo, row_hi)
 // and columns [col_lo, col_hi) of ``in`` may be nonzero (the rest is zero padding): a tile skips the input rows
 // and kernel columns whose products all fall outside (same numbers for finite weights: only products with exact
 // zeros are left out of the sums; an inf or NaN weight that meets only padding no longer turns its output NaN).
-// ``in_rs``: the input's row stride in floats (0: packed, (OW + KW - 1) * L).
+// ``in_rs``: the input's row stride in floats (0: packed, (OW + KW - 1) * L). Every output sums its products in the
+// same order (input row, then kernel column) whatever tile computes it (up to a multiply-add the compiler leaves
+// unfused in some tile: a last-bit difference).
 inline void corr_plane(const float* in, const float* k, float* out, int64_t OH, int64_t OW, int64_t KH, int64_t KW,
                        const float* init, bool accum, int64_t row_lo, int64_t row_hi, int64_t col_lo,
                        int64_t col_hi, int64_t in_rs = 0) {
-    const int64_t out_rs = OW * L;
-    if (in_rs == 0) in_rs = (OW + KW - 1) * L;
-    for (int64_t p = 0; p < OH; p += RO) {
-        const int r = (int)((OH - p) < RO ? (OH - p) : RO);
-        for (int64_t q = 0; q < OW; q += CO) {
-            const int c = (int)((OW - q) < CO ? (OW - q) : CO);
-            const Span sp{max64(0, row_lo - p), min64(r + KH - 1, row_hi - p), max64(0, col_lo - q - c + 1),
-                          min64(KW, col_hi - q)};
-            tile_n<RO, CO>(r, c, in + p * in_rs + q * L, in_rs, k, KH, KW, out + p * out_rs + q * L, out_rs, init,
-                           accum, sp);
-        }
+    const Plane pl{in, k, out, OH, KH, KW, in_rs ? in_rs : (OW + KW - 1) * L, OW * L, init, accum,
+                   row_lo, row_hi, col_lo, col_hi};
+    const int64_t tail = OW % CO, body = OW - tail;
+    tile_columns<RO, CO>(pl, 0, body);
+    if constexpr (CO > 1) {
+        if (tail) tail_columns<CO - 1>((int)tail, pl, body, OW);
     }
 }
 

@@ -1,0 +1,70 @@
+"""Small JSON tables that several processes update (fastconv's autotune and roofline caches, erf-lab's structure
+caches): read, merge, rewrite atomically, all under an advisory lock on a ``<table>.lock`` file beside the table,
+so two processes that update at once (the ranks of one ``torchrun``, a sweep's workers) both keep their entries.
+
+Readers take no lock: the table is only ever replaced whole (``os.replace``), never seen half written. Where
+``fcntl`` is missing (Windows) or the lock file cannot be created (a read-only cache), updates run unlocked, as
+before: the last writer wins, and what it lost is measured again later. No torch import here.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+
+def read_table(path: str | os.PathLike) -> dict:
+    """The table in ``path``; {} when it is missing, unreadable or not a JSON object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive lock of table ``path`` (blocking) for the ``with`` block."""
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None and fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def update_table(path: str | os.PathLike, merge: Callable[[dict], dict]) -> dict:
+    """Under the table's lock: read it, ``merge(table)`` -> the new table, write that atomically; returns it.
+    Raises ``OSError`` when the folder cannot be written (callers that treat the table as a cache skip it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path):
+        table = merge(read_table(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(table, fh, indent=1, sort_keys=True, default=str)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return table
+
+
+def store(path: str | os.PathLike, key: str, value: Any) -> None:
+    """``table[key] = value`` in table ``path`` (see ``update_table``)."""
+    update_table(path, lambda table: {**table, key: value})
