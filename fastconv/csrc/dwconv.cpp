@@ -278,7 +278,7 @@ inline void tile_columns(const Plane& pl, int64_t q0, int64_t q1) {
 // took the time of CO). The tails are wide: 32 = 6 x 5 + 2 output columns at R = 32, 13 = 2 x 5 + 3 and 31 = 6 x 5
 // + 1 kernel columns in the weight gradient. Measured on the dev box against RO x c tails (1 thread, B=1, C=96,
 // R=32, per-round paired medians, the same build flags; the spread is the host's): forward K=13 0.80-0.95x,
-// K=31 0.80-0.98x; weight gradient K=13 0.83-0.96x, K=31 0.83-0.99x; 2 threads, C=384: 0.87-0.93x.
+// K=31 0.80-0.98x; weight gradient K=13 0.83-0.96x, K=31 0.83-1.02x; 2 threads, C=384: 0.87-0.93x.
 template <int C>
 constexpr int tail_rows() {
     constexpr int fit = (NREG - C - 1) / C, want = (10 + C - 1) / C;
