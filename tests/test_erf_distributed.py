@@ -49,3 +49,36 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert info["num_used"] == 3 and info["image_list"] == single["run_info"]["image_list"]
     assert not list(out.glob(".erf_state*"))
     assert proc.stdout.count("wrote ") == 1  # only rank 0 writes and reports
+
+
+def test_ranks_that_see_other_images_refuse_to_run(tmp_path):
+    """Two nodes whose folders at the same path hold different bytes under the same names (each rank started in
+    its own working directory, as torchrun starts one per node): every rank stops with one line naming what differs,
+    exit status 2, and nothing is written (before, the run summed one ERF over two image sets)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for node in (0, 1):
+        imgs = tmp_path / f"node{node}" / "imgs"
+        imgs.mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) if node == 1 and i == 1 else \
+                np.full((40, 40, 3), 60 * (i + 1), dtype=np.uint8)
+            Image.fromarray(pixels).save(imgs / f"img{i}.png")
+    out = tmp_path / "out"
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        cmd = [sys.executable, "-m", "erf_lab", "compute", *ARGS[:6], "--images", "imgs", "--num-images", "2",
+               "--input-size", "32", "--quiet", "--out", str(out)]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 2, stderr[-3000:]
+        errors = [ln for ln in stderr.splitlines() if "error" in ln.lower()]
+        assert errors == ["erf-lab compute: error: the ranks disagree on the images' contents: rank 1 differs from "
+                          "rank 0 (every rank must read the same images, weights and options)"], stderr[-3000:]
+    assert not (out / "run.json").exists() and not (out / "erf.npy").exists()

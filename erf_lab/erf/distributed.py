@@ -68,6 +68,16 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def first_disagreement(obj, info: DistInfo):
+    """``(rank, rank 0's obj, that rank's obj)`` for the lowest rank whose ``obj`` differs from rank 0's, else None
+    (the same answer on every rank: one all-gather)."""
+    if not info.enabled:
+        return None
+    objs = [None] * info.world_size
+    dist.all_gather_object(objs, obj)
+    return next(((r, objs[0], o) for r, o in enumerate(objs) if o != objs[0]), None)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -286,7 +286,7 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
 
 
 #: how a resume refusal names a config entry that is not an option
-CONFIG_KEY_NAMES = {"images": "the image list", "images_sha256": "the images' contents (a file changed since)",
+CONFIG_KEY_NAMES = {"images": "the image list", "images_sha256": "the images' contents",
                     "weights": "the weights file's contents"}
 
 
@@ -446,6 +446,12 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     train_size = training_resolution(spec, model)
     weights_sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None
     config = _config(spec, source, mean, std, weights_sha, dinfo)
+    disagreement = D.first_disagreement(_normalise(config), dinfo)
+    if disagreement:  # e.g. nodes whose folders at the same path hold other files: one ERF of two image sets
+        rank, ref, other = disagreement
+        what = [CONFIG_KEY_NAMES.get(k, k) for k in config_diff(ref, other)]
+        raise ErfLabError(f"the ranks disagree on {', '.join(what)}: rank {rank} differs from rank 0 (every rank "
+                          "must read the same images, weights and options)")
 
     out_dir = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size, runs_root)
     out_dir = Path(D.broadcast_object(str(out_dir), dinfo))
@@ -471,7 +477,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         diff = config_diff(old if isinstance(old, dict) else {}, config)
         if diff:
             if not reuse:
-                what = [CONFIG_KEY_NAMES.get(k, k) for k in diff]
+                what = [CONFIG_KEY_NAMES.get(k, k) + (" (a file changed since)" if k == "images_sha256" else "")
+                        for k in diff]
                 raise ErfLabError(f"cannot resume {out_dir}: settings differ from the interrupted run "
                                   f"({', '.join(what)}); use the same options or --force to start over")
             acc = Accumulator()
