@@ -187,6 +187,48 @@ def test_small_kernels_on_nchw_are_timed_by_their_typical_time(monkeypatch):
     assert dispatch._ESTIMATOR in dispatch.cache_key(x, w, None)  # decisions of an older estimator are re-timed
 
 
+@pytest.mark.parametrize("call_s,rounds_of_3", [(0.0001, 9), (0.0012, 5), (0.01, 3)])
+def test_cheap_calls_get_more_autotune_rounds(call_s, rounds_of_3, monkeypatch):
+    """The autotuner's CPU rounds: at least 3, up to 9 while the timing took under 0.15 s (each candidate's repeats
+    here take 10 x ``call_s`` of a fake clock; ``rounds_of_3``: the count with 3 candidates)."""
+    clock, timed = {"t": 0.0}, []
+
+    def fake_time(name, *a, **k):
+        clock["t"] += 10 * call_s
+        timed.append(name)
+        return call_s
+
+    monkeypatch.setattr(dispatch, "_time_backend", fake_time)
+    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: clock["t"])
+    x, w = torch.randn(1, 8, 12, 12), torch.randn(8, 1, 7, 7)  # forward on NCHW: timed
+    dispatch.decide(x, w, None)
+    n = len(set(timed))
+    rounds, elapsed = 0, 0.0
+    while rounds < 3 or (rounds < 9 and elapsed < 0.15):
+        rounds, elapsed = rounds + 1, elapsed + n * 10 * call_s
+    assert n >= 2 and len(timed) == rounds * n and timed[:n] * rounds == timed
+    assert n != 3 or rounds == rounds_of_3
+
+
+def test_cpu_timing_starts_from_a_settled_allocator(monkeypatch):
+    """The allocator is settled (one 30 MB block allocated and freed, ``_settle_allocator``) once per process,
+    before the first CPU timing; a second decision does not repeat it."""
+    monkeypatch.setattr(dispatch, "_SETTLED", [])
+    blocks, real_empty = [], torch.empty
+
+    def empty(*a, **k):
+        t = real_empty(*a, **k)
+        blocks.append(t.numel() * t.element_size())
+        return t
+
+    seen = []
+    monkeypatch.setattr(dispatch.torch, "empty", empty)
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: seen.append(list(blocks)) or 1e-3)
+    for k in (7, 9):
+        dispatch.decide(torch.randn(1, 8, 12, 12), torch.randn(8, 1, k, k), None)
+    assert len(seen) >= 6 and all(s == [30 * 2**20] for s in seen)
+
+
 def test_cpu_description_and_probes():
     d = roofline.cpu_description()
     assert {"cpu_model", "isa", "cpu_count"} <= set(d) and d["cpu_model"] and d["isa"]
