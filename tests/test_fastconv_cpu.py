@@ -36,6 +36,22 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def _cpp_matches_conv2d_in_float64(x, w, b, g):
+    """The cpp backend's forward, input, weight and bias gradients against F.conv2d in float64 (relative max error
+    <= 1e-5, output gradient drawn from ``g``); returns its output and gradients."""
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = fastconv.depthwise_conv2d(*leaves, backend="cpp")
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    kh, kw = w.shape[-2:]
+    ref = F.conv2d(*ref_leaves, padding=(kh // 2, kw // 2), groups=x.shape[1])
+    assert _rel(y.double(), ref) <= 1e-5
+    gy = torch.randn(ref.shape, generator=g)
+    grads = torch.autograd.grad(y, leaves, gy)
+    for got, exp in zip(grads, torch.autograd.grad(ref, ref_leaves, gy.double())):
+        assert got.shape == exp.shape and _rel(got.double(), exp) <= 1e-5
+    return y, grads
+
+
 def _cpu_flags() -> set[str]:
     try:
         line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
@@ -62,15 +78,8 @@ def test_forced_lane_width_matches_conv2d_in_float64(lanes, shape, kernel, layou
     c = shape[1]
     w = torch.randn(c, 1, *kernel, generator=g)
     b = torch.randn(c, generator=g)
-    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = fastconv.depthwise_conv2d(*leaves, backend="cpp")
-    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
-    ref = F.conv2d(*ref_leaves, padding=(kernel[0] // 2, kernel[1] // 2), groups=c)
-    assert _rel(y.double(), ref) <= 1e-5
+    y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
     assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-    gy = torch.randn(ref.shape, generator=g)
-    for got, exp in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, ref_leaves, gy.double())):
-        assert got.shape == exp.shape and _rel(got.double(), exp) <= 1e-5
 
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
@@ -84,14 +93,7 @@ def test_every_tail_tile_matches_conv2d_in_float64(lanes, width, kernel_w, monke
     g = torch.Generator().manual_seed(width * 100 + kernel_w)
     c, kernel = 19, (21, kernel_w)
     x, w, b = torch.randn(2, c, 23, width, generator=g), torch.randn(c, 1, *kernel, generator=g), torch.randn(c)
-    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = fastconv.depthwise_conv2d(*leaves, backend="cpp")
-    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
-    ref = F.conv2d(*ref_leaves, padding=(kernel[0] // 2, kernel[1] // 2), groups=c)
-    assert _rel(y.double(), ref) <= 1e-5
-    gy = torch.randn(ref.shape, generator=g)
-    for got, exp in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, ref_leaves, gy.double())):
-        assert _rel(got.double(), exp) <= 1e-5
+    _cpp_matches_conv2d_in_float64(x, w, b, g)
 
 
 def test_lane_width_argument_equals_the_other_width():
@@ -365,15 +367,7 @@ def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, s
         x = x.contiguous(memory_format=torch.channels_last)
     c = shape[1]
     w, b = torch.randn(c, 1, *kernel, generator=g), torch.randn(c, generator=g)
-    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = fastconv.depthwise_conv2d(*leaves, backend="cpp")
-    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
-    ref = F.conv2d(*ref_leaves, padding=(kernel[0] // 2, kernel[1] // 2), groups=c)
-    assert _rel(y.double(), ref) <= 1e-5
-    gy = torch.randn(ref.shape, generator=g)
-    grads = torch.autograd.grad(y, leaves, gy)
-    for got, exp in zip(grads, torch.autograd.grad(ref, ref_leaves, gy.double())):
-        assert got.shape == exp.shape and _rel(got.double(), exp) <= 1e-5
+    _, grads = _cpp_matches_conv2d_in_float64(x, w, b, g)
     kh, kw = kernel
     h, wd = shape[-2:]
     outside_rows = [i for i in range(kh) if abs(i - kh // 2) >= h]  # taps that only ever meet padding
