@@ -34,13 +34,14 @@ def read_table(path: str | os.PathLike) -> dict:
 def locked(path: str | os.PathLike) -> Iterator[None]:
     """Hold the exclusive lock of table ``path`` (blocking) for the ``with`` block."""
     lock = Path(path).with_name(Path(path).name + ".lock")
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # read-only: flock needs no write access (another user's lock file in a shared cache folder still locks)
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError:
         fd = None
     try:
         if fd is not None and fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):  # a file system without locks (some NFS / FUSE mounts): unlocked
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         if fd is not None:
@@ -49,7 +50,8 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
 
 def update_table(path: str | os.PathLike, merge: Callable[[dict], dict]) -> dict:
     """Under the table's lock: read it, ``merge(table)`` -> the new table, write that atomically; returns it.
-    Raises ``OSError`` when the folder cannot be written (callers that treat the table as a cache skip it)."""
+    Raises ``OSError`` when the folder cannot be written and ``TypeError`` for a value JSON cannot hold (callers
+    that treat the table as a cache skip it; the table on disk is then unchanged)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path):
@@ -57,7 +59,7 @@ def update_table(path: str | os.PathLike, merge: Callable[[dict], dict]) -> dict
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w") as fh:
-                json.dump(table, fh, indent=1, sort_keys=True, default=str)
+                json.dump(table, fh, indent=1, sort_keys=True)  # TypeError for what JSON cannot hold
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

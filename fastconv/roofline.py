@@ -191,7 +191,7 @@ def _remember_best(key: str, measured: dict) -> dict:
 
     try:
         return update_table(_table_path(), lambda t: {**t, key: _best(t.get(key), measured)})[key]
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return _best(_read_table().get(key), measured)
 
 

@@ -249,25 +249,30 @@ struct Plane {
     int64_t row_lo, row_hi, col_lo, col_hi;
 };
 
-// Outputs [p, p + r) x [q, q + C) in one tile (r <= R).
-template <int R, int C>
+// Outputs [p, p + r) x [q, q + C) in one tile: of exactly R rows (FULL), else of r <= R rows.
+template <int R, int C, bool FULL>
 inline void tile_at(const Plane& pl, int64_t p, int r, int64_t q) {
     const Span sp{max64(0, pl.row_lo - p), min64(r + pl.KH - 1, pl.row_hi - p), max64(0, pl.col_lo - q - C + 1),
                   min64(pl.KW, pl.col_hi - q)};
-    tile_rows<R, C>(r, pl.in + p * pl.in_rs + q * L, pl.in_rs, pl.k, pl.KH, pl.KW, pl.out + p * pl.out_rs + q * L,
-                    pl.out_rs, pl.init, pl.accum, sp);
+    const float* in = pl.in + p * pl.in_rs + q * L;
+    float* out = pl.out + p * pl.out_rs + q * L;
+    if constexpr (FULL)
+        tile<R, C>(in, pl.in_rs, pl.k, pl.KH, pl.KW, out, pl.out_rs, pl.init, pl.accum, sp);
+    else
+        tile_rows<R, C>(r, in, pl.in_rs, pl.k, pl.KH, pl.KW, out, pl.out_rs, pl.init, pl.accum, sp);
 }
 
 // All output rows of columns [q0, q1) (a multiple of C wide) in tiles of R x C, the last rows (fewer than R) in
-// tiles of up to RO rows (fewer template instances than every row count up to R: the build stays a few seconds).
+// tiles of up to RO rows: R x C and 1..RO x C are the only tile instances (every row count up to a tail's R would
+// double the build time).
 template <int R, int C>
 inline void tile_columns(const Plane& pl, int64_t q0, int64_t q1) {
     int64_t p = 0;
     for (; p + R <= pl.OH; p += R)
-        for (int64_t q = q0; q < q1; q += C) tile_at<R, C>(pl, p, R, q);
+        for (int64_t q = q0; q < q1; q += C) tile_at<R, C, true>(pl, p, R, q);
     for (; p < pl.OH; p += RO) {
         const int r = (int)((pl.OH - p) < RO ? (pl.OH - p) : RO);
-        for (int64_t q = q0; q < q1; q += C) tile_at<RO, C>(pl, p, r, q);
+        for (int64_t q = q0; q < q1; q += C) tile_at<RO, C, false>(pl, p, r, q);
     }
 }
 
