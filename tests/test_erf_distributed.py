@@ -51,10 +51,27 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert proc.stdout.count("wrote ") == 1  # only rank 0 writes and reports
 
 
+def _two_ranks_in_own_folders(tmp_path, out) -> list[tuple[int, list[str]]]:
+    """``erf-lab compute --images imgs`` as 2 gloo ranks, rank r started in ``tmp_path/node<r>`` (as torchrun starts
+    one per node); (exit status, error lines) per rank."""
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        cmd = [sys.executable, "-m", "erf_lab", "compute", *ARGS[:6], "--images", "imgs", "--num-images", "2",
+               "--input-size", "32", "--quiet", "--out", str(out)]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=600)[1] for p in procs]
+    return [(p.returncode, [ln for ln in err.splitlines() if "error" in ln.lower()]) for p, err in zip(procs, results)]
+
+
 def test_ranks_that_see_other_images_refuse_to_run(tmp_path):
-    """Two nodes whose folders at the same path hold different bytes under the same names (each rank started in
-    its own working directory, as torchrun starts one per node): every rank stops with one line naming what differs,
-    exit status 2, and nothing is written (before, the run summed one ERF over two image sets)."""
+    """Two nodes whose folders at the same path hold different bytes under the same names: every rank stops with
+    one line naming what differs, exit status 2, and nothing is written (before, the run summed one ERF over two
+    image sets). A node whose folder holds no images: that rank says why, and the other names it and its message
+    (before, it died of a closed connection)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -66,19 +83,14 @@ def test_ranks_that_see_other_images_refuse_to_run(tmp_path):
                 np.full((40, 40, 3), 60 * (i + 1), dtype=np.uint8)
             Image.fromarray(pixels).save(imgs / f"img{i}.png")
     out = tmp_path / "out"
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        cmd = [sys.executable, "-m", "erf_lab", "compute", *ARGS[:6], "--images", "imgs", "--num-images", "2",
-               "--input-size", "32", "--quiet", "--out", str(out)]
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    results = [p.communicate(timeout=600) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
-        assert p.returncode == 2, stderr[-3000:]
-        errors = [ln for ln in stderr.splitlines() if "error" in ln.lower()]
-        assert errors == ["erf-lab compute: error: the ranks disagree on the images' contents: rank 1 differs from "
-                          "rank 0 (every rank must read the same images, weights and options)"], stderr[-3000:]
+    line = ("erf-lab compute: error: the ranks disagree on the images' contents: rank 1 differs from rank 0 (every "
+            "rank must read the same images, weights and options)")
+    assert _two_ranks_in_own_folders(tmp_path, out) == [(2, [line]), (2, [line])]
     assert not (out / "run.json").exists() and not (out / "erf.npy").exists()
+
+    for f in (tmp_path / "node1" / "imgs").iterdir():  # the folder is there (checked before the ranks meet), empty
+        f.unlink()
+    (rc0, err0), (rc1, err1) = _two_ranks_in_own_folders(tmp_path, out)
+    assert rc0 == rc1 == 2 and len(err0) == len(err1) == 1 and "no image files" in err1[0], (err0, err1)
+    assert err0 == ["erf-lab compute: error: rank 1 stopped: " + err1[0].split("error: ", 1)[1]]
+    assert not (out / "run.json").exists()

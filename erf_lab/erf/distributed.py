@@ -68,14 +68,26 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
-def first_disagreement(obj, info: DistInfo):
-    """``(rank, rank 0's obj, that rank's obj)`` for the lowest rank whose ``obj`` differs from rank 0's, else None
-    (the same answer on every rank: one all-gather)."""
+def gather_or_fail(obj, error: BaseException | None, info: DistInfo) -> list:
+    """Every rank's ``obj`` (one all-gather), in rank order. A rank that failed before this point passes its
+    ``error`` instead: then it raises that error and every other rank one line naming it, so no rank is left waiting
+    in a later collective or dying of a closed connection without saying why."""
     if not info.enabled:
-        return None
-    objs = [None] * info.world_size
-    dist.all_gather_object(objs, obj)
-    return next(((r, objs[0], o) for r, o in enumerate(objs) if o != objs[0]), None)
+        if error is not None:
+            raise error
+        return [obj]
+    from erf_lab.errors import ErfLabError
+
+    mine = ("ok", obj) if error is None else ("error", str(error) if isinstance(error, ErfLabError)
+                                              else f"{type(error).__name__}: {error}")
+    items = [None] * info.world_size
+    dist.all_gather_object(items, mine)
+    if error is not None:
+        raise error
+    failed = next(((r, msg) for r, (kind, msg) in enumerate(items) if kind == "error"), None)
+    if failed:
+        raise ErfLabError(f"rank {failed[0]} stopped: {failed[1]}")
+    return [o for _, o in items]
 
 
 def barrier(info: DistInfo) -> None:

@@ -434,6 +434,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     device = D.device_for(spec.device, dinfo)
     imports = _start_background_imports()
     torch.manual_seed(spec.seed)
+    config, setup_error = None, None
     try:
         model = create_model(spec.model, weights=spec.weights, drop_head=spec.drop_head, **spec.overrides)
         data_cfg = model_data_config(model)
@@ -441,17 +442,22 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean,
                              std=std)
         geom = layer_geometry(model, spec.layer, spec.input_size)
+        imports.join()
+        train_size = training_resolution(spec, model)
+        weights_sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None
+        config = _config(spec, source, mean, std, weights_sha, dinfo)
+    except Exception as e:  # noqa: BLE001 - every rank learns of it below (one process: raised there as it is)
+        setup_error = e
     finally:
         imports.join()  # done before the measurement (and on an error: no import left running behind it)
-    train_size = training_resolution(spec, model)
-    weights_sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None
-    config = _config(spec, source, mean, std, weights_sha, dinfo)
-    disagreement = D.first_disagreement(_normalise(config), dinfo)
-    if disagreement:  # e.g. nodes whose folders at the same path hold other files: one ERF of two image sets
-        rank, ref, other = disagreement
-        what = [CONFIG_KEY_NAMES.get(k, k) for k in config_diff(ref, other)]
-        raise ErfLabError(f"the ranks disagree on {', '.join(what)}: rank {rank} differs from rank 0 (every rank "
-                          "must read the same images, weights and options)")
+    # the ranks compare their settings before anything is measured or written: nodes whose folders at the same
+    # path hold other files would otherwise sum one ERF over two image sets
+    configs = D.gather_or_fail(None if setup_error else _normalise(config), setup_error, dinfo)
+    differing = next((r for r, c in enumerate(configs) if c != configs[0]), None)
+    if differing is not None:
+        what = [CONFIG_KEY_NAMES.get(k, k) for k in config_diff(configs[0], configs[differing])]
+        raise ErfLabError(f"the ranks disagree on {', '.join(what)}: rank {differing} differs from rank 0 (every "
+                          "rank must read the same images, weights and options)")
 
     out_dir = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size, runs_root)
     out_dir = Path(D.broadcast_object(str(out_dir), dinfo))
