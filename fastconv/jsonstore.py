@@ -3,8 +3,9 @@ caches): read, merge, rewrite atomically, all under an advisory lock on a ``<tab
 so two processes that update at once (the ranks of one ``torchrun``, a sweep's workers) both keep their entries.
 
 Readers take no lock: the table is only ever replaced whole (``os.replace``), never seen half written. Where
-``fcntl`` is missing (Windows) or the lock file cannot be created (a read-only cache), updates run unlocked, as
-before: the last writer wins, and what it lost is measured again later. No torch import here.
+``fcntl`` is missing (Windows), the lock file cannot be created (a read-only cache) or the file system refuses the
+lock (some NFS / FUSE mounts), updates run unlocked, as before: the last writer wins, and what it lost is measured
+again later. No torch import here.
 """
 from __future__ import annotations
 
