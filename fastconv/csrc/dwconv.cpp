@@ -20,12 +20,13 @@
 //          avx512f (__builtin_cpu_supports).
 // dw_conv_fused / dw_wgrad_fused take the lane width (8 or 16; 0 = auto: 16 on an avx512f CPU, else 8) and run the
 // matching variant; fastconv.cpu_kernels exposes the choice (FASTCONV_CPU_LANES, explain()).
-// NOTE: the AVX-512 variant's speed could not be measured on the dev box (2-core AMD EPYC, AVX2 only): its register
-// tile (4x5: 20 zmm accumulators + 5 window + 1 weight of 32 registers) is chosen by register count, not by timing.
+// The AVX-512 variant's register tile, 4x5 (20 zmm accumulators + 5 window + 1 weight of 32 registers), measured
+// against 6x4, 4x6, 5x5, 8x3 and 3x7 on a 2-core Intel Xeon with AVX-512 (1 thread, B=1 C=384 R=32, K=13 and 31,
+// forward and weight gradient, paired rounds): each of them 1.05-1.37x slower.
 //
 // Register tile: RO output rows x CO output columns of L-lane accumulators. Input row ii feeds output row r through
 // kernel row ii - r: per (ii, j) the CO input vectors in[ii][j .. j+CO-1] are a window that slides by one along j
-// (one new input load per j, the rest register moves), and each of the RO weight vectors k[ii-r][j] is loaded once
+// (one new input load per j; the window rotates in registers, see input_row), and each of the RO weight vectors k[ii-r][j] is loaded once
 // and used CO times: 1 + RO loads for RO*CO FMAs. The accumulator count must cover FMA latency x FMA ports (Zen 2:
 // 5 x 2 = 10), and accumulators + window + 1 weight must fit the register file. 8 lanes (16 ymm): 2 x 5 = 10
 // accumulators + 5 + 1 = 16 registers. Measured on the dev box (1 thread, C=96, GFLOP/s forward / weight grad, FMA
@@ -38,12 +39,38 @@
 // above conv_fused): then nothing is padded at all.
 #ifndef DW_KERNEL_BODY
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+
+// Buffers of whole 64-byte cache lines, starting on one: a 16-lane vector (64 bytes) then never straddles two lines.
+// malloc aligns large blocks to 16 bytes only, so every 16-lane load of a packed plane was a split load. Measured
+// (Intel Xeon with AVX-512, 1 thread, B=1 C=384 R=32, paired rounds): forward 0.87-0.93x, weight gradient 0.88x.
+template <class T>
+struct LineAligned {
+    typedef T value_type;
+    static constexpr size_t LINE = 64;
+    LineAligned() = default;
+    template <class U>
+    LineAligned(const LineAligned<U>&) {}
+    T* allocate(size_t n) {
+        void* p = std::aligned_alloc(LINE, (n * sizeof(T) + LINE - 1) / LINE * LINE);
+        if (!p) throw std::bad_alloc();
+        return static_cast<T*>(p);
+    }
+    void deallocate(T* p, size_t) { std::free(p); }
+    template <class U>
+    bool operator==(const LineAligned<U>&) const { return true; }
+    template <class U>
+    bool operator!=(const LineAligned<U>&) const { return false; }
+};
+typedef std::vector<float, LineAligned<float>> Buffer;
 
 #define DW_KERNEL_BODY 1
 namespace dw8 {
@@ -180,26 +207,46 @@ struct Span {
     int64_t ii_lo, ii_hi, j_lo, j_hi;
 };
 
+// One step j of input_row, the window held in rotation S: window column c (input pixel j + c) is in x[(c + S) % C],
+// so C consecutive steps, S = 0 .. C-1, slide the window without a register move.
+template <int R, int C, bool CHECK, int S>
+inline void window_step(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii, int64_t KH,
+                        int64_t KW, int64_t j) {
+    x[(C - 1 + S) % C] = load(inrow + (j + C - 1) * L);  // one new input load per j
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+        const int64_t i = ii - r;
+        if (CHECK && (i < 0 || i >= KH)) continue;
+        const vec w = load(k + (i * KW + j) * L);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[r][c] = fma(x[(c + S) % C], w, acc[r][c]);
+    }
+}
+
+template <int R, int C, bool CHECK, int... S>
+inline void window_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii, int64_t KH,
+                         int64_t KW, int64_t j, std::integer_sequence<int, S...>) {
+    (window_step<R, C, CHECK, S>(acc, x, inrow, k, ii, KH, KW, j + S), ...);
+}
+
 // Input row ii of a tile: acc[r][c] += in[ii][j + c] * k[ii - r][j] over j in [j_lo, j_hi), for every output row r
 // whose kernel row ii - r exists. CHECK = false where all R rows use it (the tile's interior rows): no range test.
+// The window in[ii][j .. j+C-1] slides in rotations, C steps at a time (window_step), then one step at a time with
+// moves. The moves cost issue slots on the FMA ports where the CPU does not eliminate them: measured (Intel Xeon with
+// AVX-512, 1 thread, B=1 C=384 R=32, paired rounds) K=31 0.96x, K=13 0.99x.
 template <int R, int C, bool CHECK>
 inline void input_row(vec (&acc)[R][C], const float* inrow, const float* k, int64_t ii, int64_t KH, int64_t KW,
                       int64_t j_lo, int64_t j_hi) {
-    vec x[C];  // the sliding window in[ii][j .. j+C-1]: one new input load per j
+    vec x[C];
 #pragma GCC unroll 8
     for (int c = 0; c + 1 < C; ++c) x[c] = load(inrow + (j_lo + c) * L);
-    for (int64_t j = j_lo; j < j_hi; ++j) {
-        x[C - 1] = load(inrow + (j + C - 1) * L);
+    int64_t j = j_lo;
+    for (; j + C <= j_hi; j += C)  // C rotations bring the window back to rotation 0
+        window_steps<R, C, CHECK>(acc, x, inrow, k, ii, KH, KW, j, std::make_integer_sequence<int, C>{});
+    for (; j < j_hi; ++j) {
+        window_step<R, C, CHECK, 0>(acc, x, inrow, k, ii, KH, KW, j);
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-            const int64_t i = ii - r;
-            if (CHECK && (i < 0 || i >= KH)) continue;
-            const vec w = load(k + (i * KW + j) * L);
-#pragma GCC unroll 8
-            for (int c = 0; c < C; ++c) acc[r][c] = fma(x[c], w, acc[r][c]);
-        }
-#pragma GCC unroll 8
-        for (int c = 0; c + 1 < C; ++c) x[c] = x[c + 1];  // register moves (renamed away)
+        for (int c = 0; c + 1 < C; ++c) x[c] = x[c + 1];
     }
 }
 
@@ -439,7 +486,7 @@ void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
     const int64_t G = blocks_per_line(sC == 1 || gC == 1), CBG = (CB + G - 1) / G;
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<float> xin(Hp * Wp * L), gin(H * W * L), acc(G * KH * KW * L);
+        Buffer xin(Hp * Wp * L), gin(H * W * L), acc(G * KH * KW * L);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t cbg = 0; cbg < CBG; ++cbg) {
             const int64_t nb = CB - cbg * G < G ? CB - cbg * G : G;  // blocks in this group
@@ -481,7 +528,7 @@ void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, 
     const int64_t G = blocks_per_line(sC == 1 || yC == 1), CBG = (CB + G - 1) / G;
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<float> xin(Hp * Wp * L), ker(G * KH * KW * L), out(H * W * L), bias(G * L);
+        Buffer xin(Hp * Wp * L), ker(G * KH * KW * L), out(H * W * L), bias(G * L);
         std::vector<int64_t> packed_cb(G, -1);  // per slot k: the block whose kernel (and bias) is in ker
         // planes p = (group * N + n) * G + k for block group * G + k: a chunk of G planes (one image, the blocks of
         // one cache line) runs on one thread, and a thread's consecutive chunks mostly share their blocks
