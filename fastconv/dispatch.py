@@ -46,8 +46,9 @@ CPP_MIN_K = 9
 STOCK_MAX_K_GRAD = 3
 STOCK_MAX_K_FWD = 5
 #: how the autotuner estimates a candidate's time (part of the cache key: decisions made under an older estimator
-#: are timed again): the median of its repeats within a round, the minimum over interleaved rounds
-_ESTIMATOR = "median-in-round,min-over-3-9-rounds"
+#: are timed again): the median of its repeats within a round; over interleaved rounds, the median of its time over
+#: the reference's in the same round, scaled by the reference's best time (``_paired_times``)
+_ESTIMATOR = "median-in-round,paired-median-over-3-9-rounds"
 _KERNEL_ID = ck.kernel_id()  # a changed C++ kernel invalidates earlier timings
 
 _mem: dict[str, dict] = {}
@@ -174,7 +175,7 @@ def _time_backend(name, x, weight, bias, gx, gw, budget_s: float) -> float:
     """Typical seconds of forward (+ the needed backward) on random data of the call's shape: the median of its
     repeats. A call can be bimodal on its own (PyTorch's NCHW 3x3 depthwise on CPU: 0.35 ms in a few % of the calls,
     ~3 ms in most), and its best run then says nothing about what a user gets; the load of a shared machine is
-    handled by ``decide``, which keeps each candidate's best round. Fast candidates repeat until ~30 ms (3..10
+    handled by ``decide``, which pairs the candidates round by round (``_paired_times``). Fast candidates repeat until ~30 ms (3..10
     runs) were spent, and a candidate slower than ``budget_s`` after its warm-up call is not repeated. The warm-up
     call itself is never counted: it once was, and a Triton kernel's JIT build then lost the H200 forward at R=32,
     K=31 to PyTorch NCHW (5.8 ms per layer against Triton's 4.4 ms)."""
@@ -269,7 +270,8 @@ def decide(x, weight, bias) -> dict:
     if x.device.type == "cpu":
         _settle_allocator()
     times: dict[str, float] = {}
-    # on CPU the candidates are timed in interleaved rounds, each keeping its best round: a shared machine's load
+    per_round: dict[str, dict[int, float]] = {}
+    # on CPU the candidates are timed in interleaved rounds and compared round by round: a shared machine's load
     # comes in bursts, and one candidate timed alone in a burst once lost by 10x (2-core box under load, B=1 C=384 R=32
     # K=5 with grads: cpp 48 ms against native 28 ms in one round; 1.9-2.5 ms against 17-167 ms in the others)
     rounds, t_start, cpu = 0, time.perf_counter(), x.device.type == "cpu"
@@ -281,12 +283,13 @@ def decide(x, weight, bias) -> dict:
             try:
                 t = _time_backend(b, x, weight, bias, gx, gw, budget_s=max(3 * best, 0.05))
                 times[b] = min(t, times.get(b, float("inf")))
+                per_round.setdefault(b, {})[rounds] = t
             except Exception as e:  # noqa: BLE001 - a failing candidate (e.g. a GPU kernel build) is skipped
                 excluded[b] = f"failed while autotuning: {type(e).__name__}: {str(e)[:120]}"
                 times.pop(b, None)
     if not times:
         return {"backend": "native", "why": "every candidate failed to run; plain F.conv2d", "excluded": excluded}
-    ms = {b: round(t * 1e3, 4) for b, t in sorted(times.items(), key=lambda kv: kv[1])}
+    ms = {b: round(t * 1e3, 4) for b, t in sorted(_paired_times(times, per_round).items(), key=lambda kv: kv[1])}
     entry = {**_choose(ms), "times_ms": ms}
     with _lock:
         _load()[key] = entry
@@ -295,6 +298,24 @@ def decide(x, weight, bias) -> dict:
         except OSError:
             pass  # read-only cache dir: keep the in-memory decision
     return {**entry, "cached": False, "key": key, "excluded": excluded}
+
+
+def _paired_times(best: dict[str, float], per_round: dict[str, dict[int, float]]) -> dict[str, float]:
+    """Each candidate's time in a typical round: the reference's best time (the fastest stock candidate, else the
+    fastest) times the median over rounds of the candidate's time over the reference's in the same round; the
+    reference keeps its best time. So the stock tie (``_choose``) is judged on the typical paired call, as the
+    benchmark judges "never slower", not on two best rounds that may come from different moments of a shared
+    machine. Measured (2-core AVX-512 Xeon, B=1 C=384 R=32 K=7 forward on NCHW, 8 fresh processes): the best
+    times gave the C++ kernel the call in 4 (the stock call's best 0.33-0.37 ms against the kernel's 0.32), and the
+    benchmark then measured that kernel 1.06x the stock call in the typical round."""
+    stock = [b for b in STOCK_BACKENDS if b in best]
+    ref = min(stock or best, key=best.get)
+    ref_rounds = per_round.get(ref, {})
+    out = {}
+    for b, t in best.items():
+        ratios = [tb / ref_rounds[r] for r, tb in per_round.get(b, {}).items() if ref_rounds.get(r, 0) > 0]
+        out[b] = best[ref] * statistics.median(ratios) if b != ref and ratios else t
+    return out
 
 
 _SETTLED: list = []

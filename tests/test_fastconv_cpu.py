@@ -209,6 +209,32 @@ def test_cheap_calls_get_more_autotune_rounds(call_s, expected, monkeypatch):
     assert n in expected and timed == timed[:n] * expected[n]
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ kernel is not a candidate")
+def test_autotune_judges_the_stock_tie_on_the_typical_round(monkeypatch):
+    """The stock tie is judged on the median per-round ratio, not on each candidate's best round: here the C++
+    kernel's best round is 13 % under the stock call's best (the best times alone pick it), but in two rounds of
+    three it is only 3 % faster, so the stock call keeps the call; where it is 15 % faster in every round it wins."""
+    def run(cpp_rounds):
+        native_rounds, calls = (0.30, 0.35, 0.35), {}
+
+        def fake_time(name, *a, **k):
+            i = calls[name] = calls.get(name, -1) + 1
+            seq = {"native": native_rounds, "cpp": cpp_rounds}.get(name, (1.0,))
+            return seq[i % len(seq)]
+
+        monkeypatch.setattr(dispatch, "_time_backend", fake_time)
+        dispatch.clear_cache()
+        x, w = torch.randn(1, 8, 12, 12), torch.randn(8, 1, 7, 7)  # forward on NCHW: timed
+        return dispatch.decide(x, w, None), calls
+
+    d, calls = run((0.26, 0.34, 0.34))
+    assert calls["cpp"] >= 2 and d["backend"] == "native" and "less than 10% faster" in d["why"]
+    assert d["times_ms"]["native"] == pytest.approx(300.0)
+    assert d["times_ms"]["cpp"] == pytest.approx(300 * 0.34 / 0.35, abs=1e-4)
+    d, _ = run((0.255, 0.2975, 0.2975))
+    assert d["backend"] == "cpp" and d["times_ms"]["cpp"] == pytest.approx(255.0, abs=1e-4)
+
+
 def test_cpu_timing_starts_from_a_settled_allocator(monkeypatch):
     """The allocator is settled (one 30 MB block allocated and freed, ``_settle_allocator``) once per process,
     before the first CPU timing; a second decision does not repeat it."""
