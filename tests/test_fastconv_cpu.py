@@ -189,16 +189,17 @@ def test_small_kernels_on_nchw_are_timed_by_their_typical_time(monkeypatch):
     assert dispatch._ESTIMATOR in dispatch.cache_key(x, w, None)  # decisions of an older estimator are re-timed
 
 
-@pytest.mark.parametrize("call_s,expected", [(0.0001, {2: 9, 3: 9}), (0.0012, {2: 7, 3: 5}), (0.01, {2: 3, 3: 3})])
+@pytest.mark.parametrize("call_s,expected", [(0.0001, {2: 15, 3: 15}), (0.0012, {2: 7, 3: 5}), (0.01, {2: 3, 3: 3})])
 def test_cheap_calls_get_more_autotune_rounds(call_s, expected, monkeypatch):
-    """The autotuner's CPU rounds: at least 3, up to 9 while the timing took under 0.15 s (each candidate's repeats
-    here take 10 x ``call_s`` of a fake clock; ``expected``: rounds by the number of candidates, 3 with the C++
-    kernel, 2 without a compiler)."""
-    clock, timed = {"t": 0.0}, []
+    """The autotuner's CPU rounds: at least 3, up to 15 while the timing took under 0.15 s (each candidate's timing
+    here takes 10 x ``call_s`` of a fake clock; ``expected``: rounds by the number of candidates, 3 with the C++
+    kernel, 2 without a compiler). The first round repeats each candidate, the later ones time one call each."""
+    clock, timed, repeats = {"t": 0.0}, [], []
 
-    def fake_time(name, *a, **k):
+    def fake_time(name, *a, repeat=True, **k):
         clock["t"] += 10 * call_s
         timed.append(name)
+        repeats.append(repeat)
         return call_s
 
     monkeypatch.setattr(dispatch, "_time_backend", fake_time)
@@ -207,6 +208,20 @@ def test_cheap_calls_get_more_autotune_rounds(call_s, expected, monkeypatch):
     dispatch.decide(x, w, None)
     n = len(set(timed))
     assert n in expected and timed == timed[:n] * expected[n]
+    assert repeats == [True] * n + [False] * (len(timed) - n)
+
+
+def test_later_autotune_rounds_time_one_call(monkeypatch):
+    """A first round warms up and repeats (``_time_backend``'s default); a later round (``repeat=False``) times one
+    call of the candidate, without warm-up, so that the candidates alternate call by call."""
+    calls, real = [], dispatch.run_backend
+    monkeypatch.setattr(dispatch, "run_backend", lambda *a: calls.append(a[0]) or real(*a))
+    x, w = torch.randn(1, 8, 12, 12), torch.randn(8, 1, 7, 7)
+    t = dispatch._time_backend("native", x, w, None, False, False, budget_s=1.0, repeat=False)
+    assert calls == ["native"] and 0 < t < 1
+    calls.clear()
+    dispatch._time_backend("native", x, w, None, False, False, budget_s=1.0)
+    assert len(calls) >= 5  # warm-up, first call, at least 3 repeats
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ kernel is not a candidate")
