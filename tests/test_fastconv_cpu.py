@@ -96,6 +96,20 @@ def test_every_tail_tile_matches_conv2d_in_float64(lanes, width, kernel_w, monke
     _cpp_matches_conv2d_in_float64(x, w, b, g)
 
 
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("width,kernel_w", [(16, 17), (19, 5), (35, 31)])
+def test_wide_nchw_rows_match_conv2d_in_float64(lanes, width, kernel_w, monkeypatch, one_thread):
+    """NCHW rows of 16 pixels and more: on an AVX-512 CPU the 16-lane variant packs and writes them back through
+    16 x 16 transposes (a row that 16 does not divide ends in a block overlapping the one before it; a flipped
+    kernel row of 17 or 31 runs backwards through them in the input gradient), elsewhere through 8 x 8 ones."""
+    _need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    g = torch.Generator().manual_seed(width * 100 + kernel_w)
+    c, kernel = 35, (7, kernel_w)
+    x, w, b = torch.randn(2, c, 9, width, generator=g), torch.randn(c, 1, *kernel, generator=g), torch.randn(c)
+    _cpp_matches_conv2d_in_float64(x, w, b, g)
+
+
 def test_lane_width_argument_equals_the_other_width():
     _need_cpp()
     g = torch.Generator().manual_seed(3)
