@@ -83,30 +83,22 @@ def test_forced_lane_width_matches_conv2d_in_float64(lanes, shape, kernel, layou
 
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
-@pytest.mark.parametrize("width,kernel_w", [(10, 11), (11, 7), (12, 13), (13, 9), (14, 5)])
-def test_every_tail_tile_matches_conv2d_in_float64(lanes, width, kernel_w, monkeypatch, one_thread):
+@pytest.mark.parametrize("channels,rows,width,kernel", [
+    *((19, 23, w, (21, kw)) for w, kw in [(10, 11), (11, 7), (12, 13), (13, 9), (14, 5)]),  # edge tiles
+    *((35, 9, w, (7, kw)) for w, kw in [(16, 17), (19, 5), (35, 31)])])  # rows of 16 pixels and more
+def test_edge_tiles_and_wide_rows_match_conv2d_in_float64(lanes, channels, rows, width, kernel, monkeypatch,
+                                                           one_thread):
     """The kernel's edge tiles: output widths W (forward, input gradient) and KW (weight gradient) leave every
     remainder mod the tile width (0..4 of 5 columns with 8 lanes, 0..2 of 3 with 16), and 23 / 21 output rows leave
-    rows below the taller tiles of the last columns (``tail_rows``: up to 10 rows)."""
+    rows below the taller tiles of the last columns (``tail_rows``: up to 10 rows). NCHW rows of 16 pixels and
+    more: on an AVX-512 CPU the 16-lane variant packs and writes them back through 16 x 16 transposes (a row that 16
+    does not divide ends in a block overlapping the one before it; a flipped kernel row of 17 or 31 runs backwards
+    through them in the input gradient), elsewhere through 8 x 8 ones."""
     _need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
-    g = torch.Generator().manual_seed(width * 100 + kernel_w)
-    c, kernel = 19, (21, kernel_w)
-    x, w, b = torch.randn(2, c, 23, width, generator=g), torch.randn(c, 1, *kernel, generator=g), torch.randn(c)
-    _cpp_matches_conv2d_in_float64(x, w, b, g)
-
-
-@pytest.mark.parametrize("lanes", ["8", "16"])
-@pytest.mark.parametrize("width,kernel_w", [(16, 17), (19, 5), (35, 31)])
-def test_wide_nchw_rows_match_conv2d_in_float64(lanes, width, kernel_w, monkeypatch, one_thread):
-    """NCHW rows of 16 pixels and more: on an AVX-512 CPU the 16-lane variant packs and writes them back through
-    16 x 16 transposes (a row that 16 does not divide ends in a block overlapping the one before it; a flipped
-    kernel row of 17 or 31 runs backwards through them in the input gradient), elsewhere through 8 x 8 ones."""
-    _need_cpp()
-    monkeypatch.setenv(ck.ENV_LANES, lanes)
-    g = torch.Generator().manual_seed(width * 100 + kernel_w)
-    c, kernel = 35, (7, kernel_w)
-    x, w, b = torch.randn(2, c, 9, width, generator=g), torch.randn(c, 1, *kernel, generator=g), torch.randn(c)
+    g = torch.Generator().manual_seed(width * 100 + kernel[1])
+    x = torch.randn(2, channels, rows, width, generator=g)
+    w, b = torch.randn(channels, 1, *kernel, generator=g), torch.randn(channels)
     _cpp_matches_conv2d_in_float64(x, w, b, g)
 
 
