@@ -477,7 +477,7 @@ def test_real_autotune_times_and_explain_reports_them():
     text = fastconv.explain(x, w)
     d = dispatch.decide(x, w, None)
     assert d["backend"] in CPU_BACKENDS and d["cached"] is True
-    assert "autotuned" in text and "ms: median of a round's repeats, best round" in text
+    assert "autotuned" in text and "ms: the fastest stock candidate's best round times each one's median" in text
     assert set(d["times_ms"]) == set(CPU_BACKENDS) - {"fft"}  # native is a candidate at K=7 (no cliff)
     assert "not fft: explicit only" in text
     t = d["times_ms"]

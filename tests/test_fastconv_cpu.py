@@ -239,17 +239,19 @@ def test_autotune_judges_the_stock_tie_on_the_typical_round(monkeypatch):
         native_rounds, calls = (0.30, 0.35, 0.35), {}
 
         def fake_time(name, *a, **k):
-            i = calls[name] = calls.get(name, -1) + 1
+            i = calls.get(name, 0)  # this candidate's round (its calls so far)
+            calls[name] = i + 1
             seq = {"native": native_rounds, "cpp": cpp_rounds}.get(name, (1.0,))
             return seq[i % len(seq)]
 
         monkeypatch.setattr(dispatch, "_time_backend", fake_time)
+        monkeypatch.setattr(dispatch, "CPU_TIMING_MAX_ROUNDS", 3)  # three rounds, whatever the real clock says
         dispatch.clear_cache()
         x, w = torch.randn(1, 8, 12, 12), torch.randn(8, 1, 7, 7)  # forward on NCHW: timed
         return dispatch.decide(x, w, None), calls
 
     d, calls = run((0.26, 0.34, 0.34))
-    assert calls["cpp"] >= 2 and d["backend"] == "native" and "less than 10% faster" in d["why"]
+    assert calls["cpp"] == 3 and d["backend"] == "native" and "less than 10% faster" in d["why"]
     assert d["times_ms"]["native"] == pytest.approx(300.0)
     assert d["times_ms"]["cpp"] == pytest.approx(300 * 0.34 / 0.35, abs=1e-4)
     d, _ = run((0.255, 0.2975, 0.2975))
@@ -393,7 +395,7 @@ def test_benchmark_judges_the_per_round_ratio():
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("shape,kernel", [
     ((2, 19, 5, 6), (13, 15)), ((1, 8, 3, 3), (9, 7)), ((3, 24, 14, 14), (27, 27)), ((2, 10, 7, 8), (13, 13)),
-    ((2, 9, 4, 4), (7, 31)), ((1, 5, 1, 2), (3, 3))])
+    ((2, 9, 4, 4), (7, 31)), ((1, 5, 1, 2), (3, 3)), ((1, 35, 16, 17), (31, 33))])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, shape, kernel, layout, monkeypatch,
                                                                         one_thread):
