@@ -178,14 +178,13 @@ def _time_backend(name, x, weight, bias, gx, gw, budget_s: float, repeat: bool =
     ~3 ms in most), and its best run then says nothing about what a user gets; the load of a shared machine is
     handled by ``decide``, which pairs the candidates round by round (``_paired_times``). Fast candidates repeat
     until ~30 ms (3..10 runs) were spent, and a candidate slower than ``budget_s`` after its warm-up call is not
-    repeated. The warm-up
-    call itself is never counted: it once was, and a Triton kernel's JIT build then lost the H200 forward at R=32,
-    K=31 to PyTorch NCHW (5.8 ms per layer against Triton's 4.4 ms). ``repeat`` False (the autotuner's later
-    rounds): one timed call, no warm-up, so that the candidates alternate call by call as the layers of a network
-    do (each call's input is freshly drawn, so in cache, as a layer's input just written by the layer before it).
-    Timed back to back, a candidate runs with its own buffers and output still in cache: on a 2-core AVX-512 Xeon
-    (B=1 C=384 R=32, forward on NCHW) the C++ kernel then measured 3-10 % faster than F.conv2d at K=3-7, which the
-    benchmark, alternating calls, measured 1.06-1.24x F.conv2d."""
+    repeated. The warm-up call itself is never counted: it once was, and a Triton kernel's JIT build then lost the
+    H200 forward at R=32, K=31 to PyTorch NCHW (5.8 ms per layer against Triton's 4.4 ms). ``repeat`` False (the
+    autotuner's later rounds): one timed call, no warm-up, so that the candidates alternate call by call as the
+    layers of a network do (each call's input is freshly drawn, so in cache, as a layer's input just written by the
+    layer before it). Timed back to back, a candidate runs with its own buffers and output still in cache: on a
+    2-core AVX-512 Xeon (B=1 C=384 R=32, forward on NCHW) the C++ kernel then measured 3-13 % faster than F.conv2d
+    at K=3-7, which the benchmark, alternating calls, measured 1.06-1.24x F.conv2d."""
     xs = torch.randn_like(x).requires_grad_(gx)
     ws = torch.randn_like(weight).requires_grad_(gw)
     bs = None if bias is None else torch.randn_like(bias).requires_grad_(gw)
