@@ -28,8 +28,8 @@
 // kernel row ii - r: per (ii, j) the CO input vectors in[ii][j .. j+CO-1] are a window that slides by one along j
 // (one new input load per j; the window rotates in registers, see input_row), and each of the RO weight vectors
 // k[ii-r][j] is loaded once and used CO times: 1 + RO loads for RO*CO FMAs. The accumulator count must cover FMA
-// latency x FMA ports (Zen 2: 5 x 2 = 10), and accumulators + window + 1 weight must fit the register file. 8 lanes (16 ymm): 2 x 5 = 10
-// accumulators + 5 + 1 = 16 registers. Measured on the dev box (1 thread, C=96, GFLOP/s forward / weight grad, FMA
+// latency x FMA ports (Zen 2: 5 x 2 = 10), and accumulators + window + 1 weight must fit the register file. 8
+// lanes (16 ymm): 2 x 5 = 10 accumulators + 5 + 1 = 16 registers. Measured on the dev box (1 thread, C=96, GFLOP/s forward / weight grad, FMA
 // peak ~100): R=32 K=31 2x5 sliding 88/84 vs the earlier 2x4 without the window 51/51; R=64 K=31 87/82 vs 52/41;
 // R=32 K=13 80/72 vs 39/41 (4x3, 3x4, 5x2, 6x2, 3x3, 1x7 sliding: all slower, 27-74). 16 lanes lowered to AVX2 (two
 // ymm per vector): 1 x 3; AVX-512 (32 zmm): 4 x 5. The last OW mod CO columns take taller tiles (tail_rows).
