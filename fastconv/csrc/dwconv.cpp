@@ -25,14 +25,14 @@
 // forward and weight gradient, paired rounds): each of them 1.05-1.37x slower.
 //
 // Register tile: RO output rows x CO output columns of L-lane accumulators. Input row ii feeds output row r through
-// kernel row ii - r: per (ii, j) the CO input vectors in[ii][j .. j+CO-1] are a window that slides by one along j
-// (one new input load per j; the window rotates in registers, see input_row), and each of the RO weight vectors
-// k[ii-r][j] is loaded once and used CO times: 1 + RO loads for RO*CO FMAs. The accumulator count must cover FMA
-// latency x FMA ports (Zen 2: 5 x 2 = 10), and accumulators + window + 1 weight must fit the register file. 8
-// lanes (16 ymm): 2 x 5 = 10 accumulators + 5 + 1 = 16 registers. Measured on the dev box (1 thread, C=96, GFLOP/s forward / weight grad, FMA
-// peak ~100): R=32 K=31 2x5 sliding 88/84 vs the earlier 2x4 without the window 51/51; R=64 K=31 87/82 vs 52/41;
-// R=32 K=13 80/72 vs 39/41 (4x3, 3x4, 5x2, 6x2, 3x3, 1x7 sliding: all slower, 27-74). 16 lanes lowered to AVX2 (two
-// ymm per vector): 1 x 3; AVX-512 (32 zmm): 4 x 5. The last OW mod CO columns take taller tiles (tail_rows).
+// kernel row ii - r: per (ii, j) the CO input vectors in[ii][j .. j+CO-1] are a window that slides by one along j (one
+// new input load per j; the window rotates in registers, see input_row), and each of the RO weight vectors k[ii-r][j]
+// is loaded once and used CO times: 1 + RO loads for RO*CO FMAs. The accumulator count must cover FMA latency x FMA
+// ports (Zen 2: 5 x 2 = 10), and accumulators + window + 1 weight must fit the register file. 8 lanes (16 ymm): 2 x 5 =
+// 10 accumulators + 5 + 1 = 16 registers. Measured on the dev box (1 thread, C=96, GFLOP/s forward / weight grad, FMA
+// peak ~100): R=32 K=31 2x5 sliding 88/84 vs the earlier 2x4 without the window 51/51; R=64 K=31 87/82 vs 52/41; R=32
+// K=13 80/72 vs 39/41 (4x3, 3x4, 5x2, 6x2, 3x3, 1x7 sliding: all slower, 27-74). 16 lanes lowered to AVX2 (two ymm per
+// vector): 1 x 3; AVX-512 (32 zmm): 4 x 5. The last OW mod CO columns take taller tiles (tail_rows).
 // Padding: the packed planes carry explicit zero borders, and corr_plane skips the input rows and kernel-column
 // windows of a tile that lie wholly in them (a kernel as large as the map multiplies zeros in most of its taps).
 // A kernel at least twice the map swaps the roles of map and kernel in the forward / input gradient (swap_roles,
