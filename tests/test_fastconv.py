@@ -255,6 +255,33 @@ def test_plain_backward_still_runs_the_cpp_kernels(monkeypatch):
     assert calls == [("conv", False), ("conv", True), "wgrad"]
 
 
+def test_function_apply_skips_torchs_signature_binding(monkeypatch):
+    """Outside functorch transforms the custom Function's ``apply`` goes straight to torch's C++ apply: torch's
+    Python ``apply`` binds the arguments through ``inspect.signature`` on every call (~40 us between kernel calls).
+    With ``inspect.signature`` broken, forward and both gradients still equal F.conv2d's; torch.func.grad, which
+    needs torch's own ``apply``, then reaches it (and fails there)."""
+    import inspect
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 9, 8, generator=g, requires_grad=True)
+    w = torch.randn(6, 1, 7, 5, generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True)
+    ref = _ref(x, w, b)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, w, b))
+
+    def broken(*a, **k):
+        raise AssertionError("inspect.signature called")
+
+    monkeypatch.setattr(inspect, "signature", broken)
+    y = fastconv.depthwise_conv2d(x, w, b, backend="channels_last")
+    grads = torch.autograd.grad(y.square().sum(), (x, w, b))
+    assert _rel(y, ref) <= 1e-6
+    for a, e in zip(grads, ref_grads):
+        assert _rel(a, e) <= 1e-5
+    with pytest.raises(AssertionError, match="inspect.signature called"):
+        torch.func.grad(lambda a: fastconv.depthwise_conv2d(a, w, backend="channels_last").sum())(x.detach())
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_torch_func_grad_matches_conv2d(backend, one_thread):
     """torch.func.grad (and grad of grad) through every backend equals F.conv2d's (the custom Function raised
