@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import gc
 import io
 import shutil
 import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +318,12 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
                           int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
                           amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
                           checkpoint_format, show_progress, argv, on_step, info, stop)
+    except BaseException as stopped:
+        # Its traceback keeps _train's frame alive, and with it DDP's reducer, which holds the process group: free
+        # them before the group is destroyed, or gloo's threads outlive it and abort the process at exit.
+        traceback.clear_frames(stopped.__traceback__)
+        gc.collect()
+        raise
     finally:
         D.shutdown(info)
 
