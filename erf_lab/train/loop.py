@@ -319,10 +319,11 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
                           amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
                           checkpoint_format, show_progress, argv, on_step, info, stop)
     except BaseException as stopped:
-        # Its traceback keeps _train's frame alive, and with it DDP's reducer, which holds the process group: free
-        # them before the group is destroyed, or gloo's threads outlive it and abort the process at exit.
-        traceback.clear_frames(stopped.__traceback__)
-        gc.collect()
+        if info.enabled:
+            # Its traceback keeps _train's frame alive, and with it DDP's reducer, which holds the process group:
+            # free them before the group is destroyed, or gloo's threads outlive it and abort the process at exit.
+            traceback.clear_frames(stopped.__traceback__)
+            gc.collect()
         raise
     finally:
         D.shutdown(info)
