@@ -322,7 +322,11 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
         if info.enabled:
             # Its traceback keeps _train's frame alive, and with it DDP's reducer, which holds the process group:
             # free them before the group is destroyed, or gloo's threads outlive it and abort the process at exit.
-            traceback.clear_frames(stopped.__traceback__)
+            chained, seen = stopped, set()
+            while chained is not None and id(chained) not in seen:  # and of those it was raised from or during
+                seen.add(id(chained))
+                traceback.clear_frames(chained.__traceback__)
+                chained = chained.__cause__ or chained.__context__
             gc.collect()
         raise
     finally:
