@@ -312,16 +312,20 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
 
         keep_freed_memory()  # a step's activations and gradients are allocated and freed again every step
     info = D.init(device)
+    together = False  # every rank leaves at this same point (a finished run, or a stop agreed at one step)
     try:
         with _StopRequest() as stop:
-            return _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
-                          int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
-                          amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
-                          checkpoint_format, show_progress, argv, on_step, info, stop)
+            result = _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
+                            int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
+                            amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
+                            checkpoint_format, show_progress, argv, on_step, info, stop)
+        together = True
+        return result
     except BaseException as stopped:
+        together = isinstance(stopped, KeyboardInterrupt) and not isinstance(stopped, _ForcedStop)
         if info.enabled:
             # Its traceback keeps _train's frame alive, and with it DDP's reducer, which holds the process group:
-            # free them before the group is destroyed, or gloo's threads outlive it and abort the process at exit.
+            # free them before the group is destroyed.
             chained, seen = stopped, set()
             while chained is not None and id(chained) not in seen:  # and of those it was raised from or during
                 seen.add(id(chained))
@@ -330,6 +334,12 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
             gc.collect()
         raise
     finally:
+        if together and info.enabled:
+            # Ranks leave together: a rank that left right after its last all_gather_object (rank 0 still saving)
+            # could start interpreter shutdown while a gloo worker thread was still releasing that collective's
+            # tensors, which then needed the GIL and aborted the process (core dump: std::terminate in
+            # ProcessGroupGloo::runLoop, 1 run in 40-60; the group's threads outlive destroy_process_group).
+            dist.barrier()
         D.shutdown(info)
 
 
