@@ -334,12 +334,12 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
             gc.collect()
         raise
     finally:
-        if together and info.enabled:
+        if together:
             # Ranks leave together: a rank that left right after its last all_gather_object (rank 0 still saving)
             # could start interpreter shutdown while a gloo worker thread was still releasing that collective's
             # tensors, which then needed the GIL and aborted the process (core dump: std::terminate in
             # ProcessGroupGloo::runLoop, 1 run in 40-60; the group's threads outlive destroy_process_group).
-            dist.barrier()
+            D.barrier(info)
         D.shutdown(info)
 
 
