@@ -9,7 +9,7 @@
    ``flops_per_image``, ``compute_seconds_per_image``, ``achieved_gflops`` and ``roofline_fraction`` (against the
    SGEMM rate cached by ``fastconv.roofline``), and the fraction against an SGEMM rate measured in this run.
 
-    python benchmarks/bench_process_cost.py [--repeats 3] [--size 64] [--roofline-size 224] [--roofline-images 3]
+    python benchmarks/bench_process_cost.py [--repeats 3] [--size 64] [--roofline-size 224] [--roofline-images N]
         [--small-model resnet18] [--compare /path/to/old/checkout] [--out benchmarks/results]
 
 Writes ``erf_cpu.json`` and ``erf_cpu.md`` in ``--out``. The machine is often shared: the load average is recorded
@@ -109,9 +109,26 @@ def summarize(runs: list[dict]) -> dict:
             "fixed_s_each": [r["fixed_s"] for r in runs], "phases_of_best": best["phases"]}
 
 
-def roofline_run(model: str, size: int, images: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "erf_lab", "compute", "--model", model, "--num-images", str(images),
-           "--input-size", str(size), "--out", str(out), "--quiet", "--force"]
+def roofline_images(folder: Path, size: int, images: int | None) -> tuple[Path, int]:
+    """A folder of ``images`` images (default: two auto batches at ``size`` on this CPU, so that the steady second
+    batch is what the roofline reports: the first is warm-up), the built-in set repeated under new names where it
+    has fewer (8 images: at 224 px one auto batch on an AVX-512 CPU)."""
+    from erf_lab.erf.images import default_images_dir
+    from erf_lab.erf.runner import auto_batch_size
+
+    n = images or 2 * auto_batch_size(size, 50, "cpu")
+    src = sorted(p for p in default_images_dir().iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        f = src[i % len(src)]
+        (folder / f"{i:03d}_{f.name}").write_bytes(f.read_bytes())
+    return folder, n
+
+
+def roofline_run(model: str, size: int, images: int | None, out: Path) -> dict:
+    folder, images = roofline_images(out.parent / "roofline-images", size, images)
+    cmd = [sys.executable, "-m", "erf_lab", "compute", "--model", model, "--images", str(folder), "--num-images",
+           str(images), "--input-size", str(size), "--out", str(out), "--quiet", "--force"]
     load = os.getloadavg()[0]
     subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
     info = json.loads((out / "run.json").read_text())
@@ -131,7 +148,8 @@ def main() -> int:
     ap.add_argument("--compare", help="another checkout to time the same way (e.g. before a change)")
     ap.add_argument("--compare-label", default="compare", help="its column name in the report")
     ap.add_argument("--roofline-size", type=int, default=224)
-    ap.add_argument("--roofline-images", type=int, default=3, help="the first is warm-up, left out of the time")
+    ap.add_argument("--roofline-images", type=int, default=None,
+                    help="images of each roofline run (default: two auto batches; the first is warm-up, left out)")
     ap.add_argument("--small-model", default="resnet18")
     ap.add_argument("--no-roofline", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

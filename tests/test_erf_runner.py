@@ -285,12 +285,19 @@ def test_size_note_is_recorded_and_printed(tmp_path, capsys):
     assert "note: measured at 128px" in stdout
 
 
-def test_auto_batch_size_rule_and_same_result(tmp_path):
+def test_auto_batch_size_rule_and_same_result(tmp_path, monkeypatch):
     from erf_lab.erf.runner import auto_batch_size
 
-    # 448^2 pixels per pass at most, capped at 8 and at the number of images
-    assert [auto_batch_size(s, 50) for s in (32, 128, 224, 256, 320, 448, 1024)] == [8, 8, 4, 3, 1, 1, 1]
-    assert auto_batch_size(224, 3) == 3 and auto_batch_size(224, 1) == 1
+    sizes = (32, 128, 224, 256, 320, 448, 640, 1024)
+    with monkeypatch.context() as m:  # an AVX2 CPU: 448^2 pixels per pass at most, capped at 8 and at the images
+        m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        assert [auto_batch_size(s, 50) for s in sizes] == [8, 8, 4, 3, 1, 1, 1, 1]
+        assert auto_batch_size(224, 3) == 3 and auto_batch_size(224, 1) == 1
+    with monkeypatch.context() as m:  # PyTorch's AVX-512 kernels: twice the pixels, on the CPU only
+        m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        assert [auto_batch_size(s, 50) for s in sizes] == [8, 8, 8, 6, 3, 2, 1, 1]
+        assert auto_batch_size(224, 3) == 3 and auto_batch_size(448, 50, "cpu") == 2
+        assert auto_batch_size(448, 50, "cuda") == auto_batch_size(448, 50, torch.device("cuda", 0)) == 1
     auto = run_erf(_spec(num_images=5, batch_size=None), out=tmp_path / "auto", show_progress=False)
     one = run_erf(_spec(num_images=5, batch_size=1), out=tmp_path / "one", show_progress=False)
     assert auto["run_info"]["batch_size"] == 5 and one["run_info"]["batch_size"] == 1  # 32 px: all 5 in one pass

@@ -5,7 +5,7 @@ import argparse
 import sys
 import warnings
 
-from erf_lab.cli.options import parse_overrides
+from erf_lab.cli.options import BATCH_SIZE_HELP, parse_overrides
 from erf_lab.errors import ErfLabError
 
 NAME = "compute"
@@ -32,8 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", help="layer name (see 'erf-lab layers'); default: forward_features")
     p.add_argument("--aggregate", choices=("relu", "abs"), default="relu", help="gradient aggregation (default relu)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per forward/backward (default: auto, up to 8 while a batch holds at most 448x448 "
-                        "pixels: 4 at 224 px, 1 from 448 px; the result does not depend on it)")
+                   help=BATCH_SIZE_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", help="output folder (default runs/<model>-<images>-<size>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

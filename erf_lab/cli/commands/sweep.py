@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from erf_lab.cli.options import BATCH_SIZE_HELP
+
 NAME = "sweep"
 HELP = "ERF vs kernel size (RepLKNet-3/7/13/25/31 family), vs input size, and train vs re-parameterized form"
 ORDER = 42
@@ -40,8 +42,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="random-init seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per forward/backward (default: auto, up to 8 while a batch holds at most 448x448 "
-                        "pixels: 4 at 224 px, 1 from 448 px; the result does not depend on it)")
+                   help=BATCH_SIZE_HELP)
     p.add_argument("--out", default="sweep", help="output folder (default ./sweep)")
     p.add_argument("--force", action="store_true",
                    help="overwrite member runs in --out that were measured with other settings")
