@@ -112,12 +112,12 @@ def summarize(runs: list[dict]) -> dict:
 def roofline_images(folder: Path, size: int, images: int | None) -> tuple[Path, int]:
     """A folder of ``images`` images (default: two auto batches at ``size`` on this CPU, so that the steady second
     batch is what the roofline reports: the first is warm-up), the built-in set repeated under new names where it
-    has fewer (8 images: at 224 px one auto batch on an AVX-512 CPU)."""
-    from erf_lab.erf.images import default_images_dir
-    from erf_lab.erf.runner import auto_batch_size
+    has fewer."""
+    from erf_lab.erf.images import default_images_dir, list_image_files
+    from erf_lab.erf.runner import AUTO_BATCH_MAX, auto_batch_size
 
-    n = images or 2 * auto_batch_size(size, 50, "cpu")
-    src = sorted(p for p in default_images_dir().iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    n = images or 2 * auto_batch_size(size, AUTO_BATCH_MAX, "cpu")
+    src = list_image_files(default_images_dir())[0]
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         f = src[i % len(src)]

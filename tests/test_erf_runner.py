@@ -298,7 +298,12 @@ def test_auto_batch_size_rule_and_same_result(tmp_path, monkeypatch):
         assert [auto_batch_size(s, 50) for s in sizes] == [8, 8, 8, 6, 3, 2, 1, 1]
         assert auto_batch_size(224, 3) == 3 and auto_batch_size(448, 50, "cpu") == 2
         assert auto_batch_size(448, 50, "cuda") == auto_batch_size(448, 50, torch.device("cuda", 0)) == 1
+    from erf_lab.erf import runner
+
+    asked = []  # the run asks the rule with its own device
+    monkeypatch.setattr(runner, "auto_batch_size", lambda *a: asked.append(a) or auto_batch_size(*a))
     auto = run_erf(_spec(num_images=5, batch_size=None), out=tmp_path / "auto", show_progress=False)
+    assert asked == [(32, 5, "cpu")]
     one = run_erf(_spec(num_images=5, batch_size=1), out=tmp_path / "one", show_progress=False)
     assert auto["run_info"]["batch_size"] == 5 and one["run_info"]["batch_size"] == 1  # 32 px: all 5 in one pass
     a, b = np.load(tmp_path / "auto" / "erf.npy"), np.load(tmp_path / "one" / "erf.npy")

@@ -45,21 +45,23 @@ SIZE_NOTE_FACTOR = 2.0
 #: AUTO_BATCH_MAX. Small inputs make small GEMMs (the 1x1 convs of a late stage at 224 px have 49 rows per image):
 #: measured for RepLKNet-31B on the 2-core AVX2 EPYC, forward + input gradient, at 224 px B = 1 / 2 / 4 / 8 gave
 #: 73 / 96 / 111 / 112 GFLOP/s, at 448 px B = 1 111 and B = 2 100; the activation memory of an auto batch stays
-#: that of one 448 px image.
+#: that of one 448 px image (two on an AVX-512 CPU).
 AUTO_BATCH_PIXELS = 448 * 448
 #: the budget on a CPU where PyTorch runs its AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``): twice
 #: the pixels, as the larger batches were faster there. Measured for RepLKNet-31B on a 2-core AVX-512 Intel Xeon,
 #: forward + input gradient, s per image, best of interleaved rounds: 224 px B = 4 / 8 / 16 0.229 / 0.212 / 0.211,
 #: 448 px B = 1 0.934 and B = 2 0.848, 640 px B = 1 1.86 and B = 2 1.81; ResNet-18 at 224 px B = 4 / 8 / 16
-#: 0.0296 / 0.0274 / 0.0267. The AVX2 machine's 448 px figures above are why the budget depends on the CPU.
+#: 0.0296 / 0.0274 / 0.0267. The AVX2 machine's 448 px figures above are why the budget depends on the CPU; from
+#: 640 px up one image per pass (two were within 3 % there, at twice the memory).
 AUTO_BATCH_PIXELS_AVX512 = 2 * 448 * 448
 AUTO_BATCH_MAX = 8
 
 
 def auto_batch_pixels(device="cpu") -> int:
-    """Pixels per pass of an auto batch on ``device``: ``AUTO_BATCH_PIXELS_AVX512`` on a CPU where PyTorch runs its
-    AVX-512 kernels, else ``AUTO_BATCH_PIXELS`` (also on GPUs, where no larger budget has been measured)."""
-    if torch.device(device).type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+    """Pixels per pass of an auto batch on ``device`` (a name or ``torch.device``; None = the CPU):
+    ``AUTO_BATCH_PIXELS_AVX512`` on a CPU where PyTorch runs its AVX-512 kernels, else ``AUTO_BATCH_PIXELS`` (also
+    on GPUs, where no larger budget has been measured)."""
+    if torch.device(device or "cpu").type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return AUTO_BATCH_PIXELS_AVX512
     return AUTO_BATCH_PIXELS
 
