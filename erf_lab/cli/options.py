@@ -7,8 +7,8 @@ from erf_lab.errors import ErfLabError
 
 #: ``--batch-size`` of the commands that measure ERFs (``erf_lab.erf.runner.auto_batch_size`` is the rule)
 BATCH_SIZE_HELP = ("images per forward/backward (default: auto, up to 8 while a batch holds at most 448x448 pixels, "
-                   "twice the pixels on an AVX-512 CPU: 4 (8) at 224 px, 1 (2) at 448 px; the result does not depend on "
-                   "it)")
+                   "twice the pixels on an AVX-512 CPU: 4 (8) at 224 px, 1 (2) at 448 px; the result does not "
+                   "depend on it)")
 
 
 def parse_overrides(items: list[str] | None) -> dict:
