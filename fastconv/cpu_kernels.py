@@ -3,7 +3,9 @@
 The C++ kernel is plain C ABI, built once with the system C++ compiler (a few seconds, cached under the fastconv
 cache directory keyed by source hash, flags, compiler and CPU) and called through ``ctypes`` (which releases the
 GIL). Per (image, L-channel block) plane it packs a cache-resident channel-blocked copy and computes forward, input
-gradient and weight gradient with one register-tiled correlation (see the source). L, the lane width, is chosen at
+gradient and weight gradient with one register-tiled correlation (see the source); the forward and input gradient
+of channels_last tensors of whole channel blocks and kernels up to 13 run straight on the tensors instead
+(``cpp_conv_path``). L, the lane width, is chosen at
 run time (``cpu_lanes``): 16 (the AVX-512 variant) on a CPU that reports avx512f, else 8; ``$FASTCONV_CPU_LANES`` =
 8 or 16 forces one (16 on a CPU without AVX-512 runs the same 16-lane code lowered to pairs of 256-bit vectors: how
 the tests check it on an AVX2 machine). Built with OpenMP, its loops run on PyTorch's own OpenMP pool: measured on
@@ -100,6 +102,8 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
         getattr(lib, name).restype = ctypes.c_int
     lib.dw_variant.argtypes = [i64]
     lib.dw_variant.restype = ctypes.c_int
+    lib.dw_conv_path.argtypes = [i64] * 8
+    lib.dw_conv_path.restype = ctypes.c_int
     return lib
 
 
@@ -167,6 +171,20 @@ def cpp_library():
     return _lib
 
 
+#: what ``dw_conv_path`` returns -> how the C++ forward / input gradient computes a call
+CONV_PATHS = {0: "packed planes", 1: "direct channels_last tiles", 2: "packed planes, map and kernel swapped"}
+
+
+def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> str:
+    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value): straight from and to channels_last tensors
+    (channels contiguous, whole vectors of channels, rows at least one tile wide, kernels up to 13), else through
+    packed channel-blocked planes."""
+    lib = cpp_library()
+    n, c, h, wd = x.shape
+    y_stride = torch.empty_like(x, dtype=torch.float32, device="meta").stride()  # cpp_conv's output layout
+    return CONV_PATHS[lib.dw_conv_path(x.stride(1), y_stride[1], c, h, wd, *w.shape[-2:], _requested_lanes(lanes))]
+
+
 def cpp_available() -> bool:
     return cpp_library() is not None
 
@@ -195,7 +213,8 @@ def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: 
              lanes: int | None = None) -> torch.Tensor:
     """Depthwise same conv of ``x`` (N,C,H,W any format) with ``w`` (C,1,KH,KW) (flipped in both axes if ``flip``:
     the input gradient) through the C++ kernel in one fused pass (``dw_conv_fused``: per-plane packing, the
-    register-tiled correlation and the write-back); returns an (N,C,H,W) tensor in ``x``'s memory format.
+    register-tiled correlation and the write-back, or the direct channels_last tiles: ``cpp_conv_path``); returns an
+    (N,C,H,W) tensor in ``x``'s memory format.
     ``lanes``: 8 or 16 forces a lane width (default ``cpu_lanes()``)."""
     lib = cpp_library()
     n, c, h, wd = x.shape

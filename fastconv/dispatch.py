@@ -32,17 +32,18 @@ NCHW_NATIVE_MAX_K = 9  # cost model for large calls: NCHW F.conv2d measured fast
 #: 35/33/31, K=31 70/75/75 vs 63/42/32; weight gradient K=9 45/48/43 vs 9/13/12, K=31 65/73/73 vs 28/40/41;
 #: K=7 ties at R=64, and at K=3..5 oneDNN's direct kernel is as fast or faster.
 CPP_MIN_K = 9
-#: small kernels on a channels_last CPU input run the stock call itself (plain F.conv2d with PyTorch's own autograd,
-#: no custom Function, no timing: oneDNN's direct depthwise kernel): up to this size when the weight gradient is
-#: needed, up to ``STOCK_MAX_K_FWD`` for forward / input-gradient-only calls. Measured (2-core AVX2 EPYC, B=1, C=384,
-#: R=16/32/64, best-of-9 us, under load): K=5 forward channels_last 298/878/2538 vs cpp 592/1153/4234; K=5 fwd+bwd
-#: stock 1555-104310 vs cpp 748-16142 (PyTorch's CPU depthwise weight gradient is slow from K=5 up). An NCHW input is
-#: timed instead (below ``CPU_TIMING_MAX_MACS``; larger calls follow the cost model): there PyTorch's own call is
-#: bimodal at K=3 (B=1, C=384, R=32, 2 threads: 0.35 ms in a few % of the calls, 2.4-3.4 ms in most; median forward
-#: 3.2 ms against the C++ kernel's 0.75 ms, fwd+bwd 6.3 against 2.4 ms) while at K=5 it is fast (forward median 0.53
-#: ms against 0.89 ms). The slow mode was glibc's malloc in a process that had not yet freed a large block (fresh,
-#: page-faulted buffers in every call); timing now starts from a settled allocator (``_settle_allocator``), where
-#: the K=3 forward's median is 0.37-0.45 ms in a fresh process.
+#: small kernels on a channels_last CPU input run the stock call itself (plain F.conv2d with PyTorch's own autograd, no
+#: custom Function, no timing: oneDNN's direct depthwise kernel): up to this size when the weight gradient is needed, up
+#: to ``STOCK_MAX_K_FWD`` for forward / input-gradient-only calls unless the C++ kernel computes them straight on the
+#: channels_last tensors (``_cpp_direct``: then the candidates are timed). Measured (2-core AVX2 EPYC, B=1, C=384,
+#: R=16/32/64, best-of-9 us, under load, packed planes): K=5 forward channels_last 298/878/2538 vs cpp 592/1153/4234;
+#: K=5 fwd+bwd stock 1555-104310 vs cpp 748-16142 (PyTorch's CPU depthwise weight gradient is slow from K=5 up). An NCHW
+#: input is timed instead (below ``CPU_TIMING_MAX_MACS``; larger calls follow the cost model): there PyTorch's own call
+#: is bimodal at K=3 (B=1, C=384, R=32, 2 threads: 0.35 ms in a few % of the calls, 2.4-3.4 ms in most; median forward
+#: 3.2 ms against the C++ kernel's 0.75 ms, fwd+bwd 6.3 against 2.4 ms) while at K=5 it is fast (forward median 0.53 ms
+#: against 0.89 ms). The slow mode was glibc's malloc in a process that had not yet freed a large block (fresh,
+#: page-faulted buffers in every call); timing now starts from a settled allocator (``_settle_allocator``), where the
+#: K=3 forward's median is 0.37-0.45 ms in a fresh process.
 STOCK_MAX_K_GRAD = 3
 STOCK_MAX_K_FWD = 5
 #: how the autotuner estimates a candidate's time (part of the cache key: decisions made under an older estimator
@@ -141,6 +142,13 @@ def candidates(x, weight, bias) -> tuple[list[str], dict[str, str]]:
             if gw and max(kh, kw) > NATIVE_WGRAD_MAX_K:
                 why[b] = f"K > {NATIVE_WGRAD_MAX_K}: PyTorch's weight gradient takes oneDNN's slow GEMM path"
                 continue
+        if (b == "channels_last" and not gw and x.device.type == "cpu"
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            # the same F.conv2d call as "native" behind more Python (the weight gradient, which it computes another
+            # way, is not needed): timed beside it, it won on noise (2-core AVX-512 Xeon, B=1 C=384 R=32 K=3
+            # forward: picked, then 1.12x the stock call in the benchmark)
+            why[b] = "the input is channels_last already: the native call, without a layout change to make"
+            continue
         if b == "triton" and x.device.type != "cuda":
             why[b] = "explicit only on CPU (Triton interpreter: for testing, not speed)"
             continue
@@ -216,11 +224,22 @@ def _time_backend(name, x, weight, bias, gx, gw, budget_s: float, repeat: bool =
     return statistics.median(times)
 
 
+def _cpp_direct(cands: list[str], x, weight) -> bool:
+    """The C++ kernel is a candidate, runs on all threads, and computes this call's forward (and input gradient)
+    straight on the channels_last tensors (``cpu_kernels.cpp_conv_path``): then it can beat the stock call from K=3
+    up, and small kernels are timed rather than given to the stock call. Measured (2-core AVX-512 Xeon, B=1 C=384
+    R=32, forward per call through fastconv, interleaved): K=3 75 vs F.conv2d 86 us, K=5 118 vs 146, K=7 175 vs 235;
+    on other CPUs the autotuner's timing decides."""
+    return "cpp" in cands and ck.cpp_multithreaded() and ck.cpp_conv_path(x, weight) == ck.CONV_PATHS[1]
+
+
 def _cost_model(cands: list[str], x, weight, bias) -> str:
     """The choice without timing. From ``CPP_MIN_K`` up the C++ kernel when it runs multi-threaded (CPU, float32).
     Below that, frozen weights (forward + input gradient: ERF, attribution) take oneDNN's direct depthwise kernel,
     which has no large-padding cliff on a channels_last input: plain F.conv2d ("native") there, with no layout copy,
-    and "channels_last" (one copy per call) on an NCHW input; calls with weight gradients take "channels_last"."""
+    and "channels_last" (one copy per call) on an NCHW input; calls with weight gradients take "channels_last". (The
+    C++ kernel's direct channels_last tiles below 9x9 are left to the timing: at B=1 C=384 R=32 they beat the stock
+    call, at B=16 C=128 R=56 K=5 they took 2.2 ms against its 1.8.)"""
     big = max(weight.shape[-2:]) >= CPP_MIN_K and ck.cpp_multithreaded()
     if x.device.type == "cuda":
         order = ["triton", "channels_last", "native"]
@@ -250,7 +269,7 @@ def decide(x, weight, bias) -> dict:
         return {"backend": b, "why": f"cost model (autotune off); candidates {cands}", "excluded": excluded}
     if x.device.type == "cpu" and "native" in cands and memory_format_of(x) == torch.channels_last:
         k, gw = max(weight.shape[-2:]), _needs_grad(x, weight, bias)[1]
-        if k <= (STOCK_MAX_K_GRAD if gw else STOCK_MAX_K_FWD):
+        if k <= (STOCK_MAX_K_GRAD if gw else STOCK_MAX_K_FWD) and (gw or not _cpp_direct(cands, x, weight)):
             return {"backend": "native", "why": f"small kernel (K={k} <= "
                     f"{STOCK_MAX_K_GRAD if gw else STOCK_MAX_K_FWD}{' with weight gradient' if gw else ''}): the "
                     "stock F.conv2d call itself, with PyTorch's autograd (measured as fast as any backend here, "
@@ -400,7 +419,7 @@ def resolve(backend: str | None, x, weight, bias) -> str:
         hit = _fast.get(key)
         if hit is None:
             name = decide(x, weight, bias)["backend"]
-            hit = _fast[key] = (name, backend_runner(name, x, weight))
+            hit = _fast[key] = (name, backend_runner(name, x, weight, bias))
         return hit[0]
     ok, reason = supports(backend, x, weight)
     if not ok:
@@ -429,5 +448,6 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     for b, r in d.get("excluded", {}).items():
         lines.append(f"   not {b}: {r}")
     if x.device.type == "cpu" and ck.cpp_available():
-        lines.append(f"   cpp kernel variant: {ck.cpu_variant()}")
+        lines.append(f"   cpp kernel variant: {ck.cpu_variant()}; forward and input gradient through "
+                     f"{ck.cpp_conv_path(x, weight)}")
     return "\n".join(lines)

@@ -97,8 +97,8 @@ def backend_spy(monkeypatch):
 
     ran, real = [], backends.backend_runner
 
-    def spy(name, x, weight):
-        run = real(name, x, weight)
+    def spy(name, *args):
+        run = real(name, *args)
         return lambda *a: ran.append(name) or run(*a)
 
     monkeypatch.setattr(backends, "backend_runner", spy)

@@ -153,23 +153,77 @@ def test_explain_names_the_lane_width(monkeypatch):
 
 
 def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkeypatch, backend_spy):
-    """channels_last input: K=3 (any grads) and K<=5 without weight gradient run plain F.conv2d, never timed; K=5
-    with the weight gradient is timed as before."""
+    """channels_last input: K=3 (any grads) and K<=5 without weight gradient run plain F.conv2d, never timed, where
+    the C++ kernel would go through packed planes (12 channels: not whole vectors of 8 or 16); K=5 with the weight
+    gradient is timed as before. Where the C++ kernel computes straight on the channels_last tensors (32 channels,
+    rows of 16), K<=5 without weight gradient is timed (the direct tiles beat the stock call there) against the
+    native call only; K=3 with the weight gradient stays the stock call."""
     timed = []
     monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: timed.append(name) or 1.0)
-    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 12, 12, 12).contiguous(memory_format=torch.channels_last)
     ran = backend_spy
     for k, grad_w in ((3, True), (3, False), (5, False), (1, True)):
-        w = torch.randn(8, 1, k, k, requires_grad=grad_w)
+        w = torch.randn(12, 1, k, k, requires_grad=grad_w)
         xg = x.clone().requires_grad_()
         d = dispatch.decide(xg, w, None)
         assert d["backend"] == "native" and "stock F.conv2d" in d["why"], d
         y = fastconv.depthwise_conv2d(xg, w)
         assert y.grad_fn is not None and "DepthwiseConv2dFn" not in type(y.grad_fn).__name__  # PyTorch's autograd
-        assert torch.allclose(y, F.conv2d(x, w, padding=k // 2, groups=8), atol=1e-5)
+        assert torch.allclose(y, F.conv2d(x, w, padding=k // 2, groups=12), atol=1e-5)
     assert timed == [] and set(ran) == {"native"}
-    w5 = torch.randn(8, 1, 5, 5, requires_grad=True)
+    w5 = torch.randn(12, 1, 5, 5, requires_grad=True)
     assert "stock" not in dispatch.decide(x.clone().requires_grad_(), w5, None)["why"] and timed
+    if not ck.cpp_multithreaded():  # (without OpenMP on several threads the C++ kernel is no candidate to time)
+        return
+    xd = torch.randn(1, 32, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert ck.cpp_conv_path(xd, w5) == "direct channels_last tiles"
+    for k in (3, 5):
+        d = dispatch.decide(xd, torch.randn(32, 1, k, k), None)
+        # "channels_last" on a channels_last input without weight gradient is the native call behind more Python
+        assert "stock F.conv2d" not in d["why"] and set(d["times_ms"]) == {"cpp", "native"}, d
+    assert "channels_last" in dispatch.candidates(xd, torch.randn(32, 1, 5, 5, requires_grad=True), None)[0]
+    d = dispatch.decide(xd, torch.randn(32, 1, 3, 3, requires_grad=True), None)
+    assert d["backend"] == "native" and "stock F.conv2d" in d["why"], d
+
+
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("shape,kernel", [
+    ((2, 32, 9, 16), (3, 3)),  # rows of exactly one 16-pixel tile (two 8-pixel ones)
+    ((1, 48, 5, 20), (5, 5)),  # the last tile of a row overlaps the one before
+    ((2, 16, 11, 37), (7, 3)),  # KH != KW, several tiles, edge tiles on both sides
+    ((1, 32, 6, 19), (3, 13)),  # a kernel row in chunks (13 columns; 6 + 6 + 1 with 8 lanes) reaching both edges
+    ((1, 16, 4, 24), (13, 9)),  # a kernel taller than the map: the kernel rows outside it are skipped
+    ((2, 16, 7, 16), (11, 11)),
+])
+def test_direct_channels_last_tiles_match_conv2d_in_float64(lanes, shape, kernel, monkeypatch, one_thread):
+    """The C++ forward and input gradient straight on channels_last tensors (no packed planes): forward, input and
+    weight gradient vs F.conv2d in float64 (the autograd check, whose output gradient is NCHW), the input gradient
+    on a channels_last output gradient (the direct tiles with the flipped kernel) vs F.conv2d with the flipped kernel,
+    and the forward against the same call through packed planes (its NCHW copy; the same sums in the same order, up
+    to a multiply-add left unfused); a channels_last view (every second column) runs the direct tiles as well, and
+    two threads give the one thread's numbers exactly."""
+    _need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    g = torch.Generator().manual_seed(sum(shape) * 100 + sum(kernel))
+    x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    w, b = torch.randn(c, 1, *kernel, generator=g), torch.randn(c, generator=g)
+    assert ck.cpp_conv_path(x, w) == "direct channels_last tiles"
+    y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert ck.cpp_conv_path(x.contiguous(), w) == "packed planes"
+    assert _rel(y.detach(), ck.cpp_conv(x.contiguous(), w, b)) <= 1e-6
+    wide = torch.randn(shape[0], c, shape[2], 2 * shape[3], generator=g).contiguous(memory_format=torch.channels_last)
+    view = wide[..., ::2]
+    assert ck.cpp_conv_path(view, w) == "direct channels_last tiles"
+    kh, kw = kernel
+    ref = F.conv2d(view.double(), w.double(), b.double(), padding=(kh // 2, kw // 2), groups=c)
+    one, flipped = ck.cpp_conv(view, w, b), ck.cpp_conv(x, w, None, flip=True)
+    assert _rel(one.double(), ref) <= 1e-5
+    ref_flipped = F.conv2d(x.double(), w.flip(-1, -2).double(), padding=(kh // 2, kw // 2), groups=c)
+    assert _rel(flipped.double(), ref_flipped) <= 1e-5
+    torch.set_num_threads(2)
+    assert torch.equal(ck.cpp_conv(view, w, b), one) and torch.equal(ck.cpp_conv(x, w, None, flip=True), flipped)
 
 
 def test_small_kernels_on_nchw_are_timed_by_their_typical_time(monkeypatch):

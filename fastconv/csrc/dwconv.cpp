@@ -3,7 +3,8 @@
 // Plain C ABI (no torch headers) so the JIT build takes a few seconds; called through ctypes, which releases
 // the GIL. A "plane" is one (image, block of L channels) slice stored (rows, cols, L) contiguous (oneDNN's nChw8c /
 // nChw16c for one block). Each OpenMP thread (PyTorch's own pool, see dw_has_openmp) packs its planes from the
-// tensors' own layout (any strides) into cache-resident buffers, correlates, and writes the result back in place.
+// tensors' own layout (any strides) into cache-resident buffers, correlates, and writes the result back in place;
+// the forward / input gradient of channels_last tensors reads and writes them directly instead (conv_path).
 //
 // One primitive serves all three passes of a "same" depthwise convolution (RepLKNet, Ding et al. CVPR 2022, Sec. 3):
 //   forward      y  = corr(x_pad,  w)                        (kernel KHxKW, output HxW)
@@ -23,6 +24,11 @@
 // The AVX-512 variant's register tile, 4x5 (20 zmm accumulators + 5 window + 1 weight of 32 registers), measured
 // against 6x4, 4x6, 5x5, 8x3 and 3x7 on a 2-core Intel Xeon with AVX-512 (1 thread, B=1 C=384 R=32, K=13 and 31,
 // forward and weight gradient, paired rounds): each of them 1.05-1.37x slower.
+//
+// channels_last inputs and outputs of whole L-channel blocks skip the packing (conv_direct, see conv_path): a tile
+// of DCO output pixels of one block, read straight from the tensor, the kernel row's columns in chunks of KCH weight
+// vectors held in registers (DCO accumulators + KCH weights + 1 input of the register file: AVX-512 16 + 13 + 1 of
+// 32; 8 lanes 8 + 6 + 1 of 16; 16 lanes lowered to AVX2 4 + 2 + 1 vectors, two ymm each).
 //
 // Register tile: RO output rows x CO output columns of L-lane accumulators. Input row ii feeds output row r through
 // kernel row ii - r: per (ii, j) the CO input vectors in[ii][j .. j+CO-1] are a window that slides by one along j (one
@@ -80,11 +86,12 @@ constexpr int RO = DW_RO8, CO = DW_CO8;  // tuning experiments: -DDW_RO8=.. -DDW
 #else
 constexpr int RO = 2, CO = 5;
 #endif
+constexpr int DCO = 8, KCH = 6;
 constexpr int NREG = 16;  // vector registers of L floats: 16 ymm (AVX2); NEON: 32 q registers, two per vector
 #include __FILE__
 }  // namespace dw8
 namespace dw16g {
-constexpr int L = 16, RO = 1, CO = 3, NREG = 8;  // two ymm per vector
+constexpr int L = 16, RO = 1, CO = 3, NREG = 8, DCO = 4, KCH = 2;  // two ymm per vector
 #include __FILE__
 }  // namespace dw16g
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(DW_NO_AVX512)
@@ -98,6 +105,11 @@ constexpr int L = 16, RO = 1, CO = 3, NREG = 8;  // two ymm per vector
 #define DW_IN_AVX512 1
 namespace dw16 {
 constexpr int L = 16, RO = 4, CO = 5, NREG = 32;
+#ifdef DW_DCO16
+constexpr int DCO = DW_DCO16, KCH = DW_KCH16;
+#else
+constexpr int DCO = 16, KCH = 13;
+#endif
 #include __FILE__
 }  // namespace dw16
 #undef DW_IN_AVX512
@@ -166,7 +178,7 @@ void dw_wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t 
 
 // Forward (or, with a flipped weight view, input gradient) in one pass: per (image, L-channel block) plane, a
 // thread packs the padded input plane and its L-lane weight vectors into its own buffers (cache-resident),
-// correlates, and writes the plane to y in y's own layout. x (N, C, H, W) and y (N, C, H, W) with element strides; w
+// correlates, and writes the plane to y in y's own layout (or, see dw_conv_path, the direct channels_last tiles). x (N, C, H, W) and y (N, C, H, W) with element strides; w
 // is (C, KH, KW) with strides (swC, swH, swW) (negative for the flipped kernel); b (C) contiguous or null.
 void dw_conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
                    int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
@@ -182,6 +194,19 @@ void dw_conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t s
         case 17: return dw16g::conv_fused(x, sN, sC, sH, sW, w, swC, swH, swW, b, y, yN, yC, yH, yW, N, C, H, W, KH,
                                           KW, nthreads);
         default: return;
+    }
+}
+
+// Which way dw_conv_fused computes a call (the same tests it makes): 1 direct channels_last tiles (conv_direct),
+// 2 packed planes with map and kernel swapped (swap_roles), 0 packed planes; -1 for an invalid lane request.
+int dw_conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t lanes) {
+    switch (dw_variant(lanes)) {
+        case 8: return dw8::conv_path(sC, yC, C, H, W, KH, KW);
+#if DW_HAS_AVX512
+        case 16: return dw16::conv_path(sC, yC, C, H, W, KH, KW);
+#endif
+        case 17: return dw16g::conv_path(sC, yC, C, H, W, KH, KW);
+        default: return -1;
     }
 }
 
@@ -568,9 +593,120 @@ void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 // 7x7 K=13 1.36x, 16x16 K=31 1.21x, 8x8 K=29 1.47x, 4x4 K=27 1.63x.
 inline bool swap_roles(int64_t H, int64_t W, int64_t KH, int64_t KW) { return KH >= 2 * H - 1 && KW >= 2 * W - 1; }
 
+// ---------------------------------------------------------------------------------- direct channels_last forward
+// Kernel columns [k0, k0 + KC) of one kernel row for one tile of DCO output pixels (direct_tile): the KC weight
+// vectors stay in registers and each input vector of the chunk's window (DCO + KC - 1 pixels) is loaded once and
+// feeds the up to KC outputs it reaches, in ascending kernel column per output. row: input pixel x0 of the window
+// (pixel stride ps floats), kr: the chunk's first weight vector. EDGE: pixels outside columns [0, W) are zeros (the
+// padding) and are skipped.
+template <int KC, bool EDGE>
+__attribute__((always_inline)) inline void direct_chunk(vec (&acc)[DCO], const float* row, int64_t ps,
+                                                        const float* kr, int64_t x0, int64_t W) {
+    vec w[KC];
+#pragma GCC unroll 16
+    for (int kx = 0; kx < KC; ++kx) w[kx] = load(kr + kx * L);
+#pragma GCC unroll 64
+    for (int m = 0; m < DCO + KC - 1; ++m) {
+        if (EDGE && (uint64_t)(x0 + m) >= (uint64_t)W) continue;
+        const vec v = load(row + m * ps);
+#pragma GCC unroll 16
+        for (int kx = 0; kx < KC; ++kx)
+            if (m - kx >= 0 && m - kx < DCO) acc[m - kx] = fma(v, w[kx], acc[m - kx]);
+    }
+}
+
+// The last KW mod KCH columns of a kernel row: the chunk of that width.
+template <int KC, bool EDGE>
+__attribute__((always_inline)) inline void direct_rest(int r, vec (&acc)[DCO], const float* row, int64_t ps,
+                                                       const float* kr, int64_t x0, int64_t W) {
+    if constexpr (KC > 1) {
+        if (r < KC) return direct_rest<KC - 1, EDGE>(r, acc, row, ps, kr, x0, W);
+    }
+    direct_chunk<KC, EDGE>(acc, row, ps, kr, x0, W);
+}
+
+// One row of DCO output pixels of one L-channel block, straight from a channels_last tensor: acc[c] += in[ky][c + kx]
+// * k[ky][kx] over kernel rows [ky_lo, ky_hi) and all kernel columns, in the planar kernel's order (input row, then
+// kernel column), the columns in chunks of KCH (weights in registers). in: input pixel x0 = q - pw of kernel row 0
+// (row stride in_rs, pixel stride ps floats); k: the block's (KH, KW) vectors.
+template <bool EDGE>
+inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float* k, int64_t KW, int64_t ky_lo,
+                        int64_t ky_hi, const float* bias, float* out, int64_t out_ps, int64_t x0, int64_t W) {
+    vec acc[DCO];
+    const vec init = bias ? load(bias) : vec{};
+#pragma GCC unroll 32
+    for (int c = 0; c < DCO; ++c) acc[c] = init;
+    for (int64_t ky = ky_lo; ky < ky_hi; ++ky) {
+        const float* row = in + ky * in_rs;
+        const float* kr = k + ky * KW * L;
+        int64_t k0 = 0;
+        for (; k0 + KCH <= KW; k0 += KCH) direct_chunk<KCH, EDGE>(acc, row + k0 * ps, ps, kr + k0 * L, x0 + k0, W);
+        if constexpr (KCH > 1) {
+            if (k0 < KW) direct_rest<KCH - 1, EDGE>((int)(KW - k0), acc, row + k0 * ps, ps, kr + k0 * L, x0 + k0, W);
+        }
+    }
+#pragma GCC unroll 32
+    for (int c = 0; c < DCO; ++c) store(out + c * out_ps, acc[c]);
+}
+
+// Forward / input gradient on channels_last x and y (channels contiguous, C a multiple of L), without packing
+// planes: output rows split over the threads, each row in DCO-pixel tiles, each tile through all channel blocks,
+// read straight from x and written straight to y. The kernel is repacked once to (C / L, KH, KW, L): a block's
+// kernel in consecutive cache lines.
+
+void conv_direct(const float* x, int64_t sN, int64_t sH, int64_t sW, const float* w, int64_t swC, int64_t swH,
+                 int64_t swW, const float* b, float* y, int64_t yN, int64_t yH, int64_t yW, int64_t N, int64_t C,
+                 int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
+    Buffer k(KH * KW * C);
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < KH; ++i)
+            for (int64_t j = 0; j < KW; ++j)
+                k[((c / L * KH + i) * KW + j) * L + c % L] = w[c * swC + i * swH + j * swW];
+    const int64_t ph = KH / 2, pw = KW / 2, QT = (W + DCO - 1) / DCO;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t np = 0; np < N * H; ++np) {
+        const int64_t n = np / H, p = np % H;
+        const int64_t ky_lo = max64(0, ph - p), ky_hi = min64(KH, H + ph - p);
+        const float* xr = x + n * sN + (p - ph) * sH;  // input row of kernel row 0 (may lie outside x)
+        float* yr = y + n * yN + p * yH;
+        for (int64_t t = 0; t < QT; ++t) {
+            const int64_t q = min64(t * DCO, W - DCO);  // the last tile may overlap the one before
+            const bool edge = q < pw || q + DCO + pw > W;
+            for (int64_t c0 = 0; c0 < C; c0 += L) {
+                const float* in = xr + (q - pw) * sW + c0;
+                const float* kb = k.data() + c0 * KH * KW;
+                const float* bb = b ? b + c0 : nullptr;
+                if (edge)
+                    direct_tile<true>(in, sH, sW, kb, KW, ky_lo, ky_hi, bb, yr + q * yW + c0, yW, q - pw, W);
+                else
+                    direct_tile<false>(in, sH, sW, kb, KW, ky_lo, ky_hi, bb, yr + q * yW + c0, yW, q - pw, W);
+            }
+        }
+    }
+}
+
+// Which way conv_fused computes a call (dw_conv_path): 2 swapped roles (a kernel at least twice the map), 1 direct
+// channels_last tiles (x and y with channels contiguous, whole L-channel blocks, rows of at least DCO pixels, kernels
+// up to DW_DIRECT_MAX_K), else 0 packed planes. The direct tiles against packed planes (2 threads, B=1 C=384 R=32,
+// channels_last, forward, us): AVX-512 K=3 74 vs 202, K=5 121 vs 252, K=7 177 vs 293, K=9 250 vs 350, K=13 458 vs
+// 528, K=17 707 vs 658 (packed planes win from there: their tiles share input loads over 4 rows and skip whole
+// tiles of padding); the 8-lane variant built for AVX2 K=3 122 vs 247, K=9 531 vs 538, K=13 829 vs 830, K=17 1264
+// vs 1149. Against oneDNN's channels_last kernel they win where the tensors stay in cache (B=1 C=384 R=32, K=3 74 vs
+// 100 us) and not always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms): the dispatcher times it.
+#ifndef DW_DIRECT_MAX_K
+#define DW_DIRECT_MAX_K 13
+#endif
+inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW) {
+    if (swap_roles(H, W, KH, KW)) return 2;
+    if (sC == 1 && yC == 1 && C % L == 0 && W >= DCO && KH <= DW_DIRECT_MAX_K && KW <= DW_DIRECT_MAX_K) return 1;
+    return 0;
+}
+
 void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
                 int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
+    if (conv_path(sC, yC, C, H, W, KH, KW) == 1)
+        return conv_direct(x, sN, sH, sW, w, swC, swH, swW, b, y, yN, yH, yW, N, C, H, W, KH, KW, nthreads);
     const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
     const bool swap = swap_roles(H, W, KH, KW);
     const int64_t G = blocks_per_line(sC == 1 || yC == 1), CBG = (CB + G - 1) / G;
