@@ -651,17 +651,15 @@ inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float*
 
 // Forward / input gradient on channels_last x and y (channels contiguous, C a multiple of L), without packing
 // planes: output rows split over the threads, each row in DCO-pixel tiles, each tile through all channel blocks,
-// read straight from x and written straight to y. The kernel is repacked once to (C / L, KH, KW, L): a block's
-// kernel in consecutive cache lines.
-
+// read straight from x and written straight to y. The kernel is repacked once to (C / L, KH, KW, L) by pack_row (as
+// the packed planes' kernels are): a block's kernel in consecutive cache lines.
 void conv_direct(const float* x, int64_t sN, int64_t sH, int64_t sW, const float* w, int64_t swC, int64_t swH,
                  int64_t swW, const float* b, float* y, int64_t yN, int64_t yH, int64_t yW, int64_t N, int64_t C,
                  int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
     Buffer k(KH * KW * C);
-    for (int64_t c = 0; c < C; ++c)
+    for (int64_t c0 = 0; c0 < C; c0 += L)
         for (int64_t i = 0; i < KH; ++i)
-            for (int64_t j = 0; j < KW; ++j)
-                k[((c / L * KH + i) * KW + j) * L + c % L] = w[c * swC + i * swH + j * swW];
+            pack_row(w + c0 * swC, L, swC, swH, swW, KH, KW, 0, 0, i, k.data() + (c0 * KH + i * L) * KW);
     const int64_t ph = KH / 2, pw = KW / 2, QT = (W + DCO - 1) / DCO;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t np = 0; np < N * H; ++np) {
