@@ -172,12 +172,16 @@ def cpp_library():
 
 
 #: what ``dw_conv_path`` returns -> how the C++ forward / input gradient computes a call
-CONV_PATHS = {0: "packed planes", 1: "direct channels_last tiles", 2: "packed planes, map and kernel swapped"}
+CONV_PATHS = {0: "packed planes", 1: "direct channels_last tiles", 2: "packed planes, map and kernel swapped",
+              3: "direct channels_last tiles, rows packed per channel block"}
+#: the ``CONV_PATHS`` values that compute straight on the channels_last tensors (no planes, no write-back)
+DIRECT_CONV_PATHS = (CONV_PATHS[1], CONV_PATHS[3])
 
 
 def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> str:
     """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value): straight from and to channels_last tensors
-    (channels contiguous, whole vectors of channels, rows at least one tile wide, kernels up to 13), else through
+    (channels contiguous, whole vectors of channels, rows at least one tile wide, kernels up to 13, 21 on AVX-512;
+    from 7x7 through a compact copy of each channel block's rows), else through
     packed channel-blocked planes."""
     lib = cpp_library()
     n, c, h, wd = x.shape

@@ -230,7 +230,7 @@ def _cpp_direct(cands: list[str], x, weight) -> bool:
     up, and small kernels are timed rather than given to the stock call. Measured (2-core AVX-512 Xeon, B=1 C=384
     R=32, forward per call through fastconv, interleaved): K=3 75 vs F.conv2d 86 us, K=5 118 vs 146, K=7 175 vs 235;
     on other CPUs the autotuner's timing decides."""
-    return "cpp" in cands and ck.cpp_multithreaded() and ck.cpp_conv_path(x, weight) == ck.CONV_PATHS[1]
+    return "cpp" in cands and ck.cpp_multithreaded() and ck.cpp_conv_path(x, weight) in ck.DIRECT_CONV_PATHS
 
 
 def _cost_model(cands: list[str], x, weight, bias) -> str:

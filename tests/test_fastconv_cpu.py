@@ -176,7 +176,7 @@ def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkey
     if not ck.cpp_multithreaded():  # (without OpenMP on several threads the C++ kernel is no candidate to time)
         return
     xd = torch.randn(1, 32, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
-    assert ck.cpp_conv_path(xd, w5) == "direct channels_last tiles"
+    assert ck.cpp_conv_path(xd, w5) in ck.DIRECT_CONV_PATHS
     for k in (3, 5):
         d = dispatch.decide(xd, torch.randn(32, 1, k, k), None)
         # "channels_last" on a channels_last input without weight gradient is the native call behind more Python
@@ -194,6 +194,7 @@ def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkey
     ((1, 32, 6, 19), (3, 13)),  # a kernel row in chunks (13 columns; 6 + 6 + 1 with 8 lanes) reaching both edges
     ((1, 16, 4, 24), (13, 9)),  # a kernel taller than the map: the kernel rows outside it are skipped
     ((2, 16, 7, 16), (11, 11)),
+    ((1, 32, 23, 17), (17, 21)),  # AVX-512: packed rows up to 21 (the bands' halos cut by both map edges); else planes
 ])
 def test_direct_channels_last_tiles_match_conv2d_in_float64(lanes, shape, kernel, monkeypatch, one_thread):
     """The C++ forward and input gradient straight on channels_last tensors (no packed planes): forward, input and
@@ -201,22 +202,27 @@ def test_direct_channels_last_tiles_match_conv2d_in_float64(lanes, shape, kernel
     on a channels_last output gradient (the direct tiles with the flipped kernel) vs F.conv2d with the flipped kernel,
     and the forward against the same call through packed planes (its NCHW copy; the same sums in the same order, up
     to a multiply-add left unfused); a channels_last view (every second column) runs the direct tiles as well, and
-    two threads give the one thread's numbers exactly."""
+    two threads give the one thread's numbers exactly. From 49 taps (7x7) the tiles read a compact copy of each
+    channel block's rows, in bands of output rows (at least 4 bands per thread: here bands of 1-12 rows, their halos
+    cut by the map's edges; a different banding on two threads)."""
     _need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     g = torch.Generator().manual_seed(sum(shape) * 100 + sum(kernel))
     x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
     c = shape[1]
     w, b = torch.randn(c, 1, *kernel, generator=g), torch.randn(c, generator=g)
-    assert ck.cpp_conv_path(x, w) == "direct channels_last tiles"
+    avx512 = ck.cpu_variant().startswith(ck._VARIANTS[16])
+    kh, kw = kernel
+    expected = ck.CONV_PATHS[0] if max(kernel) > (21 if avx512 else 13) else \
+        ck.CONV_PATHS[3] if kh * kw >= 49 else ck.CONV_PATHS[1]
+    assert ck.cpp_conv_path(x, w) == expected
     y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert ck.cpp_conv_path(x.contiguous(), w) == "packed planes"
     assert _rel(y.detach(), ck.cpp_conv(x.contiguous(), w, b)) <= 1e-6
     wide = torch.randn(shape[0], c, shape[2], 2 * shape[3], generator=g).contiguous(memory_format=torch.channels_last)
     view = wide[..., ::2]
-    assert ck.cpp_conv_path(view, w) == "direct channels_last tiles"
-    kh, kw = kernel
+    assert ck.cpp_conv_path(view, w) == expected
     ref = F.conv2d(view.double(), w.double(), b.double(), padding=(kh // 2, kw // 2), groups=c)
     one, flipped = ck.cpp_conv(view, w, b), ck.cpp_conv(x, w, None, flip=True)
     assert _rel(one.double(), ref) <= 1e-5
