@@ -173,16 +173,16 @@ def cpp_library():
 
 #: what ``dw_conv_path`` returns -> how the C++ forward / input gradient computes a call
 CONV_PATHS = {0: "packed planes", 1: "direct channels_last tiles", 2: "packed planes, map and kernel swapped",
-              3: "direct channels_last tiles, rows packed per channel block"}
-#: the ``CONV_PATHS`` values that compute straight on the channels_last tensors (no planes, no write-back)
+              3: "direct tiles on rows packed per channel block"}
+#: the ``CONV_PATHS`` values of the direct tiles (no packed planes, no write-back of whole planes)
 DIRECT_CONV_PATHS = (CONV_PATHS[1], CONV_PATHS[3])
 
 
 def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> str:
-    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value): straight from and to channels_last tensors
-    (channels contiguous, whole vectors of channels, rows at least one tile wide, kernels up to 13, 21 on AVX-512;
-    from 7x7 through a compact copy of each channel block's rows), else through
-    packed channel-blocked planes."""
+    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value): direct tiles of output pixels for rows at least
+    one tile wide and kernels up to 13 (21 on AVX-512), from 7x7 on a compact copy of each channel block's rows (any
+    layout with AVX-512, else channels_last), below that straight on channels_last tensors of whole channel blocks;
+    else through packed channel-blocked planes."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     y_stride = torch.empty_like(x, dtype=torch.float32, device="meta").stride()  # cpp_conv's output layout

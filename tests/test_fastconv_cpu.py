@@ -186,6 +186,19 @@ def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkey
     assert d["backend"] == "native" and "stock F.conv2d" in d["why"], d
 
 
+def _expected_direct_path(kernel, channels_last: bool) -> str:
+    """The path dw_conv_path should name for a map of at least one tile's width and whole channel blocks (the rule
+    in dwconv.cpp's conv_path): direct tiles up to 21 (AVX-512) or 13, from packed rows from 49 taps (on any layout
+    with AVX-512, else on channels_last only), else straight from a channels_last tensor, else packed planes."""
+    avx512 = ck.cpu_variant().startswith(ck._VARIANTS[16])
+    kh, kw = kernel
+    if max(kernel) > (21 if avx512 else 13):
+        return ck.CONV_PATHS[0]
+    if kh * kw >= 49 and (channels_last or avx512):
+        return ck.CONV_PATHS[3]
+    return ck.CONV_PATHS[1] if channels_last else ck.CONV_PATHS[0]
+
+
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("shape,kernel", [
     ((2, 32, 9, 16), (3, 3)),  # rows of exactly one 16-pixel tile (two 8-pixel ones)
@@ -211,14 +224,12 @@ def test_direct_channels_last_tiles_match_conv2d_in_float64(lanes, shape, kernel
     x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
     c = shape[1]
     w, b = torch.randn(c, 1, *kernel, generator=g), torch.randn(c, generator=g)
-    avx512 = ck.cpu_variant().startswith(ck._VARIANTS[16])
     kh, kw = kernel
-    expected = ck.CONV_PATHS[0] if max(kernel) > (21 if avx512 else 13) else \
-        ck.CONV_PATHS[3] if kh * kw >= 49 else ck.CONV_PATHS[1]
+    expected = _expected_direct_path(kernel, channels_last=True)
     assert ck.cpp_conv_path(x, w) == expected
     y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert ck.cpp_conv_path(x.contiguous(), w) == "packed planes"
+    assert ck.cpp_conv_path(x.contiguous(), w) == _expected_direct_path(kernel, channels_last=False)
     assert _rel(y.detach(), ck.cpp_conv(x.contiguous(), w, b)) <= 1e-6
     wide = torch.randn(shape[0], c, shape[2], 2 * shape[3], generator=g).contiguous(memory_format=torch.channels_last)
     view = wide[..., ::2]
@@ -230,6 +241,32 @@ def test_direct_channels_last_tiles_match_conv2d_in_float64(lanes, shape, kernel
     assert _rel(flipped.double(), ref_flipped) <= 1e-5
     torch.set_num_threads(2)
     assert torch.equal(ck.cpp_conv(view, w, b), one) and torch.equal(ck.cpp_conv(x, w, None, flip=True), flipped)
+
+
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_packed_rows_read_and_write_any_layout_in_float64(lanes, layout, monkeypatch, one_thread):
+    """The direct tiles from packed rows read any layout through pack_row (transposes on NCHW rows, copies on
+    channels_last, scalar for other strides and the last, partial channel block) and write any layout (straight into
+    a channels_last output of whole blocks, else through one row buffer and unpack_row). C = 24: a block and a half
+    with 16 lanes, three blocks with 8; a 9 x 7 kernel. Forward, input and weight gradient vs F.conv2d in float64,
+    the flipped kernel of the input gradient, and two threads bit-equal to one (8 lanes run NCHW on the planes)."""
+    _need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(2, 24, 19, 18, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(2, 24, 19, 36, generator=g)[..., ::2]  # pixel stride 2
+    w, b = torch.randn(24, 1, 9, 7, generator=g), torch.randn(24, generator=g)
+    assert ck.cpp_conv_path(x, w) == _expected_direct_path((9, 7), channels_last=layout == "channels_last")
+    y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
+    ref_flipped = F.conv2d(x.double(), w.flip(-1, -2).double(), padding=(4, 3), groups=24)
+    one, flipped = ck.cpp_conv(x, w, b), ck.cpp_conv(x, w, None, flip=True)
+    assert torch.equal(one, y.detach()) and _rel(flipped.double(), ref_flipped) <= 1e-5
+    torch.set_num_threads(2)
+    assert torch.equal(ck.cpp_conv(x, w, b), one) and torch.equal(ck.cpp_conv(x, w, None, flip=True), flipped)
 
 
 def test_small_kernels_on_nchw_are_timed_by_their_typical_time(monkeypatch):

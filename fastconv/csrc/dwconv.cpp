@@ -4,7 +4,7 @@
 // the GIL. A "plane" is one (image, block of L channels) slice stored (rows, cols, L) contiguous (oneDNN's nChw8c /
 // nChw16c for one block). Each OpenMP thread (PyTorch's own pool, see dw_has_openmp) packs its planes from the
 // tensors' own layout (any strides) into cache-resident buffers, correlates, and writes the result back in place;
-// the forward / input gradient of channels_last tensors reads and writes them directly instead (conv_path).
+// the forward / input gradient of kernels up to 13 (21) runs in direct tiles of output pixels instead (conv_path).
 //
 // One primitive serves all three passes of a "same" depthwise convolution (RepLKNet, Ding et al. CVPR 2022, Sec. 3):
 //   forward      y  = corr(x_pad,  w)                        (kernel KHxKW, output HxW)
@@ -25,9 +25,10 @@
 // against 6x4, 4x6, 5x5, 8x3 and 3x7 on a 2-core Intel Xeon with AVX-512 (1 thread, B=1 C=384 R=32, K=13 and 31,
 // forward and weight gradient, paired rounds): each of them 1.05-1.37x slower.
 //
-// channels_last inputs and outputs of whole L-channel blocks skip the planes (conv_direct, see conv_path): a tile
-// of DCO output pixels of one block, read straight from the tensor (or, for larger kernels, from the block's rows
-// copied to a compact buffer) and written straight to it, the kernel row's columns in chunks of KCH weight
+// The forward / input gradient of kernels up to DMAXK skip the planes (conv_direct, see conv_path): a tile of DCO
+// output pixels of one block, read straight from a channels_last tensor of whole blocks or, from 7x7, from the
+// block's rows copied to a compact buffer (channels_last, or any layout with AVX-512), and written straight to a
+// channels_last output (else through one row buffer), the kernel row's columns in chunks of KCH weight
 // vectors held in registers (DCO accumulators + KCH weights + 1 input of the register file: AVX-512 16 + 13 + 1 of
 // 32; 8 lanes 8 + 6 + 1 of 16; 16 lanes lowered to AVX2 4 + 2 + 1 vectors, two ymm each).
 //
@@ -87,12 +88,12 @@ constexpr int RO = DW_RO8, CO = DW_CO8;  // tuning experiments: -DDW_RO8=.. -DDW
 #else
 constexpr int RO = 2, CO = 5;
 #endif
-constexpr int DCO = 8, KCH = 6, DMAXK = 13;
+constexpr int DCO = 8, KCH = 6, DMAXK = 13, DANY_LAYOUT = 0;
 constexpr int NREG = 16;  // vector registers of L floats: 16 ymm (AVX2); NEON: 32 q registers, two per vector
 #include __FILE__
 }  // namespace dw8
 namespace dw16g {
-constexpr int L = 16, RO = 1, CO = 3, NREG = 8, DCO = 4, KCH = 2, DMAXK = 13;  // two ymm per vector
+constexpr int L = 16, RO = 1, CO = 3, NREG = 8, DCO = 4, KCH = 2, DMAXK = 13, DANY_LAYOUT = 0;  // two ymm per vector
 #include __FILE__
 }  // namespace dw16g
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(DW_NO_AVX512)
@@ -111,7 +112,7 @@ constexpr int DCO = DW_DCO16, KCH = DW_KCH16;
 #else
 constexpr int DCO = 16, KCH = 13;
 #endif
-constexpr int DMAXK = 21;
+constexpr int DMAXK = 21, DANY_LAYOUT = 1;
 #include __FILE__
 }  // namespace dw16
 #undef DW_IN_AVX512
@@ -652,95 +653,107 @@ inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float*
     for (int c = 0; c < DCO; ++c) store(out + c * out_ps, acc[c]);
 }
 
-// Forward / input gradient on channels_last x and y (channels contiguous, C a multiple of L), in DCO-pixel tiles
-// written straight to y. The kernel is repacked once to (C / L, KH, KW, L) by pack_row (as the packed planes'
-// kernels are): a block's kernel in consecutive cache lines. Two ways to read x:
-// - rows_packed false: output rows split over the threads, each row's tiles through all channel blocks, read straight
-//   from x. A block's pixels lie C floats apart (a multiple of 512 bytes for C = 128, 256, 384, ...), so they fall in
-//   a few of L1's sets and a tile's input window (KH x (DCO + KW - 1) lines) does not stay there for the next tile.
-// - rows_packed true: units of (image, channel block, band of output rows) split over the threads; a unit first
-//   copies its block's input rows (the band and its KH - 1 halo rows) into a compact buffer (pixel stride L, one
-//   whole row after another: the window's lines spread over all of L1's sets and stay there from tile to tile and
-//   row to row), then runs the band's tiles from it. Bands are as tall as fits DW_BAND_FLOATS, halved until there
-//   are 4 units per thread. The copy costs about 1.5 ns per 64-byte line in L2 and more where x streams from
-//   memory, which small kernels do not win back (from DPACK_TAPS taps). Measured (2 threads, AVX-512 Xeon, B=1
-//   C=384 R=32 forward, us, straight vs packed rows): K=3 78 vs 103, K=5 110-137 vs 117-132, K=7 198 vs 181, K=9 265
-//   vs 222, K=13 453 vs 369; where x streams from memory (B=16 C=128 R=56) K=5 2076 vs 2876, K=7 4260 vs 4131,
-//   K=13 7776 vs 7679. Packed planes against packed rows (B=1 C=384 R=32): K=17 735 vs 631, K=21 930 vs 859, K=27
-//   1306 vs 1298, K=31 1547 vs 1609 (so DMAXK 21). 8 lanes (same Xeon): K=5 194 vs 200, K=9 522 vs 394, K=13 868 vs
-//   736; planes K=17 1162 vs 1100 (within the noise: DMAXK 13).
+// Forward / input gradient in DCO-pixel tiles. The kernel is repacked once to (C / L, KH, KW, L) by pack_row (as
+// the packed planes' kernels are): a block's kernel in consecutive cache lines. Two ways to read x:
+// - rows_packed false (channels_last x and y, C a multiple of L): output rows split over the threads, each row's
+//   tiles through all channel blocks, read straight from x and written straight to y. A block's pixels lie C floats
+//   apart (a multiple of 512 bytes for C = 128, 256, 384, ...), so they fall in a few of L1's sets and a tile's
+//   input window (KH x (DCO + KW - 1) lines) does not stay there for the next tile.
+// - rows_packed true: units of (image, channel block, band of output rows) split over the threads; a unit first copies
+//   its block's input rows (the band and its KH - 1 halo rows) into a compact buffer (pixel stride L, one whole row
+//   after another: the window's lines spread over all of L1's sets and stay there from tile to tile and row to row),
+//   then runs the band's tiles from it. Any layout: pack_row copies channels_last pixels and transposes NCHW rows (a
+//   partial last block too); the tiles store into a channels_last y of whole blocks, else into one row buffer that
+//   unpack_row writes back (transposed on NCHW). Bands are as tall as fits DW_BAND_FLOATS, halved until there are 4
+//   units per thread. The copy costs about 1.5 ns per 64-byte line in L2 and more where x streams from memory, which
+//   small kernels do not win back (from DPACK_TAPS taps). Measured (2 threads, AVX-512 Xeon, B=1 C=384 R=32
+//   channels_last forward, us, straight vs packed rows): K=3 78 vs 103, K=5 110-137 vs 117-132, K=7 198 vs 181, K=9 265
+//   vs 222, K=13 453 vs 369; where x streams from memory (B=16 C=128 R=56) K=5 2076 vs 2876, K=7 4260 vs 4131, K=13
+//   7776 vs 7679. Packed planes against packed rows (B=1 C=384 R=32): K=17 735 vs 631, K=21 930 vs 859, K=27 1306 vs
+//   1298, K=31 1547 vs 1609 (so DMAXK 21). 8 lanes (same Xeon): K=5 194 vs 200, K=9 522 vs 394, K=13 868 vs 736; planes
+//   K=17 1162 vs 1100 (within the noise: DMAXK 13).
 constexpr int DPACK_TAPS = 49;
 #ifndef DW_BAND_FLOATS
 #define DW_BAND_FLOATS (128 * 1024)
 #endif
-void conv_direct(const float* x, int64_t sN, int64_t sH, int64_t sW, const float* w, int64_t swC, int64_t swH,
-                 int64_t swW, const float* b, float* y, int64_t yN, int64_t yH, int64_t yW, int64_t N, int64_t C,
-                 int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads, bool rows_packed) {
-    Buffer k(KH * KW * C);
-    for (int64_t c0 = 0; c0 < C; c0 += L)
+void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
+                 int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
+                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads,
+                 bool rows_packed) {
+    const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, QT = (W + DCO - 1) / DCO;
+    Buffer k(CB * L * KH * KW), bias(b ? CB * L : 0);
+    for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t lanes = lane_count(C, c0);
         for (int64_t i = 0; i < KH; ++i)
-            pack_row(w + c0 * swC, L, swC, swH, swW, KH, KW, 0, 0, i, k.data() + (c0 * KH + i * L) * KW);
-    const int64_t ph = KH / 2, pw = KW / 2, QT = (W + DCO - 1) / DCO;
-    // one output row p of block c0 in tiles; xr: the input row of kernel row 0 (may lie outside x), pixel 0
-    auto row_tiles = [&](const float* xr, int64_t rs, int64_t ps, int64_t p, int64_t c0, float* yr) {
+            pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, k.data() + (c0 * KH + i * L) * KW);
+        for (int64_t l = 0; b && l < L; ++l) bias[c0 + l] = l < lanes ? b[c0 + l] : 0.f;
+    }
+    // one output row p of block c0 in tiles; xr: the input row of kernel row 0 (may lie outside x), pixel 0; the
+    // tiles store pixel q at yr + q * ops
+    auto row_tiles = [&](const float* xr, int64_t rs, int64_t ps, int64_t p, int64_t c0, float* yr, int64_t ops) {
         const int64_t ky_lo = max64(0, ph - p), ky_hi = min64(KH, H + ph - p);
         const float* kb = k.data() + c0 * KH * KW;
-        const float* bb = b ? b + c0 : nullptr;
+        const float* bb = b ? bias.data() + c0 : nullptr;
         for (int64_t t = 0; t < QT; ++t) {
             const int64_t q = min64(t * DCO, W - DCO);  // the last tile may overlap the one before
             const float* in = xr + (q - pw) * ps;
             if (q < pw || q + DCO + pw > W)
-                direct_tile<true>(in, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * yW, yW, q - pw, W);
+                direct_tile<true>(in, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * ops, ops, q - pw, W);
             else
-                direct_tile<false>(in, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * yW, yW, q - pw, W);
+                direct_tile<false>(in, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * ops, ops, q - pw, W);
         }
     };
-    if (!rows_packed) {
+    if (!rows_packed) {  // channels_last x and y of whole blocks
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t np = 0; np < N * H; ++np) {
             const int64_t n = np / H, p = np % H;
             for (int64_t c0 = 0; c0 < C; c0 += L)
-                row_tiles(x + n * sN + (p - ph) * sH + c0, sH, sW, p, c0, y + n * yN + p * yH + c0);
+                row_tiles(x + n * sN + (p - ph) * sH + c0, sH, sW, p, c0, y + n * yN + p * yH + c0, yW);
         }
         return;
     }
-    const int64_t CB = C / L, RS = W * L;
+    const int64_t RS = W * L;
     int64_t band = max64(1, min64(H, DW_BAND_FLOATS / RS - (KH - 1)));
     while (band > 1 && N * CB * ((H + band - 1) / band) < 4 * nthreads) band = (band + 1) / 2;
     const int64_t NB = (H + band - 1) / band;
 #pragma omp parallel num_threads(nthreads)
     {
-        Buffer buf((band + KH - 1) * RS);
+        Buffer buf((band + KH - 1) * RS), orow(RS);
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < N * CB * NB; ++u) {
             const int64_t n = u / (CB * NB), c0 = (u / NB) % CB * L, p0 = u % NB * band, p1 = min64(H, p0 + band);
             const int64_t r0 = max64(0, p0 - ph), r1 = min64(H, p1 + KH - 1 - ph);  // the input rows the band reads
-            for (int64_t r = r0; r < r1; ++r) {
-                const float* src = x + n * sN + r * sH + c0;
-                float* dst = buf.data() + (r - r0) * RS;
-                for (int64_t i = 0; i < W; ++i) store(dst + i * L, load(src + i * sW));
+            const int64_t lanes = lane_count(C, c0);
+            for (int64_t r = r0; r < r1; ++r)
+                pack_row(x + n * sN + c0 * sC, lanes, sC, sH, sW, H, W, 0, 0, r, buf.data() + (r - r0) * RS);
+            const bool straight = yC == 1 && lanes == L;  // channels_last output: the tiles store into y
+            for (int64_t p = p0; p < p1; ++p) {
+                float* yr = y + n * yN + c0 * yC + p * yH;
+                row_tiles(buf.data() + (p - ph - r0) * RS, RS, L, p, c0, straight ? yr : orow.data(),
+                          straight ? yW : L);
+                if (!straight) unpack_row(orow.data(), lanes, W, yr, yC, yW);
             }
-            for (int64_t p = p0; p < p1; ++p)
-                row_tiles(buf.data() + (p - ph - r0) * RS, RS, L, p, c0, y + n * yN + p * yH + c0);
         }
     }
 }
 
 // Which way conv_fused computes a call (dw_conv_path): 2 swapped roles (a kernel at least twice the map); the direct
-// channels_last tiles (conv_direct: x and y with channels contiguous, whole L-channel blocks, rows of at least DCO
-// pixels, kernels up to DMAXK), 3 from packed rows from DPACK_TAPS taps (7x7) up, else 1 straight from x; else 0
-// packed planes. The direct tiles against packed planes (2 threads, B=1 C=384 R=32, channels_last, forward, us):
-// AVX-512 straight from x K=3 74 vs 202, K=5 121 vs 252; from packed rows K=7 181 vs 293, K=9 222 vs 350, K=13 369
-// vs 528, K=17 631 vs 735, K=21 859 vs 930; past that the packed planes win (their 4-row tiles share input loads and
-// skip whole tiles of padding); the 8-lane variant built for AVX2 K=3 122 vs 247, K=9 394 vs 538 (packed rows), K=17
-// 1100 vs 1162 (planes). Against oneDNN's channels_last kernel they win where the tensors stay in cache (B=1 C=384
-// R=32, K=3 74 vs 100 us) and not always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms): the
-// dispatcher times it.
+// tiles (conv_direct: rows of at least DCO pixels, kernels up to DMAXK): 3 from packed rows from DPACK_TAPS taps (7x7)
+// up on channels_last x and y (on any layout where DANY_LAYOUT: NCHW forward, 2 threads, B=1 C=384 R=32, us, planes vs
+// packed rows, AVX-512 K=7 233 vs 168, K=13 449 vs 344, K=21 838 vs 785; 8 lanes K=13 624-709 vs 652-915), else 1
+// straight from channels_last x and y of whole L-channel blocks; else 0 packed planes. The direct tiles against packed
+// planes (2 threads, B=1 C=384 R=32, channels_last, forward, us): AVX-512 straight from x K=3 74 vs 202, K=5 121 vs
+// 252; from packed rows K=7 181 vs 293, K=9 222 vs 350, K=13 369 vs 528, K=17 631 vs 735, K=21 859 vs 930; past that
+// the packed planes win (their 4-row tiles share input loads and skip whole tiles of padding); the 8-lane variant built
+// for AVX2 K=3 122 vs 247, K=9 394 vs 538 (packed rows), K=17 1100 vs 1162 (planes). Against oneDNN's channels_last
+// kernel they win where the tensors stay in cache (B=1 C=384 R=32, K=3 74 vs 100 us) and not always where they stream
+// from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms): the dispatcher times it.
 inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW) {
     if (swap_roles(H, W, KH, KW)) return 2;
-    if (sC == 1 && yC == 1 && C % L == 0 && W >= DCO && KH <= DMAXK && KW <= DMAXK)
-        return KH * KW >= DPACK_TAPS ? 3 : 1;
-    return 0;
+    if (W < DCO || KH > DMAXK || KW > DMAXK) return 0;
+    const bool cl = sC == 1 && yC == 1;
+    if (KH * KW >= DPACK_TAPS && (cl || DANY_LAYOUT)) return 3;
+    return cl && C % L == 0 ? 1 : 0;
 }
 
 void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
@@ -748,7 +761,8 @@ void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, 
                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
     const int path = conv_path(sC, yC, C, H, W, KH, KW);
     if (path == 1 || path == 3)
-        return conv_direct(x, sN, sH, sW, w, swC, swH, swW, b, y, yN, yH, yW, N, C, H, W, KH, KW, nthreads, path == 3);
+        return conv_direct(x, sN, sC, sH, sW, w, swC, swH, swW, b, y, yN, yC, yH, yW, N, C, H, W, KH, KW, nthreads,
+                           path == 3);
     const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
     const bool swap = swap_roles(H, W, KH, KW);
     const int64_t G = blocks_per_line(sC == 1 || yC == 1), CBG = (CB + G - 1) / G;
