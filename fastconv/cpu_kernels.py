@@ -4,8 +4,9 @@ The C++ kernel is plain C ABI, built once with the system C++ compiler (a few se
 cache directory keyed by source hash, flags, compiler and CPU) and called through ``ctypes`` (which releases the
 GIL). Per (image, L-channel block) plane it packs a cache-resident channel-blocked copy and computes forward, input
 gradient and weight gradient with one register-tiled correlation (see the source); the forward and input gradient
-of channels_last tensors of whole channel blocks and kernels up to 13 run straight on the tensors instead
-(``cpp_conv_path``). L, the lane width, is chosen at
+of kernels up to 13 (21 on AVX-512) on rows at least one tile wide run in direct tiles of output pixels instead:
+straight on channels_last tensors of whole channel blocks, or from 7x7 on a compact copy of each block's rows
+(channels_last, or any layout with AVX-512) (``cpp_conv_path``). L, the lane width, is chosen at
 run time (``cpu_lanes``): 16 (the AVX-512 variant) on a CPU that reports avx512f, else 8; ``$FASTCONV_CPU_LANES`` =
 8 or 16 forces one (16 on a CPU without AVX-512 runs the same 16-lane code lowered to pairs of 256-bit vectors: how
 the tests check it on an AVX2 machine). Built with OpenMP, its loops run on PyTorch's own OpenMP pool: measured on
@@ -217,7 +218,7 @@ def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: 
              lanes: int | None = None) -> torch.Tensor:
     """Depthwise same conv of ``x`` (N,C,H,W any format) with ``w`` (C,1,KH,KW) (flipped in both axes if ``flip``:
     the input gradient) through the C++ kernel in one fused pass (``dw_conv_fused``: per-plane packing, the
-    register-tiled correlation and the write-back, or the direct channels_last tiles: ``cpp_conv_path``); returns an
+    register-tiled correlation and the write-back, or the direct tiles: ``cpp_conv_path``); returns an
     (N,C,H,W) tensor in ``x``'s memory format.
     ``lanes``: 8 or 16 forces a lane width (default ``cpu_lanes()``)."""
     lib = cpp_library()

@@ -210,11 +210,12 @@ def _expected_direct_path(kernel, channels_last: bool) -> str:
     ((1, 32, 23, 17), (17, 21)),  # AVX-512: packed rows up to 21 (the bands' halos cut by both map edges); else planes
 ])
 def test_direct_channels_last_tiles_match_conv2d_in_float64(lanes, shape, kernel, monkeypatch, one_thread):
-    """The C++ forward and input gradient straight on channels_last tensors (no packed planes): forward, input and
-    weight gradient vs F.conv2d in float64 (the autograd check, whose output gradient is NCHW), the input gradient
-    on a channels_last output gradient (the direct tiles with the flipped kernel) vs F.conv2d with the flipped kernel,
-    and the forward against the same call through packed planes (its NCHW copy; the same sums in the same order, up
-    to a multiply-add left unfused); a channels_last view (every second column) runs the direct tiles as well, and
+    """The C++ forward and input gradient in direct tiles on channels_last tensors (packed planes for the 17 x 21
+    kernel without AVX-512): forward, input and weight gradient vs F.conv2d in float64 (the autograd check, whose
+    output gradient is NCHW), the input gradient on a channels_last output gradient (the direct tiles with the
+    flipped kernel) vs F.conv2d with the flipped kernel, and the forward against the same call on its NCHW copy
+    (packed planes, or from 7x7 with AVX-512 packed rows; the same sums in the same order, up to a multiply-add left
+    unfused); a channels_last view (every second column) runs the direct tiles as well, and
     two threads give the one thread's numbers exactly. From 49 taps (7x7) the tiles read a compact copy of each
     channel block's rows, in bands of output rows (at least 4 bands per thread: here bands of 1-12 rows, their halos
     cut by the map's edges; a different banding on two threads)."""
@@ -249,8 +250,9 @@ def test_packed_rows_read_and_write_any_layout_in_float64(lanes, layout, monkeyp
     """The direct tiles from packed rows read any layout through pack_row (transposes on NCHW rows, copies on
     channels_last, scalar for other strides and the last, partial channel block) and write any layout (straight into
     a channels_last output of whole blocks, else through one row buffer and unpack_row). C = 24: a block and a half
-    with 16 lanes, three blocks with 8; a 9 x 7 kernel. Forward, input and weight gradient vs F.conv2d in float64,
-    the flipped kernel of the input gradient, and two threads bit-equal to one (8 lanes run NCHW on the planes)."""
+    with 16 lanes, three blocks with 8; a 9 x 7 kernel. Forward, input and weight gradient vs F.conv2d in float64
+    (through autograd, on a dense copy of the input: the strided view's own forward must equal it bit for bit), the
+    flipped kernel of the input gradient, and two threads bit-equal to one (8 lanes run NCHW on the planes)."""
     _need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     g = torch.Generator().manual_seed(24)

@@ -4,7 +4,7 @@
 // the GIL. A "plane" is one (image, block of L channels) slice stored (rows, cols, L) contiguous (oneDNN's nChw8c /
 // nChw16c for one block). Each OpenMP thread (PyTorch's own pool, see dw_has_openmp) packs its planes from the
 // tensors' own layout (any strides) into cache-resident buffers, correlates, and writes the result back in place;
-// the forward / input gradient of kernels up to 13 (21) runs in direct tiles of output pixels instead (conv_path).
+// the forward / input gradient of kernels up to 13 (21) mostly runs in direct tiles of output pixels (conv_path).
 //
 // One primitive serves all three passes of a "same" depthwise convolution (RepLKNet, Ding et al. CVPR 2022, Sec. 3):
 //   forward      y  = corr(x_pad,  w)                        (kernel KHxKW, output HxW)
@@ -181,7 +181,8 @@ void dw_wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t 
 
 // Forward (or, with a flipped weight view, input gradient) in one pass: per (image, L-channel block) plane, a
 // thread packs the padded input plane and its L-lane weight vectors into its own buffers (cache-resident),
-// correlates, and writes the plane to y in y's own layout (or, see dw_conv_path, the direct channels_last tiles). x (N, C, H, W) and y (N, C, H, W) with element strides; w
+// correlates, and writes the plane to y in y's own layout (or, see dw_conv_path, the direct tiles). x (N, C, H, W)
+// and y (N, C, H, W) with element strides; w
 // is (C, KH, KW) with strides (swC, swH, swW) (negative for the flipped kernel); b (C) contiguous or null.
 void dw_conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
                    int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
@@ -597,7 +598,7 @@ void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 // 7x7 K=13 1.36x, 16x16 K=31 1.21x, 8x8 K=29 1.47x, 4x4 K=27 1.63x.
 inline bool swap_roles(int64_t H, int64_t W, int64_t KH, int64_t KW) { return KH >= 2 * H - 1 && KW >= 2 * W - 1; }
 
-// ---------------------------------------------------------------------------------- direct channels_last forward
+// ------------------------------------------------------------------------------------------ direct tiles forward
 // Kernel columns [k0, k0 + KC) of one kernel row for one tile of DCO output pixels (direct_tile): the KC weight
 // vectors stay in registers and each input vector of the chunk's window (DCO + KC - 1 pixels) is loaded once and
 // feeds the up to KC outputs it reaches, in ascending kernel column per output. row: input pixel x0 of the window
@@ -629,10 +630,10 @@ __attribute__((always_inline)) inline void direct_rest(int r, vec (&acc)[DCO], c
     direct_chunk<KC, EDGE>(acc, row, ps, kr, x0, W);
 }
 
-// One row of DCO output pixels of one L-channel block, straight from a channels_last tensor: acc[c] += in[ky][c + kx]
-// * k[ky][kx] over kernel rows [ky_lo, ky_hi) and all kernel columns, in the planar kernel's order (input row, then
-// kernel column), the columns in chunks of KCH (weights in registers). in: input pixel x0 = q - pw of kernel row 0
-// (row stride in_rs, pixel stride ps floats); k: the block's (KH, KW) vectors.
+// One row of DCO output pixels of one L-channel block, from a channels_last tensor or a block's packed rows:
+// acc[c] += in[ky][c + kx] * k[ky][kx] over kernel rows [ky_lo, ky_hi) and all kernel columns, in the planar
+// kernel's order (input row, then kernel column), the columns in chunks of KCH (weights in registers). in: input
+// pixel x0 = q - pw of kernel row 0 (row stride in_rs, pixel stride ps floats); k: the block's (KH, KW) vectors.
 template <bool EDGE>
 inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float* k, int64_t KW, int64_t ky_lo,
                         int64_t ky_hi, const float* bias, float* out, int64_t out_ps, int64_t x0, int64_t W) {
@@ -653,8 +654,8 @@ inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float*
     for (int c = 0; c < DCO; ++c) store(out + c * out_ps, acc[c]);
 }
 
-// Forward / input gradient in DCO-pixel tiles. The kernel is repacked once to (C / L, KH, KW, L) by pack_row (as
-// the packed planes' kernels are): a block's kernel in consecutive cache lines. Two ways to read x:
+// Forward / input gradient in DCO-pixel tiles. The kernel is repacked once to (ceil(C / L), KH, KW, L) by pack_row
+// (as the packed planes' kernels are): a block's kernel in consecutive cache lines. Two ways to read x:
 // - rows_packed false (channels_last x and y, C a multiple of L): output rows split over the threads, each row's
 //   tiles through all channel blocks, read straight from x and written straight to y. A block's pixels lie C floats
 //   apart (a multiple of 512 bytes for C = 128, 256, 384, ...), so they fall in a few of L1's sets and a tile's
