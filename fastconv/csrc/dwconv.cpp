@@ -741,14 +741,16 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 // Which way conv_fused computes a call (dw_conv_path): 2 swapped roles (a kernel at least twice the map); the direct
 // tiles (conv_direct: rows of at least DCO pixels, kernels up to DMAXK): 3 from packed rows from DPACK_TAPS taps (7x7)
 // up on channels_last x and y (on any layout where DANY_LAYOUT: NCHW forward, 2 threads, B=1 C=384 R=32, us, planes vs
-// packed rows, AVX-512 K=7 233 vs 168, K=13 449 vs 344, K=21 838 vs 785; 8 lanes K=13 624-709 vs 652-915), else 1
-// straight from channels_last x and y of whole L-channel blocks; else 0 packed planes. The direct tiles against packed
-// planes (2 threads, B=1 C=384 R=32, channels_last, forward, us): AVX-512 straight from x K=3 74 vs 202, K=5 121 vs
-// 252; from packed rows K=7 181 vs 293, K=9 222 vs 350, K=13 369 vs 528, K=17 631 vs 735, K=21 859 vs 930; past that
-// the packed planes win (their 4-row tiles share input loads and skip whole tiles of padding); the 8-lane variant built
-// for AVX2 K=3 122 vs 247, K=9 394 vs 538 (packed rows), K=17 1100 vs 1162 (planes). Against oneDNN's channels_last
-// kernel they win where the tensors stay in cache (B=1 C=384 R=32, K=3 74 vs 100 us) and not always where they stream
-// from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms): the dispatcher times it.
+// packed rows, AVX-512 K=7 233 vs 168, K=13 449 vs 344, K=21 838 vs 785; B=4: K=13 1754 vs 1363, K=21 3246 vs 2818; B=8
+// C=128 R=56: K=7 1850 vs 1564, K=13 3619 vs 3301, but K=17 5045 vs 5313, K=21 7203 vs 7615, and on channels_last there
+// K=17 6265 vs 5929, K=21 8328 vs 8270; K=27 / 31 stay on the planes at every size measured; 8 lanes K=13 624-709 vs
+// 652-915), else 1 straight from channels_last x and y of whole L-channel blocks; else 0 packed planes. The direct
+// tiles against packed planes (2 threads, B=1 C=384 R=32, channels_last, forward, us): AVX-512 straight from x K=3 74
+// vs 202, K=5 121 vs 252; from packed rows K=7 181 vs 293, K=9 222 vs 350, K=13 369 vs 528, K=17 631 vs 735, K=21 859
+// vs 930; past that the packed planes win (their 4-row tiles share input loads and skip whole tiles of padding); the
+// 8-lane variant built for AVX2 K=3 122 vs 247, K=9 394 vs 538 (packed rows), K=17 1100 vs 1162 (planes). Against
+// oneDNN's channels_last kernel they win where the tensors stay in cache (B=1 C=384 R=32, K=3 74 vs 100 us) and not
+// always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms): the dispatcher times it.
 inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW) {
     if (swap_roles(H, W, KH, KW)) return 2;
     if (W < DCO || KH > DMAXK || KW > DMAXK) return 0;
