@@ -105,6 +105,10 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     lib.dw_variant.restype = ctypes.c_int
     lib.dw_conv_path.argtypes = [i64] * 8
     lib.dw_conv_path.restype = ctypes.c_int
+    lib.dw_row_bands.argtypes = [i64] * 7
+    lib.dw_row_bands.restype = i64
+    lib.dw_wgrad_slices.argtypes = [i64] * 4
+    lib.dw_wgrad_slices.restype = i64
     return lib
 
 
@@ -188,6 +192,20 @@ def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) ->
     n, c, h, wd = x.shape
     y_stride = torch.empty_like(x, dtype=torch.float32, device="meta").stride()  # cpp_conv's output layout
     return CONV_PATHS[lib.dw_conv_path(x.stride(1), y_stride[1], c, h, wd, *w.shape[-2:], _requested_lanes(lanes))]
+
+
+def cpp_work_split(x: torch.Tensor, w: torch.Tensor, threads: int | None = None,
+                   lanes: int | None = None) -> dict[str, int]:
+    """How the C++ kernel splits a call over ``threads`` (default torch's): ``row_bands``, the bands of output rows
+    per (image, channel block) of the direct tiles on packed rows (as tall as fit the band buffer, then at least 4
+    units per thread, then whole rounds of units where up to twice the bands give them); ``wgrad_slices``, the
+    slices of the images per group of channel blocks in the weight gradient (split where there are fewer groups than
+    4; the slices are added in order, so the numbers do not depend on the thread count)."""
+    lib = cpp_library()
+    n, c, h, wd = x.shape
+    ln = _requested_lanes(lanes)
+    return {"row_bands": int(lib.dw_row_bands(n, c, h, wd, w.shape[-2], threads or _threads(), ln)),
+            "wgrad_slices": int(lib.dw_wgrad_slices(n, c, int(x.stride(1) == 1), ln))}
 
 
 def cpp_available() -> bool:

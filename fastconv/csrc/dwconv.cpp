@@ -164,8 +164,9 @@ int dw_variant(int64_t lanes) {
 }
 
 // Weight gradient: gw (C, KH, KW) contiguous = sum_n corr(x_pad[n, c], g[n, c]) with x, g (N, C, H, W) given by
-// element strides. Per L-channel block a thread packs each image's padded input plane and output-gradient plane
-// into its own buffers and accumulates the (KH, KW, L) correlation, then writes it out.
+// element strides. Per L-channel block (and slice of the images where there are few blocks: wgrad_slices) a thread
+// packs each image's padded input plane and output-gradient plane into its own buffers and accumulates the
+// (KH, KW, L) correlation, then writes it out.
 void dw_wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
                     int64_t gC, int64_t gH, int64_t gW, float* gw, int64_t N, int64_t C, int64_t H, int64_t W,
                     int64_t KH, int64_t KW, int64_t nthreads, int64_t lanes) {
@@ -211,6 +212,29 @@ int dw_conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, int64_
         case 16: return dw16::conv_path(sC, yC, C, H, W, KH, KW);
 #endif
         case 17: return dw16g::conv_path(sC, yC, C, H, W, KH, KW);
+        default: return -1;
+    }
+}
+
+// The work split of a call (what conv_direct and wgrad_fused compute from the same arguments; -1 for an invalid
+// lane request): row bands per (image, channel block) of the packed rows, weight-gradient slices of the images.
+int64_t dw_row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t nthreads, int64_t lanes) {
+    switch (dw_variant(lanes)) {
+        case 8: return dw8::row_bands(N, C, H, W, KH, nthreads);
+#if DW_HAS_AVX512
+        case 16: return dw16::row_bands(N, C, H, W, KH, nthreads);
+#endif
+        case 17: return dw16g::row_bands(N, C, H, W, KH, nthreads);
+        default: return -1;
+    }
+}
+int64_t dw_wgrad_slices(int64_t N, int64_t C, int64_t channels_inner, int64_t lanes) {
+    switch (dw_variant(lanes)) {
+        case 8: return dw8::wgrad_slices(N, C, channels_inner);
+#if DW_HAS_AVX512
+        case 16: return dw16::wgrad_slices(N, C, channels_inner);
+#endif
+        case 17: return dw16g::wgrad_slices(N, C, channels_inner);
         default: return -1;
     }
 }
@@ -557,18 +581,41 @@ inline int64_t blocks_per_line(bool channels_inner) {
     return channels_inner && L * sizeof(float) < 64 ? 64 / (L * sizeof(float)) : 1;
 }
 
+// The weight gradient's units: groups of G blocks (one cache line of a channels-innermost tensor), each over a slice
+// of the images. Fewer than WG_UNITS groups are split into up to WG_UNITS / groups slices, which sum their images in
+// order and are then added in order: the same numbers on any thread count. Measured (2 threads, AVX-512 Xeon,
+// channels_last, K=13 / K=31, us): B=64 C=16 R=16 (one block: one unit kept a thread idle) 430 -> 231 / 1059 -> 577;
+// B=8 C=48 R=32 516 -> 401 / 1771 -> 1391; 16 units (C=32: 2 groups x 8 slices) lost 3-10 % to the partial sums.
+#ifndef WG_UNITS
+#define WG_UNITS 4
+#endif
+inline int64_t wgrad_slices(int64_t N, int64_t C, bool channels_inner) {
+    const int64_t CB = (C + L - 1) / L, G = blocks_per_line(channels_inner), CBG = (CB + G - 1) / G;
+    return max64(1, min64(N, (WG_UNITS + CBG - 1) / CBG));
+}
+
 void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
                  int64_t gC, int64_t gH, int64_t gW, float* gw, int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH,
                  int64_t KW, int64_t nthreads) {
     const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
-    const int64_t G = blocks_per_line(sC == 1 || gC == 1), CBG = (CB + G - 1) / G;
+    const int64_t G = blocks_per_line(sC == 1 || gC == 1), CBG = (CB + G - 1) / G, KS = G * KH * KW * L;
+    const int64_t S = wgrad_slices(N, C, sC == 1 || gC == 1);
+    Buffer part(S > 1 ? CBG * S * KS : 0);  // unit u's (KH, KW, L) sums per block of its group at u * KS
+    auto write_group = [&](const float* a, int64_t cbg) {  // a group's sums into gw (C, KH, KW)
+        for (int64_t c0 = cbg * G * L; c0 < min64(C, (cbg + 1) * G * L); c0 += L)
+            for (int64_t i = 0; i < KH; ++i)
+                unpack_row(a + ((c0 / L - cbg * G) * KH + i) * KW * L, lane_count(C, c0), KW,
+                           gw + c0 * KH * KW + i * KW, KH * KW, 1);
+    };
 #pragma omp parallel num_threads(nthreads)
     {
-        Buffer xin(Hp * Wp * L), gin(H * W * L), acc(G * KH * KW * L);
+        Buffer xin(Hp * Wp * L), gin(H * W * L), acc(KS);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t cbg = 0; cbg < CBG; ++cbg) {
+        for (int64_t u = 0; u < CBG * S; ++u) {
+            const int64_t cbg = u / S, n0 = u % S * N / S, n1 = (u % S + 1) * N / S;
             const int64_t nb = CB - cbg * G < G ? CB - cbg * G : G;  // blocks in this group
-            for (int64_t n = 0; n < N; ++n)
+            float* a = S > 1 ? part.data() + u * KS : acc.data();
+            for (int64_t n = n0; n < n1; ++n)
                 for (int64_t k = 0; k < nb; ++k) {
                     const int64_t c0 = (cbg * G + k) * L, lanes = lane_count(C, c0);
                     for (int64_t r = ph; r < ph + H; ++r)
@@ -576,13 +623,19 @@ void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                                  false);
                     for (int64_t r = 0; r < H; ++r)
                         pack_row(g + n * gN + c0 * gC, lanes, gC, gH, gW, H, W, 0, 0, r, gin.data() + r * W * L);
-                    corr_plane(xin.data(), gin.data(), acc.data() + k * KH * KW * L, KH, KW, H, W, nullptr, n > 0, ph,
-                               ph + H, pw, pw + W);
+                    corr_plane(xin.data(), gin.data(), a + k * KH * KW * L, KH, KW, H, W, nullptr, n > n0, ph, ph + H,
+                               pw, pw + W);
                 }
-            for (int64_t k = 0; k < nb; ++k) {
-                const int64_t c0 = (cbg * G + k) * L, lanes = lane_count(C, c0);
-                for (int64_t i = 0; i < KH; ++i)
-                    unpack_row(acc.data() + (k * KH + i) * KW * L, lanes, KW, gw + c0 * KH * KW + i * KW, KH * KW, 1);
+            if (S == 1) write_group(acc.data(), cbg);
+        }
+        if (S > 1) {
+#pragma omp for schedule(static)
+            for (int64_t cbg = 0; cbg < CBG; ++cbg) {  // the slices' sums, added in slice order
+                const float* p0 = part.data() + cbg * S * KS;
+                for (int64_t i = 0; i < KS; ++i) acc[i] = p0[i];
+                for (int64_t s = 1; s < S; ++s)
+                    for (int64_t i = 0; i < KS; ++i) acc[i] += p0[s * KS + i];
+                write_group(acc.data(), cbg);
             }
         }
     }
@@ -665,8 +718,9 @@ inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float*
 //   after another: the window's lines spread over all of L1's sets and stay there from tile to tile and row to row),
 //   then runs the band's tiles from it. Any layout: pack_row copies channels_last pixels and transposes NCHW rows (a
 //   partial last block too); the tiles store into a channels_last y of whole blocks, else into one row buffer that
-//   unpack_row writes back (transposed on NCHW). Bands are as tall as fits DW_BAND_FLOATS, halved until there are 4
-//   units per thread. The copy costs about 1.5 ns per 64-byte line in L2 and more where x streams from memory, which
+//   unpack_row writes back (transposed on NCHW). The bands: row_bands (as tall as fit DW_BAND_FLOATS, at least 4
+//   units per thread, whole rounds of units). The copy costs about 1.5 ns per 64-byte line in L2 and more where x
+//   streams from memory, which
 //   small kernels do not win back (from DPACK_TAPS taps). Measured (2 threads, AVX-512 Xeon, B=1 C=384 R=32
 //   channels_last forward, us, straight vs packed rows): K=3 78 vs 103, K=5 110-137 vs 117-132, K=7 198 vs 181, K=9 265
 //   vs 222, K=13 453 vs 369; where x streams from memory (B=16 C=128 R=56) K=5 2076 vs 2876, K=7 4260 vs 4131, K=13
@@ -677,18 +731,35 @@ constexpr int DPACK_TAPS = 49;
 #ifndef DW_BAND_FLOATS
 #define DW_BAND_FLOATS (128 * 1024)
 #endif
+// How many bands of output rows conv_direct's packed rows cut each (image, channel block) into: bands as tall as fit
+// DW_BAND_FLOATS with their halo, halved until there are 4 units per thread, then up to twice as many bands where
+// that gives every thread the same number of units (9 units on 2 threads left one idle for a ninth of the time).
+// Measured (2 threads, AVX-512 Xeon, B=1 C=48 R=96: 9 units -> 12, forward, us): channels_last K=13 632 -> 519, K=21
+// 1284 -> 1136; NCHW K=13 508 -> 431, K=21 1186 -> 1047. Each thread packs its share of the blocks' kernels (B=1
+// C=384 R=16 K=21 NCHW 176 -> 167 us).
+inline int64_t row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t nthreads) {
+    const int64_t CB = (C + L - 1) / L;
+    int64_t band = max64(1, min64(H, DW_BAND_FLOATS / (W * L) - (KH - 1)));
+    while (band > 1 && N * CB * ((H + band - 1) / band) < 4 * nthreads) band = (band + 1) / 2;
+    const int64_t nb0 = (H + band - 1) / band;
+    for (int64_t nb = nb0; nb <= min64(H, 2 * nb0); ++nb) {
+        const int64_t rows = (H + nb - 1) / nb, bands = (H + rows - 1) / rows;
+        if (N * CB * bands % nthreads == 0) return bands;
+    }
+    return nb0;
+}
 void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
                  int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads,
                  bool rows_packed) {
     const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, QT = (W + DCO - 1) / DCO;
     Buffer k(CB * L * KH * KW), bias(b ? CB * L : 0);
-    for (int64_t c0 = 0; c0 < C; c0 += L) {
+    auto pack_kernel = [&](int64_t c0) {  // one block's kernel and bias; the threads share the blocks
         const int64_t lanes = lane_count(C, c0);
         for (int64_t i = 0; i < KH; ++i)
             pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, k.data() + (c0 * KH + i * L) * KW);
         for (int64_t l = 0; b && l < L; ++l) bias[c0 + l] = l < lanes ? b[c0 + l] : 0.f;
-    }
+    };
     // one output row p of block c0 in tiles; xr: the input row of kernel row 0 (may lie outside x), pixel 0; the
     // tiles store pixel q at yr + q * ops
     auto row_tiles = [&](const float* xr, int64_t rs, int64_t ps, int64_t p, int64_t c0, float* yr, int64_t ops) {
@@ -705,20 +776,24 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
         }
     };
     if (!rows_packed) {  // channels_last x and y of whole blocks
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t np = 0; np < N * H; ++np) {
-            const int64_t n = np / H, p = np % H;
-            for (int64_t c0 = 0; c0 < C; c0 += L)
-                row_tiles(x + n * sN + (p - ph) * sH + c0, sH, sW, p, c0, y + n * yN + p * yH + c0, yW);
+#pragma omp parallel num_threads(nthreads)
+        {
+#pragma omp for schedule(static)
+            for (int64_t cb = 0; cb < CB; ++cb) pack_kernel(cb * L);
+#pragma omp for schedule(static)
+            for (int64_t np = 0; np < N * H; ++np) {
+                const int64_t n = np / H, p = np % H;
+                for (int64_t c0 = 0; c0 < C; c0 += L)
+                    row_tiles(x + n * sN + (p - ph) * sH + c0, sH, sW, p, c0, y + n * yN + p * yH + c0, yW);
+            }
         }
         return;
     }
-    const int64_t RS = W * L;
-    int64_t band = max64(1, min64(H, DW_BAND_FLOATS / RS - (KH - 1)));
-    while (band > 1 && N * CB * ((H + band - 1) / band) < 4 * nthreads) band = (band + 1) / 2;
-    const int64_t NB = (H + band - 1) / band;
+    const int64_t RS = W * L, NB = row_bands(N, C, H, W, KH, nthreads), band = (H + NB - 1) / NB;
 #pragma omp parallel num_threads(nthreads)
     {
+#pragma omp for schedule(static)
+        for (int64_t cb = 0; cb < CB; ++cb) pack_kernel(cb * L);
         Buffer buf((band + KH - 1) * RS), orow(RS);
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < N * CB * NB; ++u) {
