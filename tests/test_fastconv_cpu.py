@@ -273,20 +273,20 @@ def test_packed_rows_read_and_write_any_layout_in_float64(lanes, layout, monkeyp
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_packed_row_bands_give_every_thread_the_same_number_of_units(layout, monkeypatch, one_thread):
-    """C = 48 (three 16-lane blocks), 96 x 96, 7 x 7: bands of up to 79 rows fit the band buffer, 2 bands -> 6 units,
-    halved to 3 bands -> 9 units (on 2 threads one of them ran 5), so 4 bands -> 12 units; on one thread the 2 bands.
-    The numbers do not depend on the banding: forward, input and weight gradient vs F.conv2d in float64, and two
-    threads (4 bands) bit-equal to one (2 bands)."""
+    """C = 48 (three 16-lane blocks), 90 x 90, 7 x 7: bands of up to 85 rows fit the band buffer, 2 bands -> 6 units,
+    halved to 3 bands -> 9 units (on 2 threads one of them ran 5), so 4 bands (23, 23, 23 and a short 21 rows) -> 12
+    units; on one thread the 2 bands. The numbers do not depend on the banding: forward, input and weight gradient
+    vs F.conv2d in float64, and two threads (4 bands) bit-equal to one (2 bands). NCHW runs packed rows with AVX-512
+    only (16 lanes lowered to AVX2 run it on the planes)."""
     _need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, "16")
     g = torch.Generator().manual_seed(48)
-    x = torch.randn(1, 48, 96, 96, generator=g)
+    x = torch.randn(1, 48, 90, 90, generator=g)
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
     w, b = torch.randn(48, 1, 7, 7, generator=g), torch.randn(48, generator=g)
     assert ck.cpp_work_split(x, w, threads=2)["row_bands"] == 4 and ck.cpp_work_split(x, w, threads=1)["row_bands"] == 2
     assert ck.cpp_work_split(torch.empty(1, 384, 32, 32), torch.empty(384, 1, 13, 13), threads=2)["row_bands"] == 1
-    path = ck.cpp_conv_path(x, w)
-    assert path == _expected_direct_path((7, 7), channels_last=layout == "channels_last")
+    assert ck.cpp_conv_path(x, w) == _expected_direct_path((7, 7), channels_last=layout == "channels_last")
     y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
     one, flipped = ck.cpp_conv(x, w, b), ck.cpp_conv(x, w, None, flip=True)
     assert torch.equal(one, y.detach())
@@ -295,22 +295,29 @@ def test_packed_row_bands_give_every_thread_the_same_number_of_units(layout, mon
 
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_weight_gradient_slices_the_images_of_few_channel_blocks(lanes, layout, monkeypatch, one_thread):
-    """C = 16 is one channel group (one 16-lane block, or two 8-lane blocks sharing a cache line on channels_last;
-    two groups on NCHW with 8 lanes): the weight gradient's images are cut into min(N, ceil(4 / groups)) slices, here
-    of 1, 1, 1, 2 (or 2, 3) of N = 5 images, summed in order. vs float64, and the same numbers on 1 and 2 threads;
-    C = 64 keeps one slice."""
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
+@pytest.mark.parametrize("channels", [16, 24])
+def test_weight_gradient_slices_the_images_of_few_channel_blocks(channels, lanes, layout, monkeypatch, one_thread):
+    """Few channel groups (a group: one block, or with 8 lanes on a channels-innermost tensor the two blocks of a cache
+    line): the weight gradient cuts the N = 5 images into min(N, ceil(4 / groups)) slices, summed in order. C = 16:
+    one 16-lane block, two 8-lane blocks (one group on channels_last, two on NCHW); C = 24: a block and a half, or
+    three 8-lane blocks (two groups, the last of one block, on channels_last). "mixed": NCHW input, channels_last
+    output gradient (the kernel groups blocks when either is channels-innermost). vs float64, and the same numbers on
+    1 and 2 threads; C = 64 keeps one slice."""
     _need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
-    g = torch.Generator().manual_seed(16)
-    x, gy = torch.randn(5, 16, 12, 14, generator=g), torch.randn(5, 16, 12, 14, generator=g)
-    if layout == "channels_last":
-        x, gy = x.contiguous(memory_format=torch.channels_last), gy.contiguous(memory_format=torch.channels_last)
-    groups = 2 if (lanes, layout) == ("8", "nchw") else 1
-    assert ck.cpp_work_split(x, torch.empty(16, 1, 9, 7))["wgrad_slices"] == (2 if groups == 2 else 4)
+    g = torch.Generator().manual_seed(channels)
+    x, gy = (torch.randn(5, channels, 12, 14, generator=g) for _ in range(2))
+    cl = torch.channels_last
+    if layout != "nchw":
+        gy = gy.contiguous(memory_format=cl)
+        x = x.contiguous(memory_format=cl) if layout == "channels_last" else x
+    blocks = -(-channels // int(lanes))
+    groups = -(-blocks // 2) if lanes == "8" and layout != "nchw" else blocks
+    slices = min(5, -(-4 // groups))
+    assert ck.cpp_work_split(x, torch.empty(channels, 1, 9, 7), gy)["wgrad_slices"] == slices > 1
     assert ck.cpp_work_split(torch.empty(5, 64, 12, 14), torch.empty(64, 1, 9, 7))["wgrad_slices"] == 1
-    exp = torch.nn.grad.conv2d_weight(x.double(), (16, 1, 9, 7), gy.double(), padding=(4, 3), groups=16)
+    exp = torch.nn.grad.conv2d_weight(x.double(), (channels, 1, 9, 7), gy.double(), padding=(4, 3), groups=channels)
     one = ck.cpp_weight_grad(x, gy, 9, 7)
     assert _rel(one.double(), exp) <= 1e-5
     torch.set_num_threads(2)

@@ -582,8 +582,8 @@ inline int64_t blocks_per_line(bool channels_inner) {
 }
 
 // The weight gradient's units: groups of G blocks (one cache line of a channels-innermost tensor), each over a slice
-// of the images. Fewer than WG_UNITS groups are split into up to WG_UNITS / groups slices, which sum their images in
-// order and are then added in order: the same numbers on any thread count. Measured (2 threads, AVX-512 Xeon,
+// of the images. Fewer than WG_UNITS groups are split into min(N, ceil(WG_UNITS / groups)) slices, which sum their
+// images in order and are then added in order: the same numbers on any thread count. Measured (2 threads, AVX-512 Xeon,
 // channels_last, K=13 / K=31, us): B=64 C=16 R=16 (one block: one unit kept a thread idle) 430 -> 231 / 1059 -> 577;
 // B=8 C=48 R=32 516 -> 401 / 1771 -> 1391; 16 units (C=32: 2 groups x 8 slices) lost 3-10 % to the partial sums.
 #ifndef WG_UNITS
@@ -718,15 +718,14 @@ inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float*
 //   after another: the window's lines spread over all of L1's sets and stay there from tile to tile and row to row),
 //   then runs the band's tiles from it. Any layout: pack_row copies channels_last pixels and transposes NCHW rows (a
 //   partial last block too); the tiles store into a channels_last y of whole blocks, else into one row buffer that
-//   unpack_row writes back (transposed on NCHW). The bands: row_bands (as tall as fit DW_BAND_FLOATS, at least 4
-//   units per thread, whole rounds of units). The copy costs about 1.5 ns per 64-byte line in L2 and more where x
-//   streams from memory, which
-//   small kernels do not win back (from DPACK_TAPS taps). Measured (2 threads, AVX-512 Xeon, B=1 C=384 R=32
-//   channels_last forward, us, straight vs packed rows): K=3 78 vs 103, K=5 110-137 vs 117-132, K=7 198 vs 181, K=9 265
-//   vs 222, K=13 453 vs 369; where x streams from memory (B=16 C=128 R=56) K=5 2076 vs 2876, K=7 4260 vs 4131, K=13
-//   7776 vs 7679. Packed planes against packed rows (B=1 C=384 R=32): K=17 735 vs 631, K=21 930 vs 859, K=27 1306 vs
-//   1298, K=31 1547 vs 1609 (so DMAXK 21). 8 lanes (same Xeon): K=5 194 vs 200, K=9 522 vs 394, K=13 868 vs 736; planes
-//   K=17 1162 vs 1100 (within the noise: DMAXK 13).
+//   unpack_row writes back (transposed on NCHW). The bands: row_bands (as tall as fit DW_BAND_FLOATS, at least 4 units
+//   per thread, whole rounds of units). The copy costs about 1.5 ns per 64-byte line in L2 and more where x streams
+//   from memory, which small kernels do not win back (from DPACK_TAPS taps). Measured (2 threads, AVX-512 Xeon, B=1
+//   C=384 R=32 channels_last forward, us, straight vs packed rows): K=3 78 vs 103, K=5 110-137 vs 117-132, K=7 198 vs
+//   181, K=9 265 vs 222, K=13 453 vs 369; where x streams from memory (B=16 C=128 R=56) K=5 2076 vs 2876, K=7 4260 vs
+//   4131, K=13 7776 vs 7679. Packed planes against packed rows (B=1 C=384 R=32): K=17 735 vs 631, K=21 930 vs 859, K=27
+//   1306 vs 1298, K=31 1547 vs 1609 (so DMAXK 21). 8 lanes (same Xeon): K=5 194 vs 200, K=9 522 vs 394, K=13 868 vs
+//   736; planes K=17 1162 vs 1100 (within the noise: DMAXK 13).
 constexpr int DPACK_TAPS = 49;
 #ifndef DW_BAND_FLOATS
 #define DW_BAND_FLOATS (128 * 1024)
@@ -738,6 +737,7 @@ constexpr int DPACK_TAPS = 49;
 // 1284 -> 1136; NCHW K=13 508 -> 431, K=21 1186 -> 1047. Each thread packs its share of the blocks' kernels (B=1
 // C=384 R=16 K=21 NCHW 176 -> 167 us).
 inline int64_t row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t nthreads) {
+    if (N < 1 || C < 1 || H < 1 || W < 1 || nthreads < 1) return 1;  // (exported: dw_row_bands)
     const int64_t CB = (C + L - 1) / L;
     int64_t band = max64(1, min64(H, DW_BAND_FLOATS / (W * L) - (KH - 1)));
     while (band > 1 && N * CB * ((H + band - 1) / band) < 4 * nthreads) band = (band + 1) / 2;
