@@ -196,18 +196,19 @@ def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) ->
 
 def cpp_work_split(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, threads: int | None = None,
                    lanes: int | None = None) -> dict[str, int]:
-    """How the C++ kernel splits a call over ``threads`` (default: the threads it runs, as ``cpp_conv``):
-    ``row_bands``, the bands of output rows per (image, channel block) where the forward / input gradient runs the
-    direct tiles on packed rows (``cpp_conv_path`` says so; as tall as fit the band buffer, then at least 4 units per
-    thread, then whole rounds of units where up to twice the bands give them); ``wgrad_slices``, the slices of the
-    images per group of channel blocks in ``cpp_weight_grad(x, g, ...)`` (``g``: the output gradient, default shaped
-    and laid out like ``x``; split where there are fewer groups than 4; the slices are added in order, so the numbers
-    do not depend on the thread count)."""
+    """How the C++ kernel splits a call over ``threads`` (default: the threads it runs, as ``cpp_conv``; returned as
+    ``threads``): ``row_bands``, the bands of output rows per (image, channel block) where the forward / input
+    gradient runs the direct tiles on packed rows (``cpp_conv_path`` says so; as tall as fit the band buffer, then at
+    least 4 units per thread, then whole rounds of units where up to twice the bands give them); ``wgrad_slices``, the
+    slices of the images per group of channel blocks in ``cpp_weight_grad(x, g, ...)`` (``g``: the output gradient,
+    default laid out like ``x``; split where there are fewer groups than 4; the slices are added in order, so the
+    numbers do not depend on the thread count). ``explain()`` prints both."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     ln = _requested_lanes(lanes)
     channels_inner = x.stride(1) == 1 or (g if g is not None else x).stride(1) == 1
-    return {"row_bands": int(lib.dw_row_bands(n, c, h, wd, w.shape[-2], threads or _omp_threads(lib), ln)),
+    threads = threads or _omp_threads(lib)
+    return {"threads": threads, "row_bands": int(lib.dw_row_bands(n, c, h, wd, w.shape[-2], threads, ln)),
             "wgrad_slices": int(lib.dw_wgrad_slices(n, c, int(channels_inner), ln))}
 
 

@@ -449,6 +449,14 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     for b, r in d.get("excluded", {}).items():
         lines.append(f"   not {b}: {r}")
     if x.device.type == "cpu" and ck.cpp_available():
-        lines.append(f"   cpp kernel variant: {ck.cpu_variant()}; forward and input gradient through "
-                     f"{ck.cpp_conv_path(x, weight)}")
+        path, split = ck.cpp_conv_path(x, weight), ck.cpp_work_split(x, weight)
+        line = f"   cpp kernel variant: {ck.cpu_variant()}; forward and input gradient through {path}"
+        if path == ck.CONV_PATHS[3]:
+            line += f" ({split['row_bands']} band(s) of output rows per image and channel block"
+        else:
+            line += " (units of image and channel block"
+        line += f" over {split['threads']} thread(s))"
+        if gw:
+            line += f"; weight gradient in {split['wgrad_slices']} slice(s) of the batch per channel group"
+        lines.append(line)
     return "\n".join(lines)

@@ -150,6 +150,18 @@ def test_explain_names_the_lane_width(monkeypatch):
     monkeypatch.setenv(ck.ENV_LANES, "16")
     assert "cpp kernel variant: 16-lane" in fastconv.explain(x, w)
     assert f"cpu{torch.get_num_threads()}t16l" in dispatch.cache_key(x, w, None)  # timings are per lane width
+    # the work split: packed rows (9x9 on channels_last, 16 lanes: 3 blocks of 2 images, 6 units) in bands (one band
+    # on one thread; halved to 2 for 12 units on two), and with the weight's gradient the batch's slices (3 channel
+    # groups -> 2 slices of the 2 images)
+    xc = torch.randn(2, 48, 48, 48).contiguous(memory_format=torch.channels_last)
+    wc = torch.randn(48, 1, 9, 9, requires_grad=True)
+    assert [ck.cpp_work_split(xc, wc, threads=t)["row_bands"] for t in (1, 2)] == [1, 2]
+    split = ck.cpp_work_split(xc, wc)
+    threads, bands = split["threads"], split["row_bands"]
+    text = fastconv.explain(xc, wc)
+    assert f"{ck.CONV_PATHS[3]} ({bands} band(s) of output rows per image and channel block over {threads} " in text
+    assert "weight gradient in 2 slice(s) of the batch per channel group" in text
+    assert "slice(s)" not in fastconv.explain(xc, wc.detach())
 
 
 def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkeypatch, backend_spy):
