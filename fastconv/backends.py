@@ -210,9 +210,14 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         # create_graph (double backward: gradient penalties, Hessian-vector products): the C++ and Triton kernels
         # are opaque to autograd, so the gradients come from F.conv2d ("channels_last"), which autograd differentiates
         backend = "channels_last" if torch.is_grad_enabled() else ctx.backend
-        if ctx.needs_input_grad[0]:
+        both = None
+        if backend == "cpp" and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            both = ck.cpp_backward(x, g, w)  # one pass where the C++ kernel has one (None elsewhere)
+        if both is not None:
+            gx, gw = both[0].contiguous(memory_format=ctx.fmt), both[1].to(w.dtype).contiguous()
+        if ctx.needs_input_grad[0] and gx is None:
             gx = _grad_input(backend, g, w).contiguous(memory_format=ctx.fmt)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and gw is None:
             gw = _grad_weight(backend, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(dim=(0, 2, 3))

@@ -105,6 +105,9 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     lib.dw_variant.restype = ctypes.c_int
     lib.dw_conv_path.argtypes = [i64] * 8
     lib.dw_conv_path.restype = ctypes.c_int
+    tensor, kernel = [p] + [i64] * 4, [p] + [i64] * 3  # pointer and (N, C, H, W) / (C, KH, KW) strides
+    lib.dw_backward_fused.argtypes = tensor * 2 + kernel + tensor + [p] + [i64] * 8
+    lib.dw_backward_fused.restype = ctypes.c_int
     lib.dw_row_bands.argtypes = [i64] * 7
     lib.dw_row_bands.restype = i64
     lib.dw_wgrad_slices.argtypes = [i64] * 4
@@ -247,16 +250,40 @@ def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: 
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]
     w = w.float()
-    s_c, _, s_h, s_w = w.stride()
-    w_ptr = w.data_ptr()
-    if flip:  # the flipped kernel as a negative-stride view: no copy
-        w_ptr += ((kh - 1) * s_h + (kw - 1) * s_w) * w.element_size()
-        s_h, s_w = -s_h, -s_w
     b = bias.float().contiguous() if bias is not None else None
     y = torch.empty_like(x, dtype=torch.float32)  # x's strides when dense (NCHW, channels_last), else NCHW
-    lib.dw_conv_fused(x.data_ptr(), *x.stride(), w_ptr, s_c, s_h, s_w, b.data_ptr() if b is not None else None,
+    lib.dw_conv_fused(x.data_ptr(), *x.stride(), *_kernel_view(w, flip), b.data_ptr() if b is not None else None,
                       y.data_ptr(), *y.stride(), n, c, h, wd, kh, kw, _omp_threads(lib), _requested_lanes(lanes))
     return y
+
+
+def _kernel_view(w: torch.Tensor, flip: bool) -> tuple[int, int, int, int]:
+    """Pointer and (C, KH, KW) element strides of a float32 kernel (C, 1, KH, KW) as the C++ kernel reads it; flipped
+    in both axes as a negative-stride view (no copy)."""
+    kh, kw = w.shape[-2:]
+    s_c, _, s_h, s_w = w.stride()
+    if not flip:
+        return w.data_ptr(), s_c, s_h, s_w
+    return w.data_ptr() + ((kh - 1) * s_h + (kw - 1) * s_w) * w.element_size(), s_c, -s_h, -s_w
+
+
+def cpp_backward(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
+                 lanes: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Input and weight gradient of ``cpp_conv(x, w, ...)`` for the output gradient ``g`` in one pass
+    (``dw_backward_fused``), where the input gradient runs the direct tiles on packed rows with one band per image
+    and channel block (and the weight gradient groups no channel blocks): the packed rows of ``g`` serve both, so
+    ``g`` is read and packed once. The same numbers as ``cpp_conv(g, w, None, flip=True)`` and
+    ``cpp_weight_grad(x, g, KH, KW)``; None (nothing computed) where the pass does not apply."""
+    lib = cpp_library()
+    n, c, h, wd = x.shape
+    kh, kw = w.shape[-2:]
+    w = w.float()  # (kept alive through the call: the kernel reads it by pointer)
+    gx = torch.empty_like(g, dtype=torch.float32)  # as cpp_conv(g, ...)
+    gw = torch.empty((c, 1, kh, kw), dtype=torch.float32)
+    done = lib.dw_backward_fused(x.data_ptr(), *x.stride(), g.data_ptr(), *g.stride(), *_kernel_view(w, True),
+                                 gx.data_ptr(), *gx.stride(), gw.data_ptr(), n, c, h, wd, kh, kw, _omp_threads(lib),
+                                 _requested_lanes(lanes))
+    return (gx, gw) if done == 1 else None
 
 
 def cpp_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int, lanes: int | None = None) -> torch.Tensor:

@@ -336,6 +336,47 @@ def test_weight_gradient_slices_the_images_of_few_channel_blocks(channels, lanes
     assert torch.equal(ck.cpp_weight_grad(x, gy, 9, 7), one)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
+@pytest.mark.parametrize("n,c,slices", [(8, 16, 4), (2, 64, 1), (8, 24, 2)])
+def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, layout, monkeypatch, one_thread):
+    """cpp_backward: input and weight gradient in one pass where the input gradient runs packed rows with one band
+    per plane (16 lanes; NCHW with AVX-512 only), 16 x 16 maps, 7 x 7: N = 8, C = 16 (one block, 4 slices of 2
+    images), N = 2, C = 64 (4 blocks, one slice: gw written per unit), N = 8, C = 24 (a block and a half, 2 slices).
+    The same numbers as cpp_conv(g, w, flip) and cpp_weight_grad (which match float64), on 1 and 2 threads, and the
+    autograd backward of depthwise_conv2d takes it. Where it does not apply (a 5 x 5 kernel runs straight tiles; a
+    map cut into bands) it computes nothing and returns None."""
+    _need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, "16")
+    g = torch.Generator().manual_seed(n * c)
+    x, gy = (torch.randn(n, c, 16, 16, generator=g) for _ in range(2))
+    cl = torch.channels_last
+    if layout != "nchw":
+        gy = gy.contiguous(memory_format=cl)
+        x = x.contiguous(memory_format=cl) if layout == "channels_last" else x
+    w = torch.randn(c, 1, 7, 7, generator=g)
+    fused = _expected_direct_path((7, 7), channels_last=gy.stride(1) == 1) == ck.CONV_PATHS[3]
+    assert ck.cpp_work_split(gy, w, threads=2) == {"threads": 2, "row_bands": 1, "wgrad_slices": slices}
+    gx_sep, gw_sep = ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, 7, 7)
+    exp = torch.nn.grad.conv2d_weight(x.double(), (c, 1, 7, 7), gy.double(), padding=3, groups=c)
+    assert _rel(gw_sep.double(), exp) <= 1e-5
+    got = ck.cpp_backward(x, gy, w)
+    assert (got is not None) == fused
+    assert ck.cpp_backward(x, gy, torch.randn(c, 1, 5, 5)) is None  # straight tiles (or planes)
+    torch.set_num_threads(2)
+    if fused:
+        assert torch.equal(got[0], gx_sep) and got[0].stride() == gx_sep.stride() and torch.equal(got[1], gw_sep)
+        two = ck.cpp_backward(x, gy, w)
+        assert torch.equal(two[0], gx_sep) and torch.equal(two[1], gw_sep)
+        calls, real = [], ck.cpp_backward
+        monkeypatch.setattr(ck, "cpp_backward", lambda *a: calls.append(1) or real(*a))
+        leaves = [t.clone().requires_grad_() for t in (x, w)]
+        grads = torch.autograd.grad(fastconv.depthwise_conv2d(*leaves, backend="cpp"), leaves, gy)
+        assert calls == [1] and torch.equal(grads[0], gx_sep) and torch.equal(grads[1], gw_sep)
+        monkeypatch.setattr(ck, "cpp_backward", real)
+    big = torch.randn(1, c, 96, 96)
+    assert ck.cpp_work_split(big, w, threads=2)["row_bands"] > 1 and ck.cpp_backward(big, big, w) is None
+
+
 def test_small_kernels_on_nchw_are_timed_by_their_typical_time(monkeypatch):
     """NCHW input: PyTorch's own call is bimodal there (K=3: a fast run in a few % of the calls), so small kernels
     are timed like any other, and a candidate's time in a round is the median of its repeats, not its best run."""

@@ -11,6 +11,8 @@
 //   input grad   dx = corr(gy_pad, flip(w))                  (same shapes; the flip is a negative-stride view)
 //   weight grad  dw = sum_n corr(x_pad[n], gy[n])            (the output gradient is the HxW "kernel", output KHxKW)
 // corr(in, k)[p, q] = sum_{i<KH, j<KW} in[p+i, q+j] * k[i, j]  (valid, per lane).
+// Where the input gradient runs direct tiles on whole packed planes of gy, the weight gradient reads the same packed
+// plane in the same pass (dw_backward_fused).
 //
 // Lane widths. The kernel body (below the #else) is written once over a GCC vector type of L floats and compiled
 // three times into this one library, by including this file into three namespaces:
@@ -212,6 +214,27 @@ int dw_conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, int64_
         case 16: return dw16::conv_path(sC, yC, C, H, W, KH, KW);
 #endif
         case 17: return dw16g::conv_path(sC, yC, C, H, W, KH, KW);
+        default: return -1;
+    }
+}
+
+// Input gradient gx (N, C, H, W; element strides xN, xC, xH, xW) = corr(g_pad, w) with w passed flipped (negative
+// strides, as to dw_conv_fused) and weight gradient gw (C, KH, KW) contiguous in one pass (backward_fused) where
+// that pass applies: returns 1, else 0 (nothing computed: call dw_conv_fused and dw_wgrad_fused); -1 for an invalid
+// lane request.
+int dw_backward_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
+                      int64_t gC, int64_t gH, int64_t gW, const float* w, int64_t swC, int64_t swH, int64_t swW,
+                      float* gx, int64_t xN, int64_t xC, int64_t xH, int64_t xW, float* gw, int64_t N, int64_t C,
+                      int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads, int64_t lanes) {
+    switch (dw_variant(lanes)) {
+        case 8: return dw8::backward_fused(x, sN, sC, sH, sW, g, gN, gC, gH, gW, w, swC, swH, swW, gx, xN, xC, xH, xW,
+                                           gw, N, C, H, W, KH, KW, nthreads);
+#if DW_HAS_AVX512
+        case 16: return dw16::backward_fused(x, sN, sC, sH, sW, g, gN, gC, gH, gW, w, swC, swH, swW, gx, xN, xC, xH,
+                                             xW, gw, N, C, H, W, KH, KW, nthreads);
+#endif
+        case 17: return dw16g::backward_fused(x, sN, sC, sH, sW, g, gN, gC, gH, gW, w, swC, swH, swW, gx, xN, xC, xH,
+                                              xW, gw, N, C, H, W, KH, KW, nthreads);
         default: return -1;
     }
 }
@@ -748,10 +771,19 @@ inline int64_t row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH,
     }
     return nb0;
 }
+// The weight gradient computed beside an input gradient in direct tiles on packed rows (backward_fused): the input
+// gradient's x is the output gradient g, whose packed rows of one (image, channel block) are, with one band per
+// plane, the weight gradient's packed plane of g (pixel stride L, row stride W * L).
+struct WeightGradOf {
+    const float* x;  // the forward's input, element strides sN, sC, sH, sW
+    int64_t sN, sC, sH, sW;
+    float* gw;  // (C, KH, KW) contiguous
+};
+
 void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
                  int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads,
-                 bool rows_packed) {
+                 bool rows_packed, const WeightGradOf* wg = nullptr) {
     const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, QT = (W + DCO - 1) / DCO;
     Buffer k(CB * L * KH * KW), bias(b ? CB * L : 0);
     auto pack_kernel = [&](int64_t c0) {  // one block's kernel and bias; the threads share the blocks
@@ -789,15 +821,21 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
         }
         return;
     }
-    const int64_t RS = W * L, NB = row_bands(N, C, H, W, KH, nthreads), band = (H + NB - 1) / NB;
+    const int64_t RS = W * L, NB = wg ? 1 : row_bands(N, C, H, W, KH, nthreads), band = (H + NB - 1) / NB;
+    // with the weight gradient (wg): units of (channel block, slice of the images) as in wgrad_fused, one band each
+    const int64_t S = wg ? wgrad_slices(N, C, false) : 1, KS = KH * KW * L, Hp = H + 2 * ph, Wp = W + 2 * pw;
+    Buffer part(wg && S > 1 ? CB * S * KS : 0);
+    auto write_gw = [&](const float* a, int64_t c0) {  // a block's (KH, KW, L) sums into gw (C, KH, KW)
+        for (int64_t i = 0; i < KH; ++i)
+            unpack_row(a + i * KW * L, lane_count(C, c0), KW, wg->gw + c0 * KH * KW + i * KW, KH * KW, 1);
+    };
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t cb = 0; cb < CB; ++cb) pack_kernel(cb * L);
-        Buffer buf((band + KH - 1) * RS), orow(RS);
-#pragma omp for schedule(static)
-        for (int64_t u = 0; u < N * CB * NB; ++u) {
-            const int64_t n = u / (CB * NB), c0 = (u / NB) % CB * L, p0 = u % NB * band, p1 = min64(H, p0 + band);
+        Buffer buf((band + KH - 1) * RS), orow(RS), xin(wg ? Hp * Wp * L : 0), acc(wg ? KS : 0);
+        // output rows [p0, p1) of image n, block c0, from the block's input rows copied to buf
+        auto band_tiles = [&](int64_t n, int64_t c0, int64_t p0, int64_t p1) {
             const int64_t r0 = max64(0, p0 - ph), r1 = min64(H, p1 + KH - 1 - ph);  // the input rows the band reads
             const int64_t lanes = lane_count(C, c0);
             for (int64_t r = r0; r < r1; ++r)
@@ -808,6 +846,37 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                 row_tiles(buf.data() + (p - ph - r0) * RS, RS, L, p, c0, straight ? yr : orow.data(),
                           straight ? yW : L);
                 if (!straight) unpack_row(orow.data(), lanes, W, yr, yC, yW);
+            }
+        };
+        if (!wg) {
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < N * CB * NB; ++u) {
+                const int64_t p0 = u % NB * band;
+                band_tiles(u / (CB * NB), (u / NB) % CB * L, p0, min64(H, p0 + band));
+            }
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t u = 0; u < CB * S; ++u) {
+                const int64_t c0 = u / S * L, n0 = u % S * N / S, n1 = (u % S + 1) * N / S, lanes = lane_count(C, c0);
+                float* a = S > 1 ? part.data() + u * KS : acc.data();
+                for (int64_t n = n0; n < n1; ++n) {
+                    band_tiles(n, c0, 0, H);  // buf: the (H, W, L) plane of g
+                    for (int64_t r = ph; r < ph + H; ++r)
+                        pack_row(wg->x + n * wg->sN + c0 * wg->sC, lanes, wg->sC, wg->sH, wg->sW, H, W, ph, pw, r,
+                                 xin.data() + r * Wp * L, false);
+                    corr_plane(xin.data(), buf.data(), a, KH, KW, H, W, nullptr, n > n0, ph, ph + H, pw, pw + W);
+                }
+                if (S == 1) write_gw(acc.data(), c0);
+            }
+            if (S > 1) {
+#pragma omp for schedule(static)
+                for (int64_t cb = 0; cb < CB; ++cb) {  // the slices' sums, added in slice order (as wgrad_fused)
+                    const float* p0 = part.data() + cb * S * KS;
+                    for (int64_t i = 0; i < KS; ++i) acc[i] = p0[i];
+                    for (int64_t s = 1; s < S; ++s)
+                        for (int64_t i = 0; i < KS; ++i) acc[i] += p0[s * KS + i];
+                    write_gw(acc.data(), cb * L);
+                }
             }
         }
     }
@@ -832,6 +901,31 @@ inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, in
     const bool cl = sC == 1 && yC == 1;
     if (KH * KW >= DPACK_TAPS && (cl || DANY_LAYOUT)) return 3;
     return cl && C % L == 0 ? 1 : 0;
+}
+
+// Input and weight gradient in one pass where the input gradient runs direct tiles on packed rows with one band per
+// (image, channel block) plane and the weight gradient groups no blocks (16 lanes, or no channels-innermost tensor):
+// each unit's packed rows of the output gradient g serve both, so g is read and packed once, and the plane is still
+// in cache for the weight gradient, where its units keep the threads busy. The same sums in the same order as conv_fused (flipped kernel) and wgrad_fused:
+// the same numbers. Returns false (and computes nothing) elsewhere. Measured (2 threads, AVX-512 Xeon, B=1 C=384
+// R=32, the two gradients alone, paired rounds, fused / separate): K=9 0.91-0.92, K=13 0.92-0.94, K=17 0.94-0.96,
+// K=21 0.95-0.98; B=4 K=13 0.91-0.93; forward + both gradients through autograd (median per-round ratio): K=7
+// 0.81-0.89, K=9 0.81-0.87, K=13 0.93-0.96, K=17 0.95-0.98, K=21 0.95-0.98.
+bool backward_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
+                    int64_t gC, int64_t gH, int64_t gW, const float* w, int64_t swC, int64_t swH, int64_t swW,
+                    float* gx, int64_t xN, int64_t xC, int64_t xH, int64_t xW, float* gw, int64_t N, int64_t C,
+                    int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
+    if (conv_path(gC, xC, C, H, W, KH, KW) != 3 || row_bands(N, C, H, W, KH, nthreads) != 1 ||
+        blocks_per_line(sC == 1 || gC == 1) != 1)
+        return false;
+    // its units, (channel block, slice of the images), must still keep every thread busy (the input gradient alone
+    // runs N x blocks units): whole rounds of them, or at least 4 per thread
+    const int64_t units = (C + L - 1) / L * wgrad_slices(N, C, false);
+    if (units % nthreads != 0 && units < 4 * nthreads) return false;
+    const WeightGradOf wg{x, sN, sC, sH, sW, gw};
+    conv_direct(g, gN, gC, gH, gW, w, swC, swH, swW, nullptr, gx, xN, xC, xH, xW, N, C, H, W, KH, KW, nthreads, true,
+                &wg);
+    return true;
 }
 
 void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* w, int64_t swC,
