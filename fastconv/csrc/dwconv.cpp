@@ -617,6 +617,21 @@ inline int64_t wgrad_slices(int64_t N, int64_t C, bool channels_inner) {
     return max64(1, min64(N, (WG_UNITS + CBG - 1) / CBG));
 }
 
+// The S slices' partial sums (KS floats each, one after another from part) added in slice order into acc.
+inline void add_slices(const float* part, int64_t S, int64_t KS, float* acc) {
+    for (int64_t i = 0; i < KS; ++i) acc[i] = part[i];
+    for (int64_t s = 1; s < S; ++s)
+        for (int64_t i = 0; i < KS; ++i) acc[i] += part[s * KS + i];
+}
+
+// Blocks [cb0, cb1)'s (KH, KW, L) sums, one after another from a, into gw (C, KH, KW) contiguous.
+inline void write_weight_grad(const float* a, int64_t cb0, int64_t cb1, int64_t C, int64_t KH, int64_t KW, float* gw) {
+    for (int64_t cb = cb0; cb < cb1; ++cb)
+        for (int64_t i = 0; i < KH; ++i)
+            unpack_row(a + ((cb - cb0) * KH + i) * KW * L, lane_count(C, cb * L), KW, gw + (cb * L * KH + i) * KW,
+                       KH * KW, 1);
+}
+
 void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
                  int64_t gC, int64_t gH, int64_t gW, float* gw, int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH,
                  int64_t KW, int64_t nthreads) {
@@ -624,11 +639,8 @@ void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
     const int64_t G = blocks_per_line(sC == 1 || gC == 1), CBG = (CB + G - 1) / G, KS = G * KH * KW * L;
     const int64_t S = wgrad_slices(N, C, sC == 1 || gC == 1);
     Buffer part(S > 1 ? CBG * S * KS : 0);  // unit u's (KH, KW, L) sums per block of its group at u * KS
-    auto write_group = [&](const float* a, int64_t cbg) {  // a group's sums into gw (C, KH, KW)
-        for (int64_t c0 = cbg * G * L; c0 < min64(C, (cbg + 1) * G * L); c0 += L)
-            for (int64_t i = 0; i < KH; ++i)
-                unpack_row(a + ((c0 / L - cbg * G) * KH + i) * KW * L, lane_count(C, c0), KW,
-                           gw + c0 * KH * KW + i * KW, KH * KW, 1);
+    auto write_group = [&](const float* a, int64_t cbg) {
+        write_weight_grad(a, cbg * G, min64(CB, cbg * G + G), C, KH, KW, gw);
     };
 #pragma omp parallel num_threads(nthreads)
     {
@@ -653,11 +665,8 @@ void wgrad_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
         }
         if (S > 1) {
 #pragma omp for schedule(static)
-            for (int64_t cbg = 0; cbg < CBG; ++cbg) {  // the slices' sums, added in slice order
-                const float* p0 = part.data() + cbg * S * KS;
-                for (int64_t i = 0; i < KS; ++i) acc[i] = p0[i];
-                for (int64_t s = 1; s < S; ++s)
-                    for (int64_t i = 0; i < KS; ++i) acc[i] += p0[s * KS + i];
+            for (int64_t cbg = 0; cbg < CBG; ++cbg) {
+                add_slices(part.data() + cbg * S * KS, S, KS, acc.data());
                 write_group(acc.data(), cbg);
             }
         }
@@ -825,10 +834,6 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
     // with the weight gradient (wg): units of (channel block, slice of the images) as in wgrad_fused, one band each
     const int64_t S = wg ? wgrad_slices(N, C, false) : 1, KS = KH * KW * L, Hp = H + 2 * ph, Wp = W + 2 * pw;
     Buffer part(wg && S > 1 ? CB * S * KS : 0);
-    auto write_gw = [&](const float* a, int64_t c0) {  // a block's (KH, KW, L) sums into gw (C, KH, KW)
-        for (int64_t i = 0; i < KH; ++i)
-            unpack_row(a + i * KW * L, lane_count(C, c0), KW, wg->gw + c0 * KH * KW + i * KW, KH * KW, 1);
-    };
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
@@ -866,16 +871,13 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                                  xin.data() + r * Wp * L, false);
                     corr_plane(xin.data(), buf.data(), a, KH, KW, H, W, nullptr, n > n0, ph, ph + H, pw, pw + W);
                 }
-                if (S == 1) write_gw(acc.data(), c0);
+                if (S == 1) write_weight_grad(acc.data(), c0 / L, c0 / L + 1, C, KH, KW, wg->gw);
             }
             if (S > 1) {
 #pragma omp for schedule(static)
-                for (int64_t cb = 0; cb < CB; ++cb) {  // the slices' sums, added in slice order (as wgrad_fused)
-                    const float* p0 = part.data() + cb * S * KS;
-                    for (int64_t i = 0; i < KS; ++i) acc[i] = p0[i];
-                    for (int64_t s = 1; s < S; ++s)
-                        for (int64_t i = 0; i < KS; ++i) acc[i] += p0[s * KS + i];
-                    write_gw(acc.data(), cb * L);
+                for (int64_t cb = 0; cb < CB; ++cb) {  // as wgrad_fused
+                    add_slices(part.data() + cb * S * KS, S, KS, acc.data());
+                    write_weight_grad(acc.data(), cb, cb + 1, C, KH, KW, wg->gw);
                 }
             }
         }
@@ -905,12 +907,12 @@ inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, in
 
 // Input and weight gradient in one pass where the input gradient runs direct tiles on packed rows with one band per
 // (image, channel block) plane and the weight gradient groups no blocks (16 lanes, or no channels-innermost tensor):
-// each unit's packed rows of the output gradient g serve both, so g is read and packed once, and the plane is still
-// in cache for the weight gradient, where its units keep the threads busy. The same sums in the same order as conv_fused (flipped kernel) and wgrad_fused:
-// the same numbers. Returns false (and computes nothing) elsewhere. Measured (2 threads, AVX-512 Xeon, B=1 C=384
-// R=32, the two gradients alone, paired rounds, fused / separate): K=9 0.91-0.92, K=13 0.92-0.94, K=17 0.94-0.96,
-// K=21 0.95-0.98; B=4 K=13 0.91-0.93; forward + both gradients through autograd (median per-round ratio): K=7
-// 0.81-0.89, K=9 0.81-0.87, K=13 0.93-0.96, K=17 0.95-0.98, K=21 0.95-0.98.
+// each unit's packed rows of the output gradient g serve both, so g is read and packed once, and the plane is still in
+// cache for the weight gradient, where its units keep the threads busy. The same sums in the same order as conv_fused
+// (flipped kernel) and wgrad_fused: the same numbers. Returns false (and computes nothing) elsewhere. Measured (2
+// threads, AVX-512 Xeon, B=1 C=384 R=32, the two gradients alone, paired rounds, fused / separate): K=9 0.91-0.92, K=13
+// 0.92-0.94, K=17 0.94-0.96, K=21 0.95-0.98; B=4 K=13 0.91-0.93; forward + both gradients through autograd (median
+// per-round ratio): K=7 0.81-0.89, K=9 0.81-0.87, K=13 0.93-0.96, K=17 0.95-0.98, K=21 0.95-0.98.
 bool backward_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
                     int64_t gC, int64_t gH, int64_t gW, const float* w, int64_t swC, int64_t swH, int64_t swW,
                     float* gx, int64_t xN, int64_t xC, int64_t xH, int64_t xW, float* gw, int64_t N, int64_t C,
