@@ -453,8 +453,10 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         line = f"   cpp kernel variant: {ck.cpu_variant()}; forward and input gradient through {path}"
         if path == ck.CONV_PATHS[3]:
             line += f" ({split['row_bands']} band(s) of output rows per image and channel block"
+        elif path == ck.CONV_PATHS[1]:
+            line += " (units of one output row of one image, all channel blocks"
         else:
-            line += " (units of image and channel block"
+            line += " (units of one plane: image and channel block"
         line += f" over {split['threads']} thread(s))"
         if gw:
             line += f"; weight gradient in {split['wgrad_slices']} slice(s) of the batch per channel group"
