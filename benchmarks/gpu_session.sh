@@ -15,6 +15,15 @@ fi
   echo "== pytest -m gpu"; timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fastconv_triton.py 2>&1 | tail -15
   echo "== Table 1 on the GPU"; timeout 170 python3 -m fastconv.bench --device cuda --kernels 3,13,31 --resolutions 32,64 \
       --layers 2 --repeats 5 --out "$OUT/table1" 2>&1 | grep -v '^fastconv bench'
+  echo "== per-op autotune on the GPU (forward + both gradients; explain prints each operation's backend and times)"
+  timeout 60 python3 -c "
+import torch, fastconv
+for k in (3, 13, 31):
+    for r in (32, 64):
+        x = torch.randn(64, 384, r, r, device='cuda').contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(384, 1, k, k, device='cuda', requires_grad=True)
+        print(fastconv.explain(x, w).split(chr(10) + '   not ')[0], flush=True)
+"
   if [ "${1:-}" = full ]; then
     echo "== kernel sweep"; timeout 170 python3 benchmarks/gpu_fastconv_check.py --ks 31 3 13 27 --resolutions 32 64 \
         --dtypes float32 float16 bfloat16 --budget-s 120 --out "$OUT"

@@ -22,7 +22,7 @@ except ImportError:
 
 from fastconv import cpu_kernels as ck
 from fastconv import triton_backend
-from fastconv.config import BACKENDS
+from fastconv.config import BACKENDS, split_backend
 
 #: what F.conv2d computes on CPU and CUDA alike (half precision on CPU: "native" and "channels_last" only)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -95,8 +95,21 @@ def _triton():
         return None
 
 
+def op_backends(backend: str) -> tuple[str, str, str]:
+    """The backends of the forward, the input gradient and the weight gradient: a per-op name
+    ("native/channels_last/cpp", ``config.split_backend``) split, any other name three times."""
+    return split_backend(backend) or (backend, backend, backend)
+
+
 def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
-    """Whether ``backend`` computes this call exactly, and if not why."""
+    """Whether ``backend`` computes this call exactly, and if not why (a per-op name: each of its backends)."""
+    parts = split_backend(backend)
+    if parts is not None:
+        for op, b in zip(("forward", "input gradient", "weight gradient"), parts):
+            ok, reason = supports(b, x, weight)
+            if not ok:
+                return False, f"{op} {b!r}: {reason}"
+        return True, ""
     dev, dt = x.device.type, x.dtype
     if backend in ("native", "channels_last"):
         return True, ""
@@ -125,7 +138,16 @@ def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool,
 
 
 # ------------------------------------------------------------------------------------ kernels per backend
+# "native" computes each operation as PyTorch does in the input's own layout (the per-op backends use it beside the
+# others; the backend "native" itself is plain F.conv2d with PyTorch's autograd, see ``backend_runner``).
+def _native_conv(x, w, b):
+    kh, kw = w.shape[-2:]
+    return F.conv2d(x, w, b, 1, (kh // 2, kw // 2), 1, x.shape[1])
+
+
 def _fwd(backend, x, w, b):
+    if backend == "native":
+        return _native_conv(x, w, b)
     if backend == "channels_last":
         return ck.onednn_conv_cl(x, w, b)
     if backend == "cpp":
@@ -136,6 +158,8 @@ def _fwd(backend, x, w, b):
 
 
 def _grad_input(backend, g, w):
+    if backend == "native":
+        return _native_conv(g, w.flip(-1, -2), None)
     if backend == "channels_last":
         return ck.onednn_conv_cl(g, w.flip(-1, -2), None)
     if backend == "cpp":
@@ -146,6 +170,8 @@ def _grad_input(backend, g, w):
 
 
 def _grad_weight(backend, x, g, kh, kw):
+    if backend == "native":
+        return _native_weight_grad(x, g.contiguous(memory_format=memory_format_of(x)), kh, kw)
     if backend == "channels_last":
         return ck.onednn_weight_grad(x, g, kh, kw)
     if backend == "cpp":
@@ -164,15 +190,21 @@ def _nhwc_on_gpu(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if t.is_cuda else t
 
 
+def _native_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """dL/dw as PyTorch's autograd computes it for F.conv2d (``convolution_backward``), in the layout of x and g."""
+    w_shape = torch.empty((x.shape[1], 1, kh, kw), device=x.device, dtype=x.dtype)
+    if memory_format_of(x) == torch.channels_last:
+        w_shape = w_shape.contiguous(memory_format=torch.channels_last)
+    return torch.ops.aten.convolution_backward(g, x, w_shape, None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
+                                               [0, 0], x.shape[1], [False, True, False])[1]
+
+
 def _cudnn_weight_grad_nhwc(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """dL/dw through cuDNN on channels_last tensors.  H200, B=64, C=384, fp32: R=32 K=31 19.3 ms (Triton 22.0,
     native NCHW 31.9); R=64 K=31 29.1 ms (Triton 89.3, NCHW 124); K=3 0.11-0.25 ms (Triton 0.40-1.42); fp16 K=31
     R=32 31.5 ms (Triton 61.8)."""
     cl = torch.channels_last
-    x, g = x.contiguous(memory_format=cl), g.contiguous(memory_format=cl)
-    w_shape = torch.empty((x.shape[1], 1, kh, kw), device=x.device, dtype=x.dtype).contiguous(memory_format=cl)
-    return torch.ops.aten.convolution_backward(g, x, w_shape, None, [1, 1], [kh // 2, kw // 2], [1, 1], False,
-                                               [0, 0], x.shape[1], [False, True, False])[1]
+    return _native_weight_grad(x.contiguous(memory_format=cl), g.contiguous(memory_format=cl), kh, kw)
 
 
 class _DepthwiseConv2dFn(torch.autograd.Function):
@@ -193,7 +225,7 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x, w, b, backend):
-        return _fwd(backend, x, w, b).contiguous(memory_format=memory_format_of(x))
+        return _fwd(op_backends(backend)[0], x, w, b).contiguous(memory_format=memory_format_of(x))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -209,16 +241,16 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         gx = gw = gb = None
         # create_graph (double backward: gradient penalties, Hessian-vector products): the C++ and Triton kernels
         # are opaque to autograd, so the gradients come from F.conv2d ("channels_last"), which autograd differentiates
-        backend = "channels_last" if torch.is_grad_enabled() else ctx.backend
+        _, b_in, b_w = ("channels_last",) * 3 if torch.is_grad_enabled() else op_backends(ctx.backend)
         both = None
-        if backend == "cpp" and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        if b_in == b_w == "cpp" and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             both = ck.cpp_backward(x, g, w)  # one pass where the C++ kernel has one (None elsewhere)
         if both is not None:
             gx, gw = both[0].contiguous(memory_format=ctx.fmt), both[1].to(w.dtype).contiguous()
         if ctx.needs_input_grad[0] and gx is None:
-            gx = _grad_input(backend, g, w).contiguous(memory_format=ctx.fmt)
+            gx = _grad_input(b_in, g, w).contiguous(memory_format=ctx.fmt)
         if ctx.needs_input_grad[1] and gw is None:
-            gw = _grad_weight(backend, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
+            gw = _grad_weight(b_w, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(dim=(0, 2, 3))
         return gx, gw, gb, None
@@ -240,10 +272,12 @@ def backend_runner(backend: str, x, weight, bias=None):
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         fmt = memory_format_of(x)
 
+        fwd = op_backends(backend)[0]
+
         def forward_only(x, w, b):
             if getattr(forward_ad, "_current_level", 0) >= 0 or torch._C._are_functorch_transforms_active():
                 return _DepthwiseConv2dFn.apply(x, w, b, backend)  # dual numbers, torch.func: the Function's rules
-            return _fwd(backend, x, w, b).contiguous(memory_format=fmt)
+            return _fwd(fwd, x, w, b).contiguous(memory_format=fmt)
         return forward_only
     return lambda x, w, b: _DepthwiseConv2dFn.apply(x, w, b, backend)
 

@@ -14,22 +14,35 @@ import os
 from pathlib import Path
 
 BACKENDS = ("native", "channels_last", "cpp", "fft", "triton")
+#: the backends that compute each of the three operations of a call on its own (forward, input gradient, weight
+#: gradient); a per-op backend names one for each, "forward/input_grad/weight_grad" (``split_backend``)
+OP_BACKENDS = ("native", "channels_last", "cpp", "triton")
+OPS = ("forward", "input gradient", "weight gradient")
 ENV_BACKEND, ENV_AUTOTUNE, ENV_CACHE = "FASTCONV_BACKEND", "FASTCONV_AUTOTUNE", "FASTCONV_CACHE"
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """``backend``: "auto" (the dispatcher decides) or one of ``BACKENDS`` (forced for every call that does not
-    name its own); ``autotune``: False = cost model only; ``cache_dir``: autotune decisions and the C++ build."""
+    """``backend``: "auto" (the dispatcher decides), one of ``BACKENDS`` or a per-op name
+    "forward/input_grad/weight_grad" (forced for every call that does not name its own); ``autotune``: False = cost
+    model only; ``cache_dir``: autotune decisions and the C++ build."""
     backend: str
     autotune: bool
     cache_dir: Path
 
 
+def split_backend(name: str) -> tuple[str, str, str] | None:
+    """The (forward, input gradient, weight gradient) backends of a per-op backend name such as
+    ``"native/channels_last/cpp"`` (each one of ``OP_BACKENDS``); None for any other string."""
+    parts = tuple(name.split("/")) if isinstance(name, str) else ()
+    return parts if len(parts) == 3 and all(p in OP_BACKENDS for p in parts) else None
+
+
 def _backend(value) -> str:
     value = "auto" if value is None else value
-    if value != "auto" and value not in BACKENDS:
-        raise ValueError(f"fastconv: unknown backend {value!r}; choose auto or one of {', '.join(BACKENDS)}")
+    if value != "auto" and value not in BACKENDS and split_backend(value) is None:
+        raise ValueError(f"fastconv: unknown backend {value!r}; choose auto, one of {', '.join(BACKENDS)}, or one "
+                         f"per operation as forward/input_grad/weight_grad from {', '.join(OP_BACKENDS)}")
     return value
 
 

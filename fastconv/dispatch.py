@@ -20,9 +20,9 @@ import torch
 
 from fastconv import cpu_kernels as ck
 from fastconv import jsonstore
-from fastconv.backends import (autocast_inputs, backend_runner, check_inputs, memory_format_of, run_backend,
-                               supports)
-from fastconv.config import BACKENDS, ENV_BACKEND, memo_key, settings
+from fastconv.backends import (_fwd, _grad_input, _grad_weight, autocast_inputs, backend_runner, check_inputs,
+                               memory_format_of, run_backend, supports)
+from fastconv.config import BACKENDS, ENV_BACKEND, OP_BACKENDS, OPS, memo_key, settings, split_backend
 
 ONEDNN_MAX_PAD = 6
 NATIVE_WGRAD_MAX_K = 14
@@ -50,7 +50,7 @@ STOCK_MAX_K_FWD = 5
 #: are timed again): the median of its repeats in the first round, one call in each later round (``_time_backend``);
 #: over the rounds, the median of its time over the reference's in the same round, scaled by the reference's best
 #: time (``_paired_times``)
-_ESTIMATOR = "median-of-first-round,single-calls-after,paired-median-over-3-15-rounds"
+_ESTIMATOR = "median-of-first-round,single-calls-after,paired-median-over-3-15-rounds,per-op"
 _KERNEL_ID = ck.kernel_id()  # a changed C++ kernel invalidates earlier timings
 
 _mem: dict[str, dict] = {}
@@ -75,6 +75,19 @@ STOCK_BACKENDS = ("native", "channels_last")
 #: never be slower than stock PyTorch (issue 14), and a smaller lead is within the timing noise of a shared machine
 #: (two identical F.conv2d calls, B=1 C=384 R=32 K=5, interleaved on the 2-core dev box: per-round ratios 0.45-2.2)
 STOCK_TIE = 0.10
+#: per-op autotune (``_per_op_candidates``): rounds in which every kernel backend times each needed operation
+#: (forward, input gradient, weight gradient) alone, interleaved; a backend within ``PER_OP_SPREAD`` of an operation's
+#: fastest (median over the rounds) stays in the running for it; at most ``PER_OP_MAX`` mixes are then timed whole
+PER_OP_ROUNDS, PER_OP_SPREAD, PER_OP_MAX = 3, 2.0, 4
+#: mixes are tried from this many forward multiply-adds: below, a whole call takes a fraction of a millisecond, mostly
+#: per-call overhead, and its timings pick by noise (2-core AVX-512 Xeon, the training lab's stage-3/4 convs, B=64
+#: channels_last C=64 R=4 K=5, C=128 R=2 K=5 / 13, 0.8-5.5e6 multiply-adds: mixes picked 5-17 % ahead of the C++
+#: kernel measured 1.02-1.18x its time when the same calls alternated 300 times)
+PER_OP_MIN_MACS = 2e7
+#: a mix replaces the fastest single backend only when it measured at least this much faster as a whole call:
+#: between two kernel backends the paired rounds still differ by a few % on a shared machine (2-core AVX-512 Xeon,
+#: B=64 C=128 R=16 channels_last K=9: a mix picked 2 % ahead of the C++ kernel then ran 1.09x its time in the benchmark)
+PER_OP_TIE = 0.05
 
 
 def cache_file() -> Path:
@@ -234,16 +247,40 @@ def _cpp_direct(cands: list[str], x, weight) -> bool:
     return "cpp" in cands and ck.cpp_multithreaded() and ck.cpp_conv_path(x, weight) in ck.DIRECT_CONV_PATHS
 
 
+def _cpu_weight_grad_choice(cands: list[str], x, weight) -> str | None:
+    """A CPU call that needs the weight gradient, where it is not timed (a large call, or autotune off): the C++
+    kernel (multi-threaded) for an NCHW input and from ``CPP_MIN_K`` up; on a channels_last input below that, the
+    stock call at 3x3 and from 5x5 oneDNN's direct kernel for the forward and input gradient beside the C++ weight
+    gradient ("native/native/cpp": PyTorch's CPU depthwise weight gradient is slow from 5x5 up). None: no rule here.
+    Measured (2-core AVX-512 Xeon, B=16 C=128 R=56, forward + both gradients, median of interleaved rounds, ms):
+    channels_last K=3 native 7.8, native/native/cpp 8.1, cpp 12.3; K=5 native 34.1, cpp 16.7, native/native/cpp
+    11.9; K=7 native 47.7, cpp 19.7, native/native/cpp 14.7; NCHW K=3 native 14.9, native/native/cpp 11.2, cpp 8.3;
+    K=5 native 79.7, native/native/cpp 14.4, cpp 10.8; K=7 native 147.5, native/native/cpp 17.5, cpp 11.2 (the
+    rule before this one took the stock call below 9x9: 1.8-13x the C++ kernel's time on NCHW)."""
+    if x.device.type != "cpu" or "cpp" not in cands or not ck.cpp_multithreaded():
+        return None
+    k = max(weight.shape[-2:])
+    if memory_format_of(x) != torch.channels_last or k >= CPP_MIN_K:
+        return "cpp"
+    if "native" not in cands:
+        return "cpp"
+    return "native" if k <= STOCK_MAX_K_GRAD else "native/native/cpp"
+
+
 def _cost_model(cands: list[str], x, weight, bias) -> str:
-    """The choice without timing. From ``CPP_MIN_K`` up the C++ kernel when it runs multi-threaded (CPU, float32).
-    Below that, frozen weights (forward + input gradient: ERF, attribution) take oneDNN's direct depthwise kernel,
-    which has no large-padding cliff on a channels_last input: plain F.conv2d ("native") there, with no layout copy,
-    and "channels_last" (one copy per call) on an NCHW input; calls with weight gradients take "channels_last". (The
-    C++ kernel's direct channels_last tiles below 9x9 are left to the timing: at B=1 C=384 R=32 they beat the stock
-    call, at B=16 C=128 R=56 K=5 they took 2.2 ms against its 1.8.)"""
+    """The choice without timing. With the weight gradient on a CPU, ``_cpu_weight_grad_choice``. Else from
+    ``CPP_MIN_K`` up the C++ kernel when it runs multi-threaded (CPU, float32). Below that, frozen weights (forward
+    + input gradient: ERF, attribution) take oneDNN's direct depthwise kernel, which has no large-padding cliff on a
+    channels_last input: plain F.conv2d ("native") there, with no layout copy, and "channels_last" (one copy per call)
+    on an NCHW input; other CPU calls with weight gradients (the C++ kernel single-threaded) take "channels_last".
+    (The C++ kernel's direct channels_last tiles below 9x9 are left to the timing: at B=1 C=384 R=32 they beat the
+    stock call, at B=16 C=128 R=56 K=5 forward they took 2.2 ms against its 1.8.)"""
     big = max(weight.shape[-2:]) >= CPP_MIN_K and ck.cpp_multithreaded()
+    with_wgrad = _cpu_weight_grad_choice(cands, x, weight) if _needs_grad(x, weight, bias)[1] else None
     if x.device.type == "cuda":
         order = ["triton", "channels_last", "native"]
+    elif with_wgrad is not None:
+        return with_wgrad
     elif not _needs_grad(x, weight, bias)[1]:
         order = ["cpp"] * big + ["native" if x.is_contiguous(memory_format=torch.channels_last) else "channels_last"]
     else:
@@ -276,6 +313,12 @@ def decide(x, weight, bias) -> dict:
                     "stock F.conv2d call itself, with PyTorch's autograd (measured as fast as any backend here, "
                     "and timing them would only pick by noise)", "excluded": excluded}
     if x.device.type == "cpu" and _macs(x, weight) > CPU_TIMING_MAX_MACS:
+        with_wgrad = _cpu_weight_grad_choice(cands, x, weight) if _needs_grad(x, weight, bias)[1] else None
+        if with_wgrad is not None:
+            return {"backend": with_wgrad, "why": f"cost model (large call with the weight gradient: "
+                    f"{_macs(x, weight):.3g} multiply-adds > {CPU_TIMING_MAX_MACS:.0e}, timing would cost more than it "
+                    f"saves; PyTorch's CPU depthwise weight gradient is slow from 5x5 up); candidates {cands}",
+                    "excluded": excluded}
         # plain F.conv2d where it is fast (no conversion, no custom-autograd overhead): on a channels_last input,
         # or NCHW up to K=9 (measured B=1 C=384 R=64: NCHW 6.2 ms vs channels_last 8.9 at K=9, but 176 vs 19 ms
         # at K=13); else oneDNN channels_last (the measured winner at large sizes, see the note on fft)
@@ -290,15 +333,20 @@ def decide(x, weight, bias) -> dict:
     key = cache_key(x, weight, bias)
     with _lock:
         hit = _load().get(key)
-    if hit is not None and hit.get("backend") in cands:
-        stored = hit.get("times_ms")
-        timed = {b: t for b, t in stored.items() if b in cands and _is_time(t)} if isinstance(stored, dict) else {}
+    stored = hit.get("times_ms") if hit is not None else None
+    mixes = [hit["backend"]] if hit is not None else []
+    mixes += list(stored) if isinstance(stored, dict) else []
+    allowed = cands + [b for b in mixes if _per_op_valid(b, cands)]  # the per-op mixes of these candidates
+    if hit is not None and hit.get("backend") in allowed:
+        timed = {b: t for b, t in stored.items() if b in allowed and _is_time(t)} if isinstance(stored, dict) else {}
         if hit["backend"] not in timed:  # without the decision's own time there is nothing to compare
             timed = {}
         return {**hit, **_choose(timed, hit), "times_ms": timed, "cached": True, "key": key, "excluded": excluded}
     gx, gw = _needs_grad(x, weight, bias)
     if x.device.type == "cpu":
         _settle_allocator()
+    per_op, per_op_ms = _per_op_candidates(cands, excluded, x, weight, bias, gx, gw)
+    cands = cands + per_op  # timed as whole calls beside the others: a mix must win there, against stock too
     times: dict[str, float] = {}
     per_round: dict[str, dict[int, float]] = {}
     # on CPU the candidates are timed in interleaved rounds and compared round by round: a shared machine's load
@@ -320,7 +368,7 @@ def decide(x, weight, bias) -> dict:
     if not times:
         return {"backend": "native", "why": "every candidate failed to run; plain F.conv2d", "excluded": excluded}
     ms = {b: round(t * 1e3, 4) for b, t in sorted(_paired_times(times, per_round).items(), key=lambda kv: kv[1])}
-    entry = {**_choose(ms), "times_ms": ms}
+    entry = {**_choose(ms), "times_ms": ms, **({"per_op_ms": per_op_ms} if per_op_ms else {})}
     with _lock:
         _load()[key] = entry
         try:
@@ -328,6 +376,76 @@ def decide(x, weight, bias) -> dict:
         except OSError:
             pass  # read-only cache dir: keep the in-memory decision
     return {**entry, "cached": False, "key": key, "excluded": excluded}
+
+
+def _per_op_valid(name, cands: list[str]) -> bool:
+    """``name`` is a per-op backend whose every backend is a candidate of this call."""
+    parts = split_backend(name)
+    return parts is not None and all(b in cands for b in parts)
+
+
+def _time_op(op: int, name: str, x, weight, bias, g) -> float:
+    """Seconds of one call of operation ``op`` (0 forward, 1 input gradient, 2 weight gradient) with backend
+    ``name`` on the given tensors (the kernel alone, as the autograd Function calls it)."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        if op == 0:
+            _fwd(name, x, weight, bias)
+        elif op == 1:
+            _grad_input(name, g, weight)
+        else:
+            _grad_weight(name, x, g, *weight.shape[-2:])
+        _sync(x.device)
+        return time.perf_counter() - t0
+
+
+def _per_op_candidates(cands: list[str], excluded: dict, x, weight, bias, gx: bool, gw: bool):
+    """Per-op autotune: where the call needs a gradient, two or more kernel backends can run it and it has at least
+    ``PER_OP_MIN_MACS`` forward multiply-adds, each needed operation is timed alone with each of them
+    (``PER_OP_ROUNDS`` interleaved rounds, medians). A backend within ``PER_OP_SPREAD`` of an operation's fastest
+    stays in the running for it, and the combinations that mix backends
+    (at most ``PER_OP_MAX``, smallest summed time first; an operation not needed takes the forward's backend) are
+    returned as per-op names ("forward/input_grad/weight_grad") with the times ({operation: {backend: ms}}). They are
+    then timed as whole calls beside the others, and only that decides: an operation timed alone runs with other
+    caches than inside a call, and leaves out what the operations share (the C++ kernel's one-pass backward).
+    Measured (2-core AVX-512 Xeon, B=16 C=128 R=56 channels_last K=5, forward + both gradients): alone, the C++
+    forward took 5.5 ms against oneDNN's 8.4; inside whole calls "native/native/cpp" took 11.9 ms, "native/cpp/cpp"
+    14.5 and "cpp" 16.7."""
+    kernels = [b for b in cands if b in OP_BACKENDS and b not in excluded]
+    ops = [i for i, need in enumerate((True, gx, gw)) if need]
+    if len(ops) < 2 or len(kernels) < 2 or _macs(x, weight) < PER_OP_MIN_MACS:
+        return [], {}
+    # on a channels_last input "channels_last" runs the forward and input gradient as "native" does (the same call)
+    same = "native" in kernels and memory_format_of(x) == torch.channels_last
+    op_kernels = {op: [b for b in kernels if not (same and op < 2 and b == "channels_last")] for op in ops}
+    xs, ws = torch.randn_like(x), torch.randn_like(weight)
+    bs = None if bias is None else torch.randn_like(bias)
+    gs = torch.randn_like(x)
+    rounds: dict[tuple[int, str], list[float]] = {}
+    for _ in range(PER_OP_ROUNDS + 1):  # the first round warms up and is not counted
+        for op in ops:
+            for b in op_kernels[op]:
+                try:
+                    rounds.setdefault((op, b), []).append(_time_op(op, b, xs, ws, bs, gs))
+                except Exception:  # noqa: BLE001 - a backend that fails an operation is not chosen for it
+                    rounds[(op, b)] = [float("inf")] * (PER_OP_ROUNDS + 1)
+    med = {k: statistics.median(v[1:]) for k, v in rounds.items()}
+    ms = {OPS[op]: {b: round(med[(op, b)] * 1e3, 4) for b in op_kernels[op] if math.isfinite(med[(op, b)])}
+          for op in ops}
+    keep = {}
+    for op in ops:
+        fastest = min(med[(op, b)] for b in op_kernels[op])
+        keep[op] = [b for b in op_kernels[op]
+                    if math.isfinite(med[(op, b)]) and med[(op, b)] <= PER_OP_SPREAD * fastest]
+    combos = [()]
+    for op in ops:
+        combos = [c + (b,) for c in combos for b in keep[op]]
+    mixed = sorted((c for c in combos if len(set(c)) > 1), key=lambda c: sum(med[(op, b)] for op, b in zip(ops, c)))
+    names = []
+    for c in mixed[:PER_OP_MAX]:
+        chosen = dict(zip(ops, c))
+        names.append("/".join(chosen.get(op, chosen[0]) for op in range(3)))
+    return names, ms
 
 
 def _paired_times(best: dict[str, float], per_round: dict[str, dict[int, float]]) -> dict[str, float]:
@@ -371,11 +489,19 @@ def _is_time(t) -> bool:
 
 def _choose(times_ms: dict[str, float], cached: dict | None = None) -> dict:
     """{"backend", "why"} from measured times: the fastest, unless it measured less than ``STOCK_TIE`` faster than
-    the fastest stock backend (``STOCK_BACKENDS``); then that stock one. ``cached`` (an entry without usable
-    times) is kept as it is."""
+    the fastest stock backend (``STOCK_BACKENDS``); then that stock one. A per-op mix must also be ``PER_OP_TIE``
+    faster than the fastest single backend, else the choice is made among the single ones. ``cached`` (an entry
+    without usable times) is kept as it is."""
     if not times_ms:
         return {"backend": cached["backend"], "why": cached.get("why", "cached")} if cached else {}
     winner = min(times_ms, key=times_ms.get)
+    singles = {b: t for b, t in times_ms.items() if split_backend(b) is None}
+    if split_backend(winner) is not None and singles:
+        best_single = min(singles, key=singles.get)
+        if times_ms[winner] > (1 - PER_OP_TIE) * times_ms[best_single]:
+            chosen = _choose(singles)
+            return {**chosen, "why": chosen["why"] + f"; the per-op mix {winner} measured less than {PER_OP_TIE:.0%} "
+                    f"faster than {best_single}"}
     stock = [b for b in STOCK_BACKENDS if b in times_ms]
     if winner in STOCK_BACKENDS or not stock:
         return {"backend": winner, "why": "autotuned (fastest measured)"}
@@ -442,10 +568,18 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
              f"x=({n},{c},{h},{w}) kernel {kh}x{kw}, grads: input={gx} weight={gw}",
              f"-> backend {d['backend']!r}: {d['why']}"
              + (" [from cache " + str(cache_file()) + "]" if d.get("cached") else "")]
+    parts = split_backend(d["backend"])
+    if parts is not None:
+        lines.append("   per op: " + ", ".join(f"{op} {b}" for op, b, need in zip(OPS, parts, (True, gx, gw)) if need))
     if d.get("times_ms"):
         lines.append("   measured (fwd" + ("+bwd" if gx or gw else "") + ", ms: the fastest stock candidate's best "
                      "round times each one's median per-round ratio to it): "
                      + ", ".join(f"{b} {t:.3g}" for b, t in d["times_ms"].items()))
+    if isinstance(d.get("per_op_ms"), dict) and d["per_op_ms"]:
+        lines.append("   measured per op (ms, median of " + str(PER_OP_ROUNDS) + " interleaved calls): " + "; ".join(
+            f"{op}: " + ", ".join(f"{b} {t:.3g}" for b, t in sorted(
+                ((b, t) for b, t in times.items() if _is_time(t)), key=lambda kv: kv[1]))
+            for op, times in d["per_op_ms"].items() if isinstance(times, dict)))
     for b, r in d.get("excluded", {}).items():
         lines.append(f"   not {b}: {r}")
     if x.device.type == "cpu" and ck.cpp_available():

@@ -17,7 +17,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     backend). The output keeps the memory format of ``x``. ``backend``: None or "auto" follows
     ``fastconv.settings()`` (see ``fastconv.use``; "auto" there = fastest measured for this device/dtype/layout/
     shape, unless it is less than 10 % faster than the stock F.conv2d call; see ``fastconv.explain``); one of
-    ``fastconv.BACKENDS`` runs that one. Under ``torch.autocast`` the tensors are cast as autocast casts
+    ``fastconv.BACKENDS`` runs that one, a per-op name "forward/input_grad/weight_grad" (e.g. "native/native/cpp") runs
+    each operation with its own. Under ``torch.autocast`` the tensors are cast as autocast casts
     F.conv2d's (float32 ones to the autocast dtype).
     """
     if (backend is None or backend == "auto") and stride == 1 and dilation == 1 and not any_autocast_enabled():

@@ -374,6 +374,8 @@ def test_auto_autotunes_once_and_persists_cache(monkeypatch, tmp_path):
         return fake[name] + (0 if name != "cpp" or "cpp" in CPU_BACKENDS else 99)
 
     monkeypatch.setattr(dispatch, "_time_backend", fake_time)
+    # the C++ kernel far ahead at each operation alone: no mix to time
+    monkeypatch.setattr(dispatch, "_time_op", lambda op, name, *a: (1.0 if name == "cpp" else 9.0) / 1e3)
     y = fastconv.depthwise_conv2d(x, w)
     # the cost model never times NCHW native at padding 8 (oneDNN im2col cliff)
     assert "native" not in calls and set(calls) == set(CPU_BACKENDS) - {"native", "fft"}
@@ -665,6 +667,150 @@ def test_weight_grad_cost_model_excludes_native_at_large_k():
     assert "native" not in cands and "slow GEMM" in why["native"]
     with torch.no_grad():
         assert "native" in dispatch.candidates(x, w, None)[0]  # channels_last forward has no cliff
+
+
+PER_OP_NAMES = ["native/channels_last/cpp", "cpp/native/channels_last", "channels_last/cpp/native",
+                "native/native/cpp", "native/channels_last/channels_last"]
+
+
+@pytest.mark.parametrize("name", PER_OP_NAMES)
+@pytest.mark.parametrize("layout,with_bias", [("nchw", True), ("channels_last", False)])
+def test_per_op_backends_match_conv2d_and_run_each_operation_where_named(name, layout, with_bias, monkeypatch,
+                                                                         one_thread):
+    """A per-op backend ("forward/input_grad/weight_grad") runs each operation with its own backend (spied), and
+    the three results are F.conv2d's: forward, input and weight gradient, with and without bias, both layouts."""
+    if "cpp" in name:
+        _need_cpp()
+    from fastconv import backends
+
+    ran = []
+    for fn in ("_fwd", "_grad_input", "_grad_weight"):
+        real = getattr(backends, fn)
+        monkeypatch.setattr(backends, fn, lambda b, *a, _real=real, _fn=fn: ran.append((_fn, b)) or _real(b, *a))
+    g = torch.Generator().manual_seed(len(name))
+    x = torch.randn(2, 20, 11, 9, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(20, 1, 7, 5, generator=g)
+    b = torch.randn(20, generator=g) if with_bias else None
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if with_bias else ())]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if with_bias else ())]
+    y = fastconv.depthwise_conv2d(*leaves[:2], leaves[2] if with_bias else None, backend=name)
+    ref = _ref(*ref_leaves[:2], ref_leaves[2] if with_bias else None)
+    assert _rel(y, ref) <= 1e-5
+    want = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=want)
+    gy = torch.randn(ref.shape, generator=g)
+    grads = torch.autograd.grad(y, leaves, gy)
+    for got, exp in zip(grads, torch.autograd.grad(ref, ref_leaves, gy)):
+        assert got.shape == exp.shape and _rel(got, exp) <= 1e-4
+    assert grads[0].is_contiguous(memory_format=want)
+    fwd, gin, gwt = name.split("/")
+    assert ran == [("_fwd", fwd), ("_grad_input", gin), ("_grad_weight", gwt)]
+    with torch.no_grad():  # inference: the forward's backend alone
+        ran.clear()
+        assert _rel(fastconv.depthwise_conv2d(x, w, b, backend=name), ref) <= 1e-5 and ran == [("_fwd", fwd)]
+
+
+@pytest.mark.parametrize("bad,msg", [("native/cpp", "unknown backend"), ("native/fft/cpp", "unknown backend"),
+                                     ("cpp/native/", "unknown backend"),
+                                     ("triton/native/native", "forward 'triton': triton needs a CUDA tensor")])
+def test_per_op_backend_names_are_checked(bad, msg):
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3)
+    with pytest.raises(ValueError, match=msg):
+        fastconv.depthwise_conv2d(x, w, backend=bad)
+    if msg == "unknown backend":
+        with pytest.raises(ValueError, match="forward/input_grad/weight_grad"):
+            fastconv.configure(backend=bad)
+    else:
+        with fastconv.use(backend=bad), pytest.raises(ValueError, match=msg):
+            fastconv.depthwise_conv2d(x, w)
+    with fastconv.use(backend="native/channels_last/native"):  # a valid name is a setting like any backend
+        assert _rel(fastconv.depthwise_conv2d(x, w), _ref(x, w, None)) <= 1e-5
+
+
+@pytest.mark.parametrize("mix_ms,cl_ms,expect", [(0.5, 1.5, "native/channels_last/channels_last"),
+                                                 (0.95, 1.5, "native"), (0.5, 0.52, "channels_last")])
+def test_per_op_autotune_times_the_mixes_as_whole_calls(mix_ms, cl_ms, expect, monkeypatch, tmp_path):
+    """With gradients, each operation is timed alone per backend; the mixes of the backends within PER_OP_SPREAD of
+    each operation's fastest are then timed as whole calls, and one is picked only when it wins there by STOCK_TIE
+    over the stock call and by PER_OP_TIE over the fastest single backend. The decision, its per-op times and the
+    "per op" line survive a new process (cache file)."""
+    monkeypatch.setattr(dispatch, "PER_OP_MIN_MACS", 0)  # (a small call, its timings faked)
+    x = torch.randn(1, 8, 10, 10, requires_grad=True)
+    w = torch.randn(8, 1, 5, 5, requires_grad=True)
+    op_ms = [{"native": 1.0, "channels_last": 3.0}, {"channels_last": 1.0, "native": 2.5},
+             {"channels_last": 1.0, "native": 5.0}]
+    alone = []
+    monkeypatch.setattr(dispatch, "candidates", lambda *a: (["native", "channels_last"], {}))
+    monkeypatch.setattr(dispatch, "_time_op", lambda op, name, *a: alone.append((op, name)) or op_ms[op][name] / 1e3)
+    whole = {"native": 1.0, "channels_last": cl_ms}
+    timed = []
+    monkeypatch.setattr(dispatch, "_time_backend",
+                        lambda name, *a, **k: timed.append(name) or whole.get(name, mix_ms) / 1e3)
+    d = dispatch.decide(x, w, None)
+    assert set(alone) == {(op, b) for op in range(3) for b in ("native", "channels_last")}
+    # forward: native alone (channels_last 3x); input gradient: channels_last (native 2.5x); weight gradient:
+    # channels_last (native 5x): one mix, timed as a whole call beside the two backends
+    assert set(timed) == {"native", "channels_last", "native/channels_last/channels_last"}
+    assert d["backend"] == expect and d["per_op_ms"]["forward"] == {"native": 1.0, "channels_last": 3.0}
+    dispatch.clear_cache(memory_only=True)
+    monkeypatch.setattr(dispatch, "_time_backend", lambda *a, **k: pytest.fail("timed again"))
+    monkeypatch.setattr(dispatch, "_time_op", lambda *a, **k: pytest.fail("timed again"))
+    again = dispatch.decide(x, w, None)
+    assert again["cached"] and again["backend"] == expect
+    text = fastconv.explain(x, w)
+    assert ("per op: forward native, input gradient channels_last, weight gradient channels_last" in text) == (
+        "/" in expect)
+    assert ("measured less than 5% faster than channels_last" in text) == (expect == "channels_last")
+    assert "measured per op (ms" in text and "weight gradient: channels_last 1, native 5" in text
+    y = fastconv.depthwise_conv2d(x, w)
+    gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    ref = _ref(x, w, None)
+    rx, rw = torch.autograd.grad(ref, (x, w), torch.ones_like(ref))
+    assert _rel(y, ref) <= 1e-5 and _rel(gx, rx) <= 1e-4 and _rel(gw, rw) <= 1e-4
+
+
+def test_per_op_autotune_only_where_two_operations_are_needed(monkeypatch):
+    """Forward-only calls (no gradient), calls under PER_OP_MIN_MACS and calls where one backend is fastest at every
+    operation time no mix."""
+    monkeypatch.setattr(dispatch, "candidates", lambda *a: (["native", "channels_last"], {}))
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: {"native": 1.0}.get(name, 2.0) / 1e3)
+    alone = []
+    monkeypatch.setattr(dispatch, "_time_op", lambda op, name, *a: alone.append(op) or (1.0 if name == "native"
+                                                                                        else 9.0) / 1e3)
+    x, w = torch.randn(1, 8, 10, 10), torch.randn(8, 1, 5, 5)
+    with torch.no_grad():
+        d = dispatch.decide(x, w, None)
+    assert alone == [] and "per_op_ms" not in d
+    d = dispatch.decide(x.clone().requires_grad_(), w.clone().requires_grad_(), None)  # 2e4 multiply-adds
+    assert alone == [] and "per_op_ms" not in d
+    dispatch.clear_cache(memory_only=True)
+    monkeypatch.setattr(dispatch, "PER_OP_MIN_MACS", 2e4)
+    d = dispatch.decide(x.requires_grad_(), w, None)  # input gradient only: forward and input gradient timed
+    assert set(alone) == {0, 1} and set(d["times_ms"]) == {"native", "channels_last"} and d["backend"] == "native"
+
+
+@pytest.mark.parametrize("layout,k,expect", [("nchw", 3, "cpp"), ("nchw", 7, "cpp"), ("channels_last", 3, "native"),
+                                             ("channels_last", 5, "native/native/cpp"),
+                                             ("channels_last", 7, "native/native/cpp"), ("channels_last", 9, "cpp")])
+@pytest.mark.parametrize("autotune", [True, False])
+def test_calls_with_the_weight_gradient_not_timed_follow_the_cpu_rule(layout, k, expect, autotune, monkeypatch):
+    """Large calls (and autotune off) that need the weight gradient: the C++ kernel on NCHW and from 9x9; on
+    channels_last the stock call at 3x3 and oneDNN's forward and input gradient beside the C++ weight gradient from
+    5x5 (the rule before gave the stock call, 1.8-13x slower on NCHW, to every large call below 9x9)."""
+    monkeypatch.setattr(ck, "cpp_multithreaded", lambda: True)
+    monkeypatch.setattr(dispatch, "candidates", lambda *a: (["native", "channels_last", "cpp"], {}))
+    monkeypatch.setattr(dispatch, "_time_backend", lambda *a, **k: pytest.fail("timed"))
+    monkeypatch.setattr(dispatch, "_time_op", lambda *a, **k: pytest.fail("timed"))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    # 16 x 128 x 112^2 x 9 = 2.3e8 multiply-adds: "large" from 3x3 (memory never touched); small without autotune
+    x = torch.empty((16, 128, 112, 112) if autotune else (1, 64, 8, 8), memory_format=fmt)
+    w = torch.empty(64, 1, k, k, requires_grad=True)
+    with fastconv.use(autotune=autotune):
+        d = dispatch.decide(x.requires_grad_(), w, None)
+    assert d["backend"] == expect, d
+    assert ("large call with the weight gradient" in d["why"]) == (autotune and expect != "native")
 
 
 def test_bench_cli_writes_table_and_reports_paper_numbers(tmp_path, capsys, one_thread, monkeypatch):
