@@ -22,7 +22,7 @@ except ImportError:
 
 from fastconv import cpu_kernels as ck
 from fastconv import triton_backend
-from fastconv.config import BACKENDS, split_backend
+from fastconv.config import BACKENDS, OP_BACKENDS, split_backend
 
 #: what F.conv2d computes on CPU and CUDA alike (half precision on CPU: "native" and "channels_last" only)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -134,7 +134,8 @@ def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool,
         if _triton() is None:
             return False, "triton backend unavailable (fastconv.triton_backend missing or triton_available() False)"
         return True, ""
-    return False, f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}"
+    return False, (f"unknown backend {backend!r}; choose auto, one of {', '.join(BACKENDS)}, or one per operation as "
+                   f"forward/input_grad/weight_grad from {', '.join(OP_BACKENDS)}")
 
 
 # ------------------------------------------------------------------------------------ kernels per backend
@@ -233,7 +234,20 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         ctx.backend = backend
         ctx.fmt = memory_format_of(x)
         ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
         ctx.has_bias = b is not None
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, _backend):
+        """Forward-mode AD (dual numbers, ``torch.func.jvp``): the op is bilinear in (x, w), so the output's tangent is
+        conv(x_t, w) + conv(x, w_t) + b_t, here through F.conv2d in the input's layout."""
+        x, w = ctx.saved_tensors
+        out = torch.zeros_like(x) if x_t is None else _native_conv(x_t, w, None)
+        if w_t is not None:
+            out = out + _native_conv(x, w_t, None)
+        if b_t is not None:
+            out = out + b_t.view(1, -1, 1, 1)
+        return out.contiguous(memory_format=ctx.fmt)
 
     @staticmethod
     def backward(ctx, g):

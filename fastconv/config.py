@@ -1,9 +1,10 @@
 """How fastconv runs, decided in one place: the backend, whether the dispatcher may time candidates, the cache.
 
-Initial values come from ``$FASTCONV_BACKEND`` ("auto" or one of ``BACKENDS``), ``$FASTCONV_AUTOTUNE`` ("0": cost
-model only, never timing) and ``$FASTCONV_CACHE`` (default ``$XDG_CACHE_HOME/fastconv`` or ``~/.cache/fastconv``),
-read on first use. ``configure`` changes the process-wide defaults; ``use`` overrides them inside a ``with`` block
-(a context variable: per thread and asyncio task, nestable, restored on exit). No torch import here.
+Initial values come from ``$FASTCONV_BACKEND`` ("auto", one of ``BACKENDS`` or a per-op name that
+``split_backend`` reads), ``$FASTCONV_AUTOTUNE`` ("0": cost model only, never timing) and ``$FASTCONV_CACHE``
+(default ``$XDG_CACHE_HOME/fastconv`` or ``~/.cache/fastconv``), read on first use. ``configure`` changes the
+process-wide defaults; ``use`` overrides them inside a ``with`` block (a context variable: per thread and asyncio
+task, nestable, restored on exit). No torch import here.
 """
 from __future__ import annotations
 

@@ -305,6 +305,32 @@ def test_torch_func_grad_matches_conv2d(backend, one_thread):
             torch.func.vmap(lambda a: fastconv.depthwise_conv2d(a, w, backend=backend))(x.unsqueeze(1))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["native/native/cpp", "cpp/native/channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_forward_mode_ad_matches_conv2d(backend, layout, one_thread):
+    """Dual numbers and torch.func.jvp through every backend (and per-op names): the output's tangent is F.conv2d's
+    (the custom Function had no jvp: NotImplementedError), in the input's layout."""
+    if "cpp" in backend:
+        _need_cpp()
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(2, 8, 9, 7, generator=g), torch.randn(8, 1, 5, 3, generator=g), torch.randn(8, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xt, wt, bt = (torch.randn(t.shape, generator=g) for t in (x, w, b))
+    xt = xt.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else xt
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(t, d) for t, d in ((x, xt), (w, wt), (b, bt))]
+        y, y_t = fwAD.unpack_dual(fastconv.depthwise_conv2d(*duals, backend=backend))
+        ref, ref_t = fwAD.unpack_dual(_ref(*duals))
+    assert _rel(y, ref) <= 1e-5 and _rel(y_t, ref_t) <= 1e-5
+    if layout == "channels_last" and backend != "fft":
+        assert y_t.is_contiguous(memory_format=torch.channels_last)
+    _, jt = torch.func.jvp(lambda a: fastconv.depthwise_conv2d(a, w, None, backend=backend), (x,), (xt,))
+    assert _rel(jt, _ref(xt, w, None)) <= 1e-5
+
+
 def test_captum_saliency_with_frozen_model():
     from captum.attr import Saliency
 
@@ -762,13 +788,94 @@ def test_per_op_autotune_times_the_mixes_as_whole_calls(mix_ms, cl_ms, expect, m
     text = fastconv.explain(x, w)
     assert ("per op: forward native, input gradient channels_last, weight gradient channels_last" in text) == (
         "/" in expect)
-    assert ("measured less than 5% faster than channels_last" in text) == (expect == "channels_last")
+    assert ("measured less than 10% faster than channels_last" in text) == (expect == "channels_last")
     assert "measured per op (ms" in text and "weight gradient: channels_last 1, native 5" in text
     y = fastconv.depthwise_conv2d(x, w)
     gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
     ref = _ref(x, w, None)
     rx, rw = torch.autograd.grad(ref, (x, w), torch.ones_like(ref))
     assert _rel(y, ref) <= 1e-5 and _rel(gx, rx) <= 1e-4 and _rel(gw, rw) <= 1e-4
+
+
+def test_per_op_autotune_survives_failures_and_stale_cache_entries(monkeypatch, tmp_path):
+    """An operation that fails with one backend leaves it out for that operation; a failure of the per-op pass itself
+    leaves the single backends (explain says why); a trained bias alone does not time the weight gradient; a cached
+    mix whose backends are no longer all candidates is timed again."""
+    monkeypatch.setattr(dispatch, "PER_OP_MIN_MACS", 0)
+    cands = ["native", "channels_last"]
+    monkeypatch.setattr(dispatch, "candidates", lambda *a: (list(cands), {}))
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: (0.5 if "/" in name else 1.0) / 1e3)
+
+    def flaky(op, name, *a):
+        if (op, name) == (0, "native"):
+            raise RuntimeError("no kernel")
+        return (1.0 if (op, name) in ((1, "native"), (2, "native")) else 3.0) / 1e3
+
+    monkeypatch.setattr(dispatch, "_time_op", flaky)
+    x, w = torch.randn(1, 8, 10, 10, requires_grad=True), torch.randn(8, 1, 5, 5, requires_grad=True)
+    d = dispatch.decide(x, w, None)
+    # forward: only channels_last ran; gradients: native 3x ahead of channels_last
+    assert d["backend"] == "channels_last/native/native" and d["per_op_ms"]["forward"] == {"channels_last": 3.0}
+    dispatch.clear_cache(memory_only=True)
+    cands.remove("native")  # (e.g. a cache file from another torch build of the same key): timed again
+    timed = []
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: timed.append(name) or 1e-3)
+    cands.append("cpp")
+    real_per_op = dispatch._per_op_candidates
+
+    def no_memory(*a, **k):
+        raise MemoryError("timing buffers")
+
+    monkeypatch.setattr(dispatch, "_per_op_candidates", no_memory)  # (allocating its x-sized buffers failed)
+    d = dispatch.decide(x, w, None)
+    assert not d["cached"] and "/" not in d["backend"] and set(timed) == {"channels_last", "cpp"}
+    assert d["excluded"]["per-op mixes"] == "failed while autotuning: MemoryError: timing buffers"
+    monkeypatch.setattr(dispatch, "_per_op_candidates", real_per_op)
+    alone = []
+    monkeypatch.setattr(dispatch, "_time_op", lambda op, name, *a: alone.append(op) or 1e-3)
+    # x and the bias trained, the weight frozen: the forward and input gradient are timed, not the weight gradient
+    dispatch.decide(x, w.detach(), torch.randn(8, requires_grad=True))
+    assert set(alone) == {0, 1}
+
+
+@pytest.mark.parametrize("ratio,expect", [(0.8, "native/channels_last/channels_last"), (0.95, "channels_last"),
+                                          (1.1, "channels_last")])
+def test_a_mix_that_wins_the_rounds_must_win_head_to_head(ratio, expect, monkeypatch):
+    """The winning mix is timed head to head against the fastest single backend and kept only PER_OP_TIE ahead
+    there; a mix that lost leaves the decision and the cached times (a new process does not take it back)."""
+    monkeypatch.setattr(dispatch, "PER_OP_MIN_MACS", 0)
+    monkeypatch.setattr(dispatch, "candidates", lambda *a: (["native", "channels_last"], {}))
+    op_ms = [{"native": 1.0, "channels_last": 3.0}, {"channels_last": 1.0, "native": 3.0},
+             {"channels_last": 1.0, "native": 3.0}]
+    monkeypatch.setattr(dispatch, "_time_op", lambda op, name, *a: op_ms[op][name] / 1e3)
+    whole = {"native": 1.0, "channels_last": 0.8}
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: whole.get(name, 0.4) / 1e3)
+    duels = []
+    monkeypatch.setattr(dispatch, "_head_to_head", lambda a, b, *rest: duels.append((a, b)) or ratio)
+    x, w = torch.randn(1, 8, 10, 10, requires_grad=True), torch.randn(8, 1, 5, 5, requires_grad=True)
+    d = dispatch.decide(x, w, None)
+    assert duels == [("native/channels_last/channels_last", "channels_last")] and d["backend"] == expect
+    assert d["head_to_head"] == {"mix": duels[0][0], "against": "channels_last", "ratio": ratio}
+    assert (duels[0][0] in d["times_ms"]) == (expect != "channels_last")
+    assert ("head to head" in d["why"]) == (expect == "channels_last")
+    dispatch.clear_cache(memory_only=True)
+    assert dispatch.decide(x, w, None)["backend"] == expect
+    assert f"head to head: the mix {duels[0][0]} took {ratio:.3g}x the time of channels_last" in fastconv.explain(x, w)
+
+
+def test_head_to_head_alternates_and_takes_the_median_ratio(monkeypatch):
+    calls = []
+    times = iter([9.0, 9.0] + [1.0, 2.0, 2.0, 1.0] * 10)  # warm-ups, then a / b in alternating order: a at half b
+
+    def fake(name, *a, repeat=True, **k):
+        assert repeat is False
+        calls.append(name)
+        return next(times)
+
+    monkeypatch.setattr(dispatch, "_time_backend", fake)
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3)
+    assert dispatch._head_to_head("a", "b", x, w, None, True, True) == 0.5
+    assert calls[:6] == ["a", "b", "a", "b", "b", "a"] and len(calls) == 2 + 2 * dispatch.HEAD_TO_HEAD_ROUNDS
 
 
 def test_per_op_autotune_only_where_two_operations_are_needed(monkeypatch):
@@ -811,6 +918,25 @@ def test_calls_with_the_weight_gradient_not_timed_follow_the_cpu_rule(layout, k,
         d = dispatch.decide(x.requires_grad_(), w, None)
     assert d["backend"] == expect, d
     assert ("large call with the weight gradient" in d["why"]) == (autotune and expect != "native")
+
+
+@pytest.mark.parametrize("layout,k,threads,expect", [
+    ("nchw", 3, "multi", "cpp"), ("nchw", 7, "multi", "cpp"), ("nchw", 9, "multi", "cpp"),
+    ("channels_last", 5, "multi", "native"), ("channels_last", 9, "multi", "cpp"),
+    ("nchw", 5, "single", "native"), ("nchw", 13, "single", "channels_last")])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_large_calls_without_the_weight_gradient_follow_the_cost_model(layout, k, threads, expect, input_grad,
+                                                                      monkeypatch):
+    """Large calls (not timed) of the forward alone or with the input gradient: the C++ kernel on every NCHW input
+    (it measured 1.8-15x faster than NCHW F.conv2d at 3x3-7x7, which these calls took before) and from 9x9; the
+    stock call below that on channels_last; without a multi-threaded C++ kernel, NCHW F.conv2d up to 9x9."""
+    monkeypatch.setattr(ck, "cpp_multithreaded", lambda: threads == "multi")
+    monkeypatch.setattr(dispatch, "candidates", lambda *a: (["native", "channels_last", "cpp"], {}))
+    monkeypatch.setattr(dispatch, "_time_backend", lambda *a, **kw: pytest.fail("timed"))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.empty(16, 128, 112, 112, memory_format=fmt).requires_grad_(input_grad)  # > 2e8 multiply-adds
+    d = dispatch.decide(x, torch.empty(128, 1, k, k), None)
+    assert d["backend"] == expect and "large call:" in d["why"], d
 
 
 def test_bench_cli_writes_table_and_reports_paper_numbers(tmp_path, capsys, one_thread, monkeypatch):

@@ -404,7 +404,8 @@ def test_small_kernels_on_nchw_are_timed_by_their_typical_time(monkeypatch):
 def test_cheap_calls_get_more_autotune_rounds(call_s, expected, monkeypatch):
     """The autotuner's CPU rounds: at least 3, up to 15 while the timing took under 0.15 s (each candidate's timing
     here takes 10 x ``call_s`` of a fake clock; ``expected``: rounds by the number of candidates, 3 with the C++
-    kernel, 2 without a compiler). The first round repeats each candidate, the later ones time one call each."""
+    kernel, 2 without a compiler). The first round repeats each candidate, the later ones time one call each; each
+    round runs the candidates in a fresh order."""
     clock, timed, repeats = {"t": 0.0}, [], []
 
     def fake_time(name, *a, repeat=True, **k):
@@ -418,7 +419,10 @@ def test_cheap_calls_get_more_autotune_rounds(call_s, expected, monkeypatch):
     x, w = torch.randn(1, 8, 12, 12), torch.randn(8, 1, 7, 7)  # forward on NCHW: timed
     dispatch.decide(x, w, None)
     n = len(set(timed))
-    assert n in expected and timed == timed[:n] * expected[n]
+    rounds = [timed[i:i + n] for i in range(0, len(timed), n)]
+    assert n in expected and len(rounds) == expected[n] and all(sorted(r) == sorted(set(timed)) for r in rounds)
+    if len(rounds) >= 5:  # a fresh order each round (no candidate always after the same one)
+        assert len({tuple(r) for r in rounds}) > 1
     assert repeats == [True] * n + [False] * (len(timed) - n)
 
 
