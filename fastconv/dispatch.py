@@ -51,7 +51,7 @@ STOCK_MAX_K_FWD = 5
 #: are timed again): the median of its repeats in the first round, one call in each later round (``_time_backend``);
 #: over the rounds, the median of its time over the reference's in the same round, scaled by the reference's best
 #: time (``_paired_times``)
-_ESTIMATOR = "median-of-first-round,single-calls-after,paired-median-over-3-15-rounds,per-op"
+_ESTIMATOR = "median-of-first-round,single-calls-after,paired-median-over-3-15-rounds,per-op,head-to-head"
 _KERNEL_ID = ck.kernel_id()  # a changed C++ kernel invalidates earlier timings
 
 _mem: dict[str, dict] = {}
@@ -351,7 +351,8 @@ def decide(x, weight, bias) -> dict:
     mixes = [hit["backend"]] if hit is not None else []
     mixes += list(stored) if isinstance(stored, dict) else []
     allowed = cands + [b for b in mixes if _per_op_valid(b, cands)]  # the per-op mixes of these candidates
-    if hit is not None and hit.get("backend") in allowed:
+    if hit is not None and hit.get("backend") in allowed and (split_backend(hit["backend"]) is None
+                                                              or _won_head_to_head(hit)):
         timed = {b: t for b, t in stored.items() if b in allowed and _is_time(t)} if isinstance(stored, dict) else {}
         if hit["backend"] not in timed:  # without the decision's own time there is nothing to compare
             timed = {}
@@ -395,7 +396,10 @@ def decide(x, weight, bias) -> dict:
     verdict = _choose(ms)
     head = None
     if split_backend(verdict["backend"]) is not None:  # a mix won the rounds: it must also win head to head
-        single = min((b for b in ms if split_backend(b) is None), key=ms.get)
+        singles = {b: t for b, t in ms.items() if split_backend(b) is None}
+        if not singles:  # no single backend ran as a whole call: nothing to hold a mix against
+            return {"backend": "native", "why": "no single backend ran; plain F.conv2d", "excluded": excluded}
+        single = _choose(singles)["backend"]  # what runs if the mix is not taken (may be the stock call)
         try:
             ratio = _head_to_head(verdict["backend"], single, x, weight, bias, gx, gw)
         except Exception as e:  # noqa: BLE001 - a mix that fails here is not taken
@@ -434,6 +438,13 @@ def _head_to_head(a: str, b: str, x, weight, bias, gx: bool, gw: bool) -> float:
     return statistics.median(ratios)
 
 
+def _won_head_to_head(entry: dict) -> bool:
+    """A cached decision for a per-op mix records the head to head it won (else it is timed again)."""
+    head = entry.get("head_to_head")
+    return (isinstance(head, dict) and head.get("mix") == entry.get("backend") and _is_time(head.get("ratio"))
+            and head["ratio"] <= 1 - PER_OP_TIE)
+
+
 def _per_op_valid(name, cands: list[str]) -> bool:
     """``name`` is a per-op backend whose every backend is a candidate of this call."""
     parts = split_backend(name)
@@ -462,7 +473,8 @@ def _per_op_candidates(cands: list[str], excluded: dict, x, weight, bias, gx: bo
     stays in the running for it, and the combinations that mix backends
     (at most ``PER_OP_MAX``, smallest summed time first; an operation not needed takes the forward's backend) are
     returned as per-op names ("forward/input_grad/weight_grad") with the times ({operation: {backend: ms}}). They are
-    then timed as whole calls beside the others, and only that decides: an operation timed alone runs with other
+    then timed as whole calls beside the others (and the winner head to head), and only that decides: an operation
+    timed alone runs with other
     caches than inside a call, and leaves out what the operations share (the C++ kernel's one-pass backward).
     Measured (2-core AVX-512 Xeon, B=16 C=128 R=56 channels_last K=5, forward + both gradients): alone, the C++
     forward took 5.5 ms against oneDNN's 8.4; inside whole calls "native/native/cpp" took 11.9 ms, "native/cpp/cpp"
@@ -483,10 +495,10 @@ def _per_op_candidates(cands: list[str], excluded: dict, x, weight, bias, gx: bo
     rounds: dict[tuple[int, str], list[float]] = {}
     for r in range(PER_OP_ROUNDS + 1):  # the first round warms up and is not counted
         for op in ops:
-            last = {b: rounds[(op, b)][-1] for b in op_kernels[op] if (op, b) in rounds}
+            fastest = {b: min(rounds[(op, b)][1:]) for b in op_kernels[op] if len(rounds.get((op, b), ())) > 1}
             for b in op_kernels[op]:
-                if r >= 2 and last[b] > 2 * PER_OP_SPREAD * min(last.values()):
-                    continue  # clearly out of the running after a counted round: not repeated
+                if r >= 3 and fastest[b] > 2 * PER_OP_SPREAD * min(fastest.values()):
+                    continue  # clearly out of the running in every counted round so far: not repeated
                 try:
                     rounds.setdefault((op, b), []).append(_time_op(op, b, xs, ws, bs, gs))
                 except Exception:  # noqa: BLE001 - a backend that fails an operation is not chosen for it
@@ -502,7 +514,11 @@ def _per_op_candidates(cands: list[str], excluded: dict, x, weight, bias, gx: bo
     combos = [()]
     for op in ops:
         combos = [c + (b,) for c in combos for b in keep[op]]
-    mixed = sorted((c for c in combos if len(set(c)) > 1), key=lambda c: sum(med[(op, b)] for op, b in zip(ops, c)))
+    # (on CUDA channels_last the weight gradient of "native" is the one "triton" takes: no mix of the two there)
+    alias = {"native": "triton"} if same and x.device.type == "cuda" and "triton" in kernels else {}
+    mixed = sorted((c for c in combos if len(set(c)) > 1
+                    and len({alias.get(b, b) if op == 2 else b for op, b in zip(ops, c)}) > 1),
+                   key=lambda c: sum(med[(op, b)] for op, b in zip(ops, c)))
     names = []
     for c in mixed[:PER_OP_MAX]:
         chosen = dict(zip(ops, c))

@@ -863,6 +863,66 @@ def test_a_mix_that_wins_the_rounds_must_win_head_to_head(ratio, expect, monkeyp
     assert f"head to head: the mix {duels[0][0]} took {ratio:.3g}x the time of channels_last" in fastconv.explain(x, w)
 
 
+def test_head_to_head_is_against_the_backend_that_would_run_and_old_mixes_are_timed_again(monkeypatch, tmp_path):
+    """The mix is held against what runs without it (here the stock call: the C++ kernel measured under 10 % ahead
+    of it); a cached mix without a won head to head (an older cache, a hand-edited one) is timed again; a call where
+    only mixes ran as whole calls falls back to the stock call."""
+    monkeypatch.setattr(dispatch, "PER_OP_MIN_MACS", 0)
+    monkeypatch.setattr(dispatch, "candidates", lambda *a: (["native", "cpp"], {}))  # timings faked: no compiler
+    op_ms = [{"native": 1.0, "cpp": 3.0}, {"cpp": 1.0, "native": 3.0}, {"cpp": 1.0, "native": 3.0}]
+    monkeypatch.setattr(dispatch, "_time_op", lambda op, name, *a: op_ms[op][name] / 1e3)
+    whole = {"native": 1.0, "cpp": 0.95}
+    monkeypatch.setattr(dispatch, "_time_backend", lambda name, *a, **k: whole.get(name, 0.5) / 1e3)
+    duels = []
+    monkeypatch.setattr(dispatch, "_head_to_head", lambda a, b, *rest: duels.append((a, b)) or 0.5)
+    x, w = torch.randn(1, 8, 10, 10, requires_grad=True), torch.randn(8, 1, 5, 5, requires_grad=True)
+    mix = "native/cpp/cpp"
+    assert dispatch.decide(x, w, None)["backend"] == mix and duels == [(mix, "native")]
+    f = tmp_path / "fc" / "autotune.json"
+    entries = json.loads(f.read_text())
+    (key,) = entries
+    for head in (None, {"mix": mix, "against": "native", "ratio": 0.95}):  # none recorded / one it did not win
+        entries[key] = {"backend": mix, "why": "autotuned", "times_ms": {mix: 0.5, "native": 1.0},
+                        **({"head_to_head": head} if head else {})}
+        f.write_text(json.dumps(entries))
+        dispatch.clear_cache(memory_only=True)
+        duels.clear()
+        d = dispatch.decide(x, w, None)
+        assert not d["cached"] and duels == [(mix, "native")]
+    dispatch.clear_cache(memory_only=True)
+    f.unlink()
+
+    def singles_fail(name, *a, **k):
+        if "/" not in name:
+            raise RuntimeError("no kernel")
+        return 0.5e-3
+
+    monkeypatch.setattr(dispatch, "_time_backend", singles_fail)
+    d = dispatch.decide(x, w, None)
+    assert d["backend"] == "native" and "no single backend ran" in d["why"]
+
+
+def test_per_op_timing_keeps_a_backend_through_one_slow_round(monkeypatch):
+    """A backend is left out of later per-op rounds only when it was far behind in every counted round so far: one
+    burst of load does not take it out of the running (its median decides)."""
+    monkeypatch.setattr(dispatch, "PER_OP_MIN_MACS", 0)
+    calls = {}
+
+    def fake(op, name, *a):
+        n = calls[(op, name)] = calls.get((op, name), 0) + 1
+        if op == 2 and name == "channels_last":
+            return (20.0 if n == 2 else 1.0) / 1e3  # the first counted round hit a burst
+        return {"native": 1.0, "channels_last": 5.0}[name] / 1e3 if op == 0 else (
+            {"native": 1.0, "channels_last": 9.0}[name] / 1e3 if op == 1 else 3.0e-3)
+
+    monkeypatch.setattr(dispatch, "_time_op", fake)
+    x, w = torch.randn(1, 8, 10, 10), torch.randn(8, 1, 5, 5)
+    names, ms = dispatch._per_op_candidates(["native", "channels_last"], {}, x, w, None, True, True)
+    assert calls[(2, "channels_last")] == 1 + dispatch.PER_OP_ROUNDS and ms["weight gradient"]["channels_last"] == 1.0
+    assert calls[(1, "channels_last")] == 3  # 9x behind in both counted rounds: not repeated in the third
+    assert names == ["native/native/channels_last"]
+
+
 def test_head_to_head_alternates_and_takes_the_median_ratio(monkeypatch):
     calls = []
     times = iter([9.0, 9.0] + [1.0, 2.0, 2.0, 1.0] * 10)  # warm-ups, then a / b in alternating order: a at half b
