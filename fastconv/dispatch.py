@@ -282,9 +282,8 @@ def _cost_model(cands: list[str], x, weight, bias) -> str:
     + input gradient: ERF, attribution) take oneDNN's direct depthwise kernel, which has no large-padding cliff on a
     channels_last input: plain F.conv2d ("native") there, with no layout copy, and "channels_last" (one copy per call)
     on an NCHW input; other CPU calls with weight gradients (no multi-threaded C++ kernel, or not float32) take
-    "channels_last".
-    (The C++ kernel's direct channels_last tiles below 9x9 are left to the timing: at B=1 C=384 R=32 they beat the
-    stock call, at B=16 C=128 R=56 K=5 forward they took 2.2 ms against its 1.8.)"""
+    "channels_last". (The C++ kernel's direct channels_last tiles below 9x9 are left to the timing: at B=1 C=384 R=32
+    they beat the stock call, at B=16 C=128 R=56 K=5 forward they took 2.2 ms against its 1.8.)"""
     big = max(weight.shape[-2:]) >= CPP_MIN_K and ck.cpp_multithreaded()
     with_wgrad = _cpu_weight_grad_choice(cands, x, weight) if _needs_grad(x, weight, bias)[1] else None
     if x.device.type == "cuda":
@@ -470,12 +469,12 @@ def _per_op_candidates(cands: list[str], excluded: dict, x, weight, bias, gx: bo
     """Per-op autotune: where the call needs a gradient, two or more kernel backends can run it and it has at least
     ``PER_OP_MIN_MACS`` forward multiply-adds, each needed operation is timed alone with each of them
     (``PER_OP_ROUNDS`` interleaved rounds, medians). A backend within ``PER_OP_SPREAD`` of an operation's fastest
-    stays in the running for it, and the combinations that mix backends
-    (at most ``PER_OP_MAX``, smallest summed time first; an operation not needed takes the forward's backend) are
-    returned as per-op names ("forward/input_grad/weight_grad") with the times ({operation: {backend: ms}}). They are
-    then timed as whole calls beside the others (and the winner head to head), and only that decides: an operation
-    timed alone runs with other
-    caches than inside a call, and leaves out what the operations share (the C++ kernel's one-pass backward).
+    stays in the running for it (one far behind in every counted round so far is not timed again), and the
+    combinations that mix backends (at most ``PER_OP_MAX``, smallest summed time first; an operation not needed takes
+    the forward's backend) are returned as per-op names ("forward/input_grad/weight_grad") with the times
+    ({operation: {backend: ms}}). They are then timed as whole calls beside the others (and the winner head to head),
+    and only that decides: an operation timed alone runs with other caches than inside a call, and leaves out what
+    the operations share (the C++ kernel's one-pass backward).
     Measured (2-core AVX-512 Xeon, B=16 C=128 R=56 channels_last K=5, forward + both gradients): alone, the C++
     forward took 5.5 ms against oneDNN's 8.4; inside whole calls "native/native/cpp" took 11.9 ms, "native/cpp/cpp"
     14.5 and "cpp" 16.7."""
@@ -654,7 +653,7 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
                      "round times each one's median per-round ratio to it): "
                      + ", ".join(f"{b} {t:.3g}" for b, t in d["times_ms"].items()))
     if isinstance(d.get("per_op_ms"), dict) and d["per_op_ms"]:
-        lines.append("   measured per op (ms, median of " + str(PER_OP_ROUNDS) + " interleaved calls): " + "; ".join(
+        lines.append(f"   measured per op (ms, median of up to {PER_OP_ROUNDS} interleaved calls): " + "; ".join(
             f"{op}: " + ", ".join(f"{b} {t:.3g}" for b, t in sorted(
                 ((b, t) for b, t in times.items() if _is_time(t)), key=lambda kv: kv[1]))
             for op, times in d["per_op_ms"].items() if isinstance(times, dict)))
