@@ -91,11 +91,11 @@ PER_OP_MIN_MACS = 2e7
 #: of the C++ kernel at K=5 and 6-10 % at K=7; alternated 150 times, native/native/cpp took 0.75x the C++ kernel's
 #: median time at K=5 but 1.06-1.16x at K=7
 PER_OP_TIE = 0.10
-#: a mix that wins the rounds is then timed head to head against the fastest single backend over this many rounds
-#: (``_head_to_head``) and kept only when PER_OP_TIE ahead there too: the rounds above time every candidate in turn,
-#: 3-15 of them, where mixes within ~15 % rank by chance. Measured (2-core AVX-512 Xeon, B=64 C=128 R=16
-#: channels_last K=7, forward + both gradients): a mix the rounds put 6-10 % ahead took 1.06-1.16x the C++ kernel's
-#: time when the two alternated 150 times
+#: a mix that wins the rounds is then timed head to head against the single backend that would run without it over
+#: this many rounds (``_head_to_head``) and kept only when PER_OP_TIE ahead there too: the rounds above time every
+#: candidate in turn, 3-15 of them, where mixes within ~15 % rank by chance. Measured (2-core AVX-512 Xeon, B=64
+#: C=128 R=16 channels_last K=7, forward + both gradients): a mix the rounds put 6-10 % ahead took 1.06-1.16x the C++
+#: kernel's time when the two alternated 150 times
 HEAD_TO_HEAD_ROUNDS, HEAD_TO_HEAD_MIN_ROUNDS, HEAD_TO_HEAD_BUDGET_S = 20, 8, 1.5
 
 
