@@ -22,7 +22,7 @@ except ImportError:
 
 from fastconv import cpu_kernels as ck
 from fastconv import triton_backend
-from fastconv.config import BACKENDS, OP_BACKENDS, split_backend
+from fastconv.config import BACKENDS, OP_BACKENDS, OPS, split_backend
 
 #: what F.conv2d computes on CPU and CUDA alike (half precision on CPU: "native" and "channels_last" only)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -105,7 +105,7 @@ def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool,
     """Whether ``backend`` computes this call exactly, and if not why (a per-op name: each of its backends)."""
     parts = split_backend(backend)
     if parts is not None:
-        for op, b in zip(("forward", "input gradient", "weight gradient"), parts):
+        for op, b in zip(OPS, parts):
             ok, reason = supports(b, x, weight)
             if not ok:
                 return False, f"{op} {b!r}: {reason}"
