@@ -208,9 +208,31 @@ def _cudnn_weight_grad_nhwc(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) 
     return _native_weight_grad(x.contiguous(memory_format=cl), g.contiguous(memory_format=cl), kh, kw)
 
 
+_WILL_EXECUTE = getattr(torch._C, "_will_engine_execute_node", None)
+
+
+def _gradient_needed(ctx, i: int) -> bool:
+    """Whether this backward pass uses the gradient of the Function's input ``i``: ``ctx.needs_input_grad`` (the
+    input requires grad), narrowed as PyTorch's own convolution narrows its output mask: False where the autograd
+    engine will not run that input's gradient node in the current pass (``torch.autograd.grad`` with respect to some
+    inputs only, ``backward(inputs=...)``). So captum's gradients with respect to the image skip dL/dw of trainable
+    weights (the C++ kernel's weight gradient costs as much as its input gradient). True where the engine cannot
+    tell."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    if _WILL_EXECUTE is None or node is None:
+        return True
+    try:
+        return bool(_WILL_EXECUTE(node))
+    except RuntimeError:  # a leaf's node under torch.autograd.grad (apply puts a view in front of leaves)
+        return True
+
+
 class _DepthwiseConv2dFn(torch.autograd.Function):
-    """Custom autograd: each gradient is computed only when needed (frozen weights under captum skip dL/dw). The
-    forward and its context are separate (``setup_context``), as ``torch.func.grad`` / ``vjp`` need."""
+    """Custom autograd: each gradient is computed only when this backward pass needs it (``_gradient_needed``: frozen
+    weights, or captum's gradient w.r.t. the image with trainable ones, skip dL/dw). The forward and its context are
+    separate (``setup_context``), as ``torch.func.grad`` / ``vjp`` need."""
 
     @classmethod
     def apply(cls, x, w, b, backend):
@@ -222,6 +244,10 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         if unwrap_dead_wrappers is None or torch._C._are_functorch_transforms_active():
             return super().apply(x, w, b, backend)
         x, w, b = unwrap_dead_wrappers((x, w, b))
+        if _WILL_EXECUTE is not None and torch.is_grad_enabled():
+            # a leaf's gradient node cannot be asked whether torch.autograd.grad needs it (see _gradient_needed): a
+            # view of the leaf (1 us) puts an askable node between them
+            x, w, b = (t.view_as(t) if t is not None and t.requires_grad and t.is_leaf else t for t in (x, w, b))
         return super(torch.autograd.Function, cls).apply(x, w, b, backend)  # torch's C++ apply
 
     @staticmethod
@@ -256,16 +282,17 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         # create_graph (double backward: gradient penalties, Hessian-vector products): the C++ and Triton kernels
         # are opaque to autograd, so the gradients come from F.conv2d ("channels_last"), which autograd differentiates
         _, b_in, b_w = ("channels_last",) * 3 if torch.is_grad_enabled() else op_backends(ctx.backend)
+        need_x, need_w, need_b = (_gradient_needed(ctx, i) for i in range(3))
         both = None
-        if b_in == b_w == "cpp" and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        if b_in == b_w == "cpp" and need_x and need_w:
             both = ck.cpp_backward(x, g, w)  # one pass where the C++ kernel has one (None elsewhere)
         if both is not None:
             gx, gw = both[0].contiguous(memory_format=ctx.fmt), both[1].to(w.dtype).contiguous()
-        if ctx.needs_input_grad[0] and gx is None:
+        if need_x and gx is None:
             gx = _grad_input(b_in, g, w).contiguous(memory_format=ctx.fmt)
-        if ctx.needs_input_grad[1] and gw is None:
+        if need_w and gw is None:
             gw = _grad_weight(b_w, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and need_b:
             gb = g.sum(dim=(0, 2, 3))
         return gx, gw, gb, None
 

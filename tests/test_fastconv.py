@@ -151,6 +151,84 @@ def test_input_only_gradient_skips_weight_gradient(backend, monkeypatch, one_thr
 
 
 
+@pytest.mark.parametrize("backend", [b for b in ("channels_last", "cpp") if b in CPU_BACKENDS] + ["cpp/cpp/native"])
+def test_gradients_of_trainable_weights_only_when_this_pass_needs_them(backend, monkeypatch, one_thread):
+    """As PyTorch's own convolution: torch.autograd.grad w.r.t. the input (captum on a model that was not frozen)
+    computes no dL/dw, w.r.t. the weight no dL/dx, backward(inputs=...) only what it names, a plain backward all;
+    the same numbers as nn.Conv2d in each case."""
+    from fastconv import backends as fb
+
+    if "cpp" in backend:
+        _need_cpp()
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            calls.append(name)
+            return fn(*a, **k)
+        monkeypatch.setattr(fb if name.startswith("_") else ck, name, wrapped)
+
+    for name in ("_grad_input", "_grad_weight", "cpp_backward"):
+        spy(name, getattr(fb if name.startswith("_") else ck, name))
+    conv = fastconv.DepthwiseConv2d(16, 9, backend=backend)
+    ref = nn.Conv2d(16, 16, 9, padding=4, groups=16)
+    ref.load_state_dict(conv.state_dict())
+    x0 = torch.randn(2, 16, 12, 12)
+
+    def run(m, want):
+        x = x0.clone().requires_grad_()
+        y = m(x * 1.0).square().sum()  # x * 1.0: the conv's input is not a leaf (as in a network) ...
+        if want == "all":
+            y.backward()
+            return x.grad, m.weight.grad, m.bias.grad
+        if want == "backward w":
+            y.backward(inputs=[m.weight])
+            return None, m.weight.grad, m.bias.grad
+        return torch.autograd.grad(y, {"x": x, "w": m.weight, "b": m.bias}[want])
+
+    for want, ops in [("x", {"_grad_input"}), ("w", {"_grad_weight"}), ("b", set()),
+                      ("backward w", {"_grad_weight"}), ("all", {"both"})]:
+        conv.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        calls.clear()
+        got, exp = run(conv, want), run(ref, want)
+        for a, e in zip(got, exp):
+            assert (a is None) == (e is None) and (a is None or _rel(a, e) <= 1e-4), want
+        ran = set(calls) - ({"cpp_backward"} if ops == {"both"} else set())
+        if ops == {"both"}:  # the C++ kernel's one pass, or each gradient on its own
+            assert ("cpp_backward" in calls) or ran == {"_grad_input", "_grad_weight"}, calls
+        else:
+            assert ran == ops, (want, calls)
+    # ... and a leaf: torch.autograd.grad cannot ask about a leaf's node, so apply puts a view in front of it
+    calls.clear()
+    conv.zero_grad(set_to_none=True)
+    x = x0.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(conv(x).sum(), x)
+    assert set(calls) == {"_grad_input"} and _rel(gx, torch.autograd.grad(ref(x).sum(), x)[0]) <= 1e-4
+    assert conv.weight.grad is None
+
+
+@pytest.mark.parametrize("backend", [b for b in ("channels_last", "cpp") if b in CPU_BACKENDS])
+def test_captum_saliency_with_trainable_model_computes_no_weight_gradient(backend, monkeypatch):
+    from captum.attr import Saliency
+
+    def boom(*a, **k):
+        raise AssertionError("weight gradient computed for a gradient w.r.t. the input")
+
+    monkeypatch.setattr(ck, "onednn_weight_grad", boom)
+    monkeypatch.setattr(ck, "cpp_weight_grad", boom)
+    monkeypatch.setattr(ck, "cpp_backward", boom)
+    model = nn.Sequential(fastconv.DepthwiseConv2d(4, 13, backend=backend), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 3)).eval()
+    ref = nn.Sequential(nn.Conv2d(4, 4, 13, padding=6, groups=4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3)).eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    a = Saliency(model).attribute(x, target=1, abs=False)
+    r = Saliency(ref).attribute(x, target=1, abs=False)
+    assert _rel(a, r) <= 1e-4 and a.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["native", "channels_last", "auto"])
 def test_half_precision_on_cpu_runs_like_conv2d(dtype, backend, one_thread):
