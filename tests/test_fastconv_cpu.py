@@ -568,6 +568,43 @@ def test_benchmark_reports_ratio_and_roofline(tmp_path, monkeypatch, capsys):
     assert len(md.splitlines()) == 9 + len(rows)
 
 
+def test_kernel_ceiling_benchmark_counts_each_level(tmp_path, monkeypatch, capsys):
+    """benchmarks/bench_kernel_ceiling.py: the register tile's steady state, one packed plane with every tap and
+    skipping the padding, the whole call; each level's GFLOP/s from its own count of FLOPs and its time, over the
+    run's best one-thread FMA probe."""
+    _need_cpp()
+    spec = importlib.util.spec_from_file_location("bench_kernel_ceiling",
+                                                  REPO_ROOT / "benchmarks" / "bench_kernel_ceiling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    probes = iter([40.0, 50.0])
+    monkeypatch.setattr(roofline, "fma_peak_gflops", lambda *a, **k: next(probes))
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--kernels", "27", "--res", "12", "--channels", "32", "--rounds", "2",
+                           "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((tmp_path / "kernel_ceiling_cpu.json").read_text())
+    assert res["fma_probes"] == [40.0, 50.0] and "FMA peak 50.0 GFLOP/s" in res["machine"]
+    ro, co = res["register_tile"]
+    lanes = res["lanes"]
+    assert lanes == ck.cpu_lanes() and ro * co >= 2
+    rows = {r["level"]: r for r in res["rows"]}
+    assert set(rows) == {"row", "plane, all", "plane", "call"}
+    flops = {"row": 2 * ro * co * 27 * lanes, "plane, all": 2 * 12 * 12 * 27 * 27 * lanes,
+             "plane": roofline.depthwise_flops(1, lanes, 12, 12, 27, 27)["inside"],
+             "call": roofline.depthwise_flops(1, 32, 12, 12, 27, 27)["inside"]}
+    for level, r in rows.items():
+        assert r["gflops_best"] == pytest.approx(flops[level] / r["us_best"] / 1e3, rel=1e-6)
+        assert r["fraction_of_fma_peak"] == pytest.approx(r["gflops_best"] / 50.0, rel=1e-6)
+        assert 0 < r["us_best"] <= r["us_median"]
+    # 12 x 12 with K = 27: most taps meet the padding, which the kernel skips
+    assert rows["plane"]["us_best"] < rows["plane, all"]["us_best"]
+    assert "| 27 | 12 | plane, all |" in (tmp_path / "kernel_ceiling_cpu.md").read_text()
+    assert "register tile" in capsys.readouterr().out
+
+
 def test_benchmark_pairs_the_roofline_fraction_with_the_round_peak():
     """A round whose peak probe saw half the machine also ran the kernel at half speed: the paired fraction stays
     at the kernel's true 0.8 where the best time over the best probe would read 1.6."""
