@@ -22,9 +22,11 @@ import argparse
 import ctypes
 import hashlib
 import json
+import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,8 +68,9 @@ def level_flops(level: str, k: int, r: int, lanes: int, ro: int, co: int, channe
     return float(inside)
 
 
-def measure(kernels, resolutions, rounds: int, channels: int, lanes: int = 0, seed: int = 0) -> dict:
-    """Per (K, R) and level: seconds per call in each round, with one FMA probe per round, in a shuffled order."""
+def measure(kernels, resolutions, rounds: int, channels: int, lanes: int, seed: int = 0) -> dict:
+    """Per (K, R) and level: seconds per call in each round, with one FMA probe per round, in a shuffled order.
+    ``lanes``: 8 or 16, the lane width every level runs (the probes' variant and the whole call's)."""
     lib = build_driver()
     ro, co, width = (int(lib.ceiling_tile(lanes, i)) for i in range(3))
     if width < 0:
@@ -103,16 +106,24 @@ def measure(kernels, resolutions, rounds: int, channels: int, lanes: int = 0, se
 
 def _call_seconds(x, w, lanes: int, reps: int = 5) -> float:
     """Mean seconds of ``reps`` forward calls of the C++ kernel (after one untimed call)."""
-    ck.cpp_conv(x, w, None, lanes=lanes or None)
+    ck.cpp_conv(x, w, None, lanes=lanes)
     t0 = time.perf_counter()
     for _ in range(reps):
-        ck.cpp_conv(x, w, None, lanes=lanes or None)
+        ck.cpp_conv(x, w, None, lanes=lanes)
     return (time.perf_counter() - t0) / reps
+
+
+def best_probe(m: dict) -> float:
+    """The run's best FMA probe (GFLOP/s, one thread)."""
+    probes = [p for p in m["fma_probes"] if p == p]
+    if not probes:
+        raise SystemExit("the FMA peak probe (fastconv/csrc/fma_peak.c) could not be built or run here")
+    return max(probes)
 
 
 def summarize(m: dict) -> list[dict]:
     """One row per (K, R, level): GFLOP/s from the best and the median time, the fraction of the best FMA probe."""
-    peak = max(p for p in m["fma_probes"] if p == p)
+    peak = best_probe(m)
     rows = []
     for (k, r, level), ts in m["times"].items():
         f = level_flops(level, k, r, m["lanes"], m["ro"], m["co"], m["channels"])
@@ -129,7 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--res", default="32,64", help="map sizes R (comma-separated)")
     p.add_argument("--channels", type=int, default=384, help="channels of the whole call")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--lanes", type=int, default=0, help="8 or 16 forces a lane width (default: the CPU's)")
+    p.add_argument("--lanes", type=int, default=0,
+                   help="8 or 16 forces a lane width (default: fastconv's, $FASTCONV_CPU_LANES or the CPU's); the "
+                        "FMA probe runs the CPU's widest vectors, so 8 lanes on an AVX-512 CPU read at most ~50 %%")
     p.add_argument("--out", default=str(RESULTS), help="directory for <name>.json / .md ('' = none)")
     p.add_argument("--name", default="kernel_ceiling_cpu")
     a = p.parse_args(argv)
@@ -139,9 +152,9 @@ def main(argv=None) -> int:
     kernels = [int(v) for v in a.kernels.split(",")]
     resolutions = [int(v) for v in a.res.split(",")]
     cpu = roofline.cpu_description()
-    m = measure(kernels, resolutions, a.rounds, a.channels, a.lanes)
+    m = measure(kernels, resolutions, a.rounds, a.channels, ck.cpu_lanes(a.lanes or None))
     rows = summarize(m)
-    peak = max(p for p in m["fma_probes"] if p == p)
+    peak = best_probe(m)
     head = (f"{cpu['cpu_model']} ({cpu['isa']}), 1 thread, torch {torch.__version__}: FMA peak "
             f"{peak:.1f} GFLOP/s (best of {len(m['fma_probes'])} probes, one per round: "
             f"{min(m['fma_probes']):.1f}-{peak:.1f}); kernel variant {m['lanes']} lanes, register tile "
@@ -162,9 +175,10 @@ def main(argv=None) -> int:
         data = {"machine": head, "cpu": cpu, "fma_probes": m["fma_probes"], "register_tile": [m["ro"], m["co"]],
                 "lanes": m["lanes"], "channels": m["channels"], "rows": rows}
         for suffix, content in ((".json", json.dumps(data, indent=1) + "\n"), (".md", text)):
-            tmp = out / f".{a.name}{suffix}.tmp"
-            tmp.write_text(content)
-            tmp.replace(out / f"{a.name}{suffix}")
+            fd, tmp = tempfile.mkstemp(prefix=f".{a.name}", suffix=suffix, dir=out)
+            with os.fdopen(fd, "w") as f:
+                f.write(content)
+            os.replace(tmp, out / f"{a.name}{suffix}")
     return 0
 
 

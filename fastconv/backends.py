@@ -225,7 +225,7 @@ def _gradient_needed(ctx, i: int) -> bool:
         return True
     try:
         return bool(_WILL_EXECUTE(node))
-    except RuntimeError:  # a leaf's node under torch.autograd.grad (apply puts a view in front of leaves)
+    except RuntimeError:  # the engine refuses to answer for a leaf that torch.autograd.grad was asked for: needed
         return True
 
 
@@ -244,10 +244,6 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         if unwrap_dead_wrappers is None or torch._C._are_functorch_transforms_active():
             return super().apply(x, w, b, backend)
         x, w, b = unwrap_dead_wrappers((x, w, b))
-        if _WILL_EXECUTE is not None and torch.is_grad_enabled():
-            # a leaf's gradient node cannot be asked whether torch.autograd.grad needs it (see _gradient_needed): a
-            # view of the leaf (1 us) puts an askable node between them
-            x, w, b = (t.view_as(t) if t is not None and t.requires_grad and t.is_leaf else t for t in (x, w, b))
         return super(torch.autograd.Function, cls).apply(x, w, b, backend)  # torch's C++ apply
 
     @staticmethod

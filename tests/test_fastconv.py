@@ -199,7 +199,7 @@ def test_gradients_of_trainable_weights_only_when_this_pass_needs_them(backend, 
             assert ("cpp_backward" in calls) or ran == {"_grad_input", "_grad_weight"}, calls
         else:
             assert ran == ops, (want, calls)
-    # ... and a leaf: torch.autograd.grad cannot ask about a leaf's node, so apply puts a view in front of it
+    # ... and a leaf input (the engine answers for a leaf only where torch.autograd.grad was not asked for it)
     calls.clear()
     conv.zero_grad(set_to_none=True)
     x = x0.clone().requires_grad_()
