@@ -163,7 +163,8 @@ def main(argv=None) -> int:
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`)", "", f"- machine: {head}",
              f"- {a.rounds} rounds, the probes in a random order each round; row and `plane, all`: executed "
              "multiply-adds; plane and call: the products inside the map (the targets' count)", "",
-             "| K | R | level | us best / median | GFLOP/s best / median | % FMA peak (best) |", "|---|---|---|---|---|---|"]
+             "| K | R | level | us best / median | GFLOP/s best / median | % FMA peak (best) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['K']} | {r['R']} | {r['level']} | {r['us_best']:.2f} / {r['us_median']:.2f} | "
                      f"{r['gflops_best']:.1f} / {r['gflops_median']:.1f} | {100 * r['fraction_of_fma_peak']:.1f} |")
