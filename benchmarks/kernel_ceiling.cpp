@@ -18,57 +18,41 @@ namespace dw16g {
 #include __FILE__
 }
 #if DW_HAS_AVX512
-#ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#endif
+DW_AVX512_BEGIN
 namespace dw16 {
 #include __FILE__
 }
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+DW_AVX512_END
 #endif
 #undef CEILING_BODY
 
 extern "C" {
 
-// RO (which = 0), CO (1) and lanes L (2) of the variant that `lanes` selects (see dw_variant); -1 if none.
-int64_t ceiling_tile(int64_t lanes, int64_t which) {
-    switch (dw_variant(lanes)) {
-        case 8: return which == 0 ? dw8::RO : which == 1 ? dw8::CO : dw8::L;
+// `expr` (a call or constant of the probes' namespace) in the kernel variant that `lanes` selects (see dw_variant)
 #if DW_HAS_AVX512
-        case 16: return which == 0 ? dw16::RO : which == 1 ? dw16::CO : dw16::L;
+#define CEILING_AVX512_CASE(expr) case 16: return dw16::expr;
+#else
+#define CEILING_AVX512_CASE(expr)
 #endif
-        case 17: return which == 0 ? dw16g::RO : which == 1 ? dw16g::CO : dw16g::L;
-        default: return -1;
+#define CEILING_IN_VARIANT(lanes, expr)                                   \
+    switch (dw_variant(lanes)) {                                          \
+        case 8: return dw8::expr;                                         \
+        CEILING_AVX512_CASE(expr)                                         \
+        case 17: return dw16g::expr;                                      \
+        default: return -1;                                               \
     }
+
+// RO (which = 0), CO (1) and lanes L (2) of the variant; -1 if `lanes` selects none.
+int64_t ceiling_tile(int64_t lanes, int64_t which) {
+    CEILING_IN_VARIANT(lanes, tile_shape(which))
 }
 
 double ceiling_row(int64_t KW, int64_t reps, int64_t rounds, int64_t lanes) {
-    switch (dw_variant(lanes)) {
-        case 8: return dw8::row_seconds(KW, reps, rounds);
-#if DW_HAS_AVX512
-        case 16: return dw16::row_seconds(KW, reps, rounds);
-#endif
-        case 17: return dw16g::row_seconds(KW, reps, rounds);
-        default: return -1;
-    }
+    CEILING_IN_VARIANT(lanes, row_seconds(KW, reps, rounds))
 }
 
 double ceiling_plane(int64_t K, int64_t R, int64_t skip, int64_t reps, int64_t rounds, int64_t lanes) {
-    switch (dw_variant(lanes)) {
-        case 8: return dw8::plane_seconds(K, R, skip, reps, rounds);
-#if DW_HAS_AVX512
-        case 16: return dw16::plane_seconds(K, R, skip, reps, rounds);
-#endif
-        case 17: return dw16g::plane_seconds(K, R, skip, reps, rounds);
-        default: return -1;
-    }
+    CEILING_IN_VARIANT(lanes, plane_seconds(K, R, skip, reps, rounds))
 }
 
 }  // extern "C"
@@ -78,6 +62,8 @@ double ceiling_plane(int64_t K, int64_t R, int64_t skip, int64_t reps, int64_t r
 inline double now_seconds() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
+
+inline int64_t tile_shape(int64_t which) { return which == 0 ? RO : which == 1 ? CO : L; }
 
 volatile float ceiling_sink = 0;  // the results are read, so the compiler keeps the work
 

@@ -208,27 +208,6 @@ def test_gradients_of_trainable_weights_only_when_this_pass_needs_them(backend, 
     assert conv.weight.grad is None
 
 
-@pytest.mark.parametrize("backend", [b for b in ("channels_last", "cpp") if b in CPU_BACKENDS])
-def test_captum_saliency_with_trainable_model_computes_no_weight_gradient(backend, monkeypatch):
-    from captum.attr import Saliency
-
-    def boom(*a, **k):
-        raise AssertionError("weight gradient computed for a gradient w.r.t. the input")
-
-    monkeypatch.setattr(ck, "onednn_weight_grad", boom)
-    monkeypatch.setattr(ck, "cpp_weight_grad", boom)
-    monkeypatch.setattr(ck, "cpp_backward", boom)
-    model = nn.Sequential(fastconv.DepthwiseConv2d(4, 13, backend=backend), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 8 * 8, 3)).eval()
-    ref = nn.Sequential(nn.Conv2d(4, 4, 13, padding=6, groups=4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3)).eval()
-    ref.load_state_dict(model.state_dict())
-    x = torch.randn(2, 4, 8, 8)
-    a = Saliency(model).attribute(x, target=1, abs=False)
-    r = Saliency(ref).attribute(x, target=1, abs=False)
-    assert _rel(a, r) <= 1e-4 and a.abs().sum() > 0
-    assert all(p.grad is None for p in model.parameters())
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["native", "channels_last", "auto"])
 def test_half_precision_on_cpu_runs_like_conv2d(dtype, backend, one_thread):
@@ -409,17 +388,28 @@ def test_forward_mode_ad_matches_conv2d(backend, layout, one_thread):
     assert _rel(jt, _ref(xt, w, None)) <= 1e-5
 
 
-def test_captum_saliency_with_frozen_model():
+@pytest.mark.parametrize("backend,frozen", [(None, True)] + [(b, f) for b in ("channels_last", "cpp")
+                                                              if b in CPU_BACKENDS for f in (True, False)])
+def test_captum_saliency_computes_no_weight_gradient(backend, frozen, monkeypatch):
+    """captum's gradient w.r.t. the image, frozen or trainable weights: no dL/dw (the kernels that compute it are
+    made to raise), the same attribution as nn.Conv2d, no .grad left on the parameters."""
     from captum.attr import Saliency
 
-    model = nn.Sequential(fastconv.DepthwiseConv2d(4, 13), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
-    model.requires_grad_(False)
+    def boom(*a, **k):
+        raise AssertionError("weight gradient computed for a gradient w.r.t. the input")
+
+    for name in ("onednn_weight_grad", "cpp_weight_grad", "cpp_backward"):
+        monkeypatch.setattr(ck, name, boom)
+    model = nn.Sequential(fastconv.DepthwiseConv2d(4, 13, backend=backend), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 3)).eval()
+    model.requires_grad_(not frozen)
     ref = nn.Sequential(nn.Conv2d(4, 4, 13, padding=6, groups=4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3)).eval()
     ref.load_state_dict(model.state_dict())
     x = torch.randn(2, 4, 8, 8)
     a = Saliency(model).attribute(x, target=1, abs=False)
     r = Saliency(ref).attribute(x, target=1, abs=False)
     assert _rel(a, r) <= 1e-4 and a.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_module_is_drop_in_for_conv2d_state_dict():

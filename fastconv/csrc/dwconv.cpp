@@ -100,12 +100,15 @@ constexpr int L = 16, RO = 1, CO = 3, NREG = 8, DCO = 4, KCH = 2, DMAXK = 13, DA
 }  // namespace dw16g
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(DW_NO_AVX512)
 #define DW_HAS_AVX512 1
+// every function between DW_AVX512_BEGIN and DW_AVX512_END is built for target("avx512f")
 #ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
+#define DW_AVX512_BEGIN _Pragma("clang attribute push(__attribute__((target(\"avx512f\"))), apply_to = function)")
+#define DW_AVX512_END _Pragma("clang attribute pop")
 #else
-#pragma GCC push_options
-#pragma GCC target("avx512f")
+#define DW_AVX512_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f\")")
+#define DW_AVX512_END _Pragma("GCC pop_options")
 #endif
+DW_AVX512_BEGIN
 #define DW_IN_AVX512 1
 namespace dw16 {
 constexpr int L = 16, RO = 4, CO = 5, NREG = 32;
@@ -118,11 +121,7 @@ constexpr int DMAXK = 21, DANY_LAYOUT = 1;
 #include __FILE__
 }  // namespace dw16
 #undef DW_IN_AVX512
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+DW_AVX512_END
 #else
 #define DW_HAS_AVX512 0
 #endif
