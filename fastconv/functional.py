@@ -21,6 +21,11 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     each operation with its own. Under ``torch.autocast`` the tensors are cast as autocast casts
     F.conv2d's (float32 ones to the autocast dtype).
     """
+    if torch.compiler.is_compiling():  # traced by torch.compile: the stock op, whose code the compiler generates
+        if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
+            raise ValueError("depthwise_conv2d: only stride 1 and dilation 1 are supported; use F.conv2d")
+        kh, kw = weight.shape[-2:]
+        return torch.nn.functional.conv2d(x, weight, bias, 1, (kh // 2, kw // 2), 1, x.shape[1])
     if (backend is None or backend == "auto") and stride == 1 and dilation == 1 and not any_autocast_enabled():
         run = cached_runner(x, weight, bias)  # a signature already checked and decided: one dict lookup
         if run is not None:
