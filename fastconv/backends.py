@@ -87,6 +87,28 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+
+
+def vmapped(*tensors) -> bool:
+    """Whether any of ``tensors`` is batched by ``torch.func.vmap`` (also inside ``jacrev`` / ``jacfwd`` /
+    ``hessian``): the C++ and Triton kernels read raw pointers, which a batched tensor does not have, so such calls
+    take the stock op, which vmap batches."""
+    return _IS_BATCHED is not None and any(t is not None and _IS_BATCHED(t) for t in tensors)
+
+
+def without_storage(*tensors) -> bool:
+    """Whether any of ``tensors`` has no data pointer: batched by ``torch.func.vmap`` or by the older vmap of
+    ``torch.autograd.functional.jacobian(..., vectorize=True)`` and ``torch.autograd.grad(...,
+    is_grads_batched=True)``."""
+    for t in tensors:
+        try:
+            t.data_ptr()
+        except RuntimeError:
+            return True
+    return False
+
+
 def _triton():
     """``fastconv.triton_backend`` when Triton can run here (it imports triton itself only on first launch)."""
     try:
@@ -277,8 +299,16 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         gx = gw = gb = None
         # create_graph (double backward: gradient penalties, Hessian-vector products): the C++ and Triton kernels
         # are opaque to autograd, so the gradients come from F.conv2d ("channels_last"), which autograd differentiates
-        _, b_in, b_w = ("channels_last",) * 3 if torch.is_grad_enabled() else op_backends(ctx.backend)
         need_x, need_w, need_b = (_gradient_needed(ctx, i) for i in range(3))
+        if without_storage(g, x, w):  # a vmapped backward (jacrev, jacobian(vectorize=True)): PyTorch's formulas
+            kh, kw = w.shape[-2:]
+            pad, c = (kh // 2, kw // 2), x.shape[1]
+            gx = F.conv2d(g, w.flip(-1, -2), None, 1, pad, 1, c) if need_x else None
+            gw = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], list(pad), [1, 1], False, [0, 0], c,
+                                                     [False, True, False])[1] if need_w else None
+            gb = g.sum(dim=(0, 2, 3)) if ctx.has_bias and need_b else None
+            return gx, gw, gb, None
+        _, b_in, b_w = ("channels_last",) * 3 if torch.is_grad_enabled() else op_backends(ctx.backend)
         both = None
         if b_in == b_w == "cpp" and need_x and need_w:
             both = ck.cpp_backward(x, g, w)  # one pass where the C++ kernel has one (None elsewhere)

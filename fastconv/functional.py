@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastconv.backends import any_autocast_enabled, autocast_inputs, check_inputs, run_backend
+from fastconv.backends import any_autocast_enabled, autocast_inputs, check_inputs, run_backend, vmapped
 from fastconv.dispatch import cached_runner, resolve
 
 
@@ -21,7 +21,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     each operation with its own. Under ``torch.autocast`` the tensors are cast as autocast casts
     F.conv2d's (float32 ones to the autocast dtype).
     """
-    if torch.compiler.is_compiling():  # traced by torch.compile: the stock op, whose code the compiler generates
+    if torch.compiler.is_compiling() or (torch._C._are_functorch_transforms_active() and vmapped(x, weight, bias)):
+        # torch.compile traces the stock op (and generates its code); torch.func.vmap batches it
         if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
             raise ValueError("depthwise_conv2d: only stride 1 and dilation 1 are supported; use F.conv2d")
         kh, kw = weight.shape[-2:]

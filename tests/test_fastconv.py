@@ -342,8 +342,8 @@ def test_function_apply_skips_torchs_signature_binding(monkeypatch):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_torch_func_grad_matches_conv2d(backend, one_thread):
     """torch.func.grad (and grad of grad) through every backend equals F.conv2d's (the custom Function raised
-    'it must override the setup_context staticmethod'); vmap over the custom Function is refused with PyTorch's
-    own message."""
+    'it must override the setup_context staticmethod'); vmap runs the stock op (it was refused: the custom Function
+    has no vmap rule)."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 5, 8, 7, generator=g), torch.randn(5, 1, 9, 5, generator=g)
 
@@ -357,9 +357,8 @@ def test_torch_func_grad_matches_conv2d(backend, one_thread):
     for a, e in zip(grads(lambda a, k: fastconv.depthwise_conv2d(a, k, backend=backend)),
                     grads(lambda a, k: _ref(a, k, None))):
         assert _rel(a, e) <= 1e-5
-    if backend in ("cpp", "channels_last"):  # the custom autograd.Function has no vmap rule
-        with pytest.raises(RuntimeError, match="vmap"):
-            torch.func.vmap(lambda a: fastconv.depthwise_conv2d(a, w, backend=backend))(x.unsqueeze(1))
+    got = torch.func.vmap(lambda a: fastconv.depthwise_conv2d(a, w, backend=backend))(x.unsqueeze(1))
+    assert _rel(got, torch.func.vmap(lambda a: _ref(a, w, None))(x.unsqueeze(1))) <= 1e-6
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["native/native/cpp", "cpp/native/channels_last"])
@@ -436,6 +435,33 @@ def test_torch_compile_traces_the_stock_op(one_thread, monkeypatch):
         assert _rel(p.grad, q.grad) <= 1e-5
     assert not calls  # the compiled graph: F.conv2d
     assert _rel(model(x), ref(x)) <= 1e-5 and calls  # eager: fastconv's kernel again
+
+
+@pytest.mark.parametrize("backend", [b for b in ("channels_last", "cpp") if b in CPU_BACKENDS] + [None])
+def test_vmap_jacobians_match_conv2d(backend, one_thread):
+    """torch.func.vmap over the module, jacrev w.r.t. the input (NCHW and channels_last) and the parameters, and
+    torch.autograd.functional.jacobian(vectorize=True) (the older vmap, is_grads_batched): batched tensors have no
+    data pointer for the kernels, so those calls take the stock op (they failed: "Cannot access data pointer")."""
+    from torch.func import functional_call, jacrev, vmap
+
+    torch.manual_seed(0)
+    conv = fastconv.DepthwiseConv2d(4, 7, backend=backend)
+    ref = nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+
+    def f(m):
+        return lambda t: m(t).tanh().sum(dim=(1, 2, 3))
+
+    assert _rel(vmap(conv)(x.unsqueeze(1)), vmap(ref)(x.unsqueeze(1))) <= 1e-6
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        assert _rel(jacrev(f(conv))(t), jacrev(f(ref))(t)) <= 1e-5
+    j = torch.autograd.functional.jacobian(f(conv), x, vectorize=True)
+    assert _rel(j, torch.autograd.functional.jacobian(f(ref), x, vectorize=True)) <= 1e-5
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+    jp = jacrev(lambda p: functional_call(conv, p, (x,)).tanh().sum())(params)
+    jr = jacrev(lambda p: functional_call(ref, p, (x,)).tanh().sum())(params)
+    assert all(_rel(jp[k], jr[k]) <= 1e-5 for k in jp)
 
 
 def test_module_is_drop_in_for_conv2d_state_dict():
