@@ -25,6 +25,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         # torch.compile traces the stock op (and generates its code); torch.func.vmap batches it
         if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
             raise ValueError("depthwise_conv2d: only stride 1 and dilation 1 are supported; use F.conv2d")
+        x, weight, bias = autocast_inputs(x, weight, bias)
+        check_inputs(x, weight, bias)
         kh, kw = weight.shape[-2:]
         return torch.nn.functional.conv2d(x, weight, bias, 1, (kh // 2, kw // 2), 1, x.shape[1])
     if (backend is None or backend == "auto") and stride == 1 and dilation == 1 and not any_autocast_enabled():
