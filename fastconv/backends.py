@@ -87,14 +87,18 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-_IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+_FUNCTORCH = getattr(torch._C, "_functorch", None)
 
 
-def vmapped(*tensors) -> bool:
-    """Whether any of ``tensors`` is batched by ``torch.func.vmap`` (also inside ``jacrev`` / ``jacfwd`` /
-    ``hessian``): the C++ and Triton kernels read raw pointers, which a batched tensor does not have, so such calls
-    take the stock op, which vmap batches."""
-    return _IS_BATCHED is not None and any(t is not None and _IS_BATCHED(t) for t in tensors)
+def under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` level is on functorch's stack (vmap itself, and inside ``jacfwd``,
+    ``hessian``, ``vmap(grad(...))`` per-sample gradients, ``vmap(jacrev(...))``; an input's outer wrapper may be
+    another transform's): the C++ and Triton kernels read raw pointers, which batched tensors do not have, and the
+    custom Function has no vmap rule, so such calls take the stock op, which vmap batches."""
+    if _FUNCTORCH is None or not hasattr(_FUNCTORCH, "get_interpreter_stack"):
+        return False
+    vmap = _FUNCTORCH.TransformType.Vmap
+    return any(level.key() == vmap for level in (_FUNCTORCH.get_interpreter_stack() or ()))
 
 
 def without_storage(*tensors) -> bool:

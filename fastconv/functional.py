@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastconv.backends import any_autocast_enabled, autocast_inputs, check_inputs, run_backend, vmapped
+from fastconv.backends import any_autocast_enabled, autocast_inputs, check_inputs, run_backend, under_vmap
 from fastconv.dispatch import cached_runner, resolve
 
 
@@ -21,8 +21,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     each operation with its own. Under ``torch.autocast`` the tensors are cast as autocast casts
     F.conv2d's (float32 ones to the autocast dtype).
     """
-    if torch.compiler.is_compiling() or (torch._C._are_functorch_transforms_active() and vmapped(x, weight, bias)):
-        # torch.compile traces the stock op (and generates its code); torch.func.vmap batches it
+    if torch.compiler.is_compiling() or (torch._C._are_functorch_transforms_active() and under_vmap()):
+        # torch.compile traces the stock op; torch.func.vmap batches it (see under_vmap)
         if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
             raise ValueError("depthwise_conv2d: only stride 1 and dilation 1 are supported; use F.conv2d")
         x, weight, bias = autocast_inputs(x, weight, bias)

@@ -439,10 +439,11 @@ def test_torch_compile_traces_the_stock_op(one_thread, monkeypatch):
 
 @pytest.mark.parametrize("backend", [b for b in ("channels_last", "cpp") if b in CPU_BACKENDS] + [None])
 def test_vmap_jacobians_match_conv2d(backend, one_thread):
-    """torch.func.vmap over the module, jacrev w.r.t. the input (NCHW and channels_last) and the parameters, and
-    torch.autograd.functional.jacobian(vectorize=True) (the older vmap, is_grads_batched): batched tensors have no
-    data pointer for the kernels, so those calls take the stock op (they failed: "Cannot access data pointer")."""
-    from torch.func import functional_call, jacrev, vmap
+    """torch.func.vmap over the module, jacrev w.r.t. the input (NCHW and channels_last) and the parameters, jacfwd,
+    hessian, per-sample gradients vmap(grad), and torch.autograd.functional.jacobian(vectorize=True) (the older
+    vmap, is_grads_batched): batched tensors have no data pointer for the kernels and the Function has no vmap rule,
+    so these calls take the stock op (they failed: "Cannot access data pointer", "does not have vmap support")."""
+    from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
 
     torch.manual_seed(0)
     conv = fastconv.DepthwiseConv2d(4, 7, backend=backend)
@@ -462,6 +463,16 @@ def test_vmap_jacobians_match_conv2d(backend, one_thread):
     jp = jacrev(lambda p: functional_call(conv, p, (x,)).tanh().sum())(params)
     jr = jacrev(lambda p: functional_call(ref, p, (x,)).tanh().sum())(params)
     assert all(_rel(jp[k], jr[k]) <= 1e-5 for k in jp)
+    x1 = x[:1, :, :4, :4]
+    assert _rel(jacfwd(f(conv))(x1), jacfwd(f(ref))(x1)) <= 1e-5
+
+    def total(m):
+        return lambda t: m(t).tanh().sum()
+
+    assert _rel(hessian(total(conv))(x1), hessian(total(ref))(x1)) <= 1e-5
+    per_sample = {m: vmap(grad(lambda p, t: functional_call(m, p, (t.unsqueeze(0),)).tanh().sum()), (None, 0))(
+        {k: v.detach() for k, v in m.named_parameters()}, x) for m in (conv, ref)}
+    assert all(_rel(per_sample[conv][k], per_sample[ref][k]) <= 1e-5 for k in per_sample[conv])
 
 
 def test_module_is_drop_in_for_conv2d_state_dict():
