@@ -167,14 +167,15 @@ def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool,
 # ------------------------------------------------------------------------------------ kernels per backend
 # "native" computes each operation as PyTorch does in the input's own layout (the per-op backends use it beside the
 # others; the backend "native" itself is plain F.conv2d with PyTorch's autograd, see ``backend_runner``).
-def _native_conv(x, w, b):
+def native_conv(x, w, b):
+    """The stock call: ``F.conv2d`` with 'same' padding, groups = channels."""
     kh, kw = w.shape[-2:]
     return F.conv2d(x, w, b, 1, (kh // 2, kw // 2), 1, x.shape[1])
 
 
 def _fwd(backend, x, w, b):
     if backend == "native":
-        return _native_conv(x, w, b)
+        return native_conv(x, w, b)
     if backend == "channels_last":
         return ck.onednn_conv_cl(x, w, b)
     if backend == "cpp":
@@ -186,7 +187,7 @@ def _fwd(backend, x, w, b):
 
 def _grad_input(backend, g, w):
     if backend == "native":
-        return _native_conv(g, w.flip(-1, -2), None)
+        return native_conv(g, w.flip(-1, -2), None)
     if backend == "channels_last":
         return ck.onednn_conv_cl(g, w.flip(-1, -2), None)
     if backend == "cpp":
@@ -290,9 +291,9 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         """Forward-mode AD (dual numbers, ``torch.func.jvp``): the op is bilinear in (x, w), so the output's tangent is
         conv(x_t, w) + conv(x, w_t) + b_t, here through F.conv2d in the input's layout."""
         x, w = ctx.saved_tensors
-        out = torch.zeros_like(x) if x_t is None else _native_conv(x_t, w, None)
+        out = torch.zeros_like(x) if x_t is None else native_conv(x_t, w, None)
         if w_t is not None:
-            out = out + _native_conv(x, w_t, None)
+            out = out + native_conv(x, w_t, None)
         if b_t is not None:
             out = out + b_t.view(1, -1, 1, 1)
         return out.contiguous(memory_format=ctx.fmt)
@@ -301,17 +302,14 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
-        # create_graph (double backward: gradient penalties, Hessian-vector products): the C++ and Triton kernels
-        # are opaque to autograd, so the gradients come from F.conv2d ("channels_last"), which autograd differentiates
         need_x, need_w, need_b = (_gradient_needed(ctx, i) for i in range(3))
         if without_storage(g, x, w):  # a vmapped backward (jacrev, jacobian(vectorize=True)): PyTorch's formulas
-            kh, kw = w.shape[-2:]
-            pad, c = (kh // 2, kw // 2), x.shape[1]
-            gx = F.conv2d(g, w.flip(-1, -2), None, 1, pad, 1, c) if need_x else None
-            gw = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], list(pad), [1, 1], False, [0, 0], c,
-                                                     [False, True, False])[1] if need_w else None
+            gx = _grad_input("native", g, w) if need_x else None
+            gw = _native_weight_grad(x, g, *w.shape[-2:]) if need_w else None
             gb = g.sum(dim=(0, 2, 3)) if ctx.has_bias and need_b else None
             return gx, gw, gb, None
+        # create_graph (double backward: gradient penalties, Hessian-vector products): the C++ and Triton kernels
+        # are opaque to autograd, so the gradients come from F.conv2d ("channels_last"), which autograd differentiates
         _, b_in, b_w = ("channels_last",) * 3 if torch.is_grad_enabled() else op_backends(ctx.backend)
         both = None
         if b_in == b_w == "cpp" and need_x and need_w:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fastconv.backends import any_autocast_enabled, autocast_inputs, check_inputs, run_backend, under_vmap
+from fastconv.backends import (any_autocast_enabled, autocast_inputs, check_inputs, native_conv, run_backend,
+                               under_vmap)
 from fastconv.dispatch import cached_runner, resolve
 
 
@@ -21,21 +22,18 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     each operation with its own. Under ``torch.autocast`` the tensors are cast as autocast casts
     F.conv2d's (float32 ones to the autocast dtype).
     """
-    if torch.compiler.is_compiling() or (torch._C._are_functorch_transforms_active() and under_vmap()):
-        # torch.compile traces the stock op; torch.func.vmap batches it (see under_vmap)
-        if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
-            raise ValueError("depthwise_conv2d: only stride 1 and dilation 1 are supported; use F.conv2d")
-        x, weight, bias = autocast_inputs(x, weight, bias)
-        check_inputs(x, weight, bias)
-        kh, kw = weight.shape[-2:]
-        return torch.nn.functional.conv2d(x, weight, bias, 1, (kh // 2, kw // 2), 1, x.shape[1])
-    if (backend is None or backend == "auto") and stride == 1 and dilation == 1 and not any_autocast_enabled():
-        run = cached_runner(x, weight, bias)  # a signature already checked and decided: one dict lookup
-        if run is not None:
-            return run(x, weight, bias)
     if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
+    if torch.compiler.is_compiling() or (torch._C._are_functorch_transforms_active() and under_vmap()):
+        # torch.compile traces the stock op; torch.func.vmap batches it (see under_vmap)
+        x, weight, bias = autocast_inputs(x, weight, bias)
+        check_inputs(x, weight, bias)
+        return native_conv(x, weight, bias)
+    if (backend is None or backend == "auto") and not any_autocast_enabled():
+        run = cached_runner(x, weight, bias)  # a signature already checked and decided: one dict lookup
+        if run is not None:
+            return run(x, weight, bias)
     x, weight, bias = autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias)
     return run_backend(resolve(backend, x, weight, bias), x, weight, bias)
