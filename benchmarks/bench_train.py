@@ -72,7 +72,9 @@ class BareTrainer:
     ``levers``: the loop's ``speed_levers`` (small depthwise convs through fastconv) with ``channels_last``;
     without them, the model as built (only K > 5 depthwise convs are fastconv modules)."""
 
-    def __init__(self, backend: str | None, recipe, seed: int = 0, levers: bool = True, channels_last: bool = True):
+    def __init__(self, backend: str | None, recipe, seed: int = 0, levers: bool = True, channels_last: bool = True,
+                 compiled: bool = False):
+        import fastconv
         from erf_lab.erf.images import model_mean_std
         from erf_lab.train.loop import build_model, speed_levers
         from erf_lab.train.recipe import build_optimizer
@@ -85,6 +87,14 @@ class BareTrainer:
             self.net.to(memory_format=torch_channels_last())
         self.opt = build_optimizer(self.net, recipe)
         self.mean, self.std = (torch_view(v) for v in model_mean_std(self.net))
+        if compiled:  # torch.compile (inductor); the stock model compiled is the one with nn.Conv2d modules
+            import torch
+
+            if backend == "native":
+                fastconv.revert_model(self.net)
+            self.forward = torch.compile(self.net)
+        else:
+            self.forward = self.net
 
     def step(self, x, y) -> tuple[float, float]:
         """(wall, process CPU) seconds of one step on the raw batch ``x`` in [0, 1]."""
@@ -97,7 +107,7 @@ class BareTrainer:
             x = (x - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch_channels_last())
-            loss = F.cross_entropy(self.net(x), y, label_smoothing=self.recipe.label_smoothing)
+            loss = F.cross_entropy(self.forward(x), y, label_smoothing=self.recipe.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

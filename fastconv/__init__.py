@@ -13,8 +13,8 @@ _ATTRS = {"clear_cache": "dispatch", "explain": "dispatch", "supports": "backend
           "Settings": "config", "configure": "config", "settings": "config", "use": "config",
           "depthwise_conv2d": "functional", "DepthwiseConv2d": "module", "convert_model": "module",
           "revert_model": "module"}
-_SUBMODULES = ("backends", "bench", "bench_args", "config", "cpu_kernels", "dispatch", "functional", "module",
-               "roofline", "triton_backend")
+_SUBMODULES = ("backends", "bench", "bench_args", "compiled", "config", "cpu_kernels", "dispatch", "functional",
+               "module", "roofline", "triton_backend")
 
 
 def __getattr__(name: str):

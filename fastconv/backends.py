@@ -182,6 +182,8 @@ def _fwd(backend, x, w, b):
         return ck.cpp_conv(x, w, b)
     if backend == "triton":
         return _triton().dwconv_forward(_nhwc_on_gpu(x), w, b)
+    if backend == "fft":
+        return ck.fft_conv(x, w, b)
     raise AssertionError(backend)
 
 
@@ -310,19 +312,28 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
             return gx, gw, gb, None
         # create_graph (double backward: gradient penalties, Hessian-vector products): the C++ and Triton kernels
         # are opaque to autograd, so the gradients come from F.conv2d ("channels_last"), which autograd differentiates
-        _, b_in, b_w = ("channels_last",) * 3 if torch.is_grad_enabled() else op_backends(ctx.backend)
-        both = None
-        if b_in == b_w == "cpp" and need_x and need_w:
-            both = ck.cpp_backward(x, g, w)  # one pass where the C++ kernel has one (None elsewhere)
-        if both is not None:
-            gx, gw = both[0].contiguous(memory_format=ctx.fmt), both[1].to(w.dtype).contiguous()
-        if need_x and gx is None:
-            gx = _grad_input(b_in, g, w).contiguous(memory_format=ctx.fmt)
-        if need_w and gw is None:
-            gw = _grad_weight(b_w, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
+        gx, gw = gradients("channels_last" if torch.is_grad_enabled() else ctx.backend, g, x, w, need_x, need_w)
         if ctx.has_bias and need_b:
             gb = g.sum(dim=(0, 2, 3))
         return gx, gw, gb, None
+
+
+def gradients(backend: str, g, x, w, need_x: bool, need_w: bool):
+    """(dL/dx in the layout of ``x``, dL/dw contiguous), each None where not needed, through ``backend``'s kernels
+    (a per-op name: its input-gradient and weight-gradient backends; "native" and "fft": PyTorch's formulas), in one
+    pass where the C++ kernel has one for both."""
+    _, b_in, b_w = ("native",) * 3 if backend == "fft" else op_backends(backend)
+    fmt = memory_format_of(x)
+    gx = gw = None
+    if b_in == b_w == "cpp" and need_x and need_w:
+        both = ck.cpp_backward(x, g, w)  # one pass where the C++ kernel has one (None elsewhere)
+        if both is not None:
+            gx, gw = both[0].contiguous(memory_format=fmt), both[1].to(w.dtype).contiguous()
+    if need_x and gx is None:
+        gx = _grad_input(b_in, g, w).contiguous(memory_format=fmt)
+    if need_w and gw is None:
+        gw = _grad_weight(b_w, x, g, *w.shape[-2:]).to(w.dtype).contiguous()
+    return gx, gw
 
 
 def backend_runner(backend: str, x, weight, bias=None):

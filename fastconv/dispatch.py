@@ -10,6 +10,7 @@ gradient of F.conv2d for K > 14 always takes the GEMM path; "native" is only a c
 """
 from __future__ import annotations
 
+import contextvars
 import math
 import random
 import statistics
@@ -629,6 +630,37 @@ def resolve(backend: str | None, x, weight, bias) -> str:
     if not ok:
         raise ValueError(f"depthwise_conv2d: backend {backend!r} cannot run this call: {reason}")
     return backend
+
+
+def resolve_in_graph(backend: str, x, weight, bias, grad_x: bool, grad_w: bool) -> str:
+    """``resolve`` for a call inside a compiled graph (``fastconv.compiled``), whose tensors arrive without autograd:
+    ``grad_x`` / ``grad_w`` say which gradients the traced call needs, and "auto" takes the decision of the eager call
+    with that signature (the same memo). Where it is not made yet, it is made (and timed, as in eager mode) on a helper
+    thread with this one's fastconv settings: an op's kernel runs with autograd switched off in its thread, and the
+    autotuner times whole calls through autograd."""
+    if backend != "auto":
+        return resolve(backend, x, weight, bias)
+    with torch.enable_grad():
+        xs, ws = x.detach().requires_grad_(grad_x), weight.detach().requires_grad_(grad_w)
+        bs = None if bias is None else bias.detach().requires_grad_(grad_w)
+        hit = _fast.get(_fast_key(xs, ws, bs))
+    if hit is not None:
+        return hit[0]
+    result: list = []
+    context = contextvars.copy_context()
+
+    def decide_here():
+        try:
+            result.append(context.run(resolve, "auto", xs, ws, bs))
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            result.append(e)
+
+    helper = threading.Thread(target=decide_here, name="fastconv-autotune")
+    helper.start()
+    helper.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:

@@ -6,6 +6,7 @@ import torch
 
 from fastconv.backends import (any_autocast_enabled, autocast_inputs, check_inputs, native_conv, run_backend,
                                under_vmap)
+from fastconv.compiled import compiled_call
 from fastconv.dispatch import cached_runner, resolve
 
 
@@ -20,15 +21,20 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     shape, unless it is less than 10 % faster than the stock F.conv2d call; see ``fastconv.explain``); one of
     ``fastconv.BACKENDS`` runs that one, a per-op name "forward/input_grad/weight_grad" (e.g. "native/native/cpp") runs
     each operation with its own. Under ``torch.autocast`` the tensors are cast as autocast casts
-    F.conv2d's (float32 ones to the autocast dtype).
+    F.conv2d's (float32 ones to the autocast dtype). Under ``torch.compile`` the graph holds fastconv's custom ops
+    (``fastconv.compiled``); ``torch.export`` and functorch transforms get the stock op.
     """
     if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
     if torch.compiler.is_compiling() or (torch._C._are_functorch_transforms_active() and under_vmap()):
-        # torch.compile traces the stock op; torch.func.vmap batches it (see under_vmap)
         x, weight, bias = autocast_inputs(x, weight, bias)
         check_inputs(x, weight, bias)
+        if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and backend != "native"
+                and not torch._C._are_functorch_transforms_active()):
+            return compiled_call(x, weight, bias, backend)  # the graph holds fastconv's custom ops
+        # torch.export keeps a portable graph (the stock op, which ONNX and other runtimes know); functorch
+        # transforms batch the stock op; backend "native" is the stock op, which the compiler then sees
         return native_conv(x, weight, bias)
     if (backend is None or backend == "auto") and not any_autocast_enabled():
         run = cached_runner(x, weight, bias)  # a signature already checked and decided: one dict lookup

@@ -411,32 +411,6 @@ def test_captum_saliency_computes_no_weight_gradient(backend, frozen, monkeypatc
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_torch_compile_traces_the_stock_op(one_thread, monkeypatch):
-    """torch.compile of a model with fastconv modules (dynamo cannot trace the dispatcher's Python, the C++ kernel's
-    ctypes call or the custom Function's apply; it failed with InternalTorchDynamoError): the compiled graph holds
-    F.conv2d, the same outputs and gradients as nn.Conv2d, and eager calls keep fastconv's backends."""
-    torch.manual_seed(0)
-    backend = "cpp" if "cpp" in CPU_BACKENDS else "channels_last"
-    model = nn.Sequential(fastconv.DepthwiseConv2d(8, 13, backend=backend), nn.ReLU(), fastconv.DepthwiseConv2d(8, 5))
-    ref = nn.Sequential(nn.Conv2d(8, 8, 13, padding=6, groups=8), nn.ReLU(), nn.Conv2d(8, 8, 5, padding=2, groups=8))
-    ref.load_state_dict(model.state_dict())
-    x = torch.randn(2, 8, 12, 12)
-    kernel = "cpp_conv" if backend == "cpp" else "onednn_conv_cl"
-    calls = []
-    real = getattr(ck, kernel)
-    monkeypatch.setattr(ck, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    y, yr = compiled(xs[0]), ref(xs[1])
-    y.square().sum().backward()
-    yr.square().sum().backward()
-    assert _rel(y, yr) <= 1e-6 and _rel(xs[0].grad, xs[1].grad) <= 1e-6
-    for p, q in zip(model.parameters(), ref.parameters()):
-        assert _rel(p.grad, q.grad) <= 1e-5
-    assert not calls  # the compiled graph: F.conv2d
-    assert _rel(model(x), ref(x)) <= 1e-5 and calls  # eager: fastconv's kernel again
-
-
 @pytest.mark.parametrize("backend", [b for b in ("channels_last", "cpp") if b in CPU_BACKENDS] + [None])
 def test_vmap_jacobians_match_conv2d(backend, one_thread):
     """torch.func.vmap over the module, jacrev w.r.t. the input (NCHW and channels_last) and the parameters, jacfwd,

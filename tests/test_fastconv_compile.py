@@ -1,0 +1,233 @@
+"""fastconv under torch.compile: the graph holds fastconv's custom ops (forward and backward), which run the backend
+an eager call of the same signature runs (autotuned on first use, settings honoured at run time); values and
+gradients as nn.Conv2d; torch.export, vmap / jacrev inside compiled code, dynamic shapes and inductor."""
+from __future__ import annotations
+
+import statistics
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+
+import fastconv
+from fastconv import compiled  # noqa: F401 - registers the ops
+from fastconv import cpu_kernels as ck
+from fastconv import dispatch
+from tests.test_fastconv import CPU_BACKENDS, HAS_COMPILER, _rel
+
+FORWARD_OP, BACKWARD_OP = "fastconv.depthwise_conv2d.default", "fastconv.depthwise_conv2d_backward.default"
+#: the kernels each backend runs (cpu_kernels functions), forward and backward
+KERNELS = {"cpp": ("cpp_conv", "cpp_backward", "cpp_weight_grad"),
+           "channels_last": ("onednn_conv_cl", "onednn_weight_grad")}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(fastconv_isolated):
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def recording_backend(graphs: dict):
+    """aot_eager that records the ops of each forward and backward graph it compiles."""
+    def compiler(kind):
+        def compile_graph(gm, example_inputs):
+            graphs.setdefault(kind, []).append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+            return make_boxed_func(gm.forward)
+        return compile_graph
+    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+
+
+def spy_kernels(monkeypatch, names) -> list[str]:
+    calls: list[str] = []
+    for name in names:
+        real = getattr(ck, name)
+        monkeypatch.setattr(ck, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    return calls
+
+
+def pair(backend=None, k1=13, k2=5, channels=8):
+    """A two-layer fastconv model (the second without bias) and the same weights in nn.Conv2d."""
+    torch.manual_seed(0)
+    model = nn.Sequential(fastconv.DepthwiseConv2d(channels, k1, backend=backend), nn.ReLU(),
+                          fastconv.DepthwiseConv2d(channels, k2, bias=False, backend=backend))
+    ref = nn.Sequential(nn.Conv2d(channels, channels, k1, padding=k1 // 2, groups=channels), nn.ReLU(),
+                        nn.Conv2d(channels, channels, k2, padding=k2 // 2, groups=channels, bias=False))
+    ref.load_state_dict(model.state_dict())
+    return model, ref
+
+
+def check_training_step(model, ref, run, x, tol=1e-5):
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y, yr = run(xs[0]), ref(xs[1])
+    assert y.stride() == yr.stride()  # the input's memory format
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    assert _rel(y, yr) <= 1e-6 and _rel(xs[0].grad, xs[1].grad) <= tol
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert _rel(p.grad, q.grad) <= tol
+    model.zero_grad()
+    ref.zero_grad()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "channels_last") if b in CPU_BACKENDS])
+def test_compiled_graph_runs_fastconv_kernels(backend, layout, one_thread, monkeypatch):
+    """The forward and backward graphs hold fastconv's ops (not aten's convolution, which the compiled graph held
+    before: 10x slower at K = 31), and the backend's kernels run in them."""
+    model, ref = pair(backend)
+    graphs: dict = {}
+    run = torch.compile(model, backend=recording_backend(graphs), fullgraph=True)
+    x = torch.randn(2, 8, 12, 12)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    calls = spy_kernels(monkeypatch, KERNELS[backend])
+    check_training_step(model, ref, run, x)
+    (fwd,), (bwd,) = graphs["forward"], graphs["backward"]
+    assert FORWARD_OP in fwd and not any("convolution" in t for t in fwd)
+    assert BACKWARD_OP in bwd and not any("convolution" in t for t in bwd)
+    forward_kernel = KERNELS[backend][0]
+    assert calls.count(forward_kernel) >= 2 and len(set(calls) - {forward_kernel}) >= 1  # and a gradient kernel
+    calls.clear()
+    with torch.no_grad():  # (recompiled for grad mode off: the op's flags say no gradient)
+        assert _rel(run(x), ref(x)) <= 1e-6
+    assert calls == [forward_kernel] * 2
+
+
+def test_compiled_call_takes_the_eager_decision_and_follows_settings(monkeypatch):
+    """backend "auto": a compiled call of a signature not seen yet is autotuned as an eager call would be (the timed
+    decision lands in the cache file, made on a helper thread: inside the op autograd is off) and later eager calls
+    of that signature take it; ``fastconv.use`` inside the same compiled function switches the backend at run time,
+    and a backend that cannot run the call raises its one-line error."""
+    model, ref = pair(None, k1=7, k2=7)
+    run = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 8, 12, 12)
+    threads = []  # the threads that made a decision
+    real_resolve = dispatch.resolve
+    monkeypatch.setattr(dispatch, "resolve", lambda backend, *a: (
+        backend == "auto" and dispatch._fast.get(dispatch._fast_key(*a)) is None
+        and threads.append(threading.current_thread().name)) or real_resolve(backend, *a))
+    check_training_step(model, ref, run, x)
+    assert threads == ["fastconv-autotune"] * 2  # one per layer (the second has no bias), in the forward op
+    stand_in = (x.clone().requires_grad_(), model[0].weight, model[0].bias)
+    key = dispatch.cache_key(*stand_in)
+    entry = dispatch._read(dispatch.cache_file())[key]
+    assert entry["times_ms"] and entry["backend"] in entry["times_ms"]  # timed
+    assert dispatch.resolve("auto", *stand_in) == entry["backend"]  # the eager call: the same decision, no new timing
+    assert threads == ["fastconv-autotune"] * 2
+    if "cpp" in CPU_BACKENDS:
+        calls = spy_kernels(monkeypatch, ("onednn_conv_cl", "cpp_conv"))
+        with fastconv.use(backend="channels_last"), torch.no_grad():
+            assert _rel(run(x), ref(x)) <= 1e-6
+        assert calls == ["onednn_conv_cl"] * 2
+    with fastconv.use(backend="fft"):  # another backend, the same compiled graph
+        check_training_step(model, ref, run, x)
+    with fastconv.use(backend="triton"), pytest.raises(ValueError, match="triton needs a CUDA tensor"):
+        run(x)
+
+
+def test_compiled_frozen_weights_skip_the_weight_gradient(one_thread, monkeypatch):
+    """ERF / attribution in a compiled model: weights frozen, the backward op computes dL/dx only."""
+    model, ref = pair("cpp" if "cpp" in CPU_BACKENDS else "channels_last")
+    model.requires_grad_(False)
+    ref.requires_grad_(False)
+
+    def boom(*a, **k):
+        raise AssertionError("a weight gradient was computed")
+
+    for name in ("onednn_weight_grad", "cpp_weight_grad", "cpp_backward"):
+        monkeypatch.setattr(ck, name, boom)
+    run = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 8, 12, 12)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    (g,) = torch.autograd.grad(run(xs[0]).square().sum(), xs[0])
+    (gr,) = torch.autograd.grad(ref(xs[1]).square().sum(), xs[1])
+    assert _rel(g, gr) <= 1e-5
+
+
+def test_export_keeps_the_stock_op_and_functorch_runs_inside_compiled_code(one_thread):
+    """torch.export: a portable graph (aten's conv2d, which other runtimes know); vmap and jacrev inside compiled
+    functions: the stock op, which functorch batches."""
+    model, ref = pair(None, k1=5, k2=3, channels=4)
+    x = torch.randn(2, 4, 6, 6)
+    ops = {str(n.target) for n in torch.export.export(model, (x,)).graph.nodes if n.op == "call_function"}
+    assert "aten.conv2d.default" in ops and not any(o.startswith("fastconv") for o in ops)
+    vm = torch.compile(lambda t: torch.func.vmap(lambda u: model(u))(t), backend="aot_eager", fullgraph=True)
+    xb = torch.randn(3, 2, 4, 6, 6)
+    assert _rel(vm(xb), torch.func.vmap(ref)(xb)) <= 1e-6
+    jr = torch.compile(lambda t: torch.func.jacrev(model)(t), backend="aot_eager", fullgraph=True)
+    assert _rel(jr(x[:1]), torch.func.jacrev(ref)(x[:1])) <= 1e-5
+
+
+def test_compiled_dynamic_shapes_compile_once(one_thread):
+    model, ref = pair(None, k1=7, k2=3, channels=4)
+    graphs: dict = {}
+    run = torch.compile(model, backend=recording_backend(graphs), dynamic=True, fullgraph=True)
+    for n, h, w in ((2, 6, 7), (3, 9, 5), (4, 11, 13)):  # (a size of 1 is specialized on)
+        x = torch.randn(n, 4, h, w)
+        check_training_step(model, ref, run, x)
+    assert len(graphs["forward"]) == 1 and FORWARD_OP in graphs["forward"][0]
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="inductor's CPU code needs a C++ compiler")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_inductor_block_matches_eager(layout, monkeypatch):
+    """A RepLKNet-style block (1x1 conv, GELU, 13x13 depthwise, BatchNorm, GELU, 1x1 conv) compiled with inductor:
+    fastconv's forward and backward ops run inside, the outputs and gradients are those of the eager block."""
+    torch.manual_seed(0)
+
+    def block(conv):
+        return nn.Sequential(nn.Conv2d(16, 16, 1), nn.GELU(), conv, nn.BatchNorm2d(16), nn.GELU(), nn.Conv2d(16, 16, 1))
+
+    # (no bias before BatchNorm, as in RepLKNet: its gradient is 0 but for rounding)
+    model = block(fastconv.DepthwiseConv2d(16, 13, bias=False))
+    ref = block(nn.Conv2d(16, 16, 13, padding=6, groups=16, bias=False))
+    ref.load_state_dict(model.state_dict())
+    run = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 16, 10, 10)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ops = []
+    real_resolve = compiled.resolve_in_graph
+    monkeypatch.setattr(compiled, "resolve_in_graph", lambda *a: ops.append(a[0]) or real_resolve(*a))
+    check_training_step(model, ref, run, x, tol=1e-4)
+    assert len(ops) == 2  # one forward op, one backward op
+
+
+def test_compile_benchmark_reports_measured_ratios(tmp_path, monkeypatch, one_thread):
+    """benchmarks/bench_compile.py (a): each variant's times, the median per-round ratio to fastconv eager, and the
+    compiled layer's GFLOP/s inside the map over the machine's FMA peak, all from the same run's measurements."""
+    import importlib.util
+    import json
+
+    from fastconv import roofline
+    from tests.test_fastconv import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_compile", REPO_ROOT / "benchmarks" / "bench_compile.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    machine = {"cpu_model": "test CPU", "isa": "avx2", "threads": 1, "torch": torch.__version__,
+               "sgemm_gflops": 10.0, "fma_peak_gflops": 20.0}
+    monkeypatch.setattr(roofline, "machine_roofline", lambda **k: dict(machine))
+    assert bench.main(["--kernels", "7", "--channels", "8", "--res", "8", "--rounds", "3", "--steps", "0",
+                       "--out", str(tmp_path), "--name", "c"]) == 0
+    r = json.loads((tmp_path / "c.json").read_text())
+    (row,) = r["layers"]
+    assert row["k"] == 7 and set(row["ms_best"]) == set(bench.LAYER_VARIANTS)
+    assert row["ratio_to_fastconv_eager"]["fastconv_eager"] == 1.0
+    base = row["rounds_ms"]["fastconv_eager"]
+    for name in bench.LAYER_VARIANTS:
+        rounds = row["rounds_ms"][name]
+        assert len(rounds) == 3 and 0 < row["ms_best"][name] <= row["ms_median"][name]
+        assert row["ms_best"][name] == pytest.approx(min(rounds), abs=1e-3)
+        ratio = statistics.median(t / b for t, b in zip(rounds, base))
+        assert row["ratio_to_fastconv_eager"][name] == pytest.approx(ratio, abs=2e-3)
+        inside = 3 * roofline.depthwise_flops(1, 8, 8, 8, 7, 7)["inside"]
+        gflops = inside / (min(rounds) / 1e3) / 1e9
+        assert row["gflops_inside"][name] == pytest.approx(gflops, rel=2e-3, abs=0.06)
+        assert row["fraction_of_fma_peak"][name] == pytest.approx(gflops / 20.0, rel=2e-3, abs=2e-3)
+    md = (tmp_path / "c.md").read_text()
+    assert "test CPU (avx2)" in md and "| 7 | stock_compiled_cl |" in md and "training step" not in md
