@@ -298,6 +298,8 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
             out = out + native_conv(x, w_t, None)
         if b_t is not None:
             out = out + b_t.view(1, -1, 1, 1)
+        if without_storage(out):  # batched tangents (a vmapped jvp) cannot be laid out channels_last
+            return out
         return out.contiguous(memory_format=ctx.fmt)
 
     @staticmethod
@@ -305,7 +307,10 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
         need_x, need_w, need_b = (_gradient_needed(ctx, i) for i in range(3))
-        if without_storage(g, x, w):  # a vmapped backward (jacrev, jacobian(vectorize=True)): PyTorch's formulas
+        if without_storage(g, x, w) or (torch.is_grad_enabled() and getattr(forward_ad, "_current_level", -1) >= 0):
+            # a vmapped backward (jacrev, jacobian(vectorize=True)), or a double backward under forward-mode AD
+            # (hessian's forward-mode outer jacobian: batched tangents): PyTorch's formulas in the tensors' own
+            # layout (vmap cannot make a channels_last copy)
             gx = _grad_input("native", g, w) if need_x else None
             gw = _native_weight_grad(x, g, *w.shape[-2:]) if need_w else None
             gb = g.sum(dim=(0, 2, 3)) if ctx.has_bias and need_b else None

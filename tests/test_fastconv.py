@@ -444,6 +444,10 @@ def test_vmap_jacobians_match_conv2d(backend, one_thread):
         return lambda t: m(t).tanh().sum()
 
     assert _rel(hessian(total(conv))(x1), hessian(total(ref))(x1)) <= 1e-5
+    for t in (x1, x1.contiguous(memory_format=torch.channels_last)):  # forward-over-reverse with batched tangents
+        h, hr = (torch.autograd.functional.hessian(total(m), t, vectorize=True, outer_jacobian_strategy="forward-mode")
+                 for m in (conv, ref))
+        assert _rel(h, hr) <= 1e-5
     per_sample = {m: vmap(grad(lambda p, t: functional_call(m, p, (t.unsqueeze(0),)).tanh().sum()), (None, 0))(
         {k: v.detach() for k, v in m.named_parameters()}, x) for m in (conv, ref)}
     assert all(_rel(per_sample[conv][k], per_sample[ref][k]) <= 1e-5 for k in per_sample[conv])
