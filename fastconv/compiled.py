@@ -35,59 +35,75 @@ def _canonical(t: Tensor, fmt: torch.memory_format) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).contiguous(memory_format=fmt).copy_(t)
 
 
-def _stand_in_bias(weight: Tensor, has_bias: bool) -> Tensor | None:
-    return weight.new_empty(weight.shape[0]) if has_bias else None
+#: backend names by id: the forward op returns its backend's id (``_backend_id``), which the backward op reads
+_NAMES: list[str] = []
+
+
+def _backend_id(name: str) -> Tensor:
+    """The forward's backend for the backward, as a CPU int64 scalar (an op's outputs are tensors). On CUDA an empty
+    tensor on the device instead (a CPU tensor in the graph keeps CUDA graphs out): the backward resolves again."""
+    if name not in _NAMES:
+        _NAMES.append(name)
+    return torch.full((), _NAMES.index(name), dtype=torch.int64)
 
 
 @torch.library.custom_op("fastconv::depthwise_conv2d", mutates_args=())
-def depthwise_conv2d_op(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str, grad_x: bool,
-                        grad_w: bool) -> Tensor:
-    """``fastconv.depthwise_conv2d``'s forward as one op; ``grad_x`` / ``grad_w``: whether the traced call needs the
-    gradients (part of the backend decision)."""
+def depthwise_conv2d_op(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str, grad_x: bool, grad_w: bool,
+                        grad_b: bool) -> tuple[Tensor, Tensor]:
+    """``fastconv.depthwise_conv2d``'s forward as one op: (output, the backend's id for the backward). ``grad_x`` /
+    ``grad_w`` / ``grad_b``: whether the traced call needs each gradient (part of the backend decision)."""
     with torch.no_grad():
-        name = resolve_in_graph(backend, x, weight, bias, grad_x, grad_w)
-        out = _fwd("native" if x.numel() == 0 else op_backends(name)[0], x, weight, bias)
-    return _canonical(out, memory_format_of(x))
+        name = "native" if x.numel() == 0 else resolve_in_graph(backend, x, weight, bias, grad_x, grad_w, grad_b)
+        out = _fwd(op_backends(name)[0], x, weight, bias)
+    used = _backend_id(name) if x.device.type == "cpu" else x.new_empty(0, dtype=torch.int64)
+    return _canonical(out, memory_format_of(x)), used
 
 
 @depthwise_conv2d_op.register_fake
-def _(x, weight, bias, backend, grad_x, grad_w):
-    return torch.empty_like(x, memory_format=memory_format_of(x))
+def _(x, weight, bias, backend, grad_x, grad_w, grad_b):
+    used = x.new_empty((), dtype=torch.int64, device="cpu") if x.device.type == "cpu" else x.new_empty(
+        0, dtype=torch.int64)
+    return torch.empty_like(x, memory_format=memory_format_of(x)), used
 
 
 @torch.library.custom_op("fastconv::depthwise_conv2d_backward", mutates_args=())
-def depthwise_conv2d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, backend: str, grad_x: bool,
-                                 grad_w: bool, has_bias: bool, need_x: bool, need_w: bool) -> tuple[Tensor, Tensor]:
-    """(dL/dx, dL/dw) of ``depthwise_conv2d_op`` for the same call; an output not needed is an empty tensor."""
+def depthwise_conv2d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, used: Tensor, backend: str,
+                                 grad_x: bool, grad_w: bool, grad_b: bool, has_bias: bool, need_x: bool,
+                                 need_w: bool) -> tuple[Tensor, Tensor]:
+    """(dL/dx, dL/dw) of ``depthwise_conv2d_op`` through the forward's backend (``used``); an output not needed is an
+    empty tensor."""
     with torch.no_grad():
-        name = resolve_in_graph(backend, x, weight, _stand_in_bias(weight, has_bias), grad_x, grad_w)
-        gx, gw = gradients(name, grad, x, weight, need_x and x.numel() > 0, need_w and x.numel() > 0)
-    gx = _canonical(gx, memory_format_of(x)) if gx is not None else (
-        torch.zeros_like(x, memory_format=memory_format_of(x)) if need_x else x.new_empty(0))
-    gw = _canonical(gw, torch.contiguous_format) if gw is not None else (
-        torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty(0))
+        if used.numel() == 1:
+            name = _NAMES[int(used)]
+        else:
+            bias = weight.new_empty(weight.shape[0]) if has_bias else None
+            name = resolve_in_graph(backend, x, weight, bias, grad_x, grad_w, grad_b)
+        gx, gw = gradients(name, grad, x, weight, need_x, need_w)
+    gx = _canonical(gx, memory_format_of(x)) if need_x else x.new_empty(0)
+    gw = _canonical(gw, torch.contiguous_format) if need_w else weight.new_empty(0)
     return gx, gw
 
 
 @depthwise_conv2d_backward_op.register_fake
-def _(grad, x, weight, backend, grad_x, grad_w, has_bias, need_x, need_w):
+def _(grad, x, weight, used, backend, grad_x, grad_w, grad_b, has_bias, need_x, need_w):
     gx = torch.empty_like(x, memory_format=memory_format_of(x)) if need_x else x.new_empty(0)
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty(0)
     return gx, gw
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, backend, grad_x, grad_w = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.call = (backend, grad_x, grad_w, bias is not None)
+    x, weight, bias, backend, grad_x, grad_w, grad_b = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.call = (backend, grad_x, grad_w, grad_b, bias is not None)
 
 
-def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
+def _backward(ctx, grad, _grad_used):
+    x, weight, used = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gw = torch.ops.fastconv.depthwise_conv2d_backward(grad, x, weight, *ctx.call, need_x, need_w)
+    gx, gw = torch.ops.fastconv.depthwise_conv2d_backward(grad, x, weight, used, *ctx.call, need_x, need_w)
     gb = grad.sum(dim=(0, 2, 3)) if need_b else None
-    return gx if need_x else None, gw if need_w else None, gb, None, None, None
+    return gx if need_x else None, gw if need_w else None, gb, None, None, None, None
 
 
 depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -96,5 +112,6 @@ depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 def compiled_call(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str | None) -> Tensor:
     """The call as a compiled graph holds it (inputs already checked)."""
     grad = torch.is_grad_enabled()
-    grad_w = grad and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    return depthwise_conv2d_op(x, weight, bias, backend or "auto", grad and x.requires_grad, grad_w)
+    grad_b = grad and bias is not None and bias.requires_grad
+    return depthwise_conv2d_op(x, weight, bias, backend or "auto", grad and x.requires_grad,
+                               grad and weight.requires_grad, grad_b)[0]

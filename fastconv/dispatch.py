@@ -595,12 +595,15 @@ def _macs(x, weight) -> float:
     return float(n * c * h * w) * weight.shape[-2] * weight.shape[-1]
 
 
-def _fast_key(x, weight, bias) -> tuple:
-    """Everything the decision and ``check_inputs`` depend on, cheap to build (no string formatting)."""
-    grad = torch.is_grad_enabled()
+def _fast_key(x, weight, bias, needs: tuple[bool, bool] | None = None) -> tuple:
+    """Everything the decision and ``check_inputs`` depend on, cheap to build (no string formatting). ``needs``:
+    (input gradient, weight or bias gradient) as given, else from grad mode and the tensors."""
+    if needs is None:
+        grad = torch.is_grad_enabled()
+        needs = (grad and x.requires_grad,
+                 grad and (weight.requires_grad or (bias is not None and bias.requires_grad)))
     return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-            None if bias is None else (bias.device, bias.dtype, bias.shape),
-            grad and x.requires_grad, grad and (weight.requires_grad or (bias is not None and bias.requires_grad)),
+            None if bias is None else (bias.device, bias.dtype, bias.shape), *needs,
             torch.get_num_threads(), memo_key())
 
 
@@ -632,20 +635,20 @@ def resolve(backend: str | None, x, weight, bias) -> str:
     return backend
 
 
-def resolve_in_graph(backend: str, x, weight, bias, grad_x: bool, grad_w: bool) -> str:
+def resolve_in_graph(backend: str, x, weight, bias, grad_x: bool, grad_w: bool, grad_b: bool) -> str:
     """``resolve`` for a call inside a compiled graph (``fastconv.compiled``), whose tensors arrive without autograd:
-    ``grad_x`` / ``grad_w`` say which gradients the traced call needs, and "auto" takes the decision of the eager call
-    with that signature (the same memo). Where it is not made yet, it is made (and timed, as in eager mode) on a helper
-    thread with this one's fastconv settings: an op's kernel runs with autograd switched off in its thread, and the
-    autotuner times whole calls through autograd."""
+    ``grad_x`` / ``grad_w`` / ``grad_b`` say which of the traced call's inputs need a gradient, and "auto" takes the
+    decision of the eager call with that signature (the same memo). Where it is not made yet, it is made (and timed, as
+    in eager mode) on a helper thread with this one's fastconv settings: an op's kernel runs with autograd switched off
+    in its thread, and the autotuner times whole calls through autograd."""
     if backend != "auto":
         return resolve(backend, x, weight, bias)
-    with torch.enable_grad():
-        xs, ws = x.detach().requires_grad_(grad_x), weight.detach().requires_grad_(grad_w)
-        bs = None if bias is None else bias.detach().requires_grad_(grad_w)
-        hit = _fast.get(_fast_key(xs, ws, bs))
+    hit = _fast.get(_fast_key(x, weight, bias, (grad_x, grad_w or grad_b)))
     if hit is not None:
         return hit[0]
+    with torch.enable_grad():  # tensors that look like the traced call's to the autotuner
+        xs, ws = x.detach().requires_grad_(grad_x), weight.detach().requires_grad_(grad_w)
+        bs = None if bias is None else bias.detach().requires_grad_(grad_b)
     result: list = []
     context = contextvars.copy_context()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from fastconv.backends import (any_autocast_enabled, autocast_inputs, check_inputs, native_conv, run_backend,
                                under_vmap)
@@ -31,10 +32,12 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         x, weight, bias = autocast_inputs(x, weight, bias)
         check_inputs(x, weight, bias)
         if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and backend != "native"
-                and not torch._C._are_functorch_transforms_active()):
+                and x.numel() > 0 and not torch._C._are_functorch_transforms_active()
+                and getattr(forward_ad, "_current_level", -1) < 0):
             return compiled_call(x, weight, bias, backend)  # the graph holds fastconv's custom ops
         # torch.export keeps a portable graph (the stock op, which ONNX and other runtimes know); functorch
-        # transforms batch the stock op; backend "native" is the stock op, which the compiler then sees
+        # transforms batch the stock op, and dual numbers carry their tangents through it; backend "native" and
+        # an empty input are the stock op, which the compiler then sees
         return native_conv(x, weight, bias)
     if (backend is None or backend == "auto") and not any_autocast_enabled():
         run = cached_runner(x, weight, bias)  # a signature already checked and decided: one dict lookup

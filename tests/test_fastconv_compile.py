@@ -129,6 +129,70 @@ def test_compiled_call_takes_the_eager_decision_and_follows_settings(monkeypatch
         run(x)
 
 
+def test_compiled_backward_runs_the_forward_backend(monkeypatch):
+    """As in eager mode, the backward runs the backend its forward ran, whatever the settings when it runs: a forward
+    forced to "fft" and a backward outside that block (no autotuning, no kernel of another backend), and a backward
+    under settings that could not run the call."""
+    model, ref = pair(None, k1=7, k2=7)
+    run = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 8, 12, 12)
+    decisions = []
+    real_resolve = dispatch.resolve
+    monkeypatch.setattr(dispatch, "resolve", lambda *a: decisions.append(a[0]) or real_resolve(*a))
+    calls = spy_kernels(monkeypatch, ("fft_conv", "cpp_conv", "cpp_backward", "cpp_weight_grad", "onednn_conv_cl",
+                                      "onednn_weight_grad"))
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    with fastconv.use(backend="fft"):
+        y = run(xs[0])
+    y.square().sum().backward()
+    ref(xs[1]).square().sum().backward()
+    # two forward ops resolved (under the forced backend); the backward: PyTorch's formulas, as eager fft runs it
+    assert calls == ["fft_conv"] * 2 and decisions == ["auto"] * 2
+    assert _rel(xs[0].grad, xs[1].grad) <= 1e-5
+    assert all(_rel(p.grad, q.grad) <= 1e-5 for p, q in zip(model.parameters(), ref.parameters()))
+    y = run(x.clone().requires_grad_())
+    with fastconv.use(backend="triton"):
+        y.sum().backward()
+
+
+def test_compiled_decision_sees_which_parameter_is_trained(monkeypatch):
+    """Only the bias trained: the autotuner is asked about the call eager mode would make (no weight gradient to
+    time in the per-op mixes), not one with a trained weight."""
+    model, ref = pair(None, k1=7, k2=7)
+    model.requires_grad_(False)
+    model[0].bias.requires_grad_(True)
+    seen = []
+    real_resolve = dispatch.resolve
+    monkeypatch.setattr(dispatch, "resolve", lambda backend, x, w, b: seen.append(
+        (x.requires_grad, w.requires_grad, None if b is None else b.requires_grad)) or real_resolve(backend, x, w, b))
+    run = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    run(x).square().sum().backward()
+    assert seen == [(True, False, True), (True, False, None)]
+    ref.requires_grad_(False)
+    ref[0].bias.requires_grad_(True)
+    xr = x.detach().clone().requires_grad_()
+    ref(xr).square().sum().backward()
+    assert _rel(model[0].bias.grad, ref[0].bias.grad) <= 1e-5 and _rel(x.grad, xr.grad) <= 1e-5
+
+
+def test_compiled_dual_numbers_and_empty_input_take_the_stock_op():
+    """Forward-mode AD through a compiled function (the op has no forward-mode rule: the tangent was lost) and an
+    empty input (the stock op keeps a channels_last layout) trace F.conv2d."""
+    import torch.autograd.forward_ad as fwad
+
+    model, ref = pair(None, k1=5, k2=3, channels=4)
+    model.requires_grad_(False)  # (a graph with trainable parameters has no forward-mode rule in torch itself)
+    run = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(run(fwad.make_dual(x, t))).tangent
+        expected = fwad.unpack_dual(ref(fwad.make_dual(x, t))).tangent
+    assert tangent is not None and _rel(tangent, expected) <= 1e-6
+    empty = torch.randn(0, 4, 9, 10).contiguous(memory_format=torch.channels_last)
+    assert run(empty).shape == (0, 4, 9, 10) and run(empty).stride() == ref(empty).stride()
+
+
 def test_compiled_frozen_weights_skip_the_weight_gradient(one_thread, monkeypatch):
     """ERF / attribution in a compiled model: weights frozen, the backward op computes dL/dx only."""
     model, ref = pair("cpp" if "cpp" in CPU_BACKENDS else "channels_last")
@@ -194,7 +258,7 @@ def test_inductor_block_matches_eager(layout, monkeypatch):
     real_resolve = compiled.resolve_in_graph
     monkeypatch.setattr(compiled, "resolve_in_graph", lambda *a: ops.append(a[0]) or real_resolve(*a))
     check_training_step(model, ref, run, x, tol=1e-4)
-    assert len(ops) == 2  # one forward op, one backward op
+    assert ops == ["auto"]  # the forward op resolves; the backward op runs the forward's backend
 
 
 def test_compile_benchmark_reports_measured_ratios(tmp_path, monkeypatch, one_thread):
