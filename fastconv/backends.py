@@ -307,7 +307,8 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
         need_x, need_w, need_b = (_gradient_needed(ctx, i) for i in range(3))
-        if without_storage(g, x, w) or (torch.is_grad_enabled() and getattr(forward_ad, "_current_level", -1) >= 0):
+        if without_storage(g, x, w) or (torch.is_grad_enabled() and getattr(forward_ad, "_current_level", -1) >= 0
+                                        and any(forward_ad.unpack_dual(t).tangent is not None for t in (g, x, w))):
             # a vmapped backward (jacrev, jacobian(vectorize=True)), or a double backward under forward-mode AD
             # (hessian's forward-mode outer jacobian: batched tangents): PyTorch's formulas in the tensors' own
             # layout (vmap cannot make a channels_last copy)

@@ -193,8 +193,10 @@ def cache_key(x, weight, bias) -> str:
     layout = "nhwc" if memory_format_of(x) == torch.channels_last else "nchw"
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
+    bias_only = "|bias_grad_only" if gw and not weight.requires_grad else ""  # no weight gradient to time
     return (f"{dev}|{str(x.dtype).replace('torch.', '')}|{layout}|{n}x{c}x{h}x{w}|k{kh}x{kw}"
-            f"|grad_x{int(gx)}w{int(gw)}|bias{int(bias is not None)}|torch{torch.__version__}|kernel{_KERNEL_ID}"
+            f"|grad_x{int(gx)}w{int(gw)}{bias_only}|bias{int(bias is not None)}|torch{torch.__version__}"
+            f"|kernel{_KERNEL_ID}"
             f"|{_ESTIMATOR}")
 
 
@@ -595,13 +597,13 @@ def _macs(x, weight) -> float:
     return float(n * c * h * w) * weight.shape[-2] * weight.shape[-1]
 
 
-def _fast_key(x, weight, bias, needs: tuple[bool, bool] | None = None) -> tuple:
+def _fast_key(x, weight, bias, needs: tuple[bool, bool, bool] | None = None) -> tuple:
     """Everything the decision and ``check_inputs`` depend on, cheap to build (no string formatting). ``needs``:
-    (input gradient, weight or bias gradient) as given, else from grad mode and the tensors."""
+    (input, weight, bias gradient) as given, else from grad mode and the tensors."""
     if needs is None:
         grad = torch.is_grad_enabled()
-        needs = (grad and x.requires_grad,
-                 grad and (weight.requires_grad or (bias is not None and bias.requires_grad)))
+        needs = (grad and x.requires_grad, grad and weight.requires_grad,
+                 grad and bias is not None and bias.requires_grad)
     return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype, weight.device,
             None if bias is None else (bias.device, bias.dtype, bias.shape), *needs,
             torch.get_num_threads(), memo_key())
@@ -643,7 +645,7 @@ def resolve_in_graph(backend: str, x, weight, bias, grad_x: bool, grad_w: bool, 
     in its thread, and the autotuner times whole calls through autograd."""
     if backend != "auto":
         return resolve(backend, x, weight, bias)
-    hit = _fast.get(_fast_key(x, weight, bias, (grad_x, grad_w or grad_b)))
+    hit = _fast.get(_fast_key(x, weight, bias, (grad_x, grad_w, grad_b)))
     if hit is not None:
         return hit[0]
     with torch.enable_grad():  # tensors that look like the traced call's to the autotuner

@@ -169,6 +169,11 @@ def test_compiled_decision_sees_which_parameter_is_trained(monkeypatch):
     x = torch.randn(2, 8, 12, 12, requires_grad=True)
     run(x).square().sum().backward()
     assert seen == [(True, False, True), (True, False, None)]
+    # ... and remembered apart from the call with a trained weight, in memory and in the cache file
+    xs, weight, bias = x.detach().requires_grad_(), model[0].weight.detach(), model[0].bias
+    for key in (dispatch._fast_key, dispatch.cache_key):
+        assert key(xs, weight, bias) != key(xs, weight.requires_grad_(), bias)
+        weight.requires_grad_(False)
     ref.requires_grad_(False)
     ref[0].bias.requires_grad_(True)
     xr = x.detach().clone().requires_grad_()
@@ -234,6 +239,9 @@ def test_compiled_dynamic_shapes_compile_once(one_thread):
         x = torch.randn(n, 4, h, w)
         check_training_step(model, ref, run, x)
     assert len(graphs["forward"]) == 1 and FORWARD_OP in graphs["forward"][0]
+    x = torch.randn(3, 4, 8, 8)
+    torch._dynamo.decorators.mark_unbacked(x, 0)  # a size the compiler cannot guard on (was: data-dependent error)
+    check_training_step(model, ref, torch.compile(model, backend="aot_eager", fullgraph=True), x)
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="inductor's CPU code needs a C++ compiler")
