@@ -10,7 +10,7 @@
       (compilation) is reported apart.
 Prints the CPU model, its ISA, its SGEMM rate and FMA peak measured in the same run (issue 14's roofline references).
 
-    python benchmarks/bench_compile.py [--kernels 13 31] [--rounds 15] [--steps 6] [--out DIR]
+    python benchmarks/bench_compile.py [--kernels 13 31] [--rounds 15] [--steps 6] [--device cpu|cuda] [--out DIR]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ STEP_VARIANTS = {"fastconv_eager": (None, True, True, False), "fastconv_compiled
                  "stock_cl_eager": ("native", False, True, False), "stock_cl_compiled": ("native", False, True, True)}
 
 
-def layer_steps(channels: int, k: int):
+def layer_steps(channels: int, k: int, device: str = "cpu"):
     """{variant: step()} for one depthwise layer, fwd + both gradients; each step returns its output."""
     import torch
     import torch.nn as nn
@@ -38,12 +38,12 @@ def layer_steps(channels: int, k: int):
     import fastconv
 
     torch.manual_seed(0)
-    fc = fastconv.DepthwiseConv2d(channels, k)
-    stock = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels)
+    fc = fastconv.DepthwiseConv2d(channels, k).to(device)
+    stock = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels).to(device)
     stock.load_state_dict(fc.state_dict())
-    stock_cl = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels)
+    stock_cl = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels).to(device)
     stock_cl.load_state_dict(fc.state_dict())
-    fc_compiled = fastconv.DepthwiseConv2d(channels, k)
+    fc_compiled = fastconv.DepthwiseConv2d(channels, k).to(device)
     fc_compiled.load_state_dict(fc.state_dict())
     cl = torch.channels_last
     fns = {"fastconv_eager": fc, "fastconv_compiled": torch.compile(fc_compiled, fullgraph=True),
@@ -60,13 +60,19 @@ def layer_steps(channels: int, k: int):
     return {name: (lambda x, fn=fn: step(fn, x)) for name, fn in fns.items()}
 
 
-def bench_layer(batch: int, channels: int, res: int, k: int, rounds: int, fma_peak: float | None) -> dict:
+def bench_layer(batch: int, channels: int, res: int, k: int, rounds: int, fma_peak: float | None,
+                device: str = "cpu") -> dict:
     import torch
 
     from fastconv.roofline import depthwise_flops
 
-    steps = layer_steps(channels, k)
-    x = torch.randn(batch, channels, res, res)
+    steps = layer_steps(channels, k, device)
+    x = torch.randn(batch, channels, res, res, device=device)
+
+    def sync():
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+
     ref = None
     first_s = {}
     for name, step in steps.items():  # compilation and autotuning, untimed; outputs checked against each other
@@ -83,8 +89,10 @@ def bench_layer(batch: int, channels: int, res: int, k: int, rounds: int, fma_pe
             # one untimed call first: each timed call follows a call of its own variant, not a stock call of 40-190
             # ms whose data evicted the caches (the variant timed after one measured 1.3-1.7x its time otherwise)
             steps[name](x)
+            sync()
             t0 = time.perf_counter()
             steps[name](x)
+            sync()
             times[name].append(time.perf_counter() - t0)
     inside = 3 * depthwise_flops(batch, channels, res, res, k, k)["inside"]  # forward, input and weight gradient
     out = {"k": k, "first_call_s": first_s, "ms_best": {}, "ms_median": {}, "ratio_to_fastconv_eager": {},
@@ -162,14 +170,19 @@ def main(argv=None) -> int:
     ap.add_argument("--res", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=6, help="(b) timed training steps per variant; 0 skips (b)")
+    ap.add_argument("--device", default="cpu", help="(a)'s device: cpu or cuda ((b) runs on the CPU)")
     ap.add_argument("--out", help="folder for compile_cpu.json / .md (default runs/bench_compile-<time>)")
     ap.add_argument("--name", default="compile_cpu")
     args = ap.parse_args(argv)
 
     from erf_lab.io import write_json, write_text
-    from fastconv.roofline import describe, machine_roofline
+    import torch
 
-    machine = machine_roofline(fma=True)
+    from fastconv.roofline import describe, machine_roofline, sgemm_gflops
+
+    machine = machine_roofline(fma=True) if args.device == "cpu" else {
+        "cpu_model": torch.cuda.get_device_name(args.device), "isa": "cuda", "threads": 1, "torch": torch.__version__,
+        "sgemm_gflops": round(sgemm_gflops(args.device), 1), "fma_peak_gflops": None}
     print(describe(machine), flush=True)
     out = Path(args.out or ROOT / "runs" / f"bench_compile-{dt.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +190,8 @@ def main(argv=None) -> int:
          "batch": args.batch, "channels": args.channels, "res": args.res, "rounds": args.rounds, "layers": [],
          "command": "python benchmarks/bench_compile.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     for k in args.kernels:
-        row = bench_layer(args.batch, args.channels, args.res, k, args.rounds, machine.get("fma_peak_gflops"))
+        row = bench_layer(args.batch, args.channels, args.res, k, args.rounds, machine.get("fma_peak_gflops"),
+                          args.device)
         r["layers"].append(row)
         print(f"K={k}: " + ", ".join(f"{n} {row['ms_median'][n]} ms" for n in LAYER_VARIANTS), flush=True)
     if args.steps > 0:

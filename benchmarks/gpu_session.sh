@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device session (see /work/.library/device): GPU tests of the Triton backend, the paper's Table 1 on
-# the GPU (fastconv.bench, cudnn.benchmark on), optionally the kernel sweep, the ERF benchmark on CUDA and torchrun/NCCL.
+# the GPU (fastconv.bench, cudnn.benchmark on), fastconv under torch.compile, optionally the kernel sweep, the ERF
+# benchmark on CUDA and torchrun/NCCL.
 # Usage on the GPU machine, from the repository root:  bash benchmarks/gpu_session.sh [full]   (results under $OUT)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,6 +25,9 @@ for k in (3, 13, 31):
         w = torch.randn(384, 1, k, k, device='cuda', requires_grad=True)
         print(fastconv.explain(x, w).split(chr(10) + '   not ')[0], flush=True)
 "
+  echo "== torch.compile on the GPU (inductor; fastconv's custom ops against the stock convolution compiled)"
+  timeout 120 python3 benchmarks/bench_compile.py --device cuda --batch 64 --kernels 13 31 --rounds 5 --steps 0 \
+      --out "$OUT/compile" 2>&1 | grep -E '^(\| [0-9]|K=|Traceback|[A-Za-z]*Error)'
   if [ "${1:-}" = full ]; then
     echo "== kernel sweep"; timeout 170 python3 benchmarks/gpu_fastconv_check.py --ks 31 3 13 27 --resolutions 32 64 \
         --dtypes float32 float16 bfloat16 --budget-s 120 --out "$OUT"
