@@ -1,10 +1,11 @@
 """fastconv's kernels inside ``torch.compile`` graphs: the forward and the backward registered as ``torch.library``
 custom ops (``fastconv::depthwise_conv2d``, ``fastconv::depthwise_conv2d_backward``), with fake (meta) functions
 for tracing and the autograd formula, so dynamo and AOTAutograd keep them as opaque calls in the graph and inductor
-compiles what is around them. The backend is resolved when the op runs, on the real tensors
+compiles what is around them. The forward op resolves the backend when it runs, on the real tensors
 (``dispatch.resolve_in_graph``: the decision an eager call of the same signature gets, autotuned on first use; an
-explicit backend as named). The eager path keeps the autograd Function of ``fastconv.backends`` (less per-call
-overhead than the op dispatcher); both compute through ``backends.run_backend`` and ``backends.gradients``.
+explicit backend as named), and the backward op runs the forward's backend. The eager path keeps the autograd
+Function of ``fastconv.backends`` (less per-call overhead than the op dispatcher); both compute through
+``backends._fwd`` and ``backends.gradients``.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _canonical(t: Tensor, fmt: torch.memory_format) -> Tensor:
     dense with other strides along dimensions of size 1, and compiled code asserts the strides it was promised)."""
     if t.stride() == _canonical_strides(t.shape, fmt):
         return t
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).contiguous(memory_format=fmt).copy_(t)
+    return torch.empty_like(t, memory_format=fmt).copy_(t)
 
 
 #: backend names by id: the forward op returns its backend's id (``_backend_id``), which the backward op reads
