@@ -156,8 +156,8 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | {t['img_s'][name]} | {t['ratio_to_fastconv_eager'][name]} | "
                          f"{t['first_step_s'][name]} |")
     lines += ["", "stock_compiled: what a compiled model with fastconv modules ran before fastconv's ops were "
-              "registered (dynamo traced the stock F.conv2d). First call / step: compilation (inductor's on-disk cache may hold "
-              "it from an earlier run) and, for fastconv, the autotuning of a new call signature.", "",
+              "registered (dynamo traced the stock F.conv2d). First call / step: compilation (inductor's on-disk "
+              "cache may hold it from an earlier run) and, for fastconv, the autotuning of a new call signature.", "",
               f"Command: `{r['command']}`", ""]
     return "\n".join(lines)
 
