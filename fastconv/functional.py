@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import torch
 from torch.autograd import forward_ad
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fastconv.backends import (any_autocast_enabled, autocast_inputs, check_inputs, native_conv, run_backend,
                                under_vmap)
 from fastconv.compiled import compiled_call
 from fastconv.dispatch import cached_runner, resolve
+
+
+def _surely_empty(x: torch.Tensor) -> bool:
+    """In a traced call: ``x`` has no element (False where its size is not known at trace time). The import is here:
+    sympy, which it brings, costs ~0.3 s at start-up, and a traced call has it loaded already."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    return guard_or_false(x.numel() == 0)
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -33,7 +40,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         x, weight, bias = autocast_inputs(x, weight, bias)
         check_inputs(x, weight, bias)
         if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and backend != "native"
-                and not guard_or_false(x.numel() == 0) and not torch._C._are_functorch_transforms_active()
+                and not _surely_empty(x) and not torch._C._are_functorch_transforms_active()
                 and getattr(forward_ad, "_current_level", -1) < 0):
             return compiled_call(x, weight, bias, backend)  # the graph holds fastconv's custom ops
         # torch.export keeps a portable graph (the stock op, which ONNX and other runtimes know); functorch

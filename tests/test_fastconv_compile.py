@@ -303,3 +303,17 @@ def test_compile_benchmark_reports_measured_ratios(tmp_path, monkeypatch, one_th
         assert row["fraction_of_fma_peak"][name] == pytest.approx(gflops / 20.0, rel=2e-3, abs=2e-3)
     md = (tmp_path / "c.md").read_text()
     assert "test CPU (avx2)" in md and "| 7 | stock_compiled_cl |" in md and "training step" not in md
+
+
+def test_the_compile_support_costs_no_start_up_time():
+    """Registering the ops does not import what tracing needs (sympy through torch's symbolic shapes: ~0.3 s of
+    every erf-lab process's start-up)."""
+    import subprocess
+    import sys
+
+    from tests.test_fastconv import REPO_ROOT
+
+    code = ("import sys, torch, fastconv.functional, fastconv.compiled; "
+            "print(sorted(m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
