@@ -1,7 +1,8 @@
 """This machine's own limits, measured in the run that uses them: the roofline references of erf-lab's speed goals.
 
-- ``sgemm_gflops``: fp32 ``torch.mm`` on large square matrices, the reference for work that runs through the GEMM
-  library (the 1x1 convolutions of an ERF measurement, a training step);
+- ``sgemm_gflops``: the fp32 GEMM rate, the best of the libraries torch multiplies through (on the CPU ``torch.mm``,
+  i.e. the BLAS, and a 1x1 convolution, i.e. oneDNN), the reference for work that runs through them (the 1x1
+  convolutions of an ERF measurement, a training step);
 - ``fma_peak_gflops``: a pure-FMA loop (ten independent chains per thread on the widest vectors the compiler
   targets, ``csrc/fma_peak.c``), the reference for fastconv's own kernels;
 - ``cpu_description``: CPU model name and the widest SIMD ISA it announces, to print beside every ratio.
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 _FMA_SRC = Path(__file__).with_name("csrc") / "fma_peak.c"
+_SGEMM_PROBES = "mm+conv1x1"  # in the cache key: what the stored SGEMM rate is the best of
 _ISAS = ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon")
 
 
@@ -38,26 +40,47 @@ def cpu_description() -> dict:
             "cpu_count": os.cpu_count()}
 
 
-def sgemm_gflops(device="cpu", n: int | None = None, repeats: int = 5) -> float:
-    """Measured fp32 matrix-multiply rate in GFLOP/s (best of ``repeats`` after two warm-ups; n x n x n, n = 1024 on
-    the CPU, 8192 on CUDA)."""
+def sgemm_probes(device="cpu", n: int | None = None, repeats: int = 5) -> dict:
+    """Measured fp32 GEMM rates in GFLOP/s, best of ``repeats`` after two warm-ups, 2 n^3 FLOPs each (n = 1024 on
+    the CPU, 8192 on CUDA): ``"mm"``, ``torch.mm`` of two n x n matrices (the BLAS: MKL or OpenBLAS; cuBLAS), and on
+    the CPU ``"conv1x1"``, a 1x1 convolution of n / 2 channels on a channels_last map of 4 n pixels (oneDNN, the
+    library that runs the convolutions of a model). The two differ by 2.5x on an AMD EPYC with AVX-512 (2 threads,
+    torch 2.13.0+cpu, MKL 2024.2: torch.mm 180-206, the 1x1 conv 446-456, FMA peak 519 GFLOP/s), where MKL does not
+    run its AVX-512 kernels."""
     import torch
+    import torch.nn.functional as F
 
     device = torch.device(device)
     n = int(n or (8192 if device.type == "cuda" else 1024))
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    best = float("inf")
-    for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 2:
-            best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best / 1e9
+    probes = {"mm": (lambda: a @ b, 2.0 * n ** 3)}
+    if device.type == "cpu":
+        side, channels = max(1, round((4 * n) ** 0.5)), max(1, n // 2)
+        x = torch.randn(1, channels, side, side).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(channels, channels, 1, 1)
+        probes["conv1x1"] = (lambda: F.conv2d(x, w), 2.0 * side * side * channels * channels)
+    rates = {}
+    for name, (call, flops) in probes.items():
+        best = float("inf")
+        with torch.no_grad():
+            for i in range(repeats + 2):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                call()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= 2:
+                    best = min(best, time.perf_counter() - t)
+        rates[name] = flops / best / 1e9
+    return rates
+
+
+def sgemm_gflops(device="cpu", n: int | None = None, repeats: int = 5) -> float:
+    """This device's fp32 GEMM rate in GFLOP/s: the best of :func:`sgemm_probes` (a roofline fraction against the
+    BLAS alone would exceed 1 where oneDNN multiplies faster)."""
+    return max(sgemm_probes(device, n, repeats).values())
 
 
 def fma_peak_gflops(threads: int | None = None, flops_per_thread: float = 2e8, repeats: int = 30) -> float | None:
@@ -138,16 +161,17 @@ def machine_roofline(fma: bool = True, cache: bool = False) -> dict:
 
 
 def _machine_key() -> tuple[dict, int, str]:
-    """(CPU description, torch's thread count, the cache key of this CPU, thread count and torch version)."""
+    """(CPU description, torch's thread count, the cache key of this CPU, thread count, torch version and the SGEMM
+    probes: entries of the torch.mm-only probe are not read)."""
     import torch
 
     desc = cpu_description()
     threads = torch.get_num_threads()
-    return desc, threads, f"{desc['cpu_model']}|{desc['isa']}|{threads}|{torch.__version__}"
+    return desc, threads, f"{desc['cpu_model']}|{desc['isa']}|{threads}|{torch.__version__}|{_SGEMM_PROBES}"
 
 
 def remeasure_sgemm() -> dict:
-    """Probe the CPU's SGEMM rate again now (~0.1 s) and merge it into the cache entry, which keeps the best rate
+    """Probe the CPU's SGEMM rate again now (~0.2 s) and merge it into the cache entry, which keeps the best rate
     ever measured; returns the entry. For a cached rate found below one that a run just achieved: it was probed
     while the machine was busier, and would otherwise stay the reference of every later run."""
     import torch
