@@ -8,7 +8,7 @@
 - ``cpu_description``: CPU model name and the widest SIMD ISA it announces, to print beside every ratio.
 
 ``machine_roofline()`` gathers them once per process (and in ``<fastconv cache>/roofline.json`` per CPU, thread
-count and torch version when ``cache=True``, so short runs such as ``erf-lab compute`` do not pay the probes again).
+count, torch version and SGEMM probes when ``cache=True``, so short runs such as ``erf-lab compute`` do not pay the probes again).
 """
 from __future__ import annotations
 
@@ -41,12 +41,12 @@ def cpu_description() -> dict:
 
 
 def sgemm_probes(device="cpu", n: int | None = None, repeats: int = 5) -> dict:
-    """Measured fp32 GEMM rates in GFLOP/s, best of ``repeats`` after two warm-ups, 2 n^3 FLOPs each (n = 1024 on
-    the CPU, 8192 on CUDA): ``"mm"``, ``torch.mm`` of two n x n matrices (the BLAS: MKL or OpenBLAS; cuBLAS), and on
-    the CPU ``"conv1x1"``, a 1x1 convolution of n / 2 channels on a channels_last map of 4 n pixels (oneDNN, the
-    library that runs the convolutions of a model). The two differ by 2.5x on an AMD EPYC with AVX-512 (2 threads,
-    torch 2.13.0+cpu, MKL 2024.2: torch.mm 180-206, the 1x1 conv 446-456, FMA peak 519 GFLOP/s), where MKL does not
-    run its AVX-512 kernels."""
+    """Measured fp32 GEMM rates in GFLOP/s, best of ``repeats`` after two warm-ups (n = 1024 on the CPU, 8192 on
+    CUDA): ``"mm"``, ``torch.mm`` of two n x n matrices (the BLAS: MKL or OpenBLAS; cuBLAS; 2 n^3 FLOPs), and on the
+    CPU ``"conv1x1"``, a 1x1 convolution of n // 2 channels on a square channels_last map of about 4 n pixels (oneDNN,
+    the library that runs the convolutions of a model; its own FLOPs, 2 n^3 where 4 n is a square such as 4096).
+    The two differ by 2.5x on an AMD EPYC with AVX-512 (2 threads, torch 2.13.0+cpu with MKL 2024: torch.mm 180-206,
+    the 1x1 conv 392-488, FMA peak 519 GFLOP/s), where MKL does not run its AVX-512 kernels."""
     import torch
     import torch.nn.functional as F
 
@@ -134,7 +134,7 @@ _memo: dict = {}
 def machine_roofline(fma: bool = True, cache: bool = False) -> dict:
     """{"cpu_model", "isa", "cpu_count", "threads", "torch", "sgemm_gflops", "fma_peak_gflops" (None when not
     measured or not measurable), "measured_at"}. Measured once per process. ``<fastconv cache>/roofline.json`` keeps,
-    per CPU, thread count and torch version, the **best** rates ever measured there (other processes on the machine
+    per CPU, thread count, torch version and SGEMM probes, the **best** rates ever measured there (other processes on the machine
     can only lower a measurement, never raise it): every measurement updates it, and with ``cache=True`` a known
     entry is returned without measuring (short runs such as ``erf-lab compute`` do not pay the probes)."""
     import torch

@@ -499,15 +499,23 @@ def test_cpu_description_and_probes():
 
 def test_sgemm_rate_is_the_best_gemm_library(monkeypatch):
     """The SGEMM reference is the faster of torch.mm (the BLAS) and a 1x1 convolution (oneDNN): on an AMD EPYC with
-    AVX-512 MKL's torch.mm ran at less than half oneDNN's rate, and fractions of it came out above 1. Both probes
-    time 2 n^3 FLOPs per call (counted here by torch's flop counter)."""
+    AVX-512 MKL's torch.mm ran at less than half oneDNN's rate, and fractions of it came out above 1. Each rate is the
+    FLOPs its probe runs (counted by torch's flop counter; 2 n^3 for both where 4 n is a square) over its time (a
+    fake clock: every call takes 0.5 s)."""
+    import itertools
+    import types
+
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        rates = roofline.sgemm_probes("cpu", n=64, repeats=1)
-    assert set(rates) == {"mm", "conv1x1"} and all(r > 0 for r in rates.values())
-    per_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
-    assert per_op == {"aten.mm": 3 * 2 * 64 ** 3, "aten.convolution": 3 * 2 * 64 ** 3}  # 2 warm-ups + 1 timed
+    for n in (64, 30):  # 30: the convolution's map (11 x 11) does not make 2 n^3 FLOPs
+        monkeypatch.setattr(roofline, "time", types.SimpleNamespace(perf_counter=itertools.count(0.0, 0.5).__next__))
+        with FlopCounterMode(display=False) as counter:
+            rates = roofline.sgemm_probes("cpu", n=n, repeats=1)
+        per_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+        assert set(per_op) == {"aten.mm", "aten.convolution"} and per_op["aten.mm"] == 3 * 2 * n ** 3  # 2 warm-ups
+        assert (per_op["aten.convolution"] == 3 * 2 * n ** 3) == (n == 64)
+        assert rates == pytest.approx({"mm": per_op["aten.mm"] / 3 / 0.5 / 1e9,
+                                       "conv1x1": per_op["aten.convolution"] / 3 / 0.5 / 1e9})
     monkeypatch.setattr(roofline, "sgemm_probes", lambda *a, **k: {"mm": 180.0, "conv1x1": 450.0})
     assert roofline.sgemm_gflops("cpu") == 450.0
     monkeypatch.setattr(roofline, "sgemm_probes", lambda *a, **k: {"mm": 500.0, "conv1x1": 450.0})
@@ -516,7 +524,7 @@ def test_sgemm_rate_is_the_best_gemm_library(monkeypatch):
 
 def test_cached_rates_of_the_mm_only_probe_are_not_read(tmp_path, monkeypatch):
     """A cache entry written before the 1x1-convolution probe (key without the probes) would keep the BLAS-only
-    rate as the reference: it is not read."""
+    rate as the reference: it is neither read nor merged into the new entry."""
     cache = tmp_path / "rc"
     monkeypatch.setenv("FASTCONV_CACHE", str(cache))
     fastconv.configure(cache_dir=cache)
@@ -526,9 +534,10 @@ def test_cached_rates_of_the_mm_only_probe_are_not_read(tmp_path, monkeypatch):
     assert key.endswith("|mm+conv1x1") and old_key.count("|") == 3
     cache.mkdir(parents=True)
     (cache / "roofline.json").write_text(json.dumps({old_key: {**desc, "threads": threads, "torch": torch.__version__,
-                                                               "sgemm_gflops": 1.5, "fma_peak_gflops": None}}))
+                                                               "sgemm_gflops": 1e6, "fma_peak_gflops": None}}))
     monkeypatch.setattr(roofline, "sgemm_gflops", lambda *a, **k: 42.0)
     assert roofline.machine_roofline(fma=False, cache=True)["sgemm_gflops"] == 42.0
+    assert json.loads((cache / "roofline.json").read_text())[key]["sgemm_gflops"] == 42.0
 
 
 def test_machine_roofline_cache_file(tmp_path, monkeypatch):

@@ -7,8 +7,8 @@
   ``2 * out.numel() * KH * KW`` for the forward and as much again for the input gradient, the numbers
   FlopCounterMode gives the same convolution through ``F.conv2d``.
 - :func:`sgemm_reference`: the fp32 matrix-multiply rate of the device that runs the measurement
-  (``fastconv.roofline``: on the CPU the best rate measured for this CPU / threads / torch, kept in fastconv's
-  cache dir; on CUDA measured once per process).
+  (``fastconv.roofline``: on the CPU the better of ``torch.mm`` and a 1x1 convolution, the best rate measured for
+  this CPU / threads / torch, kept in fastconv's cache dir; on CUDA ``torch.mm``, measured once per process).
 
 ``roofline_fraction = flops_per_image / compute_seconds_per_image / sgemm``: the fraction of the SGEMM rate that the
 model's FLOPs reach. 1.0 would mean every FLOP ran at GEMM speed; the depthwise convolutions do not run through the
