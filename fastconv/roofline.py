@@ -8,7 +8,8 @@
 - ``cpu_description``: CPU model name and the widest SIMD ISA it announces, to print beside every ratio.
 
 ``machine_roofline()`` gathers them once per process (and in ``<fastconv cache>/roofline.json`` per CPU, thread
-count, torch version and SGEMM probes when ``cache=True``, so short runs such as ``erf-lab compute`` do not pay the probes again).
+count, torch version and SGEMM probes when ``cache=True``, so short runs such as ``erf-lab compute`` do not pay the
+probes again).
 """
 from __future__ import annotations
 
@@ -134,9 +135,9 @@ _memo: dict = {}
 def machine_roofline(fma: bool = True, cache: bool = False) -> dict:
     """{"cpu_model", "isa", "cpu_count", "threads", "torch", "sgemm_gflops", "fma_peak_gflops" (None when not
     measured or not measurable), "measured_at"}. Measured once per process. ``<fastconv cache>/roofline.json`` keeps,
-    per CPU, thread count, torch version and SGEMM probes, the **best** rates ever measured there (other processes on the machine
-    can only lower a measurement, never raise it): every measurement updates it, and with ``cache=True`` a known
-    entry is returned without measuring (short runs such as ``erf-lab compute`` do not pay the probes)."""
+    per CPU, thread count, torch version and SGEMM probes, the **best** rates ever measured there (other processes on
+    the machine can only lower a measurement, never raise it): every measurement updates it, and with ``cache=True``
+    a known entry is returned without measuring (short runs such as ``erf-lab compute`` do not pay the probes)."""
     import torch
 
     desc, threads, key = _machine_key()
