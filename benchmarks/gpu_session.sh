@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared device session (see /work/.library/device): GPU tests of the Triton backend, the paper's Table 1 on
-# the GPU (fastconv.bench, cudnn.benchmark on), fastconv under torch.compile, optionally the kernel sweep, the ERF
-# benchmark on CUDA and torchrun/NCCL.
+# One prepared device session (see /work/.library/device): GPU tests (the Triton backend, SyncBatchNorm), the
+# paper's Table 1 on the GPU (fastconv.bench, cudnn.benchmark on), fastconv under torch.compile, optionally the kernel
+# sweep, the ERF benchmark on CUDA and torchrun/NCCL.
 # Usage on the GPU machine, from the repository root:  bash benchmarks/gpu_session.sh [full]   (results under $OUT)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -13,7 +13,9 @@ fi
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
-  echo "== pytest -m gpu"; timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fastconv_triton.py 2>&1 | tail -15
+  echo "== pytest -m gpu (Triton kernels; --sync-bn: 2 gloo ranks on the one GPU against 1 process over the whole batch)"
+  timeout 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_fastconv_triton.py \
+      tests/test_train_sync_bn_gpu.py 2>&1 | grep -E 'passed|failed|error|Error|relative errors|^FAILED' | tail -15
   echo "== Table 1 on the GPU"; timeout 170 python3 -m fastconv.bench --device cuda --kernels 3,13,31 --resolutions 32,64 \
       --layers 2 --repeats 5 --out "$OUT/table1" 2>&1 | grep -v '^fastconv bench'
   echo "== per-op autotune on the GPU (forward + both gradients; explain prints each operation's backend and times)"

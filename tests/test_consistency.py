@@ -111,7 +111,7 @@ HUMAN_HUMAN_KAPPA = {"cue-conflict": 0.3311, "edge": 0.3184, "silhouette": 0.475
 def test_human_vs_human_matches_independent_implementation(shared_datasets, dataset):
     files = sorted((shared_datasets / f"human-{dataset}").glob("*.csv"))
     assert len(files) == 10
-    raw = {f: list(csv.DictReader(open(f, newline=""))) for f in files}
+    raw = {f: list(csv.DictReader(f.read_text().splitlines())) for f in files}
     h = human_vs_human(human_trials(shared_datasets)[dataset])
     assert h["n_pairs"] == 45
     kappas = []
@@ -136,7 +136,7 @@ def test_from_csv_copy_of_a_subject(shared_datasets, tmp_path, capsys):
     for ds in MVH_DATASETS.values():
         src = next((shared_datasets / f"human-{ds}").glob("*subject-01_*.csv"))
         rows = [(r["imagename"].split("_")[-1], r["category"], r["object_response"])
-                for r in csv.DictReader(open(src, newline=""))]
+                for r in csv.DictReader(src.read_text().splitlines())]
         files.append(str(_write(tmp_path / f"{ds}_copycat_session-1.csv", "copycat", rows[::-1])))
     out = tmp_path / "out"
     assert main(["shape-bias", "--from-csv", *files, "--stimuli", str(shared_datasets), "--out", str(out)]) == 0

@@ -36,7 +36,7 @@ def test_toy_study_tables_cache_and_ship(tmp_path, monkeypatch, one_thread):
     out = tmp_path / "study"
     res = run_study(out, TOY, kernels=(3, 31), seeds=(0,), guidelines=False)
     assert [r["name"] for r in res["rows"]] == ["K3-seed0", "K31-seed0"]
-    rows = list(csv.DictReader((out / "family.csv").open()))
+    rows = list(csv.DictReader((out / "family.csv").read_text().splitlines()))
     assert [r["kernel"] for r in rows] == ["3", "31"]
     for r, info in zip(rows, (json.loads((out / "runs" / n / "run.json").read_text()) for n in ("K3-seed0",
                                                                                                  "K31-seed0"))):

@@ -79,7 +79,7 @@ def test_run_directory_and_official_checkpoints(tmp_path, one_thread, monkeypatc
     rc = main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "2",
                "--batch-size", "8", "--out", str(out)])
     assert rc == 0 and kept == [True]
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     assert [int(r["epoch"]) for r in rows] == [1, 2] and [int(r["step"]) for r in rows] == [4, 8]
     assert set(rows[0]) == {"epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s"}
     assert all(0 <= float(r["val_acc"]) <= 1 and float(r["train_loss"]) > 0 for r in rows)
@@ -427,6 +427,6 @@ def test_kill_stops_at_a_step_and_resume_completes(tmp_path):
     state = C.load_state(out)
     assert 1 <= state["epoch"] < 4 and state["step"] == 4 * state["epoch"] + state["position"]
     assert main(["train", *args, "--resume"]) == 0
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [4 * e for e in range(1, 5)]
     assert json.loads((out / "run.json").read_text())["resumed"] is True

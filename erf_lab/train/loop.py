@@ -82,6 +82,19 @@ def build_model(model: str, overrides: dict, num_classes: int, drop_path: float 
         raise
 
 
+def distributed_net(net: nn.Module, world_size: int, device: str, sync_bn: bool = False) -> nn.Module:
+    """What one rank of ``world_size`` steps: ``net`` itself alone, else ``net`` in DDP, its BatchNorms first made
+    SyncBatchNorms (in place: ``net``'s state dict keeps its keys) with ``sync_bn``, so that every rank normalises
+    with the statistics of the global batch (CUDA only, a limit of PyTorch)."""
+    if world_size <= 1:
+        return net
+    if sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(net, device_ids=[torch.device(device).index or 0] if str(device).startswith("cuda") else None)
+
+
 def speed_levers(net: nn.Module, channels_last: bool, device: str = "cpu") -> nn.Module:
     """In place, what makes a training step fast without changing the model. On the CPU every stride-1 'same'
     depthwise conv from 3x3 up runs through ``fastconv``, whose dispatcher picks the fastest backend per shape for
@@ -442,13 +455,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 _clear(out)
             C.save_weights(net.state_dict(), out / "checkpoints" / "epoch_000", checkpoint_format)
 
-    train_net = net
-    if sync_bn and W > 1:
-        train_net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    if W > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_net = DDP(train_net, device_ids=[torch.device(device).index or 0] if device.startswith("cuda") else None)
+    train_net = distributed_net(net, W, device, sync_bn)
     sampler = torch.utils.data.DistributedSampler(d.train, num_replicas=W, rank=info.rank, shuffle=True,
                                                   seed=seed, drop_last=True)
     bar = progress(total=total_steps, initial=step, desc="train", unit="step",
