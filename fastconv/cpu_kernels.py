@@ -52,12 +52,17 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
+#: the kernel's compiler flags beside the target (-march) and the library's (-shared -fPIC) and OpenMP's: -O3, and
+#: -ffp-contract=fast, with which the vector code's a * b + c compiles to one FMA instruction
+KERNEL_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-Wno-psabi")
+
+
 def _build() -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
     last_error = ""
-    common = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=fast", "-Wno-psabi"]
+    common = ["-march=native", "-shared", "-fPIC", *KERNEL_FLAGS]
     for flags in (common + ["-fopenmp"], common):  # without OpenMP: one thread
         try:
             return _build_with(cxx, flags)
