@@ -234,3 +234,38 @@ def test_cpu_sgemm_is_the_best_known_for_this_machine(tmp_path, monkeypatch):
         fastconv.configure(cache_dir=old)
 
 
+
+
+def test_time_breakdown_attributes_every_flop_to_its_part():
+    """benchmarks/bench_erf_breakdown.py: each convolution's FLOPs in its part (the 1x1 conv, the 3x3 conv, fastconv's
+    depthwise conv, forward + input gradient each), together erf-lab's own count; the ReLUs and their gradients are
+    elementwise passes with bytes and no FLOPs."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    if not fastconv.cpu_kernels.cpp_available():
+        pytest.skip(f"cpp: {fastconv.cpu_kernels.cpp_unavailable_reason()}")
+    spec = importlib.util.spec_from_file_location("bench_erf_breakdown",
+                                                  REPO_ROOT / "benchmarks" / "bench_erf_breakdown.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    m = Tiny().eval().requires_grad_(False)
+    erf = EffectiveReceptiveField(m)
+    x = torch.randn(2, 3, 12, 10)
+    with fastconv.use(backend="cpp"):
+        with R.counting_flops(m) as total:
+            erf.attribute(x)
+        seconds, timer = bench.time_parts(erf, x)
+    per_pass = 2 * 2 * 12 * 10  # images x FLOPs per multiply-add x pixels
+    assert timer.flops == {"other convs": 2 * per_pass * 4 * 3 * 3 * 3, "pointwise convs": 2 * per_pass * 2 * 4,
+                           "depthwise": 2 * per_pass * 4 * 7 * 7}
+    assert sum(timer.flops.values()) == total() == 2 * hand_count(12, 10)
+    inside = sum(1 for p in range(12) for i in range(7) if 0 <= p + i - 3 < 12) * \
+        sum(1 for q in range(10) for j in range(7) if 0 <= q + j - 3 < 10)
+    assert timer.inside == 2 * 2 * 2 * 4 * inside
+    assert timer.calls["depthwise"] == 2 and timer.calls["elementwise"] >= 4  # 2 ReLUs, 2 threshold_backward
+    assert timer.bytes["elementwise"] > 0 and "elementwise" not in timer.flops
+    assert 0 < sum(timer.seconds.values()) <= seconds
+    assert [f.__name__ for f in (fastconv.backends._fwd, fastconv.backends._grad_input)] == ["_fwd", "_grad_input"]
