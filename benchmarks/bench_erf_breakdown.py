@@ -3,7 +3,7 @@
 The default job's work (RepLKNet-31B, random init, re-parameterized, channels_last, fastconv; forward + the input
 gradient of the centre output, as ``compute_erf`` runs it, in its auto batch) per image, in four parts:
   pointwise convs  the 1x1 convolutions (oneDNN), forward and input gradient;
-  other convs      the stem's dense 3x3 and stride-2 depthwise convolutions (oneDNN);
+  other convs      the stem's and the transitions' dense and 3x3 depthwise convolutions (oneDNN);
   depthwise        fastconv's large depthwise convolutions (its C++ kernel), forward and input gradient;
   elementwise      ReLU, GELU, residual adds and their gradients: no FLOPs, memory-bound passes.
 First the plain call, best of ``--repeats`` (the number ``erf-lab compute`` reports), then one call timed per
@@ -11,10 +11,14 @@ operation (a TorchDispatchMode around each aten op; fastconv's own calls timed a
 adds its own overhead between the operations, not inside them: each part is the sum of its operations' times, as a
 share of the plain call, the rest of which is Python and autograd. FLOPs as
 ``erf-lab compute`` counts them (2 x output elements x input channels per group x kernel taps, per pass; the
-depthwise part's % of the FMA peak on the products inside the maps, which its kernel computes); the
+depthwise part's % of SGEMM on these nominal FLOPs, its % of the FMA peak on the products inside the maps, which
+its kernel computes); the
 elementwise passes' bytes are their tensors' sizes (inputs + outputs). The SGEMM rate and FMA peak are measured in
 the same run. It prints and writes ``benchmarks/results/<--name>.{json,md}``; how far the parts are from 80 % of
 SGEMM over the whole call says what would have to change to reach the target. Not a test: the machine is noisy.
+The depthwise part is what fastconv's backend functions run (``_fwd``, ``_grad_input``, ``_grad_weight``): the
+default job's dispatch (its C++ kernel, no weight gradient); a call fastconv hands to the stock convolution would
+count as "other convs".
 
 Usage: python benchmarks/bench_erf_breakdown.py [--size 1024] [--batch-size B] [--repeats 3] [--name NAME]
 """
@@ -214,7 +218,9 @@ def main() -> int:
              f"- 80 % of SGEMM needs <= {budget:.2f} s; the parts with FLOPs alone take {flop_parts:.2f} s",
              f"- parts: each timed around its own operations in a second, instrumented call ({instrumented:.2f} s "
              f"with the timing's overhead); shares of the best plain call, whose rest is Python, autograd and the "
-             f"maps' copy", "",
+             f"maps' copy; depthwise: % SGEMM on its nominal FLOPs (the zero padding's products included, as "
+             f"`erf-lab compute` counts them), % FMA peak on the products inside the maps (what its kernel computes)",
+             "",
              "| part | calls | s per image | share | GFLOP | GFLOP/s | % SGEMM | % FMA peak | GB/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -41,7 +41,7 @@ from fastconv import roofline  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 DRIVER = Path(__file__).resolve().parent / "kernel_ceiling.cpp"
 KERNEL = REPO / "fastconv" / "csrc" / "dwconv.cpp"
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=fast", "-Wno-psabi"]
+FLAGS = ["-march=native", "-shared", "-fPIC", *ck.KERNEL_FLAGS]  # as fastconv builds it, one thread
 LEVELS = ("row", "plane, all", "plane", "call")
 
 

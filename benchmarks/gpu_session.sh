@@ -13,7 +13,7 @@ fi
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
-  echo "== pytest -m gpu (Triton kernels; --sync-bn: 2 gloo ranks on the one GPU against 1 process over the whole batch)"
+  echo "== pytest -m gpu (Triton kernels; --sync-bn: 2 gloo ranks on one GPU against 1 process over the whole batch)"
   timeout 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_fastconv_triton.py \
       tests/test_train_sync_bn_gpu.py 2>&1 | grep -E 'passed|failed|error|Error|relative errors|^FAILED' | tail -15
   echo "== Table 1 on the GPU"; timeout 170 python3 -m fastconv.bench --device cuda --kernels 3,13,31 --resolutions 32,64 \

@@ -234,8 +234,6 @@ def test_cpu_sgemm_is_the_best_known_for_this_machine(tmp_path, monkeypatch):
         fastconv.configure(cache_dir=old)
 
 
-
-
 def test_time_breakdown_attributes_every_flop_to_its_part():
     """benchmarks/bench_erf_breakdown.py: each convolution's FLOPs in its part (the 1x1 conv, the 3x3 conv, fastconv's
     depthwise conv, forward + input gradient each), together erf-lab's own count; the ReLUs and their gradients are

@@ -1,7 +1,8 @@
 // Portability check of fastconv/csrc/dwconv.cpp (tests/test_fastconv_portability.py): its C entry points built by
 // another compiler or for another CPU, against a double-precision reference: forward, input gradient (the forward
 // of the output gradient with the kernel flipped through negative strides), weight gradient and, where it applies,
-// the one-pass backward; NCHW and channels_last, both lane widths, kernels 3 to 31 on maps smaller and larger.
+// the one-pass backward; NCHW and channels_last, both lane widths, kernels 3 to 31 on maps smaller and larger, channel
+// counts with lane tails and of whole blocks: every path of conv_path.
 // Prints one line per failing case and a summary; exit status 1 on any failure.
 #include <cmath>
 #include <cstdint>
@@ -19,6 +20,7 @@ int dw_backward_fused(const float*, int64_t, int64_t, int64_t, int64_t, const fl
                       int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int64_t,
                       float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 int dw_variant(int64_t);
+int dw_has_openmp();
 }
 
 namespace {
@@ -96,8 +98,9 @@ Errors run(const Case& k, std::mt19937& rng) {
 int main() {
     std::mt19937 rng(0);
     int cases = 0, fails = 0, one_pass = 0;
-    const int64_t batches[2][2] = {{2, 19}, {4, 40}};  // (N, C): channel blocks with lane tails; the second has
-                                                       // the blocks the one-pass backward needs
+    // (N, C): channel blocks with lane tails; whole blocks of 8 and 16 (the direct tiles straight on channels_last
+    // tensors), with the blocks the one-pass backward needs
+    const int64_t batches[2][2] = {{2, 19}, {4, 48}};
     for (const auto& nc : batches)
         for (int64_t lanes : {8, 16})
             for (int64_t H : {5, 11, 20})
@@ -115,7 +118,7 @@ int main() {
                                     (long long)lanes, dw_variant(lanes), channels_last ? "channels_last" : "NCHW",
                                     e.y, e.x, e.w);
                     }
-    std::printf("variants %d / %d: %d of %d cases match the reference (%d through the one-pass backward)\n",
-                dw_variant(8), dw_variant(16), cases - fails, cases, one_pass);
+    std::printf("variants %d / %d, OpenMP %d: %d of %d cases match the reference (%d through the one-pass "
+                "backward)\n", dw_variant(8), dw_variant(16), dw_has_openmp(), cases - fails, cases, one_pass);
     return fails ? 1 : 0;
 }
