@@ -1,4 +1,4 @@
-// Portability check of fastconv/csrc/dwconv.cpp (tests/test_fastconv_portability.py): its C entry points built by
+// Portability check of fastconv/csrc/dwconv.cpp (tests/csrc/check_portability.py): its C entry points built by
 // another compiler or for another CPU, against a double-precision reference: forward, input gradient (the forward
 // of the output gradient with the kernel flipped through negative strides), weight gradient and, where it applies,
 // the one-pass backward; NCHW and channels_last, both lane widths, kernels 3 to 31 on maps smaller and larger, channel
