@@ -43,7 +43,7 @@ def hand_count(h, w):
     return 2 * fwd
 
 
-@pytest.mark.parametrize("backend", ["native", "cpp", "fft", "auto"])
+@pytest.mark.parametrize("backend", ["native", "channels_last", "cpp", "fft", "auto"])
 def test_flop_count_of_a_tiny_model_is_the_hand_count(backend):
     torch.manual_seed(0)
     m = Tiny().eval().requires_grad_(False)

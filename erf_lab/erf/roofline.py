@@ -84,6 +84,13 @@ def counting_flops(model: nn.Module):
         aten_backward = out.grad_fn is not None and "Convolution" in type(out.grad_fn).__name__
         passes = 1 + (0 if aten_backward else bool(x.requires_grad) + bool(w.requires_grad))  # fwd, dx, dw
         extra[0] += 2 * macs * passes
+        if out.grad_fn is not None and not aten_backward:
+            # fastconv's own backward node, counted above: what ATen counts inside it (a backend built on F.conv2d,
+            # channels_last) is taken out again
+            mark = [0]
+            out.grad_fn.register_prehook(lambda grad_outputs: mark.__setitem__(0, fc.get_total_flops()))
+            out.grad_fn.register_hook(
+                lambda grad_inputs, grad_outputs: extra.__setitem__(0, extra[0] - (fc.get_total_flops() - mark[0])))
         kh, kw = w.shape[-2:]
         if tuple(mod.stride) == (1, 1) and kh % 2 and kw % 2:  # 'same': the products with the zero padding
             f = depthwise_flops(out.shape[0], out.shape[1], out.shape[-2], out.shape[-1], kh, kw)
