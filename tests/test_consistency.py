@@ -168,3 +168,76 @@ def test_from_csv_errors(tmp_path, fixture_datasets):
     twice = _write(tmp_path / "edge_m_session-1.csv", "m", [("cat1.png", "cat", "cat")] * 2)
     with pytest.raises(ErfLabError, match="twice"):
         read_trials([twice])
+
+
+def test_subjects_without_common_trials_are_skipped_and_named():
+    model = {"i1": ("cat", "cat"), "i2": ("dog", "x")}
+    humans = {"subject-01": {"i1": ("cat", "cat"), "i2": ("dog", "dog")}, "subject-02": {"i9": ("car", "car")},
+              "subject-03": {"i8": ("car", "x")}}
+    r = versus_humans(model, humans)
+    assert r["n_subjects"] == 1 and list(r["per_subject"]) == ["subject-01"]
+    assert r["subjects_without_common_trials"] == ["subject-02", "subject-03"]
+    # p1 = .5, p2 = 1 -> c_exp = .5, c_obs = .5 -> kappa 0
+    assert r["error_consistency"]["mean"] == 0.0
+    assert versus_humans(model, {"subject-02": humans["subject-02"]}) is None
+    hh = human_vs_human(humans)  # only subject-02 and subject-03 share nothing with anyone: no pair at all
+    assert hh is None
+    humans["subject-04"] = {"i9": ("car", "x")}
+    hh = human_vs_human(humans)
+    assert hh["n_pairs"] == 1 and list(hh["pairs"]) == ["subject-02|subject-04"]
+    # opposite correctness on the one common image: c_obs = 0, p1 = 1, p2 = 0 -> c_exp = 0, kappa = 0
+    assert hh["pairs"]["subject-02|subject-04"] == {"observed_consistency": 0.0, "expected_consistency": 0.0,
+                                                    "error_consistency": 0.0, "n_trials": 1}
+
+
+def test_model_trials_keyed_like_the_humans_and_csv_names_flat(tmp_path):
+    from erf_lab.shape_bias.analysis import shape_bias_from_csv
+    from erf_lab.shape_bias.categories import CATEGORIES
+    from erf_lab.shape_bias.evaluate import SetResult, model_trials, write_mvh_csvs
+    from erf_lab.shape_bias.stimuli import Stimulus, parse_name
+
+    names = ["0001_s5n_s01_0_bird_00_bird3-cat2.png", "0002_s5n_s01_0_cat_00_cat1-bird4.png"]
+    stimuli = [Stimulus(tmp_path / n, *parse_name(n)) for n in names]
+    scores = np.eye(16)[[CATEGORIES.index("bird")] * 2]  # a shape hit on the first image, a texture hit on the 2nd
+    r = SetResult("cue-conflict", stimuli, scores, np.zeros(2, int), np.ones(2, bool))
+    trials = model_trials({"cue-conflict": r})["cue-conflict"]
+    assert trials == {"bird3-cat2.png": ("bird", "bird"), "cat1-bird4.png": ("cat", "bird")}
+    human = _write(tmp_path / "cue-conflict_subject-01_session-1.csv", "subject-01",
+                   [(n, n.split("_")[4], "bird") for n in names])
+    assert consistency(trials, read_trials([human])["cue-conflict"]["subject-01"])["n_trials"] == 2
+    # a subject with a path separator (timm/<name>) gives one flat file name that --from-csv reads back
+    files = write_mvh_csvs(tmp_path, "timm/resnet18", {"cue-conflict": r})
+    assert files == ["cue-conflict_timm-resnet18_session-1.csv"] and (tmp_path / files[0]).is_file()
+    back = read_trials([tmp_path / files[0]])["cue-conflict"]
+    assert back == {"timm/resnet18": trials}
+    with open(tmp_path / files[0], newline="") as f:
+        assert [row["imagename"] for row in csv.DictReader(f)] == names  # the full file names, as written
+    assert shape_bias_from_csv(tmp_path / files[0])["shape_bias"] == 0.5
+
+
+def test_human_reference_leaves_model_csvs_out(shared_datasets, tmp_path):
+    """A copy of model-vs-human's raw-data/cue-conflict/ holds models' CSVs beside the humans': the human
+    reference (0.95869 from the 10 subjects) must not pool them."""
+    import shutil
+
+    from erf_lab.shape_bias.analysis import add_consistency, human_csvs, shape_bias_from_csv
+
+    folder = tmp_path / "human-cue-conflict"
+    folder.mkdir()
+    for p in human_csvs(shared_datasets):
+        shutil.copy(p, folder)
+    rows = []
+    with open(human_csvs(shared_datasets)[0], newline="") as f:
+        for r in csv.DictReader(f):  # a texture-biased "model": answers the texture of every image
+            rows.append((r["imagename"], r["category"], "".join(c for c in r["imagename"].split("-")[-1][:-4]
+                                                                if c.isalpha())))
+    _write(folder / "cue-conflict_resnet50_session-1.csv", "resnet50", rows)
+    paths = human_csvs(tmp_path)
+    assert len(paths) == 11
+    assert shape_bias_from_csv(paths)["shape_bias"] < 0.9  # everything pooled: not the human number
+    h = shape_bias_from_csv(paths, only_humans=True)
+    assert round(h["shape_bias"], 5) == 0.95869 and len(h["per_subject"]) == 10
+    summary = {}
+    add_consistency(summary, {"cue-conflict": {}}, tmp_path)
+    assert round(summary["human_reference"]["shape_bias"], 5) == 0.95869
+    assert summary["human_reference"]["n_subjects"] == 10

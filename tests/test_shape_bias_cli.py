@@ -90,6 +90,16 @@ def test_run_writes_all_outputs(tiny_model, tmp_path, datasets, capsys):
     assert (out / "error_consistency.png").stat().st_size > 0
 
 
+def test_no_humans_leaves_the_human_data_out_of_a_model_run(tiny_model, tmp_path, datasets, capsys):
+    out = tmp_path / "run"
+    assert main(["shape-bias", "--model", tiny_model, "--stimuli", str(datasets / "cue-conflict"), "--allow-random",
+                 "--limit", "16", "--workers", "0", "--no-humans", "--out", str(out)]) == 0
+    assert "humans:" not in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert "human_reference" not in s and s["consistency"]["cue-conflict"]["vs_humans"] is None
+    assert s["consistency"]["cue-conflict"]["accuracy"] is not None and (out / "shape_bias.png").is_file()
+
+
 def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
     runs = []
     for seed in (0, 1):

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.categories import CATEGORIES
-from erf_lab.shape_bias.consistency import MVH_COLUMNS, read_mvh_csv
+from erf_lab.shape_bias.consistency import MVH_COLUMNS, is_human, read_mvh_csv
 from erf_lab.shape_bias.stimuli import parse_name
 
 
@@ -87,8 +87,10 @@ def shape_bias_from_decisions(rows: Iterable[tuple[str, str, str]]) -> dict:
     }
 
 
-def shape_bias_from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> dict:
+def shape_bias_from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike], only_humans: bool = False) -> dict:
     """Shape bias of model-vs-human-format CSVs: pooled over all rows, and per subject (``subj`` column).
+    ``only_humans``: the rows of human subjects (``subject-NN``) only, as the human reference is (a copy of
+    model-vs-human's ``raw-data/cue-conflict/`` holds the models' CSVs beside the humans').
 
     As in model-vs-human: the shape is the ``category`` column, the texture is the last ``-`` part of the image
     name (digits removed), rows with shape == texture are dropped. On the 10 human cue-conflict CSVs the pooled
@@ -102,6 +104,8 @@ def shape_bias_from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) 
     bad = 0
     for p in paths:
         for r in read_mvh_csv(p):
+            if only_humans and not is_human(r["subj"]):
+                continue
             try:
                 _, texture = parse_name(r["imagename"])
             except ValueError:
@@ -157,7 +161,7 @@ def add_consistency(summary: dict, model_trials: dict, near: Path | None = None,
     root = humans_root(near) if with_humans else None
     humans = human_csvs(root) if root else []
     if humans:
-        h = shape_bias_from_csv(humans)
+        h = shape_bias_from_csv(humans, only_humans=True)
         summary["human_reference"] = {"shape_bias": h["shape_bias"], "per_category": h["per_category"],
                                       "n_subjects": len(h["per_subject"])}
     report = consistency_summary(model_trials, human_trials(root) if root else {})

@@ -137,19 +137,23 @@ def _spread(values: Sequence[dict]) -> dict:
 
 
 def human_vs_human(humans: Mapping[str, Trials]) -> dict | None:
-    """Every pair of subjects: ``{"pairs": {"a|b": ...}, <measure>: {mean, sd, min, max}, "n_pairs"}``."""
-    if len(humans) < 2:
+    """Every pair of subjects who share an image: ``{"pairs": {"a|b": ...}, <measure>: {mean, sd, min, max},
+    "n_pairs"}`` (None without such a pair)."""
+    pairs = {f"{s}|{t}": consistency(humans[s], humans[t]) for s, t in combinations(sorted(humans), 2)
+             if humans[s].keys() & humans[t].keys()}
+    if not pairs:
         return None
-    pairs = {f"{s}|{t}": consistency(humans[s], humans[t]) for s, t in combinations(sorted(humans), 2)}
     return {"n_pairs": len(pairs), **_spread(list(pairs.values())), "pairs": pairs}
 
 
 def versus_humans(model: Trials, humans: Mapping[str, Trials]) -> dict | None:
-    """The model against each subject: ``{"per_subject": {...}, <measure>: {mean, sd, min, max}}``."""
-    if not humans:
+    """The model against each subject who saw an image the model saw: ``{"per_subject": {...}, <measure>: {mean,
+    sd, min, max}, "n_subjects", "subjects_without_common_trials"}`` (None when no subject shares an image)."""
+    per = {s: consistency(model, humans[s]) for s in sorted(humans) if model.keys() & humans[s].keys()}
+    if not per:
         return None
-    per = {s: consistency(model, humans[s]) for s in sorted(humans)}
-    return {"n_subjects": len(per), **_spread(list(per.values())), "per_subject": per}
+    return {"n_subjects": len(per), **_spread(list(per.values())), "per_subject": per,
+            "subjects_without_common_trials": sorted(set(humans) - set(per))}
 
 
 def dataset_report(model: Trials, humans: Mapping[str, Trials], dataset: str) -> dict:

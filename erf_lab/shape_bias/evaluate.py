@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -25,7 +26,7 @@ import torch.nn as nn
 from erf_lab.errors import ErfLabError
 from erf_lab.provenance import versions
 from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions, wilson_interval, write_mvh_csv
-from erf_lab.shape_bias.consistency import MVH_DATASETS
+from erf_lab.shape_bias.consistency import MVH_DATASETS, image_id
 from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imagenet_to_16
 from erf_lab.shape_bias.stimuli import (DecodedCache, Preprocess, Stimulus, StimulusDataset, StimulusPixels,
                                         files_fingerprint, find_stimuli_root, list_stimuli, sibling_set)
@@ -358,21 +359,27 @@ def write_decisions_csv(path, sets: dict[str, SetResult]) -> None:
                            ([f"{v:.6g}" for v in r.scores16[i]] if r.ok[i] else [""] * len(CATEGORIES)))
 
 
-def model_trials(sets: dict[str, SetResult]) -> dict[str, dict]:
-    """``{model-vs-human dataset: {image id: (category, decision)}}`` of the decoded images."""
-    return {MVH_DATASETS[name]: {s.name: (s.shape, d) for s, d, ok in zip(r.stimuli, r.decisions, r.ok) if ok}
+def _decoded(sets: dict[str, SetResult]) -> dict[str, list[tuple[str, str, str]]]:
+    """``{model-vs-human dataset: [(file name, category, decision)]}`` of the decoded images."""
+    return {MVH_DATASETS[name]: [(s.name, s.shape, d) for s, d, ok in zip(r.stimuli, r.decisions, r.ok) if ok]
             for name, r in sets.items() if name in MVH_DATASETS}
+
+
+def model_trials(sets: dict[str, SetResult]) -> dict[str, dict]:
+    """``{model-vs-human dataset: {image id: (category, decision)}}`` of the decoded images, keyed as the human
+    trials are (``image_id``: model-vs-human's own file names carry a trial prefix)."""
+    return {ds: {image_id(name): (shape, d) for name, shape, d in rows} for ds, rows in _decoded(sets).items()}
 
 
 def write_mvh_csvs(out: Path, subject: str, sets: dict[str, SetResult]) -> list[str]:
     """One model-vs-human CSV per stimulus set (``<dataset>_<subject>_session-1.csv``, model-vs-human's raw-data
-    naming with ``_`` in the subject replaced); returns the file names."""
+    naming with ``_`` in the subject replaced, and every character but letters, digits, ``.``, ``+`` and ``-``:
+    ``timm/resnet18`` is ``timm-resnet18`` there); returns the file names."""
     names = []
-    tag = subject.replace(":", "-").replace("_", "-")
-    for ds, trials in model_trials(sets).items():
+    tag = re.sub(r"[^A-Za-z0-9.+-]", "-", subject)
+    for ds, rows in _decoded(sets).items():
         names.append(f"{ds}_{tag}_session-1.csv")
-        write_mvh_csv(out / names[-1], subject, list(trials), [c for c, _ in trials.values()],
-                      [d for _, d in trials.values()])
+        write_mvh_csv(out / names[-1], subject, *zip(*rows) if rows else ([], [], []))
     return names
 
 
@@ -389,7 +396,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
                    stimuli=None, batch_size: int = 32, workers: int | None = None, device: str = "cpu",
                    limit: int | None = None, show_progress: bool = True, command: list[str] | None = None,
                    model: nn.Module | None = None, allow_random: bool = False, cache: bool = True,
-                   crop_pct: float | None = 1.0, seed: int = 0) -> dict:
+                   crop_pct: float | None = 1.0, seed: int = 0, with_humans: bool = True) -> dict:
     """Evaluate a zoo model and write ``decisions.csv``, ``summary.json``, ``run.json``, the model-vs-human CSV
     and the shape-bias figure (PNG + PDF) into ``out``. Returns the summary.
 
@@ -398,7 +405,8 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     ``-random-init`` in the CSV's subject, "(random init)" in the label). A caller passing its own ``model``
     vouches for its weights; it passes ``allow_random=True`` when they are random. ``crop_pct``: see
     :meth:`Preprocess.from_model` (1.0: model-vs-human's whole stimuli; None: the model's own crop). ``seed``
-    seeds the model's initialisation (a random init is then the same network every run)."""
+    seeds the model's initialisation (a random init is then the same network every run). ``with_humans=False``
+    leaves the human data out (no reference shape bias, no consistency with the subjects, none in the figure)."""
     from erf_lab.checkpoint import random_init_of
     from erf_lab.io import prepare_out_dir, sha256_file, write_json
     from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
@@ -443,7 +451,8 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     write_decisions_csv(out / "decisions.csv", result["sets"])
     subject = model_name + (RANDOM_SUFFIX if random_weights else "")
     csvs = write_mvh_csvs(out, subject, result["sets"])
-    humans = add_consistency(summary, model_trials(result["sets"]), Path(summary["stimuli_dir"]).parent)
+    humans = add_consistency(summary, model_trials(result["sets"]), Path(summary["stimuli_dir"]).parent,
+                             with_humans=with_humans)
     meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
             "workers": default_workers() if workers is None else workers,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -33,7 +33,7 @@ def plot_shape_bias(summaries: Sequence[dict], stem, human_csv_paths: Sequence[o
     if human_csv_paths:
         from erf_lab.shape_bias.analysis import shape_bias_from_csv
 
-        h = shape_bias_from_csv(list(human_csv_paths))
+        h = shape_bias_from_csv(list(human_csv_paths), only_humans=True)
         observers.append((f"humans (n={len(h['per_subject'])})", h, _HUMAN_STYLE["color"], _HUMAN_STYLE["marker"]))
     cmap = matplotlib.colormaps["tab10"]
     palette = [cmap(k) for k in (0, 1, 2, 4, 5, 6, 8, 9, 7)]  # tab10 without its red (kept for humans)
@@ -167,7 +167,7 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
     if human_csv_paths:
         from erf_lab.shape_bias.analysis import shape_bias_from_csv
 
-        h = shape_bias_from_csv(list(human_csv_paths))
+        h = shape_bias_from_csv(list(human_csv_paths), only_humans=True)
         rows.append({"model": "humans", **{c: h[c] for c in cols[1:4]}, "edge_accuracy": None,
                      "silhouette_accuracy": None, "n_conflict": h["n_conflict"], "run": "human-cue-conflict"})
     for s, d in zip(summaries, run_dirs):

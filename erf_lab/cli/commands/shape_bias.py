@@ -49,7 +49,9 @@ def add_arguments(p) -> None:
     p.add_argument("--from-csv", nargs="+", metavar="CSV",
                    help="analyse model-vs-human CSVs (cue-conflict / edge / silhouette) instead of running a model")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare finished runs instead of evaluating")
-    p.add_argument("--no-humans", action="store_true", help="leave the human reference out of the figure")
+    p.add_argument("--no-humans", action="store_true",
+                   help="leave the human data out: no human reference shape bias, no consistency with the subjects, "
+                        "none in the figures")
     p.add_argument("--out", default=None, help="output folder (default runs/shape_bias/<model> or "
                                                "runs/shape_bias/comparison)")
 
@@ -98,7 +100,8 @@ def run(args) -> int:
                        overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
                        workers=args.workers, device=args.device, limit=args.limit, command=sys.argv,
                        allow_random=args.allow_random, cache=not args.no_cache,
-                       crop_pct=_crop_pct(args.crop_pct or "1.0"), seed=args.seed or 0)
+                       crop_pct=_crop_pct(args.crop_pct or "1.0"), seed=args.seed or 0,
+                       with_humans=not args.no_humans)
 
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
