@@ -117,6 +117,11 @@ def test_cli_resume_on_complete_run_is_a_no_op(tmp_path, capsys):
     code, stdout, _ = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--out", str(out),
                            "--resume", "--quiet")
     assert code == 0 and "nothing to resume" in stdout and (out / "run.json").read_text() == before
+    # a complete run with other settings is no result of this command: refused, not reported as done
+    code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "48", "--out", str(out),
+                        "--resume", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and (out / "run.json").read_text() == before
+    assert "already holds a complete run with other settings (input_size); use --force" in err
     code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--out", str(out),
                         "--force", "--quiet", "--aggregate", "abs")
     assert code == 0 and json.loads((out / "run.json").read_text())["aggregate"] == "abs"

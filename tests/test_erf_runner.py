@@ -408,3 +408,27 @@ def test_structure_key_sees_settings_and_classes_without_a_source_file():
     keys = [subprocess.run([sys.executable, "-c", code.format(v)], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout.strip() for v in (2, 2, 3)]
     assert keys[0] == keys[1] != keys[2] and len(keys[0]) == 32
+
+
+def test_a_file_name_that_is_not_utf8_is_measured(tmp_path):
+    """Linux allows any bytes in a file name; the image-content hash of a run must not fail on one."""
+    import os
+
+    from PIL import Image
+
+    from erf_lab.erf.images import load_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / "ok.bmp")
+    raw = os.path.join(os.fsencode(folder), b"caf\xe9.bmp")
+    try:
+        with open(raw, "wb") as f:
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(f, format="BMP")
+    except OSError:
+        pytest.skip("this file system refuses a non-UTF-8 file name")
+    images = load_images(folder, input_size=32)
+    assert len(images.ids) == 2 and len(images.content_sha256) == 64
+    res = run_erf(_spec(images=str(folder), num_images=2), out=tmp_path / "run", show_progress=False)
+    assert res["result"].num_used == 2

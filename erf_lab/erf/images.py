@@ -153,7 +153,8 @@ class ImageSource:
 
         h = hashlib.sha256()
         for i in self.ids:
-            h.update(f"{i}\0{self.file_sha256.get(i, '')}\0".encode())
+            # surrogateescape: a file name that is not UTF-8 (legal on Linux) hashes by its bytes
+            h.update(f"{i}\0{self.file_sha256.get(i, '')}\0".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     @property

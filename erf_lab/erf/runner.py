@@ -343,6 +343,13 @@ def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: boo
         return ("resume", states) if states else ("new", [*outputs, *states])
     if complete and not force:
         if resume:
+            info = read_json_or_none(out_dir / RUN_FILE)
+            old = info.get("config") if isinstance(info, dict) else None
+            diff = config_diff(old, config) if isinstance(old, dict) else ["run.json unreadable"]
+            if diff:
+                what = [CONFIG_KEY_NAMES.get(k, k) for k in diff]
+                raise ErfLabError(f"{out_dir} already holds a complete run with other settings ({', '.join(what)}); "
+                                  f"use --force to overwrite or choose another --out")
             return "complete", None
         raise ErfLabError(f"{out_dir} already holds a complete run; use --force to overwrite or choose another --out")
     if states and not (resume or force):
