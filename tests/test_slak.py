@@ -109,6 +109,25 @@ def test_merge_is_idempotent_and_pads_each_branch_to_its_place():
     assert torch.equal(lk.lkb_reparam.weight, first)
 
 
+def test_merge_when_the_small_kernel_is_wider_than_the_stage_kernel():
+    """kernel_size (..., 3, 5): the 3 x 5 / 5 x 3 strips merge into a 5 x 5 kernel (cropping them to 3 x 3 would
+    drop taps); the cropped taps only read padding on a 2 x 2 map, so the input is large enough to see them."""
+    torch.manual_seed(0)
+    lk = SLaKLargeKernel(4, 3, 5)
+    with torch.no_grad():
+        for m in lk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5), m.bias.normal_(0, 0.3)
+    lk.eval()
+    x = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        ref = lk(x)
+        lk.reparameterize()
+        assert tuple(lk.lkb_reparam.weight.shape) == (4, 1, 5, 5) and _rel(lk(x), ref) < 1e-6
+    merged = SLaKLargeKernel(4, 3, 5, merged=True)  # what a deploy checkpoint of it loads into
+    merged.load_state_dict(lk.state_dict(), strict=True)
+
+
 @pytest.mark.parametrize("merged", [False, True])
 def test_official_layout_checkpoint_loads_strictly(tmp_path, merged):
     src = _randomized()

@@ -137,6 +137,18 @@ def test_block_reparameterize_is_idempotent_and_removes_branches():
     assert sorted(k for k in first if "dwconv" in k) == ["dwconv.lk_origin.bias", "dwconv.lk_origin.weight"]
 
 
+def test_reparameterize_folds_a_sync_batchnorm():
+    """`erf-lab train --sync-bn` converts the BNs to SyncBatchNorm: the deploy form must still fold them."""
+    torch.manual_seed(0)
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_randomize(create_model("unireplknet_t", num_classes=10,
+                                                                                **TINY)))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    fused = reparameterize_model(model)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    deployed = create_model("unireplknet_t", num_classes=10, deploy=True, **TINY).eval()
+    deployed.load_state_dict(fused.state_dict(), strict=True)
+
+
 def test_dilated_kernel_conversion_equals_dilated_conv():
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64), torch.randn(1, 4, 15, 15, generator=g,

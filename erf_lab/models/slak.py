@@ -64,7 +64,8 @@ def _dw_conv_bn(channels: int, kernel_size: tuple[int, int], bn: bool) -> ConvBN
 class SLaKLargeKernel(nn.Module):
     """The decomposed large kernel (official ``ReparamLargeKernelConv`` with ``Decom``): ``LoRA1`` (K x s) +
     ``LoRA2`` (s x K) + ``small_conv`` (s x s), each depthwise conv-BN; ``decompose=False``: ``lkb_origin``
-    (K x K) + ``small_conv``. The small conv is omitted when s >= K (as officially)."""
+    (K x K) + ``small_conv``. The small conv is omitted when s >= K (as officially). The merged kernel is K x K, or
+    s x s where decomposed strips are wider than they are long (s > K: a K x s strip does not fit in K x K)."""
 
     def __init__(self, channels: int, kernel_size: int, small_kernel: int, decompose: bool = True,
                  bn: bool = True, merged: bool = False):
@@ -72,6 +73,7 @@ class SLaKLargeKernel(nn.Module):
         if kernel_size % 2 == 0 or small_kernel % 2 == 0 or min(kernel_size, small_kernel) < 1:
             raise ErfLabError(f"SLaK kernel sizes must be odd and positive, got {kernel_size}, {small_kernel}")
         self.channels, self.kernel_size, self.small_kernel = channels, kernel_size, small_kernel
+        self.merged_size = max(kernel_size, small_kernel) if decompose else kernel_size
         self.lkb_reparam = self.LoRA1 = self.LoRA2 = self.lkb_origin = self.small_conv = None
         if merged:
             self.lkb_reparam = self._merged_conv()
@@ -88,7 +90,7 @@ class SLaKLargeKernel(nn.Module):
     def _merged_conv(self) -> nn.Module:
         from fastconv import DepthwiseConv2d
 
-        return DepthwiseConv2d(self.channels, self.kernel_size, bias=True)
+        return DepthwiseConv2d(self.channels, self.merged_size, bias=True)
 
     def _branches(self) -> list[ConvBN]:
         return [b for b in (self.LoRA1, self.LoRA2, self.lkb_origin, self.small_conv) if b is not None]
@@ -104,13 +106,13 @@ class SLaKLargeKernel(nn.Module):
 
     @torch.no_grad()
     def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K x K kernel, bias) in float64: every branch BN-fused, zero-padded to K x K around the centre, summed."""
+        """(kernel, bias) in float64: every branch BN-fused, zero-padded to the merged size around the centre, summed."""
         if self.lkb_reparam is not None:
             return self.lkb_reparam.weight.double(), self.lkb_reparam.bias.double()
         k_sum = b_sum = 0
         for branch in self._branches():
             w, b = branch.fused_weight_bias(torch.float64)
-            ph, pw = (self.kernel_size - w.shape[-2]) // 2, (self.kernel_size - w.shape[-1]) // 2
+            ph, pw = (self.merged_size - w.shape[-2]) // 2, (self.merged_size - w.shape[-1]) // 2
             k_sum, b_sum = k_sum + F.pad(w, [pw, pw, ph, ph]), b_sum + b
         return k_sum, b_sum
 

@@ -271,7 +271,7 @@ class UniRepLKNetBlock(nn.Module):
         if isinstance(self.dwconv, DilatedReparamBlock):
             self.dwconv.reparameterize()
         conv = self.dwconv.lk_origin if isinstance(self.dwconv, DilatedReparamBlock) else self.dwconv
-        if isinstance(self.norm, nn.BatchNorm2d):
+        if isinstance(self.norm, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm (train --sync-bn) too
             self.norm = fold_bn_into_conv(conv, self.norm)
         if len(self.pwconv2) == 3:
             linear, bn, grn = self.pwconv2[0], self.pwconv2[2], self.act[1]
