@@ -94,3 +94,17 @@ def test_study_out_not_writable_is_one_line_before_any_work(tmp_path, monkeypatc
     assert rc == 2 and err.count("error:") == 1 and "Traceback" not in err
     assert "--out" in err and "is not writable: Read-only file system" in err
     assert not list((tmp_path / "s").rglob("*"))
+
+
+def test_results_written_when_a_guideline_model_finishes_first(tmp_path):
+    """run_study(jobs > 1) writes the results as runs finish, in any order: a guideline model may be first."""
+    from erf_lab.train.study import write_results
+
+    row = {"name": "MNv2-k13-seed0", "group": "guideline", "model": "mobilenetv2_k13", "kernel": 13, "seed": 0,
+           "train_px": 32, "params": 1000, "val_acc": 0.5, "area@20%": 1.0, "area@30%": 2.0, "area@50%": 3.0,
+           "area@99%": 50.0, "r_rms": 3.0, "r50": 2.0, "shape_bias": 0.5, "shape_only_accuracy": 0.5,
+           "texture_only_accuracy": 0.5, "img_per_s": 100.0, "erf_empty": False, "at_chance": False}
+    write_results(tmp_path, [row], StudySettings())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guidelines.csv", "results.md"]
+    with open(tmp_path / "guidelines.csv", newline="") as f:
+        assert [r["name"] for r in csv.DictReader(f)] == ["MNv2-k13-seed0"]

@@ -186,3 +186,28 @@ def test_builtin_weights_resolve_with_their_overrides(tiny_run, tmp_path, monkey
         create_model("replknet_31b", weights="builtin:../../etc/passwd")
     with pytest.raises(ErfLabError, match="weights of 'replknet_31b', not of 'replknet_3'"):
         create_model("replknet_3", weights="builtin:cue-world/tiny")
+
+
+def test_cue_world_images_follow_the_world_they_are_of(tmp_path):
+    """A run retrained with another seed into the same folder: its timeline must not measure the old world's
+    images (the ERF cache keys on the images, so it would not notice)."""
+    from PIL import Image
+
+    from erf_lab.train.timeline import cue_world_images
+
+    def pixels(folder):
+        return [np.asarray(Image.open(p)) for p in sorted(folder.glob("val_*.png"))]
+
+    folder = cue_world_images(tmp_path / "images", 3, 32, 4, seed=0)
+    seed0 = pixels(folder)
+    assert len(seed0) == 3 and json.loads((tmp_path / "images.json").read_text())["seed"] == 0
+    stamp = (folder / "val_00000.png").stat().st_mtime_ns
+    assert cue_world_images(folder, 3, 32, 4, seed=0) == folder  # the same world: nothing rendered again
+    assert (folder / "val_00000.png").stat().st_mtime_ns == stamp
+    cue_world_images(folder, 2, 32, 4, seed=1)
+    seed1 = pixels(folder)
+    fresh = pixels(cue_world_images(tmp_path / "fresh", 2, 32, 4, seed=1))
+    assert len(seed1) == 2 and all(np.array_equal(a, b) for a, b in zip(seed1, fresh))
+    assert not np.array_equal(seed1[0], seed0[0])
+    cue_world_images(folder, 2, 32, 5, seed=1)  # another class count is another world too
+    assert json.loads((tmp_path / "images.json").read_text())["num_classes"] == 5

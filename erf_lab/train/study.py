@@ -293,7 +293,8 @@ def write_results(study: Path, rows: list[dict], settings: StudySettings) -> Non
             f"% of the image, n/r = not reached inside it; r_rms / r50 in pixels). Shape bias: {s.probe_size} "
             f"cue-conflict images, shape hits / (shape + texture hits).\n\n## Kernel family\n\n"
             + markdown_table(fam, keys) + table_notes(fam))
-    write_text(study / "family.csv", csv_text(fam, list(fam[0])))
+    if fam:  # runs finish in any order: a guideline model may be the only one done yet
+        write_text(study / "family.csv", csv_text(fam, list(fam[0])))
     if gl:
         ref = [r for r in fam if r["name"] == "K31-seed0"]
         text += ("\n## Guidelines (Table 2: shortcuts; Table 4: small-kernel re-param)\n\n"

@@ -81,19 +81,28 @@ def read_training_run(run_dir: str | os.PathLike) -> TrainingRun:
 
 def cue_world_images(folder: Path, num_images: int, input_size: int, num_classes: int, seed: int) -> Path:
     """The first ``num_images`` cue-world validation images at ``input_size`` px as PNG files in ``folder``
-    (written once; the ERF runner reads them like any image folder)."""
+    (written once; the ERF runner reads them like any image folder). ``<folder>.json`` beside it records which
+    world they are: when it names another (a run retrained with another seed or class count into the same folder), the
+    folder's images are rendered again, not measured as this world's."""
     from PIL import Image
 
-    from erf_lab.io import atomic_path
+    from erf_lab.io import atomic_path, read_json_or_none, write_json
     from erf_lab.train.cue_world import draw_scene, render_scene
 
     folder.mkdir(parents=True, exist_ok=True)
+    world = {"split": "val", "input_size": int(input_size), "num_classes": int(num_classes), "seed": int(seed)}
+    record = folder.parent / f"{folder.name}.json"
+    if read_json_or_none(record) != world:
+        record.unlink(missing_ok=True)
+        for old in folder.glob("val_*.png"):
+            old.unlink()
     for i in range(num_images):
         path = folder / f"val_{i:05d}.png"
         if not path.is_file():
             img = render_scene(draw_scene("val", i, num_classes, seed), input_size)
             with atomic_path(path) as tmp:
                 Image.fromarray(np.round(img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(tmp, format="PNG")
+    write_json(record, world)
     return folder
 
 
