@@ -205,6 +205,15 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def _timing_data(like: torch.Tensor) -> torch.Tensor:
+    """Standard-normal data shaped and strided like ``like``, drawn from a generator of its own: the autotuner
+    runs inside a user's first steps and must not advance the global RNG (a training run that autotunes would
+    draw other dropout / drop-path masks than the same run resumed on a warm cache)."""
+    gen = torch.Generator(device=like.device)
+    gen.manual_seed(0)
+    return torch.empty_like(like).normal_(generator=gen)
+
+
 def _time_backend(name, x, weight, bias, gx, gw, budget_s: float, repeat: bool = True) -> float:
     """Typical seconds of forward (+ the needed backward) on random data of the call's shape: the median of its
     repeats. A call can be bimodal on its own (PyTorch's NCHW 3x3 depthwise on CPU: 0.35 ms in a few % of the calls,
@@ -218,9 +227,9 @@ def _time_backend(name, x, weight, bias, gx, gw, budget_s: float, repeat: bool =
     layer before it). Timed back to back, a candidate runs with its own buffers and output still in cache: on a
     2-core AVX-512 Xeon (B=1 C=384 R=32, forward on NCHW) the C++ kernel then measured 3-13 % faster than F.conv2d
     at K=3-7, which the benchmark, alternating calls, measured 1.06-1.24x F.conv2d."""
-    xs = torch.randn_like(x).requires_grad_(gx)
-    ws = torch.randn_like(weight).requires_grad_(gw)
-    bs = None if bias is None else torch.randn_like(bias).requires_grad_(gw)
+    xs = _timing_data(x).requires_grad_(gx)
+    ws = _timing_data(weight).requires_grad_(gw)
+    bs = None if bias is None else _timing_data(bias).requires_grad_(gw)
 
     def step():
         with torch.enable_grad() if (gx or gw) else torch.no_grad():
@@ -491,9 +500,9 @@ def _per_op_candidates(cands: list[str], excluded: dict, x, weight, bias, gx: bo
     same = "native" in kernels and memory_format_of(x) == torch.channels_last
     op_kernels = {op: [b for b in kernels if not (same and op < 2 and b == "channels_last")
                        and not (same and op == 2 and b == "triton" and x.device.type == "cuda")] for op in ops}
-    xs, ws = torch.randn_like(x), torch.randn_like(weight)
-    bs = None if bias is None else torch.randn_like(bias)
-    gs = torch.randn_like(x)
+    xs, ws = _timing_data(x), _timing_data(weight)
+    bs = None if bias is None else _timing_data(bias)
+    gs = _timing_data(x)
     rounds: dict[tuple[int, str], list[float]] = {}
     for r in range(PER_OP_ROUNDS + 1):  # the first round warms up and is not counted
         for op in ops:

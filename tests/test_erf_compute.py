@@ -1,4 +1,6 @@
 """ERF engine: theory (Luo et al. 2016), re-parameterization / backend / batching invariance, layers, images."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -353,3 +355,60 @@ def test_keep_freed_memory_cuts_the_page_faults_of_large_tensors():
     if glibc:
         assert sorted(default)[len(default) // 2] >= 16000, default  # fresh pages every round
         assert sum(kept[20:]) < sum(default[20:]) / 4, (kept, default)
+
+
+@pytest.mark.parametrize("stack,size,expected", [
+    # RepLKNet-style "same" padding, three stride-2 stages: a 7 x 7 map at 56 px, unit 3 centred at 8 * 3 = 24
+    ([(3, 2, 1), (3, 2, 1), (3, 2, 1)], 56, 24.0),
+    # a 4 x 4 stride-4 patchify stem and a 2 x 2 stride-2 downsampling (ConvNeXt / SLaK): 3.5 + 8 * 3 = 27.5
+    ([(4, 4, 0), (2, 2, 0)], 48, 27.5),
+    # "valid" 5 x 5 then a stride-2 3 x 3: unit 0 at 2 + 1 = 3, jump 2; map (44 - 3) // 2 + 1 = 21, unit 10: 23
+    ([(5, 1, 0), (3, 2, 0)], 48, 23.0),
+])
+def test_rf_centre_is_where_the_gradient_of_the_centre_unit_lies(stack, size, expected):
+    """The metrics centre on the measured unit's receptive-field centre (``rf_start + jump * (h // 2)``): a stack
+    of uniform, linear convs has a gradient map symmetric about it (Luo et al. 2016), so its centre of mass is
+    exactly there, and not the map's middle wherever the feature map's side is odd or the stem patchifies."""
+    import torch.nn as nn
+
+    from erf_lab.erf.metrics import compute_metrics, distribution_stats, target_centre
+    from erf_lab.erf.receptive_field import list_layers
+
+    layers = []
+    for k, s, p in stack:
+        conv = nn.Conv2d(1 if layers else 3, 1, k, stride=s, padding=p, bias=False)
+        nn.init.constant_(conv.weight, 1.0)
+        layers.append(conv)
+    net = nn.Sequential(*layers)
+    row = list_layers(net, size)[-1]
+    stride, h = row["stride"], row["shape"][-1]
+    assert row["rf_start"][0] == row["rf_start"][1] and row["rf_start"][0] + stride * (h // 2) == expected
+    x = torch.zeros(1, 3, size, size, requires_grad=True)
+    y = net(x)
+    y[0, 0, h // 2, h // 2].backward()
+    erf = x.grad[0].sum(0).numpy()
+    assert distribution_stats(erf)["center_of_mass"] == pytest.approx([expected, expected], abs=1e-9)
+    if h == -(-size // stride):  # target_centre takes the "same"-padded map side ceil(S / stride)
+        centre = target_centre(row["rf_start"], stride, size)
+        assert centre == [math.floor(expected + 0.5)] * 2
+        m = compute_metrics(erf, centre=centre, gaussian=False)
+        assert m["center"] == centre and ("centre_off_map_middle" in m["flags"]) == (centre[0] != size // 2)
+        # the disks about the true centre hold more of the map than the ones about the map's middle
+        off = compute_metrics(erf, gaussian=False)["mass_within_radius"]
+        assert m["mass_within_radius"]["5"] > off["5"]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_rf_start_follows_f_pad_and_same_padding():
+    import torch.nn.functional as F
+
+    from erf_lab.erf.receptive_field import list_layers
+
+    class Net(nn.Module):
+        def forward(self, x):
+            x = F.pad(x, (2, 1, 3, 0))  # 2 left, 3 top: unit 0 now sits 3 / 2 px before the image
+            x = F.conv2d(x, torch.ones(1, 3, 3, 3), stride=2)  # centre +1 (of the padded grid)
+            return F.conv2d(x, torch.ones(1, 1, 4, 4), padding="same")  # even 'same': 1 before, 2 after: +0.5 * 2
+
+    row = list_layers(Net(), 32)[-1]
+    assert row["rf_start"] == [-3 + 1 + 1.0, -2 + 1 + 1.0] and row["stride"] == 2

@@ -432,3 +432,19 @@ def test_a_file_name_that_is_not_utf8_is_measured(tmp_path):
     assert len(images.ids) == 2 and len(images.content_sha256) == 64
     res = run_erf(_spec(images=str(folder), num_images=2), out=tmp_path / "run", show_progress=False)
     assert res["result"].num_used == 2
+
+
+@pytest.mark.parametrize("size,centre", [(224, 96), (256, 128)])
+def test_metrics_centre_on_the_measured_units_receptive_field(tmp_path, size, centre):
+    """RepLKNet's map at 224 px is 7 x 7: unit 3 is centred at input pixel 32 * 3 = 96, not at 112 (at 256 px,
+    unit 4 of 8 at 128 = 256 // 2, the official script's centre). The run records it and its metrics use it."""
+    res = run_erf(_spec(num_images=1, input_size=size), out=tmp_path / "run", show_progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["erf_centre"] == [centre, centre] and res["metrics"]["center"] == [centre, centre]
+    assert ("centre_off_map_middle" in res["metrics"]["flags"]) == (centre != size // 2)
+    com = res["metrics"]["distribution"]["center_of_mass"]
+    assert abs(com[0] - centre) < abs(com[0] - size // 2) or centre == size // 2
+    from erf_lab.erf.analysis import analyze
+
+    again = analyze(tmp_path / "run", out=tmp_path / "again")["metrics"]  # re-analysis keeps the centre
+    assert again["center"] == [centre, centre] and again["high_contribution"] == res["metrics"]["high_contribution"]

@@ -651,6 +651,21 @@ def test_real_autotune_times_and_explain_reports_them():
     assert d["backend"] == (fastest if t[fastest] <= (1 - dispatch.STOCK_TIE) * t[stock] else stock)
 
 
+def test_autotuning_leaves_the_global_rng_alone():
+    """The autotuner times candidates inside a training run's first steps: drawing its timing data from the
+    global RNG would change the run's dropout / drop-path masks, so a run that autotuned and the same run resumed
+    on a warm cache would differ."""
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    w = torch.randn(16, 1, 9, 9, requires_grad=True)
+    dispatch.clear_cache()
+    torch.manual_seed(123)
+    fastconv.depthwise_conv2d(x, w).sum().backward()  # a cold cache: timed, per operation too where it applies
+    assert dispatch.decide(x, w, None)["cached"] is True
+    after = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(4))
+
+
 def test_triton_is_never_picked_above_its_kernel_limit(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = torch.randn(1, 2, 5, 5)

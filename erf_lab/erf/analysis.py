@@ -26,7 +26,7 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     display = display_preset(display)
     run = load_run(path)
     trf = theoretical_rf if theoretical_rf is not None else run.theoretical_rf
-    metrics = compute_metrics(run.erf, theoretical_rf=trf)
+    metrics = compute_metrics(run.erf, theoretical_rf=trf, centre=run.centre)
     out_dir = prepare_out_dir(out if out is not None else run.npy.parent)
     stem = run.npy.stem
     prefix = "" if stem == "erf" else f"{stem}."
@@ -106,7 +106,7 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
         if rand:
             r.label = f"{r.label} {RANDOM_MARK}"
     mixed = len({r.erf.shape for r in runs}) > 1
-    measured = [(r.label, compute_metrics(r.erf, theoretical_rf=r.theoretical_rf)) for r in runs]
+    measured = [(r.label, compute_metrics(r.erf, theoretical_rf=r.theoretical_rf, centre=r.centre)) for r in runs]
     rows = table_rows(measured, with_paper=not mixed)
     columns = MIXED_SIZE_COLUMNS if mixed else TABLE_COLUMNS
     if mixed and not allow_mixed_sizes:

@@ -46,16 +46,30 @@ def log_normalize(erf) -> np.ndarray:
     return a / m if m > 0 else a
 
 
-def _centre_and_max_half(h: int, w: int) -> tuple[int, int, int]:
-    """Centre (h//2, w//2) as in the official script; largest half-width i whose square fits in the map."""
-    cy, cx = h // 2, w // 2
+def _centre_and_max_half(h: int, w: int, centre=None) -> tuple[int, int, int]:
+    """The squares' centre: ``centre`` (y, x), else (h//2, w//2) as in the official script; and the largest
+    half-width i whose square fits in the map."""
+    cy, cx = (h // 2, w // 2) if centre is None else (int(centre[0]), int(centre[1]))
+    if not (0 <= cy < h and 0 <= cx < w):
+        raise ErfLabError(f"ERF centre ({cy}, {cx}) lies outside the {h} x {w} map")
     return cy, cx, min(cy, cx, h - 1 - cy, w - 1 - cx)
 
 
-def contribution_curve(erf, *, preprocess: bool = True) -> np.ndarray:
+def target_centre(rf_start, stride: int, input_size: int) -> list[int]:
+    """The input pixel at the centre of the measured unit's receptive field: the unit (h//2, w//2) of the
+    ceil(S / stride) map, centred at ``rf_start + stride * (h // 2)`` (``erf_lab.erf.receptive_field``), rounded
+    half up. For RepLKNet at 1024 px (a 32 x 32 map: unit 16 at 512) it is the official script's S // 2; where the
+    map's side is odd (224 px: unit 3 of 7, at 96) or the stem patchifies (a 4 x 4 stride-4 stem: 15.5 + 32 i)
+    the map's middle misses the ERF by up to stride / 2 px."""
+    half = -(-int(input_size) // int(stride)) // 2
+    return [int(math.floor(float(s) + stride * half + 0.5)) for s in rf_start]
+
+
+def contribution_curve(erf, *, preprocess: bool = True, centre=None) -> np.ndarray:
     """share[i] = sum of the centred (2i+1)^2 square / total sum, for i = 0 .. largest square that fits.
 
-    Squares are centred on (H//2, W//2) like the official script, so for even sizes the centre is the
+    Squares are centred on ``centre`` (y, x): the measured unit's receptive-field centre (:func:`target_centre`)
+    where known, else (H//2, W//2) like the official script, so for even sizes the centre is the
     lower-right of the four central pixels and the largest square has side H-1 (the first row and column
     are never inside any square, exactly as in the official ``get_rectangle``).
     """
@@ -63,7 +77,7 @@ def contribution_curve(erf, *, preprocess: bool = True) -> np.ndarray:
     if preprocess:
         a = log_normalize(a)
     h, w = a.shape
-    cy, cx, imax = _centre_and_max_half(h, w)
+    cy, cx, imax = _centre_and_max_half(h, w, centre)
     total = np.sum(a)
     sums = np.array([np.sum(a[cy - i:cy + i + 1, cx - i:cx + i + 1]) for i in range(imax + 1)])
     if total <= 0:
@@ -71,7 +85,7 @@ def contribution_curve(erf, *, preprocess: bool = True) -> np.ndarray:
     return sums / total
 
 
-def high_contribution_area_ratio(erf, t: float, *, preprocess: bool = True) -> dict:
+def high_contribution_area_ratio(erf, t: float, *, preprocess: bool = True, centre=None) -> dict:
     """Smallest centred odd square whose share of the total is strictly greater than ``t``.
 
     Returns ``{"threshold", "side", "area_ratio", "reached"}`` with area_ratio = side^2 / (H W)
@@ -86,7 +100,7 @@ def high_contribution_area_ratio(erf, t: float, *, preprocess: bool = True) -> d
     t = float(t)
     if not 0 <= t <= 1:
         raise ErfLabError(f"threshold must be in [0, 1], got {t}")
-    curve = contribution_curve(erf, preprocess=preprocess)
+    curve = contribution_curve(erf, preprocess=preprocess, centre=centre)
     h, w = np.shape(erf)
     hits = np.nonzero(curve > t)[0]
     if hits.size == 0:
@@ -125,8 +139,8 @@ def distribution_stats(erf, shares=RADIUS_SHARES) -> dict | None:
     return out
 
 
-def mass_within_radii(erf, radii=MASS_RADII) -> dict[str, float] | None:
-    """Share of the raw ERF mass on pixels within Euclidean distance r (px) of the map centre (H//2, W//2),
+def mass_within_radii(erf, radii=MASS_RADII, centre=None) -> dict[str, float] | None:
+    """Share of the raw ERF mass on pixels within Euclidean distance r (px) of ``centre`` (default (H//2, W//2)),
     for each r: ``{"5": 0.12, ...}`` (OpenERF-style curve; pixels count by their centre). None for an all-zero map.
     Size-free like r50, unlike the paper's area ratios (fractions of the map area)."""
     a = validate_erf(erf)
@@ -134,7 +148,8 @@ def mass_within_radii(erf, radii=MASS_RADII) -> dict[str, float] | None:
     if total <= 0:
         return None
     h, w = a.shape
-    ys, xs = np.arange(h) - h // 2, np.arange(w) - w // 2
+    cy, cx, _ = _centre_and_max_half(h, w, centre)
+    ys, xs = np.arange(h) - cy, np.arange(w) - cx
     d2 = ys[:, None] ** 2 + xs[None, :] ** 2
     return {f"{r:g}": float(a[d2 <= r * r].sum() / total) for r in radii}
 
@@ -235,7 +250,7 @@ def _separable_gaussian_lm(z: np.ndarray, p: np.ndarray, lo: np.ndarray, hi: np.
 
 
 def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLDS, *,
-                    gaussian: bool = True) -> dict:
+                    gaussian: bool = True, centre=None) -> dict:
     """All metrics of one ERF map as a JSON-ready dict (written as ``metrics.json``).
 
     ``high_contribution``: the paper's area ratios (Ding et al. 2022, Table 10) on log10(A+1)/max.
@@ -244,12 +259,17 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
     ``gaussian_fit``: 2-D Gaussian fit of A / max with R^2.
     ``erf_to_trf``: with ``theoretical_rf`` T (pixels): ``rms_diameter`` = 2 r_rms / T and
     ``side_at_<t>`` = side(t) / T -- the share of the theoretical RF the ERF actually covers.
-    ``flags`` lists anything unusual (e.g. ``threshold_0.99_not_reached``, ``empty_map``).
+    ``flags`` lists anything unusual (e.g. ``threshold_0.99_not_reached``, ``empty_map``,
+    ``centre_off_map_middle``: the squares and disks are centred on ``centre``, the measured unit's receptive-field
+    centre (:func:`target_centre`), which is not (H//2, W//2) where the official script centres them).
     """
     a = validate_erf(erf)
     h, w = a.shape
     flags = []
-    curve = contribution_curve(a)
+    cy, cx, _ = _centre_and_max_half(h, w, centre)
+    if (cy, cx) != (h // 2, w // 2):
+        flags.append("centre_off_map_middle")
+    curve = contribution_curve(a, centre=(cy, cx))
     hc = []
     for t in thresholds:
         hits = np.nonzero(curve > t)[0]
@@ -268,13 +288,13 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
     peak = np.unravel_index(int(np.argmax(a)), a.shape)
     out = {
         "shape": [h, w],
-        "center": [h // 2, w // 2],
+        "center": [cy, cx],
         "preprocessing": "A' = log10(A + 1) / max (Ding et al., CVPR 2022, Appendix)",
         "high_contribution": hc,
         "peak": {"value": float(a.max()), "position": [int(peak[0]), int(peak[1])]},
         "total": total,
         "distribution": dist,
-        "mass_within_radius": mass_within_radii(a),
+        "mass_within_radius": mass_within_radii(a, centre=(cy, cx)),
         "gaussian_fit": fit_gaussian(a, dist) if gaussian and total > 0 else None,
         "theoretical_rf": int(theoretical_rf) if theoretical_rf is not None else None,
         "erf_to_trf": None,

@@ -1,7 +1,10 @@
 """Theoretical receptive field from the executed module graph, and the layer listing behind ``--layer``.
 
-Along each axis, a convolution / pooling with kernel k, stride s, dilation d maps (rf, jump) to
-(rf + (k - 1) * d * jump, jump * s), starting from (1, 1) at the input (Araujo et al., Distill 2019).
+Along each axis, a convolution / pooling with kernel k, stride s, dilation d and padding p (before the first
+pixel) maps (rf, jump, start) to (rf + (k - 1) * d * jump, jump * s, start + ((k - 1) d / 2 - p) * jump), starting
+from (1, 1, 0) at the input (Araujo et al., Distill 2019): ``start`` is the input coordinate (pixel centres at
+0, 1, ...) of the centre of unit 0's receptive field, so unit i's is centred at ``start + i * jump`` (RepLKNet's
+"same" padding: 32 i; a 4 x 4 stride-4 patchify stem: 4 i + 1.5).
 Every torch op is intercepted while the model runs once, so parallel branches (RepLKNet's large- and
 small-kernel branches, residual shortcuts) merge by taking the max over the op's inputs.
 
@@ -33,6 +36,19 @@ def _pair(v) -> tuple[int, int]:
     if isinstance(v, (tuple, list)):
         return (int(v[0]), int(v[-1]))
     return (int(v), int(v))
+
+
+def _padding(padding, kernel, dilation) -> tuple[int, int]:
+    """Zeros before the first pixel per axis: an int / pair, or F.conv2d's "valid" (0) / "same" (PyTorch puts
+    the smaller half of d (k - 1) first)."""
+    if isinstance(padding, str):
+        return (0, 0) if padding == "valid" else tuple(dilation[a] * (kernel[a] - 1) // 2 for a in range(2))
+    return _pair(padding)
+
+
+def _start(start, jump, kernel, dilation, padding) -> tuple[float, float]:
+    """The input coordinate of the centre of output unit 0's receptive field (see the module docstring)."""
+    return tuple(start[a] + ((kernel[a] - 1) * dilation[a] / 2 - padding[a]) * jump[a] for a in range(2))
 
 
 def _infos(obj, out):
@@ -71,6 +87,7 @@ class _RFMode(TorchFunctionMode):
             return out
         rf = (max(i[0][0] for i in infos), max(i[0][1] for i in infos))
         jump = (max(i[1][0] for i in infos), max(i[1][1] for i in infos))
+        start = infos[0][2]  # branches merged by an op are aligned (same-padded): the first one's
         name = getattr(func, "__name__", "")
         kernel = stride = dilation = None
         if name in _TOKEN_MIXING and len(infos) >= 2:
@@ -80,17 +97,23 @@ class _RFMode(TorchFunctionMode):
             kernel = tuple(weight.shape[-2:])
             stride = _pair(args[3] if len(args) > 3 else kwargs.get("stride", 1))
             dilation = _pair(args[5] if len(args) > 5 else kwargs.get("dilation", 1))
+            padding = _padding(args[4] if len(args) > 4 else kwargs.get("padding", 0), kernel, dilation)
             if name == "conv_transpose2d":
-                stride = (1, 1)  # upsampling: no coarser grid (rare in the models studied here)
+                stride, padding = (1, 1), tuple((kernel[a] - 1) * dilation[a] / 2 for a in range(2))  # not tracked
         elif "pool2d" in name and "adaptive" not in name:
             kernel = _pair(args[1] if len(args) > 1 else kwargs["kernel_size"])
             s = args[2] if len(args) > 2 else kwargs.get("stride")
             stride = _pair(s) if s not in (None, [], ()) else kernel
             dilation = _pair(args[4] if len(args) > 4 and "max" in name else kwargs.get("dilation", 1))
+            padding = _pair(args[3] if len(args) > 3 else kwargs.get("padding", 0))
+        elif name == "pad" and len(args) > 1 and len(args[1]) >= 2:  # F.pad: (left, right[, top, bottom, ...])
+            pad = args[1]
+            start = (start[0] - (pad[2] if len(pad) >= 4 else 0) * jump[0], start[1] - pad[0] * jump[1])
         if kernel is not None:
+            start = _start(start, jump, kernel, dilation, padding)
             rf = tuple(rf[a] + (kernel[a] - 1) * dilation[a] * jump[a] for a in range(2))
             jump = tuple(jump[a] * stride[a] for a in range(2))
-        _tag(out, (rf, jump))
+        _tag(out, (rf, jump, start))
         return out
 
 
@@ -102,12 +125,14 @@ def _module_hook(module, inp, out):
         return
     if isinstance(module, nn.Conv2d):
         k, s, d = module.kernel_size, module.stride, module.dilation
+        p = _padding(module.padding, k, d)
     else:
         k = _pair(module.kernel_size)
         s = _pair(module.stride if module.stride is not None else module.kernel_size)
         d = _pair(getattr(module, "dilation", 1))
+        p = _pair(module.padding)
     rf = tuple(info[0][a] + (k[a] - 1) * d[a] * info[1][a] for a in range(2))
-    _tag(out, (rf, tuple(info[1][a] * s[a] for a in range(2))))
+    _tag(out, (rf, tuple(info[1][a] * s[a] for a in range(2)), _start(info[2], info[1], k, d, p)))
 
 
 def _features_fn(model: nn.Module):
@@ -122,8 +147,9 @@ def _row(name: str, t: torch.Tensor, input_size: int) -> dict:
         rf = None
         if t.dim() == 4 and min(t.shape[-2:]) > 0:
             stride = max(stride, input_size // max(t.shape[-2:]))
+    start = [float(v) for v in info[2]] if info and rf is not None else None
     return {"name": name, "shape": list(t.shape[1:]), "theoretical_rf": None if rf is None else int(rf),
-            "stride": stride}
+            "stride": stride, "rf_start": start}
 
 
 def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = False) -> list[dict]:
@@ -166,7 +192,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
         if name:
             hooks.append(module.register_forward_hook(make_hook(name)))
     x = torch.zeros(1, 3, int(input_size), int(input_size))
-    setattr(x, _ATTR, ((1, 1), (1, 1)))
+    setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0)))
     try:
         with torch.no_grad(), _RFMode():
             feats = _features_fn(m)(x)

@@ -98,8 +98,9 @@ def validate_run_info(info: dict, source: str = "run.json") -> dict:
 
 
 def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_rf: int | None = None,
-                  formats: Sequence[str] = ("png", "pdf"), display: str | None = None) -> dict:
-    """Write a complete run directory; returns the metrics.
+                  formats: Sequence[str] = ("png", "pdf"), display: str | None = None, centre=None) -> dict:
+    """Write a complete run directory; returns the metrics (centred on ``centre``, the measured unit's
+    receptive-field centre, where given: :func:`erf_lab.erf.metrics.compute_metrics`).
 
     Order: erf.npy, metrics.json, erf.<formats>, then run.json (``run_info`` + ``schema_version``, ``kind``,
     ``metrics_summary``, ``files``) last, so its presence marks the directory complete.
@@ -114,7 +115,7 @@ def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_r
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_npy(out / ERF_FILE, a)
-    metrics = compute_metrics(a, theoretical_rf=theoretical_rf)
+    metrics = compute_metrics(a, theoretical_rf=theoretical_rf, centre=centre)
     write_json(out / METRICS_FILE, metrics)
     title = info.get("label") or info.get("model")
     if info.get("random_init"):
@@ -149,6 +150,13 @@ class Run:
     @property
     def input_size(self) -> int | None:
         return (self.run_info or {}).get("input_size")
+
+    @property
+    def centre(self) -> list[int] | None:
+        """The metrics' centre (y, x): the measured unit's receptive-field centre recorded by the run (None: the
+        map's middle, as for runs written before erf-lab recorded it and for a bare ``.npy``)."""
+        c = (self.run_info or {}).get("erf_centre")
+        return [int(v) for v in c] if isinstance(c, (list, tuple)) and len(c) == 2 else None
 
 
 def read_json(path: Path) -> dict:

@@ -170,7 +170,8 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     name, _ = resolve_layer(model, layer)
     key = structure_cache.structure_key(model, "geometry", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
-    if isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape"} <= set(hit):
+    if (isinstance(hit, dict) and hit.get("layer") == name
+            and {"theoretical_rf", "stride", "feature_shape", "rf_start"} <= set(hit)):
         return hit
     geom = _probe_geometry(model, name, input_size)
     structure_cache.store(GEOMETRY_CACHE, key, geom)
@@ -202,7 +203,18 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
         raise ErfLabError(f"input size {input_size} is too small for layer {name!r} (total stride {stride}: "
                           f"the feature map would be under 1 pixel); use --input-size >= {stride}")
     return {"layer": name, "theoretical_rf": row["theoretical_rf"], "stride": stride,
-            "feature_shape": [row["shape"][0], -(-input_size // stride), -(-input_size // stride)]}
+            "feature_shape": [row["shape"][0], -(-input_size // stride), -(-input_size // stride)],
+            "rf_start": row.get("rf_start")}
+
+
+def erf_centre(geom: dict, input_size: int) -> list[int] | None:
+    """The input pixel (y, x) at the centre of the measured unit's receptive field (the metrics' centre), None
+    where the layer has no kernel geometry (after attention)."""
+    from erf_lab.erf.metrics import target_centre
+
+    if geom.get("rf_start") is None or geom.get("theoretical_rf") is None:
+        return None
+    return target_centre(geom["rf_start"], int(geom["stride"]), int(input_size))
 
 
 _SIZE_IN_NAME = re.compile(r"(?:^|[_\-.])(\d{3,4})(?=[_\-.]|$)")
@@ -558,6 +570,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
             run_info = _run_info(spec, config, result, source, geom, train_size, device, dinfo, label, tags,
                                  resumed_from, start, t0, measure_s, argv, data_cfg)
             metrics = write_run_dir(out_dir, result.erf, run_info, theoretical_rf=geom["theoretical_rf"],
+                                    centre=run_info.get("erf_centre"),
                                     formats=formats, display=display)
         D.barrier(dinfo)
         spath.unlink(missing_ok=True)
@@ -583,6 +596,7 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
         "train_size": train_size, "size_note": size_note(spec.input_size, train_size),
         "layer": geom["layer"], "aggregate": spec.aggregate, "input_size": spec.input_size,
         "feature_shape": geom["feature_shape"], "theoretical_rf": geom["theoretical_rf"],
+        "erf_centre": erf_centre(geom, spec.input_size),
         "images": "default" if source.name == "default" else str(Path(source.root).resolve()),
         "image_list": used, "num_images_requested": spec.num_images, "num_used": result.num_used,
         "num_skipped": len(skipped), "skipped": skipped, "mean": list(config["mean"]), "std": list(config["std"]),
