@@ -448,3 +448,37 @@ def test_metrics_centre_on_the_measured_units_receptive_field(tmp_path, size, ce
 
     again = analyze(tmp_path / "run", out=tmp_path / "again")["metrics"]  # re-analysis keeps the centre
     assert again["center"] == [centre, centre] and again["high_contribution"] == res["metrics"]["high_contribution"]
+
+
+def test_an_error_after_measured_images_or_while_writing_keeps_them_for_resume(tmp_path, monkeypatch):
+    """An ErfLabError once images are measured (e.g. one raised by a later batch), or any failure while the run
+    directory is written, keeps the measurement: --resume finishes it without measuring those images again."""
+    import erf_lab.erf.runner as runner
+
+    full = run_erf(_spec(num_images=3), out=tmp_path / "full", show_progress=False)
+
+    def fail_after_two(acc):
+        if len(acc.processed) == 2:
+            raise ErfLabError("a failure after two images")
+
+    out = tmp_path / "run"
+    with pytest.raises(ErfLabError, match="after two images"):
+        run_erf(_spec(num_images=3), out=out, show_progress=False, on_batch=fail_after_two, checkpoint_seconds=1e9)
+    assert (out / ".erf_state.npz").is_file()
+    real = runner.write_run_dir
+
+    def broken_writer(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runner, "write_run_dir", broken_writer)
+    counted = []
+    with pytest.raises(OSError, match="disk full"):
+        run_erf(_spec(num_images=3), out=out, show_progress=False, resume=True,
+                on_batch=lambda a: counted.append(len(a.processed)))
+    assert counted == [3] and (out / ".erf_state.npz").is_file() and not (out / "run.json").exists()
+    monkeypatch.setattr(runner, "write_run_dir", real)
+    counted.clear()
+    res = run_erf(_spec(num_images=3), out=out, show_progress=False, resume=True,
+                  on_batch=lambda a: counted.append(len(a.processed)))
+    assert counted == [] and res["run_info"]["num_used"] == 3 and not (out / ".erf_state.npz").exists()
+    np.testing.assert_array_equal(np.load(out / "erf.npy"), np.load(tmp_path / "full" / "erf.npy"))

@@ -48,14 +48,14 @@ class Accumulator:
     skipped: list = field(default_factory=list)  # [id, reason]
 
     def add(self, ident: str, grad_map: np.ndarray | None, reason: str | None = None) -> None:
-        self.processed.append(ident)
+        """Count one image (or its reason for being skipped). The new state is built first and assigned in one
+        statement, so a Ctrl-C inside ``add`` leaves the previous state whole (never a sum one image ahead of
+        its count, nor an id marked processed without its map)."""
         if grad_map is None:
-            self.skipped.append([ident, reason or "skipped"])
+            self.processed, self.skipped = self.processed + [ident], self.skipped + [[ident, reason or "skipped"]]
             return
-        if self.sum is None:
-            self.sum = np.zeros(grad_map.shape, dtype=np.float64)
-        self.sum += grad_map
-        self.count += 1
+        total = (grad_map.astype(np.float64) if self.sum is None else self.sum + grad_map)
+        self.sum, self.count, self.processed = total, self.count + 1, self.processed + [ident]
 
     def save(self, path, extra: dict | None = None) -> None:
         """Atomically write the state as ``.npz`` (``extra`` is stored as JSON)."""

@@ -552,7 +552,10 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                                  inplace=True, reducer=D.make_reducer(dinfo, (spec.input_size, spec.input_size), device),
                                  roofline=True)
         except ErfLabError:
-            spath.unlink(missing_ok=True)  # nothing to resume from: every image failed, or bad input
+            if acc.count:  # images measured, in this session or an earlier one: kept for --resume
+                acc.save(spath, extra)
+            else:
+                spath.unlink(missing_ok=True)  # nothing to resume from: every image failed, or bad input
             raise
         except BaseException as e:
             if acc.processed:
@@ -567,11 +570,14 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
 
         run_info = metrics = None
         if dinfo.is_main:
-            run_info = _run_info(spec, config, result, source, geom, train_size, device, dinfo, label, tags,
-                                 resumed_from, start, t0, measure_s, argv, data_cfg)
-            metrics = write_run_dir(out_dir, result.erf, run_info, theoretical_rf=geom["theoretical_rf"],
-                                    centre=run_info.get("erf_centre"),
-                                    formats=formats, display=display)
+            try:
+                run_info = _run_info(spec, config, result, source, geom, train_size, device, dinfo, label, tags,
+                                     resumed_from, start, t0, measure_s, argv, data_cfg)
+                metrics = write_run_dir(out_dir, result.erf, run_info, theoretical_rf=geom["theoretical_rf"],
+                                        centre=run_info.get("erf_centre"), formats=formats, display=display)
+            except BaseException:  # Ctrl-C or a failure while writing: the measurement is kept for --resume
+                acc.save(spath, extra)
+                raise
         D.barrier(dinfo)
         spath.unlink(missing_ok=True)
     return {"out_dir": out_dir, "metrics": metrics, "run_info": run_info, "result": result if dinfo.is_main else None,
