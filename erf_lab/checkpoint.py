@@ -60,7 +60,7 @@ def random_init_record(weights: str | os.PathLike) -> dict | None:
 
     path = resolve_weights(weights)[0]
     meta = {}
-    if path.suffix == ".safetensors":
+    if _damaged_format(path) == "safetensors":  # by its bytes, whatever its name
         with contextlib.suppress(Exception):  # unreadable files are reported when the weights are loaded
             from safetensors import safe_open
 
@@ -100,6 +100,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         obj = _read_checkpoint(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # torch's weights-only unpickler raises anything (IndexError, KeyError, ...) on non-pickles
         if blocked_global(e):
             raise CheckpointError(f"refusing to load {path}: {load_failure(e)}; save a plain state dict or "
@@ -112,8 +114,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _damaged_format(path: Path) -> str | None:
-    """The format an unreadable file starts like ('PyTorch zip': the zip magic of ``torch.save``; 'safetensors': an
-    8-byte header length then JSON), i.e. a checkpoint cut short or damaged; None for anything else."""
+    """The format a file starts like ('PyTorch zip': the zip magic of ``torch.save``; 'safetensors': an 8-byte
+    header length then JSON): what to read it as, and for an unreadable file a checkpoint cut short or damaged;
+    None for anything else."""
     with contextlib.suppress(OSError), open(path, "rb") as f:
         head = f.read(9)
         if head.startswith(b"PK\x03\x04"):
@@ -121,6 +124,16 @@ def _damaged_format(path: Path) -> str | None:
         if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
             return "safetensors"
     return None
+
+
+def _torchscript_archive(path: Path) -> bool:
+    """A ``torch.jit.save`` archive (a zip with ``code/`` and ``constants.pkl``): a program, not a state dict."""
+    import zipfile
+
+    with contextlib.suppress(OSError, zipfile.BadZipFile), zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
+    return False
 
 
 def blocked_global(e: BaseException) -> str | None:
@@ -140,13 +153,20 @@ def load_failure(e: BaseException) -> str:
 
 
 def _read_checkpoint(path: Path):
-    if path.suffix == ".safetensors":
+    """The file's contents, read by what its first bytes say it is (a safetensors file named ``.pth`` or a
+    ``torch.save`` file named ``.safetensors`` load too); the suffix decides only for bytes of neither kind."""
+    fmt = _damaged_format(path)
+    if fmt == "safetensors" or (fmt is None and path.suffix == ".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    with _allow_metadata(), warnings.catch_warnings():
+    if fmt == "PyTorch zip" and _torchscript_archive(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: a TorchScript archive (torch.jit.save), not a state "
+                              "dict; save model.state_dict() with torch.save, or as .safetensors")
+    # a file object, not the path: torch.load hands any path named .safetensors to safetensors by its suffix
+    with _allow_metadata(), warnings.catch_warnings(), open(path, "rb") as f:
         warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 104" for bytes that are no pickle
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def _allow_metadata():
@@ -254,7 +274,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     body_ok = len(head_problems) == len(missing + unexpected + mismatched)
     other_width = [k for k in mismatched if k.startswith(heads) and state_dict[k].shape[1:] != own[k].shape[1:]]
     if head_problems and not drop_head and body_ok and not other_width:
-        k, keep = head_problems[0], ""
+        # name the classifier's weight matrix where it is among them (not a pre-logits norm's vector)
+        k = next((k for k in head_problems if k in state_dict and state_dict[k].dim() == 2), head_problems[0])
+        keep = ""
         if k in missing:
             what = f"the model has a classifier ({k}), the file none"
         elif k in unexpected:

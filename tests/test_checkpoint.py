@@ -374,3 +374,38 @@ def test_materialize_replaces_meta_tensors_and_keeps_shared_ones_shared():
     assert m[0].weight.shape == (4, 3, 3, 3) and m[1].running_var.shape == (4,)
     assert m[1].num_batches_tracked.dtype == torch.long and not m[0].bias.requires_grad
     assert m[0].weight.requires_grad
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_the_format_comes_from_the_bytes_not_the_name(tmp_path):
+    """A safetensors file named .pth and a torch.save file named .safetensors are intact checkpoints: they load
+    (not 'truncated or damaged'); a TorchScript archive is named as what it is."""
+    from safetensors.torch import save_file
+
+    sd = {"w": torch.arange(4.0), "b": torch.ones(2)}
+    save_file(sd, tmp_path / "st.pth")
+    torch.save(sd, tmp_path / "pt.safetensors")
+    for name in ("st.pth", "pt.safetensors"):
+        back = load_state_dict_file(tmp_path / name)
+        assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd), name
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "script.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_file(tmp_path / "script.pt")
+    assert "TorchScript archive" in str(e.value) and "state_dict()" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_imagenet_weights_load_into_a_downstream_backbone_with_drop_head():
+    """The official downstream option (out_indices) has no final BN, pool or head: an ImageNet checkpoint's
+    ``norm.*`` belongs to its classifier there, so --drop-head loads the backbone (as the official code's
+    non-strict load does) and without it the error names the classifier."""
+    from erf_lab.models.replknet import RepLKNet
+
+    cfg = dict(large_kernel_sizes=[7, 7, 7, 5], layers=[1, 1, 1, 1], channels=[8, 16, 24, 32])
+    torch.manual_seed(0)
+    imagenet = RepLKNet(**cfg, num_classes=1000).state_dict()
+    backbone = RepLKNet(**cfg, num_classes=None, out_indices=[0, 1, 2, 3])
+    with pytest.raises(CheckpointError, match=r"the file has a classifier \(head.weight\).*drop_head=True"):
+        load_weights(backbone, imagenet, source="imagenet.pth")
+    load_weights(backbone, imagenet, drop_head=True, source="imagenet.pth")
+    own = backbone.state_dict()
+    assert all(torch.equal(own[k], imagenet[k]) for k in own if not k.endswith("num_batches_tracked"))

@@ -217,6 +217,15 @@ def test_stimuli_go_in_whole_as_in_model_vs_human():
     assert Preprocess.from_model(small, crop_pct=None)(img)[:, :, 0].max() == 0
 
 
+def test_crop_scale_size_floors_like_timm():
+    """timm's eval transform resizes to floor(size / crop_pct) (224 / 0.9 -> 248, not 249): an image of exactly
+    that size is only centre-cropped, pixel for pixel."""
+    pp = Preprocess(size=(224, 224), mean=(0.0,) * 3, std=(1.0,) * 3, crop_pct=0.9)
+    rgb = np.random.default_rng(0).integers(0, 256, (248, 248, 3), dtype=np.uint8)
+    out = np.asarray(pp.pixels(Image.fromarray(rgb)))
+    assert out.shape == (224, 224, 3) and np.array_equal(out, rgb[12:236, 12:236])
+
+
 def test_sixteen_way_head_used_directly(datasets, tmp_path, monkeypatch):
     from erf_lab.erf import prepare
 

@@ -356,6 +356,8 @@ class RepLKNet(FeatureIntermediates, ResettableClassifier, nn.Module):
                     ))
             classifier = out_indices is None  # a downstream backbone has no final BN / pool / head (official keys)
             self.norm = nn.BatchNorm2d(self.channels[-1]) if classifier else None
+            if not classifier:  # an ImageNet checkpoint's final BN belongs to its classifier here: --drop-head drops it
+                self.head_names = ("head", "norm")
             self.avgpool = nn.AdaptiveAvgPool2d(1) if classifier else None
             self.head = nn.Linear(self.channels[-1], self.num_classes) if classifier and self.num_classes > 0 else None
         if device.type != "meta":

@@ -156,7 +156,7 @@ class Preprocess:
                     "lanczos": Image.LANCZOS}.get(self.interpolation, Image.BILINEAR)
         img = to_rgb(img)
         h, w = self.size
-        scale_h, scale_w = int(round(h / self.crop_pct)), int(round(w / self.crop_pct))
+        scale_h, scale_w = math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)  # timm's scale_size
         if img.size != (scale_w, scale_h):
             iw, ih = img.size
             r = max(scale_w / iw, scale_h / ih)
