@@ -10,8 +10,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def data_dir() -> Path:
     """The project's ``data/`` folder (id tables, built-in default images, reference numbers)."""
     local = REPO_ROOT / "data"
-    if local.is_dir():
-        return local
+    if (local / "paper_reference.json").is_file():  # the checkout's own (an installed copy's parent is
+        return local                                   # site-packages, whose data/ may be another package's)
     import erf_lab_data  # installed copy of data/ (see setup.py)
 
     return Path(erf_lab_data.__file__).resolve().parent
@@ -28,5 +28,5 @@ def datasets_root() -> Path | None:
 
 
 def cache_dir() -> Path:
-    """User cache: ``$ERF_LAB_CACHE`` or ``~/.cache/erf-lab``."""
-    return Path(os.environ.get("ERF_LAB_CACHE", Path.home() / ".cache" / "erf-lab")).expanduser()
+    """User cache: ``$ERF_LAB_CACHE`` (unless empty) or ``~/.cache/erf-lab``."""
+    return Path(os.environ.get("ERF_LAB_CACHE") or Path.home() / ".cache" / "erf-lab").expanduser()

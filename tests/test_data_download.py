@@ -131,6 +131,20 @@ def test_data_found_only_through_documented_places(tmp_path, monkeypatch):
     assert datasets_root() == tmp_path / "mine"
 
 
+def test_empty_cache_variable_is_unset_and_a_foreign_data_folder_is_ignored(tmp_path, monkeypatch):
+    """ERF_LAB_CACHE="" is no cache in the working directory; an installed copy (whose parent, site-packages, may
+    hold another package's data/) reads its own shipped data."""
+    import erf_lab.paths as paths
+
+    monkeypatch.setenv("ERF_LAB_CACHE", "")
+    assert paths.cache_dir() == Path.home() / ".cache" / "erf-lab"
+    fake_root = tmp_path / "site-packages"
+    (fake_root / "data").mkdir(parents=True)  # some other package's data folder
+    monkeypatch.setattr(paths, "REPO_ROOT", fake_root)
+    shipped = paths.data_dir()
+    assert shipped != fake_root / "data" and (shipped / "paper_reference.json").is_file()
+
+
 def test_full_download_then_idempotent(mirror, tmp_path, fixture_datasets):
     url, manifest, _ = mirror
     dest = tmp_path / "dest"
@@ -199,3 +213,67 @@ def test_cli_download_and_info(mirror, tmp_path, capsys, monkeypatch):
     assert main(["data", "info"]) == 0
     out = capsys.readouterr().out
     assert str(dest) in out and "edges: 3 files" in out
+
+
+class _Misbehaving(http.server.BaseHTTPRequestHandler):
+    """A server that closes the connection halfway (once), or answers with no HTTP at all."""
+    data = bytes(range(256)) * 400
+    mode = "truncate"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        start = int(rng[6:].split("-")[0]) if rng else 0
+        if type(self).mode == "garbage":
+            self.wfile.write(b"garbage\r\n\r\n")
+            self.close_connection = True
+            return
+        body = self.data[start:]
+        self.send_response(206 if rng else 200)
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.data) - 1}/{len(self.data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if type(self).mode == "truncate":
+            type(self).mode = "ok"
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture()
+def misbehaving():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/f.bin"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_connection_cut_short_keeps_the_partial_file_and_resumes(misbehaving, tmp_path):
+    import hashlib
+
+    data = _Misbehaving.data
+    sha, target = hashlib.sha256(data).hexdigest(), tmp_path / "f.bin"
+    _Misbehaving.mode = "truncate"
+    with pytest.raises(ErfLabError, match=r"download (incomplete|failed).*rerun to resume"):
+        dl.fetch(misbehaving, target, sha, len(data))
+    part = tmp_path / "f.bin.part"
+    assert part.is_file() and 0 < part.stat().st_size < len(data) and not target.exists()
+    assert dl.fetch(misbehaving, target, sha, len(data)) == "resumed" and target.read_bytes() == data
+    # a partial file as long as the whole one but wrong is started over (not a Range past the end)
+    target.unlink()
+    part.write_bytes(b"x" * len(data))
+    assert dl.fetch(misbehaving, target, sha, len(data)) == "downloaded" and target.read_bytes() == data
+
+
+def test_a_reply_that_is_no_http_is_one_error_line(misbehaving, tmp_path):
+    _Misbehaving.mode = "garbage"
+    with pytest.raises(ErfLabError) as e:
+        dl.fetch(misbehaving, tmp_path / "f.bin", "0" * 64, 10)
+    assert "download failed" in str(e.value) and "\n" not in str(e.value)

@@ -94,3 +94,28 @@ def test_ranks_that_see_other_images_refuse_to_run(tmp_path):
     assert rc0 == rc1 == 2 and len(err0) == len(err1) == 1 and "no image files" in err1[0], (err0, err1)
     assert err0 == ["erf-lab compute: error: rank 1 stopped: " + err1[0].split("error: ", 1)[1]]
     assert not (out / "run.json").exists()
+
+
+def test_a_torchrun_sweep_is_written_once_and_reused_by_one_process(tmp_path):
+    """Under torchrun every rank measures its share of each member; rank 0 alone writes the sweep's files and
+    reports. A later 1-process sweep of the same settings reuses the members (the ERF does not depend on the
+    number of processes)."""
+    from erf_lab.erf.sweep import run_sweep
+
+    out = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "erf_lab", "sweep", "--input-sizes", "32", "--model", "replknet_31b", "--reparam", "deploy",
+           "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)", "--num-images", "2",
+           "--formats", "png", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1 and (out / "sweep.csv").is_file()
+    stamp = (out / "S32-deploy" / "erf.npy").stat().st_mtime_ns
+    res = run_sweep(input_sizes="32", model="replknet_31b", reparam="deploy", num_images=2,
+                    overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, out=out, formats=("png",),
+                    show_progress=False)
+    assert res["main"] and (out / "S32-deploy" / "erf.npy").stat().st_mtime_ns == stamp

@@ -194,3 +194,17 @@ def test_large_maps_are_one_image_with_the_same_pixels(tmp_path, monkeypatch):
     with Image.open(as_image) as a, Image.open(as_quads) as b:
         pa, pb = np.asarray(a.convert("RGB"), dtype=int), np.asarray(b.convert("RGB"), dtype=int)
     assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 2  # rounding of the colour blend at cell edges
+
+
+def test_growth_legend_on_the_first_panel_with_lines(tmp_path):
+    """A metric never reached (area@20% of a tiny map) draws no line: the legend goes to a panel that has one."""
+    import warnings
+
+    from erf_lab.erf.plotting import plot_growth
+
+    rows = [{"kernel": k, "reparam": mode, "area@20%": None, "r_rms": 1.0 + k + (mode == "deploy")}
+            for k in (3, 7) for mode in ("train", "deploy")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns "No artists with labels found" for a legend of nothing
+        files = plot_growth(rows, tmp_path / "growth", metrics=[("area@20%", "area"), ("r_rms", "r_rms")])
+    assert sorted(p.suffix for p in files) == [".pdf", ".png"]

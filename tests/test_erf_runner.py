@@ -482,3 +482,17 @@ def test_an_error_after_measured_images_or_while_writing_keeps_them_for_resume(t
                   on_batch=lambda a: counted.append(len(a.processed)))
     assert counted == [] and res["run_info"]["num_used"] == 3 and not (out / ".erf_state.npz").exists()
     np.testing.assert_array_equal(np.load(out / "erf.npy"), np.load(tmp_path / "full" / "erf.npy"))
+
+
+def test_a_finished_run_is_reused_whatever_the_number_of_processes(tmp_path):
+    """The ERF does not depend on how many torchrun ranks measured it: a sweep member (reuse) or --resume finds
+    a run measured by 2 ranks complete in a 1-process call (only an interrupted run's state files are per rank)."""
+    out = tmp_path / "run"
+    run_erf(_spec(), out=out, show_progress=False)
+    info = json.loads((out / "run.json").read_text())
+    info["config"]["world_size"] = 2
+    (out / "run.json").write_text(json.dumps(info))
+    stamp = (out / "erf.npy").stat().st_mtime_ns
+    assert run_erf(_spec(), out=out, show_progress=False, reuse=True)["already_complete"]
+    assert run_erf(_spec(), out=out, show_progress=False, resume=True)["already_complete"]
+    assert (out / "erf.npy").stat().st_mtime_ns == stamp

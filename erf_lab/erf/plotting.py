@@ -263,6 +263,8 @@ def plot_growth(rows: Sequence[dict], stem: str | os.PathLike, *, x: str = "kern
             xs = sorted({r[x] for r in rows})
             ax.set_xticks(xs)
             ax.grid(True, linewidth=0.4, alpha=0.5)
-        if len(groups) > 1 or groups[0]:
-            axes[0].legend(title=group, frameon=False)
+        if len(groups) > 1 or groups[0]:  # on the first panel with a line (a metric never reached draws none)
+            drawn = next((ax for ax in axes if ax.get_legend_handles_labels()[0]), None)
+            if drawn is not None:
+                drawn.legend(title=group, frameon=False)
         return save_figure(fig, stem, tuple(formats))

@@ -324,6 +324,12 @@ def _config(spec: ErfSpec, source, mean, std, weights_sha, dinfo) -> dict:
             "mean": list(mean), "std": list(std), "world_size": dinfo.world_size}
 
 
+def finished_diff(old: dict, new: dict) -> list[str]:
+    """``config_diff`` against a finished run: the number of processes that measured it is left out (the ERF does
+    not depend on it; only an interrupted run's per-rank state files do)."""
+    return [k for k in config_diff(old, new) if k != "world_size"]
+
+
 def config_diff(old: dict, new: dict) -> list[str]:
     """The config entries in which a stored run (``old``) differs from this one (``new``). A run written before
     erf-lab hashed the images' contents has no ``images_sha256``: it is taken as matching, with a warning, as the
@@ -348,7 +354,7 @@ def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: boo
     complete = (out_dir / RUN_FILE).exists()
     if reuse and complete:
         info = read_json_or_none(out_dir / RUN_FILE)
-        if isinstance(info, dict) and isinstance(info.get("config"), dict) and not config_diff(info["config"], config):
+        if isinstance(info, dict) and isinstance(info.get("config"), dict) and not finished_diff(info["config"], config):
             return "complete", None
         return "new", [*outputs, *states]
     if reuse:
@@ -357,7 +363,7 @@ def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: boo
         if resume:
             info = read_json_or_none(out_dir / RUN_FILE)
             old = info.get("config") if isinstance(info, dict) else None
-            diff = config_diff(old, config) if isinstance(old, dict) else ["run.json unreadable"]
+            diff = finished_diff(old, config) if isinstance(old, dict) else ["run.json unreadable"]
             if diff:
                 what = [CONFIG_KEY_NAMES.get(k, k) for k in diff]
                 raise ErfLabError(f"{out_dir} already holds a complete run with other settings ({', '.join(what)}); "

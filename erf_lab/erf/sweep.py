@@ -219,6 +219,10 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
         stem = next(m[0] for m in members if (m[1] == k or k is None) and (m[2] == v if by_size else m[1] == v))
         return maps[(stem, mode)]
 
+    from erf_lab.erf.distributed import env_info
+
+    if not env_info().is_main:  # under torchrun every rank measured its share; rank 0 alone writes the sweep
+        return {"rows": rows, "reparam_diff": diffs, "files": [], "out_dir": out_dir, "markdown": "", "main": False}
     files = plot_grid([[cell(k, mode, v) for v in axis] for k, mode in row_keys],
                       [f"K={k} {mode}" if k is not None else mode for k, mode in row_keys],
                       [f"{v}px" if by_size else f"K = {v}" for v in axis], out_dir / "grid", formats=formats)
@@ -244,4 +248,4 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     record.update({"rows": rows, "reparam_diff": diffs, "files": [p.name for p in files]})
     write_json(out_dir / "sweep.json", record)
     files.append(out_dir / "sweep.json")
-    return {"rows": rows, "reparam_diff": diffs, "files": files, "out_dir": out_dir, "markdown": md}
+    return {"rows": rows, "reparam_diff": diffs, "files": files, "out_dir": out_dir, "markdown": md, "main": True}

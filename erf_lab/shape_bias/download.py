@@ -63,9 +63,12 @@ def build_manifest(root: str | os.PathLike) -> dict:
 def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout: float = 60.0) -> str:
     """Download ``url`` to ``target`` via ``target.part`` (resumed with HTTP Range), verify SHA-256, rename.
 
-    Returns ``"present"``, ``"downloaded"`` or ``"resumed"``. On a checksum mismatch the partial file is deleted
-    and ``ErfLabError`` raised; ``target`` is never created with wrong contents.
+    Returns ``"present"``, ``"downloaded"`` or ``"resumed"``. A response cut short (fewer bytes than ``size``)
+    keeps the partial file and raises ``ErfLabError`` (rerun to resume); on a checksum mismatch of a whole file
+    the partial file is deleted and ``ErfLabError`` raised; ``target`` is never created with wrong contents.
     """
+    import http.client
+
     from erf_lab.io import sha256_file
 
     if target.is_file() and sha256_file(target) == sha256:
@@ -73,6 +76,9 @@ def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout:
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
+    if size is not None and have >= size and sha256_file(part) != sha256:
+        part.unlink()  # as long as the whole file or longer, and wrong: start over, not a Range past its end
+        have = 0
     status = "downloaded"
     req = urllib.request.Request(url, headers={"User-Agent": "erf-lab"})
     if have:
@@ -89,9 +95,12 @@ def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout:
         if not (e.code == 416 and have):  # 416: the partial file is already complete
             raise ErfLabError(f"download failed: {url}: HTTP {e.code} {e.reason}") from None
         status = "resumed"
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        reason = getattr(e, "reason", e)
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
+        reason = " ".join(str(getattr(e, "reason", None) or f"{type(e).__name__}: {e}").split())  # one line
         raise ErfLabError(f"download failed: {url}: {reason} (rerun to resume)") from None
+    got = part.stat().st_size if part.is_file() else 0
+    if size is not None and got < size:  # the server closed the connection early: keep what came, resume later
+        raise ErfLabError(f"download incomplete: {url}: {got} of {size} bytes (rerun to resume)")
     digest = sha256_file(part)
     if digest != sha256:
         part.unlink()

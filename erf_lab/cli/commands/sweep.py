@@ -61,6 +61,7 @@ def run(args) -> int:
                     out=args.out, force=args.force, formats=parse_formats(args.formats),
                     seed=args.seed, layer=args.layer, device=args.device, batch_size=args.batch_size,
                     show_progress=not args.quiet, argv=sys.argv)
-    print(res["markdown"])
-    print(f"wrote {res['out_dir']}/ ({', '.join(p.name for p in res['files'])})")
+    if res["main"]:  # under torchrun: rank 0 reports
+        print(res["markdown"])
+        print(f"wrote {res['out_dir']}/ ({', '.join(p.name for p in res['files'])})")
     return 0
