@@ -326,6 +326,10 @@ def decide(x, weight, bias) -> dict:
     if not s.autotune:
         b = _cost_model(cands, x, weight, bias)
         return {"backend": b, "why": f"cost model (autotune off); candidates {cands}", "excluded": excluded}
+    if torch._C._are_functorch_transforms_active():  # timing needs plain tensors: decided again outside it
+        b = _cost_model(cands, x, weight, bias)
+        return {"backend": b, "why": f"cost model (inside a torch.func transform, where candidates cannot be "
+                f"timed); candidates {cands}", "excluded": excluded, "transient": True}
     if x.device.type == "cpu" and "native" in cands and memory_format_of(x) == torch.channels_last:
         k, gw = max(weight.shape[-2:]), _needs_grad(x, weight, bias)[1]
         if k <= (STOCK_MAX_K_GRAD if gw else STOCK_MAX_K_FWD) and (gw or not _cpp_direct(cands, x, weight)):
@@ -402,7 +406,8 @@ def decide(x, weight, bias) -> dict:
                 excluded[b] = f"failed while autotuning: {type(e).__name__}: {str(e)[:120]}"
                 times.pop(b, None)
     if not times:
-        return {"backend": "native", "why": "every candidate failed to run; plain F.conv2d", "excluded": excluded}
+        return {"backend": "native", "why": "every candidate failed to run; plain F.conv2d", "excluded": excluded,
+                "transient": True}
     ms = {b: round(t * 1e3, 4) for b, t in sorted(_paired_times(times, per_round).items(), key=lambda kv: kv[1])}
     verdict = _choose(ms)
     head = None
@@ -637,8 +642,10 @@ def resolve(backend: str | None, x, weight, bias) -> str:
         key = _fast_key(x, weight, bias)
         hit = _fast.get(key)
         if hit is None:
-            name = decide(x, weight, bias)["backend"]
-            hit = _fast[key] = (name, backend_runner(name, x, weight, bias))
+            d = decide(x, weight, bias)
+            hit = (d["backend"], backend_runner(d["backend"], x, weight, bias))
+            if not d.get("transient"):  # a stopgap (inside torch.func, every candidate failed) is not memoized
+                _fast[key] = hit
         return hit[0]
     ok, reason = supports(backend, x, weight)
     if not ok:

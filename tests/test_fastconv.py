@@ -666,6 +666,30 @@ def test_autotuning_leaves_the_global_rng_alone():
     assert torch.equal(after, torch.rand(4))
 
 
+def test_a_first_call_under_torch_func_is_not_kept_for_eager_calls():
+    """Inside torch.func the candidates cannot be timed (they need plain tensors): the cost model answers that call,
+    and an eager call of the same signature afterwards is still autotuned, not pinned to the stopgap."""
+    from torch.func import grad
+
+    dispatch.clear_cache()
+    x, w = torch.randn(1, 16, 8, 20), torch.randn(16, 1, 9, 9)
+    g = grad(lambda w: fastconv.depthwise_conv2d(x, w).sum())(w)
+    assert torch.allclose(g, grad(lambda w: _ref(x, w, None).sum())(w), rtol=1e-4, atol=1e-3)
+    assert not dispatch._fast  # nothing memoized from inside the transform
+    ww = w.clone().requires_grad_()
+    fastconv.depthwise_conv2d(x, ww).sum().backward()
+    d = dispatch.decide(x, ww, None)
+    assert d.get("cached") is True and "times_ms" in d  # timed (autotuned) for the eager call
+
+
+def test_explain_of_an_empty_call_does_not_crash():
+    x, w = torch.randn(2, 0, 8, 20), torch.randn(0, 1, 5, 5)
+    text = fastconv.explain(x, w)
+    assert "empty input" in text
+    if ck.cpp_available():
+        assert ck.cpp_work_split(x, w)["wgrad_slices"] == 1
+
+
 def test_triton_is_never_picked_above_its_kernel_limit(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = torch.randn(1, 2, 5, 5)

@@ -612,6 +612,7 @@ inline int64_t blocks_per_line(bool channels_inner) {
 #define WG_UNITS 4
 #endif
 inline int64_t wgrad_slices(int64_t N, int64_t C, bool channels_inner) {
+    if (N < 1 || C < 1) return 1;  // an empty call: no work to split (and no division by zero blocks)
     const int64_t CB = (C + L - 1) / L, G = blocks_per_line(channels_inner), CBG = (CB + G - 1) / G;
     return max64(1, min64(N, (WG_UNITS + CBG - 1) / CBG));
 }
