@@ -80,7 +80,9 @@ def test_timeline_measures_each_checkpoint_once(tiny_run, tmp_path, capsys):
     aside.mkdir()
     for p in run.glob("checkpoints/epoch_002.*"):  # as if the run had reached epoch 1 only
         shutil.move(p, aside / p.name)
-    kw = dict(num_images=2, probe_size=12, show_progress=False, formats=("png",))
+    # at 64 px the 2 x 2 map's unit 1 is centred at 32 = 64 // 2 (at the training size, 32 px, the one unit of a
+    # 1 x 1 map is centred at the corner pixel: no centred square fits, every area ratio is "not reached")
+    kw = dict(num_images=2, probe_size=12, show_progress=False, formats=("png",), input_size=64)
     first = timeline(run, **kw)
     assert first["measured"] == {"erf": 2, "probe": 2}
     assert [r["epoch"] for r in first["rows"]] == [0, 1]
@@ -99,11 +101,12 @@ def test_timeline_measures_each_checkpoint_once(tiny_run, tmp_path, capsys):
     assert rows[0]["untrained"] is True
     assert [r["untrained"] for r in rows[1:]] == [at_chance(r["val_acc"], 4, 16) for r in rows[1:]]
     capsys.readouterr()
-    assert main(["timeline", str(run), "--num-images", "2", "--probe-size", "12", "--formats", "png", "--quiet"]) == 0
+    assert main(["timeline", str(run), "--num-images", "2", "--probe-size", "12", "--input-size", "64", "--formats",
+                 "png", "--quiet"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[1].split()[0] == "0" and printed[1].split()[-2] == "†" and UNTRAINED_NOTE in printed
-    erf_json = json.loads((run / "timeline" / "erf-32px" / "epoch_001" / "run.json").read_text())
-    assert erf_json["input_size"] == 32 and erf_json["num_used"] == 2
+    erf_json = json.loads((run / "timeline" / "erf-64px" / "epoch_001" / "run.json").read_text())
+    assert erf_json["input_size"] == 64 and erf_json["num_used"] == 2 and erf_json["erf_centre"] == [32, 32]
     assert (run / "timeline" / "timeline.png").is_file()
     lines = (run / "timeline" / "timeline.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("epoch,area@20%")
