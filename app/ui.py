@@ -62,7 +62,8 @@ def parse_int_tuple(text: str, n: int | None = None, what: str = "values") -> tu
     if n is not None and len(vals) == 1:
         vals = vals * n
     if not vals or (n is not None and len(vals) != n):
-        raise ErfLabError(f"{what}: expected {n} comma-separated integers, got {text!r}")
+        count = "" if n is None else f"{n} "
+        raise ErfLabError(f"{what}: expected {count}comma-separated integers, got {text!r}")
     if any(v <= 0 for v in vals):
         raise ErfLabError(f"{what}: values must be positive, got {text!r}")
     return vals

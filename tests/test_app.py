@@ -707,3 +707,15 @@ def test_streamlit_run_binds_loopback_by_default(tmp_path):
         assert hosts == {"0100007F"}, hosts  # 127.0.0.1 (little-endian hex), and nothing else
     finally:
         stop_process(proc)
+
+
+def test_integer_list_messages_say_what_is_expected():
+    from app.ui import parse_int_tuple
+    from erf_lab.errors import ErfLabError
+
+    assert parse_int_tuple("31, 29 27;13") == (31, 29, 27, 13) and parse_int_tuple("7", n=3) == (7, 7, 7)
+    for text, n, message in (("", None, "kernel sizes: expected comma-separated integers, got ''"),
+                             ("1,2", 3, "kernel sizes: expected 3 comma-separated integers, got '1,2'")):
+        with pytest.raises(ErfLabError) as e:
+            parse_int_tuple(text, n=n, what="kernel sizes")
+        assert str(e.value) == message

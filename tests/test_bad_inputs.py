@@ -1,6 +1,7 @@
 """Every bad input a careful new user tries (issue #13): exit status 2, exactly one ``error:`` line, no traceback,
 and no output directory that looks complete. One table for all commands; new commands join it."""
 import io
+import json
 import pickle
 
 import numpy as np
@@ -62,6 +63,11 @@ def bad(tmp_path_factory):
     (d / "bad_type" / "run.json").write_text('{"schema_version": 1, "kind": "erf", "theoretical_rf": "abc"}')
     write_run_dir(d / "bad_json", np.ones((9, 9)), {"model": "m"})
     (d / "bad_json" / "run.json").write_text('{"model": ')
+    write_run_dir(d / "bad_centre", np.ones((9, 9)), {"model": "m"})
+    info = json.loads((d / "bad_centre" / "run.json").read_text())
+    (d / "bad_centre" / "run.json").write_text(json.dumps({**info, "erf_centre": ["a", "b"]}))
+    np.save(d / "complex.npy", np.ones((8, 8), dtype=np.complex64))
+    (d / "mvh.csv").write_text("subj,session,trial,rt,object_response,category,condition,imagename\n")
     np.save(d / "nan.npy", np.full((8, 8), np.nan))
     return d
 
@@ -126,6 +132,19 @@ def _cases():
     add("analyze-run-json-type", ["analyze", "{bad}/bad_type"], "field 'theoretical_rf' must be integer or null")
     add("analyze-run-json-corrupt", ["analyze", "{bad}/bad_json"], "corrupt JSON")
     add("analyze-nan-map", ["analyze", "{bad}/nan.npy"], "non-finite")
+    add("analyze-complex-map", ["analyze", "{bad}/complex.npy"], "ERF map must be numeric")
+    add("analyze-run-json-centre", ["analyze", "{bad}/bad_centre"], "field 'erf_centre' must be two non-negative")
+    add("reparam-check-size-huge", ["reparam", *TINY, "--out", "{out}/x.pth", "--check-size", "100000"],
+        "input size in [32, 4096]")
+    add("layers-size-huge", ["layers", *TINY, "--input-size", "100000"], "--input-size must be in [1, 4096]")
+    add("seed-out-of-range", [*SMALL, "--seed", "99999999999999999999"], "seed 99999999999999999999 out of range")
+    add("override-bad-value", ["compute", "--model", "resnet18", "--override", "num_classes=abc"],
+        "model 'resnet18' does not accept these options")
+    add("checkpoint-seconds-nan", [*SMALL, "--checkpoint-seconds", "nan"], "--checkpoint-seconds must be 0 or more")
+    add("from-csv-with-limit", ["shape-bias", "--from-csv", "{bad}/mvh.csv", "--limit", "3"],
+        "--from-csv analyses CSV files without a model; drop --limit")
+    add("data-base-url-not-a-url", ["data", "download", "--dest", "{out}/dl", "--base-url", "not a url"],
+        "--base-url must be an http(s):// or file: URL")
     add("analyze-out-is-file", ["analyze", "{bad}/good_run", "--out", "{bad}/file.txt"], "is a file")
     add("compare-missing", ["compare", "{bad}/nope", "--out", "{out}"], "no such run directory")
     add("compare-labels", ["compare", "{bad}/nan.npy", "--labels", "a", "b"], "")
@@ -173,6 +192,8 @@ def _cases():
     add("train-unknown-model", ["train", "--model", "replknet_99", "--out", "{out}"], "unknown model")
     add("train-batch-0", [*tr, "--batch-size", "0", "--out", "{out}"], "--batch-size must be at least 1")
     add("train-device-tpu", [*tr, "--batch-size", "4", "--device", "tpu", "--out", "{out}"], "--device")
+    add("train-into-an-erf-run", [*tr, "--batch-size", "4", "--force", "--out", "{bad}/good_run"],
+        "holds another erf-lab result")
     add("train-resume-nothing", [*tr, "--batch-size", "4", "--resume", "--out", "{out}"], "nothing to resume")
     add("train-data-missing", [*tr, "--batch-size", "4", "--data", "{bad}/nope", "--out", "{out}"], "")
     add("train-data-empty", [*tr, "--batch-size", "4", "--data", "{bad}/empty", "--out", "{out}"], "")

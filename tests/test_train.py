@@ -314,6 +314,16 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
     assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs",
                  "2", "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"]) == 0
     assert (out / "run.json").exists()
+    # --resume of the finished run: nothing to do with its settings, refused with others (not "nothing to resume")
+    capsys.readouterr()
+    finished = (out / "run.json").read_text()
+    assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs",
+                 "2", "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"]) == 0
+    rc = main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "3",
+               "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "complete training run with other settings (recipe)" in err
+    assert (out / "run.json").read_text() == finished
 
 
 def test_speed_levers_convert_the_small_depthwise_convs_and_keep_the_model(one_thread):

@@ -132,8 +132,9 @@ def test_timeline_bad_input(tiny_run, tmp_path, capsys):
         assert len(lines) == 1 and "error:" in lines[0] and pattern in lines[0], err
     assert not (no_ckpt / "timeline").exists()
     (tmp_path / "file").write_text("x")
-    for extra, pattern in ((["--input-size", "-1"], "--input-size must be a positive integer, got -1"),
-                           (["--input-size", "0"], "--input-size must be a positive integer, got 0"),
+    for extra, pattern in ((["--input-size", "-1"], "--input-size must be in [1, 4096], got -1"),
+                           (["--input-size", "0"], "--input-size must be in [1, 4096], got 0"),
+                           (["--input-size", "100000"], "--input-size must be in [1, 4096], got 100000"),
                            (["--out", str(tmp_path / "file" / "t")], f"lies under a file ({tmp_path / 'file'})")):
         assert main(["timeline", str(tiny_run), "--quiet", *extra]) == 2
         err = capsys.readouterr().err

@@ -2,7 +2,6 @@
 and download their figures (PNG / PDF / SVG) and data (npy / CSV / JSON)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +12,7 @@ from app.figures import show_figure
 from app.runs import app_runs_dir, downloadable_files, find_runs
 from app.ui import file_downloads, guard
 from erf_lab.erf.analysis import comparison_table
-from erf_lab.erf.rundir import load_run
+from erf_lab.erf.rundir import load_run, read_json
 
 st.title("Results")
 st.caption("Run directories of `erf-lab compute`, `sweep`, `shape-bias` and the kernel benchmark. Folders are "
@@ -62,7 +61,7 @@ if runs:
                 d = Path(r["path"])
                 info_file = d / ("run.json" if (d / "run.json").is_file() else "summary.json")
                 if info_file.is_file():
-                    info = json.loads(info_file.read_text(encoding="utf-8"))
+                    info = read_json(info_file)  # a corrupt file: one readable line (ErfLabError), not a traceback
                     argv = info.get("argv") or info.get("command")
                     if argv:
                         st.code(" ".join(map(str, argv)) if isinstance(argv, list) else str(argv), language="bash")

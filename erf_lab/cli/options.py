@@ -24,3 +24,16 @@ def parse_overrides(items: list[str] | None) -> dict:
         except (ValueError, SyntaxError):
             out[key] = value.strip()
     return out
+
+
+def seed(text: str) -> int:
+    """``--seed``: an integer torch can seed with (0 .. 2**63 - 1); argparse reports anything else in one line."""
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected an integer") from None
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"seed {v} out of range: expected 0 .. 2**63 - 1")
+    return v

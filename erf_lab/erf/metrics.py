@@ -24,7 +24,7 @@ SUMMARY_MASS_RADII = (20, 80)
 def validate_erf(erf) -> np.ndarray:
     """Return ``erf`` as a 2-D float64 array; ErfLabError for wrong rank, empty, non-finite or negative maps."""
     a = np.asarray(erf)
-    if a.dtype == object or not np.issubdtype(a.dtype, np.number):
+    if a.dtype == object or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
         raise ErfLabError(f"ERF map must be numeric, got dtype {a.dtype}")
     a = a.astype(np.float64, copy=False)
     if a.ndim != 2:

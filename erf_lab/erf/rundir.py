@@ -60,6 +60,8 @@ RUN_FIELDS: dict[str, tuple] = {
     "cpu_model": _STR_OR_NONE, "isa": _STR_OR_NONE, "threads": _INT_OR_NONE,
     "padding_flops_per_image": _INT_OR_NONE, "roofline_fraction_without_padding": _NUM_OR_NONE,
     "sgemm_reprobed": (bool, type(None)), "roofline_note": _STR_OR_NONE,
+    # the metrics' centre (erf_lab.erf.metrics.target_centre; optional: absent from older files)
+    "erf_centre": (list, type(None)),
 }
 
 
@@ -94,6 +96,10 @@ def validate_run_info(info: dict, source: str = "run.json") -> dict:
             raise ErfLabError(f"{source}: field {key!r} must not be negative, got {info[key]}")
     if info.get("theoretical_rf") is not None and info["theoretical_rf"] < 1:
         raise ErfLabError(f"{source}: field 'theoretical_rf' must be positive, got {info['theoretical_rf']}")
+    c = info.get("erf_centre")
+    if c is not None and (len(c) != 2 or not all(type(v) is int and v >= 0 for v in c)):
+        raise ErfLabError(f"{source}: field 'erf_centre' must be two non-negative integers (y, x) or null, "
+                          f"got {json.dumps(c)[:60]}")
     return info
 
 
@@ -155,8 +161,8 @@ class Run:
     def centre(self) -> list[int] | None:
         """The metrics' centre (y, x): the measured unit's receptive-field centre recorded by the run (None: the
         map's middle, as for runs written before erf-lab recorded it and for a bare ``.npy``)."""
-        c = (self.run_info or {}).get("erf_centre")
-        return [int(v) for v in c] if isinstance(c, (list, tuple)) and len(c) == 2 else None
+        c = (self.run_info or {}).get("erf_centre")  # validated when run.json was read (validate_run_info)
+        return [int(v) for v in c] if c is not None else None
 
 
 def read_json(path: Path) -> dict:

@@ -121,8 +121,11 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     out = Path(out)
     if out.suffix not in (".pth", ".pt", ".bin", ".safetensors", ".ckpt"):
         raise ErfLabError(f"output {out} should end in .pth, .pt or .safetensors")
-    if batch_size < 1 or input_size < 32:
-        raise ErfLabError(f"batch size must be >= 1 and input size >= 32, got {batch_size}, {input_size}")
+    from erf_lab.erf.runner import MAX_INPUT_SIZE
+
+    if batch_size < 1 or not 32 <= input_size <= MAX_INPUT_SIZE:
+        raise ErfLabError(f"batch size must be >= 1 and input size in [32, {MAX_INPUT_SIZE}], got {batch_size}, "
+                          f"{input_size}")
     prepare_out_dir(out.parent, what="--out's folder")
     random_init = random_init_of(weights, pretrained=bool(overrides.get("pretrained")), seed=seed)
     t0 = time.perf_counter()

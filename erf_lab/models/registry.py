@@ -110,7 +110,7 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
 def _build(name: str, factory, kwargs: dict) -> nn.Module:
     try:
         return factory(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown option, or a value it cannot take (num_classes=abc)
         raise ErfLabError(f"model {name!r} does not accept these options: {e}") from None
 
 

@@ -121,6 +121,8 @@ def download(dest: str | os.PathLike | None = None, base_url: str = DEFAULT_BASE
     unknown = [s for s in sets if s not in manifest]
     if unknown:
         raise ErfLabError(f"unknown data set(s) {', '.join(unknown)}; choose from {', '.join(manifest)}")
+    if not str(base_url).startswith(("http://", "https://", "file:")):
+        raise ErfLabError(f"--base-url must be an http(s):// or file: URL, got {base_url!r}")
     base_url = base_url.rstrip("/")
     report = {}
     for name in sets:

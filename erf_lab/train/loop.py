@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
 from erf_lab.erf import distributed as D
+from erf_lab.io import read_json_or_none
 from erf_lab.train import checkpoints as C
 from erf_lab.train.data import CUE_WORLD, build_data
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
@@ -251,12 +252,21 @@ def plot_curves(rows: list[dict], stem, label_smoothing: float = 0.0) -> list[Pa
         plt.close(fig)
 
 
+def _is_training_record(info) -> bool:
+    """Whether a run.json is what :func:`train` writes (its settings and model), not another command's."""
+    return isinstance(info, dict) and isinstance(info.get("settings"), dict) and isinstance(info.get("model_config"),
+                                                                                          dict)
+
+
 def _prepare_out_dir(out: Path, resume: bool, force: bool) -> str:
     """'new', 'resume' or 'complete'; raises for a folder holding something else."""
     if out.exists() and not out.is_dir():
         raise ErfLabError(f"--out {out} exists and is not a folder")
     complete = (out / COMPLETE_FILE).is_file()
     state = (out / C.STATE_FILE).is_file()
+    if complete and not _is_training_record(read_json_or_none(out / COMPLETE_FILE)):
+        raise ErfLabError(f"{out} holds another erf-lab result ({COMPLETE_FILE} of no training run); choose another "
+                          f"--out (--force overwrites training runs only)")
     if force:
         return "new"
     if complete:
@@ -378,7 +388,14 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     mode = D.broadcast_object(mode if not isinstance(mode, ErfLabError) else ("error", str(mode)), info)
     if isinstance(mode, tuple):
         raise ErfLabError(mode[1])
-    if mode == "complete":
+    if mode == "complete":  # --resume on a finished run: nothing to do, if it is this run
+        done = read_json_or_none(out / COMPLETE_FILE)["settings"]
+        folder = str(data) != CUE_WORLD
+        diff = [k for k in settings if k not in ("channels_last", "world_size") and k in done and settings[k] is not None
+                and done[k] != settings[k] and not (folder and k == "num_classes")]
+        if diff:
+            raise ErfLabError(f"{out} already holds a complete training run with other settings ({', '.join(diff)}); "
+                              f"use --force to overwrite or choose another --out")
         return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
     state = C.load_state(out) if mode == "resume" else None
     if channels_last is None:  # a speed setting: a resumed run keeps its own

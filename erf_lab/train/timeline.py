@@ -155,8 +155,10 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
         raise ErfLabError(f"{run.root}: the timeline's shape-bias probe needs a cue-world run (this one: "
                           f"{s.get('data')})")
     train_size = int(s["input_size"])
-    if input_size is not None and int(input_size) < 1:
-        raise ErfLabError(f"--input-size must be a positive integer, got {input_size}")
+    from erf_lab.erf.runner import MAX_INPUT_SIZE
+
+    if input_size is not None and not 1 <= int(input_size) <= MAX_INPUT_SIZE:
+        raise ErfLabError(f"--input-size must be in [1, {MAX_INPUT_SIZE}], got {input_size}")
     size = int(input_size or train_size)
     if int(num_images) < 1 or int(probe_size) < 1:
         raise ErfLabError("--num-images and --probe-size must be at least 1")

@@ -5,7 +5,7 @@ import argparse
 import sys
 import warnings
 
-from erf_lab.cli.options import BATCH_SIZE_HELP, parse_overrides
+from erf_lab.cli.options import BATCH_SIZE_HELP, parse_overrides, seed
 from erf_lab.errors import ErfLabError
 
 NAME = "compute"
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-backend", choices=("fastconv", "native"), default="fastconv",
                    help="large depthwise conv implementation (default fastconv)")
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
-    p.add_argument("--seed", type=int, default=0, help="seed for random initialization (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed for random initialization (default 0)")
     p.add_argument("--train-size", type=int, default=None,
                    help="the model's training resolution in pixels (default: from the model or checkpoint name); "
                         "a measurement more than 2x away from it is flagged")
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise ErfLabError("--resume needs --out DIR (the folder of the interrupted run)")
     if args.resume and args.force:
         raise ErfLabError("--resume and --force exclude each other")
-    if args.checkpoint_seconds < 0:
+    if not args.checkpoint_seconds >= 0:  # NaN too: a NaN interval would never save
         raise ErfLabError(f"--checkpoint-seconds must be 0 or more, got {args.checkpoint_seconds:g}")
     spec = ErfSpec(model=args.model, weights=args.weights, drop_head=args.drop_head,
                    overrides=parse_overrides(args.override), images=args.images, num_images=args.num_images,

@@ -27,8 +27,10 @@ def layer_table(model_name: str, input_size: int = 224, overrides: dict | None =
     from erf_lab.errors import ErfLabError
     from erf_lab.models import create_model
 
-    if input_size < 1:
-        raise ErfLabError(f"--input-size must be positive, got {input_size}")
+    from erf_lab.erf.runner import MAX_INPUT_SIZE
+
+    if not 1 <= input_size <= MAX_INPUT_SIZE:
+        raise ErfLabError(f"--input-size must be in [1, {MAX_INPUT_SIZE}], got {input_size}")
     model = create_model(model_name, **(overrides or {}))
     rows = list_layers(model, input_size)
     if not all_modules:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from erf_lab.cli.options import seed
+
 NAME = "shape-bias"
 HELP = "shape bias on Geirhos cue-conflict stimuli (model-vs-human 16-class mapping), figures vs. humans"
 ORDER = 60
@@ -28,7 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-random", action="store_true",
                    help="measure an untrained (randomly initialized) network; marked untrained in every output")
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="model constructor option (repeatable)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=seed, default=None,
                    help="seed of the random initialisation (--allow-random; default 0)")
     p.add_argument("--stimuli", help="cue-conflict folder (<category>/<shape><i>-<texture><j>.png), default from "
                                      "$ERF_LAB_DATA, else the download cache; 'cue-world' probes a cue-world "
@@ -64,7 +66,11 @@ def run(args) -> int:
 
     model_flags = [flag for flag, v in (("--model", args.model), ("--weights", args.weights),
                                         ("--pretrained", args.pretrained), ("--seed", args.seed is not None),
-                                        ("--crop-pct", args.crop_pct is not None)) if v]
+                                        ("--crop-pct", args.crop_pct is not None),
+                                        ("--allow-random", args.allow_random), ("--override", args.override),
+                                        ("--batch-size", args.batch_size != 32), ("--workers", args.workers is not None),
+                                        ("--no-cache", args.no_cache), ("--device", args.device != "cpu"),
+                                        ("--limit", args.limit is not None)) if v]
     if args.compare and (model_flags or args.from_csv):
         extra = model_flags + (["--from-csv"] if args.from_csv else [])
         raise ErfLabError(f"--compare draws finished runs only; drop {', '.join(extra)}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from erf_lab.cli.options import BATCH_SIZE_HELP
+from erf_lab.cli.options import BATCH_SIZE_HELP, seed
 
 NAME = "sweep"
 HELP = "ERF vs kernel size (RepLKNet-3/7/13/25/31 family), vs input size, and train vs re-parameterized form"
@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="model option for every member, e.g. channels=(8,8,8,8); repeatable")
     p.add_argument("--layer", default=None, help="layer to measure (default forward_features)")
-    p.add_argument("--seed", type=int, default=0, help="random-init seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random-init seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=BATCH_SIZE_HELP)

@@ -5,7 +5,7 @@ import argparse
 import sys
 import warnings
 
-from erf_lab.cli.options import parse_overrides
+from erf_lab.cli.options import parse_overrides, seed
 from erf_lab.errors import ErfLabError
 
 NAME = "train"
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (default 0)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay per step, e.g. 0.999 (default off)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (default off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialization, data order and cue-world")
+    p.add_argument("--seed", type=seed, default=0, help="seed of initialization, data order and cue-world")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="autocast dtype (default auto: bf16 on CUDA, none on CPU)")
