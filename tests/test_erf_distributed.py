@@ -20,6 +20,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_erf_lab(*args) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 -m erf_lab ARGS`` on 127.0.0.1 (one thread per rank); asserts it succeeded."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_shard_takes_every_nth_image():
     items = list("abcdefg")
     parts = [D.shard(items, D.DistInfo(rank=r, world_size=3)) for r in range(3)]
@@ -33,14 +45,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
                    input_size=32)
     single = run_erf(spec, out=tmp_path / "one", show_progress=False)
     out = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "erf_lab", "compute", *ARGS, "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun_erf_lab("compute", *ARGS, "--out", str(out))
     two = np.load(out / "erf.npy")
     one = np.load(tmp_path / "one" / "erf.npy")
     assert np.abs(two - one).max() <= 1e-6 * np.abs(one).max()
@@ -103,16 +108,9 @@ def test_a_torchrun_sweep_is_written_once_and_reused_by_one_process(tmp_path):
     from erf_lab.erf.sweep import run_sweep
 
     out = tmp_path / "sweep"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "erf_lab", "sweep", "--input-sizes", "32", "--model", "replknet_31b", "--reparam", "deploy",
-           "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)", "--num-images", "2",
-           "--formats", "png", "--quiet", "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun_erf_lab("sweep", "--input-sizes", "32", "--model", "replknet_31b", "--reparam", "deploy",
+                             "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)", "--num-images",
+                             "2", "--formats", "png", "--quiet", "--out", str(out))
     assert proc.stdout.count("wrote ") == 1 and (out / "sweep.csv").is_file()
     stamp = (out / "S32-deploy" / "erf.npy").stat().st_mtime_ns
     res = run_sweep(input_sizes="32", model="replknet_31b", reparam="deploy", num_images=2,
