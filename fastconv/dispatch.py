@@ -326,10 +326,6 @@ def decide(x, weight, bias) -> dict:
     if not s.autotune:
         b = _cost_model(cands, x, weight, bias)
         return {"backend": b, "why": f"cost model (autotune off); candidates {cands}", "excluded": excluded}
-    if torch._C._are_functorch_transforms_active():  # timing needs plain tensors: decided again outside it
-        b = _cost_model(cands, x, weight, bias)
-        return {"backend": b, "why": f"cost model (inside a torch.func transform, where candidates cannot be "
-                f"timed); candidates {cands}", "excluded": excluded, "transient": True}
     if x.device.type == "cpu" and "native" in cands and memory_format_of(x) == torch.channels_last:
         k, gw = max(weight.shape[-2:]), _needs_grad(x, weight, bias)[1]
         if k <= (STOCK_MAX_K_GRAD if gw else STOCK_MAX_K_FWD) and (gw or not _cpp_direct(cands, x, weight)):
@@ -372,6 +368,10 @@ def decide(x, weight, bias) -> dict:
         if hit["backend"] not in timed:  # without the decision's own time there is nothing to compare
             timed = {}
         return {**hit, **_choose(timed, hit), "times_ms": timed, "cached": True, "key": key, "excluded": excluded}
+    if torch._C._are_functorch_transforms_active():  # timing needs plain tensors: decided again outside it
+        b = _cost_model(cands, x, weight, bias)
+        return {"backend": b, "why": f"cost model (inside a torch.func transform, where candidates cannot be "
+                f"timed); candidates {cands}", "excluded": excluded, "transient": True}
     gx, gw = _needs_grad(x, weight, bias)
     if x.device.type == "cpu":
         _settle_allocator()

@@ -364,6 +364,8 @@ def test_keep_freed_memory_cuts_the_page_faults_of_large_tensors():
     ([(4, 4, 0), (2, 2, 0)], 48, 27.5),
     # "valid" 5 x 5 then a stride-2 3 x 3: unit 0 at 2 + 1 = 3, jump 2; map (44 - 3) // 2 + 1 = 21, unit 10: 23
     ([(5, 1, 0), (3, 2, 0)], 48, 23.0),
+    # the patchify stack at 44 px (not a multiple of its stride): map 11 -> 5 (not ceil(44 / 8) = 6), unit 2: 19.5
+    ([(4, 4, 0), (2, 2, 0)], 44, 19.5),
 ])
 def test_rf_centre_is_where_the_gradient_of_the_centre_unit_lies(stack, size, expected):
     """The metrics centre on the measured unit's receptive-field centre (``rf_start + jump * (h // 2)``): a stack
@@ -388,14 +390,22 @@ def test_rf_centre_is_where_the_gradient_of_the_centre_unit_lies(stack, size, ex
     y[0, 0, h // 2, h // 2].backward()
     erf = x.grad[0].sum(0).numpy()
     assert distribution_stats(erf)["center_of_mass"] == pytest.approx([expected, expected], abs=1e-9)
-    if h == -(-size // stride):  # target_centre takes the "same"-padded map side ceil(S / stride)
-        centre = target_centre(row["rf_start"], stride, size)
-        assert centre == [math.floor(expected + 0.5)] * 2
-        m = compute_metrics(erf, centre=centre, gaussian=False)
-        assert m["center"] == centre and ("centre_off_map_middle" in m["flags"]) == (centre[0] != size // 2)
-        # the disks about the true centre hold more of the map than the ones about the map's middle
-        off = compute_metrics(erf, gaussian=False)["mass_within_radius"]
-        assert m["mass_within_radius"]["5"] > off["5"]
+    centre = target_centre(row["rf_start"], stride, size, feature_hw=(h, h))  # the measured map's own size
+    assert centre == [math.floor(expected + 0.5)] * 2
+    m = compute_metrics(erf, centre=centre, gaussian=False)
+    assert m["center"] == centre and ("centre_off_map_middle" in m["flags"]) == (centre[0] != size // 2)
+    # the disks about the true centre hold more of the map than the ones about the map's middle
+    off = compute_metrics(erf, gaussian=False)["mass_within_radius"]
+    assert m["mass_within_radius"]["5"] > off["5"]
+
+
+def test_rf_centre_off_the_image_falls_back_to_the_map_middle():
+    """SLaK's patchify geometry (unit 0 at 15.5, stride 32) at 40 px: its one unit sits at 15.5, inside; a map
+    side taken as ceil(40 / 32) = 2 would put unit 1 at 47.5, outside the image: no centre (the map's middle)."""
+    from erf_lab.erf.metrics import target_centre
+
+    assert target_centre([15.5, 15.5], 32, 40, feature_hw=(1, 1)) == [16, 16]
+    assert target_centre([15.5, 15.5], 32, 40) is None
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")

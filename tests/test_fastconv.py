@@ -680,6 +680,10 @@ def test_a_first_call_under_torch_func_is_not_kept_for_eager_calls():
     fastconv.depthwise_conv2d(x, ww).sum().backward()
     d = dispatch.decide(x, ww, None)
     assert d.get("cached") is True and "times_ms" in d  # timed (autotuned) for the eager call
+    # with the decision cached, a call inside the transform takes it (the same backend as outside), memoized
+    dispatch.clear_cache(memory_only=True)
+    grad(lambda w: fastconv.depthwise_conv2d(x, w).sum())(w)
+    assert [v[0] for v in dispatch._fast.values()] == [d["backend"]]
 
 
 def test_explain_of_an_empty_call_does_not_crash():

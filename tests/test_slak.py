@@ -173,6 +173,13 @@ def test_erf_run_through_the_runner(tmp_path):
     erf = res["result"].erf
     assert erf.shape == (64, 64) and float(erf.max()) > 0
     assert np.array_equal(np.load(tmp_path / "run" / "erf.npy"), erf)
+    # the patchify stem: unit 1 of the 2 x 2 map is centred at 15.5 + 32 = 47.5 -> 48, not 64 // 2
+    assert res["run_info"]["erf_centre"] == [48, 48] and res["metrics"]["center"] == [48, 48]
+    # 100 px is no multiple of 32: the unpadded stem and downsamplings give 25 -> 12 -> 6 -> 3 (not ceil(100 / 32) =
+    # 4, whose unit 2 would be centred at 79.5): unit 1 at 47.5 -> 48
+    res = run_erf(ErfSpec("slak_t", overrides=dict(TINY), num_images=1, input_size=100), out=tmp_path / "r100",
+                  show_progress=False, formats=("png",))
+    assert res["run_info"]["erf_centre"] == [48, 48]
 
 
 def test_erf_lab_models_describes_the_variants():

@@ -270,6 +270,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
         info.update({"flops_per_image": rl["flops_per_image"], "padding_flops_per_image": rl["padding_flops_per_image"],
                      "roofline": recheck_reference(rl["roofline"], rl["flops_per_image"],
                                                    rl["padding_flops_per_image"], batches)})
+    if attribution.feature_hw is not None:  # the measured map's own size (the metrics' centre is its unit's)
+        info["feature_hw"] = list(attribution.feature_hw)
     info.update({"batch_size": int(batch_size), "captum": "NeuronGradient", "target":
                  "sum_c ReLU(M[:, c, h//2, w//2])", "map": f"sum_rgb {aggregate.upper()}(d target / d input)"})
     return ErfResult(erf=erf, num_used=acc.count, num_skipped=len(acc.skipped), skipped=[list(s) for s in acc.skipped],

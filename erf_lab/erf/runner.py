@@ -207,14 +207,15 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
             "rf_start": row.get("rf_start")}
 
 
-def erf_centre(geom: dict, input_size: int) -> list[int] | None:
-    """The input pixel (y, x) at the centre of the measured unit's receptive field (the metrics' centre), None
-    where the layer has no kernel geometry (after attention)."""
+def erf_centre(geom: dict, input_size: int, feature_hw=None) -> list[int] | None:
+    """The input pixel (y, x) at the centre of the measured unit's receptive field (the metrics' centre) on the
+    measured map (``feature_hw``, else its "same"-padded size), None where the layer has no kernel geometry (after
+    attention) or the centre falls outside the image."""
     from erf_lab.erf.metrics import target_centre
 
     if geom.get("rf_start") is None or geom.get("theoretical_rf") is None:
         return None
-    return target_centre(geom["rf_start"], int(geom["stride"]), int(input_size))
+    return target_centre(geom["rf_start"], int(geom["stride"]), int(input_size), feature_hw)
 
 
 _SIZE_IN_NAME = re.compile(r"(?:^|[_\-.])(\d{3,4})(?=[_\-.]|$)")
@@ -608,7 +609,7 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
         "train_size": train_size, "size_note": size_note(spec.input_size, train_size),
         "layer": geom["layer"], "aggregate": spec.aggregate, "input_size": spec.input_size,
         "feature_shape": geom["feature_shape"], "theoretical_rf": geom["theoretical_rf"],
-        "erf_centre": erf_centre(geom, spec.input_size),
+        "erf_centre": erf_centre(geom, spec.input_size, result.info.get("feature_hw")),
         "images": "default" if source.name == "default" else str(Path(source.root).resolve()),
         "image_list": used, "num_images_requested": spec.num_images, "num_used": result.num_used,
         "num_skipped": len(skipped), "skipped": skipped, "mean": list(config["mean"]), "std": list(config["std"]),
