@@ -60,7 +60,7 @@ def random_init_record(weights: str | os.PathLike) -> dict | None:
 
     path = resolve_weights(weights)[0]
     meta = {}
-    if _damaged_format(path) == "safetensors":  # by its bytes, whatever its name
+    if _format_by_bytes(path) == "safetensors":  # by its bytes, whatever its name
         with contextlib.suppress(Exception):  # unreadable files are reported when the weights are loaded
             from safetensors import safe_open
 
@@ -106,14 +106,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if blocked_global(e):
             raise CheckpointError(f"refusing to load {path}: {load_failure(e)}; save a plain state dict or "
                                   ".safetensors instead") from None
-        damaged = _damaged_format(path)
+        damaged = _format_by_bytes(path)
         what = (f"a {damaged} checkpoint that is truncated or damaged (an interrupted download or copy?)" if damaged
                 else "not a PyTorch checkpoint or safetensors file")
         raise CheckpointError(f"cannot read checkpoint {path}: {what} ({load_failure(e)})") from None
     return unwrap_state_dict(obj, source=str(path))
 
 
-def _damaged_format(path: Path) -> str | None:
+def _format_by_bytes(path: Path) -> str | None:
     """The format a file starts like ('PyTorch zip': the zip magic of ``torch.save``; 'safetensors': an 8-byte
     header length then JSON): what to read it as, and for an unreadable file a checkpoint cut short or damaged;
     None for anything else."""
@@ -155,7 +155,7 @@ def load_failure(e: BaseException) -> str:
 def _read_checkpoint(path: Path):
     """The file's contents, read by what its first bytes say it is (a safetensors file named ``.pth`` or a
     ``torch.save`` file named ``.safetensors`` load too); the suffix decides only for bytes of neither kind."""
-    fmt = _damaged_format(path)
+    fmt = _format_by_bytes(path)
     if fmt == "safetensors" or (fmt is None and path.suffix == ".safetensors"):
         from safetensors.torch import load_file
 
