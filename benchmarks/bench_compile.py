@@ -96,7 +96,7 @@ def bench_layer(batch: int, channels: int, res: int, k: int, rounds: int, fma_pe
             times[name].append(time.perf_counter() - t0)
     inside = 3 * depthwise_flops(batch, channels, res, res, k, k)["inside"]  # forward, input and weight gradient
     out = {"k": k, "first_call_s": first_s, "ms_best": {}, "ms_median": {}, "ratio_to_fastconv_eager": {},
-           "rounds_ms": {name: [round(t * 1e3, 4) for t in ts] for name, ts in times.items()}}
+           "rounds_ms": {name: [round(t * 1e3, 6) for t in ts] for name, ts in times.items()}}
     base = times["fastconv_eager"]
     for name, ts in times.items():
         out["ms_best"][name] = round(min(ts) * 1e3, 3)
