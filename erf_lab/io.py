@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,7 +17,9 @@ import numpy as np
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same directory; on success rename it onto ``path``.
 
-    A crash or Ctrl-C never leaves a half-written ``path`` behind.
+    A crash or Ctrl-C never leaves a half-written ``path`` behind, and a power cut after the rename keeps the new
+    content: the file's data reach the disk (fsync) before the rename, and the rename itself after it (the folder's
+    fsync, where the system allows one).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,10 +29,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())
+        _fsync(tmp_path, os.O_RDONLY)
         os.replace(tmp_path, path)
+        _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0), required=False)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync(path: Path, flags: int, required: bool = True) -> None:
+    """Flush ``path`` to the disk. A file system without fsync (EINVAL, ENOTSUP, ENOSYS) leaves it to the system; a
+    real error (EIO: the data did not reach the disk) raises when ``required`` (a file), a folder is best effort."""
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if required:
+            raise
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if required and e.errno not in _NO_FSYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+_NO_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.ENOSYS}
 
 
 def _umask() -> int:

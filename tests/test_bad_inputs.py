@@ -287,3 +287,47 @@ def test_an_unwritable_out_leaves_no_folder_behind(tmp_path, monkeypatch):
     with pytest.raises(ErfLabError, match="--out .* is not writable: Read-only file system"):
         prepare_out_dir(tmp_path / "a" / "b")
     assert not (tmp_path / "a").exists() and tmp_path.is_dir()
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """atomic_path: the new content is fsynced before it replaces the old file, and the folder after the rename; a
+    disk error (EIO) leaves the old file as it was and no temporary behind; a file system without fsync (EINVAL)
+    still gets the file."""
+    import errno
+    import os
+
+    from erf_lab import io as erf_io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(erf_io.os, "fsync", fsync)
+    monkeypatch.setattr(erf_io.os, "replace", replace)
+    target = tmp_path / "r.json"
+    erf_io.write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    (kind0, tmp0), (kind1, dst), (kind2, folder) = events
+    assert (kind0, kind1, kind2) == ("fsync", "replace", "fsync")
+    assert os.path.dirname(tmp0) == str(tmp_path) and tmp0 != str(target) and dst == str(target)
+    assert folder == str(tmp_path)
+
+    def failing(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    monkeypatch.setattr(erf_io.os, "fsync", failing(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        erf_io.write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    monkeypatch.setattr(erf_io.os, "fsync", failing(errno.EINVAL))
+    erf_io.write_json(target, {"a": 3})
+    assert json.loads(target.read_text()) == {"a": 3} and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

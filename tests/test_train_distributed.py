@@ -95,6 +95,7 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
 
 _DRIVER = """
 import gc
+import os
 import sys
 
 import erf_lab.erf.distributed as D
@@ -107,7 +108,9 @@ destroy_group = D.shutdown
 
 
 def shutdown(info):  # a stopped run's traceback kept DDP (its reducer holds the group) alive past this point
-    print("DDP objects alive at shutdown:", sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    sys.stdout.flush()  # one write of the whole line: the two ranks share the pipe
+    os.write(1, f"DDP objects alive at shutdown: {alive}\\n".encode())
     destroy_group(info)
 
 
