@@ -197,6 +197,10 @@ def _cases():
     add("train-resume-nothing", [*tr, "--batch-size", "4", "--resume", "--out", "{out}"], "nothing to resume")
     add("train-data-missing", [*tr, "--batch-size", "4", "--data", "{bad}/nope", "--out", "{out}"], "")
     add("train-data-empty", [*tr, "--batch-size", "4", "--data", "{bad}/empty", "--out", "{out}"], "")
+    add("train-size-beyond-the-largest-split", [*tr, "--train-size", "100000000000000000000", "--out", "{out}"],
+        "cue-world train size must be 1 to 10,000,000 images, got 100,000,000,000,000,000,000")
+    add("train-val-size-beyond-the-largest-split", [*tr, "--val-size", "10000001", "--out", "{out}"],
+        "cue-world val size must be 1 to 10,000,000 images")
     add("train-out-is-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt"], "")
     add("train-out-under-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt/tr"], "lies under a file")
     add("shape-bias-cue-world-untrained", ["shape-bias", *TINY, "--stimuli", "cue-world", "--out", "{out}"],
@@ -217,6 +221,8 @@ def _cases():
     add("study-threads-negative", [*st, "--threads", "-1"], "--threads must be at least 1, got -1")
     add("study-train-size-below-batch", [*st, "--train-size", "32"],
         "--train-size 32 is smaller than the study's batch of 64 images")
+    add("study-train-size-beyond-the-largest-split", [*st, "--train-size", "10000001"],
+        "--train-size must be at most 10,000,000")
     add("study-out-under-file", ["study", "kernel-family", "--out", "{bad}/file.txt/s"], "lies under a file")
     return c
 

@@ -131,7 +131,7 @@ def test_examples_figure(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [dict(split="test"), dict(num_classes=13), dict(num_classes=1), dict(size=0),
-                                    dict(input_size=4)])
+                                    dict(input_size=4), dict(size=cw.MAX_SPLIT_SIZE + 1), dict(size=10 ** 20)])
 def test_bad_parameters(kwargs):
     with pytest.raises(ErfLabError):
         cw.CueWorld(**{"split": "train", "size": 4, **kwargs})
@@ -147,3 +147,22 @@ def test_resample_draws_new_images_each_epoch():
     assert ds.label(3) == cw.draw_scene("train", 13).shape
     fixed.set_epoch(2)
     assert all(torch.equal(fixed[i][0], first[i]) for i in range(5))  # without resample: the same images
+
+
+def test_scenes_are_drawn_on_demand_so_a_split_of_the_largest_size_costs_no_memory():
+    """A split used to draw all its scenes up front: --train-size 1e20 grew to 19 GB before the first step."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        big = cw.CueWorld("train", cw.MAX_SPLIT_SIZE, 32)
+        last = big[cw.MAX_SPLIT_SIZE - 1]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 << 20, peak
+    assert torch.equal(last[0], torch.from_numpy(cw.render_scene(cw.draw_scene("train", cw.MAX_SPLIT_SIZE - 1), 32)))
+    assert big.cues(-1) == big.cues(cw.MAX_SPLIT_SIZE - 1)  # negative indices count from the end, like a list
+    with pytest.raises(IndexError):
+        big[cw.MAX_SPLIT_SIZE]
+    assert [x.shape for x, _ in cw.CueWorld("val", 3, 16)] == [(3, 16, 16)] * 3  # iteration stops at the end

@@ -440,3 +440,38 @@ def test_kill_stops_at_a_step_and_resume_completes(tmp_path):
     rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [4 * e for e in range(1, 5)]
     assert json.loads((out / "run.json").read_text())["resumed"] is True
+
+
+def test_kill_before_the_first_step_stops_at_once(tmp_path):
+    """SIGTERM while the run is still being set up (here: rendering a large cue-world cache) stops the process at
+    once with exit 130: there is no step to finish and nothing to save. It used to wait for the first step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, err_file = tmp_path / "run", tmp_path / "stderr.txt"
+    shown = [a for a in TINY_CLI if a != "--quiet"]  # the rendering's progress bar says when it has begun
+    args = [*shown, "--num-classes", "4", "--train-size", "100000", "--val-size", "8", "--epochs", "1",
+            "--batch-size", "8", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ERF_LAB_CACHE": str(tmp_path / "cache")}
+    with err_file.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "erf_lab", "train", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.time() + 120
+        while "rendered once" not in err_file.read_text() and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert proc.poll() is None, err_file.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)  # rendering 100000 images takes ~30 s more on one core
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = err_file.read_text()
+    assert proc.returncode == 130, err[-2000:]
+    assert "erf-lab train: interrupted" in err and "Traceback" not in err
+    assert not (out / C.STATE_FILE).exists() and not (out / "run.json").exists()
+    assert not list((tmp_path / "cache").rglob("*.npy"))  # no half-written cache file

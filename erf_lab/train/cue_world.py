@@ -257,6 +257,9 @@ def class_names(num_classes: int = DEFAULT_NUM_CLASSES) -> list[str]:
 
 #: Above this many bytes a split is not cached (rendered on the fly instead): float32, 3 x S x S per image.
 CACHE_MAX_BYTES = 2 << 30
+#: The most images one split can have: a shuffled epoch order is a list of this many indices (~0.4 GB at 10^7);
+#: ``resample`` gives an endless stream of new training images instead.
+MAX_SPLIT_SIZE = 10_000_000
 
 
 def renderer_version() -> str:
@@ -285,15 +288,16 @@ class CueWorld(torch.utils.data.Dataset):
             raise ErfLabError(f"unknown cue-world split {split!r}; choose one of {', '.join(SPLITS)}")
         if not 2 <= int(num_classes) <= len(SHAPES):
             raise ErfLabError(f"cue-world has 2 to {len(SHAPES)} classes, got {num_classes}")
-        if int(size) < 1:
-            raise ErfLabError(f"cue-world {split} size must be at least 1, got {size}")
+        if not 1 <= int(size) <= MAX_SPLIT_SIZE:
+            raise ErfLabError(f"cue-world {split} size must be 1 to {MAX_SPLIT_SIZE:,} images, got {int(size):,}"
+                              + ("; to train on more, --resample draws that many new images every epoch"
+                                 if split == "train" and int(size) > MAX_SPLIT_SIZE else ""))
         if not 8 <= int(input_size) <= 4096:
             raise ErfLabError(f"cue-world input size must be in [8, 4096] pixels, got {input_size}")
         self.split, self.size, self.input_size = split, int(size), int(input_size)
         self.num_classes, self.seed = int(num_classes), int(seed)
         self.classes = class_names(self.num_classes)
         self.resample, self.epoch = bool(resample), 0
-        self._scenes = [draw_scene(split, i, self.num_classes, self.seed) for i in range(self.size)]
         self._cached = None
         if cache and self.size * 3 * self.input_size ** 2 * 4 <= CACHE_MAX_BYTES:
             self._cached = self._load_cache(show_progress)
@@ -304,10 +308,14 @@ class CueWorld(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def scene(self, index: int) -> Scene:
-        if self.resample and self.epoch > 0:
-            return draw_scene(self.split, self.epoch * self.size + int(index), self.num_classes, self.seed)
-        return self._scenes[index]
+    def scene(self, index: int, epoch: int | None = None) -> Scene:
+        """The scene of item ``index`` (of ``epoch``, default the current one; drawn on demand, ~40 us)."""
+        index = int(index)
+        if not -self.size <= index < self.size:
+            raise IndexError(f"cue-world {self.split} item {index} of {self.size}")
+        epoch = self.epoch if epoch is None else int(epoch)
+        first = epoch * self.size if self.resample else 0
+        return draw_scene(self.split, first + index % self.size, self.num_classes, self.seed)
 
     def cues(self, index: int) -> tuple[int, int]:
         """(shape class, texture class) of image ``index``; -1 where the cue is absent."""
@@ -358,7 +366,7 @@ class CueWorld(torch.utils.data.Dataset):
 
         # as many workers as torch has threads (a study running jobs with --threads 1 renders in each job)
         workers = min(torch.get_num_threads(), 8) if self.size * self.input_size ** 2 >= 256 * 64 * 64 else 0
-        loader = torch.utils.data.DataLoader(_Renderer(self._scenes, self.input_size), batch_size=32,
+        loader = torch.utils.data.DataLoader(_Renderer(self, self.input_size), batch_size=32,
                                              num_workers=workers if workers > 1 else 0)
         out = np.empty((self.size, 3, self.input_size, self.input_size), np.float32)
         done = 0
@@ -370,14 +378,16 @@ class CueWorld(torch.utils.data.Dataset):
 
 
 class _Renderer(torch.utils.data.Dataset):
-    def __init__(self, scenes, size):
-        self.scenes, self.size = scenes, size
+    """The images of the split's epoch 0 (what the cache holds)."""
+
+    def __init__(self, world: CueWorld, size: int):
+        self.world, self.size = world, size
 
     def __len__(self):
-        return len(self.scenes)
+        return self.world.size
 
     def __getitem__(self, i):
-        return torch.from_numpy(render_scene(self.scenes[i], self.size))
+        return torch.from_numpy(render_scene(self.world.scene(i, epoch=0), self.size))
 
 
 def render_batch(split: str, indices, input_size: int, num_classes: int = DEFAULT_NUM_CLASSES,

@@ -171,10 +171,13 @@ class _ForcedStop(KeyboardInterrupt):
 
 class _StopRequest:
     """Ctrl-C (SIGINT) or ``kill`` (SIGTERM) asks the run to stop after the current step, so the saved state is
-    always a consistent step boundary; a second signal stops at once."""
+    always a consistent step boundary; a second signal stops at once. Before the training loop is ``armed``
+    (building the model and the data, rendering the cue-world cache) there is nothing to save: a signal stops at
+    once."""
 
     def __init__(self):
         self.requested = False
+        self.armed = False
         self._old = {}
 
     def __enter__(self):
@@ -184,7 +187,7 @@ class _StopRequest:
         return self
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested or not self.armed:
             raise _ForcedStop
         self.requested = True
 
@@ -492,6 +495,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                "position": position, "step": step, "rows": rows, "sums": rank_sums, "rng": rng,
                                "epoch_images": epoch_images, "epoch_time": epoch_time})
 
+    stop.armed = True
     try:
         while epoch < recipe.epochs:
             sampler.set_epoch(epoch)

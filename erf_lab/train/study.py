@@ -99,6 +99,7 @@ def check_study(settings: StudySettings, models: list[StudyModel], *, jobs: int,
     study's own option."""
     from erf_lab.erf.runner import MAX_INPUT_SIZE, layer_geometry
     from erf_lab.models import create_model
+    from erf_lab.train.cue_world import MAX_SPLIT_SIZE
     from erf_lab.train.probes import ProbeSpec
 
     s = settings
@@ -110,6 +111,9 @@ def check_study(settings: StudySettings, models: list[StudyModel], *, jobs: int,
         raise ErfLabError(f"--input-size must be in [8, 4096], got {s.input_size}")
     if not 1 <= int(s.erf_input_size) <= MAX_INPUT_SIZE:
         raise ErfLabError(f"--erf-input-size must be in [1, {MAX_INPUT_SIZE}], got {s.erf_input_size}")
+    if int(s.train_size) > MAX_SPLIT_SIZE:
+        raise ErfLabError(f"--train-size must be at most {MAX_SPLIT_SIZE:,} (new cue-world images per epoch), "
+                          f"got {int(s.train_size):,}")
     if int(s.train_size) < int(s.batch_size):
         raise ErfLabError(f"--train-size {s.train_size} is smaller than the study's batch of {s.batch_size} images "
                           f"(no training step would run); give --train-size {s.batch_size} or more")
