@@ -37,6 +37,15 @@ def pytest_unconfigure(config):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def need_cpp() -> None:
+    """Fail (not skip) where fastconv's C++ kernel cannot be built: the suite tests it wherever it runs, and a
+    machine without a C++ compiler would otherwise pass without testing it."""
+    from fastconv import cpu_kernels
+
+    reason = cpu_kernels.cpp_unavailable_reason()
+    assert reason is None, f"fastconv's cpp backend cannot be built here ({reason}): the tests need a C++ compiler (g++)"
+
+
 @pytest.fixture(scope="session")
 def fixture_datasets() -> Path:
     """The small subset shipped in tests/fixtures/datasets (see its README for contents and credit)."""

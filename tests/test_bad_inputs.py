@@ -201,6 +201,8 @@ def _cases():
         "cue-world train size must be 1 to 10,000,000 images, got 100,000,000,000,000,000,000")
     add("train-val-size-beyond-the-largest-split", [*tr, "--val-size", "10000001", "--out", "{out}"],
         "cue-world val size must be 1 to 10,000,000 images")
+    add("train-num-workers-beyond-4-per-cpu", [*tr, "--num-workers", "100000", "--out", "{out}"],
+        "--num-workers must be 0 to ")
     add("train-out-is-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt"], "")
     add("train-out-under-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt/tr"], "lies under a file")
     add("shape-bias-cue-world-untrained", ["shape-bias", *TINY, "--stimuli", "cue-world", "--out", "{out}"],
@@ -223,6 +225,7 @@ def _cases():
         "--train-size 32 is smaller than the study's batch of 64 images")
     add("study-train-size-beyond-the-largest-split", [*st, "--train-size", "10000001"],
         "--train-size must be at most 10,000,000")
+    add("study-threads-beyond-4-per-cpu", [*st, "--threads", "100000"], "--threads must be at most ")
     add("study-out-under-file", ["study", "kernel-family", "--out", "{bad}/file.txt/s"], "lies under a file")
     return c
 

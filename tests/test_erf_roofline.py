@@ -13,6 +13,7 @@ from erf_lab.erf.compute import compute_erf
 from erf_lab.erf.rundir import RUN_FILE, load_run
 from erf_lab.erf.runner import ErfSpec, run_erf
 from erf_lab.errors import ErfLabError
+from tests.conftest import need_cpp
 
 TINY_KW = {"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}
 FAKE_REF = {"sgemm_gflops": 100.0, "sgemm_device": "cpu", "cpu_model": "test cpu", "isa": "avx2", "threads": 1}
@@ -49,8 +50,8 @@ def test_flop_count_of_a_tiny_model_is_the_hand_count(backend):
     m = Tiny().eval().requires_grad_(False)
     erf = EffectiveReceptiveField(m)
     x = torch.randn(2, 3, 12, 10)
-    if backend == "cpp" and not fastconv.cpu_kernels.cpp_available():  # no compiler here: nothing to count
-        pytest.skip(f"cpp: {fastconv.cpu_kernels.cpp_unavailable_reason()}")
+    if backend == "cpp":
+        need_cpp()
     with fastconv.use(backend=backend), R.counting_flops(m) as total:
         erf.attribute(x)
     assert total() == 2 * hand_count(12, 10)  # two images

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 import fastconv
 from fastconv import cpu_kernels as ck
 from fastconv import dispatch
+from tests.conftest import need_cpp
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: the C++ kernel is expected wherever a compiler exists: a failed build then fails every test that names "cpp"
-#: (depthwise_conv2d(backend="cpp") raises with the build error) instead of dropping "cpp" from them
-HAS_COMPILER = ck._compiler() is not None and not os.environ.get("FASTCONV_NO_CPP")
-CPU_BACKENDS = [b for b in fastconv.BACKENDS if b != "triton" and (b != "cpp" or HAS_COMPILER)]
+#: the C++ kernel is tested wherever the suite runs: a failed build (or no compiler) fails every test that names
+#: "cpp" (depthwise_conv2d(backend="cpp") raises with the reason) instead of dropping "cpp" from them
+CPU_BACKENDS = [b for b in fastconv.BACKENDS if b != "triton"]
 USER_CACHE = fastconv.settings().cache_dir  # holds the C++ build: the tests' own cache dirs only get autotune files
 ck.cpp_library()  # built (or loaded) once per process, here, before any test moves the cache dir
 
@@ -47,14 +47,8 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _need_cpp():
-    if not HAS_COMPILER:
-        pytest.skip("no C++ compiler (or FASTCONV_NO_CPP set): the cpp backend cannot be built here")
-    assert ck.cpp_unavailable_reason() is None, ck.cpp_unavailable_reason()
-
-
-def test_cpp_kernel_builds_where_a_compiler_exists():
-    _need_cpp()
+def test_cpp_kernel_builds_here():
+    need_cpp()
     assert {"native", "channels_last", "cpp", "fft"} <= set(fastconv.available_backends("cpu"))
 
 
@@ -123,7 +117,7 @@ def test_gradcheck_float64(backend, one_thread):
 
 def test_cpp_weight_grad_accumulates_in_fp32_accurately():
     # long reduction (N*H*W = 2*24*24 terms) vs a float64 reference
-    _need_cpp()
+    need_cpp()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 24, 24, 24, generator=g)
     gy = torch.randn(2, 24, 24, 24, generator=g)
@@ -133,7 +127,7 @@ def test_cpp_weight_grad_accumulates_in_fp32_accurately():
     assert _rel(ck.onednn_weight_grad(x, gy, 13, 11).double(), exp) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", [b for b in ("channels_last", "cpp") if b in CPU_BACKENDS] + [None])
+@pytest.mark.parametrize("backend", ["channels_last", "cpp"] + [None])
 def test_input_only_gradient_skips_weight_gradient(backend, monkeypatch, one_thread):
     """captum / torch.autograd.grad w.r.t. the input with frozen weights never computes dL/dw."""
     def boom(*a, **k):
@@ -151,7 +145,7 @@ def test_input_only_gradient_skips_weight_gradient(backend, monkeypatch, one_thr
 
 
 
-@pytest.mark.parametrize("backend", [b for b in ("channels_last", "cpp") if b in CPU_BACKENDS] + ["cpp/cpp/native"])
+@pytest.mark.parametrize("backend", ["channels_last", "cpp"] + ["cpp/cpp/native"])
 def test_gradients_of_trainable_weights_only_when_this_pass_needs_them(backend, monkeypatch, one_thread):
     """As PyTorch's own convolution: torch.autograd.grad w.r.t. the input (captum on a model that was not frozen)
     computes no dL/dw, w.r.t. the weight no dL/dx, backward(inputs=...) only what it names, a plain backward all;
@@ -159,7 +153,7 @@ def test_gradients_of_trainable_weights_only_when_this_pass_needs_them(backend, 
     from fastconv import backends as fb
 
     if "cpp" in backend:
-        _need_cpp()
+        need_cpp()
     calls = []
 
     def spy(name, fn):
@@ -303,7 +297,7 @@ def test_nan_and_inf_inputs_reach_the_outputs_conv2d_reaches(backend, one_thread
 
 def test_plain_backward_still_runs_the_cpp_kernels(monkeypatch):
     """Only create_graph moves the gradients to F.conv2d: a plain backward runs the C++ input and weight gradient."""
-    _need_cpp()
+    need_cpp()
     calls, conv, wgrad = [], ck.cpp_conv, ck.cpp_weight_grad
     monkeypatch.setattr(ck, "cpp_conv", lambda *a, **k: calls.append(("conv", k.get("flip", False))) or conv(*a, **k))
     monkeypatch.setattr(ck, "cpp_weight_grad", lambda *a, **k: calls.append("wgrad") or wgrad(*a, **k))
@@ -367,7 +361,7 @@ def test_forward_mode_ad_matches_conv2d(backend, layout, one_thread):
     """Dual numbers and torch.func.jvp through every backend (and per-op names): the output's tangent is F.conv2d's
     (the custom Function had no jvp: NotImplementedError), in the input's layout."""
     if "cpp" in backend:
-        _need_cpp()
+        need_cpp()
     import torch.autograd.forward_ad as fwAD
 
     g = torch.Generator().manual_seed(7)
@@ -411,7 +405,7 @@ def test_captum_saliency_computes_no_weight_gradient(backend, frozen, monkeypatc
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("backend", [b for b in ("channels_last", "cpp") if b in CPU_BACKENDS] + [None])
+@pytest.mark.parametrize("backend", ["channels_last", "cpp"] + [None])
 def test_vmap_jacobians_match_conv2d(backend, one_thread):
     """torch.func.vmap over the module, jacrev w.r.t. the input (NCHW and channels_last) and the parameters, jacfwd,
     hessian, per-sample gradients vmap(grad), and torch.autograd.functional.jacobian(vectorize=True) (the older
@@ -506,7 +500,7 @@ def test_auto_autotunes_once_and_persists_cache(monkeypatch, tmp_path):
 
     def fake_time(name, *a, **k):
         calls.append(name)
-        return fake[name] + (0 if name != "cpp" or "cpp" in CPU_BACKENDS else 99)
+        return fake[name]
 
     monkeypatch.setattr(dispatch, "_time_backend", fake_time)
     # the C++ kernel far ahead at each operation alone: no mix to time
@@ -517,13 +511,12 @@ def test_auto_autotunes_once_and_persists_cache(monkeypatch, tmp_path):
     assert _rel(y, _ref(x, w, None)) <= 1e-5
     cache = json.loads((tmp_path / "fc" / "autotune.json").read_text())
     (key,) = cache
-    winner = "cpp" if "cpp" in CPU_BACKENDS else "channels_last"
-    assert cache[key]["backend"] == winner and "17x17" in key and "grad_x1w1" in key
+    assert cache[key]["backend"] == "cpp" and "17x17" in key and "grad_x1w1" in key
     # a new process (memory cleared) reads the file instead of timing again
     dispatch.clear_cache(memory_only=True)
     calls.clear()
     text = fastconv.explain(x, w)
-    assert calls == [] and f"backend {winner!r}" in text and "from cache" in text and "not native" in text
+    assert calls == [] and "backend 'cpp'" in text and "from cache" in text and "not native" in text
     # inference (no grad) is a different decision
     with torch.no_grad():
         fastconv.depthwise_conv2d(x, w)
@@ -858,7 +851,7 @@ def test_per_op_backends_match_conv2d_and_run_each_operation_where_named(name, l
     """A per-op backend ("forward/input_grad/weight_grad") runs each operation with its own backend (spied), and
     the three results are F.conv2d's: forward, input and weight gradient, with and without bias, both layouts."""
     if "cpp" in name:
-        _need_cpp()
+        need_cpp()
     from fastconv import backends
 
     ran = []
@@ -1264,7 +1257,7 @@ def test_cudnn_weight_grad_helper_matches_autograd():
 def test_cpp_kernels_read_any_layout(c, layout):
     """The fused C++ passes pack each plane from the tensor's own strides (NCHW, channels_last, a strided view),
     handle channel tails (C % 8) and the negative-stride flipped weight, and write the input's layout."""
-    _need_cpp()
+    need_cpp()
     g = torch.Generator().manual_seed(c)
     x = torch.randn(2, c, 7, 9, generator=g)
     gy = torch.randn(2, c, 7, 9, generator=g)

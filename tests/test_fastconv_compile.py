@@ -16,7 +16,7 @@ import fastconv
 from fastconv import compiled  # noqa: F401 - registers the ops
 from fastconv import cpu_kernels as ck
 from fastconv import dispatch
-from tests.test_fastconv import CPU_BACKENDS, HAS_COMPILER, _rel
+from tests.test_fastconv import _rel
 
 FORWARD_OP, BACKWARD_OP = "fastconv.depthwise_conv2d.default", "fastconv.depthwise_conv2d_backward.default"
 #: the kernels each backend runs (cpu_kernels functions), forward and backward
@@ -74,7 +74,7 @@ def check_training_step(model, ref, run, x, tol=1e-5):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("backend", [b for b in ("cpp", "channels_last") if b in CPU_BACKENDS])
+@pytest.mark.parametrize("backend", ["cpp", "channels_last"])
 def test_compiled_graph_runs_fastconv_kernels(backend, layout, one_thread, monkeypatch):
     """The forward and backward graphs hold fastconv's ops (not aten's convolution, which the compiled graph held
     before: 10x slower at K = 31), and the backend's kernels run in them."""
@@ -118,11 +118,10 @@ def test_compiled_call_takes_the_eager_decision_and_follows_settings(monkeypatch
     assert entry["times_ms"] and entry["backend"] in entry["times_ms"]  # timed
     assert dispatch.resolve("auto", *stand_in) == entry["backend"]  # the eager call: the same decision, no new timing
     assert threads == ["fastconv-autotune"] * 2
-    if "cpp" in CPU_BACKENDS:
-        calls = spy_kernels(monkeypatch, ("onednn_conv_cl", "cpp_conv"))
-        with fastconv.use(backend="channels_last"), torch.no_grad():
-            assert _rel(run(x), ref(x)) <= 1e-6
-        assert calls == ["onednn_conv_cl"] * 2
+    calls = spy_kernels(monkeypatch, ("onednn_conv_cl", "cpp_conv"))
+    with fastconv.use(backend="channels_last"), torch.no_grad():
+        assert _rel(run(x), ref(x)) <= 1e-6
+    assert calls == ["onednn_conv_cl"] * 2
     with fastconv.use(backend="fft"):  # another backend, the same compiled graph
         check_training_step(model, ref, run, x)
     with fastconv.use(backend="triton"), pytest.raises(ValueError, match="triton needs a CUDA tensor"):
@@ -200,7 +199,7 @@ def test_compiled_dual_numbers_and_empty_input_take_the_stock_op():
 
 def test_compiled_frozen_weights_skip_the_weight_gradient(one_thread, monkeypatch):
     """ERF / attribution in a compiled model: weights frozen, the backward op computes dL/dx only."""
-    model, ref = pair("cpp" if "cpp" in CPU_BACKENDS else "channels_last")
+    model, ref = pair("cpp")
     model.requires_grad_(False)
     ref.requires_grad_(False)
 
@@ -244,7 +243,6 @@ def test_compiled_dynamic_shapes_compile_once(one_thread):
     check_training_step(model, ref, torch.compile(model, backend="aot_eager", fullgraph=True), x)
 
 
-@pytest.mark.skipif(not HAS_COMPILER, reason="inductor's CPU code needs a C++ compiler")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_inductor_block_matches_eager(layout, monkeypatch):
     """A RepLKNet-style block (1x1 conv, GELU, 13x13 depthwise, BatchNorm, GELU, 1x1 conv) compiled with inductor:

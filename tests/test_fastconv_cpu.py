@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import fastconv
 from fastconv import cpu_kernels as ck
 from fastconv import dispatch, roofline
+from tests.conftest import need_cpp
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HAS_COMPILER = ck._compiler() is not None and not os.environ.get("FASTCONV_NO_CPP")
 USER_CACHE = fastconv.settings().cache_dir  # where builds live between runs (the tests' own cache dirs are fresh)
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
@@ -25,12 +25,6 @@ X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 @pytest.fixture(autouse=True)
 def _isolated_settings(fastconv_isolated):
     yield
-
-
-def _need_cpp():
-    if not HAS_COMPILER:
-        pytest.skip("no C++ compiler (or FASTCONV_NO_CPP set): the cpp backend cannot be built here")
-    assert ck.cpp_unavailable_reason() is None, ck.cpp_unavailable_reason()
 
 
 def _rel(a, b):
@@ -69,7 +63,7 @@ def test_forced_lane_width_matches_conv2d_in_float64(lanes, shape, kernel, layou
     """The cpp backend with $FASTCONV_CPU_LANES forced (16 on a CPU without AVX-512 runs the 16-lane code lowered to
     256-bit vectors): forward, input and weight gradient vs F.conv2d in float64; channel counts that are not a
     multiple of 16 (tails), non-square kernels, batch > 1, NCHW and channels_last inputs."""
-    _need_cpp()
+    need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     assert ck.cpu_lanes() == int(lanes)
     g = torch.Generator().manual_seed(sum(shape) + sum(kernel))
@@ -95,7 +89,7 @@ def test_edge_tiles_and_wide_rows_match_conv2d_in_float64(lanes, channels, rows,
     more: on an AVX-512 CPU the 16-lane variant packs and writes them back through 16 x 16 transposes (a row that 16
     does not divide ends in a block overlapping the one before it; a flipped kernel row of 17 or 31 runs backwards
     through them in the input gradient), elsewhere through 8 x 8 ones."""
-    _need_cpp()
+    need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     g = torch.Generator().manual_seed(width * 100 + kernel[1])
     x = torch.randn(2, channels, rows, width, generator=g)
@@ -104,7 +98,7 @@ def test_edge_tiles_and_wide_rows_match_conv2d_in_float64(lanes, channels, rows,
 
 
 def test_lane_width_argument_equals_the_other_width():
-    _need_cpp()
+    need_cpp()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 19, 10, 9, generator=g)
     w = torch.randn(19, 1, 5, 7, generator=g)
@@ -114,7 +108,7 @@ def test_lane_width_argument_equals_the_other_width():
 
 
 def test_lane_width_selection_and_override(monkeypatch):
-    _need_cpp()
+    need_cpp()
     lib = ck.cpp_library()
     avx512 = "avx512f" in _cpu_flags()
     if X86 and _cpu_flags():
@@ -145,7 +139,7 @@ def test_lane_width_selection_and_override(monkeypatch):
 
 
 def test_explain_names_the_lane_width(monkeypatch):
-    _need_cpp()
+    need_cpp()
     x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 9, 9)
     assert f"cpp kernel variant: {ck.cpu_variant()}" in fastconv.explain(x, w)
     monkeypatch.setenv(ck.ENV_LANES, "16")
@@ -232,7 +226,7 @@ def test_direct_channels_last_tiles_match_conv2d_in_float64(lanes, shape, kernel
     two threads give the one thread's numbers exactly. From 49 taps (7x7) the tiles read a compact copy of each
     channel block's rows, in bands of output rows (at least 4 bands per thread: here bands of 1-12 rows, their halos
     cut by the map's edges; a different banding on two threads)."""
-    _need_cpp()
+    need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     g = torch.Generator().manual_seed(sum(shape) * 100 + sum(kernel))
     x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
@@ -266,7 +260,7 @@ def test_packed_rows_read_and_write_any_layout_in_float64(lanes, layout, monkeyp
     with 16 lanes, three blocks with 8; a 9 x 7 kernel. Forward, input and weight gradient vs F.conv2d in float64
     (through autograd, on a dense copy of the input: the strided view's own forward must equal it bit for bit), the
     flipped kernel of the input gradient, and two threads bit-equal to one (8 lanes run NCHW on the planes)."""
-    _need_cpp()
+    need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     g = torch.Generator().manual_seed(24)
     x = torch.randn(2, 24, 19, 18, generator=g)
@@ -291,7 +285,7 @@ def test_packed_row_bands_give_every_thread_the_same_number_of_units(layout, mon
     units; on one thread the 2 bands. The numbers do not depend on the banding: forward, input and weight gradient
     vs F.conv2d in float64, and two threads (4 bands) bit-equal to one (2 bands). NCHW runs packed rows with AVX-512
     only (16 lanes lowered to AVX2 run it on the planes)."""
-    _need_cpp()
+    need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, "16")
     g = torch.Generator().manual_seed(48)
     x = torch.randn(1, 48, 90, 90, generator=g)
@@ -317,7 +311,7 @@ def test_weight_gradient_slices_the_images_of_few_channel_blocks(channels, lanes
     three 8-lane blocks (two groups, the last of one block, on channels_last). "mixed": NCHW input, channels_last
     output gradient (the kernel groups blocks when either is channels-innermost). vs float64, and the same numbers on
     1 and 2 threads; C = 64 keeps one slice."""
-    _need_cpp()
+    need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     g = torch.Generator().manual_seed(channels)
     x, gy = (torch.randn(5, channels, 12, 14, generator=g) for _ in range(2))
@@ -346,7 +340,7 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
     The same numbers as cpp_conv(g, w, flip) and cpp_weight_grad (which match float64), on 1 and 2 threads, and the
     autograd backward of depthwise_conv2d takes it. Where it does not apply (a 5 x 5 kernel runs straight tiles; a
     map cut into bands) it computes nothing and returns None."""
-    _need_cpp()
+    need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, "16")
     g = torch.Generator().manual_seed(n * c)
     x, gy = (torch.randn(n, c, 16, 16, generator=g) for _ in range(2))
@@ -440,7 +434,6 @@ def test_later_autotune_rounds_time_one_call(monkeypatch):
     assert len(calls) >= 5  # warm-up, first call, at least 3 repeats
 
 
-@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ kernel is not a candidate")
 def test_autotune_judges_the_stock_tie_on_the_typical_round(monkeypatch):
     """The stock tie is judged on the median per-round ratio, not on each candidate's best round: here the C++
     kernel's best round is 13 % under the stock call's best (the best times alone pick it), but in two rounds of
@@ -616,7 +609,7 @@ def test_kernel_ceiling_benchmark_counts_each_level(tmp_path, monkeypatch, capsy
     """benchmarks/bench_kernel_ceiling.py: the register tile's steady state, one packed plane with every tap and
     skipping the padding, the whole call; each level's GFLOP/s from its own count of FLOPs and its time, over the
     run's best one-thread FMA probe."""
-    _need_cpp()
+    need_cpp()
     spec = importlib.util.spec_from_file_location("bench_kernel_ceiling",
                                                   REPO_ROOT / "benchmarks" / "bench_kernel_ceiling.py")
     bench = importlib.util.module_from_spec(spec)
@@ -696,7 +689,7 @@ def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, s
     gradient swap the roles of map and kernel (``swap_roles`` in dwconv.cpp: nothing padded). Forward, input and
     weight gradient still equal F.conv2d in float64, including weight taps that see only padding (K > 2H: their
     gradient is exactly 0)."""
-    _need_cpp()
+    need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     g = torch.Generator().manual_seed(sum(shape) * 7 + sum(kernel))
     x = torch.randn(*shape, generator=g)

@@ -2,17 +2,14 @@
 every backend vs F.conv2d, and the drop-in module's 'same' padding per side."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastconv
-from fastconv import cpu_kernels as ck
 
-HAS_COMPILER = ck._compiler() is not None and not os.environ.get("FASTCONV_NO_CPP")
-BACKENDS = [b for b in fastconv.BACKENDS if b != "triton" and (b != "cpp" or HAS_COMPILER)]
+BACKENDS = [b for b in fastconv.BACKENDS if b != "triton"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KERNELS = [(51, 5), (5, 51), (13, 3)]
 

@@ -13,6 +13,7 @@ import csv
 import datetime as _dt
 import gc
 import io
+import os
 import shutil
 import signal
 import sys
@@ -325,8 +326,9 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     amp, amp_dtype = _amp_dtype(amp, device)
     if sync_bn and not device.startswith("cuda"):
         raise ErfLabError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
-    if int(num_workers) < 0:
-        raise ErfLabError(f"--num-workers must be >= 0, got {num_workers}")
+    most_workers = 4 * (os.cpu_count() or 1)  # loader processes beyond this only queue for the CPUs
+    if not 0 <= int(num_workers) <= most_workers:
+        raise ErfLabError(f"--num-workers must be 0 to {most_workers} (4 per CPU of this machine), got {num_workers}")
     if not 8 <= int(input_size) <= 4096:
         raise ErfLabError(f"--input-size must be in [8, 4096], got {input_size}")
     if num_classes is None and str(data) == CUE_WORLD:
