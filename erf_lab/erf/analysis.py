@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from erf_lab.erf.metrics import compute_metrics, summary
+from erf_lab.erf.metrics import compute_metrics, paper_caveat, summary
 from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, markdown_table,
                                 metrics_text, table_rows)
@@ -115,7 +115,8 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
     for row, rand in zip(rows, random):  # the measured rows come first
         row["random_init"] = rand
     note = ("Area columns: % of the map area inside the smallest centred square holding > t of log10(A+1)/max; "
-            "n/r = not reached, - = not available. Paper rows: Ding et al., CVPR 2022, Table 10 (1024x1024, trained weights).")
+            "n/r = not reached, - = not available. Paper rows: Ding et al., CVPR 2022, Table 10 (1024x1024, trained weights)"
+            + (f"; {paper_caveat()}." if paper_caveat() else "."))
     if mixed:
         note = ("The maps differ in size (" + ", ".join(f"{r.label}: {r.erf.shape[0]}x{r.erf.shape[1]}" for r in runs)
                 + "): area ratios are fractions of each image and change with the image size even when the ERF in "

@@ -348,6 +348,13 @@ def paper_reference() -> dict:
     return _load_paper_reference()
 
 
+def paper_caveat() -> str:
+    """How far the shipped Table 10 numbers can be trusted, in one line for every output that shows them ("" once
+    they are checked against the paper; data/paper_reference.json "transcription")."""
+    t = _load_paper_reference().get("transcription", {})
+    return "" if t.get("checked_against_paper", False) else t["caveat"]
+
+
 PAPER_TABLE10: dict[str, list[float]] = {
     name: list(entry["area_ratio_percent"]) for name, entry in _load_paper_reference()["models"].items()
 }

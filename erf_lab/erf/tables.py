@@ -5,7 +5,7 @@ import csv
 import io
 from typing import Sequence
 
-from erf_lab.erf.metrics import PAPER_TABLE10, paper_reference, summary
+from erf_lab.erf.metrics import PAPER_TABLE10, paper_caveat, paper_reference, summary
 
 TABLE_COLUMNS = ("label", "source", "shape", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "std_y", "std_x",
                  "gauss_sigma_y", "gauss_sigma_x", "gauss_r2", "trf", "erf/trf")
@@ -63,7 +63,8 @@ def metrics_text(metrics: dict, label: str = "") -> str:
     lines = [f"ERF {label} ({metrics['shape'][0]}x{metrics['shape'][1]})".replace("  ", " ")]
     ref = paper_reference()
     names = list(PAPER_TABLE10)
-    lines.append(f"  high-contribution area ratio on log10(A+1)/max (paper Table 10 at {ref['input_size']}^2, trained):")
+    lines.append(f"  high-contribution area ratio on log10(A+1)/max (paper Table 10 at {ref['input_size']}^2, trained"
+                 + (f"; {paper_caveat()}" if paper_caveat() else "") + "):")
     lines.append(f"    {'t':>5}  {'side':>5}  {'area %':>11} | " + " | ".join(f"{n:>11}" for n in names))
     for i, e in enumerate(metrics["high_contribution"]):
         side = "n/r" if not e["reached"] else str(e["side"])

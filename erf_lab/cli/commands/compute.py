@@ -99,9 +99,12 @@ def run(args: argparse.Namespace) -> int:
               f"= {info['achieved_gflops']:.3g} GFLOP/s{ref}{without}")
         if info.get("roofline_note"):
             print(f"note: {info['roofline_note']}")
+    from erf_lab.erf.metrics import paper_caveat
     from erf_lab.erf.tables import markdown_table, table_rows
 
     print(markdown_table(table_rows([(info["model"], res["metrics"])])))
+    if paper_caveat():
+        print(f"note: {paper_caveat()}")
     if info["random_init"] and info["weights"]:
         print(f"(random initialization: {args.weights} holds untrained weights (marked by erf-lab reparam); "
               "paper rows are trained, 1024px)")
