@@ -207,6 +207,9 @@ def _cases():
     add("train-out-under-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt/tr"], "lies under a file")
     add("shape-bias-cue-world-untrained", ["shape-bias", *TINY, "--stimuli", "cue-world", "--out", "{out}"],
         "random weights means nothing")
+    add("shape-bias-cue-world-limit-beyond-the-largest-split",
+        ["shape-bias", *TINY, "--allow-random", "--stimuli", "cue-world", "--limit", "100000000000", "--out", "{out}"],
+        "cue-world probe size must be 1 to 10,000,000 images per split, got 100,000,000,000")
     add("shape-bias-builtin-unknown", ["shape-bias", "--model", "replknet_31b", "--weights", "builtin:cue-world/K99",
                                        "--stimuli", "cue-world", "--out", "{out}"], "no shipped weights")
     # timeline / study
@@ -340,3 +343,38 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(erf_io.os, "fsync", failing(errno.EINVAL))
     erf_io.write_json(target, {"a": 3})
     assert json.loads(target.read_text()) == {"a": 3} and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+@pytest.mark.parametrize("error,what", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 602112000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "602.1 GB requested"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"), "on the GPU"),
+    (MemoryError(), "Python could not allocate"),
+], ids=["cpu-allocator", "cuda", "python"])
+def test_out_of_memory_is_one_error_line_exit_2(error, what, tmp_path, capsys, monkeypatch):
+    """`erf-lab reparam --check-batch 1000000` asked torch for 602 GB and ended in a traceback. A real allocation
+    that large is not safe in a test (with overcommit it may succeed and wake the OOM killer), so the command
+    raises what torch raised."""
+    import erf_lab.cli.commands.reparam as reparam
+
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(reparam, "run", run)
+    code = main(["reparam", "--model", "replknet_31b", "--check-batch", "1000000", "--out", str(tmp_path / "x.pth")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"erf-lab reparam: error: out of memory ({what}); choose smaller sizes"), err
+
+
+def test_other_runtime_errors_still_raise(monkeypatch):
+    """Only a failed allocation becomes an error line: any other RuntimeError is a bug and keeps its traceback."""
+    import erf_lab.cli.commands.reparam as reparam
+
+    def run(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(reparam, "run", run)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["reparam", "--model", "replknet_31b", "--out", "x.pth"])

@@ -36,12 +36,13 @@ class ProbeSpec:
     seed: int = 0
 
     def validate(self) -> "ProbeSpec":
-        from erf_lab.train.cue_world import SHAPES
+        from erf_lab.train.cue_world import MAX_SPLIT_SIZE, SHAPES
 
         if not 8 <= int(self.input_size) <= 4096:
             raise ErfLabError(f"cue-world probe input size must be in [8, 4096] pixels, got {self.input_size}")
-        if int(self.size) < 1:
-            raise ErfLabError(f"cue-world probe size must be at least 1 image, got {self.size}")
+        if not 1 <= int(self.size) <= MAX_SPLIT_SIZE:
+            raise ErfLabError(f"cue-world probe size must be 1 to {MAX_SPLIT_SIZE:,} images per split, "
+                              f"got {int(self.size):,}")
         if not 2 <= int(self.num_classes) <= len(SHAPES):
             raise ErfLabError(f"cue-world has 2 to {len(SHAPES)} classes, got {self.num_classes}")
         return self
