@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import safety
 from app.runs import DOWNLOAD_SUFFIXES
-from erf_lab.errors import ErfLabError
+from erf_lab.errors import OUT_OF_MEMORY_HINT, ErfLabError, out_of_memory
 
 log = logging.getLogger("erf_lab.app")
 
@@ -23,6 +23,9 @@ def guard(what: str):
     except ErfLabError as e:
         st.error(f"{what}: {e}", icon=":material/error:")
     except Exception as e:  # noqa: BLE001 - shown to the user instead of a traceback
+        if out_of_memory(e) is not None:
+            st.error(f"{what}: out of memory ({out_of_memory(e)}); {OUT_OF_MEMORY_HINT}", icon=":material/error:")
+            return
         log.exception("%s failed", what)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         st.error(f"{what} failed: {type(e).__name__}: {first}", icon=":material/error:")

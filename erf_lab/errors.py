@@ -10,3 +10,25 @@ class ErfLabError(Exception):
 
 class CheckpointError(ErfLabError):
     """A checkpoint file that cannot be loaded safely or does not match the model."""
+
+
+#: what the CLI and the app say after a failed allocation
+OUT_OF_MEMORY_HINT = "choose smaller sizes, a smaller batch or fewer images"
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What an allocation that failed asked for ("602.1 GB requested", "on the GPU"), or None for any other
+    error. torch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a RuntimeError)."""
+    import re
+
+    text = str(e)
+    if isinstance(e, MemoryError):
+        return "Python could not allocate"
+    if not isinstance(e, RuntimeError):
+        return None
+    if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
+        return "on the GPU"
+    if "DefaultCPUAllocator" not in text and "can't allocate memory" not in text:
+        return None
+    n = re.search(r"allocate (\d+) bytes", text)
+    return f"{int(n.group(1)) / 1e9:.1f} GB requested" if n else "the CPU allocator failed"

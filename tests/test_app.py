@@ -719,3 +719,24 @@ def test_integer_list_messages_say_what_is_expected():
         with pytest.raises(ErfLabError) as e:
             parse_int_tuple(text, n=n, what="kernel sizes")
         assert str(e.value) == message
+
+
+def _page_that_runs_out_of_memory():
+    from app.ui import guard
+
+    with guard("ERF"):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 602112000000 bytes. Error code 12 (Cannot allocate memory)")
+    import streamlit as st
+
+    st.write("the rest of the page")
+
+
+def test_a_failed_allocation_is_named_in_the_app():
+    """A page that asks torch for more memory than there is says so in one message (it showed the allocator's
+    `[enforce fail at alloc_cpu.cpp:127]` line), and the rest of the page still renders."""
+    at = AppTest.from_function(_page_that_runs_out_of_memory).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["ERF: out of memory (602.1 GB requested); choose smaller sizes, a smaller "
+                                          "batch or fewer images"]
+    assert at.markdown[-1].value == "the rest of the page"

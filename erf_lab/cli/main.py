@@ -11,7 +11,7 @@ import pkgutil
 import sys
 
 from erf_lab import __version__
-from erf_lab.errors import ErfLabError
+from erf_lab.errors import OUT_OF_MEMORY_HINT, ErfLabError, out_of_memory
 
 EXIT_USAGE = 2
 #: the console script's generation-0 collection threshold (Python's default: 700). A command imports torch and
@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"erf-lab {args.command}: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError, CUDA's OutOfMemoryError
-        what = _out_of_memory(e)
+        what = out_of_memory(e)
         if what is None:
             raise
-        print(f"erf-lab {args.command}: error: out of memory ({what}); choose smaller sizes, a smaller batch or "
-              f"fewer images (outputs it had finished are kept)", file=sys.stderr)
+        print(f"erf-lab {args.command}: error: out of memory ({what}); {OUT_OF_MEMORY_HINT} (outputs it had "
+              f"finished are kept)", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # a file that cannot be read or written (commands check their outputs first)
         if e.errno not in _CANNOT_ACCESS:
@@ -73,21 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"erf-lab {args.command}: error: {e.strerror}{where}; the command stopped there (outputs it had "
               f"finished are kept)", file=sys.stderr)
         return EXIT_USAGE
-
-
-def _out_of_memory(e: BaseException) -> str | None:
-    """What an allocation that failed asked for ("602.1 GB requested", "CUDA"), or None for any other error."""
-    import re
-
-    text = str(e)
-    if isinstance(e, MemoryError):
-        return "Python could not allocate"
-    if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
-        return "on the GPU"
-    if "DefaultCPUAllocator" not in text and "can't allocate memory" not in text:
-        return None
-    n = re.search(r"allocate (\d+) bytes", text)
-    return f"{int(n.group(1)) / 1e9:.1f} GB requested" if n else "the CPU allocator failed"
 
 
 def run(argv: list[str] | None = None):
