@@ -179,6 +179,8 @@ def _cases():
     # data
     add("data-dest-under-file", ["data", "download", "--dest", "{bad}/file.txt/dl"], "--dest {bad}/file.txt/dl lies")
     # shape-bias
+    add("compute-train-size-above-any-input", ["compute", *TINY, "--train-size", "1000000000000"],
+        "--train-size (the weights' training resolution) 1000000000000 is above 4096 px")
     add("shape-bias-untrained", ["shape-bias", "--model", "resnet50", "--out", "{out}"], "--allow-random")
     add("shape-bias-stimuli-missing", ["shape-bias", *TINY, "--allow-random", "--stimuli", "{bad}/nope",
                                        "--out", "{out}"], "")

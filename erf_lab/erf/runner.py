@@ -107,6 +107,9 @@ class ErfSpec:
         if self.input_size > MAX_INPUT_SIZE:
             raise ErfLabError(f"--input-size {self.input_size} is above the maximum {MAX_INPUT_SIZE} (activation "
                               f"memory grows with the image area; the paper measures at 1024)")
+        if self.train_size is not None and self.train_size > MAX_INPUT_SIZE:
+            raise ErfLabError(f"--train-size (the weights' training resolution) {self.train_size} is above "
+                              f"{MAX_INPUT_SIZE} px, the largest input erf-lab measures")
         if self.images is not None and str(self.images) != "default":
             p = Path(self.images).expanduser()
             if not p.is_dir():
