@@ -21,6 +21,11 @@ from erf_lab.errors import ErfLabError
 CUE_WORLD = "cue-world"
 
 
+def per_cpu_cap() -> int:
+    """The most data-loader workers or torch threads erf-lab accepts: 4 per CPU (more only queue for the CPUs)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 def _readable(path: Path) -> bool:
     from PIL import Image
 

@@ -13,7 +13,6 @@ import csv
 import datetime as _dt
 import gc
 import io
-import os
 import shutil
 import signal
 import sys
@@ -32,7 +31,7 @@ from erf_lab.errors import ErfLabError
 from erf_lab.erf import distributed as D
 from erf_lab.io import read_json_or_none
 from erf_lab.train import checkpoints as C
-from erf_lab.train.data import CUE_WORLD, build_data
+from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
 
 COMPLETE_FILE = "run.json"
@@ -326,9 +325,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     amp, amp_dtype = _amp_dtype(amp, device)
     if sync_bn and not device.startswith("cuda"):
         raise ErfLabError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
-    most_workers = 4 * (os.cpu_count() or 1)  # loader processes beyond this only queue for the CPUs
-    if not 0 <= int(num_workers) <= most_workers:
-        raise ErfLabError(f"--num-workers must be 0 to {most_workers} (4 per CPU of this machine), got {num_workers}")
+    if not 0 <= int(num_workers) <= per_cpu_cap():
+        raise ErfLabError(f"--num-workers must be 0 to {per_cpu_cap()} (4 per CPU of this machine), got {num_workers}")
     if not 8 <= int(input_size) <= 4096:
         raise ErfLabError(f"--input-size must be in [8, 4096], got {input_size}")
     if num_classes is None and str(data) == CUE_WORLD:

@@ -10,7 +10,6 @@ their records into ``data/trained/`` where ``builtin:`` names find them.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -101,6 +100,7 @@ def check_study(settings: StudySettings, models: list[StudyModel], *, jobs: int,
     from erf_lab.erf.runner import MAX_INPUT_SIZE, layer_geometry
     from erf_lab.models import create_model
     from erf_lab.train.cue_world import MAX_SPLIT_SIZE
+    from erf_lab.train.data import per_cpu_cap
     from erf_lab.train.probes import ProbeSpec
 
     s = settings
@@ -112,9 +112,8 @@ def check_study(settings: StudySettings, models: list[StudyModel], *, jobs: int,
         raise ErfLabError(f"--input-size must be in [8, 4096], got {s.input_size}")
     if not 1 <= int(s.erf_input_size) <= MAX_INPUT_SIZE:
         raise ErfLabError(f"--erf-input-size must be in [1, {MAX_INPUT_SIZE}], got {s.erf_input_size}")
-    most_threads = 4 * (os.cpu_count() or 1)
-    if threads is not None and int(threads) > most_threads:
-        raise ErfLabError(f"--threads must be at most {most_threads} (4 per CPU of this machine), got {threads}")
+    if threads is not None and int(threads) > per_cpu_cap():
+        raise ErfLabError(f"--threads must be at most {per_cpu_cap()} (4 per CPU of this machine), got {threads}")
     if int(s.train_size) > MAX_SPLIT_SIZE:
         raise ErfLabError(f"--train-size must be at most {MAX_SPLIT_SIZE:,} (new cue-world images per epoch), "
                           f"got {int(s.train_size):,}")
