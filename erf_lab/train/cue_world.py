@@ -363,6 +363,7 @@ class CueWorld(torch.utils.data.Dataset):
     def _render_all(self, show_progress: bool) -> np.ndarray:
         """Every image of the split, (N, 3, S, S) float32; worker processes share the work for large splits."""
         from erf_lab.io import progress
+        from erf_lab.train.stop import iterate
 
         # as many workers as torch has threads (a study running jobs with --threads 1 renders in each job)
         workers = min(torch.get_num_threads(), 8) if self.size * self.input_size ** 2 >= 256 * 64 * 64 else 0
@@ -370,7 +371,8 @@ class CueWorld(torch.utils.data.Dataset):
                                              num_workers=workers if workers > 1 else 0)
         out = np.empty((self.size, 3, self.input_size, self.input_size), np.float32)
         done = 0
-        for batch in progress(loader, desc=f"cue-world {self.split} (rendered once, then cached)", unit="batch",
+        for batch in progress(iterate(loader), total=len(loader), unit="batch",
+                              desc=f"cue-world {self.split} (rendered once, then cached)",
                               disable=not show_progress):
             out[done:done + len(batch)] = batch.numpy()
             done += len(batch)

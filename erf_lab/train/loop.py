@@ -14,9 +14,7 @@ import datetime as _dt
 import gc
 import io
 import shutil
-import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -33,6 +31,7 @@ from erf_lab.io import read_json_or_none
 from erf_lab.train import checkpoints as C
 from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
+from erf_lab.train.stop import ForcedStop, StopRequest, iterate
 
 COMPLETE_FILE = "run.json"
 OUR_FILES = ("metrics.csv", "model.pth", "model.safetensors", "model_ema.safetensors", "curves.png", "curves.pdf",
@@ -142,7 +141,7 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int, device, mean, std, i
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
                                          num_workers=num_workers, generator=torch.Generator().manual_seed(0))
     sums = _Sums()
-    for x, y in loader:
+    for x, y in iterate(loader):
         x, y = _prepare(x, y, device, mean, std, channels_last)
         with _autocast(device, amp_dtype):
             logits = model(x)
@@ -163,47 +162,6 @@ def _autocast(device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-class _ForcedStop(KeyboardInterrupt):
-    """A second Ctrl-C: stop at once, without saving (the last saved state stays the resume point)."""
-
-
-class _StopRequest:
-    """Ctrl-C (SIGINT) or ``kill`` (SIGTERM) asks the run to stop after the current step, so the saved state is
-    always a consistent step boundary; a second signal stops at once. Before the training loop is ``armed``
-    (building the model and the data, rendering the cue-world cache) there is nothing to save: a signal stops at
-    once."""
-
-    def __init__(self):
-        self.requested = False
-        self.armed = False
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.requested or not self.armed:
-            raise _ForcedStop
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def check(self, info: D.DistInfo, device="cpu") -> None:
-        """Raise KeyboardInterrupt when any rank was asked to stop (all ranks stop at the same step)."""
-        flag = self.requested
-        if info.enabled:
-            t = torch.tensor([float(flag)], device=device if info.backend == "nccl" else "cpu")
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        if flag:
-            raise KeyboardInterrupt
 
 
 def _versions() -> dict:
@@ -340,7 +298,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     info = D.init(device)
     together = False  # every rank leaves at this same point (a finished run, or a stop agreed at one step)
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             result = _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
                             int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
                             amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
@@ -348,7 +306,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
         together = True
         return result
     except BaseException as stopped:
-        together = isinstance(stopped, KeyboardInterrupt) and not isinstance(stopped, _ForcedStop)
+        together = isinstance(stopped, KeyboardInterrupt) and not isinstance(stopped, ForcedStop)
         if info.enabled:
             # Its traceback keeps _train's frame alive, and with it DDP's reducer, which holds the process group:
             # free them before the group is destroyed.
@@ -371,7 +329,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
 
 def _train(model_name, data, out, overrides, recipe, input_size, train_size, val_size, num_classes, resample, seed,
            device, amp, amp_dtype, channels_last, sync_bn, num_workers, resume, force, checkpoint_format, show_progress,
-           argv, on_step, info: D.DistInfo, stop: _StopRequest) -> dict:
+           argv, on_step, info: D.DistInfo, stop: StopRequest) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
 
@@ -508,7 +466,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                                  generator=torch.Generator().manual_seed(seed + epoch))
             train_net.train()
             t0 = time.time()
-            for x, y in loader:
+            for x, y in iterate(loader):
                 lr = lr_at(step, total_steps, warmup_steps, recipe.lr, recipe.min_lr)
                 set_lr(optimizer, lr)
                 x, y = _prepare(x, y, device, mean, std, channels_last)
@@ -562,7 +520,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 bar.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.3f}, "
                           f"val loss {val_loss:.4f} acc {val_acc:.3f}")
             save_state()
-    except _ForcedStop:
+    except ForcedStop:
         bar.close()
         raise
     except KeyboardInterrupt:
