@@ -23,8 +23,8 @@ def guard(what: str):
     except ErfLabError as e:
         st.error(f"{what}: {e}", icon=":material/error:")
     except Exception as e:  # noqa: BLE001 - shown to the user instead of a traceback
-        if out_of_memory(e) is not None:
-            st.error(f"{what}: out of memory ({out_of_memory(e)}); {OUT_OF_MEMORY_HINT}", icon=":material/error:")
+        if (memory := out_of_memory(e)) is not None:
+            st.error(f"{what}: out of memory ({memory}); {OUT_OF_MEMORY_HINT}", icon=":material/error:")
             return
         log.exception("%s failed", what)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -116,7 +116,7 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
         row["random_init"] = rand
     note = ("Area columns: % of the map area inside the smallest centred square holding > t of log10(A+1)/max; "
             "n/r = not reached, - = not available. Paper rows: Ding et al., CVPR 2022, Table 10 (1024x1024, trained weights)"
-            + (f"; {paper_caveat()}." if paper_caveat() else "."))
+            + (f"; {caveat}." if (caveat := paper_caveat()) else "."))
     if mixed:
         note = ("The maps differ in size (" + ", ".join(f"{r.label}: {r.erf.shape[0]}x{r.erf.shape[1]}" for r in runs)
                 + "): area ratios are fractions of each image and change with the image size even when the ERF in "

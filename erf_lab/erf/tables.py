@@ -64,7 +64,7 @@ def metrics_text(metrics: dict, label: str = "") -> str:
     ref = paper_reference()
     names = list(PAPER_TABLE10)
     lines.append(f"  high-contribution area ratio on log10(A+1)/max (paper Table 10 at {ref['input_size']}^2, trained"
-                 + (f"; {paper_caveat()}" if paper_caveat() else "") + "):")
+                 + (f"; {caveat}" if (caveat := paper_caveat()) else "") + "):")
     lines.append(f"    {'t':>5}  {'side':>5}  {'area %':>11} | " + " | ".join(f"{n:>11}" for n in names))
     for i, e in enumerate(metrics["high_contribution"]):
         side = "n/r" if not e["reached"] else str(e["side"])

@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from erf_lab.erf.tables import markdown_table, table_rows
 
     print(markdown_table(table_rows([(info["model"], res["metrics"])])))
-    if paper_caveat():
-        print(f"note: {paper_caveat()}")
+    if caveat := paper_caveat():
+        print(f"note: {caveat}")
     if info["random_init"] and info["weights"]:
         print(f"(random initialization: {args.weights} holds untrained weights (marked by erf-lab reparam); "
               "paper rows are trained, 1024px)")
