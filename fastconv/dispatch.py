@@ -611,33 +611,26 @@ def _macs(x, weight) -> float:
     return float(n * c * h * w) * weight.shape[-2] * weight.shape[-1]
 
 
+_grad_enabled, _num_threads = torch.is_grad_enabled, torch.get_num_threads
+
+
 def _fast_key(x, weight, bias, needs: tuple[bool, bool, bool] | None = None) -> tuple:
     """Everything the decision and ``check_inputs`` depend on, cheap to build (no string formatting). ``needs``:
-    (input, weight, bias gradient) as given, else from grad mode and the tensors."""
+    (input, weight, bias gradient) as given, else from grad mode and the tensors. Raises AttributeError for arguments
+    that are not tensors."""
     if needs is None:
-        grad = torch.is_grad_enabled()
-        needs = (grad and x.requires_grad, grad and weight.requires_grad,
-                 grad and bias is not None and bias.requires_grad)
+        needs = ((x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad) if _grad_enabled()
+                 else _NO_GRAD)
     return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-            None if bias is None else (bias.device, bias.dtype, bias.shape), *needs,
-            torch.get_num_threads(), memo_key())
+            None if bias is None else (bias.device, bias.dtype, bias.shape), needs, _num_threads(), memo_key())
 
 
-def cached_runner(x, weight, bias):
-    """The memoized runner (``backends.backend_runner``) of a call signature already checked and decided under these
-    settings, else None (also for arguments that are not tensors: the checked path says what is wrong). Measured
-    (2-core AVX2 EPYC, per call, the convolution itself stubbed out): 1.9 us for the lookup and the runner's call
-    against 3.5 us for the checked path with a memoized name."""
-    try:
-        hit = _fast.get(_fast_key(x, weight, bias))
-    except AttributeError:
-        return None
-    return None if hit is None else hit[1]
+_NO_GRAD = (False, False, False)
 
 
 def resolve(backend: str | None, x, weight, bias) -> str:
     """Backend name to run: ``backend`` itself when explicit (checked), else (None or "auto") ``decide(...)``
-    under ``settings()``, memoized per call signature (with its runner: see ``cached_runner``)."""
+    under ``settings()``, memoized per call signature with its runner (``_fast``, which ``depthwise_conv2d`` reads first)."""
     if backend is None or backend == "auto":
         key = _fast_key(x, weight, bias)
         hit = _fast.get(key)

@@ -8,7 +8,11 @@ from torch.autograd import forward_ad
 from fastconv.backends import (any_autocast_enabled, autocast_inputs, check_inputs, native_conv, run_backend,
                                under_vmap)
 from fastconv.compiled import compiled_call
-from fastconv.dispatch import cached_runner, resolve
+from fastconv import dispatch
+from fastconv.dispatch import _fast_key, resolve
+
+# bound once: on the fast path each lookup of a name in ``torch`` costs, and the path runs cold between layers
+_is_compiling, _transforms_active = torch.compiler.is_compiling, torch._C._are_functorch_transforms_active
 
 
 def _surely_empty(x: torch.Tensor) -> bool:
@@ -36,7 +40,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
-    if torch.compiler.is_compiling() or (torch._C._are_functorch_transforms_active() and under_vmap()):
+    if _is_compiling() or (_transforms_active() and under_vmap()):
         x, weight, bias = autocast_inputs(x, weight, bias)
         check_inputs(x, weight, bias)
         if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and backend != "native"
@@ -48,9 +52,18 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         # an empty input are the stock op, which the compiler then sees
         return native_conv(x, weight, bias)
     if (backend is None or backend == "auto") and not any_autocast_enabled():
-        run = cached_runner(x, weight, bias)  # a signature already checked and decided: one dict lookup
-        if run is not None:
-            return run(x, weight, bias)
+        # a signature already checked and decided: one dict lookup, then its memoized runner. Inline, with the
+        # names of torch bound once: between two layers this path runs cold (caches refilled by the layer before),
+        # where each Python frame and global lookup costs. Measured (Intel Xeon with AVX-512, 2 threads, B=1 C=384
+        # R=32 K=3 channels_last forward, whose decision is the stock call; calls in a shuffled order beside an
+        # NCHW one, median of the per-round ratio to F.conv2d called directly): 1.10x through a helper function
+        # with its own try and key frames, 1.05x inline
+        try:
+            hit = dispatch._fast.get(_fast_key(x, weight, bias))
+        except AttributeError:  # not tensors: the checked path below says what is wrong
+            hit = None
+        if hit is not None:
+            return hit[1](x, weight, bias)
     x, weight, bias = autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias)
     return run_backend(resolve(backend, x, weight, bias), x, weight, bias)
