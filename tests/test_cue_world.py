@@ -166,3 +166,24 @@ def test_scenes_are_drawn_on_demand_so_a_split_of_the_largest_size_costs_no_memo
     with pytest.raises(IndexError):
         big[cw.MAX_SPLIT_SIZE]
     assert [x.shape for x, _ in cw.CueWorld("val", 3, 16)] == [(3, 16, 16)] * 3  # iteration stops at the end
+
+
+@pytest.mark.parametrize("split", cw.SPLITS)
+def test_labels_are_the_scenes_classes_without_drawing_the_scenes(split, monkeypatch):
+    """A label is its scene's class (shape; texture in texture-only images), drawn alone and kept for the fixed
+    images: a batch costs no scene draws (drawing them cost the training loop 11.5 % over a bare loop)."""
+    want = [(lambda s: s.shape if s.shape >= 0 else s.texture)(cw.draw_scene(split, i, 7, 3)) for i in range(60)]
+    assert [cw.draw_class(split, i, 7, 3) for i in range(60)] == want
+    ds = cw.CueWorld(split, 20, 16, num_classes=7, seed=3, resample=True)
+    monkeypatch.setattr(cw, "draw_scene", lambda *a: pytest.fail("a label drew a whole scene"))
+    assert ds.targets == want[:20] and [ds.label(-i) for i in range(1, 4)] == want[17:20][::-1]
+    drawn = []
+    monkeypatch.setattr(cw, "draw_class", lambda *a: drawn.append(a) or want[a[1]])
+    assert ds.targets == want[:20] and not drawn  # kept
+    ds.set_epoch(2)  # a resampled epoch: new images, new labels
+    assert [ds.label(i) for i in range(20)] == want[40:60] and len(drawn) == 20
+    monkeypatch.setattr(cw, "LABEL_MEMO_MAX", 10)  # a split too large to keep its labels draws them each time
+    big = cw.CueWorld(split, 20, 16, num_classes=7, seed=3)
+    for _ in range(2):
+        assert [big.label(i) for i in range(20)] == want[:20]
+    assert big._labels is None and len(drawn) == 60

@@ -168,11 +168,22 @@ def _contrasting_pair(rng: np.random.Generator, min_dist: float = 0.55) -> tuple
             return a, b
 
 
-def draw_scene(split: str, index: int, num_classes: int = DEFAULT_NUM_CLASSES, seed: int = 0) -> Scene:
-    """The scene of image ``index`` of ``split`` (deterministic in (seed, split, index))."""
+def _scene_rng(split: str, index: int, seed: int) -> np.random.Generator:
+    """The generator of image ``index`` of ``split``; its first draw is the image's class (``draw_class``)."""
     if split not in _SPLIT_CODE:
         raise ErfLabError(f"unknown cue-world split {split!r}; choose one of {', '.join(SPLITS)}")
-    rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], int(index)])
+    return np.random.default_rng([int(seed), _SPLIT_CODE[split], int(index)])
+
+
+def draw_class(split: str, index: int, num_classes: int = DEFAULT_NUM_CLASSES, seed: int = 0) -> int:
+    """The label of image ``index`` of ``split``, the first draw of its scene (the shape class; in texture-only
+    images the texture class), without drawing the rest: ~9 against ~30 us (2-core Intel Xeon)."""
+    return int(_scene_rng(split, index, seed).integers(num_classes))
+
+
+def draw_scene(split: str, index: int, num_classes: int = DEFAULT_NUM_CLASSES, seed: int = 0) -> Scene:
+    """The scene of image ``index`` of ``split`` (deterministic in (seed, split, index))."""
+    rng = _scene_rng(split, index, seed)
     k = int(rng.integers(num_classes))
     shape, texture = k, k
     if split == "cue-conflict":
@@ -257,6 +268,8 @@ def class_names(num_classes: int = DEFAULT_NUM_CLASSES) -> list[str]:
 
 #: Above this many bytes a split is not cached (rendered on the fly instead): float32, 3 x S x S per image.
 CACHE_MAX_BYTES = 2 << 30
+#: Up to this many images a split keeps the labels it has drawn (1 byte each); a larger one draws them each time.
+LABEL_MEMO_MAX = 1 << 20
 #: The most images one split can have: a shuffled epoch order is a list of this many indices (~0.4 GB at 10^7);
 #: ``resample`` gives an endless stream of new training images instead.
 MAX_SPLIT_SIZE = 10_000_000
@@ -299,6 +312,7 @@ class CueWorld(torch.utils.data.Dataset):
         self.classes = class_names(self.num_classes)
         self.resample, self.epoch = bool(resample), 0
         self._cached = None
+        self._labels: np.ndarray | None = None  # labels of the split's fixed images, drawn as they are asked for
         if cache and self.size * 3 * self.input_size ** 2 * 4 <= CACHE_MAX_BYTES:
             self._cached = self._load_cache(show_progress)
 
@@ -308,14 +322,17 @@ class CueWorld(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def scene(self, index: int, epoch: int | None = None) -> Scene:
-        """The scene of item ``index`` (of ``epoch``, default the current one; drawn on demand, ~40 us)."""
+    def _scene_index(self, index: int, epoch: int | None = None) -> int:
+        """The index in the split's endless stream of item ``index`` of ``epoch`` (default the current one)."""
         index = int(index)
         if not -self.size <= index < self.size:
             raise IndexError(f"cue-world {self.split} item {index} of {self.size}")
         epoch = self.epoch if epoch is None else int(epoch)
-        first = epoch * self.size if self.resample else 0
-        return draw_scene(self.split, first + index % self.size, self.num_classes, self.seed)
+        return (epoch * self.size if self.resample else 0) + index % self.size
+
+    def scene(self, index: int, epoch: int | None = None) -> Scene:
+        """The scene of item ``index`` (of ``epoch``, default the current one; drawn on demand, ~30 us)."""
+        return draw_scene(self.split, self._scene_index(index, epoch), self.num_classes, self.seed)
 
     def cues(self, index: int) -> tuple[int, int]:
         """(shape class, texture class) of image ``index``; -1 where the cue is absent."""
@@ -339,8 +356,18 @@ class CueWorld(torch.utils.data.Dataset):
         return self.image(index), self.label(index)
 
     def label(self, index: int) -> int:
-        s = self.scene(index)
-        return s.shape if s.shape >= 0 else s.texture
+        """The class of item ``index`` (the shape class; in texture-only images the texture class). Drawn alone
+        (``draw_class``) and kept for the split's fixed images, so a batch's labels cost no scene draws: drawing
+        each item's whole scene for its label, as ``__getitem__`` did, cost the training loop 11.5 % over a bare loop
+        (2-core Intel Xeon, RepLKNet-31B at widths 16-128, 64 px, batch 64; ``benchmarks/bench_train.py``)."""
+        i = self._scene_index(index)
+        if i >= self.size or self.size > LABEL_MEMO_MAX:  # a resampled epoch's new image, or a huge split
+            return draw_class(self.split, i, self.num_classes, self.seed)
+        if self._labels is None:
+            self._labels = np.full(self.size, -1, np.int8)  # at most 12 classes
+        if self._labels[i] < 0:
+            self._labels[i] = draw_class(self.split, i, self.num_classes, self.seed)
+        return int(self._labels[i])
 
     def describe(self) -> dict:
         return {"kind": "cue-world", "split": self.split, "size": self.size, "input_size": self.input_size,

@@ -399,13 +399,11 @@ def val_subset_correct(model, size: int, input_size: int, num_classes: int, seed
     """Correct top-1 answers of ``model`` on the first ``size`` cue-world val images (the shipped check)."""
     import torch
 
-    from erf_lab.train.cue_world import render_batch
+    from erf_lab.train.cue_world import draw_class, render_batch
     from erf_lab.train.probes import predict
 
-    from erf_lab.train.cue_world import draw_scene
-
     images = render_batch("val", range(size), input_size, num_classes, seed)
-    labels = torch.tensor([draw_scene("val", i, num_classes, seed).shape for i in range(size)])
+    labels = torch.tensor([draw_class("val", i, num_classes, seed) for i in range(size)])
     return int((torch.from_numpy(predict(model, images)) == labels).sum())
 
 
