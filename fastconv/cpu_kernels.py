@@ -115,6 +115,8 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     lib.dw_backward_fused.restype = ctypes.c_int
     lib.dw_row_bands.argtypes = [i64] * 7
     lib.dw_row_bands.restype = i64
+    lib.dw_row_groups.argtypes = [i64] * 8
+    lib.dw_row_groups.restype = i64
     lib.dw_wgrad_slices.argtypes = [i64] * 4
     lib.dw_wgrad_slices.restype = i64
     return lib
@@ -207,7 +209,9 @@ def cpp_work_split(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = No
     """How the C++ kernel splits a call over ``threads`` (default: the threads it runs, as ``cpp_conv``; returned as
     ``threads``): ``row_bands``, the bands of output rows per (image, channel block) where the forward / input
     gradient runs the direct tiles on packed rows (``cpp_conv_path`` says so; as tall as fit the band buffer, then at
-    least 4 units per thread, then whole rounds of units where up to twice the bands give them); ``wgrad_slices``, the
+    least 4 units per thread, then whole rounds of units where up to twice the bands give them); ``row_groups``, the
+    channel blocks per unit there (4 or 2 on a channels_last input of whole blocks where the units stay at least 4
+    per thread in whole rounds, else 1); ``wgrad_slices``, the
     slices of the images per group of channel blocks in ``cpp_weight_grad(x, g, ...)`` (``g``: the output gradient,
     default laid out like ``x``; split where there are fewer groups than 4; the slices are added in order, so the
     numbers do not depend on the thread count). ``explain()`` prints both."""
@@ -217,6 +221,7 @@ def cpp_work_split(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = No
     channels_inner = x.stride(1) == 1 or (g if g is not None else x).stride(1) == 1
     threads = threads or _omp_threads(lib)
     return {"threads": threads, "row_bands": int(lib.dw_row_bands(n, c, h, wd, w.shape[-2], threads, ln)),
+            "row_groups": int(lib.dw_row_groups(n, c, h, wd, w.shape[-2], threads, int(x.stride(1) == 1), ln)),
             "wgrad_slices": int(lib.dw_wgrad_slices(n, c, int(channels_inner), ln))}
 
 

@@ -714,6 +714,8 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         line = f"   cpp kernel variant: {ck.cpu_variant()}; forward and input gradient through {path}"
         if path == ck.CONV_PATHS[3]:
             line += f" ({split['row_bands']} band(s) of output rows per image and channel block"
+            if split["row_groups"] > 1:
+                line += f", units of {split['row_groups']} neighbouring channel blocks"
         elif path == ck.CONV_PATHS[1]:
             line += " (units of one output row of one image, all channel blocks"
         else:

@@ -71,8 +71,8 @@ def test_weights_file_is_loaded_and_hashed(tmp_path, capsys):
     torch.save(create_model("replknet_31b", **TINY_KW).state_dict(), w)
     res = run_compute("replknet_31b", weights=str(w), overrides=TINY_KW, num_images=1, input_size=32,
                       out=tmp_path / "a", show_progress=False, seed=1)
-    res2 = run_compute("replknet_31b", weights=str(w), overrides=TINY_KW, num_images=1, input_size=32,
-                       out=tmp_path / "b", show_progress=False, seed=2)  # same weights, other seed: same ERF
+    run_compute("replknet_31b", weights=str(w), overrides=TINY_KW, num_images=1, input_size=32,
+                out=tmp_path / "b", show_progress=False, seed=2)  # same weights, other seed: same ERF
     assert res["run_info"]["weights_sha256"] == sha256_file(w)
     np.testing.assert_array_equal(np.load(tmp_path / "a" / "erf.npy"), np.load(tmp_path / "b" / "erf.npy"))
 

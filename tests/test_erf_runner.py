@@ -452,7 +452,7 @@ def test_an_error_after_measured_images_or_while_writing_keeps_them_for_resume(t
     directory is written, keeps the measurement: --resume finishes it without measuring those images again."""
     import erf_lab.erf.runner as runner
 
-    full = run_erf(_spec(num_images=3), out=tmp_path / "full", show_progress=False)
+    run_erf(_spec(num_images=3), out=tmp_path / "full", show_progress=False)  # the reference: erf.npy
 
     def fail_after_two(acc):
         if len(acc.processed) == 2:

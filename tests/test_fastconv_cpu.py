@@ -302,6 +302,35 @@ def test_packed_row_bands_give_every_thread_the_same_number_of_units(layout, mon
 
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("n,c,threads,groups", [(4, 64, 1, (4, 4)), (4, 64, 2, (2, 4)), (8, 128, 2, (4, 4)),
+                                                 (4, 48, 2, (1, 2))])
+def test_packed_rows_of_neighbouring_channel_blocks_give_the_same_sums(n, c, threads, groups, lanes, monkeypatch,
+                                                                       one_thread):
+    """On a channels_last input of whole blocks a unit of the packed rows holds 4 or 2 neighbouring channel blocks
+    (their rows copied side by side), where the units stay at least 4 per thread in whole rounds; C = 48 (3 blocks
+    of 16 lanes) keeps one (``groups``: with 16 lanes, with 8). The sums do not depend on it: forward and flipped
+    forward (the input gradient) bit-equal to the same call one image at a time (1 block per unit there with 2
+    threads, 2 with 8 lanes at C = 128), and forward, input and weight gradient vs F.conv2d in float64."""
+    need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(c + n)
+    x = torch.randn(n, c, 13, 21, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(c, 1, 7, 9, generator=g), torch.randn(c, generator=g)
+    assert ck.cpp_conv_path(x, w) == ck.CONV_PATHS[3]
+    assert ck.cpp_work_split(x, w)["row_groups"] == groups[lanes == "8"]
+    assert ck.cpp_work_split(x.contiguous(), w)["row_groups"] == 1  # NCHW: one block per unit
+    y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
+    assert torch.equal(y.detach(), ck.cpp_conv(x, w, b))
+    flipped = ck.cpp_conv(x, w, None, flip=True)
+    torch.set_num_threads(2)
+    assert ck.cpp_work_split(x[:1], w)["row_groups"] == (2 if lanes == "8" and c == 128 else 1)
+    for i in range(n):
+        assert torch.equal(ck.cpp_conv(x[i:i + 1], w, b), y[i:i + 1].detach())
+        assert torch.equal(ck.cpp_conv(x[i:i + 1], w, None, flip=True), flipped[i:i + 1])
+
+
+@pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
 @pytest.mark.parametrize("channels", [16, 24])
 def test_weight_gradient_slices_the_images_of_few_channel_blocks(channels, lanes, layout, monkeypatch, one_thread):
@@ -350,7 +379,7 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
         x = x.contiguous(memory_format=cl) if layout == "channels_last" else x
     w = torch.randn(c, 1, 7, 7, generator=g)
     fused = _expected_direct_path((7, 7), channels_last=gy.stride(1) == 1) == ck.CONV_PATHS[3]
-    assert ck.cpp_work_split(gy, w, threads=2) == {"threads": 2, "row_bands": 1, "wgrad_slices": slices}
+    assert ck.cpp_work_split(gy, w, threads=2) == {"threads": 2, "row_bands": 1, "row_groups": 1, "wgrad_slices": slices}
     gx_sep, gw_sep = ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, 7, 7)
     exp = torch.nn.grad.conv2d_weight(x.double(), (c, 1, 7, 7), gy.double(), padding=3, groups=c)
     assert _rel(gw_sep.double(), exp) <= 1e-5
