@@ -798,7 +798,9 @@ inline int64_t row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH,
 // floats) and stores their output rows in turn. Measured (2 threads, Intel Xeon with AVX-512, C=384 R=32, min / median
 // ms of 2 benchmark runs each, old vs new): B=4 K=13 forward 2.04-2.06 / 2.42-2.51 -> 1.60-1.67 / 1.77-2.07, forward +
 // both gradients 7.42-7.64 / 7.91-8.20 -> 5.59-5.63 / 6.00-6.14; K=21 forward + both gradients 13.1-13.4 -> 11.7-12.6;
-// B=1 K=13 forward 0.41 -> 0.38.
+// B=1 K=13 forward 0.41 -> 0.38. The kernel alone (forward, best of 15 calls, 2 runs, ms): B=16 C=128 R=56 K=13
+// 10.9-11.0 -> 9.0-9.4, K=7 6.3-7.0 -> 5.8-6.0; B=2 C=128 R=128 K=13 (3 bands, 4 band buffers of 512 KB) 7.1-7.5 ->
+// 6.3-6.5; B=1 C=384 R=32 K=13 0.38 both; B=64 C=64 R=16 K=9 0.53-0.55 both.
 inline int64_t row_groups(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t nthreads,
                           bool channels_inner) {
     if (!channels_inner || C % L != 0 || nthreads < 1) return 1;  // (exported: dw_row_groups)
