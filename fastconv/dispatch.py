@@ -612,6 +612,7 @@ def _macs(x, weight) -> float:
 
 
 _grad_enabled, _num_threads = torch.is_grad_enabled, torch.get_num_threads
+_NO_GRAD = (False, False, False)
 
 
 def _fast_key(x, weight, bias, needs: tuple[bool, bool, bool] | None = None) -> tuple:
@@ -623,9 +624,6 @@ def _fast_key(x, weight, bias, needs: tuple[bool, bool, bool] | None = None) -> 
                  else _NO_GRAD)
     return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype, weight.device,
             None if bias is None else (bias.device, bias.dtype, bias.shape), needs, _num_threads(), memo_key())
-
-
-_NO_GRAD = (False, False, False)
 
 
 def resolve(backend: str | None, x, weight, bias) -> str:

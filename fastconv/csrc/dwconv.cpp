@@ -869,49 +869,32 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 #pragma omp for schedule(static)
         for (int64_t cb = 0; cb < CB; ++cb) pack_kernel(cb * L);
         Buffer buf(G * BS), orow(RS), xin(wg ? Hp * Wp * L : 0), acc(wg ? KS : 0);
-        // output rows [p0, p1) of image n, block c0, from the block's input rows copied to buf
+        // output rows [p0, p1) of image n, the G blocks from c0 (G > 1 only where row_groups says so), from the
+        // blocks' input rows copied to buf side by side (block g's at g * BS), row by row
         auto band_tiles = [&](int64_t n, int64_t c0, int64_t p0, int64_t p1) {
             const int64_t r0 = max64(0, p0 - ph), r1 = min64(H, p1 + KH - 1 - ph);  // the input rows the band reads
-            const int64_t lanes = lane_count(C, c0);
             for (int64_t r = r0; r < r1; ++r)
-                pack_row(x + n * sN + c0 * sC, lanes, sC, sH, sW, H, W, 0, 0, r, buf.data() + (r - r0) * RS);
-            const bool straight = yC == 1 && lanes == L;  // channels_last output: the tiles store into y
-            for (int64_t p = p0; p < p1; ++p) {
-                float* yr = y + n * yN + c0 * yC + p * yH;
-                row_tiles(buf.data() + (p - ph - r0) * RS, RS, L, p, c0, straight ? yr : orow.data(),
-                          straight ? yW : L);
-                if (!straight) unpack_row(orow.data(), lanes, W, yr, yC, yW);
-            }
-        };
-        // output rows [p0, p1) of image n, blocks [cb0, cb0 + G) (G > 1: channels_last x of whole blocks)
-        auto group_tiles = [&](int64_t n, int64_t cb0, int64_t p0, int64_t p1) {
-            const int64_t r0 = max64(0, p0 - ph), r1 = min64(H, p1 + KH - 1 - ph);
-            for (int64_t r = r0; r < r1; ++r)
-                for (int64_t g = 0; g < G; ++g)
-                    pack_row(x + n * sN + (cb0 + g) * L, L, 1, sH, sW, H, W, 0, 0, r,
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t cg = c0 + g * L;
+                    pack_row(x + n * sN + cg * sC, lane_count(C, cg), sC, sH, sW, H, W, 0, 0, r,
                              buf.data() + g * BS + (r - r0) * RS);
+                }
             for (int64_t p = p0; p < p1; ++p)
                 for (int64_t g = 0; g < G; ++g) {
-                    const int64_t c0 = (cb0 + g) * L;
-                    float* yr = y + n * yN + c0 * yC + p * yH;
-                    const bool straight = yC == 1;
-                    row_tiles(buf.data() + g * BS + (p - ph - r0) * RS, RS, L, p, c0, straight ? yr : orow.data(),
+                    const int64_t cg = c0 + g * L, lanes = lane_count(C, cg);
+                    const bool straight = yC == 1 && lanes == L;  // channels_last output: the tiles store into y
+                    float* yr = y + n * yN + cg * yC + p * yH;
+                    row_tiles(buf.data() + g * BS + (p - ph - r0) * RS, RS, L, p, cg, straight ? yr : orow.data(),
                               straight ? yW : L);
-                    if (!straight) unpack_row(orow.data(), L, W, yr, yC, yW);
+                    if (!straight) unpack_row(orow.data(), lanes, W, yr, yC, yW);
                 }
         };
-        if (!wg && G > 1) {
-            const int64_t CG = CB / G;
+        if (!wg) {
+            const int64_t CG = CB / G;  // units of G blocks (G divides CB)
 #pragma omp for schedule(static)
             for (int64_t u = 0; u < N * CG * NB; ++u) {
                 const int64_t p0 = u % NB * band;
-                group_tiles(u / (CG * NB), (u / NB) % CG * G, p0, min64(H, p0 + band));
-            }
-        } else if (!wg) {
-#pragma omp for schedule(static)
-            for (int64_t u = 0; u < N * CB * NB; ++u) {
-                const int64_t p0 = u % NB * band;
-                band_tiles(u / (CB * NB), (u / NB) % CB * L, p0, min64(H, p0 + band));
+                band_tiles(u / (CG * NB), (u / NB) % CG * G * L, p0, min64(H, p0 + band));
             }
         } else {
 #pragma omp for schedule(dynamic, 1)
