@@ -1,42 +1,51 @@
 #!/usr/bin/env bash
-# One prepared device session (see /work/.library/device): GPU tests (the Triton backend, SyncBatchNorm), the
-# paper's Table 1 on the GPU (fastconv.bench, cudnn.benchmark on), fastconv under torch.compile, optionally the kernel
-# sweep, the ERF benchmark on CUDA and torchrun/NCCL.
-# Usage on the GPU machine, from the repository root:  bash benchmarks/gpu_session.sh [full]   (results under $OUT)
+# One prepared device session (see /work/.library/device), in order of what matters, each step under a time cap:
+# the GPU tests (Triton kernels, SyncBatchNorm, the ERF batch sized by memory), the paper's ERF protocol on the GPU
+# (RepLKNet-31B, 50 images at 1024^2, auto batch and one image per pass), Table 1 on the GPU in fp32, bf16 and fp16
+# (fastconv.bench, cudnn.benchmark on) and the per-op backend choice at K = 31.
+# Usage on the GPU machine, from the repository root:  bash benchmarks/gpu_session.sh [SECONDS]   (results under
+# $OUT: log.txt and results.tar.gz; SECONDS, default 520, is the whole script's budget: a step starts only with
+# time left, and is cut at its cap or the budget). Images: ERF_IMAGES (default .gpu_images, 50 cue-conflict
+# stimuli copied beside the checkout, else the built-in set of 8).
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" ERF_LAB_CACHE=/tmp/erf-lab-cache
+OUT=${OUT:-gpu_results}; mkdir -p "$OUT"; RES=/tmp/gpu_results; mkdir -p "$RES"
+END=$(( $(date +%s) + ${1:-520} ))
 if ls .whl/*.whl >/dev/null 2>&1; then      # captum is not in the GPU image: carried as a wheel
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+IMAGES=${ERF_IMAGES:-.gpu_images}; [ -d "$IMAGES" ] || IMAGES=default
+step() {  # step CAP_SECONDS TITLE COMMAND...: run with the smaller of its cap and the time left, print its duration
+  local cap=$1 title=$2; shift 2; local left=$(( END - $(date +%s) ))
+  if [ "$left" -lt 15 ]; then echo "== $title: skipped, budget spent"; return; fi
+  echo "== $title"; local t0=$(date +%s)
+  timeout $(( cap < left ? cap : left )) "$@"; echo "   [rc $?, $(( $(date +%s) - t0 )) s]"
+}
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
-  echo "== pytest -m gpu (Triton kernels; --sync-bn: 2 gloo ranks on one GPU against 1 process over the whole batch)"
-  timeout 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_fastconv_triton.py \
-      tests/test_train_sync_bn_gpu.py 2>&1 | grep -E 'passed|failed|error|Error|relative errors|^FAILED' | tail -15
-  echo "== Table 1 on the GPU"; timeout 170 python3 -m fastconv.bench --device cuda --kernels 3,13,31 --resolutions 32,64 \
-      --layers 2 --repeats 5 --out "$OUT/table1" 2>&1 | grep -v '^fastconv bench'
-  echo "== per-op autotune on the GPU (forward + both gradients; explain prints each operation's backend and times)"
-  timeout 60 python3 -c "
+  step 110 "pytest -m gpu (Triton kernels; SyncBatchNorm: 2 gloo ranks on one GPU vs 1 process; ERF auto batch)" \
+    python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_fastconv_triton.py tests/test_train_sync_bn_gpu.py \
+      tests/test_erf_gpu.py
+  step 120 "ERF, the paper's protocol: replknet_31b, 50 images at 1024^2, auto batch (sized by memory), TF32 off" \
+    python3 -m erf_lab compute --model replknet_31b --device cuda --images "$IMAGES" --num-images 50 \
+      --input-size 1024 --out "$RES/erf_auto" --quiet
+  step 70 "ERF, the same with one image per pass" \
+    python3 -m erf_lab compute --model replknet_31b --device cuda --images "$IMAGES" --num-images 50 \
+      --input-size 1024 --batch-size 1 --out "$RES/erf_b1" --quiet
+  for dt in float32 bfloat16 float16; do
+    step $([ $dt = float32 ] && echo 130 || echo 90) "Table 1 on the GPU, $dt" python3 -m fastconv.bench --device cuda \
+      --kernels 3,13,31 --resolutions 32,64 --layers 2 --repeats $([ $dt = float32 ] && echo 5 || echo 3) \
+      --dtype $dt --out "$RES/table1_$dt"
+  done
+  step 40 "per-op backend choice (forward, input gradient, weight gradient), fp32 K=31" python3 -c "
 import torch, fastconv
-for k in (3, 13, 31):
-    for r in (32, 64):
-        x = torch.randn(64, 384, r, r, device='cuda').contiguous(memory_format=torch.channels_last).requires_grad_()
-        w = torch.randn(384, 1, k, k, device='cuda', requires_grad=True)
-        print(fastconv.explain(x, w).split(chr(10) + '   not ')[0], flush=True)
+for r in (32, 64):
+    x = torch.randn(64, 384, r, r, device='cuda').contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(384, 1, 31, 31, device='cuda', requires_grad=True)
+    print(fastconv.explain(x, w), flush=True)
 "
-  echo "== torch.compile on the GPU (inductor; fastconv's custom ops against the stock convolution compiled)"
-  timeout 120 python3 benchmarks/bench_compile.py --device cuda --batch 64 --kernels 13 31 --rounds 5 --steps 0 \
-      --out "$OUT/compile" 2>&1 | grep -E '^(\| [0-9]|K=|Traceback|[A-Za-z]*Error)'
-  if [ "${1:-}" = full ]; then
-    echo "== kernel sweep"; timeout 170 python3 benchmarks/gpu_fastconv_check.py --ks 31 3 13 27 --resolutions 32 64 \
-        --dtypes float32 float16 bfloat16 --budget-s 120 --out "$OUT"
-    echo "== ERF benchmark on cuda (TF32 off: fp32 gradients)"; NVIDIA_TF32_OVERRIDE=0 timeout 150 python3 \
-        benchmarks/bench_erf.py --device cuda --images 6 --size 448 --repeats 2 --out "$OUT/erf" 2>&1 | tail -60
-    echo "== torchrun / NCCL"; timeout 50 torchrun --standalone --nproc_per_node=1 -m erf_lab compute \
-        --model replknet_31b --device cuda --num-images 2 --input-size 224 --out /tmp/nccl_run --quiet \
-        && cp /tmp/nccl_run/run.json "$OUT/nccl_run.json"
-  fi
-} 2>&1 | tee "$OUT/log.txt"
+} 2>&1 | grep -v '^fastconv bench:\|^ERF ' | tee "$OUT/log.txt"
+tar -czf "$OUT/results.tar.gz" -C "$RES" . 2>/dev/null
+ls -la "$OUT"

@@ -2,8 +2,8 @@
 
 ``python -m fastconv.bench`` (or ``erf-lab bench``) times PyTorch's F.conv2d with an NCHW input, the same with a
 channels_last input, and ``fastconv.depthwise_conv2d(backend="auto")``, forward and forward+backward (input and
-weight gradients); reports the median latency, speedup, achieved GFLOP/s and % of this machine's measured SGEMM
-rate, prints the paper's 2080Ti numbers beside ours, and writes table.csv, results.json and run.json atomically.
+weight gradients); reports the median latency, speedup, achieved GFLOP/s and % of this machine's measured GEMM
+rate in the benchmark's precision (SGEMM for the paper's fp32; ``--dtype float16`` / ``bfloat16``), prints the paper's 2080Ti numbers beside ours, and writes table.csv, results.json and run.json atomically.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import fastconv
 from fastconv.roofline import sgemm_gflops
-from fastconv.bench_args import FULL, PAPER_KERNELS, PAPER_RESOLUTIONS, QUICK, add_arguments  # noqa: F401
+from fastconv.bench_args import DTYPES, FULL, GEMM_NAMES, PAPER_KERNELS, PAPER_RESOLUTIONS, QUICK, add_arguments  # noqa: F401
 
 # Table 1 of the paper (GTX 2080Ti, B=64, C=384, FP32, PyTorch 1.9.0 + cuDNN 7.6.5; forward only), in ms.
 # Transcribed from the table as reprinted with the same caption in the UniRepLKNet journal extension
@@ -124,9 +124,13 @@ def bench_device(device: str | None) -> torch.device:
 
 def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None = None, channels: int = 384,
         layers: int = 24, repeats: int = 3, warmup: int = 1, device: str | None = None, modes=("fwd", "fwdbwd"),
-        impls=IMPLS, show_progress: bool = True, sgemm_size: int | None = None) -> dict:
-    """Measure the table; returns {"meta": ..., "rows": [...]} (pure: prints and writes nothing)."""
+        impls=IMPLS, show_progress: bool = True, sgemm_size: int | None = None, dtype: str = "float32") -> dict:
+    """Measure the table in ``dtype`` (inputs and weights); returns {"meta": ..., "rows": [...]} (pure: prints and
+    writes nothing)."""
     dev = bench_device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} unsupported: choose from {', '.join(DTYPES)}")
+    tdtype = getattr(torch, dtype)
     batch = (64 if dev.type == "cuda" else 2) if batch is None else batch
     if not kernels or not resolutions:
         raise ValueError("--kernels and --resolutions need at least one value")
@@ -142,7 +146,7 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # cuDNN at its best (the comparison the paper's Table 1 makes)
     timer = Timer(dev, warmup, repeats)
-    peak = sgemm_gflops(dev, sgemm_size)
+    peak = sgemm_gflops(dev, sgemm_size, dtype=tdtype)
     rows = []
     jobs = [(r, k, m, i) for r in resolutions for k in kernels for m in modes for i in impls]
     bar = tqdm(total=len(jobs), desc="fastconv bench", unit="case", disable=not show_progress, dynamic_ncols=True)
@@ -154,20 +158,20 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
                 flops = conv_flops(batch, channels, r, k, layers) * (3 if m == "fwdbwd" else 1)
                 for impl in impls:
                     bar.set_postfix_str(f"R={r} K={k} {m} {impl}")
-                    t = bench_one(impl, m, batch, channels, r, k, layers, timer, dev, torch.float32)
+                    t = bench_one(impl, m, batch, channels, r, k, layers, timer, dev, tdtype)
                     row[f"{m}_{impl}_ms"] = round(t * 1e3, 3)
                     row[f"{m}_{impl}_gflops"] = round(flops / t / 1e9, 2)
                     bar.update(1)
                 if "fastconv" in impls:
                     fc = row[f"{m}_fastconv_ms"]
-                    row[f"{m}_fastconv_pct_sgemm"] = round(100 * row[f"{m}_fastconv_gflops"] / peak, 1)
+                    row[f"{m}_fastconv_pct_gemm"] = round(100 * row[f"{m}_fastconv_gflops"] / peak, 1)
                     for base in ("pytorch_nchw", "pytorch_cl"):
                         if base in impls:
                             row[f"{m}_speedup_vs_{base.split('_')[1]}"] = round(row[f"{m}_{base}_ms"] / fc, 2)
-                    x = torch.empty(batch, channels, r, r, device=dev)
+                    x = torch.empty(batch, channels, r, r, device=dev, dtype=tdtype)
                     if dev.type == "cpu":
                         x = x.contiguous(memory_format=torch.channels_last)
-                    w = torch.empty(channels, 1, k, k, device=dev, requires_grad=m == "fwdbwd")
+                    w = torch.empty(channels, 1, k, k, device=dev, dtype=tdtype, requires_grad=m == "fwdbwd")
                     with torch.set_grad_enabled(m == "fwdbwd"):
                         row[f"{m}_fastconv_backend"] = fastconv.dispatch.decide(x.requires_grad_(m == "fwdbwd"),
                                                                                 w, None)["backend"]
@@ -177,7 +181,8 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
                                                                                     platform.machine()),
             "device_type": dev.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "batch": batch, "channels": channels, "layers": layers, "repeats": repeats, "warmup": warmup,
-            "sgemm_gflops": round(peak, 2), "modes": list(modes), "impls": list(impls),
+            "dtype": dtype, "gemm_gflops": round(peak, 2), **({"sgemm_gflops": round(peak, 2)} if dtype == "float32"
+                                                               else {}), "modes": list(modes), "impls": list(impls),
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if dev.type == "cuda" else None,
             "tf32": bool(torch.backends.cudnn.allow_tf32) if dev.type == "cuda" else None,
             "paper": "RepLKNet Table 1: GTX 2080Ti, B=64, FP32, forward only (PyTorch 1.9.0 + cuDNN 7.6.5)"}
@@ -191,8 +196,11 @@ def format_table(result: dict) -> str:
     kernels = sorted({r["K"] for r in rows})
     out.write(f"Stack of {meta['layers']} depthwise layers, input ({meta['batch']}, {meta['channels']}, R, R), "
               f"{meta['device']} ({meta['device_type']}, {meta['threads']} threads), torch {meta['torch']}, "
-              f"median of {meta['repeats']}; SGEMM {meta['sgemm_gflops']} GFLOP/s\n")
+              f"{meta['dtype']}, median of {meta['repeats']}; {GEMM_NAMES[meta['dtype']]} {meta['gemm_gflops']} "
+              f"GFLOP/s\n")
     out.write(f"Paper: {meta['paper']}\n")
+    if meta["dtype"] != "float32":
+        out.write(f"(the paper's rows are its FP32 times; ours are {meta['dtype']})\n")
     if meta["device_type"] == "cpu":
         out.write("fastconv is fed a channels_last input on CPU (its NHWC kernels' native layout)\n")
     labels = {"pytorch_nchw": "PyTorch NCHW", "pytorch_cl": "PyTorch ch_last", "fastconv": "fastconv"}
@@ -215,7 +223,8 @@ def format_table(result: dict) -> str:
                         lines.append((f"speedup vs {base}", [rr[k][f"{m}_speedup_vs_{base}"] for k in kernels],
                                       "{:>8.2f}x"))
                 lines.append(("fastconv GFLOP/s", [rr[k][f"{m}_fastconv_gflops"] for k in kernels], "{:>9.1f}"))
-                lines.append(("fastconv % of SGEMM", [rr[k][f"{m}_fastconv_pct_sgemm"] for k in kernels],
+                lines.append((f"fastconv % of {GEMM_NAMES[meta['dtype']]}",
+                              [rr[k][f"{m}_fastconv_pct_gemm"] for k in kernels],
                               "{:>8.1f}%"))
                 short = {"channels_last": "ch_last"}
                 lines.append(("fastconv backend", [short.get(rr[k][f"{m}_fastconv_backend"], rr[k][f"{m}_fastconv_backend"])
@@ -267,7 +276,7 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
     kw = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()}
     dev = bench_device(args.device)
     batch = 1 if args.batch is None and args.quick and dev.type == "cpu" else args.batch
-    result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev),
+    result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev), dtype=args.dtype,
                  modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,))
     return result, write_results(result, args.out)
 

@@ -5,6 +5,9 @@ import argparse
 
 PAPER_KERNELS = (3, 5, 7, 9, 13, 17, 21, 27, 29, 31)
 PAPER_RESOLUTIONS = (16, 32, 64)
+DTYPES = ("float32", "float16", "bfloat16")
+#: the table's name of the GEMM rate a precision is compared against
+GEMM_NAMES = {"float32": "SGEMM", "float16": "HGEMM", "bfloat16": "bf16 GEMM"}
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -29,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repeats first (default 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="precision of inputs and weights (default float32, the paper's; %% of GEMM is then taken "
+                        "against the GEMM rate in this precision)")
     p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both")
     p.add_argument("--quick", action="store_true", help="defaults K 3,13,31; R 16,32; 4 layers; 2 repeats; batch 1 "
                                                         "on CPU (explicit options win)")

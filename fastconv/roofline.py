@@ -41,8 +41,9 @@ def cpu_description() -> dict:
             "cpu_count": os.cpu_count()}
 
 
-def sgemm_probes(device="cpu", n: int | None = None, repeats: int = 5) -> dict:
-    """Measured fp32 GEMM rates in GFLOP/s, best of ``repeats`` after two warm-ups (n = 1024 on the CPU, 8192 on
+def sgemm_probes(device="cpu", n: int | None = None, repeats: int = 5, dtype=None) -> dict:
+    """Measured GEMM rates in GFLOP/s (fp32; ``dtype`` another precision, e.g. torch.bfloat16 for the rate that a
+    half-precision benchmark is taken against), best of ``repeats`` after two warm-ups (n = 1024 on the CPU, 8192 on
     CUDA): ``"mm"``, ``torch.mm`` of two n x n matrices (the BLAS: MKL or OpenBLAS; cuBLAS; 2 n^3 FLOPs), and on the
     CPU ``"conv1x1"``, a 1x1 convolution of n // 2 channels on a square channels_last map of about 4 n pixels (oneDNN,
     the library that runs the convolutions of a model; its own FLOPs, 2 n^3 where 4 n is a square such as 4096).
@@ -53,13 +54,14 @@ def sgemm_probes(device="cpu", n: int | None = None, repeats: int = 5) -> dict:
 
     device = torch.device(device)
     n = int(n or (8192 if device.type == "cuda" else 1024))
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    dtype = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     probes = {"mm": (lambda: a @ b, 2.0 * n ** 3)}
     if device.type == "cpu":
         side, channels = max(1, round((4 * n) ** 0.5)), max(1, n // 2)
-        x = torch.randn(1, channels, side, side).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(channels, channels, 1, 1)
+        x = torch.randn(1, channels, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(channels, channels, 1, 1, dtype=dtype)
         probes["conv1x1"] = (lambda: F.conv2d(x, w), 2.0 * side * side * channels * channels)
     rates = {}
     for name, (call, flops) in probes.items():
@@ -78,10 +80,10 @@ def sgemm_probes(device="cpu", n: int | None = None, repeats: int = 5) -> dict:
     return rates
 
 
-def sgemm_gflops(device="cpu", n: int | None = None, repeats: int = 5) -> float:
-    """This device's fp32 GEMM rate in GFLOP/s: the best of :func:`sgemm_probes` (a roofline fraction against the
-    BLAS alone would exceed 1 where oneDNN multiplies faster)."""
-    return max(sgemm_probes(device, n, repeats).values())
+def sgemm_gflops(device="cpu", n: int | None = None, repeats: int = 5, dtype=None) -> float:
+    """This device's fp32 GEMM rate in GFLOP/s (``dtype``: in that precision): the best of :func:`sgemm_probes` (a
+    roofline fraction against the BLAS alone would exceed 1 where oneDNN multiplies faster)."""
+    return max(sgemm_probes(device, n, repeats, dtype).values())
 
 
 def fma_peak_gflops(threads: int | None = None, flops_per_thread: float = 2e8, repeats: int = 30) -> float | None:

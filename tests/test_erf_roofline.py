@@ -160,6 +160,10 @@ def test_cli_says_what_a_fraction_above_one_means(monkeypatch, capsys, tmp_path)
 def test_steady_time_leaves_out_the_warm_up_batch():
     assert R.steady_seconds_per_image([[2, 10.0], [2, 1.0], [1, 0.5]]) == pytest.approx(0.5)
     assert R.steady_seconds_per_image([[2, 3.0]]) == pytest.approx(1.5)
+    # the first batch of each size is warm-up (new shapes: kernel choice), when a size repeats
+    assert R.steady_seconds_per_image([[1, 9.0], [17, 4.0], [17, 1.7], [15, 3.0]]) == pytest.approx(0.1)
+    assert R.steady_seconds_per_image([[8, 9.0], [8, 0.8], [8, 0.8], [3, 2.0]]) == pytest.approx(0.1)
+    assert R.steady_seconds_per_image([[1, 9.0], [17, 1.7], [15, 3.0]]) == pytest.approx(4.7 / 32)
     assert R.steady_seconds_per_image([]) is None
     assert R.roofline_numbers(4e9, 2.0, 100.0) == {"achieved_gflops": 2.0, "roofline_fraction": 0.02}
     assert R.roofline_numbers(None, 2.0, 100.0)["roofline_fraction"] is None

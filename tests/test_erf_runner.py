@@ -310,6 +310,28 @@ def test_auto_batch_size_rule_and_same_result(tmp_path, monkeypatch):
     assert np.allclose(a, b, rtol=1e-5, atol=1e-7 * np.abs(b).max())
 
 
+def test_memory_batch_size_rule_and_auto_on_the_cpu(tmp_path):
+    """On CUDA an auto batch is sized by memory (issue 14: the 50-image 1024^2 protocol in batches on a GPU): 60 % of
+    the memory left after a one-image pass, at that pass's peak per image, 1 to 32 images."""
+    from erf_lab.erf.compute import AUTO_BATCH_MAX_CUDA, memory_batch_size
+
+    gib = 1 << 30
+    assert memory_batch_size(4.5 * gib, 130 * gib) == 17  # RepLKNet-31B at 1024^2 (~4.5 GiB) on an H200: 0.6*130/4.5
+    assert memory_batch_size(4.5 * gib, 20 * gib) == 2 and memory_batch_size(4.5 * gib, 2 * gib) == 1
+    assert memory_batch_size(1 << 20, 1 << 40) == AUTO_BATCH_MAX_CUDA == 32
+    assert memory_batch_size(0, 0) == 1 and memory_batch_size(gib, 10 * gib, cap=4) == 4
+    from erf_lab.erf.compute import compute_erf
+    from erf_lab.models import create_model
+
+    model = create_model("replknet_31b", **TINY_KW).eval()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    auto = compute_erf(model, images, batch_size=None, show_progress=False)
+    one = compute_erf(model, images, batch_size=1, show_progress=False)
+    assert auto.info["batch_size"] == 1 and "batch_memory" not in auto.info  # sized by memory on CUDA only
+    assert [n for n, _ in auto.info["batch_seconds"]] == [1, 1, 1]
+    np.testing.assert_array_equal(auto.erf, one.erf)
+
+
 def test_background_imports_run_on_their_own_thread_and_leave_failures_to_the_caller(tmp_path, monkeypatch):
     """captum and the figure backends are imported on a second thread while the model is built (issue 14): the
     module is imported there, and a failing import neither raises in the caller nor leaves a thread running."""

@@ -1174,6 +1174,41 @@ def test_bench_cli_writes_table_and_reports_paper_numbers(tmp_path, capsys, one_
     assert run["command"] == "fastconv.bench" and run["sgemm_gflops"] > 0 and run["batch"] == 1
 
 
+def test_bench_in_bfloat16_runs_every_side_in_it_against_the_bf16_gemm(tmp_path, capsys, monkeypatch):
+    """``--dtype bfloat16`` (issue 14: Table 1 in fp16 / bf16 on the GPU): inputs and weights of all three sides
+    in bf16, the % of peak against the GEMM rate measured in bf16, and the table says the paper's rows are FP32."""
+    import fastconv.bench as fb
+    from fastconv import roofline
+
+    dtypes = []
+    real_probes = roofline.sgemm_probes
+    monkeypatch.setattr(roofline, "sgemm_probes", lambda *a: dtypes.append(a[3]) or real_probes(a[0], 256, *a[2:]))
+    monkeypatch.setattr(fb, "sgemm_gflops", roofline.sgemm_gflops)
+    seen = []
+    real_stack = fb._stack
+    monkeypatch.setattr(fb, "_stack", lambda impl, x, ws: seen.append((impl, x.dtype, ws[0].dtype))
+                        or real_stack(impl, x, ws))
+    out = tmp_path / "bench"
+    assert fb.main(["--kernels", "3,13", "--resolutions", "8", "--batch", "1", "--channels", "4", "--layers", "1",
+                    "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "bfloat16", "--out",
+                    str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "bfloat16" in text and "% of bf16 GEMM" in text and "paper's rows are its FP32 times" in text
+    assert dtypes == [torch.bfloat16]
+    assert {s[0] for s in seen} == {"pytorch_nchw", "pytorch_cl", "fastconv"} and len(seen) == 2 * 2 * 3
+    assert all(s[1:] == (torch.bfloat16, torch.bfloat16) for s in seen)
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["dtype"] == "bfloat16" and res["meta"]["gemm_gflops"] > 0 and "sgemm_gflops" not in res["meta"]
+    row = res["rows"][1]
+    assert row["fwd_fastconv_pct_gemm"] == pytest.approx(100 * row["fwd_fastconv_gflops"] / res["meta"]["gemm_gflops"],
+                                                         abs=0.1)
+    with pytest.raises(SystemExit) as e:
+        fb.main(["--dtype", "float64", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unsupported"):
+        fb.run(kernels=(3,), resolutions=(8,), device="cpu", dtype="float64")
+
+
 @pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
 def test_bench_cli_bad_kernel_exits_2(cli, tmp_path, capsys):
     if cli == "fastconv.bench":

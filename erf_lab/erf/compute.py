@@ -23,6 +23,25 @@ from erf_lab.erf.prepare import check_device, conv_settings, full_fp32, keep_fre
 from erf_lab.errors import ErfLabError
 
 
+#: ``batch_size=None`` on CUDA: the batch holds as many images as fit in this fraction of the memory free after the
+#: first pass (one image, whose peak memory is the measure of an image), at most ``AUTO_BATCH_MAX_CUDA``
+CUDA_BATCH_MEMORY_FRACTION = 0.6
+AUTO_BATCH_MAX_CUDA = 32
+
+
+def memory_batch_size(per_image_bytes: int, available_bytes: int, cap: int = AUTO_BATCH_MAX_CUDA) -> int:
+    """Images per pass that fit ``CUDA_BATCH_MEMORY_FRACTION`` of ``available_bytes`` at ``per_image_bytes`` each
+    (the peak memory of a one-image pass over the memory allocated before it), 1 to ``cap``."""
+    fit = int(CUDA_BATCH_MEMORY_FRACTION * max(0, available_bytes) // max(1, int(per_image_bytes)))
+    return max(1, min(int(cap), fit))
+
+
+def _cuda_available_bytes(dev: torch.device) -> int:
+    """Memory a larger batch can still take: free on the device plus what PyTorch's allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(dev)
+    return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+
+
 @dataclass
 class ErfResult:
     """Mean ERF map (float64, H x W) and how it was obtained."""
@@ -128,7 +147,7 @@ def _sgemm_reference(dev) -> dict | None:
 
 
 def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate: str = "relu",
-                batch_size: int = 1, device: str = "cpu", reparameterize: bool = True,
+                batch_size: int | None = 1, device: str = "cpu", reparameterize: bool = True,
                 channels_last: bool = True, conv_backend: str = "fastconv", show_progress: bool = True,
                 state: Accumulator | None = None, on_batch: Callable[[Accumulator], None] | None = None,
                 reducer: Callable[[Accumulator], Accumulator] | None = None,
@@ -139,7 +158,9 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     ``images``: an (N, 3, H, W) tensor, an iterable of batches (or of ``(id, tensor)`` pairs), or an
     :class:`~erf_lab.erf.images.ImageSource`. ``state`` resumes an interrupted accumulation (ids already in
     ``state.processed`` are not used again); ``on_batch(state)`` runs after every batch (checkpointing);
-    ``reducer`` merges the per-process states (distributed runs) before the mean is taken. The model is
+    ``reducer`` merges the per-process states (distributed runs) before the mean is taken. ``batch_size=None``: on
+    CUDA the first pass holds one image and its peak memory sizes the batch of the rest (:func:`memory_batch_size`;
+    ``info["batch_memory"]``), elsewhere one image per pass; ``info["batch_size"]`` is the size used. The model is
     copied before it is re-parameterized / frozen unless ``inplace`` (or ``prepared``: already done).
     On CUDA the gradients are computed in full fp32: TF32 convolutions and matmuls are switched off for the
     measurement (``allow_tf32=True`` or ``$ERF_LAB_ALLOW_TF32=1`` keeps them; measured on an H200 for
@@ -155,9 +176,11 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
         raise ErfLabError(f"unknown aggregate {aggregate!r}; choose from {', '.join(AGGREGATES)}")
     if allow_tf32 is None:
         allow_tf32 = os.environ.get("ERF_LAB_ALLOW_TF32", "0") == "1"
-    if int(batch_size) < 1:
+    if batch_size is not None and int(batch_size) < 1:
         raise ErfLabError(f"--batch-size must be at least 1, got {batch_size}")
     dev = check_device(device)
+    size_by_memory = batch_size is None and dev.type == "cuda"
+    limit = 1 if batch_size is None else int(batch_size)
     if dev.type == "cpu":
         keep_freed_memory()  # no page faults on the large activations of big inputs
     if prepared:
@@ -188,7 +211,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
         pending: list = []
 
         def flush():
-            nonlocal input_hw
+            nonlocal input_hw, limit
             if not pending:
                 return
             x = torch.stack([t for _, t in pending]).to(dev, param_dtype)  # images in the model's precision
@@ -204,13 +227,23 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 if hit is not None:
                     rl["flops_per_image"], rl["padding_flops_per_image"] = hit
                 count = hit is None
+            probe = size_by_memory and not batches
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
+                if probe:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    base = torch.cuda.memory_allocated(dev)
             t0 = time.perf_counter()
             with full_fp32(dev, allow_tf32), conv_settings(conv_backend, dev), \
                     (_counting_flops(m) if count else contextlib.nullcontext()) as total:
                 maps = attribution.attribute(x).double().cpu().numpy()  # .cpu() waits for the device
             batches.append([len(pending), time.perf_counter() - t0])
+            if probe:
+                per_image = (torch.cuda.max_memory_allocated(dev) - base) // len(pending)
+                available = _cuda_available_bytes(dev)
+                limit = memory_batch_size(per_image, available)
+                info["batch_memory"] = {"per_image_bytes": int(per_image), "available_bytes": available,
+                                        "fraction": CUDA_BATCH_MEMORY_FRACTION, "batch_size": limit}
             if count:
                 from erf_lab.erf.roofline import store_flops
 
@@ -251,7 +284,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
             if t.dim() != 3 or t.shape[0] != 3:
                 raise ErfLabError(f"image {ident} must be (3, H, W), got {tuple(t.shape)}")
             pending.append((ident, t.float()))
-            if len(pending) >= batch_size:
+            if len(pending) >= limit:
                 flush()
         flush()
     finally:
@@ -272,7 +305,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                                                    rl["padding_flops_per_image"], batches)})
     if attribution.feature_hw is not None:  # the measured map's own size (the metrics' centre is its unit's)
         info["feature_hw"] = list(attribution.feature_hw)
-    info.update({"batch_size": int(batch_size), "captum": "NeuronGradient", "target":
+    info.update({"batch_size": limit, "captum": "NeuronGradient", "target":
                  "sum_c ReLU(M[:, c, h//2, w//2])", "map": f"sum_rgb {aggregate.upper()}(d target / d input)"})
     return ErfResult(erf=erf, num_used=acc.count, num_skipped=len(acc.skipped), skipped=[list(s) for s in acc.skipped],
                      layer=layer_name, input_size=input_size, aggregate=aggregate, processed=list(acc.processed),

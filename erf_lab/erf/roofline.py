@@ -208,9 +208,18 @@ def fraction_note(fields: dict, tf32: bool | None = None) -> str | None:
 
 
 def steady_seconds_per_image(batches: list) -> float | None:
-    """Compute seconds per image from ``[(images, seconds), ...]`` of the batches run in this process: the first
-    batch (warm-up: first calls, kernel choice, FLOP counting) is left out when later ones exist."""
-    use = batches[1:] if len(batches) > 1 else batches
+    """Compute seconds per image from ``[(images, seconds), ...]`` of the batches run in this process. The first
+    batch of each size is warm-up (first calls, the kernel choice for its shapes, FLOP counting) and is left out
+    where a later batch repeats a size (CUDA's auto batch runs 1, then B, B, ..., and a shorter last one); with no
+    size repeated, the first batch alone is left out when later ones exist."""
+    seen: set = set()
+    use = []
+    for images, seconds in batches:
+        if images in seen:
+            use.append((images, seconds))
+        seen.add(images)
+    if not use:
+        use = batches[1:] if len(batches) > 1 else batches
     n = sum(b[0] for b in use)
     return sum(b[1] for b in use) / n if n else None
 

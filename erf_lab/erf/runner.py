@@ -59,8 +59,8 @@ AUTO_BATCH_MAX = 8
 
 def auto_batch_pixels(device="cpu") -> int:
     """Pixels per pass of an auto batch on ``device`` (a name or ``torch.device``; None = the CPU):
-    ``AUTO_BATCH_PIXELS_AVX512`` on a CPU where PyTorch runs its AVX-512 kernels, else ``AUTO_BATCH_PIXELS`` (also
-    on GPUs, where no larger budget has been measured)."""
+    ``AUTO_BATCH_PIXELS_AVX512`` on a CPU where PyTorch runs its AVX-512 kernels, else ``AUTO_BATCH_PIXELS`` (a run on
+    CUDA sizes its batch by memory instead: :func:`erf_lab.erf.compute.memory_batch_size`)."""
     if torch.device(device or "cpu").type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return AUTO_BATCH_PIXELS_AVX512
     return AUTO_BATCH_PIXELS
@@ -541,7 +541,9 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         print(f"no interrupted run in {out_dir}; starting a new one", file=sys.stderr)
 
     source.files = D.shard(source.files, dinfo)
-    batch_size = spec.batch_size or auto_batch_size(spec.input_size, len(source.files), device)
+    # auto: the pixel rule on a CPU; on CUDA None, the batch sized by memory after a one-image pass (compute_erf)
+    batch_size = spec.batch_size or (None if torch.device(device).type == "cuda" else
+                                     auto_batch_size(spec.input_size, len(source.files), device))
     extra = {"config": _normalise(config), "start_time": start}
     last_save = [time.monotonic()]
 
@@ -572,11 +574,10 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                 acc.save(spath, extra)  # Ctrl-C or crash: keep every image already accumulated
             if _is_oom(e):
                 raise ErfLabError(f"out of memory at --input-size {spec.input_size} with --batch-size "
-                                  f"{batch_size}; use a smaller input or batch"
+                                  f"{batch_size or 'auto (sized by memory)'}; use a smaller input or batch"
                                   + (" (progress saved: --resume)" if acc.processed else "")) from None
             raise
         measure_s = time.time() - t_measure
-        result.info["batch_size"] = batch_size
 
         run_info = metrics = None
         if dinfo.is_main:
