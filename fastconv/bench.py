@@ -124,9 +124,10 @@ def bench_device(device: str | None) -> torch.device:
 
 def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None = None, channels: int = 384,
         layers: int = 24, repeats: int = 3, warmup: int = 1, device: str | None = None, modes=("fwd", "fwdbwd"),
-        impls=IMPLS, show_progress: bool = True, sgemm_size: int | None = None, dtype: str = "float32") -> dict:
-    """Measure the table in ``dtype`` (inputs and weights); returns {"meta": ..., "rows": [...]} (pure: prints and
-    writes nothing)."""
+        impls=IMPLS, show_progress: bool = True, sgemm_size: int | None = None, dtype: str = "float32",
+        on_row=None) -> dict:
+    """Measure the table in ``dtype`` (inputs and weights); returns {"meta": ..., "rows": [...]} (prints and
+    writes nothing itself; ``on_row(result so far)`` after each (R, K) row, so a caller can keep partial results)."""
     dev = bench_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} unsupported: choose from {', '.join(DTYPES)}")
@@ -143,10 +144,22 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
             raise ValueError(f"--{name} must be positive, got {v}")
     if warmup < 0:
         raise ValueError(f"--warmup must be 0 or more, got {warmup}")
+    if not impls or any(i not in IMPLS for i in impls):
+        raise ValueError(f"--impls {','.join(impls)!r} unsupported: choose from {', '.join(IMPLS)}")
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # cuDNN at its best (the comparison the paper's Table 1 makes)
     timer = Timer(dev, warmup, repeats)
     peak = sgemm_gflops(dev, sgemm_size, dtype=tdtype)
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or
+                                                                                    platform.machine()),
+            "device_type": dev.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "batch": batch, "channels": channels, "layers": layers, "repeats": repeats, "warmup": warmup,
+            "dtype": dtype, "gemm_gflops": round(peak, 2), **({"sgemm_gflops": round(peak, 2)} if dtype == "float32"
+                                                               else {}), "modes": list(modes), "impls": list(impls),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if dev.type == "cuda" else None,
+            "tf32": bool(torch.backends.cudnn.allow_tf32) if dev.type == "cuda" else None,
+            "paper": "RepLKNet Table 1: GTX 2080Ti, B=64, FP32, forward only (PyTorch 1.9.0 + cuDNN 7.6.5)",
+            "rows_planned": len(resolutions) * len(kernels)}
     rows = []
     jobs = [(r, k, m, i) for r in resolutions for k in kernels for m in modes for i in impls]
     bar = tqdm(total=len(jobs), desc="fastconv bench", unit="case", disable=not show_progress, dynamic_ncols=True)
@@ -176,16 +189,9 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
                         row[f"{m}_fastconv_backend"] = fastconv.dispatch.decide(x.requires_grad_(m == "fwdbwd"),
                                                                                 w, None)["backend"]
             rows.append(row)
+            if on_row is not None:
+                on_row({"meta": meta, "rows": rows})
     bar.close()
-    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or
-                                                                                    platform.machine()),
-            "device_type": dev.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "batch": batch, "channels": channels, "layers": layers, "repeats": repeats, "warmup": warmup,
-            "dtype": dtype, "gemm_gflops": round(peak, 2), **({"sgemm_gflops": round(peak, 2)} if dtype == "float32"
-                                                               else {}), "modes": list(modes), "impls": list(impls),
-            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if dev.type == "cuda" else None,
-            "tf32": bool(torch.backends.cudnn.allow_tf32) if dev.type == "cuda" else None,
-            "paper": "RepLKNet Table 1: GTX 2080Ti, B=64, FP32, forward only (PyTorch 1.9.0 + cuDNN 7.6.5)"}
     return {"meta": meta, "rows": rows}
 
 
@@ -201,6 +207,8 @@ def format_table(result: dict) -> str:
     out.write(f"Paper: {meta['paper']}\n")
     if meta["dtype"] != "float32":
         out.write(f"(the paper's rows are its FP32 times; ours are {meta['dtype']})\n")
+    if len(rows) < meta.get("rows_planned", len(rows)):
+        out.write(f"(cut short: {len(rows)} of {meta['rows_planned']} rows measured)\n")
     if meta["device_type"] == "cpu":
         out.write("fastconv is fed a channels_last input on CPU (its NHWC kernels' native layout)\n")
     labels = {"pytorch_nchw": "PyTorch NCHW", "pytorch_cl": "PyTorch ch_last", "fastconv": "fastconv"}
@@ -210,25 +218,26 @@ def format_table(result: dict) -> str:
         head = f"{'R':>5} {'impl':<24}" + "".join(f"{k:>9}" for k in kernels) + "\n"
         out.write(head)
         for res in sorted({r["R"] for r in rows}):
-            rr = {r["K"]: r for r in rows if r["R"] == res}
+            got = {r["K"]: r for r in rows if r["R"] == res}
+            rr = {k: got.get(k, {}) for k in kernels}  # a cut-short run lacks some cells: shown as "-"
             lines = []
-            if m == "fwd" and any(rr[k]["paper_pytorch_ms"] for k in kernels):
-                lines.append(("paper 2080Ti PyTorch", [rr[k]["paper_pytorch_ms"] for k in kernels], "{:>9.1f}"))
-                lines.append(("paper 2080Ti Ours", [rr[k]["paper_ours_ms"] for k in kernels], "{:>9.1f}"))
+            if m == "fwd" and any(rr[k].get("paper_pytorch_ms") for k in kernels):
+                lines.append(("paper 2080Ti PyTorch", [rr[k].get("paper_pytorch_ms") for k in kernels], "{:>9.1f}"))
+                lines.append(("paper 2080Ti Ours", [rr[k].get("paper_ours_ms") for k in kernels], "{:>9.1f}"))
             for impl in meta["impls"]:
-                lines.append((labels[impl], [rr[k][f"{m}_{impl}_ms"] for k in kernels], "{:>9.1f}"))
+                lines.append((labels[impl], [rr[k].get(f"{m}_{impl}_ms") for k in kernels], "{:>9.1f}"))
             if "fastconv" in meta["impls"]:
                 for base in ("nchw", "cl"):
-                    if f"{m}_speedup_vs_{base}" in rr[kernels[0]]:
-                        lines.append((f"speedup vs {base}", [rr[k][f"{m}_speedup_vs_{base}"] for k in kernels],
+                    if any(f"{m}_speedup_vs_{base}" in rr[k] for k in kernels):
+                        lines.append((f"speedup vs {base}", [rr[k].get(f"{m}_speedup_vs_{base}") for k in kernels],
                                       "{:>8.2f}x"))
-                lines.append(("fastconv GFLOP/s", [rr[k][f"{m}_fastconv_gflops"] for k in kernels], "{:>9.1f}"))
+                lines.append(("fastconv GFLOP/s", [rr[k].get(f"{m}_fastconv_gflops") for k in kernels], "{:>9.1f}"))
                 lines.append((f"fastconv % of {GEMM_NAMES[meta['dtype']]}",
-                              [rr[k][f"{m}_fastconv_pct_gemm"] for k in kernels],
+                              [rr[k].get(f"{m}_fastconv_pct_gemm") for k in kernels],
                               "{:>8.1f}%"))
                 short = {"channels_last": "ch_last"}
-                lines.append(("fastconv backend", [short.get(rr[k][f"{m}_fastconv_backend"], rr[k][f"{m}_fastconv_backend"])
-                                                   for k in kernels], "{:>9.8}"))
+                backends = [rr[k].get(f"{m}_fastconv_backend") for k in kernels]
+                lines.append(("fastconv backend", [short.get(b, b) for b in backends], "{:>9.8}"))
             for i, (label, vals, fmt) in enumerate(lines):
                 cells = "".join("{:>9}".format("-") if v is None else fmt.format(v) for v in vals)
                 out.write(f"{(str(res) + 'x' + str(res)) if i == 0 else '':>5} {label:<24}{cells}\n")
@@ -277,7 +286,8 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
     dev = bench_device(args.device)
     batch = 1 if args.batch is None and args.quick and dev.type == "cpu" else args.batch
     result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev), dtype=args.dtype,
-                 modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,))
+                 modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,), impls=args.impls,
+                 on_row=lambda partial: write_results(partial, args.out))  # a cut-short run keeps its rows
     return result, write_results(result, args.out)
 
 

@@ -17,6 +17,10 @@ def _ints(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+def _names(s: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in s.split(",") if v.strip())
+
+
 #: the table's size (the paper's Table 1) and ``--quick``'s; an explicit option wins over either
 FULL = {"kernels": PAPER_KERNELS, "resolutions": PAPER_RESOLUTIONS, "layers": 24, "repeats": 3}
 QUICK = {"kernels": (3, 13, 31), "resolutions": (16, 32), "layers": 4, "repeats": 2}
@@ -35,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="precision of inputs and weights (default float32, the paper's; %% of GEMM is then taken "
                         "against the GEMM rate in this precision)")
+    p.add_argument("--impls", type=_names, default=("pytorch_nchw", "pytorch_cl", "fastconv"),
+                   help="comma-separated sides to time (default pytorch_nchw,pytorch_cl,fastconv)")
     p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both")
     p.add_argument("--quick", action="store_true", help="defaults K 3,13,31; R 16,32; 4 layers; 2 repeats; batch 1 "
                                                         "on CPU (explicit options win)")

@@ -1209,6 +1209,37 @@ def test_bench_in_bfloat16_runs_every_side_in_it_against_the_bf16_gemm(tmp_path,
         fb.run(kernels=(3,), resolutions=(8,), device="cpu", dtype="float64")
 
 
+def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """A benchmark stopped part way (a time limit on a lent GPU, Ctrl-C) leaves the rows measured so far on disk:
+    each (R, K) row is written when it is done, and the table marks the missing cells."""
+    import fastconv.bench as fb
+
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: 100.0)
+    calls = []
+
+    def bench_one(impl, mode, b, c, r, k, *rest):
+        calls.append((r, k))
+        if (r, k) == (16, 13):
+            raise KeyboardInterrupt
+        return 1e-3 * k
+
+    monkeypatch.setattr(fb, "bench_one", bench_one)
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        fb.main(["--kernels", "3,13", "--resolutions", "8,16", "--batch", "1", "--channels", "4", "--layers", "1",
+                 "--repeats", "1", "--device", "cpu", "--impls", "pytorch_nchw,fastconv", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["R"], r["K"]) for r in res["rows"]] == [(8, 3), (8, 13), (16, 3)] and res["meta"]["rows_planned"] == 4
+    assert res["meta"]["impls"] == ["pytorch_nchw", "fastconv"] and "fwd_pytorch_cl_ms" not in res["rows"][0]
+    assert res["rows"][1]["fwd_fastconv_ms"] == 13.0 and res["rows"][1]["fwd_speedup_vs_nchw"] == 1.0
+    table = (out / "table.txt").read_text()
+    assert "cut short: 3 of 4 rows measured" in table and "PyTorch ch_last" not in table
+    line = next(s for s in table.splitlines() if s.startswith("16x16 PyTorch NCHW"))
+    assert line.split()[-2:] == ["3.0", "-"], line
+    with pytest.raises(ValueError, match="--impls 'cudnn' unsupported"):
+        fb.run(kernels=(3,), resolutions=(8,), device="cpu", impls=("cudnn",))
+
+
 @pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
 def test_bench_cli_bad_kernel_exits_2(cli, tmp_path, capsys):
     if cli == "fastconv.bench":
