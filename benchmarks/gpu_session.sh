@@ -34,10 +34,11 @@ step() {  # step CAP_SECONDS TITLE COMMAND...: run with the smaller of its cap a
   step 70 "ERF, the same with one image per pass" \
     python3 -m erf_lab compute --model replknet_31b --device cuda --images "$IMAGES" --num-images 50 \
       --input-size 1024 --batch-size 1 --out "$RES/erf_b1" --quiet
+  # without the channels_last column: cuDNN's channels_last search takes 20-50 s per K = 31 case (H200, 2026-12-04),
+  # and the 2026-11-28 table has it; each (R, K) row is written when done, so a step cut at its cap keeps its rows
   for dt in float32 bfloat16 float16; do
-    step $([ $dt = float32 ] && echo 130 || echo 90) "Table 1 on the GPU, $dt" python3 -m fastconv.bench --device cuda \
-      --kernels 3,13,31 --resolutions 32,64 --layers 2 --repeats $([ $dt = float32 ] && echo 5 || echo 3) \
-      --dtype $dt --out "$RES/table1_$dt"
+    step 120 "Table 1 on the GPU, $dt" python3 -m fastconv.bench --device cuda --kernels 3,13,31 --resolutions 32,64 \
+      --layers 2 --repeats 5 --impls pytorch_nchw,fastconv --dtype $dt --out "$RES/table1_$dt"
   done
   step 40 "per-op backend choice (forward, input gradient, weight gradient), fp32 K=31" python3 -c "
 import torch, fastconv
