@@ -605,3 +605,59 @@ def test_interrupted_run_resumes_where_it_stopped(fixture_datasets, tmp_path):
     with torch.no_grad():
         changed.fc.bias.add_(1.0)  # other weights: the saved scores are not theirs
     assert run(changed, tmp_path / "other")["resumed_images"]["cue-conflict"] == 0 and changed.seen == n
+
+
+@pytest.mark.parametrize("after_images", [0, 160])
+def test_ctrl_c_while_worker_processes_decode_ends_with_one_line_and_no_process_left(fixture_datasets, tmp_path,
+                                                                                     after_images):
+    """A real SIGINT to the whole process group (what Ctrl-C in a terminal sends) while the decode workers of
+    ``decode_all`` start (``after_images=0``: the bar is up, the workers are being forked) or run: exit status 130,
+    one line after the progress bar, no traceback (neither the main process's nor a worker's), no process of the
+    group left running and no output file but the (empty) --out folder. Before, a stop while the workers started
+    printed the DataLoader iterator's failing ``__del__``, and with stops held over the start, left the workers
+    running after the process had ended."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    stimuli = tmp_path / "stimuli"  # 3600 cue-conflict images (300 links to each fixture image): seconds of decoding
+    stimuli.mkdir()
+    for name in ("edges", "silhouettes", "human-cue-conflict"):
+        (stimuli / name).symlink_to(fixture_datasets / name)
+    for f in sorted((fixture_datasets / "cue-conflict").rglob("*.png")):
+        shape, texture = f.stem.split("-")
+        (stimuli / "cue-conflict" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        for i in range(300):
+            (stimuli / "cue-conflict" / f.parent.name / f"{shape}{i}-{texture}.png").symlink_to(f)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "erf_lab", "shape-bias", "--model", "resnet18", "--allow-random",
+                          "--stimuli", str(stimuli), "--workers", "2", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         env={**os.environ, "ERF_LAB_CACHE": str(tmp_path / "cache")})
+    err, deadline = b"", time.monotonic() + 120
+    try:
+        def decoded():
+            last = err.rsplit(b"decoding:", 1)[-1].split(b"/3600 [")[0] if b"decoding:" in err else b""
+            return int(last.rsplit(b"|", 1)[-1]) if b"/3600 [" in err.rsplit(b"decoding:", 1)[-1] else -1
+
+        while decoded() < after_images:
+            chunk = os.read(p.stderr.fileno(), 4096)
+            assert chunk and time.monotonic() < deadline, err.decode(errors="replace")[-2000:]
+            err += chunk
+        at = decoded()
+        os.killpg(p.pid, signal.SIGINT)
+        _, rest = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    text = (err + rest).decode(errors="replace")
+    assert p.returncode == 130, text[-2000:]
+    assert at < 3600, "the decoding had finished before the interrupt: the test did not test it"
+    lines = [s for s in text.replace("\r", "\n").splitlines() if s.strip() and "decoding:" not in s]
+    assert lines == ["erf-lab shape-bias: interrupted"], lines
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the workers went with the main process
+        os.killpg(p.pid, 0)
+    assert not out.exists() or not list(out.iterdir())

@@ -140,6 +140,7 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
     written."""
     from erf_lab.erf.prepare import keep_freed_memory
     from erf_lab.io import progress
+    from erf_lab.train.stop import iterate, stop_handling
 
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu:
@@ -166,11 +167,12 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
                                               batch_size=batch_size, shuffle=False,
                                               num_workers=default_workers() if workers is None else workers,
                                               pin_memory=device.startswith("cuda"), persistent_workers=False)
+        batches = iterate(batches)  # Ctrl-C never cuts the workers' start or a batch's transfer in half
     model.eval()
     finished = False
     try:
-        with torch.inference_mode(), progress(total=n, initial=n - len(todo), desc=f"{name}", unit="img",
-                                              disable=not show_progress) as bar:
+        with stop_handling(), torch.inference_mode(), progress(total=n, initial=n - len(todo), desc=f"{name}",
+                                                               unit="img", disable=not show_progress) as bar:
             for x, idx, good, err in batches:
                 logits = model(preprocess.normalize(x.to(device, non_blocking=True)))
                 if logits.ndim != 2:
@@ -212,6 +214,7 @@ def decode_all(stimuli: list[Stimulus], preprocess: Preprocess, *, workers: int 
     {i: error} of the undecodable ones (zeros)). 256 stimuli at 224 px on the 2-core dev box: 1.25-1.4 s in
     one process, 0.8 s in two."""
     from erf_lab.io import progress
+    from erf_lab.train.stop import iterate, stop_handling
 
     workers = decode_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(StimulusPixels(stimuli, preprocess), batch_size=16, shuffle=False,
@@ -220,8 +223,8 @@ def decode_all(stimuli: list[Stimulus], preprocess: Preprocess, *, workers: int 
     pixels = np.zeros((len(stimuli), 3, h, w), np.uint8)
     others: dict[int, torch.Tensor] = {}
     failed: dict[int, str] = {}
-    with progress(total=len(stimuli), desc=desc, unit="img", disable=not show_progress) as bar:
-        for batch in loader:
+    with stop_handling(), progress(total=len(stimuli), desc=desc, unit="img", disable=not show_progress) as bar:
+        for batch in iterate(loader):  # Ctrl-C never cuts the workers' start or a batch's transfer in half
             for i, px, err in batch:
                 if px is None:
                     failed[i] = err

@@ -55,10 +55,14 @@ def iterate(loader):
     """The batches of a DataLoader; a forced stop comes between two batches, never inside the DataLoader. Cut in
     half, starting the worker processes left an iterator whose ``__del__`` failed ("no attribute '_workers'"), and
     receiving a batch left the sending worker printing a ConnectionResetError. On a stop the workers are shut
-    down before the stop goes on."""
-    with held():
-        batches = iter(loader)
+    down before the stop goes on, explicitly: a stop that came while they started is raised once ``iter`` has
+    returned, and the traceback then keeps the iterator alive past the process's end (``exit_now``), which left the
+    workers running on with the process's pipes open (a shape-bias run interrupted while its decode workers
+    started)."""
+    batches = None
     try:
+        with held():
+            batches = iter(loader)
         while True:
             with held():
                 batch = next(batches, _END)
@@ -66,7 +70,21 @@ def iterate(loader):
                 return
             yield batch
     finally:
-        del batches  # the DataLoader's iterator shuts its workers down (joins them) when dropped
+        shutdown = getattr(batches, "_shutdown_workers", None)  # worker processes: joined (or ended) here
+        if shutdown is not None:
+            shutdown()
+        del batches
+
+
+def stop_handling():
+    """:class:`StopRequest` where Python's default Ctrl-C handling is in place (main thread), else a no-op context:
+    library code that iterates DataLoaders with :func:`iterate` outside a training run (shape-bias decoding and
+    inference) gets the handling that keeps worker start-up and batch transfer whole, and inside a run that has
+    its own (the training lab's), that run's stays."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        return StopRequest()
+    return contextlib.nullcontext()
 
 
 class StopRequest:
