@@ -117,3 +117,25 @@ def test_a_torchrun_sweep_is_written_once_and_reused_by_one_process(tmp_path):
                     overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, out=out, formats=("png",),
                     show_progress=False)
     assert res["main"] and (out / "S32-deploy" / "erf.npy").stat().st_mtime_ns == stamp
+
+
+def test_each_process_takes_its_own_gpu_and_a_shared_one_is_refused(monkeypatch):
+    """Under torchrun ``--device cuda`` gives process i ``cuda:<LOCAL_RANK>``; ``cuda:N`` is kept with one process
+    on the node and refused, on every rank and before any joins the process group, with several (they would all
+    run on GPU N)."""
+    import pytest
+
+    from erf_lab.errors import ErfLabError
+
+    for key, value in {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    info = D.env_info()
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (3, 4, 1, 2)
+    assert D.device_for("cuda", info) == "cuda:1" and D.device_for("cpu", info) == "cpu"
+    with pytest.raises(ErfLabError, match=r"--device cuda:0 names one GPU, but torchrun started 2 processes"):
+        D.device_for("cuda:0", info)
+    with pytest.raises(ErfLabError, match="CUDA_VISIBLE_DEVICES"):
+        D.init("cuda:0")  # refused before torch.cuda or the process group is touched (this machine may have no GPU)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node: the GPU it names is its own
+    assert D.device_for("cuda:3", D.env_info()) == "cuda:3"
+    assert D.device_for("cuda:0", D.DistInfo()) == "cuda:0"  # one process: as given

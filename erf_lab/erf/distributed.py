@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from erf_lab.errors import ErfLabError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -16,6 +18,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    local_world_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -31,7 +34,8 @@ def env_info() -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
     local = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
-    return DistInfo(rank=rank, world_size=world, local_rank=local)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
 
 
 def init(device: str = "cpu") -> DistInfo:
@@ -40,17 +44,27 @@ def init(device: str = "cpu") -> DistInfo:
     if info.world_size <= 1:
         return info
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    own = device_for(device, info)  # an unusable --device fails here, on every rank, before any joins the group
     if not dist.is_initialized():
         if backend == "nccl":
-            torch.cuda.set_device(info.local_rank)
+            torch.cuda.set_device(torch.device(own))
         dist.init_process_group(backend=backend)
-    return DistInfo(info.rank, info.world_size, info.local_rank, dist.get_backend())
+    return DistInfo(info.rank, info.world_size, info.local_rank, dist.get_backend(), info.local_world_size)
 
 
 def device_for(device: str, info: DistInfo) -> str:
-    """``cuda`` -> ``cuda:<local_rank>`` in a multi-process run."""
-    if info.enabled and str(device) == "cuda":
+    """This process's device in a multi-process run: ``cuda`` -> ``cuda:<local_rank>``. ``cuda:N`` is kept where
+    torchrun started one process on this node, and refused (:class:`ErfLabError`, the same on every rank) where it
+    started several: they would all share GPU N."""
+    if not info.enabled or not str(device).startswith("cuda"):
+        return device
+    index = torch.device(device).index
+    if index is None:
         return f"cuda:{info.local_rank}"
+    if info.local_world_size > 1:
+        raise ErfLabError(f"--device {device} names one GPU, but torchrun started {info.local_world_size} processes "
+                          f"on this node: pass --device cuda (process i takes cuda:<LOCAL_RANK>) and choose the GPUs "
+                          f"with CUDA_VISIBLE_DEVICES")
     return device
 
 
@@ -76,7 +90,6 @@ def gather_or_fail(obj, error: BaseException | None, info: DistInfo) -> list:
         if error is not None:
             raise error
         return [obj]
-    from erf_lab.errors import ErfLabError
 
     mine = ("ok", obj) if error is None else ("error", str(error) if isinstance(error, ErfLabError)
                                               else f"{type(error).__name__}: {error}")
