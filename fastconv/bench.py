@@ -198,6 +198,10 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
 def format_table(result: dict) -> str:
     """The paper's layout (rows per resolution, one column per kernel size), ours beside the paper's."""
     meta, rows = result["meta"], result["rows"]
+    if "dtype" not in meta:  # a results.json from before --dtype: fp32, its rate and fractions under SGEMM names
+        meta = {**meta, "dtype": "float32", "gemm_gflops": meta.get("sgemm_gflops")}
+        rows = [{**r, **{k.replace("_pct_sgemm", "_pct_gemm"): v for k, v in r.items() if k.endswith("_pct_sgemm")}}
+                for r in rows]
     out = io.StringIO()
     kernels = sorted({r["K"] for r in rows})
     out.write(f"Stack of {meta['layers']} depthwise layers, input ({meta['batch']}, {meta['channels']}, R, R), "

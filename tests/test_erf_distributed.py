@@ -139,3 +139,10 @@ def test_each_process_takes_its_own_gpu_and_a_shared_one_is_refused(monkeypatch)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node: the GPU it names is its own
     assert D.device_for("cuda:3", D.env_info()) == "cuda:3"
     assert D.device_for("cuda:0", D.DistInfo()) == "cuda:0"  # one process: as given
+    with pytest.raises(ErfLabError, match="'cudax' is no device name"):
+        D.device_for("cudax", D.env_info())
+    import torch
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the launcher gave each process its own GPU
+    assert D.device_for("cuda", D.env_info()) == D.device_for("cuda:0", D.env_info()) == "cuda:0"

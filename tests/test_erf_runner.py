@@ -320,6 +320,10 @@ def test_memory_batch_size_rule_and_auto_on_the_cpu(tmp_path):
     assert memory_batch_size(4.5 * gib, 20 * gib) == 2 and memory_batch_size(4.5 * gib, 2 * gib) == 1
     assert memory_batch_size(1 << 20, 1 << 40) == AUTO_BATCH_MAX_CUDA == 32
     assert memory_batch_size(0, 0) == 1 and memory_batch_size(gib, 10 * gib, cap=4) == 4
+    # with the images left known, at most half of them: the size repeats, and its repeat gives the steady rate
+    assert memory_batch_size(4.5 * gib, 130 * gib, remaining=49) == 17  # the paper's 50 at 1024^2: 1, 17, 17, 15
+    assert memory_batch_size(gib, 100 * gib, remaining=49) == 24 and memory_batch_size(gib, 100 * gib, remaining=7) == 3
+    assert memory_batch_size(gib, 100 * gib, remaining=1) == 1
     from erf_lab.erf.compute import compute_erf
     from erf_lab.models import create_model
 

@@ -1209,6 +1209,19 @@ def test_bench_in_bfloat16_runs_every_side_in_it_against_the_bf16_gemm(tmp_path,
         fb.run(kernels=(3,), resolutions=(8,), device="cpu", dtype="float64")
 
 
+def test_bench_table_of_a_results_file_from_before_dtype():
+    """results.json written before ``--dtype`` (the 2026-11-28 H200 table) still prints: fp32, "% of SGEMM"."""
+    from fastconv.bench import format_table
+
+    old = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "h200" /
+                      "table1_results.json").read_text())
+    assert "dtype" not in old["meta"] and "fwd_fastconv_pct_sgemm" in old["rows"][0]
+    text = format_table(old)
+    assert "float32" in text and "SGEMM 50763.44 GFLOP/s" in text
+    line = next(s for s in text.splitlines() if "fastconv % of SGEMM" in s)
+    assert line.split()[-3:] == ["3.3%", "8.8%", "16.4%"], line
+
+
 def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     """A benchmark stopped part way (a time limit on a lent GPU, Ctrl-C) leaves the rows measured so far on disk:
     each (R, K) row is written when it is done, and the table marks the missing cells."""

@@ -661,3 +661,23 @@ def test_ctrl_c_while_worker_processes_decode_ends_with_one_line_and_no_process_
     with pytest.raises(ProcessLookupError):  # the workers went with the main process
         os.killpg(p.pid, 0)
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_stop_during_inference_from_worker_processes_shuts_them_down_at_once(fixture_datasets, monkeypatch):
+    """The path that decodes in DataLoader workers beside inference (CUDA, or a set too large to decode first):
+    a stop raised in the loop body (here the model) ends the workers before ``run_set`` returns, while the
+    exception, its traceback and the frames in it are still alive (a process that then ends with ``exit_now``
+    left them running before)."""
+    import multiprocessing
+
+    from erf_lab.shape_bias.evaluate import run_set
+    from erf_lab.shape_bias.stimuli import DecodedCache
+
+    monkeypatch.setattr(DecodedCache, "fits", property(lambda self: False))  # as a set over the cache's budget
+    stimuli, _ = list_stimuli(fixture_datasets / "cue-conflict")
+    model = CountingTiny(stop_at=2)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_set(model, "cue-conflict", stimuli, Preprocess(size=(32, 32)), batch_size=2, workers=2,
+                show_progress=False, cache=False)
+    assert model.seen == 2 and stopped.value.__traceback__ is not None
+    assert multiprocessing.active_children() == []

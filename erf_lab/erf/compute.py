@@ -29,10 +29,15 @@ CUDA_BATCH_MEMORY_FRACTION = 0.6
 AUTO_BATCH_MAX_CUDA = 32
 
 
-def memory_batch_size(per_image_bytes: int, available_bytes: int, cap: int = AUTO_BATCH_MAX_CUDA) -> int:
+def memory_batch_size(per_image_bytes: int, available_bytes: int, cap: int = AUTO_BATCH_MAX_CUDA,
+                      remaining: int | None = None) -> int:
     """Images per pass that fit ``CUDA_BATCH_MEMORY_FRACTION`` of ``available_bytes`` at ``per_image_bytes`` each
-    (the peak memory of a one-image pass over the memory allocated before it), 1 to ``cap``."""
+    (the peak memory of a one-image pass over the memory allocated before it), 1 to ``cap``; with ``remaining``
+    images known, at most half of them, so that the batch size repeats: the first pass of each size chooses kernels
+    for its shapes (cuDNN's search, fastconv's autotune) and the steady rate is taken from the repeats."""
     fit = int(CUDA_BATCH_MEMORY_FRACTION * max(0, available_bytes) // max(1, int(per_image_bytes)))
+    if remaining is not None:
+        fit = min(fit, int(remaining) // 2)
     return max(1, min(int(cap), fit))
 
 
@@ -241,7 +246,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
             if probe:
                 per_image = (torch.cuda.max_memory_allocated(dev) - base) // len(pending)
                 available = _cuda_available_bytes(dev)
-                limit = memory_batch_size(per_image, available)
+                limit = memory_batch_size(per_image, available,
+                                          remaining=None if total is None else total - len(done) - len(pending))
                 info["batch_memory"] = {"per_image_bytes": int(per_image), "available_bytes": available,
                                         "fraction": CUDA_BATCH_MEMORY_FRACTION, "batch_size": limit}
             if count:

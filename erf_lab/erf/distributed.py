@@ -53,15 +53,20 @@ def init(device: str = "cpu") -> DistInfo:
 
 
 def device_for(device: str, info: DistInfo) -> str:
-    """This process's device in a multi-process run: ``cuda`` -> ``cuda:<local_rank>``. ``cuda:N`` is kept where
-    torchrun started one process on this node, and refused (:class:`ErfLabError`, the same on every rank) where it
-    started several: they would all share GPU N."""
+    """This process's device in a multi-process run: ``cuda`` -> ``cuda:<local_rank>`` (``cuda:0`` where the process
+    sees one GPU only). ``cuda:N`` is kept where torchrun started one process on this node or the process sees one
+    GPU, and refused (:class:`ErfLabError`, the same on every rank) where it started several: they would all share
+    GPU N. Without ``LOCAL_WORLD_SIZE`` (a launcher other than torchrun) every process counts as on this node."""
     if not info.enabled or not str(device).startswith("cuda"):
         return device
-    index = torch.device(device).index
+    try:
+        index = torch.device(device).index
+    except RuntimeError:
+        raise ErfLabError(f"--device {device!r} is no device name; use cpu, cuda or cuda:N") from None
+    own_gpu_only = torch.cuda.device_count() == 1  # e.g. CUDA_VISIBLE_DEVICES set per process by the launcher
     if index is None:
-        return f"cuda:{info.local_rank}"
-    if info.local_world_size > 1:
+        return "cuda:0" if own_gpu_only else f"cuda:{info.local_rank}"
+    if info.local_world_size > 1 and not own_gpu_only:
         raise ErfLabError(f"--device {device} names one GPU, but torchrun started {info.local_world_size} processes "
                           f"on this node: pass --device cuda (process i takes cuda:<LOCAL_RANK>) and choose the GPUs "
                           f"with CUDA_VISIBLE_DEVICES")

@@ -171,8 +171,10 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
     model.eval()
     finished = False
     try:
-        with stop_handling(), torch.inference_mode(), progress(total=n, initial=n - len(todo), desc=f"{name}",
-                                                               unit="img", disable=not show_progress) as bar:
+        # closing: a stop in the loop body comes from outside the generator, whose clean-up (the DataLoader's
+        # workers shut down) must not wait for the traceback to be collected: the process may end first (exit_now)
+        with stop_handling(), contextlib.closing(batches), torch.inference_mode(), \
+                progress(total=n, initial=n - len(todo), desc=f"{name}", unit="img", disable=not show_progress) as bar:
             for x, idx, good, err in batches:
                 logits = model(preprocess.normalize(x.to(device, non_blocking=True)))
                 if logits.ndim != 2:
