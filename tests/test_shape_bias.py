@@ -635,7 +635,10 @@ def test_ctrl_c_while_worker_processes_decode_ends_with_one_line_and_no_process_
     p = subprocess.Popen([sys.executable, "-m", "erf_lab", "shape-bias", "--model", "resnet18", "--allow-random",
                           "--stimuli", str(stimuli), "--workers", "2", "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                         env={**os.environ, "ERF_LAB_CACHE": str(tmp_path / "cache")})
+                         env={**os.environ, "ERF_LAB_CACHE": str(tmp_path / "cache")},
+                         # as a terminal's foreground job: the suite may run in a background job, whose SIGINT the
+                         # shell set to ignored (inherited, and erf-lab then rightly leaves Ctrl-C alone)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err, deadline = b"", time.monotonic() + 120
     try:
         def decoded():
