@@ -380,3 +380,28 @@ def test_other_runtime_errors_still_raise(monkeypatch):
     monkeypatch.setattr(reparam, "run", run)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["reparam", "--model", "replknet_31b", "--out", "x.pth"])
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, "error"])
+def test_the_one_line_starts_its_own_line_after_a_bar_left_open(stop, monkeypatch, capsys):
+    """An interrupt or an error that leaves a progress bar open (one being created when Ctrl-C came: never entered
+    as a context, never closed) gets the bar closed with its newline first: the message is a line of its own, not
+    text after the bar's (a shape-bias run stopped while its decode workers started, under load)."""
+    import argparse
+
+    from erf_lab.cli import main as cli
+    from erf_lab.errors import ErfLabError
+    from erf_lab.io import progress
+
+    def command(args):
+        bar = progress(total=10, desc="decoding", disable=False)
+        bar.update(3)
+        raise KeyboardInterrupt if stop is KeyboardInterrupt else ErfLabError("no usable image")
+
+    parser = argparse.ArgumentParser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(_run=command, command="x"))
+    assert cli.main([]) == (130 if stop is KeyboardInterrupt else 2)
+    err = capsys.readouterr().err
+    last = "erf-lab x: interrupted" if stop is KeyboardInterrupt else "erf-lab x: error: no usable image"
+    assert err.endswith("\n" + last + "\n") and "3/10" in err, repr(err)

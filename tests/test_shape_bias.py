@@ -617,6 +617,7 @@ def test_ctrl_c_while_worker_processes_decode_ends_with_one_line_and_no_process_
     printed the DataLoader iterator's failing ``__del__``, and with stops held over the start, left the workers
     running after the process had ended."""
     import os
+    import re
     import signal
     import subprocess
     import sys
@@ -658,8 +659,10 @@ def test_ctrl_c_while_worker_processes_decode_ends_with_one_line_and_no_process_
     text = (err + rest).decode(errors="replace")
     assert p.returncode == 130, text[-2000:]
     assert at < 3600, "the decoding had finished before the interrupt: the test did not test it"
-    lines = [s for s in text.replace("\r", "\n").splitlines() if s.strip() and "decoding:" not in s]
-    assert lines == ["erf-lab shape-bias: interrupted"], lines
+    # what is not the bar (a stop that lands while the bar is being created leaves its first text unended, and the
+    # line follows it on the terminal's line: a rare race, left as it is)
+    rest = [re.sub(r"^.*decoding:.*?\]", "", s).strip() for s in text.replace("\r", "\n").splitlines()]
+    assert [s for s in rest if s] == ["erf-lab shape-bias: interrupted"], repr(text[-1500:])
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # the workers went with the main process
         os.killpg(p.pid, 0)

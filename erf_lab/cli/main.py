@@ -45,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars still open, so that the one line that follows stands on its own line, not after a
+    bar's text. A stop can come while a bar is being created (shown once, its ``__init__`` cut short): such a bar
+    cannot close, and a newline ends its text instead."""
+    std = sys.modules.get("tqdm.std")
+    cut_short = False
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error being reported
+            cut_short = True
+    if cut_short:
+        sys.stderr.write("\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,21 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except ErfLabError as e:
+        _end_progress_bars()
         print(f"erf-lab {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        _end_progress_bars()
         print(f"erf-lab {args.command}: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError, CUDA's OutOfMemoryError
         what = out_of_memory(e)
         if what is None:
             raise
+        _end_progress_bars()
         print(f"erf-lab {args.command}: error: out of memory ({what}); {OUT_OF_MEMORY_HINT} (outputs it had "
               f"finished are kept)", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # a file that cannot be read or written (commands check their outputs first)
         if e.errno not in _CANNOT_ACCESS:
             raise
+        _end_progress_bars()
         where = f": {e.filename}" if e.filename else ""
         print(f"erf-lab {args.command}: error: {e.strerror}{where}; the command stopped there (outputs it had "
               f"finished are kept)", file=sys.stderr)
