@@ -3,7 +3,8 @@
 ``python -m fastconv.bench`` (or ``erf-lab bench``) times PyTorch's F.conv2d with an NCHW input, the same with a
 channels_last input, and ``fastconv.depthwise_conv2d(backend="auto")``, forward and forward+backward (input and
 weight gradients); reports the median latency, speedup, achieved GFLOP/s and % of this machine's measured GEMM
-rate in the benchmark's precision (SGEMM for the paper's fp32; ``--dtype float16`` / ``bfloat16``), prints the paper's 2080Ti numbers beside ours, and writes table.csv, results.json and run.json atomically.
+rate in the benchmark's precision (SGEMM for the paper's fp32; ``--dtype float16`` / ``bfloat16``), prints the
+paper's 2080Ti numbers beside ours, and writes table.csv, results.json and run.json atomically (after each row).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 
 import fastconv
 from fastconv.roofline import sgemm_gflops
-from fastconv.bench_args import DTYPES, FULL, GEMM_NAMES, PAPER_KERNELS, PAPER_RESOLUTIONS, QUICK, add_arguments  # noqa: F401
+from fastconv.bench_args import (DTYPES, FULL, GEMM_NAMES, PAPER_KERNELS, PAPER_RESOLUTIONS,  # noqa: F401
+                                 QUICK, add_arguments)
 
 # Table 1 of the paper (GTX 2080Ti, B=64, C=384, FP32, PyTorch 1.9.0 + cuDNN 7.6.5; forward only), in ms.
 # Transcribed from the table as reprinted with the same caption in the UniRepLKNet journal extension

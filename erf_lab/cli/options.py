@@ -9,8 +9,8 @@ from erf_lab.errors import ErfLabError
 #: ``erf_lab.erf.compute.memory_batch_size`` on CUDA)
 BATCH_SIZE_HELP = ("images per forward/backward (default: auto; on a CPU up to 8 while a batch holds at most 448x448 "
                    "pixels, twice the pixels with AVX-512: 4 (8) at 224 px, 1 (2) at 448 px; on CUDA as many as fit "
-                   "in 60%% of the free memory after a one-image pass, at most 32 and half the images left; the result does "
-                   "not depend on it)")
+                   "in 60%% of the free memory after a one-image pass, at most 32 and half the images left; the "
+                   "result does not depend on it)")
 
 
 def parse_overrides(items: list[str] | None) -> dict:
