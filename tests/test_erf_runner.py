@@ -109,6 +109,60 @@ def test_out_of_memory_is_one_line_and_keeps_progress(tmp_path, monkeypatch):
     assert (out / ".erf_state.npz").is_file() and not (out / "run.json").exists()
 
 
+def _fail_above(monkeypatch, images: int, message: str = "DefaultCPUAllocator: can't allocate memory: you tried "
+                "to allocate 1000000000000 bytes. Error code 12 (Cannot allocate memory)"):
+    """Passes of more than ``images`` images run out of memory (the allocator's own message); returns the sizes
+    of the passes tried."""
+    import erf_lab.erf.attribution as attribution
+
+    real, tried = attribution.EffectiveReceptiveField.attribute, []
+
+    def attribute(self, x):
+        tried.append(len(x))
+        if len(x) > images:
+            raise RuntimeError(message)
+        return real(self, x)
+
+    monkeypatch.setattr(attribution.EffectiveReceptiveField, "attribute", attribute)
+    return tried
+
+
+def test_an_auto_batch_that_runs_out_of_memory_is_halved_and_the_run_goes_on(tmp_path, monkeypatch):
+    """The auto batch (here 7 images of 32 px) halves where a pass runs out of memory and keeps the halved size;
+    the map is the one of one-image passes, and run.json records the sizes that did not fit (issue 14)."""
+    tried = _fail_above(monkeypatch, 3)
+    res = run_erf(_spec(num_images=7, batch_size=None), out=tmp_path / "auto", show_progress=False)
+    info = json.loads((tmp_path / "auto" / "run.json").read_text())
+    assert tried == [7, 3, 3, 1] and info["batch_halved_at"] == [7] and info["batch_size"] == 3
+    assert [n for n, _ in res["result"].info["batch_seconds"]] == [3, 3, 1] and info["num_used"] == 7
+    validate_run_info(info)
+    one = run_erf(_spec(num_images=7), out=tmp_path / "one", show_progress=False)
+    assert one["run_info"]["batch_halved_at"] is None
+    np.testing.assert_allclose(res["result"].erf, one["result"].erf, rtol=1e-5, atol=1e-12)
+
+
+def test_a_halved_part_that_still_does_not_fit_is_halved_again_and_an_explicit_batch_never(monkeypatch):
+    from erf_lab.erf.compute import compute_erf
+    from erf_lab.models import create_model
+
+    model = create_model("replknet_31b", **TINY_KW).eval()
+    images = torch.rand(9, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = compute_erf(model, images, batch_size=1, show_progress=False)
+    tried = _fail_above(monkeypatch, 2, "CUDA out of memory. Tried to allocate 2.00 GiB")
+    auto = compute_erf(model, images, batch_size=8, shrink_on_oom=True, show_progress=False)
+    # 8 fails, its first half (4) fails and is run as 2 + 2, the second half at the size now in force, the ninth
+    # image alone at the end
+    assert tried == [8, 4, 2, 2, 2, 2, 1] and auto.info["batch_halved_at"] == [8, 4] and auto.info["batch_size"] == 2
+    assert [n for n, _ in auto.info["batch_seconds"]] == [2, 2, 2, 2, 1] and auto.num_used == 9
+    np.testing.assert_allclose(auto.erf, reference.erf, rtol=1e-5, atol=1e-12)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):  # an explicit size is the user's: not changed
+        compute_erf(model, images, batch_size=8, show_progress=False)
+    tried.clear()
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):  # a single image that does not fit: no halving
+        _fail_above(monkeypatch, 0, "CUDA out of memory. Tried to allocate 2.00 GiB")
+        compute_erf(model, images, batch_size=1, shrink_on_oom=True, show_progress=False)
+
+
 def test_reuse_returns_a_finished_run_and_redoes_a_different_one(tmp_path):
     out = tmp_path / "run"
     first = run_erf(_spec(), out=out, show_progress=False, reuse=True)

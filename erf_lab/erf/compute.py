@@ -41,6 +41,12 @@ def memory_batch_size(per_image_bytes: int, available_bytes: int, cap: int = AUT
     return max(1, min(int(cap), fit))
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """``e`` says the device (CUDA, or the host's allocator) ran out of memory."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (isinstance(e, RuntimeError) and any(
+        w in str(e).lower() for w in ("out of memory", "not enough memory", "can't allocate memory")))
+
+
 def _cuda_available_bytes(dev: torch.device) -> int:
     """Memory a larger batch can still take: free on the device plus what PyTorch's allocator holds unused."""
     free, _ = torch.cuda.mem_get_info(dev)
@@ -157,7 +163,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 state: Accumulator | None = None, on_batch: Callable[[Accumulator], None] | None = None,
                 reducer: Callable[[Accumulator], Accumulator] | None = None,
                 prepared: bool = False, inplace: bool = False, allow_tf32: bool | None = None,
-                roofline: bool = False) -> ErfResult:
+                roofline: bool = False, shrink_on_oom: bool | None = None) -> ErfResult:
     """Measure the ERF of ``model`` at ``layer`` over ``images``.
 
     ``images``: an (N, 3, H, W) tensor, an iterable of batches (or of ``(id, tensor)`` pairs), or an
@@ -165,7 +171,10 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     ``state.processed`` are not used again); ``on_batch(state)`` runs after every batch (checkpointing);
     ``reducer`` merges the per-process states (distributed runs) before the mean is taken. ``batch_size=None``: on
     CUDA the first pass holds one image and its peak memory sizes the batch of the rest (:func:`memory_batch_size`;
-    ``info["batch_memory"]``), elsewhere one image per pass; ``info["batch_size"]`` is the size used. The model is
+    ``info["batch_memory"]``), elsewhere one image per pass. ``shrink_on_oom`` (default: ``batch_size is None``; a
+    caller that chose an automatic size itself says True): a pass that runs out of memory is split in two and the
+    later passes keep the halved size (``info["batch_halved_at"]``: the sizes that did not fit); otherwise the
+    batch size is never changed. ``info["batch_size"]`` is the size used last. The model is
     copied before it is re-parameterized / frozen unless ``inplace`` (or ``prepared``: already done).
     On CUDA the gradients are computed in full fp32: TF32 convolutions and matmuls are switched off for the
     measurement (``allow_tf32=True`` or ``$ERF_LAB_ALLOW_TF32=1`` keeps them; measured on an H200 for
@@ -185,6 +194,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
         raise ErfLabError(f"--batch-size must be at least 1, got {batch_size}")
     dev = check_device(device)
     size_by_memory = batch_size is None and dev.type == "cuda"
+    shrink = batch_size is None if shrink_on_oom is None else bool(shrink_on_oom)
     limit = 1 if batch_size is None else int(batch_size)
     if dev.type == "cpu":
         keep_freed_memory()  # no page faults on the large activations of big inputs
@@ -216,10 +226,14 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
         pending: list = []
 
         def flush():
+            batch = pending[:]
+            pending.clear()
+            if batch:
+                run_batch(batch)
+
+        def run_batch(batch):
             nonlocal input_hw, limit
-            if not pending:
-                return
-            x = torch.stack([t for _, t in pending]).to(dev, param_dtype)  # images in the model's precision
+            x = torch.stack([t for _, t in batch]).to(dev, param_dtype)  # images in the model's precision
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             input_hw = tuple(x.shape[-2:])
@@ -239,22 +253,41 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                     torch.cuda.reset_peak_memory_stats(dev)
                     base = torch.cuda.memory_allocated(dev)
             t0 = time.perf_counter()
-            with full_fp32(dev, allow_tf32), conv_settings(conv_backend, dev), \
-                    (_counting_flops(m) if count else contextlib.nullcontext()) as total:
-                maps = attribution.attribute(x).double().cpu().numpy()  # .cpu() waits for the device
-            batches.append([len(pending), time.perf_counter() - t0])
+            halve = False
+            try:
+                with full_fp32(dev, allow_tf32), conv_settings(conv_backend, dev), \
+                        (_counting_flops(m) if count else contextlib.nullcontext()) as total:
+                    maps = attribution.attribute(x).double().cpu().numpy()  # .cpu() waits for the device
+            except Exception as e:
+                if not (shrink and len(batch) > 1 and is_out_of_memory(e)):
+                    raise
+                halve = True  # retried below, once the exception (whose frames hold the pass's tensors) is gone
+            if halve:
+                # an automatic batch did not fit after all (another process on the GPU, fragmentation, a small
+                # machine): halve it, for this pass and every later one
+                del x
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                limit = len(batch) // 2
+                info.setdefault("batch_halved_at", []).append(len(batch))
+                rest = batch
+                while rest:  # at the size in force, which a failing part halves again
+                    part, rest = rest[:limit], rest[limit:]
+                    run_batch(part)
+                return
+            batches.append([len(batch), time.perf_counter() - t0])
             if probe:
-                per_image = (torch.cuda.max_memory_allocated(dev) - base) // len(pending)
+                per_image = (torch.cuda.max_memory_allocated(dev) - base) // len(batch)
                 available = _cuda_available_bytes(dev)
                 limit = memory_batch_size(per_image, available,
-                                          remaining=None if total is None else total - len(done) - len(pending))
+                                          remaining=None if total is None else total - len(done) - len(batch))
                 info["batch_memory"] = {"per_image_bytes": int(per_image), "available_bytes": available,
                                         "fraction": CUDA_BATCH_MEMORY_FRACTION, "batch_size": limit}
             if count:
                 from erf_lab.erf.roofline import store_flops
 
-                rl["flops_per_image"] = int(total() // len(pending))
-                rl["padding_flops_per_image"] = int(total.padding() // len(pending))
+                rl["flops_per_image"] = int(total() // len(batch))
+                rl["padding_flops_per_image"] = int(total.padding() // len(batch))
                 store_flops(rl["key"], rl["flops_per_image"], rl["padding_flops_per_image"])
             if roofline and len(batches) == 1:
                 rl["roofline"] = _sgemm_reference(dev)
@@ -268,13 +301,12 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
 
                 bar.set_postfix_str(postfix(rl["flops_per_image"], steady_seconds_per_image(batches),
                                             (rl["roofline"] or {}).get("sgemm_gflops")), refresh=False)
-            for (ident, _), gm in zip(pending, maps):
+            for (ident, _), gm in zip(batch, maps):
                 if np.isfinite(gm).all():
                     acc.add(ident, gm)
                 else:
                     acc.add(ident, None, "non-finite gradient (NaN/inf)")
-            bar.update(len(pending))
-            pending.clear()
+            bar.update(len(batch))
             if on_batch is not None:
                 on_batch(acc)
 

@@ -60,6 +60,9 @@ RUN_FIELDS: dict[str, tuple] = {
     "cpu_model": _STR_OR_NONE, "isa": _STR_OR_NONE, "threads": _INT_OR_NONE,
     "padding_flops_per_image": _INT_OR_NONE, "roofline_fraction_without_padding": _NUM_OR_NONE,
     "sgemm_reprobed": (bool, type(None)), "roofline_note": _STR_OR_NONE,
+    # the auto batch: CUDA's sizing by memory (erf_lab.erf.compute.memory_batch_size) and the sizes that ran out of
+    # memory (optional: absent from older files)
+    "batch_memory": (dict, type(None)), "batch_halved_at": (list, type(None)),
     # the metrics' centre (erf_lab.erf.metrics.target_centre; optional: absent from older files)
     "erf_centre": (list, type(None)),
 }

@@ -28,7 +28,7 @@ import torch
 from erf_lab.checkpoint import random_init_of, resolve_weights
 from erf_lab.erf import distributed as D
 from erf_lab.erf.attribution import AGGREGATES
-from erf_lab.erf.compute import Accumulator, compute_erf
+from erf_lab.erf.compute import Accumulator, compute_erf, is_out_of_memory
 from erf_lab.erf.prepare import CONV_BACKENDS, check_device
 from erf_lab.erf.rundir import RUN_FILE, STATE_GLOB, load_run, write_run_dir
 from erf_lab.errors import ErfLabError
@@ -281,11 +281,6 @@ def _owned_out_dir(out_dir: Path, info: D.DistInfo):
         if info.is_main and not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
-        w in str(e).lower() for w in ("out of memory", "not enough memory", "can't allocate memory")))
 
 
 def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
@@ -562,7 +557,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                                  channels_last=spec.channels_last, conv_backend=spec.conv_backend,
                                  show_progress=show_progress and dinfo.is_main, state=acc, on_batch=checkpoint,
                                  inplace=True, reducer=D.make_reducer(dinfo, (spec.input_size, spec.input_size), device),
-                                 roofline=True)
+                                 roofline=True, shrink_on_oom=spec.batch_size is None)
         except ErfLabError:
             if acc.count:  # images measured, in this session or an earlier one: kept for --resume
                 acc.save(spath, extra)
@@ -572,7 +567,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         except BaseException as e:
             if acc.processed:
                 acc.save(spath, extra)  # Ctrl-C or crash: keep every image already accumulated
-            if _is_oom(e):
+            if is_out_of_memory(e):
                 raise ErfLabError(f"out of memory at --input-size {spec.input_size} with --batch-size "
                                   f"{batch_size or 'auto (sized by memory)'}; use a smaller input or batch"
                                   + (" (progress saved: --resume)" if acc.processed else "")) from None
@@ -622,7 +617,9 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
         "gradient": "captum.attr.NeuronGradient", "reparameterized": spec.reparameterize,
         "channels_last": spec.channels_last, "conv_backend": spec.conv_backend,
         "fastconv_modules": result.info.get("fastconv_modules"), "weight_grads": False, "tf32": result.info.get("tf32"),
-        "batch_size": result.info["batch_size"], "seed": spec.seed, "device": str(device), "world_size": dinfo.world_size,
+        "batch_size": result.info["batch_size"], "batch_memory": result.info.get("batch_memory"),
+        "batch_halved_at": result.info.get("batch_halved_at"),
+        "seed": spec.seed, "device": str(device), "world_size": dinfo.world_size,
         "dist_backend": dinfo.backend, "resumed": resumed_from > 0, "resumed_after_images": resumed_from,
         "start_time": start, "end_time": now(), "wall_seconds": round(time.time() - t0, 2),
         "seconds_per_image": round(measure_s / new_images, 4),
