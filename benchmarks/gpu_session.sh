@@ -25,7 +25,7 @@ step() {  # step CAP_SECONDS TITLE COMMAND...: run with the smaller of its cap a
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
-  step 110 "pytest -m gpu (Triton kernels; SyncBatchNorm: 2 gloo ranks on one GPU vs 1 process; ERF auto batch)" \
+  step 110 "pytest -m gpu (Triton; SyncBatchNorm: 2 gloo ranks on 1 GPU vs 1 process; ERF auto batch, halved on OOM)" \
     python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_fastconv_triton.py tests/test_train_sync_bn_gpu.py \
       tests/test_erf_gpu.py
   step 120 "ERF, the paper's protocol: replknet_31b, 50 images at 1024^2, auto batch (sized by memory), TF32 off" \

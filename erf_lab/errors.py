@@ -26,7 +26,7 @@ def out_of_memory(e: BaseException) -> str | None:
         return "Python could not allocate"
     if not isinstance(e, RuntimeError):
         return None
-    if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
+    if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text or "MPS backend out of memory" in text:
         return "on the GPU"
     if "DefaultCPUAllocator" not in text and "can't allocate memory" not in text:
         return None

@@ -141,6 +141,35 @@ def test_an_auto_batch_that_runs_out_of_memory_is_halved_and_the_run_goes_on(tmp
     np.testing.assert_allclose(res["result"].erf, one["result"].erf, rtol=1e-5, atol=1e-12)
 
 
+def test_the_memory_sized_batch_path_with_the_device_memory_simulated(tmp_path, monkeypatch):
+    """The CUDA auto batch's logic on the CPU, the device's memory numbers simulated: a one-image pass of 1 GB peak
+    with 100 GB available gives batches of half the images left (the FLOPs counted on the first pass, as in a
+    fresh process), and a pass of 4 that runs out of memory is halved (issue 14). The old code read the FLOP
+    counter in place of the image count there (a TypeError, or no cap at all)."""
+    from erf_lab.erf import compute
+    from erf_lab.models import create_model
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))  # the FLOPs are counted, not read from a cache
+    monkeypatch.setattr(compute, "_sizes_batch_by_memory", lambda dev: True)
+    monkeypatch.setattr(compute, "_memory_peak_start", lambda dev: 1000)
+    monkeypatch.setattr(compute, "_memory_peak", lambda dev: 1000 + 10**9)
+    monkeypatch.setattr(compute, "_cuda_available_bytes", lambda dev: 100 * 10**9)
+    monkeypatch.setattr(compute, "_sgemm_reference", lambda dev: {"sgemm_gflops": 100.0})
+    model = create_model("replknet_31b", **TINY_KW).eval()
+    images = torch.rand(9, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    one = compute.compute_erf(model, images, batch_size=1, show_progress=False)
+    auto = compute.compute_erf(model, images, batch_size=None, show_progress=False, roofline=True)
+    assert [n for n, _ in auto.info["batch_seconds"]] == [1, 4, 4] and auto.info["flops_per_image"] > 0
+    assert auto.info["batch_memory"] == {"per_image_bytes": 10**9, "available_bytes": 100 * 10**9,
+                                         "fraction": 0.6, "batch_size": 4}
+    np.testing.assert_allclose(auto.erf, one.erf, rtol=1e-5, atol=1e-12)
+    tried = _fail_above(monkeypatch, 2, "CUDA out of memory. Tried to allocate 2.00 GiB")
+    halved = compute.compute_erf(model, images, batch_size=None, show_progress=False, roofline=True)
+    assert tried == [1, 4, 2, 2, 2, 2] and halved.info["batch_halved_at"] == [4]
+    assert [n for n, _ in halved.info["batch_seconds"]] == [1, 2, 2, 2, 2] and halved.info["batch_size"] == 2
+    np.testing.assert_allclose(halved.erf, one.erf, rtol=1e-5, atol=1e-12)
+
+
 def test_a_halved_part_that_still_does_not_fit_is_halved_again_and_an_explicit_batch_never(monkeypatch):
     from erf_lab.erf.compute import compute_erf
     from erf_lab.models import create_model

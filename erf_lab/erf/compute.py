@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from erf_lab.erf.attribution import AGGREGATES, EffectiveReceptiveField
 from erf_lab.erf.prepare import check_device, conv_settings, full_fp32, keep_freed_memory, prepare_model
-from erf_lab.errors import ErfLabError
+from erf_lab.errors import ErfLabError, out_of_memory
 
 
 #: ``batch_size=None`` on CUDA: the batch holds as many images as fit in this fraction of the memory free after the
@@ -41,10 +41,19 @@ def memory_batch_size(per_image_bytes: int, available_bytes: int, cap: int = AUT
     return max(1, min(int(cap), fit))
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    """``e`` says the device (CUDA, or the host's allocator) ran out of memory."""
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (isinstance(e, RuntimeError) and any(
-        w in str(e).lower() for w in ("out of memory", "not enough memory", "can't allocate memory")))
+def _sizes_batch_by_memory(dev: torch.device) -> bool:
+    """``batch_size=None`` on ``dev`` is sized by memory (CUDA, whose allocator reports its peak)."""
+    return dev.type == "cuda"
+
+
+def _memory_peak_start(dev: torch.device) -> int:
+    """Reset the device's peak-memory count; returns the bytes allocated now (the pass's base)."""
+    torch.cuda.reset_peak_memory_stats(dev)
+    return torch.cuda.memory_allocated(dev)
+
+
+def _memory_peak(dev: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(dev)
 
 
 def _cuda_available_bytes(dev: torch.device) -> int:
@@ -174,7 +183,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     ``info["batch_memory"]``), elsewhere one image per pass. ``shrink_on_oom`` (default: ``batch_size is None``; a
     caller that chose an automatic size itself says True): a pass that runs out of memory is split in two and the
     later passes keep the halved size (``info["batch_halved_at"]``: the sizes that did not fit); otherwise the
-    batch size is never changed. ``info["batch_size"]`` is the size used last. The model is
+    batch size is never changed. ``info["batch_size"]`` is the size in force at the end. The model is
     copied before it is re-parameterized / frozen unless ``inplace`` (or ``prepared``: already done).
     On CUDA the gradients are computed in full fp32: TF32 convolutions and matmuls are switched off for the
     measurement (``allow_tf32=True`` or ``$ERF_LAB_ALLOW_TF32=1`` keeps them; measured on an H200 for
@@ -193,7 +202,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     if batch_size is not None and int(batch_size) < 1:
         raise ErfLabError(f"--batch-size must be at least 1, got {batch_size}")
     dev = check_device(device)
-    size_by_memory = batch_size is None and dev.type == "cuda"
+    size_by_memory = batch_size is None and _sizes_batch_by_memory(dev)
     shrink = batch_size is None if shrink_on_oom is None else bool(shrink_on_oom)
     limit = 1 if batch_size is None else int(batch_size)
     if dev.type == "cpu":
@@ -233,33 +242,32 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
 
         def run_batch(batch):
             nonlocal input_hw, limit
-            x = torch.stack([t for _, t in batch]).to(dev, param_dtype)  # images in the model's precision
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            input_hw = tuple(x.shape[-2:])
+            input_hw = tuple(batch[0][1].shape[-2:])
             count = roofline and not batches
             if count:  # the same structure, layer and size were counted before: no FlopCounterMode pass
                 from erf_lab.erf.roofline import cached_flops, flops_key
 
-                rl["key"] = flops_key(m, layer_name, x.shape[-2:])
+                rl["key"] = flops_key(m, layer_name, input_hw)
                 hit = cached_flops(rl["key"])
                 if hit is not None:
                     rl["flops_per_image"], rl["padding_flops_per_image"] = hit
                 count = hit is None
             probe = size_by_memory and not batches
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                if probe:
-                    torch.cuda.reset_peak_memory_stats(dev)
-                    base = torch.cuda.memory_allocated(dev)
-            t0 = time.perf_counter()
-            halve = False
+            halve, x = False, None
             try:
+                x = torch.stack([t for _, t in batch]).to(dev, param_dtype)  # images in the model's precision
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if probe:
+                    base = _memory_peak_start(dev)
+                t0 = time.perf_counter()
                 with full_fp32(dev, allow_tf32), conv_settings(conv_backend, dev), \
-                        (_counting_flops(m) if count else contextlib.nullcontext()) as total:
+                        (_counting_flops(m) if count else contextlib.nullcontext()) as counter:
                     maps = attribution.attribute(x).double().cpu().numpy()  # .cpu() waits for the device
             except Exception as e:
-                if not (shrink and len(batch) > 1 and is_out_of_memory(e)):
+                if not (shrink and len(batch) > 1 and out_of_memory(e) is not None):
                     raise
                 halve = True  # retried below, once the exception (whose frames hold the pass's tensors) is gone
             if halve:
@@ -277,7 +285,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 return
             batches.append([len(batch), time.perf_counter() - t0])
             if probe:
-                per_image = (torch.cuda.max_memory_allocated(dev) - base) // len(batch)
+                per_image = (_memory_peak(dev) - base) // len(batch)
                 available = _cuda_available_bytes(dev)
                 limit = memory_batch_size(per_image, available,
                                           remaining=None if total is None else total - len(done) - len(batch))
@@ -286,8 +294,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
             if count:
                 from erf_lab.erf.roofline import store_flops
 
-                rl["flops_per_image"] = int(total() // len(batch))
-                rl["padding_flops_per_image"] = int(total.padding() // len(batch))
+                rl["flops_per_image"] = int(counter() // len(batch))
+                rl["padding_flops_per_image"] = int(counter.padding() // len(batch))
                 store_flops(rl["key"], rl["flops_per_image"], rl["padding_flops_per_image"])
             if roofline and len(batches) == 1:
                 rl["roofline"] = _sgemm_reference(dev)

@@ -28,10 +28,10 @@ import torch
 from erf_lab.checkpoint import random_init_of, resolve_weights
 from erf_lab.erf import distributed as D
 from erf_lab.erf.attribution import AGGREGATES
-from erf_lab.erf.compute import Accumulator, compute_erf, is_out_of_memory
+from erf_lab.erf.compute import Accumulator, compute_erf
 from erf_lab.erf.prepare import CONV_BACKENDS, check_device
 from erf_lab.erf.rundir import RUN_FILE, STATE_GLOB, load_run, write_run_dir
-from erf_lab.errors import ErfLabError
+from erf_lab.errors import ErfLabError, out_of_memory
 from erf_lab.provenance import now, provenance
 
 OUTPUT_FILES = ("erf.npy", "metrics.json", "erf.png", "erf.pdf", "erf.svg", RUN_FILE)
@@ -567,9 +567,11 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         except BaseException as e:
             if acc.processed:
                 acc.save(spath, extra)  # Ctrl-C or crash: keep every image already accumulated
-            if is_out_of_memory(e):
-                raise ErfLabError(f"out of memory at --input-size {spec.input_size} with --batch-size "
-                                  f"{batch_size or 'auto (sized by memory)'}; use a smaller input or batch"
+            if out_of_memory(e) is not None:
+                # the auto batch was halved down to one image before the error got here (erf_lab.erf.compute)
+                how = (f"with --batch-size {batch_size}; use a smaller input or batch" if spec.batch_size else
+                       "even with one image per pass (auto batch); use a smaller input")
+                raise ErfLabError(f"out of memory at --input-size {spec.input_size} {how}"
                                   + (" (progress saved: --resume)" if acc.processed else "")) from None
             raise
         measure_s = time.time() - t_measure
