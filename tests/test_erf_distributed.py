@@ -124,11 +124,14 @@ def test_each_process_takes_its_own_gpu_and_a_shared_one_is_refused(monkeypatch)
     on the node and refused, on every rank and before any joins the process group, with several (they would all
     run on GPU N)."""
     import pytest
+    import torch
 
     from erf_lab.errors import ErfLabError
 
     for key, value in {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a node with two GPUs, whatever this machine has
     info = D.env_info()
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (3, 4, 1, 2)
     assert D.device_for("cuda", info) == "cuda:1" and D.device_for("cpu", info) == "cpu"
@@ -141,8 +144,16 @@ def test_each_process_takes_its_own_gpu_and_a_shared_one_is_refused(monkeypatch)
     assert D.device_for("cuda:0", D.DistInfo()) == "cuda:0"  # one process: as given
     with pytest.raises(ErfLabError, match="'cudax' is no device name"):
         D.device_for("cudax", D.env_info())
-    import torch
-
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the launcher gave each process its own GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    # two processes on a node with one GPU: both would run on it, which NCCL refuses ("Duplicate GPU detected")
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ErfLabError, match="started 2 processes on this node, which has 1 GPU: NCCL runs one"):
+            D.device_for(device, D.env_info())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5")  # the launcher gave each process its own GPU
     assert D.device_for("cuda", D.env_info()) == D.device_for("cuda:0", D.env_info()) == "cuda:0"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes, 2 GPUs
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ErfLabError, match="started 8 processes on this node, which has 2 GPUs"):
+        D.device_for("cuda", D.env_info())

@@ -53,17 +53,25 @@ def init(device: str = "cpu") -> DistInfo:
 
 
 def device_for(device: str, info: DistInfo) -> str:
-    """This process's device in a multi-process run: ``cuda`` -> ``cuda:<local_rank>`` (``cuda:0`` where the process
-    sees one GPU only). ``cuda:N`` is kept where torchrun started one process on this node or the process sees one
-    GPU, and refused (:class:`ErfLabError`, the same on every rank) where it started several: they would all share
-    GPU N. Without ``LOCAL_WORLD_SIZE`` (a launcher other than torchrun) every process counts as on this node."""
+    """This process's device in a multi-process run: ``cuda`` -> ``cuda:<local_rank>`` (``cuda:0`` where the
+    launcher gave the process a GPU of its own: ``CUDA_VISIBLE_DEVICES`` set and one GPU seen). ``cuda:N`` is kept
+    where torchrun started one process on this node or the process has its own GPU, and refused where it started
+    several: they would all share GPU N. More processes on a node than it has GPUs are refused too (NCCL runs one
+    process per GPU; two on one fail with "Duplicate GPU detected"). Refusals are :class:`ErfLabError`, the same on
+    every rank, before any joins the group. Without ``LOCAL_WORLD_SIZE`` (a launcher other than torchrun) every
+    process counts as on this node."""
     if not info.enabled or not str(device).startswith("cuda"):
         return device
     try:
         index = torch.device(device).index
     except RuntimeError:
         raise ErfLabError(f"--device {device!r} is no device name; use cpu, cuda or cuda:N") from None
-    own_gpu_only = torch.cuda.device_count() == 1  # e.g. CUDA_VISIBLE_DEVICES set per process by the launcher
+    count = torch.cuda.device_count()
+    own_gpu_only = count == 1 and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))  # set per process by the launcher
+    if info.local_world_size > 1 and 0 < count < info.local_world_size and not own_gpu_only:
+        raise ErfLabError(f"torchrun started {info.local_world_size} processes on this node, which has {count} "
+                          f"GPU{'s' if count > 1 else ''}: NCCL runs one process per GPU; start at most {count} "
+                          f"(--nproc_per_node) or use --device cpu")
     if index is None:
         return "cuda:0" if own_gpu_only else f"cuda:{info.local_rank}"
     if info.local_world_size > 1 and not own_gpu_only:
