@@ -21,6 +21,7 @@ step() {  # step CAP_SECONDS TITLE COMMAND...: run with the smaller of its cap a
   if [ "$left" -lt 15 ]; then echo "== $title: skipped, budget spent"; return; fi
   echo "== $title"; local t0=$(date +%s)
   timeout $(( cap < left ? cap : left )) "$@"; echo "   [rc $?, $(( $(date +%s) - t0 )) s]"
+  tar -czf "$OUT/results.tar.gz" -C "$RES" . 2>/dev/null  # after every step: a run stopped early keeps the rest
 }
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
@@ -47,6 +48,5 @@ for r in (32, 64):
     w = torch.randn(384, 1, 31, 31, device='cuda', requires_grad=True)
     print(fastconv.explain(x, w), flush=True)
 "
-} 2>&1 | grep -v '^fastconv bench:\|^ERF ' | tee "$OUT/log.txt"
-tar -czf "$OUT/results.tar.gz" -C "$RES" . 2>/dev/null
+} 2>&1 | grep --line-buffered -v '^fastconv bench:' | tee "$OUT/log.txt"  # line by line: a cut run keeps its log
 ls -la "$OUT"

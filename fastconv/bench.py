@@ -291,9 +291,15 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
     kw = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()}
     dev = bench_device(args.device)
     batch = 1 if args.batch is None and args.quick and dev.type == "cpu" else args.batch
-    result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev), dtype=args.dtype,
-                 modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,), impls=args.impls,
-                 on_row=lambda partial: write_results(partial, args.out))  # a cut-short run keeps its rows
+    try:  # each row written when done: a cut-short run keeps its rows
+        result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev),
+                     dtype=args.dtype, modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,),
+                     impls=args.impls, on_row=lambda partial: write_results(partial, args.out))
+    except RuntimeError as e:  # a dtype this PyTorch has no kernel for on the device ("not implemented for 'Half'")
+        if "not implemented for" not in str(e):
+            raise
+        raise ValueError(f"--dtype {args.dtype} on {dev}: this PyTorch cannot run it ({str(e).splitlines()[0]})"
+                         ) from None
     return result, write_results(result, args.out)
 
 

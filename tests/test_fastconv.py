@@ -1254,6 +1254,23 @@ def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
+def test_bench_a_dtype_this_torch_cannot_run_exits_2(cli, tmp_path, capsys, monkeypatch):
+    """An older PyTorch without fp16 kernels on the CPU: one error line, exit 2 (not a traceback)."""
+    import fastconv.bench as fb
+
+    def run(**kw):
+        raise RuntimeError('"slow_conv2d_cpu" not implemented for \'Half\'\nmore')
+
+    monkeypatch.setattr(fb, "run", run)
+    main = fb.main if cli == "fastconv.bench" else pytest.importorskip("erf_lab.cli.main").main
+    assert main(["bench"] * (cli != "fastconv.bench") + ["--dtype", "float16", "--device", "cpu", "--out",
+                                                          str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype float16 on cpu: this PyTorch cannot run it (\"slow_conv2d_cpu\" not implemented for 'Half')" in err
+    assert "Traceback" not in err and err.count("error:") == 1 and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
 def test_bench_cli_bad_kernel_exits_2(cli, tmp_path, capsys):
     if cli == "fastconv.bench":
         from fastconv.bench import main

@@ -517,6 +517,31 @@ def test_a_stop_is_held_back_until_the_block_has_finished():
     assert reached == ["inner", "outer"]
 
 
+def test_stop_handling_takes_sigterm_only_where_it_has_the_default_action():
+    """Library code's stop handling (shape-bias decoding) takes SIGINT, and SIGTERM where nobody handles it; a
+    caller's own SIGTERM handler runs as before, and both handlers are back after the block."""
+    import signal
+
+    from erf_lab.train.stop import ForcedStop, stop_handling
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with pytest.raises(ForcedStop) as stop:
+            with stop_handling():
+                signal.raise_signal(signal.SIGTERM)
+        assert stop.value.args == (signal.SIGTERM,)
+        seen = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+        with pytest.raises(ForcedStop):
+            with stop_handling():
+                signal.raise_signal(signal.SIGTERM)  # the caller's handler
+                signal.raise_signal(signal.SIGINT)  # stop_handling's
+        assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize("threads", ["1", "2"])
 def test_kill_before_the_first_step_stops_at_once(threads, tmp_path):
     """SIGTERM while the run is still being set up (here: rendering a large cue-world cache) stops the process at

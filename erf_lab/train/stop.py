@@ -80,15 +80,17 @@ def stop_handling():
     """:class:`StopRequest` where Python's default Ctrl-C handling is in place (main thread), else a no-op context:
     library code that iterates DataLoaders with :func:`iterate` outside a training run (shape-bias decoding and
     inference) gets the handling that keeps worker start-up and batch transfer whole, and inside a run that has
-    its own (the training lab's), that run's stays."""
+    its own (the training lab's), that run's stays. SIGTERM is taken over only where it has the default action (a
+    caller's own handler stays); a stop by it then ends the command as Ctrl-C does, as in a training run."""
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        return StopRequest()
+        term = (signal.SIGTERM,) if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else ()
+        return StopRequest((signal.SIGINT, *term))
     return contextlib.nullcontext()
 
 
 class StopRequest:
-    """The run's signal handlers for SIGINT and SIGTERM while in the ``with`` block (main thread only).
+    """The run's signal handlers for ``signals`` (SIGINT and SIGTERM) while in the ``with`` block (main thread only).
 
     Python runs a signal handler in whatever Python code the main thread is executing; where that is a finaliser
     or a callback (``__del__``; a fork hook: logging's runs each time a DataLoader starts a worker) the handler's
@@ -97,7 +99,8 @@ class StopRequest:
 
     REDELIVER_S = 0.02
 
-    def __init__(self):
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        self.signals = tuple(signals)
         self.requested = False
         self.armed = False
         self._old = {}
@@ -106,7 +109,7 @@ class StopRequest:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.signals:
                 self._old[sig] = signal.signal(sig, self._handler)
             self._old_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
