@@ -82,6 +82,8 @@ def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     writable (read-only filesystem, permissions)."""
     from erf_lab.errors import ErfLabError
 
+    if not str(path).strip():
+        raise ErfLabError(f"{what} is empty; name a folder (the current one is '.')")
     p = Path(path).expanduser()
     for parent in [p, *p.parents]:
         if parent.exists() and not parent.is_dir():
@@ -99,6 +101,46 @@ def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
                 d.rmdir()
         raise ErfLabError(f"{what} {p} is not writable: {e.strerror or type(e).__name__}") from None
     return p
+
+
+#: the kinds of erf-lab result a folder's run.json can name (:func:`result_kind`), as error lines name them
+RESULT_KINDS = {"erf": "an ERF run", "training": "a training run", "shape-bias": "a shape-bias run",
+                "shape-bias --compare": "a shape-bias comparison", "shape-bias --from-csv": "shape-bias CSV results",
+                "bench": "a fastconv benchmark"}
+
+
+def result_kind(folder: str | os.PathLike) -> str | None:
+    """Which erf-lab result ``folder`` holds, from its run.json (a key of :data:`RESULT_KINDS`; "unknown" for a
+    run.json of none of them or one that cannot be read), or None without a run.json. ERF runs carry ``kind``
+    (files from before the schema: ``layer`` and ``aggregate``), training runs ``settings`` and ``model_config``,
+    shape-bias results their command in ``what``, fastconv benchmarks ``command``."""
+    info = read_json_or_none(Path(folder) / "run.json") if (Path(folder) / "run.json").is_file() else None
+    if info is None:
+        return "unknown" if (Path(folder) / "run.json").is_file() else None
+    if not isinstance(info, dict):
+        return "unknown"
+    if info.get("kind") == "erf" or ("kind" not in info and "layer" in info and "aggregate" in info):
+        return "erf"
+    if isinstance(info.get("settings"), dict) and isinstance(info.get("model_config"), dict):
+        return "training"
+    what = info.get("what")
+    if isinstance(what, str) and what.startswith("erf-lab shape-bias"):
+        return next((f"shape-bias {flag}" for flag in ("--compare", "--from-csv") if flag in what), "shape-bias")
+    if info.get("command") == "fastconv.bench":
+        return "bench"
+    return "unknown"
+
+
+def refuse_other_result(folder: str | os.PathLike, kind: str, what: str = "--out") -> None:
+    """ErfLabError (one line) when ``folder`` holds an erf-lab result of a kind other than ``kind``: writing there
+    would replace that result's files (run.json, figures) with another command's. A run.json of no kind erf-lab
+    knows is left to the command."""
+    from erf_lab.errors import ErfLabError
+
+    found = result_kind(folder)
+    if found not in (None, "unknown", kind):
+        raise ErfLabError(f"{what} {folder} holds another erf-lab result ({RESULT_KINDS[found]}); choose another "
+                          f"{what}")
 
 
 def read_json_or_none(path: str | os.PathLike) -> Any:

@@ -30,6 +30,9 @@ from fastconv.roofline import sgemm_gflops
 from fastconv.bench_args import (DTYPES, FULL, GEMM_NAMES, PAPER_KERNELS, PAPER_RESOLUTIONS,  # noqa: F401
                                  QUICK, add_arguments)
 
+#: the largest kernel the benchmark runs (a 9999 typo would run for hours)
+MAX_BENCH_KERNEL = 255
+
 # Table 1 of the paper (GTX 2080Ti, B=64, C=384, FP32, PyTorch 1.9.0 + cuDNN 7.6.5; forward only), in ms.
 # Transcribed from the table as reprinted with the same caption in the UniRepLKNet journal extension
 # (Ding et al.), the text the search tool holds; keyed by R -> (PyTorch row, Ours row) over PAPER_KERNELS.
@@ -140,6 +143,8 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
     for k in kernels:
         if k % 2 == 0 or k < 1:
             raise ValueError(f"kernel {k} unsupported: odd sizes only")
+        if k > MAX_BENCH_KERNEL:
+            raise ValueError(f"kernel {k} unsupported: at most {MAX_BENCH_KERNEL} (the paper's Table 1 stops at 31)")
     for name, v in (("resolutions", min(resolutions)), ("batch", batch), ("channels", channels), ("layers", layers),
                     ("repeats", repeats)):
         if v < 1:
@@ -256,6 +261,9 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+        mask = os.umask(0)  # mkstemp makes the file owner-only: give it the mode a plain open() would
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -286,7 +294,28 @@ def write_results(result: dict, out_dir: str | os.PathLike, argv: list[str] | No
     return paths
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """ValueError, before any measurement, when ``out_dir`` cannot take the results: a file or under one, or a
+    folder whose run.json is another command's (this one replaces run.json)."""
+    if not str(out_dir).strip():
+        raise ValueError("--out is empty; name a folder (the current one is '.')")
+    out = Path(out_dir).expanduser()
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == out else f"lies under a file ({parent})"
+            raise ValueError(f"--out {out} {where}; choose a folder")
+    if (out / "run.json").is_file():
+        try:
+            info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            info = None
+        if not (isinstance(info, dict) and info.get("command") == "fastconv.bench"):
+            raise ValueError(f"--out {out} holds another result (its run.json is no fastconv benchmark's); "
+                             f"choose another --out")
+
+
 def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
+    check_out_dir(args.out)
     sizes = QUICK if args.quick else FULL
     kw = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()}
     dev = bench_device(args.device)

@@ -153,6 +153,8 @@ def _cases():
     add("sweep-even-kernel", ["sweep", "--kernels", "3,8", "--out", "{out}"], "odd")
     add("sweep-bad-sizes", ["sweep", "--input-sizes", "0,224", "--out", "{out}"], "between 1")
     add("sweep-sizes-text", ["sweep", "--input-sizes", "abc", "--out", "{out}"], "comma-separated")
+    add("sweep-size-and-sizes", ["sweep", "--input-sizes", "64,96", "--input-size", "128", "--out", "{out}"],
+        "--input-size and --input-sizes exclude each other")
     add("sweep-size-above-max", ["sweep", "--input-sizes", "224,5000", "--out", "{out}"], "between 1 and 4096")
     add("sweep-size-below-stride", ["sweep", "--input-sizes", "8,16", "--reparam", "deploy", "--num-images", "1",
                                     *TINY[2:], "--out", "{out}"], "too small")
@@ -405,3 +407,92 @@ def test_the_one_line_starts_its_own_line_after_a_bar_left_open(stop, monkeypatc
     err = capsys.readouterr().err
     last = "erf-lab x: interrupted" if stop is KeyboardInterrupt else "erf-lab x: error: no usable image"
     assert err.endswith("\n" + last + "\n") and "3/10" in err, repr(err)
+
+
+def _damaged_inputs(tmp_path):
+    """Files a user may point erf-lab at by mistake, each made here: (argv, words of the one error line)."""
+    csv_path = tmp_path / "cue-conflict_m_session-1.csv"
+    csv_path.write_bytes(b"\xff\xfesubj,imagename\n\x00\xd8")  # UTF-16 bytes, not UTF-8
+    summary = tmp_path / "sb"
+    summary.mkdir()
+    (summary / "summary.json").write_text("[]")
+    no_per_category = tmp_path / "sb2"
+    no_per_category.mkdir()
+    (no_per_category / "summary.json").write_text(json.dumps({"shape_bias": 0.5}))
+    cases = [(["shape-bias", "--from-csv", csv_path], "not UTF-8 text, not a model-vs-human CSV"),
+             (["shape-bias", "--compare", summary], "not an 'erf-lab shape-bias' summary"),
+             (["shape-bias", "--compare", no_per_category], "not an 'erf-lab shape-bias' summary")]
+    for name, settings, model_config, words in [
+            ("size", {"model": "replknet_31b", "input_size": "big", "seed": 0, "data": "cue-world"},
+             {"num_classes": 10}, "the training settings' input_size is 'big'"),
+            ("model", {"model": 5, "input_size": 64, "seed": 0, "data": "cue-world"}, {"num_classes": 10},
+             "the training settings' model is 5"),
+            ("classes", {"model": "replknet_31b", "input_size": 64, "seed": 0, "data": "cue-world"},
+             {"num_classes": "ten"}, "model_config.num_classes must be a positive integer, got 'ten'")]:
+        run = tmp_path / f"train-{name}"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "epoch_000.safetensors").write_bytes(b"")
+        (run / "run.json").write_text(json.dumps({"settings": settings, "model_config": model_config}))
+        cases.append((["timeline", run, "--out", tmp_path / f"tl-{name}"], words))
+    return cases
+
+
+def test_damaged_csv_summary_and_training_records_are_one_line_each(tmp_path, capsys):
+    for argv, words in _damaged_inputs(tmp_path):
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and words in err, (argv, err)
+
+
+def test_a_kernel_size_beyond_255_is_one_line_before_any_work(tmp_path, capsys):
+    """A typo such as --kernels 9999 asked for 10^8 weights per channel: the sweep filled 24 GB and was killed,
+    the benchmark ran on for minutes. Now one line each, and no folder."""
+    from erf_lab.errors import ErfLabError
+    from erf_lab.models import create_model
+
+    for argv, words in [(["sweep", "--kernels", "9999", "--input-size", "64", "--num-images", "1", "--out",
+                          tmp_path / "sweep"], "--kernels: sizes must be odd, from 1 to 255, got 9999"),
+                        (["bench", "--kernels", "257", "--out", tmp_path / "bench"],
+                         "kernel 257 unsupported: at most 255")]:
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("error:") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "bench").exists()
+    with pytest.raises(ErfLabError, match="large kernel sizes must be odd, from 1 to 255, got 9999"):
+        create_model("replknet_31b", large_kernel_sizes=(9999, 29, 27, 13), channels=(8, 8, 8, 8))
+    with pytest.raises(ErfLabError, match="SLaK kernel sizes must be odd, from 1 to 255"):
+        create_model("slak_t", kernel_size=(301, 49, 47, 13, 5), depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
+
+
+def test_an_empty_out_a_pipe_among_the_images_and_the_benchmark_files_mode(tmp_path, capsys, monkeypatch):
+    """--out '' wrote into the current folder; a named pipe called *.png blocked `compute` for ever; the
+    benchmark's files were owner-only (mkstemp) where every other output follows the umask."""
+    import os
+    import stat
+
+    from erf_lab.erf.images import load_images
+
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)"]
+    for argv in (["compute", *tiny, "--num-images", "1", "--input-size", "32", "--out", ""],
+                 ["bench", "--quick", "--kernels", "3", "--out", ""]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--out is empty; name a folder" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "a.png")
+    os.mkfifo(folder / "fifo.png")
+    with pytest.warns(UserWarning, match="ignored 1 non-image file"):
+        src = load_images(folder, num_images=5, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert [p.name for p in src.files] == ["a.png"]
+    assert ["fifo.png", "not a regular file (a pipe, device or socket)"] in [list(s) for s in src.skipped]
+    from fastconv.bench import _atomic_write
+
+    old = os.umask(0o022)
+    try:
+        _atomic_write(tmp_path / "table.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "table.txt").stat().st_mode) == 0o644

@@ -104,9 +104,16 @@ def test_out_of_memory_is_one_line_and_keeps_progress(tmp_path, monkeypatch):
 
     monkeypatch.setattr(attribution.EffectiveReceptiveField, "attribute", attribute)
     out = tmp_path / "run"
-    with pytest.raises(ErfLabError, match="out of memory .*progress saved"):
-        run_erf(_spec(), out=out, show_progress=False, checkpoint_seconds=0)
+    with pytest.raises(ErfLabError, match=r"out of memory .*--batch-size \(progress saved: --resume, with any"):
+        run_erf(_spec(num_images=3, batch_size=2), out=out, show_progress=False, checkpoint_seconds=0)
     assert (out / ".erf_state.npz").is_file() and not (out / "run.json").exists()
+    # the advised fix: resume with a smaller batch (it changes the speed, not the map): the same map as one run
+    resumed = run_erf(_spec(num_images=3, batch_size=1), out=out, show_progress=False, resume=True)
+    assert resumed["run_info"]["resumed_after_images"] == 2 and resumed["run_info"]["num_used"] == 3
+    whole = run_erf(_spec(num_images=3), out=tmp_path / "whole", show_progress=False)
+    np.testing.assert_allclose(resumed["result"].erf, whole["result"].erf, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ErfLabError, match="input_size"):  # a setting that changes the map still refuses
+        run_erf(_spec(num_images=3, input_size=48), out=out, show_progress=False, resume=True)
 
 
 def _fail_above(monkeypatch, images: int, message: str = "DefaultCPUAllocator: can't allocate memory: you tried "

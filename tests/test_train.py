@@ -120,7 +120,15 @@ def test_run_directory_and_official_checkpoints(tmp_path, one_thread, monkeypatc
     assert (out / "curves.png").stat().st_size > 0 and (out / "curves.pdf").stat().st_size > 0
     assert not (out / C.STATE_FILE).exists()
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert ckpts == [f"epoch_00{e}.{x}" for e in range(3) for x in ("pth", "safetensors")]
+    assert ckpts == sorted([f"epoch_00{e}.{x}" for e in range(3) for x in ("pth", "safetensors")]
+                           + ["epoch_000.pth.run.json"])
+    from erf_lab.checkpoint import random_init_record
+
+    # epoch 0 is the random initialisation, marked so (what measures it says "random weights"); trained ones not
+    assert [random_init_record(out / "checkpoints" / f"epoch_000.{x}") for x in ("pth", "safetensors")] == \
+        [{"seed": 0}, {"seed": 0}]
+    assert random_init_record(out / "checkpoints" / "epoch_002.safetensors") is None
+    assert random_init_record(out / "checkpoints" / "epoch_002.pth") is None
     # official layout, loadable by create_model; the .pth and the .safetensors hold the same tensors
     raw = torch.load(out / "model.pth", weights_only=True)
     assert list(raw) == ["model"]
@@ -265,6 +273,8 @@ def _bad_cases(tmp_path):
                               f"--num-classes 5, but {good} has 2 classes (a, b); drop --num-classes or use a "
                               "folder with 5"),
         "data is a file": (["--data", str(good / "train" / "a" / "0.png")], "must be a folder"),
+        "cue-world sizes with a folder": (["--data", str(good), "--batch-size", "4", "--train-size", "5"],
+                                          "--train-size sets cue-world's image counts; --data"),
         "batch size 0": ([*cue, "--batch-size", "0"], "--batch-size must be at least 1"),
         "negative batch size": ([*cue, "--batch-size", "-3"], "--batch-size must be at least 1"),
         "batch larger than the train set": ([*cue, "--batch-size", "33"], "larger than the train set"),

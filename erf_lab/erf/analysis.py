@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 from erf_lab.erf.metrics import compute_metrics, paper_caveat, summary
@@ -9,7 +10,7 @@ from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, markdown_table,
                                 metrics_text, table_rows)
 from erf_lab.errors import ErfLabError
-from erf_lab.io import prepare_out_dir, write_json, write_text
+from erf_lab.io import prepare_out_dir, refuse_other_result, write_json, write_text
 from erf_lab.provenance import provenance
 
 
@@ -27,6 +28,8 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     run = load_run(path)
     trf = theoretical_rf if theoretical_rf is not None else run.theoretical_rf
     metrics = compute_metrics(run.erf, theoretical_rf=trf, centre=run.centre)
+    if out is not None and Path(out).expanduser().resolve() != run.npy.parent.resolve():
+        refuse_other_result(out, "analysis")  # its metrics.json and figures would replace that result's
     out_dir = prepare_out_dir(out if out is not None else run.npy.parent)
     stem = run.npy.stem
     prefix = "" if stem == "erf" else f"{stem}."

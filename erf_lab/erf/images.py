@@ -45,7 +45,9 @@ def list_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]
             if name.startswith("."):
                 continue
             p = Path(root) / name
-            (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
+            # a named pipe or device under an image's name would block the reader: regular files only (links to
+            # them too); the others are listed with the files that are no image
+            (images if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() else others).append(p)
     images.sort(key=lambda p: p.relative_to(folder).as_posix())
     return images, others
 
@@ -218,7 +220,8 @@ def load_images(images: str | os.PathLike | None = None, *, num_images: int | No
     limit = PAPER_NUM_IMAGES if num_images is None else int(num_images)
     chosen, skipped = [], []
     for o in others:
-        skipped.append((o.relative_to(root).as_posix(), "not an image file (extension)"))
+        skipped.append((o.relative_to(root).as_posix(), "not an image file (extension)" if o.is_file() or
+                        o.suffix.lower() not in IMAGE_EXTENSIONS else "not a regular file (a pipe, device or socket)"))
     digests = {}
     for p in files:
         if len(chosen) >= limit:

@@ -153,6 +153,8 @@ def check_out_path(out: str | os.PathLike | None) -> None:
     """``--out`` must be a folder or a path that can become one (not a file, not under a file)."""
     if out is None:
         return
+    if not str(out).strip():
+        raise ErfLabError("--out is empty; name a folder (the current one is '.')")
     p = Path(out).expanduser()
     for parent in [p, *p.parents]:
         if parent.exists() and not parent.is_dir():
@@ -340,7 +342,12 @@ def config_diff(old: dict, new: dict) -> list[str]:
         warnings.warn("the stored run predates image-content checks: its images are assumed unchanged (names and "
                       "order are still compared)", stacklevel=3)
         new = {k: v for k, v in new.items() if k != "images_sha256"}
-    return [k for k in dict.fromkeys([*new, *old]) if old.get(k) != new.get(k)]
+    return [k for k in dict.fromkeys([*new, *old]) if k not in SPEED_ONLY and old.get(k) != new.get(k)]
+
+
+#: settings that change only the speed of a measurement, not its map: a run resumes with another value (a
+#: --batch-size that ran out of memory, made smaller), and ranks may differ in them
+SPEED_ONLY = ("batch_size",)
 
 
 def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: bool):
@@ -469,7 +476,7 @@ def _switch_interval(lower: bool) -> None:
 def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, tags, formats, show_progress,
          on_batch, checkpoint_seconds, argv, runs_root, start, t0, display=None) -> dict:
     from erf_lab.erf.images import load_images, model_data_config
-    from erf_lab.io import sha256_file
+    from erf_lab.io import refuse_other_result, sha256_file
     from erf_lab.models import create_model
 
     device = D.device_for(spec.device, dinfo)
@@ -487,6 +494,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         train_size = training_resolution(spec, model)
         weights_sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None
         config = _config(spec, source, mean, std, weights_sha, dinfo)
+        refuse_other_result(Path(out) if out is not None else
+                            default_out_dir(spec.model, source.name, spec.input_size, runs_root), "erf")
     except Exception as e:  # noqa: BLE001 - every rank learns of it below (one process: raised there as it is)
         setup_error = e
     finally:
@@ -569,10 +578,11 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                 acc.save(spath, extra)  # Ctrl-C or crash: keep every image already accumulated
             if out_of_memory(e) is not None:
                 # the auto batch was halved down to one image before the error got here (erf_lab.erf.compute)
-                how = (f"with --batch-size {batch_size}; use a smaller input or batch" if spec.batch_size else
+                how = (f"with --batch-size {batch_size}; use a smaller input or --batch-size" if spec.batch_size else
                        "even with one image per pass (auto batch); use a smaller input")
                 raise ErfLabError(f"out of memory at --input-size {spec.input_size} {how}"
-                                  + (" (progress saved: --resume)" if acc.processed else "")) from None
+                                  + (" (progress saved: --resume, with any --batch-size)" if acc.processed
+                                     else "")) from None
             raise
         measure_s = time.time() - t_measure
 

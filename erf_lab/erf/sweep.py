@@ -166,6 +166,11 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
         raise ErfLabError("--weights-dir conflicts with --init random; drop one of them")
     if init == "weights" and weights_dir is None:
         raise ErfLabError("--init weights needs --weights-dir (one checkpoint per kernel size)")
+    from erf_lab.models.constants import MAX_KERNEL_SIZE
+
+    bad = [k for k in ks if k % 2 == 0 or not 1 <= k <= MAX_KERNEL_SIZE]
+    if bad:  # before any folder is made
+        raise ErfLabError(f"--kernels: sizes must be odd, from 1 to {MAX_KERNEL_SIZE}, got {bad[0]}")
     model = model or "replknet_31b"
     overrides = dict(overrides or {})
     modes = REPARAM_MODES[reparam]

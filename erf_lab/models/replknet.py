@@ -30,7 +30,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 
 from erf_lab.errors import ErfLabError
-from erf_lab.models.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.constants import (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, IMAGENET_MEAN, IMAGENET_STD,
+                                      MAX_KERNEL_SIZE)
 from erf_lab.models.features import FeatureIntermediates, ResettableClassifier, feature_take_indices
 from erf_lab.models.initialization import init_default_, materialize
 from erf_lab.models.registry import register_model
@@ -146,8 +147,8 @@ class ReparamLargeKernelConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
                  small_kernel: int | None, small_kernel_merged: bool = False):
         super().__init__()
-        if kernel_size % 2 == 0 or kernel_size < 1:
-            raise ErfLabError(f"large kernel sizes must be odd and positive, got {kernel_size}")
+        if kernel_size % 2 == 0 or not 1 <= kernel_size <= MAX_KERNEL_SIZE:
+            raise ErfLabError(f"large kernel sizes must be odd, from 1 to {MAX_KERNEL_SIZE}, got {kernel_size}")
         if small_kernel is not None and (small_kernel % 2 == 0 or small_kernel < 1):
             raise ErfLabError(f"small_kernel must be odd and positive, got {small_kernel}")
         if small_kernel is not None and small_kernel > kernel_size:

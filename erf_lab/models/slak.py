@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
-from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
+from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD, MAX_KERNEL_SIZE
 from erf_lab.models.registry import register_model
 from erf_lab.models.reparam import merged_conv
 from erf_lab.models.replknet import ConvBN, DropPath
@@ -70,8 +70,10 @@ class SLaKLargeKernel(nn.Module):
     def __init__(self, channels: int, kernel_size: int, small_kernel: int, decompose: bool = True,
                  bn: bool = True, merged: bool = False):
         super().__init__()
-        if kernel_size % 2 == 0 or small_kernel % 2 == 0 or min(kernel_size, small_kernel) < 1:
-            raise ErfLabError(f"SLaK kernel sizes must be odd and positive, got {kernel_size}, {small_kernel}")
+        if kernel_size % 2 == 0 or small_kernel % 2 == 0 or min(kernel_size, small_kernel) < 1 or \
+                max(kernel_size, small_kernel) > MAX_KERNEL_SIZE:
+            raise ErfLabError(f"SLaK kernel sizes must be odd, from 1 to {MAX_KERNEL_SIZE}, got {kernel_size}, "
+                              f"{small_kernel}")
         self.channels, self.kernel_size, self.small_kernel = channels, kernel_size, small_kernel
         self.merged_size = max(kernel_size, small_kernel) if decompose else kernel_size
         self.lkb_reparam = self.LoRA1 = self.LoRA2 = self.lkb_origin = self.small_conv = None

@@ -70,12 +70,16 @@ def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ErfLabError(f"CSV not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"subj", "object_response", "category", "imagename"} - set(reader.fieldnames or ())
-        if missing:
-            raise ErfLabError(f"{path}: not a model-vs-human CSV (missing columns {', '.join(sorted(missing))})")
-        return list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = {"subj", "object_response", "category", "imagename"} - set(reader.fieldnames or ())
+            if missing:
+                raise ErfLabError(f"{path}: not a model-vs-human CSV (missing columns {', '.join(sorted(missing))})")
+            return list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"malformed CSV ({e})"
+        raise ErfLabError(f"{path}: {what}, not a model-vs-human CSV") from None
 
 
 def read_trials(paths: Sequence[str | os.PathLike]) -> dict[str, dict[str, Trials]]:

@@ -413,7 +413,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     seeds the model's initialisation (a random init is then the same network every run). ``with_humans=False``
     leaves the human data out (no reference shape bias, no consistency with the subjects, none in the figure)."""
     from erf_lab.checkpoint import random_init_of
-    from erf_lab.io import prepare_out_dir, sha256_file, write_json
+    from erf_lab.io import prepare_out_dir, refuse_other_result, sha256_file, write_json
     from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -437,6 +437,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     if model is None:
         torch.manual_seed(seed)
         model = load_model(model_name, weights, pretrained, overrides)
+    refuse_other_result(out, "shape-bias")
     out = prepare_out_dir(out)  # before minutes of inference; after the model, so a bad file leaves no folder
     result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
                       show_progress=show_progress, cache=cache, preprocess=Preprocess.from_model(model, crop_pct),

@@ -130,9 +130,14 @@ def load_run(run_dir) -> dict:
     if not p.is_file():
         raise ErfLabError(f"{run_dir}: no summary.json (not an 'erf-lab shape-bias' output folder)")
     try:
-        return json.loads(p.read_text())
+        summary = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ErfLabError(f"{p}: not UTF-8 text (not an 'erf-lab shape-bias' summary)") from None
     except json.JSONDecodeError as e:
         raise ErfLabError(f"{p}: unreadable JSON ({e.msg})") from None
+    if not (isinstance(summary, dict) and isinstance(summary.get("per_category"), dict) and "shape_bias" in summary):
+        raise ErfLabError(f"{p}: not an 'erf-lab shape-bias' summary (no shape_bias and per_category)")
+    return summary
 
 
 def _correct_fractions(s: dict) -> dict:
@@ -151,11 +156,12 @@ def _correct_fractions(s: dict) -> dict:
 
 def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> dict:
     """Several runs in one figure and one table (``comparison.md`` + ``comparison.csv``). Returns the rows."""
-    from erf_lab.io import atomic_path, prepare_out_dir, write_json
+    from erf_lab.io import atomic_path, prepare_out_dir, refuse_other_result, write_json
 
     if not run_dirs:
         raise ErfLabError("--compare needs at least one run folder")
     summaries = [load_run(d) for d in run_dirs]
+    refuse_other_result(out, "shape-bias --compare")
     out = prepare_out_dir(out)
     labels = [s.get("label", s.get("model")) for s in summaries]
     for i, lab in enumerate(labels):  # disambiguate equal labels by folder name
@@ -203,7 +209,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     ``summary.json``, ``run.json`` and the figures into ``out`` (one subject) or ``out/<subject>/``."""
     import sys
 
-    from erf_lab.io import prepare_out_dir, write_json
+    from erf_lab.io import prepare_out_dir, refuse_other_result, write_json
     from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions
     from erf_lab.shape_bias.consistency import is_human, read_trials
     from erf_lab.shape_bias.stimuli import parse_name
@@ -215,6 +221,11 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     if not subjects:
         raise ErfLabError("no model in these CSVs: every subject is a human (subject-NN); model-vs-human names "
                           "model subjects by the model")
+    def folder_of(subj):
+        return Path(out) if len(subjects) == 1 else Path(out) / subj.replace(":", "-").replace("/", "-")
+
+    for subj in subjects:
+        refuse_other_result(folder_of(subj), "shape-bias --from-csv")
     out = prepare_out_dir(out)
     summaries = []
     for subj in subjects:
@@ -230,7 +241,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
                    **shape_bias_from_decisions(rows), "chance_shape_or_texture": 2 / len(CATEGORIES),
                    "n_images": {ds: len(t) for ds, t in model.items()}}
         human_paths = add_consistency(summary, model, near, with_humans=humans)
-        folder = out if len(subjects) == 1 else out / subj.replace(":", "-").replace("/", "-")
+        folder = folder_of(subj)
         folder.mkdir(parents=True, exist_ok=True)
         summary["command"] = command or sys.argv
         write_json(folder / "summary.json", summary)

@@ -28,8 +28,14 @@ WEIGHT_FORMATS = ("pth", "safetensors", "both")
 
 
 def save_weights(state_dict: dict, stem: str | os.PathLike, fmt: str = "both",
-                 extra: dict | None = None) -> list[Path]:
-    """Write ``stem.pth`` (``{"model": sd, **extra}``) and / or ``stem.safetensors`` atomically."""
+                 extra: dict | None = None, random_init_seed: int | None = None) -> list[Path]:
+    """Write ``stem.pth`` (``{"model": sd, **extra}``) and / or ``stem.safetensors`` atomically. With
+    ``random_init_seed`` (the weights are the untrained initialisation, epoch 0) each file is marked as a random
+    init, as ``erf-lab reparam`` marks one (:func:`erf_lab.checkpoint.random_init_record`): the safetensors
+    metadata, and for the .pth a ``<file>.run.json`` beside it with its SHA-256; measurements on it then say so."""
+    from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY
+    from erf_lab.io import sha256_file, write_json
+
     if fmt not in WEIGHT_FORMATS:
         raise ErfLabError(f"unknown checkpoint format {fmt!r}; choose {', '.join(WEIGHT_FORMATS)}")
     stem = Path(stem)
@@ -40,12 +46,18 @@ def save_weights(state_dict: dict, stem: str | os.PathLike, fmt: str = "both",
         with atomic_path(path) as tmp:
             torch.save({"model": sd, **(extra or {})}, tmp)
         out.append(path)
+        if random_init_seed is not None:
+            write_json(path.with_name(path.name + ".run.json"), {
+                "what": "erf-lab train: the random initialisation (epoch 0)", "random_init": True,
+                "init_seed": int(random_init_seed), "sha256": sha256_file(path)})
     if fmt in ("safetensors", "both"):
         from safetensors.torch import save_file
 
         path = stem.with_name(stem.name + ".safetensors")
+        meta = (None if random_init_seed is None else
+                {RANDOM_INIT_KEY: "true", INIT_SEED_KEY: str(int(random_init_seed))})
         with atomic_path(path) as tmp:
-            save_file(sd, str(tmp))
+            save_file(sd, str(tmp), metadata=meta)
         out.append(path)
     return out
 

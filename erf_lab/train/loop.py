@@ -431,7 +431,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             out.mkdir(parents=True, exist_ok=True)
             if force:
                 _clear(out)
-            C.save_weights(net.state_dict(), out / "checkpoints" / "epoch_000", checkpoint_format)
+            C.save_weights(net.state_dict(), out / "checkpoints" / "epoch_000", checkpoint_format,
+                           random_init_seed=seed)  # marked: measurements on it say "random weights"
 
     train_net = distributed_net(net, W, device, sync_bn)
     sampler = torch.utils.data.DistributedSampler(d.train, num_replicas=W, rank=info.rank, shuffle=True,

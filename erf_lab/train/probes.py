@@ -170,7 +170,7 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     ``num_classes`` / ``input_size`` (defaults 10 and 64). Untrained weights are refused unless ``allow_random``.
     """
     from erf_lab.checkpoint import random_init_of, resolve_weights
-    from erf_lab.io import prepare_out_dir, sha256_file, write_json
+    from erf_lab.io import prepare_out_dir, refuse_other_result, sha256_file, write_json
     from erf_lab.models import create_model
     from erf_lab.provenance import versions
     from erf_lab.train.cue_world import class_names
@@ -193,6 +193,7 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     kwargs = {**record.get("overrides", {}), **(overrides or {}), "num_classes": n_cls}
     torch.manual_seed(init_seed)  # a random init is the same network every run
     model = create_model(model_name, weights=weights, **kwargs)
+    refuse_other_result(out, "shape-bias")
     out = prepare_out_dir(out)  # after the model: a bad weights file leaves no folder
     res = probe(model, spec, batch_size=batch_size, device=device)
     names = class_names(n_cls)

@@ -345,14 +345,14 @@ def ship(study, dest, *, subset: int = 200) -> list[Path]:
     """Copy every trained model of the study folder to ``dest/<name>.safetensors`` with its record
     ``<name>.json`` (model, overrides, classes, training settings, val accuracy, the correct count on the first
     ``subset`` val images) and ``<name>.metrics.csv``; plus the study's results and log. Returns the files."""
-    from erf_lab.io import read_json_or_none, write_json, write_text
+    from erf_lab.io import prepare_out_dir, read_json_or_none, write_json, write_text
     from erf_lab.models import create_model
 
     study, dest = Path(study).expanduser(), Path(dest).expanduser()
     meta = read_json_or_none(study / "study.json")
     if not isinstance(meta, dict):
         raise ErfLabError(f"{study} is not a study folder (no study.json)")
-    dest.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(dest, what="--ship")
     files = []
     for m in meta["models"]:
         run = study / "runs" / m["name"]

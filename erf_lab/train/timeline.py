@@ -50,7 +50,12 @@ def read_training_run(run_dir: str | os.PathLike) -> TrainingRun:
                           else f"{root} is a file, not a training run folder")
     info = read_json_or_none(root / "run.json")
     if isinstance(info, dict) and isinstance(info.get("settings"), dict) and "model_config" in info:
-        settings, num_classes = info["settings"], int(info["model_config"]["num_classes"])
+        settings = info["settings"]
+        num_classes = (info["model_config"] or {}).get("num_classes") if isinstance(info["model_config"], dict) \
+            else None
+        if type(num_classes) is not int or num_classes < 1:
+            raise ErfLabError(f"{root}/run.json: model_config.num_classes must be a positive integer, got "
+                              f"{num_classes!r}")
     elif (root / STATE_FILE).is_file():  # a run in progress: its resume point holds the settings
         try:
             settings = torch.load(root / STATE_FILE, map_location="cpu", weights_only=True)["settings"]
@@ -76,6 +81,12 @@ def read_training_run(run_dir: str | os.PathLike) -> TrainingRun:
         if data != "cue-world":
             raise ErfLabError(f"{root}: the timeline's shape-bias probe needs a cue-world run (this one: {data})")
         num_classes = int(settings["num_classes"])
+    for key, kind in (("model", str), ("input_size", int), ("seed", int), ("overrides", (dict, type(None)))):
+        v = settings.get(key)
+        if key != "overrides" and key not in settings or not isinstance(v, kind) or isinstance(v, bool) or \
+                (key == "input_size" and v < 1):
+            raise ErfLabError(f"{root}: the training settings' {key} is {v!r}, not what 'erf-lab train' writes "
+                              f"(a damaged run.json or state)")
     return TrainingRun(root, settings, num_classes, ckpts, metrics)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from erf_lab.cli.options import BATCH_SIZE_HELP, seed
+from erf_lab.errors import ErfLabError
 
 NAME = "sweep"
 HELP = "ERF vs kernel size (RepLKNet-3/7/13/25/31 family), vs input size, and train vs re-parameterized form"
@@ -33,7 +34,8 @@ def add_arguments(p) -> None:
                         "weights when --weights-dir is given, else random)")
     p.add_argument("--weights-dir", default=None,
                    help="folder with replknet_<K>.pth/.safetensors (or K<K>.pth) per K; implies --init weights")
-    p.add_argument("--input-size", type=int, default=1024, help="square input side (default 1024, as the paper)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="square input side of a --kernels sweep (default 1024, as the paper); --input-sizes sweeps it")
     p.add_argument("--images", default=None, help="image folder (default: the built-in image set)")
     p.add_argument("--num-images", type=int, default=None, help="images per run (default: all, at most 50)")
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
@@ -55,6 +57,9 @@ def run(args) -> int:
     from erf_lab.erf.plotting import parse_formats
     from erf_lab.erf.sweep import run_sweep
 
+    if args.input_sizes is not None and args.input_size is not None:
+        raise ErfLabError("--input-size and --input-sizes exclude each other: --input-sizes gives every size measured")
+    args.input_size = 1024 if args.input_size is None else args.input_size
     res = run_sweep(args.kernels, input_sizes=args.input_sizes, model=args.model, weights=args.weights,
                     reparam=args.reparam, init=args.init, weights_dir=args.weights_dir, input_size=args.input_size,
                     images=args.images, num_images=args.num_images, overrides=parse_overrides(args.override),

@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="model constructor option, e.g. channels=(16,32,64,128); repeatable")
     p.add_argument("--data", default="cue-world", help="'cue-world' (default) or a folder with train/ and val/")
-    p.add_argument("--train-size", type=int, default=2000, help="cue-world training images (default 2000)")
-    p.add_argument("--val-size", type=int, default=500, help="cue-world validation images (default 500)")
+    p.add_argument("--train-size", type=int, default=None, help="cue-world training images (default 2000)")
+    p.add_argument("--val-size", type=int, default=None, help="cue-world validation images (default 500)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="cue-world classes, 2-12 (default 10); with --data FOLDER: checked against its classes")
     p.add_argument("--resample", action="store_true",
@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and args.force:
         raise ErfLabError("--resume and --force exclude each other")
+    given = [flag for flag, v in (("--train-size", args.train_size), ("--val-size", args.val_size)) if v is not None]
+    if given and args.data != "cue-world":
+        raise ErfLabError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} cue-world's image counts; "
+                          f"--data {args.data} trains on every image of its train/ and validates on its val/")
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
                     weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                     label_smoothing=args.label_smoothing, drop_path=args.drop_path, ema=args.ema,
@@ -77,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         res = train(args.model, args.data, out=args.out, overrides=parse_overrides(args.override), recipe=recipe,
-                    input_size=args.input_size, train_size=args.train_size, val_size=args.val_size,
+                    input_size=args.input_size, train_size=2000 if args.train_size is None else args.train_size,
+                    val_size=500 if args.val_size is None else args.val_size,
                     num_classes=args.num_classes, resample=args.resample, seed=args.seed, device=args.device,
                     amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn, num_workers=args.num_workers,
                     resume=args.resume, force=args.force, checkpoint_format=args.checkpoint_format,
