@@ -114,9 +114,10 @@ def result_kind(folder: str | os.PathLike) -> str | None:
     run.json of none of them or one that cannot be read), or None without a run.json. ERF runs carry ``kind``
     (files from before the schema: ``layer`` and ``aggregate``), training runs ``settings`` and ``model_config``,
     shape-bias results their command in ``what``, fastconv benchmarks ``command``."""
-    info = read_json_or_none(Path(folder) / "run.json") if (Path(folder) / "run.json").is_file() else None
+    run_json = Path(folder).expanduser() / "run.json"  # as prepare_out_dir expands it
+    info = read_json_or_none(run_json) if run_json.is_file() else None
     if info is None:
-        return "unknown" if (Path(folder) / "run.json").is_file() else None
+        return "unknown" if run_json.is_file() else None
     if not isinstance(info, dict):
         return "unknown"
     if info.get("kind") == "erf" or ("kind" not in info and "layer" in info and "aggregate" in info):

@@ -421,7 +421,7 @@ def _damaged_inputs(tmp_path):
     (no_per_category / "summary.json").write_text(json.dumps({"shape_bias": 0.5}))
     cases = [(["shape-bias", "--from-csv", csv_path], "not UTF-8 text, not a model-vs-human CSV"),
              (["shape-bias", "--compare", summary], "not an 'erf-lab shape-bias' summary"),
-             (["shape-bias", "--compare", no_per_category], "not an 'erf-lab shape-bias' summary")]
+             (["shape-bias", "--compare", no_per_category], "no per-category shape bias in its summary.json")]
     for name, settings, model_config, words in [
             ("size", {"model": "replknet_31b", "input_size": "big", "seed": 0, "data": "cue-world"},
              {"num_classes": 10}, "the training settings' input_size is 'big'"),

@@ -152,8 +152,11 @@ def test_each_process_takes_its_own_gpu_and_a_shared_one_is_refused(monkeypatch)
             D.device_for(device, D.env_info())
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5")  # the launcher gave each process its own GPU
     assert D.device_for("cuda", D.env_info()) == D.device_for("cuda:0", D.env_info()) == "cuda:0"
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes, 2 GPUs
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # another launcher (a container per process, one GPU each): its own
+    monkeypatch.delenv("LOCAL_RANK")
+    assert D.device_for("cuda", D.env_info()) == "cuda:0"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes, 2 GPUs
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ErfLabError, match="started 8 processes on this node, which has 2 GPUs"):
         D.device_for("cuda", D.env_info())

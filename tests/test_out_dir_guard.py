@@ -94,3 +94,31 @@ def test_shape_bias_into_an_erf_run_is_refused(tmp_path, capsys, datasets):
     training = _result(tmp_path, "training")
     _refused(capsys, ["shape-bias", "--from-csv", *sorted(run.glob("*_session-1.csv")), "--out", training], training,
              "a training run")
+
+
+def test_a_home_relative_out_and_a_sweep_rerun_with_another_batch_size(tmp_path, monkeypatch):
+    """``~/b`` is the folder prepare_out_dir writes to, so the guard reads the same; a run with another batch size
+    is the same measurement (the sweep's re-run check, as the runner's resume)."""
+    from erf_lab.erf.runner import ErfSpec, run_erf, settings_differ
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _result(tmp_path, "training")
+    assert result_kind("~/training") == "training"
+    with pytest.raises(ErfLabError, match="holds another erf-lab result"):
+        refuse_other_result("~/training", "erf")
+    spec = ErfSpec("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, num_images=2,
+                   input_size=32, batch_size=2)
+    run_erf(spec, out=tmp_path / "run", show_progress=False)
+    assert settings_differ(tmp_path / "run", ErfSpec(**{**spec.__dict__, "batch_size": 1})) == []
+    assert settings_differ(tmp_path / "run", ErfSpec(**{**spec.__dict__, "input_size": 48})) == ["input_size"]
+
+
+def test_a_cue_world_summary_loads_and_compare_says_why_it_cannot_draw_it(tmp_path, capsys):
+    from erf_lab.shape_bias.plotting import load_run
+
+    run = tmp_path / "cw"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"shape_bias": 0.5, "per_class": {"0": 0.5}, "model": "m"}))
+    assert load_run(run)["shape_bias"] == 0.5  # the app shows it
+    assert main(["shape-bias", "--compare", str(run), "--out", str(tmp_path / "cmp")]) == 2
+    assert "a cue-world probe has per_class instead" in capsys.readouterr().err

@@ -54,7 +54,8 @@ def init(device: str = "cpu") -> DistInfo:
 
 def device_for(device: str, info: DistInfo) -> str:
     """This process's device in a multi-process run: ``cuda`` -> ``cuda:<local_rank>`` (``cuda:0`` where the
-    launcher gave the process a GPU of its own: ``CUDA_VISIBLE_DEVICES`` set and one GPU seen). ``cuda:N`` is kept
+    launcher gave the process a GPU of its own: one GPU seen, and ``CUDA_VISIBLE_DEVICES`` set or a launcher other
+    than torchrun). ``cuda:N`` is kept
     where torchrun started one process on this node or the process has its own GPU, and refused where it started
     several: they would all share GPU N. More processes on a node than it has GPUs are refused too (NCCL runs one
     process per GPU; two on one fail with "Duplicate GPU detected"). Refusals are :class:`ErfLabError`, the same on
@@ -67,8 +68,12 @@ def device_for(device: str, info: DistInfo) -> str:
     except RuntimeError:
         raise ErfLabError(f"--device {device!r} is no device name; use cpu, cuda or cuda:N") from None
     count = torch.cuda.device_count()
-    own_gpu_only = count == 1 and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))  # set per process by the launcher
-    if info.local_world_size > 1 and 0 < count < info.local_world_size and not own_gpu_only:
+    # one GPU seen is the process's own where a launcher chose it per process (CUDA_VISIBLE_DEVICES), or where the
+    # launcher is not torchrun (no LOCAL_WORLD_SIZE; e.g. a container per process); torchrun's processes on a node
+    # share the node's GPUs
+    torchrun = "LOCAL_WORLD_SIZE" in os.environ
+    own_gpu_only = count == 1 and (bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or not torchrun)
+    if torchrun and info.local_world_size > 1 and 0 < count < info.local_world_size and not own_gpu_only:
         raise ErfLabError(f"torchrun started {info.local_world_size} processes on this node, which has {count} "
                           f"GPU{'s' if count > 1 else ''}: NCCL runs one process per GPU; start at most {count} "
                           f"(--nproc_per_node) or use --device cpu")

@@ -220,8 +220,10 @@ def load_images(images: str | os.PathLike | None = None, *, num_images: int | No
     limit = PAPER_NUM_IMAGES if num_images is None else int(num_images)
     chosen, skipped = [], []
     for o in others:
-        skipped.append((o.relative_to(root).as_posix(), "not an image file (extension)" if o.is_file() or
-                        o.suffix.lower() not in IMAGE_EXTENSIONS else "not a regular file (a pipe, device or socket)"))
+        reason = ("not an image file (extension)" if o.is_file() or o.suffix.lower() not in IMAGE_EXTENSIONS else
+                  "a broken link" if o.is_symlink() and not o.exists() else
+                  "not a regular file (a pipe, device or socket)")
+        skipped.append((o.relative_to(root).as_posix(), reason))
     digests = {}
     for p in files:
         if len(chosen) >= limit:

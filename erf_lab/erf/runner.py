@@ -394,7 +394,7 @@ def settings_differ(out_dir: str | os.PathLike, spec: ErfSpec) -> list[str]:
     if not isinstance(info, dict):
         return []
     old, new = info.get("config") or {}, _normalise(spec.config())
-    diff = [k for k in new if k not in ("weights", "images") and old.get(k) != new[k]]
+    diff = [k for k in new if k not in ("weights", "images", *SPEED_ONLY) and old.get(k) != new[k]]
     sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None
     if info.get("weights_sha256") != sha:
         diff.append("weights")
@@ -503,7 +503,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     # the ranks compare their settings before anything is measured or written: nodes whose folders at the same
     # path hold other files would otherwise sum one ERF over two image sets
     configs = D.gather_or_fail(None if setup_error else _normalise(config), setup_error, dinfo)
-    differing = next((r for r, c in enumerate(configs) if c != configs[0]), None)
+    differing = next((r for r, c in enumerate(configs) if config_diff(configs[0], c)), None)
     if differing is not None:
         what = [CONFIG_KEY_NAMES.get(k, k) for k in config_diff(configs[0], configs[differing])]
         raise ErfLabError(f"the ranks disagree on {', '.join(what)}: rank {differing} differs from rank 0 (every "
@@ -579,7 +579,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
             if out_of_memory(e) is not None:
                 # the auto batch was halved down to one image before the error got here (erf_lab.erf.compute)
                 how = (f"with --batch-size {batch_size}; use a smaller input or --batch-size" if spec.batch_size else
-                       "even with one image per pass (auto batch); use a smaller input")
+                       "with the auto batch (it halves down to one image per pass before giving up); use a smaller "
+                       "input or model")
                 raise ErfLabError(f"out of memory at --input-size {spec.input_size} {how}"
                                   + (" (progress saved: --resume, with any --batch-size)" if acc.processed
                                      else "")) from None
