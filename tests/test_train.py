@@ -534,8 +534,11 @@ def test_stop_handling_takes_sigterm_only_where_it_has_the_default_action():
 
     from erf_lab.train.stop import ForcedStop, stop_handling
 
-    before = signal.getsignal(signal.SIGTERM)
+    before, before_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
+        # Python's own Ctrl-C handling, as in a terminal (a suite started as a background job inherits SIGINT
+        # ignored, and stop_handling then leaves both signals alone: the raised SIGTERM would end the run)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         with pytest.raises(ForcedStop) as stop:
             with stop_handling():
@@ -550,6 +553,7 @@ def test_stop_handling_takes_sigterm_only_where_it_has_the_default_action():
         assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGINT, before_int)
 
 
 @pytest.mark.parametrize("threads", ["1", "2"])
