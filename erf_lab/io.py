@@ -76,10 +76,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Create the output folder ``path`` (parents too) and check that files can be written there, before any
-    work starts; ErfLabError (one line) when ``path`` or one of its parents is a file, or the folder is not
-    writable (read-only filesystem, permissions)."""
+def check_out_path(path: str | os.PathLike, what: str = "--out") -> Path:
+    """``path`` (``~`` expanded) if it is a folder or can become one; ErfLabError (one line) when it is empty, a
+    file, or lies under a file. Creates nothing."""
     from erf_lab.errors import ErfLabError
 
     if not str(path).strip():
@@ -89,6 +88,16 @@ def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
         if parent.exists() and not parent.is_dir():
             where = "is a file" if parent == p else f"lies under a file ({parent})"
             raise ErfLabError(f"{what} {p} {where}; choose a folder")
+    return p
+
+
+def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Create the output folder ``path`` (parents too) and check that files can be written there, before any
+    work starts; ErfLabError (one line) when ``path`` or one of its parents is a file, or the folder is not
+    writable (read-only filesystem, permissions)."""
+    from erf_lab.errors import ErfLabError
+
+    p = check_out_path(path, what)
     made = [d for d in [p, *p.parents] if not d.exists()]
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -109,6 +118,12 @@ RESULT_KINDS = {"erf": "an ERF run", "training": "a training run", "shape-bias":
                 "bench": "a fastconv benchmark"}
 
 
+def is_training_record(info) -> bool:
+    """Whether a parsed run.json is what ``erf-lab train`` writes (its settings and model), not another command's."""
+    return isinstance(info, dict) and isinstance(info.get("settings"), dict) and \
+        isinstance(info.get("model_config"), dict)
+
+
 def result_kind(folder: str | os.PathLike) -> str | None:
     """Which erf-lab result ``folder`` holds, from its run.json (a key of :data:`RESULT_KINDS`; "unknown" for a
     run.json of none of them or one that cannot be read), or None without a run.json. ERF runs carry ``kind``
@@ -122,7 +137,7 @@ def result_kind(folder: str | os.PathLike) -> str | None:
         return "unknown"
     if info.get("kind") == "erf" or ("kind" not in info and "layer" in info and "aggregate" in info):
         return "erf"
-    if isinstance(info.get("settings"), dict) and isinstance(info.get("model_config"), dict):
+    if is_training_record(info):
         return "training"
     what = info.get("what")
     if isinstance(what, str) and what.startswith("erf-lab shape-bias"):

@@ -32,6 +32,7 @@ from erf_lab.erf.compute import Accumulator, compute_erf
 from erf_lab.erf.prepare import CONV_BACKENDS, check_device
 from erf_lab.erf.rundir import RUN_FILE, STATE_GLOB, load_run, write_run_dir
 from erf_lab.errors import ErfLabError, out_of_memory
+from erf_lab.io import check_out_path
 from erf_lab.provenance import now, provenance
 
 OUTPUT_FILES = ("erf.npy", "metrics.json", "erf.png", "erf.pdf", "erf.svg", RUN_FILE)
@@ -147,19 +148,6 @@ def default_out_dir(model: str, images_name: str, input_size: int, root: str | o
 def state_path(out_dir: Path, info: D.DistInfo) -> Path:
     name = ".erf_state.npz" if not info.enabled else f".erf_state.rank{info.rank}of{info.world_size}.npz"
     return Path(out_dir) / name
-
-
-def check_out_path(out: str | os.PathLike | None) -> None:
-    """``--out`` must be a folder or a path that can become one (not a file, not under a file)."""
-    if out is None:
-        return
-    if not str(out).strip():
-        raise ErfLabError("--out is empty; name a folder (the current one is '.')")
-    p = Path(out).expanduser()
-    for parent in [p, *p.parents]:
-        if parent.exists() and not parent.is_dir():
-            where = "is a file" if parent == p else f"lies under a file ({parent})"
-            raise ErfLabError(f"--out {p} {where}; choose a folder")
 
 
 GEOMETRY_CACHE = "erf_geometry.json"
@@ -303,7 +291,8 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
 
     spec.validate()
     display = display_preset(display)  # before measuring
-    check_out_path(out)
+    if out is not None:
+        check_out_path(out)
     start, t0 = now(), time.time()
     dinfo = D.init(spec.device)
     try:

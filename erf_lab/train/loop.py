@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
 from erf_lab.erf import distributed as D
-from erf_lab.io import read_json_or_none
+from erf_lab.io import is_training_record, read_json_or_none
 from erf_lab.train import checkpoints as C
 from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
@@ -213,19 +213,13 @@ def plot_curves(rows: list[dict], stem, label_smoothing: float = 0.0) -> list[Pa
         plt.close(fig)
 
 
-def _is_training_record(info) -> bool:
-    """Whether a run.json is what :func:`train` writes (its settings and model), not another command's."""
-    return isinstance(info, dict) and isinstance(info.get("settings"), dict) and isinstance(info.get("model_config"),
-                                                                                          dict)
-
-
 def _prepare_out_dir(out: Path, resume: bool, force: bool) -> str:
     """'new', 'resume' or 'complete'; raises for a folder holding something else."""
     if out.exists() and not out.is_dir():
         raise ErfLabError(f"--out {out} exists and is not a folder")
     complete = (out / COMPLETE_FILE).is_file()
     state = (out / C.STATE_FILE).is_file()
-    if complete and not _is_training_record(read_json_or_none(out / COMPLETE_FILE)):
+    if complete and not is_training_record(read_json_or_none(out / COMPLETE_FILE)):
         raise ErfLabError(f"{out} holds another erf-lab result ({COMPLETE_FILE} of no training run); choose another "
                           f"--out (--force overwrites training runs only)")
     if force:
