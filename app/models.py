@@ -13,7 +13,7 @@ import torch
 
 from erf_lab.errors import ErfLabError
 from erf_lab.erf.receptive_field import list_layers
-from erf_lab.models import create_model, list_models
+from erf_lab.models import create_model, list_models, reparameterize_model
 from erf_lab.models.timm_models import import_timm, is_timm_name, known_timm_model
 
 # Tiny RepLKNet used by every interactive default: the paper's 31B kernel schedule on a narrow, shallow
@@ -113,9 +113,13 @@ def cached_model(name: str, overrides_json: str = "{}") -> torch.nn.Module:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def layer_table(name: str, overrides_json: str, input_size: int) -> list[dict]:
-    """``erf_lab.erf.receptive_field.list_layers``: name, output shape and theoretical RF of each layer."""
-    return [dict(r) for r in list_layers(cached_model(name, overrides_json), input_size)]
+def layer_table(name: str, overrides_json: str, input_size: int, reparameterize: bool = True) -> list[dict]:
+    """``erf_lab.erf.receptive_field.list_layers``: name, output shape and theoretical RF of each layer, of the
+    form the ERF is measured in (the deploy form unless ``reparameterize`` is False, as ``erf-lab layers``)."""
+    model = cached_model(name, overrides_json)
+    if reparameterize:
+        model = reparameterize_model(model)  # a copy: the cached model stays in its train-time form
+    return [dict(r) for r in list_layers(model, input_size)]
 
 
 def main_layers(rows: list[dict], show_all: bool = False) -> list[dict]:

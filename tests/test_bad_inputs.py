@@ -121,6 +121,13 @@ def _cases():
     # layers
     add("layers-unknown-model", ["layers", "--model", "nope_model"], "unknown model")
     add("layers-size-0", ["layers", *TINY, "--input-size", "0"], "")
+    add("layers-num-classes-negative", ["layers", *TINY, "--override", "num_classes=-1"],
+        "num_classes must be a whole number >= 0 (0: no classifier head), got -1")
+    add("compute-num-classes-fraction", [*SMALL, "--override", "num_classes=2.5"],
+        "num_classes must be a whole number >= 0 (0: no classifier head), got 2.5")
+    add("compute-layer-folded-by-reparam", [*SMALL, "--layer", "stages.0.blocks.0.large_kernel.small_conv"],
+        "exists only in the train-time form: structural re-parameterization removes it (it is folded into "
+        "'stages.0.blocks.0.large_kernel')")
     add("layers-filter-nothing", ["layers", "--model", "resnet18", "--filter", "layer5"],
         "--filter 'layer5' matches no layer of resnet18; close names: layer4, layer3, layer2")
     # analyze / compare: corrupt run directories
@@ -139,6 +146,8 @@ def _cases():
     add("layers-size-huge", ["layers", *TINY, "--input-size", "100000"], "--input-size must be in [1, 4096]")
     add("seed-out-of-range", [*SMALL, "--seed", "99999999999999999999"], "seed 99999999999999999999 out of range")
     add("override-bad-value", ["compute", "--model", "resnet18", "--override", "num_classes=abc"],
+        "num_classes must be a whole number >= 0 (0: no classifier head), got 'abc'")
+    add("override-unknown-option", ["compute", "--model", "resnet18", "--override", "kernel_sizes=3"],
         "model 'resnet18' does not accept these options")
     add("checkpoint-seconds-nan", [*SMALL, "--checkpoint-seconds", "nan"], "--checkpoint-seconds must be 0 or more")
     add("from-csv-with-limit", ["shape-bias", "--from-csv", "{bad}/mvh.csv", "--limit", "3"],
@@ -184,6 +193,14 @@ def _cases():
     add("compute-train-size-above-any-input", ["compute", *TINY, "--train-size", "1000000000000"],
         "--train-size (the weights' training resolution) 1000000000000 is above 4096 px")
     add("shape-bias-untrained", ["shape-bias", "--model", "resnet50", "--out", "{out}"], "--allow-random")
+    add("shape-bias-pretrained-and-allow-random", ["shape-bias", "--model", "efficientnet_lite0", "--pretrained",
+                                                   "--allow-random", "--out", "{out}"],
+        "--allow-random measures an untrained model; it cannot go with --pretrained (drop one)")
+    add("shape-bias-weights-and-seed", ["shape-bias", *TINY, "--weights", "{bad}/tiny.pth", "--seed", "3",
+                                        "--out", "{out}"],
+        "--seed seeds the random initialisation of --allow-random; --weights loads trained weights: drop --seed")
+    add("shape-bias-seed-without-allow-random", ["shape-bias", *TINY, "--seed", "3", "--out", "{out}"],
+        "add --allow-random, or give trained weights (--weights/--pretrained) without --seed")
     add("shape-bias-stimuli-missing", ["shape-bias", *TINY, "--allow-random", "--stimuli", "{bad}/nope",
                                        "--out", "{out}"], "")
     add("shape-bias-stimuli-empty", ["shape-bias", *TINY, "--allow-random", "--stimuli", "{bad}/empty",

@@ -185,6 +185,32 @@ def test_layers_command_lists_names_shapes_and_rf(capsys):
     assert code == 2 and "unknown model" in err
 
 
+def test_layers_lists_the_form_compute_measures_and_compute_names_a_folded_layer(tmp_path, capsys):
+    """``layers`` lists the deploy form (what ``compute`` measures); a train-time-only name gets a line naming the
+    module it is folded into and --no-reparam, not an 'unknown layer' (the in-place re-parameterization of the CLI
+    path had removed it before the check)."""
+    folded = "stages.0.blocks.0.large_kernel.small_conv"
+    code, out, err = _cli(capsys, "layers", *TINY, "--input-size", "64", "--filter", "stages.0.blocks.0.large")
+    assert code == 0, err
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [
+        "stages.0.blocks.0.large_kernel.lkb_reparam", "stages.0.blocks.0.large_kernel"]
+    code, out, err = _cli(capsys, "layers", *TINY, "--input-size", "64", "--no-reparam", "--filter", folded)
+    assert code == 0, err
+    assert [line.split()[:4] for line in out.splitlines()[1:]] == [[folded + ".conv", "8x16x16", "4", "27"],
+                                                                   [folded, "8x16x16", "4", "27"]]
+    out_dir = tmp_path / "run"
+    code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--layer", folded,
+                        "--out", str(out_dir), "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert (f"layer '{folded}' exists only in the train-time form" in err
+            and "folded into 'stages.0.blocks.0.large_kernel'" in err and "--no-reparam" in err)
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+    code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--layer", folded,
+                        "--no-reparam", "--out", str(out_dir), "--quiet")
+    assert code == 0, err
+    assert json.loads((out_dir / "run.json").read_text())["theoretical_rf"] == 27
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_reparam_of_random_init_stays_random_through_compute_and_compare(tmp_path, capsys, suffix):
     from safetensors import safe_open

@@ -123,7 +123,8 @@ if "MODELS" in globals() and MODELS:
     for i, col in enumerate(cols):
         with col, st.expander(f"Configuration {i + 1}", expanded=int(n_cfg) > 1), guard(f"Configuration {i + 1}"):
             spec = _config_widgets(i, MODELS, int(input_size))
-            rows = models.layer_table(spec["model"], spec["overrides"], int(input_size))
+            rows = models.layer_table(spec["model"], spec["overrides"], int(input_size),
+                                     spec.get("reparameterize", True))
             show_all = st.checkbox("List every layer", key=f"erf-all-{i}")
             rows = models.main_layers(rows, show_all)
             names = [r["name"] for r in rows]

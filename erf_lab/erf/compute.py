@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from erf_lab.erf.attribution import AGGREGATES, EffectiveReceptiveField
 from erf_lab.erf.prepare import check_device, conv_settings, full_fp32, keep_freed_memory, prepare_model
+from erf_lab.erf.receptive_field import resolve_layer, train_form_only
 from erf_lab.errors import ErfLabError, out_of_memory
 
 
@@ -210,14 +211,15 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     if prepared:
         m, info = model, {"prepared_by_caller": True}
     else:
+        resolve_layer(model, layer)  # an unknown name fails here, with the close names, before any work
         m, info = prepare_model(model, reparameterize=reparameterize, channels_last=channels_last,
                                 conv_backend=conv_backend, device=dev, inplace=inplace)
     try:
         attribution = EffectiveReceptiveField(m, layer, aggregate)
     except ErfLabError:
-        EffectiveReceptiveField(model, layer, aggregate)  # an unknown name fails here with the close names
-        raise ErfLabError(f"layer {layer!r} no longer exists after structural re-parameterization; "
-                          f"pass --no-reparam (reparameterize=False) to measure it") from None
+        if prepared:
+            raise
+        raise ErfLabError(train_form_only(m, layer)) from None
     layer_name = attribution.layer
     acc = state if state is not None else Accumulator()
     done = set(acc.processed)

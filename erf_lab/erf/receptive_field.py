@@ -242,3 +242,15 @@ def resolve_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module |
         close = [n for n in names if n.startswith(layer.split(".")[0])][:5]
     hint = f"; close names: {', '.join(close)}" if close else ""
     raise ErfLabError(f"unknown layer {layer!r}{hint} (run 'erf-lab layers --model ...' for the list)")
+
+
+def train_form_only(deployed: nn.Module, layer: str) -> str:
+    """The error line for a layer of the train-time form that re-parameterization folded away (RepLKNet's
+    ``large_kernel.small_conv``, a ConvBN's ``.bn``): it names the deploy-form module that now holds it."""
+    parts = layer.split(".")
+    modules = dict(deployed.named_modules())
+    holder = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules),
+                  None)
+    into = f" (it is folded into {holder!r})" if holder else ""
+    return (f"layer {layer!r} exists only in the train-time form: structural re-parameterization removes it"
+            f"{into}; pass --no-reparam to measure it, or pick a name from 'erf-lab layers --model ...'")

@@ -96,6 +96,13 @@ def run(args) -> int:
         return 0
     if not args.model:
         raise ErfLabError("--model is required (or --compare RUN_DIR..., or --from-csv CSV...)")
+    weights_flag = "--weights" if args.weights else "--pretrained" if args.pretrained else None
+    if args.pretrained and args.allow_random:  # (--weights may hold a random initialisation that it accepts)
+        raise ErfLabError("--allow-random measures an untrained model; it cannot go with --pretrained (drop one)")
+    if args.seed is not None and (weights_flag or not args.allow_random):
+        raise ErfLabError("--seed seeds the random initialisation of --allow-random"
+                          + (f"; {weights_flag} loads trained weights: drop --seed" if weights_flag else
+                             "; add --allow-random, or give trained weights (--weights/--pretrained) without --seed"))
     from erf_lab.cli.options import parse_overrides
     from erf_lab.shape_bias.evaluate import run_shape_bias
 
