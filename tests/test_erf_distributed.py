@@ -160,3 +160,43 @@ def test_each_process_takes_its_own_gpu_and_a_shared_one_is_refused(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ErfLabError, match="started 8 processes on this node, which has 2 GPUs"):
         D.device_for("cuda", D.env_info())
+
+
+_SHARED_GPU_RANK = """
+import os, sys, torch.distributed as dist
+from erf_lab.erf import distributed as D
+from erf_lab.errors import ErfLabError
+dist.init_process_group("gloo")
+ids = sys.argv[1].split(",")
+try:
+    D.refuse_shared_gpus(ids[int(os.environ["RANK"])], D.env_info())
+    print("ok")
+except ErfLabError as e:
+    print("refused:", e)
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_on_one_gpu_are_refused_on_every_rank_before_nccl_runs():
+    """The identities of the ranks' GPUs meet over gloo; a shared one (a whole torchrun job under
+    ``CUDA_VISIBLE_DEVICES=0``: each process sees one GPU and cannot tell it is not its own) gives every rank the
+    same line, where NCCL would fail at the first collective with "Duplicate GPU detected". 3 gloo ranks on CPU,
+    GPU identities given."""
+    port = _free_port()
+
+    def ranks(ids: str) -> list[str]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        procs = [subprocess.Popen([sys.executable, "-c", _SHARED_GPU_RANK, ids], env={**env, "RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(3)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+        return [o[0].strip() for o in outs]
+
+    assert ranks("GPU-a,GPU-b,GPU-c") == ["ok"] * 3
+    port = _free_port()
+    host = socket.gethostname()
+    line = (f"refused: ranks 0 and 2 run on the same GPU (GPU-a on {host}): NCCL runs one process per GPU; give each "
+            "its own (leave CUDA_VISIBLE_DEVICES unset for the whole job, or set it per process) or start fewer "
+            "(--nproc_per_node)")
+    assert ranks("GPU-a,GPU-b,GPU-a") == [line] * 3

@@ -61,3 +61,30 @@ def test_a_memory_sized_batch_that_runs_out_of_memory_is_halved_on_cuda(fastconv
     assert sizes[0] == 1 and sum(sizes) == 17 and auto.num_used == 17
     err = np.abs(auto.erf - one.erf).max() / np.abs(one.erf).max()
     assert err < 1e-5, err
+
+
+@pytest.mark.gpu
+def test_a_torchrun_job_whose_processes_share_one_gpu_stops_with_one_line(tmp_path):
+    """``CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node 2 -m erf_lab compute --device cuda``: each process sees one
+    GPU, so the launcher check takes it for its own; the GPUs' UUIDs meet over gloo and both ranks stop with exit
+    status 2 and one line (before: NCCL's "Duplicate GPU detected" at the first collective)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "erf_lab", "compute", "--model", "replknet_31b",
+           "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)", "--num-images", "2",
+           "--input-size", "32", "--device", "cuda", "--out", str(tmp_path / "run"), "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "erf-lab compute: error:" in line]
+    assert len(lines) == 2 and "ranks 0 and 1 run on the same GPU (GPU-" in lines[0], proc.stderr[-3000:]
+    assert "Duplicate GPU" not in proc.stderr and not (tmp_path / "run" / "run.json").exists()

@@ -49,7 +49,48 @@ def init(device: str = "cpu") -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(torch.device(own))
         dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            group = dist.new_group(backend="gloo")  # the check itself must not need distinct GPUs
+            try:
+                refuse_shared_gpus(gpu_identity(own), info, group)
+            except ErfLabError:
+                dist.destroy_process_group()
+                raise
+            dist.destroy_process_group(group)
     return DistInfo(info.rank, info.world_size, info.local_rank, dist.get_backend(), info.local_world_size)
+
+
+def gpu_identity(device: str) -> str:
+    """The GPU's UUID (unique across machines), as ``nvidia-smi -L`` prints it; without one, its PCI address on this
+    host."""
+    import socket
+
+    props = torch.cuda.get_device_properties(torch.device(device))
+    uuid = str(getattr(props, "uuid", "") or "")
+    if uuid:
+        return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+    pci = ":".join(str(getattr(props, f"pci_{k}_id", "?")) for k in ("domain", "bus", "device"))
+    return f"{props.name} at PCI {pci} of {socket.gethostname()}"
+
+
+def refuse_shared_gpus(gpu: str, info: DistInfo, group=None) -> None:
+    """All-gather every rank's (host, GPU identity) and raise one :class:`ErfLabError`, the same on every rank,
+    where two ranks hold one GPU. A whole torchrun job under ``CUDA_VISIBLE_DEVICES=0`` (each process sees one GPU,
+    which the ``device_for`` check must take for a per-process choice) otherwise fails at the first collective with
+    NCCL's "Duplicate GPU detected"."""
+    import socket
+
+    items = [None] * info.world_size
+    dist.all_gather_object(items, (socket.gethostname(), gpu), group=group)
+    first: dict = {}
+    for rank, (host, ident) in enumerate(items):
+        if ident in first:
+            other, other_host = first[ident]
+            where = host if host == other_host else f"{other_host} and {host}"
+            raise ErfLabError(f"ranks {other} and {rank} run on the same GPU ({ident} on {where}): NCCL runs one "
+                              f"process per GPU; give each its own (leave CUDA_VISIBLE_DEVICES unset for the whole "
+                              f"job, or set it per process) or start fewer (--nproc_per_node)")
+        first[ident] = (rank, host)
 
 
 def device_for(device: str, info: DistInfo) -> str:
