@@ -170,6 +170,29 @@ def test_explorer_command_line_reproduces_the_shown_erf(app_env, monkeypatch):
     assert record["metrics_summary"]["r_rms"] == pytest.approx(shown, abs=0.051)
 
 
+def test_explorer_lists_the_layers_of_the_form_it_measures(app_env):
+    """The layer list follows the re-parameterization toggle (the deploy form's ``lkb_reparam`` or the train-time
+    branches): a layer picked in one form that the other lacks goes back to the default, not to an error."""
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.text_input(key="erf-k-0").set_value("7").run()
+    at.checkbox(key="erf-all-0").check().run()
+    deploy = at.selectbox(key="erf-layer-0").options
+    assert "stages.0.blocks.0.large_kernel.lkb_reparam" in deploy
+    assert not any("small_conv" in n or "lkb_origin" in n for n in deploy)
+    at.toggle(key="erf-rep-0").set_value(False).run()
+    train = at.selectbox(key="erf-layer-0").options
+    assert "stages.0.blocks.0.large_kernel.small_conv" in train and not any("lkb_reparam" in n for n in train)
+    at.selectbox(key="erf-layer-0").set_value("stages.0.blocks.0.large_kernel.small_conv").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    at.toggle(key="erf-rep-0").set_value(True).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert at.selectbox(key="erf-layer-0").value == "forward_features"
+
+
 def test_explorer_reads_a_folder_of_class_subfolders(app_env):
     """An ImageNet-style folder (images in class sub-folders, as `erf-lab compute --images` reads it) is accepted
     and counted like the runner reads it; a folder without any image gets one readable line."""

@@ -122,9 +122,9 @@ def _cases():
     add("layers-unknown-model", ["layers", "--model", "nope_model"], "unknown model")
     add("layers-size-0", ["layers", *TINY, "--input-size", "0"], "")
     add("layers-num-classes-negative", ["layers", *TINY, "--override", "num_classes=-1"],
-        "num_classes must be a whole number >= 0 (0: no classifier head), got -1")
+        "num_classes must be a whole number >= 0 (0 or None: no classifier head), got -1")
     add("compute-num-classes-fraction", [*SMALL, "--override", "num_classes=2.5"],
-        "num_classes must be a whole number >= 0 (0: no classifier head), got 2.5")
+        "num_classes must be a whole number >= 0 (0 or None: no classifier head), got 2.5")
     add("compute-layer-folded-by-reparam", [*SMALL, "--layer", "stages.0.blocks.0.large_kernel.small_conv"],
         "exists only in the train-time form: structural re-parameterization removes it (it is folded into "
         "'stages.0.blocks.0.large_kernel')")
@@ -146,7 +146,7 @@ def _cases():
     add("layers-size-huge", ["layers", *TINY, "--input-size", "100000"], "--input-size must be in [1, 4096]")
     add("seed-out-of-range", [*SMALL, "--seed", "99999999999999999999"], "seed 99999999999999999999 out of range")
     add("override-bad-value", ["compute", "--model", "resnet18", "--override", "num_classes=abc"],
-        "num_classes must be a whole number >= 0 (0: no classifier head), got 'abc'")
+        "num_classes must be a whole number >= 0 (0 or None: no classifier head), got 'abc'")
     add("override-unknown-option", ["compute", "--model", "resnet18", "--override", "kernel_sizes=3"],
         "model 'resnet18' does not accept these options")
     add("checkpoint-seconds-nan", [*SMALL, "--checkpoint-seconds", "nan"], "--checkpoint-seconds must be 0 or more")

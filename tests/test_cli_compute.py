@@ -209,6 +209,18 @@ def test_layers_lists_the_form_compute_measures_and_compute_names_a_folded_layer
                         "--no-reparam", "--out", str(out_dir), "--quiet")
     assert code == 0, err
     assert json.loads((out_dir / "run.json").read_text())["theoretical_rf"] == 27
+    # the name is checked before the folder is touched: --force keeps the finished run on a bad --layer
+    code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--layer", folded,
+                        "--force", "--out", str(out_dir), "--quiet")
+    assert code == 2 and "exists only in the train-time form" in err
+    assert json.loads((out_dir / "run.json").read_text())["layer"] == folded
+    # a deploy-only name that 'layers' lists is measured
+    deploy_only = "stages.0.blocks.0.large_kernel.lkb_reparam"
+    code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--layer", deploy_only,
+                        "--out", str(tmp_path / "deploy"), "--quiet")
+    assert code == 0, err
+    info = json.loads((tmp_path / "deploy" / "run.json").read_text())
+    assert info["layer"] == deploy_only and info["theoretical_rf"] == 131
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

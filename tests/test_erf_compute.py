@@ -293,6 +293,13 @@ def test_branch_removed_by_reparam_needs_no_reparam():
     res = compute_erf(m, x, layer=name, reparameterize=False, show_progress=False)
     ys, xs = np.nonzero(res.erf)  # theory: small 5x5 branch after the stem's 11 px RF at stride 4 -> 27 px
     assert ys.max() - ys.min() + 1 <= theoretical_rf(m, name) == 27
+    with pytest.raises(ErfLabError, match="folded into 'stages.0.blocks.0.large_kernel'"):
+        compute_erf(m, x, layer=name, show_progress=False, inplace=True)  # the CLI's path
+    m = _tiny_replknet()
+    deploy_only = "stages.0.blocks.0.large_kernel.lkb_reparam"  # measured where the deploy form is
+    assert compute_erf(m, x, layer=deploy_only, show_progress=False).erf.shape == (32, 32)
+    with pytest.raises(ErfLabError, match=f"unknown layer '{deploy_only}'"):
+        compute_erf(m, x, layer=deploy_only, reparameterize=False, show_progress=False)
 
 
 def test_list_layers_restores_training_mode_and_bn_statistics():

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from erf_lab.erf.attribution import AGGREGATES, EffectiveReceptiveField
 from erf_lab.erf.prepare import check_device, conv_settings, full_fp32, keep_freed_memory, prepare_model
-from erf_lab.erf.receptive_field import resolve_layer, train_form_only
+from erf_lab.erf.receptive_field import train_form_only
 from erf_lab.errors import ErfLabError, out_of_memory
 
 
@@ -211,14 +211,14 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     if prepared:
         m, info = model, {"prepared_by_caller": True}
     else:
-        resolve_layer(model, layer)  # an unknown name fails here, with the close names, before any work
+        train_names = {name for name, _ in model.named_modules()}  # before an in-place re-parameterization
         m, info = prepare_model(model, reparameterize=reparameterize, channels_last=channels_last,
                                 conv_backend=conv_backend, device=dev, inplace=inplace)
     try:
         attribution = EffectiveReceptiveField(m, layer, aggregate)
     except ErfLabError:
-        if prepared:
-            raise
+        if prepared or layer not in train_names:
+            raise  # unknown in the measured form and in the given one: the close names of the measured form
         raise ErfLabError(train_form_only(m, layer)) from None
     layer_name = attribution.layer
     acc = state if state is not None else Accumulator()

@@ -55,8 +55,7 @@ def prepare_model(model: nn.Module, *, reparameterize: bool = True, channels_las
     # a small model is ~2000 small memory-bound tensor ops, where fork/join of a 2nd OpenMP thread costs more than
     # it saves; a large one is dominated by its big tensors (RepLKNet-31B, first call in a process on the 2-core dev
     # box: 0.92 s on 2 threads against 1.28 s on one)
-    large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS
-    with num_threads(torch.get_num_threads() if large else 1):
+    with _threads_for(model):
         m = (model if inplace else copy.deepcopy(model)).eval()
         if reparameterize:
             reparameterize_model(m, inplace=True)
@@ -70,6 +69,31 @@ def prepare_model(model: nn.Module, *, reparameterize: bool = True, channels_las
             "conv_backend": conv_backend, "fastconv_modules": n_fast if conv_backend == "fastconv" else 0,
             "modules_converted": converted, "weight_grads": False, "device": str(device)}
     return m, info
+
+
+def _threads_for(model: nn.Module):
+    """All of torch's threads for a large model, one for a small one (see ``prepare_model``)."""
+    large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS
+    return num_threads(torch.get_num_threads() if large else 1)
+
+
+def to_measured_form(model: nn.Module, layer: str | None, reparameterize: bool) -> nn.Module:
+    """``model`` re-parameterized in place where the ERF is measured in the deploy form (``prepare_model`` then
+    leaves it as it is), so that ``layer`` is checked against the names of the form measured: a deploy-only name
+    (``lkb_reparam``) is found, and a train-time-only one (``small_conv``) gets the line naming the module it is
+    folded into. ErfLabError for those, before any output folder is touched."""
+    from erf_lab.erf.receptive_field import DEFAULT_LAYER, train_form_only
+    from erf_lab.models import reparameterize_model
+
+    if not reparameterize:
+        return model
+    train_names = {name for name, _ in model.named_modules()}
+    with _threads_for(model):
+        reparameterize_model(model, inplace=True)
+    if layer not in (None, "", DEFAULT_LAYER) and layer in train_names and \
+            layer not in dict(model.named_modules()):
+        raise ErfLabError(train_form_only(model, layer))
+    return model
 
 
 def _to_channels_last(model: nn.Module) -> None:

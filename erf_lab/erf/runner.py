@@ -465,6 +465,7 @@ def _switch_interval(lower: bool) -> None:
 def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, tags, formats, show_progress,
          on_batch, checkpoint_seconds, argv, runs_root, start, t0, display=None) -> dict:
     from erf_lab.erf.images import load_images, model_data_config
+    from erf_lab.erf.prepare import to_measured_form
     from erf_lab.io import refuse_other_result, sha256_file
     from erf_lab.models import create_model
 
@@ -478,7 +479,9 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         mean, std = data_cfg["mean"], data_cfg["std"]
         source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean,
                              std=std)
-        geom = layer_geometry(model, spec.layer, spec.input_size)
+        # the names of the form measured (deploy-only ones found, train-time-only ones refused) before any folder
+        # is touched; prepare_model then leaves the re-parameterized model as it is
+        geom = layer_geometry(to_measured_form(model, spec.layer, spec.reparameterize), spec.layer, spec.input_size)
         imports.join()
         train_size = training_resolution(spec, model)
         weights_sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None

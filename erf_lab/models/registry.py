@@ -88,8 +88,8 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     kwargs = dict(overrides)
     if "num_classes" in kwargs:
         n = kwargs["num_classes"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ErfLabError(f"num_classes must be a whole number >= 0 (0: no classifier head), got {n!r}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ErfLabError(f"num_classes must be a whole number >= 0 (0 or None: no classifier head), got {n!r}")
     if kwargs.get("pretrained") and name in _MODELS and "pretrained" not in inspect.signature(factory).parameters:
         raise ErfLabError(f"model {name!r} has no published weights in erf-lab; pass a file (--weights) or use a "
                           f"model that ships them: {', '.join(pretrained_models())} (timm/<name> downloads its own)")
