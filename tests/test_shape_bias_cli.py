@@ -284,6 +284,22 @@ def test_degenerate_run_is_flagged(tiny_model, tmp_path, fixture_datasets, capsy
         [f"warning: {w}" for w in s["warnings"]]
 
 
+def test_a_model_whose_outputs_are_nan_is_refused(tiny_model, tmp_path, fixture_datasets, capsys):
+    """NaN weights: one error line and no summary (before: every NaN row read as category 0 and a shape bias with
+    its interval reported, exit 0)."""
+    import torch
+
+    from sb_tiny_models import tiny
+
+    torch.save({k: torch.full_like(v, float("nan")) for k, v in tiny().state_dict().items()}, tmp_path / "nan.pth")
+    out = tmp_path / "run"
+    assert main(["shape-bias", "--model", tiny_model, "--weights", str(tmp_path / "nan.pth"), "--stimuli",
+                 str(fixture_datasets), "--workers", "0", "--out", str(out)]) == 2
+    err = _one_error_line(capsys.readouterr().err)
+    assert len(err) == 1 and "the model's outputs are not finite (NaN or inf) on 12 cue-conflict image(s)" in err[0]
+    assert not (out / "summary.json").exists()
+
+
 def test_no_cache_decodes_and_writes_no_cache(tiny_model, tmp_path, fixture_datasets, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("ERF_LAB_CACHE", str(cache))

@@ -302,6 +302,20 @@ def test_bad_input_one_error_line_exit_2_nothing_written(tmp_path, capsys):
         assert not out.exists(), name  # validated before anything is written
 
 
+def test_a_diverging_run_stops_with_one_line_and_keeps_no_nan_checkpoint(tmp_path, capsys, one_thread):
+    """--lr 1e9: the loss turns NaN; the run stops with exit 2 and one line naming the epoch and what to change,
+    before a NaN checkpoint or a run.json is written (before: 'val loss nan', exit 0, NaN weights as the model)."""
+    out = tmp_path / "run"
+    rc = main(["train", *TINY_CLI, "--epochs", "3", "--train-size", "64", "--lr", "1e9", "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("erf-lab train: error: training diverged in epoch 1 at ") and \
+        lines[0].endswith("use a lower --lr (or --clip-grad, a longer --warmup-epochs) and start over with --force")
+    assert list((out / "checkpoints").glob("epoch_000.*")) and not list((out / "checkpoints").glob("epoch_001*"))
+    assert not (out / "run.json").exists()
+
+
 def test_corrupt_or_malicious_training_state_is_refused(tmp_path, capsys):
     import io
     import pickle

@@ -166,8 +166,58 @@ def test_shape_bias_cli_on_cue_world(tiny_run, tmp_path, capsys):
     assert (s["shape_hits"], s["texture_hits"]) == (again["shape_hits"], again["texture_hits"])
     assert len((out / "decisions.csv").read_text().splitlines()) == 1 + 3 * 20
     assert (out / "shape_bias.png").is_file() and (out / "shape_bias.pdf").is_file()
+    assert s["shape_bias_ci95"] is not None and s["chance_shape_or_texture"] == 0.5 and isinstance(s["warnings"], list)
+    err = capsys.readouterr().err
+    assert [line.strip() for line in err.splitlines() if "warning:" in line] == [f"warning: {w}" for w in s["warnings"]]
     assert main(["shape-bias", "--model", "replknet_31b", "--stimuli", "cue-world", "--out", str(tmp_path / "r")]) == 2
     assert "random weights means nothing" in capsys.readouterr().err
+
+
+def test_cue_world_probe_of_a_model_that_learned_nothing_is_flagged():
+    """A model answering class 0 for every image: the cue-world summary records the shape bias's 95 % interval and
+    the warnings of the cue-conflict path (one class for every image, few decisions) plus single-cue accuracies at
+    chance, as the Geirhos path flags its runs (before: a bare shape bias of 1.0 or 0.0)."""
+    from erf_lab.shape_bias.analysis import wilson_interval
+    from erf_lab.train.cue_world import class_names
+    from erf_lab.train.probes import probe_warnings
+
+    class Zero(nn.Module):
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 4)
+            out[:, 0] = 1.0
+            return out
+
+    res = probe(Zero(), ProbeSpec(32, 40, 4, 0))
+    s = res["summary"]
+    flags = probe_warnings(res, class_names(4))
+    hits = s["shape_hits"] + s["texture_hits"]
+    assert flags["shape_bias_ci95"] == wilson_interval(s["shape_hits"], hits) and 0 < hits < 30
+    name = class_names(4)[0]
+    assert flags["warnings"][0] == f"degenerate run: 40 of 40 cue-conflict images (100%) are classified '{name}'"
+    assert flags["warnings"][-1] == (
+        f"shape-only and texture-only accuracies ({s['shape_only_accuracy']:.3f}, {s['texture_only_accuracy']:.3f}) "
+        "are at chance (1/4): the model has learned neither cue, and its shape bias means nothing")
+    assert any(w.startswith(f"shape bias from only {hits} shape-or-texture decisions") for w in flags["warnings"])
+
+
+def test_shape_bias_of_weights_that_output_nan_is_refused(tiny_run, tmp_path, capsys):
+    """All-NaN weights (a diverged run): one error line, exit 2, no summary (before: argmax(NaN) read as class 0
+    and a shape bias reported)."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "nan_run"
+    run.mkdir()
+    shutil.copy(tiny_run / "run.json", run / "run.json")
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+             for k, v in load_file(str(tiny_run / "model.safetensors")).items()}
+    save_file(state, str(run / "model.safetensors"))
+    out = tmp_path / "sb"
+    assert main(["shape-bias", "--model", "replknet_31b", "--weights", str(run / "model.safetensors"),
+                 "--stimuli", "cue-world", "--limit", "20", "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert err == ["erf-lab shape-bias: error: the model's outputs are not finite (NaN or inf) on 20 cue-world probe "
+                   "image(s): its weights compute nothing usable (a diverged training run or a corrupt checkpoint?)"]
+    assert not (out / "summary.json").exists()
 
 
 def test_builtin_weights_resolve_with_their_overrides(tiny_run, tmp_path, monkeypatch):

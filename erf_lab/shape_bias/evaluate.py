@@ -68,6 +68,15 @@ class SetResult:
         return float(np.mean(hits)) if hits else None
 
 
+def check_finite_outputs(logits: torch.Tensor, what: str) -> None:
+    """ErfLabError where the model's outputs on ``what`` are NaN or infinite: its argmax would be read as a
+    decision (class 0) and a shape bias reported from weights that compute nothing."""
+    if logits.numel() and not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).any(-1).sum()) if logits.ndim == 2 else int(logits.numel())
+        raise ErfLabError(f"the model's outputs are not finite (NaN or inf) on {bad} {what}: its weights compute "
+                          f"nothing usable (a diverged training run or a corrupt checkpoint?)")
+
+
 def logits_to_scores16(logits: torch.Tensor) -> np.ndarray:
     """Head output -> 16 category scores: 1000-way via the mean-probability mapping, 16-way via softmax."""
     n = logits.shape[-1]
@@ -179,6 +188,7 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
                 logits = model(preprocess.normalize(x.to(device, non_blocking=True)))
                 if logits.ndim != 2:
                     raise ErfLabError(f"model output has shape {tuple(logits.shape)}; expected (batch, classes)")
+                check_finite_outputs(logits[good.bool()], f"{name} image(s)")
                 s = logits_to_scores16(logits)
                 st.head_size = logits.shape[-1]
                 idx = idx.numpy()
@@ -316,11 +326,12 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
     return {"summary": summary, "sets": sets}
 
 
-def degenerate_warnings(rows) -> list[str]:
+def degenerate_warnings(rows, chance: float = CHANCE_SHAPE_OR_TEXTURE) -> list[str]:
     """Signs that a run measured nothing, from ``(shape, texture, decision)`` of the decoded cue-conflict images:
     one category for at least 90 % of them, fewer shape-or-texture hits than chance (2/16 of the conflict
     images, Geirhos et al., ICLR 2019: a guess among 16 categories hits one of the two cues that often), or so
-    few shape-or-texture decisions (< ``FEW_DECISIONS``) that the shape bias is a wide interval."""
+    few shape-or-texture decisions (< ``FEW_DECISIONS``) that the shape bias is a wide interval. ``chance``: the
+    share of conflict images a guess hits one cue of (2 / classes; cue-world: 2 / its class count)."""
     rows = list(rows)
     out = []
     if rows:
@@ -331,9 +342,9 @@ def degenerate_warnings(rows) -> list[str]:
     conflict = [(s, t, d) for s, t, d in rows if s != t]
     if conflict:
         hits = sum(d in (s, t) for s, t, d in conflict) / len(conflict)
-        if hits < CHANCE_SHAPE_OR_TEXTURE:
+        if hits < chance:
             out.append(f"shape-or-texture hits on {hits:.3f} of the conflict images, below chance "
-                       f"({CHANCE_SHAPE_OR_TEXTURE:.3f}): the shape bias is noise")
+                       f"({chance:.3f}): the shape bias is noise")
         decided = sum(d in (s, t) for s, t, d in conflict)
         if 0 < decided < FEW_DECISIONS:
             lo, hi = wilson_interval(sum(d == s for s, _, d in conflict), decided)

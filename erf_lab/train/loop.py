@@ -37,6 +37,8 @@ COMPLETE_FILE = "run.json"
 OUR_FILES = ("metrics.csv", "model.pth", "model.safetensors", "model_ema.safetensors", "curves.png", "curves.pdf",
              C.STATE_FILE, COMPLETE_FILE)
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+#: consecutive non-finite losses the fp16 loss scaler may skip (backing off its scale) before a run counts as diverged
+MAX_SKIPPED_SCALER_STEPS = 20
 
 
 def _now() -> str:
@@ -149,6 +151,13 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int, device, mean, std, i
         sums.add(loss.item(), (logits.argmax(1) == y).sum().item(), len(y))
     model.train(was)
     return sums.reduced(info, device)
+
+
+def _diverged(where: str, epoch: int, lr: float, out: Path) -> ErfLabError:
+    """The one line of a run stopped at a non-finite loss (epoch ``epoch`` + 1 under way, ``epoch`` saved)."""
+    kept = f"; checkpoints up to epoch {epoch} are kept in {out / 'checkpoints'}" if epoch else ""
+    return ErfLabError(f"training diverged in epoch {epoch + 1} at {where} (lr {lr:.3g}){kept}; use a lower --lr "
+                       f"(or --clip-grad, a longer --warmup-epochs) and start over with --force")
 
 
 def _prepare(x, y, device, mean, std, channels_last):
@@ -449,6 +458,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                "epoch_images": epoch_images, "epoch_time": epoch_time})
 
     stop.armed = True
+    bad_steps = 0  # consecutive steps with a non-finite loss
     try:
         while epoch < recipe.epochs:
             sampler.set_epoch(epoch)
@@ -483,15 +493,21 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                     optimizer.step()
                 if ema is not None:
                     ema.update(net)
-                sums.add(loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y))
+                loss_value = loss.item()
+                sums.add(loss_value * len(y), (logits.argmax(1) == y).sum().item(), len(y))
                 step, position = step + 1, position + 1
                 epoch_images += len(y) * W
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}",
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
                                 img_s=f"{epoch_images / max(epoch_time + time.time() - t0, 1e-9):.0f}")
                 if on_step is not None:
                     on_step(epoch, step)
-                stop.check(info, device)
+                # a non-finite loss: the fp16 loss scaler skips such steps while it backs off, else the weights
+                # are NaN from here on (every later number, checkpoint and probe would be meaningless)
+                bad_steps = bad_steps + 1 if stop.check(info, device, diverged=not np.isfinite(loss_value)) else 0
+                if bad_steps > (MAX_SKIPPED_SCALER_STEPS if scaler is not None else 0):
+                    bar.close()
+                    raise _diverged(f"step {step}: the training loss is {loss_value}", epoch, lr, out)
             epoch_time, t0 = epoch_time + time.time() - t0, None
             train_loss, train_acc = sums.reduced(info, device)
             if W > 1:  # each rank's BN statistics saw its own batches: evaluate rank 0's, the model it saves
@@ -501,6 +517,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             ev = dict(batch_size=max(B, 64), device=device, mean=mean, std=std, info=info, amp_dtype=amp_dtype,
                       channels_last=channels_last, num_workers=num_workers)
             val_loss, val_acc = evaluate(net, d.val, **ev)
+            if not np.isfinite(val_loss):  # the same on every rank (reduced): the weights are no longer finite
+                bar.close()
+                raise _diverged(f"its end: the validation loss is {val_loss}", epoch, lr, out)
             lr = lr_at(step - 1, total_steps, warmup_steps, recipe.lr, recipe.min_lr)  # of its last step
             row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "img_per_s": epoch_images / max(epoch_time, 1e-9)}

@@ -64,6 +64,7 @@ def shape_bias_counts(shapes, textures, predictions) -> dict:
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, device: str = "cpu") -> np.ndarray:
     """Top-1 classes of ``images`` (N, 3, S, S) in [0, 1], normalised with the model's mean / std."""
     from erf_lab.erf.images import model_mean_std
+    from erf_lab.shape_bias.evaluate import check_finite_outputs
 
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in model_mean_std(model))
     was = model.training
@@ -71,7 +72,9 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, devic
     out = []
     for i in range(0, len(images), batch_size):
         x = ((images[i:i + batch_size] - mean) / std).to(device)
-        out.append(model(x).argmax(1).cpu())
+        logits = model(x)
+        check_finite_outputs(logits, "cue-world probe image(s)")
+        out.append(logits.argmax(1).cpu())
     model.train(was)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
@@ -197,6 +200,7 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     out = prepare_out_dir(out)  # after the model: a bad weights file leaves no folder
     res = probe(model, spec, batch_size=batch_size, device=device)
     names = class_names(n_cls)
+    res["summary"].update(probe_warnings(res, names))
     shown = None if weights is None else (weights if str(weights).startswith("builtin:") else Path(weights).name)
     label = model_name + ("" if shown is None else f" ({shown})")
     summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
@@ -215,6 +219,28 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
                                   "probe": summary["probe"], "outputs": ["decisions.csv", "summary.json",
                                                                          "shape_bias.png", "shape_bias.pdf"], **meta})
     return summary
+
+
+def probe_warnings(res: dict, names: list[str]) -> dict:
+    """``{"shape_bias_ci95", "chance_shape_or_texture", "warnings"}`` of a :func:`probe` result, as the
+    cue-conflict path records them: the shape bias's 95 % Wilson interval; one class for most conflict images, hits
+    below chance (2 / classes) or under 30 shape-or-texture decisions
+    (:func:`erf_lab.shape_bias.evaluate.degenerate_warnings`); and single-cue accuracies both at chance (the model
+    has learned neither cue: :func:`erf_lab.shape_bias.analysis.at_chance`)."""
+    from erf_lab.shape_bias.analysis import at_chance, wilson_interval
+    from erf_lab.shape_bias.evaluate import degenerate_warnings
+
+    s = res["summary"]
+    n_cls, size = s["probe"]["num_classes"], s["probe"]["size"]
+    rows = [(names[r["shape"]], names[r["texture"]], names[r["prediction"]]) for r in res["rows"]
+            if r["split"] == "cue-conflict"]
+    warnings = degenerate_warnings(rows, chance=2 / n_cls)
+    accs = (s["shape_only_accuracy"], s["texture_only_accuracy"])
+    if all(at_chance(a, n_cls, size) for a in accs):
+        warnings.append(f"shape-only and texture-only accuracies ({accs[0]:.3f}, {accs[1]:.3f}) are at chance "
+                        f"(1/{n_cls}): the model has learned neither cue, and its shape bias means nothing")
+    return {"shape_bias_ci95": wilson_interval(s["shape_hits"], s["shape_hits"] + s["texture_hits"]),
+            "chance_shape_or_texture": 2 / n_cls, "warnings": warnings}
 
 
 def training_record(weights: str | os.PathLike | None) -> dict:

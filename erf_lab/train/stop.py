@@ -144,12 +144,14 @@ class StopRequest:
         if self._old_hook is not None:
             sys.unraisablehook = self._old_hook
 
-    def check(self, info: D.DistInfo, device="cpu") -> None:
-        """Raise KeyboardInterrupt when any rank was asked to stop (all ranks stop at the same step)."""
-        flag = self.requested
+    def check(self, info: D.DistInfo, device="cpu", diverged: bool = False) -> bool:
+        """Raise KeyboardInterrupt when any rank was asked to stop (all ranks stop at the same step); else whether
+        any rank reported ``diverged`` (a non-finite loss), in the same all-reduce, so all ranks act on it alike."""
+        flags = [float(self.requested), float(diverged)]
         if info.enabled:
-            t = torch.tensor([float(flag)], device=device if info.backend == "nccl" else "cpu")
+            t = torch.tensor(flags, device=device if info.backend == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        if flag:
+            flags = t.tolist()
+        if flags[0]:
             raise KeyboardInterrupt
+        return bool(flags[1])

@@ -186,8 +186,12 @@ def _cue_world(args, out, overrides) -> int:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained "
               f"model")
     sb = "n/a" if s["shape_bias"] is None else f"{s['shape_bias']:.3f}"
-    print(f"{s['label']}: cue-world shape bias {sb} (shape hits {s['shape_hits']}, texture hits "
-          f"{s['texture_hits']}, of {s['n_conflict']} cue-conflict images)")
+    ci = s.get("shape_bias_ci95")
+    print(f"{s['label']}: cue-world shape bias {sb}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+          + f"; shape hits {s['shape_hits']}, texture hits {s['texture_hits']}, of {s['n_conflict']} cue-conflict "
+          f"images")
     print(f"  shape-only acc {s['shape_only_accuracy']:.3f}, texture-only acc {s['texture_only_accuracy']:.3f}")
+    for w in s.get("warnings", []):
+        print(f"  warning: {w}", file=sys.stderr)
     print(f"wrote {out}/decisions.csv, summary.json, shape_bias.png/pdf")
     return 0
