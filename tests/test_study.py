@@ -108,3 +108,30 @@ def test_results_written_when_a_guideline_model_finishes_first(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["guidelines.csv", "results.md"]
     with open(tmp_path / "guidelines.csv", newline="") as f:
         assert [r["name"] for r in csv.DictReader(f)] == ["MNv2-k13-seed0"]
+    assert "Incomplete" not in (tmp_path / "results.md").read_text()
+    write_results(tmp_path, [row], StudySettings(), planned=6)  # what run_study writes after its first model
+    assert (tmp_path / "results.md").read_text().splitlines()[2] == (
+        "**Incomplete: 1 of 6 models measured** (the study stopped or is still running; run its command again to "
+        "continue).")
+
+
+def test_an_interrupted_study_model_says_to_run_the_study_again(tmp_path, monkeypatch, capsys, one_thread):
+    """A study's training run stopped by Ctrl-C points to the study's own command (before: 'continue with
+    --resume', an option 'erf-lab study' does not have)."""
+    import erf_lab.train.loop as loop
+    from erf_lab.train.study import train_one
+
+    real = loop.train
+
+    def stopped_at_step_1(*args, **kwargs):
+        def on_step(epoch, step):
+            raise KeyboardInterrupt
+        return real(*args, **{**kwargs, "on_step": on_step})
+
+    monkeypatch.setattr(loop, "train", stopped_at_step_1)
+    m = plan(TOY, kernels=(3,), seeds=(0,), guidelines=False)[0]
+    with pytest.raises(KeyboardInterrupt):
+        train_one(m, TOY, tmp_path / "runs")
+    err = capsys.readouterr().err
+    assert err.strip().endswith(f"state saved in {tmp_path / 'runs' / m.name}; run the same 'erf-lab study' command "
+                                "again to continue the study"), err[-500:]

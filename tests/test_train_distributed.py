@@ -158,3 +158,24 @@ def test_two_gloo_ranks_resume_mid_epoch_exactly(tmp_path):
     assert strip[0] == strip[1] and len(strip[0]) == 2
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_gloo_ranks_that_diverge_stop_together_with_one_line_each(tmp_path):
+    """--lr 1e9 under torchrun: the ranks agree on the non-finite loss in one all-reduce and stop at the same step,
+    each with the same line, exit status 2, no hang and no NaN model (the DDP gradients make every rank NaN, but a
+    rank's own loss may still be finite at the step another's is not)."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", "train",
+           "--model", "replknet_31b", "--override", "channels=(8,8,16,16)", "--override", "layers=(1,1,1,1)",
+           "--override", "large_kernel_sizes=(7,7,7,3)", "--num-classes", "4", "--train-size", "64",
+           "--val-size", "8", "--input-size", "32", "--epochs", "3", "--batch-size", "8", "--lr", "1e9",
+           "--checkpoint-format", "safetensors", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if "erf-lab train: error: training diverged" in line]
+    assert proc.returncode != 0 and len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]
+    assert "(exitcode: 2)" in proc.stderr and proc.stderr.count("Traceback") == 1  # torchrun's own report only
+    assert not (out / "run.json").exists() and not (out / "model.safetensors").exists()

@@ -153,10 +153,14 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int, device, mean, std, i
     return sums.reduced(info, device)
 
 
-def _diverged(where: str, epoch: int, lr: float, out: Path) -> ErfLabError:
+class TrainingDiverged(ErfLabError):
+    """A non-finite loss: every rank raises it at the same step (agreed in the stop check's all-reduce)."""
+
+
+def _diverged(where: str, epoch: int, lr: float, out: Path) -> TrainingDiverged:
     """The one line of a run stopped at a non-finite loss (epoch ``epoch`` + 1 under way, ``epoch`` saved)."""
     kept = f"; checkpoints up to epoch {epoch} are kept in {out / 'checkpoints'}" if epoch else ""
-    return ErfLabError(f"training diverged in epoch {epoch + 1} at {where} (lr {lr:.3g}){kept}; use a lower --lr "
+    return TrainingDiverged(f"training diverged in epoch {epoch + 1} at {where} (lr {lr:.3g}){kept}; use a lower --lr "
                        f"(or --clip-grad, a longer --warmup-epochs) and start over with --force")
 
 
@@ -271,7 +275,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
           resample: bool = False, seed: int = 0,
           device: str = "cpu", amp: str = "auto", channels_last: bool | None = None, sync_bn: bool = False,
           num_workers: int = 0, resume: bool = False, force: bool = False, checkpoint_format: str = "both",
-          show_progress: bool = True, argv: list[str] | None = None, on_step=None) -> dict:
+          show_progress: bool = True, argv: list[str] | None = None, on_step=None,
+          resume_hint: str = "continue with --resume") -> dict:
     """Train ``model`` on ``data`` (``"cue-world"`` or an ImageFolder root) into the run folder ``out``.
 
     ``num_classes``: cue-world's (default 10); for a folder its class count, checked when given.
@@ -279,6 +284,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     Under torchrun (``RANK`` / ``WORLD_SIZE`` set) this is one DDP rank (gloo on CPU, NCCL on CUDA); the batch
     size is per rank. ``on_step(epoch, step)`` is called after every optimizer step (tests use it to interrupt).
     Returns ``{"out_dir", "rows", "run_info", "already_complete"}`` (``run_info`` None on ranks > 0).
+    ``resume_hint``: how the caller's user continues a stopped run (printed with the saved state's folder).
     """
     recipe = recipe or Recipe()
     recipe.validate()
@@ -305,11 +311,11 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
             result = _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
                             int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
                             amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
-                            checkpoint_format, show_progress, argv, on_step, info, stop)
+                            checkpoint_format, show_progress, argv, on_step, info, stop, resume_hint)
         together = True
         return result
     except BaseException as stopped:
-        together = isinstance(stopped, KeyboardInterrupt) and not isinstance(stopped, ForcedStop)
+        together = isinstance(stopped, (KeyboardInterrupt, TrainingDiverged)) and not isinstance(stopped, ForcedStop)
         if info.enabled:
             # Its traceback keeps _train's frame alive, and with it DDP's reducer, which holds the process group:
             # free them before the group is destroyed.
@@ -332,7 +338,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
 
 def _train(model_name, data, out, overrides, recipe, input_size, train_size, val_size, num_classes, resample, seed,
            device, amp, amp_dtype, channels_last, sync_bn, num_workers, resume, force, checkpoint_format, show_progress,
-           argv, on_step, info: D.DistInfo, stop: StopRequest) -> dict:
+           argv, on_step, info: D.DistInfo, stop: StopRequest, resume_hint: str) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
 
@@ -543,7 +549,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         save_state()
         bar.close()
         if info.is_main:
-            print(f"stopped at epoch {epoch + 1}, step {step}: state saved in {out}; continue with --resume",
+            print(f"stopped at epoch {epoch + 1}, step {step}: state saved in {out}; {resume_hint}",
                   file=sys.stderr)
         raise
     bar.close()

@@ -150,7 +150,8 @@ def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int |
                 input_size=m.sizes(settings)[0], train_size=settings.train_size, val_size=settings.val_size,
                 resample=True, seed=m.seed, resume=(out / STATE_FILE).is_file(),
                 force=not (out / STATE_FILE).is_file(), show_progress=False,
-                argv=["erf-lab", "study", "kernel-family", f"({m.name})"])
+                argv=["erf-lab", "study", "kernel-family", f"({m.name})"],
+                resume_hint="run the same 'erf-lab study' command again to continue the study")
     f = res["run_info"]["final"]
     print(f"[{m.name}] done in {time.time() - t0:.0f} s: val acc {f['val_acc']:.3f}", flush=True)
     return res["run_info"]
@@ -204,7 +205,8 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
         results[r["name"]] = r
         print(f"[{r['name']}] measured: shape bias {r['probe']['shape_bias']}, "
               f"area@50% {r['erf'].get('area@50%')}", flush=True)
-        write_results(study, [_row(m, results[m.name]) for m in models if m.name in results], settings)
+        write_results(study, [_row(m, results[m.name]) for m in models if m.name in results], settings,
+                      planned=len(models))
 
     if jobs == 1:
         for m in models:
@@ -281,7 +283,9 @@ def table_notes(rows: list[dict]) -> str:
     return "".join(f"\n{n}\n" for n in notes)
 
 
-def write_results(study: Path, rows: list[dict], settings: StudySettings) -> None:
+def write_results(study: Path, rows: list[dict], settings: StudySettings, planned: int | None = None) -> None:
+    """``family.csv`` / ``guidelines.csv``, ``results.md`` and ``family.png`` / ``.pdf`` of the ``rows`` measured
+    so far; with fewer than ``planned`` rows, results.md opens with a note that the study is incomplete."""
     from erf_lab.erf.tables import csv_text
     from erf_lab.io import write_text
 
@@ -292,7 +296,9 @@ def write_results(study: Path, rows: list[dict], settings: StudySettings) -> Non
     keys = ["name", "train_px", "params", "val_acc", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "r50",
             "shape_bias", "shape_only_accuracy", "texture_only_accuracy", "img_per_s"]
     s = settings
-    text = (f"# Kernel-family study on cue-world\n\nRepLKNet family at channels={tuple(s.channels)}, "
+    todo = f"**Incomplete: {len(rows)} of {planned} models measured** (the study stopped or is still running; run " \
+        f"its command again to continue).\n\n" if planned is not None and len(rows) < planned else ""
+    text = (f"# Kernel-family study on cue-world\n\n{todo}RepLKNet family at channels={tuple(s.channels)}, "
             f"layers={tuple(s.layers)}; {s.epochs} epochs x {s.train_size} new cue-world images at {s.input_size} px "
             f"(batch {s.batch_size}, AdamW lr {s.lr}, cosine, 1 warm-up epoch, label smoothing 0.1), val on "
             f"{s.val_size} images. ERF: {s.erf_images} cue-world val images at {s.erf_input_size} px, i.e. "
