@@ -199,6 +199,13 @@ def _cases():
     add("shape-bias-weights-and-seed", ["shape-bias", *TINY, "--weights", "{bad}/tiny.pth", "--seed", "3",
                                         "--out", "{out}"],
         "--seed seeds the random initialisation of --allow-random; --weights loads trained weights: drop --seed")
+    add("shape-bias-trained-weights-and-allow-random", ["shape-bias", *TINY, "--weights", "{bad}/tiny.pth",
+                                                        "--allow-random", "--out", "{out}"],
+        "--allow-random is for untrained weights, and {bad}/tiny.pth holds trained ones (no random-init mark): "
+        "drop --allow-random")
+    add("shape-bias-cue-world-trained-weights-and-allow-random",
+        ["shape-bias", *TINY, "--weights", "{bad}/tiny.pth", "--allow-random", "--stimuli", "cue-world", "--out",
+         "{out}"], "--allow-random is for untrained weights, and {bad}/tiny.pth holds trained ones")
     add("shape-bias-seed-without-allow-random", ["shape-bias", *TINY, "--seed", "3", "--out", "{out}"],
         "add --allow-random, or give trained weights (--weights/--pretrained) without --seed")
     add("shape-bias-stimuli-missing", ["shape-bias", *TINY, "--allow-random", "--stimuli", "{bad}/nope",

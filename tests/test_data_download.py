@@ -79,9 +79,13 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 def test_manifest_entries_are_well_formed():
     m = dl.load_manifest()
     assert {k: len(v["files"]) for k, v in m.items()} == {"cue-conflict": 1280, "edges": 160, "silhouettes": 160,
-                                                           "human-cue-conflict": 10}
+                                                           "human-cue-conflict": 10, "human-edge": 10,
+                                                           "human-silhouette": 10}
     assert m["silhouettes"]["upstream"].endswith("texture-vs-shape/master/stimuli/filled-silhouettes")
     assert m["human-cue-conflict"]["upstream"] == "bethgelab/model-vs-human/master/raw-data/cue-conflict"
+    assert m["human-edge"]["upstream"] == "bethgelab/model-vs-human/master/raw-data/edge"
+    assert m["human-silhouette"]["upstream"] == "bethgelab/model-vs-human/master/raw-data/silhouette"
+    assert set(dl.SETS) == set(m)  # every set that shape-bias reads is downloaded
     for name, entry in m.items():
         assert re.fullmatch(r"[\w.-]+/[\w.-]+/master/[\w./-]+", entry["upstream"]), entry["upstream"]
         for rel, value in entry["files"].items():
@@ -89,8 +93,8 @@ def test_manifest_entries_are_well_formed():
             assert len(value) == 2 and SHA256.match(sha) and type(size) is int and size > 0, (name, rel)
             parts = rel.split("/")
             assert ".." not in parts and not rel.startswith("/") and "\\" not in rel, rel
-            if name == "human-cue-conflict":
-                assert re.fullmatch(r"cue-conflict_subject-\d\d_session_1\.csv", rel), rel
+            if name.startswith("human-"):
+                assert re.fullmatch(name[6:] + r"_subject-\d\d_session_1\.csv", rel), rel
             else:  # <category>/<name>.png and the name says that category (see stimuli.parse_name)
                 assert len(parts) == 2 and parts[1].endswith(".png") and parse_name(parts[1])[0] == parts[0], rel
     shas = [v[0] for e in m.values() for v in e["files"].values()]

@@ -167,6 +167,12 @@ def add_consistency(summary: dict, model_trials: dict, near: Path | None = None,
     report = consistency_summary(model_trials, human_trials(root) if root else {})
     summary.update(flat_keys(report))
     summary["consistency"] = report
+    if with_humans:  # a set measured without its humans says so (an older download had only human-cue-conflict)
+        for ds in model_trials:
+            if not (root and human_csvs(root, ds)):
+                summary.setdefault("warnings", []).append(
+                    f"no human responses for {ds} (no human-{ds}/ CSVs{f' in {root}' if root else ''}): its "
+                    f"accuracy has no comparison with the subjects; 'erf-lab data download' fetches them")
     return humans
 
 

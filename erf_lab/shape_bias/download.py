@@ -1,6 +1,6 @@
 """Download the public cue-conflict / edge / silhouette stimuli and the human responses from their upstream
 repositories: rgeirhos/texture-vs-shape (``stimuli/``; Geirhos et al., ICLR 2019, CC BY 4.0) and
-bethgelab/model-vs-human (``raw-data/cue-conflict``; Geirhos et al., NeurIPS 2021).
+bethgelab/model-vs-human (``raw-data/cue-conflict``, ``edge``, ``silhouette``; Geirhos et al., NeurIPS 2021).
 
 Every file is checked against the SHA-256 in the shipped manifest ``data/shape_bias_sha256.json`` (package
 ``erf_lab_data`` once installed); partial files resume with
@@ -21,7 +21,7 @@ from pathlib import Path
 from erf_lab.errors import ErfLabError
 
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"
-SETS = ("cue-conflict", "edges", "silhouettes", "human-cue-conflict")
+SETS = ("cue-conflict", "edges", "silhouettes", "human-cue-conflict", "human-edge", "human-silhouette")
 CHUNK = 1 << 16
 CREDIT = ("Stimuli: Geirhos et al., ICLR 2019 (github.com/rgeirhos/texture-vs-shape), CC BY 4.0; "
           "human data: Geirhos et al., NeurIPS 2021 (github.com/bethgelab/model-vs-human).")

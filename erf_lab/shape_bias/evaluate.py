@@ -68,6 +68,21 @@ class SetResult:
         return float(np.mean(hits)) if hits else None
 
 
+def refuse_allow_random_for_trained(weights, random_weights: bool, allow_random: bool) -> None:
+    """ErfLabError for ``--allow-random`` with a weights file that is not marked as a random initialisation: the
+    option would be ignored, and the run is of trained weights, not the untrained one asked for."""
+    if allow_random and weights is not None and not random_weights:
+        from erf_lab.checkpoint import resolve_weights
+
+        try:
+            if not resolve_weights(weights)[0].is_file():
+                return  # reported as missing where the weights are loaded
+        except ErfLabError:
+            return
+        raise ErfLabError(f"--allow-random is for untrained weights, and {weights} holds trained ones (no random-init "
+                          f"mark): drop --allow-random")
+
+
 def check_finite_outputs(logits: torch.Tensor, what: str) -> None:
     """ErfLabError where the model's outputs on ``what`` are NaN or infinite: its argmax would be read as a
     decision (class 0) and a shape bias reported from weights that compute nothing."""
@@ -437,6 +452,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     init = random_init_of(weights, pretrained=pretrained, seed=seed) if weights or model is None or allow_random \
         else None
     random_weights = init is not None
+    refuse_allow_random_for_trained(weights, random_weights, allow_random)
     if random_weights and not allow_random:
         why = f"{weights} holds a random initialisation" if weights else f"{model_name} has no trained weights"
         raise ErfLabError(f"{why}: pass --weights FILE (.pth/.pt/.safetensors) of a trained model or "

@@ -176,10 +176,12 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     from erf_lab.io import prepare_out_dir, refuse_other_result, sha256_file, write_json
     from erf_lab.models import create_model
     from erf_lab.provenance import versions
+    from erf_lab.shape_bias.evaluate import refuse_allow_random_for_trained
     from erf_lab.train.cue_world import class_names
 
     init = random_init_of(weights, seed=init_seed)  # no weights, or a file marked untrained (reparam of a random init)
     random_weights = init is not None
+    refuse_allow_random_for_trained(weights, random_weights, allow_random)
     if random_weights and not allow_random:
         why = f"{weights} holds a random initialisation" if weights else f"{model_name} has no trained weights"
         raise ErfLabError(f"{why}: pass --weights FILE (a cue-world training "

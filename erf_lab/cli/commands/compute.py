@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if caveat := paper_caveat():
         print(f"note: {caveat}")
     if info["random_init"] and info["weights"]:
-        print(f"(random initialization: {args.weights} holds untrained weights (marked by erf-lab reparam); "
+        print(f"(random initialization: {args.weights} holds untrained weights (marked so by erf-lab); "
               "paper rows are trained, 1024px)")
     elif info["random_init"]:
         print("(random initialization: pass --weights for a trained checkpoint; paper rows are trained, 1024px)")
