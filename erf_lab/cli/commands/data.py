@@ -6,7 +6,8 @@ HELP = "download the Geirhos cue-conflict stimuli and human data (checksummed, r
 ORDER = 95
 DESCRIPTION = (
     "'download' fetches the stimuli of rgeirhos/texture-vs-shape (Geirhos et al., ICLR 2019, CC BY 4.0) and the "
-    "human responses (cue-conflict, edge, silhouette) of bethgelab/model-vs-human into the cache (or --dest), verifying every file's "
+    "human responses (cue-conflict, edge, silhouette) of bethgelab/model-vs-human into the cache (or --dest), "
+    "verifying every file's "
     "SHA-256 and resuming partial files. 'info' shows which folder erf-lab reads ($ERF_LAB_DATA, else the "
     "cache)."
 )
