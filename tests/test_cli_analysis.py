@@ -112,6 +112,33 @@ def test_compare_mixed_sizes(capsys, tmp_path, two_runs):
     assert (tmp_path / "c2" / "compare.png").is_file()
 
 
+def test_compare_does_not_recommend_a_degenerate_gaussian_sigma(capsys, tmp_path, two_runs):
+    """Maps of different sizes: the Gaussian sigma is recommended only while every fit is meaningful; a flat noisy map
+    (its fit: sigma wider than the map, R^2 ~ 0) is shown n/m with the reason, its numbers kept in the CSV."""
+    a, _ = two_runs
+    np.save(tmp_path / "big.npy", gaussian_map(64))
+    rc, out, err = run_cli(capsys, "compare", str(a), str(tmp_path / "big.npy"), "--out", str(tmp_path / "ok"))
+    assert rc == 0, err  # two real Gaussians: the sigma is recommended, nothing flagged
+    assert "r50/r99 (radius holding that share of the mass) and the Gaussian sigma, all in pixels" in out
+    assert "n/m" not in out
+    flat = 1.0 + 0.1 * np.random.default_rng(0).random((64, 64))
+    np.save(tmp_path / "flat.npy", flat)
+    rc, out, err = run_cli(capsys, "compare", str(a), str(tmp_path / "flat.npy"), "--out", str(tmp_path / "bad"))
+    assert rc == 0, err
+    assert "and the Gaussian sigma, all in pixels" not in out
+    assert "not the Gaussian sigma, whose fit is not meaningful for flat" in out
+    fit = compute_metrics(flat)["gaussian_fit"]
+    assert f"flat: {fit['reason']}" in out and f"| n/m ({fit['sigma_x']:.4g}) |" in out
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "bad" / "compare.csv").read_text())))
+    assert [r["gauss_fit"] for r in rows] == ["ok", "n/m"]
+    assert float(rows[1]["gauss_sigma_x"]) == pytest.approx(fit["sigma_x"])
+    rc, out, err = run_cli(capsys, "analyze", str(tmp_path / "flat.npy"), "--formats", "png")
+    assert rc == 0, err
+    assert f"Gaussian fit NOT MEANINGFUL ({fit['reason']})" in out and "gaussian_fit_not_meaningful" in out
+    stored = json.loads((tmp_path / "flat.metrics.json").read_text())
+    assert stored["gaussian_fit"]["meaningful"] is False and stored["gaussian_fit"]["reason"] == fit["reason"]
+
+
 def test_cli_errors_are_one_line(capsys, tmp_path):
     rc, _, err = run_cli(capsys, "analyze", str(tmp_path / "nope"))
     assert_one_line_error(rc, err, "analyze")

@@ -62,6 +62,23 @@ def test_compute_writes_complete_run_dir(tmp_path, capsys):
     assert code == 2 and "already holds a complete run" in err and err.count("\n") == 1
 
 
+def test_compute_shows_a_degenerate_gaussian_fit_as_not_meaningful(tmp_path, capsys):
+    """User test: the tiny random-init net at 64 px gave sigma 94 / 140 px on a 64 px map, offset -1 (its bound) and
+    R^2 0.07, shown as a valid fit; now metrics.json flags it (numbers kept) and the table shows n/m."""
+    out = tmp_path / "run"
+    code, stdout, err = _cli(capsys, "compute", *TINY, "--num-images", "2", "--input-size", "64", "--out", str(out),
+                             "--quiet")
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    g = m["gaussian_fit"]
+    assert g["meaningful"] is False and "gaussian_fit_not_meaningful" in m["flags"]
+    assert g["offset"] == pytest.approx(-1.0) and "offset at its lower bound -1" in g["reason"]
+    assert g["sigma_x"] > 64 and g["r2"] < 0.5
+    assert f"| n/m ({g['sigma_y']:.4g}) | n/m ({g['sigma_x']:.4g}) |" in stdout
+    assert "note: n/m = Gaussian fit not meaningful" in stdout and g["reason"] in stdout
+    assert json.loads((out / "run.json").read_text())["metrics_summary"]["gauss_fit"] == "n/m"
+
+
 def test_weights_file_is_loaded_and_hashed(tmp_path, capsys):
     from erf_lab.io import sha256_file
     from erf_lab.models import create_model

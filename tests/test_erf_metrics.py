@@ -276,3 +276,59 @@ def test_paper_caveat_says_the_table_is_unchecked_until_the_data_says_otherwise(
     assert M.paper_caveat() in text
     monkeypatch.setattr(M, "_load_paper_reference", lambda: {**ref, "transcription": {**t, "checked_against_paper": True}})
     assert M.paper_caveat() == ""
+
+
+def _noisy_plateau(n=64, seed=0):
+    """A near-flat map with noise (a random-init ERF at a small input size looks like this): no Gaussian in it."""
+    return 1.0 + 0.1 * np.random.default_rng(seed).random((n, n))
+
+
+def test_a_gaussian_fit_of_a_noisy_plateau_is_flagged_not_meaningful_and_keeps_its_numbers():
+    from erf_lab.erf.tables import markdown_table, metrics_text, table_rows
+
+    m = compute_metrics(_noisy_plateau())
+    g = m["gaussian_fit"]
+    assert g["meaningful"] is False and "gaussian_fit_not_meaningful" in m["flags"]
+    assert g["r2"] < 0.01 and f"R^2 {g['r2']:.3f} < 0.5" in g["reason"]  # explains nothing of the map
+    assert max(g["sigma_y"], g["sigma_x"]) > 64 and "exceeds the map's" in g["reason"]  # wider than the map
+    assert "at its" in g["reason"] and "bound" in g["reason"]  # the optimizer ran into a bound
+    assert isinstance(g["sigma_x"], float) and g["sigma_x"] > 0  # the numbers are kept
+    text = metrics_text(m)
+    assert "Gaussian fit NOT MEANINGFUL" in text and "Gaussian fit: sigma" not in text
+    s = summary(m)
+    assert s["gauss_fit"] == "n/m" and s["gauss_sigma_x"] == g["sigma_x"]
+    row = markdown_table(table_rows([("flat", m)], with_paper=False)).splitlines()[2]
+    assert f"n/m ({g['sigma_x']:.4g})" in row and f"n/m ({g['r2']:.4g})" in row
+
+
+def test_a_gaussian_fit_of_a_gaussian_stays_valid_and_unflagged():
+    from erf_lab.erf.tables import gauss_note, metrics_text
+
+    y, x = np.mgrid[:64, :64]
+    a = 50.0 * np.exp(-((y - 32) ** 2 / (2 * 5.0 ** 2) + (x - 32) ** 2 / (2 * 8.0 ** 2)))
+    a = np.clip(a + np.random.default_rng(1).normal(0, 0.2, a.shape), 0, None)
+    m = compute_metrics(a)
+    g = m["gaussian_fit"]
+    assert g["meaningful"] is True and g["reason"] is None and "gaussian_fit_not_meaningful" not in m["flags"]
+    assert g["sigma_y"] == pytest.approx(5.0, rel=0.02) and g["sigma_x"] == pytest.approx(8.0, rel=0.02)
+    assert summary(m)["gauss_fit"] == "ok" and gauss_note([("g", m)]) == ""
+    assert f"Gaussian fit: sigma (y, x) = {g['sigma_y']:.2f}, {g['sigma_x']:.2f} px" in metrics_text(m)
+
+
+def test_gaussian_fit_problems_one_reason_each():
+    """Each check alone: a parameter on its bound, a sigma wider than the map (even with R^2 = 1), a low R^2."""
+    from erf_lab.erf.metrics import gaussian_fit_problems
+
+    lo, hi = [0, -40, -40, 1e-3, 1e-3, -1], [np.inf, 80, 80, 400, 400, 1]
+    good = [1.0, 20.0, 20.0, 4.0, 6.0, 0.0]
+    assert gaussian_fit_problems(good, lo, hi, (40, 40), 0.95) == []
+    assert gaussian_fit_problems(good[:5] + [-1.0], lo, hi, (40, 40), 0.95) == ["offset at its lower bound -1"]
+    assert gaussian_fit_problems([0.0] + good[1:], lo, hi, (40, 40), 0.95) == ["amplitude at its lower bound 0"]
+    assert gaussian_fit_problems(good, lo, hi, (40, 40), 0.49) == ["R^2 0.490 < 0.5"]
+    assert gaussian_fit_problems(good, lo, hi, (40, 40), 0.5) == []  # the threshold itself passes
+    wide = good[:4] + [41.0, 0.0]
+    assert gaussian_fit_problems(wide, lo, hi, (40, 40), 1.0) == ["sigma_x 41.0 px exceeds the map's width 40 px"]
+    # a perfect but wider-than-the-map bell: the map shows only its top, the sigma is an extrapolation
+    y, x = np.mgrid[:64, :64]
+    broad = fit_gaussian(np.exp(-((y - 32) ** 2 + (x - 32) ** 2) / (2 * 80.0 ** 2)))
+    assert broad["r2"] > 0.999 and broad["meaningful"] is False and "exceeds the map's height 64 px" in broad["reason"]

@@ -192,7 +192,9 @@ if specs and source is not None:
         with guard("Metrics table"):
             st.dataframe(erf_maps.summary_table(results), hide_index=True)
             st.caption("Area @t: smallest centred square holding t of the contribution, % of the input "
-                       "(Ding et al. 2022, Table 10); r_rms: RMS radius (Luo et al. 2016).")
+                       "(Ding et al. 2022, Table 10); r_rms: RMS radius (Luo et al. 2016); gauss_fit n/m: the "
+                       "Gaussian fit is degenerate (a parameter at its bound, a sigma wider than the map or "
+                       "R^2 < 0.5), so its sigma is not an ERF size.")
         first_spec, first = results[0]
         cli_hint(erf_cli_args(first_spec, source, full=False, run_info=first["info"]),
                  f"Configuration {specs.index(first_spec) + 1} from the command line (the same images, as the app "

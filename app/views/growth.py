@@ -160,8 +160,13 @@ with tab_s:
             st.image(str(out / "growth.png"), caption="area ratios (fractions of the image) and size-free metrics "
                                                       "(pixels) against input size")
             st.image(str(out / "grid.png"), caption="ERF heatmaps, each at its own size")
-            cols = ["input_size", "area@20%", "area@50%", "area@99%", "r_rms", "r50", "r99", "gauss_sigma_x"]
+            cols = ["input_size", "area@20%", "area@50%", "area@99%", "r_rms", "r50", "r99", "gauss_sigma_x",
+                    "gauss_fit"]
             st.dataframe(pd.DataFrame(sweep["rows"])[cols], hide_index=True)
+            if bad := [r["input_size"] for r in sweep["rows"] if r.get("gauss_fit") == "n/m"]:
+                st.warning(f"Gaussian fit not meaningful (gauss_fit n/m) at {', '.join(f'{s} px' for s in bad)}: a "
+                           "parameter at its bound, a sigma wider than the map or R^2 < 0.5, so its sigma is not an "
+                           "ERF size (left out of the growth figure).", icon=":material/warning:")
             file_downloads([out / n for n in ("growth.pdf", "grid.pdf", "sweep.csv", "sweep.json")], key="s-files")
         cli_hint(["sweep", "--input-sizes", "224,384,640,1024", "--model", s_model, "--reparam", "deploy",
                   "--num-images", "50", "--images", "IMAGENET_VAL_DIR", "--out", "runs/size-sweep"],

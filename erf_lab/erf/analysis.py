@@ -7,8 +7,9 @@ from typing import Sequence
 
 from erf_lab.erf.metrics import compute_metrics, paper_caveat, summary
 from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run
-from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, markdown_table,
-                                metrics_text, table_rows)
+from erf_lab.erf.metrics import gaussian_fit_ok
+from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, gauss_note,
+                                markdown_table, metrics_text, table_rows)
 from erf_lab.errors import ErfLabError
 from erf_lab.io import prepare_out_dir, refuse_other_result, write_json, write_text
 from erf_lab.provenance import provenance
@@ -58,8 +59,9 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
 
     Maps of different sizes: the paper's area ratios are fractions of each map, so they are marked ``n/c`` (not
     comparable) and the size-free metrics (r_rms, r20 / r50 / r99, Gaussian sigma, in pixels) carry the
-    comparison; no heatmap figure is drawn unless ``allow_mixed_sizes`` (then each panel at its own size, and each
-    map's area ratios on its own area). Writes ``out/compare.<fmt>``, ``compare.md``, ``compare.csv``,
+    comparison (the Gaussian sigma only where every fit is meaningful: a flagged fit is shown ``n/m (value)``); no
+    heatmap figure is drawn unless ``allow_mixed_sizes`` (then each panel at its own size, and each map's area
+    ratios on its own area). Writes ``out/compare.<fmt>``, ``compare.md``, ``compare.csv``,
     ``compare.json`` (last).
     """
     from erf_lab.erf.plotting import display_preset, plot_comparison
@@ -120,13 +122,17 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
     note = ("Area columns: % of the map area inside the smallest centred square holding > t of log10(A+1)/max; "
             "n/r = not reached, - = not available. Paper rows: Ding et al., CVPR 2022, Table 10 (1024x1024, trained weights)"
             + (f"; {caveat}." if (caveat := paper_caveat()) else "."))
+    gauss_bad = [label for label, m in measured if gaussian_fit_ok(m.get("gaussian_fit")) is False]
     if mixed:
         note = ("The maps differ in size (" + ", ".join(f"{r.label}: {r.erf.shape[0]}x{r.erf.shape[1]}" for r in runs)
                 + "): area ratios are fractions of each image and change with the image size even when the ERF in "
                 "pixels does not" + (", so they are marked n/c (not comparable) and no heatmap figure is drawn "
                 "(--allow-mixed-sizes draws each map at its own size)" if not allow_mixed_sizes else "")
-                + ". Compare the size-free columns: r_rms, r20/r50/r99 (radius holding that share of the mass) and "
-                "the Gaussian sigma, all in pixels.")
+                + ". Compare the size-free columns: r_rms and r20/r50/r99 (radius holding that share of the mass)"
+                + (", all in pixels; not the Gaussian sigma, whose fit is not meaningful for "
+                   + ", ".join(gauss_bad) if gauss_bad else " and the Gaussian sigma, all in pixels") + ".")
+    if gauss := gauss_note(measured):
+        note += " " + gauss
     if any(random):
         note += f" {RANDOM_MARK}: randomly initialised weights (never trained), not comparable to trained models."
     return {"rows": rows, "columns": columns, "markdown": markdown_table(rows, columns), "csv": csv_text(rows, columns),

@@ -19,6 +19,11 @@ THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 RADIUS_SHARES = (0.2, 0.5, 0.9, 0.99)
 MASS_RADII = (5, 10, 20, 40, 80)  # px, the OpenERF-style mass-within-radius curve
 SUMMARY_MASS_RADII = (20, 80)
+#: a Gaussian fit of A / max with R^2 below this explains less than half of the map's variance: its sigma then
+#: describes the fitted curve, not the map, and is reported as not meaningful (with its numbers kept)
+GAUSS_MIN_R2 = 0.5
+#: the marker of a not-meaningful Gaussian fit in tables (``gauss_fit`` column and beside the sigmas)
+NOT_MEANINGFUL = "n/m"
 
 
 def validate_erf(erf) -> np.ndarray:
@@ -162,6 +167,7 @@ def fit_gaussian(erf, stats: dict | None = None) -> dict | None:
 
     Returns sigma_y, sigma_x (pixels), center (y, x), amplitude, offset, R^2 (on A / max) and whether the
     optimizer converged; None for an all-zero map. Luo et al. (2016) show ERFs are approximately Gaussian.
+    ``meaningful`` is False and ``reason`` says why when the fit is degenerate (:func:`gaussian_fit_problems`).
     ``stats``: the map's ``distribution_stats`` when the caller has them (the start point), else computed.
 
     Levenberg-Marquardt on the separable structure: every Jacobian column is an outer product u_k v_k^T, so
@@ -184,8 +190,48 @@ def fit_gaussian(erf, stats: dict | None = None) -> dict | None:
     ss_res = float(np.sum(resid ** 2))
     ss_tot = float(np.sum((z - z.mean()) ** 2))
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else None
+    problems = gaussian_fit_problems(p, lo, hi, (h, w), r2)
     return {"sigma_y": sy, "sigma_x": sx, "center": [y0, x0], "amplitude": amp, "offset": c,
-            "r2": r2, "converged": bool(converged)}
+            "r2": r2, "converged": bool(converged), "meaningful": not problems,
+            "reason": "; ".join(problems) if problems else None}
+
+
+_GAUSS_PARAMS = ("amplitude", "centre y", "centre x", "sigma_y", "sigma_x", "offset")
+
+
+def gaussian_fit_problems(p, lo, hi, shape, r2) -> list[str]:
+    """Why a fitted Gaussian (p = amp, y0, x0, sy, sx, c within [lo, hi]) does not describe the map (empty: it does).
+
+    - a parameter at its bound: the optimum lies outside the model's allowed range, so the fit is degenerate
+      (e.g. offset -1 with a huge amplitude and sigma: a flat map fitted by the top of a very wide bell);
+    - a sigma larger than the map's side: the bell is wider than the map, only its flat top was seen;
+    - R^2 < :data:`GAUSS_MIN_R2` (or undefined for a constant map): the Gaussian explains too little of the map.
+    """
+    h, w = shape
+    out = []
+    for name, v, a, b in zip(_GAUSS_PARAMS, p, lo, hi):
+        for side, bound in (("lower", a), ("upper", b)):
+            if np.isfinite(bound) and abs(float(v) - float(bound)) <= 1e-6 * max(1.0, abs(float(bound))):
+                out.append(f"{name} at its {side} bound {float(bound):g}")
+    for name, v, side in (("sigma_y", p[3], h), ("sigma_x", p[4], w)):
+        if v > side:
+            out.append(f"{name} {float(v):.1f} px exceeds the map's {'height' if name == 'sigma_y' else 'width'} "
+                       f"{side} px")
+    if r2 is None:
+        out.append("R^2 undefined (constant map)")
+    elif r2 < GAUSS_MIN_R2:
+        out.append(f"R^2 {r2:.3f} < {GAUSS_MIN_R2:g}")
+    return out
+
+
+def gaussian_fit_ok(fit: dict | None) -> bool | None:
+    """True for a meaningful Gaussian fit, False for a flagged one, None without a fit. Fits stored before the
+    ``meaningful`` key existed count as meaningful only when R^2 >= :data:`GAUSS_MIN_R2`."""
+    if not fit:
+        return None
+    if "meaningful" in fit:
+        return bool(fit["meaningful"])
+    return fit.get("r2") is not None and fit["r2"] >= GAUSS_MIN_R2
 
 
 def _separable_gaussian_lm(z: np.ndarray, p: np.ndarray, lo: np.ndarray, hi: np.ndarray, max_iter: int = 500,
@@ -259,7 +305,9 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
     ``high_contribution``: the paper's area ratios (Ding et al. 2022, Table 10) on log10(A+1)/max.
     ``distribution``: centre of mass, per-axis std, r_rms, r50/r90 of the raw map (Luo et al. 2016).
     ``mass_within_radius``: share of the raw mass within r = 5, 10, 20, 40, 80 px of the centre (OpenERF-style).
-    ``gaussian_fit``: 2-D Gaussian fit of A / max with R^2.
+    ``gaussian_fit``: 2-D Gaussian fit of A / max with R^2; ``meaningful`` False and ``reason`` set (flag
+    ``gaussian_fit_not_meaningful``) when a parameter sits at a bound, a sigma exceeds the map or R^2 < 0.5
+    (:func:`gaussian_fit_problems`): the numbers are kept but describe a degenerate fit, not the ERF.
     ``erf_to_trf``: with ``theoretical_rf`` T (pixels): ``rms_diameter`` = 2 r_rms / T and
     ``side_at_<t>`` = side(t) / T -- the share of the theoretical RF the ERF actually covers.
     ``flags`` lists anything unusual (e.g. ``threshold_0.99_not_reached``, ``empty_map``,
@@ -288,6 +336,9 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
     if h != w:
         flags.append("non_square_map")
     dist = distribution_stats(a)
+    gauss = fit_gaussian(a, dist) if gaussian and total > 0 else None
+    if gauss is not None and not gauss["meaningful"]:
+        flags.append("gaussian_fit_not_meaningful")
     peak = np.unravel_index(int(np.argmax(a)), a.shape)
     out = {
         "shape": [h, w],
@@ -298,7 +349,7 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
         "total": total,
         "distribution": dist,
         "mass_within_radius": mass_within_radii(a, centre=(cy, cx)),
-        "gaussian_fit": fit_gaussian(a, dist) if gaussian and total > 0 else None,
+        "gaussian_fit": gauss,
         "theoretical_rf": int(theoretical_rf) if theoretical_rf is not None else None,
         "erf_to_trf": None,
         "flags": flags,
@@ -331,6 +382,8 @@ def summary(metrics: dict) -> dict:
         s[f"mass@{r}px"] = mass.get(f"{r:g}")
     g = metrics.get("gaussian_fit") or {}
     s["gauss_sigma_y"], s["gauss_sigma_x"], s["gauss_r2"] = g.get("sigma_y"), g.get("sigma_x"), g.get("r2")
+    ok = gaussian_fit_ok(metrics.get("gaussian_fit"))
+    s["gauss_fit"] = None if ok is None else ("ok" if ok else NOT_MEANINGFUL)
     s["trf"] = metrics.get("theoretical_rf")
     s["erf/trf"] = (metrics.get("erf_to_trf") or {}).get("rms_diameter")
     return s

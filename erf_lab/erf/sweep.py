@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from erf_lab.erf.metrics import summary
+from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, summary
 from erf_lab.erf.tables import csv_text, markdown_table
 from erf_lab.errors import ErfLabError
 from erf_lab.io import progress, write_json, write_text
@@ -27,7 +27,8 @@ from erf_lab.provenance import provenance
 REPARAM_MODES = {"train": ("train",), "deploy": ("deploy",), "both": ("train", "deploy")}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 SWEEP_COLUMNS = ("kernel", "reparam", "model", "weights", "shape", "area@20%", "area@30%", "area@50%", "area@99%",
-                 "r_rms", "r50", "r99", "std_y", "std_x", "gauss_sigma_x", "gauss_r2", "trf", "erf/trf", "num_used",
+                 "r_rms", "r50", "r99", "std_y", "std_x", "gauss_sigma_x", "gauss_r2", "gauss_fit", "trf", "erf/trf",
+                 "num_used",
                  "run_dir")
 
 
@@ -234,13 +235,20 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     x = "input_size" if by_size else "kernel"
     group = "series" if (ks and by_size) else "reparam"
     metric_set = AREA_METRICS + SIZE_FREE_METRICS if by_size else AREA_METRICS + SIZE_FREE_METRICS[:1]
-    files += plot_growth(rows, out_dir / "growth", x=x, group=group, metrics=metric_set, formats=formats)
+    gauss_bad = [r for r in rows if r.get("gauss_fit") == NOT_MEANINGFUL]
+    plotted = [{**r, "gauss_sigma_x": None} if r.get("gauss_fit") == NOT_MEANINGFUL else r for r in rows]  # no point
+    files += plot_growth(plotted, out_dir / "growth", x=x, group=group, metrics=metric_set, formats=formats)
     columns = ("input_size",) + SWEEP_COLUMNS if by_size else SWEEP_COLUMNS
     write_text(out_dir / "sweep.csv", csv_text(rows, columns))
     md = markdown_table(rows, columns)
     if by_size:
         md += ("\n\nArea ratios are fractions of the image and shrink as the image grows even when the ERF in pixels "
-               "does not; compare r_rms, r50/r99 and the Gaussian sigma (pixels) across input sizes.")
+               "does not; compare r_rms, r50/r99" + (" (pixels) across input sizes." if gauss_bad else
+                                                     " and the Gaussian sigma (pixels) across input sizes."))
+    if gauss_bad:
+        md += ("\n\n" + NOT_MEANINGFUL + " = Gaussian fit not meaningful (a parameter at its bound, a sigma wider "
+               f"than the map, or R^2 < {GAUSS_MIN_R2:g}) for " + ", ".join(str(r["run_dir"]) for r in gauss_bad)
+               + "; its sigma is not an ERF size and is left out of the growth figure.")
     if any(r["weights"] == "random" for r in rows):
         md += ("\n\nweights = random: seeded random initialization, not trained weights; these ERFs describe the "
                "untrained architecture, not what a trained network sees.")

@@ -5,17 +5,20 @@ import csv
 import io
 from typing import Sequence
 
-from erf_lab.erf.metrics import PAPER_TABLE10, paper_caveat, paper_reference, summary
+from erf_lab.erf.metrics import (GAUSS_MIN_R2, NOT_MEANINGFUL, PAPER_TABLE10, gaussian_fit_ok, paper_caveat,
+                                 paper_reference, summary)
 
 TABLE_COLUMNS = ("label", "source", "shape", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "std_y", "std_x",
-                 "gauss_sigma_y", "gauss_sigma_x", "gauss_r2", "trf", "erf/trf")
+                 "gauss_sigma_y", "gauss_sigma_x", "gauss_r2", "gauss_fit", "trf", "erf/trf")
 #: maps of different sizes: the size-free metrics (pixels) first, the area ratios (fractions of each map) last
-MIXED_SIZE_COLUMNS = ("label", "shape", "r_rms", "r20", "r50", "r99", "gauss_sigma_y", "gauss_sigma_x", "trf",
-                      "erf/trf", "area@20%", "area@50%", "area@99%")
+MIXED_SIZE_COLUMNS = ("label", "shape", "r_rms", "r20", "r50", "r99", "gauss_sigma_y", "gauss_sigma_x", "gauss_fit",
+                      "trf", "erf/trf", "area@20%", "area@50%", "area@99%")
 NOT_COMPARABLE = "n/c"
+#: the columns whose numbers come from the Gaussian fit: shown as "n/m (value)" where the fit is not meaningful
+GAUSS_COLUMNS = ("gauss_sigma_y", "gauss_sigma_x", "gauss_r2")
 
 
-_TEXT_COLUMNS = ("label", "source", "shape", "model", "reparam", "run_dir")
+_TEXT_COLUMNS = ("label", "source", "shape", "model", "reparam", "run_dir", "gauss_fit")
 
 
 def _fmt(v, column: str = "") -> str:
@@ -24,6 +27,24 @@ def _fmt(v, column: str = "") -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
     return str(v)
+
+
+def _cell(row: dict, column: str) -> str:
+    text = _fmt(row.get(column), column)
+    if column in GAUSS_COLUMNS and row.get("gauss_fit") == NOT_MEANINGFUL and row.get(column) is not None:
+        return f"{NOT_MEANINGFUL} ({text})"
+    return text
+
+
+def gauss_note(measured: Sequence[tuple[str, dict]]) -> str:
+    """One line naming the runs whose Gaussian fit is not meaningful and why ("" when every fit is fine)."""
+    bad = [(label, (m.get("gaussian_fit") or {}).get("reason") or f"R^2 < {GAUSS_MIN_R2:g}")
+           for label, m in measured if gaussian_fit_ok(m.get("gaussian_fit")) is False]
+    if not bad:
+        return ""
+    return (f"{NOT_MEANINGFUL} = Gaussian fit not meaningful (a parameter at its bound, a sigma wider than the map, "
+            f"or R^2 < {GAUSS_MIN_R2:g}); its sigma is not an ERF size: "
+            + "; ".join(f"{label}: {reason}" for label, reason in bad) + ".")
 
 
 def table_rows(runs: Sequence[tuple[str, dict]], with_paper: bool = True) -> list[dict]:
@@ -45,7 +66,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS)
     """GitHub-flavoured markdown; area columns are percent of the map area, ``n/r`` = not reached."""
     head = "| " + " | ".join(columns) + " |"
     sep = "|" + "|".join("---" if c in _TEXT_COLUMNS else "---:" for c in columns) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(c), c) for c in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(_cell(r, c) for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
@@ -78,7 +99,12 @@ def metrics_text(metrics: dict, label: str = "") -> str:
                      f"({d['center_of_mass'][0]:.1f}, {d['center_of_mass'][1]:.1f}); r_rms = {d['r_rms']:.2f} px, "
                      f"r50 = {d['r50']:.1f} px, r90 = {d['r90']:.1f} px")
     g = metrics.get("gaussian_fit")
-    if g and g.get("r2") is not None:
+    if g and gaussian_fit_ok(g) is False:
+        r2 = "undefined" if g.get("r2") is None else f"{g['r2']:.4f}"
+        lines.append(f"  Gaussian fit NOT MEANINGFUL ({g.get('reason') or f'R^2 < {GAUSS_MIN_R2:g}'}): "
+                     f"sigma (y, x) = {g['sigma_y']:.2f}, {g['sigma_x']:.2f} px, R^2 = {r2} describe a degenerate "
+                     "fit, not the ERF's size")
+    elif g and g.get("r2") is not None:
         lines.append(f"  Gaussian fit: sigma (y, x) = {g['sigma_y']:.2f}, {g['sigma_x']:.2f} px, R^2 = {g['r2']:.4f}"
                      + ("" if g.get("converged") else " (not converged)"))
     if metrics.get("theoretical_rf"):

@@ -100,9 +100,11 @@ def run(args: argparse.Namespace) -> int:
         if info.get("roofline_note"):
             print(f"note: {info['roofline_note']}")
     from erf_lab.erf.metrics import paper_caveat
-    from erf_lab.erf.tables import markdown_table, table_rows
+    from erf_lab.erf.tables import gauss_note, markdown_table, table_rows
 
     print(markdown_table(table_rows([(info["model"], res["metrics"])])))
+    if note := gauss_note([(info["model"], res["metrics"])]):
+        print(f"note: {note}")
     if caveat := paper_caveat():
         print(f"note: {caveat}")
     if info["random_init"] and info["weights"]:
