@@ -276,6 +276,84 @@ def test_image_folder_recursive_with_bad_files(tmp_path):
     assert torch.allclose(red, ref, atol=1e-5) and red[0].mean() > 1.0 > red[1].mean()
 
 
+def _cut_jpeg(path, keep=3000):
+    """A JPEG cut short (an interrupted download): its header passes PIL's verify(), its data does not decode."""
+    from erf_lab.erf.images import default_images_dir
+
+    path.write_bytes((default_images_dir() / "astronaut.jpg").read_bytes()[:keep])
+    return path
+
+
+def test_a_cut_jpeg_is_skipped_while_choosing_and_the_next_image_takes_its_place(tmp_path):
+    """User test: a truncated JPEG passed verify(), took the only --num-images place and failed when measured
+    ("no usable image: 1 skipped"); now it is skipped while the images are chosen, counted once, and the next
+    readable image is used."""
+    from PIL import Image
+
+    _cut_jpeg(tmp_path / "a_trunc.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "b_good.png")
+    with pytest.warns(UserWarning) as rec:
+        src = load_images(tmp_path, num_images=1, input_size=16)
+    assert src.ids == ["b_good.png"]
+    assert [s[0] for s in src.skipped] == ["notes.txt", "a_trunc.jpg"]
+    assert src.skipped[1][1].startswith("OSError: image file is truncated")
+    assert sorted(str(w.message).split(" in ")[0] for w in rec) == [
+        "ignored 1 non-image file(s)", "skipped 1 unreadable image file(s)"]  # 1 + 1 = the 2 skipped
+
+
+def test_no_readable_image_error_counts_every_skipped_file(tmp_path, capsys):
+    """A folder of one non-image file and one cut JPEG: one error line, exit 2, both files counted (was: a warning,
+    then 'no usable image: 1 skipped')."""
+    from erf_lab.cli.main import main
+
+    _cut_jpeg(tmp_path / "trunc.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    code = main(["compute", "--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override",
+                 "layers=(1,1,1,1)", "--input-size", "32", "--images", str(tmp_path), "--num-images", "1",
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert (f"no readable images found in {tmp_path}: 2 skipped: 1 unreadable image(s), 1 non-image file(s) "
+            "(trunc.jpg: OSError: image file is truncated") in err
+    assert "notes.txt: not an image file (extension))" in err
+
+
+def test_no_usable_image_counts_the_files_skipped_while_choosing(tmp_path):
+    """The images chosen fail only when measured (here: rewritten in between): the error counts them together with
+    the files already skipped while choosing, as run.json's "skipped" does (was: only the measured ones)."""
+    from PIL import Image
+
+    (tmp_path / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "good.png")
+    with pytest.warns(UserWarning):
+        src = load_images(tmp_path, input_size=32)
+    assert src.ids == ["good.png"] and len(src.skipped) == 2
+    (tmp_path / "good.png").write_bytes((tmp_path / "good.png").read_bytes()[:60])
+    with pytest.raises(ErfLabError) as e:
+        compute_erf(_tiny_replknet(), src, show_progress=False)
+    assert str(e.value).startswith("no usable image: 3 skipped: 2 unreadable image(s), 1 non-image file(s) "
+                                   "(good.png: unreadable: OSError; fake.jpg: "), str(e.value)
+    assert str(e.value).endswith("; notes.txt: not an image file (extension))")
+
+
+def test_a_broken_link_is_counted_once(tmp_path):
+    """A dangling link under an image's name is one ignored non-image file, not also an unreadable image."""
+    import os
+    import warnings
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        src = load_images(tmp_path, input_size=16)
+    assert [str(w.message).split(" in ")[0] for w in rec] == ["ignored 1 non-image file(s)"]
+    assert [list(s) for s in src.skipped] == [["dangling.png", "a broken link"]]
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(ErfLabError, match="not found"):
         load_images(tmp_path / "missing")

@@ -340,8 +340,11 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     if reducer is not None:
         acc = reducer(acc)
     if acc.count == 0:
-        raise ErfLabError(f"no usable image: {len(acc.skipped)} skipped ("
-                          + "; ".join(f"{i}: {r}" for i, r in acc.skipped[:3]) + ")")
+        from erf_lab.erf.images import ImageSource, skip_summary
+
+        # the files skipped while the images were selected count too (as run.json's "skipped" lists them)
+        before = [list(s) for s in images.skipped] if isinstance(images, ImageSource) else []
+        raise ErfLabError(f"no usable image: {skip_summary(acc.skipped + before)}")
     erf = acc.sum / acc.count
     input_size = int(input_hw[0]) if input_hw else int(erf.shape[0])
     info.update({"tf32": bool(allow_tf32) if dev.type == "cuda" else None, "batch_seconds": batches})

@@ -182,9 +182,18 @@ class ImageSource:
             yield self.id_of(p), (lambda p=p: self.load(p))
 
 
+NOT_AN_IMAGE = "not an image file (extension)"
+BROKEN_LINK = "a broken link"
+NOT_REGULAR = "not a regular file (a pipe, device or socket)"
+#: the reasons of the files that are no image at all (``ignored ... non-image file(s)``), not unreadable images
+NON_IMAGE_REASONS = (NOT_AN_IMAGE, BROKEN_LINK, NOT_REGULAR)
+
+
 def _check_image(path: Path) -> tuple[str | None, str | None]:
-    """(None, sha256 of the file's bytes) if PIL can decode the file header and data, else (the reason, None).
-    The digest reads the whole file once more (in 1 MiB pieces; ~0.3 ms for a 100 kB JPEG)."""
+    """(None, sha256 of the file's bytes) if PIL can decode the file header and data and :func:`to_rgb` accepts
+    the pixels, else (the reason, None). The whole image is decoded (``verify`` alone passes a JPEG cut short,
+    which then failed only when measured, after it had taken one of the ``--num-images`` places). The digest
+    reads the whole file once more (in 1 MiB pieces; ~0.3 ms for a 100 kB JPEG)."""
     import hashlib
 
     from PIL import Image
@@ -192,6 +201,9 @@ def _check_image(path: Path) -> tuple[str | None, str | None]:
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:  # verify() leaves the image unusable: open it again to decode it
+            im.load()
+            to_rgb(im)
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for piece in iter(lambda: f.read(1 << 20), b""):
@@ -220,9 +232,8 @@ def load_images(images: str | os.PathLike | None = None, *, num_images: int | No
     limit = PAPER_NUM_IMAGES if num_images is None else int(num_images)
     chosen, skipped = [], []
     for o in others:
-        reason = ("not an image file (extension)" if o.is_file() or o.suffix.lower() not in IMAGE_EXTENSIONS else
-                  "a broken link" if o.is_symlink() and not o.exists() else
-                  "not a regular file (a pipe, device or socket)")
+        reason = (NOT_AN_IMAGE if o.is_file() or o.suffix.lower() not in IMAGE_EXTENSIONS else
+                  BROKEN_LINK if o.is_symlink() and not o.exists() else NOT_REGULAR)
         skipped.append((o.relative_to(root).as_posix(), reason))
     digests = {}
     for p in files:
@@ -235,9 +246,11 @@ def load_images(images: str | os.PathLike | None = None, *, num_images: int | No
         else:
             skipped.append((p.relative_to(root).as_posix(), reason))
     if not chosen:
-        what = "no readable images" if files else "no image files (" + "/".join(e[1:] for e in IMAGE_EXTENSIONS[:4]) + " ...)"
-        raise ErfLabError(f"{what} found in {root}")
-    bad = [s for s in skipped if s[1] != "not an image file (extension)"]
+        if files:
+            raise ErfLabError(f"no readable images found in {root}: {skip_summary(skipped)}")
+        raise ErfLabError("no image files (" + "/".join(e[1:] for e in IMAGE_EXTENSIONS[:4]) + f" ...) found in {root}"
+                          + (f" ({len(others)} other file(s))" if others else ""))
+    bad = [s for s in skipped if s[1] not in NON_IMAGE_REASONS]  # the others are the "ignored" ones below
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {root}: "
                       + ", ".join(s[0] for s in bad[:5]) + (", ..." if len(bad) > 5 else ""), stacklevel=2)
@@ -246,3 +259,21 @@ def load_images(images: str | os.PathLike | None = None, *, num_images: int | No
     return ImageSource(root=root, files=chosen, input_size=int(input_size), mean=tuple(mean), std=tuple(std),
                        name=DEFAULT_SET if builtin else root.name, skipped=skipped, num_other_files=len(others),
                        file_sha256=digests)
+
+
+def skip_summary(skipped, shown: int = 3) -> str:
+    """``skipped`` ([id, reason] pairs) in one phrase for an error line: the count, split into unreadable images,
+    images with a non-finite gradient and files that are no image (as the warnings count them), then the first
+    ``shown`` entries, non-image files last: ``"2 skipped: 1 unreadable image(s), 1 non-image file(s) (trunc.jpg:
+    OSError: ...; notes.txt: not an image file (extension))"``."""
+    skipped = [tuple(s) for s in skipped]
+    groups = {"unreadable image(s)": [], "image(s) with a non-finite gradient": [], "non-image file(s)": []}
+    for s in skipped:
+        key = ("non-image file(s)" if s[1] in NON_IMAGE_REASONS else
+               "image(s) with a non-finite gradient" if str(s[1]).startswith("non-finite") else "unreadable image(s)")
+        groups[key].append(s)
+    listed = [s for g in groups.values() for s in g][:shown]
+    parts = ", ".join(f"{len(g)} {name}" for name, g in groups.items() if g)
+    return (f"{len(skipped)} skipped" + (f": {parts}" if parts else "")
+            + (" (" + "; ".join(f"{i}: {r}" for i, r in listed) + ("; ..." if len(skipped) > shown else "") + ")"
+               if listed else ""))
