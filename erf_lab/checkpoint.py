@@ -26,6 +26,11 @@ BUILTIN_PREFIX = "builtin:"
 #: safetensors metadata of weights that were never trained (``erf-lab reparam`` of a random init); the
 #: ``<file>.run.json`` sidecar carries the same as ``random_init`` / ``init_seed``
 RANDOM_INIT_KEY, INIT_SEED_KEY = "erf_lab_random_init", "erf_lab_init_seed"
+#: safetensors metadata (and ``<file>.run.json`` key ``input_size``): the input side in pixels the weights were
+#: trained at, written by ``erf-lab train``
+TRAIN_SIZE_KEY = "erf_lab_train_input_size"
+#: the resume state of an ``erf-lab train`` run still in progress (``erf_lab.train.checkpoints.STATE_FILE``)
+_TRAIN_STATE_FILE = ".train_state.pt"
 
 
 def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict]:
@@ -59,13 +64,7 @@ def random_init_record(weights: str | os.PathLike) -> dict | None:
     from erf_lab.io import sha256_file
 
     path = resolve_weights(weights)[0]
-    meta = {}
-    if _format_by_bytes(path) == "safetensors":  # by its bytes, whatever its name
-        with contextlib.suppress(Exception):  # unreadable files are reported when the weights are loaded
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
+    meta = _safetensors_metadata(path)
     if meta.get(RANDOM_INIT_KEY) == "true":
         seed = meta.get(INIT_SEED_KEY)
         return {"seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else None}
@@ -77,6 +76,63 @@ def random_init_record(weights: str | os.PathLike) -> dict | None:
             seed = sidecar.get("init_seed")
             return {"seed": seed if isinstance(seed, int) else None}
     return None
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    """The metadata of a safetensors file (by its bytes, whatever its name); {} for anything else or unreadable."""
+    if _format_by_bytes(path) != "safetensors":
+        return {}
+    with contextlib.suppress(Exception):  # unreadable files are reported when the weights are loaded
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    return {}
+
+
+def _size(v) -> int | None:
+    """A training input size from a record: a positive whole number (an int, or its digits as a string)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v.strip())
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def training_input_size(weights: str | os.PathLike) -> tuple[int | None, str | None]:
+    """(side in pixels, where it was read) of the resolution ``weights`` were trained at, from a training record:
+    a ``builtin:`` model's JSON, the safetensors metadata ``erf-lab train`` writes (:data:`TRAIN_SIZE_KEY`), the
+    ``<file>.run.json`` beside the file (``input_size``, when its SHA-256 is the file's), or the ``run.json`` (a run
+    in progress: its resume state) of the ``erf-lab train`` run whose folder holds the file (``RUN/model.*``,
+    ``RUN/checkpoints/epoch_*.*``). (None, None) when there is none: the training resolution is unknown."""
+    import json
+
+    path, record = resolve_weights(weights)
+    if _size(record.get("input_size")):
+        return _size(record["input_size"]), f"the training record of {weights}"
+    if n := _size(_safetensors_metadata(path).get(TRAIN_SIZE_KEY)):
+        return n, f"the safetensors metadata of {path.name}"
+    with contextlib.suppress(OSError, ValueError):
+        from erf_lab.io import sha256_file
+
+        sidecar = json.loads(path.with_name(path.name + ".run.json").read_text(encoding="utf-8"))
+        if isinstance(sidecar, dict) and _size(sidecar.get("input_size")) and \
+                sidecar.get("sha256") == sha256_file(path):
+            return _size(sidecar["input_size"]), f"{path.name}.run.json"
+    p = path.expanduser().resolve()
+    for run in (p.parent, p.parent.parent):
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+            if isinstance(info, dict) and isinstance(info.get("settings"), dict) and "model_config" in info:
+                n = _size(info["settings"].get("input_size"))
+                return (n, f"the erf-lab train run {run}/run.json") if n else (None, None)
+        if (run / _TRAIN_STATE_FILE).is_file():  # a training run in progress: its resume point holds the settings
+            with contextlib.suppress(Exception):
+                state = torch.load(run / _TRAIN_STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+                n = _size(state["settings"].get("input_size"))
+                if n:
+                    return n, f"the erf-lab train run in progress {run}"
+    return None, None
 
 
 def random_init_of(weights: str | os.PathLike | None, *, pretrained: bool = False,

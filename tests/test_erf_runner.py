@@ -354,7 +354,9 @@ def test_training_resolution_and_size_note():
     assert training_resolution(random_init, M()) is None  # never trained: no training resolution, no note
     trained = ErfSpec("x", weights="/w/model.pth")
     assert training_resolution(trained, torch.nn.Identity()) is None
-    assert training_resolution(trained, M()) == 384
+    # the model's pretrained_cfg describes its published weights, not a file of other weights: unknown (was 384)
+    assert training_resolution(trained, M()) is None
+    assert training_resolution(ErfSpec("x", weights="/w/epoch_120.pth"), M()) is None  # an epoch, not a size
     assert training_resolution(ErfSpec("x", overrides={"pretrained": True}), M()) == 384
     assert training_resolution(ErfSpec("x", train_size=320), M()) == 320
     named = ErfSpec("replknet_31b", weights="/w/RepLKNet-31B_ImageNet-1K_384.pth")
@@ -363,6 +365,55 @@ def test_training_resolution_and_size_note():
     assert training_resolution(official, M()) == 224  # the checkpoint's own size wins over the model default
     assert size_note(1024, 224) and "4.6x" in size_note(1024, 224)
     assert size_note(448, 224) is None and size_note(100, 224) and size_note(1024, None) is None
+
+
+def test_training_resolution_comes_from_the_training_record(tmp_path, capsys):
+    """User test: a checkpoint of 'erf-lab train' at 32 px measured at 64 px recorded train_size 224 (the model's
+    default for official ImageNet weights) and a size note about 224 px. Now the run folder's run.json, the
+    safetensors metadata train writes, or a run in progress give 32; a file without any record is 'unknown'."""
+    import shutil
+
+    from erf_lab.erf.runner import training_resolution_source
+    from erf_lab.models import create_model
+    from erf_lab.train.loop import train
+    from erf_lab.train.recipe import Recipe
+
+    run = tmp_path / "t1"
+    train("replknet_31b", "cue-world", out=run, overrides=TINY_KW, show_progress=False, input_size=32, train_size=16,
+          val_size=8, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5))
+    model = create_model("replknet_31b", num_classes=10, **TINY_KW)
+    assert model.default_cfg["input_size"][-1] == 224  # what was recorded before
+    for name in ("checkpoints/epoch_001.pth", "checkpoints/epoch_001.safetensors", "model.pth"):
+        size, where = training_resolution_source(ErfSpec("replknet_31b", weights=str(run / name)), model)
+        assert size == 32, (name, where)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for suffix in ("pth", "safetensors"):
+        shutil.copy(run / "checkpoints" / f"epoch_001.{suffix}", loose / f"epoch_001.{suffix}")
+    assert training_resolution_source(ErfSpec("replknet_31b", weights=str(loose / "epoch_001.safetensors")), model) \
+        == (32, "the safetensors metadata of epoch_001.safetensors")  # the file says it, out of its folder too
+    size, where = training_resolution_source(ErfSpec("replknet_31b", weights=str(loose / "epoch_001.pth")), model)
+    assert size is None and where.startswith("unknown: epoch_001.pth carries no training record")
+    progress = tmp_path / "in_progress"
+    (progress / "checkpoints").mkdir(parents=True)
+    shutil.copy(loose / "epoch_001.pth", progress / "checkpoints" / "epoch_001.pth")
+    torch.save({"settings": {"input_size": 48}}, progress / ".train_state.pt")
+    in_progress = ErfSpec("replknet_31b", weights=str(progress / "checkpoints/epoch_001.pth"))
+    assert training_resolution(in_progress, model) == 48
+
+    out = tmp_path / "c"
+    base = [*TINY, "--override", "num_classes=10", "--input-size", "128", "--num-images", "1", "--quiet"]
+    assert main(["compute", *base, "--weights", str(run / "checkpoints/epoch_001.pth"), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    info = json.loads((out / "run.json").read_text())
+    assert info["train_size"] == 32 and info["train_size_source"] == f"the erf-lab train run {run.resolve()}/run.json"
+    assert info["size_note"].startswith("measured at 128px, 4x the training resolution 32px") and "224" not in stdout
+    assert main(["compute", *base, "--weights", str(loose / "epoch_001.pth"), "--out", str(out), "--force"]) == 0
+    stdout = capsys.readouterr().out
+    info = json.loads((out / "run.json").read_text())
+    assert info["train_size"] is None and info["train_size_source"].startswith("unknown: ")
+    assert info["size_note"].startswith("the training resolution is unknown (epoch_001.pth carries no training record")
+    assert "note: the training resolution is unknown" in stdout and "224" not in stdout
 
 
 def test_size_note_is_recorded_and_printed(tmp_path, capsys):

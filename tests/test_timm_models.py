@@ -124,7 +124,9 @@ def test_weights_round_trip_and_erf_equals_plain_autograd(name, tmp_path, capsys
     assert info["mean"] == pytest.approx(list(pre["mean"])) and info["std"] == pytest.approx(list(pre["std"]))
     assert info["model_preprocessing"]["interpolation"] == pre["interpolation"]
     assert info["model_preprocessing"]["crop_pct"] == pytest.approx(pre["crop_pct"])
-    assert info["train_size"] == pre["input_size"][-1]
+    # weights saved from an untrained model into a file with no training record: the pretrained_cfg's size is that
+    # of timm's published weights, not of these, so the training resolution is unknown
+    assert info["train_size"] is None and info["train_size_source"].startswith("unknown: ")
     if kind == "nchw":
         assert isinstance(info["theoretical_rf"], int) and info["theoretical_rf"] > size
     else:

@@ -220,33 +220,54 @@ def random_init(spec: ErfSpec) -> dict | None:
     return random_init_of(spec.weights, pretrained=bool(spec.overrides.get("pretrained")), seed=spec.seed)
 
 
+_NOT_A_SIZE = re.compile(r"(?i)(?:epoch|step|iter|ckpt|checkpoint)[_\-.]?\d+$")
+
+
 def training_resolution(spec: ErfSpec, model) -> int | None:
-    """The model's training resolution: ``spec.train_size``; None for a randomly initialised model (it was never
-    trained); else a ``builtin:`` model's training record, a 3-4 digit size in the checkpoint's file name (the
-    official RepLKNet files: ``..._224.pth``, ``..._384.pth``, ``..._320.pth``), or the model's
-    ``pretrained_cfg`` / ``default_cfg`` ``input_size``."""
+    """The model's training resolution in pixels, None where it is unknown (:func:`training_resolution_source`)."""
+    return training_resolution_source(spec, model)[0]
+
+
+def training_resolution_source(spec: ErfSpec, model) -> tuple[int | None, str]:
+    """(training resolution or None, where it comes from / why it is unknown).
+
+    ``spec.train_size`` (``--train-size``) first; None for a randomly initialised model (never trained); for a
+    weights file its training record (:func:`erf_lab.checkpoint.training_input_size`: a ``builtin:`` model's JSON,
+    the metadata ``erf-lab train`` writes, the run folder's ``run.json``), else a 3-4 digit size in the file's name
+    (the official RepLKNet files: ``..._224.pth``, ``..._384.pth``, ``..._320.pth``; not ``epoch_100``), else
+    unknown: the model's ``pretrained_cfg`` / ``default_cfg`` ``input_size`` describes its official weights, not a
+    file of other weights. Without a file (the model's own published weights, ``pretrained=True``) that config."""
+    from erf_lab.checkpoint import training_input_size
+
     if spec.train_size is not None:
-        return int(spec.train_size)
+        return int(spec.train_size), "given (--train-size)"
     if random_init(spec) is not None:
-        return None
+        return None, "random initialization (never trained)"
     if spec.weights:
-        record = resolve_weights(spec.weights)[1]
-        if record.get("input_size"):
-            return int(record["input_size"])  # a builtin: model's training record
-        hits = [int(m) for m in _SIZE_IN_NAME.findall(Path(spec.weights).stem) if 96 <= int(m) <= 2048]
-        if hits:
-            return hits[-1]
+        size, where = training_input_size(spec.weights)
+        if size:
+            return size, where
+        stem = Path(str(spec.weights)).stem
+        hits = [int(m) for m in _SIZE_IN_NAME.findall(stem) if 96 <= int(m) <= 2048]
+        if hits and not _NOT_A_SIZE.search(stem):
+            return hits[-1], f"the size in the file name {Path(str(spec.weights)).name}"
+        return None, (f"unknown: {Path(str(spec.weights)).name} carries no training record (erf-lab train's run "
+                      "folder or metadata) and no size in its name")
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
-            return int(cfg["input_size"][-1])
-    return None
+            return int(cfg["input_size"][-1]), f"the model's {attr} (its published weights)"
+    return None, "unknown: the model declares no training resolution"
 
 
-def size_note(input_size: int, train_size: int | None) -> str | None:
+def size_note(input_size: int, train_size: int | None, unknown: str | None = None) -> str | None:
     """A warning when the measurement size is far (> 2x) from the training resolution (allowed: the paper's
-    protocol measures 224-trained models at 1024)."""
+    protocol measures 224-trained models at 1024); with ``train_size`` None and ``unknown`` (why: trained weights
+    whose resolution no record gives) a note that it is unknown, so the gap cannot be judged."""
     if train_size is None:
+        if unknown:
+            return (f"the training resolution is unknown ({unknown.removeprefix('unknown: ')}): whether "
+                    f"{input_size}px is far from it cannot be judged; pass --train-size N if you know it")
         return None
     f = input_size / train_size
     if f > SIZE_NOTE_FACTOR or f < 1 / SIZE_NOTE_FACTOR:
@@ -483,7 +504,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         # is touched; prepare_model then leaves the re-parameterized model as it is
         geom = layer_geometry(to_measured_form(model, spec.layer, spec.reparameterize), spec.layer, spec.input_size)
         imports.join()
-        train_size = training_resolution(spec, model)
+        train_size, train_size_source = training_resolution_source(spec, model)
         weights_sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None
         config = _config(spec, source, mean, std, weights_sha, dinfo)
         refuse_other_result(Path(out) if out is not None else
@@ -582,8 +603,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         run_info = metrics = None
         if dinfo.is_main:
             try:
-                run_info = _run_info(spec, config, result, source, geom, train_size, device, dinfo, label, tags,
-                                     resumed_from, start, t0, measure_s, argv, data_cfg)
+                run_info = _run_info(spec, config, result, source, geom, (train_size, train_size_source), device,
+                                     dinfo, label, tags, resumed_from, start, t0, measure_s, argv, data_cfg)
                 metrics = write_run_dir(out_dir, result.erf, run_info, theoretical_rf=geom["theoretical_rf"],
                                         centre=run_info.get("erf_centre"), formats=formats, display=display)
             except BaseException:  # Ctrl-C or a failure while writing: the measurement is kept for --resume
@@ -595,7 +616,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
             "already_complete": False, "reused": False}
 
 
-def _run_info(spec, config, result, source, geom, train_size, device, dinfo, label, tags, resumed_from, start, t0,
+def _run_info(spec, config, result, source, geom, train, device, dinfo, label, tags, resumed_from, start, t0,
               measure_s, argv, data_cfg) -> dict:
     order = {i: n for n, i in enumerate(config["images"])}
     skipped_ids = {s[0] for s in result.skipped}
@@ -603,6 +624,7 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
     skipped = [list(s) for s in source.skipped] + result.skipped
     new_images = max(1, len(result.processed) - resumed_from)
     init = random_init(spec)
+    train_size, train_size_source = train
     return {
         "label": label, "config": _normalise(config), "tags": _normalise(tags),
         "model": spec.model, "overrides": _normalise(spec.config()["overrides"]),
@@ -610,7 +632,9 @@ def _run_info(spec, config, result, source, geom, train_size, device, dinfo, lab
         "weights_sha256": config["weights"],
         "random_init": init is not None, "init_seed": None if init is None else init["seed"],
         "drop_head": spec.drop_head,
-        "train_size": train_size, "size_note": size_note(spec.input_size, train_size),
+        "train_size": train_size, "train_size_source": train_size_source,
+        "size_note": size_note(spec.input_size, train_size,
+                               train_size_source if train_size_source.startswith("unknown") else None),
         "layer": geom["layer"], "aggregate": spec.aggregate, "input_size": spec.input_size,
         "feature_shape": geom["feature_shape"], "theoretical_rf": geom["theoretical_rf"],
         "erf_centre": erf_centre(geom, spec.input_size, result.info.get("feature_hw")),

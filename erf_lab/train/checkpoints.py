@@ -28,12 +28,16 @@ WEIGHT_FORMATS = ("pth", "safetensors", "both")
 
 
 def save_weights(state_dict: dict, stem: str | os.PathLike, fmt: str = "both",
-                 extra: dict | None = None, random_init_seed: int | None = None) -> list[Path]:
+                 extra: dict | None = None, random_init_seed: int | None = None,
+                 train_input_size: int | None = None) -> list[Path]:
     """Write ``stem.pth`` (``{"model": sd, **extra}``) and / or ``stem.safetensors`` atomically. With
     ``random_init_seed`` (the weights are the untrained initialisation, epoch 0) each file is marked as a random
     init, as ``erf-lab reparam`` marks one (:func:`erf_lab.checkpoint.random_init_record`): the safetensors
-    metadata, and for the .pth a ``<file>.run.json`` beside it with its SHA-256; measurements on it then say so."""
-    from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY
+    metadata, and for the .pth a ``<file>.run.json`` beside it with its SHA-256; measurements on it then say so.
+    ``train_input_size`` (the training resolution) goes into the safetensors metadata, so a file copied out of its
+    run folder still says what it was trained at (:func:`erf_lab.checkpoint.training_input_size`; a .pth says it
+    through the run folder's run.json)."""
+    from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, TRAIN_SIZE_KEY
     from erf_lab.io import sha256_file, write_json
 
     if fmt not in WEIGHT_FORMATS:
@@ -54,8 +58,11 @@ def save_weights(state_dict: dict, stem: str | os.PathLike, fmt: str = "both",
         from safetensors.torch import save_file
 
         path = stem.with_name(stem.name + ".safetensors")
-        meta = (None if random_init_seed is None else
+        meta = ({} if random_init_seed is None else
                 {RANDOM_INIT_KEY: "true", INIT_SEED_KEY: str(int(random_init_seed))})
+        if train_input_size is not None:
+            meta[TRAIN_SIZE_KEY] = str(int(train_input_size))
+        meta = meta or None
         with atomic_path(path) as tmp:
             save_file(sd, str(tmp), metadata=meta)
         out.append(path)

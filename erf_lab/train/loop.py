@@ -440,8 +440,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             out.mkdir(parents=True, exist_ok=True)
             if force:
                 _clear(out)
+            # marked: measurements on it say "random weights"
             C.save_weights(net.state_dict(), out / "checkpoints" / "epoch_000", checkpoint_format,
-                           random_init_seed=seed)  # marked: measurements on it say "random weights"
+                           random_init_seed=seed, train_input_size=input_size)
 
     train_net = distributed_net(net, W, device, sync_bn)
     sampler = torch.utils.data.DistributedSampler(d.train, num_replicas=W, rank=info.rank, shuffle=True,
@@ -535,7 +536,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             epoch, position, sums, epoch_images, epoch_time = epoch + 1, 0, _Sums(), 0, 0.0
             if info.is_main:
                 C.save_weights(net.state_dict(), out / "checkpoints" / f"epoch_{epoch:03d}", checkpoint_format,
-                               extra={"model_ema": ema.state_dict()} if ema is not None else None)
+                               extra={"model_ema": ema.state_dict()} if ema is not None else None,
+                               train_input_size=input_size)
                 _write_metrics(out / "metrics.csv", rows)
                 bar.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.3f}, "
                           f"val loss {val_loss:.4f} acc {val_acc:.3f}")
@@ -556,9 +558,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
 
     if not info.is_main:
         return {"out_dir": out, "rows": rows, "run_info": None, "already_complete": False}
-    files = C.save_weights(net.state_dict(), out / "model", checkpoint_format)
+    files = C.save_weights(net.state_dict(), out / "model", checkpoint_format, train_input_size=input_size)
     if ema is not None:
-        files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors")
+        files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors", train_input_size=input_size)
     plot_curves(rows, out / "curves", recipe.label_smoothing)
     run_info = {
         "command": argv, "settings": settings, "device": device, "num_workers": num_workers,
