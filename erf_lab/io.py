@@ -76,13 +76,23 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def refuse_empty(path: str | os.PathLike | None, what: str = "--out",
+                 hint: str = "name a folder (the current one is '.')") -> None:
+    """ErfLabError (one line, ``<what> is empty; <hint>``) when ``path`` is an empty or blank string: ``Path("")``
+    is the current folder, so a command would otherwise write there (or into its default folder, for ``x or
+    default``). Every command's output option goes through this one check."""
+    from erf_lab.errors import ErfLabError
+
+    if path is not None and not str(path).strip():
+        raise ErfLabError(f"{what} is empty; {hint}")
+
+
 def check_out_path(path: str | os.PathLike, what: str = "--out") -> Path:
     """``path`` (``~`` expanded) if it is a folder or can become one; ErfLabError (one line) when it is empty, a
     file, or lies under a file. Creates nothing."""
     from erf_lab.errors import ErfLabError
 
-    if not str(path).strip():
-        raise ErfLabError(f"{what} is empty; name a folder (the current one is '.')")
+    refuse_empty(path, what)
     p = Path(path).expanduser()
     for parent in [p, *p.parents]:
         if parent.exists() and not parent.is_dir():
@@ -112,10 +122,21 @@ def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     return p
 
 
-#: the kinds of erf-lab result a folder's run.json can name (:func:`result_kind`), as error lines name them
+#: the kinds of erf-lab result a folder can hold (:func:`result_kind`), as error lines name them
 RESULT_KINDS = {"erf": "an ERF run", "training": "a training run", "shape-bias": "a shape-bias run",
                 "shape-bias --compare": "a shape-bias comparison", "shape-bias --from-csv": "shape-bias CSV results",
-                "bench": "a fastconv benchmark"}
+                "bench": "a fastconv benchmark", "sweep": "an ERF sweep", "study": "a study",
+                "compare": "an ERF comparison", "timeline": "a training timeline"}
+
+#: the kinds without a run.json: the file each command writes into its folder (its record), and what tells that
+#: file from another program's of the same name (sweep and compare: their provenance record's command; study:
+#: its settings and model list; timeline: the training run it measured and its rows)
+MARKER_FILES = {
+    "sweep": ("sweep.json", lambda d: d.get("command") == "sweep"),
+    "compare": ("compare.json", lambda d: d.get("command") == "compare"),
+    "study": ("study.json", lambda d: isinstance(d.get("settings"), dict) and isinstance(d.get("models"), list)),
+    "timeline": ("timeline.json", lambda d: isinstance(d.get("run"), str) and isinstance(d.get("rows"), list)),
+}
 
 
 def is_training_record(info) -> bool:
@@ -125,14 +146,24 @@ def is_training_record(info) -> bool:
 
 
 def result_kind(folder: str | os.PathLike) -> str | None:
-    """Which erf-lab result ``folder`` holds, from its run.json (a key of :data:`RESULT_KINDS`; "unknown" for a
-    run.json of none of them or one that cannot be read), or None without a run.json. ERF runs carry ``kind``
-    (files from before the schema: ``layer`` and ``aggregate``), training runs ``settings`` and ``model_config``,
-    shape-bias results their command in ``what``, fastconv benchmarks ``command``."""
-    run_json = Path(folder).expanduser() / "run.json"  # as prepare_out_dir expands it
-    info = read_json_or_none(run_json) if run_json.is_file() else None
-    if info is None:
-        return "unknown" if run_json.is_file() else None
+    """Which erf-lab result ``folder`` holds (a key of :data:`RESULT_KINDS`), or None for none. From its run.json
+    first ("unknown" for a run.json of no kind erf-lab writes, or one that cannot be read): ERF runs carry
+    ``kind`` (files from before the schema: ``layer`` and ``aggregate``), training runs ``settings`` and
+    ``model_config``, shape-bias results their command in ``what``, fastconv benchmarks ``command``. Without one,
+    from the record of a command that writes none (:data:`MARKER_FILES`: sweep.json, compare.json, study.json,
+    timeline.json)."""
+    folder = Path(folder).expanduser()  # as prepare_out_dir expands it
+    run_json = folder / "run.json"
+    if run_json.is_file():
+        return _run_json_kind(read_json_or_none(run_json))
+    for kind, (name, is_ours) in MARKER_FILES.items():
+        info = read_json_or_none(folder / name) if (folder / name).is_file() else None
+        if isinstance(info, dict) and is_ours(info):
+            return kind
+    return None
+
+
+def _run_json_kind(info) -> str:
     if not isinstance(info, dict):
         return "unknown"
     if info.get("kind") == "erf" or ("kind" not in info and "layer" in info and "aggregate" in info):
@@ -148,11 +179,13 @@ def result_kind(folder: str | os.PathLike) -> str | None:
 
 
 def refuse_other_result(folder: str | os.PathLike, kind: str, what: str = "--out") -> None:
-    """ErfLabError (one line) when ``folder`` holds an erf-lab result of a kind other than ``kind``: writing there
-    would replace that result's files (run.json, figures) with another command's. A run.json of no kind erf-lab
-    knows is left to the command."""
+    """The one check of every command that writes a result folder, before it writes: ErfLabError (one line) when
+    ``folder`` is empty, a file or under one (:func:`check_out_path`), or holds an erf-lab result of a kind other
+    than ``kind`` (its run.json, record and figures would be replaced by another command's). A run.json of no
+    kind erf-lab knows is left to the command."""
     from erf_lab.errors import ErfLabError
 
+    check_out_path(folder, what)
     found = result_kind(folder)
     if found not in (None, "unknown", kind):
         raise ErfLabError(f"{what} {folder} holds another erf-lab result ({RESULT_KINDS[found]}); choose another "

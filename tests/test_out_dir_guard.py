@@ -29,15 +29,19 @@ def _result(tmp_path, kind: str):
     return folder
 
 
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def _refused(capsys, argv, folder, kind_words):
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    before = _files(folder)
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     lines = [s for s in err.replace("\r", "\n").splitlines() if s.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"{folder} holds another erf-lab result ({kind_words}); choose another --out" in lines[0] or \
         f"{folder} holds another result" in lines[0], lines[0]
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing written, nothing replaced
+    assert _files(folder) == before  # nothing written, nothing replaced
 
 
 def test_result_kind_names_every_writer_and_refuses_only_another_known_kind(tmp_path):
@@ -72,7 +76,7 @@ def test_analyze_into_another_run_and_bench_into_a_training_run_are_refused(tmp_
     assert main(["analyze", str(src), "--out", str(src)]) == 0  # its own folder: fine
     capsys.readouterr()
     folder = _result(tmp_path, "training")
-    _refused(capsys, ["bench", "--quick", "--kernels", "3", "--out", folder], folder, "")
+    _refused(capsys, ["bench", "--quick", "--kernels", "3", "--out", folder], folder, "a training run")
     from fastconv.bench import main as bench_main
 
     assert bench_main(["--quick", "--kernels", "3", "--out", str(folder)]) == 2
@@ -122,3 +126,111 @@ def test_a_cue_world_summary_loads_and_compare_says_why_it_cannot_draw_it(tmp_pa
     assert load_run(run)["shape_bias"] == 0.5  # the app shows it
     assert main(["shape-bias", "--compare", str(run), "--out", str(tmp_path / "cmp")]) == 2
     assert "a cue-world probe has per_class instead" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ every writer against every other kind of result
+TRAIN = ["train", *TINY, "--input-size", "32", "--num-classes", "4", "--train-size", "16", "--val-size", "8",
+         "--epochs", "1", "--batch-size", "8", "--quiet"]
+SWEEP = ["sweep", "--kernels", "3", "--reparam", "deploy", *TINY[2:], "--input-size", "32", "--num-images", "1",
+         "--quiet"]
+KIND_WORDS = {"erf": "an ERF run", "training": "a training run", "compare": "an ERF comparison",
+              "sweep": "an ERF sweep", "timeline": "a training timeline", "study": "a study"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One folder of each kind, as its command writes it (the study's record as run_study writes it: a real study
+    trains six models)."""
+    d = tmp_path_factory.mktemp("results")
+    for argv in (["compute", *TINY, "--num-images", "1", "--input-size", "32", "--quiet", "--out", d / "erf"],
+                 [*TRAIN, "--out", d / "training"],
+                 ["compare", d / "erf", d / "erf", "--formats", "png", "--out", d / "compare"],
+                 [*SWEEP, "--formats", "png", "--out", d / "sweep"],
+                 ["timeline", d / "training", "--input-size", "32", "--num-images", "1", "--probe-size", "10",
+                  "--formats", "png", "--quiet", "--out", d / "timeline"]):
+        assert main([str(a) for a in argv]) == 0, argv
+    from dataclasses import asdict
+
+    from erf_lab.train.study import StudySettings, _jsonable, plan
+
+    s = StudySettings()
+    (d / "study").mkdir()
+    (d / "study" / "study.json").write_text(json.dumps({"settings": _jsonable(asdict(s)), "models": [
+        _jsonable(asdict(m)) for m in plan(s, guidelines=False)], "command": ["erf-lab", "study", "kernel-family"]}))
+    return d
+
+
+def _writer(command: str, results, out) -> list:
+    """The argv of ``command`` writing its result into ``out`` (tiny sizes: they run in seconds)."""
+    return {
+        "compute": ["compute", *TINY, "--num-images", "1", "--input-size", "32", "--quiet", "--force", "--out", out],
+        "train": [*TRAIN, "--force", "--out", out],
+        "study": ["study", "kernel-family", "--no-guidelines", "--epochs", "1", "--train-size", "64", "--input-size",
+                  "32", "--channels", "8,8,8,8", "--layers", "1,1,1,1", "--out", out],
+        "sweep": [*SWEEP, "--out", out],
+        "compare": ["compare", results / "erf", results / "erf", "--out", out],
+        "timeline": ["timeline", results / "training", "--input-size", "32", "--num-images", "1", "--probe-size",
+                     "10", "--quiet", "--out", out],
+        "bench": ["bench", "--quick", "--kernels", "3", "--out", out],
+    }[command]
+
+
+OWN = {"compute": "erf", "train": "training", "study": "study", "sweep": "sweep", "compare": "compare",
+       "timeline": "timeline", "bench": None}
+
+
+@pytest.mark.parametrize("command,kind", [(c, k) for c in OWN for k in KIND_WORDS if k != OWN[c]])
+def test_no_command_writes_into_another_kind_of_result(command, kind, results, tmp_path, capsys):
+    """study / sweep / compare / timeline wrote into an ERF or training run (exit 0), and compute / train (with
+    --force) / bench wrote into a compare, sweep, study or timeline folder: each is one line now, folder untouched."""
+    import shutil
+
+    assert result_kind(results / kind) == kind
+    folder = tmp_path / kind
+    shutil.copytree(results / kind, folder)
+    capsys.readouterr()
+    _refused(capsys, _writer(command, results, folder), folder, KIND_WORDS[kind])
+
+
+@pytest.mark.parametrize("command", ["compute", "train", "sweep", "compare", "timeline"])
+def test_a_command_writes_again_into_its_own_kind_of_result(command, results, tmp_path, capsys):
+    """Its own folder stays its own: --force (compute, train), a sweep re-run that reuses its members, compare and
+    timeline again; and the runs a sweep or timeline writes into its own sub-folders."""
+    import shutil
+
+    folder = tmp_path / OWN[command]
+    shutil.copytree(results / OWN[command], folder)
+    capsys.readouterr()
+    assert main([str(a) for a in _writer(command, results, folder)]) == 0, capsys.readouterr().err
+    assert result_kind(folder) == OWN[command]
+    if command == "sweep":
+        assert json.loads((folder / "sweep.json").read_text())["rows"][0]["reused"] is True
+        assert result_kind(folder / "K3-deploy") == "erf"
+    if command == "timeline":
+        assert "measured 0 ERF(s) and 0 probe(s)" in capsys.readouterr().out  # all from its cache
+        assert result_kind(folder / "erf-32px" / "epoch_001") == "erf"
+
+
+def test_a_study_accepts_its_own_folder_and_its_training_runs(results, tmp_path):
+    """A study re-run reads its own folder (tests/test_study.py runs one); the training runs it keeps in runs/ are
+    training runs for train, and its ERFs in erf-<S>px/ ERF runs for the runner."""
+    import shutil
+
+    refuse_other_result(results / "study", "study")
+    study = tmp_path / "study"
+    shutil.copytree(results / "study", study)
+    shutil.copytree(results / "training", study / "runs" / "K3-seed1")
+    shutil.copytree(results / "erf", study / "erf-128px" / "K3-seed1")
+    assert result_kind(study) == "study"
+    refuse_other_result(study / "runs" / "K3-seed1", "training")
+    refuse_other_result(study / "erf-128px" / "K3-seed1", "erf")
+    with pytest.raises(ErfLabError, match=r"holds another erf-lab result \(a study\)"):
+        refuse_other_result(study, "training")
+
+
+def test_a_record_of_another_program_with_a_marker_name_is_no_result(tmp_path):
+    """sweep.json / compare.json / study.json / timeline.json of something else do not make a folder erf-lab's."""
+    for name in ("sweep.json", "compare.json", "study.json", "timeline.json"):
+        (tmp_path / name).write_text(json.dumps({"command": "other", "rows": "x"}))
+    assert result_kind(tmp_path) is None
+    refuse_other_result(tmp_path, "erf")

@@ -77,6 +77,7 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
             r.label = lab
     table = comparison_table(runs, allow_mixed_sizes=allow_mixed_sizes)
     rows, md, csv_s, mixed = table["rows"], table["markdown"], table["csv"], table["mixed"]
+    refuse_other_result(out, "compare")  # e.g. --out one of the runs compared: its figures would be replaced
     out_dir = prepare_out_dir(out)
     figs = [] if mixed and not allow_mixed_sizes else plot_comparison(
         [r.erf for r in runs], [r.label for r in runs], out_dir / "compare", formats=tuple(formats), normalize=normalize,

@@ -21,7 +21,7 @@ import numpy as np
 from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, summary
 from erf_lab.erf.tables import csv_text, markdown_table
 from erf_lab.errors import ErfLabError
-from erf_lab.io import progress, write_json, write_text
+from erf_lab.io import progress, refuse_other_result, write_json, write_text
 from erf_lab.provenance import provenance
 
 REPARAM_MODES = {"train": ("train",), "deploy": ("deploy",), "both": ("train", "deploy")}
@@ -180,6 +180,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
         model=name, weights=w, overrides=kwargs, images=images, num_images=num_images, input_size=size, layer=layer,
         aggregate=aggregate, batch_size=batch_size, device=device, reparameterize=(mode == "deploy"),
         seed=seed).validate()) for stem, k, size, name, kwargs, w in members for mode in modes}
+    refuse_other_result(out, "sweep")  # its members, figures and sweep.json would land in another result
     for (stem, mode), (_, _, spec) in specs.items():
         diff = [] if force else settings_differ(Path(out) / f"{stem}-{mode}", spec)
         if diff:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
 from erf_lab.erf import distributed as D
-from erf_lab.io import is_training_record, read_json_or_none
+from erf_lab.io import is_training_record, read_json_or_none, refuse_other_result
 from erf_lab.train import checkpoints as C
 from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
@@ -230,6 +230,7 @@ def _prepare_out_dir(out: Path, resume: bool, force: bool) -> str:
     """'new', 'resume' or 'complete'; raises for a folder holding something else."""
     if out.exists() and not out.is_dir():
         raise ErfLabError(f"--out {out} exists and is not a folder")
+    refuse_other_result(out, "training")  # --force too: it deletes only a training run's files, writes the rest
     complete = (out / COMPLETE_FILE).is_file()
     state = (out / C.STATE_FILE).is_file()
     if complete and not is_training_record(read_json_or_none(out / COMPLETE_FILE)):

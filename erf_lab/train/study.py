@@ -183,10 +183,11 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
     """Train and measure every model of :func:`plan` (``jobs`` processes at once, ``threads`` torch threads
     each), then write ``family.csv`` / ``guidelines.csv``, ``results.md`` and ``family.png`` / ``.pdf``. A study
     folder continues only with its own settings (ErfLabError otherwise; the model list may change)."""
-    from erf_lab.io import prepare_out_dir, read_json_or_none, write_json
+    from erf_lab.io import prepare_out_dir, read_json_or_none, refuse_other_result, write_json
 
     models = plan(settings, kernels=kernels, seeds=seeds, guidelines=guidelines)
     check_study(settings, models, jobs=jobs, threads=threads)
+    refuse_other_result(out, "study")  # its own runs/ and erf-*/ sub-folders are checked by train and run_erf
     new = _jsonable(asdict(settings))
     old = read_json_or_none(Path(out).expanduser() / "study.json")
     if isinstance(old, dict):  # its runs and measurements are reused: they must be of these settings

@@ -157,7 +157,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     measurement size (default: the training size). Returns ``{"rows", "out_dir", "measured": {"erf": n, "probe":
     n}}``."""
     from erf_lab.erf.tables import csv_text
-    from erf_lab.io import prepare_out_dir, progress, write_json, write_text
+    from erf_lab.io import prepare_out_dir, progress, refuse_other_result, write_json, write_text
     from erf_lab.train.probes import ProbeSpec
 
     run = read_training_run(run_dir)
@@ -173,6 +173,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     size = int(input_size or train_size)
     if int(num_images) < 1 or int(probe_size) < 1:
         raise ErfLabError("--num-images and --probe-size must be at least 1")
+    refuse_other_result(run.root / "timeline" if out is None else out, "timeline")  # e.g. --out RUN_DIR itself
     try:
         out = prepare_out_dir(run.root / "timeline" if out is None else out)
     except ErfLabError as e:

@@ -18,8 +18,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from erf_lab.io import refuse_other_result
     from fastconv.bench import format_table, run_from_args
 
+    refuse_other_result(args.out, "bench")  # its run.json, table.csv and results.json would land in another result
     try:
         result, paths = run_from_args(args)
     except ValueError as e:
