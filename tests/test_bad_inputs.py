@@ -258,11 +258,31 @@ def _cases():
         "--train-size must be at most 10,000,000")
     add("study-threads-beyond-4-per-cpu", [*st, "--threads", "100000"], "--threads must be at most ")
     add("study-out-under-file", ["study", "kernel-family", "--out", "{bad}/file.txt/s"], "lies under a file")
+    # an empty --out / --dest / --ship: Path("") is the current folder (or `x or default` the default one)
+    empty = "--out is empty; name a folder (the current one is '.')"
+    add("shape-bias-out-empty", ["shape-bias", "--model", "resnet18", "--allow-random", "--limit", "16", "--workers",
+                                 "0", "--out", ""], empty)
+    add("shape-bias-cue-world-out-empty", ["shape-bias", *TINY, "--allow-random", "--stimuli", "cue-world", "--limit",
+                                           "16", "--out", ""], empty)
+    add("shape-bias-compare-out-empty", ["shape-bias", "--compare", "{bad}/good_run", "--out", ""], empty)
+    add("shape-bias-from-csv-out-empty", ["shape-bias", "--from-csv", "{bad}/mvh.csv", "--out", ""], empty)
+    add("data-download-dest-empty", ["data", "download", "--dest", "", "--base-url", "file:{bad}/nope"],
+        "--dest is empty; name a folder (the current one is '.')")
+    add("train-out-empty", [*tr, "--out", ""], empty)
+    add("reparam-out-empty", ["reparam", *TINY, "--out", ""],
+        "--out is empty; name the checkpoint file to write (.pth, .pt or .safetensors)")
+    add("study-ship-empty", ["study", "kernel-family", "--out", "{out}", "--ship", "", "--erf-input-size", "0"],
+        "--ship is empty; name a folder")
+    add("study-out-empty", ["study", "kernel-family", "--out", ""], empty)
+    add("sweep-out-empty", ["sweep", "--kernels", "3", *TINY[2:], "--input-size", "32", "--out", ""], empty)
+    add("compare-out-empty", ["compare", "{bad}/good_run", "--out", ""], empty)
+    add("analyze-out-empty", ["analyze", "{bad}/good_run", "--out", ""], empty)
     return c
 
 
 @pytest.mark.parametrize("argv,pattern", _cases())
-def test_bad_input_is_one_error_line_exit_2_and_nothing_complete(argv, pattern, bad, tmp_path, capsys):
+def test_bad_input_is_one_error_line_exit_2_and_nothing_complete(argv, pattern, bad, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative or empty --out lands here, not in the checkout
     out = tmp_path / "out"
     argv = [a.format(bad=bad, out=out) for a in argv]
     if "compute" == argv[0] and "--out" not in argv and "--resume" not in argv:
@@ -277,9 +297,8 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_complete(argv, pattern, 
     error_lines = [line for line in err.splitlines() if "error:" in line]
     assert len(error_lines) == 1, err
     assert pattern.format(bad=bad) in error_lines[0], error_lines[0]
-    if out.exists():
-        found = [p.name for p in out.rglob("*") if p.name in COMPLETE_MARKERS]
-        assert not found, found
+    found = [p.name for p in tmp_path.rglob("*") if p.name in COMPLETE_MARKERS]  # --out, or the current folder
+    assert not found, found
     import pathlib
 
     assert not pathlib.Path("/tmp/erf-lab-pwned").exists()  # the malicious checkpoint never ran

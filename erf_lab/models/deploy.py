@@ -115,9 +115,10 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     (safetensors metadata and the sidecar).
     """
     from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, random_init_of
-    from erf_lab.io import prepare_out_dir, progress, sha256_file, write_json
+    from erf_lab.io import prepare_out_dir, progress, refuse_empty, sha256_file, write_json
     from erf_lab.models.registry import create_model
 
+    refuse_empty(out, hint="name the checkpoint file to write (.pth, .pt or .safetensors)")  # Path("") is "."
     out = Path(out)
     if out.suffix not in (".pth", ".pt", ".bin", ".safetensors", ".ckpt"):
         raise ErfLabError(f"output {out} should end in .pth, .pt or .safetensors")

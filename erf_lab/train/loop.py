@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
 from erf_lab.erf import distributed as D
-from erf_lab.io import is_training_record, read_json_or_none, refuse_other_result
+from erf_lab.io import is_training_record, read_json_or_none, refuse_empty, refuse_other_result
 from erf_lab.train import checkpoints as C
 from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
@@ -287,6 +287,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     Returns ``{"out_dir", "rows", "run_info", "already_complete"}`` (``run_info`` None on ranks > 0).
     ``resume_hint``: how the caller's user continues a stopped run (printed with the saved state's folder).
     """
+    refuse_empty(out)  # first: Path("") is the current folder
     recipe = recipe or Recipe()
     recipe.validate()
     device = _check_device(device)

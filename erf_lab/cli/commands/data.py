@@ -35,7 +35,7 @@ def run(args) -> int:
     if args.data_command == "download":
         if args.workers < 1:
             raise ErfLabError("--workers must be >= 1")
-        prepare_out_dir(args.dest or dl.default_dest(), what="--dest")
+        prepare_out_dir(dl.default_dest() if args.dest is None else args.dest, what="--dest")  # "": one line
         rep = dl.download(args.dest, base_url=args.base_url, sets=args.sets, workers=args.workers)
         for name, r in rep["sets"].items():
             print(f"{name}: {r['status']} ({r['files']} files) -> {r['path']}")

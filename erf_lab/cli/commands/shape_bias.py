@@ -62,7 +62,10 @@ def run(args) -> int:
     from pathlib import Path
 
     from erf_lab.errors import ErfLabError
+    from erf_lab.io import refuse_empty
     from erf_lab.shape_bias.analysis import human_csvs
+
+    refuse_empty(args.out)  # not the default folder: below, Path(args.out or default) would pick that
 
     model_flags = [flag for flag, v in (("--model", args.model), ("--weights", args.weights),
                                         ("--pretrained", args.pretrained), ("--seed", args.seed is not None),

@@ -51,7 +51,7 @@ def run(args) -> int:
     from erf_lab.io import prepare_out_dir
     from erf_lab.train.study import StudySettings, markdown_table, run_study, ship, table_notes
 
-    if args.ship:
+    if args.ship is not None:  # "" too: one line, not a study that runs for hours and then ships nowhere
         prepare_out_dir(args.ship, what="--ship")  # before the training: a file there fails now, not hours later
     s = StudySettings(channels=_ints(args.channels, "channels"), layers=_ints(args.layers, "layers"),
                       input_size=args.input_size, train_size=args.train_size, epochs=args.epochs,
