@@ -47,7 +47,7 @@ def test_built_package_finds_its_data_without_the_source_tree(tmp_path):
             "m = load_manifest(); print(data_dir(), sum(len(e['files']) for e in m.values()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PATH": "", "PYTHONPATH": str(lib)},
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(lib / "erf_lab_data"), "1610"]
+    assert out == [str(lib / "erf_lab_data"), "1630"]  # 1280 + 160 + 160 stimuli, 3 x 10 human CSVs
 
 
 def test_console_script_skips_the_teardown_but_keeps_output_and_exit_codes(tmp_path):
