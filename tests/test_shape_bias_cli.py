@@ -300,7 +300,8 @@ def test_a_model_whose_outputs_are_nan_is_refused(tiny_model, tmp_path, fixture_
     assert main(["shape-bias", "--model", tiny_model, "--weights", str(tmp_path / "nan.pth"), "--stimuli",
                  str(fixture_datasets), "--workers", "0", "--out", str(out)]) == 2
     err = _one_error_line(capsys.readouterr().err)
-    assert len(err) == 1 and "the model's outputs are not finite (NaN or inf) on 12 cue-conflict image(s)" in err[0]
+    assert len(err) == 1 and \
+        "the model's outputs are not finite (NaN or inf) on 12 of 12 cue-conflict image(s) in a batch" in err[0]
     assert not (out / "summary.json").exists()
 
 

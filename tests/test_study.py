@@ -123,9 +123,12 @@ def test_an_interrupted_study_model_says_to_run_the_study_again(tmp_path, monkey
 
     real = loop.train
 
+    hints = {}
+
     def stopped_at_step_1(*args, **kwargs):
         def on_step(epoch, step):
             raise KeyboardInterrupt
+        hints.update(diverge=kwargs["diverge_hint"])
         return real(*args, **{**kwargs, "on_step": on_step})
 
     monkeypatch.setattr(loop, "train", stopped_at_step_1)
@@ -135,3 +138,6 @@ def test_an_interrupted_study_model_says_to_run_the_study_again(tmp_path, monkey
     err = capsys.readouterr().err
     assert err.strip().endswith(f"state saved in {tmp_path / 'runs' / m.name}; run the same 'erf-lab study' command "
                                 "again to continue the study"), err[-500:]
+    # a diverged model: the study has no --lr / --force, and a re-run would resume the same diverging run
+    assert hints["diverge"].startswith(f"the study's recipe does not train {m.name} at these settings; delete "
+                                       f"{tmp_path / 'runs' / m.name} to try again")

@@ -215,8 +215,9 @@ def test_shape_bias_of_weights_that_output_nan_is_refused(tiny_run, tmp_path, ca
     assert main(["shape-bias", "--model", "replknet_31b", "--weights", str(run / "model.safetensors"),
                  "--stimuli", "cue-world", "--limit", "20", "--out", str(out)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert err == ["erf-lab shape-bias: error: the model's outputs are not finite (NaN or inf) on 20 cue-world probe "
-                   "image(s): its weights compute nothing usable (a diverged training run or a corrupt checkpoint?)"]
+    assert err == ["erf-lab shape-bias: error: the model's outputs are not finite (NaN or inf) on 20 of 20 cue-world "
+                   "probe image(s) in a batch (the run stops at the first such batch): its weights compute nothing "
+                   "usable (a diverged training run or a corrupt checkpoint?)"]
     assert not (out / "summary.json").exists()
 
 

@@ -87,9 +87,11 @@ def check_finite_outputs(logits: torch.Tensor, what: str) -> None:
     """ErfLabError where the model's outputs on ``what`` are NaN or infinite: its argmax would be read as a
     decision (class 0) and a shape bias reported from weights that compute nothing."""
     if logits.numel() and not bool(torch.isfinite(logits).all()):
-        bad = int((~torch.isfinite(logits)).any(-1).sum()) if logits.ndim == 2 else int(logits.numel())
-        raise ErfLabError(f"the model's outputs are not finite (NaN or inf) on {bad} {what}: its weights compute "
-                          f"nothing usable (a diverged training run or a corrupt checkpoint?)")
+        rows = logits.reshape(logits.shape[0], -1) if logits.ndim else logits.reshape(1, 1)
+        bad = int((~torch.isfinite(rows)).any(-1).sum())
+        raise ErfLabError(f"the model's outputs are not finite (NaN or inf) on {bad} of {len(rows)} {what} in a "
+                          f"batch (the run stops at the first such batch): its weights compute nothing usable (a "
+                          f"diverged training run or a corrupt checkpoint?)")
 
 
 def logits_to_scores16(logits: torch.Tensor) -> np.ndarray:

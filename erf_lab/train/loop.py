@@ -157,11 +157,10 @@ class TrainingDiverged(ErfLabError):
     """A non-finite loss: every rank raises it at the same step (agreed in the stop check's all-reduce)."""
 
 
-def _diverged(where: str, epoch: int, lr: float, out: Path) -> TrainingDiverged:
+def _diverged(where: str, epoch: int, lr: float, out: Path, hint: str) -> TrainingDiverged:
     """The one line of a run stopped at a non-finite loss (epoch ``epoch`` + 1 under way, ``epoch`` saved)."""
     kept = f"; checkpoints up to epoch {epoch} are kept in {out / 'checkpoints'}" if epoch else ""
-    return TrainingDiverged(f"training diverged in epoch {epoch + 1} at {where} (lr {lr:.3g}){kept}; use a lower --lr "
-                       f"(or --clip-grad, a longer --warmup-epochs) and start over with --force")
+    return TrainingDiverged(f"training diverged in epoch {epoch + 1} at {where} (lr {lr:.3g}){kept}; {hint}")
 
 
 def _prepare(x, y, device, mean, std, channels_last):
@@ -277,7 +276,9 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
           device: str = "cpu", amp: str = "auto", channels_last: bool | None = None, sync_bn: bool = False,
           num_workers: int = 0, resume: bool = False, force: bool = False, checkpoint_format: str = "both",
           show_progress: bool = True, argv: list[str] | None = None, on_step=None,
-          resume_hint: str = "continue with --resume") -> dict:
+          resume_hint: str = "continue with --resume",
+          diverge_hint: str = "use a lower --lr (or --clip-grad, a longer --warmup-epochs) and start over with --force"
+          ) -> dict:
     """Train ``model`` on ``data`` (``"cue-world"`` or an ImageFolder root) into the run folder ``out``.
 
     ``num_classes``: cue-world's (default 10); for a folder its class count, checked when given.
@@ -285,7 +286,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     Under torchrun (``RANK`` / ``WORLD_SIZE`` set) this is one DDP rank (gloo on CPU, NCCL on CUDA); the batch
     size is per rank. ``on_step(epoch, step)`` is called after every optimizer step (tests use it to interrupt).
     Returns ``{"out_dir", "rows", "run_info", "already_complete"}`` (``run_info`` None on ranks > 0).
-    ``resume_hint``: how the caller's user continues a stopped run (printed with the saved state's folder).
+    ``resume_hint``: how the caller's user continues a stopped run (printed with the saved state's folder);
+    ``diverge_hint``: what to change when the loss turns non-finite (the end of that error line).
     """
     refuse_empty(out)  # first: Path("") is the current folder
     recipe = recipe or Recipe()
@@ -313,7 +315,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
             result = _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
                             int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
                             amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
-                            checkpoint_format, show_progress, argv, on_step, info, stop, resume_hint)
+                            checkpoint_format, show_progress, argv, on_step, info, stop, resume_hint,
+                            diverge_hint)
         together = True
         return result
     except BaseException as stopped:
@@ -340,7 +343,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
 
 def _train(model_name, data, out, overrides, recipe, input_size, train_size, val_size, num_classes, resample, seed,
            device, amp, amp_dtype, channels_last, sync_bn, num_workers, resume, force, checkpoint_format, show_progress,
-           argv, on_step, info: D.DistInfo, stop: StopRequest, resume_hint: str) -> dict:
+           argv, on_step, info: D.DistInfo, stop: StopRequest, resume_hint: str, diverge_hint: str) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
 
@@ -503,7 +506,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 if ema is not None:
                     ema.update(net)
                 loss_value = loss.item()
-                sums.add(loss_value * len(y), (logits.argmax(1) == y).sum().item(), len(y))
+                if np.isfinite(loss_value):  # a step the fp16 scaler skips leaves the epoch's sums as they are
+                    sums.add(loss_value * len(y), (logits.argmax(1) == y).sum().item(), len(y))
                 step, position = step + 1, position + 1
                 epoch_images += len(y) * W
                 bar.update(1)
@@ -516,7 +520,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 bad_steps = bad_steps + 1 if stop.check(info, device, diverged=not np.isfinite(loss_value)) else 0
                 if bad_steps > (MAX_SKIPPED_SCALER_STEPS if scaler is not None else 0):
                     bar.close()
-                    raise _diverged(f"step {step}: the training loss is {loss_value}", epoch, lr, out)
+                    # (the same words on every rank: a rank's own loss may still be finite at this step)
+                    raise _diverged(f"step {step}: the training loss is not finite", epoch, lr, out, diverge_hint)
             epoch_time, t0 = epoch_time + time.time() - t0, None
             train_loss, train_acc = sums.reduced(info, device)
             if W > 1:  # each rank's BN statistics saw its own batches: evaluate rank 0's, the model it saves
@@ -528,7 +533,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             val_loss, val_acc = evaluate(net, d.val, **ev)
             if not np.isfinite(val_loss):  # the same on every rank (reduced): the weights are no longer finite
                 bar.close()
-                raise _diverged(f"its end: the validation loss is {val_loss}", epoch, lr, out)
+                raise _diverged(f"its end: the validation loss is {val_loss}", epoch, lr, out, diverge_hint)
             lr = lr_at(step - 1, total_steps, warmup_steps, recipe.lr, recipe.min_lr)  # of its last step
             row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "img_per_s": epoch_images / max(epoch_time, 1e-9)}

@@ -151,7 +151,10 @@ def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int |
                 resample=True, seed=m.seed, resume=(out / STATE_FILE).is_file(),
                 force=not (out / STATE_FILE).is_file(), show_progress=False,
                 argv=["erf-lab", "study", "kernel-family", f"({m.name})"],
-                resume_hint="run the same 'erf-lab study' command again to continue the study")
+                resume_hint="run the same 'erf-lab study' command again to continue the study",
+                diverge_hint=f"the study's recipe does not train {m.name} at these settings; delete {out} to try "
+                             "again, or run the study into another --out with other --channels / --layers / "
+                             "--input-size")
     f = res["run_info"]["final"]
     print(f"[{m.name}] done in {time.time() - t0:.0f} s: val acc {f['val_acc']:.3f}", flush=True)
     return res["run_info"]
