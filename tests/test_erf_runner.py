@@ -400,6 +400,13 @@ def test_training_resolution_comes_from_the_training_record(tmp_path, capsys):
     torch.save({"settings": {"input_size": 48}}, progress / ".train_state.pt")
     in_progress = ErfSpec("replknet_31b", weights=str(progress / "checkpoints/epoch_001.pth"))
     assert training_resolution(in_progress, model) == 48
+    # 'erf-lab reparam' carries the record into the deploy file it writes (metadata; the .run.json of a .pth)
+    for suffix in ("safetensors", "pth"):
+        deploy = loose / f"deploy.{suffix}"
+        assert main(["reparam", *TINY, "--override", "num_classes=10", "--weights", str(run / "model.safetensors"),
+                     "--check-size", "32", "--out", str(deploy)]) == 0
+        assert training_resolution(ErfSpec("replknet_31b", weights=str(deploy)), model) == 32, suffix
+    capsys.readouterr()
 
     out = tmp_path / "c"
     base = [*TINY, "--override", "num_classes=10", "--input-size", "128", "--num-images", "1", "--quiet"]

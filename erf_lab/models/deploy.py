@@ -114,7 +114,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     model is initialised from ``seed``; a random init (or weights that are one) is marked in the output
     (safetensors metadata and the sidecar).
     """
-    from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, random_init_of
+    from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, TRAIN_SIZE_KEY, random_init_of, training_input_size
     from erf_lab.io import prepare_out_dir, progress, refuse_empty, sha256_file, write_json
     from erf_lab.models.registry import create_model
 
@@ -129,6 +129,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
                           f"{input_size}")
     prepare_out_dir(out.parent, what="--out's folder")
     random_init = random_init_of(weights, pretrained=bool(overrides.get("pretrained")), seed=seed)
+    train_size = training_input_size(weights)[0] if weights and random_init is None else None
     t0 = time.perf_counter()
     bar = progress(total=6, desc=f"reparam {model_name}", unit="step",
                    disable=None if show_progress is None else not show_progress)
@@ -164,6 +165,8 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         state = model.state_dict()
         marker = None if random_init is None else {RANDOM_INIT_KEY: "true", **(
             {} if random_init["seed"] is None else {INIT_SEED_KEY: str(random_init["seed"])})}
+        if train_size:  # the training record goes with the weights (safetensors metadata; the .run.json below)
+            marker = {**(marker or {}), TRAIN_SIZE_KEY: str(train_size)}
         save_state_dict(state, out, metadata=marker)
         bar.update()
     finally:
@@ -171,7 +174,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     summary = dict(
         model=model_name, weights=str(weights) if weights else None, drop_head=drop_head,
         random_init=random_init is not None, init_seed=None if random_init is None else random_init["seed"],
-        overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+        input_size=train_size, overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
         out=str(out), sha256=sha256_file(out), num_keys=len(state),
         params_before=params_before, params_after=params_after,
         flops_before=flops_before, flops_after=flops_after, flops_input_size=flops_input_size,
