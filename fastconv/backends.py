@@ -321,7 +321,19 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         gx, gw = gradients("channels_last" if torch.is_grad_enabled() else ctx.backend, g, x, w, need_x, need_w)
         if ctx.has_bias and need_b:
             gb = g.sum(dim=(0, 2, 3))
-        return gx, gw, gb, None
+        return gx, _with_strides_of(gw, w), gb, None
+
+
+def _with_strides_of(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``t`` viewed with ``like``'s strides where they differ only in the strides of size-1 dimensions: a
+    (C, 1, KH, KW) depthwise weight is the same memory in NCHW and channels_last, but DDP's gradient buckets take
+    the parameter's strides, and a gradient with other strides was copied into them every step, with PyTorch's
+    warning "Grad strides do not match bucket view strides" (the backends return either layout)."""
+    if t is None or t.shape != like.shape or t.stride() == like.stride():
+        return t
+    if all(a == b for n, a, b in zip(t.shape, t.stride(), like.stride()) if n > 1):
+        return t.as_strided(like.shape, like.stride())
+    return t
 
 
 def gradients(backend: str, g, x, w, need_x: bool, need_w: bool):

@@ -2,6 +2,7 @@
 drop-in module and model conversion, and fastconv on its own (erf_lab not importable)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -274,6 +275,27 @@ def test_empty_batch_runs_with_every_backend(backend):
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros(4))
 
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b not in ("native", "fft")] + ["auto"])
+def test_the_weight_gradient_has_the_strides_of_the_weight(backend):
+    """A (C, 1, K, K) weight is the same memory in NCHW and channels_last, and the backends return either; the
+    gradient takes the parameter's own strides (DDP's buckets follow them: otherwise it copied the gradient every
+    step and warned "Grad strides do not match bucket view strides" on every channels_last training run). A
+    converted nn.Conv2d in a channels_last model, as ``erf_lab.train.loop.speed_levers`` makes it. Not "native"
+    and "fft": PyTorch's autograd differentiates them (F.conv2d, torch.fft), and it owns their strides."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 8, 5, padding=2, groups=8))
+    ref = copy.deepcopy(net).double()
+    fastconv.convert_model(net, min_kernel=3)
+    net.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with fastconv.use(backend=backend):
+        net(x).square().sum().backward()
+    w = net[0].weight
+    assert w.grad.stride() == w.stride() == (25, 1, 5, 1)
+    ref(x.detach().double()).square().sum().backward()
+    torch.testing.assert_close(w.grad, ref[0].weight.grad.float(), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
