@@ -99,6 +99,19 @@ def _size(v) -> int | None:
     return v if isinstance(v, int) and v > 0 else None
 
 
+def training_run_of(weights: str | os.PathLike) -> tuple[Path, dict] | None:
+    """(folder, run.json) of the complete ``erf-lab train`` run whose folder holds the weights file
+    (``RUN/model.*`` or ``RUN/checkpoints/epoch_*.*``); None when there is none."""
+    from erf_lab.io import is_training_record, read_json_or_none
+
+    p = Path(weights).expanduser().resolve()
+    for run in (p.parent, p.parent.parent):
+        info = read_json_or_none(run / "run.json")
+        if is_training_record(info):
+            return run, info
+    return None
+
+
 def training_input_size(weights: str | os.PathLike) -> tuple[int | None, str | None]:
     """(side in pixels, where it was read) of the resolution ``weights`` were trained at, from a training record:
     a ``builtin:`` model's JSON, the safetensors metadata ``erf-lab train`` writes (:data:`TRAIN_SIZE_KEY`), the
@@ -119,13 +132,13 @@ def training_input_size(weights: str | os.PathLike) -> tuple[int | None, str | N
         if isinstance(sidecar, dict) and _size(sidecar.get("input_size")) and \
                 sidecar.get("sha256") == sha256_file(path):
             return _size(sidecar["input_size"]), f"{path.name}.run.json"
+    found = training_run_of(path)
+    if found is not None:
+        run, info = found
+        n = _size(info["settings"].get("input_size"))
+        return (n, f"the erf-lab train run {run}/run.json") if n else (None, None)
     p = path.expanduser().resolve()
     for run in (p.parent, p.parent.parent):
-        with contextlib.suppress(OSError, ValueError):
-            info = json.loads((run / "run.json").read_text(encoding="utf-8"))
-            if isinstance(info, dict) and isinstance(info.get("settings"), dict) and "model_config" in info:
-                n = _size(info["settings"].get("input_size"))
-                return (n, f"the erf-lab train run {run}/run.json") if n else (None, None)
         if (run / _TRAIN_STATE_FILE).is_file():  # a training run in progress: its resume point holds the settings
             with contextlib.suppress(Exception):
                 state = torch.load(run / _TRAIN_STATE_FILE, map_location="cpu", weights_only=True, mmap=True)

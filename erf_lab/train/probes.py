@@ -248,18 +248,15 @@ def probe_warnings(res: dict, names: list[str]) -> dict:
 def training_record(weights: str | os.PathLike | None) -> dict:
     """``{"overrides", "num_classes", "input_size"}`` of the ``erf-lab train`` run whose folder holds
     ``weights`` (``RUN/model.*`` or ``RUN/checkpoints/epoch_*.*``); {} when there is none."""
-    from erf_lab.io import read_json_or_none
+    from erf_lab.checkpoint import training_run_of
 
-    if weights is None:
+    found = None if weights is None else training_run_of(weights)
+    if found is None:
         return {}
-    p = Path(weights).expanduser().resolve()
-    for run in (p.parent, p.parent.parent):
-        info = read_json_or_none(run / "run.json")
-        if isinstance(info, dict) and isinstance(info.get("settings"), dict) and "model_config" in info:
-            s = info["settings"]
-            return {"overrides": dict(s.get("overrides") or {}), "num_classes": info["model_config"]["num_classes"],
-                    "input_size": s.get("input_size"), "model": s.get("model")}
-    return {}
+    info = found[1]
+    s = info["settings"]
+    return {"overrides": dict(s.get("overrides") or {}), "num_classes": info["model_config"]["num_classes"],
+            "input_size": s.get("input_size"), "model": s.get("model")}
 
 
 __all__ = ["ProbeSpec", "PROBE_SPLITS", "shape_bias_counts", "predict", "probe", "run_cue_world_shape_bias",
