@@ -3,10 +3,16 @@
 Accepts a raw state dict or one wrapped in ``model`` / ``state_dict`` / ``model_ema``, strips ``module.``
 (DataParallel / DDP) and ``_orig_mod.`` (``torch.compile``) prefixes, and reports missing / unexpected /
 mis-shaped keys by name.
+
+The facts erf-lab records about weights it writes (a random initialisation and its seed; the training input size)
+travel inside the file: safetensors metadata, and in a ``.pth`` an ``erf_lab`` entry beside ``model``
+(:func:`pth_record`), so a file copied alone keeps them. ``<file>.run.json`` sidecars of older files still count.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import re
 import warnings
@@ -29,6 +35,12 @@ RANDOM_INIT_KEY, INIT_SEED_KEY = "erf_lab_random_init", "erf_lab_init_seed"
 #: safetensors metadata (and ``<file>.run.json`` key ``input_size``): the input side in pixels the weights were
 #: trained at, written by ``erf-lab train``
 TRAIN_SIZE_KEY = "erf_lab_train_input_size"
+#: the entry of a ``.pth`` erf-lab writes (``{"model": state_dict, "erf_lab": {...}}``, the official RepLKNet layout
+#: plus one entry its loaders ignore) with the same facts as the safetensors metadata: ``random_init`` (True),
+#: ``init_seed``, ``input_size``, and ``weights_sha256`` (:func:`weights_digest` of ``model``): the facts speak only
+#: for the tensors they were written with, not for other weights saved into the same dict later. Plain data only
+#: (bools, ints, strings), so it reads with ``torch.load(weights_only=True)``.
+PTH_RECORD_KEY = "erf_lab"
 #: the resume state of an ``erf-lab train`` run still in progress (``erf_lab.train.checkpoints.STATE_FILE``)
 _TRAIN_STATE_FILE = ".train_state.pt"
 
@@ -58,7 +70,8 @@ def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict]:
 
 def random_init_record(weights: str | os.PathLike) -> dict | None:
     """``{"seed": int | None}`` when ``weights`` holds a random initialisation written by erf-lab (its safetensors
-    metadata, or the ``<file>.run.json`` that ``erf-lab reparam`` writes beside it); None otherwise."""
+    metadata, the ``erf_lab`` entry of its ``.pth``, or for a ``.pth`` written before that entry the
+    ``<file>.run.json`` beside it); None otherwise."""
     import json
 
     from erf_lab.io import sha256_file
@@ -68,6 +81,10 @@ def random_init_record(weights: str | os.PathLike) -> dict | None:
     if meta.get(RANDOM_INIT_KEY) == "true":
         seed = meta.get(INIT_SEED_KEY)
         return {"seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else None}
+    record = _pth_record(path)
+    if record.get("random_init") is True:
+        seed = record.get("init_seed")
+        return {"seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None}
     with contextlib.suppress(OSError, ValueError):
         sidecar = json.loads(path.with_name(path.name + ".run.json").read_text(encoding="utf-8"))
         # the sidecar speaks for the file it was written with, not for other weights saved there later
@@ -76,6 +93,87 @@ def random_init_record(weights: str | os.PathLike) -> dict | None:
             seed = sidecar.get("init_seed")
             return {"seed": seed if isinstance(seed, int) else None}
     return None
+
+
+def weights_facts(*, random_init_seed: int | None = None, random_init: bool | None = None,
+                  input_size: int | None = None) -> dict:
+    """The facts erf-lab records with weights it writes: ``random_init`` (True, when they are an untrained
+    initialisation; ``random_init_seed`` implies it) with its ``init_seed``, and the training ``input_size``;
+    {} when there is none."""
+    facts = {}
+    if random_init or random_init_seed is not None:
+        facts["random_init"] = True
+        if random_init_seed is not None:
+            facts["init_seed"] = int(random_init_seed)
+    if input_size is not None:
+        facts["input_size"] = int(input_size)
+    return facts
+
+
+def safetensors_facts(facts: Mapping) -> dict[str, str] | None:
+    """:func:`weights_facts` as safetensors metadata (:data:`RANDOM_INIT_KEY`, :data:`INIT_SEED_KEY`,
+    :data:`TRAIN_SIZE_KEY`); None when there is none."""
+    meta = {}
+    if facts.get("random_init"):
+        meta[RANDOM_INIT_KEY] = "true"
+        if facts.get("init_seed") is not None:
+            meta[INIT_SEED_KEY] = str(int(facts["init_seed"]))
+    if facts.get("input_size") is not None:
+        meta[TRAIN_SIZE_KEY] = str(int(facts["input_size"]))
+    return meta or None
+
+
+def pth_record(state_dict: Mapping, facts: Mapping) -> dict | None:
+    """The :data:`PTH_RECORD_KEY` entry to save beside ``state_dict`` in a ``.pth`` (``{"model": state_dict,
+    "erf_lab": pth_record(...)}``): ``facts`` (:func:`weights_facts`) bound to those tensors by their digest;
+    None when there are no facts."""
+    if not facts:
+        return None
+    return {**{k: facts[k] for k in ("random_init", "init_seed", "input_size") if facts.get(k) is not None},
+            "weights_sha256": weights_digest(state_dict)}
+
+
+def weights_digest(state_dict: Mapping) -> str:
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes and bytes, in name order): the same for the same
+    weights however the file around them is written."""
+    h = hashlib.sha256()
+    for k in sorted(k for k, v in state_dict.items() if isinstance(v, torch.Tensor)):
+        t = state_dict[k].detach().to("cpu").contiguous()
+        h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _pth_record(path: Path) -> dict:
+    """The verified :data:`PTH_RECORD_KEY` entry of a ``.pth`` erf-lab wrote (its ``weights_sha256`` is the
+    digest of the ``model`` beside it); {} for anything else: another file, a record whose weights were replaced,
+    unreadable. Read weights-only, the tensors memory-mapped; cached per file version."""
+    if _format_by_bytes(path) != "PyTorch zip":
+        return {}
+    try:
+        st = path.stat()
+    except OSError:
+        return {}
+    return dict(_pth_record_cached(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino))
+
+
+@functools.lru_cache(maxsize=16)
+def _pth_record_cached(path: str, size: int, mtime_ns: int, inode: int) -> dict:
+    """:func:`_pth_record` of one version of a file (its size, mtime and inode are the cache key)."""
+    if _torchscript_archive(Path(path)):
+        return {}
+    with contextlib.suppress(Exception), _allow_metadata(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path.endswith(".safetensors"):  # torch.load would hand the path to safetensors by its name
+            with open(path, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        record, sd = (obj.get(PTH_RECORD_KEY), obj.get("model")) if isinstance(obj, Mapping) else (None, None)
+        if isinstance(record, Mapping) and isinstance(sd, Mapping) and \
+                record.get("weights_sha256") == weights_digest(sd):
+            return dict(record)
+    return {}
 
 
 def _safetensors_metadata(path: Path) -> dict:
@@ -115,7 +213,8 @@ def training_run_of(weights: str | os.PathLike) -> tuple[Path, dict] | None:
 def training_input_size(weights: str | os.PathLike) -> tuple[int | None, str | None]:
     """(side in pixels, where it was read) of the resolution ``weights`` were trained at, from a training record:
     a ``builtin:`` model's JSON, the safetensors metadata ``erf-lab train`` writes (:data:`TRAIN_SIZE_KEY`), the
-    ``<file>.run.json`` beside the file (``input_size``, when its SHA-256 is the file's), or the ``run.json`` (a run
+    ``erf_lab`` entry of a ``.pth`` erf-lab wrote (``input_size``), the ``<file>.run.json`` beside an older one
+    (``input_size``, when its SHA-256 is the file's), or the ``run.json`` (a run
     in progress: its resume state) of the ``erf-lab train`` run whose folder holds the file (``RUN/model.*``,
     ``RUN/checkpoints/epoch_*.*``). (None, None) when there is none: the training resolution is unknown."""
     import json
@@ -125,6 +224,8 @@ def training_input_size(weights: str | os.PathLike) -> tuple[int | None, str | N
         return _size(record["input_size"]), f"the training record of {weights}"
     if n := _size(_safetensors_metadata(path).get(TRAIN_SIZE_KEY)):
         return n, f"the safetensors metadata of {path.name}"
+    if n := _size(_pth_record(path).get("input_size")):
+        return n, f"the erf-lab record in {path.name}"
     with contextlib.suppress(OSError, ValueError):
         from erf_lab.io import sha256_file
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -409,3 +411,61 @@ def test_imagenet_weights_load_into_a_downstream_backbone_with_drop_head():
     load_weights(backbone, imagenet, drop_head=True, source="imagenet.pth")
     own = backbone.state_dict()
     assert all(torch.equal(own[k], imagenet[k]) for k in own if not k.endswith("num_batches_tracked"))
+
+
+def test_an_erf_lab_pth_carries_its_facts_inside_and_official_layouts_load_unchanged(tmp_path):
+    """The random-init mark and the training size of a .pth erf-lab writes are in the file ({"model": sd,
+    "erf_lab": {...}}), so a copy of the file alone keeps them (before: only a <file>.run.json beside it had them);
+    the file loads weights-only as the official loaders read it; the facts speak only for the weights they were
+    written with; official plain / {'model': sd} files and older files with a sidecar read as before."""
+    import shutil
+
+    from erf_lab.checkpoint import random_init_record, training_input_size
+    from erf_lab.io import sha256_file
+    from erf_lab.train.checkpoints import save_weights
+
+    torch.manual_seed(0)
+    model = _model().eval()
+    sd = model.state_dict()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "alone").mkdir()
+    pth = save_weights(sd, tmp_path / "run" / "w", "pth", random_init_seed=7, train_input_size=40)[0]
+    alone = Path(shutil.copy(pth, tmp_path / "alone" / "w.pth"))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["w.pth"]  # no sidecar
+    for path in (pth, alone):
+        assert random_init_record(path) == {"seed": 7}
+        assert training_input_size(path) == (40, "the erf-lab record in w.pth")
+    obj = torch.load(alone, weights_only=True)  # plain data beside the weights
+    assert list(obj) == ["model", "erf_lab"] and obj["erf_lab"]["random_init"] is True
+    # the official loaders: --resume (checkpoint['model']), --finetune / ERF scripts ('model' if present)
+    for loaded in (obj["model"], obj["model"] if "model" in obj else obj):
+        m = _model().eval()
+        m.load_state_dict(loaded)
+        with torch.no_grad():
+            assert torch.equal(m(x), ref)
+    with torch.no_grad():
+        assert torch.equal(create_model("replknet_31b", weights=str(alone), **TINY).eval()(x), ref)
+    # other weights saved into the same dict later: the record no longer speaks for them
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    torch.save({**obj, "model": other}, tmp_path / "alone" / "edited.pth")
+    assert random_init_record(tmp_path / "alone" / "edited.pth") is None
+    assert training_input_size(tmp_path / "alone" / "edited.pth") == (None, None)
+    torch.save(obj, tmp_path / "alone" / "renamed.safetensors")  # a torch.save file by its bytes, whatever its name
+    assert random_init_record(tmp_path / "alone" / "renamed.safetensors") == {"seed": 7}
+    # official layouts: no record, exact outputs
+    for name, saved in (("plain.pth", sd), ("wrapped.pth", {"model": sd})):
+        torch.save(saved, tmp_path / name)
+        assert random_init_record(tmp_path / name) is None and training_input_size(tmp_path / name) == (None, None)
+        with torch.no_grad():
+            assert torch.equal(create_model("replknet_31b", weights=str(tmp_path / name), **TINY).eval()(x), ref)
+    # a .pth written before the record: its sidecar still counts, for that file only
+    plain = tmp_path / "plain.pth"
+    sidecar = tmp_path / "plain.pth.run.json"
+    sidecar.write_text(json.dumps({"random_init": True, "init_seed": 3, "input_size": 48,
+                                   "sha256": sha256_file(plain)}))
+    assert random_init_record(plain) == {"seed": 3} and training_input_size(plain) == (48, "plain.pth.run.json")
+    torch.save(other, plain)
+    assert random_init_record(plain) is None and training_input_size(plain) == (None, None)

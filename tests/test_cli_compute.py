@@ -1,5 +1,6 @@
 """``erf-lab compute`` / ``erf-lab layers`` and the resumable run (tiny RepLKNet, small inputs, built-in images)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -261,6 +262,16 @@ def test_reparam_of_random_init_stays_random_through_compute_and_compare(tmp_pat
     info = json.loads((run / "run.json").read_text())
     assert info["random_init"] is True and info["init_seed"] == 0 and info["weights"] == str(ckpt.resolve())
     assert info["train_size"] is None
+    # only the weights file copied elsewhere (the common case): still random weights (before: a .pth lost its mark
+    # with its .run.json and was measured as if trained)
+    (tmp_path / "elsewhere").mkdir()
+    alone = shutil.copy(ckpt, tmp_path / "elsewhere" / ckpt.name)
+    code, stdout, err = _cli(capsys, "compute", *TINY, "--weights", str(alone), "--num-images", "1",
+                             "--input-size", "32", "--out", str(tmp_path / "run_alone"), "--quiet")
+    assert code == 0, err
+    assert f"(random initialization: {alone} holds untrained weights" in stdout
+    info = json.loads((tmp_path / "run_alone" / "run.json").read_text())
+    assert info["random_init"] is True and info["init_seed"] == 0
     code, stdout, err = _cli(capsys, "compare", str(run), "--labels", "mine", "--out", str(tmp_path / "cmp"),
                              "--formats", "png")
     assert code == 0, err

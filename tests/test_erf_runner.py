@@ -392,34 +392,47 @@ def test_training_resolution_comes_from_the_training_record(tmp_path, capsys):
         shutil.copy(run / "checkpoints" / f"epoch_001.{suffix}", loose / f"epoch_001.{suffix}")
     assert training_resolution_source(ErfSpec("replknet_31b", weights=str(loose / "epoch_001.safetensors")), model) \
         == (32, "the safetensors metadata of epoch_001.safetensors")  # the file says it, out of its folder too
-    size, where = training_resolution_source(ErfSpec("replknet_31b", weights=str(loose / "epoch_001.pth")), model)
-    assert size is None and where.startswith("unknown: epoch_001.pth carries no training record")
+    # the .pth carries it inside too ({"model": sd, "erf_lab": {...}}): before, only a run.json beside it did
+    assert training_resolution_source(ErfSpec("replknet_31b", weights=str(loose / "epoch_001.pth")), model) \
+        == (32, "the erf-lab record in epoch_001.pth")
+    plain = loose / "plain.pth"  # the same weights saved by other code: no record
+    torch.save(torch.load(loose / "epoch_001.pth", weights_only=True)["model"], plain)
+    size, where = training_resolution_source(ErfSpec("replknet_31b", weights=str(plain)), model)
+    assert size is None and where.startswith("unknown: plain.pth carries no training record")
     progress = tmp_path / "in_progress"
     (progress / "checkpoints").mkdir(parents=True)
-    shutil.copy(loose / "epoch_001.pth", progress / "checkpoints" / "epoch_001.pth")
+    shutil.copy(plain, progress / "checkpoints" / "epoch_001.pth")
     torch.save({"settings": {"input_size": 48}}, progress / ".train_state.pt")
     in_progress = ErfSpec("replknet_31b", weights=str(progress / "checkpoints/epoch_001.pth"))
     assert training_resolution(in_progress, model) == 48
-    # 'erf-lab reparam' carries the record into the deploy file it writes (metadata; the .run.json of a .pth)
+    # 'erf-lab reparam' carries the record into the deploy file it writes (metadata; the .pth's erf_lab entry), which
+    # keeps it when copied alone (before: a .pth said it only through the .run.json beside it)
+    (tmp_path / "elsewhere").mkdir()
     for suffix in ("safetensors", "pth"):
         deploy = loose / f"deploy.{suffix}"
-        assert main(["reparam", *TINY, "--override", "num_classes=10", "--weights", str(run / "model.safetensors"),
+        assert main(["reparam", *TINY, "--override", "num_classes=10", "--weights", str(run / "model.pth"),
                      "--check-size", "32", "--out", str(deploy)]) == 0
         assert training_resolution(ErfSpec("replknet_31b", weights=str(deploy)), model) == 32, suffix
+        alone = shutil.copy(deploy, tmp_path / "elsewhere" / deploy.name)
+        assert training_resolution(ErfSpec("replknet_31b", weights=str(alone)), model) == 32, suffix
     capsys.readouterr()
 
     out = tmp_path / "c"
     base = [*TINY, "--override", "num_classes=10", "--input-size", "128", "--num-images", "1", "--quiet"]
-    assert main(["compute", *base, "--weights", str(run / "checkpoints/epoch_001.pth"), "--out", str(out)]) == 0
+    older = shutil.copy(plain, run / "checkpoints" / "older.pth")  # a .pth without a record: its run folder's
+    assert main(["compute", *base, "--weights", str(older), "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     info = json.loads((out / "run.json").read_text())
     assert info["train_size"] == 32 and info["train_size_source"] == f"the erf-lab train run {run.resolve()}/run.json"
     assert info["size_note"].startswith("measured at 128px, 4x the training resolution 32px") and "224" not in stdout
     assert main(["compute", *base, "--weights", str(loose / "epoch_001.pth"), "--out", str(out), "--force"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["train_size"] == 32 and info["train_size_source"] == "the erf-lab record in epoch_001.pth"
+    assert main(["compute", *base, "--weights", str(plain), "--out", str(out), "--force"]) == 0
     stdout = capsys.readouterr().out
     info = json.loads((out / "run.json").read_text())
     assert info["train_size"] is None and info["train_size_source"].startswith("unknown: ")
-    assert info["size_note"].startswith("the training resolution is unknown (epoch_001.pth carries no training record")
+    assert info["size_note"].startswith("the training resolution is unknown (plain.pth carries no training record")
     assert "note: the training resolution is unknown" in stdout and "224" not in stdout
 
 

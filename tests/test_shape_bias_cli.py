@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import textwrap
 
 import pytest
@@ -197,6 +198,15 @@ def test_a_reparameterized_random_init_is_not_taken_for_trained_weights(tmp_path
     assert main(base + ["--allow-random"]) == 0
     s = json.loads((tmp_path / "sb" / "summary.json").read_text())
     assert s["random_weights"] is True and s["seed"] == 0 and s["label"].endswith("(random init)")
+    # a .pth copied alone to another folder is still refused (before: its mark was only in the .run.json beside it)
+    assert main(["reparam", *tiny, "--check-size", "32", "--out", str(tmp_path / "deploy.pth")]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    alone = shutil.copy(tmp_path / "deploy.pth", tmp_path / "elsewhere" / "deploy.pth")
+    capsys.readouterr()
+    assert main([*base[:base.index("--weights") + 1], str(alone), *base[base.index("--weights") + 2:-1],
+                 str(tmp_path / "sb2")]) == 2
+    lines = _one_error_line(capsys.readouterr().err)
+    assert len(lines) == 1 and f"{alone} holds a random initialisation" in lines[0]
 
 
 def test_random_init_is_seeded_and_recorded(tmp_path, capsys, datasets):

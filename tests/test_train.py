@@ -120,18 +120,28 @@ def test_run_directory_and_official_checkpoints(tmp_path, one_thread, monkeypatc
     assert (out / "curves.png").stat().st_size > 0 and (out / "curves.pdf").stat().st_size > 0
     assert not (out / C.STATE_FILE).exists()
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert ckpts == sorted([f"epoch_00{e}.{x}" for e in range(3) for x in ("pth", "safetensors")]
-                           + ["epoch_000.pth.run.json"])
-    from erf_lab.checkpoint import random_init_record
+    # the files say themselves what they are: no .run.json beside the .pth any more
+    assert ckpts == sorted([f"epoch_00{e}.{x}" for e in range(3) for x in ("pth", "safetensors")])
+    from erf_lab.checkpoint import random_init_record, training_input_size
 
-    # epoch 0 is the random initialisation, marked so (what measures it says "random weights"); trained ones not
-    assert [random_init_record(out / "checkpoints" / f"epoch_000.{x}") for x in ("pth", "safetensors")] == \
-        [{"seed": 0}, {"seed": 0}]
-    assert random_init_record(out / "checkpoints" / "epoch_002.safetensors") is None
-    assert random_init_record(out / "checkpoints" / "epoch_002.pth") is None
-    # official layout, loadable by create_model; the .pth and the .safetensors hold the same tensors
+    # epoch 0 is the random initialisation, marked so (what measures it says "random weights"); trained ones not;
+    # each file keeps its mark and training size when copied alone (before: a .pth lost both, they were in its
+    # .run.json sidecar and the run folder)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for x in ("pth", "safetensors"):
+        for name, init in (("epoch_000", {"seed": 0}), ("epoch_002", None)):
+            for path in (out / "checkpoints" / f"{name}.{x}", shutil.copy(out / "checkpoints" / f"{name}.{x}", alone)):
+                assert random_init_record(path) == init and training_input_size(path)[0] == 32, path
+    # official layout plus the erf_lab record (plain data, weights-only), loadable by create_model; the .pth and the
+    # .safetensors hold the same tensors
     raw = torch.load(out / "model.pth", weights_only=True)
-    assert list(raw) == ["model"]
+    assert list(raw) == ["model", "erf_lab"] and set(raw["erf_lab"]) == {"input_size", "weights_sha256"}
+    assert raw["erf_lab"]["input_size"] == 32
+    # the official repos' loaders (RepLKNet / SLaK / UniRepLKNet --resume: checkpoint['model']; --finetune and
+    # the ERF scripts: 'model' if present, else the dict) read the weights and nothing else
+    ref = create_model("replknet_31b", num_classes=4, **TINY)
+    ref.load_state_dict(raw["model"])
     x = torch.rand(2, 3, 32, 32)
     outs = []
     for f in ("model.pth", "model.safetensors", "checkpoints/epoch_002.safetensors"):

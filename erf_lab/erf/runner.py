@@ -233,8 +233,9 @@ def training_resolution_source(spec: ErfSpec, model) -> tuple[int | None, str]:
 
     ``spec.train_size`` (``--train-size``) first; None for a randomly initialised model (never trained); for a
     weights file its training record (:func:`erf_lab.checkpoint.training_input_size`: a ``builtin:`` model's JSON,
-    the metadata ``erf-lab train`` writes, the run folder's ``run.json``), else a 3-4 digit size in the file's name
-    (the official RepLKNet files: ``..._224.pth``, ``..._384.pth``, ``..._320.pth``; not ``epoch_100``), else
+    the record ``erf-lab train`` / ``reparam`` write into the file, the run folder's ``run.json``), else a 3-4 digit
+    size in the file's name (the official RepLKNet files: ``..._224.pth``, ``..._384.pth``, ``..._320.pth``; not
+    ``epoch_100``), else
     unknown: the model's ``pretrained_cfg`` / ``default_cfg`` ``input_size`` describes its official weights, not a
     file of other weights. Without a file (the model's own published weights, ``pretrained=True``) that config."""
     from erf_lab.checkpoint import training_input_size

@@ -83,10 +83,13 @@ def official_deploy_layout(model: nn.Module, inplace: bool = False) -> nn.Module
                       "and SLaK have an official deploy layout)")
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path, metadata: dict[str, str] | None = None
-                    ) -> Path:
-    """Write a state dict atomically: ``.safetensors`` (with ``metadata``) by suffix, else a plain ``torch.save``
-    tensor dict."""
+def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path, facts: dict | None = None) -> Path:
+    """Write a state dict atomically: ``.safetensors`` by suffix, else ``torch.save``. ``facts``
+    (:func:`erf_lab.checkpoint.weights_facts`: random init, init seed, training size) go into the file: the
+    safetensors metadata, or a ``.pth`` ``{"model": state_dict, "erf_lab": {...}}`` (the official RepLKNet
+    layout, which its loaders and erf-lab's read; :func:`erf_lab.checkpoint.pth_record`). Without facts a ``.pth``
+    is the plain tensor dict."""
+    from erf_lab.checkpoint import PTH_RECORD_KEY, pth_record, safetensors_facts
     from erf_lab.io import atomic_path
 
     out = Path(out)
@@ -95,9 +98,10 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path, metada
         if out.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(tensors, str(tmp), metadata=metadata)
+            save_file(tensors, str(tmp), metadata=safetensors_facts(facts or {}))
         else:
-            torch.save(tensors, tmp)
+            record = pth_record(tensors, facts or {})
+            torch.save(tensors if record is None else {"model": tensors, PTH_RECORD_KEY: record}, tmp)
     return out
 
 
@@ -111,10 +115,11 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     error and the largest of every residual branch's (:class:`ResidualBranchCheck`: the logits of an untrained
     UniRepLKNet / SLaK do not see their blocks), output path, its SHA-256 and the number of keys. The model runs
     in eval mode (BN running statistics), where the merge is exact up to float rounding. Without ``weights`` the
-    model is initialised from ``seed``; a random init (or weights that are one) is marked in the output
-    (safetensors metadata and the sidecar).
+    model is initialised from ``seed``; a random init (or weights that are one) is marked in the output file, and
+    so is the training size of ``weights`` where it is known (:func:`save_state_dict`); the summary is also written
+    to ``<out>.run.json``.
     """
-    from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, TRAIN_SIZE_KEY, random_init_of, training_input_size
+    from erf_lab.checkpoint import random_init_of, training_input_size, weights_facts
     from erf_lab.io import prepare_out_dir, progress, refuse_empty, sha256_file, write_json
     from erf_lab.models.registry import create_model
 
@@ -163,11 +168,11 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         params_after, flops_after = count_params(model), count_flops(model, flops_input_size)
         bar.set_postfix_str("save")
         state = model.state_dict()
-        marker = None if random_init is None else {RANDOM_INIT_KEY: "true", **(
-            {} if random_init["seed"] is None else {INIT_SEED_KEY: str(random_init["seed"])})}
-        if train_size:  # the training record goes with the weights (safetensors metadata; the .run.json below)
-            marker = {**(marker or {}), TRAIN_SIZE_KEY: str(train_size)}
-        save_state_dict(state, out, metadata=marker)
+        # the random-init mark and the training record go inside the weights file, so a copy of it alone keeps them
+        facts = weights_facts(random_init=random_init is not None,
+                              random_init_seed=None if random_init is None else random_init["seed"],
+                              input_size=train_size or None)
+        save_state_dict(state, out, facts=facts)
         bar.update()
     finally:
         bar.close()

@@ -1,7 +1,8 @@
 """Checkpoints of a training run.
 
-* Weights, in the official RepLKNet layout: ``{"model": state_dict}`` saved with ``torch.save`` (``.pth``) and
-  the same tensors as ``.safetensors``; both load with ``create_model(name, weights=path, **overrides)``.
+* Weights, in the official RepLKNet layout: ``{"model": state_dict}`` saved with ``torch.save`` (``.pth``, plus
+  an ``erf_lab`` entry with the training size / random-init mark that official loaders ignore) and the same tensors
+  as ``.safetensors`` (the facts in its metadata); both load with ``create_model(name, weights=path, **overrides)``.
 * The training state (``.train_state.pt``): weights, optimizer, AMP scaler, EMA, epoch, step, position in the
   epoch, partial-epoch sums (loss, accuracy per rank; images, seconds), metrics rows and the RNG states of torch /
   numpy / python, all as tensors, lists and numbers, so it loads with ``torch.load(weights_only=True)``. Saved
@@ -32,39 +33,31 @@ def save_weights(state_dict: dict, stem: str | os.PathLike, fmt: str = "both",
                  train_input_size: int | None = None) -> list[Path]:
     """Write ``stem.pth`` (``{"model": sd, **extra}``) and / or ``stem.safetensors`` atomically. With
     ``random_init_seed`` (the weights are the untrained initialisation, epoch 0) each file is marked as a random
-    init, as ``erf-lab reparam`` marks one (:func:`erf_lab.checkpoint.random_init_record`): the safetensors
-    metadata, and for the .pth a ``<file>.run.json`` beside it with its SHA-256; measurements on it then say so.
-    ``train_input_size`` (the training resolution) goes into the safetensors metadata, so a file copied out of its
-    run folder still says what it was trained at (:func:`erf_lab.checkpoint.training_input_size`; a .pth says it
-    through the run folder's run.json)."""
-    from erf_lab.checkpoint import INIT_SEED_KEY, RANDOM_INIT_KEY, TRAIN_SIZE_KEY
-    from erf_lab.io import sha256_file, write_json
+    init, as ``erf-lab reparam`` marks one (:func:`erf_lab.checkpoint.random_init_record`); measurements on it then
+    say so. ``train_input_size`` (the training resolution) is recorded too, so a file copied out of its run folder
+    still says what it was trained at (:func:`erf_lab.checkpoint.training_input_size`). Both facts live in the
+    file itself: the safetensors metadata, and the .pth's ``erf_lab`` entry beside ``model``
+    (:func:`erf_lab.checkpoint.pth_record`), which loaders of the official layout ignore."""
+    from erf_lab.checkpoint import PTH_RECORD_KEY, pth_record, safetensors_facts, weights_facts
 
     if fmt not in WEIGHT_FORMATS:
         raise ErfLabError(f"unknown checkpoint format {fmt!r}; choose {', '.join(WEIGHT_FORMATS)}")
     stem = Path(stem)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    facts = weights_facts(random_init_seed=random_init_seed, input_size=train_input_size)
     out = []
     if fmt in ("pth", "both"):
         path = stem.with_name(stem.name + ".pth")
+        record = pth_record(sd, facts)
         with atomic_path(path) as tmp:
-            torch.save({"model": sd, **(extra or {})}, tmp)
+            torch.save({"model": sd, **(extra or {}), **({PTH_RECORD_KEY: record} if record else {})}, tmp)
         out.append(path)
-        if random_init_seed is not None:
-            write_json(path.with_name(path.name + ".run.json"), {
-                "what": "erf-lab train: the random initialisation (epoch 0)", "random_init": True,
-                "init_seed": int(random_init_seed), "sha256": sha256_file(path)})
     if fmt in ("safetensors", "both"):
         from safetensors.torch import save_file
 
         path = stem.with_name(stem.name + ".safetensors")
-        meta = ({} if random_init_seed is None else
-                {RANDOM_INIT_KEY: "true", INIT_SEED_KEY: str(int(random_init_seed))})
-        if train_input_size is not None:
-            meta[TRAIN_SIZE_KEY] = str(int(train_input_size))
-        meta = meta or None
         with atomic_path(path) as tmp:
-            save_file(sd, str(tmp), metadata=meta)
+            save_file(sd, str(tmp), metadata=safetensors_facts(facts))
         out.append(path)
     return out
 
