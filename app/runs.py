@@ -35,6 +35,23 @@ def run_kind(d: Path) -> str | None:
     return None
 
 
+def incomplete_note(d: Path) -> str | None:
+    """A line for a folder whose sweep / compare / timeline record says the command has not finished (it was
+    interrupted or is still running; :func:`erf_lab.io.command_record`), else None: its tables and figures are
+    partial or missing, and the same command run again completes the folder."""
+    from erf_lab.io import MARKER_FILES, RESULT_KINDS, read_json_or_none, record_complete
+
+    for kind, (name, is_ours) in MARKER_FILES.items():
+        info = read_json_or_none(d / name) if (d / name).is_file() else None
+        if isinstance(info, dict) and is_ours(info) and not record_complete(info):
+            planned = info.get("members") or info.get("epochs")
+            done = (f": {len(info.get('rows') or [])} of {len(planned)} measured"
+                    if isinstance(planned, list) and isinstance(info.get("rows"), list) else "")
+            return (f"Incomplete: {RESULT_KINDS[kind]} that was interrupted or is still running ({name} says "
+                    f"complete: false{done}); run its command again to finish it.")
+    return None
+
+
 def find_runs(root: Path, max_depth: int = 4, limit: int = 300) -> list[dict]:
     """Result directories under ``root`` (itself included), breadth first, symlinks not followed."""
     out, frontier = [], [(root, 0)]

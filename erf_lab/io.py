@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -68,6 +68,50 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+@contextlib.contextmanager
+def command_record(path: str | os.PathLike, record: dict, *, write: bool = True,
+                   undo_on_error: bool = True) -> Iterator[Callable[..., None]]:
+    """The record of a command that writes no run.json (:data:`MARKER_FILES`), kept from the command's start:
+    ``record`` (what it was asked to do) is written now with ``"complete": false``, so the folder is this command's
+    result while it runs and after a Ctrl-C, crash or kill (another command refuses it; the same command run again
+    resumes there). The yielded ``save(complete=False, **fields)`` rewrites it (the work done so far), and
+    ``save(complete=True, ...)``, called last, once every other file is written, marks it finished. With
+    ``undo_on_error``, a bad input (ErfLabError) raised before the first ``save`` (before any work is done) puts back
+    what ``path`` held before, or removes the record: an error line leaves no folder that looks like a result.
+    ``write=False`` (a torchrun rank other than 0) writes nothing. Atomic writes (:func:`write_json`)."""
+    from erf_lab.errors import ErfLabError
+
+    path = Path(path)
+    before = path.read_bytes() if write and path.is_file() else None
+    saved = False
+
+    def save(complete: bool = False, **fields) -> None:
+        nonlocal saved
+        saved = True
+        if write:
+            write_json(path, {"complete": bool(complete), **record, **fields})
+
+    if write:
+        write_json(path, {"complete": False, **record})
+    try:
+        yield save
+    except ErfLabError:
+        if write and undo_on_error and not saved:
+            with contextlib.suppress(OSError):
+                if before is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    with atomic_path(path) as tmp:
+                        tmp.write_bytes(before)
+        raise
+
+
+def record_complete(info: Any) -> bool:
+    """Whether a parsed record of :data:`MARKER_FILES` describes a finished result: ``complete`` is not false
+    (:func:`command_record`; records from before that flag were written only at the end, so they are)."""
+    return isinstance(info, dict) and info.get("complete", True) is not False
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -130,7 +174,9 @@ RESULT_KINDS = {"erf": "an ERF run", "training": "a training run", "shape-bias":
 
 #: the kinds without a run.json: the file each command writes into its folder (its record), and what tells that
 #: file from another program's of the same name (sweep and compare: their provenance record's command; study:
-#: its settings and model list; timeline: the training run it measured and its rows)
+#: its settings and model list; timeline: the training run it measured and its rows). sweep, compare and timeline
+#: write theirs when they start (:func:`command_record`, ``"complete": false`` until they finish), the study its
+#: settings: an interrupted one is recognised too (:func:`record_complete` tells a finished one)
 MARKER_FILES = {
     "sweep": ("sweep.json", lambda d: d.get("command") == "sweep"),
     "compare": ("compare.json", lambda d: d.get("command") == "compare"),

@@ -587,6 +587,29 @@ def test_results_page_table_is_the_compare_table(app_env):
     assert not at.multiselect and any("Choose a kind" in i.value for i in at.info)
 
 
+def test_results_page_says_a_sweep_is_incomplete(app_env):
+    """A sweep stopped half way has its sweep.json from the start (complete: false): the page lists it but says it
+    is incomplete (how much was measured, and that its command finishes it); a finished one gets no such line."""
+    import json
+
+    root = app_env / "runs"
+    base = {"command": "sweep", "argv": ["erf-lab", "sweep"], "members": ["K3-deploy", "K5-deploy"]}
+    for name, complete, rows in (("stopped", False, ["K3-deploy"]), ("done", True, ["K3-deploy", "K5-deploy"])):
+        (root / name).mkdir(parents=True)
+        (root / name / "sweep.json").write_text(json.dumps({"complete": complete, **base, "rows": [
+            {"run_dir": r} for r in rows]}))
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(root)).run()
+    ok(at)
+    at.multiselect(key="res-chosen-sweep").set_value(["done", "stopped"]).run()
+    ok(at)
+    warnings = [w.value for w in at.warning]
+    assert len(warnings) == 1 and warnings[0].startswith("Incomplete: an ERF sweep that was interrupted or is still "
+                                                         "running") and "1 of 2 measured" in warnings[0], warnings
+    assert "run its command again" in warnings[0]
+
+
 # ------------------------------------------------------------------------------------------- input policy
 def refusal(what: str, text: str) -> str:
     """The one message of a refused typed folder (missing and forbidden alike)."""

@@ -234,3 +234,114 @@ def test_a_record_of_another_program_with_a_marker_name_is_no_result(tmp_path):
         (tmp_path / name).write_text(json.dumps({"command": "other", "rows": "x"}))
     assert result_kind(tmp_path) is None
     refuse_other_result(tmp_path, "erf")
+
+
+# ------------------------------------------------------------------ a sweep, comparison or timeline stopped half way
+def _interrupt(monkeypatch, module, name: str, when) -> None:
+    """``module.name`` raises KeyboardInterrupt (a Ctrl-C) at the first call ``when(args, calls)`` accepts."""
+    real, calls = getattr(module, name), []
+
+    def stopped(*args, **kwargs):
+        calls.append(args)
+        if when(args, calls):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, stopped)
+
+
+STOPPED = {  # the command, and where a Ctrl-C stops it: after its first member, checkpoint or figure
+    "sweep": lambda results, out: (
+        ["sweep", "--kernels", "3,5", *SWEEP[3:], "--formats", "png", "--out", out],
+        ("erf_lab.erf.runner", "run_erf", lambda args, calls: len(calls) == 2)),
+    "compare": lambda results, out: (
+        ["compare", results / "erf", results / "erf", "--formats", "png", "--out", out],
+        ("erf_lab.erf.analysis", "write_text", lambda args, calls: str(args[0]).endswith("compare.csv"))),
+    "timeline": lambda results, out: (
+        ["timeline", results / "training", "--input-size", "32", "--num-images", "1", "--probe-size", "10",
+         "--formats", "png", "--quiet", "--out", out],
+        ("erf_lab.train.timeline", "measure_checkpoint", lambda args, calls: len(calls) == 2)),
+}
+RECORD = {"sweep": "sweep.json", "compare": "compare.json", "timeline": "timeline.json"}
+
+
+@pytest.mark.parametrize("command", list(STOPPED))
+def test_an_interrupted_sweep_comparison_or_timeline_is_recognised_refused_and_completed(command, results, tmp_path,
+                                                                                           capsys, monkeypatch):
+    """The record (sweep.json, compare.json, timeline.json) was written only at the end: a folder stopped half way
+    was no result, so compute --force and train --force wrote into it (exit 0). Now the record is there from the
+    start with complete: false (and what was asked), the folder is refused by another command (one line, exit 2,
+    untouched), and the same command again finishes it, reusing what was measured."""
+    import importlib
+
+    folder = tmp_path / command
+    argv, (module, name, when) = STOPPED[command](results, folder)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _interrupt(m, importlib.import_module(module), name, when)
+        assert main([str(a) for a in argv]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert result_kind(folder) == command
+    record = json.loads((folder / RECORD[command]).read_text())
+    assert record["complete"] is False
+    if command in ("sweep", "compare"):
+        assert record["command"] == command and record["argv"] and "parameters" in record  # what it was asked
+    if command == "sweep":
+        assert record["members"] == ["K3-deploy", "K5-deploy"] and [r["run_dir"] for r in record["rows"]] == \
+            ["K3-deploy"] and not (folder / "sweep.csv").exists()
+    if command == "timeline":
+        assert record["epochs"] == [0, 1] and [r["epoch"] for r in record["rows"]] == [0]
+        assert not (folder / "timeline.png").exists()
+    _refused(capsys, _writer("compute", results, folder), folder, KIND_WORDS[command])
+    _refused(capsys, _writer("train", results, folder), folder, KIND_WORDS[command])
+
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err  # the same command: resumed and finished
+    out = capsys.readouterr().out
+    record = json.loads((folder / RECORD[command]).read_text())
+    assert record["complete"] is True and result_kind(folder) == command
+    if command == "sweep":
+        assert [(r["run_dir"], r["reused"]) for r in record["rows"]] == [("K3-deploy", True), ("K5-deploy", False)]
+        assert {"grid.png", "growth.png", "sweep.csv", "sweep.md"} <= set(record["files"])
+    if command == "compare":
+        assert len(record["rows"]) >= 2 and (folder / "compare.csv").is_file()
+    if command == "timeline":
+        assert "measured 1 ERF(s) and 1 probe(s)" in out  # epoch 0 came from its cache
+        assert [r["epoch"] for r in record["rows"]] == [0, 1] and (folder / "timeline.png").is_file()
+    _refused(capsys, _writer("compute", results, folder), folder, KIND_WORDS[command])
+
+
+def test_a_command_record_is_incomplete_until_saved_complete_and_a_bad_input_leaves_none(tmp_path):
+    """command_record: written at the start, kept by an interruption or after work was saved, taken back (or the
+    earlier record put back) by an error line raised before any work."""
+    from erf_lab.io import command_record, record_complete
+
+    path = tmp_path / "sweep.json"
+    base = {"command": "sweep", "parameters": {"kernels": [3]}}
+    with pytest.raises(ErfLabError):
+        with command_record(path, base):
+            assert json.loads(path.read_text()) == {"complete": False, **base}
+            raise ErfLabError("bad input")
+    assert not path.exists()
+    with pytest.raises(KeyboardInterrupt):
+        with command_record(path, base):
+            raise KeyboardInterrupt
+    assert json.loads(path.read_text())["complete"] is False and result_kind(tmp_path) == "sweep"
+    with command_record(path, {**base, "rows": []}) as save:
+        save(rows=[1])
+        assert json.loads(path.read_text()) == {"complete": False, **base, "rows": [1]}
+    save(complete=True, rows=[1, 2])
+    done = json.loads(path.read_text())
+    assert done == {"complete": True, **base, "rows": [1, 2]} and record_complete(done)
+    with pytest.raises(ErfLabError):
+        with command_record(path, {**base, "parameters": {"kernels": [5]}}):
+            raise ErfLabError("bad input")
+    assert json.loads(path.read_text()) == done  # the finished record of before, as it was
+    with pytest.raises(ErfLabError):
+        with command_record(path, base) as save:
+            save(rows=[1])
+            raise ErfLabError("a later member's error")
+    assert json.loads(path.read_text())["complete"] is False  # work was done: the folder stays a sweep
+    assert record_complete({"command": "sweep"}) and not record_complete(None)  # a record from before the flag
+    with command_record(tmp_path / "rank1" / "sweep.json", base, write=False) as save:
+        save(complete=True)
+    assert not (tmp_path / "rank1").exists()

@@ -58,8 +58,13 @@ def test_toy_study_tables_cache_and_ship(tmp_path, monkeypatch, one_thread):
     assert json.loads((out / "study.json").read_text())["settings"]["epochs"] == 1
 
     dest = tmp_path / "data" / "trained" / "cue-world"
+    stopped = out / "runs" / "K3-seed0" / "timeline"  # an erf-lab timeline interrupted after its first checkpoint
+    stopped.mkdir()
+    (stopped / "timeline.json").write_text(json.dumps({"complete": False, "run": str(stopped.parent), "rows": [
+        {"epoch": 0}], "epochs": [0, 1]}))
     files = ship(out, dest, subset=20)
     assert {p.name for p in files} >= {"K3-seed0.safetensors", "K3-seed0.json", "K31-seed0.metrics.csv", "README.md"}
+    assert not (dest / "timeline").exists()  # not shipped as a finished timeline (it has no table or figure yet)
     rec = json.loads((dest / "K31-seed0.json").read_text())
     monkeypatch.setattr(erf_lab.paths, "data_dir", lambda: tmp_path / "data")
     net = create_model("replknet_31b", weights="builtin:cue-world/K31-seed0")

@@ -9,7 +9,7 @@ import streamlit as st
 
 from app import safety
 from app.figures import show_figure
-from app.runs import app_runs_dir, downloadable_files, find_runs
+from app.runs import app_runs_dir, downloadable_files, find_runs, incomplete_note
 from app.ui import file_downloads, guard
 from erf_lab.erf.analysis import comparison_table
 from erf_lab.erf.rundir import load_run, read_json
@@ -59,6 +59,8 @@ if runs:
         with st.expander(f"{n} ({r['kind']})", expanded=len(chosen) == 1):
             with guard(f"Run {n}"):
                 d = Path(r["path"])
+                if note := incomplete_note(d):  # an interrupted sweep: no finished results to present
+                    st.warning(note)
                 info_file = d / ("run.json" if (d / "run.json").is_file() else "summary.json")
                 if info_file.is_file():
                     info = read_json(info_file)  # a corrupt file: one readable line (ErfLabError), not a traceback

@@ -12,6 +12,7 @@ import streamlit as st
 from app import safety
 from app.runs import app_runs_dir
 from app.ui import cli_hint, file_downloads, guard
+from erf_lab.io import read_json_or_none, record_complete
 from erf_lab.paths import data_dir
 
 SHIPPED = data_dir() / "trained" / "cue-world"
@@ -40,7 +41,8 @@ def show_timeline(folder: Path, key: str) -> None:
 tab_shipped, tab_run, tab_family = st.tabs(["shipped run", "your training run", "kernel family"])
 
 with tab_shipped:
-    timelines = sorted(p.parent for p in (SHIPPED / "timeline").glob("*/timeline.json"))
+    timelines = sorted(p.parent for p in (SHIPPED / "timeline").glob("*/timeline.json")
+                       if record_complete(read_json_or_none(p)))  # a finished timeline only
     if not timelines:
         st.info("No shipped timeline in data/trained/cue-world/timeline.")
     else:

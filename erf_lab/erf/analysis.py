@@ -11,7 +11,7 @@ from erf_lab.erf.metrics import gaussian_fit_ok
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, gauss_note,
                                 markdown_table, metrics_text, table_rows)
 from erf_lab.errors import ErfLabError
-from erf_lab.io import prepare_out_dir, refuse_other_result, write_json, write_text
+from erf_lab.io import command_record, prepare_out_dir, refuse_other_result, write_json, write_text
 from erf_lab.provenance import provenance
 
 
@@ -61,8 +61,8 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     comparable) and the size-free metrics (r_rms, r20 / r50 / r99, Gaussian sigma, in pixels) carry the
     comparison (the Gaussian sigma only where every fit is meaningful: a flagged fit is shown ``n/m (value)``); no
     heatmap figure is drawn unless ``allow_mixed_sizes`` (then each panel at its own size, and each map's area
-    ratios on its own area). Writes ``out/compare.<fmt>``, ``compare.md``, ``compare.csv``,
-    ``compare.json`` (last).
+    ratios on its own area). Writes ``out/compare.<fmt>``, ``compare.md``, ``compare.csv`` and ``compare.json``
+    (first with ``"complete": false``, so an interrupted comparison's folder is recognised; complete last).
     """
     from erf_lab.erf.plotting import display_preset, plot_comparison
 
@@ -79,18 +79,17 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     rows, md, csv_s, mixed = table["rows"], table["markdown"], table["csv"], table["mixed"]
     refuse_other_result(out, "compare")  # e.g. --out one of the runs compared: its figures would be replaced
     out_dir = prepare_out_dir(out)
-    figs = [] if mixed and not allow_mixed_sizes else plot_comparison(
-        [r.erf for r in runs], [r.label for r in runs], out_dir / "compare", formats=tuple(formats), normalize=normalize,
-        display=display)
-    write_text(out_dir / "compare.md", md + "\n\n" + table["note"] + "\n")
-    write_text(out_dir / "compare.csv", csv_s)
     record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": table["names"],
                                     "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
                                     "normalize": normalize, "display": display}, argv)
-    record["rows"] = rows
-    record["mixed_sizes"] = mixed
-    record["files"] = [p.name for p in figs] + ["compare.md", "compare.csv"]
-    write_json(out_dir / "compare.json", record)
+    # the folder is a comparison from now on (every input was checked: an error now is a file that cannot be written)
+    with command_record(out_dir / "compare.json", record, undo_on_error=False) as save:
+        figs = [] if mixed and not allow_mixed_sizes else plot_comparison(
+            [r.erf for r in runs], [r.label for r in runs], out_dir / "compare", formats=tuple(formats),
+            normalize=normalize, display=display)
+        write_text(out_dir / "compare.md", md + "\n\n" + table["note"] + "\n")
+        write_text(out_dir / "compare.csv", csv_s)
+        save(complete=True, rows=rows, mixed_sizes=mixed, files=[p.name for p in figs] + ["compare.md", "compare.csv"])
     return {"rows": rows, "markdown": md, "csv": csv_s, "note": table["note"], "files": figs + [
         out_dir / "compare.md", out_dir / "compare.csv", out_dir / "compare.json"], "out_dir": out_dir,
         "metrics": dict(table["measured"])}

@@ -21,7 +21,7 @@ import numpy as np
 from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, summary
 from erf_lab.erf.tables import csv_text, markdown_table
 from erf_lab.errors import ErfLabError
-from erf_lab.io import progress, refuse_other_result, write_json, write_text
+from erf_lab.io import command_record, progress, refuse_other_result, write_text
 from erf_lab.provenance import provenance
 
 REPARAM_MODES = {"train": ("train",), "deploy": ("deploy",), "both": ("train", "deploy")}
@@ -141,7 +141,9 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     belong to a sweep without kernels, ``weights_dir`` (which implies ``init="weights"``) to one with them. The sweep
     adds ``grid.<fmt>`` (heatmaps: rows = kernel x mode, columns = the swept axis), ``growth.<fmt>`` (area ratios
     and size-free metrics against the swept axis), ``sweep.csv`` / ``sweep.md`` (a weights column; random-init
-    members noted) and ``sweep.json`` last. Returns ``{"rows", "reparam_diff", "files", "out_dir", "markdown"}``.
+    members noted) and ``sweep.json``: written when the sweep starts (``"complete": false``, the members measured
+    so far in ``rows``: an interrupted sweep's folder is recognised, and the same call again resumes it, its finished
+    members reused) and complete last. Returns ``{"rows", "reparam_diff", "files", "out_dir", "markdown"}``.
     """
     from erf_lab.erf.plotting import plot_grid, plot_growth
     from erf_lab.erf.rundir import load_run
@@ -193,23 +195,31 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
               "seed": int(seed), "layer": layer or "forward_features", "aggregate": aggregate,
               "batch_size": batch_size, "device": device, "formats": list(formats)}
 
-    rows, maps = [], {}
-    bar = progress(total=len(specs), desc="sweep", unit="run", disable=not show_progress)
-    try:
-        for (stem, mode), (k, size, spec) in specs.items():
-            sub = out_dir / f"{stem}-{mode}"
-            what = " ".join(p for p in (f"K={k}" if k is not None else spec.model, f"{size}px", mode) if p)
-            res = run_erf(spec, out=sub, reuse=True, label=what, tags={"sweep": {"kernel": k, "input_size": size,
-                          "reparam": mode}}, formats=formats, show_progress=False, argv=argv)
-            run = load_run(sub)
-            maps[(stem, mode)] = run.erf
-            rows.append({"kernel": k, "input_size": size, "reparam": mode, "series": f"K={k} {mode}" if k else mode,
-                         "model": spec.model, "weights": weights_label(run.run_info),
-                         "num_used": run.run_info.get("num_used"), "run_dir": sub.name,
-                         "reused": res["already_complete"], **summary(run.metrics or res["metrics"])})
-            bar.update(1)
-    finally:
-        bar.close()
+    from erf_lab.erf.distributed import env_info
+
+    main = env_info().is_main  # under torchrun every rank measures its share; rank 0 alone writes the sweep
+    record = provenance("sweep", params, argv)
+    record.update({"members": [f"{stem}-{mode}" for stem, mode in specs], "rows": []})
+    with command_record(out_dir / "sweep.json", record, write=main) as save:  # the folder is a sweep from now on
+        rows, maps = [], {}
+        bar = progress(total=len(specs), desc="sweep", unit="run", disable=not show_progress)
+        try:
+            for (stem, mode), (k, size, spec) in specs.items():
+                sub = out_dir / f"{stem}-{mode}"
+                what = " ".join(p for p in (f"K={k}" if k is not None else spec.model, f"{size}px", mode) if p)
+                res = run_erf(spec, out=sub, reuse=True, label=what, tags={"sweep": {
+                    "kernel": k, "input_size": size, "reparam": mode}}, formats=formats, show_progress=False, argv=argv)
+                run = load_run(sub)
+                maps[(stem, mode)] = run.erf
+                rows.append({"kernel": k, "input_size": size, "reparam": mode,
+                             "series": f"K={k} {mode}" if k else mode, "model": spec.model,
+                             "weights": weights_label(run.run_info), "num_used": run.run_info.get("num_used"),
+                             "run_dir": sub.name,
+                             "reused": res["already_complete"], **summary(run.metrics or res["metrics"])})
+                bar.update(1)
+                save(rows=rows)  # still incomplete: the members so far
+        finally:
+            bar.close()
     diffs = []
     if len(modes) == 2:
         for stem, k, size, *_ in members:
@@ -226,9 +236,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
         stem = next(m[0] for m in members if (m[1] == k or k is None) and (m[2] == v if by_size else m[1] == v))
         return maps[(stem, mode)]
 
-    from erf_lab.erf.distributed import env_info
-
-    if not env_info().is_main:  # under torchrun every rank measured its share; rank 0 alone writes the sweep
+    if not main:  # under torchrun every rank measured its share; rank 0 alone writes the sweep
         return {"rows": rows, "reparam_diff": diffs, "files": [], "out_dir": out_dir, "markdown": "", "main": False}
     files = plot_grid([[cell(k, mode, v) for v in axis] for k, mode in row_keys],
                       [f"K={k} {mode}" if k is not None else mode for k, mode in row_keys],
@@ -258,8 +266,6 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
             diffs, ("member", "max_abs_diff", "max_rel_diff"))
     write_text(out_dir / "sweep.md", md + "\n")
     files += [out_dir / "sweep.csv", out_dir / "sweep.md"]
-    record = provenance("sweep", params, argv)
-    record.update({"rows": rows, "reparam_diff": diffs, "files": [p.name for p in files]})
-    write_json(out_dir / "sweep.json", record)
+    save(complete=True, rows=rows, reparam_diff=diffs, files=[p.name for p in files])  # last: the sweep is complete
     files.append(out_dir / "sweep.json")
     return {"rows": rows, "reparam_diff": diffs, "files": files, "out_dir": out_dir, "markdown": md, "main": True}

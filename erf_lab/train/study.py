@@ -355,7 +355,7 @@ def ship(study, dest, *, subset: int = 200) -> list[Path]:
     """Copy every trained model of the study folder to ``dest/<name>.safetensors`` with its record
     ``<name>.json`` (model, overrides, classes, training settings, val accuracy, the correct count on the first
     ``subset`` val images) and ``<name>.metrics.csv``; plus the study's results and log. Returns the files."""
-    from erf_lab.io import prepare_out_dir, read_json_or_none, write_json, write_text
+    from erf_lab.io import prepare_out_dir, read_json_or_none, record_complete, write_json, write_text
     from erf_lab.models import create_model
 
     study, dest = Path(study).expanduser(), Path(dest).expanduser()
@@ -382,7 +382,8 @@ def ship(study, dest, *, subset: int = 200) -> list[Path]:
             "val_subset": {"size": subset, "correct": correct, "world_seed": s["seed"]},
             "settings": s, "params": info["model_config"]["params"], "wall_s": info.get("wall_s_this_session")})
         files += [dest / f"{m['name']}{ext}" for ext in (".safetensors", ".json", ".metrics.csv")]
-        if (run / "timeline" / "timeline.json").is_file():  # made by erf-lab timeline: shipped for the app
+        if record_complete(read_json_or_none(run / "timeline" / "timeline.json")):  # erf-lab timeline's, finished
+            # (one interrupted has no figure yet): shipped for the app
             (dest / "timeline" / m["name"]).mkdir(parents=True, exist_ok=True)
             for name in ("timeline.json", "timeline.csv", "timeline.png", "timeline.pdf"):
                 shutil.copyfile(run / "timeline" / name, dest / "timeline" / m["name"] / name)

@@ -5,7 +5,8 @@ Per checkpoint, the ERF is measured through the one runner (:func:`erf_lab.erf.r
 protocol: Ding et al., CVPR 2022, Sec. 3 / App. C) into ``RUN/timeline/erf-<S>px/epoch_XXX`` with ``reuse``,
 and the probes of :mod:`erf_lab.train.probes` into ``RUN/timeline/probe-<S>px/epoch_XXX.json``; both are
 caches keyed by the checkpoint's hash and the settings, so a second call measures only new checkpoints.
-Writes ``RUN/timeline/timeline.csv`` / ``.json`` and ``timeline.png`` / ``.pdf``.
+Writes ``RUN/timeline/timeline.csv`` / ``.json`` and ``timeline.png`` / ``.pdf``; ``timeline.json`` from the start,
+``"complete": false`` until the end (:func:`erf_lab.io.command_record`).
 """
 from __future__ import annotations
 
@@ -151,13 +152,16 @@ def measure_checkpoint(model: str, weights, overrides: dict, *, erf_dir: Path, p
 
 def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_images: int = 20,
              probe_size: int = 300, device: str = "cpu", formats=("png", "pdf"), show_progress: bool = True,
-             out: str | os.PathLike | None = None) -> dict:
+             out: str | os.PathLike | None = None, argv=None) -> dict:
     """Measure every checkpoint of the training run ``run_dir`` (see the module docstring) and write the table
     and the figure into ``out`` (default ``RUN/timeline``; another folder for a read-only run). ``input_size``: ERF
-    measurement size (default: the training size). Returns ``{"rows", "out_dir", "measured": {"erf": n, "probe":
-    n}}``."""
+    measurement size (default: the training size). ``timeline.json`` is written when the work starts
+    (``"complete": false``, the checkpoints measured so far in ``rows``: an interrupted timeline's folder is
+    recognised, and the same call again resumes from its caches) and complete last, with how it was made (command,
+    argv, versions). Returns ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}}``."""
     from erf_lab.erf.tables import csv_text
-    from erf_lab.io import prepare_out_dir, progress, refuse_other_result, write_json, write_text
+    from erf_lab.io import command_record, prepare_out_dir, progress, refuse_other_result, write_text
+    from erf_lab.provenance import provenance
     from erf_lab.train.probes import ProbeSpec
 
     run = read_training_run(run_dir)
@@ -178,35 +182,40 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
         out = prepare_out_dir(run.root / "timeline" if out is None else out)
     except ErfLabError as e:
         raise ErfLabError(f"{e}; pass --out FOLDER to write elsewhere" if out is None else str(e)) from None
-    images = cue_world_images(out / f"images-{size}px", int(num_images), size, run.num_classes, int(s["seed"]))
     probe_spec = ProbeSpec(train_size, int(probe_size), run.num_classes, int(s["seed"])).validate()
     overrides = {**(s.get("overrides") or {}), "num_classes": run.num_classes}
+    epochs = sorted(run.checkpoints)
+    record = {"run": str(run.root.resolve()), "model": s["model"], "overrides": overrides, "erf_input_size": size,
+              "train_input_size": train_size, "num_images": int(num_images), "probe": dict(probe_spec.__dict__),
+              "epochs": epochs, "rows": [], **provenance("timeline", {
+                  "run_dir": str(run.root.resolve()), "input_size": input_size, "num_images": int(num_images),
+                  "probe_size": int(probe_size), "device": device, "formats": list(formats)}, argv)}
     rows, counts, maps = [], {"erf": 0, "probe": 0}, {}
-    for epoch in progress(sorted(run.checkpoints), desc="timeline", unit="ckpt", disable=not show_progress):
-        m = measure_checkpoint(s["model"], run.checkpoints[epoch], overrides,
-                               erf_dir=out / f"erf-{size}px" / f"epoch_{epoch:03d}",
-                               probe_file=out / f"probe-{train_size}px" / f"epoch_{epoch:03d}.json",
-                               images=images, num_images=int(num_images), input_size=size, train_size=train_size,
-                               probe_spec=probe_spec, device=device)
-        for k in m["measured"]:
-            counts[k] += 1
-        maps[epoch] = np.load(m["erf_dir"] / "erf.npy", allow_pickle=False)
-        met = run.metrics.get(epoch, {})
-        p = m["probe"]
-        rows.append({"epoch": epoch, **{k: m["erf"].get(k) for k in AREA_KEYS}, "r_rms": m["erf"].get("r_rms"),
-                     "r50": m["erf"].get("r50"), "shape_bias": p["shape_bias"],
-                     "untrained": untrained(epoch, met.get("val_acc"), run.num_classes, s.get("val_size")),
-                     "shape_only_accuracy": p["shape_only_accuracy"],
-                     "texture_only_accuracy": p["texture_only_accuracy"],
-                     "val_acc": met.get("val_acc"), "train_acc": met.get("train_acc"),
-                     "checkpoint": str(run.checkpoints[epoch].relative_to(run.root))})
+    with command_record(out / "timeline.json", record) as save:  # the folder is a timeline from now on
+        images = cue_world_images(out / f"images-{size}px", int(num_images), size, run.num_classes, int(s["seed"]))
+        for epoch in progress(epochs, desc="timeline", unit="ckpt", disable=not show_progress):
+            m = measure_checkpoint(s["model"], run.checkpoints[epoch], overrides,
+                                   erf_dir=out / f"erf-{size}px" / f"epoch_{epoch:03d}",
+                                   probe_file=out / f"probe-{train_size}px" / f"epoch_{epoch:03d}.json",
+                                   images=images, num_images=int(num_images), input_size=size, train_size=train_size,
+                                   probe_spec=probe_spec, device=device)
+            for k in m["measured"]:
+                counts[k] += 1
+            maps[epoch] = np.load(m["erf_dir"] / "erf.npy", allow_pickle=False)
+            met = run.metrics.get(epoch, {})
+            p = m["probe"]
+            rows.append({"epoch": epoch, **{k: m["erf"].get(k) for k in AREA_KEYS}, "r_rms": m["erf"].get("r_rms"),
+                         "r50": m["erf"].get("r50"), "shape_bias": p["shape_bias"],
+                         "untrained": untrained(epoch, met.get("val_acc"), run.num_classes, s.get("val_size")),
+                         "shape_only_accuracy": p["shape_only_accuracy"],
+                         "texture_only_accuracy": p["texture_only_accuracy"],
+                         "val_acc": met.get("val_acc"), "train_acc": met.get("train_acc"),
+                         "checkpoint": str(run.checkpoints[epoch].relative_to(run.root))})
+            save(rows=rows)  # still incomplete: the checkpoints measured so far (each also cached on its own)
     write_text(out / "timeline.csv", csv_text(rows, list(rows[0])))
-    write_json(out / "timeline.json", {"run": str(run.root.resolve()), "model": s["model"], "overrides": overrides,
-                                       "erf_input_size": size, "train_input_size": train_size,
-                                       "num_images": int(num_images), "probe": dict(probe_spec.__dict__),
-                                       "rows": rows})
     plot_timeline(rows, maps, out / "timeline", title=f"{s['model']} on cue-world: ERF at {size} px",
                   formats=formats)
+    save(complete=True, rows=rows)  # last: the timeline is complete
     return {"rows": rows, "out_dir": out, "measured": counts}
 
 

@@ -11,8 +11,10 @@ HELP = "ERF vs kernel size (RepLKNet-3/7/13/25/31 family), vs input size, and tr
 ORDER = 42
 DESCRIPTION = (HELP + ". Each member (K, input size, mode) becomes a run directory (reused if already complete "
                "with the same settings; one with other settings needs --force); the sweep writes a heatmap grid, "
-               "growth curves, sweep.csv/.md (a weights column: random marks untrained members) and sweep.json. With "
-               "--reparam both the train-time and deploy ERFs are compared (they should agree).")
+               "growth curves, sweep.csv/.md (a weights column: random marks untrained members) and sweep.json "
+               "(from the start, complete at the end: an interrupted sweep is resumed by the same command, its "
+               "finished members reused). With --reparam both the train-time and deploy ERFs are compared (they "
+               "should agree).")
 
 
 def add_arguments(p) -> None:

@@ -1,6 +1,8 @@
 """``erf-lab timeline``: ERF and cue-world shape bias at every checkpoint of a training run."""
 from __future__ import annotations
 
+import sys
+
 NAME = "timeline"
 HELP = "ERF and cue-world shape bias at every checkpoint of an 'erf-lab train' run (epoch 0 included), one figure"
 ORDER = 61
@@ -9,8 +11,9 @@ DESCRIPTION = (
     "measure the ERF through the ERF runner (paper protocol, metrics.json per checkpoint) on cue-world "
     "validation images and the cue-world probes (shape bias on cue-conflict, shape-only and texture-only "
     "accuracy). Results are cached per checkpoint in RUN_DIR/timeline/ (or --out), so a second call measures only new "
-    "checkpoints. Writes timeline.csv, timeline.json and timeline.png/pdf (ERF strip over epochs; area ratios, "
-    "effective radius, shape bias and val accuracy against epoch)."
+    "checkpoints, and the same command after an interruption resumes. Writes timeline.csv, timeline.json (from the "
+    "start; complete at the end) and timeline.png/pdf (ERF strip over epochs; area ratios, effective radius, shape "
+    "bias and val accuracy against epoch)."
 )
 
 
@@ -33,7 +36,7 @@ def run(args) -> int:
 
     res = timeline(args.run_dir, input_size=args.input_size, num_images=args.num_images,
                    probe_size=args.probe_size, device=args.device, formats=parse_formats(args.formats),
-                   show_progress=not args.quiet, out=args.out)
+                   show_progress=not args.quiet, out=args.out, argv=sys.argv)
 
     def f(v, fmt=".3f"):
         return "n/a" if v is None else format(v, fmt)
