@@ -146,8 +146,9 @@ def weights_digest(state_dict: Mapping) -> str:
 
 def _pth_record(path: Path) -> dict:
     """The verified :data:`PTH_RECORD_KEY` entry of a ``.pth`` erf-lab wrote (its ``weights_sha256`` is the
-    digest of the ``model`` beside it); {} for anything else: another file, a record whose weights were replaced,
-    unreadable. Read weights-only, the tensors memory-mapped; cached per file version."""
+    digest of the ``model`` beside it, and ``model`` is the state dict that loads from the file: not one beside a
+    ``state_dict`` entry, which loaders take first); {} for anything else: another file, a record whose weights
+    were replaced, unreadable. Read weights-only, the tensors memory-mapped; cached per file version."""
     if _format_by_bytes(path) != "PyTorch zip":
         return {}
     try:
@@ -170,7 +171,7 @@ def _pth_record_cached(path: str, size: int, mtime_ns: int, inode: int) -> dict:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         record, sd = (obj.get(PTH_RECORD_KEY), obj.get("model")) if isinstance(obj, Mapping) else (None, None)
-        if isinstance(record, Mapping) and isinstance(sd, Mapping) and \
+        if isinstance(record, Mapping) and isinstance(sd, Mapping) and _find_state_dict(obj) is sd and \
                 record.get("weights_sha256") == weights_digest(sd):
             return dict(record)
     return {}

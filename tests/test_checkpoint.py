@@ -469,3 +469,21 @@ def test_an_erf_lab_pth_carries_its_facts_inside_and_official_layouts_load_uncha
     assert random_init_record(plain) == {"seed": 3} and training_input_size(plain) == (48, "plain.pth.run.json")
     torch.save(other, plain)
     assert random_init_record(plain) is None and training_input_size(plain) == (None, None)
+
+
+def test_the_pth_record_speaks_only_for_the_weights_that_load(tmp_path):
+    """The record is checked against 'model', but erf-lab's loader (and timm's) takes a 'state_dict' entry first:
+    trained weights saved under 'state_dict' into an erf-lab epoch-0 file loaded as the model, yet the file was still
+    reported as a random initialisation (and with the record's training size)."""
+    from erf_lab.checkpoint import (PTH_RECORD_KEY, pth_record, random_init_record, training_input_size,
+                                    weights_facts)
+
+    torch.manual_seed(0)
+    init, trained = {"w": torch.randn(4, 4)}, {"w": torch.randn(4, 4)}
+    obj = {"model": init, PTH_RECORD_KEY: pth_record(init, weights_facts(random_init_seed=0, input_size=40))}
+    torch.save(obj, tmp_path / "epoch_000.pth")
+    assert random_init_record(tmp_path / "epoch_000.pth") == {"seed": 0}
+    torch.save({**obj, "state_dict": trained}, tmp_path / "edited.pth")
+    assert torch.equal(load_state_dict_file(tmp_path / "edited.pth")["w"], trained["w"])  # what is measured
+    assert random_init_record(tmp_path / "edited.pth") is None
+    assert training_input_size(tmp_path / "edited.pth") == (None, None)
