@@ -155,12 +155,13 @@ def _pth_record(path: Path) -> dict:
         st = path.stat()
     except OSError:
         return {}
-    return dict(_pth_record_cached(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino))
+    # ctime too: a rewrite in place that keeps the size and the mtime (cp -p, touch -r) still changes it
+    return dict(_pth_record_cached(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
 
 
 @functools.lru_cache(maxsize=16)
-def _pth_record_cached(path: str, size: int, mtime_ns: int, inode: int) -> dict:
-    """:func:`_pth_record` of one version of a file (its size, mtime and inode are the cache key)."""
+def _pth_record_cached(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int) -> dict:
+    """:func:`_pth_record` of one version of a file (its size, mtime, inode and ctime are the cache key)."""
     if _torchscript_archive(Path(path)):
         return {}
     with contextlib.suppress(Exception), _allow_metadata(), warnings.catch_warnings():

@@ -487,3 +487,29 @@ def test_the_pth_record_speaks_only_for_the_weights_that_load(tmp_path):
     assert torch.equal(load_state_dict_file(tmp_path / "edited.pth")["w"], trained["w"])  # what is measured
     assert random_init_record(tmp_path / "edited.pth") is None
     assert training_input_size(tmp_path / "edited.pth") == (None, None)
+
+
+def test_the_pth_record_cache_sees_a_file_rewritten_in_place_with_its_size_and_mtime(tmp_path):
+    """The record is cached per file version; a version was (path, size, mtime, inode), so a file rewritten in
+    place (same inode) with bytes of the same size and its mtime kept (``cp -p``, ``touch -r``, rsync --inplace)
+    kept the record of the bytes it held before: trained weights reported as a random initialisation."""
+    import shutil
+
+    from erf_lab.checkpoint import PTH_RECORD_KEY, pth_record, random_init_record, weights_facts
+
+    torch.manual_seed(0)
+    init, trained = {"w": torch.randn(16, 16)}, {"w": torch.randn(16, 16)}
+    record = pth_record(init, weights_facts(random_init_seed=0))
+    a, b = tmp_path / "a" / "w.pth", tmp_path / "b" / "w.pth"  # the same name: the same archive layout and size
+    a.parent.mkdir()
+    b.parent.mkdir()
+    torch.save({"model": init, PTH_RECORD_KEY: record}, a)
+    torch.save({"model": trained, PTH_RECORD_KEY: record}, b)  # the record of other weights: it does not count
+    st = a.stat()
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert b.stat().st_size == st.st_size and random_init_record(b) is None
+    assert random_init_record(a) == {"seed": 0}
+    shutil.copyfile(b, a)  # in place: the same inode
+    shutil.copystat(b, a)  # and b's mtime, which is a's old one
+    assert a.stat().st_ino == st.st_ino and a.stat().st_mtime_ns == st.st_mtime_ns and a.stat().st_size == st.st_size
+    assert random_init_record(a) is None
