@@ -65,6 +65,14 @@ def test_toy_study_tables_cache_and_ship(tmp_path, monkeypatch, one_thread):
     files = ship(out, dest, subset=20)
     assert {p.name for p in files} >= {"K3-seed0.safetensors", "K3-seed0.json", "K31-seed0.metrics.csv", "README.md"}
     assert not (dest / "timeline").exists()  # not shipped as a finished timeline (it has no table or figure yet)
+    # finished with --formats png (no PDF): shipped with the figure it has
+    (stopped / "timeline.json").write_text(json.dumps({"complete": True, "run": str(stopped.parent), "rows": [
+        {"epoch": 0}, {"epoch": 1}], "epochs": [0, 1]}))
+    (stopped / "timeline.csv").write_text("epoch\n0\n1\n")
+    (stopped / "timeline.png").write_bytes(b"png")
+    names = {p.relative_to(tmp_path / "png-only").as_posix() for p in ship(out, tmp_path / "png-only", subset=20)}
+    assert {"timeline/K3-seed0/timeline.json", "timeline/K3-seed0/timeline.png"} <= names
+    assert "timeline/K3-seed0/timeline.pdf" not in names
     rec = json.loads((dest / "K31-seed0.json").read_text())
     monkeypatch.setattr(erf_lab.paths, "data_dir", lambda: tmp_path / "data")
     net = create_model("replknet_31b", weights="builtin:cue-world/K31-seed0")

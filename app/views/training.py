@@ -25,9 +25,10 @@ st.caption("How the effective receptive field and the cue-world shape bias chang
 
 def show_timeline(folder: Path, key: str) -> None:
     data = json.loads((folder / "timeline.json").read_text(encoding="utf-8"))
-    st.image(str(folder / "timeline.png"), caption=f"{data['model']}: ERF at {data['erf_input_size']} px on "
-                                                   f"{data['num_images']} cue-world val images; probes at "
-                                                   f"{data['train_input_size']} px")
+    if (folder / "timeline.png").is_file():  # a timeline made with --formats pdf has no PNG to show
+        st.image(str(folder / "timeline.png"), caption=f"{data['model']}: ERF at {data['erf_input_size']} px on "
+                                                       f"{data['num_images']} cue-world val images; probes at "
+                                                       f"{data['train_input_size']} px")
     st.dataframe(pd.DataFrame(data["rows"]).drop(columns=["checkpoint"], errors="ignore"), hide_index=True,
                  key=f"{key}-table")
     if any(r.get("untrained") for r in data["rows"]):

@@ -386,6 +386,8 @@ def ship(study, dest, *, subset: int = 200) -> list[Path]:
             # (one interrupted has no figure yet): shipped for the app
             (dest / "timeline" / m["name"]).mkdir(parents=True, exist_ok=True)
             for name in ("timeline.json", "timeline.csv", "timeline.png", "timeline.pdf"):
+                if name.endswith((".png", ".pdf")) and not (run / "timeline" / name).is_file():
+                    continue  # a timeline made with --formats png (or pdf) has only that figure
                 shutil.copyfile(run / "timeline" / name, dest / "timeline" / m["name"] / name)
                 files.append(dest / "timeline" / m["name"] / name)
     for name in ("results.md", "family.csv", "guidelines.csv", "family.png", "study.json", "study.log"):
