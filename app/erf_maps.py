@@ -129,9 +129,25 @@ def spec_label(spec: dict) -> str:
     return " · ".join(parts)
 
 
+def _folder_fingerprint(folder: str) -> str:
+    """Hash of the image files the runner would read from ``folder`` (relative path, size, modification time):
+    a folder whose images were added, removed or replaced is a new measurement, not the stored one."""
+    root = Path(folder)
+    files = []
+    for p in list_image_files(root)[0]:
+        try:
+            st = p.stat()
+        except OSError:  # gone or unreadable since the listing: the runner skips and counts it
+            continue
+        files.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
 def _source_key(source: tuple) -> str:
     if source[0] == "upload":
         return json.dumps(["upload", [(n, sha(d)) for n, d in source[1]], source[2]])
+    if source[0] == "folder":  # the folder's contents, not only its name, decide whether a stored map is reused
+        return json.dumps(["folder", source[1], _folder_fingerprint(source[1])])
     return json.dumps(list(source), default=list)
 
 

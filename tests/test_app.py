@@ -218,6 +218,43 @@ def test_explorer_reads_a_folder_of_class_subfolders(app_env):
     assert len(errors(at)) == 1 and errors(at)[0].startswith("Images: no images"), errors(at)
 
 
+def test_explorer_measures_a_changed_folder_again(app_env):
+    """The map of a typed folder follows its contents: an image added or replaced after a measurement gives a new
+    measurement (not the stored map of the old contents, in this session or a new one), in a new run directory
+    (the earlier one is kept)."""
+    import os
+    import shutil
+
+    photos = REPO_ROOT / "data" / "default_images"
+    (app_env / "imgs").mkdir()
+    shutil.copyfile(photos / "astronaut.jpg", app_env / "imgs" / "a.jpg")
+
+    def measure(at=None):
+        at = at or ok(new_app().run())
+        at.number_input(key="erf-ncfg").set_value(1).run()
+        at.radio(key="erf-init-0").set_value("random").run()
+        at.radio(key="erf-img-kind").set_value("Folder").run()
+        at.text_input(key="erf-img-folder").set_value(str(app_env / "imgs")).run()
+        ok(at)
+        assert not errors(at), errors(at)
+        return at, [c.value for c in at.caption if " skipped · layer" in c.value], metric(at, "r_rms (px)")
+
+    at, shown, r_one = measure()
+    assert shown[0].startswith("1 image(s), 0 skipped"), shown
+    shutil.copyfile(photos / "brick.jpg", app_env / "imgs" / "b.jpg")
+    at.run()
+    shown = [c.value for c in at.caption if " skipped · layer" in c.value]
+    assert shown[0].startswith("2 image(s), 0 skipped"), shown  # the same session sees the new image
+    _, shown, r_two = measure()
+    assert shown[0].startswith("2 image(s), 0 skipped"), shown  # and so does a new one
+    (app_env / "imgs" / "b.jpg").unlink()
+    shutil.copyfile(photos / "grass.jpg", app_env / "imgs" / "a.jpg")  # same name, another photo
+    os.utime(app_env / "imgs" / "a.jpg", ns=(1, 1))
+    _, shown, r_grass = measure()
+    assert shown[0].startswith("1 image(s), 0 skipped") and r_grass != r_one, (shown, r_grass, r_one)
+    assert len(list((app_env / "app-runs").glob("erf-*/run.json"))) >= 3  # earlier runs are kept
+
+
 def test_uploads_over_the_limit_are_counted_as_skipped(app_env):
     """Uploads beyond the per-measurement limit are not dropped silently: counted and named like unusable ones."""
     import io
