@@ -351,6 +351,26 @@ def test_growth_page_refuses_bad_kernel_sizes(app_env):
         assert not at.dataframe
 
 
+def test_growth_page_refused_checkpoint_folder_measures_nothing(app_env):
+    """Weights from a folder: a typed folder the app refuses (missing) gives its one line and no sweep, not one more
+    error per kernel size in the command line's words ('--init weights needs --weights-dir')."""
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    at.text_input(key="g-kernels").set_value("3,7").run()
+    at.radio(key="g-init").set_value("weights").run()
+    ok(at)
+    assert not errors(at) and any("one checkpoint per kernel size" in i.value for i in at.info)
+    at.text_input(key="g-wdir").set_value(str(app_env / "no-such-folder")).run()
+    ok(at)
+    assert errors(at) == ["Settings: " + refusal("checkpoint folder", str(app_env / "no-such-folder"))], errors(at)
+    assert not at.dataframe and not at.metric
+    (app_env / "ckpts").mkdir()
+    at.text_input(key="g-wdir").set_value(str(app_env / "ckpts")).run()
+    ok(at)
+    assert [e.split(":")[0] for e in errors(at)] == ["K = 3", "K = 7"], errors(at)
+    assert all("no checkpoint for kernel" in e for e in errors(at)), errors(at)
+
+
 def test_growth_page_vs_depth_says_random_init(app_env, monkeypatch):
     """The depth and input-size tabs measure an untrained network, and say so (captions and heatmap labels)."""
     from app import figures

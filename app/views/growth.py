@@ -44,7 +44,7 @@ with tab_k:
     else:
         tiny = c6.toggle("Tiny width/depth (16-128 channels, 1-1-2-1 blocks)", value=True, key="g-tiny")
     weights_dir = None
-    ok = True
+    ok = False  # until every setting is read: a refused folder must not sweep without its checkpoints
     ks, bad = [], []
     with guard("Settings"):
         ks = list(parse_int_tuple(kernels_text, what="kernel sizes"))
@@ -55,8 +55,8 @@ with tab_k:
             text = st.text_input("Checkpoint folder (replknet_<K>.pth / K<K>.pth ...)", key="g-wdir")
             weights_dir = str(safety.safe_directory(text, "checkpoint folder")) if text else None
             if weights_dir is None:
-                ok = False
                 st.info("Enter the folder holding one checkpoint per kernel size.")
+        ok = init != "weights" or weights_dir is not None
     if ok and ks and not bad:
         rows, maps, diffs = [], {}, []
         bar = st.progress(0.0, text="sweeping kernel sizes")
