@@ -543,6 +543,39 @@ def test_shape_bias_page_load_results_bad_folders(app_env):
                           "each run)"], errors(at)
 
 
+def test_shape_bias_page_refuses_impossible_numbers(app_env):
+    """A summary.json holding values no run writes (a shape bias or hit fraction outside [0, 1], NaN, a negative
+    count, a malformed interval or table) is refused in one line naming the field, before any number is shown,
+    instead of showing 'Shape bias 1.700' and '250.0 %' hits, or failing with a ValueError / IndexError."""
+    import json
+
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    at.radio(key="sb-mode").set_value("Load results").run()
+    good = {"shape_bias": 0.25, "n_conflict": 12, "shape_bias_ci95": [0.1, 0.5],
+            "per_category": {"cat": {"n": 3, "shape_hits": 1, "texture_hits": 2, "shape_bias": 1 / 3}}}
+    for name, change, field in (("above", {"shape_bias": 1.7}, "shape_bias is 1.7"),
+                                ("nan", {"shape_bias": float("nan")}, "shape_bias is NaN"),
+                                ("hits", {"fraction_shape_or_texture_hits": 2.5}, "fraction_shape_or_texture_hits is 2.5"),
+                                ("count", {"n_conflict": -3}, "n_conflict is -3"),
+                                ("ci", {"shape_bias_ci95": [0.1]}, "shape_bias_ci95 is [0.1]"),
+                                ("cat", {"per_category": {"cat": {"n": 3, "shape_bias": 1.5}}},
+                                 "per_category.cat.shape_bias is 1.5"),
+                                ("human", {"human_reference": "x"}, 'human_reference is "x"')):
+        (app_env / name).mkdir()
+        (app_env / name / "summary.json").write_text(json.dumps({**good, **change}))
+        at.text_input(key="sb-dir").set_value(str(app_env / name)).run()
+        ok(at)
+        assert errors(at) == [f"Shape-bias results: {app_env / name / 'summary.json'}: {field}: not a value an "
+                              "'erf-lab shape-bias' run writes (a damaged or edited file)"], errors(at)
+        assert not at.metric
+    (app_env / "good").mkdir()
+    (app_env / "good" / "summary.json").write_text(json.dumps(good))
+    at.text_input(key="sb-dir").set_value(str(app_env / "good")).run()
+    ok(at)
+    assert metric(at, "Shape bias") == "0.250" and metric(at, "Conflict images") == "12"
+
+
 def test_kernels_page_explain_and_small_benchmark(app_env):
     at = ok(new_app().run())
     at.switch_page("views/kernels.py").run()

@@ -462,7 +462,11 @@ def _damaged_inputs(tmp_path):
     no_per_category = tmp_path / "sb2"
     no_per_category.mkdir()
     (no_per_category / "summary.json").write_text(json.dumps({"shape_bias": 0.5}))
+    impossible = tmp_path / "sb3"
+    impossible.mkdir()
+    (impossible / "summary.json").write_text(json.dumps({"shape_bias": 1.7, "per_category": {}}))
     cases = [(["shape-bias", "--from-csv", csv_path], "not UTF-8 text, not a model-vs-human CSV"),
+             (["shape-bias", "--compare", impossible], "shape_bias is 1.7: not a value an 'erf-lab shape-bias' run"),
              (["shape-bias", "--compare", summary], "not an 'erf-lab shape-bias' summary"),
              (["shape-bias", "--compare", no_per_category], "no per-category shape bias in its summary.json")]
     for name, settings, model_config, words in [

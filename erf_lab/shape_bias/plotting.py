@@ -137,7 +137,50 @@ def load_run(run_dir) -> dict:
         raise ErfLabError(f"{p}: unreadable JSON ({e.msg})") from None
     if not (isinstance(summary, dict) and "shape_bias" in summary):
         raise ErfLabError(f"{p}: not an 'erf-lab shape-bias' summary (no shape_bias)")
+    if (bad := _impossible_value(summary)) is not None:
+        raise ErfLabError(f"{p}: {bad}: not a value an 'erf-lab shape-bias' run writes (a damaged or edited file)")
     return summary
+
+
+#: summary fields that are fractions (shape bias, hit rates, accuracies): None or a number in [0, 1]
+_FRACTIONS = ("shape_bias", "fraction_shape_hits", "fraction_texture_hits", "fraction_shape_or_texture_hits",
+              "fraction_correct_shape", "fraction_correct_texture", "chance_shape_or_texture", "edge_accuracy",
+              "silhouette_accuracy", "cue_conflict_accuracy", "cue_conflict_accuracy_nonconflict")
+#: summary fields that are counts: None or a non-negative integer
+_COUNTS = ("n_conflict", "n_trials", "shape_hits", "texture_hits", "n_skipped")
+
+
+def _impossible_value(s: dict) -> str | None:
+    """The first field of a shape-bias summary whose value cannot mean what it names (a fraction outside [0, 1] or
+    not finite, a negative or fractional count, a table that is no table), as ``"name is value"``; None if none."""
+    def fraction(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0)
+
+    def count(v):
+        return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+
+    checks = [(k, s.get(k), fraction) for k in _FRACTIONS] + [(k, s.get(k), count) for k in _COUNTS]
+    ci = s.get("shape_bias_ci95")
+    checks.append(("shape_bias_ci95", ci, lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2
+                                                                   and all(fraction(x) and x is not None for x in v)
+                                                                   and v[0] <= v[1])))
+    for table in ("per_category", "human_reference", "consistency"):
+        checks.append((table, s.get(table), lambda v: v is None or isinstance(v, dict)))
+    checks.append(("warnings", s.get("warnings"), lambda v: v is None or isinstance(v, list)))
+    human = s.get("human_reference") if isinstance(s.get("human_reference"), dict) else {}
+    checks.append(("human_reference.shape_bias", human.get("shape_bias"), fraction))
+    for name, group in (("per_category", s.get("per_category")), ("human_reference.per_category",
+                                                                   human.get("per_category"))):
+        for cat, row in (group.items() if isinstance(group, dict) else ()):
+            if not isinstance(row, dict):
+                checks.append((f"{name}.{cat}", row, lambda v: False))
+                continue
+            checks.append((f"{name}.{cat}.shape_bias", row.get("shape_bias"), fraction))
+            checks += [(f"{name}.{cat}.{k}", row.get(k), count) for k in ("n", "shape_hits", "texture_hits")]
+    for name, value, ok in checks:
+        if not ok(value):
+            return f"{name} is {json.dumps(value, default=str)[:60]}"
+    return None
 
 
 def _correct_fractions(s: dict) -> dict:
