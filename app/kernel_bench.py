@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import streamlit as st
@@ -51,6 +52,22 @@ def load_bench_results(folder: Path) -> dict:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ErfLabError(f"cannot read {p}: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
         raise ErfLabError(f"{p} does not hold benchmark rows")
+    for i, row in enumerate(data["rows"]):
+        if not isinstance(row, dict) or not all(_positive_int(row.get(k)) for k in ("R", "K")):
+            raise ErfLabError(f"{p}: row {i + 1} has no resolution R and kernel size K (positive integers): not a "
+                              "fastconv benchmark result")
+        for k, v in row.items():
+            if k.endswith("_ms") and v is not None and not _positive_number(v):
+                raise ErfLabError(f"{p}: row {i + 1} (R = {row['R']}, K = {row['K']}): {k} is {v!r}, not a latency "
+                                  "(a positive number of milliseconds)")
     return data
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0

@@ -607,6 +607,38 @@ def test_kernels_page_bounds_the_live_benchmark(app_env):
         assert not at.dataframe
 
 
+def test_kernels_page_loads_saved_results_and_refuses_damaged_ones(app_env):
+    """Saved `fastconv.bench --out` results show as table and figure; a results.json whose rows lack R / K, hold no
+    rows, or a latency that is no positive number gets one line naming the row, not 'Benchmark failed: KeyError: 'R''
+    or a log-scale figure of negative times."""
+    import json
+
+    from fastconv import bench
+
+    bench.write_results(bench.run(kernels=(3,), resolutions=(8,), channels=4, layers=1, repeats=1, warmup=0,
+                                  modes=("fwd",), show_progress=False), app_env / "bench")
+    at = ok(new_app().run())
+    at.switch_page("views/kernels.py").run()
+    at.radio(key="kb-mode").set_value("Load saved results").run()
+    at.text_input(key="kb-dir").set_value(str(app_env / "bench")).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert list(at.dataframe[0].value["K"]) == [3] and len(at.image) == 1
+    saved = json.loads((app_env / "bench" / "results.json").read_text())
+    row = saved["rows"][0]
+    for name, rows, words in (("no-keys", [{"x": 1}], "row 1 has no resolution R and kernel size K"),
+                              ("no-rows", [], "does not hold benchmark rows"),
+                              ("text-row", ["a"], "row 1 has no resolution R and kernel size K"),
+                              ("negative", [{**row, "fwd_fastconv_ms": -1.0}],
+                               "row 1 (R = 8, K = 3): fwd_fastconv_ms is -1.0, not a latency")):
+        (app_env / name).mkdir()
+        (app_env / name / "results.json").write_text(json.dumps({**saved, "rows": rows}))
+        at.text_input(key="kb-dir").set_value(str(app_env / name)).run()
+        ok(at)
+        assert len(errors(at)) == 1 and errors(at)[0].startswith("Benchmark: ") and words in errors(at)[0], errors(at)
+        assert "failed" not in errors(at)[0] and not at.dataframe and not at.image
+
+
 def _gaussian(size: int, sigma: float) -> np.ndarray:
     y, x = np.mgrid[:size, :size] - size // 2
     return np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
