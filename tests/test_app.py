@@ -413,6 +413,8 @@ def test_growth_page_vs_input_size(app_env):
         side = row["side@50%"]
         assert shown == pytest.approx(100.0 * side * side / row["input_size"] ** 2)
     assert len(at.image) == 4  # kernel tab (2) + growth curves and heatmaps of the size tab
+    labels = {b.proto.label for b in at.get("download_button")}
+    assert {"growth.png", "growth.pdf", "grid.png", "grid.pdf", "sweep.csv"} <= labels, labels  # PNG + PDF each
 
 
 def test_reparam_page_equivalence_and_counts(app_env):

@@ -167,7 +167,8 @@ with tab_s:
                 st.warning(f"Gaussian fit not meaningful (gauss_fit n/m) at {', '.join(f'{s} px' for s in bad)}: a "
                            "parameter at its bound, a sigma wider than the map or R^2 < 0.5, so its sigma is not an "
                            "ERF size (left out of the growth figure).", icon=":material/warning:")
-            file_downloads([out / n for n in ("growth.pdf", "grid.pdf", "sweep.csv", "sweep.json")], key="s-files")
+            file_downloads([out / n for n in ("growth.png", "growth.pdf", "grid.png", "grid.pdf", "sweep.csv",
+                                              "sweep.json")], key="s-files")
         cli_hint(["sweep", "--input-sizes", "224,384,640,1024", "--model", s_model, "--reparam", "deploy",
                   "--num-images", "50", "--images", "IMAGENET_VAL_DIR", "--out", "runs/size-sweep"],
                  "Full-size input-size sweep from the command line:")
