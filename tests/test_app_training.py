@@ -35,6 +35,12 @@ def test_training_page_shows_the_shipped_timeline(app_env):
     assert list(table["untrained"][:3]) == [True, True, False]
     assert any("has not learned the task" in c.value for c in at.caption)
     assert not at.error
+    labels = {b.proto.label for b in at.get("download_button")}
+    assert {"timeline.png", "timeline.pdf"} <= labels, labels
+    # the kernel-family figure and tables are downloadable too (family.pdf where the shipped study has it)
+    shipped = data_dir() / "trained" / "cue-world"
+    assert {"family.png", "family.csv", "results.md"} <= labels, labels
+    assert ("family.pdf" in labels) == (shipped / "family.pdf").is_file()
 
 
 def test_training_page_measures_a_users_run_and_refuses_a_non_run(app_env):

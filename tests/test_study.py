@@ -63,7 +63,8 @@ def test_toy_study_tables_cache_and_ship(tmp_path, monkeypatch, one_thread):
     (stopped / "timeline.json").write_text(json.dumps({"complete": False, "run": str(stopped.parent), "rows": [
         {"epoch": 0}], "epochs": [0, 1]}))
     files = ship(out, dest, subset=20)
-    assert {p.name for p in files} >= {"K3-seed0.safetensors", "K3-seed0.json", "K31-seed0.metrics.csv", "README.md"}
+    assert {p.name for p in files} >= {"K3-seed0.safetensors", "K3-seed0.json", "K31-seed0.metrics.csv", "README.md",
+                                       "family.png", "family.pdf"}  # the figure as PNG + PDF
     assert not (dest / "timeline").exists()  # not shipped as a finished timeline (it has no table or figure yet)
     # finished with --formats png (no PDF): shipped with the figure it has
     (stopped / "timeline.json").write_text(json.dumps({"complete": True, "run": str(stopped.parent), "rows": [

@@ -84,6 +84,8 @@ with tab_family:
         if (SHIPPED / "family.png").is_file():
             st.image(str(SHIPPED / "family.png"))
         st.markdown(results.read_text(encoding="utf-8").split("\n", 1)[-1])
+        file_downloads([p for p in (SHIPPED / n for n in ("family.png", "family.pdf", "family.csv", "guidelines.csv",
+                                                           "results.md")) if p.is_file()], key="tr-family-files")
         cli_hint(["study", "kernel-family", "--out", "runs/kernel-family", "--jobs", "3", "--threads", "1"],
                  note="Reproduce (the shipped weights load as --weights builtin:cue-world/NAME):")
     else:

@@ -390,7 +390,7 @@ def ship(study, dest, *, subset: int = 200) -> list[Path]:
                     continue  # a timeline made with --formats png (or pdf) has only that figure
                 shutil.copyfile(run / "timeline" / name, dest / "timeline" / m["name"] / name)
                 files.append(dest / "timeline" / m["name"] / name)
-    for name in ("results.md", "family.csv", "guidelines.csv", "family.png", "study.json", "study.log"):
+    for name in ("results.md", "family.csv", "guidelines.csv", "family.png", "family.pdf", "study.json", "study.log"):
         if (study / name).is_file():
             shutil.copyfile(study / name, dest / name)
             files.append(dest / name)
