@@ -431,6 +431,8 @@ def test_reparam_page_equivalence_and_counts(app_env):
     forms = at.dataframe[0].value
     assert forms["flops"].iloc[1] < forms["flops"].iloc[0]
     assert len(at.image) == 1  # kernel heatmaps
+    untrained = [c.value for c in at.caption if "at random init (seed 0), untrained" in c.value]
+    assert untrained and untrained[0].startswith("replknet_31b at random init"), [c.value for c in at.caption]
     at.number_input(key="rp-ch").set_value(5).run()
     ok(at)
     assert len(at.image) == 1
@@ -466,6 +468,7 @@ def test_reparam_page_waits_for_a_click_beyond_the_tiny_default(app_env):
     assert not errors(at), errors(at)
     assert float(metric(at, "max relative output error", 0)) < 1e-5
     assert float(metric(at, "max relative output error", 1)) < 1e-5
+    assert not [c.value for c in at.caption if "untrained" in c.value]  # the uploaded weights are not random
 
 
 def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):

@@ -51,6 +51,10 @@ with guard("Re-parameterization"):
             bar.empty()
 
 if report:
+    if weights is None:
+        st.caption(f"{model} at random init (seed 0), untrained"
+                   f"{' (BN statistics randomized, seed 1)' if random_bn else ''}: the kernels below are no trained "
+                   "network's; the forms' equivalence holds for any weights (upload a checkpoint to see trained ones).")
     forms = report["forms"]
     cols = st.columns(len(forms))
     base = forms["train-time"]
