@@ -197,10 +197,16 @@ def skip_message(skipped: list, num_used: int) -> str | None:
 
 def summary_table(results: list[tuple[dict, dict]]):
     """One row per configuration: label + the flat metrics summary."""
+    import math
+
     import pandas as pd
 
-    return pd.DataFrame([{"configuration": r["label"], "images": r["num_used"], **r["summary"]}
-                         for _, r in results])
+    def cell(k, v):  # a threshold the centred square never reaches inside the image: "n/r", as erf-lab compare writes
+        missing = v is None or (isinstance(v, float) and math.isnan(v))
+        return "n/r" if missing and k.startswith(("area@", "side@")) else v
+
+    return pd.DataFrame([{"configuration": r["label"], "images": r["num_used"],
+                          **{k: cell(k, v) for k, v in r["summary"].items()}} for _, r in results])
 
 
 def sweep_member(k: int, *, reparam: str, init: str, weights_dir: str | None, input_size: int, num_images: int,

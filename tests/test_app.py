@@ -55,6 +55,10 @@ def test_landing_page_renders_default_erf_without_click(app_env):
                                             "K31-seed0 · trained (cue-world) · re-param"]
     assert any("erf-lab compute --model replknet_3" in c.value and "--weights builtin:cue-world/K3-seed0" in c.value
                for c in at.code)
+    # K = 31's map does not hold 99 % inside any centred square of the 128 px image: marked n/r (not reached) as
+    # `erf-lab compare` writes it, not an unexplained NaN / None
+    assert list(table["area@99%"])[1] == "n/r" and float(table["area@99%"][0]) > 90
+    assert list(table["side@99%"])[1] == "n/r"
     shown = [(float(metric(at, "r_rms (px)", i)), float(metric(at, "Area @50%", i).rstrip("%"))) for i in (0, 1)]
     assert shown[1][0] > shown[0][0] + 1.0 and shown[1][1] > shown[0][1] + 3.0, shown  # K = 31 sees further
 

@@ -29,7 +29,7 @@ INITS = {"trained": "trained (shipped)", "random": "random init / upload"}
 
 
 def _pct(v):
-    return "n/a" if v is None else f"{v:.1f}%"
+    return "n/r" if v is None else f"{v:.1f}%"  # None: the centred square does not reach t inside the image
 
 
 def _config_widgets(i: int, choices: list[str], input_size: int) -> dict:
@@ -192,7 +192,7 @@ if specs and source is not None:
         with guard("Metrics table"):
             st.dataframe(erf_maps.summary_table(results), hide_index=True)
             st.caption("Area @t: smallest centred square holding t of the contribution, % of the input "
-                       "(Ding et al. 2022, Table 10); r_rms: RMS radius (Luo et al. 2016); gauss_fit n/m: the "
+                       "(Ding et al. 2022, Table 10; n/r: not reached inside the image); r_rms: RMS radius (Luo et al. 2016); gauss_fit n/m: the "
                        "Gaussian fit is degenerate (a parameter at its bound, a sigma wider than the map or "
                        "R^2 < 0.5), so its sigma is not an ERF size.")
         first_spec, first = results[0]
