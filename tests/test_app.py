@@ -565,7 +565,8 @@ def test_shape_bias_page_refuses_impossible_numbers(app_env):
             "per_category": {"cat": {"n": 3, "shape_hits": 1, "texture_hits": 2, "shape_bias": 1 / 3}}}
     for name, change, field in (("above", {"shape_bias": 1.7}, "shape_bias is 1.7"),
                                 ("nan", {"shape_bias": float("nan")}, "shape_bias is NaN"),
-                                ("hits", {"fraction_shape_or_texture_hits": 2.5}, "fraction_shape_or_texture_hits is 2.5"),
+                                ("hits", {"fraction_shape_or_texture_hits": 2.5},
+                                 "fraction_shape_or_texture_hits is 2.5"),
                                 ("count", {"n_conflict": -3}, "n_conflict is -3"),
                                 ("ci", {"shape_bias_ci95": [0.1]}, "shape_bias_ci95 is [0.1]"),
                                 ("cat", {"per_category": {"cat": {"n": 3, "shape_bias": 1.5}}},

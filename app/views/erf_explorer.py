@@ -192,7 +192,8 @@ if specs and source is not None:
         with guard("Metrics table"):
             st.dataframe(erf_maps.summary_table(results), hide_index=True)
             st.caption("Area @t: smallest centred square holding t of the contribution, % of the input "
-                       "(Ding et al. 2022, Table 10; n/r: not reached inside the image); r_rms: RMS radius (Luo et al. 2016); gauss_fit n/m: the "
+                       "(Ding et al. 2022, Table 10; n/r: not reached inside the image); r_rms: RMS radius "
+                       "(Luo et al. 2016); gauss_fit n/m: the "
                        "Gaussian fit is degenerate (a parameter at its bound, a sigma wider than the map or "
                        "R^2 < 0.5), so its sigma is not an ERF size.")
         first_spec, first = results[0]
