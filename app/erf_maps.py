@@ -32,6 +32,9 @@ SHIPPED_FAMILY = {3: "K3-seed0", 7: "K7-seed0", 13: "K13-seed0", 31: "K31-seed0"
 SHIPPED_PREFIX = "builtin:cue-world/"
 #: cue-world validation images of the trained defaults (4 keep a page at a few seconds per model)
 DEFAULT_CUE_WORLD_IMAGES = 4
+#: shown for a map whose metrics are flagged ``empty_map`` (erf_lab.erf.metrics): its n/r areas mean nothing
+EMPTY_MAP_NOTE = ("ERF map is all zeros (no gradient reached the input): it has no area or radius, so its n/r "
+                  "areas and missing radii are not measurements")
 
 
 def shipped_names() -> list[str]:
@@ -205,8 +208,11 @@ def summary_table(results: list[tuple[dict, dict]]):
         missing = v is None or (isinstance(v, float) and math.isnan(v))
         return "n/r" if missing and k.startswith(("area@", "side@")) else v
 
-    return pd.DataFrame([{"configuration": r["label"], "images": r["num_used"],
-                          **{k: cell(k, v) for k, v in r["summary"].items()}} for _, r in results])
+    table = pd.DataFrame([{"configuration": r["label"], "images": r["num_used"],
+                           **{k: cell(k, v) for k, v in r["summary"].items()}} for _, r in results])
+    for col in table.columns[(table == "n/r").any()]:  # text columns (as erf-lab compare prints them), not mixed
+        table[col] = table[col].map(lambda v: v if isinstance(v, str) else f"{v:.4g}")
+    return table
 
 
 def sweep_member(k: int, *, reparam: str, init: str, weights_dir: str | None, input_size: int, num_images: int,

@@ -682,6 +682,44 @@ def test_results_page_compares_runs_and_offers_downloads(app_env):
     assert errors(at) == ["Folder: " + refusal("results folder", "/etc")], errors(at)
 
 
+def test_an_all_zero_erf_map_is_flagged(app_env):
+    """A map with no gradient at all (weights that are all zeros; an erf.npy of zeros) has no area or radius: the
+    explorer and the Results page say so instead of showing n/r areas and blank radii as if measured."""
+    import io
+
+    import torch
+
+    from app.erf_maps import EMPTY_MAP_NOTE
+    from erf_lab.erf.rundir import write_run_dir
+    from erf_lab.models import create_model
+
+    net = create_model("replknet_31b", channels=models.TINY_CHANNELS, layers=models.TINY_LAYERS,
+                       large_kernel_sizes=(3, 3, 3, 3), small_kernel=None)
+    buf = io.BytesIO()
+    torch.save({k: v if k.endswith("running_var") or not v.is_floating_point() else torch.zeros_like(v)
+                for k, v in net.state_dict().items()}, buf)
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.file_uploader(key="erf-ckpt-0").set_value([("zeros.pth", buf.getvalue(), "application/octet-stream")]).run()
+    at.button(key="erf-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert [w.value for w in at.warning] == [EMPTY_MAP_NOTE], [w.value for w in at.warning]
+    assert metric(at, "Area @50%") == "n/r" and at.dataframe[0].value["area@50%"][0] == "n/r"
+
+    root = app_env / "runs"
+    write_run_dir(root / "good", _gaussian(65, 6.0), {"label": "good", "model": "m", "num_used": 1, "input_size": 65})
+    (root / "zero").mkdir()
+    np.save(root / "zero" / "erf.npy", np.zeros((65, 65)))
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(root)).run()
+    at.multiselect(key="res-chosen-erf").set_value(["good", "zero"]).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert [w.value for w in at.warning] == [f"zero: {EMPTY_MAP_NOTE}"], [w.value for w in at.warning]
+
+
 def test_results_page_table_is_the_compare_table(app_env):
     """The Results page shows `erf-lab compare`'s table: metrics recomputed from erf.npy (a run of an older version
     without metrics.json, or with a corrupt one, still gets them), an untrained run marked (random init), and maps

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app import safety
+from app.erf_maps import EMPTY_MAP_NOTE
 from app.figures import show_figure
 from app.runs import app_runs_dir, downloadable_files, find_runs, incomplete_note
 from app.ui import file_downloads, guard
@@ -42,6 +43,9 @@ if runs:
     if kind == "erf" and chosen:
         with guard("ERF runs"):
             loaded = [load_run(str(by_name[n]["path"])) for n in chosen]
+            for n, r in zip(chosen, loaded):
+                if not r.erf.any():  # metrics flag it 'empty_map'; the table would show n/r and blanks
+                    st.warning(f"{n}: {EMPTY_MAP_NOTE}", icon=":material/warning:")
             table = comparison_table(loaded)  # erf-lab compare's table: labels, metrics and n/c as the CLI writes
             if table["mixed"]:
                 st.info(table["note"])
