@@ -348,7 +348,8 @@ def test_growth_page_refuses_bad_kernel_sizes(app_env):
     at.switch_page("views/growth.py").run()
     at.radio(key="g-init").set_value("random").run()
     for text, expect in (("3,x", "Settings: kernel sizes: expected comma-separated integers, got '3,x'"),
-                         ("1,3", "Settings: kernel sizes must be odd integers in 3..31, got '1,3'")):
+                         ("1,3", "Settings: kernel sizes must be odd integers in 3..31, got '1,3'"),
+                         ("3,7,3", "Settings: kernel sizes: each once, got '3,7,3'")):
         at.text_input(key="g-kernels").set_value(text).run()
         ok(at)
         assert errors(at) == [expect], errors(at)

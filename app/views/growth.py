@@ -51,6 +51,9 @@ with tab_k:
         bad = [k for k in ks if k < 3 or k % 2 == 0 or k > 31]
         if bad:
             raise ErfLabError(f"kernel sizes must be odd integers in 3..31, got {kernels_text!r}")
+        if len(set(ks)) != len(ks):  # as `erf-lab sweep --kernels` (each size would be measured and listed twice)
+            bad = ks
+            raise ErfLabError(f"kernel sizes: each once, got {kernels_text!r}")
         if init == "weights":
             text = st.text_input("Checkpoint folder (replknet_<K>.pth / K<K>.pth ...)", key="g-wdir")
             weights_dir = str(safety.safe_directory(text, "checkpoint folder")) if text else None
