@@ -127,7 +127,7 @@ def spec_label(spec: dict) -> str:
     parts.append(form)
     if spec.get("weights_name"):
         parts.append(Path(spec["weights_name"]).stem[:20])
-    elif spec.get("pretrained"):
+    elif spec.get("pretrained") or ov.get("pretrained"):  # the explorer puts it in the overrides
         parts.append("pretrained")
     return " · ".join(parts)
 

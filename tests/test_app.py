@@ -957,3 +957,14 @@ def test_a_failed_allocation_is_named_in_the_app():
     assert [e.value for e in at.error] == ["ERF: out of memory (602.1 GB requested); choose smaller sizes, a smaller "
                                           "batch or fewer images"]
     assert at.markdown[-1].value == "the rest of the page"
+
+
+def test_explorer_label_says_pretrained_weights():
+    """The explorer's pretrained toggle puts ``pretrained`` in the overrides: its label says so (a random init is
+    marked separately), so two panels of the same model tell trained from untrained."""
+    from app import erf_maps
+
+    pre = {"model": "efficientnet_lite0", "overrides": models.overrides_key({"pretrained": True}),
+           "reparameterize": True}
+    assert erf_maps.spec_label(pre) == "efficientnet_lite0 · re-param · pretrained"
+    assert "pretrained" not in erf_maps.spec_label({**pre, "overrides": models.overrides_key({})})
