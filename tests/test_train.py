@@ -164,7 +164,8 @@ class _Interrupt:
             raise self.exc
 
 
-@pytest.mark.parametrize("how", ["ctrl-c mid-epoch", "ctrl-c at an epoch's last step", "crash after epoch 1"])
+@pytest.mark.parametrize("how", ["ctrl-c mid-epoch", "ctrl-c at an epoch's last step", "crash after epoch 1",
+                                 "crash in epoch 1"])
 def test_resume_is_bit_identical(tmp_path, one_thread, how):
     """3 epochs x 4 steps with drop path and EMA. Ctrl-C at step 6 saves the state there; Ctrl-C at step 4 (the
     last of epoch 1) saves it before epoch 1's evaluation; a crash (as a kill) at step 6 loses epoch 2's steps
@@ -175,7 +176,10 @@ def test_resume_is_bit_identical(tmp_path, one_thread, how):
     out = tmp_path / "cut"
     exc = KeyboardInterrupt() if how.startswith("ctrl-c") else RuntimeError("killed")
     at_step, saved = {"ctrl-c mid-epoch": (6, (1, 2)), "ctrl-c at an epoch's last step": (4, (0, 4)),
-                      "crash after epoch 1": (6, (1, 0))}[how]
+                      "crash after epoch 1": (6, (1, 0)),
+                      # a kill in the first epoch resumes from the initialisation (before: no state was saved
+                      # yet, and --resume said 'nothing to resume')
+                      "crash in epoch 1": (2, (0, 0))}[how]
     with pytest.raises(type(exc)):
         _run(out, Recipe(**recipe), on_step=_Interrupt(at_step, exc))
     assert not (out / "run.json").exists() and (out / C.STATE_FILE).exists()
@@ -371,6 +375,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
                "--batch-size", "8", "--lr", "0.01", "--warmup-epochs", "0.5", "--out", str(out), "--resume"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("error:") == 1 and "other settings" in err and "lr" in err
+    assert "(1 differ, e.g. --lr: 0.002 there, 0.01 now)" in err, err  # the option, not the whole recipe
     assert sorted(p.name for p in out.rglob("*")) == before and not (out / "run.json").exists()
     # the same settings resume it
     assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs",
@@ -384,7 +389,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
     rc = main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "3",
                "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("error:") == 1 and "complete training run with other settings (recipe)" in err
+    assert rc == 2 and err.count("error:") == 1 and "complete training run with other settings (--epochs)" in err
     assert (out / "run.json").read_text() == finished
 
 
@@ -434,7 +439,7 @@ def test_channels_last_is_the_cpu_default_and_a_resumed_run_keeps_its_own(tmp_pa
     out = tmp_path / "nchw"
     with pytest.raises(KeyboardInterrupt):
         _run(out, channels_last=False, on_step=_Interrupt(2, KeyboardInterrupt()))
-    with pytest.raises(ErfLabError, match="other settings.*channels_last"):
+    with pytest.raises(ErfLabError, match="other settings.*--channels-last: False there, True now"):
         _run(out, channels_last=True, resume=True)
     resumed = _run(out, resume=True)  # None: the run's own setting
     assert resumed["run_info"]["settings"]["channels_last"] is False and resumed["run_info"]["resumed"]
@@ -615,3 +620,39 @@ def test_kill_before_the_first_step_stops_at_once(threads, tmp_path):
     assert "erf-lab train: interrupted" in err and "Traceback" not in err and "Exception ignored" not in err
     assert not (out / C.STATE_FILE).exists() and not (out / "run.json").exists()
     assert not list((tmp_path / "cache").rglob("*.npy"))  # no half-written cache file
+
+
+def test_resume_of_a_damaged_training_state_is_one_line(tmp_path, capsys, one_thread):
+    """A training state with every key but content that does not fit (another model's weights, an empty
+    optimizer state, a wrong type, no RNG state per process, a step past the run) is one error line and exit 2,
+    not a traceback; the same for a state made under torchrun with another process count, which names it."""
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, on_step=_Interrupt(2, KeyboardInterrupt()))
+    good = (out / C.STATE_FILE).read_bytes()
+    args = ["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "2",
+            "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"]
+    other = create_model("replknet_31b", num_classes=3, **TINY).state_dict()
+    for name, change, message in (
+            ("other weights", {"model": other}, "does not fit this run's model"),
+            ("empty optimizer", {"optimizer": {}}, "does not fit this run's model"),
+            ("epoch a string", {"epoch": "1"}, "damaged training state ('epoch' is a str)"),
+            ("settings a string", {"settings": "x"}, "damaged training state ('settings' is a str)"),
+            ("no rng", {"rng": []}, "does not fit this run's model"),
+            ("step past the run", {"epoch": 5, "step": 20}, "is damaged (epoch 5, step 20")):
+        state = torch.load(__import__("io").BytesIO(good), weights_only=True)
+        state.update(change)
+        torch.save(state, out / C.STATE_FILE)
+        rc = main(args)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("error:") == 1 and message in err and "Traceback" not in err, (name, err)
+        assert "start again with --force" in err and not (out / "run.json").exists(), name
+    state = torch.load(__import__("io").BytesIO(good), weights_only=True)
+    state["settings"]["world_size"] = 2
+    torch.save(state, out / C.STATE_FILE)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "processes (torchrun --nproc_per_node): 2 there, 1 now); repeat its command (under torchrun " \
+           "--nproc_per_node=2) or start over with --force" in err, err
+    (out / C.STATE_FILE).write_bytes(good)
+    assert main(args) == 0 and (out / "run.json").exists()

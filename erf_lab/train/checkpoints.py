@@ -105,4 +105,10 @@ def load_state(out_dir: str | os.PathLike) -> dict:
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
     if missing:
         raise ErfLabError(f"{path} is not an erf-lab training state (no {missing[0]!r}); start again with --force")
+    kinds = {"settings": dict, "model": dict, "optimizer": dict, "epoch": int, "position": int, "step": int,
+             "rows": list, "sums": (list, torch.Tensor), "rng": list}
+    wrong = [k for k, kind in kinds.items() if not isinstance(state[k], kind) or isinstance(state[k], bool)]
+    if wrong:
+        raise ErfLabError(f"{path} is a damaged training state ({wrong[0]!r} is a {type(state[wrong[0]]).__name__}); "
+                          f"start again with --force")
     return state

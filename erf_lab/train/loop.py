@@ -31,7 +31,7 @@ from erf_lab.io import is_training_record, read_json_or_none, refuse_empty, refu
 from erf_lab.train import checkpoints as C
 from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
-from erf_lab.train.stop import ForcedStop, StopRequest, iterate
+from erf_lab.train.stop import ForcedStop, StopRequest, held, iterate
 
 COMPLETE_FILE = "run.json"
 OUR_FILES = ("metrics.csv", "model.pth", "model.safetensors", "model_ema.safetensors", "curves.png", "curves.pdf",
@@ -264,6 +264,32 @@ def _check_writable(out: Path) -> None:
         p.rmdir()
 
 
+_WORLD_SIZE = "processes (torchrun --nproc_per_node)"
+
+
+def _differences(old: dict, new: dict, keys) -> list[tuple[str, object, object]]:
+    """(option, old value, new value) for each of ``keys`` whose setting differs between the settings ``old`` (of
+    a saved run) and ``new``, named as the command line names it (``--lr``, not the whole recipe)."""
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if k == "recipe" and isinstance(a, dict) and isinstance(b, dict):
+            out += [(f"--{r.replace('_', '-')}" if r != "betas" else "AdamW betas", a.get(r), b.get(r))
+                    for r in b if a.get(r) != b.get(r)]
+        else:
+            name = {"overrides": "--override", "world_size": _WORLD_SIZE}.get(k, f"--{k.replace('_', '-')}")
+            out.append((name, a, b))
+    return out
+
+
+def _nproc_hint(world_size) -> str:
+    if isinstance(world_size, int) and world_size > 1:
+        return f" (under torchrun --nproc_per_node={world_size})"
+    return " (one process, without torchrun)" if world_size == 1 else ""
+
+
 def _clear(out: Path) -> None:
     for name in OUR_FILES:
         (out / name).unlink(missing_ok=True)
@@ -366,11 +392,12 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     if mode == "complete":  # --resume on a finished run: nothing to do, if it is this run
         done = read_json_or_none(out / COMPLETE_FILE)["settings"]
         folder = str(data) != CUE_WORLD
-        diff = [k for k in settings if k not in ("channels_last", "world_size") and k in done and settings[k] is not None
-                and done[k] != settings[k] and not (folder and k == "num_classes")]
+        keys = [k for k in settings if k not in ("channels_last", "world_size") and k in done
+                and settings[k] is not None and not (folder and k == "num_classes")]
+        diff = _differences(done, settings, keys)
         if diff:
-            raise ErfLabError(f"{out} already holds a complete training run with other settings ({', '.join(diff)}); "
-                              f"use --force to overwrite or choose another --out")
+            raise ErfLabError(f"{out} already holds a complete training run with other settings "
+                              f"({', '.join(d[0] for d in diff)}); use --force to overwrite or choose another --out")
         return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
     state = C.load_state(out) if mode == "resume" else None
     if channels_last is None:  # a speed setting: a resumed run keeps its own
@@ -379,12 +406,13 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     settings["channels_last"] = channels_last = bool(channels_last)
     if state is not None:  # a folder's class count is the folder's: --num-classes only checks it (below)
         folder = str(data) != CUE_WORLD
-        diff = [k for k in settings if state["settings"].get(k) != settings[k] and not (folder and k == "num_classes")]
+        diff = _differences(state["settings"], settings,
+                            [k for k in settings if not (folder and k == "num_classes")])
         if diff:
-            k = diff[0]
+            name, was, now = diff[0]
             raise ErfLabError(f"--resume: the run in {out} was made with other settings ({len(diff)} differ, e.g. "
-                              f"{k}: {state['settings'].get(k)!r} there, {settings[k]!r} now); repeat its "
-                              f"command or start over with --force")
+                              f"{name}: {was!r} there, {now!r} now); repeat its command"
+                              f"{_nproc_hint(was) if name == _WORLD_SIZE else ''} or start over with --force")
 
     if info.world_size > 1 and not info.is_main:
         dist.barrier()  # rank 0 renders (and caches) a generated dataset first; the others then read its cache
@@ -427,34 +455,6 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
 
     epoch, position, step, rows, sums = 0, 0, 0, [], _Sums()
     epoch_images, epoch_time = 0, 0.0  # of the epoch so far (img/s), over sessions
-    if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        epoch, position, step, rows = state["epoch"], state["position"], state["step"], list(state["rows"])
-        saved = state["sums"]  # each rank's own partial-epoch sums (one tensor: a state of an older erf-lab)
-        sums.v = (saved if isinstance(saved, torch.Tensor) else saved[info.rank]).clone()
-        epoch_images, epoch_time = state.get("epoch_images", 0), state.get("epoch_time", 0.0)
-        C.set_rng_state(state["rng"][info.rank])
-    else:
-        torch.manual_seed(seed + 1000 * (info.rank + 1))  # drop path differs per rank, not per run
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if force:
-                _clear(out)
-            # marked: measurements on it say "random weights"
-            C.save_weights(net.state_dict(), out / "checkpoints" / "epoch_000", checkpoint_format,
-                           random_init_seed=seed, train_input_size=input_size)
-
-    train_net = distributed_net(net, W, device, sync_bn)
-    sampler = torch.utils.data.DistributedSampler(d.train, num_replicas=W, rank=info.rank, shuffle=True,
-                                                  seed=seed, drop_last=True)
-    bar = progress(total=total_steps, initial=step, desc="train", unit="step",
-                   disable=not (show_progress and info.is_main))
-    t0 = None  # start of the timed part of the current epoch in this session
 
     def save_state():
         rng, rank_sums = [C.rng_state()], [sums.v]
@@ -468,6 +468,50 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch,
                                "position": position, "step": step, "rows": rows, "sums": rank_sums, "rng": rng,
                                "epoch_images": epoch_images, "epoch_time": epoch_time})
+
+    if state is not None:
+        epoch, position, step, rows = state["epoch"], state["position"], state["step"], list(state["rows"])
+        if not (0 <= epoch <= recipe.epochs and 0 <= position <= steps_per_epoch
+                and step == epoch * steps_per_epoch + position and len(rows) == epoch):
+            raise ErfLabError(f"--resume: the training state {out / C.STATE_FILE} is damaged (epoch {epoch}, step "
+                              f"{step}, position {position} do not fit this run's {recipe.epochs} epochs of "
+                              f"{steps_per_epoch} steps); start again with --force")
+        try:
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            saved = state["sums"]  # each rank's own partial-epoch sums (one tensor: a state of an older erf-lab)
+            sums.v = (saved if isinstance(saved, torch.Tensor) else saved[info.rank]).clone()
+            epoch_images, epoch_time = state.get("epoch_images", 0), state.get("epoch_time", 0.0)
+            C.set_rng_state(state["rng"][info.rank])
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            what = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise ErfLabError(f"--resume: the training state {out / C.STATE_FILE} does not fit this run's model and "
+                              f"optimizer ({type(e).__name__}: {what}); start again with --force") from None
+    else:
+        torch.manual_seed(seed + 1000 * (info.rank + 1))  # drop path differs per rank, not per run
+        with held():  # a stop meanwhile comes after both: epoch_000 is never left without its resume point
+            if info.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                if force:
+                    _clear(out)
+                # marked: measurements on it say "random weights"
+                C.save_weights(net.state_dict(), out / "checkpoints" / "epoch_000", checkpoint_format,
+                               random_init_seed=seed, train_input_size=input_size)
+            # the resume point from the start: a run killed (SIGKILL, a crash) in its first epoch continues with
+            # --resume like one killed later (before: only epoch_000 was left, which neither --resume nor the same
+            # command again continued; --force had to delete it)
+            save_state()
+
+    train_net = distributed_net(net, W, device, sync_bn)
+    sampler = torch.utils.data.DistributedSampler(d.train, num_replicas=W, rank=info.rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    bar = progress(total=total_steps, initial=step, desc="train", unit="step",
+                   disable=not (show_progress and info.is_main))
+    t0 = None  # start of the timed part of the current epoch in this session
 
     stop.armed = True
     bad_steps = 0  # consecutive steps with a non-finite loss
