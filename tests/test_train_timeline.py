@@ -141,6 +141,19 @@ def test_timeline_bad_input(tiny_run, tmp_path, capsys):
         assert err.count("error:") == 1 and pattern in err and "Traceback" not in err, err
 
 
+def test_timeline_of_a_run_with_a_damaged_metrics_csv_is_one_line(tiny_run, tmp_path, capsys):
+    """A metrics.csv that is not what 'erf-lab train' writes (text in a number column, no epoch column, not UTF-8)
+    is one error line naming the file (before: a ValueError / KeyError traceback)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for text in (b"epoch,step,val_acc\nx,1,abc\n", b"foo,bar\n1,2\n", b"\xff\xfe\x00bad"):
+        (run / "metrics.csv").write_bytes(text)
+        assert main(["timeline", str(run), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and f"{run / 'metrics.csv'} is damaged" in err and "Traceback" not in err, err
+    assert not (run / "timeline").exists()
+
+
 def test_timeline_of_a_read_only_run_points_to_out(tiny_run, capsys, monkeypatch):
     import erf_lab.io as io
 

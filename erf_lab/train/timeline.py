@@ -75,8 +75,13 @@ def read_training_run(run_dir: str | os.PathLike) -> TrainingRun:
         raise ErfLabError(f"{root} holds no checkpoint (checkpoints/epoch_XXX.safetensors or .pth)")
     metrics = {}
     if (root / "metrics.csv").is_file():
-        for row in csv.DictReader(io.StringIO((root / "metrics.csv").read_text())):
-            metrics[int(row["epoch"])] = {k: float(v) for k, v in row.items() if v not in ("", None)}
+        try:
+            for row in csv.DictReader(io.StringIO((root / "metrics.csv").read_text())):
+                metrics[int(row["epoch"])] = {k: float(v) for k, v in row.items() if v not in ("", None)}
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError, csv.Error) as e:
+            raise ErfLabError(f"{root / 'metrics.csv'} is damaged ({type(e).__name__}: {str(e)[:120]}), not what "
+                              f"'erf-lab train' writes; restore it or move it away to measure without val "
+                              f"accuracies") from None
     if num_classes is None:
         data = str(settings.get("data"))
         if data != "cue-world":
