@@ -155,3 +155,21 @@ def test_an_interrupted_study_model_says_to_run_the_study_again(tmp_path, monkey
     # a diverged model: the study has no --lr / --force, and a re-run would resume the same diverging run
     assert hints["diverge"].startswith(f"the study's recipe does not train {m.name} at these settings; delete "
                                        f"{tmp_path / 'runs' / m.name} to try again")
+
+
+def test_a_study_shows_a_progress_bar_of_its_models(tmp_path, monkeypatch, capsys):
+    """The study (hours at its shipped size) shows a bar of the models done with an ETA; --quiet hides it (before:
+    no bar at all, only a line per epoch)."""
+    import erf_lab.train.study as study
+
+    def job(m, settings, folder, threads):
+        return {"name": m.name, "probe": {"shape_bias": 0.5}, "erf": {}}
+
+    monkeypatch.setattr(study, "_job", job)
+    monkeypatch.setattr(study, "write_results", lambda *a, **k: None)
+    monkeypatch.setattr(study, "_row", lambda m, r: {"name": m.name})
+    run_study(tmp_path / "s", TOY, kernels=(3, 31), seeds=(0,), guidelines=False)
+    err = capsys.readouterr().err
+    assert "study: 100%" in err and "2/2" in err and "model" in err, err
+    run_study(tmp_path / "s", TOY, kernels=(3, 31), seeds=(0,), guidelines=False, show_progress=False)
+    assert "study:" not in capsys.readouterr().err

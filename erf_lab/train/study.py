@@ -144,8 +144,10 @@ def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int |
     info = read_json_or_none(out / "run.json")
     if isinstance(info, dict) and "final" in info:
         return info
+    from tqdm import tqdm
+
     t0 = time.time()
-    print(f"[{m.name}] training {m.model} {m.overrides}", flush=True)
+    tqdm.write(f"[{m.name}] training {m.model} {m.overrides}")
     res = train(m.model, "cue-world", out=out, overrides=dict(m.overrides), recipe=settings.recipe(),
                 input_size=m.sizes(settings)[0], train_size=settings.train_size, val_size=settings.val_size,
                 resample=True, seed=m.seed, resume=(out / STATE_FILE).is_file(),
@@ -156,7 +158,7 @@ def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int |
                              "again, or run the study into another --out with other --channels / --layers / "
                              "--input-size")
     f = res["run_info"]["final"]
-    print(f"[{m.name}] done in {time.time() - t0:.0f} s: val acc {f['val_acc']:.3f}", flush=True)
+    tqdm.write(f"[{m.name}] done in {time.time() - t0:.0f} s: val acc {f['val_acc']:.3f}")
     return res["run_info"]
 
 
@@ -182,11 +184,12 @@ def _job(m: StudyModel, settings: StudySettings, study: Path, threads: int | Non
 
 
 def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, threads: int | None = None,
-              guidelines: bool = True, kernels=(3, 7, 13, 31), seeds=(0, 1)) -> dict:
+              guidelines: bool = True, kernels=(3, 7, 13, 31), seeds=(0, 1), show_progress: bool = True) -> dict:
     """Train and measure every model of :func:`plan` (``jobs`` processes at once, ``threads`` torch threads
     each), then write ``family.csv`` / ``guidelines.csv``, ``results.md`` and ``family.png`` / ``.pdf``. A study
-    folder continues only with its own settings (ErfLabError otherwise; the model list may change)."""
-    from erf_lab.io import prepare_out_dir, read_json_or_none, refuse_other_result, write_json
+    folder continues only with its own settings (ErfLabError otherwise; the model list may change). A progress
+    bar (models done, with ETA) unless ``show_progress`` is False."""
+    from erf_lab.io import prepare_out_dir, progress, read_json_or_none, refuse_other_result, write_json
 
     models = plan(settings, kernels=kernels, seeds=seeds, guidelines=guidelines)
     check_study(settings, models, jobs=jobs, threads=threads)
@@ -204,24 +207,31 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
     write_json(study / "study.json", {"settings": new,
                                       "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv})
     results = {}
+    # the study's own bar (hours at the shipped size): models done and the ETA; the lines of each model's
+    # training are written above it
+    bar = progress(total=len(models), desc="study", unit="model", disable=not show_progress)
 
     def done(r):  # the tables so far after every model: an interrupted study still leaves valid tables
         results[r["name"]] = r
-        print(f"[{r['name']}] measured: shape bias {r['probe']['shape_bias']}, "
-              f"area@50% {r['erf'].get('area@50%')}", flush=True)
+        bar.write(f"[{r['name']}] measured: shape bias {r['probe']['shape_bias']}, "
+                  f"area@50% {r['erf'].get('area@50%')}")
         write_results(study, [_row(m, results[m.name]) for m in models if m.name in results], settings,
                       planned=len(models))
+        bar.update(1)
 
-    if jobs == 1:
-        for m in models:
-            done(_job(m, settings, study, threads))
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    try:
+        if jobs == 1:
+            for m in models:
+                done(_job(m, settings, study, threads))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(int(jobs), mp_context=mp.get_context("spawn")) as ex:
-            for fut in as_completed([ex.submit(_job, m, settings, study, threads) for m in models]):
-                done(fut.result())
+            with ProcessPoolExecutor(int(jobs), mp_context=mp.get_context("spawn")) as ex:
+                for fut in as_completed([ex.submit(_job, m, settings, study, threads) for m in models]):
+                    done(fut.result())
+    finally:
+        bar.close()
     rows = [_row(m, results[m.name]) for m in models]
     return {"rows": rows, "out_dir": study}
 

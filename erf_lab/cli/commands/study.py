@@ -33,6 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--jobs", type=int, default=1, help="models trained at once, each in its own process (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default torch's)")
     p.add_argument("--ship", default=None, metavar="DIR", help="then copy weights, records and results to DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _ints(text: str, what: str) -> tuple:
@@ -56,7 +57,8 @@ def run(args) -> int:
     s = StudySettings(channels=_ints(args.channels, "channels"), layers=_ints(args.layers, "layers"),
                       input_size=args.input_size, train_size=args.train_size, epochs=args.epochs,
                       erf_input_size=args.erf_input_size)
-    res = run_study(args.out, s, jobs=args.jobs, threads=args.threads, guidelines=not args.no_guidelines)
+    res = run_study(args.out, s, jobs=args.jobs, threads=args.threads, guidelines=not args.no_guidelines,
+                    show_progress=not args.quiet)
     print(markdown_table(res["rows"], ["name", "val_acc", "area@20%", "area@50%", "area@99%", "r_rms",
                                        "shape_bias", "img_per_s"]) + table_notes(res["rows"]))
     print(f"wrote {res['out_dir']}/results.md, family.csv, family.png/pdf")
