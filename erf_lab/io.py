@@ -145,6 +145,46 @@ def check_out_path(path: str | os.PathLike, what: str = "--out") -> Path:
     return p
 
 
+#: folders this process holds (:func:`hold_folder`): path -> open descriptor carrying the lock
+_HELD: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None]:
+    """Hold ``folder`` (which exists) for this process while the block writes a run into it: an advisory lock on
+    the folder itself (``flock``; the system drops it when the process ends, a kill included). A second erf-lab
+    process writing into the same folder meanwhile (a run resumed in a second shell while it still runs) gets
+    ErfLabError (one line) instead of both writing the same state, checkpoints and tables. Re-entrant within the
+    process; a no-op where ``fcntl`` is missing (Windows)."""
+    from erf_lab.errors import ErfLabError
+
+    try:
+        import fcntl
+    except ImportError:  # no flock: unguarded, as before
+        yield
+        return
+    key = str(Path(folder).expanduser().resolve())
+    if key in _HELD:
+        yield
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # a filesystem without locks: unguarded
+            yield
+            return
+        raise ErfLabError(f"{what} {folder} is in use: another erf-lab process is writing a run there now; wait "
+                          f"for it to end (or stop it) and run the command again, or choose another {what}") from None
+    _HELD[key] = fd
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        os.close(fd)  # releases the lock
+
+
 def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     """Create the output folder ``path`` (parents too) and check that files can be written there, before any
     work starts; ErfLabError (one line) when ``path`` or one of its parents is a file, or the folder is not

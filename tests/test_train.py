@@ -656,3 +656,40 @@ def test_resume_of_a_damaged_training_state_is_one_line(tmp_path, capsys, one_th
            "--nproc_per_node=2) or start over with --force" in err, err
     (out / C.STATE_FILE).write_bytes(good)
     assert main(args) == 0 and (out / "run.json").exists()
+
+
+_TRY_LOCK = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\ntry:\n    fcntl.flock(fd, fcntl.LOCK_EX | "
+             "fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+
+
+def test_a_folder_another_process_writes_into_is_refused(tmp_path, capsys, one_thread):
+    """Two erf-lab processes never write one run folder at once (a --resume typed in a second shell while the run
+    still goes): a run holds its folder from the start (a new one from its making), and another gets one line,
+    exit 2, and changes nothing; once the holder is gone the folder is free again."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    tries = []
+    _run(out, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5),
+         on_step=lambda *a, **k: tries.append(subprocess.run([sys.executable, "-c", _TRY_LOCK, str(out)]).returncode)
+         if not tries else None)
+    assert tries == [3]  # held while it trained (a folder it made itself)
+    assert subprocess.run([sys.executable, "-c", _TRY_LOCK, str(out)]).returncode == 0  # and free after
+
+    other = tmp_path / "other"
+    other.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _TRY_LOCK + "print('held', flush=True)\nsys.stdin.read()\n",
+                               str(other)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--batch-size",
+                "8", "--epochs", "1", "--out", str(other)]
+        rc = main(args)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("error:") == 1 and f"--out {other} is in use" in err, err
+        assert not any(other.iterdir())
+    finally:
+        holder.communicate("")
+    assert main(args) == 0 and (other / "run.json").is_file()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
 from erf_lab.erf import distributed as D
-from erf_lab.io import is_training_record, read_json_or_none, refuse_empty, refuse_other_result
+from erf_lab.io import hold_folder, is_training_record, read_json_or_none, refuse_empty, refuse_other_result
 from erf_lab.train import checkpoints as C
 from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
@@ -337,12 +337,12 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     info = D.init(device)
     together = False  # every rank leaves at this same point (a finished run, or a stop agreed at one step)
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, contextlib.ExitStack() as held_folder:
             result = _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
                             int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
                             amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
                             checkpoint_format, show_progress, argv, on_step, info, stop, resume_hint,
-                            diverge_hint)
+                            diverge_hint, held_folder)
         together = True
         return result
     except BaseException as stopped:
@@ -369,7 +369,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
 
 def _train(model_name, data, out, overrides, recipe, input_size, train_size, val_size, num_classes, resample, seed,
            device, amp, amp_dtype, channels_last, sync_bn, num_workers, resume, force, checkpoint_format, show_progress,
-           argv, on_step, info: D.DistInfo, stop: StopRequest, resume_hint: str, diverge_hint: str) -> dict:
+           argv, on_step, info: D.DistInfo, stop: StopRequest, resume_hint: str, diverge_hint: str,
+           held_folder: contextlib.ExitStack) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
 
@@ -381,6 +382,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 "amp": amp, "channels_last": channels_last, "sync_bn": bool(sync_bn),
                 "world_size": info.world_size}
     try:  # rank 0 decides (the other ranks would race with its first writes) and tells the others
+        if info.is_main and out.is_dir():  # no other erf-lab process writes a run there meanwhile
+            held_folder.enter_context(hold_folder(out))
         mode = _prepare_out_dir(out, resume, force) if info.is_main else None
         if mode in ("new", "resume"):
             _check_writable(out)
@@ -496,6 +499,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         with held():  # a stop meanwhile comes after both: epoch_000 is never left without its resume point
             if info.is_main:
                 out.mkdir(parents=True, exist_ok=True)
+                held_folder.enter_context(hold_folder(out))  # a new folder: held from its making
                 if force:
                     _clear(out)
                 # marked: measurements on it say "random weights"
