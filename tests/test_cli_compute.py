@@ -306,3 +306,36 @@ def test_a_stale_sidecar_does_not_mark_other_weights_random(tmp_path, capsys):
     torch.manual_seed(1)
     torch.save(create_model("replknet_31b", deploy=True, **TINY_KW).state_dict(), ckpt)  # other weights, same name
     assert random_init_record(ckpt) is None
+
+
+_TRY_LOCK = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\ntry:\n    fcntl.flock(fd, fcntl.LOCK_EX | "
+             "fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+
+
+def test_a_run_folder_another_process_writes_into_is_refused(tmp_path, capsys):
+    """Two erf-lab processes never write one ERF run folder at once (a --resume or --force typed in a second shell
+    while the run goes): the run holds its folder (a new one from its making) while it measures; another gets one
+    line, exit 2, and deletes or writes nothing there, --force included."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    tries = []
+    run_compute("replknet_31b", out=out, overrides=TINY_KW, input_size=32, num_images=2, batch_size=1,
+                on_batch=lambda a: tries.append(subprocess.run([sys.executable, "-c", _TRY_LOCK, str(out)]).returncode))
+    assert tries and set(tries) == {3}  # held while it measured
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    holder = subprocess.Popen([sys.executable, "-c", _TRY_LOCK + "print('held', flush=True)\nsys.stdin.read()\n",
+                               str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "2", "--input-size", "32", "--batch-size", "1",
+                            "--out", str(out), "--force", "--quiet")
+        assert code == 2 and err.count("error:") == 1 and f"--out {out} is in use" in err, err
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+    finally:
+        holder.communicate("")
+    code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "2", "--input-size", "32", "--batch-size", "1",
+                        "--out", str(out), "--force", "--quiet")
+    assert code == 0, err

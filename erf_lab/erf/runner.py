@@ -278,14 +278,16 @@ def size_note(input_size: int, train_size: int | None, unknown: str | None = Non
 
 
 @contextlib.contextmanager
-def _owned_out_dir(out_dir: Path, info: D.DistInfo):
-    """Create ``out_dir`` (checking it is writable); on failure, remove it again when this run created it and
-    left nothing in it (no empty folder that looks like a result)."""
-    from erf_lab.io import prepare_out_dir
+def _owned_out_dir(out_dir: Path, info: D.DistInfo, held_folder: contextlib.ExitStack):
+    """Create ``out_dir`` (checking it is writable) and hold it (:func:`erf_lab.io.hold_folder`, a no-op where
+    the run holds it already); on failure, remove it again when this run created it and left nothing in it (no
+    empty folder that looks like a result)."""
+    from erf_lab.io import hold_folder, prepare_out_dir
 
     existed = out_dir.exists()
     if info.is_main:
         prepare_out_dir(out_dir)
+        held_folder.enter_context(hold_folder(out_dir))
     D.barrier(info)
     try:
         yield
@@ -318,10 +320,11 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
     start, t0 = now(), time.time()
     dinfo = D.init(spec.device)
     try:
-        return _run(spec, dinfo, out=out, resume=resume, force=force, reuse=reuse, label=label, tags=tags or {},
-                    formats=formats, show_progress=show_progress, on_batch=on_batch,
-                    checkpoint_seconds=checkpoint_seconds, argv=argv, runs_root=runs_root, start=start, t0=t0,
-                    display=display)
+        with contextlib.ExitStack() as held_folder:
+            return _run(spec, dinfo, out=out, resume=resume, force=force, reuse=reuse, label=label, tags=tags or {},
+                        formats=formats, show_progress=show_progress, on_batch=on_batch,
+                        checkpoint_seconds=checkpoint_seconds, argv=argv, runs_root=runs_root, start=start, t0=t0,
+                        display=display, held_folder=held_folder)
     finally:
         D.shutdown(dinfo)
 
@@ -485,10 +488,11 @@ def _switch_interval(lower: bool) -> None:
 
 
 def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, tags, formats, show_progress,
-         on_batch, checkpoint_seconds, argv, runs_root, start, t0, display=None) -> dict:
+         on_batch, checkpoint_seconds, argv, runs_root, start, t0, held_folder: contextlib.ExitStack,
+         display=None) -> dict:
     from erf_lab.erf.images import load_images, model_data_config
     from erf_lab.erf.prepare import to_measured_form
-    from erf_lab.io import refuse_other_result, sha256_file
+    from erf_lab.io import hold_folder, refuse_other_result, sha256_file
     from erf_lab.models import create_model
 
     device = D.device_for(spec.device, dinfo)
@@ -508,8 +512,11 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         train_size, train_size_source = training_resolution_source(spec, model)
         weights_sha = sha256_file(resolve_weights(spec.weights)[0]) if spec.weights else None
         config = _config(spec, source, mean, std, weights_sha, dinfo)
-        refuse_other_result(Path(out) if out is not None else
-                            default_out_dir(spec.model, source.name, spec.input_size, runs_root), "erf")
+        target = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size,
+                                                                   runs_root)
+        refuse_other_result(target, "erf")
+        if dinfo.is_main and target.is_dir():  # no other erf-lab process writes a run there meanwhile
+            held_folder.enter_context(hold_folder(target))
     except Exception as e:  # noqa: BLE001 - every rank learns of it below (one process: raised there as it is)
         setup_error = e
     finally:
@@ -572,7 +579,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         if on_batch is not None:
             on_batch(a)
 
-    with _owned_out_dir(out_dir, dinfo):
+    with _owned_out_dir(out_dir, dinfo, held_folder):
         t_measure = time.time()
         try:
             result = compute_erf(model, source, layer=geom["layer"], aggregate=spec.aggregate,
