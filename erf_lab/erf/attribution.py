@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from erf_lab.erf.receptive_field import DEFAULT_LAYER, resolve_layer
-from erf_lab.erf.tokens import to_spatial
+from erf_lab.erf.tokens import to_spatial, track_layout
 from erf_lab.errors import ErfLabError
 
 AGGREGATES = ("relu", "abs")
@@ -65,13 +65,15 @@ class TruncatedForward(nn.Module):
             captured.append(out)
             raise _StopForward
 
-        handle = self._target.register_forward_hook(hook)
+        handles = track_layout(self.model)  # tags NHWC outputs inside ConvNeXt-style blocks, before the capture
+        handles.append(self._target.register_forward_hook(hook))
         try:
             self.model(x)
         except _StopForward:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if not captured:
             raise ErfLabError(f"layer {self.layer_name!r} is not run by the model's forward pass")
         out = captured[0]

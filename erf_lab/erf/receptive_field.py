@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from erf_lab.erf.tokens import to_spatial
+from erf_lab.erf.tokens import to_spatial, track_layout
 from erf_lab.errors import ErfLabError
 
 DEFAULT_LAYER = "forward_features"
@@ -159,8 +159,9 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}
-    hooks = [mod.register_forward_hook(_module_hook) for mod in m.modules()
-             if isinstance(mod, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
+    hooks = track_layout(m)  # first: the listing hooks below read its NHWC tags
+    hooks += [mod.register_forward_hook(_module_hook) for mod in m.modules()
+              if isinstance(mod, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
     training = {mod: mod.training for mod in m.modules()}
     m.eval()  # never update BN statistics while probing
 

@@ -6,6 +6,9 @@ like a CNN's (target: the centre unit of the map).
   grid (the order of timm's ``PatchEmbed``: ``flatten(2).transpose(1, 2)``).
 - (B, H, W, C) maps of models whose ``output_fmt`` is ``"NHWC"`` (Swin) are permuted to NCHW, except the outputs
   of convolutions and pooling layers inside them, which are NCHW already.
+- (B, H, W, C) maps inside ConvNeXt-style blocks of NCHW models (UniRepLKNet's ``pwconv1`` / ``act``, SLaK's
+  ``norm`` / ``pwconv1``, timm ConvNeXt's ``norm`` / ``mlp``: LayerNorm and Linear over the channels after a
+  permute) are found by :func:`track_layout` during the forward and permuted back as well.
 """
 from __future__ import annotations
 
@@ -17,6 +20,37 @@ import torch.nn as nn
 from erf_lab.errors import ErfLabError
 
 _NCHW_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+_NHWC_TAG = "_erf_lab_nhwc"
+
+
+def _layout_hook(module: nn.Module, inp, out) -> None:
+    """Tags a module's 4-D output tensor as NHWC (True) or NCHW (False): a Linear, a last-dim LayerNorm or a
+    ``...ToNHWC`` module makes NHWC; a conv, pooling, ``...2d`` module or ``...ToNCHW`` makes NCHW; any other
+    module keeps its input's layout when the shape is unchanged (activations, GRN, dropout, containers)."""
+    t = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        return
+    name = type(module).__name__.lower()
+    if isinstance(module, _NCHW_MODULES) or name.endswith("nchw") or "2d" in name:
+        nhwc = False
+    elif name.endswith("nhwc") or isinstance(module, nn.Linear):
+        nhwc = True
+    elif isinstance(module, nn.LayerNorm) and getattr(module, "data_format", "") != "channels_first":
+        nhwc = True
+    elif hasattr(t, _NHWC_TAG):  # a container returning its last child's tensor: already tagged
+        return
+    else:
+        src = inp[0] if isinstance(inp, (tuple, list)) and inp and isinstance(inp[0], torch.Tensor) else None
+        nhwc = bool(src is not None and getattr(src, _NHWC_TAG, False) and src.shape == t.shape)
+    setattr(t, _NHWC_TAG, nhwc)
+
+
+def track_layout(model: nn.Module) -> list:
+    """Registers :func:`_layout_hook` on every module of ``model`` (register it before other forward hooks that
+    read the tag); returns the handles to remove."""
+    return [mod.register_forward_hook(_layout_hook) for mod in model.modules()]
 
 
 def channels_last_output(model: nn.Module, module: nn.Module | None = None) -> bool:
@@ -51,7 +85,8 @@ def to_spatial(out: torch.Tensor, model: nn.Module, input_hw: tuple[int, int],
     if not isinstance(out, torch.Tensor):
         return out
     if out.dim() == 4:
-        return out.permute(0, 3, 1, 2) if channels_last_output(model, module) else out
+        nhwc = channels_last_output(model, module) or getattr(out, _NHWC_TAG, False)
+        return out.permute(0, 3, 1, 2) if nhwc else out
     if out.dim() != 3:
         return out
     n = int(out.shape[1])
