@@ -247,3 +247,19 @@ def test_sweep_refuses_to_overwrite_members_of_other_settings(capsys, tmp_path):
     rc, out, err = run_cli(capsys, *args, "--input-size", "48", "--force")
     assert rc == 0, err
     assert json.loads((out_dir / "K3-train" / "run.json").read_text())["input_size"] == 48
+
+
+def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_path):
+    """metrics.json of an untrained run says so by itself (a copy of the file alone stays marked), and
+    ``erf-lab analyze`` marks its console report, its metrics.json and its figure (before: only the figure)."""
+    run, trained = tmp_path / "rand", tmp_path / "trained"
+    write_run_dir(run, gaussian_map(), {"model": "m", "label": "net", "random_init": True}, theoretical_rf=30)
+    write_run_dir(trained, gaussian_map(), {"model": "m", "label": "net", "random_init": False}, theoretical_rf=30)
+    assert json.loads((run / "metrics.json").read_text())["random_init"] is True
+    assert "random_init" not in json.loads((trained / "metrics.json").read_text())
+    rc, out, err = run_cli(capsys, "analyze", str(run))
+    assert rc == 0, err
+    assert out.splitlines()[0].startswith("ERF net (random init)")
+    assert json.loads((run / "metrics.json").read_text())["random_init"] is True
+    rc, out, err = run_cli(capsys, "analyze", str(trained))
+    assert rc == 0 and "random init" not in out

@@ -35,10 +35,13 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     stem = run.npy.stem
     prefix = "" if stem == "erf" else f"{stem}."
     mpath = out_dir / f"{prefix}{METRICS_FILE}"
+    random_init = bool((run.run_info or {}).get("random_init") or (run.metrics or {}).get("random_init"))
+    if random_init:  # metrics.json, figure and console all say so
+        metrics["random_init"] = True
     write_json(mpath, metrics)
-    title = f"{run.label} {RANDOM_MARK}" if (run.run_info or {}).get("random_init") else run.label
+    title = f"{run.label} {RANDOM_MARK}" if random_init else run.label
     files = [mpath] + plot_erf(run.erf, out_dir / stem, title=title, formats=tuple(formats), display=display)
-    text = metrics_text(metrics, run.label)
+    text = metrics_text(metrics, title)
     record = provenance("analyze", {"source": str(run.npy.resolve()), "out": str(out_dir.resolve()),
                                     "formats": list(formats), "theoretical_rf": trf,
                                     "display": display}, argv)

@@ -126,6 +126,8 @@ def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_r
     out.mkdir(parents=True, exist_ok=True)
     save_npy(out / ERF_FILE, a)
     metrics = compute_metrics(a, theoretical_rf=theoretical_rf, centre=centre)
+    if info.get("random_init"):  # the file alone says so too
+        metrics["random_init"] = True
     write_json(out / METRICS_FILE, metrics)
     title = info.get("label") or info.get("model")
     if info.get("random_init"):
