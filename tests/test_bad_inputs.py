@@ -142,7 +142,11 @@ def _cases():
     add("analyze-complex-map", ["analyze", "{bad}/complex.npy"], "ERF map must be numeric")
     add("analyze-run-json-centre", ["analyze", "{bad}/bad_centre"], "field 'erf_centre' must be two non-negative")
     add("reparam-check-size-huge", ["reparam", *TINY, "--out", "{out}/x.pth", "--check-size", "100000"],
-        "input size in [32, 4096]")
+        "--check-size (the equivalence check's image side) must be in [32, 4096], got 100000")
+    add("reparam-check-size-zero", ["reparam", *TINY, "--out", "{out}/x.pth", "--check-size", "0"],
+        "--check-size (the equivalence check's image side) must be in [32, 4096], got 0")
+    add("reparam-check-batch-zero", ["reparam", *TINY, "--out", "{out}/x.pth", "--check-batch", "0"],
+        "--check-batch (the equivalence check's batch) must be >= 1, got 0")
     add("layers-size-huge", ["layers", *TINY, "--input-size", "100000"], "--input-size must be in [1, 4096]")
     add("seed-out-of-range", [*SMALL, "--seed", "99999999999999999999"], "seed 99999999999999999999 out of range")
     add("override-bad-value", ["compute", "--model", "resnet18", "--override", "num_classes=abc"],

@@ -129,9 +129,11 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         raise ErfLabError(f"output {out} should end in .pth, .pt or .safetensors")
     from erf_lab.erf.runner import MAX_INPUT_SIZE
 
-    if batch_size < 1 or not 32 <= input_size <= MAX_INPUT_SIZE:
-        raise ErfLabError(f"batch size must be >= 1 and input size in [32, {MAX_INPUT_SIZE}], got {batch_size}, "
-                          f"{input_size}")
+    if batch_size < 1:  # named as the command line names them (the same arguments of export_deploy)
+        raise ErfLabError(f"--check-batch (the equivalence check's batch) must be >= 1, got {batch_size}")
+    if not 32 <= input_size <= MAX_INPUT_SIZE:
+        raise ErfLabError(f"--check-size (the equivalence check's image side) must be in [32, {MAX_INPUT_SIZE}], "
+                          f"got {input_size}")
     prepare_out_dir(out.parent, what="--out's folder")
     random_init = random_init_of(weights, pretrained=bool(overrides.get("pretrained")), seed=seed)
     train_size = training_input_size(weights)[0] if weights and random_init is None else None
