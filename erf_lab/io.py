@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -145,8 +146,10 @@ def check_out_path(path: str | os.PathLike, what: str = "--out") -> Path:
     return p
 
 
-#: folders this process holds (:func:`hold_folder`): path -> open descriptor carrying the lock
-_HELD: dict[str, int] = {}
+#: folders this process holds (:func:`hold_folder`): path -> (open descriptor carrying the lock, holding thread)
+_HELD: dict[str, tuple[int, int]] = {}
+#: guards ``_HELD``; notified when a folder is let go (a thread of this process waiting for it goes on)
+_HELD_CHANGED = threading.Condition()
 
 
 @contextlib.contextmanager
@@ -155,7 +158,9 @@ def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None
     the folder itself (``flock``; the system drops it when the process ends, a kill included). A second erf-lab
     process writing into the same folder meanwhile (a run resumed in a second shell while it still runs) gets
     ErfLabError (one line) instead of both writing the same state, checkpoints and tables. Re-entrant within the
-    process; a no-op where ``fcntl`` is missing (Windows)."""
+    thread that holds it; another thread of this process (two sessions of the app measuring the same map) waits
+    until it is let go instead of writing beside it (the lock is the process's: it would not stop that thread).
+    A no-op where ``fcntl`` is missing (Windows)."""
     from erf_lab.errors import ErfLabError
 
     try:
@@ -164,25 +169,36 @@ def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None
         yield
         return
     key = str(Path(folder).expanduser().resolve())
-    if key in _HELD:
+    me = threading.get_ident()
+    with _HELD_CHANGED:
+        while key in _HELD and _HELD[key][1] != me:  # another thread of this process writes there: after it
+            _HELD_CHANGED.wait()
+        if key in _HELD:  # this thread holds it already
+            nested = True
+        else:
+            nested = False
+            fd = os.open(key, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    raise ErfLabError(f"{what} {folder} is in use: another erf-lab process is writing a run there "
+                                      f"now; wait for it to end (or stop it) and run the command again, or choose "
+                                      f"another {what}") from None
+                nested = True  # a filesystem without locks: unguarded
+            else:
+                _HELD[key] = (fd, me)
+    if nested:
         yield
         return
-    fd = os.open(key, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # a filesystem without locks: unguarded
-            yield
-            return
-        raise ErfLabError(f"{what} {folder} is in use: another erf-lab process is writing a run there now; wait "
-                          f"for it to end (or stop it) and run the command again, or choose another {what}") from None
-    _HELD[key] = fd
     try:
         yield
     finally:
-        del _HELD[key]
-        os.close(fd)  # releases the lock
+        with _HELD_CHANGED:
+            del _HELD[key]
+            os.close(fd)  # releases the lock
+            _HELD_CHANGED.notify_all()
 
 
 def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:

@@ -339,3 +339,47 @@ def test_a_run_folder_another_process_writes_into_is_refused(tmp_path, capsys):
     code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "2", "--input-size", "32", "--batch-size", "1",
                         "--out", str(out), "--force", "--quiet")
     assert code == 0, err
+
+
+def test_a_run_folder_another_thread_writes_into_waits(tmp_path, monkeypatch):
+    """Two threads of one process (two sessions of the app measuring the same map) never write one ERF run folder
+    at once: the lock is the process's, so the second thread waits until the first lets the folder go, then reuses
+    its complete run (before: it passed as 're-entrant' and measured into the folder beside the first)."""
+    import threading
+    import time
+
+    import erf_lab.io as io
+
+    pytest.importorskip("fcntl")
+    waiting = threading.Event()
+
+    class Signalling(threading.Condition):
+        def wait(self, timeout=None):
+            waiting.set()
+            return super().wait(timeout)
+
+    monkeypatch.setattr(io, "_HELD_CHANGED", Signalling(), raising=False)
+    out, inside, release, results = tmp_path / "run", threading.Event(), threading.Event(), {}
+
+    def first_batch(_):
+        inside.set()
+        release.wait(60)
+
+
+    first = threading.Thread(target=lambda: results.setdefault("first", run_compute(
+        "replknet_31b", out=out, overrides=TINY_KW, input_size=32, num_images=2, batch_size=1, on_batch=first_batch)))
+    first.start()
+    assert inside.wait(60)
+    other = threading.Thread(target=lambda: results.setdefault("second", run_erf(
+        ErfSpec(model="replknet_31b", overrides=TINY_KW, input_size=32, num_images=2, batch_size=1), out=out,
+        reuse=True, show_progress=False)))
+    other.start()
+    deadline = time.monotonic() + 60
+    while not waiting.is_set() and other.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    release.set()
+    first.join(60)
+    other.join(60)
+    assert waiting.is_set()  # the second thread waited for the first
+    assert results["first"]["already_complete"] is False and results["second"]["already_complete"] is True
+    assert not io._HELD
