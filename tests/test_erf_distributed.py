@@ -200,3 +200,45 @@ def test_two_ranks_on_one_gpu_are_refused_on_every_rank_before_nccl_runs():
             "its own (leave CUDA_VISIBLE_DEVICES unset for the whole job, or set it per process) or start fewer "
             "(--nproc_per_node)")
     assert ranks("GPU-a,GPU-b,GPU-a") == [line] * 3
+
+
+_TAKE_ON_RANK0 = '''import os, subprocess, sys
+import erf_lab.erf.runner as R
+from erf_lab.cli.main import main
+HOLD = "import fcntl, os, sys, time\\nfd = os.open(sys.argv[1], os.O_RDONLY)\\nfcntl.flock(fd, fcntl.LOCK_EX)\\n" \\
+       "print('held', flush=True)\\nsys.stdin.read()\\n"
+orig = R._existing
+def taken(out_dir, *a, **k):  # another process makes and holds the new folder after the setup looked
+    if os.environ.get("RANK") == "0" and not out_dir.exists():
+        out_dir.mkdir(parents=True)
+        p = subprocess.Popen([sys.executable, "-c", HOLD, str(out_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+        assert p.stdout.readline().strip() == "held"
+    return orig(out_dir, *a, **k)
+R._existing = taken
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_new_folder_taken_meanwhile_stops_every_rank_with_one_line(tmp_path):
+    """Rank 0 holds the run folder it makes; when another process made and holds it after the setup looked (a race
+    of two computes on one new --out), every rank stops with one line (before: rank 0 alone raised, and rank 1 died
+    in the next collective with gloo's 'Connection closed by peer' traceback)."""
+    import pytest
+
+    pytest.importorskip("fcntl")
+    script = tmp_path / "take.py"
+    script.write_text(_TAKE_ON_RANK0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), "compute", *ARGS,
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: rank 0 stopped: --out {out} is in use" in proc.stderr, proc.stderr[-3000:]
+    assert f"error: --out {out} is in use" in proc.stderr
+    assert not any(out.iterdir())

@@ -179,3 +179,47 @@ def test_two_gloo_ranks_that_diverge_stop_together_with_one_line_each(tmp_path):
     assert proc.returncode != 0 and len(said) == 2 and said[0] == said[1], proc.stderr[-3000:]
     assert "(exitcode: 2)" in proc.stderr and proc.stderr.count("Traceback") == 1  # torchrun's own report only
     assert not (out / "run.json").exists() and not (out / "model.safetensors").exists()
+
+
+_TAKE_ON_RANK0 = '''import os, subprocess, sys
+import erf_lab.train.loop as L
+from erf_lab.cli.main import main
+HOLD = "import fcntl, os, sys, time\\nfd = os.open(sys.argv[1], os.O_RDONLY)\\nfcntl.flock(fd, fcntl.LOCK_EX)\\n" \\
+       "print('held', flush=True)\\nsys.stdin.read()\\n"
+orig = L._prepare_out_dir
+def taken(out, *a, **k):  # another process makes and holds the new folder after rank 0 decided
+    mode = orig(out, *a, **k)
+    if not out.exists():
+        out.mkdir(parents=True)
+        p = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+        assert p.stdout.readline().strip() == "held"
+    return mode
+L._prepare_out_dir = taken
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_new_folder_taken_meanwhile_stops_every_rank_with_one_line(tmp_path):
+    """Rank 0 holds the run folder it makes; when another process made and holds it after rank 0 decided (a race
+    of two trainings on one new --out), every rank stops with one line (before: rank 0 alone raised, and rank 1
+    died in save_state's gather with gloo's 'Connection closed by peer' traceback)."""
+    import pytest
+
+    pytest.importorskip("fcntl")
+    script = tmp_path / "take.py"
+    script.write_text(_TAKE_ON_RANK0)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), "train",
+           "--model", "replknet_31b", "--override", "channels=(8,8,16,16)", "--override", "layers=(1,1,1,1)",
+           "--override", "large_kernel_sizes=(7,7,7,3)", "--num-classes", "4", "--train-size", "32", "--val-size", "8",
+           "--input-size", "32", "--batch-size", "8", "--epochs", "1", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count(f"erf-lab train: error: --out {out} is in use") == 2, proc.stderr[-3000:]
+    assert not any(out.iterdir())

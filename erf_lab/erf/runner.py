@@ -286,10 +286,14 @@ def _owned_out_dir(out_dir: Path, info: D.DistInfo, held_folder: contextlib.Exit
     from erf_lab.io import hold_folder, prepare_out_dir
 
     existed = out_dir.exists()
-    if info.is_main:
-        prepare_out_dir(out_dir)
-        held_folder.enter_context(hold_folder(out_dir))
-    D.barrier(info)
+    error = None
+    try:
+        if info.is_main:
+            prepare_out_dir(out_dir)
+            held_folder.enter_context(hold_folder(out_dir))  # a folder another process made meanwhile: in use
+    except Exception as e:  # noqa: BLE001 - every rank stops with it (not left in the next collective)
+        error = e
+    D.gather_or_fail(None, error, info)
     try:
         yield
     except BaseException:

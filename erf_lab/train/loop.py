@@ -497,9 +497,17 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     else:
         torch.manual_seed(seed + 1000 * (info.rank + 1))  # drop path differs per rank, not per run
         with held():  # a stop meanwhile comes after both: epoch_000 is never left without its resume point
+            taken = None
             if info.is_main:
                 out.mkdir(parents=True, exist_ok=True)
-                held_folder.enter_context(hold_folder(out))  # a new folder: held from its making
+                try:  # a new folder: held from its making (another process may have made it meanwhile)
+                    held_folder.enter_context(hold_folder(out))
+                except ErfLabError as e:
+                    taken = str(e)
+            taken = D.broadcast_object(taken, info)  # every rank stops with it, not in save_state's gather
+            if taken:
+                raise ErfLabError(taken)
+            if info.is_main:
                 if force:
                     _clear(out)
                 # marked: measurements on it say "random weights"
