@@ -37,3 +37,41 @@ def test_channels_last_block_layers_are_listed_and_measured_as_chw(name, kw, lay
     target = F.relu(out[:, 4, 4, :]).sum()  # every channel at the centre unit (h // 2, w // 2)
     (grad,) = torch.autograd.grad(target, xr)
     torch.testing.assert_close(maps, F.relu(grad).sum(1), rtol=1e-5, atol=1e-8)
+
+
+class _WidthMix(torch.nn.Module):
+    """A Linear along the width of an NCHW map (token mixing, MLP-Mixer / ViP style) and a LayerNorm over (C, H, W):
+    NCHW outputs that a Linear / LayerNorm makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)  # (B, 8, 16, 16) at 64 px
+        self.mix = torch.nn.Linear(16, 16)
+        self.act = torch.nn.GELU()
+        self.norm = torch.nn.LayerNorm([8, 16, 16])
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.norm(self.act(self.mix(self.conv(x)))))
+
+
+@pytest.mark.parametrize("layer", ["mix", "act", "norm"])
+def test_a_linear_or_layernorm_over_an_nchw_map_stays_nchw(layer):
+    """Not every 4-D Linear / LayerNorm output is NHWC: over the width of a map a conv made (known NCHW), or a
+    LayerNorm over (C, H, W), the map is listed as it is and measured at its centre unit (before: tagged NHWC,
+    listed as (16, 8, 16) and the ERF target was row 8 of channel 8 instead of the centre)."""
+    torch.manual_seed(0)
+    model = _WidthMix().eval()
+    rows = {r["name"]: r for r in list_layers(model, 64)}
+    assert rows[layer]["shape"] == [8, 16, 16]
+
+    x = torch.randn(2, 3, 64, 64)
+    maps = EffectiveReceptiveField(model, layer).attribute(x)
+    captured = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: captured.append(o))
+    xr = x.clone().requires_grad_(True)
+    model(xr)
+    handle.remove()
+    target = F.relu(captured[0][:, :, 8, 8]).sum()  # every channel at the centre unit of the NCHW map
+    (grad,) = torch.autograd.grad(target, xr)
+    torch.testing.assert_close(maps, F.relu(grad).sum(1), rtol=1e-5, atol=1e-8)

@@ -28,22 +28,30 @@ _NHWC_TAG = "_erf_lab_nhwc"
 def _layout_hook(module: nn.Module, inp, out) -> None:
     """Tags a module's 4-D output tensor as NHWC (True) or NCHW (False): a Linear, a last-dim LayerNorm or a
     ``...ToNHWC`` module makes NHWC; a conv, pooling, ``...2d`` module or ``...ToNCHW`` makes NCHW; any other
-    module keeps its input's layout when the shape is unchanged (activations, GRN, dropout, containers)."""
+    module keeps its input's layout when the shape is unchanged (activations, GRN, dropout, containers). A Linear
+    or LayerNorm whose input is known to be NCHW (a map over its width), or a LayerNorm over more than the last
+    dim, is not NHWC; a map of unknown layout (made by a function, not a module) is left untagged."""
     t = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
     if not isinstance(t, torch.Tensor) or t.dim() != 4:
         return
     name = type(module).__name__.lower()
+    src = inp[0] if isinstance(inp, (tuple, list)) and inp and isinstance(inp[0], torch.Tensor) else None
+    # a Linear / LayerNorm on a map known to be NCHW (a conv's output, say) works over its width: it stays NCHW
+    known_nchw = src is not None and getattr(src, _NHWC_TAG, None) is False
     if isinstance(module, _NCHW_MODULES) or name.endswith("nchw") or "2d" in name:
         nhwc = False
-    elif name.endswith("nhwc") or isinstance(module, nn.Linear):
+    elif name.endswith("nhwc") or (isinstance(module, nn.Linear) and not known_nchw):
         nhwc = True
-    elif isinstance(module, nn.LayerNorm) and getattr(module, "data_format", "") != "channels_first":
+    elif (isinstance(module, nn.LayerNorm) and getattr(module, "data_format", "") != "channels_first"
+          and len(module.normalized_shape) == 1 and not known_nchw):  # over the channels only, not (C, H, W)
         nhwc = True
     elif hasattr(t, _NHWC_TAG):  # a container returning its last child's tensor: already tagged
         return
-    else:
-        src = inp[0] if isinstance(inp, (tuple, list)) and inp and isinstance(inp[0], torch.Tensor) else None
-        nhwc = bool(src is not None and getattr(src, _NHWC_TAG, False) and src.shape == t.shape)
+    else:  # the input's layout when the shape is kept; a map of unknown layout stays untagged (read as NCHW)
+        was = getattr(src, _NHWC_TAG, None) if src is not None else None
+        if was is None or (was and src.shape != t.shape):
+            return
+        nhwc = was
     setattr(t, _NHWC_TAG, nhwc)
 
 
