@@ -173,3 +173,25 @@ def test_a_study_shows_a_progress_bar_of_its_models(tmp_path, monkeypatch, capsy
     assert "study: 100%" in err and "2/2" in err and "model" in err, err
     run_study(tmp_path / "s", TOY, kernels=(3, 31), seeds=(0,), guidelines=False, show_progress=False)
     assert "study:" not in capsys.readouterr().err
+
+
+def test_a_continued_study_counts_its_trained_models_from_the_start(tmp_path, monkeypatch, capsys):
+    """A study run again after an interruption: the models trained before come back in seconds; they start the bar
+    (1/2) instead of being steps of it, which made the ETA of the hours left a few seconds (0/2, then 1/2 at once)."""
+    import json
+
+    import erf_lab.train.study as study
+
+    def job(m, settings, folder, threads):
+        return {"name": m.name, "probe": {"shape_bias": 0.5}, "erf": {}}
+
+    monkeypatch.setattr(study, "_job", job)
+    monkeypatch.setattr(study, "write_results", lambda *a, **k: None)
+    monkeypatch.setattr(study, "_row", lambda m, r: {"name": m.name})
+    first = study.plan(TOY, kernels=(3, 31), seeds=(0,), guidelines=False)[0]
+    (tmp_path / "s" / "runs" / first.name).mkdir(parents=True)
+    (tmp_path / "s" / "runs" / first.name / "run.json").write_text(json.dumps({"final": {"val_acc": 0.5}}))
+    run_study(tmp_path / "s", TOY, kernels=(3, 31), seeds=(0,), guidelines=False)
+    shown = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("study:")]
+    assert shown and "1/2" in shown[0] and "2/2" in shown[-1], shown
+    assert not any("0/2" in line for line in shown), shown

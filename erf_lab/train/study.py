@@ -208,8 +208,11 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
                                       "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv})
     results = {}
     # the study's own bar (hours at the shipped size): models done and the ETA; the lines of each model's
-    # training are written above it
-    bar = progress(total=len(models), desc="study", unit="model", disable=not show_progress)
+    # training are written above it. Models trained by an earlier run of the study count from the start: they
+    # come back in seconds, and as steps of the bar they made the ETA of a continued study seconds for hours
+    trained = {m.name for m in models if isinstance(info := read_json_or_none(study / "runs" / m.name / "run.json"),
+                                                    dict) and "final" in info}
+    bar = progress(total=len(models), initial=len(trained), desc="study", unit="model", disable=not show_progress)
 
     def done(r):  # the tables so far after every model: an interrupted study still leaves valid tables
         results[r["name"]] = r
@@ -217,7 +220,8 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
                   f"area@50% {r['erf'].get('area@50%')}")
         write_results(study, [_row(m, results[m.name]) for m in models if m.name in results], settings,
                       planned=len(models))
-        bar.update(1)
+        if r["name"] not in trained:
+            bar.update(1)
 
     try:
         if jobs == 1:
