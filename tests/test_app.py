@@ -197,6 +197,17 @@ def test_explorer_lists_the_layers_of_the_form_it_measures(app_env):
     assert at.selectbox(key="erf-layer-0").value == "forward_features"
 
 
+def explore_folder(at, folder):
+    """One random-init panel of the ERF explorer measured on the images of ``folder``, without an error."""
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.radio(key="erf-img-kind").set_value("Folder").run()
+    at.text_input(key="erf-img-folder").set_value(str(folder)).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    return at
+
+
 def test_explorer_reads_a_folder_of_class_subfolders(app_env):
     """An ImageNet-style folder (images in class sub-folders, as `erf-lab compute --images` reads it) is accepted
     and counted like the runner reads it; a folder without any image gets one readable line."""
@@ -206,13 +217,7 @@ def test_explorer_reads_a_folder_of_class_subfolders(app_env):
         (app_env / "val" / cls).mkdir(parents=True)
         shutil.copyfile(REPO_ROOT / "data" / "default_images" / name, app_env / "val" / cls / name)
     (app_env / "val" / "README.txt").write_text("not an image")
-    at = ok(new_app().run())
-    at.number_input(key="erf-ncfg").set_value(1).run()
-    at.radio(key="erf-init-0").set_value("random").run()
-    at.radio(key="erf-img-kind").set_value("Folder").run()
-    at.text_input(key="erf-img-folder").set_value(str(app_env / "val")).run()
-    ok(at)
-    assert not errors(at), errors(at)
+    at = explore_folder(ok(new_app().run()), app_env / "val")
     captions = [c.value for c in at.caption]
     assert any(c.startswith("2 image(s) in ") for c in captions), captions
     assert any(c.startswith("2 image(s), 0 skipped") for c in captions), captions
@@ -234,13 +239,7 @@ def test_explorer_measures_a_changed_folder_again(app_env):
     shutil.copyfile(photos / "astronaut.jpg", app_env / "imgs" / "a.jpg")
 
     def measure(at=None):
-        at = at or ok(new_app().run())
-        at.number_input(key="erf-ncfg").set_value(1).run()
-        at.radio(key="erf-init-0").set_value("random").run()
-        at.radio(key="erf-img-kind").set_value("Folder").run()
-        at.text_input(key="erf-img-folder").set_value(str(app_env / "imgs")).run()
-        ok(at)
-        assert not errors(at), errors(at)
+        at = explore_folder(at or ok(new_app().run()), app_env / "imgs")
         return at, [c.value for c in at.caption if " skipped · layer" in c.value], metric(at, "r_rms (px)")
 
     at, shown, r_one = measure()

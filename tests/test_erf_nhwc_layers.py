@@ -24,18 +24,23 @@ def test_channels_last_block_layers_are_listed_and_measured_as_chw(name, kw, lay
     rows = {r["name"]: r for r in list_layers(model, 64)}
     assert rows[layer]["shape"] == [channels, 8, 8]
 
+    def centre(out):  # (B, H, W, C): every channel at the centre unit (h // 2, w // 2)
+        assert out.shape[-1] == channels
+        return out[:, 4, 4, :]
+
+    _assert_erf_is_the_centre_gradient(model, layer, centre)
+
+
+def _assert_erf_is_the_centre_gradient(model, layer, centre):
+    """The ERF of ``layer`` equals the input gradient of ReLU(``centre(output)``) summed, computed by hand."""
     x = torch.randn(2, 3, 64, 64)
     maps = EffectiveReceptiveField(model, layer).attribute(x)
-
     captured = []
     handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: captured.append(o))
     xr = x.clone().requires_grad_(True)
     model(xr)
     handle.remove()
-    out = captured[0]  # (B, H, W, C)
-    assert out.shape[-1] == channels
-    target = F.relu(out[:, 4, 4, :]).sum()  # every channel at the centre unit (h // 2, w // 2)
-    (grad,) = torch.autograd.grad(target, xr)
+    (grad,) = torch.autograd.grad(F.relu(centre(captured[0])).sum(), xr)
     torch.testing.assert_close(maps, F.relu(grad).sum(1), rtol=1e-5, atol=1e-8)
 
 
@@ -65,13 +70,4 @@ def test_a_linear_or_layernorm_over_an_nchw_map_stays_nchw(layer):
     rows = {r["name"]: r for r in list_layers(model, 64)}
     assert rows[layer]["shape"] == [8, 16, 16]
 
-    x = torch.randn(2, 3, 64, 64)
-    maps = EffectiveReceptiveField(model, layer).attribute(x)
-    captured = []
-    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: captured.append(o))
-    xr = x.clone().requires_grad_(True)
-    model(xr)
-    handle.remove()
-    target = F.relu(captured[0][:, :, 8, 8]).sum()  # every channel at the centre unit of the NCHW map
-    (grad,) = torch.autograd.grad(target, xr)
-    torch.testing.assert_close(maps, F.relu(grad).sum(1), rtol=1e-5, atol=1e-8)
+    _assert_erf_is_the_centre_gradient(model, layer, lambda out: out[:, :, 8, 8])  # the NCHW map's centre unit
