@@ -259,12 +259,18 @@ def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: 
     lib = cpp_library()
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]
-    w = w.float()
-    b = bias.float().contiguous() if bias is not None else None
+    x, w = _resolved(x), _resolved(w.float())
+    b = _resolved(bias.float()).contiguous() if bias is not None else None
     y = torch.empty_like(x, dtype=torch.float32)  # x's strides when dense (NCHW, channels_last), else NCHW
     lib.dw_conv_fused(x.data_ptr(), *x.stride(), *_kernel_view(w, flip), b.data_ptr() if b is not None else None,
                       y.data_ptr(), *y.stride(), n, c, h, wd, kh, kw, _omp_threads(lib), _requested_lanes(lanes))
     return y
+
+
+def _resolved(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its negative bit applied: the kernel reads raw memory, and a lazily negated view (``z.conj().imag``
+    of a complex ``z``, ``torch._neg_view``) holds the un-negated values there (F.conv2d applies the bit itself)."""
+    return t.resolve_neg() if t.is_neg() else t
 
 
 def _kernel_view(w: torch.Tensor, flip: bool) -> tuple[int, int, int, int]:
@@ -287,7 +293,7 @@ def cpp_backward(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
     lib = cpp_library()
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]
-    w = w.float()  # (kept alive through the call: the kernel reads it by pointer)
+    x, g, w = _resolved(x), _resolved(g), _resolved(w.float())  # (kept alive: the kernel reads them by pointer)
     gx = torch.empty_like(g, dtype=torch.float32)  # as cpp_conv(g, ...)
     gw = torch.empty((c, 1, kh, kw), dtype=torch.float32)
     done = lib.dw_backward_fused(x.data_ptr(), *x.stride(), g.data_ptr(), *g.stride(), *_kernel_view(w, True),
@@ -302,6 +308,7 @@ def cpp_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int, lanes: i
     lib = cpp_library()
     n, c, h, wd = x.shape
     gw = torch.empty((c, 1, kh, kw), dtype=torch.float32)
+    x, g = _resolved(x), _resolved(g)
     lib.dw_wgrad_fused(x.data_ptr(), *x.stride(), g.data_ptr(), *g.stride(), gw.data_ptr(), n, c, h, wd, kh, kw,
                        _omp_threads(lib), _requested_lanes(lanes))
     return gw

@@ -92,7 +92,9 @@ def _check_weight(x: torch.Tensor, weight: torch.Tensor, what: str) -> tuple[int
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    """Keep NCHW or channels_last as is; anything else (views, odd strides) becomes contiguous NCHW."""
+    """Keep NCHW or channels_last as is; anything else (views, odd strides) becomes contiguous NCHW. A lazily
+    negated view (``z.conj().imag``) is resolved first: the kernels read raw memory."""
+    t = t.resolve_neg()
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
         return t
     return t.contiguous()
@@ -163,7 +165,7 @@ def _launch_forward(x: torch.Tensor, w_t: torch.Tensor, bias, kh: int, kw: int, 
 def _tap_major(weight: torch.Tensor) -> torch.Tensor:
     """(C,1,KH,KW) -> contiguous (KH,KW,C): one coalesced BLOCK_C weight vector per tap."""
     c, _, kh, kw = weight.shape
-    return weight.reshape(c, kh * kw).t().contiguous()
+    return weight.resolve_neg().reshape(c, kh * kw).t().contiguous()
 
 
 def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,7 +174,7 @@ def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if bias is not None:
         if bias.shape != (x.shape[1],):
             raise ValueError(f"dwconv_forward: bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
-        bias = bias.to(device=x.device).contiguous()
+        bias = bias.to(device=x.device).resolve_neg().contiguous()
     x = _dense(x)
     return _launch_forward(x, _tap_major(weight), bias, kh, kw, dot=_use_tensor_cores(x, kh, kw))
 

@@ -749,3 +749,30 @@ def test_depthwise_flops_inside_the_map_by_brute_force():
         assert f == {"nominal": 2 * b * c * h * w * kh * kw, "inside": 2 * b * c * brute}
     assert depthwise_flops(1, 1, 14, 14, 27, 27)["inside"] / depthwise_flops(1, 1, 14, 14, 27, 27)["nominal"] == \
         pytest.approx(196 ** 2 / (196 * 729))
+
+
+def _lazily_negated(t):
+    """A view equal to ``t`` whose memory holds ``-t`` (the negative bit set): as ``z.conj().imag`` of a complex
+    ``z`` gives, in public API."""
+    v = torch.complex(torch.zeros_like(t), -t).conj().imag
+    assert v.is_neg() and torch.equal(v, t)
+    return v
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_cpp_kernel_reads_lazily_negated_views_as_their_values(layout):
+    """The C++ kernel reads raw memory: a negated view (``z.conj().imag``) as x or weight gave the output of -x / -w
+    before (max error ~50 at K=9 without a gradient), and a negated output gradient the gradients of -g."""
+    need_cpp()
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=layout)
+    w, b, g = torch.randn(8, 1, 9, 9), torch.randn(8), torch.randn(2, 8, 12, 12)
+    ref = F.conv2d(x, w, b, padding=4, groups=8)
+    for args in ((_lazily_negated(x), w, b), (x, _lazily_negated(w), b), (x, w, _lazily_negated(b))):
+        torch.testing.assert_close(fastconv.depthwise_conv2d(*args, backend="cpp"), ref, rtol=1e-5, atol=1e-4)
+    gn = _lazily_negated(g)
+    torch.testing.assert_close(ck.cpp_weight_grad(x, gn, 9, 9), ck.cpp_weight_grad(x, g, 9, 9))
+    torch.testing.assert_close(ck.cpp_conv(gn, w, None, flip=True), ck.cpp_conv(g, w, None, flip=True))
+    both, ref_both = ck.cpp_backward(_lazily_negated(x), gn, _lazily_negated(w)), ck.cpp_backward(x, g, w)
+    if ref_both is not None:
+        torch.testing.assert_close(both[0], ref_both[0])
+        torch.testing.assert_close(both[1], ref_both[1])
