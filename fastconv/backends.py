@@ -47,6 +47,9 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"depthwise_conv2d: bias must have shape ({c},), got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
     tensors = [x, weight] + ([bias] if bias is not None else [])
+    if any(t.layout != torch.strided for t in tensors):
+        raise ValueError("depthwise_conv2d: x, weight and bias must be dense (strided) tensors, got layouts "
+                         + ", ".join(str(t.layout) for t in tensors) + "; call .to_dense() first")
     if any(t.device != x.device for t in tensors):
         raise ValueError("depthwise_conv2d: x, weight and bias must be on the same device")
     if any(t.dtype != x.dtype for t in tensors):

@@ -616,14 +616,16 @@ _NO_GRAD = (False, False, False)
 
 
 def _fast_key(x, weight, bias, needs: tuple[bool, bool, bool] | None = None) -> tuple:
-    """Everything the decision and ``check_inputs`` depend on, cheap to build (no string formatting). ``needs``:
+    """Everything the decision and ``check_inputs`` depend on (the layouts: a sparse tensor after a dense call of its
+    shape must reach the checks), cheap to build (no string formatting). ``needs``:
     (input, weight, bias gradient) as given, else from grad mode and the tensors. Raises AttributeError for arguments
     that are not tensors."""
     if needs is None:
         needs = ((x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad) if _grad_enabled()
                  else _NO_GRAD)
-    return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-            None if bias is None else (bias.device, bias.dtype, bias.shape), needs, _num_threads(), memo_key())
+    return (x.shape, x.stride(), x.dtype, x.device, x.layout, weight.shape, weight.dtype, weight.device, weight.layout,
+            None if bias is None else (bias.device, bias.dtype, bias.shape, bias.layout), needs, _num_threads(),
+            memo_key())
 
 
 def resolve(backend: str | None, x, weight, bias) -> str:

@@ -501,10 +501,24 @@ def test_module_is_drop_in_for_conv2d_state_dict():
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3), backend="triton"), "CUDA"),
     (lambda: fastconv.DepthwiseConv2d(4, 3, stride=2), "stride"),
     (lambda: fastconv.DepthwiseConv2d(4, 4), "odd"),
+    (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8).to_sparse(), torch.randn(4, 1, 3, 3)), "dense"),
+    (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 9, 9).to_sparse()), "dense"),
+    (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8).to_mkldnn(), torch.randn(4, 1, 3, 3)), "dense"),
 ])
 def test_bad_input_raises_clear_value_error(call, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         call()
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp", "native"])
+def test_sparse_tensors_after_a_dense_call_of_their_shape_raise_clear_value_error(backend):
+    """The memoized decision of a dense call must not run a sparse one (before: "Cannot access data pointer of Tensor
+    that doesn't have storage" from the C++ kernel, or F.conv2d's RuntimeError)."""
+    x, w, b = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 9, 9), torch.randn(4)
+    fastconv.depthwise_conv2d(x, w, b, backend=backend)
+    for args in ((x, w.to_sparse(), b), (x, w, b.to_sparse()), (x.to_sparse(), w, b)):
+        with pytest.raises(ValueError, match="dense"):
+            fastconv.depthwise_conv2d(*args, backend=backend)
 
 
 def test_module_with_stride_changed_after_construction_raises():
