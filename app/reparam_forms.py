@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ import torch
 from app.cache import cached, sha
 from app.models import build_model
 from erf_lab.models import reparameterize_model
-from erf_lab.models.deploy import max_relative_error, official_deploy_layout
+from erf_lab.models.deploy import already_deployed, already_deployed_error, max_relative_error, official_deploy_layout
 from erf_lab.models.reparam import randomize_bn
 from erf_lab.models.flops import count_flops, count_params
 
@@ -51,6 +52,8 @@ def _report(name, overrides_json, random_bn, input_size, seed, weights, weights_
     step(0.0, "building the model")
     torch.manual_seed(seed)
     model = build_model(name, overrides_json, weights, weights_name)
+    if weights is not None and already_deployed(model):  # its three forms would be one: say so instead
+        raise already_deployed_error(Path(weights_name).name or "the uploaded checkpoint")
     if random_bn:
         randomize_bn(model, seed + 1)
     step(0.2, "reading the kernels of every block")

@@ -442,6 +442,29 @@ def test_reparam_page_equivalence_and_counts(app_env):
     assert len(at.image) == 1
 
 
+def test_reparam_page_refuses_an_upload_already_in_deploy_form(app_env):
+    """An uploaded deploy checkpoint (merged lkb_reparam) was shown as three identical "forms" with error 0; the page
+    says, in the CLI's one line naming the user's file, that there is nothing to merge, and shows no forms."""
+    import io
+
+    import torch
+
+    from erf_lab.models import create_model
+
+    net = create_model("replknet_31b", deploy=True, channels=models.TINY_CHANNELS, layers=models.TINY_LAYERS)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    at = ok(new_app().run())
+    at.switch_page("views/reparam.py").run()
+    at.file_uploader(key="rp-ckpt").set_value([("merged.pth", buf.getvalue(), "application/octet-stream")]).run()
+    at.button(key="rp-run").click().run()
+    ok(at)
+    msgs = errors(at)
+    assert len(msgs) == 1 and msgs[0].endswith("merged.pth is already in the deploy (re-parameterized) form; "
+                                               "nothing to merge; use it as it is"), msgs
+    assert not [m for m in at.metric if m.label == "max relative output error"] and not at.dataframe
+
+
 def test_reparam_page_waits_for_a_click_beyond_the_tiny_default(app_env):
     """Paper-size networks and uploads are built only on 'Compare the forms' (not on every widget change); the
     merged and fused forms of an uploaded tiny checkpoint then match it."""

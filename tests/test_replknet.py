@@ -568,6 +568,24 @@ def test_cli_reparam_writes_official_deploy_checkpoint(tmp_path, capsys):
         assert max_relative_error(train(x), deploy(x)) < 1e-5
 
 
+def test_cli_reparam_refuses_a_checkpoint_already_in_deploy_form(tmp_path, capsys):
+    """A file `erf-lab reparam` wrote, given to it again, was merged a second time (nothing to merge) and written
+    again with "max rel err 0.00"; it is refused with one line naming the file, and nothing is written."""
+    from erf_lab.cli.main import main
+
+    ov = ["--override", "channels=(8,16,16,16)", "--override", "layers=(1,1,1,1)", "--check-size", "64"]
+    deploy = tmp_path / "deploy.pth"
+    assert main(["reparam", "--model", "replknet_31b", *ov, "--out", str(deploy)]) == 0
+    capsys.readouterr()
+    again = tmp_path / "d2.pth"
+    assert main(["reparam", "--model", "replknet_31b", *ov, "--weights", str(deploy), "--out", str(again)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{deploy} is already in the deploy (re-parameterized) form; nothing to merge; use it as it is" in err
+    assert "max rel err" not in captured.out and not again.exists() and not (tmp_path / "d2.pth.run.json").exists()
+
+
 def test_cli_reparam_errors_are_one_line(tmp_path, capsys):
     from erf_lab.cli.main import main
 

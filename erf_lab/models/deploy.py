@@ -69,6 +69,19 @@ def has_mergeable_kernels(model: nn.Module) -> bool:
     return any(isinstance(m, kinds) for m in model.modules())
 
 
+def already_deployed(model: nn.Module) -> bool:
+    """True when ``model`` is already in a merged (deploy) layout: ``lkb_reparam`` / UniRepLKNet's biased
+    ``lk_origin``, as a deploy checkpoint (one written by ``erf-lab reparam``) builds it; nothing is left to merge."""
+    from erf_lab.models.registry import _implies_deploy
+
+    return _implies_deploy(model.state_dict())
+
+
+def already_deployed_error(source: str) -> ErfLabError:
+    """The one line refusing to re-parameterize ``source`` (a checkpoint file) a second time."""
+    return ErfLabError(f"{source} is already in the deploy (re-parameterized) form; nothing to merge; use it as it is")
+
+
 def official_deploy_layout(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The layout of the family's official deploy checkpoints (a copy unless ``inplace``): RepLKNet merges only its
     large-kernel convs into ``lkb_reparam`` (:func:`merge_large_kernels`, every other conv-BN pair kept);
@@ -147,6 +160,8 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         if not has_mergeable_kernels(model):
             raise ErfLabError(f"model {model_name!r} has no re-parameterizable large kernels (RepLKNet, UniRepLKNet "
                               "and SLaK variants)")
+        if weights and already_deployed(model):  # a second merge would merge nothing and write the file again
+            raise already_deployed_error(str(weights))
         model.eval()
         bar.update()
         bar.set_postfix_str("count")
