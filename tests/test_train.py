@@ -393,6 +393,34 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
     assert (out / "run.json").read_text() == finished
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "older-state"])
+def test_a_resumed_run_keeps_its_checkpoint_format(tmp_path, capsys, one_thread, recorded):
+    """`train --resume --checkpoint-format safetensors` of a .pth run was accepted and left a run folder with
+    epochs in both formats. An explicit other format is refused as another setting; without the option the run
+    continues in its own format (recorded in its state; a state of an older erf-lab: the format of its saved
+    checkpoints)."""
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, checkpoint_format="pth", on_step=_Interrupt(2, KeyboardInterrupt()))
+    if not recorded:
+        state = C.load_state(out)
+        del state["settings"]["checkpoint_format"]
+        C.save_state(out, state)
+    before = sorted(p.name for p in out.rglob("*"))
+    cli = ["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "2",
+           "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"]
+    assert main([*cli, "--checkpoint-format", "safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "(1 differ, e.g. --checkpoint-format: 'pth' there, 'safetensors' now)" in err
+    assert sorted(p.name for p in out.rglob("*")) == before and not (out / "run.json").exists()
+    assert main(cli) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_000.pth", "epoch_001.pth",
+                                                                       "epoch_002.pth"]
+    assert (out / "model.pth").is_file() and not list(out.glob("*.safetensors"))
+    info = json.loads((out / "run.json").read_text())
+    assert info["checkpoint_format"] == "pth" and info["settings"]["checkpoint_format"] == "pth"
+
+
 def test_speed_levers_convert_the_small_depthwise_convs_and_keep_the_model(one_thread):
     """``speed_levers`` (what ``train`` applies): every stride-1 'same' depthwise conv from 3x3 up becomes a
     fastconv module (the 5x5 re-param branches, the stem's 3x3), nothing else changes type; same state-dict keys;

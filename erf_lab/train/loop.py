@@ -284,6 +284,14 @@ def _differences(old: dict, new: dict, keys) -> list[tuple[str, object, object]]
     return out
 
 
+def _format_on_disk(out: Path) -> str | None:
+    """The weights format of the checkpoints a run (of an erf-lab that did not record it) has saved so far:
+    ``pth``, ``safetensors``, ``both``, or None before its first."""
+    suffixes = {p.suffix for p in (out / "checkpoints").glob("epoch_*") if p.suffix in (".pth", ".safetensors")}
+    return {frozenset({".pth"}): "pth", frozenset({".safetensors"}): "safetensors"}.get(
+        frozenset(suffixes), "both" if suffixes else None)
+
+
 def _nproc_hint(world_size) -> str:
     if isinstance(world_size, int) and world_size > 1:
         return f" (under torchrun --nproc_per_node={world_size})"
@@ -300,7 +308,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
           input_size: int = 64, train_size: int = 2000, val_size: int = 500, num_classes: int | None = None,
           resample: bool = False, seed: int = 0,
           device: str = "cpu", amp: str = "auto", channels_last: bool | None = None, sync_bn: bool = False,
-          num_workers: int = 0, resume: bool = False, force: bool = False, checkpoint_format: str = "both",
+          num_workers: int = 0, resume: bool = False, force: bool = False, checkpoint_format: str | None = None,
           show_progress: bool = True, argv: list[str] | None = None, on_step=None,
           resume_hint: str = "continue with --resume",
           diverge_hint: str = "use a lower --lr (or --clip-grad, a longer --warmup-epochs) and start over with --force"
@@ -328,7 +336,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
         raise ErfLabError(f"--input-size must be in [8, 4096], got {input_size}")
     if num_classes is None and str(data) == CUE_WORLD:
         num_classes = 10
-    if checkpoint_format not in C.WEIGHT_FORMATS:
+    if checkpoint_format is not None and checkpoint_format not in C.WEIGHT_FORMATS:
         raise ErfLabError(f"unknown checkpoint format {checkpoint_format!r}; choose {', '.join(C.WEIGHT_FORMATS)}")
     if device == "cpu":
         from erf_lab.erf.prepare import keep_freed_memory
@@ -380,7 +388,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 "data": str(data), "input_size": input_size, "train_size": train_size, "val_size": val_size,
                 "num_classes": num_classes, "resample": resample, "seed": seed, "recipe": recipe.as_dict(),
                 "amp": amp, "channels_last": channels_last, "sync_bn": bool(sync_bn),
-                "world_size": info.world_size}
+                "world_size": info.world_size, "checkpoint_format": checkpoint_format}
     try:  # rank 0 decides (the other ranks would race with its first writes) and tells the others
         if info.is_main and out.is_dir():  # no other erf-lab process writes a run there meanwhile
             held_folder.enter_context(hold_folder(out))
@@ -407,10 +415,13 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         channels_last = (bool(state["settings"].get("channels_last", False)) if state is not None
                          else torch.device(device).type == "cpu")
     settings["channels_last"] = channels_last = bool(channels_last)
+    # a resumed run keeps its weights format (one format for all its epochs; an explicit other one is refused below)
+    own = None if state is None else state["settings"].get("checkpoint_format") or _format_on_disk(out)
+    settings["checkpoint_format"] = checkpoint_format = checkpoint_format or own or "both"
     if state is not None:  # a folder's class count is the folder's: --num-classes only checks it (below)
         folder = str(data) != CUE_WORLD
-        diff = _differences(state["settings"], settings,
-                            [k for k in settings if not (folder and k == "num_classes")])
+        was = {**state["settings"], "checkpoint_format": own or checkpoint_format}  # None: no weights saved yet
+        diff = _differences(was, settings, [k for k in settings if not (folder and k == "num_classes")])
         if diff:
             name, was, now = diff[0]
             raise ErfLabError(f"--resume: the run in {out} was made with other settings ({len(diff)} differ, e.g. "

@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on CUDA; a resumed run keeps its own)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
-    p.add_argument("--checkpoint-format", choices=("pth", "safetensors", "both"), default="both",
-                   help="weights file format (default both)")
+    p.add_argument("--checkpoint-format", choices=("pth", "safetensors", "both"), default=None,
+                   help="weights file format (default both; a resumed run keeps its own)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--force", action="store_true", help="start over in --out, deleting its run")
