@@ -1,7 +1,9 @@
 """Run directories: where the app writes its own, and finding / listing those written by the CLI."""
 from __future__ import annotations
 
+import io
 import os
+import re
 from pathlib import Path
 
 from erf_lab.paths import cache_dir
@@ -10,6 +12,7 @@ DOWNLOAD_SUFFIXES = {".png": "image/png", ".pdf": "application/pdf", ".svg": "im
                      ".npy": "application/octet-stream", ".csv": "text/csv", ".json": "application/json",
                      ".md": "text/markdown"}
 MAX_DOWNLOAD_MB = 200
+_BINARY = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters no CSV text holds
 
 
 def app_runs_dir() -> Path:
@@ -73,3 +76,25 @@ def downloadable_files(d: Path) -> list[Path]:
     """Figure and data files directly inside a result directory (size-limited, no symlinks)."""
     return [p for p in sorted(d.iterdir()) if p.is_file() and not p.is_symlink() and p.suffix.lower() in
             DOWNLOAD_SUFFIXES and not p.name.startswith(".") and p.stat().st_size <= MAX_DOWNLOAD_MB * 2**20]
+
+
+def read_csv_table(path: Path, shown: str | None = None):
+    """The table of a CSV file of a result directory (a pandas DataFrame). A file that is none (binary bytes, not
+    UTF-8 text, a row pandas cannot parse) raises one line naming it as ``shown`` (default: its name): a junk file
+    must not be shown as a table of junk."""
+    import pandas as pd
+
+    from erf_lab.errors import ErfLabError
+
+    shown = shown or path.name
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or _BINARY.search(text):
+        raise ErfLabError(f"{shown} is not a CSV table (binary or not UTF-8 text); nothing shown from it")
+    try:
+        return pd.read_csv(io.StringIO(text))
+    except (ValueError, pd.errors.EmptyDataError) as e:  # ParserError is a ValueError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ErfLabError(f"cannot read {shown} as a CSV table ({reason}); nothing shown from it") from None

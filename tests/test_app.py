@@ -803,6 +803,35 @@ def test_results_page_says_a_sweep_is_incomplete(app_env):
     assert "run its command again" in warnings[0]
 
 
+def test_results_page_names_a_table_that_is_no_csv(app_env):
+    """A benchmark folder whose table.csv is binary garbage was shown as a one-column table of junk with no word; a
+    CSV pandas cannot parse ended the run's panel. Each gets one line naming the file and shows nothing as data; a
+    good table beside them is still shown."""
+    import json
+
+    root = app_env / "runs"
+    for name, table in (("garbage", b"\x00\x01garbage"), ("latin1", b"K,ms\n3,\xe9\n"),
+                        ("ragged", b"K,ms\n3,0.5\n5,0.7,9,9\n"), ("good", b"K,ms\n3,0.5\n5,0.7\n")):
+        (root / name).mkdir(parents=True)
+        (root / name / "results.json").write_text(json.dumps({"rows": []}))
+        (root / name / "table.csv").write_bytes(table)
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(root)).run()
+    ok(at)
+    assert at.segmented_control(key="res-kind").value == "benchmark"
+    for name, words in (("garbage", "garbage/table.csv is not a CSV table (binary or not UTF-8 text)"),
+                        ("latin1", "latin1/table.csv is not a CSV table (binary or not UTF-8 text)"),
+                        ("ragged", "cannot read ragged/table.csv as a CSV table (Error tokenizing data")):
+        at.multiselect(key="res-chosen-benchmark").set_value([name]).run()
+        ok(at)
+        assert len(errors(at)) == 1 and errors(at)[0].startswith(words), errors(at)
+        assert errors(at)[0].endswith("nothing shown from it") and not at.dataframe
+    at.multiselect(key="res-chosen-benchmark").set_value(["good"]).run()
+    ok(at)
+    assert not errors(at) and list(at.dataframe[0].value["K"]) == [3, 5]
+
+
 # ------------------------------------------------------------------------------------------- input policy
 def refusal(what: str, text: str) -> str:
     """The one message of a refused typed folder (missing and forbidden alike)."""

@@ -10,10 +10,11 @@ import streamlit as st
 from app import safety
 from app.erf_maps import EMPTY_MAP_NOTE
 from app.figures import show_figure
-from app.runs import app_runs_dir, downloadable_files, find_runs, incomplete_note
+from app.runs import app_runs_dir, downloadable_files, find_runs, incomplete_note, read_csv_table
 from app.ui import file_downloads, guard
 from erf_lab.erf.analysis import comparison_table
 from erf_lab.erf.rundir import load_run, read_json
+from erf_lab.errors import ErfLabError
 
 st.title("Results")
 st.caption("Run directories of `erf-lab compute`, `sweep`, `shape-bias` and the kernel benchmark. Folders are "
@@ -78,5 +79,10 @@ if runs:
                     st.image(str(pngs[0]), caption=pngs[0].name, width="stretch")
                 for p in downloadable_files(d):
                     if p.suffix == ".csv" and p.stat().st_size < 2 * 2**20 and r["kind"] in ("sweep", "benchmark"):
-                        st.dataframe(pd.read_csv(p), hide_index=True)
+                        try:  # a damaged table: one line naming it, the rest of the run still shown
+                            table = read_csv_table(p, f"{n}/{p.name}")
+                        except ErfLabError as e:
+                            st.error(str(e), icon=":material/error:")
+                        else:
+                            st.dataframe(table, hide_index=True)
                 file_downloads(downloadable_files(d), key=f"res-dl-{n}")
