@@ -130,19 +130,26 @@ def check_study(settings: StudySettings, models: list[StudyModel], *, jobs: int,
                               f"{erf_size} px, under its total stride") from None
 
 
+def trained_run(run: Path) -> dict | None:
+    """The run.json of a finished training run in ``run`` (it has its ``final`` epoch), else None (not trained, or
+    not yet)."""
+    from erf_lab.io import read_json_or_none
+
+    info = read_json_or_none(run / "run.json")
+    return info if isinstance(info, dict) and "final" in info else None
+
+
 def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int | None = None) -> dict:
     """Train one model (kept when complete, resumed when interrupted); returns its run.json plus wall time."""
     import torch
 
-    from erf_lab.io import read_json_or_none
     from erf_lab.train.checkpoints import STATE_FILE
     from erf_lab.train.loop import train
 
     if threads:
         torch.set_num_threads(int(threads))
     out = runs / m.name
-    info = read_json_or_none(out / "run.json")
-    if isinstance(info, dict) and "final" in info:
+    if (info := trained_run(out)) is not None:
         return info
     from tqdm import tqdm
 
@@ -210,8 +217,7 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
     # the study's own bar (hours at the shipped size): models done and the ETA; the lines of each model's
     # training are written above it. Models trained by an earlier run of the study count from the start: they
     # come back in seconds, and as steps of the bar they made the ETA of a continued study seconds for hours
-    trained = {m.name for m in models if isinstance(info := read_json_or_none(study / "runs" / m.name / "run.json"),
-                                                    dict) and "final" in info}
+    trained = {m.name for m in models if trained_run(study / "runs" / m.name) is not None}
     bar = progress(total=len(models), initial=len(trained), desc="study", unit="model", disable=not show_progress)
 
     def done(r):  # the tables so far after every model: an interrupted study still leaves valid tables
@@ -380,8 +386,7 @@ def ship(study, dest, *, subset: int = 200) -> list[Path]:
     files = []
     for m in meta["models"]:
         run = study / "runs" / m["name"]
-        info = read_json_or_none(run / "run.json")
-        if not isinstance(info, dict) or "final" not in info:
+        if (info := trained_run(run)) is None:
             continue  # not trained (yet)
         s = info["settings"]
         overrides = {**s["overrides"], "num_classes": info["model_config"]["num_classes"]}
