@@ -586,6 +586,25 @@ def test_cli_reparam_refuses_a_checkpoint_already_in_deploy_form(tmp_path, capsy
     assert "max rel err" not in captured.out and not again.exists() and not (tmp_path / "d2.pth.run.json").exists()
 
 
+@pytest.mark.parametrize("name, ov", [
+    ("replknet_31b", ["channels=(8,16,16,16)", "layers=(1,1,1,1)"]),
+    ("unireplknet_a", ["dims=(8,16,16,16)"]),
+])
+def test_cli_reparam_refuses_a_model_built_in_deploy_form(name, ov, tmp_path, capsys):
+    """``--override deploy=True`` without weights built a random network already merged; reparam "merged" nothing,
+    reported "max rel err 0.00" and wrote it as a deploy checkpoint. Refused with one line naming the override."""
+    from erf_lab.cli.main import main
+
+    out = tmp_path / "d.pth"
+    args = [a for o in [*ov, "deploy=True"] for a in ("--override", o)]
+    assert main(["reparam", "--model", name, *args, "--check-size", "64", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{name} built with deploy=True is already in the deploy (re-parameterized) form; nothing to merge" in err
+    assert "max rel err" not in captured.out and not out.exists() and not (tmp_path / "d.pth.run.json").exists()
+
+
 def test_cli_reparam_errors_are_one_line(tmp_path, capsys):
     from erf_lab.cli.main import main
 

@@ -160,8 +160,12 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         if not has_mergeable_kernels(model):
             raise ErfLabError(f"model {model_name!r} has no re-parameterizable large kernels (RepLKNet, UniRepLKNet "
                               "and SLaK variants)")
-        if weights and already_deployed(model):  # a second merge would merge nothing and write the file again
-            raise already_deployed_error(str(weights))
+        if already_deployed(model):  # a second merge would merge nothing and write the file again
+            if weights:
+                raise already_deployed_error(str(weights))
+            given = ", ".join(f"{k}={v}" for k, v in overrides.items() if "deploy" in k) or "its options"
+            raise ErfLabError(f"{model_name} built with {given} is already in the deploy (re-parameterized) form; "
+                              "nothing to merge; build it in its train-time form (drop that --override)")
         model.eval()
         bar.update()
         bar.set_postfix_str("count")
