@@ -7,6 +7,32 @@ class ErfLabError(Exception):
     The message must be one clear line that says what is wrong and, where possible, how to fix it.
     """
 
+    #: raised alike by every process of a torchrun job (a decision they share): the CLI prints it once per node
+    every_rank: bool = False
+
+
+def on_every_rank(error: ErfLabError) -> ErfLabError:
+    """``error``, marked as raised alike on every rank (:attr:`ErfLabError.every_rank`): the CLI prints it in the
+    first process of each node only (``LOCAL_RANK`` 0: each node's console gets the line once), not once per
+    process."""
+    error.every_rank = True
+    return error
+
+
+def printed_here(error: BaseException) -> bool:
+    """Whether this process prints ``error`` under torchrun: the first process of each node (``LOCAL_RANK`` 0)
+    always; the others only an error of their own: not one every rank raised alike (:func:`on_every_rank`), nor one
+    raised before the process joined its job's process group (a check of the options and the node, which every
+    process of the node makes alike). Outside torchrun: always."""
+    import os
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+        return True
+    if getattr(error, "every_rank", False):
+        return False
+    return bool(getattr(sys.modules.get("erf_lab.erf.distributed"), "joined", False))
+
 
 class CheckpointError(ErfLabError):
     """A checkpoint file that cannot be loaded safely or does not match the model."""

@@ -57,12 +57,12 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
 
 def _two_ranks_in_own_folders(tmp_path, out) -> list[tuple[int, list[str]]]:
-    """``erf-lab compute --images imgs`` as 2 gloo ranks, rank r started in ``tmp_path/node<r>`` (as torchrun starts
-    one per node); (exit status, error lines) per rank."""
+    """``erf-lab compute --images imgs`` as 2 gloo ranks, rank r started in ``tmp_path/node<r>`` as the one process
+    of node r (``LOCAL_RANK`` 0: each prints to its node's console); (exit status, error lines) per rank."""
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         cmd = [sys.executable, "-m", "erf_lab", "compute", *ARGS[:6], "--images", "imgs", "--num-images", "2",
                "--input-size", "32", "--quiet", "--out", str(out)]
@@ -239,6 +239,27 @@ def test_a_new_folder_taken_meanwhile_stops_every_rank_with_one_line(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
-    assert f"error: rank 0 stopped: --out {out} is in use" in proc.stderr, proc.stderr[-3000:]
-    assert f"error: --out {out} is in use" in proc.stderr
+    # rank 0 says why; rank 1's line naming it ("rank 0 stopped: ...") is left out on rank 0's node
+    assert proc.stderr.count("erf-lab compute: error:") == 1, proc.stderr[-3000:]
+    assert f"erf-lab compute: error: --out {out} is in use" in proc.stderr
     assert not any(out.iterdir())
+
+
+def test_errors_every_rank_raises_alike_are_said_once_per_node(tmp_path):
+    """Under torchrun an error every rank raised alike was printed once per process. Now the node's first process
+    prints it; every rank exits with status 2. An option checked before the ranks meet (--input-size), and a setup
+    error every rank meets (an unknown model, gathered with the ranks' settings)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    for args, line in [(["--input-size", "99999"], "erf-lab compute: error: --input-size 99999 is above the maximum"),
+                       (["--override", "channels=(8,8,8,8)"], "erf-lab compute: error: unknown model 'replknet_31x'")]:
+        out = tmp_path / "run"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", "compute",
+               "--model", "replknet_31x" if "channels=(8,8,8,8)" in args else "replknet_31b", *args, "--quiet",
+               "--out", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.count("erf-lab compute: error:") == 1 and line in proc.stderr, proc.stderr[-3000:]
+        assert not out.exists()

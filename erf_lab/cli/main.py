@@ -11,7 +11,7 @@ import pkgutil
 import sys
 
 from erf_lab import __version__
-from erf_lab.errors import OUT_OF_MEMORY_HINT, ErfLabError, out_of_memory
+from erf_lab.errors import OUT_OF_MEMORY_HINT, ErfLabError, out_of_memory, printed_here
 
 EXIT_USAGE = 2
 #: the console script's generation-0 collection threshold (Python's default: 700). A command imports torch and
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except ErfLabError as e:
         _end_progress_bars()
-        print(f"erf-lab {args.command}: error: {e}", file=sys.stderr)
+        if printed_here(e):  # under torchrun, an error every rank raised alike: once per node
+            print(f"erf-lab {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         _end_progress_bars()

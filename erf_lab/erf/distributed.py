@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from erf_lab.errors import ErfLabError
+from erf_lab.errors import ErfLabError, on_every_rank
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ def env_info() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
 
 
+#: whether this process has joined its torchrun job's process group (an error before: the options' and the node's
+#: checks, which every process of the node makes alike; see :func:`erf_lab.errors.printed_here`)
+joined = False
+
+
 def init(device: str = "cpu") -> DistInfo:
     """Join the process group when launched by torchrun (idempotent); returns this process's place."""
     info = env_info()
@@ -49,13 +54,15 @@ def init(device: str = "cpu") -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(torch.device(own))
         dist.init_process_group(backend=backend)
+        global joined
+        joined = True
         if backend == "nccl":
             group = dist.new_group(backend="gloo")  # the check itself must not need distinct GPUs
             try:
                 refuse_shared_gpus(gpu_identity(own), info, group)
-            except ErfLabError:
+            except ErfLabError as e:  # the same line on every rank (the identities met in one all-gather)
                 dist.destroy_process_group()
-                raise
+                raise on_every_rank(e)
             dist.destroy_process_group(group)
     return DistInfo(info.rank, info.world_size, info.local_rank, dist.get_backend(), info.local_world_size)
 
@@ -141,6 +148,11 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def error_text(error: BaseException) -> str:
+    """How another rank names ``error``: an :class:`ErfLabError`'s line, else its type and message."""
+    return str(error) if isinstance(error, ErfLabError) else f"{type(error).__name__}: {error}"
+
+
 def gather_or_fail(obj, error: BaseException | None, info: DistInfo) -> list:
     """Every rank's ``obj`` (one all-gather), in rank order. A rank that failed before this point passes its
     ``error`` instead: then it raises that error and every other rank one line naming it, so no rank is left waiting
@@ -150,15 +162,16 @@ def gather_or_fail(obj, error: BaseException | None, info: DistInfo) -> list:
             raise error
         return [obj]
 
-    mine = ("ok", obj) if error is None else ("error", str(error) if isinstance(error, ErfLabError)
-                                              else f"{type(error).__name__}: {error}")
+    mine = ("ok", obj) if error is None else ("error", error_text(error))
     items = [None] * info.world_size
     dist.all_gather_object(items, mine)
     if error is not None:
+        if isinstance(error, ErfLabError) and all(item == mine for item in items):
+            on_every_rank(error)  # every rank failed alike (the same bad option): said once per node
         raise error
     failed = next(((r, msg) for r, (kind, msg) in enumerate(items) if kind == "error"), None)
-    if failed:
-        raise ErfLabError(f"rank {failed[0]} stopped: {failed[1]}")
+    if failed:  # the failed rank says why; the others' one line naming it: once per node
+        raise on_every_rank(ErfLabError(f"rank {failed[0]} stopped: {failed[1]}"))
     return [o for _, o in items]
 
 

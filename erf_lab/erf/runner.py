@@ -31,7 +31,7 @@ from erf_lab.erf.attribution import AGGREGATES
 from erf_lab.erf.compute import Accumulator, compute_erf
 from erf_lab.erf.prepare import CONV_BACKENDS, check_device
 from erf_lab.erf.rundir import RUN_FILE, STATE_GLOB, load_run, write_run_dir
-from erf_lab.errors import ErfLabError, out_of_memory
+from erf_lab.errors import ErfLabError, on_every_rank, out_of_memory
 from erf_lab.io import check_out_path
 from erf_lab.provenance import now, provenance
 
@@ -533,8 +533,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     differing = next((r for r, c in enumerate(configs) if config_diff(configs[0], c)), None)
     if differing is not None:
         what = [CONFIG_KEY_NAMES.get(k, k) for k in config_diff(configs[0], configs[differing])]
-        raise ErfLabError(f"the ranks disagree on {', '.join(what)}: rank {differing} differs from rank 0 (every "
-                          "rank must read the same images, weights and options)")
+        raise on_every_rank(ErfLabError(f"the ranks disagree on {', '.join(what)}: rank {differing} differs from "
+                                        "rank 0 (every rank must read the same images, weights and options)"))
 
     out_dir = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size, runs_root)
     out_dir = Path(D.broadcast_object(str(out_dir), dinfo))

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from erf_lab.errors import ErfLabError
+from erf_lab.errors import ErfLabError, on_every_rank
 from erf_lab.erf import distributed as D
 from erf_lab.io import hold_folder, is_training_record, read_json_or_none, refuse_empty, refuse_other_result
 from erf_lab.train import checkpoints as C
@@ -160,7 +160,9 @@ class TrainingDiverged(ErfLabError):
 def _diverged(where: str, epoch: int, lr: float, out: Path, hint: str) -> TrainingDiverged:
     """The one line of a run stopped at a non-finite loss (epoch ``epoch`` + 1 under way, ``epoch`` saved)."""
     kept = f"; checkpoints up to epoch {epoch} are kept in {out / 'checkpoints'}" if epoch else ""
-    return TrainingDiverged(f"training diverged in epoch {epoch + 1} at {where} (lr {lr:.3g}){kept}; {hint}")
+    # raised with the same words on every rank (the stop check's all-reduce): said once per node
+    return on_every_rank(TrainingDiverged(f"training diverged in epoch {epoch + 1} at {where} (lr {lr:.3g}){kept}; "
+                                          f"{hint}"))
 
 
 def _prepare(x, y, device, mean, std, channels_last):
@@ -331,7 +333,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     if sync_bn and not device.startswith("cuda"):
         raise ErfLabError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
     if not 0 <= int(num_workers) <= per_cpu_cap():
-        raise ErfLabError(f"--num-workers must be 0 to {per_cpu_cap()} (4 per CPU of this machine), got {num_workers}")
+        raise ErfLabError(f"--num-workers must be 0 to {per_cpu_cap()} (4 per CPU of this machine), "
+                          f"got {num_workers}")
     if not 8 <= int(input_size) <= 4096:
         raise ErfLabError(f"--input-size must be in [8, 4096], got {input_size}")
     if num_classes is None and str(data) == CUE_WORLD:
@@ -399,71 +402,92 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         mode = e
     mode = D.broadcast_object(mode if not isinstance(mode, ErfLabError) else ("error", str(mode)), info)
     if isinstance(mode, tuple):
-        raise ErfLabError(mode[1])
-    if mode == "complete":  # --resume on a finished run: nothing to do, if it is this run
-        done = read_json_or_none(out / COMPLETE_FILE)["settings"]
-        folder = str(data) != CUE_WORLD
-        keys = [k for k in settings if k not in ("channels_last", "world_size") and k in done
-                and settings[k] is not None and not (folder and k == "num_classes")]
-        diff = _differences(done, settings, keys)
-        if diff:
-            raise ErfLabError(f"{out} already holds a complete training run with other settings "
-                              f"({', '.join(d[0] for d in diff)}); use --force to overwrite or choose another --out")
-        return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
-    state = C.load_state(out) if mode == "resume" else None
-    if channels_last is None:  # a speed setting: a resumed run keeps its own
-        channels_last = (bool(state["settings"].get("channels_last", False)) if state is not None
-                         else torch.device(device).type == "cpu")
-    settings["channels_last"] = channels_last = bool(channels_last)
-    # a resumed run keeps its weights format (one format for all its epochs; an explicit other one is refused below)
-    own = None if state is None else state["settings"].get("checkpoint_format") or _format_on_disk(out)
-    settings["checkpoint_format"] = checkpoint_format = checkpoint_format or own or "both"
-    if state is not None:  # a folder's class count is the folder's: --num-classes only checks it (below)
-        folder = str(data) != CUE_WORLD
-        was = {**state["settings"], "checkpoint_format": own or checkpoint_format}  # None: no weights saved yet
-        diff = _differences(was, settings, [k for k in settings if not (folder and k == "num_classes")])
-        if diff:
-            name, was, now = diff[0]
-            raise ErfLabError(f"--resume: the run in {out} was made with other settings ({len(diff)} differ, e.g. "
-                              f"{name}: {was!r} there, {now!r} now); repeat its command"
-                              f"{_nproc_hint(was) if name == _WORLD_SIZE else ''} or start over with --force")
-
-    if info.world_size > 1 and not info.is_main:
-        dist.barrier()  # rank 0 renders (and caches) a generated dataset first; the others then read its cache
-    d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes, seed=seed,
-                   resample=resample, show_progress=show_progress and info.is_main)
-    if info.world_size > 1 and info.is_main:
-        dist.barrier()
-    n_classes = len(d.classes)
-    if num_classes is not None and num_classes != n_classes:
-        raise ErfLabError(f"--num-classes {num_classes}, but {data} has {n_classes} classes ({', '.join(d.classes)}); "
-                          f"drop --num-classes or use a folder with {num_classes}")
-    settings["num_classes"], settings["train_images"] = n_classes, len(d.train)  # recorded as trained
-    if hasattr(d.train, "fingerprint"):  # a folder: its class names and image paths
-        settings["train_fingerprint"] = d.train.fingerprint()
-    if state is not None:  # a folder may have changed since the interruption
-        for k, what in (("num_classes", "classes"), ("train_images", "training images")):
-            if k in state["settings"] and state["settings"][k] != settings[k]:
-                raise ErfLabError(f"--resume: {data} now has {settings[k]} {what}, the interrupted run in {out} "
-                                  f"had {state['settings'].get(k)}; restore the data or start over with --force")
-        old = state["settings"].get("train_fingerprint")
-        if old is not None and old != settings.get("train_fingerprint"):
-            raise ErfLabError(f"--resume: the class names or training images of {data} differ from the interrupted "
-                              f"run's in {out} (same counts); restore the data or start over with --force")
-    B, W = recipe.batch_size, info.world_size
-    steps_per_epoch = len(d.train) // (B * W)
-    if steps_per_epoch < 1:
-        raise ErfLabError(f"--batch-size {B} x {W} process(es) is larger than the train set ({len(d.train)} images); "
-                          f"the incomplete last batch is dropped, so no step would run")
-    net = build_model(model_name, overrides, n_classes, recipe.drop_path, seed)
-    mean, std = model_mean_std(net)
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    net.to(device)
-    speed_levers(net, channels_last, device)
-    optimizer = build_optimizer(net, recipe)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    ema = ModelEma(net, recipe.ema) if recipe.ema > 0 else None
+        raise on_every_rank(ErfLabError(mode[1]))
+    # the setup's checks run on every rank; a rank that fails tells the others (gather_or_fail), so none is left
+    # waiting in a collective (before: a missing --data stopped rank 0 and rank 1 died of a closed connection)
+    error = None
+    try:
+        if mode == "complete":  # --resume on a finished run: nothing to do, if it is this run
+            done = read_json_or_none(out / COMPLETE_FILE)["settings"]
+            folder = str(data) != CUE_WORLD
+            keys = [k for k in settings if k not in ("channels_last", "world_size") and k in done
+                    and settings[k] is not None and not (folder and k == "num_classes")]
+            diff = _differences(done, settings, keys)
+            if diff:
+                raise ErfLabError(f"{out} already holds a complete training run with other settings "
+                                  f"({', '.join(d[0] for d in diff)}); use --force to overwrite or choose another "
+                                  "--out")
+            return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
+        state = C.load_state(out) if mode == "resume" else None
+        if channels_last is None:  # a speed setting: a resumed run keeps its own
+            channels_last = (bool(state["settings"].get("channels_last", False)) if state is not None
+                             else torch.device(device).type == "cpu")
+        settings["channels_last"] = channels_last = bool(channels_last)
+        # a resumed run keeps its weights format (one format for all its epochs; an explicit other one is refused below)
+        own = None if state is None else state["settings"].get("checkpoint_format") or _format_on_disk(out)
+        settings["checkpoint_format"] = checkpoint_format = checkpoint_format or own or "both"
+        if state is not None:  # a folder's class count is the folder's: --num-classes only checks it (below)
+            folder = str(data) != CUE_WORLD
+            was = {**state["settings"], "checkpoint_format": own or checkpoint_format}  # None: no weights saved yet
+            diff = _differences(was, settings, [k for k in settings if not (folder and k == "num_classes")])
+            if diff:
+                name, was, now = diff[0]
+                raise ErfLabError(f"--resume: the run in {out} was made with other settings ({len(diff)} differ, e.g. "
+                                  f"{name}: {was!r} there, {now!r} now); repeat its command"
+                                  f"{_nproc_hint(was) if name == _WORLD_SIZE else ''} or start over with --force")
+    except Exception as e:  # noqa: BLE001 - every rank learns of it below (one process: raised as it is)
+        error = e
+    D.gather_or_fail(None, error, info)
+    d, error = None, None
+    if info.is_main:  # rank 0 renders (and caches) a generated dataset first; the others then read its cache
+        try:
+            d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes,
+                           seed=seed, resample=resample, show_progress=show_progress)
+        except Exception as e:  # noqa: BLE001 - the others learn of it in the broadcast below
+            error = e
+    if info.world_size > 1:
+        said = D.broadcast_object(None if error is None else D.error_text(error), info)
+        if said is not None and error is None:
+            raise on_every_rank(ErfLabError(f"rank 0 stopped: {said}"))
+    if error is not None:
+        raise error
+    try:
+        if d is None:
+            d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes,
+                           seed=seed, resample=resample, show_progress=False)
+        n_classes = len(d.classes)
+        if num_classes is not None and num_classes != n_classes:
+            raise ErfLabError(f"--num-classes {num_classes}, but {data} has {n_classes} classes "
+                              f"({', '.join(d.classes)}); drop --num-classes or use a folder with {num_classes}")
+        settings["num_classes"], settings["train_images"] = n_classes, len(d.train)  # recorded as trained
+        if hasattr(d.train, "fingerprint"):  # a folder: its class names and image paths
+            settings["train_fingerprint"] = d.train.fingerprint()
+        if state is not None:  # a folder may have changed since the interruption
+            for k, what in (("num_classes", "classes"), ("train_images", "training images")):
+                if k in state["settings"] and state["settings"][k] != settings[k]:
+                    raise ErfLabError(f"--resume: {data} now has {settings[k]} {what}, the interrupted run in {out} "
+                                      f"had {state['settings'].get(k)}; restore the data or start over with --force")
+            old = state["settings"].get("train_fingerprint")
+            if old is not None and old != settings.get("train_fingerprint"):
+                raise ErfLabError(f"--resume: the class names or training images of {data} differ from the interrupted "
+                                  f"run's in {out} (same counts); restore the data or start over with --force")
+        B, W = recipe.batch_size, info.world_size
+        steps_per_epoch = len(d.train) // (B * W)
+        if steps_per_epoch < 1:
+            raise ErfLabError(f"--batch-size {B} x {W} process(es) is larger than the train set "
+                              f"({len(d.train)} images); the incomplete last batch is dropped, so no step would run")
+        net = build_model(model_name, overrides, n_classes, recipe.drop_path, seed)
+        mean, std = model_mean_std(net)
+        mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        net.to(device)
+        speed_levers(net, channels_last, device)
+        optimizer = build_optimizer(net, recipe)
+        scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        ema = ModelEma(net, recipe.ema) if recipe.ema > 0 else None
+    except Exception as e:  # noqa: BLE001 - every rank learns of it below
+        error = e
+    D.gather_or_fail(None, error, info)
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
 
@@ -517,7 +541,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                     taken = str(e)
             taken = D.broadcast_object(taken, info)  # every rank stops with it, not in save_state's gather
             if taken:
-                raise ErfLabError(taken)
+                raise on_every_rank(ErfLabError(taken))
             if info.is_main:
                 if force:
                     _clear(out)
