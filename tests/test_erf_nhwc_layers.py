@@ -71,3 +71,63 @@ def test_a_linear_or_layernorm_over_an_nchw_map_stays_nchw(layer):
     assert rows[layer]["shape"] == [8, 16, 16]
 
     _assert_erf_is_the_centre_gradient(model, layer, lambda out: out[:, :, 8, 8])  # the NCHW map's centre unit
+
+
+class _LayerScale(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.linspace(0.5, 1.5, dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class _WindowBlock(torch.nn.Module):
+    """A channels-last block as timm's MaxViT / GC ViT run it: (B, H, W, C) in; LayerNorm; window partition, a
+    Linear per window and the window reverse as functions; a LayerScale on the reversed map; a residual add."""
+
+    def __init__(self, dim, window=4):
+        super().__init__()
+        self.window = window
+        self.norm1 = torch.nn.LayerNorm(dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.ls1 = _LayerScale(dim)
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        s = self.window
+        win = self.norm1(x).view(b, h // s, s, w // s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, s, s, c)
+        win = self.proj(win)
+        back = win.view(b, h // s, w // s, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        return x + self.ls1(back)
+
+
+class _ChannelsLastStage(torch.nn.Module):
+    """NCHW conv, ``permute(0, 2, 3, 1)`` to channels-last (a function), the window block, and back."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 12, 3, stride=4, padding=1)  # (B, 12, 16, 16) at 64 px
+        self.block = _WindowBlock(12)
+        self.head = torch.nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("layer", ["block", "block.ls1", "block.norm1"])
+def test_maps_made_by_permutes_and_window_functions_are_read_as_chw(layer):
+    """MaxViT / GC ViT: the block's input is channels-last by a permute (a function), and ``ls1`` scales a map that
+    the window reverse (a function) made: both were read as NCHW (listed 16x16x12, the ERF target a stripe). The
+    tags now follow permutes and same-shape functions, and a function's map takes its block's input layout."""
+    torch.manual_seed(0)
+    model = _ChannelsLastStage().eval()
+    rows = {r["name"]: r for r in list_layers(model, 64)}
+    assert rows[layer]["shape"] == [12, 16, 16]
+    assert rows["stem"]["shape"] == [12, 16, 16] and rows["head"]["shape"] == [4, 16, 16]
+
+    def centre(out):  # (B, H, W, C): every channel at the centre unit
+        assert out.shape[1:] == (16, 16, 12)
+        return out[:, 8, 8, :]
+
+    _assert_erf_is_the_centre_gradient(model, layer, centre)

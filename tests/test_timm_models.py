@@ -202,6 +202,21 @@ def test_layers_of_cnn_vit_and_swin(capsys):
 
 
 @needs_timm
+def test_layers_of_maxvit_and_gcvit_blocks_are_chw():
+    """MaxViT and GC ViT switch to channels-last with a permute and return the window attention's map through a
+    function: their blocks and ``ls1`` were listed H x W x C (and measured at the wrong unit)."""
+    from erf_lab.cli.commands.layers import layer_table
+
+    maxvit = {r["name"]: r for r in layer_table("timm/maxvit_rmlp_pico_rw_256", 256, {"img_size": 256})}
+    for name in ("attn_block", "attn_block.ls1", "attn_block.norm1", "attn_grid", "attn_grid.ls1"):
+        assert maxvit[f"stages.1.blocks.0.{name}"]["shape"] == [64, 32, 32], name
+    gcvit = {r["name"]: r for r in layer_table("timm/gcvit_xxtiny", 224)}
+    for name in ("blocks.0", "blocks.0.ls1", "blocks.0.norm1", "global_norm", "norm"):
+        want = [64, 7, 7] if name == "global_norm" else [64, 56, 56]
+        assert gcvit[f"stages.0.{name}"]["shape"] == want, name
+
+
+@needs_timm
 def test_pretrained_passes_through_to_timm(monkeypatch):
     """Offline: the code path of pretrained=True reaches timm.create_model with pretrained=True, and a failed
     download is one ErfLabError pointing at --weights."""

@@ -65,14 +65,13 @@ class TruncatedForward(nn.Module):
             captured.append(out)
             raise _StopForward
 
-        handles = track_layout(self.model)  # tags NHWC outputs inside ConvNeXt-style blocks, before the capture
-        handles.append(self._target.register_forward_hook(hook))
-        try:
-            self.model(x)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
+        with track_layout(self.model):  # tags NHWC maps inside channels-last blocks, before the capture
+            handle = self._target.register_forward_hook(hook)
+            try:
+                self.model(x)
+            except _StopForward:
+                pass
+            finally:
                 handle.remove()
         if not captured:
             raise ErfLabError(f"layer {self.layer_name!r} is not run by the model's forward pass")

@@ -159,8 +159,9 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}
-    hooks = track_layout(m)  # first: the listing hooks below read its NHWC tags
-    hooks += [mod.register_forward_hook(_module_hook) for mod in m.modules()
+    layouts = track_layout(m)
+    layouts.__enter__()  # first: the listing hooks below read its NHWC tags
+    hooks = [mod.register_forward_hook(_module_hook) for mod in m.modules()
               if isinstance(mod, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
     training = {mod: mod.training for mod in m.modules()}
     m.eval()  # never update BN statistics while probing
@@ -206,6 +207,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     finally:
         for h in hooks:
             h.remove()
+        layouts.__exit__(None, None, None)
         for mod, flag in training.items():
             mod.training = flag
     out = list(rows.values())

@@ -163,7 +163,7 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     name, _ = resolve_layer(model, layer)
     # "v2": NHWC maps inside ConvNeXt-style blocks are read as (C, H, W) since; older entries had (H, W, C)
     # "v3": a Linear / LayerNorm over an NCHW map's width (or over (C, H, W)) is NCHW again (v2 read it as NHWC)
-    key = structure_cache.structure_key(model, "geometry-v3", name, int(input_size))
+    key = structure_cache.structure_key(model, "geometry-v4", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name
             and {"theoretical_rf", "stride", "feature_shape", "rf_start"} <= set(hit)):
