@@ -263,3 +263,34 @@ def test_errors_every_rank_raises_alike_are_said_once_per_node(tmp_path):
         assert proc.returncode != 0 and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.count("erf-lab compute: error:") == 1 and line in proc.stderr, proc.stderr[-3000:]
         assert not out.exists()
+    # a folder holding a complete run: rank 0 decides for every rank (a node may see other files there)
+    done = tmp_path / "done"
+    run_erf(ErfSpec("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, num_images=3,
+                    input_size=32), out=done, show_progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", "compute", *ARGS,
+           "--out", str(done)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.count("erf-lab compute: error:") == 1, proc.stderr[-3000:]
+    assert f"erf-lab compute: error: {done} already holds a complete run; use --force" in proc.stderr
+
+
+def test_a_damaged_state_of_one_rank_stops_every_rank_with_its_line(tmp_path):
+    """--resume where rank 1's saved state is damaged: rank 1 raised its line and rank 0 went on into the next
+    collective (a hang or gloo's 'Connection closed by peer'). The ranks' states are read, then checked together:
+    rank 1 says why, every rank exits with status 2."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".erf_state.rank1of2.npz").write_bytes(b"not a saved state" * 8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", "compute", *ARGS,
+           "--out", str(out), "--resume"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
+    assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
+    line = f"erf-lab compute: error: cannot read the saved state {out / '.erf_state.rank1of2.npz'}"
+    assert line in proc.stderr and proc.stderr.count("Traceback") == 1, proc.stderr[-3000:]
+    assert not (out / "run.json").exists()

@@ -538,7 +538,14 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
 
     out_dir = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size, runs_root)
     out_dir = Path(D.broadcast_object(str(out_dir), dinfo))
-    action, stale = _existing(out_dir, config, resume, force, reuse)
+    try:  # rank 0 decides what the folder holds (nodes may see other files there) and tells the others
+        decision = _existing(out_dir, config, resume, force, reuse) if dinfo.is_main else None
+    except ErfLabError as e:
+        decision = str(e)
+    decision = D.broadcast_object(decision, dinfo)
+    if isinstance(decision, str):  # the same words on every rank: said once per node
+        raise on_every_rank(ErfLabError(decision))
+    action, stale = decision
     if action == "complete":
         run = load_run(out_dir) if dinfo.is_main else None
         return {"out_dir": out_dir, "already_complete": True, "reused": reuse, "result": None,
@@ -550,26 +557,31 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     D.barrier(dinfo)
 
     spath = state_path(out_dir, dinfo)
-    acc, resumed_from = Accumulator(), 0
-    if action == "resume" and spath.exists():
-        try:
-            acc, extra = Accumulator.load(spath)
-        except Exception as e:
-            raise ErfLabError(f"cannot read the saved state {spath}: {type(e).__name__}; use --force to start over") from None
-        old = extra.get("config", {})
-        diff = config_diff(old if isinstance(old, dict) else {}, config)
-        if diff:
-            if not reuse:
-                what = [CONFIG_KEY_NAMES.get(k, k) + (" (a file changed since)" if k == "images_sha256" else "")
-                        for k in diff]
-                raise ErfLabError(f"cannot resume {out_dir}: settings differ from the interrupted run "
-                                  f"({', '.join(what)}); use the same options or --force to start over")
-            acc = Accumulator()
-        else:
-            start = extra.get("start_time", start)
-            resumed_from = len(acc.processed)
-    elif resume and not reuse and dinfo.is_main:
-        print(f"no interrupted run in {out_dir}; starting a new one", file=sys.stderr)
+    acc, resumed_from, error = Accumulator(), 0, None
+    try:  # each rank reads its own saved state; one that cannot tells the others (gather_or_fail below)
+        if action == "resume" and spath.exists():
+            try:
+                acc, extra = Accumulator.load(spath)
+            except Exception as e:
+                raise ErfLabError(f"cannot read the saved state {spath}: {type(e).__name__}; use --force to start "
+                                  "over") from None
+            old = extra.get("config", {})
+            diff = config_diff(old if isinstance(old, dict) else {}, config)
+            if diff:
+                if not reuse:
+                    what = [CONFIG_KEY_NAMES.get(k, k) + (" (a file changed since)" if k == "images_sha256" else "")
+                            for k in diff]
+                    raise ErfLabError(f"cannot resume {out_dir}: settings differ from the interrupted run "
+                                      f"({', '.join(what)}); use the same options or --force to start over")
+                acc = Accumulator()
+            else:
+                start = extra.get("start_time", start)
+                resumed_from = len(acc.processed)
+        elif resume and not reuse and dinfo.is_main:
+            print(f"no interrupted run in {out_dir}; starting a new one", file=sys.stderr)
+    except ErfLabError as e:
+        error = e
+    D.gather_or_fail(None, error, dinfo)
 
     source.files = D.shard(source.files, dinfo)
     # auto: the pixel rule on a CPU; on CUDA None, the batch sized by memory after a one-image pass (compute_erf)
