@@ -31,6 +31,11 @@ def _command_modules():
     return sorted(mods, key=lambda m: (getattr(m, "ORDER", 100), m.NAME))
 
 
+def _distributed_commands() -> dict[str, bool]:
+    """{command: whether it runs under torchrun}, in the help's order."""
+    return {m.NAME: getattr(m, "DISTRIBUTED", False) for m in _command_modules()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erf-lab",
@@ -41,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     for mod in _command_modules():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _distributed=getattr(mod, "DISTRIBUTED", False))
     return parser
 
 
@@ -67,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not args._distributed:
+            # every process would run the whole job and write the same outputs
+            shared = ", ".join(n for n, d in _distributed_commands().items() if d)
+            raise ErfLabError(f"{args.command} runs in one process; start it without torchrun (under torchrun: "
+                              f"{shared})")
         return int(args._run(args) or 0)
     except ErfLabError as e:
         _end_progress_bars()

@@ -10,6 +10,8 @@ from erf_lab.errors import ErfLabError
 
 NAME = "compute"
 HELP = "measure the effective receptive field (ERF) of a model"
+#: runs under torchrun (one share of the work per process)
+DISTRIBUTED = True
 ORDER = 20
 DESCRIPTION = (
     "Measure the ERF as in RepLKNet (Ding et al., CVPR 2022, App. C): for each image, the gradient of the summed "

@@ -8,6 +8,8 @@ from erf_lab.errors import ErfLabError
 
 NAME = "sweep"
 HELP = "ERF vs kernel size (RepLKNet-3/7/13/25/31 family), vs input size, and train vs re-parameterized form"
+#: runs under torchrun (one share of the work per process)
+DISTRIBUTED = True
 ORDER = 42
 DESCRIPTION = (HELP + ". Each member (K, input size, mode) becomes a run directory (reused if already complete "
                "with the same settings; one with other settings needs --force); the sweep writes a heatmap grid, "

@@ -10,6 +10,8 @@ from erf_lab.errors import ErfLabError
 
 NAME = "train"
 HELP = "train a model (cue-world or a train/ val/ image folder); resumable, DDP under torchrun"
+#: runs under torchrun (one share of the work per process)
+DISTRIBUTED = True
 ORDER = 60
 DESCRIPTION = (
     "Train a registered model for image classification with RepLKNet's recipe scaled down (AdamW, cosine schedule "
