@@ -256,3 +256,47 @@ def test_a_missing_data_folder_stops_every_rank_with_one_line(tmp_path):
     assert [p.returncode for p in procs] == [2, 2], (err0[-2000:], err1[-2000:])
     assert err0.strip() == f"erf-lab train: error: --data: no such folder: {tmp_path / 'missing'}", err0[-2000:]
     assert err1.strip() == "", err1[-2000:]
+
+
+def _two_ranks_by_hand(tmp_path, args_of_rank, timeout=120) -> list[tuple[int | None, str]]:
+    """``erf-lab train`` as 2 gloo ranks of one node started by hand (rank r with ``args_of_rank[r]``); (exit status,
+    stderr) per rank, exit status None for a rank still running after ``timeout`` seconds (then killed)."""
+    port = str(_free_port())
+    procs = []
+    for rank, args in enumerate(args_of_rank):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND, "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "erf_lab", "train", *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        try:
+            err = p.communicate(timeout=timeout)[1]
+            results.append((p.returncode, err))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            results.append((None, p.communicate()[1]))
+    return results
+
+
+def test_resume_of_a_complete_run_that_one_rank_refuses_stops_every_rank(tmp_path):
+    """--resume of a complete run: each rank compares the run's settings with its own. A rank that found other ones
+    (another command line on its node) raised into the setup's gather while the others returned at once: rank 0
+    hung in its final barrier and rank 1 in the gather (until the group's 30-minute timeout). Now the others wait
+    for its word in the gather: exit status 2 on both, each with one line."""
+    out = tmp_path / "ddp"
+    proc = _torchrun_train(out, "--train-size", "16", "--epochs", "1", "--batch-size", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = ["--model", "replknet_31b", "--override", "channels=(8,8,16,16)", "--override", "layers=(1,1,1,1)",
+            "--override", "large_kernel_sizes=(7,7,7,3)", "--num-classes", "4", "--val-size", "8", "--input-size",
+            "32", "--train-size", "16", "--epochs", "1", "--batch-size", "4", "--checkpoint-format", "safetensors",
+            "--quiet", "--out", str(out), "--resume"]
+    (rc0, err0), (rc1, err1) = _two_ranks_by_hand(tmp_path, [base, [*base, "--lr", "0.1"]], timeout=60)
+    line = f"{out} already holds a complete training run with other settings (--lr)"
+    assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
+    assert err1.strip() == f"erf-lab train: error: {line}; use --force to overwrite or choose another --out", err1
+    assert err0.strip().startswith(f"erf-lab train: error: rank 1 stopped: {line}"), err0[-2000:]
+    # the ranks that agree still find the run complete, together
+    (rc0, err0), (rc1, err1) = _two_ranks_by_hand(tmp_path, [base, base], timeout=60)
+    assert (rc0, rc1) == (0, 0) and not err0.strip() and not err1.strip(), (err0[-2000:], err1[-2000:])

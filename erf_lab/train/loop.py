@@ -417,7 +417,6 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 raise ErfLabError(f"{out} already holds a complete training run with other settings "
                                   f"({', '.join(d[0] for d in diff)}); use --force to overwrite or choose another "
                                   "--out")
-            return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
         state = C.load_state(out) if mode == "resume" else None
         if channels_last is None:  # a speed setting: a resumed run keeps its own
             channels_last = (bool(state["settings"].get("channels_last", False)) if state is not None
@@ -438,6 +437,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     except Exception as e:  # noqa: BLE001 - every rank learns of it below (one process: raised as it is)
         error = e
     D.gather_or_fail(None, error, info)
+    if mode == "complete":  # after the gather: a rank that found other settings stops every rank with it (before:
+        # the others returned and it was left alone in the gather, rank 0 hanging in its final barrier)
+        return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
     d, error = None, None
     if info.is_main:  # rank 0 renders (and caches) a generated dataset first; the others then read its cache
         try:
