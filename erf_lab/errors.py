@@ -21,17 +21,15 @@ def on_every_rank(error: ErfLabError) -> ErfLabError:
 
 def printed_here(error: BaseException) -> bool:
     """Whether this process prints ``error`` under torchrun: the first process of each node (``LOCAL_RANK`` 0)
-    always; the others only an error of their own: not one every rank raised alike (:func:`on_every_rank`), nor one
-    raised before the process joined its job's process group (a check of the options and the node, which every
-    process of the node makes alike). Outside torchrun: always."""
+    always; the others every error but one every rank raised alike (:func:`on_every_rank`: they all met in a
+    collective, so the first process raised it too). An error before the ranks meet (a check of the options and the
+    node) is printed by every process: nothing tells that the first process got as far (it may start seconds later,
+    and torchrun ends it as soon as another process has exited). Outside torchrun: always."""
     import os
-    import sys
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or os.environ.get("LOCAL_RANK", "0") in ("", "0"):
         return True
-    if getattr(error, "every_rank", False):
-        return False
-    return bool(getattr(sys.modules.get("erf_lab.erf.distributed"), "joined", False))
+    return not getattr(error, "every_rank", False)
 
 
 class CheckpointError(ErfLabError):

@@ -38,11 +38,6 @@ def env_info() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
 
 
-#: whether this process has joined its torchrun job's process group (an error before: the options' and the node's
-#: checks, which every process of the node makes alike; see :func:`erf_lab.errors.printed_here`)
-joined = False
-
-
 def init(device: str = "cpu") -> DistInfo:
     """Join the process group when launched by torchrun (idempotent); returns this process's place."""
     info = env_info()
@@ -54,8 +49,6 @@ def init(device: str = "cpu") -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(torch.device(own))
         dist.init_process_group(backend=backend)
-        global joined
-        joined = True
         if backend == "nccl":
             group = dist.new_group(backend="gloo")  # the check itself must not need distinct GPUs
             try:
