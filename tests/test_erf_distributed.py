@@ -301,14 +301,14 @@ def test_a_damaged_state_of_one_rank_stops_every_rank_with_its_line(tmp_path):
 
 def test_commands_that_run_in_one_process_are_refused_under_torchrun(monkeypatch, capsys, tmp_path):
     """Under torchrun every process of shape-bias, reparam, study, ... ran the whole job and wrote the same outputs
-    (N times the work, racing on one folder). They are refused before any work, in one line on the node's first
-    process; compute, sweep and train run (one share each)."""
+    (N times the work, racing on one folder). They are refused before any work, in one line (by every process: the
+    ranks have not met); compute, sweep and train run (one share each)."""
     from erf_lab.cli.main import _distributed_commands, main
 
     assert [n for n, d in _distributed_commands().items() if d] == ["compute", "sweep", "train"]
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "sb"
-    for local_rank, said in (("0", 1), ("1", 0)):
+    for local_rank, said in (("0", 1), ("1", 1)):  # before the ranks meet: said by every process
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert main(["shape-bias", "--model", "efficientnet_lite0", "--pretrained", "--out", str(out)]) == 2
         err = capsys.readouterr().err

@@ -9,11 +9,14 @@ import logging
 import os
 import pkgutil
 import sys
+import time
 
 from erf_lab import __version__
 from erf_lab.errors import OUT_OF_MEMORY_HINT, ErfLabError, out_of_memory, printed_here
 
 EXIT_USAGE = 2
+#: a torchrun process that leaves an error to its node's first process waits this long before exiting
+SILENT_EXIT_DELAY_S = 1.0
 #: the console script's generation-0 collection threshold (Python's default: 700). A command imports torch and
 #: builds a model: ~10^6 long-lived objects, which the default scans in four full collections (0.3 s of an
 #: ``erf-lab compute`` process on the dev box, issue 14); at 20000 there are none, and cyclic garbage is still
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         _end_progress_bars()
         if printed_here(e):  # under torchrun, an error every rank raised alike: once per node
             print(f"erf-lab {args.command}: error: {e}", file=sys.stderr)
+        else:  # the node's first process says it: torchrun ends it once this one has exited, so leave it time
+            time.sleep(SILENT_EXIT_DELAY_S)
         return EXIT_USAGE
     except KeyboardInterrupt:
         _end_progress_bars()
