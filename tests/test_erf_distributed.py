@@ -315,3 +315,45 @@ def test_commands_that_run_in_one_process_are_refused_under_torchrun(monkeypatch
         assert err.count("erf-lab shape-bias: error: shape-bias runs in one process; start it without torchrun "
                          "(under torchrun: compute, sweep, train)") == said, err
     assert not out.exists()
+
+
+_DECIDE_RANK = """
+import os, sys, torch.distributed as dist
+from erf_lab.erf import distributed as D
+from erf_lab.errors import ErfLabError
+dist.init_process_group("gloo")
+info = D.env_info()
+for kind in sys.argv[1:]:
+    def decide():
+        if kind == "oserror":
+            raise PermissionError(13, "Permission denied", "/runs/x")
+        if kind == "refused":
+            raise ErfLabError("/runs/x already holds a complete run")
+        return {"action": "new", "rank": info.rank}
+    try:
+        print(kind, "ok", D.decided_on_rank0(decide, info), flush=True)
+    except Exception as e:
+        print(kind, type(e).__name__, getattr(e, "every_rank", False), e, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_decision_of_rank_0_reaches_every_rank_even_when_it_fails():
+    """What rank 0 decides alone (what a folder holds, its first writes) reaches every rank; when it fails, every
+    rank stops instead of waiting in the broadcast: an erf-lab error with the same line everywhere (said once per
+    node), any other error (a PermissionError) as it is on rank 0 and named elsewhere. Before, an OSError on rank 0
+    left the others waiting."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", _DECIDE_RANK, "ok", "oserror", "refused"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    rank0, rank1 = (o[0].splitlines() for o in outs)
+    assert rank0[0] == rank1[0] == "ok ok {'action': 'new', 'rank': 0}"
+    assert rank0[1] == "oserror PermissionError False [Errno 13] Permission denied: '/runs/x'"
+    assert rank1[1] == ("oserror ErfLabError True rank 0 stopped: PermissionError: [Errno 13] Permission denied: "
+                        "'/runs/x'")
+    assert rank0[2] == rank1[2] == "refused ErfLabError True /runs/x already holds a complete run"

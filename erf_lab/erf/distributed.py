@@ -146,6 +146,30 @@ def error_text(error: BaseException) -> str:
     return str(error) if isinstance(error, ErfLabError) else f"{type(error).__name__}: {error}"
 
 
+def decided_on_rank0(decide, info: DistInfo):
+    """``decide()`` run on rank 0 alone (a decision the ranks would race on: what a folder holds, its first
+    writes), its result given to every rank (it must pickle; None where nothing is to be shared). When it raises,
+    every rank stops: an :class:`ErfLabError` with the same line on every rank (said once per node), any other
+    error as it is on rank 0 and as "rank 0 stopped: ..." elsewhere, so no rank is left waiting in a collective."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = decide()
+        except Exception as e:  # noqa: BLE001 - every rank learns of it below
+            error = e
+    if not info.enabled:
+        if error is not None:
+            raise error
+        return result
+    said = broadcast_object(("ok", result) if error is None else
+                            ("error", error_text(error), isinstance(error, ErfLabError)), info)
+    if said[0] == "ok":
+        return said[1]
+    if error is not None:
+        raise on_every_rank(error) if isinstance(error, ErfLabError) else error
+    raise on_every_rank(ErfLabError(said[1] if said[2] else f"rank 0 stopped: {said[1]}"))
+
+
 def gather_or_fail(obj, error: BaseException | None, info: DistInfo) -> list:
     """Every rank's ``obj`` (one all-gather), in rank order. A rank that failed before this point passes its
     ``error`` instead: then it raises that error and every other rank one line naming it, so no rank is left waiting

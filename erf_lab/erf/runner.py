@@ -538,14 +538,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
 
     out_dir = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size, runs_root)
     out_dir = Path(D.broadcast_object(str(out_dir), dinfo))
-    try:  # rank 0 decides what the folder holds (nodes may see other files there) and tells the others
-        decision = _existing(out_dir, config, resume, force, reuse) if dinfo.is_main else None
-    except ErfLabError as e:
-        decision = str(e)
-    decision = D.broadcast_object(decision, dinfo)
-    if isinstance(decision, str):  # the same words on every rank: said once per node
-        raise on_every_rank(ErfLabError(decision))
-    action, stale = decision
+    # rank 0 decides what the folder holds (nodes may see other files there) and tells the others
+    action, stale = D.decided_on_rank0(lambda: _existing(out_dir, config, resume, force, reuse), dinfo)
     if action == "complete":
         run = load_run(out_dir) if dinfo.is_main else None
         return {"out_dir": out_dir, "already_complete": True, "reused": reuse, "result": None,

@@ -392,17 +392,15 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 "num_classes": num_classes, "resample": resample, "seed": seed, "recipe": recipe.as_dict(),
                 "amp": amp, "channels_last": channels_last, "sync_bn": bool(sync_bn),
                 "world_size": info.world_size, "checkpoint_format": checkpoint_format}
-    try:  # rank 0 decides (the other ranks would race with its first writes) and tells the others
-        if info.is_main and out.is_dir():  # no other erf-lab process writes a run there meanwhile
+    def decide() -> str:  # on rank 0 (the other ranks would race with its first writes), told to the others
+        if out.is_dir():  # no other erf-lab process writes a run there meanwhile
             held_folder.enter_context(hold_folder(out))
-        mode = _prepare_out_dir(out, resume, force) if info.is_main else None
+        mode = _prepare_out_dir(out, resume, force)
         if mode in ("new", "resume"):
             _check_writable(out)
-    except ErfLabError as e:
-        mode = e
-    mode = D.broadcast_object(mode if not isinstance(mode, ErfLabError) else ("error", str(mode)), info)
-    if isinstance(mode, tuple):
-        raise on_every_rank(ErfLabError(mode[1]))
+        return mode
+
+    mode = D.decided_on_rank0(decide, info)
     # the setup's checks run on every rank; a rank that fails tells the others (gather_or_fail), so none is left
     # waiting in a collective (before: a missing --data stopped rank 0 and rank 1 died of a closed connection)
     error = None
@@ -440,19 +438,14 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     if mode == "complete":  # after the gather: a rank that found other settings stops every rank with it (before:
         # the others returned and it was left alone in the gather, rank 0 hanging in its final barrier)
         return {"out_dir": out, "rows": [], "run_info": None, "already_complete": True}
-    d, error = None, None
-    if info.is_main:  # rank 0 renders (and caches) a generated dataset first; the others then read its cache
-        try:
-            d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes,
-                           seed=seed, resample=resample, show_progress=show_progress)
-        except Exception as e:  # noqa: BLE001 - the others learn of it in the broadcast below
-            error = e
-    if info.world_size > 1:
-        said = D.broadcast_object(None if error is None else D.error_text(error), info)
-        if said is not None and error is None:
-            raise on_every_rank(ErfLabError(f"rank 0 stopped: {said}"))
-    if error is not None:
-        raise error
+    built = {}
+
+    def first_build() -> None:  # rank 0 renders (and caches) a generated dataset first; the others read its cache
+        built["d"] = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes,
+                                seed=seed, resample=resample, show_progress=show_progress)
+
+    D.decided_on_rank0(first_build, info)
+    d, error = built.get("d"), None
     try:
         if d is None:
             d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes,
@@ -534,16 +527,11 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     else:
         torch.manual_seed(seed + 1000 * (info.rank + 1))  # drop path differs per rank, not per run
         with held():  # a stop meanwhile comes after both: epoch_000 is never left without its resume point
-            taken = None
-            if info.is_main:
+            def take() -> None:  # a new folder: held from its making (another process may have made it meanwhile)
                 out.mkdir(parents=True, exist_ok=True)
-                try:  # a new folder: held from its making (another process may have made it meanwhile)
-                    held_folder.enter_context(hold_folder(out))
-                except ErfLabError as e:
-                    taken = str(e)
-            taken = D.broadcast_object(taken, info)  # every rank stops with it, not in save_state's gather
-            if taken:
-                raise on_every_rank(ErfLabError(taken))
+                held_folder.enter_context(hold_folder(out))
+
+            D.decided_on_rank0(take, info)  # every rank stops with a refusal, not in save_state's gather
             if info.is_main:
                 if force:
                     _clear(out)
