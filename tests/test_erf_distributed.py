@@ -357,3 +357,16 @@ def test_a_decision_of_rank_0_reaches_every_rank_even_when_it_fails():
     assert rank1[1] == ("oserror ErfLabError True rank 0 stopped: PermissionError: [Errno 13] Permission denied: "
                         "'/runs/x'")
     assert rank0[2] == rank1[2] == "refused ErfLabError True /runs/x already holds a complete run"
+
+
+def test_a_torchrun_sweep_of_several_members_keeps_one_process_group(tmp_path):
+    """Every member of a sweep joined and destroyed its own process group; the second one met the first group's
+    stale addresses on torchrun's store and failed (gloo's 'Connection refused' traceback) or hung. Now the sweep
+    holds one group for all its members."""
+    out = tmp_path / "sweep"
+    proc = _torchrun_erf_lab("sweep", "--input-sizes", "32,48", "--model", "replknet_31b", "--reparam", "both",
+                             "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)", "--num-images",
+                             "2", "--formats", "png", "--quiet", "--out", str(out))
+    assert proc.stdout.count("wrote ") == 1 and (out / "sweep.csv").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["S32-deploy", "S32-train", "S48-deploy",
+                                                                      "S48-train"]

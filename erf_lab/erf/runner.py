@@ -324,6 +324,9 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
     if out is not None:
         check_out_path(out)
     start, t0 = now(), time.time()
+    # a process group joined by the caller (a sweep's, for all its members) stays: gloo / NCCL cannot join a second
+    # group on the same torchrun store (the ranks met the first group's stale addresses: 'Connection refused', a hang)
+    joined_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dinfo = D.init(spec.device)
     try:
         with contextlib.ExitStack() as held_folder:
@@ -332,7 +335,8 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
                         checkpoint_seconds=checkpoint_seconds, argv=argv, runs_root=runs_root, start=start, t0=t0,
                         display=display, held_folder=held_folder)
     finally:
-        D.shutdown(dinfo)
+        if joined_here:
+            D.shutdown(dinfo)
 
 
 #: how a resume refusal names a config entry that is not an option

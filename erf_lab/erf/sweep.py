@@ -12,6 +12,7 @@ The train-time and deploy (re-parameterized) forms compute the same function, so
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -195,12 +196,17 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
               "seed": int(seed), "layer": layer or "forward_features", "aggregate": aggregate,
               "batch_size": batch_size, "device": device, "formats": list(formats)}
 
-    from erf_lab.erf.distributed import env_info
+    from erf_lab.erf import distributed as D
 
-    main = env_info().is_main  # under torchrun every rank measures its share; rank 0 alone writes the sweep
+    main = D.env_info().is_main  # under torchrun every rank measures its share; rank 0 alone writes the sweep
     record = provenance("sweep", params, argv)
     record.update({"members": [f"{stem}-{mode}" for stem, mode in specs], "rows": []})
-    with command_record(out_dir / "sweep.json", record, write=main) as save:  # the folder is a sweep from now on
+    # one process group for all members (under torchrun): a group destroyed and joined again per member met the
+    # first one's stale addresses on torchrun's store (the second member failed: 'Connection refused', or hung)
+    dinfo = D.init(device)
+    with contextlib.ExitStack() as stack:
+        stack.callback(D.shutdown, dinfo)
+        save = stack.enter_context(command_record(out_dir / "sweep.json", record, write=main))  # a sweep from now on
         rows, maps = [], {}
         bar = progress(total=len(specs), desc="sweep", unit="run", disable=not show_progress)
         try:
