@@ -370,3 +370,39 @@ def test_a_torchrun_sweep_of_several_members_keeps_one_process_group(tmp_path):
     assert proc.stdout.count("wrote ") == 1 and (out / "sweep.csv").is_file()
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["S32-deploy", "S32-train", "S48-deploy",
                                                                       "S48-train"]
+
+
+def test_a_resume_with_another_number_of_processes_is_refused_once(tmp_path):
+    """Each process resumes its own state file: a run interrupted with 2 processes and resumed with 1 (or the other
+    way round) ignored the saved images, said there was no interrupted run and left the other state files beside
+    the finished run. Now it is one line (once per node under torchrun), the state kept. A complete folder, re-run
+    without --resume, is said once per node too (before: once per process)."""
+    import pytest
+
+    from erf_lab.erf.compute import Accumulator
+    from erf_lab.errors import ErfLabError
+
+    spec = ErfSpec("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, num_images=3,
+                   input_size=32)
+    out = tmp_path / "run"
+    out.mkdir()
+    Accumulator().save(out / ".erf_state.rank0of2.npz", {"config": {}})
+    with pytest.raises(ErfLabError, match=r"interrupted with 2 processes, this run has 1; resume it with 2 processes"):
+        run_erf(spec, out=out, resume=True, show_progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".erf_state.rank0of2.npz"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    (out / ".erf_state.rank0of2.npz").rename(out / ".erf_state.npz")
+    for extra, line in [(["--resume"], "cannot resume"), ([], "already holds a complete run; use --force")]:
+        if not extra:
+            run_erf(spec, out=out, force=True, show_progress=False)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", "compute", *ARGS,
+               *extra, "--out", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.count("erf-lab compute: error:") == 1 and line in proc.stderr, proc.stderr[-3000:]
+    assert not list(out.glob(".erf_state*"))
+

@@ -409,6 +409,33 @@ def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: boo
     return ("resume", states) if resume else ("new", [])
 
 
+_RANK_STATE = re.compile(r"\.erf_state\.rank\d+of(\d+)\.npz")
+
+
+def _state_world_size(path: Path) -> int:
+    """The number of processes that wrote the state file ``path`` (``.erf_state.rank<r>of<N>.npz``: N, else 1)."""
+    m = _RANK_STATE.fullmatch(path.name)
+    return int(m.group(1)) if m else 1
+
+
+def _other_world_states(out_dir: Path, action: str, stale: list, dinfo: D.DistInfo, reuse: bool):
+    """``_existing``'s answer, checked against the state files of a run interrupted with another number of
+    processes: each process resumes its own file, so a ``--resume`` with another number would ignore them (start
+    again, saying there was no interrupted run, and leave them beside the finished run). A refusal naming how to
+    resume; a reused run (sweeps) starts again, and those files go with the run's other stale files."""
+    if action != "resume":
+        return action, stale
+    other = [p for p in stale if _state_world_size(p) != dinfo.world_size]
+    if not other:
+        return action, stale
+    if reuse:
+        return "new", stale
+    n = _state_world_size(other[0])
+    how = "one process (without torchrun)" if n == 1 else f"{n} processes (torchrun --nproc_per_node {n} on one node)"
+    raise ErfLabError(f"cannot resume {out_dir}: it was interrupted with {n} process{'es' if n > 1 else ''}, this run "
+                      f"has {dinfo.world_size}; resume it with {how}, or start over with --force")
+
+
 def settings_differ(out_dir: str | os.PathLike, spec: ErfSpec) -> list[str]:
     """The settings in which the complete run in ``out_dir`` differs from ``spec`` (empty when there is no
     complete run or it is the same measurement), read from run.json without building anything."""
@@ -543,7 +570,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     out_dir = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size, runs_root)
     out_dir = Path(D.broadcast_object(str(out_dir), dinfo))
     # rank 0 decides what the folder holds (nodes may see other files there) and tells the others
-    action, stale = D.decided_on_rank0(lambda: _existing(out_dir, config, resume, force, reuse), dinfo)
+    action, stale = D.decided_on_rank0(
+        lambda: _other_world_states(out_dir, *_existing(out_dir, config, resume, force, reuse), dinfo, reuse), dinfo)
     if action == "complete":
         run = load_run(out_dir) if dinfo.is_main else None
         return {"out_dir": out_dir, "already_complete": True, "reused": reuse, "result": None,

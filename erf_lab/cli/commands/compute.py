@@ -79,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
                       checkpoint_seconds=args.checkpoint_seconds, argv=["erf-lab", *sys.argv[1:]],
                       display=args.display)
     if res["already_complete"]:
-        print(f"{res['out_dir']} already holds a complete run; nothing to resume")
+        from erf_lab.erf.distributed import env_info
+
+        if env_info().local_rank == 0:  # under torchrun: once per node
+            print(f"{res['out_dir']} already holds a complete run; nothing to resume")
         return 0
     if res["run_info"] is None:
         return 0  # non-zero rank of a distributed run: rank 0 reports

@@ -90,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
                     resume=args.resume, force=args.force, checkpoint_format=args.checkpoint_format,
                     show_progress=not args.quiet, argv=["erf-lab", *sys.argv[1:]])
     if res["already_complete"]:
-        print(f"{res['out_dir']} already holds a complete run; nothing to resume")
+        from erf_lab.erf.distributed import env_info
+
+        if env_info().local_rank == 0:  # under torchrun: once per node
+            print(f"{res['out_dir']} already holds a complete run; nothing to resume")
         return 0
     info = res["run_info"]
     if info is None:
