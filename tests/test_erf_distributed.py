@@ -406,3 +406,34 @@ def test_a_resume_with_another_number_of_processes_is_refused_once(tmp_path):
         assert proc.stderr.count("erf-lab compute: error:") == 1 and line in proc.stderr, proc.stderr[-3000:]
     assert not list(out.glob(".erf_state*"))
 
+
+def test_a_rank_whose_weights_file_is_missing_stops_every_rank(tmp_path):
+    """Rank 1's node lacks the --weights file (a relative path, started in its own folder): it stopped before
+    joining the process group and rank 0 waited there forever (compute and sweep). Now rank 1 says why and rank 0
+    names it; nothing is left behind."""
+    import torch
+
+    from erf_lab.models import create_model
+
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    torch.save(create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1)).state_dict(),
+               tmp_path / "node0" / "w.pth")
+    sweep = ["--input-sizes", "32", "--reparam", "deploy", *ARGS[:6], "--num-images", "2", "--quiet"]
+    for command, args in (("compute", ARGS), ("sweep", sweep)):
+        port, procs = str(_free_port()), []
+        for rank in (0, 1):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            procs.append(subprocess.Popen([sys.executable, "-m", "erf_lab", command, *args, "--weights", "w.pth",
+                                           "--out", str(tmp_path / "out")], cwd=tmp_path / f"node{rank}", env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        try:
+            errs = [p.communicate(timeout=60)[1] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        lines = [[ln for ln in err.splitlines() if "error" in ln.lower()] for err in errs]
+        assert lines[1] == [f"erf-lab {command}: error: weights file not found: w.pth"], errs
+        assert lines[0] == [f"erf-lab {command}: error: rank 1 stopped: weights file not found: w.pth"], errs
+        assert [p.returncode for p in procs] == [2, 2] and not (tmp_path / "out").exists()

@@ -319,16 +319,23 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
     """
     from erf_lab.erf.plotting import display_preset
 
-    spec.validate()
-    display = display_preset(display)  # before measuring
-    if out is not None:
-        check_out_path(out)
+    checked = None
+    try:
+        spec.validate()
+        display = display_preset(display)  # before measuring
+        if out is not None:
+            check_out_path(out)
+    except ErfLabError as e:
+        if not D.env_info().enabled:
+            raise
+        checked = e  # under torchrun: said to the other ranks below (a node's own files: the others would hang)
     start, t0 = now(), time.time()
     # a process group joined by the caller (a sweep's, for all its members) stays: gloo / NCCL cannot join a second
     # group on the same torchrun store (the ranks met the first group's stale addresses: 'Connection refused', a hang)
     joined_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    dinfo = D.init(spec.device)
+    dinfo = D.init(spec.device if checked is None else "cpu")
     try:
+        D.gather_or_fail(None, checked, dinfo)
         with contextlib.ExitStack() as held_folder:
             return _run(spec, dinfo, out=out, resume=resume, force=force, reuse=reuse, label=label, tags=tags or {},
                         formats=formats, show_progress=show_progress, on_batch=on_batch,

@@ -151,59 +151,73 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     from erf_lab.erf.runner import ErfSpec, jsonable, run_erf, settings_differ
     from erf_lab.io import prepare_out_dir
 
-    ks = parse_kernels(kernels) if kernels is not None else []
-    sizes = parse_sizes(input_sizes) if input_sizes is not None else [int(input_size)]
-    if not ks and input_sizes is None:
-        raise ErfLabError("give --kernels (the RepLKNet kernel family), --input-sizes (of --model) or both")
-    if reparam not in REPARAM_MODES:
-        raise ErfLabError(f"--reparam must be train, deploy or both, got {reparam!r}")
-    init = init or ("weights" if weights_dir is not None else "random")
-    if init not in ("random", "weights"):
-        raise ErfLabError(f"--init must be random or weights, got {init!r}")
-    if ks and (model is not None or weights is not None):
-        raise ErfLabError(f"{'--model' if model is not None else '--weights'} is for an --input-sizes sweep without "
-                          "--kernels; --kernels measures the RepLKNet family (checkpoints: --weights-dir)")
-    if not ks and (weights_dir is not None or init == "weights"):
-        raise ErfLabError("--weights-dir / --init weights are for --kernels (one checkpoint per kernel size); "
-                          "give --weights for --model")
-    if init == "random" and weights_dir is not None:
-        raise ErfLabError("--weights-dir conflicts with --init random; drop one of them")
-    if init == "weights" and weights_dir is None:
-        raise ErfLabError("--init weights needs --weights-dir (one checkpoint per kernel size)")
-    from erf_lab.models.constants import MAX_KERNEL_SIZE
+    from erf_lab.erf import distributed as D
 
-    bad = [k for k in ks if k % 2 == 0 or not 1 <= k <= MAX_KERNEL_SIZE]
-    if bad:  # before any folder is made
-        raise ErfLabError(f"--kernels: sizes must be odd, from 1 to {MAX_KERNEL_SIZE}, got {bad[0]}")
-    model = model or "replknet_31b"
-    overrides = dict(overrides or {})
-    modes = REPARAM_MODES[reparam]
-    members = _members(ks, sizes, model, weights, init, weights_dir, overrides)
-    specs = {(stem, mode): (k, size, ErfSpec(
-        model=name, weights=w, overrides=kwargs, images=images, num_images=num_images, input_size=size, layer=layer,
-        aggregate=aggregate, batch_size=batch_size, device=device, reparameterize=(mode == "deploy"),
-        seed=seed).validate()) for stem, k, size, name, kwargs, w in members for mode in modes}
-    refuse_other_result(out, "sweep")  # its members, figures and sweep.json would land in another result
-    for (stem, mode), (_, _, spec) in specs.items():
-        diff = [] if force else settings_differ(Path(out) / f"{stem}-{mode}", spec)
-        if diff:
-            raise ErfLabError(f"{Path(out) / f'{stem}-{mode}'} already holds a complete run with other settings "
-                              f"({', '.join(diff)}); use --force to overwrite or choose another --out")
-    out_dir = prepare_out_dir(out)
+    checked = None  # under torchrun: said to the other ranks once they met (a node's own files: they would hang)
+    existed = Path(out).expanduser().exists()
+    try:
+        ks = parse_kernels(kernels) if kernels is not None else []
+        sizes = parse_sizes(input_sizes) if input_sizes is not None else [int(input_size)]
+        if not ks and input_sizes is None:
+            raise ErfLabError("give --kernels (the RepLKNet kernel family), --input-sizes (of --model) or both")
+        if reparam not in REPARAM_MODES:
+            raise ErfLabError(f"--reparam must be train, deploy or both, got {reparam!r}")
+        init = init or ("weights" if weights_dir is not None else "random")
+        if init not in ("random", "weights"):
+            raise ErfLabError(f"--init must be random or weights, got {init!r}")
+        if ks and (model is not None or weights is not None):
+            raise ErfLabError(f"{'--model' if model is not None else '--weights'} is for an --input-sizes sweep "
+                              "without --kernels; --kernels measures the RepLKNet family (checkpoints: --weights-dir)")
+        if not ks and (weights_dir is not None or init == "weights"):
+            raise ErfLabError("--weights-dir / --init weights are for --kernels (one checkpoint per kernel size); "
+                              "give --weights for --model")
+        if init == "random" and weights_dir is not None:
+            raise ErfLabError("--weights-dir conflicts with --init random; drop one of them")
+        if init == "weights" and weights_dir is None:
+            raise ErfLabError("--init weights needs --weights-dir (one checkpoint per kernel size)")
+        from erf_lab.models.constants import MAX_KERNEL_SIZE
+
+        bad = [k for k in ks if k % 2 == 0 or not 1 <= k <= MAX_KERNEL_SIZE]
+        if bad:  # before any folder is made
+            raise ErfLabError(f"--kernels: sizes must be odd, from 1 to {MAX_KERNEL_SIZE}, got {bad[0]}")
+        model = model or "replknet_31b"
+        overrides = dict(overrides or {})
+        modes = REPARAM_MODES[reparam]
+        members = _members(ks, sizes, model, weights, init, weights_dir, overrides)
+        specs = {(stem, mode): (k, size, ErfSpec(
+            model=name, weights=w, overrides=kwargs, images=images, num_images=num_images, input_size=size, layer=layer,
+            aggregate=aggregate, batch_size=batch_size, device=device, reparameterize=(mode == "deploy"),
+            seed=seed).validate()) for stem, k, size, name, kwargs, w in members for mode in modes}
+        refuse_other_result(out, "sweep")  # its members, figures and sweep.json would land in another result
+        for (stem, mode), (_, _, spec) in specs.items():
+            diff = [] if force else settings_differ(Path(out) / f"{stem}-{mode}", spec)
+            if diff:
+                raise ErfLabError(f"{Path(out) / f'{stem}-{mode}'} already holds a complete run with other settings "
+                                  f"({', '.join(diff)}); use --force to overwrite or choose another --out")
+        out_dir = prepare_out_dir(out)
+    except ErfLabError as e:
+        if not D.env_info().enabled:
+            raise
+        checked = e
+    # one process group for all members (under torchrun): a group destroyed and joined again per member met the
+    # first one's stale addresses on torchrun's store (the second member failed: 'Connection refused', or hung)
+    dinfo = D.init(device if checked is None else "cpu")
+    try:
+        D.gather_or_fail(None, checked, dinfo)
+    except BaseException:
+        D.shutdown(dinfo)
+        if checked is None and not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # made here, for a sweep another rank refused
+        raise
     params = {"kernels": ks, "input_sizes": sizes, "model": None if ks else model, "reparam": reparam, "init": init,
               "weights_dir": None if weights_dir is None else str(Path(weights_dir).resolve()), "images": images or
               "default", "num_images": num_images, "overrides": {k: jsonable(v) for k, v in overrides.items()},
               "seed": int(seed), "layer": layer or "forward_features", "aggregate": aggregate,
               "batch_size": batch_size, "device": device, "formats": list(formats)}
 
-    from erf_lab.erf import distributed as D
-
     main = D.env_info().is_main  # under torchrun every rank measures its share; rank 0 alone writes the sweep
     record = provenance("sweep", params, argv)
     record.update({"members": [f"{stem}-{mode}" for stem, mode in specs], "rows": []})
-    # one process group for all members (under torchrun): a group destroyed and joined again per member met the
-    # first one's stale addresses on torchrun's store (the second member failed: 'Connection refused', or hung)
-    dinfo = D.init(device)
     with contextlib.ExitStack() as stack:
         stack.callback(D.shutdown, dinfo)
         save = stack.enter_context(command_record(out_dir / "sweep.json", record, write=main))  # a sweep from now on
