@@ -333,7 +333,8 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
     # a process group joined by the caller (a sweep's, for all its members) stays: gloo / NCCL cannot join a second
     # group on the same torchrun store (the ranks met the first group's stale addresses: 'Connection refused', a hang)
     joined_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    dinfo = D.init(spec.device if checked is None else "cpu")
+    # the same device everywhere: ranks that joined with gloo and NCCL would not meet (a bad --device: refused here)
+    dinfo = D.init(spec.device)
     try:
         D.gather_or_fail(None, checked, dinfo)
         with contextlib.ExitStack() as held_folder:

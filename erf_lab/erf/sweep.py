@@ -201,7 +201,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
         checked = e
     # one process group for all members (under torchrun): a group destroyed and joined again per member met the
     # first one's stale addresses on torchrun's store (the second member failed: 'Connection refused', or hung)
-    dinfo = D.init(device if checked is None else "cpu")
+    dinfo = D.init(device)  # the same device everywhere (a bad --device: refused here, alike on every rank)
     try:
         D.gather_or_fail(None, checked, dinfo)
     except BaseException:
