@@ -323,3 +323,39 @@ def test_resume_of_a_complete_run_that_one_rank_refuses_stops_every_rank(tmp_pat
     # the ranks that agree still find the run complete, together
     (rc0, err0), (rc1, err1) = _two_ranks_by_hand(tmp_path, [base, base], timeout=60)
     assert (rc0, rc1) == (0, 0) and not err0.strip() and not err1.strip(), (err0[-2000:], err1[-2000:])
+
+
+def test_ranks_whose_data_folders_differ_refuse_to_train(tmp_path):
+    """Two nodes whose --data at the same path holds other images (rank 1 lacks one): each rank counted its own
+    steps per epoch and they waited for each other in a collective forever (SIGTERM, which stops at a step, could
+    not end them). Now the ranks compare their settings after the setup: one line on each node, exit status 2,
+    nothing written. Two processes started by hand, each the one process of its node, in its own folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for node in (0, 1):
+        for split, n in (("train", 8), ("val", 2)):
+            for c in ("a", "b"):
+                folder = tmp_path / f"node{node}" / "d" / split / c
+                folder.mkdir(parents=True)
+                for i in range(n - (node == 1 and split == "train" and c == "a")):
+                    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    port, procs = str(_free_port()), []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND, "RANK": str(rank), "LOCAL_RANK": "0",
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        cmd = [sys.executable, "-m", "erf_lab", "train", "--model", "replknet_31b", "--override", "channels=(8,8,16,16)",
+               "--override", "layers=(1,1,1,1)", "--override", "large_kernel_sizes=(7,7,7,3)", "--data", "d",
+               "--input-size", "32", "--batch-size", "2", "--epochs", "1", "--quiet", "--out", str(tmp_path / "ddp")]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        errs = [p.communicate(timeout=90)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    line = ("erf-lab train: error: the ranks disagree on the number of training images, the training images' names: "
+            "rank 1 differs from rank 0 (every rank must read the same data and options)")
+    assert [p.returncode for p in procs] == [2, 2] and [e.strip() for e in errs] == [line, line], errs
+    assert not (tmp_path / "ddp").exists()

@@ -13,6 +13,7 @@ import csv
 import datetime as _dt
 import gc
 import io
+import json
 import shutil
 import sys
 import time
@@ -482,7 +483,17 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         ema = ModelEma(net, recipe.ema) if recipe.ema > 0 else None
     except Exception as e:  # noqa: BLE001 - every rank learns of it below
         error = e
-    D.gather_or_fail(None, error, info)
+    # the ranks compare what they built: nodes whose --data at the same path holds other images would otherwise
+    # run other numbers of steps and wait for each other in a collective forever
+    everyone = D.gather_or_fail(None if error else json.loads(json.dumps(settings, default=str)), error, info)
+    differing = next((r for r, s in enumerate(everyone) if s != everyone[0]), None)
+    if differing is not None:
+        names = {"train_images": "the number of training images", "train_fingerprint": "the training images' names",
+                 "num_classes": "the classes"}
+        what = [names.get(k, k) for k in dict.fromkeys([*everyone[0], *everyone[differing]])
+                if everyone[0].get(k) != everyone[differing].get(k)]
+        raise on_every_rank(ErfLabError(f"the ranks disagree on {', '.join(what)}: rank {differing} differs from rank "
+                                        "0 (every rank must read the same data and options)"))
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
 
