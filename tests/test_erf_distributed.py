@@ -437,3 +437,38 @@ def test_a_rank_whose_weights_file_is_missing_stops_every_rank(tmp_path):
         assert lines[1] == [f"erf-lab {command}: error: weights file not found: w.pth"], errs
         assert lines[0] == [f"erf-lab {command}: error: rank 1 stopped: weights file not found: w.pth"], errs
         assert [p.returncode for p in procs] == [2, 2] and not (tmp_path / "out").exists()
+
+
+def test_a_sweep_folder_removed_by_another_process_meanwhile_keeps_the_refusal(tmp_path, monkeypatch):
+    """Two processes of a node both pass the sweep's checks and make --out; another rank refuses, and both remove
+    the empty folder again. The one that came second (its check passed, the other's rmdir came first) raised
+    FileNotFoundError instead of the line naming the rank that stopped. Now it says that line."""
+    import pathlib
+
+    import pytest
+
+    from erf_lab.erf import sweep
+    from erf_lab.errors import ErfLabError
+
+    out = tmp_path / "sw"
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(D, "init", lambda device="cpu": D.DistInfo(rank=1, world_size=3, backend="gloo"))
+    monkeypatch.setattr(D, "shutdown", lambda info: None)
+
+    def refused(obj, error, info):
+        raise ErfLabError("rank 2 stopped: weights file not found: w.pth")
+
+    monkeypatch.setattr(D, "gather_or_fail", refused)
+    real_rmdir = pathlib.Path.rmdir
+
+    def rmdir_after_another_process(self):
+        if self == out:
+            real_rmdir(self)  # the node's other process came first
+        real_rmdir(self)
+
+    monkeypatch.setattr(pathlib.Path, "rmdir", rmdir_after_another_process)
+    with pytest.raises(ErfLabError, match="rank 2 stopped: weights file not found"):
+        sweep.run_sweep(input_sizes=[32], model="replknet_31b", reparam="deploy", num_images=2,
+                        overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, out=out, show_progress=False)
+    assert not out.exists()

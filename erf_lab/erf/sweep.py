@@ -206,8 +206,10 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
         D.gather_or_fail(None, checked, dinfo)
     except BaseException:
         D.shutdown(dinfo)
-        if checked is None and not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # made here, for a sweep another rank refused
+        if checked is None and not existed:  # made here, for a sweep another rank refused
+            with contextlib.suppress(OSError):  # another process of this node may remove it first
+                if out_dir.is_dir() and not any(out_dir.iterdir()):
+                    out_dir.rmdir()
         raise
     params = {"kernels": ks, "input_sizes": sizes, "model": None if ks else model, "reparam": reparam, "init": init,
               "weights_dir": None if weights_dir is None else str(Path(weights_dir).resolve()), "images": images or
