@@ -359,3 +359,39 @@ def test_ranks_whose_data_folders_differ_refuse_to_train(tmp_path):
             "rank 1 differs from rank 0 (every rank must read the same data and options)")
     assert [p.returncode for p in procs] == [2, 2] and [e.strip() for e in errs] == [line, line], errs
     assert not (tmp_path / "ddp").exists()
+
+
+_FEWER_CPUS_ON_RANK1 = '''import os, sys
+if os.environ["RANK"] == "1":  # a node with fewer CPUs: its --num-workers cap is lower
+    os.cpu_count = lambda: 1
+from erf_lab.cli.main import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_check_that_fails_on_one_node_only_stops_every_rank(tmp_path):
+    """train's checks before the ranks meet depend on the node (its CPU count caps --num-workers): a rank that failed
+    one exited before joining and the others waited in init_process_group. Now the checks are said once the ranks
+    have met: rank 1 says why, rank 0 names it, both exit 2. Two processes started by hand (no launcher to end
+    them)."""
+    script = tmp_path / "fewer_cpus.py"
+    script.write_text(_FEWER_CPUS_ON_RANK1)
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND, "RANK": str(rank),
+               "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port}
+        cmd = [sys.executable, str(script), "train", "--model", "replknet_31b", "--num-workers", "6", "--epochs", "1",
+               "--quiet", "--out", str(tmp_path / "ddp")]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], (err0[-2000:], err1[-2000:])
+    line = "--num-workers must be 0 to 4 (4 per CPU of this machine), got 6"
+    assert err1.strip() == f"erf-lab train: error: {line}", err1[-2000:]
+    assert err0.strip() == f"erf-lab train: error: rank 1 stopped: {line}", err0[-2000:]
+    assert not (tmp_path / "ddp").exists()

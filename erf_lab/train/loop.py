@@ -326,29 +326,39 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     ``resume_hint``: how the caller's user continues a stopped run (printed with the saved state's folder);
     ``diverge_hint``: what to change when the loss turns non-finite (the end of that error line).
     """
-    refuse_empty(out)  # first: Path("") is the current folder
-    recipe = recipe or Recipe()
-    recipe.validate()
-    device = _check_device(device)
-    amp, amp_dtype = _amp_dtype(amp, device)
-    if sync_bn and not device.startswith("cuda"):
-        raise ErfLabError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
-    if not 0 <= int(num_workers) <= per_cpu_cap():
-        raise ErfLabError(f"--num-workers must be 0 to {per_cpu_cap()} (4 per CPU of this machine), "
-                          f"got {num_workers}")
-    if not 8 <= int(input_size) <= 4096:
-        raise ErfLabError(f"--input-size must be in [8, 4096], got {input_size}")
-    if num_classes is None and str(data) == CUE_WORLD:
-        num_classes = 10
-    if checkpoint_format is not None and checkpoint_format not in C.WEIGHT_FORMATS:
-        raise ErfLabError(f"unknown checkpoint format {checkpoint_format!r}; choose {', '.join(C.WEIGHT_FORMATS)}")
-    if device == "cpu":
-        from erf_lab.erf.prepare import keep_freed_memory
+    # under torchrun, a check that fails on one node only (its CPU count, its data) is said once the ranks have met:
+    # raised before joining, it left the other ranks waiting in init_process_group
+    checked, device_ok = None, False
+    try:
+        refuse_empty(out)  # first: Path("") is the current folder
+        recipe = recipe or Recipe()
+        recipe.validate()
+        device = _check_device(device)
+        device_ok = True
+        amp, amp_dtype = _amp_dtype(amp, device)
+        if sync_bn and not device.startswith("cuda"):
+            raise ErfLabError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
+        if not 0 <= int(num_workers) <= per_cpu_cap():
+            raise ErfLabError(f"--num-workers must be 0 to {per_cpu_cap()} (4 per CPU of this machine), "
+                              f"got {num_workers}")
+        if not 8 <= int(input_size) <= 4096:
+            raise ErfLabError(f"--input-size must be in [8, 4096], got {input_size}")
+        if num_classes is None and str(data) == CUE_WORLD:
+            num_classes = 10
+        if checkpoint_format is not None and checkpoint_format not in C.WEIGHT_FORMATS:
+            raise ErfLabError(f"unknown checkpoint format {checkpoint_format!r}; choose {', '.join(C.WEIGHT_FORMATS)}")
+        if device == "cpu":
+            from erf_lab.erf.prepare import keep_freed_memory
 
-        keep_freed_memory()  # a step's activations and gradients are allocated and freed again every step
+            keep_freed_memory()  # a step's activations and gradients are allocated and freed again every step
+    except ErfLabError as e:
+        if not D.env_info().enabled or not device_ok:  # a node without the device cannot join the others
+            raise
+        checked = e
     info = D.init(device)
     together = False  # every rank leaves at this same point (a finished run, or a stop agreed at one step)
     try:
+        D.gather_or_fail(None, checked, info)  # the checks above: a rank's own error stops every rank
         with StopRequest() as stop, contextlib.ExitStack() as held_folder:
             result = _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
                             int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
