@@ -141,6 +141,26 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+class HeldChecks:
+    """``with HeldChecks() as checks:`` around the checks a process makes before joining its torchrun job: an
+    :class:`ErfLabError` raised inside is kept in ``checks.error`` (the rest of the block skipped) to be said once the
+    ranks have met (:func:`gather_or_fail`), so a check that fails on one node only (its files, its CPU count) does
+    not leave the others waiting in ``init_process_group``. Outside torchrun, or while ``hold`` is False (a check
+    whose failure keeps this process from joining at all), it is raised at once."""
+
+    def __init__(self, hold: bool = True):
+        self.hold, self.error = hold, None
+
+    def __enter__(self) -> "HeldChecks":
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if isinstance(error, ErfLabError) and self.hold and env_info().enabled:
+            self.error = error
+            return True
+        return False
+
+
 def error_text(error: BaseException) -> str:
     """How another rank names ``error``: an :class:`ErfLabError`'s line, else its type and message."""
     return str(error) if isinstance(error, ErfLabError) else f"{type(error).__name__}: {error}"

@@ -319,16 +319,11 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
     """
     from erf_lab.erf.plotting import display_preset
 
-    checked = None
-    try:
+    with D.HeldChecks() as checks:  # under torchrun: said to the other ranks once they have met
         spec.validate()
         display = display_preset(display)  # before measuring
         if out is not None:
             check_out_path(out)
-    except ErfLabError as e:
-        if not D.env_info().enabled:
-            raise
-        checked = e  # under torchrun: said to the other ranks below (a node's own files: the others would hang)
     start, t0 = now(), time.time()
     # a process group joined by the caller (a sweep's, for all its members) stays: gloo / NCCL cannot join a second
     # group on the same torchrun store (the ranks met the first group's stale addresses: 'Connection refused', a hang)
@@ -336,7 +331,7 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
     # the same device everywhere: ranks that joined with gloo and NCCL would not meet (a bad --device: refused here)
     dinfo = D.init(spec.device)
     try:
-        D.gather_or_fail(None, checked, dinfo)
+        D.gather_or_fail(None, checks.error, dinfo)
         with contextlib.ExitStack() as held_folder:
             return _run(spec, dinfo, out=out, resume=resume, force=force, reuse=reuse, label=label, tags=tags or {},
                         formats=formats, show_progress=show_progress, on_batch=on_batch,

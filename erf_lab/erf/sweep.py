@@ -153,9 +153,8 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
 
     from erf_lab.erf import distributed as D
 
-    checked = None  # under torchrun: said to the other ranks once they met (a node's own files: they would hang)
     existed = Path(out).expanduser().exists()
-    try:
+    with D.HeldChecks() as checks:  # under torchrun: said to the other ranks once they have met
         ks = parse_kernels(kernels) if kernels is not None else []
         sizes = parse_sizes(input_sizes) if input_sizes is not None else [int(input_size)]
         if not ks and input_sizes is None:
@@ -195,18 +194,14 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
                 raise ErfLabError(f"{Path(out) / f'{stem}-{mode}'} already holds a complete run with other settings "
                                   f"({', '.join(diff)}); use --force to overwrite or choose another --out")
         out_dir = prepare_out_dir(out)
-    except ErfLabError as e:
-        if not D.env_info().enabled:
-            raise
-        checked = e
     # one process group for all members (under torchrun): a group destroyed and joined again per member met the
     # first one's stale addresses on torchrun's store (the second member failed: 'Connection refused', or hung)
     dinfo = D.init(device)  # the same device everywhere (a bad --device: refused here, alike on every rank)
     try:
-        D.gather_or_fail(None, checked, dinfo)
+        D.gather_or_fail(None, checks.error, dinfo)
     except BaseException:
         D.shutdown(dinfo)
-        if checked is None and not existed:  # made here, for a sweep another rank refused
+        if checks.error is None and not existed:  # made here, for a sweep another rank refused
             with contextlib.suppress(OSError):  # another process of this node may remove it first
                 if out_dir.is_dir() and not any(out_dir.iterdir()):
                     out_dir.rmdir()

@@ -328,13 +328,12 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     """
     # under torchrun, a check that fails on one node only (its CPU count, its data) is said once the ranks have met:
     # raised before joining, it left the other ranks waiting in init_process_group
-    checked, device_ok = None, False
-    try:
+    with D.HeldChecks(hold=False) as checks:  # held once the device is known: a node without it cannot join
         refuse_empty(out)  # first: Path("") is the current folder
         recipe = recipe or Recipe()
         recipe.validate()
         device = _check_device(device)
-        device_ok = True
+        checks.hold = True
         amp, amp_dtype = _amp_dtype(amp, device)
         if sync_bn and not device.startswith("cuda"):
             raise ErfLabError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
@@ -351,14 +350,10 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
             from erf_lab.erf.prepare import keep_freed_memory
 
             keep_freed_memory()  # a step's activations and gradients are allocated and freed again every step
-    except ErfLabError as e:
-        if not D.env_info().enabled or not device_ok:  # a node without the device cannot join the others
-            raise
-        checked = e
     info = D.init(device)
     together = False  # every rank leaves at this same point (a finished run, or a stop agreed at one step)
     try:
-        D.gather_or_fail(None, checked, info)  # the checks above: a rank's own error stops every rank
+        D.gather_or_fail(None, checks.error, info)  # the checks above: a rank's own error stops every rank
         with StopRequest() as stop, contextlib.ExitStack() as held_folder:
             result = _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
                             int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
