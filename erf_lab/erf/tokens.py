@@ -30,6 +30,11 @@ _NCHW_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn
 _NHWC_TAG = "_erf_lab_nhwc"
 
 
+def _first_tensor(args) -> torch.Tensor | None:
+    """The first positional argument of a hook's ``inp`` when it is a tensor, else None."""
+    return args[0] if isinstance(args, (tuple, list)) and args and isinstance(args[0], torch.Tensor) else None
+
+
 def _layout_hook(module: nn.Module, inp, out, enclosing: tuple | None = None) -> None:
     """Tags a module's 4-D output tensor as NHWC (True) or NCHW (False): a Linear, a last-dim LayerNorm or a
     ``...ToNHWC`` module makes NHWC; a conv, pooling, ``...2d`` module or ``...ToNCHW`` makes NCHW; any other
@@ -42,7 +47,7 @@ def _layout_hook(module: nn.Module, inp, out, enclosing: tuple | None = None) ->
     if not isinstance(t, torch.Tensor) or t.dim() != 4:
         return
     name = type(module).__name__.lower()
-    src = inp[0] if isinstance(inp, (tuple, list)) and inp and isinstance(inp[0], torch.Tensor) else None
+    src = _first_tensor(inp)
     # a Linear / LayerNorm on a map known to be NCHW (a conv's output, say) works over its width: it stays NCHW
     known_nchw = src is not None and getattr(src, _NHWC_TAG, None) is False
     if isinstance(module, _NCHW_MODULES) or name.endswith("nchw") or "2d" in name:
@@ -62,10 +67,6 @@ def _layout_hook(module: nn.Module, inp, out, enclosing: tuple | None = None) ->
             return
         nhwc = was
     setattr(t, _NHWC_TAG, nhwc)
-
-
-def _first_tensor(args) -> torch.Tensor | None:
-    return args[0] if isinstance(args, (tuple, list)) and args and isinstance(args[0], torch.Tensor) else None
 
 
 class _Enclosing:
