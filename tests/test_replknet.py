@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 
 from erf_lab.errors import CheckpointError, ErfLabError
 from erf_lab.models import create_model, list_models, reparameterize_model
@@ -499,6 +500,79 @@ def test_activation_checkpointing_gives_same_gradients():
         grads.append(m.stages[0].blocks[0].large_kernel.lkb_origin.conv.weight.grad)
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
+
+
+class _AtenLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops a forward runs (a dispatch mode registers no module hook)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_relu_and_residual_add_run_in_place_unless_a_hook_could_see_them(deploy):
+    """Blocks apply their ReLUs and residual adds in place (one memory pass less each; issue 14), with the same
+    values and gradients as out of place; a forward hook anywhere in the block, or a global one, keeps the tensor
+    it saw unchanged, because the block then runs out of place."""
+    torch.manual_seed(0)
+    model = randomize(tiny()).eval()
+    if deploy:
+        reparameterize_model(model, inplace=True)
+    block, ffn = model.stages[0].blocks[0], model.stages[0].blocks[1]
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+
+    def run():
+        out = ffn(block(x))
+        gx, = torch.autograd.grad(out.square().sum(), x)
+        return out.detach(), gx
+
+    run()  # the large kernel's backend chooses on its first call (fastconv "auto" measures)
+    lk_sum = 0 if deploy else 1  # the train form adds the large and the small kernel's outputs
+    with _AtenLog() as log:
+        ref_out, ref_gx = run()
+    fwd = log.ops[:log.ops.index("pow")]
+    assert fwd.count("relu_") == 2 and fwd.count("add_") == 2, fwd
+    assert "relu" not in fwd and fwd.count("add") == lk_sum, fwd
+    # hooks on pw2: its output is added out of place; equal bit for bit
+    out_of_place = nn.Module.register_forward_hook(block.pw2.conv, lambda *a: None)
+    ffn_hook = nn.Module.register_forward_hook(ffn.pw2, lambda *a: None)
+    with _AtenLog() as log:
+        out, gx = run()
+    fwd = log.ops[:log.ops.index("pow")]
+    assert fwd.count("relu_") == 2 and "add_" not in fwd and fwd.count("add") == 2 + lk_sum, fwd  # ReLUs: in place
+    assert torch.equal(out, ref_out) and torch.equal(gx, ref_gx)
+    out_of_place.remove()
+    ffn_hook.remove()
+    # hooks keep what they captured: the conv's output before the ReLU, pw2's output before the residual
+    seen = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            seen[name] = (output, output.clone())
+        return hook
+
+    hooks = [block.pw1.conv.register_forward_hook(keep("pw1")), block.large_kernel.register_forward_hook(keep("lk")),
+             ffn.pw2.register_forward_hook(keep("pw2"))]
+    out, gx = run()
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out, ref_out) and torch.equal(gx, ref_gx)
+    for name, (kept, copy_then) in seen.items():
+        assert (copy_then < 0).any() and torch.equal(kept, copy_then), name
+    # a global hook turns every in-place step off
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        with _AtenLog() as log:
+            out, gx = run()
+    finally:
+        handle.remove()
+    fwd = log.ops[:log.ops.index("pow")]
+    assert "relu_" not in fwd and "add_" not in fwd and torch.equal(out, ref_out) and torch.equal(gx, ref_gx)
 
 def test_large_depthwise_convs_are_fastconv_run_as_fastconv_says(monkeypatch):
     """Models only declare their large depthwise convs (fastconv.DepthwiseConv2d, nn.Conv2d's keys); how they run

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
+from torch.nn.modules import module as _module_hooks
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models.constants import (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, IMAGENET_MEAN, IMAGENET_STD,
@@ -100,6 +101,25 @@ def _drop_path(rate: float) -> nn.Module:
     return DropPath(rate) if rate > 0.0 else nn.Identity()
 
 
+def _unobserved(*modules: nn.Module | None) -> bool:
+    """True where no forward hook or pre-hook, on these modules, their submodules or globally, can see a tensor
+    they make or take: the block may then apply its ReLU and residual add in place on that tensor (same values,
+    one memory pass less: a ReLU or add over a fresh tensor reads its input and also fetches and writes the new
+    one), which a hook that kept the tensor would see changed afterwards."""
+    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks
+                   for module in modules if module is not None for m in module.modules())
+
+
+def _residual(x: torch.Tensor, out: torch.Tensor, producer: nn.Module, drop_path: nn.Module) -> torch.Tensor:
+    """``x + drop_path(out)``; added into ``out`` in place where no drop path and no hook can see it
+    (``_unobserved``). ``out + x`` equals ``x + out`` bit for bit."""
+    if isinstance(drop_path, nn.Identity) and _unobserved(producer, drop_path):
+        return out.add_(x)
+    return x + drop_path(out)
+
+
 class ConvBN(nn.Module):
     """conv -> BN (-> ReLU): the official ``conv_bn`` / ``conv_bn_relu`` (keys ``conv.weight``, ``bn.*``).
 
@@ -119,7 +139,7 @@ class ConvBN(nn.Module):
         if self.bn is not None:
             x = self.bn(x)
         if self.nonlinear is not None:
-            x = self.nonlinear(x)
+            x = torch.relu_(x) if _unobserved(self) else self.nonlinear(x)
         return x
 
     def fused_weight_bias(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +233,9 @@ class RepLKBlock(nn.Module):
         self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(self.prelkb_bn(x)))))
-        return x + self.drop_path(out)
+        out = self.large_kernel(self.pw1(self.prelkb_bn(x)))
+        out = torch.relu_(out) if _unobserved(self.large_kernel, self.lk_nonlinear) else self.lk_nonlinear(out)
+        return _residual(x, self.pw2(out), self.pw2, self.drop_path)
 
     def reparameterize(self) -> None:
         """Fully fused form: LK merge, conv-BN folds, ``prelkb_bn`` folded into ``pw1`` (idempotent)."""
@@ -237,7 +258,7 @@ class ConvFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x))))
-        return x + self.drop_path(out)
+        return _residual(x, out, self.pw2, self.drop_path)
 
     def reparameterize(self) -> None:
         self.pw1.reparameterize()
