@@ -45,7 +45,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
                    input_size=32)
     single = run_erf(spec, out=tmp_path / "one", show_progress=False)
     out = tmp_path / "two"
-    proc = _torchrun_erf_lab("compute", *ARGS, "--out", str(out))
+    proc = _torchrun_erf_lab("compute", *[a for a in ARGS if a != "--quiet"], "--out", str(out))
     two = np.load(out / "erf.npy")
     one = np.load(tmp_path / "one" / "erf.npy")
     assert np.abs(two - one).max() <= 1e-6 * np.abs(one).max()
@@ -54,6 +54,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert info["num_used"] == 3 and info["image_list"] == single["run_info"]["image_list"]
     assert not list(out.glob(".erf_state*"))
     assert proc.stdout.count("wrote ") == 1  # only rank 0 writes and reports
+    # only rank 0 shows a bar, and it says that it counts its own share of the images
+    assert "(rank 0 of 2: 2 of the 3 images)" in proc.stderr
+    assert "rank 1" not in proc.stderr, proc.stderr[-3000:]
 
 
 def _two_ranks_in_own_folders(tmp_path, out) -> list[tuple[int, list[str]]]:

@@ -173,7 +173,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 state: Accumulator | None = None, on_batch: Callable[[Accumulator], None] | None = None,
                 reducer: Callable[[Accumulator], Accumulator] | None = None,
                 prepared: bool = False, inplace: bool = False, allow_tf32: bool | None = None,
-                roofline: bool = False, shrink_on_oom: bool | None = None) -> ErfResult:
+                roofline: bool = False, shrink_on_oom: bool | None = None, progress_note: str = "") -> ErfResult:
     """Measure the ERF of ``model`` at ``layer`` over ``images``.
 
     ``images``: an (N, 3, H, W) tensor, an iterable of batches (or of ``(id, tensor)`` pairs), or an
@@ -195,6 +195,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     of the first batch (:func:`erf_lab.erf.roofline.counting_flops`, ``info["flops_per_image"]``; kept in the
     erf-lab cache per model structure, layer and input size, so a repeated run does not count again), measure the
     device's SGEMM rate (``info["roofline"]``) and show GFLOP/s and the % of SGEMM in the progress bar.
+    ``progress_note`` follows the bar's name (a torchrun rank's share of the images).
     """
     if aggregate not in AGGREGATES:
         raise ErfLabError(f"unknown aggregate {aggregate!r}; choose from {', '.join(AGGREGATES)}")
@@ -228,7 +229,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     from erf_lab.io import progress
 
     param_dtype = next((p.dtype for p in m.parameters() if p.is_floating_point()), torch.float32)
-    bar = progress(total=total, desc=f"ERF {layer_name}", unit="img", disable=not show_progress,
+    bar = progress(total=total, desc=f"ERF {layer_name}{progress_note}", unit="img", disable=not show_progress,
                    initial=len(done) if total else 0)
     input_hw = None
     batches: list = []  # [images, compute seconds] of every batch run here

@@ -612,7 +612,10 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         error = e
     D.gather_or_fail(None, error, dinfo)
 
+    n_all = len(source.files)
     source.files = D.shard(source.files, dinfo)
+    # rank 0's bar counts its own share; the ranks run in step, so its rate and ETA are the job's
+    note = f" (rank 0 of {dinfo.world_size}: {len(source.files)} of the {n_all} images)" if dinfo.world_size > 1 else ""
     # auto: the pixel rule on a CPU; on CUDA None, the batch sized by memory after a one-image pass (compute_erf)
     batch_size = spec.batch_size or (None if torch.device(device).type == "cuda" else
                                      auto_batch_size(spec.input_size, len(source.files), device))
@@ -634,7 +637,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                                  channels_last=spec.channels_last, conv_backend=spec.conv_backend,
                                  show_progress=show_progress and dinfo.is_main, state=acc, on_batch=checkpoint,
                                  inplace=True, reducer=D.make_reducer(dinfo, (spec.input_size, spec.input_size), device),
-                                 roofline=True, shrink_on_oom=spec.batch_size is None)
+                                 roofline=True, shrink_on_oom=spec.batch_size is None, progress_note=note)
         except ErfLabError:
             if acc.count:  # images measured, in this session or an earlier one: kept for --resume
                 acc.save(spath, extra)
