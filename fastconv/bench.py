@@ -34,8 +34,8 @@ from fastconv.bench_args import (DTYPES, FULL, GEMM_NAMES, PAPER_KERNELS, PAPER_
 MAX_BENCH_KERNEL = 255
 
 # Table 1 of the paper (GTX 2080Ti, B=64, C=384, FP32, PyTorch 1.9.0 + cuDNN 7.6.5; forward only), in ms.
-# Transcribed from the table as reprinted with the same caption in the UniRepLKNet journal extension
-# (Ding et al.), the text the search tool holds; keyed by R -> (PyTorch row, Ours row) over PAPER_KERNELS.
+# Every cell checked (2026-12-05) against the paper's arXiv version as its authors uploaded it to their repository
+# (DingXiaoH/RepLKNet-pytorch, replknet-arxiv.pdf, page 3); keyed by R -> (PyTorch row, Ours row) over PAPER_KERNELS.
 PAPER_TABLE1_MS = {
     16: ((5.6, 11.0, 14.4, 17.6, 36.0, 57.2, 83.4, 133.5, 150.7, 171.4),
          (5.6, 6.5, 6.4, 6.9, 7.5, 8.4, 8.4, 8.4, 8.3, 8.4)),
