@@ -389,6 +389,24 @@ def test_list_layers_restores_training_mode_and_bn_statistics():
     assert rows[-1]["name"] == "forward_features" and rows[-1]["stride"] == 32
 
 
+
+def test_list_layers_leaves_no_hook_behind_when_the_model_fails_before_its_forward():
+    """A module whose ``train()`` raises (the listing puts the model in eval mode before its forward): the error
+    comes out, and no forward hook of the listing or of its layout tags stays on the model (it would tag every
+    later forward and keep the blocks from running in place)."""
+    class Refuses(nn.Module):
+        def train(self, mode=True):
+            if not mode:
+                raise RuntimeError("this model stays in training mode")
+            return super().train(mode)
+
+    m = _tiny_replknet().train()
+    m.stem.append(Refuses())
+    with pytest.raises(RuntimeError, match="stays in training mode"):
+        list_layers(m, 32)
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+    assert all(mod.training for mod in m.modules())
+
 def test_full_fp32_switches_tf32_off_on_cuda_only_and_restores():
     from erf_lab.erf.prepare import full_fp32
 

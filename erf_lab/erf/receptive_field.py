@@ -17,6 +17,7 @@ layer after attention is read off its map (input side / map side).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 
@@ -159,57 +160,56 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}
-    layouts = track_layout(m)
-    layouts.__enter__()  # first: the listing hooks below read its NHWC tags
-    hooks = [mod.register_forward_hook(_module_hook) for mod in m.modules()
-              if isinstance(mod, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
+    hooks: list = []
     training = {mod: mod.training for mod in m.modules()}
-    m.eval()  # never update BN statistics while probing
+    undo = contextlib.ExitStack()  # whatever fails, the model is left as it came: no hooks, its train/eval modes
+    undo.callback(lambda: [setattr(mod, "training", flag) for mod, flag in training.items()])
+    undo.enter_context(track_layout(m))  # first: the listing hooks below read its NHWC tags
+    undo.callback(lambda: [h.remove() for h in hooks])
+    with undo:
+        hooks += [mod.register_forward_hook(_module_hook) for mod in m.modules()
+                  if isinstance(mod, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
+        m.eval()  # never update BN statistics while probing
 
-    def make_hook(name):
-        def hook(module, inp, out):
-            t = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
-            if not isinstance(t, torch.Tensor) or name in rows:
-                return
-            heads = _heads(name, module, t)
-            t = _spatial_or_none(t, module)
-            if t is not None and (include_all or (t.dim() == 4 and t.shape[0] == 1 and not heads)):
-                rows[name] = _row(name, t, input_size)
-        return hook
+        def make_hook(name):
+            def hook(module, inp, out):
+                t = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
+                if not isinstance(t, torch.Tensor) or name in rows:
+                    return
+                heads = _heads(name, module, t)
+                t = _spatial_or_none(t, module)
+                if t is not None and (include_all or (t.dim() == 4 and t.shape[0] == 1 and not heads)):
+                    rows[name] = _row(name, t, input_size)
+            return hook
 
-    def _heads(name, module, t):
-        """A ViT's 4-D output past its patch embedding that no conv made: per-head (B, heads, N, d) attention."""
-        return (hasattr(m, "num_prefix_tokens") and t.dim() == 4 and not name.startswith("patch_embed")
-                and not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)))
+        def _heads(name, module, t):
+            """A ViT's 4-D output past its patch embedding that no conv made: per-head (B, heads, N, d)
+            attention."""
+            return (hasattr(m, "num_prefix_tokens") and t.dim() == 4 and not name.startswith("patch_embed")
+                    and not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)))
 
-    def _spatial_or_none(t, module):
-        if t.dim() not in (3, 4):
-            return t
+        def _spatial_or_none(t, module):
+            if t.dim() not in (3, 4):
+                return t
+            try:
+                return to_spatial(t, m, (int(input_size), int(input_size)), module)
+            except ErfLabError:  # tokens that form no patch grid (e.g. attention logits)
+                return t if include_all else None
+
+        for name, module in m.named_modules():
+            if name:
+                hooks.append(module.register_forward_hook(make_hook(name)))
+        x = torch.zeros(1, 3, int(input_size), int(input_size))
+        setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0)))
         try:
-            return to_spatial(t, m, (int(input_size), int(input_size)), module)
-        except ErfLabError:  # tokens that form no patch grid (e.g. attention logits)
-            return t if include_all else None
-
-    for name, module in m.named_modules():
-        if name:
-            hooks.append(module.register_forward_hook(make_hook(name)))
-    x = torch.zeros(1, 3, int(input_size), int(input_size))
-    setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0)))
-    try:
-        with torch.no_grad(), _RFMode():
-            feats = _features_fn(m)(x)
-            feats = _spatial_or_none(feats, None) if isinstance(feats, torch.Tensor) else feats
-    except (RuntimeError, AssertionError) as e:  # timm's fixed-size patch embeddings assert the input size
-        hint = ("; a timm ViT / Swin takes other sizes with --override img_size=N or dynamic_img_size=True"
-                if isinstance(e, AssertionError) else "")
-        raise ErfLabError(f"input size {input_size} does not fit {type(model).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
-    finally:
-        for h in hooks:
-            h.remove()
-        layouts.__exit__(None, None, None)
-        for mod, flag in training.items():
-            mod.training = flag
+            with torch.no_grad(), _RFMode():
+                feats = _features_fn(m)(x)
+                feats = _spatial_or_none(feats, None) if isinstance(feats, torch.Tensor) else feats
+        except (RuntimeError, AssertionError) as e:  # timm's fixed-size patch embeddings assert the input size
+            hint = ("; a timm ViT / Swin takes other sizes with --override img_size=N or dynamic_img_size=True"
+                    if isinstance(e, AssertionError) else "")
+            raise ErfLabError(f"input size {input_size} does not fit {type(model).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
     out = list(rows.values())
     if isinstance(feats, torch.Tensor):
         out.append(_row(DEFAULT_LAYER, feats, input_size))
