@@ -14,7 +14,8 @@ from app.figures import show_figure
 from app.ui import cli_hint, file_downloads, guard, parse_int_tuple
 
 st.title("ERF growth")
-st.caption("Kernel-size family of RepLKNet (Ding et al., CVPR 2022, Table 5): kernels K-K-K-min(K,13), "
+st.caption("Kernel-size family of RepLKNet (Ding et al., CVPR 2022, Table 5): kernels K-K-K-min(K,13) "
+           "(31-29-27-13 for K = 31, RepLKNet-31B), "
            "measured on a narrow, shallow body so the default answers in seconds. Train-time and "
            "re-parameterized (deploy) forms compute the same function, so their ERFs must coincide.")
 
