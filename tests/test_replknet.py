@@ -578,6 +578,12 @@ def test_relu_and_residual_add_run_in_place_unless_a_hook_could_see_them(deploy)
     assert torch.equal(out, ref_out) and torch.equal(gx, ref_gx)
     for name, (kept, copy_then) in seen.items():
         assert (copy_then < 0).any() and torch.equal(kept, copy_then), name
+    # a backward hook on a ReLU module (guided backprop, say) runs: the block calls its nn.ReLU then
+    fired = []
+    handle = block.lk_nonlinear.register_full_backward_hook(lambda module, gin, gout: fired.append(True))
+    out, gx = run()
+    handle.remove()
+    assert fired and torch.equal(out, ref_out) and torch.equal(gx, ref_gx)
     # a global hook turns every in-place step off
     handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
     try:

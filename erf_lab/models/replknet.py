@@ -102,15 +102,19 @@ def _drop_path(rate: float) -> nn.Module:
     return DropPath(rate) if rate > 0.0 else nn.Identity()
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _unobserved(*modules: nn.Module | None) -> bool:
-    """True where no forward hook or pre-hook, on these modules, their submodules or globally, can see a tensor
-    they make or take: the block may then apply its ReLU and residual add in place on that tensor (same values,
-    one memory pass less: a ReLU or add over a fresh tensor reads its input and also fetches and writes the new
-    one), which a hook that kept the tensor would see changed afterwards."""
-    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+    """True where no hook (forward or backward, pre or post), on these modules, their submodules or globally, can
+    see a tensor they make or take, or expects the module to be called: the block may then apply its ReLU and
+    residual add in place on that tensor (same values, one memory pass less: a ReLU or add over a fresh tensor
+    reads its input and also fetches and writes the new one) without calling its ``nn.ReLU``. A hook that kept the
+    tensor would see it changed afterwards; one on the ``nn.ReLU`` (guided backprop, say) would never run."""
+    if any(getattr(_module_hooks, f"_global{name}") for name in _HOOK_DICTS):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks
-                   for module in modules if module is not None for m in module.modules())
+    return not any(getattr(m, name) for module in modules if module is not None for m in module.modules()
+                   for name in _HOOK_DICTS)
 
 
 def _residual(x: torch.Tensor, out: torch.Tensor, producer: nn.Module, drop_path: nn.Module) -> torch.Tensor:
