@@ -1,10 +1,10 @@
 """How fastconv runs, decided in one place: the backend, whether the dispatcher may time candidates, the cache.
 
 Initial values come from ``$FASTCONV_BACKEND`` ("auto", one of ``BACKENDS`` or a per-op name that
-``split_backend`` reads), ``$FASTCONV_AUTOTUNE`` ("0": cost model only, never timing) and ``$FASTCONV_CACHE``
-(default ``$XDG_CACHE_HOME/fastconv`` or ``~/.cache/fastconv``), read on first use. ``configure`` changes the
-process-wide defaults; ``use`` overrides them inside a ``with`` block (a context variable: per thread and asyncio
-task, nestable, restored on exit). No torch import here.
+``split_backend`` reads), ``$FASTCONV_AUTOTUNE`` ("0", "false", "no" or "off": cost model only, never timing) and
+``$FASTCONV_CACHE`` (default ``$XDG_CACHE_HOME/fastconv`` or ``~/.cache/fastconv``), read on first use.
+``configure`` changes the process-wide defaults; ``use`` overrides them inside a ``with`` block (a context variable:
+per thread and asyncio task, nestable, restored on exit). No torch import here.
 """
 from __future__ import annotations
 
@@ -47,10 +47,24 @@ def _backend(value) -> str:
     return value
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _autotune(value, source: str = "autotune") -> bool:
+    """``value`` as a yes or no: a bool, 0 / 1, or one of "1 true yes on" / "0 false no off" (any case); ValueError
+    (one line) for anything else, which ``bool()`` would read as True (``"0"``, ``"false"``)."""
+    if isinstance(value, str) and value.strip().lower() in _ON + _OFF:
+        return value.strip().lower() in _ON
+    if not isinstance(value, str) and type(value) in (bool, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"fastconv: {source}={value!r} is not a yes or no; use True / False (or 1 / 0, on / off)")
+
+
 def _from_env() -> Settings:
     cache = os.environ.get(ENV_CACHE) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastconv"
     return Settings(_backend(os.environ.get(ENV_BACKEND, "").strip() or "auto"),
-                    os.environ.get(ENV_AUTOTUNE, "1").strip() != "0", Path(cache).expanduser())
+                    _autotune(os.environ.get(ENV_AUTOTUNE, "").strip() or "1", f"${ENV_AUTOTUNE}"),
+                    Path(cache).expanduser())
 
 
 _defaults: Settings | None = None
@@ -63,7 +77,7 @@ def _replace(base: Settings, backend=None, autotune=None, cache_dir=None) -> Set
     if backend is not None:
         changes["backend"] = _backend(backend)
     if autotune is not None:
-        changes["autotune"] = bool(autotune)
+        changes["autotune"] = _autotune(autotune)
     if cache_dir is not None:
         changes["cache_dir"] = Path(cache_dir).expanduser()
     return dataclasses.replace(base, **changes) if changes else base
@@ -99,7 +113,7 @@ def use(backend: str | None = None, autotune: bool | None = None):
     """``with fastconv.use(backend="cpp"):`` / ``use(autotune=False)``: override the settings inside the block
     (None leaves a setting as it is, "auto" hands the choice back to the dispatcher); yields the settings."""
     token = _overrides.set(_overrides.get() + ((_backend(backend) if backend is not None else None,
-                                                None if autotune is None else bool(autotune)),))
+                                                None if autotune is None else _autotune(autotune)),))
     try:
         yield settings()
     finally:

@@ -832,6 +832,33 @@ def test_configure_and_environment_give_the_defaults(tmp_path):
     assert "unknown backend 'cudnn'" in run(FASTCONV_BACKEND="cudnn")
 
 
+
+def test_autotune_values_that_are_not_a_yes_or_no_are_refused(tmp_path):
+    """``use(autotune="0")`` / ``configure(autotune="false")`` and ``$FASTCONV_AUTOTUNE=false`` turned autotuning on
+    (any non-empty string is true, and the variable was off only for "0"): now the usual spellings of on and off are
+    read as such and anything else is one ValueError."""
+    for value in ("0", "false", "no", "off", 0, False):
+        with fastconv.use(autotune=value):
+            assert fastconv.settings().autotune is False, value
+    for value in ("1", "true", "yes", "on", 1, True):
+        assert fastconv.configure(autotune=value).autotune is True, value
+    for value in ("maybe", 2, 0.5, [False]):
+        with pytest.raises(ValueError, match="autotune"), fastconv.use(autotune=value):
+            pass
+        with pytest.raises(ValueError, match="autotune"):
+            fastconv.configure(autotune=value)
+    code = "import fastconv; print(fastconv.settings().autotune)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCONV_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+
+    def run(value):
+        proc = subprocess.run([sys.executable, "-c", code], env={**env, "FASTCONV_AUTOTUNE": value},
+                              capture_output=True, text=True)
+        return proc.stdout.strip() or proc.stderr.strip().splitlines()[-1]
+
+    assert [run(v) for v in ("false", "Off", " no ", "0", "1", "true", "")] == ["False"] * 4 + ["True"] * 3
+    assert "FASTCONV_AUTOTUNE" in run("sometimes")
+
 def _erf_cpu_rule(channels_last: bool, kernel_size, dtype) -> str:
     """Copy of the ERF path's fixed CPU choice (``erf_lab.erf.compute.cpu_depthwise_backend`` as it was, CPP_MIN_K
     = 9): the C++ kernel from 9x9 for float32 when it runs multi-threaded, else oneDNN's direct kernel."""
