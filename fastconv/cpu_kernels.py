@@ -325,7 +325,11 @@ def onednn_conv_cl(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
 def onednn_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Weight gradient as one *forward* depthwise conv: the padded input viewed as (1, N*C, H+KH-1, W+KW-1)
     correlated with the output gradient as an (N*C, 1, H, W) kernel, no padding, then summed over N.
-    With zero padding oneDNN's direct depthwise kernel applies (the cliff is the padding > 6 case)."""
+    With zero padding oneDNN's direct depthwise kernel applies (the cliff is the padding > 6 case). float16 on the
+    CPU is computed in float32 and rounded once: PyTorch's float16 depthwise forward of this shape (an H x W kernel,
+    a K x K output) did not finish (B = 1, C = 2, R = 20, K = 31: no result in 10 min; float32 3 ms)."""
+    if x.dtype == torch.float16 and x.device.type == "cpu":
+        return onednn_weight_grad(x.float(), g.float(), kh, kw).to(torch.float16)
     n, c, h, wd = x.shape
     ph, pw = kh // 2, kw // 2
     xp = F.pad(x.contiguous(), (pw, pw, ph, ph)).reshape(1, n * c, h + 2 * ph, wd + 2 * pw)

@@ -222,6 +222,37 @@ def test_half_precision_on_cpu_runs_like_conv2d(dtype, backend, one_thread):
     assert torch.equal(got[0], exp[0]) or backend != "native"
 
 
+
+def test_float16_weight_gradient_through_channels_last_finishes_on_cpu(tmp_path):
+    """The "channels_last" weight gradient is a forward depthwise conv with a K x K output and an H x W kernel; in
+    float16 on the CPU PyTorch's depthwise forward of that shape did not finish (B = 1, C = 2, R = 20, K = 31: no
+    result after 10 min, where the stock convolution_backward takes 13 ms), and "auto" hung too, timing it. It runs
+    in float32 now, rounded once to float16. In a subprocess: the old code never returns."""
+    code = textwrap.dedent("""
+        import torch, torch.nn.functional as F, fastconv
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(0)
+        x, w, gy = torch.randn(1, 2, 20, 20, generator=g), torch.randn(2, 1, 31, 31, generator=g), torch.randn(
+            1, 2, 20, 20, generator=g)
+        wr = w.double().requires_grad_()
+        (ew,) = torch.autograd.grad(F.conv2d(x.double(), wr, padding=15, groups=2), wr, gy.double())
+        for backend in ("channels_last", "auto"):
+            wh = w.half().requires_grad_()
+            (gw,) = torch.autograd.grad(fastconv.depthwise_conv2d(x.half(), wh, backend=backend), wh, gy.half())
+            print(backend, gw.dtype, ((gw.double() - ew).abs().max() / ew.abs().max()).item())
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCONV_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), FASTCONV_CACHE=str(tmp_path / "fc"))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the float16 weight gradient of channels_last did not finish in 120 s")
+    lines = proc.stdout.split("\n")[:2]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line, backend in zip(lines, ("channels_last", "auto")):
+        name, dtype, err = line.split()
+        assert name == backend and dtype == "torch.float16" and float(err) <= 2e-3
+
 def test_autocast_casts_like_conv2d(one_thread):
     """Under autocast a converted model runs as nn.Conv2d does (it raised 'dtypes differ' on the bf16 activations
     of the layer before): same output dtype and values, gradients reach the float32 parameters."""
