@@ -170,8 +170,9 @@ def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool,
 # ------------------------------------------------------------------------------------ kernels per backend
 # "native" computes each operation as PyTorch does in the input's own layout (the per-op backends use it beside the
 # others; the backend "native" itself is plain F.conv2d with PyTorch's autograd, see ``backend_runner``).
+@ck.float32_for_cpu_half
 def native_conv(x, w, b):
-    """The stock call: ``F.conv2d`` with 'same' padding, groups = channels."""
+    """The stock call: ``F.conv2d`` with 'same' padding, groups = channels (float16 on the CPU in float32)."""
     kh, kw = w.shape[-2:]
     return F.conv2d(x, w, b, 1, (kh // 2, kw // 2), 1, x.shape[1])
 
@@ -223,6 +224,7 @@ def _nhwc_on_gpu(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if t.is_cuda else t
 
 
+@ck.float32_for_cpu_half
 def _native_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """dL/dw as PyTorch's autograd computes it for F.conv2d (``convolution_backward``), in the layout of x and g."""
     w_shape = torch.empty((x.shape[1], 1, kh, kw), device=x.device, dtype=x.dtype)
@@ -365,6 +367,8 @@ def backend_runner(backend: str, x, weight, bias=None):
     C=384 R=32 K=3 forward on channels_last, the C++ kernel called alone 74 us) 75 us per call, 92 through the
     Function."""
     if backend == "native" or x.numel() == 0:
+        if x.dtype == torch.float16 and x.device.type == "cpu":
+            return native_conv  # in float32 (ck.float32_for_cpu_half), autograd through the casts
         # positional arguments, the padding and groups computed once: the stock call with the least Python around it
         pad, groups = (weight.shape[-2] // 2, weight.shape[-1] // 2), x.shape[1]
         return lambda x, w, b: F.conv2d(x, w, b, 1, pad, 1, groups)

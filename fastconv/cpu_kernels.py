@@ -18,6 +18,7 @@ and dispatch uses the pure-PyTorch paths.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -315,6 +316,23 @@ def cpp_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int, lanes: i
 
 
 # ----------------------------------------------------------------------------------------------- oneDNN paths
+def float32_for_cpu_half(fn):
+    """``fn(x, *args)`` on a float16 CPU ``x`` runs in float32 (its tensor arguments too) and is rounded once to
+    float16: PyTorch's float16 depthwise convolution on the CPU does not finish for some shapes (F.conv2d, B = 1,
+    C = 2, R = 31, K = 15: no result in 120 s, float32 well under 1 ms; 2-core Intel Xeon with AVX-512,
+    torch 2.13), and float32 sums are more exact. Every stock-call path of the backends that take float16 on the
+    CPU ("native", "channels_last") goes through it."""
+    @functools.wraps(fn)
+    def in_float32(x, *args):
+        if x.dtype == torch.float16 and x.device.type == "cpu":
+            args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+            with torch.autocast("cpu", enabled=False):  # CPU autocast to float16 would cast them back
+                return fn(x.float(), *args).to(torch.float16)
+        return fn(x, *args)
+    return in_float32
+
+
+@float32_for_cpu_half
 def onednn_conv_cl(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.conv2d on a channels_last input: oneDNN's depthwise kernel accepts large padding there."""
     kh, kw = w.shape[-2:]
@@ -322,14 +340,13 @@ def onednn_conv_cl(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
     return F.conv2d(xc, w, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
 
 
+@float32_for_cpu_half
 def onednn_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Weight gradient as one *forward* depthwise conv: the padded input viewed as (1, N*C, H+KH-1, W+KW-1)
     correlated with the output gradient as an (N*C, 1, H, W) kernel, no padding, then summed over N.
     With zero padding oneDNN's direct depthwise kernel applies (the cliff is the padding > 6 case). float16 on the
-    CPU is computed in float32 and rounded once: PyTorch's float16 depthwise forward of this shape (an H x W kernel,
-    a K x K output) did not finish (B = 1, C = 2, R = 20, K = 31: no result in 10 min; float32 3 ms)."""
-    if x.dtype == torch.float16 and x.device.type == "cpu":
-        return onednn_weight_grad(x.float(), g.float(), kh, kw).to(torch.float16)
+    CPU: see :func:`float32_for_cpu_half` (this shape, an H x W kernel and a K x K output, did not finish in
+    float16: B = 1, C = 2, R = 20, K = 31, no result in 10 min; float32 3 ms)."""
     n, c, h, wd = x.shape
     ph, pw = kh // 2, kw // 2
     xp = F.pad(x.contiguous(), (pw, pw, ph, ph)).reshape(1, n * c, h + 2 * ph, wd + 2 * pw)
