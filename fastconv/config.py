@@ -39,12 +39,19 @@ def split_backend(name: str) -> tuple[str, str, str] | None:
     return parts if len(parts) == 3 and all(p in OP_BACKENDS for p in parts) else None
 
 
-def _backend(value) -> str:
+def _backend(value, source: str = "") -> str:
     value = "auto" if value is None else value
     if value != "auto" and value not in BACKENDS and split_backend(value) is None:
-        raise ValueError(f"fastconv: unknown backend {value!r}; choose auto, one of {', '.join(BACKENDS)}, or one "
-                         f"per operation as forward/input_grad/weight_grad from {', '.join(OP_BACKENDS)}")
+        raise ValueError(f"fastconv: unknown backend {value!r}{f' (from {source})' if source else ''}; choose auto, "
+                         f"one of {', '.join(BACKENDS)}, or one per operation as forward/input_grad/weight_grad from "
+                         f"{', '.join(OP_BACKENDS)}")
     return value
+
+
+def _cache_dir(value) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"fastconv: cache_dir={value!r} is not a folder path")
+    return Path(value).expanduser()
 
 
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -62,7 +69,7 @@ def _autotune(value, source: str = "autotune") -> bool:
 
 def _from_env() -> Settings:
     cache = os.environ.get(ENV_CACHE) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastconv"
-    return Settings(_backend(os.environ.get(ENV_BACKEND, "").strip() or "auto"),
+    return Settings(_backend(os.environ.get(ENV_BACKEND, "").strip() or "auto", f"${ENV_BACKEND}"),
                     _autotune(os.environ.get(ENV_AUTOTUNE, "").strip() or "1", f"${ENV_AUTOTUNE}"),
                     Path(cache).expanduser())
 
@@ -79,7 +86,7 @@ def _replace(base: Settings, backend=None, autotune=None, cache_dir=None) -> Set
     if autotune is not None:
         changes["autotune"] = _autotune(autotune)
     if cache_dir is not None:
-        changes["cache_dir"] = Path(cache_dir).expanduser()
+        changes["cache_dir"] = _cache_dir(cache_dir)
     return dataclasses.replace(base, **changes) if changes else base
 
 

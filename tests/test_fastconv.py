@@ -904,6 +904,23 @@ def test_autotune_values_that_are_not_a_yes_or_no_are_refused(tmp_path):
     assert [run(v) for v in ("false", "Off", " no ", "0", "1", "true", "")] == ["False"] * 4 + ["True"] * 3
     assert "FASTCONV_AUTOTUNE" in run("sometimes")
 
+
+def test_a_bad_cache_dir_or_backend_variable_is_one_line_naming_it(tmp_path):
+    """``configure(cache_dir=3)`` raised Path's own TypeError; ``$FASTCONV_BACKEND=bogus`` did not say that the
+    value came from the variable."""
+    before = fastconv.settings().cache_dir
+    for value in (3, "", [tmp_path]):
+        with pytest.raises(ValueError, match=r"fastconv: cache_dir=.* is not a folder path"):
+            fastconv.configure(cache_dir=value)
+    assert fastconv.settings().cache_dir == before
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCONV_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), XDG_CACHE_HOME=str(tmp_path / "xdg"), FASTCONV_BACKEND="bogus")
+    proc = subprocess.run([sys.executable, "-c", "import fastconv; fastconv.settings()"], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "ValueError: fastconv: unknown backend 'bogus' (from $FASTCONV_BACKEND)" in proc.stderr.splitlines()[-1]
+
+
 def _erf_cpu_rule(channels_last: bool, kernel_size, dtype) -> str:
     """Copy of the ERF path's fixed CPU choice (``erf_lab.erf.compute.cpu_depthwise_backend`` as it was, CPP_MIN_K
     = 9): the C++ kernel from 9x9 for float32 when it runs multi-threaded, else oneDNN's direct kernel."""
