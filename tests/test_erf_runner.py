@@ -680,3 +680,28 @@ def test_a_finished_run_is_reused_whatever_the_number_of_processes(tmp_path):
     assert run_erf(_spec(), out=out, show_progress=False, reuse=True)["already_complete"]
     assert run_erf(_spec(), out=out, show_progress=False, resume=True)["already_complete"]
     assert (out / "erf.npy").stat().st_mtime_ns == stamp
+
+
+def _user_model(tmp_path, monkeypatch, name, body):
+    """A ``name:net`` model of one's own (``--model package.module:factory``) written into ``tmp_path``."""
+    import sys
+
+    (tmp_path / f"{name}.py").write_text("import torch\nimport torch.nn as nn\n\n\n" + body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return f"{name}:net"
+
+
+def test_the_centre_of_a_layer_with_another_stride_per_axis(tmp_path, monkeypatch):
+    """A 3x3 "valid" conv of stride (2, 1) on 32 px: a 15 x 30 map whose unit (7, 15) is centred at input pixel
+    (1 + 2 * 7, 1 + 1 * 15) = (15, 16). The x axis took the larger stride (1 + 2 * 15 = 31) before."""
+    model = _user_model(tmp_path, monkeypatch, "erf_aniso_net", (
+        "def net():\n    c = nn.Conv2d(3, 2, 3, stride=(2, 1))\n    nn.init.ones_(c.weight)\n"
+        "    nn.init.constant_(c.bias, 100.0)\n    return c\n"))
+    res = run_erf(ErfSpec(model, num_images=1, input_size=32, batch_size=1), out=tmp_path / "run",
+                  show_progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    erf = np.load(tmp_path / "run" / "erf.npy")
+    rows, cols = np.nonzero(erf)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (14, 16, 15, 17)
+    assert info["erf_centre"] == [15, 16] and res["metrics"]["center"] == [15, 16]

@@ -149,14 +149,17 @@ def _row(name: str, t: torch.Tensor, input_size: int) -> dict:
         if t.dim() == 4 and min(t.shape[-2:]) > 0:
             stride = max(stride, input_size // max(t.shape[-2:]))
     start = [float(v) for v in info[2]] if info and rf is not None else None
+    stride_hw = [int(v) for v in info[1]] if info and rf is not None else None
     return {"name": name, "shape": list(t.shape[1:]), "theoretical_rf": None if rf is None else int(rf),
-            "stride": stride, "rf_start": start}
+            "stride": stride, "rf_start": start, "stride_hw": stride_hw}
 
 
 def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = False) -> list[dict]:
     """Every module that runs on a (1, 3, S, S) input with a spatial output (token and NHWC outputs arranged as
     (C, H, W)): ``name``, output ``shape`` (C, H, W), ``theoretical_rf`` (pixels, max of both axes; None after
-    attention) and total ``stride``, in execution order; the default layer ``forward_features`` comes last.
+    attention), total ``stride`` (max of both axes), ``rf_start`` and ``stride_hw`` (per axis, y then x; None after
+    attention: unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), in execution order; the default
+    layer ``forward_features`` comes last.
     ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}

@@ -163,10 +163,11 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     name, _ = resolve_layer(model, layer)
     # "v2": NHWC maps inside ConvNeXt-style blocks are read as (C, H, W) since; older entries had (H, W, C)
     # "v3": a Linear / LayerNorm over an NCHW map's width (or over (C, H, W)) is NCHW again (v2 read it as NHWC)
-    key = structure_cache.structure_key(model, "geometry-v4", name, int(input_size))
+    # "v5": the stride per axis (``stride_hw``), for the centre of a layer whose strides differ along y and x
+    key = structure_cache.structure_key(model, "geometry-v5", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name
-            and {"theoretical_rf", "stride", "feature_shape", "rf_start"} <= set(hit)):
+            and {"theoretical_rf", "stride", "feature_shape", "rf_start", "stride_hw"} <= set(hit)):
         return hit
     geom = _probe_geometry(model, name, input_size)
     structure_cache.store(GEOMETRY_CACHE, key, geom)
@@ -199,7 +200,7 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
                           f"the feature map would be under 1 pixel); use --input-size >= {stride}")
     return {"layer": name, "theoretical_rf": row["theoretical_rf"], "stride": stride,
             "feature_shape": [row["shape"][0], -(-input_size // stride), -(-input_size // stride)],
-            "rf_start": row.get("rf_start")}
+            "rf_start": row.get("rf_start"), "stride_hw": row.get("stride_hw")}
 
 
 def erf_centre(geom: dict, input_size: int, feature_hw=None) -> list[int] | None:
@@ -210,7 +211,8 @@ def erf_centre(geom: dict, input_size: int, feature_hw=None) -> list[int] | None
 
     if geom.get("rf_start") is None or geom.get("theoretical_rf") is None:
         return None
-    return target_centre(geom["rf_start"], int(geom["stride"]), int(input_size), feature_hw)
+    stride = geom.get("stride_hw") or int(geom["stride"])  # per axis (y, x); geometry stored before: one number
+    return target_centre(geom["rf_start"], stride, int(input_size), feature_hw)
 
 
 _SIZE_IN_NAME = re.compile(r"(?:^|[_\-.])(\d{3,4})(?=[_\-.]|$)")
