@@ -705,3 +705,13 @@ def test_the_centre_of_a_layer_with_another_stride_per_axis(tmp_path, monkeypatc
     rows, cols = np.nonzero(erf)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (14, 16, 15, 17)
     assert info["erf_centre"] == [15, 16] and res["metrics"]["center"] == [15, 16]
+
+
+def test_run_json_feature_shape_is_the_measured_maps(tmp_path, monkeypatch):
+    """A 5x5 "valid" conv on 32 px makes a 28 x 28 map; run.json said [2, 32, 32] (the side of a "same"-padded
+    map, ceil(S / stride))."""
+    model = _user_model(tmp_path, monkeypatch, "erf_valid_net", (
+        "def net():\n    c = nn.Conv2d(3, 2, 5)\n    nn.init.constant_(c.bias, 100.0)\n    return c\n"))
+    run_erf(ErfSpec(model, num_images=1, input_size=32, batch_size=1), out=tmp_path / "run", show_progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["feature_shape"] == [2, 28, 28] and info["erf_centre"] == [16, 16]

@@ -198,6 +198,7 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
     if input_size < stride or row["shape"][-1] < 1 or row["shape"][-2] < 1:
         raise ErfLabError(f"input size {input_size} is too small for layer {name!r} (total stride {stride}: "
                           f"the feature map would be under 1 pixel); use --input-size >= {stride}")
+    # (C, H, W) at input_size for a "same"-padded map; run.json records the measured map's own H x W
     return {"layer": name, "theoretical_rf": row["theoretical_rf"], "stride": stride,
             "feature_shape": [row["shape"][0], -(-input_size // stride), -(-input_size // stride)],
             "rf_start": row.get("rf_start"), "stride_hw": row.get("stride_hw")}
@@ -696,7 +697,7 @@ def _run_info(spec, config, result, source, geom, train, device, dinfo, label, t
         "size_note": size_note(spec.input_size, train_size,
                                train_size_source if train_size_source.startswith("unknown") else None),
         "layer": geom["layer"], "aggregate": spec.aggregate, "input_size": spec.input_size,
-        "feature_shape": geom["feature_shape"], "theoretical_rf": geom["theoretical_rf"],
+        "feature_shape": _feature_shape(geom, result.info.get("feature_hw")), "theoretical_rf": geom["theoretical_rf"],
         "erf_centre": erf_centre(geom, spec.input_size, result.info.get("feature_hw")),
         "images": "default" if source.name == "default" else str(Path(source.root).resolve()),
         "image_list": used, "num_images_requested": spec.num_images, "num_used": result.num_used,
@@ -715,6 +716,13 @@ def _run_info(spec, config, result, source, geom, train, device, dinfo, label, t
         **_roofline_fields(result.info),
         "provenance": provenance("erf", spec.config(), argv),
     }
+
+
+def _feature_shape(geom: dict, feature_hw) -> list:
+    """(C, H, W) of the measured map: its own H x W where the measurement saw it (a "valid" conv's map is smaller
+    than the geometry's "same"-padded estimate ceil(S / stride))."""
+    shape = list(geom["feature_shape"])
+    return shape[:1] + [int(v) for v in feature_hw] if feature_hw is not None else shape
 
 
 def _roofline_fields(info: dict) -> dict:
