@@ -332,7 +332,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 continue
             if t.dim() != 3 or t.shape[0] != 3:
                 raise ErfLabError(f"image {ident} must be (3, H, W), got {tuple(t.shape)}")
-            pending.append((ident, t.float()))
+            pending.append((ident, t.to(param_dtype) if t.is_floating_point() else t.float()))  # never rounded
             if len(pending) >= limit:
                 flush()
         flush()
