@@ -383,3 +383,24 @@ def test_a_run_folder_another_thread_writes_into_waits(tmp_path, monkeypatch):
     assert waiting.is_set()  # the second thread waited for the first
     assert results["first"]["already_complete"] is False and results["second"]["already_complete"] is True
     assert not io._HELD
+
+
+def test_a_model_that_returns_logits_only_needs_a_layer(tmp_path, capsys, monkeypatch):
+    """A classifier without ``forward_features`` whose forward returns (N, classes) logits: the default layer is no
+    feature map, which was an IndexError traceback in ``compute``; ``layers`` listed it as a 5-wide "layer" with a
+    3 px theoretical RF (the logits see the whole image through the mean). Now one line naming ``--layer``."""
+    import sys
+
+    (tmp_path / "erf_logits_net.py").write_text(
+        "import torch.nn as nn\n\n\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 4, 3, padding=1)\n        self.fc = nn.Linear(4, 5)\n\n"
+        "    def forward(self, x):\n        return self.fc(self.conv(x).mean((2, 3)))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "erf_logits_net", raising=False)
+    model = ["--model", "erf_logits_net:Net", "--num-images", "1", "--input-size", "16"]
+    _expect_error(capsys, tmp_path, model, "--layer")
+    code, out, err = _cli(capsys, "layers", "--model", "erf_logits_net:Net", "--input-size", "16")
+    assert code == 0, err
+    assert [line.split()[0] for line in out.strip().splitlines()[1:]] == ["conv"]
+    code, _, err = _cli(capsys, "compute", *model, "--layer", "conv", "--out", str(tmp_path / "conv"), "--quiet")
+    assert code == 0, err

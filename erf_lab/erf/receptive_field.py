@@ -214,7 +214,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
             raise ErfLabError(f"input size {input_size} does not fit {type(model).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
     out = list(rows.values())
-    if isinstance(feats, torch.Tensor):
+    if isinstance(feats, torch.Tensor) and (include_all or feats.dim() == 4):  # logits only: no map to measure
         out.append(_row(DEFAULT_LAYER, feats, input_size))
     return out
 

@@ -178,7 +178,7 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
     import fastconv
 
     from erf_lab.erf.prepare import num_threads
-    from erf_lab.erf.receptive_field import list_layers
+    from erf_lab.erf.receptive_field import DEFAULT_LAYER, list_layers
 
     probe = int(min(input_size, 32))  # RF and stride do not depend on the input size: probe small and fast
     # no autotuning for shapes the measurement never uses; one thread: ~1000 tiny ops, where a second OpenMP
@@ -192,8 +192,10 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
             probe = input_size
             rows = {r["name"]: r for r in list_layers(model, probe)}
     row = rows.get(name)
-    if row is None:
-        raise ErfLabError(f"layer {name!r} does not produce a (N, C, H, W) feature map in the forward pass")
+    if row is None or len(row["shape"]) != 3:
+        hint = (" (forward_features or, without one, the model's output: here e.g. logits, a tuple or a dict); "
+                "pass --layer with a name from 'erf-lab layers --model ...'") if name == DEFAULT_LAYER else ""
+        raise ErfLabError(f"layer {name!r} does not produce a (N, C, H, W) feature map in the forward pass{hint}")
     stride = int(row.get("stride") or 1)
     if input_size < stride or row["shape"][-1] < 1 or row["shape"][-2] < 1:
         raise ErfLabError(f"input size {input_size} is too small for layer {name!r} (total stride {stride}: "
