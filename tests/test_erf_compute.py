@@ -556,3 +556,22 @@ def test_a_float64_model_is_measured_on_float64_images():
     ref = torch.stack(maps).mean(0).numpy()
     erf = compute_erf(m, x, show_progress=False).erf
     assert np.abs(erf - ref).max() <= 1e-14 * np.abs(ref).max()
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"feat": y, "logits": y.mean((2, 3))}
+
+
+def test_a_model_or_layer_that_returns_a_dict_is_one_clear_error():
+    """A forward that returns a dict ended in captum's AttributeError ('dict' object has no attribute 'clone');
+    now the ErfLabError naming the layer that tuples and logits get, and a layer inside it still measures."""
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ErfLabError, match="'forward_features' output is not a .N, C, H, W. feature map .got dict"):
+        EffectiveReceptiveField(_DictOut()).attribute(x)
+    assert EffectiveReceptiveField(_DictOut(), layer="conv").attribute(x).shape == (1, 8, 8)

@@ -53,6 +53,13 @@ class TruncatedForward(nn.Module):
         self._index = None if layer is None else intermediate_index(model, layer_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._forward(x)
+        if not isinstance(out, torch.Tensor):  # captum would fail on it with an AttributeError (a dict's .clone)
+            raise ErfLabError(f"layer {self.layer_name!r} output is not a (N, C, H, W) feature map (got "
+                              f"{type(out).__name__}); pass a layer (a module name) that outputs one")
+        return out
+
+    def _forward(self, x: torch.Tensor):
         if self._target is None:
             fn = self.model.forward_features if hasattr(self.model, "forward_features") else self.model
             return to_spatial(fn(x), self.model, tuple(x.shape[-2:]))
