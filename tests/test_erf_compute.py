@@ -575,3 +575,12 @@ def test_a_model_or_layer_that_returns_a_dict_is_one_clear_error():
     with pytest.raises(ErfLabError, match="'forward_features' output is not a .N, C, H, W. feature map .got dict"):
         EffectiveReceptiveField(_DictOut()).attribute(x)
     assert EffectiveReceptiveField(_DictOut(), layer="conv").attribute(x).shape == (1, 8, 8)
+
+
+def test_list_layers_and_theoretical_rf_of_a_float64_model():
+    """The probe input takes the model's dtype: a float64 model was 'input size 16 does not fit Sequential:
+    expected scalar type Float but found Double' in list_layers, theoretical_rf, 'erf-lab layers' and 'compute'."""
+    m = _uniform_stack(2, 3).double()
+    rows = {r["name"]: r for r in list_layers(m, 16)}
+    assert rows["1"]["theoretical_rf"] == 5 and rows["forward_features"]["shape"] == [1, 16, 16]
+    assert theoretical_rf(m, "0", 16) == 3

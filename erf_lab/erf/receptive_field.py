@@ -202,7 +202,9 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
         for name, module in m.named_modules():
             if name:
                 hooks.append(module.register_forward_hook(make_hook(name)))
-        x = torch.zeros(1, 3, int(input_size), int(input_size))
+        ref = next((t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()), None)
+        x = torch.zeros(1, 3, int(input_size), int(input_size),  # in the model's dtype and on its device
+                        dtype=ref.dtype if ref is not None else None, device=ref.device if ref is not None else None)
         setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0)))
         try:
             with torch.no_grad(), _RFMode():
