@@ -584,3 +584,36 @@ def test_list_layers_and_theoretical_rf_of_a_float64_model():
     rows = {r["name"]: r for r in list_layers(m, 16)}
     assert rows["1"]["theoretical_rf"] == 5 and rows["forward_features"]["shape"] == [1, 16, 16]
     assert theoretical_rf(m, "0", 16) == 3
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_a_model_with_other_input_channels_is_measured_in_python(channels):
+    """A grayscale (1-channel) or RGBA (4-channel) model: compute_erf refused its images ('image 0 must be (3, H,
+    W)') and list_layers probed it with 3 channels ('input size 16 does not fit'); the map sums the gradient over
+    the model's own input channels (3 x 3 ones: `channels` on the centre's 3 x 3 square)."""
+    m = nn.Conv2d(channels, 2, 3, padding=1, bias=False)
+    nn.init.ones_(m.weight)
+    x = torch.rand(2, channels, 16, 16) + 0.1
+    erf = compute_erf(m, x, show_progress=False).erf
+    expected = np.zeros((16, 16))
+    expected[7:10, 7:10] = 2 * channels
+    assert np.array_equal(erf, expected)
+    assert theoretical_rf(m, None, 16) == 3 and list_layers(m, 16)[-1]["shape"] == [2, 16, 16]
+
+
+def test_the_cli_names_a_model_that_does_not_take_rgb(tmp_path, monkeypatch, capsys):
+    """erf-lab's image sets are RGB: 'compute' of a 1-channel model is one line saying so (it was 'input size 32
+    does not fit Conv2d: ... expected input[1, 3, 32, 32] to have 1 channels')."""
+    import sys
+
+    from erf_lab.cli.main import main
+
+    (tmp_path / "erf_gray_net.py").write_text("import torch.nn as nn\n\n\ndef net():\n"
+                                              "    return nn.Conv2d(1, 2, 3, padding=1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "erf_gray_net", raising=False)
+    code = main(["compute", "--model", "erf_gray_net:net", "--input-size", "32", "--num-images", "1", "--out",
+                 str(tmp_path / "run"), "--quiet"])
+    _, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "1 input channel" in err and "compute_erf" in err, err
+    assert not (tmp_path / "run").exists()

@@ -117,7 +117,8 @@ class EffectiveReceptiveField:
         return F.relu(out[:, :, h // 2, w // 2]).sum(1)
 
     def attribute(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) contribution maps for a (B, 3, H, W) batch, in the inputs' dtype and device."""
+        """(B, H, W) contribution maps for a (B, C, H, W) batch (summed over its C channels: RGB, or a grayscale /
+        RGBA model's own), in the inputs' dtype and device."""
         from captum.attr import NeuronGradient
 
         fwd = self.forward_func

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from erf_lab.erf.attribution import AGGREGATES, EffectiveReceptiveField
 from erf_lab.erf.prepare import check_device, conv_settings, full_fp32, keep_freed_memory, prepare_model
-from erf_lab.erf.receptive_field import train_form_only
+from erf_lab.erf.receptive_field import input_channels, train_form_only
 from erf_lab.errors import ErfLabError, out_of_memory
 
 
@@ -130,7 +130,7 @@ def _iter_items(images):
         if images.dim() == 3:
             images = images.unsqueeze(0)
         if images.dim() != 4:
-            raise ErfLabError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+            raise ErfLabError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
         return images.shape[0], ((str(i), (lambda t=images[i]: t)) for i in range(images.shape[0]))
 
     def gen():
@@ -176,7 +176,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 roofline: bool = False, shrink_on_oom: bool | None = None, progress_note: str = "") -> ErfResult:
     """Measure the ERF of ``model`` at ``layer`` over ``images``.
 
-    ``images``: an (N, 3, H, W) tensor, an iterable of batches (or of ``(id, tensor)`` pairs), or an
+    ``images``: an (N, C, H, W) tensor (C: the model's input channels, 3 for RGB), an iterable of batches (or of
+    ``(id, tensor)`` pairs), or an
     :class:`~erf_lab.erf.images.ImageSource`. ``state`` resumes an interrupted accumulation (ids already in
     ``state.processed`` are not used again); ``on_batch(state)`` runs after every batch (checkpointing);
     ``reducer`` merges the per-process states (distributed runs) before the mean is taken. ``batch_size=None``: on
@@ -229,6 +230,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     from erf_lab.io import progress
 
     param_dtype = next((p.dtype for p in m.parameters() if p.is_floating_point()), torch.float32)
+    chans = input_channels(m)
     bar = progress(total=total, desc=f"ERF {layer_name}{progress_note}", unit="img", disable=not show_progress,
                    initial=len(done) if total else 0)
     input_hw = None
@@ -330,8 +332,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 acc.add(ident, None, f"unreadable: {type(e).__name__}")
                 bar.update(1)
                 continue
-            if t.dim() != 3 or t.shape[0] != 3:
-                raise ErfLabError(f"image {ident} must be (3, H, W), got {tuple(t.shape)}")
+            if t.dim() != 3 or t.shape[0] != chans:
+                raise ErfLabError(f"image {ident} must be ({chans}, H, W) for this model, got {tuple(t.shape)}")
             pending.append((ident, t.to(param_dtype) if t.is_floating_point() else t.float()))  # never rounded
             if len(pending) >= limit:
                 flush()

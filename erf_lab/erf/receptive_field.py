@@ -136,6 +136,15 @@ def _module_hook(module, inp, out):
     _tag(out, (rf, tuple(info[1][a] * s[a] for a in range(2)), _start(info[2], info[1], k, d, p)))
 
 
+def input_channels(model: nn.Module) -> int:
+    """The number of input channels ``model`` takes: its ``in_chans`` (timm's convention), else the first
+    convolution's ``in_channels`` (a grayscale model: 1, RGBA: 4), else 3."""
+    chans = getattr(model, "in_chans", None)
+    if isinstance(chans, int) and not isinstance(chans, bool) and chans > 0:
+        return chans
+    return next((mod.in_channels for mod in model.modules() if isinstance(mod, nn.Conv2d)), 3)
+
+
 def _features_fn(model: nn.Module):
     return model.forward_features if hasattr(model, "forward_features") else model
 
@@ -155,7 +164,8 @@ def _row(name: str, t: torch.Tensor, input_size: int) -> dict:
 
 
 def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = False) -> list[dict]:
-    """Every module that runs on a (1, 3, S, S) input with a spatial output (token and NHWC outputs arranged as
+    """Every module that runs on a (1, C, S, S) input (C: :func:`input_channels`) with a spatial output (token and
+    NHWC outputs arranged as
     (C, H, W)): ``name``, output ``shape`` (C, H, W), ``theoretical_rf`` (pixels, max of both axes; None after
     attention), total ``stride`` (max of both axes), ``rf_start`` and ``stride_hw`` (per axis, y then x; None after
     attention: unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), in execution order; the default
@@ -203,7 +213,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
             if name:
                 hooks.append(module.register_forward_hook(make_hook(name)))
         ref = next((t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()), None)
-        x = torch.zeros(1, 3, int(input_size), int(input_size),  # in the model's dtype and on its device
+        x = torch.zeros(1, input_channels(m), int(input_size), int(input_size),  # the model's dtype and device
                         dtype=ref.dtype if ref is not None else None, device=ref.device if ref is not None else None)
         setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0)))
         try:

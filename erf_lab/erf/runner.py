@@ -537,6 +537,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
          display=None) -> dict:
     from erf_lab.erf.images import load_images, model_data_config
     from erf_lab.erf.prepare import to_measured_form
+    from erf_lab.erf.receptive_field import input_channels
     from erf_lab.io import hold_folder, refuse_other_result, sha256_file
     from erf_lab.models import create_model
 
@@ -546,6 +547,10 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     config, setup_error = None, None
     try:
         model = create_model(spec.model, weights=spec.weights, drop_head=spec.drop_head, **spec.overrides)
+        chans = input_channels(model)
+        if chans != 3:
+            raise ErfLabError(f"{spec.model} takes {chans} input channel{'s' if chans != 1 else ''}; erf-lab's image "
+                              f"sets are RGB: measure it in Python with compute_erf on (N, {chans}, H, W) tensors")
         data_cfg = model_data_config(model)
         mean, std = data_cfg["mean"], data_cfg["std"]
         source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean,
