@@ -601,6 +601,27 @@ def test_a_model_with_other_input_channels_is_measured_in_python(channels):
     assert theoretical_rf(m, None, 16) == 3 and list_layers(m, 16)[-1]["shape"] == [2, 16, 16]
 
 
+def test_input_channels_follow_the_forward_where_the_head_is_registered_first():
+    """A model that registers its head (a 16-channel conv) before its RGB stem still takes RGB images: the first
+    convolution the forward calls decides, not the first one registered; a grayscale stem still gives 1."""
+    from erf_lab.erf.receptive_field import input_channels
+
+    class HeadFirst(nn.Module):
+        def __init__(self, stem_in=3):
+            super().__init__()
+            self.head = nn.Conv2d(16, 4, 1)
+            self.stem = nn.Conv2d(stem_in, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(self.stem(x))
+
+    m = HeadFirst().train()
+    assert input_channels(m) == 3 and input_channels(HeadFirst(1)) == 1
+    assert m.training and not any(mod._forward_pre_hooks for mod in m.modules())
+    erf = compute_erf(m, torch.rand(2, 3, 16, 16), show_progress=False).erf
+    assert erf.shape == (16, 16) and erf[7:10, 7:10].max() > 0 and erf.sum() == erf[7:10, 7:10].sum()
+    assert list_layers(m, 16)[-1]["shape"] == [4, 16, 16]
+
 def test_the_cli_names_a_model_that_does_not_take_rgb(tmp_path, monkeypatch, capsys):
     """erf-lab's image sets are RGB: 'compute' of a 1-channel model is one line saying so (it was 'input size 32
     does not fit Conv2d: ... expected input[1, 3, 32, 32] to have 1 channels')."""

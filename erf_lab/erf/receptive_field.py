@@ -136,13 +136,41 @@ def _module_hook(module, inp, out):
     _tag(out, (rf, tuple(info[1][a] * s[a] for a in range(2)), _start(info[2], info[1], k, d, p)))
 
 
+class _FirstConv(Exception):
+    """Raised by a forward pre-hook on the first convolution a forward calls (its input channels found)."""
+
+
 def input_channels(model: nn.Module) -> int:
-    """The number of input channels ``model`` takes: its ``in_chans`` (timm's convention), else the first
-    convolution's ``in_channels`` (a grayscale model: 1, RGBA: 4), else 3."""
+    """The number of input channels ``model`` takes: its ``in_chans`` (timm's convention), else the ``in_channels``
+    of the first convolution (a grayscale model: 1, RGBA: 4), else 3. Where the first one registered does not take
+    3, the first one the forward calls decides (a model may register its head before its stem): a forward of a
+    3-channel input, stopped before that convolution runs, without gradients."""
     chans = getattr(model, "in_chans", None)
     if isinstance(chans, int) and not isinstance(chans, bool) and chans > 0:
         return chans
-    return next((mod.in_channels for mod in model.modules() if isinstance(mod, nn.Conv2d)), 3)
+    convs = [mod for mod in model.modules() if isinstance(mod, nn.Conv2d)]
+    if not convs or convs[0].in_channels == 3:
+        return 3
+    found: list[int] = []
+
+    def first(module, inputs):
+        found.append(module.in_channels)
+        raise _FirstConv
+
+    handles = [c.register_forward_pre_hook(first) for c in convs]
+    ref = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 32, 32, dtype=None if ref is None else ref.dtype,
+                              device=None if ref is None else ref.device))
+    except _FirstConv:
+        pass
+    except Exception:  # the forward failed before any convolution ran: the registered order decides
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else convs[0].in_channels
 
 
 def _features_fn(model: nn.Module):
