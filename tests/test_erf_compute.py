@@ -622,6 +622,24 @@ def test_input_channels_follow_the_forward_where_the_head_is_registered_first():
     assert erf.shape == (16, 16) and erf[7:10, 7:10].max() > 0 and erf.sum() == erf[7:10, 7:10].sum()
     assert list_layers(m, 16)[-1]["shape"] == [4, 16, 16]
 
+def test_layers_after_a_resampling_have_no_theoretical_rf_rather_than_a_wrong_one():
+    """conv 3x3 stride 2, nearest upsampling x2, conv 3x3 at 16 px: the last unit's support is 5 px wide around
+    pixel 7 (the gradient says so), where `layers` gave RF 7 and stride 2 (the coarse map's). After a resampling
+    (interpolate, a strided transposed conv) the units lie on no integer grid: RF None, as after attention, the
+    stride from the map's side, and the metrics centred on the map's middle; the map itself is the gradient's."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Upsample(scale_factor=2),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.ConvTranspose2d(4, 4, 2, stride=2))
+    rows = {r["name"]: r for r in list_layers(net, 16)}
+    assert rows["0"]["theoretical_rf"] == 3 and rows["0"]["stride"] == 2
+    for name, stride in (("1", 1), ("2", 1), ("3", 1)):
+        assert rows[name]["theoretical_rf"] is None and rows[name]["rf_start"] is None, rows[name]
+        assert rows[name]["stride"] == stride, rows[name]
+    x = torch.rand(1, 3, 16, 16, requires_grad=True)
+    out = net[:3](x)
+    (g,) = torch.autograd.grad(torch.relu(out[:, :, 8, 8]).sum(), x)
+    cols = np.nonzero(g.abs().sum((0, 1)).numpy().any(0))[0]
+    assert cols.min() >= 5 and cols.max() <= 9  # 5 px at most, not the 7 that was reported
+
 def test_the_cli_names_a_model_that_does_not_take_rgb(tmp_path, monkeypatch, capsys):
     """erf-lab's image sets are RGB: 'compute' of a 1-channel model is one line saying so (it was 'input size 32
     does not fit Conv2d: ... expected input[1, 3, 32, 32] to have 1 channels')."""

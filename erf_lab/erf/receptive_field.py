@@ -31,6 +31,10 @@ from erf_lab.errors import ErfLabError
 DEFAULT_LAYER = "forward_features"
 _ATTR = "_erf_lab_rf"
 _TOKEN_MIXING = ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention")
+# ops that resample the map: after them the units lie on no integer grid of the input, so the theoretical RF is
+# not tracked (None, as after attention) rather than given wrong (an upsampled map kept its coarse stride and RF)
+_RESAMPLING = ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pixel_shuffle", "pixel_unshuffle",
+               "grid_sample")
 
 
 def _pair(v) -> tuple[int, int]:
@@ -93,6 +97,13 @@ class _RFMode(TorchFunctionMode):
         kernel = stride = dilation = None
         if name in _TOKEN_MIXING and len(infos) >= 2:
             rf = (math.inf, math.inf)
+        elif name in _RESAMPLING or (name == "conv_transpose2d" and _pair(
+                args[3] if len(args) > 3 else kwargs.get("stride", 1)) != (1, 1)):
+            rf = (math.inf, math.inf)
+            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if isinstance(out, torch.Tensor) and src is not None and out.dim() == src.dim() == 4 and min(
+                    out.shape[-2:]) > 0:  # the map's step in input pixels, scaled by the resampling
+                jump = tuple(jump[a] * src.shape[2 + a] / out.shape[2 + a] for a in range(2))
         elif name in ("conv2d", "conv_transpose2d") and len(args) >= 2:
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             kernel = tuple(weight.shape[-2:])
@@ -181,10 +192,10 @@ def _row(name: str, t: torch.Tensor, input_size: int) -> dict:
     info = getattr(t, _ATTR, None)
     rf = max(info[0]) if info else None
     stride = int(max(info[1])) if info else None
-    if rf is not None and math.isinf(rf):  # after attention: no kernel RF; the stride from the map's side
+    if rf is not None and math.isinf(rf):  # after attention or resampling: no kernel RF; stride from the map's side
         rf = None
         if t.dim() == 4 and min(t.shape[-2:]) > 0:
-            stride = max(stride, input_size // max(t.shape[-2:]))
+            stride = max(stride, input_size // max(t.shape[-2:]), 1)
     start = [float(v) for v in info[2]] if info and rf is not None else None
     stride_hw = [int(v) for v in info[1]] if info and rf is not None else None
     return {"name": name, "shape": list(t.shape[1:]), "theoretical_rf": None if rf is None else int(rf),
