@@ -337,3 +337,11 @@ def test_gaussian_fit_problems_one_reason_each():
     y, x = np.mgrid[:64, :64]
     broad = fit_gaussian(np.exp(-((y - 32) ** 2 + (x - 32) ** 2) / (2 * 80.0 ** 2)))
     assert broad["r2"] > 0.999 and broad["meaningful"] is False and "exceeds the map's height 64 px" in broad["reason"]
+    narrow = good[:3] + [0.3, 6.0, 0.0]
+    assert gaussian_fit_problems(narrow, lo, hi, (40, 40), 0.95) == [
+        "sigma_y 0.30 px is under half a pixel: narrower than the map's sampling"]
+    # a delta (all the ERF in one pixel) fits any bell narrower than a pixel: it was "meaningful", sigma 0.12 px
+    delta = np.zeros((33, 33))
+    delta[16, 16] = 1.0
+    fit = fit_gaussian(delta)
+    assert fit["meaningful"] is False and "under half a pixel" in fit["reason"], fit

@@ -206,6 +206,7 @@ def gaussian_fit_problems(p, lo, hi, shape, r2) -> list[str]:
     - a parameter at its bound: the optimum lies outside the model's allowed range, so the fit is degenerate
       (e.g. offset -1 with a huge amplitude and sigma: a flat map fitted by the top of a very wide bell);
     - a sigma larger than the map's side: the bell is wider than the map, only its flat top was seen;
+    - a sigma under half a pixel: the bell is narrower than the map's sampling (a delta fits any such sigma);
     - R^2 < :data:`GAUSS_MIN_R2` (or undefined for a constant map): the Gaussian explains too little of the map.
     """
     h, w = shape
@@ -218,6 +219,8 @@ def gaussian_fit_problems(p, lo, hi, shape, r2) -> list[str]:
         if v > side:
             out.append(f"{name} {float(v):.1f} px exceeds the map's {'height' if name == 'sigma_y' else 'width'} "
                        f"{side} px")
+        elif v < 0.5:
+            out.append(f"{name} {float(v):.2f} px is under half a pixel: narrower than the map's sampling")
     if r2 is None:
         out.append("R^2 undefined (constant map)")
     elif r2 < GAUSS_MIN_R2:
