@@ -169,19 +169,23 @@ def input_channels(model: nn.Module) -> int:
         raise _FirstConv
 
     handles = [c.register_forward_pre_hook(first) for c in convs]
-    ref = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, 32, 32, dtype=None if ref is None else ref.dtype,
-                              device=None if ref is None else ref.device))
-    except _FirstConv:
-        pass
-    except Exception:  # the forward failed before any convolution ran: the registered order decides
+            model(_probe_input(model, 3, 32))
+    except Exception:  # _FirstConv; or the forward failed before any convolution ran: the registered order decides
         pass
     finally:
         for h in handles:
             h.remove()
     return found[0] if found else convs[0].in_channels
+
+
+def _probe_input(model: nn.Module, channels: int, size: int) -> torch.Tensor:
+    """A (1, channels, size, size) zero input in the model's dtype and on its device (float32 on the CPU without
+    floating parameters or buffers)."""
+    ref = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    return torch.zeros(1, channels, size, size, dtype=None if ref is None else ref.dtype,
+                       device=None if ref is None else ref.device)
 
 
 def _features_fn(model: nn.Module):
@@ -251,9 +255,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
         for name, module in m.named_modules():
             if name:
                 hooks.append(module.register_forward_hook(make_hook(name)))
-        ref = next((t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()), None)
-        x = torch.zeros(1, input_channels(m), int(input_size), int(input_size),  # the model's dtype and device
-                        dtype=ref.dtype if ref is not None else None, device=ref.device if ref is not None else None)
+        x = _probe_input(m, input_channels(m), int(input_size))
         setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0)))
         try:
             with torch.no_grad(), _RFMode():
