@@ -316,20 +316,26 @@ def cpp_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int, lanes: i
 
 
 # ----------------------------------------------------------------------------------------------- oneDNN paths
-def float32_for_cpu_half(fn):
-    """``fn(x, *args)`` on a float16 CPU ``x`` runs in float32 (its tensor arguments too) and is rounded once to
-    float16: PyTorch's float16 depthwise convolution on the CPU does not finish for some shapes (F.conv2d, B = 1,
-    C = 2, R = 31, K = 15: no result in 120 s, float32 well under 1 ms; 2-core Intel Xeon with AVX-512,
-    torch 2.13), and float32 sums are more exact. Every stock-call path of the backends that take float16 on the
-    CPU ("native", "channels_last") goes through it."""
-    @functools.wraps(fn)
-    def in_float32(x, *args):
-        if x.dtype == torch.float16 and x.device.type == "cpu":
-            args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
-            with torch.autocast("cpu", enabled=False):  # CPU autocast to float16 would cast them back
-                return fn(x.float(), *args).to(torch.float16)
-        return fn(x, *args)
-    return in_float32
+def float32_for_cpu(*dtypes: torch.dtype):
+    """Decorator: ``fn(x, *args)`` on a CPU ``x`` of one of ``dtypes`` runs in float32 (its tensor arguments too)
+    and is rounded once to ``x.dtype``, with CPU autocast off inside (it would cast them back)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def in_float32(x, *args):
+            if x.dtype in dtypes and x.device.type == "cpu":
+                args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+                with torch.autocast("cpu", enabled=False):
+                    return fn(x.float(), *args).to(x.dtype)
+            return fn(x, *args)
+        return in_float32
+    return wrap
+
+
+float32_for_cpu_half = float32_for_cpu(torch.float16)
+float32_for_cpu_half.__doc__ = """float16 on the CPU runs in float32, rounded once to float16: PyTorch's float16
+depthwise convolution on the CPU does not finish for some shapes (F.conv2d, B = 1, C = 2, R = 31, K = 15: no result
+in 120 s, float32 well under 1 ms; 2-core Intel Xeon with AVX-512, torch 2.13), and float32 sums are more exact.
+Every stock-call path of the backends that take float16 on the CPU ("native", "channels_last") goes through it."""
 
 
 @float32_for_cpu_half
@@ -340,13 +346,16 @@ def onednn_conv_cl(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
     return F.conv2d(xc, w, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
 
 
-@float32_for_cpu_half
+@float32_for_cpu(torch.float16, torch.bfloat16)
 def onednn_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Weight gradient as one *forward* depthwise conv: the padded input viewed as (1, N*C, H+KH-1, W+KW-1)
     correlated with the output gradient as an (N*C, 1, H, W) kernel, no padding, then summed over N.
     With zero padding oneDNN's direct depthwise kernel applies (the cliff is the padding > 6 case). float16 on the
     CPU: see :func:`float32_for_cpu_half` (this shape, an H x W kernel and a K x K output, did not finish in
-    float16: B = 1, C = 2, R = 20, K = 31, no result in 10 min; float32 3 ms)."""
+    float16: B = 1, C = 2, R = 20, K = 31, no result in 10 min; float32 3 ms). bfloat16 runs in float32 as well: in
+    bfloat16 each image's K x K result was rounded before the sum over N, which lost up to 11-15 % of the small
+    entries (relative to each entry, floor 1 % of the largest; float32: 0.4 %, one rounding, as convolution_backward),
+    and float32 took 0.6-0.9x the time (2-core Intel Xeon with AMX, B = 4..64, C = 16..384, R = 14..56, K = 7..31)."""
     n, c, h, wd = x.shape
     ph, pw = kh // 2, kw // 2
     xp = F.pad(x.contiguous(), (pw, pw, ph, ph)).reshape(1, n * c, h + 2 * ph, wd + 2 * pw)
