@@ -241,3 +241,33 @@ def test_human_reference_leaves_model_csvs_out(shared_datasets, tmp_path):
     add_consistency(summary, {"cue-conflict": {}}, tmp_path)
     assert round(summary["human_reference"]["shape_bias"], 5) == 0.95869
     assert summary["human_reference"]["n_subjects"] == 10
+
+
+def test_compare_table_gives_the_humans_edge_and_silhouette_accuracy(tmp_path):
+    """--compare's humans row: the mean accuracy of the subjects on edge / silhouette when their CSVs lie beside
+    the cue-conflict ones (it was left blank although the data were there)."""
+    from erf_lab.shape_bias.analysis import human_csvs
+    from erf_lab.shape_bias.plotting import compare_runs
+
+    root = tmp_path / "data"
+    for d in ("human-cue-conflict", "human-edge", "human-silhouette"):
+        (root / d).mkdir(parents=True)
+    cue = [("0001_x_bird1-cat2.png", "bird"), ("0002_x_cat1-dog2.png", "cat")]
+    _write(root / "human-cue-conflict" / "cue-conflict_subject-01_session_1.csv", "subject-01",
+           [(img, c, c) for img, c in cue])
+    edge = [("0001_edg_s01_0_oven_00_oven1.png", "oven"), ("0002_edg_s01_0_cat_00_cat1.png", "cat"),
+            ("0003_edg_s01_0_dog_00_dog1.png", "dog"), ("0004_edg_s01_0_car_00_car1.png", "car")]
+    _write(root / "human-edge" / "edge_subject-01_session_1.csv", "subject-01",
+           [(img, c, c) for img, c in edge])                                    # 4 of 4
+    _write(root / "human-edge" / "edge_subject-02_session_1.csv", "subject-02",
+           [(img, c, c if i == 0 else "na") for i, (img, c) in enumerate(edge)])  # 1 of 4
+    _write(root / "human-silhouette" / "silhouette_subject-01_session_1.csv", "subject-01",
+           [(img.replace("edg", "sil"), c, "na") for img, c in edge])            # 0 of 4
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"model": "m", "label": "m", "shape_bias": 0.5, "per_category": {},
+                                                  "edge_accuracy": 0.25, "silhouette_accuracy": 0.5}))
+    rows = compare_runs([run], tmp_path / "cmp", human_csv_paths=human_csvs(root))["rows"]
+    assert rows[0]["model"] == "humans" and rows[0]["shape_bias"] == 1.0
+    assert rows[0]["edge_accuracy"] == pytest.approx((1.0 + 0.25) / 2) and rows[0]["silhouette_accuracy"] == 0.0
+    assert rows[1]["edge_accuracy"] == 0.25

@@ -197,6 +197,21 @@ def _correct_fractions(s: dict) -> dict:
         return {"fraction_correct_shape": None, "fraction_correct_texture": None}
 
 
+def _human_accuracies(human_csv_paths) -> dict:
+    """Mean 16-class accuracy over the human subjects of each data set whose ``human-<dataset>/`` folder lies beside
+    the folder of the human cue-conflict CSVs (model-vs-human's human accuracy: the mean over subjects)."""
+    from erf_lab.shape_bias.consistency import accuracy, human_trials
+
+    folders = {Path(p).parent for p in human_csv_paths}
+    if len(folders) != 1 or next(iter(folders)).name != "human-cue-conflict":
+        return {}
+    out = {}
+    for ds, subjects in human_trials(next(iter(folders)).parent).items():
+        accs = [a for a in (accuracy(t) for t in subjects.values()) if a is not None]
+        out[ds] = sum(accs) / len(accs) if accs else None
+    return out
+
+
 def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> dict:
     """Several runs in one figure and one table (``comparison.md`` + ``comparison.csv``). Returns the rows."""
     from erf_lab.io import atomic_path, prepare_out_dir, refuse_other_result, write_json
@@ -221,8 +236,10 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
         from erf_lab.shape_bias.analysis import shape_bias_from_csv
 
         h = shape_bias_from_csv(list(human_csv_paths), only_humans=True)
-        rows.append({"model": "humans", **{c: h[c] for c in cols[1:4]}, "edge_accuracy": None,
-                     "silhouette_accuracy": None, "n_conflict": h["n_conflict"], "run": "human-cue-conflict"})
+        acc = _human_accuracies(human_csv_paths)
+        rows.append({"model": "humans", **{c: h[c] for c in cols[1:4]}, "edge_accuracy": acc.get("edge"),
+                     "silhouette_accuracy": acc.get("silhouette"), "n_conflict": h["n_conflict"],
+                     "run": "human-cue-conflict"})
     for s, d in zip(summaries, run_dirs):
         rows.append({"model": s.get("label", s.get("model")), **{c: s.get(c) for c in cols[1:-1]},
                      **_correct_fractions(s), "run": str(d)})
