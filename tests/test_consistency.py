@@ -271,3 +271,22 @@ def test_compare_table_gives_the_humans_edge_and_silhouette_accuracy(tmp_path):
     assert rows[0]["model"] == "humans" and rows[0]["shape_bias"] == 1.0
     assert rows[0]["edge_accuracy"] == pytest.approx((1.0 + 0.25) / 2) and rows[0]["silhouette_accuracy"] == 0.0
     assert rows[1]["edge_accuracy"] == 0.25
+
+
+def test_a_truncated_row_is_refused_not_a_phantom_correct_trial(tmp_path):
+    """A short row (an interrupted write) had None as image, category and response: read as one more trial, image
+    'None', counted correct (None == None), so 0 of 2 became an accuracy of 1/3; shape_bias_from_csv raised a
+    TypeError. Now one error line names the file and line."""
+    from erf_lab.shape_bias.analysis import shape_bias_from_csv
+
+    p = _write(tmp_path / "edge_m_session-1.csv", "m", [("0001_edg_s01_0_oven_00_oven1.png", "oven", "knife"),
+                                                        ("0002_edg_s01_0_cat_00_cat1.png", "cat", "dog")])
+    with open(p, "a") as f:
+        f.write("m,1,3,NaN\n")
+    with pytest.raises(ErfLabError, match="line 4: no object_response, category, imagename"):
+        read_trials([p])
+    q = _write(tmp_path / "cue-conflict_m_session-1.csv", "m", [("cat1-dog2.png", "cat", "cat")])
+    with open(q, "a") as f:
+        f.write("m,1,2,NaN,cat,,0,\n")  # no category, no image: no trial either
+    with pytest.raises(ErfLabError, match="line 3: no category, imagename"):
+        shape_bias_from_csv(q)

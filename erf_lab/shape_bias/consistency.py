@@ -38,6 +38,7 @@ HUMAN_PREFIX = "subject-"
 MEASURES = ("observed_consistency", "expected_consistency", "error_consistency")
 
 MVH_COLUMNS = ("subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename")
+REQUIRED_COLUMNS = ("subj", "object_response", "category", "imagename")
 Trials = dict  # image id -> (category, object_response)
 
 
@@ -73,10 +74,19 @@ def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            missing = {"subj", "object_response", "category", "imagename"} - set(reader.fieldnames or ())
+            missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or ())
             if missing:
                 raise ErfLabError(f"{path}: not a model-vs-human CSV (missing columns {', '.join(sorted(missing))})")
-            return list(reader)
+            rows = []
+            for r in reader:
+                # a short (truncated) row has None there; without an image or a category it is no trial (kept, it
+                # was one image 'None' whose response None equals its category None: a phantom correct trial)
+                bad = [c for c in REQUIRED_COLUMNS if r.get(c) is None or c != "object_response" and not r[c].strip()]
+                if bad:
+                    raise ErfLabError(f"{path}, line {reader.line_num}: no {', '.join(bad)} (a truncated or damaged "
+                                      f"row)")
+                rows.append(r)
+            return rows
     except (UnicodeDecodeError, csv.Error) as e:
         what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"malformed CSV ({e})"
         raise ErfLabError(f"{path}: {what}, not a model-vs-human CSV") from None
