@@ -290,3 +290,13 @@ def test_a_truncated_row_is_refused_not_a_phantom_correct_trial(tmp_path):
         f.write("m,1,2,NaN,cat,,0,\n")  # no category, no image: no trial either
     with pytest.raises(ErfLabError, match="line 3: no category, imagename"):
         shape_bias_from_csv(q)
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    """A CSV saved with a UTF-8 byte-order mark (Excel's 'CSV UTF-8'; pandas, which model-vs-human reads with,
+    skips it) was refused: its first column read as '\\ufeffsubj', 'missing columns subj'."""
+    p = _write(tmp_path / "edge_m_session-1.csv", "m", [("0001_edg_s01_0_oven_00_oven1.png", "oven", "oven"),
+                                                        ("0002_edg_s01_0_cat_00_cat1.png", "cat", "dog")])
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    t = read_trials([p])["edge"]["m"]
+    assert accuracy(t) == 0.5 and set(t) == {"oven1.png", "cat1.png"}

@@ -72,7 +72,7 @@ def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise ErfLabError(f"CSV not found: {path}")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is no column
             reader = csv.DictReader(f)
             missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or ())
             if missing:
