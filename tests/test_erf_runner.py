@@ -715,3 +715,32 @@ def test_run_json_feature_shape_is_the_measured_maps(tmp_path, monkeypatch):
     run_erf(ErfSpec(model, num_images=1, input_size=32, batch_size=1), out=tmp_path / "run", show_progress=False)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["feature_shape"] == [2, 28, 28] and info["erf_centre"] == [16, 16]
+
+
+def test_sigterm_mid_run_saves_progress_like_ctrl_c(tmp_path):
+    """kill / timeout / a scheduler's SIGTERM saves the images measured so far, as Ctrl-C does (before: the process
+    died at once and every image since the last periodic save, up to 30 s of work, was measured again)."""
+    script = (
+        "import os, signal, sys\n"
+        "from erf_lab.erf.runner import ErfSpec, run_erf\n"
+        f"spec = ErfSpec('replknet_31b', overrides={TINY_KW!r}, num_images=6, input_size=32, batch_size=1)\n"
+        "def stop(a):\n"
+        "    if len(a.processed) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "try:\n"
+        "    run_erf(spec, out=sys.argv[1], show_progress=False, on_batch=stop, checkpoint_seconds=1e9)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n")
+    part = tmp_path / "part"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(part)], env=env, capture_output=True, timeout=240)
+    assert proc.returncode == 130, proc.stderr.decode()[-2000:]
+    assert not (part / "run.json").exists()
+    with np.load(part / ".erf_state.npz", allow_pickle=False) as z:
+        saved = len(json.loads(str(z["processed"])))
+    assert 2 <= saved < 6
+    res = run_erf(_spec(num_images=6), out=part, resume=True, show_progress=False)
+    full = run_erf(_spec(num_images=6), out=tmp_path / "full", show_progress=False)
+    assert res["run_info"]["resumed_after_images"] == saved
+    np.testing.assert_array_equal(np.load(part / "erf.npy"), np.load(tmp_path / "full" / "erf.npy"))
+    assert full["run_info"]["num_used"] == res["run_info"]["num_used"] == 6

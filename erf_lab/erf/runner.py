@@ -16,6 +16,7 @@ import importlib
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -532,6 +533,26 @@ def _switch_interval(lower: bool) -> None:
                 sys.setswitchinterval(_switch["interval"])
 
 
+@contextlib.contextmanager
+def _term_as_interrupt():
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler) raises KeyboardInterrupt while a run measures and writes,
+    so its progress is saved for ``--resume`` as on Ctrl-C. Only in the main thread and where SIGTERM has its
+    default action (a caller's own handler stays)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, tags, formats, show_progress,
          on_batch, checkpoint_seconds, argv, runs_root, start, t0, held_folder: contextlib.ExitStack,
          display=None) -> dict:
@@ -639,7 +660,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         if on_batch is not None:
             on_batch(a)
 
-    with _owned_out_dir(out_dir, dinfo, held_folder):
+    # kill / timeout / a scheduler's SIGTERM: progress saved as on Ctrl-C (it was lost back to the last periodic save)
+    with _term_as_interrupt(), _owned_out_dir(out_dir, dinfo, held_folder):
         t_measure = time.time()
         try:
             result = compute_erf(model, source, layer=geom["layer"], aggregate=spec.aggregate,
