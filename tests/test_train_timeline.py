@@ -279,3 +279,12 @@ def test_cue_world_images_follow_the_world_they_are_of(tmp_path):
     assert not np.array_equal(seed1[0], seed0[0])
     cue_world_images(folder, 2, 32, 5, seed=1)  # another class count is another world too
     assert json.loads((tmp_path / "images.json").read_text())["num_classes"] == 5
+
+
+def test_timeline_unknown_device_is_refused_before_any_folder_is_made(tiny_run, tmp_path, capsys):
+    """--device tpu was refused only after the output folder and its cue-world images had been made."""
+    out = tmp_path / "tl"
+    assert main(["timeline", str(tiny_run), "--device", "tpu", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "unknown device 'tpu'" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -182,6 +182,9 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     size = int(input_size or train_size)
     if int(num_images) < 1 or int(probe_size) < 1:
         raise ErfLabError("--num-images and --probe-size must be at least 1")
+    from erf_lab.erf.prepare import check_device
+
+    check_device(device)  # before any folder or image is made (an unknown device failed after both)
     refuse_other_result(run.root / "timeline" if out is None else out, "timeline")  # e.g. --out RUN_DIR itself
     try:
         out = prepare_out_dir(run.root / "timeline" if out is None else out)
