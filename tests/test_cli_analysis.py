@@ -251,6 +251,20 @@ def test_sweep_refuses_to_overwrite_members_of_other_settings(capsys, tmp_path):
     assert json.loads((out_dir / "K3-train" / "run.json").read_text())["input_size"] == 48
 
 
+def test_sweep_measures_again_a_member_whose_erf_npy_is_damaged(capsys, tmp_path):
+    """A complete member (run.json) whose erf.npy is truncated is measured again by the same sweep; before, the
+    sweep reused it and then stopped on the unreadable file, with --force too (the folder had to be deleted)."""
+    out_dir = tmp_path / "s"
+    args = ["sweep", "--kernels", "3", "--reparam", "train", "--formats", "png", "--out", str(out_dir), *TINY]
+    assert run_cli(capsys, *args)[0] == 0
+    good = np.load(out_dir / "K3-train" / "erf.npy")
+    (out_dir / "K3-train" / "erf.npy").write_bytes((out_dir / "K3-train" / "erf.npy").read_bytes()[:100])
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    np.testing.assert_array_equal(np.load(out_dir / "K3-train" / "erf.npy"), good)
+    assert json.loads((out_dir / "sweep.json").read_text())["rows"][0]["reused"] is False
+
+
 def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_path):
     """metrics.json of an untrained run says so by itself (a copy of the file alone stays marked), and
     ``erf-lab analyze`` marks its console report, its metrics.json and its figure (before: only the figure)."""

@@ -394,7 +394,11 @@ def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: boo
     if reuse and complete:
         info = read_json_or_none(out_dir / RUN_FILE)
         if isinstance(info, dict) and isinstance(info.get("config"), dict) and not finished_diff(info["config"], config):
-            return "complete", None
+            try:
+                load_run(out_dir)  # a complete run whose erf.npy is damaged is measured again, not reused
+                return "complete", None
+            except ErfLabError:
+                pass
         return "new", [*outputs, *states]
     if reuse:
         return ("resume", states) if states else ("new", [*outputs, *states])
