@@ -265,6 +265,25 @@ def test_sweep_measures_again_a_member_whose_erf_npy_is_damaged(capsys, tmp_path
     assert json.loads((out_dir / "sweep.json").read_text())["rows"][0]["reused"] is False
 
 
+def test_sweep_rows_of_reused_members_come_from_erf_npy(capsys, tmp_path):
+    """A reused member's row is computed from its erf.npy: a damaged metrics.json was a TypeError traceback, and a
+    stale one (here: no area ratios) put numbers in sweep.csv that did not match the saved map."""
+    out_dir = tmp_path / "s"
+    args = ["sweep", "--kernels", "3", "--reparam", "train", "--formats", "png", "--out", str(out_dir), *TINY]
+    assert run_cli(capsys, *args)[0] == 0
+    first = (out_dir / "sweep.csv").read_text()
+    erf = np.load(out_dir / "K3-train" / "erf.npy")
+    area50 = compute_metrics(erf, centre=json.loads((out_dir / "K3-train" / "run.json").read_text())["erf_centre"])[
+        "high_contribution"][2]["area_ratio"] * 100
+    for damaged in ('{"shape": [64', '{"shape": [64, 64], "high_contribution": []}'):
+        (out_dir / "K3-train" / "metrics.json").write_text(damaged)
+        rc, out, err = run_cli(capsys, *args)
+        assert rc == 0 and "Traceback" not in err, err
+        assert (out_dir / "sweep.csv").read_text() == first
+        row = next(csv.DictReader(io.StringIO(first)))
+        assert float(row["area@50%"]) == pytest.approx(area50)
+
+
 def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_path):
     """metrics.json of an untrained run says so by itself (a copy of the file alone stays marked), and
     ``erf-lab analyze`` marks its console report, its metrics.json and its figure (before: only the figure)."""

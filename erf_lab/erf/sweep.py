@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, summary
+from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, compute_metrics, summary
 from erf_lab.erf.tables import csv_text, markdown_table
 from erf_lab.errors import ErfLabError
 from erf_lab.io import command_record, progress, refuse_other_result, write_text
@@ -228,11 +228,15 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
                     "kernel": k, "input_size": size, "reparam": mode}}, formats=formats, show_progress=False, argv=argv)
                 run = load_run(sub)
                 maps[(stem, mode)] = run.erf
+                # a reused member's table row comes from its erf.npy, as compare's: its metrics.json may be damaged
+                # or stale (edited, rewritten by analyze)
+                metrics = res["metrics"] if not res["already_complete"] and res["metrics"] else compute_metrics(
+                    run.erf, theoretical_rf=run.theoretical_rf, centre=run.centre)
                 rows.append({"kernel": k, "input_size": size, "reparam": mode,
                              "series": f"K={k} {mode}" if k else mode, "model": spec.model,
                              "weights": weights_label(run.run_info), "num_used": run.run_info.get("num_used"),
                              "run_dir": sub.name,
-                             "reused": res["already_complete"], **summary(run.metrics or res["metrics"])})
+                             "reused": res["already_complete"], **summary(metrics)})
                 bar.update(1)
                 save(rows=rows)  # still incomplete: the members so far
         finally:
