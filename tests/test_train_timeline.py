@@ -288,3 +288,19 @@ def test_timeline_unknown_device_is_refused_before_any_folder_is_made(tiny_run, 
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "unknown device 'tpu'" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_timeline_rows_of_cached_erfs_come_from_erf_npy(tiny_run, tmp_path):
+    """A cached checkpoint ERF whose metrics.json is damaged (a TypeError traceback before) or stale (its numbers
+    were put in the timeline, not the saved map's) is read from its erf.npy."""
+    from erf_lab.train.timeline import timeline
+
+    out = tmp_path / "tl"
+    kw = dict(num_images=2, probe_size=12, show_progress=False, formats=("png",), input_size=64, out=out)
+    first = timeline(tiny_run, **kw)
+    cached = sorted(out.glob("erf-64px/epoch_*/metrics.json"))
+    cached[0].write_text('{"shape": [64')
+    cached[1].write_text('{"shape": [64, 64], "high_contribution": [], "distribution": {"r_rms": 1234.0}}')
+    again = timeline(tiny_run, **kw)
+    assert again["measured"] == {"erf": 0, "probe": 0}
+    assert again["rows"] == first["rows"]

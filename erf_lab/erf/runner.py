@@ -537,6 +537,17 @@ def _switch_interval(lower: bool) -> None:
                 sys.setswitchinterval(_switch["interval"])
 
 
+def _metrics_of(run) -> dict:
+    """The metrics of a finished run, from its erf.npy (as write_run_dir computed them): its metrics.json may be
+    damaged (a TypeError in every caller) or stale (edited, rewritten by ``analyze --theoretical-rf``)."""
+    from erf_lab.erf.metrics import compute_metrics
+
+    metrics = compute_metrics(run.erf, theoretical_rf=run.theoretical_rf, centre=run.centre)
+    if (run.run_info or {}).get("random_init"):
+        metrics["random_init"] = True
+    return metrics
+
+
 @contextlib.contextmanager
 def _term_as_interrupt():
     """SIGTERM (``kill``, ``timeout``, a batch scheduler) raises KeyboardInterrupt while a run measures and writes,
@@ -613,7 +624,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     if action == "complete":
         run = load_run(out_dir) if dinfo.is_main else None
         return {"out_dir": out_dir, "already_complete": True, "reused": reuse, "result": None,
-                "metrics": run.metrics if run else None, "run_info": run.run_info if run else None}
+                "metrics": _metrics_of(run) if run else None, "run_info": run.run_info if run else None}
     D.barrier(dinfo)
     if dinfo.is_main and action == "new":
         for f in stale:
