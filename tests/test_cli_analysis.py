@@ -284,6 +284,30 @@ def test_sweep_rows_of_reused_members_come_from_erf_npy(capsys, tmp_path):
         assert float(row["area@50%"]) == pytest.approx(area50)
 
 
+def test_sweep_figures_of_random_init_members_say_so(capsys, tmp_path, monkeypatch):
+    """grid.<fmt> and growth.<fmt> of untrained members carry the (random init) mark, as compute's and compare's
+    figures do; before, only the tables said so and the figures (which travel alone) did not."""
+    from erf_lab.erf import plotting
+
+    seen = {}
+    grid, growth = plotting.plot_grid, plotting.plot_growth
+
+    def spy_grid(erfs, row_labels, *a, **kw):
+        seen["rows"] = list(row_labels)
+        return grid(erfs, row_labels, *a, **kw)
+
+    def spy_growth(rows, *a, **kw):
+        seen["groups"] = sorted({r[kw.get("group", "reparam")] for r in rows})
+        return growth(rows, *a, **kw)
+
+    monkeypatch.setattr(plotting, "plot_grid", spy_grid)
+    monkeypatch.setattr(plotting, "plot_growth", spy_growth)
+    args = ["sweep", "--kernels", "3", "--reparam", "train", "--formats", "png", "--out", str(tmp_path / "s"), *TINY]
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    assert seen["rows"] == ["train (random init)"] and seen["groups"] == ["train (random init)"]
+
+
 def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_path):
     """metrics.json of an untrained run says so by itself (a copy of the file alone stays marked), and
     ``erf-lab analyze`` marks its console report, its metrics.json and its figure (before: only the figure)."""

@@ -147,7 +147,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     members reused) and complete last. Returns ``{"rows", "reparam_diff", "files", "out_dir", "markdown"}``.
     """
     from erf_lab.erf.plotting import plot_grid, plot_growth
-    from erf_lab.erf.rundir import load_run
+    from erf_lab.erf.rundir import RANDOM_MARK, load_run
     from erf_lab.erf.runner import ErfSpec, jsonable, run_erf, settings_differ
     from erf_lab.io import prepare_out_dir
 
@@ -259,14 +259,19 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
 
     if not main:  # under torchrun every rank measured its share; rank 0 alone writes the sweep
         return {"rows": rows, "reparam_diff": diffs, "files": [], "out_dir": out_dir, "markdown": "", "main": False}
+    def untrained(k, mode) -> str:  # the figures say so, as compute's and compare's do (they may travel alone)
+        return f" {RANDOM_MARK}" if any(r["weights"] == "random" for r in rows
+                                        if r["reparam"] == mode and (k is None or r["kernel"] == k)) else ""
+
     files = plot_grid([[cell(k, mode, v) for v in axis] for k, mode in row_keys],
-                      [f"K={k} {mode}" if k is not None else mode for k, mode in row_keys],
+                      [(f"K={k} {mode}" if k is not None else mode) + untrained(k, mode) for k, mode in row_keys],
                       [f"{v}px" if by_size else f"K = {v}" for v in axis], out_dir / "grid", formats=formats)
     x = "input_size" if by_size else "kernel"
     group = "series" if (ks and by_size) else "reparam"
     metric_set = AREA_METRICS + SIZE_FREE_METRICS if by_size else AREA_METRICS + SIZE_FREE_METRICS[:1]
     gauss_bad = [r for r in rows if r.get("gauss_fit") == NOT_MEANINGFUL]
     plotted = [{**r, "gauss_sigma_x": None} if r.get("gauss_fit") == NOT_MEANINGFUL else r for r in rows]  # no point
+    plotted = [{**r, group: f"{r[group]} {RANDOM_MARK}"} if r["weights"] == "random" else r for r in plotted]
     files += plot_growth(plotted, out_dir / "growth", x=x, group=group, metrics=metric_set, formats=formats)
     columns = ("input_size",) + SWEEP_COLUMNS if by_size else SWEEP_COLUMNS
     write_text(out_dir / "sweep.csv", csv_text(rows, columns))
