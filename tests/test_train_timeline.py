@@ -304,3 +304,14 @@ def test_timeline_rows_of_cached_erfs_come_from_erf_npy(tiny_run, tmp_path):
     again = timeline(tiny_run, **kw)
     assert again["measured"] == {"erf": 0, "probe": 0}
     assert again["rows"] == first["rows"]
+
+
+def test_timeline_table_says_not_reached_for_area_ratios_not_reached(tiny_run, tmp_path, capsys):
+    """At the training size (32 px: a 1 x 1 map centred on the corner pixel) no area ratio is reached; the table
+    printed them as 'n/a' with no word on why, as if nothing had been measured."""
+    assert main(["timeline", str(tiny_run), "--num-images", "1", "--probe-size", "12", "--formats", "png",
+                 "--out", str(tmp_path / "tl"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert rows and all(r[1:4] == ["n/r", "n/r", "n/r"] for r in rows), out
+    assert "n/r: not reached" in out

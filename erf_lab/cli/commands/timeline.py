@@ -38,15 +38,19 @@ def run(args) -> int:
                    probe_size=args.probe_size, device=args.device, formats=parse_formats(args.formats),
                    show_progress=not args.quiet, out=args.out, argv=sys.argv)
 
-    def f(v, fmt=".3f"):
-        return "n/a" if v is None else format(v, fmt)
+    def f(v, fmt=".3f", none="n/a"):
+        return none if v is None else format(v, fmt)
 
     print(f"{'epoch':>5}  {'area@20%':>8}  {'area@50%':>8}  {'area@99%':>8}  {'r_rms':>6}  {'shape bias':>10}  "
           f"{'val acc':>7}")
     for r in res["rows"]:
-        print(f"{r['epoch']:>5}  {f(r['area@20%'], '.2f'):>8}  {f(r['area@50%'], '.2f'):>8}  "
-              f"{f(r['area@99%'], '.2f'):>8}  {f(r['r_rms'], '.1f'):>6}  "
+        print(f"{r['epoch']:>5}  {f(r['area@20%'], '.2f', 'n/r'):>8}  {f(r['area@50%'], '.2f', 'n/r'):>8}  "
+              f"{f(r['area@99%'], '.2f', 'n/r'):>8}  {f(r['r_rms'], '.1f'):>6}  "
               f"{f(r['shape_bias']) + (' †' if r['untrained'] else ''):>10}  {f(r['val_acc']):>7}")
+    if any(r[k] is None for r in res["rows"] for k in ("area@20%", "area@50%", "area@99%")):
+        print("n/r: not reached: no square centred on the measured unit's receptive-field centre that fits in the "
+              "image holds that share of the ERF (a small map, or a centre near the image's edge: see the flags in "
+              "each ERF's metrics.json; a larger --input-size helps)")
     if any(r["untrained"] for r in res["rows"]):
         print(UNTRAINED_NOTE)
     m = res["measured"]
