@@ -308,6 +308,20 @@ def test_sweep_figures_of_random_init_members_say_so(capsys, tmp_path, monkeypat
     assert seen["rows"] == ["train (random init)"] and seen["groups"] == ["train (random init)"]
 
 
+def test_a_run_whose_erf_npy_is_not_its_input_size_is_refused(capsys, tmp_path):
+    """An erf.npy replaced by another run's map (another size) was compared under this run's label ("64px") and
+    centred on this run's erf_centre; now one error line, in analyze and compare."""
+    run, other = tmp_path / "run", tmp_path / "other"
+    write_run_dir(run, gaussian_map(n=40), {"model": "m", "input_size": 40}, theoretical_rf=30)
+    write_run_dir(other, gaussian_map(n=40), {"model": "m", "input_size": 40}, theoretical_rf=30)
+    np.save(run / "erf.npy", gaussian_map(n=64))
+    for argv in (["analyze", str(run)], ["compare", str(run), str(other), "--out", str(tmp_path / "c")]):
+        rc, out, err = run_cli(capsys, *argv)
+        assert_one_line_error(rc, err, argv[0])
+        assert "a 64x64 map, but" in err and "input_size 40" in err
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_path):
     """metrics.json of an untrained run says so by itself (a copy of the file alone stays marked), and
     ``erf-lab analyze`` marks its console report, its metrics.json and its figure (before: only the figure)."""

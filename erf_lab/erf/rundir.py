@@ -239,6 +239,11 @@ def load_run(path: str | os.PathLike) -> Run:
     if run_dir is not None:
         if (run_dir / RUN_FILE).is_file():
             run_info = validate_run_info(read_json(run_dir / RUN_FILE), str(run_dir / RUN_FILE))
+            size = run_info.get("input_size")
+            if isinstance(size, int) and tuple(erf.shape) != (size, size):  # its centre and label are another map's
+                raise ErfLabError(f"{npy}: a {erf.shape[0]}x{erf.shape[1]} map, but {run_dir / RUN_FILE} records "
+                                  f"input_size {size}: the run directory is inconsistent (erf.npy replaced?); "
+                                  "measure it again, or copy the .npy out of the folder to read it alone")
         if (run_dir / METRICS_FILE).is_file():
             try:
                 metrics = read_json(run_dir / METRICS_FILE)
