@@ -322,6 +322,19 @@ def test_a_run_whose_erf_npy_is_not_its_input_size_is_refused(capsys, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_sweep_refused_by_its_first_member_leaves_no_folder(capsys, tmp_path):
+    """An unknown --layer or an image folder without images is found when the first member starts: the sweep's
+    --out stayed behind, empty."""
+    (tmp_path / "no-images").mkdir()
+    for extra, words in ((["--layer", "bogus"], "unknown layer 'bogus'"),
+                         (["--images", str(tmp_path / "no-images")], "no image files")):
+        out_dir = tmp_path / "s"
+        rc, out, err = run_cli(capsys, "sweep", "--kernels", "3", "--reparam", "train", "--out", str(out_dir),
+                               *TINY, *extra)
+        assert_one_line_error(rc, err, "sweep")
+        assert words in err and not out_dir.exists()
+
+
 def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_path):
     """metrics.json of an untrained run says so by itself (a copy of the file alone stays marked), and
     ``erf-lab analyze`` marks its console report, its metrics.json and its figure (before: only the figure)."""

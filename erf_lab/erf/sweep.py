@@ -128,6 +128,12 @@ def _members(ks, sizes, model, weights, init, weights_dir, overrides):
     return out
 
 
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int] | None = None,
               model: str | None = None, weights: str | None = None, reparam: str = "both", init: str | None = None,
               weights_dir: str | os.PathLike | None = None, input_size: int = 1024, images: str | None = None,
@@ -217,6 +223,8 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     record.update({"members": [f"{stem}-{mode}" for stem, mode in specs], "rows": []})
     with contextlib.ExitStack() as stack:
         stack.callback(D.shutdown, dinfo)
+        if main and not existed:  # a bad input met by the first member (unknown layer, no image): no empty folder
+            stack.callback(_remove_if_empty, out_dir)
         save = stack.enter_context(command_record(out_dir / "sweep.json", record, write=main))  # a sweep from now on
         rows, maps = [], {}
         bar = progress(total=len(specs), desc="sweep", unit="run", disable=not show_progress)
