@@ -195,3 +195,20 @@ def test_a_continued_study_counts_its_trained_models_from_the_start(tmp_path, mo
     shown = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("study:")]
     assert shown and "1/2" in shown[0] and "2/2" in shown[-1], shown
     assert not any("0/2" in line for line in shown), shown
+
+
+def test_a_finished_model_of_other_settings_is_not_reused(tmp_path, one_thread, capsys):
+    """A finished training run in runs/<name> was reused whatever it was trained with: with study.json damaged (or
+    removed), a study of --epochs 2 reported the 1-epoch runs as its own. Now the run's settings must match, and a
+    damaged study.json is one error line."""
+    from erf_lab.train.study import train_one
+
+    m = plan(TOY, kernels=(3,), seeds=(0,), guidelines=False)[0]
+    first = train_one(m, TOY, tmp_path / "runs")
+    assert train_one(m, TOY, tmp_path / "runs")["end_time"] == first["end_time"]  # kept, not trained again
+    with pytest.raises(ErfLabError, match="holds a training run of other settings .*epochs: 1 there, 2 now"):
+        train_one(m, dataclasses.replace(TOY, epochs=2), tmp_path / "runs")
+    (tmp_path / "study.json").write_text('{"settings": ')
+    with pytest.raises(ErfLabError, match="study.json is damaged"):
+        run_study(tmp_path, TOY, kernels=(3,), seeds=(0,), guidelines=False)
+    assert (tmp_path / "study.json").read_text() == '{"settings": '

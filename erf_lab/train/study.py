@@ -150,6 +150,18 @@ def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int |
         torch.set_num_threads(int(threads))
     out = runs / m.name
     if (info := trained_run(out)) is not None:
+        # a finished run is kept only when it is this model at these settings (a study.json that was damaged or
+        # removed no longer guards the folder: its runs of other settings were reported as this study's)
+        s = info.get("settings") or {}
+        have = {**{k: s.get(k) for k in ("model", "overrides", "input_size", "train_size", "val_size", "seed")},
+                **{k: (s.get("recipe") or {}).get(k) for k in ("epochs", "batch_size", "lr")}}
+        want = {"model": m.model, "overrides": _jsonable(dict(m.overrides)), "input_size": m.sizes(settings)[0],
+                "train_size": settings.train_size, "val_size": settings.val_size, "seed": m.seed,
+                "epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr}
+        diff = [k for k in want if have[k] != want[k]]
+        if diff:
+            raise ErfLabError(f"{out} holds a training run of other settings ({len(diff)} differ, e.g. {diff[0]}: "
+                              f"{have[diff[0]]!r} there, {want[diff[0]]!r} now); use another --out")
         return info
     from tqdm import tqdm
 
@@ -203,6 +215,10 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
     refuse_other_result(out, "study")  # its own runs/ and erf-*/ sub-folders are checked by train and run_erf
     new = _jsonable(asdict(settings))
     old = read_json_or_none(Path(out).expanduser() / "study.json")
+    if old is None and (Path(out).expanduser() / "study.json").is_file():
+        raise ErfLabError(f"{Path(out) / 'study.json'} is damaged (not readable JSON), so the settings of the study "
+                          "in it are unknown; delete it to continue the study there (its trained runs are checked "
+                          "against the settings) or use another --out")
     if isinstance(old, dict):  # its runs and measurements are reused: they must be of these settings
         diff = [k for k in new if (old.get("settings") or {}).get(k) != new[k]]
         if diff:
