@@ -212,3 +212,12 @@ def test_a_finished_model_of_other_settings_is_not_reused(tmp_path, one_thread, 
     with pytest.raises(ErfLabError, match="study.json is damaged"):
         run_study(tmp_path, TOY, kernels=(3,), seeds=(0,), guidelines=False)
     assert (tmp_path / "study.json").read_text() == '{"settings": '
+
+
+def test_study_json_records_how_the_study_was_made(tmp_path, one_thread):
+    """study.json held the settings and argv only: not the package versions, working folder or time that
+    sweep.json, compare.json and timeline.json record."""
+    run_study(tmp_path / "s", TOY, kernels=(3,), seeds=(0,), guidelines=False)
+    rec = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert rec["settings"]["epochs"] == 1 and isinstance(rec["command"], list)
+    assert rec["versions"]["erf_lab"] and rec["cwd"] and rec["time"]

@@ -227,8 +227,12 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
                               f"{(old.get('settings') or {}).get(k)!r} there, {new[k]!r} now); repeat its command "
                               f"to continue it, or use another --out")
     study = prepare_out_dir(out)
+    from erf_lab.provenance import provenance
+
+    how = provenance("study", new, sys.argv)  # where, with which versions and when (as sweep.json, timeline.json)
     write_json(study / "study.json", {"settings": new,
-                                      "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv})
+                                      "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv,
+                                      **{k: how[k] for k in ("cwd", "versions", "time")}})
     results = {}
     # the study's own bar (hours at the shipped size): models done and the ETA; the lines of each model's
     # training are written above it. Models trained by an earlier run of the study count from the start: they
