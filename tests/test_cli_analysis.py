@@ -335,6 +335,23 @@ def test_a_sweep_refused_by_its_first_member_leaves_no_folder(capsys, tmp_path):
         assert words in err and not out_dir.exists()
 
 
+def test_fewer_images_than_asked_for_are_said(capsys, tmp_path):
+    """--num-images 30 on the 8 built-in images measured 8 without a word (compute: "over 8 image(s)"; sweep: the
+    num_used column only); both now say that fewer were used than asked for."""
+    tiny = [a for a in TINY if a not in ("--num-images", "1")]
+    rc, out, err = run_cli(capsys, "compute", "--model", "replknet_31b", *tiny, "--num-images", "30", "--out",
+                           str(tmp_path / "c"))
+    assert rc == 0, err
+    assert "note: 30 images asked for (--num-images), 8 used" in out
+    rc, out, err = run_cli(capsys, "sweep", "--kernels", "3", "--reparam", "train", "--formats", "png", "--out",
+                           str(tmp_path / "s"), *tiny, "--num-images", "30")
+    assert rc == 0, err
+    assert "30 images asked for (--num-images), fewer used by K3-train" in (tmp_path / "s" / "sweep.md").read_text()
+    rc, out, err = run_cli(capsys, "compute", "--model", "replknet_31b", *tiny, "--num-images", "8", "--out",
+                           str(tmp_path / "c8"))
+    assert rc == 0 and "asked for" not in out
+
+
 def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_path):
     """metrics.json of an untrained run says so by itself (a copy of the file alone stays marked), and
     ``erf-lab analyze`` marks its console report, its metrics.json and its figure (before: only the figure)."""

@@ -292,6 +292,10 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
         md += ("\n\n" + NOT_MEANINGFUL + " = Gaussian fit not meaningful (a parameter at its bound, a sigma wider "
                f"than the map, or R^2 < {GAUSS_MIN_R2:g}) for " + ", ".join(str(r["run_dir"]) for r in gauss_bad)
                + "; its sigma is not an ERF size and is left out of the growth figure.")
+    short = [r["run_dir"] for r in rows if num_images and (r["num_used"] or 0) < int(num_images)]
+    if short:
+        md += (f"\n\nnum_used: {int(num_images)} images asked for (--num-images), fewer used by "
+               + ", ".join(short) + ": the image set holds no more usable ones.")
     if any(r["weights"] == "random" for r in rows):
         md += ("\n\nweights = random: seeded random initialization, not trained weights; these ERFs describe the "
                "untrained architecture, not what a trained network sees.")

@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
           + (f"{info['theoretical_rf']}px" if info["theoretical_rf"] else "n/a (attention)"))
     if info.get("size_note"):
         print(f"note: {info['size_note']}")
+    if isinstance(info.get("num_images_requested"), int) and info["num_used"] < info["num_images_requested"]:
+        print(f"note: {info['num_images_requested']} images asked for (--num-images), {info['num_used']} used: "
+              "the image set holds no more usable ones")
     if info.get("achieved_gflops"):
         ref = (f", {100 * info['roofline_fraction']:.1f}% of the {info['sgemm_device']} SGEMM rate "
                f"{info['sgemm_gflops']:.1f} GFLOP/s ({info['cpu_model']}, {info['isa']}, {info['threads']} threads)"
