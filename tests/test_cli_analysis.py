@@ -352,6 +352,24 @@ def test_fewer_images_than_asked_for_are_said(capsys, tmp_path):
     assert rc == 0 and "asked for" not in out
 
 
+def test_compare_says_when_maps_were_not_made_alike(capsys, tmp_path):
+    """Runs of another gradient aggregation (relu / abs) or of other images were compared without a word."""
+    def run(name, aggregate, sha):
+        write_run_dir(tmp_path / name, gaussian_map(), {"model": "m", "label": name, "aggregate": aggregate,
+                                                        "config": {"images_sha256": sha}}, theoretical_rf=30)
+        return str(tmp_path / name)
+
+    a, b, c = run("a", "relu", "1" * 64), run("b", "abs", "1" * 64), run("c", "relu", "2" * 64)
+    rc, out, err = run_cli(capsys, "compare", a, b, "--out", str(tmp_path / "ab"), "--formats", "png")
+    assert rc == 0, err
+    assert "Not like with like: the gradient aggregation differs (a: relu, b: abs)" in out
+    assert "Not like with like" in (tmp_path / "ab" / "compare.md").read_text()
+    rc, out, err = run_cli(capsys, "compare", a, c, "--out", str(tmp_path / "ac"), "--formats", "png")
+    assert "Not like with like: the maps were measured on different images" in out
+    rc, out, err = run_cli(capsys, "compare", a, a, "--out", str(tmp_path / "aa"), "--formats", "png")
+    assert rc == 0 and "Not like with like" not in out
+
+
 def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_path):
     """metrics.json of an untrained run says so by itself (a copy of the file alone stays marked), and
     ``erf-lab analyze`` marks its console report, its metrics.json and its figure (before: only the figure)."""

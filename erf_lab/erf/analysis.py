@@ -136,7 +136,22 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
                    + ", ".join(gauss_bad) if gauss_bad else " and the Gaussian sigma, all in pixels") + ".")
     if gauss := gauss_note(measured):
         note += " " + gauss
+    note += protocol_note(runs)
     if any(random):
         note += f" {RANDOM_MARK}: randomly initialised weights (never trained), not comparable to trained models."
     return {"rows": rows, "columns": columns, "markdown": markdown_table(rows, columns), "csv": csv_text(rows, columns),
             "note": note, "names": names, "random": random, "mixed": mixed, "measured": measured}
+
+
+def protocol_note(runs: Sequence) -> str:
+    """" Not like with like: ..." when the runs' maps were made with different gradient aggregations (relu / abs
+    give different maps of one network) or on different images (one SHA-256 over the images' contents), else ""."""
+    parts = []
+    agg = [(r.label, (r.run_info or {}).get("aggregate")) for r in runs]
+    if len({a for _, a in agg if a is not None}) > 1:
+        parts.append("the gradient aggregation differs (" + ", ".join(f"{lab}: {a}" for lab, a in agg if a) + "), "
+                     "which changes the map of one and the same network")
+    shas = [((r.run_info or {}).get("config") or {}).get("images_sha256") for r in runs]
+    if len({s for s in shas if s}) > 1:
+        parts.append("the maps were measured on different images")
+    return (" Not like with like: " + "; ".join(parts) + ".") if parts else ""
