@@ -370,6 +370,19 @@ def test_compare_says_when_maps_were_not_made_alike(capsys, tmp_path):
     assert rc == 0 and "Not like with like" not in out
 
 
+def test_a_sweep_folder_given_as_a_run_points_to_its_members(capsys, tmp_path):
+    """'compare SWEEP_DIR' said '(incomplete run? it has no run.json either)', as if the sweep were a broken run."""
+    sweep = tmp_path / "sweep"
+    write_run_dir(sweep / "K3-train", gaussian_map(), {"model": "m"}, theoretical_rf=30)
+    (sweep / "sweep.json").write_text(json.dumps({"complete": True, "command": "sweep", "rows": []}))
+    for argv in (["compare", str(sweep), str(sweep / "K3-train"), "--out", str(tmp_path / "c")],
+                 ["analyze", str(sweep)]):
+        rc, out, err = run_cli(capsys, *argv)
+        assert_one_line_error(rc, err, argv[0])
+        assert f"(it holds an ERF sweep; its ERF runs are its sub-folders, e.g. {sweep / 'K3-train'})" in err
+        assert "incomplete run" not in err
+
+
 def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_path):
     """metrics.json of an untrained run says so by itself (a copy of the file alone stays marked), and
     ``erf-lab analyze`` marks its console report, its metrics.json and its figure (before: only the figure)."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from erf_lab.erf.metrics import compute_metrics, summary, validate_erf
 from erf_lab.errors import ErfLabError
-from erf_lab.io import save_npy, write_json
+from erf_lab.io import RESULT_KINDS, result_kind, save_npy, write_json
 from erf_lab.provenance import now
 
 ERF_FILE, METRICS_FILE, RUN_FILE = "erf.npy", "metrics.json", "run.json"
@@ -225,6 +225,10 @@ def load_run(path: str | os.PathLike) -> Run:
             hint = ""
             if any(p.glob(STATE_GLOB)):
                 hint = f" (an interrupted run: continue it with 'erf-lab compute --resume --out {p}' and its options)"
+            elif (kind := result_kind(p)) not in (None, "unknown", "erf"):  # a sweep, comparison, training run...
+                runs = sorted(p.rglob(ERF_FILE))
+                hint = f" (it holds {RESULT_KINDS[kind]}" + (
+                    f"; its ERF runs are its sub-folders, e.g. {runs[0].parent})" if runs else ")")
             elif not (p / RUN_FILE).exists():
                 hint = " (incomplete run? it has no run.json either)"
             raise ErfLabError(f"{p} is not a run directory: no {ERF_FILE}{hint}")
