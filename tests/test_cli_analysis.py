@@ -383,6 +383,16 @@ def test_a_sweep_folder_given_as_a_run_points_to_its_members(capsys, tmp_path):
         assert "incomplete run" not in err
 
 
+def test_compare_names_an_empty_map(capsys, tmp_path):
+    """An all-zero map's row (n/r and - everywhere) was tabled without a word on why."""
+    write_run_dir(tmp_path / "zero", np.zeros((40, 40)), {"model": "m", "label": "zero"}, theoretical_rf=30)
+    write_run_dir(tmp_path / "g", gaussian_map(), {"model": "m", "label": "g"}, theoretical_rf=30)
+    rc, out, err = run_cli(capsys, "compare", str(tmp_path / "zero"), str(tmp_path / "g"), "--out",
+                           str(tmp_path / "c"), "--formats", "png")
+    assert rc == 0, err
+    assert "Empty map (all zero: no gradient reached the input" in out and "): zero." in out
+
+
 def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_path):
     """metrics.json of an untrained run says so by itself (a copy of the file alone stays marked), and
     ``erf-lab analyze`` marks its console report, its metrics.json and its figure (before: only the figure)."""

@@ -137,6 +137,9 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
     if gauss := gauss_note(measured):
         note += " " + gauss
     note += protocol_note(runs)
+    if empty := [label for label, m in measured if "empty_map" in (m.get("flags") or [])]:
+        note += (" Empty map (all zero: no gradient reached the input, so its n/r and - are no ERF size): "
+                 + ", ".join(empty) + ".")
     if any(random):
         note += f" {RANDOM_MARK}: randomly initialised weights (never trained), not comparable to trained models."
     return {"rows": rows, "columns": columns, "markdown": markdown_table(rows, columns), "csv": csv_text(rows, columns),
