@@ -575,6 +575,28 @@ def test_shape_bias_page_load_results_bad_folders(app_env):
                           "each run)"], errors(at)
 
 
+def test_shape_bias_page_names_a_damaged_decisions_csv(app_env):
+    """A decisions.csv that is not UTF-8 text, or has none of the columns erf-lab writes, is one line naming the
+    file in the stimulus browser (it was 'failed: UnicodeDecodeError' without the file, or silently 0 images);
+    the summary's numbers are still shown."""
+    import json
+
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    at.radio(key="sb-mode").set_value("Load results").run()
+    for name, data in (("binary", b"set,image\n\x00\xff\xfe junk"), ("columns", b"a,b\n1,2\n")):
+        d = app_env / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"shape_bias": 0.25, "n_conflict": 12}))
+        (d / "decisions.csv").write_bytes(data)
+        at.text_input(key="sb-dir").set_value(str(d)).run()
+        ok(at)
+        assert metric(at, "Shape bias") == "0.250"
+        assert len(errors(at)) == 1, errors(at)
+        assert errors(at)[0].startswith("Stimulus browser: ") and "decisions.csv: not an erf-lab decisions.csv" \
+            in errors(at)[0] and "failed" not in errors(at)[0], errors(at)
+
+
 def test_shape_bias_page_refuses_impossible_numbers(app_env):
     """A summary.json holding values no run writes (a shape bias or hit fraction outside [0, 1], NaN, a negative
     count, a malformed interval or table) is refused in one line naming the field, before any number is shown,

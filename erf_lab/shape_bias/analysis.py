@@ -176,7 +176,22 @@ def add_consistency(summary: dict, model_trials: dict, near: Path | None = None,
     return humans
 
 
+DECISION_COLUMNS = ("set", "image", "shape", "texture", "decision")
+
+
 def read_decisions_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows of an erf-lab ``decisions.csv``."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """Rows of an erf-lab ``decisions.csv``; a file that is none (not UTF-8 text, no ``set`` / ``image``
+    / ``shape`` / ``texture`` / ``decision`` header) raises one ``ErfLabError`` line naming it."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ErfLabError(f"{path}: not an erf-lab decisions.csv ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    missing = [c for c in DECISION_COLUMNS if c not in header]
+    if missing:
+        raise ErfLabError(f"{path}: not an erf-lab decisions.csv (no {', '.join(missing)} column"
+                          f"{'s' if len(missing) > 1 else ''})")
+    return rows
