@@ -24,7 +24,11 @@ def app_runs_dir() -> Path:
 
 
 def run_kind(d: Path) -> str | None:
-    """What a directory holds: erf / sweep / shape-bias / benchmark / run (has run.json), else None."""
+    """What a directory holds: erf / sweep / shape-bias / benchmark / compare / timeline / study / run (has
+    run.json), else None. compare, timeline and study folders (``erf-lab compare --out``, ``timeline``, ``study``)
+    are told by their record (:data:`erf_lab.io.MARKER_FILES`), as the CLI tells them."""
+    from erf_lab.io import MARKER_FILES, read_json_or_none
+
     if (d / "erf.npy").is_file():
         return "erf"
     if (d / "sweep.json").is_file():
@@ -33,6 +37,12 @@ def run_kind(d: Path) -> str | None:
         return "shape-bias"
     if (d / "results.json").is_file() and (d / "table.csv").is_file():
         return "benchmark"
+    for kind in ("compare", "timeline", "study"):
+        name, is_ours = MARKER_FILES[kind]
+        if (d / name).is_file():
+            info = read_json_or_none(d / name)
+            if isinstance(info, dict) and is_ours(info):
+                return kind
     if (d / "run.json").is_file():
         return "run"
     return None

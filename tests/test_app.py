@@ -802,6 +802,42 @@ def test_results_page_table_is_the_compare_table(app_env):
     assert not at.multiselect and any("Choose a kind" in i.value for i in at.info)
 
 
+def test_results_page_lists_compare_and_timeline_folders(app_env):
+    """`erf-lab compare --out DIR` (compare.json) and a timeline folder (timeline.json) hold figures and tables but
+    no run.json: the Results page said 'No result directories' for them. They are listed by their record, as the CLI
+    tells them, with their figure, table and downloads; a stray compare.json of another program is not."""
+    import json
+
+    from erf_lab.erf.analysis import compare
+    from erf_lab.erf.rundir import write_run_dir
+
+    root = app_env / "runs"
+    write_run_dir(root / "erf" / "a", _gaussian(65, 6.0), {"label": "a", "model": "m", "num_used": 1,
+                                                           "input_size": 65}, formats=("png",))
+    cli = compare([root / "erf" / "a"], out=root / "cmp", formats=("png", "pdf"))
+    (root / "tl").mkdir()
+    (root / "tl" / "timeline.json").write_text(json.dumps({"run": "/x/train", "rows": [], "complete": True}))
+    (root / "stray").mkdir()
+    (root / "stray" / "compare.json").write_text(json.dumps({"something": "else"}))
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(root)).run()
+    ok(at)
+    assert not errors(at) and not at.info, (errors(at), [i.value for i in at.info])
+    kinds = at.segmented_control(key="res-kind").options
+    assert {"compare", "timeline"} <= set(kinds) and "run" not in kinds, kinds
+    at.segmented_control(key="res-kind").set_value("compare").run()
+    assert at.multiselect(key="res-chosen-compare").options == ["cmp"]
+    at.multiselect(key="res-chosen-compare").set_value(["cmp"]).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert len(at.image) == 1 and at.dataframe[0].value["label"][0] == cli["rows"][0]["label"]
+    labels = {b.proto.label for b in at.get("download_button")}
+    assert {"compare.png", "compare.pdf", "compare.csv"} <= labels, labels
+    at.segmented_control(key="res-kind").set_value("timeline").run()
+    assert at.multiselect(key="res-chosen-timeline").options == ["tl"]
+
+
 def test_results_page_says_a_sweep_is_incomplete(app_env):
     """A sweep stopped half way has its sweep.json from the start (complete: false): the page lists it but says it
     is incomplete (how much was measured, and that its command finishes it); a finished one gets no such line."""

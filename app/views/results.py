@@ -17,7 +17,8 @@ from erf_lab.erf.rundir import load_run, read_json
 from erf_lab.errors import ErfLabError
 
 st.title("Results")
-st.caption("Run directories of `erf-lab compute`, `sweep`, `shape-bias` and the kernel benchmark. Folders are "
+st.caption("Run directories of `erf-lab compute`, `sweep`, `compare`, `shape-bias`, `timeline`, `study` and the "
+           "kernel benchmark. Folders are "
            "confined to the working directory, your home, data/ and the datasets root "
            "(extend with $ERF_LAB_APP_ROOTS).")
 
@@ -28,7 +29,8 @@ with guard("Folder"):
     root = safety.safe_directory(root_text, "results folder")
     runs = find_runs(root)
     if not runs:
-        st.info(f"No result directories (erf.npy, sweep.json, summary.json or run.json) under {root}.")
+        st.info(f"No result directories (erf.npy, sweep.json, summary.json, compare.json, timeline.json, "
+                f"study.json or run.json) under {root}.")
 
 if runs:
     kinds = sorted({r["kind"] for r in runs})
@@ -78,7 +80,7 @@ if runs:
                 if pngs and r["kind"] != "erf":
                     st.image(str(pngs[0]), caption=pngs[0].name, width="stretch")
                 for p in downloadable_files(d):
-                    if p.suffix == ".csv" and p.stat().st_size < 2 * 2**20 and r["kind"] in ("sweep", "benchmark"):
+                    if p.suffix == ".csv" and p.stat().st_size < 2 * 2**20 and r["kind"] in ("sweep", "benchmark", "compare", "timeline", "study"):
                         try:  # a damaged table: one line naming it, the rest of the run still shown
                             table = read_csv_table(p, f"{n}/{p.name}")
                         except ErfLabError as e:
