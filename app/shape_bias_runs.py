@@ -31,9 +31,10 @@ def is_complete(run_dir: Path) -> bool:
 
 
 def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_json: str = "{}",
-                   weights: bytes | None = None, weights_name: str = "") -> Path:
+                   weights: bytes | None = None, weights_name: str = "", on_progress=None) -> Path:
     """The run directory of ``model_name`` on ``limit`` cue-conflict images (reused when it already holds the
-    result); random init is seeded and marked as untrained in the results (``random_weights``)."""
+    result); random init is seeded and marked as untrained in the results (``random_weights``).
+    ``on_progress(set_name, done, total)`` after every batch."""
     out = shape_bias_run_dir(model_name, pretrained=pretrained, limit=limit, overrides_json=overrides_json,
                              weights=weights)
     if is_complete(out):
@@ -46,5 +47,5 @@ def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_j
     run_shape_bias(model_name, out=out, model=model, pretrained=pretrained, overrides=overrides or None,
                    limit=int(limit), batch_size=16, workers=0, show_progress=False,
                    allow_random=weights is None and not pretrained,
-                   command=["streamlit", "app/main.py", "(shape-bias page)"])
+                   command=["streamlit", "app/main.py", "(shape-bias page)"], on_progress=on_progress)
     return out

@@ -550,6 +550,28 @@ def test_shape_bias_page_waits_for_a_click_beyond_the_default(app_env):
     metric(at, "Shape bias")  # finished: shown without another click
 
 
+def test_shape_bias_page_shows_progress_while_classifying(app_env, monkeypatch):
+    """A shape-bias run (up to 1280 images x 3 sets, minutes on a CPU) showed only a spinner; the page now shows a
+    progress bar that moves per batch with the set and the count of images done (erf_lab's own on_progress)."""
+    from streamlit.delta_generator import DeltaGenerator
+
+    texts, real = [], DeltaGenerator.progress
+
+    def spy(self, value, text=None, **kw):
+        texts.append((value, text))
+        return real(self, value, text=text, **kw)
+
+    monkeypatch.setattr(DeltaGenerator, "progress", spy)
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    metric(at, "Shape bias")
+    done = [(v, t) for v, t in texts if t and t.startswith("cue-conflict: ")]
+    assert done and done[-1] == (1.0, "cue-conflict: 16 of 16 images"), texts
+    assert any(t and t.startswith(("edges: ", "silhouettes: ")) for _, t in texts), texts
+
+
 def test_shape_bias_page_load_results_bad_folders(app_env):
     """Loading a folder that is no shape-bias run gives one readable line (no NameError / FileNotFoundError from
     the sections that need the summary); a summary of an older version without decisions.csv or stimulus folder

@@ -60,8 +60,13 @@ if mode == "Run a model":
                             "interactive default; press **Run shape-bias evaluation**.")
                     target = None
             if target is not None:
-                with st.spinner(f"classifying {limit} cue-conflict images (+ edges / silhouettes) ..."):
-                    run_dir = shape_bias_run(model, weights_name=weights_name, **settings)
+                bar = st.progress(0.0, text=f"classifying {limit} cue-conflict images (+ edges / silhouettes)")
+                try:
+                    run_dir = shape_bias_run(model, weights_name=weights_name, **settings, on_progress=lambda name,
+                                             done, total: bar.progress(done / max(total, 1),
+                                                                       text=f"{name}: {done} of {total} images"))
+                finally:
+                    bar.empty()
             if run_dir is not None and weights is None and not (pretrained and model == "efficientnet_lite0"):
                 st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
     args = ["shape-bias", "--model", model] + (["--pretrained"] if pretrained else ["--weights", "CHECKPOINT.pth"])

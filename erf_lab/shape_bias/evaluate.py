@@ -151,7 +151,7 @@ def remove_partial_sets(folder) -> None:
 
 def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Preprocess, *, batch_size: int = 32,
             workers: int | None = None, device: str = "cpu", show_progress: bool = True,
-            cache: bool = True, partial: PartialSet | None = None) -> SetResult:
+            cache: bool = True, partial: PartialSet | None = None, on_progress=None) -> SetResult:
     """Batched inference under ``torch.inference_mode`` on the stimuli's pixels, which come from
 
     - the :class:`DecodedCache` of an earlier run on the same files (``cache``: read it, and write it after a
@@ -163,7 +163,7 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
       half the CPUs) while the device runs the batches before (this path reads the cache but does not write it).
     ``SetResult.seconds`` counts decoding. ``partial``: images it holds as done are not run again, and the
     scores go there as they come (an interrupted run resumes); the caller removes it once its outputs are
-    written."""
+    written. ``on_progress(name, done, total)`` is called after every batch (the app's progress bar)."""
     from erf_lab.erf.prepare import keep_freed_memory
     from erf_lab.io import progress
     from erf_lab.train.stop import iterate, stop_handling
@@ -220,6 +220,8 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
                 st.done[idx] = True
                 bar.update(len(idx))
                 st.save()
+                if on_progress is not None:
+                    on_progress(name, int(st.done.sum()), n)
         finished = True
     finally:
         with contextlib.nullcontext() if finished else contextlib.suppress(OSError):  # keep the first error
@@ -288,7 +290,7 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, workers: int | None = None,
              device: str = "cpu", limit: int | None = None, show_progress: bool = True,
-             preprocess: Preprocess | None = None, cache: bool = True, partial_dir=None) -> dict:
+             preprocess: Preprocess | None = None, cache: bool = True, partial_dir=None, on_progress=None) -> dict:
     """Shape bias of ``model`` on the cue-conflict set (plus edge / silhouette accuracy when those sets are
     beside it). Returns ``{"summary": dict, "sets": {name: SetResult}}``; writes nothing but the decoded
     stimuli's cache (:class:`DecodedCache`; ``cache=False``: nothing) and, with ``partial_dir``, each set's
@@ -313,7 +315,7 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
             partial = PartialSet(Path(partial_dir) / f".partial-{name}.npz", key, len(stim))
             resumed[name] = partial.resumed
         sets[name] = run_set(model, name, stim, preprocess, batch_size=batch_size, workers=workers, device=device,
-                             show_progress=show_progress, cache=cache, partial=partial)
+                             show_progress=show_progress, cache=cache, partial=partial, on_progress=on_progress)
     cue = sets["cue-conflict"]
     rows = [(s.shape, s.texture, d) for s, d, ok in zip(cue.stimuli, cue.decisions, cue.ok) if ok]
     summary = shape_bias_from_decisions(rows)
@@ -429,7 +431,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
                    stimuli=None, batch_size: int = 32, workers: int | None = None, device: str = "cpu",
                    limit: int | None = None, show_progress: bool = True, command: list[str] | None = None,
                    model: nn.Module | None = None, allow_random: bool = False, cache: bool = True,
-                   crop_pct: float | None = 1.0, seed: int = 0, with_humans: bool = True) -> dict:
+                   crop_pct: float | None = 1.0, seed: int = 0, with_humans: bool = True, on_progress=None) -> dict:
     """Evaluate a zoo model and write ``decisions.csv``, ``summary.json``, ``run.json``, the model-vs-human CSV
     and the shape-bias figure (PNG + PDF) into ``out``. Returns the summary.
 
@@ -470,7 +472,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     out = prepare_out_dir(out)  # before minutes of inference; after the model, so a bad file leaves no folder
     result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
                       show_progress=show_progress, cache=cache, preprocess=Preprocess.from_model(model, crop_pct),
-                      partial_dir=out)
+                      partial_dir=out, on_progress=on_progress)
     summary = result["summary"]
     cfg = dict(getattr(model, "default_cfg", None) or {})
     label = model_name + ("" if weights is None else f" ({Path(weights).name})")
