@@ -71,8 +71,13 @@ with tab_run:
             else:
                 # into the app's run area (the user's run folder is only read), one folder per run: reused
                 out = app_runs_dir() / f"timeline-{hashlib.sha256(str(run).encode()).hexdigest()[:12]}"
-                with st.spinner("measuring new checkpoints (cached ones are reused)"):
-                    res = timeline(run, **settings, show_progress=False, out=out)
+                bar = st.progress(0.0, text="measuring new checkpoints (cached ones are reused)")
+                try:
+                    res = timeline(run, **settings, show_progress=False, out=out,
+                                   on_progress=lambda done, total: bar.progress(
+                                       done / max(total, 1), text=f"checkpoint {done} of {total} measured"))
+                finally:
+                    bar.empty()
                 st.caption(f"measured {res['measured']['erf']} ERF(s) and {res['measured']['probe']} probe(s) now; "
                            f"the rest came from the cache in {res['out_dir']}")
                 show_timeline(res["out_dir"], "tr-run-files")

@@ -157,13 +157,14 @@ def measure_checkpoint(model: str, weights, overrides: dict, *, erf_dir: Path, p
 
 def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_images: int = 20,
              probe_size: int = 300, device: str = "cpu", formats=("png", "pdf"), show_progress: bool = True,
-             out: str | os.PathLike | None = None, argv=None) -> dict:
+             out: str | os.PathLike | None = None, argv=None, on_progress=None) -> dict:
     """Measure every checkpoint of the training run ``run_dir`` (see the module docstring) and write the table
     and the figure into ``out`` (default ``RUN/timeline``; another folder for a read-only run). ``input_size``: ERF
     measurement size (default: the training size). ``timeline.json`` is written when the work starts
     (``"complete": false``, the checkpoints measured so far in ``rows``: an interrupted timeline's folder is
     recognised, and the same call again resumes from its caches) and complete last, with how it was made (command,
-    argv, versions). Returns ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}}``."""
+    argv, versions). ``on_progress(done, total)``: after each checkpoint (the app's progress bar). Returns
+    ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}}``."""
     from erf_lab.erf.tables import csv_text
     from erf_lab.io import command_record, prepare_out_dir, progress, refuse_other_result, write_text
     from erf_lab.provenance import provenance
@@ -220,6 +221,8 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
                          "val_acc": met.get("val_acc"), "train_acc": met.get("train_acc"),
                          "checkpoint": str(run.checkpoints[epoch].relative_to(run.root))})
             save(rows=rows)  # still incomplete: the checkpoints measured so far (each also cached on its own)
+            if on_progress is not None:
+                on_progress(len(rows), len(epochs))
     write_text(out / "timeline.csv", csv_text(rows, list(rows[0])))
     plot_timeline(rows, maps, out / "timeline", title=f"{s['model']} on cue-world: ERF at {size} px",
                   formats=formats)
