@@ -619,6 +619,29 @@ def test_shape_bias_page_names_a_damaged_decisions_csv(app_env):
             in errors(at)[0] and "failed" not in errors(at)[0], errors(at)
 
 
+def test_shape_bias_page_offers_no_symlinked_file(app_env):
+    """A loaded results folder whose decisions.csv / shape_bias.pdf are symlinks to other server files offered them
+    as downloads (the Results page offers no symlink); now only the folder's own files are shown and offered."""
+    import json
+
+    secret = app_env / "secret.txt"
+    secret.write_text("not for download")
+    d = app_env / "linked"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"shape_bias": 0.25, "n_conflict": 12}))
+    (d / "shape_bias.png").write_bytes((REPO_ROOT / "data" / "trained" / "cue-world" / "family.png").read_bytes())
+    (d / "shape_bias.pdf").symlink_to(secret)
+    (d / "decisions.csv").symlink_to(secret)
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    at.radio(key="sb-mode").set_value("Load results").run()
+    at.text_input(key="sb-dir").set_value(str(d)).run()
+    ok(at)
+    assert metric(at, "Shape bias") == "0.250"
+    labels = {b.proto.label for b in at.get("download_button")}
+    assert "shape_bias.png" in labels and not labels & {"shape_bias.pdf", "decisions.csv"}, labels
+
+
 def test_shape_bias_page_refuses_impossible_numbers(app_env):
     """A summary.json holding values no run writes (a shape bias or hit fraction outside [0, 1], NaN, a negative
     count, a malformed interval or table) is refused in one line naming the field, before any number is shown,

@@ -77,6 +77,14 @@ else:
         with guard("Results folder"):
             run_dir = safety.safe_directory(text, "results folder")
 
+
+
+def own_file(p: Path) -> bool:
+    """A file of the results folder itself: a symlink (to anything on the server) is neither shown nor offered,
+    as the Results page offers none (app.runs.downloadable_files)."""
+    return p.is_file() and not p.is_symlink()
+
+
 s = None
 if run_dir is not None:
     with guard("Shape-bias results"):
@@ -99,10 +107,10 @@ if s is not None:  # the sections below read the run's summary: none of them wit
                   else f"{s['fraction_shape_or_texture_hits']:.1%}", help=f"chance: {s.get('chance_shape_or_texture', 0.125):.1%}")
         m4.metric("Conflict images", s.get("n_conflict", 0))
         fig = Path(run_dir) / "shape_bias.png"
-        if fig.is_file():
+        if own_file(fig):
             st.image(str(fig), caption="model vs humans (dashed: mean shape bias)", width=560)
             files = [fig, fig.with_suffix(".pdf"), Path(run_dir) / "decisions.csv"]
-            file_downloads([p for p in files if p.is_file()], key="sb-dl")
+            file_downloads([p for p in files if own_file(p)], key="sb-dl")
         rows = []
         for cat, v in sorted(s.get("per_category", {}).items()):
             h = (human.get("per_category") or {}).get(cat) or {}
@@ -124,10 +132,10 @@ if s is not None:  # the sections below read the run's summary: none of them wit
                        "mean over subjects, human-human = mean over the 45 pairs of subjects (model-vs-human).")
             st.dataframe(pd.DataFrame(consistency_rows(report)), hide_index=True)
             fig = Path(run_dir) / "error_consistency.png"
-            if fig.is_file():
+            if own_file(fig):
                 st.image(str(fig), caption="error consistency with each subject (grey: human-human range)",
                          width=560)
-                file_downloads([p for p in (fig, fig.with_suffix(".pdf")) if p.is_file()], key="sb-ec-dl")
+                file_downloads([p for p in (fig, fig.with_suffix(".pdf")) if own_file(p)], key="sb-ec-dl")
 
     with guard("Stimulus browser"):
         st.subheader("Stimuli and decisions")
