@@ -772,6 +772,32 @@ def test_results_page_compares_runs_and_offers_downloads(app_env):
     assert errors(at) == ["Folder: " + refusal("results folder", "/etc")], errors(at)
 
 
+def test_results_page_chooses_the_first_run_of_a_newly_typed_folder(app_env):
+    """The page opens with the first run of its folder chosen; typing another folder left nothing chosen (the old
+    choice is none of its runs) and showed an empty page. The new folder's first run is chosen now, and a choice
+    made in a folder is kept while the folder stays."""
+    from erf_lab.erf.rundir import write_run_dir
+
+    write_run_dir(app_env / "app-runs" / "mine", _gaussian(65, 6.0), {"label": "mine", "model": "m", "num_used": 1,
+                                                                     "input_size": 65}, formats=("png",))
+    other = app_env / "other"
+    for name in ("a", "b"):
+        write_run_dir(other / name, _gaussian(65, 4.0), {"label": name, "model": "m", "num_used": 1,
+                                                         "input_size": 65}, formats=("png",))
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    ok(at)
+    first = at.multiselect(key="res-chosen-erf").options[0]  # the landing page's own runs may come first
+    assert at.multiselect(key="res-chosen-erf").value == [first] and len(at.dataframe) == 1
+    at.text_input(key="res-root").set_value(str(other)).run()
+    ok(at)
+    assert at.multiselect(key="res-chosen-erf").value == ["a"], at.multiselect(key="res-chosen-erf").value
+    assert len(at.dataframe) == 1 and at.dataframe[0].value["label"][0] == "a"
+    at.multiselect(key="res-chosen-erf").set_value(["b"]).run()
+    at.run()
+    assert at.multiselect(key="res-chosen-erf").value == ["b"]
+
+
 def test_an_all_zero_erf_map_is_flagged(app_env):
     """A map with no gradient at all (weights that are all zeros; an erf.npy of zeros) has no area or radius: the
     explorer and the Results page say so instead of showing n/r areas and blank radii as if measured."""

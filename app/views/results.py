@@ -28,6 +28,10 @@ runs = []
 with guard("Folder"):
     root = safety.safe_directory(root_text, "results folder")
     runs = find_runs(root)
+    if st.session_state.get("res-root-shown") != str(root):  # another folder: its first run chosen, as on first load
+        st.session_state["res-root-shown"] = str(root)       # (the old choices are not among its runs: none was)
+        for k in [k for k in st.session_state if str(k).startswith("res-chosen-")]:
+            del st.session_state[k]
     if not runs:
         st.info(f"No result directories (erf.npy, sweep.json, summary.json, compare.json, timeline.json, "
                 f"study.json or run.json) under {root}.")
