@@ -691,6 +691,14 @@ def test_kernels_page_explain_and_small_benchmark(app_env):
     assert list(table["K"]) == [3, 31]
     assert (table["fwd_fastconv_ms"] > 0).all()
     assert len(at.image) == 1
+    assert not at.info
+    # settings changed without a new run: the table shown is the last run's, and the page says so (it did not)
+    at.text_input(key="kb-ks").set_value("5").run()
+    ok(at)
+    assert list(at.dataframe[0].value["K"]) == [3, 31]
+    assert [i.value for i in at.info] == ["Shown: the last benchmark run (kernel sizes 3,31, resolutions 16, 16 "
+                                          "channels), not the settings above; press **Run benchmark** to measure "
+                                          "those."], [i.value for i in at.info]
 
 
 def test_kernels_page_bounds_the_live_benchmark(app_env):
