@@ -91,3 +91,21 @@ def test_training_page_shows_progress_per_checkpoint(app_env, monkeypatch):
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert [(v, t) for v, t in texts if t and t.startswith("checkpoint ")] == [
         (0.5, "checkpoint 1 of 2 measured"), (1.0, "checkpoint 2 of 2 measured")], texts
+
+
+def test_training_page_refuses_a_run_not_on_cue_world_before_the_button(app_env):
+    """A run trained on an image folder has no cue-world probe: it was asked to press 'Measure the timeline' and
+    refused only then; it is refused at once, in one line, with no button."""
+    torch.set_num_threads(1)
+    run = app_env / "run"
+    train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
+          val_size=8, num_classes=4, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5))
+    info = json.loads((run / "run.json").read_text())
+    info["settings"]["data"] = str(app_env / "images")
+    (run / "run.json").write_text(json.dumps(info))
+    at = _page()
+    at.text_input(key="tr-run").input(str(run)).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [f"Timeline: {run}: the timeline's shape-bias probe needs a cue-world run "
+                                           f"(this one: {app_env / 'images'})"], [e.value for e in at.error]
+    assert not [b for b in at.button if b.key == "tr-measure"]

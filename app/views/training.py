@@ -59,10 +59,10 @@ with tab_run:
     n_probe = c3.number_input("Probe images per split", 10, 2000, 100, step=10, key="tr-probe")
     if text:
         with guard("Timeline"):
-            from erf_lab.train.timeline import read_training_run, timeline
+            from erf_lab.train.timeline import cue_world_run, timeline
 
             run = safety.safe_directory(text, "training run folder")
-            read_training_run(run)  # a folder that is no training run is refused before any button
+            cue_world_run(run)  # a folder that is no training run, or not on cue-world, is refused before any button
             settings = dict(input_size=int(size) or None, num_images=int(n_img), probe_size=int(n_probe))
             if st.button("Measure the timeline", type="primary", key="tr-measure", icon=":material/play_arrow:"):
                 st.session_state["tr-confirmed"] = repr((str(run), settings))

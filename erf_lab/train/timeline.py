@@ -155,6 +155,16 @@ def measure_checkpoint(model: str, weights, overrides: dict, *, erf_dir: Path, p
             "erf_dir": Path(res["out_dir"]), "measured": measured}
 
 
+def cue_world_run(run_dir: str | os.PathLike):
+    """:func:`read_training_run` of a run trained on cue-world; ErfLabError otherwise (the timeline's shape-bias
+    probe draws cue-world images of the run's classes)."""
+    run = read_training_run(run_dir)
+    if run.settings.get("data") != "cue-world":
+        raise ErfLabError(f"{run.root}: the timeline's shape-bias probe needs a cue-world run (this one: "
+                          f"{run.settings.get('data')})")
+    return run
+
+
 def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_images: int = 20,
              probe_size: int = 300, device: str = "cpu", formats=("png", "pdf"), show_progress: bool = True,
              out: str | os.PathLike | None = None, argv=None, on_progress=None) -> dict:
@@ -170,11 +180,8 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     from erf_lab.provenance import provenance
     from erf_lab.train.probes import ProbeSpec
 
-    run = read_training_run(run_dir)
+    run = cue_world_run(run_dir)
     s = run.settings
-    if s.get("data") != "cue-world":
-        raise ErfLabError(f"{run.root}: the timeline's shape-bias probe needs a cue-world run (this one: "
-                          f"{s.get('data')})")
     train_size = int(s["input_size"])
     from erf_lab.erf.runner import MAX_INPUT_SIZE
 
