@@ -32,6 +32,9 @@ SHIPPED_FAMILY = {3: "K3-seed0", 7: "K7-seed0", 13: "K13-seed0", 31: "K31-seed0"
 SHIPPED_PREFIX = "builtin:cue-world/"
 #: cue-world validation images of the trained defaults (4 keep a page at a few seconds per model)
 DEFAULT_CUE_WORLD_IMAGES = 4
+#: shown beside an ERF measured with seeded random weights (run.json ``random_init``; as `erf-lab sweep` notes it)
+RANDOM_INIT_NOTE = ("random init: seeded random weights, never trained; this ERF describes the untrained "
+                    "architecture, not what a trained network sees")
 #: shown for a map whose metrics are flagged ``empty_map`` (erf_lab.erf.metrics): its n/r areas mean nothing
 EMPTY_MAP_NOTE = ("ERF map is all zeros (no gradient reached the input): it has no area or radius, so its n/r "
                   "areas and missing radii are not measurements")

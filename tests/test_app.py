@@ -397,6 +397,30 @@ def test_growth_page_vs_depth_says_random_init(app_env, monkeypatch):
     assert depth and len(depth[-1]) == 4 and all(RANDOM_MARK in label for label in depth[-1]), depth
 
 
+def test_random_init_erfs_carry_a_warning(app_env):
+    """An ERF of seeded random weights was marked only by '(random init)' in a label (explorer) or 'random' in a
+    table column (growth), where `erf-lab sweep` writes a note that it describes no trained network; both pages now
+    show that note beside it, and none for the shipped trained models."""
+    from app.erf_maps import RANDOM_INIT_NOTE
+
+    at = ok(new_app().run())
+    assert not any(RANDOM_INIT_NOTE in w.value for w in at.warning)  # the shipped trained default
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert [w.value for w in at.warning] == [RANDOM_INIT_NOTE], [w.value for w in at.warning]
+    at.switch_page("views/growth.py").run()
+    ok(at)
+    assert not any(RANDOM_INIT_NOTE in w.value for w in at.warning)
+    at.text_input(key="g-kernels").set_value("3").run()
+    at.number_input(key="g-nimg-True").set_value(1).run()
+    at.toggle(key="g-beside").set_value(True).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert [w.value for w in at.warning if RANDOM_INIT_NOTE in w.value], [w.value for w in at.warning]
+
+
 def test_growth_page_vs_input_size(app_env):
     """The 'vs input size' tab runs the library's input-size sweep: one row per size, and each row's area ratio
     is the side^2 / S^2 of its own map (a fraction of the image), recorded as sweep run directories."""

@@ -183,6 +183,8 @@ if specs and source is not None:
                            f"theoretical RF {res['trf'] if res['trf'] else 'n/a'} px · {res['seconds']:.1f} s")
                 if skipped := erf_maps.skip_message(res["skipped"], res["num_used"]):
                     st.warning(skipped, icon=":material/warning:")
+                if res["info"].get("random_init"):
+                    st.warning(erf_maps.RANDOM_INIT_NOTE, icon=":material/warning:")
                 if "empty_map" in ((res["metrics"] or {}).get("flags") or []):
                     st.warning(erf_maps.EMPTY_MAP_NOTE, icon=":material/warning:")
                 m1, m2 = st.columns(2)

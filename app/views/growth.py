@@ -93,6 +93,9 @@ with tab_k:
                 show_figure("erf_grid", ([[maps.get((k, m)) for k in done] for m in series], series,
                                          [f"K = {k}" for k in done]), stem="grid", key="g-grid")
             st.dataframe(pd.DataFrame(rows).drop(columns=["run_dir", "series"], errors="ignore"), hide_index=True)
+            if any("random" in (r.get("weights"), r.get("init")) for r in rows):
+                st.warning(f"{erf_maps.RANDOM_INIT_NOTE} (the rows and curves marked random).",
+                           icon=":material/warning:")
             if diffs:
                 worst = max(d["max_rel_diff"] for d in diffs)
                 st.metric("train vs deploy ERF: largest relative difference", f"{worst:.2e}",
