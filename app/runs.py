@@ -12,6 +12,8 @@ DOWNLOAD_SUFFIXES = {".png": "image/png", ".pdf": "application/pdf", ".svg": "im
                      ".npy": "application/octet-stream", ".csv": "text/csv", ".json": "application/json",
                      ".md": "text/markdown"}
 MAX_DOWNLOAD_MB = 200
+#: result directories listed from one folder (breadth first); the Results page says when the list is cut there
+MAX_RUNS = 300
 _BINARY = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters no CSV text holds
 
 
@@ -65,8 +67,10 @@ def incomplete_note(d: Path) -> str | None:
     return None
 
 
-def find_runs(root: Path, max_depth: int = 4, limit: int = 300) -> list[dict]:
-    """Result directories under ``root`` (itself included), breadth first, symlinks not followed."""
+def find_runs(root: Path, max_depth: int = 4, limit: int | None = None) -> list[dict]:
+    """Result directories under ``root`` (itself included), breadth first, symlinks not followed; at most ``limit``
+    (default :data:`MAX_RUNS`: a caller that gets that many says the list may be cut)."""
+    limit = MAX_RUNS if limit is None else limit
     out, frontier = [], [(root, 0)]
     while frontier and len(out) < limit:
         d, depth = frontier.pop(0)

@@ -830,6 +830,27 @@ def test_results_page_chooses_the_first_run_of_a_newly_typed_folder(app_env):
     assert at.multiselect(key="res-chosen-erf").value == ["b"]
 
 
+def test_results_page_says_when_its_run_list_is_cut(app_env, monkeypatch):
+    """The page lists at most MAX_RUNS result directories of a folder; a folder with more (a few sweeps hold
+    hundreds of runs) lost the rest without a word. It now says the list may be cut and how to see the rest."""
+    from app import runs
+
+    monkeypatch.setattr(runs, "MAX_RUNS", 3)
+    root = app_env / "many"
+    for i in range(4):
+        (root / f"r{i}").mkdir(parents=True)
+        np.save(root / f"r{i}" / "erf.npy", np.ones((9, 9)))
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(root)).run()
+    ok(at)
+    assert at.multiselect(key="res-chosen-erf").options == ["r0", "r1", "r2"]
+    assert any(i.value.startswith("Listing the first 3 result directories") for i in at.info), at.info
+    at.text_input(key="res-root").set_value(str(root / "r3")).run()
+    ok(at)
+    assert not any(i.value.startswith("Listing the first") for i in at.info), at.info
+
+
 def test_an_all_zero_erf_map_is_flagged(app_env):
     """A map with no gradient at all (weights that are all zeros; an erf.npy of zeros) has no area or radius: the
     explorer and the Results page say so instead of showing n/r areas and blank radii as if measured."""

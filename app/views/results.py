@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from app import runs as runs_module
 from app import safety
 from app.erf_maps import EMPTY_MAP_NOTE
 from app.figures import show_figure
@@ -28,6 +29,9 @@ runs = []
 with guard("Folder"):
     root = safety.safe_directory(root_text, "results folder")
     runs = find_runs(root)
+    if len(runs) >= runs_module.MAX_RUNS:  # breadth first: the deepest ones are the ones left out
+        st.info(f"Listing the first {len(runs)} result directories under {root} (breadth first); there may be more: "
+                "type a sub-folder to see its runs.")
     if st.session_state.get("res-root-shown") != str(root):  # another folder: its first run chosen, as on first load
         st.session_state["res-root-shown"] = str(root)       # (the old choices are not among its runs: none was)
         for k in [k for k in st.session_state if str(k).startswith("res-chosen-")]:
