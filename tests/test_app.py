@@ -962,6 +962,29 @@ def test_results_page_lists_compare_and_timeline_folders(app_env):
     assert at.multiselect(key="res-chosen-timeline").options == ["tl"]
 
 
+def test_results_page_shows_each_figure_of_a_run(app_env):
+    """A shape-bias run holds two figures (shape_bias.png, model vs humans, and error_consistency.png); the page
+    showed only the first by name, error_consistency.png, never the shape-bias figure. Each one is shown now."""
+    import json
+
+    d = app_env / "runs" / "sb"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"shape_bias": 0.25, "n_conflict": 12}))
+    (d / "decisions.csv").write_text("set,image,shape,texture,decision\n")
+    png = (REPO_ROOT / "data" / "trained" / "cue-world" / "family.png").read_bytes()
+    for name in ("shape_bias.png", "error_consistency.png"):
+        (d / name).write_bytes(png)
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(app_env / "runs")).run()
+    ok(at)
+    assert at.segmented_control(key="res-kind").value == "shape-bias"
+    at.multiselect(key="res-chosen-shape-bias").set_value(["sb"]).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert sorted(i.proto.imgs[0].caption for i in at.image) == ["error_consistency.png", "shape_bias.png"]
+
+
 def test_results_page_says_a_sweep_is_incomplete(app_env):
     """A sweep stopped half way has its sweep.json from the start (complete: false): the page lists it but says it
     is incomplete (how much was measured, and that its command finishes it); a finished one gets no such line."""

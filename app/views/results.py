@@ -85,8 +85,9 @@ if runs:
                     with st.popover("run record"):
                         st.json(info, expanded=False)
                 pngs = [p for p in downloadable_files(d) if p.suffix == ".png"]
-                if pngs and r["kind"] != "erf":
-                    st.image(str(pngs[0]), caption=pngs[0].name, width="stretch")
+                if pngs and r["kind"] != "erf":  # each figure (a shape-bias run: model vs humans and error
+                    for png in pngs[:4]:          # consistency; a sweep: growth and grid), not the first by name
+                        st.image(str(png), caption=png.name, width="stretch")
                 for p in downloadable_files(d):
                     if p.suffix == ".csv" and p.stat().st_size < 2 * 2**20 and r["kind"] in ("sweep", "benchmark", "compare", "timeline", "study"):
                         try:  # a damaged table: one line naming it, the rest of the run still shown
