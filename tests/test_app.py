@@ -985,6 +985,29 @@ def test_results_page_shows_each_figure_of_a_run(app_env):
     assert sorted(i.proto.imgs[0].caption for i in at.image) == ["error_consistency.png", "shape_bias.png"]
 
 
+def test_results_page_marks_a_threshold_not_reached(app_env):
+    """An area the centred square never reaches inside the image is 'n/r' in erf-lab compare's table (and the
+    explorer's); the Results page showed it as an empty NaN cell, as if the number were missing."""
+    from erf_lab.erf.analysis import compare
+    from erf_lab.erf.rundir import write_run_dir
+
+    root = app_env / "runs"
+    # the measured unit's centre near a corner: no centred square inside the image holds 99 % of a flat map
+    write_run_dir(root / "off", np.ones((65, 65)), {"label": "off", "model": "m", "num_used": 1, "input_size": 65,
+                                                    "erf_centre": [10, 10]}, formats=("png",), centre=[10, 10])
+    cli = compare([root / "off"], out=app_env / "cmp", formats=("png",))
+    assert cli["rows"][0]["area@99%"] is None and "| n/r |" in cli["markdown"]
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(root)).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    shown = at.dataframe[0].value
+    assert shown["area@99%"][0] == "n/r" and shown["label"][0] == "off"
+    assert shown["r_rms"][0] == pytest.approx(cli["rows"][0]["r_rms"])
+    assert float(shown["area@99%"][1]) == pytest.approx(cli["rows"][1]["area@99%"])  # the paper's rows keep their numbers
+
+
 def test_results_page_says_a_sweep_is_incomplete(app_env):
     """A sweep stopped half way has its sweep.json from the start (complete: false): the page lists it but says it
     is incomplete (how much was measured, and that its command finishes it); a finished one gets no such line."""

@@ -64,7 +64,11 @@ if runs:
                 show_figure("erf_comparison", ([r.erf for r in loaded], [r.label for r in loaded]), stem="comparison",
                             key="res-cmp", caption="log10(A+1) / max of each map, one colour scale")
             info = [r.run_info or {} for r in loaded] + [{}] * (len(table["rows"]) - len(loaded))  # paper rows last
-            st.dataframe(pd.DataFrame([{**{c: row.get(c) for c in table["columns"]}, "images": i.get("num_used"),
+            def cell(row, c):  # a threshold not reached inside the image: "n/r", as erf-lab compare writes it
+                v = row.get(c)
+                return "n/r" if v is None and row.get("source") == "measured" and c.startswith(("area@", "side@")) else v
+
+            st.dataframe(pd.DataFrame([{**{c: cell(row, c) for c in table["columns"]}, "images": i.get("num_used"),
                                         "input": i.get("input_size")} for row, i in zip(table["rows"], info)]
                                       ).astype({"images": "Int64", "input": "Int64"}), hide_index=True)
             if not table["mixed"]:
