@@ -109,3 +109,27 @@ def test_training_page_refuses_a_run_not_on_cue_world_before_the_button(app_env)
     assert [e.value for e in at.error] == [f"Timeline: {run}: the timeline's shape-bias probe needs a cue-world run "
                                            f"(this one: {app_env / 'images'})"], [e.value for e in at.error]
     assert not [b for b in at.button if b.key == "tr-measure"]
+
+
+def test_training_page_marks_an_area_not_reached(app_env, monkeypatch):
+    """A timeline row whose area threshold is not reached inside the image (None in timeline.json; the CLI prints
+    n/a) was shown as 'None' in the page's table; it is 'n/r' now, explained, as on the other pages."""
+    import erf_lab.train.timeline as tl
+
+    def fake_timeline(run, *, out, **kw):
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{"epoch": 0, "area@20%": 5.0, "area@99%": None, "r_rms": 20.0, "shape_bias": 0.5, "untrained": True}]
+        (out / "timeline.json").write_text(json.dumps({"model": "m", "erf_input_size": 96, "num_images": 1,
+                                                       "train_input_size": 64, "rows": rows}))
+        return {"rows": rows, "out_dir": out, "measured": {"erf": 1, "probe": 1}}
+
+    monkeypatch.setattr(tl, "cue_world_run", lambda run: None)
+    monkeypatch.setattr(tl, "timeline", fake_timeline)
+    (app_env / "run").mkdir()
+    at = _page()
+    at.text_input(key="tr-run").input(str(app_env / "run")).run()
+    at.button(key="tr-measure").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    shown = [df.value for df in at.dataframe if "area@99%" in df.value.columns][-1]
+    assert list(shown["area@99%"]) == ["n/r"] and float(shown["area@20%"][0]) == 5.0
+    assert any(c.value.startswith("n/r: ") for c in at.caption)

@@ -29,8 +29,12 @@ def show_timeline(folder: Path, key: str) -> None:
         st.image(str(folder / "timeline.png"), caption=f"{data['model']}: ERF at {data['erf_input_size']} px on "
                                                        f"{data['num_images']} cue-world val images; probes at "
                                                        f"{data['train_input_size']} px")
-    st.dataframe(pd.DataFrame(data["rows"]).drop(columns=["checkpoint"], errors="ignore"), hide_index=True,
+    rows = [{k: "n/r" if v is None and k.startswith("area@") else v for k, v in r.items()}  # not reached inside
+            for r in data["rows"]]                                                         # the image, as elsewhere
+    st.dataframe(pd.DataFrame(rows).drop(columns=["checkpoint"], errors="ignore"), hide_index=True,
                  key=f"{key}-table")
+    if any(v == "n/r" for r in rows for v in r.values()):
+        st.caption("n/r: no centred square inside the image holds that share of the ERF (not reached).")
     if any(r.get("untrained") for r in data["rows"]):
         from erf_lab.train.timeline import UNTRAINED_NOTE
 
