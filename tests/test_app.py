@@ -227,6 +227,34 @@ def test_explorer_reads_a_folder_of_class_subfolders(app_env):
     assert len(errors(at)) == 1 and errors(at)[0].startswith("Images: no images"), errors(at)
 
 
+def test_explorer_refuses_a_folder_image_linking_outside_it(app_env):
+    """The runner reads the typed folder itself; an image in it that is a symlink to a file elsewhere on the server
+    was left out of the page's count ('1 image(s)') but read and measured all the same (2 images used). Such a
+    folder is refused in one line naming the link, not its target, and nothing is measured."""
+    outside = app_env / "elsewhere"
+    outside.mkdir()
+    src = REPO_ROOT / "data" / "default_images"
+    (outside / "private.jpg").write_bytes((src / "brick.jpg").read_bytes())
+    folder = app_env / "mine"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes((src / "astronaut.jpg").read_bytes())
+    (folder / "b.jpg").symlink_to(outside / "private.jpg")
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.radio(key="erf-img-kind").set_value("Folder").run()
+    at.text_input(key="erf-img-folder").set_value(str(folder)).run()
+    ok(at)
+    assert errors(at) == ["Images: b.jpg in the image folder is a link to a file outside it; the app reads only "
+                          "files inside the folder you typed (copy the image in)"], errors(at)
+    assert not [m for m in at.metric if m.label == "r_rms (px)"]
+    (folder / "b.jpg").unlink()
+    at.text_input(key="erf-img-folder").set_value(str(folder) + "/").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert any(c.value.startswith("1 image(s), 0 skipped") for c in at.caption), [c.value for c in at.caption]
+
+
 def test_explorer_measures_a_changed_folder_again(app_env):
     """The map of a typed folder follows its contents: an image added or replaced after a measurement gives a new
     measurement (not the stored map of the old contents, in this session or a new one), in a new run directory
