@@ -264,7 +264,7 @@ def shipped_member(k: int, *, reparam: str, input_size: int, num_images: int, ra
 
 
 def size_sweep(sizes: tuple[int, ...], *, model: str, overrides_json: str, num_images: int,
-               reparam: str = "deploy") -> dict:
+               reparam: str = "deploy", on_progress=None) -> dict:
     """``erf_lab.erf.sweep.run_sweep`` over input sizes (its run directories are reused when settings match).
 
     Returns ``{"rows", "out_dir", "markdown"}``; the sweep folder holds growth / grid figures and sweep.csv."""
@@ -273,5 +273,5 @@ def size_sweep(sizes: tuple[int, ...], *, model: str, overrides_json: str, num_i
     out = app_runs_dir() / f"size-sweep-{tag[:12]}"
     res = run_sweep(None, input_sizes=sorted(sizes), model=model, reparam=reparam, num_images=num_images,
                     overrides=check, out=out, formats=("png", "pdf"), show_progress=False, force=True,
-                    argv=["streamlit", "app/main.py", "(growth page, vs input size)"])
+                    argv=["streamlit", "app/main.py", "(growth page, vs input size)"], on_progress=on_progress)
     return {"rows": res["rows"], "out_dir": str(out), "markdown": res["markdown"]}

@@ -452,12 +452,25 @@ def test_random_init_erfs_carry_a_warning(app_env):
 def test_growth_page_vs_input_size(app_env):
     """The 'vs input size' tab runs the library's input-size sweep: one row per size, and each row's area ratio
     is the side^2 / S^2 of its own map (a fraction of the image), recorded as sweep run directories."""
+    from streamlit.delta_generator import DeltaGenerator
+
+    texts, real = [], DeltaGenerator.progress
+
+    def spy(self, value, text=None, **kw):
+        texts.append((value, text))
+        return real(self, value, text=text, **kw)
+
     at = ok(new_app().run())
     at.switch_page("views/growth.py").run()
     at.multiselect(key="s-sizes").set_value([64, 128]).run()
-    at.button(key="s-run").click().run()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DeltaGenerator, "progress", spy)
+        at.button(key="s-run").click().run()
     ok(at)
     assert not errors(at), errors(at)
+    # a progress bar per input size measured (the sweep only showed a spinner)
+    assert [(v, t) for v, t in texts if t and t.startswith("input size ")] == [
+        (0.5, "input size 1 of 2 measured"), (1.0, "input size 2 of 2 measured")], texts
     table = at.dataframe[-1].value
     assert list(table["input_size"]) == [64, 128]
     sweeps = list((app_env / "app-runs").glob("size-sweep-*/sweep.json"))

@@ -158,9 +158,13 @@ with tab_s:
         with guard("ERF vs input size"):
             if len(s_sizes) < 2:
                 raise ErfLabError("choose at least two input sizes")
-            with st.spinner("measuring the ERF at each input size"):
+            s_bar = st.progress(0.0, text="measuring the ERF at each input size")
+            try:
                 sweep = erf_maps.size_sweep(tuple(s_sizes), model=s_model, overrides_json=models.tiny_overrides(),
-                                            num_images=int(s_n))
+                                            num_images=int(s_n), on_progress=lambda done, total: s_bar.progress(
+                                                done / max(total, 1), text=f"input size {done} of {total} measured"))
+            finally:
+                s_bar.empty()
             from pathlib import Path
 
             out = Path(sweep["out_dir"])

@@ -140,7 +140,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
               num_images: int | None = None, overrides: dict | None = None, out: str | os.PathLike = "sweep",
               force: bool = False, formats: Sequence[str] = ("png", "pdf"), seed: int = 0, layer: str | None = None,
               aggregate: str = "relu", batch_size: int | None = None, device: str = "cpu", show_progress: bool = True,
-              argv: Sequence[str] | None = None) -> dict:
+              argv: Sequence[str] | None = None, on_progress=None) -> dict:
     """ERF of each kernel-family member and / or each input size (train-time and/or deploy form), summarised.
 
     Every member is one :func:`erf_lab.erf.runner.run_erf` run directory ``out/<K..>-<S..>-<mode>/`` (reused when
@@ -247,6 +247,8 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
                              "reused": res["already_complete"], **summary(metrics)})
                 bar.update(1)
                 save(rows=rows)  # still incomplete: the members so far
+                if on_progress is not None:  # the app's progress bar: runs measured (or reused) of all
+                    on_progress(len(rows), len(specs))
         finally:
             bar.close()
     diffs = []
