@@ -1046,7 +1046,8 @@ def test_results_page_marks_a_threshold_not_reached(app_env):
     shown = at.dataframe[0].value
     assert shown["area@99%"][0] == "n/r" and shown["label"][0] == "off"
     assert shown["r_rms"][0] == pytest.approx(cli["rows"][0]["r_rms"])
-    assert float(shown["area@99%"][1]) == pytest.approx(cli["rows"][1]["area@99%"])  # the paper's rows keep their numbers
+    # the paper's rows keep their numbers
+    assert float(shown["area@99%"][1]) == pytest.approx(cli["rows"][1]["area@99%"])
 
 
 def test_results_page_says_a_sweep_is_incomplete(app_env):

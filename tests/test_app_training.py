@@ -43,7 +43,18 @@ def test_training_page_shows_the_shipped_timeline(app_env):
     assert ("family.pdf" in labels) == (shipped / "family.pdf").is_file()
 
 
-def test_training_page_measures_a_users_run_and_refuses_a_non_run(app_env):
+def test_training_page_measures_a_users_run_and_refuses_a_non_run(app_env, monkeypatch):
+    """Also: measuring a timeline (an ERF and the probes per checkpoint: minutes for a long run) showed only a
+    spinner; the page shows a progress bar that moves per checkpoint ('checkpoint 1 of 2 measured', ...)."""
+    from streamlit.delta_generator import DeltaGenerator
+
+    texts, real = [], DeltaGenerator.progress
+
+    def spy(self, value, text=None, **kw):
+        texts.append((value, text))
+        return real(self, value, text=text, **kw)
+
+    monkeypatch.setattr(DeltaGenerator, "progress", spy)
     torch.set_num_threads(1)
     run = app_env / "run"
     train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
@@ -62,35 +73,11 @@ def test_training_page_measures_a_users_run_and_refuses_a_non_run(app_env):
     shown = [df.value for df in at.dataframe if "area@50%" in df.value.columns][-1]
     assert list(shown["epoch"]) == [0, 1]
     assert any("measured 2 ERF(s) and 2 probe(s)" in c.value for c in at.caption)
+    assert [(v, t) for v, t in texts if t and t.startswith("checkpoint ")] == [
+        (0.5, "checkpoint 1 of 2 measured"), (1.0, "checkpoint 2 of 2 measured")], texts
     (app_env / "empty").mkdir()
     at.text_input(key="tr-run").input(str(app_env / "empty")).run()
     assert any("not an erf-lab training run" in e.value for e in at.error)
-
-
-def test_training_page_shows_progress_per_checkpoint(app_env, monkeypatch):
-    """Measuring a timeline (an ERF and the probes per checkpoint: minutes for a long run) showed only a spinner;
-    the page now shows a progress bar that moves per checkpoint ('checkpoint 1 of 2 measured', ...)."""
-    from streamlit.delta_generator import DeltaGenerator
-
-    texts, real = [], DeltaGenerator.progress
-
-    def spy(self, value, text=None, **kw):
-        texts.append((value, text))
-        return real(self, value, text=text, **kw)
-
-    monkeypatch.setattr(DeltaGenerator, "progress", spy)
-    torch.set_num_threads(1)
-    run = app_env / "run"
-    train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
-          val_size=8, num_classes=4, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5))
-    at = _page()
-    at.number_input(key="tr-nimg").set_value(1)
-    at.number_input(key="tr-probe").set_value(10)
-    at.text_input(key="tr-run").input(str(run)).run()
-    at.button(key="tr-measure").click().run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    assert [(v, t) for v, t in texts if t and t.startswith("checkpoint ")] == [
-        (0.5, "checkpoint 1 of 2 measured"), (1.0, "checkpoint 2 of 2 measured")], texts
 
 
 def test_training_page_refuses_a_run_not_on_cue_world_before_the_button(app_env):

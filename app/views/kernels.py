@@ -54,9 +54,10 @@ with tab_bench:
                 st.info("Press **Run benchmark** (a few seconds per resolution: 3 implementations per kernel size).")
         if mode == "Run a small benchmark" and st.session_state.get("kb-last") is not None:
             if st.session_state["kb-last"] != (ks, rs, int(channels)):  # the settings above were changed since
-                st.info("Shown: the last benchmark run (kernel sizes {}, resolutions {}, {} channels), not the "
-                        "settings above; press **Run benchmark** to measure those.".format(
-                            *(",".join(map(str, v)) if isinstance(v, tuple) else v for v in st.session_state["kb-last"])))
+                lk, lr, lc = st.session_state["kb-last"]
+                st.info(f"Shown: the last benchmark run (kernel sizes {','.join(map(str, lk))}, resolutions "
+                        f"{','.join(map(str, lr))}, {lc} channels), not the settings above; press **Run benchmark** "
+                        "to measure those.")
             ks, rs, channels = st.session_state["kb-last"]
             bar = st.progress(0.0, text="benchmark")
             table = kernel_bench.fastconv_bench(ks, rs, channels,

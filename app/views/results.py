@@ -17,6 +17,8 @@ from erf_lab.erf.analysis import comparison_table
 from erf_lab.erf.rundir import load_run, read_json
 from erf_lab.errors import ErfLabError
 
+TABLE_KINDS = ("sweep", "benchmark", "compare", "timeline", "study")  # result kinds whose CSV tables are shown
+
 st.title("Results")
 st.caption("Run directories of `erf-lab compute`, `sweep`, `compare`, `shape-bias`, `timeline`, `study` and the "
            "kernel benchmark. Folders are "
@@ -66,7 +68,8 @@ if runs:
             info = [r.run_info or {} for r in loaded] + [{}] * (len(table["rows"]) - len(loaded))  # paper rows last
             def cell(row, c):  # a threshold not reached inside the image: "n/r", as erf-lab compare writes it
                 v = row.get(c)
-                return "n/r" if v is None and row.get("source") == "measured" and c.startswith(("area@", "side@")) else v
+                reached = v is not None or row.get("source") != "measured" or not c.startswith(("area@", "side@"))
+                return v if reached else "n/r"
 
             st.dataframe(pd.DataFrame([{**{c: cell(row, c) for c in table["columns"]}, "images": i.get("num_used"),
                                         "input": i.get("input_size")} for row, i in zip(table["rows"], info)]
@@ -93,7 +96,7 @@ if runs:
                     for png in pngs[:4]:          # consistency; a sweep: growth and grid), not the first by name
                         st.image(str(png), caption=png.name, width="stretch")
                 for p in downloadable_files(d):
-                    if p.suffix == ".csv" and p.stat().st_size < 2 * 2**20 and r["kind"] in ("sweep", "benchmark", "compare", "timeline", "study"):
+                    if p.suffix == ".csv" and p.stat().st_size < 2 * 2**20 and r["kind"] in TABLE_KINDS:
                         try:  # a damaged table: one line naming it, the rest of the run still shown
                             table = read_csv_table(p, f"{n}/{p.name}")
                         except ErfLabError as e:
