@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fastconv
-from fastconv.roofline import sgemm_gflops
+from fastconv.roofline import depthwise_flops, sgemm_gflops
 from fastconv.bench_args import (DTYPES, FULL, GEMM_NAMES, PAPER_KERNELS, PAPER_RESOLUTIONS,  # noqa: F401
                                  QUICK, add_arguments)
 
@@ -202,6 +202,22 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
     return {"meta": meta, "rows": rows}
 
 
+def padding_note(rows) -> str:
+    """A line where the GFLOP/s and % of GEMM of some cells mostly count products with the zero padding: they take
+    the nominal 2 B C R^2 K^2 (the paper's convention), and a kernel near or above the map's side multiplies zeros in
+    most of its taps (R = 3, K = 31: (3 * 3 / (3 * 31))^2 = 0.9 % of them meet the map)."""
+    if not rows:
+        return ""
+    share = {(r["R"], r["K"]): (lambda f: f["inside"] / f["nominal"])(depthwise_flops(1, 1, r["R"], r["R"], r["K"],
+                                                                                        r["K"])) for r in rows}
+    (res, k), low = min(share.items(), key=lambda kv: kv[1])
+    if low >= 0.5:
+        return ""
+    return (f"(GFLOP/s and % count the nominal 2*B*C*R^2*K^2 FLOPs, the paper's convention, zero padding included: "
+            f"at R={res}, K={k} only {100 * low:.1f} % of them meet the map, so such cells are no measure of "
+            f"arithmetic speed)\n")
+
+
 def format_table(result: dict) -> str:
     """The paper's layout (rows per resolution, one column per kernel size), ours beside the paper's."""
     meta, rows = result["meta"], result["rows"]
@@ -222,6 +238,7 @@ def format_table(result: dict) -> str:
         out.write(f"(cut short: {len(rows)} of {meta['rows_planned']} rows measured)\n")
     if meta["device_type"] == "cpu":
         out.write("fastconv is fed a channels_last input on CPU (its NHWC kernels' native layout)\n")
+    out.write(padding_note(rows))
     labels = {"pytorch_nchw": "PyTorch NCHW", "pytorch_cl": "PyTorch ch_last", "fastconv": "fastconv"}
     for m in meta["modes"]:
         out.write(f"\n== {'forward' if m == 'fwd' else 'forward + backward (input and weight gradients)'}:"

@@ -188,6 +188,12 @@ def test_sweep_tiny(capsys, tiny_sweep):
                                                            ("7", "deploy")]
     assert rows[0]["model"] == "replknet_3" and rows[2]["model"] == "replknet_7"
     assert int(rows[2]["trf"]) > int(rows[0]["trf"])  # the theoretical RF grows with the kernel
+    # a theoretical RF wider than the 64 px image (187 and 427 px here) bounds erf/trf by the input size: named
+    beyond = [r["run_dir"] for r in rows if int(r["trf"]) > 64]
+    note = [p for p in (out_dir / "sweep.md").read_text().split("\n\n") if p.startswith("erf/trf:")]
+    assert beyond and note == [f"erf/trf: the theoretical RF exceeds the image for {', '.join(beyond)}; there the ERF "
+                               "is cut by the image's edge, so the ratio is bounded by the input size, not a property "
+                               "of the network alone."]
     # re-parameterization is exact: the deploy ERF equals the train-time ERF up to float rounding
     assert [d["kernel"] for d in record["reparam_diff"]] == [3, 7]
     for d in record["reparam_diff"]:

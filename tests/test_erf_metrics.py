@@ -227,6 +227,11 @@ def test_erf_to_theoretical_rf_ratio():
     assert s["erf/trf"] == r["rms_diameter"] and s["area@50%"] == pytest.approx(100 * m["high_contribution"][2]["area_ratio"])
     with pytest.raises(ErfLabError):
         compute_metrics(g, theoretical_rf=0)
+    # a theoretical RF wider than the image (31B at 1024 px: 9011 px): the ERF is cut by the image's edge, so the
+    # ratios are bounded by the input size; flagged, where 99 px on this 64 px map had been as unmarked as 63 px
+    assert "theoretical_rf_exceeds_map" in m["flags"]
+    assert "theoretical_rf_exceeds_map" not in compute_metrics(g, theoretical_rf=63)["flags"]
+    assert "theoretical_rf_exceeds_map" not in compute_metrics(g)["flags"]
 
 
 @pytest.mark.parametrize("bad", [np.full((4, 4), np.nan), np.zeros((2, 3, 3)), -np.ones((4, 4)), np.zeros((0, 5))])

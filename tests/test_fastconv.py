@@ -1625,3 +1625,14 @@ def test_bfloat16_weight_gradient_on_cpu_is_rounded_once(backend, one_thread):
     assert gw.dtype == torch.bfloat16
     err = (gw.double() - ref).abs() / ref.abs().clamp_min(0.01 * ref.abs().max())
     assert err.max() <= 2 ** -8
+
+
+def test_bench_table_says_when_its_rates_mostly_count_zero_padding():
+    """Table 1's GFLOP/s and % of GEMM take the nominal 2 B C R^2 K^2 FLOPs; at R = 3, K = 31 only
+    (3 * 3 / (3 * 31))^2 = 0.94 % of those products meet the map, so a 72 % of GEMM there measured no arithmetic
+    speed, and the table said nothing. It says so now, and only where most products are padding."""
+    from fastconv.bench import padding_note
+
+    note = padding_note([{"R": 32, "K": 31}, {"R": 3, "K": 31}, {"R": 16, "K": 13}])
+    assert "at R=3, K=31 only 0.9 % of them meet the map" in note
+    assert padding_note([{"R": 32, "K": 31}, {"R": 56, "K": 13}]) == ""  # 62 % and 95 % inside: rates stand

@@ -9,6 +9,7 @@ from app import kernel_bench, safety
 from app.figures import bench_figure, show_matplotlib
 from app.ui import cli_hint, guard, parse_int_tuple
 from erf_lab.errors import ErfLabError
+from fastconv.bench import padding_note
 
 st.title("Kernels")
 st.caption("RepLKNet's Table 1 measures a depthwise conv from 3x3 to 31x31 at several resolutions: with a "
@@ -41,8 +42,8 @@ with tab_bench:
             ks_text = b1.text_input("Kernel sizes", "3,13,31", key="kb-ks")
             res_text = b2.text_input("Resolutions", "16,32", key="kb-res")
             channels = b3.select_slider("Channels", [16, 32, 64, 128, 256], value=32, key="kb-ch")
-            ks = parse_int_tuple(ks_text, what="kernel sizes")
-            rs = parse_int_tuple(res_text, what="resolutions")
+            ks = tuple(dict.fromkeys(parse_int_tuple(ks_text, what="kernel sizes")))  # "3,3": measured once
+            rs = tuple(dict.fromkeys(parse_int_tuple(res_text, what="resolutions")))
             if any(k % 2 == 0 or k > MAX_LIVE_KERNEL for k in ks) or max(rs) > MAX_LIVE_RESOLUTION:
                 raise ErfLabError(f"the live benchmark takes odd kernel sizes up to {MAX_LIVE_KERNEL} and resolutions "
                                   f"up to {MAX_LIVE_RESOLUTION}, got {ks_text!r} and {res_text!r}; larger ones: "
@@ -73,4 +74,6 @@ with tab_bench:
         if table is not None:
             show_matplotlib(bench_figure(table["rows"]), "kernel-latency", key="kb-fig")
             st.dataframe(pd.DataFrame(table["rows"]), hide_index=True)
+            if note := padding_note(table["rows"]):  # the rates of cells that mostly multiply zero padding
+                st.caption(note.strip().strip("()"))
     cli_hint(["bench", "--out", "runs/bench"], "Full Table-1 benchmark from the command line (CSV + JSON):")

@@ -107,6 +107,15 @@ def validate_run_info(info: dict, source: str = "run.json") -> dict:
     return info
 
 
+def run_metrics(erf, run_info: dict | None, theoretical_rf: int | None = None, centre=None) -> dict:
+    """A run's metrics as its metrics.json holds them: :func:`~erf_lab.erf.metrics.compute_metrics` of the map, and
+    ``random_init`` where run.json says so (the file alone says so too)."""
+    metrics = compute_metrics(erf, theoretical_rf=theoretical_rf, centre=centre)
+    if (run_info or {}).get("random_init"):
+        metrics["random_init"] = True
+    return metrics
+
+
 def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_rf: int | None = None,
                   formats: Sequence[str] = ("png", "pdf"), display: str | None = None, centre=None) -> dict:
     """Write a complete run directory; returns the metrics (centred on ``centre``, the measured unit's
@@ -125,9 +134,7 @@ def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_r
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_npy(out / ERF_FILE, a)
-    metrics = compute_metrics(a, theoretical_rf=theoretical_rf, centre=centre)
-    if info.get("random_init"):  # the file alone says so too
-        metrics["random_init"] = True
+    metrics = run_metrics(a, info, theoretical_rf=theoretical_rf, centre=centre)
     write_json(out / METRICS_FILE, metrics)
     title = info.get("label") or info.get("model")
     if info.get("random_init"):

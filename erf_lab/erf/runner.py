@@ -540,12 +540,9 @@ def _switch_interval(lower: bool) -> None:
 def _metrics_of(run) -> dict:
     """The metrics of a finished run, from its erf.npy (as write_run_dir computed them): its metrics.json may be
     damaged (a TypeError in every caller) or stale (edited, rewritten by ``analyze --theoretical-rf``)."""
-    from erf_lab.erf.metrics import compute_metrics
+    from erf_lab.erf.rundir import run_metrics
 
-    metrics = compute_metrics(run.erf, theoretical_rf=run.theoretical_rf, centre=run.centre)
-    if (run.run_info or {}).get("random_init"):
-        metrics["random_init"] = True
-    return metrics
+    return run_metrics(run.erf, run.run_info, theoretical_rf=run.theoretical_rf, centre=run.centre)
 
 
 @contextlib.contextmanager

@@ -298,6 +298,11 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     if short:
         md += (f"\n\nnum_used: {int(num_images)} images asked for (--num-images), fewer used by "
                + ", ".join(short) + ": the image set holds no more usable ones.")
+    beyond = [r["run_dir"] for r in rows
+              if r.get("trf") and r.get("erf/trf") is not None and r["trf"] > r["input_size"]]
+    if beyond:
+        md += ("\n\nerf/trf: the theoretical RF exceeds the image for " + ", ".join(beyond) + "; there the ERF is cut "
+               "by the image's edge, so the ratio is bounded by the input size, not a property of the network alone.")
     if any(r["weights"] == "random" for r in rows):
         md += ("\n\nweights = random: seeded random initialization, not trained weights; these ERFs describe the "
                "untrained architecture, not what a trained network sees.")
