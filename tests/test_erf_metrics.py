@@ -232,6 +232,11 @@ def test_erf_to_theoretical_rf_ratio():
     assert "theoretical_rf_exceeds_map" in m["flags"]
     assert "theoretical_rf_exceeds_map" not in compute_metrics(g, theoretical_rf=63)["flags"]
     assert "theoretical_rf_exceeds_map" not in compute_metrics(g)["flags"]
+    # a non-square map is cut along its shorter side: 63 px on 32 x 128 does not fit its 32 rows
+    y, x = np.mgrid[:32, :128]
+    wide = np.exp(-((y - 16) ** 2 + (x - 64) ** 2) / 50.0)
+    assert "theoretical_rf_exceeds_map" in compute_metrics(wide, theoretical_rf=63)["flags"]
+    assert "theoretical_rf_exceeds_map" not in compute_metrics(wide, theoretical_rf=31)["flags"]
 
 
 @pytest.mark.parametrize("bad", [np.full((4, 4), np.nan), np.zeros((2, 3, 3)), -np.ones((4, 4)), np.zeros((0, 5))])

@@ -313,9 +313,9 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
     ``gaussian_fit_not_meaningful``) when a parameter sits at a bound, a sigma exceeds the map or R^2 < 0.5
     (:func:`gaussian_fit_problems`): the numbers are kept but describe a degenerate fit, not the ERF.
     ``erf_to_trf``: with ``theoretical_rf`` T (pixels): ``rms_diameter`` = 2 r_rms / T and
-    ``side_at_<t>`` = side(t) / T -- the share of the theoretical RF the ERF actually covers. Where T exceeds the
-    map's side (flag ``theoretical_rf_exceeds_map``) the ERF is cut by the image's edge, so these shares are bounded
-    by the input size and compare networks only at one input size.
+    ``side_at_<t>`` = side(t) / T -- the share of the theoretical RF the ERF actually covers. Where T exceeds a
+    side of the map (flag ``theoretical_rf_exceeds_map``) the ERF is cut by the image's edge, so these shares are
+    bounded by the input size and compare networks only at one input size.
     ``flags`` lists anything unusual (e.g. ``threshold_0.99_not_reached``, ``empty_map``,
     ``centre_off_map_middle``: the squares and disks are centred on ``centre``, the measured unit's receptive-field
     centre (:func:`target_centre`), which is not (H//2, W//2) where the official script centres them).
@@ -367,7 +367,7 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
         for e in hc:
             ratio[f"side_at_{e['threshold']:g}"] = e["side"] / theoretical_rf if e["reached"] else None
         out["erf_to_trf"] = ratio
-        if theoretical_rf > max(h, w):  # the ERF cannot reach past the image: the ratios depend on its size
+        if theoretical_rf > min(h, w):  # the ERF cannot reach past the image (either side): the ratios depend on it
             flags.append("theoretical_rf_exceeds_map")
     return out
 
