@@ -707,6 +707,32 @@ def test_shape_bias_page_offers_no_symlinked_file(app_env):
     assert "shape_bias.png" in labels and not labels & {"shape_bias.pdf", "decisions.csv"}, labels
 
 
+def test_shape_bias_page_browses_no_symlinked_decisions_csv(app_env):
+    """The stimulus browser read a decisions.csv that is a symlink (to another folder's decisions.csv, anywhere on
+    the server) and listed its rows, although the page shows and offers no symlinked file; it is refused now."""
+    import json
+
+    stim = app_env / "stim" / "cat"
+    stim.mkdir(parents=True)
+    other = app_env / "other"
+    other.mkdir()
+    (other / "decisions.csv").write_text("set,image,shape,texture,decision\ncue-conflict,cat1-dog2.png,cat,dog,cat\n")
+    d = app_env / "linked-decisions"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"shape_bias": 0.25, "n_conflict": 12,
+                                                "stimuli_dir": str(app_env / "stim")}))
+    (d / "decisions.csv").symlink_to(other / "decisions.csv")
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    at.radio(key="sb-mode").set_value("Load results").run()
+    at.text_input(key="sb-dir").set_value(str(d)).run()
+    ok(at)
+    assert metric(at, "Shape bias") == "0.250"
+    assert errors(at) == ["Stimulus browser: this run has no decisions.csv (written by erf-lab shape-bias with "
+                          "each run): it is a symlink, not the folder's own file"], errors(at)
+    assert not any("of 1 images" in c.value for c in at.caption), [c.value for c in at.caption]
+
+
 def test_shape_bias_page_refuses_impossible_numbers(app_env):
     """A summary.json holding values no run writes (a shape bias or hit fraction outside [0, 1], NaN, a negative
     count, a malformed interval or table) is refused in one line naming the field, before any number is shown,

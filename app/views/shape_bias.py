@@ -139,8 +139,10 @@ if s is not None:  # the sections below read the run's summary: none of them wit
 
     with guard("Stimulus browser"):
         st.subheader("Stimuli and decisions")
-        if not (Path(run_dir) / "decisions.csv").is_file():
-            raise ErfLabError("this run has no decisions.csv (written by erf-lab shape-bias with each run)")
+        if not own_file(Path(run_dir) / "decisions.csv"):  # a symlink (to any server file) is not read either
+            raise ErfLabError("this run has no decisions.csv (written by erf-lab shape-bias with each run)"
+                              + (": it is a symlink, not the folder's own file"
+                                 if (Path(run_dir) / "decisions.csv").is_symlink() else ""))
         decisions = [r for r in read_decisions_csv(Path(run_dir) / "decisions.csv") if r.get("set") == "cue-conflict"]
         # summary.json names the stimulus folder; it is still held to the app's path policy.
         if not s.get("stimuli_dir"):
