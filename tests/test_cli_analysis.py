@@ -290,6 +290,25 @@ def test_sweep_rows_of_reused_members_come_from_erf_npy(capsys, tmp_path):
         assert float(row["area@50%"]) == pytest.approx(area50)
 
 
+def test_sweep_measures_a_reused_members_metrics_once(capsys, tmp_path, monkeypatch):
+    """run_erf already returns a reused run's metrics recomputed from its erf.npy; the sweep computed them a second
+    time on its own (a second Gaussian fit per member, in a second place that had to agree with the first)."""
+    from erf_lab.erf import metrics as metrics_module
+
+    out_dir = tmp_path / "s"
+    args = ["sweep", "--kernels", "3", "--reparam", "train", "--formats", "png", "--out", str(out_dir), *TINY]
+    assert run_cli(capsys, *args)[0] == 0
+    calls, real = [], metrics_module.contribution_curve  # once per compute_metrics, wherever it was imported
+    monkeypatch.setattr(metrics_module, "contribution_curve", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    def table():
+        return [{k: v for k, v in r.items() if k != "reused"}
+                for r in csv.DictReader(io.StringIO((out_dir / "sweep.csv").read_text()))]
+
+    first = table()
+    assert run_cli(capsys, *args)[0] == 0
+    assert table() == first and len(calls) == 1, len(calls)
+
+
 def test_sweep_figures_of_random_init_members_say_so(capsys, tmp_path, monkeypatch):
     """grid.<fmt> and growth.<fmt> of untrained members carry the (random init) mark, as compute's and compare's
     figures do; before, only the tables said so and the figures (which travel alone) did not."""

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, compute_metrics, summary
+from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, summary
 from erf_lab.erf.tables import csv_text, markdown_table
 from erf_lab.errors import ErfLabError
 from erf_lab.io import command_record, progress, refuse_other_result, write_text
@@ -153,7 +153,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     members reused) and complete last. Returns ``{"rows", "reparam_diff", "files", "out_dir", "markdown"}``.
     """
     from erf_lab.erf.plotting import plot_grid, plot_growth
-    from erf_lab.erf.rundir import RANDOM_MARK, load_run
+    from erf_lab.erf.rundir import RANDOM_MARK, load_run, run_metrics
     from erf_lab.erf.runner import ErfSpec, jsonable, run_erf, settings_differ
     from erf_lab.io import prepare_out_dir
 
@@ -237,9 +237,10 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
                 run = load_run(sub)
                 maps[(stem, mode)] = run.erf
                 # a reused member's table row comes from its erf.npy, as compare's: its metrics.json may be damaged
-                # or stale (edited, rewritten by analyze)
-                metrics = res["metrics"] if not res["already_complete"] and res["metrics"] else compute_metrics(
-                    run.erf, theoretical_rf=run.theoretical_rf, centre=run.centre)
+                # or stale (edited, rewritten by analyze). run_erf returns them so (a reused run's recomputed);
+                # a rank that got none (torchrun, rank > 0) computes them the same way
+                metrics = res["metrics"] or run_metrics(run.erf, run.run_info, theoretical_rf=run.theoretical_rf,
+                                                        centre=run.centre)
                 rows.append({"kernel": k, "input_size": size, "reparam": mode,
                              "series": f"K={k} {mode}" if k else mode, "model": spec.model,
                              "weights": weights_label(run.run_info), "num_used": run.run_info.get("num_used"),
