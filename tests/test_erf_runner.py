@@ -744,3 +744,33 @@ def test_sigterm_mid_run_saves_progress_like_ctrl_c(tmp_path):
     assert res["run_info"]["resumed_after_images"] == saved
     np.testing.assert_array_equal(np.load(part / "erf.npy"), np.load(tmp_path / "full" / "erf.npy"))
     assert full["run_info"]["num_used"] == res["run_info"]["num_used"] == 6
+
+
+def test_a_second_sigterm_does_not_cut_the_saving_short(tmp_path):
+    """Under torchrun a worker may get SIGTERM twice (the scheduler's, and the agent forwarding it): the second one
+    came while the first one's progress was being saved, raised KeyboardInterrupt out of the save, and every image
+    was lost (the folder removed). Later SIGTERMs are ignored now while the run stops."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from erf_lab.erf import compute\n"
+        "from erf_lab.erf.runner import ErfSpec, run_erf\n"
+        "real = compute.Accumulator.save\n"
+        "def save(self, path, extra=None):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.05)\n"
+        "    return real(self, path, extra)\n"
+        "compute.Accumulator.save = save\n"
+        f"spec = ErfSpec('replknet_31b', overrides={TINY_KW!r}, num_images=6, input_size=32, batch_size=1)\n"
+        "def stop(a):\n"
+        "    if len(a.processed) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "try:\n"
+        "    run_erf(spec, out=sys.argv[1], show_progress=False, on_batch=stop, checkpoint_seconds=1e9)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n")
+    part = tmp_path / "part"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(part)], env=env, capture_output=True, timeout=240)
+    assert proc.returncode == 130, proc.stderr.decode()[-2000:]
+    with np.load(part / ".erf_state.npz", allow_pickle=False) as z:
+        assert len(json.loads(str(z["processed"]))) >= 2

@@ -548,14 +548,17 @@ def _metrics_of(run) -> dict:
 @contextlib.contextmanager
 def _term_as_interrupt():
     """SIGTERM (``kill``, ``timeout``, a batch scheduler) raises KeyboardInterrupt while a run measures and writes,
-    so its progress is saved for ``--resume`` as on Ctrl-C. Only in the main thread and where SIGTERM has its
-    default action (a caller's own handler stays)."""
+    so its progress is saved for ``--resume`` as on Ctrl-C; a further SIGTERM is ignored while that is saved. Only in
+    the main thread and where SIGTERM has its default action (a caller's own handler stays)."""
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
 
     def handler(signum, frame):
+        # the first one stops the run; a later one (torchrun's agent forwards a scheduler's SIGTERM that reached
+        # the worker too) must not cut the saving of its progress short: ignored from now on (SIGKILL still ends it)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
