@@ -181,14 +181,15 @@ def _erf(spec: dict, source: tuple, weights: bytes | None, on_progress, key: str
                        aggregate=spec.get("aggregate", "relu"), reparameterize=bool(spec.get("reparameterize", True)))
     out = app_runs_dir() / f"erf-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     callback = (lambda acc: on_progress(min(len(acc.processed) / max(num, 1), 1.0))) if on_progress else None
-    run_erf(run_spec, out=out, reuse=True, label=spec_label(spec), show_progress=False, on_batch=callback,
-            formats=("png",), argv=["streamlit", "app/main.py", "(ERF explorer)"])
+    res = run_erf(run_spec, out=out, reuse=True, label=spec_label(spec), show_progress=False, on_batch=callback,
+                  formats=("png",), argv=["streamlit", "app/main.py", "(ERF explorer)"])
     run = load_run(out)
+    metrics = res["metrics"]  # a reused run's recomputed from its erf.npy (its metrics.json may be damaged or stale)
     info = run.run_info
     label = f"{spec_label(spec)} {RANDOM_MARK}" if info.get("random_init") else spec_label(spec)
     skipped = [list(s) for s in (source[2] if source[0] == "upload" else ())]
     skipped += [list(s) for s in info["skipped"] if s[1] != "not an image file (extension)"]
-    return {"erf": run.erf, "metrics": run.metrics, "summary": summary(run.metrics), "num_used": info["num_used"],
+    return {"erf": run.erf, "metrics": metrics, "summary": summary(metrics), "num_used": info["num_used"],
             "num_skipped": len(skipped), "skipped": skipped, "layer": info["layer"], "trf": info["theoretical_rf"],
             "seconds": time.perf_counter() - t0, "label": label, "info": info, "run_dir": str(out)}
 

@@ -1317,3 +1317,17 @@ def test_explorer_label_says_pretrained_weights():
            "reparameterize": True}
     assert erf_maps.spec_label(pre) == "efficientnet_lite0 · re-param · pretrained"
     assert "pretrained" not in erf_maps.spec_label({**pre, "overrides": models.overrides_key({})})
+
+
+def test_a_reused_app_erf_run_takes_its_metrics_from_erf_npy(app_env):
+    """The explorer / growth pages reuse a run directory of the app's run area (a restarted server, another
+    session); its metrics were read from metrics.json, so a damaged one ended the page in 'TypeError: NoneType'
+    (summary of None). They are run_erf's now: recomputed from erf.npy, as the CLI's reuses are."""
+    from app import erf_maps
+
+    spec = erf_maps.shipped_spec("K3-seed0", random_init=False, reparameterize=True, input_size=64, aggregate="relu")
+    first = erf_maps._erf(spec, ("cue-world", 1), None, None, "reuse-test")
+    (metrics,) = (app_env / "app-runs").glob("erf-*/metrics.json")
+    metrics.write_text('{"shape": [64')
+    again = erf_maps._erf(spec, ("cue-world", 1), None, None, "reuse-test")
+    assert again["summary"] == first["summary"] and again["metrics"]["shape"] == [64, 64]
