@@ -208,10 +208,11 @@ def test_a_finished_model_of_other_settings_is_not_reused(tmp_path, one_thread, 
     assert train_one(m, TOY, tmp_path / "runs")["end_time"] == first["end_time"]  # kept, not trained again
     with pytest.raises(ErfLabError, match="holds a training run of other settings .*epochs: 1 there, 2 now"):
         train_one(m, dataclasses.replace(TOY, epochs=2), tmp_path / "runs")
-    (tmp_path / "study.json").write_text('{"settings": ')
-    with pytest.raises(ErfLabError, match="study.json is damaged"):
-        run_study(tmp_path, TOY, kernels=(3,), seeds=(0,), guidelines=False)
-    assert (tmp_path / "study.json").read_text() == '{"settings": '
+    for damaged in ('{"settings": ', '[1, 2]', 'null'):  # not JSON, or JSON that is no record (was overwritten)
+        (tmp_path / "study.json").write_text(damaged)
+        with pytest.raises(ErfLabError, match="study.json is damaged"):
+            run_study(tmp_path, TOY, kernels=(3,), seeds=(0,), guidelines=False)
+        assert (tmp_path / "study.json").read_text() == damaged
 
 
 def test_study_json_records_how_the_study_was_made(tmp_path, one_thread):

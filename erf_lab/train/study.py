@@ -215,8 +215,8 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
     refuse_other_result(out, "study")  # its own runs/ and erf-*/ sub-folders are checked by train and run_erf
     new = _jsonable(asdict(settings))
     old = read_json_or_none(Path(out).expanduser() / "study.json")
-    if old is None and (Path(out).expanduser() / "study.json").is_file():
-        raise ErfLabError(f"{Path(out) / 'study.json'} is damaged (not readable JSON), so the settings of the study "
+    if not isinstance(old, dict) and (Path(out).expanduser() / "study.json").is_file():  # unreadable, or a list...
+        raise ErfLabError(f"{Path(out) / 'study.json'} is damaged (not a JSON object), so the settings of the study "
                           "in it are unknown; delete it to continue the study there (its trained runs are checked "
                           "against the settings) or use another --out")
     if isinstance(old, dict):  # its runs and measurements are reused: they must be of these settings
