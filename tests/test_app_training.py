@@ -100,7 +100,7 @@ def test_training_page_refuses_a_run_not_on_cue_world_before_the_button(app_env)
 
 def test_training_page_marks_an_area_not_reached(app_env, monkeypatch):
     """A timeline row whose area threshold is not reached inside the image (None in timeline.json; the CLI prints
-    n/a) was shown as 'None' in the page's table; it is 'n/r' now, explained, as on the other pages."""
+    n/r) was shown as 'None' in the page's table; it is 'n/r' now, explained, as on the other pages."""
     import erf_lab.train.timeline as tl
 
     def fake_timeline(run, *, out, **kw):
