@@ -547,3 +547,18 @@ def test_an_empty_out_a_pipe_among_the_images_and_the_benchmark_files_mode(tmp_p
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "table.txt").stat().st_mode) == 0o644
+
+
+def test_reparam_refuses_to_overwrite_its_own_weights_file(tmp_path, capsys):
+    """`erf-lab reparam --weights W --out W` replaced the train-time checkpoint by its deploy form (the small kernels
+    and their BNs are gone for good); the file is now refused as --out and left as it was."""
+    from erf_lab.models import create_model
+
+    w = tmp_path / "train.pth"
+    torch.save(create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1)).state_dict(), w)
+    before = w.read_bytes()
+    code = main(["reparam", *TINY, "--weights", str(w), "--check-size", "32", "--out", str(w)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "is the --weights file itself" in err, err
+    assert w.read_bytes() == before and not (tmp_path / "train.pth.run.json").exists()

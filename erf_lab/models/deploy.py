@@ -148,6 +148,9 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         raise ErfLabError(f"--check-size (the equivalence check's image side) must be in [32, {MAX_INPUT_SIZE}], "
                           f"got {input_size}")
     prepare_out_dir(out.parent, what="--out's folder")
+    if weights and out.is_file() and Path(weights).is_file() and out.samefile(weights):
+        raise ErfLabError(f"--out {out} is the --weights file itself: the deploy form would replace the train-time "
+                          "weights, which cannot be recovered from it; name another output file")
     random_init = random_init_of(weights, pretrained=bool(overrides.get("pretrained")), seed=seed)
     train_size = training_input_size(weights)[0] if weights and random_init is None else None
     t0 = time.perf_counter()
