@@ -281,3 +281,65 @@ def test_a_reply_that_is_no_http_is_one_error_line(misbehaving, tmp_path):
     with pytest.raises(ErfLabError) as e:
         dl.fetch(misbehaving, tmp_path / "f.bin", "0" * 64, 10)
     assert "download failed" in str(e.value) and "\n" not in str(e.value)
+
+
+class _Stalling(http.server.BaseHTTPRequestHandler):
+    """Sends the first half of the file, then stalls (until ``release`` is set) without closing the connection."""
+    data = bytes(range(256)) * 400
+    release = threading.Event()
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        start = int(rng[6:].split("-")[0]) if rng else 0
+        body = self.data[start:]
+        self.send_response(206 if rng else 200)
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.data) - 1}/{len(self.data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not rng:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            type(self).release.wait(120)
+            return
+        self.wfile.write(body)
+
+
+def test_ctrl_c_on_a_stalled_server_stops_at_once_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C while the server stalled mid-file waited for every blocked read's 60 s timeout before the command
+    ended (the thread pool joins its workers); the reads are now stopped, the bytes that came are kept."""
+    import hashlib
+    import signal
+    import time
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Stalling.release.clear()
+    data = _Stalling.data
+    manifest = {"cue-conflict": {"upstream": "up", "files": {"f.bin": [hashlib.sha256(data).hexdigest(), len(data)]}}}
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    part = tmp_path / ".incoming" / "cue-conflict" / "f.bin.part"
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            dl.download(tmp_path, base_url=url, sets=["cue-conflict"], manifest=manifest, show_progress=False)
+        assert time.monotonic() - t0 < 10
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        _Stalling.release.set()
+    assert part.stat().st_size == len(data) // 2 and not (tmp_path / "cue-conflict").exists()
+    rep = dl.download(tmp_path, base_url=url, sets=["cue-conflict"], manifest=manifest, show_progress=False)
+    assert rep["sets"]["cue-conflict"]["resumed"] == 1
+    assert (tmp_path / "cue-conflict" / "f.bin").read_bytes() == data
+    server.shutdown()
+    server.server_close()

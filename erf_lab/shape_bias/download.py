@@ -60,7 +60,22 @@ def build_manifest(root: str | os.PathLike) -> dict:
     return out
 
 
-def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout: float = 60.0) -> str:
+def _abort(responses: set) -> None:
+    """Shut down the sockets of the responses still being read (``fetch``'s ``active``): a read blocked on a
+    stalled server returns at once instead of after its timeout, so Ctrl-C ends the download promptly."""
+    import socket
+
+    for resp in list(responses):
+        sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout: float = 60.0,
+          active: set | None = None) -> str:
     """Download ``url`` to ``target`` via ``target.part`` (resumed with HTTP Range), verify SHA-256, rename.
 
     Returns ``"present"``, ``"downloaded"`` or ``"resumed"``. A response cut short (fewer bytes than ``size``)
@@ -83,8 +98,11 @@ def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout:
     req = urllib.request.Request(url, headers={"User-Agent": "erf-lab"})
     if have:
         req.add_header("Range", f"bytes={have}-")
+    resp = None
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
+            if active is not None:  # download() shuts it down on Ctrl-C
+                active.add(resp)
             code = resp.status
             mode = "ab" if (have and code == 206) else "wb"
             status = "resumed" if mode == "ab" else "downloaded"
@@ -98,6 +116,9 @@ def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout:
     except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
         reason = " ".join(str(getattr(e, "reason", None) or f"{type(e).__name__}: {e}").split())  # one line
         raise ErfLabError(f"download failed: {url}: {reason} (rerun to resume)") from None
+    finally:
+        if active is not None:
+            active.discard(resp)
     got = part.stat().st_size if part.is_file() else 0
     if size is not None and got < size:  # the server closed the connection early: keep what came, resume later
         raise ErfLabError(f"download incomplete: {url}: {got} of {size} bytes (rerun to resume)")
@@ -137,18 +158,24 @@ def download(dest: str | os.PathLike | None = None, base_url: str = DEFAULT_BASE
         staging = dest / ".incoming" / name
         counts = {"present": 0, "downloaded": 0, "resumed": 0}
         files = list(entry["files"].items())
+        active: set = set()
         total = sum(size for _, (_, size) in files)
 
         def one(item):
             rel, (sha, size) = item
             url = f"{base_url}/{entry['upstream']}/{rel}"
-            return fetch(url, staging / rel, sha, size), size
+            return fetch(url, staging / rel, sha, size, active=active), size
 
         with progress(total=total, desc=f"download {name}", unit="B", unit_scale=True,
                       disable=not show_progress) as bar, ThreadPoolExecutor(max(1, workers)) as pool:
-            for status, size in pool.map(one, files):
-                counts[status] += 1
-                bar.update(size)
+            try:
+                for status, size in pool.map(one, files):
+                    counts[status] += 1
+                    bar.update(size)
+            except KeyboardInterrupt:  # not a wait for every stalled read's timeout: stop them, keep the .part files
+                pool.shutdown(wait=False, cancel_futures=True)
+                _abort(active)
+                raise
         write_json(staging / "MANIFEST.json", {"set": name, "source": f"{base_url}/{entry['upstream']}",
                                                "files": entry["files"], "downloaded_utc":
                                                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
