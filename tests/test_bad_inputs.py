@@ -562,3 +562,20 @@ def test_reparam_refuses_to_overwrite_its_own_weights_file(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "is the --weights file itself" in err, err
     assert w.read_bytes() == before and not (tmp_path / "train.pth.run.json").exists()
+
+
+def test_reparam_records_which_weights_file_it_merged(tmp_path, capsys):
+    """The reparam sidecar named its input only by the path as typed (relative, no digest), so the record could not
+    tell which weights a deploy file came from once the file moved or changed; it now has their SHA-256 too, as
+    compute's run.json does."""
+    from erf_lab.io import sha256_file
+    from erf_lab.models import create_model
+
+    w = tmp_path / "train.pth"
+    torch.save(create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1)).state_dict(), w)
+    out = tmp_path / "deploy.pth"
+    assert main(["reparam", *TINY, "--weights", str(w), "--check-size", "32", "--out", str(out)]) == 0
+    record = json.loads((tmp_path / "deploy.pth.run.json").read_text())
+    assert record["weights_sha256"] == sha256_file(w)
+    assert main(["reparam", *TINY, "--check-size", "32", "--out", str(out)]) == 0
+    assert json.loads((tmp_path / "deploy.pth.run.json").read_text())["weights_sha256"] is None

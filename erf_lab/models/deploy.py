@@ -201,7 +201,8 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     finally:
         bar.close()
     summary = dict(
-        model=model_name, weights=str(weights) if weights else None, drop_head=drop_head,
+        model=model_name, weights=str(weights) if weights else None,
+        weights_sha256=sha256_file(weights) if weights and Path(weights).is_file() else None, drop_head=drop_head,
         random_init=random_init is not None, init_seed=None if random_init is None else random_init["seed"],
         input_size=train_size, overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
         out=str(out), sha256=sha256_file(out), num_keys=len(state),
