@@ -358,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"fastconv.bench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # one line, as 'erf-lab bench' says it; the rows measured so far are on disk
+        for bar in list(getattr(tqdm, "_instances", ())):  # the bar left open: the message on a line of its own
+            bar.close()
+        print(f"fastconv.bench: interrupted (the rows measured so far are in {args.out})" if args.out else
+              "fastconv.bench: interrupted", file=sys.stderr)
+        return 130
     print(format_table(result))
     print("wrote " + ", ".join(str(x) for x in paths))
     return 0

@@ -1347,7 +1347,7 @@ def test_bench_table_of_a_results_file_from_before_dtype():
     assert line.split()[-3:] == ["3.3%", "8.8%", "16.4%"], line
 
 
-def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
     """A benchmark stopped part way (a time limit on a lent GPU, Ctrl-C) leaves the rows measured so far on disk:
     each (R, K) row is written when it is done, and the table marks the missing cells."""
     import fastconv.bench as fb
@@ -1363,9 +1363,11 @@ def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fb, "bench_one", bench_one)
     out = tmp_path / "bench"
-    with pytest.raises(KeyboardInterrupt):
-        fb.main(["--kernels", "3,13", "--resolutions", "8,16", "--batch", "1", "--channels", "4", "--layers", "1",
-                 "--repeats", "1", "--device", "cpu", "--impls", "pytorch_nchw,fastconv", "--out", str(out)])
+    # Ctrl-C: one line and status 130, as 'erf-lab bench' (it was a traceback)
+    assert fb.main(["--kernels", "3,13", "--resolutions", "8,16", "--batch", "1", "--channels", "4", "--layers", "1",
+                    "--repeats", "1", "--device", "cpu", "--impls", "pytorch_nchw,fastconv", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("fastconv.bench: interrupted"), err
     res = json.loads((out / "results.json").read_text())
     assert [(r["R"], r["K"]) for r in res["rows"]] == [(8, 3), (8, 13), (16, 3)] and res["meta"]["rows_planned"] == 4
     assert res["meta"]["impls"] == ["pytorch_nchw", "fastconv"] and "fwd_pytorch_cl_ms" not in res["rows"][0]
