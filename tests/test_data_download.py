@@ -343,3 +343,13 @@ def test_ctrl_c_on_a_stalled_server_stops_at_once_and_the_rerun_resumes(tmp_path
     assert (tmp_path / "cue-conflict" / "f.bin").read_bytes() == data
     server.shutdown()
     server.server_close()
+
+
+def test_a_bad_base_url_leaves_no_dest_folder_behind(tmp_path, capsys):
+    """`data download --base-url ftp://...` was refused only after --dest had been created (an empty folder left
+    behind by a command that did nothing); the URL is now checked first."""
+    dest = tmp_path / "new" / "data"
+    assert main(["data", "download", "--dest", str(dest), "--base-url", "ftp://mirror.example/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--base-url must be an http(s):// or file: URL" in err, err
+    assert not (tmp_path / "new").exists()

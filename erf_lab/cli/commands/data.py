@@ -35,6 +35,8 @@ def run(args) -> int:
     if args.data_command == "download":
         if args.workers < 1:
             raise ErfLabError("--workers must be >= 1")
+        if not str(args.base_url).startswith(("http://", "https://", "file:")):  # before --dest is made
+            raise ErfLabError(f"--base-url must be an http(s):// or file: URL, got {args.base_url!r}")
         prepare_out_dir(dl.default_dest() if args.dest is None else args.dest, what="--dest")  # "": one line
         rep = dl.download(args.dest, base_url=args.base_url, sets=args.sets, workers=args.workers)
         for name, r in rep["sets"].items():
