@@ -353,3 +353,44 @@ def test_a_bad_base_url_leaves_no_dest_folder_behind(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--base-url must be an http(s):// or file: URL" in err, err
     assert not (tmp_path / "new").exists()
+
+
+class _Mute(http.server.BaseHTTPRequestHandler):
+    """Takes the request and never answers (until ``release``)."""
+    release = threading.Event()
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        type(self).release.wait(120)
+
+
+def test_ctrl_c_on_a_server_that_never_answers_stops_at_once(tmp_path):
+    """A server that stalls before its headers: Ctrl-C waited for the 60 s timeout of every waiting request."""
+    import signal
+    import time
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Mute)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Mute.release.clear()
+    manifest = {"cue-conflict": {"upstream": "up", "files": {f"f{i}.bin": ["0" * 64, 10] for i in range(3)}}}
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            dl.download(tmp_path, base_url=f"http://127.0.0.1:{server.server_address[1]}", sets=["cue-conflict"],
+                        manifest=manifest, show_progress=False)
+        assert time.monotonic() - t0 < 10
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        _Mute.release.set()
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "cue-conflict").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -63,15 +64,34 @@ def build_manifest(root: str | os.PathLike) -> dict:
 def _abort(responses: set) -> None:
     """Shut down the sockets of the responses still being read (``fetch``'s ``active``): a read blocked on a
     stalled server returns at once instead of after its timeout, so Ctrl-C ends the download promptly."""
-    import socket
-
     for resp in list(responses):
-        sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+        sock = resp if isinstance(resp, socket.socket) else \
+            getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
         try:
             if sock is not None:
                 sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _urlopen(req, timeout: float, active: set | None):
+    """``urllib.request.urlopen``; with ``active``, an http:// connection's socket joins it as soon as it is
+    connected, so :func:`_abort` also stops a server that stalls before it answers (not only one that stalls in the
+    body: the response joins ``active`` in :func:`fetch`)."""
+    if active is None or req.type != "http":
+        return urllib.request.urlopen(req, timeout=timeout)
+    import http.client
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self):
+            super().connect()
+            active.add(self.sock)
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, r):
+            return self.do_open(Connection, r)
+
+    return urllib.request.build_opener(Handler).open(req, timeout=timeout)
 
 
 def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout: float = 60.0,
@@ -100,7 +120,7 @@ def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout:
         req.add_header("Range", f"bytes={have}-")
     resp = None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _urlopen(req, timeout, active) as resp:
             if active is not None:  # download() shuts it down on Ctrl-C
                 active.add(resp)
             code = resp.status
@@ -119,6 +139,9 @@ def fetch(url: str, target: Path, sha256: str, size: int | None = None, timeout:
     finally:
         if active is not None:
             active.discard(resp)
+            for sock in list(active):  # the connections of finished files (closed with their response)
+                if isinstance(sock, socket.socket) and sock.fileno() == -1:
+                    active.discard(sock)
     got = part.stat().st_size if part.is_file() else 0
     if size is not None and got < size:  # the server closed the connection early: keep what came, resume later
         raise ErfLabError(f"download incomplete: {url}: {got} of {size} bytes (rerun to resume)")
