@@ -420,8 +420,9 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, drop_head: bool = False,
-                 source: str = "checkpoint") -> None:
-    """Load ``state_dict`` strictly into ``model``; errors name the first offending keys.
+                 source: str = "checkpoint") -> list[str]:
+    """Load ``state_dict`` strictly into ``model``; errors name the first offending keys. Returns the keys that kept
+    the model's own (random) initialisation: the dropped classifier's, else none.
 
     The model may define ``adapt_state_dict(sd) -> sd`` to map other key layouts onto its own. BatchNorm
     ``num_batches_tracked`` counters the file lacks (checkpoints of old PyTorch versions or conversions; PyTorch's
@@ -481,6 +482,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     if drop_head:
         state_dict = {**state_dict, **{k: own[k] for k in dropped if k in own}}
     model.load_state_dict(state_dict, strict=True)
+    return sorted(k for k in dropped if k in own)
 
 
 def _first(keys: list[str], n: int = 3) -> str:

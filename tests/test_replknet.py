@@ -662,6 +662,36 @@ def test_cli_reparam_writes_official_deploy_checkpoint(tmp_path, capsys):
         assert max_relative_error(train(x), deploy(x)) < 1e-5
 
 
+def test_cli_reparam_leaves_out_a_classifier_that_drop_head_kept_random(tmp_path, capsys):
+    """A 21841-class checkpoint merged with --drop-head into the default 1000-class model: the deploy file held the
+    model's seeded-random 1000-class head with no mark, so shape-bias (which classifies with it) read it as trained.
+    The head is left out now and the command says so; loading the file asks for --drop-head (or num_classes=0)."""
+    from erf_lab.cli.main import main
+
+    train = randomize(tiny(num_classes=21), seed=4)
+    torch.save({"model": train.state_dict()}, tmp_path / "train.pth")
+    out = tmp_path / "deploy.pth"
+    rc = main(["reparam", "--model", "replknet_31b", "--weights", str(tmp_path / "train.pth"), "--drop-head",
+               "--override", "channels=(8,16,16,16)", "--override", "layers=(1,1,1,1)",
+               "--out", str(out), "--check-size", "64"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "the classifier (head.bias, head.weight) was not in --weights' form" in text
+    keys = set(torch.load(out, weights_only=True))
+    assert keys == set(official_keys((1, 1, 1, 1), merged=True)) - {"head.weight", "head.bias"}
+    with pytest.raises(CheckpointError, match="drop_head"):
+        create_model("replknet_31b", weights=str(out), **TINY)
+    body = create_model("replknet_31b", weights=str(out), num_classes=0, **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert max_relative_error(train.forward_features(x), body.forward_features(x)) < 1e-5
+    # a classifier that fits is loaded and written as before
+    rc = main(["reparam", "--model", "replknet_31b", "--weights", str(tmp_path / "train.pth"), "--drop-head",
+               "--override", "channels=(8,16,16,16)", "--override", "layers=(1,1,1,1)", "--override",
+               "num_classes=21", "--out", str(tmp_path / "same.pth"), "--check-size", "64"])
+    assert rc == 0 and "the classifier" not in capsys.readouterr().out
+    assert {"head.weight", "head.bias"} <= set(torch.load(tmp_path / "same.pth", weights_only=True))
+
+
 def test_cli_reparam_refuses_a_checkpoint_already_in_deploy_form(tmp_path, capsys):
     """A file `erf-lab reparam` wrote, given to it again, was merged a second time (nothing to merge) and written
     again with "max rel err 0.00"; it is refused with one line naming the file, and nothing is written."""

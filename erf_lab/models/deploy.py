@@ -191,7 +191,10 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         error = max_relative_error(before, after)
         params_after, flops_after = count_params(model), count_flops(model, flops_input_size)
         bar.set_postfix_str("save")
-        state = model.state_dict()
+        # a classifier --drop-head kept at its random init is no part of the weights: left out, so nothing loads it
+        # as trained (shape-bias would classify with it); loading the file then asks for --drop-head
+        random_head = list(getattr(model, "random_init_keys", []))
+        state = {k: v for k, v in model.state_dict().items() if k not in random_head}
         # the random-init mark and the training record go inside the weights file, so a copy of it alone keeps them
         facts = weights_facts(random_init=random_init is not None,
                               random_init_seed=None if random_init is None else random_init["seed"],
@@ -203,6 +206,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     summary = dict(
         model=model_name, weights=str(weights) if weights else None,
         weights_sha256=sha256_file(weights) if weights and Path(weights).is_file() else None, drop_head=drop_head,
+        head_left_out=random_head,
         random_init=random_init is not None, init_seed=None if random_init is None else random_init["seed"],
         input_size=train_size, overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
         out=str(out), sha256=sha256_file(out), num_keys=len(state),

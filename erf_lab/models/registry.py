@@ -107,7 +107,8 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     if state_dict is not None:
         from erf_lab.checkpoint import load_weights
 
-        load_weights(model, state_dict, drop_head=drop_head, source=str(weights))
+        # the dropped classifier's keys keep their random init: recorded, so what writes the weights can say so
+        model.random_init_keys = load_weights(model, state_dict, drop_head=drop_head, source=str(weights))
     return model
 
 

@@ -38,4 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if s["branch_max_rel_error"] is not None:
         print(f"             {s['branch_max_rel_error']:.2e}  (the worst of {s['num_branches']} residual branches)")
     print(f"wrote        {s['out']}  ({s['num_keys']} keys, sha256 {s['sha256'][:12]}) + {s['out']}.run.json")
+    if s["head_left_out"]:
+        head = ", ".join(s["head_left_out"])
+        print(f"note         the classifier ({head}) was not in --weights' form (--drop-head): left out of the file, "
+              "not written at its random init; load it with --drop-head, or build the model with --override "
+              "num_classes=0")
     return 0
