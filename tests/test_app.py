@@ -640,15 +640,21 @@ def test_shape_bias_page_shows_progress_while_classifying(app_env, monkeypatch):
     assert any(t and t.startswith(("edges: ", "silhouettes: ")) for _, t in texts), texts
 
 
+def _shape_bias_results_page() -> AppTest:
+    """The Shape bias page, switched to 'Load results'."""
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    at.radio(key="sb-mode").set_value("Load results").run()
+    return at
+
+
 def test_shape_bias_page_load_results_bad_folders(app_env):
     """Loading a folder that is no shape-bias run gives one readable line (no NameError / FileNotFoundError from
     the sections that need the summary); a summary of an older version without decisions.csv or stimulus folder
     still shows its numbers, and the stimulus browser says in one line what it lacks."""
     import json
 
-    at = ok(new_app().run())
-    at.switch_page("views/shape_bias.py").run()
-    at.radio(key="sb-mode").set_value("Load results").run()
+    at = _shape_bias_results_page()
     (app_env / "empty").mkdir()
     (app_env / "broken").mkdir()
     (app_env / "broken" / "summary.json").write_text("{not json")
@@ -671,9 +677,7 @@ def test_shape_bias_page_names_a_damaged_decisions_csv(app_env):
     the summary's numbers are still shown."""
     import json
 
-    at = ok(new_app().run())
-    at.switch_page("views/shape_bias.py").run()
-    at.radio(key="sb-mode").set_value("Load results").run()
+    at = _shape_bias_results_page()
     for name, data in (("binary", b"set,image\n\x00\xff\xfe junk"), ("columns", b"a,b\n1,2\n")):
         d = app_env / name
         d.mkdir()
@@ -700,9 +704,7 @@ def test_shape_bias_page_offers_no_symlinked_file(app_env):
     (d / "shape_bias.png").write_bytes((REPO_ROOT / "data" / "trained" / "cue-world" / "family.png").read_bytes())
     (d / "shape_bias.pdf").symlink_to(secret)
     (d / "decisions.csv").symlink_to(secret)
-    at = ok(new_app().run())
-    at.switch_page("views/shape_bias.py").run()
-    at.radio(key="sb-mode").set_value("Load results").run()
+    at = _shape_bias_results_page()
     at.text_input(key="sb-dir").set_value(str(d)).run()
     ok(at)
     assert metric(at, "Shape bias") == "0.250"
@@ -725,9 +727,7 @@ def test_shape_bias_page_browses_no_symlinked_decisions_csv(app_env):
     (d / "summary.json").write_text(json.dumps({"shape_bias": 0.25, "n_conflict": 12,
                                                 "stimuli_dir": str(app_env / "stim")}))
     (d / "decisions.csv").symlink_to(other / "decisions.csv")
-    at = ok(new_app().run())
-    at.switch_page("views/shape_bias.py").run()
-    at.radio(key="sb-mode").set_value("Load results").run()
+    at = _shape_bias_results_page()
     at.text_input(key="sb-dir").set_value(str(d)).run()
     ok(at)
     assert metric(at, "Shape bias") == "0.250"
@@ -742,9 +742,7 @@ def test_shape_bias_page_refuses_impossible_numbers(app_env):
     instead of showing 'Shape bias 1.700' and '250.0 %' hits, or failing with a ValueError / IndexError."""
     import json
 
-    at = ok(new_app().run())
-    at.switch_page("views/shape_bias.py").run()
-    at.radio(key="sb-mode").set_value("Load results").run()
+    at = _shape_bias_results_page()
     good = {"shape_bias": 0.25, "n_conflict": 12, "shape_bias_ci95": [0.1, 0.5],
             "per_category": {"cat": {"n": 3, "shape_hits": 1, "texture_hits": 2, "shape_bias": 1 / 3}}}
     for name, change, field in (("above", {"shape_bias": 1.7}, "shape_bias is 1.7"),

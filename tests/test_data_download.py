@@ -228,6 +228,16 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
+    def send_headers_from(self, start: int, rng) -> bytes:
+        """The status and headers of ``data[start:]`` (206 for a Range request); returns that body."""
+        body = self.data[start:]
+        self.send_response(206 if rng else 200)
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.data) - 1}/{len(self.data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return body
+
     def do_GET(self):
         rng = self.headers.get("Range")
         start = int(rng[6:].split("-")[0]) if rng else 0
@@ -235,12 +245,7 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"garbage\r\n\r\n")
             self.close_connection = True
             return
-        body = self.data[start:]
-        self.send_response(206 if rng else 200)
-        if rng:
-            self.send_header("Content-Range", f"bytes {start}-{len(self.data) - 1}/{len(self.data)}")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        body = self.send_headers_from(start, rng)
         if type(self).mode == "truncate":
             type(self).mode = "ok"
             self.wfile.write(body[: len(body) // 2])
@@ -283,23 +288,35 @@ def test_a_reply_that_is_no_http_is_one_error_line(misbehaving, tmp_path):
     assert "download failed" in str(e.value) and "\n" not in str(e.value)
 
 
-class _Stalling(http.server.BaseHTTPRequestHandler):
-    """Sends the first half of the file, then stalls (until ``release`` is set) without closing the connection."""
-    data = bytes(range(256)) * 400
-    release = threading.Event()
+def _ctrl_c_stops_at_once(download) -> None:
+    """Ctrl-C (KeyboardInterrupt from a timer signal) 1.5 s into ``download()``: it must stop within 10 s."""
+    import signal
+    import time
 
-    def log_message(self, *a):
-        pass
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            download()
+        assert time.monotonic() - t0 < 10
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class _Stalling(_Misbehaving):
+    """Sends the first half of the file, then stalls (until ``release`` is set) without closing the connection."""
+    release = threading.Event()
+    protocol_version = "HTTP/1.0"
 
     def do_GET(self):
         rng = self.headers.get("Range")
         start = int(rng[6:].split("-")[0]) if rng else 0
-        body = self.data[start:]
-        self.send_response(206 if rng else 200)
-        if rng:
-            self.send_header("Content-Range", f"bytes {start}-{len(self.data) - 1}/{len(self.data)}")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        body = self.send_headers_from(start, rng)
         if not rng:
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
@@ -312,8 +329,6 @@ def test_ctrl_c_on_a_stalled_server_stops_at_once_and_the_rerun_resumes(tmp_path
     """Ctrl-C while the server stalled mid-file waited for every blocked read's 60 s timeout before the command
     ended (the thread pool joins its workers); the reads are now stopped, the bytes that came are kept."""
     import hashlib
-    import signal
-    import time
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stalling)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -323,19 +338,10 @@ def test_ctrl_c_on_a_stalled_server_stops_at_once_and_the_rerun_resumes(tmp_path
     url = f"http://127.0.0.1:{server.server_address[1]}"
     part = tmp_path / ".incoming" / "cue-conflict" / "f.bin.part"
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGALRM, interrupt)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 1.5)
-        t0 = time.monotonic()
-        with pytest.raises(KeyboardInterrupt):
-            dl.download(tmp_path, base_url=url, sets=["cue-conflict"], manifest=manifest, show_progress=False)
-        assert time.monotonic() - t0 < 10
+        _ctrl_c_stops_at_once(lambda: dl.download(tmp_path, base_url=url, sets=["cue-conflict"], manifest=manifest,
+                                                  show_progress=False))
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
         _Stalling.release.set()
     assert part.stat().st_size == len(data) // 2 and not (tmp_path / "cue-conflict").exists()
     rep = dl.download(tmp_path, base_url=url, sets=["cue-conflict"], manifest=manifest, show_progress=False)
@@ -368,28 +374,16 @@ class _Mute(http.server.BaseHTTPRequestHandler):
 
 def test_ctrl_c_on_a_server_that_never_answers_stops_at_once(tmp_path):
     """A server that stalls before its headers: Ctrl-C waited for the 60 s timeout of every waiting request."""
-    import signal
-    import time
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Mute)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Mute.release.clear()
     manifest = {"cue-conflict": {"upstream": "up", "files": {f"f{i}.bin": ["0" * 64, 10] for i in range(3)}}}
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGALRM, interrupt)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 1.5)
-        t0 = time.monotonic()
-        with pytest.raises(KeyboardInterrupt):
-            dl.download(tmp_path, base_url=f"http://127.0.0.1:{server.server_address[1]}", sets=["cue-conflict"],
-                        manifest=manifest, show_progress=False)
-        assert time.monotonic() - t0 < 10
+        _ctrl_c_stops_at_once(lambda: dl.download(tmp_path, base_url=f"http://127.0.0.1:{server.server_address[1]}",
+                                                  sets=["cue-conflict"], manifest=manifest, show_progress=False))
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
         _Mute.release.set()
         server.shutdown()
         server.server_close()

@@ -717,12 +717,12 @@ def test_run_json_feature_shape_is_the_measured_maps(tmp_path, monkeypatch):
     assert info["feature_shape"] == [2, 28, 28] and info["erf_centre"] == [16, 16]
 
 
-def test_sigterm_mid_run_saves_progress_like_ctrl_c(tmp_path):
-    """kill / timeout / a scheduler's SIGTERM saves the images measured so far, as Ctrl-C does (before: the process
-    died at once and every image since the last periodic save, up to 30 s of work, was measured again)."""
+def _stopped_by_sigterm(part, prelude: str = "") -> None:
+    """A tiny 6-image run in a subprocess that sends itself SIGTERM after 2 images (``prelude``: Python run first);
+    it must end as an interrupted run (exit 130)."""
     script = (
-        "import os, signal, sys\n"
-        "from erf_lab.erf.runner import ErfSpec, run_erf\n"
+        "import os, signal, sys, time\n"
+        "from erf_lab.erf.runner import ErfSpec, run_erf\n" + prelude +
         f"spec = ErfSpec('replknet_31b', overrides={TINY_KW!r}, num_images=6, input_size=32, batch_size=1)\n"
         "def stop(a):\n"
         "    if len(a.processed) == 2:\n"
@@ -731,10 +731,16 @@ def test_sigterm_mid_run_saves_progress_like_ctrl_c(tmp_path):
         "    run_erf(spec, out=sys.argv[1], show_progress=False, on_batch=stop, checkpoint_seconds=1e9)\n"
         "except KeyboardInterrupt:\n"
         "    sys.exit(130)\n")
-    part = tmp_path / "part"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", script, str(part)], env=env, capture_output=True, timeout=240)
     assert proc.returncode == 130, proc.stderr.decode()[-2000:]
+
+
+def test_sigterm_mid_run_saves_progress_like_ctrl_c(tmp_path):
+    """kill / timeout / a scheduler's SIGTERM saves the images measured so far, as Ctrl-C does (before: the process
+    died at once and every image since the last periodic save, up to 30 s of work, was measured again)."""
+    part = tmp_path / "part"
+    _stopped_by_sigterm(part)
     assert not (part / "run.json").exists()
     with np.load(part / ".erf_state.npz", allow_pickle=False) as z:
         saved = len(json.loads(str(z["processed"])))
@@ -750,27 +756,14 @@ def test_a_second_sigterm_does_not_cut_the_saving_short(tmp_path):
     """Under torchrun a worker may get SIGTERM twice (the scheduler's, and the agent forwarding it): the second one
     came while the first one's progress was being saved, raised KeyboardInterrupt out of the save, and every image
     was lost (the folder removed). Later SIGTERMs are ignored now while the run stops."""
-    script = (
-        "import os, signal, sys, time\n"
+    part = tmp_path / "part"
+    _stopped_by_sigterm(part, prelude=(
         "from erf_lab.erf import compute\n"
-        "from erf_lab.erf.runner import ErfSpec, run_erf\n"
         "real = compute.Accumulator.save\n"
         "def save(self, path, extra=None):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(0.05)\n"
         "    return real(self, path, extra)\n"
-        "compute.Accumulator.save = save\n"
-        f"spec = ErfSpec('replknet_31b', overrides={TINY_KW!r}, num_images=6, input_size=32, batch_size=1)\n"
-        "def stop(a):\n"
-        "    if len(a.processed) == 2:\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "try:\n"
-        "    run_erf(spec, out=sys.argv[1], show_progress=False, on_batch=stop, checkpoint_seconds=1e9)\n"
-        "except KeyboardInterrupt:\n"
-        "    sys.exit(130)\n")
-    part = tmp_path / "part"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, str(part)], env=env, capture_output=True, timeout=240)
-    assert proc.returncode == 130, proc.stderr.decode()[-2000:]
+        "compute.Accumulator.save = save\n"))
     with np.load(part / ".erf_state.npz", allow_pickle=False) as z:
         assert len(json.loads(str(z["processed"]))) >= 2
