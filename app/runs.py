@@ -86,9 +86,14 @@ def find_runs(root: Path, max_depth: int = 4, limit: int | None = None) -> list[
     return out
 
 
+def own_file(p: Path) -> bool:
+    """A file of the folder itself: a symlink (to anything on the server) is neither read, shown nor offered."""
+    return p.is_file() and not p.is_symlink()
+
+
 def downloadable_files(d: Path) -> list[Path]:
     """Figure and data files directly inside a result directory (size-limited, no symlinks)."""
-    return [p for p in sorted(d.iterdir()) if p.is_file() and not p.is_symlink() and p.suffix.lower() in
+    return [p for p in sorted(d.iterdir()) if own_file(p) and p.suffix.lower() in
             DOWNLOAD_SUFFIXES and not p.name.startswith(".") and p.stat().st_size <= MAX_DOWNLOAD_MB * 2**20]
 
 

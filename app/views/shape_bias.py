@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from app import models, safety
+from app.runs import own_file
 from app.shape_bias_runs import SHAPE_BIAS_MODELS, is_complete, shape_bias_run, shape_bias_run_dir
 from app.ui import checkpoint_upload, cli_hint, file_downloads, guard
 from erf_lab.errors import ErfLabError
@@ -76,14 +77,6 @@ else:
     if text:
         with guard("Results folder"):
             run_dir = safety.safe_directory(text, "results folder")
-
-
-
-def own_file(p: Path) -> bool:
-    """A file of the results folder itself: a symlink (to anything on the server) is neither shown nor offered,
-    as the Results page offers none (app.runs.downloadable_files)."""
-    return p.is_file() and not p.is_symlink()
-
 
 s = None
 if run_dir is not None:
