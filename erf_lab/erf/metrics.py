@@ -302,6 +302,12 @@ def _separable_gaussian_lm(z: np.ndarray, p: np.ndarray, lo: np.ndarray, hi: np.
     return params(q), r, converged
 
 
+def theoretical_rf_exceeds_map(theoretical_rf: int | None, shape) -> bool:
+    """Whether a theoretical RF (pixels) is wider than the map of ``shape`` (H, W) along either side: the ERF
+    cannot reach past the image, so its ratios to the theoretical RF depend on the image's size."""
+    return theoretical_rf is not None and theoretical_rf > min(shape)
+
+
 def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLDS, *,
                     gaussian: bool = True, centre=None) -> dict:
     """All metrics of one ERF map as a JSON-ready dict (written as ``metrics.json``).
@@ -367,7 +373,7 @@ def compute_metrics(erf, theoretical_rf: int | None = None, thresholds=THRESHOLD
         for e in hc:
             ratio[f"side_at_{e['threshold']:g}"] = e["side"] / theoretical_rf if e["reached"] else None
         out["erf_to_trf"] = ratio
-        if theoretical_rf > min(h, w):  # the ERF cannot reach past the image (either side): the ratios depend on it
+        if theoretical_rf_exceeds_map(theoretical_rf, (h, w)):
             flags.append("theoretical_rf_exceeds_map")
     return out
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, summary
+from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, summary, theoretical_rf_exceeds_map
 from erf_lab.erf.tables import csv_text, markdown_table
 from erf_lab.errors import ErfLabError
 from erf_lab.io import command_record, progress, refuse_other_result, write_text
@@ -299,8 +299,8 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     if short:
         md += (f"\n\nnum_used: {int(num_images)} images asked for (--num-images), fewer used by "
                + ", ".join(short) + ": the image set holds no more usable ones.")
-    beyond = [r["run_dir"] for r in rows
-              if r.get("trf") and r.get("erf/trf") is not None and r["trf"] > r["input_size"]]
+    beyond = [r["run_dir"] for r in rows if r.get("erf/trf") is not None
+              and theoretical_rf_exceeds_map(r.get("trf"), [int(v) for v in r["shape"].split("x")])]
     if beyond:
         md += ("\n\nerf/trf: the theoretical RF exceeds the image for " + ", ".join(beyond) + "; there the ERF is cut "
                "by the image's edge, so the ratio is bounded by the input size, not a property of the network alone.")
