@@ -527,6 +527,29 @@ def test_rf_start_follows_f_pad_and_same_padding():
     assert row["rf_start"] == [-3 + 1 + 1.0, -2 + 1 + 1.0] and row["stride"] == 2
 
 
+def test_rf_start_of_a_conv_module_that_pads_inside_its_forward():
+    """EfficientNet-Lite's TF-'SAME' SameConv2d (an nn.Conv2d with padding 0 that calls F.pad in its forward): the
+    module hook took its padding as 0 over the interceptor's F.pad, so each stride-1 5x5 moved the centre 2 px down,
+    and efficientnet_lite0's forward_features listed unit 0 at 425 px (at 1024 px the metrics' squares sat at 937,
+    beside the corner). The linear stack's gradient says where the centre unit's receptive field is."""
+    from erf_lab.erf.metrics import distribution_stats
+    from erf_lab.models.efficientnet_lite import SameConv2d
+
+    layers = [SameConv2d(3, 1, 3, stride=2), SameConv2d(1, 1, 5), SameConv2d(1, 1, 5, stride=2), SameConv2d(1, 1, 3)]
+    for conv in layers:
+        nn.init.constant_(conv.weight, 1.0)
+    net = nn.Sequential(*layers)
+    size = 64
+    row = list_layers(net, size)[-1]
+    h = row["shape"][-1]
+    x = torch.zeros(1, 3, size, size, requires_grad=True)
+    net(x)[0, 0, h // 2, h // 2].backward()
+    centre = distribution_stats(x.grad[0].sum(0).numpy())["center_of_mass"]
+    assert [row["rf_start"][a] + row["stride_hw"][a] * (h // 2) for a in range(2)] == pytest.approx(centre, abs=1e-9)
+    start = {r["name"]: r["rf_start"] for r in list_layers(create_model("efficientnet_lite0"), 32)}
+    assert start["_conv_stem"] == [1.0, 1.0] and start["forward_features"] == [31.0, 31.0]  # +j per stride 2
+
+
 def _squared_conv():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 2, 3, padding=1)

@@ -165,7 +165,8 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # "v2": NHWC maps inside ConvNeXt-style blocks are read as (C, H, W) since; older entries had (H, W, C)
     # "v3": a Linear / LayerNorm over an NCHW map's width (or over (C, H, W)) is NCHW again (v2 read it as NHWC)
     # "v5": the stride per axis (``stride_hw``), for the centre of a layer whose strides differ along y and x
-    key = structure_cache.structure_key(model, "geometry-v5", name, int(input_size))
+    # "v6": rf_start after a conv module that pads inside its forward (TF 'SAME'); v5 took its padding as 0
+    key = structure_cache.structure_key(model, "geometry-v6", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name
             and {"theoretical_rf", "stride", "feature_shape", "rf_start", "stride_hw"} <= set(hit)):
