@@ -536,6 +536,35 @@ def test_background_imports_run_on_their_own_thread_and_leave_failures_to_the_ca
     assert set(runner.BACKGROUND_IMPORTS) >= {"captum.attr", "matplotlib.backends.backend_pdf"}
 
 
+@pytest.mark.parametrize("size", [45, 50, 64])
+def test_layer_geometry_centre_of_a_size_dependent_padding_is_the_input_sizes(tmp_path, monkeypatch, size):
+    """TF-'SAME' convs (EfficientNet-Lite's SameConv2d) pad by the map's parity, so unit 0's centre depends on the
+    input size; the geometry was probed at 32 px only, and erf_centre put the metrics' squares 2-3 px beside the
+    centre unit's receptive field at 45 or 50 px (efficientnet_lite0 at 100 / 225 px: 28 / 31 px). The gradient of
+    a linear stack says where that unit's field is centred."""
+    import math
+
+    import torch
+    import torch.nn as nn
+
+    from erf_lab.erf import runner
+    from erf_lab.erf.metrics import distribution_stats
+    from erf_lab.models.efficientnet_lite import SameConv2d
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path))
+    layers = [SameConv2d(3, 1, 3, stride=2), SameConv2d(1, 1, 5), SameConv2d(1, 1, 3, stride=2), SameConv2d(1, 1, 3)]
+    for conv in layers:
+        nn.init.constant_(conv.weight, 1.0)
+    net = nn.Sequential(*layers)
+    geom = runner.layer_geometry(net, None, size)
+    x = torch.zeros(1, 3, size, size, requires_grad=True)
+    out = net(x)
+    h, w = out.shape[-2:]
+    out[0, 0, h // 2, w // 2].backward()
+    com = distribution_stats(x.grad[0].sum(0).numpy())["center_of_mass"]
+    assert runner.erf_centre(geom, size, (h, w)) == [math.floor(c + 0.5) for c in com]
+
+
 def test_layer_geometry_is_kept_per_structure_and_a_changed_structure_is_probed_again(tmp_path, monkeypatch):
     """The probe forward of ``layer_geometry`` runs once per model structure / layer / size (the erf-lab cache's
     erf_geometry.json); a different stride (same tensors) or a corrupt table makes it probe again, and the cached

@@ -14,6 +14,7 @@ import dataclasses
 import datetime as _dt
 import importlib
 import os
+import math
 import re
 import shutil
 import signal
@@ -192,6 +193,14 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
             if probe == input_size:
                 raise
             probe = input_size
+            rows = {r["name"]: r for r in list_layers(model, probe)}
+    step = math.lcm(*(int(r["stride"] or 1) for r in rows.values())) if rows else 1
+    if (input_size - probe) % step:
+        # a padding that depends on the map's size (TF 'SAME': the extra pixel goes after, by the size's parity)
+        # puts unit 0 elsewhere at sizes of another residue: probe again at the least size congruent to the input's
+        # modulo every stride, which takes the same paddings as the input (RF and stride are the same anyway)
+        probe += (input_size - probe) % step
+        with fastconv.use(backend="native"), num_threads(1):
             rows = {r["name"]: r for r in list_layers(model, probe)}
     row = rows.get(name)
     if row is None or len(row["shape"]) != 3:
