@@ -39,6 +39,11 @@ def test_figures_show_and_name_the_preset():
     joint = comparison_figure(maps, ["a", "b"], normalize="joint", display="slak")
     shown = [np.asarray(ax.collections[0].get_array()).max() for ax in joint.axes if ax.get_title() in ("a", "b")]
     assert shown == pytest.approx([maps[0].max() / maps[1].max(), 1.0])  # A / joint max
+    # and the colour bar says so: "A/max" read as each map's own max, which only the "each" figure shows
+    captions = {n: [ax.get_xlabel() for ax in comparison_figure(maps, ["a", "b"], normalize=n).axes
+                    if ax.get_xlabel()] for n in ("each", "joint")}
+    assert captions == {"each": ["log10(A+1)/max (RepLKNet, Ding et al., CVPR 2022)"],
+                        "joint": ["log10(A+1)/max over all maps (RepLKNet, Ding et al., CVPR 2022)"]}
     assert "log10(A+1)/max" in erf_figure(maps[0]).axes[1].get_xlabel()  # default: RepLKNet
 
 

@@ -110,10 +110,10 @@ def _heatmap(ax, data: np.ndarray, title: str | None = None):
     return image
 
 
-def _colorbar(fig, image, axes, display: str | None = None):
+def _colorbar(fig, image, axes, display: str | None = None, joint: bool = False):
     cb = fig.colorbar(image, ax=axes, location="top", fraction=0.05, pad=0.04, aspect=40 if np.ndim(axes) else 25)
     cb.set_ticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    cb.set_label(display_caption(display), fontsize=7)
+    cb.set_label(display_caption(display, joint), fontsize=7)
     cb.outline.set_linewidth(0.5)
     return cb
 
@@ -126,10 +126,11 @@ def display_preset(name: str | None) -> str:
     return name
 
 
-def display_caption(name: str | None) -> str:
-    """What a figure drawn with preset ``name`` shows, e.g. ``'log10(A+1)/max (RepLKNet, ...)'``."""
+def display_caption(name: str | None, joint: bool = False) -> str:
+    """What a figure drawn with preset ``name`` shows, e.g. ``'log10(A+1)/max (RepLKNet, ...)'``; ``joint``: the
+    max is the one over all maps of the figure (``comparison_figure(normalize="joint")``), not each map's own."""
     formula, source, _ = DISPLAY_PRESETS[display_preset(name)]
-    return f"{formula} ({source})"
+    return f"{formula}{' over all maps' if joint else ''} ({source})"
 
 
 def display_map(erf, display: str | None = None, scale: float | None = None) -> np.ndarray:
@@ -197,7 +198,7 @@ def comparison_figure(erfs: Sequence, labels: Sequence[str], normalize: str = "e
             image = _heatmap(ax, d, lab)
         for ax in axes[n:]:
             ax.set_axis_off()
-        _colorbar(fig, image, list(axes), display)
+        _colorbar(fig, image, list(axes), display, joint=normalize == "joint")
     return fig
 
 
