@@ -69,6 +69,22 @@ def test_single_conv_has_exact_k_by_k_support():
     assert np.allclose(res.erf[res.erf > 0], 3.0)  # d(sum of 3*k*k inputs)/dx = 1 per channel, summed over RGB
 
 
+def test_images_of_different_sizes_are_one_clear_error():
+    """The mean map needs one size: images of another size in one batch ended in torch.stack's RuntimeError, in a
+    later batch in numpy's broadcast ValueError, and after a resumed state of another size the same."""
+    from erf_lab.erf.compute import Accumulator
+
+    m = _uniform_stack(1, 3)
+    small, large = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 20, 20)
+    for batch_size in (1, 2):
+        with pytest.raises(ErfLabError, match="image 1 is 20 x 20 px where the images before it are 16 x 16"):
+            compute_erf(m, [small, large], batch_size=batch_size, show_progress=False)
+    state = Accumulator(sum=np.zeros((16, 16)), count=1, processed=["old"])
+    with pytest.raises(ErfLabError, match="image 0 is 20 x 20 px where the images before it are 16 x 16"):
+        compute_erf(m, [large], state=state, show_progress=False)
+    assert compute_erf(m, [small, small], batch_size=2, show_progress=False).erf.shape == (16, 16)
+
+
 def test_abs_aggregate_differs_from_relu_on_signed_weights():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.ReLU(), nn.Conv2d(4, 4, 5, padding=2))

@@ -334,6 +334,12 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 continue
             if t.dim() != 3 or t.shape[0] != chans:
                 raise ErfLabError(f"image {ident} must be ({chans}, H, W) for this model, got {tuple(t.shape)}")
+            size = tuple(pending[0][1].shape[-2:]) if pending else input_hw or (
+                tuple(acc.sum.shape) if acc.sum is not None else None)
+            if size is not None and tuple(t.shape[-2:]) != size:  # torch.stack's / numpy's broadcast error before
+                raise ErfLabError(f"image {ident} is {t.shape[-2]} x {t.shape[-1]} px where the images before it are "
+                                  f"{size[0]} x {size[1]}: the ERF is the mean of maps of one size; resize the "
+                                  "images to one size")
             pending.append((ident, t.to(param_dtype) if t.is_floating_point() else t.float()))  # never rounded
             if len(pending) >= limit:
                 flush()
