@@ -616,6 +616,41 @@ def test_a_model_or_layer_that_returns_a_dict_is_one_clear_error():
     assert EffectiveReceptiveField(_DictOut(), layer="conv").attribute(x).shape == (1, 8, 8)
 
 
+def _rf_by_hand(stem_rf, stem_jump, stages, transition_k=3):
+    """(rf, jump) by hand: ``stages`` = [(kernels of the blocks' spatial convs at that stage)]; a stride-2
+    ``transition_k`` conv (RepLKNet's transition, ResNet / MobileNetV2's first 3x3 of a stage) before every
+    stage but the first, at the incoming jump."""
+    rf, jump = stem_rf, stem_jump
+    for i, kernels in enumerate(stages):
+        if i:
+            rf, jump = rf + (transition_k - 1) * jump, jump * 2
+        rf += sum((k - 1) * jump for k in kernels)
+    return rf, jump
+
+
+@pytest.mark.parametrize("name,overrides,expected", [
+    # ResNet v1.5 (stride in the 3x3): stem 7x7/2 + maxpool 3x3/2 -> (11, 4); a stage's first block strides
+    ("resnet50", {}, _rf_by_hand(11, 4, [[3] * 3, [3] * 3, [3] * 5, [3] * 2])),  # 427
+    ("resnet101", {}, _rf_by_hand(11, 4, [[3] * 3, [3] * 3, [3] * 22, [3] * 2])),  # 971
+    # MobileNetV2: stem 3x3/2 + the t=1 block's 3x3 -> (7, 2); then the blocks after each strided first one:
+    # 24 (1), 32 (2), 64 (3) + 96 (3), 160 (2) + 320 (1)
+    ("mobilenetv2", {}, _rf_by_hand(7, 2, [[], [3], [3] * 2, [3] * 6, [3] * 3])),  # 491
+    # RepLKNet-31B: stem 3x3/2, dw 3x3, 1x1, dw 3x3/2 -> (11, 4); blocks 2-2-18-2 of kernels 31-29-27-13
+    ("replknet_31b", {"channels": (8, 8, 8, 8)},
+     _rf_by_hand(11, 4, [[31] * 2, [29] * 2, [27] * 18, [13] * 2])),  # 9011
+])
+def test_theoretical_rf_of_the_papers_networks_matches_the_hand_computation(name, overrides, expected):
+    """The theoretical RF and stride of forward_features (Araujo et al. 2019's recursion) for the networks of
+    Ding et al. 2022's ERF figure and Table 10, against the arithmetic done by hand; the RF does not depend on the
+    widths, so RepLKNet-31B is built 8 channels wide."""
+    rf, jump = expected
+    assert (rf, jump) == {"resnet50": (427, 32), "resnet101": (971, 32), "mobilenetv2": (491, 32),
+                          "replknet_31b": (9011, 32)}[name]
+    row = list_layers(create_model(name, **overrides), 32)[-1]
+    assert (row["name"], row["theoretical_rf"], row["stride_hw"], row["rf_start"]) == (
+        "forward_features", rf, [jump, jump], [0.0, 0.0])  # every padding "same": unit i centred at 32 i
+
+
 def test_list_layers_and_theoretical_rf_of_a_float64_model():
     """The probe input takes the model's dtype: a float64 model was 'input size 16 does not fit Sequential:
     expected scalar type Float but found Double' in list_layers, theoretical_rf, 'erf-lab layers' and 'compute'."""
