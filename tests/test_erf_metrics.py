@@ -63,7 +63,9 @@ def test_matches_official_script_wherever_it_answers(n):
     rng = np.random.default_rng(n)
     y, x = np.mgrid[:n, :n]
     raw = rng.gamma(2.0, size=(n, n)) * 50 * np.exp(-((y - n / 2) ** 2 + (x - n / 2) ** 2) / (2 * 9.0 ** 2))
-    data = log_normalize(raw)
+    data = np.log10(raw + 1)  # the official preprocessing, written as the script writes it
+    data = data / np.max(data)
+    np.testing.assert_allclose(log_normalize(raw), data, rtol=0, atol=1e-15)  # the official form: to 2e-17
     answered = 0
     for t in (0.2, 0.3, 0.5, 0.9, 0.99):
         off = official_get_rectangle(data, t)
@@ -72,6 +74,18 @@ def test_matches_official_script_wherever_it_answers(n):
             answered += 1
             assert (got["side"], got["area_ratio"]) == pytest.approx(off, rel=1e-15)
     assert answered >= 4
+
+
+def test_log_normalize_of_a_map_of_tiny_values_is_not_rounded_away():
+    """log10(A + 1) of A ~ 1e-17 (a deep untrained network's map can be that small) was 0 everywhere, as 1 + A
+    rounds to 1: the map looked empty and no threshold was reached. For tiny A, log10(1 + A) = A / ln 10 to
+    first order, so the preprocessed map is A / max and the area ratios are those of the raw map."""
+    y, x = np.mgrid[:33, :33]
+    g = np.exp(-((y - 16) ** 2 + (x - 16) ** 2) / (2 * 4.0 ** 2))
+    for scale in (1e-17, 1e-15):
+        np.testing.assert_allclose(log_normalize(scale * g), g, rtol=1e-9)
+        for t in THRESHOLDS:
+            assert high_contribution_area_ratio(scale * g, t) == high_contribution_area_ratio(g, t, preprocess=False)
 
 
 def test_uniform_map_side_grows_as_sqrt_t():

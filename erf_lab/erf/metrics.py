@@ -44,9 +44,17 @@ def validate_erf(erf) -> np.ndarray:
     return a
 
 
+def log10_1p(a) -> np.ndarray:
+    """log10(A + 1), computed as log1p(A) / ln 10: the official ``np.log10(A + 1)`` to an ulp for ordinary maps, but
+    exact where A is under ~1e-12 (an untrained network's map can be: 1 + A rounds A to a multiple of 2.2e-16, so
+    a map of 1e-17 became all zero and one of 1e-15 a few steps)."""
+    return np.log1p(np.asarray(a, dtype=np.float64)) / np.log(10.0)
+
+
 def log_normalize(erf) -> np.ndarray:
-    """A' = log10(A + 1) / max (Ding et al. 2022, App.; official analyze_erf.py). An all-zero map stays zero."""
-    a = np.log10(np.asarray(erf, dtype=np.float64) + 1.0)
+    """A' = log10(A + 1) / max (Ding et al. 2022, App.; official analyze_erf.py; :func:`log10_1p`). An all-zero
+    map stays zero."""
+    a = log10_1p(erf)
     m = a.max()
     return a / m if m > 0 else a
 

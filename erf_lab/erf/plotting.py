@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from erf_lab.erf.metrics import validate_erf
+from erf_lab.erf.metrics import log10_1p, validate_erf
 from erf_lab.errors import ErfLabError
 from erf_lab.io import save_figure
 
@@ -26,7 +26,7 @@ FORMATS = ("png", "pdf", "svg")
 # name -> (formula shown in the figure, whose convention, transform before dividing by the max). Display only:
 # erf.npy and the metrics never depend on it.
 DISPLAY_PRESETS = {
-    "replknet": ("log10(A+1)/max", "RepLKNet, Ding et al., CVPR 2022", lambda a: np.log10(a + 1.0)),
+    "replknet": ("log10(A+1)/max", "RepLKNet, Ding et al., CVPR 2022", log10_1p),
     "slak": ("A/max", "SLaK, Liu et al., ICLR 2023", lambda a: a),
     "power": ("A^0.25/max", "VMamba, Liu et al., NeurIPS 2024 (analyze/utils.py simpnorm)", lambda a: a ** 0.25),
 }
