@@ -565,6 +565,24 @@ def test_layer_geometry_centre_of_a_size_dependent_padding_is_the_input_sizes(tm
     assert runner.erf_centre(geom, size, (h, w)) == [math.floor(c + 0.5) for c in com]
 
 
+def test_an_input_under_the_stride_is_refused_for_what_its_map_really_is(tmp_path, monkeypatch):
+    """A 'same'-padded stride-4 net at 3 px has a 1 x 1 map (one unit), which the refusal called 'under 1 pixel'
+    (ResNet-18 at 16 px: 'the feature map would be under 1 pixel', for its 1 x 1 map)."""
+    import torch.nn as nn
+
+    from erf_lab.erf import runner
+    from erf_lab.erf.receptive_field import list_layers
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path))
+    same = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    assert list_layers(same, 3)[-1]["shape"] == [4, 1, 1]
+    with pytest.raises(ErfLabError, match=r"input size 3 is too small for layer 'forward_features' \(total stride "
+                                          r"4: the map would hold a single unit, fed by less than one stride of "
+                                          r"image\); use --input-size >= 4"):
+        runner.layer_geometry(same, None, 3)
+    assert runner.layer_geometry(same, None, 4)["feature_shape"] == [4, 1, 1]
+
+
 def test_layer_geometry_is_kept_per_structure_and_a_changed_structure_is_probed_again(tmp_path, monkeypatch):
     """The probe forward of ``layer_geometry`` runs once per model structure / layer / size (the erf-lab cache's
     erf_geometry.json); a different stride (same tensors) or a corrupt table makes it probe again, and the cached

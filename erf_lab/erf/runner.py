@@ -209,8 +209,10 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
         raise ErfLabError(f"layer {name!r} does not produce a (N, C, H, W) feature map in the forward pass{hint}")
     stride = int(row.get("stride") or 1)
     if input_size < stride or row["shape"][-1] < 1 or row["shape"][-2] < 1:
+        why = ("the feature map would be under 1 pixel" if min(row["shape"][-2:]) < 1 else
+               "the map would hold a single unit, fed by less than one stride of image")  # "same" padding: 1 x 1
         raise ErfLabError(f"input size {input_size} is too small for layer {name!r} (total stride {stride}: "
-                          f"the feature map would be under 1 pixel); use --input-size >= {stride}")
+                          f"{why}); use --input-size >= {stride}")
     # (C, H, W) at input_size for a "same"-padded map; run.json records the measured map's own H x W
     return {"layer": name, "theoretical_rf": row["theoretical_rf"], "stride": stride,
             "feature_shape": [row["shape"][0], -(-input_size // stride), -(-input_size // stride)],
