@@ -565,6 +565,24 @@ def test_layer_geometry_centre_of_a_size_dependent_padding_is_the_input_sizes(tm
     assert runner.erf_centre(geom, size, (h, w)) == [math.floor(c + 0.5) for c in com]
 
 
+def test_layer_geometry_of_a_model_that_refuses_the_second_probe_size(tmp_path, monkeypatch):
+    """The probe at the input's residue (34 px for 50 px and stride 4) is a size the measurement never uses: a model
+    that takes only some sizes is probed at the input's own size instead of failing on 34 px."""
+    import torch.nn as nn
+
+    from erf_lab.erf import runner
+
+    class Picky(nn.Sequential):
+        def forward(self, x):
+            assert x.shape[-1] in (32, 50), f"size {x.shape[-1]}"
+            return super().forward(x)
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path))
+    net = Picky(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    geom = runner.layer_geometry(net, None, 50)
+    assert geom["stride"] == 4 and geom["theoretical_rf"] == 7 and runner.erf_centre(geom, 50, (13, 13)) == [24, 24]
+
+
 def test_an_input_under_the_stride_is_refused_for_what_its_map_really_is(tmp_path, monkeypatch):
     """A 'same'-padded stride-4 net at 3 px has a 1 x 1 map (one unit), which the refusal called 'under 1 pixel'
     (ResNet-18 at 16 px: 'the feature map would be under 1 pixel', for its 1 x 1 map)."""

@@ -199,9 +199,11 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
         # a padding that depends on the map's size (TF 'SAME': the extra pixel goes after, by the size's parity)
         # puts unit 0 elsewhere at sizes of another residue: probe again at the least size congruent to the input's
         # modulo every stride, which takes the same paddings as the input (RF and stride are the same anyway)
-        probe += (input_size - probe) % step
         with fastconv.use(backend="native"), num_threads(1):
-            rows = {r["name"]: r for r in list_layers(model, probe)}
+            try:
+                rows = {r["name"]: r for r in list_layers(model, probe + (input_size - probe) % step)}
+            except ErfLabError:  # a size the model refuses (e.g. windows): the input's own, whose error is the one
+                rows = {r["name"]: r for r in list_layers(model, input_size)}
     row = rows.get(name)
     if row is None or len(row["shape"]) != 3:
         hint = (" (forward_features or, without one, the model's output: here e.g. logits, a tuple or a dict); "
