@@ -110,9 +110,9 @@ def high_contribution_area_ratio(erf, t: float, *, preprocess: bool = True, cent
     (e.g. t >= 1, an all-zero map, or mass on the border row of an even-sized map), side and area_ratio
     are None and reached is False. ``preprocess`` applies A' = log10(A+1)/max first (the paper's setting).
 
-    Matches the official ``get_rectangle`` wherever its loop gives an answer; it additionally tests
-    side 1 (the official loop starts at side 3) and, for odd sizes, the full map (the official loop stops
-    two pixels short), so a delta map gives side 1 instead of 3.
+    Matches the official ``get_rectangle`` wherever its loop gives an answer, except where the centre pixel
+    alone holds more than ``t``: it also tests side 1 (the official loop starts at side 3), so a delta map gives
+    side 1 instead of 3; and, for odd sizes, the full map (the official loop stops two pixels short).
     """
     t = float(t)
     if not 0 <= t <= 1:
