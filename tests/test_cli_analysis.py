@@ -395,6 +395,25 @@ def test_compare_says_when_maps_were_not_made_alike(capsys, tmp_path):
     assert rc == 0 and "Not like with like" not in out
 
 
+def test_runs_not_made_as_the_paper_rows_are_named_beside_them(capsys, tmp_path):
+    """compute, analyze and compare show the paper's Table 10 rows (ReLU aggregation at forward_features) beside
+    the measured ones; a run with --aggregate abs or another --layer was shown there without a word."""
+    def run(name, **how):
+        write_run_dir(tmp_path / name, gaussian_map(), {"model": "m", "label": name, **how}, theoretical_rf=30)
+        return str(tmp_path / name)
+
+    paper, absolute = run("paper", aggregate="relu", layer="forward_features"), run("absolute", aggregate="abs")
+    inner = run("inner", aggregate="relu", layer="stages.1")
+    rc, out, err = run_cli(capsys, "compare", paper, absolute, inner, "--out", str(tmp_path / "c"), "--formats", "png")
+    expected = ("The paper rows are ReLU-aggregated gradients at forward_features (the last stage's output); not "
+                "comparable to them: absolute (aggregate abs); inner (layer stages.1).")
+    assert rc == 0 and expected in out and expected in (tmp_path / "c" / "compare.md").read_text()
+    rc, out, err = run_cli(capsys, "analyze", absolute, "--out", str(tmp_path / "a"), "--formats", "png")
+    assert rc == 0 and "not comparable to them: absolute (aggregate abs)." in out
+    rc, out, err = run_cli(capsys, "analyze", paper, "--out", str(tmp_path / "p"), "--formats", "png")
+    assert rc == 0 and "not comparable" not in out
+
+
 def test_a_sweep_folder_given_as_a_run_points_to_its_members(capsys, tmp_path):
     """'compare SWEEP_DIR' said '(incomplete run? it has no run.json either)', as if the sweep were a broken run."""
     sweep = tmp_path / "sweep"

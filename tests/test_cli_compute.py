@@ -140,9 +140,12 @@ def test_cli_resume_on_complete_run_is_a_no_op(tmp_path, capsys):
                         "--resume", "--quiet")
     assert code == 2 and err.count("\n") == 1 and (out / "run.json").read_text() == before
     assert "already holds a complete run with other settings (input_size); use --force" in err
-    code, _, err = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--out", str(out),
-                        "--force", "--quiet", "--aggregate", "abs")
+    code, stdout, err = _cli(capsys, "compute", *TINY, "--num-images", "1", "--input-size", "32", "--out", str(out),
+                             "--force", "--quiet", "--aggregate", "abs")
     assert code == 0 and json.loads((out / "run.json").read_text())["aggregate"] == "abs"
+    # its table shows the paper's rows, which are ReLU-aggregated: the output says they are not comparable
+    assert ("note: The paper rows are ReLU-aggregated gradients at forward_features (the last stage's output); not "
+            "comparable to them: replknet_31b (aggregate abs).") in stdout
 
 
 def _expect_error(capsys, tmp_path, argv, pattern):

@@ -9,7 +9,7 @@ from erf_lab.erf.metrics import compute_metrics, paper_caveat, summary
 from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run
 from erf_lab.erf.metrics import gaussian_fit_ok
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, gauss_note,
-                                markdown_table, metrics_text, table_rows)
+                                markdown_table, metrics_text, paper_protocol_note, table_rows)
 from erf_lab.errors import ErfLabError
 from erf_lab.io import command_record, prepare_out_dir, refuse_other_result, write_json, write_text
 from erf_lab.provenance import provenance
@@ -42,6 +42,8 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     title = f"{run.label} {RANDOM_MARK}" if random_init else run.label
     files = [mpath] + plot_erf(run.erf, out_dir / stem, title=title, formats=tuple(formats), display=display)
     text = metrics_text(metrics, title)
+    if note := paper_protocol_note([(run.label, run.run_info)]):
+        text += f"\n  note: {note}"
     record = provenance("analyze", {"source": str(run.npy.resolve()), "out": str(out_dir.resolve()),
                                     "formats": list(formats), "theoretical_rf": trf,
                                     "display": display}, argv)
@@ -137,6 +139,8 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
     if gauss := gauss_note(measured):
         note += " " + gauss
     note += protocol_note(runs)
+    if not mixed and (paper := paper_protocol_note([(r.label, r.run_info) for r in runs])):
+        note += " " + paper
     if empty := [label for label, m in measured if "empty_map" in (m.get("flags") or [])]:
         note += (" Empty map (all zero: no gradient reached the input, so its n/r and - are no ERF size): "
                  + ", ".join(empty) + ".")

@@ -47,6 +47,23 @@ def gauss_note(measured: Sequence[tuple[str, dict]]) -> str:
             + "; ".join(f"{label}: {reason}" for label, reason in bad) + ".")
 
 
+def paper_protocol_note(runs: Sequence[tuple[str, dict | None]]) -> str:
+    """One sentence naming the measured runs ((label, run.json or None)) whose maps were not made as the paper's
+    Table 10 rows were (ReLU of the gradient, at ``forward_features``: the last stage's output), so that their area
+    ratios cannot be read against those rows; "" when every run follows it (or says nothing of how it was made)."""
+    from erf_lab.erf.receptive_field import DEFAULT_LAYER
+
+    other = []
+    for label, info in runs:
+        info = info or {}
+        why = ([f"aggregate {info['aggregate']}"] if info.get("aggregate") not in (None, "relu") else []) + (
+            [f"layer {info['layer']}"] if info.get("layer") not in (None, DEFAULT_LAYER) else [])
+        if why:
+            other.append(f"{label} ({', '.join(why)})")
+    return ("The paper rows are ReLU-aggregated gradients at forward_features (the last stage's output); not "
+            "comparable to them: " + "; ".join(other) + ".") if other else ""
+
+
 def table_rows(runs: Sequence[tuple[str, dict]], with_paper: bool = True) -> list[dict]:
     """Flat rows (label + :func:`summary`) for measured runs, then the paper's Table 10 references."""
     rows = [{"label": label, "source": "measured", **summary(m)} for label, m in runs]
