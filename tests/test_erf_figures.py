@@ -88,6 +88,21 @@ def test_grid_and_growth(tmp_path):
         plot_grid([[m]], ["a", "b"], ["c"], tmp_path / "bad")
 
 
+def test_growth_axes_name_what_they_plot(tmp_path, monkeypatch):
+    """The sweep's size-free panel plots gauss_sigma_x, the x-axis sigma, which it labelled 'Gaussian sigma'
+    (an anisotropic ERF's sigma_y is another number)."""
+    from erf_lab.erf import plotting
+    from erf_lab.erf.sweep import AREA_METRICS, SIZE_FREE_METRICS
+
+    figures = []
+    monkeypatch.setattr(plotting, "save_figure", lambda fig, stem, formats: figures.append(fig) or [])
+    rows = [{"input_size": s, "reparam": "deploy", "area@20%": 1.0, "area@50%": 2.0, "area@99%": 3.0, "r_rms": 4.0,
+             "gauss_sigma_x": 5.0, "gauss_sigma_y": 9.0, "r50": 6.0, "r99": 7.0} for s in (32, 64)]
+    plot_growth(rows, tmp_path / "g", x="input_size", metrics=AREA_METRICS + SIZE_FREE_METRICS)
+    panels = {ax.get_ylabel(): ax.lines[0].get_ydata()[0] for ax in figures[0].axes}
+    assert panels["Gaussian sigma_x (px)"] == 5.0 and "Gaussian sigma (px)" not in panels
+
+
 def test_parse_formats():
     assert parse_formats("png, PDF,svg") == ("png", "pdf", "svg")
     assert parse_formats(None) == ("png", "pdf")

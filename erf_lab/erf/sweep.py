@@ -93,7 +93,7 @@ def weights_label(run_info: dict) -> str:
 
 SIZE_FREE_METRICS = (
     ("r_rms", "effective radius r_rms (px)"),
-    ("gauss_sigma_x", "Gaussian sigma (px)"),
+    ("gauss_sigma_x", "Gaussian sigma_x (px)"),  # the x axis only: an anisotropic ERF's sigma_y differs
     ("r50", "radius holding 50% (px)"),
     ("r99", "radius holding 99% (px)"),
 )
