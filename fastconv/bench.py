@@ -9,6 +9,7 @@ paper's 2080Ti numbers beside ours, and writes table.csv, results.json and run.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -312,8 +313,9 @@ def write_results(result: dict, out_dir: str | os.PathLike, argv: list[str] | No
 
 
 def check_out_dir(out_dir: str | os.PathLike) -> None:
-    """ValueError, before any measurement, when ``out_dir`` cannot take the results: a file or under one, or a
-    folder whose run.json is another command's (this one replaces run.json)."""
+    """ValueError, before any measurement, when ``out_dir`` cannot take the results: a file or under one, a folder
+    that cannot be made or written (read-only file system, permissions), or a folder whose run.json is another
+    command's (this one replaces run.json). Folders made for the check are removed again."""
     if not str(out_dir).strip():
         raise ValueError("--out is empty; name a folder (the current one is '.')")
     out = Path(out_dir).expanduser()
@@ -321,6 +323,18 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
         if parent.exists() and not parent.is_dir():
             where = "is a file" if parent == out else f"lies under a file ({parent})"
             raise ValueError(f"--out {out} {where}; choose a folder")
+    made = [d for d in [out, *out.parents] if not d.exists()]
+    try:  # the results are written after the measurement: a folder that cannot take them would lose it all
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out} is not writable: {e.strerror or type(e).__name__}") from None
+    finally:
+        for d in made:  # deepest first: leave no empty folder behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
     if (out / "run.json").is_file():
         try:
             info = json.loads((out / "run.json").read_text(encoding="utf-8"))

@@ -1424,6 +1424,24 @@ def test_bench_bad_options_exit_2_before_any_work(argv, message, tmp_path, capsy
     assert err.strip() == f"fastconv.bench: error: {message}" and not (tmp_path / "b").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (a folder no one can write in)")
+@pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
+def test_bench_unwritable_out_exits_2_before_any_work(cli, tmp_path, capsys, monkeypatch):
+    """An --out that cannot be made is one error line before the measurement (it was a FileNotFoundError traceback
+    after the whole table had been measured, and the measurement lost)."""
+    import fastconv.bench as fb
+
+    main = fb.main if cli == "fastconv.bench" else pytest.importorskip("erf_lab.cli.main").main
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: pytest.fail("the benchmark started"))
+    argv = ["--quick", "--kernels", "3", "--resolutions", "4", "--out", "/proc/fastconv-bench-out"]
+    assert main(["bench"] * (cli != "fastconv.bench") + argv) == 2
+    err = capsys.readouterr().err
+    assert "--out /proc/fastconv-bench-out is not writable" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and not Path("/proc/fastconv-bench-out").exists()
+    # a folder that can be made is left as it was found until the results are written
+    assert fb.check_out_dir(tmp_path / "a" / "b") is None and not (tmp_path / "a").exists()
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["--quick"], dict(kernels=(3, 13, 31), resolutions=(16, 32), layers=4, repeats=2, batch=1)),
     (["--quick", "--kernels", "5", "--resolutions", "8", "--layers", "1", "--repeats", "1", "--batch", "3"],
