@@ -1,5 +1,8 @@
 """User-facing errors: the CLI prints ``error: <message>`` on one line and exits with status 2."""
 
+# what a failed allocation asked for: one rule, fastconv's (its benchmark's CLI, standalone, says it too)
+from fastconv import out_of_memory  # noqa: F401
+
 
 class ErfLabError(Exception):
     """A mistake in the user's input (unknown model, bad checkpoint, empty folder, ...).
@@ -38,21 +41,3 @@ class CheckpointError(ErfLabError):
 
 #: what the CLI and the app say after a failed allocation
 OUT_OF_MEMORY_HINT = "choose smaller sizes, a smaller batch or fewer images"
-
-
-def out_of_memory(e: BaseException) -> str | None:
-    """What an allocation that failed asked for ("602.1 GB requested", "on the GPU"), or None for any other
-    error. torch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a RuntimeError)."""
-    import re
-
-    text = str(e)
-    if isinstance(e, MemoryError):
-        return "Python could not allocate"
-    if not isinstance(e, RuntimeError):
-        return None
-    if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text or "MPS backend out of memory" in text:
-        return "on the GPU"
-    if "DefaultCPUAllocator" not in text and "can't allocate memory" not in text:
-        return None
-    n = re.search(r"allocate (\d+) bytes", text)
-    return f"{int(n.group(1)) / 1e9:.1f} GB requested" if n else "the CPU allocator failed"

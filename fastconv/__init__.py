@@ -45,6 +45,24 @@ def check_device(device):
     return dev
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """What an allocation that failed asked for ("602.1 GB requested", "on the GPU"), or None for any other
+    error. torch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a RuntimeError)."""
+    import re
+
+    text = str(e)
+    if isinstance(e, MemoryError):
+        return "Python could not allocate"
+    if not isinstance(e, RuntimeError):
+        return None
+    if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text or "MPS backend out of memory" in text:
+        return "on the GPU"
+    if "DefaultCPUAllocator" not in text and "can't allocate memory" not in text:
+        return None
+    n = re.search(r"allocate (\d+) bytes", text)
+    return f"{int(n.group(1)) / 1e9:.1f} GB requested" if n else "the CPU allocator failed"
+
+
 def available_backends(device: str = "cpu", dtype=None) -> list[str]:
     """Backends that can run float32 (or ``dtype``) tensors on ``device`` in this installation; ValueError (one
     line, as ``check_device``) for a device that is not there."""
@@ -59,4 +77,5 @@ def available_backends(device: str = "cpu", dtype=None) -> list[str]:
 
 
 __all__ = ["BACKENDS", "DepthwiseConv2d", "Settings", "available_backends", "check_device", "clear_cache",
-           "configure", "convert_model", "depthwise_conv2d", "explain", "revert_model", "settings", "use"]
+           "configure", "convert_model", "depthwise_conv2d", "explain", "out_of_memory", "revert_model", "settings",
+           "use"]

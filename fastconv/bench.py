@@ -363,6 +363,12 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
     return result, write_results(result, args.out)
 
 
+def _close_bars() -> None:
+    """Close the progress bar left open by an error, so that its message stands on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastconv.bench", description=__doc__.split("\n")[0])
     add_arguments(p)
@@ -372,9 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"fastconv.bench: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:  # a size this machine cannot hold: one line, as 'erf-lab bench' says it
+        what = fastconv.out_of_memory(e)
+        if what is None:
+            raise
+        _close_bars()
+        print(f"fastconv.bench: error: out of memory ({what}); choose a smaller --batch, --channels, --resolutions or "
+              f"--layers (the rows measured so far are in {args.out})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # one line, as 'erf-lab bench' says it; the rows measured so far are on disk
-        for bar in list(getattr(tqdm, "_instances", ())):  # the bar left open: the message on a line of its own
-            bar.close()
+        _close_bars()
         print(f"fastconv.bench: interrupted (the rows measured so far are in {args.out})" if args.out else
               "fastconv.bench: interrupted", file=sys.stderr)
         return 130

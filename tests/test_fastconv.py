@@ -1442,6 +1442,24 @@ def test_bench_unwritable_out_exits_2_before_any_work(cli, tmp_path, capsys, mon
     assert fb.check_out_dir(tmp_path / "a" / "b") is None and not (tmp_path / "a").exists()
 
 
+def test_bench_out_of_memory_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """A size this machine cannot allocate (here 8e17 bytes on the CPU) is one error line, exit 2, as 'erf-lab bench'
+    says it (python -m fastconv.bench printed the allocator's traceback); other errors still raise."""
+    import fastconv.bench as fb
+
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: 100.0)
+    argv = ["--kernels", "3", "--resolutions", "1000000", "--channels", "100000", "--device", "cpu",
+            "--out", str(tmp_path / "b")]
+    assert fb.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == ("fastconv.bench: error: out of memory (800000000.0 GB requested); choose a smaller --batch, "
+                       f"--channels, --resolutions or --layers (the rows measured so far are in {tmp_path / 'b'})")
+    assert not any("Traceback" in line for line in err)
+    monkeypatch.setattr(fb, "bench_one", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a kernel bug")))
+    with pytest.raises(RuntimeError, match="a kernel bug"):
+        fb.main(argv)
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["--quick"], dict(kernels=(3, 13, 31), resolutions=(16, 32), layers=4, repeats=2, batch=1)),
     (["--quick", "--kernels", "5", "--resolutions", "8", "--layers", "1", "--repeats", "1", "--batch", "3"],
