@@ -128,6 +128,18 @@ def bench_device(device: str | None) -> torch.device:
         fastconv.check_device(device)
 
 
+def _check_fastconv_settings(dev: torch.device, dtype: torch.dtype, k: int) -> None:
+    """ValueError (one line) before any measurement for settings the fastconv side would fail on after the PyTorch
+    sides of the first row: a bad ``$FASTCONV_BACKEND`` / ``$FASTCONV_AUTOTUNE`` / ``$FASTCONV_CPU_LANES``, or a
+    forced backend that cannot run this device, precision or kernel size (``dispatch.decide``'s own check)."""
+    s = fastconv.settings()
+    if dev.type == "cpu" and fastconv.cpu_kernels.cpp_available():
+        fastconv.cpu_kernels.cpu_lanes()
+    if s.backend != "auto":
+        x = torch.empty(1, 1, 1, 1, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        fastconv.dispatch.decide(x, torch.empty(1, 1, k, k, device=dev, dtype=dtype), None)
+
+
 def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None = None, channels: int = 384,
         layers: int = 24, repeats: int = 3, warmup: int = 1, device: str | None = None, modes=("fwd", "fwdbwd"),
         impls=IMPLS, show_progress: bool = True, sgemm_size: int | None = None, dtype: str = "float32",
@@ -154,6 +166,8 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
         raise ValueError(f"--warmup must be 0 or more, got {warmup}")
     if not impls or any(i not in IMPLS for i in impls):
         raise ValueError(f"--impls {','.join(impls)!r} unsupported: choose from {', '.join(IMPLS)}")
+    if "fastconv" in impls:
+        _check_fastconv_settings(dev, tdtype, max(kernels))
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # cuDNN at its best (the comparison the paper's Table 1 makes)
     timer = Timer(dev, warmup, repeats)
@@ -376,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result, paths = run_from_args(args)
     except ValueError as e:
+        _close_bars()
         print(f"fastconv.bench: error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:  # a size this machine cannot hold: one line, as 'erf-lab bench' says it

@@ -1460,6 +1460,29 @@ def test_bench_out_of_memory_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
         fb.main(argv)
 
 
+@pytest.mark.parametrize("setting,message", [
+    (("backend", "cpp"), "fastconv backend 'cpp' (fastconv.use / configure / $FASTCONV_BACKEND): cpp handles float32 "
+                         "CPU tensors only"),
+    (("lanes", "12"), "fastconv: $FASTCONV_CPU_LANES='12' is not a CPU lane width; use 8, 16 or auto"),
+])
+def test_bench_settings_fastconv_cannot_run_exit_2_before_any_work(setting, message, tmp_path, capsys, monkeypatch):
+    """A forced backend that cannot run the table's precision, or a bad lane width, is one line before anything is
+    measured (it came after the PyTorch sides of the first row, written into the progress bar's line)."""
+    import fastconv.bench as fb
+
+    need_cpp()
+    if setting[0] == "backend":
+        fastconv.configure(backend=setting[1])
+    else:
+        monkeypatch.setenv(ck.ENV_LANES, setting[1])
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: pytest.fail("the benchmark started"))
+    monkeypatch.setattr(fb, "bench_one", lambda *a, **k: pytest.fail("the benchmark started"))
+    argv = ["--kernels", "3", "--resolutions", "4", "--channels", "4", "--device", "cpu", "--dtype", "bfloat16",
+            "--out", str(tmp_path / "b")]
+    assert fb.main(argv) == 2
+    assert capsys.readouterr().err == f"fastconv.bench: error: {message}\n"
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["--quick"], dict(kernels=(3, 13, 31), resolutions=(16, 32), layers=4, repeats=2, batch=1)),
     (["--quick", "--kernels", "5", "--resolutions", "8", "--layers", "1", "--repeats", "1", "--batch", "3"],
