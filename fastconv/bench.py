@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fastconv
+from fastconv.jsonstore import plain_mode
 from fastconv.roofline import depthwise_flops, sgemm_gflops
 from fastconv.bench_args import (DTYPES, FULL, GEMM_NAMES, PAPER_KERNELS, PAPER_RESOLUTIONS,  # noqa: F401
                                  QUICK, add_arguments)
@@ -293,9 +294,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
-        mask = os.umask(0)  # mkstemp makes the file owner-only: give it the mode a plain open() would
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        plain_mode(tmp)  # mkstemp makes the file owner-only: the mode a plain open() would give
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

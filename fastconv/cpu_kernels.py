@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fastconv.config import settings
+from fastconv.jsonstore import plain_mode
 
 _SRC = Path(__file__).with_name("csrc") / "dwconv.cpp"
 _lib = None
@@ -89,6 +90,7 @@ def compile_shared_library(src: Path, flags: list[str], cxx: str | None = None) 
             proc = subprocess.run([cxx, *flags, "-o", tmp, *lang, str(src)], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"compiling {src.name} failed: {proc.stderr.strip()[-500:]}")
+            plain_mode(tmp, executable=True)  # readable by every user of a shared cache folder, as cc's own output
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):

@@ -49,6 +49,16 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
             os.close(fd)  # releases the lock
 
 
+def plain_mode(path: str | os.PathLike, executable: bool = False) -> None:
+    """Give ``path`` (a file made by ``tempfile.mkstemp``, which is owner-only) the mode a plain ``open()`` (or, with
+    ``executable``, a compiler) would give it under the process's umask: 0644 / 0755 under the usual 022. Another
+    user of a shared cache folder must be able to read what this process wrote there: an owner-only table read as
+    empty, and was then replaced with that user's entries alone; an owner-only kernel library could not be loaded."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def update_table(path: str | os.PathLike, merge: Callable[[dict], dict]) -> dict:
     """Under the table's lock: read it, ``merge(table)`` -> the new table, write that atomically; returns it.
     Raises ``OSError`` when the folder cannot be written and ``TypeError`` for a value JSON cannot hold (callers
@@ -61,6 +71,7 @@ def update_table(path: str | os.PathLike, merge: Callable[[dict], dict]) -> dict
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(table, fh, indent=1, sort_keys=True)  # TypeError for what JSON cannot hold
+            plain_mode(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

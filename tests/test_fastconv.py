@@ -679,6 +679,31 @@ def test_unwritable_cache_dir_keeps_decisions_in_memory(monkeypatch, tmp_path):
     assert "autotuned" in fastconv.explain(x, w) and len(calls) == timed > 0 and blocker.read_text() == ""
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_cache_files_are_readable_by_other_users_of_a_shared_cache(tmp_path):
+    """The tables (autotune, roofline) and the C++ build in the cache folder get the mode a plain open() / the
+    compiler gives under the umask (0644 / 0755 under 022), not mkstemp's owner-only one: another user of a shared
+    cache folder read an owner-only table as empty (and replaced it with its own entries alone) and could not load
+    an owner-only kernel library (0711), which it would never build again."""
+    from fastconv import jsonstore
+
+    old = os.umask(0o022)
+    try:
+        jsonstore.store(tmp_path / "t" / "autotune.json", "k", 1)
+        assert (tmp_path / "t" / "autotune.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o027)
+        jsonstore.store(tmp_path / "t" / "autotune.json", "j", 2)  # the umask decides, as for open()
+        assert (tmp_path / "t" / "autotune.json").stat().st_mode & 0o777 == 0o640
+        if ck._compiler():
+            fastconv.configure(cache_dir=tmp_path / "c")
+            src = Path(ck.__file__).with_name("csrc") / "fma_peak.c"
+            lib = ck.compile_shared_library(src, ["-O1", "-march=native", "-shared", "-fPIC"])
+            assert lib.stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(old)
+    assert jsonstore.read_table(tmp_path / "t" / "autotune.json") == {"k": 1, "j": 2}
+
+
 @pytest.mark.skipif(fastconv.jsonstore.fcntl is None, reason="no fcntl (Windows): the tables are updated unlocked")
 def test_concurrent_table_updates_keep_every_entry(tmp_path):
     """Four processes add 50 keys each to one JSON table at once (``fastconv.jsonstore``, behind the autotune,
