@@ -140,6 +140,8 @@ def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool,
                 return False, f"{op} {b!r}: {reason}"
         return True, ""
     dev, dt = x.device.type, x.dtype
+    if backend in BACKENDS and dt not in DTYPES:  # as check_inputs: no backend computes it
+        return False, f"dtype {dt} unsupported; use one of {', '.join(map(str, DTYPES))}"
     if backend in ("native", "channels_last"):
         return True, ""
     if backend == "cpp":

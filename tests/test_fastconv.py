@@ -62,6 +62,21 @@ def test_available_backends_per_dtype_and_missing_device():
             fastconv.available_backends("cuda")
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
+def test_no_backend_claims_a_dtype_depthwise_conv2d_refuses(dtype):
+    """``available_backends`` / ``supports`` name no backend for a dtype that ``depthwise_conv2d`` refuses (they named
+    "native" and "channels_last" for any dtype, integer and complex too)."""
+    assert fastconv.available_backends("cpu", dtype) == []
+    x = torch.zeros(1, 2, 5, 5, dtype=dtype)
+    for b in fastconv.BACKENDS:
+        ok, reason = fastconv.supports(b, x, x[0, :, None, :3, :3])
+        assert not ok and reason.startswith(f"dtype {dtype} unsupported")
+    ok, reason = fastconv.supports("native/native/native", x, x[0, :, None, :3, :3])
+    assert not ok and reason.startswith(f"forward 'native': dtype {dtype} unsupported")
+    with pytest.raises(ValueError, match=f"dtype {dtype} unsupported"):
+        fastconv.depthwise_conv2d(x, x[0, :, None, :3, :3], backend="native")
+
+
 def test_failed_cpp_build_is_reported_not_silent(tmp_path):
     """A compiler that fails: "cpp" is unavailable with the compiler's verdict, and naming it raises that reason."""
     code = ("import torch, fastconv; from fastconv import cpu_kernels as ck; print(ck.cpp_unavailable_reason()); "
