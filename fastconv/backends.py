@@ -369,10 +369,15 @@ def backend_runner(backend: str, x, weight, bias=None):
     C=384 R=32 K=3 forward on channels_last, the C++ kernel called alone 74 us) 75 us per call, 92 through the
     Function."""
     if backend == "native" or x.numel() == 0:
-        if x.dtype == torch.float16 and x.device.type == "cpu":
-            return native_conv  # in float32 (ck.float32_for_cpu_half), autograd through the casts
+        # F.conv2d's output is channels_last where x is or the weight is (a (C, 1, KH, KW) weight of a model moved to
+        # channels_last, strides (KH*KW, 1, KW, 1)): on an NCHW x it is made NCHW again, as every other backend's
+        nchw = memory_format_of(x) == torch.contiguous_format
+        if x.dtype == torch.float16 and x.device.type == "cpu":  # in float32 (ck.float32_for_cpu_half), autograd
+            return (lambda x, w, b: native_conv(x, w, b).contiguous()) if nchw else native_conv  # through the casts
         # positional arguments, the padding and groups computed once: the stock call with the least Python around it
         pad, groups = (weight.shape[-2] // 2, weight.shape[-1] // 2), x.shape[1]
+        if nchw:
+            return lambda x, w, b: F.conv2d(x, w, b, 1, pad, 1, groups).contiguous()
         return lambda x, w, b: F.conv2d(x, w, b, 1, pad, 1, groups)
     if backend == "fft":
         return lambda x, w, b: ck.fft_conv(x, w, b).contiguous(memory_format=memory_format_of(x))

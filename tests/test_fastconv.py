@@ -77,6 +77,23 @@ def test_no_backend_claims_a_dtype_depthwise_conv2d_refuses(dtype):
         fastconv.depthwise_conv2d(x, x[0, :, None, :3, :3], backend="native")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_output_keeps_the_nchw_layout_of_x_with_a_channels_last_weight(dtype):
+    """The output keeps x's memory format (the docstring's promise) also for "native" with the weight of a module
+    moved to channels_last ((C, 1, K, K) strides (K*K, 1, K, 1)): F.conv2d made that output channels_last, so "auto"
+    gave one layout or the other by which backend won the timing."""
+    conv = fastconv.DepthwiseConv2d(8, 5, backend="native").to(dtype=dtype, memory_format=torch.channels_last)
+    assert conv.weight.stride() == (25, 1, 5, 1)
+    x = torch.randn(2, 8, 6, 7, dtype=dtype)
+    ref = _ref(x.double(), conv.weight.double(), conv.bias.double())
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y = conv(x)
+        assert y.is_contiguous() and y.stride() == (336, 42, 7, 1) and _rel(y.double(), ref) <= 1e-3
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert conv(xc).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_failed_cpp_build_is_reported_not_silent(tmp_path):
     """A compiler that fails: "cpp" is unavailable with the compiler's verdict, and naming it raises that reason."""
     code = ("import torch, fastconv; from fastconv import cpu_kernels as ck; print(ck.cpp_unavailable_reason()); "
