@@ -14,7 +14,7 @@ _ATTRS = {"clear_cache": "dispatch", "explain": "dispatch", "supports": "backend
           "depthwise_conv2d": "functional", "DepthwiseConv2d": "module", "convert_model": "module",
           "revert_model": "module"}
 _SUBMODULES = ("backends", "bench", "bench_args", "compiled", "config", "cpu_kernels", "dispatch", "functional",
-               "module", "roofline", "triton_backend")
+               "jsonstore", "module", "roofline", "triton_backend")
 
 
 def __getattr__(name: str):

@@ -94,6 +94,16 @@ def test_output_keeps_the_nchw_layout_of_x_with_a_channels_last_weight(dtype):
     assert conv(xc).is_contiguous(memory_format=torch.channels_last)
 
 
+def test_every_public_submodule_is_an_attribute_of_a_fresh_import():
+    """``fastconv.<module>`` loads each public submodule on first use (PEP 562): ``fastconv.jsonstore`` (the tables'
+    store, which erf-lab's caches use too) was missing from the list and raised AttributeError in a fresh process."""
+    names = {p.stem for p in Path(fastconv.__file__).parent.glob("*.py") if not p.stem.startswith("_")}
+    assert names <= set(fastconv._SUBMODULES)
+    code = "import sys, fastconv; print(fastconv.jsonstore.__name__, 'torch' in sys.modules)"  # (no other first)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["fastconv.jsonstore", "False"], out.stderr[-500:]
+
+
 def test_failed_cpp_build_is_reported_not_silent(tmp_path):
     """A compiler that fails: "cpp" is unavailable with the compiler's verdict, and naming it raises that reason."""
     code = ("import torch, fastconv; from fastconv import cpu_kernels as ck; print(ck.cpp_unavailable_reason()); "
