@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastconv.config import settings
+from fastconv.config import _OFF, settings
 from fastconv.jsonstore import plain_mode
 
 _SRC = Path(__file__).with_name("csrc") / "dwconv.cpp"
@@ -179,7 +179,7 @@ def cpp_library():
     if _lib is None and _lib_error is None:
         with _lock:
             if _lib is None and _lib_error is None:
-                if os.environ.get("FASTCONV_NO_CPP"):
+                if os.environ.get("FASTCONV_NO_CPP", "").strip().lower() not in ("", *_OFF):  # "0": not disabled
                     _lib_error = "disabled by FASTCONV_NO_CPP"
                 else:
                     try:

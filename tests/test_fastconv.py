@@ -118,6 +118,20 @@ def test_failed_cpp_build_is_reported_not_silent(tmp_path):
     assert "backend 'cpp' cannot run this call: cpp kernel unavailable: compiling dwconv.cpp failed" in error
 
 
+def test_fastconv_no_cpp_reads_yes_and_no():
+    """$FASTCONV_NO_CPP=1 / yes disables the C++ kernel; 0 / false / off (as $FASTCONV_AUTOTUNE reads them) leave it on
+    (any non-empty value disabled it: FASTCONV_NO_CPP=0 turned the kernel off)."""
+    need_cpp()
+    code = "from fastconv import cpu_kernels as ck; print(ck.cpp_unavailable_reason())"
+    seen = {}
+    for value in ("0", "false", " Off ", "1", "yes"):
+        env = {**os.environ, "FASTCONV_NO_CPP": value, "PYTHONPATH": str(REPO_ROOT), "FASTCONV_CACHE": str(USER_CACHE)}
+        seen[value] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                     check=True).stdout.strip()
+    assert seen == {"0": "None", "false": "None", " Off ": "None", "1": "disabled by FASTCONV_NO_CPP",
+                    "yes": "disabled by FASTCONV_NO_CPP"}
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
 @pytest.mark.parametrize("kernel,shape", [((1, 1), (2, 5, 6, 7)), ((3, 3), (2, 17, 9, 8)), ((7, 5), (1, 20, 11, 13)),
                                           ((31, 31), (2, 16, 12, 12)), ((63, 63), (1, 3, 9, 10)),
