@@ -105,14 +105,18 @@ def cache_file() -> Path:
 
 
 def clear_cache(memory_only: bool = False) -> None:
-    """Forget autotune decisions (in memory, and on disk unless ``memory_only``)."""
+    """Forget autotune decisions (in memory, and on disk unless ``memory_only``). The file is removed under the
+    table's lock: not between another process's read and rewrite of it (which then wrote the forgotten decisions
+    back), and a process that removed it first (the ranks of one job clearing at start) is no error."""
     global _mem_file
     with _lock:
         _mem.clear()
         _fast.clear()
         _mem_file = None
-        if not memory_only and cache_file().exists():
-            cache_file().unlink()
+        if not memory_only:
+            f = cache_file()
+            with jsonstore.locked(f):
+                f.unlink(missing_ok=True)
 
 
 def _load() -> dict:

@@ -761,6 +761,31 @@ def test_cache_files_are_readable_by_other_users_of_a_shared_cache(tmp_path):
 
 
 @pytest.mark.skipif(fastconv.jsonstore.fcntl is None, reason="no fcntl (Windows): the tables are updated unlocked")
+def test_clear_cache_waits_for_an_update_in_progress(tmp_path):
+    """``clear_cache`` removes the autotune file under the table's lock: an update in progress elsewhere (here
+    the lock held while the table is rewritten, as ``update_table`` does) finishes first and is then cleared (the
+    file was unlinked at once, and the update wrote the forgotten decisions back); a file already gone is no
+    error."""
+    from fastconv import jsonstore
+
+    fastconv.configure(cache_dir=tmp_path)
+    f = dispatch.cache_file()
+    f.write_text(json.dumps({"old": {"backend": "native"}}))
+    cleared = threading.Event()
+    with jsonstore.locked(f):
+        worker = threading.Thread(target=lambda: (dispatch.clear_cache(), cleared.set()))
+        worker.start()
+        time.sleep(0.3)
+        assert not cleared.is_set() and f.exists()  # waiting for the lock
+        tmp = tmp_path / ".autotune.json.tmp"
+        tmp.write_text(json.dumps({"old": {"backend": "native"}, "new": {"backend": "cpp"}}))
+        os.replace(tmp, f)
+    worker.join(10)
+    assert cleared.is_set() and not f.exists()
+    dispatch.clear_cache()  # nothing left to remove
+
+
+@pytest.mark.skipif(fastconv.jsonstore.fcntl is None, reason="no fcntl (Windows): the tables are updated unlocked")
 def test_concurrent_table_updates_keep_every_entry(tmp_path):
     """Four processes add 50 keys each to one JSON table at once (``fastconv.jsonstore``, behind the autotune,
     roofline and erf-lab structure caches): under the lock all 200 are kept (measured with the lock disabled: 55 of
