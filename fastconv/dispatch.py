@@ -632,12 +632,30 @@ def _fast_key(x, weight, bias, needs: tuple[bool, bool, bool] | None = None) -> 
             memo_key())
 
 
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_tensors_hooks_active() -> bool:
+    """Whether saved-tensor hooks are set in this thread (non-reentrant ``torch.utils.checkpoint``,
+    ``torch.autograd.graph.save_on_cpu``): the autotuner's timed calls must not run under them. They packed its
+    tensors, and a first call inside ``checkpoint(..., use_reentrant=False)`` failed in the backward with torch's
+    "Unexpected state: target_frame.early_stop is set". False where torch does not say (a private function)."""
+    if _top_saved_tensors_hooks is None:
+        return False
+    try:
+        return _top_saved_tensors_hooks(False) is not None
+    except (RuntimeError, TypeError):
+        return False
+
+
 def resolve(backend: str | None, x, weight, bias) -> str:
     """Backend name to run: ``backend`` itself when explicit (checked), else (None or "auto") ``decide(...)``
     under ``settings()``, memoized per call signature with its runner (``_fast``, which ``depthwise_conv2d`` reads first)."""
     if backend is None or backend == "auto":
         key = _fast_key(x, weight, bias)
         hit = _fast.get(key)
+        if hit is None and _saved_tensors_hooks_active() and not torch._C._are_functorch_transforms_active():
+            return resolve_in_graph("auto", x, weight, bias, *key[10])  # decided (timed) on a helper thread
         if hit is None:
             d = decide(x, weight, bias)
             hit = (d["backend"], backend_runner(d["backend"], x, weight, bias))
@@ -651,7 +669,8 @@ def resolve(backend: str | None, x, weight, bias) -> str:
 
 
 def resolve_in_graph(backend: str, x, weight, bias, grad_x: bool, grad_w: bool, grad_b: bool) -> str:
-    """``resolve`` for a call inside a compiled graph (``fastconv.compiled``), whose tensors arrive without autograd:
+    """``resolve`` for a call inside a compiled graph (``fastconv.compiled``), whose tensors arrive without autograd
+    (and for an eager call under saved-tensor hooks, whose timing must run outside them: ``resolve``):
     ``grad_x`` / ``grad_w`` / ``grad_b`` say which of the traced call's inputs need a gradient, and "auto" takes the
     decision of the eager call with that signature (the same memo). Where it is not made yet, it is made (and timed, as
     in eager mode) on a helper thread with this one's fastconv settings: an op's kernel runs with autograd switched off

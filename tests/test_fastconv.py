@@ -735,6 +735,32 @@ def test_unwritable_cache_dir_keeps_decisions_in_memory(monkeypatch, tmp_path):
     assert "autotuned" in fastconv.explain(x, w) and len(calls) == timed > 0 and blocker.read_text() == ""
 
 
+@pytest.mark.parametrize("hooks", ["checkpoint", "save_on_cpu"])
+def test_first_call_under_saved_tensor_hooks_autotunes_outside_them(hooks, tmp_path):
+    """A call first seen inside non-reentrant ``torch.utils.checkpoint`` (PyTorch's recommended mode) or
+    ``save_on_cpu`` is timed on a helper thread, outside the hooks: inside checkpoint the autotuner's own timed
+    forward + backward calls were packed by checkpoint's hooks, and the backward failed with torch's "Unexpected
+    state: target_frame.early_stop is set". Gradients as F.conv2d's."""
+    from torch.utils.checkpoint import checkpoint
+
+    fastconv.configure(cache_dir=tmp_path, autotune=True)
+    x = torch.randn(2, 16, 9, 9, requires_grad=True)
+    w = torch.randn(16, 1, 7, 7, requires_grad=True)
+
+    def f(x, w):
+        return fastconv.depthwise_conv2d(x, w).relu()
+
+    if hooks == "checkpoint":
+        y = checkpoint(f, x, w, use_reentrant=False)
+    else:
+        with torch.autograd.graph.save_on_cpu():
+            y = f(x, w)
+    grads = torch.autograd.grad(y.square().sum(), (x, w))
+    ref = torch.autograd.grad(_ref(x, w, None).relu().square().sum(), (x, w))
+    assert all(_rel(a, b) <= 1e-5 for a, b in zip(grads, ref))
+    assert any(isinstance(e, dict) and "times_ms" in e for e in json.loads(dispatch.cache_file().read_text()).values())
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_cache_files_are_readable_by_other_users_of_a_shared_cache(tmp_path):
     """The tables (autotune, roofline) and the C++ build in the cache folder get the mode a plain open() / the
