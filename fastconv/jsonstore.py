@@ -54,9 +54,22 @@ def plain_mode(path: str | os.PathLike, executable: bool = False) -> None:
     ``executable``, a compiler) would give it under the process's umask: 0644 / 0755 under the usual 022. Another
     user of a shared cache folder must be able to read what this process wrote there: an owner-only table read as
     empty, and was then replaced with that user's entries alone; an owner-only kernel library could not be loaded."""
+    os.chmod(path, (0o777 if executable else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask: from /proc where Linux has it (setting the umask to read it leaves it 0 for a moment,
+    and a file another thread creates then is world-writable), else set and restored."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+    return mask
 
 
 def update_table(path: str | os.PathLike, merge: Callable[[dict], dict]) -> dict:

@@ -786,6 +786,25 @@ def test_cache_files_are_readable_by_other_users_of_a_shared_cache(tmp_path):
     assert jsonstore.read_table(tmp_path / "t" / "autotune.json") == {"k": 1, "j": 2}
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux /proc")
+def test_plain_mode_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """Where /proc has the umask it is read there: setting it to 0 to read it (as before) left files that other
+    threads created in that moment world-writable."""
+    from fastconv import jsonstore
+
+    old = os.umask(0o027)
+    try:
+        f = tmp_path / "f"
+        f.write_text("")
+        monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("the umask was set"))
+        jsonstore.plain_mode(f)
+        jsonstore.plain_mode(tmp_path, executable=True)
+        assert f.stat().st_mode & 0o777 == 0o640 and tmp_path.stat().st_mode & 0o777 == 0o750
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
+
 @pytest.mark.skipif(fastconv.jsonstore.fcntl is None, reason="no fcntl (Windows): the tables are updated unlocked")
 def test_clear_cache_waits_for_an_update_in_progress(tmp_path):
     """``clear_cache`` removes the autotune file under the table's lock: an update in progress elsewhere (here
