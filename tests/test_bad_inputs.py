@@ -281,6 +281,16 @@ def _cases():
     add("sweep-out-empty", ["sweep", "--kernels", "3", *TINY[2:], "--input-size", "32", "--out", ""], empty)
     add("compare-out-empty", ["compare", "{bad}/good_run", "--out", ""], empty)
     add("analyze-out-empty", ["analyze", "{bad}/good_run", "--out", ""], empty)
+    # a name longer than the file system allows (255 bytes a name): Path.exists() raises ENAMETOOLONG
+    long = "x" * 300
+    add("compute-out-name-too-long", [*SMALL, "--out", long], f"File name too long: {long}")
+    add("compute-images-name-too-long", [*SMALL, "--images", long], f"File name too long: {long}")
+    add("compute-weights-name-too-long", [*SMALL, "--weights", long + ".pth"], "File name too long")
+    add("analyze-name-too-long", ["analyze", long], f"File name too long: {long}")
+    add("shape-bias-stimuli-name-too-long", ["shape-bias", *TINY, "--allow-random", "--stimuli", long, "--out",
+                                             "{out}"], f"File name too long: {long}")
+    add("shape-bias-from-csv-name-too-long", ["shape-bias", "--from-csv", long + ".csv"], "File name too long")
+    add("data-download-dest-name-too-long", ["data", "download", "--dest", long], f"File name too long: {long}")
     return c
 
 

@@ -22,8 +22,9 @@ SILENT_EXIT_DELAY_S = 1.0
 #: ``erf-lab compute`` process on the dev box, issue 14); at 20000 there are none, and cyclic garbage is still
 #: collected, after 20000 allocations instead of 700
 GC_THRESHOLD = 20_000
-#: a file that cannot be read or written (permissions, read-only, full disk): one error line, not a traceback
-_CANNOT_ACCESS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+#: a file that cannot be read or written (permissions, read-only, full disk, a name longer than the file system
+#: allows: Path.exists() and the like raise that one): one error line, not a traceback
+_CANNOT_ACCESS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
 def _command_modules():
