@@ -27,6 +27,17 @@ def datasets_root() -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
+def check_erf_lab_data() -> None:
+    """ErfLabError (one line) when ``$ERF_LAB_DATA`` is set but is not a folder: :func:`datasets_root` passes over
+    it to the download cache, and a command would read other stimuli and human data than the ones pointed at."""
+    env = os.environ.get("ERF_LAB_DATA")
+    if env and not Path(env).expanduser().is_dir():
+        from erf_lab.errors import ErfLabError
+
+        raise ErfLabError(f"ERF_LAB_DATA={env} is not a folder; point it at the folder holding cue-conflict/ or "
+                          "unset it")
+
+
 def cache_dir() -> Path:
     """User cache: ``$ERF_LAB_CACHE`` (unless empty) or ``~/.cache/erf-lab``."""
     return Path(os.environ.get("ERF_LAB_CACHE") or Path.home() / ".cache" / "erf-lab").expanduser()

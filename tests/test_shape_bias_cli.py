@@ -234,6 +234,24 @@ def test_missing_data_tells_how_to_get_it(tiny_model, tmp_path, monkeypatch, cap
     assert rc == 2 and len(lines) == 1 and "erf-lab data download" in lines[0] and "ERF_LAB_DATA" in lines[0]
 
 
+def test_an_erf_lab_data_that_is_no_folder_is_refused_not_passed_over(tiny_model, tmp_path, monkeypatch, capsys,
+                                                                      fixture_datasets):
+    """$ERF_LAB_DATA pointing nowhere (a typo) is one error line, as in 'erf-lab data info': the run does not go on
+    with the data sets of the download cache instead of the ones pointed at."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "datasets").symlink_to(fixture_datasets)  # data in the cache: datasets_root() would fall back there
+    monkeypatch.setenv("ERF_LAB_CACHE", str(cache))
+    monkeypatch.setenv("ERF_LAB_DATA", str(tmp_path / "typo"))
+    csvs = [str(p) for p in human_csvs(fixture_datasets)[:2]]
+    for argv in (["--model", tiny_model, "--allow-random", "--limit", "4", "--workers", "0"], ["--from-csv", *csvs]):
+        rc = main(["shape-bias", *argv, "--out", str(tmp_path / "o")])
+        lines = _one_error_line(capsys.readouterr().err)
+        assert rc == 2 and lines == [f"erf-lab shape-bias: error: ERF_LAB_DATA={tmp_path / 'typo'} is not a folder; "
+                                     "point it at the folder holding cue-conflict/ or unset it"], lines
+        assert not (tmp_path / "o").exists()
+
+
 def test_untrained_model_is_refused_with_how_to_get_weights(tmp_path, capsys):
     rc = main(["shape-bias", "--model", "efficientnet_lite0", "--limit", "4", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err

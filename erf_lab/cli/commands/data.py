@@ -47,11 +47,10 @@ def run(args) -> int:
         print(dl.CREDIT)
         return 0
     if args.data_command == "info":
+        from erf_lab.paths import check_erf_lab_data
+
+        check_erf_lab_data()
         i = dl.info()
-        env = i["env_ERF_LAB_DATA"]
-        if env and not Path(env).expanduser().is_dir():
-            raise ErfLabError(f"ERF_LAB_DATA={env} is not a folder; point it at the folder holding cue-conflict/ or "
-                              "unset it")
         if i["root"] is None:
             print(f"no data found; run 'erf-lab data download' (into {i['cache']}) or set ERF_LAB_DATA")
             return 0

@@ -66,6 +66,10 @@ def run(args) -> int:
     from erf_lab.shape_bias.analysis import human_csvs
 
     refuse_empty(args.out)  # not the default folder: below, Path(args.out or default) would pick that
+    if args.stimuli != "cue-world":  # the stimuli, human data and class names come from there (or the cache)
+        from erf_lab.paths import check_erf_lab_data
+
+        check_erf_lab_data()
 
     model_flags = [flag for flag, v in (("--model", args.model), ("--weights", args.weights),
                                         ("--pretrained", args.pretrained), ("--seed", args.seed is not None),
