@@ -207,6 +207,23 @@ def test_unreachable_server_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "d" / "human-cue-conflict").exists()
 
 
+@pytest.mark.parametrize("record", [b'{"files": ', b"[1]", b"\xff\xfe not text"],
+                         ids=["truncated-json", "not-an-object", "not-utf8"])
+def test_a_set_with_a_corrupt_manifest_record_is_one_error_line(tmp_path, capsys, record):
+    """A <dest>/<set>/MANIFEST.json that is no record of 'erf-lab data download' (damaged, edited) is the same
+    one-line refusal as a folder without one, not a traceback; the folder is left as it was."""
+    (tmp_path / "d" / "human-cue-conflict").mkdir(parents=True)
+    (tmp_path / "d" / "human-cue-conflict" / "MANIFEST.json").write_bytes(record)
+    rc = main(["data", "download", "--dest", str(tmp_path / "d"), "--base-url", "http://127.0.0.1:9",
+               "--sets", "human-cue-conflict", "--workers", "1"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
+    assert rc == 2 and "Traceback" not in err and errors == [
+        f"erf-lab data: error: {tmp_path / 'd' / 'human-cue-conflict'} exists but was not made by 'erf-lab data "
+        f"download'; remove it or use --dest"], errors
+    assert (tmp_path / "d" / "human-cue-conflict" / "MANIFEST.json").read_bytes() == record
+
+
 def test_cli_download_and_info(mirror, tmp_path, capsys, monkeypatch):
     url, manifest, _ = mirror
     monkeypatch.setattr(dl, "load_manifest", lambda: manifest)

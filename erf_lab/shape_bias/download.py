@@ -174,7 +174,10 @@ def download(dest: str | os.PathLike | None = None, base_url: str = DEFAULT_BASE
         final = dest / name
         record = final / "MANIFEST.json"
         if final.exists():
-            if record.is_file() and json.loads(record.read_text()).get("files") == entry["files"]:
+            from erf_lab.io import read_json_or_none
+
+            made = read_json_or_none(record) if record.is_file() else None  # None: missing or corrupt
+            if isinstance(made, dict) and made.get("files") == entry["files"]:
                 report[name] = {"status": "present", "path": str(final), "files": len(entry["files"])}
                 continue
             raise ErfLabError(f"{final} exists but was not made by 'erf-lab data download'; remove it or use --dest")
