@@ -156,6 +156,13 @@ def _cases():
     add("checkpoint-seconds-nan", [*SMALL, "--checkpoint-seconds", "nan"], "--checkpoint-seconds must be 0 or more")
     add("from-csv-with-limit", ["shape-bias", "--from-csv", "{bad}/mvh.csv", "--limit", "3"],
         "--from-csv analyses CSV files without a model; drop --limit")
+    # --stimuli: --compare draws finished runs (their stimuli are in them); --from-csv looks for humans there
+    add("compare-with-stimuli", ["shape-bias", "--compare", "{bad}/good_run", "--stimuli", "{bad}/empty"],
+        "--compare draws finished runs only; drop --stimuli")
+    add("from-csv-stimuli-missing", ["shape-bias", "--from-csv", "{bad}/mvh.csv", "--stimuli", "{bad}/nope"],
+        "stimulus folder not found: {bad}/nope")
+    add("from-csv-stimuli-cue-world", ["shape-bias", "--from-csv", "{bad}/mvh.csv", "--stimuli", "cue-world"],
+        "--stimuli cue-world is for a model run")
     add("data-base-url-not-a-url", ["data", "download", "--dest", "{out}/dl", "--base-url", "not a url"],
         "--base-url must be an http(s):// or file: URL")
     add("analyze-out-is-file", ["analyze", "{bad}/good_run", "--out", "{bad}/file.txt"], "is a file")

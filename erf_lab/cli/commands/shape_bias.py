@@ -78,11 +78,19 @@ def run(args) -> int:
                                         ("--batch-size", args.batch_size != 32), ("--workers", args.workers is not None),
                                         ("--no-cache", args.no_cache), ("--device", args.device != "cpu"),
                                         ("--limit", args.limit is not None)) if v]
-    if args.compare and (model_flags or args.from_csv):
-        extra = model_flags + (["--from-csv"] if args.from_csv else [])
+    if args.compare and (model_flags or args.from_csv or args.stimuli is not None):
+        extra = (model_flags + (["--from-csv"] if args.from_csv else [])
+                 + (["--stimuli"] if args.stimuli is not None else []))
         raise ErfLabError(f"--compare draws finished runs only; drop {', '.join(extra)}")
     if args.from_csv and model_flags:
         raise ErfLabError(f"--from-csv analyses CSV files without a model; drop {', '.join(model_flags)}")
+    if args.from_csv and args.stimuli is not None:  # where the human CSVs are looked for first: a folder
+        if args.stimuli == "cue-world":
+            raise ErfLabError("--stimuli cue-world is for a model run; --from-csv analyses model-vs-human CSVs: drop "
+                              "it")
+        from erf_lab.shape_bias.stimuli import find_stimuli_root
+
+        find_stimuli_root(args.stimuli)  # one error line for a folder that is not there
     if args.compare:
         from erf_lab.shape_bias.plotting import compare_runs
 
