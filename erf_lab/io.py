@@ -346,9 +346,28 @@ def save_figure(fig, stem: str | os.PathLike, formats: tuple[str, ...] = ("png",
     for fmt in formats:
         target = stem.with_name(stem.name + "." + fmt)
         with atomic_path(target) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=300 if fmt == "png" else None, bbox_inches="tight")
+            try:
+                fig.savefig(tmp, format=fmt, dpi=300 if fmt == "png" else None, bbox_inches="tight")
+            except Exception as e:  # noqa: BLE001 - re-raised, or the OSError it hides
+                cause = _os_error_behind(e)
+                if cause is None:
+                    raise
+                # matplotlib's PDF writer, cleaning up after a failed write (a full disk), raises an AttributeError
+                # that hides it: the OSError itself, naming the figure (the CLI says it in one line)
+                raise OSError(cause.errno, cause.strerror, str(target)) from None
         out.append(target)
     return out
+
+
+def _os_error_behind(e: BaseException | None) -> OSError | None:
+    """The first OSError with an errno in ``e`` and the exceptions it was raised from or while handling."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -369,6 +369,46 @@ def test_an_unwritable_out_leaves_no_folder_behind(tmp_path, monkeypatch):
     assert not (tmp_path / "a").exists() and tmp_path.is_dir()
 
 
+def test_a_full_disk_while_a_pdf_is_written_is_the_os_error_naming_the_figure(tmp_path):
+    """matplotlib's PDF writer, failing to write (a full disk) while it ends a stream, raises an AttributeError
+    ('Stream' object has no attribute 'pos') from its clean-up that hides the OSError: the CLI printed a
+    traceback. save_figure raises the OSError itself, naming the figure, and leaves no file behind."""
+    import errno
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from erf_lab.io import save_figure
+
+    matplotlib.use("Agg")
+
+    class FullDisk(io.RawIOBase):  # the disk fills up after 2000 bytes (inside a stream's end, as seen on tmpfs)
+        def __init__(self):
+            self.n = 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            if self.n + len(b) > 2000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.n += len(b)
+            return len(b)
+
+        def tell(self):
+            return self.n
+
+    fig = plt.figure()
+    plt.plot([1, 2])
+    savefig = fig.savefig
+    fig.savefig = lambda path, **kw: savefig(FullDisk(), **kw)
+    with pytest.raises(OSError) as e:
+        save_figure(fig, tmp_path / "fig", formats=("pdf",))
+    plt.close(fig)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "fig.pdf")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     """atomic_path: the new content is fsynced before it replaces the old file, and the folder after the rename; a
     disk error (EIO) leaves the old file as it was and no temporary behind; a file system without fsync (EINVAL)
