@@ -91,6 +91,23 @@ def test_run_writes_all_outputs(tiny_model, tmp_path, datasets, capsys):
     assert (out / "error_consistency.png").stat().st_size > 0
 
 
+def test_the_help_says_what_limit_and_a_run_write(tiny_model, tmp_path, datasets):
+    """--limit N takes N cue-conflict images but N/8 (at least 16) of edges and silhouettes, and a run writes a
+    model-vs-human CSV per set and the error-consistency figure: the help said N images and one CSV."""
+    from erf_lab.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["shape-bias"]
+    limit_help = next(a.help for a in sub._actions if a.dest == "limit")
+    assert "edges and silhouettes: N/8 each, at least 16" in limit_help
+    assert "a model-vs-human CSV per set" in sub.description and "error_consistency.png/pdf" in sub.description
+    out = tmp_path / "run"
+    assert main(["shape-bias", "--model", tiny_model, "--stimuli", str(datasets), "--allow-random", "--limit", "160",
+                 "--workers", "0", "--no-humans", "--out", str(out)]) == 0
+    n = json.loads((out / "summary.json").read_text())["n_images"]
+    for name in ("edges", "silhouettes"):
+        assert n[name] == min(20, sum(1 for _ in (datasets / name).rglob("*.png")))  # 160 // 8
+
+
 def test_no_humans_leaves_the_human_data_out_of_a_model_run(tiny_model, tmp_path, datasets, capsys):
     out = tmp_path / "run"
     assert main(["shape-bias", "--model", tiny_model, "--stimuli", str(datasets / "cue-conflict"), "--allow-random",

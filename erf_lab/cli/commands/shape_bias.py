@@ -12,7 +12,7 @@ DESCRIPTION = (
     "Run a classifier on the 1280 cue-conflict images (and edges / silhouettes when present), map ImageNet-1k "
     "softmax to the 16 categories by mean probability (model-vs-human), and report shape bias = shape hits / "
     "(shape + texture hits) over images whose shape and texture differ. Writes decisions.csv, summary.json, "
-    "run.json, a model-vs-human CSV and shape_bias.png/pdf. With --compare RUN_DIR..., draws several runs in one "
+    "run.json, a model-vs-human CSV per set, shape_bias.png/pdf and error_consistency.png/pdf. With --compare RUN_DIR..., draws several runs in one "
     "figure and table. Data: --stimuli DIR, $ERF_LAB_DATA, or 'erf-lab data download'. Needs trained weights "
     "(--pretrained or --weights); --allow-random measures an untrained network and marks every output so. Runs "
     "that answer one category for >= 90% of the images or hit shape or texture less often than chance (2/16) "
@@ -47,7 +47,9 @@ def add_arguments(p) -> None:
                    help="centre-crop fraction: 1.0 (default) feeds the stimuli whole, as model-vs-human does; "
                         "'model' takes the model's ImageNet-evaluation crop (e.g. 0.875), which cuts the border")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--limit", type=int, default=None, help="evaluate N images spread over all categories")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate N cue-conflict images spread over all categories (edges and silhouettes: N/8 "
+                        "each, at least 16)")
     p.add_argument("--from-csv", nargs="+", metavar="CSV",
                    help="analyse model-vs-human CSVs (cue-conflict / edge / silhouette) instead of running a model")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare finished runs instead of evaluating")
