@@ -68,6 +68,13 @@ def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict]:
     return path, json.loads(meta.read_text())
 
 
+def not_a_weights_file(path: str | os.PathLike, what: str = "weights file") -> str:
+    """The error line for a ``--weights`` path that is no file: missing, or a folder."""
+    if Path(path).is_dir():
+        return f"{what} {path} is a folder; --weights takes a checkpoint file (.pth/.pt/.safetensors)"
+    return f"{what} not found: {path}"
+
+
 def random_init_record(weights: str | os.PathLike) -> dict | None:
     """``{"seed": int | None}`` when ``weights`` holds a random initialisation written by erf-lab (its safetensors
     metadata, the ``erf_lab`` entry of its ``.pth``, or for a ``.pth`` written before that entry the
@@ -269,7 +276,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = resolve_weights(path)[0]
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(not_a_weights_file(path, "checkpoint"))
     try:
         obj = _read_checkpoint(path)
     except CheckpointError:

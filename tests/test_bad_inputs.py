@@ -101,6 +101,12 @@ def _cases():
     add("images-all-broken", [*SMALL, "--images", "{bad}/broken_images"], "no readable images")
     # compute: checkpoints
     add("weights-missing", [*SMALL, "--weights", "{bad}/nope.pth"], "weights file not found")
+    add("weights-a-folder", [*SMALL, "--weights", "{bad}/empty"],
+        "weights file {bad}/empty is a folder; --weights takes a checkpoint file (.pth/.pt/.safetensors)")
+    add("reparam-weights-a-folder", ["reparam", *TINY, "--weights", "{bad}/empty", "--out", "{out}/x.pth"],
+        "checkpoint {bad}/empty is a folder; --weights takes a checkpoint file")
+    add("shape-bias-weights-a-folder", ["shape-bias", *TINY, "--weights", "{bad}/empty", "--out", "{out}"],
+        "checkpoint {bad}/empty is a folder; --weights takes a checkpoint file")
     add("weights-empty", [*SMALL, "--weights", "{bad}/empty.pth"], "cannot read checkpoint")
     add("weights-text", [*SMALL, "--weights", "{bad}/notes.pth"], "cannot read checkpoint")
     add("weights-truncated", [*SMALL, "--weights", "{bad}/truncated.pth"], "cannot read checkpoint")

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from erf_lab.checkpoint import random_init_of, resolve_weights
+from erf_lab.checkpoint import not_a_weights_file, random_init_of, resolve_weights
 from erf_lab.erf import distributed as D
 from erf_lab.erf.attribution import AGGREGATES
 from erf_lab.erf.compute import Accumulator, compute_erf
@@ -119,7 +119,7 @@ class ErfSpec:
                 raise ErfLabError(f"image folder not found: {self.images}" if not p.exists()
                                   else f"--images must be a folder of images, got a file: {self.images}")
         if self.weights is not None and not resolve_weights(self.weights)[0].is_file():
-            raise ErfLabError(f"weights file not found: {self.weights}")
+            raise ErfLabError(not_a_weights_file(self.weights))
         check_device(self.device)
         return self
 
