@@ -30,9 +30,25 @@ def printed_here(error: BaseException) -> bool:
     and torchrun ends it as soon as another process has exited). Outside torchrun: always."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+    try:
+        world = world_size_from_env()
+    except ErfLabError:  # the error being reported may be that one: said by this process
+        return True
+    if world <= 1 or os.environ.get("LOCAL_RANK", "0") in ("", "0"):
         return True
     return not getattr(error, "every_rank", False)
+
+
+def world_size_from_env() -> int:
+    """torchrun's ``WORLD_SIZE`` (1 when unset or empty); ErfLabError (one line) when it is not an integer."""
+    import os
+
+    text = os.environ.get("WORLD_SIZE", "").strip()
+    try:
+        return int(text) if text else 1
+    except ValueError:
+        raise ErfLabError(f"WORLD_SIZE={text!r} is not an integer: torchrun sets it to the number of processes; "
+                          f"unset it to run in one process") from None
 
 
 class CheckpointError(ErfLabError):

@@ -352,6 +352,23 @@ def test_read_only_output_is_one_error_line_before_the_work(argv, tmp_path, caps
     assert err.count("error:") == 1 and "is not writable: Read-only file system" in err, err
 
 
+@pytest.mark.parametrize("value", ["abc", " ", "2.5"])
+@pytest.mark.parametrize("argv", [["models"], ["analyze", "nope"], ["compute", "--model", "nope"]],
+                         ids=["models", "analyze", "compute"])
+def test_a_world_size_that_is_no_integer_is_one_error_line(argv, value, capsys, monkeypatch):
+    """WORLD_SIZE (torchrun's) that is not an integer: one error line naming it, not a ValueError traceback; blank
+    is unset, as before."""
+    monkeypatch.setenv("WORLD_SIZE", value)
+    code = main(argv)
+    err = capsys.readouterr().err
+    if not value.strip():
+        assert code in (0, 2) and "WORLD_SIZE" not in err
+        return
+    assert code == 2 and err.strip().splitlines() == [
+        f"erf-lab {argv[0]}: error: WORLD_SIZE={value!r} is not an integer: torchrun sets it to the number of "
+        "processes; unset it to run in one process"], err
+
+
 def test_data_info_names_a_bad_erf_lab_data(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("ERF_LAB_DATA", str(tmp_path / "nonexistent"))
     assert main(["data", "info"]) == 2

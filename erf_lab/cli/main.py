@@ -12,7 +12,7 @@ import sys
 import time
 
 from erf_lab import __version__
-from erf_lab.errors import OUT_OF_MEMORY_HINT, ErfLabError, out_of_memory, printed_here
+from erf_lab.errors import OUT_OF_MEMORY_HINT, ErfLabError, out_of_memory, printed_here, world_size_from_env
 
 EXIT_USAGE = 2
 #: a torchrun process that leaves an error to its node's first process waits this long before exiting
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not args._distributed:
+        if world_size_from_env() > 1 and not args._distributed:
             # every process would run the whole job and write the same outputs
             shared = ", ".join(n for n, d in _distributed_commands().items() if d)
             raise ErfLabError(f"{args.command} runs in one process; start it without torchrun (under torchrun: "

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from erf_lab.errors import ErfLabError, on_every_rank
+from erf_lab.errors import ErfLabError, on_every_rank, world_size_from_env
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class DistInfo:
 
 def env_info() -> DistInfo:
     """Rank / world size from the torchrun environment (1 process when absent)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = world_size_from_env()
     rank = int(os.environ.get("RANK", "0") or 0)
     local = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
