@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,6 +315,22 @@ def test_empty_folder_is_an_error(tmp_path):
     with pytest.raises(ErfLabError, match="erf-lab data download"):
         list_stimuli(tmp_path)
 
+
+
+def test_a_stimulus_of_another_file_type_is_skipped_with_a_reason_not_dropped_unseen(tmp_path):
+    """A stimulus saved as .webp / .gif / .tif was left out of the run and of the skipped list (n_skipped 0);
+    files that are no stimulus (MANIFEST.json, README.md) are still no stimulus."""
+    from PIL import Image
+
+    (tmp_path / "bird").mkdir()
+    for name in ("bird1-clock2.png", "bird2-clock1.webp", "bird3-cat1.gif", "bird4.TIF", "notes.txt"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "bird" / name, format="PNG")
+    (tmp_path / "MANIFEST.json").write_text("{}")
+    stimuli, skipped = list_stimuli(tmp_path)
+    assert [s.name for s in stimuli] == ["bird1-clock2.png"]
+    assert {d["file"]: d["reason"] for d in skipped} == {
+        f"bird/{n}": f"a {Path(n).suffix} file: stimuli are read from .png/.jpg/.jpeg files"
+        for n in ("bird2-clock1.webp", "bird3-cat1.gif", "bird4.TIF")}
 
 # ---------------------------------------------------------------- the real ImageNet-trained EfficientNet-Lite0
 

@@ -60,7 +60,8 @@ def parse_name(name: str) -> tuple[str, str]:
 def list_stimuli(folder: str | os.PathLike, limit: int | None = None) -> tuple[list[Stimulus], list[dict]]:
     """All images in ``folder/<category>/`` sorted by (category, name); returns (stimuli, skipped).
 
-    Files whose name does not parse are skipped with a reason (never silently). ``limit`` takes an even
+    Image files whose name does not parse, and files named as stimuli but of another type than
+    ``IMAGE_SUFFIXES``, are skipped with a reason (never silently); other files (MANIFEST.json) are no stimuli. ``limit`` takes an even
     spread over categories (every k-th image) so small runs still cover all 16 categories.
     """
     folder = Path(folder)
@@ -69,6 +70,13 @@ def list_stimuli(folder: str | os.PathLike, limit: int | None = None) -> tuple[l
     stimuli, skipped = [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
+            try:  # a stimulus saved as another type (.webp, .tif): said, not dropped unseen
+                parse_name(path.name)
+            except ValueError:  # MANIFEST.json, a README: no stimulus
+                continue
+            skipped.append({"file": str(path.relative_to(folder)),
+                            "reason": f"a {path.suffix or 'suffix-less'} file: stimuli are read from "
+                                      f"{'/'.join(IMAGE_SUFFIXES)} files"})
             continue
         try:
             shape, texture = parse_name(path.name)
