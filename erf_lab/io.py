@@ -143,6 +143,9 @@ def check_out_path(path: str | os.PathLike, what: str = "--out") -> Path:
         if parent.exists() and not parent.is_dir():
             where = "is a file" if parent == p else f"lies under a file ({parent})"
             raise ErfLabError(f"{what} {p} {where}; choose a folder")
+        if parent.is_symlink() and not parent.exists():  # mkdir would say "File exists"
+            where = "is a broken symbolic link (" if parent == p else f"lies under a broken symbolic link ({parent}, "
+            raise ErfLabError(f"{what} {p} {where}to {os.readlink(parent)}); remove it or choose another {what}")
     return p
 
 

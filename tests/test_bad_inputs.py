@@ -42,6 +42,7 @@ def bad(tmp_path_factory):
     Image.new("1", (30000, 30000)).save(bomb, format="PNG")  # 900 Mpx: PIL's decompression-bomb guard
     (d / "broken_images" / "bomb.png").write_bytes(bomb.getvalue())
     (d / "file.txt").write_text("a file, not a folder")
+    (d / "dangling").symlink_to(d / "no-such-target")
     (d / "empty.pth").write_bytes(b"")
     (d / "notes.pth").write_text("these are my notes, not a checkpoint\n")
     torch.save(create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1)).state_dict(), d / "tiny.pth")
@@ -119,6 +120,12 @@ def _cases():
     # compute: --out
     add("out-is-file", [*SMALL, "--out", "{bad}/file.txt"], "is a file")
     add("out-under-file", [*SMALL, "--out", "{bad}/file.txt/run"], "lies under a file")
+    add("out-broken-symlink", [*SMALL, "--out", "{bad}/dangling"],
+        "--out {bad}/dangling is a broken symbolic link (to {bad}/no-such-target); remove it or choose another --out")
+    add("out-under-broken-symlink", [*SMALL, "--out", "{bad}/dangling/run"],
+        "--out {bad}/dangling/run lies under a broken symbolic link ({bad}/dangling, to {bad}/no-such-target)")
+    add("shape-bias-out-broken-symlink", ["shape-bias", *TINY, "--allow-random", "--out", "{bad}/dangling"],
+        "--out {bad}/dangling is a broken symbolic link")
     add("resume-without-out", [*SMALL, "--resume"], "--resume needs --out")
     add("resume-and-force", [*SMALL, "--resume", "--force", "--out", "{out}"],
         "--resume and --force exclude each other")
