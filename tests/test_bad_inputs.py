@@ -236,6 +236,8 @@ def _cases():
                                        "--out", "{out}"], "")
     add("shape-bias-stimuli-empty", ["shape-bias", *TINY, "--allow-random", "--stimuli", "{bad}/empty",
                                      "--out", "{out}"], "")
+    add("shape-bias-workers-beyond-4-per-cpu", ["shape-bias", *TINY, "--allow-random", "--workers", "100000",
+                                                "--out", "{out}"], "--workers must be >= 0 and at most ")
     add("shape-bias-unknown-model", ["shape-bias", "--model", "nope", "--allow-random", "--out", "{out}"],
         "unknown model")
     # train (the training lab): its own data checks are in tests/test_train.py

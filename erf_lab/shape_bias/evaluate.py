@@ -462,8 +462,11 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
         raise ErfLabError(f"{why}: pass --weights FILE (.pth/.pt/.safetensors) of a trained model or "
                           f"--pretrained (published ImageNet weights, e.g. efficientnet_lite0); a shape bias of "
                           f"random weights means nothing (--allow-random measures one anyway, marked untrained)")
-    if workers is not None and workers < 0:
-        raise ErfLabError(f"--workers must be >= 0, got {workers}")
+    from erf_lab.train.data import per_cpu_cap
+
+    if workers is not None and not 0 <= workers <= per_cpu_cap():  # each one a process
+        raise ErfLabError(f"--workers must be >= 0 and at most {per_cpu_cap()} (4 per CPU of this machine), got "
+                          f"{workers}")
     find_stimuli_root(stimuli)  # fail fast, before building the model
     if model is None:
         torch.manual_seed(seed)
