@@ -292,15 +292,23 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(obj, source=str(path))
 
 
+#: the start of a legacy (pre-1.6, ``_use_new_zipfile_serialization=False``) ``torch.save`` file at its default
+#: pickle protocol 2 (the one weights-only loads read): PROTO 2, then the magic number 0x1950a86a20f9469cfc6c as
+#: LONG1; e.g. torchvision's older ImageNet weights
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
 def _format_by_bytes(path: Path) -> str | None:
-    """The format a file starts like ('PyTorch zip': the zip magic of ``torch.save``; 'safetensors': an 8-byte
-    header length then JSON): what to read it as, and for an unreadable file a checkpoint cut short or damaged;
-    None for anything else."""
+    """The format a file starts like ('PyTorch zip': the zip magic of ``torch.save``; 'PyTorch legacy-format': the
+    pickled magic number of a pre-1.6 ``torch.save``; 'safetensors': an 8-byte header length then JSON): what to
+    read it as, and for an unreadable file a checkpoint cut short or damaged; None for anything else."""
     with contextlib.suppress(OSError), open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(len(_LEGACY_TORCH_MAGIC))
         if head.startswith(b"PK\x03\x04"):
             return "PyTorch zip"
-        if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
+        if head == _LEGACY_TORCH_MAGIC:
+            return "PyTorch legacy-format"
+        if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
             return "safetensors"
     return None
 

@@ -513,3 +513,20 @@ def test_the_pth_record_cache_sees_a_file_rewritten_in_place_with_its_size_and_m
     shutil.copystat(b, a)  # and b's mtime, which is a's old one
     assert a.stat().st_ino == st.st_ino and a.stat().st_mtime_ns == st.st_mtime_ns and a.stat().st_size == st.st_size
     assert random_init_record(a) is None
+
+
+def test_legacy_format_checkpoint_cut_short_is_called_truncated(tmp_path):
+    """A pre-1.6 ``torch.save`` file (torchvision's older ResNet weights are one) loads, and cut short it is named
+    a truncated PyTorch checkpoint, not 'not a PyTorch checkpoint or safetensors file'."""
+    sd = _model().state_dict()
+    full = tmp_path / "legacy.pth"
+    torch.save({"model": sd}, full, _use_new_zipfile_serialization=False)
+    assert load_state_dict_file(full).keys() == sd.keys()
+    data = full.read_bytes()
+    for keep in (0.02, 0.5, 0.99):
+        cut = tmp_path / "cut.pth"
+        cut.write_bytes(data[:int(len(data) * keep)])
+        with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*: a PyTorch legacy-format checkpoint "
+                                                  r"that is truncated or damaged") as e:
+            load_state_dict_file(cut)
+        assert "\n" not in str(e.value), keep
