@@ -118,3 +118,13 @@ def test_help_is_fast_and_imports_no_torch():
     line = out.stderr.strip().splitlines()[-1]
     n = int(line.split()[1])
     assert n >= 10 and line.endswith("TORCH False"), line
+
+
+@pytest.mark.parametrize("argv", [["models", "os:getcwd"], ["layers", "--model", "os:getcwd", "--input-size", "32"]])
+def test_user_factory_that_builds_no_module_is_one_line(capsys, argv):
+    """A ``package.module:factory`` whose factory returns something else than a module (here a str) is one
+    error line naming what it returned, exit status 2, not an AttributeError traceback."""
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and "'os:getcwd'" in err and "returned a str, not a torch.nn.Module" in err

@@ -114,9 +114,12 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
 
 def _build(name: str, factory, kwargs: dict) -> nn.Module:
     try:
-        return factory(**kwargs)
+        model = factory(**kwargs)
     except (TypeError, ValueError) as e:  # an unknown option, or a value it cannot take (num_classes=abc)
         raise ErfLabError(f"model {name!r} does not accept these options: {e}") from None
+    if not isinstance(model, nn.Module):  # a package.module:factory that builds something else
+        raise ErfLabError(f"model {name!r}: its factory returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _build_uninitialized(name: str, factory, kwargs: dict) -> nn.Module | None:
