@@ -223,6 +223,9 @@ def test_mobilenetv2_width_mult_and_bad_options():
         create_model("mobilenetv2", kernel_size=4)
     with pytest.raises(ErfLabError):
         create_model("mobilenetv2", kernel_stages="first")
+    for bad in (0, -8, 2.5):  # 0 was a ZeroDivisionError (a traceback in the CLI)
+        with pytest.raises(ErfLabError, match="round_nearest"):
+            create_model("mobilenetv2", round_nearest=bad)
 
 
 # ----------------------------------------------------------------------------------------------- shared interface

@@ -110,6 +110,9 @@ class MobileNetV2(FeatureIntermediates, ResettableClassifier, nn.Module):
             raise ErfLabError(f"kernel_size must be odd and positive, got {kernel_size}")
         if width_mult <= 0:
             raise ErfLabError(f"width_mult must be > 0, got {width_mult}")
+        if isinstance(round_nearest, bool) or not isinstance(round_nearest, int) or round_nearest < 1:
+            raise ErfLabError(f"round_nearest (channels are rounded to its multiples) must be a whole number >= 1, "
+                              f"got {round_nearest!r}")
         stages = _stage_indices(kernel_stages)
         self.num_classes = num_classes = int(num_classes or 0)
         cin = make_divisible(32 * width_mult, round_nearest)
