@@ -309,6 +309,7 @@ def test_efficientnet_lite0_weights_load_strictly():
     assert model._blocks[0]._expand_conv is None and len(model._blocks) == 16
     tuned = create_model("efficientnet_lite0", pretrained=True, num_classes=3)
     assert tuned._fc.weight.shape == (3, 1280) and torch.equal(tuned._conv_head.weight, sd["_conv_head.weight"])
+    assert model.random_init_keys == [] and tuned.random_init_keys == ["_fc.bias", "_fc.weight"]  # marked random
 
 
 def test_efficientnet_lite0_missing_package_is_a_clear_error(monkeypatch):

@@ -310,6 +310,19 @@ def test_wrong_head_size_is_an_error(fixture_datasets):
         evaluate(Tiny(num_classes=10), fixture_datasets / "cue-conflict", limit=4, workers=0, show_progress=False)
 
 
+def test_pretrained_weights_with_another_class_count_are_refused(fixture_datasets, tmp_path):
+    """``--pretrained --override num_classes=16`` keeps the published features but draws a new classifier: its
+    shape bias is that of a random head (it ran unmarked, as a trained model's); refused before any output."""
+    from erf_lab.shape_bias.evaluate import run_shape_bias
+
+    out = tmp_path / "run"
+    with pytest.raises(ErfLabError, match=r"classifier of efficientnet_lite0 \(_fc.bias, _fc.weight\) is at its "
+                                          r"random initialisation"):
+        run_shape_bias("efficientnet_lite0", out=out, pretrained=True, overrides={"num_classes": 16},
+                       stimuli=fixture_datasets, limit=2, workers=0, show_progress=False)
+    assert not out.exists()
+
+
 def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "bird").mkdir()
     with pytest.raises(ErfLabError, match="erf-lab data download"):

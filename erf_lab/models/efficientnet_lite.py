@@ -186,7 +186,8 @@ def pretrained_weights_path() -> str:
 @register_model
 def efficientnet_lite0(pretrained: bool = False, deploy: bool = False, **kwargs) -> EfficientNetLite:
     """EfficientNet-Lite0, 4,652,008 parameters; ``pretrained=True`` loads the packaged ImageNet weights
-    (all but the classifier when ``num_classes != 1000``).
+    (all but the classifier when ``num_classes != 1000``: its keys, left at their random init, are then listed in
+    ``model.random_init_keys``, as :func:`~erf_lab.models.create_model` lists those ``drop_head`` leaves).
 
     ``deploy`` is accepted for interface uniformity (no multi-branch blocks to merge at build time; conv-BN
     folding is done on a built model by ``reparameterize()``).
@@ -197,5 +198,6 @@ def efficientnet_lite0(pretrained: bool = False, deploy: bool = False, **kwargs)
 
         path = pretrained_weights_path()
         # Another class count keeps the new (randomly initialised) classifier: fine-tuning.
-        load_weights(model, load_state_dict_file(path), drop_head=model.num_classes != 1000, source=path)
+        model.random_init_keys = load_weights(model, load_state_dict_file(path), drop_head=model.num_classes != 1000,
+                                              source=path)
     return model

@@ -471,6 +471,11 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     if model is None:
         torch.manual_seed(seed)
         model = load_model(model_name, weights, pretrained, overrides)
+        random_head = list(getattr(model, "random_init_keys", None) or [])
+        if random_head:  # e.g. --pretrained with another num_classes: trained features, an untrained classifier
+            raise ErfLabError(f"the classifier of {model_name} ({', '.join(random_head)}) is at its random "
+                              "initialisation (the weights' classifier has another class count): a shape bias "
+                              "needs a trained classifier; drop --override num_classes")
     refuse_other_result(out, "shape-bias")
     out = prepare_out_dir(out)  # before minutes of inference; after the model, so a bad file leaves no folder
     result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
