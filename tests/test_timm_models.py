@@ -283,3 +283,26 @@ def test_app_erf_explorer_takes_timm_names(tmp_path, monkeypatch):
     for bad in ("timm/not_a_model", "os:system"):
         with pytest.raises(ErfLabError, match="unknown model"):
             models.check_registered(bad)
+
+
+def test_pretrained_with_another_class_count_marks_the_random_classifier(monkeypatch):
+    """timm keeps the published weights but draws a new classifier when ``num_classes`` differs from theirs: its
+    keys are listed in ``random_init_keys`` (shape-bias refuses such a model); the published head is not. Runs
+    without timm: a stand-in module gives timm's interface (``create_model``, ``is_model``, ``pretrained_cfg``)."""
+    import types
+
+    import erf_lab.models.timm_models as tm
+
+    def fake_create_model(name, pretrained=False, num_classes=1000):
+        model = nn.Sequential()
+        model.add_module("body", nn.Conv2d(3, 4, 3))
+        model.add_module("fc", nn.Linear(4, num_classes))
+        model.pretrained_cfg = {"classifier": "fc", "num_classes": 1000}
+        return model
+
+    fake = types.SimpleNamespace(create_model=fake_create_model, is_model=lambda name: True, list_models=lambda: [])
+    monkeypatch.setattr(tm, "import_timm", lambda: fake)
+    assert create_model("timm/fakenet", pretrained=True, num_classes=16).random_init_keys == ["fc.bias", "fc.weight"]
+    assert getattr(create_model("timm/fakenet", pretrained=True), "random_init_keys", []) == []
+    assert getattr(create_model("timm/fakenet", pretrained=True, num_classes=1000), "random_init_keys", []) == []
+    assert getattr(create_model("timm/fakenet", num_classes=16), "random_init_keys", []) == []  # all random: no file

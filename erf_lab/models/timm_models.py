@@ -62,7 +62,10 @@ def timm_factory(name: str):
 
 def build_timm_model(base: str, *, pretrained: bool = False, **overrides) -> nn.Module:
     """``timm.create_model(base, pretrained=pretrained, **overrides)``, with the classifier prefix recorded as
-    ``head_names`` (for ``drop_head`` loading); a failed weight download is an ErfLabError."""
+    ``head_names`` (for ``drop_head`` loading); a failed weight download is an ErfLabError. Published weights
+    with another ``num_classes`` than theirs keep a new, random classifier (timm's fine-tuning start): its keys
+    are listed in ``model.random_init_keys``, as :func:`~erf_lab.models.create_model` lists those ``drop_head``
+    leaves."""
     timm = import_timm()
     try:
         model = timm.create_model(base, pretrained=bool(pretrained), **overrides)
@@ -71,7 +74,12 @@ def build_timm_model(base: str, *, pretrained: bool = False, **overrides) -> nn.
             raise
         raise ErfLabError(f"cannot get the pretrained weights of timm/{base} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); pass --weights FILE instead") from None
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier")
     if classifier:
         model.head_names = tuple(classifier) if isinstance(classifier, (list, tuple)) else (classifier,)
+    if pretrained and classifier and overrides.get("num_classes", cfg.get("num_classes")) != cfg.get("num_classes"):
+        from erf_lab.checkpoint import _head_prefixes
+
+        model.random_init_keys = sorted(k for k in model.state_dict() if k.startswith(_head_prefixes(model)))
     return model
