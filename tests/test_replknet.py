@@ -741,3 +741,12 @@ def test_cli_reparam_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "corrupt" in err and str(bad) in err
     assert not (tmp_path / "d.pth").exists()
+
+
+@pytest.mark.parametrize("ratio", ["dw_ratio", "ffn_ratio"])
+def test_ratios_that_leave_a_block_without_channels_are_refused(ratio):
+    """int(width * ratio) = 0 built a block with no channels: dw_ratio failed inside nn.Conv2d, ffn_ratio only at
+    the forward, where the CLI blamed the input size ('input size 64 does not fit RepLKNet')."""
+    with pytest.raises(ErfLabError, match=f"{ratio}=0.01.* leave a block with no channels"):
+        create_model("replknet_31b", layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), **{ratio: 0.01})
+    create_model("replknet_31b", layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), **{ratio: 0.125})  # 1 channel: fine

@@ -333,6 +333,9 @@ class RepLKNet(FeatureIntermediates, ResettableClassifier, nn.Module):
             raise ErfLabError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if dw_ratio <= 0 or ffn_ratio <= 0:
             raise ErfLabError(f"dw_ratio and ffn_ratio must be positive, got {dw_ratio}, {ffn_ratio}")
+        if min(int(int(c) * r) for c in channels for r in (dw_ratio, ffn_ratio)) < 1:
+            raise ErfLabError(f"dw_ratio={dw_ratio} and ffn_ratio={ffn_ratio} leave a block with no channels at "
+                              f"widths {tuple(channels)} (each width times each ratio must be >= 1)")
         if out_indices is not None:
             out_indices = tuple(int(i) for i in out_indices)
             if num_classes:
