@@ -210,6 +210,10 @@ def test_constructor_errors():
         UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
     with pytest.raises(ErfLabError, match="kernel size 21"):
         UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), kernel_sizes=((3,), (3,), (21,), (3,)))
+    # widths below 4 left the SE block 0 channels: built, then failed in the forward, blamed on the input size
+    with pytest.raises(ErfLabError, match=r"widths must be >= 4 .* got dims=\(8, 8, 3, 8\)"):
+        UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 8, 3, 8), kernel_sizes=((3,), (3,), (3,), (3,)))
+    UniRepLKNet(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), kernel_sizes=((3,), (3,), (3,), (3,)))
 
 
 def test_erf_run_through_the_runner(tmp_path):

@@ -350,6 +350,9 @@ class UniRepLKNet(ConvNeXtLayout):
         depths, dims = tuple(int(d) for d in depths), tuple(int(c) for c in dims)
         if len(depths) != 4 or len(dims) != 4 or min(depths) < 1 or min(dims) < 1:
             raise ErfLabError(f"UniRepLKNet needs 4 positive depths and widths, got depths={depths}, dims={dims}")
+        if min(dims) < 4:  # the SE bottleneck has dim // 4 channels (and the stem's first conv dims[0] // 2)
+            raise ErfLabError(f"UniRepLKNet widths must be >= 4 (each block's squeeze-and-excitation has width // 4 "
+                              f"channels), got dims={dims}")
         if kernel_sizes is None:
             if depths not in DEFAULT_KERNEL_SIZES:
                 raise ErfLabError(f"no official kernel sizes for depths {depths}; pass kernel_sizes (one tuple "
