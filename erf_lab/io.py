@@ -211,18 +211,31 @@ def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     from erf_lab.errors import ErfLabError
 
     p = check_out_path(path, what)
-    made = [d for d in [p, *p.parents] if not d.exists()]
+    made = missing_folders(p)
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=p)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        for d in made:  # deepest first: leave no empty folder behind
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        remove_empty_folders(made)
         raise ErfLabError(f"{what} {p} is not writable: {e.strerror or type(e).__name__}") from None
     return p
+
+
+def missing_folders(path: str | os.PathLike) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what creating it will make, for
+    :func:`remove_empty_folders` after a failure."""
+    p = Path(path).expanduser()
+    return [d for d in [p, *p.parents] if not d.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first, :func:`missing_folders`) that is empty: a failed command leaves
+    no empty folder behind; one that holds anything stays."""
+    for d in folders:
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 #: the kinds of erf-lab result a folder can hold (:func:`result_kind`), as error lines name them

@@ -750,3 +750,20 @@ def test_ratios_that_leave_a_block_without_channels_are_refused(ratio):
     with pytest.raises(ErfLabError, match=f"{ratio}=0.01.* leave a block with no channels"):
         create_model("replknet_31b", layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), **{ratio: 0.01})
     create_model("replknet_31b", layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), **{ratio: 0.125})  # 1 channel: fine
+
+
+def test_cli_reparam_that_fails_leaves_no_empty_folder(tmp_path, capsys):
+    """--out in folders that do not exist yet: a failed reparam (here an unreadable --weights) removed none of the
+    folders it had made for the file; an existing folder, and one that holds anything, stay."""
+    from erf_lab.cli.main import main
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    out = tmp_path / "new" / "deeper" / "d.pth"
+    assert main(["reparam", "--model", "replknet_31b", "--weights", str(bad), "--out", str(out)]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "keep.txt").write_text("x")
+    assert main(["reparam", "--model", "replknet_31b", "--weights", str(bad), "--out", str(out)]) == 2
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["keep.txt"]

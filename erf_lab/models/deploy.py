@@ -132,9 +132,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     so is the training size of ``weights`` where it is known (:func:`save_state_dict`); the summary is also written
     to ``<out>.run.json``.
     """
-    from erf_lab.checkpoint import random_init_of, training_input_size, weights_facts
-    from erf_lab.io import prepare_out_dir, progress, refuse_empty, sha256_file, write_json
-    from erf_lab.models.registry import create_model
+    from erf_lab.io import missing_folders, prepare_out_dir, refuse_empty, remove_empty_folders
 
     refuse_empty(out, hint="name the checkpoint file to write (.pth, .pt or .safetensors)")  # Path("") is "."
     out = Path(out)
@@ -147,10 +145,27 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     if not 32 <= input_size <= MAX_INPUT_SIZE:
         raise ErfLabError(f"--check-size (the equivalence check's image side) must be in [32, {MAX_INPUT_SIZE}], "
                           f"got {input_size}")
-    prepare_out_dir(out.parent, what="--out's folder")
     if weights and out.is_file() and Path(weights).is_file() and out.samefile(weights):
         raise ErfLabError(f"--out {out} is the --weights file itself: the deploy form would replace the train-time "
                           "weights, which cannot be recovered from it; name another output file")
+    made = missing_folders(out.parent)
+    prepare_out_dir(out.parent, what="--out's folder")
+    try:
+        return _export_deploy(model_name, out, weights=weights, drop_head=drop_head, batch_size=batch_size,
+                              input_size=input_size, flops_input_size=flops_input_size, seed=seed,
+                              show_progress=show_progress, **overrides)
+    except BaseException:  # a bad --weights file, a model that cannot merge, Ctrl-C: no empty folder left behind
+        remove_empty_folders(made)
+        raise
+
+
+def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size, input_size, flops_input_size,
+                   seed, show_progress, **overrides) -> dict:
+    """:func:`export_deploy` once its arguments are checked and ``out``'s folder exists."""
+    from erf_lab.checkpoint import random_init_of, training_input_size, weights_facts
+    from erf_lab.io import progress, sha256_file, write_json
+    from erf_lab.models.registry import create_model
+
     random_init = random_init_of(weights, pretrained=bool(overrides.get("pretrained")), seed=seed)
     train_size = training_input_size(weights)[0] if weights and random_init is None else None
     t0 = time.perf_counter()
