@@ -462,8 +462,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     body_ok = len(head_problems) == len(missing + unexpected + mismatched)
     other_width = [k for k in mismatched if k.startswith(heads) and state_dict[k].shape[1:] != own[k].shape[1:]]
     if head_problems and not drop_head and body_ok and not other_width:
-        # name the classifier's weight matrix where it is among them (not a pre-logits norm's vector)
-        k = next((k for k in head_problems if k in state_dict and state_dict[k].dim() == 2), head_problems[0])
+        # name the classifier's weight matrix (the file's, else the model's), not a pre-logits norm's vector
+        k = next((k for k in head_problems if (state_dict[k] if k in state_dict else own[k]).dim() == 2),
+                 head_problems[0])
         keep = ""
         if k in missing:
             what = f"the model has a classifier ({k}), the file none"
@@ -471,8 +472,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
             what = f"the file has a classifier ({k}), the model none"
         else:
             what = f"classifier has {state_dict[k].shape[0]} classes, the model {own[k].shape[0]} (key {k})"
-        if k in state_dict and state_dict[k].dim():
-            n = state_dict[k].shape[0]
+        if k in state_dict and state_dict[k].dim() and getattr(model, "out_indices", None) is None:
+            n = state_dict[k].shape[0]  # (a downstream backbone, out_indices, takes no classifier)
             keep = f"build the model with num_classes={n} (CLI: --override num_classes={n}) to keep it, or "
         raise CheckpointError(f"{source}: {what}; {keep}pass drop_head=True (CLI: --drop-head) to load everything "
                               "but the head")

@@ -413,6 +413,34 @@ def test_imagenet_weights_load_into_a_downstream_backbone_with_drop_head():
     assert all(torch.equal(own[k], imagenet[k]) for k in own if not k.endswith("num_batches_tracked"))
 
 
+def test_a_downstream_backbone_state_dict_loads_into_a_classifier_with_drop_head():
+    """The other way round: a backbone's state dict (out_indices: no final BN ``norm``, no ``head``; e.g. an
+    official segmentation backbone's ``backbone.*`` stripped) into the classifier model, whose ERF is measured on
+    ``forward_features``: --drop-head loads it, ``norm`` and ``head`` keep their init and are listed; before, the
+    missing ``norm`` counted as another architecture even with --drop-head. Without it the error names the
+    classifier's matrix and --drop-head, not a class count (a backbone has none)."""
+    from erf_lab.models.replknet import RepLKNet
+
+    cfg = dict(large_kernel_sizes=[7, 7, 7, 5], layers=[1, 1, 1, 1], channels=[8, 16, 24, 32])
+    torch.manual_seed(0)
+    backbone = RepLKNet(**cfg, num_classes=None, out_indices=[0, 1, 2, 3]).eval()
+    sd = backbone.state_dict()
+    classifier = RepLKNet(**cfg, num_classes=1000).eval()
+    with pytest.raises(CheckpointError, match=r"the model has a classifier \(head.weight\), the file none; pass "
+                                              r"drop_head=True"):
+        load_weights(classifier, sd, source="backbone.pth")
+    kept = load_weights(classifier, sd, drop_head=True, source="backbone.pth")
+    assert kept == sorted(k for k in classifier.state_dict() if k.startswith(("norm.", "head."))
+                          and not k.endswith("num_batches_tracked"))  # (a counter the file lacks starts at 0)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(classifier.forward_features(x), backbone(x)[-1])
+    # an ImageNet file into the backbone: no num_classes advice (a backbone takes no classifier), --drop-head
+    with pytest.raises(CheckpointError) as e:
+        load_weights(backbone, classifier.state_dict(), source="imagenet.pth")
+    assert "num_classes" not in str(e.value) and "drop_head=True" in str(e.value)
+
+
 def test_an_erf_lab_pth_carries_its_facts_inside_and_official_layouts_load_unchanged(tmp_path):
     """The random-init mark and the training size of a .pth erf-lab writes are in the file ({"model": sd,
     "erf_lab": {...}}), so a copy of the file alone keeps them (before: only a <file>.run.json beside it had them);

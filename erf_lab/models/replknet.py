@@ -315,7 +315,10 @@ class RepLKNet(FeatureIntermediates, ResettableClassifier, nn.Module):
     (``forward_head``'s first step); the final features are ``forward_features(x)`` (before that BN).
     """
 
-    head_names = ("head",)
+    #: the classifier for checkpoint loading: the linear ``head`` and the final BN ``norm`` before the pooling, which
+    #: a downstream backbone (``out_indices``) has neither of: ``--drop-head`` loads an ImageNet checkpoint into one,
+    #: and a backbone's state dict into a classifier (``norm`` and ``head`` then keep their init)
+    head_names = ("head", "norm")
 
     def __init__(self, large_kernel_sizes: Sequence[int], layers: Sequence[int], channels: Sequence[int],
                  drop_path_rate: float = 0.0, small_kernel: int | None = 5, dw_ratio: float = 1.0,
@@ -386,8 +389,6 @@ class RepLKNet(FeatureIntermediates, ResettableClassifier, nn.Module):
                     ))
             classifier = out_indices is None  # a downstream backbone has no final BN / pool / head (official keys)
             self.norm = nn.BatchNorm2d(self.channels[-1]) if classifier else None
-            if not classifier:  # an ImageNet checkpoint's final BN belongs to its classifier here: --drop-head drops it
-                self.head_names = ("head", "norm")
             self.avgpool = nn.AdaptiveAvgPool2d(1) if classifier else None
             self.head = nn.Linear(self.channels[-1], self.num_classes) if classifier and self.num_classes > 0 else None
         if device.type != "meta":
