@@ -124,6 +124,14 @@ def test_resnet_params_and_torchvision_layout(name):
     assert own == dict(torchvision_resnet_layout(layers, bottleneck))
 
 
+def test_resnet_width_must_be_a_whole_number():
+    """width=1.5 failed inside nn.Conv2d with 'out_channels must be divisible by groups' (no groups were given)."""
+    for bad in (1.5, 0, -8, "8"):
+        with pytest.raises(ErfLabError, match="width .* must be a whole number >= 1"):
+            create_model("resnet18", width=bad)
+    assert create_model("resnet18", width=8).fc.in_features == 64
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_resnet_torchvision_checkpoint_loads_and_matches_reference(name, tmp_path):
     layers, bottleneck, _ = RESNETS[name]

@@ -103,8 +103,8 @@ class ResNet(FeatureIntermediates, ResettableClassifier, nn.Module):
                  num_classes: int | None = 1000, width: int = 64, in_chans: int = 3, drop_rate: float = 0.0,
                  zero_init_residual: bool = False):
         super().__init__()
-        if width < 1:
-            raise ErfLabError(f"width must be >= 1, got {width}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ErfLabError(f"width (the first stage's channels) must be a whole number >= 1, got {width!r}")
         self.num_classes = num_classes = int(num_classes or 0)
         self.inplanes = width
         self.conv1 = nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False)
