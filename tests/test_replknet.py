@@ -192,7 +192,7 @@ def test_downstream_backbone_layout_out_indices_and_stage_norms():
         tiny("replknet_31b", num_classes=None, out_indices=(4,))
 
 
-def test_reparam_of_a_downstream_backbone(tmp_path):
+def test_reparam_of_a_downstream_backbone(tmp_path, capsys):
     """``erf-lab reparam`` of the XL detection / segmentation layout (a list of stage maps, no logits): the
     equivalence error is the worst map's, and the merged file loads into the downstream model."""
     from erf_lab.models.deploy import export_deploy
@@ -204,6 +204,15 @@ def test_reparam_of_a_downstream_backbone(tmp_path):
     assert merged.is_merged and merged.out_indices == (0, 1, 2, 3)
     a, b = [torch.ones(2, 3)], [torch.ones(2, 3) * 1.5]
     assert max_relative_error([*a, *a], [*a, *b]) == pytest.approx(0.5)
+
+    from erf_lab.cli.main import main  # the console names what was compared: stage maps, not logits
+
+    argv = ["reparam", "--model", "replknet_xl", "--out", str(tmp_path / "down2.pth"), "--check-size", "48"]
+    for k, v in down.items():
+        argv += ["--override", f"{k}={tuple(v) if isinstance(v, (tuple, list)) else v}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(stage feature maps, 2x3x48x48 random batch)" in out and "logits" not in out
 
 
 def test_forward_intermediates_norm_and_final_features():

@@ -227,7 +227,8 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
         out=str(out), sha256=sha256_file(out), num_keys=len(state),
         params_before=params_before, params_after=params_after,
         flops_before=flops_before, flops_after=flops_after, flops_input_size=flops_input_size,
-        max_rel_error=error, branch_max_rel_error=branches.max_error, num_branches=len(branches.errors),
+        max_rel_error=error, compared="stage feature maps" if isinstance(before, (list, tuple)) else "logits",
+        branch_max_rel_error=branches.max_error, num_branches=len(branches.errors),
         check_batch=[batch_size, in_ch, input_size, input_size], seed=seed,
         seconds=round(time.perf_counter() - t0, 2), torch=torch.__version__,
     )

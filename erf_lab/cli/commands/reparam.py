@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model        {s['model']}" + (f"  (weights {s['weights']})" if s["weights"] else "") + init)
     print(f"params       {s['params_before'] / 1e6:.2f}M -> {s['params_after'] / 1e6:.2f}M")
     print(f"FLOPs@{s['flops_input_size']}    {s['flops_before'] / 1e9:.2f}G -> {s['flops_after'] / 1e9:.2f}G (MACs)")
-    print(f"max rel err  {s['max_rel_error']:.2e}  (logits, {'x'.join(map(str, s['check_batch']))} random batch)")
+    print(f"max rel err  {s['max_rel_error']:.2e}  ({s['compared']}, {'x'.join(map(str, s['check_batch']))} random "
+          "batch)")
     if s["branch_max_rel_error"] is not None:
         print(f"             {s['branch_max_rel_error']:.2e}  (the worst of {s['num_branches']} residual branches)")
     print(f"wrote        {s['out']}  ({s['num_keys']} keys, sha256 {s['sha256'][:12]}) + {s['out']}.run.json")
