@@ -737,6 +737,35 @@ def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, s
         assert grads[1][:, :, :, outside_cols].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("shape,kernel", [
+    ((1, 16, 32, 32), (31, 31)), ((2, 20, 17, 23), (27, 21)), ((1, 16, 12, 40), (23, 31)), ((1, 9, 17, 18), (31, 31)),
+    ((1, 16, 13, 14), (23, 25))])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, one_thread):
+    """The packed planes' tiles leave out the products with the zero padding (the input rows and kernel-column
+    windows of a tile that lie wholly in it). Only exact zeros are left out, and the sums keep their order: the
+    forward and the input gradient equal, bit for bit, the same kernel run on the map with its zero border written
+    out (where nothing of the border is known to be padding), cropped. Borders of a multiple of every lane width's
+    tile width (5 columns; 3 lowered) keep each output in tiles of the same shape."""
+    need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    kh, kw = kernel
+    ph, pw = 15 * (-(-(kh // 2) // 15)), 15 * (-(-(kw // 2) // 15))  # >= the kernel's own padding
+    g = torch.Generator().manual_seed(sum(shape) + 3 * kh + kw)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(shape[1], 1, kh, kw, generator=g)
+    padded = F.pad(x, (pw, pw, ph, ph))
+    if layout == "channels_last":
+        x, padded = (t.contiguous(memory_format=torch.channels_last) for t in (x, padded))
+    h, wd = shape[-2:]
+    assert ck.cpp_conv_path(x, w) == ck.CONV_PATHS[0] == ck.cpp_conv_path(padded, w)  # the packed planes
+    for flip in (False, True):
+        one = ck.cpp_conv(x, w, None, flip=flip)
+        bordered = ck.cpp_conv(padded, w, None, flip=flip)[:, :, ph:ph + h, pw:pw + wd]
+        assert torch.equal(one, bordered), (flip, (one - bordered).abs().max().item())
+
+
 def test_depthwise_flops_inside_the_map_by_brute_force():
     """fastconv.roofline.depthwise_flops: nominal = the flop counter's 2*B*C*H*W*KH*KW; inside = the products
     whose input pixel is in the map (the rest meet zero padding), counted one by one."""
