@@ -298,6 +298,9 @@ def _bad_cases(tmp_path):
         "fp16 on cpu": ([*cue, "--batch-size", "8", "--amp", "fp16"], "needs a CUDA device"),
         "unknown device": ([*cue, "--batch-size", "8", "--device", "tpu"], "unknown --device"),
         "negative lr": ([*cue, "--batch-size", "8", "--lr", "-1"], "--lr out of range"),
+        # the last stage's maps are 1x1 at 32 px: one value per channel (was a ValueError traceback at step 1)
+        "one image per step at a 1x1 map": ([*cue, "--batch-size", "1"],
+                                            "--batch-size 1: replknet_31b's BatchNorm transitions.2.1.bn sees a 1x1"),
     }
 
 
@@ -314,6 +317,22 @@ def test_bad_input_one_error_line_exit_2_nothing_written(tmp_path, capsys):
         assert rc == 2, (name, err)
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, (name, err)
         assert not out.exists(), name  # validated before anything is written
+
+
+def test_batch_size_one_is_refused_only_where_a_batchnorm_sees_a_1x1_map():
+    """The check behind the 'one image per step at a 1x1 map' case: 64 px (2x2 last maps) passes, 32 px does not,
+    and the check's forward leaves the BatchNorm statistics and the mode as they were."""
+    from erf_lab.train.loop import _refuse_single_value_norms
+
+    net = create_model("replknet_31b", num_classes=4, **TINY).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    _refuse_single_value_norms(net, "replknet_31b", 64)
+    with pytest.raises(ErfLabError, match="transitions.2.1.bn sees a 1x1 map at --input-size 32"):
+        _refuse_single_value_norms(net, "replknet_31b", 32)
+    assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    net(torch.rand(1, 3, 64, 64))  # what the check lets through trains
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        net(torch.rand(1, 3, 32, 32))  # and what it refuses is what PyTorch refuses
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_no_nan_checkpoint(tmp_path, capsys, one_thread):

@@ -85,6 +85,33 @@ def build_model(model: str, overrides: dict, num_classes: int, drop_path: float 
         raise
 
 
+@torch.no_grad()
+def _refuse_single_value_norms(net: nn.Module, model: str, input_size: int) -> None:
+    """ErfLabError (one line) when a BatchNorm of ``net`` sees a 1x1 map at ``input_size``: with one image per
+    step and process it has one value per channel, which it cannot normalise in training (PyTorch's ValueError at
+    the first step, a traceback with the run folder already made). One eval-mode forward of one image (no
+    statistics change, no random numbers drawn)."""
+    seen = []
+
+    def note(module, args):
+        if args[0].dim() > 1 and args[0][0, 0].numel() == 1:
+            seen.append(module)
+
+    norms = {m: n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    hooks = [m.register_forward_pre_hook(note) for m in norms]
+    was = net.training
+    try:
+        net.eval()(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        net.train(was)
+        for h in hooks:
+            h.remove()
+    if seen:
+        raise ErfLabError(f"--batch-size 1: {model}'s BatchNorm {norms[seen[0]]} sees a 1x1 map at --input-size "
+                          f"{input_size}, one value per channel, which it cannot normalise in training; use "
+                          f"--batch-size 2 or more (per process) or a larger --input-size")
+
+
 def distributed_net(net: nn.Module, world_size: int, device: str, sync_bn: bool = False) -> nn.Module:
     """What one rank of ``world_size`` steps: ``net`` itself alone, else ``net`` in DDP, its BatchNorms first made
     SyncBatchNorms (in place: ``net``'s state dict keeps its keys) with ``sync_bn``, so that every rank normalises
@@ -478,6 +505,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             raise ErfLabError(f"--batch-size {B} x {W} process(es) is larger than the train set "
                               f"({len(d.train)} images); the incomplete last batch is dropped, so no step would run")
         net = build_model(model_name, overrides, n_classes, recipe.drop_path, seed)
+        if B == 1:
+            _refuse_single_value_norms(net, model_name, input_size)
         mean, std = model_mean_std(net)
         mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(std, device=device).view(1, 3, 1, 1)
