@@ -222,3 +222,26 @@ def test_study_json_records_how_the_study_was_made(tmp_path, one_thread):
     rec = json.loads((tmp_path / "s" / "study.json").read_text())
     assert rec["settings"]["epochs"] == 1 and isinstance(rec["command"], list)
     assert rec["versions"]["erf_lab"] and rec["cwd"] and rec["time"]
+
+
+def test_a_stop_cancels_the_models_not_yet_started(tmp_path):
+    """Ctrl-C during 'study --jobs N' (here: in the study's own process, at the first finished call) stops after
+    the calls under way; before, leaving the process pool ran every queued call (every remaining model) first."""
+    import subprocess
+
+    from erf_lab.train.study import in_processes
+
+    calls = [(["sh", "-c", f"sleep 0.4; touch {tmp_path / str(i)}"],) for i in range(10)]
+    finished = []
+
+    def done(result):
+        finished.append(result)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        in_processes(subprocess.call, calls, 2, done)
+    assert finished == [0]
+    assert 1 <= len(list(tmp_path.iterdir())) <= 2  # the calls under way (2 processes), not all 10
+    ran = []
+    in_processes(subprocess.call, calls[:3], 2, ran.append)  # and without a stop, every call
+    assert ran == [0, 0, 0]

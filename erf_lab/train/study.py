@@ -254,16 +254,33 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
             for m in models:
                 done(_job(m, settings, study, threads))
         else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            with ProcessPoolExecutor(int(jobs), mp_context=mp.get_context("spawn")) as ex:
-                for fut in as_completed([ex.submit(_job, m, settings, study, threads) for m in models]):
-                    done(fut.result())
+            in_processes(_job, [(m, settings, study, threads) for m in models], int(jobs), done)
     finally:
         bar.close()
     rows = [_row(m, results[m.name]) for m in models]
     return {"rows": rows, "out_dir": study}
+
+
+def in_processes(fn, calls: list[tuple], jobs: int, done) -> None:
+    """``fn(*args)`` for each ``args`` of ``calls`` in ``jobs`` spawned processes, ``done(result)`` as each one
+    finishes. A call is handed to the pool only when a process is free, so a stop or an error leaves only the calls
+    under way to wait for (Ctrl-C, which a terminal sends the workers too: each saves the state of its model and
+    stops). Before, every call was queued at once and leaving the pool ran them all: a Ctrl-C'd 'study --jobs N'
+    went on training its remaining models first."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    todo, under_way = list(calls)[::-1], set()
+    ex = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+    try:
+        while todo or under_way:
+            while todo and len(under_way) < jobs:
+                under_way.add(ex.submit(fn, *todo.pop()))
+            finished, under_way = wait(under_way, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                done(fut.result())
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def _jsonable(v):
