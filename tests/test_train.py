@@ -116,6 +116,15 @@ def test_run_directory_and_official_checkpoints(tmp_path, one_thread, monkeypatc
     assert info["command"][:2] == ["erf-lab", "train"] or info["command"][0] == "erf-lab"
     assert info["data"]["kind"] == "cue-world" and info["data"]["num_classes"] == 4
     assert info["versions"]["torch"] == torch.__version__ and info["start_time"] <= info["end_time"]
+    # how it was made, as every erf-lab record says it (provenance.versions: the image decoder and the weights
+    # writer too; before: a second, shorter list under "erf-lab", and no folder the relative paths are from)
+    import os
+
+    import PIL
+    import safetensors
+
+    assert info["versions"]["erf_lab"] and info["versions"]["PIL"] == PIL.__version__
+    assert info["versions"]["safetensors"] == safetensors.__version__ and info["cwd"] == os.getcwd()
     assert info["final"]["val_acc"] == pytest.approx(float(rows[-1]["val_acc"]))
     assert (out / "curves.png").stat().st_size > 0 and (out / "curves.pdf").stat().st_size > 0
     assert not (out / C.STATE_FILE).exists()

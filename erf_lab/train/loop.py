@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import datetime as _dt
 import gc
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -40,10 +40,6 @@ OUR_FILES = ("metrics.csv", "model.pth", "model.safetensors", "model_ema.safeten
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 #: consecutive non-finite losses the fp16 loss scaler may skip (backing off its scale) before a run counts as diverged
 MAX_SKIPPED_SCALER_STEPS = 20
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _check_device(device: str) -> str:
@@ -204,13 +200,6 @@ def _autocast(device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def _versions() -> dict:
-    import erf_lab
-
-    return {"erf-lab": erf_lab.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": sys.version.split()[0]}
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
@@ -417,8 +406,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
            held_folder: contextlib.ExitStack) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
+    from erf_lab.provenance import now, versions
 
-    start_time, t_start = _now(), time.time()
+    start_time, t_start = now(), time.time()
     settings = {"model": model_name, "overrides": {k: (list(v) if isinstance(v, tuple) else v)
                                                    for k, v in overrides.items()},
                 "data": str(data), "input_size": input_size, "train_size": train_size, "val_size": val_size,
@@ -697,7 +687,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     plot_curves(rows, out / "curves", recipe.label_smoothing)
     run_info = {
         "command": argv, "settings": settings, "device": device, "num_workers": num_workers,
-        "checkpoint_format": checkpoint_format, "versions": _versions(),
+        "checkpoint_format": checkpoint_format, "cwd": os.getcwd(), "versions": versions(),
         "model_config": {"name": model_name, "overrides": settings["overrides"], "num_classes": n_classes,
                          "drop_path_rate": recipe.drop_path,
                          "params": sum(p.numel() for p in net.parameters())},
@@ -705,7 +695,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         "skipped_images": len(d.description.get("skipped_train", [])) + len(d.description.get("skipped_val", [])),
         "seeds": {"init": seed, "data": seed, "sampler": seed}, "world_size": W, "dist_backend": info.backend,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "final": rows[-1],
-        "weights": [str(p.relative_to(out)) for p in files], "start_time": start_time, "end_time": _now(),
+        "weights": [str(p.relative_to(out)) for p in files], "start_time": start_time, "end_time": now(),
         "resumed": state is not None, "wall_s_this_session": time.time() - t_start,
     }
     write_json(out / COMPLETE_FILE, run_info)
