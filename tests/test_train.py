@@ -307,6 +307,12 @@ def _bad_cases(tmp_path):
         "fp16 on cpu": ([*cue, "--batch-size", "8", "--amp", "fp16"], "needs a CUDA device"),
         "unknown device": ([*cue, "--batch-size", "8", "--device", "tpu"], "unknown --device"),
         "negative lr": ([*cue, "--batch-size", "8", "--lr", "-1"], "--lr out of range"),
+        # build_model sets both: --override num_classes was dropped, drop_path_rate trained with drop path while
+        # run.json recorded drop_path_rate 0.0
+        "num_classes override": ([*cue, "--batch-size", "8", "--override", "num_classes=7"],
+                                 "--override num_classes: training sets it from --num-classes"),
+        "drop_path_rate override": ([*cue, "--batch-size", "8", "--override", "drop_path_rate=0.5"],
+                                    "--override drop_path_rate: training sets it from --drop-path"),
         # the last stage's maps are 1x1 at 32 px: one value per channel (was a ValueError traceback at step 1)
         "one image per step at a 1x1 map": ([*cue, "--batch-size", "1"],
                                             "--batch-size 1: replknet_31b's BatchNorm transitions.2.1.bn sees a 1x1"),

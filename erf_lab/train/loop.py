@@ -348,6 +348,11 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
         refuse_empty(out)  # first: Path("") is the current folder
         recipe = recipe or Recipe()
         recipe.validate()
+        for key, option in (("num_classes", "--num-classes (cue-world) or the data folder's classes"),
+                            ("drop_path_rate", "--drop-path")):
+            if key in (overrides or {}):  # build_model sets both: the override was dropped or went unrecorded
+                raise ErfLabError(f"--override {key}: training sets it from {option}, recorded in run.json; drop the "
+                                  f"override")
         device = _check_device(device)
         checks.hold = True
         amp, amp_dtype = _amp_dtype(amp, device)
