@@ -334,6 +334,19 @@ def test_bad_input_one_error_line_exit_2_nothing_written(tmp_path, capsys):
         assert not out.exists(), name  # validated before anything is written
 
 
+def test_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch, one_thread):
+    """--out '~/run' (quoted: a script, a config) trains into $HOME/run, as every other --out expands it (before:
+    a FileNotFoundError traceback from the writability check, with $HOME/run left behind)."""
+    from erf_lab.paths import cache_dir
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(cache_dir()))  # the cue-world already rendered, not a new HOME's cache
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    res = _run("~/run", recipe=Recipe(epochs=1, batch_size=8))
+    assert res["out_dir"] == tmp_path / "home" / "run" and (tmp_path / "home" / "run" / "run.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
 def test_batch_size_one_is_refused_only_where_a_batchnorm_sees_a_1x1_map():
     """The check behind the 'one image per step at a 1x1 map' case: 64 px (2x2 last maps) passes, 32 px does not,
     and the check's forward leaves the BatchNorm statistics and the mode as they were."""

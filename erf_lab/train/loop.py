@@ -376,10 +376,12 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     try:
         D.gather_or_fail(None, checks.error, info)  # the checks above: a rank's own error stops every rank
         with StopRequest() as stop, contextlib.ExitStack() as held_folder:
-            result = _train(model, data, Path(out), dict(overrides or {}), recipe, int(input_size), int(train_size),
-                            int(val_size), num_classes, bool(resample), int(seed), D.device_for(device, info),
-                            amp, amp_dtype, channels_last, sync_bn, int(num_workers), resume, force,
-                            checkpoint_format, show_progress, argv, on_step, info, stop, resume_hint,
+            # ~ expanded, as check_out_path does for every other --out (before: the writability check made the
+            # expanded folder, then failed with a traceback removing the unexpanded one, and left it there)
+            result = _train(model, data, Path(out).expanduser(), dict(overrides or {}), recipe, int(input_size),
+                            int(train_size), int(val_size), num_classes, bool(resample), int(seed),
+                            D.device_for(device, info), amp, amp_dtype, channels_last, sync_bn, int(num_workers),
+                            resume, force, checkpoint_format, show_progress, argv, on_step, info, stop, resume_hint,
                             diverge_hint, held_folder)
         together = True
         return result
