@@ -245,3 +245,14 @@ def test_a_stop_cancels_the_models_not_yet_started(tmp_path):
     ran = []
     in_processes(subprocess.call, calls[:3], 2, ran.append)  # and without a stop, every call
     assert ran == [0, 0, 0]
+
+
+def test_a_study_process_that_dies_is_one_line_naming_its_model():
+    """A worker killed mid-model (the OOM killer, kill -9) is one ErfLabError naming the model (before: a
+    BrokenProcessPool traceback)."""
+    import os
+
+    from erf_lab.train.study import in_processes
+
+    with pytest.raises(ErfLabError, match=r"^the process running K31-seed0 ended abruptly \(killed, or out of memory"):
+        in_processes(os._exit, [(3,)], 1, lambda r: None, labels=["K31-seed0"])

@@ -254,31 +254,42 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
             for m in models:
                 done(_job(m, settings, study, threads))
         else:
-            in_processes(_job, [(m, settings, study, threads) for m in models], int(jobs), done)
+            in_processes(_job, [(m, settings, study, threads) for m in models], int(jobs), done,
+                         labels=[m.name for m in models])
     finally:
         bar.close()
     rows = [_row(m, results[m.name]) for m in models]
     return {"rows": rows, "out_dir": study}
 
 
-def in_processes(fn, calls: list[tuple], jobs: int, done) -> None:
+def in_processes(fn, calls: list[tuple], jobs: int, done, labels: list[str] | None = None) -> None:
     """``fn(*args)`` for each ``args`` of ``calls`` in ``jobs`` spawned processes, ``done(result)`` as each one
     finishes. A call is handed to the pool only when a process is free, so a stop or an error leaves only the calls
     under way to wait for (Ctrl-C, which a terminal sends the workers too: each saves the state of its model and
     stops). Before, every call was queued at once and leaving the pool ran them all: a Ctrl-C'd 'study --jobs N'
-    went on training its remaining models first."""
+    went on training its remaining models first. A process that ends abruptly (killed, out of memory) is one
+    ErfLabError naming its call's label (``labels``, default the call's index), not a BrokenProcessPool traceback."""
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, ProcessPoolExecutor, wait
 
-    todo, under_way = list(calls)[::-1], set()
+    todo = list(zip(labels or [f"call {i}" for i in range(len(calls))], calls))[::-1]
+    under_way = {}  # future -> label
     ex = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
     try:
         while todo or under_way:
             while todo and len(under_way) < jobs:
-                under_way.add(ex.submit(fn, *todo.pop()))
-            finished, under_way = wait(under_way, return_when=FIRST_COMPLETED)
+                label, args = todo.pop()
+                under_way[ex.submit(fn, *args)] = label
+            finished, _ = wait(set(under_way), return_when=FIRST_COMPLETED)
             for fut in finished:
-                done(fut.result())
+                label = under_way.pop(fut)
+                try:
+                    result = fut.result()
+                except BrokenExecutor:
+                    raise ErfLabError(f"the process running {label} ended abruptly (killed, or out of memory?); what "
+                                      f"had finished is kept: run the same command again to continue (with fewer "
+                                      f"--jobs if memory ran out)") from None
+                done(result)
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
 
