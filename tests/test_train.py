@@ -548,6 +548,25 @@ def test_resume_of_a_folder_that_changed_is_refused(tmp_path, capsys, one_thread
             rename("z", "b")
 
 
+def test_resume_takes_the_same_data_folder_spelled_otherwise(tmp_path, monkeypatch, capsys, one_thread):
+    """--data data at the start, ./data/ or its absolute path at --resume: the same run (before: refused as other
+    settings, '--data: 'data' there, './data/' now'); another folder is still refused."""
+    monkeypatch.chdir(tmp_path)
+    _folder(tmp_path / "data")
+    _folder(tmp_path / "other")
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train("replknet_31b", "data", out=out, overrides=TINY, input_size=32, show_progress=False,
+              recipe=Recipe(epochs=1, batch_size=4, warmup_epochs=0), on_step=_Interrupt(1, KeyboardInterrupt()))
+    args = ["train", *TINY_CLI, "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--out", str(out),
+            "--resume"]
+    assert main([*args, "--data", "other"]) == 2 and "--data: 'data' there, 'other' now" in capsys.readouterr().err
+    assert main([*args, "--data", "./data/"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["final"]["epoch"] == 1
+    assert main([*args, "--data", str(tmp_path / "data")]) == 0  # complete: nothing to do, not 'other settings'
+    assert "already holds a complete run" in capsys.readouterr().out
+
+
 def test_kill_stops_at_a_step_and_resume_completes(tmp_path):
     """SIGTERM (``kill``) to a real ``erf-lab train`` process: it stops after the current step with exit 130 and a
     saved state, without run.json; ``--resume`` then finishes the run with every step done once."""

@@ -292,7 +292,7 @@ def _differences(old: dict, new: dict, keys) -> list[tuple[str, object, object]]
     out = []
     for k in keys:
         a, b = old.get(k), new.get(k)
-        if a == b:
+        if a == b or (k == "data" and _same_folder(a, b)):
             continue
         if k == "recipe" and isinstance(a, dict) and isinstance(b, dict):
             out += [(f"--{r.replace('_', '-')}" if r != "betas" else "AdamW betas", a.get(r), b.get(r))
@@ -301,6 +301,14 @@ def _differences(old: dict, new: dict, keys) -> list[tuple[str, object, object]]
             name = {"overrides": "--override", "world_size": _WORLD_SIZE}.get(k, f"--{k.replace('_', '-')}")
             out.append((name, a, b))
     return out
+
+
+def _same_folder(a, b) -> bool:
+    """Whether the --data values ``a`` and ``b`` name the same folder spelled otherwise (``e3``, ``./e3/``, its
+    absolute path, ``~/...``): a resumed run is the same run (its images are checked by their fingerprint)."""
+    if not (isinstance(a, str) and isinstance(b, str)) or CUE_WORLD in (a, b):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def _format_on_disk(out: Path) -> str | None:
