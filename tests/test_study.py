@@ -1,4 +1,5 @@
 """erf-lab study kernel-family at a toy size: plan, cached steps, tables, figure, and shipping for builtin:."""
+import contextlib
 import csv
 import dataclasses
 import json
@@ -256,3 +257,32 @@ def test_a_study_process_that_dies_is_one_line_naming_its_model():
 
     with pytest.raises(ErfLabError, match=r"^the process running K31-seed0 ended abruptly \(killed, or out of memory"):
         in_processes(os._exit, [(3,)], 1, lambda r: None, labels=["K31-seed0"])
+
+
+def test_kill_of_a_study_with_jobs_stops_its_workers_too(tmp_path):
+    """SIGTERM to 'study --jobs N' (kill PID) reaches the workers (a training run stops there after a step, its
+    state saved) and the study ends as on Ctrl-C. Before, the study's process died at once (exit -15) and its
+    workers ran on as orphans (here: 60 s of sleep each)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\nfrom erf_lab.train.study import in_processes\ntry:\n"
+              "    in_processes(time.sleep, [(60,), (60,)], 2, print)\nexcept KeyboardInterrupt:\n"
+              "    print('stopped', flush=True)\n    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    time.sleep(4)  # the two workers have started their calls
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        for pid in workers:  # orphans of the old behaviour: not left behind by the test
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 130 and out.strip() == "stopped", (proc.returncode, out)

@@ -269,12 +269,29 @@ def in_processes(fn, calls: list[tuple], jobs: int, done, labels: list[str] | No
     stops). Before, every call was queued at once and leaving the pool ran them all: a Ctrl-C'd 'study --jobs N'
     went on training its remaining models first. A process that ends abruptly (killed, out of memory) is one
     ErfLabError naming its call's label (``labels``, default the call's index), not a BrokenProcessPool traceback."""
+    import contextlib
     import multiprocessing as mp
+    import os
+    import signal
+    import threading
     from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, ProcessPoolExecutor, wait
 
     todo = list(zip(labels or [f"call {i}" for i in range(len(calls))], calls))[::-1]
     under_way = {}  # future -> label
     ex = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+
+    def on_term(signum, frame):  # kill PID of the study: each worker stops as a training run does on kill (after
+        # a step, its state saved), then the study ends as on Ctrl-C. Before, the study's process died at once and
+        # its workers trained on as orphans, holding their run folders.
+        for proc in list((getattr(ex, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError):
+                os.kill(proc.pid, signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    take_term = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a caller's own handler stays
+    if take_term:
+        signal.signal(signal.SIGTERM, on_term)
     try:
         while todo or under_way:
             while todo and len(under_way) < jobs:
@@ -291,7 +308,11 @@ def in_processes(fn, calls: list[tuple], jobs: int, done, labels: list[str] | No
                                       f"--jobs if memory ran out)") from None
                 done(result)
     finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+        try:
+            ex.shutdown(wait=True, cancel_futures=True)
+        finally:
+            if take_term:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _jsonable(v):
