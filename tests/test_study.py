@@ -286,3 +286,19 @@ def test_kill_of_a_study_with_jobs_stops_its_workers_too(tmp_path):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 130 and out.strip() == "stopped", (proc.returncode, out)
+
+
+def test_ship_into_the_study_folder_itself_is_one_line_before_any_work(tmp_path, capsys):
+    """--ship = --out (./s and s/ too): one line before anything is trained (before: the study ran, copied its models
+    in beside its runs, then failed with a SameFileError traceback copying results.md onto itself)."""
+    for ship_to in (str(tmp_path / "s"), str(tmp_path / "s") + "/", str(tmp_path / "s" / ".")):
+        rc = main(["study", "kernel-family", "--out", str(tmp_path / "s"), "--no-guidelines", "--ship", ship_to,
+                   "--epochs", "1", "--train-size", "64", "--channels", "8,8,8,8", "--input-size", "32",
+                   "--erf-input-size", "32", "--quiet"])  # a toy size: a regression trains for seconds, not hours
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("error:") == 1 and "is the study folder itself" in err and "Traceback" not in err
+        assert not (tmp_path / "s").exists()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.json").write_text(json.dumps({"settings": {}, "models": []}))
+    with pytest.raises(ErfLabError, match="is the study folder itself"):  # ship() itself too
+        ship(tmp_path / "s", tmp_path / "s")

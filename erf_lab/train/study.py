@@ -440,18 +440,30 @@ def plot_family(study: Path, fam: list[dict], settings: StudySettings, formats=(
         return save_figure(fig, study / "family", tuple(formats))
 
 
+def check_ship(study, dest) -> Path:
+    """``dest`` (``~`` expanded) made and writable for :func:`ship`; ErfLabError (one line) when it cannot be, or
+    when it is the study folder itself (its results.md, family.csv ... would be copied onto themselves: a
+    SameFileError traceback after the study, with the models already copied in beside its runs)."""
+    from erf_lab.io import prepare_out_dir
+
+    if Path(dest).expanduser().resolve() == Path(study).expanduser().resolve() and str(dest):  # "": one line below
+        raise ErfLabError(f"--ship {dest} is the study folder itself; ship to another folder (e.g. "
+                          f"data/trained/cue-world)")
+    return prepare_out_dir(dest, what="--ship")
+
+
 def ship(study, dest, *, subset: int = 200) -> list[Path]:
     """Copy every trained model of the study folder to ``dest/<name>.safetensors`` with its record
     ``<name>.json`` (model, overrides, classes, training settings, val accuracy, the correct count on the first
     ``subset`` val images) and ``<name>.metrics.csv``; plus the study's results and log. Returns the files."""
-    from erf_lab.io import prepare_out_dir, read_json_or_none, record_complete, write_json, write_text
+    from erf_lab.io import read_json_or_none, record_complete, write_json, write_text
     from erf_lab.models import create_model
 
     study, dest = Path(study).expanduser(), Path(dest).expanduser()
     meta = read_json_or_none(study / "study.json")
     if not isinstance(meta, dict):
         raise ErfLabError(f"{study} is not a study folder (no study.json)")
-    prepare_out_dir(dest, what="--ship")
+    check_ship(study, dest)
     files = []
     for m in meta["models"]:
         run = study / "runs" / m["name"]

@@ -49,11 +49,10 @@ def _ints(text: str, what: str) -> tuple:
 
 
 def run(args) -> int:
-    from erf_lab.io import prepare_out_dir
-    from erf_lab.train.study import StudySettings, markdown_table, run_study, ship, table_notes
+    from erf_lab.train.study import StudySettings, check_ship, markdown_table, run_study, ship, table_notes
 
     if args.ship is not None:  # "" too: one line, not a study that runs for hours and then ships nowhere
-        prepare_out_dir(args.ship, what="--ship")  # before the training: a file there fails now, not hours later
+        check_ship(args.out, args.ship)  # before the training: a file there fails now, not hours later
     s = StudySettings(channels=_ints(args.channels, "channels"), layers=_ints(args.layers, "layers"),
                       input_size=args.input_size, train_size=args.train_size, epochs=args.epochs,
                       erf_input_size=args.erf_input_size)
