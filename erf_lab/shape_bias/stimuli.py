@@ -61,8 +61,8 @@ def list_stimuli(folder: str | os.PathLike, limit: int | None = None) -> tuple[l
     """All images in ``folder/<category>/`` sorted by (category, name); returns (stimuli, skipped).
 
     Image files whose name does not parse, and files named as stimuli but of another type than
-    ``IMAGE_SUFFIXES``, are skipped with a reason (never silently); other files (MANIFEST.json) are no stimuli. ``limit`` takes an even
-    spread over categories (every k-th image) so small runs still cover all 16 categories.
+    ``IMAGE_SUFFIXES``, are skipped with a reason (never silently); other files (MANIFEST.json) are no stimuli.
+    ``limit`` takes an even spread over categories (every k-th image) so small runs still cover all 16 categories.
     """
     folder = Path(folder)
     if not folder.is_dir():
