@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from fastconv.jsonstore import plain_mode
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -29,7 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        plain_mode(tmp_path)  # mkstemp makes it owner-only: the mode a plain open() gives under the umask
         _fsync(tmp_path, os.O_RDONLY)
         os.replace(tmp_path, path)
         _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0), required=False)
@@ -57,12 +59,6 @@ def _fsync(path: Path, flags: int, required: bool = True) -> None:
 
 
 _NO_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.ENOSYS}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
