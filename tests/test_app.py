@@ -589,6 +589,9 @@ def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):
     hh = human_vs_human(human_trials(shared_datasets)["edge"])["error_consistency"]["mean"]
     assert table["human-human"].iloc[1] == pytest.approx(hh, abs=1e-12)
     assert ((table["error consistency"] >= -1) & (table["error consistency"] <= 1)).all()
+    ad = human_vs_human(human_trials(shared_datasets)["edge"])["accuracy_difference"]["mean"]
+    assert table["accuracy difference human-human"].iloc[1] == pytest.approx(ad, abs=1e-12)  # 0.020351
+    assert ((table["accuracy difference"] >= 0) & (table["accuracy difference"] <= 1)).all()
     assert any("CC BY 4.0" in c.value for c in list(at.caption) + list(at.markdown))
 
 

@@ -49,7 +49,9 @@ def test_hand_computed_kappa_trials_matched_by_image_not_order():
     b = {"i4": ("oven", "na"), "i2": ("dog", "dog"), "i3": ("car", "boat"), "i1": ("cat", "cat")}
     r = consistency(a, b)
     # p1 = .75, p2 = .5 -> c_exp = .375 + .125 = .5; c_obs = 3/4; kappa = (.75 - .5) / .5 = .5
-    assert r == {"observed_consistency": 0.75, "expected_consistency": 0.5, "error_consistency": 0.5, "n_trials": 4}
+    # accuracy difference (model-vs-human's SixteenClassAccuracyDifference, norm=np.square): (.75 - .5)^2
+    assert r == {"observed_consistency": 0.75, "expected_consistency": 0.5, "error_consistency": 0.5,
+                 "accuracy_difference": 0.0625, "n_trials": 4}
     # independent errors: A = [1,1,0,0], B = [1,0,1,0] -> c_obs = c_exp = .5, kappa 0
     c = {"i1": ("cat", "cat"), "i2": ("dog", "dog"), "i3": ("car", "x"), "i4": ("oven", "x")}
     d = {"i1": ("cat", "cat"), "i2": ("dog", "x"), "i3": ("car", "car"), "i4": ("oven", "x")}
@@ -105,6 +107,8 @@ def _kappa_reference(rows_a, rows_b):
 
 # Measured on the 10 subjects of model-vs-human (mean over the 45 pairs): cue-conflict, edge, silhouette
 HUMAN_HUMAN_KAPPA = {"cue-conflict": 0.3311, "edge": 0.3184, "silhouette": 0.4757}
+# ... and the mean squared accuracy difference over the same pairs (model-vs-human's "accuracy diff." for humans)
+HUMAN_HUMAN_ACCURACY_DIFFERENCE = {"cue-conflict": 0.011554, "edge": 0.020351, "silhouette": 0.008477}
 
 
 @pytest.mark.parametrize("dataset", list(MVH_DATASETS.values()))
@@ -114,7 +118,7 @@ def test_human_vs_human_matches_independent_implementation(shared_datasets, data
     raw = {f: list(csv.DictReader(f.read_text().splitlines())) for f in files}
     h = human_vs_human(human_trials(shared_datasets)[dataset])
     assert h["n_pairs"] == 45
-    kappas = []
+    kappas, acc_diffs = [], []
     for fa, fb in combinations(files, 2):
         ref = _kappa_reference(raw[fa], raw[fb])
         got = h["pairs"][f"{raw[fa][0]['subj']}|{raw[fb][0]['subj']}"]
@@ -123,7 +127,13 @@ def test_human_vs_human_matches_independent_implementation(shared_datasets, data
         assert abs(got["expected_consistency"] - ref[1]) < 1e-12
         assert abs(got["error_consistency"] - ref[2]) < 1e-12
         kappas.append(ref[2])
+        # model-vs-human's accuracy difference: each observer's accuracy over its own trials, squared difference
+        pa, pb = (np.mean([r["object_response"] == r["category"] for r in raw[f]]) for f in (fa, fb))
+        assert abs(got["accuracy_difference"] - (pa - pb) ** 2) < 1e-12
+        acc_diffs.append((pa - pb) ** 2)
     assert h["error_consistency"]["mean"] == pytest.approx(statistics.mean(kappas), abs=1e-12)
+    assert h["accuracy_difference"]["mean"] == pytest.approx(statistics.mean(acc_diffs), abs=1e-12)
+    assert h["accuracy_difference"]["mean"] == pytest.approx(HUMAN_HUMAN_ACCURACY_DIFFERENCE[dataset], abs=5e-7)
     assert h["error_consistency"]["sd"] == pytest.approx(statistics.stdev(kappas), abs=1e-12)
     assert h["error_consistency"]["mean"] == pytest.approx(HUMAN_HUMAN_KAPPA[dataset], abs=5e-5)
 
@@ -140,17 +150,20 @@ def test_from_csv_copy_of_a_subject(shared_datasets, tmp_path, capsys):
         files.append(str(_write(tmp_path / f"{ds}_copycat_session-1.csv", "copycat", rows[::-1])))
     out = tmp_path / "out"
     assert main(["shape-bias", "--from-csv", *files, "--stimuli", str(shared_datasets), "--out", str(out)]) == 0
-    assert "error consistency with humans" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "error consistency with humans" in printed and "accuracy difference" in printed
     s = json.loads((out / "summary.json").read_text())
     for ds in MVH_DATASETS.values():
         r = s["consistency"][ds]
         assert r["accuracy"] == accuracy(humans[ds]["subject-01"])
         per = r["vs_humans"]["per_subject"]
-        assert per["subject-01"]["error_consistency"] == 1.0
+        assert per["subject-01"]["error_consistency"] == 1.0 and per["subject-01"]["accuracy_difference"] == 0.0
+        assert f"  {ds}: accuracy" in printed and f"; {r['n_trials']} trials" in printed
         for subj in humans[ds]:
             if subj != "subject-01":
                 ref = r["human_vs_human"]["pairs"][f"subject-01|{subj}"]
                 assert per[subj]["error_consistency"] == pytest.approx(ref["error_consistency"], abs=1e-12)
+                assert per[subj]["accuracy_difference"] == pytest.approx(ref["accuracy_difference"], abs=1e-15)
     assert s["edge_accuracy"] == s["consistency"]["edge"]["accuracy"]
     from erf_lab.shape_bias import shape_bias_from_csv
     assert s["shape_bias"] == shape_bias_from_csv(files[0])["shape_bias"]
@@ -187,7 +200,8 @@ def test_subjects_without_common_trials_are_skipped_and_named():
     assert hh["n_pairs"] == 1 and list(hh["pairs"]) == ["subject-02|subject-04"]
     # opposite correctness on the one common image: c_obs = 0, p1 = 1, p2 = 0 -> c_exp = 0, kappa = 0
     assert hh["pairs"]["subject-02|subject-04"] == {"observed_consistency": 0.0, "expected_consistency": 0.0,
-                                                    "error_consistency": 0.0, "n_trials": 1}
+                                                    "error_consistency": 0.0, "accuracy_difference": 1.0,
+                                                    "n_trials": 1}
 
 
 def test_model_trials_keyed_like_the_humans_and_csv_names_flat(tmp_path):

@@ -121,7 +121,8 @@ if s is not None:  # the sections below read the run's summary: none of them wit
         else:
             st.caption("16-class accuracy (correct = the shape category, all trials), and trial by trial against each "
                        "subject: observed consistency (both right or both wrong), expected consistency from the two "
-                       "accuracies, error consistency = Cohen's kappa (Geirhos, Meding & Wichmann, NeurIPS 2020); "
+                       "accuracies, error consistency = Cohen's kappa (Geirhos, Meding & Wichmann, NeurIPS 2020), "
+                       "accuracy difference = squared difference of the two accuracies (lower is more human-like); "
                        "mean over subjects, human-human = mean over the 45 pairs of subjects (model-vs-human).")
             st.dataframe(pd.DataFrame(consistency_rows(report)), hide_index=True)
             fig = Path(run_dir) / "error_consistency.png"

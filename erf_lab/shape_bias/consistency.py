@@ -13,6 +13,8 @@ Definitions as in model-vs-human (``modelvshuman/plotting/analyses.py``: ``Sixte
 - observed consistency c_obs = share of trials both got right or both got wrong; expected consistency
   c_exp = p1 p2 + (1 - p1)(1 - p2); error consistency kappa = (c_obs - c_exp) / (1 - c_exp), and 1 when
   c_obs = 1 (Cohen's kappa; Geirhos, Meding & Wichmann, NeurIPS 2020, Eqs. 1-3);
+- accuracy difference = (p1 - p2)^2, the squared difference of the two accuracies (``SixteenClassAccuracyDifference``
+  with its default ``norm=np.square``; the benchmark's "accuracy diff.", lower is more human-like);
 - a model's value is the mean over the 10 subjects; the human reference averages every pair of subjects.
 
 model-vs-human requires both observers to have seen the same images; here the pair is matched on the images
@@ -35,7 +37,7 @@ from erf_lab.shape_bias.stimuli import parse_name
 # erf-lab stimulus folder -> model-vs-human dataset name (CSV prefix, human-<name>/ folder)
 MVH_DATASETS = {"cue-conflict": "cue-conflict", "edges": "edge", "silhouettes": "silhouette"}
 HUMAN_PREFIX = "subject-"
-MEASURES = ("observed_consistency", "expected_consistency", "error_consistency")
+MEASURES = ("observed_consistency", "expected_consistency", "error_consistency", "accuracy_difference")
 
 MVH_COLUMNS = ("subj", "session", "trial", "rt", "object_response", "category", "condition", "imagename")
 REQUIRED_COLUMNS = ("subj", "object_response", "category", "imagename")
@@ -124,7 +126,8 @@ def texture_accuracy(trials: Trials) -> float | None:
 
 
 def consistency(a: Trials, b: Trials) -> dict:
-    """Observed, expected and error consistency of two observers over the images both saw."""
+    """Observed, expected and error consistency and the accuracy difference of two observers over the images both
+    saw."""
     common = sorted(a.keys() & b.keys())
     if not common:
         raise ErfLabError("the two observers share no image (check that both CSVs are of the same dataset)")
@@ -136,7 +139,7 @@ def consistency(a: Trials, b: Trials) -> dict:
     observed = sum(x == y for x, y in zip(ca, cb)) / n
     kappa = 1.0 if observed == 1.0 else (observed - expected) / (1 - expected)
     return {"observed_consistency": observed, "expected_consistency": expected, "error_consistency": kappa,
-            "n_trials": n}
+            "accuracy_difference": (p1 - p2) ** 2, "n_trials": n}
 
 
 def _spread(values: Sequence[dict]) -> dict:
@@ -199,12 +202,13 @@ def consistency_summary(model: Mapping[str, Trials], humans: Mapping[str, Mappin
 
 
 def flat_keys(report: Mapping[str, dict]) -> dict:
-    """A few flat keys for tables: accuracy and mean error consistency per dataset."""
+    """A few flat keys for tables: accuracy, mean error consistency and mean accuracy difference per dataset."""
     out = {}
     for ds, r in report.items():
         key = re.sub(r"\W", "_", ds)
         out[f"{key}_accuracy"] = r["accuracy"]
         out[f"{key}_error_consistency"] = (r["vs_humans"] or {}).get("error_consistency", {}).get("mean")
+        out[f"{key}_accuracy_difference"] = (r["vs_humans"] or {}).get("accuracy_difference", {}).get("mean")
     return out
 
 
@@ -221,5 +225,7 @@ def consistency_rows(report: Mapping[str, dict]) -> list[dict]:
                      "expected consistency": (vs.get("expected_consistency") or {}).get("mean"),
                      "error consistency": k.get("mean"), "SD over subjects": k.get("sd"),
                      "min": k.get("min"), "max": k.get("max"),
-                     "human-human": (hh.get("error_consistency") or {}).get("mean")})
+                     "human-human": (hh.get("error_consistency") or {}).get("mean"),
+                     "accuracy difference": (vs.get("accuracy_difference") or {}).get("mean"),
+                     "accuracy difference human-human": (hh.get("accuracy_difference") or {}).get("mean")})
     return rows

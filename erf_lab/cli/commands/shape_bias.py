@@ -182,9 +182,14 @@ def _report(s: dict) -> None:
         if r["vs_humans"]:
             k = r["vs_humans"]["error_consistency"]
             line += f"; error consistency with humans {_f(k['mean'])} +- {_f(k['sd'])}"
-        if r["human_vs_human"]:
-            line += f" (human-human {_f(r['human_vs_human']['error_consistency']['mean'])})"
-        print(line)
+        hh = r["human_vs_human"]
+        if hh:
+            line += f" (human-human {_f(hh['error_consistency']['mean'])})"
+        if r["vs_humans"] and "accuracy_difference" in r["vs_humans"]:  # summaries from before it was recorded lack it
+            line += f"; accuracy difference {_f(r['vs_humans']['accuracy_difference']['mean'])}"
+            if hh and "accuracy_difference" in hh:
+                line += f" (human-human {_f(hh['accuracy_difference']['mean'])})"
+        print(line + f"; {r['n_trials']} trials")
 
 
 def _cue_world(args, out, overrides) -> int:
