@@ -165,6 +165,7 @@ def test_from_csv_copy_of_a_subject(shared_datasets, tmp_path, capsys):
                 assert per[subj]["error_consistency"] == pytest.approx(ref["error_consistency"], abs=1e-12)
                 assert per[subj]["accuracy_difference"] == pytest.approx(ref["accuracy_difference"], abs=1e-15)
     assert s["edge_accuracy"] == s["consistency"]["edge"]["accuracy"]
+    assert not any("subset" in w for w in s.get("warnings", []))  # whole sets: no subset flag
     from erf_lab.shape_bias import shape_bias_from_csv
     assert s["shape_bias"] == shape_bias_from_csv(files[0])["shape_bias"]
     for name in ("shape_bias.png", "shape_bias.pdf", "error_consistency.png", "error_consistency.pdf"):

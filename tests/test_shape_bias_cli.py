@@ -324,6 +324,10 @@ def test_degenerate_run_is_flagged(tiny_model, tmp_path, fixture_datasets, capsy
                              "shape-or-texture hits on 0.091 of the conflict images, below chance (0.125): "
                              "the shape bias is noise",
                              "shape bias from only 1 shape-or-texture decisions: its 95% interval is 0.00-0.79",
+                             # 12 stimuli against the subjects' full 1280 trials: a subset's consistency is flagged
+                             "cue-conflict: accuracy and consistency from 12 of the subjects' 1280 trials (a subset "
+                             "of the stimuli): model-vs-human compares whole sets, and an error consistency over few "
+                             "trials varies widely from subset to subset",
                              # the fixture holds the humans of cue-conflict only
                              *(f"no human responses for {ds} (no human-{ds}/ CSVs in {fixture_datasets}): its "
                                "accuracy has no comparison with the subjects; 'erf-lab data download' fetches them"

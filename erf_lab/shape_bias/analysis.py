@@ -164,9 +164,17 @@ def add_consistency(summary: dict, model_trials: dict, near: Path | None = None,
         h = shape_bias_from_csv(humans, only_humans=True)
         summary["human_reference"] = {"shape_bias": h["shape_bias"], "per_category": h["per_category"],
                                       "n_subjects": len(h["per_subject"])}
-    report = consistency_summary(model_trials, human_trials(root) if root else {})
+    subjects = human_trials(root) if root else {}
+    report = consistency_summary(model_trials, subjects)
     summary.update(flat_keys(report))
     summary["consistency"] = report
+    for ds, r in report.items():  # a subset run (--limit): say so where its numbers are compared with full sets
+        full = max((len(t) for t in (subjects.get(ds) or {}).values()), default=0)
+        if r["vs_humans"] and r["n_trials"] < full:
+            summary.setdefault("warnings", []).append(
+                f"{ds}: accuracy and consistency from {r['n_trials']} of the subjects' {full} trials (a subset of "
+                f"the stimuli): model-vs-human compares whole sets, and an error consistency over few trials "
+                f"varies widely from subset to subset")
     if with_humans:  # a set measured without its humans says so (an older download had only human-cue-conflict)
         for ds in model_trials:
             if not (root and human_csvs(root, ds)):
