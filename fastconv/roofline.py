@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import platform
 import time
@@ -148,8 +149,8 @@ def machine_roofline(fma: bool = True, cache: bool = False) -> dict:
         return dict(memo)
     if cache:
         stored = _read_table().get(key)
-        if isinstance(stored, dict) and isinstance(stored.get("sgemm_gflops"), (int, float)) and \
-                (not fma or stored.get("fma_peak_gflops") is not None):
+        if isinstance(stored, dict) and _plausible_rate(stored.get("sgemm_gflops")) and \
+                (not fma or _plausible_rate(stored.get("fma_peak_gflops"))):
             _memo[key] = stored
             return dict(stored)
     out = {**desc, "threads": threads, "torch": torch.__version__,
@@ -200,12 +201,24 @@ def _read_table() -> dict:
     return read_table(_table_path())
 
 
+#: no CPU's fp32 rate reaches this (GFLOP/s): a cached rate above it is a damaged or hand-edited entry
+_MAX_PLAUSIBLE_GFLOPS = 1e6
+
+
+def _plausible_rate(v) -> bool:
+    """A rate a probe can have measured: a finite positive number below ``_MAX_PLAUSIBLE_GFLOPS``. A cache entry
+    outside that (NaN, 0, negative, 1e300, a bool) is never kept as the best: it would stay every later run's
+    reference, and fractions against it would mean nothing."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+        0 < v < _MAX_PLAUSIBLE_GFLOPS
+
+
 def _best(old, measured: dict) -> dict:
-    """``measured`` with each rate raised to ``old``'s where that is larger."""
+    """``measured`` with each rate raised to ``old``'s where that is larger (implausible old rates are dropped)."""
     entry = dict(measured)
     if isinstance(old, dict):
         for rate in ("sgemm_gflops", "fma_peak_gflops"):
-            if isinstance(old.get(rate), (int, float)) and (entry.get(rate) is None or old[rate] > entry[rate]):
+            if _plausible_rate(old.get(rate)) and (entry.get(rate) is None or old[rate] > entry[rate]):
                 entry[rate] = old[rate]
     return entry
 

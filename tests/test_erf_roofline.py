@@ -239,6 +239,27 @@ def test_cpu_sgemm_is_the_best_known_for_this_machine(tmp_path, monkeypatch):
         fastconv.configure(cache_dir=old)
 
 
+@pytest.mark.parametrize("damaged", [float("nan"), -5.0, 0, 1e300, True, float("inf")])
+def test_an_implausible_cached_rate_is_measured_again_and_never_kept(tmp_path, monkeypatch, damaged):
+    """A roofline.json entry whose rate no probe can have measured (NaN, negative, zero, 1e300, a bool, inf: a
+    damaged or hand-edited file) was returned as this machine's SGEMM rate, and 1e300 stayed the "best" for ever:
+    every later fraction of the roofline was ~0. It is measured again and replaced."""
+    import fastconv.roofline as FR
+    from fastconv.config import settings
+
+    old = settings().cache_dir
+    fastconv.configure(cache_dir=tmp_path)
+    monkeypatch.setattr(FR, "_memo", {})
+    monkeypatch.setattr(FR, "sgemm_gflops", lambda *a, **k: 123.0)
+    try:
+        _, _, key = FR._machine_key()
+        (tmp_path / "roofline.json").write_text(json.dumps({key: {"sgemm_gflops": damaged, "fma_peak_gflops": None}}))
+        assert R.sgemm_reference("cpu")["sgemm_gflops"] == 123.0
+        assert json.loads((tmp_path / "roofline.json").read_text())[key]["sgemm_gflops"] == 123.0
+    finally:
+        fastconv.configure(cache_dir=old)
+
+
 def test_time_breakdown_attributes_every_flop_to_its_part():
     """benchmarks/bench_erf_breakdown.py: each convolution's FLOPs in its part (the 1x1 conv, the 3x3 conv, fastconv's
     depthwise conv, forward + input gradient each), together erf-lab's own count; the ReLUs and their gradients are
