@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,24 @@ def test_logits_heads():
     assert np.allclose(logits_to_scores16(l16), torch.softmax(l16, -1).numpy(), atol=1e-6)
     with pytest.raises(ErfLabError, match="10 outputs"):
         logits_to_scores16(torch.zeros(1, 10))
+
+
+def test_scores_of_a_confident_non_category_class_do_not_underflow_into_a_tie():
+    """Top logit 120 on tench (in no category), 10 on every dog class, 0 elsewhere: dog's mean probability is
+    e^-110 / 109 ~ 1.6e-50, every other category's e^-120 ~ 7.7e-53 (or less). A float32 softmax rounded all 16
+    scores to exactly 0 and argmax gave the tie to "airplane"; model-vs-human's mean probability decides "dog"."""
+    logits = torch.zeros(2, 1000)
+    logits[:, 0] = 120.0
+    logits[:, category_table()["dog"]] = 10.0
+    logits[1, 404] = 12.0  # and airplane above dog: airplane (e^-108)
+    s = logits_to_scores16(logits)
+    assert [CATEGORIES[k] for k in s.argmax(1)] == ["dog", "airplane"]
+    assert s[0, CATEGORIES.index("dog")] == pytest.approx(math.exp(-110.0), rel=1e-12)
+    assert s[0, CATEGORIES.index("cat")] == pytest.approx(math.exp(-120.0), rel=1e-12)
+    # ordinary logits: the same mean probabilities as a float64 reference, to float32 rounding of the logits
+    rnd = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 5
+    ref = imagenet_to_16(torch.softmax(rnd.double(), -1).numpy())
+    np.testing.assert_allclose(logits_to_scores16(rnd), ref, rtol=1e-12)
 
 
 # ---------------------------------------------------------------- names and arithmetic

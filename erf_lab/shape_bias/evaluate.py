@@ -95,9 +95,14 @@ def check_finite_outputs(logits: torch.Tensor, what: str) -> None:
 
 
 def logits_to_scores16(logits: torch.Tensor) -> np.ndarray:
-    """Head output -> 16 category scores: 1000-way via the mean-probability mapping, 16-way via softmax."""
+    """Head output -> 16 category scores: 1000-way via the mean-probability mapping, 16-way via softmax.
+
+    The softmax is taken in float64: in float32 every probability more than ~104 below the top logit underflows to
+    exactly 0, so an image whose top class lies in none of the 16 categories (e.g. logit 120 on "tench", 10 on
+    every dog class) got 16 scores of 0, a tie that argmax gave to "airplane"; float64 keeps them apart up to a gap
+    of ~745 (and changes the others only in the last float32 bits)."""
     n = logits.shape[-1]
-    probs = torch.softmax(logits.float(), dim=-1).cpu().double().numpy()
+    probs = torch.softmax(logits.detach().double(), dim=-1).cpu().numpy()
     if n == 1000:
         return imagenet_to_16(probs)
     if n == len(CATEGORIES):
