@@ -597,6 +597,25 @@ def test_a_float64_model_is_measured_on_float64_images():
     assert np.abs(erf - ref).max() <= 1e-14 * np.abs(ref).max()
 
 
+def test_a_half_precision_model_is_measured_in_its_precision_and_says_so():
+    """A bfloat16 / float16 model (a model factory of one's own, a Python caller's .half()) is measured in its own
+    precision: the map moved by several % of its maximum against float32 here, and nothing said so. Now a warning
+    names the precision and ``info["dtype"]`` records it; float32 and float64 models measure without one."""
+    import warnings
+
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 1.1
+    ref = compute_erf(_squared_conv(), x, show_progress=False)
+    assert ref.info["dtype"] == "float32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no precision warning for float32 / float64
+        assert compute_erf(_squared_conv().double(), x.double(), show_progress=False).info["dtype"] == "float64"
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        with pytest.warns(UserWarning, match=rf"the ERF is measured in {name}, the model's parameter precision"):
+            low = compute_erf(_squared_conv().to(dtype), x, show_progress=False)
+        assert low.info["dtype"] == name
+        assert np.abs(low.erf - ref.erf).max() > 1e-4 * ref.erf.max()  # what the warning is about
+
+
 class _DictOut(nn.Module):
     def __init__(self):
         super().__init__()

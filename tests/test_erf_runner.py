@@ -757,6 +757,20 @@ def _user_model(tmp_path, monkeypatch, name, body):
     return f"{name}:net"
 
 
+def test_run_json_records_the_precision_of_the_gradients(tmp_path, monkeypatch):
+    """run.json's ``dtype``: float32 for a built-in model, bfloat16 for a model of one's own built in bfloat16
+    (measured in its precision, with a warning; run.json said nothing of it before)."""
+    res = run_erf(_spec(num_images=1), out=tmp_path / "f32", show_progress=False)
+    assert res["run_info"]["dtype"] == "float32"
+    model = _user_model(tmp_path, monkeypatch, "erf_bf16_net", (
+        "def net():\n    torch.manual_seed(0)\n    return nn.Conv2d(3, 2, 3, padding=1).to(torch.bfloat16)\n"))
+    with pytest.warns(UserWarning, match="measured in bfloat16"):
+        run_erf(ErfSpec(model, num_images=1, input_size=32, batch_size=1), out=tmp_path / "bf16", show_progress=False)
+    info = json.loads((tmp_path / "bf16" / "run.json").read_text())
+    assert info["dtype"] == "bfloat16"
+    validate_run_info(info)
+
+
 def test_the_centre_of_a_layer_with_another_stride_per_axis(tmp_path, monkeypatch):
     """A 3x3 "valid" conv of stride (2, 1) on 32 px: a 15 x 30 map whose unit (7, 15) is centred at input pixel
     (1 + 2 * 7, 1 + 1 * 15) = (15, 16). The x axis took the larger stride (1 + 2 * 15 = 31) before."""

@@ -66,6 +66,8 @@ RUN_FIELDS: dict[str, tuple] = {
     "batch_memory": (dict, type(None)), "batch_halved_at": (list, type(None)),
     # the metrics' centre (erf_lab.erf.metrics.target_centre; optional: absent from older files)
     "erf_centre": (list, type(None)),
+    # the precision the gradients were taken in, the model's (optional: absent from older files, all float32)
+    "dtype": _STR_OR_NONE,
 }
 
 
