@@ -184,6 +184,28 @@ def test_batch_size_and_order_do_not_change_result():
     assert np.abs(one - rev).max() / scale < 1e-5
 
 
+def test_image_order_and_torchrun_shards_change_the_mean_by_float64_rounding_only():
+    """The README's promise: the mean is a float64 sum of float32 maps, so reversing the images or splitting them
+    as torchrun's ranks do (``shard``, partial sums added as the all-reduce adds them) changes it by float64
+    rounding at most (one image per pass; a float32 sum would move it by ~1e-7)."""
+    from erf_lab.erf.compute import Accumulator
+    from erf_lab.erf.distributed import DistInfo, shard
+
+    m = _tiny_replknet(3)
+    x = torch.rand(9, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    items = [(str(i), x[i]) for i in range(len(x))]
+    one = compute_erf(m, items, batch_size=1, show_progress=False).erf
+    rev = compute_erf(m, items[::-1], batch_size=1, show_progress=False).erf
+    assert np.abs(rev - one).max() <= 1e-15 * one.max()
+    for world in (2, 3):
+        accs = [Accumulator() for _ in range(world)]
+        for r, acc in enumerate(accs):
+            compute_erf(m, shard(items, DistInfo(rank=r, world_size=world)), batch_size=1, state=acc,
+                        show_progress=False)
+        merged = sum(a.sum for a in accs) / sum(a.count for a in accs)
+        assert sum(a.count for a in accs) == 9 and np.abs(merged - one).max() <= 1e-15 * one.max()
+
+
 def test_erf_is_mean_of_per_image_maps():
     x = torch.randn(3, 3, 17, 17)
     torch.manual_seed(0)
