@@ -369,3 +369,17 @@ def test_gaussian_fit_problems_one_reason_each():
     delta[16, 16] = 1.0
     fit = fit_gaussian(delta)
     assert fit["meaningful"] is False and "under half a pixel" in fit["reason"], fit
+
+
+def test_the_console_text_shows_a_small_reached_area_as_a_number_not_as_zero():
+    """A delta ERF on a 512 px map: side 1, 1 / 512^2 = 3.8e-4 % of the map. The text of ``erf-lab analyze``
+    printed it as "0.00" (two decimals), an area of zero beside "side 1"; now as the tables print it (4 digits)."""
+    from erf_lab.erf.tables import metrics_text
+
+    a = np.zeros((512, 512))
+    a[256, 256] = 1.0
+    lines = [ln.split() for ln in metrics_text(compute_metrics(a, gaussian=False)).splitlines()]
+    rows = [ln for ln in lines if ln and ln[0] in ("20%", "30%", "50%", "99%")]
+    assert len(rows) == 4 and all(r[1] == "1" and r[2] == f"{100 / 512 ** 2:.4g}" == "0.0003815" for r in rows)
+    text = metrics_text(compute_metrics(np.ones((65, 65)), gaussian=False))  # an ordinary area: as before
+    assert ["20%", "31", "22.75", "|"] == [ln.split()[:4] for ln in text.splitlines() if ln.split()[:1] == ["20%"]][0]

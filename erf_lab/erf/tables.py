@@ -106,7 +106,7 @@ def metrics_text(metrics: dict, label: str = "") -> str:
     lines.append(f"    {'t':>5}  {'side':>5}  {'area %':>11} | " + " | ".join(f"{n:>11}" for n in names))
     for i, e in enumerate(metrics["high_contribution"]):
         side = "n/r" if not e["reached"] else str(e["side"])
-        area = "not reached" if not e["reached"] else f"{100 * e['area_ratio']:.2f}"
+        area = "not reached" if not e["reached"] else _fmt(100 * e["area_ratio"])  # as the tables: never "0.00"
         known = i < len(ref["thresholds"]) and e["threshold"] == ref["thresholds"][i]
         refs = " | ".join(f"{PAPER_TABLE10[n][i]:>11.1f}" if known else f"{'-':>11}" for n in names)
         lines.append(f"    {100 * e['threshold']:>4.0f}%  {side:>5}  {area:>11} | {refs}")
