@@ -18,7 +18,7 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "matplotlib>=3.8",
-        "streamlit>=1.40",
+        "streamlit>=1.46",  # 1.46 reads app/.streamlit/config.toml (127.0.0.1 only) beside app/main.py
         "captum>=0.7",
         "pillow>=10",
         "tqdm>=4.66",

@@ -1279,6 +1279,17 @@ def test_streamlit_run_binds_loopback_by_default(tmp_path):
         stop_process(proc)
 
 
+def test_the_streamlit_floor_reads_the_apps_own_config():
+    """app/.streamlit/config.toml (127.0.0.1 only) is read beside app/main.py from Streamlit 1.46 on (streamlit PR
+    #10173: checked in the 1.45.1 and 1.46.0 wheels); with an older Streamlit, `streamlit run app/main.py` from the
+    repository root served on every interface. setup.py's floor must not allow those."""
+    import re
+
+    floor = re.search(r'"streamlit>=([0-9.]+)"', (APP.parent.parent / "setup.py").read_text()).group(1)
+    assert tuple(int(p) for p in floor.split(".")) >= (1, 46), floor
+    assert 'address = "127.0.0.1"' in (APP.parent / ".streamlit" / "config.toml").read_text()
+
+
 def test_integer_list_messages_say_what_is_expected():
     from app.ui import parse_int_tuple
     from erf_lab.errors import ErfLabError
