@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated odd kernel sizes (default: the paper's 3..31)")
     p.add_argument("--resolutions", type=_ints, default=None, help="comma-separated R (default 16,32,64)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 64 on GPU, 2 on CPU)")
-    p.add_argument("--channels", type=int, default=384)
+    p.add_argument("--channels", type=int, default=384, help="channels of each depthwise layer (default 384)")
     p.add_argument("--layers", type=int, default=None, help="stacked depthwise layers (default 24)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repeats first (default 1)")
@@ -41,7 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "against the GEMM rate in this precision)")
     p.add_argument("--impls", type=_names, default=("pytorch_nchw", "pytorch_cl", "fastconv"),
                    help="comma-separated sides to time (default pytorch_nchw,pytorch_cl,fastconv)")
-    p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both")
+    p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both",
+                   help="time the forward (fwd), forward + both gradients (fwdbwd) or both (default both)")
     p.add_argument("--quick", action="store_true", help="defaults K 3,13,31; R 16,32; 4 layers; 2 repeats; batch 1 "
                                                         "on CPU (explicit options win)")
-    p.add_argument("--out", default="runs/fastconv-bench", help="output directory (table.csv, results.json, run.json)")
+    p.add_argument("--out", default="runs/fastconv-bench",
+                   help="output directory for table.csv, table.txt, results.json and run.json "
+                        "(default runs/fastconv-bench)")

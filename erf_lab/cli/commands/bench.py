@@ -7,7 +7,7 @@ NAME = "bench"
 HELP = "benchmark depthwise large-kernel convs (RepLKNet Table 1): PyTorch vs fastconv"
 DESCRIPTION = ("Latency of a stack of 24 depthwise KxK layers on (B, 384, R, R), PyTorch NCHW and channels_last vs "
                "fastconv, forward and forward+backward, with GFLOP/s, % of SGEMM and the paper's 2080Ti numbers; "
-               "writes table.csv, results.json, run.json.")
+               "writes table.csv, table.txt, results.json, run.json.")
 ORDER = 90
 
 

@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     d.add_argument("--dest", default=None, help="target folder (default: <cache>/datasets, found automatically)")
     d.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"raw-file base URL or mirror (default {DEFAULT_BASE_URL})")
     d.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="which sets (default all)")
-    d.add_argument("--workers", type=int, default=4, help="parallel downloads")
+    d.add_argument("--workers", type=int, default=4, help="parallel downloads (default 4)")
     sub.add_parser("info", help="show where the data sets are found")
 
 

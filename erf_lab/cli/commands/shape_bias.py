@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
                                      "$ERF_LAB_DATA, else the download cache; 'cue-world' probes a cue-world "
                                      "classifier on the built-in world's cue-conflict / shape-only / texture-only "
                                      "splits (--limit images each, default 500)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, default=None,
                    help="decode worker processes (default on CPU one per torch thread, up to 8, decoding before "
                         "inference; on CUDA half the CPUs, 1-4, beside it)")
@@ -47,7 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--crop-pct", default=None, metavar="F|model",
                    help="centre-crop fraction: 1.0 (default) feeds the stimuli whole, as model-vs-human does; "
                         "'model' takes the model's ImageNet-evaluation crop (e.g. 0.875), which cuts the border")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default cpu)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate N cue-conflict images spread over all categories (edges and silhouettes: N/8 "
                         "each, at least 16)")

@@ -27,8 +27,10 @@ def add_arguments(p) -> None:
     p.add_argument("--input-size", type=int, default=d.input_size, help=f"training size in px (default {d.input_size})")
     p.add_argument("--erf-input-size", type=int, default=d.erf_input_size,
                    help=f"ERF measurement size in px (default {d.erf_input_size})")
-    p.add_argument("--channels", default=",".join(map(str, d.channels)), help="RepLKNet stage widths")
-    p.add_argument("--layers", default=",".join(map(str, d.layers)), help="RepLKNet blocks per stage")
+    channels, layers = ",".join(map(str, d.channels)), ",".join(map(str, d.layers))
+    p.add_argument("--channels", default=channels,
+                   help=f"RepLKNet stage widths, 4 comma-separated (default {channels})")
+    p.add_argument("--layers", default=layers, help=f"RepLKNet blocks per stage, 4 comma-separated (default {layers})")
     p.add_argument("--no-guidelines", action="store_true", help="the kernel family only")
     p.add_argument("--jobs", type=int, default=1, help="models trained at once, each in its own process (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default torch's)")

@@ -39,13 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=64, help="square input side in pixels (default 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine (default 1e-5)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms / biases")
+    p.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay, not on norms / biases (default 0.05)")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up epochs (default 1)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="default 0.1")
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (default 0)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay per step, e.g. 0.999 (default off)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (default off)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of initialization, data order and cue-world")
+    p.add_argument("--seed", type=seed, default=0, help="seed of initialization, data order and cue-world (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="autocast dtype (default auto: bf16 on CUDA, none on CPU)")
