@@ -118,6 +118,27 @@ def test_no_humans_leaves_the_human_data_out_of_a_model_run(tiny_model, tmp_path
     assert s["consistency"]["cue-conflict"]["accuracy"] is not None and (out / "shape_bias.png").is_file()
 
 
+
+def test_a_rerun_in_the_same_folder_leaves_none_of_the_earlier_runs_files(tiny_model, tmp_path, fixture_datasets,
+                                                                         capsys):
+    """A run in a folder that holds an earlier shape-bias run removes the files of that run it does not write
+    again: --no-humans after a run with humans had kept (and named on the console) the other run's
+    error-consistency figure, another model its model-vs-human CSVs, a cue-world probe both."""
+    out = tmp_path / "run"
+    base = ["shape-bias", "--allow-random", "--stimuli", str(fixture_datasets), "--workers", "0", "--out", str(out)]
+    tiny_csv = "cue-conflict_sb-tiny-models-tiny-random-init_session-1.csv"
+    assert main([*base, "--model", tiny_model]) == 0
+    assert "error_consistency.png/pdf" in capsys.readouterr().out and (out / "error_consistency.png").is_file()
+    assert main([*base, "--model", tiny_model, "--no-humans"]) == 0
+    assert "error_consistency" not in capsys.readouterr().out
+    assert not (out / "error_consistency.png").exists() and not (out / "error_consistency.pdf").exists()
+    assert (out / tiny_csv).is_file()
+    assert main([*base, "--model", "sb_tiny_models:oven", "--no-humans"]) == 0
+    oven_csv = "cue-conflict_sb-tiny-models-oven-random-init_session-1.csv"
+    assert not (out / tiny_csv).exists() and (out / oven_csv).is_file()
+    listed = json.loads((out / "run.json").read_text())["outputs"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "run.json") == sorted(listed)
+
 def test_compare_two_runs(tiny_model, tmp_path, datasets, capsys):
     runs = []
     for seed in (0, 1):

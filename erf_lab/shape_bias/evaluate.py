@@ -448,7 +448,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     seeds the model's initialisation (a random init is then the same network every run). ``with_humans=False``
     leaves the human data out (no reference shape bias, no consistency with the subjects, none in the figure)."""
     from erf_lab.checkpoint import random_init_of
-    from erf_lab.io import prepare_out_dir, refuse_other_result, sha256_file, write_json
+    from erf_lab.io import prepare_out_dir, refuse_other_result, remove_earlier_outputs, sha256_file, write_json
     from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -510,10 +510,11 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     write_json(out / "summary.json", summary)
     figs = plot_shape_bias([summary], out / "shape_bias", human_csv_paths=humans)
     figs += plot_error_consistency([summary], out / "error_consistency")
+    outputs = ["decisions.csv", "summary.json", *csvs, *(Path(p).name for p in figs)]
+    remove_earlier_outputs(out, outputs)
     write_json(out / "run.json", {"what": "erf-lab shape-bias", "model": model_name, "seed": summary["seed"],
                                   "weights": summary["weights"],
                                   "weights_sha256": summary["weights_sha256"], "stimuli_dir": summary["stimuli_dir"],
-                                  "limit": limit, "outputs": ["decisions.csv", "summary.json", *csvs,
-                                                              *(Path(p).name for p in figs)], **meta})
+                                  "limit": limit, "outputs": outputs, **meta})
     remove_partial_sets(out)
     return summary

@@ -173,7 +173,7 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     ``num_classes`` / ``input_size`` (defaults 10 and 64). Untrained weights are refused unless ``allow_random``.
     """
     from erf_lab.checkpoint import random_init_of, resolve_weights
-    from erf_lab.io import prepare_out_dir, refuse_other_result, sha256_file, write_json
+    from erf_lab.io import prepare_out_dir, refuse_other_result, remove_earlier_outputs, sha256_file, write_json
     from erf_lab.models import create_model
     from erf_lab.provenance import versions
     from erf_lab.shape_bias.evaluate import refuse_allow_random_for_trained
@@ -216,10 +216,11 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     write_decisions_csv(out / "decisions.csv", res["rows"], names)
     write_json(out / "summary.json", {**summary, **meta})
     plot_probe(summary, out / "shape_bias", names)
+    outputs = ["decisions.csv", "summary.json", "shape_bias.png", "shape_bias.pdf"]
+    remove_earlier_outputs(out, outputs)
     write_json(out / "run.json", {"what": "erf-lab shape-bias --stimuli cue-world", "model": model_name,
                                   "weights": summary["weights"], "weights_sha256": summary["weights_sha256"],
-                                  "probe": summary["probe"], "outputs": ["decisions.csv", "summary.json",
-                                                                         "shape_bias.png", "shape_bias.pdf"], **meta})
+                                  "probe": summary["probe"], "outputs": outputs, **meta})
     return summary
 
 

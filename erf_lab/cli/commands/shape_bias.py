@@ -141,7 +141,8 @@ def run(args) -> int:
         print(f"  warning: {w}", file=sys.stderr)
     if s["n_skipped"]:
         print(f"  warning: {s['n_skipped']} file(s) skipped (see summary.json)", file=sys.stderr)
-    print(f"wrote {out}/decisions.csv, summary.json, model-vs-human CSVs, shape_bias.png/pdf, error_consistency.png/pdf")
+    print(f"wrote {out}/decisions.csv, summary.json, model-vs-human CSVs, shape_bias.png/pdf"
+          + (", error_consistency.png/pdf" if (out / "error_consistency.png").is_file() else ""))
     return 0
 
 
