@@ -105,6 +105,11 @@ def test_timeline_measures_each_checkpoint_once(tiny_run, tmp_path, capsys):
                  "png", "--quiet"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[1].split()[0] == "0" and printed[1].split()[-2] == "†" and UNTRAINED_NOTE in printed
+    assert "measured 0 ERF(s) and 0 probe(s) of 3 checkpoint(s); the rest came from the cache" in printed
+    # a first call measures every checkpoint: nothing came from a cache, and the line does not say so
+    assert main(["timeline", str(run), "--num-images", "2", "--probe-size", "12", "--input-size", "64", "--formats",
+                 "png", "--quiet", "--out", str(tmp_path / "fresh")]) == 0
+    assert "measured 3 ERF(s) and 3 probe(s) of 3 checkpoint(s)" in capsys.readouterr().out.splitlines()
     erf_json = json.loads((run / "timeline" / "erf-64px" / "epoch_001" / "run.json").read_text())
     assert erf_json["input_size"] == 64 and erf_json["num_used"] == 2 and erf_json["erf_centre"] == [32, 32]
     assert (run / "timeline" / "timeline.png").is_file()

@@ -54,6 +54,8 @@ def run(args) -> int:
     if any(r["untrained"] for r in res["rows"]):
         print(UNTRAINED_NOTE)
     m = res["measured"]
-    print(f"measured {m['erf']} ERF(s) and {m['probe']} probe(s); the rest came from the cache")
+    n = len(res["rows"])
+    print(f"measured {m['erf']} ERF(s) and {m['probe']} probe(s) of {n} checkpoint(s)"
+          + ("; the rest came from the cache" if min(m["erf"], m["probe"]) < n else ""))
     print(f"wrote {res['out_dir']}/timeline.csv, timeline.json, timeline.png/pdf")
     return 0
