@@ -329,6 +329,18 @@ def test_wrong_head_size_is_an_error(fixture_datasets):
         evaluate(Tiny(num_classes=10), fixture_datasets / "cue-conflict", limit=4, workers=0, show_progress=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_in_another_precision_gets_its_inputs_in_it(fixture_datasets, dtype):
+    """A float64 / bfloat16 model (model.double() in a notebook) failed with torch's 'Input type (FloatTensor) and
+    weight type ... should be the same': its inputs now come in its precision, as the ERF measurement's do."""
+    kw = dict(limit=6, workers=0, show_progress=False, cache=False)
+    ref = evaluate(Tiny(), fixture_datasets / "cue-conflict", **kw)["sets"]["cue-conflict"]
+    got = evaluate(Tiny().to(dtype), fixture_datasets / "cue-conflict", **kw)["sets"]["cue-conflict"]
+    rtol = 1e-6 if dtype == torch.float64 else 0.02  # bfloat16 keeps 8 bits of mantissa
+    np.testing.assert_allclose(got.scores16, ref.scores16, rtol=rtol, atol=0)
+    assert got.ok.all() and len(got.ok) == 6 and ref.scores16.std() > 1e-5  # scores that differ between images
+
+
 def test_pretrained_weights_with_another_class_count_are_refused(fixture_datasets, tmp_path):
     """``--pretrained --override num_classes=16`` keeps the published features but draws a new classifier: its
     shape bias is that of a random head (it ran unmarked, as a trained model's); refused before any output."""

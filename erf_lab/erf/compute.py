@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from erf_lab.erf.attribution import AGGREGATES, EffectiveReceptiveField
-from erf_lab.erf.prepare import check_device, conv_settings, full_fp32, keep_freed_memory, prepare_model
+from erf_lab.erf.prepare import (check_device, conv_settings, full_fp32, keep_freed_memory, param_dtype,
+                                 prepare_model)
 from erf_lab.erf.receptive_field import input_channels, train_form_only
 from erf_lab.errors import ErfLabError, out_of_memory
 
@@ -251,8 +252,8 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
 
     from erf_lab.io import progress
 
-    param_dtype = next((p.dtype for p in m.parameters() if p.is_floating_point()), torch.float32)
-    low_precision_warning(param_dtype)
+    dtype = param_dtype(m)
+    low_precision_warning(dtype)
     chans = input_channels(m)
     bar = progress(total=total, desc=f"ERF {layer_name}{progress_note}", unit="img", disable=not show_progress,
                    initial=len(done) if total else 0)
@@ -283,7 +284,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
             probe = size_by_memory and not batches
             halve, x = False, None
             try:
-                x = torch.stack([t for _, t in batch]).to(dev, param_dtype)  # images in the model's precision
+                x = torch.stack([t for _, t in batch]).to(dev, dtype)  # images in the model's precision
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if dev.type == "cuda":
@@ -363,7 +364,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                 raise ErfLabError(f"image {ident} is {t.shape[-2]} x {t.shape[-1]} px where the images before it are "
                                   f"{size[0]} x {size[1]}: the ERF is the mean of maps of one size; resize the "
                                   "images to one size")
-            pending.append((ident, t.to(param_dtype) if t.is_floating_point() else t.float()))  # never rounded
+            pending.append((ident, t.to(dtype) if t.is_floating_point() else t.float()))  # never rounded
             if len(pending) >= limit:
                 flush()
         flush()
@@ -388,7 +389,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
                                                    rl["padding_flops_per_image"], batches)})
     if attribution.feature_hw is not None:  # the measured map's own size (the metrics' centre is its unit's)
         info["feature_hw"] = list(attribution.feature_hw)
-    info.update({"batch_size": limit, "dtype": dtype_name(param_dtype), "captum": "NeuronGradient", "target":
+    info.update({"batch_size": limit, "dtype": dtype_name(dtype), "captum": "NeuronGradient", "target":
                  "sum_c ReLU(M[:, c, h//2, w//2])", "map": f"sum_rgb {aggregate.upper()}(d target / d input)"})
     return ErfResult(erf=erf, num_used=acc.count, num_skipped=len(acc.skipped), skipped=[list(s) for s in acc.skipped],
                      layer=layer_name, input_size=input_size, aggregate=aggregate, processed=list(acc.processed),

@@ -71,6 +71,12 @@ def prepare_model(model: nn.Module, *, reparameterize: bool = True, channels_las
     return m, info
 
 
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The model's precision: the dtype of its first floating-point parameter (float32 where it has none). Inputs
+    are given in it (a float64 or bfloat16 model gets float64 or bfloat16 images)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _threads_for(model: nn.Module):
     """All of torch's threads for a large model, one for a small one (see ``prepare_model``)."""
     large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS

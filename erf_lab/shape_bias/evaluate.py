@@ -168,8 +168,9 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
       half the CPUs) while the device runs the batches before (this path reads the cache but does not write it).
     ``SetResult.seconds`` counts decoding. ``partial``: images it holds as done are not run again, and the
     scores go there as they come (an interrupted run resumes); the caller removes it once its outputs are
-    written. ``on_progress(name, done, total)`` is called after every batch (the app's progress bar)."""
-    from erf_lab.erf.prepare import keep_freed_memory
+    written. ``on_progress(name, done, total)`` is called after every batch (the app's progress bar).
+    The images go in the model's precision (a float64 or bfloat16 model gets float64 or bfloat16 inputs)."""
+    from erf_lab.erf.prepare import keep_freed_memory, param_dtype
     from erf_lab.io import progress
     from erf_lab.train.stop import iterate, stop_handling
 
@@ -199,6 +200,8 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
                                               num_workers=default_workers() if workers is None else workers,
                                               pin_memory=device.startswith("cuda"), persistent_workers=False)
         batches = iterate(batches)  # Ctrl-C never cuts the workers' start or a batch's transfer in half
+    dtype = param_dtype(model)
+    wide = torch.promote_types(dtype, torch.float32)  # normalized in float32 at least, then in the model's dtype
     model.eval()
     finished = False
     try:
@@ -207,7 +210,7 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
         with stop_handling(), contextlib.closing(batches), torch.inference_mode(), \
                 progress(total=n, initial=n - len(todo), desc=f"{name}", unit="img", disable=not show_progress) as bar:
             for x, idx, good, err in batches:
-                logits = model(preprocess.normalize(x.to(device, non_blocking=True)))
+                logits = model(preprocess.normalize(x.to(device, wide, non_blocking=True)).to(dtype))
                 if logits.ndim != 2:
                     raise ErfLabError(f"model output has shape {tuple(logits.shape)}; expected (batch, classes)")
                 check_finite_outputs(logits[good.bool()], f"{name} image(s)")
