@@ -1,6 +1,7 @@
 """Shape-bias probes: 16-class mapping, name parsing, shape-bias arithmetic, human reference, real lite0 numbers."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import shutil
@@ -339,6 +340,17 @@ def test_a_model_in_another_precision_gets_its_inputs_in_it(fixture_datasets, dt
     rtol = 1e-6 if dtype == torch.float64 else 0.02  # bfloat16 keeps 8 bits of mantissa
     np.testing.assert_allclose(got.scores16, ref.scores16, rtol=rtol, atol=0)
     assert got.ok.all() and len(got.ok) == 6 and ref.scores16.std() > 1e-5  # scores that differ between images
+
+
+@pytest.mark.parametrize("num_classes", [1000, 10])  # 10: the run fails (head size) after the first batch
+def test_the_model_comes_back_in_the_train_eval_modes_it_was_given(fixture_datasets, num_classes):
+    """evaluate() from a notebook mid-training left the model in eval mode (BN then stops learning its statistics,
+    dropout is off): each module now gets its own mode back (a frozen sub-module stays in eval), also on error."""
+    model = Tiny(num_classes=num_classes).train()
+    model.fc.eval()  # e.g. a frozen part
+    with contextlib.nullcontext() if num_classes == 1000 else pytest.raises(ErfLabError, match="10 outputs"):
+        evaluate(model, fixture_datasets / "cue-conflict", limit=4, workers=0, show_progress=False, cache=False)
+    assert [m.training for m in model.modules()] == [True, True, False]
 
 
 def test_pretrained_weights_with_another_class_count_are_refused(fixture_datasets, tmp_path):

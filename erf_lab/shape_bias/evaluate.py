@@ -169,7 +169,8 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
     ``SetResult.seconds`` counts decoding. ``partial``: images it holds as done are not run again, and the
     scores go there as they come (an interrupted run resumes); the caller removes it once its outputs are
     written. ``on_progress(name, done, total)`` is called after every batch (the app's progress bar).
-    The images go in the model's precision (a float64 or bfloat16 model gets float64 or bfloat16 inputs)."""
+    The images go in the model's precision (a float64 or bfloat16 model gets float64 or bfloat16 inputs); the
+    model runs in eval mode and is given back in the train / eval modes it came in, whatever happens."""
     from erf_lab.erf.prepare import keep_freed_memory, param_dtype
     from erf_lab.io import progress
     from erf_lab.train.stop import iterate, stop_handling
@@ -202,6 +203,7 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
         batches = iterate(batches)  # Ctrl-C never cuts the workers' start or a batch's transfer in half
     dtype = param_dtype(model)
     wide = torch.promote_types(dtype, torch.float32)  # normalized in float32 at least, then in the model's dtype
+    modes = {mod: mod.training for mod in model.modules()}
     model.eval()
     finished = False
     try:
@@ -232,6 +234,8 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
                     on_progress(name, int(st.done.sum()), n)
         finished = True
     finally:
+        for mod, flag in modes.items():
+            mod.training = flag
         with contextlib.nullcontext() if finished else contextlib.suppress(OSError):  # keep the first error
             st.save(force=True)
     st.top[~st.ok] = -1
