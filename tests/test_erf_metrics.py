@@ -383,3 +383,22 @@ def test_the_console_text_shows_a_small_reached_area_as_a_number_not_as_zero():
     assert len(rows) == 4 and all(r[1] == "1" and r[2] == f"{100 / 512 ** 2:.4g}" == "0.0003815" for r in rows)
     text = metrics_text(compute_metrics(np.ones((65, 65)), gaussian=False))  # an ordinary area: as before
     assert ["20%", "31", "22.75", "|"] == [ln.split()[:4] for ln in text.splitlines() if ln.split()[:1] == ["20%"]][0]
+
+
+def test_a_torch_map_that_requires_grad_or_is_bfloat16_gives_the_numpy_maps_metrics():
+    """A map straight from a notebook's autograd (requires_grad) raised torch's "Can't call numpy() on Tensor that
+    requires grad", a bfloat16 / float16 one "Got unsupported ScalarType BFloat16"; they are the same map."""
+    import torch
+
+    y, x = np.mgrid[:33, :41]
+    a = np.exp(-((y - 16) ** 2 + (x - 20) ** 2) / 50.0)
+    a = torch.tensor(a, dtype=torch.bfloat16).double().numpy()  # values a bfloat16 holds exactly
+    ref = compute_metrics(a)
+    for t in (torch.tensor(a, requires_grad=True), torch.tensor(a).to(torch.bfloat16),
+              torch.tensor(a).half(), torch.tensor(a).float().requires_grad_(True)):
+        got = compute_metrics(t)
+        assert got["high_contribution"] == ref["high_contribution"]
+        assert got["distribution"]["r_rms"] == pytest.approx(ref["distribution"]["r_rms"], rel=1e-6)  # float16 flushes the tails
+        assert got["peak"] == ref["peak"] and got["total"] == pytest.approx(ref["total"], rel=1e-6)
+    with pytest.raises(ErfLabError, match="2-D"):
+        compute_metrics(torch.zeros(2, 3, 4, requires_grad=True))
