@@ -154,6 +154,29 @@ def test_attribution_object_returns_one_map_per_image():
     assert torch.equal(maps[0], expected) and torch.equal(maps[2], expected)
 
 
+@pytest.mark.parametrize("layer", [None, "stages.1", "stages.1.blocks.0"])  # forward_features, feature_info, hook
+def test_attribute_inside_inference_mode_and_on_inference_tensors(layer):
+    """A notebook cell under ``torch.inference_mode()`` (or images made there) failed with torch's "element 0 of
+    tensors does not require grad" / "Setting requires_grad=True on inference tensor": the maps are the same as
+    outside it, as they already were under ``torch.no_grad()``."""
+    from erf_lab.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), large_kernel_sizes=(7, 7, 5, 5),
+                     num_classes=0).eval()
+    x = torch.randn(2, 3, 40, 48)
+    erf = EffectiveReceptiveField(m, layer=layer)
+    ref = erf.attribute(x)
+    assert ref.shape == (2, 40, 48) and ref.sum() > 0
+    with torch.inference_mode():
+        inside = erf.attribute(x)
+        made_there = x.clone()
+    assert made_there.is_inference()
+    assert torch.equal(inside, ref) and torch.equal(erf.attribute(made_there), ref)
+    with torch.no_grad():
+        assert torch.equal(erf.attribute(x), ref)
+
+
 def test_feature_info_layer_stops_through_forward_intermediates(monkeypatch):
     """A RepLKNet stage named in ``feature_info`` is reached by ``forward_intermediates(stop_early=True)`` (no
     hook exception); the result equals the hook path on a model without that interface."""

@@ -118,13 +118,15 @@ class EffectiveReceptiveField:
 
     def attribute(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, H, W) contribution maps for a (B, C, H, W) batch (summed over its C channels: RGB, or a grayscale /
-        RGBA model's own), in the inputs' dtype and device."""
+        RGBA model's own), in the inputs' dtype and device. Gradients are taken even where the caller runs under
+        ``torch.no_grad()`` or ``torch.inference_mode()`` (inference tensors as inputs too)."""
         from captum.attr import NeuronGradient
 
         fwd = self.forward_func
         try:
-            x = inputs.detach().requires_grad_(True)
-            grad = NeuronGradient(fwd, fwd).attribute(x, neuron_selector=self._selector)
+            with torch.inference_mode(False):  # autograd needs normal tensors: an inference tensor is copied
+                x = (inputs.clone() if inputs.is_inference() else inputs).detach().requires_grad_(True)
+                grad = NeuronGradient(fwd, fwd).attribute(x, neuron_selector=self._selector)
         except RuntimeError as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             size_words = ("too small", "Kernel size", "output size", "non-positive", "greater than input")
