@@ -177,6 +177,22 @@ def test_attribute_inside_inference_mode_and_on_inference_tensors(layer):
         assert torch.equal(erf.attribute(x), ref)
 
 
+def test_attribute_refuses_what_is_not_a_batch_in_one_line():
+    """One image (C, H, W) reached the model unbatched: BatchNorm's "expected 4D input" ValueError, or, through a
+    bare conv, an ErfLabError blaming the layer's output; a numpy array an AttributeError. Now one ErfLabError."""
+    from erf_lab.models import create_model
+
+    m = create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), large_kernel_sizes=(7, 7, 5, 5),
+                     num_classes=0).eval()
+    conv = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1))
+    for model in (m, conv):
+        erf = EffectiveReceptiveField(model)
+        for bad in (torch.rand(3, 32, 32), torch.rand(1, 1, 3, 32, 32), np.random.rand(1, 3, 32, 32)):
+            with pytest.raises(ErfLabError, match=r"inputs must be a \(B, C, H, W\) batch"):
+                erf.attribute(bad)
+        assert erf.attribute(torch.rand(1, 3, 32, 32)).shape == (1, 32, 32)
+
+
 def test_feature_info_layer_stops_through_forward_intermediates(monkeypatch):
     """A RepLKNet stage named in ``feature_info`` is reached by ``forward_intermediates(stop_early=True)`` (no
     hook exception); the result equals the hook path on a model without that interface."""

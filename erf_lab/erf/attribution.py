@@ -122,6 +122,10 @@ class EffectiveReceptiveField:
         ``torch.no_grad()`` or ``torch.inference_mode()`` (inference tensors as inputs too)."""
         from captum.attr import NeuronGradient
 
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+            got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ErfLabError(f"inputs must be a (B, C, H, W) batch of images, got {got} (one image: "
+                              "inputs.unsqueeze(0))")
         fwd = self.forward_func
         try:
             with torch.inference_mode(False):  # autograd needs normal tensors: an inference tensor is copied
