@@ -80,6 +80,15 @@ def test_count_flops_matches_hand_formula():
     assert model.training and next(model.parameters()).device.type == "cpu"  # untouched
 
 
+def test_list_models_filters_by_wildcards_as_timm():
+    """timm's ``list_models("convnext*")`` is the registry's everyday use; erf-lab's took no argument (TypeError)."""
+    assert list_models("replknet_3*") == ["replknet_3", "replknet_31b", "replknet_31l"]
+    assert list_models(["slak_?", "resnet1*"], exclude_filters="*52") == ["resnet101", "resnet18", "slak_b",
+                                                                           "slak_s", "slak_t"]
+    assert list_models(pretrained=True) == ["efficientnet_lite0"]
+    assert list_models("vit_*") == [] and list_models("") == list_models() == sorted(list_models())
+
+
 def test_variants_registered_with_paper_configs():
     assert set(VARIANT_NAMES) <= set(list_models())
     with torch.device("meta"):

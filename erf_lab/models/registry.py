@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import importlib
 import inspect
+from collections.abc import Sequence
 from typing import Callable
 
 import torch.nn as nn
@@ -22,14 +24,29 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
-def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return sorted(_MODELS)
+def list_models(filter: str | Sequence[str] = "", pretrained: bool = False,
+                exclude_filters: str | Sequence[str] = "") -> list[str]:
+    """Names of the registered models, sorted; as timm's ``list_models``: ``filter`` a wildcard pattern (or a
+    list of them, any may match; ``"unireplknet_*"``), ``exclude_filters`` patterns that drop a name,
+    ``pretrained=True`` only the models that load published weights (:func:`pretrained_models`)."""
+    def patterns(p) -> list[str]:
+        return [p] if isinstance(p, str) else list(p)
+
+    names = sorted(_MODELS)
+    include, exclude = [p for p in patterns(filter) if p], [p for p in patterns(exclude_filters) if p]
+    if include:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    return [n for n in names if _has_weights(n)] if pretrained else names
+
+
+def _has_weights(name: str) -> bool:
+    return "pretrained" in inspect.signature(_MODELS[name]).parameters
 
 
 def pretrained_models() -> list[str]:
     """Registered models that can load published weights (``pretrained=True``), sorted."""
-    return [n for n in list_models() if "pretrained" in inspect.signature(_MODELS[n]).parameters]
+    return list_models(pretrained=True)
 
 
 def is_model(name: str) -> bool:
