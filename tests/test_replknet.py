@@ -89,6 +89,22 @@ def test_list_models_filters_by_wildcards_as_timm():
     assert list_models("vit_*") == [] and list_models("") == list_models() == sorted(list_models())
 
 
+def test_create_model_takes_timms_explicit_pretrained_false_for_every_model():
+    """``create_model(name, pretrained=False)`` (timm's default, written out) was refused as an unknown option by
+    every model without published weights; it builds the same random model. ``pretrained=True`` is still refused."""
+    for name in ("replknet_31b", "resnet18", "unireplknet_a", "slak_t", "mobilenetv2"):
+        with torch.device("meta"):
+            m = create_model(name, pretrained=False, num_classes=7)
+        assert m.num_classes == 7 and m.get_classifier().out_features == 7
+    torch.manual_seed(0)
+    a = create_model("replknet_3", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), pretrained=False)
+    torch.manual_seed(0)
+    b = create_model("replknet_3", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1))
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    with pytest.raises(ErfLabError, match="no published weights"):
+        create_model("replknet_31b", pretrained=True)
+
+
 def test_variants_registered_with_paper_configs():
     assert set(VARIANT_NAMES) <= set(list_models())
     with torch.device("meta"):

@@ -107,7 +107,9 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
         n = kwargs["num_classes"]
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ErfLabError(f"num_classes must be a whole number >= 0 (0 or None: no classifier head), got {n!r}")
-    if kwargs.get("pretrained") and name in _MODELS and "pretrained" not in inspect.signature(factory).parameters:
+    if "pretrained" in kwargs and not kwargs["pretrained"] and name in _MODELS and not _has_weights(name):
+        del kwargs["pretrained"]  # timm's default, passed explicitly (create_model(name, pretrained=False)): no-op
+    if kwargs.get("pretrained") and name in _MODELS and not _has_weights(name):
         raise ErfLabError(f"model {name!r} has no published weights in erf-lab; pass a file (--weights) or use a "
                           f"model that ships them: {', '.join(pretrained_models())} (timm/<name> downloads its own)")
     if deploy and not is_timm_name(name):  # timm models have no deploy flag (re-parameterized when measured)
