@@ -461,3 +461,21 @@ def test_forward_intermediates_stop_early_runs_no_later_module(name):
         model.forward_intermediates(x, indices=[0])
     leaves = {n for n, m in model.named_modules() if not any(True for _ in m.children())}
     assert [e for e in events if e[1] in leaves] == [e for e in full if e[1] in leaves]
+
+
+@pytest.mark.parametrize("name", ["replknet_31b", "unireplknet_a", "slak_t", "resnet18", "mobilenetv2",
+                                  "efficientnet_lite0"])
+def test_pretrained_cfg_is_the_default_cfg_as_timm_reads_it(name):
+    """Current timm reads a model's preprocessing from ``pretrained_cfg`` only (``resolve_data_config(model=m)``:
+    ``if hasattr(model, 'pretrained_cfg')``); erf-lab's models had only ``default_cfg``, so timm's transforms gave
+    EfficientNet-Lite0 ImageNet's mean / std instead of its (x - 127) / 128. It is the same dict, kept in step."""
+    with torch.device("meta"):
+        m = create_model(name)
+    assert m.pretrained_cfg is m.default_cfg and m.pretrained_cfg["input_size"] == (3, 224, 224)
+    m.reset_classifier(7)
+    assert m.pretrained_cfg["num_classes"] == 7
+    m.pretrained_cfg = dict(m.pretrained_cfg, input_size=(3, 256, 256))
+    assert m.default_cfg["input_size"] == (3, 256, 256)
+    if name == "efficientnet_lite0":
+        assert m.pretrained_cfg["mean"] == pytest.approx((127 / 255,) * 3) and \
+            m.pretrained_cfg["std"] == pytest.approx((128 / 255,) * 3)

@@ -1,5 +1,5 @@
 """timm's feature-extraction interface (``feature_info``, ``forward_intermediates``) and classifier interface
-(``get_classifier``, ``reset_classifier``).
+(``get_classifier``, ``reset_classifier``, ``pretrained_cfg``).
 
 A model lists its forward pass as named steps (``_feature_steps()``, module names as in ``named_modules()``)
 and declares ``feature_info``: one ``dict(num_chs, reduction, module)`` per feature map it exposes, ``module``
@@ -86,6 +86,16 @@ class ResettableClassifier:
 
     head_names: tuple[str, ...]
     num_features: int
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's name for ``default_cfg`` (the same dict): current timm reads only this one
+        (``timm.data.resolve_data_config(model=model)``), which without it fell back to ImageNet's mean / std."""
+        return self.default_cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: dict) -> None:
+        self.default_cfg = cfg
 
     def get_classifier(self) -> nn.Module:
         """The classifier module (``nn.Identity`` when there is none)."""
