@@ -187,3 +187,21 @@ def test_labels_are_the_scenes_classes_without_drawing_the_scenes(split, monkeyp
     for _ in range(2):
         assert [big.label(i) for i in range(20)] == want[:20]
     assert big._labels is None and len(drawn) == 60
+
+
+def test_probe_predictions_give_the_model_back_in_its_modes_also_when_they_fail():
+    """``predict`` (the cue-world probes) set the whole model back to one mode with ``model.train(was)``, so a
+    frozen BN inside a model in training came back training; a failed batch (NaN outputs) left it in eval."""
+    from erf_lab.train.probes import predict
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 10)).train()
+    model[1].eval()  # frozen statistics
+    images = torch.rand(5, 3, 16, 16)
+    pred = predict(model, images, batch_size=2)
+    assert pred.shape == (5,) and [m.training for m in model] == [True, False, True, True, True]
+    with torch.no_grad():
+        model[4].bias.fill_(float("nan"))
+    with pytest.raises(ErfLabError, match="not finite"):
+        predict(model, images, batch_size=2)
+    assert [m.training for m in model] == [True, False, True, True, True]

@@ -77,6 +77,19 @@ def param_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block with ``model`` in eval mode; every module gets its own train / eval mode back afterwards,
+    whatever happens (a frozen sub-module of a model in training stays in eval)."""
+    modes = {mod: mod.training for mod in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for mod, flag in modes.items():
+            mod.training = flag
+
+
 def _threads_for(model: nn.Module):
     """All of torch's threads for a large model, one for a small one (see ``prepare_model``)."""
     large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS

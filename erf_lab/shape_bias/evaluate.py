@@ -171,7 +171,7 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
     written. ``on_progress(name, done, total)`` is called after every batch (the app's progress bar).
     The images go in the model's precision (a float64 or bfloat16 model gets float64 or bfloat16 inputs); the
     model runs in eval mode and is given back in the train / eval modes it came in, whatever happens."""
-    from erf_lab.erf.prepare import keep_freed_memory, param_dtype
+    from erf_lab.erf.prepare import eval_mode, keep_freed_memory, param_dtype
     from erf_lab.io import progress
     from erf_lab.train.stop import iterate, stop_handling
 
@@ -203,13 +203,11 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
         batches = iterate(batches)  # Ctrl-C never cuts the workers' start or a batch's transfer in half
     dtype = param_dtype(model)
     wide = torch.promote_types(dtype, torch.float32)  # normalized in float32 at least, then in the model's dtype
-    modes = {mod: mod.training for mod in model.modules()}
-    model.eval()
     finished = False
     try:
         # closing: a stop in the loop body comes from outside the generator, whose clean-up (the DataLoader's
         # workers shut down) must not wait for the traceback to be collected: the process may end first (exit_now)
-        with stop_handling(), contextlib.closing(batches), torch.inference_mode(), \
+        with eval_mode(model), stop_handling(), contextlib.closing(batches), torch.inference_mode(), \
                 progress(total=n, initial=n - len(todo), desc=f"{name}", unit="img", disable=not show_progress) as bar:
             for x, idx, good, err in batches:
                 logits = model(preprocess.normalize(x.to(device, wide, non_blocking=True)).to(dtype))
@@ -234,8 +232,6 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
                     on_progress(name, int(st.done.sum()), n)
         finished = True
     finally:
-        for mod, flag in modes.items():
-            mod.training = flag
         with contextlib.nullcontext() if finished else contextlib.suppress(OSError):  # keep the first error
             st.save(force=True)
     st.top[~st.ok] = -1
