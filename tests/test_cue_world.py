@@ -205,3 +205,17 @@ def test_probe_predictions_give_the_model_back_in_its_modes_also_when_they_fail(
     with pytest.raises(ErfLabError, match="not finite"):
         predict(model, images, batch_size=2)
     assert [m.training for m in model] == [True, False, True, True, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_probe_predictions_of_a_model_in_another_precision(dtype):
+    """A float64 / bfloat16 model failed in its first layer (float32 inputs); it now predicts as in float32."""
+    from erf_lab.train.probes import predict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.Flatten(), torch.nn.Linear(8 * 9 * 9, 10))
+    images = torch.rand(16, 3, 40, 40)
+    ref = predict(model, images)
+    got = predict(model.to(dtype), images)
+    assert len(set(ref.tolist())) > 2  # predictions that differ between images
+    assert (got == ref).mean() >= (1.0 if dtype == torch.float64 else 0.8)
