@@ -193,6 +193,24 @@ def test_attribute_refuses_what_is_not_a_batch_in_one_line():
         assert erf.attribute(torch.rand(1, 3, 32, 32)).shape == (1, 32, 32)
 
 
+def test_compute_erf_takes_a_dataloaders_image_label_batches():
+    """A DataLoader over a (images, labels) dataset, the everyday notebook input, yields [x, y] lists (and
+    TensorDataset(x) yields [x]): compute_erf failed with "'list' object has no attribute 'dim'"; the images are
+    used, and anything else is one ErfLabError."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.ReLU(), nn.Conv2d(4, 4, 5, padding=2))
+    x, y = torch.rand(5, 3, 24, 24), torch.arange(5)
+    ref = compute_erf(m, x, show_progress=False)
+    for loader in (DataLoader(TensorDataset(x, y), batch_size=2), DataLoader(TensorDataset(x), batch_size=3)):
+        got = compute_erf(m, loader, show_progress=False)
+        assert got.num_used == 5 and got.processed == ref.processed
+        np.testing.assert_array_equal(got.erf, ref.erf)
+    with pytest.raises(ErfLabError, match="each item must be"):
+        compute_erf(m, [np.zeros((3, 24, 24))], show_progress=False)
+
+
 def test_feature_info_layer_stops_through_forward_intermediates(monkeypatch):
     """A RepLKNet stage named in ``feature_info`` is reached by ``forward_intermediates(stop_early=True)`` (no
     hook exception); the result equals the hook path on a model without that interface."""

@@ -141,12 +141,19 @@ def _iter_items(images):
                 yield batch[0], (lambda t=batch[1]: t)
                 i += 1
                 continue
+            if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+                batch = batch[0]  # a DataLoader's [images, labels] (or [images]): the images
+            if not isinstance(batch, torch.Tensor) or batch.dim() not in (3, 4):
+                got = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+                raise ErfLabError(f"images: each item must be a (N, C, H, W) or (C, H, W) tensor, an (id, tensor) "
+                                  f"pair or a DataLoader's [images, labels] batch, got {got}")
             b = batch if batch.dim() == 4 else batch.unsqueeze(0)
             for t in b:
                 yield str(i), (lambda t=t: t)
                 i += 1
 
-    return (len(images) if hasattr(images, "__len__") and not isinstance(images, (list, tuple)) else None), gen()
+    counted = hasattr(images, "__len__") and not isinstance(images, (list, tuple, torch.utils.data.DataLoader))
+    return (len(images) if counted else None), gen()  # a DataLoader's len() counts batches, not images
 
 
 def _counting_flops(model):
@@ -199,7 +206,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     """Measure the ERF of ``model`` at ``layer`` over ``images``.
 
     ``images``: an (N, C, H, W) tensor (C: the model's input channels, 3 for RGB), an iterable of batches (or of
-    ``(id, tensor)`` pairs), or an
+    ``(id, tensor)`` pairs; a DataLoader's ``[images, labels]`` batches give their images), or an
     :class:`~erf_lab.erf.images.ImageSource`. ``state`` resumes an interrupted accumulation (ids already in
     ``state.processed`` are not used again); ``on_batch(state)`` runs after every batch (checkpointing);
     ``reducer`` merges the per-process states (distributed runs) before the mean is taken. ``batch_size=None``: on
