@@ -337,6 +337,15 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def as_array(values) -> np.ndarray:
+    """``values`` as a numpy array; a torch tensor on any device, requiring grad or not, and a floating one in any
+    dtype (bfloat16 / float16, which numpy cannot hold, included) becomes a float64 array."""
+    if callable(getattr(values, "detach", None)) and callable(getattr(values, "cpu", None)):  # a torch tensor
+        values = values.detach().cpu()
+        values = values.double() if values.is_floating_point() else values
+    return np.asarray(values)
+
+
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """``np.save`` atomically."""
     with atomic_path(path) as tmp:

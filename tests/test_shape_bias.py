@@ -78,6 +78,19 @@ def test_mean_probability_mapping_hand_computed():
     assert p[0, category_table()["bird"]].sum() > p[0, 404]  # a sum-aggregation would pick bird instead
 
 
+def test_mapping_takes_a_models_torch_output_as_it_comes():
+    """``imagenet_to_16(model(x).softmax(-1))`` in a notebook (outputs that require grad; bfloat16 outputs) raised
+    torch's numpy() errors; a wrong shape raised a bare ValueError. Same scores as the numpy probabilities."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1000, requires_grad=True)
+    probs = logits.softmax(-1)
+    ref = imagenet_to_16(probs.detach().double().numpy())
+    np.testing.assert_allclose(imagenet_to_16(probs), ref, rtol=1e-6)
+    np.testing.assert_allclose(imagenet_to_16(probs.to(torch.bfloat16)), ref, rtol=1e-2)
+    with pytest.raises(ErfLabError, match=r"expected \(N, 1000\)"):
+        imagenet_to_16(probs[0])
+
+
 def test_logits_heads():
     logits = torch.zeros(2, 1000)
     logits[:, 404] = 10.0

@@ -29,10 +29,9 @@ NOT_MEANINGFUL = "n/m"
 def validate_erf(erf) -> np.ndarray:
     """Return ``erf`` as a 2-D float64 array; ErfLabError for wrong rank, empty, non-finite or negative maps.
     A torch tensor may be on any device, in any dtype (bfloat16 / float16 too) and require grad."""
-    if callable(getattr(erf, "detach", None)) and callable(getattr(erf, "cpu", None)):  # a torch tensor
-        erf = erf.detach().cpu()
-        erf = erf.double() if erf.is_floating_point() else erf  # numpy has no bfloat16
-    a = np.asarray(erf)
+    from erf_lab.io import as_array
+
+    a = as_array(erf)
     if a.dtype == object or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
         raise ErfLabError(f"ERF map must be numeric, got dtype {a.dtype}")
     a = a.astype(np.float64, copy=False)

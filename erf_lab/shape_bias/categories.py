@@ -54,10 +54,14 @@ def aggregation_matrix(num_classes: int = 1000) -> np.ndarray:
 
 
 def imagenet_to_16(probs: np.ndarray) -> np.ndarray:
-    """Map ImageNet-1k softmax probabilities ``(N, 1000)`` to 16 category scores ``(N, 16)`` (mean per category)."""
-    probs = np.asarray(probs, dtype=np.float64)
+    """Map ImageNet-1k softmax probabilities ``(N, 1000)`` (numpy, or a torch tensor: a model's output that requires
+    grad too) to 16 category scores ``(N, 16)`` (mean per category)."""
+    from erf_lab.errors import ErfLabError
+    from erf_lab.io import as_array
+
+    probs = as_array(probs).astype(np.float64, copy=False)
     if probs.ndim != 2 or probs.shape[1] != 1000:
-        raise ValueError(f"expected (N, 1000) probabilities, got shape {probs.shape}")
+        raise ErfLabError(f"expected (N, 1000) probabilities, got shape {probs.shape}")
     return probs @ aggregation_matrix(1000)
 
 
