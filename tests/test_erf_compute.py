@@ -211,6 +211,21 @@ def test_compute_erf_takes_a_dataloaders_image_label_batches():
         compute_erf(m, [np.zeros((3, 24, 24))], show_progress=False)
 
 
+def test_a_wrapped_or_featureless_model_is_told_why_its_output_is_no_map():
+    """nn.DataParallel(model) has no forward_features, so the default layer was its logits: the error named
+    'forward_features' as if it had run. It now says the wrapper hides the model (or that forward() was taken)."""
+    from erf_lab.models import create_model
+
+    m = create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), large_kernel_sizes=(7, 7, 5, 5),
+                     num_classes=5).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ErfLabError, match=r"DataParallel wraps the model: pass model\.module"):
+        EffectiveReceptiveField(nn.DataParallel(m)).attribute(x)
+    with pytest.raises(ErfLabError, match="no forward_features, so its forward"):
+        EffectiveReceptiveField(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())).attribute(x)
+    assert EffectiveReceptiveField(nn.DataParallel(m).module).attribute(x).shape == (1, 32, 32)
+
+
 def test_feature_info_layer_stops_through_forward_intermediates(monkeypatch):
     """A RepLKNet stage named in ``feature_info`` is reached by ``forward_intermediates(stop_early=True)`` (no
     hook exception); the result equals the hook path on a model without that interface."""

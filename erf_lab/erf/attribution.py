@@ -111,10 +111,21 @@ class EffectiveReceptiveField:
     def _selector(self, out: torch.Tensor) -> torch.Tensor:
         if not isinstance(out, torch.Tensor) or out.dim() != 4:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ErfLabError(f"layer {self.layer!r} output is not a (N, C, H, W) feature map (got {got})")
+            raise ErfLabError(f"layer {self.layer!r} output is not a (N, C, H, W) feature map (got {got})"
+                              f"{self._no_features_hint()}")
         h, w = out.shape[-2:]
         self.feature_hw = (int(h), int(w))
         return F.relu(out[:, :, h // 2, w // 2]).sum(1)
+
+    def _no_features_hint(self) -> str:
+        """Why the default layer was the model's whole output: no ``forward_features`` (a wrapper's inner model has
+        one: ``nn.DataParallel`` / DDP's ``module``)."""
+        if self.layer != DEFAULT_LAYER or hasattr(self.model, "forward_features"):
+            return ""
+        inner = next((a for a in ("module", "_orig_mod") if isinstance(getattr(self.model, a, None), nn.Module)), None)
+        if inner is not None and hasattr(getattr(self.model, inner), "forward_features"):
+            return f"; {type(self.model).__name__} wraps the model: pass model.{inner}"
+        return "; the model has no forward_features, so its forward() output was taken: pass layer= (a module name)"
 
     def attribute(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, H, W) contribution maps for a (B, C, H, W) batch (summed over its C channels: RGB, or a grayscale /
