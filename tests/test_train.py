@@ -787,3 +787,48 @@ def test_a_folder_another_process_writes_into_is_refused(tmp_path, capsys, one_t
     finally:
         holder.communicate("")
     assert main(args) == 0 and (other / "run.json").is_file()
+
+
+class _Killed(BaseException):
+    """What a SIGKILL does to the process at that point: nothing after it runs (no except, no finally of ours)."""
+
+
+@pytest.mark.parametrize("where", ["before the weights", "after the weights"])
+def test_a_kill_before_the_first_resume_point_leaves_a_folder_the_command_runs_in_again(
+        tmp_path, monkeypatch, capsys, one_thread, where):
+    """A run killed (SIGKILL, a crash) while it wrote the initialisation (``epoch_000``), before its first resume
+    point: the folder holds no state, only ``checkpoints/`` with epoch_000 (or an atomic write's temporary file).
+    The same command again, or with ``--resume``, starts the run (nothing was trained); it used to refuse both ways
+    ('--out is not empty', 'nothing to resume'), and only --force, which deletes runs, went on."""
+    import erf_lab.io
+
+    out = tmp_path / "run"
+    if where == "after the weights":
+        def killed_state(*a, **k):
+            raise _Killed()
+        monkeypatch.setattr(C, "save_state", killed_state)
+    else:
+        real = erf_lab.io.os.replace
+
+        def killed_replace(src, dst):  # the epoch_000 .pth written, not yet renamed: its temporary file stays
+            if "epoch_000" in str(dst):
+                raise _Killed()
+            return real(src, dst)
+        monkeypatch.setattr(erf_lab.io.os, "replace", killed_replace)
+        monkeypatch.setattr(erf_lab.io.Path, "unlink", lambda self, missing_ok=False: None)  # no clean-up either
+    with pytest.raises(_Killed):
+        _run(out, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0))
+    monkeypatch.undo()
+    assert not (out / C.STATE_FILE).exists() and (out / "checkpoints").is_dir()
+    args = ["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "1",
+            "--batch-size", "8", "--warmup-epochs", "0", "--out", str(out)]
+    assert main([*args, "--resume"] if where == "after the weights" else args) == 0, capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["final"]["epoch"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "epoch_000.pth", "epoch_000.safetensors", "epoch_001.pth", "epoch_001.safetensors"]
+    # a folder with anything else in it is still refused
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    assert main(["train", *TINY_CLI, "--epochs", "1", "--out", str(other)]) == 2
+    assert "is not empty" in capsys.readouterr().err and (other / "notes.txt").read_text() == "mine"

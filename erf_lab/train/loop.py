@@ -260,6 +260,8 @@ def _prepare_out_dir(out: Path, resume: bool, force: bool) -> str:
         if resume:
             return "complete"
         raise ErfLabError(f"{out} already holds a complete training run; use --force to overwrite or another --out")
+    if not state and _only_initialisation(out):
+        return "new"  # killed before its first resume point: nothing was trained, the run starts (again)
     if resume:
         if not state:
             raise ErfLabError(f"nothing to resume in {out}: no interrupted training run there")
@@ -270,6 +272,19 @@ def _prepare_out_dir(out: Path, resume: bool, force: bool) -> str:
     if out.is_dir() and any(out.iterdir()):
         raise ErfLabError(f"--out {out} is not empty; choose a new folder or pass --force")
     return "new"
+
+
+def _only_initialisation(out: Path) -> bool:
+    """Whether ``out`` holds nothing but what a new run writes before its first resume point: ``checkpoints/``
+    with the initialisation (``epoch_000.*``) or less, and temporary files of atomic writes cut short. A run
+    killed (SIGKILL, a crash) there leaves it; the same command again starts the run there, as in an empty folder."""
+    def leftover(p: Path) -> bool:  # erf_lab.io.atomic_path's temporary file
+        return p.is_file() and p.name.startswith(".") and ".tmp" in p.name
+
+    ckpt = out / "checkpoints"
+    if not ckpt.is_dir() or ckpt.is_symlink() or any(p != ckpt and not leftover(p) for p in out.iterdir()):
+        return False
+    return all(p.is_file() and (p.name.startswith("epoch_000.") or leftover(p)) for p in ckpt.iterdir())
 
 
 def _check_writable(out: Path) -> None:
