@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -16,17 +17,23 @@ import numpy as np
 from fastconv.jsonstore import plain_mode
 
 
+#: :func:`atomic_path`'s temporary file: ``.<final name>.<mkstemp's 8 characters>.tmp<final suffix>``
+_TMP = ".tmp"
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(_TMP) + r"(?P<suffix>(\.[^.]*)?)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same directory; on success rename it onto ``path``.
 
     A crash or Ctrl-C never leaves a half-written ``path`` behind, and a power cut after the rename keeps the new
     content: the file's data reach the disk (fsync) before the rename, and the rename itself after it (the folder's
-    fsync, where the system allows one).
+    fsync, where the system allows one). A kill (SIGKILL) leaves the temporary file, which
+    :func:`remove_write_leftovers` removes when a run takes its folder again.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP + path.suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -38,6 +45,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_write_leftovers(folder: str | os.PathLike, *subfolders: str) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_path` in ``folder`` and its ``subfolders`` (names; not deeper)
+    and return them: a process killed while it wrote (SIGKILL, the second signal of a scheduler's grace period, a
+    power cut) leaves its temporary file, a whole training state or checkpoint in size, which no later run would
+    ever remove. Only while this thread holds ``folder`` (:func:`hold_folder`), so no other writer's file is taken;
+    elsewhere (no lock: Windows, a file system without locks) it removes nothing."""
+    removed = []
+    if not holds_folder(folder):
+        return removed
+    for d in (Path(folder), *(Path(folder) / s for s in subfolders)):
+        with contextlib.suppress(OSError):
+            for p in d.iterdir():
+                m = _LEFTOVER.fullmatch(p.name)
+                if m and m["suffix"] == Path(m["name"]).suffix and p.is_file() and not p.is_symlink():
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                        removed.append(p)
+    return removed
 
 
 def _fsync(path: Path, flags: int, required: bool = True) -> None:
@@ -198,6 +225,13 @@ def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None
             del _HELD[key]
             os.close(fd)  # releases the lock
             _HELD_CHANGED.notify_all()
+
+
+def holds_folder(folder: str | os.PathLike) -> bool:
+    """Whether this thread holds ``folder`` (:func:`hold_folder`)."""
+    with _HELD_CHANGED:
+        held = _HELD.get(str(Path(folder).expanduser().resolve()))
+    return held is not None and held[1] == threading.get_ident()
 
 
 def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:

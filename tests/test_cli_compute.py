@@ -1,6 +1,7 @@
 """``erf-lab compute`` / ``erf-lab layers`` and the resumable run (tiny RepLKNet, small inputs, built-in images)."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -407,3 +408,50 @@ def test_a_model_that_returns_logits_only_needs_a_layer(tmp_path, capsys, monkey
     assert [line.split()[0] for line in out.strip().splitlines()[1:]] == ["conv"]
     code, _, err = _cli(capsys, "compute", *model, "--layer", "conv", "--out", str(tmp_path / "conv"), "--quiet")
     assert code == 0, err
+
+
+class _Killed(BaseException):
+    """What a SIGKILL does at that point: nothing after it runs, the temporary file of the write in progress stays."""
+
+
+def _kill_while_writing(monkeypatch, name):
+    """The next atomic write of a file called ``name`` dies before its rename, leaving its temporary file."""
+    import erf_lab.io
+
+    real_replace = erf_lab.io.os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == name:
+            monkeypatch.setattr(erf_lab.io.Path, "unlink", lambda self, missing_ok=False: None)  # no finally either
+            raise _Killed()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(erf_lab.io.os, "replace", replace)
+
+
+@pytest.mark.parametrize("name", [".erf_state.npz", "erf.pdf"])
+def test_a_resume_removes_the_temporary_files_of_a_killed_write(tmp_path, monkeypatch, name):
+    """A run killed while it wrote a file (its state at a checkpoint, a figure) leaves that write's temporary file
+    (``.erf.pdf.<random>.tmp.pdf``: the final name never holds half a file). The resume, which holds the folder,
+    removes it (it used to stay in the finished run folder for good, one more per kill); files of other names stay."""
+    kw = dict(overrides=TINY_KW, num_images=3, input_size=32, batch_size=1)
+    out = tmp_path / "run"
+    full = run_compute("replknet_31b", out=tmp_path / "full", **kw)
+    if name == "erf.pdf":  # killed while writing the figures: the measurement is in its state, saved after each image
+        _kill_while_writing(monkeypatch, name)
+        with pytest.raises(_Killed):
+            run_compute("replknet_31b", out=out, **kw)
+    else:  # killed while saving its progress after the second image
+        def at_second(acc):
+            if len(acc.processed) == 2:
+                _kill_while_writing(monkeypatch, name)
+        with pytest.raises(_Killed):
+            run_compute("replknet_31b", out=out, on_batch=at_second, **kw)
+    monkeypatch.undo()
+    left = [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert left and all(n.startswith(f".{name}.") for n in left) and not (out / "run.json").exists()
+    (out / ".notes.tmp").write_text("not erf-lab's")
+    res = run_compute("replknet_31b", out=out, resume=True, **kw)
+    assert res["result"].num_used == 3
+    np.testing.assert_array_equal(np.load(out / "erf.npy"), np.load(tmp_path / "full" / "erf.npy"))
+    assert sorted(p.name for p in out.iterdir()) == sorted([".notes.tmp", *(p.name for p in full["out_dir"].iterdir())])

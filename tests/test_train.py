@@ -832,3 +832,35 @@ def test_a_kill_before_the_first_resume_point_leaves_a_folder_the_command_runs_i
     (other / "notes.txt").write_text("mine")
     assert main(["train", *TINY_CLI, "--epochs", "1", "--out", str(other)]) == 2
     assert "is not empty" in capsys.readouterr().err and (other / "notes.txt").read_text() == "mine"
+
+
+def test_a_resume_removes_the_temporary_files_of_a_killed_write(tmp_path, monkeypatch, capsys, one_thread):
+    """A run killed while it saved its state at an epoch's end (SIGKILL, a scheduler's second signal) leaves that
+    write's temporary file, as large as the state (weights and optimizer); the resume removes it, and those of the
+    checkpoints folder (they used to stay for good, one more per kill). Other files stay."""
+    import erf_lab.io
+
+    out = tmp_path / "run"
+    real_replace, saves = erf_lab.io.os.replace, []
+
+    def replace(src, dst):
+        if str(dst).endswith(C.STATE_FILE):
+            saves.append(dst)
+            if len(saves) == 2:  # the first epoch's: its checkpoint is written, its state not yet
+                monkeypatch.setattr(erf_lab.io.Path, "unlink", lambda self, missing_ok=False: None)
+                raise _Killed()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(erf_lab.io.os, "replace", replace)
+    with pytest.raises(_Killed):
+        _run(out, recipe=Recipe(epochs=2, batch_size=8, warmup_epochs=0))
+    monkeypatch.undo()
+    (out / "checkpoints" / ".epoch_002.pth.k1lled00.tmp.pth").write_bytes(b"PK")  # as a kill mid-checkpoint leaves
+    (out / ".notes.tmp").write_text("not erf-lab's")
+    assert len(list(out.glob(f".{C.STATE_FILE}.*.tmp.pt"))) == 1
+    args = ["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "2",
+            "--batch-size", "8", "--warmup-epochs", "0", "--out", str(out), "--resume"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["final"]["epoch"] == 2
+    assert not [p for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if ".tmp" in p.name and
+                p.name != ".notes.tmp"] and (out / ".notes.tmp").is_file()

@@ -588,7 +588,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     from erf_lab.erf.images import load_images, model_data_config
     from erf_lab.erf.prepare import to_measured_form
     from erf_lab.erf.receptive_field import input_channels
-    from erf_lab.io import hold_folder, refuse_other_result, sha256_file
+    from erf_lab.io import hold_folder, refuse_other_result, remove_write_leftovers, sha256_file
     from erf_lab.models import create_model
 
     device = D.device_for(spec.device, dinfo)
@@ -643,6 +643,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     if dinfo.is_main and action == "new":
         for f in stale:
             f.unlink(missing_ok=True)
+    if dinfo.is_main:  # the temporary files of a run killed while it wrote (the other ranks wait at the barrier)
+        remove_write_leftovers(out_dir)
     D.barrier(dinfo)
 
     spath = state_path(out_dir, dinfo)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError, on_every_rank
 from erf_lab.erf import distributed as D
-from erf_lab.io import hold_folder, is_training_record, read_json_or_none, refuse_empty, refuse_other_result
+from erf_lab.io import (hold_folder, is_training_record, read_json_or_none, refuse_empty, refuse_other_result,
+                        remove_write_leftovers)
 from erf_lab.train import checkpoints as C
 from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
@@ -451,6 +452,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         mode = _prepare_out_dir(out, resume, force)
         if mode in ("new", "resume"):
             _check_writable(out)
+            remove_write_leftovers(out, "checkpoints")  # the temporary files of a run killed while it wrote
         return mode
 
     mode = D.decided_on_rank0(decide, info)
