@@ -387,3 +387,51 @@ def test_no_cache_decodes_and_writes_no_cache(tiny_model, tmp_path, fixture_data
     assert main([*args, "--out", str(tmp_path / "c")]) == 0  # from the cache: the same decisions
     for run in ("b", "c"):
         assert (tmp_path / run / "decisions.csv").read_text() == (tmp_path / "a" / "decisions.csv").read_text()
+
+
+_TRY_LOCK = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\ntry:\n    fcntl.flock(fd, fcntl.LOCK_EX | "
+             "fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+
+
+def test_a_run_holds_its_folder_and_removes_a_killed_writes_temporary_files(tiny_model, tmp_path, fixture_datasets,
+                                                                            capsys, monkeypatch):
+    """The same command again is how a shape-bias run resumes; typed in a second shell while the first still runs,
+    both wrote the same partial scores and outputs. The run now holds its folder (as compute and train do): the
+    second gets one line, exit 2, and writes nothing. A run killed while it wrote a figure or table (SIGTERM outside
+    the inference, SIGKILL) left that write's temporary file: the next run removes it; other files stay."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".shape_bias.pdf.k1lled00.tmp.pdf").write_bytes(b"%PDF-1.4")  # as a kill while writing the figure leaves
+    (out / ".notes.tmp").write_text("mine")
+    args = ["shape-bias", "--model", tiny_model, "--stimuli", str(fixture_datasets), "--allow-random", "--limit", "8",
+            "--batch-size", "4", "--workers", "0", "--no-cache", "--out", str(out)]
+    holder = subprocess.Popen([sys.executable, "-c", _TRY_LOCK + "print('held', flush=True)\nsys.stdin.read()\n",
+                               str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert _one_error_line(err) == [f"erf-lab shape-bias: error: --out {out} is in use: another erf-lab process "
+                                        "is writing a run there now; wait for it to end (or stop it) and run the "
+                                        "command again, or choose another --out"], err
+        assert sorted(p.name for p in out.iterdir()) == [".notes.tmp", ".shape_bias.pdf.k1lled00.tmp.pdf"]
+    finally:
+        holder.communicate("")
+    tries = []
+    import erf_lab.shape_bias.evaluate as ev
+
+    real = ev.write_decisions_csv
+
+    def check_held(path, sets):  # while it writes, another process cannot take the folder
+        tries.append(subprocess.run([sys.executable, "-c", _TRY_LOCK, str(out)]).returncode)
+        return real(path, sets)
+
+    monkeypatch.setattr(ev, "write_decisions_csv", check_held)
+    assert main(args) == 0, capsys.readouterr().err
+    assert tries == [3]
+    names = {p.name for p in out.iterdir()}
+    assert ".notes.tmp" in names and not [n for n in names if ".tmp." in n] and "run.json" in names

@@ -451,7 +451,8 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     seeds the model's initialisation (a random init is then the same network every run). ``with_humans=False``
     leaves the human data out (no reference shape bias, no consistency with the subjects, none in the figure)."""
     from erf_lab.checkpoint import random_init_of
-    from erf_lab.io import prepare_out_dir, refuse_other_result, remove_earlier_outputs, sha256_file, write_json
+    from erf_lab.io import (hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs,
+                            remove_write_leftovers, sha256_file, write_json)
     from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -486,38 +487,44 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
                               "needs a trained classifier; drop --override num_classes")
     refuse_other_result(out, "shape-bias")
     out = prepare_out_dir(out)  # before minutes of inference; after the model, so a bad file leaves no folder
-    result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
-                      show_progress=show_progress, cache=cache, preprocess=Preprocess.from_model(model, crop_pct),
-                      partial_dir=out, on_progress=on_progress)
-    summary = result["summary"]
-    cfg = dict(getattr(model, "default_cfg", None) or {})
-    label = model_name + ("" if weights is None else f" ({Path(weights).name})")
-    summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
-               "random_weights": random_weights,
-               "seed": init["seed"] if random_weights else None,
-               "weights": None if weights is None else str(weights),
-               "weights_sha256": None if weights is None else sha256_file(weights),
-               "pretrained": pretrained, "overrides": overrides or {},
-               "state_dict_sha256": summary.get("state_dict_sha256") or state_dict_sha256(model),
-               "default_cfg": {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, list, tuple, type(None)))},
-               **summary}
-    write_decisions_csv(out / "decisions.csv", result["sets"])
-    subject = model_name + (RANDOM_SUFFIX if random_weights else "")
-    csvs = write_mvh_csvs(out, subject, result["sets"])
-    humans = add_consistency(summary, model_trials(result["sets"]), Path(summary["stimuli_dir"]).parent,
-                             with_humans=with_humans)
-    meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
-            "workers": default_workers() if workers is None else workers,
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    summary.update(meta)
-    write_json(out / "summary.json", summary)
-    figs = plot_shape_bias([summary], out / "shape_bias", human_csv_paths=humans)
-    figs += plot_error_consistency([summary], out / "error_consistency")
-    outputs = ["decisions.csv", "summary.json", *csvs, *(Path(p).name for p in figs)]
-    remove_earlier_outputs(out, outputs)
-    write_json(out / "run.json", {"what": "erf-lab shape-bias", "model": model_name, "seed": summary["seed"],
-                                  "weights": summary["weights"],
-                                  "weights_sha256": summary["weights_sha256"], "stimuli_dir": summary["stimuli_dir"],
-                                  "limit": limit, "outputs": outputs, **meta})
-    remove_partial_sets(out)
-    return summary
+    # held while it writes: a second erf-lab process evaluating into it meanwhile (the same command again in another
+    # shell, to resume a run that still goes) would write the same partial scores and outputs
+    with hold_folder(out):
+        remove_write_leftovers(out)  # the temporary files of a run killed while it wrote
+        result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
+                          show_progress=show_progress, cache=cache, preprocess=Preprocess.from_model(model, crop_pct),
+                          partial_dir=out, on_progress=on_progress)
+        summary = result["summary"]
+        cfg = dict(getattr(model, "default_cfg", None) or {})
+        label = model_name + ("" if weights is None else f" ({Path(weights).name})")
+        summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
+                   "random_weights": random_weights,
+                   "seed": init["seed"] if random_weights else None,
+                   "weights": None if weights is None else str(weights),
+                   "weights_sha256": None if weights is None else sha256_file(weights),
+                   "pretrained": pretrained, "overrides": overrides or {},
+                   "state_dict_sha256": summary.get("state_dict_sha256") or state_dict_sha256(model),
+                   "default_cfg": {k: v for k, v in cfg.items()
+                                   if isinstance(v, (str, int, float, list, tuple, type(None)))},
+                   **summary}
+        write_decisions_csv(out / "decisions.csv", result["sets"])
+        subject = model_name + (RANDOM_SUFFIX if random_weights else "")
+        csvs = write_mvh_csvs(out, subject, result["sets"])
+        humans = add_consistency(summary, model_trials(result["sets"]), Path(summary["stimuli_dir"]).parent,
+                                 with_humans=with_humans)
+        meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
+                "workers": default_workers() if workers is None else workers,
+                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        summary.update(meta)
+        write_json(out / "summary.json", summary)
+        figs = plot_shape_bias([summary], out / "shape_bias", human_csv_paths=humans)
+        figs += plot_error_consistency([summary], out / "error_consistency")
+        outputs = ["decisions.csv", "summary.json", *csvs, *(Path(p).name for p in figs)]
+        remove_earlier_outputs(out, outputs)
+        write_json(out / "run.json", {"what": "erf-lab shape-bias", "model": model_name, "seed": summary["seed"],
+                                      "weights": summary["weights"],
+                                      "weights_sha256": summary["weights_sha256"],
+                                      "stimuli_dir": summary["stimuli_dir"], "limit": limit, "outputs": outputs,
+                                      **meta})
+        remove_partial_sets(out)
+        return summary
