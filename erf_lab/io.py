@@ -178,6 +178,22 @@ _HELD: dict[str, tuple[int, int]] = {}
 _HELD_CHANGED = threading.Condition()
 
 
+def _forget_held_in_child() -> None:
+    """In a child forked while folders are held (DataLoader and decode workers): close its copies of the lock
+    descriptors. A ``flock`` lasts while any copy is open, so a worker the kill of its parent left running (SIGKILL
+    gives it no stop) held the folder on, and every later run there was refused as 'in use'. The parent's lock stays."""
+    global _HELD_CHANGED
+    for fd, _ in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+    _HELD_CHANGED = threading.Condition()  # its lock may have been taken by another thread at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held_in_child)
+
+
 @contextlib.contextmanager
 def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None]:
     """Hold ``folder`` (which exists) for this process while the block writes a run into it: an advisory lock on

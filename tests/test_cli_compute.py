@@ -1,4 +1,5 @@
 """``erf-lab compute`` / ``erf-lab layers`` and the resumable run (tiny RepLKNet, small inputs, built-in images)."""
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -455,3 +456,45 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_write(tmp_path, monkey
     assert res["result"].num_used == 3
     np.testing.assert_array_equal(np.load(out / "erf.npy"), np.load(tmp_path / "full" / "erf.npy"))
     assert sorted(p.name for p in out.iterdir()) == sorted([".notes.tmp", *(p.name for p in full["out_dir"].iterdir())])
+
+
+_HOLD_AND_FORK = """
+import os, sys, time
+from erf_lab.io import hold_folder
+with hold_folder(sys.argv[1]):
+    pid = os.fork()  # as a DataLoader or decode worker is started while the run holds its folder
+    if pid == 0:
+        time.sleep(120)
+        os._exit(0)
+    print(pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_worker_left_running_by_a_kill_does_not_hold_the_folder(tmp_path):
+    """A run killed with SIGKILL while it had worker processes (a shape-bias run decoding, a training run's
+    DataLoader) can leave them running, blocked on a pipe nobody reads. They inherited the descriptor that carries
+    the folder's lock, and a flock lasts while any copy is open: every later run in the folder was refused as 'in
+    use' until someone found and killed them. Forked children now drop their copies; the lock ends with the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_AND_FORK, str(out)], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(proc.stdout.readline())
+        assert subprocess.run([sys.executable, "-c", _TRY_LOCK, str(out)]).returncode == 3  # held by the run
+        proc.kill()
+        proc.wait(timeout=30)
+        assert os.path.exists(f"/proc/{child}") or sys.platform != "linux"  # the worker lives on
+        assert subprocess.run([sys.executable, "-c", _TRY_LOCK, str(out)]).returncode == 0  # the folder is free
+    finally:
+        proc.kill()
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
