@@ -773,3 +773,66 @@ def test_a_stop_during_inference_from_worker_processes_shuts_them_down_at_once(f
                 show_progress=False, cache=False)
     assert model.seen == 2 and stopped.value.__traceback__ is not None
     assert multiprocessing.active_children() == []
+
+
+_DECODE_THEN_WAIT = """
+import multiprocessing, sys, time
+import erf_lab.io
+from erf_lab.shape_bias.evaluate import decode_all
+from erf_lab.shape_bias.stimuli import Preprocess, list_stimuli
+
+class Bar:  # the first batch arrives: say which workers decode, then wait there (the test kills this process)
+    def __init__(self, *a, **k): pass
+    def __enter__(self): return self
+    def __exit__(self, *a): return False
+    def update(self, n):
+        print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+        time.sleep(300)
+
+erf_lab.io.progress = Bar
+stim = list_stimuli(sys.argv[1])[0]
+decode_all(stim * 40, Preprocess(size=(224, 224)), workers=2)
+"""
+
+
+def test_decode_workers_end_when_their_run_is_killed(fixture_datasets):
+    """SIGKILL of a shape-bias run while its workers decode (no stop reaches them): each worker's decoded batches
+    filled the pipe to the dead run, and its exit waited on writing them for good (two processes left per kill,
+    found by killing runs at random). They now end with the run (Linux: PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    proc = subprocess.Popen([sys.executable, "-c", _DECODE_THEN_WAIT, str(fixture_datasets / "cue-conflict")],
+                            stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2
+        time.sleep(1)  # the workers decode ahead meanwhile, more than the pipe holds
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.time() + 20  # a worker's own check of its parent runs every 5 s
+        while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and
+                                             "Z" not in _proc_state(w) for w in workers):
+            time.sleep(0.2)
+        assert not [w for w in workers if os.path.exists(f"/proc/{w}") and "Z" not in _proc_state(w)]
+    finally:
+        proc.kill()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

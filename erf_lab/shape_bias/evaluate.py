@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -173,7 +174,7 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
     model runs in eval mode and is given back in the train / eval modes it came in, whatever happens."""
     from erf_lab.erf.prepare import eval_mode, keep_freed_memory, param_dtype
     from erf_lab.io import progress
-    from erf_lab.train.stop import iterate, stop_handling
+    from erf_lab.train.stop import die_with_parent, iterate, stop_handling
 
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu:
@@ -199,7 +200,8 @@ def run_set(model: nn.Module, name: str, stimuli: list[Stimulus], preprocess: Pr
         batches = torch.utils.data.DataLoader(dataset if len(todo) == n else torch.utils.data.Subset(dataset, todo),
                                               batch_size=batch_size, shuffle=False,
                                               num_workers=default_workers() if workers is None else workers,
-                                              pin_memory=device.startswith("cuda"), persistent_workers=False)
+                                              pin_memory=device.startswith("cuda"), persistent_workers=False,
+                                              worker_init_fn=functools.partial(die_with_parent, os.getpid()))
         batches = iterate(batches)  # Ctrl-C never cuts the workers' start or a batch's transfer in half
     dtype = param_dtype(model)
     wide = torch.promote_types(dtype, torch.float32)  # normalized in float32 at least, then in the model's dtype
@@ -253,11 +255,12 @@ def decode_all(stimuli: list[Stimulus], preprocess: Preprocess, *, workers: int 
     {i: error} of the undecodable ones (zeros)). 256 stimuli at 224 px on the 2-core dev box: 1.25-1.4 s in
     one process, 0.8 s in two."""
     from erf_lab.io import progress
-    from erf_lab.train.stop import iterate, stop_handling
+    from erf_lab.train.stop import die_with_parent, iterate, stop_handling
 
     workers = decode_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(StimulusPixels(stimuli, preprocess), batch_size=16, shuffle=False,
-                                         num_workers=workers if len(stimuli) > 16 else 0, collate_fn=list)
+                                         num_workers=workers if len(stimuli) > 16 else 0, collate_fn=list,
+                                         worker_init_fn=functools.partial(die_with_parent, os.getpid()))
     h, w = preprocess.size
     pixels = np.zeros((len(stimuli), 3, h, w), np.uint8)
     others: dict[int, torch.Tensor] = {}

@@ -7,6 +7,7 @@ rendering the cue-world cache) there is nothing to save, and the first signal st
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -74,6 +75,20 @@ def iterate(loader):
         if shutdown is not None:
             shutdown()
         del batches
+
+
+def die_with_parent(parent: int, worker_id: int | None = None) -> None:
+    """A DataLoader ``worker_init_fn`` (``functools.partial(die_with_parent, os.getpid())``): on Linux the worker is
+    killed when ``parent``, the process that started it, ends. A worker outlived a parent killed with SIGKILL
+    (no stop reaches it then) for good when its results filled the pipe to the dead parent: its exit waited on
+    writing them (a shape-bias run killed while decoding left two such processes per kill)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):  # no prctl: the worker's own watchdog is all there is
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before the line above took effect
+        os._exit(0)
 
 
 def stop_handling():
