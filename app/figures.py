@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from erf_lab.erf import plotting
 from erf_lab.errors import ErfLabError
+from erf_lab.io import FIGURE_RC
 
 # Library plotting functions the app renders (each writes ``stem.<fmt>`` files atomically).
 PLOTS = {"erf_comparison": plotting.plot_comparison, "erf_grid": plotting.plot_grid,
@@ -44,8 +45,11 @@ def show_figure(kind: str, args: tuple, stem: str, key: str, kwargs: dict | None
 
 def figure_bytes(fig: Figure, fmt: str) -> bytes:
     """A matplotlib figure as ``fmt`` bytes."""
+    import matplotlib
+
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=200 if fmt == "png" else None, bbox_inches="tight")
+    with matplotlib.rc_context(FIGURE_RC):  # as erf_lab.io.save_figure writes every figure file
+        fig.savefig(buf, format=fmt, dpi=200 if fmt == "png" else None, bbox_inches="tight")
     return buf.getvalue()
 
 

@@ -423,15 +423,25 @@ def save_cached_array(path: str | os.PathLike, array: np.ndarray) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
+#: how every erf-lab figure file is written, whoever drew it (ERF heatmaps, shape-bias and training figures): the
+#: PDF's text as embedded TrueType (42), not Type 3 glyph procedures, which journals' PDF checks reject and editors
+#: cannot edit; the SVG's text as text
+FIGURE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none"}
+
+
 def save_figure(fig, stem: str | os.PathLike, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
-    """Save a matplotlib figure as ``stem.<fmt>`` for each format, atomically; returns the paths."""
+    """Save a matplotlib figure as ``stem.<fmt>`` for each format, atomically (settings :data:`FIGURE_RC`);
+    returns the paths."""
+    import matplotlib
+
     stem = Path(stem)
     out = []
     for fmt in formats:
         target = stem.with_name(stem.name + "." + fmt)
         with atomic_path(target) as tmp:
             try:
-                fig.savefig(tmp, format=fmt, dpi=300 if fmt == "png" else None, bbox_inches="tight")
+                with matplotlib.rc_context(FIGURE_RC):
+                    fig.savefig(tmp, format=fmt, dpi=300 if fmt == "png" else None, bbox_inches="tight")
             except Exception as e:  # noqa: BLE001 - re-raised, or the OSError it hides
                 cause = _os_error_behind(e)
                 if cause is None:

@@ -223,3 +223,37 @@ def test_growth_legend_on_the_first_panel_with_lines(tmp_path):
         warnings.simplefilter("error")  # matplotlib warns "No artists with labels found" for a legend of nothing
         files = plot_growth(rows, tmp_path / "growth", metrics=[("area@20%", "area"), ("r_rms", "r_rms")])
     assert sorted(p.suffix for p in files) == [".pdf", ".png"]
+
+
+def pdf_font_types(path) -> set:
+    """The /Subtype of every font in a PDF (matplotlib writes its font dictionaries uncompressed)."""
+    import re
+
+    data = path.read_bytes()
+    fonts = re.findall(rb"/Type\s*/Font\b[^>]*?/Subtype\s*/(\w+)|/Subtype\s*/(\w+)[^>]*?/Type\s*/Font\b", data)
+    return {(a or b).decode() for a, b in fonts}
+
+
+def shape_bias_summary():
+    from erf_lab.shape_bias.categories import CATEGORIES
+
+    return {"model": "resnet18", "label": "resnet18", "shape_bias": 0.4,
+            "per_category": {c: {"shape_bias": 0.4, "n": 5, "shape_hits": 2, "texture_hits": 3} for c in CATEGORIES}}
+
+
+def test_every_figure_pdf_embeds_truetype_not_type3(tmp_path):
+    """The shape-bias and training figures are drawn with pyplot's defaults, where pdf.fonttype is 3 (glyphs as
+    Type 3 procedures, which journals' PDF checks reject); every figure erf-lab writes embeds TrueType (42), as the
+    ERF figures always did."""
+    from erf_lab.shape_bias.plotting import plot_shape_bias
+    from erf_lab.train.loop import plot_curves
+
+    rows = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "train_acc": 0.1 * e, "val_acc": 0.1 * e}
+            for e in (1, 2, 3)]
+    pdfs = [plot_shape_bias([shape_bias_summary()], tmp_path / "shape_bias")[1],
+            plot_curves(rows, tmp_path / "curves")[1],
+            plot_erf(gaussian_map(), tmp_path / "erf", title="x", formats=("pdf",))[0]]
+    for pdf in pdfs:
+        types = pdf_font_types(pdf)
+        assert types and "Type3" not in types, (pdf.name, types)
+        assert b"/FontFile2" in pdf.read_bytes(), pdf.name  # the TrueType program is embedded

@@ -20,7 +20,7 @@ import numpy as np
 
 from erf_lab.erf.metrics import log10_1p, validate_erf
 from erf_lab.errors import ErfLabError
-from erf_lab.io import save_figure
+from erf_lab.io import FIGURE_RC, save_figure
 
 FORMATS = ("png", "pdf", "svg")
 # name -> (formula shown in the figure, whose convention, transform before dividing by the max). Display only:
@@ -41,8 +41,7 @@ _RC = {
     "legend.fontsize": 9,
     "xtick.labelsize": 9,
     "ytick.labelsize": 9,
-    "pdf.fonttype": 42,  # embed TrueType (editable text in Illustrator, accepted by publishers)
-    "svg.fonttype": "none",
+    **FIGURE_RC,  # PDF text as embedded TrueType (editable, accepted by publishers), SVG text as text
     "axes.facecolor": "white",
     "axes.grid": False,
 }
