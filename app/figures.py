@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from erf_lab.erf import plotting
 from erf_lab.errors import ErfLabError
-from erf_lab.io import FIGURE_RC
+from erf_lab.io import FIGURE_METADATA, FIGURE_RC
 
 # Library plotting functions the app renders (each writes ``stem.<fmt>`` files atomically).
 PLOTS = {"erf_comparison": plotting.plot_comparison, "erf_grid": plotting.plot_grid,
@@ -49,7 +49,8 @@ def figure_bytes(fig: Figure, fmt: str) -> bytes:
 
     buf = io.BytesIO()
     with matplotlib.rc_context(FIGURE_RC):  # as erf_lab.io.save_figure writes every figure file
-        fig.savefig(buf, format=fmt, dpi=200 if fmt == "png" else None, bbox_inches="tight")
+        fig.savefig(buf, format=fmt, dpi=200 if fmt == "png" else None, bbox_inches="tight",
+                    metadata=FIGURE_METADATA.get(fmt))
     return buf.getvalue()
 
 

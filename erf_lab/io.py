@@ -425,8 +425,11 @@ def save_cached_array(path: str | os.PathLike, array: np.ndarray) -> np.ndarray:
 
 #: how every erf-lab figure file is written, whoever drew it (ERF heatmaps, shape-bias and training figures): the
 #: PDF's text as embedded TrueType (42), not Type 3 glyph procedures, which journals' PDF checks reject and editors
-#: cannot edit; the SVG's text as text
-FIGURE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none"}
+#: cannot edit; the SVG's text as text. And the same figure gives the same bytes in every run: no creation date in
+#: the PDF / SVG (FIGURE_METADATA) and a fixed salt for the SVG's element ids (random by default), so a re-run study
+#: or a shipped figure shows no change where none was made
+FIGURE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none", "svg.hashsalt": "erf-lab"}
+FIGURE_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
 
 
 def save_figure(fig, stem: str | os.PathLike, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
@@ -441,7 +444,8 @@ def save_figure(fig, stem: str | os.PathLike, formats: tuple[str, ...] = ("png",
         with atomic_path(target) as tmp:
             try:
                 with matplotlib.rc_context(FIGURE_RC):
-                    fig.savefig(tmp, format=fmt, dpi=300 if fmt == "png" else None, bbox_inches="tight")
+                    fig.savefig(tmp, format=fmt, dpi=300 if fmt == "png" else None, bbox_inches="tight",
+                                metadata=FIGURE_METADATA.get(fmt))
             except Exception as e:  # noqa: BLE001 - re-raised, or the OSError it hides
                 cause = _os_error_behind(e)
                 if cause is None:

@@ -257,3 +257,23 @@ def test_every_figure_pdf_embeds_truetype_not_type3(tmp_path):
         types = pdf_font_types(pdf)
         assert types and "Type3" not in types, (pdf.name, types)
         assert b"/FontFile2" in pdf.read_bytes(), pdf.name  # the TrueType program is embedded
+
+
+def test_the_same_figure_twice_gives_the_same_bytes(tmp_path, monkeypatch):
+    """matplotlib writes the time of saving into a PDF (CreationDate) and an SVG (dc:date) and salts the SVG's ids
+    at random: two renders of one figure differed in bytes (a re-run study's shipped family.pdf changed with nothing
+    changed). Every format now gives identical files; the second save runs 400 days later (SOURCE_DATE_EPOCH,
+    the clock matplotlib's dates read)."""
+    import time
+
+    from erf_lab.shape_bias.plotting import plot_shape_bias
+
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    first = plot_erf(gaussian_map(), tmp_path / "a", title="x", formats=("png", "pdf", "svg"))
+    first += plot_shape_bias([shape_bias_summary()], tmp_path / "sa")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", str(int(time.time()) + 86400 * 400))
+    second = plot_erf(gaussian_map(), tmp_path / "b", title="x", formats=("png", "pdf", "svg"))
+    second += plot_shape_bias([shape_bias_summary()], tmp_path / "sb")
+    assert [p.suffix for p in first] == [".png", ".pdf", ".svg", ".png", ".pdf"]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name
