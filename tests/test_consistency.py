@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 from itertools import combinations
 
@@ -315,3 +316,21 @@ def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
     p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
     t = read_trials([p])["edge"]["m"]
     assert accuracy(t) == 0.5 and set(t) == {"oven1.png", "cat1.png"}
+
+
+def test_compare_and_from_csv_record_versions_and_time(tmp_path):
+    """The run.json of 'shape-bias --compare' and '--from-csv' held only the command (and runs / CSVs): no
+    erf-lab / package versions, no working folder, no time, unlike every other erf-lab record."""
+    import erf_lab
+    from erf_lab.shape_bias.plotting import compare_runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"model": "m", "label": "m", "shape_bias": 0.5, "per_category": {}}))
+    compare_runs([run], tmp_path / "cmp")
+    p = _write(tmp_path / "cue-conflict_m_session-1.csv", "m", [("0001_x_bird1-cat2.png", "bird", "bird")])
+    analyse_csvs([p], tmp_path / "csv", humans=False)
+    for rec in (tmp_path / "cmp" / "run.json", tmp_path / "csv" / "run.json"):
+        info = json.loads(rec.read_text())
+        assert info["versions"]["erf_lab"] == erf_lab.__version__ and info["versions"]["numpy"], rec
+        assert info["cwd"] == os.getcwd() and info["time_utc"][:2] == "20", rec

@@ -261,8 +261,15 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
     import sys
 
     write_json(out / "run.json", {"what": "erf-lab shape-bias --compare", "runs": [str(d) for d in run_dirs],
-                                  "command": sys.argv})
+                                  "command": sys.argv, **_made_with()})
     return {"rows": rows, "markdown": "\n".join(md)}
+
+
+def _made_with() -> dict:
+    """Where, with which versions and when a record was written (as every other erf-lab run.json says)."""
+    from erf_lab.provenance import now, versions
+
+    return {"versions": versions(), "cwd": os.getcwd(), "time_utc": now()}
 
 
 def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None = None, humans: bool = True,
@@ -314,6 +321,6 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
         write_json(folder / "run.json", {"what": "erf-lab shape-bias --from-csv", "model": subj,
                                          "csv": summary["from_csv"],
                                          "outputs": ["summary.json", *(Path(p).name for p in figs)],
-                                         "command": summary["command"]})
+                                         "command": summary["command"], **_made_with()})
         summaries.append(dict(summary, out=str(folder)))
     return summaries
