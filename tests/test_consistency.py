@@ -334,3 +334,28 @@ def test_compare_and_from_csv_record_versions_and_time(tmp_path):
         info = json.loads(rec.read_text())
         assert info["versions"]["erf_lab"] == erf_lab.__version__ and info["versions"]["numpy"], rec
         assert info["cwd"] == os.getcwd() and info["time_utc"][:2] == "20", rec
+
+
+def test_compare_says_when_runs_used_other_stimuli_or_crop(tmp_path):
+    """--compare put a 32-image --limit run and a full run (or a cropped and a whole-stimulus run) in one table and
+    figure without a word; the table (printed and comparison.md) and run.json now say what differs."""
+    from erf_lab.shape_bias.plotting import compare_runs
+
+    def run(name, n, crop):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({
+            "model": name, "label": name, "shape_bias": 0.5, "per_category": {},
+            "n_images": {"cue-conflict": n, "edges": max(16, n // 8)}, "preprocessing": {"crop_pct": crop}}))
+        return d
+
+    a, b, c = run("a", 1280, 1.0), run("b", 32, 1.0), run("c", 1280, 0.875)
+    same = compare_runs([a, a], tmp_path / "same")
+    assert same["note"] == "" and "Not like with like" not in same["markdown"]
+    res = compare_runs([a, b], tmp_path / "limit")
+    assert "different numbers of stimuli (a: 1280 cue-conflict, 160 edges; b: 32 cue-conflict, 16 edges)" in res["note"]
+    assert "crop" not in res["note"]
+    assert res["note"] in (tmp_path / "limit" / "comparison.md").read_text()
+    assert json.loads((tmp_path / "limit" / "run.json").read_text())["not_like_with_like"] == res["note"]
+    res = compare_runs([a, c], tmp_path / "crop")
+    assert "the crop fraction differs (a: 1.0, c: 0.875)" in res["markdown"] and "numbers" not in res["note"]

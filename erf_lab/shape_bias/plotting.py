@@ -253,7 +253,8 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
 
     md = ["| " + " | ".join(cols[:-1]) + " |", "|" + "---|" * (len(cols) - 1)]
     md += ["| " + " | ".join(fmt(r[c]) for c in cols[:-1]) + " |" for r in rows]
-    md += ["", f"_{CREDIT}_"]
+    note = settings_note(summaries)
+    md += ([""] + [f"**Not like with like:** {note}"] if note else []) + ["", f"_{CREDIT}_"]
     with atomic_path(out / "comparison.md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
     plot_shape_bias(summaries, out / "shape_bias_comparison", human_csv_paths=human_csv_paths)
@@ -261,8 +262,27 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
     import sys
 
     write_json(out / "run.json", {"what": "erf-lab shape-bias --compare", "runs": [str(d) for d in run_dirs],
-                                  "command": sys.argv, **_made_with()})
-    return {"rows": rows, "markdown": "\n".join(md)}
+                                  "command": sys.argv, "not_like_with_like": note or None, **_made_with()})
+    return {"rows": rows, "markdown": "\n".join(md), "note": note}
+
+
+def settings_note(summaries: Sequence[dict]) -> str:
+    """What makes shape-bias runs not like with like, for a comparison of them: other images (the number of stimuli
+    of each set, i.e. another ``--limit``) or another crop (``--crop-pct``: model-vs-human feeds the whole
+    stimulus, a crop cuts its border); "" when they agree (or do not say)."""
+    def label(s):
+        return s.get("label") or s.get("model")
+
+    parts = []
+    counts = [(label(s), s.get("n_images")) for s in summaries if isinstance(s.get("n_images"), dict)]
+    if len({json.dumps(n, sort_keys=True) for _, n in counts}) > 1:
+        parts.append("the runs measured different numbers of stimuli (" + "; ".join(
+            f"{lab}: " + ", ".join(f"{v} {k}" for k, v in n.items()) for lab, n in counts) + "), e.g. another --limit")
+    prep = [(label(s), s["preprocessing"]) for s in summaries if isinstance(s.get("preprocessing"), dict)]
+    if len({json.dumps(p.get("crop_pct")) for _, p in prep}) > 1:
+        parts.append("the crop fraction differs (" + ", ".join(f"{lab}: {p.get('crop_pct')}" for lab, p in prep)
+                     + ")")
+    return "; ".join(parts) + ("." if parts else "")
 
 
 def _made_with() -> dict:
