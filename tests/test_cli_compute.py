@@ -498,3 +498,29 @@ def test_a_worker_left_running_by_a_kill_does_not_hold_the_folder(tmp_path):
         if child is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
+
+
+def test_records_name_the_source_commit(tmp_path):
+    """Every record's versions said erf_lab 0.1.0, the same from commit to commit: no record said which code made
+    a result. versions() now carries the git commit of the source (+dirty when tracked files differ from it)."""
+    import subprocess
+
+    from erf_lab.provenance import source_commit, versions
+
+    repo = tmp_path / "src"
+    repo.mkdir()
+    assert source_commit(str(repo)) is None  # not a checkout (an installed package): no commit claimed
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    source_commit.cache_clear()  # (read once per process and folder)
+    assert len(head) == 40 and source_commit(str(repo)) == head
+    (repo / "a.py").write_text("x = 2\n")
+    (repo / "b.py").write_text("")  # untracked files do not make it dirty
+    source_commit.cache_clear()
+    assert source_commit(str(repo)) == head + "+dirty"
+    commit = versions()["erf_lab_commit"]  # this checkout's (None where the tests run from an installed copy)
+    assert commit is None or len(commit.split("+")[0]) == 40
