@@ -320,3 +320,36 @@ def test_timeline_table_says_not_reached_for_area_ratios_not_reached(tiny_run, t
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
     assert rows and all(r[1:4] == ["n/r", "n/r", "n/r"] for r in rows), out
     assert "n/r: not reached" in out
+
+
+def _figure_texts(fig) -> list[str]:
+    import matplotlib.text
+
+    return [t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
+
+
+def test_timeline_and_family_heatmaps_say_what_their_colours_are(tmp_path, monkeypatch):
+    """The timeline's and the study's ERF strips had no colour bar: nothing said the colours are log10(A+1) over each
+    map's own max (every other ERF figure says it). Both now carry the colour bar with its caption."""
+    import erf_lab.io
+    from erf_lab.train.study import StudySettings, plot_family
+    from erf_lab.train.timeline import plot_timeline
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    y, x = np.mgrid[:16, :16]
+    erf = np.exp(-((y - 8) ** 2 + (x - 8) ** 2) / 10.0)
+    rows = [{"epoch": e, "area@20%": 1.0 + e, "area@30%": 2.0, "area@50%": 5.0, "area@99%": 50.0, "r_rms": 5.0,
+             "r50": 4.0, "shape_bias": 0.5, "val_acc": 0.1 * e} for e in range(3)]
+    plot_timeline(rows, {e: erf * (e + 1) for e in range(3)}, tmp_path / "timeline", title="t")
+    settings = StudySettings(erf_input_size=16)
+    fam = []
+    for k in (3, 7):
+        (tmp_path / "erf-16px" / f"K{k}").mkdir(parents=True)
+        np.save(tmp_path / "erf-16px" / f"K{k}" / "erf.npy", erf)
+        fam.append({"name": f"K{k}", "kernel": k, "seed": 0, "area@50%": 5.0, "r_rms": 4.0, "shape_bias": 0.3,
+                    "val_acc": 0.5})
+    plot_family(tmp_path, fam, settings)
+    assert len(figs) == 2
+    for fig in figs:
+        assert any(t.startswith("log10(A+1)/max") for t in _figure_texts(fig)), _figure_texts(fig)

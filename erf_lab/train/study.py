@@ -414,16 +414,18 @@ def write_results(study: Path, rows: list[dict], settings: StudySettings, planne
 def plot_family(study: Path, fam: list[dict], settings: StudySettings, formats=("png", "pdf")) -> list[Path]:
     """Seed-0 ERF maps of the family side by side, then area@50 %, r_rms, shape bias and val accuracy against
     kernel size (every seed a point, seed 0 joined by a line)."""
-    from erf_lab.erf.plotting import _heatmap, _new_figure, _style, display_map
+    from erf_lab.erf.plotting import _colorbar, _heatmap, _new_figure, _style, display_map
     from erf_lab.io import save_figure
 
     seed0 = sorted((r for r in fam if r["seed"] == min(x["seed"] for x in fam)), key=lambda r: r["kernel"])
     with _style():
         fig = _new_figure((max(9.0, 2.2 * len(seed0)), 6.0))
         top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1])
-        for ax, r in zip(top.subplots(1, len(seed0), squeeze=False)[0], seed0):
+        strip = top.subplots(1, len(seed0), squeeze=False)[0]
+        for ax, r in zip(strip, seed0):
             erf = np.load(study / f"erf-{settings.erf_input_size}px" / r["name"] / "erf.npy", allow_pickle=False)
-            _heatmap(ax, display_map(erf), f"K = {r['kernel']}")
+            image = _heatmap(ax, display_map(erf), f"K = {r['kernel']}")
+        _colorbar(top, image, list(strip), None)  # what the colours are, as every ERF figure says
         top.suptitle(f"trained on cue-world ({settings.input_size} px), ERF at {settings.erf_input_size} px",
                      fontsize=9)
         axes = bottom.subplots(1, 4)

@@ -265,7 +265,7 @@ def _strip_epochs(epochs: list[int], most: int = 8) -> list[int]:
 def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", formats=("png", "pdf")) -> list[Path]:
     """One figure: ERF heatmaps as a strip over epochs (paper colours, log-normalised each), then area ratios,
     effective radius (r_rms) and shape bias / val accuracy against epoch."""
-    from erf_lab.erf.plotting import _heatmap, _new_figure, _style, display_map
+    from erf_lab.erf.plotting import _colorbar, _heatmap, _new_figure, _style, display_map
     from erf_lab.io import save_figure
 
     shown = _strip_epochs(sorted(maps))
@@ -277,8 +277,10 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
     with _style():
         fig = _new_figure((max(9.0, 1.4 * len(shown)), 6.2))
         top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.25])
-        for ax, e in zip(top.subplots(1, len(shown), squeeze=False)[0], shown):
-            _heatmap(ax, display_map(maps[e]), f"epoch {e}")
+        strip = top.subplots(1, len(shown), squeeze=False)[0]
+        images = [_heatmap(ax, display_map(maps[e]), f"epoch {e}") for ax, e in zip(strip, shown)]
+        if images:  # what the colours are (each map's log10(A+1) over its own max), as every ERF figure says
+            _colorbar(top, images[-1], list(strip), None)
         if title:
             top.suptitle(title, fontsize=9)
         a1, a2, a3 = bottom.subplots(1, 3)
