@@ -353,3 +353,26 @@ def test_timeline_and_family_heatmaps_say_what_their_colours_are(tmp_path, monke
     assert len(figs) == 2
     for fig in figs:
         assert any(t.startswith("log10(A+1)/max") for t in _figure_texts(fig)), _figure_texts(fig)
+
+
+def test_timeline_figure_marks_the_shape_bias_of_untrained_checkpoints(tmp_path, monkeypatch):
+    """The table marks the shape bias of epoch 0 and of checkpoints at chance with † (it means nothing there); the
+    figure drew those points like any other, so the figure alone showed a random network's 0.5 as a result. They are
+    drawn hollow now, with a legend entry that says so; a timeline without such rows has none."""
+    import erf_lab.io
+    from erf_lab.train.timeline import plot_timeline
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    erf = np.ones((8, 8))
+    rows = [{"epoch": e, "r_rms": 5.0, "r50": 4.0, "shape_bias": sb, "val_acc": acc, "untrained": bad}
+            for e, sb, acc, bad in ((0, 0.6, None, True), (1, 0.55, 0.1, True), (2, 0.3, 0.6, False))]
+    plot_timeline(rows, {0: erf}, tmp_path / "t")
+    plot_timeline([dict(r, untrained=False) for r in rows[2:]], {2: erf}, tmp_path / "u")
+    import matplotlib.axes
+
+    axes = {id(ax): ax for ax in figs[0].findobj(matplotlib.axes.Axes)}.values()
+    marked = [line for ax in axes for line in ax.get_lines() if "untrained" in line.get_label()]
+    assert len(marked) == 1 and list(marked[0].get_xdata()) == [0, 1] and list(marked[0].get_ydata()) == [0.6, 0.55]
+    assert marked[0].get_markerfacecolor() == "white"
+    assert not any("untrained" in t for t in _figure_texts(figs[1]))

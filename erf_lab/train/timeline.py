@@ -264,7 +264,8 @@ def _strip_epochs(epochs: list[int], most: int = 8) -> list[int]:
 
 def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", formats=("png", "pdf")) -> list[Path]:
     """One figure: ERF heatmaps as a strip over epochs (paper colours, log-normalised each), then area ratios,
-    effective radius (r_rms) and shape bias / val accuracy against epoch."""
+    effective radius (r_rms) and shape bias / val accuracy against epoch; the shape bias of rows marked
+    ``untrained`` (:data:`UNTRAINED_NOTE`) is drawn hollow and named so in the legend."""
     from erf_lab.erf.plotting import _colorbar, _heatmap, _new_figure, _style, display_map
     from erf_lab.io import save_figure
 
@@ -296,7 +297,12 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
         for k, mk, lab in (("shape_bias", "o-", "shape bias"), ("val_acc", "s-", "val accuracy"),
                            ("shape_only_accuracy", "^--", "shape-only acc"),
                            ("texture_only_accuracy", "v--", "texture-only acc")):
-            a3.plot(ep, col(k), mk, markersize=4, label=lab)
+            line = a3.plot(ep, col(k), mk, markersize=4, label=lab)[0]
+            if k == "shape_bias" and any(r.get("untrained") for r in rows):
+                # the checkpoints that learned nothing (epoch 0, val accuracy at chance): hollow, as the table's †
+                bad = [r for r in rows if r.get("untrained") and r.get(k) is not None]
+                a3.plot([r["epoch"] for r in bad], [r[k] for r in bad], "o", markersize=7, color=line.get_color(),
+                        markerfacecolor="white", label="† untrained: means nothing", zorder=3)
         a3.set_ylim(-0.02, 1.02)
         a3.legend(fontsize=7, frameon=False)
         for ax in (a1, a2, a3):
