@@ -864,3 +864,30 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_write(tmp_path, monkey
     assert json.loads((out / "run.json").read_text())["final"]["epoch"] == 2
     assert not [p for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if ".tmp" in p.name and
                 p.name != ".notes.tmp"] and (out / ".notes.tmp").is_file()
+
+
+def test_curves_and_timeline_tick_whole_epochs(tmp_path, monkeypatch):
+    """Two or three epochs gave ticks at epoch 1.2, 1.4 ... (the training curves) and 0.5, 1.5 (the timeline):
+    there are no such epochs. Both axes now tick whole epochs only."""
+    import erf_lab.io
+    import matplotlib.axes
+    from erf_lab.train.loop import plot_curves
+    from erf_lab.train.timeline import plot_timeline
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.2 * e, "val_loss": 1.1 / e, "val_acc": 0.2 * e,
+             "r_rms": 4.0 + e, "r50": 3.0, "shape_bias": 0.3} for e in (1, 2)]
+    plot_curves(rows, tmp_path / "curves")
+    plot_timeline(rows, {1: np.ones((8, 8))}, tmp_path / "timeline")
+    for fig in figs:
+        epoch_axes = [ax for ax in {id(a): a for a in fig.findobj(matplotlib.axes.Axes)}.values()
+                      if ax.get_xlabel() == "epoch"]
+        assert len(epoch_axes) in (2, 3)
+        for ax in epoch_axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    # the timeline's area panel, empty here (no area ratio reached): on the epoch axis of the others, and says why
+    import matplotlib.text
+
+    assert any("no area ratio reached" in t.get_text() for t in figs[1].findobj(matplotlib.text.Text))

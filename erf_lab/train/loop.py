@@ -222,6 +222,7 @@ def plot_curves(rows: list[dict], stem, label_smoothing: float = 0.0) -> list[Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from erf_lab.io import save_figure
 
@@ -235,6 +236,7 @@ def plot_curves(rows: list[dict], stem, label_smoothing: float = 0.0) -> list[Pa
         if rows and f"val_{key}_ema" in rows[0]:
             ax.plot(ep, [r[f"val_{key}_ema"] for r in rows], "^--", label="val (EMA)")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs (no tick at epoch 1.2)
         ax.set_ylabel("cross-entropy" if key == "loss" else "top-1 accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

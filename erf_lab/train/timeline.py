@@ -266,6 +266,8 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
     """One figure: ERF heatmaps as a strip over epochs (paper colours, log-normalised each), then area ratios,
     effective radius (r_rms) and shape bias / val accuracy against epoch; the shape bias of rows marked
     ``untrained`` (:data:`UNTRAINED_NOTE`) is drawn hollow and named so in the legend."""
+    from matplotlib.ticker import MaxNLocator
+
     from erf_lab.erf.plotting import _colorbar, _heatmap, _new_figure, _style, display_map
     from erf_lab.io import save_figure
 
@@ -284,9 +286,12 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
             _colorbar(top, images[-1], list(strip), None)
         if title:
             top.suptitle(title, fontsize=9)
-        a1, a2, a3 = bottom.subplots(1, 3)
+        a1, a2, a3 = bottom.subplots(1, 3, sharex=True)  # one epoch axis, also where a panel has no point
         for k, mk in zip(AREA_KEYS, "os^D"):
             a1.plot(ep, col(k), marker=mk, label=f"t = {k[5:]}", markersize=4)
+        if all(r.get(k) is None for r in rows for k in AREA_KEYS):
+            a1.text(0.5, 0.5, "no area ratio reached at any epoch\n(a larger --input-size helps)",
+                    transform=a1.transAxes, ha="center", va="center", fontsize=8, color="0.35")
         a1.set_ylabel("area ratio (%)")
         a1.set_yscale("log")
         a1.legend(fontsize=7, frameon=False)
@@ -307,6 +312,7 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
         a3.legend(fontsize=7, frameon=False)
         for ax in (a1, a2, a3):
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs (no tick at epoch 0.5)
             ax.grid(True, linewidth=0.4, alpha=0.5)
         return save_figure(fig, stem, tuple(formats))
 
