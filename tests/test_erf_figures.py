@@ -277,3 +277,23 @@ def test_the_same_figure_twice_gives_the_same_bytes(tmp_path, monkeypatch):
     assert [p.suffix for p in first] == [".png", ".pdf", ".svg", ".png", ".pdf"]
     for a, b in zip(first, second):
         assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_run_figure_says_what_was_measured(tmp_path, monkeypatch):
+    """erf.png / erf.pdf of a run (compute, and analyze of the run) named only the model: a figure that travels
+    without its run.json did not say which layer, input size or how many images it shows. A line under the map
+    now says it; a bare .npy, with no record, gets none."""
+    from erf_lab.erf import plotting
+    from erf_lab.erf.analysis import analyze
+
+    figures = []
+    real = plotting.erf_figure
+    monkeypatch.setattr(plotting, "erf_figure", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
+    info = {"model": "toy", "layer": "stages.2", "input_size": 40, "num_used": 3, "random_init": True}
+    write_run_dir(tmp_path / "run", gaussian_map(40), info)
+    analyze(tmp_path / "run", out=tmp_path / "again", formats=("png",))
+    np.save(tmp_path / "bare.npy", gaussian_map(40))
+    analyze(tmp_path / "bare.npy", formats=("png",))
+    shown = [(fig.axes[0].get_title(), fig.axes[0].get_xlabel()) for fig in figures]
+    assert shown[0] == shown[1] == ("toy (random init)", "stages.2, 40x40 px, 3 images")
+    assert shown[2][1] == ""

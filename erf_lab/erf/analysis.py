@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from erf_lab.erf.metrics import compute_metrics, paper_caveat, summary
-from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run
+from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run, run_caption
 from erf_lab.erf.metrics import gaussian_fit_ok
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, gauss_note,
                                 markdown_table, metrics_text, paper_protocol_note, table_rows)
@@ -40,7 +40,8 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
         metrics["random_init"] = True
     write_json(mpath, metrics)
     title = f"{run.label} {RANDOM_MARK}" if random_init else run.label
-    files = [mpath] + plot_erf(run.erf, out_dir / stem, title=title, formats=tuple(formats), display=display)
+    files = [mpath] + plot_erf(run.erf, out_dir / stem, title=title, formats=tuple(formats), display=display,
+                               caption=run_caption(run.run_info))
     text = metrics_text(metrics, title)
     if note := paper_protocol_note([(run.label, run.run_info)]):
         text += f"\n  note: {note}"

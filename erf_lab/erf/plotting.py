@@ -140,22 +140,26 @@ def display_map(erf, display: str | None = None, scale: float | None = None) -> 
     return t / m if m > 0 else t
 
 
-def erf_figure(erf, title: str | None = None, display: str | None = None):
+def erf_figure(erf, title: str | None = None, display: str | None = None, caption: str | None = None):
     """The paper-style heatmap of one ERF as a ``matplotlib.figure.Figure`` (e.g. for ``st.pyplot``); the colour
-    bar names the ``display`` preset."""
+    bar names the ``display`` preset; ``caption``, in small type under the map, what was measured
+    (:func:`erf_lab.erf.rundir.run_caption`)."""
     data = display_map(erf, display)
     with _style():
         fig = _new_figure((4.0, 4.4))
         ax = fig.add_subplot()
         image = _heatmap(ax, data, title)
+        if caption:
+            ax.set_xlabel(caption, fontsize=8)
         _colorbar(fig, image, ax, display)
     return fig
 
 
 def plot_erf(erf, stem: str | os.PathLike, title: str | None = None,
-             formats: Sequence[str] = ("png", "pdf"), display: str | None = None) -> list[Path]:
+             formats: Sequence[str] = ("png", "pdf"), display: str | None = None,
+             caption: str | None = None) -> list[Path]:
     """Paper-style heatmap of one ERF saved as ``stem.<fmt>``; returns the written paths."""
-    fig = erf_figure(erf, title, display)
+    fig = erf_figure(erf, title, display, caption)
     with _style():
         return save_figure(fig, stem, tuple(formats))
 

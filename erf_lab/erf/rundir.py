@@ -118,6 +118,21 @@ def run_metrics(erf, run_info: dict | None, theoretical_rf: int | None = None, c
     return metrics
 
 
+def run_caption(info: dict | None) -> str | None:
+    """What an ERF figure measured, for the line under its map (the figure travels without run.json): layer, input
+    size and number of images, e.g. ``'forward_features, 1024x1024 px, 50 images'``; None when the record does
+    not say (a bare .npy)."""
+    info = info or {}
+    parts = []
+    if isinstance(info.get("layer"), str) and info["layer"]:
+        parts.append(info["layer"])
+    if isinstance(info.get("input_size"), int) and not isinstance(info["input_size"], bool):
+        parts.append(f"{info['input_size']}x{info['input_size']} px")
+    if isinstance(info.get("num_used"), int) and not isinstance(info["num_used"], bool):
+        parts.append(f"{info['num_used']} image{'s' if info['num_used'] != 1 else ''}")
+    return ", ".join(parts) or None
+
+
 def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_rf: int | None = None,
                   formats: Sequence[str] = ("png", "pdf"), display: str | None = None, centre=None) -> dict:
     """Write a complete run directory; returns the metrics (centred on ``centre``, the measured unit's
@@ -141,7 +156,7 @@ def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_r
     title = info.get("label") or info.get("model")
     if info.get("random_init"):
         title = f"{title} {RANDOM_MARK}"
-    figs = plot_erf(a, out / "erf", title=title, formats=tuple(formats), display=display)
+    figs = plot_erf(a, out / "erf", title=title, formats=tuple(formats), display=display, caption=run_caption(info))
     info["metrics_summary"] = summary(metrics)
     info["files"] = [ERF_FILE, METRICS_FILE] + [p.name for p in figs]
     info.setdefault("written", now())
