@@ -58,8 +58,9 @@ def versions() -> dict:
                 mod = __import__(name)
             except ImportError:
                 mod = None
-        if mod is not None:
-            out[name] = getattr(mod, "__version__", None)
+        if mod is not None:  # plain str (torch's is a TorchVersion, which a weights-only state refuses to hold)
+            version = getattr(mod, "__version__", None)
+            out[name] = None if version is None else str(version)
     return out
 
 

@@ -891,3 +891,21 @@ def test_curves_and_timeline_tick_whole_epochs(tmp_path, monkeypatch):
     import matplotlib.text
 
     assert any("no area ratio reached" in t.get_text() for t in figs[1].findobj(matplotlib.text.Text))
+
+
+def test_a_resumed_run_records_every_session(tmp_path, one_thread):
+    """run.json of a resumed run gave only the last session's command, device, versions and start: how the first
+    epochs were made (another erf-lab or torch, another device) was lost. It now lists every session, each with
+    the step it started from; the training state carries the earlier ones."""
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, on_step=_Interrupt(3, KeyboardInterrupt()), argv=["erf-lab", "train", "first"])
+    state = C.load_state(out)  # weights-only: the sessions are plain data
+    assert [s["command"] for s in state["sessions"]] == [["erf-lab", "train", "first"]] and state["step"] == 3
+    info = _run(out, resume=True, argv=["erf-lab", "train", "--resume"])["run_info"]
+    sessions = info["sessions"]
+    assert [s["command"] for s in sessions] == [["erf-lab", "train", "first"], ["erf-lab", "train", "--resume"]]
+    assert [(s["from_epoch"], s["from_step"]) for s in sessions] == [(0, 0), (state["epoch"], 3)]
+    assert all(s["device"] == "cpu" and s["versions"]["torch"] == torch.__version__ for s in sessions)
+    assert sessions[0]["start_time"] <= sessions[0]["end_time"] <= sessions[1]["start_time"] <= sessions[1]["end_time"]
+    assert json.loads((out / "run.json").read_text())["sessions"] == sessions

@@ -557,6 +557,15 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
 
     epoch, position, step, rows, sums = 0, 0, 0, [], _Sums()
     epoch_images, epoch_time = 0, 0.0  # of the epoch so far (img/s), over sessions
+    # how each session of the run was started (a resumed run's earlier ones from its state: their command,
+    # device and versions would otherwise be lost to the last session's); the last one's end is the save's time
+    sessions = [s for s in (state or {}).get("sessions", []) if isinstance(s, dict)]
+    session = {"command": list(argv) if argv is not None else None, "device": str(device), "versions": versions(),
+               "start_time": start_time, "from_epoch": state["epoch"] if state is not None else 0,
+               "from_step": state["step"] if state is not None else 0}
+
+    def all_sessions() -> list[dict]:
+        return [*sessions, {**session, "end_time": now()}]
 
     def save_state():
         rng, rank_sums = [C.rng_state()], [sums.v]
@@ -569,7 +578,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                "scaler": scaler.state_dict() if scaler is not None else {},
                                "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch,
                                "position": position, "step": step, "rows": rows, "sums": rank_sums, "rng": rng,
-                               "epoch_images": epoch_images, "epoch_time": epoch_time})
+                               "epoch_images": epoch_images, "epoch_time": epoch_time, "sessions": all_sessions()})
 
     if state is not None:
         epoch, position, step, rows = state["epoch"], state["position"], state["step"], list(state["rows"])
@@ -731,6 +740,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "final": rows[-1],
         "weights": [str(p.relative_to(out)) for p in files], "start_time": start_time, "end_time": now(),
         "resumed": state is not None, "wall_s_this_session": time.time() - t_start,
+        # every session's command, device, versions and times (of a run resumed from an older erf-lab's state: the
+        # sessions since)
+        "sessions": all_sessions(),
     }
     write_json(out / COMPLETE_FILE, run_info)
     (out / C.STATE_FILE).unlink(missing_ok=True)
