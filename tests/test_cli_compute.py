@@ -128,6 +128,13 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
     np.testing.assert_array_equal(np.load(part / "erf.npy"), np.load(tmp_path / "full" / "erf.npy"))
     assert not (part / ".erf_state.npz").exists()
     assert full["run_info"]["image_list"] == res["run_info"]["image_list"]
+    # run.json names each process that measured part of the run (before: only the last one's argv and versions)
+    sessions = res["run_info"]["sessions"]
+    assert [s["after_images"] for s in sessions] == [0, 2] and len(full["run_info"]["sessions"]) == 1
+    assert all(s["device"] == "cpu" and s["versions"]["torch"] == torch.__version__ for s in sessions)
+    assert sessions[0]["start_time"] <= sessions[1]["start_time"] <= sessions[1]["end_time"]
+    assert "end_time" not in sessions[0]  # (a session stopped by Ctrl-C or a kill has no recorded end)
+    assert json.loads((part / "run.json").read_text())["sessions"] == sessions
 
 
 def test_cli_resume_on_complete_run_is_a_no_op(tmp_path, capsys):

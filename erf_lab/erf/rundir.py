@@ -68,6 +68,9 @@ RUN_FIELDS: dict[str, tuple] = {
     "erf_centre": (list, type(None)),
     # the precision the gradients were taken in, the model's (optional: absent from older files, all float32)
     "dtype": _STR_OR_NONE,
+    # each process that measured part of the run (a resumed run: several), its argv, versions, device, times and
+    # the images measured before it (optional: absent from older files)
+    "sessions": (list, type(None)),
 }
 
 

@@ -35,7 +35,7 @@ from erf_lab.erf.prepare import CONV_BACKENDS, check_device
 from erf_lab.erf.rundir import RUN_FILE, STATE_GLOB, load_run, write_run_dir
 from erf_lab.errors import ErfLabError, on_every_rank, out_of_memory
 from erf_lab.io import check_out_path
-from erf_lab.provenance import now, provenance
+from erf_lab.provenance import now, provenance, versions
 
 OUTPUT_FILES = ("erf.npy", "metrics.json", "erf.png", "erf.pdf", "erf.svg", RUN_FILE)
 CHECKPOINT_SECONDS = 30.0
@@ -649,6 +649,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
 
     spath = state_path(out_dir, dinfo)
     acc, resumed_from, error = Accumulator(), 0, None
+    earlier_sessions: list = []  # of a resumed run, from its state: each process that measured part of it
     try:  # each rank reads its own saved state; one that cannot tells the others (gather_or_fail below)
         if action == "resume" and spath.exists():
             try:
@@ -668,6 +669,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
             else:
                 start = extra.get("start_time", start)
                 resumed_from = len(acc.processed)
+                earlier_sessions = [x for x in extra.get("sessions") or [] if isinstance(x, dict)]
         elif resume and not reuse and dinfo.is_main:
             print(f"no interrupted run in {out_dir}; starting a new one", file=sys.stderr)
     except ErfLabError as e:
@@ -681,7 +683,11 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     # auto: the pixel rule on a CPU; on CUDA None, the batch sized by memory after a one-image pass (compute_erf)
     batch_size = spec.batch_size or (None if torch.device(device).type == "cuda" else
                                      auto_batch_size(spec.input_size, len(source.files), device))
-    extra = {"config": _normalise(config), "start_time": start}
+    # this process's part of the run: its command, versions, device and the images measured before it (a resumed
+    # run's run.json otherwise gave only the last session's, as if one process had measured every image)
+    session = {"argv": list(argv) if argv is not None else list(sys.argv), "versions": versions(),
+               "device": str(device), "start_time": now(), "after_images": resumed_from}
+    extra = {"config": _normalise(config), "start_time": start, "sessions": [*earlier_sessions, session]}
     last_save = [time.monotonic()]
 
     def checkpoint(a: Accumulator):
@@ -726,6 +732,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
             try:
                 run_info = _run_info(spec, config, result, source, geom, (train_size, train_size_source), device,
                                      dinfo, label, tags, resumed_from, start, t0, measure_s, argv, data_cfg)
+                run_info["sessions"] = [*earlier_sessions, {**session, "end_time": run_info["end_time"]}]
                 metrics = write_run_dir(out_dir, result.erf, run_info, theoretical_rf=geom["theoretical_rf"],
                                         centre=run_info.get("erf_centre"), formats=formats, display=display)
             except BaseException:  # Ctrl-C or a failure while writing: the measurement is kept for --resume
