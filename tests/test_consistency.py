@@ -359,3 +359,21 @@ def test_compare_says_when_runs_used_other_stimuli_or_crop(tmp_path):
     assert json.loads((tmp_path / "limit" / "run.json").read_text())["not_like_with_like"] == res["note"]
     res = compare_runs([a, c], tmp_path / "crop")
     assert "the crop fraction differs (a: 1.0, c: 0.875)" in res["markdown"] and "numbers" not in res["note"]
+
+
+def test_shape_bias_figure_says_how_many_decisions_it_rests_on(tmp_path, monkeypatch):
+    """The legend gave a model's shape bias as '0.667' whether it came from 6 decisions (--limit 32, 95 % interval
+    0.30-0.90) or from 800; the summary has the counts and the interval, and the legend now shows them."""
+    import matplotlib.pyplot as plt
+
+    import erf_lab.io
+    from erf_lab.shape_bias.plotting import plot_shape_bias
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    s = {"model": "m", "label": "m (random init)", "shape_bias": 4 / 6, "shape_hits": 4, "texture_hits": 2,
+         "shape_bias_ci95": [0.3, 0.903], "per_category": {}}
+    plot_shape_bias([s], tmp_path / "sb")
+    legend = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    assert legend == ["m (random init): 0.667 (6 decisions, 95% CI 0.30-0.90)"]
