@@ -376,3 +376,27 @@ def test_timeline_figure_marks_the_shape_bias_of_untrained_checkpoints(tmp_path,
     assert len(marked) == 1 and list(marked[0].get_xdata()) == [0, 1] and list(marked[0].get_ydata()) == [0.6, 0.55]
     assert marked[0].get_markerfacecolor() == "white"
     assert not any("untrained" in t for t in _figure_texts(figs[1]))
+
+
+def test_family_figure_marks_the_shape_bias_of_models_at_chance(tmp_path, monkeypatch):
+    """results.md marks the shape bias of a model whose val accuracy is at chance with † (it means nothing); the
+    study's figure plotted it like the others. It is drawn hollow now, named in a legend."""
+    import matplotlib.axes
+
+    import erf_lab.io
+    from erf_lab.train.study import StudySettings, plot_family
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    fam = []
+    for k, chance in ((3, False), (7, True)):
+        (tmp_path / "erf-16px" / f"K{k}").mkdir(parents=True)
+        np.save(tmp_path / "erf-16px" / f"K{k}" / "erf.npy", np.ones((16, 16)))
+        fam.append({"name": f"K{k}", "kernel": k, "seed": 0, "area@50%": 5.0, "r_rms": 4.0, "shape_bias": 0.2 + k / 10,
+                    "val_acc": 0.1 if chance else 0.7, "at_chance": chance})
+    plot_family(tmp_path, fam, StudySettings(erf_input_size=16))
+    plot_family(tmp_path, [dict(r, at_chance=False) for r in fam], StudySettings(erf_input_size=16))
+    marked = [[line for ax in {id(a): a for a in fig.findobj(matplotlib.axes.Axes)}.values()
+               for line in ax.get_lines() if "at chance" in line.get_label()] for fig in figs]
+    assert len(marked[0]) == 1 and list(marked[0][0].get_xdata()) == [7]
+    assert list(marked[0][0].get_ydata()) == [pytest.approx(0.9)] and marked[1] == []

@@ -413,7 +413,8 @@ def write_results(study: Path, rows: list[dict], settings: StudySettings, planne
 
 def plot_family(study: Path, fam: list[dict], settings: StudySettings, formats=("png", "pdf")) -> list[Path]:
     """Seed-0 ERF maps of the family side by side, then area@50 %, r_rms, shape bias and val accuracy against
-    kernel size (every seed a point, seed 0 joined by a line)."""
+    kernel size (every seed a point, seed 0 joined by a line; the shape bias of a model at chance hollow, as the
+    table's †)."""
     from erf_lab.erf.plotting import _colorbar, _heatmap, _new_figure, _style, display_map
     from erf_lab.io import save_figure
 
@@ -434,7 +435,14 @@ def plot_family(study: Path, fam: list[dict], settings: StudySettings, formats=(
             pts = [(r["kernel"], r[key]) for r in fam if r.get(key) is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="0.5", markersize=4)
             line = [(r["kernel"], r[key]) for r in seed0 if r.get(key) is not None]
-            ax.plot([p[0] for p in line], [p[1] for p in line], "o-", markersize=5)
+            drawn = ax.plot([p[0] for p in line], [p[1] for p in line], "o-", markersize=5)[0]
+            bad = [(r["kernel"], r[key]) for r in fam if key == "shape_bias" and r.get("at_chance")
+                   and r.get(key) is not None]
+            if bad:  # the table's †: a model at chance has no shape bias to speak of
+                ax.plot([p[0] for p in bad], [p[1] for p in bad], "o", markersize=8, color=drawn.get_color(),
+                        markerfacecolor="white", label="† at chance: means nothing", zorder=3)
+                ax.legend(fontsize=6, frameon=True, framealpha=0.8, edgecolor="none", loc="upper right",
+                          handlelength=1)
             ax.set_xticks(sorted({r["kernel"] for r in fam}))
             ax.set_xlabel("kernel size")
             ax.set_ylabel(label)
