@@ -152,4 +152,5 @@ def test_graph_of_a_known_module():
     """Module-level and lazy imports of a real file (plotting imports analysis and io inside functions)."""
     assert import_graph(REPO_ROOT)["erf_lab.shape_bias.plotting"] == {
         "erf_lab.errors", "erf_lab.io", "erf_lab.shape_bias.analysis", "erf_lab.shape_bias.categories",
-        "erf_lab.shape_bias.consistency", "erf_lab.shape_bias.download", "erf_lab.shape_bias.stimuli"}
+        "erf_lab.shape_bias.consistency", "erf_lab.shape_bias.download", "erf_lab.shape_bias.stimuli",
+        "erf_lab.provenance"}
