@@ -14,10 +14,10 @@ class ErfLabError(Exception):
     every_rank: bool = False
 
 
-def on_every_rank(error: ErfLabError) -> ErfLabError:
-    """``error``, marked as raised alike on every rank (:attr:`ErfLabError.every_rank`): the CLI prints it in the
-    first process of each node only (``LOCAL_RANK`` 0: each node's console gets the line once), not once per
-    process."""
+def on_every_rank(error):
+    """``error`` (an ErfLabError, or a KeyboardInterrupt: Ctrl-C reaches every process), marked as raised alike on
+    every rank (:attr:`ErfLabError.every_rank`): the CLI prints it in the first process of each node only
+    (``LOCAL_RANK`` 0: each node's console gets the line once), not once per process."""
     error.every_rank = True
     return error
 

@@ -64,7 +64,53 @@ def versions() -> dict:
     return out
 
 
+#: what a launcher's argv names itself by: torchrun's console script, or ``python -m torch.distributed.run``
+_TORCHRUN_NAMES = ("torchrun", "torch.distributed.run", "torch.distributed.launch")
+
+
+def _parent_argv() -> list[str] | None:
+    """The command line of this process's parent (Linux ``/proc``), else None."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw.endswith(b"\0") else []
+    return args or None
+
+
+def launch() -> dict | None:
+    """How several processes of this job were started, which the command line (``erf-lab train ...``) alone does
+    not say: None for one process (no ``WORLD_SIZE`` above 1, no torchrun). Under torchrun (``TORCHELASTIC_RUN_ID``
+    set): ``launcher`` "torchrun", ``world_size``, ``local_world_size`` (processes per node), ``nnodes`` and the
+    agent's ``restart_count``, and ``argv``, torchrun's own command line (the process's parent: the command that
+    reruns the job), or None where it cannot be read (then ``note`` says how to rerun)."""
+    env = os.environ
+    world = env.get("WORLD_SIZE", "").strip()
+    world = int(world) if world.isdigit() else 1
+    torchrun = bool(env.get("TORCHELASTIC_RUN_ID"))
+    if world <= 1 and not torchrun:
+        return None
+
+    def number(name, default=None):
+        text = env.get(name, "").strip()
+        return int(text) if text.isdigit() else default
+
+    local = number("LOCAL_WORLD_SIZE", world)
+    out = {"launcher": "torchrun" if torchrun else "unknown (RANK / WORLD_SIZE set by another launcher)",
+           "world_size": world, "local_world_size": local,
+           "nnodes": number("GROUP_WORLD_SIZE", world // local if local else None),
+           "restart_count": number("TORCHELASTIC_RESTART_COUNT", 0), "argv": None}
+    parent = _parent_argv() if torchrun else None
+    if parent and any(Path(a).name in _TORCHRUN_NAMES for a in parent[:3]):
+        out["argv"] = parent
+    else:
+        out["note"] = (f"started as {world} processes ({local} per node); rerun with torchrun --nnodes "
+                       f"{out['nnodes']} --nproc_per_node {local} -m erf_lab <the command>")
+    return out
+
+
 def provenance(command: str, params: dict, argv: Sequence[str] | None = None) -> dict:
-    """The record every output directory carries: command, parameters, argv, cwd, versions, time."""
+    """The record every output directory carries: command, parameters, argv, cwd, versions, time, and ``launch``
+    (:func:`launch`: torchrun's part of the command, None for one process)."""
     return {"command": command, "argv": list(argv) if argv is not None else list(sys.argv), "cwd": os.getcwd(),
-            "parameters": params, "versions": versions(), "time": now()}
+            "launch": launch(), "parameters": params, "versions": versions(), "time": now()}

@@ -909,3 +909,58 @@ def test_a_resumed_run_records_every_session(tmp_path, one_thread):
     assert all(s["device"] == "cpu" and s["versions"]["torch"] == torch.__version__ for s in sessions)
     assert sessions[0]["start_time"] <= sessions[0]["end_time"] <= sessions[1]["start_time"] <= sessions[1]["end_time"]
     assert json.loads((out / "run.json").read_text())["sessions"] == sessions
+
+
+_TORCHRUN = """import os, subprocess, sys
+env = {**os.environ, "TORCHELASTIC_RUN_ID": "r1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2",
+       "TORCHELASTIC_RESTART_COUNT": "0", "RANK": "0", "LOCAL_RANK": "0"}
+code = "import json; from erf_lab.provenance import launch; print(json.dumps(launch()))"
+sys.exit(subprocess.run([sys.executable, "-c", code], env=env).returncode)
+"""
+
+
+def test_the_records_say_how_torchrun_started_the_job(tmp_path, monkeypatch, one_thread):
+    """run.json's command was erf-lab's own argv (``erf-lab train ...``): under torchrun a reader could not tell that
+    several processes ran it, nor rerun it. ``launch`` now holds torchrun's command line, read from the launching
+    process (here a stand-in script named torchrun), and the process counts; None for one process."""
+    import subprocess
+    import sys
+
+    from erf_lab import provenance
+
+    script = tmp_path / "torchrun"
+    script.write_text(_TORCHRUN)
+    argv = [sys.executable, str(script), "--nnodes", "2", "--nproc_per_node", "2", "-m", "erf_lab", "train"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got["launcher"] == "torchrun" and got["argv"] == argv
+    assert (got["world_size"], got["local_world_size"], got["nnodes"], got["restart_count"]) == (4, 2, 2, 0)
+    for k in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert provenance.launch() is None and provenance.provenance("x", {})["launch"] is None
+    # a training run (torchrun --nproc_per_node 1 here, so that it runs in this process) records it in run.json and
+    # in each session; where torchrun's command line cannot be read, a note says how to rerun
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "r2")
+    monkeypatch.setattr(provenance, "_parent_argv", lambda: None)
+    info = _run(tmp_path / "run", Recipe(epochs=1, batch_size=8, warmup_epochs=0))["run_info"]
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["launch"] == info["sessions"][0]["launch"] == info["launch"]
+    assert saved["launch"]["launcher"] == "torchrun" and saved["launch"]["argv"] is None
+    assert "torchrun --nnodes 1 --nproc_per_node 1 -m erf_lab" in saved["launch"]["note"]
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_interrupted_is_said_once_per_node_under_torchrun(monkeypatch, capsys, local_rank):
+    """Ctrl-C reaches every torchrun process: each printed 'erf-lab train: interrupted'. Now the node's first one."""
+    import erf_lab.cli.commands.train as cmd
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmd, "run", interrupted)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert main(["train", "--model", "m", "--out", "x"]) == 130
+    err = capsys.readouterr().err
+    assert err == ("erf-lab train: interrupted\n" if local_rank == "0" else "")

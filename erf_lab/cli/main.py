@@ -12,7 +12,8 @@ import sys
 import time
 
 from erf_lab import __version__
-from erf_lab.errors import OUT_OF_MEMORY_HINT, ErfLabError, out_of_memory, printed_here, world_size_from_env
+from erf_lab.errors import (OUT_OF_MEMORY_HINT, ErfLabError, on_every_rank, out_of_memory, printed_here,
+                            world_size_from_env)
 
 EXIT_USAGE = 2
 #: a torchrun process that leaves an error to its node's first process waits this long before exiting
@@ -89,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         else:  # the node's first process says it: torchrun ends it once this one has exited, so leave it time
             time.sleep(SILENT_EXIT_DELAY_S)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _end_progress_bars()
-        print(f"erf-lab {args.command}: interrupted", file=sys.stderr)
+        # under torchrun Ctrl-C reaches every process (and a training run's ranks stop at one step together):
+        # said once per node, as an error every rank raised alike
+        if printed_here(on_every_rank(e)):
+            print(f"erf-lab {args.command}: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError, CUDA's OutOfMemoryError
         what = out_of_memory(e)

@@ -35,7 +35,7 @@ from erf_lab.erf.prepare import CONV_BACKENDS, check_device
 from erf_lab.erf.rundir import RUN_FILE, STATE_GLOB, load_run, write_run_dir
 from erf_lab.errors import ErfLabError, on_every_rank, out_of_memory
 from erf_lab.io import check_out_path
-from erf_lab.provenance import now, provenance, versions
+from erf_lab.provenance import launch, now, provenance, versions
 
 OUTPUT_FILES = ("erf.npy", "metrics.json", "erf.png", "erf.pdf", "erf.svg", RUN_FILE)
 CHECKPOINT_SECONDS = 30.0
@@ -685,7 +685,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                                      auto_batch_size(spec.input_size, len(source.files), device))
     # this process's part of the run: its command, versions, device and the images measured before it (a resumed
     # run's run.json otherwise gave only the last session's, as if one process had measured every image)
-    session = {"argv": list(argv) if argv is not None else list(sys.argv), "versions": versions(),
+    session = {"argv": list(argv) if argv is not None else list(sys.argv), "launch": launch(), "versions": versions(),
                "device": str(device), "start_time": now(), "after_images": resumed_from}
     extra = {"config": _normalise(config), "start_time": start, "sessions": [*earlier_sessions, session]}
     last_save = [time.monotonic()]

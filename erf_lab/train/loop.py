@@ -439,7 +439,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
            held_folder: contextlib.ExitStack) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
-    from erf_lab.provenance import now, versions
+    from erf_lab.provenance import launch, now, versions
 
     start_time, t_start = now(), time.time()
     settings = {"model": model_name, "overrides": {k: (list(v) if isinstance(v, tuple) else v)
@@ -560,8 +560,10 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     # how each session of the run was started (a resumed run's earlier ones from its state: their command,
     # device and versions would otherwise be lost to the last session's); the last one's end is the save's time
     sessions = [s for s in (state or {}).get("sessions", []) if isinstance(s, dict)]
-    session = {"command": list(argv) if argv is not None else None, "device": str(device), "versions": versions(),
-               "start_time": start_time, "from_epoch": state["epoch"] if state is not None else 0,
+    # "launch": torchrun's part of the command ("command" is erf-lab's own argv, which alone runs one process)
+    session = {"command": list(argv) if argv is not None else None, "launch": launch(), "device": str(device),
+               "versions": versions(), "start_time": start_time,
+               "from_epoch": state["epoch"] if state is not None else 0,
                "from_step": state["step"] if state is not None else 0}
 
     def all_sessions() -> list[dict]:
@@ -729,7 +731,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors", train_input_size=input_size)
     plot_curves(rows, out / "curves", recipe.label_smoothing)
     run_info = {
-        "command": argv, "settings": settings, "device": device, "num_workers": num_workers,
+        "command": argv, "launch": launch(), "settings": settings, "device": device, "num_workers": num_workers,
         "checkpoint_format": checkpoint_format, "cwd": os.getcwd(), "versions": versions(),
         "model_config": {"name": model_name, "overrides": settings["overrides"], "num_classes": n_classes,
                          "drop_path_rate": recipe.drop_path,
