@@ -964,3 +964,31 @@ def test_interrupted_is_said_once_per_node_under_torchrun(monkeypatch, capsys, l
     assert main(["train", "--model", "m", "--out", "x"]) == 130
     err = capsys.readouterr().err
     assert err == ("erf-lab train: interrupted\n" if local_rank == "0" else "")
+
+
+def test_ctrl_c_during_the_last_validation_stops_the_run(tmp_path, monkeypatch, capsys, one_thread):
+    """Ctrl-C while the last epoch was evaluated was only noted for the next step's check, which never came: the
+    run finished (exit 0) as if no stop had been asked for. It now stops at the epoch's end with its state saved,
+    and --resume finishes the run with nothing lost."""
+    import signal
+
+    import erf_lab.train.loop as L
+
+    evaluate, calls = L.evaluate, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2 of 2
+            signal.raise_signal(signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(L, "evaluate", signalled)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, checkpoint_format="safetensors")
+    assert not (out / "run.json").exists() and (out / "checkpoints" / "epoch_002.safetensors").exists()
+    assert f"stopped after epoch 2: state saved in {out}" in capsys.readouterr().err
+    state = C.load_state(out)
+    assert (state["epoch"], state["position"], len(state["rows"])) == (2, 0, 2)
+    res = _run(out, resume=True, checkpoint_format="safetensors")
+    assert len(calls) == 2 and [r["epoch"] for r in res["rows"]] == [1, 2] and (out / "run.json").exists()

@@ -710,6 +710,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 bar.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.3f}, "
                           f"val loss {val_loss:.4f} acc {val_acc:.3f}")
             save_state()
+            # a stop asked for during the evaluation and the saving stops here, at the epoch's end (after the last
+            # epoch no step would check it: the run finished with exit 0, the stop unheeded)
+            stop.check(info, device)
     except ForcedStop:
         bar.close()
         raise
@@ -719,8 +722,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         save_state()
         bar.close()
         if info.is_main:
-            print(f"stopped at epoch {epoch + 1}, step {step}: state saved in {out}; {resume_hint}",
-                  file=sys.stderr)
+            where = f"after epoch {epoch}" if position == 0 and epoch > 0 else f"at epoch {epoch + 1}, step {step}"
+            print(f"stopped {where}: state saved in {out}; {resume_hint}", file=sys.stderr)
         raise
     bar.close()
 
