@@ -843,3 +843,30 @@ def test_the_cli_names_a_model_that_does_not_take_rgb(tmp_path, monkeypatch, cap
     _, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1 and "1 input channel" in err and "compute_erf" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_non_square_input_is_recorded_with_both_sides_and_its_centre_found():
+    """``ErfResult.input_size`` was the height of a non-square input, and ``target_centre`` took that one number for
+    both sides: on 40 x 72 images (a 5 x 9 map after three stride-2 convs) it put the unit's centre at x = 16 (the
+    middle of a 40-px-wide image's 5 units) instead of 32. The result now carries ``input_hw`` (``input_size`` is
+    None, the side of square images as before), and the centre is computed per axis: where the map's mass is."""
+    import torch.nn as nn
+
+    from erf_lab.erf.metrics import compute_metrics, distribution_stats, target_centre
+    from erf_lab.erf.receptive_field import list_layers
+
+    convs = [nn.Conv2d(3 if i == 0 else 1, 1, 3, stride=2, padding=1, bias=False) for i in range(3)]
+    for c in convs:
+        nn.init.constant_(c.weight, 1.0)
+    net = nn.Sequential(*convs)
+    res = compute_erf(net, torch.rand(2, 3, 40, 72) + 0.1, show_progress=False)
+    assert res.input_hw == (40, 72) and res.input_size is None and res.info["feature_hw"] == [5, 9]
+    assert compute_erf(net, torch.rand(1, 3, 40, 40) + 0.1, show_progress=False).input_size == 40  # square: as before
+    row = list_layers(net, 40)[-1]
+    centre = target_centre(row["rf_start"], row["stride"], res.input_hw)
+    assert centre == [16, 32] == target_centre(row["rf_start"], row["stride"], res.input_hw, res.info["feature_hw"])
+    assert distribution_stats(res.erf)["center_of_mass"] == pytest.approx(centre, abs=1e-9)
+    m = compute_metrics(res.erf, centre=centre, gaussian=False)
+    assert m["center"] == [16, 32] and {"centre_off_map_middle", "non_square_map"} <= set(m["flags"])
+    # the bounds per axis too: x = 32 lies inside a 40-px height but outside a 30-px width
+    assert target_centre(row["rf_start"], row["stride"], (40, 30), feature_hw=(5, 9)) is None

@@ -66,17 +66,27 @@ def _cuda_available_bytes(dev: torch.device) -> int:
 
 @dataclass
 class ErfResult:
-    """Mean ERF map (float64, H x W) and how it was obtained."""
+    """Mean ERF map (float64, H x W) and how it was obtained. ``input_hw``: the images' (H, W); ``input_size``: their
+    side where they are square, None where they are not (it gave H alone, which a reader took for both sides)."""
 
     erf: np.ndarray
     num_used: int
     num_skipped: int
     skipped: list
     layer: str
-    input_size: int
+    input_size: int | None
     aggregate: str
     processed: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    input_hw: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.input_hw is None and self.input_size is not None:
+            self.input_hw = (int(self.input_size), int(self.input_size))
+        elif self.input_hw is not None:
+            self.input_hw = (int(self.input_hw[0]), int(self.input_hw[1]))
+            if self.input_size is None and self.input_hw[0] == self.input_hw[1]:
+                self.input_size = self.input_hw[0]
 
 
 @dataclass
@@ -386,7 +396,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
         before = [list(s) for s in images.skipped] if isinstance(images, ImageSource) else []
         raise ErfLabError(f"no usable image: {skip_summary(acc.skipped + before)}")
     erf = acc.sum / acc.count
-    input_size = int(input_hw[0]) if input_hw else int(erf.shape[0])
+    hw = (int(input_hw[0]), int(input_hw[1])) if input_hw else (int(erf.shape[0]), int(erf.shape[1]))
     info.update({"tf32": bool(allow_tf32) if dev.type == "cuda" else None, "batch_seconds": batches})
     if roofline:
         from erf_lab.erf.roofline import recheck_reference
@@ -399,5 +409,5 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     info.update({"batch_size": limit, "dtype": dtype_name(dtype), "captum": "NeuronGradient", "target":
                  "sum_c ReLU(M[:, c, h//2, w//2])", "map": f"sum_rgb {aggregate.upper()}(d target / d input)"})
     return ErfResult(erf=erf, num_used=acc.count, num_skipped=len(acc.skipped), skipped=[list(s) for s in acc.skipped],
-                     layer=layer_name, input_size=input_size, aggregate=aggregate, processed=list(acc.processed),
-                     info=info)
+                     layer=layer_name, input_size=hw[0] if hw[0] == hw[1] else None, aggregate=aggregate,
+                     processed=list(acc.processed), info=info, input_hw=hw)

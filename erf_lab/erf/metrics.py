@@ -71,18 +71,20 @@ def _centre_and_max_half(h: int, w: int, centre=None) -> tuple[int, int, int]:
     return cy, cx, min(cy, cx, h - 1 - cy, w - 1 - cx)
 
 
-def target_centre(rf_start, stride, input_size: int, feature_hw=None) -> list[int] | None:
+def target_centre(rf_start, stride, input_size, feature_hw=None) -> list[int] | None:
     """The input pixel (y, x) at the centre of the measured unit's receptive field: the unit (h//2, w//2) of the
-    layer's h x w map (``feature_hw``; without it the "same"-padded side ceil(S / stride)), centred at
+    layer's h x w map (``feature_hw``; without it the "same"-padded side ceil(S / stride) per axis; ``input_size``:
+    the side S of a square input or its (H, W)), centred at
     ``rf_start + stride * (h // 2)`` per axis (``stride``: one number or (y, x); ``erf_lab.erf.receptive_field``),
     rounded half up; None when that falls
     outside the image (then the metrics take the map's middle). For RepLKNet at 1024 px (a 32 x 32 map: unit 16 at
     512) it is the official script's S // 2; where the map's side is odd (224 px: unit 3 of 7, at 96) or the stem
     patchifies (a 4 x 4 stride-4 stem: 15.5 + 32 i) the map's middle misses the ERF by up to stride / 2 px."""
     strides = [int(v) for v in stride] if isinstance(stride, (list, tuple)) else [int(stride)] * 2
-    hw = feature_hw if feature_hw is not None else [-(-int(input_size) // s) for s in strides]
+    sizes = [int(v) for v in input_size] if isinstance(input_size, (list, tuple)) else [int(input_size)] * 2
+    hw = feature_hw if feature_hw is not None else [-(-n // s) for n, s in zip(sizes, strides)]
     centre = [int(math.floor(float(s) + j * (int(n) // 2) + 0.5)) for s, j, n in zip(rf_start, strides, hw)]
-    return centre if all(0 <= c < int(input_size) for c in centre) else None
+    return centre if all(0 <= c < n for c, n in zip(centre, sizes)) else None
 
 
 def contribution_curve(erf, *, preprocess: bool = True, centre=None) -> np.ndarray:
