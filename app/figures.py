@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from erf_lab.erf import plotting
 from erf_lab.errors import ErfLabError
-from erf_lab.io import FIGURE_METADATA, FIGURE_RC
+from erf_lab.io import figure_style, write_figure
 
 # Library plotting functions the app renders (each writes ``stem.<fmt>`` files atomically).
 PLOTS = {"erf_comparison": plotting.plot_comparison, "erf_grid": plotting.plot_grid,
@@ -45,23 +45,23 @@ def show_figure(kind: str, args: tuple, stem: str, key: str, kwargs: dict | None
 
 def figure_bytes(fig: Figure, fmt: str) -> bytes:
     """A matplotlib figure as ``fmt`` bytes."""
-    import matplotlib
-
     buf = io.BytesIO()
-    with matplotlib.rc_context(FIGURE_RC):  # as erf_lab.io.save_figure writes every figure file
-        fig.savefig(buf, format=fmt, dpi=200 if fmt == "png" else None, bbox_inches="tight",
-                    metadata=FIGURE_METADATA.get(fmt))
+    write_figure(fig, buf, fmt)  # as erf_lab.io.save_figure writes every figure file (font, dpi, no dates)
     return buf.getvalue()
 
 
 def show_matplotlib(fig: Figure, stem: str, key: str) -> None:
-    """Show a figure drawn by the app with PNG / PDF / SVG download buttons."""
-    st.pyplot(fig, width="stretch")
+    """Show a figure drawn by the app with PNG / PDF / SVG download buttons (the PNG shown is the one downloaded;
+    ``st.pyplot`` rendered its own at 200 dpi)."""
+    png = figure_bytes(fig, "png")
+    st.image(png, width="stretch")
     for col, fmt in zip(st.columns(3), ("png", "pdf", "svg")):
-        col.download_button(fmt.upper(), data=figure_bytes(fig, fmt), file_name=f"{stem}.{fmt}",
-                            mime=_MIME[fmt], key=f"{key}-{fmt}", icon=":material/download:", on_click="ignore")
+        data = png if fmt == "png" else figure_bytes(fig, fmt)
+        col.download_button(fmt.upper(), data=data, file_name=f"{stem}.{fmt}", mime=_MIME[fmt],
+                            key=f"{key}-{fmt}", icon=":material/download:", on_click="ignore")
 
 
+@figure_style()  # drawn in every erf-lab figure's font
 def bench_figure(rows: list[dict]) -> Figure:
     """Latency (ms, log scale) against kernel size, one panel per resolution, one line per implementation;
     the paper's Table 1 (GTX 2080Ti, B=64) dashed for its shape, not its absolute scale."""
@@ -88,6 +88,7 @@ def bench_figure(rows: list[dict]) -> Figure:
     return fig
 
 
+@figure_style()
 def kernels_figure(panels: list[tuple[str, np.ndarray]]) -> Figure:
     """2-D kernels side by side on one symmetric colour scale (``panels``: (title, K x K array))."""
     fig = Figure(figsize=(3.0 * len(panels), 3.2), layout="constrained")

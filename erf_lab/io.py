@@ -428,24 +428,49 @@ def save_cached_array(path: str | os.PathLike, array: np.ndarray) -> np.ndarray:
 #: cannot edit; the SVG's text as text. And the same figure gives the same bytes in every run: no creation date in
 #: the PDF / SVG (FIGURE_METADATA) and a fixed salt for the SVG's element ids (random by default), so a re-run study
 #: or a shipped figure shows no change where none was made
-FIGURE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none", "svg.hashsalt": "erf-lab"}
+#: One font for every figure, the ERF heatmaps' paper style (Times, as in Ding et al.; DejaVu Serif where no Times
+#: is installed): the shape-bias, training and app figures were drawn in pyplot's DejaVu Sans beside them
+FIGURE_FONT = {"font.family": "serif",
+               "font.serif": ["Times New Roman", "Times", "Nimbus Roman", "Liberation Serif", "DejaVu Serif"]}
+FIGURE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none", "svg.hashsalt": "erf-lab", **FIGURE_FONT}
 FIGURE_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
+#: the resolution of every PNG figure, the library's files and the app's downloads alike (the app's were 200)
+FIGURE_DPI = 300
+
+
+def figure_style():
+    """``with figure_style():`` around drawing a figure: :data:`FIGURE_RC` (the font is taken when a text is made)."""
+    import matplotlib
+
+    return matplotlib.rc_context(FIGURE_RC)
+
+
+def write_figure(fig, file, fmt: str) -> None:
+    """``fig.savefig`` to ``file`` (a path or a binary stream) in ``fmt`` as every erf-lab figure is written: the
+    settings :data:`FIGURE_RC`, :data:`FIGURE_DPI` for PNG, no dates; a text drawn outside :func:`figure_style` (in
+    pyplot's default sans-serif) takes :data:`FIGURE_FONT` (a monospace text keeps its own)."""
+    import matplotlib
+    from matplotlib.text import Text
+
+    family = FIGURE_FONT["font.family"]
+    with matplotlib.rc_context(FIGURE_RC):
+        for text in fig.findobj(Text):
+            if text.get_fontfamily() != [family] and "monospace" not in text.get_fontfamily():
+                text.set_fontfamily(family)
+        fig.savefig(file, format=fmt, dpi=FIGURE_DPI if fmt == "png" else None, bbox_inches="tight",
+                    metadata=FIGURE_METADATA.get(fmt))
 
 
 def save_figure(fig, stem: str | os.PathLike, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
-    """Save a matplotlib figure as ``stem.<fmt>`` for each format, atomically (settings :data:`FIGURE_RC`);
-    returns the paths."""
-    import matplotlib
-
+    """Save a matplotlib figure as ``stem.<fmt>`` for each format, atomically (:func:`write_figure`); returns the
+    paths."""
     stem = Path(stem)
     out = []
     for fmt in formats:
         target = stem.with_name(stem.name + "." + fmt)
         with atomic_path(target) as tmp:
             try:
-                with matplotlib.rc_context(FIGURE_RC):
-                    fig.savefig(tmp, format=fmt, dpi=300 if fmt == "png" else None, bbox_inches="tight",
-                                metadata=FIGURE_METADATA.get(fmt))
+                write_figure(fig, tmp, fmt)
             except Exception as e:  # noqa: BLE001 - re-raised, or the OSError it hides
                 cause = _os_error_behind(e)
                 if cause is None:

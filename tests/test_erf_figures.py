@@ -297,3 +297,55 @@ def test_run_figure_says_what_was_measured(tmp_path, monkeypatch):
     shown = [(fig.axes[0].get_title(), fig.axes[0].get_xlabel()) for fig in figures]
     assert shown[0] == shown[1] == ("toy (random init)", "stages.2, 40x40 px, 3 images")
     assert shown[2][1] == ""
+
+
+def pdf_fonts(data: bytes) -> set:
+    """The fonts a PDF uses (its /BaseFont names, without a subset's ``ABCDEF+`` prefix)."""
+    import re
+
+    return {re.sub(rb"^[A-Z]{6}\+", b"", f).decode() for f in re.findall(rb"/BaseFont\s*/([^\s/<>\[\]]+)", data)}
+
+
+def test_every_figure_writer_uses_the_one_font_and_dpi(tmp_path):
+    """The ERF figures were set in a serif (Times), the shape-bias, training, cue-world and app figures in pyplot's
+    DejaVu Sans; the app's PNGs were 200 dpi, the library's 300. Every figure now has erf_lab.io's FIGURE_FONT and
+    FIGURE_DPI: the one font in every PDF, the one resolution in every PNG; and nothing writes a figure but
+    erf_lab.io.write_figure (which save_figure and the app's downloads use)."""
+    import io
+    import re
+    from pathlib import Path
+
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    from app.figures import bench_figure, figure_bytes, kernels_figure
+    from erf_lab.io import FIGURE_DPI, FIGURE_FONT
+    from erf_lab.shape_bias.plotting import plot_shape_bias
+    from erf_lab.train.cue_world import plot_examples
+    from erf_lab.train.loop import plot_curves
+    from erf_lab.train.probes import plot_probe
+
+    font = FT2Font(font_manager.findfont(font_manager.FontProperties(family=FIGURE_FONT["font.serif"])))
+    font = font.postscript_name  # the first of FIGURE_FONT's serifs installed here
+    rows = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "train_acc": 0.1 * e, "val_acc": 0.1 * e}
+            for e in (1, 2, 3)]
+    probe = {"per_class": {"0": {"shape_hits": 2, "texture_hits": 1}, "1": {"shape_hits": 0, "texture_hits": 3}},
+             "shape_bias": 0.33, "shape_only_accuracy": 0.9, "texture_only_accuracy": 0.5}
+    files = {"erf": plot_erf(gaussian_map(), tmp_path / "erf", title="x"),
+             "comparison": plot_comparison([gaussian_map(), gaussian_map(s=3.0)], ["a", "b"], tmp_path / "cmp"),
+             "shape-bias": plot_shape_bias([shape_bias_summary()], tmp_path / "sb"),
+             "curves": plot_curves(rows, tmp_path / "curves"),
+             "cue-world": plot_examples(tmp_path / "world", num_classes=2, input_size=16, per_class=1),
+             "probe": plot_probe(probe, tmp_path / "probe", ["circle", "square"])}
+    made = {name: {p.suffix: p.read_bytes() for p in paths} for name, paths in files.items()}
+    bench = [{"R": 16, "K": k, "fwd_pytorch_nchw_ms": 1.0 + k, "fwd_fastconv_ms": 0.5 + k} for k in (3, 7)]
+    for name, fig in (("app latency", bench_figure(bench)), ("app kernels", kernels_figure([("k", np.eye(3))]))):
+        made[name] = {f".{fmt}": figure_bytes(fig, fmt) for fmt in ("png", "pdf")}
+    for name, data in made.items():
+        assert pdf_fonts(data[".pdf"]) == {font}, (name, pdf_fonts(data[".pdf"]))
+        dpi = Image.open(io.BytesIO(data[".png"])).info["dpi"]
+        assert [round(v) for v in dpi] == [FIGURE_DPI] * 2, (name, dpi)
+    root = Path(__file__).resolve().parent.parent
+    writers = [str(p.relative_to(root)) for folder in ("erf_lab", "app", "fastconv")
+               for p in (root / folder).rglob("*.py") if re.search(r"\.savefig\(", p.read_text(encoding="utf-8"))]
+    assert writers == ["erf_lab/io.py"]

@@ -5,8 +5,8 @@ A' = log10(A + 1) / max) as the official script's ``seaborn.heatmap`` draws them
 the top; drawn here with matplotlib alone, as one image for large maps: seaborn's import cost 1.6 s per process),
 ``RdYlGn`` centred at 0 (so [0, 1] maps onto the yellow-green half), no tick labels and a horizontal colour bar on
 top. Figures are built on ``matplotlib.figure.Figure`` (Agg canvas, no pyplot global state) and written
-atomically by :func:`erf_lab.io.save_figure` as PNG (300 dpi) and PDF (vector text and axes, the map rasterized),
-plus SVG on request.
+atomically by :func:`erf_lab.io.save_figure` as PNG (``FIGURE_DPI``, 300 dpi) and PDF (vector text and axes, the map
+rasterized), plus SVG on request, in every erf-lab figure's font (``FIGURE_FONT``, a Times serif as in the paper).
 """
 from __future__ import annotations
 
@@ -33,15 +33,15 @@ DISPLAY_PRESETS = {
 DEFAULT_DISPLAY = "replknet"
 CMAP = "RdYlGn"
 _RC = {
-    "font.family": "serif",
-    "font.serif": ["Times New Roman", "Times", "Nimbus Roman", "Liberation Serif", "DejaVu Serif"],
     "axes.unicode_minus": False,
     "axes.titlesize": 12,
     "axes.labelsize": 11,
     "legend.fontsize": 9,
     "xtick.labelsize": 9,
     "ytick.labelsize": 9,
-    **FIGURE_RC,  # PDF text as embedded TrueType (editable, accepted by publishers), SVG text as text
+    # every figure's font (erf_lab.io.FIGURE_FONT: Times, as the paper's); PDF text as embedded TrueType (editable,
+    # accepted by publishers), SVG text as text
+    **FIGURE_RC,
     "axes.facecolor": "white",
     "axes.grid": False,
 }

@@ -435,7 +435,7 @@ def plot_examples(stem: str | os.PathLike, num_classes: int = DEFAULT_NUM_CLASSE
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from erf_lab.io import save_figure
+    from erf_lab.io import figure_style, save_figure
 
     def first(split, pred):
         for i in range(10_000):
@@ -445,25 +445,26 @@ def plot_examples(stem: str | os.PathLike, num_classes: int = DEFAULT_NUM_CLASSE
         raise RuntimeError(f"no {split} example found")  # unreachable for num_classes <= 12
 
     cols = ["train"] * per_class + ["shape-only", "texture-only", "cue-conflict"]
-    fig, axes = plt.subplots(num_classes, len(cols), figsize=(1.3 * len(cols) + 1.6, 1.3 * num_classes),
-                             squeeze=False)
-    for k in range(num_classes):
-        train = [sc for sc in (draw_scene("train", i, num_classes, seed) for i in range(400)) if sc.shape == k]
-        scenes = train[:per_class] + [first("shape-only", lambda s: s.shape == k),
-                                      first("texture-only", lambda s: s.texture == k),
-                                      first("cue-conflict", lambda s: s.shape == k)]
-        for j, sc in enumerate(scenes):
-            ax = axes[k, j]
-            ax.imshow(render_scene(sc, input_size).transpose(1, 2, 0), interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            if cols[j] == "cue-conflict":
-                ax.set_xlabel(f"{SHAPES[sc.shape]} / {TEXTURES[sc.texture]}", fontsize=6)
-            if k == 0:
-                ax.set_title(cols[j], fontsize=8)
-        axes[k, 0].set_ylabel(f"{k}: {SHAPES[k]}\n{TEXTURES[k]}", fontsize=7)
-    fig.suptitle(f"cue-world ({num_classes} classes, seed {seed}, {input_size} px)", fontsize=9)
-    fig.tight_layout()
-    try:
-        return save_figure(fig, stem)
-    finally:
-        plt.close(fig)
+    with figure_style():  # every erf-lab figure's font (erf_lab.io.FIGURE_FONT), as it is laid out
+        fig, axes = plt.subplots(num_classes, len(cols), figsize=(1.3 * len(cols) + 1.6, 1.3 * num_classes),
+                                 squeeze=False)
+        for k in range(num_classes):
+            train = [sc for sc in (draw_scene("train", i, num_classes, seed) for i in range(400)) if sc.shape == k]
+            scenes = train[:per_class] + [first("shape-only", lambda s: s.shape == k),
+                                          first("texture-only", lambda s: s.texture == k),
+                                          first("cue-conflict", lambda s: s.shape == k)]
+            for j, sc in enumerate(scenes):
+                ax = axes[k, j]
+                ax.imshow(render_scene(sc, input_size).transpose(1, 2, 0), interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                if cols[j] == "cue-conflict":
+                    ax.set_xlabel(f"{SHAPES[sc.shape]} / {TEXTURES[sc.texture]}", fontsize=6)
+                if k == 0:
+                    ax.set_title(cols[j], fontsize=8)
+            axes[k, 0].set_ylabel(f"{k}: {SHAPES[k]}\n{TEXTURES[k]}", fontsize=7)
+        fig.suptitle(f"cue-world ({num_classes} classes, seed {seed}, {input_size} px)", fontsize=9)
+        fig.tight_layout()
+        try:
+            return save_figure(fig, stem)
+        finally:
+            plt.close(fig)

@@ -224,27 +224,28 @@ def plot_curves(rows: list[dict], stem, label_smoothing: float = 0.0) -> list[Pa
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from erf_lab.io import save_figure
+    from erf_lab.io import figure_style, save_figure
 
     ep = [r["epoch"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
-    for key, ax in (("loss", a1), ("acc", a2)):
-        smoothed = key == "loss" and label_smoothing > 0
-        ax.plot(ep, [r[f"train_{key}"] for r in rows], "o-",
-                label=f"train (label smoothing {label_smoothing:g})" if smoothed else "train")
-        ax.plot(ep, [r[f"val_{key}"] for r in rows], "s-", label="val")
-        if rows and f"val_{key}_ema" in rows[0]:
-            ax.plot(ep, [r[f"val_{key}_ema"] for r in rows], "^--", label="val (EMA)")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs (no tick at epoch 1.2)
-        ax.set_ylabel("cross-entropy" if key == "loss" else "top-1 accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return save_figure(fig, stem)
-    finally:
-        plt.close(fig)
+    with figure_style():  # every erf-lab figure's font (erf_lab.io.FIGURE_FONT), as it is laid out
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+        for key, ax in (("loss", a1), ("acc", a2)):
+            smoothed = key == "loss" and label_smoothing > 0
+            ax.plot(ep, [r[f"train_{key}"] for r in rows], "o-",
+                    label=f"train (label smoothing {label_smoothing:g})" if smoothed else "train")
+            ax.plot(ep, [r[f"val_{key}"] for r in rows], "s-", label="val")
+            if rows and f"val_{key}_ema" in rows[0]:
+                ax.plot(ep, [r[f"val_{key}_ema"] for r in rows], "^--", label="val (EMA)")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs (no tick at epoch 1.2)
+            ax.set_ylabel("cross-entropy" if key == "loss" else "top-1 accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        try:
+            return save_figure(fig, stem)
+        finally:
+            plt.close(fig)
 
 
 def _prepare_out_dir(out: Path, resume: bool, force: bool) -> str:
