@@ -219,6 +219,32 @@ def training_run_of(weights: str | os.PathLike) -> tuple[Path, dict] | None:
     return None
 
 
+def ema_decay_of(settings: dict | None) -> float | None:
+    """The EMA decay of an ``erf-lab train`` run's settings (``recipe.ema``), None when it kept no EMA."""
+    decay = ((settings or {}).get("recipe") or {}).get("ema") if isinstance(settings, dict) else None
+    return float(decay) if isinstance(decay, (int, float)) and not isinstance(decay, bool) and decay > 0 else None
+
+
+def training_weights(weights: str | os.PathLike | None) -> dict:
+    """Which weights of an ``erf-lab train`` run the file ``weights`` holds: ``{"weights_kind", "ema_decay",
+    "weights_note"}``. ``weights_kind``: "ema" for the run's ``model_ema.*``, "raw" for ``model.*`` and the
+    checkpoints (an epoch's ``.pth`` also holds the EMA, under ``model_ema``, but loads as its ``model``), None for a
+    file outside a complete training run; ``weights_note``: where raw weights of a run that kept an EMA were
+    measured, one line saying so and naming the EMA file (else None)."""
+    found = None if weights is None else training_run_of(weights)
+    if found is None:
+        return {"weights_kind": None, "ema_decay": None, "weights_note": None}
+    run, info = found
+    decay = ema_decay_of(info.get("settings"))
+    name = Path(weights).name
+    kind = "ema" if name.startswith("model_ema.") else "raw"
+    note = None
+    if kind == "raw" and decay is not None:
+        note = (f"{name} holds the raw training weights; the run also kept an EMA of them (decay {decay:g}), not "
+                f"measured here: --weights {run / 'model_ema.safetensors'} measures those")
+    return {"weights_kind": kind, "ema_decay": decay, "weights_note": note}
+
+
 def training_input_size(weights: str | os.PathLike) -> tuple[int | None, str | None]:
     """(side in pixels, where it was read) of the resolution ``weights`` were trained at, from a training record:
     a ``builtin:`` model's JSON, the safetensors metadata ``erf-lab train`` writes (:data:`TRAIN_SIZE_KEY`), the

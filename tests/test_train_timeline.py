@@ -400,3 +400,34 @@ def test_family_figure_marks_the_shape_bias_of_models_at_chance(tmp_path, monkey
                for line in ax.get_lines() if "at chance" in line.get_label()] for fig in figs]
     assert len(marked[0]) == 1 and list(marked[0][0].get_xdata()) == [7]
     assert list(marked[0][0].get_ydata()) == [pytest.approx(0.9)] and marked[1] == []
+
+
+def test_the_probes_of_a_run_with_an_ema_say_which_weights_they_measured(tiny_run, tmp_path, capsys):
+    """A run trained with --ema keeps two sets of weights; the timeline and shape-bias of model.safetensors measured
+    the raw ones without a word of it. They now record which (``weights_kind``) and say where the EMA ones are;
+    --weights RUN/model_ema.safetensors measures those (recorded as "ema")."""
+    from erf_lab.checkpoint import training_weights
+
+    torch.set_num_threads(1)
+    run = tmp_path / "ema-run"
+    train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
+          val_size=8, num_classes=4, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0, ema=0.5))
+    sb = ["shape-bias", "--model", "replknet_31b", "--stimuli", "cue-world", "--limit", "8"]
+    assert main([*sb, "--weights", str(run / "model.safetensors"), "--out", str(tmp_path / "raw")]) == 0
+    raw = json.loads((tmp_path / "raw" / "summary.json").read_text())
+    assert (raw["weights_kind"], raw["ema_decay"]) == ("raw", 0.5) and "model_ema.safetensors" in raw["weights_note"]
+    assert f"note: {raw['weights_note']}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "raw" / "run.json").read_text())["weights_kind"] == "raw"
+    assert main([*sb, "--weights", str(run / "model_ema.safetensors"), "--out", str(tmp_path / "ema")]) == 0
+    ema = json.loads((tmp_path / "ema" / "summary.json").read_text())
+    assert (ema["weights_kind"], ema["weights_note"]) == ("ema", None) and "note:" not in capsys.readouterr().out
+    net = create_model("replknet_31b", weights=str(run / "model_ema.safetensors"), num_classes=4, **TINY)
+    again = probe(net, ProbeSpec(32, 8, 4, 0))["summary"]
+    assert (ema["shape_hits"], ema["texture_hits"]) == (again["shape_hits"], again["texture_hits"])
+    assert training_weights(tiny_run / "model.safetensors") == {"weights_kind": "raw", "ema_decay": None,
+                                                                 "weights_note": None}  # no EMA kept: nothing to say
+    assert main(["timeline", str(run), "--num-images", "1", "--probe-size", "4", "--formats", "png", "--quiet"]) == 0
+    record = json.loads((run / "timeline" / "timeline.json").read_text())
+    assert record["weights_kind"] == "raw" and record["ema_decay"] == 0.5
+    assert "raw training weights" in record["weights_note"] and "model_ema.safetensors" in record["weights_note"]
+    assert f"note: {record['weights_note']}" in capsys.readouterr().out

@@ -39,6 +39,8 @@ def show_timeline(folder: Path, key: str) -> None:
         from erf_lab.train.timeline import UNTRAINED_NOTE
 
         st.caption(UNTRAINED_NOTE.replace("†: ", "untrained = True: ", 1))
+    if data.get("weights_note"):  # a run that kept an EMA: its raw weights were measured
+        st.caption(f"Note: {data['weights_note']}")
     file_downloads([p for p in (folder / n for n in ("timeline.png", "timeline.pdf", "timeline.csv",
                                                      "timeline.json")) if p.is_file()], key=key)
 

@@ -175,7 +175,7 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     ``builtin:`` model's JSON or the ``run.json`` of the training run that holds the checkpoint), else
     ``num_classes`` / ``input_size`` (defaults 10 and 64). Untrained weights are refused unless ``allow_random``.
     """
-    from erf_lab.checkpoint import random_init_of, resolve_weights
+    from erf_lab.checkpoint import random_init_of, resolve_weights, training_weights
     from erf_lab.io import prepare_out_dir, refuse_other_result, remove_earlier_outputs, sha256_file, write_json
     from erf_lab.models import create_model
     from erf_lab.provenance import versions
@@ -212,8 +212,9 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
                "stimuli": "cue-world", "random_weights": random_weights,
                "seed": init["seed"] if random_weights else None,
                "weights": None if weights is None else str(weights),
-               "weights_sha256": None if path is None else sha256_file(path), "overrides": kwargs,
-               "classes": names, **res["summary"]}
+               "weights_sha256": None if path is None else sha256_file(path),
+               # which of a training run's weights: raw or EMA (and the EMA file where raw ones were measured)
+               **training_weights(path), "overrides": kwargs, "classes": names, **res["summary"]}
     meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_decisions_csv(out / "decisions.csv", res["rows"], names)
@@ -223,6 +224,7 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     remove_earlier_outputs(out, outputs)
     write_json(out / "run.json", {"what": "erf-lab shape-bias --stimuli cue-world", "model": model_name,
                                   "weights": summary["weights"], "weights_sha256": summary["weights_sha256"],
+                                  **{k: summary[k] for k in ("weights_kind", "ema_decay", "weights_note")},
                                   "probe": summary["probe"], "outputs": outputs, **meta})
     return summary
 

@@ -174,7 +174,8 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     (``"complete": false``, the checkpoints measured so far in ``rows``: an interrupted timeline's folder is
     recognised, and the same call again resumes from its caches) and complete last, with how it was made (command,
     argv, versions). ``on_progress(done, total)``: after each checkpoint (the app's progress bar). Returns
-    ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}}``."""
+    ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}, "weights_note"}``: the raw training weights are
+    measured; ``weights_note`` (also in timeline.json) says so where the run kept an EMA of them, else None."""
     from erf_lab.erf.tables import csv_text
     from erf_lab.io import command_record, prepare_out_dir, progress, refuse_other_result, write_text
     from erf_lab.provenance import provenance
@@ -201,7 +202,17 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     probe_spec = ProbeSpec(train_size, int(probe_size), run.num_classes, int(s["seed"])).validate()
     overrides = {**(s.get("overrides") or {}), "num_classes": run.num_classes}
     epochs = sorted(run.checkpoints)
+    from erf_lab.checkpoint import ema_decay_of
+
+    decay = ema_decay_of(s)
+    # which weights: each checkpoint's raw training weights (a run that kept an EMA saved it per epoch only inside
+    # the .pth files, and not at all in a safetensors-only run; the timeline does not measure it)
+    weights_note = None if decay is None else (
+        f"each checkpoint's raw training weights were measured, not the EMA of them the run also kept (decay "
+        f"{decay:g}); its final EMA weights, {run.root / 'model_ema.safetensors'}, measure with erf-lab compute / "
+        f"shape-bias --weights")
     record = {"run": str(run.root.resolve()), "model": s["model"], "overrides": overrides, "erf_input_size": size,
+              "weights_kind": "raw", "ema_decay": decay, "weights_note": weights_note,
               "train_input_size": train_size, "num_images": int(num_images), "probe": dict(probe_spec.__dict__),
               "epochs": epochs, "rows": [], **provenance("timeline", {
                   "run_dir": str(run.root.resolve()), "input_size": input_size, "num_images": int(num_images),
@@ -234,7 +245,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     plot_timeline(rows, maps, out / "timeline", title=f"{s['model']} on cue-world: ERF at {size} px",
                   formats=formats)
     save(complete=True, rows=rows)  # last: the timeline is complete
-    return {"rows": rows, "out_dir": out, "measured": counts}
+    return {"rows": rows, "out_dir": out, "measured": counts, "weights_note": weights_note}
 
 
 #: the note for the rows marked ``untrained`` (the CLI's "†")

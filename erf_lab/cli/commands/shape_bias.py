@@ -215,6 +215,8 @@ def _cue_world(args, out, overrides) -> int:
           + f"; shape hits {s['shape_hits']}, texture hits {s['texture_hits']}, of {s['n_conflict']} cue-conflict "
           f"images")
     print(f"  shape-only acc {s['shape_only_accuracy']:.3f}, texture-only acc {s['texture_only_accuracy']:.3f}")
+    if s.get("weights_note"):
+        print(f"  note: {s['weights_note']}")
     for w in s.get("warnings", []):
         print(f"  warning: {w}", file=sys.stderr)
     print(f"wrote {out}/decisions.csv, summary.json, shape_bias.png/pdf")

@@ -53,6 +53,8 @@ def run(args) -> int:
               "each ERF's metrics.json; a larger --input-size helps)")
     if any(r["untrained"] for r in res["rows"]):
         print(UNTRAINED_NOTE)
+    if res.get("weights_note"):
+        print(f"note: {res['weights_note']}")
     m = res["measured"]
     n = len(res["rows"])
     print(f"measured {m['erf']} ERF(s) and {m['probe']} probe(s) of {n} checkpoint(s)"
