@@ -836,3 +836,24 @@ def _proc_state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_evaluate_gives_the_callers_model_back_where_it_was(fixture_datasets):
+    """evaluate(model, device=...) moved the caller's model there for good (a CPU model evaluated on a GPU stayed
+    on the GPU). Its parameters, gradients and buffers are now the caller's own tensors again afterwards, also when
+    the run fails: here on the meta device (no second device on the CPU test machine), where the first batch's
+    scores cannot be read; the float64 model is back on the CPU with its values."""
+    from erf_lab.train.probes import predict
+
+    for run in (lambda m: evaluate(m, fixture_datasets / "cue-conflict", limit=2, workers=0, show_progress=False,
+                                   cache=False, device="meta"),
+                lambda m: predict(m, torch.rand(2, 3, 32, 32), device="meta")):  # the cue-world probes' inference
+        model = Tiny(num_classes=16).double()
+        model.conv.weight.grad = torch.ones_like(model.conv.weight)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        weight = model.conv.weight
+        with pytest.raises(RuntimeError, match="meta tensors"):  # after the forward: the scores cannot be read
+            run(model)
+        assert {p.device.type for p in model.parameters()} == {"cpu"} and model.conv.weight is weight
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert model.conv.weight.dtype == torch.float64 and model.conv.weight.grad.sum().item() == weight.numel()

@@ -90,6 +90,30 @@ def eval_mode(model: nn.Module):
             mod.training = flag
 
 
+@contextlib.contextmanager
+def on_device(model: nn.Module, device):
+    """Run the block with ``model`` on ``device``; afterwards, whatever happens, every parameter, gradient and
+    buffer is the caller's own tensor again, where it was (``model.to(device)`` alone left the caller's model on the
+    device: a CPU model evaluated on a GPU stayed there). The device's copies are dropped, not copied back: an
+    inference does not change the weights."""
+    saved = [(m, name, p, p.data, p.grad) for m in model.modules() for name, p in m._parameters.items()
+             if p is not None]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    model.to(device)
+    try:
+        yield model
+    finally:
+        for m, name, p, data, grad in saved:
+            if m._parameters.get(name) is p:  # moved in place (CPU <-> CUDA): its own tensors back
+                p.grad = None  # first: a gradient on the device does not fit the data given back
+                p.data = data
+                p.grad = grad
+            else:  # replaced by a new Parameter (a device of another tensor type, e.g. meta): the caller's, untouched
+                m._parameters[name] = p
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+
 def _threads_for(model: nn.Module):
     """All of torch's threads for a large model, one for a small one (see ``prepare_model``)."""
     large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS

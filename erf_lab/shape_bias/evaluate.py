@@ -307,26 +307,16 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
     stimuli's cache (:class:`DecodedCache`; ``cache=False``: nothing) and, with ``partial_dir``, each set's
     :class:`PartialSet` there (a rerun with the same weights, preprocessing, files and device resumes; the
     caller removes them, :func:`remove_partial_sets`, once its outputs are written)."""
+    from erf_lab.erf.prepare import on_device
+
     cue_dir = find_stimuli_root(stimuli_dir)
     preprocess = preprocess or Preprocess.from_model(model)
-    model = model.to(device)
     weights_id = state_dict_sha256(model) if partial_dir is not None else None
-    sets, skipped, resumed = {}, [], {}
-    for name, d in (("cue-conflict", cue_dir), ("edges", sibling_set(cue_dir, "edges")),
-                    ("silhouettes", sibling_set(cue_dir, "silhouettes"))):
-        if d is None:
-            continue
-        stim, sk = list_stimuli(d, limit if name == "cue-conflict" or limit is None else max(16, limit // 8))
-        skipped += [dict(s, set=name) for s in sk]
-        partial = None
-        if partial_dir is not None:
-            key = hashlib.sha256(json.dumps({"weights": weights_id, "preprocess": preprocess.as_dict(),
-                                             "files": files_fingerprint(stim), "device": torch.device(device).type}
-                                            ).encode()).hexdigest()
-            partial = PartialSet(Path(partial_dir) / f".partial-{name}.npz", key, len(stim))
-            resumed[name] = partial.resumed
-        sets[name] = run_set(model, name, stim, preprocess, batch_size=batch_size, workers=workers, device=device,
-                             show_progress=show_progress, cache=cache, partial=partial, on_progress=on_progress)
+    with on_device(model, device):  # the caller's model is given back where it was, also when a set fails
+        sets, skipped, resumed = _evaluate_sets(model, cue_dir, preprocess, weights_id, batch_size=batch_size,
+                                                workers=workers, device=device, limit=limit,
+                                                show_progress=show_progress, cache=cache, partial_dir=partial_dir,
+                                                on_progress=on_progress)
     cue = sets["cue-conflict"]
     rows = [(s.shape, s.texture, d) for s, d, ok in zip(cue.stimuli, cue.decisions, cue.ok) if ok]
     summary = shape_bias_from_decisions(rows)
@@ -354,6 +344,28 @@ def evaluate(model: nn.Module, stimuli_dir=None, *, batch_size: int = 32, worker
                                    / max(1e-9, sum(r.seconds for r in sets.values())), 1),
     })
     return {"summary": summary, "sets": sets}
+
+
+def _evaluate_sets(model, cue_dir, preprocess, weights_id, *, batch_size, workers, device, limit, show_progress,
+                   cache, partial_dir, on_progress):
+    """:func:`evaluate`'s inference: ``(sets, skipped files, resumed images per set)``."""
+    sets, skipped, resumed = {}, [], {}
+    for name, d in (("cue-conflict", cue_dir), ("edges", sibling_set(cue_dir, "edges")),
+                    ("silhouettes", sibling_set(cue_dir, "silhouettes"))):
+        if d is None:
+            continue
+        stim, sk = list_stimuli(d, limit if name == "cue-conflict" or limit is None else max(16, limit // 8))
+        skipped += [dict(s, set=name) for s in sk]
+        partial = None
+        if partial_dir is not None:
+            key = hashlib.sha256(json.dumps({"weights": weights_id, "preprocess": preprocess.as_dict(),
+                                             "files": files_fingerprint(stim), "device": torch.device(device).type}
+                                            ).encode()).hexdigest()
+            partial = PartialSet(Path(partial_dir) / f".partial-{name}.npz", key, len(stim))
+            resumed[name] = partial.resumed
+        sets[name] = run_set(model, name, stim, preprocess, batch_size=batch_size, workers=workers, device=device,
+                             show_progress=show_progress, cache=cache, partial=partial, on_progress=on_progress)
+    return sets, skipped, resumed
 
 
 def degenerate_warnings(rows, chance: float = CHANCE_SHAPE_OR_TEXTURE) -> list[str]:

@@ -63,17 +63,16 @@ def shape_bias_counts(shapes, textures, predictions) -> dict:
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 128, device: str = "cpu") -> np.ndarray:
     """Top-1 classes of ``images`` (N, 3, S, S) in [0, 1], normalised with the model's mean / std, in the model's
-    dtype. The model runs in eval mode and gets its modes back (:func:`~erf_lab.erf.prepare.eval_mode`), also when
-    a batch fails."""
+    dtype. The model runs in eval mode on ``device`` and gets its modes and its place back
+    (:func:`~erf_lab.erf.prepare.eval_mode`, :func:`~erf_lab.erf.prepare.on_device`), also when a batch fails."""
     from erf_lab.erf.images import model_mean_std
-    from erf_lab.erf.prepare import eval_mode, param_dtype
+    from erf_lab.erf.prepare import eval_mode, on_device, param_dtype
     from erf_lab.shape_bias.evaluate import check_finite_outputs
 
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in model_mean_std(model))
-    model.to(device)
     dtype = param_dtype(model)  # a float64 / bfloat16 model gets its inputs in its precision
     out = []
-    with eval_mode(model):
+    with on_device(model, device), eval_mode(model):  # given back where it was and in its modes
         for i in range(0, len(images), batch_size):
             x = ((images[i:i + batch_size] - mean) / std).to(device, dtype)
             logits = model(x)
