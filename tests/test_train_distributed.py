@@ -75,6 +75,10 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
     assert "Grad strides do not match bucket view strides" not in proc.stderr  # channels_last depthwise weights
     info = json.loads((out / "run.json").read_text())
     assert info["world_size"] == 2 and info["dist_backend"] == "gloo" and info["steps_per_epoch"] == STEPS
+    # how it was started: torchrun's own command line (erf-lab's argv alone reruns it in one process)
+    launch = info["launch"]
+    assert launch["launcher"] == "torchrun" and (launch["world_size"], launch["local_world_size"]) == (2, 2)
+    assert launch["argv"][1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in launch["argv"]
     assert proc.stdout.count("wrote ") == 1  # only rank 0 writes and reports
     from safetensors.torch import load_file
 
