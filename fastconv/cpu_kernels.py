@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -51,7 +52,9 @@ def _cpu_id() -> str:
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    """``$CXX`` (a command line, as make reads it: "ccache g++", "g++ -m64"), else the first of c++, g++, clang++
+    on the PATH; None when there is none."""
+    return os.environ.get("CXX", "").strip() or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
 #: the kernel's compiler flags beside the target (-march) and the library's (-shared -fPIC) and OpenMP's: -O3, and
@@ -87,7 +90,11 @@ def compile_shared_library(src: Path, flags: list[str], cxx: str | None = None) 
         os.close(fd)
         try:
             lang = ["-x", "c++"] if src.suffix == ".cpp" else ["-x", "c"]
-            proc = subprocess.run([cxx, *flags, "-o", tmp, *lang, str(src)], capture_output=True, text=True)
+            try:
+                proc = subprocess.run([*shlex.split(cxx), *flags, "-o", tmp, *lang, str(src)], capture_output=True,
+                                      text=True)
+            except OSError as e:  # not there, not executable
+                raise RuntimeError(f"cannot run the C++ compiler {cxx!r} ({e.strerror or e}); set CXX") from None
             if proc.returncode != 0:
                 raise RuntimeError(f"compiling {src.name} failed: {proc.stderr.strip()[-500:]}")
             plain_mode(tmp, executable=True)  # readable by every user of a shared cache folder, as cc's own output

@@ -3,6 +3,7 @@ drop-in module and model conversion, and fastconv on its own (erf_lab not import
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import os
 import subprocess
@@ -116,6 +117,21 @@ def test_failed_cpp_build_is_reported_not_silent(tmp_path):
     reason, backends, error = out.splitlines()
     assert reason.startswith("compiling dwconv.cpp failed") and "'cpp'" not in backends
     assert "backend 'cpp' cannot run this call: cpp kernel unavailable: compiling dwconv.cpp failed" in error
+
+
+def test_cxx_is_a_command_line_as_make_reads_it(tmp_path, monkeypatch):
+    """$CXX="ccache g++" / "g++ -m64" (a compiler with its own arguments, as make runs it) compiles: it was run as one
+    program name ("No such file or directory: 'g++ -DFOO=7'") and the C++ kernel was unavailable. A $CXX that is not
+    there says so and what to set."""
+    cxx = ck._compiler()
+    if not cxx:
+        pytest.skip("no C++ compiler here")
+    src = tmp_path / "t.c"
+    src.write_text("int f(void) { return FOO; }\n")
+    monkeypatch.setenv("CXX", f"{cxx} -DFOO=7")
+    assert ctypes.CDLL(str(ck.compile_shared_library(src, ["-shared", "-fPIC"]))).f() == 7
+    with pytest.raises(RuntimeError, match="cannot run the C\\+\\+ compiler 'no-such-cxx -O2'.*set CXX"):
+        ck.compile_shared_library(src, ["-shared", "-fPIC"], cxx="no-such-cxx -O2")
 
 
 def test_fastconv_no_cpp_reads_yes_and_no():
