@@ -71,20 +71,19 @@ def _build() -> ctypes.CDLL:
     for flags in (common + ["-fopenmp"], common):  # without OpenMP: one thread
         try:
             return _build_with(cxx, flags)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:  # OSError: built, but does not load (an OpenMP library missing)
             last_error = str(e)
     raise RuntimeError(last_error)
 
 
-def compile_shared_library(src: Path, flags: list[str], cxx: str | None = None) -> Path:
+def compile_shared_library(src: Path, flags: list[str], cxx: str | None = None, rebuild: bool = False) -> Path:
     """``src`` compiled to a shared library with ``flags``, cached under the fastconv cache directory by a hash of
-    the source, flags, compiler and CPU (written atomically: concurrent builders never load a half-written file)."""
+    the source, flags, compiler and CPU (written atomically: concurrent builders never load a half-written file).
+    ``cxx``: a compiler command line (default ``_compiler()``); ``rebuild``: compile again over a cached file
+    (``load_shared_library`` does where the cached one does not load)."""
     cxx = cxx or _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    key = hashlib.sha256(src.read_bytes() + " ".join([cxx, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    out = settings().cache_dir / "build" / f"{src.stem}_{key}.so"
-    if not out.exists():
+    out = _library_path(src, flags, cxx)
+    if rebuild or not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}_", suffix=".so", dir=out.parent)
         os.close(fd)
@@ -105,9 +104,28 @@ def compile_shared_library(src: Path, flags: list[str], cxx: str | None = None) 
     return out
 
 
+def _library_path(src: Path, flags: list[str], cxx: str | None) -> Path:
+    """Where ``compile_shared_library`` caches ``src`` built by ``cxx`` with ``flags``."""
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    key = hashlib.sha256(src.read_bytes() + " ".join([cxx, *flags, _cpu_id()]).encode()).hexdigest()[:16]
+    return settings().cache_dir / "build" / f"{src.stem}_{key}.so"
+
+
+def load_shared_library(src: Path, flags: list[str], cxx: str | None = None) -> ctypes.CDLL:
+    """``compile_shared_library(src, flags, cxx)`` loaded; a cached file that does not load (truncated or damaged
+    on disk, copied from another machine) is compiled again, once, and replaced atomically."""
+    cached = _library_path(src, flags, cxx or _compiler())
+    if cached.exists():
+        try:
+            return ctypes.CDLL(str(cached))
+        except OSError:
+            pass
+    return ctypes.CDLL(str(compile_shared_library(src, flags, cxx, rebuild=True)))
+
+
 def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
-    out = compile_shared_library(_SRC, flags, cxx)
-    lib = ctypes.CDLL(str(out))
+    lib = load_shared_library(_SRC, flags, cxx)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.dw_wgrad_fused.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, i64, p] + [i64] * 8
     lib.dw_wgrad_fused.restype = None

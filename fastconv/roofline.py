@@ -114,13 +114,13 @@ _fma_lib: ctypes.CDLL | None | bool = False
 def _fma_library():
     global _fma_lib
     if _fma_lib is False:
-        from fastconv.cpu_kernels import compile_shared_library
+        from fastconv.cpu_kernels import load_shared_library
 
         _fma_lib = None
         for flags in (["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"],
                       ["-O3", "-march=native", "-shared", "-fPIC"]):
             try:
-                lib = ctypes.CDLL(str(compile_shared_library(_FMA_SRC, flags)))
+                lib = load_shared_library(_FMA_SRC, flags)
             except (RuntimeError, OSError):
                 continue
             lib.fma_peak_gflops.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.c_int]

@@ -134,6 +134,29 @@ def test_cxx_is_a_command_line_as_make_reads_it(tmp_path, monkeypatch):
         ck.compile_shared_library(src, ["-shared", "-fPIC"], cxx="no-such-cxx -O2")
 
 
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path):
+    """A cached .so that is damaged on disk (truncated: a full disk, a cache folder copied half-way) is compiled again
+    and replaced: the kernel (here the FMA probe, built the same way) stayed unavailable in every later process until
+    someone found and deleted the file."""
+    if not ck._compiler():
+        pytest.skip("no C++ compiler here")
+    code = "from fastconv import roofline; print(roofline.fma_lanes())"
+    env = {**os.environ, "FASTCONV_CACHE": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
+                                 check=True).stdout.strip()
+    lanes = run()
+    assert lanes in ("8", "16")
+    built = sorted((tmp_path / "build").glob("fma_peak_*.so"))
+    assert built
+    for so in built:
+        damaged = so.with_name("damaged")
+        damaged.write_bytes(so.read_bytes()[:100])
+        os.replace(damaged, so)
+    assert run() == lanes
+    assert sorted((tmp_path / "build").glob("fma_peak_*.so")) == built  # the same build again, not another one
+    assert all(so.stat().st_size > 100 for so in built)
+
+
 def test_fastconv_no_cpp_reads_yes_and_no():
     """$FASTCONV_NO_CPP=1 / yes disables the C++ kernel; 0 / false / off (as $FASTCONV_AUTOTUNE reads them) leave it on
     (any non-empty value disabled it: FASTCONV_NO_CPP=0 turned the kernel off)."""
