@@ -41,14 +41,28 @@ _lib_error: str | None = None
 _lock = threading.Lock()
 
 
+#: the /proc/cpuinfo lines that say which instructions ``-march=native`` may use: x86's model and flags; an Arm
+#: CPU's (Linux arm64 has neither) implementer, architecture, variant, part and features
+_CPUINFO_KEYS = ("model name", "flags", "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features")
+
+
 def _cpu_id() -> str:
+    """What the kernel built for this CPU (``-march=native``) depends on: part of the build's cache key, so a shared
+    cache folder (an NFS home) never hands a library built on one CPU to another that may lack its instructions."""
     try:
-        txt = Path("/proc/cpuinfo").read_text()
-        model = next((ln for ln in txt.splitlines() if ln.startswith("model name")), "")
-        flags = next((ln for ln in txt.splitlines() if ln.startswith("flags")), "")
-        return model + flags
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor() + platform.machine()
+        lines = []
+    found = [next((ln for ln in lines if ln.startswith(k)), "") for k in _CPUINFO_KEYS]
+    if any(found):
+        return "".join(found)  # (an x86 CPU: model and flags alone, as before)
+    try:  # macOS: the CPU's name and features
+        proc = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string", "machdep.cpu.features",
+                               "machdep.cpu.leaf7_features"], capture_output=True, text=True, timeout=10)
+        described = proc.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        described = ""
+    return described + platform.processor() + platform.machine()
 
 
 def _compiler() -> str | None:

@@ -157,6 +157,36 @@ def test_a_cached_library_that_does_not_load_is_built_again(tmp_path):
     assert all(so.stat().st_size > 100 for so in built)
 
 
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp{}
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x{}
+CPU part\t: 0x{}
+CPU revision\t: 1
+"""
+
+
+def test_the_build_key_tells_arm_cpus_apart(monkeypatch):
+    """The C++ kernel is built with -march=native and cached under a key that holds the CPU: on Linux arm64, whose
+    /proc/cpuinfo has no "model name" or "flags" line, every CPU gave the same key, and a shared cache folder (an NFS
+    home) handed a Graviton 3 build (SVE) to a Graviton 2 (illegal instruction). x86 keys stay as they were."""
+    read_text = Path.read_text
+    cpuinfo = {}
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: cpuinfo["text"] if str(self) == "/proc/cpuinfo"
+                        else read_text(self, *a, **k))
+    ids = []
+    for text in (ARM_CPUINFO.format("", "3", "d0c"), ARM_CPUINFO.format(" sve svebf16 i8mm", "1", "d40"),
+                 ARM_CPUINFO.format("", "3", "d0c")):
+        cpuinfo["text"] = text
+        ids.append(ck._cpu_id())
+    assert ids[0] != ids[1] and ids[0] == ids[2]
+    assert "sve" in ids[1] and "0xd40" in ids[1]
+    cpuinfo["text"] = "processor\t: 0\nmodel name\t: Some x86\nmodel\t: 85\nflags\t\t: fpu avx2\n"
+    assert ck._cpu_id() == "model name\t: Some x86flags\t\t: fpu avx2"
+
+
 def test_fastconv_no_cpp_reads_yes_and_no():
     """$FASTCONV_NO_CPP=1 / yes disables the C++ kernel; 0 / false / off (as $FASTCONV_AUTOTUNE reads them) leave it on
     (any non-empty value disabled it: FASTCONV_NO_CPP=0 turned the kernel off)."""
