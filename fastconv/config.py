@@ -2,16 +2,21 @@
 
 Initial values come from ``$FASTCONV_BACKEND`` ("auto", one of ``BACKENDS`` or a per-op name that
 ``split_backend`` reads), ``$FASTCONV_AUTOTUNE`` ("0", "false", "no" or "off": cost model only, never timing) and
-``$FASTCONV_CACHE`` (default ``$XDG_CACHE_HOME/fastconv`` or ``~/.cache/fastconv``), read on first use.
+``$FASTCONV_CACHE`` (default ``$XDG_CACHE_HOME/fastconv`` or ``~/.cache/fastconv``; without a home folder
+a private temporary one, ``_env_cache_dir``), read on first use.
 ``configure`` changes the process-wide defaults; ``use`` overrides them inside a ``with`` block (a context variable:
 per thread and asyncio task, nestable, restored on exit). No torch import here.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import dataclasses
 import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 BACKENDS = ("native", "channels_last", "cpp", "fft", "triton")
@@ -67,11 +72,31 @@ def _autotune(value, source: str = "autotune") -> bool:
     raise ValueError(f"fastconv: {source}={value!r} is not a yes or no; use True / False (or 1 / 0, on / off)")
 
 
+def _env_cache_dir() -> Path:
+    """``$FASTCONV_CACHE``, else ``$XDG_CACHE_HOME/fastconv``, else ``~/.cache/fastconv``. A user without a home
+    folder (``$HOME`` unset and no entry in the password database: a container run under an arbitrary user id) made
+    every call fail with "Could not determine home directory"; such a process now caches in a private temporary
+    folder of its own, removed at exit, and says so once. ValueError (one line) for a ``~`` path there."""
+    given = os.environ.get(ENV_CACHE) or (str(Path(os.environ["XDG_CACHE_HOME"]) / "fastconv")
+                                          if os.environ.get("XDG_CACHE_HOME") else None)
+    try:
+        return Path(given).expanduser() if given else Path.home() / ".cache" / "fastconv"
+    except RuntimeError:  # no home folder to expand "~" to
+        if given:
+            raise ValueError(f"fastconv: cache folder {given!r} (from ${ENV_CACHE} / $XDG_CACHE_HOME) starts with ~, "
+                             "but this user has no home folder; give a full path") from None
+    folder = tempfile.mkdtemp(prefix="fastconv-cache-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    warnings.warn(f"fastconv: this user has no home folder ($HOME unset); its C++ kernel build and autotune decisions "
+                  f"are kept in {folder} for this process only: set ${ENV_CACHE} to a folder to keep them",
+                  RuntimeWarning, stacklevel=3)
+    return Path(folder)
+
+
 def _from_env() -> Settings:
-    cache = os.environ.get(ENV_CACHE) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastconv"
     return Settings(_backend(os.environ.get(ENV_BACKEND, "").strip() or "auto", f"${ENV_BACKEND}"),
                     _autotune(os.environ.get(ENV_AUTOTUNE, "").strip() or "1", f"${ENV_AUTOTUNE}"),
-                    Path(cache).expanduser())
+                    _env_cache_dir())
 
 
 _defaults: Settings | None = None

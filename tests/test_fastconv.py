@@ -1141,6 +1141,25 @@ def test_a_bad_cache_dir_or_backend_variable_is_one_line_naming_it(tmp_path):
     assert "ValueError: fastconv: unknown backend 'bogus' (from $FASTCONV_BACKEND)" in proc.stderr.splitlines()[-1]
 
 
+def test_a_user_without_a_home_folder_gets_a_private_cache_not_an_error(monkeypatch):
+    """$HOME unset and a user id without a password entry (a container run as ``-u 12345``): every depthwise_conv2d
+    raised Path.home()'s "Could not determine home directory". Now the process caches in a private temporary folder
+    and warns once; a "~" path given for the cache is one ValueError saying to give a full path."""
+    import pwd
+
+    from fastconv import config
+
+    for name in ("HOME", "XDG_CACHE_HOME", "FASTCONV_CACHE", "FASTCONV_BACKEND", "FASTCONV_AUTOTUNE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    with pytest.warns(RuntimeWarning, match=r"no home folder .* set \$FASTCONV_CACHE"):
+        s = config._from_env()
+    assert s.cache_dir.is_dir() and os.access(s.cache_dir, os.W_OK) and s.cache_dir.stat().st_mode & 0o077 == 0
+    monkeypatch.setenv("FASTCONV_CACHE", "~/fc")
+    with pytest.raises(ValueError, match=r"'~/fc' .* no home folder; give a full path"):
+        config._from_env()
+
+
 def _erf_cpu_rule(channels_last: bool, kernel_size, dtype) -> str:
     """Copy of the ERF path's fixed CPU choice (``erf_lab.erf.compute.cpu_depthwise_backend`` as it was, CPP_MIN_K
     = 9): the C++ kernel from 9x9 for float32 when it runs multi-threaded, else oneDNN's direct kernel."""
