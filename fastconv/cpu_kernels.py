@@ -1,7 +1,8 @@
 """CPU kernels: the "channels_last" (oneDNN) path, the "cpp" path (fastconv/csrc/dwconv.cpp) and the "fft" path.
 
 The C++ kernel is plain C ABI, built once with the system C++ compiler (a few seconds, cached under the fastconv
-cache directory keyed by source hash, flags, compiler and CPU) and called through ``ctypes`` (which releases the
+cache directory keyed by source hash, flags, compiler and CPU; where it cannot be written, in a private folder of the
+process, with one warning) and called through ``ctypes`` (which releases the
 GIL). Per (image, L-channel block) plane it packs a cache-resident channel-blocked copy and computes forward, input
 gradient and weight gradient with one register-tiled correlation (see the source); the forward and input gradient
 of kernels up to 13 (21 on AVX-512) on rows at least one tile wide run in direct tiles of output pixels instead:
@@ -17,6 +18,7 @@ and dispatch uses the pure-PyTorch paths.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -27,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,12 +97,24 @@ def compile_shared_library(src: Path, flags: list[str], cxx: str | None = None, 
     """``src`` compiled to a shared library with ``flags``, cached under the fastconv cache directory by a hash of
     the source, flags, compiler and CPU (written atomically: concurrent builders never load a half-written file).
     ``cxx``: a compiler command line (default ``_compiler()``); ``rebuild``: compile again over a cached file
-    (``load_shared_library`` does where the cached one does not load)."""
+    (``load_shared_library`` does where the cached one does not load). Where the cache cannot be written (a
+    read-only home), built in a private folder of this process (``_private_build_folder``, one warning)."""
+    return _compiled(src, flags, cxx, rebuild)[0]
+
+
+def _compiled(src: Path, flags: list[str], cxx: str | None, rebuild: bool) -> tuple[Path, bool]:
+    """``compile_shared_library``'s work: the library's path, and whether it was compiled in this call."""
     cxx = cxx or _compiler()
     out = _library_path(src, flags, cxx)
     if rebuild or not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}_", suffix=".so", dir=out.parent)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}_", suffix=".so", dir=out.parent)
+        except OSError as e:
+            out = _private_build_folder(out.parent, e) / out.name
+            if out.exists() and not rebuild:
+                return out, False
+            fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}_", suffix=".so", dir=out.parent)
         os.close(fd)
         try:
             lang = ["-x", "c++"] if src.suffix == ".cpp" else ["-x", "c"]
@@ -115,7 +130,25 @@ def compile_shared_library(src: Path, flags: list[str], cxx: str | None = None, 
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    return out
+        return out, True
+    return out, False
+
+
+_private_builds: list[Path] = []
+
+
+def _private_build_folder(cache: Path, error: OSError) -> Path:
+    """A folder of this process (made once, removed at exit) for the builds that the cache folder ``cache`` cannot
+    take (``error``): the C++ kernel then still runs, built again in each process, and the first such build says so
+    once. Before, it was unavailable without a word and every call ran PyTorch's kernels."""
+    if not _private_builds:
+        folder = Path(tempfile.mkdtemp(prefix="fastconv-build-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _private_builds.append(folder)
+        warnings.warn(f"fastconv: cannot write its build cache {cache} ({error.strerror or error}); the C++ kernel "
+                      f"is built in {folder} for this process only, again in each process: set $FASTCONV_CACHE to a "
+                      "writable folder", RuntimeWarning, stacklevel=2)
+    return _private_builds[0]
 
 
 def _library_path(src: Path, flags: list[str], cxx: str | None) -> Path:
@@ -129,13 +162,13 @@ def _library_path(src: Path, flags: list[str], cxx: str | None) -> Path:
 def load_shared_library(src: Path, flags: list[str], cxx: str | None = None) -> ctypes.CDLL:
     """``compile_shared_library(src, flags, cxx)`` loaded; a cached file that does not load (truncated or damaged
     on disk, copied from another machine) is compiled again, once, and replaced atomically."""
-    cached = _library_path(src, flags, cxx or _compiler())
-    if cached.exists():
-        try:
-            return ctypes.CDLL(str(cached))
-        except OSError:
-            pass
-    return ctypes.CDLL(str(compile_shared_library(src, flags, cxx, rebuild=True)))
+    out, built = _compiled(src, flags, cxx, rebuild=False)
+    try:
+        return ctypes.CDLL(str(out))
+    except OSError:
+        if built:  # compiled just now: it would not load again
+            raise
+    return ctypes.CDLL(str(_compiled(src, flags, cxx, rebuild=True)[0]))
 
 
 def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:

@@ -187,6 +187,31 @@ def test_the_build_key_tells_arm_cpus_apart(monkeypatch):
     assert ck._cpu_id() == "model name\t: Some x86flags\t\t: fpu avx2"
 
 
+def test_an_unwritable_build_cache_builds_in_a_private_folder_with_one_warning(tmp_path, monkeypatch):
+    """A cache folder that cannot be written (a read-only home; here one under a plain file, which stops root too)
+    left the C++ kernel unavailable without a word, and every call ran PyTorch's kernels. Now it is built in a
+    private folder of the process, with one warning saying to set $FASTCONV_CACHE."""
+    import warnings
+
+    if not ck._compiler():
+        pytest.skip("no C++ compiler here")
+    (tmp_path / "file").write_text("")
+    fastconv.configure(cache_dir=tmp_path / "file" / "fc")
+    monkeypatch.setattr(ck, "_private_builds", [], raising=False)
+    src = tmp_path / "t.c"
+    src.write_text("int f(void) { return 5; }\n")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        libs = [ck.load_shared_library(src, ["-shared", "-fPIC", *more]) for more in ([], ["-O1"])]
+        folder = ck._private_builds[0]
+        built = {so: so.stat().st_ino for so in folder.glob("t_*.so")}
+        libs.append(ck.load_shared_library(src, ["-shared", "-fPIC"]))
+    assert [lib.f() for lib in libs] == [5, 5, 5]
+    assert len(seen) == 1 and "cannot write its build cache" in str(seen[0].message)
+    assert "set $FASTCONV_CACHE" in str(seen[0].message)
+    assert len(built) == 2 and {so: so.stat().st_ino for so in folder.glob("t_*.so")} == built  # not built again
+
+
 def test_fastconv_no_cpp_reads_yes_and_no():
     """$FASTCONV_NO_CPP=1 / yes disables the C++ kernel; 0 / false / off (as $FASTCONV_AUTOTUNE reads them) leave it on
     (any non-empty value disabled it: FASTCONV_NO_CPP=0 turned the kernel off)."""
