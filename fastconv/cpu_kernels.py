@@ -14,7 +14,7 @@ the tests check it on an AVX2 machine). Built with OpenMP, its loops run on PyTo
 the 2-core dev box, running them on separate Python threads instead lost a third of the speed to PyTorch's spinning
 OpenMP workers (R=32, K=31: 45 vs 71 GFLOP/s). Without OpenMP the kernel runs on one thread
 (the cost model then prefers oneDNN, see ``cpp_multithreaded``); without a compiler ``cpp_available()`` is False
-and dispatch uses the pure-PyTorch paths.
+and dispatch uses the pure-PyTorch paths (the first use says so, once).
 """
 from __future__ import annotations
 
@@ -258,6 +258,10 @@ def cpp_library():
                         _lib = _build()
                     except (RuntimeError, OSError) as e:
                         _lib_error = str(e)
+                        warnings.warn(f"fastconv: its C++ kernel is unavailable ({_lib_error.splitlines()[0][:200]}); "
+                                      "depthwise_conv2d runs PyTorch's own kernels (explain() says which). Install a "
+                                      "C++ compiler or set CXX; FASTCONV_NO_CPP=1 turns the kernel and this warning "
+                                      "off", RuntimeWarning, stacklevel=2)
     return _lib
 
 

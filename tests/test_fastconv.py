@@ -212,6 +212,29 @@ def test_an_unwritable_build_cache_builds_in_a_private_folder_with_one_warning(t
     assert len(built) == 2 and {so: so.stat().st_ino for so in folder.glob("t_*.so")} == built  # not built again
 
 
+def test_no_compiler_falls_back_with_one_warning(tmp_path):
+    """Without a C++ compiler (none on the PATH, $CXX unset) every call still computes, through PyTorch's kernels, and
+    the process is told once why the C++ kernel is not used and what to do (it fell back without a word); with
+    $FASTCONV_NO_CPP=1, which asks for that, nothing is said."""
+    code = ("import torch, torch.nn.functional as F, fastconv\n"
+            "for c, k, cl in ((3, 3, False), (8, 13, True), (4, 31, False)):\n"
+            "    x, w = torch.randn(2, c, 9, 9), torch.randn(c, 1, k, k)\n"
+            "    x = x.contiguous(memory_format=torch.channels_last) if cl else x\n"
+            "    y = fastconv.depthwise_conv2d(x, w)\n"
+            "    assert torch.allclose(y, F.conv2d(x, w, padding=k // 2, groups=c), atol=1e-4)\n"
+            "print('not cpp:' in fastconv.explain(x, w))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCONV_") and k != "CXX"}
+    env.update(PATH="", FASTCONV_CACHE=str(tmp_path), PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["True"]
+    warned = [ln for ln in proc.stderr.splitlines() if "RuntimeWarning" in ln]
+    assert len(warned) == 1 and "C++ kernel is unavailable (no C++ compiler found (set CXX))" in warned[0]
+    assert "Install a C++ compiler or set CXX" in warned[0]
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "FASTCONV_NO_CPP": "1"}, capture_output=True,
+                          text=True, check=True)
+    assert "RuntimeWarning" not in proc.stderr
+
+
 def test_fastconv_no_cpp_reads_yes_and_no():
     """$FASTCONV_NO_CPP=1 / yes disables the C++ kernel; 0 / false / off (as $FASTCONV_AUTOTUNE reads them) leave it on
     (any non-empty value disabled it: FASTCONV_NO_CPP=0 turned the kernel off)."""
