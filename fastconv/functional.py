@@ -13,6 +13,7 @@ from fastconv.dispatch import _fast_key, resolve
 
 # bound once: on the fast path each lookup of a name in ``torch`` costs, and the path runs cold between layers
 _is_compiling, _transforms_active = torch.compiler.is_compiling, torch._C._are_functorch_transforms_active
+_tracing_state = torch._C._get_tracing_state  # not None inside torch.jit.trace (and the ONNX exporter's tracing)
 
 
 def _surely_empty(x: torch.Tensor) -> bool:
@@ -35,19 +36,21 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ``fastconv.BACKENDS`` runs that one, a per-op name "forward/input_grad/weight_grad" (e.g. "native/native/cpp") runs
     each operation with its own. Under ``torch.autocast`` the tensors are cast as autocast casts
     F.conv2d's (float32 ones to the autocast dtype). Under ``torch.compile`` the graph holds fastconv's custom ops
-    (``fastconv.compiled``); ``torch.export`` and functorch transforms get the stock op.
+    (``fastconv.compiled``); ``torch.export``, ``torch.jit.trace`` and functorch transforms get the stock op.
     """
     if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
-    if _is_compiling() or (_transforms_active() and under_vmap()):
+    if _is_compiling() or _tracing_state() is not None or (_transforms_active() and under_vmap()):
         x, weight, bias = autocast_inputs(x, weight, bias)
         check_inputs(x, weight, bias)
         if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and backend != "native"
                 and not _surely_empty(x) and not torch._C._are_functorch_transforms_active()
                 and getattr(forward_ad, "_current_level", -1) < 0):
             return compiled_call(x, weight, bias, backend)  # the graph holds fastconv's custom ops
-        # torch.export keeps a portable graph (the stock op, which ONNX and other runtimes know); functorch
+        # torch.export and torch.jit.trace keep a portable graph (the stock op, which ONNX and other runtimes know; a
+        # traced C++ kernel call recorded only its output's torch.empty_like, and the graph returned uninitialised
+        # memory, and the custom Function was a Python op that torch.jit.save refuses); functorch
         # transforms batch the stock op, and dual numbers carry their tangents through it; backend "native" and
         # an empty input are the stock op, which the compiler then sees
         return native_conv(x, weight, bias)

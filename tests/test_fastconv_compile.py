@@ -216,6 +216,35 @@ def test_compiled_frozen_weights_skip_the_weight_gradient(one_thread, monkeypatc
     assert _rel(g, gr) <= 1e-5
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_jit_trace_records_the_stock_op(grad, one_thread):
+    """torch.jit.trace (TorchScript deployment, the ONNX exporter's tracing) of a model whose conv runs the C++ kernel:
+    under no_grad the trace recorded only the kernel output's torch.empty_like, and the traced model returned
+    uninitialised memory for every later input (errors ~1e7, and the trace's own check passed); with grad the custom
+    Function became a Python op that torch.jit.save refused. Now the trace holds aten's convolution, as
+    torch.export's graph does."""
+    import io
+    import warnings
+
+    import torch.nn.functional as F
+
+    m = fastconv.DepthwiseConv2d(4, 13, backend="cpp")
+    x = torch.randn(2, 4, 9, 9)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the checks' Python branches
+        traced = torch.jit.trace(m, x, check_trace=False)
+    assert "aten::_convolution" in str(traced.graph)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    for _ in range(3):
+        x2 = torch.randn(2, 4, 9, 9) * 3
+        with torch.no_grad():
+            expected = F.conv2d(x2, m.weight, m.bias, padding=6, groups=4)
+            assert _rel(traced(x2), expected) <= 1e-5 and _rel(loaded(x2), expected) <= 1e-5
+
+
 def test_export_keeps_the_stock_op_and_functorch_runs_inside_compiled_code(one_thread):
     """torch.export: a portable graph (aten's conv2d, which other runtimes know); vmap and jacrev inside compiled
     functions: the stock op, which functorch batches."""
