@@ -2,6 +2,7 @@
 ``revert_model`` swap between the two in place, sharing parameters."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from fastconv.functional import depthwise_conv2d
@@ -24,6 +25,15 @@ class DepthwiseConv2d(nn.Conv2d):
         self.backend = backend
 
     def forward(self, x):
+        if torch.jit.is_scripting():
+            # torch.jit.script compiles this branch alone: the stock op (as torch.export and torch.jit.trace get),
+            # where TorchScript could not compile fastconv's Python dispatch and a converted model could not be
+            # scripted at all (NotSupportedError)
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._fastconv_forward(x)
+
+    @torch.jit.unused
+    def _fastconv_forward(self, x):
         k = self.kernel_size
         if (self.stride != (1, 1) or self.dilation != (1, 1) or self.padding != (k[0] // 2, k[1] // 2)
                 or self.padding_mode != "zeros" or self.groups != self.in_channels):

@@ -245,6 +245,25 @@ def test_jit_trace_records_the_stock_op(grad, one_thread):
             assert _rel(traced(x2), expected) <= 1e-5 and _rel(loaded(x2), expected) <= 1e-5
 
 
+def test_jit_script_of_a_converted_model_runs_the_stock_op(one_thread):
+    """torch.jit.script of a model holding a DepthwiseConv2d (``convert_model``'s output) raised TorchScript's
+    NotSupportedError on fastconv's Python dispatch; now the scripted module runs the stock conv (saveable, the same
+    numbers) and the eager model keeps its fastconv module."""
+    import io
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 13, padding=6, groups=4), nn.ReLU()).eval()
+    assert fastconv.convert_model(model) == 1
+    scripted = torch.jit.script(model)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        assert _rel(scripted(x), model(x)) <= 1e-5 and _rel(loaded(x), model(x)) <= 1e-5
+    assert type(model[1]) is fastconv.DepthwiseConv2d
+
+
 def test_export_keeps_the_stock_op_and_functorch_runs_inside_compiled_code(one_thread):
     """torch.export: a portable graph (aten's conv2d, which other runtimes know); vmap and jacrev inside compiled
     functions: the stock op, which functorch batches."""
