@@ -183,6 +183,9 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
             "tf32": bool(torch.backends.cudnn.allow_tf32) if dev.type == "cuda" else None,
             "paper": "RepLKNet Table 1: GTX 2080Ti, B=64, FP32, forward only (PyTorch 1.9.0 + cuDNN 7.6.5)",
             "rows_planned": len(resolutions) * len(kernels)}
+    if dev.type == "cpu" and "fastconv" in impls:  # which C++ kernel the "cpp" cells ran, or why there are none
+        ck = fastconv.cpu_kernels
+        meta["cpp_kernel"] = ck.cpu_variant() if ck.cpp_available() else f"unavailable ({ck.cpp_unavailable_reason()})"
     rows = []
     jobs = [(r, k, m, i) for r in resolutions for k in kernels for m in modes for i in impls]
     bar = tqdm(total=len(jobs), desc="fastconv bench", unit="case", disable=not show_progress, dynamic_ncols=True)
@@ -254,6 +257,8 @@ def format_table(result: dict) -> str:
         out.write(f"(cut short: {len(rows)} of {meta['rows_planned']} rows measured)\n")
     if meta["device_type"] == "cpu":
         out.write("fastconv is fed a channels_last input on CPU (its NHWC kernels' native layout)\n")
+    if meta.get("cpp_kernel"):
+        out.write(f"fastconv's C++ kernel: {meta['cpp_kernel']}\n")
     out.write(padding_note(rows))
     labels = {"pytorch_nchw": "PyTorch NCHW", "pytorch_cl": "PyTorch ch_last", "fastconv": "fastconv"}
     for m in meta["modes"]:

@@ -1586,6 +1586,31 @@ def test_bench_cli_writes_table_and_reports_paper_numbers(tmp_path, capsys, one_
     assert run["command"] == "fastconv.bench" and run["sgemm_gflops"] > 0 and run["batch"] == 1
 
 
+def test_bench_says_which_cpp_kernel_ran_or_why_none(tmp_path, capsys, one_thread, monkeypatch):
+    """The CPU benchmark's results and table name the C++ kernel's variant (a lane width forced by
+    $FASTCONV_CPU_LANES changes every "cpp" cell) or why it is unavailable: neither was recorded, and a table measured
+    with the 8-lane variant on an AVX-512 CPU, or without a compiler, read as the machine's best."""
+    import fastconv.bench as fb
+
+    need_cpp()
+    real_run = fb.run
+    monkeypatch.setattr(fb, "run", lambda **kw: real_run(sgemm_size=64, **kw))
+    argv = ["--kernels", "13", "--resolutions", "8", "--batch", "1", "--channels", "8", "--layers", "1",
+            "--repeats", "1", "--warmup", "0", "--mode", "fwd", "--device", "cpu"]
+    monkeypatch.setenv("FASTCONV_CPU_LANES", "8")
+    assert fb.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "results.json").read_text())["meta"]
+    assert meta["cpp_kernel"] == ck.cpu_variant() and "8-lane" in meta["cpp_kernel"] and "forced" in meta["cpp_kernel"]
+    assert f"fastconv's C++ kernel: {meta['cpp_kernel']}" in capsys.readouterr().out
+    monkeypatch.setattr(ck, "cpp_library", lambda: None)
+    monkeypatch.setattr(ck, "_lib_error", "no C++ compiler found (set CXX)")
+    dispatch.clear_cache(memory_only=True)
+    assert fb.main([*argv, "--out", str(tmp_path / "b")]) == 0
+    meta = json.loads((tmp_path / "b" / "results.json").read_text())["meta"]
+    assert meta["cpp_kernel"] == "unavailable (no C++ compiler found (set CXX))"
+    assert "fastconv's C++ kernel: unavailable (no C++ compiler found" in capsys.readouterr().out
+
+
 def test_bench_in_bfloat16_runs_every_side_in_it_against_the_bf16_gemm(tmp_path, capsys, monkeypatch):
     """``--dtype bfloat16`` (issue 14: Table 1 in fp16 / bf16 on the GPU): inputs and weights of all three sides
     in bf16, the % of peak against the GEMM rate measured in bf16, and the table says the paper's rows are FP32."""
