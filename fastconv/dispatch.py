@@ -436,8 +436,8 @@ def decide(x, weight, bias) -> dict:
         _load()[key] = entry
         try:
             _store(key, entry)
-        except OSError:
-            pass  # read-only cache dir: keep the in-memory decision
+        except OSError:  # read-only cache dir: keep the in-memory decision (which says so: ``explain``)
+            _load()[key] = {**entry, "unsaved": True}
     return {**entry, "cached": False, "key": key, "excluded": excluded}
 
 
@@ -713,7 +713,8 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
              f"{'channels_last' if memory_format_of(x) == torch.channels_last else 'NCHW'} "
              f"x=({n},{c},{h},{w}) kernel {kh}x{kw}, grads: input={gx} weight={gw}",
              f"-> backend {d['backend']!r}: {d['why']}"
-             + (" [from cache " + str(cache_file()) + "]" if d.get("cached") else "")]
+             + ((f" [decided earlier in this process: the cache {cache_file()} could not be written]"
+                 if d.get("unsaved") else f" [from cache {cache_file()}]") if d.get("cached") else "")]
     parts = split_backend(d["backend"])
     if parts is not None:
         lines.append("   per op: " + ", ".join(f"{op} {b}" for op, b, need in zip(OPS, parts, (True, gx, gw)) if need))

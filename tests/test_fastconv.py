@@ -839,7 +839,8 @@ def test_cached_decision_with_malformed_times_is_kept_as_it_is(times, monkeypatc
 
 def test_unwritable_cache_dir_keeps_decisions_in_memory(monkeypatch, tmp_path):
     """A cache folder that cannot be written (here a regular file in its place, which holds for root too): the call
-    runs, and the decision is remembered for the process instead of being timed again."""
+    runs, and the decision is remembered for the process instead of being timed again; ``explain`` says so (it said
+    "[from cache <file>]" of a file that was never written)."""
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")
     fastconv.configure(cache_dir=blocker)
@@ -849,7 +850,11 @@ def test_unwritable_cache_dir_keeps_decisions_in_memory(monkeypatch, tmp_path):
     assert _rel(fastconv.depthwise_conv2d(x, w), _ref(x, w, None)) <= 1e-5
     timed = len(calls)
     dispatch._fast.clear()  # the per-signature memo: the decision must come from the in-memory cache
-    assert "autotuned" in fastconv.explain(x, w) and len(calls) == timed > 0 and blocker.read_text() == ""
+    text = fastconv.explain(x, w)
+    assert "autotuned" in text and len(calls) == timed > 0 and blocker.read_text() == ""
+    # explain does not claim a cache file that was never written
+    assert "[from cache" not in text and f"decided earlier in this process: the cache {blocker / 'autotune.json'} " \
+        "could not be written" in text
 
 
 @pytest.mark.parametrize("hooks", ["checkpoint", "save_on_cpu"])
