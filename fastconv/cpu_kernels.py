@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fastconv.config import _OFF, settings
-from fastconv.jsonstore import plain_mode
+from fastconv.jsonstore import locked, plain_mode
 
 _SRC = Path(__file__).with_name("csrc") / "dwconv.cpp"
 _lib = None
@@ -95,10 +95,11 @@ def _build() -> ctypes.CDLL:
 
 def compile_shared_library(src: Path, flags: list[str], cxx: str | None = None, rebuild: bool = False) -> Path:
     """``src`` compiled to a shared library with ``flags``, cached under the fastconv cache directory by a hash of
-    the source, flags, compiler and CPU (written atomically: concurrent builders never load a half-written file).
-    ``cxx``: a compiler command line (default ``_compiler()``); ``rebuild``: compile again over a cached file
-    (``load_shared_library`` does where the cached one does not load). Where the cache cannot be written (a
-    read-only home), built in a private folder of this process (``_private_build_folder``, one warning)."""
+    the source, flags, compiler and CPU (written atomically: concurrent builders never load a half-written file; one
+    process builds, under a lock, while the others wait for its file). ``cxx``: a compiler command line (default
+    ``_compiler()``); ``rebuild``: compile again over a cached file (``load_shared_library`` does where the cached
+    one does not load). Where the cache cannot be written (a read-only home), built in a private folder of this
+    process (``_private_build_folder``, one warning)."""
     return _compiled(src, flags, cxx, rebuild)[0]
 
 
@@ -117,16 +118,21 @@ def _compiled(src: Path, flags: list[str], cxx: str | None, rebuild: bool) -> tu
             fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}_", suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            lang = ["-x", "c++"] if src.suffix == ".cpp" else ["-x", "c"]
-            try:
-                proc = subprocess.run([*shlex.split(cxx), *flags, "-o", tmp, *lang, str(src)], capture_output=True,
-                                      text=True)
-            except OSError as e:  # not there, not executable
-                raise RuntimeError(f"cannot run the C++ compiler {cxx!r} ({e.strerror or e}); set CXX") from None
-            if proc.returncode != 0:
-                raise RuntimeError(f"compiling {src.name} failed: {proc.stderr.strip()[-500:]}")
-            plain_mode(tmp, executable=True)  # readable by every user of a shared cache folder, as cc's own output
-            os.replace(tmp, out)
+            # one build at a time (the lock file beside it): the ranks of a torchrun job that start together each
+            # compiled the kernel (~15 s of CPU each) and all but the last replaced another's identical file
+            with locked(out):
+                if not rebuild and out.exists():  # built by another process while this one waited
+                    return out, False
+                lang = ["-x", "c++"] if src.suffix == ".cpp" else ["-x", "c"]
+                try:
+                    proc = subprocess.run([*shlex.split(cxx), *flags, "-o", tmp, *lang, str(src)],
+                                          capture_output=True, text=True)
+                except OSError as e:  # not there, not executable
+                    raise RuntimeError(f"cannot run the C++ compiler {cxx!r} ({e.strerror or e}); set CXX") from None
+                if proc.returncode != 0:
+                    raise RuntimeError(f"compiling {src.name} failed: {proc.stderr.strip()[-500:]}")
+                plain_mode(tmp, executable=True)  # readable by every user of a shared cache folder, as cc's output
+                os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -235,6 +235,28 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     assert "RuntimeWarning" not in proc.stderr
 
 
+def test_processes_that_start_together_compile_the_kernel_once(tmp_path):
+    """Processes that need the same library at once (the ranks of one torchrun job) build it once: the others wait
+    for it and load it. Each compiled it (~15 s of CPU each for the C++ kernel), all but one for nothing."""
+    cxx = ck._compiler()
+    if not cxx:
+        pytest.skip("no C++ compiler here")
+    wrapper = tmp_path / "slow-cxx"
+    wrapper.write_text(f'#!/bin/sh\necho run >> "{tmp_path / "runs"}"\nsleep 1\nexec {cxx} "$@"\n')
+    wrapper.chmod(0o755)
+    src = tmp_path / "t.c"
+    src.write_text("int f(void) { return 4; }\n")
+    code = (f"import ctypes, pathlib, fastconv; from fastconv import cpu_kernels as ck; "
+            f"fastconv.configure(cache_dir={str(tmp_path / 'cache')!r}); "
+            f"print(ck.load_shared_library(pathlib.Path({str(src)!r}), ['-shared', '-fPIC'], {str(wrapper)!r}).f())")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["4"] * 3
+    assert (tmp_path / "runs").read_text().split() == ["run"]
+    assert len(list((tmp_path / "cache" / "build").glob("t_*.so"))) == 1
+
+
 def test_fastconv_no_cpp_reads_yes_and_no():
     """$FASTCONV_NO_CPP=1 / yes disables the C++ kernel; 0 / false / off (as $FASTCONV_AUTOTUNE reads them) leave it on
     (any non-empty value disabled it: FASTCONV_NO_CPP=0 turned the kernel off)."""
