@@ -77,6 +77,7 @@ def _compiler() -> str | None:
 #: the kernel's compiler flags beside the target (-march) and the library's (-shared -fPIC) and OpenMP's: -O3, and
 #: -ffp-contract=fast, with which the vector code's a * b + c compiles to one FMA instruction
 KERNEL_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-Wno-psabi")
+_LIB_FLAGS = ["-shared", "-fPIC", *KERNEL_FLAGS]
 
 
 def _build() -> ctypes.CDLL:
@@ -84,8 +85,11 @@ def _build() -> ctypes.CDLL:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
     last_error = ""
-    common = ["-march=native", "-shared", "-fPIC", *KERNEL_FLAGS]
-    for flags in (common + ["-fopenmp"], common):  # without OpenMP: one thread
+    # without OpenMP: one thread; without -march=native (which some compilers refuse: older Apple clang on arm64,
+    # "the clang compiler does not support '-march=native'"): the compiler's baseline target, where the AVX-512
+    # variant still runs on a CPU that has it (built for its own target, chosen at run time)
+    target = ["-march=native"]
+    for flags in ([*target, *_LIB_FLAGS, "-fopenmp"], [*target, *_LIB_FLAGS], [*_LIB_FLAGS, "-fopenmp"], _LIB_FLAGS):
         try:
             return _build_with(cxx, flags)
         except (RuntimeError, OSError) as e:  # OSError: built, but does not load (an OpenMP library missing)

@@ -257,6 +257,30 @@ def test_processes_that_start_together_compile_the_kernel_once(tmp_path):
     assert len(list((tmp_path / "cache" / "build").glob("t_*.so"))) == 1
 
 
+def test_a_compiler_that_refuses_march_native_still_builds_the_kernel(tmp_path):
+    """A compiler that refuses -march=native (older Apple clang on arm64: "the clang compiler does not support
+    '-march=native'") left the C++ kernel unavailable: both builds asked for it. Now it is built for the compiler's
+    baseline target, and gives F.conv2d's numbers."""
+    cxx = ck._compiler()
+    if not cxx:
+        pytest.skip("no C++ compiler here")
+    wrapper = tmp_path / "no-native-cxx"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do if [ "$a" = "-march=native" ]; then\n'
+                       "  echo \"clang: error: the clang compiler does not support '-march=native'\" >&2; exit 1\n"
+                       f'fi; done\nexec {cxx} "$@"\n')
+    wrapper.chmod(0o755)
+    code = ("import torch, torch.nn.functional as F, fastconv; from fastconv import cpu_kernels as ck\n"
+            "print(ck.cpp_unavailable_reason())\n"
+            "x, w = torch.randn(2, 24, 12, 12), torch.randn(24, 1, 13, 13)\n"
+            "for lanes in ('8', '16'):\n"
+            "    y = ck.cpp_conv(x, w, None, lanes=int(lanes))\n"
+            "    print(bool(torch.allclose(y, F.conv2d(x, w, padding=6, groups=24), atol=1e-4)))")
+    env = {**os.environ, "CXX": str(wrapper), "FASTCONV_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("FASTCONV_NO_CPP", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None", "True", "True"]
+
+
 def test_fastconv_no_cpp_reads_yes_and_no():
     """$FASTCONV_NO_CPP=1 / yes disables the C++ kernel; 0 / false / off (as $FASTCONV_AUTOTUNE reads them) leave it on
     (any non-empty value disabled it: FASTCONV_NO_CPP=0 turned the kernel off)."""
