@@ -668,3 +668,23 @@ def test_reparam_records_which_weights_file_it_merged(tmp_path, capsys):
     assert record["weights_sha256"] == sha256_file(w)
     assert main(["reparam", *TINY, "--check-size", "32", "--out", str(out)]) == 0
     assert json.loads((tmp_path / "deploy.pth.run.json").read_text())["weights_sha256"] is None
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("FASTCONV_BACKEND", "cpp/cpp/bogus", "fastconv: unknown backend 'cpp/cpp/bogus' (from $FASTCONV_BACKEND)"),
+    ("FASTCONV_AUTOTUNE", "maybe", "fastconv: $FASTCONV_AUTOTUNE='maybe' is not a yes or no"),
+])
+def test_a_fastconv_variable_fastconv_refuses_is_one_line_exit_2(name, value, message, tmp_path, capsys,
+                                                                    monkeypatch):
+    """A $FASTCONV_* value fastconv refuses: one error line and exit 2 before any work. It raised fastconv's
+    ValueError from the first convolution, after the model was built, as a traceback."""
+    from fastconv import config
+
+    monkeypatch.setattr(config, "_defaults", None)  # read from the environment, as in a fresh process
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "erf"
+    rc = main(["compute", "--model", "replknet_3", "--override", "channels=(8,8,8,8)", "--override",
+               "layers=(1,1,1,1)", "--num-images", "1", "--input-size", "64", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"erf-lab compute: error: {message}")
+    assert not out.exists()

@@ -55,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_fastconv_environment() -> None:
+    """ErfLabError (one line, exit 2, before any work) for a ``$FASTCONV_BACKEND`` / ``$FASTCONV_AUTOTUNE`` /
+    ``$FASTCONV_CACHE`` that fastconv refuses: it raised its ValueError from a command's first convolution, after the
+    model was built, as a traceback. (``fastconv.config`` imports no torch.)"""
+    from fastconv import config
+
+    try:
+        config.settings()
+    except ValueError as e:
+        raise ErfLabError(str(e)) from None
+
+
 def _end_progress_bars() -> None:
     """Close the progress bars still open, so that the one line that follows stands on its own line, not after a
     bar's text. A stop can come while a bar is being created (shown once, its ``__init__`` cut short): such a bar
@@ -77,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        _check_fastconv_environment()
         if world_size_from_env() > 1 and not args._distributed:
             # every process would run the whole job and write the same outputs
             shared = ", ".join(n for n, d in _distributed_commands().items() if d)
