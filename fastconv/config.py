@@ -83,8 +83,9 @@ def _env_cache_dir() -> Path:
         return Path(given).expanduser() if given else Path.home() / ".cache" / "fastconv"
     except RuntimeError:  # no home folder to expand "~" to
         if given:
-            raise ValueError(f"fastconv: cache folder {given!r} (from ${ENV_CACHE} / $XDG_CACHE_HOME) starts with ~, "
-                             "but this user has no home folder; give a full path") from None
+            raise ValueError(f"fastconv: cache folder {given!r} (from ${ENV_CACHE} / $XDG_CACHE_HOME) starts with a ~ "
+                             "that names no home folder (no such user, or this user has none); give a full path"
+                             ) from None
     folder = tempfile.mkdtemp(prefix="fastconv-cache-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     warnings.warn(f"fastconv: this user has no home folder ($HOME unset); its C++ kernel build and autotune decisions "

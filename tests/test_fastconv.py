@@ -1255,7 +1255,10 @@ def test_a_user_without_a_home_folder_gets_a_private_cache_not_an_error(monkeypa
         s = config._from_env()
     assert s.cache_dir.is_dir() and os.access(s.cache_dir, os.W_OK) and s.cache_dir.stat().st_mode & 0o077 == 0
     monkeypatch.setenv("FASTCONV_CACHE", "~/fc")
-    with pytest.raises(ValueError, match=r"'~/fc' .* no home folder; give a full path"):
+    with pytest.raises(ValueError, match=r"'~/fc' .* names no home folder .*; give a full path"):
+        config._from_env()
+    monkeypatch.setenv("FASTCONV_CACHE", "~no-such-user-here/fc")  # a "~user" that names nobody
+    with pytest.raises(ValueError, match=r"'~no-such-user-here/fc' .* \(no such user, or this user has none\)"):
         config._from_env()
 
 
