@@ -11,6 +11,7 @@ gradient of F.conv2d for K > 14 always takes the GEMM path; "native" is only a c
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import math
 import random
 import statistics
@@ -192,8 +193,10 @@ def cache_key(x, weight, bias) -> str:
     dev = x.device.type
     if dev == "cuda":
         dev = torch.cuda.get_device_name(x.device).replace(" ", "_")
-    else:  # the C++ kernel's lane width (8 / 16) changes its timings
-        dev = f"cpu{torch.get_num_threads()}t{ck.cpu_lanes() if ck.cpp_available() else 0}l"
+    else:  # the C++ kernel's lane width (8 / 16) changes its timings, and so does the CPU: a cache folder shared by
+        # the nodes of a cluster (an NFS home) gave one CPU's decisions to another (the CPU's model and flags, hashed)
+        cpu = hashlib.sha256(ck._cpu_id().encode()).hexdigest()[:8]
+        dev = f"cpu{torch.get_num_threads()}t{ck.cpu_lanes() if ck.cpp_available() else 0}l|cpu-{cpu}"
     layout = "nhwc" if memory_format_of(x) == torch.channels_last else "nchw"
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2:]

@@ -867,6 +867,17 @@ def test_corrupt_autotune_cache_is_timed_again_and_rewritten(content, monkeypatc
     assert on_disk[key]["backend"] == "channels_last" and ("k" not in on_disk or content != '{"k": 1}')
 
 
+def test_autotune_decisions_are_per_cpu(monkeypatch):
+    """A cache folder shared by machines with other CPUs (an NFS home on a cluster) keeps a decision per CPU: the key
+    held the thread count and lane width only, and a decision timed on one CPU model ran on every other one."""
+    x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 9, 9)
+    keys = []
+    for cpu in ("model name\t: AMD EPYC 7B13flags\t: avx2 fma", "model name\t: Intel Xeon 8481Cflags\t: avx2 fma",
+                "model name\t: AMD EPYC 7B13flags\t: avx2 fma"):
+        monkeypatch.setattr(ck, "_cpu_id", lambda cpu=cpu: cpu)
+        keys.append(dispatch.cache_key(x, w, None))
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+
 
 @pytest.mark.parametrize("times", [[1, 2], {"channels_last": "1.0", "native": 2.0}, {"channels_last": None},
                                    {"channels_last": float("nan"), "native": True}, "text"])
