@@ -175,10 +175,20 @@ def load_shared_library(src: Path, flags: list[str], cxx: str | None = None) -> 
     out, built = _compiled(src, flags, cxx, rebuild=False)
     try:
         return ctypes.CDLL(str(out))
-    except OSError:
-        if built:  # compiled just now: it would not load again
+    except OSError as e:
+        if built or not _damaged(out, e):  # compiled just now, or a library it needs is missing: no rebuild helps
             raise
     return ctypes.CDLL(str(_compiled(src, flags, cxx, rebuild=True)[0]))
+
+
+def _damaged(path: Path, error: OSError) -> bool:
+    """Whether the loader's ``error`` is about the file ``path`` itself (too short, no valid header: glibc's
+    "<path>: file too short", macOS's "dlopen(<path>, ...): ... not a mach-o file"), not about a library it needs
+    ("libgomp.so.1: cannot open shared object file", "Library not loaded", "... (required by <path>)") or a symbol:
+    those a rebuild does not mend, and rebuilding in every process start cost a full build each time."""
+    text = str(error)
+    about_it = text.startswith(f"{path}: ") or text.startswith(f"dlopen({path},")
+    return about_it and not any(s in text for s in ("undefined symbol", "Library not loaded", "Symbol not found"))
 
 
 def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:

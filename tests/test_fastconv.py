@@ -281,6 +281,33 @@ def test_a_compiler_that_refuses_march_native_still_builds_the_kernel(tmp_path):
     assert out.split() == ["None", "True", "True"]
 
 
+def test_a_library_whose_dependency_is_missing_is_not_rebuilt_at_every_start(tmp_path, monkeypatch):
+    """A cached library that does not load because a library it needs is missing (an OpenMP runtime a conda compiler
+    linked against, not on the loader's path) is not compiled again: a rebuild does not mend that, and it cost a
+    full build in every process start before the build without OpenMP was tried."""
+    cxx = ck._compiler()
+    if not cxx:
+        pytest.skip("no C++ compiler here")
+    fake = tmp_path / "fakelib"
+    fake.mkdir()
+    (tmp_path / "fake.c").write_text("int fake(void) { return 1; }\n")
+    subprocess.run([*cxx.split(), "-shared", "-fPIC", "-o", str(fake / "libfake.so"), "-x", "c",
+                    str(tmp_path / "fake.c")], check=True)
+    src = tmp_path / "t.c"
+    src.write_text("int fake(void); int f(void) { return fake() + 1; }\n")
+    flags = ["-shared", "-fPIC", f"-L{fake}", "-Wl,--no-as-needed", "-lfake"]
+    fastconv.configure(cache_dir=tmp_path / "cache")
+    ck.compile_shared_library(src, flags)  # built (and cached) while libfake.so is there
+    (fake / "libfake.so").unlink()
+    runs = []
+    real_run = subprocess.run
+    monkeypatch.setattr(ck.subprocess, "run", lambda *a, **k: runs.append(a) or real_run(*a, **k))
+    for _ in range(2):  # two later process starts
+        with pytest.raises(OSError, match="libfake.so"):
+            ck.load_shared_library(src, flags)
+    assert runs == []
+
+
 def test_fastconv_no_cpp_reads_yes_and_no():
     """$FASTCONV_NO_CPP=1 / yes disables the C++ kernel; 0 / false / off (as $FASTCONV_AUTOTUNE reads them) leave it on
     (any non-empty value disabled it: FASTCONV_NO_CPP=0 turned the kernel off)."""
