@@ -24,6 +24,12 @@ def _surely_empty(x: torch.Tensor) -> bool:
     return guard_or_false(x.numel() == 0)
 
 
+def is_unit(value) -> bool:
+    """A stride or dilation of 1 as F.conv2d and nn.Conv2d take it: 1, (1, 1) or [1, 1] (a list was refused as if it
+    were another stride)."""
+    return value == 1 or (isinstance(value, (tuple, list)) and len(value) == 2 and all(v == 1 for v in value))
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      backend: str | None = None, stride: int = 1, dilation: int = 1) -> torch.Tensor:
     """Depthwise 2-D cross-correlation, stride 1, 'same' padding (KH//2, KW//2), as
@@ -38,7 +44,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     F.conv2d's (float32 ones to the autocast dtype). Under ``torch.compile`` the graph holds fastconv's custom ops
     (``fastconv.compiled``); ``torch.export``, ``torch.jit.trace`` and functorch transforms get the stock op.
     """
-    if stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
+    if not is_unit(stride) or not is_unit(dilation):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
     if _is_compiling() or _tracing_state() is not None or (_transforms_active() and under_vmap()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastconv.functional import depthwise_conv2d
+from fastconv.functional import depthwise_conv2d, is_unit
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -16,7 +16,7 @@ class DepthwiseConv2d(nn.Conv2d):
     def __init__(self, channels: int, kernel_size, bias: bool = True, backend: str | None = None, stride=1,
                  device=None, dtype=None):
         k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        if stride not in (1, (1, 1)):
+        if not is_unit(stride):
             raise ValueError(f"DepthwiseConv2d: only stride 1 is supported, got {stride}; use nn.Conv2d")
         if len(k) != 2 or any(not isinstance(v, int) or v % 2 == 0 or v < 1 for v in k):
             raise ValueError(f"DepthwiseConv2d: kernel_size must be odd positive ints, got {kernel_size}")

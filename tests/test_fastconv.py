@@ -812,6 +812,19 @@ def test_sparse_tensors_after_a_dense_call_of_their_shape_raise_clear_value_erro
             fastconv.depthwise_conv2d(*args, backend=backend)
 
 
+def test_a_stride_and_dilation_of_one_as_a_list_are_accepted():
+    """``stride=[1, 1]`` / ``dilation=[1, 1]`` (as F.conv2d and nn.Conv2d take them) were refused with "only stride 1
+    and dilation 1 are supported (got stride=[1, 1])"; other strides still are."""
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3)
+    y = fastconv.depthwise_conv2d(x, w, stride=[1, 1], dilation=[1, 1])
+    assert _rel(y, _ref(x, w, None)) <= 1e-5
+    m = fastconv.DepthwiseConv2d(4, 3, stride=[1, 1])
+    assert m.stride == (1, 1) and _rel(m(x), _ref(x, m.weight, m.bias)) <= 1e-5
+    for bad in ([1, 2], (2, 1), [1], 2):
+        with pytest.raises(ValueError, match="only stride 1"):
+            fastconv.depthwise_conv2d(x, w, stride=bad)
+
+
 def test_module_with_stride_changed_after_construction_raises():
     m = fastconv.DepthwiseConv2d(4, 3)
     m.stride = (2, 2)
