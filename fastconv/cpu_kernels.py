@@ -277,7 +277,7 @@ def cpp_library():
                     try:
                         _lib = _build()
                     except (RuntimeError, OSError) as e:
-                        _lib_error = str(e)
+                        _lib_error = str(e) or type(e).__name__
                         warnings.warn(f"fastconv: its C++ kernel is unavailable ({_lib_error.splitlines()[0][:200]}); "
                                       "depthwise_conv2d runs PyTorch's own kernels (explain() says which). Install a "
                                       "C++ compiler or set CXX; FASTCONV_NO_CPP=1 turns the kernel and this warning "

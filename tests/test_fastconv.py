@@ -308,6 +308,18 @@ def test_a_library_whose_dependency_is_missing_is_not_rebuilt_at_every_start(tmp
     assert runs == []
 
 
+def test_a_build_failure_without_a_message_still_falls_back(monkeypatch):
+    """A build that fails with an empty message (an OSError without text) leaves the kernel unavailable with a
+    reason and one warning, not an IndexError from the warning's text."""
+    monkeypatch.setattr(ck, "_lib", None)
+    monkeypatch.setattr(ck, "_lib_error", None)
+    monkeypatch.delenv("FASTCONV_NO_CPP", raising=False)
+    monkeypatch.setattr(ck, "_build", lambda: (_ for _ in ()).throw(OSError()))
+    with pytest.warns(RuntimeWarning, match=r"C\+\+ kernel is unavailable \(OSError\)"):
+        assert ck.cpp_library() is None
+    assert ck.cpp_unavailable_reason() == "OSError" and not ck.cpp_available()
+
+
 def test_fastconv_no_cpp_reads_yes_and_no():
     """$FASTCONV_NO_CPP=1 / yes disables the C++ kernel; 0 / false / off (as $FASTCONV_AUTOTUNE reads them) leave it on
     (any non-empty value disabled it: FASTCONV_NO_CPP=0 turned the kernel off)."""
