@@ -14,7 +14,7 @@ setup(
     include_package_data=True,
     package_data={"erf_lab_data": ["*", "**/*"], "fastconv": ["csrc/*"]},
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.6",  # torch.library.custom_op (2.4), torch.compiler.is_exporting (2.6); tested on 2.13.0
         "numpy>=1.24",
         "scipy>=1.10",
         "matplotlib>=3.8",
