@@ -1,7 +1,12 @@
 """Where erf-lab finds its shipped data and the shape-bias data sets."""
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,5 +44,28 @@ def check_erf_lab_data() -> None:
 
 
 def cache_dir() -> Path:
-    """User cache: ``$ERF_LAB_CACHE`` (unless empty) or ``~/.cache/erf-lab``."""
-    return Path(os.environ.get("ERF_LAB_CACHE") or Path.home() / ".cache" / "erf-lab").expanduser()
+    """User cache: ``$ERF_LAB_CACHE`` (unless empty) or ``~/.cache/erf-lab``. A user without a home folder (``$HOME``
+    unset and no entry in the password database: a container run under an arbitrary user id) gets a private
+    temporary folder for this process, removed at exit, with one warning (as fastconv's cache); a ``~`` there that
+    names no home folder is an ErfLabError."""
+    given = os.environ.get("ERF_LAB_CACHE")
+    try:
+        return Path(given).expanduser() if given else Path.home() / ".cache" / "erf-lab"
+    except RuntimeError:  # no home folder to expand "~" to
+        if given:
+            from erf_lab.errors import ErfLabError
+
+            raise ErfLabError(f"ERF_LAB_CACHE={given} starts with a ~ that names no home folder (no such user, or "
+                              "this user has none); give a full path") from None
+    return _private_cache()
+
+
+@functools.cache
+def _private_cache() -> Path:
+    """The process's own cache folder where the user has no home folder (see :func:`cache_dir`), made once."""
+    folder = tempfile.mkdtemp(prefix="erf-lab-cache-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    warnings.warn(f"erf-lab: this user has no home folder ($HOME unset); downloaded data sets and caches are kept in "
+                  f"{folder} for this process only: set ERF_LAB_CACHE to a folder to keep them", RuntimeWarning,
+                  stacklevel=3)
+    return Path(folder)

@@ -1,15 +1,19 @@
 """`erf-lab data download` against a local HTTP server on 127.0.0.1 only (never the real network)."""
 from __future__ import annotations
 
+import functools
 import http.server
+import os
 import re
 import shutil
 import threading
+import warnings
 from functools import partial
 from pathlib import Path
 
 import pytest
 
+from erf_lab import paths
 from erf_lab.cli.main import main
 from erf_lab.errors import ErfLabError
 from erf_lab.io import sha256_file
@@ -405,3 +409,26 @@ def test_ctrl_c_on_a_server_that_never_answers_stops_at_once(tmp_path):
         server.shutdown()
         server.server_close()
     assert not (tmp_path / "cue-conflict").exists()
+
+
+def test_a_user_without_a_home_folder_gets_a_private_cache_not_an_error(monkeypatch):
+    """$HOME unset and a user id without a password entry (a container run as ``-u 12345``): every command that
+    touched the cache raised Path.home()'s "Could not determine home directory" traceback. Now the process caches in
+    a private folder (made once, warned once); a "~" in $ERF_LAB_CACHE that names no home is one ErfLabError."""
+    import pwd
+
+    from erf_lab.errors import ErfLabError
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setenv("ERF_LAB_CACHE", "")
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    monkeypatch.setattr(paths, "_private_cache", functools.cache(paths._private_cache.__wrapped__))
+    with pytest.warns(RuntimeWarning, match=r"no home folder .* set ERF_LAB_CACHE"):
+        first = paths.cache_dir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call neither warns nor makes another folder
+        assert paths.cache_dir() == first
+    assert first.is_dir() and os.access(first, os.W_OK) and first.stat().st_mode & 0o077 == 0
+    monkeypatch.setenv("ERF_LAB_CACHE", "~/erf")
+    with pytest.raises(ErfLabError, match=r"ERF_LAB_CACHE=~/erf starts with a ~ that names no home folder"):
+        paths.cache_dir()
