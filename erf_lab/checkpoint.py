@@ -521,6 +521,15 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     if problems:
         raise CheckpointError(f"{source} does not match {type(model).__name__} (a checkpoint of another architecture "
                               "or size: check the model name and its options): " + "; ".join(problems))
+    # a float tensor of the model from integer / bool / complex values: load_state_dict would cast them silently
+    # (an int8-quantized or converted file: weights rounded to integers, 0/1, or the imaginary part dropped)
+    not_float = [k for k in own if k not in dropped and own[k].is_floating_point()
+                 and not state_dict[k].is_floating_point()]
+    if not_float:
+        k = not_float[0]
+        raise CheckpointError(f"{source}: {len(not_float)} floating-point tensor(s) of the model are stored as "
+                              f"{str(state_dict[k].dtype).removeprefix('torch.')} in the file (first: {k}; a "
+                              "quantized or converted checkpoint?); save float weights (float32, float16 or bfloat16)")
     if drop_head:
         state_dict = {**state_dict, **{k: own[k] for k in dropped if k in own}}
     model.load_state_dict(state_dict, strict=True)

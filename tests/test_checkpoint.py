@@ -558,3 +558,27 @@ def test_legacy_format_checkpoint_cut_short_is_called_truncated(tmp_path):
                                                   r"that is truncated or damaged") as e:
             load_state_dict_file(cut)
         assert "\n" not in str(e.value), keep
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64])
+def test_float_tensors_stored_as_integers_bools_or_complex_are_refused(tmp_path, dtype):
+    """An int8 / bool / complex file loaded into float parameters was cast silently (weights rounded to integers,
+    0/1, or stripped of their imaginary part) and measured as if it were the checkpoint."""
+    from safetensors.torch import save_file
+
+    model = _model()
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_file(sd, tmp_path / "q.safetensors")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"stored as {str(dtype).removeprefix('torch.')} in the file"):
+        load_weights(model, load_state_dict_file(tmp_path / "q.safetensors"), source="q.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing loaded
+
+
+def test_half_precision_weights_still_load_as_float32():
+    model = _model()
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in _model().state_dict().items()}
+    load_weights(model, sd)
+    k = "stem.0.conv.weight"
+    assert model.state_dict()[k].dtype == torch.float32
+    assert torch.equal(model.state_dict()[k], sd[k].float())
