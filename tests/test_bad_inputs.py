@@ -688,3 +688,36 @@ def test_a_fastconv_variable_fastconv_refuses_is_one_line_exit_2(name, value, me
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"erf-lab compute: error: {message}")
     assert not out.exists()
+
+
+def test_compute_refuses_an_out_folder_inside_its_image_folder(tmp_path, capsys):
+    """`compute --images D --out D --force` listed the earlier run's erf.png as an input, deleted it (--force) and
+    failed on the image it had just deleted: the earlier run was lost. An --out under D fed the run's own erf.png
+    into the next run. Both are now refused before anything is touched."""
+    from erf_lab.erf.rundir import write_run_dir
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(imgs / "a.png")
+    write_run_dir(imgs, np.ones((9, 9)), {"model": "m"})  # an earlier run written into the image folder itself
+    before = sorted((p.name, p.stat().st_size) for p in imgs.iterdir())
+    for out in (imgs, imgs / "runs" / "r1"):
+        code = main([*SMALL, "--images", str(imgs), "--force", "--quiet", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "inside the --images folder" in err, err
+    assert sorted((p.name, p.stat().st_size) for p in imgs.iterdir()) == before
+    assert not (imgs / "runs").exists()
+
+
+def test_an_out_folder_under_a_hidden_folder_of_the_images_is_allowed(tmp_path):
+    """The image folder is listed without its hidden folders: an --out there (the app's ~/.cache runs below an
+    image folder ~) cannot feed the run's figures back, and is not refused."""
+    from erf_lab.erf.runner import _refuse_out_in_images
+    from erf_lab.errors import ErfLabError
+
+    _refuse_out_in_images(tmp_path / ".cache" / "runs" / "r1", tmp_path)
+    _refuse_out_in_images(tmp_path / "runs", "default")
+    _refuse_out_in_images(tmp_path.parent / "elsewhere", tmp_path)
+    with pytest.raises(ErfLabError, match="inside the --images folder"):
+        _refuse_out_in_images(tmp_path / "a" / ".." / "runs", tmp_path)

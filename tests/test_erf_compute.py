@@ -417,14 +417,16 @@ def test_no_readable_image_error_counts_every_skipped_file(tmp_path, capsys):
     then 'no usable image: 1 skipped')."""
     from erf_lab.cli.main import main
 
-    _cut_jpeg(tmp_path / "trunc.jpg")
-    (tmp_path / "notes.txt").write_text("not an image")
+    imgs = tmp_path / "imgs"  # the --out beside it: one inside the image folder is refused
+    imgs.mkdir()
+    _cut_jpeg(imgs / "trunc.jpg")
+    (imgs / "notes.txt").write_text("not an image")
     code = main(["compute", "--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override",
-                 "layers=(1,1,1,1)", "--input-size", "32", "--images", str(tmp_path), "--num-images", "1",
+                 "layers=(1,1,1,1)", "--input-size", "32", "--images", str(imgs), "--num-images", "1",
                  "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
-    assert (f"no readable images found in {tmp_path}: 2 skipped: 1 unreadable image(s), 1 non-image file(s) "
+    assert (f"no readable images found in {imgs}: 2 skipped: 1 unreadable image(s), 1 non-image file(s) "
             "(trunc.jpg: OSError: image file is truncated") in err
     assert "notes.txt: not an image file (extension))" in err
 

@@ -397,6 +397,18 @@ def config_diff(old: dict, new: dict) -> list[str]:
 SPEED_ONLY = ("batch_size",)
 
 
+def _refuse_out_in_images(out_dir: Path, images) -> None:
+    """An output folder that is the image folder or inside it: the folder is read recursively, so the run's own
+    erf.png becomes an input of the next run, and ``--force`` deletes the outputs (inputs) it has just listed."""
+    if images is None or str(images) == "default":
+        return
+    root, out = Path(os.path.realpath(Path(images).expanduser())), Path(os.path.realpath(out_dir))
+    # under a hidden folder (~/.cache/erf-lab/app-runs below an --images ~) it is not listed: no harm
+    if out == root or (root in out.parents and not any(p.startswith(".") for p in out.relative_to(root).parts)):
+        raise ErfLabError(f"--out {out_dir} is inside the --images folder {images} (read recursively: the run's own "
+                          "erf.png would become an input image); choose an --out outside it")
+
+
 def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: bool):
     """What is already in ``out_dir``: ('complete', Run) to return, ('resume', state files), or ('new', files
     to delete before starting)."""
@@ -603,6 +615,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                               f"sets are RGB: measure it in Python with compute_erf on (N, {chans}, H, W) tensors")
         data_cfg = model_data_config(model)
         mean, std = data_cfg["mean"], data_cfg["std"]
+        if out is not None:  # before the folder is listed (and warned about)
+            _refuse_out_in_images(Path(out), spec.images)
         source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean,
                              std=std)
         # the names of the form measured (deploy-only ones found, train-time-only ones refused) before any folder
@@ -614,6 +628,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         config = _config(spec, source, mean, std, weights_sha, dinfo)
         target = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size,
                                                                    runs_root)
+        _refuse_out_in_images(target, spec.images)  # the default --out too (runs/ under an --images folder)
         refuse_other_result(target, "erf")
         if dinfo.is_main and target.is_dir():  # no other erf-lab process writes a run there meanwhile
             held_folder.enter_context(hold_folder(target))
