@@ -62,6 +62,9 @@ def _resolve_factory(name: str) -> Callable[..., nn.Module]:
         return timm_factory(name)
     if ":" in name:  # user model: package.module:factory
         module_name, _, attr = name.partition(":")
+        if not all(part.isidentifier() for part in module_name.split(".")):  # importlib: TypeError / ValueError
+            raise ErfLabError(f"model {name!r}: {module_name!r} is not a module name (package.module:factory, "
+                              "importable from the current folder or the installed packages; not a file path)")
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
