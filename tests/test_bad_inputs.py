@@ -138,6 +138,12 @@ def _cases():
     add("layers-size-0", ["layers", *TINY, "--input-size", "0"], "")
     add("layers-num-classes-negative", ["layers", *TINY, "--override", "num_classes=-1"],
         "num_classes must be a whole number >= 0 (0 or None: no classifier head), got -1")
+    add("replknet-channels-fraction", ["layers", *TINY, "--override", "channels=(8.5,8,8,8)"],
+        "layers and channels must be whole numbers, got layers=(1, 1, 1, 1), channels=(8.5, 8, 8, 8)")
+    add("unireplknet-dims-fraction", ["layers", "--model", "unireplknet_a", "--override", "dims=(8.5,16,32,64)"],
+        "UniRepLKNet depths and dims must be whole numbers")
+    add("slak-depths-fraction", ["layers", "--model", "slak_s", "--override", "depths=(1.5,1,1,1)"],
+        "SLaK depths and dims must be whole numbers")
     add("compute-num-classes-fraction", [*SMALL, "--override", "num_classes=2.5"],
         "num_classes must be a whole number >= 0 (0 or None: no classifier head), got 2.5")
     add("compute-layer-folded-by-reparam", [*SMALL, "--layer", "stages.0.blocks.0.large_kernel.small_conv"],

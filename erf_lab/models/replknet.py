@@ -22,6 +22,7 @@ Three forms of the network:
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -330,6 +331,8 @@ class RepLKNet(FeatureIntermediates, ResettableClassifier, nn.Module):
         if not (len(large_kernel_sizes) == len(layers) == len(channels)) or not layers:
             raise ErfLabError(f"RepLKNet needs one kernel size, block count and width per stage; got "
                               f"kernels={large_kernel_sizes}, layers={layers}, channels={channels}")
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in layers + channels):
+            raise ErfLabError(f"layers and channels must be whole numbers, got layers={layers}, channels={channels}")
         if any(int(n) < 1 for n in layers) or any(int(c) < 1 for c in channels):
             raise ErfLabError(f"layers and channels must be positive, got layers={layers}, channels={channels}")
         if not 0.0 <= float(drop_path_rate) < 1.0:

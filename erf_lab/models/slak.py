@@ -24,6 +24,7 @@ values); no sparse training. The paper's parameter counts are the non-zero weigh
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -171,6 +172,9 @@ class SLaK(ConvNeXtLayout):
                  kernel_size: Sequence[int] = (51, 49, 47, 13, 5), width_factor: float = 1.3,
                  decompose: bool = True, bn: bool = True, deploy: bool = False):
         super().__init__()
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (*depths, *dims)):
+            raise ErfLabError(f"SLaK depths and dims must be whole numbers, got depths={tuple(depths)}, "
+                              f"dims={tuple(dims)}")
         depths, kernel_size = tuple(int(d) for d in depths), tuple(int(k) for k in kernel_size)
         dims = tuple(int(c * width_factor) for c in dims)
         if len(depths) != 4 or len(dims) != 4 or min(depths) < 1 or min(dims) < 1:

@@ -29,6 +29,7 @@ The official OpenMMLab backbone mode (``norm0..3``) is not provided. Large 'same
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -347,6 +348,9 @@ class UniRepLKNet(ConvNeXtLayout):
                  layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.0,
                  kernel_sizes: Sequence[Sequence[int]] | None = None, deploy: bool = False):
         super().__init__()
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (*depths, *dims)):
+            raise ErfLabError(f"UniRepLKNet depths and dims must be whole numbers, got depths={tuple(depths)}, "
+                              f"dims={tuple(dims)}")
         depths, dims = tuple(int(d) for d in depths), tuple(int(c) for c in dims)
         if len(depths) != 4 or len(dims) != 4 or min(depths) < 1 or min(dims) < 1:
             raise ErfLabError(f"UniRepLKNet needs 4 positive depths and widths, got depths={depths}, dims={dims}")
