@@ -95,6 +95,9 @@ def _cases():
     add("pretrained-unpublished", ["compute", "--model", "resnet18", "--override", "pretrained=True"],
         "model 'resnet18' has no published weights in erf-lab; pass a file (--weights) or use a model that ships "
         "them: efficientnet_lite0 (timm/<name> downloads its own)")
+    add("override-arithmetic", ["layers", *TINY, "--override", "channels=(2**3,8,8,8)"],
+        "--override 'channels=(2**3,8,8,8)': not a Python literal")
+    add("override-unclosed", ["layers", *TINY, "--override", "channels=(8,8,8,8"], "not a Python literal")
     add("override-no-equals", [*SMALL, "--override", "channels"], "key=value")
     # compute: image folders
     add("images-missing", [*SMALL, "--images", "{bad}/nope"], "image folder not found")

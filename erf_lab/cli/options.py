@@ -23,7 +23,10 @@ def parse_overrides(items: list[str] | None) -> dict:
             raise ErfLabError(f"--override expects key=value (a Python identifier as key), got {item!r}")
         try:
             out[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            if value.strip()[:1] in "([{":  # meant as a tuple / list / dict: kept as text it becomes its characters
+                raise ErfLabError(f"--override {item!r}: not a Python literal (plain numbers, strings, tuples, e.g. "
+                                  f"channels=(64,128,256,512); no arithmetic)") from None
             out[key] = value.strip()
     return out
 
