@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import statistics
 from itertools import combinations
 
@@ -377,3 +378,23 @@ def test_shape_bias_figure_says_how_many_decisions_it_rests_on(tmp_path, monkeyp
     plot_shape_bias([s], tmp_path / "sb")
     legend = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
     assert legend == ["m (random init): 0.667 (6 decisions, 95% CI 0.30-0.90)"]
+
+
+def test_compare_runs_without_a_name_or_with_a_number_as_label(tmp_path):
+    """A summary.json whose model is null (no label) raised a TypeError in the error-consistency figure (None +
+    str); one whose label is a number did too. The nameless run is drawn as 'model 0'; a label or model that is no
+    text, or a random_weights flag that is no bool, is refused as a damaged file in one line."""
+    from erf_lab.shape_bias.plotting import compare_runs
+
+    vs = {"per_subject": {"subject-01": {"error_consistency": 0.1}}, "error_consistency": {"mean": 0.1}}
+    base = {"shape_bias": 0.5, "per_category": {}, "consistency": {"cue-conflict": {"vs_humans": vs}}}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({**base, "model": None}))
+    compare_runs([run], tmp_path / "cmp")
+    assert (tmp_path / "cmp" / "error_consistency_comparison.png").stat().st_size > 0
+    for change, field in (({"label": 3}, "label is 3"), ({"model": ["m"]}, 'model is ["m"]'),
+                          ({"random_weights": "yes"}, 'random_weights is "yes"')):
+        (run / "summary.json").write_text(json.dumps({**base, "model": "m", **change}))
+        with pytest.raises(ErfLabError, match=re.escape(f"{field}: not a value an 'erf-lab shape-bias' run writes")):
+            compare_runs([run], tmp_path / "cmp2")

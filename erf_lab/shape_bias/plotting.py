@@ -38,7 +38,7 @@ def plot_shape_bias(summaries: Sequence[dict], stem, human_csv_paths: Sequence[o
     cmap = matplotlib.colormaps["tab10"]
     palette = [cmap(k) for k in (0, 1, 2, 4, 5, 6, 8, 9, 7)]  # tab10 without its red (kept for humans)
     for i, s in enumerate(summaries):
-        observers.append((s.get("label") or s.get("model", f"model {i}"), s, palette[i % len(palette)],
+        observers.append((_run_name(s, i), s, palette[i % len(palette)],
                           _MARKERS[i % len(_MARKERS)]))
 
     fig, ax = plt.subplots(figsize=(5.2, 0.28 * len(CATEGORIES) + 1.9), layout="constrained")
@@ -122,7 +122,7 @@ def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = 
             ax.scatter(xi + jitter, per, s=10, color=color, alpha=0.55, zorder=3, linewidth=0)
             ax.scatter([xi], [vs["error_consistency"]["mean"]], s=60, color=color, marker=_MARKERS[i % len(_MARKERS)],
                        edgecolor="0.2", linewidth=0.5, zorder=4,
-                       label=(s.get("label") or s.get("model")) + " (mean over subjects)" if x == 0 else None)
+                       label=_run_name(s, i) + " (mean over subjects)" if x == 0 else None)
     ax.axhline(0, color="0.5", linestyle=":", linewidth=1)
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set_xlim(-0.6, len(datasets) - 0.4)
@@ -135,6 +135,11 @@ def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = 
     paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
+
+
+def _run_name(s: dict, i: int) -> str:
+    """The name of run ``i`` in a figure's legend: its label, else its model, else ``model <i>``."""
+    return s.get("label") or s.get("model") or f"model {i}"
 
 
 def load_run(run_dir) -> dict:
@@ -179,6 +184,9 @@ def _impossible_value(s: dict) -> str | None:
     for table in ("per_category", "human_reference", "consistency"):
         checks.append((table, s.get(table), lambda v: v is None or isinstance(v, dict)))
     checks.append(("warnings", s.get("warnings"), lambda v: v is None or isinstance(v, list)))
+    # the figures' and tables' names (_run_name): text or absent
+    checks += [(k, s.get(k), lambda v: v is None or isinstance(v, str)) for k in ("model", "label")]
+    checks.append(("random_weights", s.get("random_weights"), lambda v: v is None or isinstance(v, bool)))
     human = s.get("human_reference") if isinstance(s.get("human_reference"), dict) else {}
     checks.append(("human_reference.shape_bias", human.get("shape_bias"), fraction))
     for name, group in (("per_category", s.get("per_category")), ("human_reference.per_category",
