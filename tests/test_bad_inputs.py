@@ -664,6 +664,26 @@ def test_reparam_refuses_to_overwrite_its_own_weights_file(tmp_path, capsys):
     assert w.read_bytes() == before and not (tmp_path / "train.pth.run.json").exists()
 
 
+def test_reparam_refuses_to_overwrite_a_file_of_another_result_but_rewrites_its_own(tmp_path, capsys):
+    """`erf-lab reparam --out RUN/model.pth` into a training run replaced its trained weights by a (random-init)
+    deploy checkpoint, silently. A file of another erf-lab result is now refused and left as it was; reparam's own
+    earlier output (it has the .run.json beside it) is still written again."""
+    from erf_lab.io import write_json
+
+    run = tmp_path / "train_run"
+    run.mkdir()
+    write_json(run / "run.json", {"settings": {"model": "replknet_31b"}, "model_config": {"num_classes": 10}})
+    (run / "model.pth").write_bytes(b"trained weights")
+    code = main(["reparam", *TINY, "--check-size", "32", "--out", str(run / "model.pth")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "is a file of a training run" in err, err
+    assert (run / "model.pth").read_bytes() == b"trained weights" and not (run / "model.pth.run.json").exists()
+    for _ in range(2):  # a new file beside the run's, then that file again
+        assert main(["reparam", *TINY, "--check-size", "32", "--out", str(run / "deploy.pth")]) == 0
+    assert (run / "deploy.pth.run.json").is_file()
+
+
 def test_reparam_records_which_weights_file_it_merged(tmp_path, capsys):
     """The reparam sidecar named its input only by the path as typed (relative, no digest), so the record could not
     tell which weights a deploy file came from once the file moved or changed; it now has their SHA-256 too, as

@@ -132,7 +132,8 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     so is the training size of ``weights`` where it is known (:func:`save_state_dict`); the summary is also written
     to ``<out>.run.json``.
     """
-    from erf_lab.io import missing_folders, prepare_out_dir, refuse_empty, remove_empty_folders
+    from erf_lab.io import (RESULT_KINDS, missing_folders, prepare_out_dir, refuse_empty, remove_empty_folders,
+                            result_kind)
 
     refuse_empty(out, hint="name the checkpoint file to write (.pth, .pt or .safetensors)")  # Path("") is "."
     out = Path(out)
@@ -148,6 +149,11 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     if weights and out.is_file() and Path(weights).is_file() and out.samefile(weights):
         raise ErfLabError(f"--out {out} is the --weights file itself: the deploy form would replace the train-time "
                           "weights, which cannot be recovered from it; name another output file")
+    kind = result_kind(out.parent) if out.is_file() else None
+    if kind not in (None, "unknown") and not out.with_name(out.name + ".run.json").is_file():
+        # a file of another command's result (a training run's model.pth), not an earlier reparam output
+        raise ErfLabError(f"--out {out} is a file of {RESULT_KINDS[kind]} in {out.parent}: the deploy form would "
+                          "replace it; name another output file")
     made = missing_folders(out.parent)
     prepare_out_dir(out.parent, what="--out's folder")
     try:
