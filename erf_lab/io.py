@@ -342,6 +342,18 @@ def _run_json_kind(info) -> str:
     return "unknown"
 
 
+def refuse_out_inside(out_dir: str | os.PathLike, folder: str | os.PathLike, option: str, harm: str) -> None:
+    """ErfLabError (one line) when ``out_dir`` is the input ``folder`` (``option``, read recursively) or inside it:
+    the command's outputs would be read as inputs by its next run (``harm`` says how). A hidden sub-folder is not
+    listed by the readers (the app's ~/.cache runs below a folder ~): no harm, allowed."""
+    from erf_lab.errors import ErfLabError
+
+    root, out = Path(os.path.realpath(Path(folder).expanduser())), Path(os.path.realpath(Path(out_dir).expanduser()))
+    if out == root or (root in out.parents and not any(p.startswith(".") for p in out.relative_to(root).parts)):
+        raise ErfLabError(f"--out {out_dir} is inside the {option} folder {folder} (read recursively: {harm}); "
+                          "choose an --out outside it")
+
+
 def refuse_other_result(folder: str | os.PathLike, kind: str, what: str = "--out") -> None:
     """The one check of every command that writes a result folder, before it writes: ErfLabError (one line) when
     ``folder`` is empty, a file or under one (:func:`check_out_path`), or holds an erf-lab result of a kind other

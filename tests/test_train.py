@@ -992,3 +992,20 @@ def test_ctrl_c_during_the_last_validation_stops_the_run(tmp_path, monkeypatch, 
     assert (state["epoch"], state["position"], len(state["rows"])) == (2, 0, 2)
     res = _run(out, resume=True, checkpoint_format="safetensors")
     assert len(calls) == 2 and [r["epoch"] for r in res["rows"]] == [1, 2] and (out / "run.json").exists()
+
+
+def test_an_out_folder_inside_the_data_splits_is_refused(tmp_path, capsys, one_thread):
+    """`train --data D --out D/train/a --force` wrote curves.png and the checkpoints into class 'a': the next run
+    on D trained on the figure as an image of 'a' (and --out D/train/runs made a class 'runs' that val/ lacks).
+    Now refused before anything is written; an --out beside the splits (D itself) still trains."""
+    data = tmp_path / "data"
+    _folder(data)
+    before = sorted(p.relative_to(data).as_posix() for p in data.rglob("*"))
+    args = ["train", *TINY_CLI, "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--data", str(data),
+            "--quiet"]
+    for out in (data / "train" / "a", data / "val" / "runs", data / "train"):
+        assert main([*args, "--force", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is inside the --data folder" in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == before
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0

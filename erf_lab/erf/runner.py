@@ -400,13 +400,10 @@ SPEED_ONLY = ("batch_size",)
 def _refuse_out_in_images(out_dir: Path, images) -> None:
     """An output folder that is the image folder or inside it: the folder is read recursively, so the run's own
     erf.png becomes an input of the next run, and ``--force`` deletes the outputs (inputs) it has just listed."""
-    if images is None or str(images) == "default":
-        return
-    root, out = Path(os.path.realpath(Path(images).expanduser())), Path(os.path.realpath(out_dir))
-    # under a hidden folder (~/.cache/erf-lab/app-runs below an --images ~) it is not listed: no harm
-    if out == root or (root in out.parents and not any(p.startswith(".") for p in out.relative_to(root).parts)):
-        raise ErfLabError(f"--out {out_dir} is inside the --images folder {images} (read recursively: the run's own "
-                          "erf.png would become an input image); choose an --out outside it")
+    from erf_lab.io import refuse_out_inside
+
+    if images is not None and str(images) != "default":
+        refuse_out_inside(out_dir, images, "--images", "the run's own erf.png would become an input image")
 
 
 def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: bool):

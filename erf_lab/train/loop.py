@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from erf_lab.errors import ErfLabError, on_every_rank
 from erf_lab.erf import distributed as D
 from erf_lab.io import (hold_folder, is_training_record, read_json_or_none, refuse_empty, refuse_other_result,
-                        remove_write_leftovers)
+                        refuse_out_inside, remove_write_leftovers)
 from erf_lab.train import checkpoints as C
 from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
@@ -452,6 +452,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     def decide() -> str:  # on rank 0 (the other ranks would race with its first writes), told to the others
         if out.is_dir():  # no other erf-lab process writes a run there meanwhile
             held_folder.enter_context(hold_folder(out))
+        for split in ("train", "val") if str(data) != CUE_WORLD else ():  # the folders build_data reads
+            refuse_out_inside(out, Path(data) / split, "--data",
+                              f"its checkpoints and figures would become {split} images of a class")
         mode = _prepare_out_dir(out, resume, force)
         if mode in ("new", "resume"):
             _check_writable(out)
