@@ -214,8 +214,20 @@ def summary_table(results: list[tuple[dict, dict]]):
 
     table = pd.DataFrame([{"configuration": r["label"], "images": r["num_used"],
                            **{k: cell(k, v) for k, v in r["summary"].items()}} for _, r in results])
-    for col in table.columns[(table == "n/r").any()]:  # text columns (as erf-lab compare prints them), not mixed
-        table[col] = table[col].map(lambda v: v if isinstance(v, str) else f"{v:.4g}")
+    return nr_columns_as_text(table)
+
+
+def nr_columns_as_text(table):
+    """``table`` with each column that holds "n/r" (not reached) as text, as erf-lab compare prints it: a column of
+    numbers and "n/r" cannot be sent to the browser as one Arrow type (Streamlit logs a traceback and converts it
+    itself). Numbers as ``.4g``, a missing value (None / NaN) as empty."""
+    import math
+
+    def text(v):
+        return v if isinstance(v, str) else "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+    for col in table.columns[(table == "n/r").any()]:
+        table[col] = table[col].map(text)
     return table
 
 

@@ -1346,3 +1346,37 @@ def test_a_reused_app_erf_run_takes_its_metrics_from_erf_npy(app_env):
     metrics.write_text('{"shape": [64')
     again = erf_maps._erf(spec, ("cue-world", 1), None, None, "reuse-test")
     assert again["summary"] == first["summary"] and again["metrics"]["shape"] == [64, 64]
+
+
+def test_results_table_sends_not_reached_columns_as_text(app_env):
+    """An ERF run with a threshold not reached ("n/r") beside the paper's numbers made a column of text and floats:
+    Streamlit could not serialise it to Arrow, logged a traceback on every render and converted it itself
+    (1.0 -> "1.0"). The column is now text, as in the explorer's table (erf_maps.nr_columns_as_text)."""
+    import logging
+
+    from erf_lab.erf.rundir import write_run_dir
+
+    edge = np.ones((15, 15))
+    edge[7, 14] = 1000.0  # centred at x = 2, no square inside the map reaches 99 %: not reached
+    write_run_dir(app_env / "runs" / "edge", edge, {"label": "edge", "model": "synthetic", "num_used": 1,
+                                                     "input_size": 15, "erf_centre": [7, 2]})
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    log = logging.getLogger("streamlit.dataframe_util")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        at = ok(new_app())
+        at.switch_page("views/results.py").run()
+        at.text_input(key="res-root").set_value(str(app_env / "runs")).run()
+        ok(at)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert not errors(at), errors(at)
+    assert not [m for m in logged if "Arrow" in m], logged
+    table = at.dataframe[0].value
+    assert list(table["area@99%"]) == ["n/r", "23.4", "34.9", "96.3", "98.6"]
+    assert list(table["area@20%"])[1] == "1"  # the paper's 1.0 (ResNet-101), as .4g

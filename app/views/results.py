@@ -9,7 +9,7 @@ import streamlit as st
 
 from app import runs as runs_module
 from app import safety
-from app.erf_maps import EMPTY_MAP_NOTE
+from app.erf_maps import EMPTY_MAP_NOTE, nr_columns_as_text
 from app.figures import show_figure
 from app.runs import app_runs_dir, downloadable_files, find_runs, incomplete_note, read_csv_table
 from app.ui import file_downloads, guard
@@ -71,9 +71,10 @@ if runs:
                 reached = v is not None or row.get("source") != "measured" or not c.startswith(("area@", "side@"))
                 return v if reached else "n/r"
 
-            st.dataframe(pd.DataFrame([{**{c: cell(row, c) for c in table["columns"]}, "images": i.get("num_used"),
-                                        "input": i.get("input_size")} for row, i in zip(table["rows"], info)]
-                                      ).astype({"images": "Int64", "input": "Int64"}), hide_index=True)
+            st.dataframe(nr_columns_as_text(pd.DataFrame(
+                [{**{c: cell(row, c) for c in table["columns"]}, "images": i.get("num_used"),
+                  "input": i.get("input_size")} for row, i in zip(table["rows"], info)]
+            ).astype({"images": "Int64", "input": "Int64"})), hide_index=True)
             if not table["mixed"]:
                 st.caption(table["note"])
     for n in chosen:
