@@ -78,6 +78,9 @@ def _cases():
     add = lambda name, argv, pattern: c.append(pytest.param(argv, pattern, id=name))  # noqa: E731
     # compute: models, layers, sizes
     add("unknown-model", ["compute", "--model", "replknet_31bb", "--num-images", "1"], "unknown model")
+    add("model-other-case", ["layers", "--model", "UniRepLKNet_A"], "unknown model 'UniRepLKNet_A'; did you mean "
+        "unireplknet_a?")
+    add("model-dash-and-case", ["layers", "--model", "RepLKNet-31B"], "did you mean replknet_31b?")
     add("user-factory-missing", ["compute", "--model", "no_such_pkg.mod:make"], "cannot import module")
     add("user-factory-a-path", ["layers", "--model", "../models/my_net.py:make"], "is not a module name")
     add("user-factory-no-module", ["compute", "--model", ":make"], "'' is not a module name")

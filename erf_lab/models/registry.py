@@ -73,7 +73,9 @@ def _resolve_factory(name: str) -> Callable[..., nn.Module]:
         if factory is None or not callable(factory):
             raise ErfLabError(f"module {module_name!r} has no callable {attr!r} (model {name!r})")
         return factory
-    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
+    # the names are lower case with '_': 'RepLKNet-31B' is replknet_31b (difflib alone ranked replknet_31l first)
+    key = name.strip().lower().replace("-", "_")
+    close = [m for m in list_models() if m == key] or difflib.get_close_matches(key, list_models(), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else "; run 'erf-lab models' for the list"
     raise ErfLabError(f"unknown model {name!r}{hint}")
 
