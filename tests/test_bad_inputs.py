@@ -84,6 +84,8 @@ def _cases():
     add("user-factory-missing", ["compute", "--model", "no_such_pkg.mod:make"], "cannot import module")
     add("user-factory-a-path", ["layers", "--model", "../models/my_net.py:make"], "is not a module name")
     add("user-factory-no-module", ["compute", "--model", ":make"], "'' is not a module name")
+    add("layer-other-case", [*SMALL, "--layer", "FORWARD_FEATURES"], "unknown layer 'FORWARD_FEATURES'; close names: "
+        "forward_features")
     add("misspelled-layer", [*SMALL, "--layer", "stages.3.blockz"], "close names: stages.3.blocks")
     add("size-0", ["compute", *TINY, "--input-size", "0"], "--input-size must be a positive integer")
     add("size-negative", ["compute", *TINY, "--input-size", "-5"], "--input-size must be a positive integer")

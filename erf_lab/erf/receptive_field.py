@@ -302,7 +302,8 @@ def resolve_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module |
     if layer in modules and layer:
         return layer, modules[layer]
     names = [n for n in modules if n] + [DEFAULT_LAYER]
-    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+    lowered = {n.lower(): n for n in reversed(names)}  # 'Stages.3', 'FORWARD_FEATURES': their names, first
+    close = [lowered[n] for n in difflib.get_close_matches(layer.strip().lower(), list(lowered), n=5, cutoff=0.5)]
     if not close:
         close = [n for n in names if n.startswith(layer.split(".")[0])][:5]
     hint = f"; close names: {', '.join(close)}" if close else ""
