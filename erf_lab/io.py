@@ -368,13 +368,15 @@ def refuse_other_result(folder: str | os.PathLike, kind: str, what: str = "--out
                           f"{what}")
 
 
-def remove_earlier_outputs(folder: str | os.PathLike, keep) -> None:
-    """Delete the files that an earlier run in ``folder`` listed in its run.json ``outputs`` and this run did not
-    write again (``keep``: the names it wrote), so that the folder holds one run's results only (a shape-bias
-    run with ``--no-humans`` after one with humans had kept the other's error-consistency figure, another
-    model's run its model-vs-human CSVs). Only plain file names in ``folder`` itself are touched."""
-    old = read_json_or_none(Path(folder) / "run.json")
-    names = old.get("outputs") if isinstance(old, dict) else None
+def remove_earlier_outputs(folder: str | os.PathLike, keep, names=None) -> None:
+    """Delete the files that an earlier run in ``folder`` listed in its run.json ``outputs`` (or ``names``, read
+    from its record before this run replaced it) and this run did not write again (``keep``: the names it wrote),
+    so that the folder holds one run's results only (a shape-bias run with ``--no-humans`` after one with humans
+    had kept the other's error-consistency figure, another model's run its model-vs-human CSVs; a compare
+    without figures the earlier comparison's). Only plain file names in ``folder`` itself are touched."""
+    if names is None:
+        old = read_json_or_none(Path(folder) / "run.json")
+        names = old.get("outputs") if isinstance(old, dict) else None
     for name in names if isinstance(names, list) else ():
         if (isinstance(name, str) and name not in keep and name not in ("", ".", "..")
                 and Path(name).name == name and (Path(folder) / name).is_file()):

@@ -114,6 +114,25 @@ def test_compare_mixed_sizes(capsys, tmp_path, two_runs):
     assert (tmp_path / "c2" / "compare.png").is_file()
 
 
+def test_compare_again_into_its_folder_leaves_no_figure_of_the_earlier_comparison(capsys, tmp_path, two_runs):
+    """A second compare into the same --out that draws no figure (maps of other sizes) or other formats left the
+    first one's compare.png/.pdf beside the new table: a heatmap of other runs under the new comparison's name.
+    The earlier comparison's files that are not written again (compare.json lists them) are now removed."""
+    a, b = two_runs
+    np.save(tmp_path / "big.npy", gaussian_map(64))
+    out_dir = tmp_path / "c"
+    (out_dir).mkdir()
+    (out_dir / "notes.txt").write_text("mine")  # a file no comparison wrote: kept
+    assert run_cli(capsys, "compare", str(a), str(b), "--out", str(out_dir))[0] == 0
+    assert (out_dir / "compare.png").is_file() and (out_dir / "compare.pdf").is_file()
+    assert run_cli(capsys, "compare", str(a), str(b), "--out", str(out_dir), "--formats", "svg")[0] == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["compare.csv", "compare.json", "compare.md", "compare.svg",
+                                                          "notes.txt"]
+    assert run_cli(capsys, "compare", str(a), str(tmp_path / "big.npy"), "--out", str(out_dir))[0] == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["compare.csv", "compare.json", "compare.md", "notes.txt"]
+    assert json.loads((out_dir / "compare.json").read_text())["files"] == ["compare.md", "compare.csv"]
+
+
 def test_compare_does_not_recommend_a_degenerate_gaussian_sigma(capsys, tmp_path, two_runs):
     """Maps of different sizes: the Gaussian sigma is recommended only while every fit is meaningful; a flat noisy map
     (its fit: sigma wider than the map, R^2 ~ 0) is shown n/m with the reason, its numbers kept in the CSV."""

@@ -11,7 +11,8 @@ from erf_lab.erf.metrics import gaussian_fit_ok
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, gauss_note,
                                 markdown_table, metrics_text, paper_protocol_note, table_rows)
 from erf_lab.errors import ErfLabError
-from erf_lab.io import command_record, prepare_out_dir, refuse_other_result, write_json, write_text
+from erf_lab.io import (command_record, prepare_out_dir, read_json_or_none, refuse_other_result,
+                        remove_earlier_outputs, write_json, write_text)
 from erf_lab.provenance import provenance
 
 
@@ -88,6 +89,7 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": table["names"],
                                     "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
                                     "normalize": normalize, "display": display}, argv)
+    earlier = read_json_or_none(out_dir / "compare.json")  # its files: those this one does not write go afterwards
     # the folder is a comparison from now on (every input was checked: an error now is a file that cannot be written)
     with command_record(out_dir / "compare.json", record, undo_on_error=False) as save:
         figs = [] if mixed and not allow_mixed_sizes else plot_comparison(
@@ -96,6 +98,8 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
         write_text(out_dir / "compare.md", md + "\n\n" + table["note"] + "\n")
         write_text(out_dir / "compare.csv", csv_s)
         save(complete=True, rows=rows, mixed_sizes=mixed, files=[p.name for p in figs] + ["compare.md", "compare.csv"])
+    remove_earlier_outputs(out_dir, [p.name for p in figs] + ["compare.md", "compare.csv", "compare.json"],
+                           names=earlier.get("files") if isinstance(earlier, dict) else None)
     return {"rows": rows, "markdown": md, "csv": csv_s, "note": table["note"], "files": figs + [
         out_dir / "compare.md", out_dir / "compare.csv", out_dir / "compare.json"], "out_dir": out_dir,
         "metrics": dict(table["measured"])}
