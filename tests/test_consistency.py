@@ -398,3 +398,23 @@ def test_compare_runs_without_a_name_or_with_a_number_as_label(tmp_path):
         (run / "summary.json").write_text(json.dumps({**base, "model": "m", **change}))
         with pytest.raises(ErfLabError, match=re.escape(f"{field}: not a value an 'erf-lab shape-bias' run writes")):
             compare_runs([run], tmp_path / "cmp2")
+
+
+def test_a_rerun_without_humans_removes_the_earlier_error_consistency_figures(shared_datasets, tmp_path):
+    """`--from-csv` / `--compare` again into the same --out with --no-humans drew no error-consistency figure but
+    left the earlier run's (the consistency of another run beside the new summary). Both now remove the earlier
+    run's files they do not write again (run.json 'outputs'), as a model run does."""
+    src = next((shared_datasets / "human-cue-conflict").glob("*subject-01_*.csv"))
+    with open(src, newline="") as f:
+        rows = [(r["imagename"], r["category"], r["object_response"]) for r in csv.DictReader(f)][:40]
+    model = _write(tmp_path / "cue-conflict_m_session-1.csv", "m", rows)
+    run, cmp = tmp_path / "run", tmp_path / "cmp"
+    assert main(["shape-bias", "--from-csv", str(model), "--out", str(run)]) == 0
+    assert main(["shape-bias", "--compare", str(run), "--out", str(cmp)]) == 0
+    assert (run / "error_consistency.png").is_file() and (cmp / "error_consistency_comparison.png").is_file()
+    assert main(["shape-bias", "--from-csv", str(model), "--no-humans", "--out", str(run)]) == 0
+    assert main(["shape-bias", "--compare", str(run), "--no-humans", "--out", str(cmp)]) == 0
+    assert not list(run.glob("error_consistency*")) and not list(cmp.glob("error_consistency*"))
+    assert (run / "shape_bias.png").is_file() and (cmp / "shape_bias_comparison.png").is_file()
+    assert json.loads((cmp / "run.json").read_text())["outputs"] == [
+        "comparison.csv", "comparison.md", "shape_bias_comparison.png", "shape_bias_comparison.pdf"]

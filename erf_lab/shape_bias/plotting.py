@@ -234,7 +234,7 @@ def _human_accuracies(human_csv_paths) -> dict:
 
 def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> dict:
     """Several runs in one figure and one table (``comparison.md`` + ``comparison.csv``). Returns the rows."""
-    from erf_lab.io import atomic_path, prepare_out_dir, refuse_other_result, write_json
+    from erf_lab.io import atomic_path, prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
 
     if not run_dirs:
         raise ErfLabError("--compare needs at least one run folder")
@@ -277,12 +277,15 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
     md += ([""] + [f"**Not like with like:** {note}"] if note else []) + ["", f"_{CREDIT}_"]
     with atomic_path(out / "comparison.md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
-    plot_shape_bias(summaries, out / "shape_bias_comparison", human_csv_paths=human_csv_paths)
-    plot_error_consistency(summaries, out / "error_consistency_comparison")
+    figs = plot_shape_bias(summaries, out / "shape_bias_comparison", human_csv_paths=human_csv_paths)
+    figs += plot_error_consistency(summaries, out / "error_consistency_comparison")
     import sys
 
+    outputs = ["comparison.csv", "comparison.md", *(Path(p).name for p in figs)]
+    remove_earlier_outputs(out, outputs)  # an earlier comparison's figures this one does not draw (--no-humans)
     write_json(out / "run.json", {"what": "erf-lab shape-bias --compare", "runs": [str(d) for d in run_dirs],
-                                  "command": sys.argv, "not_like_with_like": note or None, **_made_with()})
+                                  "outputs": outputs, "command": sys.argv, "not_like_with_like": note or None,
+                                  **_made_with()})
     return {"rows": rows, "markdown": "\n".join(md), "note": note}
 
 
@@ -320,7 +323,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     ``summary.json``, ``run.json`` and the figures into ``out`` (one subject) or ``out/<subject>/``."""
     import sys
 
-    from erf_lab.io import prepare_out_dir, refuse_other_result, write_json
+    from erf_lab.io import prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
     from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions
     from erf_lab.shape_bias.consistency import is_human, read_trials
     from erf_lab.shape_bias.stimuli import parse_name
@@ -358,9 +361,10 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
         write_json(folder / "summary.json", summary)
         figs = plot_shape_bias([summary], folder / "shape_bias", human_csv_paths=human_paths) if rows else []
         figs += plot_error_consistency([summary], folder / "error_consistency")
+        outputs = ["summary.json", *(Path(p).name for p in figs)]
+        remove_earlier_outputs(folder, outputs)  # an earlier run's figures this one does not draw (--no-humans)
         write_json(folder / "run.json", {"what": "erf-lab shape-bias --from-csv", "model": subj,
-                                         "csv": summary["from_csv"],
-                                         "outputs": ["summary.json", *(Path(p).name for p in figs)],
+                                         "csv": summary["from_csv"], "outputs": outputs,
                                          "command": summary["command"], **_made_with()})
         summaries.append(dict(summary, out=str(folder)))
     return summaries
