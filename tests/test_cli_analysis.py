@@ -74,6 +74,21 @@ def test_analyze_bare_npy_and_out(capsys, tmp_path):
     assert json.loads((tmp_path / "o" / "map.metrics.json").read_text()) == printed
 
 
+def test_analyze_again_into_its_folder_leaves_no_figure_of_the_earlier_analysis(capsys, tmp_path, two_runs):
+    """`analyze A --out D --formats png,svg`, then `analyze B --out D --formats pdf`: D held B's metrics and PDF
+    beside A's PNG and SVG under the same names. The earlier analysis's files that are not written again
+    (analysis.json lists them) are now removed; in a run folder its own figures (run.json's files) stay."""
+    a, b = two_runs
+    out_dir = tmp_path / "d"
+    assert run_cli(capsys, "analyze", str(a), "--out", str(out_dir), "--formats", "png,svg")[0] == 0
+    assert run_cli(capsys, "analyze", str(b), "--out", str(out_dir), "--formats", "pdf")[0] == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["analysis.json", "erf.pdf", "metrics.json"]
+    own = sorted(p.name for p in a.iterdir())  # in place: the run's erf.png / erf.pdf are its own
+    assert run_cli(capsys, "analyze", str(a), "--formats", "svg")[0] == 0
+    assert run_cli(capsys, "analyze", str(a), "--formats", "png")[0] == 0
+    assert sorted(p.name for p in a.iterdir()) == sorted({*own, "analysis.json"})
+
+
 def test_compare_two_runs(capsys, two_runs, tmp_path):
     a, b = two_runs
     out_dir = tmp_path / "cmp"

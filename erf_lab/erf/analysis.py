@@ -36,6 +36,7 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     stem = run.npy.stem
     prefix = "" if stem == "erf" else f"{stem}."
     mpath = out_dir / f"{prefix}{METRICS_FILE}"
+    earlier = read_json_or_none(out_dir / f"{prefix}analysis.json")  # its figures this one does not draw go after
     random_init = bool((run.run_info or {}).get("random_init") or (run.metrics or {}).get("random_init"))
     if random_init:  # metrics.json, figure and console all say so
         metrics["random_init"] = True
@@ -53,6 +54,9 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     record["metrics_summary"] = summary(metrics)
     record["files"] = [p.name for p in files]
     write_json(out_dir / f"{prefix}analysis.json", record)
+    own = read_json_or_none(out_dir / "run.json")  # a run folder's own figures (run.json's files) stay
+    keep = record["files"] + (own["files"] if isinstance(own, dict) and isinstance(own.get("files"), list) else [])
+    remove_earlier_outputs(out_dir, keep, names=earlier.get("files") if isinstance(earlier, dict) else None)
     return {"metrics": metrics, "files": files + [out_dir / f"{prefix}analysis.json"], "out_dir": out_dir,
             "text": text, "label": run.label}
 
