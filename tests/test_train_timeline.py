@@ -431,3 +431,18 @@ def test_the_probes_of_a_run_with_an_ema_say_which_weights_they_measured(tiny_ru
     assert record["weights_kind"] == "raw" and record["ema_decay"] == 0.5
     assert "raw training weights" in record["weights_note"] and "model_ema.safetensors" in record["weights_note"]
     assert f"note: {record['weights_note']}" in capsys.readouterr().out
+
+
+def test_a_timeline_in_another_format_leaves_no_earlier_figure(tiny_run, tmp_path):
+    """A timeline drawn again with --formats svg (after more epochs, say) left the earlier timeline.png / .pdf
+    beside it: a figure of fewer checkpoints under the folder's name. The formats not drawn now are removed."""
+    from erf_lab.train.timeline import timeline
+
+    out = tmp_path / "tl"
+    kw = dict(num_images=1, probe_size=8, show_progress=False, input_size=64, out=out)
+    timeline(tiny_run, formats=("png", "pdf"), **kw)
+    assert (out / "timeline.png").is_file() and (out / "timeline.pdf").is_file()
+    (out / "notes.png").write_text("mine")
+    timeline(tiny_run, formats=("svg",), **kw)
+    assert sorted(p.name for p in out.glob("*.*") if p.suffix in (".png", ".pdf", ".svg")) == ["notes.png",
+                                                                                               "timeline.svg"]

@@ -244,6 +244,10 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     write_text(out / "timeline.csv", csv_text(rows, list(rows[0])))
     plot_timeline(rows, maps, out / "timeline", title=f"{s['model']} on cue-world: ERF at {size} px",
                   formats=formats)
+    from erf_lab.erf.plotting import FORMATS
+
+    for fmt in set(FORMATS) - set(formats):  # an earlier timeline's figure in another format: fewer epochs, stale
+        (out / f"timeline.{fmt}").unlink(missing_ok=True)
     save(complete=True, rows=rows)  # last: the timeline is complete
     return {"rows": rows, "out_dir": out, "measured": counts, "weights_note": weights_note}
 
