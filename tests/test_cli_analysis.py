@@ -485,3 +485,15 @@ def test_a_random_init_run_is_marked_in_metrics_json_and_in_analyze(capsys, tmp_
     assert json.loads((run / "metrics.json").read_text())["random_init"] is True
     rc, out, err = run_cli(capsys, "analyze", str(trained))
     assert rc == 0 and "random init" not in out
+
+
+def test_a_sweep_drawn_again_in_another_format_leaves_no_earlier_figure(capsys, tmp_path):
+    """A sweep rerun into its --out with --formats svg (e.g. after adding a kernel) left the earlier grid/growth
+    .png/.pdf beside the new figures: plots of other members under the sweep's names. They are now removed."""
+    out = tmp_path / "s"
+    args = ["sweep", "--kernels", "3", "--reparam", "deploy", "--override", "channels=(8,8,8,8)", "--override",
+            "layers=(1,1,1,1)", "--input-size", "32", "--num-images", "1", "--quiet", "--out", str(out)]
+    assert run_cli(capsys, *args)[0] == 0
+    assert {p.name for p in out.glob("g*.*")} == {"grid.png", "grid.pdf", "growth.png", "growth.pdf"}
+    assert run_cli(capsys, *args, "--formats", "svg")[0] == 0
+    assert {p.name for p in out.glob("g*.*")} == {"grid.svg", "growth.svg"}

@@ -152,7 +152,7 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     so far in ``rows``: an interrupted sweep's folder is recognised, and the same call again resumes it, its finished
     members reused) and complete last. Returns ``{"rows", "reparam_diff", "files", "out_dir", "markdown"}``.
     """
-    from erf_lab.erf.plotting import plot_grid, plot_growth
+    from erf_lab.erf.plotting import FORMATS, plot_grid, plot_growth
     from erf_lab.erf.rundir import RANDOM_MARK, load_run, run_metrics
     from erf_lab.erf.runner import ErfSpec, jsonable, run_erf, settings_differ
     from erf_lab.io import prepare_out_dir
@@ -284,6 +284,9 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     plotted = [{**r, "gauss_sigma_x": None} if r.get("gauss_fit") == NOT_MEANINGFUL else r for r in rows]  # no point
     plotted = [{**r, group: f"{r[group]} {RANDOM_MARK}"} if r["weights"] == "random" else r for r in plotted]
     files += plot_growth(plotted, out_dir / "growth", x=x, group=group, metrics=metric_set, formats=formats)
+    for stem in ("grid", "growth"):  # an earlier sweep's figures in formats not drawn now (other kernels, stale)
+        for fmt in set(FORMATS) - set(formats):
+            (out_dir / f"{stem}.{fmt}").unlink(missing_ok=True)
     columns = ("input_size",) + SWEEP_COLUMNS if by_size else SWEEP_COLUMNS
     write_text(out_dir / "sweep.csv", csv_text(rows, columns))
     md = markdown_table(rows, columns)
