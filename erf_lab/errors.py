@@ -41,13 +41,19 @@ def printed_here(error: BaseException) -> bool:
 
 def world_size_from_env() -> int:
     """torchrun's ``WORLD_SIZE`` (1 when unset or empty); ErfLabError (one line) when it is not an integer."""
+    return int_from_env("WORLD_SIZE", 1, "the number of processes")
+
+
+def int_from_env(name: str, default: int, meaning: str) -> int:
+    """The integer in the environment variable ``name`` (torchrun's: ``meaning`` says what it sets it to);
+    ``default`` when unset or blank, ErfLabError (one line) when it is not an integer."""
     import os
 
-    text = os.environ.get("WORLD_SIZE", "").strip()
+    text = os.environ.get(name, "").strip()
     try:
-        return int(text) if text else 1
+        return int(text) if text else default
     except ValueError:
-        raise ErfLabError(f"WORLD_SIZE={text!r} is not an integer: torchrun sets it to the number of processes; "
+        raise ErfLabError(f"{name}={text!r} is not an integer: torchrun sets it to {meaning}; "
                           f"unset it to run in one process") from None
 
 

@@ -394,6 +394,40 @@ def test_a_world_size_that_is_no_integer_is_one_error_line(argv, value, capsys, 
         "processes; unset it to run in one process"], err
 
 
+_HAND_SET = {
+    "RANK=1": ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not: torchrun sets both (RANK from 0 to WORLD_SIZE "
+                              "- 1); unset RANK to run in one process, or start the job with torchrun"),
+    "RANK=2,WORLD_SIZE=2": ({"RANK": "2", "WORLD_SIZE": "2"},
+                            "RANK=2 is outside 0 to 1 (WORLD_SIZE=2): torchrun numbers the processes from 0 to "
+                            "WORLD_SIZE - 1; start the job with torchrun, or set RANK and WORLD_SIZE to match"),
+    "RANK=x": ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer: torchrun sets it to the process's "
+                                                 "number, 0 to WORLD_SIZE - 1; unset it to run in one process"),
+    "WORLD_SIZE=0": ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 is below 1: torchrun sets it to the number of processes; "
+                                          "unset it to run in one process"),
+}
+
+
+@pytest.mark.parametrize("case", list(_HAND_SET))
+@pytest.mark.parametrize("command", ["compute", "sweep"])
+def test_torchrun_variables_set_by_hand_that_torchrun_never_sets_are_one_error_line(case, command, capsys,
+                                                                                    monkeypatch, tmp_path):
+    """RANK / WORLD_SIZE set by hand, without torchrun: RANK=1 alone measured and then died of a TypeError (rank 1
+    of 1 process: nothing written); RANK beyond WORLD_SIZE, or one that is no integer, a traceback. Now one error
+    line, exit status 2, before anything is measured, and no folder left (the sweep's --out was left empty)."""
+    env, line = _HAND_SET[case]
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    argv = ([*SMALL, "--quiet"] if command == "compute" else
+            ["sweep", "--input-sizes", "32", *TINY, "--reparam", "deploy", "--num-images", "1", "--quiet"])
+    code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [f"erf-lab {command}: error: {line}"], err
+    assert not out.exists()
+
+
 def test_data_info_names_a_bad_erf_lab_data(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("ERF_LAB_DATA", str(tmp_path / "nonexistent"))
     assert main(["data", "info"]) == 2

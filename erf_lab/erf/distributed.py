@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from erf_lab.errors import ErfLabError, on_every_rank, world_size_from_env
+from erf_lab.errors import ErfLabError, int_from_env, on_every_rank, world_size_from_env
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,24 @@ class DistInfo:
 
 
 def env_info() -> DistInfo:
-    """Rank / world size from the torchrun environment (1 process when absent)."""
+    """Rank / world size from the torchrun environment (1 process when absent). What torchrun never sets (a value
+    that is no integer, WORLD_SIZE below 1, RANK outside 0 to WORLD_SIZE - 1: variables set by hand) is an
+    :class:`ErfLabError`, one line (before: a traceback; RANK=1 alone a process that measured and wrote nothing;
+    RANK beyond WORLD_SIZE one that waited 30 minutes for a job it is no part of)."""
     world = world_size_from_env()
-    rank = int(os.environ.get("RANK", "0") or 0)
-    local = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    rank = int_from_env("RANK", 0, "the process's number, 0 to WORLD_SIZE - 1")
+    local = int_from_env("LOCAL_RANK", 0 if "LOCAL_RANK" in os.environ else rank, "the process's number on its node")
+    local_world = int_from_env("LOCAL_WORLD_SIZE", world, "the number of processes on the node")
+    if world < 1:
+        raise ErfLabError(f"WORLD_SIZE={world} is below 1: torchrun sets it to the number of processes; unset it to "
+                          f"run in one process")
+    if not 0 <= rank < world:
+        if world == 1 and not os.environ.get("WORLD_SIZE", "").strip():
+            raise ErfLabError(f"RANK={rank} is set but WORLD_SIZE is not: torchrun sets both (RANK from 0 to "
+                              f"WORLD_SIZE - 1); unset RANK to run in one process, or start the job with torchrun")
+        raise ErfLabError(f"RANK={rank} is outside 0 to {world - 1} (WORLD_SIZE={world}): torchrun numbers the "
+                          f"processes from 0 to WORLD_SIZE - 1; start the job with torchrun, or set RANK and "
+                          f"WORLD_SIZE to match")
     return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
 
 

@@ -202,12 +202,15 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
         out_dir = prepare_out_dir(out)
     # one process group for all members (under torchrun): a group destroyed and joined again per member met the
     # first one's stale addresses on torchrun's store (the second member failed: 'Connection refused', or hung)
-    dinfo = D.init(device)  # the same device everywhere (a bad --device: refused here, alike on every rank)
+    dinfo = None
     try:
+        dinfo = D.init(device)  # the same device everywhere (a bad --device: refused here, alike on every rank)
         D.gather_or_fail(None, checks.error, dinfo)
     except BaseException:
-        D.shutdown(dinfo)
-        if checks.error is None and not existed:  # made here, for a sweep another rank refused
+        if dinfo is not None:
+            D.shutdown(dinfo)
+        # made here, for a sweep another rank refused or a process that could not join (RANK set by hand)
+        if checks.error is None and not existed:
             with contextlib.suppress(OSError):  # another process of this node may remove it first
                 if out_dir.is_dir() and not any(out_dir.iterdir()):
                     out_dir.rmdir()
