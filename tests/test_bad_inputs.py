@@ -428,6 +428,40 @@ def test_torchrun_variables_set_by_hand_that_torchrun_never_sets_are_one_error_l
     assert not out.exists()
 
 
+@pytest.mark.parametrize("master", ["unset", "port in use"])
+@pytest.mark.parametrize("command", ["compute", "train"])
+def test_a_torchrun_job_that_cannot_be_joined_is_one_error_line(master, command, capsys, monkeypatch, tmp_path):
+    """RANK / WORLD_SIZE set by hand without MASTER_ADDR / MASTER_PORT, or MASTER_PORT held by another program (a
+    job still running): torch's ValueError / DistNetworkError traceback. Now one line naming the variables, exit
+    status 2, nothing written."""
+    import socket
+
+    for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    argv = ([*SMALL, "--quiet"] if command == "compute" else
+            ["train", *TINY, "--input-size", "32", "--epochs", "1"])
+    who = f"erf-lab {command}: error: rank 0 of 2 cannot join its torchrun job: "
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        if master == "port in use":
+            port = held.getsockname()[1]
+            monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+            monkeypatch.setenv("MASTER_PORT", str(port))
+            line = (f"{who}port {port} of 127.0.0.1 (MASTER_PORT) is in use, by another job or program; choose a "
+                    "free one (torchrun --master_port)")
+        else:
+            line = (f"{who}MASTER_ADDR and MASTER_PORT are not set (torchrun sets MASTER_ADDR and MASTER_PORT); "
+                    "start the job with torchrun, or set both in every process")
+        code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [line], err
+    assert not out.exists()
+
+
 def test_data_info_names_a_bad_erf_lab_data(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("ERF_LAB_DATA", str(tmp_path / "nonexistent"))
     assert main(["data", "info"]) == 2

@@ -61,7 +61,7 @@ def init(device: str = "cpu") -> DistInfo:
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(torch.device(own))
-        dist.init_process_group(backend=backend)
+        join(backend, info)
         if backend == "nccl":
             group = dist.new_group(backend="gloo")  # the check itself must not need distinct GPUs
             try:
@@ -71,6 +71,28 @@ def init(device: str = "cpu") -> DistInfo:
                 raise on_every_rank(e)
             dist.destroy_process_group(group)
     return DistInfo(info.rank, info.world_size, info.local_rank, dist.get_backend(), info.local_world_size)
+
+
+def join(backend: str, info: DistInfo) -> None:
+    """``init_process_group`` at torchrun's MASTER_ADDR:MASTER_PORT; a job this process cannot join is an
+    :class:`ErfLabError`, one line naming the variables (before: a ValueError or DistNetworkError traceback):
+    MASTER_ADDR / MASTER_PORT unset or no port (set by hand, without torchrun), the port in use on rank 0 (another
+    job's), the other ranks not met in time."""
+    addr = os.environ.get("MASTER_ADDR", "").strip()
+    port = int_from_env("MASTER_PORT", 0, "the port of rank 0's rendezvous")
+    who = f"rank {info.rank} of {info.world_size} cannot join its torchrun job"
+    if not addr or not port:
+        unset = " and ".join(k for k, v in (("MASTER_ADDR", addr), ("MASTER_PORT", port)) if not v)
+        raise ErfLabError(f"{who}: {unset} {'is' if ' and ' not in unset else 'are'} not set (torchrun sets "
+                          f"MASTER_ADDR and MASTER_PORT); start the job with torchrun, or set both in every process")
+    try:
+        dist.init_process_group(backend=backend)
+    except (ValueError, dist.DistError) as e:
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "EADDRINUSE" in text or "address already in use" in text.lower():
+            raise ErfLabError(f"{who}: port {port} of {addr} (MASTER_PORT) is in use, by another job or program; "
+                              f"choose a free one (torchrun --master_port)") from None
+        raise ErfLabError(f"{who} at {addr}:{port} (MASTER_ADDR:MASTER_PORT): {text}") from None
 
 
 def gpu_identity(device: str) -> str:
