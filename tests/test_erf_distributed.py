@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from erf_lab.erf import distributed as D
 from erf_lab.erf.runner import ErfSpec, run_erf
@@ -475,3 +476,54 @@ def test_a_sweep_folder_removed_by_another_process_meanwhile_keeps_the_refusal(t
         sweep.run_sweep(input_sizes=[32], model="replknet_31b", reparam="deploy", num_images=2,
                         overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, out=out, show_progress=False)
     assert not out.exists()
+
+
+_INTERRUPT_THEN_RESUME = """
+import json, os, sys, torch.distributed as dist
+from erf_lab.erf import distributed as D
+from erf_lab.erf.runner import ErfSpec, run_erf
+dist.init_process_group("gloo")  # one group for both runs (run_erf keeps a group its caller joined)
+spec = ErfSpec("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, num_images=5,
+               input_size=32, batch_size=1)
+def stop(acc):  # rank r stops after r + 1 of its images: 1 + 2 measured before the resume
+    if len(acc.processed) == D.env_info().rank + 1:
+        raise KeyboardInterrupt
+try:
+    run_erf(spec, out=sys.argv[1], show_progress=False, on_batch=stop, checkpoint_seconds=1e9)
+except KeyboardInterrupt:
+    pass
+if sys.argv[2] == "rank 0 saved none" and D.env_info().rank == 0:
+    os.remove(os.path.join(sys.argv[1], ".erf_state.rank0of2.npz"))
+dist.barrier()
+res = run_erf(spec, out=sys.argv[1], resume=True, show_progress=False)
+if res["run_info"] is not None:
+    info = res["run_info"]
+    print(json.dumps([info["resumed"], info["resumed_after_images"], info["sessions"][-1]["after_images"],
+                      info["num_used"]]))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("case", ["both saved", "rank 0 saved none"])
+def test_a_torchrun_resume_counts_the_images_every_rank_measured_before(case, tmp_path):
+    """A 2-rank run stopped after 1 image of rank 0 and 2 of rank 1, then resumed: run.json said it resumed after 1
+    image (rank 0's own count); where rank 0 had saved none, it said there was no interrupted run, and run.json
+    that it was not resumed, while rank 1 resumed its own. Now the ranks' counts are summed, and the map is the
+    1-process map."""
+    script = tmp_path / "resume.py"
+    script.write_text(_INTERRUPT_THEN_RESUME)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out), case]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = 3 if case == "both saved" else 2
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, before, before, 5]
+    assert "no interrupted run" not in proc.stderr
+    one = run_erf(ErfSpec("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)},
+                          num_images=5, input_size=32), out=tmp_path / "one", show_progress=False)
+    two = np.load(out / "erf.npy")
+    assert np.abs(two - one["result"].erf).max() <= 1e-6 * np.abs(one["result"].erf).max()

@@ -682,11 +682,13 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                 start = extra.get("start_time", start)
                 resumed_from = len(acc.processed)
                 earlier_sessions = [x for x in extra.get("sessions") or [] if isinstance(x, dict)]
-        elif resume and not reuse and dinfo.is_main:
-            print(f"no interrupted run in {out_dir}; starting a new one", file=sys.stderr)
     except ErfLabError as e:
         error = e
-    D.gather_or_fail(None, error, dinfo)
+    # the images every rank measured before (rank 0's own count gave run.json a quarter of them with 4 ranks, and
+    # its "no interrupted run" where only other ranks had saved theirs)
+    resumed_from = sum(D.gather_or_fail(resumed_from, error, dinfo))
+    if resume and not reuse and not resumed_from and dinfo.is_main:
+        print(f"no interrupted run in {out_dir}; starting a new one", file=sys.stderr)
 
     n_all = len(source.files)
     source.files = D.shard(source.files, dinfo)
