@@ -107,15 +107,16 @@ def test_ranks_that_see_other_images_refuse_to_run(tmp_path):
 
 def test_a_torchrun_sweep_is_written_once_and_reused_by_one_process(tmp_path):
     """Under torchrun every rank measures its share of each member; rank 0 alone writes the sweep's files and
-    reports. A later 1-process sweep of the same settings reuses the members (the ERF does not depend on the
-    number of processes)."""
+    reports, and shows the sweep's progress bar (before: every rank drew its own). A later 1-process sweep of the
+    same settings reuses the members (the ERF does not depend on the number of processes)."""
     from erf_lab.erf.sweep import run_sweep
 
     out = tmp_path / "sweep"
     proc = _torchrun_erf_lab("sweep", "--input-sizes", "32", "--model", "replknet_31b", "--reparam", "deploy",
                              "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)", "--num-images",
-                             "2", "--formats", "png", "--quiet", "--out", str(out))
+                             "2", "--formats", "png", "--out", str(out))
     assert proc.stdout.count("wrote ") == 1 and (out / "sweep.csv").is_file()
+    assert proc.stderr.count("sweep:   0%") == 1, proc.stderr[-3000:]
     stamp = (out / "S32-deploy" / "erf.npy").stat().st_mtime_ns
     res = run_sweep(input_sizes="32", model="replknet_31b", reparam="deploy", num_images=2,
                     overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, out=out, formats=("png",),

@@ -230,7 +230,8 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
             stack.callback(_remove_if_empty, out_dir)
         save = stack.enter_context(command_record(out_dir / "sweep.json", record, write=main))  # a sweep from now on
         rows, maps = [], {}
-        bar = progress(total=len(specs), desc="sweep", unit="run", disable=not show_progress)
+        # under torchrun rank 0's bar alone (the ranks run each member together)
+        bar = progress(total=len(specs), desc="sweep", unit="run", disable=not (show_progress and main))
         try:
             for (stem, mode), (k, size, spec) in specs.items():
                 sub = out_dir / f"{stem}-{mode}"
