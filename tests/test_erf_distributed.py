@@ -528,3 +528,25 @@ def test_a_torchrun_resume_counts_the_images_every_rank_measured_before(case, tm
                           num_images=5, input_size=32), out=tmp_path / "one", show_progress=False)
     two = np.load(out / "erf.npy")
     assert np.abs(two - one["result"].erf).max() <= 1e-6 * np.abs(one["result"].erf).max()
+
+
+def _folder_with_junk(root):
+    """Two images, one unreadable .png and one text file: what the folder scan warns about."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((40, 40, 3), 60 * (i + 1), dtype=np.uint8)).save(root / f"img{i}.png")
+    (root / "bad.png").write_text("not an image")
+    (root / "notes.txt").write_text("hello")
+
+
+def test_what_the_folder_scan_warns_is_said_once_per_node(tmp_path):
+    """Every process of a node scans the same --images folder: its unreadable and non-image files were warned about
+    once per process (N identical lines under --nproc_per_node N). Now by the node's first process alone."""
+    _folder_with_junk(tmp_path / "imgs")
+    proc = _torchrun_erf_lab("compute", *ARGS[:6], "--images", str(tmp_path / "imgs"), "--input-size", "32",
+                             "--quiet", "--out", str(tmp_path / "run"))
+    assert proc.stderr.count("erf-lab compute: warning: skipped 1 unreadable image file(s)") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("erf-lab compute: warning: ignored 1 non-image file(s)") == 1, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["num_used"] == 2

@@ -399,3 +399,28 @@ def test_a_check_that_fails_on_one_node_only_stops_every_rank(tmp_path):
     assert err1.strip() == f"erf-lab train: error: {line}", err1[-2000:]
     assert err0.strip() == f"erf-lab train: error: rank 1 stopped: {line}", err0[-2000:]
     assert not (tmp_path / "ddp").exists()
+
+
+def test_what_the_data_folder_scan_warns_is_said_once_per_node(tmp_path):
+    """Every process of a node scans the same --data folder: its unreadable files were warned about once per
+    process. Now by the node's first process alone."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(torch.full((32, 32, 3), 40 * (i + 1), dtype=torch.uint8).numpy()).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "bad.png").write_text("not an image")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", "train",
+           "--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override", "layers=(1,1,1,1)",
+           "--data", str(tmp_path / "data"), "--input-size", "32", "--epochs", "1", "--batch-size", "2",
+           "--quiet", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("erf-lab train: warning: skipped 1 unreadable file(s)") == 1, proc.stderr[-3000:]

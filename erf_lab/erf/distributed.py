@@ -2,7 +2,9 @@
 (gloo on CPU, NCCL on CUDA) and rank 0 writes the outputs. Detected from the RANK / WORLD_SIZE variables."""
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,6 +196,19 @@ class HeldChecks:
             self.error = error
             return True
         return False
+
+
+@contextlib.contextmanager
+def said_once_per_node(info: DistInfo):
+    """The warnings of the block said by the node's first process alone (``LOCAL_RANK`` 0), the others silent: for
+    what every process of a node meets alike (its image folder's unreadable and foreign files), which was said once
+    per process. Outside torchrun, or in the node's first process, the block's warnings are as they are."""
+    if info.local_rank == 0 or not info.enabled:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def error_text(error: BaseException) -> str:

@@ -614,8 +614,9 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         mean, std = data_cfg["mean"], data_cfg["std"]
         if out is not None:  # before the folder is listed (and warned about)
             _refuse_out_in_images(Path(out), spec.images)
-        source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean,
-                             std=std)
+        with D.said_once_per_node(dinfo):  # every process of a node scans the same folder
+            source = load_images(spec.images, num_images=spec.num_images, input_size=spec.input_size, mean=mean,
+                                 std=std)
         # the names of the form measured (deploy-only ones found, train-time-only ones refused) before any folder
         # is touched; prepare_model then leaves the re-parameterized model as it is
         geom = layer_geometry(to_measured_form(model, spec.layer, spec.reparameterize), spec.layer, spec.input_size)

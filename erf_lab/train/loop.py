@@ -509,8 +509,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     d, error = built.get("d"), None
     try:
         if d is None:
-            d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes,
-                           seed=seed, resample=resample, show_progress=False)
+            with D.said_once_per_node(info):  # every process of a node scans the same folder
+                d = build_data(data, input_size, train_size=train_size, val_size=val_size, num_classes=num_classes,
+                               seed=seed, resample=resample, show_progress=False)
         n_classes = len(d.classes)
         if num_classes is not None and num_classes != n_classes:
             raise ErfLabError(f"--num-classes {num_classes}, but {data} has {n_classes} classes "
