@@ -291,6 +291,24 @@ def test_sweep_refuses_to_overwrite_members_of_other_settings(capsys, tmp_path):
     assert json.loads((out_dir / "K3-train" / "run.json").read_text())["input_size"] == 48
 
 
+def test_sweep_says_its_warnings_in_one_line_each(capsys, tmp_path):
+    """A sweep over a folder with an unreadable and a non-image file: Python's own warning format came out
+    ('/path/erf_lab/erf/runner.py:606: UserWarning: ...' and the source line under it). Now one line each, as
+    compute and train say theirs."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 90, dtype=np.uint8)).save(imgs / "a.png")
+    (imgs / "bad.png").write_text("not an image")
+    (imgs / "notes.txt").write_text("hello")
+    rc, out, err = run_cli(capsys, "sweep", "--input-sizes", "32", "--model", "replknet_31b", "--reparam", "deploy",
+                           "--images", str(imgs), "--formats", "png", "--out", str(tmp_path / "s"), *TINY[:4],
+                           "--quiet")
+    assert rc == 0, err
+    assert err.strip().splitlines() == [
+        f"erf-lab sweep: warning: skipped 1 unreadable image file(s) in {imgs}: bad.png",
+        f"erf-lab sweep: warning: ignored 1 non-image file(s) in {imgs}"], err
+
+
 def test_sweep_measures_again_a_member_whose_erf_npy_is_damaged(capsys, tmp_path):
     """A complete member (run.json) whose erf.npy is truncated is measured again by the same sweep; before, the
     sweep reused it and then stopped on the unreadable file, with --force too (the folder had to be deleted)."""

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import ast
+import contextlib
+import sys
+import warnings
 
 from erf_lab.errors import ErfLabError
 
@@ -42,3 +45,15 @@ def seed(text: str) -> int:
     if not 0 <= v < 2 ** 63:
         raise argparse.ArgumentTypeError(f"seed {v} out of range: expected 0 .. 2**63 - 1")
     return v
+
+
+@contextlib.contextmanager
+def warnings_as_lines(command: str):
+    """Python warnings said as one line ``erf-lab COMMAND: warning: <message>`` while the block runs (not Python's
+    file, line number, category and source line)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"erf-lab {command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield

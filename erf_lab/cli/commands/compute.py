@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-from erf_lab.cli.options import BATCH_SIZE_HELP, parse_overrides, seed
+from erf_lab.cli.options import BATCH_SIZE_HELP, parse_overrides, seed, warnings_as_lines
 from erf_lab.errors import ErfLabError
 
 NAME = "compute"
@@ -55,10 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(SLaK), power = A^0.25/max (VMamba); erf.npy and the metrics do not change")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"erf-lab compute: warning: {message}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     from erf_lab.erf.runner import ErfSpec, run_erf
 
@@ -73,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
                    input_size=args.input_size, layer=args.layer, aggregate=args.aggregate, batch_size=args.batch_size,
                    device=args.device, reparameterize=not args.no_reparam, channels_last=not args.no_channels_last,
                    conv_backend=args.conv_backend, seed=args.seed, train_size=args.train_size)
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+    with warnings_as_lines("compute"):
         res = run_erf(spec, out=args.out, resume=args.resume, force=args.force, show_progress=not args.quiet,
                       checkpoint_seconds=args.checkpoint_seconds, argv=["erf-lab", *sys.argv[1:]],
                       display=args.display)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from erf_lab.cli.options import BATCH_SIZE_HELP, seed
+from erf_lab.cli.options import BATCH_SIZE_HELP, seed, warnings_as_lines
 from erf_lab.errors import ErfLabError
 
 NAME = "sweep"
@@ -64,12 +64,13 @@ def run(args) -> int:
     if args.input_sizes is not None and args.input_size is not None:
         raise ErfLabError("--input-size and --input-sizes exclude each other: --input-sizes gives every size measured")
     args.input_size = 1024 if args.input_size is None else args.input_size
-    res = run_sweep(args.kernels, input_sizes=args.input_sizes, model=args.model, weights=args.weights,
-                    reparam=args.reparam, init=args.init, weights_dir=args.weights_dir, input_size=args.input_size,
-                    images=args.images, num_images=args.num_images, overrides=parse_overrides(args.override),
-                    out=args.out, force=args.force, formats=parse_formats(args.formats),
-                    seed=args.seed, layer=args.layer, device=args.device, batch_size=args.batch_size,
-                    show_progress=not args.quiet, argv=sys.argv)
+    with warnings_as_lines("sweep"):
+        res = run_sweep(args.kernels, input_sizes=args.input_sizes, model=args.model, weights=args.weights,
+                        reparam=args.reparam, init=args.init, weights_dir=args.weights_dir,
+                        input_size=args.input_size, images=args.images, num_images=args.num_images,
+                        overrides=parse_overrides(args.override), out=args.out, force=args.force,
+                        formats=parse_formats(args.formats), seed=args.seed, layer=args.layer, device=args.device,
+                        batch_size=args.batch_size, show_progress=not args.quiet, argv=sys.argv)
     if res["main"]:  # under torchrun: rank 0 reports
         print(res["markdown"])
         print(f"wrote {res['out_dir']}/ ({', '.join(p.name for p in res['files'])})")

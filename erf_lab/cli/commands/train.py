@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-from erf_lab.cli.options import parse_overrides, seed
+from erf_lab.cli.options import parse_overrides, seed, warnings_as_lines
 from erf_lab.errors import ErfLabError
 
 NAME = "train"
@@ -63,10 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"erf-lab train: warning: {message}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     from erf_lab.train.loop import train
     from erf_lab.train.recipe import Recipe
@@ -81,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
                     weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                     label_smoothing=args.label_smoothing, drop_path=args.drop_path, ema=args.ema,
                     clip_grad=args.clip_grad)
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+    with warnings_as_lines("train"):
         res = train(args.model, args.data, out=args.out, overrides=parse_overrides(args.override), recipe=recipe,
                     input_size=args.input_size, train_size=2000 if args.train_size is None else args.train_size,
                     val_size=500 if args.val_size is None else args.val_size,
