@@ -550,3 +550,40 @@ def test_what_the_folder_scan_warns_is_said_once_per_node(tmp_path):
     assert proc.stderr.count("erf-lab compute: warning: skipped 1 unreadable image file(s)") == 1, proc.stderr[-3000:]
     assert proc.stderr.count("erf-lab compute: warning: ignored 1 non-image file(s)") == 1, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["num_used"] == 2
+
+
+_INTERRUPTED_CLI = """
+import sys
+from erf_lab.cli.main import main
+from erf_lab.erf import runner
+
+measure = runner.run_erf
+
+
+def run_erf(*args, **kwargs):  # each rank stopped after its first image, as by Ctrl-C
+    def stop(acc):
+        raise KeyboardInterrupt
+    return measure(*args, **{**kwargs, "on_batch": stop})
+
+
+runner.run_erf = run_erf
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_interrupted_torchrun_job_says_so_once_per_node(tmp_path):
+    """Ctrl-C reaches every process of a torchrun job: each printed 'interrupted' (N lines for N processes). Now the
+    node's first process says it; every process ends with status 130 and keeps its share for --resume."""
+    script = tmp_path / "interrupt.py"
+    script.write_text(_INTERRUPTED_CLI)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), "compute", *ARGS,
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 130" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("erf-lab compute: interrupted") == 1, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".erf_state.rank0of2.npz", ".erf_state.rank1of2.npz"]

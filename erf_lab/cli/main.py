@@ -105,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         _end_progress_bars()
-        # under torchrun Ctrl-C reaches every process (and a training run's ranks stop at one step together):
-        # said once per node, as an error every rank raised alike
+        # a stop reaches every process of a torchrun job alike (Ctrl-C, torchrun's SIGTERM, the step the ranks agree
+        # on): said once per node, as an error the ranks raise alike; the node's other processes wait a moment, so
+        # that torchrun does not end the first one before it has said it
         if printed_here(on_every_rank(e)):
             print(f"erf-lab {args.command}: interrupted", file=sys.stderr)
+        else:
+            time.sleep(SILENT_EXIT_DELAY_S)
         return 130
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError, CUDA's OutOfMemoryError
         what = out_of_memory(e)
