@@ -587,3 +587,30 @@ def test_an_interrupted_torchrun_job_says_so_once_per_node(tmp_path):
     assert proc.returncode != 0 and "exitcode  : 130" in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("erf-lab compute: interrupted") == 1, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [".erf_state.rank0of2.npz", ".erf_state.rank1of2.npz"]
+
+
+_SLOW_FIRST = """import os, sys, time
+if os.environ.get("LOCAL_RANK") == "0":
+    time.sleep(3)  # the node's first process starts late (a loaded node, imports over NFS)
+from erf_lab.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_torchrun_sweep_refused_by_its_first_member_leaves_no_folder_when_rank_0_starts_late(tmp_path):
+    """Every rank makes the sweep's --out in its checks; rank 0, started late, found the folder rank 1 had made and
+    took it for the user's: after the first member's refusal (an unknown --layer) it left it behind, empty. Now
+    the folder is the job's where any rank found it missing."""
+    script = tmp_path / "slow_first.py"
+    script.write_text(_SLOW_FIRST)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), "sweep", "--input-sizes",
+           "32", "--reparam", "deploy", *ARGS[:6], "--num-images", "1", "--layer", "bogus", "--quiet", "--out",
+           str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "erf-lab sweep: error: unknown layer 'bogus'" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()

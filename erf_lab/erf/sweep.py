@@ -205,7 +205,9 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     dinfo = None
     try:
         dinfo = D.init(device)  # the same device everywhere (a bad --device: refused here, alike on every rank)
-        D.gather_or_fail(None, checks.error, dinfo)
+        # made by this job where any rank found it missing: a rank that started late saw the folder another had
+        # made meanwhile, and rank 0 then left it behind, empty, after a refusal
+        existed = all(D.gather_or_fail(existed, checks.error, dinfo))
     except BaseException:
         if dinfo is not None:
             D.shutdown(dinfo)
