@@ -1,6 +1,7 @@
 """``torchrun --nproc_per_node=2 -m erf_lab compute``: 2 gloo ranks on 127.0.0.1 give the 1-process matrix."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -614,3 +615,48 @@ def test_a_torchrun_sweep_refused_by_its_first_member_leaves_no_folder_when_rank
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "erf-lab sweep: error: unknown layer 'bogus'" in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
+
+
+_RANK_1_DIES = """
+import os, sys
+from erf_lab.cli.main import main
+from erf_lab.erf import runner
+
+measure = runner.run_erf
+
+
+def run_erf(*args, **kwargs):  # rank 1 is killed after its first image (os._exit: no clean-up, as by SIGKILL)
+    def die(acc):
+        if os.environ["RANK"] == "1":
+            os._exit(9)
+    return measure(*args, **{**kwargs, "on_batch": die})
+
+
+runner.run_erf = run_erf
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_dies_mid_run_leaves_the_others_one_line_and_their_share(tmp_path):
+    """Two processes started by hand (a scheduler's launcher: no torchrun agent to end the others): rank 1 dies
+    after its first image; rank 0 met the closed connection in the next collective and died of gloo's RuntimeError
+    traceback. Now one line saying another process is gone, exit status 1, and rank 0's images kept for --resume."""
+    script = tmp_path / "die.py"
+    script.write_text(_RANK_1_DIES)
+    port, out, procs = str(_free_port()), tmp_path / "run", []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, str(script), "compute", *ARGS, "--num-images", "4",
+                                       "--batch-size", "1", "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    err0 = procs[0].communicate(timeout=300)[1]
+    procs[1].communicate(timeout=60)
+    assert procs[1].returncode == 9
+    assert procs[0].returncode == 1 and "Traceback" not in err0, err0[-3000:]
+    lines = [ln for ln in err0.splitlines() if ln.startswith("erf-lab")]
+    assert len(lines) == 1 and re.fullmatch(
+        r"erf-lab compute: error: another process of this multi-process job is gone or stopped answering \(.*"
+        r"Connection (closed|reset) by peer.*\): its own output says why; what was saved is kept \(compute and "
+        r"train continue with --resume, a sweep with the same command\)", lines[0]), err0
+    assert sorted(p.name for p in out.iterdir()) == [".erf_state.rank0of2.npz"]

@@ -116,7 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError, CUDA's OutOfMemoryError
         what = out_of_memory(e)
         if what is None:
-            raise
+            lost = None
+            if "torch.distributed" in sys.modules:  # gloo / NCCL in a collective whose other processes are gone
+                from erf_lab.erf.distributed import peers_lost
+
+                lost = peers_lost(e)
+            if lost is None:
+                raise
+            _end_progress_bars()
+            print(f"erf-lab {args.command}: error: {lost}", file=sys.stderr)
+            return 1
         _end_progress_bars()
         print(f"erf-lab {args.command}: error: out of memory ({what}); {OUT_OF_MEMORY_HINT} (outputs it had "
               f"finished are kept)", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -209,6 +210,30 @@ def said_once_per_node(info: DistInfo):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+#: what gloo and NCCL raise (a RuntimeError) in a collective whose other processes are gone (crashed, killed) or
+#: stopped answering (the process group's timeout, 30 minutes by default)
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Timed out waiting|NCCL communicator was "
+                        r"aborted", re.IGNORECASE)
+
+
+def peers_lost(error: BaseException) -> str | None:
+    """The line the CLI says for ``error`` when it is a collective of a torchrun job (or one another launcher
+    started with RANK / WORLD_SIZE) that failed because another process is gone or stopped answering (before:
+    gloo's RuntimeError traceback), else None."""
+    try:
+        if world_size_from_env() <= 1 or not isinstance(error, RuntimeError):
+            return None
+    except ErfLabError:
+        return None
+    text = str(error).strip()
+    if not _PEER_LOST.search(text):
+        return None
+    # gloo's: "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:23432. This is typically..."
+    said = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0]
+    return (f"another process of this multi-process job is gone or stopped answering ({said}): its own output says "
+            f"why; what was saved is kept (compute and train continue with --resume, a sweep with the same command)")
 
 
 def error_text(error: BaseException) -> str:
