@@ -501,7 +501,7 @@ res = run_erf(spec, out=sys.argv[1], resume=True, show_progress=False)
 if res["run_info"] is not None:
     info = res["run_info"]
     print(json.dumps([info["resumed"], info["resumed_after_images"], info["sessions"][-1]["after_images"],
-                      info["num_used"]]))
+                      info["num_used"], [s["after_images"] for s in info["sessions"]]]))
 dist.destroy_process_group()
 """
 
@@ -511,7 +511,7 @@ def test_a_torchrun_resume_counts_the_images_every_rank_measured_before(case, tm
     """A 2-rank run stopped after 1 image of rank 0 and 2 of rank 1, then resumed: run.json said it resumed after 1
     image (rank 0's own count); where rank 0 had saved none, it said there was no interrupted run, and run.json
     that it was not resumed, while rank 1 resumed its own. Now the ranks' counts are summed, and the map is the
-    1-process map."""
+    1-process map, and run.json lists the interrupted session."""
     script = tmp_path / "resume.py"
     script.write_text(_INTERRUPT_THEN_RESUME)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -523,7 +523,8 @@ def test_a_torchrun_resume_counts_the_images_every_rank_measured_before(case, tm
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = 3 if case == "both saved" else 2
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, before, before, 5]
+    # the interrupted session is listed too (it was lost where rank 0 had saved none)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, before, before, 5, [0, before]]
     assert "no interrupted run" not in proc.stderr
     one = run_erf(ErfSpec("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)},
                           num_images=5, input_size=32), out=tmp_path / "one", show_progress=False)

@@ -685,9 +685,11 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                 earlier_sessions = [x for x in extra.get("sessions") or [] if isinstance(x, dict)]
     except ErfLabError as e:
         error = e
-    # the images every rank measured before (rank 0's own count gave run.json a quarter of them with 4 ranks, and
-    # its "no interrupted run" where only other ranks had saved theirs)
-    resumed_from = sum(D.gather_or_fail(resumed_from, error, dinfo))
+    # what every rank measured before: rank 0's own state stood for all (run.json's count a quarter of the images
+    # with 4 ranks; a rank 0 that had saved none said "no interrupted run" and lost the earlier sessions and start)
+    earlier = D.gather_or_fail((resumed_from, earlier_sessions, start), error, dinfo)
+    resumed_from = sum(n for n, _, _ in earlier)
+    earlier_sessions, start = next(((x, t) for n, x, t in earlier if n), (earlier_sessions, start))
     if resume and not reuse and not resumed_from and dinfo.is_main:
         print(f"no interrupted run in {out_dir}; starting a new one", file=sys.stderr)
 
