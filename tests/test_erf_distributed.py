@@ -22,14 +22,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun_erf_lab(*args) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node=2 -m erf_lab ARGS`` on 127.0.0.1 (one thread per rank); asserts it succeeded."""
+def _torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 ARGS`` (a script and its arguments, or ``-m erf_lab ...``) on 127.0.0.1, one
+    thread per rank, without this process's own torchrun variables."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun_erf_lab(*args) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 -m erf_lab ARGS`` (:func:`_torchrun`); asserts it succeeded."""
+    proc = _torchrun("-m", "erf_lab", *args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -235,14 +241,8 @@ def test_a_new_folder_taken_meanwhile_stops_every_rank_with_one_line(tmp_path):
     pytest.importorskip("fcntl")
     script = tmp_path / "take.py"
     script.write_text(_TAKE_ON_RANK0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), "compute", *ARGS,
-           "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = _torchrun(str(script), "compute", *ARGS, "--out", str(out), timeout=600)
     assert proc.returncode != 0
     assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
     # rank 0 says why; rank 1's line naming it ("rank 0 stopped: ...") is left out on rank 0's node
@@ -256,17 +256,12 @@ def test_errors_every_rank_raises_alike_are_said_once_per_node(tmp_path):
     prints a setup error every rank meets (an unknown model, gathered with the ranks' settings); every rank exits
     with status 2. An option checked before the ranks meet (--input-size) is still said by every process that got
     as far (torchrun ends the others when one exits; the first process may be the one ended)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
     for args, line in [(["--input-size", "99999"], "erf-lab compute: error: --input-size 99999 is above the maximum"),
                        (["--override", "channels=(8,8,8,8)"], "erf-lab compute: error: unknown model 'replknet_31x'")]:
         out = tmp_path / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", "compute",
-               "--model", "replknet_31x" if "channels=(8,8,8,8)" in args else "replknet_31b", *args, "--quiet",
-               "--out", str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc = _torchrun("-m", "erf_lab", "compute", "--model",
+                         "replknet_31x" if "channels=(8,8,8,8)" in args else "replknet_31b", *args, "--quiet", "--out",
+                         str(out))
         assert proc.returncode != 0 and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
         # an option refused before the ranks meet: every process says it (torchrun may end one before it does)
         said = (1, 2) if "--input-size" in args else (1,)
@@ -276,10 +271,7 @@ def test_errors_every_rank_raises_alike_are_said_once_per_node(tmp_path):
     done = tmp_path / "done"
     run_erf(ErfSpec("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, num_images=3,
                     input_size=32), out=done, show_progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", "compute", *ARGS,
-           "--out", str(done)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun("-m", "erf_lab", "compute", *ARGS, "--out", str(done))
     assert proc.returncode != 0 and proc.stderr.count("erf-lab compute: error:") == 1, proc.stderr[-3000:]
     assert f"erf-lab compute: error: {done} already holds a complete run; use --force" in proc.stderr
 
@@ -291,13 +283,7 @@ def test_a_damaged_state_of_one_rank_stops_every_rank_with_its_line(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / ".erf_state.rank1of2.npz").write_bytes(b"not a saved state" * 8)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", "compute", *ARGS,
-           "--out", str(out), "--resume"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun("-m", "erf_lab", "compute", *ARGS, "--out", str(out), "--resume")
     assert proc.returncode != 0 and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
     assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
     line = f"erf-lab compute: error: cannot read the saved state {out / '.erf_state.rank1of2.npz'}"
@@ -397,17 +383,11 @@ def test_a_resume_with_another_number_of_processes_is_refused_once(tmp_path):
         run_erf(spec, out=out, resume=True, show_progress=False)
     assert sorted(p.name for p in out.iterdir()) == [".erf_state.rank0of2.npz"]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
     (out / ".erf_state.rank0of2.npz").rename(out / ".erf_state.npz")
     for extra, line in [(["--resume"], "cannot resume"), ([], "already holds a complete run; use --force")]:
         if not extra:
             run_erf(spec, out=out, force=True, show_progress=False)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "erf_lab", "compute", *ARGS,
-               *extra, "--out", str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc = _torchrun("-m", "erf_lab", "compute", *ARGS, *extra, "--out", str(out))
         assert proc.returncode != 0 and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.count("erf-lab compute: error:") == 1 and line in proc.stderr, proc.stderr[-3000:]
     assert not list(out.glob(".erf_state*"))
@@ -514,13 +494,8 @@ def test_a_torchrun_resume_counts_the_images_every_rank_measured_before(case, tm
     1-process map, and run.json lists the interrupted session."""
     script = tmp_path / "resume.py"
     script.write_text(_INTERRUPT_THEN_RESUME)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out), case]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun(str(script), str(out), case)
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = 3 if case == "both saved" else 2
     # the interrupted session is listed too (it was lost where rank 0 had saved none)
@@ -578,14 +553,8 @@ def test_an_interrupted_torchrun_job_says_so_once_per_node(tmp_path):
     node's first process says it; every process ends with status 130 and keeps its share for --resume."""
     script = tmp_path / "interrupt.py"
     script.write_text(_INTERRUPTED_CLI)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), "compute", *ARGS,
-           "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun(str(script), "compute", *ARGS, "--out", str(out))
     assert proc.returncode != 0 and "exitcode  : 130" in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("erf-lab compute: interrupted") == 1, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [".erf_state.rank0of2.npz", ".erf_state.rank1of2.npz"]
@@ -605,15 +574,10 @@ def test_a_torchrun_sweep_refused_by_its_first_member_leaves_no_folder_when_rank
     the folder is the job's where any rank found it missing."""
     script = tmp_path / "slow_first.py"
     script.write_text(_SLOW_FIRST)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), "sweep", "--input-sizes",
-           "32", "--reparam", "deploy", *ARGS[:6], "--num-images", "1", "--layer", "bogus", "--quiet", "--out",
-           str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun(str(script), "sweep", "--input-sizes", "32", "--reparam", "deploy", *ARGS[:6], "--num-images",
+                     "1",
+                     "--layer", "bogus", "--quiet", "--out", str(out))
     assert proc.returncode != 0 and "erf-lab sweep: error: unknown layer 'bogus'" in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
 
