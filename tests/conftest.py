@@ -37,6 +37,15 @@ def pytest_unconfigure(config):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def need_compiler() -> str:
+    """The C++ compiler fastconv would run; fails (not skips) where there is none, as :func:`need_cpp`."""
+    from fastconv import cpu_kernels
+
+    cxx = cpu_kernels._compiler()
+    assert cxx, "no C++ compiler here: the tests need one (g++)"
+    return cxx
+
+
 def need_cpp() -> None:
     """Fail (not skip) where fastconv's C++ kernel cannot be built: the suite tests it wherever it runs, and a
     machine without a C++ compiler would otherwise pass without testing it."""

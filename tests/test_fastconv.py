@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import fastconv
 from fastconv import cpu_kernels as ck
 from fastconv import dispatch
-from tests.conftest import need_cpp
+from tests.conftest import need_compiler, need_cpp
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: the C++ kernel is tested wherever the suite runs: a failed build (or no compiler) fails every test that names
@@ -123,9 +123,7 @@ def test_cxx_is_a_command_line_as_make_reads_it(tmp_path, monkeypatch):
     """$CXX="ccache g++" / "g++ -m64" (a compiler with its own arguments, as make runs it) compiles: it was run as one
     program name ("No such file or directory: 'g++ -DFOO=7'") and the C++ kernel was unavailable. A $CXX that is not
     there says so and what to set."""
-    cxx = ck._compiler()
-    if not cxx:
-        pytest.skip("no C++ compiler here")
+    cxx = need_compiler()
     src = tmp_path / "t.c"
     src.write_text("int f(void) { return FOO; }\n")
     monkeypatch.setenv("CXX", f"{cxx} -DFOO=7")
@@ -138,8 +136,7 @@ def test_a_cached_library_that_does_not_load_is_built_again(tmp_path):
     """A cached .so that is damaged on disk (truncated: a full disk, a cache folder copied half-way) is compiled again
     and replaced: the kernel (here the FMA probe, built the same way) stayed unavailable in every later process until
     someone found and deleted the file."""
-    if not ck._compiler():
-        pytest.skip("no C++ compiler here")
+    need_compiler()
     code = "from fastconv import roofline; print(roofline.fma_lanes())"
     env = {**os.environ, "FASTCONV_CACHE": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
     run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
@@ -193,8 +190,7 @@ def test_an_unwritable_build_cache_builds_in_a_private_folder_with_one_warning(t
     private folder of the process, with one warning saying to set $FASTCONV_CACHE."""
     import warnings
 
-    if not ck._compiler():
-        pytest.skip("no C++ compiler here")
+    need_compiler()
     (tmp_path / "file").write_text("")
     fastconv.configure(cache_dir=tmp_path / "file" / "fc")
     monkeypatch.setattr(ck, "_private_builds", [], raising=False)
@@ -238,9 +234,7 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
 def test_processes_that_start_together_compile_the_kernel_once(tmp_path):
     """Processes that need the same library at once (the ranks of one torchrun job) build it once: the others wait
     for it and load it. Each compiled it (~15 s of CPU each for the C++ kernel), all but one for nothing."""
-    cxx = ck._compiler()
-    if not cxx:
-        pytest.skip("no C++ compiler here")
+    cxx = need_compiler()
     wrapper = tmp_path / "slow-cxx"
     wrapper.write_text(f'#!/bin/sh\necho run >> "{tmp_path / "runs"}"\nsleep 1\nexec {cxx} "$@"\n')
     wrapper.chmod(0o755)
@@ -261,9 +255,7 @@ def test_a_compiler_that_refuses_march_native_still_builds_the_kernel(tmp_path):
     """A compiler that refuses -march=native (older Apple clang on arm64: "the clang compiler does not support
     '-march=native'") left the C++ kernel unavailable: both builds asked for it. Now it is built for the compiler's
     baseline target, and gives F.conv2d's numbers."""
-    cxx = ck._compiler()
-    if not cxx:
-        pytest.skip("no C++ compiler here")
+    cxx = need_compiler()
     wrapper = tmp_path / "no-native-cxx"
     wrapper.write_text('#!/bin/sh\nfor a in "$@"; do if [ "$a" = "-march=native" ]; then\n'
                        "  echo \"clang: error: the clang compiler does not support '-march=native'\" >&2; exit 1\n"
@@ -285,9 +277,7 @@ def test_a_library_whose_dependency_is_missing_is_not_rebuilt_at_every_start(tmp
     """A cached library that does not load because a library it needs is missing (an OpenMP runtime a conda compiler
     linked against, not on the loader's path) is not compiled again: a rebuild does not mend that, and it cost a
     full build in every process start before the build without OpenMP was tried."""
-    cxx = ck._compiler()
-    if not cxx:
-        pytest.skip("no C++ compiler here")
+    cxx = need_compiler()
     fake = tmp_path / "fakelib"
     fake.mkdir()
     (tmp_path / "fake.c").write_text("int fake(void) { return 1; }\n")
