@@ -77,7 +77,8 @@ inline double row_seconds(int64_t KW, int64_t reps, int64_t rounds) {
         vec acc[RO][CO] = {};
         const double t0 = now_seconds();
         for (int64_t r = 0; r < reps; ++r)
-            input_row<RO, CO, false>(acc, in.data() + (r % rows) * rs, k.data(), RO - 1 + (r & 3), KH, KW, 0, KW);
+            input_row<RO, CO, false>(acc, in.data() + (r % rows) * rs, k.data(), RO - 1 + (r & 3), KH, KW, 0, KW,
+                                     false, false);
         const double s = (now_seconds() - t0) / reps;
         for (int a = 0; a < RO; ++a)
             for (int c = 0; c < CO; ++c) store(out.data() + (a * CO + c) * L, acc[a][c]);

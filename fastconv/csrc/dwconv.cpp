@@ -44,7 +44,8 @@
 // K=13 80/72 vs 39/41 (4x3, 3x4, 5x2, 6x2, 3x3, 1x7 sliding: all slower, 27-74). 16 lanes lowered to AVX2 (two ymm per
 // vector): 1 x 3; AVX-512 (32 zmm): 4 x 5. The last OW mod CO columns take taller tiles (tail_rows).
 // Padding: the packed planes carry explicit zero borders, and corr_plane skips the input rows and kernel-column
-// windows of a tile that lie wholly in them (a kernel as large as the map multiplies zeros in most of its taps).
+// windows of a tile that lie wholly in them (a kernel as large as the map multiplies zeros in most of its taps), and
+// at a row's first and last steps the window columns that lie in them (input_row's edge steps).
 // A kernel at least twice the map swaps the roles of map and kernel in the forward / input gradient (swap_roles,
 // above conv_fused): then nothing is padded at all.
 #ifndef DW_KERNEL_BODY
@@ -81,6 +82,10 @@ struct LineAligned {
     bool operator!=(const LineAligned<U>&) const { return false; }
 };
 typedef std::vector<float, LineAligned<float>> Buffer;
+
+// The register tile's steps must inline into the tile, whose accumulators then stay in registers: GCC's size limits
+// left some input_row instances out of line (accumulators in memory, the tile 1.3x slower) once the edge steps came.
+#define DW_TILE_STEP inline __attribute__((always_inline))
 
 #define DW_KERNEL_BODY 1
 namespace dw8 {
@@ -291,14 +296,26 @@ inline vec fma(vec a, vec b, vec c) { return a * b + c; }
 // The part of a tile's work that can be nonzero: input rows [ii_lo, ii_hi) of the tile's R+KH-1, and kernel
 // columns [j_lo, j_hi). Rows and column windows that lie wholly in the zero padding of the packed input are skipped
 // (their products are zeros): at 14x14 with K=27 (RepLKNet-31B's stage 3 at 224 px) 73% of the taps.
+// left_edge: the window starts C - 1 columns before the map's first (j_lo > 0 was clipped by it); right_edge: j_hi
+// was clipped by the map's last column. Then input_row also skips the window columns that lie in the padding at the
+// row's first and last steps (at R = 32, K = 31: about 7% of the tiles' multiply-adds).
 struct Span {
     int64_t ii_lo, ii_hi, j_lo, j_hi;
+    bool left_edge, right_edge;
 };
 
+// Slide a window in rotation 0 by one column (register moves).
+template <int C>
+DW_TILE_STEP void shift_window(vec (&x)[C]) {
+#pragma GCC unroll 8
+    for (int c = 0; c + 1 < C; ++c) x[c] = x[c + 1];
+}
+
 // One step j of input_row, the window held in rotation S: window column c (input pixel j + c) is in x[(c + S) % C],
-// so C consecutive steps, S = 0 .. C-1, slide the window without a register move.
-template <int R, int C, bool CHECK, int S>
-inline void window_step(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii, int64_t KH,
+// so C consecutive steps, S = 0 .. C-1, slide the window without a register move. Only the window columns
+// [CL, CH) are multiplied (the others are known to hold zero padding: see input_row).
+template <int R, int C, bool CHECK, int S, int CL = 0, int CH = C>
+DW_TILE_STEP void window_step(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii, int64_t KH,
                         int64_t KW, int64_t j) {
     x[(C - 1 + S) % C] = load(inrow + (j + C - 1) * L);  // one new input load per j
 #pragma GCC unroll 8
@@ -307,14 +324,30 @@ inline void window_step(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const
         if (CHECK && (i < 0 || i >= KH)) continue;
         const vec w = load(k + (i * KW + j) * L);
 #pragma GCC unroll 8
-        for (int c = 0; c < C; ++c) acc[r][c] = fma(x[(c + S) % C], w, acc[r][c]);
+        for (int c = CL; c < CH; ++c) acc[r][c] = fma(x[(c + S) % C], w, acc[r][c]);
     }
 }
 
 template <int R, int C, bool CHECK, int... S>
-inline void window_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii, int64_t KH,
+DW_TILE_STEP void window_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii, int64_t KH,
                          int64_t KW, int64_t j, std::integer_sequence<int, S...>) {
     (window_step<R, C, CHECK, S>(acc, x, inrow, k, ii, KH, KW, j + S), ...);
+}
+
+// The first C steps of a row whose window starts C - 1 columns before the map (left edge): at step S the window
+// columns below C - 1 - S still lie in the padding.
+template <int R, int C, bool CHECK, int... S>
+DW_TILE_STEP void left_edge_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii,
+                            int64_t KH, int64_t KW, int64_t j, std::integer_sequence<int, S...>) {
+    (window_step<R, C, CHECK, S, C - 1 - S>(acc, x, inrow, k, ii, KH, KW, j + S), ...);
+}
+
+// The last C - 1 steps of a row whose window ends past the map (right edge), in rotation 0 with moves: at the
+// T-th of them (T = 0 .. C-2) the window columns from C - 1 - T on lie in the padding.
+template <int R, int C, bool CHECK, int... T>
+DW_TILE_STEP void right_edge_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii,
+                             int64_t KH, int64_t KW, int64_t j, std::integer_sequence<int, T...>) {
+    ((window_step<R, C, CHECK, 0, 0, C - 1 - T>(acc, x, inrow, k, ii, KH, KW, j + T), shift_window(x)), ...);
 }
 
 // Input row ii of a tile: acc[r][c] += in[ii][j + c] * k[ii - r][j] over j in [j_lo, j_hi), for every output row r
@@ -322,19 +355,34 @@ inline void window_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, cons
 // The window in[ii][j .. j+C-1] slides in rotations, C steps at a time (window_step), then one step at a time with
 // moves. The moves cost issue slots on the FMA ports where the CPU does not eliminate them: measured (Intel Xeon with
 // AVX-512, 1 thread, B=1 C=384 R=32, paired rounds) K=31 0.96x, K=13 0.99x.
+// Where the window starts or ends in the padding (Span), the first C and the last C - 1 steps multiply only the
+// window columns inside the map (about 7% of a tile's multiply-adds at R=32, K=31). Measured (Intel Xeon with
+// AVX-512, 1 thread, thread CPU time, 7 paired rounds, new / old median): B=1 C=384 R=32 K=31 forward, input and
+// weight gradient 0.95-0.96 (8 lanes: 0.89-0.90), K=27 0.96-0.97, R=64 K=31 0.97-0.98, weight gradient at R=14-16
+// 0.89-0.94; the same numbers bit for bit (20 shapes x 2 layouts x 8 and 16 lanes x the three passes).
 template <int R, int C, bool CHECK>
-inline void input_row(vec (&acc)[R][C], const float* inrow, const float* k, int64_t ii, int64_t KH, int64_t KW,
-                      int64_t j_lo, int64_t j_hi) {
+DW_TILE_STEP void input_row(vec (&acc)[R][C], const float* inrow, const float* k, int64_t ii, int64_t KH, int64_t KW,
+                      int64_t j_lo, int64_t j_hi, bool left_edge, bool right_edge) {
     vec x[C];
 #pragma GCC unroll 8
     for (int c = 0; c + 1 < C; ++c) x[c] = load(inrow + (j_lo + c) * L);
     int64_t j = j_lo;
-    for (; j + C <= j_hi; j += C)  // C rotations bring the window back to rotation 0
+    // the edge steps skip the products with the padding; both only where the row has steps enough for them
+    right_edge = right_edge && C > 1 && j_hi - j_lo >= C - 1;
+    const int64_t j_end = right_edge ? j_hi - (C - 1) : j_hi;
+    if (C > 1 && left_edge && j + C <= j_end) {
+        left_edge_steps<R, C, CHECK>(acc, x, inrow, k, ii, KH, KW, j, std::make_integer_sequence<int, C>{});
+        j += C;
+    }
+    for (; j + C <= j_end; j += C)  // C rotations bring the window back to rotation 0
         window_steps<R, C, CHECK>(acc, x, inrow, k, ii, KH, KW, j, std::make_integer_sequence<int, C>{});
-    for (; j < j_hi; ++j) {
+    for (; j < j_end; ++j) {
         window_step<R, C, CHECK, 0>(acc, x, inrow, k, ii, KH, KW, j);
-#pragma GCC unroll 8
-        for (int c = 0; c + 1 < C; ++c) x[c] = x[c + 1];
+        shift_window(x);
+    }
+    if constexpr (C > 1) {
+        if (right_edge)
+            right_edge_steps<R, C, CHECK>(acc, x, inrow, k, ii, KH, KW, j, std::make_integer_sequence<int, C - 1>{});
     }
 }
 
@@ -350,9 +398,11 @@ inline void tile(const float* in, int64_t in_rs, const float* k, int64_t KH, int
         for (int c = 0; c < C; ++c) acc[r][c] = accum ? load(out + r * out_rs + c * L) : (init ? load(init) : vec{});
     for (int64_t ii = sp.ii_lo; ii < sp.ii_hi; ++ii) {
         if (ii >= R - 1 && ii < KH)
-            input_row<R, C, false>(acc, in + ii * in_rs, k, ii, KH, KW, sp.j_lo, sp.j_hi);
+            input_row<R, C, false>(acc, in + ii * in_rs, k, ii, KH, KW, sp.j_lo, sp.j_hi, sp.left_edge,
+                                     sp.right_edge);
         else
-            input_row<R, C, true>(acc, in + ii * in_rs, k, ii, KH, KW, sp.j_lo, sp.j_hi);
+            input_row<R, C, true>(acc, in + ii * in_rs, k, ii, KH, KW, sp.j_lo, sp.j_hi, sp.left_edge,
+                                     sp.right_edge);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
@@ -388,7 +438,7 @@ struct Plane {
 template <int R, int C, bool FULL>
 inline void tile_at(const Plane& pl, int64_t p, int r, int64_t q) {
     const Span sp{max64(0, pl.row_lo - p), min64(r + pl.KH - 1, pl.row_hi - p), max64(0, pl.col_lo - q - C + 1),
-                  min64(pl.KW, pl.col_hi - q)};
+                  min64(pl.KW, pl.col_hi - q), pl.col_lo - q - C + 1 > 0, pl.col_hi - q < pl.KW};
     const float* in = pl.in + p * pl.in_rs + q * L;
     float* out = pl.out + p * pl.out_rs + q * L;
     if constexpr (FULL)
