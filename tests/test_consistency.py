@@ -418,3 +418,64 @@ def test_a_rerun_without_humans_removes_the_earlier_error_consistency_figures(sh
     assert (run / "shape_bias.png").is_file() and (cmp / "shape_bias_comparison.png").is_file()
     assert json.loads((cmp / "run.json").read_text())["outputs"] == [
         "comparison.csv", "comparison.md", "shape_bias_comparison.png", "shape_bias_comparison.pdf"]
+
+
+def _fixture_as_model(fixture_datasets, path, edit=None):
+    """The shipped subject's cue-conflict CSV as a model's ('m'); ``edit(rows)`` changes its rows (dicts) first."""
+    src = fixture_datasets / "human-cue-conflict" / "cue-conflict_subject-01_session_1.csv"
+    with open(src, newline="") as f:
+        rows = [dict(r, subj="m") for r in csv.DictReader(f)]
+    if edit:
+        edit(rows)
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, MVH_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path, rows
+
+
+def test_from_csv_refuses_a_category_outside_the_16_and_keeps_na(fixture_datasets, tmp_path, capsys):
+    """A response outside the 16 categories (a 1000-class label, a typo) was counted silently as a wrong trial; it
+    is refused with the file, line and value before anything is written. 'na' (a subject's no answer, 27 rows of
+    the shipped subject) stays a response that is neither the shape nor the texture."""
+    from erf_lab.shape_bias.analysis import shape_bias_from_csv
+
+    good, rows = _fixture_as_model(fixture_datasets, tmp_path / "cue-conflict_m_session-1.csv")
+    na = [r for r in rows if r["object_response"] == "na"]
+    assert len(na) == 27 and len(rows) == 1280
+    conflict = [(r["category"], r["imagename"].rsplit("-", 1)[1].split(".")[0].rstrip("0123456789"),
+                 r["object_response"]) for r in rows]
+    conflict = [(s, t, d) for s, t, d in conflict if s != t]
+    out = tmp_path / "out"
+    assert main(["shape-bias", "--from-csv", str(good), "--no-humans", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    shape, texture = sum(d == sh for sh, _, d in conflict), sum(d == t for _, t, d in conflict)
+    assert (s["n_trials"], s["n_conflict"], s["shape_hits"], s["texture_hits"]) == (1280, 1200, shape, texture)
+    assert s["shape_bias"] == shape / (shape + texture) == shape_bias_from_csv(good)["shape_bias"]
+    assert s["consistency"]["cue-conflict"]["accuracy"] == sum(r["object_response"] == r["category"]
+                                                                for r in rows) / 1280
+    capsys.readouterr()
+
+    def response(rows):
+        rows[9]["object_response"] = "tiger"  # the 10th trial: line 11 of the file
+
+    bad, _ = _fixture_as_model(fixture_datasets, tmp_path / "bad" / "cue-conflict_m_session-1.csv", response)
+    out2 = tmp_path / "out2"
+    assert main(["shape-bias", "--from-csv", str(bad), "--no-humans", "--out", str(out2)]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"{bad}, line 11: object_response is 'tiger', not one of the 16 categories" in lines[0]
+    assert not out2.exists()
+
+    def category(rows):
+        rows[0]["category"] = "na"  # 'na' is a response, never the object's category
+
+    def texture_name(rows):
+        rows[4]["imagename"] = rows[4]["imagename"].rsplit("-", 1)[0] + "-tiger1.png"
+
+    for edit, needle in ((category, "line 2: category is 'na'"), (texture_name, "line 6: the texture category in "
+                                                                                "the image name")):
+        p, _ = _fixture_as_model(fixture_datasets, tmp_path / "bad" / "cue-conflict_m_session-1.csv", edit)
+        for read in (read_trials, shape_bias_from_csv):
+            with pytest.raises(ErfLabError, match=re.escape(needle)):
+                read([p])

@@ -16,6 +16,8 @@ CATEGORIES: tuple[str, ...] = (
     "airplane", "bear", "bicycle", "bird", "boat", "bottle", "car", "cat",
     "chair", "clock", "dog", "elephant", "keyboard", "knife", "oven", "truck",
 )
+#: model-vs-human's response of a subject who gave none: neither the shape nor the texture (a wrong trial)
+NO_ANSWER = "na"
 
 
 @functools.lru_cache(maxsize=1)

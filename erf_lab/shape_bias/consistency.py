@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from erf_lab.errors import ErfLabError
-from erf_lab.shape_bias.stimuli import parse_name
+from erf_lab.shape_bias.categories import CATEGORIES, NO_ANSWER
+from erf_lab.shape_bias.stimuli import name_words, parse_name
 
 # erf-lab stimulus folder -> model-vs-human dataset name (CSV prefix, human-<name>/ folder)
 MVH_DATASETS = {"cue-conflict": "cue-conflict", "edges": "edge", "silhouettes": "silhouette"}
@@ -68,8 +69,24 @@ def dataset_of(path: str | os.PathLike) -> str:
                       f"<dataset>_<subject>_session-1.csv with dataset one of {', '.join(MVH_DATASETS.values())}")
 
 
+def _check_categories(path: Path, line: int, row: dict) -> None:
+    """ErfLabError naming the file, line and value unless the row's response is one of the 16 categories, ``na``
+    (no answer) or empty, and its ``category`` and the categories in its image name are among the 16 (another
+    value, e.g. a 1000-class label or a typo, would be counted as a wrong trial without a word)."""
+    values = [("object_response", row["object_response"], (*CATEGORIES, NO_ANSWER, "")),
+              ("category", row["category"], CATEGORIES)]
+    words = name_words(row["imagename"])  # names outside the stimulus convention are not parsed (unparsed_rows)
+    values += [(f"the {what} category in the image name {row['imagename']!r}", w, CATEGORIES)
+               for what, w in zip(("shape", "texture"), words or ())]
+    for what, value, allowed in values:
+        if value not in allowed:
+            raise ErfLabError(f"{path}, line {line}: {what} is {value!r}, not one of the 16 categories "
+                              f"({', '.join(CATEGORIES)}){' or na (no answer)' if NO_ANSWER in allowed else ''}")
+
+
 def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows of one model-vs-human-format CSV; raises ``ErfLabError`` for missing columns."""
+    """Rows of one model-vs-human-format CSV; raises ``ErfLabError`` for missing columns, a truncated row or a
+    response or category outside the 16 categories (``na``, no answer, is a response)."""
     path = Path(path)
     if not path.is_file():
         raise ErfLabError(f"CSV not found: {path}")
@@ -87,6 +104,7 @@ def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
                 if bad:
                     raise ErfLabError(f"{path}, line {reader.line_num}: no {', '.join(bad)} (a truncated or damaged "
                                       f"row)")
+                _check_categories(path, reader.line_num, r)
                 rows.append(r)
             return rows
     except (UnicodeDecodeError, csv.Error) as e:

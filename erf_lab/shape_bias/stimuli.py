@@ -35,22 +35,28 @@ class Stimulus:
         return self.path.name
 
 
+def name_words(name: str) -> tuple[str, str] | None:
+    """The shape and texture words of a name that follows the stimulus naming convention (``parse_name``), whether
+    or not they are categories; None for a name that does not follow it."""
+    stem = Path(name).name.rsplit("_", 1)[-1]
+    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    m = _CUE_RE.match(stem)
+    if m:
+        return m.group(1), m.group(3)
+    m = _SINGLE_RE.match(stem)
+    return (m.group(1), m.group(1)) if m else None
+
+
 def parse_name(name: str) -> tuple[str, str]:
     """``'bird1-bear2.png'`` -> ``('bird', 'bear')``; ``'bird3.png'`` -> ``('bird', 'bird')``.
 
     Also accepts model-vs-human image names (``0001_s5n_s01_0_bird_00_bird3-bird2.png``: the last ``_`` part).
     Raises ``ValueError`` for names that do not follow the convention or use unknown categories.
     """
-    stem = Path(name).name.rsplit("_", 1)[-1]
-    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
-    m = _CUE_RE.match(stem)
-    if m:
-        shape, texture = m.group(1), m.group(3)
-    else:
-        m = _SINGLE_RE.match(stem)
-        if not m:
-            raise ValueError(f"cannot parse stimulus name {name!r} (expected <shape><i>-<texture><j>.png)")
-        shape = texture = m.group(1)
+    words = name_words(name)
+    if words is None:
+        raise ValueError(f"cannot parse stimulus name {name!r} (expected <shape><i>-<texture><j>.png)")
+    shape, texture = words
     for c in (shape, texture):
         if c not in CATEGORIES:
             raise ValueError(f"unknown category {c!r} in stimulus name {name!r}")
