@@ -19,6 +19,7 @@ and dispatch uses the pure-PyTorch paths (the first use says so, once).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fastconv.config import _OFF, settings
-from fastconv.jsonstore import locked, plain_mode
+from fastconv.jsonstore import MKSTEMP_RANDOM, locked, plain_mode, remove_stale_temporaries
 
 _SRC = Path(__file__).with_name("csrc") / "dwconv.cpp"
 _lib = None
@@ -97,6 +98,11 @@ def _build() -> ctypes.CDLL:
     raise RuntimeError(last_error)
 
 
+#: the names of ``_compiled``'s temporary files (``.<source>_<random>.so``), of any source: a finished library has no
+#: leading dot, a lock file ends in ``.lock``
+_BUILD_TEMPORARY = r"\..+_" + MKSTEMP_RANDOM + r"\.so"
+
+
 def compile_shared_library(src: Path, flags: list[str], cxx: str | None = None, rebuild: bool = False) -> Path:
     """``src`` compiled to a shared library with ``flags``, cached under the fastconv cache directory by a hash of
     the source, flags, compiler and CPU (written atomically: concurrent builders never load a half-written file; one
@@ -114,6 +120,7 @@ def _compiled(src: Path, flags: list[str], cxx: str | None, rebuild: bool) -> tu
     if rebuild or not out.exists():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out.parent, _BUILD_TEMPORARY)  # builds killed mid-compile (~0.5 MB each)
             fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}_", suffix=".so", dir=out.parent)
         except OSError as e:
             out = _private_build_folder(out.parent, e) / out.name
@@ -138,7 +145,7 @@ def _compiled(src: Path, flags: list[str], cxx: str | None, rebuild: bool) -> tu
                 plain_mode(tmp, executable=True)  # readable by every user of a shared cache folder, as cc's output
                 os.replace(tmp, out)
         finally:
-            if os.path.exists(tmp):
+            with contextlib.suppress(FileNotFoundError):  # replaced, or (after an hour's wait) removed as stale
                 os.unlink(tmp)
         return out, True
     return out, False

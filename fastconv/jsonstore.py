@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -72,12 +74,45 @@ def _umask() -> int:
     return mask
 
 
+#: a temporary file this old has no live writer (a kernel build takes ~15 s, a table rewrite milliseconds): it was
+#: left by a process killed mid-write (SIGKILL, power loss), and nothing else would ever remove it
+STALE_TEMPORARY_S = 3600.0
+#: the random part of a ``tempfile.mkstemp`` name
+MKSTEMP_RANDOM = r"[a-z0-9_]{8}"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str, older_than_s: float = STALE_TEMPORARY_S
+                             ) -> list[Path]:
+    """Remove the regular files in ``folder`` whose whole name matches the regular expression ``pattern`` (the
+    ``tempfile.mkstemp`` names of a writer that renames its file away when it finishes) and that were last modified
+    more than ``older_than_s`` ago; returns those removed. Never raises: a file another process removed first, one
+    this user may not remove or an unreadable folder is left as it is (the leftovers are harmless, only clutter)."""
+    removed = []
+    name = re.compile(pattern)
+    cutoff = time.time() - older_than_s
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if (name.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                        and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def _temporary_pattern(path: Path) -> str:
+    """The names of ``update_table``'s temporary files for table ``path`` (``.<table>.<random>.tmp``)."""
+    return re.escape(f".{path.name}.") + MKSTEMP_RANDOM + re.escape(".tmp")
+
+
 def update_table(path: str | os.PathLike, merge: Callable[[dict], dict]) -> dict:
     """Under the table's lock: read it, ``merge(table)`` -> the new table, write that atomically; returns it.
     Raises ``OSError`` when the folder cannot be written and ``TypeError`` for a value JSON cannot hold (callers
-    that treat the table as a cache skip it; the table on disk is then unchanged)."""
+    that treat the table as a cache skip it; the table on disk is then unchanged). Removes the temporary files of
+    this table's writers killed over an hour ago (``remove_stale_temporaries``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, _temporary_pattern(path))  # an earlier writer's, killed mid-write
     with locked(path):
         table = merge(read_table(path))
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -1007,6 +1007,80 @@ def test_cache_files_are_readable_by_other_users_of_a_shared_cache(tmp_path):
     assert jsonstore.read_table(tmp_path / "t" / "autotune.json") == {"k": 1, "j": 2}
 
 
+def _leftovers(folder: Path, old: list[str], young: list[str]) -> None:
+    """Files (and folders, names ending in /) in ``folder``: ``old`` ones last modified two hours ago."""
+    folder.mkdir(parents=True, exist_ok=True)
+    two_hours_ago = time.time() - 7200
+    for name in old + young:
+        p = folder / name.rstrip("/")
+        p.mkdir() if name.endswith("/") else p.write_bytes(b"\0" * 64)
+        if name in old:
+            os.utime(p, (two_hours_ago, two_hours_ago))
+
+
+def test_a_build_and_an_autotune_write_remove_their_hour_old_leftovers(tmp_path):
+    """A build or a table rewrite killed mid-way (SIGKILL, power loss) left its temporary file (a build's is ~0.5 MB)
+    in the cache folder for ever. The next build removes the build leftovers over an hour old, the next autotune
+    write those of autotune.json; a finished library, a lock file, a young temporary file (a live writer's) and any
+    other file stay."""
+    need_compiler()
+    cache = tmp_path / "cache"
+    fastconv.configure(cache_dir=cache)
+    build = cache / "build"
+    stale_builds = [".dwconv_k3j9x0qz.so", ".fma_peak_a_b_c_d_.so"]
+    kept_builds = [".dwconv_a1b2c3d4.so",  # young: a build in progress
+                   "dwconv_0123456789abcdef.so", "dwconv_0123456789abcdef.so.lock", ".dwconv_abc.so", "notes.txt",
+                   ".dwconv_k3j9x0qz.so.keep", ".dir_k3j9x0qz.so/", ".autotune.json.k3j9x0qz.tmp"]
+    _leftovers(build, old=stale_builds + kept_builds[1:], young=kept_builds[:1])
+    src = tmp_path / "t.c"
+    src.write_text("int f(void) { return 7; }\n")
+    lib = ck.compile_shared_library(src, ["-shared", "-fPIC"])
+    assert ctypes.CDLL(str(lib)).f() == 7
+    assert sorted(p.name for p in build.iterdir()) == sorted([*(n.rstrip("/") for n in kept_builds), lib.name,
+                                                              lib.name + ".lock"])
+
+    stale_tables = [".autotune.json.x_9a0b1c.tmp", ".autotune.json.zzzzzzzz.tmp"]
+    kept_tables = [".autotune.json.q1w2e3r4.tmp",  # young: a rewrite in progress
+                   "autotune.json.lock", ".roofline.json.x_9a0b1c.tmp", ".autotune.json.tmp", "autotune.json.bak"]
+    _leftovers(cache, old=stale_tables + kept_tables[1:], young=kept_tables[:1])
+    dispatch._store("k", {"backend": "native"})
+    assert dispatch._read(dispatch.cache_file()) == {"k": {"backend": "native"}}
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*kept_tables, "autotune.json", "build"])
+
+
+def test_cleaning_leftovers_never_fails_a_build_or_a_write(tmp_path, monkeypatch):
+    """A leftover that cannot be removed (another user's in a shared cache folder) or that another process removed
+    first is skipped: the build and the table write go on."""
+    from fastconv import jsonstore
+
+    need_compiler()
+    fastconv.configure(cache_dir=tmp_path / "cache")
+    _leftovers(tmp_path / "cache" / "build", old=[".t_k3j9x0qz.so", ".t_00000000.so"], young=[])
+    _leftovers(tmp_path / "cache", old=[".autotune.json.k3j9x0qz.tmp", ".autotune.json.00000000.tmp"], young=[])
+    unlink = os.unlink
+    refused = []
+
+    def refusing_unlink(path, *args, **kwargs):
+        name = os.path.basename(path)
+        if "k3j9x0qz" in name:
+            refused.append(name)
+            raise PermissionError(13, "Permission denied", path)
+        if "00000000" in name:
+            unlink(path)  # another process was first
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refusing_unlink)
+    src = tmp_path / "t.c"
+    src.write_text("int f(void) { return 8; }\n")
+    assert ctypes.CDLL(str(ck.compile_shared_library(src, ["-shared", "-fPIC"]))).f() == 8
+    jsonstore.store(tmp_path / "cache" / "autotune.json", "k", 1)
+    assert jsonstore.read_table(tmp_path / "cache" / "autotune.json") == {"k": 1}
+    assert refused == [".t_k3j9x0qz.so", ".autotune.json.k3j9x0qz.tmp"]
+    assert (tmp_path / "cache" / "build" / ".t_k3j9x0qz.so").exists()
+    assert not (tmp_path / "cache" / "build" / ".t_00000000.so").exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux /proc")
 def test_plain_mode_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
     """Where /proc has the umask it is read there: setting it to 0 to read it (as before) left files that other
