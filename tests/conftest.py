@@ -5,6 +5,7 @@ the full sets in ``../shared/datasets`` beside the repository (development machi
 skipped with a reason when absent. The library itself never looks there: the tests point ``$ERF_LAB_DATA`` at
 the data or pass ``--stimuli``.
 """
+import contextlib
 import os
 import shutil
 import tempfile
@@ -84,6 +85,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_HOLD = "import sys\nfrom erf_lab.io import hold_folder\nwith hold_folder(sys.argv[1]):\n    print('held', flush=True)\n" \
+        "    sys.stdin.read()\n"
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder):
+    """``folder`` (which exists) held by another erf-lab process (:func:`erf_lab.io.hold_folder`, this checkout's)
+    until the block ends, as a run of another shell holds its ``--out``."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fcntl")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("", timeout=60)
 
 
 def stop_process(proc, timeout: float = 15) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import held_by_another_process
 from erf_lab.cli.main import main
 from erf_lab.erf.metrics import compute_metrics
 from erf_lab.erf.rundir import write_run_dir
@@ -515,3 +516,84 @@ def test_a_sweep_drawn_again_in_another_format_leaves_no_earlier_figure(capsys, 
     assert {p.name for p in out.glob("g*.*")} == {"grid.png", "grid.pdf", "growth.png", "growth.pdf"}
     assert run_cli(capsys, *args, "--formats", "svg")[0] == 0
     assert {p.name for p in out.glob("g*.*")} == {"grid.svg", "growth.svg"}
+
+
+_TRY_LOCK = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\ntry:\n    fcntl.flock(fd, fcntl.LOCK_EX | "
+             "fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _refused_while_held(capsys, command, folder, *argv):
+    """``erf-lab command *argv`` while another erf-lab process holds ``folder``: one line naming it, exit 2, and
+    nothing in the folder written or removed."""
+    before = _files(folder)
+    with held_by_another_process(folder):
+        rc, _, err = run_cli(capsys, command, *argv)
+    assert_one_line_error(rc, err, command)
+    assert f"error: --out {folder} is in use: another erf-lab process is writing a run there now" in err, err
+    assert _files(folder) == before
+
+
+def test_analyze_into_a_folder_another_process_writes_is_refused(capsys, tmp_path, two_runs):
+    """Two analyses into one folder (two shells, a loop), or one beside a run measured there, wrote the same
+    metrics.json and figures at once; analyze now holds the folder it writes (its --out, else the run's)."""
+    a, b = two_runs
+    out_dir = tmp_path / "d"
+    out_dir.mkdir()
+    _refused_while_held(capsys, "analyze", out_dir, str(a), "--out", str(out_dir))
+    _refused_while_held(capsys, "analyze", a, str(a), "--formats", "svg")
+    rc, _, err = run_cli(capsys, "analyze", str(a), "--out", str(out_dir))
+    assert rc == 0, err
+    assert json.loads((out_dir / "metrics.json").read_text()) == json.loads(
+        json.dumps(compute_metrics(gaussian_map(s=3.0), theoretical_rf=30)))
+    assert run_cli(capsys, "analyze", str(a), "--formats", "svg")[0] == 0 and (a / "erf.svg").is_file()
+
+
+def test_compare_into_a_folder_another_process_writes_is_refused(capsys, tmp_path, two_runs):
+    """Two comparisons into one --out at once mixed their figures and tables; compare now holds its folder."""
+    a, b = two_runs
+    out_dir = tmp_path / "cmp"
+    out_dir.mkdir()
+    _refused_while_held(capsys, "compare", out_dir, str(a), str(b), "--out", str(out_dir))
+    rc, _, err = run_cli(capsys, "compare", str(a), str(b), "--out", str(out_dir))
+    assert rc == 0, err
+    rows = list(csv.DictReader(io.StringIO((out_dir / "compare.csv").read_text())))
+    assert [r["label"] for r in rows[:2]] == ["small", "large"]
+    assert json.loads((out_dir / "compare.json").read_text())["complete"] is True
+
+
+def test_a_sweep_holds_its_folder_and_its_members(capsys, tmp_path, monkeypatch):
+    """Two sweeps into one --out (a shell loop, two terminals) measured and wrote the same members, tables and
+    figures beside each other. The sweep now holds its folder from the start to sweep.json's completion, and each
+    member run (its sub-folder) too: the same process holding both neither waits for nor refuses itself."""
+    import subprocess
+    import sys
+
+    import erf_lab.erf.runner as runner
+
+    out = tmp_path / "s"
+    out.mkdir()
+    args = ["sweep", "--kernels", "3", "--reparam", "deploy", "--override", "channels=(8,8,8,8)", "--override",
+            "layers=(1,1,1,1)", "--input-size", "32", "--num-images", "1", "--quiet", "--out", str(out)]
+    _refused_while_held(capsys, "sweep", out, *args[1:])
+    assert list(out.iterdir()) == []  # no member begun, no sweep.json
+    real, tries = runner.run_erf, []
+
+    def run_erf(spec, *, out, **kw):  # another process cannot take the sweep's folder, nor the member's meanwhile
+        def held():
+            tries.append([subprocess.run([sys.executable, "-c", _TRY_LOCK, str(d)]).returncode for d in (out.parent,
+                                                                                                          out)])
+        res = real(spec, out=out, on_batch=lambda acc: held(), **kw)
+        held()
+        return res
+
+    monkeypatch.setattr(runner, "run_erf", run_erf)
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    assert tries and tries[0] == [3, 3] and tries[-1] == [3, 0]  # the member's folder let go when it is done
+    assert json.loads((out / "sweep.json").read_text())["complete"] is True
+    assert subprocess.run([sys.executable, "-c", _TRY_LOCK, str(out)]).returncode == 0  # let go at the end
+    assert [r["run_dir"] for r in csv.DictReader(io.StringIO((out / "sweep.csv").read_text()))] == ["K3-deploy"]

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import held_by_another_process
 from erf_lab.erf import distributed as D
 from erf_lab.erf.runner import ErfSpec, run_erf
 
@@ -230,6 +231,21 @@ def taken(out_dir, *a, **k):  # another process makes and holds the new folder a
 R._existing = taken
 sys.exit(main(sys.argv[1:]))
 '''
+
+
+def test_a_torchrun_sweep_into_a_folder_in_use_stops_every_rank_with_one_line(tmp_path):
+    """Rank 0 holds the sweep's folder (rank 0 writes it); held by another erf-lab process, every rank stops with
+    one line said once (rank 1's "rank 0 stopped" left out on rank 0's node), and nothing is written there."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    with held_by_another_process(out):
+        proc = _torchrun("-m", "erf_lab", "sweep", "--input-sizes", "32", *ARGS[:6], "--reparam", "deploy",
+                         "--num-images", "2", "--quiet", "--out", str(out), timeout=600)
+    assert proc.returncode != 0 and "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert said == [f"erf-lab sweep: error: --out {out} is in use: another erf-lab process is writing a run there "
+                    "now; wait for it to end (or stop it) and run the command again, or choose another --out"], said
+    assert list(out.iterdir()) == []
 
 
 def test_a_new_folder_taken_meanwhile_stops_every_rank_with_one_line(tmp_path):

@@ -11,7 +11,7 @@ from erf_lab.erf.metrics import gaussian_fit_ok
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, gauss_note,
                                 markdown_table, metrics_text, paper_protocol_note, table_rows)
 from erf_lab.errors import ErfLabError
-from erf_lab.io import (command_record, prepare_out_dir, read_json_or_none, refuse_other_result,
+from erf_lab.io import (command_record, hold_folder, prepare_out_dir, read_json_or_none, refuse_other_result,
                         remove_earlier_outputs, write_json, write_text)
 from erf_lab.provenance import provenance
 
@@ -33,30 +33,32 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     if out is not None and Path(out).expanduser().resolve() != run.npy.parent.resolve():
         refuse_other_result(out, "analysis")  # its metrics.json and figures would replace that result's
     out_dir = prepare_out_dir(out if out is not None else run.npy.parent)
-    stem = run.npy.stem
-    prefix = "" if stem == "erf" else f"{stem}."
-    mpath = out_dir / f"{prefix}{METRICS_FILE}"
-    earlier = read_json_or_none(out_dir / f"{prefix}analysis.json")  # its figures this one does not draw go after
-    random_init = bool((run.run_info or {}).get("random_init") or (run.metrics or {}).get("random_init"))
-    if random_init:  # metrics.json, figure and console all say so
-        metrics["random_init"] = True
-    write_json(mpath, metrics)
-    title = f"{run.label} {RANDOM_MARK}" if random_init else run.label
-    files = [mpath] + plot_erf(run.erf, out_dir / stem, title=title, formats=tuple(formats), display=display,
-                               caption=run_caption(run.run_info))
-    text = metrics_text(metrics, title)
-    if note := paper_protocol_note([(run.label, run.run_info)]):
-        text += f"\n  note: {note}"
-    record = provenance("analyze", {"source": str(run.npy.resolve()), "out": str(out_dir.resolve()),
-                                    "formats": list(formats), "theoretical_rf": trf,
-                                    "display": display}, argv)
-    record["source_run"] = run.run_info
-    record["metrics_summary"] = summary(metrics)
-    record["files"] = [p.name for p in files]
-    write_json(out_dir / f"{prefix}analysis.json", record)
-    own = read_json_or_none(out_dir / "run.json")  # a run folder's own figures (run.json's files) stay
-    keep = record["files"] + (own["files"] if isinstance(own, dict) and isinstance(own.get("files"), list) else [])
-    remove_earlier_outputs(out_dir, keep, names=earlier.get("files") if isinstance(earlier, dict) else None)
+    with hold_folder(out_dir):  # a run measured there, or another analyze, writes the same metrics and figures
+        stem = run.npy.stem
+        prefix = "" if stem == "erf" else f"{stem}."
+        mpath = out_dir / f"{prefix}{METRICS_FILE}"
+        earlier = read_json_or_none(out_dir / f"{prefix}analysis.json")  # its figures not drawn now go after
+        random_init = bool((run.run_info or {}).get("random_init") or (run.metrics or {}).get("random_init"))
+        if random_init:  # metrics.json, figure and console all say so
+            metrics["random_init"] = True
+        write_json(mpath, metrics)
+        title = f"{run.label} {RANDOM_MARK}" if random_init else run.label
+        files = [mpath] + plot_erf(run.erf, out_dir / stem, title=title, formats=tuple(formats), display=display,
+                                   caption=run_caption(run.run_info))
+        text = metrics_text(metrics, title)
+        if note := paper_protocol_note([(run.label, run.run_info)]):
+            text += f"\n  note: {note}"
+        record = provenance("analyze", {"source": str(run.npy.resolve()), "out": str(out_dir.resolve()),
+                                        "formats": list(formats), "theoretical_rf": trf,
+                                        "display": display}, argv)
+        record["source_run"] = run.run_info
+        record["metrics_summary"] = summary(metrics)
+        record["files"] = [p.name for p in files]
+        write_json(out_dir / f"{prefix}analysis.json", record)
+        own = read_json_or_none(out_dir / "run.json")  # a run folder's own figures (run.json's files) stay
+        keep = record["files"] + (own["files"] if isinstance(own, dict) and isinstance(own.get("files"), list)
+                                  else [])
+        remove_earlier_outputs(out_dir, keep, names=earlier.get("files") if isinstance(earlier, dict) else None)
     return {"metrics": metrics, "files": files + [out_dir / f"{prefix}analysis.json"], "out_dir": out_dir,
             "text": text, "label": run.label}
 
@@ -90,20 +92,23 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     rows, md, csv_s, mixed = table["rows"], table["markdown"], table["csv"], table["mixed"]
     refuse_other_result(out, "compare")  # e.g. --out one of the runs compared: its figures would be replaced
     out_dir = prepare_out_dir(out)
-    record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": table["names"],
-                                    "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
-                                    "normalize": normalize, "display": display}, argv)
-    earlier = read_json_or_none(out_dir / "compare.json")  # its files: those this one does not write go afterwards
-    # the folder is a comparison from now on (every input was checked: an error now is a file that cannot be written)
-    with command_record(out_dir / "compare.json", record, undo_on_error=False) as save:
-        figs = [] if mixed and not allow_mixed_sizes else plot_comparison(
-            [r.erf for r in runs], [r.label for r in runs], out_dir / "compare", formats=tuple(formats),
-            normalize=normalize, display=display)
-        write_text(out_dir / "compare.md", md + "\n\n" + table["note"] + "\n")
-        write_text(out_dir / "compare.csv", csv_s)
-        save(complete=True, rows=rows, mixed_sizes=mixed, files=[p.name for p in figs] + ["compare.md", "compare.csv"])
-    remove_earlier_outputs(out_dir, [p.name for p in figs] + ["compare.md", "compare.csv", "compare.json"],
-                           names=earlier.get("files") if isinstance(earlier, dict) else None)
+    with hold_folder(out_dir):  # another comparison into it meanwhile would mix its figures and tables in
+        record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": table["names"],
+                                        "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
+                                        "normalize": normalize, "display": display}, argv)
+        earlier = read_json_or_none(out_dir / "compare.json")  # its files: those not written now go afterwards
+        # the folder is a comparison from now on (every input was checked: an error now is a file that cannot be
+        # written)
+        with command_record(out_dir / "compare.json", record, undo_on_error=False) as save:
+            figs = [] if mixed and not allow_mixed_sizes else plot_comparison(
+                [r.erf for r in runs], [r.label for r in runs], out_dir / "compare", formats=tuple(formats),
+                normalize=normalize, display=display)
+            write_text(out_dir / "compare.md", md + "\n\n" + table["note"] + "\n")
+            write_text(out_dir / "compare.csv", csv_s)
+            save(complete=True, rows=rows, mixed_sizes=mixed,
+                 files=[p.name for p in figs] + ["compare.md", "compare.csv"])
+        remove_earlier_outputs(out_dir, [p.name for p in figs] + ["compare.md", "compare.csv", "compare.json"],
+                               names=earlier.get("files") if isinstance(earlier, dict) else None)
     return {"rows": rows, "markdown": md, "csv": csv_s, "note": table["note"], "files": figs + [
         out_dir / "compare.md", out_dir / "compare.csv", out_dir / "compare.json"], "out_dir": out_dir,
         "metrics": dict(table["measured"])}

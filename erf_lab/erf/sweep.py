@@ -152,10 +152,18 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     so far in ``rows``: an interrupted sweep's folder is recognised, and the same call again resumes it, its finished
     members reused) and complete last. Returns ``{"rows", "reparam_diff", "files", "out_dir", "markdown"}``.
     """
+    settings = dict(locals())
+    with contextlib.ExitStack() as held_folder:  # rank 0 holds ``out`` while the sweep writes there
+        return _run_sweep(held_folder=held_folder, **settings)
+
+
+def _run_sweep(kernels, *, input_sizes, model, weights, reparam, init, weights_dir, input_size, images, num_images,
+               overrides, out, force, formats, seed, layer, aggregate, batch_size, device, show_progress, argv,
+               on_progress, held_folder: contextlib.ExitStack) -> dict:
     from erf_lab.erf.plotting import FORMATS, plot_grid, plot_growth
     from erf_lab.erf.rundir import RANDOM_MARK, load_run, run_metrics
     from erf_lab.erf.runner import ErfSpec, jsonable, run_erf, settings_differ
-    from erf_lab.io import prepare_out_dir
+    from erf_lab.io import hold_folder, prepare_out_dir
 
     from erf_lab.erf import distributed as D
 
@@ -205,9 +213,15 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     dinfo = None
     try:
         dinfo = D.init(device)  # the same device everywhere (a bad --device: refused here, alike on every rank)
+        error = checks.error
+        if error is None and dinfo.is_main:  # rank 0 writes: another erf-lab process writing there is refused
+            try:
+                held_folder.enter_context(hold_folder(out_dir))
+            except ErfLabError as e:
+                error = e
         # made by this job where any rank found it missing: a rank that started late saw the folder another had
         # made meanwhile, and rank 0 then left it behind, empty, after a refusal
-        existed = all(D.gather_or_fail(existed, checks.error, dinfo))
+        existed = all(D.gather_or_fail(existed, error, dinfo))
     except BaseException:
         if dinfo is not None:
             D.shutdown(dinfo)
