@@ -120,3 +120,33 @@ def test_training_page_marks_an_area_not_reached(app_env, monkeypatch):
     shown = [df.value for df in at.dataframe if "area@99%" in df.value.columns][-1]
     assert list(shown["area@99%"]) == ["n/r"] and float(shown["area@20%"][0]) == 5.0
     assert any(c.value.startswith("n/r: ") for c in at.caption)
+
+
+def test_training_page_says_when_the_timeline_folder_is_in_use(app_env):
+    """The timeline of a run measured by the app while another erf-lab process writes into the same folder (a second
+    app server, 'erf-lab timeline' into the app's run area) is refused with one readable error, not a traceback, and
+    the folder is left as it was; once that process is done, the same button measures again."""
+    from conftest import held_by_another_process
+
+    torch.set_num_threads(1)
+    run = app_env / "run"
+    train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
+          val_size=8, num_classes=4, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5))
+    at = _page()
+    at.number_input(key="tr-nimg").set_value(1)
+    at.number_input(key="tr-probe").set_value(10)
+    at.text_input(key="tr-run").input(str(run)).run()
+    at.button(key="tr-measure").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    out = next((app_env / "app-runs").glob("timeline-*"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with held_by_another_process(out):
+        at.button(key="tr-measure").click().run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [f"Timeline: --out {out} is in use: another erf-lab process is writing a run "
+                                           "there now; wait for it to end (or stop it) and run the command again, or "
+                                           "choose another --out"], [e.value for e in at.error]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    at.button(key="tr-measure").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("measured 0 ERF(s) and 0 probe(s)" in c.value for c in at.caption)

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from conftest import held_by_another_process
 from erf_lab.cli.main import main
 from erf_lab.shape_bias import shape_bias_from_csv
 from erf_lab.shape_bias.analysis import human_csvs
@@ -435,3 +436,31 @@ def test_a_run_holds_its_folder_and_removes_a_killed_writes_temporary_files(tiny
     assert tries == [3]
     names = {p.name for p in out.iterdir()}
     assert ".notes.tmp" in names and not [n for n in names if ".tmp." in n] and "run.json" in names
+
+
+def test_compare_and_from_csv_hold_their_folders(tiny_model, tmp_path, fixture_datasets, capsys):
+    """--compare and --from-csv wrote their tables and figures unguarded: two of them into one --out at once (a shell
+    loop, a second terminal) mixed or replaced each other's files. They now hold the folder as a model run does: the
+    second gets one line, exit 2, and writes nothing; once the first is done the same command runs."""
+    run = tmp_path / "run"
+    assert main(["shape-bias", "--model", tiny_model, "--stimuli", str(fixture_datasets), "--allow-random", "--limit",
+                 "8", "--batch-size", "4", "--workers", "0", "--no-cache", "--out", str(run)]) == 0
+    mvh = run / "cue-conflict_sb-tiny-models-tiny-random-init_session-1.csv"
+    for argv, first in ((["--compare", str(run)], "comparison.csv"), (["--from-csv", str(mvh)], "summary.json")):
+        out = tmp_path / argv[0].strip("-")
+        out.mkdir()
+        capsys.readouterr()
+        with held_by_another_process(out):
+            assert main(["shape-bias", *argv, "--out", str(out)]) == 2
+        assert _one_error_line(capsys.readouterr().err) == [
+            f"erf-lab shape-bias: error: --out {out} is in use: another erf-lab process is writing a run there now; "
+            "wait for it to end (or stop it) and run the command again, or choose another --out"]
+        assert list(out.iterdir()) == []
+        assert main(["shape-bias", *argv, "--out", str(out)]) == 0, capsys.readouterr().err
+        assert (out / first).is_file() and json.loads((out / "run.json").read_text())["what"] == \
+            f"erf-lab shape-bias {argv[0]}"
+    rows = list(csv.DictReader(open(tmp_path / "compare" / "comparison.csv", newline="")))
+    assert [r["model"] for r in rows][1:] == ["sb_tiny_models:tiny (random init)"]
+    summary = json.loads((run / "summary.json").read_text())
+    again = json.loads((tmp_path / "from-csv" / "summary.json").read_text())
+    assert (again["shape_hits"], again["texture_hits"]) == (summary["shape_hits"], summary["texture_hits"])

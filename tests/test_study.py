@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import held_by_another_process
 from erf_lab.models import create_model
 from erf_lab.cli.main import main
 from erf_lab.errors import ErfLabError
@@ -302,3 +303,43 @@ def test_ship_into_the_study_folder_itself_is_one_line_before_any_work(tmp_path,
     (tmp_path / "s" / "study.json").write_text(json.dumps({"settings": {}, "models": []}))
     with pytest.raises(ErfLabError, match="is the study folder itself"):  # ship() itself too
         ship(tmp_path / "s", tmp_path / "s")
+
+
+def test_a_study_holds_its_folder(tmp_path, monkeypatch, capsys):
+    """The same study in two shells (to continue it while it still ran) trained and measured the same models into
+    one folder at once. The study now holds its folder while it works: the second gets one line, exit 2, and
+    writes nothing; once the first is done the same command runs (and holds the folder throughout)."""
+    import subprocess
+    import sys
+
+    import erf_lab.train.study as study
+
+    out = tmp_path / "s"
+    out.mkdir()
+    try_lock = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\ntry:\n    fcntl.flock(fd, "
+                "fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+    tries = []
+
+    def job(m, settings, folder, threads):  # a trained and measured model, without the hours
+        tries.append(subprocess.run([sys.executable, "-c", try_lock, str(folder)]).returncode)
+        info = {"settings": {"input_size": settings.input_size, "val_size": settings.val_size},
+                "model_config": {"params": 1000 + m.kernel, "num_classes": 10}, "final": {"val_acc": 0.9,
+                                                                                           "img_per_s": 50.0}}
+        return {"name": m.name, "info": info, "erf": {"area@50%": float(m.kernel)}, "erf_flags": [],
+                "probe": {"shape_bias": 0.5, "shape_only_accuracy": 0.9, "texture_only_accuracy": 0.2}}
+
+    monkeypatch.setattr(study, "_job", job)
+    monkeypatch.setattr(study, "write_results", lambda *a, **k: None)
+    argv = ["study", "kernel-family", "--out", str(out), "--no-guidelines", "--quiet"]
+    with held_by_another_process(out):
+        assert main(argv) == 2
+    lines = [s for s in capsys.readouterr().err.splitlines() if s.strip()]
+    assert lines == [f"erf-lab study: error: --out {out} is in use: another erf-lab process is writing a run there "
+                     "now; wait for it to end (or stop it) and run the command again, or choose another --out"], lines
+    assert list(out.iterdir()) == [] and tries == []
+    assert main(argv) == 0, capsys.readouterr().err
+    names = [m.name for m in plan(StudySettings(), guidelines=False)]
+    assert tries == [3] * len(names)  # held while every model was trained and measured
+    assert [m["name"] for m in json.loads((out / "study.json").read_text())["models"]] == names
+    table = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert table == ["name", "---", *names]

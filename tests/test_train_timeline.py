@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import held_by_another_process
 from erf_lab.cli.main import main
 from erf_lab.errors import ErfLabError
 from erf_lab.models import create_model
@@ -446,3 +447,31 @@ def test_a_timeline_in_another_format_leaves_no_earlier_figure(tiny_run, tmp_pat
     timeline(tiny_run, formats=("svg",), **kw)
     assert sorted(p.name for p in out.glob("*.*") if p.suffix in (".png", ".pdf", ".svg")) == ["notes.png",
                                                                                                "timeline.svg"]
+
+
+def test_timeline_and_cue_world_probe_hold_their_folders(tiny_run, tmp_path, capsys):
+    """The same timeline in two shells (or the app beside a shell) measured and wrote the same caches, rows and
+    figure at once; so did two cue-world probes into one --out. Both now hold their folder: the second gets one
+    line, exit 2, and writes nothing; once the first is done the same command runs."""
+    tl, sb = tmp_path / "tl", tmp_path / "sb"
+    commands = {tl: ["timeline", str(tiny_run), "--num-images", "2", "--probe-size", "12", "--formats", "png",
+                     "--quiet", "--out", str(tl)],
+                sb: ["shape-bias", "--model", "replknet_31b", "--weights", str(tiny_run / "model.safetensors"),
+                     "--stimuli", "cue-world", "--limit", "12", "--out", str(sb)]}
+    for out, argv in commands.items():
+        out.mkdir()
+        capsys.readouterr()
+        with held_by_another_process(out):
+            assert main(argv) == 2
+        lines = [s for s in capsys.readouterr().err.replace("\r", "\n").splitlines() if s.strip()]
+        assert lines == [f"erf-lab {argv[0]}: error: --out {out} is in use: another erf-lab process is writing a run "
+                         "there now; wait for it to end (or stop it) and run the command again, or choose another "
+                         "--out"], lines
+        assert list(out.iterdir()) == []
+        assert main(argv) == 0, capsys.readouterr().err
+    record = json.loads((tl / "timeline.json").read_text())
+    assert record["complete"] is True and [r["epoch"] for r in record["rows"]] == [0, 1, 2]
+    summary = json.loads((sb / "summary.json").read_text())
+    net = create_model("replknet_31b", weights=str(tiny_run / "model.safetensors"), num_classes=4, **TINY)
+    again = probe(net, ProbeSpec(32, 12, 4, 0))["summary"]
+    assert (summary["shape_hits"], summary["texture_hits"]) == (again["shape_hits"], again["texture_hits"])

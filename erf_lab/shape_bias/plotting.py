@@ -234,7 +234,8 @@ def _human_accuracies(human_csv_paths) -> dict:
 
 def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> dict:
     """Several runs in one figure and one table (``comparison.md`` + ``comparison.csv``). Returns the rows."""
-    from erf_lab.io import atomic_path, prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
+    from erf_lab.io import (atomic_path, hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs,
+                            write_json)
 
     if not run_dirs:
         raise ErfLabError("--compare needs at least one run folder")
@@ -245,48 +246,49 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
                               "instead); --compare draws model-vs-human cue-conflict runs")
     refuse_other_result(out, "shape-bias --compare")
     out = prepare_out_dir(out)
-    labels = [s.get("label", s.get("model")) for s in summaries]
-    for i, lab in enumerate(labels):  # disambiguate equal labels by folder name
-        if labels.count(lab) > 1:
-            summaries[i]["label"] = f"{lab} [{Path(run_dirs[i]).name}]"
-    cols = ["model", "shape_bias", "fraction_correct_shape", "fraction_correct_texture", "edge_accuracy",
-            "silhouette_accuracy", "n_conflict", "run"]
-    rows = []
-    if human_csv_paths:
-        from erf_lab.shape_bias.analysis import shape_bias_from_csv
+    with hold_folder(out):  # another comparison into it meanwhile would mix its tables and figures in
+        labels = [s.get("label", s.get("model")) for s in summaries]
+        for i, lab in enumerate(labels):  # disambiguate equal labels by folder name
+            if labels.count(lab) > 1:
+                summaries[i]["label"] = f"{lab} [{Path(run_dirs[i]).name}]"
+        cols = ["model", "shape_bias", "fraction_correct_shape", "fraction_correct_texture", "edge_accuracy",
+                "silhouette_accuracy", "n_conflict", "run"]
+        rows = []
+        if human_csv_paths:
+            from erf_lab.shape_bias.analysis import shape_bias_from_csv
 
-        h = shape_bias_from_csv(list(human_csv_paths), only_humans=True)
-        acc = _human_accuracies(human_csv_paths)
-        rows.append({"model": "humans", **{c: h[c] for c in cols[1:4]}, "edge_accuracy": acc.get("edge"),
-                     "silhouette_accuracy": acc.get("silhouette"), "n_conflict": h["n_conflict"],
-                     "run": "human-cue-conflict"})
-    for s, d in zip(summaries, run_dirs):
-        rows.append({"model": s.get("label", s.get("model")), **{c: s.get(c) for c in cols[1:-1]},
-                     **_correct_fractions(s), "run": str(d)})
-    with atomic_path(out / "comparison.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+            h = shape_bias_from_csv(list(human_csv_paths), only_humans=True)
+            acc = _human_accuracies(human_csv_paths)
+            rows.append({"model": "humans", **{c: h[c] for c in cols[1:4]}, "edge_accuracy": acc.get("edge"),
+                         "silhouette_accuracy": acc.get("silhouette"), "n_conflict": h["n_conflict"],
+                         "run": "human-cue-conflict"})
+        for s, d in zip(summaries, run_dirs):
+            rows.append({"model": s.get("label", s.get("model")), **{c: s.get(c) for c in cols[1:-1]},
+                         **_correct_fractions(s), "run": str(d)})
+        with atomic_path(out / "comparison.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
 
-    def fmt(v):
-        return "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+        def fmt(v):
+            return "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
-    md = ["| " + " | ".join(cols[:-1]) + " |", "|" + "---|" * (len(cols) - 1)]
-    md += ["| " + " | ".join(fmt(r[c]) for c in cols[:-1]) + " |" for r in rows]
-    note = settings_note(summaries)
-    md += ([""] + [f"**Not like with like:** {note}"] if note else []) + ["", f"_{CREDIT}_"]
-    with atomic_path(out / "comparison.md") as tmp:
-        tmp.write_text("\n".join(md) + "\n")
-    figs = plot_shape_bias(summaries, out / "shape_bias_comparison", human_csv_paths=human_csv_paths)
-    figs += plot_error_consistency(summaries, out / "error_consistency_comparison")
-    import sys
+        md = ["| " + " | ".join(cols[:-1]) + " |", "|" + "---|" * (len(cols) - 1)]
+        md += ["| " + " | ".join(fmt(r[c]) for c in cols[:-1]) + " |" for r in rows]
+        note = settings_note(summaries)
+        md += ([""] + [f"**Not like with like:** {note}"] if note else []) + ["", f"_{CREDIT}_"]
+        with atomic_path(out / "comparison.md") as tmp:
+            tmp.write_text("\n".join(md) + "\n")
+        figs = plot_shape_bias(summaries, out / "shape_bias_comparison", human_csv_paths=human_csv_paths)
+        figs += plot_error_consistency(summaries, out / "error_consistency_comparison")
+        import sys
 
-    outputs = ["comparison.csv", "comparison.md", *(Path(p).name for p in figs)]
-    remove_earlier_outputs(out, outputs)  # an earlier comparison's figures this one does not draw (--no-humans)
-    write_json(out / "run.json", {"what": "erf-lab shape-bias --compare", "runs": [str(d) for d in run_dirs],
-                                  "outputs": outputs, "command": sys.argv, "not_like_with_like": note or None,
-                                  **_made_with()})
-    return {"rows": rows, "markdown": "\n".join(md), "note": note}
+        outputs = ["comparison.csv", "comparison.md", *(Path(p).name for p in figs)]
+        remove_earlier_outputs(out, outputs)  # an earlier comparison's figures this one does not draw (--no-humans)
+        write_json(out / "run.json", {"what": "erf-lab shape-bias --compare", "runs": [str(d) for d in run_dirs],
+                                      "outputs": outputs, "command": sys.argv, "not_like_with_like": note or None,
+                                      **_made_with()})
+        return {"rows": rows, "markdown": "\n".join(md), "note": note}
 
 
 def settings_note(summaries: Sequence[dict]) -> str:
@@ -323,7 +325,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     ``summary.json``, ``run.json`` and the figures into ``out`` (one subject) or ``out/<subject>/``."""
     import sys
 
-    from erf_lab.io import prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
+    from erf_lab.io import hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
     from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions
     from erf_lab.shape_bias.consistency import is_human, read_trials
     from erf_lab.shape_bias.stimuli import parse_name
@@ -341,30 +343,31 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     for subj in subjects:
         refuse_other_result(folder_of(subj), "shape-bias --from-csv")
     out = prepare_out_dir(out)
-    summaries = []
-    for subj in subjects:
-        model = {ds: t[subj] for ds, t in trials.items() if subj in t}
-        cue = model.get("cue-conflict") or {}
-        rows = []
-        for img, (category, response) in cue.items():
-            try:
-                rows.append((category, parse_name(img)[1], response))
-            except ValueError as e:
-                raise ErfLabError(f"cue-conflict trial of {subj}: {e}") from None
-        summary = {"model": subj, "label": subj, "from_csv": [str(p) for p in paths],
-                   **shape_bias_from_decisions(rows), "chance_shape_or_texture": 2 / len(CATEGORIES),
-                   "n_images": {ds: len(t) for ds, t in model.items()}}
-        human_paths = add_consistency(summary, model, near, with_humans=humans)
-        folder = folder_of(subj)
-        folder.mkdir(parents=True, exist_ok=True)
-        summary["command"] = command or sys.argv
-        write_json(folder / "summary.json", summary)
-        figs = plot_shape_bias([summary], folder / "shape_bias", human_csv_paths=human_paths) if rows else []
-        figs += plot_error_consistency([summary], folder / "error_consistency")
-        outputs = ["summary.json", *(Path(p).name for p in figs)]
-        remove_earlier_outputs(folder, outputs)  # an earlier run's figures this one does not draw (--no-humans)
-        write_json(folder / "run.json", {"what": "erf-lab shape-bias --from-csv", "model": subj,
-                                         "csv": summary["from_csv"], "outputs": outputs,
-                                         "command": summary["command"], **_made_with()})
-        summaries.append(dict(summary, out=str(folder)))
-    return summaries
+    with hold_folder(out):  # another analysis into it meanwhile would mix its summaries and figures in
+        summaries = []
+        for subj in subjects:
+            model = {ds: t[subj] for ds, t in trials.items() if subj in t}
+            cue = model.get("cue-conflict") or {}
+            rows = []
+            for img, (category, response) in cue.items():
+                try:
+                    rows.append((category, parse_name(img)[1], response))
+                except ValueError as e:
+                    raise ErfLabError(f"cue-conflict trial of {subj}: {e}") from None
+            summary = {"model": subj, "label": subj, "from_csv": [str(p) for p in paths],
+                       **shape_bias_from_decisions(rows), "chance_shape_or_texture": 2 / len(CATEGORIES),
+                       "n_images": {ds: len(t) for ds, t in model.items()}}
+            human_paths = add_consistency(summary, model, near, with_humans=humans)
+            folder = folder_of(subj)
+            folder.mkdir(parents=True, exist_ok=True)
+            summary["command"] = command or sys.argv
+            write_json(folder / "summary.json", summary)
+            figs = plot_shape_bias([summary], folder / "shape_bias", human_csv_paths=human_paths) if rows else []
+            figs += plot_error_consistency([summary], folder / "error_consistency")
+            outputs = ["summary.json", *(Path(p).name for p in figs)]
+            remove_earlier_outputs(folder, outputs)  # an earlier run's figures this one does not draw (--no-humans)
+            write_json(folder / "run.json", {"what": "erf-lab shape-bias --from-csv", "model": subj,
+                                             "csv": summary["from_csv"], "outputs": outputs,
+                                             "command": summary["command"], **_made_with()})
+            summaries.append(dict(summary, out=str(folder)))
+        return summaries

@@ -175,7 +175,8 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     ``num_classes`` / ``input_size`` (defaults 10 and 64). Untrained weights are refused unless ``allow_random``.
     """
     from erf_lab.checkpoint import random_init_of, resolve_weights, training_weights
-    from erf_lab.io import prepare_out_dir, refuse_other_result, remove_earlier_outputs, sha256_file, write_json
+    from erf_lab.io import (hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs, sha256_file,
+                            write_json)
     from erf_lab.models import create_model
     from erf_lab.provenance import versions
     from erf_lab.shape_bias.evaluate import refuse_allow_random_for_trained
@@ -202,30 +203,31 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     model = create_model(model_name, weights=weights, **kwargs)
     refuse_other_result(out, "shape-bias")
     out = prepare_out_dir(out)  # after the model: a bad weights file leaves no folder
-    res = probe(model, spec, batch_size=batch_size, device=device)
-    names = class_names(n_cls)
-    res["summary"].update(probe_warnings(res, names))
-    shown = None if weights is None else (weights if str(weights).startswith("builtin:") else Path(weights).name)
-    label = model_name + ("" if shown is None else f" ({shown})")
-    summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
-               "stimuli": "cue-world", "random_weights": random_weights,
-               "seed": init["seed"] if random_weights else None,
-               "weights": None if weights is None else str(weights),
-               "weights_sha256": None if path is None else sha256_file(path),
-               # which of a training run's weights: raw or EMA (and the EMA file where raw ones were measured)
-               **training_weights(path), "overrides": kwargs, "classes": names, **res["summary"]}
-    meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_decisions_csv(out / "decisions.csv", res["rows"], names)
-    write_json(out / "summary.json", {**summary, **meta})
-    plot_probe(summary, out / "shape_bias", names)
-    outputs = ["decisions.csv", "summary.json", "shape_bias.png", "shape_bias.pdf"]
-    remove_earlier_outputs(out, outputs)
-    write_json(out / "run.json", {"what": "erf-lab shape-bias --stimuli cue-world", "model": model_name,
-                                  "weights": summary["weights"], "weights_sha256": summary["weights_sha256"],
-                                  **{k: summary[k] for k in ("weights_kind", "ema_decay", "weights_note")},
-                                  "probe": summary["probe"], "outputs": outputs, **meta})
-    return summary
+    with hold_folder(out):  # as a model-vs-human run's: another probe into it meanwhile would mix its outputs in
+        res = probe(model, spec, batch_size=batch_size, device=device)
+        names = class_names(n_cls)
+        res["summary"].update(probe_warnings(res, names))
+        shown = None if weights is None else (weights if str(weights).startswith("builtin:") else Path(weights).name)
+        label = model_name + ("" if shown is None else f" ({shown})")
+        summary = {"model": model_name, "label": label + (" (random init)" if random_weights else ""),
+                   "stimuli": "cue-world", "random_weights": random_weights,
+                   "seed": init["seed"] if random_weights else None,
+                   "weights": None if weights is None else str(weights),
+                   "weights_sha256": None if path is None else sha256_file(path),
+                   # which of a training run's weights: raw or EMA (and the EMA file where raw ones were measured)
+                   **training_weights(path), "overrides": kwargs, "classes": names, **res["summary"]}
+        meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
+                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_decisions_csv(out / "decisions.csv", res["rows"], names)
+        write_json(out / "summary.json", {**summary, **meta})
+        plot_probe(summary, out / "shape_bias", names)
+        outputs = ["decisions.csv", "summary.json", "shape_bias.png", "shape_bias.pdf"]
+        remove_earlier_outputs(out, outputs)
+        write_json(out / "run.json", {"what": "erf-lab shape-bias --stimuli cue-world", "model": model_name,
+                                      "weights": summary["weights"], "weights_sha256": summary["weights_sha256"],
+                                      **{k: summary[k] for k in ("weights_kind", "ema_decay", "weights_note")},
+                                      "probe": summary["probe"], "outputs": outputs, **meta})
+        return summary
 
 
 def probe_warnings(res: dict, names: list[str]) -> dict:

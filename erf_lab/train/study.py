@@ -208,7 +208,7 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
     each), then write ``family.csv`` / ``guidelines.csv``, ``results.md`` and ``family.png`` / ``.pdf``. A study
     folder continues only with its own settings (ErfLabError otherwise; the model list may change). A progress
     bar (models done, with ETA) unless ``show_progress`` is False."""
-    from erf_lab.io import prepare_out_dir, progress, read_json_or_none, refuse_other_result, write_json
+    from erf_lab.io import hold_folder, prepare_out_dir, progress, read_json_or_none, refuse_other_result, write_json
 
     models = plan(settings, kernels=kernels, seeds=seeds, guidelines=guidelines)
     check_study(settings, models, jobs=jobs, threads=threads)
@@ -227,37 +227,39 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
                               f"{(old.get('settings') or {}).get(k)!r} there, {new[k]!r} now); repeat its command "
                               f"to continue it, or use another --out")
     study = prepare_out_dir(out)
-    from erf_lab.provenance import provenance
+    # held while it writes: the same study again in another shell trained and measured the same models beside it
+    with hold_folder(study):
+        from erf_lab.provenance import provenance
 
-    how = provenance("study", new, sys.argv)  # where, with which versions and when (as sweep.json, timeline.json)
-    write_json(study / "study.json", {"settings": new,
-                                      "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv,
-                                      **{k: how[k] for k in ("cwd", "versions", "time")}})
-    results = {}
-    # the study's own bar (hours at the shipped size): models done and the ETA; the lines of each model's
-    # training are written above it. Models trained by an earlier run of the study count from the start: they
-    # come back in seconds, and as steps of the bar they made the ETA of a continued study seconds for hours
-    trained = {m.name for m in models if trained_run(study / "runs" / m.name) is not None}
-    bar = progress(total=len(models), initial=len(trained), desc="study", unit="model", disable=not show_progress)
+        how = provenance("study", new, sys.argv)  # where, with which versions and when (as sweep.json, timeline.json)
+        write_json(study / "study.json", {"settings": new,
+                                          "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv,
+                                          **{k: how[k] for k in ("cwd", "versions", "time")}})
+        results = {}
+        # the study's own bar (hours at the shipped size): models done and the ETA; the lines of each model's
+        # training are written above it. Models trained by an earlier run of the study count from the start: they
+        # come back in seconds, and as steps of the bar they made the ETA of a continued study seconds for hours
+        trained = {m.name for m in models if trained_run(study / "runs" / m.name) is not None}
+        bar = progress(total=len(models), initial=len(trained), desc="study", unit="model", disable=not show_progress)
 
-    def done(r):  # the tables so far after every model: an interrupted study still leaves valid tables
-        results[r["name"]] = r
-        bar.write(f"[{r['name']}] measured: shape bias {r['probe']['shape_bias']}, "
-                  f"area@50% {r['erf'].get('area@50%')}")
-        write_results(study, [_row(m, results[m.name]) for m in models if m.name in results], settings,
-                      planned=len(models))
-        if r["name"] not in trained:
-            bar.update(1)
+        def done(r):  # the tables so far after every model: an interrupted study still leaves valid tables
+            results[r["name"]] = r
+            bar.write(f"[{r['name']}] measured: shape bias {r['probe']['shape_bias']}, "
+                      f"area@50% {r['erf'].get('area@50%')}")
+            write_results(study, [_row(m, results[m.name]) for m in models if m.name in results], settings,
+                          planned=len(models))
+            if r["name"] not in trained:
+                bar.update(1)
 
-    try:
-        if jobs == 1:
-            for m in models:
-                done(_job(m, settings, study, threads))
-        else:
-            in_processes(_job, [(m, settings, study, threads) for m in models], int(jobs), done,
-                         labels=[m.name for m in models])
-    finally:
-        bar.close()
+        try:
+            if jobs == 1:
+                for m in models:
+                    done(_job(m, settings, study, threads))
+            else:
+                in_processes(_job, [(m, settings, study, threads) for m in models], int(jobs), done,
+                             labels=[m.name for m in models])
+        finally:
+            bar.close()
     rows = [_row(m, results[m.name]) for m in models]
     return {"rows": rows, "out_dir": study}
 

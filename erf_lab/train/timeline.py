@@ -177,7 +177,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}, "weights_note"}``: the raw training weights are
     measured; ``weights_note`` (also in timeline.json) says so where the run kept an EMA of them, else None."""
     from erf_lab.erf.tables import csv_text
-    from erf_lab.io import command_record, prepare_out_dir, progress, refuse_other_result, write_text
+    from erf_lab.io import command_record, hold_folder, prepare_out_dir, progress, refuse_other_result, write_text
     from erf_lab.provenance import provenance
     from erf_lab.train.probes import ProbeSpec
 
@@ -217,38 +217,40 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
               "epochs": epochs, "rows": [], **provenance("timeline", {
                   "run_dir": str(run.root.resolve()), "input_size": input_size, "num_images": int(num_images),
                   "probe_size": int(probe_size), "device": device, "formats": list(formats)}, argv)}
-    rows, counts, maps = [], {"erf": 0, "probe": 0}, {}
-    with command_record(out / "timeline.json", record) as save:  # the folder is a timeline from now on
-        images = cue_world_images(out / f"images-{size}px", int(num_images), size, run.num_classes, int(s["seed"]))
-        for epoch in progress(epochs, desc="timeline", unit="ckpt", disable=not show_progress):
-            m = measure_checkpoint(s["model"], run.checkpoints[epoch], overrides,
-                                   erf_dir=out / f"erf-{size}px" / f"epoch_{epoch:03d}",
-                                   probe_file=out / f"probe-{train_size}px" / f"epoch_{epoch:03d}.json",
-                                   images=images, num_images=int(num_images), input_size=size, train_size=train_size,
-                                   probe_spec=probe_spec, device=device)
-            for k in m["measured"]:
-                counts[k] += 1
-            maps[epoch] = np.load(m["erf_dir"] / "erf.npy", allow_pickle=False)
-            met = run.metrics.get(epoch, {})
-            p = m["probe"]
-            rows.append({"epoch": epoch, **{k: m["erf"].get(k) for k in AREA_KEYS}, "r_rms": m["erf"].get("r_rms"),
-                         "r50": m["erf"].get("r50"), "shape_bias": p["shape_bias"],
-                         "untrained": untrained(epoch, met.get("val_acc"), run.num_classes, s.get("val_size")),
-                         "shape_only_accuracy": p["shape_only_accuracy"],
-                         "texture_only_accuracy": p["texture_only_accuracy"],
-                         "val_acc": met.get("val_acc"), "train_acc": met.get("train_acc"),
-                         "checkpoint": str(run.checkpoints[epoch].relative_to(run.root))})
-            save(rows=rows)  # still incomplete: the checkpoints measured so far (each also cached on its own)
-            if on_progress is not None:
-                on_progress(len(rows), len(epochs))
-    write_text(out / "timeline.csv", csv_text(rows, list(rows[0])))
-    plot_timeline(rows, maps, out / "timeline", title=f"{s['model']} on cue-world: ERF at {size} px",
-                  formats=formats)
-    from erf_lab.erf.plotting import FORMATS
+    # held while it writes: a second timeline into it meanwhile (another shell, the app) mixed rows and caches
+    with hold_folder(out):
+        rows, counts, maps = [], {"erf": 0, "probe": 0}, {}
+        with command_record(out / "timeline.json", record) as save:  # the folder is a timeline from now on
+            images = cue_world_images(out / f"images-{size}px", int(num_images), size, run.num_classes, int(s["seed"]))
+            for epoch in progress(epochs, desc="timeline", unit="ckpt", disable=not show_progress):
+                m = measure_checkpoint(s["model"], run.checkpoints[epoch], overrides,
+                                       erf_dir=out / f"erf-{size}px" / f"epoch_{epoch:03d}",
+                                       probe_file=out / f"probe-{train_size}px" / f"epoch_{epoch:03d}.json",
+                                       images=images, num_images=int(num_images), input_size=size,
+                                       train_size=train_size, probe_spec=probe_spec, device=device)
+                for k in m["measured"]:
+                    counts[k] += 1
+                maps[epoch] = np.load(m["erf_dir"] / "erf.npy", allow_pickle=False)
+                met = run.metrics.get(epoch, {})
+                p = m["probe"]
+                rows.append({"epoch": epoch, **{k: m["erf"].get(k) for k in AREA_KEYS}, "r_rms": m["erf"].get("r_rms"),
+                             "r50": m["erf"].get("r50"), "shape_bias": p["shape_bias"],
+                             "untrained": untrained(epoch, met.get("val_acc"), run.num_classes, s.get("val_size")),
+                             "shape_only_accuracy": p["shape_only_accuracy"],
+                             "texture_only_accuracy": p["texture_only_accuracy"],
+                             "val_acc": met.get("val_acc"), "train_acc": met.get("train_acc"),
+                             "checkpoint": str(run.checkpoints[epoch].relative_to(run.root))})
+                save(rows=rows)  # still incomplete: the checkpoints measured so far (each also cached on its own)
+                if on_progress is not None:
+                    on_progress(len(rows), len(epochs))
+        write_text(out / "timeline.csv", csv_text(rows, list(rows[0])))
+        plot_timeline(rows, maps, out / "timeline", title=f"{s['model']} on cue-world: ERF at {size} px",
+                      formats=formats)
+        from erf_lab.erf.plotting import FORMATS
 
-    for fmt in set(FORMATS) - set(formats):  # an earlier timeline's figure in another format: fewer epochs, stale
-        (out / f"timeline.{fmt}").unlink(missing_ok=True)
-    save(complete=True, rows=rows)  # last: the timeline is complete
+        for fmt in set(FORMATS) - set(formats):  # an earlier timeline's figure in another format: fewer epochs, stale
+            (out / f"timeline.{fmt}").unlink(missing_ok=True)
+        save(complete=True, rows=rows)  # last: the timeline is complete
     return {"rows": rows, "out_dir": out, "measured": counts, "weights_note": weights_note}
 
 
