@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import held_by_another_process
 from erf_lab.cli.main import main
 from erf_lab.errors import ErfLabError
 from erf_lab.io import refuse_other_result, result_kind
@@ -345,3 +346,28 @@ def test_a_command_record_is_incomplete_until_saved_complete_and_a_bad_input_lea
     with command_record(tmp_path / "rank1" / "sweep.json", base, write=False) as save:
         save(complete=True)
     assert not (tmp_path / "rank1").exists()
+
+
+def test_a_bench_holds_its_folder_and_leaves_none_it_made_when_refused(tmp_path, capsys, one_thread, monkeypatch):
+    """Two benchmarks into one --out (a loop over devices, two terminals) replaced each other's rows in table.csv
+    and results.json as they went. The bench now holds its folder: the second gets one line, exit 2, and writes
+    nothing; once the first is done it runs. A bench refused in a folder it made leaves none behind."""
+    import fastconv.bench as fb
+
+    real_run = fb.run
+    monkeypatch.setattr(fb, "run", lambda **kw: real_run(sgemm_size=64, **kw))  # a small SGEMM probe
+    out = tmp_path / "bench"
+    out.mkdir()
+    argv = ["bench", "--kernels", "3", "--resolutions", "8", "--batch", "1", "--channels", "4", "--layers", "1",
+            "--repeats", "1", "--warmup", "0", "--mode", "fwd", "--device", "cpu", "--out", str(out)]
+    with held_by_another_process(out):
+        assert main(argv) == 2
+    lines = [s for s in capsys.readouterr().err.replace("\r", "\n").splitlines() if s.strip()]
+    assert lines == [f"erf-lab bench: error: --out {out} is in use: another erf-lab process is writing a run there "
+                     "now; wait for it to end (or stop it) and run the command again, or choose another --out"], lines
+    assert list(out.iterdir()) == []
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["R"], r["K"]) for r in rows] == [(8, 3)]
+    assert main([*argv[:-1], str(tmp_path / "new" / "b"), "--batch", "0"]) == 2  # refused by fastconv's checks
+    assert "--batch must be positive" in capsys.readouterr().err and not (tmp_path / "new").exists()

@@ -18,14 +18,18 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from erf_lab.io import refuse_other_result
+    from erf_lab.io import hold_folder, missing_folders, prepare_out_dir, refuse_other_result, remove_empty_folders
     from fastconv.bench import format_table, run_from_args
 
     refuse_other_result(args.out, "bench")  # its run.json, table.csv and results.json would land in another result
-    try:
-        result, paths = run_from_args(args)
+    made = missing_folders(args.out)
+    try:  # held while it measures and writes its rows: another benchmark into it meanwhile replaced its tables
+        with hold_folder(prepare_out_dir(args.out)):
+            result, paths = run_from_args(args)
     except ValueError as e:
         raise ErfLabError(str(e)) from None
+    finally:
+        remove_empty_folders(made)  # refused, or stopped before its first row: no empty folder left behind
     print(format_table(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
