@@ -56,13 +56,7 @@ def test_training_page_measures_a_users_run_and_refuses_a_non_run(app_env, monke
 
     monkeypatch.setattr(DeltaGenerator, "progress", spy)
     torch.set_num_threads(1)
-    run = app_env / "run"
-    train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
-          val_size=8, num_classes=4, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5))
-    at = _page()
-    at.number_input(key="tr-nimg").set_value(1)
-    at.number_input(key="tr-probe").set_value(10)
-    at.text_input(key="tr-run").input(str(run)).run()
+    run, at = _tiny_run_on_the_page(app_env)
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("Measure the timeline" in i.value for i in at.info)  # measured on a click only
     at.button(key="tr-measure").click().run()
@@ -122,13 +116,8 @@ def test_training_page_marks_an_area_not_reached(app_env, monkeypatch):
     assert any(c.value.startswith("n/r: ") for c in at.caption)
 
 
-def test_training_page_says_when_the_timeline_folder_is_in_use(app_env):
-    """The timeline of a run measured by the app while another erf-lab process writes into the same folder (a second
-    app server, 'erf-lab timeline' into the app's run area) is refused with one readable error, not a traceback, and
-    the folder is left as it was; once that process is done, the same button measures again."""
-    from conftest import held_by_another_process
-
-    torch.set_num_threads(1)
+def _tiny_run_on_the_page(app_env):
+    """A one-epoch tiny training run, and the Training page with it entered (1 ERF image, 10 probe images)."""
     run = app_env / "run"
     train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
           val_size=8, num_classes=4, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5))
@@ -136,6 +125,17 @@ def test_training_page_says_when_the_timeline_folder_is_in_use(app_env):
     at.number_input(key="tr-nimg").set_value(1)
     at.number_input(key="tr-probe").set_value(10)
     at.text_input(key="tr-run").input(str(run)).run()
+    return run, at
+
+
+def test_training_page_says_when_the_timeline_folder_is_in_use(app_env):
+    """The timeline of a run measured by the app while another erf-lab process writes into the same folder (a second
+    app server, 'erf-lab timeline' into the app's run area) is refused with one readable error, not a traceback, and
+    the folder is left as it was; once that process is done, the same button measures again."""
+    from conftest import held_by_another_process
+
+    torch.set_num_threads(1)
+    run, at = _tiny_run_on_the_page(app_env)
     at.button(key="tr-measure").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     out = next((app_env / "app-runs").glob("timeline-*"))
