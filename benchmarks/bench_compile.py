@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for compile_cpu.json / .md (default runs/bench_compile-<time>)")
     ap.add_argument("--name", default="compile_cpu")
     args = ap.parse_args(argv)
-    if args.name and (args.name != Path(args.name).name or args.name in ('.', '..')):  # refused before the run, not at its end
+    # a folder in --name: refused before the run, not when its results are written at the end
+    if args.name and (args.name != Path(args.name).name or args.name in ('.', '..')):
         ap.error(f"--name {args.name!r}: a file stem, not a path")
 
     from erf_lab.io import write_json, write_text

@@ -140,7 +140,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="plain calls after two warm-up calls (best reported)")
     ap.add_argument("--name", default="", help="write benchmarks/results/<name>.{json,md} ('' = print only)")
     args = ap.parse_args()
-    if args.name and (args.name != Path(args.name).name or args.name in ('.', '..')):  # refused before the run, not at its end
+    # a folder in --name: refused before the run, not when its results are written at the end
+    if args.name and (args.name != Path(args.name).name or args.name in ('.', '..')):
         ap.error(f"--name {args.name!r}: a file stem, not a path")
 
     from erf_lab.erf.attribution import EffectiveReceptiveField

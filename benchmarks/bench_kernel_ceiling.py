@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="directory for <name>.json / .md ('' = none)")
     p.add_argument("--name", default="kernel_ceiling_cpu")
     a = p.parse_args(argv)
-    if a.name and (a.name != Path(a.name).name or a.name in ('.', '..')):  # refused before the run, not at its end
+    # a folder in --name: refused before the run, not when its results are written at the end
+    if a.name and (a.name != Path(a.name).name or a.name in ('.', '..')):
         p.error(f"--name {a.name!r}: a file stem, not a path")
     if not ck.cpp_available():
         print(f"the C++ kernel is not available here: {ck.cpp_unavailable_reason()}")

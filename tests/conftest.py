@@ -87,8 +87,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-_HOLD = "import sys\nfrom erf_lab.io import hold_folder\nwith hold_folder(sys.argv[1]):\n    print('held', flush=True)\n" \
-        "    sys.stdin.read()\n"
+_HOLD = ("import sys\nfrom erf_lab.io import hold_folder\nwith hold_folder(sys.argv[1]):\n"
+         "    print('held', flush=True)\n    sys.stdin.read()\n")
 
 
 @contextlib.contextmanager

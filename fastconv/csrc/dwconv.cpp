@@ -334,8 +334,8 @@ DW_TILE_STEP void shift_window(vec (&x)[C]) {
 // so C consecutive steps, S = 0 .. C-1, slide the window without a register move. Only the window columns
 // [CL, CH) are multiplied (the others are known to hold zero padding: see input_row).
 template <int R, int C, bool CHECK, int S, int CL = 0, int CH = C>
-DW_TILE_STEP void window_step(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii, int64_t KH,
-                        int64_t KW, int64_t j) {
+DW_TILE_STEP void window_step(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii,
+                              int64_t KH, int64_t KW, int64_t j) {
     x[(C - 1 + S) % C] = load(inrow + (j + C - 1) * L);  // one new input load per j
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -348,8 +348,8 @@ DW_TILE_STEP void window_step(vec (&acc)[R][C], vec (&x)[C], const float* inrow,
 }
 
 template <int R, int C, bool CHECK, int... S>
-DW_TILE_STEP void window_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii, int64_t KH,
-                         int64_t KW, int64_t j, std::integer_sequence<int, S...>) {
+DW_TILE_STEP void window_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii,
+                               int64_t KH, int64_t KW, int64_t j, std::integer_sequence<int, S...>) {
     (window_step<R, C, CHECK, S>(acc, x, inrow, k, ii, KH, KW, j + S), ...);
 }
 
@@ -357,7 +357,7 @@ DW_TILE_STEP void window_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow
 // columns below C - 1 - S still lie in the padding.
 template <int R, int C, bool CHECK, int... S>
 DW_TILE_STEP void left_edge_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii,
-                            int64_t KH, int64_t KW, int64_t j, std::integer_sequence<int, S...>) {
+                                  int64_t KH, int64_t KW, int64_t j, std::integer_sequence<int, S...>) {
     (window_step<R, C, CHECK, S, C - 1 - S>(acc, x, inrow, k, ii, KH, KW, j + S), ...);
 }
 
@@ -365,7 +365,7 @@ DW_TILE_STEP void left_edge_steps(vec (&acc)[R][C], vec (&x)[C], const float* in
 // T-th of them (T = 0 .. C-2) the window columns from C - 1 - T on lie in the padding.
 template <int R, int C, bool CHECK, int... T>
 DW_TILE_STEP void right_edge_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii,
-                             int64_t KH, int64_t KW, int64_t j, std::integer_sequence<int, T...>) {
+                                   int64_t KH, int64_t KW, int64_t j, std::integer_sequence<int, T...>) {
     ((window_step<R, C, CHECK, 0, 0, C - 1 - T>(acc, x, inrow, k, ii, KH, KW, j + T), shift_window(x)), ...);
 }
 
@@ -380,8 +380,8 @@ DW_TILE_STEP void right_edge_steps(vec (&acc)[R][C], vec (&x)[C], const float* i
 // weight gradient 0.95-0.96 (8 lanes: 0.89-0.90), K=27 0.96-0.97, R=64 K=31 0.97-0.98, weight gradient at R=14-16
 // 0.89-0.94; the same numbers bit for bit (20 shapes x 2 layouts x 8 and 16 lanes x the three passes).
 template <int R, int C, bool CHECK>
-DW_TILE_STEP void input_row(vec (&acc)[R][C], const float* inrow, const float* k, int64_t ii, int64_t KH, int64_t KW,
-                      int64_t j_lo, int64_t j_hi, bool left_edge, bool right_edge) {
+DW_TILE_STEP void input_row(vec (&acc)[R][C], const float* inrow, const float* k, int64_t ii, int64_t KH,
+                            int64_t KW, int64_t j_lo, int64_t j_hi, bool left_edge, bool right_edge) {
     vec x[C];
 #pragma GCC unroll 8
     for (int c = 0; c + 1 < C; ++c) x[c] = load(inrow + (j_lo + c) * L);
