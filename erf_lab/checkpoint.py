@@ -227,17 +227,20 @@ def ema_decay_of(settings: dict | None) -> float | None:
 
 def training_weights(weights: str | os.PathLike | None) -> dict:
     """Which weights of an ``erf-lab train`` run the file ``weights`` holds: ``{"weights_kind", "ema_decay",
-    "weights_note"}``. ``weights_kind``: "ema" for the run's ``model_ema.*``, "raw" for ``model.*`` and the
-    checkpoints (an epoch's ``.pth`` also holds the EMA, under ``model_ema``, but loads as its ``model``), None for a
-    file outside a complete training run; ``weights_note``: where raw weights of a run that kept an EMA were
-    measured, one line saying so and naming the EMA file (else None)."""
+    "weights_note"}``. ``weights_kind``: "ema" for the run's ``model_ema.*`` and an epoch's ``epoch_NNN_ema.*``,
+    "raw" for ``model.*`` and the epochs' ``epoch_NNN.*`` (an epoch's ``.pth`` also holds the EMA, under ``model_ema``,
+    but loads as its ``model``), None for a file outside a complete training run; ``weights_note``: where raw weights
+    of a run that kept an EMA were measured, one line saying so and naming the EMA file (else None)."""
     found = None if weights is None else training_run_of(weights)
     if found is None:
         return {"weights_kind": None, "ema_decay": None, "weights_note": None}
     run, info = found
     decay = ema_decay_of(info.get("settings"))
     name = Path(weights).name
-    kind = "ema" if name.startswith("model_ema.") else "raw"
+    from erf_lab.train.checkpoints import EPOCH_FILE
+
+    epoch_file = EPOCH_FILE.match(name)
+    kind = "ema" if name.startswith("model_ema.") or (epoch_file and epoch_file.group(2)) else "raw"
     note = None
     if kind == "raw" and decay is not None:
         note = (f"{name} holds the raw training weights; the run also kept an EMA of them (decay {decay:g}), not "

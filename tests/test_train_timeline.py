@@ -475,3 +475,72 @@ def test_timeline_and_cue_world_probe_hold_their_folders(tiny_run, tmp_path, cap
     net = create_model("replknet_31b", weights=str(tiny_run / "model.safetensors"), num_classes=4, **TINY)
     again = probe(net, ProbeSpec(32, 12, 4, 0))["summary"]
     assert (summary["shape_hits"], summary["texture_hits"]) == (again["shape_hits"], again["texture_hits"])
+
+
+def test_timeline_of_the_ema_weights(tiny_run, tmp_path, capsys):
+    """A run trained with --ema kept the EMA per epoch only inside the .pth files (none in a safetensors-only run),
+    and the timeline could measure the raw weights alone. Each epoch's EMA is now saved as
+    epoch_NNN_ema.safetensors, and ``timeline --ema`` measures it (epoch 0: the initialisation, where the EMA
+    starts); a run of an earlier erf-lab is read from its .pth files, with the same numbers."""
+    from erf_lab.checkpoint import training_weights
+    from erf_lab.train.loop import _format_on_disk
+    from erf_lab.train.timeline import timeline
+
+    torch.set_num_threads(1)
+    run = tmp_path / "ema-run"
+    train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
+          val_size=8, num_classes=4, recipe=Recipe(epochs=2, batch_size=8, warmup_epochs=0, ema=0.5),
+          checkpoint_format="pth")
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("*_ema.*")) == ["epoch_001_ema.safetensors", "epoch_002_ema.safetensors"]
+    assert _format_on_disk(run) == "pth"  # the EMA's files are not taken for the weights' format
+    from safetensors.torch import load_file
+
+    for epoch in (1, 2):
+        saved = load_file(ckpt / f"epoch_{epoch:03d}_ema.safetensors")
+        pth = torch.load(ckpt / f"epoch_{epoch:03d}.pth", map_location="cpu", weights_only=True)
+        assert saved.keys() == pth["model_ema"].keys()
+        assert all(torch.equal(saved[k], pth["model_ema"][k]) for k in saved)
+        assert any(not torch.equal(saved[k], pth["model"][k]) for k in saved)  # not the raw weights
+    assert training_weights(ckpt / "epoch_001_ema.safetensors")["weights_kind"] == "ema"
+    assert training_weights(ckpt / "epoch_001.pth")["weights_kind"] == "raw"
+
+    kw = dict(num_images=1, probe_size=8, show_progress=False, formats=("png",), input_size=64)
+    ema = timeline(run, ema=True, **kw)
+    assert ema["out_dir"] == run / "timeline-ema" and ema["measured"] == {"erf": 3, "probe": 3}
+    assert [r["checkpoint"] for r in ema["rows"]] == ["checkpoints/epoch_000.pth",
+                                                      "checkpoints/epoch_001_ema.safetensors",
+                                                      "checkpoints/epoch_002_ema.safetensors"]
+    record = json.loads((run / "timeline-ema" / "timeline.json").read_text())
+    assert record["weights_kind"] == "ema" and record["ema_decay"] == 0.5 and "EMA of the weights" in record[
+        "weights_note"]
+    raw = timeline(run, **kw)
+    assert raw["out_dir"] == run / "timeline" and raw["rows"][0]["r_rms"] == ema["rows"][0]["r_rms"]  # the init
+    assert [r["r_rms"] for r in raw["rows"][1:]] != [r["r_rms"] for r in ema["rows"][1:]]
+    assert "timeline --ema" in raw["weights_note"]
+
+    # a run of an earlier erf-lab: the EMA inside the .pth files only
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for p in ckpt.glob("*_ema.safetensors"):
+        shutil.move(p, aside / p.name)
+    old = timeline(run, ema=True, out=tmp_path / "from-pth", **kw)
+    assert old["measured"] == {"erf": 3, "probe": 3}
+    assert [r["checkpoint"] for r in old["rows"]] == [f"checkpoints/epoch_00{e}.pth" for e in range(3)]
+    assert [{k: v for k, v in r.items() if k != "checkpoint"} for r in old["rows"]] == \
+        [{k: v for k, v in r.items() if k != "checkpoint"} for r in ema["rows"]]
+
+    # bad input: one line, exit 2, nothing written
+    def refused(args, message):
+        capsys.readouterr()
+        assert main(["timeline", *args, "--num-images", "1", "--probe-size", "8", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+    refused([str(run), "--ema", "--out", str(run / "timeline")], "holds the timeline of the raw weights")
+    refused([str(run), "--out", str(run / "timeline-ema")], "holds the timeline of the EMA of the weights")
+    refused([str(tiny_run), "--ema", "--out", str(tmp_path / "none")], "was trained without an EMA of its weights")
+    sd = torch.load(ckpt / "epoch_002.pth", map_location="cpu", weights_only=True)
+    torch.save({"model": sd["model"]}, ckpt / "epoch_002.pth")  # as a safetensors-only run keeps no EMA
+    refused([str(run), "--ema", "--out", str(tmp_path / "none")], "no EMA weights for epoch(s) 2")
+    assert not (tmp_path / "none").exists()

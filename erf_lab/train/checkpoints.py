@@ -3,6 +3,8 @@
 * Weights, in the official RepLKNet layout: ``{"model": state_dict}`` saved with ``torch.save`` (``.pth``, plus
   an ``erf_lab`` entry with the training size / random-init mark that official loaders ignore) and the same tensors
   as ``.safetensors`` (the facts in its metadata); both load with ``create_model(name, weights=path, **overrides)``.
+* With an EMA of the weights (``--ema``), each epoch's EMA too: ``epoch_NNN_ema.safetensors`` (from epoch 1: at
+  epoch 0 the EMA is the initialisation, ``epoch_000``), as the run's final ``model_ema.safetensors``.
 * The training state (``.train_state.pt``): weights, optimizer, AMP scaler, EMA, epoch, step, position in the
   epoch, partial-epoch sums (loss, accuracy per rank; images, seconds), metrics rows and the RNG states of torch /
   numpy / python, all as tensors, lists and numbers, so it loads with ``torch.load(weights_only=True)``. Saved
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,14 @@ STATE_FILE = ".train_state.pt"
 #: what a training state holds (besides the AMP scaler, EMA and img/s counters, which may be empty or absent)
 STATE_KEYS = ("settings", "model", "optimizer", "epoch", "position", "step", "rows", "sums", "rng")
 WEIGHT_FORMATS = ("pth", "safetensors", "both")
+#: a checkpoint file of a run: ``epoch_NNN.pth`` / ``.safetensors`` (the weights), ``epoch_NNN_ema.safetensors``
+#: (their EMA); groups: the epoch, "_ema" or None, the suffix
+EPOCH_FILE = re.compile(r"^epoch_(\d{3,})(_ema)?\.(safetensors|pth)$")
+
+
+def epoch_stem(epoch: int, ema: bool = False) -> str:
+    """The file stem of epoch ``epoch``'s checkpoint (``ema``: of its EMA weights) in ``RUN/checkpoints``."""
+    return f"epoch_{int(epoch):03d}" + ("_ema" if ema else "")
 
 
 def save_weights(state_dict: dict, stem: str | os.PathLike, fmt: str = "both",

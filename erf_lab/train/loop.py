@@ -2,9 +2,9 @@
 per-epoch evaluation and checkpoints, exact resume, and the run directory.
 
 Run directory: ``checkpoints/epoch_000`` (the initialisation) ... ``epoch_NNN`` (``.pth`` = ``{"model": sd}`` and
-``.safetensors``), ``metrics.csv`` (rewritten atomically after every epoch), ``.train_state.pt`` (the resume
-point, removed at the end), then ``model.pth`` / ``model.safetensors``, ``curves.png`` / ``.pdf`` and last
-``run.json``: its presence marks a complete run.
+``.safetensors``; with ``--ema`` also ``epoch_NNN_ema.safetensors``), ``metrics.csv`` (rewritten atomically after
+every epoch), ``.train_state.pt`` (the resume point, removed at the end), then ``model.pth`` /
+``model.safetensors``, ``curves.png`` / ``.pdf`` and last ``run.json``: its presence marks a complete run.
 """
 from __future__ import annotations
 
@@ -333,7 +333,8 @@ def _same_folder(a, b) -> bool:
 def _format_on_disk(out: Path) -> str | None:
     """The weights format of the checkpoints a run (of an erf-lab that did not record it) has saved so far:
     ``pth``, ``safetensors``, ``both``, or None before its first."""
-    suffixes = {p.suffix for p in (out / "checkpoints").glob("epoch_*") if p.suffix in (".pth", ".safetensors")}
+    suffixes = {p.suffix for p in (out / "checkpoints").glob("epoch_*")
+                if (m := C.EPOCH_FILE.match(p.name)) and m.group(2) is None}  # the weights' files, not the EMA's
     return {frozenset({".pth"}): "pth", frozenset({".safetensors"}): "safetensors"}.get(
         frozenset(suffixes), "both" if suffixes else None)
 
@@ -708,9 +709,12 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             rows.append(row)
             epoch, position, sums, epoch_images, epoch_time = epoch + 1, 0, _Sums(), 0, 0.0
             if info.is_main:
-                C.save_weights(net.state_dict(), out / "checkpoints" / f"epoch_{epoch:03d}", checkpoint_format,
+                C.save_weights(net.state_dict(), out / "checkpoints" / C.epoch_stem(epoch), checkpoint_format,
                                extra={"model_ema": ema.state_dict()} if ema is not None else None,
                                train_input_size=input_size)
+                if ema is not None:  # what the timeline measures with --weights ema (a .pth-only run too)
+                    C.save_weights(ema.state_dict(), out / "checkpoints" / C.epoch_stem(epoch, ema=True),
+                                   "safetensors", train_input_size=input_size)
                 _write_metrics(out / "metrics.csv", rows)
                 bar.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.3f}, "
                           f"val loss {val_loss:.4f} acc {val_acc:.3f}")

@@ -13,8 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from erf_lab.errors import ErfLabError
 
 #: ERF summary columns of the timeline (keys of :func:`erf_lab.erf.metrics.summary`)
 AREA_KEYS = ("area@20%", "area@30%", "area@50%", "area@99%")
-_EPOCH = re.compile(r"^epoch_(\d{3,})\.(safetensors|pth)$")
 
 
 @dataclass
@@ -35,6 +33,7 @@ class TrainingRun:
     num_classes: int
     checkpoints: dict  # epoch -> weights file
     metrics: dict  # epoch -> metrics.csv row
+    ema_checkpoints: dict = field(default_factory=dict)  # epoch -> its EMA weights' file (epoch_NNN_ema.safetensors)
 
 
 def read_training_run(run_dir: str | os.PathLike) -> TrainingRun:
@@ -66,11 +65,14 @@ def read_training_run(run_dir: str | os.PathLike) -> TrainingRun:
     else:
         raise ErfLabError(f"{root} is not an erf-lab training run (no run.json with training settings, no "
                           f"{STATE_FILE}); make one with 'erf-lab train'")
-    ckpts = {}
+    from erf_lab.train.checkpoints import EPOCH_FILE
+
+    ckpts, ema_ckpts = {}, {}
     for p in sorted((root / "checkpoints").glob("epoch_*")):
-        m = _EPOCH.match(p.name)
-        if m and (int(m.group(1)) not in ckpts or m.group(2) == "safetensors"):
-            ckpts[int(m.group(1))] = p
+        m = EPOCH_FILE.match(p.name)
+        found = ema_ckpts if m and m.group(2) else ckpts
+        if m and (int(m.group(1)) not in found or m.group(3) == "safetensors"):
+            found[int(m.group(1))] = p
     if not ckpts:
         raise ErfLabError(f"{root} holds no checkpoint (checkpoints/epoch_XXX.safetensors or .pth)")
     metrics = {}
@@ -93,7 +95,7 @@ def read_training_run(run_dir: str | os.PathLike) -> TrainingRun:
                 (key == "input_size" and v < 1):
             raise ErfLabError(f"{root}: the training settings' {key} is {v!r}, not what 'erf-lab train' writes "
                               f"(a damaged run.json or state)")
-    return TrainingRun(root, settings, num_classes, ckpts, metrics)
+    return TrainingRun(root, settings, num_classes, ckpts, metrics, ema_ckpts)
 
 
 def cue_world_images(folder: Path, num_images: int, input_size: int, num_classes: int, seed: int) -> Path:
@@ -165,19 +167,73 @@ def cue_world_run(run_dir: str | os.PathLike):
     return run
 
 
+def ema_sources(run: TrainingRun) -> dict:
+    """Epoch -> where the EMA of its weights is: ``checkpoints/epoch_NNN_ema.safetensors``; for epoch 0 the
+    initialisation's file (the EMA starts as a copy of it); for a run of an earlier erf-lab, which kept it only inside
+    the epoch's ``.pth`` (under ``model_ema``), that ``.pth``. ErfLabError when the run kept no EMA or an epoch has
+    none (a safetensors-only run of an earlier erf-lab)."""
+    import torch
+
+    from erf_lab.checkpoint import ema_decay_of
+
+    if ema_decay_of(run.settings) is None:
+        raise ErfLabError(f"{run.root} was trained without an EMA of its weights (--ema 0): nothing for --ema to "
+                          f"measure; leave --ema out to measure its weights")
+    sources, missing = {}, []
+    for epoch, path in sorted(run.checkpoints.items()):
+        pth = path.with_suffix(".pth")
+        if epoch == 0:
+            sources[epoch] = path
+        elif epoch in run.ema_checkpoints:
+            sources[epoch] = run.ema_checkpoints[epoch]
+        elif pth.is_file():
+            try:
+                holds = "model_ema" in torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # any unreadable file: reported with the others below
+                holds = False
+            if holds:
+                sources[epoch] = pth
+            else:
+                missing.append(epoch)
+        else:
+            missing.append(epoch)
+    if missing:
+        raise ErfLabError(f"{run.root}: no EMA weights for epoch(s) {', '.join(map(str, missing))} (an erf-lab before "
+                          f"epoch_NNN_ema.safetensors kept them only in the epochs' .pth files, and none in a "
+                          f"safetensors-only run); leave --ema out to measure the raw weights")
+    return sources
+
+
+def _ema_file(source: Path, folder: Path, epoch: int, train_size: int) -> Path:
+    """The weights file to measure for ``source`` (from :func:`ema_sources`): ``source`` itself for an EMA file or
+    epoch 0's initialisation, else (an epoch's ``.pth``) its ``model_ema`` written as
+    ``folder/epoch_NNN_ema.safetensors`` (the measurements are cached by the file's hash: the same tensors give the
+    same file)."""
+    import torch
+
+    from erf_lab.train.checkpoints import epoch_stem, save_weights
+
+    if source.suffix != ".pth" or epoch == 0:
+        return source
+    state = torch.load(source, map_location="cpu", weights_only=True)["model_ema"]
+    return save_weights(state, folder / epoch_stem(epoch, ema=True), "safetensors", train_input_size=train_size)[0]
+
+
 def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_images: int = 20,
              probe_size: int = 300, device: str = "cpu", formats=("png", "pdf"), show_progress: bool = True,
-             out: str | os.PathLike | None = None, argv=None, on_progress=None) -> dict:
+             out: str | os.PathLike | None = None, argv=None, on_progress=None, ema: bool = False) -> dict:
     """Measure every checkpoint of the training run ``run_dir`` (see the module docstring) and write the table
     and the figure into ``out`` (default ``RUN/timeline``; another folder for a read-only run). ``input_size``: ERF
     measurement size (default: the training size). ``timeline.json`` is written when the work starts
     (``"complete": false``, the checkpoints measured so far in ``rows``: an interrupted timeline's folder is
     recognised, and the same call again resumes from its caches) and complete last, with how it was made (command,
-    argv, versions). ``on_progress(done, total)``: after each checkpoint (the app's progress bar). Returns
-    ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}, "weights_note"}``: the raw training weights are
-    measured; ``weights_note`` (also in timeline.json) says so where the run kept an EMA of them, else None."""
+    argv, versions). ``on_progress(done, total)``: after each checkpoint (the app's progress bar). ``ema``: measure
+    the EMA of the weights at each checkpoint (:func:`ema_sources`; default folder ``RUN/timeline-ema``), not the
+    raw training weights. Returns ``{"rows", "out_dir", "measured": {"erf": n, "probe": n}, "weights_note"}``;
+    ``weights_note`` (also in timeline.json) says which weights were measured where the run kept an EMA, else None."""
     from erf_lab.erf.tables import csv_text
-    from erf_lab.io import command_record, hold_folder, prepare_out_dir, progress, refuse_other_result, write_text
+    from erf_lab.io import (command_record, hold_folder, prepare_out_dir, progress, read_json_or_none,
+                            refuse_other_result, write_text)
     from erf_lab.provenance import provenance
     from erf_lab.train.probes import ProbeSpec
 
@@ -194,9 +250,17 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     from erf_lab.erf.prepare import check_device
 
     check_device(device)  # before any folder or image is made (an unknown device failed after both)
-    refuse_other_result(run.root / "timeline" if out is None else out, "timeline")  # e.g. --out RUN_DIR itself
+    kind = "ema" if ema else "raw"
+    sources = ema_sources(run) if ema else dict(run.checkpoints)
+    default_out = run.root / ("timeline-ema" if ema else "timeline")
+    refuse_other_result(default_out if out is None else out, "timeline")  # e.g. --out RUN_DIR itself
+    before = read_json_or_none(Path(default_out if out is None else out).expanduser() / "timeline.json")
+    if isinstance(before, dict) and before.get("weights_kind", "raw") != kind:  # one folder, one kind of weights
+        other = "the EMA of the weights" if kind == "raw" else "the raw weights"
+        raise ErfLabError(f"{default_out if out is None else out} holds the timeline of {other}; give another --out "
+                          f"for {'the EMA' if ema else 'the raw weights'} (default {default_out})")
     try:
-        out = prepare_out_dir(run.root / "timeline" if out is None else out)
+        out = prepare_out_dir(default_out if out is None else out)
     except ErfLabError as e:
         raise ErfLabError(f"{e}; pass --out FOLDER to write elsewhere" if out is None else str(e)) from None
     probe_spec = ProbeSpec(train_size, int(probe_size), run.num_classes, int(s["seed"])).validate()
@@ -205,25 +269,27 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     from erf_lab.checkpoint import ema_decay_of
 
     decay = ema_decay_of(s)
-    # which weights: each checkpoint's raw training weights (a run that kept an EMA saved it per epoch only inside
-    # the .pth files, and not at all in a safetensors-only run; the timeline does not measure it)
+    # which weights: each checkpoint's raw training weights, or with ``ema`` the EMA of them (decay d per step)
     weights_note = None if decay is None else (
+        f"each checkpoint's EMA of the weights was measured (decay {decay:g}; epoch 0: the initialisation, where the "
+        f"EMA starts)" if ema else
         f"each checkpoint's raw training weights were measured, not the EMA of them the run also kept (decay "
-        f"{decay:g}); its final EMA weights, {run.root / 'model_ema.safetensors'}, measure with erf-lab compute / "
-        f"shape-bias --weights")
+        f"{decay:g}): erf-lab timeline --ema measures those (the final ones: {run.root / 'model_ema.safetensors'})")
     record = {"run": str(run.root.resolve()), "model": s["model"], "overrides": overrides, "erf_input_size": size,
-              "weights_kind": "raw", "ema_decay": decay, "weights_note": weights_note,
+              "weights_kind": kind, "ema_decay": decay, "weights_note": weights_note,
               "train_input_size": train_size, "num_images": int(num_images), "probe": dict(probe_spec.__dict__),
               "epochs": epochs, "rows": [], **provenance("timeline", {
                   "run_dir": str(run.root.resolve()), "input_size": input_size, "num_images": int(num_images),
-                  "probe_size": int(probe_size), "device": device, "formats": list(formats)}, argv)}
+                  "probe_size": int(probe_size), "device": device, "formats": list(formats), "ema": bool(ema)},
+                  argv)}
     # held while it writes: a second timeline into it meanwhile (another shell, the app) mixed rows and caches
     with hold_folder(out):
         rows, counts, maps = [], {"erf": 0, "probe": 0}, {}
         with command_record(out / "timeline.json", record) as save:  # the folder is a timeline from now on
             images = cue_world_images(out / f"images-{size}px", int(num_images), size, run.num_classes, int(s["seed"]))
             for epoch in progress(epochs, desc="timeline", unit="ckpt", disable=not show_progress):
-                m = measure_checkpoint(s["model"], run.checkpoints[epoch], overrides,
+                weights = _ema_file(sources[epoch], out / "ema-weights", epoch, train_size) if ema else sources[epoch]
+                m = measure_checkpoint(s["model"], weights, overrides,
                                        erf_dir=out / f"erf-{size}px" / f"epoch_{epoch:03d}",
                                        probe_file=out / f"probe-{train_size}px" / f"epoch_{epoch:03d}.json",
                                        images=images, num_images=int(num_images), input_size=size,
@@ -239,7 +305,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
                              "shape_only_accuracy": p["shape_only_accuracy"],
                              "texture_only_accuracy": p["texture_only_accuracy"],
                              "val_acc": met.get("val_acc"), "train_acc": met.get("train_acc"),
-                             "checkpoint": str(run.checkpoints[epoch].relative_to(run.root))})
+                             "checkpoint": str(sources[epoch].relative_to(run.root))})
                 save(rows=rows)  # still incomplete: the checkpoints measured so far (each also cached on its own)
                 if on_progress is not None:
                     on_progress(len(rows), len(epochs))

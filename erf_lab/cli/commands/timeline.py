@@ -11,9 +11,10 @@ DESCRIPTION = (
     "measure the ERF through the ERF runner (paper protocol, metrics.json per checkpoint) on cue-world "
     "validation images and the cue-world probes (shape bias on cue-conflict, shape-only and texture-only "
     "accuracy). Results are cached per checkpoint in RUN_DIR/timeline/ (or --out), so a second call measures only new "
-    "checkpoints, and the same command after an interruption resumes. Writes timeline.csv, timeline.json (from the "
-    "start; complete at the end) and timeline.png/pdf (ERF strip over epochs; area ratios, effective radius, shape "
-    "bias and val accuracy against epoch)."
+    "checkpoints, and the same command after an interruption resumes. --ema measures the EMA of the weights at each "
+    "checkpoint (a run trained with --ema keeps it per epoch) instead of the raw weights. Writes timeline.csv, "
+    "timeline.json (from the start; complete at the end) and timeline.png/pdf (ERF strip over epochs; area ratios, "
+    "effective radius, shape bias and val accuracy against epoch)."
 )
 
 
@@ -25,8 +26,12 @@ def add_arguments(p) -> None:
     p.add_argument("--probe-size", type=int, default=300, help="images per probe split (default 300)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated (default png,pdf)")
+    p.add_argument("--ema", action="store_true",
+                   help="measure the EMA of the weights at each checkpoint (a run trained with --ema), not the raw "
+                        "weights (default folder RUN_DIR/timeline-ema)")
     p.add_argument("--out", default=None,
-                   help="output and cache folder (default RUN_DIR/timeline; another folder for a read-only run)")
+                   help="output and cache folder (default RUN_DIR/timeline, with --ema RUN_DIR/timeline-ema; another "
+                        "folder for a read-only run)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -36,7 +41,7 @@ def run(args) -> int:
 
     res = timeline(args.run_dir, input_size=args.input_size, num_images=args.num_images,
                    probe_size=args.probe_size, device=args.device, formats=parse_formats(args.formats),
-                   show_progress=not args.quiet, out=args.out, argv=sys.argv)
+                   show_progress=not args.quiet, out=args.out, argv=sys.argv, ema=args.ema)
 
     def f(v, fmt=".3f", none="n/a"):
         return none if v is None else format(v, fmt)
