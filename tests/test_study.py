@@ -343,3 +343,45 @@ def test_a_study_holds_its_folder(tmp_path, monkeypatch, capsys):
     assert [m["name"] for m in json.loads((out / "study.json").read_text())["models"]] == names
     table = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     assert table == ["name", "---", *names]
+
+
+def test_a_study_holds_its_ship_folder(tmp_path, monkeypatch, capsys):
+    """Two studies shipping into one --ship DIR at once mixed their models, records and results there (the ship
+    folder was written without a hold). Now it is held from the check before the training through the copies: a
+    study whose DIR another process holds gets one line, exit 2, before it trains, and DIR stays as it was; ship()
+    itself is refused the same way; once DIR is let go the same command trains and ships."""
+    import erf_lab.train.study as study
+
+    trained = []
+
+    def job(m, settings, folder, threads):  # a trained and measured model, without the hours
+        trained.append(m.name)
+        info = {"settings": {"input_size": settings.input_size, "val_size": settings.val_size},
+                "model_config": {"params": 1000 + m.kernel, "num_classes": 10}, "final": {"val_acc": 0.9,
+                                                                                           "img_per_s": 50.0}}
+        return {"name": m.name, "info": info, "erf": {"area@50%": float(m.kernel)}, "erf_flags": [],
+                "probe": {"shape_bias": 0.5, "shape_only_accuracy": 0.9, "texture_only_accuracy": 0.2}}
+
+    monkeypatch.setattr(study, "_job", job)
+    monkeypatch.setattr(study, "write_results", lambda *a, **k: None)
+    out, dest = tmp_path / "s", tmp_path / "shipped"
+    dest.mkdir()
+    (dest / "K3-seed0.json").write_text('{"from": "the other study"}')
+    argv = ["study", "kernel-family", "--out", str(out), "--no-guidelines", "--quiet", "--ship", str(dest)]
+    with held_by_another_process(dest):
+        assert main(argv) == 2
+        lines = [s for s in capsys.readouterr().err.splitlines() if s.strip()]
+        assert lines == [f"erf-lab study: error: --ship {dest} is in use: another erf-lab process is writing a run "
+                         "there now; wait for it to end (or stop it) and run the command again, or choose another "
+                         "--ship"], lines
+        assert trained == [] and not out.exists()  # refused before the study began
+        assert [p.name for p in dest.iterdir()] == ["K3-seed0.json"]
+        assert main(argv[:-2]) == 0  # the study alone is not held up by it
+        capsys.readouterr()
+        with pytest.raises(ErfLabError, match=rf"^--ship {dest} is in use: another erf-lab process"):
+            ship(out, dest)  # nor is ship() into it
+        assert [p.name for p in dest.iterdir()] == ["K3-seed0.json"]
+        assert (dest / "K3-seed0.json").read_text() == '{"from": "the other study"}'
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "shipped 2 file(s) to" in capsys.readouterr().out  # nothing trained (runs mocked): README + study.json
+    assert sorted(p.name for p in dest.iterdir()) == ["K3-seed0.json", "README.md", "study.json"]

@@ -467,15 +467,24 @@ def check_ship(study, dest) -> Path:
 def ship(study, dest, *, subset: int = 200) -> list[Path]:
     """Copy every trained model of the study folder to ``dest/<name>.safetensors`` with its record
     ``<name>.json`` (model, overrides, classes, training settings, val accuracy, the correct count on the first
-    ``subset`` val images) and ``<name>.metrics.csv``; plus the study's results and log. Returns the files."""
-    from erf_lab.io import read_json_or_none, record_complete, write_json, write_text
-    from erf_lab.models import create_model
+    ``subset`` val images) and ``<name>.metrics.csv``; plus the study's results and log. Returns the files.
+    Holds ``dest`` while it copies (:func:`erf_lab.io.hold_folder`; ErfLabError, one line, while another process
+    holds it): two studies shipping into one folder at once mixed their models, records and results there."""
+    from erf_lab.io import hold_folder, read_json_or_none
 
     study, dest = Path(study).expanduser(), Path(dest).expanduser()
     meta = read_json_or_none(study / "study.json")
     if not isinstance(meta, dict):
         raise ErfLabError(f"{study} is not a study folder (no study.json)")
-    check_ship(study, dest)
+    with hold_folder(check_ship(study, dest), what="--ship"):
+        return _ship_files(study, dest, meta, subset)
+
+
+def _ship_files(study: Path, dest: Path, meta: dict, subset: int) -> list[Path]:
+    """:func:`ship`'s copies into ``dest`` (made and held)."""
+    from erf_lab.io import read_json_or_none, record_complete, write_json, write_text
+    from erf_lab.models import create_model
+
     files = []
     for m in meta["models"]:
         run = study / "runs" / m["name"]
