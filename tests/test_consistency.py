@@ -479,3 +479,36 @@ def test_from_csv_refuses_a_category_outside_the_16_and_keeps_na(fixture_dataset
         for read in (read_trials, shape_bias_from_csv):
             with pytest.raises(ErfLabError, match=re.escape(needle)):
                 read([p])
+
+
+def test_from_csv_refuses_a_bad_csv_before_its_out_folder_is_made(fixture_datasets, tmp_path, capsys):
+    """A human CSV with a category outside the 16 (found beside --stimuli) was refused only after --out was made,
+    and so was a subject's cue-conflict trial whose image name does not parse: the refused run left an empty --out
+    (and its missing parents) behind. Every CSV is now read before --out is made: one line, exit 2, nothing left."""
+    good, _ = _fixture_as_model(fixture_datasets, tmp_path / "cue-conflict_m_session-1.csv")
+    humans = tmp_path / "stimuli"  # its human data (--stimuli) as erf-lab data download lays them out
+    humans.mkdir()
+
+    def human_response(rows):  # the shipped subject again, with one answer outside the 16
+        for r in rows:
+            r["subj"] = "subject-01"
+        rows[9]["object_response"] = "tiger"  # the 10th trial: line 11 of the file
+
+    bad_human, _ = _fixture_as_model(fixture_datasets, humans / "human-cue-conflict" / "cue-conflict_subject-01_"
+                                     "session_1.csv", human_response)
+
+    def image_name(rows):
+        rows[2]["imagename"] = "photo.png"  # line 4: no <shape><i>-<texture><j> stimulus name
+
+    bad_name, _ = _fixture_as_model(fixture_datasets, tmp_path / "named" / "cue-conflict_m_session-1.csv", image_name)
+    out = tmp_path / "new" / "out"
+    for argv, needle in (
+            ([str(good), "--stimuli", str(humans)],
+             f"{bad_human}, line 11: object_response is 'tiger', not one of the 16 categories"),
+            ([str(bad_name), "--no-humans"], "cue-conflict trial of m: cannot parse stimulus name 'photo.png'")):
+        assert main(["shape-bias", "--from-csv", *argv, "--out", str(out)]) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], lines
+        assert not (tmp_path / "new").exists()
+    assert main(["shape-bias", "--from-csv", str(good), "--no-humans", "--out", str(out)]) == 0  # the good CSV
+    assert json.loads((out / "summary.json").read_text())["n_trials"] == 1280

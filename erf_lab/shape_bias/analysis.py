@@ -151,6 +151,17 @@ def humans_root(near: Path | None = None) -> Path | None:
     return datasets_root()
 
 
+def check_human_data(near: Path | None = None, with_humans: bool = True) -> None:
+    """Read the human CSVs :func:`add_consistency` will use (found as it finds them), so a damaged one (a category
+    outside the 16, a truncated row: ErfLabError naming file, line and value) is refused before a command makes its
+    output folder, not after: a refused run leaves nothing behind."""
+    from erf_lab.shape_bias.consistency import human_trials
+
+    root = humans_root(near) if with_humans else None
+    if root:
+        human_trials(root)  # every human-<dataset>/ CSV: the cue-conflict ones of the reference shape bias too
+
+
 def add_consistency(summary: dict, model_trials: dict, near: Path | None = None, with_humans: bool = True
                     ) -> list[Path]:
     """Add the human reference shape bias, the model-vs-human consistency report (``consistency``: accuracies,

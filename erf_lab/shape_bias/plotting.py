@@ -326,7 +326,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     import sys
 
     from erf_lab.io import hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
-    from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions
+    from erf_lab.shape_bias.analysis import add_consistency, check_human_data, shape_bias_from_decisions
     from erf_lab.shape_bias.consistency import is_human, read_trials
     from erf_lab.shape_bias.stimuli import parse_name
 
@@ -340,20 +340,26 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     def folder_of(subj):
         return Path(out) if len(subjects) == 1 else Path(out) / subj.replace(":", "-").replace("/", "-")
 
+    def cue_rows(subj):  # (shape, texture, decision) of each cue-conflict trial
+        rows = []
+        for img, (category, response) in ((trials.get("cue-conflict") or {}).get(subj) or {}).items():
+            try:
+                rows.append((category, parse_name(img)[1], response))
+            except ValueError as e:
+                raise ErfLabError(f"cue-conflict trial of {subj}: {e}") from None
+        return rows
+
     for subj in subjects:
         refuse_other_result(folder_of(subj), "shape-bias --from-csv")
+    # every CSV read before --out is made: a bad one (the subjects' or the humans') leaves nothing behind
+    cue = {subj: cue_rows(subj) for subj in subjects}
+    check_human_data(near, humans)
     out = prepare_out_dir(out)
     with hold_folder(out):  # another analysis into it meanwhile would mix its summaries and figures in
         summaries = []
         for subj in subjects:
             model = {ds: t[subj] for ds, t in trials.items() if subj in t}
-            cue = model.get("cue-conflict") or {}
-            rows = []
-            for img, (category, response) in cue.items():
-                try:
-                    rows.append((category, parse_name(img)[1], response))
-                except ValueError as e:
-                    raise ErfLabError(f"cue-conflict trial of {subj}: {e}") from None
+            rows = cue[subj]
             summary = {"model": subj, "label": subj, "from_csv": [str(p) for p in paths],
                        **shape_bias_from_decisions(rows), "chance_shape_or_texture": 2 / len(CATEGORIES),
                        "n_images": {ds: len(t) for ds, t in model.items()}}
