@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import safety
 from app.runs import DOWNLOAD_SUFFIXES
-from erf_lab.errors import OUT_OF_MEMORY_HINT, ErfLabError, out_of_memory
+from erf_lab.errors import OUT_OF_MEMORY_HINT, ErfLabError, FolderInUseError, out_of_memory
 
 log = logging.getLogger("erf_lab.app")
 
@@ -20,6 +20,9 @@ def guard(what: str):
     """Show a failure inside this block as one readable message; the rest of the page keeps working."""
     try:
         yield
+    except FolderInUseError as e:  # the CLI's line ends "or choose another --out": the app's folders are its own
+        st.error(f"{what}: the output folder {e.folder} is in use: another erf-lab process is writing a run there "
+                 f"now; wait for it to end (or stop it) and try again", icon=":material/error:")
     except ErfLabError as e:
         st.error(f"{what}: {e}", icon=":material/error:")
     except Exception as e:  # noqa: BLE001 - shown to the user instead of a traceback

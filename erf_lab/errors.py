@@ -61,5 +61,15 @@ class CheckpointError(ErfLabError):
     """A checkpoint file that cannot be loaded safely or does not match the model."""
 
 
+class FolderInUseError(ErfLabError):
+    """A result folder another erf-lab process writes into now (:func:`erf_lab.io.hold_folder`); ``folder`` is that
+    folder, as given. The message is the CLI's (it names the option, e.g. ``--out``); the app, which has no options,
+    says it in its own terms (``app.ui.guard``)."""
+
+    def __init__(self, message: str, folder=None):
+        super().__init__(message)
+        self.folder = folder
+
+
 #: what the CLI and the app say after a failed allocation
 OUT_OF_MEMORY_HINT = "choose smaller sizes, a smaller batch or fewer images"

@@ -202,8 +202,8 @@ def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None
     ErfLabError (one line) instead of both writing the same state, checkpoints and tables. Re-entrant within the
     thread that holds it; another thread of this process (two sessions of the app measuring the same map) waits
     until it is let go instead of writing beside it (the lock is the process's: it would not stop that thread).
-    A no-op where ``fcntl`` is missing (Windows)."""
-    from erf_lab.errors import ErfLabError
+    A no-op where ``fcntl`` is missing (Windows). The refusal is a FolderInUseError (the app words it itself)."""
+    from erf_lab.errors import FolderInUseError
 
     try:
         import fcntl
@@ -225,9 +225,9 @@ def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                    raise ErfLabError(f"{what} {folder} is in use: another erf-lab process is writing a run there "
-                                      f"now; wait for it to end (or stop it) and run the command again, or choose "
-                                      f"another {what}") from None
+                    raise FolderInUseError(f"{what} {folder} is in use: another erf-lab process is writing a run "
+                                           f"there now; wait for it to end (or stop it) and run the command again, or "
+                                           f"choose another {what}", folder) from None
                 nested = True  # a filesystem without locks: unguarded
             else:
                 _HELD[key] = (fd, me)

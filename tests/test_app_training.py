@@ -131,7 +131,8 @@ def _tiny_run_on_the_page(app_env):
 def test_training_page_says_when_the_timeline_folder_is_in_use(app_env):
     """The timeline of a run measured by the app while another erf-lab process writes into the same folder (a second
     app server, 'erf-lab timeline' into the app's run area) is refused with one readable error, not a traceback, and
-    the folder is left as it was; once that process is done, the same button measures again."""
+    the folder is left as it was; once that process is done, the same button measures again. The error is said in
+    the app's terms: it repeated the CLI's line ("--out ... or choose another --out"), an option the app has not."""
     from conftest import held_by_another_process
 
     torch.set_num_threads(1)
@@ -143,9 +144,9 @@ def test_training_page_says_when_the_timeline_folder_is_in_use(app_env):
     with held_by_another_process(out):
         at.button(key="tr-measure").click().run()
     assert not at.exception
-    assert [e.value for e in at.error] == [f"Timeline: --out {out} is in use: another erf-lab process is writing a run "
-                                           "there now; wait for it to end (or stop it) and run the command again, or "
-                                           "choose another --out"], [e.value for e in at.error]
+    assert [e.value for e in at.error] == [f"Timeline: the output folder {out} is in use: another erf-lab process is "
+                                           "writing a run there now; wait for it to end (or stop it) and try again"], \
+        [e.value for e in at.error]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     at.button(key="tr-measure").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
