@@ -464,3 +464,42 @@ def test_compare_and_from_csv_hold_their_folders(tiny_model, tmp_path, fixture_d
     summary = json.loads((run / "summary.json").read_text())
     again = json.loads((tmp_path / "from-csv" / "summary.json").read_text())
     assert (again["shape_hits"], again["texture_hits"]) == (summary["shape_hits"], summary["texture_hits"])
+
+
+def test_a_bad_human_csv_is_refused_before_out_is_made(tiny_model, fixture_datasets, tmp_path, monkeypatch, capsys):
+    """A human CSV with a category outside the 16 (under the datasets root, beside the stimuli) was refused by
+    --compare only after --out was made (an empty folder left behind), and by a model run only after its inference
+    (minutes at full size), with --out made. Both now read the human data first: one line, exit 2, nothing made."""
+    data = tmp_path / "data"
+    shutil.copytree(fixture_datasets / "cue-conflict", data / "cue-conflict")
+    src = fixture_datasets / "human-cue-conflict" / "cue-conflict_subject-01_session_1.csv"
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def write(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    model = tmp_path / "cue-conflict_m_session-1.csv"  # the subject's answers as a model's: a run to compare
+    write(model, [dict(r, subj="m") for r in rows])
+    run = tmp_path / "run"
+    assert main(["shape-bias", "--from-csv", str(model), "--no-humans", "--out", str(run)]) == 0
+    rows[9]["object_response"] = "tiger"  # the 10th trial: line 11 of the file
+    bad = data / "human-cue-conflict" / src.name
+    write(bad, rows)
+    monkeypatch.setenv("ERF_LAB_DATA", str(data))
+    capsys.readouterr()
+    new = tmp_path / "new"
+    for argv in (["--compare", str(run)], ["--model", tiny_model, "--allow-random", "--stimuli",
+                                           str(data / "cue-conflict"), "--limit", "8", "--workers", "0"]):
+        assert main(["shape-bias", *argv, "--out", str(new / "out")]) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"{bad}, line 11: object_response is 'tiger', not one of the 16" in lines[0], lines
+        assert not new.exists()
+    rows[9]["object_response"] = "bird"  # mended: both run
+    write(bad, rows)
+    assert main(["shape-bias", "--compare", str(run), "--out", str(new / "cmp")]) == 0
+    assert (new / "cmp" / "comparison.csv").read_text().splitlines()[1].startswith("humans,")

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.provenance import versions
-from erf_lab.shape_bias.analysis import add_consistency, shape_bias_from_decisions, wilson_interval, write_mvh_csv
+from erf_lab.shape_bias.analysis import (add_consistency, check_human_data, shape_bias_from_decisions, wilson_interval,
+                                         write_mvh_csv)
 from erf_lab.shape_bias.consistency import MVH_DATASETS, image_id
 from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imagenet_to_16
 from erf_lab.shape_bias.stimuli import (DecodedCache, Preprocess, Stimulus, StimulusDataset, StimulusPixels,
@@ -491,7 +492,9 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     if workers is not None and not 0 <= workers <= per_cpu_cap():  # each one a process
         raise ErfLabError(f"--workers must be >= 0 and at most {per_cpu_cap()} (4 per CPU of this machine), got "
                           f"{workers}")
-    find_stimuli_root(stimuli)  # fail fast, before building the model
+    # fail fast, before building the model: stimuli that are not there, and human data (found beside them) that
+    # would be refused after minutes of inference, with --out made
+    check_human_data(find_stimuli_root(stimuli).parent, with_humans)
     if model is None:
         torch.manual_seed(seed)
         model = load_model(model_name, weights, pretrained, overrides)

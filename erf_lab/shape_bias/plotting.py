@@ -245,23 +245,23 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
             raise ErfLabError(f"{d}: no per-category shape bias in its summary.json (a cue-world probe has per_class "
                               "instead); --compare draws model-vs-human cue-conflict runs")
     refuse_other_result(out, "shape-bias --compare")
+    cols = ["model", "shape_bias", "fraction_correct_shape", "fraction_correct_texture", "edge_accuracy",
+            "silhouette_accuracy", "n_conflict", "run"]
+    rows = []
+    if human_csv_paths:  # read before --out is made: a bad human CSV leaves nothing behind
+        from erf_lab.shape_bias.analysis import shape_bias_from_csv
+
+        h = shape_bias_from_csv(list(human_csv_paths), only_humans=True)
+        acc = _human_accuracies(human_csv_paths)
+        rows.append({"model": "humans", **{c: h[c] for c in cols[1:4]}, "edge_accuracy": acc.get("edge"),
+                     "silhouette_accuracy": acc.get("silhouette"), "n_conflict": h["n_conflict"],
+                     "run": "human-cue-conflict"})
     out = prepare_out_dir(out)
     with hold_folder(out):  # another comparison into it meanwhile would mix its tables and figures in
         labels = [s.get("label", s.get("model")) for s in summaries]
         for i, lab in enumerate(labels):  # disambiguate equal labels by folder name
             if labels.count(lab) > 1:
                 summaries[i]["label"] = f"{lab} [{Path(run_dirs[i]).name}]"
-        cols = ["model", "shape_bias", "fraction_correct_shape", "fraction_correct_texture", "edge_accuracy",
-                "silhouette_accuracy", "n_conflict", "run"]
-        rows = []
-        if human_csv_paths:
-            from erf_lab.shape_bias.analysis import shape_bias_from_csv
-
-            h = shape_bias_from_csv(list(human_csv_paths), only_humans=True)
-            acc = _human_accuracies(human_csv_paths)
-            rows.append({"model": "humans", **{c: h[c] for c in cols[1:4]}, "edge_accuracy": acc.get("edge"),
-                         "silhouette_accuracy": acc.get("silhouette"), "n_conflict": h["n_conflict"],
-                         "run": "human-cue-conflict"})
         for s, d in zip(summaries, run_dirs):
             rows.append({"model": s.get("label", s.get("model")), **{c: s.get(c) for c in cols[1:-1]},
                          **_correct_fractions(s), "run": str(d)})
