@@ -385,3 +385,23 @@ def test_a_study_holds_its_ship_folder(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     assert "shipped 2 file(s) to" in capsys.readouterr().out  # nothing trained (runs mocked): README + study.json
     assert sorted(p.name for p in dest.iterdir()) == ["K3-seed0.json", "README.md", "study.json"]
+
+
+def test_a_refused_study_leaves_no_ship_folder(tmp_path, capsys):
+    """--ship DIR is made (and checked) before the training, but the study's own refusals came after it: a bad
+    --channels, or a study folder of other settings, gave one line and left an empty DIR (and its parents) behind.
+    A refused study now removes the folders it made for --ship."""
+    ship_to = tmp_path / "new" / "shipped"
+    argv = ["study", "kernel-family", "--out", str(tmp_path / "s"), "--no-guidelines", "--quiet", "--ship",
+            str(ship_to)]
+    assert main([*argv, "--channels", "8,8"]) == 2
+    assert "--channels needs 4 positive integers" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and not (tmp_path / "s").exists()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.json").write_text(json.dumps({"settings": {"epochs": 1}, "models": []}))
+    assert main([*argv, "--epochs", "2"]) == 2
+    assert "holds a study made with other settings" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "new").mkdir()  # a folder the user had stays
+    assert main([*argv, "--channels", "8,8"]) == 2
+    assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []

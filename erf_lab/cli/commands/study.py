@@ -53,23 +53,27 @@ def _ints(text: str, what: str) -> tuple:
 def run(args) -> int:
     import contextlib
 
-    from erf_lab.io import hold_folder
+    from erf_lab.io import hold_folder, missing_folders, remove_empty_folders
     from erf_lab.train.study import StudySettings, check_ship, markdown_table, run_study, ship, table_notes
 
-    with contextlib.ExitStack() as held:
-        if args.ship is not None:  # "" too: one line, not a study that runs for hours and then ships nowhere
-            # checked before the training (a file there fails now, not hours later) and held from then on: another
-            # study shipping there is refused now, not after this one trained for hours
-            held.enter_context(hold_folder(check_ship(args.out, args.ship), what="--ship"))
-        s = StudySettings(channels=_ints(args.channels, "channels"), layers=_ints(args.layers, "layers"),
-                          input_size=args.input_size, train_size=args.train_size, epochs=args.epochs,
-                          erf_input_size=args.erf_input_size)
-        res = run_study(args.out, s, jobs=args.jobs, threads=args.threads, guidelines=not args.no_guidelines,
-                        show_progress=not args.quiet)
-        print(markdown_table(res["rows"], ["name", "val_acc", "area@20%", "area@50%", "area@99%", "r_rms",
-                                           "shape_bias", "img_per_s"]) + table_notes(res["rows"]))
-        print(f"wrote {res['out_dir']}/results.md, family.csv, family.png/pdf")
-        if args.ship:
-            files = ship(args.out, args.ship)
-            print(f"shipped {len(files)} file(s) to {args.ship}")
+    made = missing_folders(args.ship) if args.ship else []  # ("": check_ship's one line)
+    try:
+        with contextlib.ExitStack() as held:
+            if args.ship is not None:  # "" too: one line, not a study that runs for hours and then ships nowhere
+                # checked before the training (a file there fails now, not hours later) and held from then on:
+                # another study shipping there is refused now, not after this one trained for hours
+                held.enter_context(hold_folder(check_ship(args.out, args.ship), what="--ship"))
+            s = StudySettings(channels=_ints(args.channels, "channels"), layers=_ints(args.layers, "layers"),
+                              input_size=args.input_size, train_size=args.train_size, epochs=args.epochs,
+                              erf_input_size=args.erf_input_size)
+            res = run_study(args.out, s, jobs=args.jobs, threads=args.threads, guidelines=not args.no_guidelines,
+                            show_progress=not args.quiet)
+            print(markdown_table(res["rows"], ["name", "val_acc", "area@20%", "area@50%", "area@99%", "r_rms",
+                                               "shape_bias", "img_per_s"]) + table_notes(res["rows"]))
+            print(f"wrote {res['out_dir']}/results.md, family.csv, family.png/pdf")
+            if args.ship:
+                files = ship(args.out, args.ship)
+                print(f"shipped {len(files)} file(s) to {args.ship}")
+    finally:
+        remove_empty_folders(made)  # a refused (or stopped) study leaves no empty --ship folder behind
     return 0
