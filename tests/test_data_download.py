@@ -432,3 +432,24 @@ def test_a_user_without_a_home_folder_gets_a_private_cache_not_an_error(monkeypa
     monkeypatch.setenv("ERF_LAB_CACHE", "~/erf")
     with pytest.raises(ErfLabError, match=r"ERF_LAB_CACHE=~/erf starts with a ~ that names no home folder"):
         paths.cache_dir()
+
+
+def test_a_download_holds_its_dest(mirror, tmp_path, capsys, monkeypatch):
+    """Two downloads into one --dest at once (a second shell, a second `erf-lab data download` while the first still
+    ran) wrote the same partial files under .incoming/ and raced to move the set into place. The download now holds
+    --dest: the second gets one line, exit 2, and fetches nothing; once the first is done the same command runs."""
+    from conftest import held_by_another_process
+
+    url, manifest, _ = mirror
+    monkeypatch.setattr(dl, "load_manifest", lambda: manifest)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    argv = ["data", "download", "--dest", str(dest), "--base-url", url, "--sets", "edges"]
+    with held_by_another_process(dest):
+        assert main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == [f"erf-lab data: error: --dest {dest} is in use: another erf-lab process is writing a run there "
+                     "now; wait for it to end (or stop it) and run the command again, or choose another --dest"], lines
+    assert list(dest.iterdir()) == [] and RangeHandler.requests_seen == []
+    assert main(argv) == 0
+    assert "edges: installed (3 files)" in capsys.readouterr().out
