@@ -405,3 +405,34 @@ def test_a_refused_study_leaves_no_ship_folder(tmp_path, capsys):
     (tmp_path / "new").mkdir()  # a folder the user had stays
     assert main([*argv, "--channels", "8,8"]) == 2
     assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []
+
+
+def test_a_ship_stopped_mid_copy_keeps_the_earlier_files(tmp_path, monkeypatch):
+    """ship copied straight onto the shipped names: stopped mid-copy (Ctrl-C, a full disk) it left a truncated
+    model or table where a whole one was (the next `--weights builtin:cue-world/...` loaded half a file). Each copy
+    is now atomic: the earlier file stays whole, no temporary file is left, and a killed ship's ones are removed."""
+    import shutil
+
+    study, dest = tmp_path / "s", tmp_path / "shipped"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"settings": {}, "models": [], "command": ["erf-lab", "study"]}))
+    (study / "results.md").write_text("# results\n\n| name |\n|---|\n| K31-seed0 |\n" * 50)
+    dest.mkdir()
+    (dest / "results.md").write_text("the earlier results\n")
+    copyfile = shutil.copyfile
+
+    def stopped(src, dst, **kwargs):  # half of the file written, then Ctrl-C
+        with open(dst, "wb") as f:
+            f.write(open(src, "rb").read()[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        ship(study, dest)
+    assert [p.name for p in dest.iterdir()] == ["results.md"]
+    assert (dest / "results.md").read_text() == "the earlier results\n"
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    (dest / ".results.md.k1ll3d00.tmp.md").write_text("# res")  # what a ship killed mid-copy (SIGKILL) leaves
+    assert {p.name for p in ship(study, dest)} == {"results.md", "study.json", "README.md"}
+    assert sorted(p.name for p in dest.iterdir()) == ["README.md", "results.md", "study.json"]
+    assert (dest / "results.md").read_text() == (study / "results.md").read_text()

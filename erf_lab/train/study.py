@@ -481,10 +481,17 @@ def ship(study, dest, *, subset: int = 200) -> list[Path]:
 
 
 def _ship_files(study: Path, dest: Path, meta: dict, subset: int) -> list[Path]:
-    """:func:`ship`'s copies into ``dest`` (made and held)."""
-    from erf_lab.io import read_json_or_none, record_complete, write_json, write_text
+    """:func:`ship`'s copies into ``dest`` (made and held), each written atomically: a ship stopped mid-copy left a
+    truncated model or table under the name of a whole one (``builtin:`` loaded it); the earlier file stays instead."""
+    from erf_lab.io import (atomic_path, read_json_or_none, record_complete, remove_write_leftovers, write_json,
+                            write_text)
     from erf_lab.models import create_model
 
+    def copy(src: Path, dst: Path) -> None:
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+    remove_write_leftovers(dest, *(f"timeline/{m['name']}" for m in meta["models"]))  # of a ship killed mid-copy
     files = []
     for m in meta["models"]:
         run = study / "runs" / m["name"]
@@ -494,8 +501,8 @@ def _ship_files(study: Path, dest: Path, meta: dict, subset: int) -> list[Path]:
         overrides = {**s["overrides"], "num_classes": info["model_config"]["num_classes"]}
         net = create_model(m["model"], weights=run / "model.safetensors", **overrides)
         correct = val_subset_correct(net, subset, s["input_size"], overrides["num_classes"], s["seed"])
-        shutil.copyfile(run / "model.safetensors", dest / f"{m['name']}.safetensors")
-        shutil.copyfile(run / "metrics.csv", dest / f"{m['name']}.metrics.csv")
+        copy(run / "model.safetensors", dest / f"{m['name']}.safetensors")
+        copy(run / "metrics.csv", dest / f"{m['name']}.metrics.csv")
         write_json(dest / f"{m['name']}.json", {
             "model": m["model"], "overrides": s["overrides"], "num_classes": overrides["num_classes"],
             "input_size": s["input_size"], "seed": s["seed"], "group": m["group"], "kernel": m["kernel"],
@@ -509,11 +516,11 @@ def _ship_files(study: Path, dest: Path, meta: dict, subset: int) -> list[Path]:
             for name in ("timeline.json", "timeline.csv", "timeline.png", "timeline.pdf"):
                 if name.endswith((".png", ".pdf")) and not (run / "timeline" / name).is_file():
                     continue  # a timeline made with --formats png (or pdf) has only that figure
-                shutil.copyfile(run / "timeline" / name, dest / "timeline" / m["name"] / name)
+                copy(run / "timeline" / name, dest / "timeline" / m["name"] / name)
                 files.append(dest / "timeline" / m["name"] / name)
     for name in ("results.md", "family.csv", "guidelines.csv", "family.png", "family.pdf", "study.json", "study.log"):
         if (study / name).is_file():
-            shutil.copyfile(study / name, dest / name)
+            copy(study / name, dest / name)
             files.append(dest / name)
     command = "erf-lab " + " ".join(str(a) for a in (meta.get("command") or ["", "study", "kernel-family"])[1:])
     results = (study / "results.md").read_text() if (study / "results.md").is_file() else ""
