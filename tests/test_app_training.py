@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def test_training_page_marks_an_area_not_reached(app_env, monkeypatch):
                                                        "train_input_size": 64, "rows": rows}))
         return {"rows": rows, "out_dir": out, "measured": {"erf": 1, "probe": 1}}
 
-    monkeypatch.setattr(tl, "cue_world_run", lambda run: None)
+    monkeypatch.setattr(tl, "cue_world_run", lambda run: SimpleNamespace(settings={}))  # a run without an EMA
     monkeypatch.setattr(tl, "timeline", fake_timeline)
     (app_env / "run").mkdir()
     at = _page()
@@ -116,11 +117,11 @@ def test_training_page_marks_an_area_not_reached(app_env, monkeypatch):
     assert any(c.value.startswith("n/r: ") for c in at.caption)
 
 
-def _tiny_run_on_the_page(app_env):
+def _tiny_run_on_the_page(app_env, ema: float = 0.0):
     """A one-epoch tiny training run, and the Training page with it entered (1 ERF image, 10 probe images)."""
     run = app_env / "run"
     train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
-          val_size=8, num_classes=4, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5))
+          val_size=8, num_classes=4, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5, ema=ema))
     at = _page()
     at.number_input(key="tr-nimg").set_value(1)
     at.number_input(key="tr-probe").set_value(10)
@@ -151,3 +152,27 @@ def test_training_page_says_when_the_timeline_folder_is_in_use(app_env):
     at.button(key="tr-measure").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("measured 0 ERF(s) and 0 probe(s)" in c.value for c in at.caption)
+
+
+def test_training_page_measures_the_ema_of_a_run_that_kept_one(app_env):
+    """The timeline of a run trained with --ema: the page offers the EMA of the weights (timeline --ema), measured
+    into its own folder, and says which weights it measured; a run without an EMA shows no such choice."""
+    torch.set_num_threads(1)
+    run, at = _tiny_run_on_the_page(app_env, ema=0.5)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    box = at.checkbox(key="tr-ema")
+    assert "decay 0.5" in box.label and box.value is False
+    box.check().run()
+    at.button(key="tr-measure").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    folder = next((app_env / "app-runs").glob("timeline-*-ema"))
+    record = json.loads((folder / "timeline.json").read_text())
+    assert record["weights_kind"] == "ema" and record["complete"] is True
+    assert [r["checkpoint"] for r in record["rows"]] == ["checkpoints/epoch_000.safetensors",
+                                                         "checkpoints/epoch_001_ema.safetensors"]
+    assert any(c.value.endswith("--num-images 20 --ema") for c in at.code), [c.value for c in at.code]
+    plain = app_env / "plain-run"
+    train("replknet_31b", "cue-world", out=plain, overrides=TINY, show_progress=False, input_size=32, train_size=16,
+          val_size=8, num_classes=4, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0.5))
+    at.text_input(key="tr-run").input(str(plain)).run()
+    assert not at.exception and not [b for b in at.checkbox if b.key == "tr-ema"]

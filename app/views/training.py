@@ -67,16 +67,23 @@ with tab_run:
         with guard("Timeline"):
             from erf_lab.train.timeline import cue_world_run, timeline
 
+            from erf_lab.checkpoint import ema_decay_of
+
             run = safety.safe_directory(text, "training run folder")
-            cue_world_run(run)  # a folder that is no training run, or not on cue-world, is refused before any button
-            settings = dict(input_size=int(size) or None, num_images=int(n_img), probe_size=int(n_probe))
+            # a folder that is no training run, or not on cue-world, is refused before any button
+            decay = ema_decay_of(cue_world_run(run).settings)
+            ema = decay is not None and st.checkbox(
+                f"Measure the EMA of the weights (decay {decay:g}) instead of the raw weights",
+                key="tr-ema", help="the run was trained with --ema: each checkpoint also holds the EMA of its weights")
+            settings = dict(input_size=int(size) or None, num_images=int(n_img), probe_size=int(n_probe), ema=ema)
             if st.button("Measure the timeline", type="primary", key="tr-measure", icon=":material/play_arrow:"):
                 st.session_state["tr-confirmed"] = repr((str(run), settings))
             if st.session_state.get("tr-confirmed") != repr((str(run), settings)):
                 st.info("Press **Measure the timeline**: every checkpoint of the run gets an ERF and the probes.")
             else:
                 # into the app's run area (the user's run folder is only read), one folder per run: reused
-                out = app_runs_dir() / f"timeline-{hashlib.sha256(str(run).encode()).hexdigest()[:12]}"
+                out = app_runs_dir() / (f"timeline-{hashlib.sha256(str(run).encode()).hexdigest()[:12]}"
+                                        + ("-ema" if ema else ""))
                 bar = st.progress(0.0, text="measuring new checkpoints (cached ones are reused)")
                 try:
                     res = timeline(run, **settings, show_progress=False, out=out,
@@ -87,7 +94,7 @@ with tab_run:
                 st.caption(f"measured {res['measured']['erf']} ERF(s) and {res['measured']['probe']} probe(s) now; "
                            f"the rest came from the cache in {res['out_dir']}")
                 show_timeline(res["out_dir"], "tr-run-files")
-            cli_hint(["timeline", str(run), "--num-images", "20"])
+            cli_hint(["timeline", str(run), "--num-images", "20", *(["--ema"] if ema else [])])
 
 with tab_family:
     results = SHIPPED / "results.md"
