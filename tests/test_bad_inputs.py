@@ -462,6 +462,54 @@ def test_a_torchrun_job_that_cannot_be_joined_is_one_error_line(master, command,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command, value", [("compute", "abc"), ("compute", "0"), ("compute", "-5"),
+                                            ("compute", "nan"), ("compute", "inf"), ("sweep", "0"), ("train", " 1e-9x")])
+def test_a_bad_rank_timeout_is_one_error_line_before_the_job_is_joined(command, value, capsys, monkeypatch, tmp_path):
+    """ERF_LAB_RANK_TIMEOUT, the process group's timeout, that is not a positive number of seconds: one line, exit
+    status 2, nothing written, before the process joins its job (MASTER_ADDR / MASTER_PORT are unset: joining would
+    be refused with that line instead)."""
+    for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ERF_LAB_RANK_TIMEOUT", value)
+    out = tmp_path / "out"
+    argv = {"compute": [*SMALL, "--quiet"], "sweep": ["sweep", *TINY, "--input-sizes", "32", "--num-images", "1",
+                                                      "--reparam", "deploy", "--quiet"],
+            "train": ["train", *TINY, "--input-size", "32", "--epochs", "1"]}[command]
+    code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
+        f"erf-lab {command}: error: ERF_LAB_RANK_TIMEOUT={value.strip()!r} is not a positive number of seconds: it "
+        f"is how long a rank of a multi-process job waits for the others (e.g. 600); unset it for torch's default "
+        f"(30 minutes, NCCL's 10)"], err
+    assert not out.exists()
+
+
+def test_a_torchrun_job_whose_ranks_do_not_all_arrive_names_the_timeout_setting(tmp_path):
+    """Rank 1 never arrives (it hangs before joining): rank 0 waited torch's 30 minutes, then printed the store's
+    'wait timeout' line. Now ERF_LAB_RANK_TIMEOUT sets the wait: one line naming it after 2 s, exit status 2 (a
+    process of its own: the old code's wait would hold this one)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ERF_LAB_RANK_TIMEOUT="2",
+               OMP_NUM_THREADS="1")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "erf_lab", *SMALL, "--quiet", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"erf-lab compute: error: rank 0 of 2 cannot join its torchrun job at 127.0.0.1:{port} "
+        f"(MASTER_ADDR:MASTER_PORT): no answer from the other ranks within 2 s (ERF_LAB_RANK_TIMEOUT)"], proc.stderr
+    assert not out.exists()
+
+
 def test_data_info_names_a_bad_erf_lab_data(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("ERF_LAB_DATA", str(tmp_path / "nonexistent"))
     assert main(["data", "info"]) == 2

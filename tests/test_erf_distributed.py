@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -641,3 +642,45 @@ def test_a_rank_that_dies_mid_run_leaves_the_others_one_line_and_their_share(tmp
         r"Connection (closed|reset) by peer.*\): its own output says why; what was saved is kept \(compute and "
         r"train continue with --resume, a sweep with the same command\)", lines[0]), err0
     assert sorted(p.name for p in out.iterdir()) == [".erf_state.rank0of2.npz"]
+
+
+_RANK_1_HANGS = """
+import os, sys, time
+from erf_lab.cli.main import main
+from erf_lab.erf import runner
+
+measure = runner.run_erf
+
+
+def run_erf(*args, **kwargs):  # rank 1 hangs after its first image (alive, silent: a stuck filesystem, a deadlock)
+    def hang(acc):
+        if os.environ["RANK"] == "1":
+            time.sleep(90)  # torchrun ends it once rank 0 has stopped
+    return measure(*args, **{**kwargs, "on_batch": hang})
+
+
+runner.run_erf = run_erf
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_hangs_leaves_the_others_one_line_naming_the_timeout_setting(monkeypatch, tmp_path):
+    """Rank 1 hangs (alive, silent) after its first image: rank 0 waited in its next collective for torch's 30
+    minutes, with no way to shorten it. Now ERF_LAB_RANK_TIMEOUT sets the process group's timeout: rank 0 stops
+    after 10 s with one line naming it (exit status 1), its share kept, and torchrun ends the hung rank."""
+    script = tmp_path / "hang.py"
+    script.write_text(_RANK_1_HANGS)
+    out = tmp_path / "run"
+    monkeypatch.setenv("ERF_LAB_RANK_TIMEOUT", "10")
+    start = time.monotonic()
+    proc = _torchrun(str(script), "compute", *ARGS, "--num-images", "4", "--batch-size", "1", "--out", str(out),
+                     timeout=240)
+    took = time.monotonic() - start
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("erf-lab")]
+    assert proc.returncode != 0 and lines == [
+        "erf-lab compute: error: another process of this multi-process job stopped answering: no answer from the "
+        "other ranks within 10 s (ERF_LAB_RANK_TIMEOUT); what was saved is kept (compute and train continue with "
+        "--resume, a sweep with the same command)"], proc.stderr[-3000:]
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*\n\s*exitcode\s*: 1 ", proc.stderr), proc.stderr[-3000:]
+    assert took < 45, took  # the 10 s timeout, not torch's 30 minutes (nor the hung rank's 90 s)
+    assert ".erf_state.rank0of2.npz" in {p.name for p in out.iterdir()}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -54,19 +56,43 @@ def env_info() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
 
 
+#: how long a rank of a multi-process job waits for the others (joining, each collective), in seconds
+RANK_TIMEOUT_VAR = "ERF_LAB_RANK_TIMEOUT"
+
+
+def rank_timeout() -> timedelta | None:
+    """The process group's timeout from ``ERF_LAB_RANK_TIMEOUT`` (seconds): how long a rank waits for the others
+    before it stops, where one hangs rather than dies. None when unset: torch's default (30 minutes; NCCL's 10).
+    Anything but a positive number is an :class:`ErfLabError`, one line."""
+    text = os.environ.get(RANK_TIMEOUT_VAR, "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ErfLabError(f"{RANK_TIMEOUT_VAR}={text!r} is not a positive number of seconds: it is how long a rank "
+                          f"of a multi-process job waits for the others (e.g. 600); unset it for torch's default "
+                          f"(30 minutes, NCCL's 10)")
+    return timedelta(seconds=seconds)
+
+
 def init(device: str = "cpu") -> DistInfo:
-    """Join the process group when launched by torchrun (idempotent); returns this process's place."""
+    """Join the process group when launched by torchrun (idempotent), with :func:`rank_timeout`; returns this
+    process's place."""
     info = env_info()
     if info.world_size <= 1:
         return info
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    timeout = rank_timeout()  # a bad value: refused on every rank, before any joins the group
     own = device_for(device, info)  # an unusable --device fails here, on every rank, before any joins the group
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(torch.device(own))
-        join(backend, info)
+        join(backend, info, timeout)
         if backend == "nccl":
-            group = dist.new_group(backend="gloo")  # the check itself must not need distinct GPUs
+            group = dist.new_group(backend="gloo", timeout=timeout)  # the check itself must not need distinct GPUs
             try:
                 refuse_shared_gpus(gpu_identity(own), info, group)
             except ErfLabError as e:  # the same line on every rank (the identities met in one all-gather)
@@ -76,11 +102,11 @@ def init(device: str = "cpu") -> DistInfo:
     return DistInfo(info.rank, info.world_size, info.local_rank, dist.get_backend(), info.local_world_size)
 
 
-def join(backend: str, info: DistInfo) -> None:
-    """``init_process_group`` at torchrun's MASTER_ADDR:MASTER_PORT; a job this process cannot join is an
-    :class:`ErfLabError`, one line naming the variables (before: a ValueError or DistNetworkError traceback):
-    MASTER_ADDR / MASTER_PORT unset or no port (set by hand, without torchrun), the port in use on rank 0 (another
-    job's), the other ranks not met in time."""
+def join(backend: str, info: DistInfo, timeout: timedelta | None = None) -> None:
+    """``init_process_group`` at torchrun's MASTER_ADDR:MASTER_PORT, waiting ``timeout`` for the others (None:
+    torch's default); a job this process cannot join is an :class:`ErfLabError`, one line naming the variables
+    (before: a ValueError or DistNetworkError traceback): MASTER_ADDR / MASTER_PORT unset or no port (set by hand,
+    without torchrun), the port in use on rank 0 (another job's), the other ranks not met in time."""
     addr = os.environ.get("MASTER_ADDR", "").strip()
     port = int_from_env("MASTER_PORT", 0, "the port of rank 0's rendezvous")
     who = f"rank {info.rank} of {info.world_size} cannot join its torchrun job"
@@ -89,12 +115,15 @@ def join(backend: str, info: DistInfo) -> None:
         raise ErfLabError(f"{who}: {unset} {'is' if ' and ' not in unset else 'are'} not set (torchrun sets "
                           f"MASTER_ADDR and MASTER_PORT); start the job with torchrun, or set both in every process")
     try:
-        dist.init_process_group(backend=backend)
-    except (ValueError, dist.DistError) as e:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: dist.DistError, gloo's "connectFullMesh failed"
         text = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "EADDRINUSE" in text or "address already in use" in text.lower():
             raise ErfLabError(f"{who}: port {port} of {addr} (MASTER_PORT) is in use, by another job or program; "
                               f"choose a free one (torchrun --master_port)") from None
+        if _TIMED_OUT.search(text):
+            raise ErfLabError(f"{who} at {addr}:{port} (MASTER_ADDR:MASTER_PORT): no answer from the other ranks "
+                              f"within {_timeout_said()}") from None
         raise ErfLabError(f"{who} at {addr}:{port} (MASTER_ADDR:MASTER_PORT): {text}") from None
 
 
@@ -213,9 +242,23 @@ def said_once_per_node(info: DistInfo):
 
 
 #: what gloo and NCCL raise (a RuntimeError) in a collective whose other processes are gone (crashed, killed) or
-#: stopped answering (the process group's timeout, 30 minutes by default)
-_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Timed out waiting|NCCL communicator was "
-                        r"aborted", re.IGNORECASE)
+#: stopped answering (the process group's timeout: :func:`rank_timeout`)
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Timed out waiting|timeout caused pair "
+                        r"closure|NCCL communicator was aborted", re.IGNORECASE)
+#: the timeout's own (gloo's "Timed out waiting 10000ms for recv", the store's "wait timeout after 10000ms",
+#: gloo's "Connect timeout", "Application timeout caused pair closure" in the collectives after it)
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+def _timeout_said() -> str:
+    """The process group's timeout as the error lines say it, naming the setting."""
+    try:
+        timeout = rank_timeout()
+    except ErfLabError:  # not joined with it: the default
+        timeout = None
+    if timeout is None:
+        return f"torch's default timeout (30 minutes, NCCL's 10; {RANK_TIMEOUT_VAR} sets it, in seconds)"
+    return f"{timeout.total_seconds():g} s ({RANK_TIMEOUT_VAR})"
 
 
 def peers_lost(error: BaseException) -> str | None:
@@ -230,6 +273,10 @@ def peers_lost(error: BaseException) -> str | None:
     text = str(error).strip()
     if not _PEER_LOST.search(text):
         return None
+    if _TIMED_OUT.search(text):  # a rank that hangs (or is that slow): nothing of its own output says so
+        return (f"another process of this multi-process job stopped answering: no answer from the other ranks "
+                f"within {_timeout_said()}; what was saved is kept (compute and train continue with --resume, a "
+                f"sweep with the same command)")
     # gloo's: "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:23432. This is typically..."
     said = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0]
     return (f"another process of this multi-process job is gone or stopped answering ({said}): its own output says "
