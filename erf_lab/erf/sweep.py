@@ -13,6 +13,8 @@ The train-time and deploy (re-parameterized) forms compute the same function, so
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Sequence
@@ -134,12 +136,28 @@ def _remove_if_empty(folder: Path) -> None:
             folder.rmdir()
 
 
-def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int] | None = None,
-              model: str | None = None, weights: str | None = None, reparam: str = "both", init: str | None = None,
-              weights_dir: str | os.PathLike | None = None, input_size: int = 1024, images: str | None = None,
-              num_images: int | None = None, overrides: dict | None = None, out: str | os.PathLike = "sweep",
-              force: bool = False, formats: Sequence[str] = ("png", "pdf"), seed: int = 0, layer: str | None = None,
-              aggregate: str = "relu", batch_size: int | None = None, device: str = "cpu", show_progress: bool = True,
+def _with_held_folder(body):
+    """``body`` called without its first argument, ``held_folder``: an ExitStack made for the call and closed when it
+    returns or raises, for what must be held until then (the sweep's rank 0 holds its ``out`` in it while it writes
+    there). One signature, ``body``'s, without a second copy that passes the arguments on."""
+    @functools.wraps(body)
+    def call(*args, **kwargs):
+        with contextlib.ExitStack() as held_folder:
+            return body(held_folder, *args, **kwargs)
+
+    signature = inspect.signature(body)
+    call.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return call
+
+
+@_with_held_folder
+def run_sweep(held_folder: contextlib.ExitStack, /, kernels: Sequence[int] | None = None, *,
+              input_sizes: Sequence[int] | None = None, model: str | None = None, weights: str | None = None,
+              reparam: str = "both", init: str | None = None, weights_dir: str | os.PathLike | None = None,
+              input_size: int = 1024, images: str | None = None, num_images: int | None = None,
+              overrides: dict | None = None, out: str | os.PathLike = "sweep", force: bool = False,
+              formats: Sequence[str] = ("png", "pdf"), seed: int = 0, layer: str | None = None, aggregate: str = "relu",
+              batch_size: int | None = None, device: str = "cpu", show_progress: bool = True,
               argv: Sequence[str] | None = None, on_progress=None) -> dict:
     """ERF of each kernel-family member and / or each input size (train-time and/or deploy form), summarised.
 
@@ -152,14 +170,6 @@ def run_sweep(kernels: Sequence[int] | None = None, *, input_sizes: Sequence[int
     so far in ``rows``: an interrupted sweep's folder is recognised, and the same call again resumes it, its finished
     members reused) and complete last. Returns ``{"rows", "reparam_diff", "files", "out_dir", "markdown"}``.
     """
-    settings = dict(locals())
-    with contextlib.ExitStack() as held_folder:  # rank 0 holds ``out`` while the sweep writes there
-        return _run_sweep(held_folder=held_folder, **settings)
-
-
-def _run_sweep(kernels, *, input_sizes, model, weights, reparam, init, weights_dir, input_size, images, num_images,
-               overrides, out, force, formats, seed, layer, aggregate, batch_size, device, show_progress, argv,
-               on_progress, held_folder: contextlib.ExitStack) -> dict:
     from erf_lab.erf.plotting import FORMATS, plot_grid, plot_growth
     from erf_lab.erf.rundir import RANDOM_MARK, load_run, run_metrics
     from erf_lab.erf.runner import ErfSpec, jsonable, run_erf, settings_differ
