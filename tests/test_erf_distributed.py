@@ -684,3 +684,25 @@ def test_a_rank_that_hangs_leaves_the_others_one_line_naming_the_timeout_setting
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*\n\s*exitcode\s*: 1 ", proc.stderr), proc.stderr[-3000:]
     assert took < 45, took  # the 10 s timeout, not torch's 30 minutes (nor the hung rank's 90 s)
     assert ".erf_state.rank0of2.npz" in {p.name for p in out.iterdir()}
+
+
+def test_a_torchrun_sweep_whose_out_is_not_shared_between_nodes_is_written_by_rank_0(tmp_path):
+    """Two nodes whose --out is each its own disk (simulated: two processes started by hand in two folders, with one
+    relative --out): every rank read each member back from its own --out, so rank 1 stopped with 'no such run
+    directory' after the first member (and rank 0 with it at the next). Now rank 0 reads the members and gives them
+    to the others: both end with status 0 and rank 0's node holds the whole sweep."""
+    port, procs = str(_free_port()), []
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "erf_lab", "sweep", "--input-sizes", "32,48", *ARGS[:6],
+                                       "--num-images", "1", "--reparam", "deploy", "--quiet", "--out", "sweep"],
+                                      cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    record = json.loads((tmp_path / "node0" / "sweep" / "sweep.json").read_text())
+    assert record["complete"] and [r["run_dir"] for r in record["rows"]] == ["S32-deploy", "S48-deploy"]
+    assert all((tmp_path / "node0" / "sweep" / m / "erf.npy").is_file() for m in ("S32-deploy", "S48-deploy"))
+    assert not any((tmp_path / "node1" / "sweep").iterdir())  # rank 1 wrote nothing on its own disk

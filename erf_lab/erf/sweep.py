@@ -264,18 +264,23 @@ def run_sweep(held_folder: contextlib.ExitStack, /, kernels: Sequence[int] | Non
                 what = " ".join(p for p in (f"K={k}" if k is not None else spec.model, f"{size}px", mode) if p)
                 res = run_erf(spec, out=sub, reuse=True, label=what, tags={"sweep": {
                     "kernel": k, "input_size": size, "reparam": mode}}, formats=formats, show_progress=False, argv=argv)
-                run = load_run(sub)
-                maps[(stem, mode)] = run.erf
-                # a reused member's table row comes from its erf.npy, as compare's: its metrics.json may be damaged
-                # or stale (edited, rewritten by analyze). run_erf returns them so (a reused run's recomputed);
-                # a rank that got none (torchrun, rank > 0) computes them the same way
-                metrics = res["metrics"] or run_metrics(run.erf, run.run_info, theoretical_rf=run.theoretical_rf,
-                                                        centre=run.centre)
+                def read_back(sub=sub, res=res):
+                    run = load_run(sub)
+                    # a reused member's table row comes from its erf.npy, as compare's: its metrics.json may be
+                    # damaged or stale (edited, rewritten by analyze). run_erf returns them so (a reused run's
+                    # recomputed); where it gave none they are computed the same way
+                    metrics = res["metrics"] or run_metrics(run.erf, run.run_info, theoretical_rf=run.theoretical_rf,
+                                                            centre=run.centre)
+                    return run.erf, weights_label(run.run_info), run.run_info.get("num_used"), summary(metrics)
+
+                # rank 0 wrote the member and reads it back; the other ranks get it from rank 0 (under torchrun
+                # across nodes their --out may be another disk, where the member is not: they stopped with "no
+                # such run directory", and rank 0 with them)
+                maps[(stem, mode)], weights_used, num_used, values = D.decided_on_rank0(read_back, dinfo)
                 rows.append({"kernel": k, "input_size": size, "reparam": mode,
                              "series": f"K={k} {mode}" if k else mode, "model": spec.model,
-                             "weights": weights_label(run.run_info), "num_used": run.run_info.get("num_used"),
-                             "run_dir": sub.name,
-                             "reused": res["already_complete"], **summary(metrics)})
+                             "weights": weights_used, "num_used": num_used, "run_dir": sub.name,
+                             "reused": res["already_complete"], **values})
                 bar.update(1)
                 save(rows=rows)  # still incomplete: the members so far
                 if on_progress is not None:  # the app's progress bar: runs measured (or reused) of all
