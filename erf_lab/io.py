@@ -203,6 +203,31 @@ def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None
     thread that holds it; another thread of this process (two sessions of the app measuring the same map) waits
     until it is let go instead of writing beside it (the lock is the process's: it would not stop that thread).
     A no-op where ``fcntl`` is missing (Windows). The refusal is a FolderInUseError (the app words it itself)."""
+    with _hold(Path(folder), folder, what, lock_file=False):
+        yield
+
+
+def file_lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of :func:`hold_file` for ``path``: ``.<name>.lock`` beside it."""
+    path = Path(path).expanduser()
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def hold_file(path: str | os.PathLike, what: str = "--out") -> Iterator[None]:
+    """Hold the output file ``path`` (whose folder exists; the file need not) while the block writes it and the
+    files that go with it (``erf-lab reparam``: the checkpoint and its ``.run.json``), as :func:`hold_folder`
+    holds a folder: a second erf-lab process writing the same file meanwhile gets the same one-line
+    FolderInUseError, a thread of this process waits; other files of the folder are not held. The lock is
+    :func:`file_lock_path`, made for the hold and removed when it ends (one a kill left is taken over)."""
+    with _hold(file_lock_path(path), path, what, lock_file=True):
+        yield
+
+
+@contextlib.contextmanager
+def _hold(lock: Path, shown, what: str, lock_file: bool) -> Iterator[None]:
+    """:func:`hold_folder` (``lock`` the folder itself) and :func:`hold_file` (``lock_file``: ``lock`` a file made
+    for the hold, removed after it); ``shown`` is what the refusal names."""
     from erf_lab.errors import FolderInUseError
 
     try:
@@ -210,7 +235,7 @@ def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None
     except ImportError:  # no flock: unguarded, as before
         yield
         return
-    key = str(Path(folder).expanduser().resolve())
+    key = str(lock.expanduser().resolve())
     me = threading.get_ident()
     with _HELD_CHANGED:
         while key in _HELD and _HELD[key][1] != me:  # another thread of this process writes there: after it
@@ -218,18 +243,14 @@ def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None
         if key in _HELD:  # this thread holds it already
             nested = True
         else:
-            nested = False
-            fd = os.open(key, os.O_RDONLY)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                    raise FolderInUseError(f"{what} {folder} is in use: another erf-lab process is writing a run "
-                                           f"there now; wait for it to end (or stop it) and run the command again, or "
-                                           f"choose another {what}", folder) from None
-                nested = True  # a filesystem without locks: unguarded
-            else:
+                fd = _take_lock(fcntl, key, lock_file)
+            except BlockingIOError:
+                raise FolderInUseError(f"{what} {shown} is in use: another erf-lab process is writing a run "
+                                       f"there now; wait for it to end (or stop it) and run the command again, or "
+                                       f"choose another {what}", shown) from None
+            nested = fd is None  # a filesystem without locks: unguarded
+            if not nested:
                 _HELD[key] = (fd, me)
     if nested:
         yield
@@ -239,8 +260,32 @@ def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None
     finally:
         with _HELD_CHANGED:
             del _HELD[key]
+            if lock_file:  # removed while still locked: a process waiting on this file sees it gone and retries
+                with contextlib.suppress(OSError):
+                    os.unlink(key)
             os.close(fd)  # releases the lock
             _HELD_CHANGED.notify_all()
+
+
+def _take_lock(fcntl, key: str, lock_file: bool) -> int | None:
+    """The descriptor of ``key`` locked for this process; BlockingIOError when another process holds it, None on
+    a file system without locks. A lock file is made where missing, and taken again when the holder before
+    removed it between this process's open and its lock (the one locked would be no longer anyone's)."""
+    while True:
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644) if lock_file else os.open(key, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise BlockingIOError(e.errno, e.strerror) from None
+            return None
+        try:
+            if not lock_file or os.path.samestat(os.fstat(fd), os.stat(key)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def holds_folder(folder: str | os.PathLike) -> bool:

@@ -822,6 +822,35 @@ def test_reparam_records_which_weights_file_it_merged(tmp_path, capsys):
     assert json.loads((tmp_path / "deploy.pth.run.json").read_text())["weights_sha256"] is None
 
 
+def test_reparam_into_a_file_another_process_writes_is_refused(tmp_path, capsys):
+    """Two reparams into one --out at once wrote the checkpoint and its .run.json each atomically but unheld, so
+    the file could be one run's and its record the other's. The file is held now (a lock beside it): a second
+    reparam into it is refused in one line, exit 2, nothing written; another file of the same folder is not held."""
+    from conftest import held_by_another_process
+
+    from erf_lab.io import file_lock_path, sha256_file
+
+    out = tmp_path / "deploy.pth"
+    assert main(["reparam", *TINY, "--check-size", "32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    lock = file_lock_path(out)
+    assert not lock.exists()  # the hold's lock is removed when it ends
+    lock.touch()  # as a killed reparam leaves it
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    with held_by_another_process(lock):
+        code = main(["reparam", *TINY, "--check-size", "32", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"error: --out {out} is in use: another erf-lab process is writing a run there now" in err, err
+        assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
+        other = tmp_path / "other.pth"
+        assert main(["reparam", *TINY, "--check-size", "32", "--out", str(other)]) == 0
+        assert json.loads((tmp_path / "other.pth.run.json").read_text())["sha256"] == sha256_file(other)
+    assert main(["reparam", *TINY, "--check-size", "32", "--out", str(out)]) == 0  # the left lock is taken over
+    assert json.loads((tmp_path / "deploy.pth.run.json").read_text())["sha256"] == sha256_file(out)
+    assert not lock.exists() and not file_lock_path(other).exists()
+
+
 @pytest.mark.parametrize("name,value,message", [
     ("FASTCONV_BACKEND", "cpp/cpp/bogus", "fastconv: unknown backend 'cpp/cpp/bogus' (from $FASTCONV_BACKEND)"),
     ("FASTCONV_AUTOTUNE", "maybe", "fastconv: $FASTCONV_AUTOTUNE='maybe' is not a yes or no"),

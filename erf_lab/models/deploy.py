@@ -132,8 +132,8 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     so is the training size of ``weights`` where it is known (:func:`save_state_dict`); the summary is also written
     to ``<out>.run.json``.
     """
-    from erf_lab.io import (RESULT_KINDS, missing_folders, prepare_out_dir, refuse_empty, remove_empty_folders,
-                            result_kind)
+    from erf_lab.io import (RESULT_KINDS, hold_file, missing_folders, prepare_out_dir, refuse_empty,
+                            remove_empty_folders, result_kind)
 
     refuse_empty(out, hint="name the checkpoint file to write (.pth, .pt or .safetensors)")  # Path("") is "."
     out = Path(out)
@@ -157,9 +157,12 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     made = missing_folders(out.parent)
     prepare_out_dir(out.parent, what="--out's folder")
     try:
-        return _export_deploy(model_name, out, weights=weights, drop_head=drop_head, batch_size=batch_size,
-                              input_size=input_size, flops_input_size=flops_input_size, seed=seed,
-                              show_progress=show_progress, **overrides)
+        # held while it writes: a second reparam into the same file at once paired one's checkpoint with the
+        # other's record; other files of the folder stay free
+        with hold_file(out):
+            return _export_deploy(model_name, out, weights=weights, drop_head=drop_head, batch_size=batch_size,
+                                  input_size=input_size, flops_input_size=flops_input_size, seed=seed,
+                                  show_progress=show_progress, **overrides)
     except BaseException:  # a bad --weights file, a model that cannot merge, Ctrl-C: no empty folder left behind
         remove_empty_folders(made)
         raise
