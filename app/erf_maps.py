@@ -8,11 +8,13 @@ A configuration ``spec`` may name shipped trained weights, ``spec["weights"] = "
 (data/trained/cue-world, :func:`erf_lab.checkpoint.resolve_weights`); its model options come from the record."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
-import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from app import safety
 from app.cache import cached, sha
@@ -73,32 +75,70 @@ def _stored(kind: str, key: str) -> Path:
     return d
 
 
+#: in each folder of :func:`_stored`: stored file name -> SHA-256 of its content (hidden: no runner reads it)
+_STORED_RECORD = ".stored.json"
+
+
+def _store(folder: Path, files: dict[str, bytes | Callable[[], bytes]]) -> None:
+    """Write ``files`` (name -> its bytes, or a function making them) into ``folder`` (:func:`_stored`). Each file
+    appears only whole (atomically), and one already there is reused only when its SHA-256 is the content's (bytes
+    given) or the one recorded when it was written (:data:`_STORED_RECORD`): a truncated file (a write the app's
+    stop cut short, before writes were atomic) or one changed since is written again, never measured. Held while it
+    writes (:func:`erf_lab.io.hold_folder`): two sessions storing the same input take turns, and the temporary
+    file of a write killed before is removed."""
+    from erf_lab.io import atomic_path, hold_folder, read_json_or_none, remove_write_leftovers, sha256_file, write_json
+
+    with hold_folder(folder):
+        remove_write_leftovers(folder)
+        record = read_json_or_none(folder / _STORED_RECORD)
+        digests = {k: v for k, v in record.items() if isinstance(v, str)} if isinstance(record, dict) else {}
+        for name, content in files.items():
+            path = folder / name
+            want = hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else digests.get(name)
+            if want is not None and path.is_file() and not path.is_symlink() and sha256_file(path) == want:
+                digests[name] = want
+                continue
+            data = content if isinstance(content, bytes) else content()
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            digests[name] = hashlib.sha256(data).hexdigest()
+        if digests != record:
+            write_json(folder / _STORED_RECORD, digests)
+
+
+def _png_bytes(name: str, data: bytes) -> bytes:
+    """An uploaded image, checked (:func:`app.safety.verify_image_bytes`), as the PNG the app stores."""
+    buf = io.BytesIO()
+    safety.verify_image_bytes(name, data).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _images_folder(source: tuple, input_size: int) -> str | None:
     """The folder the runner reads for a page's image choice: a folder of the chosen built-in images, of cue-world
     validation images drawn at ``input_size``, the user's (checked) folder, or the uploads written as PNG."""
+    from erf_lab.io import hold_folder
+
     kind, payload = source[:2]
     if kind == "cue-world":
         from erf_lab.train.timeline import cue_world_images
 
-        return str(cue_world_images(_stored("cue-world", f"val-{input_size}px"), int(payload), input_size, 10, 0))
+        d = _stored("cue-world", f"val-{input_size}px")
+        with hold_folder(d):  # two sessions drawing them at once: one draws, the other finds them drawn
+            return str(cue_world_images(d, int(payload), input_size, 10, 0))
     if kind == "builtin":
         names = builtin_image_names()
         chosen = [n for n in names if n in set(payload)]
         if not chosen:
             raise ErfLabError(f"none of {sorted(payload)} is a built-in image")
         d = _stored("builtin", hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:16])
-        for n in chosen:
-            if not (d / n).exists():
-                shutil.copyfile(default_images_dir() / n, d / n)
+        _store(d, {n: (default_images_dir() / n).read_bytes() for n in chosen})
         return str(d)
     if kind == "folder":
         return str(safety.safe_directory(payload, "image folder"))
     if kind == "upload":
         d = _stored("upload", hashlib.sha256(_source_key(source).encode()).hexdigest()[:16])
-        for i, (name, data) in enumerate(payload):
-            target = d / f"{i:03d}_{Path(name).stem[:40]}.png"
-            if not target.exists():
-                safety.verify_image_bytes(name, data).save(target)
+        _store(d, {f"{i:03d}_{Path(name).stem[:40]}.png": functools.partial(_png_bytes, name, data)
+                   for i, (name, data) in enumerate(payload)})
         return str(d)
     raise ErfLabError(f"unknown image source {kind!r}")
 
@@ -109,10 +149,9 @@ def _weights_file(spec: dict, weights: bytes | None) -> str | None:
         return None
     build_model(spec["model"], spec["overrides"], weights, spec.get("weights_name", ""))
     suffix = ".safetensors" if spec.get("weights_name", "").endswith(".safetensors") else ".pth"
-    path = _stored("weights", sha(weights)[:16]) / f"checkpoint{suffix}"
-    if not path.exists():
-        path.write_bytes(weights)
-    return str(path)
+    folder = _stored("weights", sha(weights)[:16])
+    _store(folder, {f"checkpoint{suffix}": weights})
+    return str(folder / f"checkpoint{suffix}")
 
 
 def spec_label(spec: dict) -> str:

@@ -1348,6 +1348,110 @@ def test_a_reused_app_erf_run_takes_its_metrics_from_erf_npy(app_env):
     assert again["summary"] == first["summary"] and again["metrics"]["shape"] == [64, 64]
 
 
+
+def _upload(*names: str) -> tuple:
+    return ("upload", tuple((n, (REPO_ROOT / "data" / "default_images" / n).read_bytes()) for n in names), ())
+
+
+def test_a_stored_upload_cut_short_is_written_again_not_measured(app_env):
+    """The explorer's uploads were stored as PNG straight under their final names and reused whenever the name
+    existed: a write cut short (the app stopped mid-save) left a truncated image that every later measurement of
+    that upload read (skipped, or measured cut). Each stored file now appears only whole and is reused only when
+    it is what was written: the truncated one is replaced, a killed write's temporary file removed, and the map
+    equals the one measured from a clean store."""
+    from PIL import Image
+
+    from app import erf_maps
+
+    source = _upload("astronaut.jpg", "brick.jpg")
+    folder = Path(erf_maps._images_folder(source, 64))
+    first, second = sorted(p.name for p in folder.glob("*.png"))
+    whole = (folder / first).read_bytes()
+    (folder / first).write_bytes(whole[:600])  # as a save cut short left it
+    (folder / f".{second}.abcd1234.tmp.png").write_bytes(whole[:300])  # a killed atomic write's temporary file
+    spec = erf_maps.shipped_spec("K3-seed0", reparameterize=True, input_size=64, aggregate="relu")
+    cut = erf_maps._erf(spec, source, None, None, "store-cut")
+    assert (folder / first).read_bytes() == whole and sorted(p.name for p in folder.iterdir()) == sorted(
+        [first, second, ".stored.json"])
+    for (name, data), stored in zip(source[1], (first, second)):
+        assert np.array_equal(np.asarray(Image.open(folder / stored)),
+                              np.asarray(safety.verify_image_bytes(name, data)))
+    (folder / second).write_bytes(whole)  # a valid PNG, but not the upload's: not reused either
+    erf_maps._images_folder(source, 64)
+    assert np.array_equal(np.asarray(Image.open(folder / second)),
+                          np.asarray(safety.verify_image_bytes(*source[1][1])))
+    for p in folder.iterdir():
+        p.unlink()
+    clean = erf_maps._erf(spec, source, None, None, "store-clean")
+    assert cut["num_used"] == clean["num_used"] == 2 and not cut["skipped"]
+    assert np.array_equal(cut["erf"], clean["erf"]) and cut["summary"] == clean["summary"]
+
+
+def test_stored_builtin_images_and_checkpoints_cut_short_are_written_again(app_env):
+    """The chosen built-in photos (copied) and an uploaded checkpoint were stored the same way: a truncated copy
+    under the stored name was reused for good. Each is checked against its content now and written again."""
+    import io
+    import json
+
+    import torch
+
+    from app import erf_maps
+    from erf_lab.models import create_model
+
+    folder = Path(erf_maps._images_folder(("builtin", ("brick.jpg",)), 64))
+    source = (REPO_ROOT / "data" / "default_images" / "brick.jpg").read_bytes()
+    (folder / "brick.jpg").write_bytes(source[:1000])
+    assert Path(erf_maps._images_folder(("builtin", ("brick.jpg",)), 64)) == folder
+    assert (folder / "brick.jpg").read_bytes() == source
+
+    ov = dict(channels=[8, 8, 8, 16], layers=[1, 1, 1, 1], num_classes=10)
+    buf = io.BytesIO()
+    torch.save(create_model("replknet_31b", **ov).state_dict(), buf)
+    weights = buf.getvalue()
+    spec = {"model": "replknet_31b", "overrides": json.dumps(ov), "weights_name": "trained.pth"}
+    path = Path(erf_maps._weights_file(spec, weights))
+    assert path.read_bytes() == weights
+    path.write_bytes(weights[: len(weights) // 2])
+    assert Path(erf_maps._weights_file(spec, weights)) == path and path.read_bytes() == weights
+
+
+def test_two_sessions_storing_one_upload_take_turns(app_env, monkeypatch):
+    """Two sessions storing the same upload at once both found the file missing and both wrote it under its final
+    name, one reading the other's half-written image. They take turns now: the second finds the first's files,
+    whole and recorded, and encodes nothing again."""
+    import threading
+    import time
+
+    from app import erf_maps
+
+    real, calls = safety.verify_image_bytes, []
+
+    def slow(name, data, *a, **kw):
+        calls.append(name)
+        time.sleep(0.3)
+        return real(name, data, *a, **kw)
+
+    monkeypatch.setattr(safety, "verify_image_bytes", slow)
+    source = _upload("astronaut.jpg", "brick.jpg")
+    folders, failures = [], []
+
+    def session():
+        try:
+            folders.append(erf_maps._images_folder(source, 64))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            failures.append(e)
+
+    threads = [threading.Thread(target=session) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures and len(set(folders)) == 1, failures
+    assert sorted(calls) == ["astronaut.jpg", "brick.jpg"]  # each image encoded once, by one session
+    stored = sorted(Path(folders[0]).glob("*.png"))
+    monkeypatch.setattr(safety, "verify_image_bytes", real)
+    assert [p.read_bytes() for p in stored] == [erf_maps._png_bytes(*up) for up in source[1]]
+
 def test_results_table_sends_not_reached_columns_as_text(app_env):
     """An ERF run with a threshold not reached ("n/r") beside the paper's numbers made a column of text and floats:
     Streamlit could not serialise it to Arrow, logged a traceback on every render and converted it itself
