@@ -851,6 +851,36 @@ def test_reparam_into_a_file_another_process_writes_is_refused(tmp_path, capsys)
     assert not lock.exists() and not file_lock_path(other).exists()
 
 
+def test_a_file_hold_takes_the_lock_file_there_now(tmp_path, monkeypatch):
+    """io.hold_file's lock file is removed when a hold ends: a process that opened it just before that removal and
+    locked it after held a file no longer anyone's, and the next writer made and locked a new one beside it (two
+    holders). The hold now locks the file that is there once it has the lock, and keeps it until it ends."""
+    import subprocess
+    import sys
+
+    fcntl = pytest.importorskip("fcntl")
+    from erf_lab import io as erf_io
+
+    out = tmp_path / "deploy.pth"
+    lock = erf_io.file_lock_path(out)
+    lock.touch()  # the lock file of the holder before
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:
+            lock.unlink()  # that holder ends between this process's open and its lock
+        calls.append(op)
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    try_lock = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\ntry:\n    fcntl.flock(fd, "
+                "fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+    with erf_io.hold_file(out):
+        assert len(calls) == 2 and lock.is_file()
+        assert subprocess.run([sys.executable, "-c", try_lock, str(lock)]).returncode == 3  # another cannot take it
+    assert not lock.exists() and not erf_io._HELD
+
+
 @pytest.mark.parametrize("name,value,message", [
     ("FASTCONV_BACKEND", "cpp/cpp/bogus", "fastconv: unknown backend 'cpp/cpp/bogus' (from $FASTCONV_BACKEND)"),
     ("FASTCONV_AUTOTUNE", "maybe", "fastconv: $FASTCONV_AUTOTUNE='maybe' is not a yes or no"),
