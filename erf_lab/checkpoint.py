@@ -219,6 +219,16 @@ def training_run_of(weights: str | os.PathLike) -> tuple[Path, dict] | None:
     return None
 
 
+#: a checkpoint file of an ``erf-lab train`` run (``RUN/checkpoints``): ``epoch_NNN.pth`` / ``.safetensors`` (the
+#: weights), ``epoch_NNN_ema.safetensors`` (their EMA); groups: the epoch, "_ema" or None, the suffix
+EPOCH_FILE = re.compile(r"^epoch_(\d{3,})(_ema)?\.(safetensors|pth)$")
+
+
+def epoch_stem(epoch: int, ema: bool = False) -> str:
+    """The file stem of epoch ``epoch``'s checkpoint (``ema``: of its EMA weights) in ``RUN/checkpoints``."""
+    return f"epoch_{int(epoch):03d}" + ("_ema" if ema else "")
+
+
 def ema_decay_of(settings: dict | None) -> float | None:
     """The EMA decay of an ``erf-lab train`` run's settings (``recipe.ema``), None when it kept no EMA."""
     decay = ((settings or {}).get("recipe") or {}).get("ema") if isinstance(settings, dict) else None
@@ -237,8 +247,6 @@ def training_weights(weights: str | os.PathLike | None) -> dict:
     run, info = found
     decay = ema_decay_of(info.get("settings"))
     name = Path(weights).name
-    from erf_lab.train.checkpoints import EPOCH_FILE
-
     epoch_file = EPOCH_FILE.match(name)
     kind = "ema" if name.startswith("model_ema.") or (epoch_file and epoch_file.group(2)) else "raw"
     note = None

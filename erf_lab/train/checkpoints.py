@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import re
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +28,6 @@ STATE_FILE = ".train_state.pt"
 #: what a training state holds (besides the AMP scaler, EMA and img/s counters, which may be empty or absent)
 STATE_KEYS = ("settings", "model", "optimizer", "epoch", "position", "step", "rows", "sums", "rng")
 WEIGHT_FORMATS = ("pth", "safetensors", "both")
-#: a checkpoint file of a run: ``epoch_NNN.pth`` / ``.safetensors`` (the weights), ``epoch_NNN_ema.safetensors``
-#: (their EMA); groups: the epoch, "_ema" or None, the suffix
-EPOCH_FILE = re.compile(r"^epoch_(\d{3,})(_ema)?\.(safetensors|pth)$")
-
-
-def epoch_stem(epoch: int, ema: bool = False) -> str:
-    """The file stem of epoch ``epoch``'s checkpoint (``ema``: of its EMA weights) in ``RUN/checkpoints``."""
-    return f"epoch_{int(epoch):03d}" + ("_ema" if ema else "")
 
 
 def save_weights(state_dict: dict, stem: str | os.PathLike, fmt: str = "both",

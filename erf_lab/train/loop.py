@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from erf_lab.checkpoint import EPOCH_FILE, epoch_stem
 from erf_lab.errors import ErfLabError, on_every_rank
 from erf_lab.erf import distributed as D
 from erf_lab.io import (hold_folder, is_training_record, read_json_or_none, refuse_empty, refuse_other_result,
@@ -334,7 +335,7 @@ def _format_on_disk(out: Path) -> str | None:
     """The weights format of the checkpoints a run (of an erf-lab that did not record it) has saved so far:
     ``pth``, ``safetensors``, ``both``, or None before its first."""
     suffixes = {p.suffix for p in (out / "checkpoints").glob("epoch_*")
-                if (m := C.EPOCH_FILE.match(p.name)) and m.group(2) is None}  # the weights' files, not the EMA's
+                if (m := EPOCH_FILE.match(p.name)) and m.group(2) is None}  # the weights' files, not the EMA's
     return {frozenset({".pth"}): "pth", frozenset({".safetensors"}): "safetensors"}.get(
         frozenset(suffixes), "both" if suffixes else None)
 
@@ -709,11 +710,11 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             rows.append(row)
             epoch, position, sums, epoch_images, epoch_time = epoch + 1, 0, _Sums(), 0, 0.0
             if info.is_main:
-                C.save_weights(net.state_dict(), out / "checkpoints" / C.epoch_stem(epoch), checkpoint_format,
+                C.save_weights(net.state_dict(), out / "checkpoints" / epoch_stem(epoch), checkpoint_format,
                                extra={"model_ema": ema.state_dict()} if ema is not None else None,
                                train_input_size=input_size)
                 if ema is not None:  # what the timeline measures with --weights ema (a .pth-only run too)
-                    C.save_weights(ema.state_dict(), out / "checkpoints" / C.epoch_stem(epoch, ema=True),
+                    C.save_weights(ema.state_dict(), out / "checkpoints" / epoch_stem(epoch, ema=True),
                                    "safetensors", train_input_size=input_size)
                 _write_metrics(out / "metrics.csv", rows)
                 bar.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.3f}, "

@@ -65,7 +65,7 @@ def read_training_run(run_dir: str | os.PathLike) -> TrainingRun:
     else:
         raise ErfLabError(f"{root} is not an erf-lab training run (no run.json with training settings, no "
                           f"{STATE_FILE}); make one with 'erf-lab train'")
-    from erf_lab.train.checkpoints import EPOCH_FILE
+    from erf_lab.checkpoint import EPOCH_FILE
 
     ckpts, ema_ckpts = {}, {}
     for p in sorted((root / "checkpoints").glob("epoch_*")):
@@ -211,7 +211,8 @@ def _ema_file(source: Path, folder: Path, epoch: int, train_size: int) -> Path:
     same file)."""
     import torch
 
-    from erf_lab.train.checkpoints import epoch_stem, save_weights
+    from erf_lab.checkpoint import epoch_stem
+    from erf_lab.train.checkpoints import save_weights
 
     if source.suffix != ".pth" or epoch == 0:
         return source
