@@ -157,6 +157,37 @@ def test_cli_resume_on_complete_run_is_a_no_op(tmp_path, capsys):
             "comparable to them: replknet_31b (aggregate abs).") in stdout
 
 
+def test_ctrl_c_says_where_the_progress_is_and_how_to_continue(tmp_path, capsys, monkeypatch):
+    """User test: Ctrl-C in 'erf-lab compute' without --out said only 'interrupted'; the progress sat in a
+    timestamped runs/ folder the user never saw, and the same command again started over in a new one. Now it
+    names the folder, the images measured and the --resume --out that continues it."""
+    from erf_lab.erf import runner
+
+    real = runner.compute_erf
+
+    def stopped_after_two(*a, on_batch, **kw):
+        def batch(acc):
+            on_batch(acc)
+            if len(acc.processed) == 2:
+                raise KeyboardInterrupt
+        return real(*a, on_batch=batch, **kw)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "compute_erf", stopped_after_two)
+    argv = ["compute", *TINY, "--num-images", "3", "--input-size", "32", "--batch-size", "1", "--quiet"]
+    code, stdout, err = _cli(capsys, *argv)
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert code == 130 and (folder / ".erf_state.npz").is_file() and not (folder / "run.json").exists()
+    rel = Path("runs") / folder.name
+    assert err.splitlines() == [f"stopped after 2 of 3 images: progress saved in {rel}; continue with the same "
+                                f"command and --resume --out {rel}", "erf-lab compute: interrupted"]
+    monkeypatch.setattr(runner, "compute_erf", real)
+    code, stdout, err = _cli(capsys, *argv, "--resume", "--out", str(rel))
+    assert code == 0, err
+    info = json.loads((folder / "run.json").read_text())
+    assert info["resumed_after_images"] == 2 and info["num_used"] == 3
+
+
 def _expect_error(capsys, tmp_path, argv, pattern):
     out = tmp_path / "err_out"
     code, stdout, err = _cli(capsys, "compute", *argv, "--out", str(out), "--quiet")

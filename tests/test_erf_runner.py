@@ -104,8 +104,10 @@ def test_out_of_memory_is_one_line_and_keeps_progress(tmp_path, monkeypatch):
 
     monkeypatch.setattr(attribution.EffectiveReceptiveField, "attribute", attribute)
     out = tmp_path / "run"
-    with pytest.raises(ErfLabError, match=r"out of memory .*--batch-size \(progress saved: --resume, with any"):
+    with pytest.raises(ErfLabError, match=r"out of memory .*--batch-size \(progress saved in (.*): --resume --out "
+                                          r"\1, with any") as e:
         run_erf(_spec(num_images=3, batch_size=2), out=out, show_progress=False, checkpoint_seconds=0)
+    assert f"progress saved in {out}:" in str(e.value)
     assert (out / ".erf_state.npz").is_file() and not (out / "run.json").exists()
     # the advised fix: resume with a smaller batch (it changes the speed, not the map): the same map as one run
     resumed = run_erf(_spec(num_images=3, batch_size=1), out=out, show_progress=False, resume=True)

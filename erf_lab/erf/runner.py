@@ -733,14 +733,15 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         except BaseException as e:
             if acc.processed:
                 acc.save(spath, extra)  # Ctrl-C or crash: keep every image already accumulated
+                _tell_saved(e, out_dir, len(acc.processed), n_all, dinfo)
             if out_of_memory(e) is not None:
                 # the auto batch was halved down to one image before the error got here (erf_lab.erf.compute)
                 how = (f"with --batch-size {batch_size}; use a smaller input or --batch-size" if spec.batch_size else
                        "with the auto batch (it halves down to one image per pass before giving up); use a smaller "
                        "input or model")
                 raise ErfLabError(f"out of memory at --input-size {spec.input_size} {how}"
-                                  + (" (progress saved: --resume, with any --batch-size)" if acc.processed
-                                     else "")) from None
+                                  + (f" (progress saved in {out_dir}: --resume --out {out_dir}, with any --batch-size)"
+                                     if acc.processed else "")) from None
             raise
         measure_s = time.time() - t_measure
 
@@ -752,13 +753,24 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                 run_info["sessions"] = [*earlier_sessions, {**session, "end_time": run_info["end_time"]}]
                 metrics = write_run_dir(out_dir, result.erf, run_info, theoretical_rf=geom["theoretical_rf"],
                                         centre=run_info.get("erf_centre"), formats=formats, display=display)
-            except BaseException:  # Ctrl-C or a failure while writing: the measurement is kept for --resume
+            except BaseException as e:  # Ctrl-C or a failure while writing: the measurement is kept for --resume
                 acc.save(spath, extra)
+                _tell_saved(e, out_dir, len(acc.processed), n_all, dinfo)
                 raise
         D.barrier(dinfo)
         spath.unlink(missing_ok=True)
     return {"out_dir": out_dir, "metrics": metrics, "run_info": run_info, "result": result if dinfo.is_main else None,
             "already_complete": False, "reused": False}
+
+
+def _tell_saved(stop: BaseException, out_dir: Path, measured: int, total: int, dinfo: D.DistInfo) -> None:
+    """Mark a Ctrl-C / SIGTERM (KeyboardInterrupt) of rank 0 with where its progress was saved, as
+    ``stop.erf_saved = {"out_dir", "measured", "total"}`` (the counts None under torchrun, where rank 0 holds a
+    share only): the caller says how to continue, which for a default ``--out`` names a folder the user never saw."""
+    if isinstance(stop, KeyboardInterrupt) and dinfo.is_main:
+        one = dinfo.world_size <= 1
+        stop.erf_saved = {"out_dir": str(out_dir), "measured": measured if one else None,
+                          "total": total if one else None}
 
 
 def _run_info(spec, config, result, source, geom, train, device, dinfo, label, tags, resumed_from, start, t0,

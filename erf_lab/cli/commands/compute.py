@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from erf_lab.cli.options import BATCH_SIZE_HELP, parse_overrides, seed, warnings_as_lines
@@ -68,10 +69,19 @@ def run(args: argparse.Namespace) -> int:
                    input_size=args.input_size, layer=args.layer, aggregate=args.aggregate, batch_size=args.batch_size,
                    device=args.device, reparameterize=not args.no_reparam, channels_last=not args.no_channels_last,
                    conv_backend=args.conv_backend, seed=args.seed, train_size=args.train_size)
-    with warnings_as_lines("compute"):
-        res = run_erf(spec, out=args.out, resume=args.resume, force=args.force, show_progress=not args.quiet,
-                      checkpoint_seconds=args.checkpoint_seconds, argv=["erf-lab", *sys.argv[1:]],
-                      display=args.display)
+    try:
+        with warnings_as_lines("compute"):
+            res = run_erf(spec, out=args.out, resume=args.resume, force=args.force, show_progress=not args.quiet,
+                          checkpoint_seconds=args.checkpoint_seconds, argv=["erf-lab", *sys.argv[1:]],
+                          display=args.display)
+    except KeyboardInterrupt as e:  # say where the progress is (a default --out is a folder the user never named)
+        if saved := getattr(e, "erf_saved", None):
+            out = shlex.quote(saved["out_dir"])
+            done = (f" after {saved['measured']} of {saved['total']} images" if saved["measured"] is not None
+                    else "")
+            print(f"stopped{done}: progress saved in {saved['out_dir']}; continue with the same command and "
+                  f"--resume --out {out}", file=sys.stderr)
+        raise
     if res["already_complete"]:
         from erf_lab.erf.distributed import env_info
 
