@@ -229,6 +229,32 @@ def epoch_stem(epoch: int, ema: bool = False) -> str:
     return f"epoch_{int(epoch):03d}" + ("_ema" if ema else "")
 
 
+def trained_options_hint(weights: str | os.PathLike | None, model: str, overrides: Mapping) -> str:
+    """For weights of an ``erf-lab train`` run (:func:`training_run_of`) that do not load into ``model`` built with
+    ``overrides``: the end of the error line, naming the model and options that run trained (its run.json), as the
+    CLI options that load the file; "" for any other file, or when those options are the ones asked for."""
+    import shlex
+
+    found = None if weights is None or str(weights).startswith("builtin:") else training_run_of(weights)
+    if found is None:
+        return ""
+    run, info = found
+    cfg = info["model_config"]
+    trained = {**(cfg.get("overrides") or {}), "num_classes": cfg.get("num_classes")}
+    asked = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+    if cfg.get("name") == model and all(asked.get(k) == v for k, v in trained.items()):
+        return ""
+
+    def text(v) -> str:  # as --override reads it back (erf_lab.cli.options.parse_overrides)
+        if isinstance(v, (list, tuple)):
+            items = ",".join(repr(x) if isinstance(x, str) else str(x) for x in v)
+            return f"({items}{',' if len(v) == 1 else ''})"
+        return str(v)
+
+    options = " ".join(f"--override {shlex.quote(f'{k}={text(v)}')}" for k, v in trained.items())
+    return f"; the erf-lab train run {run} trained it as --model {cfg.get('name')} {options}: pass the same"
+
+
 def ema_decay_of(settings: dict | None) -> float | None:
     """The EMA decay of an ``erf-lab train`` run's settings (``recipe.ema``), None when it kept no EMA."""
     decay = ((settings or {}).get("recipe") or {}).get("ema") if isinstance(settings, dict) else None

@@ -1009,3 +1009,36 @@ def test_an_out_folder_inside_the_data_splits_is_refused(tmp_path, capsys, one_t
         assert err.count("\n") == 1 and "is inside the --data folder" in err and "Traceback" not in err, err
     assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == before
     assert main([*args, "--out", str(tmp_path / "run")]) == 0
+
+
+def test_a_run_checkpoint_that_does_not_fit_names_the_options_it_was_trained_with(tmp_path, capsys):
+    """User test: 'erf-lab compute --model replknet_31b --weights RUN/model.safetensors' after 'erf-lab train' with
+    overrides failed with '848 shape mismatch(es)'; the run's options were in its run.json only. The error now names
+    them as CLI options, and those options load the file."""
+    import shlex
+
+    out = tmp_path / "run"
+    _run(out, recipe=Recipe(epochs=1, batch_size=8, warmup_epochs=0))
+    weights = out / "model.safetensors"
+    erf = ["--num-images", "1", "--input-size", "32", "--quiet", "--weights", str(weights)]
+    assert main(["compute", "--model", "replknet_31b", *erf, "--out", str(tmp_path / "e1")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shape mismatch" in err
+    said = (f"; the erf-lab train run {out.resolve()} trained it as --model replknet_31b --override "
+            "'channels=(8,8,16,16)' --override 'layers=(1,1,1,1)' --override 'large_kernel_sizes=(7,7,7,3)' "
+            "--override num_classes=4: pass the same\n")
+    assert err.endswith(said)
+    # the options said load it (shlex reads them as the shell would)
+    options = shlex.split(said.split(" trained it as ")[1].split(":")[0])
+    assert main(["compute", *options, *erf, "--out", str(tmp_path / "e2")]) == 0, capsys.readouterr().err
+    info = json.loads((tmp_path / "e2" / "run.json").read_text())
+    assert info["overrides"]["channels"] == [8, 8, 16, 16] and info["random_init"] is False
+    # the options of the run, with only the class count missing: the classifier error names them too
+    assert main(["compute", *options[:-2], *erf, "--out", str(tmp_path / "e3")]) == 2
+    err = capsys.readouterr().err
+    assert "classifier has 4 classes, the model 1000" in err and err.endswith(said)
+    # a file outside a training run keeps the plain error
+    other = tmp_path / "copy.safetensors"
+    shutil.copy(weights, other)
+    assert main(["compute", "--model", "replknet_31b", *erf[:-1], str(other), "--out", str(tmp_path / "e4")]) == 2
+    assert "trained it as" not in capsys.readouterr().err

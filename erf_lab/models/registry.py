@@ -123,17 +123,28 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     if state_dict is not None and known and not drop_head and not kwargs.get("pretrained"):
         model = _build_uninitialized(name, factory, kwargs)
         if model is not None:
-            from erf_lab.checkpoint import load_weights
-
-            load_weights(model, state_dict, source=str(weights))  # strict: every tensor is overwritten
+            _load_named(model, state_dict, weights, name, overrides)  # strict: every tensor is overwritten
             return model
     model = _build(name, factory, kwargs)
     if state_dict is not None:
-        from erf_lab.checkpoint import load_weights
-
         # the dropped classifier's keys keep their random init: recorded, so what writes the weights can say so
-        model.random_init_keys = load_weights(model, state_dict, drop_head=drop_head, source=str(weights))
+        model.random_init_keys = _load_named(model, state_dict, weights, name, overrides, drop_head=drop_head)
     return model
+
+
+def _load_named(model: nn.Module, state_dict, weights, name: str, overrides: dict, drop_head: bool = False) -> list:
+    """:func:`erf_lab.checkpoint.load_weights`; a file of an ``erf-lab train`` run that does not fit the model
+    asked for names, in its error, the model and options the run trained (its checkpoints hold tensors only)."""
+    from erf_lab.checkpoint import load_weights, trained_options_hint
+    from erf_lab.errors import CheckpointError
+
+    try:
+        return load_weights(model, state_dict, drop_head=drop_head, source=str(weights))
+    except CheckpointError as e:
+        hint = trained_options_hint(weights, name, overrides)
+        if not hint:
+            raise
+        raise CheckpointError(f"{e}{hint}") from None
 
 
 def _build(name: str, factory, kwargs: dict) -> nn.Module:
