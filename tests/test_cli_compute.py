@@ -562,3 +562,26 @@ def test_records_name_the_source_commit(tmp_path):
     assert source_commit(str(repo)) == head + "+dirty"
     commit = versions()["erf_lab_commit"]  # this checkout's (None where the tests run from an installed copy)
     assert commit is None or len(commit.split("+")[0]) == 40
+
+
+def test_run_json_records_the_options_a_builtin_model_was_built_with(tmp_path, capsys):
+    """User test: 'compute --model replknet_31b --weights builtin:cue-world/K31-seed0' measured the shipped
+    (16, 32, 64, 128)-channel, 10-class model, but run.json's "overrides" (README: "the network as built") was {},
+    which reads as the 79.9M-parameter RepLKNet-31B. It now holds the options the network was built with; the
+    config keeps those asked for."""
+    from erf_lab.models import create_model
+    from erf_lab.paths import data_dir
+
+    out = tmp_path / "run"
+    weights = "builtin:cue-world/K31-seed0"
+    code, _, err = _cli(capsys, "compute", "--model", "replknet_31b", "--weights", weights, "--override",
+                        "drop_path_rate=0.1", "--num-images", "1", "--input-size", "32", "--out", str(out), "--quiet")
+    assert code == 0, err
+    info = json.loads((out / "run.json").read_text())
+    record = json.loads((data_dir() / "trained" / "cue-world" / "K31-seed0.json").read_text())
+    assert record["overrides"] == {"channels": [16, 32, 64, 128], "layers": [1, 1, 1, 1]}
+    assert info["overrides"] == {**record["overrides"], "num_classes": 10, "drop_path_rate": 0.1}
+    assert info["config"]["overrides"] == {"drop_path_rate": 0.1}
+    # the recorded options build the network that the file loads into, without the builtin: record
+    net = create_model("replknet_31b", weights=info["weights"], **info["overrides"])
+    assert sum(p.numel() for p in net.parameters()) < 2e6 and net.num_classes == 10

@@ -775,6 +775,8 @@ def _tell_saved(stop: BaseException, out_dir: Path, measured: int, total: int, d
 
 def _run_info(spec, config, result, source, geom, train, device, dinfo, label, tags, resumed_from, start, t0,
               measure_s, argv, data_cfg) -> dict:
+    from erf_lab.models.registry import build_options
+
     order = {i: n for n, i in enumerate(config["images"])}
     skipped_ids = {s[0] for s in result.skipped}
     used = sorted((p for p in result.processed if p not in skipped_ids), key=lambda p: order.get(p, 1 << 30))
@@ -784,7 +786,8 @@ def _run_info(spec, config, result, source, geom, train, device, dinfo, label, t
     train_size, train_size_source = train
     return {
         "label": label, "config": _normalise(config), "tags": _normalise(tags),
-        "model": spec.model, "overrides": _normalise(spec.config()["overrides"]),
+        # the options the network was built with: a builtin: model's recorded ones too (config: those asked for)
+        "model": spec.model, "overrides": _normalise(build_options(spec.model, spec.weights, spec.overrides)),
         "weights": str(resolve_weights(spec.weights)[0].resolve()) if spec.weights else None,
         "weights_sha256": config["weights"],
         "random_init": init is not None, "init_seed": None if init is None else init["seed"],

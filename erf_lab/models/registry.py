@@ -97,13 +97,9 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     factory = _resolve_factory(name)
     state_dict = None
     if weights is not None:
-        from erf_lab.checkpoint import load_state_dict_file, resolve_weights
+        from erf_lab.checkpoint import load_state_dict_file
 
-        record = resolve_weights(weights)[1]  # a builtin: model brings the options it was trained with
-        if record:
-            if record.get("model") not in (None, name):
-                raise ErfLabError(f"{weights} are weights of {record['model']!r}, not of {name!r}")
-            overrides = {**record.get("overrides", {}), "num_classes": record["num_classes"], **overrides}
+        overrides = build_options(name, weights, overrides)  # a builtin: model brings the options it was trained with
         state_dict = load_state_dict_file(weights)
         if _implies_deploy(state_dict):
             deploy = True
@@ -130,6 +126,20 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
         # the dropped classifier's keys keep their random init: recorded, so what writes the weights can say so
         model.random_init_keys = _load_named(model, state_dict, weights, name, overrides, drop_head=drop_head)
     return model
+
+
+def build_options(name: str, weights: str | None, overrides: dict) -> dict:
+    """The constructor options that :func:`create_model` builds ``name`` with for ``weights``: a ``builtin:`` model's
+    recorded options and class count under the explicit ``overrides``; ``overrides`` as given for any other file.
+    ErfLabError when the shipped weights belong to another model."""
+    from erf_lab.checkpoint import resolve_weights
+
+    record = resolve_weights(weights)[1] if weights is not None else {}
+    if not record:
+        return dict(overrides)
+    if record.get("model") not in (None, name):
+        raise ErfLabError(f"{weights} are weights of {record['model']!r}, not of {name!r}")
+    return {**record.get("overrides", {}), "num_classes": record["num_classes"], **overrides}
 
 
 def _load_named(model: nn.Module, state_dict, weights, name: str, overrides: dict, drop_head: bool = False) -> list:
