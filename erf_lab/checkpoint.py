@@ -50,6 +50,8 @@ def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict]:
     ``data/trained/NAME.safetensors`` and its ``NAME.json`` record (``model``, ``overrides``, ``num_classes``,
     ``input_size``, ...; :func:`erf_lab.models.create_model` applies its overrides)."""
     text = str(weights)
+    if not text.strip():  # Path("") is the current folder: named "checkpoint . is a folder"
+        raise CheckpointError("--weights is empty; name a checkpoint file (.pth/.pt/.safetensors)")
     if not text.startswith(BUILTIN_PREFIX):
         return Path(weights).expanduser(), {}
     import json

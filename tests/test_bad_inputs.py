@@ -318,6 +318,18 @@ def _cases():
     add("study-out-empty", ["study", "kernel-family", "--out", ""], empty)
     add("sweep-out-empty", ["sweep", "--kernels", "3", *TINY[2:], "--input-size", "32", "--out", ""], empty)
     add("compare-out-empty", ["compare", "{bad}/good_run", "--out", ""], empty)
+    # an empty input option (an unset shell variable): '--images ""' read the current folder recursively, '--layer ""'
+    # measured the default layer, '--weights ""' was named "checkpoint . is a folder"
+    add("compute-images-empty", [*SMALL, "--images", ""], "--images is empty; name a folder of images")
+    add("sweep-images-empty", ["sweep", "--kernels", "3", *TINY[2:], "--input-size", "32", "--images", "", "--out",
+                               "{out}"], "--images is empty; name a folder of images")
+    add("compute-layer-empty", [*SMALL, "--layer", ""], "--layer is empty; name a layer")
+    add("compute-weights-empty", [*SMALL, "--weights", ""], "--weights is empty; name a checkpoint file")
+    add("reparam-weights-empty", ["reparam", *TINY, "--weights", "", "--out", "{out}/x.pth"],
+        "--weights is empty; name a checkpoint file")
+    add("shape-bias-weights-empty", ["shape-bias", *TINY, "--stimuli", "cue-world", "--weights", "", "--out",
+                                     "{out}"], "--weights is empty; name a checkpoint file")
+    add("train-data-empty-name", [*tr, "--data", "", "--out", "{out}"], "--data is empty; name a folder")
     add("analyze-out-empty", ["analyze", "{bad}/good_run", "--out", ""], empty)
     # a name longer than the file system allows (255 bytes a name): Path.exists() raises ENAMETOOLONG
     long = "x" * 300

@@ -34,7 +34,7 @@ from erf_lab.erf.compute import Accumulator, compute_erf
 from erf_lab.erf.prepare import CONV_BACKENDS, check_device
 from erf_lab.erf.rundir import RUN_FILE, STATE_GLOB, load_run, write_run_dir
 from erf_lab.errors import ErfLabError, on_every_rank, out_of_memory
-from erf_lab.io import check_out_path
+from erf_lab.io import check_out_path, refuse_empty
 from erf_lab.provenance import launch, now, provenance, versions
 
 OUTPUT_FILES = ("erf.npy", "metrics.json", "erf.png", "erf.pdf", "erf.svg", RUN_FILE)
@@ -113,6 +113,11 @@ class ErfSpec:
         if self.train_size is not None and self.train_size > MAX_INPUT_SIZE:
             raise ErfLabError(f"--train-size (the weights' training resolution) {self.train_size} is above "
                               f"{MAX_INPUT_SIZE} px, the largest input erf-lab measures")
+        # Path("") is the current folder: '--images ""' (an unset shell variable) read it recursively, '--layer ""'
+        # measured the default layer as if the option were not given
+        refuse_empty(self.images, "--images", "name a folder of images, or leave --images out for the built-in set")
+        refuse_empty(self.layer, "--layer", "name a layer ('erf-lab layers --model ...'), or leave --layer out for "
+                                            "the last feature map")
         if self.images is not None and str(self.images) != "default":
             p = Path(self.images).expanduser()
             if not p.is_dir():

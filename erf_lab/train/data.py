@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from erf_lab.errors import ErfLabError
+from erf_lab.io import refuse_empty
 
 CUE_WORLD = "cue-world"
 
@@ -150,6 +151,7 @@ def image_folder(root: str | os.PathLike, input_size: int,
                  seed: int = 0) -> tuple[ImageFolderSplit, ImageFolderSplit]:
     """(train, val) splits of an ImageFolder tree; ErfLabError for a missing / empty split, a class present
     in only one split or a single class."""
+    refuse_empty(root, "--data", "name a folder with train/ and val/, or 'cue-world'")  # Path("") is "."
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ErfLabError(f"--data: no such folder: {root}" if not root.exists()

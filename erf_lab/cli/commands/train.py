@@ -6,6 +6,7 @@ import sys
 
 from erf_lab.cli.options import parse_overrides, seed, warnings_as_lines
 from erf_lab.errors import ErfLabError
+from erf_lab.io import refuse_empty
 
 NAME = "train"
 HELP = "train a model (cue-world or a train/ val/ image folder); resumable, DDP under torchrun"
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and args.force:
         raise ErfLabError("--resume and --force exclude each other")
+    refuse_empty(args.data, "--data", "name a folder with train/ and val/, or 'cue-world'")  # Path("") is "."
     given = [flag for flag, v in (("--train-size", args.train_size), ("--val-size", args.val_size)) if v is not None]
     if given and args.data != "cue-world":
         raise ErfLabError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} cue-world's image counts; "
