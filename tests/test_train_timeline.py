@@ -544,3 +544,30 @@ def test_timeline_of_the_ema_weights(tiny_run, tmp_path, capsys):
     torch.save({"model": sd["model"]}, ckpt / "epoch_002.pth")  # as a safetensors-only run keeps no EMA
     refused([str(run), "--ema", "--out", str(tmp_path / "none")], "no EMA weights for epoch(s) 2")
     assert not (tmp_path / "none").exists()
+
+
+def test_a_stopped_timeline_says_what_it_keeps_and_how_to_go_on(tiny_run, tmp_path, capsys, monkeypatch):
+    """User test: Ctrl-C in 'erf-lab timeline' said only 'interrupted' (compute and train say where their progress
+    is); it now says how many checkpoints are kept and where, and the same command measures only the rest."""
+    from erf_lab.train import timeline as T
+
+    real, calls = T.measure_checkpoint, []
+
+    def stopped_at_the_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    out = tmp_path / "tl"
+    argv = ["timeline", str(tiny_run), "--num-images", "2", "--probe-size", "12", "--input-size", "64", "--formats",
+            "png", "--quiet", "--out", str(out)]
+    monkeypatch.setattr(T, "measure_checkpoint", stopped_at_the_second)
+    assert main(argv) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"stopped after 1 of 3 checkpoints: those are kept in {out}; the same command measures the rest",
+        "erf-lab timeline: interrupted"]
+    assert json.loads((out / "timeline.json").read_text())["complete"] is False
+    monkeypatch.setattr(T, "measure_checkpoint", real)
+    assert main(argv) == 0
+    assert "measured 2 ERF(s) and 2 probe(s) of 3 checkpoint(s); the rest came from the cache" in capsys.readouterr().out

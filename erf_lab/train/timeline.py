@@ -10,6 +10,7 @@ Writes ``RUN/timeline/timeline.csv`` / ``.json`` and ``timeline.png`` / ``.pdf``
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -286,7 +287,8 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     # held while it writes: a second timeline into it meanwhile (another shell, the app) mixed rows and caches
     with hold_folder(out):
         rows, counts, maps = [], {"erf": 0, "probe": 0}, {}
-        with command_record(out / "timeline.json", record) as save:  # the folder is a timeline from now on
+        # the folder is a timeline from now on; Ctrl-C says how many checkpoints it keeps (the CLI prints it)
+        with command_record(out / "timeline.json", record) as save, _kept_on_stop(out, rows, len(epochs)):
             images = cue_world_images(out / f"images-{size}px", int(num_images), size, run.num_classes, int(s["seed"]))
             for epoch in progress(epochs, desc="timeline", unit="ckpt", disable=not show_progress):
                 weights = _ema_file(sources[epoch], out / "ema-weights", epoch, train_size) if ema else sources[epoch]
@@ -319,6 +321,17 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
             (out / f"timeline.{fmt}").unlink(missing_ok=True)
         save(complete=True, rows=rows)  # last: the timeline is complete
     return {"rows": rows, "out_dir": out, "measured": counts, "weights_note": weights_note}
+
+
+@contextlib.contextmanager
+def _kept_on_stop(out: Path, rows: list, total: int):
+    """Mark a Ctrl-C / SIGTERM (KeyboardInterrupt) with what the stopped timeline keeps, as
+    ``stop.timeline_saved = {"out_dir", "measured", "total"}`` (``rows``: the checkpoints measured so far, cached)."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        stop.timeline_saved = {"out_dir": str(out), "measured": len(rows), "total": total}
+        raise
 
 
 #: the note for the rows marked ``untrained`` (the CLI's "†")

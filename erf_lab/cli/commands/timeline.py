@@ -39,9 +39,15 @@ def run(args) -> int:
     from erf_lab.erf.plotting import parse_formats
     from erf_lab.train.timeline import UNTRAINED_NOTE, timeline
 
-    res = timeline(args.run_dir, input_size=args.input_size, num_images=args.num_images,
-                   probe_size=args.probe_size, device=args.device, formats=parse_formats(args.formats),
-                   show_progress=not args.quiet, out=args.out, argv=sys.argv, ema=args.ema)
+    try:
+        res = timeline(args.run_dir, input_size=args.input_size, num_images=args.num_images,
+                       probe_size=args.probe_size, device=args.device, formats=parse_formats(args.formats),
+                       show_progress=not args.quiet, out=args.out, argv=sys.argv, ema=args.ema)
+    except KeyboardInterrupt as e:
+        if saved := getattr(e, "timeline_saved", None):
+            print(f"stopped after {saved['measured']} of {saved['total']} checkpoints: those are kept in "
+                  f"{saved['out_dir']}; the same command measures the rest", file=sys.stderr)
+        raise
 
     def f(v, fmt=".3f", none="n/a"):
         return none if v is None else format(v, fmt)
