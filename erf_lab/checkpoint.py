@@ -350,6 +350,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if blocked_global(e):
             raise CheckpointError(f"refusing to load {path}: {load_failure(e)}; save a plain state dict or "
                                   ".safetensors instead") from None
+        if path.stat().st_size == 0:  # torch named it "EOFError: unreadable"
+            raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes: an interrupted "
+                                  "download or copy?)") from None
         damaged = _format_by_bytes(path)
         what = (f"a {damaged} checkpoint that is truncated or damaged (an interrupted download or copy?)" if damaged
                 else "not a PyTorch checkpoint or safetensors file")

@@ -118,7 +118,7 @@ def _cases():
         "checkpoint {bad}/empty is a folder; --weights takes a checkpoint file")
     add("shape-bias-weights-a-folder", ["shape-bias", *TINY, "--weights", "{bad}/empty", "--out", "{out}"],
         "checkpoint {bad}/empty is a folder; --weights takes a checkpoint file")
-    add("weights-empty", [*SMALL, "--weights", "{bad}/empty.pth"], "cannot read checkpoint")
+    add("weights-empty", [*SMALL, "--weights", "{bad}/empty.pth"], "the file is empty (0 bytes")
     add("weights-text", [*SMALL, "--weights", "{bad}/notes.pth"], "cannot read checkpoint")
     add("weights-truncated", [*SMALL, "--weights", "{bad}/truncated.pth"], "cannot read checkpoint")
     add("weights-wrong-model", [*SMALL, "--weights", "{bad}/resnet.pth"], "missing")

@@ -103,7 +103,7 @@ def test_unreadable_files_give_one_checkpoint_error_line(tmp_path, suffix):
             load_state_dict_file(path)
         msg = str(e.value)
         kind = "PyTorch zip checkpoint that is truncated or damaged" if what.endswith(("zip", "garbage")) else \
-            "not a PyTorch checkpoint or safetensors file"
+            "the file is empty (0 bytes" if what == "empty" else "not a PyTorch checkpoint or safetensors file"
         assert kind in msg and str(path) in msg, (what, msg)
         assert "\n" not in msg, (what, msg)
 
