@@ -90,6 +90,29 @@ def test_analyze_again_into_its_folder_leaves_no_figure_of_the_earlier_analysis(
     assert sorted(p.name for p in a.iterdir()) == sorted({*own, "analysis.json"})
 
 
+def test_analyze_in_place_draws_the_runs_own_figures_again(capsys, tmp_path):
+    """User test: `analyze RUN --display slak --formats png` redrew erf.png with the SLaK display but left the run's
+    erf.pdf as compute drew it (RepLKNet display): the PNG and PDF of one figure disagreed. The run's own figure
+    formats are drawn again with the asked ones."""
+    run = tmp_path / "run"
+    write_run_dir(run, gaussian_map(s=3.0), {"model": "small_k", "label": "small"}, theoretical_rf=30,
+                  formats=("png", "pdf", "svg"))
+    svg = (run / "erf.svg").read_text()
+    assert "RepLKNet, Ding et al." in svg and "SLaK" not in svg  # (SVG keeps its text as text)
+    pdf = (run / "erf.pdf").read_bytes()
+    rc, out, err = run_cli(capsys, "analyze", str(run), "--display", "slak", "--formats", "png")
+    assert rc == 0, err
+    assert f"wrote {run / 'metrics.json'}, {run / 'erf.png'}, {run / 'erf.pdf'}, {run / 'erf.svg'}," in out
+    analysis = json.loads((run / "analysis.json").read_text())
+    assert analysis["files"] == ["metrics.json", "erf.png", "erf.pdf", "erf.svg"]
+    assert analysis["parameters"]["formats"] == ["png", "pdf", "svg"] and analysis["parameters"]["display"] == "slak"
+    svg = (run / "erf.svg").read_text()
+    assert "A/max (SLaK, Liu et al., ICLR 2023)" in svg and "RepLKNet, Ding et al." not in svg
+    assert (run / "erf.pdf").read_bytes() != pdf
+    assert sorted(p.name for p in run.iterdir()) == ["analysis.json", "erf.npy", "erf.pdf", "erf.png", "erf.svg",
+                                                    "metrics.json", "run.json"]
+
+
 def test_compare_two_runs(capsys, two_runs, tmp_path):
     a, b = two_runs
     out_dir = tmp_path / "cmp"

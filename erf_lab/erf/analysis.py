@@ -24,7 +24,7 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     ``<stem>.<fmt>`` for another name), or into ``out``; ``analysis.json`` records how. run.json of a
     run directory is left untouched. Returns ``{"metrics", "files", "out_dir", "text", "label"}``.
     """
-    from erf_lab.erf.plotting import display_preset, plot_erf
+    from erf_lab.erf.plotting import FORMATS, display_preset, plot_erf
 
     display = display_preset(display)
     run = load_run(path)
@@ -41,6 +41,13 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
         random_init = bool((run.run_info or {}).get("random_init") or (run.metrics or {}).get("random_init"))
         if random_init:  # metrics.json, figure and console all say so
             metrics["random_init"] = True
+        own = read_json_or_none(out_dir / "run.json")  # a run folder's own figures (run.json's files) stay
+        own = [f for f in own["files"] if isinstance(f, str)] if isinstance(own, dict) and \
+            isinstance(own.get("files"), list) else []
+        # and are drawn again with the new ones: left as they were, erf.pdf showed the earlier display (or map)
+        # beside a new erf.png
+        formats = tuple(dict.fromkeys([*formats, *(Path(f).suffix[1:] for f in own
+                                                   if Path(f).stem == stem and Path(f).suffix[1:] in FORMATS)]))
         write_json(mpath, metrics)
         title = f"{run.label} {RANDOM_MARK}" if random_init else run.label
         files = [mpath] + plot_erf(run.erf, out_dir / stem, title=title, formats=tuple(formats), display=display,
@@ -55,9 +62,7 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
         record["metrics_summary"] = summary(metrics)
         record["files"] = [p.name for p in files]
         write_json(out_dir / f"{prefix}analysis.json", record)
-        own = read_json_or_none(out_dir / "run.json")  # a run folder's own figures (run.json's files) stay
-        keep = record["files"] + (own["files"] if isinstance(own, dict) and isinstance(own.get("files"), list)
-                                  else [])
+        keep = record["files"] + own
         remove_earlier_outputs(out_dir, keep, names=earlier.get("files") if isinstance(earlier, dict) else None)
     return {"metrics": metrics, "files": files + [out_dir / f"{prefix}analysis.json"], "out_dir": out_dir,
             "text": text, "label": run.label}

@@ -6,7 +6,8 @@ import sys
 NAME = "analyze"
 HELP = "recompute ERF metrics (paper area ratios, spread, Gaussian fit) and figures of a run or .npy"
 ORDER = 40
-DESCRIPTION = (HELP + ". Metrics go to metrics.json and figures to erf.<fmt> next to the .npy (or in --out); "
+DESCRIPTION = (HELP + ". Metrics go to metrics.json and figures to erf.<fmt> next to the .npy (or in --out; in a run "
+               "folder its own figures, e.g. erf.png and erf.pdf, are drawn again with them, so that they agree); "
                "the table shows RepLKNet paper Table 10 values beside the measured area ratios.")
 
 
