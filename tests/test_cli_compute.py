@@ -585,3 +585,20 @@ def test_run_json_records_the_options_a_builtin_model_was_built_with(tmp_path, c
     # the recorded options build the network that the file loads into, without the builtin: record
     net = create_model("replknet_31b", weights=info["weights"], **info["overrides"])
     assert sum(p.numel() for p in net.parameters()) < 2e6 and net.num_classes == 10
+
+
+def test_reparam_records_how_its_file_was_made(tmp_path, capsys, monkeypatch):
+    """User test: a deploy file's .run.json held the numbers of the merge only, no command line, erf-lab version
+    or time (every other output carries them): it now carries the provenance record too."""
+    out = tmp_path / "deploy.pth"
+    argv = ["reparam", *TINY, "--out", str(out), "--check-size", "32"]
+    monkeypatch.setattr("sys.argv", ["/somewhere/erf_lab/__main__.py", *argv])
+    code, stdout, err = _cli(capsys, *argv)
+    assert code == 0, err
+    record = json.loads((tmp_path / "deploy.pth.run.json").read_text())
+    prov = record["provenance"]
+    assert prov["command"] == "reparam" and prov["argv"] == ["erf-lab", *argv]
+    assert prov["parameters"]["model"] == "replknet_31b" and prov["parameters"]["check_size"] == 32
+    assert prov["parameters"]["overrides"] == record["overrides"] == {"channels": [8, 8, 8, 8], "layers": [1, 1, 1, 1]}
+    assert {"erf_lab", "erf_lab_commit", "torch"} <= set(prov["versions"]) and prov["time"]
+    assert record["sha256"] and record["random_init"] is True  # the merge's numbers are kept as they were

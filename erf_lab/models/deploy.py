@@ -120,7 +120,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path, facts:
 
 def export_deploy(model_name: str, out: str | Path, *, weights: str | None = None, drop_head: bool = False,
                   batch_size: int = 2, input_size: int = 224, flops_input_size: int = 224, seed: int = 0,
-                  show_progress: bool | None = None, **overrides) -> dict:
+                  show_progress: bool | None = None, argv: list[str] | None = None, **overrides) -> dict:
     """Build ``model_name`` (optionally with ``weights``), merge its kernels into the official deploy layout,
     measure the equivalence error of the logits on a random batch, and save the merged state dict to ``out``.
 
@@ -130,7 +130,7 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     in eval mode (BN running statistics), where the merge is exact up to float rounding. Without ``weights`` the
     model is initialised from ``seed``; a random init (or weights that are one) is marked in the output file, and
     so is the training size of ``weights`` where it is known (:func:`save_state_dict`); the summary is also written
-    to ``<out>.run.json``.
+    to ``<out>.run.json``, with the ``provenance`` every output carries (command line ``argv``, versions, time).
     """
     from erf_lab.io import (RESULT_KINDS, hold_file, missing_folders, prepare_out_dir, refuse_empty,
                             remove_empty_folders, result_kind)
@@ -162,14 +162,14 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
         with hold_file(out):
             return _export_deploy(model_name, out, weights=weights, drop_head=drop_head, batch_size=batch_size,
                                   input_size=input_size, flops_input_size=flops_input_size, seed=seed,
-                                  show_progress=show_progress, **overrides)
+                                  show_progress=show_progress, argv=argv, **overrides)
     except BaseException:  # a bad --weights file, a model that cannot merge, Ctrl-C: no empty folder left behind
         remove_empty_folders(made)
         raise
 
 
 def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size, input_size, flops_input_size,
-                   seed, show_progress, **overrides) -> dict:
+                   seed, show_progress, argv, **overrides) -> dict:
     """:func:`export_deploy` once its arguments are checked and ``out``'s folder exists."""
     from erf_lab.checkpoint import random_init_of, training_input_size, weights_facts
     from erf_lab.io import progress, sha256_file, write_json
@@ -241,5 +241,11 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
         check_batch=[batch_size, in_ch, input_size, input_size], seed=seed,
         seconds=round(time.perf_counter() - t0, 2), torch=torch.__version__,
     )
-    write_json(out.with_name(out.name + ".run.json"), summary)
+    # how the file was made (the summary held the numbers only: no command line, erf-lab version or time)
+    from erf_lab.provenance import provenance
+
+    record = provenance("reparam", {"model": model_name, "weights": summary["weights"], "drop_head": drop_head,
+                                    "overrides": summary["overrides"], "out": str(out), "check_batch": batch_size,
+                                    "check_size": input_size, "seed": seed}, argv)
+    write_json(out.with_name(out.name + ".run.json"), {**summary, "provenance": record})
     return summary

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 NAME = "reparam"
 HELP = "merge RepLKNet's small kernels into the large ones and save the deploy checkpoint"
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from erf_lab.models.deploy import export_deploy
 
     s = export_deploy(args.model, args.out, weights=args.weights, drop_head=args.drop_head,
-                      batch_size=args.check_batch, input_size=args.check_size, **parse_overrides(args.override))
+                      batch_size=args.check_batch, input_size=args.check_size, argv=["erf-lab", *sys.argv[1:]],
+                      **parse_overrides(args.override))
     seed = "" if s["init_seed"] is None else f", seed {s['init_seed']}"
     init = f"  (random init{seed}; the output is marked as untrained)" if s["random_init"] else ""
     print(f"model        {s['model']}" + (f"  (weights {s['weights']})" if s["weights"] else "") + init)
