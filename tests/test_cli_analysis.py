@@ -113,6 +113,20 @@ def test_analyze_in_place_draws_the_runs_own_figures_again(capsys, tmp_path):
                                                     "metrics.json", "run.json"]
 
 
+def test_analyze_and_compare_record_the_command_as_the_user_runs_it(capsys, two_runs, tmp_path, monkeypatch):
+    """User test: analysis.json and compare.json recorded sys.argv as it was, whose first word is the console
+    script's path, or '.../erf_lab/__main__.py' under 'python -m erf_lab' (no command anyone types), while the
+    ERF and training runs record 'erf-lab ...'. Every command's record now names it 'erf-lab'."""
+    a, b = two_runs
+    for argv, record in ((["analyze", str(a), "--out", str(tmp_path / "an"), "--formats", "png"],
+                          tmp_path / "an" / "analysis.json"),
+                         (["compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--formats", "png"],
+                          tmp_path / "cmp" / "compare.json")):
+        monkeypatch.setattr("sys.argv", ["/venv/lib/python3.11/site-packages/erf_lab/__main__.py", *argv])
+        assert run_cli(capsys, *argv)[0] == 0
+        assert json.loads(record.read_text())["argv"] == ["erf-lab", *argv]
+
+
 def test_compare_two_runs(capsys, two_runs, tmp_path):
     a, b = two_runs
     out_dir = tmp_path / "cmp"

@@ -16,6 +16,12 @@ BATCH_SIZE_HELP = ("images per forward/backward (default: auto; on a CPU up to 8
                    "result does not depend on it)")
 
 
+def command_line() -> list[str]:
+    """The command as the user runs it, for the records (``provenance``'s ``argv``): ``erf-lab`` and its arguments.
+    ``sys.argv[0]`` is the console script's path, or ``.../erf_lab/__main__.py`` under ``python -m erf_lab``."""
+    return ["erf-lab", *sys.argv[1:]]
+
+
 def parse_overrides(items: list[str] | None) -> dict:
     """``key=value`` pairs; values are Python literals when they parse as one (``channels=(8,8,8,8)``)."""
     out = {}

@@ -1,7 +1,7 @@
 """``erf-lab analyze``: recompute the metrics and figures of an ERF run directory or ``.npy`` file."""
 from __future__ import annotations
 
-import sys
+from erf_lab.cli.options import command_line
 
 NAME = "analyze"
 HELP = "recompute ERF metrics (paper area ratios, spread, Gaussian fit) and figures of a run or .npy"
@@ -30,7 +30,7 @@ def run(args) -> int:
     from erf_lab.erf.analysis import analyze
 
     res = analyze(args.path, out=args.out, formats=parse_formats(args.formats),
-                  theoretical_rf=args.theoretical_rf, argv=sys.argv, display=args.display)
+                  theoretical_rf=args.theoretical_rf, argv=command_line(), display=args.display)
     if args.json:
         print(json.dumps(res["metrics"], indent=2))
     else:

@@ -1,7 +1,7 @@
 """``erf-lab compare``: several ERFs side by side on one colour scale, with a metrics table."""
 from __future__ import annotations
 
-import sys
+from erf_lab.cli.options import command_line
 
 NAME = "compare"
 HELP = "compare ERF runs: heatmaps side by side on one colour scale + metrics table (markdown, CSV)"
@@ -34,7 +34,7 @@ def run(args) -> int:
     if labels is not None and len(labels) == 1 and "," in labels[0]:
         labels = [s.strip() for s in labels[0].split(",")]
     res = compare(args.paths, labels=labels, out=args.out, formats=parse_formats(args.formats),
-                  allow_mixed_sizes=args.allow_mixed_sizes, normalize=args.normalize, argv=sys.argv,
+                  allow_mixed_sizes=args.allow_mixed_sizes, normalize=args.normalize, argv=command_line(),
                   display=args.display)
     print(res["markdown"])
     print()

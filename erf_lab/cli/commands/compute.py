@@ -5,7 +5,7 @@ import argparse
 import shlex
 import sys
 
-from erf_lab.cli.options import BATCH_SIZE_HELP, parse_overrides, seed, warnings_as_lines
+from erf_lab.cli.options import BATCH_SIZE_HELP, command_line, parse_overrides, seed, warnings_as_lines
 from erf_lab.errors import ErfLabError
 
 NAME = "compute"
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with warnings_as_lines("compute"):
             res = run_erf(spec, out=args.out, resume=args.resume, force=args.force, show_progress=not args.quiet,
-                          checkpoint_seconds=args.checkpoint_seconds, argv=["erf-lab", *sys.argv[1:]],
+                          checkpoint_seconds=args.checkpoint_seconds, argv=command_line(),
                           display=args.display)
     except KeyboardInterrupt as e:  # say where the progress is (a default --out is a folder the user never named)
         if saved := getattr(e, "erf_saved", None):

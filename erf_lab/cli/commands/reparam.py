@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 NAME = "reparam"
 HELP = "merge RepLKNet's small kernels into the large ones and save the deploy checkpoint"
@@ -25,11 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from erf_lab.cli.options import parse_overrides
+    from erf_lab.cli.options import command_line, parse_overrides
     from erf_lab.models.deploy import export_deploy
 
     s = export_deploy(args.model, args.out, weights=args.weights, drop_head=args.drop_head,
-                      batch_size=args.check_batch, input_size=args.check_size, argv=["erf-lab", *sys.argv[1:]],
+                      batch_size=args.check_batch, input_size=args.check_size, argv=command_line(),
                       **parse_overrides(args.override))
     seed = "" if s["init_seed"] is None else f", seed {s['init_seed']}"
     init = f"  (random init{seed}; the output is marked as untrained)" if s["random_init"] else ""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from erf_lab.cli.options import command_line
+
 NAME = "timeline"
 HELP = "ERF and cue-world shape bias at every checkpoint of an 'erf-lab train' run (epoch 0 included), one figure"
 ORDER = 61
@@ -42,7 +44,7 @@ def run(args) -> int:
     try:
         res = timeline(args.run_dir, input_size=args.input_size, num_images=args.num_images,
                        probe_size=args.probe_size, device=args.device, formats=parse_formats(args.formats),
-                       show_progress=not args.quiet, out=args.out, argv=sys.argv, ema=args.ema)
+                       show_progress=not args.quiet, out=args.out, argv=command_line(), ema=args.ema)
     except KeyboardInterrupt as e:
         if saved := getattr(e, "timeline_saved", None):
             print(f"stopped after {saved['measured']} of {saved['total']} checkpoints: those are kept in "

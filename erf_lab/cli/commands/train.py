@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from erf_lab.cli.options import parse_overrides, seed, warnings_as_lines
+from erf_lab.cli.options import command_line, parse_overrides, seed, warnings_as_lines
 from erf_lab.errors import ErfLabError
 from erf_lab.io import refuse_empty
 
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                     num_classes=args.num_classes, resample=args.resample, seed=args.seed, device=args.device,
                     amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn, num_workers=args.num_workers,
                     resume=args.resume, force=args.force, checkpoint_format=args.checkpoint_format,
-                    show_progress=not args.quiet, argv=["erf-lab", *sys.argv[1:]])
+                    show_progress=not args.quiet, argv=command_line())
     if res["already_complete"]:
         from erf_lab.erf.distributed import env_info
 
