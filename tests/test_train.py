@@ -306,7 +306,14 @@ def _bad_cases(tmp_path):
         "sync-bn on cpu": ([*cue, "--batch-size", "8", "--sync-bn"], "needs CUDA"),
         "fp16 on cpu": ([*cue, "--batch-size", "8", "--amp", "fp16"], "needs a CUDA device"),
         "unknown device": ([*cue, "--batch-size", "8", "--device", "tpu"], "unknown --device"),
-        "negative lr": ([*cue, "--batch-size", "8", "--lr", "-1"], "--lr out of range"),
+        "negative lr": ([*cue, "--batch-size", "8", "--lr", "-1"], "--lr must be above 0, got -1"),
+        # each recipe error says the allowed values (it said "--warmup-epochs out of range: 20.0", no range)
+        "warm-up longer than the run": ([*cue, "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "3"],
+                                        "--warmup-epochs must be from 0 to --epochs (2), got 3"),
+        "min-lr above lr": ([*cue, "--batch-size", "8", "--min-lr", "0.01"],
+                            "--min-lr must be from 0 to --lr (0.002), got 0.01"),
+        "ema of 1": ([*cue, "--batch-size", "8", "--ema", "1"], "--ema must be 0 (off) or between 0 and 1, e.g. 0.999"),
+        "infinite lr": ([*cue, "--batch-size", "8", "--lr", "inf"], "--lr must be a finite number, got inf"),
         # build_model sets both: --override num_classes was dropped, drop_path_rate trained with drop path while
         # run.json recorded drop_path_rate 0.0
         "num_classes override": ([*cue, "--batch-size", "8", "--override", "num_classes=7"],

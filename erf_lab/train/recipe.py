@@ -34,14 +34,20 @@ class Recipe:
             raise ErfLabError(f"--epochs must be at least 1, got {self.epochs}")
         if int(self.batch_size) < 1:
             raise ErfLabError(f"--batch-size must be at least 1, got {self.batch_size}")
-        checks = [("lr", self.lr > 0), ("min-lr", 0 <= self.min_lr <= self.lr),
-                  ("weight-decay", self.weight_decay >= 0),
-                  ("warmup-epochs", 0 <= self.warmup_epochs <= self.epochs),
-                  ("label-smoothing", 0 <= self.label_smoothing < 1), ("drop-path", 0 <= self.drop_path < 1),
-                  ("ema", self.ema == 0 or 0 < self.ema < 1), ("clip-grad", self.clip_grad >= 0)]
-        for name, ok in checks:
-            if not ok or not math.isfinite(float(getattr(self, name.replace("-", "_")))):
-                raise ErfLabError(f"--{name} out of range: {getattr(self, name.replace('-', '_'))}")
+        # (option, whether its value is allowed, the allowed values as the error line says them)
+        checks = [("lr", self.lr > 0, "above 0"),
+                  ("min-lr", 0 <= self.min_lr <= self.lr, f"from 0 to --lr ({self.lr:g})"),
+                  ("weight-decay", self.weight_decay >= 0, "0 or more"),
+                  ("warmup-epochs", 0 <= self.warmup_epochs <= self.epochs, f"from 0 to --epochs ({self.epochs})"),
+                  ("label-smoothing", 0 <= self.label_smoothing < 1, "from 0 to below 1"),
+                  ("drop-path", 0 <= self.drop_path < 1, "from 0 to below 1"),
+                  ("ema", self.ema == 0 or 0 < self.ema < 1, "0 (off) or between 0 and 1, e.g. 0.999"),
+                  ("clip-grad", self.clip_grad >= 0, "0 (off) or more")]
+        for name, ok, allowed in checks:
+            value = getattr(self, name.replace("-", "_"))
+            if not ok or not math.isfinite(float(value)):
+                what = allowed if math.isfinite(float(value)) else "a finite number"
+                raise ErfLabError(f"--{name} must be {what}, got {value:g}")
 
     def as_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
