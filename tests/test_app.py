@@ -991,7 +991,7 @@ def test_results_page_table_is_the_compare_table(app_env):
     assert list(shown["area@50%"][:2]) == ["n/c", "n/c"] and len(at.image) == 0  # mixed sizes
     assert any("differ in size" in i.value for i in at.info), [i.value for i in at.info]
     at.multiselect(key="res-chosen-erf").set_value(["trained", "untrained"]).run()
-    assert list(at.dataframe[0].value["label"][:2]) == ["net (1)", "net (2) (random init)"]
+    assert list(at.dataframe[0].value["label"][:2]) == ["net (trained)", "net (untrained) (random init)"]
     assert at.dataframe[0].value["r_rms"][0] > at.dataframe[0].value["r_rms"][1] > 0
     at.session_state["res-kind"] = None  # the selected kind clicked again
     at.run()

@@ -127,6 +127,26 @@ def test_analyze_and_compare_record_the_command_as_the_user_runs_it(capsys, two_
         assert json.loads(record.read_text())["argv"] == ["erf-lab", *argv]
 
 
+def test_compare_names_runs_of_one_model_by_their_folders(capsys, tmp_path):
+    """User test: two runs of one model (two layers, two input sizes, ...) were labelled 'm (1)' and 'm (2)' in the
+    table, the figure and compare.json: which was which only compare.json's run list said. They now carry their
+    folder's name; runs whose folders share a name too are still numbered."""
+    for folder, s in (("stem", 2.0), ("last_stage", 6.0), ("a/run", 3.0), ("b/run", 4.0)):
+        write_run_dir(tmp_path / folder, gaussian_map(s=s), {"model": "m"}, theoretical_rf=30)
+    rc, out, err = run_cli(capsys, "compare", str(tmp_path / "stem"), str(tmp_path / "last_stage"), "--out",
+                           str(tmp_path / "c1"), "--formats", "png")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "c1" / "compare.json").read_text())["parameters"]["labels"] == \
+        ["m (stem)", "m (last_stage)"]
+    assert "| m (stem) | measured |" in out and "| m (last_stage) | measured |" in out
+    rows = (tmp_path / "c1" / "compare.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:3]] == ["m (stem)", "m (last_stage)"]
+    rc, out, err = run_cli(capsys, "compare", str(tmp_path / "a/run"), str(tmp_path / "b/run"), "--out",
+                           str(tmp_path / "c2"), "--formats", "png")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "c2" / "compare.json").read_text())["parameters"]["labels"] == ["m (1)", "m (2)"]
+
+
 def test_compare_two_runs(capsys, two_runs, tmp_path):
     a, b = two_runs
     out_dir = tmp_path / "cmp"

@@ -126,8 +126,12 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
     are then ``n/c`` unless ``allow_mixed_sizes``. Returns ``{"rows", "columns", "markdown", "csv", "note",
     "names", "random", "mixed", "measured"}``."""
     names = [r.label for r in runs]
-    if len(set(names)) != len(names):  # disambiguate equal labels (e.g. two dirs both named after the model)
-        names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
+    if len(set(names)) != len(names):  # disambiguate equal labels (e.g. two dirs both named after the model) by
+        # the run's folder (a bare map: its file name), which says which is which; numbered where those repeat too
+        where = [r.npy.parent.name if r.npy.name == "erf.npy" else r.npy.stem for r in runs]
+        names = [f"{n} ({w})" for n, w in zip(names, where)]
+        if len(set(names)) != len(names):
+            names = [f"{n} ({i + 1})" for i, n in enumerate(r.label for r in runs)]
         for r, n in zip(runs, names):
             r.label = n
     random = [bool((r.run_info or {}).get("random_init")) for r in runs]
