@@ -575,6 +575,9 @@ def test_an_interrupted_torchrun_job_says_so_once_per_node(tmp_path):
     assert proc.returncode != 0 and "exitcode  : 130" in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("erf-lab compute: interrupted") == 1, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [".erf_state.rank0of2.npz", ".erf_state.rank1of2.npz"]
+    # where the progress is, said once, by rank 0 (without its own share's count: the job's is not its own)
+    said = f"stopped: progress saved in {out}; continue with the same command and --resume --out {out}"
+    assert proc.stderr.count("progress saved") == 1 and said in proc.stderr.splitlines(), proc.stderr[-3000:]
 
 
 _SLOW_FIRST = """import os, sys, time
