@@ -147,6 +147,21 @@ def test_compare_names_runs_of_one_model_by_their_folders(capsys, tmp_path):
     assert json.loads((tmp_path / "c2" / "compare.json").read_text())["parameters"]["labels"] == ["m (1)", "m (2)"]
 
 
+def test_sweep_and_shape_bias_record_the_command_as_the_user_runs_it(capsys, tmp_path, monkeypatch):
+    """sweep.json and the shape-bias run's summary recorded sys.argv as it was (the console script's path first), as
+    analyze and compare did; they now name it 'erf-lab' too (``cli.options.command_line``)."""
+    sweep = ["sweep", "--kernels", "3", "--reparam", "deploy", "--out", str(tmp_path / "sw"), "--formats", "png",
+             *TINY]
+    probe = ["shape-bias", "--model", "replknet_31b", "--override", "channels=(8,8,8,8)", "--override",
+             "layers=(1,1,1,1)", "--override", "num_classes=4", "--allow-random", "--stimuli", "cue-world",
+             "--limit", "4", "--out", str(tmp_path / "sb")]
+    for argv, record, key in ((sweep, tmp_path / "sw" / "sweep.json", "argv"),
+                              (probe, tmp_path / "sb" / "summary.json", "command")):
+        monkeypatch.setattr("sys.argv", ["/venv/bin/erf-lab", *argv])
+        assert run_cli(capsys, *argv)[0] == 0
+        assert json.loads(record.read_text())[key] == ["erf-lab", *argv]
+
+
 def test_compare_two_runs(capsys, two_runs, tmp_path):
     a, b = two_runs
     out_dir = tmp_path / "cmp"

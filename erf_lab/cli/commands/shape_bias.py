@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from erf_lab.cli.options import seed
+from erf_lab.cli.options import command_line, seed
 
 NAME = "shape-bias"
 HELP = "shape bias on Geirhos cue-conflict stimuli (model-vs-human 16-class mapping), figures vs. humans"
@@ -108,7 +108,7 @@ def run(args) -> int:
 
         out = Path(args.out or "runs/shape_bias/from_csv")
         for s in analyse_csvs(args.from_csv, out, near=Path(args.stimuli) if args.stimuli else None,
-                              humans=not args.no_humans, command=sys.argv):
+                              humans=not args.no_humans, command=command_line()):
             _report(s)
             print(f"wrote {s['out']}/summary.json and figures")
         return 0
@@ -129,7 +129,7 @@ def run(args) -> int:
         return _cue_world(args, out, parse_overrides(args.override))
     s = run_shape_bias(args.model, out=out, weights=args.weights, pretrained=args.pretrained,
                        overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
-                       workers=args.workers, device=args.device, limit=args.limit, command=sys.argv,
+                       workers=args.workers, device=args.device, limit=args.limit, command=command_line(),
                        allow_random=args.allow_random, cache=not args.no_cache,
                        crop_pct=_crop_pct(args.crop_pct or "1.0"), seed=args.seed or 0,
                        with_humans=not args.no_humans)
@@ -205,7 +205,7 @@ def _cue_world(args, out, overrides) -> int:
         raise ErfLabError("--limit must be >= 1")
     s = run_cue_world_shape_bias(args.model, out=out, weights=args.weights, overrides=overrides,
                                  allow_random=args.allow_random, size=args.limit or 500, batch_size=args.batch_size,
-                                 device=args.device, command=sys.argv, init_seed=args.seed or 0)
+                                 device=args.device, command=command_line(), init_seed=args.seed or 0)
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained "
               f"model")

@@ -1,9 +1,7 @@
 """``erf-lab sweep``: ERF growth with kernel size and re-parameterization (RepLKNet kernel family)."""
 from __future__ import annotations
 
-import sys
-
-from erf_lab.cli.options import BATCH_SIZE_HELP, seed, warnings_as_lines
+from erf_lab.cli.options import BATCH_SIZE_HELP, command_line, seed, warnings_as_lines
 from erf_lab.errors import ErfLabError
 
 NAME = "sweep"
@@ -70,7 +68,7 @@ def run(args) -> int:
                         input_size=args.input_size, images=args.images, num_images=args.num_images,
                         overrides=parse_overrides(args.override), out=args.out, force=args.force,
                         formats=parse_formats(args.formats), seed=args.seed, layer=args.layer, device=args.device,
-                        batch_size=args.batch_size, show_progress=not args.quiet, argv=sys.argv)
+                        batch_size=args.batch_size, show_progress=not args.quiet, argv=command_line())
     if res["main"]:  # under torchrun: rank 0 reports
         print(res["markdown"])
         print(f"wrote {res['out_dir']}/ ({', '.join(p.name for p in res['files'])})")
