@@ -475,7 +475,8 @@ def test_a_torchrun_job_that_cannot_be_joined_is_one_error_line(master, command,
 
 
 @pytest.mark.parametrize("command, value", [("compute", "abc"), ("compute", "0"), ("compute", "-5"),
-                                            ("compute", "nan"), ("compute", "inf"), ("sweep", "0"), ("train", " 1e-9x")])
+                                            ("compute", "nan"), ("compute", "inf"), ("sweep", "0"),
+                                            ("train", " 1e-9x")])
 def test_a_bad_rank_timeout_is_one_error_line_before_the_job_is_joined(command, value, capsys, monkeypatch, tmp_path):
     """ERF_LAB_RANK_TIMEOUT, the process group's timeout, that is not a positive number of seconds: one line, exit
     status 2, nothing written, before the process joins its job (MASTER_ADDR / MASTER_PORT are unset: joining would

@@ -305,6 +305,15 @@ def test_ship_into_the_study_folder_itself_is_one_line_before_any_work(tmp_path,
         ship(tmp_path / "s", tmp_path / "s")
 
 
+def _measured_model(m, settings) -> dict:
+    """What a study job returns for a trained and measured model, without the hours."""
+    info = {"settings": {"input_size": settings.input_size, "val_size": settings.val_size},
+            "model_config": {"params": 1000 + m.kernel, "num_classes": 10}, "final": {"val_acc": 0.9,
+                                                                                       "img_per_s": 50.0}}
+    return {"name": m.name, "info": info, "erf": {"area@50%": float(m.kernel)}, "erf_flags": [],
+            "probe": {"shape_bias": 0.5, "shape_only_accuracy": 0.9, "texture_only_accuracy": 0.2}}
+
+
 def test_a_study_holds_its_folder(tmp_path, monkeypatch, capsys):
     """The same study in two shells (to continue it while it still ran) trained and measured the same models into
     one folder at once. The study now holds its folder while it works: the second gets one line, exit 2, and
@@ -322,11 +331,7 @@ def test_a_study_holds_its_folder(tmp_path, monkeypatch, capsys):
 
     def job(m, settings, folder, threads):  # a trained and measured model, without the hours
         tries.append(subprocess.run([sys.executable, "-c", try_lock, str(folder)]).returncode)
-        info = {"settings": {"input_size": settings.input_size, "val_size": settings.val_size},
-                "model_config": {"params": 1000 + m.kernel, "num_classes": 10}, "final": {"val_acc": 0.9,
-                                                                                           "img_per_s": 50.0}}
-        return {"name": m.name, "info": info, "erf": {"area@50%": float(m.kernel)}, "erf_flags": [],
-                "probe": {"shape_bias": 0.5, "shape_only_accuracy": 0.9, "texture_only_accuracy": 0.2}}
+        return _measured_model(m, settings)
 
     monkeypatch.setattr(study, "_job", job)
     monkeypatch.setattr(study, "write_results", lambda *a, **k: None)
@@ -356,11 +361,7 @@ def test_a_study_holds_its_ship_folder(tmp_path, monkeypatch, capsys):
 
     def job(m, settings, folder, threads):  # a trained and measured model, without the hours
         trained.append(m.name)
-        info = {"settings": {"input_size": settings.input_size, "val_size": settings.val_size},
-                "model_config": {"params": 1000 + m.kernel, "num_classes": 10}, "final": {"val_acc": 0.9,
-                                                                                           "img_per_s": 50.0}}
-        return {"name": m.name, "info": info, "erf": {"area@50%": float(m.kernel)}, "erf_flags": [],
-                "probe": {"shape_bias": 0.5, "shape_only_accuracy": 0.9, "texture_only_accuracy": 0.2}}
+        return _measured_model(m, settings)
 
     monkeypatch.setattr(study, "_job", job)
     monkeypatch.setattr(study, "write_results", lambda *a, **k: None)

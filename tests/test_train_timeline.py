@@ -570,4 +570,5 @@ def test_a_stopped_timeline_says_what_it_keeps_and_how_to_go_on(tiny_run, tmp_pa
     assert json.loads((out / "timeline.json").read_text())["complete"] is False
     monkeypatch.setattr(T, "measure_checkpoint", real)
     assert main(argv) == 0
-    assert "measured 2 ERF(s) and 2 probe(s) of 3 checkpoint(s); the rest came from the cache" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "measured 2 ERF(s) and 2 probe(s) of 3 checkpoint(s); the rest came from the cache" in said
