@@ -369,6 +369,22 @@ def test_training_resolution_and_size_note():
     assert size_note(448, 224) is None and size_note(100, 224) and size_note(1024, None) is None
 
 
+def test_a_given_train_size_says_where_the_weights_disagree():
+    """User test: --train-size 224 on weights whose record says 64 px was recorded 'given (--train-size)' without a
+    word of the record, and on a random initialization (never trained) as if it meant something. The given size
+    still wins (the user's word), but the disagreement is warned about and recorded, and so is a random init."""
+    from erf_lab.erf.runner import training_resolution_source
+
+    shipped = ErfSpec("replknet_31b", weights="builtin:cue-world/K31-seed0", train_size=224)
+    with pytest.warns(UserWarning, match="--train-size 224 overrides the training resolution 64 px"):
+        size, source = training_resolution_source(shipped, torch.nn.Identity())
+    assert size == 224 and source.startswith("given (--train-size), against 64 px in ")
+    same = ErfSpec("replknet_31b", weights="builtin:cue-world/K31-seed0", train_size=64)
+    assert training_resolution_source(same, torch.nn.Identity()) == (64, "given (--train-size)")
+    assert training_resolution_source(ErfSpec("replknet_31b", train_size=224), torch.nn.Identity()) == (
+        224, "given (--train-size), for a random initialization (never trained)")
+
+
 def test_training_resolution_comes_from_the_training_record(tmp_path, capsys):
     """User test: a checkpoint of 'erf-lab train' at 32 px measured at 64 px recorded train_size 224 (the model's
     default for official ImageNet weights) and a size note about 224 px. Now the run folder's run.json, the

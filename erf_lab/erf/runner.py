@@ -267,8 +267,17 @@ def training_resolution_source(spec: ErfSpec, model) -> tuple[int | None, str]:
     file of other weights. Without a file (the model's own published weights, ``pretrained=True``) that config."""
     from erf_lab.checkpoint import training_input_size
 
-    if spec.train_size is not None:
-        return int(spec.train_size), "given (--train-size)"
+    if spec.train_size is not None:  # the user's word wins; where the weights' record disagrees, it is said
+        given = int(spec.train_size)
+        if random_init(spec) is not None:
+            return given, "given (--train-size), for a random initialization (never trained)"
+        recorded, where = training_input_size(spec.weights) if spec.weights else (None, None)
+        if recorded and recorded != given:
+            import warnings
+
+            warnings.warn(f"--train-size {given} overrides the training resolution {recorded} px of {where}")
+            return given, f"given (--train-size), against {recorded} px in {where}"
+        return given, "given (--train-size)"
     if random_init(spec) is not None:
         return None, "random initialization (never trained)"
     if spec.weights:
