@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -237,11 +238,19 @@ def test_image_folder_skips_unreadable_files(tmp_path, one_thread):
     (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (root / "train" / "b" / "notes.txt").write_text("hello")
     _png(root / "val" / "b" / "image.noext", np.random.default_rng(1))  # any format PIL opens, any name
+    os.mkfifo(root / "train" / "a" / "pipe.png")  # reading it blocked the scan (and the training) for good
     res = train("replknet_31b", str(root), out=tmp_path / "run", overrides=TINY, input_size=32, show_progress=False,
                 recipe=Recipe(epochs=1, batch_size=4, warmup_epochs=0))
     info = res["run_info"]
-    assert info["skipped_images"] == 2 and info["data"]["train_size"] == 12 and info["data"]["val_size"] == 5
+    assert info["skipped_images"] == 3 and info["data"]["train_size"] == 12 and info["data"]["val_size"] == 5
     assert info["data"]["classes"] == ["a", "b"] and info["steps_per_epoch"] == 3
+    # which files and why, as compute lists its skipped images (run.json kept the count alone)
+    why = dict(info["skipped"])
+    assert sorted(why) == ["train/a/broken.png", "train/a/pipe.png", "train/b/notes.txt"]
+    assert why["train/a/broken.png"].startswith("OSError: Truncated")
+    assert why["train/b/notes.txt"].startswith("UnidentifiedImageError: cannot identify image file")
+    assert why["train/a/pipe.png"] == "not a regular file (a pipe, device or socket)"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["skipped"] == info["skipped"]
 
 
 def test_image_that_fails_after_the_scan_is_replaced_with_a_warning(tmp_path):

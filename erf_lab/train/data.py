@@ -27,15 +27,21 @@ def per_cpu_cap() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
-def _readable(path: Path) -> bool:
+def _unreadable(path: Path) -> str | None:
+    """Why PIL cannot open ``path`` as an image (one line), or None where it can. A pipe, device or socket is not
+    opened (reading a pipe blocked the scan, and the training with it, for good)."""
     from PIL import Image
 
+    from erf_lab.erf.images import BROKEN_LINK, NOT_REGULAR
+
+    if not path.is_file():
+        return BROKEN_LINK if path.is_symlink() and not path.exists() else NOT_REGULAR
     try:
         with Image.open(path) as im:
             im.verify()
-        return True
-    except Exception:  # PIL raises many types for corrupt / non-image files
-        return False
+        return None
+    except Exception as e:  # PIL raises many types for corrupt / non-image files
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
 
 
 def to_rgb_array(image) -> np.ndarray:
@@ -50,11 +56,11 @@ def to_rgb_array(image) -> np.ndarray:
 
 
 class ImageFolderSplit(torch.utils.data.Dataset):
-    """One split of an ImageFolder tree. Files PIL cannot open are left out at scan time and counted in
-    ``skipped``; a file that fails later (truncated data) is replaced by the next readable image, counted and
-    warned about."""
+    """One split of an ImageFolder tree. Files PIL cannot open are left out at scan time and listed in
+    ``skipped`` ([path relative to the dataset root, why], as ``erf-lab compute`` lists them); a file that fails
+    later (truncated data) is replaced by the next readable image, counted and warned about."""
 
-    def __init__(self, root: Path, classes: list[str], files: list[tuple[Path, int]], skipped: list[str],
+    def __init__(self, root: Path, classes: list[str], files: list[tuple[Path, int]], skipped: list[list[str]],
                  input_size: int, train: bool, seed: int = 0):
         self.root, self.classes, self.files, self.skipped = root, classes, files, skipped
         self.input_size, self.train, self.seed, self.epoch = int(input_size), bool(train), int(seed), 0
@@ -138,9 +144,12 @@ def _scan_split(root: Path, split: str) -> tuple[dict[str, list[Path]], list[str
         images, others = list_image_files(folder / c)
         good = []
         for p in images + others:  # any format PIL opens, whatever its extension
-            (good if _readable(p) else skipped).append(p)
+            why = _unreadable(p)
+            if why is None:
+                good.append(p)
+            else:
+                skipped.append([str(p.relative_to(root)), why])
         found[c] = good
-    skipped = [str(p.relative_to(root)) for p in skipped]
     if not any(found.values()):
         raise ErfLabError(f"{folder} holds no readable image in class folders (ImageFolder layout: "
                           f"{split}/<class>/<image>)" + (f"; {len(skipped)} unreadable file(s)" if skipped else ""))
@@ -170,8 +179,9 @@ def image_folder(root: str | os.PathLike, input_size: int,
     idx = {c: i for i, c in enumerate(classes)}
     total_skipped = len(train_skipped) + len(val_skipped)
     if total_skipped:
-        warnings.warn(f"skipped {total_skipped} unreadable file(s) in {root} (e.g. "
-                      f"{(train_skipped + val_skipped)[0]})")
+        first, why = (train_skipped + val_skipped)[0]
+        warnings.warn(f"skipped {total_skipped} unreadable file(s) in {root} (e.g. {first}: {why}; all of them in "
+                      f"run.json's skipped)")
     return (ImageFolderSplit(root / "train", classes, [(p, idx[c]) for c in classes for p in train[c]],
                              train_skipped, input_size, train=True, seed=seed),
             ImageFolderSplit(root / "val", classes, [(p, idx[c]) for c in classes for p in val[c]],

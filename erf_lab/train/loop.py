@@ -751,6 +751,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                          "params": sum(p.numel() for p in net.parameters())},
         "data": {k: v for k, v in d.description.items() if not k.startswith("skipped")},
         "skipped_images": len(d.description.get("skipped_train", [])) + len(d.description.get("skipped_val", [])),
+        # which files, and why: [path relative to --data, reason], as erf-lab compute lists its skipped images
+        "skipped": [*d.description.get("skipped_train", []), *d.description.get("skipped_val", [])],
         "seeds": {"init": seed, "data": seed, "sampler": seed}, "world_size": W, "dist_backend": info.backend,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "final": rows[-1],
         "weights": [str(p.relative_to(out)) for p in files], "start_time": start_time, "end_time": now(),
