@@ -53,9 +53,10 @@ def shipped_spec(name: str, **fields) -> dict:
     """ERF configuration of the shipped model ``name`` (e.g. ``"K31-seed0"``) with its recorded model options;
     ``random_init=True`` gives the same architecture without the weights (seeded init)."""
     from erf_lab.checkpoint import resolve_weights
+    from erf_lab.models.registry import build_options
 
     record = resolve_weights(SHIPPED_PREFIX + name)[1]
-    overrides = {**record.get("overrides", {}), "num_classes": record["num_classes"]}
+    overrides = build_options(record["model"], SHIPPED_PREFIX + name, {})  # its recorded options, as create_model's
     spec = {"model": record["model"], "overrides": overrides_key(overrides), "reparameterize": True, **fields}
     if not spec.pop("random_init", False):
         spec["weights"] = SHIPPED_PREFIX + name
