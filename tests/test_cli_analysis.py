@@ -113,6 +113,50 @@ def test_analyze_in_place_draws_the_runs_own_figures_again(capsys, tmp_path):
                                                     "metrics.json", "run.json"]
 
 
+def test_analyze_with_a_theoretical_rf_brings_run_json_along(capsys, tmp_path, monkeypatch):
+    """User test: `analyze RUN --theoretical-rf 40` rewrote metrics.json (erf_to_trf, the flag
+    theoretical_rf_exceeds_map) but left run.json's theoretical_rf and metrics_summary as measured, and compare,
+    a sweep's rows and the app read the TRF from run.json: `compare RUN` still showed the old TRF and ERF / TRF.
+    In its run folder analyze now rewrites those fields (the analyze command and the values it replaced recorded in
+    run.json's analyses); with --out elsewhere run.json stays as it was."""
+    run = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "compute", "--model", "replknet_31b", *TINY, "--out", str(run))
+    assert rc == 0, err
+    measured = json.loads((run / "run.json").read_text())
+    old_trf = measured["theoretical_rf"]
+    assert old_trf > 64 and "theoretical_rf_exceeds_map" in json.loads((run / "metrics.json").read_text())["flags"]
+    rc, _, err = run_cli(capsys, "analyze", str(run), "--out", str(tmp_path / "elsewhere"), "--theoretical-rf", "40")
+    assert rc == 0, err
+    assert json.loads((run / "run.json").read_text()) == measured
+    argv = ["analyze", str(run), "--theoretical-rf", "40", "--formats", "png"]
+    monkeypatch.setattr("sys.argv", ["erf-lab", *argv])
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    info = json.loads((run / "run.json").read_text())
+    assert metrics["theoretical_rf"] == info["theoretical_rf"] == 40
+    assert "theoretical_rf_exceeds_map" not in metrics["flags"]
+    assert out.rstrip().endswith(f"{run / 'analysis.json'}, {run / 'run.json'}")
+    erf = np.load(run / "erf.npy")
+    expected = compute_metrics(erf, theoretical_rf=40, centre=measured["erf_centre"])
+    assert info["metrics_summary"]["trf"] == 40
+    assert info["metrics_summary"]["erf/trf"] == pytest.approx(expected["erf_to_trf"]["rms_diameter"])
+    assert info["metrics_summary"]["erf/trf"] == pytest.approx(measured["metrics_summary"]["erf/trf"] * old_trf / 40)
+    assert {k: v for k, v in info.items() if k not in ("theoretical_rf", "metrics_summary", "analyses")} == \
+        {k: v for k, v in measured.items() if k not in ("theoretical_rf", "metrics_summary")}
+    [record] = info["analyses"]
+    assert record["argv"] == ["erf-lab", *argv] and record["parameters"]["theoretical_rf"] == 40
+    assert record["before"] == {"theoretical_rf": old_trf, "metrics_summary": measured["metrics_summary"]}
+    # a reader of run.json: compare's table shows the TRF the run now has
+    rc, _, err = run_cli(capsys, "compare", str(run), "--out", str(tmp_path / "cmp"), "--formats", "png")
+    assert rc == 0, err
+    row = next(csv.DictReader(io.StringIO((tmp_path / "cmp" / "compare.csv").read_text())))
+    assert int(row["trf"]) == 40 and float(row["erf/trf"]) == pytest.approx(info["metrics_summary"]["erf/trf"])
+    # the same analysis again changes nothing in run.json (no second record)
+    assert run_cli(capsys, *argv)[0] == 0
+    assert json.loads((run / "run.json").read_text()) == info
+
+
 def test_analyze_and_compare_record_the_command_as_the_user_runs_it(capsys, two_runs, tmp_path, monkeypatch):
     """User test: analysis.json and compare.json recorded sys.argv as it was, whose first word is the console
     script's path, or '.../erf_lab/__main__.py' under 'python -m erf_lab' (no command anyone types), while the

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from erf_lab.erf.metrics import compute_metrics, paper_caveat, summary
-from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run, run_caption
+from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run, run_caption, update_run_summary
 from erf_lab.erf.metrics import gaussian_fit_ok
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, gauss_note,
                                 markdown_table, metrics_text, paper_protocol_note, table_rows)
@@ -21,8 +21,10 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     """Recompute metrics and figures of a run dir or an ``.npy`` (``erf-lab analyze``).
 
     Writes next to the npy (``metrics.json`` + ``erf.<fmt>`` for ``erf.npy``; ``<stem>.metrics.json`` +
-    ``<stem>.<fmt>`` for another name), or into ``out``; ``analysis.json`` records how. run.json of a
-    run directory is left untouched. Returns ``{"metrics", "files", "out_dir", "text", "label"}``.
+    ``<stem>.<fmt>`` for another name), or into ``out``; ``analysis.json`` records how. In a run directory its
+    run.json's fields that depend on the metrics follow them (:func:`~erf_lab.erf.rundir.update_run_summary`: a
+    ``theoretical_rf`` given here replaces the run's; ``files`` ends with run.json where it changed); with ``out``
+    elsewhere run.json is left untouched. Returns ``{"metrics", "files", "out_dir", "text", "label"}``.
     """
     from erf_lab.erf.plotting import FORMATS, display_preset, plot_erf
 
@@ -49,22 +51,27 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
         formats = tuple(dict.fromkeys([*formats, *(Path(f).suffix[1:] for f in own
                                                    if Path(f).stem == stem and Path(f).suffix[1:] in FORMATS)]))
         write_json(mpath, metrics)
+        prov = provenance("analyze", {"source": str(run.npy.resolve()), "out": str(out_dir.resolve()),
+                                      "formats": list(formats), "theoretical_rf": trf, "display": display}, argv)
+        # in its run folder, run.json's theoretical_rf and metrics_summary follow metrics.json (compare, a sweep's
+        # rows and the app read them there); what they were stays in the file (run.json's analyses)
+        rewrote = run.run_dir is not None and out_dir.resolve() == run.run_dir.resolve() and \
+            update_run_summary(out_dir, metrics, prov)
         title = f"{run.label} {RANDOM_MARK}" if random_init else run.label
         files = [mpath] + plot_erf(run.erf, out_dir / stem, title=title, formats=tuple(formats), display=display,
                                    caption=run_caption(run.run_info))
         text = metrics_text(metrics, title)
         if note := paper_protocol_note([(run.label, run.run_info)]):
             text += f"\n  note: {note}"
-        record = provenance("analyze", {"source": str(run.npy.resolve()), "out": str(out_dir.resolve()),
-                                        "formats": list(formats), "theoretical_rf": trf,
-                                        "display": display}, argv)
+        record = dict(prov)
         record["source_run"] = run.run_info
         record["metrics_summary"] = summary(metrics)
         record["files"] = [p.name for p in files]
         write_json(out_dir / f"{prefix}analysis.json", record)
         keep = record["files"] + own
         remove_earlier_outputs(out_dir, keep, names=earlier.get("files") if isinstance(earlier, dict) else None)
-    return {"metrics": metrics, "files": files + [out_dir / f"{prefix}analysis.json"], "out_dir": out_dir,
+    return {"metrics": metrics, "files": files + [out_dir / f"{prefix}analysis.json"] + (
+        [out_dir / "run.json"] if rewrote else []), "out_dir": out_dir,
             "text": text, "label": run.label}
 
 

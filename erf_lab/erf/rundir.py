@@ -71,6 +71,9 @@ RUN_FIELDS: dict[str, tuple] = {
     # each process that measured part of the run (a resumed run: several), its argv, versions, device, times and
     # the images measured before it (optional: absent from older files)
     "sessions": (list, type(None)),
+    # each ``erf-lab analyze`` that rewrote theoretical_rf / metrics_summary (:func:`update_run_summary`): its
+    # provenance and the values it replaced (optional: absent where none did)
+    "analyses": (list, type(None)),
 }
 
 
@@ -165,6 +168,27 @@ def write_run_dir(out_dir: str | os.PathLike, erf, run_info: dict, theoretical_r
     info.setdefault("written", now())
     write_json(out / RUN_FILE, info)
     return metrics
+
+
+def update_run_summary(run_dir: str | os.PathLike, metrics: dict, record: dict) -> bool:
+    """Bring run.json's fields that depend on metrics.json (``theoretical_rf``, ``metrics_summary``) to ``metrics``,
+    which ``erf-lab analyze`` recomputed (e.g. with ``--theoretical-rf``), so that readers of run.json (compare, a
+    sweep's rows, the app) agree with metrics.json. ``record`` (the analyze command's provenance) is appended to
+    ``analyses`` with the values it replaced (``before``). Atomic; the caller holds the folder. Returns whether
+    run.json changed (not where it agreed already, nor where the folder has no run.json)."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return False
+    info = validate_run_info(read_json(path), str(path))
+    new = {"theoretical_rf": metrics.get("theoretical_rf"), "metrics_summary": summary(metrics)}
+    before = {k: info.get(k) for k, v in new.items()  # compared as JSON text: a NaN equals its own copy
+              if json.dumps(info.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)}
+    if not before:
+        return False
+    info.update(new)
+    info["analyses"] = [*(info.get("analyses") or []), {**record, "before": before}]
+    write_json(path, info)
+    return True
 
 
 @dataclass
