@@ -10,7 +10,7 @@ import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,7 +29,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A crash or Ctrl-C never leaves a half-written ``path`` behind, and a power cut after the rename keeps the new
     content: the file's data reach the disk (fsync) before the rename, and the rename itself after it (the folder's
     fsync, where the system allows one). A kill (SIGKILL) leaves the temporary file, which
-    :func:`remove_write_leftovers` removes when a run takes its folder again.
+    :func:`remove_write_leftovers` removes when a run takes its folder again (:func:`remove_file_leftovers` when a
+    command takes the file again).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,17 +54,43 @@ def remove_write_leftovers(folder: str | os.PathLike, *subfolders: str) -> list[
     power cut) leaves its temporary file, a whole training state or checkpoint in size, which no later run would
     ever remove. Only while this thread holds ``folder`` (:func:`hold_folder`), so no other writer's file is taken;
     elsewhere (no lock: Windows, a file system without locks) it removes nothing."""
-    removed = []
     if not holds_folder(folder):
-        return removed
-    for d in (Path(folder), *(Path(folder) / s for s in subfolders)):
-        with contextlib.suppress(OSError):
-            for p in d.iterdir():
-                m = _LEFTOVER.fullmatch(p.name)
-                if m and m["suffix"] == Path(m["name"]).suffix and p.is_file() and not p.is_symlink():
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-                        removed.append(p)
+        return []
+    return [p for d in (Path(folder), *(Path(folder) / s for s in subfolders))
+            for p in _remove_temporaries(d, lambda target: target is not None)]
+
+
+def remove_file_leftovers(path: str | os.PathLike, *with_files: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_path` left for exactly ``path`` and ``with_files`` (the files
+    written with it, e.g. its ``.run.json``) and return them: a write killed before its rename leaves one, as large
+    as the file, beside it for good. Only while this thread holds ``path`` (:func:`hold_file`, which calls this),
+    since only its holder writes those files; any other file of the folder is left alone, and without a lock
+    (Windows, a file system without locks) nothing is removed."""
+    path = Path(path).expanduser()
+    if not _holds(file_lock_path(path)):
+        return []
+    removed = []
+    for f in (path, *(Path(f).expanduser() for f in with_files)):
+        removed += _remove_temporaries(f.parent, lambda target, name=f.name: target == name)
+    return removed
+
+
+def _write_target(name: str) -> str | None:
+    """The name of the file that an :func:`atomic_path` temporary called ``name`` was to become; None when ``name``
+    is not one."""
+    m = _LEFTOVER.fullmatch(name)
+    return m["name"] if m and m["suffix"] == Path(m["name"]).suffix else None
+
+
+def _remove_temporaries(folder: Path, wanted: Callable[[str | None], bool]) -> list[Path]:
+    """Delete the plain files of ``folder`` whose :func:`_write_target` is ``wanted``; return them."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in folder.iterdir():
+            if wanted(_write_target(p.name)) and p.is_file() and not p.is_symlink():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
     return removed
 
 
@@ -214,13 +241,16 @@ def file_lock_path(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def hold_file(path: str | os.PathLike, what: str = "--out") -> Iterator[None]:
+def hold_file(path: str | os.PathLike, what: str = "--out", with_files: Sequence[str | os.PathLike] = ()
+              ) -> Iterator[None]:
     """Hold the output file ``path`` (whose folder exists; the file need not) while the block writes it and the
-    files that go with it (``erf-lab reparam``: the checkpoint and its ``.run.json``), as :func:`hold_folder`
-    holds a folder: a second erf-lab process writing the same file meanwhile gets the same one-line
-    FolderInUseError, a thread of this process waits; other files of the folder are not held. The lock is
-    :func:`file_lock_path`, made for the hold and removed when it ends (one a kill left is taken over)."""
+    files that go with it, ``with_files`` (``erf-lab reparam``: the checkpoint and its ``.run.json``), as
+    :func:`hold_folder` holds a folder: a second erf-lab process writing the same file meanwhile gets the same
+    one-line FolderInUseError, a thread of this process waits; other files of the folder are not held. The lock is
+    :func:`file_lock_path`, made for the hold and removed when it ends (one a kill left is taken over). Once held,
+    the temporary files of earlier writes of these files that a kill left go (:func:`remove_file_leftovers`)."""
     with _hold(file_lock_path(path), path, what, lock_file=True):
+        remove_file_leftovers(path, *with_files)
         yield
 
 
@@ -290,8 +320,13 @@ def _take_lock(fcntl, key: str, lock_file: bool) -> int | None:
 
 def holds_folder(folder: str | os.PathLike) -> bool:
     """Whether this thread holds ``folder`` (:func:`hold_folder`)."""
+    return _holds(Path(folder))
+
+
+def _holds(lock: Path) -> bool:
+    """Whether this thread holds the lock ``lock`` (a held folder, or the :func:`file_lock_path` of a held file)."""
     with _HELD_CHANGED:
-        held = _HELD.get(str(Path(folder).expanduser().resolve()))
+        held = _HELD.get(str(lock.expanduser().resolve()))
     return held is not None and held[1] == threading.get_ident()
 
 

@@ -864,6 +864,52 @@ def test_reparam_into_a_file_another_process_writes_is_refused(tmp_path, capsys)
     assert not lock.exists() and not file_lock_path(other).exists()
 
 
+class _Killed(BaseException):
+    """What a SIGKILL does at that point: nothing after it runs, the temporary file of the write in progress stays."""
+
+
+def test_reparam_removes_the_temporary_files_of_a_killed_reparam_of_the_same_file(tmp_path, monkeypatch, capsys):
+    """A reparam killed while it saved the checkpoint left ``.deploy.pth.<random>.tmp.pth`` (as large as the
+    checkpoint) beside it for good, one more per kill: no later command removed it. The next reparam to that file,
+    which holds it (only the holder writes it), now removes the temporaries of exactly that file and its .run.json;
+    those of other files (another reparam may be writing them now) and every other file stay."""
+    from pathlib import Path
+
+    import erf_lab.io
+    from erf_lab.io import sha256_file
+
+    out = tmp_path / "deploy.pth"
+    real_replace = erf_lab.io.os.replace
+
+    def replace(src, dst):  # killed before the checkpoint's rename: no finally runs either
+        if Path(dst) == out:
+            monkeypatch.setattr(erf_lab.io.Path, "unlink", lambda self, missing_ok=False: None)
+            raise _Killed()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(erf_lab.io.os, "replace", replace)
+    with pytest.raises(_Killed):
+        main(["reparam", *TINY, "--check-size", "32", "--out", str(out)])
+    monkeypatch.undo()
+    [killed] = [p.name for p in tmp_path.iterdir() if p.name.startswith(".deploy.pth.")]
+    assert killed.endswith(".tmp.pth") and not out.exists() and (tmp_path / killed).stat().st_size > 10_000
+    (tmp_path / ".deploy.pth.run.json.k3j9x0qz.tmp.json").write_text("{")  # killed while writing the record
+    others = {".other.pth.k3j9x0qz.tmp.pth": b"another file's write", ".deploy.pth.k3j9x0qz.tmp": b"not its suffix",
+              ".deploy.pthx.k3j9x0qz.tmp.pthx": b"another name", "deploy.pth.bak": b"the user's copy",
+              ".deploy.pth.notes": b"notes", ".deploy.pth.k3j9.tmp.pth": b"not mkstemp's 8 characters"}
+    for name, data in others.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / ".deploy.pth.a1b2c3d4.tmp.pth").mkdir()  # not a file: not erf-lab's either
+    capsys.readouterr()
+    assert main(["reparam", *TINY, "--check-size", "32", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*others, ".deploy.pth.a1b2c3d4.tmp.pth", "deploy.pth", "deploy.pth.run.json"])
+    assert all((tmp_path / name).read_bytes() == data for name, data in others.items())
+    record = json.loads((tmp_path / "deploy.pth.run.json").read_text())
+    assert record["sha256"] == sha256_file(out)
+    assert record["num_keys"] == len(torch.load(out, weights_only=True)["model"])  # (marked as random init)
+
+
 def test_a_file_hold_takes_the_lock_file_there_now(tmp_path, monkeypatch):
     """io.hold_file's lock file is removed when a hold ends: a process that opened it just before that removal and
     locked it after held a file no longer anyone's, and the next writer made and locked a new one beside it (two

@@ -158,8 +158,8 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     prepare_out_dir(out.parent, what="--out's folder")
     try:
         # held while it writes: a second reparam into the same file at once paired one's checkpoint with the
-        # other's record; other files of the folder stay free
-        with hold_file(out):
+        # other's record; other files of the folder stay free. The temporaries a killed reparam left go
+        with hold_file(out, with_files=[out.with_name(out.name + ".run.json")]):
             return _export_deploy(model_name, out, weights=weights, drop_head=drop_head, batch_size=batch_size,
                                   input_size=input_size, flops_input_size=flops_input_size, seed=seed,
                                   show_progress=show_progress, argv=argv, **overrides)
