@@ -87,10 +87,9 @@ def _store(folder: Path, files: dict[str, bytes | Callable[[], bytes]]) -> None:
     stop cut short, before writes were atomic) or one changed since is written again, never measured. Held while it
     writes (:func:`erf_lab.io.hold_folder`): two sessions storing the same input take turns, and the temporary
     file of a write killed before is removed."""
-    from erf_lab.io import atomic_path, hold_folder, read_json_or_none, remove_write_leftovers, sha256_file, write_json
+    from erf_lab.io import atomic_path, hold_folder, read_json_or_none, sha256_file, write_json
 
-    with hold_folder(folder):
-        remove_write_leftovers(folder)
+    with hold_folder(folder):  # the temporary files of a write killed before go
         record = read_json_or_none(folder / _STORED_RECORD)
         digests = {k: v for k, v in record.items() if isinstance(v, str)} if isinstance(record, dict) else {}
         for name, content in files.items():

@@ -49,15 +49,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_write_leftovers(folder: str | os.PathLike, *subfolders: str) -> list[Path]:
-    """Delete the temporary files of :func:`atomic_path` in ``folder`` and its ``subfolders`` (names; not deeper)
-    and return them: a process killed while it wrote (SIGKILL, the second signal of a scheduler's grace period, a
-    power cut) leaves its temporary file, a whole training state or checkpoint in size, which no later run would
-    ever remove. Only while this thread holds ``folder`` (:func:`hold_folder`), so no other writer's file is taken;
-    elsewhere (no lock: Windows, a file system without locks) it removes nothing."""
+    """Delete the temporary files of :func:`atomic_path` in ``folder`` and its ``subfolders`` (relative paths, or
+    glob patterns such as ``probe-*px``; not deeper) and return them: a process killed while it wrote (SIGKILL, the
+    second signal of a scheduler's grace period, a power cut) leaves its temporary file, a whole training state or
+    checkpoint in size, which no later run would ever remove. Only while this thread holds ``folder``
+    (:func:`hold_folder`, which calls this), so no other writer's file is taken; elsewhere (no lock: Windows, a file
+    system without locks) it removes nothing. The temporaries of a file held by :func:`hold_file` (a reparam writing
+    into this folder now) stay: that command removes its own."""
     if not holds_folder(folder):
         return []
-    return [p for d in (Path(folder), *(Path(folder) / s for s in subfolders))
-            for p in _remove_temporaries(d, lambda target: target is not None)]
+    folder = Path(folder)
+    folders = [folder, *(d for s in subfolders for d in (folder.glob(s) if "*" in s else [folder / s]))]
+    return [p for d in dict.fromkeys(folders) for p in _remove_temporaries(d, _not_held_elsewhere(d))]
 
 
 def remove_file_leftovers(path: str | os.PathLike, *with_files: str | os.PathLike) -> list[Path]:
@@ -80,6 +83,21 @@ def _write_target(name: str) -> str | None:
     is not one."""
     m = _LEFTOVER.fullmatch(name)
     return m["name"] if m and m["suffix"] == Path(m["name"]).suffix else None
+
+
+def _not_held_elsewhere(folder: Path) -> Callable[[str | None], bool]:
+    """Whether a temporary of ``folder`` writing the file named so (None: not a temporary) may go: not while the
+    file, or a file it goes with (``<file>.run.json``), has a :func:`hold_file` lock beside it: that file's holder
+    writes there now (or was killed, and the next one removes them). Asked after the temporary was seen, so a lock
+    taken before the temporary was made is seen."""
+    def unheld(target: str | None) -> bool:
+        if target is None:
+            return False
+        parts = target.split(".")
+        names = (".".join(parts[:n]) for n in range(len(parts), 0, -1))
+        return not any(file_lock_path(folder / name).exists() for name in names if name)
+
+    return unheld
 
 
 def _remove_temporaries(folder: Path, wanted: Callable[[str | None], bool]) -> list[Path]:
@@ -222,15 +240,21 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextlib.contextmanager
-def hold_folder(folder: str | os.PathLike, what: str = "--out") -> Iterator[None]:
+def hold_folder(folder: str | os.PathLike, what: str = "--out", *, subfolders: Sequence[str] = ()) -> Iterator[None]:
     """Hold ``folder`` (which exists) for this process while the block writes a run into it: an advisory lock on
     the folder itself (``flock``; the system drops it when the process ends, a kill included). A second erf-lab
     process writing into the same folder meanwhile (a run resumed in a second shell while it still runs) gets
     ErfLabError (one line) instead of both writing the same state, checkpoints and tables. Re-entrant within the
     thread that holds it; another thread of this process (two sessions of the app measuring the same map) waits
     until it is let go instead of writing beside it (the lock is the process's: it would not stop that thread).
-    A no-op where ``fcntl`` is missing (Windows). The refusal is a FolderInUseError (the app words it itself)."""
-    with _hold(Path(folder), folder, what, lock_file=False):
+    A no-op where ``fcntl`` is missing (Windows). The refusal is a FolderInUseError (the app words it itself).
+    Once taken (not again where this thread held it already), the temporary files that a write killed there left go
+    (:func:`remove_write_leftovers`): in ``folder`` and in the ``subfolders`` (relative paths or glob patterns) that
+    the command writes itself; never in those of the runs it keeps inside (a sweep's members, a study's runs), which
+    their own commands hold and clean."""
+    with _hold(Path(folder), folder, what, lock_file=False) as taken:
+        if taken:
+            remove_write_leftovers(folder, *subfolders)
         yield
 
 
@@ -249,21 +273,23 @@ def hold_file(path: str | os.PathLike, what: str = "--out", with_files: Sequence
     one-line FolderInUseError, a thread of this process waits; other files of the folder are not held. The lock is
     :func:`file_lock_path`, made for the hold and removed when it ends (one a kill left is taken over). Once held,
     the temporary files of earlier writes of these files that a kill left go (:func:`remove_file_leftovers`)."""
-    with _hold(file_lock_path(path), path, what, lock_file=True):
-        remove_file_leftovers(path, *with_files)
+    with _hold(file_lock_path(path), path, what, lock_file=True) as taken:
+        if taken:
+            remove_file_leftovers(path, *with_files)
         yield
 
 
 @contextlib.contextmanager
 def _hold(lock: Path, shown, what: str, lock_file: bool) -> Iterator[None]:
     """:func:`hold_folder` (``lock`` the folder itself) and :func:`hold_file` (``lock_file``: ``lock`` a file made
-    for the hold, removed after it); ``shown`` is what the refusal names."""
+    for the hold, removed after it); ``shown`` is what the refusal names. Yields whether this call took the lock
+    (False where this thread held it already, or nothing can be locked)."""
     from erf_lab.errors import FolderInUseError
 
     try:
         import fcntl
     except ImportError:  # no flock: unguarded, as before
-        yield
+        yield False
         return
     key = str(lock.expanduser().resolve())
     me = threading.get_ident()
@@ -283,10 +309,10 @@ def _hold(lock: Path, shown, what: str, lock_file: bool) -> Iterator[None]:
             if not nested:
                 _HELD[key] = (fd, me)
     if nested:
-        yield
+        yield False
         return
     try:
-        yield
+        yield True
     finally:
         with _HELD_CHANGED:
             del _HELD[key]

@@ -294,8 +294,10 @@ def format_table(result: dict) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary named as erf-lab's ``atomic_path`` names its own
+    (``.<name>.<random>.tmp<suffix>``): the one a kill leaves goes when ``erf-lab bench`` takes the folder again."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)

@@ -940,6 +940,35 @@ def test_a_file_hold_takes_the_lock_file_there_now(tmp_path, monkeypatch):
     assert not lock.exists() and not erf_io._HELD
 
 
+def test_taking_a_folder_removes_what_kills_left_there_but_no_write_going_on(tmp_path):
+    """hold_folder removes the atomic-write temporaries a kill left in the folder and the sub-folders the command
+    names, once, when it takes the folder: not in a nested hold of the same thread (its own write in progress there
+    stays), and never those of a file a reparam holds there now (hold_file's lock beside it): a compute or train into
+    the folder of a reparam's --out deleted the checkpoint being written, and the reparam failed at its rename."""
+    pytest.importorskip("fcntl")
+    from erf_lab import io as erf_io
+
+    out, record = tmp_path / "deploy.pth", tmp_path / "deploy.pth.run.json"
+    (tmp_path / "checkpoints").mkdir()
+    left = [tmp_path / ".erf.npy.k1lled00.tmp.npy", tmp_path / "checkpoints" / ".epoch_001.pth.k1lled00.tmp.pth"]
+    for p in left:
+        p.write_bytes(b"killed mid-write")
+    with erf_io.hold_file(out, with_files=[record]), erf_io.atomic_path(out) as tmp, \
+            erf_io.atomic_path(record) as tmp_record:
+        tmp.write_bytes(b"weights")
+        tmp_record.write_text("{}")
+        with erf_io.hold_folder(tmp_path, subfolders=["check*"]):
+            assert [p for p in left if p.exists()] == [] and tmp.is_file() and tmp_record.is_file()
+            with erf_io.atomic_path(tmp_path / "metrics.json") as own:
+                own.write_text("{}")
+                with erf_io.hold_folder(tmp_path):  # nested: its own write in progress stays
+                    assert own.is_file()
+    assert out.read_bytes() == b"weights" and record.read_text() == "{}"
+    assert (tmp_path / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "deploy.pth", "deploy.pth.run.json",
+                                                         "metrics.json"]
+
+
 @pytest.mark.parametrize("name,value,message", [
     ("FASTCONV_BACKEND", "cpp/cpp/bogus", "fastconv: unknown backend 'cpp/cpp/bogus' (from $FASTCONV_BACKEND)"),
     ("FASTCONV_AUTOTUNE", "maybe", "fastconv: $FASTCONV_AUTOTUNE='maybe' is not a yes or no"),

@@ -212,6 +212,95 @@ def test_a_command_writes_again_into_its_own_kind_of_result(command, results, tm
         assert result_kind(folder / "erf-32px" / "epoch_001") == "erf"
 
 
+#: per command: its argv writing into ``out`` again, and the sub-folders it writes itself (where a kill leaves the
+#: temporary files of its writes); "" is the folder itself
+AGAIN = {
+    "analyze": (lambda results, out: ["analyze", results / "erf", "--formats", "png", "--out", out], [""]),
+    "compare": (lambda results, out: _writer("compare", results, out), [""]),
+    "sweep": (lambda results, out: _writer("sweep", results, out), [""]),
+    "timeline": (lambda results, out: _writer("timeline", results, out),
+                 ["", "probe-32px", "images-32px", "ema-weights"]),
+}
+
+
+@pytest.mark.parametrize("command", list(AGAIN))
+def test_a_command_removes_the_temporary_files_a_kill_left_in_its_own_folders(command, results, tmp_path, capsys):
+    """A command killed while it wrote (SIGKILL, a power cut) leaves the temporary file of that write
+    (``.<name>.<random>.tmp<suffix>``; a timeline's EMA weights are checkpoint-sized) and only compute, train,
+    shape-bias and study --ship removed theirs. Every command now removes them from the folders it writes itself
+    when it takes its folder; the user's files, names that are no such temporary, the temporaries of a file that a
+    reparam holds now (its lock beside it), and folders the command does not write stay."""
+    import shutil
+
+    argv, subfolders = AGAIN[command]
+    folder = tmp_path / command
+    if command == "analyze":
+        folder.mkdir()
+    else:
+        shutil.copytree(results / OWN[command], folder)
+    killed = [f"{sub}/.{name}".lstrip("/") for sub in subfolders
+              for name in ("metrics.json.k1lled00.tmp.json", "grid.png.a_b9c8d7.tmp.png", "epoch_001.safetensors"
+                           ".0z9y8x7w.tmp.safetensors", "notes.zzzzzzzz.tmp")]
+    kept = [f"{sub}/{name}".lstrip("/") for sub in subfolders for name in (
+        "notes.txt", ".notes.tmp", ".metrics.json.k1lled00.tmp", ".metrics.json.k1lle.tmp.json",
+        ".metrics.json.k1lled00.tmp.csv", ".metrics.json.K1LLED00.tmp.json", "metrics.json.k1lled00.tmp.json",
+        ".deploy.pth.k1lled00.tmp.pth", ".deploy.pth.run.json.k1lled00.tmp.json", ".deploy.pth.lock")]
+    kept += ["checkpoints/.metrics.json.k1lled00.tmp.json", "probe-32px/notes/.metrics.json.k1lled00.tmp.json"]
+    for name in killed + kept:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(name)
+    capsys.readouterr()
+    assert main([str(a) for a in argv(results, folder)]) == 0, capsys.readouterr().err
+    assert [n for n in killed if (folder / n).exists()] == []
+    assert [n for n in kept if not (folder / n).is_file() or (folder / n).read_text() != n] == []
+    assert command == "analyze" or result_kind(folder) == OWN[command]
+    if command == "analyze":
+        assert json.loads((folder / "analysis.json").read_text())["command"] == "analyze"
+        assert json.loads((folder / "metrics.json").read_text()) == json.loads(
+            (results / "erf" / "metrics.json").read_text())
+
+
+def test_a_bench_removes_the_temporary_file_a_bench_killed_while_it_wrote_left(tmp_path, capsys, one_thread,
+                                                                             monkeypatch):
+    """fastconv's bench named its temporaries ``.table.csv.<random>.tmp``, which erf-lab takes for no temporary of
+    its own: one a kill left stayed beside the tables for good. Named as erf-lab's now, the next bench into the
+    folder removes it."""
+    import os
+    import types
+    from pathlib import Path
+
+    import fastconv.bench as fb
+
+    real_run = fb.run
+    monkeypatch.setattr(fb, "run", lambda **kw: real_run(sgemm_size=64, **kw))  # a small SGEMM probe
+    out = tmp_path / "bench"
+    argv = ["bench", "--kernels", "3", "--resolutions", "8", "--batch", "1", "--channels", "4", "--layers", "1",
+            "--repeats", "1", "--warmup", "0", "--mode", "fwd", "--device", "cpu", "--out", str(out)]
+
+    def killed(src, dst):  # killed before table.csv's rename: nothing after it runs, its temporary stays
+        raise _Killed()
+
+    def unlink(path):  # of the temporary (its finally): not run either
+        if not Path(path).name.startswith(".table.csv."):
+            os.unlink(path)
+
+    killed_os = types.SimpleNamespace(**{**vars(os), "replace": killed, "unlink": unlink})
+    with monkeypatch.context() as m:
+        m.setattr(fb, "os", killed_os)
+        with pytest.raises(_Killed):
+            main(argv)
+    [left] = [p.name for p in out.iterdir()]
+    assert left.startswith(".table.csv.") and left.endswith(".tmp.csv")
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json", "run.json", "table.csv", "table.txt"]
+
+
+class _Killed(BaseException):
+    """What a SIGKILL does at that point: nothing after it runs."""
+
+
 def test_a_study_accepts_its_own_folder_and_its_training_runs(results, tmp_path):
     """A study re-run reads its own folder (tests/test_study.py runs one); the training runs it keeps in runs/ are
     training runs for train, and its ERFs in erf-<S>px/ ERF runs for the runner."""

@@ -611,7 +611,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     from erf_lab.erf.images import load_images, model_data_config
     from erf_lab.erf.prepare import to_measured_form
     from erf_lab.erf.receptive_field import input_channels
-    from erf_lab.io import hold_folder, refuse_other_result, remove_write_leftovers, sha256_file
+    from erf_lab.io import hold_folder, refuse_other_result, sha256_file
     from erf_lab.models import create_model
 
     device = D.device_for(spec.device, dinfo)
@@ -642,8 +642,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
                                                                    runs_root)
         _refuse_out_in_images(target, spec.images)  # the default --out too (runs/ under an --images folder)
         refuse_other_result(target, "erf")
-        if dinfo.is_main and target.is_dir():  # no other erf-lab process writes a run there meanwhile
-            held_folder.enter_context(hold_folder(target))
+        if dinfo.is_main and target.is_dir():  # no other erf-lab process writes a run there meanwhile; the
+            held_folder.enter_context(hold_folder(target))  # temporary files of a run killed while it wrote go
     except Exception as e:  # noqa: BLE001 - every rank learns of it below (one process: raised there as it is)
         setup_error = e
     finally:
@@ -670,8 +670,6 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     if dinfo.is_main and action == "new":
         for f in stale:
             f.unlink(missing_ok=True)
-    if dinfo.is_main:  # the temporary files of a run killed while it wrote (the other ranks wait at the barrier)
-        remove_write_leftovers(out_dir)
     D.barrier(dinfo)
 
     spath = state_path(out_dir, dinfo)

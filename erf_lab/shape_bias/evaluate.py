@@ -467,8 +467,8 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     seeds the model's initialisation (a random init is then the same network every run). ``with_humans=False``
     leaves the human data out (no reference shape bias, no consistency with the subjects, none in the figure)."""
     from erf_lab.checkpoint import random_init_of
-    from erf_lab.io import (hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs,
-                            remove_write_leftovers, sha256_file, write_json)
+    from erf_lab.io import (hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs, sha256_file,
+                            write_json)
     from erf_lab.shape_bias.plotting import plot_error_consistency, plot_shape_bias
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -507,8 +507,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
     out = prepare_out_dir(out)  # before minutes of inference; after the model, so a bad file leaves no folder
     # held while it writes: a second erf-lab process evaluating into it meanwhile (the same command again in another
     # shell, to resume a run that still goes) would write the same partial scores and outputs
-    with hold_folder(out):
-        remove_write_leftovers(out)  # the temporary files of a run killed while it wrote
+    with hold_folder(out):  # and the temporary files of a run killed while it wrote go
         result = evaluate(model, stimuli, batch_size=batch_size, workers=workers, device=device, limit=limit,
                           show_progress=show_progress, cache=cache, preprocess=Preprocess.from_model(model, crop_pct),
                           partial_dir=out, on_progress=on_progress)

@@ -30,13 +30,15 @@ from erf_lab.checkpoint import EPOCH_FILE, epoch_stem
 from erf_lab.errors import ErfLabError, on_every_rank
 from erf_lab.erf import distributed as D
 from erf_lab.io import (hold_folder, is_training_record, read_json_or_none, refuse_empty, refuse_other_result,
-                        refuse_out_inside, remove_write_leftovers)
+                        refuse_out_inside)
 from erf_lab.train import checkpoints as C
 from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
 from erf_lab.train.stop import ForcedStop, StopRequest, held, iterate
 
 COMPLETE_FILE = "run.json"
+#: the sub-folders a training run writes itself (the temporary files of its killed writes go when it takes its folder)
+RUN_SUBFOLDERS = ("checkpoints",)
 OUR_FILES = ("metrics.csv", "model.pth", "model.safetensors", "model_ema.safetensors", "curves.png", "curves.pdf",
              C.STATE_FILE, COMPLETE_FILE)
 AMP_MODES = ("auto", "bf16", "fp16", "none")
@@ -452,15 +454,14 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 "amp": amp, "channels_last": channels_last, "sync_bn": bool(sync_bn),
                 "world_size": info.world_size, "checkpoint_format": checkpoint_format}
     def decide() -> str:  # on rank 0 (the other ranks would race with its first writes), told to the others
-        if out.is_dir():  # no other erf-lab process writes a run there meanwhile
-            held_folder.enter_context(hold_folder(out))
+        if out.is_dir():  # no other erf-lab process writes a run there meanwhile; the temporary files of a run
+            held_folder.enter_context(hold_folder(out, subfolders=RUN_SUBFOLDERS))  # killed while it wrote go
         for split in ("train", "val") if str(data) != CUE_WORLD else ():  # the folders build_data reads
             refuse_out_inside(out, Path(data) / split, "--data",
                               f"its checkpoints and figures would become {split} images of a class")
         mode = _prepare_out_dir(out, resume, force)
         if mode in ("new", "resume"):
             _check_writable(out)
-            remove_write_leftovers(out, "checkpoints")  # the temporary files of a run killed while it wrote
         return mode
 
     mode = D.decided_on_rank0(decide, info)
@@ -616,7 +617,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         with held():  # a stop meanwhile comes after both: epoch_000 is never left without its resume point
             def take() -> None:  # a new folder: held from its making (another process may have made it meanwhile)
                 out.mkdir(parents=True, exist_ok=True)
-                held_folder.enter_context(hold_folder(out))
+                held_folder.enter_context(hold_folder(out, subfolders=RUN_SUBFOLDERS))
 
             D.decided_on_rank0(take, info)  # every rank stops with a refusal, not in save_state's gather
             if info.is_main:

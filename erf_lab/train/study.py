@@ -228,7 +228,8 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
                               f"to continue it, or use another --out")
     study = prepare_out_dir(out)
     # held while it writes: the same study again in another shell trained and measured the same models beside it
-    with hold_folder(study):
+    # its own sub-folders cleaned of a killed study's temporary files; runs/ and erf-*px/ hold and clean their own
+    with hold_folder(study, subfolders=("probes", "erf-images-*px")):
         from erf_lab.provenance import provenance
 
         how = provenance("study", new, sys.argv)  # where, with which versions and when (as sweep.json, timeline.json)

@@ -285,7 +285,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
                   "probe_size": int(probe_size), "device": device, "formats": list(formats), "ema": bool(ema)},
                   argv)}
     # held while it writes: a second timeline into it meanwhile (another shell, the app) mixed rows and caches
-    with hold_folder(out):
+    with hold_folder(out, subfolders=("ema-weights", "probe-*px", "images-*px")):  # erf-*px/: run_erf cleans
         rows, counts, maps = [], {"erf": 0, "probe": 0}, {}
         # the folder is a timeline from now on; Ctrl-C says how many checkpoints it keeps (the CLI prints it)
         with command_record(out / "timeline.json", record) as save, _kept_on_stop(out, rows, len(epochs)):
