@@ -512,3 +512,23 @@ def test_from_csv_refuses_a_bad_csv_before_its_out_folder_is_made(fixture_datase
         assert not (tmp_path / "new").exists()
     assert main(["shape-bias", "--from-csv", str(good), "--no-humans", "--out", str(out)]) == 0  # the good CSV
     assert json.loads((out / "summary.json").read_text())["n_trials"] == 1280
+
+
+def test_from_csv_prints_the_warnings_a_model_run_prints(fixture_datasets, tmp_path, capsys, monkeypatch):
+    """`--from-csv` ("the same analysis", README) never flagged a shape bias from few decisions or a degenerate run
+    as a model run does, and printed none of its warnings (a set without human data went into summary.json only):
+    20 trials read as a firm result. It now flags them as a model run does and prints each `warning:` line."""
+    src = fixture_datasets / "human-cue-conflict" / "cue-conflict_subject-01_session_1.csv"
+    with open(src, newline="") as f:
+        rows = [(r["imagename"], r["category"], r["object_response"]) for r in csv.DictReader(f)][:20]
+    model = _write(tmp_path / "cue-conflict_m_session-1.csv", "m", rows)
+    monkeypatch.delenv("ERF_LAB_DATA")  # no human data anywhere (an empty cache): the run says so
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["shape-bias", "--from-csv", str(model), "--out", str(out)]) == 0
+    warnings = json.loads((out / "summary.json").read_text())["warnings"]
+    err = capsys.readouterr().err
+    assert any("shape-or-texture decisions" in w for w in warnings)
+    assert any(w.startswith("no human responses for cue-conflict") for w in warnings)
+    assert [ln for ln in err.splitlines() if ln.startswith("  warning: ")] == [f"  warning: {w}" for w in warnings]

@@ -328,6 +328,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     from erf_lab.io import hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
     from erf_lab.shape_bias.analysis import add_consistency, check_human_data, shape_bias_from_decisions
     from erf_lab.shape_bias.consistency import is_human, read_trials
+    from erf_lab.shape_bias.evaluate import degenerate_warnings
     from erf_lab.shape_bias.stimuli import parse_name
 
     if not paths:
@@ -362,7 +363,8 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
             rows = cue[subj]
             summary = {"model": subj, "label": subj, "from_csv": [str(p) for p in paths],
                        **shape_bias_from_decisions(rows), "chance_shape_or_texture": 2 / len(CATEGORIES),
-                       "n_images": {ds: len(t) for ds, t in model.items()}}
+                       "n_images": {ds: len(t) for ds, t in model.items()},
+                       "warnings": degenerate_warnings(rows)}  # flagged as a model run's are
             human_paths = add_consistency(summary, model, near, with_humans=humans)
             folder = folder_of(subj)
             folder.mkdir(parents=True, exist_ok=True)

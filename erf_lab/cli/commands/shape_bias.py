@@ -110,6 +110,7 @@ def run(args) -> int:
         for s in analyse_csvs(args.from_csv, out, near=Path(args.stimuli) if args.stimuli else None,
                               humans=not args.no_humans, command=command_line()):
             _report(s)
+            _warn(s)
             print(f"wrote {s['out']}/summary.json and figures")
         return 0
     if not args.model:
@@ -137,13 +138,18 @@ def run(args) -> int:
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
     _report(s)
-    for w in s["warnings"]:
-        print(f"  warning: {w}", file=sys.stderr)
+    _warn(s)
     if s["n_skipped"]:
         print(f"  warning: {s['n_skipped']} file(s) skipped (see summary.json)", file=sys.stderr)
     print(f"wrote {out}/decisions.csv, summary.json, model-vs-human CSVs, shape_bias.png/pdf"
           + (", error_consistency.png/pdf" if (out / "error_consistency.png").is_file() else ""))
     return 0
+
+
+def _warn(s: dict) -> None:
+    """The summary's warnings (few decisions, a degenerate run, a subset, no human data), one line each on stderr."""
+    for w in s.get("warnings") or ():
+        print(f"  warning: {w}", file=sys.stderr)
 
 
 def _crop_pct(text: str) -> float | None:
