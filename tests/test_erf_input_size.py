@@ -86,3 +86,21 @@ def test_kernels_and_input_sizes_together(tmp_path):
         "K3-S32-deploy", "K3-S64-deploy", "K7-S32-deploy", "K7-S64-deploy"]
     trf = {(r["kernel"], r["input_size"]): r["trf"] for r in res["rows"]}
     assert trf[(3, 32)] == trf[(3, 64)] < trf[(7, 32)] == trf[(7, 64)]  # the theoretical RF ignores the image size
+
+
+def test_sweep_tables_give_both_gaussian_sigmas(tmp_path):
+    """sweep.csv / sweep.md gave the Gaussian fit's sigma_x alone (beside std_y and std_x): an anisotropic ERF
+    (SLaK's 51x5 + 5x51 kernels) lost its other axis, and the README's input-size table (the mean of the two sigmas)
+    could not be made from the sweep's own table. Both sigmas are columns now, as in compute's and compare's."""
+    run_sweep(input_sizes="32,64", model="replknet_31b", reparam="deploy", num_images=1,
+              overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, out=tmp_path / "s",
+              formats=("png",), show_progress=False)
+    out = tmp_path / "s"
+    rows = list(csv.DictReader(io.StringIO((out / "sweep.csv").read_text())))
+    assert [r["run_dir"] for r in rows] == ["S32-deploy", "S64-deploy"]
+    for r in rows:
+        fit = json.loads((out / r["run_dir"] / "metrics.json").read_text())["gaussian_fit"]
+        assert float(r["gauss_sigma_y"]) == pytest.approx(fit["sigma_y"])
+        assert float(r["gauss_sigma_x"]) == pytest.approx(fit["sigma_x"])
+    header = (out / "sweep.md").read_text().splitlines()[0]
+    assert "| gauss_sigma_y | gauss_sigma_x |" in header

@@ -30,9 +30,8 @@ from erf_lab.provenance import provenance
 REPARAM_MODES = {"train": ("train",), "deploy": ("deploy",), "both": ("train", "deploy")}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 SWEEP_COLUMNS = ("kernel", "reparam", "model", "weights", "shape", "area@20%", "area@30%", "area@50%", "area@99%",
-                 "r_rms", "r50", "r99", "std_y", "std_x", "gauss_sigma_x", "gauss_r2", "gauss_fit", "trf", "erf/trf",
-                 "num_used",
-                 "run_dir")
+                 "r_rms", "r50", "r99", "std_y", "std_x", "gauss_sigma_y", "gauss_sigma_x", "gauss_r2", "gauss_fit",
+                 "trf", "erf/trf", "num_used", "run_dir")
 
 
 def _parse_int_list(text: str | Sequence[int], option: str, valid, rule: str) -> list[int]:
