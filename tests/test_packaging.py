@@ -82,3 +82,41 @@ def test_console_script_raises_the_gc_threshold_before_the_command(monkeypatch):
     finally:
         gc.set_threshold(*old)
     assert seen == [cli.GC_THRESHOLD, 0, 50_000, 0] and cli.GC_THRESHOLD == 20_000
+
+
+#: options the README quotes from other programs: torchrun, the official RepLKNet scripts, benchmarks/ scripts
+FOREIGN_README_OPTIONS = {"--nproc_per_node", "--finetune", "--size"}
+
+
+def _cli_options() -> dict[str, set[str]]:
+    """``{"compute": {"--model", ...}, "data download": {...}, ...}``: every long option of every (sub)command."""
+    import argparse
+
+    from erf_lab.cli.main import build_parser
+
+    def walk(parser, name, out):
+        out[name] = set()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    walk(p, f"{name} {sub}".strip(), out)
+            else:
+                out[name] |= {o for o in action.option_strings if o.startswith("--")}
+        return out
+
+    return walk(build_parser(), "", {})
+
+
+def test_readme_documents_every_command_and_option_and_no_other():
+    """Every command and option that `erf-lab ... --help` lists is named in the README (54 options of 14 commands
+    were not), and every erf-lab option or command the README names exists, so neither side drifts unnoticed."""
+    text = (REPO_ROOT / "README.md").read_text()
+    options = _cli_options()
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", text))
+    missing = {f"{cmd}: {o}" for cmd, opts in options.items() for o in opts if o not in named}
+    assert not missing, f"options missing from README.md: {sorted(missing)}"
+    known = set().union(*options.values())
+    assert named - known <= FOREIGN_README_OPTIONS, f"README.md names options that do not exist: {named - known}"
+    commands = {c.split()[0] for c in options if c}
+    quoted = set(re.findall(r"`(?:[A-Z_]+=\S+ )?erf-lab ([a-z][a-z-]*)", text))
+    assert quoted == commands, (commands - quoted, quoted - commands)
