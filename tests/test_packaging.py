@@ -120,3 +120,15 @@ def test_readme_documents_every_command_and_option_and_no_other():
     commands = {c.split()[0] for c in options if c}
     quoted = set(re.findall(r"`(?:[A-Z_]+=\S+ )?erf-lab ([a-z][a-z-]*)", text))
     assert quoted == commands, (commands - quoted, quoted - commands)
+
+
+def test_readme_names_every_environment_variable_the_code_reads():
+    """ERF_LAB_APP_ROOTS / ERF_LAB_APP_RUNS (where the app reads and writes) and FASTCONV_NO_CPP / FASTCONV_TRITON_DOT
+    were read by the code and named nowhere in the README; every ERF_LAB_* / FASTCONV_* variable now is."""
+    text = (REPO_ROOT / "README.md").read_text()
+    read = set()
+    for folder in ("erf_lab", "fastconv", "app"):
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            read |= set(re.findall(r"\b((?:ERF_LAB|FASTCONV)_[A-Z0-9_]*[A-Z0-9])\b", path.read_text()))
+    assert read >= {"ERF_LAB_CACHE", "ERF_LAB_DATA", "FASTCONV_CACHE"}  # the scan finds them at all
+    assert not {v for v in read if v not in text}, "environment variables missing from README.md"
