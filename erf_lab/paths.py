@@ -69,3 +69,24 @@ def _private_cache() -> Path:
                   f"{folder} for this process only: set ERF_LAB_CACHE to a folder to keep them", RuntimeWarning,
                   stacklevel=3)
     return Path(folder)
+
+
+#: the yes / no settings of erf-lab's environment (fastconv's FASTCONV_* switches take the same words)
+ENV_FLAGS = {"ERF_LAB_KEEP_FREED_MEMORY": True, "ERF_LAB_ALLOW_TF32": False}
+
+
+def env_flag(name: str) -> bool:
+    """The yes / no environment setting ``name`` (one of ``ENV_FLAGS``, whose value is its default when unset or
+    empty): 1 / true / yes / on or 0 / false / no / off, any case, as fastconv reads its own; anything else is one
+    ErfLabError line (``ERF_LAB_KEEP_FREED_MEMORY=false`` used to keep the setting on, as every value but ``0`` did)."""
+    from fastconv.config import _OFF, _ON
+
+    from erf_lab.errors import ErfLabError
+
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return ENV_FLAGS[name]
+    if value not in _ON + _OFF:
+        raise ErfLabError(f"{name}={os.environ[name]} is not a yes or no; set it to 1 or 0 (true / false, yes / no, "
+                          f"on / off) or unset it")
+    return value in _ON

@@ -3,6 +3,7 @@ and no output directory that looks complete. One table for all commands; new com
 import io
 import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -987,6 +988,32 @@ def test_a_fastconv_variable_fastconv_refuses_is_one_line_exit_2(name, value, me
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"erf-lab compute: error: {message}")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["ERF_LAB_KEEP_FREED_MEMORY", "ERF_LAB_ALLOW_TF32"])
+def test_an_erf_lab_yes_or_no_variable_that_is_neither_is_one_line_exit_2(name, tmp_path, capsys, monkeypatch):
+    """ERF_LAB_KEEP_FREED_MEMORY / ERF_LAB_ALLOW_TF32 took any value but '0' / '1' as the default, silently; a value
+    that is no yes or no is now one error line and exit 2 before any work, as a $FASTCONV_* switch's is."""
+    monkeypatch.setenv(name, "maybe")
+    out = tmp_path / "erf"
+    rc = main(["compute", "--model", "replknet_3", "--override", "channels=(8,8,8,8)", "--override",
+               "layers=(1,1,1,1)", "--num-images", "1", "--input-size", "64", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"erf-lab compute: error: {name}=maybe is not a yes or no; set it to 1 or 0 (true / "
+                               f"false, yes / no, on / off) or unset it"]
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_freed_memory_is_turned_off_by_the_words_fastconv_takes(monkeypatch):
+    """ERF_LAB_KEEP_FREED_MEMORY=false (or no / off) kept freed memory all the same: only '0' turned it off. The
+    yes / no words of fastconv's switches now work here too; unset or 1 / true keeps it (glibc)."""
+    from erf_lab.erf import prepare
+
+    for value, kept in (("false", False), ("OFF", False), ("no", False), ("0", False), ("true", True), ("", True)):
+        monkeypatch.setattr(prepare, "_MALLOC_KEPT", [])  # decided once per process: decide again
+        monkeypatch.setenv("ERF_LAB_KEEP_FREED_MEMORY", value)
+        assert prepare.keep_freed_memory() is kept, value
 
 
 def test_compute_refuses_an_out_folder_inside_its_image_folder(tmp_path, capsys):

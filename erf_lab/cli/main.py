@@ -55,16 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_fastconv_environment() -> None:
+def _check_environment() -> None:
     """ErfLabError (one line, exit 2, before any work) for a ``$FASTCONV_BACKEND`` / ``$FASTCONV_AUTOTUNE`` /
     ``$FASTCONV_CACHE`` that fastconv refuses: it raised its ValueError from a command's first convolution, after the
-    model was built, as a traceback. (``fastconv.config`` imports no torch.)"""
+    model was built, as a traceback (``fastconv.config`` imports no torch); and for an erf-lab yes / no setting
+    (``erf_lab.paths.ENV_FLAGS``) that is neither."""
     from fastconv import config
 
     try:
         config.settings()
     except ValueError as e:
         raise ErfLabError(str(e)) from None
+    from erf_lab.paths import ENV_FLAGS, env_flag
+
+    for name in ENV_FLAGS:  # erf-lab's own yes / no settings, read later deep in a run: a bad value before any work
+        env_flag(name)
 
 
 def _end_progress_bars() -> None:
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        _check_fastconv_environment()
+        _check_environment()
         if world_size_from_env() > 1 and not args._distributed:
             # every process would run the whole job and write the same outputs
             shared = ", ".join(n for n, d in _distributed_commands().items() if d)

@@ -9,7 +9,6 @@ and fastconv for the large depthwise kernels.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,6 +22,7 @@ from erf_lab.erf.prepare import (check_device, conv_settings, full_fp32, keep_fr
                                  prepare_model)
 from erf_lab.erf.receptive_field import input_channels, train_form_only
 from erf_lab.errors import ErfLabError, out_of_memory
+from erf_lab.paths import env_flag
 
 
 #: ``batch_size=None`` on CUDA: the batch holds as many images as fit in this fraction of the memory free after the
@@ -228,7 +228,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     precision the gradients were taken in (the model's; below float32 a warning says so). The model is
     copied before it is re-parameterized / frozen unless ``inplace`` (or ``prepared``: already done).
     On CUDA the gradients are computed in full fp32: TF32 convolutions and matmuls are switched off for the
-    measurement (``allow_tf32=True`` or ``$ERF_LAB_ALLOW_TF32=1`` keeps them; measured on an H200 for
+    measurement (``allow_tf32=True`` or ``$ERF_LAB_ALLOW_TF32=1`` (true, yes, on) keeps them; measured on an H200 for
     replknet_31b at 448^2, TF32 moved the ERF matrix by 4.4% max-relative, full fp32 by 5e-4).
 
     Every batch's compute time (forward + input gradient + copy of the maps to the host; not the image loading,
@@ -241,7 +241,7 @@ def compute_erf(model: nn.Module, images, *, layer: str | None = None, aggregate
     if aggregate not in AGGREGATES:
         raise ErfLabError(f"unknown aggregate {aggregate!r}; choose from {', '.join(AGGREGATES)}")
     if allow_tf32 is None:
-        allow_tf32 = os.environ.get("ERF_LAB_ALLOW_TF32", "0") == "1"
+        allow_tf32 = env_flag("ERF_LAB_ALLOW_TF32")
     if batch_size is not None and int(batch_size) < 1:
         raise ErfLabError(f"--batch-size must be at least 1, got {batch_size}")
     dev = check_device(device)
