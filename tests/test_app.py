@@ -619,6 +619,32 @@ def test_shape_bias_page_waits_for_a_click_beyond_the_default(app_env):
     metric(at, "Shape bias")  # finished: shown without another click
 
 
+def test_shape_bias_page_pretrained_only_where_weights_exist(app_env):
+    """Switching from efficientnet_lite0 (pretrained by default) to a model without packaged weights left the
+    toggle on (disabled) and the command hint at '--pretrained', a command the CLI refuses ('no published
+    weights'), while the page ran random init; now the toggle is off, and the hint asks for a checkpoint."""
+    def toggle():  # the one "Pretrained" toggle the page shows
+        shown = [t for t in at.toggle if t.label == "Pretrained ImageNet weights"]
+        assert len(shown) == 1, shown
+        return shown[0]
+
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    ok(at)
+    assert toggle().value is True
+    assert any("shape-bias --model efficientnet_lite0 --pretrained" in c.value for c in at.code)
+    at.selectbox(key="sb-model").set_value("mobilenetv2").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert toggle().value is False and toggle().proto.disabled
+    hints = [c.value for c in at.code if "shape-bias --model" in c.value]
+    assert hints == ["erf-lab shape-bias --model mobilenetv2 --weights CHECKPOINT.pth --out runs/shape-bias"], hints
+    assert any(w.value.startswith("UNTRAINED") for w in at.warning)  # the run it shows is random init
+    at.selectbox(key="sb-model").set_value("efficientnet_lite0").run()
+    ok(at)
+    assert toggle().value is True and not any(w.value.startswith("UNTRAINED") for w in at.warning)
+
+
 def test_shape_bias_page_shows_progress_while_classifying(app_env, monkeypatch):
     """A shape-bias run (up to 1280 images x 3 sets, minutes on a CPU) showed only a spinner; the page now shows a
     progress bar that moves per batch with the set and the count of images done (erf_lab's own on_progress)."""

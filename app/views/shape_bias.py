@@ -37,9 +37,13 @@ if mode == "Run a model":
     with guard("Model"):
         models.check_registered(model)
         known = True
-    pretrained = c2.toggle("Pretrained ImageNet weights", value=model == "efficientnet_lite0", key="sb-pre",
-                           disabled=model != "efficientnet_lite0",
+    # packaged weights exist for efficientnet_lite0 only: for another model the toggle is off (its own key: the
+    # state of lite0's toggle stayed on, disabled, and put --pretrained into the command hint) and means nothing
+    has_weights = model == "efficientnet_lite0"
+    pretrained = c2.toggle("Pretrained ImageNet weights", value=has_weights, key="sb-pre" if has_weights else
+                           "sb-pre-none", disabled=not has_weights,
                            help="packaged weights exist for efficientnet_lite0; others: upload a checkpoint")
+    pretrained = has_weights and pretrained
     limit = c3.number_input("Cue-conflict images (--limit)", 16, 1280, 16, step=16, key="sb-limit",
                             help="an even spread over the 16 categories; the full set has 1280")
     if known:
@@ -48,8 +52,7 @@ if mode == "Run a model":
             ov = "{}"
             if model.startswith("replknet"):
                 ov = models.tiny_overrides() if weights is None else "{}"
-            settings = dict(pretrained=bool(pretrained and model == "efficientnet_lite0"), limit=int(limit),
-                            overrides_json=ov, weights=weights)
+            settings = dict(pretrained=pretrained, limit=int(limit), overrides_json=ov, weights=weights)
             target = shape_bias_run_dir(model, **settings)
             # the default (16 images, a listed model, no upload) and finished runs show at once; the rest on a click
             quick = int(limit) <= 16 and weights is None and model in SHAPE_BIAS_MODELS
@@ -68,7 +71,7 @@ if mode == "Run a model":
                                                                        text=f"{name}: {done} of {total} images"))
                 finally:
                     bar.empty()
-            if run_dir is not None and weights is None and not (pretrained and model == "efficientnet_lite0"):
+            if run_dir is not None and weights is None and not pretrained:
                 st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
     args = ["shape-bias", "--model", model] + (["--pretrained"] if pretrained else ["--weights", "CHECKPOINT.pth"])
     cli_hint(args + ["--out", "runs/shape-bias"], "Full stimulus set (1280 images) from the command line:")
