@@ -79,6 +79,28 @@ def test_landing_page_renders_default_erf_without_click(app_env):
         assert a50 == pytest.approx(s["area@50%"], abs=0.051), name
 
 
+def test_explorer_says_when_the_theoretical_rf_exceeds_the_image(app_env):
+    """The landing page showed 'ERF / TRF 0.08' for K = 31 beside 0.45 for K = 3 with no word that both theoretical
+    RFs (1211 and 187 px) are wider than the 128 px image, where the ratio is bounded by the input size (the
+    metrics' flag theoretical_rf_exceeds_map; sweep.md says it); now each such ratio says so, and one of a layer
+    whose theoretical RF fits the image does not (the growth page: test_growth_page_says_when_...)."""
+    from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE
+
+    def notes():
+        return [c.value for c in at.caption if c.value.startswith("ERF / TRF:")]
+
+    at = ok(new_app().run())
+    assert not errors(at), errors(at)
+    assert notes() == [f"ERF / TRF: the theoretical RF ({trf} px) is wider than the 128 px image; "
+                       f"{TRF_EXCEEDS_MAP_NOTE}." for trf in (187, 1211)], notes()
+    at.selectbox(key="erf-layer-0").set_value("stages.1").run()  # K = 3 up to stage 2: theoretical RF 43 px
+    ok(at)
+    assert not errors(at), errors(at)
+    assert any("layer `stages.1` · theoretical RF 43 px" in c.value for c in at.caption)
+    assert float(metric(at, "ERF / TRF", 0)) > 0 and notes() == [
+        f"ERF / TRF: the theoretical RF (1211 px) is wider than the 128 px image; {TRF_EXCEEDS_MAP_NOTE}."], notes()
+
+
 def test_side_by_side_kernel_31_vs_3_and_bad_input(app_env):
     """Random init one click away per configuration: the 31-29-27-13 network has the wider ERF than the 3x3 one
     (RepLKNet's central claim, here at random init); bad kernel text gives one readable error, no traceback."""
@@ -402,6 +424,21 @@ def test_growth_page_refused_checkpoint_folder_measures_nothing(app_env):
     ok(at)
     assert [e.split(":")[0] for e in errors(at)] == ["K = 3", "K = 7"], errors(at)
     assert all("no checkpoint for kernel" in e for e in errors(at)), errors(at)
+
+
+def test_growth_page_says_when_the_theoretical_rf_exceeds_the_image(app_env):
+    """The growth table's erf/trf of the shipped family at 128 px (theoretical RFs 187 to 1211 px) came without the
+    note sweep.md writes: the ratio is bounded by the input size there; now the page says it, naming each K."""
+    from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE
+
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    table = at.dataframe[0].value
+    assert sorted(set(table["trf"])) == [187, 427, 787, 1211], table["trf"]
+    assert [c.value for c in at.caption if c.value.startswith("erf/trf:")] == [
+        f"erf/trf: the theoretical RF exceeds the 128 px image for K = 3, 7, 13, 31; there {TRF_EXCEEDS_MAP_NOTE}."]
 
 
 def test_growth_page_vs_depth_says_random_init(app_env, monkeypatch):

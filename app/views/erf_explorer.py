@@ -13,6 +13,7 @@ from app.cache import sha
 from app.commands import erf_cli_args
 from app.figures import show_figure
 from app.ui import checkpoint_upload, cli_hint, guard, parse_int_tuple
+from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE
 
 st.title("ERF explorer")
 st.caption("Effective receptive field: ReLU(d output-centre / d input) aggregated over images (Luo et al., 2016), "
@@ -185,14 +186,19 @@ if specs and source is not None:
                     st.warning(skipped, icon=":material/warning:")
                 if res["info"].get("random_init"):
                     st.warning(erf_maps.RANDOM_INIT_NOTE, icon=":material/warning:")
-                if "empty_map" in ((res["metrics"] or {}).get("flags") or []):
+                flags = (res["metrics"] or {}).get("flags") or []
+                if "empty_map" in flags:
                     st.warning(erf_maps.EMPTY_MAP_NOTE, icon=":material/warning:")
                 m1, m2 = st.columns(2)
                 m1.metric("Area @20%", _pct(s.get("area@20%")))
                 m2.metric("Area @50%", _pct(s.get("area@50%")))
                 m3, m4 = st.columns(2)
                 m3.metric("r_rms (px)", "n/a" if s.get("r_rms") is None else f"{s['r_rms']:.1f}")
-                m4.metric("ERF / TRF", "n/a" if s.get("erf/trf") is None else f"{s['erf/trf']:.2f}")
+                m4.metric("ERF / TRF", "n/a" if s.get("erf/trf") is None else f"{s['erf/trf']:.2f}",
+                          help="RMS diameter (2 r_rms) / theoretical RF")
+                if "theoretical_rf_exceeds_map" in flags and s.get("erf/trf") is not None:
+                    st.caption(f"ERF / TRF: the theoretical RF ({res['trf']} px) is wider than the "
+                               f"{spec['input_size']} px image; {TRF_EXCEEDS_MAP_NOTE}.")
         with guard("Metrics table"):
             st.dataframe(erf_maps.summary_table(results), hide_index=True)
             st.caption("Area @t: smallest centred square holding t of the contribution, % of the input "

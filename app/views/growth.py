@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE, theoretical_rf_exceeds_map
 from erf_lab.erf.rundir import RANDOM_MARK
 from erf_lab.errors import ErfLabError
 
@@ -93,6 +94,10 @@ with tab_k:
                 show_figure("erf_grid", ([[maps.get((k, m)) for k in done] for m in series], series,
                                          [f"K = {k}" for k in done]), stem="grid", key="g-grid")
             st.dataframe(pd.DataFrame(rows).drop(columns=["run_dir", "series"], errors="ignore"), hide_index=True)
+            if beyond := list(dict.fromkeys(r["kernel"] for r in rows if r.get("erf/trf") is not None and
+                                            theoretical_rf_exceeds_map(r.get("trf"), (int(size), int(size))))):
+                st.caption(f"erf/trf: the theoretical RF exceeds the {size} px image for K = "
+                           f"{', '.join(map(str, beyond))}; there {TRF_EXCEEDS_MAP_NOTE}.")
             if any("random" in (r.get("weights"), r.get("init")) for r in rows):
                 st.warning(f"{erf_maps.RANDOM_INIT_NOTE} (the rows and curves marked random).",
                            icon=":material/warning:")

@@ -24,6 +24,10 @@ SUMMARY_MASS_RADII = (20, 80)
 GAUSS_MIN_R2 = 0.5
 #: the marker of a not-meaningful Gaussian fit in tables (``gauss_fit`` column and beside the sigmas)
 NOT_MEANINGFUL = "n/m"
+#: why a ratio to the theoretical RF (``erf/trf``) is no property of the network where that RF is wider than the
+#: image (flag ``theoretical_rf_exceeds_map``); sweep.md and the app say it beside such a ratio
+TRF_EXCEEDS_MAP_NOTE = ("the ERF is cut by the image's edge, so the ratio is bounded by the input size, not a "
+                        "property of the network alone")
 
 
 def validate_erf(erf) -> np.ndarray:
