@@ -37,6 +37,8 @@ DEFAULT_CUE_WORLD_IMAGES = 4
 #: shown beside an ERF measured with seeded random weights (run.json ``random_init``; as `erf-lab sweep` notes it)
 RANDOM_INIT_NOTE = ("random init: seeded random weights, never trained; this ERF describes the untrained "
                     "architecture, not what a trained network sees")
+#: under a table with "n/r" cells (:func:`metrics_table`)
+NOT_REACHED_NOTE = "n/r: no centred square inside the image holds that share of the ERF (not reached)."
 #: shown for a map whose metrics are flagged ``empty_map`` (erf_lab.erf.metrics): its n/r areas mean nothing
 EMPTY_MAP_NOTE = ("ERF map is all zeros (no gradient reached the input): it has no area or radius, so its n/r "
                   "areas and missing radii are not measurements")
@@ -243,17 +245,21 @@ def skip_message(skipped: list, num_used: int) -> str | None:
 
 def summary_table(results: list[tuple[dict, dict]]):
     """One row per configuration: label + the flat metrics summary."""
+    return metrics_table([{"configuration": r["label"], "images": r["num_used"], **r["summary"]} for _, r in results])
+
+
+def metrics_table(rows: list[dict]):
+    """A DataFrame of metric rows (flat summaries) with each area / side threshold the centred square never reaches
+    inside the image as "n/r", as erf-lab compare and sweep.md write it (not an unexplained NaN)."""
     import math
 
     import pandas as pd
 
-    def cell(k, v):  # a threshold the centred square never reaches inside the image: "n/r", as erf-lab compare writes
+    def cell(k, v):
         missing = v is None or (isinstance(v, float) and math.isnan(v))
         return "n/r" if missing and k.startswith(("area@", "side@")) else v
 
-    table = pd.DataFrame([{"configuration": r["label"], "images": r["num_used"],
-                           **{k: cell(k, v) for k, v in r["summary"].items()}} for _, r in results])
-    return nr_columns_as_text(table)
+    return nr_columns_as_text(pd.DataFrame([{k: cell(k, v) for k, v in r.items()} for r in rows]))
 
 
 def nr_columns_as_text(table):

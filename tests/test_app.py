@@ -391,6 +391,23 @@ def test_growth_page_train_equals_deploy(app_env):
     assert "init" not in table.columns  # the kernel-family sweep on the built-in photos, as before
 
 
+def test_growth_page_marks_a_threshold_not_reached(app_env):
+    """The growth table showed K = 31's area@99% (no centred square inside the 128 px image holds 99 % of its ERF)
+    as a bare NaN, where the explorer, the Results page and erf-lab compare / sweep.md write n/r; now n/r, explained
+    under the table, and the reached ones keep their numbers."""
+    from app.erf_maps import NOT_REACHED_NOTE
+
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    table = at.dataframe[0].value
+    k31, k3 = table[table["kernel"] == 31], table[table["kernel"] == 3]
+    assert len(k31) == 2 and (k31["area@99%"] == "n/r").all() and (k31["side@99%"] == "n/r").all(), k31
+    assert (k3["area@99%"].astype(float) > 90).all() and (k3["side@99%"].astype(float) == 127).all(), k3
+    assert NOT_REACHED_NOTE in [c.value for c in at.caption]
+
+
 def test_growth_page_refuses_bad_kernel_sizes(app_env):
     """Kernel text that is not integers, or a size outside the odd 3..31 the page offers (K = 1 included), gets
     one readable line and measures nothing."""

@@ -22,6 +22,16 @@ st.caption("Kernel-size family of RepLKNet (Ding et al., CVPR 2022, Table 5): ke
 
 tab_k, tab_d, tab_s = st.tabs(["vs kernel size", "vs depth", "vs input size"])
 
+
+def show_metrics(rows: list[dict], columns: list[str] | None = None, drop: tuple[str, ...] = ()) -> None:
+    """Metric rows as a table (a threshold not reached inside the image: n/r, explained under it)."""
+    table = erf_maps.metrics_table(rows).drop(columns=list(drop), errors="ignore")
+    table = table[columns] if columns else table
+    st.dataframe(table, hide_index=True)
+    if (table == "n/r").any().any():
+        st.caption(erf_maps.NOT_REACHED_NOTE)
+
+
 INITS = {"trained": "trained (shipped cue-world family)", "random": "random", "weights": "weights (a folder)"}
 
 with tab_k:
@@ -93,7 +103,7 @@ with tab_k:
             with guard("Heatmap grid"):
                 show_figure("erf_grid", ([[maps.get((k, m)) for k in done] for m in series], series,
                                          [f"K = {k}" for k in done]), stem="grid", key="g-grid")
-            st.dataframe(pd.DataFrame(rows).drop(columns=["run_dir", "series"], errors="ignore"), hide_index=True)
+            show_metrics(rows, drop=("run_dir", "series"))
             if beyond := list(dict.fromkeys(r["kernel"] for r in rows if r.get("erf/trf") is not None and
                                             theoretical_rf_exceeds_map(r.get("trf"), (int(size), int(size))))):
                 st.caption(f"erf/trf: the theoretical RF exceeds the {size} px image for K = "
@@ -145,7 +155,7 @@ with tab_d:
                         stem="erf-vs-depth", key="d-fig")
             show_figure("erf_growth", (rows,), stem="growth-vs-depth", key="d-growth",
                         kwargs={"x": "depth", "group": "reparam"})
-            st.dataframe(pd.DataFrame(rows), hide_index=True)
+            show_metrics(rows)
 
 with tab_s:
     st.caption("ERF of one network (the tiny width / depth at random init, seed 0, untrained) at several input "
@@ -178,7 +188,7 @@ with tab_s:
             st.image(str(out / "grid.png"), caption="ERF heatmaps, each at its own size")
             cols = ["input_size", "area@20%", "area@50%", "area@99%", "r_rms", "r50", "r99", "gauss_sigma_x",
                     "gauss_fit"]
-            st.dataframe(pd.DataFrame(sweep["rows"])[cols], hide_index=True)
+            show_metrics(sweep["rows"], cols)
             if bad := [r["input_size"] for r in sweep["rows"] if r.get("gauss_fit") == "n/m"]:
                 st.warning(f"Gaussian fit not meaningful (gauss_fit n/m) at {', '.join(f'{s} px' for s in bad)}: a "
                            "parameter at its bound, a sigma wider than the map or R^2 < 0.5, so its sigma is not an "

@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from app import safety
+from app.erf_maps import NOT_REACHED_NOTE
 from app.runs import app_runs_dir
 from app.ui import cli_hint, file_downloads, guard
 from erf_lab.io import read_json_or_none, record_complete
@@ -34,7 +35,7 @@ def show_timeline(folder: Path, key: str) -> None:
     st.dataframe(pd.DataFrame(rows).drop(columns=["checkpoint"], errors="ignore"), hide_index=True,
                  key=f"{key}-table")
     if any(v == "n/r" for r in rows for v in r.values()):
-        st.caption("n/r: no centred square inside the image holds that share of the ERF (not reached).")
+        st.caption(NOT_REACHED_NOTE)
     if any(r.get("untrained") for r in data["rows"]):
         from erf_lab.train.timeline import UNTRAINED_NOTE
 
