@@ -117,6 +117,42 @@ def test_training_page_marks_an_area_not_reached(app_env, monkeypatch):
     assert any(c.value.startswith("n/r: ") for c in at.caption)
 
 
+def test_training_page_sends_a_column_of_numbers_and_n_r_as_text(app_env, monkeypatch):
+    """A timeline whose area@99% is reached at one epoch and not at the next (n/r) made a column of floats and text:
+    Streamlit could not serialise it to Arrow, logged a traceback on every render and converted it itself (96.8994140625
+    shown whole); the column is now text, numbers as the explorer and Results page show them."""
+    import logging
+
+    import erf_lab.train.timeline as tl
+
+    def fake_timeline(run, *, out, **kw):
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{"epoch": 0, "area@20%": 5.0, "area@99%": 96.8994140625, "r_rms": 20.0, "untrained": True},
+                {"epoch": 1, "area@20%": 6.0, "area@99%": None, "r_rms": 23.5, "untrained": True}]
+        (out / "timeline.json").write_text(json.dumps({"model": "m", "erf_input_size": 96, "num_images": 1,
+                                                       "train_input_size": 64, "rows": rows}))
+        return {"rows": rows, "out_dir": out, "measured": {"erf": 2, "probe": 2}}
+
+    monkeypatch.setattr(tl, "cue_world_run", lambda run: SimpleNamespace(settings={}))
+    monkeypatch.setattr(tl, "timeline", fake_timeline)
+    (app_env / "run").mkdir()
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    log = logging.getLogger("streamlit.dataframe_util")
+    log.addHandler(handler)
+    try:
+        at = _page()
+        at.text_input(key="tr-run").input(str(app_env / "run")).run()
+        at.button(key="tr-measure").click().run()
+    finally:
+        log.removeHandler(handler)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert not [m for m in logged if "Arrow" in m], logged
+    shown = [df.value for df in at.dataframe if "area@99%" in df.value.columns][-1]
+    assert list(shown["area@99%"]) == ["96.9", "n/r"] and list(shown["r_rms"]) == [20.0, 23.5]
+
+
 def _tiny_run_on_the_page(app_env, ema: float = 0.0):
     """A one-epoch tiny training run, and the Training page with it entered (1 ERF image, 10 probe images)."""
     run = app_env / "run"

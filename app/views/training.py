@@ -6,11 +6,10 @@ import hashlib
 import json
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
 from app import safety
-from app.erf_maps import NOT_REACHED_NOTE
+from app.erf_maps import NOT_REACHED_NOTE, metrics_table
 from app.runs import app_runs_dir
 from app.ui import cli_hint, file_downloads, guard
 from erf_lab.io import read_json_or_none, record_complete
@@ -30,11 +29,9 @@ def show_timeline(folder: Path, key: str) -> None:
         st.image(str(folder / "timeline.png"), caption=f"{data['model']}: ERF at {data['erf_input_size']} px on "
                                                        f"{data['num_images']} cue-world val images; probes at "
                                                        f"{data['train_input_size']} px")
-    rows = [{k: "n/r" if v is None and k.startswith("area@") else v for k, v in r.items()}  # not reached inside
-            for r in data["rows"]]                                                         # the image, as elsewhere
-    st.dataframe(pd.DataFrame(rows).drop(columns=["checkpoint"], errors="ignore"), hide_index=True,
-                 key=f"{key}-table")
-    if any(v == "n/r" for r in rows for v in r.values()):
+    table = metrics_table(data["rows"]).drop(columns=["checkpoint"], errors="ignore")  # n/r: not reached, as elsewhere
+    st.dataframe(table, hide_index=True, key=f"{key}-table")
+    if (table == "n/r").any().any():
         st.caption(NOT_REACHED_NOTE)
     if any(r.get("untrained") for r in data["rows"]):
         from erf_lab.train.timeline import UNTRAINED_NOTE
