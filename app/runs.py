@@ -86,6 +86,23 @@ def find_runs(root: Path, max_depth: int = 4, limit: int | None = None) -> list[
     return out
 
 
+def listed_caption(d: Path) -> str | None:
+    """What a run directory's run.json says it measured, beside its name in a list (the app's own folders are named
+    by a hash): its label, random init marked, then :func:`erf_lab.erf.rundir.run_caption` (layer, size, images),
+    e.g. ``"K31-seed0 · trained (cue-world) · re-param · forward_features, 128x128 px, 4 images"``; None without a
+    readable run.json."""
+    from erf_lab.erf.rundir import RANDOM_MARK, run_caption
+    from erf_lab.io import read_json_or_none
+
+    info = read_json_or_none(d / "run.json") if own_file(d / "run.json") else None
+    if not isinstance(info, dict):
+        return None
+    label = info.get("label") or info.get("model")
+    if label and info.get("random_init") is True:
+        label = f"{label} {RANDOM_MARK}"
+    return " · ".join(str(p) for p in (label, run_caption(info)) if p) or None
+
+
 def own_file(p: Path) -> bool:
     """A file of the folder itself: a symlink (to anything on the server) is neither read, shown nor offered."""
     return p.is_file() and not p.is_symlink()

@@ -957,6 +957,27 @@ def test_results_page_compares_runs_and_offers_downloads(app_env):
     assert errors(at) == ["Folder: " + refusal("results folder", "/etc")], errors(at)
 
 
+def test_results_page_says_what_each_app_run_measured(app_env):
+    """The app writes its ERF runs into folders named by a hash (erf-3f9c...), and the Results page listed only those
+    names: which one held the K = 31 map, or the random init, was found only by opening each. Each is listed with
+    what its run.json says it measured (label, size, images, layer, random init marked)."""
+    from app import cache
+
+    cache._store.clear()  # results kept in memory by earlier tests would point at their own run folders
+    at = ok(new_app().run())
+    at.radio(key="erf-init-1").set_value("random").run()  # the shipped K3 and K31, then K31-29-27-13 at random init
+    ok(at)
+    at.switch_page("views/results.py").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    shown = at.multiselect(key="res-chosen-erf").options
+    assert len(shown) == 3 and all(re.fullmatch(r"erf-[0-9a-f]{16} · .+", o) for o in shown), shown
+    assert sorted(o.split(" · ", 1)[1] for o in shown) == sorted([
+        "K3-seed0 · trained (cue-world) · re-param · forward_features, 128x128 px, 4 images",
+        "K31-seed0 · trained (cue-world) · re-param · forward_features, 128x128 px, 4 images",
+        "replknet_31b · K31-29-27-13 · tiny · re-param (random init) · forward_features, 128x128 px, 4 images"])
+
+
 def test_results_page_chooses_the_first_run_of_a_newly_typed_folder(app_env):
     """The page opens with the first run of its folder chosen; typing another folder left nothing chosen (the old
     choice is none of its runs) and showed an empty page. The new folder's first run is chosen now, and a choice
@@ -972,7 +993,8 @@ def test_results_page_chooses_the_first_run_of_a_newly_typed_folder(app_env):
     at = ok(new_app().run())
     at.switch_page("views/results.py").run()
     ok(at)
-    first = at.multiselect(key="res-chosen-erf").options[0]  # the landing page's own runs may come first
+    # the landing page's own runs may come first; an option is the folder's name, then what its run measured
+    first = at.multiselect(key="res-chosen-erf").options[0].split(" · ")[0]
     assert at.multiselect(key="res-chosen-erf").value == [first] and len(at.dataframe) == 1
     at.text_input(key="res-root").set_value(str(other)).run()
     ok(at)

@@ -50,7 +50,9 @@ if runs:
     if kind is None:  # the selected segment clicked again
         st.info("Choose a kind of result above.")
     else:
-        chosen = st.multiselect(f"{kind} runs ({len(names)})", names, default=names[:1], key=f"res-chosen-{kind}")
+        captions = {r["name"]: runs_module.listed_caption(r["path"]) for r in runs if r["kind"] == kind}
+        chosen = st.multiselect(f"{kind} runs ({len(names)})", names, default=names[:1], key=f"res-chosen-{kind}",
+                                format_func=lambda n: f"{n} · {captions[n]}" if captions.get(n) else n)
     by_name = {r["name"]: r for r in runs}
 
     if kind == "erf" and chosen:
