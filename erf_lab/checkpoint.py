@@ -1,6 +1,7 @@
 """Safe checkpoint loading: ``weights_only`` pickles and safetensors, never arbitrary code.
 
-Accepts a raw state dict or one wrapped in ``model`` / ``state_dict`` / ``model_ema``, strips ``module.``
+Accepts a raw state dict or one wrapped in ``model`` / ``state_dict`` / ``model_ema`` / ``state_dict_ema`` / ...
+(raw weights before their EMA, with a warning where a file holds both), strips ``module.``
 (DataParallel / DDP) and ``_orig_mod.`` (``torch.compile``) prefixes, and reports missing / unexpected /
 mis-shaped keys by name.
 
@@ -24,7 +25,9 @@ import torch.nn as nn
 
 from erf_lab.errors import CheckpointError
 
-_WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module", "net")
+#: entries that hold a checkpoint's weights, the raw ones first (what the official and timm scripts load), then their
+#: EMA (ConvNeXt-style ``model_ema``, timm's ``state_dict_ema`` of ``ModelEmaV2/V3``, ``ema``)
+_WRAPPER_KEYS = ("state_dict", "model", "module", "net", "model_ema", "state_dict_ema", "ema")
 #: key prefixes of wrapped models: DataParallel / DDP (``module.``), ``torch.compile`` (``_orig_mod.``)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: ``builtin:NAME`` names a model shipped under ``data/trained/``: ``NAME.safetensors`` and ``NAME.json``
@@ -460,11 +463,19 @@ def _last_reason(msg: str) -> str:
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Find the state dict inside a checkpoint object and strip ``module.`` / ``_orig_mod.`` prefixes. A wrapper
     (``model``, ``state_dict``, ...) wins over tensors beside it (e.g. the ``best_acc1`` tensor of PyTorch's
-    ImageNet example)."""
-    obj = _find_state_dict(obj)
-    if obj is None:
-        raise CheckpointError(f"{source}: no state dict found (expected tensors, or a dict with 'model' or "
-                              "'state_dict')")
+    ImageNet example); of several (raw weights and their EMA) the first in ``_WRAPPER_KEYS`` loads, with a warning
+    that names the others."""
+    found = _locate_state_dict(obj)
+    if found is None:
+        entries = f" (its entries: {_first([str(k) for k in obj], 8)})" if isinstance(obj, Mapping) and obj else ""
+        raise CheckpointError(f"{source}: no state dict found{entries}; expected tensors, or a dict with one of "
+                              + ", ".join(repr(k) for k in _WRAPPER_KEYS))
+    keys, obj, others = found
+    if others:
+        where = "".join(f"[{k!r}]" for k in keys)
+        held = ", ".join(map(repr, [keys[-1], *others]))
+        warnings.warn(f"{source} holds {len(others) + 1} sets of weights ({held}): loaded checkpoint{where}; to use "
+                      f"another, save it alone (e.g. torch.save(checkpoint[{others[0]!r}], FILE))", stacklevel=3)
     out = {}
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
@@ -475,18 +486,29 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
     return out
 
 
-def _find_state_dict(obj, depth: int = 0) -> Mapping | None:
+def _find_state_dict(obj) -> Mapping | None:
+    """The state dict :func:`_locate_state_dict` finds, else None."""
+    found = _locate_state_dict(obj)
+    return found[1] if found else None
+
+
+def _locate_state_dict(obj, depth: int = 0) -> tuple[tuple[str, ...], Mapping, list[str]] | None:
     """The first state dict under the wrapper keys (in ``_WRAPPER_KEYS`` order, up to 3 levels), else ``obj``
-    itself when it is one, else None."""
+    itself when it is one, else None; as (the keys leading to it, the state dict, the other wrapper keys beside the
+    last of them that hold a state dict too)."""
     if not isinstance(obj, Mapping):
         return None
     if depth < 3:
-        for key in _WRAPPER_KEYS:
+        for i, key in enumerate(_WRAPPER_KEYS):
             inner = obj.get(key)
-            found = _find_state_dict(inner, depth + 1) if isinstance(inner, Mapping) else None
+            found = _locate_state_dict(inner, depth + 1) if isinstance(inner, Mapping) else None
             if found is not None:
-                return found
-    return obj if _is_state_dict(obj) else None
+                path, sd, others = found
+                if not path:  # ``inner`` is the state dict: which wrappers beside it hold one too
+                    others = [k for k in _WRAPPER_KEYS[i + 1:] if isinstance(obj.get(k), Mapping)
+                              and _locate_state_dict(obj[k], depth + 1) is not None]
+                return (key, *path), sd, others
+    return ((), obj, []) if _is_state_dict(obj) else None
 
 
 def _is_state_dict(obj: Mapping) -> bool:

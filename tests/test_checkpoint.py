@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,38 @@ def test_wrappers_prefixes_and_safetensors_round_trip(tmp_path):
         assert all(torch.equal(loaded[k], sd[k]) for k in sd), name
     with pytest.raises(CheckpointError, match="no state dict"):
         unwrap_state_dict({"epoch": 3, "optimizer": {"lr": 1.0}})
+
+
+def test_ema_only_files_load_and_a_file_with_raw_and_ema_weights_says_which_loaded(tmp_path):
+    """timm's train.py saves ``state_dict`` and ``state_dict_ema`` (ModelEmaV2/V3: ``module.`` keys), ConvNeXt-style
+    scripts ``model`` and ``model_ema``; an EMA saved alone comes as ``ema`` or ``state_dict_ema``."""
+    torch.manual_seed(0)
+    raw, ema = _model().eval(), _model().eval()
+    x = torch.randn(1, 3, 32, 32)
+    files = {"ema.pth": {"ema": ema.state_dict()},
+             "ema_v3.pth": {"state_dict_ema": {f"module.{k}": v for k, v in ema.state_dict().items()}, "epoch": 9},
+             "timm.pth": {"epoch": 9, "arch": "x", "state_dict": raw.state_dict(), "args": argparse.Namespace(a=1),
+                          "state_dict_ema": {f"module.{k}": v for k, v in ema.state_dict().items()}},
+             "convnext.pth": {"model_ema": ema.state_dict(), "model": raw.state_dict(), "epoch": 9}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file with one set of weights loads without a word
+        for name in ("ema.pth", "ema_v3.pth"):
+            got = create_model("replknet_31b", weights=str(tmp_path / name), **TINY).eval()
+            assert torch.equal(got(x), ema(x)), name
+    for name, (loaded, other) in {"timm.pth": ("state_dict", "state_dict_ema"),
+                                  "convnext.pth": ("model", "model_ema")}.items():
+        with pytest.warns(UserWarning) as caught:
+            got = create_model("replknet_31b", weights=str(tmp_path / name), **TINY).eval()
+        assert torch.equal(got(x), raw(x)) and not torch.equal(got(x), ema(x)), name
+        assert [str(w.message) for w in caught] == [
+            f"{tmp_path / name} holds 2 sets of weights ({loaded!r}, {other!r}): loaded checkpoint[{loaded!r}]; to use "
+            f"another, save it alone (e.g. torch.save(checkpoint[{other!r}], FILE))"]
+    torch.save({"epoch": 3, "optimizer": {"state": {}}, "net_g": {"w": [1.0]}}, tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match=r"none\.pth: no state dict found \(its entries: epoch, optimizer, net_g\); "
+                                              r"expected tensors, or a dict with one of 'state_dict', 'model', .*'ema'$"):
+        load_state_dict_file(tmp_path / "none.pth")
 
 
 def _model():

@@ -24,12 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from erf_lab.cli.options import command_line, parse_overrides
+    from erf_lab.cli.options import command_line, parse_overrides, warnings_as_lines
     from erf_lab.models.deploy import export_deploy
 
-    s = export_deploy(args.model, args.out, weights=args.weights, drop_head=args.drop_head,
-                      batch_size=args.check_batch, input_size=args.check_size, argv=command_line(),
-                      **parse_overrides(args.override))
+    with warnings_as_lines("reparam"):  # e.g. which of a checkpoint's weights (raw, EMA) loaded
+        s = export_deploy(args.model, args.out, weights=args.weights, drop_head=args.drop_head,
+                          batch_size=args.check_batch, input_size=args.check_size, argv=command_line(),
+                          **parse_overrides(args.override))
     seed = "" if s["init_seed"] is None else f", seed {s['init_seed']}"
     init = f"  (random init{seed}; the output is marked as untrained)" if s["random_init"] else ""
     print(f"model        {s['model']}" + (f"  (weights {s['weights']})" if s["weights"] else "") + init)

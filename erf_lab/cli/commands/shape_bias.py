@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from erf_lab.cli.options import command_line, seed
+from erf_lab.cli.options import command_line, seed, warnings_as_lines
 
 NAME = "shape-bias"
 HELP = "shape bias on Geirhos cue-conflict stimuli (model-vs-human 16-class mapping), figures vs. humans"
@@ -126,14 +126,15 @@ def run(args) -> int:
     from erf_lab.shape_bias.evaluate import run_shape_bias
 
     out = Path(args.out or Path("runs/shape_bias") / args.model.replace(":", "_"))
-    if args.stimuli == "cue-world":
-        return _cue_world(args, out, parse_overrides(args.override))
-    s = run_shape_bias(args.model, out=out, weights=args.weights, pretrained=args.pretrained,
-                       overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
-                       workers=args.workers, device=args.device, limit=args.limit, command=command_line(),
-                       allow_random=args.allow_random, cache=not args.no_cache,
-                       crop_pct=_crop_pct(args.crop_pct or "1.0"), seed=args.seed or 0,
-                       with_humans=not args.no_humans)
+    with warnings_as_lines("shape-bias"):  # e.g. which of a checkpoint's weights (raw, EMA) loaded
+        if args.stimuli == "cue-world":
+            return _cue_world(args, out, parse_overrides(args.override))
+        s = run_shape_bias(args.model, out=out, weights=args.weights, pretrained=args.pretrained,
+                           overrides=parse_overrides(args.override), stimuli=args.stimuli, batch_size=args.batch_size,
+                           workers=args.workers, device=args.device, limit=args.limit, command=command_line(),
+                           allow_random=args.allow_random, cache=not args.no_cache,
+                           crop_pct=_crop_pct(args.crop_pct or "1.0"), seed=args.seed or 0,
+                           with_humans=not args.no_humans)
 
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
