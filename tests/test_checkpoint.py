@@ -339,6 +339,27 @@ def test_checkpoint_of_another_size_is_not_called_a_class_count_mismatch():
         assert "classes" not in msg and first in msg, msg
 
 
+def test_a_checkpoint_of_another_registered_model_is_named(tmp_path):
+    """The official RepLKNet-31B file given as --model replknet_31l (or as UniRepLKNet, or with other options), a
+    merged UniRepLKNet-A file given as UniRepLKNet-F: the error names the model the file was saved from, its
+    classifier's class count aside; a file of options no registered model has names none."""
+    b31 = tmp_path / "RepLKNet-31B_100-classes.pth"
+    torch.save({"model": create_model("replknet_31b", num_classes=100).state_dict()}, b31)
+    for name, overrides in (("replknet_31l", {}), ("unireplknet_a", {}), ("replknet_31b", {"kernels": (31, 29, 27, 7)})):
+        with pytest.raises(CheckpointError, match=r"^.*does not match (RepLKNet|UniRepLKNet) .*; the file's tensors "
+                           r"are those of replknet_31b with its default options \(--model replknet_31b, no "
+                           r"--override\)$"):
+            create_model(name, weights=str(b31), **overrides)
+    uni_a = tmp_path / "unireplknet_a_deploy.pth"
+    torch.save(create_model("unireplknet_a", deploy=True).state_dict(), uni_a)
+    with pytest.raises(CheckpointError, match=r"those of unireplknet_a with its default options"):
+        create_model("unireplknet_f", weights=str(uni_a))
+    torch.save(_model().state_dict(), tmp_path / "tiny.pth")
+    with pytest.raises(CheckpointError) as e:
+        create_model("replknet_31b", weights=str(tmp_path / "tiny.pth"), **{**TINY, "channels": (8, 8, 8, 16)})
+    assert "shape mismatch" in str(e.value) and "tensors are those of" not in str(e.value)
+
+
 def test_generic_module_without_head_names():
     net = nn.Sequential()
     net.add_module("body", nn.Conv2d(3, 4, 3))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import importlib
 import inspect
 from collections.abc import Sequence
@@ -188,3 +189,37 @@ def _build_uninitialized(name: str, factory, kwargs: dict) -> nn.Module | None:
 def _implies_deploy(state_dict) -> bool:
     """A merged layout: RepLKNet / SLaK ``lkb_reparam``, UniRepLKNet's biased ``dwconv.lk_origin``."""
     return any(".lkb_reparam." in "." + k or k.endswith(".dwconv.lk_origin.bias") for k in state_dict)
+
+
+def models_matching(state_dict) -> list[str]:
+    """The registered models whose tensors, the classifier aside, have the names and shapes of ``state_dict``'s when
+    built with their default options (in the merged form for a merged checkpoint): what a checkpoint that fits no
+    asked-for model was saved from. Built on the meta device (no memory, ~0.1 s each), once per process."""
+    import erf_lab.models  # noqa: F401  (registers every architecture)
+
+    deploy = _implies_deploy(state_dict)
+    found = []
+    for name in list_models():
+        heads, own = _default_tensor_shapes(name, deploy)
+        if own and own == {k: tuple(v.shape) for k, v in state_dict.items()
+                           if not k.startswith(heads) and k.rpartition(".")[2] != "num_batches_tracked"}:
+            found.append(name)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _default_tensor_shapes(name: str, deploy: bool) -> tuple[tuple[str, ...], dict]:
+    """(classifier prefixes, {name: shape} of every other tensor) of ``name`` built with its default options
+    (``deploy=True``: merged); ((), {}) for a model without that form."""
+    import torch
+
+    from erf_lab.checkpoint import _head_prefixes
+
+    try:
+        with torch.device("meta"):
+            model = _MODELS[name](**({"deploy": True} if deploy else {}))
+    except Exception:  # noqa: BLE001  (no merged form, or a model that cannot be built here)
+        return (), {}
+    heads = _head_prefixes(model)
+    return heads, {k: tuple(v.shape) for k, v in model.state_dict().items()
+                   if not k.startswith(heads) and k.rpartition(".")[2] != "num_batches_tracked"}
