@@ -53,7 +53,8 @@ def _report(name, overrides_json, random_bn, input_size, seed, weights, weights_
     torch.manual_seed(seed)
     model = build_model(name, overrides_json, weights, weights_name)
     if weights is not None and already_deployed(model):  # its three forms would be one: say so instead
-        raise already_deployed_error(Path(weights_name).name or "the uploaded checkpoint")
+        raise already_deployed_error(Path(weights_name).name or "the uploaded checkpoint", name,
+                                     json.loads(overrides_json))
     if random_bn:
         randomize_bn(model, seed + 1)
     step(0.2, "reading the kernels of every block")

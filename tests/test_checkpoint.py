@@ -360,6 +360,36 @@ def test_a_checkpoint_of_another_registered_model_is_named(tmp_path):
     assert "shape mismatch" in str(e.value) and "tensors are those of" not in str(e.value)
 
 
+@pytest.mark.parametrize("name,overrides", [
+    ("replknet_31b", TINY),
+    ("unireplknet_a", dict(dims=(8, 16, 16, 24), depths=(1, 1, 2, 1), kernel_sizes=((3,), (13,), (7, 5), (9,)))),
+    ("slak_t", dict(dims=(8, 8, 16, 16), depths=(1, 1, 1, 1), kernel_size=(13, 11, 9, 7, 3), width_factor=1.0))])
+def test_deploy_asked_for_with_a_training_time_checkpoint_merges_it(tmp_path, name, overrides):
+    """``deploy=True`` (``--override deploy=True``) with the training-time file: loaded as trained, then merged into
+    the official deploy layout, the model a deploy file of the same weights builds (RepLKNet's scripts do the same:
+    build as trained, load, merge); before, every merged key was 'missing'."""
+    from erf_lab.models.deploy import official_deploy_layout
+    from erf_lab.models.reparam import randomize_bn
+
+    torch.manual_seed(0)
+    trained = randomize_bn(create_model(name, **overrides), input_size=32).eval()
+    torch.save({"model": trained.state_dict()}, tmp_path / "train.pth")
+    merged = official_deploy_layout(trained)
+    torch.save(merged.state_dict(), tmp_path / "deploy.pth")
+    got = create_model(name, weights=str(tmp_path / "train.pth"), deploy=True, **overrides)
+    from_deploy_file = create_model(name, weights=str(tmp_path / "deploy.pth"), **overrides)
+    assert got.training and got.state_dict().keys() == from_deploy_file.state_dict().keys()
+    assert all(torch.equal(v, from_deploy_file.state_dict()[k]) for k, v in got.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    out = got.eval()(x)
+    assert torch.equal(out, from_deploy_file.eval()(x)) and torch.allclose(out, trained(x), rtol=1e-4, atol=1e-5)
+    from erf_lab.models.deploy import export_deploy
+
+    with pytest.raises(ErfLabError, match=rf"^{name} built with deploy=True is already in the deploy "
+                                          r"\(re-parameterized\) form; nothing to merge; build it in its train-time"):
+        export_deploy(name, tmp_path / "out.pth", weights=str(tmp_path / "train.pth"), deploy=True, **overrides)
+
+
 def test_generic_module_without_head_names():
     net = nn.Sequential()
     net.add_module("body", nn.Conv2d(3, 4, 3))

@@ -77,9 +77,15 @@ def already_deployed(model: nn.Module) -> bool:
     return _implies_deploy(model.state_dict())
 
 
-def already_deployed_error(source: str) -> ErfLabError:
-    """The one line refusing to re-parameterize ``source`` (a checkpoint file) a second time."""
-    return ErfLabError(f"{source} is already in the deploy (re-parameterized) form; nothing to merge; use it as it is")
+def already_deployed_error(source: str | None, model_name: str = "", overrides: dict | None = None) -> ErfLabError:
+    """The one line refusing to re-parameterize a model already merged: built with a deploy option (a training-time
+    file with ``deploy=True`` is merged as it loads), else from ``source``, a checkpoint file in the deploy form."""
+    given = ", ".join(f"{k}={v}" for k, v in (overrides or {}).items() if "deploy" in k and v)
+    if source and not given:
+        return ErfLabError(f"{source} is already in the deploy (re-parameterized) form; nothing to merge; use it as "
+                           "it is")
+    return ErfLabError(f"{model_name} built with {given or 'its options'} is already in the deploy (re-parameterized) "
+                       "form; nothing to merge; build it in its train-time form (drop that --override)")
 
 
 def official_deploy_layout(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -188,11 +194,7 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
             raise ErfLabError(f"model {model_name!r} has no re-parameterizable large kernels (RepLKNet, UniRepLKNet "
                               "and SLaK variants)")
         if already_deployed(model):  # a second merge would merge nothing and write the file again
-            if weights:
-                raise already_deployed_error(str(weights))
-            given = ", ".join(f"{k}={v}" for k, v in overrides.items() if "deploy" in k) or "its options"
-            raise ErfLabError(f"{model_name} built with {given} is already in the deploy (re-parameterized) form; "
-                              "nothing to merge; build it in its train-time form (drop that --override)")
+            raise already_deployed_error(weights and str(weights), model_name, overrides)
         model.eval()
         bar.update()
         bar.set_postfix_str("count")

@@ -87,7 +87,8 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     load ``weights``.
 
     ``deploy=True`` builds re-parameterizable models in their merged (inference) form. A checkpoint in a
-    merged layout (``lkb_reparam`` keys; UniRepLKNet's ``lk_origin.bias``) implies ``deploy=True``.
+    merged layout (``lkb_reparam`` keys; UniRepLKNet's ``lk_origin.bias``) implies ``deploy=True``; a training-time
+    checkpoint with ``deploy=True`` loads as trained and is then merged into the official deploy layout.
     ``drop_head=True`` loads a checkpoint whose classifier has a different class count (or is absent on one
     side), keeping the model's own head; a classifier that fits is loaded.
     ``weights="builtin:NAME"`` loads a model shipped under ``data/trained/`` with the options it was trained with
@@ -116,16 +117,28 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
                           f"model that ships them: {', '.join(pretrained_models())} (timm/<name> downloads its own)")
     if deploy and not is_timm_name(name):  # timm models have no deploy flag (re-parameterized when measured)
         kwargs["deploy"] = True
+    # deploy asked for with a training-time file (RepLKNet's official scripts build the model as trained, load, then
+    # merge): loaded as trained, then merged into the official deploy layout (as a deploy file builds it)
+    merge = state_dict is not None and name in _MODELS and bool(kwargs.get("deploy")) \
+        and not _implies_deploy(state_dict)
+    if merge:
+        kwargs["deploy"] = False
     known = name in _MODELS or is_timm_name(name)
+    model = None
     if state_dict is not None and known and not drop_head and not kwargs.get("pretrained"):
         model = _build_uninitialized(name, factory, kwargs)
         if model is not None:
             _load_named(model, state_dict, weights, name, overrides)  # strict: every tensor is overwritten
-            return model
-    model = _build(name, factory, kwargs)
-    if state_dict is not None:
-        # the dropped classifier's keys keep their random init: recorded, so what writes the weights can say so
-        model.random_init_keys = _load_named(model, state_dict, weights, name, overrides, drop_head=drop_head)
+    if model is None:
+        model = _build(name, factory, kwargs)
+        if state_dict is not None:
+            # the dropped classifier's keys keep their random init: recorded, so what writes the weights can say so
+            model.random_init_keys = _load_named(model, state_dict, weights, name, overrides, drop_head=drop_head)
+    if merge:
+        from erf_lab.models.deploy import has_mergeable_kernels, official_deploy_layout
+
+        if has_mergeable_kernels(model):
+            official_deploy_layout(model, inplace=True).train()  # in training mode, as built
     return model
 
 
