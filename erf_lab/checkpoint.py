@@ -357,8 +357,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes: an interrupted "
                                   "download or copy?)") from None
         damaged = _format_by_bytes(path)
-        what = (f"a {damaged} checkpoint that is truncated or damaged (an interrupted download or copy?)" if damaged
-                else "not a PyTorch checkpoint or safetensors file")
+        members = _zip_members(path) if damaged == "PyTorch zip" else None
+        if members is not None and not any(m.endswith("data.pkl") for m in members):  # a whole zip of other files
+            raise CheckpointError(f"cannot read checkpoint {path}: a zip archive of {len(members)} other file(s) "
+                                  f"({_first(members)}), not a PyTorch checkpoint") from None
+        if damaged:
+            what = f"a {damaged} checkpoint that is truncated or damaged (an interrupted download or copy?)"
+        else:
+            what = "not a PyTorch checkpoint or safetensors file"
         raise CheckpointError(f"cannot read checkpoint {path}: {what} ({load_failure(e)})") from None
     return unwrap_state_dict(obj, source=str(path))
 
@@ -381,6 +387,15 @@ def _format_by_bytes(path: Path) -> str | None:
             return "PyTorch legacy-format"
         if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
             return "safetensors"
+    return None
+
+
+def _zip_members(path: Path) -> list[str] | None:
+    """The names in a zip archive whose directory reads (a zip cut short has none); None for anything else."""
+    import zipfile
+
+    with contextlib.suppress(OSError, zipfile.BadZipFile, ValueError), zipfile.ZipFile(path) as z:
+        return z.namelist()
     return None
 
 
@@ -449,11 +464,14 @@ def _metadata_globals() -> list:
 
 #: torch's boilerplate around a refused weights-only load (it suggests ``weights_only=False``)
 _TORCH_ADVICE = re.compile(r"weights.only|Check the documentation of torch\.load", re.IGNORECASE)
+#: the request for feedback torch appends to its C++ errors
+_TORCH_APPEAL = re.compile(r"\s*\(Could this error message be improved\?.*?\)\s*$")
 
 
 def _last_reason(msg: str) -> str:
     """The informative line of a (long, multi-line) reading error, e.g. 'Unsupported operand 79'."""
-    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not _TORCH_ADVICE.search(ln)]
+    lines = [_TORCH_APPEAL.sub("", ln.strip()) for ln in msg.splitlines()
+             if ln.strip() and not _TORCH_ADVICE.search(ln)]
     for ln in lines:
         if ln.startswith(("Unsupported", "Expected", "Invalid", "invalid", "Trying")):
             return ln

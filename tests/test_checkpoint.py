@@ -127,6 +127,28 @@ def test_checkpoint_cut_short_is_called_truncated(tmp_path, suffix, keep):
     assert "\n" not in str(e.value) and "high likelihood" not in str(e.value)  # torch's text, cut mid-sentence
 
 
+def test_a_zip_of_other_files_is_not_called_a_truncated_checkpoint(tmp_path):
+    """A downloaded release zip (a model folder zipped) named .pth is no checkpoint cut short; a zip with torch's
+    data.pkl that does not read is damaged, said without torch's request for feedback."""
+    import zipfile
+
+    other, damaged = tmp_path / "RepLKNet-31B.pth", tmp_path / "damaged.pth"
+    with zipfile.ZipFile(other, "w") as z:
+        for name in ("RepLKNet-31B/config.json", "RepLKNet-31B/model.safetensors", "RepLKNet-31B/README.md", "x"):
+            z.writestr(name, "{}")
+    with zipfile.ZipFile(damaged, "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle")
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_file(other)
+    assert str(e.value) == (f"cannot read checkpoint {other}: a zip archive of 4 other file(s) (RepLKNet-31B/config."
+                            "json, RepLKNet-31B/model.safetensors, RepLKNet-31B/README.md, ...), not a PyTorch checkpoint")
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_file(damaged)
+    assert str(e.value).startswith(f"cannot read checkpoint {damaged}: a PyTorch zip checkpoint that is truncated or "
+                                   "damaged (an interrupted download or copy?) (RuntimeError: ")
+    assert "improved" not in str(e.value) and "report" not in str(e.value)  # torch 2.x: "(Could this error message ..."
+
+
 def test_missing_and_bad_safetensors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_state_dict_file(tmp_path / "nope.pth")
