@@ -559,10 +559,15 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     if hasattr(model, "adapt_state_dict"):
         state_dict = model.adapt_state_dict(dict(state_dict))
     own = model.state_dict()
+    heads = _head_prefixes(model)
+    part = _part_for(state_dict, own, heads)
+    if part is not None:  # e.g. the backbone of an official mmseg / mmdet (ADE20K, COCO) checkpoint
+        prefix, state_dict, left = part
+        others = f"; left out its {len(left)} other tensor(s): {_first(left)}" if left else ""
+        warnings.warn(f"{source}: loaded the tensors under {prefix}* as the model's{others}", stacklevel=2)
     counters = {k: torch.zeros(own[k].shape, dtype=own[k].dtype) for k in own
                 if k.rpartition(".")[2] == "num_batches_tracked" and k not in state_dict}
     state_dict = {**state_dict, **counters}
-    heads = _head_prefixes(model)
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
@@ -621,6 +626,20 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
         state_dict = {**state_dict, **{k: own[k] for k in dropped if k in own}}
     model.load_state_dict(state_dict, strict=True)
     return sorted(k for k in dropped if k in own)
+
+
+def _part_for(state_dict: Mapping, own: Mapping, heads: tuple[str, ...]) -> tuple[str, dict, list[str]] | None:
+    """(prefix, the tensors under it with the prefix stripped, the file's other keys) when the file holds the model,
+    its classifier aside, under one prefix beside other tensors (an mmseg / mmdet checkpoint's ``backbone.``, with
+    ``decode_head.`` / ``neck.`` beside it) and none of the model's keys at the top; else None."""
+    body = [k for k in own if not k.startswith(heads) and k.rpartition(".")[2] != "num_batches_tracked"]
+    if not body or any(k in state_dict for k in body):
+        return None
+    for prefix in dict.fromkeys(k[:-len(body[0])] for k in state_dict if k.endswith("." + body[0])):
+        part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if all(k in part for k in body):
+            return prefix, part, [k for k in state_dict if not k.startswith(prefix)]
+    return None
 
 
 def _first(keys: list[str], n: int = 3) -> str:

@@ -141,7 +141,8 @@ def test_a_zip_of_other_files_is_not_called_a_truncated_checkpoint(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_state_dict_file(other)
     assert str(e.value) == (f"cannot read checkpoint {other}: a zip archive of 4 other file(s) (RepLKNet-31B/config."
-                            "json, RepLKNet-31B/model.safetensors, RepLKNet-31B/README.md, ...), not a PyTorch checkpoint")
+                            "json, RepLKNet-31B/model.safetensors, RepLKNet-31B/README.md, ...), not a PyTorch "
+                            "checkpoint")
     with pytest.raises(CheckpointError) as e:
         load_state_dict_file(damaged)
     assert str(e.value).startswith(f"cannot read checkpoint {damaged}: a PyTorch zip checkpoint that is truncated or "
@@ -215,8 +216,9 @@ def test_ema_only_files_load_and_a_file_with_raw_and_ema_weights_says_which_load
             f"{tmp_path / name} holds 2 sets of weights ({loaded!r}, {other!r}): loaded checkpoint[{loaded!r}]; to use "
             f"another, save it alone (e.g. torch.save(checkpoint[{other!r}], FILE))"]
     torch.save({"epoch": 3, "optimizer": {"state": {}}, "net_g": {"w": [1.0]}}, tmp_path / "none.pth")
-    with pytest.raises(CheckpointError, match=r"none\.pth: no state dict found \(its entries: epoch, optimizer, net_g\); "
-                                              r"expected tensors, or a dict with one of 'state_dict', 'model', .*'ema'$"):
+    with pytest.raises(CheckpointError, match=r"none\.pth: no state dict found \(its entries: epoch, optimizer, "
+                                              r"net_g\); expected tensors, or a dict with one of 'state_dict', "
+                                              r"'model', .*'ema'$"):
         load_state_dict_file(tmp_path / "none.pth")
 
 
@@ -367,7 +369,8 @@ def test_a_checkpoint_of_another_registered_model_is_named(tmp_path):
     classifier's class count aside; a file of options no registered model has names none."""
     b31 = tmp_path / "RepLKNet-31B_100-classes.pth"
     torch.save({"model": create_model("replknet_31b", num_classes=100).state_dict()}, b31)
-    for name, overrides in (("replknet_31l", {}), ("unireplknet_a", {}), ("replknet_31b", {"kernels": (31, 29, 27, 7)})):
+    for name, overrides in (("replknet_31l", {}), ("unireplknet_a", {}),
+                            ("replknet_31b", {"kernels": (31, 29, 27, 7)})):
         with pytest.raises(CheckpointError, match=r"^.*does not match (RepLKNet|UniRepLKNet) .*; the file's tensors "
                            r"are those of replknet_31b with its default options \(--model replknet_31b, no "
                            r"--override\)$"):
@@ -517,6 +520,37 @@ def test_imagenet_weights_load_into_a_downstream_backbone_with_drop_head():
     load_weights(backbone, imagenet, drop_head=True, source="imagenet.pth")
     own = backbone.state_dict()
     assert all(torch.equal(own[k], imagenet[k]) for k in own if not k.endswith("num_batches_tracked"))
+
+
+def test_the_backbone_of_an_official_segmentation_checkpoint_loads(tmp_path):
+    """The official ADE20K / COCO releases are whole mmseg / mmdet checkpoints: ``meta``, ``optimizer`` and a
+    ``state_dict`` of ``backbone.*`` beside ``decode_head.*`` / ``auxiliary_head.*``. The backbone loads (into the
+    downstream model, and into the classifier with drop_head), with a warning naming what was left out; before,
+    every key was 'missing' or 'unexpected'."""
+    cfg = dict(channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), kernels=(7, 5, 5, 3), small_kernel=3)
+    torch.manual_seed(0)
+    backbone = create_model("replknet_31b", num_classes=None, out_indices=(0, 1, 2, 3), **cfg).eval()
+    sd = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    sd.update({"decode_head.conv_seg.weight": torch.randn(150, 8, 1, 1), "decode_head.conv_seg.bias": torch.randn(150),
+               "auxiliary_head.conv_seg.weight": torch.randn(150, 8, 1, 1),
+               "auxiliary_head.conv_seg.bias": torch.ones(1)})
+    path = tmp_path / "upernet_replknet31b_ade20k.pth"
+    torch.save({"meta": {"CLASSES": ("wall", "building"), "PALETTE": [[120, 120, 120]], "mmcv_version": "1.3.8"},
+                "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}, path)
+    x = torch.randn(1, 3, 64, 64)
+    expected = (f"{path}: loaded the tensors under backbone.* as the model's; left out its 4 other tensor(s): "
+                "decode_head.conv_seg.weight, decode_head.conv_seg.bias, auxiliary_head.conv_seg.weight, ...")
+    with pytest.warns(UserWarning) as caught:
+        got = create_model("replknet_31b", weights=str(path), num_classes=None, out_indices=(0, 1, 2, 3), **cfg)
+        classifier = create_model("replknet_31b", weights=str(path), drop_head=True, **cfg).eval()
+    assert [str(w.message) for w in caught] == [expected, expected]
+    assert all(torch.equal(a, b) for a, b in zip(got.eval()(x), backbone(x), strict=True))
+    assert torch.equal(classifier.forward_features(x), backbone(x)[-1])
+    other = create_model("replknet_31b", num_classes=None, out_indices=(0, 1, 2, 3),
+                         **{**cfg, "channels": (8, 8, 8, 16)})
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in other.state_dict().items()}}, path)
+    with pytest.raises(CheckpointError, match="does not match RepLKNet"):  # a backbone of another size still fails
+        create_model("replknet_31b", weights=str(path), num_classes=None, out_indices=(0, 1, 2, 3), **cfg)
 
 
 def test_a_downstream_backbone_state_dict_loads_into_a_classifier_with_drop_head():
