@@ -488,8 +488,11 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
         entries = f" (its entries: {_first([str(k) for k in obj], 8)})" if isinstance(obj, Mapping) and obj else ""
         raise CheckpointError(f"{source}: no state dict found{entries}; expected tensors, or a dict with one of "
                               + ", ".join(repr(k) for k in _WRAPPER_KEYS))
+    # a .pth of erf-lab train says nothing: its "model" is what the run's measurements take, its EMA has a file
+    # of its own (epoch_NNN_ema.safetensors), and the timeline and summaries say which they measure
+    own_file = isinstance(obj, Mapping) and PTH_RECORD_KEY in obj
     keys, obj, others = found
-    if others:
+    if others and not own_file:
         where = "".join(f"[{k!r}]" for k in keys)
         held = ", ".join(map(repr, [keys[-1], *others]))
         warnings.warn(f"{source} holds {len(others) + 1} sets of weights ({held}): loaded checkpoint{where}; to use "

@@ -215,6 +215,13 @@ def test_ema_only_files_load_and_a_file_with_raw_and_ema_weights_says_which_load
         assert [str(w.message) for w in caught] == [
             f"{tmp_path / name} holds 2 sets of weights ({loaded!r}, {other!r}): loaded checkpoint[{loaded!r}]; to use "
             f"another, save it alone (e.g. torch.save(checkpoint[{other!r}], FILE))"]
+    from erf_lab.train.checkpoints import save_weights  # an epoch of erf-lab train --ema: its EMA has its own file
+
+    run_pth = save_weights(raw.state_dict(), tmp_path / "epoch_001", "pth", extra={"model_ema": ema.state_dict()},
+                           train_input_size=32)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(create_model("replknet_31b", weights=str(run_pth), **TINY).eval()(x), raw(x))
     torch.save({"epoch": 3, "optimizer": {"state": {}}, "net_g": {"w": [1.0]}}, tmp_path / "none.pth")
     with pytest.raises(CheckpointError, match=r"none\.pth: no state dict found \(its entries: epoch, optimizer, "
                                               r"net_g\); expected tensors, or a dict with one of 'state_dict', "
