@@ -14,6 +14,11 @@ def _override_text(v) -> str:
     return _tuple_text(v) if isinstance(v, (list, tuple)) else str(v)
 
 
+def override_args(overrides: dict) -> list[str]:
+    """``--override key=value`` for each model option, as ``erf-lab`` reads them back."""
+    return [a for k, v in overrides.items() for a in ("--override", f"{k}={_override_text(v)}")]
+
+
 def erf_cli_args(spec: dict, source: tuple, full: bool = True, run_info: dict | None = None) -> list[str]:
     """The ``erf-lab compute`` arguments for an ERF explorer ``spec`` and image ``source``
     (``full``: the paper protocol, trained weights, 50 ImageNet images at 1024 px; otherwise this configuration:
@@ -26,8 +31,7 @@ def erf_cli_args(spec: dict, source: tuple, full: bool = True, run_info: dict | 
             args += ["--override", f"large_kernel_sizes={_tuple_text(ov['large_kernel_sizes'])}",
                      "--override", f"small_kernel={ov.get('small_kernel')}"]
     else:
-        for k, v in ov.items():
-            args += ["--override", f"{k}={_override_text(v)}"]
+        args += override_args(ov)
     if spec.get("layer") and spec["layer"] != "forward_features":
         args += ["--layer", spec["layer"]]
     if not spec.get("reparameterize", True):

@@ -65,6 +65,39 @@ def shipped_spec(name: str, **fields) -> dict:
     return spec
 
 
+@functools.lru_cache(maxsize=4)
+def _shipped_digests(stamp: tuple) -> dict[str, str]:
+    """SHA-256 of each shipped model's file -> its name (``stamp``: the files' names, sizes and mtimes)."""
+    from erf_lab.io import sha256_file
+    from erf_lab.paths import data_dir
+
+    root = data_dir() / "trained" / "cue-world"
+    return {sha256_file(root / f"{name}.safetensors"): name for name, *_ in stamp}
+
+
+def shipped_upload(weights: bytes | None) -> str | None:
+    """The name of the shipped model (``K3-seed0``) whose file an upload is, byte for byte; None for any other file.
+    Its record (data/trained/cue-world/NAME.json) names the model and options it was trained with, which the file
+    alone does not carry."""
+    from erf_lab.paths import data_dir
+
+    if not weights:
+        return None
+    root = data_dir() / "trained" / "cue-world"
+    stamp = tuple((n, p.stat().st_size, p.stat().st_mtime_ns)
+                  for n in shipped_names() if (p := root / f"{n}.safetensors").is_file())
+    if len(weights) not in {size for _, size, _ in stamp}:
+        return None
+    return _shipped_digests(stamp).get(sha(weights))
+
+
+def options_text(spec: dict) -> str:
+    """The model and options of a configuration as one line: ``replknet_3 channels=(16,32,64,128) ...``."""
+    from app.commands import override_args
+
+    return " ".join([spec["model"], *override_args(json.loads(spec["overrides"]))[1::2]])
+
+
 def builtin_image_names() -> list[str]:
     """File names of the built-in image set (data/default_images)."""
     root = default_images_dir()

@@ -40,6 +40,41 @@ def parse_overrides(overrides_json: str) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(overrides_json).items()}
 
 
+def parse_model_options(text: str) -> dict[str, Any]:
+    """The "Model options" field: ``key=value`` items read as the command line's ``--override`` values
+    (:func:`erf_lab.cli.options.parse_overrides`: Python literals, ``channels=(16,32,64,128)``), separated by spaces,
+    newlines or ``;`` (the ``--override`` words and quotes of a pasted command line are ignored), or one JSON object;
+    {} when empty. Lists become tuples, as in :func:`parse_overrides`."""
+    import re
+    import shlex
+
+    from erf_lab.cli.options import parse_overrides as parse_cli_overrides
+
+    text = (text or "").strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ErfLabError(f"model options: not a JSON object ({e.msg}, character {e.pos + 1})") from None
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    try:
+        words = [w for w in shlex.split(text.replace(";", " ")) if w != "--override"]
+    except ValueError as e:
+        raise ErfLabError(f"model options: {e}") from None
+    items = [i for i in re.split(r"\s+(?=[A-Za-z_]\w*\s*=)", " ".join(words)) if i]
+    for item in items:
+        if not item.partition("=")[0].strip().isidentifier() or "=" not in item:
+            raise ErfLabError(f"model options: expected key=value items (e.g. channels=(16,32,64,128) "
+                              f"layers=(1,1,1,1)), got {item!r}")
+    try:
+        options = parse_cli_overrides(items)
+    except ErfLabError as e:
+        raise ErfLabError(f"model options: {str(e).removeprefix('--override ')}") from None
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
 def registered_models() -> list[str]:
     """Registered model names only: the app never imports ``module:factory`` code."""
     return list(list_models())

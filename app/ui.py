@@ -50,6 +50,17 @@ def checkpoint_upload(key: str, label: str = "Checkpoint (optional)") -> tuple[b
     return ck.getvalue(), ck.name
 
 
+def model_options_input(key: str) -> dict:
+    """An optional "Model options" field (:func:`app.models.parse_model_options`): the architecture of a checkpoint
+    trained with other options than the page's settings (width, depth, kernels), which take second place to it."""
+    from app.models import parse_model_options
+
+    return parse_model_options(st.text_input(
+        "Model options (optional)", key=key, placeholder="e.g. channels=(16,32,64,128) layers=(1,1,1,1)",
+        help="key=value items as erf-lab's --override takes them (or a JSON object), over the settings above: the "
+             "architecture an uploaded checkpoint was trained with (its erf-lab train run's options)"))
+
+
 def file_downloads(paths, key: str, ncols: int = 4) -> None:
     """One download button per file, labelled with its name (the file is read on click)."""
     cols = st.columns(ncols)

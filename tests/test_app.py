@@ -197,6 +197,80 @@ def test_explorer_command_line_reproduces_the_shown_erf(app_env, monkeypatch):
     assert record["metrics_summary"]["r_rms"] == pytest.approx(shown, abs=0.051)
 
 
+def _cli_erf(app_env, monkeypatch, hint: str, args: list[str]) -> dict:
+    """``erf-lab compute ARGS`` on the images the app read (the ``--images`` / ``--num-images`` of its command hint
+    ``hint``) at its input size: the run.json's metrics summary."""
+    import json
+    import shlex
+
+    from erf_lab.cli.main import main
+
+    shown = shlex.split(hint)
+    images = [a for opt in ("--images", "--num-images", "--input-size") for a in (opt, shown[shown.index(opt) + 1])]
+    out = app_env / f"cli-{len(list(app_env.glob('cli-*')))}"
+    monkeypatch.chdir(app_env)
+    assert main(["compute", *args, *images, "--out", str(out), "--quiet"]) == 0
+    return json.loads((out / "run.json").read_text())["metrics_summary"]
+
+
+def test_explorer_measures_an_upload_of_the_shipped_family_as_it_was_trained(app_env, monkeypatch):
+    """An uploaded K3-seed0.safetensors (16-128 channels, one block per stage: neither of the page's widths) was
+    refused ("does not match RepLKNet ... missing keys"): the shipped file is recognised by its bytes and measured
+    with its record's model and options, named on the page and in the command hint; the ERF is the CLI's for
+    --weights builtin:cue-world/K3-seed0."""
+    shipped = REPO_ROOT / "data" / "trained" / "cue-world" / "K3-seed0.safetensors"
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.number_input(key="erf-img-cue").set_value(2).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.text_input(key="erf-k-0").set_value("3").run()
+    at.file_uploader(key="erf-ckpt-0").set_value([("K3-seed0.safetensors", shipped.read_bytes(),
+                                                   "application/octet-stream")]).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    note = next(i.value for i in at.info if "K3-seed0.safetensors is the shipped" in i.value)
+    assert "replknet_3 channels=(16,32,64,128) layers=(1,1,1,1) num_classes=10" in note, note
+    hint = next(c.value for c in at.code if "--input-size 128" in c.value)
+    assert "--weights builtin:cue-world/K3-seed0" in hint and "--override 'layers=(1,1,1,1)'" in hint, hint
+    cli = _cli_erf(app_env, monkeypatch, hint, ["--model", "replknet_3", "--weights", "builtin:cue-world/K3-seed0"])
+    assert float(metric(at, "r_rms (px)")) == pytest.approx(cli["r_rms"], abs=0.051)
+    assert float(metric(at, "Area @50%").rstrip("%")) == pytest.approx(cli["area@50%"], abs=0.051)
+
+
+def test_explorer_measures_an_upload_of_a_training_run_with_its_model_options(app_env, monkeypatch):
+    """A checkpoint of an `erf-lab train` run at 8-64 channels, one block per stage fits neither width the page offers:
+    its options typed under "Model options" (as --override takes them) build that architecture, the command hint
+    names them, and the ERF is the CLI's for the run's own file and options; a malformed field is one line."""
+    from erf_lab.cli.main import main
+
+    run = app_env / "train-run"
+    options = ["--override", "channels=(8,16,32,64)", "--override", "layers=(1,1,1,1)"]
+    assert main(["train", "--model", "replknet_7", *options, "--train-size", "8", "--val-size", "4", "--epochs", "1",
+                 "--batch-size", "8", "--input-size", "32", "--num-classes", "2", "--out", str(run), "--quiet"]) == 0
+    at = ok(new_app().run())
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.number_input(key="erf-img-cue").set_value(2).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.selectbox(key="erf-model-0").set_value("replknet_7").run()
+    at.text_input(key="erf-k-0").set_value("7").run()
+    at.file_uploader(key="erf-ckpt-0").set_value([("model.safetensors", (run / "model.safetensors").read_bytes(),
+                                                   "application/octet-stream")]).run()
+    at.button(key="erf-run").click().run()
+    assert any("does not match" in m and "model.safetensors" in m for m in errors(at)), errors(at)
+    at.text_input(key="erf-opts-0").set_value("channels=(8,16,32,64) layers=(1,").run()
+    assert any("model options: 'layers=(1,': not a Python literal" in m for m in errors(at)), errors(at)
+    at.text_input(key="erf-opts-0").set_value("--override 'channels=(8, 16, 32, 64)' layers=(1,1,1,1)").run()
+    at.button(key="erf-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    hint = next(c.value for c in at.code if "--input-size 128" in c.value)
+    assert "--override 'channels=(8,16,32,64)'" in hint and "--override 'layers=(1,1,1,1)'" in hint, hint
+    cli = _cli_erf(app_env, monkeypatch, hint, ["--model", "replknet_7", *options, "--override", "num_classes=2",
+                                                "--weights", str(run / "model.safetensors")])
+    assert float(metric(at, "r_rms (px)")) == pytest.approx(cli["r_rms"], abs=0.051)
+    assert float(metric(at, "Area @50%").rstrip("%")) == pytest.approx(cli["area@50%"], abs=0.051)
+
+
 def test_explorer_lists_the_layers_of_the_form_it_measures(app_env):
     """The layer list follows the re-parameterization toggle (the deploy form's ``lkb_reparam`` or the train-time
     branches): a layer picked in one form that the other lacks goes back to the default, not to an error."""
@@ -616,6 +690,82 @@ def test_reparam_page_waits_for_a_click_beyond_the_tiny_default(app_env):
     assert float(metric(at, "max relative output error", 0)) < 1e-5
     assert float(metric(at, "max relative output error", 1)) < 1e-5
     assert not [c.value for c in at.caption if "untrained" in c.value]  # the uploaded weights are not random
+
+
+def test_reparam_page_builds_an_upload_as_it_was_trained(app_env):
+    """An upload of another width / depth than the page's two was refused (missing keys): the shipped K3-seed0 is
+    built from its record, a training run's weights from the options typed under "Model options"; the parameters
+    shown are those architectures' and the command hint names their options."""
+    import io
+
+    import torch
+
+    from erf_lab.models import create_model
+    from erf_lab.models.flops import count_params
+
+    shipped = REPO_ROOT / "data" / "trained" / "cue-world" / "K3-seed0.safetensors"
+    at = ok(new_app().run())
+    at.switch_page("views/reparam.py").run()
+    at.file_uploader(key="rp-ckpt").set_value([("K3-seed0.safetensors", shipped.read_bytes(),
+                                               "application/octet-stream")]).run()
+    at.button(key="rp-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert any("replknet_3 channels=(16,32,64,128) layers=(1,1,1,1) num_classes=10" in i.value for i in at.info)
+    assert metric(at, "train-time: params") == "0.241 M"  # 240874, the record's count
+    assert float(metric(at, "max relative output error", 1)) < 1e-5
+    assert any("--weights builtin:cue-world/K3-seed0" in c.value and "--override 'layers=(1,1,1,1)'" in c.value
+               for c in at.code)
+    torch.manual_seed(2)
+    net = create_model("replknet_31b", channels=(8, 16, 32, 64), layers=(1, 1, 1, 1))
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    at.file_uploader(key="rp-ckpt").set_value([("narrow.pth", buf.getvalue(), "application/octet-stream")]).run()
+    at.button(key="rp-run").click().run()
+    assert any("narrow.pth" in m and "does not match" in m for m in errors(at)), errors(at)
+    at.text_input(key="rp-opts").set_value("channels=(8,16,32,64) layers=(1,1,1,1)").run()
+    at.button(key="rp-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert metric(at, "train-time: params") == f"{count_params(net) / 1e6:.3f} M"
+    assert float(metric(at, "max relative output error", 1)) < 1e-5
+    assert any("--override 'channels=(8,16,32,64)'" in c.value for c in at.code)
+
+
+def test_growth_page_weights_folder_with_model_options(app_env, monkeypatch):
+    """A folder of the shipped family's checkpoints (16-128 channels, one block per stage) did not load into either
+    width the page offers: with their options under "Model options" each K measures the CLI's ERF of that shipped
+    model, and the command hint carries the options."""
+    import json
+
+    from erf_lab.cli.main import main
+
+    shipped = REPO_ROOT / "data" / "trained" / "cue-world"
+    folder = app_env / "ckpts"
+    folder.mkdir()
+    for k in (3, 7):
+        (folder / f"K{k}.safetensors").write_bytes((shipped / f"K{k}-seed0.safetensors").read_bytes())
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    at.text_input(key="g-kernels").set_value("3,7").run()
+    at.selectbox(key="g-reparam").set_value("deploy").run()
+    at.select_slider(key="g-size").set_value(64).run()
+    at.radio(key="g-init").set_value("weights").run()
+    at.text_input(key="g-wdir").set_value(str(folder)).run()
+    assert any("does not match" in m for m in errors(at)), errors(at)
+    at.text_input(key="g-opts").set_value("channels=(16,32,64,128) layers=(1,1,1,1) num_classes=10").run()
+    ok(at)
+    assert not errors(at), errors(at)
+    table = at.dataframe[0].value
+    assert list(table["kernel"]) == [3, 7] and list(table["weights"]) == ["K3.safetensors", "K7.safetensors"]
+    monkeypatch.chdir(app_env)
+    for k, model, r_rms in zip((3, 7), ("replknet_3", "replknet_7"), table["r_rms"]):
+        out = app_env / f"cli-K{k}"
+        assert main(["compute", "--model", model, "--weights", f"builtin:cue-world/K{k}-seed0", "--input-size", "64",
+                     "--num-images", "1", "--out", str(out), "--quiet"]) == 0
+        assert float(r_rms) == pytest.approx(json.loads((out / "run.json").read_text())["metrics_summary"]["r_rms"],
+                                             abs=1e-3)
+    assert any("--override 'layers=(1,1,1,1)'" in c.value and "--weights-dir" in c.value for c in at.code)
 
 
 def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):

@@ -12,7 +12,7 @@ from app import erf_maps, models, safety
 from app.cache import sha
 from app.commands import erf_cli_args
 from app.figures import show_figure
-from app.ui import checkpoint_upload, cli_hint, guard, parse_int_tuple
+from app.ui import checkpoint_upload, cli_hint, guard, model_options_input, parse_int_tuple
 from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE
 
 st.title("ERF explorer")
@@ -33,15 +33,18 @@ def _pct(v):
     return "n/r" if v is None else f"{v:.1f}%"  # None: the centred square does not reach t inside the image
 
 
-def _config_widgets(i: int, choices: list[str], input_size: int) -> dict:
-    """Widgets of one configuration column; returns the spec (plain JSON-able dict)."""
+def _config_widgets(i: int, choices: list[str], input_size: int) -> tuple[dict, bytes | None]:
+    """Widgets of one configuration column; returns the spec (plain JSON-able dict) and the uploaded checkpoint's
+    bytes (None: random init or shipped weights). The uploader comes first: a bad setting below it (shown as an
+    error) leaves the upload in place."""
     k = DEFAULT_KERNELS[i % len(DEFAULT_KERNELS)]
     if st.radio("Weights", list(INITS), format_func=INITS.get, key=f"erf-init-{i}", horizontal=True) == "trained":
         names = erf_maps.shipped_names()
         name = st.selectbox("Shipped model (data/trained/cue-world)", names,
                             index=names.index(erf_maps.SHIPPED_FAMILY[k]), key=f"erf-shipped-{i}")
         reparam = st.toggle("Re-parameterized (deploy form)", value=True, key=f"erf-rep-{i}")
-        return erf_maps.shipped_spec(name, reparameterize=reparam)
+        return erf_maps.shipped_spec(name, reparameterize=reparam), None
+    weights, weights_name = checkpoint_upload(f"erf-ckpt-{i}", "Checkpoint (optional; random init otherwise)")
     default_model = models.DEFAULT_MODEL if models.DEFAULT_MODEL in choices else choices[0]
     name = st.selectbox("Model", choices, index=choices.index(default_model), key=f"erf-model-{i}",
                         accept_new_options=True, help="a registered model or timm/<name> (any timm architecture)")
@@ -65,7 +68,17 @@ def _config_widgets(i: int, choices: list[str], input_size: int) -> dict:
         overrides["img_size"] = int(input_size)  # a ViT / Swin is built for one input size
     reparam = st.toggle("Re-parameterized (deploy form)", value=True, key=f"erf-rep-{i}",
                         help="Merge each small-kernel/BN branch into the large kernel first; the ERF must not change.")
-    return {"model": name, "overrides": models.overrides_key(overrides), "reparameterize": reparam}
+    overrides.update(model_options_input(f"erf-opts-{i}"))
+    if shipped := erf_maps.shipped_upload(weights):  # its record gives the architecture it was trained as
+        spec = erf_maps.shipped_spec(shipped, reparameterize=reparam)
+        st.info(f"{weights_name} is the shipped {erf_maps.SHIPPED_PREFIX}{shipped}: measured as the model it was "
+                f"trained as, {erf_maps.options_text(spec)} (its record; the model settings here do not apply).",
+                icon=":material/info:")
+        return spec, None
+    spec = {"model": name, "overrides": models.overrides_key(overrides), "reparameterize": reparam}
+    if weights is not None:
+        spec.update(weights_name=weights_name, weights_sha=sha(weights))
+    return spec, weights
 
 
 def _image_source():
@@ -123,7 +136,7 @@ if "MODELS" in globals() and MODELS:
     cols = st.columns(int(n_cfg))
     for i, col in enumerate(cols):
         with col, st.expander(f"Configuration {i + 1}", expanded=int(n_cfg) > 1), guard(f"Configuration {i + 1}"):
-            spec = _config_widgets(i, MODELS, int(input_size))
+            spec, weights = _config_widgets(i, MODELS, int(input_size))
             rows = models.layer_table(spec["model"], spec["overrides"], int(input_size),
                                      spec.get("reparameterize", True))
             show_all = st.checkbox("List every layer", key=f"erf-all-{i}")
@@ -132,10 +145,6 @@ if "MODELS" in globals() and MODELS:
             layer = st.selectbox("Layer (centre pixel of its output)", names, index=len(names) - 1,
                                  key=f"erf-layer-{i}", help="forward_features = last stage, as in the paper")
             row = rows[names.index(layer)]
-            weights, weights_name = (None, "") if "weights" in spec else checkpoint_upload(
-                f"erf-ckpt-{i}", "Checkpoint (optional; random init otherwise)")
-            if weights is not None:
-                spec.update(weights_name=weights_name, weights_sha=sha(weights))
             spec.update(layer=layer, trf=row.get("theoretical_rf"), input_size=int(input_size), aggregate=aggregate)
             weights_for[len(specs)] = weights
             specs.append(spec)

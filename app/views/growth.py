@@ -11,8 +11,9 @@ from erf_lab.erf.rundir import RANDOM_MARK
 from erf_lab.errors import ErfLabError
 
 from app import erf_maps, models, safety
+from app.commands import override_args
 from app.figures import show_figure
-from app.ui import cli_hint, file_downloads, guard, parse_int_tuple
+from app.ui import cli_hint, file_downloads, guard, model_options_input, parse_int_tuple
 
 st.title("ERF growth")
 st.caption("Kernel-size family of RepLKNet (Ding et al., CVPR 2022, Table 5): kernels K-K-K-min(K,13) "
@@ -56,9 +57,12 @@ with tab_k:
     else:
         tiny = c6.toggle("Tiny width/depth (16-128 channels, 1-1-2-1 blocks)", value=True, key="g-tiny")
     weights_dir = None
+    options: dict = {}
     ok = False  # until every setting is read: a refused folder must not sweep without its checkpoints
     ks, bad = [], []
     with guard("Settings"):
+        if not trained:  # the kernels are the swept ones; width, depth, classes of the checkpoints' training
+            options = model_options_input("g-opts")
         ks = list(parse_int_tuple(kernels_text, what="kernel sizes"))
         bad = [k for k in ks if k < 3 or k % 2 == 0 or k > 31]
         if bad:
@@ -83,7 +87,8 @@ with tab_k:
                 else:
                     runs = [erf_maps.sweep_member(k, reparam=reparam, init=init, weights_dir=weights_dir,
                                                   input_size=int(size), num_images=int(n_img),
-                                                  overrides_json=models.tiny_overrides() if tiny else "{}")]
+                                                  overrides_json=models.overrides_key({**models.parse_overrides(
+                                                      models.tiny_overrides() if tiny else "{}"), **options}))]
                 for r in runs:
                     rows += r["rows"]
                     diffs += r["reparam_diff"]
@@ -119,7 +124,7 @@ with tab_k:
         args = ["sweep", "--kernels", "3,7,13,25,31", "--reparam", "both", "--input-size", "1024",
                 "--num-images", "50", "--images", "IMAGENET_VAL_DIR"]
         if init == "weights":
-            args += ["--init", "weights", "--weights-dir", "CHECKPOINT_DIR"]
+            args += ["--init", "weights", "--weights-dir", "CHECKPOINT_DIR", *override_args(options)]
         if trained:
             cli_hint(["compute", "--model", "replknet_31b", "--weights", "builtin:cue-world/K31-seed0",
                       "--input-size", str(size), "--out", "runs/erf-K31-trained"],

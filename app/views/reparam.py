@@ -6,11 +6,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app import models
+from app import erf_maps, models
 from app.cache import sha
+from app.commands import override_args
 from app.figures import kernels_figure, show_matplotlib
 from app.reparam_forms import reparam_report
-from app.ui import checkpoint_upload, cli_hint, guard
+from app.ui import checkpoint_upload, cli_hint, guard, model_options_input
 
 st.title("Re-parameterization")
 st.caption("Large kernel, small kernel, both BN-fused, and the merged kernel of one depthwise channel; the "
@@ -28,10 +29,17 @@ random_bn = c3.toggle("Random BN statistics", value=True, key="rp-bn",
                       help="A fresh model has identity BNs (fusion would be trivial); randomize them, seeded")
 size = c4.select_slider("Test input (px)", [64, 96, 128, 224], value=64, key="rp-size")
 
-report = None
+report, shipped, options = None, None, {}
 with guard("Re-parameterization"):
     weights, weights_name = checkpoint_upload("rp-ckpt")
-    ov = models.tiny_overrides() if tiny else "{}"
+    options = model_options_input("rp-opts")
+    ov = models.overrides_key({**models.parse_overrides(models.tiny_overrides() if tiny else "{}"), **options})
+    if shipped := erf_maps.shipped_upload(weights):  # its record gives the architecture it was trained as
+        spec = erf_maps.shipped_spec(shipped)
+        model, ov, options = spec["model"], spec["overrides"], models.parse_overrides(spec["overrides"])
+        st.info(f"{weights_name} is the shipped {erf_maps.SHIPPED_PREFIX}{shipped}: built as the model it was "
+                f"trained as, {erf_maps.options_text(spec)} (its record; the model settings above do not apply).",
+                icon=":material/info:")
     args = (model, ov, bool(random_bn and weights is None), int(size), 0)
     # the tiny random-init default shows at once; a paper-size network or an upload waits for a click
     if not tiny or weights is not None:
@@ -84,5 +92,6 @@ if report:
                             f"kernels-{block}-ch{ch}", key="rp-fig")
             st.caption(f"One symmetric colour scale. Merged = fused large + zero-padded fused small "
                        f"(K={data['kernel']}, small={data['small_kernel']}).")
-    cli_hint(["reparam", "--model", model, "--weights", "CHECKPOINT.pth", "--out", "replknet_deploy.pth"],
+    cli_hint(["reparam", "--model", model, "--weights", f"{erf_maps.SHIPPED_PREFIX}{shipped}" if shipped else
+              "CHECKPOINT.pth", *override_args(options), "--out", "replknet_deploy.pth"],
              "Export the merged (official deploy layout) checkpoint of a trained model from the command line:")
