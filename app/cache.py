@@ -18,16 +18,20 @@ def _store() -> tuple[OrderedDict, threading.Lock]:
     return OrderedDict(), threading.Lock()
 
 
-def cached(key: str, compute, max_entries: int = 32):
-    """``compute()`` once per ``key`` in a small LRU shared by all sessions.
+def cached(key: str, compute, max_entries: int = 32, valid=None):
+    """``compute()`` once per ``key`` in a small LRU shared by all sessions; a stored value for which ``valid(value)``
+    is false (e.g. its run folder was deleted since) is computed again.
 
     Used instead of ``st.cache_data`` where the computation drives an ``st.progress`` bar: element calls
     inside a ``cache_data`` function would be recorded and replayed against a bar that no longer exists."""
     data, lock = _store()
     with lock:
-        if key in data:
-            data.move_to_end(key)
-            return data[key]
+        value = data.get(key, _store)
+    if value is not _store and (valid is None or valid(value)):
+        with lock:
+            if key in data:
+                data.move_to_end(key)
+        return value
     value = compute()
     with lock:
         data[key] = value

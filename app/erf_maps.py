@@ -240,7 +240,25 @@ def erf_for(spec: dict, source: tuple, weights: bytes | None = None, on_progress
     unusable uploads, the unreadable files of the folder, and the images whose gradient was not finite.
     """
     key = "erf:" + json.dumps(spec, sort_keys=True) + _source_key(source) + sha(weights)
-    return cached(key, lambda: _erf(spec, source, weights, on_progress, key))
+    return cached(key, lambda: _erf(spec, source, weights, on_progress, key), valid=_run_still_there)
+
+
+def _run_stamp(run_dir: str | Path) -> tuple | None:
+    """Size and modification time of a run folder's run.json and erf.npy (None when one is missing): another run
+    written in its place has another stamp."""
+    try:
+        return tuple((s.st_size, s.st_mtime_ns) for s in (Path(run_dir, n).stat() for n in ("run.json", "erf.npy")))
+    except OSError:
+        return None
+
+
+def _run_still_there(res: dict) -> bool:
+    """A remembered measurement stands while its run folder, in the app's run area of now, still holds that run and
+    the image folder it read (the command hint names) exists: after the run area was cleared or moved
+    ($ERF_LAB_APP_RUNS) it is measured again, not shown from memory."""
+    images = res["info"].get("images")
+    return (Path(res["run_dir"]).parent == app_runs_dir() and _run_stamp(res["run_dir"]) == res["run_stamp"]
+            and (not images or Path(images).is_dir()))
 
 
 def _erf(spec: dict, source: tuple, weights: bytes | None, on_progress, key: str) -> dict:
@@ -265,7 +283,8 @@ def _erf(spec: dict, source: tuple, weights: bytes | None, on_progress, key: str
     skipped += [list(s) for s in info["skipped"] if s[1] != "not an image file (extension)"]
     return {"erf": run.erf, "metrics": metrics, "summary": summary(metrics), "num_used": info["num_used"],
             "num_skipped": len(skipped), "skipped": skipped, "layer": info["layer"], "trf": info["theoretical_rf"],
-            "seconds": time.perf_counter() - t0, "label": label, "info": info, "run_dir": str(out)}
+            "seconds": time.perf_counter() - t0, "label": label, "info": info, "run_dir": str(out),
+            "run_stamp": _run_stamp(out)}
 
 
 def skip_message(skipped: list, num_used: int) -> str | None:

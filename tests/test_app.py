@@ -271,6 +271,39 @@ def test_explorer_measures_an_upload_of_a_training_run_with_its_model_options(ap
     assert float(metric(at, "Area @50%").rstrip("%")) == pytest.approx(cli["area@50%"], abs=0.051)
 
 
+def test_explorer_measures_again_after_its_run_folders_were_deleted(app_env, monkeypatch):
+    """The app's results outlived its run folders in memory: with $ERF_LAB_APP_RUNS cleared (or another run written
+    in a folder's place) the explorer showed the old maps, its command hint named a deleted image folder and the
+    Results page listed none of them. A remembered result now stands only while its folder holds that run."""
+    import json
+    import shlex
+    import shutil
+
+    from erf_lab.erf.metrics import summary
+    from erf_lab.erf.rundir import load_run, run_metrics
+
+    runs = app_env / "app-runs"
+    at = ok(new_app().run())
+    shown = [float(metric(at, "r_rms (px)", i)) for i in range(2)]
+    shutil.rmtree(runs)
+    at = ok(new_app().run())
+    assert not errors(at), errors(at)
+    hint = shlex.split(next(c.value for c in at.code if "--images" in c.value and "IMAGENET" not in c.value))
+    assert Path(hint[hint.index("--images") + 1]).is_dir(), hint
+    records = [json.loads(p.read_text()) for p in runs.glob("erf-*/run.json")]
+    assert sorted(r["metrics_summary"]["r_rms"] for r in records) == pytest.approx(sorted(shown), abs=0.051)
+    assert [float(metric(at, "r_rms (px)", i)) for i in range(2)] == pytest.approx(shown, abs=1e-9)
+    # another map in a folder's place (its erf.npy rewritten): read again, the map shown is the folder's
+    k3 = next(p.parent for p, r in zip(runs.glob("erf-*/run.json"), records) if r["model"] == "replknet_3")
+    np.save(k3 / "erf.npy", np.roll(np.load(k3 / "erf.npy"), 9, axis=0))
+    run = load_run(k3)
+    now = summary(run_metrics(run.erf, run.run_info, theoretical_rf=run.theoretical_rf, centre=run.centre))["r_rms"]
+    assert now != pytest.approx(shown[0], abs=0.051)
+    at = ok(new_app().run())
+    assert not errors(at), errors(at)
+    assert float(metric(at, "r_rms (px)", 0)) == pytest.approx(now, abs=0.051)
+
+
 def test_explorer_lists_the_layers_of_the_form_it_measures(app_env):
     """The layer list follows the re-parameterization toggle (the deploy form's ``lkb_reparam`` or the train-time
     branches): a layer picked in one form that the other lacks goes back to the default, not to an error."""
