@@ -725,6 +725,35 @@ def test_reparam_page_waits_for_a_click_beyond_the_tiny_default(app_env):
     assert not [c.value for c in at.caption if "untrained" in c.value]  # the uploaded weights are not random
 
 
+def test_reparam_page_random_bn_does_not_apply_to_an_upload(app_env):
+    """"Random BN statistics" stayed on after an upload, silently ignored (the upload keeps its own statistics): for
+    an upload it is off and disabled, and the report is the upload's as it is; without one it is back on."""
+    import io
+
+    import torch
+
+    from erf_lab.models import create_model
+
+    at = ok(new_app().run())
+    at.switch_page("views/reparam.py").run()
+    assert at.toggle(key="rp-bn").value is True and not at.toggle(key="rp-bn").disabled
+    torch.manual_seed(4)
+    net = create_model("replknet_31b", channels=models.TINY_CHANNELS, layers=models.TINY_LAYERS)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    at.file_uploader(key="rp-ckpt").set_value([("mine.pth", buf.getvalue(), "application/octet-stream")]).run()
+    at.button(key="rp-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    off = at.toggle(key="rp-bn-upload")
+    assert off.value is False and off.disabled and "own BN statistics" in off.help
+    assert float(metric(at, "max relative output error", 1)) < 1e-5
+    at.file_uploader(key="rp-ckpt").set_value(None).run()
+    ok(at)
+    assert at.toggle(key="rp-bn").value is True and not at.toggle(key="rp-bn").disabled
+    assert any("BN statistics randomized" in c.value for c in at.caption)
+
+
 def test_reparam_page_builds_an_upload_as_it_was_trained(app_env):
     """An upload of another width / depth than the page's two was refused (missing keys): the shipped K3-seed0 is
     built from its record, a training run's weights from the options typed under "Model options"; the parameters

@@ -25,13 +25,18 @@ with guard("Model list"):
     choices = [m for m in RLK if m in models.registered_models()]
 model = c1.selectbox("Model", choices or RLK, key="rp-model")
 tiny = c2.toggle("Tiny width/depth", value=True, key="rp-tiny", help="16-128 channels, 1-1-2-1 blocks")
-random_bn = c3.toggle("Random BN statistics", value=True, key="rp-bn",
-                      help="A fresh model has identity BNs (fusion would be trivial); randomize them, seeded")
 size = c4.select_slider("Test input (px)", [64, 96, 128, 224], value=64, key="rp-size")
 
-report, shipped, options = None, None, {}
+report, shipped, options, random_bn = None, None, {}, False
 with guard("Re-parameterization"):
     weights, weights_name = checkpoint_upload("rp-ckpt")
+    # an upload keeps its own BN statistics: the toggle is off and disabled for it (its own key: the random-init
+    # toggle's state is not shown as if it applied)
+    fresh = weights is None
+    random_bn = c3.toggle("Random BN statistics", value=fresh, key="rp-bn" if fresh else "rp-bn-upload",
+                          disabled=not fresh,
+                          help="A fresh model has identity BNs (fusion would be trivial); randomize them, seeded"
+                          if fresh else "An uploaded checkpoint is used with its own BN statistics") and fresh
     options = model_options_input("rp-opts")
     ov = models.overrides_key({**models.parse_overrides(models.tiny_overrides() if tiny else "{}"), **options})
     if shipped := erf_maps.shipped_upload(weights):  # its record gives the architecture it was trained as
@@ -40,7 +45,7 @@ with guard("Re-parameterization"):
         st.info(f"{weights_name} is the shipped {erf_maps.SHIPPED_PREFIX}{shipped}: built as the model it was "
                 f"trained as, {erf_maps.options_text(spec)} (its record; the model settings above do not apply).",
                 icon=":material/info:")
-    args = (model, ov, bool(random_bn and weights is None), int(size), 0)
+    args = (model, ov, random_bn, int(size), 0)
     # the tiny random-init default shows at once; a paper-size network or an upload waits for a click
     if not tiny or weights is not None:
         key = repr((args, sha(weights)))
