@@ -389,6 +389,10 @@ def test_sweep_with_weights_dir(capsys, tmp_path, tiny_sweep):
                          "--out", str(tmp_path / "x"), *TINY)
     assert_one_line_error(rc, err, "sweep")
     assert "no checkpoint for kernel 7" in err
+    rc, _, err = run_cli(capsys, "sweep", "--kernels", "3,7,13", "--weights-dir", str(wdir),
+                         "--out", str(tmp_path / "y"), *TINY)
+    assert_one_line_error(rc, err, "sweep")
+    assert f"no checkpoint for kernels 7, 13 in {wdir} (expected" in err  # every one missing, in one line
 
 
 def test_sweep_refuses_to_overwrite_members_of_other_settings(capsys, tmp_path):

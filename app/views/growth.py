@@ -8,6 +8,7 @@ import streamlit as st
 
 from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE, theoretical_rf_exceeds_map
 from erf_lab.erf.rundir import RANDOM_MARK
+from erf_lab.erf.sweep import find_family_weights
 from erf_lab.errors import ErfLabError
 
 from app import erf_maps, models, safety
@@ -75,6 +76,8 @@ with tab_k:
             weights_dir = str(safety.safe_directory(text, "checkpoint folder")) if text else None
             if weights_dir is None:
                 st.info("Enter the folder holding one checkpoint per kernel size.")
+            else:  # one line for every kernel size without its checkpoint, not one per K
+                find_family_weights(weights_dir, ks)
         ok = init != "weights" or weights_dir is not None
     if ok and ks and not bad:
         rows, maps, diffs = [], {}, []

@@ -71,18 +71,33 @@ def kernel_family_member(k: int) -> tuple[str, dict]:
 def find_weights(weights_dir: str | os.PathLike, k: int) -> Path:
     """The checkpoint for kernel K in ``weights_dir``: ``replknet_<K>.*``, ``replknet_31b.*`` (K=31), ``K<K>.*``
     or ``<K>.*`` with a .safetensors/.pth/.pt/.bin/.ckpt suffix; ErfLabError when none or several match."""
+    return find_family_weights(weights_dir, [k])[k]
+
+
+def find_family_weights(weights_dir: str | os.PathLike, kernels: Sequence[int]) -> dict[int, Path]:
+    """:func:`find_weights` of each kernel size; one ErfLabError line for all of them: the folder, every K without
+    a checkpoint, or the first K with several."""
     d = Path(weights_dir).expanduser()
     if not d.is_dir():
         raise ErfLabError(f"--weights-dir not found or not a folder: {d}")
-    stems = {f"replknet_{k}", f"replknet-{k}", f"k{k}", str(k)} | ({"replknet_31b", "replknet-31b"} if k == 31 else set())
-    hits = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
-                  and p.name[: -len(p.suffix)].lower() in stems)
-    if not hits:
+    files = [p for p in d.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES]
+    hits = {}
+    for k in kernels:
+        stems = {f"replknet_{k}", f"replknet-{k}", f"k{k}", str(k)} | \
+            ({"replknet_31b", "replknet-31b"} if k == 31 else set())
+        hits[k] = sorted(p for p in files if p.name[: -len(p.suffix)].lower() in stems)
+    missing = [k for k in kernels if not hits[k]]
+    if len(missing) == 1:
+        k = missing[0]
         raise ErfLabError(f"no checkpoint for kernel {k} in {d} (expected replknet_{k}.pth / .safetensors, "
                           f"K{k}.pth or {k}.pth)")
-    if len(hits) > 1:
-        raise ErfLabError(f"several checkpoints for kernel {k} in {d}: {', '.join(p.name for p in hits)}")
-    return hits[0]
+    if missing:
+        raise ErfLabError(f"no checkpoint for kernels {', '.join(map(str, missing))} in {d} (expected "
+                          "replknet_<K>.pth / .safetensors, K<K>.pth or <K>.pth for each)")
+    for k in kernels:
+        if len(hits[k]) > 1:
+            raise ErfLabError(f"several checkpoints for kernel {k} in {d}: {', '.join(p.name for p in hits[k])}")
+    return {k: hits[k][0] for k in kernels}
 
 
 def weights_label(run_info: dict) -> str:
@@ -116,6 +131,7 @@ def _members(ks, sizes, model, weights, init, weights_dir, overrides):
     clash = [key for key in ("large_kernel_sizes", "kernels") if key in overrides and ks]
     if clash:
         raise ErfLabError(f"--override {clash[0]} conflicts with the swept kernel size (set by --kernels)")
+    found = find_family_weights(weights_dir, ks) if init == "weights" and ks else {}
     out = []
     for k in ks or [None]:
         if k is None:
@@ -123,7 +139,7 @@ def _members(ks, sizes, model, weights, init, weights_dir, overrides):
         else:
             name, fam = kernel_family_member(k)
             kwargs = {**fam, **overrides}
-            w = str(find_weights(weights_dir, k)) if init == "weights" else None
+            w = str(found[k]) if init == "weights" else None
         for size in sizes:
             parts = ([f"K{k}"] if k is not None else []) + ([f"S{size}"] if len(sizes) > 1 or k is None else [])
             out.append(("-".join(parts), k, size, name, kwargs, w))
