@@ -19,6 +19,11 @@ def override_args(overrides: dict) -> list[str]:
     return [a for k, v in overrides.items() for a in ("--override", f"{k}={_override_text(v)}")]
 
 
+def options_text(spec: dict) -> str:
+    """The model and options of a configuration as one line: ``replknet_3 channels=(16,32,64,128) ...``."""
+    return " ".join([spec["model"], *override_args(json.loads(spec["overrides"]))[1::2]])
+
+
 def erf_cli_args(spec: dict, source: tuple, full: bool = True, run_info: dict | None = None) -> list[str]:
     """The ``erf-lab compute`` arguments for an ERF explorer ``spec`` and image ``source``
     (``full``: the paper protocol, trained weights, 50 ImageNet images at 1024 px; otherwise this configuration:

@@ -91,13 +91,6 @@ def shipped_upload(weights: bytes | None) -> str | None:
     return _shipped_digests(stamp).get(sha(weights))
 
 
-def options_text(spec: dict) -> str:
-    """The model and options of a configuration as one line: ``replknet_3 channels=(16,32,64,128) ...``."""
-    from app.commands import override_args
-
-    return " ".join([spec["model"], *override_args(json.loads(spec["overrides"]))[1::2]])
-
-
 def builtin_image_names() -> list[str]:
     """File names of the built-in image set (data/default_images)."""
     root = default_images_dir()

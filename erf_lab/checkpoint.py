@@ -609,13 +609,10 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
         problems.append(f"{len(mismatched)} shape mismatch(es): {k} is {tuple(state_dict[k].shape)} in the file, "
                         f"{tuple(own[k].shape)} in the model")
     if problems:
-        from erf_lab.models.registry import models_matching
-
-        match = models_matching(state_dict)
-        saved = (f"; the file's tensors are those of {' / '.join(match)} with its default options (--model "
-                 f"{match[0]}, no --override)" if match else "")
-        raise CheckpointError(f"{source} does not match {type(model).__name__} (a checkpoint of another architecture "
-                              "or size: check the model name and its options): " + "; ".join(problems) + saved)
+        error = CheckpointError(f"{source} does not match {type(model).__name__} (a checkpoint of another "
+                                "architecture or size: check the model name and its options): " + "; ".join(problems))
+        error.file_tensors = state_dict  # as compared: the registry names the model they are of (models_matching)
+        raise error
     # a float tensor of the model from integer / bool / complex values: load_state_dict would cast them silently
     # (an int8-quantized or converted file: weights rounded to integers, 0/1, or the imaginary part dropped)
     not_float = [k for k in own if k not in dropped and own[k].is_floating_point()

@@ -17,7 +17,8 @@ from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias import CATEGORIES, imagenet_to_16, parse_name, shape_bias_from_csv, shape_bias_from_decisions
 from erf_lab.shape_bias.analysis import human_csvs, write_mvh_csv
 from erf_lab.shape_bias.categories import category_table
-from erf_lab.shape_bias.evaluate import degenerate_warnings, evaluate, logits_to_scores16, write_decisions_csv
+from erf_lab.shape_bias.analysis import degenerate_warnings
+from erf_lab.shape_bias.evaluate import evaluate, logits_to_scores16, write_decisions_csv
 from erf_lab.shape_bias.stimuli import Preprocess, list_stimuli
 
 

@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import erf_maps, models, safety
 from app.cache import sha
-from app.commands import erf_cli_args
+from app.commands import erf_cli_args, options_text
 from app.figures import show_figure
 from app.ui import checkpoint_upload, cli_hint, guard, model_options_input, parse_int_tuple
 from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE
@@ -72,7 +72,7 @@ def _config_widgets(i: int, choices: list[str], input_size: int) -> tuple[dict, 
     if shipped := erf_maps.shipped_upload(weights):  # its record gives the architecture it was trained as
         spec = erf_maps.shipped_spec(shipped, reparameterize=reparam)
         st.info(f"{weights_name} is the shipped {erf_maps.SHIPPED_PREFIX}{shipped}: measured as the model it was "
-                f"trained as, {erf_maps.options_text(spec)} (its record; the model settings here do not apply).",
+                f"trained as, {options_text(spec)} (its record; the model settings here do not apply).",
                 icon=":material/info:")
         return spec, None
     spec = {"model": name, "overrides": models.overrides_key(overrides), "reparameterize": reparam}

@@ -8,7 +8,7 @@ import streamlit as st
 
 from app import erf_maps, models
 from app.cache import sha
-from app.commands import override_args
+from app.commands import options_text, override_args
 from app.figures import kernels_figure, show_matplotlib
 from app.reparam_forms import reparam_report
 from app.ui import checkpoint_upload, cli_hint, guard, model_options_input
@@ -43,7 +43,7 @@ with guard("Re-parameterization"):
         spec = erf_maps.shipped_spec(shipped)
         model, ov, options = spec["model"], spec["overrides"], models.parse_overrides(spec["overrides"])
         st.info(f"{weights_name} is the shipped {erf_maps.SHIPPED_PREFIX}{shipped}: built as the model it was "
-                f"trained as, {erf_maps.options_text(spec)} (its record; the model settings above do not apply).",
+                f"trained as, {options_text(spec)} (its record; the model settings above do not apply).",
                 icon=":material/info:")
     args = (model, ov, random_bn, int(size), 0)
     # the tiny random-init default shows at once; a paper-size network or an upload waits for a click

@@ -10,5 +10,7 @@ from erf_lab.models import mobilenetv2  # noqa: F401,E402
 from erf_lab.models import efficientnet_lite  # noqa: F401,E402
 from erf_lab.models import unireplknet  # noqa: F401,E402
 from erf_lab.models import slak  # noqa: F401,E402
+# ... and the deploy layout that create_model(..., deploy=True) merges a training-time checkpoint into
+from erf_lab.models import deploy  # noqa: F401,E402
 
 __all__ = ["create_model", "list_models", "register_model", "is_model", "reparameterize_model"]

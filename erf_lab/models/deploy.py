@@ -10,6 +10,7 @@ import torch.nn as nn
 from erf_lab.errors import ErfLabError
 from erf_lab.models.flops import count_flops, count_params
 from erf_lab.models.replknet import ReparamLargeKernelConv, merge_large_kernels
+from erf_lab.models.registry import register_deploy_layout
 
 
 def max_relative_error(reference, other) -> float:
@@ -67,6 +68,15 @@ def has_mergeable_kernels(model: nn.Module) -> bool:
 
     kinds = (ReparamLargeKernelConv, DilatedReparamBlock, SLaKLargeKernel)
     return any(isinstance(m, kinds) for m in model.modules())
+
+
+@register_deploy_layout
+def merge_as_deployed(model: nn.Module) -> None:
+    """``model`` (built as trained, its checkpoint loaded) merged in place into the official deploy layout, in
+    training mode as built, where it has one (:func:`official_deploy_layout`): ``create_model(..., deploy=True)``
+    with a training-time checkpoint, as RepLKNet's official scripts build, load, then merge."""
+    if has_mergeable_kernels(model):
+        official_deploy_layout(model, inplace=True).train()
 
 
 def already_deployed(model: nn.Module) -> bool:

@@ -16,6 +16,19 @@ from erf_lab.errors import ErfLabError
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
+#: turns a model built as trained into its family's official deploy layout in place where it has one (else leaves
+#: it): :mod:`erf_lab.models.deploy` registers it when the package is imported (:func:`register_deploy_layout`);
+#: the registry does not import it, as deploy builds its models through the registry
+_deploy_layout: Callable[[nn.Module], None] | None = None
+
+
+def register_deploy_layout(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Set the function :func:`create_model` merges a training-time checkpoint with when ``deploy=True``."""
+    global _deploy_layout
+    _deploy_layout = fn
+    return fn
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Decorator: register a constructor ``fn(**overrides) -> nn.Module`` under its function name."""
     name = fn.__name__
@@ -134,11 +147,8 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
         if state_dict is not None:
             # the dropped classifier's keys keep their random init: recorded, so what writes the weights can say so
             model.random_init_keys = _load_named(model, state_dict, weights, name, overrides, drop_head=drop_head)
-    if merge:
-        from erf_lab.models.deploy import has_mergeable_kernels, official_deploy_layout
-
-        if has_mergeable_kernels(model):
-            official_deploy_layout(model, inplace=True).train()  # in training mode, as built
+    if merge and _deploy_layout is not None:
+        _deploy_layout(model)
     return model
 
 
@@ -157,18 +167,23 @@ def build_options(name: str, weights: str | None, overrides: dict) -> dict:
 
 
 def _load_named(model: nn.Module, state_dict, weights, name: str, overrides: dict, drop_head: bool = False) -> list:
-    """:func:`erf_lab.checkpoint.load_weights`; a file of an ``erf-lab train`` run that does not fit the model
-    asked for names, in its error, the model and options the run trained (its checkpoints hold tensors only)."""
+    """:func:`erf_lab.checkpoint.load_weights`; a file that does not fit the model asked for names, in its error,
+    the registered model its tensors are of (:func:`models_matching`), and for a file of an ``erf-lab train`` run the
+    model and options the run trained (its checkpoints hold tensors only)."""
     from erf_lab.checkpoint import load_weights, trained_options_hint
     from erf_lab.errors import CheckpointError
 
     try:
         return load_weights(model, state_dict, drop_head=drop_head, source=str(weights))
     except CheckpointError as e:
+        saved = ""
+        if (tensors := getattr(e, "file_tensors", None)) is not None and (match := models_matching(tensors)):
+            saved = (f"; the file's tensors are those of {' / '.join(match)} with its default options (--model "
+                     f"{match[0]}, no --override)")
         hint = trained_options_hint(weights, name, overrides)
-        if not hint:
+        if not (saved or hint):
             raise
-        raise CheckpointError(f"{e}{hint}") from None
+        raise CheckpointError(f"{e}{saved}{hint}") from None
 
 
 def _build(name: str, factory, kwargs: dict) -> nn.Module:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -18,6 +18,9 @@ from erf_lab.shape_bias.categories import CATEGORIES
 from erf_lab.shape_bias.consistency import MVH_COLUMNS, is_human, read_mvh_csv
 from erf_lab.shape_bias.stimuli import parse_name
 
+CHANCE_SHAPE_OR_TEXTURE = 2 / len(CATEGORIES)  # a guess hits the shape or the texture category
+DEGENERATE_SHARE = 0.9  # one category for at least this share of the images: the model is not looking
+FEW_DECISIONS = 30  # fewer shape-or-texture decisions: the shape bias is flagged with its 95 % interval
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float] | None:
@@ -214,3 +217,30 @@ def read_decisions_csv(path: str | os.PathLike) -> list[dict]:
         raise ErfLabError(f"{path}: not an erf-lab decisions.csv (no {', '.join(missing)} column"
                           f"{'s' if len(missing) > 1 else ''})")
     return rows
+
+
+def degenerate_warnings(rows, chance: float = CHANCE_SHAPE_OR_TEXTURE) -> list[str]:
+    """Signs that a run measured nothing, from ``(shape, texture, decision)`` of the decoded cue-conflict images:
+    one category for at least 90 % of them, fewer shape-or-texture hits than chance (2/16 of the conflict
+    images, Geirhos et al., ICLR 2019: a guess among 16 categories hits one of the two cues that often), or so
+    few shape-or-texture decisions (< ``FEW_DECISIONS``) that the shape bias is a wide interval. ``chance``: the
+    share of conflict images a guess hits one cue of (2 / classes; cue-world: 2 / its class count)."""
+    rows = list(rows)
+    out = []
+    if rows:
+        top, n = Counter(d for _, _, d in rows).most_common(1)[0]
+        if n >= DEGENERATE_SHARE * len(rows):
+            out.append(f"degenerate run: {n} of {len(rows)} cue-conflict images ({n / len(rows):.0%}) are classified "
+                       f"'{top}'")
+    conflict = [(s, t, d) for s, t, d in rows if s != t]
+    if conflict:
+        hits = sum(d in (s, t) for s, t, d in conflict) / len(conflict)
+        if hits < chance:
+            out.append(f"shape-or-texture hits on {hits:.3f} of the conflict images, below chance "
+                       f"({chance:.3f}): the shape bias is noise")
+        decided = sum(d in (s, t) for s, t, d in conflict)
+        if 0 < decided < FEW_DECISIONS:
+            lo, hi = wilson_interval(sum(d == s for s, _, d in conflict), decided)
+            out.append(f"shape bias from only {decided} shape-or-texture decisions: its 95% interval is "
+                       f"{lo:.2f}-{hi:.2f}")
+    return out

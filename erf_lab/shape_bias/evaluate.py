@@ -16,7 +16,6 @@ import sys
 import time
 import warnings
 import zipfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,16 +25,13 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 from erf_lab.provenance import versions
-from erf_lab.shape_bias.analysis import (add_consistency, check_human_data, shape_bias_from_decisions, wilson_interval,
-                                         write_mvh_csv)
+from erf_lab.shape_bias.analysis import (CHANCE_SHAPE_OR_TEXTURE, add_consistency, check_human_data,
+                                         degenerate_warnings, shape_bias_from_decisions, write_mvh_csv)
 from erf_lab.shape_bias.consistency import MVH_DATASETS, image_id
 from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imagenet_to_16
 from erf_lab.shape_bias.stimuli import (DecodedCache, Preprocess, Stimulus, StimulusDataset, StimulusPixels,
                                         files_fingerprint, find_stimuli_root, list_stimuli, sibling_set)
 
-CHANCE_SHAPE_OR_TEXTURE = 2 / len(CATEGORIES)  # a guess hits the shape or the texture category
-DEGENERATE_SHARE = 0.9  # one category for at least this share of the images: the model is not looking
-FEW_DECISIONS = 30  # fewer shape-or-texture decisions: the shape bias is flagged with its 95 % interval
 RANDOM_SUFFIX = "-random-init"
 
 
@@ -367,33 +363,6 @@ def _evaluate_sets(model, cue_dir, preprocess, weights_id, *, batch_size, worker
         sets[name] = run_set(model, name, stim, preprocess, batch_size=batch_size, workers=workers, device=device,
                              show_progress=show_progress, cache=cache, partial=partial, on_progress=on_progress)
     return sets, skipped, resumed
-
-
-def degenerate_warnings(rows, chance: float = CHANCE_SHAPE_OR_TEXTURE) -> list[str]:
-    """Signs that a run measured nothing, from ``(shape, texture, decision)`` of the decoded cue-conflict images:
-    one category for at least 90 % of them, fewer shape-or-texture hits than chance (2/16 of the conflict
-    images, Geirhos et al., ICLR 2019: a guess among 16 categories hits one of the two cues that often), or so
-    few shape-or-texture decisions (< ``FEW_DECISIONS``) that the shape bias is a wide interval. ``chance``: the
-    share of conflict images a guess hits one cue of (2 / classes; cue-world: 2 / its class count)."""
-    rows = list(rows)
-    out = []
-    if rows:
-        top, n = Counter(d for _, _, d in rows).most_common(1)[0]
-        if n >= DEGENERATE_SHARE * len(rows):
-            out.append(f"degenerate run: {n} of {len(rows)} cue-conflict images ({n / len(rows):.0%}) are classified "
-                       f"'{top}'")
-    conflict = [(s, t, d) for s, t, d in rows if s != t]
-    if conflict:
-        hits = sum(d in (s, t) for s, t, d in conflict) / len(conflict)
-        if hits < chance:
-            out.append(f"shape-or-texture hits on {hits:.3f} of the conflict images, below chance "
-                       f"({chance:.3f}): the shape bias is noise")
-        decided = sum(d in (s, t) for s, t, d in conflict)
-        if 0 < decided < FEW_DECISIONS:
-            lo, hi = wilson_interval(sum(d == s for s, _, d in conflict), decided)
-            out.append(f"shape bias from only {decided} shape-or-texture decisions: its 95% interval is "
-                       f"{lo:.2f}-{hi:.2f}")
-    return out
 
 
 def _nonconflict_accuracy(r: SetResult) -> float | None:

@@ -328,7 +328,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     from erf_lab.io import hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
     from erf_lab.shape_bias.analysis import add_consistency, check_human_data, shape_bias_from_decisions
     from erf_lab.shape_bias.consistency import is_human, read_trials
-    from erf_lab.shape_bias.evaluate import degenerate_warnings
+    from erf_lab.shape_bias.analysis import degenerate_warnings
     from erf_lab.shape_bias.stimuli import parse_name
 
     if not paths:

@@ -234,10 +234,10 @@ def probe_warnings(res: dict, names: list[str]) -> dict:
     """``{"shape_bias_ci95", "chance_shape_or_texture", "warnings"}`` of a :func:`probe` result, as the
     cue-conflict path records them: the shape bias's 95 % Wilson interval; one class for most conflict images, hits
     below chance (2 / classes) or under 30 shape-or-texture decisions
-    (:func:`erf_lab.shape_bias.evaluate.degenerate_warnings`); and single-cue accuracies both at chance (the model
+    (:func:`erf_lab.shape_bias.analysis.degenerate_warnings`); and single-cue accuracies both at chance (the model
     has learned neither cue: :func:`erf_lab.shape_bias.analysis.at_chance`)."""
     from erf_lab.shape_bias.analysis import at_chance, wilson_interval
-    from erf_lab.shape_bias.evaluate import degenerate_warnings
+    from erf_lab.shape_bias.analysis import degenerate_warnings
 
     s = res["summary"]
     n_cls, size = s["probe"]["num_classes"], s["probe"]["size"]
