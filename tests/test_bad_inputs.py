@@ -262,6 +262,8 @@ def _cases():
           "--epochs", "1", "--quiet"]
     add("train-unknown-model", ["train", "--model", "replknet_99", "--out", "{out}"], "unknown model")
     add("train-batch-0", [*tr, "--batch-size", "0", "--out", "{out}"], "--batch-size must be at least 1")
+    add("train-checkpoint-seconds-nan", [*tr, "--checkpoint-seconds", "nan", "--out", "{out}"],
+        "--checkpoint-seconds must be 0 or more, got nan")
     add("train-device-tpu", [*tr, "--batch-size", "4", "--device", "tpu", "--out", "{out}"], "--device")
     add("train-into-an-erf-run", [*tr, "--batch-size", "4", "--force", "--out", "{bad}/good_run"],
         "holds another erf-lab result")

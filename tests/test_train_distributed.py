@@ -424,3 +424,56 @@ def test_what_the_data_folder_scan_warns_is_said_once_per_node(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("erf-lab train: warning: skipped 1 unreadable file(s)") == 1, proc.stderr[-3000:]
+
+
+_KILL_RANK_1 = """
+import os
+import signal
+import sys
+
+from erf_lab.train.loop import train
+from erf_lab.train.recipe import Recipe
+
+out, cut, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"
+
+
+def on_step(epoch, step):  # rank 1 dies without warning (the OOM killer, a lost node): nothing saved on its way out
+    if step == cut and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+train("replknet_31b", "cue-world", out=out, overrides={TINY}, show_progress=False, input_size=32,
+      train_size={TRAIN_SIZE}, val_size=8, num_classes=4, resume=resume, on_step=on_step, checkpoint_seconds=0,
+      recipe=Recipe(epochs=2, batch_size={B}, warmup_epochs=0.5, drop_path=0.1))
+"""
+
+
+def test_a_rank_killed_mid_epoch_resumes_from_the_last_step_saved(tmp_path):
+    """Rank 1 SIGKILLed at step 7 (mid-epoch 2; torchrun then ends rank 0): the training state was saved at each
+    epoch's end only, so --resume went back to step 4, the epoch's end, and every step since was lost (on a big
+    data set, up to an epoch of every GPU's work). Now it is also saved mid-epoch every checkpoint_seconds (0: every
+    step, agreed by the ranks): the resume continues from step 6, the last step every rank finished, and ends as an
+    uninterrupted run."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_KILL_RANK_1.replace("{TINY}", repr(TINY)).replace("{TRAIN_SIZE}", str(TRAIN_SIZE))
+                      .replace("{B}", str(B)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    for out, cut, mode, ok in (("full", 0, "new", True), ("cut", 7, "new", False), ("cut", 0, "resume", True)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver), str(tmp_path / out),
+               str(cut), mode]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert info["resumed"] and [(s["from_epoch"], s["from_step"]) for s in info["sessions"]] == [(0, 0), (1, 6)]
+    full, cut = (list(csv.DictReader((tmp_path / d / "metrics.csv").read_text().splitlines())) for d in ("full", "cut"))
+    strip = [[{k: v for k, v in r.items() if k != "img_per_s"} for r in rows] for rows in (full, cut)]
+    assert strip[0] == strip[1] and len(strip[0]) == 2
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -359,7 +359,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
           resample: bool = False, seed: int = 0,
           device: str = "cpu", amp: str = "auto", channels_last: bool | None = None, sync_bn: bool = False,
           num_workers: int = 0, resume: bool = False, force: bool = False, checkpoint_format: str | None = None,
-          show_progress: bool = True, argv: list[str] | None = None, on_step=None,
+          show_progress: bool = True, argv: list[str] | None = None, on_step=None, checkpoint_seconds: float = 600.0,
           resume_hint: str = "continue with --resume",
           diverge_hint: str = "use a lower --lr (or --clip-grad, a longer --warmup-epochs) and start over with --force"
           ) -> dict:
@@ -369,6 +369,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     ``channels_last``: None = the resumed run's setting, else on for the CPU (see ``speed_levers``), off on CUDA.
     Under torchrun (``RANK`` / ``WORLD_SIZE`` set) this is one DDP rank (gloo on CPU, NCCL on CUDA); the batch
     size is per rank. ``on_step(epoch, step)`` is called after every optimizer step (tests use it to interrupt).
+    ``checkpoint_seconds``: the training state is saved mid-epoch at most this often (0: after every step), so a
+    run killed without warning (SIGKILL, a lost node or rank) resumes from there instead of its last epoch's end.
     Returns ``{"out_dir", "rows", "run_info", "already_complete"}`` (``run_info`` None on ranks > 0).
     ``resume_hint``: how the caller's user continues a stopped run (printed with the saved state's folder);
     ``diverge_hint``: what to change when the loss turns non-finite (the end of that error line).
@@ -394,6 +396,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
                               f"got {num_workers}")
         if not 8 <= int(input_size) <= 4096:
             raise ErfLabError(f"--input-size must be in [8, 4096], got {input_size}")
+        if not float(checkpoint_seconds) >= 0:  # NaN too: a NaN interval would never save
+            raise ErfLabError(f"--checkpoint-seconds must be 0 or more, got {float(checkpoint_seconds):g}")
         if num_classes is None and str(data) == CUE_WORLD:
             num_classes = 10
         if checkpoint_format is not None and checkpoint_format not in C.WEIGHT_FORMATS:
@@ -413,7 +417,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
                             int(train_size), int(val_size), num_classes, bool(resample), int(seed),
                             D.device_for(device, info), amp, amp_dtype, channels_last, sync_bn, int(num_workers),
                             resume, force, checkpoint_format, show_progress, argv, on_step, info, stop, resume_hint,
-                            diverge_hint, held_folder)
+                            diverge_hint, held_folder, float(checkpoint_seconds))
         together = True
         return result
     except BaseException as stopped:
@@ -441,7 +445,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
 def _train(model_name, data, out, overrides, recipe, input_size, train_size, val_size, num_classes, resample, seed,
            device, amp, amp_dtype, channels_last, sync_bn, num_workers, resume, force, checkpoint_format, show_progress,
            argv, on_step, info: D.DistInfo, stop: StopRequest, resume_hint: str, diverge_hint: str,
-           held_folder: contextlib.ExitStack) -> dict:
+           held_folder: contextlib.ExitStack, checkpoint_seconds: float) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
     from erf_lab.provenance import launch, now, versions
@@ -640,6 +644,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
 
     stop.armed = True
     bad_steps = 0  # consecutive steps with a non-finite loss
+    last_save = time.monotonic()  # of the training state (the ranks agree on when to save: each gathers from all)
     try:
         while epoch < recipe.epochs:
             sampler.set_epoch(epoch)
@@ -686,11 +691,18 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                     on_step(epoch, step)
                 # a non-finite loss: the fp16 loss scaler skips such steps while it backs off, else the weights
                 # are NaN from here on (every later number, checkpoint and probe would be meaningless)
-                bad_steps = bad_steps + 1 if stop.check(info, device, diverged=not np.isfinite(loss_value)) else 0
+                diverged, save = stop.check(info, device, diverged=not np.isfinite(loss_value),
+                                            save_due=time.monotonic() - last_save >= checkpoint_seconds)
+                bad_steps = bad_steps + 1 if diverged else 0
                 if bad_steps > (MAX_SKIPPED_SCALER_STEPS if scaler is not None else 0):
                     bar.close()
                     # (the same words on every rank: a rank's own loss may still be finite at this step)
                     raise _diverged(f"step {step}: the training loss is not finite", epoch, lr, out, diverge_hint)
+                if save and not bad_steps:  # mid-epoch: a kill without warning (SIGKILL, a rank lost) loses less
+                    epoch_time, t0 = epoch_time + time.time() - t0, None  # the state's img/s: this epoch so far
+                    with held():  # a forced stop meanwhile does not cut the save's collectives in half
+                        save_state()
+                    last_save, t0 = time.monotonic(), time.time()
             epoch_time, t0 = epoch_time + time.time() - t0, None
             train_loss, train_acc = sums.reduced(info, device)
             if W > 1:  # each rank's BN statistics saw its own batches: evaluate rank 0's, the model it saves
@@ -721,6 +733,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 bar.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.3f}, "
                           f"val loss {val_loss:.4f} acc {val_acc:.3f}")
             save_state()
+            last_save = time.monotonic()
             # a stop asked for during the evaluation and the saving stops here, at the epoch's end (after the last
             # epoch no step would check it: the run finished with exit 0, the stop unheeded)
             stop.check(info, device)

@@ -159,14 +159,16 @@ class StopRequest:
         if self._old_hook is not None:
             sys.unraisablehook = self._old_hook
 
-    def check(self, info: D.DistInfo, device="cpu", diverged: bool = False) -> bool:
+    def check(self, info: D.DistInfo, device="cpu", diverged: bool = False, save_due: bool = False
+              ) -> tuple[bool, bool]:
         """Raise KeyboardInterrupt when any rank was asked to stop (all ranks stop at the same step); else whether
-        any rank reported ``diverged`` (a non-finite loss), in the same all-reduce, so all ranks act on it alike."""
-        flags = [float(self.requested), float(diverged)]
+        any rank reported ``diverged`` (a non-finite loss) and whether any rank's periodic save is ``save_due``, in
+        the same all-reduce, so all ranks act on them alike (a save gathers from every rank)."""
+        flags = [float(self.requested), float(diverged), float(save_due)]
         if info.enabled:
             t = torch.tensor(flags, device=device if info.backend == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = t.tolist()
         if flags[0]:
             raise KeyboardInterrupt
-        return bool(flags[1])
+        return bool(flags[1]), bool(flags[2])

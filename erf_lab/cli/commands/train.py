@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--checkpoint-format", choices=("pth", "safetensors", "both"), default=None,
                    help="weights file format (default both; a resumed run keeps its own)")
+    p.add_argument("--checkpoint-seconds", type=float, default=600.0,
+                   help="save the training state mid-epoch at most this often, for a run killed without warning "
+                        "(default 600; 0 = after every step; each epoch's end is always saved)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--force", action="store_true", help="start over in --out, deleting its run")
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
                     num_classes=args.num_classes, resample=args.resample, seed=args.seed, device=args.device,
                     amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn, num_workers=args.num_workers,
                     resume=args.resume, force=args.force, checkpoint_format=args.checkpoint_format,
+                    checkpoint_seconds=args.checkpoint_seconds,
                     show_progress=not args.quiet, argv=command_line())
     if res["already_complete"]:
         from erf_lab.erf.distributed import env_info
