@@ -709,3 +709,34 @@ def test_a_torchrun_sweep_whose_out_is_not_shared_between_nodes_is_written_by_ra
     assert record["complete"] and [r["run_dir"] for r in record["rows"]] == ["S32-deploy", "S48-deploy"]
     assert all((tmp_path / "node0" / "sweep" / m / "erf.npy").is_file() for m in ("S32-deploy", "S48-deploy"))
     assert not any((tmp_path / "node1" / "sweep").iterdir())  # rank 1 wrote nothing on its own disk
+
+
+_DIE_ON_THE_FIRST_TRY = """
+import os, signal, sys
+from erf_lab.erf.runner import ErfSpec, run_erf
+spec = ErfSpec("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}, num_images=5,
+               input_size=32, batch_size=1)
+def die(acc):  # the first try: rank 1 dies without warning (saved after each image), torchrun ends rank 0
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "1" and len(acc.processed) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+run_erf(spec, out=sys.argv[1], show_progress=False, on_batch=die, checkpoint_seconds=0)
+"""
+
+
+def test_a_job_restarted_by_torchrun_continues_what_the_failed_try_saved(tmp_path):
+    """``torchrun --max-restarts 1``: after rank 1 died, torchrun ran the same command again, which refused the
+    folder ("holds an interrupted run; pass --resume"), so the restart failed too. Now the restart continues the
+    run (rank 1's 2 images and rank 0's share are not measured again) and gives the 1-process map."""
+    script = tmp_path / "die.py"
+    script.write_text(_DIE_ON_THE_FIRST_TRY)
+    out = tmp_path / "run"
+    proc = _torchrun("--max-restarts", "1", str(script), str(out))
+    assert proc.returncode == 0 and "holds an interrupted run" not in proc.stderr, proc.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["resumed"] and info["resumed_after_images"] >= 2 and info["num_used"] == 5
+    assert [s["launch"]["restart_count"] for s in info["sessions"]] == [0, 1]
+    assert not list(out.glob(".erf_state*"))
+    one = run_erf(ErfSpec("replknet_31b", overrides={"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)},
+                          num_images=5, input_size=32), out=tmp_path / "one", show_progress=False)
+    two = np.load(out / "erf.npy")
+    assert np.abs(two - one["result"].erf).max() <= 1e-6 * np.abs(one["result"].erf).max()

@@ -85,7 +85,7 @@ def test_console_script_raises_the_gc_threshold_before_the_command(monkeypatch):
 
 
 #: options the README quotes from other programs: torchrun, the official RepLKNet scripts, benchmarks/ scripts
-FOREIGN_README_OPTIONS = {"--nproc_per_node", "--finetune", "--size"}
+FOREIGN_README_OPTIONS = {"--nproc_per_node", "--max-restarts", "--finetune", "--size"}
 
 
 def _cli_options() -> dict[str, set[str]]:

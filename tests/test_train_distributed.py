@@ -438,7 +438,7 @@ out, cut, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"
 
 
 def on_step(epoch, step):  # rank 1 dies without warning (the OOM killer, a lost node): nothing saved on its way out
-    if step == cut and os.environ["RANK"] == "1":
+    if step == cut and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -476,4 +476,29 @@ def test_a_rank_killed_mid_epoch_resumes_from_the_last_step_saved(tmp_path):
     strip = [[{k: v for k, v in r.items() if k != "img_per_s"} for r in rows] for rows in (full, cut)]
     assert strip[0] == strip[1] and len(strip[0]) == 2
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_training_restarted_by_torchrun_continues_from_the_failed_try(tmp_path):
+    """``torchrun --max-restarts 1``: after rank 1 died at step 7, torchrun ran the same command again, which refused
+    the folder ("holds an interrupted training run; pass --resume"), so the restart failed too. Now it continues from
+    the last step saved (6) and ends as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_KILL_RANK_1.replace("{TINY}", repr(TINY)).replace("{TRAIN_SIZE}", str(TRAIN_SIZE))
+                      .replace("{B}", str(B)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    for out, cut in (("full", 0), ("restarted", 7)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--max-restarts", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver),
+               str(tmp_path / out), str(cut), "new"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "holds an interrupted" not in proc.stderr, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "restarted" / "run.json").read_text())
+    assert info["resumed"] and [(s["from_step"], s["launch"]["restart_count"]) for s in info["sessions"]] == \
+        [(0, 0), (6, 1)]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "restarted"))
     assert all(torch.equal(a[k], b[k]) for k in a)

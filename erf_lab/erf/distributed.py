@@ -56,6 +56,14 @@ def env_info() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
 
 
+def restarted() -> bool:
+    """Whether torchrun started this job again after a failure (``--max-restarts``: ``TORCHELASTIC_RESTART_COUNT``
+    above 0). The restart runs the same command line: a run folder holding what the failed try saved (or finished)
+    is continued, as with ``--resume`` (before, the command refused it, so ``--max-restarts`` could never help)."""
+    text = os.environ.get("TORCHELASTIC_RESTART_COUNT", "").strip()
+    return text.isdigit() and int(text) > 0
+
+
 #: how long a rank of a multi-process job waits for the others (joining, each collective), in seconds
 RANK_TIMEOUT_VAR = "ERF_LAB_RANK_TIMEOUT"
 

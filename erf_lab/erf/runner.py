@@ -428,6 +428,8 @@ def _existing(out_dir: Path, config: dict, resume: bool, force: bool, reuse: boo
     outputs = [out_dir / f for f in OUTPUT_FILES if (out_dir / f).exists()]
     states = sorted(out_dir.glob(STATE_GLOB)) if out_dir.is_dir() else []
     complete = (out_dir / RUN_FILE).exists()
+    if D.restarted() and (states or complete):  # torchrun --max-restarts: continue the failed try (not deleted)
+        resume, force = True, False
     if reuse and complete:
         info = read_json_or_none(out_dir / RUN_FILE)
         if isinstance(info, dict) and isinstance(info.get("config"), dict) and not finished_diff(info["config"], config):

@@ -261,6 +261,8 @@ def _prepare_out_dir(out: Path, resume: bool, force: bool) -> str:
     if complete and not is_training_record(read_json_or_none(out / COMPLETE_FILE)):
         raise ErfLabError(f"{out} holds another erf-lab result ({COMPLETE_FILE} of no training run); choose another "
                           f"--out (--force overwrites training runs only)")
+    if D.restarted() and (state or complete):  # torchrun --max-restarts: continue the failed try (not deleted)
+        resume, force = True, False
     if force:
         return "new"
     if complete:
