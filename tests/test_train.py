@@ -762,8 +762,9 @@ def test_resume_of_a_damaged_training_state_is_one_line(tmp_path, capsys, one_th
     torch.save(state, out / C.STATE_FILE)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "processes (torchrun --nproc_per_node): 2 there, 1 now); repeat its command (under torchrun " \
-           "--nproc_per_node=2) or start over with --force" in err, err
+    assert "processes (torchrun --nproc_per_node): 2 there, 1 now: --batch-size is per process, so each of its " \
+           "steps took 2 x 8 images in the data order of 2 process(es), which another number would not continue); " \
+           "repeat its command (under torchrun --nproc_per_node=2) or start over with --force" in err, err
     (out / C.STATE_FILE).write_bytes(good)
     assert main(args) == 0 and (out / "run.json").exists()
 

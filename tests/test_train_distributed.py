@@ -502,3 +502,34 @@ def test_a_training_restarted_by_torchrun_continues_from_the_failed_try(tmp_path
         [(0, 0), (6, 1)]
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "restarted"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_with_another_number_of_processes_says_what_the_batch_was(tmp_path):
+    """A 2-rank run (4 images per rank and step) interrupted, then resumed in one process with --batch-size 8 to
+    make up for it: the refusal named the batch size alone ("--batch-size: 4 there, 8 now"), as if the batch were
+    the same as the run's. Now it names the number of processes and what it means for the batch."""
+    import pytest
+
+    from erf_lab.errors import ErfLabError
+    from erf_lab.train.loop import train
+    from erf_lab.train.recipe import Recipe
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER.replace("{TINY}", repr(TINY)).replace("{TRAIN_SIZE}", str(TRAIN_SIZE))
+                      .replace("{B}", str(B)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver), str(out),
+                           "3", "new"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (out / ".train_state.pt").is_file(), proc.stderr[-3000:]
+    with pytest.raises(ErfLabError) as e:
+        train("replknet_31b", "cue-world", out=out, overrides=TINY, show_progress=False, input_size=32,
+              train_size=TRAIN_SIZE, val_size=8, num_classes=4, resume=True,
+              recipe=Recipe(epochs=2, batch_size=2 * B, warmup_epochs=0.5, drop_path=0.1))
+    assert "(2 differ, e.g. processes (torchrun --nproc_per_node): 2 there, 1 now: --batch-size is per process, so " \
+           "each of its steps took 2 x 4 images in the data order of 2 process(es)" in str(e.value), str(e.value)
+    assert "repeat its command (under torchrun --nproc_per_node=2)" in str(e.value)
+    assert (out / ".train_state.pt").is_file()

@@ -497,10 +497,13 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             folder = str(data) != CUE_WORLD
             was = {**state["settings"], "checkpoint_format": own or checkpoint_format}  # None: no weights saved yet
             diff = _differences(was, settings, [k for k in settings if not (folder and k == "num_classes")])
-            if diff:
-                name, was, now = diff[0]
+            if diff:  # the number of processes first: a --batch-size changed to make up for it differs too
+                name, was, now = next((d for d in diff if d[0] == _WORLD_SIZE), diff[0])
+                why = (f": --batch-size is per process, so each of its steps took {was} x "
+                       f"{state['settings']['recipe'].get('batch_size')} images in the data order of {was} "
+                       f"process(es), which another number would not continue" if name == _WORLD_SIZE else "")
                 raise ErfLabError(f"--resume: the run in {out} was made with other settings ({len(diff)} differ, e.g. "
-                                  f"{name}: {was!r} there, {now!r} now); repeat its command"
+                                  f"{name}: {was!r} there, {now!r} now{why}); repeat its command"
                                   f"{_nproc_hint(was) if name == _WORLD_SIZE else ''} or start over with --force")
     except Exception as e:  # noqa: BLE001 - every rank learns of it below (one process: raised as it is)
         error = e
