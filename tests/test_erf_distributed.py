@@ -740,3 +740,28 @@ def test_a_job_restarted_by_torchrun_continues_what_the_failed_try_saved(tmp_pat
                           num_images=5, input_size=32), out=tmp_path / "one", show_progress=False)
     two = np.load(out / "erf.npy")
     assert np.abs(two - one["result"].erf).max() <= 1e-6 * np.abs(one["result"].erf).max()
+
+
+@pytest.mark.parametrize("command, args", [("compute", [*ARGS, "--resume", "--force"]),
+                                           ("compute", [*ARGS, "--checkpoint-seconds", "-1"]),
+                                           ("train", [*ARGS[:6], "--resume", "--force"])])
+def test_options_that_exclude_each_other_are_said_once_per_node(command, args, tmp_path):
+    """``--resume --force`` (compute, train) and a negative --checkpoint-seconds were checked by the command line
+    before the ranks met: said once per process (N identical lines on a node of N GPUs). Now checked where the
+    other options are, once the ranks have met: rank 0 says it, rank 1 is silent, both exit with status 2."""
+    port, procs = str(_free_port()), []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "erf_lab", command, *args, "--out", str(tmp_path / "o")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    said = "--resume and --force exclude each other" if "--force" in args else \
+        "--checkpoint-seconds must be 0 or more, got -1"
+    assert [p.returncode for p in procs] == [2, 2]
+    assert errs[0].strip().splitlines() == [f"erf-lab {command}: error: {said}"] and errs[1].strip() == "", errs
+    assert not (tmp_path / "o").exists()

@@ -354,6 +354,12 @@ def run_erf(spec: ErfSpec, *, out: str | os.PathLike | None = None, resume: bool
     from erf_lab.erf.plotting import display_preset
 
     with D.HeldChecks() as checks:  # under torchrun: said to the other ranks once they have met
+        if resume and out is None:
+            raise ErfLabError("--resume needs --out DIR (the folder of the interrupted run)")
+        if resume and force:
+            raise ErfLabError("--resume and --force exclude each other")
+        if not checkpoint_seconds >= 0:  # NaN too: a NaN interval would never save
+            raise ErfLabError(f"--checkpoint-seconds must be 0 or more, got {checkpoint_seconds:g}")
         spec.validate()
         display = display_preset(display)  # before measuring
         if out is not None:

@@ -390,6 +390,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
                                   f"override")
         device = _check_device(device)
         checks.hold = True
+        if resume and force:
+            raise ErfLabError("--resume and --force exclude each other")
         amp, amp_dtype = _amp_dtype(amp, device)
         if sync_bn and not device.startswith("cuda"):
             raise ErfLabError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")

@@ -6,7 +6,6 @@ import shlex
 import sys
 
 from erf_lab.cli.options import BATCH_SIZE_HELP, command_line, parse_overrides, seed, warnings_as_lines
-from erf_lab.errors import ErfLabError
 
 NAME = "compute"
 HELP = "measure the effective receptive field (ERF) of a model"
@@ -58,12 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from erf_lab.erf.runner import ErfSpec, run_erf
 
-    if args.resume and not args.out:
-        raise ErfLabError("--resume needs --out DIR (the folder of the interrupted run)")
-    if args.resume and args.force:
-        raise ErfLabError("--resume and --force exclude each other")
-    if not args.checkpoint_seconds >= 0:  # NaN too: a NaN interval would never save
-        raise ErfLabError(f"--checkpoint-seconds must be 0 or more, got {args.checkpoint_seconds:g}")
+    # --resume without --out, with --force, a negative --checkpoint-seconds: run_erf's checks (under torchrun said
+    # once per node, once the ranks have met)
     spec = ErfSpec(model=args.model, weights=args.weights, drop_head=args.drop_head,
                    overrides=parse_overrides(args.override), images=args.images, num_images=args.num_images,
                    input_size=args.input_size, layer=args.layer, aggregate=args.aggregate, batch_size=args.batch_size,

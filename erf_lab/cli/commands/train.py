@@ -69,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
     from erf_lab.train.loop import train
     from erf_lab.train.recipe import Recipe
 
-    if args.resume and args.force:
-        raise ErfLabError("--resume and --force exclude each other")
     refuse_empty(args.data, "--data", "name a folder with train/ and val/, or 'cue-world'")  # Path("") is "."
     given = [flag for flag, v in (("--train-size", args.train_size), ("--val-size", args.val_size)) if v is not None]
     if given and args.data != "cue-world":
