@@ -191,7 +191,8 @@ def keep_freed_memory() -> bool:
     on the dev box in a phase where a page fault cost 3-4 us, EfficientNet-Lite0 inference (batch 32, 224 px)
     14-18 -> 45 img/s (646k -> 4k faults per batch), RepLKNet-31B (batch 8) 2.7-2.9 -> 3.7-3.9 img/s, a training
     step of the small K = 31 RepLKNet (batch 64, 64 px) 0.98-1.23x (median 1.18x) the img/s.
-    ``ERF_LAB_KEEP_FREED_MEMORY=0`` (false, no, off) leaves malloc as it is. Returns whether the setting is in effect."""
+    ``ERF_LAB_KEEP_FREED_MEMORY=0`` (false, no, off) leaves malloc as it is. Returns whether the setting is in
+    effect."""
     if not _MALLOC_KEPT:
         ok = False
         import sys
