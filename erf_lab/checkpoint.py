@@ -3,7 +3,8 @@
 Accepts a raw state dict or one wrapped in ``model`` / ``state_dict`` / ``model_ema`` / ``state_dict_ema`` / ...
 (raw weights before their EMA, with a warning where a file holds both), strips ``module.``
 (DataParallel / DDP) and ``_orig_mod.`` (``torch.compile``) prefixes, and reports missing / unexpected /
-mis-shaped keys by name.
+mis-shaped keys by name. What of the file loaded (its entry, the weights passed over, the prefixes stripped, a
+``backbone.`` part) is recorded with the results (:func:`weights_selection`).
 
 The facts erf-lab records about weights it writes (a random initialisation and its seed; the training input size)
 travel inside the file: safetensors metadata, and in a ``.pth`` an ``erf_lab`` entry beside ``model``
@@ -342,6 +343,18 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Any failure to read the file (not a checkpoint, truncated, a pickle of disallowed objects) is a
     :class:`CheckpointError` with one line; other exception types never escape (issue #13).
     """
+    return _unwrap(*_read_file(path))[0]
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """:func:`load_state_dict_file`, and which part of the file the tensors are (:func:`weights_selection`; pass
+    it to :func:`load_weights`, which adds the prefix part it loads)."""
+    return _unwrap(*_read_file(path))
+
+
+def _read_file(path: str | os.PathLike) -> tuple[object, str]:
+    """(contents, path) of a checkpoint file, read weights-only; one-line CheckpointErrors
+    (:func:`load_state_dict_file`)."""
     path = resolve_weights(path)[0]
     if not path.is_file():
         raise CheckpointError(not_a_weights_file(path, "checkpoint"))
@@ -366,7 +379,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             what = "not a PyTorch checkpoint or safetensors file"
         raise CheckpointError(f"cannot read checkpoint {path}: {what} ({load_failure(e)})") from None
-    return unwrap_state_dict(obj, source=str(path))
+    return obj, str(path)
 
 
 #: the start of a legacy (pre-1.6, ``_use_new_zipfile_serialization=False``) ``torch.save`` file at its default
@@ -483,6 +496,12 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
     (``model``, ``state_dict``, ...) wins over tensors beside it (e.g. the ``best_acc1`` tensor of PyTorch's
     ImageNet example); of several (raw weights and their EMA) the first in ``_WRAPPER_KEYS`` loads, with a warning
     that names the others."""
+    return _unwrap(obj, source)[0]
+
+
+def _unwrap(obj, source: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """:func:`unwrap_state_dict`, and the :func:`weights_selection` of what it found (its warning names the line
+    that called its caller)."""
     found = _locate_state_dict(obj)
     if found is None:
         entries = f" (its entries: {_first([str(k) for k in obj], 8)})" if isinstance(obj, Mapping) and obj else ""
@@ -497,14 +516,31 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
         held = ", ".join(map(repr, [keys[-1], *others]))
         warnings.warn(f"{source} holds {len(others) + 1} sets of weights ({held}): loaded checkpoint{where}; to use "
                       f"another, save it alone (e.g. torch.save(checkpoint[{others[0]!r}], FILE))", stacklevel=3)
-    out = {}
+    out, stripped = {}, set()
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             continue
-        while k.startswith(_WRAPPER_PREFIXES):
-            k = k.partition(".")[2]
-        out[k] = v
-    return out
+        name = k
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.partition(".")[2]
+        if name != k:
+            stripped.add(k[:len(k) - len(name)])
+        out[name] = v
+    return out, weights_selection(keys, others, sorted(stripped))
+
+
+def weights_selection(entry=None, passed_over=(), prefix_stripped=(), part: str | None = None,
+                      left_out: int = 0) -> dict | None:
+    """Which part of a checkpoint file was loaded, as run.json / summary.json / ``.run.json`` record it
+    (``weights_selection``): ``entry``, the keys leading to the state dict (``["state_dict_ema"]``; None: the file is
+    one); ``passed_over``, the other weight sets beside it (its EMA); ``prefix_stripped``, the wrapper prefixes taken
+    off its keys (``module.``, ``_orig_mod.``); ``part``, the prefix whose tensors were loaded (an mmseg / mmdet
+    checkpoint's ``backbone.``) and ``left_out``, how many tensors beside them were not. None when the file was
+    loaded whole, as it is."""
+    if not (entry or prefix_stripped or part):
+        return None
+    return {"entry": list(entry or ()) or None, "passed_over": list(passed_over),
+            "prefix_stripped": list(prefix_stripped), "part": part, "left_out": int(left_out)}
 
 
 def _find_state_dict(obj) -> Mapping | None:
@@ -546,9 +582,10 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, drop_head: bool = False,
-                 source: str = "checkpoint") -> list[str]:
+                 source: str = "checkpoint", selection: dict | None = None) -> list[str]:
     """Load ``state_dict`` strictly into ``model``; errors name the first offending keys. Returns the keys that kept
-    the model's own (random) initialisation: the dropped classifier's, else none.
+    the model's own (random) initialisation: the dropped classifier's, else none. Which part of the file loaded
+    (``selection``, from :func:`read_weights`, with the prefix part loaded here) goes to ``model.weights_selection``.
 
     The model may define ``adapt_state_dict(sd) -> sd`` to map other key layouts onto its own. BatchNorm
     ``num_batches_tracked`` counters the file lacks (checkpoints of old PyTorch versions or conversions; PyTorch's
@@ -564,8 +601,10 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     own = model.state_dict()
     heads = _head_prefixes(model)
     part = _part_for(state_dict, own, heads)
+    choice = {k: v for k, v in (selection or {}).items() if k in ("entry", "passed_over", "prefix_stripped")}
     if part is not None:  # e.g. the backbone of an official mmseg / mmdet (ADE20K, COCO) checkpoint
         prefix, state_dict, left = part
+        choice.update(part=prefix, left_out=len(left))
         others = f"; left out its {len(left)} other tensor(s): {_first(left)}" if left else ""
         warnings.warn(f"{source}: loaded the tensors under {prefix}* as the model's{others}", stacklevel=2)
     counters = {k: torch.zeros(own[k].shape, dtype=own[k].dtype) for k in own
@@ -625,6 +664,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
     if drop_head:
         state_dict = {**state_dict, **{k: own[k] for k in dropped if k in own}}
     model.load_state_dict(state_dict, strict=True)
+    model.weights_selection = weights_selection(**choice)
     return sorted(k for k in dropped if k in own)
 
 

@@ -185,6 +185,23 @@ def test_wrappers_prefixes_and_safetensors_round_trip(tmp_path):
         loaded = load_state_dict_file(tmp_path / name)
         assert sorted(loaded) == sorted(sd), name  # safetensors stores keys sorted
         assert all(torch.equal(loaded[k], sd[k]) for k in sd), name
+    # which part of each file loaded, as results record it (weights_selection); a plain state dict: none
+    from erf_lab.checkpoint import read_weights
+
+    def chose(entry, stripped=(), passed_over=()):
+        return {"entry": entry, "passed_over": list(passed_over), "prefix_stripped": list(stripped), "part": None,
+                "left_out": 0}
+
+    expected = {"raw.pth": None, "w.safetensors": None, "model.pth": chose(["model"]),
+                "nested.pth": chose(["model"], ["module.module."]), "compiled.pth": chose(["model"], ["_orig_mod."]),
+                "ddp_compiled.pth": chose(None, ["module._orig_mod."]),
+                "imagenet_example.pth": chose(["state_dict"], ["module."])}
+    for name, selection in expected.items():
+        assert read_weights(tmp_path / name)[1] == selection, name
+    with pytest.warns(UserWarning, match="holds 2 sets of weights") as caught:  # said where the file was loaded
+        load_state_dict_file(tmp_path / "convnext_style.pth")
+        assert read_weights(tmp_path / "convnext_style.pth")[1] == chose(["model"], passed_over=["model_ema"])
+    assert [w.filename for w in caught] == [__file__, __file__]
     with pytest.raises(CheckpointError, match="no state dict"):
         unwrap_state_dict({"epoch": 3, "optimizer": {"lr": 1.0}})
 

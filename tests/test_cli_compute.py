@@ -602,3 +602,46 @@ def test_reparam_records_how_its_file_was_made(tmp_path, capsys, monkeypatch):
     assert prov["parameters"]["overrides"] == record["overrides"] == {"channels": [8, 8, 8, 8], "layers": [1, 1, 1, 1]}
     assert {"erf_lab", "erf_lab_commit", "torch"} <= set(prov["versions"]) and prov["time"]
     assert record["sha256"] and record["random_init"] is True  # the merge's numbers are kept as they were
+
+
+def test_run_json_records_which_part_of_the_weights_file_was_measured(tmp_path, capsys):
+    """User test: a timm file holds raw and EMA weights (``module.`` keys), an mmseg file a ``backbone.`` beside its
+    decode head; the choice of what loaded was only a warning on the console, run.json gave the file's SHA-256
+    alone. run.json (and reparam's .run.json) now record the entry, the sets passed over, the prefix stripped and
+    the part loaded; a plain state dict records none."""
+    from erf_lab.erf.rundir import load_run
+    from erf_lab.models import create_model
+
+    torch.manual_seed(3)
+    raw, ema = (create_model("replknet_31b", **TINY_KW).state_dict() for _ in range(2))
+    files = {"timm.pth": {"epoch": 9, "state_dict": {f"module.{k}": v for k, v in raw.items()},
+                          "state_dict_ema": {f"module.{k}": v for k, v in ema.items()}},
+             "mmseg.pth": {"meta": {"mmcv_version": "1.3.8"},
+                           "state_dict": {**{f"backbone.{k}": v for k, v in raw.items()},
+                                          "decode_head.conv_seg.weight": torch.randn(150, 8, 1, 1),
+                                          "decode_head.conv_seg.bias": torch.randn(150)}},
+             "plain.pth": raw}
+    expected = {"timm.pth": {"entry": ["state_dict"], "passed_over": ["state_dict_ema"],
+                             "prefix_stripped": ["module."], "part": None, "left_out": 0},
+                "mmseg.pth": {"entry": ["state_dict"], "passed_over": [], "prefix_stripped": [],
+                              "part": "backbone.", "left_out": 2},
+                "plain.pth": None}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+        out = tmp_path / name.replace(".pth", "")
+        code, _, err = _cli(capsys, "compute", *TINY, "--weights", str(tmp_path / name), "--num-images", "1",
+                            "--input-size", "32", "--out", str(out), "--quiet")
+        assert code == 0, err
+        info = json.loads((out / "run.json").read_text())
+        assert info["weights_selection"] == expected[name], name
+        assert load_run(out).run_info["weights_selection"] == expected[name], name
+    code, _, err = _cli(capsys, "reparam", *TINY, "--weights", str(tmp_path / "timm.pth"),
+                        "--out", str(tmp_path / "deploy.pth"), "--check-size", "32")
+    assert code == 0, err
+    record = json.loads((tmp_path / "deploy.pth.run.json").read_text())
+    assert record["weights_selection"] == expected["timm.pth"]
+    # a run.json written before the field existed still reads
+    info = json.loads((tmp_path / "plain" / "run.json").read_text())
+    del info["weights_selection"]
+    (tmp_path / "plain" / "run.json").write_text(json.dumps(info))
+    assert "weights_selection" not in load_run(tmp_path / "plain").run_info

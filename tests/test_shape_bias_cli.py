@@ -503,3 +503,23 @@ def test_a_bad_human_csv_is_refused_before_out_is_made(tiny_model, fixture_datas
     write(bad, rows)
     assert main(["shape-bias", "--compare", str(run), "--out", str(new / "cmp")]) == 0
     assert (new / "cmp" / "comparison.csv").read_text().splitlines()[1].startswith("humans,")
+
+
+def test_summary_records_which_weights_of_the_file_were_measured(tiny_model, tmp_path, capsys, datasets):
+    """User test: a timm checkpoint holds raw and EMA weights; summary.json named the file's SHA-256 only, not
+    which of the two was measured. It now records the entry loaded, the set passed over and the prefix stripped."""
+    import torch
+
+    from erf_lab.models import create_model
+
+    raw = create_model(tiny_model).state_dict()
+    ema = {k: v + 0.1 for k, v in raw.items()}
+    weights = tmp_path / "timm.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in raw.items()},
+                "state_dict_ema": {f"module.{k}": v for k, v in ema.items()}}, weights)
+    assert main(["shape-bias", "--model", tiny_model, "--weights", str(weights), "--limit", "4", "--workers", "0",
+                 "--stimuli", str(datasets), "--no-humans", "--out", str(tmp_path / "sb")]) == 0
+    expected = {"entry": ["state_dict"], "passed_over": ["state_dict_ema"], "prefix_stripped": ["module."],
+                "part": None, "left_out": 0}
+    assert json.loads((tmp_path / "sb" / "summary.json").read_text())["weights_selection"] == expected
+    assert json.loads((tmp_path / "sb" / "run.json").read_text())["weights_selection"] == expected

@@ -42,6 +42,8 @@ RUN_FIELDS: dict[str, tuple] = {
     "model": (str,), "overrides": (dict,), "weights": _STR_OR_NONE, "weights_sha256": _STR_OR_NONE,
     "random_init": (bool,), "init_seed": _INT_OR_NONE, "drop_head": (bool,), "train_size": _INT_OR_NONE,
     "train_size_source": _STR_OR_NONE,  # where train_size comes from, or why it is unknown (optional: newer files)
+    # which part of the weights file loaded (erf_lab.checkpoint.weights_selection; optional: absent from older files)
+    "weights_selection": (dict, type(None)),
     # measurement
     "layer": (str,), "aggregate": (str,), "input_size": (int,), "feature_shape": (list,),
     "theoretical_rf": _INT_OR_NONE, "target": _STR_OR_NONE, "map": _STR_OR_NONE, "gradient": _STR_OR_NONE,

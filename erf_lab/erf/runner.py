@@ -769,7 +769,8 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         if dinfo.is_main:
             try:
                 run_info = _run_info(spec, config, result, source, geom, (train_size, train_size_source), device,
-                                     dinfo, label, tags, resumed_from, start, t0, measure_s, argv, data_cfg)
+                                     dinfo, label, tags, resumed_from, start, t0, measure_s, argv, data_cfg,
+                                     getattr(model, "weights_selection", None))
                 run_info["sessions"] = [*earlier_sessions, {**session, "end_time": run_info["end_time"]}]
                 metrics = write_run_dir(out_dir, result.erf, run_info, theoretical_rf=geom["theoretical_rf"],
                                         centre=run_info.get("erf_centre"), formats=formats, display=display)
@@ -794,7 +795,7 @@ def _tell_saved(stop: BaseException, out_dir: Path, measured: int, total: int, d
 
 
 def _run_info(spec, config, result, source, geom, train, device, dinfo, label, tags, resumed_from, start, t0,
-              measure_s, argv, data_cfg) -> dict:
+              measure_s, argv, data_cfg, selection) -> dict:
     from erf_lab.models.registry import build_options
 
     order = {i: n for n, i in enumerate(config["images"])}
@@ -810,6 +811,7 @@ def _run_info(spec, config, result, source, geom, train, device, dinfo, label, t
         "model": spec.model, "overrides": _normalise(build_options(spec.model, spec.weights, spec.overrides)),
         "weights": str(resolve_weights(spec.weights)[0].resolve()) if spec.weights else None,
         "weights_sha256": config["weights"],
+        "weights_selection": selection,  # which part of the file loaded: its entry, a backbone. part, ...
         "random_init": init is not None, "init_seed": None if init is None else init["seed"],
         "drop_head": spec.drop_head,
         "train_size": train_size, "train_size_source": train_size_source,

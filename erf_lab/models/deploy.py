@@ -241,7 +241,8 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
         bar.close()
     summary = dict(
         model=model_name, weights=str(weights) if weights else None,
-        weights_sha256=sha256_file(weights) if weights and Path(weights).is_file() else None, drop_head=drop_head,
+        weights_sha256=sha256_file(weights) if weights and Path(weights).is_file() else None,
+        weights_selection=getattr(model, "weights_selection", None), drop_head=drop_head,
         head_left_out=random_head,
         random_init=random_init is not None, init_seed=None if random_init is None else random_init["seed"],
         input_size=train_size, overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},

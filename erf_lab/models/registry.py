@@ -105,17 +105,18 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     ``drop_head=True`` loads a checkpoint whose classifier has a different class count (or is absent on one
     side), keeping the model's own head; a classifier that fits is loaded.
     ``weights="builtin:NAME"`` loads a model shipped under ``data/trained/`` with the options it was trained with
-    (its JSON record; explicit ``overrides`` win).
+    (its JSON record; explicit ``overrides`` win). Which part of the file loaded (its entry, a ``backbone.`` part):
+    ``model.weights_selection`` (:func:`erf_lab.checkpoint.weights_selection`).
     """
     from erf_lab.models.timm_models import is_timm_name
 
     factory = _resolve_factory(name)
-    state_dict = None
+    state_dict = selection = None
     if weights is not None:
-        from erf_lab.checkpoint import load_state_dict_file
+        from erf_lab.checkpoint import read_weights
 
         overrides = build_options(name, weights, overrides)  # a builtin: model brings the options it was trained with
-        state_dict = load_state_dict_file(weights)
+        state_dict, selection = read_weights(weights)  # and which part of the file they are (model.weights_selection)
         if _implies_deploy(state_dict):
             deploy = True
     kwargs = dict(overrides)
@@ -141,12 +142,13 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     if state_dict is not None and known and not drop_head and not kwargs.get("pretrained"):
         model = _build_uninitialized(name, factory, kwargs)
         if model is not None:
-            _load_named(model, state_dict, weights, name, overrides)  # strict: every tensor is overwritten
+            _load_named(model, state_dict, weights, name, overrides, selection=selection)  # strict: all overwritten
     if model is None:
         model = _build(name, factory, kwargs)
         if state_dict is not None:
             # the dropped classifier's keys keep their random init: recorded, so what writes the weights can say so
-            model.random_init_keys = _load_named(model, state_dict, weights, name, overrides, drop_head=drop_head)
+            model.random_init_keys = _load_named(model, state_dict, weights, name, overrides, drop_head=drop_head,
+                                                 selection=selection)
     if merge and _deploy_layout is not None:
         _deploy_layout(model)
     return model
@@ -166,7 +168,8 @@ def build_options(name: str, weights: str | None, overrides: dict) -> dict:
     return {**record.get("overrides", {}), "num_classes": record["num_classes"], **overrides}
 
 
-def _load_named(model: nn.Module, state_dict, weights, name: str, overrides: dict, drop_head: bool = False) -> list:
+def _load_named(model: nn.Module, state_dict, weights, name: str, overrides: dict, drop_head: bool = False,
+                selection: dict | None = None) -> list:
     """:func:`erf_lab.checkpoint.load_weights`; a file that does not fit the model asked for names, in its error,
     the registered model its tensors are of (:func:`models_matching`), and for a file of an ``erf-lab train`` run the
     model and options the run trained (its checkpoints hold tensors only)."""
@@ -174,7 +177,7 @@ def _load_named(model: nn.Module, state_dict, weights, name: str, overrides: dic
     from erf_lab.errors import CheckpointError
 
     try:
-        return load_weights(model, state_dict, drop_head=drop_head, source=str(weights))
+        return load_weights(model, state_dict, drop_head=drop_head, source=str(weights), selection=selection)
     except CheckpointError as e:
         saved = ""
         if (tensors := getattr(e, "file_tensors", None)) is not None and (match := models_matching(tensors)):

@@ -488,6 +488,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
                    "seed": init["seed"] if random_weights else None,
                    "weights": None if weights is None else str(weights),
                    "weights_sha256": None if weights is None else sha256_file(weights),
+                   "weights_selection": getattr(model, "weights_selection", None),  # which part of the file loaded
                    "pretrained": pretrained, "overrides": overrides or {},
                    "state_dict_sha256": summary.get("state_dict_sha256") or state_dict_sha256(model),
                    "default_cfg": {k: v for k, v in cfg.items()
@@ -510,6 +511,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
         write_json(out / "run.json", {"what": "erf-lab shape-bias", "model": model_name, "seed": summary["seed"],
                                       "weights": summary["weights"],
                                       "weights_sha256": summary["weights_sha256"],
+                                      "weights_selection": summary["weights_selection"],
                                       "stimuli_dir": summary["stimuli_dir"], "limit": limit, "outputs": outputs,
                                       **meta})
         remove_partial_sets(out)

@@ -214,6 +214,7 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
                    "seed": init["seed"] if random_weights else None,
                    "weights": None if weights is None else str(weights),
                    "weights_sha256": None if path is None else sha256_file(path),
+                   "weights_selection": getattr(model, "weights_selection", None),  # which part of the file loaded
                    # which of a training run's weights: raw or EMA (and the EMA file where raw ones were measured)
                    **training_weights(path), "overrides": kwargs, "classes": names, **res["summary"]}
         meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
@@ -225,7 +226,8 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
         remove_earlier_outputs(out, outputs)
         write_json(out / "run.json", {"what": "erf-lab shape-bias --stimuli cue-world", "model": model_name,
                                       "weights": summary["weights"], "weights_sha256": summary["weights_sha256"],
-                                      **{k: summary[k] for k in ("weights_kind", "ema_decay", "weights_note")},
+                                      **{k: summary[k] for k in ("weights_selection", "weights_kind", "ema_decay",
+                                                                 "weights_note")},
                                       "probe": summary["probe"], "outputs": outputs, **meta})
         return summary
 
