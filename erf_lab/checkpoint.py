@@ -363,6 +363,13 @@ def _read_file(path: str | os.PathLike) -> tuple[object, str]:
     except CheckpointError:
         raise
     except Exception as e:  # torch's weights-only unpickler raises anything (IndexError, KeyError, ...) on non-pickles
+        if _NUMPY_ARRAY_GLOBAL.fullmatch(blocked_global(e) or ""):  # old checkpoints' data: said so, still refused
+            raise CheckpointError(
+                f"refusing to load {path}: a checkpoint that stores numpy arrays ({blocked_global(e)}), which "
+                "weights-only loading does not accept (erf-lab unpickles tensors and plain data only); to convert it, "
+                "load it yourself with torch.load where you trust the file and save its weights with safetensors: "
+                "safetensors.torch.save_file({k: torch.as_tensor(v).contiguous() for k, v in weights.items()}, "
+                "'weights.safetensors')") from None
         if blocked_global(e):
             raise CheckpointError(f"refusing to load {path}: {load_failure(e)}; save a plain state dict or "
                                   ".safetensors instead") from None
@@ -420,6 +427,10 @@ def _torchscript_archive(path: Path) -> bool:
         names = z.namelist()
         return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
     return False
+
+
+#: what a pickled numpy array needs (``numpy._core`` since numpy 2): a global weights-only loading refuses
+_NUMPY_ARRAY_GLOBAL = re.compile(r"numpy\.(_?core\.multiarray\._reconstruct|ndarray)")
 
 
 def blocked_global(e: BaseException) -> str | None:

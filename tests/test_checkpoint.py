@@ -46,6 +46,23 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def test_a_checkpoint_of_numpy_arrays_is_refused_as_such_with_a_safe_way_to_convert_it(tmp_path):
+    """User test: old checkpoints store numpy arrays (the weights, or a mean beside them); their refusal read
+    "references numpy._core.multiarray._reconstruct (loading it could run code)", as for a malicious file. It now
+    says what the file is and how to convert it; it is still refused."""
+    for name, obj in {"arrays.pth": {"state_dict": {"w": np.ones((2, 2), np.float32)}},
+                      "mean.pth": {"model": {"w": torch.ones(2)}, "mean": np.zeros(3)}}.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(CheckpointError) as refused:
+            load_state_dict_file(tmp_path / name)
+        msg = str(refused.value)
+        assert re.fullmatch(rf"refusing to load {re.escape(str(tmp_path / name))}: a checkpoint that stores numpy "
+                            r"arrays \(numpy\.(_?core)\.multiarray\._reconstruct\), which weights-only loading does "
+                            r"not accept .*; to convert it, load it yourself with torch\.load where you trust the file "
+                            r"and save its weights with safetensors: safetensors\.torch\.save_file\(.*\)", msg), msg
+        assert "could run code" not in msg and "weights_only" not in msg and "\n" not in msg
+
+
 def test_refusals_never_pass_on_torchs_advice_to_load_unsafely(tmp_path):
     from erf_lab.train.checkpoints import STATE_FILE, load_state
 
