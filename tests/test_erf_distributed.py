@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import held_by_another_process
+from conftest import held_by_another_process, torchrun_restart
 from erf_lab.erf import distributed as D
 from erf_lab.erf.runner import ErfSpec, run_erf
 
@@ -726,12 +726,15 @@ run_erf(spec, out=sys.argv[1], show_progress=False, on_batch=die, checkpoint_sec
 def test_a_job_restarted_by_torchrun_continues_what_the_failed_try_saved(tmp_path):
     """``torchrun --max-restarts 1``: after rank 1 died, torchrun ran the same command again, which refused the
     folder ("holds an interrupted run; pass --resume"), so the restart failed too. Now the restart continues the
-    run (rank 1's 2 images and rank 0's share are not measured again) and gives the 1-process map."""
+    run (rank 1's 2 images and rank 0's share are not measured again) and gives the 1-process map. The first try
+    runs under torchrun; the restart as torchrun starts it (``torchrun_restart``)."""
     script = tmp_path / "die.py"
     script.write_text(_DIE_ON_THE_FIRST_TRY)
     out = tmp_path / "run"
-    proc = _torchrun("--max-restarts", "1", str(script), str(out))
-    assert proc.returncode == 0 and "holds an interrupted run" not in proc.stderr, proc.stderr[-3000:]
+    first = _torchrun(str(script), str(out))
+    assert first.returncode != 0 and list(out.glob(".erf_state*")), first.stderr[-3000:]
+    tries = torchrun_restart([str(script), str(out)])
+    assert [code for code, _ in tries] == [0, 0] and all("holds an interrupted run" not in e for _, e in tries), tries
     info = json.loads((out / "run.json").read_text())
     assert info["resumed"] and info["resumed_after_images"] >= 2 and info["num_used"] == 5
     assert [s["launch"]["restart_count"] for s in info["sessions"]] == [0, 1]
