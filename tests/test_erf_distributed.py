@@ -745,6 +745,22 @@ def test_a_job_restarted_by_torchrun_continues_what_the_failed_try_saved(tmp_pat
     assert np.abs(two - one["result"].erf).max() <= 1e-6 * np.abs(one["result"].erf).max()
 
 
+def test_the_default_folder_is_the_same_for_every_try_of_a_torchrun_job():
+    """Without --out the folder is runs/<model>-<images>-<size>-<time>: a try that ``torchrun --max-restarts``
+    started again (a new process of the same torchrun agent, seconds later) named a new one, left the failed try's
+    behind and measured every image again. Now the time is when the agent began: every try names the same folder."""
+    code = "from erf_lab.erf.runner import default_out_dir; print(default_out_dir('m', 'imgs', 32))"
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0"}
+    names = []
+    for restart in ("0", "1"):  # this process plays the agent: the parent of each try
+        env["TORCHELASTIC_RESTART_COUNT"] = restart
+        names.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True).stdout.strip())
+        time.sleep(1.1)
+    assert names[0] == names[1] and names[0].startswith(os.path.join("runs", "m-imgs-32-")), names
+    assert D.job_started() is None and "TORCHELASTIC_RUN_ID" not in os.environ  # outside torchrun: the time now
+
+
 @pytest.mark.parametrize("command, args", [("compute", [*ARGS, "--resume", "--force"]),
                                            ("compute", [*ARGS, "--checkpoint-seconds", "-1"]),
                                            ("train", [*ARGS[:6], "--resume", "--force"])])

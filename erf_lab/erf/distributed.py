@@ -64,6 +64,22 @@ def restarted() -> bool:
     return text.isdigit() and int(text) > 0
 
 
+def job_started() -> float | None:
+    """When the torchrun agent that started this process began (seconds since the epoch): the same for every try
+    of a job that torchrun restarts, and for every rank of a node. None outside torchrun (no
+    ``TORCHELASTIC_RUN_ID``) or where ``/proc`` cannot tell (not Linux)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/stat") as f:  # the agent is the parent of each worker it starts
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 #: how long a rank of a multi-process job waits for the others (joining, each collective), in seconds
 RANK_TIMEOUT_VAR = "ERF_LAB_RANK_TIMEOUT"
 

@@ -148,7 +148,10 @@ def _safe(s: str) -> str:
 
 
 def default_out_dir(model: str, images_name: str, input_size: int, root: str | os.PathLike = "runs") -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    """``ROOT/<model>-<images>-<size>-<time>``; under torchrun the time its job began (:func:`D.job_started`), so a
+    try that ``--max-restarts`` starts again finds the failed try's folder (before: a new one, measured anew)."""
+    started = D.job_started()
+    stamp = (_dt.datetime.fromtimestamp(started) if started else _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{_safe(model)}-{_safe(images_name)}-{input_size}-{stamp}"
 
 
@@ -665,8 +668,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
         raise on_every_rank(ErfLabError(f"the ranks disagree on {', '.join(what)}: rank {differing} differs from "
                                         "rank 0 (every rank must read the same images, weights and options)"))
 
-    out_dir = Path(out) if out is not None else default_out_dir(spec.model, source.name, spec.input_size, runs_root)
-    out_dir = Path(D.broadcast_object(str(out_dir), dinfo))
+    out_dir = Path(D.broadcast_object(str(target), dinfo))  # rank 0's default --out (another node's clock differs)
     # rank 0 decides what the folder holds (nodes may see other files there) and tells the others
     action, stale = D.decided_on_rank0(
         lambda: _other_world_states(out_dir, *_existing(out_dir, config, resume, force, reuse), dinfo, reuse), dinfo)
