@@ -453,3 +453,21 @@ def test_a_download_holds_its_dest(mirror, tmp_path, capsys, monkeypatch):
     assert list(dest.iterdir()) == [] and RangeHandler.requests_seen == []
     assert main(argv) == 0
     assert "edges: installed (3 files)" in capsys.readouterr().out
+
+
+def test_a_failed_download_leaves_no_empty_folder_behind(tmp_path, capsys):
+    """Every file failing (no server) left the --dest folder it made behind, empty, with empty staging folders
+    in a --dest the user had. Now a failed download removes the empty folders it made; a --dest that was there
+    stays, and a partial file (which resumes) keeps its folders."""
+    args = ["--base-url", "http://127.0.0.1:9", "--sets", "human-cue-conflict", "--workers", "1"]
+    assert main(["data", "download", "--dest", str(tmp_path / "new" / "d"), *args]) == 2
+    assert list(tmp_path.iterdir()) == []
+    had = tmp_path / "had"
+    had.mkdir()
+    assert main(["data", "download", "--dest", str(had), *args]) == 2
+    assert had.is_dir() and list(had.iterdir()) == []
+    part = had / ".incoming" / "human-cue-conflict" / "some" / "file.csv.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"partial")
+    assert main(["data", "download", "--dest", str(had), *args]) == 2
+    assert part.read_bytes() == b"partial" and "download failed" in capsys.readouterr().err

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
 import urllib.error
@@ -158,7 +157,7 @@ def download(dest: str | os.PathLike | None = None, base_url: str = DEFAULT_BASE
              manifest: dict | None = None, workers: int = 4, show_progress: bool = True) -> dict:
     """Fetch ``sets`` into ``dest`` (default: the cache); returns a report per set. Idempotent: complete sets
     are skipped, interrupted ones resume."""
-    from erf_lab.io import progress, write_json
+    from erf_lab.io import remove_empty_folders
 
     manifest = manifest or load_manifest()
     dest = Path(dest).expanduser() if dest else default_dest()
@@ -168,6 +167,18 @@ def download(dest: str | os.PathLike | None = None, base_url: str = DEFAULT_BASE
     if not str(base_url).startswith(("http://", "https://", "file:")):
         raise ErfLabError(f"--base-url must be an http(s):// or file: URL, got {base_url!r}")
     base_url = base_url.rstrip("/")
+    try:
+        return {"dest": str(dest), "sets": _download_sets(dest, base_url, sets, manifest, workers, show_progress)}
+    finally:  # what a failed file left is kept (its .part resumes), its empty folders not
+        incoming = dest / ".incoming"
+        remove_empty_folders([*sorted((p for p in incoming.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)),
+                              incoming] if incoming.is_dir() else [])
+
+
+def _download_sets(dest: Path, base_url: str, sets, manifest: dict, workers: int, show_progress: bool) -> dict:
+    """:func:`download`'s work: each set fetched into ``dest/.incoming/<set>``, then moved to ``dest/<set>``."""
+    from erf_lab.io import progress, write_json
+
     report = {}
     for name in sets:
         entry = manifest[name]
@@ -207,10 +218,7 @@ def download(dest: str | os.PathLike | None = None, base_url: str = DEFAULT_BASE
                                                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         os.replace(staging, final)  # atomic: the set appears complete or not at all
         report[name] = {"status": "installed", "path": str(final), "files": len(files), **counts}
-    incoming = dest / ".incoming"
-    if incoming.is_dir() and not any(incoming.iterdir()):
-        shutil.rmtree(incoming, ignore_errors=True)
-    return {"dest": str(dest), "sets": report}
+    return report
 
 
 def info() -> dict:

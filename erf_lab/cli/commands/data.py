@@ -29,7 +29,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from erf_lab.errors import ErfLabError
-    from erf_lab.io import hold_folder, prepare_out_dir
+    from erf_lab.io import hold_folder, missing_folders, prepare_out_dir, remove_empty_folders
     from erf_lab.shape_bias import download as dl
 
     if args.data_command == "download":
@@ -37,10 +37,14 @@ def run(args) -> int:
             raise ErfLabError("--workers must be >= 1")
         if not str(args.base_url).startswith(("http://", "https://", "file:")):  # before --dest is made
             raise ErfLabError(f"--base-url must be an http(s):// or file: URL, got {args.base_url!r}")
+        made = missing_folders(dl.default_dest() if args.dest is None else args.dest)
         dest = prepare_out_dir(dl.default_dest() if args.dest is None else args.dest, what="--dest")  # "": one line
-        # held while it downloads: a second download into it meanwhile appended to the same partial files
-        with hold_folder(dest, what="--dest"):
-            rep = dl.download(args.dest, base_url=args.base_url, sets=args.sets, workers=args.workers)
+        try:  # held while it downloads: a second download into it meanwhile appended to the same partial files
+            with hold_folder(dest, what="--dest"):
+                rep = dl.download(args.dest, base_url=args.base_url, sets=args.sets, workers=args.workers)
+        except BaseException:
+            remove_empty_folders(made)  # a failed download leaves no empty --dest it made (one holding .part stays)
+            raise
         for name, r in rep["sets"].items():
             print(f"{name}: {r['status']} ({r['files']} files) -> {r['path']}")
         if args.dest and Path(rep["dest"]).resolve() != dl.default_dest().resolve():
