@@ -645,6 +645,8 @@ def test_growth_page_vs_input_size(app_env):
     for row, shown in zip(rows, table["area@50%"]):
         side = row["side@50%"]
         assert shown == pytest.approx(100.0 * side * side / row["input_size"] ** 2)
+    for axis in ("y", "x"):  # both sigmas of the Gaussian fit, as sweep.csv (the page showed sigma_x alone)
+        assert list(table[f"gauss_sigma_{axis}"]) == pytest.approx([r[f"gauss_sigma_{axis}"] for r in rows])
     assert len(at.image) == 4  # kernel tab (2) + growth curves and heatmaps of the size tab
     labels = {b.proto.label for b in at.get("download_button")}
     assert {"growth.png", "growth.pdf", "grid.png", "grid.pdf", "sweep.csv"} <= labels, labels  # PNG + PDF each

@@ -194,8 +194,8 @@ with tab_s:
             st.image(str(out / "growth.png"), caption="area ratios (fractions of the image) and size-free metrics "
                                                       "(pixels) against input size")
             st.image(str(out / "grid.png"), caption="ERF heatmaps, each at its own size")
-            cols = ["input_size", "area@20%", "area@50%", "area@99%", "r_rms", "r50", "r99", "gauss_sigma_x",
-                    "gauss_fit"]
+            cols = ["input_size", "area@20%", "area@50%", "area@99%", "r_rms", "r50", "r99", "gauss_sigma_y",
+                    "gauss_sigma_x", "gauss_fit"]  # both sigmas, as sweep.csv / sweep.md: an anisotropic ERF's differ
             show_metrics(sweep["rows"], cols)
             if bad := [r["input_size"] for r in sweep["rows"] if r.get("gauss_fit") == "n/m"]:
                 st.warning(f"Gaussian fit not meaningful (gauss_fit n/m) at {', '.join(f'{s} px' for s in bad)}: a "
