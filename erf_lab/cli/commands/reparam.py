@@ -13,7 +13,8 @@ DESCRIPTION = ("Structural re-parameterization (RepLKNet, CVPR 2022, Sec. 3): fu
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="RepLKNet variant, e.g. replknet_31b (see 'erf-lab models')")
+    p.add_argument("--model", required=True, help="a RepLKNet, UniRepLKNet or SLaK model, e.g. replknet_31b, "
+                   "unireplknet_a, slak_t (see 'erf-lab models')")
     p.add_argument("--weights", help="train-time checkpoint (.pth/.pt state dict, or .safetensors); default: random init")
     p.add_argument("--drop-head", action="store_true", help="load a checkpoint whose classifier differs (e.g. 21841-class)")
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
