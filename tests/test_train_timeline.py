@@ -287,6 +287,30 @@ def test_cue_world_images_follow_the_world_they_are_of(tmp_path):
     assert json.loads((tmp_path / "images.json").read_text())["num_classes"] == 5
 
 
+def test_cue_world_images_are_written_under_a_hold_that_removes_a_killed_writes_leftovers(tmp_path):
+    """``<folder>.json`` was written beside the folder without holding it: a write killed there left its temporary
+    for good (the app's stored cue-world folders), and a second writer could write at once. Now the record and the
+    folder are held: the temporaries a kill left go, other files stay, and a folder another process holds is
+    refused."""
+    pytest.importorskip("fcntl")
+    from erf_lab.errors import FolderInUseError
+    from erf_lab.train.timeline import cue_world_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    killed = [tmp_path / ".images.json.k1lled00.tmp.json", folder / ".val_00000.png.k1lled00.tmp.png"]
+    kept = [tmp_path / ".other.json.k1lled00.tmp.json", folder / "notes.txt"]
+    for f in killed + kept:
+        f.write_text("x")
+    cue_world_images(folder, 2, 32, 4, seed=0)
+    assert [f for f in killed if f.exists()] == [] and all(f.read_text() == "x" for f in kept)
+    assert json.loads((tmp_path / "images.json").read_text())["seed"] == 0
+    assert not (tmp_path / ".images.json.lock").exists()  # the hold's lock goes with it
+    with held_by_another_process(folder), pytest.raises(FolderInUseError, match="is in use"):
+        cue_world_images(folder, 3, 32, 4, seed=1)
+    assert json.loads((tmp_path / "images.json").read_text())["seed"] == 0  # nothing written meanwhile
+
+
 def test_timeline_unknown_device_is_refused_before_any_folder_is_made(tiny_run, tmp_path, capsys):
     """--device tpu was refused only after the output folder and its cue-world images had been made."""
     out = tmp_path / "tl"

@@ -106,23 +106,26 @@ def cue_world_images(folder: Path, num_images: int, input_size: int, num_classes
     folder's images are rendered again, not measured as this world's."""
     from PIL import Image
 
-    from erf_lab.io import atomic_path, read_json_or_none, write_json
+    from erf_lab.io import atomic_path, hold_file, hold_folder, read_json_or_none, write_json
     from erf_lab.train.cue_world import draw_scene, render_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     world = {"split": "val", "input_size": int(input_size), "num_classes": int(num_classes), "seed": int(seed)}
     record = folder.parent / f"{folder.name}.json"
-    if read_json_or_none(record) != world:
-        record.unlink(missing_ok=True)
-        for old in folder.glob("val_*.png"):
-            old.unlink()
-    for i in range(num_images):
-        path = folder / f"val_{i:05d}.png"
-        if not path.is_file():
-            img = render_scene(draw_scene("val", i, num_classes, seed), input_size)
-            with atomic_path(path) as tmp:
-                Image.fromarray(np.round(img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(tmp, format="PNG")
-    write_json(record, world)
+    # held, the record beside the folder too: a second writer waits or is refused, and the temporaries a killed
+    # write left (of the record, of an image) go
+    with hold_file(record), hold_folder(folder):
+        if read_json_or_none(record) != world:
+            record.unlink(missing_ok=True)
+            for old in folder.glob("val_*.png"):
+                old.unlink()
+        for i in range(num_images):
+            path = folder / f"val_{i:05d}.png"
+            if not path.is_file():
+                img = render_scene(draw_scene("val", i, num_classes, seed), input_size)
+                with atomic_path(path) as tmp:
+                    Image.fromarray(np.round(img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(tmp, format="PNG")
+        write_json(record, world)
     return folder
 
 
