@@ -448,6 +448,25 @@ train("replknet_31b", "cue-world", out=out, overrides={TINY}, show_progress=Fals
 """
 
 
+def _torchrun_driver(tmp_path, runs, template: str | None = None):
+    """A driver (``template``, default :data:`_KILL_RANK_1`) under ``torchrun --nproc_per_node 2`` for each (out
+    folder, its step argument (_KILL_RANK_1: where rank 1 dies, 0 none), "new" / "resume", whether the job
+    succeeds); asserts each outcome; returns the driver's path."""
+    driver = tmp_path / "driver.py"
+    driver.write_text((template or _KILL_RANK_1).replace("{TINY}", repr(TINY)).replace("{TRAIN_SIZE}", str(TRAIN_SIZE))
+                      .replace("{B}", str(B)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    for out, cut, mode, ok in runs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver), str(tmp_path / out),
+               str(cut), mode]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
+    return driver
+
+
 def test_a_rank_killed_mid_epoch_resumes_from_the_last_step_saved(tmp_path):
     """Rank 1 SIGKILLed at step 7 (mid-epoch 2; torchrun then ends rank 0): the training state was saved at each
     epoch's end only, so --resume went back to step 4, the epoch's end, and every step since was lost (on a big
@@ -458,18 +477,7 @@ def test_a_rank_killed_mid_epoch_resumes_from_the_last_step_saved(tmp_path):
 
     from safetensors.torch import load_file
 
-    driver = tmp_path / "driver.py"
-    driver.write_text(_KILL_RANK_1.replace("{TINY}", repr(TINY)).replace("{TRAIN_SIZE}", str(TRAIN_SIZE))
-                      .replace("{B}", str(B)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
-    for out, cut, mode, ok in (("full", 0, "new", True), ("cut", 7, "new", False), ("cut", 0, "resume", True)):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver), str(tmp_path / out),
-               str(cut), mode]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
+    _torchrun_driver(tmp_path, [("full", 0, "new", True), ("cut", 7, "new", False), ("cut", 0, "resume", True)])
     info = json.loads((tmp_path / "cut" / "run.json").read_text())
     assert info["resumed"] and [(s["from_epoch"], s["from_step"]) for s in info["sessions"]] == [(0, 0), (1, 6)]
     full, cut = (list(csv.DictReader((tmp_path / d / "metrics.csv").read_text().splitlines())) for d in ("full", "cut"))
@@ -488,18 +496,7 @@ def test_a_training_restarted_by_torchrun_continues_from_the_failed_try(tmp_path
 
     from conftest import torchrun_restart
 
-    driver = tmp_path / "driver.py"
-    driver.write_text(_KILL_RANK_1.replace("{TINY}", repr(TINY)).replace("{TRAIN_SIZE}", str(TRAIN_SIZE))
-                      .replace("{B}", str(B)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
-    for out, cut in (("full", 0), ("restarted", 7)):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver),
-               str(tmp_path / out), str(cut), "new"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert (proc.returncode == 0) == (cut == 0), proc.stderr[-3000:]
+    driver = _torchrun_driver(tmp_path, [("full", 0, "new", True), ("restarted", 7, "new", False)])
     tries = torchrun_restart([str(driver), str(tmp_path / "restarted"), "7", "new"], {"FASTCONV_BACKEND": BACKEND})
     assert [code for code, _ in tries] == [0, 0] and all("holds an interrupted" not in e for _, e in tries), tries
     info = json.loads((tmp_path / "restarted" / "run.json").read_text())
@@ -519,17 +516,9 @@ def test_a_resume_with_another_number_of_processes_says_what_the_batch_was(tmp_p
     from erf_lab.train.loop import train
     from erf_lab.train.recipe import Recipe
 
-    driver = tmp_path / "driver.py"
-    driver.write_text(_DRIVER.replace("{TINY}", repr(TINY)).replace("{TRAIN_SIZE}", str(TRAIN_SIZE))
-                      .replace("{B}", str(B)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCONV_BACKEND": BACKEND}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
+    _torchrun_driver(tmp_path, [("run", 3, "new", True)], _DRIVER)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver), str(out),
-                           "3", "new"], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and (out / ".train_state.pt").is_file(), proc.stderr[-3000:]
+    assert (out / ".train_state.pt").is_file()
     with pytest.raises(ErfLabError) as e:
         train("replknet_31b", "cue-world", out=out, overrides=TINY, show_progress=False, input_size=32,
               train_size=TRAIN_SIZE, val_size=8, num_classes=4, resume=True,
