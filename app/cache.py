@@ -13,6 +13,9 @@ def sha(data: bytes | None) -> str:
     return hashlib.sha256(data).hexdigest() if data else ""
 
 
+_MISSING = object()  # no stored value for a key
+
+
 @st.cache_resource(show_spinner=False)
 def _store() -> tuple[OrderedDict, threading.Lock]:
     return OrderedDict(), threading.Lock()
@@ -26,8 +29,8 @@ def cached(key: str, compute, max_entries: int = 32, valid=None):
     inside a ``cache_data`` function would be recorded and replayed against a bar that no longer exists."""
     data, lock = _store()
     with lock:
-        value = data.get(key, _store)
-    if value is not _store and (valid is None or valid(value)):
+        value = data.get(key, _MISSING)
+    if value is not _MISSING and (valid is None or valid(value)):
         with lock:
             if key in data:
                 data.move_to_end(key)
