@@ -39,6 +39,37 @@ def printed_here(error: BaseException) -> bool:
     return not getattr(error, "every_rank", False)
 
 
+class NodeWarning(UserWarning):
+    """A warning about what every process of a node meets alike (its image folder's unreadable and foreign files):
+    under torchrun the CLI says it in each node's first process (:func:`said_here`)."""
+
+
+class RankWarning(UserWarning):
+    """A warning about one process's own share of a torchrun job (an image of its batches it could not read): said
+    by the process that met it (:func:`said_here`)."""
+
+
+def said_here(category: type = UserWarning) -> bool:
+    """Whether this process says a note or warning of ``category`` under torchrun: one about the job, which every
+    rank meets alike (the weights loaded, an option overridden, random weights, a finished run), rank 0 alone (before:
+    once per process); a :class:`NodeWarning` the first process of each node (``LOCAL_RANK``; without it, as
+    ``erf_lab.erf.distributed.env_info`` takes it, ``RANK``); a :class:`RankWarning` every process. Outside
+    torchrun, or where the variables are no integers: always."""
+    import os
+
+    if issubclass(category, RankWarning):
+        return True
+    try:
+        if world_size_from_env() <= 1:
+            return True
+        rank = int_from_env("RANK", 0, "the process's number")
+        if issubclass(category, NodeWarning) and "LOCAL_RANK" in os.environ:
+            rank = int_from_env("LOCAL_RANK", 0, "the process's number on its node")
+    except ErfLabError:  # the error the command reports: said by this process
+        return True
+    return rank == 0
+
+
 def world_size_from_env() -> int:
     """torchrun's ``WORLD_SIZE`` (1 when unset or empty); ErfLabError (one line) when it is not an integer."""
     return int_from_env("WORLD_SIZE", 1, "the number of processes")

@@ -166,10 +166,18 @@ def fastconv_isolated(tmp_path, monkeypatch):
 
 def torchrun_restart(argv: list[str], env: dict | None = None, restart_count: int = 1) -> list[tuple[int, str]]:
     """What ``torchrun --nproc_per_node 2 --max-restarts N`` runs after a failed try: ``python ARGV`` in 2 gloo
-    processes on 127.0.0.1 with ``TORCHELASTIC_RESTART_COUNT`` = ``restart_count``, started here. torchrun's own
-    restart of 2 gloo ranks on one host fails now and then to join or hangs (its store shared with the rendezvous,
-    pytorch/pytorch#135712; 2 of 2 CI runs), which is torch's, not what erf-lab's tests test. Returns (exit status,
-    stderr) per rank."""
+    processes on 127.0.0.1 with ``TORCHELASTIC_RESTART_COUNT`` = ``restart_count``, started here
+    (:func:`two_processes`). torchrun's own restart of 2 gloo ranks on one host fails now and then to join or hangs
+    (its store shared with the rendezvous, pytorch/pytorch#135712; 2 of 2 CI runs), which is torch's, not what
+    erf-lab's tests test. Returns (exit status, stderr) per rank."""
+    tries = two_processes(argv, {**(env or {}), "TORCHELASTIC_RESTART_COUNT": str(restart_count)})
+    return [(code, err) for code, _, err in tries]
+
+
+def two_processes(argv: list[str], env: dict | None = None, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """``python ARGV`` in 2 gloo processes of one node on 127.0.0.1, with the variables torchrun
+    ``--nproc_per_node 2`` sets, started here (no torchrun agent ends one when the other exits: each says what it
+    says). Returns (exit status, stdout, stderr) per rank."""
     import socket
     import subprocess
     import sys
@@ -180,12 +188,12 @@ def torchrun_restart(argv: list[str], env: dict | None = None, restart_count: in
     procs = []
     for rank in (0, 1):
         penv = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                "TORCHELASTIC_RESTART_COUNT": str(restart_count)}
+                "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         procs.append(subprocess.Popen([sys.executable, *argv], env=penv, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     try:
-        return [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+        said = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, said)]
     finally:
         for p in procs:
             p.kill()

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import held_by_another_process, torchrun_restart
+from conftest import held_by_another_process, torchrun_restart, two_processes
 from erf_lab.erf import distributed as D
 from erf_lab.erf.runner import ErfSpec, run_erf
 
@@ -546,6 +546,30 @@ def test_what_the_folder_scan_warns_is_said_once_per_node(tmp_path):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["num_used"] == 2
 
 
+@pytest.mark.parametrize("rank, local_rank, said", [("0", "0", ["job", "node", "rank"]), ("1", "1", ["rank"]),
+                                                     ("2", "0", ["node", "rank"]), ("2", None, ["rank"])])
+def test_a_warning_is_said_by_the_ranks_it_concerns(rank, local_rank, said, monkeypatch, capsys):
+    """Under torchrun (WORLD_SIZE 4, 2 nodes of 2) the CLI says a warning about the job (every rank meets it alike)
+    in rank 0 alone; one about a node's folder (NodeWarning) in each node's first process (LOCAL_RANK 0; without
+    LOCAL_RANK, RANK); one about a rank's own share (RankWarning) in that rank. Before: every process said each."""
+    import warnings
+
+    from erf_lab.cli.options import warnings_as_lines
+    from erf_lab.errors import NodeWarning, RankWarning
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", rank)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with warnings_as_lines("compute"):
+        warnings.simplefilter("always")
+        for text, category in (("job", UserWarning), ("node", NodeWarning), ("rank", RankWarning)):
+            warnings.warn(text, category)
+    assert capsys.readouterr().err.splitlines() == [f"erf-lab compute: warning: {w}" for w in said]
+
+
 _INTERRUPTED_CLI = """
 import sys
 from erf_lab.cli.main import main
@@ -761,26 +785,45 @@ def test_the_default_folder_is_the_same_for_every_try_of_a_torchrun_job():
     assert D.job_started() is None and "TORCHELASTIC_RUN_ID" not in os.environ  # outside torchrun: the time now
 
 
-@pytest.mark.parametrize("command, args", [("compute", [*ARGS, "--resume", "--force"]),
-                                           ("compute", [*ARGS, "--checkpoint-seconds", "-1"]),
-                                           ("train", [*ARGS[:6], "--resume", "--force"])])
-def test_options_that_exclude_each_other_are_said_once_per_node(command, args, tmp_path):
-    """``--resume --force`` (compute, train) and a negative --checkpoint-seconds were checked by the command line
-    before the ranks met: said once per process (N identical lines on a node of N GPUs). Now checked where the
-    other options are, once the ranks have met: rank 0 says it, rank 1 is silent, both exit with status 2."""
-    port, procs = str(_free_port()), []
-    for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-m", "erf_lab", command, *args, "--out", str(tmp_path / "o")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        errs = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    said = "--resume and --force exclude each other" if "--force" in args else \
-        "--checkpoint-seconds must be 0 or more, got -1"
-    assert [p.returncode for p in procs] == [2, 2]
-    assert errs[0].strip().splitlines() == [f"erf-lab {command}: error: {said}"] and errs[1].strip() == "", errs
+@pytest.mark.parametrize("command, args, said", [
+    ("compute", [*ARGS, "--resume", "--force"], "--resume and --force exclude each other"),
+    ("compute", [*ARGS, "--checkpoint-seconds", "-1"], "--checkpoint-seconds must be 0 or more, got -1"),
+    ("train", [*ARGS[:6], "--resume", "--force"], "--resume and --force exclude each other"),
+    # checked by the command line itself before the ranks met: said by every process
+    ("sweep", ["--input-sizes", "32", "--input-size", "32", *ARGS[:6], "--quiet"],
+     "--input-size and --input-sizes exclude each other"),
+    ("compute", [*ARGS, "--override", "foo"], "--override expects key=value (a Python identifier as key), got 'foo'"),
+    ("train", [*ARGS[:6], "--data", "nowhere", "--train-size", "5"], "--train-size sets cue-world's image counts"),
+    ("train", [*ARGS[:6], "--epochs", "0"], "--epochs must be at least 1, got 0")])
+def test_options_refused_are_said_once_per_node(command, args, said, tmp_path):
+    """An option refused alike by every rank (``--resume --force``, a negative --checkpoint-seconds, ``--input-size``
+    with ``--input-sizes``, a bad --override, --epochs 0) was checked before the ranks met: said once per process
+    (N identical lines on a node of N GPUs). Now held until the ranks have met: rank 0 says it, rank 1 is silent,
+    both exit with status 2."""
+    ranks = two_processes(["-m", "erf_lab", command, *args, "--out", str(tmp_path / "o")], timeout=120)
+    errs = [err for _, _, err in ranks]
+    assert [code for code, _, _ in ranks] == [2, 2], errs
+    lines = (errs[0] + errs[1]).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"erf-lab {command}: error: {said}") and errs[1] == "", errs
     assert not (tmp_path / "o").exists()
+
+
+def test_warnings_and_notes_of_a_torchrun_job_are_said_once(tmp_path):
+    """What every rank meets alike (which of a checkpoint's two sets of weights loaded, a run already complete) was
+    said by every process: under torchrun --nproc_per_node 8, eight identical warnings. Now rank 0 says it once."""
+    import torch
+
+    from erf_lab.models import create_model
+
+    net = create_model("replknet_31b", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1))
+    torch.save({"model": net.state_dict(), "model_ema": net.state_dict()}, tmp_path / "two.pth")
+    argv = ["-m", "erf_lab", "compute", *ARGS, "--weights", str(tmp_path / "two.pth"), "--out", str(tmp_path / "o")]
+    for extra, note in (([], f"wrote {tmp_path / 'o'}"),
+                        (["--resume"], f"{tmp_path / 'o'} already holds a complete run; nothing to resume")):
+        ranks = two_processes([*argv, *extra], timeout=120)
+        assert [code for code, _, _ in ranks] == [0, 0], ranks
+        out, err = "".join(o for _, o, _ in ranks), "".join(e for _, _, e in ranks)
+        warning = (f"erf-lab compute: warning: {tmp_path / 'two.pth'} holds 2 sets of weights ('model', "
+                   f"'model_ema'): loaded checkpoint['model']")
+        assert err.count("warning:") == 1 and err.startswith(warning), err
+        assert out.splitlines().count(note) == 1 and ranks[1][1] == "", out

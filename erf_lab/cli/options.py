@@ -6,7 +6,7 @@ import contextlib
 import sys
 import warnings
 
-from erf_lab.errors import ErfLabError
+from erf_lab.errors import ErfLabError, said_here
 
 #: ``--batch-size`` of the commands that measure ERFs (the rules: ``erf_lab.erf.runner.auto_batch_size`` on a CPU,
 #: ``erf_lab.erf.compute.memory_batch_size`` on CUDA)
@@ -56,9 +56,11 @@ def seed(text: str) -> int:
 @contextlib.contextmanager
 def warnings_as_lines(command: str):
     """Python warnings said as one line ``erf-lab COMMAND: warning: <message>`` while the block runs (not Python's
-    file, line number, category and source line)."""
+    file, line number, category and source line); under torchrun once per job, not once per process
+    (:func:`erf_lab.errors.said_here`: rank 0's, a node's folder by each node's first process)."""
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"erf-lab {command}: warning: {message}", file=sys.stderr)
+        if said_here(category):
+            print(f"erf-lab {command}: warning: {message}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show

@@ -253,6 +253,27 @@ class HeldChecks:
 
 
 @contextlib.contextmanager
+def checked_together(device: str = "cpu"):
+    """``with checked_together(device):`` around a command's checks of its own options, made before the call that
+    joins the torchrun job: an :class:`ErfLabError` raised inside is held (:class:`HeldChecks`), the ranks join the
+    job (``device``: the command's, so the backend is the one the others join with) and meet in
+    :func:`gather_or_fail`, so that the error every rank raises alike (they run the same command line) is said once
+    per node, not once per process. Outside torchrun, or where this process cannot join (an unusable ``device``),
+    it is raised at once."""
+    with HeldChecks() as checks:
+        yield
+    if checks.error is not None:
+        try:
+            info = init(device)
+        except Exception:  # noqa: BLE001 - the option's error is the one to say (by this process, as before)
+            raise checks.error from None
+        try:
+            gather_or_fail(None, checks.error, info)
+        finally:
+            shutdown(info)
+
+
+@contextlib.contextmanager
 def said_once_per_node(info: DistInfo):
     """The warnings of the block said by the node's first process alone (``LOCAL_RANK`` 0), the others silent: for
     what every process of a node meets alike (its image folder's unreadable and foreign files), which was said once

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erf_lab.errors import ErfLabError
+from erf_lab.errors import ErfLabError, NodeWarning
 from erf_lab.models.constants import IMAGENET_MEAN, IMAGENET_STD
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 PAPER_NUM_IMAGES = 50
@@ -253,9 +253,9 @@ def load_images(images: str | os.PathLike | None = None, *, num_images: int | No
     bad = [s for s in skipped if s[1] not in NON_IMAGE_REASONS]  # the others are the "ignored" ones below
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {root}: "
-                      + ", ".join(s[0] for s in bad[:5]) + (", ..." if len(bad) > 5 else ""), stacklevel=2)
+                      + ", ".join(s[0] for s in bad[:5]) + (", ..." if len(bad) > 5 else ""), NodeWarning, stacklevel=2)
     if others:
-        warnings.warn(f"ignored {len(others)} non-image file(s) in {root}", stacklevel=2)
+        warnings.warn(f"ignored {len(others)} non-image file(s) in {root}", NodeWarning, stacklevel=2)
     return ImageSource(root=root, files=chosen, input_size=int(input_size), mean=tuple(mean), std=tuple(std),
                        name=DEFAULT_SET if builtin else root.name, skipped=skipped, num_other_files=len(others),
                        file_sha256=digests)

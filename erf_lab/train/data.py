@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erf_lab.errors import ErfLabError
+from erf_lab.errors import ErfLabError, NodeWarning, RankWarning
 from erf_lab.io import refuse_empty
 
 CUE_WORLD = "cue-world"
@@ -93,7 +93,7 @@ class ImageFolderSplit(torch.utils.data.Dataset):
                 return self._load(path, (index + k) % len(self.files)), label
             except Exception as e:  # unreadable after all (e.g. a truncated JPEG passes the scan): say so, use the next
                 self.failed_loads += 1
-                warnings.warn(f"cannot read {path} ({e}); the next image is used in its place")
+                warnings.warn(f"cannot read {path} ({e}); the next image is used in its place", RankWarning)
         raise ErfLabError(f"no image of {self.root} could be read")
 
     def _load(self, path: Path, index: int) -> torch.Tensor:
@@ -181,7 +181,7 @@ def image_folder(root: str | os.PathLike, input_size: int,
     if total_skipped:
         first, why = (train_skipped + val_skipped)[0]
         warnings.warn(f"skipped {total_skipped} unreadable file(s) in {root} (e.g. {first}: {why}; all of them in "
-                      f"run.json's skipped)")
+                      f"run.json's skipped)", NodeWarning)
     return (ImageFolderSplit(root / "train", classes, [(p, idx[c]) for c in classes for p in train[c]],
                              train_skipped, input_size, train=True, seed=seed),
             ImageFolderSplit(root / "val", classes, [(p, idx[c]) for c in classes for p in val[c]],

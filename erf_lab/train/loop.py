@@ -380,6 +380,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     # under torchrun, a check that fails on one node only (its CPU count, its data) is said once the ranks have met:
     # raised before joining, it left the other ranks waiting in init_process_group
     with D.HeldChecks(hold=False) as checks:  # held once the device is known: a node without it cannot join
+        device = _check_device(device)
+        checks.hold = True  # the options' checks below: said once per node when every rank meets them alike
         refuse_empty(out)  # first: Path("") is the current folder
         recipe = recipe or Recipe()
         recipe.validate()
@@ -388,8 +390,6 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
             if key in (overrides or {}):  # build_model sets both: the override was dropped or went unrecorded
                 raise ErfLabError(f"--override {key}: training sets it from {option}, recorded in run.json; drop the "
                                   f"override")
-        device = _check_device(device)
-        checks.hold = True
         if resume and force:
             raise ErfLabError("--resume and --force exclude each other")
         amp, amp_dtype = _amp_dtype(amp, device)

@@ -6,6 +6,7 @@ import shlex
 import sys
 
 from erf_lab.cli.options import BATCH_SIZE_HELP, command_line, parse_overrides, seed, warnings_as_lines
+from erf_lab.errors import said_here
 
 NAME = "compute"
 HELP = "measure the effective receptive field (ERF) of a model"
@@ -55,12 +56,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from erf_lab.erf.distributed import checked_together
     from erf_lab.erf.runner import ErfSpec, run_erf
 
     # --resume without --out, with --force, a negative --checkpoint-seconds: run_erf's checks (under torchrun said
-    # once per node, once the ranks have met)
+    # once per node, once the ranks have met), as the --override ones here
+    with checked_together(args.device):
+        overrides = parse_overrides(args.override)
     spec = ErfSpec(model=args.model, weights=args.weights, drop_head=args.drop_head,
-                   overrides=parse_overrides(args.override), images=args.images, num_images=args.num_images,
+                   overrides=overrides, images=args.images, num_images=args.num_images,
                    input_size=args.input_size, layer=args.layer, aggregate=args.aggregate, batch_size=args.batch_size,
                    device=args.device, reparameterize=not args.no_reparam, channels_last=not args.no_channels_last,
                    conv_backend=args.conv_backend, seed=args.seed, train_size=args.train_size)
@@ -78,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
                   f"--resume --out {out}", file=sys.stderr)
         raise
     if res["already_complete"]:
-        from erf_lab.erf.distributed import env_info
-
-        if env_info().local_rank == 0:  # under torchrun: once per node
+        if said_here():  # under torchrun: once, by rank 0
             print(f"{res['out_dir']} already holds a complete run; nothing to resume")
         return 0
     if res["run_info"] is None:

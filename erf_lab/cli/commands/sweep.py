@@ -56,18 +56,22 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from erf_lab.cli.options import parse_overrides
+    from erf_lab.erf.distributed import checked_together
     from erf_lab.erf.plotting import parse_formats
     from erf_lab.erf.sweep import run_sweep
 
-    if args.input_sizes is not None and args.input_size is not None:
-        raise ErfLabError("--input-size and --input-sizes exclude each other: --input-sizes gives every size measured")
+    with checked_together(args.device):  # under torchrun: said once per node, not once per process
+        if args.input_sizes is not None and args.input_size is not None:
+            raise ErfLabError("--input-size and --input-sizes exclude each other: --input-sizes gives every size "
+                              "measured")
+        overrides, formats = parse_overrides(args.override), parse_formats(args.formats)
     args.input_size = 1024 if args.input_size is None else args.input_size
     with warnings_as_lines("sweep"):
         res = run_sweep(args.kernels, input_sizes=args.input_sizes, model=args.model, weights=args.weights,
                         reparam=args.reparam, init=args.init, weights_dir=args.weights_dir,
                         input_size=args.input_size, images=args.images, num_images=args.num_images,
-                        overrides=parse_overrides(args.override), out=args.out, force=args.force,
-                        formats=parse_formats(args.formats), seed=args.seed, layer=args.layer, device=args.device,
+                        overrides=overrides, out=args.out, force=args.force,
+                        formats=formats, seed=args.seed, layer=args.layer, device=args.device,
                         batch_size=args.batch_size, show_progress=not args.quiet, argv=command_line())
     if res["main"]:  # under torchrun: rank 0 reports
         print(res["markdown"])

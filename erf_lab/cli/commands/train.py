@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from erf_lab.cli.options import command_line, parse_overrides, seed, warnings_as_lines
-from erf_lab.errors import ErfLabError
+from erf_lab.errors import ErfLabError, said_here
 from erf_lab.io import refuse_empty
 
 NAME = "train"
@@ -66,20 +66,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from erf_lab.erf.distributed import checked_together
     from erf_lab.train.loop import train
     from erf_lab.train.recipe import Recipe
 
-    refuse_empty(args.data, "--data", "name a folder with train/ and val/, or 'cue-world'")  # Path("") is "."
-    given = [flag for flag, v in (("--train-size", args.train_size), ("--val-size", args.val_size)) if v is not None]
-    if given and args.data != "cue-world":
-        raise ErfLabError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} cue-world's image counts; "
-                          f"--data {args.data} trains on every image of its train/ and validates on its val/")
-    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                    label_smoothing=args.label_smoothing, drop_path=args.drop_path, ema=args.ema,
-                    clip_grad=args.clip_grad)
+    with checked_together(args.device):  # under torchrun: said once per node, not once per process
+        refuse_empty(args.data, "--data", "name a folder with train/ and val/, or 'cue-world'")  # Path("") is "."
+        given = [flag for flag, v in (("--train-size", args.train_size), ("--val-size", args.val_size))
+                 if v is not None]
+        if given and args.data != "cue-world":
+            raise ErfLabError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} cue-world's image counts; "
+                              f"--data {args.data} trains on every image of its train/ and validates on its val/")
+        recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                        label_smoothing=args.label_smoothing, drop_path=args.drop_path, ema=args.ema,
+                        clip_grad=args.clip_grad)
+        overrides = parse_overrides(args.override)
     with warnings_as_lines("train"):
-        res = train(args.model, args.data, out=args.out, overrides=parse_overrides(args.override), recipe=recipe,
+        res = train(args.model, args.data, out=args.out, overrides=overrides, recipe=recipe,
                     input_size=args.input_size, train_size=2000 if args.train_size is None else args.train_size,
                     val_size=500 if args.val_size is None else args.val_size,
                     num_classes=args.num_classes, resample=args.resample, seed=args.seed, device=args.device,
@@ -88,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
                     checkpoint_seconds=args.checkpoint_seconds,
                     show_progress=not args.quiet, argv=command_line())
     if res["already_complete"]:
-        from erf_lab.erf.distributed import env_info
-
-        if env_info().local_rank == 0:  # under torchrun: once per node
+        if said_here():  # under torchrun: once, by rank 0
             print(f"{res['out_dir']} already holds a complete run; nothing to resume")
         return 0
     info = res["run_info"]
