@@ -25,9 +25,11 @@ def on_every_rank(error):
 def printed_here(error: BaseException) -> bool:
     """Whether this process prints ``error`` under torchrun: the first process of each node (``LOCAL_RANK`` 0)
     always; the others every error but one every rank raised alike (:func:`on_every_rank`: they all met in a
-    collective, so the first process raised it too). An error before the ranks meet (a check of the options and the
-    node) is printed by every process: nothing tells that the first process got as far (it may start seconds later,
-    and torchrun ends it as soon as another process has exited). Outside torchrun: always."""
+    collective, so the first process raised it too). An error where the ranks cannot meet (an unparsable command
+    line, an unusable device, a process that cannot join) is printed by every process: nothing tells that the first
+    process got as far (it may start seconds later, and torchrun ends it as soon as another process has exited); the
+    options' checks wait for the ranks to meet (``erf_lab.erf.distributed.checked_together``). Outside torchrun:
+    always."""
     import os
 
     try:

@@ -317,7 +317,7 @@ def test_commands_that_run_in_one_process_are_refused_under_torchrun(monkeypatch
     assert [n for n, d in _distributed_commands().items() if d] == ["compute", "sweep", "train"]
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "sb"
-    for local_rank, said in (("0", 1), ("1", 1)):  # before the ranks meet: said by every process
+    for local_rank, said in (("0", 1), ("1", 1)):  # no MASTER_ADDR, the ranks cannot meet: said by every process
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert main(["shape-bias", "--model", "efficientnet_lite0", "--pretrained", "--out", str(out)]) == 2
         err = capsys.readouterr().err
@@ -794,12 +794,15 @@ def test_the_default_folder_is_the_same_for_every_try_of_a_torchrun_job():
      "--input-size and --input-sizes exclude each other"),
     ("compute", [*ARGS, "--override", "foo"], "--override expects key=value (a Python identifier as key), got 'foo'"),
     ("train", [*ARGS[:6], "--data", "nowhere", "--train-size", "5"], "--train-size sets cue-world's image counts"),
-    ("train", [*ARGS[:6], "--epochs", "0"], "--epochs must be at least 1, got 0")])
+    ("train", [*ARGS[:6], "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    # a command that runs in one process, refused under torchrun
+    ("shape-bias", ["--model", "resnet18"], "shape-bias runs in one process; start it without torchrun"),
+    ("timeline", ["nowhere"], "timeline runs in one process; start it without torchrun")])
 def test_options_refused_are_said_once_per_node(command, args, said, tmp_path):
     """An option refused alike by every rank (``--resume --force``, a negative --checkpoint-seconds, ``--input-size``
-    with ``--input-sizes``, a bad --override, --epochs 0) was checked before the ranks met: said once per process
-    (N identical lines on a node of N GPUs). Now held until the ranks have met: rank 0 says it, rank 1 is silent,
-    both exit with status 2."""
+    with ``--input-sizes``, a bad --override, --epochs 0, a command that runs in one process) was checked before the
+    ranks met: said once per process (N identical lines on a node of N GPUs). Now held until the ranks have met:
+    rank 0 says it, rank 1 is silent, both exit with status 2."""
     ranks = two_processes(["-m", "erf_lab", command, *args, "--out", str(tmp_path / "o")], timeout=120)
     errs = [err for _, _, err in ranks]
     assert [code for code, _, _ in ranks] == [2, 2], errs

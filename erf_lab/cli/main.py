@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import importlib
@@ -72,6 +73,18 @@ def _check_environment() -> None:
         env_flag(name)
 
 
+def _checked_together(args: argparse.Namespace):
+    """The context of the checks every command makes first: under torchrun
+    :func:`erf_lab.erf.distributed.checked_together` (an error every rank meets alike said once per node, after the
+    ranks have met: a command that runs under torchrun with its ``--device``, one refused there on the CPU), else
+    none (torch is not imported for them)."""
+    if world_size_from_env() <= 1:
+        return contextlib.nullcontext()
+    from erf_lab.erf.distributed import checked_together
+
+    return checked_together(getattr(args, "device", "cpu") if args._distributed else "cpu")
+
+
 def _end_progress_bars() -> None:
     """Close the progress bars still open, so that the one line that follows stands on its own line, not after a
     bar's text. A stop can come while a bar is being created (shown once, its ``__init__`` cut short): such a bar
@@ -94,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        _check_environment()
-        if world_size_from_env() > 1 and not args._distributed:
-            # every process would run the whole job and write the same outputs
-            shared = ", ".join(n for n, d in _distributed_commands().items() if d)
-            raise ErfLabError(f"{args.command} runs in one process; start it without torchrun (under torchrun: "
-                              f"{shared})")
+        with _checked_together(args):  # under torchrun: said once per node, once the ranks have met
+            _check_environment()
+            if world_size_from_env() > 1 and not args._distributed:
+                # every process would run the whole job and write the same outputs
+                shared = ", ".join(n for n, d in _distributed_commands().items() if d)
+                raise ErfLabError(f"{args.command} runs in one process; start it without torchrun (under torchrun: "
+                                  f"{shared})")
         return int(args._run(args) or 0)
     except ErfLabError as e:
         _end_progress_bars()
