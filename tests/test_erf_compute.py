@@ -872,3 +872,77 @@ def test_a_non_square_input_is_recorded_with_both_sides_and_its_centre_found():
     assert m["center"] == [16, 32] and {"centre_off_map_middle", "non_square_map"} <= set(m["flags"])
     # the bounds per axis too: x = 32 lies inside a 40-px height but outside a 30-px width
     assert target_centre(row["rf_start"], row["stride"], (40, 30), feature_hw=(5, 9)) is None
+
+
+class _SqueezeExcite(nn.Module):
+    """conv 3x3, then x * sigmoid(1x1(avgpool(x))) (``pool``: adaptive pooling or a mean over H and W), then conv
+    3x3; ``grn``: a GRN-style norm over H and W of the NHWC map instead; ``groupnorm``: GroupNorm's statistics over
+    the map; ``channel``: a CBAM-style mean over the channels (per pixel: no global context)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.kind == "pool":
+            y = y * torch.sigmoid(self.fc(torch.nn.functional.adaptive_avg_pool2d(y, 1)))
+        elif self.kind == "mean":
+            y = y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+        elif self.kind == "groupnorm":
+            y = torch.nn.functional.group_norm(y, 2)
+        elif self.kind == "grn":
+            t = y.permute(0, 2, 3, 1)
+            g = torch.linalg.vector_norm(t, ord=2, dim=(1, 2), keepdim=True)
+            y = (t * (g / (g.mean(-1, keepdim=True) + 1e-6)) + t).permute(0, 3, 1, 2)
+        else:
+            y = y * torch.sigmoid(y.mean(1, keepdim=True))
+        return self.b(y)
+
+
+@pytest.mark.parametrize("kind", ["pool", "mean", "grn", "groupnorm", "channel"])
+def test_a_reduction_over_the_whole_map_gives_a_global_theoretical_rf(kind):
+    """Squeeze-and-excitation (UniRepLKNet's blocks, timm's SE), GRN and GroupNorm pool over the whole map, so every
+    input pixel reaches every later unit: `layers` gave such a layer its kernels' RF (here 5 px, UniRepLKNet-A's
+    first block 15), while the centre unit's gradient covers the whole image. The RF is now global (None, rf_global, with the kernels'
+    RF and centre kept); a mean over the channels (CBAM's spatial attention) is per pixel and keeps 5 px."""
+    torch.manual_seed(0)
+    net = _SqueezeExcite(kind).eval()
+    row = list_layers(net, 17)[-1]
+    x = torch.rand(1, 3, 17, 17, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.relu(net(x)[:, :, 8, 8]).sum(), x)
+    support = np.argwhere(g.abs().sum((0, 1)).numpy() > 0)
+    assert (row["kernel_rf"], row["rf_start"], row["stride_hw"]) == (5, [0.0, 0.0], [1, 1])
+    if kind == "channel":
+        assert (row["theoretical_rf"], row["rf_global"]) == (5, False) and theoretical_rf(net, None, 17) == 5
+        assert support.min() == 6 and support.max() == 10  # the 5 x 5 square about pixel 8
+        return
+    assert (row["theoretical_rf"], row["rf_global"]) == (None, True)
+    assert support.min() == 0 and support.max() == 16  # the gradient reaches the image's corners
+    with pytest.raises(ErfLabError, match="global theoretical receptive field.*kernels alone reach 5 px"):
+        theoretical_rf(net, None, 17)
+
+
+def test_unireplknet_layers_after_its_first_se_are_global_and_keep_their_centre(tmp_path, capsys):
+    """UniRepLKNet's depthwise conv has a 15 px RF at its first block, its SE and everything after it a global one
+    (`layers` said 15 .. 2191 px); a run at 97 px records rf_global and the kernels' RF, and still centres the
+    metrics on the measured unit (unit 2 of stages.3's 4 x 4 map, at 64 px, not the map's middle 48)."""
+    from erf_lab.cli.main import main
+    from erf_lab.erf.runner import ErfSpec, run_erf
+
+    tiny = dict(dims=(8, 16, 16, 24), depths=(1, 1, 1, 1), kernel_sizes=((3,), (13,), (7,), (9,)))
+    rows = {r["name"]: r for r in list_layers(create_model("unireplknet_t", **tiny), 97)}
+    assert (rows["stages.0.0.dwconv"]["theoretical_rf"], rows["stages.0.0.dwconv"]["rf_global"]) == (15, False)
+    assert (rows["stages.0.0.se"]["theoretical_rf"], rows["stages.0.0.se"]["rf_global"]) == (None, True)
+    assert rows["stages.0.0.se"]["kernel_rf"] == 15
+    spec = ErfSpec("unireplknet_t", overrides=tiny, num_images=1, input_size=97, layer="stages.3")
+    info = run_erf(spec, out=tmp_path / "run", show_progress=False, formats=("png",))["run_info"]
+    assert (info["theoretical_rf"], info["rf_global"], info["erf_centre"]) == (None, True, [64, 64])
+    assert info["kernel_rf"] == rows["stages.3"]["kernel_rf"] > 97
+    capsys.readouterr()
+    options = [x for k, v in tiny.items() for x in ("--override", f"{k}={v!r}".replace(" ", ""))]
+    assert main(["layers", "--model", "unireplknet_t", *options, "--input-size", "33", "--filter", "stages.0.0"]) == 0
+    out = capsys.readouterr().out
+    assert "global (15)" in out and "squeeze-and-excitation" in out

@@ -14,6 +14,11 @@ Attention has no kernel: a product of two input-dependent tensors (``q @ k^T``, 
 Token-mixing MLPs (MLP-Mixer's linear layer over the token axis) are not recognised: their RF stays the patch's.
 Token and NHWC outputs are listed as (C, H, W) maps (:func:`erf_lab.erf.tokens.to_spatial`); the stride of a
 layer after attention is read off its map (input side / map side).
+
+A reduction over the whole map (global pooling: squeeze-and-excitation's squeeze; a norm over H and W: GRN;
+GroupNorm's statistics) makes every input pixel reach every later unit: such a layer's theoretical RF is the whole
+image, "global" (``None``, ``rf_global`` True), whatever its kernels reach (``kernel_rf``); the kernels still place
+its units (``rf_start``).
 """
 from __future__ import annotations
 
@@ -35,6 +40,28 @@ _TOKEN_MIXING = ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsu
 # not tracked (None, as after attention) rather than given wrong (an upsampled map kept its coarse stride and RF)
 _RESAMPLING = ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pixel_shuffle", "pixel_unshuffle",
                "grid_sample")
+# reductions that, taken over both spatial axes of a map (_reduces_space), give every output all the input's pixels
+_REDUCTIONS = ("mean", "sum", "nansum", "nanmean", "norm", "vector_norm", "linalg_vector_norm", "amax", "amin", "max",
+               "min", "std", "var", "std_mean", "var_mean", "logsumexp", "prod", "adaptive_avg_pool2d",
+               "adaptive_max_pool2d", "adaptive_max_pool2d_with_indices")
+_MAP_STATISTICS = ("group_norm", "instance_norm")  # normalizations by a mean and variance over an NCHW map's H x W
+
+
+def _reduces_space(name: str, src, out) -> bool:
+    """Whether op ``name`` reduced the 4-D map ``src`` (NCHW or NHWC) over both spatial axes into ``out`` (one value
+    per image and channel, size-1 axes aside): a global pooling or a norm over the map, not a per-pixel op; or
+    normalized it by statistics over the whole map (GroupNorm, InstanceNorm)."""
+    if name in _MAP_STATISTICS:
+        return isinstance(src, torch.Tensor) and src.dim() == 4 and src.shape[2] * src.shape[3] > 1
+    out = out[0] if isinstance(out, (tuple, list)) and out else out
+    if name not in _REDUCTIONS or not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) \
+            or src.dim() != 4:
+        return False
+    b = src.shape[0]
+    for c, (h, w) in ((src.shape[1], src.shape[2:]), (src.shape[3], src.shape[1:3])):  # NCHW, NHWC
+        if h * w > 1 and out.numel() == b * c and [d for d in out.shape if d != 1] == [d for d in (b, c) if d != 1]:
+            return True
+    return False
 
 
 def _pair(v) -> tuple[int, int]:
@@ -82,7 +109,8 @@ def _tag(obj, info):
 
 
 class _RFMode(TorchFunctionMode):
-    """Propagates ((rf_h, rf_w), (jump_h, jump_w)) through every torch op."""
+    """Propagates ((rf_h, rf_w), (jump_h, jump_w), (start_h, start_w), global) through every torch op (global:
+    the value depends on every input pixel through a reduction over a whole map, :func:`_reduces_space`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -94,6 +122,7 @@ class _RFMode(TorchFunctionMode):
         jump = (max(i[1][0] for i in infos), max(i[1][1] for i in infos))
         start = infos[0][2]  # branches merged by an op are aligned (same-padded): the first one's
         name = getattr(func, "__name__", "")
+        whole = any(i[3] for i in infos) or _reduces_space(name, args[0] if args else None, out)
         kernel = stride = dilation = None
         if name in _TOKEN_MIXING and len(infos) >= 2:
             rf = (math.inf, math.inf)
@@ -125,7 +154,7 @@ class _RFMode(TorchFunctionMode):
             start = _start(start, jump, kernel, dilation, padding)
             rf = tuple(rf[a] + (kernel[a] - 1) * dilation[a] * jump[a] for a in range(2))
             jump = tuple(jump[a] * stride[a] for a in range(2))
-        _tag(out, (rf, jump, start))
+        _tag(out, (rf, jump, start, whole))
         return out
 
 
@@ -150,7 +179,7 @@ def _module_hook(module, inp, out):
         # the interceptor saw this very kernel, and with it any padding done inside the module's forward (TF
         # 'SAME': an F.pad before a padding-0 conv), which the module's own ``padding`` does not show
         return
-    _tag(out, (rf, jump, _start(info[2], info[1], k, d, p)))
+    _tag(out, (rf, jump, _start(info[2], info[1], k, d, p), info[3]))
 
 
 class _FirstConv(Exception):
@@ -208,17 +237,20 @@ def _row(name: str, t: torch.Tensor, input_size: int) -> dict:
             stride = max(stride, input_size // max(t.shape[-2:]), 1)
     start = [float(v) for v in info[2]] if info and rf is not None else None
     stride_hw = [int(v) for v in info[1]] if info and rf is not None else None
-    return {"name": name, "shape": list(t.shape[1:]), "theoretical_rf": None if rf is None else int(rf),
-            "stride": stride, "rf_start": start, "stride_hw": stride_hw}
+    whole = bool(info and info[3] and rf is not None)  # every pixel reaches it; the kernels still place its units
+    return {"name": name, "shape": list(t.shape[1:]), "theoretical_rf": None if rf is None or whole else int(rf),
+            "stride": stride, "rf_start": start, "stride_hw": stride_hw, "rf_global": whole,
+            "kernel_rf": None if rf is None else int(rf)}
 
 
 def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = False) -> list[dict]:
     """Every module that runs on a (1, C, S, S) input (C: :func:`input_channels`) with a spatial output (token and
     NHWC outputs arranged as
     (C, H, W)): ``name``, output ``shape`` (C, H, W), ``theoretical_rf`` (pixels, max of both axes; None after
-    attention), total ``stride`` (max of both axes), ``rf_start`` and ``stride_hw`` (per axis, y then x; None after
-    attention: unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), in execution order; the default
-    layer ``forward_features`` comes last.
+    attention and where ``rf_global``: after a reduction over a whole map, every pixel reaches the layer),
+    ``kernel_rf`` (the RF of the kernels alone; None after attention), total ``stride`` (max of both axes),
+    ``rf_start`` and ``stride_hw`` (per axis, y then x; None after attention: unit (i, j) is centred at
+    ``rf_start + stride_hw * (i, j)``), in execution order; the default layer ``forward_features`` comes last.
     ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}
@@ -262,7 +294,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
             if name:
                 hooks.append(module.register_forward_hook(make_hook(name)))
         x = _probe_input(m, input_channels(m), int(input_size))
-        setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0)))
+        setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0), False))
         try:
             with torch.no_grad(), _RFMode():
                 feats = _features_fn(m)(x)
@@ -284,6 +316,10 @@ def theoretical_rf(model: nn.Module, layer: str | None = None, input_size: int =
     rows = list_layers(model, input_size, include_all=True)
     for r in rows:
         if r["name"] == name:
+            if r.get("rf_global"):
+                raise ErfLabError(f"layer {name!r} has a global theoretical receptive field: every input pixel "
+                                  "reaches it through a pooling or norm over the whole map (squeeze-and-excitation, "
+                                  f"GRN, GroupNorm); its kernels alone reach {r['kernel_rf']} px")
             if r["theoretical_rf"] is None:
                 raise ErfLabError(f"layer {name!r} has no theoretical receptive field from kernels (it follows "
                                   "attention, or does not depend spatially on the input)")

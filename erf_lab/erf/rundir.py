@@ -68,6 +68,9 @@ RUN_FIELDS: dict[str, tuple] = {
     "batch_memory": (dict, type(None)), "batch_halved_at": (list, type(None)),
     # the metrics' centre (erf_lab.erf.metrics.target_centre; optional: absent from older files)
     "erf_centre": (list, type(None)),
+    # a global theoretical RF (theoretical_rf null: a pooling / norm over the whole map, SE or GRN) and the RF of the
+    # kernels alone (erf_lab.erf.receptive_field.list_layers; optional: absent from older files)
+    "rf_global": (bool, type(None)), "kernel_rf": _INT_OR_NONE,
     # the precision the gradients were taken in, the model's (optional: absent from older files, all float32)
     "dtype": _STR_OR_NONE,
     # each process that measured part of the run (a resumed run: several), its argv, versions, device, times and

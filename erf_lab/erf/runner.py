@@ -175,10 +175,12 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # "v3": a Linear / LayerNorm over an NCHW map's width (or over (C, H, W)) is NCHW again (v2 read it as NHWC)
     # "v5": the stride per axis (``stride_hw``), for the centre of a layer whose strides differ along y and x
     # "v6": rf_start after a conv module that pads inside its forward (TF 'SAME'); v5 took its padding as 0
-    key = structure_cache.structure_key(model, "geometry-v6", name, int(input_size))
+    # "v7": a global theoretical RF after a reduction over the whole map (SE, GRN: ``rf_global``, ``kernel_rf``);
+    # v6 gave the kernels' RF there
+    key = structure_cache.structure_key(model, "geometry-v7", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
-    if (isinstance(hit, dict) and hit.get("layer") == name
-            and {"theoretical_rf", "stride", "feature_shape", "rf_start", "stride_hw"} <= set(hit)):
+    if (isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape", "rf_start",
+                                                                "stride_hw", "rf_global", "kernel_rf"} <= set(hit)):
         return hit
     geom = _probe_geometry(model, name, input_size)
     structure_cache.store(GEOMETRY_CACHE, key, geom)
@@ -226,16 +228,17 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
     # (C, H, W) at input_size for a "same"-padded map; run.json records the measured map's own H x W
     return {"layer": name, "theoretical_rf": row["theoretical_rf"], "stride": stride,
             "feature_shape": [row["shape"][0], -(-input_size // stride), -(-input_size // stride)],
-            "rf_start": row.get("rf_start"), "stride_hw": row.get("stride_hw")}
+            "rf_start": row.get("rf_start"), "stride_hw": row.get("stride_hw"), "rf_global": bool(row.get("rf_global")),
+            "kernel_rf": row.get("kernel_rf")}
 
 
 def erf_centre(geom: dict, input_size: int, feature_hw=None) -> list[int] | None:
     """The input pixel (y, x) at the centre of the measured unit's receptive field (the metrics' centre) on the
     measured map (``feature_hw``, else its "same"-padded size), None where the layer has no kernel geometry (after
-    attention) or the centre falls outside the image."""
+    attention) or the centre falls outside the image. A global RF (SE, GRN) keeps its kernels' centre."""
     from erf_lab.erf.metrics import target_centre
 
-    if geom.get("rf_start") is None or geom.get("theoretical_rf") is None:
+    if geom.get("rf_start") is None or (geom.get("theoretical_rf") is None and not geom.get("rf_global")):
         return None
     stride = geom.get("stride_hw") or int(geom["stride"])  # per axis (y, x); geometry stored before: one number
     return target_centre(geom["rf_start"], stride, int(input_size), feature_hw)
@@ -822,6 +825,7 @@ def _run_info(spec, config, result, source, geom, train, device, dinfo, label, t
         "layer": geom["layer"], "aggregate": spec.aggregate, "input_size": spec.input_size,
         "feature_shape": _feature_shape(geom, result.info.get("feature_hw")), "theoretical_rf": geom["theoretical_rf"],
         "erf_centre": erf_centre(geom, spec.input_size, result.info.get("feature_hw")),
+        "rf_global": geom["rf_global"], "kernel_rf": geom["kernel_rf"],
         "images": "default" if source.name == "default" else str(Path(source.root).resolve()),
         "image_list": used, "num_images_requested": spec.num_images, "num_used": result.num_used,
         "num_skipped": len(skipped), "skipped": skipped, "mean": list(config["mean"]), "std": list(config["std"]),

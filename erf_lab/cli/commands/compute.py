@@ -90,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
     info = res["run_info"]
     print(f"ERF of {info['model']} at {info['layer']} over {info['num_used']} image(s) "
           f"({info['num_skipped']} skipped), input {info['input_size']}px, theoretical RF "
-          + (f"{info['theoretical_rf']}px" if info["theoretical_rf"] else "n/a (attention)"))
+          + (f"{info['theoretical_rf']}px" if info["theoretical_rf"] else
+             f"global (every pixel, through a pooling or norm over the whole map: squeeze-and-excitation, GRN, "
+             f"GroupNorm; the kernels alone reach {info['kernel_rf']}px)" if info.get("rf_global") else
+             "n/a (attention)"))
     if info.get("size_note"):
         print(f"note: {info['size_note']}")
     if isinstance(info.get("num_images_requested"), int) and info["num_used"] < info["num_images_requested"]:

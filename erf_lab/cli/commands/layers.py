@@ -66,5 +66,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'layer':<{width}}  {'output (C, H, W)':<18}  {'stride':>6}  {'theoretical RF':>14}")
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
-        print(f"{r['name']:<{width}}  {shape:<18}  {str(r['stride']):>6}  {str(r['theoretical_rf'] or 'n/a'):>14}")
+        print(f"{r['name']:<{width}}  {shape:<18}  {str(r['stride']):>6}  {rf_cell(r):>14}")
+    if any(r.get("rf_global") for r in rows):
+        print("global (N): every input pixel reaches the layer through a pooling or norm over the whole map "
+              "(squeeze-and-excitation, GRN, GroupNorm); N: the RF of its kernels alone")
     return 0
+
+
+def rf_cell(row: dict) -> str:
+    """The theoretical RF column: pixels, ``global (N)`` (N: the kernels' RF) or ``n/a`` (after attention)."""
+    if row.get("rf_global"):
+        return f"global ({row['kernel_rf']})"
+    return str(row["theoretical_rf"] or "n/a")
