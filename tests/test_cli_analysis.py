@@ -717,3 +717,21 @@ def test_a_sweep_holds_its_folder_and_its_members(capsys, tmp_path, monkeypatch)
     assert json.loads((out / "sweep.json").read_text())["complete"] is True
     assert subprocess.run([sys.executable, "-c", _TRY_LOCK, str(out)]).returncode == 0  # let go at the end
     assert [r["run_dir"] for r in csv.DictReader(io.StringIO((out / "sweep.csv").read_text()))] == ["K3-deploy"]
+
+
+def test_analyze_and_compare_say_when_the_theoretical_rf_exceeds_the_image(capsys, tmp_path):
+    """A theoretical RF wider than the map bounds erf/trf by the image (ResNet-18's 435 px on a 40 px map): metrics.json
+    flagged it and sweep.md said why, but 'analyze' only listed the flag and 'compare' tabled the ratio without a
+    word; both now say it in one line, naming only that run."""
+    write_run_dir(tmp_path / "wide", gaussian_map(), {"model": "resnet18", "label": "wide"}, theoretical_rf=435)
+    write_run_dir(tmp_path / "narrow", gaussian_map(), {"model": "m", "label": "narrow"}, theoretical_rf=30)
+    rc, out, err = run_cli(capsys, "analyze", str(tmp_path / "wide"), "--formats", "png")
+    assert rc == 0, err
+    assert "note: erf/trf: the theoretical RF exceeds the image for wide; there the ERF is cut by the image's" in out
+    rc, out, err = run_cli(capsys, "analyze", str(tmp_path / "narrow"), "--formats", "png")
+    assert rc == 0 and "exceeds the image" not in out
+    rc, out, err = run_cli(capsys, "compare", str(tmp_path / "wide"), str(tmp_path / "narrow"), "--out",
+                           str(tmp_path / "c"), "--formats", "png")
+    assert rc == 0, err
+    assert "erf/trf: the theoretical RF exceeds the image for wide; there" in out
+    assert "exceeds the image for wide; there" in (tmp_path / "c" / "compare.md").read_text()

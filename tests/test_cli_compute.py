@@ -67,7 +67,8 @@ def test_compute_writes_complete_run_dir(tmp_path, capsys):
 
 def test_compute_shows_a_degenerate_gaussian_fit_as_not_meaningful(tmp_path, capsys):
     """User test: the tiny random-init net at 64 px gave sigma 94 / 140 px on a 64 px map, offset -1 (its bound) and
-    R^2 0.07, shown as a valid fit; now metrics.json flags it (numbers kept) and the table shows n/m."""
+    R^2 0.07, shown as a valid fit; now metrics.json flags it (numbers kept) and the table shows n/m. Its erf/trf
+    (theoretical RF 9011 px on a 64 px image) was tabled without a word on the image bounding it; a note says so."""
     out = tmp_path / "run"
     code, stdout, err = _cli(capsys, "compute", *TINY, "--num-images", "2", "--input-size", "64", "--out", str(out),
                              "--quiet")
@@ -79,6 +80,7 @@ def test_compute_shows_a_degenerate_gaussian_fit_as_not_meaningful(tmp_path, cap
     assert g["sigma_x"] > 64 and g["r2"] < 0.5
     assert f"| n/m ({g['sigma_y']:.4g}) | n/m ({g['sigma_x']:.4g}) |" in stdout
     assert "note: n/m = Gaussian fit not meaningful" in stdout and g["reason"] in stdout
+    assert "note: erf/trf: the theoretical RF exceeds the image for replknet_31b; there the ERF is cut" in stdout
     assert json.loads((out / "run.json").read_text())["metrics_summary"]["gauss_fit"] == "n/m"
 
 

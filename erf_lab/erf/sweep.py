@@ -21,9 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from erf_lab.erf.metrics import (GAUSS_MIN_R2, NOT_MEANINGFUL, TRF_EXCEEDS_MAP_NOTE, summary,
-                                theoretical_rf_exceeds_map)
-from erf_lab.erf.tables import csv_text, markdown_table
+from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, summary, theoretical_rf_exceeds_map
+from erf_lab.erf.tables import csv_text, markdown_table, trf_exceeds_line
 from erf_lab.errors import ErfLabError
 from erf_lab.io import command_record, progress, refuse_other_result, write_text
 from erf_lab.provenance import provenance
@@ -356,8 +355,7 @@ def run_sweep(held_folder: contextlib.ExitStack, /, kernels: Sequence[int] | Non
     beyond = [r["run_dir"] for r in rows if r.get("erf/trf") is not None
               and theoretical_rf_exceeds_map(r.get("trf"), [int(v) for v in r["shape"].split("x")])]
     if beyond:
-        md += ("\n\nerf/trf: the theoretical RF exceeds the image for " + ", ".join(beyond) + "; there "
-               + TRF_EXCEEDS_MAP_NOTE + ".")
+        md += "\n\n" + trf_exceeds_line(beyond)
     if any(r["weights"] == "random" for r in rows):
         md += ("\n\nweights = random: seeded random initialization, not trained weights; these ERFs describe the "
                "untrained architecture, not what a trained network sees.")

@@ -5,8 +5,8 @@ import csv
 import io
 from typing import Sequence
 
-from erf_lab.erf.metrics import (GAUSS_MIN_R2, NOT_MEANINGFUL, PAPER_TABLE10, gaussian_fit_ok, paper_caveat,
-                                 paper_reference, summary)
+from erf_lab.erf.metrics import (GAUSS_MIN_R2, NOT_MEANINGFUL, PAPER_TABLE10, TRF_EXCEEDS_MAP_NOTE, gaussian_fit_ok,
+                                 paper_caveat, paper_reference, summary)
 
 TABLE_COLUMNS = ("label", "source", "shape", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "std_y", "std_x",
                  "gauss_sigma_y", "gauss_sigma_x", "gauss_r2", "gauss_fit", "trf", "erf/trf")
@@ -45,6 +45,18 @@ def gauss_note(measured: Sequence[tuple[str, dict]]) -> str:
     return (f"{NOT_MEANINGFUL} = Gaussian fit not meaningful (a parameter at its bound, a sigma wider than the map, "
             f"or R^2 < {GAUSS_MIN_R2:g}); its sigma is not an ERF size: "
             + "; ".join(f"{label}: {reason}" for label, reason in bad) + ".")
+
+
+def trf_exceeds_line(names: Sequence[str]) -> str:
+    """One line naming the runs (``names``) whose theoretical RF is wider than their image ("" for none)."""
+    return (f"erf/trf: the theoretical RF exceeds the image for {', '.join(names)}; there {TRF_EXCEEDS_MAP_NOTE}."
+            if names else "")
+
+
+def trf_note(measured: Sequence[tuple[str, dict]]) -> str:
+    """:func:`trf_exceeds_line` for the measured runs ((label, metrics)) flagged ``theoretical_rf_exceeds_map``: their
+    erf/trf is bounded by the input size."""
+    return trf_exceeds_line([label for label, m in measured if "theoretical_rf_exceeds_map" in (m.get("flags") or [])])
 
 
 def paper_protocol_note(runs: Sequence[tuple[str, dict | None]]) -> str:
