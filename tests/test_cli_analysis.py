@@ -735,3 +735,27 @@ def test_analyze_and_compare_say_when_the_theoretical_rf_exceeds_the_image(capsy
     assert rc == 0, err
     assert "erf/trf: the theoretical RF exceeds the image for wide; there" in out
     assert "exceeds the image for wide; there" in (tmp_path / "c" / "compare.md").read_text()
+
+
+def test_a_threshold_not_reached_about_a_centre_near_the_edge_is_said(capsys, tmp_path):
+    """At 33 px and stride 32 (ResNet-18) the measured unit, 1 of a 2 x 2 map, is centred on pixel 32, the image's
+    last: the largest square about it is 1 px, so every area ratio was n/r, read as an ERF wider than the image with no
+    word on why. analyze, compare and compute now give the largest square's side; a centred map gets no such note."""
+    write_run_dir(tmp_path / "edge", gaussian_map(), {"model": "m", "label": "edge", "erf_centre": [36, 30]},
+                  centre=[36, 30])
+    write_run_dir(tmp_path / "mid", gaussian_map(), {"model": "m", "label": "mid"})
+    rc, out, err = run_cli(capsys, "analyze", str(tmp_path / "edge"), "--formats", "png")
+    assert rc == 0, err
+    assert "note: n/r: the squares are centred on the measured unit's receptive field" in out
+    assert "edge (centre (36, 30) of 40x40: 7 px); a threshold not reached is bounded by that square" in out
+    rc, out, err = run_cli(capsys, "compare", str(tmp_path / "edge"), str(tmp_path / "mid"), "--out",
+                           str(tmp_path / "c"), "--formats", "png")
+    assert rc == 0, err
+    assert "smaller than the map for edge (centre (36, 30) of 40x40: 7 px);" in out and "mid (" not in out
+    rc, out, err = run_cli(capsys, "analyze", str(tmp_path / "mid"), "--formats", "png")
+    assert rc == 0 and "n/r: the squares" not in out
+    rc, out, err = run_cli(capsys, "compute", "--model", "resnet18", "--input-size", "33", "--num-images", "1",
+                           "--out", str(tmp_path / "r18"), "--quiet")
+    assert rc == 0, err
+    assert "| 33x33 | n/r | n/r | n/r | n/r |" in out
+    assert "smaller than the map for resnet18 (centre (32, 32) of 33x33: 1 px)" in out

@@ -9,7 +9,7 @@ from erf_lab.erf.metrics import compute_metrics, paper_caveat, summary
 from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run, run_caption, update_run_summary
 from erf_lab.erf.metrics import gaussian_fit_ok
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, gauss_note,
-                                markdown_table, metrics_text, paper_protocol_note, table_rows, trf_note)
+                                markdown_table, metrics_text, paper_protocol_note, square_note, table_rows, trf_note)
 from erf_lab.errors import ErfLabError
 from erf_lab.io import (command_record, hold_folder, prepare_out_dir, read_json_or_none, refuse_other_result,
                         remove_earlier_outputs, write_json, write_text)
@@ -61,7 +61,8 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
         files = [mpath] + plot_erf(run.erf, out_dir / stem, title=title, formats=tuple(formats), display=display,
                                    caption=run_caption(run.run_info))
         text = metrics_text(metrics, title)
-        for note in (trf_note([(run.label, metrics)]), paper_protocol_note([(run.label, run.run_info)])):
+        for note in (square_note([(run.label, metrics)]), trf_note([(run.label, metrics)]),
+                     paper_protocol_note([(run.label, run.run_info)])):
             if note:
                 text += f"\n  note: {note}"
         record = dict(prov)
@@ -169,8 +170,9 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
                    + ", ".join(gauss_bad) if gauss_bad else " and the Gaussian sigma, all in pixels") + ".")
     if gauss := gauss_note(measured):
         note += " " + gauss
-    if beyond := trf_note(measured):
-        note += " " + beyond
+    for line in (square_note(measured) if not mixed or allow_mixed_sizes else "", trf_note(measured)):
+        if line:
+            note += " " + line
     note += protocol_note(runs)
     if not mixed and (paper := paper_protocol_note([(r.label, r.run_info) for r in runs])):
         note += " " + paper

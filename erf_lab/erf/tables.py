@@ -59,6 +59,22 @@ def trf_note(measured: Sequence[tuple[str, dict]]) -> str:
     return trf_exceeds_line([label for label, m in measured if "theoretical_rf_exceeds_map" in (m.get("flags") or [])])
 
 
+def square_note(measured: Sequence[tuple[str, dict]]) -> str:
+    """One line naming the measured runs ((label, metrics)) with a threshold not reached whose squares are centred off
+    the map's middle (on the measured unit, flag ``centre_off_map_middle``), with the largest square that fits the
+    image about that centre: an ``n/r`` there is bounded by that square, which can be far smaller than the map (33 px
+    at stride 32: unit 1 of a 2 x 2 map, centred on the last pixel, so 1 px) ("" for none)."""
+    parts = []
+    for label, m in measured:
+        flags = m.get("flags") or []
+        if "centre_off_map_middle" in flags and any(f.startswith("threshold_") for f in flags):
+            (h, w), (cy, cx) = m["shape"], m["center"]
+            parts.append(f"{label} (centre ({cy}, {cx}) of {h}x{w}: {2 * min(cy, cx, h - 1 - cy, w - 1 - cx) + 1} px)")
+    return ("n/r: the squares are centred on the measured unit's receptive field, and the largest that fits the image "
+            "about it is smaller than the map for " + ", ".join(parts) + "; a threshold not reached is bounded by "
+            "that square, not by the ERF's size alone.") if parts else ""
+
+
 def paper_protocol_note(runs: Sequence[tuple[str, dict | None]]) -> str:
     """One sentence naming the measured runs ((label, run.json or None)) whose maps were not made as the paper's
     Table 10 rows were (ReLU of the gradient, at ``forward_features``: the last stage's output), so that their area

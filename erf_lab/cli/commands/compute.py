@@ -112,15 +112,16 @@ def run(args: argparse.Namespace) -> int:
         if info.get("roofline_note"):
             print(f"note: {info['roofline_note']}")
     from erf_lab.erf.metrics import paper_caveat
-    from erf_lab.erf.tables import gauss_note, markdown_table, paper_protocol_note, table_rows, trf_note
+    from erf_lab.erf.tables import gauss_note, markdown_table, paper_protocol_note, square_note, table_rows, trf_note
 
     print(markdown_table(table_rows([(info["model"], res["metrics"])])))
     if note := paper_protocol_note([(info["model"], info)]):
         print(f"note: {note}")
     if note := gauss_note([(info["model"], res["metrics"])]):
         print(f"note: {note}")
-    if note := trf_note([(info["model"], res["metrics"])]):
-        print(f"note: {note}")
+    for note in (square_note([(info["model"], res["metrics"])]), trf_note([(info["model"], res["metrics"])])):
+        if note:
+            print(f"note: {note}")
     if caveat := paper_caveat():
         print(f"note: {caveat}")
     if info["random_init"] and info["weights"]:
