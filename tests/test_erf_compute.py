@@ -917,6 +917,7 @@ def test_a_reduction_over_the_whole_map_gives_a_global_theoretical_rf(kind):
     assert (row["kernel_rf"], row["rf_start"], row["stride_hw"]) == (5, [0.0, 0.0], [1, 1])
     if kind == "channel":
         assert (row["theoretical_rf"], row["rf_global"]) == (5, False) and theoretical_rf(net, None, 17) == 5
+        assert list_layers(net, 1)[-1]["rf_global"] is False  # a 1 x 1 map's channel mean is no spatial one either
         assert support.min() == 6 and support.max() == 10  # the 5 x 5 square about pixel 8
         return
     assert (row["theoretical_rf"], row["rf_global"]) == (None, True)

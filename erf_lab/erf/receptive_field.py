@@ -58,8 +58,10 @@ def _reduces_space(name: str, src, out) -> bool:
             or src.dim() != 4:
         return False
     b = src.shape[0]
+    # both sides over 1: a (B, C, 1, 1) map read as NHWC would take a sum over its channels for a spatial one
     for c, (h, w) in ((src.shape[1], src.shape[2:]), (src.shape[3], src.shape[1:3])):  # NCHW, NHWC
-        if h * w > 1 and out.numel() == b * c and [d for d in out.shape if d != 1] == [d for d in (b, c) if d != 1]:
+        one_per_channel = [d for d in (b, c) if d != 1]
+        if h > 1 and w > 1 and out.numel() == b * c and [d for d in out.shape if d != 1] == one_per_channel:
             return True
     return False
 
