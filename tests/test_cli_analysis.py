@@ -759,3 +759,30 @@ def test_a_threshold_not_reached_about_a_centre_near_the_edge_is_said(capsys, tm
     assert rc == 0, err
     assert "| 33x33 | n/r | n/r | n/r | n/r |" in out
     assert "smaller than the map for resnet18 (centre (32, 32) of 33x33: 1 px)" in out
+
+
+def test_a_global_theoretical_rf_is_said_where_the_tables_show_no_trf(capsys, tmp_path):
+    """A layer after squeeze-and-excitation (UniRepLKNet) has a global theoretical RF: its trf and erf/trf columns are
+    '-' as for a run without any, and analyze, compare and sweep.md now say why (with the kernels' own RF)."""
+    write_run_dir(tmp_path / "uni", gaussian_map(), {"model": "unireplknet_t", "label": "uni", "rf_global": True,
+                                                     "kernel_rf": 2191})
+    write_run_dir(tmp_path / "plain", gaussian_map(), {"model": "m", "label": "plain"}, theoretical_rf=30)
+    rc, out, err = run_cli(capsys, "analyze", str(tmp_path / "uni"), "--formats", "png")
+    assert rc == 0, err
+    assert "note: trf -: the theoretical RF is the whole image for uni (its kernels alone: 2191 px)" in out
+    rc, out, err = run_cli(capsys, "analyze", str(tmp_path / "uni"), "--formats", "png", "--theoretical-rf", "99")
+    assert rc == 0 and "trf -:" not in out  # a theoretical RF given by the user is shown instead
+    write_run_dir(tmp_path / "uni2", gaussian_map(), {"model": "unireplknet_t", "label": "uni2", "rf_global": True,
+                                                      "kernel_rf": 2191})
+    rc, out, err = run_cli(capsys, "compare", str(tmp_path / "uni2"), str(tmp_path / "plain"), "--out",
+                           str(tmp_path / "c"), "--formats", "png")
+    assert rc == 0, err
+    assert "trf -: the theoretical RF is the whole image for uni2 (its kernels alone: 2191 px): every input pixel" in out
+    assert "plain (" not in out.split("trf -:")[1]
+    rc, out, err = run_cli(capsys, "sweep", "--input-sizes", "33", "--model", "unireplknet_t", "--override",
+                           "dims=(8,16,16,24)", "--override", "depths=(1,1,1,1)", "--override",
+                           "kernel_sizes=((3,),(13,),(7,),(9,))", "--num-images", "1", "--reparam", "deploy", "--out",
+                           str(tmp_path / "sw"), "--formats", "png", "--quiet")
+    assert rc == 0, err
+    md = (tmp_path / "sw" / "sweep.md").read_text()
+    assert "trf -: the theoretical RF is the whole image for S33-deploy (its kernels alone: 519 px)" in md

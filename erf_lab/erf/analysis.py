@@ -9,7 +9,8 @@ from erf_lab.erf.metrics import compute_metrics, paper_caveat, summary
 from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run, run_caption, update_run_summary
 from erf_lab.erf.metrics import gaussian_fit_ok
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, gauss_note,
-                                markdown_table, metrics_text, paper_protocol_note, square_note, table_rows, trf_note)
+                                global_rf_note, markdown_table, metrics_text, paper_protocol_note, square_note,
+                                table_rows, trf_note)
 from erf_lab.errors import ErfLabError
 from erf_lab.io import (command_record, hold_folder, prepare_out_dir, read_json_or_none, refuse_other_result,
                         remove_earlier_outputs, write_json, write_text)
@@ -62,6 +63,7 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
                                    caption=run_caption(run.run_info))
         text = metrics_text(metrics, title)
         for note in (square_note([(run.label, metrics)]), trf_note([(run.label, metrics)]),
+                     global_rf_note([(run.label, run.run_info)]) if trf is None else "",
                      paper_protocol_note([(run.label, run.run_info)])):
             if note:
                 text += f"\n  note: {note}"
@@ -170,7 +172,9 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
                    + ", ".join(gauss_bad) if gauss_bad else " and the Gaussian sigma, all in pixels") + ".")
     if gauss := gauss_note(measured):
         note += " " + gauss
-    for line in (square_note(measured) if not mixed or allow_mixed_sizes else "", trf_note(measured)):
+    for line in (square_note(measured) if not mixed or allow_mixed_sizes else "", trf_note(measured),
+                 global_rf_note([(label, r.run_info) for (label, m), r in zip(measured, runs)
+                                 if m.get("theoretical_rf") is None])):
         if line:
             note += " " + line
     note += protocol_note(runs)

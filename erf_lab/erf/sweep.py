@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from erf_lab.erf.metrics import GAUSS_MIN_R2, NOT_MEANINGFUL, summary, theoretical_rf_exceeds_map
-from erf_lab.erf.tables import csv_text, markdown_table, trf_exceeds_line
+from erf_lab.erf.tables import csv_text, global_rf_note, markdown_table, trf_exceeds_line
 from erf_lab.errors import ErfLabError
 from erf_lab.io import command_record, progress, refuse_other_result, write_text
 from erf_lab.provenance import provenance
@@ -286,7 +286,9 @@ def run_sweep(held_folder: contextlib.ExitStack, /, kernels: Sequence[int] | Non
                     # recomputed); where it gave none they are computed the same way
                     metrics = res["metrics"] or run_metrics(run.erf, run.run_info, theoretical_rf=run.theoretical_rf,
                                                             centre=run.centre)
-                    return run.erf, weights_label(run.run_info), run.run_info.get("num_used"), summary(metrics)
+                    return run.erf, weights_label(run.run_info), run.run_info.get("num_used"), {
+                        **summary(metrics), "rf_global": bool(run.run_info.get("rf_global")),
+                        "kernel_rf": run.run_info.get("kernel_rf")}
 
                 # rank 0 wrote the member and reads it back; the other ranks get it from rank 0 (under torchrun
                 # across nodes their --out may be another disk, where the member is not: they stopped with "no
@@ -356,6 +358,8 @@ def run_sweep(held_folder: contextlib.ExitStack, /, kernels: Sequence[int] | Non
               and theoretical_rf_exceeds_map(r.get("trf"), [int(v) for v in r["shape"].split("x")])]
     if beyond:
         md += "\n\n" + trf_exceeds_line(beyond)
+    if note := global_rf_note([(r["run_dir"], r) for r in rows if r.get("trf") is None]):
+        md += "\n\n" + note
     if any(r["weights"] == "random" for r in rows):
         md += ("\n\nweights = random: seeded random initialization, not trained weights; these ERFs describe the "
                "untrained architecture, not what a trained network sees.")

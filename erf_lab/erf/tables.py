@@ -59,6 +59,17 @@ def trf_note(measured: Sequence[tuple[str, dict]]) -> str:
     return trf_exceeds_line([label for label, m in measured if "theoretical_rf_exceeds_map" in (m.get("flags") or [])])
 
 
+def global_rf_note(runs: Sequence[tuple[str, dict | None]]) -> str:
+    """One line naming the runs ((label, run.json or a sweep row)) whose theoretical RF is global (``rf_global``:
+    after a pooling or normalization over the whole map), where the tables show no trf and no erf/trf ("" for
+    none)."""
+    named = [f"{label} (its kernels alone: {info.get('kernel_rf')} px)" for label, info in runs
+             if (info or {}).get("rf_global")]
+    return ("trf -: the theoretical RF is the whole image for " + ", ".join(named) + ": every input pixel reaches "
+            "the measured layer through a pooling or normalization over the whole map (squeeze-and-excitation, GRN, "
+            "GroupNorm), so there is no erf/trf.") if named else ""
+
+
 def square_note(measured: Sequence[tuple[str, dict]]) -> str:
     """One line naming the measured runs ((label, metrics)) with a threshold not reached whose squares are centred off
     the map's middle (on the measured unit, flag ``centre_off_map_middle``), with the largest square that fits the
