@@ -933,11 +933,18 @@ def test_unireplknet_layers_after_its_first_se_are_global_and_keep_their_centre(
     from erf_lab.cli.main import main
     from erf_lab.erf.runner import ErfSpec, run_erf
 
+    from erf_lab.erf.runner import erf_centre, layer_geometry
+
     tiny = dict(dims=(8, 16, 16, 24), depths=(1, 1, 1, 1), kernel_sizes=((3,), (13,), (7,), (9,)))
-    rows = {r["name"]: r for r in list_layers(create_model("unireplknet_t", **tiny), 97)}
+    model = create_model("unireplknet_t", **tiny)
+    rows = {r["name"]: r for r in list_layers(model, 97)}
     assert (rows["stages.0.0.dwconv"]["theoretical_rf"], rows["stages.0.0.dwconv"]["rf_global"]) == (15, False)
     assert (rows["stages.0.0.se"]["theoretical_rf"], rows["stages.0.0.se"]["rf_global"]) == (None, True)
-    assert rows["stages.0.0.se"]["kernel_rf"] == 15
+    assert rows["stages.0.0.se"]["kernel_rf"] == 15 and rows["stages.0.0.se"]["rf_start"] == [0.0, 0.0]
+    # the squeeze itself (one value per channel, 1 x 1) lies on no grid of units: not centred on pixel 0 but on the
+    # image's middle, as the metrics take it without a centre
+    assert rows["stages.0.0.se.down"]["rf_start"] is None and rows["stages.0.0.se.down"]["shape"][1:] == [1, 1]
+    assert erf_centre(layer_geometry(model, "stages.0.0.se.down", 97), 97, (1, 1)) is None
     spec = ErfSpec("unireplknet_t", overrides=tiny, num_images=1, input_size=97, layer="stages.3")
     info = run_erf(spec, out=tmp_path / "run", show_progress=False, formats=("png",))["run_info"]
     assert (info["theoretical_rf"], info["rf_global"], info["erf_centre"]) == (None, True, [64, 64])

@@ -18,7 +18,7 @@ layer after attention is read off its map (input side / map side).
 A reduction over the whole map (global pooling: squeeze-and-excitation's squeeze; a norm over H and W: GRN;
 GroupNorm's statistics) makes every input pixel reach every later unit: such a layer's theoretical RF is the whole
 image, "global" (``None``, ``rf_global`` True), whatever its kernels reach (``kernel_rf``); the kernels still place
-its units (``rf_start``).
+its units (``rf_start``), except in the pooled values themselves (SE's squeeze: one per channel, no unit grid).
 """
 from __future__ import annotations
 
@@ -47,12 +47,16 @@ _REDUCTIONS = ("mean", "sum", "nansum", "nanmean", "norm", "vector_norm", "linal
 _MAP_STATISTICS = ("group_norm", "instance_norm")  # normalizations by a mean and variance over an NCHW map's H x W
 
 
+def _normalizes_by_map(name: str, src) -> bool:
+    """Whether op ``name`` normalized the NCHW map ``src`` by statistics over its whole H x W (GroupNorm,
+    InstanceNorm)."""
+    return name in _MAP_STATISTICS and isinstance(src, torch.Tensor) and src.dim() == 4 and src.shape[2] > 1 \
+        and src.shape[3] > 1
+
+
 def _reduces_space(name: str, src, out) -> bool:
     """Whether op ``name`` reduced the 4-D map ``src`` (NCHW or NHWC) over both spatial axes into ``out`` (one value
-    per image and channel, size-1 axes aside): a global pooling or a norm over the map, not a per-pixel op; or
-    normalized it by statistics over the whole map (GroupNorm, InstanceNorm)."""
-    if name in _MAP_STATISTICS:
-        return isinstance(src, torch.Tensor) and src.dim() == 4 and src.shape[2] * src.shape[3] > 1
+    per image and channel, size-1 axes aside): a global pooling or a norm over the map, not a per-pixel op."""
     out = out[0] if isinstance(out, (tuple, list)) and out else out
     if name not in _REDUCTIONS or not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) \
             or src.dim() != 4:
@@ -111,8 +115,9 @@ def _tag(obj, info):
 
 
 class _RFMode(TorchFunctionMode):
-    """Propagates ((rf_h, rf_w), (jump_h, jump_w), (start_h, start_w), global) through every torch op (global:
-    the value depends on every input pixel through a reduction over a whole map, :func:`_reduces_space`)."""
+    """Propagates ((rf_h, rf_w), (jump_h, jump_w), (start_h, start_w), global, pooled) through every torch op
+    (global: the value depends on every input pixel through a reduction over a whole map, :func:`_reduces_space`;
+    pooled: it is such a reduction's values, or made of them alone: no grid of units)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -124,7 +129,10 @@ class _RFMode(TorchFunctionMode):
         jump = (max(i[1][0] for i in infos), max(i[1][1] for i in infos))
         start = infos[0][2]  # branches merged by an op are aligned (same-padded): the first one's
         name = getattr(func, "__name__", "")
-        whole = any(i[3] for i in infos) or _reduces_space(name, args[0] if args else None, out)
+        src = args[0] if args else None
+        pooled = _reduces_space(name, src, out)
+        whole = pooled or any(i[3] for i in infos) or _normalizes_by_map(name, src)
+        pooled = pooled or all(i[4] for i in infos)
         kernel = stride = dilation = None
         if name in _TOKEN_MIXING and len(infos) >= 2:
             rf = (math.inf, math.inf)
@@ -156,7 +164,7 @@ class _RFMode(TorchFunctionMode):
             start = _start(start, jump, kernel, dilation, padding)
             rf = tuple(rf[a] + (kernel[a] - 1) * dilation[a] * jump[a] for a in range(2))
             jump = tuple(jump[a] * stride[a] for a in range(2))
-        _tag(out, (rf, jump, start, whole))
+        _tag(out, (rf, jump, start, whole, pooled))
         return out
 
 
@@ -181,7 +189,7 @@ def _module_hook(module, inp, out):
         # the interceptor saw this very kernel, and with it any padding done inside the module's forward (TF
         # 'SAME': an F.pad before a padding-0 conv), which the module's own ``padding`` does not show
         return
-    _tag(out, (rf, jump, _start(info[2], info[1], k, d, p), info[3]))
+    _tag(out, (rf, jump, _start(info[2], info[1], k, d, p), info[3], info[4]))
 
 
 class _FirstConv(Exception):
@@ -237,8 +245,9 @@ def _row(name: str, t: torch.Tensor, input_size: int) -> dict:
         rf = None
         if t.dim() == 4 and min(t.shape[-2:]) > 0:
             stride = max(stride, input_size // max(t.shape[-2:]), 1)
-    start = [float(v) for v in info[2]] if info and rf is not None else None
-    stride_hw = [int(v) for v in info[1]] if info and rf is not None else None
+    placed = info and rf is not None and not info[4]  # pooled values (SE's squeeze) lie on no grid of units
+    start = [float(v) for v in info[2]] if placed else None
+    stride_hw = [int(v) for v in info[1]] if placed else None
     whole = bool(info and info[3] and rf is not None)  # every pixel reaches it; the kernels still place its units
     return {"name": name, "shape": list(t.shape[1:]), "theoretical_rf": None if rf is None or whole else int(rf),
             "stride": stride, "rf_start": start, "stride_hw": stride_hw, "rf_global": whole,
@@ -251,8 +260,8 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     (C, H, W)): ``name``, output ``shape`` (C, H, W), ``theoretical_rf`` (pixels, max of both axes; None after
     attention and where ``rf_global``: after a reduction over a whole map, every pixel reaches the layer),
     ``kernel_rf`` (the RF of the kernels alone; None after attention), total ``stride`` (max of both axes),
-    ``rf_start`` and ``stride_hw`` (per axis, y then x; None after attention: unit (i, j) is centred at
-    ``rf_start + stride_hw * (i, j)``), in execution order; the default layer ``forward_features`` comes last.
+    ``rf_start`` and ``stride_hw`` (per axis, y then x; None after attention and for pooled values, SE's squeeze:
+    unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), in execution order; the default layer ``forward_features`` comes last.
     ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}
@@ -296,7 +305,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
             if name:
                 hooks.append(module.register_forward_hook(make_hook(name)))
         x = _probe_input(m, input_channels(m), int(input_size))
-        setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0), False))
+        setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0), False, False))
         try:
             with torch.no_grad(), _RFMode():
                 feats = _features_fn(m)(x)

@@ -175,9 +175,9 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # "v3": a Linear / LayerNorm over an NCHW map's width (or over (C, H, W)) is NCHW again (v2 read it as NHWC)
     # "v5": the stride per axis (``stride_hw``), for the centre of a layer whose strides differ along y and x
     # "v6": rf_start after a conv module that pads inside its forward (TF 'SAME'); v5 took its padding as 0
-    # "v7": a global theoretical RF after a reduction over the whole map (SE, GRN: ``rf_global``, ``kernel_rf``);
-    # v6 gave the kernels' RF there
-    key = structure_cache.structure_key(model, "geometry-v7", name, int(input_size))
+    # "v8": a global theoretical RF after a reduction over the whole map (SE, GRN: ``rf_global``, ``kernel_rf``);
+    # v6 gave the kernels' RF there (v7: a draft that put SE's squeeze on the unit grid)
+    key = structure_cache.structure_key(model, "geometry-v8", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape", "rf_start",
                                                                 "stride_hw", "rf_global", "kernel_rf"} <= set(hit)):
