@@ -505,7 +505,8 @@ def test_from_csv_refuses_a_bad_csv_before_its_out_folder_is_made(fixture_datase
     for argv, needle in (
             ([str(good), "--stimuli", str(humans)],
              f"{bad_human}, line 11: object_response is 'tiger', not one of the 16 categories"),
-            ([str(bad_name), "--no-humans"], "cue-conflict trial of m: cannot parse stimulus name 'photo.png'")):
+            ([str(bad_name), "--no-humans"], f"{bad_name}, line 4: image 'photo.png' is not named as a cue-conflict "
+                                              "stimulus (<shape><i>-<texture><j>.png)")):
         assert main(["shape-bias", "--from-csv", *argv, "--out", str(out)]) == 2
         lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(lines) == 1 and needle in lines[0], lines
@@ -532,3 +533,46 @@ def test_from_csv_prints_the_warnings_a_model_run_prints(fixture_datasets, tmp_p
     assert any("shape-or-texture decisions" in w for w in warnings)
     assert any(w.startswith("no human responses for cue-conflict") for w in warnings)
     assert [ln for ln in err.splitlines() if ln.startswith("  warning: ")] == [f"  warning: {w}" for w in warnings]
+
+
+def test_from_csv_refuses_swapped_columns_another_sets_csv_and_csvs_without_trials(fixture_datasets, tmp_path,
+                                                                                   capsys):
+    """Four CSVs that were analysed wrongly or refused with a wrong reason, each now one line naming the file (and
+    line), exit 2, nothing written: a model's CSV with object_response and category swapped (read as the model's
+    answers being the shapes: shape bias 0.980 for a 0.962 subject on the full set); an edge CSV under a
+    cue-conflict file name (160 'cue-conflict' trials without a conflict) and a cue-conflict CSV under an edge one
+    (no trial in common with the humans); a CSV with a header and no rows ("every subject is a human") and an
+    empty file ("missing columns")."""
+    def swap(rows):  # a model never answers 'na': without those rows only the shape check can see the swap
+        rows[:] = [dict(r, object_response=r["category"], category=r["object_response"]) for r in rows
+                   if r["object_response"] != "na"]
+
+    swapped, rows = _fixture_as_model(fixture_datasets, tmp_path / "swap" / "cue-conflict_m_session-1.csv", swap)
+    line, r = next((i, r) for i, r in enumerate(rows, 2) if r["category"] != r["object_response"])
+    shape = r["object_response"]
+    edge_rows = [("oven10.png", "oven", "oven"), ("0002_edg_s01_0_cat_00_cat3.png", "cat", "dog")]
+    (tmp_path / "edge").mkdir()
+    edge_as_cue = _write(tmp_path / "edge" / "cue-conflict_m_session-1.csv", "m", edge_rows)
+    cue_as_edge = _write(tmp_path / "edge" / "edge_m_session-1.csv", "m", [("cat1-dog2.png", "cat", "cat")])
+    header_only = _write(tmp_path / "cue-conflict_m_session-1.csv", "m", [])
+    empty = tmp_path / "edge_m2_session-1.csv"
+    empty.write_bytes(b"")
+    cases = [(swapped, f"{swapped}, line {line}: category is {r['category']!r}, but the image {r['imagename']!r} "
+                       f"has the shape {shape!r}"),
+             (edge_as_cue, f"{edge_as_cue}, line 2: image 'oven10.png' is not named as a cue-conflict stimulus "
+                           f"(<shape><i>-<texture><j>.png) but as an edge or silhouette one"),
+             (cue_as_edge, f"{cue_as_edge}, line 2: image 'cat1-dog2.png' is not named as an edge stimulus "
+                           f"(<shape><i>.png) but as a cue-conflict one"),
+             (header_only, f"{header_only}: no trials (a header without rows)"),
+             (empty, f"{empty}: an empty file, not a model-vs-human CSV")]
+    out = tmp_path / "new" / "out"
+    for path, needle in cases:
+        assert main(["shape-bias", "--from-csv", str(path), "--no-humans", "--out", str(out)]) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], lines
+        assert not (tmp_path / "new").exists()
+    # the same rows in their own columns and sets are analysed
+    _write(tmp_path / "edge" / "edge_m_session-1.csv", "m", edge_rows)
+    t = read_trials([tmp_path / "edge" / "edge_m_session-1.csv",
+                     _fixture_as_model(fixture_datasets, tmp_path / "cue-conflict_m_session-1.csv")[0]])
+    assert accuracy(t["edge"]["m"]) == 0.5 and len(t["cue-conflict"]["m"]) == 1280

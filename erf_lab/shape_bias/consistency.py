@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 
 from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.categories import CATEGORIES, NO_ANSWER
-from erf_lab.shape_bias.stimuli import name_words, parse_name
+from erf_lab.shape_bias.stimuli import is_cue_conflict_name, name_words, parse_name
 
 # erf-lab stimulus folder -> model-vs-human dataset name (CSV prefix, human-<name>/ folder)
 MVH_DATASETS = {"cue-conflict": "cue-conflict", "edges": "edge", "silhouettes": "silhouette"}
@@ -72,7 +72,9 @@ def dataset_of(path: str | os.PathLike) -> str:
 def _check_categories(path: Path, line: int, row: dict) -> None:
     """ErfLabError naming the file, line and value unless the row's response is one of the 16 categories, ``na``
     (no answer) or empty, and its ``category`` and the categories in its image name are among the 16 (another
-    value, e.g. a 1000-class label or a typo, would be counted as a wrong trial without a word)."""
+    value, e.g. a 1000-class label or a typo, would be counted as a wrong trial without a word), and its
+    ``category`` is the shape in its image name (as in every model-vs-human CSV: another one, e.g. the response and
+    category columns swapped, would be read as the shape of the image and change every number)."""
     values = [("object_response", row["object_response"], (*CATEGORIES, NO_ANSWER, "")),
               ("category", row["category"], CATEGORIES)]
     words = name_words(row["imagename"])  # names outside the stimulus convention are not parsed (unparsed_rows)
@@ -82,18 +84,42 @@ def _check_categories(path: Path, line: int, row: dict) -> None:
         if value not in allowed:
             raise ErfLabError(f"{path}, line {line}: {what} is {value!r}, not one of the 16 categories "
                               f"({', '.join(CATEGORIES)}){' or na (no answer)' if NO_ANSWER in allowed else ''}")
+    if words and words[0] != row["category"]:
+        raise ErfLabError(f"{path}, line {line}: category is {row['category']!r}, but the image "
+                          f"{row['imagename']!r} has the shape {words[0]!r} (model-vs-human's category is the "
+                          f"image's shape category; are the object_response and category columns swapped?)")
 
 
-def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows of one model-vs-human-format CSV; raises ``ErfLabError`` for missing columns, a truncated row or a
-    response or category outside the 16 categories (``na``, no answer, is a response)."""
+def _check_dataset(path: Path, line: int, imagename: str, dataset: str) -> None:
+    """ErfLabError unless ``imagename`` is named as a stimulus of ``dataset`` (the one the file name says): a
+    cue-conflict CSV holds ``<shape><i>-<texture><j>`` images, an edge or silhouette CSV ``<shape><i>`` ones (another
+    data set's CSV under the name would be analysed as this one: an edge CSV as cue-conflict trials without a
+    conflict, no shape bias and no trial in common with the humans)."""
+    cue = dataset == MVH_DATASETS["cue-conflict"]
+    named = name_words(imagename) is not None
+    if named and is_cue_conflict_name(imagename) == cue:
+        return
+    other, a = "an edge or silhouette" if cue else "a cue-conflict", "an" if dataset[0] in "aeiou" else "a"
+    raise ErfLabError(f"{path}, line {line}: image {imagename!r} is not named as {a} {dataset} stimulus "
+                      f"({'<shape><i>-<texture><j>' if cue else '<shape><i>'}.png)"
+                      + (f" but as {other} one: a CSV of another data set under {a} {dataset} file name?" if named
+                         else ""))
+
+
+def read_mvh_csv(path: str | os.PathLike, dataset: str | None = None) -> list[dict]:
+    """Rows of one model-vs-human-format CSV; raises ``ErfLabError`` for an empty file or one without rows, missing
+    columns, a truncated row, a response or category outside the 16 categories (``na``, no answer, is a response),
+    a category that is not the shape in the image name, or (``dataset`` given: the model-vs-human data set the file
+    is of) an image not named as a stimulus of ``dataset``."""
     path = Path(path)
     if not path.is_file():
         raise ErfLabError(f"CSV not found: {path}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is no column
             reader = csv.DictReader(f)
-            missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or ())
+            if not reader.fieldnames:
+                raise ErfLabError(f"{path}: an empty file, not a model-vs-human CSV")
+            missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames)
             if missing:
                 raise ErfLabError(f"{path}: not a model-vs-human CSV (missing columns {', '.join(sorted(missing))})")
             rows = []
@@ -105,7 +131,11 @@ def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
                     raise ErfLabError(f"{path}, line {reader.line_num}: no {', '.join(bad)} (a truncated or damaged "
                                       f"row)")
                 _check_categories(path, reader.line_num, r)
+                if dataset is not None:
+                    _check_dataset(path, reader.line_num, r["imagename"], dataset)
                 rows.append(r)
+            if not rows:
+                raise ErfLabError(f"{path}: no trials (a header without rows)")
             return rows
     except (UnicodeDecodeError, csv.Error) as e:
         what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"malformed CSV ({e})"
@@ -115,14 +145,15 @@ def read_mvh_csv(path: str | os.PathLike) -> list[dict]:
 def read_trials(paths: Sequence[str | os.PathLike]) -> dict[str, dict[str, Trials]]:
     """``{dataset: {subject: {image id: (category, response)}}}`` from model-vs-human CSVs.
 
-    ErfLabError for a missing file, missing columns or an image seen twice by one subject in one dataset.
+    ErfLabError for a missing file, what :func:`read_mvh_csv` refuses (images not named as stimuli of the data set
+    the file name says included) or an image seen twice by one subject in one dataset.
     """
     out: dict[str, dict[str, Trials]] = defaultdict(dict)
     for p in paths:
         if not Path(p).is_file():
             raise ErfLabError(f"CSV not found: {p}")
         ds = dataset_of(p)
-        for r in read_mvh_csv(p):
+        for r in read_mvh_csv(p, ds):
             t = out[ds].setdefault(r["subj"], {})
             key = image_id(r["imagename"])
             if key in t:

@@ -35,11 +35,22 @@ class Stimulus:
         return self.path.name
 
 
+def _stem(name: str) -> str:
+    """The stimulus part of a name: its last ``_`` part (model-vs-human's trial prefix off), without the suffix."""
+    stem = Path(name).name.rsplit("_", 1)[-1]
+    return stem.rsplit(".", 1)[0] if "." in stem else stem
+
+
+def is_cue_conflict_name(name: str) -> bool:
+    """Whether ``name`` is named as a cue-conflict stimulus (``<shape><i>-<texture><j>``, the 80 images whose shape
+    equals their texture too), not as an edge or silhouette one (``<shape><i>``)."""
+    return _CUE_RE.match(_stem(name)) is not None
+
+
 def name_words(name: str) -> tuple[str, str] | None:
     """The shape and texture words of a name that follows the stimulus naming convention (``parse_name``), whether
     or not they are categories; None for a name that does not follow it."""
-    stem = Path(name).name.rsplit("_", 1)[-1]
-    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    stem = _stem(name)
     m = _CUE_RE.match(stem)
     if m:
         return m.group(1), m.group(3)
