@@ -576,3 +576,32 @@ def test_from_csv_refuses_swapped_columns_another_sets_csv_and_csvs_without_tria
     t = read_trials([tmp_path / "edge" / "edge_m_session-1.csv",
                      _fixture_as_model(fixture_datasets, tmp_path / "cue-conflict_m_session-1.csv")[0]])
     assert accuracy(t["edge"]["m"]) == 0.5 and len(t["cue-conflict"]["m"]) == 1280
+
+
+def test_from_csv_says_when_the_models_images_are_not_the_subjects(fixture_datasets, tmp_path, capsys):
+    """Trials are matched by image name, suffix included (model-vs-human's key). A model's CSV of the stimuli saved
+    as .jpg matched no subject: its error consistency and accuracy difference were left out without a word (only
+    the human-human value printed), and a few unmatched images went unsaid. Each is now a warning line."""
+    def as_jpg(k):
+        def edit(rows):
+            for r in rows[:k]:
+                r["imagename"] = r["imagename"][:-4] + ".jpg"
+        return edit
+
+    for k, tail in ((1280, "no accuracy difference or error consistency with the subjects"),
+                    (3, "its accuracy counts them, the error consistency and accuracy difference with the subjects "
+                        "do not")):
+        model, rows = _fixture_as_model(fixture_datasets, tmp_path / f"jpg{k}" / "cue-conflict_m_session-1.csv",
+                                        as_jpg(k))
+        out = tmp_path / f"out{k}"
+        assert main(["shape-bias", "--from-csv", str(model), "--stimuli", str(fixture_datasets), "--out",
+                     str(out)]) == 0
+        err = capsys.readouterr().err
+        s = json.loads((out / "summary.json").read_text())
+        first = sorted(image_id(r["imagename"]) for r in rows[:k])[0]
+        warning = (f"cue-conflict: {k} of the model's 1280 images (e.g. {first!r}) are not among the subjects' "
+                   f"(e.g. 'airplane1-bicycle2.png'; trials are matched by image name as model-vs-human matches "
+                   f"them, suffix included): {tail}")
+        assert s["warnings"] == [warning] and f"  warning: {warning}" in err.splitlines()
+        vs = s["consistency"]["cue-conflict"]["vs_humans"]
+        assert (vs is None) if k == 1280 else vs["per_subject"]["subject-01"]["n_trials"] == 1280 - k

@@ -184,6 +184,15 @@ def add_consistency(summary: dict, model_trials: dict, near: Path | None = None,
     summary["consistency"] = report
     for ds, r in report.items():  # a subset run (--limit): say so where its numbers are compared with full sets
         full = max((len(t) for t in (subjects.get(ds) or {}).values()), default=0)
+        seen = set().union(*(t.keys() for t in (subjects.get(ds) or {}).values()))
+        unmatched = sorted(model_trials[ds].keys() - seen) if seen else []
+        if unmatched:  # e.g. the stimuli saved as .jpg: matched on nothing, the comparison was left out unsaid
+            summary.setdefault("warnings", []).append(
+                f"{ds}: {len(unmatched)} of the model's {r['n_trials']} images (e.g. {unmatched[0]!r}) are not among "
+                f"the subjects' (e.g. {min(seen)!r}; trials are matched by image name as model-vs-human matches them, "
+                f"suffix included): " + ("no accuracy difference or error consistency with the subjects" if not
+                                         r["vs_humans"] else "its accuracy counts them, the error consistency and "
+                                         "accuracy difference with the subjects do not"))
         if r["vs_humans"] and r["n_trials"] < full:
             summary.setdefault("warnings", []).append(
                 f"{ds}: accuracy and consistency from {r['n_trials']} of the subjects' {full} trials (a subset of "
