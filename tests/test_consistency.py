@@ -605,3 +605,24 @@ def test_from_csv_says_when_the_models_images_are_not_the_subjects(fixture_datas
         assert s["warnings"] == [warning] and f"  warning: {warning}" in err.splitlines()
         vs = s["consistency"]["cue-conflict"]["vs_humans"]
         assert (vs is None) if k == 1280 else vs["per_subject"]["subject-01"]["n_trials"] == 1280 - k
+
+
+def test_from_csv_names_the_file_given_twice_and_the_other_file_of_a_repeated_trial(tmp_path, capsys, monkeypatch):
+    """The same CSV given twice (a shell glob and a name, ./a.csv and a.csv) and a subject's trials in two files were
+    both "saw image ... twice", naming the second file only: which two files, or that one file came twice, the
+    user had to find out. The first is now "given twice" (with the other spelling), the second names both files."""
+    monkeypatch.chdir(tmp_path)
+    rows = [("cat1-dog2.png", "cat", "cat"), ("dog3-cat1.png", "dog", "cat")]
+    a = _write(tmp_path / "cue-conflict_m_session-1.csv", "m", rows)
+    (tmp_path / "copy").mkdir()
+    b = _write(tmp_path / "copy" / "cue-conflict_m_session-2.csv", "m", rows[1:])
+    for argv, needle in ((["cue-conflict_m_session-1.csv", "cue-conflict_m_session-1.csv"],
+                          "cue-conflict_m_session-1.csv: given twice: its trials would count twice"),
+                         ([str(a), "./cue-conflict_m_session-1.csv"],
+                          f"./cue-conflict_m_session-1.csv: given twice (also as {a}): its trials would count twice"),
+                         ([str(a), str(b)], f"{b}: subject m saw image dog3-cat1.png twice (in {a} too)")):
+        assert main(["shape-bias", "--from-csv", *argv, "--no-humans", "--out", str(tmp_path / "out")]) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].endswith(needle), lines
+    with pytest.raises(ErfLabError, match=re.escape("saw image cat1-dog2.png twice") + "$"):  # within one file
+        read_trials([_write(tmp_path / "cue-conflict_n_session-1.csv", "n", rows * 2)])

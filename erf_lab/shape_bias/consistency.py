@@ -149,16 +149,24 @@ def read_trials(paths: Sequence[str | os.PathLike]) -> dict[str, dict[str, Trial
     the file name says included) or an image seen twice by one subject in one dataset.
     """
     out: dict[str, dict[str, Trials]] = defaultdict(dict)
-    for p in paths:
+    given: dict[Path, int] = {}  # each file (resolved) -> its place in paths
+    where: dict[tuple[str, str, str], int] = {}  # (dataset, subject, image id) -> the place of its file
+    for i, p in enumerate(paths):
         if not Path(p).is_file():
             raise ErfLabError(f"CSV not found: {p}")
+        if (first := given.setdefault(Path(p).resolve(), i)) != i:
+            also = "" if str(paths[first]) == str(p) else f" (also as {paths[first]})"
+            raise ErfLabError(f"{p}: given twice{also}: its trials would count twice")
         ds = dataset_of(p)
         for r in read_mvh_csv(p, ds):
             t = out[ds].setdefault(r["subj"], {})
             key = image_id(r["imagename"])
             if key in t:
-                raise ErfLabError(f"{p}: subject {r['subj']} saw image {key} twice")
+                before = where[ds, r["subj"], key]
+                raise ErfLabError(f"{p}: subject {r['subj']} saw image {key} twice"
+                                  + ("" if before == i else f" (in {paths[before]} too)"))
             t[key] = (r["category"], r["object_response"])
+            where[ds, r["subj"], key] = i
     return dict(out)
 
 
