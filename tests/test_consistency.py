@@ -626,3 +626,24 @@ def test_from_csv_names_the_file_given_twice_and_the_other_file_of_a_repeated_tr
         assert len(lines) == 1 and lines[0].endswith(needle), lines
     with pytest.raises(ErfLabError, match=re.escape("saw image cat1-dog2.png twice") + "$"):  # within one file
         read_trials([_write(tmp_path / "cue-conflict_n_session-1.csv", "n", rows * 2)])
+
+
+def test_from_csv_refuses_two_models_that_would_share_one_folder(tmp_path, capsys):
+    """Several models in the CSVs go to one folder each, named as their model-vs-human CSVs are (subject_tag):
+    'timm/r18' and 'timm:r18' both went to timm-r18/, the second's summary and figures over the first's, and a
+    subject '..' wrote beside --out. Both are refused before --out is made; distinct names each get their folder."""
+    rows = [("cat1-dog2.png", "cat", "cat"), ("dog3-cat1.png", "dog", "cat"), ("bird1-cat2.png", "bird", "bird")]
+    out = tmp_path / "new" / "out"
+    for subjects, needle in ((("timm/r18", "timm:r18"), "model subjects 'timm/r18' and 'timm:r18' would both be "
+                                                        "written to the folder 'timm-r18' of --out"),
+                             (("..", "m"), "model subject '..' names no folder of its own in --out ('..')")):
+        files = [str(_write(tmp_path / f"cue-conflict_m{i}_session-1.csv", s, rows)) for i, s in enumerate(subjects)]
+        assert main(["shape-bias", "--from-csv", *files, "--no-humans", "--out", str(out)]) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], lines
+        assert not (tmp_path / "new").exists()
+    files = [str(_write(tmp_path / f"cue-conflict_m{i}_session-1.csv", s, rows[:k]))
+             for i, (s, k) in enumerate((("timm/r18", 3), ("my model", 2)))]
+    assert main(["shape-bias", "--from-csv", *files, "--no-humans", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["my-model", "timm-r18"]
+    assert [json.loads((out / d / "summary.json").read_text())["n_trials"] for d in ("timm-r18", "my-model")] == [3, 2]

@@ -54,6 +54,13 @@ def image_id(imagename: str) -> str:
     return "_".join(parts[-2:]) if parts[-2].startswith("n0") else parts[-1]
 
 
+def subject_tag(subject: str) -> str:
+    """A subject's name as it goes into file and folder names: ``_`` (model-vs-human's field separator in CSV names),
+    ``/`` and every character but letters, digits, ``.``, ``+`` and ``-`` become ``-`` (``timm/resnet18``:
+    ``timm-resnet18``)."""
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", str(subject))
+
+
 def is_human(subject: str) -> bool:
     """model-vs-human's rule (``get_human_and_CNN_subjects``): human subjects are named ``subject-NN``."""
     return str(subject).startswith(HUMAN_PREFIX)

@@ -11,7 +11,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 import warnings
@@ -27,7 +26,7 @@ from erf_lab.errors import ErfLabError
 from erf_lab.provenance import versions
 from erf_lab.shape_bias.analysis import (CHANCE_SHAPE_OR_TEXTURE, add_consistency, check_human_data,
                                          degenerate_warnings, shape_bias_from_decisions, write_mvh_csv)
-from erf_lab.shape_bias.consistency import MVH_DATASETS, image_id
+from erf_lab.shape_bias.consistency import MVH_DATASETS, image_id, subject_tag
 from erf_lab.shape_bias.categories import CATEGORIES, imagenet_class_names, imagenet_to_16
 from erf_lab.shape_bias.stimuli import (DecodedCache, Preprocess, Stimulus, StimulusDataset, StimulusPixels,
                                         files_fingerprint, find_stimuli_root, list_stimuli, sibling_set)
@@ -401,10 +400,10 @@ def model_trials(sets: dict[str, SetResult]) -> dict[str, dict]:
 
 def write_mvh_csvs(out: Path, subject: str, sets: dict[str, SetResult]) -> list[str]:
     """One model-vs-human CSV per stimulus set (``<dataset>_<subject>_session-1.csv``, model-vs-human's raw-data
-    naming with ``_`` in the subject replaced, and every character but letters, digits, ``.``, ``+`` and ``-``:
-    ``timm/resnet18`` is ``timm-resnet18`` there); returns the file names."""
+    naming with the subject as :func:`subject_tag` writes it: ``timm/resnet18`` is ``timm-resnet18`` there); returns
+    the file names."""
     names = []
-    tag = re.sub(r"[^A-Za-z0-9.+-]", "-", subject)
+    tag = subject_tag(subject)
     for ds, rows in _decoded(sets).items():
         names.append(f"{ds}_{tag}_session-1.csv")
         write_mvh_csv(out / names[-1], subject, *zip(*rows) if rows else ([], [], []))

@@ -327,7 +327,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
 
     from erf_lab.io import hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
     from erf_lab.shape_bias.analysis import add_consistency, check_human_data, shape_bias_from_decisions
-    from erf_lab.shape_bias.consistency import is_human, read_trials
+    from erf_lab.shape_bias.consistency import is_human, read_trials, subject_tag
     from erf_lab.shape_bias.analysis import degenerate_warnings
     from erf_lab.shape_bias.stimuli import parse_name
 
@@ -339,7 +339,22 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
         raise ErfLabError("no model in these CSVs: every subject is a human (subject-NN); model-vs-human names "
                           "model subjects by the model")
     def folder_of(subj):
-        return Path(out) if len(subjects) == 1 else Path(out) / subj.replace(":", "-").replace("/", "-")
+        return Path(out) if len(subjects) == 1 else Path(out) / subject_tag(subj)
+
+    if len(subjects) > 1:  # one folder each: two subjects in one, the second overwrote the first's outputs unsaid
+        from collections import defaultdict
+
+        by_folder: dict[str, list[str]] = defaultdict(list)
+        for subj in subjects:
+            by_folder[subject_tag(subj)].append(subj)
+        for tag, subjs in sorted(by_folder.items()):
+            if len(subjs) > 1:
+                raise ErfLabError(f"model subjects {' and '.join(map(repr, subjs))} would both be written to the "
+                                  f"folder {tag!r} of --out (the second over the first): rename one in its CSV's subj "
+                                  f"column")
+            if not tag.strip("."):
+                raise ErfLabError(f"model subject {subjs[0]!r} names no folder of its own in --out ({tag!r}): rename "
+                                  f"it in its CSV's subj column")
 
     def cue_rows(subj):  # (shape, texture, decision) of each cue-conflict trial
         rows = []
