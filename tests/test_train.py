@@ -272,6 +272,29 @@ def test_image_that_fails_after_the_scan_is_replaced_with_a_warning(tmp_path):
     assert train_set.failed_loads == 1 and torch.equal(x, train_set[i + 1][0]) and y == train_set.files[i + 1][1]
 
 
+def test_a_class_folder_without_a_readable_image_is_refused(tmp_path):
+    """An empty class folder (or one of unreadable files only) was left out without a word, and every class after it
+    took another label than its place among the sorted folder names: refused, as torchvision's ImageFolder does."""
+    from erf_lab.train.data import image_folder
+
+    root = _folder(tmp_path / "data", classes=("a", "b", "c"))
+    for split in ("train", "val"):
+        shutil.rmtree(root / split / "b")
+        (root / split / "b").mkdir()
+    with pytest.raises(ErfLabError, match=r"class folder train/b holds no readable image; every class needs images "
+                                          r"in both train/ and val/: add images or remove the folder"):
+        image_folder(root, 32)
+    _png(root / "train" / "b" / "0.png", np.random.default_rng(5))
+    (root / "val" / "b" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (root / "val" / "b" / "notes.txt").write_text("hello")
+    with pytest.raises(ErfLabError, match=r"class folder val/b holds no readable image \(only 2 unreadable file"):
+        image_folder(root, 32)
+    shutil.rmtree(root / "train" / "b")
+    shutil.rmtree(root / "val" / "b")  # no folder at all: two classes, numbered as sorted
+    train_set, val_set = image_folder(root, 32)
+    assert train_set.classes == ["a", "c"] and sorted(set(train_set.targets)) == sorted(set(val_set.targets)) == [0, 1]
+
+
 def test_sixteen_bit_images_use_their_range():
     from erf_lab.train.data import to_rgb_array
 
@@ -295,12 +318,17 @@ def _bad_cases(tmp_path):
     one_class = _folder(tmp_path / "one_class", classes=("a",))
     one_split = _folder(tmp_path / "one_split")
     _png(one_split / "train" / "c" / "0.png", np.random.default_rng(2))
+    empty_class = _folder(tmp_path / "empty_class")
+    (empty_class / "train" / "c").mkdir()
+    (empty_class / "val" / "c").mkdir()
     cue = ["--num-classes", "4", "--train-size", "32", "--val-size", "8", "--epochs", "1"]
     return {
         "missing split": (["--data", str(missing), "--batch-size", "4"], "no val/ folder"),
         "empty split": (["--data", str(empty), "--batch-size", "4"], "no readable image"),
         "one class": (["--data", str(one_class), "--batch-size", "4"], "only one class ('a')"),
         "class in one split": (["--data", str(one_split), "--batch-size", "4"], "'c' is only in train/"),
+        "empty class folder": (["--data", str(empty_class), "--batch-size", "4"],
+                               "class folder train/c holds no readable image"),
         "other class count": (["--data", str(good), "--batch-size", "4", "--num-classes", "5"],
                               f"--num-classes 5, but {good} has 2 classes (a, b); drop --num-classes or use a "
                               "folder with 5"),

@@ -132,7 +132,9 @@ def _random_resized_box(w: int, h: int, rng: np.random.Generator, scale=(0.35, 1
     return ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
 
 
-def _scan_split(root: Path, split: str) -> tuple[dict[str, list[Path]], list[str]]:
+def _scan_split(root: Path, split: str) -> tuple[dict[str, list[Path]], list[list[str]]]:
+    """({class folder: its readable images}, [[file relative to ``root``, why it was skipped], ...]); a class folder
+    with no readable image maps to an empty list."""
     from erf_lab.erf.images import list_image_files
 
     folder = root / split
@@ -153,13 +155,13 @@ def _scan_split(root: Path, split: str) -> tuple[dict[str, list[Path]], list[str
     if not any(found.values()):
         raise ErfLabError(f"{folder} holds no readable image in class folders (ImageFolder layout: "
                           f"{split}/<class>/<image>)" + (f"; {len(skipped)} unreadable file(s)" if skipped else ""))
-    return {c: v for c, v in found.items() if v}, skipped
+    return found, skipped
 
 
 def image_folder(root: str | os.PathLike, input_size: int,
                  seed: int = 0) -> tuple[ImageFolderSplit, ImageFolderSplit]:
-    """(train, val) splits of an ImageFolder tree; ErfLabError for a missing / empty split, a class present
-    in only one split or a single class."""
+    """(train, val) splits of an ImageFolder tree; ErfLabError for a missing / empty split, a class folder without
+    a readable image, a class present in only one split or a single class."""
     refuse_empty(root, "--data", "name a folder with train/ and val/, or 'cue-world'")  # Path("") is "."
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -167,6 +169,17 @@ def image_folder(root: str | os.PathLike, input_size: int,
                           else f"--data must be a folder (with train/ and val/) or 'cue-world', got a file: {root}")
     train, train_skipped = _scan_split(root, "train")
     val, val_skipped = _scan_split(root, "val")
+    # a class folder without a readable image is refused (as torchvision's ImageFolder does), not left out: left
+    # out, it renumbered every class after it against the sorted folder names, without a word
+    for split, found, skipped in (("train", train, train_skipped), ("val", val, val_skipped)):
+        empty = [c for c, images in found.items() if not images]
+        if empty:
+            bad = sum(Path(f).parts[1] == empty[0] for f, _ in skipped)
+            raise ErfLabError(f"{root}: class folder {split}/{empty[0]} holds no readable image"
+                              + (f" (only {bad} unreadable file(s))" if bad else "")
+                              + (f", nor do {len(empty) - 1} other(s) in {split}/" if len(empty) > 1 else "")
+                              + "; every class needs images in both train/ and val/: add images or remove the folder "
+                                "(left out, it would renumber the classes after it)")
     only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
     if only_train or only_val:
         where = (f"{only_train[0]!r} is only in train/" if only_train else f"{only_val[0]!r} is only in val/")
