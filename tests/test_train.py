@@ -565,8 +565,8 @@ def test_channels_last_is_the_cpu_default_and_a_resumed_run_keeps_its_own(tmp_pa
 
 
 def test_resume_of_a_folder_that_changed_is_refused(tmp_path, capsys, one_thread):
-    """A class or images added to the folder since the interruption, or a class renamed: one error line (a class
-    was a size-mismatch traceback, images or names a silent change of the data)."""
+    """A class or images added to the folder since the interruption (validation images too), or a class renamed: one
+    error line (a class was a size-mismatch traceback, images or names a silent change of the data)."""
     root = _folder(tmp_path / "data")
     args = ["train", *TINY_CLI, "--data", str(root), "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0"]
     def rename(a, b):
@@ -576,7 +576,11 @@ def test_resume_of_a_folder_that_changed_is_refused(tmp_path, capsys, one_thread
     for name, change, message in (("class", lambda: _folder(root, classes=("c",)), "now has 3 classes"),
                                   ("image", lambda: _png(root / "train" / "a" / "new.png", np.random.default_rng(5)),
                                    "now has 13 training images, the interrupted run in"),
-                                  ("renamed", lambda: rename("b", "z"), "class names or training images of")):
+                                  ("renamed", lambda: rename("b", "z"), "class names or training images of"),
+                                  # the epochs so far were measured on the others: metrics.csv would mix two sets
+                                  ("validation image", lambda: _png(root / "val" / "a" / "new.png",
+                                                                    np.random.default_rng(6)),
+                                   "the validation images of")):
         out = tmp_path / name
         with pytest.raises(KeyboardInterrupt):
             train("replknet_31b", str(root), out=out, overrides=TINY, input_size=32, show_progress=False,
@@ -588,6 +592,7 @@ def test_resume_of_a_folder_that_changed_is_refused(tmp_path, capsys, one_thread
         assert (out / C.STATE_FILE).exists() and not (out / "run.json").exists()
         shutil.rmtree(root / "train" / "c", ignore_errors=True)
         shutil.rmtree(root / "val" / "c", ignore_errors=True)
+        (root / "val" / "a" / "new.png").unlink(missing_ok=True)
         if name == "renamed":
             rename("z", "b")
 

@@ -533,6 +533,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         settings["num_classes"], settings["train_images"] = n_classes, len(d.train)  # recorded as trained
         if hasattr(d.train, "fingerprint"):  # a folder: its class names and image paths
             settings["train_fingerprint"] = d.train.fingerprint()
+            # the validation images too: the epochs before an interruption were measured on them
+            settings["val_fingerprint"] = d.val.fingerprint()
         if state is not None:  # a folder may have changed since the interruption
             for k, what in (("num_classes", "classes"), ("train_images", "training images")):
                 if k in state["settings"] and state["settings"][k] != settings[k]:
@@ -542,6 +544,11 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             if old is not None and old != settings.get("train_fingerprint"):
                 raise ErfLabError(f"--resume: the class names or training images of {data} differ from the interrupted "
                                   f"run's in {out} (same counts); restore the data or start over with --force")
+            old = state["settings"].get("val_fingerprint")  # None: a state of an erf-lab that did not record it
+            if old is not None and old != settings.get("val_fingerprint"):
+                raise ErfLabError(f"--resume: the validation images of {data} differ from the interrupted run's in "
+                                  f"{out} (its epochs so far were measured on the others, metrics.csv would mix two "
+                                  f"sets); restore the data or start over with --force")
         B, W = recipe.batch_size, info.world_size
         steps_per_epoch = len(d.train) // (B * W)
         if steps_per_epoch < 1:
@@ -566,6 +573,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     differing = next((r for r, s in enumerate(everyone) if s != everyone[0]), None)
     if differing is not None:
         names = {"train_images": "the number of training images", "train_fingerprint": "the training images' names",
+                 "val_fingerprint": "the validation images' names",
                  "num_classes": "the classes"}
         what = [names.get(k, k) for k in dict.fromkeys([*everyone[0], *everyone[differing]])
                 if everyone[0].get(k) != everyone[differing].get(k)]
