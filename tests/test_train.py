@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -253,20 +254,46 @@ def test_image_folder_skips_unreadable_files(tmp_path, one_thread):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["skipped"] == info["skipped"]
 
 
-def test_image_that_fails_after_the_scan_is_replaced_with_a_warning(tmp_path):
-    """A truncated JPEG passes the scan (PIL's verify() does not decode JPEG data) and fails when loaded: the
-    next image takes its place, and the user is told (it was only counted, silently, before)."""
+def _jpeg_bytes(seed: int) -> bytes:
     import io
 
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_a_truncated_jpeg_is_skipped_by_the_scan(tmp_path):
+    """PIL's verify() does not decode JPEG data: a JPEG cut short (an interrupted download) passed the scan, was
+    replaced by the next image at every epoch (one warning each time) and run.json did not list it. Now the scan
+    decodes a JPEG that lacks its end marker: skipped and listed with why; a whole JPEG with bytes after its end
+    marker is kept."""
     from erf_lab.train.data import image_folder
 
     root = _folder(tmp_path / "data")
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
-    (root / "train" / "a" / "truncated.jpg").write_bytes(buf.getvalue()[:1500])
+    data = _jpeg_bytes(3)
+    (root / "train" / "a" / "truncated.jpg").write_bytes(data[:1500])
+    (root / "train" / "b" / "trailing.jpg").write_bytes(data + b"\0" * 16)  # padded: loads whole
     train_set, _ = image_folder(root, 32)
+    assert [f for f, _ in train_set.skipped] == ["train/a/truncated.jpg"]
+    assert train_set.skipped[0][1].startswith("OSError: image file is truncated")
+    assert len(train_set) == 13 and "trailing.jpg" in [p.name for p, _ in train_set.files]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no image is replaced
+        assert all(train_set[i][0].shape == (3, 32, 32) for i in range(len(train_set)))
+
+
+def test_image_that_fails_after_the_scan_is_replaced_with_a_warning(tmp_path):
+    """A JPEG cut short after the scan fails when loaded: the next image takes its place, and the user is told (it
+    was only counted, silently, before)."""
+    from erf_lab.train.data import image_folder
+
+    root = _folder(tmp_path / "data")
+    data = _jpeg_bytes(3)
+    (root / "train" / "a" / "truncated.jpg").write_bytes(data)
+    train_set, _ = image_folder(root, 32)
+    (root / "train" / "a" / "truncated.jpg").write_bytes(data[:1500])
     i = [p.name for p, _ in train_set.files].index("truncated.jpg")
-    assert len(train_set) == 13 and not train_set.skipped  # not caught by the scan
+    assert len(train_set) == 13 and not train_set.skipped
     with pytest.warns(UserWarning, match=r"cannot read .*truncated\.jpg \(image file is truncated.*next image"):
         x, y = train_set[i]
     assert train_set.failed_loads == 1 and torch.equal(x, train_set[i + 1][0]) and y == train_set.files[i + 1][1]

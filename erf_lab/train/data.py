@@ -27,9 +27,19 @@ def per_cpu_cap() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
+def _jpeg_ends(path: Path) -> bool:
+    """Whether the file ends with JPEG's end-of-image marker (a download cut short does not)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(f.tell() - 2, 0))
+        return f.read(2) == b"\xff\xd9"
+
+
 def _unreadable(path: Path) -> str | None:
     """Why PIL cannot open ``path`` as an image (one line), or None where it can. A pipe, device or socket is not
-    opened (reading a pipe blocked the scan, and the training with it, for good)."""
+    opened (reading a pipe blocked the scan, and the training with it, for good). ``verify()`` does not decode JPEG
+    data: a JPEG without its end marker (cut short, or with bytes after it) is decoded whole, so that a truncated
+    one is skipped here rather than replaced by another image at every epoch."""
     from PIL import Image
 
     from erf_lab.erf.images import BROKEN_LINK, NOT_REGULAR
@@ -38,7 +48,11 @@ def _unreadable(path: Path) -> str | None:
         return BROKEN_LINK if path.is_symlink() and not path.exists() else NOT_REGULAR
     try:
         with Image.open(path) as im:
+            jpeg = im.format == "JPEG"
             im.verify()
+        if jpeg and not _jpeg_ends(path):
+            with Image.open(path) as im:
+                im.load()
         return None
     except Exception as e:  # PIL raises many types for corrupt / non-image files
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
