@@ -322,6 +322,23 @@ def test_a_class_folder_without_a_readable_image_is_refused(tmp_path):
     assert train_set.classes == ["a", "c"] and sorted(set(train_set.targets)) == sorted(set(val_set.targets)) == [0, 1]
 
 
+def test_a_class_spelled_in_other_unicode_code_points_is_named_as_such(tmp_path):
+    """'été' as composed characters in train/ and decomposed (as macOS writes names) in val/: the error said
+    "'été' is only in train/" though val/été was there to see. Now it says why they differ."""
+    import unicodedata
+
+    from erf_lab.train.data import image_folder
+
+    root = _folder(tmp_path / "data")
+    composed, decomposed = unicodedata.normalize("NFC", "été"), unicodedata.normalize("NFD", "été")
+    assert composed != decomposed
+    _png(root / "train" / composed / "0.png", np.random.default_rng(1))
+    _png(root / "val" / decomposed / "0.png", np.random.default_rng(2))
+    with pytest.raises(ErfLabError, match=r"class folders train/\S+ and val/\S+ have the same name in other Unicode "
+                                          r"code points \('\\xe9t\\xe9' and 'e\\u0301te\\u0301'"):
+        image_folder(root, 32)
+
+
 def test_sixteen_bit_images_use_their_range():
     from erf_lab.train.data import to_rgb_array
 

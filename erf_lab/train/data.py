@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,14 @@ def image_folder(root: str | os.PathLike, input_size: int,
     only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
     if only_train or only_val:
         where = (f"{only_train[0]!r} is only in train/" if only_train else f"{only_val[0]!r} is only in val/")
+        # the same name in other code points (é as one, or as e + a combining accent: macOS writes the latter) looks
+        # the same in the message, which then seemed wrong
+        nfc = {unicodedata.normalize("NFC", c): c for c in only_val}
+        twin = next(((c, nfc[n]) for c in only_train if (n := unicodedata.normalize("NFC", c)) in nfc), None)
+        if twin:
+            raise ErfLabError(f"{root}: class folders train/{twin[0]} and val/{twin[1]} have the same name in other "
+                              f"Unicode code points ({ascii(twin[0])} and {ascii(twin[1])}, e.g. one copied from "
+                              f"macOS), so they are read as two classes; rename one as the other")
         raise ErfLabError(f"{root}: class {where} ({len(only_train) + len(only_val)} class(es) in one split only); "
                           f"every class needs images in both train/ and val/")
     classes = sorted(train)
