@@ -308,13 +308,13 @@ def test_a_class_folder_without_a_readable_image_is_refused(tmp_path):
     for split in ("train", "val"):
         shutil.rmtree(root / split / "b")
         (root / split / "b").mkdir()
-    with pytest.raises(ErfLabError, match=r"class folder train/b holds no readable image; every class needs images "
+    with pytest.raises(ErfLabError, match=r"class folder 'train/b' holds no readable image; every class needs images "
                                           r"in both train/ and val/: add images or remove the folder"):
         image_folder(root, 32)
     _png(root / "train" / "b" / "0.png", np.random.default_rng(5))
     (root / "val" / "b" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (root / "val" / "b" / "notes.txt").write_text("hello")
-    with pytest.raises(ErfLabError, match=r"class folder val/b holds no readable image \(only 2 unreadable file"):
+    with pytest.raises(ErfLabError, match=r"class folder 'val/b' holds no readable image \(only 2 unreadable file"):
         image_folder(root, 32)
     shutil.rmtree(root / "train" / "b")
     shutil.rmtree(root / "val" / "b")  # no folder at all: two classes, numbered as sorted
@@ -372,7 +372,7 @@ def _bad_cases(tmp_path):
         "one class": (["--data", str(one_class), "--batch-size", "4"], "only one class ('a')"),
         "class in one split": (["--data", str(one_split), "--batch-size", "4"], "'c' is only in train/"),
         "empty class folder": (["--data", str(empty_class), "--batch-size", "4"],
-                               "class folder train/c holds no readable image"),
+                               "class folder 'train/c' holds no readable image"),
         "other class count": (["--data", str(good), "--batch-size", "4", "--num-classes", "5"],
                               f"--num-classes 5, but {good} has 2 classes (a, b); drop --num-classes or use a "
                               "folder with 5"),

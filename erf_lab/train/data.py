@@ -190,7 +190,7 @@ def image_folder(root: str | os.PathLike, input_size: int,
         empty = [c for c, images in found.items() if not images]
         if empty:
             bad = sum(Path(f).parts[1] == empty[0] for f, _ in skipped)
-            raise ErfLabError(f"{root}: class folder {split}/{empty[0]} holds no readable image"
+            raise ErfLabError(f"{root}: class folder '{split}/{empty[0]}' holds no readable image"
                               + (f" (only {bad} unreadable file(s))" if bad else "")
                               + (f", nor do {len(empty) - 1} other(s) in {split}/" if len(empty) > 1 else "")
                               + "; every class needs images in both train/ and val/: add images or remove the folder "
