@@ -339,6 +339,21 @@ def test_a_class_spelled_in_other_unicode_code_points_is_named_as_such(tmp_path)
         image_folder(root, 32)
 
 
+def test_a_folder_run_records_its_images_per_class_and_the_majority_baseline(tmp_path):
+    """Very uneven classes: run.json said how many images in all, not per class, so a val accuracy could not be told
+    from always answering the largest class. Now both splits' counts per class and that baseline are recorded."""
+    from erf_lab.train.data import build_data
+
+    root = _folder(tmp_path / "data", classes=("a", "b", "c"), n=1)  # 1 train, 2 val images each
+    rng = np.random.default_rng(7)
+    for i in range(1, 5):
+        _png(root / "train" / "b" / f"more{i}.png", rng)  # b: 5 training images, the largest class
+    _png(root / "val" / "b" / "more.png", rng)
+    desc = build_data(str(root), 32).description
+    assert desc["train_per_class"] == {"a": 1, "b": 5, "c": 1} and desc["val_per_class"] == {"a": 2, "b": 3, "c": 2}
+    assert desc["majority_class_val_acc"] == pytest.approx(3 / 7)
+
+
 def test_sixteen_bit_images_use_their_range():
     from erf_lab.train.data import to_rgb_array
 

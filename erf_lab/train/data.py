@@ -249,7 +249,13 @@ def build_data(data: str, input_size: int, *, train_size: int = 2000, val_size: 
     if resample:
         raise ErfLabError("--resample is a cue-world option (a folder dataset has a fixed set of images)")
     tr, va = image_folder(data, input_size, seed=seed)
+    train_counts, val_counts = (np.bincount(s.targets, minlength=len(tr.classes)).tolist() for s in (tr, va))
     return Data(tr, va, tr.classes, {"kind": "folder", "root": str(Path(data).expanduser().resolve()),
                                      "train_size": len(tr), "val_size": len(va), "num_classes": len(tr.classes),
-                                     "classes": tr.classes, "skipped_train": tr.skipped,
-                                     "skipped_val": va.skipped})
+                                     "classes": tr.classes,
+                                     # uneven classes: the val accuracy of always answering the class with the most
+                                     # training images is the floor a trained model's accuracy means something above
+                                     "train_per_class": dict(zip(tr.classes, train_counts)),
+                                     "val_per_class": dict(zip(va.classes, val_counts)),
+                                     "majority_class_val_acc": val_counts[int(np.argmax(train_counts))] / len(va),
+                                     "skipped_train": tr.skipped, "skipped_val": va.skipped})
