@@ -6,9 +6,10 @@ Accepts a raw state dict or one wrapped in ``model`` / ``state_dict`` / ``model_
 mis-shaped keys by name. What of the file loaded (its entry, the weights passed over, the prefixes stripped, a
 ``backbone.`` part) is recorded with the results (:func:`weights_selection`).
 
-The facts erf-lab records about weights it writes (a random initialisation and its seed; the training input size)
-travel inside the file: safetensors metadata, and in a ``.pth`` an ``erf_lab`` entry beside ``model``
-(:func:`pth_record`), so a file copied alone keeps them. ``<file>.run.json`` sidecars of older files still count.
+The facts erf-lab records about weights it writes (a random initialisation and its seed; the training input size;
+the class names of a classifier trained on a folder) travel inside the file: safetensors metadata, and in a ``.pth``
+an ``erf_lab`` entry beside ``model`` (:func:`pth_record`), so a file copied alone keeps them. ``<file>.run.json``
+sidecars of older files still count.
 """
 from __future__ import annotations
 
@@ -39,11 +40,15 @@ RANDOM_INIT_KEY, INIT_SEED_KEY = "erf_lab_random_init", "erf_lab_init_seed"
 #: safetensors metadata (and ``<file>.run.json`` key ``input_size``): the input side in pixels the weights were
 #: trained at, written by ``erf-lab train``
 TRAIN_SIZE_KEY = "erf_lab_train_input_size"
+#: safetensors metadata: the class names of the head's outputs in their order (a JSON list), written by ``erf-lab
+#: train`` for a folder (ImageFolder) run, whose labels are its sorted class folders
+CLASSES_KEY = "erf_lab_classes"
 #: the entry of a ``.pth`` erf-lab writes (``{"model": state_dict, "erf_lab": {...}}``, the official RepLKNet layout
 #: plus one entry its loaders ignore) with the same facts as the safetensors metadata: ``random_init`` (True),
-#: ``init_seed``, ``input_size``, and ``weights_sha256`` (:func:`weights_digest` of ``model``): the facts speak only
-#: for the tensors they were written with, not for other weights saved into the same dict later. Plain data only
-#: (bools, ints, strings), so it reads with ``torch.load(weights_only=True)``.
+#: ``init_seed``, ``input_size``, ``classes`` (a list of strings), and ``weights_sha256`` (:func:`weights_digest` of
+#: ``model``): the facts speak only for the tensors they were written with, not for other weights saved into the same
+#: dict later. Plain data only (bools, ints, strings, lists of strings), so it reads with
+#: ``torch.load(weights_only=True)``.
 PTH_RECORD_KEY = "erf_lab"
 #: the resume state of an ``erf-lab train`` run still in progress (``erf_lab.train.checkpoints.STATE_FILE``)
 _TRAIN_STATE_FILE = ".train_state.pt"
@@ -109,10 +114,10 @@ def random_init_record(weights: str | os.PathLike) -> dict | None:
 
 
 def weights_facts(*, random_init_seed: int | None = None, random_init: bool | None = None,
-                  input_size: int | None = None) -> dict:
+                  input_size: int | None = None, classes: list[str] | None = None) -> dict:
     """The facts erf-lab records with weights it writes: ``random_init`` (True, when they are an untrained
-    initialisation; ``random_init_seed`` implies it) with its ``init_seed``, and the training ``input_size``;
-    {} when there is none."""
+    initialisation; ``random_init_seed`` implies it) with its ``init_seed``, the training ``input_size`` and the
+    ``classes`` the head's outputs stand for; {} when there is none."""
     facts = {}
     if random_init or random_init_seed is not None:
         facts["random_init"] = True
@@ -120,12 +125,14 @@ def weights_facts(*, random_init_seed: int | None = None, random_init: bool | No
             facts["init_seed"] = int(random_init_seed)
     if input_size is not None:
         facts["input_size"] = int(input_size)
+    if classes is not None:
+        facts["classes"] = [str(c) for c in classes]
     return facts
 
 
 def safetensors_facts(facts: Mapping) -> dict[str, str] | None:
     """:func:`weights_facts` as safetensors metadata (:data:`RANDOM_INIT_KEY`, :data:`INIT_SEED_KEY`,
-    :data:`TRAIN_SIZE_KEY`); None when there is none."""
+    :data:`TRAIN_SIZE_KEY`, :data:`CLASSES_KEY`); None when there is none."""
     meta = {}
     if facts.get("random_init"):
         meta[RANDOM_INIT_KEY] = "true"
@@ -133,6 +140,10 @@ def safetensors_facts(facts: Mapping) -> dict[str, str] | None:
             meta[INIT_SEED_KEY] = str(int(facts["init_seed"]))
     if facts.get("input_size") is not None:
         meta[TRAIN_SIZE_KEY] = str(int(facts["input_size"]))
+    if facts.get("classes") is not None:
+        import json
+
+        meta[CLASSES_KEY] = json.dumps(list(facts["classes"]), ensure_ascii=False)
     return meta or None
 
 
@@ -142,7 +153,7 @@ def pth_record(state_dict: Mapping, facts: Mapping) -> dict | None:
     None when there are no facts."""
     if not facts:
         return None
-    return {**{k: facts[k] for k in ("random_init", "init_seed", "input_size") if facts.get(k) is not None},
+    return {**{k: facts[k] for k in ("random_init", "init_seed", "input_size", "classes") if facts.get(k) is not None},
             "weights_sha256": weights_digest(state_dict)}
 
 
@@ -324,6 +335,29 @@ def training_input_size(weights: str | os.PathLike) -> tuple[int | None, str | N
                 n = _size(state["settings"].get("input_size"))
                 if n:
                     return n, f"the erf-lab train run in progress {run}"
+    return None, None
+
+
+def training_classes(weights: str | os.PathLike) -> tuple[list[str] | None, str | None]:
+    """(class names of the head's outputs in their order, where they were read) of weights ``erf-lab train`` wrote
+    for a folder run: the safetensors metadata (:data:`CLASSES_KEY`), the ``erf_lab`` entry of a ``.pth``, or for a
+    file of an older erf-lab the ``run.json`` of the complete run whose folder holds it. (None, None) for any other
+    file (a cue-world run's, ImageNet weights): the classes are not known."""
+    import json
+
+    def names(v) -> list[str] | None:
+        return list(v) if isinstance(v, list) and v and all(isinstance(c, str) for c in v) else None
+
+    path = resolve_weights(weights)[0]
+    with contextlib.suppress(ValueError):
+        if n := names(json.loads(_safetensors_metadata(path).get(CLASSES_KEY, "null"))):
+            return n, f"the safetensors metadata of {path.name}"
+    if n := names(_pth_record(path).get("classes")):
+        return n, f"the erf-lab record in {path.name}"
+    found = training_run_of(path)
+    if found is not None and (found[1].get("data") or {}).get("kind") == "folder":
+        n = names(found[1]["data"].get("classes"))
+        return (n, f"the erf-lab train run {found[0]}/run.json") if n else (None, None)
     return None, None
 
 

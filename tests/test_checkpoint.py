@@ -680,6 +680,31 @@ def test_an_erf_lab_pth_carries_its_facts_inside_and_official_layouts_load_uncha
     assert random_init_record(plain) is None and training_input_size(plain) == (None, None)
 
 
+def test_a_folder_runs_class_names_travel_in_its_weights_files_and_through_reparam(tmp_path):
+    """The classes a folder run's head stands for (its sorted class folders) were in its run.json alone: a weights
+    file copied out, or re-parameterized, could not say what its outputs mean. Now both formats carry them, reparam
+    keeps them (not with --drop-head, whose head is left out), and official files have none."""
+    from erf_lab.checkpoint import training_classes
+    from erf_lab.models.deploy import export_deploy
+    from erf_lab.train.checkpoints import save_weights
+
+    names = ["dog house", "\u00e9t\u00e9", *(f"c{i}" for i in range(8))]  # TINY's 10 classes
+    files = save_weights(_model().state_dict(), tmp_path / "w", classes=names)
+    assert [training_classes(f) for f in files] == [(names, "the erf-lab record in w.pth"),
+                                                    (names, "the safetensors metadata of w.safetensors")]
+    for f in files:
+        out = tmp_path / f"deploy{f.suffix}"
+        export_deploy("replknet_31b", out, weights=str(f), input_size=32, flops_input_size=32, show_progress=False,
+                      **TINY)
+        assert training_classes(out)[0] == names
+    headless = tmp_path / "headless.safetensors"
+    export_deploy("replknet_31b", headless, weights=str(files[1]), drop_head=True, input_size=32,
+                  flops_input_size=32, show_progress=False, **{**TINY, "num_classes": 4})
+    assert training_classes(headless) == (None, None)
+    torch.save(_model().state_dict(), tmp_path / "plain.pth")
+    assert training_classes(tmp_path / "plain.pth") == (None, None)
+
+
 def test_the_pth_record_speaks_only_for_the_weights_that_load(tmp_path):
     """The record is checked against 'model', but erf-lab's loader (and timm's) takes a 'state_dict' entry first:
     trained weights saved under 'state_dict' into an erf-lab epoch-0 file loaded as the model, yet the file was still

@@ -335,6 +335,30 @@ def test_weights_file_is_a_trained_run(tiny_model, tmp_path, fixture_datasets, c
     assert (out / "cue-conflict_sb-tiny-models-tiny_session-1.csv").is_file()
 
 
+def test_weights_trained_on_a_folder_of_other_classes_are_refused(tiny_model, tmp_path, fixture_datasets, capsys):
+    """A 16-way head that 'erf-lab train' fitted to a folder of 16 other classes was read as model-vs-human's
+    categories (its class 0 as 'airplane') and a shape bias reported. The weights name their classes now: refused,
+    one line, nothing written; a folder of exactly the 16 categories is measured."""
+    from sb_tiny_models import tiny
+
+    from erf_lab.shape_bias import CATEGORIES
+    from erf_lab.train import checkpoints as C
+
+    sd = tiny(16).state_dict()
+    C.save_weights(sd, tmp_path / "other", classes=[f"class{i:02d}" for i in range(16)])
+    C.save_weights(sd, tmp_path / "mvh", "safetensors", classes=list(CATEGORIES))
+    args = ["shape-bias", "--model", tiny_model, "--override", "num_classes=16", "--stimuli", str(fixture_datasets),
+            "--workers", "0", "--limit", "2", "--no-humans"]
+    for name in ("other.pth", "other.safetensors"):
+        out = tmp_path / f"run-{name}"
+        assert main([*args, "--weights", str(tmp_path / name), "--out", str(out)]) == 2
+        lines = _one_error_line(capsys.readouterr().err)
+        assert len(lines) == 1 and "was trained on a folder whose 16 classes (class00, class01, class02, ...;" in \
+            lines[0] and "would read its class 'class00' as 'airplane'" in lines[0], lines
+        assert not out.exists()
+    assert main([*args, "--weights", str(tmp_path / "mvh.safetensors"), "--out", str(tmp_path / "run-mvh")]) == 0
+
+
 def test_degenerate_run_is_flagged(tiny_model, tmp_path, fixture_datasets, capsys):
     out = tmp_path / "run"
     assert main(["shape-bias", "--model", "sb_tiny_models:oven", "--allow-random", "--stimuli",

@@ -133,7 +133,7 @@ def test_run_directory_and_official_checkpoints(tmp_path, one_thread, monkeypatc
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     # the files say themselves what they are: no .run.json beside the .pth any more
     assert ckpts == sorted([f"epoch_00{e}.{x}" for e in range(3) for x in ("pth", "safetensors")])
-    from erf_lab.checkpoint import random_init_record, training_input_size
+    from erf_lab.checkpoint import random_init_record, training_classes, training_input_size
 
     # epoch 0 is the random initialisation, marked so (what measures it says "random weights"); trained ones not;
     # each file keeps its mark and training size when copied alone (before: a .pth lost both, they were in its
@@ -144,6 +144,7 @@ def test_run_directory_and_official_checkpoints(tmp_path, one_thread, monkeypatc
         for name, init in (("epoch_000", {"seed": 0}), ("epoch_002", None)):
             for path in (out / "checkpoints" / f"{name}.{x}", shutil.copy(out / "checkpoints" / f"{name}.{x}", alone)):
                 assert random_init_record(path) == init and training_input_size(path)[0] == 32, path
+                assert training_classes(path) == (None, None)  # cue-world's: no folder classes
     # official layout plus the erf_lab record (plain data, weights-only), loadable by create_model; the .pth and the
     # .safetensors hold the same tensors
     raw = torch.load(out / "model.pth", weights_only=True)
@@ -252,6 +253,13 @@ def test_image_folder_skips_unreadable_files(tmp_path, one_thread):
     assert why["train/b/notes.txt"].startswith("UnidentifiedImageError: cannot identify image file")
     assert why["train/a/pipe.png"] == "not a regular file (a pipe, device or socket)"
     assert json.loads((tmp_path / "run" / "run.json").read_text())["skipped"] == info["skipped"]
+    # each weights file names the classes its outputs stand for, copied alone too (shape-bias reads them)
+    from erf_lab.checkpoint import training_classes
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("model.pth", "model.safetensors", "checkpoints/epoch_000.pth", "checkpoints/epoch_001.safetensors"):
+        assert training_classes(shutil.copy(tmp_path / "run" / name, alone))[0] == ["a", "b"], name
 
 
 def _jpeg_bytes(seed: int) -> bytes:

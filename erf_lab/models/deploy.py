@@ -114,7 +114,7 @@ def official_deploy_layout(model: nn.Module, inplace: bool = False) -> nn.Module
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], out: str | Path, facts: dict | None = None) -> Path:
     """Write a state dict atomically: ``.safetensors`` by suffix, else ``torch.save``. ``facts``
-    (:func:`erf_lab.checkpoint.weights_facts`: random init, init seed, training size) go into the file: the
+    (:func:`erf_lab.checkpoint.weights_facts`: random init, init seed, training size, classes) go into the file: the
     safetensors metadata, or a ``.pth`` ``{"model": state_dict, "erf_lab": {...}}`` (the official RepLKNet
     layout, which its loaders and erf-lab's read; :func:`erf_lab.checkpoint.pth_record`). Without facts a ``.pth``
     is the plain tensor dict."""
@@ -187,12 +187,14 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
 def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size, input_size, flops_input_size,
                    seed, show_progress, argv, **overrides) -> dict:
     """:func:`export_deploy` once its arguments are checked and ``out``'s folder exists."""
-    from erf_lab.checkpoint import random_init_of, training_input_size, weights_facts
+    from erf_lab.checkpoint import random_init_of, training_classes, training_input_size, weights_facts
     from erf_lab.io import progress, sha256_file, write_json
     from erf_lab.models.registry import create_model
 
     random_init = random_init_of(weights, pretrained=bool(overrides.get("pretrained")), seed=seed)
     train_size = training_input_size(weights)[0] if weights and random_init is None else None
+    # a folder run's class names, what its outputs stand for (not with --drop-head: the head is left out)
+    classes = training_classes(weights)[0] if weights and not drop_head else None
     t0 = time.perf_counter()
     bar = progress(total=6, desc=f"reparam {model_name}", unit="step",
                    disable=None if show_progress is None else not show_progress)
@@ -234,7 +236,7 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
         # the random-init mark and the training record go inside the weights file, so a copy of it alone keeps them
         facts = weights_facts(random_init=random_init is not None,
                               random_init_seed=None if random_init is None else random_init["seed"],
-                              input_size=train_size or None)
+                              input_size=train_size or None, classes=classes)
         save_state_dict(state, out, facts=facts)
         bar.update()
     finally:

@@ -80,6 +80,35 @@ def refuse_allow_random_for_trained(weights, random_weights: bool, allow_random:
                           f"mark): drop --allow-random")
 
 
+def refuse_other_classes(weights) -> None:
+    """ErfLabError for weights of a classifier ``erf-lab train`` trained on a folder whose classes are not what the
+    probe reads its outputs as: 16 outputs as model-vs-human's categories in their order, 1000 as ImageNet-1k's (its
+    sorted synset folders). A folder of 16 other classes had its class 0 read as 'airplane', and a shape bias
+    reported. Weights whose classes are not recorded (ImageNet weights, a cue-world run's) pass."""
+    if weights is None:
+        return
+    from erf_lab.checkpoint import resolve_weights, training_classes
+
+    try:
+        if not resolve_weights(weights)[0].is_file():
+            return  # reported as missing where the weights are loaded
+    except ErfLabError:
+        return
+    classes, where = training_classes(weights)
+    if classes is None or len(classes) not in (len(CATEGORIES), 1000):
+        return  # another head size is refused where the outputs are read
+    if classes == list(CATEGORIES) or (len(classes) == 1000 and classes == sorted(classes)
+                                       and all(re.fullmatch(r"n\d{8}", c) for c in classes)):
+        return
+    shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+    expected = (f"model-vs-human's 16 categories in their order ({', '.join(CATEGORIES[:3])}, ...)"
+                if len(classes) == len(CATEGORIES) else "ImageNet-1k's classes (its synset folders n########)")
+    raise ErfLabError(f"{weights} was trained on a folder whose {len(classes)} classes ({shown}; from {where}) are "
+                      f"not {expected}: the probe would read its class {classes[0]!r} as "
+                      f"{CATEGORIES[0] if len(classes) == len(CATEGORIES) else 'ImageNet class 0'!r}, and its shape "
+                      f"bias would mean nothing")
+
+
 def check_finite_outputs(logits: torch.Tensor, what: str) -> None:
     """ErfLabError where the model's outputs on ``what`` are NaN or infinite: its argmax would be read as a
     decision (class 0) and a shape bias reported from weights that compute nothing."""
@@ -455,6 +484,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
         raise ErfLabError(f"{why}: pass --weights FILE (.pth/.pt/.safetensors) of a trained model or "
                           f"--pretrained (published ImageNet weights, e.g. efficientnet_lite0); a shape bias of "
                           f"random weights means nothing (--allow-random measures one anyway, marked untrained)")
+    refuse_other_classes(weights)
     from erf_lab.train.data import per_cpu_cap
 
     if workers is not None and not 0 <= workers <= per_cpu_cap():  # each one a process

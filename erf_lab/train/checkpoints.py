@@ -32,13 +32,14 @@ WEIGHT_FORMATS = ("pth", "safetensors", "both")
 
 def save_weights(state_dict: dict, stem: str | os.PathLike, fmt: str = "both",
                  extra: dict | None = None, random_init_seed: int | None = None,
-                 train_input_size: int | None = None) -> list[Path]:
+                 train_input_size: int | None = None, classes: list[str] | None = None) -> list[Path]:
     """Write ``stem.pth`` (``{"model": sd, **extra}``) and / or ``stem.safetensors`` atomically. With
     ``random_init_seed`` (the weights are the untrained initialisation, epoch 0) each file is marked as a random
     init, as ``erf-lab reparam`` marks one (:func:`erf_lab.checkpoint.random_init_record`); measurements on it then
     say so. ``train_input_size`` (the training resolution) is recorded too, so a file copied out of its run folder
-    still says what it was trained at (:func:`erf_lab.checkpoint.training_input_size`). Both facts live in the
-    file itself: the safetensors metadata, and the .pth's ``erf_lab`` entry beside ``model``
+    still says what it was trained at (:func:`erf_lab.checkpoint.training_input_size`), and ``classes`` (a folder
+    run's class names, the head's outputs in order; :func:`erf_lab.checkpoint.training_classes`). The facts live in
+    the file itself: the safetensors metadata, and the .pth's ``erf_lab`` entry beside ``model``
     (:func:`erf_lab.checkpoint.pth_record`), which loaders of the official layout ignore."""
     from erf_lab.checkpoint import PTH_RECORD_KEY, pth_record, safetensors_facts, weights_facts
 
@@ -46,7 +47,7 @@ def save_weights(state_dict: dict, stem: str | os.PathLike, fmt: str = "both",
         raise ErfLabError(f"unknown checkpoint format {fmt!r}; choose {', '.join(WEIGHT_FORMATS)}")
     stem = Path(stem)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    facts = weights_facts(random_init_seed=random_init_seed, input_size=train_input_size)
+    facts = weights_facts(random_init_seed=random_init_seed, input_size=train_input_size, classes=classes)
     out = []
     if fmt in ("pth", "both"):
         path = stem.with_name(stem.name + ".pth")

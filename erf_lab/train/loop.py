@@ -549,6 +549,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 raise ErfLabError(f"--resume: the validation images of {data} differ from the interrupted run's in "
                                   f"{out} (its epochs so far were measured on the others, metrics.csv would mix two "
                                   f"sets); restore the data or start over with --force")
+        # a folder run's labels are its sorted class folders: each weights file names them (shape-bias reads them)
+        classes = d.classes if d.description.get("kind") == "folder" else None
         B, W = recipe.batch_size, info.world_size
         steps_per_epoch = len(d.train) // (B * W)
         if steps_per_epoch < 1:
@@ -644,7 +646,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                     _clear(out)
                 # marked: measurements on it say "random weights"
                 C.save_weights(net.state_dict(), out / "checkpoints" / "epoch_000", checkpoint_format,
-                               random_init_seed=seed, train_input_size=input_size)
+                               random_init_seed=seed, train_input_size=input_size, classes=classes)
             # the resume point from the start: a run killed (SIGKILL, a crash) in its first epoch continues with
             # --resume like one killed later (before: only epoch_000 was left, which neither --resume nor the same
             # command again continued; --force had to delete it)
@@ -740,10 +742,10 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
             if info.is_main:
                 C.save_weights(net.state_dict(), out / "checkpoints" / epoch_stem(epoch), checkpoint_format,
                                extra={"model_ema": ema.state_dict()} if ema is not None else None,
-                               train_input_size=input_size)
+                               train_input_size=input_size, classes=classes)
                 if ema is not None:  # what the timeline measures with --weights ema (a .pth-only run too)
                     C.save_weights(ema.state_dict(), out / "checkpoints" / epoch_stem(epoch, ema=True),
-                                   "safetensors", train_input_size=input_size)
+                                   "safetensors", train_input_size=input_size, classes=classes)
                 _write_metrics(out / "metrics.csv", rows)
                 bar.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.3f}, "
                           f"val loss {val_loss:.4f} acc {val_acc:.3f}")
@@ -768,9 +770,11 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
 
     if not info.is_main:
         return {"out_dir": out, "rows": rows, "run_info": None, "already_complete": False}
-    files = C.save_weights(net.state_dict(), out / "model", checkpoint_format, train_input_size=input_size)
+    files = C.save_weights(net.state_dict(), out / "model", checkpoint_format, train_input_size=input_size,
+                           classes=classes)
     if ema is not None:
-        files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors", train_input_size=input_size)
+        files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors", train_input_size=input_size,
+                                classes=classes)
     plot_curves(rows, out / "curves", recipe.label_smoothing)
     run_info = {
         "command": argv, "launch": launch(), "settings": settings, "device": device, "num_workers": num_workers,
