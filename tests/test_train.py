@@ -373,6 +373,21 @@ def test_sixteen_bit_images_use_their_range():
     assert (rgb[..., 0] == np.round(a / a.max() * 255)).all()
 
 
+def test_a_palette_image_with_transparency_loads_without_a_warning(tmp_path):
+    """PIL warned 'Palette images with Transparency expressed in bytes should be converted to RGBA images' at the
+    first such image of a run, as if the user had to convert their files: read through RGBA, the same pixels."""
+    from erf_lab.train.data import to_rgb_array
+
+    a = np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    Image.fromarray(a).convert("P").save(tmp_path / "p.png", transparency=bytes([0] * 10 + [255] * 246))
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.mode == "P" and isinstance(im.info["transparency"], bytes)
+        expected = np.asarray(im.convert("RGBA"))[..., :3]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert np.array_equal(to_rgb_array(im), expected)
+
+
 def _bad_cases(tmp_path):
     good = _folder(tmp_path / "good")
     missing = _folder(tmp_path / "missing")

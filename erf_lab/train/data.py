@@ -61,7 +61,10 @@ def _unreadable(path: Path) -> str | None:
 
 def to_rgb_array(image) -> np.ndarray:
     """PIL image -> uint8 (H, W, 3). 16/32-bit and float modes are scaled by their real range (``convert("RGB")``
-    would clip them at 255)."""
+    would clip them at 255). A palette image with transparency goes through RGBA, as PIL asks (the same pixels;
+    straight to RGB, PIL warned the user to convert their images)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(image, dtype=np.float64)
         lo, hi = float(a.min()), float(a.max())
