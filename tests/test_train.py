@@ -679,6 +679,24 @@ def test_resume_of_a_folder_that_changed_is_refused(tmp_path, capsys, one_thread
             rename("z", "b")
 
 
+def test_a_folder_run_records_no_cue_world_image_counts(tmp_path, one_thread):
+    """run.json's settings of a folder run said train_size 2000 and val_size 500, cue-world's defaults, which it never
+    used (its images: 12 and 4): None now. A folder run interrupted under an erf-lab that recorded them resumes."""
+    root = _folder(tmp_path / "data")
+    out = tmp_path / "run"
+    kw = dict(out=out, overrides=TINY, input_size=32, show_progress=False,
+              recipe=Recipe(epochs=1, batch_size=4, warmup_epochs=0))
+    with pytest.raises(KeyboardInterrupt):
+        train("replknet_31b", str(root), on_step=_Interrupt(1, KeyboardInterrupt()), **kw)
+    state = torch.load(out / C.STATE_FILE, weights_only=True)
+    assert (state["settings"]["train_size"], state["settings"]["val_size"]) == (None, None)
+    state["settings"].update(train_size=2000, val_size=500)  # as an older erf-lab saved it
+    C.save_state(out, state)
+    info = train("replknet_31b", str(root), resume=True, **kw)["run_info"]
+    assert (info["settings"]["train_size"], info["settings"]["val_size"]) == (None, None)
+    assert (info["data"]["train_size"], info["data"]["val_size"]) == (12, 4) and info["resumed"]
+
+
 def test_resume_takes_the_same_data_folder_spelled_otherwise(tmp_path, monkeypatch, capsys, one_thread):
     """--data data at the start, ./data/ or its absolute path at --resume: the same run (before: refused as other
     settings, '--data: 'data' there, './data/' now'); another folder is still refused."""

@@ -455,9 +455,11 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     from erf_lab.provenance import launch, now, versions
 
     start_time, t_start = now(), time.time()
+    cue = str(data) == CUE_WORLD  # the image counts are cue-world's: a folder has its own (run.json's data)
     settings = {"model": model_name, "overrides": {k: (list(v) if isinstance(v, tuple) else v)
                                                    for k, v in overrides.items()},
-                "data": str(data), "input_size": input_size, "train_size": train_size, "val_size": val_size,
+                "data": str(data), "input_size": input_size, "train_size": train_size if cue else None,
+                "val_size": val_size if cue else None,
                 "num_classes": num_classes, "resample": resample, "seed": seed, "recipe": recipe.as_dict(),
                 "amp": amp, "channels_last": channels_last, "sync_bn": bool(sync_bn),
                 "world_size": info.world_size, "checkpoint_format": checkpoint_format}
@@ -498,7 +500,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         if state is not None:  # a folder's class count is the folder's: --num-classes only checks it (below)
             folder = str(data) != CUE_WORLD
             was = {**state["settings"], "checkpoint_format": own or checkpoint_format}  # None: no weights saved yet
-            diff = _differences(was, settings, [k for k in settings if not (folder and k == "num_classes")])
+            # (a folder run's state of an older erf-lab recorded cue-world's default sizes, which it never used)
+            diff = _differences(was, settings, [k for k in settings
+                                                if not (folder and k in ("num_classes", "train_size", "val_size"))])
             if diff:  # the number of processes first: a --batch-size changed to make up for it differs too
                 name, was, now = next((d for d in diff if d[0] == _WORLD_SIZE), diff[0])
                 why = (f": --batch-size is per process, so each of its steps took {was} x "
