@@ -359,6 +359,24 @@ def test_weights_trained_on_a_folder_of_other_classes_are_refused(tiny_model, tm
     assert main([*args, "--weights", str(tmp_path / "mvh.safetensors"), "--out", str(tmp_path / "run-mvh")]) == 0
 
 
+def test_a_thousand_way_head_of_a_folder_run_must_be_imagenets_synsets(tmp_path):
+    """A 1000-way head is read through ImageNet-1k's class indices: a folder run of the 1000 synset folders
+    (n########, sorted as ImageNet numbers them) passes, one of 1000 other classes is refused."""
+    import torch
+
+    from erf_lab.errors import ErfLabError
+    from erf_lab.shape_bias.evaluate import refuse_other_classes
+    from erf_lab.train import checkpoints as C
+
+    sd = {"fc.weight": torch.zeros(1000, 2)}
+    C.save_weights(sd, tmp_path / "imagenet", "safetensors", classes=[f"n{i:08d}" for i in range(1000)])
+    C.save_weights(sd, tmp_path / "other", "safetensors", classes=[f"class{i:04d}" for i in range(1000)])
+    refuse_other_classes(str(tmp_path / "imagenet.safetensors"))
+    with pytest.raises(ErfLabError, match=r"1000 classes \(class0000, class0001, class0002, \.\.\.; from the "
+                                          r"safetensors metadata of other\.safetensors\) are not ImageNet-1k's"):
+        refuse_other_classes(str(tmp_path / "other.safetensors"))
+
+
 def test_degenerate_run_is_flagged(tiny_model, tmp_path, fixture_datasets, capsys):
     out = tmp_path / "run"
     assert main(["shape-bias", "--model", "sb_tiny_models:oven", "--allow-random", "--stimuli",
