@@ -445,6 +445,23 @@ def _bad_cases(tmp_path):
     }
 
 
+def test_another_class_count_names_a_few_of_the_folders_classes(tmp_path, capsys):
+    """--num-classes against a folder of many classes listed every one in the error line (an ImageNet folder:
+    1000 names in one line): the first six now."""
+    root = tmp_path / "data"
+    for c in range(9):
+        for split in ("train", "val"):
+            _png(root / split / f"class{c}" / "0.png", np.random.default_rng(c))
+    out = tmp_path / "run"
+    assert main(["train", *TINY_CLI, "--data", str(root), "--batch-size", "4", "--num-classes", "5", "--out",
+                 str(out)]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and lines[0].endswith(f"--num-classes 5, but {root} has 9 classes (class0, class1, class2, "
+                                                 "class3, class4, class5, ...); drop --num-classes or use a folder "
+                                                 "with 5"), lines
+    assert not out.exists()
+
+
 def test_bad_input_one_error_line_exit_2_nothing_written(tmp_path, capsys):
     for name, (extra, message) in _bad_cases(tmp_path).items():
         out = tmp_path / "out" / name.replace(" ", "_")

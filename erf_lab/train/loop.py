@@ -533,7 +533,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         n_classes = len(d.classes)
         if num_classes is not None and num_classes != n_classes:
             raise ErfLabError(f"--num-classes {num_classes}, but {data} has {n_classes} classes "
-                              f"({', '.join(d.classes)}); drop --num-classes or use a folder with {num_classes}")
+                              f"({', '.join(d.classes[:6])}{', ...' if n_classes > 6 else ''}); drop --num-classes "
+                              f"or use a folder with {num_classes}")  # (an ImageNet folder: not 1000 names)
         settings["num_classes"], settings["train_images"] = n_classes, len(d.train)  # recorded as trained
         if hasattr(d.train, "fingerprint"):  # a folder: its class names and image paths
             settings["train_fingerprint"] = d.train.fingerprint()
