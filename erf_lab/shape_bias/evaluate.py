@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 import warnings
