@@ -30,8 +30,34 @@ def is_unit(value) -> bool:
     return value == 1 or (isinstance(value, (tuple, list)) and len(value) == 2 and all(v == 1 for v in value))
 
 
+def is_same_padding(padding, kh: int, kw: int) -> bool:
+    """A padding as F.conv2d and nn.Conv2d take it that is this op's 'same' padding for an odd KHxKW kernel: "same",
+    (KH//2, KW//2) as a tuple or list, or KH//2 where KH = KW."""
+    if isinstance(padding, str):
+        return padding == "same"
+    if isinstance(padding, (tuple, list)):
+        return len(padding) == 2 and tuple(padding) == (kh // 2, kw // 2)
+    return kh == kw and padding == kh // 2 and not isinstance(padding, bool)
+
+
+def _check_conv2d_args(x, weight, padding, groups) -> None:
+    """ValueError (one line) for an F.conv2d ``padding`` / ``groups`` that this op does not compute: padding other
+    than 'same' (K//2 on each side), groups other than the channels of ``x`` (a depthwise conv)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or x.dim() != 4 or weight.dim() != 4:
+        return  # check_inputs says what is wrong
+    kh, kw = weight.shape[-2:]
+    if not is_same_padding(padding, kh, kw):
+        raise ValueError(f"depthwise_conv2d: only 'same' padding is supported (padding='same' or "
+                         f"{kh // 2 if kh == kw else (kh // 2, kw // 2)} for a {kh}x{kw} kernel), got "
+                         f"padding={padding!r}; use F.conv2d")
+    if groups is not None and groups != x.shape[1]:
+        raise ValueError(f"depthwise_conv2d: groups must equal the {x.shape[1]} channels of x (a depthwise conv), "
+                         f"got groups={groups!r}; use F.conv2d")
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     backend: str | None = None, stride: int = 1, dilation: int = 1) -> torch.Tensor:
+                     backend: str | None = None, stride: int = 1, dilation: int = 1, padding="same",
+                     groups: int | None = None) -> torch.Tensor:
     """Depthwise 2-D cross-correlation, stride 1, 'same' padding (KH//2, KW//2), as
     ``F.conv2d(x, weight, bias, padding=(KH//2, KW//2), groups=C)``.
 
@@ -43,10 +69,14 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     each operation with its own. Under ``torch.autocast`` the tensors are cast as autocast casts
     F.conv2d's (float32 ones to the autocast dtype). Under ``torch.compile`` the graph holds fastconv's custom ops
     (``fastconv.compiled``); ``torch.export``, ``torch.jit.trace`` and functorch transforms get the stock op.
+    ``stride``, ``dilation``, ``padding`` and ``groups`` let an ``F.conv2d(x, w, b, padding=K//2, groups=C)`` call
+    switch by its name alone: each takes only what this op computes (1, 1, 'same' or K//2, C), else ValueError.
     """
     if not is_unit(stride) or not is_unit(dilation):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
+    if padding != "same" or groups is not None:
+        _check_conv2d_args(x, weight, padding, groups)
     if _is_compiling() or _tracing_state() is not None or (_transforms_active() and under_vmap()):
         x, weight, bias = autocast_inputs(x, weight, bias)
         check_inputs(x, weight, bias)

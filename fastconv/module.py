@@ -5,21 +5,39 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastconv.functional import depthwise_conv2d, is_unit
+from fastconv.config import _backend
+from fastconv.functional import depthwise_conv2d, is_same_padding, is_unit
 
 
 class DepthwiseConv2d(nn.Conv2d):
     """Same parameters (``weight`` (C,1,KH,KW), ``bias``) and state-dict keys as the ``nn.Conv2d`` it replaces,
     so checkpoints load unchanged; the forward runs ``fastconv.depthwise_conv2d``. ``backend`` None (default)
-    follows ``fastconv.settings()`` (``fastconv.use`` / ``configure``); a named backend on the module wins."""
+    follows ``fastconv.settings()`` (``fastconv.use`` / ``configure``); a named backend on the module wins.
+    ``stride``, ``padding``, ``dilation``, ``groups`` and ``padding_mode`` take nn.Conv2d's names and only the values
+    this conv computes (1, 'same' or K//2, 1, C, 'zeros'); anything else is a ValueError."""
 
     def __init__(self, channels: int, kernel_size, bias: bool = True, backend: str | None = None, stride=1,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, padding="same", dilation=1, groups: int | None = None,
+                 padding_mode: str = "zeros"):
+        if isinstance(bias, int) and not isinstance(bias, bool):
+            # DepthwiseConv2d(C, C, 7) written as nn.Conv2d(C, C, 7) built a CxC kernel with bias "7", silently
+            raise ValueError(f"DepthwiseConv2d: bias={bias!r} is not a bool; it takes (channels, kernel_size), not "
+                             "nn.Conv2d's (in_channels, out_channels, kernel_size)")
         k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        if not is_unit(stride):
-            raise ValueError(f"DepthwiseConv2d: only stride 1 is supported, got {stride}; use nn.Conv2d")
-        if len(k) != 2 or any(not isinstance(v, int) or v % 2 == 0 or v < 1 for v in k):
+        if not is_unit(stride) or not is_unit(dilation):
+            raise ValueError(f"DepthwiseConv2d: only stride 1 and dilation 1 are supported, got stride={stride}, "
+                             f"dilation={dilation}; use nn.Conv2d")
+        if len(k) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v % 2 == 0 or v < 1 for v in k):
             raise ValueError(f"DepthwiseConv2d: kernel_size must be odd positive ints, got {kernel_size}")
+        if not is_same_padding(padding, *k) or padding_mode != "zeros":
+            raise ValueError(f"DepthwiseConv2d: only 'same' zero padding is supported (padding='same' or "
+                             f"{k[0] // 2 if k[0] == k[1] else (k[0] // 2, k[1] // 2)}, padding_mode='zeros'), got "
+                             f"padding={padding!r}, padding_mode={padding_mode!r}; use nn.Conv2d")
+        if groups is not None and groups != channels:
+            raise ValueError(f"DepthwiseConv2d: groups must equal channels ({channels}, a depthwise conv), got "
+                             f"groups={groups!r}; use nn.Conv2d")
+        if backend is not None:
+            _backend(backend)  # a misspelt name fails here, not at the first forward
         super().__init__(channels, channels, k, stride=1, padding=(k[0] // 2, k[1] // 2), groups=channels,
                          bias=bias, device=device, dtype=dtype)
         self.backend = backend
@@ -35,8 +53,9 @@ class DepthwiseConv2d(nn.Conv2d):
     @torch.jit.unused
     def _fastconv_forward(self, x):
         k = self.kernel_size
-        if (self.stride != (1, 1) or self.dilation != (1, 1) or self.padding != (k[0] // 2, k[1] // 2)
-                or self.padding_mode != "zeros" or self.groups != self.in_channels):
+        if (self.stride != (1, 1) or self.dilation != (1, 1) or self.padding_mode != "zeros"
+                or self.groups != self.in_channels
+                or (self.padding != (k[0] // 2, k[1] // 2) and self.padding != "same")):
             raise ValueError("DepthwiseConv2d: stride, dilation, padding or groups were changed after construction;"
                              " only stride 1, dilation 1, 'same' zero padding, groups=C are supported")
         if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes it
@@ -77,7 +96,7 @@ def convert_model(model: nn.Module, min_kernel: int = 7) -> int:
     def make(m: nn.Conv2d):
         k = m.kernel_size
         if (m.groups == m.in_channels == m.out_channels and m.stride == (1, 1) and m.dilation == (1, 1)
-                and m.padding in ("same", (k[0] // 2, k[1] // 2)) and m.padding_mode == "zeros" and k[0] % 2 == 1
+                and is_same_padding(m.padding, *k) and m.padding_mode == "zeros" and k[0] % 2 == 1
                 and k[1] % 2 == 1 and max(k) >= min_kernel):
             return DepthwiseConv2d(m.in_channels, k, bias=m.bias is not None, device="meta")
         return None

@@ -777,6 +777,47 @@ def test_module_is_drop_in_for_conv2d_state_dict():
     assert fastconv.DepthwiseConv2d(3, 5, bias=False).bias is None
 
 
+def test_module_takes_conv2d_keywords_and_refuses_what_it_does_not_compute():
+    """nn.Conv2d's keywords at the values this conv computes build the module (before: TypeError "unexpected keyword
+    argument 'padding'"); other values, an nn.Conv2d-style (C, C, K) call (before: silently a CxC kernel with bias
+    "K") and a misspelt backend (before: accepted, failing at the first forward) are one ValueError each."""
+    x = torch.randn(2, 5, 9, 8)
+    for k, pad in ((7, 3), (7, "same"), ((7, 5), (3, 2)), ((7, 5), [3, 2]), ((1, 3), "same")):
+        m = fastconv.DepthwiseConv2d(5, k, padding=pad, groups=5, dilation=1, padding_mode="zeros",
+                                     backend="native/native/cpp" if ck.cpp_available() else "channels_last")
+        ref = nn.Conv2d(5, 5, k, padding=pad, groups=5)
+        ref.load_state_dict(m.state_dict(), strict=True)
+        assert _rel(m(x), ref(x)) <= 1e-5
+    for call, msg in ((lambda: fastconv.DepthwiseConv2d(3, 3, 7), "not nn.Conv2d's"),
+                      (lambda: fastconv.DepthwiseConv2d(4, 7, padding=2), "padding=2"),
+                      (lambda: fastconv.DepthwiseConv2d(4, (7, 5), padding=3), r"'same' or \(3, 2\)"),
+                      (lambda: fastconv.DepthwiseConv2d(4, 7, padding="valid"), "padding='valid'"),
+                      (lambda: fastconv.DepthwiseConv2d(4, 7, padding_mode="reflect"), "padding_mode='reflect'"),
+                      (lambda: fastconv.DepthwiseConv2d(4, 7, groups=2), "groups=2"),
+                      (lambda: fastconv.DepthwiseConv2d(4, 7, dilation=2), "dilation=2"),
+                      (lambda: fastconv.DepthwiseConv2d(4, 7, backend="cppp"), "unknown backend 'cppp'")):
+        with pytest.raises(ValueError, match=msg):
+            call()
+    m = fastconv.DepthwiseConv2d(5, 7)
+    m.padding = "same"  # as nn.Conv2d stores it: the same conv (before: "changed after construction")
+    assert _rel(m(x), _ref(x, m.weight, m.bias)) <= 1e-5
+
+
+def test_functional_takes_conv2d_padding_and_groups_at_the_values_it_computes():
+    """``depthwise_conv2d(x, w, b, padding=K//2, groups=C)``, an F.conv2d call with its name changed, computes the
+    same (before: TypeError); another padding or groups is one ValueError."""
+    x, w, b = torch.randn(2, 4, 9, 8), torch.randn(4, 1, 7, 5), torch.randn(4)
+    want = F.conv2d(x, w, b, padding=(3, 2), groups=4)
+    for pad in ((3, 2), [3, 2], "same"):
+        assert _rel(fastconv.depthwise_conv2d(x, w, b, padding=pad, groups=4), want) <= 1e-5
+    w7 = torch.randn(4, 1, 7, 7)
+    assert _rel(fastconv.depthwise_conv2d(x, w7, None, padding=3), F.conv2d(x, w7, padding=3, groups=4)) <= 1e-5
+    for kw, msg in (({"padding": 3}, r"'same' or \(3, 2\) for a 7x5"), ({"padding": 0}, "padding=0"),
+                    ({"padding": "valid"}, "padding='valid'"), ({"groups": 1}, "groups=1")):
+        with pytest.raises(ValueError, match=msg):
+            fastconv.depthwise_conv2d(x, w, b, **kw)
+
+
 @pytest.mark.parametrize("call,msg", [
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 4, 4)), "odd"),
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(5, 1, 3, 3)), "channels"),
