@@ -141,7 +141,7 @@ def _compiled(src: Path, flags: list[str], cxx: str | None, rebuild: bool) -> tu
                 except OSError as e:  # not there, not executable
                     raise RuntimeError(f"cannot run the C++ compiler {cxx!r} ({e.strerror or e}); set CXX") from None
                 if proc.returncode != 0:
-                    raise RuntimeError(f"compiling {src.name} failed: {proc.stderr.strip()[-500:]}")
+                    raise RuntimeError(_compile_error(src, cxx, proc))
                 plain_mode(tmp, executable=True)  # readable by every user of a shared cache folder, as cc's output
                 os.replace(tmp, out)
         finally:
@@ -149,6 +149,17 @@ def _compiled(src: Path, flags: list[str], cxx: str | None, rebuild: bool) -> tu
                 os.unlink(tmp)
         return out, True
     return out, False
+
+
+def _compile_error(src: Path, cxx: str, proc: subprocess.CompletedProcess) -> str:
+    """What a failed compile said, its first error line first (the line that the unavailable kernel's one warning
+    quotes: it quoted the first line of the output's last 500 characters, which began mid-line, "_t KW, int64_t
+    nthreads, ..."), then the end of its output; the exit status where it printed nothing (it read "failed: ")."""
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+    if not lines:
+        return f"compiling {src.name} failed: {cxx!r} exited with status {proc.returncode} and printed nothing"
+    first = next((ln for ln in lines if "error" in ln.lower()), lines[0])
+    return f"compiling {src.name} failed: {first[:300]}\n{proc.stderr.strip()[-500:]}"
 
 
 _private_builds: list[Path] = []

@@ -119,6 +119,22 @@ def test_failed_cpp_build_is_reported_not_silent(tmp_path):
     assert "backend 'cpp' cannot run this call: cpp kernel unavailable: compiling dwconv.cpp failed" in error
 
 
+def test_a_failed_compile_is_told_by_its_first_error_line_or_exit_status(tmp_path):
+    """The reason of a failed build (the line that the one warning quotes) starts with the compiler's first error, not
+    with the first line of its output's last 500 characters (mid-line: "_t KW, int64_t nthreads, ..."), and a
+    compiler that fails without a word is named with its exit status (it read "compiling dwconv.cpp failed: ")."""
+    cxx = need_compiler()
+    src = tmp_path / "t.c"
+    src.write_text("\n".join(f"int f{i}(int a, int b) {{ return a * b + {i}; }}" for i in range(40))
+                   + "\nint g(void) { return no_such_name; }\n")
+    with pytest.raises(RuntimeError) as failed:
+        ck.compile_shared_library(src, ["-shared", "-fPIC"], cxx=cxx)
+    first = str(failed.value).splitlines()[0]
+    assert first.startswith("compiling t.c failed: ") and "error:" in first and "no_such_name" in first
+    with pytest.raises(RuntimeError, match=r"^compiling t.c failed: 'false' exited with status 1 and printed nothing$"):
+        ck.compile_shared_library(src, ["-shared", "-fPIC"], cxx="false")
+
+
 def test_cxx_is_a_command_line_as_make_reads_it(tmp_path, monkeypatch):
     """$CXX="ccache g++" / "g++ -m64" (a compiler with its own arguments, as make runs it) compiles: it was run as one
     program name ("No such file or directory: 'g++ -DFOO=7'") and the C++ kernel was unavailable. A $CXX that is not
