@@ -14,6 +14,7 @@ from fastconv.dispatch import _fast_key, resolve
 # bound once: on the fast path each lookup of a name in ``torch`` costs, and the path runs cold between layers
 _is_compiling, _transforms_active = torch.compiler.is_compiling, torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state  # not None inside torch.jit.trace (and the ONNX exporter's tracing)
+_Proxy = torch.fx.Proxy
 
 
 def _surely_empty(x: torch.Tensor) -> bool:
@@ -75,6 +76,12 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if not is_unit(stride) or not is_unit(dilation):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
+    if isinstance(x, _Proxy) or isinstance(weight, _Proxy):
+        # torch.fx.symbolic_trace (FX tools: quantize_fx, feature extractors): one node of this op, as F.conv2d is one
+        # (tracing into it failed: "x and weight must be torch.Tensors"); the node's call checks its tensors
+        given = {"padding": padding, "groups": groups} if padding != "same" or groups is not None else {}
+        return (x if isinstance(x, _Proxy) else weight).tracer.create_proxy(
+            "call_function", depthwise_conv2d, (x, weight, bias), {"backend": backend, **given})
     if padding != "same" or groups is not None:
         _check_conv2d_args(x, weight, padding, groups)
     if _is_compiling() or _tracing_state() is not None or (_transforms_active() and under_vmap()):

@@ -58,12 +58,22 @@ class DepthwiseConv2d(nn.Conv2d):
                 or (self.padding != (k[0] // 2, k[1] // 2) and self.padding != "same")):
             raise ValueError("DepthwiseConv2d: stride, dilation, padding or groups were changed after construction;"
                              " only stride 1, dilation 1, 'same' zero padding, groups=C are supported")
-        if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes it
-            return depthwise_conv2d(x.unsqueeze(0), self.weight, self.bias, backend=self.backend).squeeze(0)
-        return depthwise_conv2d(x, self.weight, self.bias, backend=self.backend)
+        return conv_forward(x, self.weight, self.bias, self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
+
+
+def conv_forward(x, weight, bias, backend: str | None = None):
+    """``DepthwiseConv2d``'s forward on its parameters: ``depthwise_conv2d``, also of an unbatched (C, H, W) input, as
+    nn.Conv2d takes it. Under ``torch.fx.symbolic_trace`` (and a GraphModule's pickling, which traces again) it is one
+    node, as an nn.Conv2d (a leaf module) is one: the unbatched test failed the trace ("symbolically traced variables
+    cannot be used as inputs to control flow")."""
+    if isinstance(x, torch.fx.Proxy):
+        return x.tracer.create_proxy("call_function", conv_forward, (x, weight, bias, backend), {})
+    if x.dim() == 3:
+        return depthwise_conv2d(x.unsqueeze(0), weight, bias, backend=backend).squeeze(0)
+    return depthwise_conv2d(x, weight, bias, backend=backend)
 
 
 def _swap(model: nn.Module, old: type, make) -> int:

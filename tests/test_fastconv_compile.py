@@ -245,6 +245,43 @@ def test_jit_trace_records_the_stock_op(grad, one_thread):
             assert _rel(traced(x2), expected) <= 1e-5 and _rel(loaded(x2), expected) <= 1e-5
 
 
+def test_fx_symbolic_trace_records_fastconv_as_one_node(one_thread):
+    """torch.fx.symbolic_trace (the tracer of quantize_fx and torchvision's feature extractor) of a model with a
+    DepthwiseConv2d failed ("symbolically traced variables cannot be used as inputs to control flow", the unbatched
+    test), and of a forward calling depthwise_conv2d with "x and weight must be torch.Tensors"; each is one node now,
+    and the GraphModule computes as F.conv2d, on batched and unbatched inputs, also after a pickle round trip (which
+    traces again)."""
+    import pickle
+
+    import torch.nn.functional as F
+
+    class UsesTheOp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(4, 1, 5, 3)), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return fastconv.depthwise_conv2d(x, self.w, self.b, padding=(2, 1), groups=4).relu()
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), fastconv.DepthwiseConv2d(4, 7, backend="cpp"), UsesTheOp())
+    x = torch.randn(2, 4, 9, 8)
+    dw, op = model[1], model[2]
+
+    def expected(x):
+        y = F.conv2d(F.conv2d(x, model[0].weight, model[0].bias), dw.weight, dw.bias, padding=3, groups=4)
+        return F.conv2d(y, op.w, op.b, padding=(2, 1), groups=4).relu()
+
+    gm = torch.fx.symbolic_trace(model)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert fastconv.module.conv_forward in targets and fastconv.depthwise_conv2d in targets
+    alone = torch.fx.symbolic_trace(dw)
+    with torch.no_grad():
+        for traced in (gm, pickle.loads(pickle.dumps(gm))):
+            assert _rel(traced(x), expected(x)) <= 1e-5
+        for traced in (alone, pickle.loads(pickle.dumps(alone))):
+            assert _rel(traced(x[0]), F.conv2d(x[0], dw.weight, dw.bias, padding=3, groups=4)) <= 1e-5
+
+
 def test_jit_script_of_a_converted_model_runs_the_stock_op(one_thread):
     """torch.jit.script of a model holding a DepthwiseConv2d (``convert_model``'s output) raised TorchScript's
     NotSupportedError on fastconv's Python dispatch; now the scripted module runs the stock conv (saveable, the same
