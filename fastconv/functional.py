@@ -15,6 +15,19 @@ from fastconv.dispatch import _fast_key, resolve
 _is_compiling, _transforms_active = torch.compiler.is_compiling, torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state  # not None inside torch.jit.trace (and the ONNX exporter's tracing)
 _Proxy = torch.fx.Proxy
+#: a TorchDispatchMode is active (FakeTensorMode, FlopCounterMode, a profiler's) when this is > 0; a tensor subclass
+#: that dispatches in Python (FakeTensor, DTensor) has a ``__torch_dispatch__`` of its own
+_dispatch_modes, _PLAIN_DISPATCH = torch._C._len_torch_dispatch_stack, torch.Tensor.__torch_dispatch__
+
+
+def _counting_flops() -> bool:
+    """Whether torch's FlopCounterMode is on this thread's dispatch mode stack: it counts ATen ops only, and the
+    kernels of fastconv are none (it counted 0 FLOPs for the C++ kernel and the FFT, and the autotuner's timing runs of
+    a first call, 14-50x the conv's)."""
+    from torch.utils import _python_dispatch
+
+    stack = getattr(_python_dispatch, "_get_current_dispatch_mode_stack", list)()  # (private: where it moves, False)
+    return any(type(m).__name__ in ("FlopCounterMode", "_FlopCounterMode") for m in stack)
 
 
 def _surely_empty(x: torch.Tensor) -> bool:
@@ -56,6 +69,19 @@ def _check_conv2d_args(x, weight, padding, groups) -> None:
                          f"got groups={groups!r}; use F.conv2d")
 
 
+def _decide_outside_modes(backend, x, weight, bias) -> None:
+    """Under a dispatch mode (the call then runs the stock op): the decision that a plain call of this signature
+    takes, made (timed, memoized) with the modes set aside, as a first call makes it, so that the first call after
+    the mode (FlopCounterMode around a model's first batch) does not time candidates; nothing for fake or other
+    subclass tensors, whose data the autotuner cannot run."""
+    if (backend is None or backend == "auto") and type(x) in (torch.Tensor, torch.nn.Parameter) \
+            and type(weight) in (torch.Tensor, torch.nn.Parameter) and not _transforms_active():
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            resolve(backend, x, weight, bias)
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      backend: str | None = None, stride: int = 1, dilation: int = 1, padding="same",
                      groups: int | None = None) -> torch.Tensor:
@@ -84,7 +110,10 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             "call_function", depthwise_conv2d, (x, weight, bias), {"backend": backend, **given})
     if padding != "same" or groups is not None:
         _check_conv2d_args(x, weight, padding, groups)
-    if _is_compiling() or _tracing_state() is not None or (_transforms_active() and under_vmap()):
+    if (_is_compiling() or _tracing_state() is not None
+            or getattr(type(x), "__torch_dispatch__", _PLAIN_DISPATCH) is not _PLAIN_DISPATCH
+            or getattr(type(weight), "__torch_dispatch__", _PLAIN_DISPATCH) is not _PLAIN_DISPATCH
+            or (_dispatch_modes() and _counting_flops()) or (_transforms_active() and under_vmap())):
         x, weight, bias = autocast_inputs(x, weight, bias)
         check_inputs(x, weight, bias)
         if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and backend != "native"
@@ -95,7 +124,12 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         # traced C++ kernel call recorded only its output's torch.empty_like, and the graph returned uninitialised
         # memory, and the custom Function was a Python op that torch.jit.save refuses); functorch
         # transforms batch the stock op, and dual numbers carry their tangents through it; backend "native" and
-        # an empty input are the stock op, which the compiler then sees
+        # an empty input are the stock op, which the compiler then sees. Tensors that dispatch in Python (FakeTensor,
+        # DTensor) have no data where the kernels read raw pointers (under FakeTensorMode the C++ kernel wrote through
+        # a fake tensor's pointer and crashed the process), and FlopCounterMode counts the stock op only; other
+        # dispatch modes (a profiler's) still see fastconv's kernels run
+        if not _is_compiling() and _tracing_state() is None and _dispatch_modes():
+            _decide_outside_modes(backend, x, weight, bias)
         return native_conv(x, weight, bias)
     if (backend is None or backend == "auto") and not any_autocast_enabled():
         # a signature already checked and decided: one dict lookup, then its memoized runner. Inline, with the

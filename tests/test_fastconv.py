@@ -884,6 +884,32 @@ def test_a_stride_and_dilation_of_one_as_a_list_are_accepted():
             fastconv.depthwise_conv2d(x, w, stride=bad)
 
 
+def test_flop_counter_and_fake_tensors_run_the_stock_op(monkeypatch):
+    """Under FlopCounterMode and on fake tensors the call is the stock op, which they handle: FlopCounterMode counted 0
+    FLOPs for the C++ kernel and the FFT and 14x the conv's for an autotuned first call (its timing runs), and
+    FakeTensorMode (shape and memory estimates) crashed the process (the C++ kernel wrote through a fake tensor's
+    pointer). An "auto" call still makes its decision (outside the mode), as a first call does, so the next plain
+    call times nothing."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w, b = torch.randn(2, 4, 12, 11), torch.randn(4, 1, 9, 7), torch.randn(4)
+    for backend in ("auto", "cpp", "fft", "native/native/cpp"):
+        with FlopCounterMode(display=False) as counter:
+            y = fastconv.depthwise_conv2d(x, w, b, backend=backend)
+        assert counter.get_total_flops() == 2 * x.numel() * 9 * 7 and _rel(y, _ref(x, w, b)) <= 1e-5
+    monkeypatch.setattr(dispatch, "decide", lambda *a, **k: pytest.fail("decided again"))
+    assert _rel(fastconv.depthwise_conv2d(x, w, b), _ref(x, w, b)) <= 1e-5  # decided under the mode, outside it
+    with FakeTensorMode():
+        conv = fastconv.DepthwiseConv2d(4, 13, backend="cpp")
+        xf = torch.randn(2, 4, 16, 16, requires_grad=True)
+        y = conv(xf)
+        y.sum().backward()
+        y2 = fastconv.depthwise_conv2d(xf.detach(), conv.weight.detach())  # fake tensors on the auto path
+    assert isinstance(y, FakeTensor) and isinstance(y2, FakeTensor) and y.shape == y2.shape == (2, 4, 16, 16)
+    assert xf.grad.shape == xf.shape and conv.weight.grad.shape == (4, 1, 13, 13)
+
+
 def test_module_with_stride_changed_after_construction_raises():
     m = fastconv.DepthwiseConv2d(4, 3)
     m.stride = (2, 2)
