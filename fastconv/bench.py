@@ -156,7 +156,7 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
         raise ValueError("--kernels and --resolutions need at least one value")
     for k in kernels:
         if k % 2 == 0 or k < 1:
-            raise ValueError(f"kernel {k} unsupported: odd sizes only")
+            raise ValueError(f"kernel {k} unsupported: {'odd sizes only' if k >= 1 else 'sizes from 1 up'}")
         if k > MAX_BENCH_KERNEL:
             raise ValueError(f"kernel {k} unsupported: at most {MAX_BENCH_KERNEL} (the paper's Table 1 stops at 31)")
     for name, v in (("resolutions", min(resolutions)), ("batch", batch), ("channels", channels), ("layers", layers),

@@ -1986,6 +1986,7 @@ def test_bench_cli_bad_kernel_exits_2(cli, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--quick", "--kernels", "4"], "kernel 4 unsupported: odd sizes only"),
+    (["--quick", "--kernels", "3,-3"], "kernel -3 unsupported: sizes from 1 up"),  # (it said "odd sizes only")
     (["--quick", "--batch", "0"], "--batch must be positive, got 0"),
     (["--quick", "--repeats", "0"], "--repeats must be positive, got 0"),
     (["--quick", "--warmup", "-1"], "--warmup must be 0 or more, got -1"),
