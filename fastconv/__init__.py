@@ -11,7 +11,8 @@ import importlib
 
 _ATTRS = {"clear_cache": "dispatch", "explain": "dispatch", "supports": "backends", "BACKENDS": "config",
           "Settings": "config", "configure": "config", "settings": "config", "use": "config",
-          "depthwise_conv2d": "functional", "DepthwiseConv2d": "module", "convert_model": "module",
+          "depthwise_conv2d": "functional", "flops_counted_by_caller": "functional",
+          "DepthwiseConv2d": "module", "convert_model": "module",
           "revert_model": "module"}
 _SUBMODULES = ("backends", "bench", "bench_args", "compiled", "config", "cpu_kernels", "dispatch", "functional",
                "jsonstore", "module", "roofline", "triton_backend")
@@ -77,5 +78,5 @@ def available_backends(device: str = "cpu", dtype=None) -> list[str]:
 
 
 __all__ = ["BACKENDS", "DepthwiseConv2d", "Settings", "available_backends", "check_device", "clear_cache",
-           "configure", "convert_model", "depthwise_conv2d", "explain", "out_of_memory", "revert_model", "settings",
-           "use"]
+           "configure", "convert_model", "depthwise_conv2d", "explain", "flops_counted_by_caller", "out_of_memory",
+           "revert_model", "settings", "use"]

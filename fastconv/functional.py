@@ -2,6 +2,9 @@
 (``fastconv.settings()`` unless the call names one) and runs it."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch.autograd import forward_ad
 
@@ -20,10 +23,30 @@ _Proxy = torch.fx.Proxy
 _dispatch_modes, _PLAIN_DISPATCH = torch._C._len_torch_dispatch_stack, torch.Tensor.__torch_dispatch__
 
 
+#: set by :func:`flops_counted_by_caller`: FlopCounterMode is on, but the caller counts each call's FLOPs itself
+_FLOPS_COUNTED_BY_CALLER = contextvars.ContextVar("fastconv_flops_counted_by_caller", default=False)
+
+
+@contextlib.contextmanager
+def flops_counted_by_caller():
+    """``with flops_counted_by_caller():`` fastconv's calls run their kernels (as without the mode) under a
+    FlopCounterMode that the caller corrects itself, counting each call's FLOPs from its shapes (as
+    ``erf_lab.erf.roofline.counting_flops`` does with module hooks): the counted pass is then as fast as any other,
+    where by default a call under FlopCounterMode runs the stock op so that the mode counts it."""
+    token = _FLOPS_COUNTED_BY_CALLER.set(True)
+    try:
+        yield
+    finally:
+        _FLOPS_COUNTED_BY_CALLER.reset(token)
+
+
 def _counting_flops() -> bool:
-    """Whether torch's FlopCounterMode is on this thread's dispatch mode stack: it counts ATen ops only, and the
-    kernels of fastconv are none (it counted 0 FLOPs for the C++ kernel and the FFT, and the autotuner's timing runs of
-    a first call, 14-50x the conv's)."""
+    """Whether torch's FlopCounterMode is on this thread's dispatch mode stack (and the caller does not count the
+    calls itself: :func:`flops_counted_by_caller`): it counts ATen ops only, and the kernels of fastconv are none (it
+    counted 0 FLOPs for the C++ kernel and the FFT, and the autotuner's timing runs of a first call, 14-50x the
+    conv's)."""
+    if _FLOPS_COUNTED_BY_CALLER.get():
+        return False
     from torch.utils import _python_dispatch
 
     stack = getattr(_python_dispatch, "_get_current_dispatch_mode_stack", list)()  # (private: where it moves, False)

@@ -61,6 +61,24 @@ def test_flop_count_of_a_tiny_model_is_the_hand_count(backend):
     assert total.padding() == 2 * 2 * 2 * 4 * (12 * 10 * 49 - inside)  # images x (fwd + dx) x 2 FLOPs x channels
 
 
+@pytest.mark.parametrize("backend,kernel", [("cpp", "cpp_conv"), ("fft", "fft_conv"),
+                                            ("channels_last", "onednn_conv_cl")])
+def test_the_counted_pass_runs_fastconvs_own_kernels(backend, kernel, monkeypatch):
+    """The batch whose FLOPs are counted runs the kernels every other batch runs (fastconv's default under
+    FlopCounterMode is the stock op, which the mode counts; erf-lab counts those calls itself): not a first image
+    through the stock convolution, at K = 31 several times slower."""
+    from fastconv import cpu_kernels as ck
+
+    if backend == "cpp":
+        need_cpp()
+    ran, real = [], getattr(ck, kernel)
+    monkeypatch.setattr(ck, kernel, lambda *a, **k: ran.append(1) or real(*a, **k))
+    m = Tiny().eval().requires_grad_(False)
+    with fastconv.use(backend=backend), R.counting_flops(m) as total:
+        EffectiveReceptiveField(m).attribute(torch.randn(2, 3, 12, 10))
+    assert total() == 2 * hand_count(12, 10) and len(ran) >= 1
+
+
 def test_compute_erf_reports_flops_per_image_and_batch_times(monkeypatch):
     monkeypatch.setattr(R, "sgemm_reference", lambda dev: dict(FAKE_REF))
     torch.manual_seed(0)

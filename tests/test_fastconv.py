@@ -910,6 +910,24 @@ def test_flop_counter_and_fake_tensors_run_the_stock_op(monkeypatch):
     assert xf.grad.shape == xf.shape and conv.weight.grad.shape == (4, 1, 13, 13)
 
 
+def test_flops_counted_by_caller_keeps_the_kernels_under_flop_counter(monkeypatch):
+    """With ``flops_counted_by_caller()`` a call under FlopCounterMode runs the backend it runs elsewhere (the mode
+    then sees none of its work: the caller counts it), outside the block the stock op again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    need_cpp()
+    ran, real = [], ck.cpp_conv
+    monkeypatch.setattr(ck, "cpp_conv", lambda *a, **k: ran.append(1) or real(*a, **k))
+    x, w = torch.randn(2, 4, 12, 11), torch.randn(4, 1, 9, 7)
+    with FlopCounterMode(display=False) as counter:
+        with fastconv.flops_counted_by_caller():
+            y = fastconv.depthwise_conv2d(x, w, backend="cpp")
+        inside = counter.get_total_flops()
+        fastconv.depthwise_conv2d(x, w, backend="cpp")
+    assert inside == 0 and len(ran) == 1 and _rel(y, _ref(x, w, None)) <= 1e-5
+    assert counter.get_total_flops() == 2 * x.numel() * 9 * 7 and len(ran) == 1
+
+
 def test_module_with_stride_changed_after_construction_raises():
     m = fastconv.DepthwiseConv2d(4, 3)
     m.stride = (2, 2)
