@@ -197,3 +197,50 @@ def two_processes(argv: list[str], env: dict | None = None, timeout: float = 300
     finally:
         for p in procs:
             p.kill()
+
+
+_KILL_AT_WRITE = """
+import os, signal, sys
+from pathlib import Path
+
+name, nth, code = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+real_replace, seen = os.replace, []
+
+
+def replace(src, dst, *args, **kwargs):  # atomic_path's rename: the temporary is written, the file not yet there
+    if Path(dst).name == name:
+        seen.append(dst)
+        if len(seen) == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+
+
+os.replace = replace
+exec(compile(code, "<killed>", "exec"), {"__name__": "__main__"})
+"""
+
+
+def killed_at_write(code: str, name: str, nth: int = 1, env: dict | None = None, timeout: float = 300) -> None:
+    """Run ``code`` in a Python process of this checkout (one thread) that SIGKILLs itself at its ``nth`` atomic
+    write of a file called ``name``: after the temporary file was written, before its rename (what a kill, the OOM
+    killer or a power cut does there: no except, finally or lock release of ours runs). Fails unless it died so."""
+    import signal
+    import subprocess
+    import sys
+
+    penv = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_WRITE, name, str(nth), code], env=penv, text=True,
+                          capture_output=True, timeout=timeout)
+    assert proc.returncode == -signal.SIGKILL, f"not killed at write {nth} of {name}: exit {proc.returncode}\n" \
+                                               f"{proc.stderr[-3000:]}"
+
+
+def write_leftovers(folder) -> list[str]:
+    """What writes that did not finish left anywhere under ``folder`` (relative paths): :func:`erf_lab.io.atomic_path`
+    temporaries, :func:`erf_lab.io.hold_file` locks and :func:`erf_lab.io.prepare_out_dir` write probes."""
+    from erf_lab.io import _write_target
+
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob(".*") if
+                  _write_target(p.name) is not None or p.name.endswith(".lock") or p.name.startswith(".write-test."))

@@ -552,6 +552,38 @@ def test_growth_page_refused_checkpoint_folder_measures_nothing(app_env):
     assert not at.dataframe and not at.metric
 
 
+def test_the_growth_pages_redraw_killed_while_it_writes_leaves_nothing_behind(app_env, one_thread):
+    """The Growth page's ERF vs input size draws its sweep's figures again into the app's run area on every visit
+    (the measured sizes reused). A server SIGKILLed in the middle of that redraw (here: writing growth.pdf) keeps
+    the figures drawn before whole, and the next visit leaves no temporary file or lock anywhere in the run area,
+    with figures and table equal to those of a redraw never stopped."""
+    import json
+    import shutil
+
+    from conftest import killed_at_write, write_leftovers
+
+    from app import erf_maps
+
+    sweep = dict(sizes=(64, 96), model="replknet_3", overrides_json=models.tiny_overrides(), num_images=1)
+    out = Path(erf_maps.size_sweep(sweep.pop("sizes"), **sweep)["out_dir"])
+    drawn = app_env / "drawn"
+    shutil.copytree(out, drawn)
+    killed_at_write(f"from app.erf_maps import size_sweep\nsize_sweep((64, 96), **{sweep!r})", "growth.pdf")
+    assert [p.name for p in out.glob(".growth.pdf.*")] and (out / "growth.pdf").read_bytes() == (
+        drawn / "growth.pdf").read_bytes()  # killed mid-write: the figure drawn before stays whole
+    assert json.loads((out / "sweep.json").read_text())["complete"] is False
+    erf_maps.size_sweep((64, 96), **sweep)
+    assert write_leftovers(app_env / "app-runs") == []
+
+    def files(folder):
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+    assert files(out) == files(drawn)
+    assert json.loads((out / "sweep.json").read_text())["complete"] is True
+    for name in ("growth.png", "growth.pdf", "grid.png", "grid.pdf", "sweep.csv", "S64-deploy/erf.npy"):
+        assert (out / name).read_bytes() == (drawn / name).read_bytes(), name
+
+
 def test_growth_page_says_when_the_theoretical_rf_exceeds_the_image(app_env):
     """The growth table's erf/trf of the shipped family at 128 px (theoretical RFs 187 to 1211 px) came without the
     note sweep.md writes: the ratio is bounded by the input size there; now the page says it, naming each K."""

@@ -437,3 +437,39 @@ def test_a_ship_stopped_mid_copy_keeps_the_earlier_files(tmp_path, monkeypatch):
     assert {p.name for p in ship(study, dest)} == {"results.md", "study.json", "README.md"}
     assert sorted(p.name for p in dest.iterdir()) == ["README.md", "results.md", "study.json"]
     assert (dest / "results.md").read_text() == (study / "results.md").read_text()
+
+
+def test_a_study_killed_while_it_writes_leaves_nothing_behind(tmp_path, one_thread):
+    """A study SIGKILLed in the middle of a write (here its probe cache's, after the model was trained and its ERF
+    measured) runs again to the end: no temporary file or lock of any of its writes is left anywhere in the study,
+    its results are those of a study never stopped, and the user's files in it stay."""
+    from conftest import killed_at_write, write_leftovers
+
+    kw = dict(kernels=(3,), seeds=(0,), guidelines=False, show_progress=False)
+    study = tmp_path / "killed"
+    (study / "probes").mkdir(parents=True)
+    mine = {"notes.txt": "my notes", "probes/notes.txt": "mine too"}
+    for name, text in mine.items():
+        (study / name).write_text(text)
+    killed_at_write(f"from erf_lab.train.study import StudySettings, run_study\n"
+                    f"run_study({str(study)!r}, {TOY!r}, **{kw!r})", "K3-seed0.json")
+    assert [p.name for p in (study / "probes").iterdir() if p.name != "notes.txt"][0].startswith(".K3-seed0.json.")
+    assert not (study / "results.md").exists()
+    run_study(study, TOY, **kw)
+    assert write_leftovers(study) == []
+    whole = tmp_path / "whole"
+    run_study(whole, TOY, **kw)
+
+    def files(folder):
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+    assert files(study) == sorted([*files(whole), *mine])
+    assert {name: (study / name).read_text() for name in mine} == mine
+
+    def table(folder):  # the last epoch's images per second are a timing, the rest the study's results
+        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in csv.DictReader(
+            (folder / "family.csv").read_text().splitlines())]
+
+    assert table(study) == table(whole) and len(table(study)) == 1
+    for name in ("probes/K3-seed0.json", "erf-48px/K3-seed0/erf.npy", "family.png", "family.pdf"):
+        assert (study / name).read_bytes() == (whole / name).read_bytes(), name

@@ -596,3 +596,51 @@ def test_a_stopped_timeline_says_what_it_keeps_and_how_to_go_on(tiny_run, tmp_pa
     assert main(argv) == 0
     said = capsys.readouterr().out
     assert "measured 2 ERF(s) and 2 probe(s) of 3 checkpoint(s); the rest came from the cache" in said
+
+
+_KILL_OPTS = ["--num-images", "2", "--probe-size", "12", "--input-size", "64", "--formats", "png", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def whole_timeline(tiny_run, tmp_path_factory):
+    """The timeline of ``tiny_run`` with :data:`_KILL_OPTS`, never stopped."""
+    out = tmp_path_factory.mktemp("whole") / "timeline"
+    assert main(["timeline", str(tiny_run), *_KILL_OPTS, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("killed_at, measured", [("epoch_001.json", "1 ERF(s) and 2 probe(s)"),
+                                                 ("timeline.png", "0 ERF(s) and 0 probe(s)")])
+def test_a_timeline_killed_while_it_writes_leaves_nothing_behind(tiny_run, whole_timeline, tmp_path, capsys,
+                                                                 killed_at, measured):
+    """'erf-lab timeline' SIGKILLed in the middle of a write (epoch 1's probe cache; the figure, once every
+    checkpoint was measured) and run again: only what was not finished is measured again, no temporary file or lock
+    of its writes is left, its table, figure and caches are those of a timeline never stopped, and the training
+    run it measured (the folder it writes into) keeps every file as it was."""
+    from conftest import killed_at_write, write_leftovers
+    from erf_lab.io import sha256_file
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p: sha256_file(p) for p in run.rglob("*") if p.is_file()}
+    killed_at_write(f"from erf_lab.cli.main import main\nmain({['timeline', str(run), *_KILL_OPTS]!r})",
+                    killed_at)
+    out = run / "timeline"
+    assert json.loads((out / "timeline.json").read_text())["complete"] is False
+    assert [p.name for p in out.rglob(f".{killed_at}.*")] and not list(out.rglob(killed_at))  # killed mid-write
+    capsys.readouterr()
+    assert main(["timeline", str(run), *_KILL_OPTS]) == 0
+    assert f"measured {measured} of 3 checkpoint(s)" in capsys.readouterr().out
+    assert write_leftovers(run) == []
+    assert {p: sha256_file(p) for p in before} == before
+
+    def files(folder):
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+    assert files(out) == files(whole_timeline)
+    assert json.loads((out / "timeline.json").read_text())["complete"] is True
+    assert json.loads((out / "timeline.json").read_text())["rows"] == json.loads(
+        (whole_timeline / "timeline.json").read_text())["rows"]
+    for name in files(whole_timeline):
+        if name.endswith((".csv", ".png", ".npy")) or name.startswith("probe-"):
+            assert (out / name).read_bytes() == (whole_timeline / name).read_bytes(), name
