@@ -203,7 +203,7 @@ _KILL_AT_WRITE = """
 import os, signal, sys
 from pathlib import Path
 
-name, nth, code = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+name, nth, code, children = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 real_replace, seen = os.replace, []
 
 
@@ -211,7 +211,15 @@ def replace(src, dst, *args, **kwargs):  # atomic_path's rename: the temporary i
     if Path(dst).name == name:
         seen.append(dst)
         if len(seen) == nth:
-            os.kill(os.getpid(), signal.SIGKILL)
+            me, kids = os.getpid(), []
+            for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():  # no /proc (macOS): none known
+                try:  # /proc/PID/stat: "PID (name) STATE PPID ..."
+                    if pid.isdigit() and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                        kids.append(pid)
+                except (OSError, ValueError, IndexError):
+                    pass
+            children.write_text(" ".join(kids))
+            os.kill(me, signal.SIGKILL)
     return real_replace(src, dst, *args, **kwargs)
 
 
@@ -220,20 +228,31 @@ exec(compile(code, "<killed>", "exec"), {"__name__": "__main__"})
 """
 
 
-def killed_at_write(code: str, name: str, nth: int = 1, env: dict | None = None, timeout: float = 300) -> None:
+def killed_at_write(code: str, name: str, nth: int = 1, env: dict | None = None, timeout: float = 300) -> list[int]:
     """Run ``code`` in a Python process of this checkout (one thread) that SIGKILLs itself at its ``nth`` atomic
     write of a file called ``name``: after the temporary file was written, before its rename (what a kill, the OOM
-    killer or a power cut does there: no except, finally or lock release of ours runs). Fails unless it died so."""
+    killer or a power cut does there: no except, finally or lock release of ours runs). Fails unless it died so.
+    Returns the ids of the child processes it had then (Linux; its output goes to files: children it left running
+    would hold pipes open)."""
     import signal
     import subprocess
     import sys
 
+    pytest.importorskip("fcntl")
     penv = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.run([sys.executable, "-c", _KILL_AT_WRITE, name, str(nth), code], env=penv, text=True,
-                          capture_output=True, timeout=timeout)
-    assert proc.returncode == -signal.SIGKILL, f"not killed at write {nth} of {name}: exit {proc.returncode}\n" \
-                                               f"{proc.stderr[-3000:]}"
+    with tempfile.TemporaryDirectory() as d:
+        children, log = Path(d) / "children", Path(d) / "log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-c", _KILL_AT_WRITE, name, str(nth), code, str(children)],
+                                    env=penv, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                proc.wait(timeout=timeout)
+            finally:
+                proc.kill()
+        assert proc.returncode == -signal.SIGKILL, f"not killed at write {nth} of {name}: exit " \
+                                                   f"{proc.returncode}\n{log.read_text()[-3000:]}"
+        return [int(pid) for pid in children.read_text().split()]
 
 
 def write_leftovers(folder) -> list[str]:

@@ -473,3 +473,42 @@ def test_a_study_killed_while_it_writes_leaves_nothing_behind(tmp_path, one_thre
     assert table(study) == table(whole) and len(table(study)) == 1
     for name in ("probes/K3-seed0.json", "erf-48px/K3-seed0/erf.npy", "family.png", "family.pdf"):
         assert (study / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_a_study_with_jobs_killed_leaves_no_worker_running(tmp_path):
+    """'study --jobs 2' SIGKILLed (the OOM killer, kill -9) when its first model was done: its worker processes
+    lived on for good (an idle one blocked on a queue nobody fed, one under way trained its model to the end first),
+    holding the terminal's pipes ('erf-lab study ... | tee study.log' never ended) and their memory. They end with
+    the study now (a model under way stops after its step, its state saved), and the study run again finishes with
+    no temporary file or lock left."""
+    import os
+    import signal
+    import time
+
+    from conftest import killed_at_write, write_leftovers
+
+    kw = dict(kernels=(3, 31), seeds=(0,), guidelines=False, show_progress=False, jobs=2, threads=1)
+    study = tmp_path / "study"
+    workers = killed_at_write(f"from erf_lab.train.study import StudySettings, run_study\n"
+                              f"run_study({str(study)!r}, {TOY!r}, **{kw!r})", "results.md")
+
+    def running():
+        alive = []
+        for pid in workers:
+            with contextlib.suppress(OSError):  # gone, or a zombie (ended, not yet reaped by init)
+                if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        return alive
+
+    assert workers, "no worker process seen"
+    try:
+        for _ in range(120):
+            if not running():
+                break
+            time.sleep(0.5)
+        assert running() == []
+    finally:
+        for pid in running():  # the old behaviour's orphans: not left behind by the test
+            os.kill(pid, signal.SIGKILL)
+    rows = run_study(study, TOY, **{**kw, "jobs": 1})["rows"]
+    assert [r["name"] for r in rows] == ["K3-seed0", "K31-seed0"] and write_leftovers(study) == []

@@ -271,7 +271,8 @@ def in_processes(fn, calls: list[tuple], jobs: int, done, labels: list[str] | No
     under way to wait for (Ctrl-C, which a terminal sends the workers too: each saves the state of its model and
     stops). Before, every call was queued at once and leaving the pool ran them all: a Ctrl-C'd 'study --jobs N'
     went on training its remaining models first. A process that ends abruptly (killed, out of memory) is one
-    ErfLabError naming its call's label (``labels``, default the call's index), not a BrokenProcessPool traceback."""
+    ErfLabError naming its call's label (``labels``, default the call's index), not a BrokenProcessPool traceback.
+    The workers end with the study's process, a SIGKILL of it included (:func:`_end_with_parent`)."""
     import contextlib
     import multiprocessing as mp
     import os
@@ -281,7 +282,8 @@ def in_processes(fn, calls: list[tuple], jobs: int, done, labels: list[str] | No
 
     todo = list(zip(labels or [f"call {i}" for i in range(len(calls))], calls))[::-1]
     under_way = {}  # future -> label
-    ex = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+    ex = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_end_with_parent,
+                             initargs=(os.getpid(),))
 
     def on_term(signum, frame):  # kill PID of the study: each worker stops as a training run does on kill (after
         # a step, its state saved), then the study ends as on Ctrl-C. Before, the study's process died at once and
@@ -299,7 +301,7 @@ def in_processes(fn, calls: list[tuple], jobs: int, done, labels: list[str] | No
         while todo or under_way:
             while todo and len(under_way) < jobs:
                 label, args = todo.pop()
-                under_way[ex.submit(fn, *args)] = label
+                under_way[ex.submit(_in_worker, os.getpid(), fn, *args)] = label
             finished, _ = wait(set(under_way), return_when=FIRST_COMPLETED)
             for fut in finished:
                 label = under_way.pop(fut)
@@ -316,6 +318,36 @@ def in_processes(fn, calls: list[tuple], jobs: int, done, labels: list[str] | No
         finally:
             if take_term:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _end_with_parent(parent: int) -> None:
+    """In a worker of :func:`in_processes`: once the study's process ``parent`` is gone (SIGKILL, the OOM killer),
+    SIGTERM itself, as the study's own SIGTERM handler would: a model under way stops after its step, its state
+    saved (:func:`_in_worker` then ends the process), an idle worker ends. Before, the workers lived on for good,
+    blocked on a queue nobody fed, holding the terminal's pipes (``erf-lab study ... | tee study.log`` never ended)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="erf-lab: end with the study", daemon=True).start()
+
+
+def _in_worker(parent: int, fn, *args):
+    """``fn(*args)`` in a worker of :func:`in_processes`; the process ends after it when the study's process
+    ``parent`` is gone (no one takes its result, and it would wait for the next call for good)."""
+    import os
+
+    try:
+        return fn(*args)
+    finally:
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def _jsonable(v):
