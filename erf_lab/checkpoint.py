@@ -588,6 +588,33 @@ def weights_selection(entry=None, passed_over=(), prefix_stripped=(), part: str 
             "prefix_stripped": list(prefix_stripped), "part": part, "left_out": int(left_out)}
 
 
+def selection_text(selection) -> str | None:
+    """A :func:`weights_selection` record (run.json / summary.json ``weights_selection``) in words, e.g.
+    ``"checkpoint['model'] (passed over: 'model_ema'), prefix module. stripped"``: which weights a result is of, where
+    a file held more than one set (raw and EMA) or more than the model (an mmseg ``backbone.``). None when the file
+    loaded whole (no record) or the record is none of :func:`weights_selection`'s."""
+    if not isinstance(selection, Mapping):
+        return None
+
+    def names(key: str) -> list[str]:
+        value = selection.get(key)
+        return [str(v) for v in value] if isinstance(value, list) else []
+
+    parts = []
+    if entry := names("entry"):
+        passed = names("passed_over")
+        parts.append("checkpoint" + "".join(f"[{k!r}]" for k in entry)
+                     + (f" (passed over: {', '.join(map(repr, passed))})" if passed else ""))
+    if stripped := names("prefix_stripped"):
+        parts.append(f"prefix {', '.join(stripped)} stripped")
+    if isinstance(part := selection.get("part"), str) and part:
+        left = selection.get("left_out")
+        left = left if isinstance(left, int) and not isinstance(left, bool) and left > 0 else 0
+        parts.append(f"only the tensors under {part}" + (f" ({left} other tensor{'s' * (left != 1)} left out)"
+                                                          if left else ""))
+    return ", ".join(parts) or None
+
+
 def _find_state_dict(obj) -> Mapping | None:
     """The state dict :func:`_locate_state_dict` finds, else None."""
     found = _locate_state_dict(obj)

@@ -1226,6 +1226,55 @@ def test_results_page_says_what_each_app_run_measured(app_env):
         "replknet_31b · K31-29-27-13 · tiny · re-param (random init) · forward_features, 128x128 px, 4 images"])
 
 
+def test_pages_say_which_weights_of_an_uploaded_checkpoint_loaded(app_env):
+    """An uploaded checkpoint holding raw and EMA weights (``module.`` keys, as DDP saves them) loads its raw
+    weights, which run.json records (weights_selection), but the app said so nowhere: the warning went to the server
+    log, and the explorer, the Results page and its compare table showed the ERF as of "the checkpoint". Each now
+    says which part loaded, and a run of a plain file says nothing."""
+    import io
+    import json
+
+    import torch
+
+    from erf_lab.models import create_model
+
+    options = {"channels": (8, 8, 8, 8), "layers": (1, 1, 1, 1)}
+    torch.manual_seed(0)
+    raw, ema = (create_model("replknet_31b", large_kernel_sizes=(3, 3, 3, 3), small_kernel=None,
+                             **options).state_dict() for _ in range(2))
+    buf = io.BytesIO()
+    torch.save({"model": {f"module.{k}": v for k, v in raw.items()}, "model_ema": ema}, buf)
+    loaded = "checkpoint['model'] (passed over: 'model_ema'), prefix module. stripped"
+    at = ok(new_app().run())
+    assert not any(c.value.startswith("Weights loaded") for c in at.caption)  # the shipped files: whole files
+    at.number_input(key="erf-ncfg").set_value(1).run()
+    at.number_input(key="erf-img-cue").set_value(2).run()
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.text_input(key="erf-opts-0").set_value("channels=(8,8,8,8) layers=(1,1,1,1)").run()
+    at.file_uploader(key="erf-ckpt-0").set_value([("ddp-ema.pth", buf.getvalue(), "application/octet-stream")]).run()
+    at.button(key="erf-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert [c.value for c in at.caption if c.value.startswith("Weights loaded")] == [f"Weights loaded: {loaded}"]
+
+    run_dir = next(d for d in (app_env / "app-runs").glob("erf-*")
+                   if json.loads((d / "run.json").read_text()).get("weights_selection"))
+    assert json.loads((run_dir / "run.json").read_text())["weights_selection"] == {
+        "entry": ["model"], "passed_over": ["model_ema"], "prefix_stripped": ["module."], "part": None, "left_out": 0}
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(run_dir)).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert f"Weights loaded: {loaded} (weights_selection)" in [c.value for c in at.caption]
+    label = at.dataframe[0].value["label"][0]
+    assert any(f"Weights loaded from the checkpoint files: {label}: {loaded}." in c.value for c in at.caption), \
+        [c.value for c in at.caption]
+    plain = next(d for d in (app_env / "app-runs").glob("erf-*") if d != run_dir)  # the shipped K3-seed0's run
+    at.text_input(key="res-root").set_value(str(plain)).run()
+    ok(at)
+    assert not any("Weights loaded" in c.value for c in at.caption), [c.value for c in at.caption]
+
+
 def test_results_page_chooses_the_first_run_of_a_newly_typed_folder(app_env):
     """The page opens with the first run of its folder chosen; typing another folder left nothing chosen (the old
     choice is none of its runs) and showed an empty page. The new folder's first run is chosen now, and a choice

@@ -642,6 +642,13 @@ def test_run_json_records_which_part_of_the_weights_file_was_measured(tmp_path, 
     assert code == 0, err
     record = json.loads((tmp_path / "deploy.pth.run.json").read_text())
     assert record["weights_selection"] == expected["timm.pth"]
+    # erf-lab compare's table note says which part each run measured (it said nothing of it); a plain file: nothing
+    code, _, err = _cli(capsys, "compare", *(str(tmp_path / n) for n in ("timm", "mmseg", "plain")),
+                        "--labels", "timm", "mmseg", "plain", "--out", str(tmp_path / "cmp"))
+    assert code == 0, err
+    assert ("Weights loaded from the checkpoint files: timm: checkpoint['state_dict'] (passed over: 'state_dict_ema'), "
+            "prefix module. stripped; mmseg: checkpoint['state_dict'], only the tensors under backbone. (2 other "
+            "tensors left out).\n") in (tmp_path / "cmp" / "compare.md").read_text()
     # a run.json written before the field existed still reads
     info = json.loads((tmp_path / "plain" / "run.json").read_text())
     del info["weights_selection"]

@@ -13,6 +13,7 @@ from app.cache import sha
 from app.commands import erf_cli_args, options_text
 from app.figures import show_figure
 from app.ui import checkpoint_upload, cli_hint, guard, model_options_input, parse_int_tuple
+from erf_lab.checkpoint import selection_text
 from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE
 
 st.title("ERF explorer")
@@ -195,6 +196,8 @@ if specs and source is not None:
                     st.warning(skipped, icon=":material/warning:")
                 if res["info"].get("random_init"):
                     st.warning(erf_maps.RANDOM_INIT_NOTE, icon=":material/warning:")
+                if loaded := selection_text(res["info"].get("weights_selection")):  # e.g. the raw weights, not the EMA
+                    st.caption(f"Weights loaded: {loaded}")
                 flags = (res["metrics"] or {}).get("flags") or []
                 if "empty_map" in flags:
                     st.warning(erf_maps.EMPTY_MAP_NOTE, icon=":material/warning:")

@@ -13,6 +13,7 @@ from app.erf_maps import EMPTY_MAP_NOTE, nr_columns_as_text
 from app.figures import show_figure
 from app.runs import app_runs_dir, downloadable_files, find_runs, incomplete_note, read_csv_table
 from app.ui import file_downloads, guard
+from erf_lab.checkpoint import selection_text
 from erf_lab.erf.analysis import comparison_table
 from erf_lab.erf.rundir import load_run, read_json
 from erf_lab.errors import ErfLabError
@@ -92,6 +93,8 @@ if runs:
                     argv = info.get("argv") or info.get("command")
                     if argv:
                         st.code(" ".join(map(str, argv)) if isinstance(argv, list) else str(argv), language="bash")
+                    if loaded := selection_text(info.get("weights_selection")):  # the raw weights beside an EMA, ...
+                        st.caption(f"Weights loaded: {loaded} (weights_selection)")
                     with st.popover("run record"):
                         st.json(info, expanded=False)
                 pngs = [p for p in downloadable_files(d) if p.suffix == ".png"]

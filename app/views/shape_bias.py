@@ -12,6 +12,7 @@ from app import models, safety
 from app.runs import own_file
 from app.shape_bias_runs import SHAPE_BIAS_MODELS, is_complete, shape_bias_run, shape_bias_run_dir
 from app.ui import checkpoint_upload, cli_hint, file_downloads, guard
+from erf_lab.checkpoint import selection_text
 from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.analysis import read_decisions_csv
 from erf_lab.shape_bias.consistency import consistency_rows
@@ -93,6 +94,8 @@ if s is not None:  # the sections below read the run's summary: none of them wit
             st.warning("UNTRAINED: these results come from random initial weights and describe no trained model.")
         for w in s.get("warnings") or []:
             st.warning(w)
+        if loaded := selection_text(s.get("weights_selection")):  # e.g. the raw weights, not the EMA beside them
+            st.caption(f"Weights loaded: {loaded}")
         m1, m2, m3, m4 = st.columns(4)
         ci = s.get("shape_bias_ci95")
         m1.metric("Shape bias", "n/a" if s.get("shape_bias") is None else f"{s['shape_bias']:.3f}",

@@ -10,7 +10,7 @@ from erf_lab.erf.rundir import METRICS_FILE, RANDOM_MARK, load_run, run_caption,
 from erf_lab.erf.metrics import gaussian_fit_ok
 from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMNS, csv_text, gauss_note,
                                 global_rf_note, markdown_table, metrics_text, paper_protocol_note, square_note,
-                                table_rows, trf_note)
+                                table_rows, trf_note, weights_note)
 from erf_lab.errors import ErfLabError
 from erf_lab.io import (command_record, hold_folder, prepare_out_dir, read_json_or_none, refuse_other_result,
                         remove_earlier_outputs, write_json, write_text)
@@ -180,6 +180,8 @@ def comparison_table(runs: Sequence, allow_mixed_sizes: bool = False) -> dict:
     note += protocol_note(runs)
     if not mixed and (paper := paper_protocol_note([(r.label, r.run_info) for r in runs])):
         note += " " + paper
+    if weights := weights_note([(r.label, r.run_info) for r in runs]):
+        note += " " + weights
     if empty := [label for label, m in measured if "empty_map" in (m.get("flags") or [])]:
         note += (" Empty map (all zero: no gradient reached the input, so its n/r and - are no ERF size): "
                  + ", ".join(empty) + ".")

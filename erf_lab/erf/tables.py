@@ -103,6 +103,17 @@ def paper_protocol_note(runs: Sequence[tuple[str, dict | None]]) -> str:
             "comparable to them: " + "; ".join(other) + ".") if other else ""
 
 
+def weights_note(runs: Sequence[tuple[str, dict | None]]) -> str:
+    """One sentence naming, for each measured run ((label, run.json or None)) whose checkpoint file held more than the
+    weights it measured, the part that loaded (:func:`erf_lab.checkpoint.selection_text`: the raw weights beside an
+    EMA, an mmseg ``backbone.``); "" when every file loaded whole (or the runs do not say)."""
+    from erf_lab.checkpoint import selection_text
+
+    loaded = [(label, text) for label, info in runs if (text := selection_text((info or {}).get("weights_selection")))]
+    return ("Weights loaded from the checkpoint files: " + "; ".join(f"{label}: {text}" for label, text in loaded)
+            + ".") if loaded else ""
+
+
 def table_rows(runs: Sequence[tuple[str, dict]], with_paper: bool = True) -> list[dict]:
     """Flat rows (label + :func:`summary`) for measured runs, then the paper's Table 10 references."""
     rows = [{"label": label, "source": "measured", **summary(m)} for label, m in runs]
