@@ -971,6 +971,45 @@ def test_shape_bias_page_shows_progress_while_classifying(app_env, monkeypatch):
     assert any(t and t.startswith(("edges: ", "silhouettes: ")) for _, t in texts), texts
 
 
+def test_shape_bias_page_builds_an_upload_with_its_model_options(app_env):
+    """The Shape bias page, unlike the ERF explorer, had no "Model options" field: a checkpoint of a RepLKNet at
+    another width than the paper's was refused ("does not match ... check the model name and its options") with no
+    option to give. Its options typed there build that architecture, the command hint names them and the file,
+    and the page says which part of the file loaded (its raw weights, not the EMA beside them)."""
+    import io
+    import json
+
+    import torch
+
+    from erf_lab.models import create_model
+
+    torch.manual_seed(0)
+    raw, ema = (create_model("replknet_3", channels=(8, 16, 32, 64), layers=(1, 1, 1, 1)).state_dict()
+                for _ in range(2))  # ImageNet's 1000 classes, as the cue-conflict stimuli take them
+    buf = io.BytesIO()
+    torch.save({"state_dict": raw, "state_dict_ema": ema}, buf)
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    at.selectbox(key="sb-model").set_value("replknet_3").run()
+    at.file_uploader(key="sb-ckpt").set_value([("narrow.pth", buf.getvalue(), "application/octet-stream")]).run()
+    at.button(key="sb-run").click().run()
+    ok(at)
+    assert len(errors(at)) == 1 and "narrow.pth does not match RepLKNet" in errors(at)[0], errors(at)
+    at.text_input(key="sb-opts").set_value("channels=(8,16,32,64) layers=(1,1,1,1)").run()
+    assert any("press **Run shape-bias evaluation**" in i.value for i in at.info)  # an upload waits for the click
+    at.button(key="sb-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert 0.0 <= float(metric(at, "Shape bias")) <= 1.0
+    assert not any(w.value.startswith("UNTRAINED") for w in at.warning)  # the upload's weights, not random init
+    assert "Weights loaded: checkpoint['state_dict'] (passed over: 'state_dict_ema')" in [c.value for c in at.caption]
+    hints = [c.value for c in at.code if "shape-bias --model" in c.value]
+    assert hints == ["erf-lab shape-bias --model replknet_3 --override 'channels=(8,16,32,64)' --override "
+                     "'layers=(1,1,1,1)' --weights narrow.pth --out runs/shape-bias"], hints
+    summary = json.loads(next((app_env / "app-runs").glob("shape-bias-replknet_3-*/summary.json")).read_text())
+    assert summary["random_weights"] is False and summary["weights_selection"]["passed_over"] == ["state_dict_ema"]
+
+
 def _shape_bias_results_page() -> AppTest:
     """The Shape bias page, switched to 'Load results'."""
     at = ok(new_app().run())

@@ -9,9 +9,10 @@ import pandas as pd
 import streamlit as st
 
 from app import models, safety
+from app.commands import override_args
 from app.runs import own_file
 from app.shape_bias_runs import SHAPE_BIAS_MODELS, is_complete, shape_bias_run, shape_bias_run_dir
-from app.ui import checkpoint_upload, cli_hint, file_downloads, guard
+from app.ui import checkpoint_upload, cli_hint, file_downloads, guard, model_options_input
 from erf_lab.checkpoint import selection_text
 from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.analysis import read_decisions_csv
@@ -47,16 +48,20 @@ if mode == "Run a model":
     pretrained = has_weights and pretrained
     limit = c3.number_input("Cue-conflict images (--limit)", 16, 1280, 16, step=16, key="sb-limit",
                             help="an even spread over the 16 categories; the full set has 1280")
+    weights_name, options = "", {}
     if known:
         with guard("Shape-bias evaluation"):
             weights, weights_name = checkpoint_upload("sb-ckpt")
-            ov = "{}"
-            if model.startswith("replknet"):
-                ov = models.tiny_overrides() if weights is None else "{}"
-            settings = dict(pretrained=pretrained, limit=int(limit), overrides_json=ov, weights=weights)
+            options = model_options_input("sb-opts")  # an upload's architecture (an erf-lab train run's options)
+            # random init of a RepLKNet: the tiny width / depth of the other pages, under any option typed
+            tiny = models.parse_overrides(models.tiny_overrides()) if model.startswith("replknet") and weights is None \
+                else {}
+            settings = dict(pretrained=pretrained, limit=int(limit), overrides_json=models.overrides_key(
+                {**tiny, **options}), weights=weights)
             target = shape_bias_run_dir(model, **settings)
-            # the default (16 images, a listed model, no upload) and finished runs show at once; the rest on a click
-            quick = int(limit) <= 16 and weights is None and model in SHAPE_BIAS_MODELS
+            # the default (16 images, a listed model, no upload or options) and finished runs show at once; the rest
+            # on a click
+            quick = int(limit) <= 16 and weights is None and not options and model in SHAPE_BIAS_MODELS
             if not (quick or is_complete(target)):
                 if st.button("Run shape-bias evaluation", type="primary", key="sb-run", icon=":material/play_arrow:"):
                     st.session_state["sb-confirmed"] = str(target)
@@ -74,7 +79,8 @@ if mode == "Run a model":
                     bar.empty()
             if run_dir is not None and weights is None and not pretrained:
                 st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
-    args = ["shape-bias", "--model", model] + (["--pretrained"] if pretrained else ["--weights", "CHECKPOINT.pth"])
+    args = (["shape-bias", "--model", model, *override_args(options)]
+            + (["--pretrained"] if pretrained else ["--weights", weights_name or "CHECKPOINT.pth"]))
     cli_hint(args + ["--out", "runs/shape-bias"], "Full stimulus set (1280 images) from the command line:")
 else:
     text = st.text_input("Shape-bias results folder (holds summary.json)", key="sb-dir")
