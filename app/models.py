@@ -3,6 +3,7 @@ init or an uploaded checkpoint read through the library's safe loader (``weights
 the layer table of the ERF explorer."""
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -112,6 +113,27 @@ def check_registered(name: str) -> None:
                           "installed)")
 
 
+@contextlib.contextmanager
+def _upload_file(weights: bytes, weights_name: str = ""):
+    """The bytes of an uploaded checkpoint as a temporary file (its suffix the user's: safetensors or pth)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / ("upload.safetensors" if Path(weights_name).name.endswith(".safetensors") else "upload.pth")
+        path.write_bytes(weights)
+        yield path
+
+
+def upload_random_init(weights: bytes | None, weights_name: str = "") -> dict | None:
+    """``{"seed": ...}`` when an uploaded checkpoint is marked by erf-lab as an untrained initialisation (epoch 0 of
+    an ``erf-lab train`` run, ``erf-lab reparam`` of a random init: :func:`erf_lab.checkpoint.random_init_record`);
+    None for any other file, or no upload."""
+    from erf_lab.checkpoint import random_init_record
+
+    if weights is None:
+        return None
+    with _upload_file(weights, weights_name) as path:
+        return random_init_record(path)
+
+
 def build_model(name: str, overrides_json: str = "{}", weights: bytes | None = None, weights_name: str = "",
                 deploy: bool = False, drop_head: bool = True) -> torch.nn.Module:
     """A fresh model in eval mode (random init unless ``weights``, the bytes of an uploaded checkpoint).
@@ -125,9 +147,8 @@ def build_model(name: str, overrides_json: str = "{}", weights: bytes | None = N
     if weights is None:
         return create_model(name, deploy=deploy, **overrides).eval()
     shown = Path(weights_name).name or "the uploaded checkpoint"
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / ("upload.safetensors" if shown.endswith(".safetensors") else "upload.pth")
-        path.write_bytes(weights)
+    with _upload_file(weights, weights_name) as path:
+        d = str(path.parent)
         try:
             model = create_model(name, weights=str(path), deploy=deploy, drop_head=drop_head, **overrides)
         except Exception as e:  # noqa: BLE001 - the unpickler fails with any type on a non-checkpoint

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from app.cache import sha
-from app.models import build_model, check_registered, parse_overrides
+from app.models import build_model, check_registered, parse_overrides, upload_random_init
 from app.runs import app_runs_dir
 from erf_lab.shape_bias.evaluate import run_shape_bias
 
@@ -33,7 +33,8 @@ def is_complete(run_dir: Path) -> bool:
 def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_json: str = "{}",
                    weights: bytes | None = None, weights_name: str = "", on_progress=None) -> Path:
     """The run directory of ``model_name`` on ``limit`` cue-conflict images (reused when it already holds the
-    result); random init is seeded and marked as untrained in the results (``random_weights``).
+    result); random init, and an upload marked as one, is seeded and marked as untrained in the results
+    (``random_weights``).
     ``on_progress(set_name, done, total)`` after every batch."""
     out = shape_bias_run_dir(model_name, pretrained=pretrained, limit=limit, overrides_json=overrides_json,
                              weights=weights)
@@ -44,8 +45,11 @@ def shape_bias_run(model_name: str, *, pretrained: bool, limit: int, overrides_j
     if pretrained:
         overrides["pretrained"] = True
     model = build_model(model_name, json.dumps(overrides), weights, weights_name, drop_head=False)  # it classifies
+    # an upload erf-lab marked as an untrained initialisation (a train run's epoch 0) is random init too
+    marked = upload_random_init(weights, weights_name)
     run_shape_bias(model_name, out=out, model=model, pretrained=pretrained, overrides=overrides or None,
                    limit=int(limit), batch_size=16, workers=0, show_progress=False,
-                   allow_random=weights is None and not pretrained,
+                   allow_random=(weights is None and not pretrained) or marked is not None,
+                   seed=0 if marked is None or marked["seed"] is None else marked["seed"],
                    command=["streamlit", "app/main.py", "(shape-bias page)"], on_progress=on_progress)
     return out

@@ -1010,6 +1010,35 @@ def test_shape_bias_page_builds_an_upload_with_its_model_options(app_env):
     assert summary["random_weights"] is False and summary["weights_selection"]["passed_over"] == ["state_dict_ema"]
 
 
+def test_shape_bias_page_marks_an_upload_of_an_untrained_initialisation(app_env):
+    """An upload of epoch 0 of an `erf-lab train` run (the untrained initialisation, marked so in the file, as
+    `erf-lab reparam` of a random init is) was shown as a trained model's shape bias, with no word of random
+    weights: the CLI refuses that file without --allow-random and marks it with it. The page marks the run untrained
+    now, with the file's own seed, as it marks random init."""
+    import json
+
+    import torch
+
+    from erf_lab.models import create_model
+    from erf_lab.train.checkpoints import save_weights
+
+    torch.manual_seed(5)
+    path = save_weights(create_model("replknet_3", channels=(8, 16, 32, 64), layers=(1, 1, 1, 1)).state_dict(),
+                        app_env / "epoch_000", "safetensors", random_init_seed=5)[0]
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    at.selectbox(key="sb-model").set_value("replknet_3").run()
+    at.file_uploader(key="sb-ckpt").set_value([(path.name, path.read_bytes(), "application/octet-stream")]).run()
+    at.text_input(key="sb-opts").set_value("channels=(8,16,32,64) layers=(1,1,1,1)").run()
+    at.button(key="sb-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    metric(at, "Shape bias")
+    assert any(w.value.startswith("UNTRAINED") for w in at.warning), [w.value for w in at.warning]
+    summary = json.loads(next((app_env / "app-runs").glob("shape-bias-replknet_3-*/summary.json")).read_text())
+    assert summary["random_weights"] is True and summary["seed"] == 5 and summary["label"].endswith("(random init)")
+
+
 def _shape_bias_results_page() -> AppTest:
     """The Shape bias page, switched to 'Load results'."""
     at = ok(new_app().run())
