@@ -14,6 +14,8 @@ DOWNLOAD_SUFFIXES = {".png": "image/png", ".pdf": "application/pdf", ".svg": "im
 MAX_DOWNLOAD_MB = 200
 #: result directories listed from one folder (breadth first); the Results page says when the list is cut there
 MAX_RUNS = 300
+#: shown with results whose record says the weights were a random initialisation (:func:`is_untrained`)
+UNTRAINED_NOTE = "UNTRAINED: these results come from random initial weights and describe no trained model."
 _BINARY = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters no CSV text holds
 
 
@@ -88,9 +90,9 @@ def find_runs(root: Path, max_depth: int = 4, limit: int | None = None) -> list[
 
 def listed_caption(d: Path) -> str | None:
     """What a run directory's run.json says it measured, beside its name in a list (the app's own folders are named
-    by a hash): its label, random init marked, then :func:`erf_lab.erf.rundir.run_caption` (layer, size, images),
-    e.g. ``"K31-seed0 · trained (cue-world) · re-param · forward_features, 128x128 px, 4 images"``; None without a
-    readable run.json."""
+    by a hash): its label, random init marked (:func:`is_untrained`), then :func:`erf_lab.erf.rundir.run_caption`
+    (layer, size, images), e.g. ``"K31-seed0 · trained (cue-world) · re-param · forward_features, 128x128 px, 4
+    images"``; None without a readable run.json."""
     from erf_lab.erf.rundir import RANDOM_MARK, run_caption
     from erf_lab.io import read_json_or_none
 
@@ -98,10 +100,21 @@ def listed_caption(d: Path) -> str | None:
     if not isinstance(info, dict):
         return None
     label = info.get("label") or info.get("model")
-    if label and info.get("random_init") is True:
+    if label and is_untrained(d):
         label = f"{label} {RANDOM_MARK}"
     return " · ".join(str(p) for p in (label, run_caption(info)) if p) or None
 
+
+def is_untrained(d: Path) -> bool:
+    """True when a run directory's record says its weights were a random initialisation: run.json ``random_init``
+    (an ERF run) or summary.json ``random_weights`` (a shape-bias run, whose run.json does not say)."""
+    from erf_lab.io import read_json_or_none
+
+    for name, key in (("run.json", "random_init"), ("summary.json", "random_weights")):
+        info = read_json_or_none(d / name) if own_file(d / name) else None
+        if isinstance(info, dict) and info.get(key) is True:
+            return True
+    return False
 
 def own_file(p: Path) -> bool:
     """A file of the folder itself: a symlink (to anything on the server) is neither read, shown nor offered."""

@@ -1525,6 +1525,34 @@ def test_results_page_shows_each_figure_of_a_run(app_env):
     assert sorted(i.proto.imgs[0].caption for i in at.image) == ["error_consistency.png", "shape_bias.png"]
 
 
+def test_results_page_marks_an_untrained_shape_bias_run(app_env):
+    """A shape-bias run of random weights (summary.json random_weights; its run.json does not say) was listed and
+    opened on the Results page as "mobilenetv2", like a trained one: only its figure's legend said random init,
+    while an untrained ERF run is marked. It is marked in the list and warned about when opened now."""
+    import json
+
+    root = app_env / "runs"
+    for name, random_weights in (("random", True), ("trained", False)):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"shape_bias": 0.25, "n_conflict": 12, "model": "mobilenetv2",
+                                                    "random_weights": random_weights}))
+        (d / "decisions.csv").write_text("set,image,shape,texture,decision\n")
+        (d / "run.json").write_text(json.dumps({"what": "erf-lab shape-bias", "model": "mobilenetv2",
+                                                "seed": 0 if random_weights else None}))
+    at = ok(new_app().run())
+    at.switch_page("views/results.py").run()
+    at.text_input(key="res-root").set_value(str(root)).run()
+    ok(at)
+    assert at.multiselect(key="res-chosen-shape-bias").options == ["random · mobilenetv2 (random init)",
+                                                                   "trained · mobilenetv2"]
+    for name, warned in (("random", True), ("trained", False)):
+        at.multiselect(key="res-chosen-shape-bias").set_value([name]).run()
+        ok(at)
+        assert not errors(at), errors(at)
+        assert any(w.value.startswith("UNTRAINED") for w in at.warning) is warned, name
+
+
 def test_results_page_marks_a_threshold_not_reached(app_env):
     """An area the centred square never reaches inside the image is 'n/r' in erf-lab compare's table (and the
     explorer's); the Results page showed it as an empty NaN cell, as if the number were missing."""

@@ -87,6 +87,8 @@ if runs:
                 d = Path(r["path"])
                 if note := incomplete_note(d):  # an interrupted sweep: no finished results to present
                     st.warning(note)
+                if runs_module.is_untrained(d):  # a shape-bias run's figure alone said so, in its legend
+                    st.warning(runs_module.UNTRAINED_NOTE)
                 info_file = d / ("run.json" if (d / "run.json").is_file() else "summary.json")
                 if info_file.is_file():
                     info = read_json(info_file)  # a corrupt file: one readable line (ErfLabError), not a traceback

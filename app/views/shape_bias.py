@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import models, safety
 from app.commands import override_args
-from app.runs import own_file
+from app.runs import UNTRAINED_NOTE, own_file
 from app.shape_bias_runs import SHAPE_BIAS_MODELS, is_complete, shape_bias_run, shape_bias_run_dir
 from app.ui import checkpoint_upload, cli_hint, file_downloads, guard, model_options_input
 from erf_lab.checkpoint import selection_text
@@ -97,7 +97,7 @@ if s is not None:  # the sections below read the run's summary: none of them wit
     with guard("Shape-bias results"):
         human = (s.get("human_reference") or {})
         if s.get("random_weights"):
-            st.warning("UNTRAINED: these results come from random initial weights and describe no trained model.")
+            st.warning(UNTRAINED_NOTE)
         for w in s.get("warnings") or []:
             st.warning(w)
         if loaded := selection_text(s.get("weights_selection")):  # e.g. the raw weights, not the EMA beside them
