@@ -1010,6 +1010,31 @@ def test_shape_bias_page_builds_an_upload_with_its_model_options(app_env):
     assert summary["random_weights"] is False and summary["weights_selection"]["passed_over"] == ["state_dict_ema"]
 
 
+def test_shape_bias_page_names_an_upload_of_the_shipped_cue_world_family(app_env):
+    """An upload of a shipped cue-world model (K3-seed0.safetensors, which the ERF explorer and re-parameterization
+    pages recognise) was refused as a RepLKNet of another size ("does not match ... 660 missing keys"), and built
+    with its options it fails as a 10-way head: it is named now, with why the stimuli cannot take it and the command
+    that measures its shape bias on cue-world's own cue-conflict images (which runs)."""
+    import shlex
+
+    from erf_lab.cli.main import main
+
+    shipped = REPO_ROOT / "data" / "trained" / "cue-world" / "K3-seed0.safetensors"
+    at = ok(new_app().run())
+    at.switch_page("views/shape_bias.py").run()
+    at.selectbox(key="sb-model").set_value("replknet_3").run()
+    at.file_uploader(key="sb-ckpt").set_value([(shipped.name, shipped.read_bytes(), "application/octet-stream")]).run()
+    ok(at)
+    assert len(errors(at)) == 1, errors(at)
+    command = "erf-lab shape-bias --stimuli cue-world --model replknet_3 --weights builtin:cue-world/K3-seed0"
+    assert errors(at)[0] == ("Shape-bias evaluation: K3-seed0.safetensors is the shipped builtin:cue-world/K3-seed0, "
+                             "a classifier of cue-world's 10 classes: the cue-conflict stimuli need an ImageNet "
+                             f"(1000-way) or 16-way classifier. Its shape bias on cue-world's own cue-conflict images: "
+                             f"{command}"), errors(at)
+    assert not at.metric and not any("press **Run" in i.value for i in at.info)
+    assert main([*shlex.split(command)[1:], "--limit", "2", "--out", str(app_env / "cw")]) == 0
+
+
 def test_shape_bias_page_marks_an_upload_of_an_untrained_initialisation(app_env):
     """An upload of epoch 0 of an `erf-lab train` run (the untrained initialisation, marked so in the file, as
     `erf-lab reparam` of a random init is) was shown as a trained model's shape bias, with no word of random

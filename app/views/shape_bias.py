@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app import models, safety
+from app import erf_maps, models, safety
 from app.commands import override_args
 from app.runs import UNTRAINED_NOTE, own_file
 from app.shape_bias_runs import SHAPE_BIAS_MODELS, is_complete, shape_bias_run, shape_bias_run_dir
@@ -52,6 +52,14 @@ if mode == "Run a model":
     if known:
         with guard("Shape-bias evaluation"):
             weights, weights_name = checkpoint_upload("sb-ckpt")
+            if shipped := erf_maps.shipped_upload(weights):  # built or not, it cannot classify these stimuli
+                spec = erf_maps.shipped_spec(shipped)
+                raise ErfLabError(
+                    f"{weights_name} is the shipped {erf_maps.SHIPPED_PREFIX}{shipped}, a classifier of cue-world's "
+                    f"{models.parse_overrides(spec['overrides']).get('num_classes', 10)} classes: the cue-conflict "
+                    "stimuli need an ImageNet (1000-way) or 16-way classifier. Its shape bias on cue-world's own "
+                    f"cue-conflict images: erf-lab shape-bias --stimuli cue-world --model {spec['model']} --weights "
+                    f"{erf_maps.SHIPPED_PREFIX}{shipped}")
             options = model_options_input("sb-opts")  # an upload's architecture (an erf-lab train run's options)
             # random init of a RepLKNet: the tiny width / depth of the other pages, under any option typed
             tiny = models.parse_overrides(models.tiny_overrides()) if model.startswith("replknet") and weights is None \
