@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from app.cache import cached, sha
-from app.models import build_model
+from app.models import build_model, upload_random_init
 from erf_lab.models import reparameterize_model
 from erf_lab.models.deploy import already_deployed, already_deployed_error, max_relative_error, official_deploy_layout
 from erf_lab.models.reparam import randomize_bn
@@ -42,7 +42,9 @@ def block_kernels(model: torch.nn.Module) -> dict[str, dict]:
 def reparam_report(name: str, overrides_json: str, random_bn: bool, input_size: int, seed: int = 0,
                    weights: bytes | None = None, weights_name: str = "", on_progress=None) -> dict:
     """Block kernels and ``{form: {params, flops, error}}`` (error = max|y - y'| / max|y| of the logits on a
-    seeded random batch, eval mode); ``on_progress(fraction, text)`` before each step; cached across sessions."""
+    seeded random batch, eval mode), with the ``weights_selection`` of an upload and its ``random_init`` mark
+    (:func:`app.models.upload_random_init`); ``on_progress(fraction, text)`` before each step; cached across
+    sessions."""
     key = "reparam:" + json.dumps([name, overrides_json, random_bn, input_size, seed, sha(weights), weights_name])
     return cached(key, lambda: _report(name, overrides_json, random_bn, input_size, seed, weights, weights_name,
                                        on_progress or (lambda frac, text: None)))
@@ -71,4 +73,6 @@ def _report(name, overrides_json, random_bn, input_size, seed, weights, weights_
             forms[form] = {"params": count_params(m), "flops": count_flops(m, input_size),
                            "error": 0.0 if convert is None else max_relative_error(y, m(x))}
     step(1.0, "done")
-    return {"blocks": blocks, "forms": forms, "input_size": input_size}
+    return {"blocks": blocks, "forms": forms, "input_size": input_size,
+            "weights_selection": getattr(model, "weights_selection", None),  # which part of the upload loaded
+            "random_init": upload_random_init(weights, weights_name)}  # an upload marked untrained: its {"seed"}

@@ -790,6 +790,43 @@ def test_reparam_page_random_bn_does_not_apply_to_an_upload(app_env):
     assert any("BN statistics randomized" in c.value for c in at.caption)
 
 
+def test_reparam_page_says_which_weights_an_upload_is(app_env):
+    """The re-parameterization page said nothing of what an upload held: of a file with raw and EMA weights it
+    showed the raw ones' kernels (a server-log warning said so), of a file erf-lab marked as an untrained
+    initialisation (epoch 0 of a train run) no word that the kernels are no trained network's, and its command hint
+    named CHECKPOINT.pth. Each is said now, and the hint names the uploaded file."""
+    import io
+
+    import torch
+
+    from erf_lab.models import create_model
+    from erf_lab.train.checkpoints import save_weights
+
+    torch.manual_seed(4)
+    raw, ema = (create_model("replknet_31b", channels=models.TINY_CHANNELS, layers=models.TINY_LAYERS).state_dict()
+                for _ in range(2))
+    buf = io.BytesIO()
+    torch.save({"model": raw, "model_ema": ema}, buf)
+    at = ok(new_app().run())
+    at.switch_page("views/reparam.py").run()
+    at.file_uploader(key="rp-ckpt").set_value([("raw-and-ema.pth", buf.getvalue(), "application/octet-stream")]).run()
+    at.button(key="rp-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    captions = [c.value for c in at.caption]
+    assert "Weights loaded: checkpoint['model'] (passed over: 'model_ema')" in captions, captions
+    assert not any("untrained" in c for c in captions), captions
+    assert any("reparam --model replknet_31b --weights raw-and-ema.pth" in c.value for c in at.code)
+    path = save_weights(raw, app_env / "epoch_000", "safetensors", random_init_seed=4)[0]
+    at.file_uploader(key="rp-ckpt").set_value([(path.name, path.read_bytes(), "application/octet-stream")]).run()
+    at.button(key="rp-run").click().run()
+    ok(at)
+    assert not errors(at), errors(at)
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("epoch_000.safetensors is marked as an untrained initialisation (random init, seed 4)")
+               for c in captions) and not any(c.startswith("Weights loaded") for c in captions), captions
+
+
 def test_reparam_page_builds_an_upload_as_it_was_trained(app_env):
     """An upload of another width / depth than the page's two was refused (missing keys): the shipped K3-seed0 is
     built from its record, a training run's weights from the options typed under "Model options"; the parameters

@@ -12,6 +12,7 @@ from app.commands import options_text, override_args
 from app.figures import kernels_figure, show_matplotlib
 from app.reparam_forms import reparam_report
 from app.ui import checkpoint_upload, cli_hint, guard, model_options_input
+from erf_lab.checkpoint import selection_text
 
 st.title("Re-parameterization")
 st.caption("Large kernel, small kernel, both BN-fused, and the merged kernel of one depthwise channel; the "
@@ -27,7 +28,7 @@ model = c1.selectbox("Model", choices or RLK, key="rp-model")
 tiny = c2.toggle("Tiny width/depth", value=True, key="rp-tiny", help="16-128 channels, 1-1-2-1 blocks")
 size = c4.select_slider("Test input (px)", [64, 96, 128, 224], value=64, key="rp-size")
 
-report, shipped, options, random_bn = None, None, {}, False
+report, shipped, options, random_bn, weights, weights_name = None, None, {}, False, None, ""
 with guard("Re-parameterization"):
     weights, weights_name = checkpoint_upload("rp-ckpt")
     # an upload keeps its own BN statistics: the toggle is off and disabled for it (its own key: the random-init
@@ -68,6 +69,12 @@ if report:
         st.caption(f"{model} at random init (seed 0), untrained"
                    f"{' (BN statistics randomized, seed 1)' if random_bn else ''}: the kernels below are no trained "
                    "network's; the forms' equivalence holds for any weights (upload a checkpoint to see trained ones).")
+    elif report.get("random_init"):  # e.g. epoch 0 of an erf-lab train run: marked so in the file
+        st.caption(f"{weights_name} is marked as an untrained initialisation (random init, seed "
+                   f"{report['random_init'].get('seed')}): the kernels below are no trained network's; the forms' "
+                   "equivalence holds for any weights.")
+    if loaded := selection_text(report.get("weights_selection")):  # e.g. the raw weights, not the EMA beside them
+        st.caption(f"Weights loaded: {loaded}")
     forms = report["forms"]
     cols = st.columns(len(forms))
     base = forms["train-time"]
@@ -98,5 +105,5 @@ if report:
             st.caption(f"One symmetric colour scale. Merged = fused large + zero-padded fused small "
                        f"(K={data['kernel']}, small={data['small_kernel']}).")
     cli_hint(["reparam", "--model", model, "--weights", f"{erf_maps.SHIPPED_PREFIX}{shipped}" if shipped else
-              "CHECKPOINT.pth", *override_args(options), "--out", "replknet_deploy.pth"],
+              weights_name or "CHECKPOINT.pth", *override_args(options), "--out", "replknet_deploy.pth"],
              "Export the merged (official deploy layout) checkpoint of a trained model from the command line:")
