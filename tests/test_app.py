@@ -1076,7 +1076,7 @@ def test_shape_bias_page_marks_an_upload_of_an_untrained_initialisation(app_env)
     """An upload of epoch 0 of an `erf-lab train` run (the untrained initialisation, marked so in the file, as
     `erf-lab reparam` of a random init is) was shown as a trained model's shape bias, with no word of random
     weights: the CLI refuses that file without --allow-random and marks it with it. The page marks the run untrained
-    now, with the file's own seed, as it marks random init."""
+    now, with the file's own seed, as it marks random init, and its command hint has --allow-random."""
     import json
 
     import torch
@@ -1099,6 +1099,8 @@ def test_shape_bias_page_marks_an_upload_of_an_untrained_initialisation(app_env)
     assert any(w.value.startswith("UNTRAINED") for w in at.warning), [w.value for w in at.warning]
     summary = json.loads(next((app_env / "app-runs").glob("shape-bias-replknet_3-*/summary.json")).read_text())
     assert summary["random_weights"] is True and summary["seed"] == 5 and summary["label"].endswith("(random init)")
+    hint = next(c.value for c in at.code if "shape-bias --model" in c.value)  # the CLI refuses it without the option
+    assert hint.endswith("--weights epoch_000.safetensors --allow-random --out runs/shape-bias"), hint
 
 
 def _shape_bias_results_page() -> AppTest:

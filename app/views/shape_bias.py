@@ -48,7 +48,7 @@ if mode == "Run a model":
     pretrained = has_weights and pretrained
     limit = c3.number_input("Cue-conflict images (--limit)", 16, 1280, 16, step=16, key="sb-limit",
                             help="an even spread over the 16 categories; the full set has 1280")
-    weights_name, options = "", {}
+    weights_name, options, marked = "", {}, None
     if known:
         with guard("Shape-bias evaluation"):
             weights, weights_name = checkpoint_upload("sb-ckpt")
@@ -61,6 +61,7 @@ if mode == "Run a model":
                     f"cue-conflict images: erf-lab shape-bias --stimuli cue-world --model {spec['model']} --weights "
                     f"{erf_maps.SHIPPED_PREFIX}{shipped}")
             options = model_options_input("sb-opts")  # an upload's architecture (an erf-lab train run's options)
+            marked = models.upload_random_init(weights, weights_name)  # the CLI measures it with --allow-random only
             # random init of a RepLKNet: the tiny width / depth of the other pages, under any option typed
             tiny = models.parse_overrides(models.tiny_overrides()) if model.startswith("replknet") and weights is None \
                 else {}
@@ -88,7 +89,8 @@ if mode == "Run a model":
             if run_dir is not None and weights is None and not pretrained:
                 st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
     args = (["shape-bias", "--model", model, *override_args(options)]
-            + (["--pretrained"] if pretrained else ["--weights", weights_name or "CHECKPOINT.pth"]))
+            + (["--pretrained"] if pretrained else ["--weights", weights_name or "CHECKPOINT.pth"])
+            + (["--allow-random"] if marked else []))
     cli_hint(args + ["--out", "runs/shape-bias"], "Full stimulus set (1280 images) from the command line:")
 else:
     text = st.text_input("Shape-bias results folder (holds summary.json)", key="sb-dir")
