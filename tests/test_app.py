@@ -1134,6 +1134,35 @@ def test_shape_bias_page_load_results_bad_folders(app_env):
                           "each run)"], errors(at)
 
 
+def test_shape_bias_page_loads_a_cue_world_probe_run(app_env):
+    """A run of `erf-lab shape-bias --stimuli cue-world` (the command the page gives for a shipped model) loaded as
+    Geirhos results: "Humans n/a", no hits, an empty per-category table, "no consistency results (older run, or no
+    human data found)" and a stimulus browser error calling its decisions.csv "not an erf-lab decisions.csv". It is
+    shown as the probe it is: its shape-only / texture-only accuracies, its per-class hits, and one line on why no
+    human sections follow."""
+    import json
+
+    from erf_lab.cli.main import main
+
+    out = app_env / "cue-world-run"
+    assert main(["shape-bias", "--stimuli", "cue-world", "--model", "replknet_3", "--weights",
+                 "builtin:cue-world/K3-seed0", "--limit", "16", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    at = _shape_bias_results_page()
+    at.text_input(key="sb-dir").set_value(str(out)).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert metric(at, "Shape bias") == f"{summary['shape_bias']:.3f}"
+    assert metric(at, "Shape-only accuracy") == f"{summary['shape_only_accuracy']:.1%}"
+    assert metric(at, "Texture-only accuracy") == f"{summary['texture_only_accuracy']:.1%}"
+    assert not [m for m in at.metric if m.label == "Humans"]
+    assert any(i.value.startswith("A cue-world probe") for i in at.info), [i.value for i in at.info]
+    table = at.dataframe[0].value
+    assert len(table) == len(summary["per_class"]) and table["shape hits"].sum() == summary["shape_hits"]
+    assert table["texture hits"].sum() == summary["texture_hits"] and table["class"][0] == summary["classes"][0]
+    assert not any("Consistency" in h.value or "Stimuli" in h.value for h in at.subheader)
+
+
 def test_shape_bias_page_names_a_damaged_decisions_csv(app_env):
     """A decisions.csv that is not UTF-8 text, or has none of the columns erf-lab writes, is one line naming the
     file in the stimulus browser (it was 'failed: UnicodeDecodeError' without the file, or silently 0 images);

@@ -103,9 +103,16 @@ if run_dir is not None:
     with guard("Shape-bias results"):
         s = load_run(run_dir)
 
+#: a run of `erf-lab shape-bias --stimuli cue-world`: cue-world's own images and classes, which no human judged
+cue_world = s is not None and s.get("stimuli") == "cue-world"
 if s is not None:  # the sections below read the run's summary: none of them without it
     with guard("Shape-bias results"):
         human = (s.get("human_reference") or {})
+        if cue_world:
+            st.info("A cue-world probe (erf-lab shape-bias --stimuli cue-world): the built-in world's own "
+                    "cue-conflict, shape-only and texture-only images of its classes, not the Geirhos stimuli; no "
+                    "human judged them, so there is no human reference, consistency or stimulus browser.",
+                    icon=":material/info:")
         if s.get("random_weights"):
             st.warning(UNTRAINED_NOTE)
         for w in s.get("warnings") or []:
@@ -116,14 +123,22 @@ if s is not None:  # the sections below read the run's summary: none of them wit
         ci = s.get("shape_bias_ci95")
         m1.metric("Shape bias", "n/a" if s.get("shape_bias") is None else f"{s['shape_bias']:.3f}",
                   help=None if not ci else f"95% Wilson interval {ci[0]:.3f}-{ci[1]:.3f}")
-        m2.metric("Humans", "n/a" if human.get("shape_bias") is None else f"{human['shape_bias']:.3f}",
-                  help=f"{human.get('n_subjects', '?')} subjects (model-vs-human)")
-        m3.metric("Shape or texture hits", "n/a" if s.get("fraction_shape_or_texture_hits") is None
-                  else f"{s['fraction_shape_or_texture_hits']:.1%}", help=f"chance: {s.get('chance_shape_or_texture', 0.125):.1%}")
+        if cue_world:  # its shape-only and texture-only splits say whether the model learned each cue at all
+            chance = f"chance: 1/{(s.get('probe') or {}).get('num_classes', '?')}"
+            for col, split in ((m2, "shape_only"), (m3, "texture_only")):
+                col.metric(f"{split.replace('_', '-').capitalize()} accuracy",
+                           "n/a" if s.get(f"{split}_accuracy") is None else f"{s[f'{split}_accuracy']:.1%}", help=chance)
+        else:
+            m2.metric("Humans", "n/a" if human.get("shape_bias") is None else f"{human['shape_bias']:.3f}",
+                      help=f"{human.get('n_subjects', '?')} subjects (model-vs-human)")
+            m3.metric("Shape or texture hits", "n/a" if s.get("fraction_shape_or_texture_hits") is None
+                      else f"{s['fraction_shape_or_texture_hits']:.1%}",
+                      help=f"chance: {s.get('chance_shape_or_texture', 0.125):.1%}")
         m4.metric("Conflict images", s.get("n_conflict", 0))
         fig = Path(run_dir) / "shape_bias.png"
         if own_file(fig):
-            st.image(str(fig), caption="model vs humans (dashed: mean shape bias)", width=560)
+            st.image(str(fig), caption="shape bias on cue-world's cue-conflict images" if cue_world else
+                     "model vs humans (dashed: mean shape bias)", width=560)
             files = [fig, fig.with_suffix(".pdf"), Path(run_dir) / "decisions.csv"]
             file_downloads([p for p in files if own_file(p)], key="sb-dl")
         rows = []
@@ -132,9 +147,18 @@ if s is not None:  # the sections below read the run's summary: none of them wit
             rows.append({"category": cat, "images": v.get("n"), "shape hits": v.get("shape_hits"),
                          "texture hits": v.get("texture_hits"), "shape bias": v.get("shape_bias"),
                          "humans": h.get("shape_bias")})
-        st.subheader("Per category")
+        if cue_world:  # per class (cue-world's shape/texture pairs), by the shape the image shows
+            names = s.get("classes") if isinstance(s.get("classes"), list) else []
+            per_class = s.get("per_class") if isinstance(s.get("per_class"), dict) else {}
+            for i, v in sorted(per_class.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else -1):
+                v = v if isinstance(v, dict) else {}  # an edited file: its row empty, not a failed page
+                rows.append({"class": names[int(i)] if str(i).isdigit() and int(i) < len(names) else str(i),
+                             "images": v.get("n"), "shape hits": v.get("shape_hits"),
+                             "texture hits": v.get("texture_hits")})
+        st.subheader("Per class" if cue_world else "Per category")
         st.dataframe(pd.DataFrame(rows), hide_index=True)
 
+if s is not None and not cue_world:
     with guard("Consistency with humans"):
         st.subheader("Consistency with the 10 human subjects")
         report = s.get("consistency")
