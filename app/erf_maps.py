@@ -325,7 +325,7 @@ def sweep_member(k: int, *, reparam: str, init: str, weights_dir: str | None, in
                  overrides_json: str, layer: str | None = None) -> dict:
     """One kernel size of ``erf_lab.erf.sweep.run_sweep`` (its run directories are reused when settings match).
 
-    Returns ``{"rows", "reparam_diff", "maps": {mode: erf}, "out_dir"}``.
+    Returns ``{"rows", "reparam_diff", "maps": {mode: erf}, "run_info": {mode: run.json}, "out_dir"}``.
     """
     tag = hashlib.sha256(json.dumps([reparam, init, weights_dir, input_size, num_images, overrides_json, layer])
                          .encode()).hexdigest()[:12]
@@ -334,8 +334,9 @@ def sweep_member(k: int, *, reparam: str, init: str, weights_dir: str | None, in
                     num_images=num_images, overrides=parse_overrides(overrides_json), out=out, formats=("png",),
                     force=True,  # a cache: a member of other settings (e.g. a replaced checkpoint) is measured again
                     layer=layer, show_progress=False, argv=["streamlit", "app/main.py", "(growth page)"])
-    maps = {row["reparam"]: load_run(out / row["run_dir"]).erf for row in res["rows"]}
-    return {"rows": res["rows"], "reparam_diff": res["reparam_diff"], "maps": maps, "out_dir": str(out)}
+    loaded = {row["reparam"]: load_run(out / row["run_dir"]) for row in res["rows"]}
+    return {"rows": res["rows"], "reparam_diff": res["reparam_diff"], "maps": {m: r.erf for m, r in loaded.items()},
+            "run_info": {m: r.run_info for m, r in loaded.items()}, "out_dir": str(out)}
 
 
 def shipped_member(k: int, *, reparam: str, input_size: int, num_images: int, random_init: bool = False) -> dict:

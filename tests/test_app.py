@@ -903,6 +903,31 @@ def test_growth_page_weights_folder_with_model_options(app_env, monkeypatch):
     assert any("--override 'layers=(1,1,1,1)'" in c.value and "--weights-dir" in c.value for c in at.code)
 
 
+def test_growth_page_says_which_weights_of_each_checkpoint_loaded(app_env):
+    """A folder checkpoint holding raw and EMA weights (as `erf-lab train --ema`'s epoch .pth files and timm's do) is
+    measured by its raw weights, which its run.json records; the growth page said nothing of it. It says so now,
+    for each K, as erf-lab compare's note does."""
+    import torch
+    from safetensors.torch import load_file
+
+    sd = load_file(REPO_ROOT / "data" / "trained" / "cue-world" / "K3-seed0.safetensors")
+    folder = app_env / "ckpts"
+    folder.mkdir()
+    torch.save({"model": sd, "model_ema": sd}, folder / "K3.pth")
+    at = ok(new_app().run())
+    at.switch_page("views/growth.py").run()
+    at.text_input(key="g-kernels").set_value("3").run()
+    at.selectbox(key="g-reparam").set_value("deploy").run()
+    at.select_slider(key="g-size").set_value(64).run()
+    at.radio(key="g-init").set_value("weights").run()
+    at.text_input(key="g-opts").set_value("channels=(16,32,64,128) layers=(1,1,1,1) num_classes=10").run()
+    at.text_input(key="g-wdir").set_value(str(folder)).run()
+    ok(at)
+    assert not errors(at), errors(at)
+    assert "Weights loaded from the checkpoint files: K = 3: checkpoint['model'] (passed over: 'model_ema')." in [
+        c.value for c in at.caption], [c.value for c in at.caption]
+
+
 def test_shape_bias_page_runs_and_shows_humans(app_env, shared_datasets):
     """Pretrained EfficientNet-Lite0 on 16 cue-conflict images; humans' value is the model-vs-human one."""
     from erf_lab.shape_bias.analysis import human_csvs, shape_bias_from_csv

@@ -9,6 +9,7 @@ import streamlit as st
 from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE, theoretical_rf_exceeds_map
 from erf_lab.erf.rundir import RANDOM_MARK
 from erf_lab.erf.sweep import find_family_weights
+from erf_lab.erf.tables import weights_note
 from erf_lab.errors import ErfLabError
 
 from app import erf_maps, models, safety
@@ -82,6 +83,7 @@ with tab_k:
     if ok and ks and not bad:
         rows, maps, diffs = [], {}, []
         bar = st.progress(0.0, text="sweeping kernel sizes")
+        infos = {}  # K -> the run.json of its measurement (which part of its checkpoint file loaded)
         for i, k in enumerate(ks):
             with guard(f"K = {k}"):
                 if trained:
@@ -94,6 +96,7 @@ with tab_k:
                                                       models.tiny_overrides() if tiny else "{}"), **options}))]
                 for r in runs:
                     rows += r["rows"]
+                    infos.update({f"K = {k}": info for info in (r.get("run_info") or {}).values()})  # one per file
                     diffs += r["reparam_diff"]
                     series = r["rows"][0].get("init", init)
                     for mode, erf in r["maps"].items():
@@ -112,6 +115,8 @@ with tab_k:
                 show_figure("erf_grid", ([[maps.get((k, m)) for k in done] for m in series], series,
                                          [f"K = {k}" for k in done]), stem="grid", key="g-grid")
             show_metrics(rows, drop=("run_dir", "series"))
+            if loaded := weights_note(list(infos.items())):  # e.g. a file's raw weights, not the EMA beside them
+                st.caption(loaded)
             if beyond := list(dict.fromkeys(r["kernel"] for r in rows if r.get("erf/trf") is not None and
                                             theoretical_rf_exceeds_map(r.get("trf"), (int(size), int(size))))):
                 st.caption(f"erf/trf: the theoretical RF exceeds the {size} px image for K = "
