@@ -126,8 +126,9 @@ if s is not None:  # the sections below read the run's summary: none of them wit
         if cue_world:  # its shape-only and texture-only splits say whether the model learned each cue at all
             chance = f"chance: 1/{(s.get('probe') or {}).get('num_classes', '?')}"
             for col, split in ((m2, "shape_only"), (m3, "texture_only")):
-                col.metric(f"{split.replace('_', '-').capitalize()} accuracy",
-                           "n/a" if s.get(f"{split}_accuracy") is None else f"{s[f'{split}_accuracy']:.1%}", help=chance)
+                acc = s.get(f"{split}_accuracy")
+                col.metric(f"{split.replace('_', '-').capitalize()} accuracy", "n/a" if acc is None else f"{acc:.1%}",
+                           help=chance)
         else:
             m2.metric("Humans", "n/a" if human.get("shape_bias") is None else f"{human['shape_bias']:.3f}",
                       help=f"{human.get('n_subjects', '?')} subjects (model-vs-human)")
