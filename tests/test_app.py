@@ -101,6 +101,26 @@ def test_explorer_says_when_the_theoretical_rf_exceeds_the_image(app_env):
         f"ERF / TRF: the theoretical RF (1211 px) is wider than the 128 px image; {TRF_EXCEEDS_MAP_NOTE}."], notes()
 
 
+def test_explorer_says_a_global_theoretical_rf(app_env):
+    """UniRepLKNet's squeeze-and-excitation blocks pool the whole map, so every input pixel reaches the layers after
+    the first one: the page said 'theoretical RF n/a px' and 'ERF / TRF n/a' with no word why; now it names the RF
+    global, with its kernels' RF, as `erf-lab layers` and compute's header do."""
+    at = ok(new_app().run())
+    at.radio(key="erf-init-0").set_value("random").run()
+    at.selectbox(key="erf-model-0").set_value("unireplknet_a").run()
+    at.button(key="erf-run").click().run()  # not a tiny RepLKNet: measured on a click
+    ok(at)
+    assert not errors(at), errors(at)
+    caps = [c.value for c in at.caption]
+    head = next(c for c in caps if "layer `forward_features`" in c)
+    kernel_rf = int(head.split("theoretical RF global (")[1].split(" px)")[0])
+    assert kernel_rf > 128, head  # the kernels' RF of the last stage, wider than the image
+    assert metric(at, "ERF / TRF", 0) == "n/a"
+    assert (f"ERF / TRF: none, the theoretical RF is the whole image: every input pixel reaches the measured layer "
+            f"through a pooling or normalization over the whole map (squeeze-and-excitation, GRN, GroupNorm); its "
+            f"kernels alone reach {kernel_rf} px.") in caps, caps
+
+
 def test_side_by_side_kernel_31_vs_3_and_bad_input(app_env):
     """Random init one click away per configuration: the 31-29-27-13 network has the wider ERF than the 3x3 one
     (RepLKNet's central claim, here at random init); bad kernel text gives one readable error, no traceback."""

@@ -15,6 +15,7 @@ from app.figures import show_figure
 from app.ui import checkpoint_upload, cli_hint, guard, model_options_input, parse_int_tuple
 from erf_lab.checkpoint import selection_text
 from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE
+from erf_lab.erf.tables import GLOBAL_RF_REASON, rf_text
 
 st.title("ERF explorer")
 st.caption("Effective receptive field: ReLU(d output-centre / d input) aggregated over images (Luo et al., 2016), "
@@ -191,7 +192,7 @@ if specs and source is not None:
                 s = res["summary"]
                 st.markdown(f"**{res['label']}**")
                 st.caption(f"{res['num_used']} image(s), {res['num_skipped']} skipped · layer `{res['layer']}` · "
-                           f"theoretical RF {res['trf'] if res['trf'] else 'n/a'} px · {res['seconds']:.1f} s")
+                           f"theoretical RF {rf_text(res['info'], ' px')} · {res['seconds']:.1f} s")
                 if skipped := erf_maps.skip_message(res["skipped"], res["num_used"]):
                     st.warning(skipped, icon=":material/warning:")
                 if res["info"].get("random_init"):
@@ -208,6 +209,9 @@ if specs and source is not None:
                 m3.metric("r_rms (px)", "n/a" if s.get("r_rms") is None else f"{s['r_rms']:.1f}")
                 m4.metric("ERF / TRF", "n/a" if s.get("erf/trf") is None else f"{s['erf/trf']:.2f}",
                           help="RMS diameter (2 r_rms) / theoretical RF")
+                if res["info"].get("rf_global"):
+                    st.caption(f"ERF / TRF: none, the theoretical RF is the whole image: {GLOBAL_RF_REASON}; its "
+                               f"kernels alone reach {res['info'].get('kernel_rf')} px.")
                 if "theoretical_rf_exceeds_map" in flags and s.get("erf/trf") is not None:
                     st.caption(f"ERF / TRF: the theoretical RF ({res['trf']} px) is wider than the "
                                f"{spec['input_size']} px image; {TRF_EXCEEDS_MAP_NOTE}.")

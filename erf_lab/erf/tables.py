@@ -59,15 +59,28 @@ def trf_note(measured: Sequence[tuple[str, dict]]) -> str:
     return trf_exceeds_line([label for label, m in measured if "theoretical_rf_exceeds_map" in (m.get("flags") or [])])
 
 
+#: why a layer's theoretical RF is global (``rf_global``)
+GLOBAL_RF_REASON = ("every input pixel reaches the measured layer through a pooling or normalization over the whole "
+                    "map (squeeze-and-excitation, GRN, GroupNorm)")
+
+
+def rf_text(info: dict, unit: str = "") -> str:
+    """A layer's theoretical RF as tables and pages show it, from a layer row or a run.json: ``{N}{unit}``,
+    ``global ({kernel RF}{unit})`` after a pooling or normalization over the whole map (``rf_global``), ``n/a``
+    where there is none (after attention)."""
+    if info.get("rf_global"):
+        return f"global ({info.get('kernel_rf')}{unit})"
+    return f"{info['theoretical_rf']}{unit}" if info.get("theoretical_rf") else "n/a"
+
+
 def global_rf_note(runs: Sequence[tuple[str, dict | None]]) -> str:
     """One line naming the runs ((label, run.json or a sweep row)) whose theoretical RF is global (``rf_global``:
     after a pooling or normalization over the whole map), where the tables show no trf and no erf/trf ("" for
     none)."""
     named = [f"{label} (its kernels alone: {info.get('kernel_rf')} px)" for label, info in runs
              if (info or {}).get("rf_global")]
-    return ("trf -: the theoretical RF is the whole image for " + ", ".join(named) + ": every input pixel reaches "
-            "the measured layer through a pooling or normalization over the whole map (squeeze-and-excitation, GRN, "
-            "GroupNorm), so there is no erf/trf.") if named else ""
+    return ("trf -: the theoretical RF is the whole image for " + ", ".join(named) + f": {GLOBAL_RF_REASON}, so "
+            "there is no erf/trf.") if named else ""
 
 
 def square_note(measured: Sequence[tuple[str, dict]]) -> str:

@@ -59,6 +59,7 @@ def layer_table(model_name: str, input_size: int = 224, overrides: dict | None =
 
 def run(args: argparse.Namespace) -> int:
     from erf_lab.cli.options import parse_overrides
+    from erf_lab.erf.tables import rf_text
 
     rows = layer_table(args.model, args.input_size, parse_overrides(args.override), contains=args.filter,
                        all_modules=args.all, reparameterize=not args.no_reparam)
@@ -66,15 +67,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'layer':<{width}}  {'output (C, H, W)':<18}  {'stride':>6}  {'theoretical RF':>14}")
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
-        print(f"{r['name']:<{width}}  {shape:<18}  {str(r['stride']):>6}  {rf_cell(r):>14}")
+        print(f"{r['name']:<{width}}  {shape:<18}  {str(r['stride']):>6}  {rf_text(r):>14}")
     if any(r.get("rf_global") for r in rows):
         print("global (N): every input pixel reaches the layer through a pooling or norm over the whole map "
               "(squeeze-and-excitation, GRN, GroupNorm); N: the RF of its kernels alone")
     return 0
-
-
-def rf_cell(row: dict) -> str:
-    """The theoretical RF column: pixels, ``global (N)`` (N: the kernels' RF) or ``n/a`` (after attention)."""
-    if row.get("rf_global"):
-        return f"global ({row['kernel_rf']})"
-    return str(row["theoretical_rf"] or "n/a")
