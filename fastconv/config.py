@@ -15,6 +15,7 @@ import contextvars
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -72,6 +73,28 @@ def _autotune(value, source: str = "autotune") -> bool:
     raise ValueError(f"fastconv: {source}={value!r} is not a yes or no; use True / False (or 1 / 0, on / off)")
 
 
+def _bootstrap_frame(frame) -> bool:
+    """A frame of importlib's bootstrap, which ``warnings.warn`` leaves out when it counts ``stacklevel``."""
+    name = frame.f_code.co_filename
+    return "importlib" in name and "_bootstrap" in name
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning that the caller gives points at the user's line: the first frame outside
+    fastconv and torch (through a model's ``nn.Module.__call__``, the line that called the model), not at the line of
+    fastconv that happened to load the C++ kernel or the settings first."""
+    roots = [str(Path(__file__).parent) + os.sep]
+    torch = sys.modules.get("torch")
+    if getattr(torch, "__file__", None):
+        roots.append(str(Path(torch.__file__).parent) + os.sep)
+    roots = tuple(roots)
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(roots) or _bootstrap_frame(frame)):
+        frame = frame.f_back
+        level += not _bootstrap_frame(frame)
+    return level
+
+
 def _env_cache_dir() -> Path:
     """``$FASTCONV_CACHE``, else ``$XDG_CACHE_HOME/fastconv``, else ``~/.cache/fastconv``. A user without a home
     folder (``$HOME`` unset and no entry in the password database: a container run under an arbitrary user id) made
@@ -90,7 +113,7 @@ def _env_cache_dir() -> Path:
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     warnings.warn(f"fastconv: this user has no home folder ($HOME unset); its C++ kernel build and autotune decisions "
                   f"are kept in {folder} for this process only: set ${ENV_CACHE} to a folder to keep them",
-                  RuntimeWarning, stacklevel=3)
+                  RuntimeWarning, stacklevel=user_stacklevel())
     return Path(folder)
 
 

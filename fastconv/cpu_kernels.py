@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastconv.config import _OFF, settings
+from fastconv.config import _OFF, settings, user_stacklevel
 from fastconv.jsonstore import MKSTEMP_RANDOM, locked, plain_mode, remove_stale_temporaries
 
 _SRC = Path(__file__).with_name("csrc") / "dwconv.cpp"
@@ -175,7 +175,7 @@ def _private_build_folder(cache: Path, error: OSError) -> Path:
         _private_builds.append(folder)
         warnings.warn(f"fastconv: cannot write its build cache {cache} ({error.strerror or error}); the C++ kernel "
                       f"is built in {folder} for this process only, again in each process: set $FASTCONV_CACHE to a "
-                      "writable folder", RuntimeWarning, stacklevel=2)
+                      "writable folder", RuntimeWarning, stacklevel=user_stacklevel())
     return _private_builds[0]
 
 
@@ -299,7 +299,7 @@ def cpp_library():
                         warnings.warn(f"fastconv: its C++ kernel is unavailable ({_lib_error.splitlines()[0][:200]}); "
                                       "depthwise_conv2d runs PyTorch's own kernels (explain() says which). Install a "
                                       "C++ compiler or set CXX; FASTCONV_NO_CPP=1 turns the kernel and this warning "
-                                      "off", RuntimeWarning, stacklevel=2)
+                                      "off", RuntimeWarning, stacklevel=user_stacklevel())
     return _lib
 
 

@@ -226,9 +226,11 @@ def test_an_unwritable_build_cache_builds_in_a_private_folder_with_one_warning(t
 
 def test_no_compiler_falls_back_with_one_warning(tmp_path):
     """Without a C++ compiler (none on the PATH, $CXX unset) every call still computes, through PyTorch's kernels, and
-    the process is told once why the C++ kernel is not used and what to do (it fell back without a word); with
+    the process is told once why the C++ kernel is not used and what to do (it fell back without a word), at the
+    user's line (it pointed inside fastconv); with
     $FASTCONV_NO_CPP=1, which asks for that, nothing is said."""
     code = ("import torch, torch.nn.functional as F, fastconv\n"
+            "torch.nn.Sequential(fastconv.DepthwiseConv2d(3, 5))(torch.randn(1, 3, 6, 6))\n"
             "for c, k, cl in ((3, 3, False), (8, 13, True), (4, 31, False)):\n"
             "    x, w = torch.randn(2, c, 9, 9), torch.randn(c, 1, k, k)\n"
             "    x = x.contiguous(memory_format=torch.channels_last) if cl else x\n"
@@ -241,6 +243,8 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     assert proc.stdout.split() == ["True"]
     warned = [ln for ln in proc.stderr.splitlines() if "RuntimeWarning" in ln]
     assert len(warned) == 1 and "C++ kernel is unavailable (no C++ compiler found (set CXX))" in warned[0]
+    # at the user's line, the call of the model (line 2), not inside fastconv or torch's Module.__call__
+    assert warned[0].startswith("<string>:2: RuntimeWarning"), warned[0]
     assert "Install a C++ compiler or set CXX" in warned[0]
     proc = subprocess.run([sys.executable, "-c", code], env={**env, "FASTCONV_NO_CPP": "1"}, capture_output=True,
                           text=True, check=True)
