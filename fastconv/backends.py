@@ -33,7 +33,8 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError("depthwise_conv2d: x and weight must be torch.Tensors")
     if x.dim() != 4:
-        raise ValueError(f"depthwise_conv2d: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"depthwise_conv2d: x must be (N, C, H, W) or unbatched (C, H, W), got shape "
+                         f"{tuple(x.shape)}")
     if weight.dim() != 4 or weight.shape[1] != 1:
         raise ValueError(f"depthwise_conv2d: weight must be (C, 1, KH, KW), got shape {tuple(weight.shape)}")
     c = x.shape[1]
@@ -88,6 +89,16 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
+def dispatches_in_python(t) -> bool:
+    """Whether ``t`` is a tensor subclass that dispatches in Python (FakeTensor, DTensor): it has no data where the
+    kernels read raw pointers (the C++ kernel wrote through a fake tensor's pointer and crashed the process), so its
+    calls run the stock op."""
+    return getattr(type(t), "__torch_dispatch__", _PLAIN_DISPATCH) is not _PLAIN_DISPATCH
 
 
 _FUNCTORCH = getattr(torch._C, "_functorch", None)

@@ -24,7 +24,7 @@ import torch
 from fastconv import cpu_kernels as ck
 from fastconv import jsonstore
 from fastconv.backends import (_fwd, _grad_input, _grad_weight, autocast_inputs, backend_runner, check_inputs,
-                               memory_format_of, run_backend, supports)
+                               dispatches_in_python, memory_format_of, run_backend, supports)
 from fastconv.config import BACKENDS, ENV_BACKEND, OP_BACKENDS, OPS, memo_key, settings, split_backend
 
 ONEDNN_MAX_PAD = 6
@@ -705,10 +705,18 @@ def resolve_in_graph(backend: str, x, weight, bias, grad_x: bool, grad_w: bool, 
 
 def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
     """Which backend ``depthwise_conv2d(x, weight, bias)`` runs for this call under ``fastconv.settings()``, and
-    why (may autotune)."""
+    why (may autotune; an unbatched (C, H, W) ``x`` as a batch of one, as it runs)."""
     x, weight, bias = autocast_inputs(x, weight, bias)
+    if isinstance(x, torch.Tensor) and x.dim() == 3:
+        x = x.unsqueeze(0)
     check_inputs(x, weight, bias)
-    d = decide(x, weight, bias)
+    stock = dispatches_in_python(x) or dispatches_in_python(weight)
+    if stock:  # not timed: the autotuner's candidates would run fastconv's kernels on tensors without data
+        d = {"backend": "native", "why": f"{type(x if dispatches_in_python(x) else weight).__name__} (a tensor that "
+             "dispatches in Python): the stock op F.conv2d, as depthwise_conv2d runs it (fastconv's kernels, which the "
+             "autotuner would time, read data it does not have)"}
+    else:
+        d = decide(x, weight, bias)
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
     gx, gw = _needs_grad(x, weight, bias)
@@ -736,7 +744,7 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
                      f"{head.get('against')} (median of alternating calls; kept only under {1 - PER_OP_TIE:.2f}x)")
     for b, r in d.get("excluded", {}).items():
         lines.append(f"   not {b}: {r}")
-    if x.device.type == "cpu" and ck.cpp_available():
+    if x.device.type == "cpu" and not stock and ck.cpp_available():
         path, split = ck.cpp_conv_path(x, weight), ck.cpp_work_split(x, weight)
         line = f"   cpp kernel variant: {ck.cpu_variant()}; forward and input gradient through {path}"
         if path == ck.CONV_PATHS[3]:

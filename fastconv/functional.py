@@ -7,9 +7,10 @@ import contextvars
 
 import torch
 from torch.autograd import forward_ad
+from torch.overrides import handle_torch_function
 
-from fastconv.backends import (any_autocast_enabled, autocast_inputs, check_inputs, native_conv, run_backend,
-                               under_vmap)
+from fastconv.backends import (any_autocast_enabled, autocast_inputs, check_inputs, dispatches_in_python,
+                               native_conv, run_backend, under_vmap)
 from fastconv.compiled import compiled_call
 from fastconv import dispatch
 from fastconv.dispatch import _fast_key, resolve
@@ -18,9 +19,11 @@ from fastconv.dispatch import _fast_key, resolve
 _is_compiling, _transforms_active = torch.compiler.is_compiling, torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state  # not None inside torch.jit.trace (and the ONNX exporter's tracing)
 _Proxy = torch.fx.Proxy
-#: a TorchDispatchMode is active (FakeTensorMode, FlopCounterMode, a profiler's) when this is > 0; a tensor subclass
-#: that dispatches in Python (FakeTensor, DTensor) has a ``__torch_dispatch__`` of its own
-_dispatch_modes, _PLAIN_DISPATCH = torch._C._len_torch_dispatch_stack, torch.Tensor.__torch_dispatch__
+#: a TorchDispatchMode is active (FakeTensorMode, FlopCounterMode, a profiler's) when this is > 0
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+#: the types of tensors that take the fast path (any other is a subclass: ``_has_torch_function``, ``_runs_stock_op``)
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+_has_torch_function = torch._C._has_torch_function_variadic
 
 
 #: set by :func:`flops_counted_by_caller`: FlopCounterMode is on, but the caller counts each call's FLOPs itself
@@ -80,15 +83,16 @@ def is_same_padding(padding, kh: int, kw: int) -> bool:
 def _check_conv2d_args(x, weight, padding, groups) -> None:
     """ValueError (one line) for an F.conv2d ``padding`` / ``groups`` that this op does not compute: padding other
     than 'same' (K//2 on each side), groups other than the channels of ``x`` (a depthwise conv)."""
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or x.dim() != 4 or weight.dim() != 4:
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or x.dim() not in (3, 4) \
+            or weight.dim() != 4:
         return  # check_inputs says what is wrong
     kh, kw = weight.shape[-2:]
     if not is_same_padding(padding, kh, kw):
         raise ValueError(f"depthwise_conv2d: only 'same' padding is supported (padding='same' or "
                          f"{kh // 2 if kh == kw else (kh // 2, kw // 2)} for a {kh}x{kw} kernel), got "
                          f"padding={padding!r}; use F.conv2d")
-    if groups is not None and groups != x.shape[1]:
-        raise ValueError(f"depthwise_conv2d: groups must equal the {x.shape[1]} channels of x (a depthwise conv), "
+    if groups is not None and groups != x.shape[-3]:
+        raise ValueError(f"depthwise_conv2d: groups must equal the {x.shape[-3]} channels of x (a depthwise conv), "
                          f"got groups={groups!r}; use F.conv2d")
 
 
@@ -105,11 +109,47 @@ def _decide_outside_modes(backend, x, weight, bias) -> None:
             resolve(backend, x, weight, bias)
 
 
+def _runs_stock_op(x, weight) -> bool:
+    """Whether this call runs outside fastconv's kernels (``_stock_call``): compiled, traced, on tensors that dispatch
+    in Python, under FlopCounterMode or vmap."""
+    return (_is_compiling() or _tracing_state() is not None or dispatches_in_python(x) or dispatches_in_python(weight)
+            or (_dispatch_modes() and _counting_flops()) or (_transforms_active() and under_vmap()))
+
+
+def _stock_call(x, weight, bias, backend):
+    """A call that ``_runs_stock_op``: fastconv's custom ops in a compiled graph, else the stock op."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    if isinstance(x, torch.Tensor) and x.dim() == 3:
+        return _unbatched_call(x, weight, bias, backend)
+    check_inputs(x, weight, bias)
+    if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and backend != "native"
+            and not _surely_empty(x) and not torch._C._are_functorch_transforms_active()
+            and getattr(forward_ad, "_current_level", -1) < 0):
+        return compiled_call(x, weight, bias, backend)  # the graph holds fastconv's custom ops
+    # torch.export and torch.jit.trace keep a portable graph (the stock op, which ONNX and other runtimes know; a
+    # traced C++ kernel call recorded only its output's torch.empty_like, and the graph returned uninitialised
+    # memory, and the custom Function was a Python op that torch.jit.save refuses); functorch
+    # transforms batch the stock op, and dual numbers carry their tangents through it; backend "native" and
+    # an empty input are the stock op, which the compiler then sees. Tensors that dispatch in Python (FakeTensor,
+    # DTensor) have no data where the kernels read raw pointers (under FakeTensorMode the C++ kernel wrote through
+    # a fake tensor's pointer and crashed the process), and FlopCounterMode counts the stock op only; other
+    # dispatch modes (a profiler's) still see fastconv's kernels run
+    if not _is_compiling() and _tracing_state() is None and _dispatch_modes():
+        _decide_outside_modes(backend, x, weight, bias)
+    return native_conv(x, weight, bias)
+
+
+def _unbatched_call(x, weight, bias, backend):
+    """An unbatched (C, H, W) ``x``, as F.conv2d takes it: the call on a batch of one, returning (C, H, W)."""
+    return depthwise_conv2d(x.unsqueeze(0), weight, bias, backend=backend).squeeze(0)
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      backend: str | None = None, stride: int = 1, dilation: int = 1, padding="same",
                      groups: int | None = None) -> torch.Tensor:
     """Depthwise 2-D cross-correlation, stride 1, 'same' padding (KH//2, KW//2), as
-    ``F.conv2d(x, weight, bias, padding=(KH//2, KW//2), groups=C)``.
+    ``F.conv2d(x, weight, bias, padding=(KH//2, KW//2), groups=C)``, of an (N, C, H, W) ``x`` or an unbatched
+    (C, H, W) one (then returning (C, H, W)).
 
     ``weight`` is (C, 1, KH, KW) with odd KH, KW (the Triton kernels stop at 63; the dispatcher then picks another
     backend). The output keeps the memory format of ``x``. ``backend``: None or "auto" follows
@@ -119,10 +159,11 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     each operation with its own. Under ``torch.autocast`` the tensors are cast as autocast casts
     F.conv2d's (float32 ones to the autocast dtype). Under ``torch.compile`` the graph holds fastconv's custom ops
     (``fastconv.compiled``); ``torch.export``, ``torch.jit.trace`` and functorch transforms get the stock op, and
-    so do calls under FlopCounterMode and on tensors that dispatch in Python (FakeTensor, DTensor);
-    ``torch.fx.symbolic_trace`` records one node of this op. ``stride``, ``dilation``, ``padding`` and ``groups``
-    let an ``F.conv2d(x, w, b, padding=K//2, groups=C)`` call switch by its name alone: each takes only what this op
-    computes (1, 1, 'same' or K//2, C), else ValueError.
+    so do calls under FlopCounterMode and on tensors that dispatch in Python (FakeTensor, DTensor); a tensor subclass
+    with a ``__torch_function__`` of its own sees this op as it sees F.conv2d; ``torch.fx.symbolic_trace`` records
+    one node of this op. ``stride``, ``dilation``, ``padding`` and ``groups`` let an ``F.conv2d(x, w, b,
+    padding=K//2, groups=C)`` call switch by its name alone: each takes only what this op computes (1, 1, 'same' or
+    K//2, C), else ValueError.
     """
     if not is_unit(stride) or not is_unit(dilation):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
@@ -135,27 +176,17 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             "call_function", depthwise_conv2d, (x, weight, bias), {"backend": backend, **given})
     if padding != "same" or groups is not None:
         _check_conv2d_args(x, weight, padding, groups)
-    if (_is_compiling() or _tracing_state() is not None
-            or getattr(type(x), "__torch_dispatch__", _PLAIN_DISPATCH) is not _PLAIN_DISPATCH
-            or getattr(type(weight), "__torch_dispatch__", _PLAIN_DISPATCH) is not _PLAIN_DISPATCH
+    if (_is_compiling() or _tracing_state() is not None or type(x) not in _PLAIN_TYPES
+            or type(weight) not in _PLAIN_TYPES or (bias is not None and type(bias) not in _PLAIN_TYPES)
             or (_dispatch_modes() and _counting_flops()) or (_transforms_active() and under_vmap())):
-        x, weight, bias = autocast_inputs(x, weight, bias)
-        check_inputs(x, weight, bias)
-        if (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and backend != "native"
-                and not _surely_empty(x) and not torch._C._are_functorch_transforms_active()
-                and getattr(forward_ad, "_current_level", -1) < 0):
-            return compiled_call(x, weight, bias, backend)  # the graph holds fastconv's custom ops
-        # torch.export and torch.jit.trace keep a portable graph (the stock op, which ONNX and other runtimes know; a
-        # traced C++ kernel call recorded only its output's torch.empty_like, and the graph returned uninitialised
-        # memory, and the custom Function was a Python op that torch.jit.save refuses); functorch
-        # transforms batch the stock op, and dual numbers carry their tangents through it; backend "native" and
-        # an empty input are the stock op, which the compiler then sees. Tensors that dispatch in Python (FakeTensor,
-        # DTensor) have no data where the kernels read raw pointers (under FakeTensorMode the C++ kernel wrote through
-        # a fake tensor's pointer and crashed the process), and FlopCounterMode counts the stock op only; other
-        # dispatch modes (a profiler's) still see fastconv's kernels run
-        if not _is_compiling() and _tracing_state() is None and _dispatch_modes():
-            _decide_outside_modes(backend, x, weight, bias)
-        return native_conv(x, weight, bias)
+        if not _is_compiling() and _has_torch_function(x, weight, bias):
+            # a tensor subclass with a __torch_function__ of its own sees this op (and runs it, as its default
+            # __torch_function__ does, with that switched off inside), and the output is of its type, as F.conv2d's
+            # is (the C++ kernel returned a plain Tensor for a subclass weight or bias)
+            return handle_torch_function(depthwise_conv2d, (x, weight, bias), x, weight, bias, backend=backend,
+                                         stride=stride, dilation=dilation, padding=padding, groups=groups)
+        if _runs_stock_op(x, weight):
+            return _stock_call(x, weight, bias, backend)
     if (backend is None or backend == "auto") and not any_autocast_enabled():
         # a signature already checked and decided: one dict lookup, then its memoized runner. Inline, with the
         # names of torch bound once: between two layers this path runs cold (caches refilled by the layer before),
@@ -170,5 +201,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         if hit is not None:
             return hit[1](x, weight, bias)
     x, weight, bias = autocast_inputs(x, weight, bias)
+    if isinstance(x, torch.Tensor) and x.dim() == 3:
+        return _unbatched_call(x, weight, bias, backend)
     check_inputs(x, weight, bias)
     return run_backend(resolve(backend, x, weight, bias), x, weight, bias)

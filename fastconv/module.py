@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastconv.config import _backend
+from fastconv.config import _backend, settings
 from fastconv.functional import depthwise_conv2d, is_same_padding, is_unit
 
 
@@ -61,18 +61,21 @@ class DepthwiseConv2d(nn.Conv2d):
         return conv_forward(x, self.weight, self.bias, self.backend)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
+        """nn.Conv2d's, and the backend that runs: the module's own, else the one ``fastconv.settings()`` forces, else
+        'auto' (it printed ``backend=None`` for every module that follows the settings)."""
+        try:
+            backend = repr(self.backend or settings().backend)
+        except ValueError:  # a misspelt $FASTCONV_BACKEND: the forward says so, the model still prints
+            backend = "?"
+        return super().extra_repr() + f", backend={backend}"
 
 
 def conv_forward(x, weight, bias, backend: str | None = None):
-    """``DepthwiseConv2d``'s forward on its parameters: ``depthwise_conv2d``, also of an unbatched (C, H, W) input, as
-    nn.Conv2d takes it. Under ``torch.fx.symbolic_trace`` (and a GraphModule's pickling, which traces again) it is one
-    node, as an nn.Conv2d (a leaf module) is one: the unbatched test failed the trace ("symbolically traced variables
-    cannot be used as inputs to control flow")."""
+    """``DepthwiseConv2d``'s forward on its parameters: ``depthwise_conv2d`` (which takes an unbatched (C, H, W)
+    input, as nn.Conv2d does). Under ``torch.fx.symbolic_trace`` (and a GraphModule's pickling, which traces again) it
+    is one node, as an nn.Conv2d (a leaf module) is one."""
     if isinstance(x, torch.fx.Proxy):
         return x.tracer.create_proxy("call_function", conv_forward, (x, weight, bias, backend), {})
-    if x.dim() == 3:
-        return depthwise_conv2d(x.unsqueeze(0), weight, bias, backend=backend).squeeze(0)
     return depthwise_conv2d(x, weight, bias, backend=backend)
 
 

@@ -797,6 +797,42 @@ def test_module_is_drop_in_for_conv2d_state_dict():
     assert fastconv.DepthwiseConv2d(3, 5, bias=False).bias is None
 
 
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS, "native/native/cpp"])
+def test_functional_takes_an_unbatched_input_as_conv2d_does(backend, one_thread):
+    """An unbatched (C, H, W) input, which F.conv2d and the module take, gives (C, H, W) and F.conv2d's gradients
+    (before: "x must be 4-D (N, C, H, W)"); with groups, the channels are its first dimension."""
+    x, w, b = torch.randn(4, 9, 8), torch.randn(4, 1, 7, 5), torch.randn(4)
+    for t in (x, w, b):
+        t.requires_grad_()
+    y = fastconv.depthwise_conv2d(x, w, b, backend=backend)
+    want = F.conv2d(x, w, b, padding=(3, 2), groups=4)
+    assert y.shape == want.shape == (4, 9, 8) and _rel(y, want) <= 1e-5
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad(y, (x, w, b), g)
+    for got, ref in zip(grads, torch.autograd.grad(want, (x, w, b), g)):
+        assert got.shape == ref.shape and _rel(got, ref) <= 1e-4
+    with torch.no_grad():
+        assert _rel(fastconv.depthwise_conv2d(x, w, b, backend=backend, padding=(3, 2), groups=4), want) <= 1e-5
+    with pytest.raises(ValueError, match="groups must equal the 4 channels"):
+        fastconv.depthwise_conv2d(x, w, b, backend=backend, groups=9)
+
+
+def test_module_repr_names_the_backend_that_runs(monkeypatch):
+    """The repr is nn.Conv2d's with the backend that runs: the module's own, else the one the settings force, else
+    'auto' (it printed ``backend=None`` for every module that follows the settings); a misspelt $FASTCONV_BACKEND,
+    which the forward refuses, leaves the model printable."""
+    conv = repr(nn.Conv2d(4, 4, (7, 5), padding=(3, 2), groups=4))
+    assert repr(fastconv.DepthwiseConv2d(4, (7, 5))) == "Depthwise" + conv[:-1] + ", backend='auto')"
+    assert repr(fastconv.DepthwiseConv2d(4, (7, 5), backend="fft")) == "Depthwise" + conv[:-1] + ", backend='fft')"
+    with fastconv.use(backend="channels_last"):
+        assert repr(fastconv.DepthwiseConv2d(4, (7, 5))).endswith(", backend='channels_last')")
+        assert repr(fastconv.DepthwiseConv2d(4, (7, 5), backend="native")).endswith(", backend='native')")
+    monkeypatch.setenv("FASTCONV_BACKEND", "cppp")
+    monkeypatch.setattr(fastconv.config, "_defaults", None)  # the settings read from the environment again
+    assert repr(fastconv.DepthwiseConv2d(4, 3)).endswith(", backend=?)")
+    monkeypatch.undo()
+
+
 def test_module_takes_conv2d_keywords_and_refuses_what_it_does_not_compute():
     """nn.Conv2d's keywords at the values this conv computes build the module (before: TypeError "unexpected keyword
     argument 'padding'"); other values, an nn.Conv2d-style (C, C, K) call (before: silently a CxC kernel with bias
@@ -841,7 +877,7 @@ def test_functional_takes_conv2d_padding_and_groups_at_the_values_it_computes():
 @pytest.mark.parametrize("call,msg", [
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 1, 4, 4)), "odd"),
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(5, 1, 3, 3)), "channels"),
-    (lambda: fastconv.depthwise_conv2d(torch.randn(4, 8, 8), torch.randn(4, 1, 3, 3)), "4-D"),
+    (lambda: fastconv.depthwise_conv2d(torch.randn(8, 8), torch.randn(4, 1, 3, 3)), "(N, C, H, W) or unbatched"),
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 2, 3, 3)), "(C, 1, KH, KW)"),
     (lambda: fastconv.depthwise_conv2d(torch.randn(1, 4, 8, 8, dtype=torch.complex64),
                                        torch.randn(4, 1, 3, 3, dtype=torch.complex64)), "dtype"),
@@ -912,6 +948,52 @@ def test_flop_counter_and_fake_tensors_run_the_stock_op(monkeypatch):
         y2 = fastconv.depthwise_conv2d(xf.detach(), conv.weight.detach())  # fake tensors on the auto path
     assert isinstance(y, FakeTensor) and isinstance(y2, FakeTensor) and y.shape == y2.shape == (2, 4, 16, 16)
     assert xf.grad.shape == xf.shape and conv.weight.grad.shape == (4, 1, 13, 13)
+
+
+def test_explain_on_fake_tensors_answers_without_timing(monkeypatch):
+    """``explain`` on fake tensors says what ``depthwise_conv2d`` runs on them, the stock op, without deciding (the
+    autotuner timed its candidates on them: the C++ kernel wrote through a fake tensor's pointer and crashed the
+    process); an unbatched (C, H, W) input is explained as the batch of one that runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(dispatch, "decide", lambda *a, **k: pytest.fail("decided (timed) on fake tensors"))
+    with FakeTensorMode():
+        x, w = torch.randn(2, 4, 16, 16), torch.randn(4, 1, 9, 9)
+        text = fastconv.explain(x, w)
+    assert "x=(2,4,16,16) kernel 9x9" in text and "-> backend 'native': FakeTensor (a tensor that dispatches" in text
+    assert "cpp kernel variant" not in text
+    monkeypatch.undo()
+    with fastconv.use(backend="fft"):
+        assert "x=(1,4,16,16)" in fastconv.explain(torch.randn(4, 16, 16), torch.randn(4, 1, 9, 9))
+
+
+def test_a_tensor_subclass_with_its_own_torch_function_keeps_its_type(one_thread):
+    """A tensor subclass that overrides ``__torch_function__`` only (no Python dispatch) gets its type back, as from
+    F.conv2d, whichever tensor it is and whichever backend runs (the C++ kernel returned a plain Tensor for a subclass
+    weight or bias), with F.conv2d's values and gradients; its ``__torch_function__`` sees the op."""
+    seen = []
+
+    class Tagged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x, w, b = torch.randn(2, 4, 9, 8), torch.randn(4, 1, 9, 7), torch.randn(4)
+    for i in range(3):
+        for backend in ("cpp", "auto", "channels_last", "fft"):
+            args = [t.clone().requires_grad_() for t in (x, w, b)]
+            args[i] = args[i].as_subclass(Tagged)
+            want = F.conv2d(*args, padding=(4, 3), groups=4)
+            seen.clear()
+            y = fastconv.depthwise_conv2d(*args, backend=backend)
+            assert type(y) is type(want) is Tagged and _rel(y, want) <= 1e-5
+            assert seen[0] is fastconv.depthwise_conv2d
+            g = torch.randn_like(want)
+            for got, ref in zip(torch.autograd.grad(y, args, g), torch.autograd.grad(want, args, g)):
+                assert type(got) is type(ref) and _rel(got, ref) <= 1e-4
+    module = fastconv.DepthwiseConv2d(4, (9, 7), backend="cpp")
+    assert type(module(x.as_subclass(Tagged))) is Tagged
 
 
 def test_flops_counted_by_caller_keeps_the_kernels_under_flop_counter(monkeypatch):
