@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import fastconv
 from fastconv.jsonstore import plain_mode
-from fastconv.roofline import depthwise_flops, sgemm_gflops
+from fastconv.roofline import cpu_description, depthwise_flops, sgemm_gflops
 from fastconv.bench_args import (DTYPES, FULL, GEMM_NAMES, PAPER_KERNELS, PAPER_RESOLUTIONS,  # noqa: F401
                                  QUICK, add_arguments)
 
@@ -173,8 +173,8 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
         torch.backends.cudnn.benchmark = True  # cuDNN at its best (the comparison the paper's Table 1 makes)
     timer = Timer(dev, warmup, repeats)
     peak = sgemm_gflops(dev, sgemm_size, dtype=tdtype)
-    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or
-                                                                                    platform.machine()),
+    # the CPU's model name (/proc/cpuinfo), not platform.processor(), which is '' or 'x86_64' on Linux
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_description()["cpu_model"],
             "device_type": dev.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "batch": batch, "channels": channels, "layers": layers, "repeats": repeats, "warmup": warmup,
             "dtype": dtype, "gemm_gflops": round(peak, 2), **({"sgemm_gflops": round(peak, 2)} if dtype == "float32"

@@ -1952,6 +1952,11 @@ def test_bench_cli_writes_table_and_reports_paper_numbers(tmp_path, capsys, one_
     assert len(csv_lines) == 3 and csv_lines[0].startswith("R,K,")
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "fastconv.bench" and run["sgemm_gflops"] > 0 and run["batch"] == 1
+    # the CPU is named by its model (/proc/cpuinfo), as the roofline does: platform.processor() gave 'x86_64'
+    from fastconv.roofline import cpu_description
+
+    cpu = cpu_description()["cpu_model"]
+    assert run["device"] == res["meta"]["device"] == cpu and f"{cpu} (cpu, 1 threads)" in text
 
 
 def test_bench_says_which_cpp_kernel_ran_or_why_none(tmp_path, capsys, one_thread, monkeypatch):
