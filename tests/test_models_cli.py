@@ -12,6 +12,14 @@ from erf_lab.models.summary import describe_model
 PAPER_PARAMS = {"resnet50": 25_557_032, "resnet101": 44_549_160, "resnet152": 60_192_808,
                 "mobilenetv2": 3_504_872, "efficientnet_lite0": 4_652_008}
 
+#: the papers' GFLOPs at 224 as printed, counted on the deploy form (RepLKNet Table 5 at 31B widths, UniRepLKNet's
+#: ImageNet-1K table, He et al. / Sandler et al. Table 4): value and the unit of its last digit
+PAPER_GFLOPS_224 = {"replknet_3": (12.9, 0.1), "replknet_7": (13.1, 0.1), "replknet_13": (13.4, 0.1),
+                    "replknet_25": (14.8, 0.1), "replknet_31b": (15.3, 0.1), "unireplknet_a": (0.6, 0.1),
+                    "unireplknet_f": (0.9, 0.1), "unireplknet_p": (1.6, 0.1), "unireplknet_n": (2.8, 0.1),
+                    "unireplknet_t": (4.9, 0.1), "unireplknet_s": (9.1, 0.1), "resnet50": (4.1, 0.1),
+                    "mobilenetv2": (0.3, 0.1)}
+
 
 def run_cli(capsys, *argv):
     rc = main(["models", *argv])
@@ -39,6 +47,7 @@ def test_json_output_has_exact_counts(capsys):
     for name, params in PAPER_PARAMS.items():
         assert rows[name]["params"] == params
         assert rows[name]["deploy_params"] == params  # nothing to re-parameterize
+        assert rows[name]["deploy_flops_224"] == rows[name]["flops_224"]
     assert rows["resnet50"]["kernel_sizes"] == [7, 3]
     assert rows["efficientnet_lite0"]["kernel_sizes"] == [3, 5]
     assert rows["resnet50"]["family"] == "resnet" and rows["mobilenetv2"]["family"] == "mobilenetv2"
@@ -70,10 +79,32 @@ def test_table_lists_every_model_with_matching_numbers(capsys):
         assert float(cols[3]) == pytest.approx(d["flops_224"] / 1e9, abs=0.005)
         assert cols[4] == ",".join(map(str, d["kernel_sizes"]))
         assert float(cols[5]) == pytest.approx(d["deploy_params"] / 1e6, abs=0.005)
+        assert float(cols[6]) == pytest.approx(d["deploy_flops_224"] / 1e9, abs=0.005)
     for name, params in PAPER_PARAMS.items():
         assert body[name][2] == f"{params / 1e6:.2f}"
     rlk = describe_model("replknet_31b")
     assert rlk["kernel_sizes"] == [31, 29, 27, 13] and rlk["deploy_params"] < rlk["params"]
+
+
+def test_deploy_flops_are_the_papers(capsys):
+    """The papers count the re-parameterized form: its GFLOPs are a column of their own (the table showed the
+    training form's only, UniRepLKNet-A 0.67 against the paper's 0.6, RepLKNet-31B 15.43 against 15.3)."""
+    rc, out, err = run_cli(capsys, *PAPER_GFLOPS_224, "--json")
+    assert rc == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    for name, (paper, unit) in PAPER_GFLOPS_224.items():
+        assert abs(rows[name]["deploy_flops_224"] / 1e9 - paper) < unit, (name, rows[name]["deploy_flops_224"])
+    for name in ("replknet_31b", "unireplknet_a"):  # the merged small kernels: fewer MACs than the training form
+        assert abs(rows[name]["flops_224"] / 1e9 - PAPER_GFLOPS_224[name][0]) > 0.05
+        assert rows[name]["deploy_flops_224"] < rows[name]["flops_224"]
+    # RepLKNet-31B: the deploy form drops the 5x5 branch of each block: 2 * 56^2 * 128 + 2 * 28^2 * 256 +
+    # 18 * 14^2 * 512 + 2 * 7^2 * 1024 depthwise channels-pixels, 25 MACs each
+    assert rows["replknet_31b"]["flops_224"] - rows["replknet_31b"]["deploy_flops_224"] == 25 * (
+        2 * 56 ** 2 * 128 + 2 * 28 ** 2 * 256 + 18 * 14 ** 2 * 512 + 2 * 7 ** 2 * 1024)
+    rc, out, _ = run_cli(capsys, "unireplknet_a", "resnet18")
+    header, _, *body = out.strip().splitlines()
+    assert header.split()[-2:] == ["deploy", "GFLOPs@224"]
+    assert [ln.split()[-1] for ln in body] == ["1.81", "0.64"]
 
 
 def test_family_filter_and_sort(capsys):

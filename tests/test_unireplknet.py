@@ -189,6 +189,24 @@ def test_parameter_counts_match_the_paper(name):
     assert n_train > n_deploy
 
 
+#: the paper's ImageNet table (deployed models): GFLOPs as printed, at 224 (IN-1K) or 384 (IN-22K-pretrained S-XL)
+PAPER_GFLOPS = {("unireplknet_a", 224): 0.6, ("unireplknet_f", 224): 0.9, ("unireplknet_p", 224): 1.6,
+                ("unireplknet_n", 224): 2.8, ("unireplknet_t", 224): 4.9, ("unireplknet_s", 224): 9.1,
+                ("unireplknet_s", 384): 26.7, ("unireplknet_b", 384): 47.2, ("unireplknet_l", 384): 105.4,
+                ("unireplknet_xl", 384): 187.0}
+
+
+@pytest.mark.parametrize("name,size", list(PAPER_GFLOPS))
+def test_flops_match_the_paper(name, size):
+    """Multiply-accumulates of the deployed model, rounded as the paper prints them (XL: 186.8 -> 187)."""
+    from erf_lab.models.flops import count_flops
+
+    with torch.device("meta"):
+        deployed = create_model(name, deploy=True)
+    giga = count_flops(deployed, size) / 1e9
+    assert round(giga, 0 if name == "unireplknet_xl" else 1) == PAPER_GFLOPS[name, size], giga
+
+
 def test_forward_intermediates_stop_at_a_stage_and_registry():
     assert set(VARIANTS) <= set(list_models())
     model = create_model("unireplknet_a", num_classes=0, **TINY).eval()

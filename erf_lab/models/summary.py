@@ -1,5 +1,6 @@
 """Describe registered models: parameters, FLOPs at 224 (multiply-accumulates, as in the RepLKNet paper's
-tables), kernel sizes and the parameter count of the deploy (re-parameterized) form.
+tables), kernel sizes and the parameter and FLOP counts of the deploy (re-parameterized) form, the form the
+RepLKNet and UniRepLKNet papers' tables count.
 
 Models are built on the ``meta`` device (no memory, no initialisation cost), so even RepLKNet-XL is
 described in well under a second; results are cached per process.
@@ -14,7 +15,7 @@ import torch.nn as nn
 
 from erf_lab.models.registry import create_model, list_models
 
-FIELDS = ("name", "family", "params", "flops_224", "kernel_sizes", "deploy_params")
+FIELDS = ("name", "family", "params", "flops_224", "kernel_sizes", "deploy_params", "deploy_flops_224")
 
 
 def model_kernel_sizes(model: nn.Module) -> list[int]:
@@ -39,12 +40,15 @@ def _build_meta(name: str, **overrides) -> nn.Module:
 
 
 def describe_model(name: str) -> dict:
-    """``dict(name, family, params, flops_224, kernel_sizes, deploy_params)`` of a registered model.
+    """``dict(name, family, params, flops_224, kernel_sizes, deploy_params, deploy_flops_224)`` of a registered
+    model.
 
-    ``flops_224`` counts the conv / linear multiply-accumulates for one 224x224 image (the "FLOPs" of the
-    paper's tables). ``deploy_params`` is the count of the ``deploy=True`` form (RepLKNet: small kernels merged
-    into the large ones, Ding et al. 2022 Sec. 3); equal to ``params`` for models without re-parameterizable
-    branches. Unknown names raise ``ErfLabError``. Cached per process (a fresh copy is returned).
+    ``flops_224`` counts the conv / linear multiply-accumulates for one 224x224 image (what the papers' tables call
+    FLOPs). ``deploy_params`` / ``deploy_flops_224`` are the counts of the ``deploy=True`` form (RepLKNet: small
+    kernels merged into the large ones, Ding et al. 2022 Sec. 3), the form the RepLKNet and UniRepLKNet tables count
+    (UniRepLKNet-A: 0.64 G deployed, printed 0.6 G, 0.67 G in training form); equal to ``params`` / ``flops_224``
+    for models without re-parameterizable branches. Unknown names raise ``ErfLabError``. Cached per process (a
+    fresh copy is returned).
     """
     return copy.deepcopy(_describe(name))
 
@@ -54,13 +58,14 @@ def _describe(name: str) -> dict:
     from erf_lab.models.flops import count_flops, count_params  # imported on use: torch.func is slow to import
 
     model = _build_meta(name)
-    params = count_params(model)
+    params, flops = count_params(model), count_flops(model, 224)
     if any(hasattr(m, "reparameterize") for m in model.modules()):
-        deploy_params = count_params(_build_meta(name, deploy=True))
+        deployed = _build_meta(name, deploy=True)
+        deploy_params, deploy_flops = count_params(deployed), count_flops(deployed, 224)
     else:
-        deploy_params = params
-    return dict(name=name, family=model_family(model), params=params, flops_224=count_flops(model, 224),
-                kernel_sizes=model_kernel_sizes(model), deploy_params=deploy_params)
+        deploy_params, deploy_flops = params, flops
+    return dict(name=name, family=model_family(model), params=params, flops_224=flops,
+                kernel_sizes=model_kernel_sizes(model), deploy_params=deploy_params, deploy_flops_224=deploy_flops)
 
 
 def describe_models(names: list[str] | None = None, family: str | None = None,
@@ -85,12 +90,14 @@ def describe_models(names: list[str] | None = None, family: str | None = None,
 
 
 def format_table(rows: list[dict]) -> str:
-    """Plain-text table: name, family, params (M), GFLOPs at 224, kernel sizes, deploy params (M)."""
-    header = ("model", "family", "params (M)", "GFLOPs@224", "kernel sizes", "deploy params (M)")
+    """Plain-text table: name, family, params (M), GFLOPs at 224, kernel sizes, deploy params (M), deploy GFLOPs
+    at 224."""
+    header = ("model", "family", "params (M)", "GFLOPs@224", "kernel sizes", "deploy params (M)", "deploy GFLOPs@224")
     body = [(r["name"], r["family"], f"{r['params'] / 1e6:.2f}", f"{r['flops_224'] / 1e9:.2f}",
-             ",".join(str(k) for k in r["kernel_sizes"]), f"{r['deploy_params'] / 1e6:.2f}") for r in rows]
+             ",".join(str(k) for k in r["kernel_sizes"]), f"{r['deploy_params'] / 1e6:.2f}",
+             f"{r['deploy_flops_224'] / 1e9:.2f}") for r in rows]
     widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
-    right = {2, 3, 5}
+    right = {2, 3, 5, 6}
 
     def fmt(row):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()

@@ -1,4 +1,4 @@
-"""``erf-lab models``: the model zoo with parameters, FLOPs at 224, kernel sizes and deploy parameters."""
+"""``erf-lab models``: the model zoo with parameters, FLOPs at 224, kernel sizes, deploy parameters and FLOPs."""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +6,14 @@ import json
 import sys
 
 NAME = "models"
-HELP = "list the available models with parameters, GFLOPs at 224, kernel sizes and deploy parameters"
+HELP = "list the available models with parameters, GFLOPs at 224, kernel sizes and deploy parameters / GFLOPs"
 ORDER = 10
 DESCRIPTION = (
     "List registered models (RepLKNet variants and the comparison CNNs of Ding et al., CVPR 2022) with their "
     "parameter count, GFLOPs for one 224x224 image (multiply-accumulates of conv and linear layers, as in the "
-    "paper's tables), characteristic kernel sizes (RepLKNet: per stage) and the parameter count of the "
-    "re-parameterized deploy form. Models are built on the meta device, so no weights are allocated."
+    "paper's tables), characteristic kernel sizes (RepLKNet: per stage) and the parameters and GFLOPs of the "
+    "re-parameterized deploy form (the form the RepLKNet and UniRepLKNet tables count). Models are built on the "
+    "meta device, so no weights are allocated."
 )
 SORT_KEYS = {"name": "name", "params": "params", "flops": "flops_224", "family": "family"}
 
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sort the rows by this column (default: name)")
     parser.add_argument("--json", action="store_true",
                         help="print machine-readable JSON (a list of objects with name, family, params, "
-                             "flops_224, kernel_sizes, deploy_params; counts are exact integers)")
+                             "flops_224, kernel_sizes, deploy_params, deploy_flops_224; counts are exact integers)")
 
 
 def list_model_rows(names: list[str] | None = None, family: str | None = None, sort: str = "name",
