@@ -144,9 +144,10 @@ def _check_fastconv_settings(dev: torch.device, dtype: torch.dtype, k: int) -> N
 def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None = None, channels: int = 384,
         layers: int = 24, repeats: int = 3, warmup: int = 1, device: str | None = None, modes=("fwd", "fwdbwd"),
         impls=IMPLS, show_progress: bool = True, sgemm_size: int | None = None, dtype: str = "float32",
-        on_row=None) -> dict:
+        on_row=None, previous: dict | None = None) -> dict:
     """Measure the table in ``dtype`` (inputs and weights); returns {"meta": ..., "rows": [...]} (prints and
-    writes nothing itself; ``on_row(result so far)`` after each (R, K) row, so a caller can keep partial results)."""
+    writes nothing itself; ``on_row(result so far)`` after each (R, K) row, so a caller can keep partial results).
+    ``previous``: the results of an interrupted run with the same settings (``--resume``), whose rows are kept."""
     dev = bench_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} unsupported: choose from {', '.join(DTYPES)}")
@@ -186,11 +187,20 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
     if dev.type == "cpu" and "fastconv" in impls:  # which C++ kernel the "cpp" cells ran, or why there are none
         ck = fastconv.cpu_kernels
         meta["cpp_kernel"] = ck.cpu_variant() if ck.cpp_available() else f"unavailable ({ck.cpp_unavailable_reason()})"
+    kept = {} if previous is None else kept_rows(previous, meta, peak)
+    if previous is not None:
+        meta["rows_kept"] = sum((r, k) in kept for r in resolutions for k in kernels)
     rows = []
     jobs = [(r, k, m, i) for r in resolutions for k in kernels for m in modes for i in impls]
     bar = tqdm(total=len(jobs), desc="fastconv bench", unit="case", disable=not show_progress, dynamic_ncols=True)
     for r in resolutions:
         for k in kernels:
+            if (r, k) in kept:
+                rows.append(kept[r, k])
+                bar.update(len(modes) * len(impls))
+                if on_row is not None:
+                    on_row({"meta": meta, "rows": rows})
+                continue
             row = {"R": r, "K": k, "batch": batch, "channels": channels, "layers": layers}
             row["paper_pytorch_ms"], row["paper_ours_ms"] = paper_ms(r, k)
             for m in modes:
@@ -219,6 +229,43 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
                 on_row({"meta": meta, "rows": rows})
     bar.close()
     return {"meta": meta, "rows": rows}
+
+
+#: what a measured row depends on: ``--resume`` keeps the rows of a run that shares all of them with the new one
+RESUME_SETTINGS = ("device", "device_type", "threads", "torch", "batch", "channels", "layers", "repeats", "warmup",
+                   "dtype", "modes", "impls", "cudnn_benchmark", "tf32", "cpp_kernel")
+
+
+def kept_rows(previous: dict, meta: dict, peak: float) -> dict:
+    """The rows of an interrupted run's results ``previous``, by (R, K), that ``--resume`` keeps instead of measuring
+    them again; ValueError naming the first setting in which that run differs from this one (``meta``). Their % of
+    GEMM is taken against ``peak``, this run's GEMM rate, as the new rows' are."""
+    old = previous.get("meta") if isinstance(previous, dict) else None
+    if not isinstance(old, dict) or not isinstance(previous.get("rows"), list):
+        raise ValueError("--resume: the results.json in --out is no benchmark's result")
+    for key in RESUME_SETTINGS:
+        if old.get(key) != meta.get(key):
+            raise ValueError(f"--resume: the rows in --out were measured with {key} {old.get(key)!r}, this run has "
+                             f"{meta.get(key)!r}; rerun with that setting, or without --resume to measure them anew")
+    kept = {}
+    for row in previous["rows"]:
+        row = dict(row)
+        for m in meta["modes"]:
+            if f"{m}_fastconv_gflops" in row:
+                row[f"{m}_fastconv_pct_gemm"] = round(100 * row[f"{m}_fastconv_gflops"] / peak, 1)
+        kept[row["R"], row["K"]] = row
+    return kept
+
+
+def read_previous(out_dir: str | os.PathLike) -> dict:
+    """The results.json of the interrupted benchmark in ``out_dir`` (``--resume``); ValueError when there is none."""
+    path = Path(out_dir).expanduser() / "results.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--resume: {path.parent} holds no results.json to continue; run without --resume") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"--resume: {path} cannot be read ({e}); run without --resume") from None
 
 
 def padding_note(rows) -> str:
@@ -255,6 +302,9 @@ def format_table(result: dict) -> str:
         out.write(f"(the paper's rows are its FP32 times; ours are {meta['dtype']})\n")
     if len(rows) < meta.get("rows_planned", len(rows)):
         out.write(f"(cut short: {len(rows)} of {meta['rows_planned']} rows measured)\n")
+    if meta.get("rows_kept"):
+        out.write(f"(resumed: {meta['rows_kept']} of {meta['rows_planned']} rows kept from the interrupted run in this "
+                  f"folder, measured with the same settings)\n")
     if meta["device_type"] == "cpu":
         out.write("fastconv is fed a channels_last input on CPU (its NHWC kernels' native layout)\n")
     if meta.get("cpp_kernel"):
@@ -371,10 +421,11 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
     kw = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()}
     dev = bench_device(args.device)
     batch = 1 if args.batch is None and args.quick and dev.type == "cpu" else args.batch
+    previous = read_previous(args.out) if args.resume else None
     try:  # each row written when done: a cut-short run keeps its rows
         result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev),
                      dtype=args.dtype, modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,),
-                     impls=args.impls, on_row=lambda partial: write_results(partial, args.out))
+                     impls=args.impls, on_row=lambda partial: write_results(partial, args.out), previous=previous)
     except RuntimeError as e:  # a dtype this PyTorch has no kernel for on the device ("not implemented for 'Half'")
         if "not implemented for" not in str(e) or args.dtype == "float32":
             raise
@@ -409,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # one line, as 'erf-lab bench' says it; the rows measured so far are on disk
         _close_bars()
-        print(f"fastconv.bench: interrupted (the rows measured so far are in {args.out})" if args.out else
-              "fastconv.bench: interrupted", file=sys.stderr)
+        print(f"fastconv.bench: interrupted (the rows measured so far are in {args.out}; continue with the same "
+              f"command and --resume)" if args.out else "fastconv.bench: interrupted", file=sys.stderr)
         return 130
     print(format_table(result))
     print("wrote " + ", ".join(str(x) for x in paths))

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time the forward (fwd), forward + both gradients (fwdbwd) or both (default both)")
     p.add_argument("--quick", action="store_true", help="defaults K 3,13,31; R 16,32; 4 layers; 2 repeats; batch 1 "
                                                         "on CPU (explicit options win)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted benchmark in --out: keep its measured (R, K) rows and measure the "
+                        "rest (its settings must be this run's; without it every row is measured anew)")
     p.add_argument("--out", default="runs/fastconv-bench",
                    help="output directory for table.csv, table.txt, results.json and run.json "
                         "(default runs/fastconv-bench)")

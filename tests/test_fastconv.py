@@ -2066,6 +2066,59 @@ def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
+def test_bench_resume_keeps_the_rows_an_interrupted_run_measured(cli, tmp_path, monkeypatch, capsys):
+    """``--resume`` after Ctrl-C measures only the missing (R, K) rows (a rerun measured the whole table again and,
+    stopped again, replaced the rows on disk with fewer); the kept rows' % of GEMM is taken against the new run's
+    GEMM rate; a run with other settings, or a folder without results, is one error line, exit 2."""
+    import fastconv.bench as fb
+    from erf_lab.cli.main import main as erf_lab_main
+
+    calls, stop_at, peak = [], [(16, 13)], [100.0]
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: peak[0])
+
+    def bench_one(impl, mode, b, c, r, k, *rest):
+        if (r, k) in stop_at:
+            raise KeyboardInterrupt
+        calls.append((r, k))
+        return 1e-3 * k
+
+    monkeypatch.setattr(fb, "bench_one", bench_one)
+    out = tmp_path / "bench"
+    argv = ["--kernels", "3,13", "--resolutions", "8,16", "--batch", "1", "--channels", "4", "--layers", "1",
+            "--repeats", "1", "--device", "cpu", "--mode", "fwd", "--impls", "pytorch_nchw,fastconv",
+            "--out", str(out)]
+    cli_main = fb.main if cli == "fastconv.bench" else (lambda a: erf_lab_main(["bench", *a]))
+    assert cli_main(argv) == 130
+    assert "continue with the same command and --resume" in capsys.readouterr().err
+    first = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["R"], r["K"]) for r in first] == [(8, 3), (8, 13), (16, 3)]
+    calls.clear()
+    stop_at.clear()
+    peak[0] = 50.0
+    assert cli_main([*argv, "--resume"]) == 0
+    assert calls == [(16, 13), (16, 13)]  # its two sides only
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["R"], r["K"]) for r in res["rows"]] == [(8, 3), (8, 13), (16, 3), (16, 13)]
+    assert res["meta"]["rows_kept"] == 3 and res["rows"][3]["fwd_fastconv_ms"] == 13.0
+    for old, new in zip(first, res["rows"]):
+        assert new["fwd_fastconv_ms"] == old["fwd_fastconv_ms"] and new["fwd_fastconv_gflops"] == old[
+            "fwd_fastconv_gflops"]
+        assert new["fwd_fastconv_pct_gemm"] == round(100 * old["fwd_fastconv_gflops"] / 50.0, 1)
+    assert "resumed: 3 of 4 rows kept" in (out / "table.txt").read_text()
+    assert "cut short" not in (out / "table.txt").read_text()
+    capsys.readouterr()
+    calls.clear()
+    assert cli_main([*argv[:7], "8", *argv[8:], "--resume"]) == 2  # --channels 8
+    err = capsys.readouterr().err
+    assert calls == [] and err.count("\n") == 1 and "measured with channels 4, this run has 8" in err, err
+    assert json.loads((out / "results.json").read_text()) == res  # nothing the user had is lost
+    assert cli_main([*argv[:-1], str(tmp_path / "new"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no results.json to continue" in err, err
+    assert not (tmp_path / "new").exists()  # no empty folder left behind
+
+
+@pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
 def test_bench_a_dtype_this_torch_cannot_run_exits_2(cli, tmp_path, capsys, monkeypatch):
     """An older PyTorch without fp16 kernels on the CPU: one error line, exit 2 (not a traceback)."""
     import fastconv.bench as fb

@@ -1,6 +1,9 @@
 """``erf-lab bench``: RepLKNet Table 1 (24 stacked depthwise layers) for PyTorch vs fastconv; see fastconv.bench."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from erf_lab.errors import ErfLabError
 
 NAME = "bench"
@@ -28,6 +31,11 @@ def run(args) -> int:
             result, paths = run_from_args(args)
     except ValueError as e:
         raise ErfLabError(str(e)) from None
+    except KeyboardInterrupt:  # each row is written when done: say where they are and how to continue
+        if (Path(args.out).expanduser() / "results.json").is_file():
+            print(f"stopped: the rows measured so far are in {args.out}; continue with the same command and --resume",
+                  file=sys.stderr)
+        raise
     finally:
         remove_empty_folders(made)  # refused, or stopped before its first row: no empty folder left behind
     print(format_table(result))
