@@ -13,6 +13,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -208,12 +209,12 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
                 for impl in impls:
                     bar.set_postfix_str(f"R={r} K={k} {m} {impl}")
                     t = bench_one(impl, m, batch, channels, r, k, layers, timer, dev, tdtype)
-                    row[f"{m}_{impl}_ms"] = round(t * 1e3, 3)
-                    row[f"{m}_{impl}_gflops"] = round(flops / t / 1e9, 2)
+                    row[f"{m}_{impl}_ms"] = keep_digits(t * 1e3, 3)
+                    row[f"{m}_{impl}_gflops"] = keep_digits(flops / t / 1e9, 2)
                     bar.update(1)
                 if "fastconv" in impls:
                     fc = row[f"{m}_fastconv_ms"]
-                    row[f"{m}_fastconv_pct_gemm"] = round(100 * row[f"{m}_fastconv_gflops"] / peak, 1)
+                    row[f"{m}_fastconv_pct_gemm"] = keep_digits(100 * row[f"{m}_fastconv_gflops"] / peak, 1)
                     for base in ("pytorch_nchw", "pytorch_cl"):
                         if base in impls:
                             row[f"{m}_speedup_vs_{base.split('_')[1]}"] = round(row[f"{m}_{base}_ms"] / fc, 2)
@@ -229,6 +230,21 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
                 on_row({"meta": meta, "rows": rows})
     bar.close()
     return {"meta": meta, "rows": rows}
+
+
+def keep_digits(x: float, decimals: int, significant: int = 3) -> float:
+    """``x`` rounded to ``decimals`` places, or to ``significant`` digits where those are more: the GFLOP/s of a small
+    stack (0.0034) stays 0.0034, where round(x, 2) stored 0.0."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, max(decimals, significant - 1 - math.floor(math.log10(abs(x)))))
+
+
+def table_cell(v, fmt: str) -> str:
+    """``fmt.format(v)``; a number that one decimal would show as 0.0 in two significant digits instead."""
+    if isinstance(v, float) and 0 < abs(v) < 0.05 and ".1f" in fmt:
+        fmt = fmt.replace(".1f", ".2g")
+    return fmt.format(v)
 
 
 #: what a measured row depends on: ``--resume`` keeps the rows of a run that shares all of them with the new one
@@ -252,7 +268,7 @@ def kept_rows(previous: dict, meta: dict, peak: float) -> dict:
         row = dict(row)
         for m in meta["modes"]:
             if f"{m}_fastconv_gflops" in row:
-                row[f"{m}_fastconv_pct_gemm"] = round(100 * row[f"{m}_fastconv_gflops"] / peak, 1)
+                row[f"{m}_fastconv_pct_gemm"] = keep_digits(100 * row[f"{m}_fastconv_gflops"] / peak, 1)
         kept[row["R"], row["K"]] = row
     return kept
 
@@ -338,7 +354,7 @@ def format_table(result: dict) -> str:
                 backends = [rr[k].get(f"{m}_fastconv_backend") for k in kernels]
                 lines.append(("fastconv backend", [short.get(b, b) for b in backends], "{:>9.8}"))
             for i, (label, vals, fmt) in enumerate(lines):
-                cells = "".join("{:>9}".format("-") if v is None else fmt.format(v) for v in vals)
+                cells = "".join("{:>9}".format("-") if v is None else table_cell(v, fmt) for v in vals)
                 out.write(f"{(str(res) + 'x' + str(res)) if i == 0 else '':>5} {label:<24}{cells}\n")
     return out.getvalue()
 

@@ -2065,6 +2065,26 @@ def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsy
         fb.run(kernels=(3,), resolutions=(8,), device="cpu", impls=("cudnn",))
 
 
+def test_bench_small_rates_keep_their_digits(tmp_path, monkeypatch, capsys):
+    """A small stack's GFLOP/s (4.6e-3 here) and % of SGEMM were stored rounded to 2 / 1 decimals, i.e. 0.0, and the
+    table showed 0.0 and 0.0%: now three significant digits are kept and the table shows two."""
+    import fastconv.bench as fb
+
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(fb, "bench_one", lambda *a, **k: 1e-3)
+    out = tmp_path / "bench"
+    assert fb.main(["--kernels", "3", "--resolutions", "8", "--batch", "1", "--channels", "4", "--layers", "1",
+                    "--repeats", "1", "--device", "cpu", "--mode", "fwd", "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    rate = fb.conv_flops(1, 4, 8, 3, 1) / 1e-3 / 1e9  # 4608 FLOPs in 1 ms
+    assert row["fwd_fastconv_gflops"] == pytest.approx(rate, rel=1e-3) and rate == pytest.approx(4.608e-3)
+    assert row["fwd_fastconv_pct_gemm"] == pytest.approx(100 * rate / 100.0, rel=1e-3)
+    assert row["fwd_fastconv_ms"] == 1.0
+    table = capsys.readouterr().out
+    assert next(s for s in table.splitlines() if "fastconv GFLOP/s" in s).split()[-1] == "0.0046"
+    assert next(s for s in table.splitlines() if "% of SGEMM" in s).split()[-1] == "0.0046%"
+
+
 @pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
 def test_bench_resume_keeps_the_rows_an_interrupted_run_measured(cli, tmp_path, monkeypatch, capsys):
     """``--resume`` after Ctrl-C measures only the missing (R, K) rows (a rerun measured the whole table again and,
@@ -2103,7 +2123,7 @@ def test_bench_resume_keeps_the_rows_an_interrupted_run_measured(cli, tmp_path, 
     for old, new in zip(first, res["rows"]):
         assert new["fwd_fastconv_ms"] == old["fwd_fastconv_ms"] and new["fwd_fastconv_gflops"] == old[
             "fwd_fastconv_gflops"]
-        assert new["fwd_fastconv_pct_gemm"] == round(100 * old["fwd_fastconv_gflops"] / 50.0, 1)
+        assert new["fwd_fastconv_pct_gemm"] == pytest.approx(2 * old["fwd_fastconv_pct_gemm"], rel=0.01)  # peak / 2
     assert "resumed: 3 of 4 rows kept" in (out / "table.txt").read_text()
     assert "cut short" not in (out / "table.txt").read_text()
     capsys.readouterr()
