@@ -69,8 +69,10 @@ def test_table_lists_every_model_with_matching_numbers(capsys):
     assert rc == 0, err
     lines = out.strip().splitlines()
     assert lines[0].split()[:2] == ["model", "family"] and "GFLOPs@224" in lines[0]
-    body = {ln.split()[0]: ln.split() for ln in lines[2:]}
+    body = {ln.split()[0]: ln.split() for ln in lines[2:lines.index("")]}
     assert set(body) == set(list_models())
+    assert lines[-1] == ("slak: params and GFLOPs of the dense weights; the paper counts the non-zero ones at its "
+                         "40% sparsity (slak_b 95M, slak_s 55M, slak_t 30M)")
     for name in list_models():
         d = describe_model(name)
         cols = body[name]
@@ -104,7 +106,7 @@ def test_deploy_flops_are_the_papers(capsys):
     rc, out, _ = run_cli(capsys, "unireplknet_a", "resnet18")
     header, _, *body = out.strip().splitlines()
     assert header.split()[-2:] == ["deploy", "GFLOPs@224"]
-    assert [ln.split()[-1] for ln in body] == ["1.81", "0.64"]
+    assert [ln.split()[-1] for ln in body] == ["1.81", "0.64"]  # no SLaK row: no sparsity note either
 
 
 def test_family_filter_and_sort(capsys):

@@ -102,4 +102,12 @@ def format_table(rows: list[dict]) -> str:
     def fmt(row):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
+    lines = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)]
+    slak = [r["name"] for r in rows if r["family"] == "slak"]
+    if slak:  # the paper's "#params" are not what the table counts: say so beside the numbers
+        from erf_lab.models.slak import PAPER_SPARSITY, VARIANTS
+
+        paper = ", ".join(f"{n} {VARIANTS[n]['params_m']}M" for n in slak if n in VARIANTS)
+        lines += ["", f"slak: params and GFLOPs of the dense weights; the paper counts the non-zero ones at its "
+                      f"{PAPER_SPARSITY:.0%} sparsity ({paper})"]
+    return "\n".join(lines)
