@@ -156,6 +156,7 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
     batch = (64 if dev.type == "cuda" else 2) if batch is None else batch
     if not kernels or not resolutions:
         raise ValueError("--kernels and --resolutions need at least one value")
+    kernels, resolutions = tuple(dict.fromkeys(kernels)), tuple(dict.fromkeys(resolutions))  # '3,3': measured once
     for k in kernels:
         if k % 2 == 0 or k < 1:
             raise ValueError(f"kernel {k} unsupported: {'odd sizes only' if k >= 1 else 'sizes from 1 up'}")

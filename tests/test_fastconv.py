@@ -2085,6 +2085,22 @@ def test_bench_small_rates_keep_their_digits(tmp_path, monkeypatch, capsys):
     assert next(s for s in table.splitlines() if "% of SGEMM" in s).split()[-1] == "0.0046%"
 
 
+def test_bench_a_size_given_twice_is_measured_once(tmp_path, monkeypatch):
+    """``--kernels 3,3 --resolutions 8,8`` measured the same cell four times (four identical rows in table.csv)."""
+    import fastconv.bench as fb
+
+    calls = []
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(fb, "bench_one", lambda impl, mode, b, c, r, k, *rest: calls.append((impl, r, k)) or 1e-3)
+    out = tmp_path / "bench"
+    assert fb.main(["--kernels", "3,5,3", "--resolutions", "8,8", "--batch", "1", "--channels", "4", "--layers", "1",
+                    "--repeats", "1", "--device", "cpu", "--mode", "fwd", "--impls", "fastconv", "--out",
+                    str(out)]) == 0
+    assert calls == [("fastconv", 8, 3), ("fastconv", 8, 5)]
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["R"], r["K"]) for r in res["rows"]] == [(8, 3), (8, 5)] and res["meta"]["rows_planned"] == 2
+
+
 @pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
 def test_bench_resume_keeps_the_rows_an_interrupted_run_measured(cli, tmp_path, monkeypatch, capsys):
     """``--resume`` after Ctrl-C measures only the missing (R, K) rows (a rerun measured the whole table again and,
