@@ -114,6 +114,12 @@ def test_family_filter_and_sort(capsys):
     assert rc == 0
     rows = json.loads(out)
     assert [r["name"] for r in rows] == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    rc, out, _ = run_cli(capsys, "resnet50", "mobilenetv2", "resnet50", "--sort", "flops", "--json")
+    assert rc == 0 and [r["name"] for r in json.loads(out)] == ["mobilenetv2", "resnet50"]  # twice named: one row
+    # the families listed are those of the models named, not all there are ("families: resnet" read as the only one)
+    rc, out, err = run_cli(capsys, "resnet50", "--family", "replknet")
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert "no model of family 'replknet'; families of the models named: resnet" in err, err
 
 
 def test_user_errors_are_one_line(capsys):

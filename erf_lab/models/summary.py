@@ -71,7 +71,8 @@ def _describe(name: str) -> dict:
 def describe_models(names: list[str] | None = None, family: str | None = None,
                     show_progress: bool = False) -> list[dict]:
     """Descriptions of ``names`` (default: every registered model), optionally of one ``family`` only."""
-    names = list(names) if names else list_models()
+    named = bool(names)
+    names = list(dict.fromkeys(names)) if names else list_models()  # a name given twice: one row
     if show_progress:
         from erf_lab.io import progress
 
@@ -85,7 +86,8 @@ def describe_models(names: list[str] | None = None, family: str | None = None,
         if not rows:
             from erf_lab.errors import ErfLabError
 
-            raise ErfLabError(f"no model of family {family!r}; families: {', '.join(families)}")
+            which = "of the models named" if named else "registered"
+            raise ErfLabError(f"no model of family {family!r}; families {which}: {', '.join(families)}")
     return rows
 
 
