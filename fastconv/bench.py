@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -376,8 +377,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_results(result: dict, out_dir: str | os.PathLike, argv: list[str] | None = None) -> list[Path]:
-    """table.csv, results.json, table.txt and run.json (how it was made) in ``out_dir``, each atomically."""
+    """table.csv, results.json, table.txt and run.json (how it was made) in ``out_dir``, each atomically; ``argv``:
+    the command line that made them (default ``sys.argv[1:]``), in run.json and at the foot of table.txt."""
     out = Path(out_dir)
+    argv = [str(a) for a in argv] if argv is not None else sys.argv[1:]
     rows = result["rows"]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
@@ -387,8 +390,8 @@ def write_results(result: dict, out_dir: str | os.PathLike, argv: list[str] | No
     paths = [out / "table.csv", out / "results.json", out / "table.txt", out / "run.json"]
     _atomic_write(paths[0], buf.getvalue())
     _atomic_write(paths[1], json.dumps(result, indent=2) + "\n")
-    _atomic_write(paths[2], format_table(result))
-    run_info = {"command": "fastconv.bench", "argv": argv if argv is not None else sys.argv[1:],
+    _atomic_write(paths[2], format_table(result) + f"\ncommand: {shlex.join(argv)}\n")
+    run_info = {"command": "fastconv.bench", "argv": argv,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result["meta"],
                 "python": platform.python_version(), "platform": platform.platform(),
                 "autotune_cache": str(fastconv.dispatch.cache_file()),
@@ -432,7 +435,8 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
                              f"choose another --out")
 
 
-def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
+def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> tuple[dict, list[Path]]:
+    """Check ``--out``, measure and write the results there after each row; ``argv``: the command line to record."""
     check_out_dir(args.out)
     sizes = QUICK if args.quick else FULL
     kw = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()}
@@ -442,13 +446,13 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict, list[Path]]:
     try:  # each row written when done: a cut-short run keeps its rows
         result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev),
                      dtype=args.dtype, modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,),
-                     impls=args.impls, on_row=lambda partial: write_results(partial, args.out), previous=previous)
+                     impls=args.impls, on_row=lambda partial: write_results(partial, args.out, argv), previous=previous)
     except RuntimeError as e:  # a dtype this PyTorch has no kernel for on the device ("not implemented for 'Half'")
         if "not implemented for" not in str(e) or args.dtype == "float32":
             raise
         raise ValueError(f"--dtype {args.dtype} on {dev}: this PyTorch cannot run it ({str(e).splitlines()[0]})"
                          ) from None
-    return result, write_results(result, args.out)
+    return result, write_results(result, args.out, argv)
 
 
 def _close_bars() -> None:
@@ -462,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     try:
-        result, paths = run_from_args(args)
+        result, paths = run_from_args(args, ["python", "-m", "fastconv.bench", *(sys.argv[1:] if argv is None else
+                                                                                argv)])
     except ValueError as e:
         _close_bars()
         print(f"fastconv.bench: error: {e}", file=sys.stderr)

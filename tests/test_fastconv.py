@@ -2102,6 +2102,33 @@ def test_bench_a_size_given_twice_is_measured_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
+def test_bench_records_the_command_line_as_run(cli, tmp_path, monkeypatch):
+    """run.json's argv was ``sys.argv[1:]`` (without the program: 'bench --quick', or pytest's arguments when called
+    as a function) and table.txt, the file a reader opens, did not say how it was made: now the command as run,
+    the other commands' ``erf-lab ...`` form, in both."""
+    import sys
+
+    import fastconv.bench as fb
+    from erf_lab.cli.main import main as erf_lab_main
+
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(fb, "bench_one", lambda *a, **k: 1e-3)
+    out = tmp_path / "my bench"
+    argv = ["--kernels", "3", "--resolutions", "8", "--batch", "1", "--channels", "4", "--layers", "1",
+            "--repeats", "1", "--device", "cpu", "--mode", "fwd", "--out", str(out)]
+    if cli == "fastconv.bench":
+        assert fb.main(argv) == 0
+        expected = ["python", "-m", "fastconv.bench", *argv]
+    else:
+        monkeypatch.setattr(sys, "argv", ["/venv/bin/erf-lab", "bench", *argv])
+        assert erf_lab_main(["bench", *argv]) == 0
+        expected = ["erf-lab", "bench", *argv]
+    assert json.loads((out / "run.json").read_text())["argv"] == expected
+    last = (out / "table.txt").read_text().splitlines()[-1]
+    assert last == "command: " + " ".join(expected[:-1]) + f" '{out}'", last
+
+
+@pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
 def test_bench_resume_keeps_the_rows_an_interrupted_run_measured(cli, tmp_path, monkeypatch, capsys):
     """``--resume`` after Ctrl-C measures only the missing (R, K) rows (a rerun measured the whole table again and,
     stopped again, replaced the rows on disk with fewer); the kept rows' % of GEMM is taken against the new run's
@@ -2272,7 +2299,7 @@ def test_bench_explicit_options_win_over_quick(argv, expected, tmp_path, monkeyp
 
     seen = {}
     monkeypatch.setattr(fb, "run", lambda **kw: seen.update(kw) or {})
-    monkeypatch.setattr(fb, "write_results", lambda result, out: [])
+    monkeypatch.setattr(fb, "write_results", lambda result, out, argv=None: [])
     p = argparse.ArgumentParser()
     fb.add_arguments(p)
     fb.run_from_args(p.parse_args([*argv, "--device", "cpu", "--warmup", "0"]))

@@ -21,6 +21,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from erf_lab.cli.options import command_line
     from erf_lab.io import hold_folder, missing_folders, prepare_out_dir, refuse_other_result, remove_empty_folders
     from fastconv.bench import format_table, run_from_args
 
@@ -28,7 +29,7 @@ def run(args) -> int:
     made = missing_folders(args.out)
     try:  # held while it measures and writes its rows: another benchmark into it meanwhile replaced its tables
         with hold_folder(prepare_out_dir(args.out)):
-            result, paths = run_from_args(args)
+            result, paths = run_from_args(args, command_line())
     except ValueError as e:
         raise ErfLabError(str(e)) from None
     except KeyboardInterrupt:  # each row is written when done: say where they are and how to continue
