@@ -194,26 +194,34 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
     if previous is not None:
         meta["rows_kept"] = sum((r, k) in kept for r in resolutions for k in kernels)
     rows = []
-    jobs = [(r, k, m, i) for r in resolutions for k in kernels for m in modes for i in impls]
-    bar = tqdm(total=len(jobs), desc="fastconv bench", unit="case", disable=not show_progress, dynamic_ncols=True)
+    # the bar advances by each case's nominal FLOPs, not by 1: R=64, K=31 takes ~100x R=64, K=3, and a count of
+    # cases gave an ETA that the cheap first rows made far too short
+    work = {(r, k, m): conv_flops(batch, channels, r, k, layers) * (3 if m == "fwdbwd" else 1)
+            for r in resolutions for k in kernels for m in modes}
+    cases, done = len(work) * len(impls), 0
+    kept_work = sum(w for (r, k, _), w in work.items() if (r, k) in kept) * len(impls)  # not in the rate: initial
+    bar = tqdm(total=sum(work.values()) * len(impls), initial=kept_work, desc="fastconv bench",
+               disable=not show_progress, dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     for r in resolutions:
         for k in kernels:
             if (r, k) in kept:
                 rows.append(kept[r, k])
-                bar.update(len(modes) * len(impls))
+                done += len(modes) * len(impls)
                 if on_row is not None:
                     on_row({"meta": meta, "rows": rows})
                 continue
             row = {"R": r, "K": k, "batch": batch, "channels": channels, "layers": layers}
             row["paper_pytorch_ms"], row["paper_ours_ms"] = paper_ms(r, k)
             for m in modes:
-                flops = conv_flops(batch, channels, r, k, layers) * (3 if m == "fwdbwd" else 1)
+                flops = work[r, k, m]
                 for impl in impls:
-                    bar.set_postfix_str(f"R={r} K={k} {m} {impl}")
+                    bar.set_postfix_str(f"case {done + 1}/{cases}: R={r} K={k} {m} {impl}")
                     t = bench_one(impl, m, batch, channels, r, k, layers, timer, dev, tdtype)
                     row[f"{m}_{impl}_ms"] = keep_digits(t * 1e3, 3)
                     row[f"{m}_{impl}_gflops"] = keep_digits(flops / t / 1e9, 2)
-                    bar.update(1)
+                    bar.update(work[r, k, m])
+                    done += 1
                 if "fastconv" in impls:
                     fc = row[f"{m}_fastconv_ms"]
                     row[f"{m}_fastconv_pct_gemm"] = keep_digits(100 * row[f"{m}_fastconv_gflops"] / peak, 1)

@@ -2101,6 +2101,42 @@ def test_bench_a_size_given_twice_is_measured_once(tmp_path, monkeypatch):
     assert [(r["R"], r["K"]) for r in res["rows"]] == [(8, 3), (8, 5)] and res["meta"]["rows_planned"] == 2
 
 
+def test_bench_progress_advances_by_each_cases_flops(monkeypatch):
+    """The bar counted cases, so its ETA after the cheap K=3 cells was far too short (a K=31 cell does 107x their
+    work): it advances by each case's nominal FLOPs, names the case number, and a resumed run's kept rows are its
+    starting point (``initial``), not work done at once."""
+    import fastconv.bench as fb
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, initial=0, **kw):
+            self.total, self.initial, self.updates, self.postfix = total, initial, [], []
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def set_postfix_str(self, text):
+            self.postfix.append(text)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(fb, "tqdm", Bar)
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(fb, "bench_one", lambda *a, **k: 1e-3)
+    kw = dict(kernels=(3, 31), resolutions=(8,), batch=1, channels=4, layers=1, repeats=1, warmup=0, device="cpu",
+              impls=("fastconv",))
+    first = fb.run(**kw)
+    w3, w31 = fb.conv_flops(1, 4, 8, 3, 1), fb.conv_flops(1, 4, 8, 31, 1)
+    assert bars[0].updates == [w3, 3 * w3, w31, 3 * w31] and bars[0].total == 4 * (w3 + w31)
+    assert bars[0].initial == 0 and bars[0].postfix[0] == "case 1/4: R=8 K=3 fwd fastconv"
+    fb.run(**kw, previous={"meta": first["meta"], "rows": first["rows"][:1]})  # K=3 kept
+    assert bars[1].initial == 4 * w3 and bars[1].updates == [w31, 3 * w31]
+    assert bars[1].postfix == ["case 3/4: R=8 K=31 fwd fastconv", "case 4/4: R=8 K=31 fwdbwd fastconv"]
+
+
 @pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
 def test_bench_records_the_command_line_as_run(cli, tmp_path, monkeypatch):
     """run.json's argv was ``sys.argv[1:]`` (without the program: 'bench --quick', or pytest's arguments when called
