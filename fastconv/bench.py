@@ -191,6 +191,10 @@ def run(kernels=PAPER_KERNELS, resolutions=PAPER_RESOLUTIONS, batch: int | None 
         ck = fastconv.cpu_kernels
         meta["cpp_kernel"] = ck.cpu_variant() if ck.cpp_available() else f"unavailable ({ck.cpp_unavailable_reason()})"
     kept = {} if previous is None else kept_rows(previous, meta, peak)
+    dropped = sorted(set(kept) - {(r, k) for r in resolutions for k in kernels})
+    if dropped:  # results.json is rewritten with this run's rows: those would be lost
+        raise ValueError(f"--resume: the run in --out also measured (R, K) = {', '.join(map(str, dropped))}; resume "
+                         f"with --kernels and --resolutions that include them")
     if previous is not None:
         meta["rows_kept"] = sum((r, k) in kept for r in resolutions for k in kernels)
     rows = []

@@ -2211,6 +2211,10 @@ def test_bench_resume_keeps_the_rows_an_interrupted_run_measured(cli, tmp_path, 
     err = capsys.readouterr().err
     assert calls == [] and err.count("\n") == 1 and "measured with channels 4, this run has 8" in err, err
     assert json.loads((out / "results.json").read_text()) == res  # nothing the user had is lost
+    assert cli_main([*argv[:1], "3", *argv[2:], "--resume"]) == 2  # --kernels 3 would drop the K=13 rows
+    err = capsys.readouterr().err
+    assert calls == [] and err.count("\n") == 1 and "also measured (R, K) = (8, 13), (16, 13)" in err, err
+    assert json.loads((out / "results.json").read_text()) == res
     assert cli_main([*argv[:-1], str(tmp_path / "new"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no results.json to continue" in err, err
