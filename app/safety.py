@@ -79,15 +79,17 @@ def safe_directory(text: str, what: str = "folder") -> Path:
 def image_files(folder: Path, limit: int = MAX_IMAGES) -> list[Path]:
     """The image files of ``folder`` as the ERF runner lists them (``erf_lab.erf.images.list_image_files``:
     class sub-folders included, sorted, hidden files ignored), at most ``limit``. The runner reads the folder
-    itself, so an image that is a link resolving out of the folder is refused (one line naming the link, not its
-    target), not only left out of this list: the app reads only files inside the folder the user typed."""
+    itself, so an image that resolves out of the folder (a link, or a file in a linked folder) is refused (one line
+    naming the link, not its target), not only left out of this list: the app reads only files inside the folder
+    the user typed."""
     from erf_lab.erf.images import IMAGE_EXTENSIONS, list_image_files
 
     files: list[Path] = []
     for p in list_image_files(folder)[0]:  # every one: the runner may read past the first `limit` (skipped ones)
         if not _is_within(p.resolve(), folder):
-            raise ErfLabError(f"{p.relative_to(folder).as_posix()} in the image folder is a link to a file outside "
-                              "it; the app reads only files inside the folder you typed (copy the image in)")
+            how = "is a link to a file" if p.is_symlink() else "lies in a linked folder"  # links to folders followed
+            raise ErfLabError(f"{p.relative_to(folder).as_posix()} in the image folder {how} outside it; the app "
+                              "reads only files inside the folder you typed (copy the image in)")
         if len(files) < limit:
             files.append(p)
     if not files:

@@ -1804,6 +1804,25 @@ def test_safe_directory_policy(tmp_path, monkeypatch):
         safety.image_files(outside)
 
 
+def test_an_image_in_a_linked_folder_outside_the_typed_folder_is_refused(tmp_path):
+    """Links to folders are followed (as torchvision does); one that leads out of the typed folder is refused as a
+    link to a file outside it is, naming the path in the folder; one inside the folder is read."""
+    from PIL import Image
+
+    outside, folder = tmp_path / "elsewhere", tmp_path / "mine"
+    (folder / "inside").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "private.png")
+    Image.new("RGB", (8, 8)).save(folder / "inside" / "a.png")
+    (folder / "more").symlink_to(folder / "inside")
+    assert [p.relative_to(folder).as_posix() for p in safety.image_files(folder)] == ["inside/a.png", "more/a.png"]
+    (folder / "other").symlink_to(outside)
+    with pytest.raises(ErfLabError) as e:
+        safety.image_files(folder)
+    assert str(e.value) == ("other/private.png in the image folder lies in a linked folder outside it; the app reads "
+                            "only files inside the folder you typed (copy the image in)")
+
+
 def test_upload_checks():
     import io
 

@@ -386,6 +386,34 @@ def test_image_folder_recursive_with_bad_files(tmp_path):
     assert torch.allclose(red, ref, atol=1e-5) and red[0].mean() > 1.0 > red[1].mean()
 
 
+def test_a_linked_sub_folder_is_followed_and_a_link_loop_is_not(tmp_path):
+    """A symlinked sub-folder of an image folder was left out without a word, where torchvision's ImageFolder follows
+    it. Now it is followed (one leaving the folder too, as links to files are); a link to the folder holding it
+    (itself, one above it, or back from a linked folder) is a loop: not followed, skipped with why."""
+    from PIL import Image
+
+    from erf_lab.erf.images import LINK_LOOP, list_image_files
+
+    elsewhere, imgs = tmp_path / "elsewhere", tmp_path / "imgs"
+    elsewhere.mkdir()
+    (imgs / "cat").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(elsewhere / "red.png")
+    Image.new("L", (20, 20), 128).save(imgs / "cat" / "gray.jpg")
+    (imgs / "cat" / "more").symlink_to(elsewhere)
+    (imgs / "cat" / "self").symlink_to(imgs / "cat")
+    (imgs / "up").symlink_to(tmp_path)  # holds imgs: walking it would list imgs again
+    (elsewhere / "back").symlink_to(imgs)
+    images, others = list_image_files(imgs)
+    assert [p.relative_to(imgs).as_posix() for p in images] == ["cat/gray.jpg", "cat/more/red.png"]
+    assert sorted(p.relative_to(imgs).as_posix() for p in others) == ["cat/more/back", "cat/self", "up"]
+    with pytest.warns(UserWarning, match="ignored 3 non-image file"):
+        src = load_images(imgs, input_size=16)
+    assert src.ids == ["cat/gray.jpg", "cat/more/red.png"]
+    assert sorted(src.skipped) == [("cat/more/back", LINK_LOOP), ("cat/self", LINK_LOOP), ("up", LINK_LOOP)]
+    red = src.load(src.files[1])
+    assert torch.allclose(red, preprocess(Image.new("RGB", (16, 16), (200, 10, 10)), 16), atol=1e-5)
+
+
 def _cut_jpeg(path, keep=3000):
     """A JPEG cut short (an interrupted download): its header passes PIL's verify(), its data does not decode."""
     from erf_lab.erf.images import default_images_dir

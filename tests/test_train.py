@@ -290,6 +290,26 @@ def test_a_truncated_jpeg_is_skipped_by_the_scan(tmp_path):
         assert all(train_set[i][0].shape == (3, 32, 32) for i in range(len(train_set)))
 
 
+def test_a_linked_folder_inside_a_class_folder_is_read_and_a_link_loop_is_skipped(tmp_path):
+    """torchvision's ImageFolder follows a symlinked folder inside a class folder; the scan left its images out.
+    Now they are read (in the class of the folder holding the link); a link back to a folder above is a loop,
+    not followed, listed with why."""
+    from erf_lab.erf.images import LINK_LOOP
+    from erf_lab.train.data import image_folder
+
+    root = _folder(tmp_path / "data")
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        _png(tmp_path / "extra" / f"x{i}.png", rng)
+    (root / "train" / "a" / "extra").symlink_to(tmp_path / "extra")
+    (root / "train" / "b" / "loop").symlink_to(root / "train")
+    train_set, val_set = image_folder(root, 32)
+    assert len(train_set) == 15 and len(val_set) == 4
+    linked = [(p.relative_to(root).as_posix(), y) for p, y in train_set.files if "extra" in p.parts]
+    assert linked == [("train/a/extra/x0.png", 0), ("train/a/extra/x1.png", 0), ("train/a/extra/x2.png", 0)]
+    assert train_set.skipped == [["train/b/loop", LINK_LOOP]]
+
+
 def test_image_that_fails_after_the_scan_is_replaced_with_a_warning(tmp_path):
     """A JPEG cut short after the scan fails when loaded: the next image takes its place, and the user is told (it
     was only counted, silently, before)."""

@@ -28,10 +28,19 @@ def default_images_dir() -> Path:
     return data_dir() / "default_images"
 
 
+def _contains(outer: str, inner: str) -> bool:
+    """Whether the real path ``inner`` is ``outer`` or lies under it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
 def list_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     """Image files under ``folder`` (recursive, sorted, hidden files ignored) and the other files found.
 
-    Class sub-folders are allowed but not required. Raises ``ErfLabError`` for a missing folder.
+    Class sub-folders are allowed but not required. Links to folders are followed, as torchvision's ImageFolder
+    follows them (files are listed by the path through the link); a link to a folder that holds the one it sits in
+    (itself, a folder above it: a loop) is not followed and is listed with the other files (reason
+    :data:`LINK_LOOP`). Links out of ``folder`` are followed, as links to files are; the app refuses a file that
+    resolves outside the folder typed (``app.safety.image_files``). Raises ``ErfLabError`` for a missing folder.
     """
     folder = Path(folder).expanduser()
     if not folder.exists():
@@ -39,8 +48,18 @@ def list_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]
     if not folder.is_dir():
         raise ErfLabError(f"--images must be a folder of images, got a file: {folder}")
     images, others = [], []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    chains = {str(folder): (os.path.realpath(folder),)}  # folder walked -> the real paths of it and those above
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        chain = chains.pop(root)
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(root, d))
+            if any(_contains(real, c) for c in chain):
+                others.append(Path(root) / d)
+            else:
+                kept.append(d)
+                chains[os.path.join(root, d)] = chain + (real,)
+        dirs[:] = kept
         for name in sorted(files):
             if name.startswith("."):
                 continue
@@ -185,8 +204,15 @@ class ImageSource:
 NOT_AN_IMAGE = "not an image file (extension)"
 BROKEN_LINK = "a broken link"
 NOT_REGULAR = "not a regular file (a pipe, device or socket)"
+LINK_LOOP = "a link to a folder that holds it (a loop; not followed)"
 #: the reasons of the files that are no image at all (``ignored ... non-image file(s)``), not unreadable images
-NON_IMAGE_REASONS = (NOT_AN_IMAGE, BROKEN_LINK, NOT_REGULAR)
+NON_IMAGE_REASONS = (NOT_AN_IMAGE, BROKEN_LINK, NOT_REGULAR, LINK_LOOP)
+
+
+def not_a_file_reason(path: Path) -> str:
+    """Why ``path``, which is no regular file, is skipped: a loop link to a folder, a broken link, or a pipe,
+    device or socket."""
+    return LINK_LOOP if path.is_dir() else BROKEN_LINK if path.is_symlink() and not path.exists() else NOT_REGULAR
 
 
 def _check_image(path: Path) -> tuple[str | None, str | None]:
@@ -232,8 +258,8 @@ def load_images(images: str | os.PathLike | None = None, *, num_images: int | No
     limit = PAPER_NUM_IMAGES if num_images is None else int(num_images)
     chosen, skipped = [], []
     for o in others:
-        reason = (NOT_AN_IMAGE if o.is_file() or o.suffix.lower() not in IMAGE_EXTENSIONS else
-                  BROKEN_LINK if o.is_symlink() and not o.exists() else NOT_REGULAR)
+        reason = (NOT_AN_IMAGE if o.is_file() or (o.suffix.lower() not in IMAGE_EXTENSIONS and not o.is_dir())
+                  else not_a_file_reason(o))
         skipped.append((o.relative_to(root).as_posix(), reason))
     digests = {}
     for p in files:

@@ -43,10 +43,10 @@ def _unreadable(path: Path) -> str | None:
     one is skipped here rather than replaced by another image at every epoch."""
     from PIL import Image
 
-    from erf_lab.erf.images import BROKEN_LINK, NOT_REGULAR
+    from erf_lab.erf.images import not_a_file_reason
 
     if not path.is_file():
-        return BROKEN_LINK if path.is_symlink() and not path.exists() else NOT_REGULAR
+        return not_a_file_reason(path)
     try:
         with Image.open(path) as im:
             jpeg = im.format == "JPEG"
