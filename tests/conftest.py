@@ -263,3 +263,22 @@ def write_leftovers(folder) -> list[str]:
     folder = Path(folder)
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob(".*") if
                   _write_target(p.name) is not None or p.name.endswith(".lock") or p.name.startswith(".write-test."))
+
+
+def bad_idat_png(path):
+    """A PNG whose chunks are whole (their CRCs hold: it passes the scan's verify()) but whose pixel data is no zlib
+    stream: it fails only when loaded ("OSError: broken data stream ...")."""
+    import io
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    i = png.index(b"IDAT")
+    n = struct.unpack(">I", png[i - 4:i])[0]
+    junk = b"\x07" * n
+    path.write_bytes(png[:i + 4] + junk + struct.pack(">I", zlib.crc32(b"IDAT" + junk)) + png[i + 8 + n:])

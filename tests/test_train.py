@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import bad_idat_png
 from PIL import Image
 
 from erf_lab.cli.main import main
@@ -324,7 +325,32 @@ def test_image_that_fails_after_the_scan_is_replaced_with_a_warning(tmp_path):
     assert len(train_set) == 13 and not train_set.skipped
     with pytest.warns(UserWarning, match=r"cannot read .*truncated\.jpg \(image file is truncated.*next image"):
         x, y = train_set[i]
-    assert train_set.failed_loads == 1 and torch.equal(x, train_set[i + 1][0]) and y == train_set.files[i + 1][1]
+    assert torch.equal(x, train_set[i + 1][0]) and y == train_set.files[i + 1][1]
+    assert len(train_set.failed_loads) == 1 and train_set.failed_loads[0][0] == "train/a/truncated.jpg"
+    assert train_set.failed_loads[0][1].startswith("OSError: image file is truncated")
+    assert train_set.failed_loads[0][2] == 1  # the epoch, from 1
+
+
+def test_images_that_fail_after_the_scan_are_in_run_json_from_the_workers_and_a_resumed_session(
+        tmp_path, one_thread):
+    """Images that failed to load after the scan were counted on the dataset alone (a DataLoader worker's copy:
+    lost) and never written to run.json. Now run.json's failed_loads lists each (file, why, epoch), from the
+    workers of both splits and across a Ctrl-C and --resume (epoch 2's training load was in the first session)."""
+    root = _folder(tmp_path / "data")
+    bad_idat_png(root / "train" / "a" / "broken.png")
+    bad_idat_png(root / "val" / "b" / "broken.png")
+    kw = dict(out=tmp_path / "run", overrides=TINY, input_size=32, show_progress=False, num_workers=2,
+              recipe=Recipe(epochs=2, batch_size=13, warmup_epochs=0))  # 1 step an epoch: every image each epoch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyboardInterrupt):
+            train("replknet_31b", str(root), on_step=_Interrupt(2, KeyboardInterrupt()), **kw)
+        info = train("replknet_31b", str(root), resume=True, **kw)["run_info"]
+    assert info["resumed"] and info["skipped"] == [] and info["data"]["train_size"] == 13
+    assert [(f, e) for f, _, e in info["failed_loads"]] == [
+        ("train/a/broken.png", 1), ("val/b/broken.png", 1), ("train/a/broken.png", 2), ("val/b/broken.png", 2)]
+    assert {why for _, why, _ in info["failed_loads"]} == {"OSError: broken data stream when reading image file"}
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["failed_loads"] == info["failed_loads"]
 
 
 def test_a_class_folder_without_a_readable_image_is_refused(tmp_path):

@@ -12,6 +12,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from conftest import bad_idat_png
 
 from erf_lab.erf.images import model_mean_std
 from erf_lab.train.cue_world import CueWorld
@@ -403,7 +404,7 @@ def test_a_check_that_fails_on_one_node_only_stops_every_rank(tmp_path):
 
 def test_what_the_data_folder_scan_warns_is_said_once_per_node(tmp_path):
     """Every process of a node scans the same --data folder: its unreadable files were warned about once per
-    process. Now by the node's first process alone."""
+    process. Now by the node's first process alone. A load that fails later on rank 1 is in rank 0's run.json."""
     from PIL import Image
 
     for split in ("train", "val"):
@@ -413,6 +414,7 @@ def test_what_the_data_folder_scan_warns_is_said_once_per_node(tmp_path):
                 Image.fromarray(torch.full((32, 32, 3), 40 * (i + 1), dtype=torch.uint8).numpy()).save(
                     tmp_path / "data" / split / c / f"{i}.png")
     (tmp_path / "data" / "train" / "a" / "bad.png").write_text("not an image")
+    bad_idat_png(tmp_path / "data" / "val" / "b" / "0bad.png")  # val item 3 of 5: rank 1 evaluates it
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(k, None)
@@ -424,6 +426,9 @@ def test_what_the_data_folder_scan_warns_is_said_once_per_node(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("erf-lab train: warning: skipped 1 unreadable file(s)") == 1, proc.stderr[-3000:]
+    # an image that failed to load on rank 1 is in run.json, which rank 0 writes
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["failed_loads"] == [
+        ["val/b/0bad.png", "OSError: broken data stream when reading image file", 1]]
 
 
 _KILL_RANK_1 = """

@@ -56,7 +56,12 @@ def _unreadable(path: Path) -> str | None:
                 im.load()
         return None
     except Exception as e:  # PIL raises many types for corrupt / non-image files
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        return _why(e)
+
+
+def _why(e: Exception) -> str:
+    """Why a file could not be read, in one line: the error's type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
 
 
 def to_rgb_array(image) -> np.ndarray:
@@ -76,13 +81,15 @@ def to_rgb_array(image) -> np.ndarray:
 class ImageFolderSplit(torch.utils.data.Dataset):
     """One split of an ImageFolder tree. Files PIL cannot open are left out at scan time and listed in
     ``skipped`` ([path relative to the dataset root, why], as ``erf-lab compute`` lists them); a file that fails
-    later (truncated data) is replaced by the next readable image, counted and warned about."""
+    later (truncated data) is replaced by the next readable image, warned about and listed in ``failed_loads``
+    ([path relative to the dataset root, why, epoch counted from 1], in the process that loaded it: a DataLoader
+    worker hands its own to the batches, :func:`collate_noting_failed_loads`)."""
 
     def __init__(self, root: Path, classes: list[str], files: list[tuple[Path, int]], skipped: list[list[str]],
                  input_size: int, train: bool, seed: int = 0):
         self.root, self.classes, self.files, self.skipped = root, classes, files, skipped
         self.input_size, self.train, self.seed, self.epoch = int(input_size), bool(train), int(seed), 0
-        self.failed_loads = 0
+        self.failed_loads: list[list] = []
 
     def __len__(self) -> int:
         return len(self.files)
@@ -110,7 +117,7 @@ class ImageFolderSplit(torch.utils.data.Dataset):
             try:
                 return self._load(path, (index + k) % len(self.files)), label
             except Exception as e:  # unreadable after all (e.g. a truncated JPEG passes the scan): say so, use the next
-                self.failed_loads += 1
+                self.failed_loads.append([Path(path).relative_to(self.root.parent).as_posix(), _why(e), self.epoch + 1])
                 warnings.warn(f"cannot read {path} ({e}); the next image is used in its place", RankWarning)
         raise ErfLabError(f"no image of {self.root} could be read")
 
@@ -135,6 +142,32 @@ class ImageFolderSplit(torch.utils.data.Dataset):
             left, top = (w - s) // 2, (h - s) // 2
             rgb = rgb.crop((left, top, left + s, top + s))
         return torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
+
+
+def collate_noting_failed_loads(samples):
+    """``(images, labels, failed)``: the batch as DataLoader's default collates it, and in a DataLoader worker the
+    ``failed_loads`` of its copy of the dataset since its last batch (taken from it; they were lost with the worker
+    before). In the main process (``num_workers=0``) ``failed`` is empty: the dataset keeps its own."""
+    x, y = torch.utils.data.default_collate(samples)
+    worker = torch.utils.data.get_worker_info()
+    if worker is None:
+        return x, y, []
+    dataset = getattr(worker.dataset, "dataset", worker.dataset)  # the split a Subset takes its items from
+    failed = getattr(dataset, "failed_loads", None)
+    taken = list(failed or [])
+    if failed:
+        failed.clear()
+    return x, y, taken
+
+
+def unique_failed_loads(*lists) -> list[list]:
+    """The entries ([file, why, epoch]) of ``lists`` once each, by epoch and file: a load retried (a resumed run
+    replays the steps after its last save; the EMA model is evaluated on the same images) is one failure."""
+    seen = {}
+    for entries in lists:
+        for f in entries or ():
+            seen.setdefault((int(f[2]), str(f[0]), str(f[1])), [str(f[0]), str(f[1]), int(f[2])])
+    return [seen[k] for k in sorted(seen)]
 
 
 def _random_resized_box(w: int, h: int, rng: np.random.Generator, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):

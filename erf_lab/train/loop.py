@@ -32,7 +32,7 @@ from erf_lab.erf import distributed as D
 from erf_lab.io import (hold_folder, is_training_record, read_json_or_none, refuse_empty, refuse_other_result,
                         refuse_out_inside)
 from erf_lab.train import checkpoints as C
-from erf_lab.train.data import CUE_WORLD, build_data, per_cpu_cap
+from erf_lab.train.data import CUE_WORLD, build_data, collate_noting_failed_loads, per_cpu_cap, unique_failed_loads
 from erf_lab.train.recipe import ModelEma, Recipe, build_optimizer, lr_at, set_lr
 from erf_lab.train.stop import ForcedStop, StopRequest, held, iterate
 
@@ -163,15 +163,20 @@ class _Sums:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, *, batch_size: int, device, mean, std, info: D.DistInfo = D.DistInfo(),
-             amp_dtype=None, channels_last: bool = False, num_workers: int = 0) -> tuple[float, float]:
-    """(mean cross-entropy, top-1 accuracy) of ``model`` on ``dataset``; rank r takes items r::N."""
+             amp_dtype=None, channels_last: bool = False, num_workers: int = 0,
+             failed_loads: list | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) of ``model`` on ``dataset``; rank r takes items r::N. The loads that
+    failed in DataLoader workers are added to ``failed_loads`` (see ``collate_noting_failed_loads``)."""
     was = model.training
     model.eval()
     idx = list(range(info.rank, len(dataset), info.world_size))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
-                                         num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+                                         num_workers=num_workers, generator=torch.Generator().manual_seed(0),
+                                         collate_fn=collate_noting_failed_loads)
     sums = _Sums()
-    for x, y in iterate(loader):
+    for x, y, failed in iterate(loader):
+        if failed_loads is not None:
+            failed_loads += failed
         x, y = _prepare(x, y, device, mean, std, channels_last)
         with _autocast(device, amp_dtype):
             logits = model(x)
@@ -600,21 +605,32 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                "from_epoch": state["epoch"] if state is not None else 0,
                "from_step": state["step"] if state is not None else 0}
 
+    # [file, why, epoch] of the images that failed to load after the scan (each replaced by the next one): this
+    # process's (from its DataLoader workers' batches; the datasets keep their own), after a save_state every rank's
+    failed_loads = list((state or {}).get("failed_loads", []))
+
+    def failed_so_far() -> list[list]:
+        return unique_failed_loads(failed_loads, getattr(d.train, "failed_loads", None),
+                                   getattr(d.val, "failed_loads", None))
+
     def all_sessions() -> list[dict]:
         return [*sessions, {**session, "end_time": now()}]
 
     def save_state():
-        rng, rank_sums = [C.rng_state()], [sums.v]
+        rng, rank_sums, rank_failed = [C.rng_state()], [sums.v], [failed_so_far()]
         if W > 1:
-            rng, rank_sums = [None] * W, [None] * W
+            rng, rank_sums, rank_failed = [None] * W, [None] * W, [None] * W
             dist.all_gather_object(rng, C.rng_state())
             dist.all_gather_object(rank_sums, sums.v)
+            dist.all_gather_object(rank_failed, failed_so_far())
+        failed_loads[:] = unique_failed_loads(*rank_failed)  # run.json takes them after the last epoch's save
         if info.is_main:
             C.save_state(out, {"settings": settings, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict() if scaler is not None else {},
                                "ema": ema.state_dict() if ema is not None else {}, "epoch": epoch,
                                "position": position, "step": step, "rows": rows, "sums": rank_sums, "rng": rng,
-                               "epoch_images": epoch_images, "epoch_time": epoch_time, "sessions": all_sessions()})
+                               "epoch_images": epoch_images, "epoch_time": epoch_time, "sessions": all_sessions(),
+                               "failed_loads": failed_loads})
 
     if state is not None:
         epoch, position, step, rows = state["epoch"], state["position"], state["step"], list(state["rows"])
@@ -670,16 +686,19 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     try:
         while epoch < recipe.epochs:
             sampler.set_epoch(epoch)
-            if hasattr(d.train, "set_epoch"):
-                d.train.set_epoch(epoch)
+            for split in (d.train, d.val):  # (cue-world's fixed val images do not change with it)
+                if hasattr(split, "set_epoch"):
+                    split.set_epoch(epoch)
             order = list(sampler)[: steps_per_epoch * B][position * B:]
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(d.train, order), batch_size=B,
                                                  num_workers=num_workers, pin_memory=device.startswith("cuda"),
                                                  # its own generator: the global RNG (drop path) stays resumable
-                                                 generator=torch.Generator().manual_seed(seed + epoch))
+                                                 generator=torch.Generator().manual_seed(seed + epoch),
+                                                 collate_fn=collate_noting_failed_loads)
             train_net.train()
             t0 = time.time()
-            for x, y in iterate(loader):
+            for x, y, failed in iterate(loader):
+                failed_loads += failed
                 lr = lr_at(step, total_steps, warmup_steps, recipe.lr, recipe.min_lr)
                 set_lr(optimizer, lr)
                 x, y = _prepare(x, y, device, mean, std, channels_last)
@@ -732,7 +751,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                     for b in m.buffers():
                         dist.broadcast(b, 0)
             ev = dict(batch_size=max(B, 64), device=device, mean=mean, std=std, info=info, amp_dtype=amp_dtype,
-                      channels_last=channels_last, num_workers=num_workers)
+                      channels_last=channels_last, num_workers=num_workers, failed_loads=failed_loads)
             val_loss, val_acc = evaluate(net, d.val, **ev)
             if not np.isfinite(val_loss):  # the same on every rank (reduced): the weights are no longer finite
                 bar.close()
@@ -791,6 +810,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         "skipped_images": len(d.description.get("skipped_train", [])) + len(d.description.get("skipped_val", [])),
         # which files, and why: [path relative to --data, reason], as erf-lab compute lists its skipped images
         "skipped": [*d.description.get("skipped_train", []), *d.description.get("skipped_val", [])],
+        # images that passed the scan but failed to load later (each replaced by the next image): [path relative to
+        # --data, why, epoch], from every rank and DataLoader worker and every session of a resumed run
+        "failed_loads": failed_so_far(),
         "seeds": {"init": seed, "data": seed, "sampler": seed}, "world_size": W, "dist_backend": info.backend,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "final": rows[-1],
         "weights": [str(p.relative_to(out)) for p in files], "start_time": start_time, "end_time": now(),
