@@ -250,8 +250,6 @@ def trained_options_hint(weights: str | os.PathLike | None, model: str, override
     """For weights of an ``erf-lab train`` run (:func:`training_run_of`) that do not load into ``model`` built with
     ``overrides``: the end of the error line, naming the model and options that run trained (its run.json), as the
     CLI options that load the file; "" for any other file, or when those options are the ones asked for."""
-    import shlex
-
     found = None if weights is None or str(weights).startswith("builtin:") else training_run_of(weights)
     if found is None:
         return ""
@@ -261,6 +259,14 @@ def trained_options_hint(weights: str | os.PathLike | None, model: str, override
     asked = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
     if cfg.get("name") == model and all(asked.get(k) == v for k, v in trained.items()):
         return ""
+    return f"; the erf-lab train run {run} trained it as --model {cfg.get('name')} {override_options(trained)}: pass " \
+           "the same"
+
+
+def override_options(overrides: Mapping) -> str:
+    """``overrides`` as the CLI options that build the model with them, quoted for a shell:
+    ``--override 'channels=(8,8,16,16)' --override num_classes=3``."""
+    import shlex
 
     def text(v) -> str:  # as --override reads it back (erf_lab.cli.options.parse_overrides)
         if isinstance(v, (list, tuple)):
@@ -268,8 +274,7 @@ def trained_options_hint(weights: str | os.PathLike | None, model: str, override
             return f"({items}{',' if len(v) == 1 else ''})"
         return str(v)
 
-    options = " ".join(f"--override {shlex.quote(f'{k}={text(v)}')}" for k, v in trained.items())
-    return f"; the erf-lab train run {run} trained it as --model {cfg.get('name')} {options}: pass the same"
+    return " ".join(f"--override {shlex.quote(f'{k}={text(v)}')}" for k, v in overrides.items())
 
 
 def ema_decay_of(settings: dict | None) -> float | None:

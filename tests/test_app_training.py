@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,7 +78,8 @@ def test_training_page_measures_a_users_run_and_refuses_a_non_run(app_env, monke
 
 def test_training_page_refuses_a_run_not_on_cue_world_before_the_button(app_env):
     """A run trained on an image folder has no cue-world probe: it was asked to press 'Measure the timeline' and
-    refused only then; it is refused at once, in one line, with no button."""
+    refused only then; it is refused at once, in one line naming the command that measures its checkpoints' ERFs,
+    with no button."""
     torch.set_num_threads(1)
     run = app_env / "run"
     train("replknet_31b", "cue-world", out=run, overrides=TINY, show_progress=False, input_size=32, train_size=16,
@@ -88,8 +90,15 @@ def test_training_page_refuses_a_run_not_on_cue_world_before_the_button(app_env)
     at = _page()
     at.text_input(key="tr-run").input(str(run)).run()
     assert not at.exception
-    assert [e.value for e in at.error] == [f"Timeline: {run}: the timeline's shape-bias probe needs a cue-world run "
-                                           f"(this one: {app_env / 'images'})"], [e.value for e in at.error]
+    # and the way on: the erf-lab compute command of its last checkpoint, the model as it was trained
+    weights, images = shlex.quote(str(run / "checkpoints" / "epoch_001.safetensors")), shlex.quote(
+        str(app_env / "images" / "val"))
+    assert [e.value for e in at.error] == [
+        f"Timeline: {run}: the timeline's shape-bias probe needs a cue-world run (this one: {app_env / 'images'}); "
+        "measure the ERF of its checkpoints one at a time instead, e.g. epoch 1's: erf-lab compute --model "
+        "replknet_31b --override 'channels=(8,8,16,16)' --override 'layers=(1,1,1,1)' --override "
+        f"'large_kernel_sizes=(7,7,7,3)' --override num_classes=4 --weights {weights} --images {images} "
+        "--input-size 32"], [e.value for e in at.error]
     assert not [b for b in at.button if b.key == "tr-measure"]
 
 

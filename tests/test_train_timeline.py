@@ -147,6 +147,43 @@ def test_timeline_bad_input(tiny_run, tmp_path, capsys):
         assert err.count("error:") == 1 and pattern in err and "Traceback" not in err, err
 
 
+def test_timeline_of_a_folder_run_names_the_command_that_measures_its_checkpoints(tmp_path, capsys, monkeypatch):
+    """A run trained on an image folder has no cue-world probe: the timeline stopped at 'needs a cue-world run' and
+    left the user there. Its line now names the erf-lab compute command of one checkpoint (the model as trained, its
+    class count, the folder's val/ images, the training size), which runs as it is, for a finished run and for one
+    still in progress (its resume state: the class count from the checkpoint)."""
+    import shlex
+
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    for split, k in (("train", 4), ("val", 2)):
+        for c in ("a", "b", "c"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(k):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
+    train("replknet_31b", "data", out=tmp_path / "run", overrides=TINY, input_size=32, show_progress=False,
+          recipe=Recipe(epochs=1, batch_size=4, warmup_epochs=0))
+    assert main(["timeline", "run", "--quiet"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("erf-lab timeline: error: run: the timeline's shape-bias probe "
+                                                   "needs a cue-world run (this one: data); measure"), lines
+    command = shlex.split(lines[0].split("e.g. epoch 1's: ", 1)[1])
+    assert command[:2] == ["erf-lab", "compute"] and "num_classes=3" in command, command
+    assert command[command.index("--images") + 1] == str(tmp_path / "data" / "val")
+    assert main([*command[1:], "--out", "erf", "--quiet"]) == 0
+    info = json.loads((tmp_path / "erf" / "run.json").read_text())
+    assert info["num_used"] == 6 and info["weights"] == str(tmp_path / "run" / "checkpoints" / "epoch_001.safetensors")
+    torch.save({"settings": json.loads((tmp_path / "run" / "run.json").read_text())["settings"]},
+               tmp_path / "run" / ".train_state.pt")  # as a run in progress holds its settings
+    (tmp_path / "run" / "run.json").unlink()
+    assert main(["timeline", "run", "--quiet"]) == 2
+    assert "--override num_classes=3 --weights run/checkpoints/epoch_001.safetensors" in capsys.readouterr().err
+
+
 def test_timeline_of_a_run_with_a_damaged_metrics_csv_is_one_line(tiny_run, tmp_path, capsys):
     """A metrics.csv that is not what 'erf-lab train' writes (text in a number column, no epoch column, not UTF-8)
     is one error line naming the file (before: a ValueError / KeyError traceback)."""

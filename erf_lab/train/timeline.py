@@ -85,18 +85,45 @@ def read_training_run(run_dir: str | os.PathLike) -> TrainingRun:
             raise ErfLabError(f"{root / 'metrics.csv'} is damaged ({type(e).__name__}: {str(e)[:120]}), not what "
                               f"'erf-lab train' writes; restore it or move it away to measure without val "
                               f"accuracies") from None
-    if num_classes is None:
-        data = str(settings.get("data"))
-        if data != "cue-world":
-            raise ErfLabError(f"{root}: the timeline's shape-bias probe needs a cue-world run (this one: {data})")
-        num_classes = int(settings["num_classes"])
     for key, kind in (("model", str), ("input_size", int), ("seed", int), ("overrides", (dict, type(None)))):
         v = settings.get(key)
         if key != "overrides" and key not in settings or not isinstance(v, kind) or isinstance(v, bool) or \
                 (key == "input_size" and v < 1):
             raise ErfLabError(f"{root}: the training settings' {key} is {v!r}, not what 'erf-lab train' writes "
                               f"(a damaged run.json or state)")
-    return TrainingRun(root, settings, num_classes, ckpts, metrics, ema_ckpts)
+    run = TrainingRun(root, settings, num_classes, ckpts, metrics, ema_ckpts)
+    if num_classes is None:
+        if str(settings.get("data")) != "cue-world":
+            raise _not_cue_world(run)
+        run.num_classes = int(settings["num_classes"])
+    return run
+
+
+def _not_cue_world(run: TrainingRun) -> ErfLabError:
+    """The refusal of a run trained on an image folder (the probe draws cue-world images of the run's classes), with
+    the command that measures the ERF of one of its checkpoints: the model as it was trained, the last checkpoint,
+    the folder's val/ images, the training size."""
+    import shlex
+
+    from erf_lab.checkpoint import override_options, training_classes
+    from erf_lab.io import read_json_or_none
+
+    data, epoch = run.settings.get("data"), max(run.checkpoints)
+    weights = run.checkpoints[epoch]
+    num_classes = run.num_classes
+    if num_classes is None:  # a run in progress: the class names its checkpoints record
+        with contextlib.suppress(ErfLabError, OSError, ValueError):
+            num_classes = len(training_classes(weights)[0] or []) or None
+    info = read_json_or_none(run.root / "run.json")
+    described = info.get("data") if isinstance(info, dict) else None
+    # the folder as training resolved it (--data may have been relative to another working directory)
+    folder = described["root"] if isinstance(described, dict) and isinstance(described.get("root"), str) else data
+    overrides = {**(run.settings.get("overrides") or {}), **({"num_classes": num_classes} if num_classes else {})}
+    command = " ".join(["erf-lab compute --model", shlex.quote(run.settings["model"]), override_options(overrides),
+                        "--weights", shlex.quote(str(weights)), "--images", shlex.quote(str(Path(str(folder)) / "val")),
+                        "--input-size", str(run.settings["input_size"])])
+    return ErfLabError(f"{run.root}: the timeline's shape-bias probe needs a cue-world run (this one: {data}); "
+                       f"measure the ERF of its checkpoints one at a time instead, e.g. epoch {epoch}'s: {command}")
 
 
 def cue_world_images(folder: Path, num_images: int, input_size: int, num_classes: int, seed: int) -> Path:
@@ -166,8 +193,7 @@ def cue_world_run(run_dir: str | os.PathLike):
     probe draws cue-world images of the run's classes)."""
     run = read_training_run(run_dir)
     if run.settings.get("data") != "cue-world":
-        raise ErfLabError(f"{run.root}: the timeline's shape-bias probe needs a cue-world run (this one: "
-                          f"{run.settings.get('data')})")
+        raise _not_cue_world(run)
     return run
 
 
