@@ -954,6 +954,48 @@ def test_a_reduction_over_the_whole_map_gives_a_global_theoretical_rf(kind):
         theoretical_rf(net, None, 17)
 
 
+class _LateGlobal(nn.Module):
+    """A ``stride`` x ``stride`` patchify conv, then the only reduction over the map: an SE (``se``) or a LayerNorm
+    over (C, H, W) (``layernorm``), then a 1 x 1 conv."""
+
+    def __init__(self, kind, stride=32):
+        super().__init__()
+        self.kind = kind
+        self.stem, self.fc, self.head = nn.Conv2d(3, 4, stride, stride=stride), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if self.kind == "se":
+            y = y * torch.sigmoid(self.fc(torch.nn.functional.adaptive_avg_pool2d(y, 1)))
+        else:
+            y = torch.nn.functional.layer_norm(y, y.shape[1:])
+        return self.head(y)
+
+
+@pytest.mark.parametrize("kind", ["se", "layernorm"])
+def test_a_reduction_over_the_whole_map_in_the_stride_32_stage_is_global(kind, monkeypatch, tmp_path):
+    """The geometry was probed at 32 px, where a stride-32 stage's map is 1 x 1: an SE there (its only reduction
+    over the map) pooled nothing and the layer kept its kernels' RF (32 px), while at 96 px (a 3 x 3 map) the centre
+    unit's gradient reaches the image's corners. A LayerNorm over (C, H, W) was not recognised at all. Both are
+    global now, at the input size the run measures."""
+    from erf_lab.erf.runner import layer_geometry
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))  # measured here, not read from an earlier entry
+    torch.manual_seed(0)
+    net = _LateGlobal(kind).eval()
+    x = torch.rand(1, 3, 96, 96, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.relu(net(x)[:, :, 1, 1]).sum(), x)
+    support = np.argwhere(g.abs().sum((0, 1)).numpy() > 0)
+    assert support.min() == 0 and support.max() == 95  # every pixel reaches the centre unit
+    geom = layer_geometry(net, None, 96)
+    assert (geom["theoretical_rf"], geom["rf_global"], geom["kernel_rf"], geom["stride"]) == (None, True, 32, 32)
+    assert (list_layers(net, 96)[-1]["rf_global"], list_layers(net, 32)[-1]["rf_global"]) == (True, False)
+    assert layer_geometry(net, None, 32)["rf_global"] is False  # measured at 32 px the map is 1 x 1: nothing pooled
+    # a stride-64 stage is 1 x 1 at the first probe (64 px) too: probed again at 128 px
+    geom = layer_geometry(_LateGlobal(kind, stride=64), None, 192)
+    assert (geom["theoretical_rf"], geom["rf_global"], geom["kernel_rf"], geom["stride"]) == (None, True, 64, 64)
+
+
 def test_unireplknet_layers_after_its_first_se_are_global_and_keep_their_centre(tmp_path, capsys):
     """UniRepLKNet's depthwise conv has a 15 px RF at its first block, its SE and everything after it a global one
     (`layers` said 15 .. 2191 px); a run at 97 px records rf_global and the kernels' RF, and still centres the

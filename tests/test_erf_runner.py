@@ -554,7 +554,7 @@ def test_background_imports_run_on_their_own_thread_and_leave_failures_to_the_ca
     assert set(runner.BACKGROUND_IMPORTS) >= {"captum.attr", "matplotlib.backends.backend_pdf"}
 
 
-@pytest.mark.parametrize("size", [45, 50, 64])
+@pytest.mark.parametrize("size", [45, 50, 64, 101])
 def test_layer_geometry_centre_of_a_size_dependent_padding_is_the_input_sizes(tmp_path, monkeypatch, size):
     """TF-'SAME' convs (EfficientNet-Lite's SameConv2d) pad by the map's parity, so unit 0's centre depends on the
     input size; the geometry was probed at 32 px only, and erf_centre put the metrics' squares 2-3 px beside the
@@ -584,21 +584,21 @@ def test_layer_geometry_centre_of_a_size_dependent_padding_is_the_input_sizes(tm
 
 
 def test_layer_geometry_of_a_model_that_refuses_the_second_probe_size(tmp_path, monkeypatch):
-    """The probe at the input's residue (34 px for 50 px and stride 4) is a size the measurement never uses: a model
-    that takes only some sizes is probed at the input's own size instead of failing on 34 px."""
+    """The probe at the input's residue (66 px for 98 px and stride 4) is a size the measurement never uses: a model
+    that takes only some sizes is probed at the input's own size instead of failing on 66 px."""
     import torch.nn as nn
 
     from erf_lab.erf import runner
 
     class Picky(nn.Sequential):
         def forward(self, x):
-            assert x.shape[-1] in (32, 50), f"size {x.shape[-1]}"
+            assert x.shape[-1] in (64, 98), f"size {x.shape[-1]}"
             return super().forward(x)
 
     monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path))
     net = Picky(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1))
-    geom = runner.layer_geometry(net, None, 50)
-    assert geom["stride"] == 4 and geom["theoretical_rf"] == 7 and runner.erf_centre(geom, 50, (13, 13)) == [24, 24]
+    geom = runner.layer_geometry(net, None, 98)
+    assert geom["stride"] == 4 and geom["theoretical_rf"] == 7 and runner.erf_centre(geom, 98, (25, 25)) == [48, 48]
 
 
 def test_an_input_under_the_stride_is_refused_for_what_its_map_really_is(tmp_path, monkeypatch):
@@ -644,13 +644,13 @@ def test_layer_geometry_is_kept_per_structure_and_a_changed_structure_is_probed_
 
     first = runner.layer_geometry(net(1), None, 40)
     again = runner.layer_geometry(net(1), None, 40)
-    assert probes == [32] and again == first and first["theoretical_rf"] == 7 and first["feature_shape"] == [4, 40, 40]
+    assert probes == [40] and again == first and first["theoretical_rf"] == 7 and first["feature_shape"] == [4, 40, 40]
     strided = runner.layer_geometry(net(2), None, 40)
-    assert probes == [32, 32] and strided["stride"] == 2 and strided["theoretical_rf"] == 11
+    assert probes == [40, 40] and strided["stride"] == 2 and strided["theoretical_rf"] == 11
     assert strided["feature_shape"] == [4, 20, 20]
     assert len(json.loads((tmp_path / runner.GEOMETRY_CACHE).read_text())) == 2
     (tmp_path / runner.GEOMETRY_CACHE).write_text("{not json")
-    assert runner.layer_geometry(net(1), None, 40) == first and probes == [32, 32, 32]
+    assert runner.layer_geometry(net(1), None, 40) == first and probes == [40, 40, 40]
 
 
 def test_structure_key_sees_settings_and_classes_without_a_source_file():

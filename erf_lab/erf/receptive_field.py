@@ -16,9 +16,11 @@ Token and NHWC outputs are listed as (C, H, W) maps (:func:`erf_lab.erf.tokens.t
 layer after attention is read off its map (input side / map side).
 
 A reduction over the whole map (global pooling: squeeze-and-excitation's squeeze; a norm over H and W: GRN;
-GroupNorm's statistics) makes every input pixel reach every later unit: such a layer's theoretical RF is the whole
-image, "global" (``None``, ``rf_global`` True), whatever its kernels reach (``kernel_rf``); the kernels still place
-its units (``rf_start``), except in the pooled values themselves (SE's squeeze: one per channel, no unit grid).
+GroupNorm's statistics, a LayerNorm over (C, H, W)) makes every input pixel reach every later unit: such a layer's
+theoretical RF is the whole image, "global" (``None``, ``rf_global`` True), whatever its kernels reach
+(``kernel_rf``); the kernels still place its units (``rf_start``), except in the pooled values themselves (SE's
+squeeze: one per channel, no unit grid). Over a 1 x 1 map such a reduction reduces nothing: ``run_erf``'s geometry
+is probed at a size where every map is larger (``erf_lab.erf.runner._probe_geometry``).
 """
 from __future__ import annotations
 
@@ -47,11 +49,18 @@ _REDUCTIONS = ("mean", "sum", "nansum", "nanmean", "norm", "vector_norm", "linal
 _MAP_STATISTICS = ("group_norm", "instance_norm")  # normalizations by a mean and variance over an NCHW map's H x W
 
 
-def _normalizes_by_map(name: str, src) -> bool:
-    """Whether op ``name`` normalized the NCHW map ``src`` by statistics over its whole H x W (GroupNorm,
-    InstanceNorm)."""
-    return name in _MAP_STATISTICS and isinstance(src, torch.Tensor) and src.dim() == 4 and src.shape[2] > 1 \
-        and src.shape[3] > 1
+def _normalizes_by_map(name: str, src, args=(), kwargs=None) -> bool:
+    """Whether op ``name`` normalized the 4-D map ``src`` by statistics over its whole H x W: GroupNorm, InstanceNorm
+    (NCHW), a LayerNorm over its last three axes ((C, H, W) of an NCHW map, (H, W, C) of an NHWC one)."""
+    if not isinstance(src, torch.Tensor) or src.dim() != 4:
+        return False
+    if name in _MAP_STATISTICS:
+        return src.shape[2] > 1 and src.shape[3] > 1
+    if name != "layer_norm":
+        return False
+    shape = args[1] if len(args) > 1 else (kwargs or {}).get("normalized_shape", ())
+    axes = 1 if isinstance(shape, int) else len(tuple(shape))
+    return axes >= 3 and ((src.shape[2] > 1 and src.shape[3] > 1) or (src.shape[1] > 1 and src.shape[2] > 1))
 
 
 def _reduces_space(name: str, src, out) -> bool:
@@ -131,7 +140,7 @@ class _RFMode(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         src = args[0] if args else None
         pooled = _reduces_space(name, src, out)
-        whole = pooled or any(i[3] for i in infos) or _normalizes_by_map(name, src)
+        whole = pooled or any(i[3] for i in infos) or _normalizes_by_map(name, src, args, kwargs)
         pooled = pooled or all(i[4] for i in infos)
         kernel = stride = dilation = None
         if name in _TOKEN_MIXING and len(infos) >= 2:

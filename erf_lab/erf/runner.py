@@ -161,6 +161,7 @@ def state_path(out_dir: Path, info: D.DistInfo) -> Path:
 
 
 GEOMETRY_CACHE = "erf_geometry.json"
+GEOMETRY_PROBE_SIZE = 64  # px: every map of a stride-32 network is 2 x 2 or more there
 
 
 def layer_geometry(model, layer: str | None, input_size: int) -> dict:
@@ -177,7 +178,9 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # "v6": rf_start after a conv module that pads inside its forward (TF 'SAME'); v5 took its padding as 0
     # "v8": a global theoretical RF after a reduction over the whole map (SE, GRN: ``rf_global``, ``kernel_rf``);
     # v6 gave the kernels' RF there (v7: a draft that put SE's squeeze on the unit grid)
-    key = structure_cache.structure_key(model, "geometry-v8", name, int(input_size))
+    # "v9": probed where every map is over 1 x 1 (v8 probed at 32 px: an SE in a stride-32 stage, on a 1 x 1 map
+    # there, was not global) and a LayerNorm over (C, H, W) is global
+    key = structure_cache.structure_key(model, "geometry-v9", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape", "rf_start",
                                                                 "stride_hw", "rf_global", "kernel_rf"} <= set(hit)):
@@ -193,7 +196,10 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
     from erf_lab.erf.prepare import num_threads
     from erf_lab.erf.receptive_field import DEFAULT_LAYER, list_layers
 
-    probe = int(min(input_size, 32))  # RF and stride do not depend on the input size: probe small and fast
+    # RF and stride do not depend on the input size: probe small and fast, but where every map is over 1 x 1 (a
+    # pooling or norm over a 1 x 1 map reduces nothing, so an SE in a stride-32 stage was not seen as global at 32 px):
+    # at 64 px, and again at twice the deepest stride where that is more (up to the input size)
+    probe = int(min(input_size, GEOMETRY_PROBE_SIZE))
     # no autotuning for shapes the measurement never uses; one thread: ~1000 tiny ops, where a second OpenMP
     # thread only adds fork/join (RepLKNet-31B with 2 busy cores: 0.7 s on one thread, 3.7-8 s on two)
     with fastconv.use(backend="native"), num_threads(1):
@@ -204,6 +210,12 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
                 raise
             probe = input_size
             rows = {r["name"]: r for r in list_layers(model, probe)}
+        deeper = min(input_size, 2 * max((int(r["stride"] or 1) for r in rows.values()), default=1))
+        if probe < deeper:
+            try:
+                rows, probe = {r["name"]: r for r in list_layers(model, deeper)}, deeper
+            except ErfLabError:  # a size the model refuses (e.g. windows): the input's own
+                rows, probe = {r["name"]: r for r in list_layers(model, input_size)}, input_size
     step = math.lcm(*(int(r["stride"] or 1) for r in rows.values())) if rows else 1
     if (input_size - probe) % step:
         # a padding that depends on the map's size (TF 'SAME': the extra pixel goes after, by the size's parity)
