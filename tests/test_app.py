@@ -1006,7 +1006,8 @@ def test_shape_bias_page_waits_for_a_click_beyond_the_default(app_env):
 def test_shape_bias_page_pretrained_only_where_weights_exist(app_env):
     """Switching from efficientnet_lite0 (pretrained by default) to a model without packaged weights left the
     toggle on (disabled) and the command hint at '--pretrained', a command the CLI refuses ('no published
-    weights'), while the page ran random init; now the toggle is off, and the hint asks for a checkpoint."""
+    weights'), while the page ran random init; now the toggle is off, and the hint asks for a checkpoint. The random
+    init is said once (UNTRAINED_NOTE), not twice in two wordings."""
     def toggle():  # the one "Pretrained" toggle the page shows
         shown = [t for t in at.toggle if t.label == "Pretrained ImageNet weights"]
         assert len(shown) == 1, shown
@@ -1023,7 +1024,11 @@ def test_shape_bias_page_pretrained_only_where_weights_exist(app_env):
     assert toggle().value is False and toggle().proto.disabled
     hints = [c.value for c in at.code if "shape-bias --model" in c.value]
     assert hints == ["erf-lab shape-bias --model mobilenetv2 --weights CHECKPOINT.pth --out runs/shape-bias"], hints
-    assert any(w.value.startswith("UNTRAINED") for w in at.warning)  # the run it shows is random init
+    # the run it shows is random init, said once (it also said 'Random-init weights: ...', the same in other words)
+    from app.runs import UNTRAINED_NOTE
+
+    said = [w.value for w in at.warning if "untrained" in w.value.lower() or "random" in w.value.lower()]
+    assert said == [UNTRAINED_NOTE], said
     at.selectbox(key="sb-model").set_value("efficientnet_lite0").run()
     ok(at)
     assert toggle().value is True and not any(w.value.startswith("UNTRAINED") for w in at.warning)

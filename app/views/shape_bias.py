@@ -86,8 +86,7 @@ if mode == "Run a model":
                                                                        text=f"{name}: {done} of {total} images"))
                 finally:
                     bar.empty()
-            if run_dir is not None and weights is None and not pretrained:
-                st.warning("Random-init weights: decisions are near chance; load trained weights for a real number.")
+            # a random-init run is marked below from its summary (random_weights: UNTRAINED_NOTE), once
     args = (["shape-bias", "--model", model, *override_args(options)]
             + (["--pretrained"] if pretrained else ["--weights", weights_name or "CHECKPOINT.pth"])
             + (["--allow-random"] if marked else []))
