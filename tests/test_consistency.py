@@ -647,3 +647,34 @@ def test_from_csv_refuses_two_models_that_would_share_one_folder(tmp_path, capsy
     assert main(["shape-bias", "--from-csv", *files, "--no-humans", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["my-model", "timm-r18"]
     assert [json.loads((out / d / "summary.json").read_text())["n_trials"] for d in ("timm-r18", "my-model")] == [3, 2]
+
+
+def test_from_csv_says_how_many_responses_are_blank_and_refuses_a_csv_of_blanks(fixture_datasets, tmp_path, capsys):
+    """A blank object_response was counted as a wrong trial (model-vs-human reads it as NaN: kept) without a word,
+    and a CSV of nothing but blanks (a script that wrote no decisions) was analysed as a model that is always wrong.
+    Now each file and subject with blanks is a warning saying how many, and a subject with more than half of its
+    responses blank is refused in one line before --out is made."""
+    def blank(k):
+        def edit(rows):
+            for r in rows[:k]:
+                r["object_response"] = ""
+        return edit
+
+    few, rows = _fixture_as_model(fixture_datasets, tmp_path / "few" / "cue-conflict_m_session-1.csv", blank(40))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["shape-bias", "--from-csv", str(few), "--no-humans", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    said = f"{few}: 40 of the 1280 cue-conflict responses of m are blank: counted as wrong trials"
+    assert [w for w in s["warnings"] if "blank" in w] == [w for w in s["warnings"] if w.startswith(said)] != []
+    assert f"  warning: {said}" in capsys.readouterr().err
+    assert s["consistency"]["cue-conflict"]["accuracy"] == sum(r["object_response"] == r["category"]
+                                                                for r in rows) / 1280  # blanks: wrong trials
+    for k in (641, 1280):  # most, all
+        many, _ = _fixture_as_model(fixture_datasets, tmp_path / f"b{k}" / "cue-conflict_m_session-1.csv", blank(k))
+        assert main(["shape-bias", "--from-csv", str(many), "--no-humans", "--out", str(tmp_path / f"o{k}")]) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"{many}: {k} of the 1280 cue-conflict responses of m are blank" in lines[0], lines
+        assert not (tmp_path / f"o{k}").exists()
+    half, _ = _fixture_as_model(fixture_datasets, tmp_path / "half" / "cue-conflict_m_session-1.csv", blank(640))
+    assert main(["shape-bias", "--from-csv", str(half), "--no-humans", "--out", str(tmp_path / "o640")]) == 0

@@ -21,6 +21,7 @@ from erf_lab.shape_bias.stimuli import parse_name
 CHANCE_SHAPE_OR_TEXTURE = 2 / len(CATEGORIES)  # a guess hits the shape or the texture category
 DEGENERATE_SHARE = 0.9  # one category for at least this share of the images: the model is not looking
 FEW_DECISIONS = 30  # fewer shape-or-texture decisions: the shape bias is flagged with its 95 % interval
+BLANK_REFUSED = 0.5  # more than this share of a model's responses blank: a script that wrote no decisions, refused
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float] | None:
@@ -226,6 +227,29 @@ def read_decisions_csv(path: str | os.PathLike) -> list[dict]:
         raise ErfLabError(f"{path}: not an erf-lab decisions.csv (no {', '.join(missing)} column"
                           f"{'s' if len(missing) > 1 else ''})")
     return rows
+
+
+def blank_responses(trials: dict, sources: dict, subjects: Sequence[str]) -> dict[str, list[str]]:
+    """Warnings on the blank ``object_response`` of each of ``subjects`` in each data set of ``trials`` (as
+    :func:`~erf_lab.shape_bias.consistency.read_trials` returns them, ``sources`` filled by it): model-vs-human reads
+    a blank as NaN, a wrong trial, and so are they counted, but said (how many, in which file). More than
+    ``BLANK_REFUSED`` of one subject's responses blank (a script that wrote no decisions) raises one ErfLabError line,
+    since every number would count the blanks. Returns ``{subject: [warning, ...]}``."""
+    out: dict[str, list[str]] = {s: [] for s in subjects}
+    for ds, by_subject in trials.items():
+        for subj in subjects:
+            t = by_subject.get(subj) or {}
+            n = sum(not response for _, response in t.values())
+            if not n:
+                continue
+            what = (f"{', '.join(map(str, sources.get((ds, subj), [])))}: {n} of the {len(t)} {ds} responses of "
+                    f"{subj} are blank")
+            if n > BLANK_REFUSED * len(t):
+                raise ErfLabError(f"{what} (no decision recorded: did the script that wrote it fail?); model-vs-human "
+                                  f"reads a blank as a wrong trial, so every number would count blanks")
+            out[subj].append(f"{what}: counted as wrong trials, as model-vs-human counts them (it reads a blank as "
+                             f"NaN)")
+    return out
 
 
 def degenerate_warnings(rows, chance: float = CHANCE_SHAPE_OR_TEXTURE) -> list[str]:

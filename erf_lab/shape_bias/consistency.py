@@ -149,8 +149,9 @@ def read_mvh_csv(path: str | os.PathLike, dataset: str | None = None) -> list[di
         raise ErfLabError(f"{path}: {what}, not a model-vs-human CSV") from None
 
 
-def read_trials(paths: Sequence[str | os.PathLike]) -> dict[str, dict[str, Trials]]:
-    """``{dataset: {subject: {image id: (category, response)}}}`` from model-vs-human CSVs.
+def read_trials(paths: Sequence[str | os.PathLike], sources: dict | None = None) -> dict[str, dict[str, Trials]]:
+    """``{dataset: {subject: {image id: (category, response)}}}`` from model-vs-human CSVs; ``sources`` (given) is
+    filled with ``{(dataset, subject): [the paths that hold its trials]}``.
 
     ErfLabError for a missing file, what :func:`read_mvh_csv` refuses (images not named as stimuli of the data set
     the file name says included) or an image seen twice by one subject in one dataset.
@@ -174,6 +175,8 @@ def read_trials(paths: Sequence[str | os.PathLike]) -> dict[str, dict[str, Trial
                                   + ("" if before == i else f" (in {paths[before]} too)"))
             t[key] = (r["category"], r["object_response"])
             where[ds, r["subj"], key] = i
+            if sources is not None and p not in (held := sources.setdefault((ds, r["subj"]), [])):
+                held.append(p)
     return dict(out)
 
 

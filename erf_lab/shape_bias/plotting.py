@@ -328,16 +328,18 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     from erf_lab.io import hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
     from erf_lab.shape_bias.analysis import add_consistency, check_human_data, shape_bias_from_decisions
     from erf_lab.shape_bias.consistency import is_human, read_trials, subject_tag
-    from erf_lab.shape_bias.analysis import degenerate_warnings
+    from erf_lab.shape_bias.analysis import blank_responses, degenerate_warnings
     from erf_lab.shape_bias.stimuli import parse_name
 
     if not paths:
         raise ErfLabError("--from-csv needs at least one CSV file")
-    trials = read_trials(paths)
+    sources: dict = {}
+    trials = read_trials(paths, sources)
     subjects = sorted({s for by_subject in trials.values() for s in by_subject if not is_human(s)})
     if not subjects:
         raise ErfLabError("no model in these CSVs: every subject is a human (subject-NN); model-vs-human names "
                           "model subjects by the model")
+    blanks = blank_responses(trials, sources, subjects)  # a CSV of (nearly) nothing but blanks is refused here
     def folder_of(subj):
         return Path(out) if len(subjects) == 1 else Path(out) / subject_tag(subj)
 
@@ -379,7 +381,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
             summary = {"model": subj, "label": subj, "from_csv": [str(p) for p in paths],
                        **shape_bias_from_decisions(rows), "chance_shape_or_texture": 2 / len(CATEGORIES),
                        "n_images": {ds: len(t) for ds, t in model.items()},
-                       "warnings": degenerate_warnings(rows)}  # flagged as a model run's are
+                       "warnings": blanks[subj] + degenerate_warnings(rows)}  # flagged as a model run's are
             human_paths = add_consistency(summary, model, near, with_humans=humans)
             folder = folder_of(subj)
             folder.mkdir(parents=True, exist_ok=True)
