@@ -678,3 +678,27 @@ def test_from_csv_says_how_many_responses_are_blank_and_refuses_a_csv_of_blanks(
         assert not (tmp_path / f"o{k}").exists()
     half, _ = _fixture_as_model(fixture_datasets, tmp_path / "half" / "cue-conflict_m_session-1.csv", blank(640))
     assert main(["shape-bias", "--from-csv", str(half), "--no-humans", "--out", str(tmp_path / "o640")]) == 0
+
+
+def test_compare_takes_the_top_folder_of_a_multi_model_from_csv_output(tmp_path, capsys):
+    """`--compare` of the top folder of a `--from-csv` output of several models said 'no summary.json' and nothing of
+    the per-model folders it holds; it now compares those folders (and says which), and a folder that holds model
+    runs of another kind names its sub-folders to pass."""
+    rows = [("cat1-dog2.png", "cat", "cat"), ("dog3-cat1.png", "dog", "cat"), ("bird1-cat2.png", "bird", "bird"),
+            ("cat2-bird1.png", "cat", "bird")]
+    files = [str(_write(tmp_path / f"cue-conflict_m{i}_session-1.csv", s, rows[:k]))
+             for i, (s, k) in enumerate((("a", 4), ("b", 3)))]
+    top, cmp = tmp_path / "csv", tmp_path / "cmp"
+    assert main(["shape-bias", "--from-csv", *files, "--no-humans", "--out", str(top)]) == 0
+    capsys.readouterr()
+    assert main(["shape-bias", "--compare", str(top), "--no-humans", "--out", str(cmp)]) == 0
+    assert f"compared 2 runs: {top / 'a'}, {top / 'b'}" in capsys.readouterr().out
+    with open(cmp / "comparison.csv", newline="") as f:
+        table = [(r["model"], r["shape_bias"], r["run"]) for r in csv.DictReader(f)]
+    assert table == [("a", str(2 / 4), str(top / "a")), ("b", str(2 / 3), str(top / "b"))]
+    assert json.loads((cmp / "run.json").read_text())["runs"] == [str(top / "a"), str(top / "b")]
+    (top / "b" / "run.json").write_text(json.dumps({"what": "erf-lab shape-bias", "model": "b"}))  # a model run
+    assert main(["shape-bias", "--compare", str(top), "--no-humans", "--out", str(tmp_path / "cmp2")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].endswith(f"{top}: no summary.json (not an 'erf-lab shape-bias' output "
+                                                 f"folder); its sub-folders a, b are shape-bias results: pass them")

@@ -142,10 +142,33 @@ def _run_name(s: dict, i: int) -> str:
     return s.get("label") or s.get("model") or f"model {i}"
 
 
+def _runs_inside(folder) -> dict[Path, str]:
+    """The shape-bias results in the sub-folders of ``folder`` (sorted) and their kind (:func:`erf_lab.io.result_kind`):
+    a multi-model ``--from-csv`` output holds one per model and no summary.json of its own."""
+    from erf_lab.io import result_kind
+
+    kinds = {p.parent: result_kind(p.parent) for p in sorted(Path(folder).glob("*/summary.json"))}
+    return {d: k for d, k in kinds.items() if k in ("shape-bias", "shape-bias --from-csv")}
+
+
+def run_folders(run_dirs: Sequence[os.PathLike]) -> list:
+    """``--compare``'s run folders: each as given, but the top folder of a ``--from-csv`` output of several models
+    (no summary.json of its own, nothing but ``--from-csv`` results in its sub-folders) as its per-model folders."""
+    out = []
+    for d in run_dirs:
+        inside = {} if (Path(d) / "summary.json").exists() else _runs_inside(d)
+        from_csv = bool(inside) and all(k == "shape-bias --from-csv" for k in inside.values())
+        out += list(inside) if from_csv else [d]
+    return out
+
+
 def load_run(run_dir) -> dict:
     p = Path(run_dir) / "summary.json"
     if not p.is_file():
-        raise ErfLabError(f"{run_dir}: no summary.json (not an 'erf-lab shape-bias' output folder)")
+        inside = _runs_inside(run_dir) if Path(run_dir).is_dir() else []
+        raise ErfLabError(f"{run_dir}: no summary.json (not an 'erf-lab shape-bias' output folder)" + (
+            f"; its sub-folders {', '.join(d.name for d in inside)} are shape-bias results: pass them"
+            if inside else ""))
     try:
         summary = json.loads(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -233,12 +256,15 @@ def _human_accuracies(human_csv_paths) -> dict:
 
 
 def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> dict:
-    """Several runs in one figure and one table (``comparison.md`` + ``comparison.csv``). Returns the rows."""
+    """Several runs in one figure and one table (``comparison.md`` + ``comparison.csv``); a multi-model
+    ``--from-csv`` output's top folder stands for its models (:func:`run_folders`). Returns the rows, the table,
+    the note on what is not like with like and the run folders compared."""
     from erf_lab.io import (atomic_path, hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs,
                             write_json)
 
     if not run_dirs:
         raise ErfLabError("--compare needs at least one run folder")
+    run_dirs = run_folders(run_dirs)  # a multi-model --from-csv output: its models
     summaries = [load_run(d) for d in run_dirs]
     for d, s in zip(run_dirs, summaries):
         if not isinstance(s.get("per_category"), dict):
@@ -288,7 +314,7 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
         write_json(out / "run.json", {"what": "erf-lab shape-bias --compare", "runs": [str(d) for d in run_dirs],
                                       "outputs": outputs, "command": sys.argv, "not_like_with_like": note or None,
                                       **_made_with()})
-        return {"rows": rows, "markdown": "\n".join(md), "note": note}
+        return {"rows": rows, "markdown": "\n".join(md), "note": note, "runs": [str(d) for d in run_dirs]}
 
 
 def settings_note(summaries: Sequence[dict]) -> str:

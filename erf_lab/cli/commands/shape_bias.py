@@ -99,6 +99,8 @@ def run(args) -> int:
 
         out = Path(args.out or "runs/shape_bias/comparison")
         res = compare_runs(args.compare, out, human_csv_paths=None if args.no_humans else human_csvs())
+        if res["runs"] != [str(d) for d in args.compare]:  # a multi-model --from-csv output: its model folders
+            print(f"compared {len(res['runs'])} runs: {', '.join(res['runs'])}")
         print(res["markdown"])
         print(f"wrote {out}/comparison.md, comparison.csv, shape_bias_comparison.png/pdf (and "
               f"error_consistency_comparison.png/pdf with human data)")
