@@ -702,3 +702,48 @@ def test_compare_takes_the_top_folder_of_a_multi_model_from_csv_output(tmp_path,
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].endswith(f"{top}: no summary.json (not an 'erf-lab shape-bias' output "
                                                  f"folder); its sub-folders a, b are shape-bias results: pass them")
+
+
+def test_compare_notes_untrained_older_and_unmatched_runs_and_draws_the_note(tmp_path, monkeypatch):
+    """--compare put a random-init run beside trained ones, a run of an older erf-lab (no random_weights recorded,
+    no weights given: random init then) and a run without consistency with the humans (left out of the
+    error-consistency figure) side by side without a word, said nothing of another input size, and called a full
+    model run and a full --from-csv run (whose sets are named edge, not edges) 'different numbers of stimuli'. The
+    table's note now says each, and both figures print it."""
+    import matplotlib.pyplot as plt
+
+    import erf_lab.io
+    from erf_lab.shape_bias.plotting import compare_runs
+
+    vs = {"per_subject": {"subject-01": {"error_consistency": 0.1}}, "error_consistency": {"mean": 0.1}}
+
+    def run(name, **fields):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"model": name, "label": name, "shape_bias": 0.5,
+                                                    "per_category": {}, **fields}))
+        return d
+
+    full = {"n_images": {"cue-conflict": 1280, "edges": 160, "silhouettes": 160}, "weights": "w.pth",
+            "random_weights": False, "preprocessing": {"crop_pct": 1.0, "input_size": [224, 224]},
+            "consistency": {"cue-conflict": {"vs_humans": vs}}}
+    trained = run("trained", **full)
+    csv_run = run("csv", n_images={"cue-conflict": 1280, "edge": 160}, from_csv=["x.csv"],
+                  consistency={"cue-conflict": {"vs_humans": vs}})
+    assert compare_runs([trained, csv_run], tmp_path / "c1")["note"] == ""
+    random = run("random", **{**full, "weights": None, "random_weights": True})
+    older = run("older", **{k: v for k, v in full.items() if k not in ("random_weights", "consistency", "weights")},
+                pretrained=False, weights=None)
+    small = run("small", **{**full, "preprocessing": {"crop_pct": 1.0, "input_size": [64, 64]}})
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    note = compare_runs([trained, random, older, small], tmp_path / "c2")["note"]
+    assert note == ("the input size differs (trained: [224, 224], random: [224, 224], older: [224, 224], small: "
+                    "[64, 64]); random: random initial weights (untrained), numbers that describe no trained model; "
+                    "older: written by an older erf-lab that did not record random initial weights, with neither "
+                    "--weights nor --pretrained recorded: perhaps untrained; older: no error consistency with the "
+                    "humans (an older erf-lab, or run without human data), not in the error-consistency figure.")
+    assert f"**Not like with like:** {note}" in (tmp_path / "c2" / "comparison.md").read_text()
+    assert len(figs) == 2 and all(any(t.get_text().startswith(f"Not like with like: {note}\n") for t in f.texts)
+                                  for f in figs)

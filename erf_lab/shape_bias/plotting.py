@@ -20,8 +20,9 @@ _MARKERS = ["o", "s", "^", "v", "P", "X", "<", ">", "h", "*"]
 
 
 def plot_shape_bias(summaries: Sequence[dict], stem, human_csv_paths: Sequence[os.PathLike] | None = None,
-                    title: str | None = None):
-    """Draw and save ``stem.png`` / ``stem.pdf``; ``summaries`` are ``summary.json`` dicts. Returns the paths."""
+                    title: str | None = None, note: str = ""):
+    """Draw and save ``stem.png`` / ``stem.pdf``; ``summaries`` are ``summary.json`` dicts; ``note``: what makes them
+    not like with like (:func:`settings_note`), printed under the plot. Returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -63,10 +64,16 @@ def plot_shape_bias(summaries: Sequence[dict], stem, human_csv_paths: Sequence[o
     ax.set_title(title or "Shape vs. texture decisions on cue-conflict stimuli", fontsize=10, pad=8)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False, fontsize=8,
               title="shape bias (dashed: mean)", title_fontsize=8)
-    fig.text(0.5, -0.01, CREDIT, ha="center", va="top", fontsize=5.5, wrap=True, color="0.35")
+    _footer(fig, note)
     paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
+
+
+def _footer(fig, note: str = "") -> None:
+    """The data credit under a figure, after the comparison's note on what is not like with like (if any)."""
+    fig.text(0.5, -0.01, (f"Not like with like: {note}\n" if note else "") + CREDIT, ha="center", va="top",
+             fontsize=5.5, wrap=True, color="0.2" if note else "0.35")
 
 
 def _evidence(s: dict) -> str:
@@ -80,11 +87,11 @@ def _evidence(s: dict) -> str:
     return f" ({sum(hits)} decisions{ci})"
 
 
-def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = None):
+def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = None, note: str = ""):
     """Error consistency (Cohen's kappa; Geirhos, Meding & Wichmann, NeurIPS 2020) per dataset: each model's
     kappa with each human subject (small markers) and its mean (large), over a grey band spanning the
-    human-human pairs (line: their mean). Saves ``stem.png`` / ``stem.pdf``; returns the paths ([] and no
-    figure when no summary was compared with humans)."""
+    human-human pairs (line: their mean); ``note`` as in :func:`plot_shape_bias`. Saves ``stem.png`` /
+    ``stem.pdf``; returns the paths ([] and no figure when no summary was compared with humans)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -131,7 +138,7 @@ def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = 
     ax.spines[["right", "top"]].set_visible(False)
     ax.set_title(title or "Error consistency with each human subject", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=7)
-    fig.text(0.5, -0.01, CREDIT, ha="center", va="top", fontsize=5.5, wrap=True, color="0.35")
+    _footer(fig, note)
     paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
@@ -305,8 +312,8 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
         md += ([""] + [f"**Not like with like:** {note}"] if note else []) + ["", f"_{CREDIT}_"]
         with atomic_path(out / "comparison.md") as tmp:
             tmp.write_text("\n".join(md) + "\n")
-        figs = plot_shape_bias(summaries, out / "shape_bias_comparison", human_csv_paths=human_csv_paths)
-        figs += plot_error_consistency(summaries, out / "error_consistency_comparison")
+        figs = plot_shape_bias(summaries, out / "shape_bias_comparison", human_csv_paths=human_csv_paths, note=note)
+        figs += plot_error_consistency(summaries, out / "error_consistency_comparison", note=note)
         import sys
 
         outputs = ["comparison.csv", "comparison.md", *(Path(p).name for p in figs)]
@@ -319,20 +326,43 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
 
 def settings_note(summaries: Sequence[dict]) -> str:
     """What makes shape-bias runs not like with like, for a comparison of them: other images (the number of stimuli
-    of each set, i.e. another ``--limit``) or another crop (``--crop-pct``: model-vs-human feeds the whole
-    stimulus, a crop cuts its border); "" when they agree (or do not say)."""
+    of a set both measured, i.e. another ``--limit``; a model run's ``edges`` are a ``--from-csv`` run's ``edge``),
+    another crop (``--crop-pct``: model-vs-human feeds the whole stimulus, a crop cuts its border) or input size,
+    untrained weights (``random_weights``; a model run of an erf-lab from before it was recorded, without
+    ``--weights`` or ``--pretrained``, may be one), and runs the error-consistency figure leaves out (no consistency
+    with the humans: an older erf-lab, or ``--no-humans``); "" when they agree (or do not say)."""
+    from erf_lab.shape_bias.consistency import MVH_DATASETS
+
     def label(s):
         return s.get("label") or s.get("model")
 
+    def names(labels):
+        return ", ".join(map(str, labels))
+
     parts = []
     counts = [(label(s), s.get("n_images")) for s in summaries if isinstance(s.get("n_images"), dict)]
-    if len({json.dumps(n, sort_keys=True) for _, n in counts}) > 1:
+    sets = {MVH_DATASETS.get(k, k) for _, n in counts for k in n}
+    if any(len({v for _, n in counts for k, v in n.items() if MVH_DATASETS.get(k, k) == ds}) > 1 for ds in sets):
         parts.append("the runs measured different numbers of stimuli (" + "; ".join(
             f"{lab}: " + ", ".join(f"{v} {k}" for k, v in n.items()) for lab, n in counts) + "), e.g. another --limit")
     prep = [(label(s), s["preprocessing"]) for s in summaries if isinstance(s.get("preprocessing"), dict)]
-    if len({json.dumps(p.get("crop_pct")) for _, p in prep}) > 1:
-        parts.append("the crop fraction differs (" + ", ".join(f"{lab}: {p.get('crop_pct')}" for lab, p in prep)
-                     + ")")
+    for key, what in (("crop_pct", "the crop fraction"), ("input_size", "the input size")):
+        if len({json.dumps(p.get(key)) for _, p in prep}) > 1:
+            parts.append(f"{what} differs (" + ", ".join(f"{lab}: {p.get(key)}" for lab, p in prep) + ")")
+    untrained = [label(s) for s in summaries if s.get("random_weights") is True]
+    if untrained:
+        parts.append(f"{names(untrained)}: random initial weights (untrained), numbers that describe no trained "
+                     f"model")
+    unmarked = [label(s) for s in summaries if "random_weights" not in s and "from_csv" not in s and "weights" in s
+                and s.get("weights") is None and not s.get("pretrained")]
+    if unmarked:
+        parts.append(f"{names(unmarked)}: written by an older erf-lab that did not record random initial weights, "
+                     f"with neither --weights nor --pretrained recorded: perhaps untrained")
+    with_ec = [any((r or {}).get("vs_humans") for r in (s.get("consistency") or {}).values()) for s in summaries]
+    if any(with_ec) and not all(with_ec):
+        parts.append(f"{names(lab for lab, ok in zip(map(label, summaries), with_ec) if not ok)}: no error "
+                     f"consistency with the humans (an older erf-lab, or run without human data), not in the "
+                     f"error-consistency figure")
     return "; ".join(parts) + ("." if parts else "")
 
 
