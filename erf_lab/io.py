@@ -146,21 +146,26 @@ def command_record(path: str | os.PathLike, record: dict, *, write: bool = True,
     ``record`` (what it was asked to do) is written now with ``"complete": false``, so the folder is this command's
     result while it runs and after a Ctrl-C, crash or kill (another command refuses it; the same command run again
     resumes there). The yielded ``save(complete=False, **fields)`` rewrites it (the work done so far), and
-    ``save(complete=True, ...)``, called last, once every other file is written, marks it finished. With
+    ``save(complete=True, ...)``, called last, once every other file is written, marks it finished and adds
+    ``end_time`` and ``wall_seconds`` (this process's, from entering; :func:`erf_lab.provenance.finished`). With
     ``undo_on_error``, a bad input (ErfLabError) raised before the first ``save`` (before any work is done) puts back
     what ``path`` held before, or removes the record: an error line leaves no folder that looks like a result.
     ``write=False`` (a torchrun rank other than 0) writes nothing. Atomic writes (:func:`write_json`)."""
+    import time
+
     from erf_lab.errors import ErfLabError
+    from erf_lab.provenance import finished
 
     path = Path(path)
     before = path.read_bytes() if write and path.is_file() else None
-    saved = False
+    saved, started = False, time.monotonic()
 
     def save(complete: bool = False, **fields) -> None:
         nonlocal saved
         saved = True
         if write:
-            write_json(path, {"complete": bool(complete), **record, **fields})
+            write_json(path, {"complete": bool(complete), **record, **fields,
+                              **(finished(started) if complete else {})})
 
     if write:
         write_json(path, {"complete": False, **record})
@@ -620,6 +625,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """``{"path": <absolute>, "sha256": ...}`` of an input file (a CSV, a map, weights): which bytes a result was
+    made from, whatever the file is called or wherever it moves later (:func:`erf_lab.provenance.provenance`)."""
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
 
 
 def progress(iterable=None, *, total=None, desc=None, unit="it", disable=None, **kwargs):

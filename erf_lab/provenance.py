@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import os
+import platform
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -46,11 +47,13 @@ def source_commit(root: str | None = None) -> str | None:
 
 
 def versions() -> dict:
-    """``{"erf_lab": ..., "erf_lab_commit": ..., "python": ..., <package>: <version>}`` for the packages in use
-    (never imports torch); ``erf_lab_commit``: :func:`source_commit`."""
+    """``{"erf_lab": ..., "erf_lab_commit": ..., "python": ..., "platform": ..., <package>: <version>}`` for the
+    packages in use (never imports torch); ``erf_lab_commit``: :func:`source_commit`, ``platform``: the OS
+    (``platform.platform()``)."""
     import erf_lab
 
-    out = {"erf_lab": erf_lab.__version__, "erf_lab_commit": source_commit(), "python": sys.version.split()[0]}
+    out = {"erf_lab": erf_lab.__version__, "erf_lab_commit": source_commit(), "python": sys.version.split()[0],
+           "platform": platform.platform()}
     for name in _PACKAGES:
         mod = sys.modules.get(name)
         if mod is None and name in ("numpy", "matplotlib", "scipy"):
@@ -109,8 +112,60 @@ def launch() -> dict | None:
     return out
 
 
-def provenance(command: str, params: dict, argv: Sequence[str] | None = None) -> dict:
-    """The record every output directory carries: command, parameters, argv, cwd, versions, time, and ``launch``
-    (:func:`launch`: torchrun's part of the command, None for one process)."""
-    return {"command": command, "argv": list(argv) if argv is not None else list(sys.argv), "cwd": os.getcwd(),
-            "launch": launch(), "parameters": params, "versions": versions(), "time": now()}
+def host(device=None) -> dict:
+    """The machine a result was made on: ``cpu_model`` and ``isa`` (fastconv.roofline.cpu_description),
+    ``cpu_count``, ``threads`` (torch's intra-op threads; None where torch is not loaded: nothing ran on it) and
+    ``device`` (``str(device)``, None for a command that runs no model), with ``gpu``, the CUDA device's name, for a
+    CUDA device."""
+    from fastconv.roofline import cpu_description
+
+    torch = sys.modules.get("torch")
+    out = {**cpu_description(), "threads": torch.get_num_threads() if torch is not None else None,
+           "device": None if device is None else str(device)}
+    if torch is not None and device is not None and str(device).startswith("cuda"):
+        try:
+            out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        except (RuntimeError, AssertionError, ValueError):  # no CUDA here: the record says the device asked for
+            out["gpu"] = None
+    return out
+
+
+def source_identity(folder: str | os.PathLike, record: dict | None, files: Sequence[dict] = ()) -> dict:
+    """Which earlier result a derived one (analyze, compare, timeline, shape-bias --compare) was made from:
+    ``path``, the source's own record of when and by what it was made (``command``, ``time`` / ``start_time``,
+    ``erf_lab_commit``, ``model``, ``random_init``, each where that record says it) and ``files``, the digests of
+    the files read from it (:func:`erf_lab.io.file_identity`), so a rerun source is told from the one used."""
+    rec = record if isinstance(record, dict) else {}
+    prov = rec.get("provenance") if isinstance(rec.get("provenance"), dict) else rec
+    made = prov.get("versions") if isinstance(prov.get("versions"), dict) else {}
+    out = {"path": str(Path(folder).resolve()), "command": prov.get("command") or rec.get("what"),
+           "time": rec.get("start_time") or prov.get("time") or rec.get("time_utc"),
+           "erf_lab_commit": made.get("erf_lab_commit"), "model": rec.get("model"),
+           "random_init": rec.get("random_init", rec.get("random_weights"))}
+    out = {k: v for k, v in out.items() if v is not None}
+    if files:
+        out["files"] = list(files)
+    return out
+
+
+def provenance(command: str, params: dict, argv: Sequence[str] | None = None, *, device=None,
+               inputs: Sequence[dict] | None = None, derived_from: Sequence[dict] | None = None) -> dict:
+    """The record every output directory carries: command, parameters, argv, cwd, versions, ``host``
+    (:func:`host`: CPU, threads, device), time (the start), and ``launch`` (:func:`launch`: torchrun's part of the
+    command, None for one process); where given, ``inputs`` (:func:`erf_lab.io.file_identity` of the files read) and
+    ``derived_from`` (:func:`source_identity` of the results it was made from). :func:`erf_lab.io.command_record`
+    adds ``end_time`` and ``wall_seconds`` when the command completes."""
+    out = {"command": command, "argv": list(argv) if argv is not None else list(sys.argv), "cwd": os.getcwd(),
+           "launch": launch(), "parameters": params, "versions": versions(), "host": host(device), "time": now()}
+    if inputs is not None:
+        out["inputs"] = list(inputs)
+    if derived_from is not None:
+        out["derived_from"] = list(derived_from)
+    return out
+
+
+def finished(started: float) -> dict:
+    """``{"end_time": now(), "wall_seconds": <since started>}`` for a record, ``started`` a ``time.monotonic()``."""
+    import time
+
+    return {"end_time": now(), "wall_seconds": round(time.monotonic() - started, 2)}

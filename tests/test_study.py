@@ -219,11 +219,13 @@ def test_a_finished_model_of_other_settings_is_not_reused(tmp_path, one_thread, 
 
 def test_study_json_records_how_the_study_was_made(tmp_path, one_thread):
     """study.json held the settings and argv only: not the package versions, working folder or time that
-    sweep.json, compare.json and timeline.json record."""
+    sweep.json, compare.json and timeline.json record; then not the OS, CPU, threads, end or duration."""
     run_study(tmp_path / "s", TOY, kernels=(3,), seeds=(0,), guidelines=False)
     rec = json.loads((tmp_path / "s" / "study.json").read_text())
     assert rec["settings"]["epochs"] == 1 and isinstance(rec["command"], list)
     assert rec["versions"]["erf_lab"] and rec["cwd"] and rec["time"]
+    assert rec["versions"]["platform"] and rec["host"]["cpu_model"] and rec["host"]["threads"] >= 1
+    assert rec["time"] <= rec["end_time"] and rec["wall_seconds"] > 0
 
 
 def test_a_stop_cancels_the_models_not_yet_started(tmp_path):

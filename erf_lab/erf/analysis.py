@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -12,9 +13,15 @@ from erf_lab.erf.tables import (MIXED_SIZE_COLUMNS, NOT_COMPARABLE, TABLE_COLUMN
                                 global_rf_note, markdown_table, metrics_text, paper_protocol_note, square_note,
                                 table_rows, trf_note, weights_note)
 from erf_lab.errors import ErfLabError
-from erf_lab.io import (command_record, hold_folder, prepare_out_dir, read_json_or_none, refuse_other_result,
-                        remove_earlier_outputs, write_json, write_text)
-from erf_lab.provenance import provenance
+from erf_lab.io import (command_record, file_identity, hold_folder, prepare_out_dir, read_json_or_none,
+                        refuse_other_result, remove_earlier_outputs, write_json, write_text)
+from erf_lab.provenance import finished, provenance, source_identity
+
+
+def _source(run) -> dict:
+    """The identity of a loaded run a result is derived from (:func:`~erf_lab.provenance.source_identity`): its
+    folder (or the bare .npy), its run.json's record and the digest of the map read."""
+    return source_identity(run.run_dir or run.npy, run.run_info, [file_identity(run.npy)])
 
 
 def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, formats: Sequence[str] = ("png", "pdf"),
@@ -29,6 +36,7 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
     """
     from erf_lab.erf.plotting import FORMATS, display_preset, plot_erf
 
+    started = time.monotonic()
     display = display_preset(display)
     run = load_run(path)
     trf = theoretical_rf if theoretical_rf is not None else run.theoretical_rf
@@ -53,7 +61,8 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
                                                    if Path(f).stem == stem and Path(f).suffix[1:] in FORMATS)]))
         write_json(mpath, metrics)
         prov = provenance("analyze", {"source": str(run.npy.resolve()), "out": str(out_dir.resolve()),
-                                      "formats": list(formats), "theoretical_rf": trf, "display": display}, argv)
+                                      "formats": list(formats), "theoretical_rf": trf, "display": display}, argv,
+                          derived_from=[_source(run)])
         # in its run folder, run.json's theoretical_rf and metrics_summary follow metrics.json (compare, a sweep's
         # rows and the app read them there); what they were stays in the file (run.json's analyses)
         rewrote = run.run_dir is not None and out_dir.resolve() == run.run_dir.resolve() and \
@@ -71,6 +80,7 @@ def analyze(path: str | os.PathLike, *, out: str | os.PathLike | None = None, fo
         record["source_run"] = run.run_info
         record["metrics_summary"] = summary(metrics)
         record["files"] = [p.name for p in files]
+        record.update(finished(started))
         write_json(out_dir / f"{prefix}analysis.json", record)
         keep = record["files"] + own
         remove_earlier_outputs(out_dir, keep, names=earlier.get("files") if isinstance(earlier, dict) else None)
@@ -111,7 +121,8 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
     with hold_folder(out_dir):  # another comparison into it meanwhile would mix its figures and tables in
         record = provenance("compare", {"runs": [str(r.npy.resolve()) for r in runs], "labels": table["names"],
                                         "formats": list(formats), "allow_mixed_sizes": allow_mixed_sizes,
-                                        "normalize": normalize, "display": display}, argv)
+                                        "normalize": normalize, "display": display}, argv,
+                            derived_from=[_source(r) for r in runs])
         earlier = read_json_or_none(out_dir / "compare.json")  # its files: those not written now go afterwards
         # the folder is a comparison from now on (every input was checked: an error now is a file that cannot be
         # written)

@@ -35,7 +35,7 @@ from erf_lab.erf.prepare import CONV_BACKENDS, check_device
 from erf_lab.erf.rundir import RUN_FILE, STATE_GLOB, load_run, write_run_dir
 from erf_lab.errors import ErfLabError, on_every_rank, out_of_memory
 from erf_lab.io import check_out_path, refuse_empty
-from erf_lab.provenance import launch, now, provenance, versions
+from erf_lab.provenance import host, launch, now, provenance, versions
 
 OUTPUT_FILES = ("erf.npy", "metrics.json", "erf.png", "erf.pdf", "erf.svg", RUN_FILE)
 CHECKPOINT_SECONDS = 30.0
@@ -740,7 +740,7 @@ def _run(spec: ErfSpec, dinfo: D.DistInfo, *, out, resume, force, reuse, label, 
     # this process's part of the run: its command, versions, device and the images measured before it (a resumed
     # run's run.json otherwise gave only the last session's, as if one process had measured every image)
     session = {"argv": list(argv) if argv is not None else list(sys.argv), "launch": launch(), "versions": versions(),
-               "device": str(device), "start_time": now(), "after_images": resumed_from}
+               "device": str(device), "host": host(device), "start_time": now(), "after_images": resumed_from}
     extra = {"config": _normalise(config), "start_time": start, "sessions": [*earlier_sessions, session]}
     last_save = [time.monotonic()]
 
@@ -853,7 +853,7 @@ def _run_info(spec, config, result, source, geom, train, device, dinfo, label, t
         "start_time": start, "end_time": now(), "wall_seconds": round(time.time() - t0, 2),
         "seconds_per_image": round(measure_s / new_images, 4),
         **_roofline_fields(result.info),
-        "provenance": provenance("erf", spec.config(), argv),
+        "provenance": provenance("erf", spec.config(), argv, device=device),
     }
 
 

@@ -263,7 +263,7 @@ def run_sweep(held_folder: contextlib.ExitStack, /, kernels: Sequence[int] | Non
               "batch_size": batch_size, "device": device, "formats": list(formats)}
 
     main = D.env_info().is_main  # under torchrun every rank measures its share; rank 0 alone writes the sweep
-    record = provenance("sweep", params, argv)
+    record = provenance("sweep", params, argv, device=device)
     record.update({"members": [f"{stem}-{mode}" for stem, mode in specs], "rows": []})
     with contextlib.ExitStack() as stack:
         stack.callback(D.shutdown, dinfo)

@@ -261,6 +261,6 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
 
     record = provenance("reparam", {"model": model_name, "weights": summary["weights"], "drop_head": drop_head,
                                     "overrides": summary["overrides"], "out": str(out), "check_batch": batch_size,
-                                    "check_size": input_size, "seed": seed}, argv)
+                                    "check_size": input_size, "seed": seed}, argv, device="cpu")
     write_json(out.with_name(out.name + ".run.json"), {**summary, "provenance": record})
     return summary

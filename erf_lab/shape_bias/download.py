@@ -178,6 +178,7 @@ def download(dest: str | os.PathLike | None = None, base_url: str = DEFAULT_BASE
 def _download_sets(dest: Path, base_url: str, sets, manifest: dict, workers: int, show_progress: bool) -> dict:
     """:func:`download`'s work: each set fetched into ``dest/.incoming/<set>``, then moved to ``dest/<set>``."""
     from erf_lab.io import progress, write_json
+    from erf_lab.provenance import finished, provenance
 
     report = {}
     for name in sets:
@@ -193,6 +194,8 @@ def _download_sets(dest: Path, base_url: str, sets, manifest: dict, workers: int
                 continue
             raise ErfLabError(f"{final} exists but was not made by 'erf-lab data download'; remove it or use --dest")
         staging = dest / ".incoming" / name
+        made_by, started = provenance("data download", {"set": name, "base_url": base_url, "workers": workers}), \
+            time.monotonic()
         counts = {"present": 0, "downloaded": 0, "resumed": 0}
         files = list(entry["files"].items())
         active: set = set()
@@ -215,7 +218,8 @@ def _download_sets(dest: Path, base_url: str, sets, manifest: dict, workers: int
                 raise
         write_json(staging / "MANIFEST.json", {"set": name, "source": f"{base_url}/{entry['upstream']}",
                                                "files": entry["files"], "downloaded_utc":
-                                                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                                                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                               "provenance": {**made_by, **finished(started)}})
         os.replace(staging, final)  # atomic: the set appears complete or not at all
         report[name] = {"status": "installed", "path": str(final), "files": len(files), **counts}
     return report

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
-from erf_lab.provenance import versions
+from erf_lab.provenance import finished, host, now, versions
 from erf_lab.shape_bias.analysis import (CHANCE_SHAPE_OR_TEXTURE, add_consistency, check_human_data,
                                          degenerate_warnings, shape_bias_from_decisions, write_mvh_csv)
 from erf_lab.shape_bias.consistency import MVH_DATASETS, image_id, subject_tag
@@ -471,6 +471,7 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ErfLabError("--device cuda requested but no CUDA device is available")
+    started, start_time = time.monotonic(), now()
     if batch_size < 1:
         raise ErfLabError("--batch-size must be >= 1")
     if limit is not None and limit < 1:
@@ -529,7 +530,9 @@ def run_shape_bias(model_name: str, *, out, weights=None, pretrained: bool = Fal
         csvs = write_mvh_csvs(out, subject, result["sets"])
         humans = add_consistency(summary, model_trials(result["sets"]), Path(summary["stimuli_dir"]).parent,
                                  with_humans=with_humans)
-        meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
+        meta = {"command": command or sys.argv, "versions": versions(), "host": host(device),
+                "random_weights": random_weights, "start_time": start_time, **finished(started),
+                "device": device, "batch_size": batch_size,
                 "workers": default_workers() if workers is None else workers,
                 "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         summary.update(meta)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -269,6 +270,7 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
     from erf_lab.io import (atomic_path, hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs,
                             write_json)
 
+    started = time.monotonic()
     if not run_dirs:
         raise ErfLabError("--compare needs at least one run folder")
     run_dirs = run_folders(run_dirs)  # a multi-model --from-csv output: its models
@@ -318,9 +320,15 @@ def compare_runs(run_dirs: Sequence[os.PathLike], out, human_csv_paths=None) -> 
 
         outputs = ["comparison.csv", "comparison.md", *(Path(p).name for p in figs)]
         remove_earlier_outputs(out, outputs)  # an earlier comparison's figures this one does not draw (--no-humans)
+        from erf_lab.io import file_identity
+        from erf_lab.provenance import source_identity
+
+        sources = [source_identity(d, s, [file_identity(Path(d) / "summary.json")])
+                   for d, s in zip(run_dirs, summaries)]
         write_json(out / "run.json", {"what": "erf-lab shape-bias --compare", "runs": [str(d) for d in run_dirs],
+                                      "derived_from": sources,
                                       "outputs": outputs, "command": sys.argv, "not_like_with_like": note or None,
-                                      **_made_with()})
+                                      **_made_with(started)})
         return {"rows": rows, "markdown": "\n".join(md), "note": note, "runs": [str(d) for d in run_dirs]}
 
 
@@ -366,11 +374,13 @@ def settings_note(summaries: Sequence[dict]) -> str:
     return "; ".join(parts) + ("." if parts else "")
 
 
-def _made_with() -> dict:
-    """Where, with which versions and when a record was written (as every other erf-lab run.json says)."""
-    from erf_lab.provenance import now, versions
+def _made_with(started: float) -> dict:
+    """Where, with which versions, on which machine and when a record was written, and how long its command took
+    since ``started`` (``time.monotonic()``), as every other erf-lab run.json says (no model runs: ``host``'s
+    device is None)."""
+    from erf_lab.provenance import finished, host, now, versions
 
-    return {"versions": versions(), "cwd": os.getcwd(), "time_utc": now()}
+    return {"versions": versions(), "host": host(), "cwd": os.getcwd(), "time_utc": now(), **finished(started)}
 
 
 def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None = None, humans: bool = True,
@@ -381,7 +391,8 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
     ``summary.json``, ``run.json`` and the figures into ``out`` (one subject) or ``out/<subject>/``."""
     import sys
 
-    from erf_lab.io import hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs, write_json
+    from erf_lab.io import (file_identity, hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs,
+                            write_json)
     from erf_lab.shape_bias.analysis import add_consistency, check_human_data, shape_bias_from_decisions
     from erf_lab.shape_bias.consistency import is_human, read_trials, subject_tag
     from erf_lab.shape_bias.analysis import blank_responses, degenerate_warnings
@@ -389,8 +400,10 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
 
     if not paths:
         raise ErfLabError("--from-csv needs at least one CSV file")
+    started = time.monotonic()
     sources: dict = {}
     trials = read_trials(paths, sources)
+    inputs = [file_identity(p) for p in paths]  # the bytes read (a CSV rewritten later is told apart)
     subjects = sorted({s for by_subject in trials.values() for s in by_subject if not is_human(s)})
     if not subjects:
         raise ErfLabError("no model in these CSVs: every subject is a human (subject-NN); model-vs-human names "
@@ -448,7 +461,7 @@ def analyse_csvs(paths: Sequence[str | os.PathLike], out, *, near: Path | None =
             outputs = ["summary.json", *(Path(p).name for p in figs)]
             remove_earlier_outputs(folder, outputs)  # an earlier run's figures this one does not draw (--no-humans)
             write_json(folder / "run.json", {"what": "erf-lab shape-bias --from-csv", "model": subj,
-                                             "csv": summary["from_csv"], "outputs": outputs,
-                                             "command": summary["command"], **_made_with()})
+                                             "csv": summary["from_csv"], "outputs": outputs, "inputs": inputs,
+                                             "command": summary["command"], **_made_with(started)})
             summaries.append(dict(summary, out=str(folder)))
         return summaries

@@ -457,7 +457,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
            held_folder: contextlib.ExitStack, checkpoint_seconds: float) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
-    from erf_lab.provenance import launch, now, versions
+    from erf_lab.provenance import host, launch, now, versions
 
     start_time, t_start = now(), time.time()
     cue = str(data) == CUE_WORLD  # the image counts are cue-world's: a folder has its own (run.json's data)
@@ -601,7 +601,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     sessions = [s for s in (state or {}).get("sessions", []) if isinstance(s, dict)]
     # "launch": torchrun's part of the command ("command" is erf-lab's own argv, which alone runs one process)
     session = {"command": list(argv) if argv is not None else None, "launch": launch(), "device": str(device),
-               "versions": versions(), "start_time": start_time,
+               "versions": versions(), "host": host(device), "start_time": start_time,
                "from_epoch": state["epoch"] if state is not None else 0,
                "from_step": state["step"] if state is not None else 0}
 
@@ -802,7 +802,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     plot_curves(rows, out / "curves", recipe.label_smoothing)
     run_info = {
         "command": argv, "launch": launch(), "settings": settings, "device": device, "num_workers": num_workers,
-        "checkpoint_format": checkpoint_format, "cwd": os.getcwd(), "versions": versions(),
+        "checkpoint_format": checkpoint_format, "cwd": os.getcwd(), "versions": versions(), "host": host(device),
         "model_config": {"name": model_name, "overrides": settings["overrides"], "num_classes": n_classes,
                          "drop_path_rate": recipe.drop_path,
                          "params": sum(p.numel() for p in net.parameters())},

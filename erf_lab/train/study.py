@@ -230,12 +230,12 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
     # held while it writes: the same study again in another shell trained and measured the same models beside it
     # its own sub-folders cleaned of a killed study's temporary files; runs/ and erf-*px/ hold and clean their own
     with hold_folder(study, subfolders=("probes", "erf-images-*px")):
-        from erf_lab.provenance import provenance
+        from erf_lab.provenance import finished, provenance
 
         how = provenance("study", new, sys.argv)  # where, with which versions and when (as sweep.json, timeline.json)
-        write_json(study / "study.json", {"settings": new,
-                                          "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv,
-                                          **{k: how[k] for k in ("cwd", "versions", "time")}})
+        record, started = {"settings": new, "models": [_jsonable(asdict(m)) for m in models], "command": sys.argv,
+                           **{k: how[k] for k in ("cwd", "versions", "host", "time")}}, time.monotonic()
+        write_json(study / "study.json", record)
         results = {}
         # the study's own bar (hours at the shipped size): models done and the ETA; the lines of each model's
         # training are written above it. Models trained by an earlier run of the study count from the start: they
@@ -261,6 +261,7 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
                              labels=[m.name for m in models])
         finally:
             bar.close()
+        write_json(study / "study.json", {**record, **finished(started)})  # finished: its end and duration
     rows = [_row(m, results[m.name]) for m in models]
     return {"rows": rows, "out_dir": study}
 

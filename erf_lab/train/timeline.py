@@ -265,7 +265,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     from erf_lab.erf.tables import csv_text
     from erf_lab.io import (command_record, hold_folder, prepare_out_dir, progress, read_json_or_none,
                             refuse_other_result, write_text)
-    from erf_lab.provenance import provenance
+    from erf_lab.provenance import provenance, source_identity
     from erf_lab.train.probes import ProbeSpec
 
     run = cue_world_run(run_dir)
@@ -312,7 +312,8 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
               "epochs": epochs, "rows": [], **provenance("timeline", {
                   "run_dir": str(run.root.resolve()), "input_size": input_size, "num_images": int(num_images),
                   "probe_size": int(probe_size), "device": device, "formats": list(formats), "ema": bool(ema)},
-                  argv)}
+                  argv, device=device,
+                  derived_from=[source_identity(run.root, read_json_or_none(run.root / "run.json"))])}
     # held while it writes: a second timeline into it meanwhile (another shell, the app) mixed rows and caches
     with hold_folder(out, subfolders=("ema-weights", "probe-*px", "images-*px")):  # erf-*px/: run_erf cleans
         rows, counts, maps = [], {"erf": 0, "probe": 0}, {}
