@@ -100,7 +100,7 @@ def _run(made, out, fixture_datasets, case):
     c0, c1 = str(made / "c0"), str(made / "c1")
     if case == "data download":
         return out / _data_download(out, fixture_datasets)
-    if case.startswith("shape-bias"):
+    if case.startswith("shape-bias") and case != "shape-bias cue-world":
         _shape_bias_run(made, fixture_datasets)
     if case in ("train", "shape-bias"):
         return made / ("train" if case == "train" else "sb") / "run.json"
@@ -124,6 +124,9 @@ def _run(made, out, fixture_datasets, case):
                                    "--out", str(out / "r")], "r/run.json"),
         "shape-bias --compare": (["shape-bias", "--compare", str(made / "sb"), "--no-humans", "--out",
                                   str(out / "r")], "r/run.json"),
+        "shape-bias cue-world": (["shape-bias", "--model", "replknet_31b", "--weights",
+                                  str(made / "train" / "model.safetensors"), "--stimuli", "cue-world", "--limit", "20",
+                                  "--out", str(out / "r")], "r/run.json"),
         "bench": (["bench", "--device", "cpu", "--kernels", "3", "--resolutions", "16", "--channels", "8",
                    "--layers", "1", "--repeats", "1", "--warmup", "0", "--impls", "pytorch_nchw", "--mode", "fwd",
                    "--out", str(out / "r")], "r/run.json"),
@@ -149,6 +152,8 @@ CASES = {
                       "derived_from.0.path")),
     "shape-bias": ("", ("host.device", "random_weights", "seed", "weights_sha256", "start_time", "wall_seconds")),
     "shape-bias --from-csv": ("", ("inputs.0.sha256", "time_utc", "wall_seconds")),
+    "shape-bias cue-world": ("", ("host.device", "random_weights", "probe.seed", "weights_sha256", "start_time",
+                                  "wall_seconds")),
     "shape-bias --compare": ("", ("derived_from.0.files.0.sha256", "derived_from.0.random_init", "time_utc",
                                   "wall_seconds")),
     "bench": ("provenance", ("threads", "provenance.host.device", "provenance.time", "provenance.wall_seconds")),
@@ -156,7 +161,8 @@ CASES = {
 }
 #: where the whole command line is: analyze / compare / sweep / timeline's provenance has argv, others "command"
 ARGV = {"train": "command", "shape-bias": "command", "shape-bias --from-csv": "command",
-        "shape-bias --compare": "command", "bench": "argv", "data download": "provenance.argv"}
+        "shape-bias --compare": "command", "shape-bias cue-world": "command", "bench": "argv",
+        "data download": "provenance.argv"}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -178,10 +178,11 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
     from erf_lab.io import (hold_folder, prepare_out_dir, refuse_other_result, remove_earlier_outputs, sha256_file,
                             write_json)
     from erf_lab.models import create_model
-    from erf_lab.provenance import versions
+    from erf_lab.provenance import finished, host, now, versions
     from erf_lab.shape_bias.evaluate import refuse_allow_random_for_trained
     from erf_lab.train.cue_world import class_names
 
+    started, start_time = time.monotonic(), now()
     init = random_init_of(weights, seed=init_seed)  # no weights, or a file marked untrained (reparam of a random init)
     random_weights = init is not None
     refuse_allow_random_for_trained(weights, random_weights, allow_random)
@@ -217,7 +218,8 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
                    "weights_selection": getattr(model, "weights_selection", None),  # which part of the file loaded
                    # which of a training run's weights: raw or EMA (and the EMA file where raw ones were measured)
                    **training_weights(path), "overrides": kwargs, "classes": names, **res["summary"]}
-        meta = {"command": command or sys.argv, "versions": versions(), "device": device, "batch_size": batch_size,
+        meta = {"command": command or sys.argv, "versions": versions(), "host": host(device), "device": device,
+                "batch_size": batch_size, "start_time": start_time, **finished(started),
                 "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_decisions_csv(out / "decisions.csv", res["rows"], names)
         write_json(out / "summary.json", {**summary, **meta})
@@ -227,7 +229,7 @@ def run_cue_world_shape_bias(model_name: str, *, out, weights=None, overrides: d
         write_json(out / "run.json", {"what": "erf-lab shape-bias --stimuli cue-world", "model": model_name,
                                       "weights": summary["weights"], "weights_sha256": summary["weights_sha256"],
                                       **{k: summary[k] for k in ("weights_selection", "weights_kind", "ema_decay",
-                                                                 "weights_note")},
+                                                                 "weights_note", "random_weights", "seed")},
                                       "probe": summary["probe"], "outputs": outputs, **meta})
         return summary
 
