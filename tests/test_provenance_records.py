@@ -146,7 +146,7 @@ CASES = {
     "sweep kernels": ("", ("host.device", "parameters.seed", "time", "end_time", "wall_seconds")),
     "sweep input sizes": ("", ("host.device", "parameters.seed", "time", "end_time", "wall_seconds")),
     "reparam": ("provenance", ("provenance.host.device", "random_init", "seed", "weights_sha256",
-                               "provenance.time", "seconds")),
+                               "provenance.time", "provenance.end_time", "provenance.wall_seconds")),
     "train": ("", ("sessions.0.host.device", "seeds.init", "start_time", "end_time", "wall_s_this_session")),
     "timeline": ("", ("host.device", "probe.seed", "time", "end_time", "wall_seconds", "derived_from.0.time",
                       "derived_from.0.path")),
@@ -185,6 +185,9 @@ def test_each_commands_record_holds_how_it_was_made(case, made, tmp_path, fixtur
         if value is None and not f.endswith(("erf_lab_commit", "host.threads", "weights_sha256")):
             missing.append(f"{f} (null)")
     assert not missing, f"{case}: {path.name} lacks {missing}"
+    made_by = record[prov] if prov else record
+    if "time" in made_by and "end_time" in made_by:  # ``time`` is the start (reparam's was taken at its end)
+        assert made_by["time"] <= made_by["end_time"] and made_by["wall_seconds"] >= 0
     host = field(record, "prov.host", prov)
     assert host["cpu_count"] >= 1 and isinstance(host["cpu_model"], str) and host["cpu_model"]
     if case not in ("analyze", "compare", "shape-bias --from-csv", "shape-bias --compare", "data download"):

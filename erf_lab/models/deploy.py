@@ -11,6 +11,7 @@ from erf_lab.errors import ErfLabError
 from erf_lab.models.flops import count_flops, count_params
 from erf_lab.models.replknet import ReparamLargeKernelConv, merge_large_kernels
 from erf_lab.models.registry import register_deploy_layout
+from erf_lab.provenance import now, provenance
 
 
 def max_relative_error(reference, other) -> float:
@@ -195,7 +196,7 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
     train_size = training_input_size(weights)[0] if weights and random_init is None else None
     # a folder run's class names, what its outputs stand for (not with --drop-head: the head is left out)
     classes = training_classes(weights)[0] if weights and not drop_head else None
-    t0 = time.perf_counter()
+    t0, start_time = time.perf_counter(), now()
     bar = progress(total=6, desc=f"reparam {model_name}", unit="step",
                    disable=None if show_progress is None else not show_progress)
     try:
@@ -257,10 +258,9 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
         seconds=round(time.perf_counter() - t0, 2), torch=torch.__version__,
     )
     # how the file was made (the summary held the numbers only: no command line, erf-lab version or time)
-    from erf_lab.provenance import provenance
-
     record = provenance("reparam", {"model": model_name, "weights": summary["weights"], "drop_head": drop_head,
                                     "overrides": summary["overrides"], "out": str(out), "check_batch": batch_size,
                                     "check_size": input_size, "seed": seed}, argv, device="cpu")
+    record.update(time=start_time, end_time=now(), wall_seconds=summary["seconds"])  # its start, not its end
     write_json(out.with_name(out.name + ".run.json"), {**summary, "provenance": record})
     return summary
