@@ -349,3 +349,44 @@ def test_every_figure_writer_uses_the_one_font_and_dpi(tmp_path):
     writers = [str(p.relative_to(root)) for folder in ("erf_lab", "app", "fastconv")
                for p in (root / folder).rglob("*.py") if re.search(r"\.savefig\(", p.read_text(encoding="utf-8"))]
     assert writers == ["erf_lab/io.py"]
+
+
+def test_multi_panel_figures_fit_a_page_at_readable_sizes(tmp_path, monkeypatch):
+    """compare's grid (6 runs), a sweep's grid (8 members) and the input-size sweep's growth curves (7 metrics)
+    were drawn 3 in per panel (12.8 in, 19.8 in, 21 in wide): printed at a paper's text width (CVPR: 6.875 in)
+    their 7-12 pt labels shrank to 2.4-4 pt. Each is now at most the page width, in no text under 6 pt, with no
+    two titles or axis labels overlapping (a long model name wraps instead of running into its neighbour's)."""
+    from matplotlib.text import Text
+
+    from erf_lab.erf import plotting
+    from erf_lab.erf.sweep import AREA_METRICS, SIZE_FREE_METRICS
+
+    figures = []
+    monkeypatch.setattr(plotting, "save_figure", lambda fig, stem, formats: figures.append(fig) or [])
+    m = gaussian_map(24)
+    names = ["replknet_31B_in22k_to_in1k_384_finetuned_with_a_long_run_name", "unireplknet_tiny.in1k",
+             "slak_tiny_51x51", "resnet101.tv_in1k", "mobilenetv2_100", "efficientnet_lite0.ra_in1k"]
+    plotting.plot_comparison([m] * 6, names, tmp_path / "cmp")
+    sizes = [32, 64, 96, 128, 160, 192, 224, 256]
+    series = ["K=31 deploy (random init)", "K=3 deploy (random init)", "K=13 train"]
+    plotting.plot_grid([[m] * 8] * 3, series, [f"{s}px" for s in sizes], tmp_path / "grid")
+    rows = [{"input_size": s, "series": g, **{k: s * 0.1 for k, _ in AREA_METRICS + SIZE_FREE_METRICS}}
+            for s in sizes for g in series]
+    plotting.plot_growth(rows, tmp_path / "growth", x="input_size", group="series",
+                         metrics=AREA_METRICS + SIZE_FREE_METRICS)
+    assert len(figures) == 3
+    for fig in figures:
+        assert fig.get_size_inches()[0] <= 7.0, fig.get_size_inches()
+        fig.draw_without_rendering()
+        texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        assert min(t.get_fontsize() for t in texts) >= 6.0
+        labels = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label) if t.get_text()]
+        boxes = [t.get_window_extent() for t in labels]
+        for i, a in enumerate(boxes):
+            for j in range(i):
+                assert not a.overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    cmp_titles = [ax.get_title() for ax in figures[0].axes if ax.get_title()]
+    assert cmp_titles[0].replace("\n", "") == names[0] and "\n" in cmp_titles[0]  # wrapped, every character kept
+    assert cmp_titles[1:] == names[1:]
+    assert [ax.get_ylabel() for ax in figures[2].axes] == [label for _, label in AREA_METRICS + SIZE_FREE_METRICS]
+    assert figures[2].legends and [t.get_text() for t in figures[2].legends[0].get_texts()] == series

@@ -7,12 +7,15 @@ the top; drawn here with matplotlib alone, as one image for large maps: seaborn'
 top. Figures are built on ``matplotlib.figure.Figure`` (Agg canvas, no pyplot global state) and written
 atomically by :func:`erf_lab.io.save_figure` as PNG (``FIGURE_DPI``, 300 dpi) and PDF (vector text and axes, the map
 rasterized), plus SVG on request, in every erf-lab figure's font (``FIGURE_FONT``, a Times serif as in the paper).
+A figure of several panels (compare, a sweep's grid and growth curves) is drawn at most a page's text width wide
+(``PAGE_WIDTH_IN``) in 6-8 pt type, the sizes it prints at; long panel titles shrink, then wrap, to their panel.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +48,13 @@ _RC = {
     "axes.facecolor": "white",
     "axes.grid": False,
 }
+#: a two-column paper's text width (CVPR / ICCV 6.875 in): a figure of several panels is drawn at most this wide, in
+#: :data:`_PRINT_RC`'s point sizes, so the sizes are those it prints at; drawn 3 in per panel (a sweep of 8 kernels:
+#: 19.8 in), its 7 pt colour-bar label printed at 2.4 pt
+PAGE_WIDTH_IN = 6.875
+_PRINT_RC = {"axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+             "legend.fontsize": 7, "legend.title_fontsize": 7}
+MIN_PRINT_PT = 6.0
 
 
 def parse_formats(text: str | Sequence[str] | None, default=("png", "pdf")) -> tuple[str, ...]:
@@ -60,11 +70,46 @@ def parse_formats(text: str | Sequence[str] | None, default=("png", "pdf")) -> t
 
 
 @contextlib.contextmanager
-def _style():
+def _style(print_sizes: bool = False):
+    """Draw in :data:`_RC`; ``print_sizes``: a figure of several panels, in :data:`_PRINT_RC`'s sizes."""
     import matplotlib
 
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context({**_RC, **(_PRINT_RC if print_sizes else {})}):
         yield
+
+
+def _panel_width(ncols: int, preferred: float, margin: float = 0.0) -> float:
+    """Inches per panel: ``preferred``, or less so that ``ncols`` panels and ``margin`` fit :data:`PAGE_WIDTH_IN`."""
+    return min(preferred, (PAGE_WIDTH_IN - margin) / ncols)
+
+
+def _fit_text(text: str, width_in: float, fontsize: float) -> tuple[str, float]:
+    """``(text, size)`` for a label ``width_in`` wide: ``fontsize`` or smaller (down to :data:`MIN_PRINT_PT`),
+    then broken into lines after ``_`` / ``.`` / ``-`` / spaces (a long model name no longer runs into the next
+    panel's). A character is taken as 0.55 em wide, a serif font's widest lower-case average."""
+    text = str(text)
+    per_char = 0.55 / 72  # inches per point of size
+    for size in np.arange(fontsize, MIN_PRINT_PT - 1e-9, -0.5):
+        if max(len(line) for line in text.split("\n")) * size * per_char <= width_in:
+            return text, float(size)
+    limit = max(4, int(width_in / (MIN_PRINT_PT * per_char)))
+    lines, line = [], ""
+    for piece in re.findall(r"[^_.\-\s]*[_.\-\s]?", text):
+        if line and len(line + piece) > limit:
+            lines.append(line.rstrip())
+            line = ""
+        while len(piece) > limit:  # one piece longer than a line: cut it
+            lines.append(piece[:limit])
+            piece = piece[limit:]
+        line += piece
+    lines.append(line.rstrip())
+    return "\n".join(x for x in lines if x), MIN_PRINT_PT
+
+
+def _fit_labels(labels: Sequence[str | None], width_in: float, fontsize: float) -> tuple[list[str | None], float]:
+    """:func:`_fit_text` for labels of one kind (a figure's panel titles), at ONE size: the smallest any needs."""
+    size = min([_fit_text(t, width_in, fontsize)[1] for t in labels if t] or [fontsize])
+    return [_fit_text(t, width_in, size)[0] if t else t for t in labels], size
 
 
 def _new_figure(figsize):
@@ -88,7 +133,7 @@ def paper_cmap():
 QUADMESH_MAX_CELLS = 256 * 256
 
 
-def _heatmap(ax, data: np.ndarray, title: str | None = None):
+def _heatmap(ax, data: np.ndarray, title: str | None = None, title_size: float | None = None):
     """One paper-style panel on ``ax`` (as ``seaborn.heatmap(square=True)``: cells on the integer grid, row 0 at
     the top, no ticks); returns the QuadMesh or AxesImage (for a shared colour bar)."""
     h, w = data.shape
@@ -103,7 +148,7 @@ def _heatmap(ax, data: np.ndarray, title: str | None = None):
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=title_size)
     for spine in ax.spines.values():
         spine.set_visible(False)
     return image
@@ -193,12 +238,14 @@ def comparison_figure(erfs: Sequence, labels: Sequence[str], normalize: str = "e
     n = len(data)
     ncols = ncols or min(n, 4)
     nrows = math.ceil(n / ncols)
-    with _style():
-        fig = _new_figure((3.2 * ncols, 3.5 * nrows + 0.3))
+    panel = _panel_width(ncols, 3.2)
+    with _style(print_sizes=True):
+        fig = _new_figure((panel * ncols, (panel + 0.35) * nrows + 0.5))
         axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        titles, size = _fit_labels(labels, panel, _PRINT_RC["axes.titlesize"])
         image = None
-        for ax, d, lab in zip(axes, data, labels):
-            image = _heatmap(ax, d, lab)
+        for ax, d, lab in zip(axes, data, titles):
+            image = _heatmap(ax, d, lab, size)
         for ax in axes[n:]:
             ax.set_axis_off()
         _colorbar(fig, image, list(axes), display, joint=normalize == "joint")
@@ -215,9 +262,12 @@ def plot_grid(erfs: Sequence[Sequence], row_labels: Sequence[str], col_labels: S
     nrows, ncols = len(row_labels), len(col_labels)
     if nrows == 0 or ncols == 0 or len(erfs) != nrows or any(len(r) != ncols for r in erfs):
         raise ErfLabError(f"grid shape does not match labels ({nrows} rows x {ncols} columns)")
-    with _style():
-        fig = _new_figure((2.4 * ncols + 0.6, 2.5 * nrows + 0.4))
+    panel = _panel_width(ncols, 2.4, margin=0.4)
+    with _style(print_sizes=True):
+        fig = _new_figure((panel * ncols + 0.4, (panel + 0.15) * nrows + 0.6))
         axes = fig.subplots(nrows, ncols, squeeze=False)
+        titles, title_size = _fit_labels(col_labels, panel, _PRINT_RC["axes.titlesize"])
+        rows, row_size = _fit_labels(row_labels, panel, _PRINT_RC["axes.labelsize"])
         image = None
         for r in range(nrows):
             for c in range(ncols):
@@ -225,9 +275,9 @@ def plot_grid(erfs: Sequence[Sequence], row_labels: Sequence[str], col_labels: S
                 if erfs[r][c] is None:
                     ax.set_axis_off()
                     continue
-                image = _heatmap(ax, display_map(erfs[r][c], display), col_labels[c] if r == 0 else None)
+                image = _heatmap(ax, display_map(erfs[r][c], display), titles[c] if r == 0 else None, title_size)
                 if c == 0:
-                    ax.set_ylabel(row_labels[r])
+                    ax.set_ylabel(rows[r], fontsize=row_size)
         if image is None:
             raise ErfLabError("grid has no maps")
         _colorbar(fig, image, list(axes.ravel()), display)
@@ -253,9 +303,17 @@ def plot_growth(rows: Sequence[dict], stem: str | os.PathLike, *, x: str = "kern
         raise ErfLabError("no rows to plot")
     groups = list(dict.fromkeys(r.get(group, "") for r in rows))
     markers = "osD^v<>"
-    with _style():
-        fig = _new_figure((3.0 * len(metrics), 3.0))
-        axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    ncols = min(len(metrics), 4)  # 4 panels a row: 7 in a row (the input-size sweep) were 21 in wide
+    nrows = math.ceil(len(metrics) / ncols)
+    panel = _panel_width(ncols, 3.0)
+    with _style(print_sizes=True):
+        fig = _new_figure((panel * ncols, 2.1 * nrows))
+        grid = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        for ax in grid[len(metrics):]:
+            fig.delaxes(ax)
+        axes = grid[:len(metrics)]
+        fitted, ylabel_size = _fit_labels([label for _, label in metrics], 1.6, _PRINT_RC["axes.labelsize"])
+        ylabels = dict(zip([key for key, _ in metrics], fitted))  # fitted into a panel's height
         for ax, (key, label) in zip(axes, metrics):
             for gi, g in enumerate(groups):
                 pts = sorted((r[x], r.get(key)) for r in rows if r.get(group, "") == g and r.get(key) is not None)
@@ -263,12 +321,15 @@ def plot_growth(rows: Sequence[dict], stem: str | os.PathLike, *, x: str = "kern
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[gi % len(markers)],
                             linestyle="-" if gi == 0 else "--", label=str(g), linewidth=1.4, markersize=5)
             ax.set_xlabel({"kernel": "kernel size", "input_size": "input size (px)"}.get(x, x))
-            ax.set_ylabel(label)
+            ax.set_ylabel(ylabels[key], fontsize=ylabel_size)
             xs = sorted({r[x] for r in rows})
-            ax.set_xticks(xs)
+            crowded = sum(len(f"{v:g}") + 1 for v in xs) * _PRINT_RC["xtick.labelsize"] * 0.55 / 72 > 0.8 * panel
+            slanted = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if crowded else {}
+            ax.set_xticks(xs, [f"{v:g}" for v in xs], **slanted)
             ax.grid(True, linewidth=0.4, alpha=0.5)
-        if len(groups) > 1 or groups[0]:  # on the first panel with a line (a metric never reached draws none)
+        if len(groups) > 1 or groups[0]:  # from the first panel with a line (a metric never reached draws none),
             drawn = next((ax for ax in axes if ax.get_legend_handles_labels()[0]), None)
-            if drawn is not None:
-                drawn.legend(title=group, frameon=False)
+            if drawn is not None:  # above the panels: in one, it covered its lines
+                fig.legend(*drawn.get_legend_handles_labels(), title=group, frameon=False, loc="outside upper center",
+                           ncols=min(len(groups), 4))
         return save_figure(fig, stem, tuple(formats))
