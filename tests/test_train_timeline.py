@@ -464,6 +464,49 @@ def test_family_figure_marks_the_shape_bias_of_models_at_chance(tmp_path, monkey
     assert list(marked[0][0].get_ydata()) == [pytest.approx(0.9)] and marked[1] == []
 
 
+def test_timeline_and_family_figures_fit_a_page_and_keep_legends_off_the_data(tmp_path, monkeypatch):
+    """The timeline and the study's family figure were 9-11 in wide (their 7 pt legends printed at 4 pt in a paper's
+    6.875 in), their legends sat inside the panels over the curves (the † entry over the shape-bias points and its
+    tick labels) and the third timeline panel had no y label. Both are now a page wide in no text under 6 pt, with
+    no legend over a panel, and every panel says what it plots."""
+    import matplotlib.axes
+    import matplotlib.legend
+    import matplotlib.text
+
+    import erf_lab.io
+    from erf_lab.train.study import StudySettings, plot_family
+    from erf_lab.train.timeline import plot_timeline
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    erf = np.ones((16, 16))
+    rows = [{"epoch": e, "area@20%": 1.0 + e, "area@30%": 2.0 + e, "area@50%": 5.0 + e, "area@99%": 50.0, "r_rms": 5.0,
+             "r50": 4.0, "shape_bias": 0.5, "val_acc": 0.1 * e, "shape_only_accuracy": 0.3,
+             "texture_only_accuracy": 0.4, "untrained": e == 0} for e in range(12)]
+    plot_timeline(rows, {e: erf for e in range(12)}, tmp_path / "timeline", title="replknet_31b, seed 0")
+    fam = []
+    for k in (3, 7, 13, 31):
+        (tmp_path / "erf-16px" / f"K{k}").mkdir(parents=True)
+        np.save(tmp_path / "erf-16px" / f"K{k}" / "erf.npy", erf)
+        fam.append({"name": f"K{k}", "kernel": k, "seed": 0, "area@50%": 5.0, "r_rms": 4.0, "shape_bias": 0.2 + k / 50,
+                    "val_acc": 0.5, "at_chance": k == 31})
+    plot_family(tmp_path, fam, StudySettings(erf_input_size=16))
+    assert len(figs) == 2
+    for fig in figs:
+        assert fig.get_size_inches()[0] <= 7.0, fig.get_size_inches()
+        fig.draw_without_rendering()
+        texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+        assert min(t.get_fontsize() for t in texts) >= 6.0
+        axes = [ax for ax in {id(a): a for a in fig.findobj(matplotlib.axes.Axes)}.values() if ax.lines]
+        legends = list(fig.findobj(matplotlib.legend.Legend))
+        assert legends and axes
+        for legend in legends:
+            for ax in axes:
+                assert not legend.get_window_extent().overlaps(ax.get_window_extent()), legend.get_texts()[0]
+        assert all(ax.get_ylabel() for ax in axes)
+    assert any(t.get_text() == "† at chance: means nothing" for t in figs[1].findobj(matplotlib.text.Text))
+
+
 def test_the_probes_of_a_run_with_an_ema_say_which_weights_they_measured(tiny_run, tmp_path, capsys):
     """A run trained with --ema keeps two sets of weights; the timeline and shape-bias of model.safetensors measured
     the raw ones without a word of it. They now record which (``weights_kind``) and say where the EMA ones are;

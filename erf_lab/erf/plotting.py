@@ -148,7 +148,7 @@ def _heatmap(ax, data: np.ndarray, title: str | None = None, title_size: float |
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=title_size)
+        ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))  # None: font.size
     for spine in ax.spines.values():
         spine.set_visible(False)
     return image

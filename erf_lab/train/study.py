@@ -451,12 +451,12 @@ def plot_family(study: Path, fam: list[dict], settings: StudySettings, formats=(
     """Seed-0 ERF maps of the family side by side, then area@50 %, r_rms, shape bias and val accuracy against
     kernel size (every seed a point, seed 0 joined by a line; the shape bias of a model at chance hollow, as the
     table's †)."""
-    from erf_lab.erf.plotting import _colorbar, _heatmap, _new_figure, _style, display_map
+    from erf_lab.erf.plotting import PAGE_WIDTH_IN, _colorbar, _heatmap, _new_figure, _style, display_map
     from erf_lab.io import save_figure
 
     seed0 = sorted((r for r in fam if r["seed"] == min(x["seed"] for x in fam)), key=lambda r: r["kernel"])
-    with _style():
-        fig = _new_figure((max(9.0, 2.2 * len(seed0)), 6.0))
+    with _style(print_sizes=True):  # a page's text width, in the sizes it prints at (it was 9 in or wider)
+        fig = _new_figure((PAGE_WIDTH_IN, 4.4))
         top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1])
         strip = top.subplots(1, len(seed0), squeeze=False)[0]
         for ax, r in zip(strip, seed0):
@@ -469,20 +469,22 @@ def plot_family(study: Path, fam: list[dict], settings: StudySettings, formats=(
         for ax, (key, label) in zip(axes, (("area@50%", "area ratio t = 50 % (%)"), ("r_rms", "r_rms (px)"),
                                            ("shape_bias", "shape bias"), ("val_acc", "val accuracy"))):
             pts = [(r["kernel"], r[key]) for r in fam if r.get(key) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="0.5", markersize=4)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="0.5", markersize=4, label="every seed")
             line = [(r["kernel"], r[key]) for r in seed0 if r.get(key) is not None]
-            drawn = ax.plot([p[0] for p in line], [p[1] for p in line], "o-", markersize=5)[0]
+            drawn = ax.plot([p[0] for p in line], [p[1] for p in line], "o-", markersize=5,
+                            label=f"seed {seed0[0]['seed']}")[0]
             bad = [(r["kernel"], r[key]) for r in fam if key == "shape_bias" and r.get("at_chance")
                    and r.get(key) is not None]
             if bad:  # the table's †: a model at chance has no shape bias to speak of
                 ax.plot([p[0] for p in bad], [p[1] for p in bad], "o", markersize=8, color=drawn.get_color(),
                         markerfacecolor="white", label="† at chance: means nothing", zorder=3)
-                ax.legend(fontsize=6, frameon=True, framealpha=0.8, edgecolor="none", loc="upper right",
-                          handlelength=1)
             ax.set_xticks(sorted({r["kernel"] for r in fam}))
             ax.set_xlabel("kernel size")
             ax.set_ylabel(label)
             ax.grid(True, linewidth=0.4, alpha=0.5)
+        # one legend under the panels (the † entry inside the shape-bias panel covered its points and ticks)
+        handles = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[0]))
+        bottom.legend(*handles, loc="outside lower center", ncols=len(handles[0]), frameon=False)
         return save_figure(fig, study / "family", tuple(formats))
 
 

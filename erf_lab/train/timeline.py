@@ -389,13 +389,18 @@ def _strip_epochs(epochs: list[int], most: int = 8) -> list[int]:
     return [epochs[i] for i in idx]
 
 
+#: a panel's legend under its axes: inside, it covered the curves (the shape bias line under its own legend)
+_BELOW = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.3), "frameon": False, "ncols": 2, "handlelength": 1.5,
+          "columnspacing": 1.0}
+
+
 def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", formats=("png", "pdf")) -> list[Path]:
     """One figure: ERF heatmaps as a strip over epochs (paper colours, log-normalised each), then area ratios,
     effective radius (r_rms) and shape bias / val accuracy against epoch; the shape bias of rows marked
     ``untrained`` (:data:`UNTRAINED_NOTE`) is drawn hollow and named so in the legend."""
     from matplotlib.ticker import MaxNLocator
 
-    from erf_lab.erf.plotting import _colorbar, _heatmap, _new_figure, _style, display_map
+    from erf_lab.erf.plotting import PAGE_WIDTH_IN, _colorbar, _heatmap, _new_figure, _style, display_map
     from erf_lab.io import save_figure
 
     shown = _strip_epochs(sorted(maps))
@@ -404,9 +409,9 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
     def col(key):
         return [np.nan if r.get(key) is None else r[key] for r in rows]
 
-    with _style():
-        fig = _new_figure((max(9.0, 1.4 * len(shown)), 6.2))
-        top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.25])
+    with _style(print_sizes=True):  # a page's text width, in the sizes it prints at (9-11 in wide: 4 pt legends)
+        fig = _new_figure((PAGE_WIDTH_IN, 5.0))
+        top, bottom = fig.subfigures(2, 1, height_ratios=[1.4, 2.0])
         strip = top.subplots(1, len(shown), squeeze=False)[0]
         images = [_heatmap(ax, display_map(maps[e]), f"epoch {e}") for ax, e in zip(strip, shown)]
         if images:  # what the colours are (each map's log10(A+1) over its own max), as every ERF figure says
@@ -421,11 +426,11 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
                     transform=a1.transAxes, ha="center", va="center", fontsize=8, color="0.35")
         a1.set_ylabel("area ratio (%)")
         a1.set_yscale("log")
-        a1.legend(fontsize=7, frameon=False)
+        a1.legend(**_BELOW)
         a2.plot(ep, col("r_rms"), "o-", markersize=4, label="r_rms")
         a2.plot(ep, col("r50"), "s--", markersize=4, label="r50")
         a2.set_ylabel("effective radius (px)")
-        a2.legend(fontsize=7, frameon=False)
+        a2.legend(**_BELOW)
         for k, mk, lab in (("shape_bias", "o-", "shape bias"), ("val_acc", "s-", "val accuracy"),
                            ("shape_only_accuracy", "^--", "shape-only acc"),
                            ("texture_only_accuracy", "v--", "texture-only acc")):
@@ -436,7 +441,8 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
                 a3.plot([r["epoch"] for r in bad], [r[k] for r in bad], "o", markersize=7, color=line.get_color(),
                         markerfacecolor="white", label="† untrained: means nothing", zorder=3)
         a3.set_ylim(-0.02, 1.02)
-        a3.legend(fontsize=7, frameon=False)
+        a3.set_ylabel("fraction (shape bias, accuracy)")
+        a3.legend(**{**_BELOW, "ncols": 1})
         for ax in (a1, a2, a3):
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs (no tick at epoch 0.5)
