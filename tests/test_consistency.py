@@ -747,3 +747,41 @@ def test_compare_notes_untrained_older_and_unmatched_runs_and_draws_the_note(tmp
     assert f"**Not like with like:** {note}" in (tmp_path / "c2" / "comparison.md").read_text()
     assert len(figs) == 2 and all(any(t.get_text().startswith(f"Not like with like: {note}\n") for t in f.texts)
                                   for f in figs)
+
+
+def test_consistency_figure_names_every_model_and_keeps_its_legend_off_the_data(tmp_path, monkeypatch):
+    """A model was named in the legend only at its marker on the first dataset: a run measured on edges alone
+    (beside one on cue-conflict) was drawn unnamed. Its legend stood at the axes' right, six model names making
+    the figure 7.4 in wide, half of it legend, and the credit line was 5.5 pt. Every model is named now, the
+    legend is under the axes, the figure fits a page's text width and no text is under 6 pt."""
+    import matplotlib.pyplot as plt
+    import matplotlib.text
+
+    import erf_lab.io
+    from erf_lab.shape_bias.plotting import plot_error_consistency
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+
+    def run(name, datasets):
+        vs = {"per_subject": {"subject-01": {"error_consistency": 0.2}, "subject-02": {"error_consistency": 0.3}},
+              "error_consistency": {"mean": 0.25}}
+        hh = {"error_consistency": {"min": 0.1, "max": 0.6, "mean": 0.4}}
+        return {"model": name, "label": name, "consistency": {d: {"vs_humans": vs, "human_vs_human": hh}
+                                                              for d in datasets}}
+
+    plot_error_consistency([run("replknet_31b", ["cue-conflict"]), run("resnet50_edges", ["edge"])], tmp_path / "a")
+    legend = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    assert [any(t.startswith(n) for t in legend) for n in ("replknet_31b", "resnet50_edges")] == [True, True], legend
+    names = ["replknet_31B_in22k_to_in1k_384", "unireplknet_tiny.in1k", "slak_tiny_51x51", "resnet101.tv_in1k",
+             "mobilenetv2_100", "efficientnet_lite0.ra_in1k"]
+    plot_error_consistency([run(n, ["cue-conflict", "edge", "silhouette"]) for n in names], tmp_path / "b")
+    fig = figs[1]
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()][2:] == names
+    assert fig.get_size_inches()[0] <= 7.0, fig.get_size_inches()
+    fig.draw_without_rendering()
+    assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+    assert min(t.get_fontsize() for t in texts) >= 6.0

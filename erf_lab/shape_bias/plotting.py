@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from erf_lab.shape_bias.download import CREDIT
 
 _HUMAN_STYLE = {"color": "#d62728", "marker": "D", "label": "humans"}
 _MARKERS = ["o", "s", "^", "v", "P", "X", "<", ">", "h", "*"]
+_CREDIT_PT = 6.0  # the stimuli's and human data's credit line: 5.5 pt was under a journal's 6 pt floor
 
 
 def plot_shape_bias(summaries: Sequence[dict], stem, human_csv_paths: Sequence[os.PathLike] | None = None,
@@ -74,7 +76,7 @@ def plot_shape_bias(summaries: Sequence[dict], stem, human_csv_paths: Sequence[o
 def _footer(fig, note: str = "") -> None:
     """The data credit under a figure, after the comparison's note on what is not like with like (if any)."""
     fig.text(0.5, -0.01, (f"Not like with like: {note}\n" if note else "") + CREDIT, ha="center", va="top",
-             fontsize=5.5, wrap=True, color="0.2" if note else "0.35")
+             fontsize=_CREDIT_PT, wrap=True, color="0.2" if note else "0.35")
 
 
 def _evidence(s: dict) -> str:
@@ -105,10 +107,13 @@ def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = 
                 if any(((s.get("consistency") or {}).get(d) or {}).get("vs_humans") for s in summaries)]
     if not datasets:
         return []
-    fig, ax = plt.subplots(figsize=(1.6 * len(datasets) + 2.6, 3.6), layout="constrained")
+    ncols = 2 if len(datasets) > 1 else 1  # of the legend
+    fig, ax = plt.subplots(figsize=(1.6 * len(datasets) + 1.4, 3.6 + 0.14 * math.ceil((len(summaries) + 2) / ncols)),
+                           layout="constrained")
     cmap = matplotlib.colormaps["tab10"]
     palette = [cmap(k) for k in (0, 1, 2, 4, 5, 6, 8, 9, 7)]
     width = 0.7
+    named = set()  # a model is named at its first marker (a run measured on edges alone has none on cue-conflict)
     for x, ds in enumerate(datasets):
         hh = next(((s["consistency"].get(ds) or {}).get("human_vs_human") for s in summaries
                    if (s.get("consistency") or {}).get(ds, {}).get("human_vs_human")), None)
@@ -130,7 +135,8 @@ def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = 
             ax.scatter(xi + jitter, per, s=10, color=color, alpha=0.55, zorder=3, linewidth=0)
             ax.scatter([xi], [vs["error_consistency"]["mean"]], s=60, color=color, marker=_MARKERS[i % len(_MARKERS)],
                        edgecolor="0.2", linewidth=0.5, zorder=4,
-                       label=_run_name(s, i) + " (mean over subjects)" if x == 0 else None)
+                       label=None if i in named else _run_name(s, i))
+            named.add(i)
     ax.axhline(0, color="0.5", linestyle=":", linewidth=1)
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set_xlim(-0.6, len(datasets) - 0.4)
@@ -138,7 +144,9 @@ def plot_error_consistency(summaries: Sequence[dict], stem, title: str | None = 
     ax.set_ylabel("error consistency (kappa)")
     ax.spines[["right", "top"]].set_visible(False)
     ax.set_title(title or "Error consistency with each human subject", fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=7)
+    # under the axes: at their right, six model names made the figure 7.5 in wide, half of it legend
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False, fontsize=7, ncols=ncols,
+              title="large marker: mean over subjects; small: each subject", title_fontsize=7)
     _footer(fig, note)
     paths = save_figure(fig, stem)
     plt.close(fig)
