@@ -390,3 +390,15 @@ def test_multi_panel_figures_fit_a_page_at_readable_sizes(tmp_path, monkeypatch)
     assert cmp_titles[1:] == names[1:]
     assert [ax.get_ylabel() for ax in figures[2].axes] == [label for _, label in AREA_METRICS + SIZE_FREE_METRICS]
     assert figures[2].legends and [t.get_text() for t in figures[2].legends[0].get_texts()] == series
+
+
+def test_one_map_figure_reads_at_a_column_width():
+    """Printed at a paper's column width (3.3 in), the one-map figure's colour-bar label, the only statement of
+    its normalisation, came out at 5.8 pt (7 pt on a 4 in figure); every text is 6 pt or more there now."""
+    from matplotlib.text import Text
+
+    fig = erf_figure(gaussian_map(32), "replknet_31B (random init)", caption="stages.3, 64x64 px, 2 images")
+    scale = 3.3 / fig.get_size_inches()[0]
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert any(t.get_text().startswith("log10(A+1)/max") for t in texts)
+    assert min(t.get_fontsize() * scale for t in texts) >= 6.0, sorted((t.get_fontsize(), t.get_text()) for t in texts)

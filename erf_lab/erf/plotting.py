@@ -157,7 +157,10 @@ def _heatmap(ax, data: np.ndarray, title: str | None = None, title_size: float |
 def _colorbar(fig, image, axes, display: str | None = None, joint: bool = False):
     cb = fig.colorbar(image, ax=axes, location="top", fraction=0.05, pad=0.04, aspect=40 if np.ndim(axes) else 25)
     cb.set_ticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    cb.set_label(display_caption(display, joint), fontsize=7)
+    import matplotlib
+
+    # a tick label's size less 1 pt, at least 7: the single map's 7 pt printed at 5.8 pt in a 3.3 in column
+    cb.set_label(display_caption(display, joint), fontsize=max(7, matplotlib.rcParams["xtick.labelsize"] - 1))
     cb.outline.set_linewidth(0.5)
     return cb
 
