@@ -402,3 +402,23 @@ def test_one_map_figure_reads_at_a_column_width():
     texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
     assert any(t.get_text().startswith("log10(A+1)/max") for t in texts)
     assert min(t.get_fontsize() * scale for t in texts) >= 6.0, sorted((t.get_fontsize(), t.get_text()) for t in texts)
+
+
+def test_probe_figure_legend_is_off_the_points(tmp_path, monkeypatch):
+    """The cue-world probe's legend stood in the lower left, where a last class with mostly shape decisions has
+    its point: the legend covered it. It is under the axes now (as the shape-bias figure's)."""
+    import matplotlib.pyplot as plt
+
+    import erf_lab.io
+    from erf_lab.train.probes import plot_probe
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    probe = {"per_class": {str(k): {"shape_hits": k, "texture_hits": 9 - k} for k in range(8)}, "shape_bias": 0.45,
+             "label": "replknet_31b", "shape_only_accuracy": 0.3, "texture_only_accuracy": 0.9}
+    plot_probe(probe, tmp_path / "probe", [f"class {k}" for k in range(8)])
+    ax = figs[0].axes[0]
+    figs[0].draw_without_rendering()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["replknet_31b: 0.450"]
+    assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())

@@ -148,7 +148,8 @@ def plot_probe(summary: dict, stem, class_names: list[str]) -> list[Path]:
     if summary["shape_bias"] is not None:
         ax.axvline(summary["shape_bias"], color="#1f77b4", linestyle="--",
                    label=f"{summary.get('label', 'model')}: {summary['shape_bias']:.3f}")
-        ax.legend(fontsize=7, loc="lower left")
+        # under the axes, as the shape-bias figure's: in the lower left it covered the last class's point
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     ax.set_yticks(np.arange(len(ks)), [class_names[int(k)] for k in ks], fontsize=7)
     ax.set_ylim(len(ks) - 0.5, -0.5)
     ax.set_xlim(1.02, -0.02)
