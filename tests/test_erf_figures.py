@@ -422,3 +422,17 @@ def test_probe_figure_legend_is_off_the_points(tmp_path, monkeypatch):
     figs[0].draw_without_rendering()
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["replknet_31b: 0.450"]
     assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+
+
+def test_grid_names_a_row_and_a_column_whose_first_cell_is_missing(tmp_path, monkeypatch):
+    """plot_grid named the rows on the first column and the columns on the first row: a missing map there (a
+    member not measured) left its whole row or column unnamed. Each label is on its row's / column's first map."""
+    from erf_lab.erf import plotting
+
+    figures = []
+    monkeypatch.setattr(plotting, "save_figure", lambda fig, stem, formats: figures.append(fig) or [])
+    m = gaussian_map(16)
+    plotting.plot_grid([[None, m], [m, m]], ["train", "deploy"], ["K = 3", "K = 7"], tmp_path / "grid")
+    axes = figures[0].axes[:4]
+    assert [ax.get_title() for ax in axes] == ["", "K = 7", "K = 3", ""]
+    assert [ax.get_ylabel() for ax in axes] == ["", "train", "deploy", ""]

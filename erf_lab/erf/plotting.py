@@ -272,14 +272,19 @@ def plot_grid(erfs: Sequence[Sequence], row_labels: Sequence[str], col_labels: S
         titles, title_size = _fit_labels(col_labels, panel, _PRINT_RC["axes.titlesize"])
         rows, row_size = _fit_labels(row_labels, panel, _PRINT_RC["axes.labelsize"])
         image = None
+        # each label on its row's / column's first map: on the first row and column only, a missing first cell
+        # left its row or column unnamed
+        first_in_row = {r: next((c for c in range(ncols) if erfs[r][c] is not None), None) for r in range(nrows)}
+        first_in_col = {c: next((r for r in range(nrows) if erfs[r][c] is not None), None) for c in range(ncols)}
         for r in range(nrows):
             for c in range(ncols):
                 ax = axes[r][c]
                 if erfs[r][c] is None:
                     ax.set_axis_off()
                     continue
-                image = _heatmap(ax, display_map(erfs[r][c], display), titles[c] if r == 0 else None, title_size)
-                if c == 0:
+                image = _heatmap(ax, display_map(erfs[r][c], display), titles[c] if first_in_col[c] == r else None,
+                                 title_size)
+                if first_in_row[r] == c:
                     ax.set_ylabel(rows[r], fontsize=row_size)
         if image is None:
             raise ErfLabError("grid has no maps")
