@@ -777,7 +777,8 @@ def test_a_global_theoretical_rf_is_said_where_the_tables_show_no_trf(capsys, tm
     rc, out, err = run_cli(capsys, "compare", str(tmp_path / "uni2"), str(tmp_path / "plain"), "--out",
                            str(tmp_path / "c"), "--formats", "png")
     assert rc == 0, err
-    assert "trf -: the theoretical RF is the whole image for uni2 (its kernels alone: 2191 px): every input pixel" in out
+    assert ("trf -: the theoretical RF is the whole image for uni2 (its kernels alone: 2191 px): every input "
+            "pixel") in out
     assert "plain (" not in out.split("trf -:")[1]
     rc, out, err = run_cli(capsys, "sweep", "--input-sizes", "33", "--model", "unireplknet_t", "--override",
                            "dims=(8,16,16,24)", "--override", "depths=(1,1,1,1)", "--override",

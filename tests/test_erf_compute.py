@@ -934,8 +934,9 @@ class _SqueezeExcite(nn.Module):
 def test_a_reduction_over_the_whole_map_gives_a_global_theoretical_rf(kind):
     """Squeeze-and-excitation (UniRepLKNet's blocks, timm's SE), GRN and GroupNorm pool over the whole map, so every
     input pixel reaches every later unit: `layers` gave such a layer its kernels' RF (here 5 px, UniRepLKNet-A's
-    first block 15), while the centre unit's gradient covers the whole image. The RF is now global (None, rf_global, with the kernels'
-    RF and centre kept); a mean over the channels (CBAM's spatial attention) is per pixel and keeps 5 px."""
+    first block 15), while the centre unit's gradient covers the whole image. The RF is now global (None, rf_global,
+    with the kernels' RF and centre kept); a mean over the channels (CBAM's spatial attention) is per pixel and keeps
+    5 px."""
     torch.manual_seed(0)
     net = _SqueezeExcite(kind).eval()
     row = list_layers(net, 17)[-1]

@@ -270,7 +270,8 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     attention and where ``rf_global``: after a reduction over a whole map, every pixel reaches the layer),
     ``kernel_rf`` (the RF of the kernels alone; None after attention), total ``stride`` (max of both axes),
     ``rf_start`` and ``stride_hw`` (per axis, y then x; None after attention and for pooled values, SE's squeeze:
-    unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), in execution order; the default layer ``forward_features`` comes last.
+    unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), in execution order; the default layer
+    ``forward_features`` comes last.
     ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}
