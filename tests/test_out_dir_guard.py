@@ -421,7 +421,13 @@ def test_a_command_record_is_incomplete_until_saved_complete_and_a_bad_input_lea
         assert json.loads(path.read_text()) == {"complete": False, **base, "rows": [1]}
     save(complete=True, rows=[1, 2])
     done = json.loads(path.read_text())
+    timing = {k: done.pop(k) for k in ("end_time", "wall_seconds")}  # said when the record is saved complete
     assert done == {"complete": True, **base, "rows": [1, 2]} and record_complete(done)
+    import datetime
+
+    ended = datetime.datetime.fromisoformat(timing["end_time"])
+    assert 0 <= timing["wall_seconds"] < 60 and abs(datetime.datetime.now(datetime.timezone.utc) - ended).seconds < 60
+    done.update(timing)
     with pytest.raises(ErfLabError):
         with command_record(path, {**base, "parameters": {"kernels": [5]}}):
             raise ErfLabError("bad input")

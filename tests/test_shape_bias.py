@@ -678,7 +678,8 @@ def test_interrupted_run_resumes_where_it_stopped(fixture_datasets, tmp_path):
     resumed = run(again, tmp_path / "run")
     assert resumed["resumed_images"] == {"cue-conflict": 8, "edges": 0, "silhouettes": 0}
     assert again.seen == n - 8 and not list((tmp_path / "run").glob(".partial-*"))
-    drop = ("resumed_images", "seconds", "images_per_second", "time_utc", "command", "workers")
+    drop = ("resumed_images", "seconds", "images_per_second", "time_utc", "command", "workers", "start_time",
+            "end_time", "wall_seconds")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
     assert (tmp_path / "run" / "decisions.csv").read_text() == (tmp_path / "whole" / "decisions.csv").read_text()
     with pytest.raises(KeyboardInterrupt):  # stopped in the edges: the finished cue-conflict set is kept too
