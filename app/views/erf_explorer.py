@@ -14,8 +14,8 @@ from app.commands import erf_cli_args, options_text
 from app.figures import show_figure
 from app.ui import checkpoint_upload, cli_hint, guard, model_options_input, parse_int_tuple
 from erf_lab.checkpoint import selection_text
-from erf_lab.erf.metrics import TRF_EXCEEDS_MAP_NOTE
-from erf_lab.erf.tables import GLOBAL_RF_REASON, rf_text
+from erf_lab.erf.metrics import GLOBAL_RF_REASON, TRF_EXCEEDS_MAP_NOTE
+from erf_lab.erf.tables import rf_text
 
 st.title("ERF explorer")
 st.caption("Effective receptive field: ReLU(d output-centre / d input) aggregated over images (Luo et al., 2016), "

@@ -338,9 +338,10 @@ def theoretical_rf(model: nn.Module, layer: str | None = None, input_size: int =
     for r in rows:
         if r["name"] == name:
             if r.get("rf_global"):
-                raise ErfLabError(f"layer {name!r} has a global theoretical receptive field: every input pixel "
-                                  "reaches it through a pooling or norm over the whole map (squeeze-and-excitation, "
-                                  f"GRN, GroupNorm); its kernels alone reach {r['kernel_rf']} px")
+                from erf_lab.erf.metrics import GLOBAL_RF_REASON
+
+                raise ErfLabError(f"layer {name!r} has a global theoretical receptive field: {GLOBAL_RF_REASON}; its "
+                                  f"kernels alone reach {r['kernel_rf']} px")
             if r["theoretical_rf"] is None:
                 raise ErfLabError(f"layer {name!r} has no theoretical receptive field from kernels (it follows "
                                   "attention, or does not depend spatially on the input)")

@@ -5,8 +5,8 @@ import csv
 import io
 from typing import Sequence
 
-from erf_lab.erf.metrics import (GAUSS_MIN_R2, NOT_MEANINGFUL, PAPER_TABLE10, TRF_EXCEEDS_MAP_NOTE, gaussian_fit_ok,
-                                 paper_caveat, paper_reference, summary)
+from erf_lab.erf.metrics import (GAUSS_MIN_R2, GLOBAL_RF_REASON, NOT_MEANINGFUL, PAPER_TABLE10, TRF_EXCEEDS_MAP_NOTE,
+                                 gaussian_fit_ok, paper_caveat, paper_reference, summary)
 
 TABLE_COLUMNS = ("label", "source", "shape", "area@20%", "area@30%", "area@50%", "area@99%", "r_rms", "std_y", "std_x",
                  "gauss_sigma_y", "gauss_sigma_x", "gauss_r2", "gauss_fit", "trf", "erf/trf")
@@ -57,11 +57,6 @@ def trf_note(measured: Sequence[tuple[str, dict]]) -> str:
     """:func:`trf_exceeds_line` for the measured runs ((label, metrics)) flagged ``theoretical_rf_exceeds_map``: their
     erf/trf is bounded by the input size."""
     return trf_exceeds_line([label for label, m in measured if "theoretical_rf_exceeds_map" in (m.get("flags") or [])])
-
-
-#: why a layer's theoretical RF is global (``rf_global``)
-GLOBAL_RF_REASON = ("every input pixel reaches the measured layer through a pooling or normalization over the whole "
-                    "map (squeeze-and-excitation, GRN, GroupNorm)")
 
 
 def rf_text(info: dict, unit: str = "") -> str:

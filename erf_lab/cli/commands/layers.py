@@ -59,6 +59,7 @@ def layer_table(model_name: str, input_size: int = 224, overrides: dict | None =
 
 def run(args: argparse.Namespace) -> int:
     from erf_lab.cli.options import parse_overrides
+    from erf_lab.erf.metrics import GLOBAL_RF_REASON
     from erf_lab.erf.tables import rf_text
 
     rows = layer_table(args.model, args.input_size, parse_overrides(args.override), contains=args.filter,
@@ -69,6 +70,5 @@ def run(args: argparse.Namespace) -> int:
         shape = "x".join(str(s) for s in r["shape"])
         print(f"{r['name']:<{width}}  {shape:<18}  {str(r['stride']):>6}  {rf_text(r):>14}")
     if any(r.get("rf_global") for r in rows):
-        print("global (N): every input pixel reaches the layer through a pooling or norm over the whole map "
-              "(squeeze-and-excitation, GRN, GroupNorm); N: the RF of its kernels alone")
+        print(f"global (N): {GLOBAL_RF_REASON}; N: the RF of its kernels alone")
     return 0
