@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from erf_lab.erf import plotting
 from erf_lab.errors import ErfLabError
-from erf_lab.io import figure_style, write_figure
+from erf_lab.io import write_figure
 
 # Library plotting functions the app renders (each writes ``stem.<fmt>`` files atomically).
 PLOTS = {"erf_comparison": plotting.plot_comparison, "erf_grid": plotting.plot_grid,
@@ -61,43 +61,55 @@ def show_matplotlib(fig: Figure, stem: str, key: str) -> None:
                             key=f"{key}-{fmt}", icon=":material/download:", on_click="ignore")
 
 
-@figure_style()  # drawn in every erf-lab figure's font
 def bench_figure(rows: list[dict]) -> Figure:
     """Latency (ms, log scale) against kernel size, one panel per resolution, one line per implementation;
-    the paper's Table 1 (GTX 2080Ti, B=64) dashed for its shape, not its absolute scale."""
+    the paper's Table 1 (GTX 2080Ti, B=64) dashed for its shape, not its absolute scale. Drawn as the CLI's figures
+    (:mod:`erf_lab.erf.plotting`): at most a page's text width wide, in the sizes it prints at, the legend above
+    the panels (inside one, it covered its lines)."""
     res = sorted({r["R"] for r in rows})
     impls = [i for i in ("pytorch_nchw", "pytorch_cl", "fastconv") if any(f"fwd_{i}_ms" in r for r in rows)]
-    fig = Figure(figsize=(3.6 * len(res), 3.2), layout="constrained")
-    axes = fig.subplots(1, len(res), squeeze=False)[0]
-    for ax, r in zip(axes, res):
-        sub = sorted((x for x in rows if x["R"] == r), key=lambda x: x["K"])
-        ks = [x["K"] for x in sub]
-        for impl, marker in zip(impls, "osD"):
-            ax.plot(ks, [x.get(f"fwd_{impl}_ms") for x in sub], marker=marker, label=impl, linewidth=1.4, markersize=4)
-        for key, lab in (("paper_pytorch_ms", "paper: PyTorch"), ("paper_ours_ms", "paper: block-wise")):
-            pts = [(x["K"], x[key]) for x in sub if x.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), linestyle="--", color="0.6" if "pytorch" in key else "0.3", linewidth=1, label=lab)
-        ax.set_yscale("log")
-        ax.set_xlabel("kernel size K")
-        ax.set_title(f"{r} x {r}")
-        ax.set_xticks(ks)
-        ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
-    axes[0].set_ylabel("forward latency (ms)")
-    axes[-1].legend(fontsize=7, frameon=False)
+    panel = plotting._panel_width(len(res), 2.6)
+    with plotting._style(print_sizes=True):
+        fig = plotting._new_figure((panel * len(res), 2.5))
+        axes = fig.subplots(1, len(res), squeeze=False)[0]
+        titles, title_size = plotting._fit_labels([f"{r} x {r} px" for r in res], panel,
+                                                  plotting._PRINT_RC["axes.titlesize"])
+        for ax, r, title in zip(axes, res, titles):
+            sub = sorted((x for x in rows if x["R"] == r), key=lambda x: x["K"])
+            for impl, marker in zip(impls, "osD"):
+                ax.plot([x["K"] for x in sub], [x.get(f"fwd_{impl}_ms") for x in sub], marker=marker, label=impl,
+                        linewidth=1.2, markersize=3.5)
+            for key, lab in (("paper_pytorch_ms", "paper: PyTorch"), ("paper_ours_ms", "paper: block-wise")):
+                pts = [(x["K"], x[key]) for x in sub if x.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), linestyle="--", color="0.6" if "pytorch" in key else "0.3", linewidth=1,
+                            label=lab)
+            ax.set_yscale("log")
+            ax.set_xlabel("kernel size K (px)")
+            ax.set_title(title, fontsize=title_size)
+            plotting._value_ticks(ax, [x["K"] for x in sub], panel)
+            ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
+        axes[0].set_ylabel("forward latency (ms)")
+        handles = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[0]))
+        fig.legend(*handles, loc="outside upper center", ncols=min(len(handles[0]), 5 if len(res) > 1 else 3),
+                   frameon=False)
     return fig
 
 
-@figure_style()
 def kernels_figure(panels: list[tuple[str, np.ndarray]]) -> Figure:
-    """2-D kernels side by side on one symmetric colour scale (``panels``: (title, K x K array))."""
-    fig = Figure(figsize=(3.0 * len(panels), 3.2), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    vmax = max(float(np.abs(a).max()) for _, a in panels) or 1.0
-    for ax, (title, a) in zip(axes, panels):
-        im = ax.imshow(a, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
-        ax.set_title(f"{title}\n{a.shape[0]}x{a.shape[1]}", fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label="weight")
+    """2-D kernels side by side on one symmetric colour scale (``panels``: (title, K x K array)), drawn as the CLI's
+    figures: at most a page's text width wide, in the sizes it prints at."""
+    panel = plotting._panel_width(len(panels), 1.8, margin=0.7)  # the colour bar and its label
+    with plotting._style(print_sizes=True):
+        fig = plotting._new_figure((panel * len(panels) + 0.7, panel + 0.6))
+        axes = np.atleast_1d(fig.subplots(1, len(panels)))
+        vmax = max(float(np.abs(a).max()) for _, a in panels) or 1.0
+        titles, size = plotting._fit_labels([f"{t}\n{a.shape[0]} x {a.shape[1]}" for t, a in panels], panel,
+                                            plotting._PRINT_RC["axes.titlesize"])
+        for ax, (_, a), title in zip(axes, panels, titles):
+            im = ax.imshow(a, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+            ax.set_title(title, fontsize=size)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(im, ax=list(axes), shrink=0.8, label="kernel weight")
     return fig

@@ -436,3 +436,48 @@ def test_grid_names_a_row_and_a_column_whose_first_cell_is_missing(tmp_path, mon
     axes = figures[0].axes[:4]
     assert [ax.get_title() for ax in axes] == ["", "K = 7", "K = 3", ""]
     assert [ax.get_ylabel() for ax in axes] == ["", "train", "deploy", ""]
+
+
+def test_app_figures_are_drawn_as_the_cli_figures(tmp_path):
+    """The app's own figures (the Table-1 latency figure of the Kernels page, the re-param page's kernels) were
+    3.6 / 3 in per panel (two resolutions 7.2 in, five kernels 15 in) in matplotlib's 10 pt, the latency legend
+    inside the last panel over its lines. They are drawn as the CLI's multi-panel figures now: at most a page's
+    text width, 7-8 pt type, the legend above the panels, labels with their units, TrueType in the PDF."""
+    import io
+
+    from matplotlib.text import Text
+
+    from app.figures import bench_figure, figure_bytes, kernels_figure
+    from erf_lab.erf.plotting import _PRINT_RC, MIN_PRINT_PT, PAGE_WIDTH_IN
+    from erf_lab.io import FIGURE_DPI
+
+    bench = [{"R": r, "K": k, "fwd_pytorch_nchw_ms": 0.1 * k * r, "fwd_pytorch_cl_ms": 0.08 * k * r,
+              "fwd_fastconv_ms": 0.05 * k * r, "paper_pytorch_ms": 0.2 * k * r, "paper_ours_ms": 0.15 * k * r}
+             for r in (16, 32) for k in (3, 7, 13, 31)]
+    latency = bench_figure(bench)
+    kernels = kernels_figure([(name, np.random.default_rng(0).normal(size=(31, 31))) for name in
+                              ("large kernel", "small kernel", "large, BN-fused", "small, BN-fused", "merged (deploy)")])
+    largest = max(_PRINT_RC.values())
+    for fig in (latency, kernels):
+        assert fig.get_size_inches()[0] <= PAGE_WIDTH_IN + 1e-9, fig.get_size_inches()
+        png = figure_bytes(fig, "png")  # as the app shows and downloads it
+        # saved with bbox_inches="tight", as every figure: the page width and savefig's 0.1 in pad each side
+        assert Image.open(io.BytesIO(png)).size[0] <= round((PAGE_WIDTH_IN + 0.2) * FIGURE_DPI)
+        texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        sizes = sorted({t.get_fontsize() for t in texts})
+        assert MIN_PRINT_PT <= sizes[0] and sizes[-1] <= largest, sizes
+        pdf = tmp_path / "figure.pdf"
+        pdf.write_bytes(figure_bytes(fig, "pdf"))
+        types = pdf_font_types(pdf)  # TrueType outlines (CIDFontType2 inside a Type0 font), embedded; no Type 3
+        assert types and types <= {"TrueType", "Type0", "CIDFontType2"} and b"/FontFile2" in pdf.read_bytes(), types
+    ax = latency.axes
+    assert [a.get_title() for a in ax] == ["16 x 16 px", "32 x 32 px"]
+    assert {a.get_xlabel() for a in ax} == {"kernel size K (px)"} and ax[0].get_ylabel() == "forward latency (ms)"
+    assert all(a.get_legend() is None for a in ax) and len(latency.legends) == 1
+    legend = latency.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["pytorch_nchw", "pytorch_cl", "fastconv", "paper: PyTorch",
+                                                           "paper: block-wise"]
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(a.get_window_extent()) for a in ax)  # off the data
+    assert [a.get_title() for a in kernels.axes[:2]] == ["large kernel\n31 x 31", "small kernel\n31 x 31"]
+    assert kernels.axes[-1].get_ylabel() == "kernel weight"  # the colour bar

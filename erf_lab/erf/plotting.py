@@ -112,6 +112,14 @@ def _fit_labels(labels: Sequence[str | None], width_in: float, fontsize: float) 
     return [_fit_text(t, width_in, size)[0] if t else t for t in labels], size
 
 
+def _value_ticks(ax, xs: Sequence[float], panel_in: float) -> None:
+    """A tick at each of ``xs`` (the measured values), labelled ``{:g}``; slanted when the labels would not fit
+    side by side in 80 % of a panel ``panel_in`` wide at :data:`_PRINT_RC`'s tick size."""
+    crowded = sum(len(f"{v:g}") + 1 for v in xs) * _PRINT_RC["xtick.labelsize"] * 0.55 / 72 > 0.8 * panel_in
+    slanted = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if crowded else {}
+    ax.set_xticks(list(xs), [f"{v:g}" for v in xs], **slanted)
+
+
 def _new_figure(figsize):
     from matplotlib.figure import Figure
 
@@ -330,10 +338,7 @@ def plot_growth(rows: Sequence[dict], stem: str | os.PathLike, *, x: str = "kern
                             linestyle="-" if gi == 0 else "--", label=str(g), linewidth=1.4, markersize=5)
             ax.set_xlabel({"kernel": "kernel size", "input_size": "input size (px)"}.get(x, x))
             ax.set_ylabel(ylabels[key], fontsize=ylabel_size)
-            xs = sorted({r[x] for r in rows})
-            crowded = sum(len(f"{v:g}") + 1 for v in xs) * _PRINT_RC["xtick.labelsize"] * 0.55 / 72 > 0.8 * panel
-            slanted = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if crowded else {}
-            ax.set_xticks(xs, [f"{v:g}" for v in xs], **slanted)
+            _value_ticks(ax, sorted({r[x] for r in rows}), panel)
             ax.grid(True, linewidth=0.4, alpha=0.5)
         if len(groups) > 1 or groups[0]:  # from the first panel with a line (a metric never reached draws none),
             drawn = next((ax for ax in axes if ax.get_legend_handles_labels()[0]), None)
