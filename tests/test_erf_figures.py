@@ -481,3 +481,21 @@ def test_app_figures_are_drawn_as_the_cli_figures(tmp_path):
     assert not any(box.overlaps(a.get_window_extent()) for a in ax)  # off the data
     assert [a.get_title() for a in kernels.axes[:2]] == ["large kernel\n31 x 31", "small kernel\n31 x 31"]
     assert kernels.axes[-1].get_ylabel() == "kernel weight"  # the colour bar
+
+
+def test_display_levels_keep_a_heatmaps_colours():
+    """A shipped timeline keeps its strip's maps as display levels (1 byte a cell, not the float maps of every
+    checkpoint): levels_map gives back a map drawn in exactly the colours of the original, and refuses what is no
+    map's levels."""
+    from erf_lab.erf.plotting import display_levels, levels_map, paper_cmap
+
+    rng = np.random.default_rng(0)
+    for erf in (gaussian_map(40), rng.gamma(0.3, 50.0, (33, 47)), np.pad(gaussian_map(8), 16)):
+        levels = display_levels(erf)
+        assert levels.dtype == np.uint8 and levels.max() == 255 and levels.min() < 64
+        again = levels_map(levels)
+        assert np.array_equal(paper_cmap()(display_map(again)), paper_cmap()(display_map(erf)))
+        assert np.array_equal(display_levels(again), levels)
+    for bad in (np.zeros((4, 4), np.uint8), np.full((4, 4), 255.0), np.full(4, 255, np.uint8)):
+        with pytest.raises(ErfLabError, match="not the display levels of a map"):
+            levels_map(bad)

@@ -196,6 +196,22 @@ def display_map(erf, display: str | None = None, scale: float | None = None) -> 
     return t / m if m > 0 else t
 
 
+def display_levels(erf) -> np.ndarray:
+    """The colour of each cell of a map's heatmap (default display) as its index into :func:`paper_cmap`'s 256
+    colours (uint8; the map's maximum is 255): what a figure shows of the map, 1 byte a cell."""
+    return np.clip(np.floor(display_map(erf) * 256), 0, 255).astype(np.uint8)
+
+
+def levels_map(levels) -> np.ndarray:
+    """A map whose heatmap (default display) has exactly the colours ``levels`` (:func:`display_levels`) name:
+    log10(A + 1) = (level + 0.5) / 256. ErfLabError when ``levels`` are not a map's (no cell at 255)."""
+    levels = np.asarray(levels)
+    if levels.ndim != 2 or levels.dtype != np.uint8 or levels.max() != 255:
+        raise ErfLabError(f"not the display levels of a map (uint8, maximum 255): {levels.dtype}, shape "
+                          f"{levels.shape}, maximum {levels.max() if levels.size else None}")
+    return 10.0 ** ((levels.astype(np.float64) + 0.5) / 256) - 1.0
+
+
 def erf_figure(erf, title: str | None = None, display: str | None = None, caption: str | None = None):
     """The paper-style heatmap of one ERF as a ``matplotlib.figure.Figure`` (e.g. for ``st.pyplot``); the colour
     bar names the ``display`` preset; ``caption``, in small type under the map, what was measured

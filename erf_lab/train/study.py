@@ -488,6 +488,74 @@ def plot_family(study: Path, fam: list[dict], settings: StudySettings, formats=(
         return save_figure(fig, study / "family", tuple(formats))
 
 
+def redraw_family(folder, formats=None) -> list[Path]:
+    """Draw a shipped study's ``family.png`` (:func:`ship`'s ``dest``) again with the current :func:`plot_family`
+    from what is shipped: the settings of ``study.json``, the rows of ``family.csv`` and the ERF maps of the seed-0
+    models measured again from their shipped weights as the study measured them (:func:`measure_one`: the same
+    images, size and model; seconds at the study's size). ``formats``: default, those the folder has. Returns the
+    written paths."""
+    import csv
+    import io
+    import tempfile
+
+    from erf_lab.erf.plotting import FORMATS
+    from erf_lab.erf.runner import ErfSpec, run_erf
+    from erf_lab.io import atomic_path, read_json_or_none
+    from erf_lab.shape_bias.analysis import at_chance
+    from erf_lab.train.timeline import cue_world_images
+
+    folder = Path(folder).expanduser()
+    meta = read_json_or_none(folder / "study.json")
+    if not isinstance(meta, dict) or not (folder / "family.csv").is_file():
+        raise ErfLabError(f"{folder} is not a shipped study (study.json and family.csv)")
+    s = StudySettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["settings"].items()})
+    models = {m["name"]: m for m in meta["models"]}
+
+    def value(v: str):  # a family.csv cell: "" is None (not reached), numbers and booleans as such
+        if v in ("True", "False"):
+            return v == "True"
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return None if v == "" else v
+
+    table = csv.DictReader(io.StringIO((folder / "family.csv").read_text()))
+    fam = [{k: value(v) for k, v in r.items()} for r in table]
+    for r in fam:  # not a column of the table: from its val accuracy, as the study's rows
+        r["at_chance"] = at_chance(r["val_acc"], NUM_CLASSES, s.val_size)
+    formats = formats or tuple(f for f in FORMATS if (folder / f"family.{f}").is_file()) or ("png", "pdf")
+    with tempfile.TemporaryDirectory() as tmp:
+        study = Path(tmp)
+        images = cue_world_images(study / f"erf-images-{s.erf_input_size}px", s.erf_images, s.erf_input_size,
+                                  NUM_CLASSES, s.world_seed)
+        for r in fam:
+            if r["seed"] == min(x["seed"] for x in fam):  # the maps plot_family shows
+                m = models[r["name"]]
+                spec = ErfSpec(m["model"], weights=str(folder / f"{r['name']}.safetensors"),
+                               overrides={**m["overrides"], "num_classes": NUM_CLASSES}, images=str(images),
+                               num_images=s.erf_images, input_size=s.erf_input_size, train_size=s.input_size)
+                run_erf(spec, out=study / f"erf-{s.erf_input_size}px" / r["name"], show_progress=False)
+        written = []
+        for path in plot_family(study, fam, s, formats):
+            with atomic_path(folder / path.name) as target:
+                shutil.copyfile(path, target)
+            written.append(folder / path.name)
+    return written
+
+
+def redraw_shipped(folder) -> list[Path]:
+    """Every figure of a shipped study folder drawn again with the current plotting code (after a change of the
+    figures' style): ``family.png`` (:func:`redraw_family`) and each ``timeline/NAME/timeline.png`` / ``.pdf``
+    (:func:`erf_lab.train.timeline.redraw_timeline`). Returns the written paths."""
+    from erf_lab.train.timeline import STRIP_FILE, redraw_timeline
+
+    folder = Path(folder).expanduser()
+    return redraw_family(folder) + [p for strip in sorted(folder.glob(f"timeline/*/{STRIP_FILE}"))
+                                    for p in redraw_timeline(strip.parent)]
+
+
 def check_ship(study, dest) -> Path:
     """``dest`` (``~`` expanded) made and writable for :func:`ship`; ErfLabError (one line) when it cannot be, or
     when it is the study folder itself (its results.md, family.csv ... would be copied onto themselves: a

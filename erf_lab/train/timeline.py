@@ -343,8 +343,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
                 if on_progress is not None:
                     on_progress(len(rows), len(epochs))
         write_text(out / "timeline.csv", csv_text(rows, list(rows[0])))
-        plot_timeline(rows, maps, out / "timeline", title=f"{s['model']} on cue-world: ERF at {size} px",
-                      formats=formats)
+        plot_timeline(rows, maps, out / "timeline", title=_title(s["model"], size), formats=formats)
         from erf_lab.erf.plotting import FORMATS
 
         for fmt in set(FORMATS) - set(formats):  # an earlier timeline's figure in another format: fewer epochs, stale
@@ -362,6 +361,11 @@ def _kept_on_stop(out: Path, rows: list, total: int):
     except KeyboardInterrupt as stop:
         stop.timeline_saved = {"out_dir": str(out), "measured": len(rows), "total": total}
         raise
+
+
+def _title(model: str, erf_size: int) -> str:
+    """The timeline figure's title."""
+    return f"{model} on cue-world: ERF at {erf_size} px"
 
 
 #: the note for the rows marked ``untrained`` (the CLI's "†")
@@ -450,5 +454,35 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
         return save_figure(fig, stem, tuple(formats))
 
 
+#: a shipped timeline's strip (``ship``'s copy holds no per-epoch map): ``epochs`` (those the figure shows),
+#: ``levels`` (each map's colours, :func:`erf_lab.erf.plotting.display_levels`) and ``r_rms`` (of those epochs'
+#: rows: a strip left beside another timeline's rows is refused)
+STRIP_FILE = "strip.npz"
+
+
+def redraw_timeline(folder, formats=None) -> list[Path]:
+    """Draw a shipped timeline's figure (``folder/timeline.png`` / ``.pdf``) again with the current
+    :func:`plot_timeline`: the curves from the rows of ``timeline.json``, the strip from :data:`STRIP_FILE`.
+    ``formats``: default, those the folder has. Returns the written paths."""
+    from erf_lab.erf.plotting import FORMATS, levels_map
+    from erf_lab.io import read_json_or_none
+
+    folder = Path(folder).expanduser()
+    record = read_json_or_none(folder / "timeline.json")
+    if not isinstance(record, dict) or not isinstance(record.get("rows"), list) or not (folder / STRIP_FILE).is_file():
+        raise ErfLabError(f"{folder} is not a shipped timeline (timeline.json and {STRIP_FILE})")
+    rows = record["rows"]
+    with np.load(folder / STRIP_FILE, allow_pickle=False) as strip:
+        epochs, levels, r_rms = [int(e) for e in strip["epochs"]], strip["levels"], strip["r_rms"]
+    by_epoch = {r["epoch"]: r for r in rows}
+    measured = [np.nan if by_epoch.get(e, {}).get("r_rms") is None else by_epoch[e]["r_rms"] for e in epochs]
+    if epochs != _strip_epochs(sorted(by_epoch)) or not np.allclose(r_rms, measured, equal_nan=True):
+        raise ErfLabError(f"{folder / STRIP_FILE} is not the strip of the timeline beside it (other epochs or ERFs)")
+    maps = {e: levels_map(lv) for e, lv in zip(epochs, levels)}
+    formats = formats or tuple(f for f in FORMATS if (folder / f"timeline.{f}").is_file()) or ("png", "pdf")
+    return plot_timeline(rows, maps, folder / "timeline", title=_title(record["model"], record["erf_input_size"]),
+                         formats=formats)
+
+
 __all__ = ["TrainingRun", "read_training_run", "cue_world_images", "measure_checkpoint", "timeline",
-           "plot_timeline", "untrained", "AREA_KEYS", "UNTRAINED_NOTE"]
+           "plot_timeline", "redraw_timeline", "untrained", "AREA_KEYS", "UNTRAINED_NOTE"]
