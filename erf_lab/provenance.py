@@ -133,14 +133,20 @@ def host(device=None) -> dict:
 def source_identity(folder: str | os.PathLike, record: dict | None, files: Sequence[dict] = ()) -> dict:
     """Which earlier result a derived one (analyze, compare, timeline, shape-bias --compare) was made from:
     ``path``, the source's own record of when and by what it was made (``command``, ``time`` / ``start_time``,
-    ``erf_lab_commit``, ``model``, ``random_init``, each where that record says it) and ``files``, the digests of
-    the files read from it (:func:`erf_lab.io.file_identity`), so a rerun source is told from the one used."""
+    ``erf_lab_commit``, ``model``, ``kernel_sizes``, ``seed``, ``random_init``, each where that record says it; of a
+    training run's record, its ``settings`` and ``model_config``) and ``files``, the digests of the files read from
+    it (:func:`erf_lab.io.file_identity`; a training run's run.json itself), so a rerun source is told from the one
+    used."""
     rec = record if isinstance(record, dict) else {}
     prov = rec.get("provenance") if isinstance(rec.get("provenance"), dict) else rec
     made = prov.get("versions") if isinstance(prov.get("versions"), dict) else {}
+    trained = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
+    config = rec.get("model_config") if isinstance(rec.get("model_config"), dict) else {}
     out = {"path": str(Path(folder).resolve()), "command": prov.get("command") or rec.get("what"),
            "time": rec.get("start_time") or prov.get("time") or rec.get("time_utc"),
-           "erf_lab_commit": made.get("erf_lab_commit"), "model": rec.get("model"),
+           "erf_lab_commit": made.get("erf_lab_commit"), "model": rec.get("model") or trained.get("model"),
+           "kernel_sizes": rec.get("kernel_sizes") or config.get("kernel_sizes"),
+           "seed": rec.get("seed", trained.get("seed")),
            "random_init": rec.get("random_init", rec.get("random_weights"))}
     out = {k: v for k, v in out.items() if v is not None}
     if files:

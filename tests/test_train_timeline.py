@@ -124,6 +124,36 @@ def test_timeline_measures_each_checkpoint_once(tiny_run, tmp_path, capsys):
     assert (elsewhere / "timeline.csv").read_text().splitlines() == lines
 
 
+def test_timeline_names_the_model_and_training_it_summarises(tiny_run, tmp_path):
+    """timeline.json's derived_from named the training run by its folder only: a run retrained into the same folder
+    (another seed, kernel size or model) could not be told from the one summarised. It now says the model, its kernel
+    sizes and seed, and the SHA-256 of the training run's run.json; for a run still in progress (no run.json), what
+    its resume state says, with the kernel sizes of the model it builds."""
+    from erf_lab.io import sha256_file
+    from erf_lab.train.checkpoints import STATE_FILE
+    from erf_lab.train.timeline import timeline
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    kw = dict(num_images=1, probe_size=8, show_progress=False, formats=("png",), out=tmp_path / "t")
+    timeline(run, **kw)
+    source = json.loads((tmp_path / "t" / "timeline.json").read_text())["derived_from"]
+    assert len(source) == 1 and source[0]["path"] == str(run.resolve())
+    trained = json.loads((run / "run.json").read_text())
+    assert (source[0]["model"], source[0]["kernel_sizes"], source[0]["seed"]) == ("replknet_31b", [7, 7, 7, 3], 0)
+    assert trained["model_config"]["kernel_sizes"] == [7, 7, 7, 3]
+    assert source[0]["files"] == [{"path": str((run / "run.json").resolve()), "sha256": sha256_file(run / "run.json")}]
+    assert source[0]["time"] == trained["start_time"] and "in_progress" not in source[0]
+    # a run in progress: its settings from the resume state, no record to digest
+    torch.save({"settings": {**trained["settings"], "seed": 5}}, run / STATE_FILE)
+    (run / "run.json").unlink()
+    timeline(run, **kw)
+    source = json.loads((tmp_path / "t" / "timeline.json").read_text())["derived_from"][0]
+    assert (source["model"], source["kernel_sizes"], source["seed"], source["in_progress"]) == \
+        ("replknet_31b", [7, 7, 7, 3], 5, True)
+    assert "files" not in source
+
+
 def test_timeline_bad_input(tiny_run, tmp_path, capsys):
     empty = tmp_path / "not-a-run"
     empty.mkdir()

@@ -457,6 +457,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
            held_folder: contextlib.ExitStack, checkpoint_seconds: float) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
+    from erf_lab.models.summary import model_kernel_sizes
     from erf_lab.provenance import host, launch, now, versions
 
     start_time, t_start = now(), time.time()
@@ -804,7 +805,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         "command": argv, "launch": launch(), "settings": settings, "device": device, "num_workers": num_workers,
         "checkpoint_format": checkpoint_format, "cwd": os.getcwd(), "versions": versions(), "host": host(device),
         "model_config": {"name": model_name, "overrides": settings["overrides"], "num_classes": n_classes,
-                         "drop_path_rate": recipe.drop_path,
+                         "drop_path_rate": recipe.drop_path, "kernel_sizes": model_kernel_sizes(net),
                          "params": sum(p.numel() for p in net.parameters())},
         "data": {k: v for k, v in d.description.items() if not k.startswith("skipped")},
         "skipped_images": len(d.description.get("skipped_train", [])) + len(d.description.get("skipped_val", [])),

@@ -250,6 +250,31 @@ def _ema_file(source: Path, folder: Path, epoch: int, train_size: int) -> Path:
     return save_weights(state, folder / epoch_stem(epoch, ema=True), "safetensors", train_input_size=train_size)[0]
 
 
+def trained_source(run: TrainingRun, overrides: dict) -> dict:
+    """The training run a timeline summarises, for its ``derived_from`` (:func:`erf_lab.provenance.source_identity`):
+    its folder, command and time, model, kernel sizes, seed and the SHA-256 of its run.json; of a run still in
+    progress (no run.json yet), what its resume state's settings say, with the kernel sizes of the model they build
+    (``overrides``: the run's, with its class count)."""
+    from erf_lab.io import file_identity, is_training_record, read_json_or_none
+    from erf_lab.provenance import source_identity
+
+    record = read_json_or_none(run.root / "run.json")
+    done = is_training_record(record)
+    source = source_identity(run.root, record if done else {"settings": run.settings},
+                             [file_identity(run.root / "run.json")] if done else ())
+    if "kernel_sizes" not in source:  # a run in progress, or one of an erf-lab that did not record them
+        import torch
+
+        from erf_lab.models import create_model
+        from erf_lab.models.summary import model_kernel_sizes
+
+        with contextlib.suppress(ErfLabError, TypeError, ValueError, RuntimeError), torch.device("meta"):
+            source["kernel_sizes"] = model_kernel_sizes(create_model(run.settings["model"], **overrides))
+    if not done:
+        source["in_progress"] = True  # its weights still change: later checkpoints may come
+    return source
+
+
 def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_images: int = 20,
              probe_size: int = 300, device: str = "cpu", formats=("png", "pdf"), show_progress: bool = True,
              out: str | os.PathLike | None = None, argv=None, on_progress=None, ema: bool = False) -> dict:
@@ -265,7 +290,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
     from erf_lab.erf.tables import csv_text
     from erf_lab.io import (command_record, hold_folder, prepare_out_dir, progress, read_json_or_none,
                             refuse_other_result, write_text)
-    from erf_lab.provenance import provenance, source_identity
+    from erf_lab.provenance import provenance
     from erf_lab.train.probes import ProbeSpec
 
     run = cue_world_run(run_dir)
@@ -312,8 +337,7 @@ def timeline(run_dir: str | os.PathLike, *, input_size: int | None = None, num_i
               "epochs": epochs, "rows": [], **provenance("timeline", {
                   "run_dir": str(run.root.resolve()), "input_size": input_size, "num_images": int(num_images),
                   "probe_size": int(probe_size), "device": device, "formats": list(formats), "ema": bool(ema)},
-                  argv, device=device,
-                  derived_from=[source_identity(run.root, read_json_or_none(run.root / "run.json"))])}
+                  argv, device=device, derived_from=[trained_source(run, overrides)])}
     # held while it writes: a second timeline into it meanwhile (another shell, the app) mixed rows and caches
     with hold_folder(out, subfolders=("ema-weights", "probe-*px", "images-*px")):  # erf-*px/: run_erf cleans
         rows, counts, maps = [], {"erf": 0, "probe": 0}, {}
