@@ -26,6 +26,7 @@ from erf_lab.erf.rundir import RANDOM_MARK, load_run
 from erf_lab.erf.runner import ErfSpec, run_erf
 from erf_lab.erf.sweep import run_sweep
 from erf_lab.errors import ErfLabError
+from erf_lab.io import file_list_digest
 
 DEFAULT_INPUT = 128
 DEFAULT_NUM_IMAGES = 2
@@ -205,15 +206,7 @@ def spec_label(spec: dict) -> str:
 def _folder_fingerprint(folder: str) -> str:
     """Hash of the image files the runner would read from ``folder`` (relative path, size, modification time):
     a folder whose images were added, removed or replaced is a new measurement, not the stored one."""
-    root = Path(folder)
-    files = []
-    for p in list_image_files(root)[0]:
-        try:
-            st = p.stat()
-        except OSError:  # gone or unreadable since the listing: the runner skips and counts it
-            continue
-        files.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    return file_list_digest(list_image_files(Path(folder))[0], folder)  # one gone since: the runner skips it too
 
 
 def _source_key(source: tuple) -> str:

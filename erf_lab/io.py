@@ -627,6 +627,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_list_digest(files: Sequence[str | os.PathLike], root: str | os.PathLike) -> str:
+    """SHA-256 of each of ``files``' path relative to ``root``, size and modification time (ns), in their order:
+    which files a folder held, told apart without reading them (one added, removed, renamed, rewritten or touched
+    changes it; a copy that keeps the times does not). A file gone since it was listed is left out."""
+    entries = []
+    for p in files:
+        try:
+            st = Path(p).stat()
+        except OSError:  # gone or unreadable since the listing
+            continue
+        entries.append((Path(p).relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
 def file_identity(path: str | os.PathLike) -> dict:
     """``{"path": <absolute>, "sha256": ...}`` of an input file (a CSV, a map, weights): which bytes a result was
     made from, whatever the file is called or wherever it moves later (:func:`erf_lab.provenance.provenance`)."""

@@ -291,6 +291,34 @@ def test_a_truncated_jpeg_is_skipped_by_the_scan(tmp_path):
         assert all(train_set[i][0].shape == (3, 32, 32) for i in range(len(train_set)))
 
 
+def test_a_folder_runs_record_tells_its_images_apart_without_reading_them(tmp_path, one_thread):
+    """run.json of a --data run named its images by path only (settings' train_fingerprint / val_fingerprint, what
+    --resume checks): a folder whose images were rewritten in place (resized, re-encoded) under the same names gave
+    two runs the same record. run.json's data now has, per split, the image count and a SHA-256 of each file's
+    path, size and modification time (no image read)."""
+    from erf_lab.train.data import build_data
+
+    root = _folder(tmp_path / "data")
+    info = train("replknet_31b", str(root), out=tmp_path / "run", overrides=TINY, input_size=32, show_progress=False,
+                 recipe=Recipe(epochs=1, batch_size=4, warmup_epochs=0))["run_info"]
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    assert recorded == json.loads(json.dumps(info["data"]))
+    assert (recorded["train_files"]["images"], recorded["val_files"]["images"]) == (12, 4)
+    assert all(len(recorded[f"{s}_files"]["sha256"]) == 64 for s in ("train", "val"))
+    again = build_data(str(root), 32).description  # nothing changed: the same digests
+    assert (again["train_files"], again["val_files"]) == (recorded["train_files"], recorded["val_files"])
+    image = root / "val" / "b" / "1.png"
+    Image.open(image).resize((12, 10)).save(image)  # rewritten in place: same names, same count
+    changed = build_data(str(root), 32)
+    assert changed.val.fingerprint() == info["settings"]["val_fingerprint"]  # the names: unchanged
+    assert changed.description["train_files"] == recorded["train_files"]
+    assert changed.description["val_files"]["images"] == 4
+    assert changed.description["val_files"]["sha256"] != recorded["val_files"]["sha256"]
+    st = (root / "train" / "a" / "0.png").stat()
+    os.utime(root / "train" / "a" / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: told too
+    assert build_data(str(root), 32).description["train_files"]["sha256"] != recorded["train_files"]["sha256"]
+
+
 def test_a_linked_folder_inside_a_class_folder_is_read_and_a_link_loop_is_skipped(tmp_path):
     """torchvision's ImageFolder follows a symlinked folder inside a class folder; the scan left its images out.
     Now they are read (in the class of the folder holding the link); a link back to a folder above is a loop,

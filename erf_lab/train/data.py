@@ -104,6 +104,14 @@ class ImageFolderSplit(torch.utils.data.Dataset):
             h.update(f"\n{Path(path).relative_to(self.root).as_posix()}\t{label}".encode())
         return h.hexdigest()
 
+    def file_list(self) -> dict:
+        """``{"images": n, "sha256": ...}``: the split's image files by path (relative to the split), size and
+        modification time (:func:`erf_lab.io.file_list_digest`; no image is read), which tells two runs' images
+        apart where :meth:`fingerprint` (the names, what a resumed run must find again) does not."""
+        from erf_lab.io import file_list_digest
+
+        return {"images": len(self.files), "sha256": file_list_digest([p for p, _ in self.files], self.root)}
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -294,4 +302,6 @@ def build_data(data: str, input_size: int, *, train_size: int = 2000, val_size: 
                                      "train_per_class": dict(zip(tr.classes, train_counts)),
                                      "val_per_class": dict(zip(va.classes, val_counts)),
                                      "majority_class_val_acc": val_counts[int(np.argmax(train_counts))] / len(va),
+                                     # which files (path, size, time) each split held when this session read them
+                                     "train_files": tr.file_list(), "val_files": va.file_list(),
                                      "skipped_train": tr.skipped, "skipped_val": va.skipped})
