@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -414,6 +415,50 @@ def write_results(result: dict, out_dir: str | os.PathLike, argv: list[str] | No
     return paths
 
 
+#: the files :func:`write_results` writes; the sub-folder of ``--out`` where a new run keeps an earlier run's
+RESULT_FILES = ("table.csv", "results.json", "table.txt", "run.json")
+EARLIER = "earlier"
+
+
+def keep_earlier(out_dir: str | os.PathLike) -> Path | None:
+    """Move the results of an earlier benchmark in ``out_dir`` (results.json and the files written with it,
+    :data:`RESULT_FILES`) into ``out_dir/earlier/<when it last wrote them, UTC>/``, which a new run without
+    ``--resume`` would replace; return that folder, None when there were none. Atomic: the files are copied into a
+    hidden folder renamed into place in one step, then removed from ``out_dir`` (a kill meanwhile leaves them in both
+    places, never in neither). ValueError (one line) when the folder cannot be made."""
+    out = Path(out_dir).expanduser()
+    if not (out / "results.json").is_file():
+        return None
+    files = [out / name for name in RESULT_FILES if (out / name).is_file()]
+    try:
+        made = datetime.fromisoformat(json.loads((out / "run.json").read_text(encoding="utf-8"))["created"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):  # no record of its own: its last write
+        made = datetime.fromtimestamp((out / "results.json").stat().st_mtime, timezone.utc)
+    stamp = made.astimezone(timezone.utc).strftime("%Y-%m-%d_%H%M%SZ")
+    earlier = out / EARLIER
+    try:
+        earlier.mkdir(exist_ok=True)
+        dest, n = earlier / stamp, 1
+        while dest.exists():  # two runs written in one second
+            n += 1
+            dest = earlier / f"{stamp}-{n}"
+        tmp = earlier / f".{dest.name}.{os.getpid()}.tmp"  # made as a plain mkdir makes it (mkdtemp: owner-only)
+        shutil.rmtree(tmp, ignore_errors=True)  # one a killed run of this process id left
+        tmp.mkdir()
+        try:
+            for f in files:
+                shutil.copy2(f, tmp / f.name)
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failed copy's half
+        for f in files:
+            f.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot keep the earlier results of {out} in {earlier}: {e.strerror or type(e).__name__}; "
+                         f"continue them with --resume, or choose another --out") from None
+    return dest
+
+
 def check_out_dir(out_dir: str | os.PathLike) -> None:
     """ValueError, before any measurement, when ``out_dir`` cannot take the results: a file or under one, a folder
     that cannot be made or written (read-only file system, permissions), or a folder whose run.json is another
@@ -455,10 +500,22 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> tu
     dev = bench_device(args.device)
     batch = 1 if args.batch is None and args.quick and dev.type == "cpu" else args.batch
     previous = read_previous(args.out) if args.resume else None
-    try:  # each row written when done: a cut-short run keeps its rows
+    keep = previous is None  # a new run: the tables of an earlier one are kept before its first row replaces them
+
+    def on_row(partial: dict) -> None:  # each row written when done: a cut-short run keeps its rows
+        nonlocal keep
+        if keep:
+            keep = False
+            kept = keep_earlier(args.out)
+            if kept is not None:
+                tqdm.write(f"the earlier results in {args.out} were moved to {kept} (--resume continues a run "
+                           f"instead)", file=sys.stderr)
+        write_results(partial, args.out, argv)
+
+    try:
         result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev),
                      dtype=args.dtype, modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,),
-                     impls=args.impls, on_row=lambda partial: write_results(partial, args.out, argv), previous=previous)
+                     impls=args.impls, on_row=on_row, previous=previous)
     except RuntimeError as e:  # a dtype this PyTorch has no kernel for on the device ("not implemented for 'Half'")
         if "not implemented for" not in str(e) or args.dtype == "float32":
             raise

@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                         "on CPU (explicit options win)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted benchmark in --out: keep its measured (R, K) rows and measure the "
-                        "rest (its settings must be this run's; without it every row is measured anew)")
+                        "rest (its settings must be this run's; without it every row is measured anew, and the "
+                        "earlier run's files move to --out's earlier/<when they were written>/)")
     p.add_argument("--out", default="runs/fastconv-bench",
                    help="output directory for table.csv, table.txt, results.json and run.json "
                         "(default runs/fastconv-bench)")

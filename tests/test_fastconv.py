@@ -2222,6 +2222,47 @@ def test_bench_resume_keeps_the_rows_an_interrupted_run_measured(cli, tmp_path, 
 
 
 @pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
+def test_bench_run_again_without_resume_keeps_the_earlier_table(cli, tmp_path, monkeypatch, capsys):
+    """A benchmark run again into an --out holding a table (without --resume) replaced it without a word: a
+    machine's earlier numbers were gone. Its files now move, before the first new row, into
+    ``earlier/<when they were written>/`` (copied into a hidden folder renamed into place), said in one line; the
+    folder is a benchmark the app lists and loads. A run refused before measuring moves nothing."""
+    from datetime import datetime, timezone
+
+    import fastconv.bench as fb
+    from app.runs import find_runs
+    from erf_lab.cli.main import main as erf_lab_main
+
+    ms, files = [1e-3], ("table.csv", "results.json", "table.txt", "run.json")
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(fb, "bench_one", lambda *a, **k: ms[0])
+    out = tmp_path / "bench"
+    argv = ["--kernels", "3", "--resolutions", "8", "--batch", "1", "--channels", "4", "--layers", "1",
+            "--repeats", "1", "--device", "cpu", "--mode", "fwd", "--impls", "pytorch_nchw", "--out", str(out)]
+    cli_main = fb.main if cli == "fastconv.bench" else (lambda a: erf_lab_main(["bench", *a]))
+    assert cli_main(argv) == 0
+    first = {name: (out / name).read_bytes() for name in files}
+    made = datetime.fromisoformat(json.loads(first["run.json"])["created"]).astimezone(timezone.utc)
+    capsys.readouterr()
+    assert cli_main([*argv[:5], "0", *argv[6:]]) == 2  # --batch 0: refused before measuring, nothing moved
+    assert not (out / "earlier").exists() and (out / "results.json").read_bytes() == first["results.json"]
+    capsys.readouterr()
+    ms[0] = 2e-3
+    assert cli_main(argv) == 0
+    kept = out / "earlier" / made.strftime("%Y-%m-%d_%H%M%SZ")
+    err = [line for line in capsys.readouterr().err.splitlines() if "earlier" in line]
+    assert err == [f"the earlier results in {out} were moved to {kept} (--resume continues a run instead)"], err
+    assert sorted(p.name for p in kept.iterdir()) == sorted(files)
+    assert {name: (kept / name).read_bytes() for name in files} == first  # every file, as it was
+    assert [r["fwd_pytorch_nchw_ms"] for r in json.loads((out / "results.json").read_text())["rows"]] == [2.0]
+    assert [r["fwd_pytorch_nchw_ms"] for r in json.loads((kept / "results.json").read_text())["rows"]] == [1.0]
+    assert cli_main(argv) == 0  # a third run: the second's table kept beside the first's
+    assert len(list((out / "earlier").iterdir())) == 2  # no hidden temporary folder left
+    listed = {r["name"]: r["kind"] for r in find_runs(out)}
+    assert listed["."] == "benchmark" and listed[f"earlier/{kept.name}"] == "benchmark", listed
+
+
+@pytest.mark.parametrize("cli", ["fastconv.bench", "erf-lab bench"])
 def test_bench_a_dtype_this_torch_cannot_run_exits_2(cli, tmp_path, capsys, monkeypatch):
     """An older PyTorch without fp16 kernels on the CPU: one error line, exit 2 (not a traceback)."""
     import fastconv.bench as fb
