@@ -3,15 +3,19 @@ import contextlib
 import csv
 import dataclasses
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import held_by_another_process
 from erf_lab.models import create_model
 from erf_lab.cli.main import main
 from erf_lab.errors import ErfLabError
 from erf_lab.shape_bias.analysis import at_chance
+from erf_lab.train.timeline import redraw_timeline, timeline
 from erf_lab.train.study import (StudySettings, markdown_table, plan, run_study, ship, table_notes,
                                  val_subset_correct)
 
@@ -68,14 +72,19 @@ def test_toy_study_tables_cache_and_ship(tmp_path, monkeypatch, one_thread):
     assert {p.name for p in files} >= {"K3-seed0.safetensors", "K3-seed0.json", "K31-seed0.metrics.csv", "README.md",
                                        "family.png", "family.pdf"}  # the figure as PNG + PDF
     assert not (dest / "timeline").exists()  # not shipped as a finished timeline (it has no table or figure yet)
-    # finished with --formats png (no PDF): shipped with the figure it has
-    (stopped / "timeline.json").write_text(json.dumps({"complete": True, "run": str(stopped.parent), "rows": [
-        {"epoch": 0}, {"epoch": 1}], "epochs": [0, 1]}))
-    (stopped / "timeline.csv").write_text("epoch\n0\n1\n")
-    (stopped / "timeline.png").write_bytes(b"png")
+    # finished with --formats png (no PDF): shipped with the figure it has, and its strip's maps (strip.npz: the
+    # checkpoints are not shipped), from which the shipped figure is drawn again as the timeline drew it
+    shutil.rmtree(stopped)
+    timeline(stopped.parent, num_images=2, probe_size=12, show_progress=False, formats=("png",), input_size=64)
     names = {p.relative_to(tmp_path / "png-only").as_posix() for p in ship(out, tmp_path / "png-only", subset=20)}
-    assert {"timeline/K3-seed0/timeline.json", "timeline/K3-seed0/timeline.png"} <= names
+    assert {"timeline/K3-seed0/timeline.json", "timeline/K3-seed0/timeline.png", "timeline/K3-seed0/strip.npz"} <= names
     assert "timeline/K3-seed0/timeline.pdf" not in names
+    shipped = tmp_path / "png-only" / "timeline" / "K3-seed0"
+    (shipped / "timeline.png").unlink()
+    assert redraw_timeline(shipped, formats=("png",)) == [shipped / "timeline.png"]
+    drawn, redrawn = (np.asarray(Image.open(p).convert("L"), dtype=np.int16)
+                      for p in (stopped / "timeline.png", shipped / "timeline.png"))
+    assert drawn.shape == redrawn.shape and (np.abs(drawn - redrawn) > 64).mean() < 0.002
     rec = json.loads((dest / "K31-seed0.json").read_text())
     monkeypatch.setattr(erf_lab.paths, "data_dir", lambda: tmp_path / "data")
     net = create_model("replknet_31b", weights="builtin:cue-world/K31-seed0")

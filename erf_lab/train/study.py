@@ -590,6 +590,7 @@ def _ship_files(study: Path, dest: Path, meta: dict, subset: int) -> list[Path]:
     from erf_lab.io import (atomic_path, read_json_or_none, record_complete, remove_write_leftovers, write_json,
                             write_text)
     from erf_lab.models import create_model
+    from erf_lab.train.timeline import STRIP_FILE, write_strip
 
     def copy(src: Path, dst: Path) -> None:
         with atomic_path(dst) as tmp:
@@ -622,6 +623,8 @@ def _ship_files(study: Path, dest: Path, meta: dict, subset: int) -> list[Path]:
                     continue  # a timeline made with --formats png (or pdf) has only that figure
                 copy(run / "timeline" / name, dest / "timeline" / m["name"] / name)
                 files.append(dest / "timeline" / m["name"] / name)
+            # the strip's maps as their colours: the checkpoints are not shipped (redraw_timeline draws from it)
+            files.append(write_strip(run / "timeline", dest / "timeline" / m["name"] / STRIP_FILE))
     for name in ("results.md", "family.csv", "guidelines.csv", "family.png", "family.pdf", "study.json", "study.log"):
         if (study / name).is_file():
             copy(study / name, dest / name)
@@ -635,7 +638,12 @@ def _ship_files(study: Path, dest: Path, meta: dict, subset: int) -> list[Path]:
         "Use a model by name: `create_model(record['model'], weights='builtin:cue-world/NAME')` applies the "
         "options of `NAME.json`; on the command line `--model replknet_31b --weights builtin:cue-world/K31-seed0`. "
         f"`NAME.json` also records the correct count on the first {subset} val images, which "
-        "tests/test_trained_weights.py checks.\n\n" + results.split("\n", 1)[-1]))
+        "tests/test_trained_weights.py checks.\n\n" + results.split("\n", 1)[-1].rstrip("\n") + "\n\n## Figures\n\n"
+        "`family.png` and `timeline/NAME/timeline.png` / `.pdf` are drawn by the current plotting code (a test checks "
+        "it); `erf_lab.train.study.redraw_shipped(FOLDER)` draws them again from the files here: `family.png` from "
+        "`family.csv`, `study.json` and the seed-0 ERFs measured again from the weights, each timeline from its "
+        "`timeline.json` and `strip.npz` (the checkpoints are not shipped: the maps of its strip as the figure shows "
+        "them, each cell's colour index, `erf_lab.erf.plotting.display_levels`).\n"))
     files.append(dest / "README.md")
     return files
 

@@ -484,6 +484,29 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
 STRIP_FILE = "strip.npz"
 
 
+def write_strip(timeline_dir, dest) -> Path:
+    """:data:`STRIP_FILE` of the finished timeline in ``timeline_dir`` (``RUN/timeline``) written to ``dest``
+    (atomically): the display levels of the maps its figure's strip shows, read from ``erf-<S>px/epoch_XXX``, and
+    those epochs' r_rms; what :func:`redraw_timeline` draws the strip from where the checkpoints are not kept."""
+    from erf_lab.erf.plotting import display_levels
+    from erf_lab.io import atomic_path, read_json_or_none
+
+    timeline_dir = Path(timeline_dir)
+    record = read_json_or_none(timeline_dir / "timeline.json")
+    if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+        raise ErfLabError(f"{timeline_dir} holds no finished timeline (timeline.json)")
+    by_epoch = {r["epoch"]: r for r in record["rows"]}
+    epochs = _strip_epochs(sorted(by_epoch))
+    maps = [timeline_dir / f"erf-{record['erf_input_size']}px" / f"epoch_{e:03d}" / "erf.npy" for e in epochs]
+    if missing := [str(m) for m in maps if not m.is_file()]:
+        raise ErfLabError(f"{timeline_dir}: the ERF maps of its figure's strip are gone ({missing[0]})")
+    r_rms = [np.nan if by_epoch[e].get("r_rms") is None else by_epoch[e]["r_rms"] for e in epochs]
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, epochs=np.asarray(epochs, dtype=np.int64), r_rms=np.asarray(r_rms, dtype=np.float64),
+                            levels=np.stack([display_levels(np.load(m, allow_pickle=False)) for m in maps]))
+    return Path(dest)
+
+
 def redraw_timeline(folder, formats=None) -> list[Path]:
     """Draw a shipped timeline's figure (``folder/timeline.png`` / ``.pdf``) again with the current
     :func:`plot_timeline`: the curves from the rows of ``timeline.json``, the strip from :data:`STRIP_FILE`.
@@ -509,4 +532,4 @@ def redraw_timeline(folder, formats=None) -> list[Path]:
 
 
 __all__ = ["TrainingRun", "read_training_run", "cue_world_images", "measure_checkpoint", "timeline",
-           "plot_timeline", "redraw_timeline", "untrained", "AREA_KEYS", "UNTRAINED_NOTE"]
+           "plot_timeline", "redraw_timeline", "write_strip", "untrained", "AREA_KEYS", "UNTRAINED_NOTE"]
