@@ -188,3 +188,119 @@ def test_erf_lab_models_describes_the_variants():
     row = describe_model("slak_t")
     assert row["family"] == "slak" and row["kernel_sizes"] == [51, 49, 47, 13]
     assert row["params"] == 50_703_838 and row["deploy_params"] == 60_577_702  # dense: merged 51x51 is larger
+
+
+def _sparsified(model, sparsity=0.4, seed=0):
+    """Zero ``sparsity`` of every conv and linear weight at random, as the official ``Masking`` leaves them (the
+    official checkpoints hold these zeros as ordinary values, no masks)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() in (2, 4):
+                p.mul_((torch.rand(p.shape, generator=gen) >= sparsity).to(p.dtype))
+    return model
+
+
+def test_nonzero_flops_are_output_positions_times_nonzero_weights():
+    """The paper's counting of a sparse model (official FLOPs_counter.py rule): each conv / linear layer's output
+    positions times its non-zero weights; the tiny model at 64 px has maps 16, 8, 4, 2 and one head row."""
+    from erf_lab.models.flops import count_flops
+
+    model = _sparsified(_randomized())
+    positions = {"downsample_layers.0": 16 ** 2, "downsample_layers.1": 8 ** 2, "downsample_layers.2": 4 ** 2,
+                 "downsample_layers.3": 2 ** 2, "stages.0": 16 ** 2, "stages.1": 8 ** 2, "stages.2": 4 ** 2,
+                 "stages.3": 2 ** 2, "head": 1}
+    dense = sparse = 0
+    for name, p in model.named_parameters():
+        if p.dim() in (2, 4):
+            n = positions[next(k for k in positions if name.startswith(k + "."))]
+            dense, sparse = dense + n * p.numel(), sparse + n * int((p != 0).sum())
+    assert 0.55 < sparse / dense < 0.65
+    assert count_flops(model, 64) == dense and count_flops(model, 64, nonzero=True) == sparse
+    with torch.device("meta"):
+        meta = create_model("slak_t", **TINY)
+    with pytest.raises(ValueError, match="meta"):
+        count_flops(meta, 64, nonzero=True)
+
+
+@pytest.mark.parametrize("name", ["slak_t", "slak_s", "slak_b"])
+def test_paper_flops_are_those_of_its_sparse_weights(name):
+    """Paper Table 2 counts the non-zero weights: 60 % of the dense MACs in every layer give B's 17.1 G within its
+    rounding, T's and S's 1.6-4.5 % above the paper's 5.0 / 9.8 G (where SNIP put the zeros: the dense stem,
+    downsampling and head, and sparser high-resolution blocks, which only a trained checkpoint fixes)."""
+    from erf_lab.models.flops import count_flops
+    from erf_lab.models.slak import PAPER_SPARSITY, VARIANTS
+
+    with torch.device("meta"):
+        model = create_model(name)
+    uniform = (1 - PAPER_SPARSITY) * count_flops(model, 224) / 1e9
+    paper = VARIANTS[name]["gflops"]
+    if name == "slak_b":
+        assert abs(uniform - paper) < 0.05, uniform
+    else:
+        assert 0.01 < uniform / paper - 1 < 0.05, uniform
+
+
+def test_official_sparse_training_checkpoint_loads_exactly(tmp_path):
+    """What the official main.py saves: {'model', 'optimizer', 'epoch', 'scaler', 'args' (argparse.Namespace),
+    'model_ema'}, the weights 40 % zero (the official code saves no masks); 'model' loads with a warning naming the
+    EMA, every zero kept, the outputs bit-identical; its merged form (lkb_reparam) loads into deploy=True."""
+    import argparse
+
+    from erf_lab.models.flops import count_flops
+
+    src = _sparsified(_randomized())
+    state = src.state_dict()
+    ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    args = argparse.Namespace(model="SLaK_tiny", Decom=True, sparse=True, sparsity=0.4, sparse_init="snip",
+                              kernel_size=[13, 11, 9, 7, 3], width_factor=1.0, bn=True, lr=4e-3)
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": state, "optimizer": torch.optim.AdamW(src.parameters()).state_dict(), "epoch": 299,
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0}, "args": args, "model_ema": ema}, path)
+    with pytest.warns(UserWarning, match=r"'model', 'model_ema'.*loaded checkpoint\['model'\]"):
+        model = create_model("slak_t", weights=str(path), num_classes=10, **TINY).eval()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    zeros = sum(int((v == 0).sum()) for v in model.state_dict().values() if v.dim() in (2, 4))
+    assert zeros == sum(int((v == 0).sum()) for v in state.values() if v.dim() in (2, 4)) > 0
+    assert count_flops(model, 64, nonzero=True) == count_flops(src, 64, nonzero=True) < count_flops(model, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = src(x)
+        assert torch.equal(model(x), ref)
+        merged = reparameterize_model(src)
+        torch.save({"model": merged.state_dict()}, tmp_path / "merged.pth")
+        deployed = create_model("slak_t", weights=str(tmp_path / "merged.pth"), num_classes=10, **TINY).eval()
+        assert deployed.large_kernel_sizes == (13, 11, 9, 7) and torch.equal(deployed(x), merged(x))
+        assert _rel(deployed(x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("layout", [dict(decompose=False), dict(bn=False), dict(decompose=False, bn=False)])
+def test_official_layouts_load_without_options(tmp_path, layout):
+    """The official code's other layouts, fixed by its key names: ``Decom=None`` (``large_kernel.lkb_origin``) and
+    ``--bn False`` (branch convs without BN) load as they are, without --override; explicit options still win."""
+    src = _randomized(**layout)
+    keys = src.state_dict().keys()
+    assert any(".lkb_origin." in k for k in keys) == (layout.get("decompose") is False)
+    assert any(".bn." in k for k in keys) == layout.get("bn", True)
+    torch.save({"model": src.state_dict()}, tmp_path / "slak.pth")
+    model = create_model("slak_t", weights=str(tmp_path / "slak.pth"), num_classes=10, **TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), src(x))
+    from erf_lab.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="missing key"):  # an explicit option the file contradicts
+        create_model("slak_t", weights=str(tmp_path / "slak.pth"), num_classes=10, **TINY,
+                     **{k: not v for k, v in layout.items()})
+
+
+def test_convnext_baseline_of_the_official_code():
+    """The official README's ConvNeXt (``--kernel_size 7 7 7 7 100``, no Decom): the small kernel 100 is a sentinel
+    for 'no small branch' (only the 7 x 7 conv-BN), not a size to check; decomposed it would be a strip width."""
+    model = create_model("slak_t", kernel_size=(7, 7, 7, 7, 100), decompose=False, width_factor=1.0)
+    lk = model.stages[0][0].large_kernel
+    assert lk.small_conv is None and tuple(lk.lkb_origin.conv.weight.shape) == (96, 1, 7, 7)
+    from erf_lab.errors import ErfLabError
+
+    with pytest.raises(ErfLabError, match="odd"):
+        create_model("slak_t", kernel_size=(7, 7, 7, 7, 100), width_factor=1.0)

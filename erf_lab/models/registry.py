@@ -100,7 +100,8 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
     load ``weights``.
 
     ``deploy=True`` builds re-parameterizable models in their merged (inference) form. A checkpoint in a
-    merged layout (``lkb_reparam`` keys; UniRepLKNet's ``lk_origin.bias``) implies ``deploy=True``; a training-time
+    merged layout (``lkb_reparam`` keys; UniRepLKNet's ``lk_origin.bias``) implies ``deploy=True``, a factory's
+    ``options_implied_by(state_dict)`` the options its key names imply (SLaK: ``decompose``, ``bn``); a training-time
     checkpoint with ``deploy=True`` loads as trained and is then merged into the official deploy layout.
     ``drop_head=True`` loads a checkpoint whose classifier has a different class count (or is absent on one
     side), keeping the model's own head; a classifier that fits is loaded.
@@ -119,6 +120,9 @@ def create_model(name: str, *, weights: str | None = None, deploy: bool = False,
         state_dict, selection = read_weights(weights)  # and which part of the file they are (model.weights_selection)
         if _implies_deploy(state_dict):
             deploy = True
+        implied = getattr(factory, "options_implied_by", None)  # the layout the file's key names fix (SLaK's bn)
+        if implied is not None:
+            overrides = {**implied(state_dict), **overrides}  # what is passed explicitly wins
     kwargs = dict(overrides)
     if "num_classes" in kwargs:
         n = kwargs["num_classes"]

@@ -19,8 +19,13 @@ all 'same'-padded, so the merge is exact.
 
 Sparsity: the paper trains with dynamic sparsity (40 % of the conv / linear weights zero, SNIP init, prune-and-
 grow). This implementation holds dense weights only (a sparse checkpoint loads unchanged: its zeros are ordinary
-values); no sparse training. The paper's parameter counts are the non-zero weights at that sparsity
-(:func:`sparse_param_count`).
+values; the official code saves no masks, ``--sparse_init resume`` reads them back from the zeros); no sparse
+training. The paper's "#params" and "FLOPs" count the non-zero weights only (``count_flops(nonzero=True)`` on a
+loaded checkpoint). Its parameter counts follow from the sparsity (:func:`sparse_param_count`); its FLOPs do not:
+SNIP ranks the weights across all layers by ``|w * dL/dw|`` at initialisation, and the block weights' gradients pass
+through the 1e-6 layer scale while the stem's, downsampling convs' and head's do not, so those stay dense and the
+blocks take the zeros, unevenly (the official code keeps each layer's count through prune-and-grow). 40 % zeros in
+every layer would give T 5.22 / S 9.96 / B 17.11 GMACs against the paper's 5.0 / 9.8 / 17.1.
 """
 from __future__ import annotations
 
@@ -38,13 +43,14 @@ from erf_lab.models.reparam import merged_conv
 from erf_lab.models.replknet import ConvBN, DropPath
 from erf_lab.models.unireplknet import ConvNeXtLayout, LayerNorm2d
 
-__all__ = ["SLaK", "SLaKBlock", "SLaKLargeKernel", "VARIANTS", "sparse_param_count"]
+__all__ = ["SLaK", "SLaKBlock", "SLaKLargeKernel", "VARIANTS", "options_implied_by", "sparse_param_count"]
 
-#: Paper Table 2 / official README; ``params_m``: reported count (millions) at the paper's 40 % sparsity.
+#: Paper Table 2 / official README; ``params_m`` / ``gflops``: reported counts (millions, GMACs at 224) of the
+#: non-zero weights of the trained 40 %-sparse models.
 VARIANTS: dict[str, dict] = {
-    "slak_t": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), params_m=30),
-    "slak_s": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), params_m=55),
-    "slak_b": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), params_m=95),
+    "slak_t": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), params_m=30, gflops=5.0),
+    "slak_s": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), params_m=55, gflops=9.8),
+    "slak_b": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), params_m=95, gflops=17.1),
 }
 #: The paper's sparsity (official training command ``--sparsity 0.4``).
 PAPER_SPARSITY = 0.4
@@ -71,8 +77,10 @@ class SLaKLargeKernel(nn.Module):
     def __init__(self, channels: int, kernel_size: int, small_kernel: int, decompose: bool = True,
                  bn: bool = True, merged: bool = False):
         super().__init__()
-        if kernel_size % 2 == 0 or small_kernel % 2 == 0 or min(kernel_size, small_kernel) < 1 or \
-                max(kernel_size, small_kernel) > MAX_KERNEL_SIZE:
+        # without decomposition a small kernel >= K is no branch at all: the official ConvNeXt baseline passes a
+        # sentinel (``--kernel_size 7 7 7 7 100``), so only the sizes that build a conv are checked
+        used = (kernel_size, small_kernel) if decompose or small_kernel < kernel_size else (kernel_size,)
+        if any(k % 2 == 0 or not 1 <= k <= MAX_KERNEL_SIZE for k in used):
             raise ErfLabError(f"SLaK kernel sizes must be odd, from 1 to {MAX_KERNEL_SIZE}, got {kernel_size}, "
                               f"{small_kernel}")
         self.channels, self.kernel_size, self.small_kernel = channels, kernel_size, small_kernel
@@ -109,7 +117,8 @@ class SLaKLargeKernel(nn.Module):
 
     @torch.no_grad()
     def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kernel, bias) in float64: every branch BN-fused, zero-padded to the merged size around the centre, summed."""
+        """(kernel, bias) in float64: every branch BN-fused, zero-padded to the merged size around the centre,
+        summed."""
         if self.lkb_reparam is not None:
             return self.lkb_reparam.weight.double(), self.lkb_reparam.bias.double()
         k_sum = b_sum = 0
@@ -216,9 +225,25 @@ def sparse_param_count(model: nn.Module, sparsity: float = PAPER_SPARSITY) -> in
     return round(total - sparsity * masked)
 
 
+def options_implied_by(state_dict) -> dict:
+    """The constructor options a training-time checkpoint's key names fix: ``decompose=False`` for the official
+    ``Decom=None`` layout (``large_kernel.lkb_origin``, no ``LoRA1``), ``bn=False`` for its ``--bn False`` one (branch
+    convs without ``.bn.`` tensors); {} for the default layout and for a merged (``lkb_reparam``) file."""
+    branches = [k for k in state_dict if ".large_kernel." in "." + k and ".lkb_reparam." not in "." + k]
+    if not branches:
+        return {}
+    options = {}
+    if any(".large_kernel.lkb_origin." in "." + k for k in branches) and \
+            not any(".large_kernel.LoRA1." in "." + k for k in branches):
+        options["decompose"] = False
+    if not any(".bn." in k for k in branches):
+        options["bn"] = False
+    return options
+
+
 # ------------------------------------------------------------------------------------------ registered variants
 def _register(variant: str, label: str):
-    cfg = {k: v for k, v in VARIANTS[variant].items() if k != "params_m"}
+    cfg = {k: v for k, v in VARIANTS[variant].items() if k not in ("params_m", "gflops")}
 
     def factory(**kwargs) -> SLaK:
         model = SLaK(**{**cfg, **kwargs})
@@ -226,6 +251,7 @@ def _register(variant: str, label: str):
         return model
 
     factory.__name__ = factory.__qualname__ = variant
+    factory.options_implied_by = options_implied_by  # a checkpoint's layout (create_model)
     factory.__doc__ = (f"SLaK-{label}: depths {cfg['depths']}, widths 1.3 x {cfg['dims']}, kernels 51-49-47-13 "
                        f"decomposed into Kx5 + 5xK + 5x5 ({VARIANTS[variant]['params_m']}M at 40% sparsity).")
     return register_model(factory)

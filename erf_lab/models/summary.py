@@ -105,11 +105,30 @@ def format_table(rows: list[dict]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
     lines = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)]
-    slak = [r["name"] for r in rows if r["family"] == "slak"]
-    if slak:  # the paper's "#params" are not what the table counts: say so beside the numbers
-        from erf_lab.models.slak import PAPER_SPARSITY, VARIANTS
-
-        paper = ", ".join(f"{n} {VARIANTS[n]['params_m']}M" for n in slak if n in VARIANTS)
-        lines += ["", f"slak: params and GFLOPs of the dense weights; the paper counts the non-zero ones at its "
-                      f"{PAPER_SPARSITY:.0%} sparsity ({paper})"]
+    if slak := slak_paper_counting(rows):  # the paper's "#params" and "FLOPs" are not what the table counts
+        lines += ["", *slak]
     return "\n".join(lines)
+
+
+def slak_paper_counting(rows: list[dict]) -> list[str]:
+    """Lines for the SLaK variants among ``rows`` (none without them): the paper's counts of the non-zero weights of
+    its trained sparse models beside those of 40 % zeros in every conv and linear layer, and why the FLOPs differ
+    (:mod:`erf_lab.models.slak`)."""
+    from erf_lab.models.slak import PAPER_SPARSITY, VARIANTS, sparse_param_count
+
+    rows = [r for r in rows if r["family"] == "slak" and r["name"] in VARIANTS]
+    if not rows:
+        return []
+    sparsity = f"{PAPER_SPARSITY:.0%}"
+    lines = [f"slak: params and GFLOPs of the dense weights; the paper counts only the non-zero weights of its "
+             f"trained {sparsity}-sparse models"]
+    for r in rows:
+        paper = VARIANTS[r["name"]]
+        params = sparse_param_count(_build_meta(r["name"]), PAPER_SPARSITY)
+        flops = (1 - PAPER_SPARSITY) * r["flops_224"]
+        lines.append(f"  {r['name']}: paper {paper['params_m']}M / {paper['gflops']}G; {sparsity} of every conv and "
+                     f"linear weight zero: {params / 1e6:.2f}M / {flops / 1e9:.2f}G")
+    lines += ["  (the parameters follow from the sparsity, the FLOPs from where SNIP put the zeros: the stem, "
+              "downsampling and", "  head stayed dense, the blocks sparser; only a trained checkpoint's zeros fix "
+              "them: count_flops(model, nonzero=True))"]
+    return lines
