@@ -304,3 +304,28 @@ def test_convnext_baseline_of_the_official_code():
 
     with pytest.raises(ErfLabError, match="odd"):
         create_model("slak_t", kernel_size=(7, 7, 7, 7, 100), width_factor=1.0)
+
+
+@pytest.mark.parametrize("decompose", [True, False])
+def test_a_checkpoint_of_other_kernel_sizes_names_them(tmp_path, decompose):
+    """The official SLaK-T files of the kernel-size ablation (31x31, 61x61) do not fit slak_t's 51-49-47-13: the
+    error names the kernel sizes the file's shapes fix and the --override that loads it, which then loads exactly."""
+    from erf_lab.checkpoint import override_options
+    from erf_lab.errors import CheckpointError
+
+    kernels = (9, 7, 5, 5, 3)
+    src = _randomized(kernel_size=kernels, decompose=decompose)
+    torch.save({"model": src.state_dict()}, tmp_path / "slak.pth")
+    with pytest.raises(CheckpointError) as info:
+        create_model("slak_t", weights=str(tmp_path / "slak.pth"), num_classes=10, **TINY)
+    hint = "its kernels are 9, 7, 5, 5 with small kernel 3: --override 'kernel_size=(9,7,5,5,3)'"
+    assert str(info.value).endswith(hint) and override_options({"kernel_size": kernels}) in hint
+    model = create_model("slak_t", weights=str(tmp_path / "slak.pth"), num_classes=10, **{**TINY,
+                                                                                       "kernel_size": kernels})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), src(x))
+    with pytest.raises(CheckpointError) as info:  # kernels right, widths wrong: nothing about kernels
+        create_model("slak_t", weights=str(tmp_path / "slak.pth"), num_classes=10,
+                     **{**TINY, "kernel_size": kernels, "dims": (8, 8, 16, 24)})
+    assert "its kernels" not in str(info.value)

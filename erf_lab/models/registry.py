@@ -187,6 +187,8 @@ def _load_named(model: nn.Module, state_dict, weights, name: str, overrides: dic
         if (tensors := getattr(e, "file_tensors", None)) is not None and (match := models_matching(tensors)):
             saved = (f"; the file's tensors are those of {' / '.join(match)} with its default options (--model "
                      f"{match[0]}, no --override)")
+        elif (options := getattr(_MODELS.get(name), "options_hint", None)) is not None:
+            saved = options(state_dict, overrides)  # the options its tensors' shapes fix (SLaK: its kernel sizes)
         hint = trained_options_hint(weights, name, overrides)
         if not (saved or hint):
             raise

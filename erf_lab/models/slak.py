@@ -241,6 +241,44 @@ def options_implied_by(state_dict) -> dict:
     return options
 
 
+def kernel_size_of(state_dict) -> tuple[int, ...] | None:
+    """The ``kernel_size`` (four stage kernels, then the small kernel) a training-time checkpoint's branch shapes fix
+    (each stage's first block: ``LoRA1`` K x s, or ``lkb_origin`` K x K beside ``small_conv`` s x s), e.g. the
+    official 31x31 / 61x61 SLaK-T files; None where they do not (a merged file, no small branch, another model)."""
+    def shape(suffix: str):
+        t = next((v for k, v in state_dict.items() if k == suffix or k.endswith("." + suffix)), None)
+        return tuple(t.shape[-2:]) if isinstance(t, torch.Tensor) and t.dim() == 4 else None
+
+    stages, small = [], set()
+    for i in range(4):
+        prefix = f"stages.{i}.0.large_kernel."
+        lora, origin, conv = (shape(prefix + b + ".conv.weight") for b in ("LoRA1", "lkb_origin", "small_conv"))
+        if lora is not None:
+            k, s = lora
+        elif origin is not None and conv is not None:
+            k, s = origin[0], conv[0]
+        else:
+            return None
+        stages.append(k)
+        small.add(s)
+    return (*stages, small.pop()) if len(small) == 1 else None
+
+
+def options_hint(state_dict, overrides) -> str:
+    """The end of the error line of a checkpoint that does not load: the ``kernel_size`` its shapes fix where it is
+    not the one asked for (the ``--override`` that loads it); "" otherwise."""
+    import inspect
+
+    from erf_lab.checkpoint import override_options
+
+    kernel_size = kernel_size_of(state_dict)
+    asked = tuple(overrides.get("kernel_size", inspect.signature(SLaK).parameters["kernel_size"].default))
+    if kernel_size is None or asked == kernel_size:
+        return ""
+    return (f"; its kernels are {', '.join(map(str, kernel_size[:4]))} with small kernel {kernel_size[4]}: "
+            f"{override_options({'kernel_size': kernel_size})}")
+
+
 # ------------------------------------------------------------------------------------------ registered variants
 def _register(variant: str, label: str):
     cfg = {k: v for k, v in VARIANTS[variant].items() if k not in ("params_m", "gflops")}
@@ -252,6 +290,7 @@ def _register(variant: str, label: str):
 
     factory.__name__ = factory.__qualname__ = variant
     factory.options_implied_by = options_implied_by  # a checkpoint's layout (create_model)
+    factory.options_hint = options_hint  # the kernel sizes of one that does not load
     factory.__doc__ = (f"SLaK-{label}: depths {cfg['depths']}, widths 1.3 x {cfg['dims']}, kernels 51-49-47-13 "
                        f"decomposed into Kx5 + 5xK + 5x5 ({VARIANTS[variant]['params_m']}M at 40% sparsity).")
     return register_model(factory)
