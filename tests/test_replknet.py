@@ -687,6 +687,7 @@ def test_cli_reparam_writes_official_deploy_checkpoint(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0 and out.is_file() and (tmp_path / "deploy.safetensors.run.json").is_file()
     assert "params" in text and "FLOPs" in text and "max rel err" in text
+    assert "non-zero" not in text  # dense weights (the sparse-counting line is for zeros: tests/test_slak.py)
     err = float(text.split("max rel err")[1].split()[0])
     assert err < 1e-5
     deploy = create_model("replknet_31b", weights=str(out), **TINY).eval()

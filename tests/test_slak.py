@@ -329,3 +329,31 @@ def test_a_checkpoint_of_other_kernel_sizes_names_them(tmp_path, decompose):
         create_model("slak_t", weights=str(tmp_path / "slak.pth"), num_classes=10,
                      **{**TINY, "kernel_size": kernels, "dims": (8, 8, 16, 24)})
     assert "its kernels" not in str(info.value)
+
+
+def test_reparam_of_a_sparse_checkpoint_prints_the_papers_counting(tmp_path, capsys):
+    """`erf-lab reparam` of a 40 %-sparse SLaK file: beside the dense counts, those of its non-zero weights (the
+    paper's), before and after the merge (the merged K x K kernel's zero corners left out as well)."""
+    import json
+
+    from erf_lab.cli.main import main
+    from erf_lab.models.flops import count_flops, count_params
+
+    src = _sparsified(_randomized())
+    torch.save({"model": src.state_dict()}, tmp_path / "sparse.pth")
+    out = tmp_path / "deploy.pth"
+    argv = ["reparam", "--model", "slak_t", "--weights", str(tmp_path / "sparse.pth"), "--out", str(out),
+            "--check-size", "64"] + [f"--override={k}={v}" for k, v in {**TINY, "num_classes": 10}.items()]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    s = json.loads((tmp_path / "deploy.pth.run.json").read_text())
+    deployed = create_model("slak_t", weights=str(out), num_classes=10, **TINY)
+    assert (s["nonzero_params_before"], s["nonzero_flops_before"]) == (count_params(src, nonzero=True),
+                                                                       count_flops(src, 224, nonzero=True))
+    assert (s["nonzero_params_after"], s["nonzero_flops_after"]) == (count_params(deployed, nonzero=True),
+                                                                     count_flops(deployed, 224, nonzero=True))
+    assert s["nonzero_flops_before"] < 0.65 * s["flops_before"] and s["nonzero_flops_after"] < s["flops_after"]
+    line = next(ln for ln in text.splitlines() if ln.startswith("non-zero"))
+    assert line.split()[1:6] == [f"{s['nonzero_params_before'] / 1e6:.2f}M", "/",
+                                 f"{s['nonzero_flops_before'] / 1e9:.2f}G", "->",
+                                 f"{s['nonzero_params_after'] / 1e6:.2f}M"]

@@ -141,13 +141,15 @@ def export_deploy(model_name: str, out: str | Path, *, weights: str | None = Non
     """Build ``model_name`` (optionally with ``weights``), merge its kernels into the official deploy layout,
     measure the equivalence error of the logits on a random batch, and save the merged state dict to ``out``.
 
-    Returns a summary: parameters and MACs ("FLOPs", paper convention) before/after, the max relative logit
-    error and the largest of every residual branch's (:class:`ResidualBranchCheck`: the logits of an untrained
-    UniRepLKNet / SLaK do not see their blocks), output path, its SHA-256 and the number of keys. The model runs
-    in eval mode (BN running statistics), where the merge is exact up to float rounding. Without ``weights`` the
-    model is initialised from ``seed``; a random init (or weights that are one) is marked in the output file, and
-    so is the training size of ``weights`` where it is known (:func:`save_state_dict`); the summary is also written
-    to ``<out>.run.json``, with the ``provenance`` every output carries (command line ``argv``, versions, time).
+    Returns a summary: parameters and MACs ("FLOPs", paper convention) before/after, both also of the non-zero
+    weights only (``nonzero_*``: a sparse checkpoint's zeros and merged kernels' zero taps left out), the max
+    relative logit error and the largest of every residual branch's (:class:`ResidualBranchCheck`: the logits of an
+    untrained UniRepLKNet / SLaK do not see their blocks), output path, its SHA-256 and the number of keys. The
+    model runs in eval mode (BN running statistics), where the merge is exact up to float rounding. Without
+    ``weights`` the model is initialised from ``seed``; a random init (or weights that are one) is marked in the
+    output file, and so is the training size of ``weights`` where it is known (:func:`save_state_dict`); the
+    summary is also written to ``<out>.run.json``, with the ``provenance`` every output carries (command line
+    ``argv``, versions, time).
     """
     from erf_lab.io import (RESULT_KINDS, hold_file, missing_folders, prepare_out_dir, refuse_empty,
                             remove_empty_folders, result_kind)
@@ -212,6 +214,7 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
         bar.update()
         bar.set_postfix_str("count")
         params_before, flops_before = count_params(model), count_flops(model, flops_input_size)
+        nonzero_before = count_params(model, nonzero=True), count_flops(model, flops_input_size, nonzero=True)
         in_ch = int(getattr(model, "default_cfg", {}).get("input_size", (3,))[0])
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(batch_size, in_ch, input_size, input_size, generator=gen)
@@ -229,6 +232,7 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
             bar.update()
         error = max_relative_error(before, after)
         params_after, flops_after = count_params(model), count_flops(model, flops_input_size)
+        nonzero_after = count_params(model, nonzero=True), count_flops(model, flops_input_size, nonzero=True)
         bar.set_postfix_str("save")
         # a classifier --drop-head kept at its random init is no part of the weights: left out, so nothing loads it
         # as trained (shape-bias would classify with it); loading the file then asks for --drop-head
@@ -252,6 +256,8 @@ def _export_deploy(model_name: str, out: Path, *, weights, drop_head, batch_size
         out=str(out), sha256=sha256_file(out), num_keys=len(state),
         params_before=params_before, params_after=params_after,
         flops_before=flops_before, flops_after=flops_after, flops_input_size=flops_input_size,
+        nonzero_params_before=nonzero_before[0], nonzero_params_after=nonzero_after[0],
+        nonzero_flops_before=nonzero_before[1], nonzero_flops_after=nonzero_after[1],
         max_rel_error=error, compared="stage feature maps" if isinstance(before, (list, tuple)) else "logits",
         branch_max_rel_error=branches.max_error, num_branches=len(branches.errors),
         check_batch=[batch_size, in_ch, input_size, input_size], seed=seed,

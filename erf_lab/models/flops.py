@@ -67,6 +67,9 @@ def count_flops(model: nn.Module, input_size: int | tuple[int, int] = 224, in_ch
     return int(total)
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (buffers such as BN running statistics excluded)."""
+def count_params(model: nn.Module, nonzero: bool = False) -> int:
+    """Number of parameters (buffers such as BN running statistics excluded); ``nonzero=True``: of the non-zero
+    ones (a sparse model's count in sparse-training papers, SLaK's "#params"), which needs the real weights."""
+    if nonzero:
+        return sum(int(torch.count_nonzero(p)) for p in model.parameters())
     return sum(p.numel() for p in model.parameters())

@@ -37,6 +37,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"model        {s['model']}" + (f"  (weights {s['weights']})" if s["weights"] else "") + init)
     print(f"params       {s['params_before'] / 1e6:.2f}M -> {s['params_after'] / 1e6:.2f}M")
     print(f"FLOPs@{s['flops_input_size']}    {s['flops_before'] / 1e9:.2f}G -> {s['flops_after'] / 1e9:.2f}G (MACs)")
+    if s["nonzero_flops_before"] < s["flops_before"] or s["nonzero_flops_after"] < s["flops_after"]:
+        print(f"non-zero     {s['nonzero_params_before'] / 1e6:.2f}M / {s['nonzero_flops_before'] / 1e9:.2f}G -> "
+              f"{s['nonzero_params_after'] / 1e6:.2f}M / {s['nonzero_flops_after'] / 1e9:.2f}G  (params / FLOPs of "
+              "the non-zero weights: a sparse checkpoint's zeros and merged kernels' zero taps left out, as the SLaK "
+              "paper counts its sparse models)")
     print(f"max rel err  {s['max_rel_error']:.2e}  ({s['compared']}, {'x'.join(map(str, s['check_batch']))} random "
           "batch)")
     if s["branch_max_rel_error"] is not None:
