@@ -32,8 +32,14 @@ def count_flops(model: nn.Module, input_size: int | tuple[int, int] = 224, in_ch
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if nonzero and any(m.weight.is_meta for m in layers):
         raise ValueError("count_flops(nonzero=True) needs the model's weights (built on the meta device)")
+
+    def dense(m) -> int:  # from the layer's shape (a lazy layer's weight has none yet)
+        if isinstance(m, nn.Conv2d):
+            return m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        return m.out_features * m.in_features
+
     # weights per output position (the meta forward below sees no values): all of them, or the non-zero ones
-    weights = {m: int(torch.count_nonzero(m.weight)) if nonzero else m.weight.numel() for m in layers}
+    weights = {m: int(torch.count_nonzero(m.weight)) if nonzero else dense(m) for m in layers}
     total = 0
 
     def hook(module, inputs, output):
