@@ -292,6 +292,12 @@ def test_official_layouts_load_without_options(tmp_path, layout):
     with pytest.raises(CheckpointError, match="missing key"):  # an explicit option the file contradicts
         create_model("slak_t", weights=str(tmp_path / "slak.pth"), num_classes=10, **TINY,
                      **{k: not v for k, v in layout.items()})
+    # merged: the official merge_kernel's layout (lkb_reparam weight + bias; it merges only lkb_origin + small_conv)
+    with torch.no_grad():
+        merged = reparameterize_model(src)
+        torch.save({"model": merged.state_dict()}, tmp_path / "merged.pth")
+        model = create_model("slak_t", weights=str(tmp_path / "merged.pth"), num_classes=10, **TINY).eval()
+        assert torch.equal(model(x), merged(x)) and _rel(model(x), src(x)) < 1e-5
 
 
 def test_convnext_baseline_of_the_official_code():
