@@ -130,5 +130,5 @@ def slak_paper_counting(rows: list[dict]) -> list[str]:
                      f"linear weight zero: {params / 1e6:.2f}M / {flops / 1e9:.2f}G")
     lines += ["  (the parameters follow from the sparsity, the FLOPs from where SNIP put the zeros: the stem, "
               "downsampling and", "  head stayed dense, the blocks sparser; only a trained checkpoint's zeros fix "
-              "them: count_flops(model, nonzero=True))"]
+              "them: erf-lab reparam --weights FILE prints its counts)"]
     return lines
