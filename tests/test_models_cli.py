@@ -198,3 +198,26 @@ def test_user_factory_that_builds_no_module_is_one_line(capsys, argv):
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and "'os:getcwd'" in err and "returned a str, not a torch.nn.Module" in err
+
+
+def test_console_script_finds_a_model_module_in_the_current_folder(tmp_path):
+    """``erf-lab models mymodels:net`` beside ``mymodels.py``: the console script's ``sys.path`` holds the script's
+    folder, not the current one, so the README's ``--model mypackage.mymodule:factory`` was "No module named
+    'mymodels'" there while ``python -m erf_lab`` found it; now both find it (after the installed packages)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "mymodels.py").write_text("import torch.nn as nn\n\n\ndef net():\n"
+                                          "    return nn.Sequential(nn.Conv2d(3, 4, 5), nn.Conv2d(4, 4, 3))\n")
+    script = tmp_path / "bin" / "erf-lab"  # as pip writes the console script: its own folder on sys.path
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom erf_lab.cli.main import run\nsys.exit(run())\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, str(script), "models", "mymodels:net", "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    assert row["name"] == "mymodels:net" and row["params"] == 3 * 4 * 25 + 4 + 4 * 4 * 9 + 4
+    assert row["kernel_sizes"] == [3, 5]

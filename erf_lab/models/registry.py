@@ -6,6 +6,8 @@ import fnmatch
 import functools
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Sequence
 from typing import Callable
 
@@ -67,6 +69,21 @@ def is_model(name: str) -> bool:
     return name in _MODELS
 
 
+def _import_user_module(module_name: str):
+    """``module_name`` from the installed packages, else from the current folder, as ``python -m erf_lab`` finds it:
+    the ``erf-lab`` console script's ``sys.path`` lacks the current folder, so ``--model mymodels:net`` beside the
+    user's ``mymodels.py`` was "No module named 'mymodels'" there. The folder is appended, so that it never shadows
+    an installed package, and kept, for the modules the factory imports later."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        here = os.getcwd()
+        if e.name != module_name.partition(".")[0] or {"", ".", here} & set(sys.path):
+            raise
+        sys.path.append(here)
+        return importlib.import_module(module_name)
+
+
 def _resolve_factory(name: str) -> Callable[..., nn.Module]:
     if name in _MODELS:
         return _MODELS[name]
@@ -80,7 +97,7 @@ def _resolve_factory(name: str) -> Callable[..., nn.Module]:
             raise ErfLabError(f"model {name!r}: {module_name!r} is not a module name (package.module:factory, "
                               "importable from the current folder or the installed packages; not a file path)")
         try:
-            module = importlib.import_module(module_name)
+            module = _import_user_module(module_name)
         except ImportError as e:
             raise ErfLabError(f"cannot import module {module_name!r} for model {name!r}: {e}") from None
         factory = getattr(module, attr, None)
