@@ -26,6 +26,8 @@ BACKENDS = ("native", "channels_last", "cpp", "fft", "triton")
 OP_BACKENDS = ("native", "channels_last", "cpp", "triton")
 OPS = ("forward", "input gradient", "weight gradient")
 ENV_BACKEND, ENV_AUTOTUNE, ENV_CACHE = "FASTCONV_BACKEND", "FASTCONV_AUTOTUNE", "FASTCONV_CACHE"
+#: the C++ kernel's fp32 lanes per vector (8 or 16; "auto" or unset: 16 where the CPU has avx512f)
+ENV_LANES = "FASTCONV_CPU_LANES"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,25 @@ def _env_cache_dir() -> Path:
                   f"are kept in {folder} for this process only: set ${ENV_CACHE} to a folder to keep them",
                   RuntimeWarning, stacklevel=user_stacklevel())
     return Path(folder)
+
+
+def requested_lanes(lanes=None) -> int:
+    """0 (auto), 8 or 16 from ``lanes`` or else ``$FASTCONV_CPU_LANES`` ("auto"/"" = auto); ValueError (one line)
+    otherwise. Here, without torch, so that a command can refuse a bad value before any work
+    (:func:`fastconv.cpu_kernels.cpu_lanes` reads it at the C++ kernel's first call)."""
+    raw = os.environ.get(ENV_LANES, "") if lanes is None else lanes
+    if isinstance(raw, str):
+        raw = raw.strip().lower()
+        if raw in ("", "auto", "0"):
+            return 0
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = -1
+    if value not in (0, 8, 16):
+        src = f"${ENV_LANES}" if lanes is None else "lanes"
+        raise ValueError(f"fastconv: {src}={raw!r} is not a CPU lane width; use 8, 16 or auto")
+    return value
 
 
 def _from_env() -> Settings:

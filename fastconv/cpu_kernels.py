@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastconv.config import _OFF, settings, user_stacklevel
+from fastconv.config import _OFF, ENV_LANES, settings, user_stacklevel
+from fastconv.config import requested_lanes as _requested_lanes
 from fastconv.jsonstore import MKSTEMP_RANDOM, locked, plain_mode, remove_stale_temporaries
 
 _SRC = Path(__file__).with_name("csrc") / "dwconv.cpp"
@@ -236,25 +237,7 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
 
 
 # ------------------------------------------------------------------------------------------------- lane width
-ENV_LANES = "FASTCONV_CPU_LANES"
 _VARIANTS = {8: "8-lane (256-bit vectors)", 16: "16-lane AVX-512", 17: "16-lane lowered to 2x256-bit (no AVX-512)"}
-
-
-def _requested_lanes(lanes=None) -> int:
-    """0 (auto), 8 or 16 from ``lanes`` or else ``$FASTCONV_CPU_LANES`` ("auto"/"" = auto); ValueError otherwise."""
-    raw = os.environ.get(ENV_LANES, "") if lanes is None else lanes
-    if isinstance(raw, str):
-        raw = raw.strip().lower()
-        if raw in ("", "auto", "0"):
-            return 0
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        value = -1
-    if value not in (0, 8, 16):
-        src = f"${ENV_LANES}" if lanes is None else "lanes"
-        raise ValueError(f"fastconv: {src}={raw!r} is not a CPU lane width; use 8, 16 or auto")
-    return value
 
 
 def cpu_lanes(lanes=None) -> int:

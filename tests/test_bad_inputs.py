@@ -975,6 +975,8 @@ def test_taking_a_folder_removes_what_kills_left_there_but_no_write_going_on(tmp
 @pytest.mark.parametrize("name,value,message", [
     ("FASTCONV_BACKEND", "cpp/cpp/bogus", "fastconv: unknown backend 'cpp/cpp/bogus' (from $FASTCONV_BACKEND)"),
     ("FASTCONV_AUTOTUNE", "maybe", "fastconv: $FASTCONV_AUTOTUNE='maybe' is not a yes or no"),
+    # read only at the C++ kernel's first call: a traceback after the model was built, or nothing when no layer ran it
+    ("FASTCONV_CPU_LANES", "7", "fastconv: $FASTCONV_CPU_LANES='7' is not a CPU lane width; use 8, 16 or auto"),
 ])
 def test_a_fastconv_variable_fastconv_refuses_is_one_line_exit_2(name, value, message, tmp_path, capsys,
                                                                     monkeypatch):

@@ -58,13 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_environment() -> None:
     """ErfLabError (one line, exit 2, before any work) for a ``$FASTCONV_BACKEND`` / ``$FASTCONV_AUTOTUNE`` /
-    ``$FASTCONV_CACHE`` that fastconv refuses: it raised its ValueError from a command's first convolution, after the
-    model was built, as a traceback (``fastconv.config`` imports no torch); and for an erf-lab yes / no setting
-    (``erf_lab.paths.ENV_FLAGS``) that is neither."""
+    ``$FASTCONV_CACHE`` / ``$FASTCONV_CPU_LANES`` that fastconv refuses: it raised its ValueError from a command's
+    first convolution, after the model was built, as a traceback (``fastconv.config`` imports no torch); and for an
+    erf-lab yes / no setting (``erf_lab.paths.ENV_FLAGS``) that is neither."""
     from fastconv import config
 
     try:
         config.settings()
+        config.requested_lanes()
     except ValueError as e:
         raise ErfLabError(str(e)) from None
     from erf_lab.paths import ENV_FLAGS, env_flag
