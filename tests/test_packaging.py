@@ -132,3 +132,32 @@ def test_readme_names_every_environment_variable_the_code_reads():
             read |= set(re.findall(r"\b((?:ERF_LAB|FASTCONV)_[A-Z0-9_]*[A-Z0-9])\b", path.read_text()))
     assert read >= {"ERF_LAB_CACHE", "ERF_LAB_DATA", "FASTCONV_CACHE"}  # the scan finds them at all
     assert not {v for v in read if v not in text}, "environment variables missing from README.md"
+
+
+def test_output_piped_into_a_reader_that_leaves_ends_quietly(monkeypatch):
+    """``erf-lab models --json | head`` (here ``data info``, the quickest): the reader gone, the command's ``print``
+    raised BrokenPipeError, a traceback and exit status 1; now nothing on stderr and 141, the status a shell gives
+    a process SIGPIPE ended.
+    A broken pipe that is not standard output's (a socket, a worker's pipe) still raises."""
+    import os
+
+    import pytest
+
+    from erf_lab.cli import main as cli
+    from erf_lab.cli.commands import models
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "erf_lab", "data", "info"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "") and cli.EXIT_BROKEN_PIPE == 141
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(models, "run", broken)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["models"])

@@ -17,6 +17,9 @@ from erf_lab.errors import (OUT_OF_MEMORY_HINT, ErfLabError, on_every_rank, out_
                             world_size_from_env)
 
 EXIT_USAGE = 2
+#: the reader of the output left (`erf-lab models --json | head`): the status a shell gives a process that
+#: SIGPIPE ended (128 + 13), as `cat` or `grep` end there
+EXIT_BROKEN_PIPE = 141
 #: a torchrun process that leaves an error to its node's first process waits this long before exiting
 SILENT_EXIT_DELAY_S = 1.0
 #: the console script's generation-0 collection threshold (Python's default: 700). A command imports torch and
@@ -101,6 +104,26 @@ def _end_progress_bars() -> None:
         sys.stderr.write("\n")
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output's reader has gone (a pipe to ``head`` that has its lines): a traceback from the
+    command's ``print`` before. Then the rest of the output goes to the null device, so that the flush at exit says
+    nothing either; a broken pipe elsewhere (a socket, a worker's pipe) is no such case."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()  # a pipe or socket whose reader has gone polls as an error / hang-up
+        poller.register(fd, select.POLLOUT)
+        if not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+            return False
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor
+        return False
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -150,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"erf-lab {args.command}: error: out of memory ({what}); {OUT_OF_MEMORY_HINT} (outputs it had "
               f"finished are kept)", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        _end_progress_bars()
+        return EXIT_BROKEN_PIPE
     except OSError as e:  # a file that cannot be read or written (commands check their outputs first)
         if e.errno not in _CANNOT_ACCESS:
             raise
