@@ -567,3 +567,16 @@ def test_summary_records_which_weights_of_the_file_were_measured(tiny_model, tmp
                 "part": None, "left_out": 0}
     assert json.loads((tmp_path / "sb" / "summary.json").read_text())["weights_selection"] == expected
     assert json.loads((tmp_path / "sb" / "run.json").read_text())["weights_selection"] == expected
+
+
+def test_quiet_turns_the_progress_bars_off(tiny_model, tmp_path, fixture_datasets, capsys):
+    """`--quiet`, as in compute, sweep, train, timeline and study: shape-bias had none, so its decoding and
+    per-set bars filled a batch job's log; the results are the same either way."""
+    args = ["shape-bias", "--model", tiny_model, "--allow-random", "--stimuli", str(fixture_datasets), "--workers",
+            "0", "--limit", "16"]
+    assert main([*args, "--out", str(tmp_path / "bars")]) == 0
+    assert "img/s" in capsys.readouterr().err
+    assert main([*args, "--quiet", "--out", str(tmp_path / "quiet")]) == 0
+    out, err = capsys.readouterr()
+    assert "img/s" not in err and "%|" not in err and "shape bias" in out
+    assert (tmp_path / "quiet" / "decisions.csv").read_text() == (tmp_path / "bars" / "decisions.csv").read_text()

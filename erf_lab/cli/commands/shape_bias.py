@@ -59,6 +59,7 @@ def add_arguments(p) -> None:
                         "none in the figures")
     p.add_argument("--out", default=None, help="output folder (default runs/shape_bias/<model> or "
                                                "runs/shape_bias/comparison)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
@@ -136,7 +137,7 @@ def run(args) -> int:
                            workers=args.workers, device=args.device, limit=args.limit, command=command_line(),
                            allow_random=args.allow_random, cache=not args.no_cache,
                            crop_pct=_crop_pct(args.crop_pct or "1.0"), seed=args.seed or 0,
-                           with_humans=not args.no_humans)
+                           with_humans=not args.no_humans, show_progress=not args.quiet)
 
     if s["random_weights"]:
         print(f"{args.model}: UNTRAINED (random initial weights, --allow-random): the numbers describe no trained model")
