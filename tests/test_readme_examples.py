@@ -183,3 +183,50 @@ def test_the_files_the_readme_names_exist_or_are_written_by_the_code():
     names = {n for n in names - EXAMPLE_FILES if not any(REPO_ROOT.rglob(n)) and "NNN" not in n}
     assert {"erf.npy", "metrics.json", "run.json", "sweep.json", "summary.json", "erf_flops.json"} <= names
     assert not sorted(n for n in names if n not in code)
+
+
+def test_the_kernel_family_table_is_the_shipped_results():
+    """The README's kernel-family table quotes ``data/trained/cue-world/family.csv`` to its printed digits, so a study
+    shipped again cannot leave the README's numbers (and the conclusions drawn from them) behind."""
+    import csv
+
+    rows = {r["name"]: r for r in csv.DictReader((REPO_ROOT / "data/trained/cue-world/family.csv").open())}
+    section = README.split("### The kernel-family study", 1)[1].split("\n\n| model |", 1)[1]
+    lines = [line for line in section.split("\n\n", 1)[0].splitlines() if line.startswith("| K = ")]
+    columns = ["val_acc", "area@20%", "area@50%", "area@99%", "r_rms", "shape_bias", "shape_only_accuracy",
+               "texture_only_accuracy"]
+    assert len(lines) == len(rows) == 6
+    for line in lines:
+        label, *cells = [c.strip() for c in line.strip("|").split("|")]
+        k, _, seed = label.removeprefix("K = ").partition(", seed ")
+        row = rows[f"K{k}-seed{seed or 0}"]
+        for column, cell in zip(columns, cells, strict=True):
+            if cell == "n/r":
+                assert row[column] == "", (label, column)
+            else:
+                digits = len(cell.partition(".")[2])
+                assert float(cell) == round(float(row[column]), digits), (label, column, cell, row[column])
+
+
+def test_the_human_consistency_table_is_what_the_module_measures(shared_datasets):
+    """The README's human-vs-human table (mean accuracy, observed / expected consistency, error consistency mean ± SD
+    and range, accuracy difference over the 45 pairs) to its printed digits, from the 10 subjects' CSVs."""
+    import statistics
+
+    from erf_lab.shape_bias.consistency import accuracy, human_trials, human_vs_human
+
+    section = README.split("### Consistency with humans", 1)[1].split("\n### ", 1)[0]
+    lines = [line for line in section.splitlines() if re.match(r"\| [a-z-]+ \(\d+", line)]
+    humans = human_trials(shared_datasets)
+    assert len(lines) == len(humans) == 3
+    for line in lines:
+        name, *cells = [c.strip() for c in line.strip("|").split("|")]
+        h = human_vs_human(humans[name.split()[0]])
+        pairs = list(h["pairs"].values())
+        ec = h["error_consistency"]
+        expect = [f"{statistics.mean(accuracy(t) for t in humans[name.split()[0]].values()):.4f}",
+                  f"{statistics.mean(p['observed_consistency'] for p in pairs):.4f}",
+                  f"{statistics.mean(p['expected_consistency'] for p in pairs):.4f}",
+                  f"{ec['mean']:.3f} ± {ec['sd']:.3f} ({ec['min']:.3f}–{ec['max']:.3f})",
+                  f"{h['accuracy_difference']['mean']:.4f}"]
+        assert cells == expect, name
