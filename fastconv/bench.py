@@ -515,7 +515,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> tu
     try:
         result = run(**kw, batch=batch, channels=args.channels, warmup=args.warmup, device=str(dev),
                      dtype=args.dtype, modes=("fwd", "fwdbwd") if args.mode == "both" else (args.mode,),
-                     impls=args.impls, on_row=on_row, previous=previous)
+                     impls=args.impls, on_row=on_row, previous=previous, show_progress=not args.quiet)
     except RuntimeError as e:  # a dtype this PyTorch has no kernel for on the device ("not implemented for 'Half'")
         if "not implemented for" not in str(e) or args.dtype == "float32":
             raise

@@ -52,3 +52,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/fastconv-bench",
                    help="output directory for table.csv, table.txt, results.json and run.json "
                         "(default runs/fastconv-bench)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -2580,3 +2580,20 @@ def test_bench_table_says_when_its_rates_mostly_count_zero_padding():
     note = padding_note([{"R": 32, "K": 31}, {"R": 3, "K": 31}, {"R": 16, "K": 13}])
     assert "at R=3, K=31 only 0.9 % of them meet the map" in note
     assert padding_note([{"R": 32, "K": 31}, {"R": 56, "K": 13}]) == ""  # 62 % and 95 % inside: rates stand
+
+
+def test_bench_quiet_turns_the_progress_bar_off(tmp_path, monkeypatch, capsys):
+    """``--quiet``, as in erf-lab's other long commands: the benchmark's bar had no off switch, and filled a batch
+    job's log; the rows are the same either way."""
+    import fastconv.bench as fb
+
+    monkeypatch.setattr(fb, "sgemm_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(fb, "bench_one", lambda *a, **k: 1e-3)
+    argv = ["--kernels", "3", "--resolutions", "8", "--batch", "1", "--channels", "4", "--layers", "1", "--repeats",
+            "1", "--device", "cpu", "--mode", "fwd"]
+    assert fb.main([*argv, "--out", str(tmp_path / "bars")]) == 0
+    assert "fastconv bench" in capsys.readouterr().err
+    assert fb.main([*argv, "--quiet", "--out", str(tmp_path / "quiet")]) == 0
+    assert "fastconv bench" not in capsys.readouterr().err
+    rows = [json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("bars", "quiet")]
+    assert rows[0] == rows[1] and len(rows[0]) == 1
