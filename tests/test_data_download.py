@@ -240,6 +240,20 @@ def test_cli_download_and_info(mirror, tmp_path, capsys, monkeypatch):
     assert str(dest) in out and "edges: 3 files" in out
 
 
+def test_cli_download_quiet_shows_no_progress_bar(mirror, tmp_path, capsys, monkeypatch):
+    """``data download --quiet``, as the other long commands: its per-set bars had no off switch."""
+    url, manifest, _ = mirror
+    monkeypatch.setattr(dl, "load_manifest", lambda: manifest)
+    argv = ["data", "download", "--base-url", url, "--sets", "edges"]
+    assert main([*argv, "--dest", str(tmp_path / "bars")]) == 0
+    assert "download edges" in capsys.readouterr().err
+    assert main([*argv, "--quiet", "--dest", str(tmp_path / "quiet")]) == 0
+    out, err = capsys.readouterr()
+    assert "download edges" not in err and "edges: installed (3 files)" in out
+    assert sorted(p.name for p in (tmp_path / "quiet" / "edges").rglob("*.png")) == sorted(
+        p.name for p in (tmp_path / "bars" / "edges").rglob("*.png"))
+
+
 class _Misbehaving(http.server.BaseHTTPRequestHandler):
     """A server that closes the connection halfway (once), or answers with no HTTP at all."""
     data = bytes(range(256)) * 400

@@ -22,6 +22,7 @@ def add_arguments(p) -> None:
     d.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"raw-file base URL or mirror (default {DEFAULT_BASE_URL})")
     d.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="which sets (default all)")
     d.add_argument("--workers", type=int, default=4, help="parallel downloads (default 4)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("info", help="show where the data sets are found")
 
 
@@ -41,7 +42,8 @@ def run(args) -> int:
         dest = prepare_out_dir(dl.default_dest() if args.dest is None else args.dest, what="--dest")  # "": one line
         try:  # held while it downloads: a second download into it meanwhile appended to the same partial files
             with hold_folder(dest, what="--dest"):
-                rep = dl.download(args.dest, base_url=args.base_url, sets=args.sets, workers=args.workers)
+                rep = dl.download(args.dest, base_url=args.base_url, sets=args.sets, workers=args.workers,
+                                  show_progress=not args.quiet)
         except BaseException:
             remove_empty_folders(made)  # a failed download leaves no empty --dest it made (one holding .part stays)
             raise
