@@ -104,15 +104,17 @@ def dispatches_in_python(t) -> bool:
 _FUNCTORCH = getattr(torch._C, "_functorch", None)
 
 
-def under_vmap() -> bool:
-    """Whether a ``torch.func.vmap`` level is on functorch's stack (vmap itself, and inside ``jacfwd``,
-    ``hessian``, ``vmap(grad(...))`` per-sample gradients, ``vmap(jacrev(...))``; an input's outer wrapper may be
-    another transform's): the C++ and Triton kernels read raw pointers, which batched tensors do not have, and the
-    custom Function has no vmap rule, so such calls take the stock op, which vmap batches."""
+def under_vmap_or_functionalize() -> bool:
+    """Whether a ``torch.func.vmap`` level (vmap itself, and inside ``jacfwd``, ``hessian``, ``vmap(grad(...))``
+    per-sample gradients, ``vmap(jacrev(...))``; an input's outer wrapper may be another transform's) or a
+    ``torch.func.functionalize`` level is on functorch's stack: the C++ and Triton kernels read raw pointers, which
+    batched tensors do not have, and the custom Function has no vmap rule and no functionalize rule (functionalize
+    failed with torch's "NYI: Functionalize rule for custom_function_call"), so such calls take the stock op, which
+    both transform."""
     if _FUNCTORCH is None or not hasattr(_FUNCTORCH, "get_interpreter_stack"):
         return False
-    vmap = _FUNCTORCH.TransformType.Vmap
-    return any(level.key() == vmap for level in (_FUNCTORCH.get_interpreter_stack() or ()))
+    kinds = (_FUNCTORCH.TransformType.Vmap, _FUNCTORCH.TransformType.Functionalize)
+    return any(level.key() in kinds for level in (_FUNCTORCH.get_interpreter_stack() or ()))
 
 
 def without_storage(*tensors) -> bool:

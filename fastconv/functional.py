@@ -10,7 +10,7 @@ from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function
 
 from fastconv.backends import (any_autocast_enabled, autocast_inputs, check_inputs, dispatches_in_python,
-                               native_conv, run_backend, under_vmap)
+                               native_conv, run_backend, under_vmap_or_functionalize)
 from fastconv.compiled import compiled_call
 from fastconv import dispatch
 from fastconv.dispatch import _fast_key, resolve
@@ -43,17 +43,25 @@ def flops_counted_by_caller():
         _FLOPS_COUNTED_BY_CALLER.reset(token)
 
 
-def _counting_flops() -> bool:
-    """Whether torch's FlopCounterMode is on this thread's dispatch mode stack (and the caller does not count the
-    calls itself: :func:`flops_counted_by_caller`): it counts ATen ops only, and the kernels of fastconv are none (it
-    counted 0 FLOPs for the C++ kernel and the FFT, and the autotuner's timing runs of a first call, 14-50x the
-    conv's)."""
-    if _FLOPS_COUNTED_BY_CALLER.get():
-        return False
+#: dispatch modes (and their subclasses) under which a call runs the stock op: FakeTensorMode gives every op a fake
+#: output, also on real input tensors (``allow_non_fake_inputs=True``), and the C++ kernel wrote through the pointer of
+#: such an output and crashed the process; make_fx's ProxyTorchDispatchMode and FunctionalTensorMode record the ATen
+#: ops, and a graph traced through the C++ kernel held only its output's ``empty_like`` (uninitialised memory)
+_STOCK_OP_MODES = frozenset(("FakeTensorMode", "ProxyTorchDispatchMode", "FunctionalTensorMode"))
+_FLOP_COUNTER_MODES = frozenset(("FlopCounterMode", "_FlopCounterMode"))
+
+
+def _modes_need_stock_op() -> bool:
+    """Whether a dispatch mode on this thread's stack needs the stock op: one of ``_STOCK_OP_MODES``, or torch's
+    FlopCounterMode where the caller does not count the calls itself (:func:`flops_counted_by_caller`): it counts ATen
+    ops only, and the kernels of fastconv are none (it counted 0 FLOPs for the C++ kernel and the FFT, and the
+    autotuner's timing runs of a first call, 14-50x the conv's). Other modes (a logging one) see fastconv's kernels
+    run."""
     from torch.utils import _python_dispatch
 
     stack = getattr(_python_dispatch, "_get_current_dispatch_mode_stack", list)()  # (private: where it moves, False)
-    return any(type(m).__name__ in ("FlopCounterMode", "_FlopCounterMode") for m in stack)
+    names = {c.__name__ for m in stack for c in type(m).__mro__}
+    return bool(names & _STOCK_OP_MODES) or (bool(names & _FLOP_COUNTER_MODES) and not _FLOPS_COUNTED_BY_CALLER.get())
 
 
 def _surely_empty(x: torch.Tensor) -> bool:
@@ -111,9 +119,11 @@ def _decide_outside_modes(backend, x, weight, bias) -> None:
 
 def _runs_stock_op(x, weight) -> bool:
     """Whether this call runs outside fastconv's kernels (``_stock_call``): compiled, traced, on tensors that dispatch
-    in Python, under FlopCounterMode or vmap."""
+    in Python, under a dispatch mode that needs the stock op (``_modes_need_stock_op``: FakeTensorMode, make_fx,
+    FlopCounterMode), under vmap or functionalize."""
     return (_is_compiling() or _tracing_state() is not None or dispatches_in_python(x) or dispatches_in_python(weight)
-            or (_dispatch_modes() and _counting_flops()) or (_transforms_active() and under_vmap()))
+            or (_dispatch_modes() and _modes_need_stock_op())
+            or (_transforms_active() and under_vmap_or_functionalize()))
 
 
 def _stock_call(x, weight, bias, backend):
@@ -132,7 +142,8 @@ def _stock_call(x, weight, bias, backend):
     # transforms batch the stock op, and dual numbers carry their tangents through it; backend "native" and
     # an empty input are the stock op, which the compiler then sees. Tensors that dispatch in Python (FakeTensor,
     # DTensor) have no data where the kernels read raw pointers (under FakeTensorMode the C++ kernel wrote through
-    # a fake tensor's pointer and crashed the process), and FlopCounterMode counts the stock op only; other
+    # a fake tensor's pointer and crashed the process; so did a real tensor's call under FakeTensorMode), make_fx
+    # records the stock op, and FlopCounterMode counts the stock op only; other
     # dispatch modes (a profiler's) still see fastconv's kernels run
     if not _is_compiling() and _tracing_state() is None and _dispatch_modes():
         _decide_outside_modes(backend, x, weight, bias)
@@ -178,7 +189,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         _check_conv2d_args(x, weight, padding, groups)
     if (_is_compiling() or _tracing_state() is not None or type(x) not in _PLAIN_TYPES
             or type(weight) not in _PLAIN_TYPES or (bias is not None and type(bias) not in _PLAIN_TYPES)
-            or (_dispatch_modes() and _counting_flops()) or (_transforms_active() and under_vmap())):
+            or (_dispatch_modes() and _modes_need_stock_op())
+            or (_transforms_active() and under_vmap_or_functionalize())):
         if not _is_compiling() and _has_torch_function(x, weight, bias):
             # a tensor subclass with a __torch_function__ of its own sees this op (and runs it, as its default
             # __torch_function__ does, with that switched off inside), and the output is of its type, as F.conv2d's

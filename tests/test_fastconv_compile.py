@@ -245,6 +245,41 @@ def test_jit_trace_records_the_stock_op(grad, one_thread):
             assert _rel(traced(x2), expected) <= 1e-5 and _rel(loaded(x2), expected) <= 1e-5
 
 
+def test_real_tensors_under_fake_tensor_mode_make_fx_and_functionalize_run_the_stock_op(monkeypatch, one_thread):
+    """Real (not fake) tensors under FakeTensorMode(allow_non_fake_inputs=True) reached the C++ kernel, which wrote
+    through the pointer of the mode's fake output and crashed the process; make_fx (tracing_mode "real") recorded only
+    the kernel output's empty_like, and its graph returned uninitialised memory; torch.func.functionalize failed with
+    torch's "NYI: Functionalize rule for custom_function_call". Each now runs the stock op: fake outputs of the right
+    shape and strides, a graph of aten's convolution with F.conv2d's values, functionalize's values as F.conv2d's."""
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w, b = torch.randn(2, 4, 9, 8), torch.randn(4, 1, 13, 13), torch.randn(4)
+    conv = fastconv.DepthwiseConv2d(4, 13, backend="cpp")
+    for name in KERNELS["cpp"]:  # the C++ kernel on a fake output or a traced call: never reached
+        monkeypatch.setattr(ck, name, lambda *a, name=name, **k: pytest.fail(f"{name} reached"))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            y = fastconv.depthwise_conv2d(xl, w, b, backend="cpp")
+            out = conv(xl)
+            out.sum().backward()
+        assert isinstance(y, FakeTensor) and isinstance(out, FakeTensor)
+        assert y.shape == out.shape == x.shape and y.stride() == out.stride() == xl.stride()
+        assert isinstance(conv.weight.grad, FakeTensor) and conv.weight.grad.shape == (4, 1, 13, 13)
+        conv.weight.grad = None
+    for backend in ("cpp", "channels_last"):
+        def f(x, w, b):
+            return fastconv.depthwise_conv2d(x, w, b, backend=backend)
+        gm = make_fx(f)(x, w, b)
+        assert "aten.convolution.default" in {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        for _ in range(2):
+            x2 = torch.randn_like(x) * 3
+            assert _rel(gm(x2, w, b), F.conv2d(x2, w, b, padding=6, groups=4)) <= 1e-5
+        assert _rel(torch.func.functionalize(f)(x, w, b), F.conv2d(x, w, b, padding=6, groups=4)) <= 1e-5
+
+
 def test_fx_symbolic_trace_records_fastconv_as_one_node(one_thread):
     """torch.fx.symbolic_trace (the tracer of quantize_fx and torchvision's feature extractor) of a model with a
     DepthwiseConv2d failed ("symbolically traced variables cannot be used as inputs to control flow", the unbatched
