@@ -393,7 +393,7 @@ def backend_runner(backend: str, x, weight, bias=None):
             return lambda x, w, b: F.conv2d(x, w, b, 1, pad, 1, groups).contiguous()
         return lambda x, w, b: F.conv2d(x, w, b, 1, pad, 1, groups)
     if backend == "fft":
-        return lambda x, w, b: ck.fft_conv(x, w, b).contiguous(memory_format=memory_format_of(x))
+        return lambda x, w, b: _in_layout(ck.fft_conv(x, w, b), memory_format_of(x))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         fmt = memory_format_of(x)
 
@@ -405,6 +405,18 @@ def backend_runner(backend: str, x, weight, bias=None):
             return _fwd(fwd, x, w, b).contiguous(memory_format=fmt)
         return forward_only
     return lambda x, w, b: _DepthwiseConv2dFn.apply(x, w, b, backend)
+
+
+def _in_layout(y: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """``y`` laid out in ``fmt``, or as it is where ``fmt`` is channels_last and ``y`` carries batched forward-mode
+    tangents (``torch.autograd.functional.jacobian(..., vectorize=True, strategy="forward-mode")``, gradcheck's batched
+    forward gradients): vmap cannot lay them out channels_last, and the call failed with torch's "NYI:
+    Tensor.clone(memory_format) inside vmap"."""
+    if fmt == torch.channels_last and getattr(forward_ad, "_current_level", -1) >= 0:
+        tangent = forward_ad.unpack_dual(y).tangent
+        if tangent is not None and without_storage(tangent):
+            return y
+    return y.contiguous(memory_format=fmt)
 
 
 def run_backend(backend: str, x, weight, bias):

@@ -693,8 +693,8 @@ def test_torch_func_grad_matches_conv2d(backend, one_thread):
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["native/native/cpp", "cpp/native/channels_last"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_forward_mode_ad_matches_conv2d(backend, layout, one_thread):
-    """Dual numbers and torch.func.jvp through every backend (and per-op names): the output's tangent is F.conv2d's
-    (the custom Function had no jvp: NotImplementedError), in the input's layout."""
+    """Dual numbers, torch.func.jvp and a vectorized forward-mode jacobian through every backend (and per-op names):
+    the output's tangent is F.conv2d's (the custom Function had no jvp: NotImplementedError), in the input's layout."""
     if "cpp" in backend:
         need_cpp()
     import torch.autograd.forward_ad as fwAD
@@ -714,6 +714,13 @@ def test_forward_mode_ad_matches_conv2d(backend, layout, one_thread):
         assert y_t.is_contiguous(memory_format=torch.channels_last)
     _, jt = torch.func.jvp(lambda a: fastconv.depthwise_conv2d(a, w, None, backend=backend), (x,), (xt,))
     assert _rel(jt, _ref(xt, w, None)) <= 1e-5
+    # batched tangents (a vectorized forward-mode jacobian): "fft" on channels_last failed with torch's "NYI:
+    # Tensor.clone(memory_format) inside vmap"
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    small = (x[:1, :2, :5, :4].contiguous(memory_format=fmt), w[:2], b[:2])
+    jf, jr = (torch.autograd.functional.jacobian(conv, small, vectorize=True, strategy="forward-mode")
+              for conv in (lambda *a: fastconv.depthwise_conv2d(*a, backend=backend), _ref))
+    assert all(_rel(a, e) <= 1e-5 for a, e in zip(jf, jr))
 
 
 @pytest.mark.parametrize("backend,frozen", [(None, True)] + [(b, f) for b in ("channels_last", "cpp")
