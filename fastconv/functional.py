@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import List, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function
 
@@ -217,3 +219,34 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return _unbatched_call(x, weight, bias, backend)
     check_inputs(x, weight, bias)
     return run_backend(resolve(backend, x, weight, bias), x, weight, bias)
+
+
+def _scripted_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                               backend: Optional[str] = None, stride: int = 1, dilation: int = 1,
+                               padding: Union[str, int, List[int]] = "same", groups: Optional[int] = None):
+    """``depthwise_conv2d`` as ``torch.jit.script`` compiles it (a scripted model or function that calls it): the
+    stock op, F.conv2d with 'same' padding (as torch.jit.trace and torch.export record it; ``backend`` is not used),
+    with the eager op's checks. Scripting such a caller failed with TorchScript's NotSupportedError ("Compiled
+    functions can't take variable number of arguments or use keyword-only arguments with defaults")."""
+    if stride != 1 or dilation != 1:
+        raise ValueError("depthwise_conv2d: only stride 1 and dilation 1 are supported; use F.conv2d")
+    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0:
+        raise ValueError("depthwise_conv2d: weight must be (C, 1, KH, KW) with odd KH and KW")
+    kh, kw = weight.shape[2], weight.shape[3]
+    same = False
+    if isinstance(padding, str):
+        same = padding == "same"
+    elif isinstance(padding, int):
+        same = kh == kw and padding == kh // 2
+    else:
+        same = padding == [kh // 2, kw // 2]
+    if not same:
+        raise ValueError("depthwise_conv2d: only 'same' padding is supported (padding='same' or KH//2, KW//2); use "
+                         "F.conv2d")
+    if groups is not None and groups != x.shape[-3]:
+        raise ValueError("depthwise_conv2d: groups must equal the channels of x (a depthwise conv); use F.conv2d")
+    return F.conv2d(x, weight, bias, 1, [kh // 2, kw // 2], 1, x.shape[-3])
+
+
+# torch.jit.script compiles the twin above where a scripted caller (or torch.jit.script itself) meets this op
+depthwise_conv2d.__prepare_scriptable__ = lambda: _scripted_depthwise_conv2d

@@ -336,6 +336,41 @@ def test_jit_script_of_a_converted_model_runs_the_stock_op(one_thread):
     assert type(model[1]) is fastconv.DepthwiseConv2d
 
 
+def test_jit_script_of_code_calling_depthwise_conv2d_runs_the_stock_op(one_thread):
+    """torch.jit.script of a module whose forward calls ``fastconv.depthwise_conv2d`` (or of the function itself)
+    failed with TorchScript's NotSupportedError on its keyword-only arguments; it now compiles to F.conv2d with the
+    eager op's checks (the same numbers, batched and unbatched, saveable; padding other than 'same' one clear error)."""
+    import io
+
+    import torch.nn.functional as F
+
+    class UsesTheOp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(4, 1, 5, 3)), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            y = fastconv.depthwise_conv2d(x, self.w, self.b, backend="cpp", padding=[2, 1], groups=4)
+            return y.relu() + fastconv.depthwise_conv2d(x, self.w)
+
+    model = UsesTheOp()
+    scripted = torch.jit.script(model)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x = torch.randn(2, 4, 9, 8)
+    with torch.no_grad():
+        conv = F.conv2d(x, model.w, model.b, padding=(2, 1), groups=4)
+        expected = conv.relu() + F.conv2d(x, model.w, padding=(2, 1), groups=4)
+        assert _rel(scripted(x), expected) <= 1e-5 and _rel(loaded(x), expected) <= 1e-5
+        assert _rel(scripted(x[0]), expected[0]) <= 1e-5
+        fn = torch.jit.script(fastconv.depthwise_conv2d)
+        assert _rel(fn(x, model.w, model.b), conv) <= 1e-5
+        with pytest.raises(torch.jit.Error, match="only 'same' padding is supported"):
+            fn(x, model.w, model.b, padding=3)
+
+
 def test_export_keeps_the_stock_op_and_functorch_runs_inside_compiled_code(one_thread):
     """torch.export: a portable graph (aten's conv2d, which other runtimes know); vmap and jacrev inside compiled
     functions: the stock op, which functorch batches."""
