@@ -666,8 +666,10 @@ def resolve(backend: str | None, x, weight, bias) -> str:
                 _fast[key] = hit
         return hit[0]
     ok, reason = supports(backend, x, weight)
-    if not ok:
-        raise ValueError(f"depthwise_conv2d: backend {backend!r} cannot run this call: {reason}")
+    if not ok:  # and what to run instead (the float64 of gradcheck / gradgradcheck on backend "cpp" was refused alone)
+        able = [b for b in BACKENDS if supports(b, x, weight)[0]]
+        raise ValueError(f"depthwise_conv2d: backend {backend!r} cannot run this call: {reason}; "
+                         + (f"backends that can: {', '.join(able)}, or 'auto'" if able else "no backend can"))
     return backend
 
 

@@ -382,6 +382,21 @@ def test_gradcheck_float64(backend, one_thread):
     w = torch.randn(3, 1, 5, 3, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: fastconv.depthwise_conv2d(*t, backend=backend), (x, w, b))
+    # second derivatives (gradient penalties), also of a channels_last input
+    xs = x.detach()[:1, :2, :4, :3].contiguous(memory_format=torch.channels_last).requires_grad_()
+    for args in ((x.detach()[:1, :2, :4, :3].requires_grad_(), w[:2], b[:2]), (xs, w[:2], b[:2])):
+        assert torch.autograd.gradgradcheck(lambda *t: fastconv.depthwise_conv2d(*t, backend=backend), args)
+
+
+def test_a_backend_that_cannot_run_a_call_says_which_can():
+    """gradcheck's float64 on backend "cpp" (float32 only) was refused with the reason alone; the error now names
+    the backends that can run the call."""
+    x, w = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cpp handles float32 CPU tensors only; backends that can: native, "
+                                         r"channels_last, fft, or 'auto'$"):
+        fastconv.depthwise_conv2d(x, w, backend="cpp")
+    with pytest.raises(ValueError, match=r"backends that can: native, channels_last, or 'auto'$"):
+        fastconv.DepthwiseConv2d(2, 3, backend="fft").half()(x.half())
 
 
 def test_cpp_weight_grad_accumulates_in_fp32_accurately():
