@@ -9,6 +9,7 @@ A depthwise "same" convolution y = x * w (cross-correlation, stride 1, padding K
 """
 from __future__ import annotations
 
+import contextvars
 import os
 
 import torch
@@ -99,6 +100,32 @@ def dispatches_in_python(t) -> bool:
     kernels read raw pointers (the C++ kernel wrote through a fake tensor's pointer and crashed the process), so its
     calls run the stock op."""
     return getattr(type(t), "__torch_dispatch__", _PLAIN_DISPATCH) is not _PLAIN_DISPATCH
+
+
+#: set by ``fastconv.flops_counted_by_caller``: FlopCounterMode is on, but the caller counts each call's FLOPs itself
+FLOPS_COUNTED_BY_CALLER = contextvars.ContextVar("fastconv_flops_counted_by_caller", default=False)
+#: dispatch modes (and their subclasses) under which a call runs the stock op: FakeTensorMode gives every op a fake
+#: output, also on real input tensors (``allow_non_fake_inputs=True``), and the C++ kernel wrote through the pointer of
+#: such an output and crashed the process; make_fx's ProxyTorchDispatchMode and FunctionalTensorMode record the ATen
+#: ops, and a graph traced through the C++ kernel held only its output's ``empty_like`` (uninitialised memory)
+_STOCK_OP_MODES = frozenset(("FakeTensorMode", "ProxyTorchDispatchMode", "FunctionalTensorMode"))
+_FLOP_COUNTER_MODES = frozenset(("FlopCounterMode", "_FlopCounterMode"))
+
+
+def mode_needing_stock_op() -> str | None:
+    """The name of a dispatch mode on this thread's stack under which a call runs the stock op, else None: one of
+    ``_STOCK_OP_MODES``, or torch's FlopCounterMode where the caller does not count the calls itself
+    (``FLOPS_COUNTED_BY_CALLER``): it counts ATen ops only, and the kernels of fastconv are none (it counted 0 FLOPs for
+    the C++ kernel and the FFT, and the autotuner's timing runs of a first call, 14-50x the conv's). Other modes (a
+    logging one) see fastconv's kernels run."""
+    from torch.utils import _python_dispatch
+
+    stack = getattr(_python_dispatch, "_get_current_dispatch_mode_stack", list)()  # (private: where it moves, None)
+    for mode in stack:
+        names = {c.__name__ for c in type(mode).__mro__}
+        if names & _STOCK_OP_MODES or (names & _FLOP_COUNTER_MODES and not FLOPS_COUNTED_BY_CALLER.get()):
+            return type(mode).__name__
+    return None
 
 
 _FUNCTORCH = getattr(torch._C, "_functorch", None)

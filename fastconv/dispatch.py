@@ -24,7 +24,7 @@ import torch
 from fastconv import cpu_kernels as ck
 from fastconv import jsonstore
 from fastconv.backends import (_fwd, _grad_input, _grad_weight, autocast_inputs, backend_runner, check_inputs,
-                               dispatches_in_python, memory_format_of, run_backend, supports)
+                               dispatches_in_python, memory_format_of, mode_needing_stock_op, run_backend, supports)
 from fastconv.config import BACKENDS, ENV_BACKEND, OP_BACKENDS, OPS, memo_key, settings, split_backend
 
 ONEDNN_MAX_PAD = 6
@@ -712,11 +712,21 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if isinstance(x, torch.Tensor) and x.dim() == 3:
         x = x.unsqueeze(0)
     check_inputs(x, weight, bias)
-    stock = dispatches_in_python(x) or dispatches_in_python(weight)
-    if stock:  # not timed: the autotuner's candidates would run fastconv's kernels on tensors without data
+    fake = dispatches_in_python(x) or dispatches_in_python(weight)
+    mode = mode_needing_stock_op() if torch._C._len_torch_dispatch_stack() else None
+    if mode is None and not fake and torch._C._len_torch_dispatch_stack():
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():  # a mode that does not change what runs (a logging one) sees no timing run
+            return explain(x, weight, bias)
+    stock = fake or mode is not None
+    if fake:
+        # not timed: the autotuner's candidates would run fastconv's kernels on tensors without data
         d = {"backend": "native", "why": f"{type(x if dispatches_in_python(x) else weight).__name__} (a tensor that "
              "dispatches in Python): the stock op F.conv2d, as depthwise_conv2d runs it (fastconv's kernels, which the "
              "autotuner would time, read data it does not have)"}
+    elif mode is not None:  # not timed: under FakeTensorMode the timed C++ kernel crashed the process
+        d = {"backend": "native", "why": f"under {mode}: the stock op F.conv2d, as depthwise_conv2d runs it there"}
     else:
         d = decide(x, weight, bias)
     n, c, h, w = x.shape

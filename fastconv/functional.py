@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import List, Optional, Union
 
 import torch
@@ -11,8 +10,9 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function
 
-from fastconv.backends import (any_autocast_enabled, autocast_inputs, check_inputs, dispatches_in_python,
-                               native_conv, run_backend, under_vmap_or_functionalize)
+from fastconv.backends import (FLOPS_COUNTED_BY_CALLER, any_autocast_enabled, autocast_inputs, check_inputs,
+                               dispatches_in_python, mode_needing_stock_op, native_conv, run_backend,
+                               under_vmap_or_functionalize)
 from fastconv.compiled import compiled_call
 from fastconv import dispatch
 from fastconv.dispatch import _fast_key, resolve
@@ -28,42 +28,17 @@ _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 _has_torch_function = torch._C._has_torch_function_variadic
 
 
-#: set by :func:`flops_counted_by_caller`: FlopCounterMode is on, but the caller counts each call's FLOPs itself
-_FLOPS_COUNTED_BY_CALLER = contextvars.ContextVar("fastconv_flops_counted_by_caller", default=False)
-
-
 @contextlib.contextmanager
 def flops_counted_by_caller():
     """``with flops_counted_by_caller():`` fastconv's calls run their kernels (as without the mode) under a
     FlopCounterMode that the caller corrects itself, counting each call's FLOPs from its shapes (as
     ``erf_lab.erf.roofline.counting_flops`` does with module hooks): the counted pass is then as fast as any other,
     where by default a call under FlopCounterMode runs the stock op so that the mode counts it."""
-    token = _FLOPS_COUNTED_BY_CALLER.set(True)
+    token = FLOPS_COUNTED_BY_CALLER.set(True)
     try:
         yield
     finally:
-        _FLOPS_COUNTED_BY_CALLER.reset(token)
-
-
-#: dispatch modes (and their subclasses) under which a call runs the stock op: FakeTensorMode gives every op a fake
-#: output, also on real input tensors (``allow_non_fake_inputs=True``), and the C++ kernel wrote through the pointer of
-#: such an output and crashed the process; make_fx's ProxyTorchDispatchMode and FunctionalTensorMode record the ATen
-#: ops, and a graph traced through the C++ kernel held only its output's ``empty_like`` (uninitialised memory)
-_STOCK_OP_MODES = frozenset(("FakeTensorMode", "ProxyTorchDispatchMode", "FunctionalTensorMode"))
-_FLOP_COUNTER_MODES = frozenset(("FlopCounterMode", "_FlopCounterMode"))
-
-
-def _modes_need_stock_op() -> bool:
-    """Whether a dispatch mode on this thread's stack needs the stock op: one of ``_STOCK_OP_MODES``, or torch's
-    FlopCounterMode where the caller does not count the calls itself (:func:`flops_counted_by_caller`): it counts ATen
-    ops only, and the kernels of fastconv are none (it counted 0 FLOPs for the C++ kernel and the FFT, and the
-    autotuner's timing runs of a first call, 14-50x the conv's). Other modes (a logging one) see fastconv's kernels
-    run."""
-    from torch.utils import _python_dispatch
-
-    stack = getattr(_python_dispatch, "_get_current_dispatch_mode_stack", list)()  # (private: where it moves, False)
-    names = {c.__name__ for m in stack for c in type(m).__mro__}
-    return bool(names & _STOCK_OP_MODES) or (bool(names & _FLOP_COUNTER_MODES) and not _FLOPS_COUNTED_BY_CALLER.get())
+        FLOPS_COUNTED_BY_CALLER.reset(token)
 
 
 def _surely_empty(x: torch.Tensor) -> bool:
@@ -121,10 +96,10 @@ def _decide_outside_modes(backend, x, weight, bias) -> None:
 
 def _runs_stock_op(x, weight) -> bool:
     """Whether this call runs outside fastconv's kernels (``_stock_call``): compiled, traced, on tensors that dispatch
-    in Python, under a dispatch mode that needs the stock op (``_modes_need_stock_op``: FakeTensorMode, make_fx,
+    in Python, under a dispatch mode that needs the stock op (``mode_needing_stock_op``: FakeTensorMode, make_fx,
     FlopCounterMode), under vmap or functionalize."""
     return (_is_compiling() or _tracing_state() is not None or dispatches_in_python(x) or dispatches_in_python(weight)
-            or (_dispatch_modes() and _modes_need_stock_op())
+            or (_dispatch_modes() and mode_needing_stock_op())
             or (_transforms_active() and under_vmap_or_functionalize()))
 
 
@@ -191,7 +166,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         _check_conv2d_args(x, weight, padding, groups)
     if (_is_compiling() or _tracing_state() is not None or type(x) not in _PLAIN_TYPES
             or type(weight) not in _PLAIN_TYPES or (bias is not None and type(bias) not in _PLAIN_TYPES)
-            or (_dispatch_modes() and _modes_need_stock_op())
+            or (_dispatch_modes() and mode_needing_stock_op())
             or (_transforms_active() and under_vmap_or_functionalize())):
         if not _is_compiling() and _has_torch_function(x, weight, bias):
             # a tensor subclass with a __torch_function__ of its own sees this op (and runs it, as its default

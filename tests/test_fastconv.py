@@ -989,6 +989,34 @@ def test_explain_on_fake_tensors_answers_without_timing(monkeypatch):
         assert "x=(1,4,16,16)" in fastconv.explain(torch.randn(4, 16, 16), torch.randn(4, 1, 9, 9))
 
 
+def test_explain_under_dispatch_modes_says_what_runs_and_times_outside_them(fastconv_isolated, monkeypatch):
+    """``explain`` on real tensors under FakeTensorMode(allow_non_fake_inputs=True) timed the C++ kernel there, which
+    wrote through a fake output's pointer and crashed the process (and under make_fx its timing runs went into the
+    graph); it now says the call runs the stock op there, as it does, without timing. Under another dispatch mode (a
+    logging one) the decision is timed with the mode set aside: the mode sees none of the timing runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(1, 4, 16, 16), torch.randn(4, 1, 13, 13)
+    with monkeypatch.context() as m:
+        m.setattr(dispatch, "decide", lambda *a, **k: pytest.fail("decided (timed) under FakeTensorMode"))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            text = fastconv.explain(x, w)
+    assert "-> backend 'native': under FakeTensorMode: the stock op F.conv2d" in text and "cpp kernel" not in text
+    with Log() as log:
+        text = fastconv.explain(x, w)
+    assert "-> backend '" in text and "under Log" not in text and log.ops == []
+
+
 def test_a_tensor_subclass_with_its_own_torch_function_keeps_its_type(one_thread):
     """A tensor subclass that overrides ``__torch_function__`` only (no Python dispatch) gets its type back, as from
     F.conv2d, whichever tensor it is and whichever backend runs (the C++ kernel returned a plain Tensor for a subclass
