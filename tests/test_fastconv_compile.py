@@ -245,6 +245,63 @@ def test_jit_trace_records_the_stock_op(grad, one_thread):
             assert _rel(traced(x2), expected) <= 1e-5 and _rel(loaded(x2), expected) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpp", "fft", "native", "channels_last"])
+def test_export_trace_and_vmap_over_channels_give_conv2d_numbers(backend, one_thread):
+    """Each CPU backend under torch.export and torch.jit.trace (NCHW and channels_last inputs, later inputs too), and
+    under vmap over the channel dimension (one channel per vmapped call): F.conv2d's numbers."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    m = fastconv.DepthwiseConv2d(4, 9, backend=None if backend == "auto" else backend).eval()
+    x = torch.randn(2, 4, 11, 10)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = x.contiguous(memory_format=fmt)
+        exported = torch.export.export(m, (xf,)).module()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings of the checks' Python branches
+            traced = torch.jit.trace(m, xf)
+            for x2 in (xf, (torch.randn(2, 4, 11, 10) * 3).contiguous(memory_format=fmt)):
+                expected = F.conv2d(x2, m.weight, m.bias, padding=4, groups=4)
+                assert _rel(exported(x2), expected) <= 1e-5 and _rel(traced(x2), expected) <= 1e-5
+    with torch.no_grad():
+        per_channel = torch.func.vmap(
+            lambda xc, wc, bc: fastconv.depthwise_conv2d(xc[:, None], wc[None], bc[None], backend=backend)[:, 0],
+            in_dims=(1, 0, 0), out_dims=1)(x, m.weight, m.bias)
+        assert _rel(per_channel, F.conv2d(x, m.weight, m.bias, padding=4, groups=4)) <= 1e-5
+
+
+def test_onnx_export_holds_the_depthwise_conv(one_thread):
+    """torch.onnx.export (the TorchScript exporter, which traces) of a DepthwiseConv2d on the C++ kernel: one Conv
+    node with the depthwise conv's groups and padding, and where onnxruntime is importable, F.conv2d's numbers.
+    Skipped where the onnx package is not importable."""
+    onnx = pytest.importorskip("onnx")
+    import io
+    import warnings
+
+    import torch.nn.functional as F
+
+    m = fastconv.DepthwiseConv2d(4, 13, backend="cpp").eval()
+    x = torch.randn(2, 4, 16, 15)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the checks' Python branches
+        torch.onnx.export(m, (x,), buf, dynamo=False, input_names=["x"])
+    convs = [n for n in onnx.load_from_string(buf.getvalue()).graph.node if n.op_type == "Conv"]
+    assert len(convs) == 1
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in convs[0].attribute}
+    assert attrs["group"] == 4 and list(attrs["pads"]) == [6, 6, 6, 6]
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    session = onnxruntime.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    x2 = torch.randn(2, 4, 16, 15)
+    (y,) = session.run(None, {"x": x2.numpy()})
+    with torch.no_grad():
+        assert _rel(torch.from_numpy(y), F.conv2d(x2, m.weight, m.bias, padding=6, groups=4)) <= 1e-5
+
+
 def test_real_tensors_under_fake_tensor_mode_make_fx_and_functionalize_run_the_stock_op(monkeypatch, one_thread):
     """Real (not fake) tensors under FakeTensorMode(allow_non_fake_inputs=True) reached the C++ kernel, which wrote
     through the pointer of the mode's fake output and crashed the process; make_fx (tracing_mode "real") recorded only
