@@ -129,6 +129,7 @@ def mode_needing_stock_op() -> str | None:
 
 
 _FUNCTORCH = getattr(torch._C, "_functorch", None)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def under_vmap_or_functionalize() -> bool:
@@ -354,11 +355,14 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
         need_x, need_w, need_b = (_gradient_needed(ctx, i) for i in range(3))
-        if without_storage(g, x, w) or (torch.is_grad_enabled() and getattr(forward_ad, "_current_level", -1) >= 0
-                                        and any(forward_ad.unpack_dual(t).tangent is not None for t in (g, x, w))):
+        if dispatches_in_python(g) or (_dispatch_modes() and mode_needing_stock_op()) or without_storage(g, x, w) \
+                or (torch.is_grad_enabled() and getattr(forward_ad, "_current_level", -1) >= 0
+                    and any(forward_ad.unpack_dual(t).tangent is not None for t in (g, x, w))):
             # a vmapped backward (jacrev, jacobian(vectorize=True)), or a double backward under forward-mode AD
             # (hessian's forward-mode outer jacobian: batched tangents): PyTorch's formulas in the tensors' own
-            # layout (vmap cannot make a channels_last copy)
+            # layout (vmap cannot make a channels_last copy); so too a backward of an eager forward run under
+            # FakeTensorMode or make_fx, or on a fake gradient (the C++ kernel wrote through a fake output's pointer
+            # and crashed the process; make_fx's graph held only its outputs' empty_like)
             gx = _grad_input("native", g, w) if need_x else None
             gw = _native_weight_grad(x, g, *w.shape[-2:]) if need_w else None
             gb = g.sum(dim=(0, 2, 3)) if ctx.has_bias and need_b else None

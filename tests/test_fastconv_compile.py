@@ -337,6 +337,26 @@ def test_real_tensors_under_fake_tensor_mode_make_fx_and_functionalize_run_the_s
         assert _rel(torch.func.functionalize(f)(x, w, b), F.conv2d(x, w, b, padding=6, groups=4)) <= 1e-5
 
 
+def test_the_backward_of_an_eager_forward_under_make_fx_or_fake_tensor_mode(one_thread):
+    """The backward of a forward run eagerly on the C++ kernel, traced by make_fx: its graph held only the gradient
+    kernels' empty_like (F.conv2d's gradients never came out); run under FakeTensorMode(allow_non_fake_inputs=True):
+    the C++ kernel wrote through a fake gradient's pointer and crashed the process. Both now run PyTorch's
+    formulas."""
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w = torch.randn(2, 4, 9, 8, requires_grad=True), torch.randn(4, 1, 13, 11, requires_grad=True)
+    y = fastconv.depthwise_conv2d(x, w, backend="cpp")
+    gm = make_fx(lambda g: torch.autograd.grad(y, (x, w), g, retain_graph=True))(torch.ones_like(y))
+    g2 = torch.randn_like(y)
+    expected = torch.autograd.grad(F.conv2d(x, w, padding=(6, 5), groups=4), (x, w), g2)
+    assert all(_rel(a, e) <= 1e-5 for a, e in zip(gm(g2), expected))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    assert isinstance(gx, FakeTensor) and isinstance(gw, FakeTensor) and gx.shape == x.shape and gw.shape == w.shape
+
+
 def test_fx_symbolic_trace_records_fastconv_as_one_node(one_thread):
     """torch.fx.symbolic_trace (the tracer of quantize_fx and torchvision's feature extractor) of a model with a
     DepthwiseConv2d failed ("symbolically traced variables cannot be used as inputs to control flow", the unbatched
