@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -198,7 +198,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def _scripted_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                                backend: Optional[str] = None, stride: int = 1, dilation: int = 1,
-                               padding: Union[str, int, List[int]] = "same", groups: Optional[int] = None):
+                               padding: Union[str, int, List[int], Tuple[int, int]] = "same",
+                               groups: Optional[int] = None):
     """``depthwise_conv2d`` as ``torch.jit.script`` compiles it (a scripted model or function that calls it): the
     stock op, F.conv2d with 'same' padding (as torch.jit.trace and torch.export record it; ``backend`` is not used),
     with the eager op's checks. Scripting such a caller failed with TorchScript's NotSupportedError ("Compiled
@@ -213,8 +214,10 @@ def _scripted_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Opti
         same = padding == "same"
     elif isinstance(padding, int):
         same = kh == kw and padding == kh // 2
-    else:
+    elif isinstance(padding, list):
         same = padding == [kh // 2, kw // 2]
+    else:
+        same = padding == (kh // 2, kw // 2)
     if not same:
         raise ValueError("depthwise_conv2d: only 'same' padding is supported (padding='same' or KH//2, KW//2); use "
                          "F.conv2d")

@@ -428,7 +428,7 @@ def test_jit_script_of_code_calling_depthwise_conv2d_runs_the_stock_op(one_threa
 
         def forward(self, x):
             y = fastconv.depthwise_conv2d(x, self.w, self.b, backend="cpp", padding=[2, 1], groups=4)
-            return y.relu() + fastconv.depthwise_conv2d(x, self.w)
+            return y.relu() + fastconv.depthwise_conv2d(x, self.w, padding=(2, 1))
 
     model = UsesTheOp()
     scripted = torch.jit.script(model)
