@@ -146,10 +146,11 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ``fastconv.BACKENDS`` runs that one, a per-op name "forward/input_grad/weight_grad" (e.g. "native/native/cpp") runs
     each operation with its own. Under ``torch.autocast`` the tensors are cast as autocast casts
     F.conv2d's (float32 ones to the autocast dtype). Under ``torch.compile`` the graph holds fastconv's custom ops
-    (``fastconv.compiled``); ``torch.export``, ``torch.jit.trace`` and functorch transforms get the stock op, and
-    so do calls under FlopCounterMode and on tensors that dispatch in Python (FakeTensor, DTensor); a tensor subclass
-    with a ``__torch_function__`` of its own sees this op as it sees F.conv2d; ``torch.fx.symbolic_trace`` records
-    one node of this op. ``stride``, ``dilation``, ``padding`` and ``groups`` let an ``F.conv2d(x, w, b,
+    (``fastconv.compiled``); ``torch.export``, ``torch.jit.trace``, ``torch.jit.script``
+    (``_scripted_depthwise_conv2d``) and vmap / functionalize get the stock op, and so do calls under
+    FlopCounterMode, FakeTensorMode and make_fx and on tensors that dispatch in Python (FakeTensor, DTensor); a tensor
+    subclass with a ``__torch_function__`` of its own sees this op as it sees F.conv2d; ``torch.fx.symbolic_trace``
+    records one node of this op. ``stride``, ``dilation``, ``padding`` and ``groups`` let an ``F.conv2d(x, w, b,
     padding=K//2, groups=C)`` call switch by its name alone: each takes only what this op computes (1, 1, 'same' or
     K//2, C), else ValueError.
     """
