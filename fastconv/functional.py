@@ -210,7 +210,6 @@ def _scripted_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Opti
     if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0:
         raise ValueError("depthwise_conv2d: weight must be (C, 1, KH, KW) with odd KH and KW")
     kh, kw = weight.shape[2], weight.shape[3]
-    same = False
     if isinstance(padding, str):
         same = padding == "same"
     elif isinstance(padding, int):
