@@ -188,7 +188,7 @@ def test_layers_of_cnn_vit_and_swin(capsys):
     # a 16 x 16 stride-16 patch: unit 0's receptive field is pixels 0..15, centred at 7.5
     assert vit["patch_embed.proj"] == {"name": "patch_embed.proj", "shape": [192, 4, 4], "theoretical_rf": 16,
                                        "stride": 16, "rf_start": [7.5, 7.5], "stride_hw": [16, 16],
-                                       "rf_global": False, "kernel_rf": 16}
+                                       "rf_global": False, "kernel_rf": 16, "size_dependent": False}
     assert vit["blocks.0"]["shape"] == [192, 4, 4] and vit["blocks.0"]["theoretical_rf"] is None
     assert "blocks.0.attn.q_norm" not in vit  # per-head (B, heads, N, d): no spatial map
     assert vit["forward_features"]["stride"] == 16

@@ -6,7 +6,13 @@ from (1, 1, 0) at the input (Araujo et al., Distill 2019): ``start`` is the inpu
 0, 1, ...) of the centre of unit 0's receptive field, so unit i's is centred at ``start + i * jump`` (RepLKNet's
 "same" padding: 32 i; a 4 x 4 stride-4 patchify stem: 4 i + 1.5).
 Every torch op is intercepted while the model runs once, so parallel branches (RepLKNet's large- and
-small-kernel branches, residual shortcuts) merge by taking the max over the op's inputs.
+small-kernel branches, residual shortcuts) merge by the union of their receptive fields over the op's inputs.
+Besides convolutions and poolings, ops that move or regroup the units are followed: ``F.unfold`` /
+``Tensor.unfold``, pixel unshuffle, ``F.pad``, crops and strided slices, ``torch.roll`` (exact for the centre
+unit, whose rolled source lies within half the map). An adaptive pooling pools bins that depend on its map's size
+(exact at the probed size only: rows after it are ``size_dependent``); bins of two widths or steps, resamplings,
+flips, a swap of y and x and a concatenation along a spatial axis leave the units on no grid of the input, and
+every layer after them has no theoretical RF (``None``, as after attention) rather than a wrong one.
 
 Attention has no kernel: a product of two input-dependent tensors (``q @ k^T``, ``attn @ v``,
 ``scaled_dot_product_attention``) mixes tokens, and every layer after it has no theoretical RF in this sense
@@ -16,11 +22,11 @@ Token and NHWC outputs are listed as (C, H, W) maps (:func:`erf_lab.erf.tokens.t
 layer after attention is read off its map (input side / map side).
 
 A reduction over the whole map (global pooling: squeeze-and-excitation's squeeze; a norm over H and W: GRN;
-GroupNorm's statistics, a LayerNorm over (C, H, W)) makes every input pixel reach every later unit: such a layer's
-theoretical RF is the whole image, "global" (``None``, ``rf_global`` True), whatever its kernels reach
-(``kernel_rf``); the kernels still place its units (``rf_start``), except in the pooled values themselves (SE's
-squeeze: one per channel, no unit grid). Over a 1 x 1 map such a reduction reduces nothing: ``run_erf``'s geometry
-is probed at a size where every map is larger (``erf_lab.erf.runner._probe_geometry``).
+GroupNorm's statistics, a LayerNorm over (C, H, W)) or a Linear over a flattened map makes every input pixel reach
+every later unit: such a layer's theoretical RF is the whole image, "global" (``None``, ``rf_global`` True), whatever
+its kernels reach (``kernel_rf``); the kernels still place its units (``rf_start``), except in the pooled values
+themselves (SE's squeeze: one per channel, no unit grid). Over a 1 x 1 map such a reduction reduces nothing:
+``run_erf``'s geometry is probed at a size where every map is larger (``erf_lab.erf.runner._probe_geometry``).
 """
 from __future__ import annotations
 
@@ -37,11 +43,13 @@ from erf_lab.errors import ErfLabError
 
 DEFAULT_LAYER = "forward_features"
 _ATTR = "_erf_lab_rf"
+_FLAT = "_erf_lab_flat"  # a (B, features) tensor that holds a map's units (a map flattened): a Linear mixes them
 _TOKEN_MIXING = ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention")
 # ops that resample the map: after them the units lie on no integer grid of the input, so the theoretical RF is
 # not tracked (None, as after attention) rather than given wrong (an upsampled map kept its coarse stride and RF)
-_RESAMPLING = ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pixel_shuffle", "pixel_unshuffle",
-               "grid_sample")
+_RESAMPLING = ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pixel_shuffle", "grid_sample",
+               "max_unpool2d", "fractional_max_pool2d", "fractional_max_pool2d_with_indices")
+_ADAPTIVE_POOLS = ("adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_max_pool2d_with_indices")
 # reductions that, taken over both spatial axes of a map (_reduces_space), give every output all the input's pixels
 _REDUCTIONS = ("mean", "sum", "nansum", "nanmean", "norm", "vector_norm", "linalg_vector_norm", "amax", "amin", "max",
                "min", "std", "var", "std_mean", "var_mean", "logsumexp", "prod", "adaptive_avg_pool2d",
@@ -76,6 +84,68 @@ def _reduces_space(name: str, src, out) -> bool:
         one_per_channel = [d for d in (b, c) if d != 1]
         if h > 1 and w > 1 and out.numel() == b * c and [d for d in out.shape if d != 1] == one_per_channel:
             return True
+    return False
+
+
+def _adaptive_bins(n: int, m: int) -> tuple[int, int] | None:
+    """(kernel, stride) of an adaptive pooling from ``n`` to ``m`` units along one axis (unit i pools input units
+    floor(i n / m) .. ceil((i + 1) n / m) - 1: bins of ceil(n / m) or more, overlapping where m does not divide n),
+    where its bins are one kernel on a grid; None where their widths or steps differ."""
+    starts = [i * n // m for i in range(m)]
+    widths = {-(-(i + 1) * n // m) - starts[i] for i in range(m)}
+    steps = {b - a for a, b in zip(starts, starts[1:])}
+    if len(widths) != 1 or len(steps) > 1:
+        return None
+    width = widths.pop()
+    return width, steps.pop() if steps else width
+
+
+def _resampled_jump(jump, src, out) -> tuple:
+    """The map's step in input pixels after a resampling of ``src`` into ``out``: scaled by their sides' ratio."""
+    out = out[0] if isinstance(out, (tuple, list)) and out else out
+    if isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) and out.dim() == src.dim() == 4 \
+            and min(out.shape[-2:]) > 0:
+        return tuple(jump[a] * src.shape[2 + a] / out.shape[2 + a] for a in range(2))
+    return jump
+
+
+def _spatial_dims(t: torch.Tensor) -> tuple[int, int]:
+    """The (y, x) axes of a map: (1, 2) where :func:`erf_lab.erf.tokens.track_layout` tagged it NHWC, else (2, 3)."""
+    return (1, 2) if getattr(t, "_erf_lab_nhwc", False) else (2, 3)
+
+
+def _sliced(src: torch.Tensor, index, start, jump):
+    """(start, jump) of the map ``src[index]``: a slice of a spatial axis moves unit 0 to its first unit (a crop,
+    U-Net's skip connections) and multiplies the step by its own; unchanged where ``index`` is not basic slicing."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is None or isinstance(i, (torch.Tensor, list, bool)) for i in index):
+        return start, jump
+    if any(i is Ellipsis for i in index):
+        k = next(n for n, i in enumerate(index) if i is Ellipsis)
+        index = index[:k] + (slice(None),) * (src.dim() - len(index) + 1) + index[k + 1:]
+    start, jump = list(start), list(jump)
+    for a, dim in enumerate(_spatial_dims(src)):
+        if dim < len(index) and isinstance(index[dim], slice):
+            first, _, step = index[dim].indices(src.shape[dim])
+            start[a] += first * jump[a]
+            jump[a] *= step
+    return tuple(start), tuple(jump)
+
+
+def _breaks_grid(name: str, src, args, kwargs) -> bool:
+    """Whether op ``name`` leaves its map's units on no grid of the input: a flip of a spatial axis (its step turns
+    negative), a swap of y and x (the map's y runs along the input's x), a concatenation along a spatial axis (two
+    grids side by side)."""
+    if name in ("flip", "fliplr", "flipud") and isinstance(src, torch.Tensor) and src.dim() == 4:
+        dims = {"fliplr": [1], "flipud": [0]}.get(name) or (args[1] if len(args) > 1 else kwargs.get("dims", ()))
+        dims = dims if isinstance(dims, (tuple, list)) else [dims]
+        return bool({int(d) % 4 for d in dims} & set(_spatial_dims(src)))
+    if name in ("transpose", "swapaxes", "swapdims") and isinstance(src, torch.Tensor) and src.dim() == 4:
+        return len(args) > 2 and {int(args[1]) % 4, int(args[2]) % 4} == set(_spatial_dims(src))
+    if name in ("cat", "concat", "concatenate") and isinstance(src, (tuple, list)) and src \
+            and isinstance(src[0], torch.Tensor) and src[0].dim() == 4:
+        dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0)) % 4
+        return dim in _spatial_dims(src[0]) and sum(isinstance(t, torch.Tensor) and t.numel() > 0 for t in src) > 1
     return False
 
 
@@ -125,8 +195,12 @@ def _tag(obj, info):
 
 class _RFMode(TorchFunctionMode):
     """Propagates ((rf_h, rf_w), (jump_h, jump_w), (start_h, start_w), global, pooled) through every torch op
-    (global: the value depends on every input pixel through a reduction over a whole map, :func:`_reduces_space`;
-    pooled: it is such a reduction's values, or made of them alone: no grid of units)."""
+    (global: the value depends on every input pixel through a reduction over a whole map, :func:`_reduces_space`,
+    or a Linear over a flattened map; pooled: it is such a reduction's values, or made of them alone: no grid of
+    units). ``size_dependent``: an op ran whose geometry depends on its map's size (an adaptive pooling to more
+    than one unit), so what follows it holds at this input size only."""
+
+    size_dependent = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -134,9 +208,13 @@ class _RFMode(TorchFunctionMode):
         infos = _infos(args, []) + _infos(kwargs, [])
         if not infos:
             return out
-        rf = (max(i[0][0] for i in infos), max(i[0][1] for i in infos))
         jump = (max(i[1][0] for i in infos), max(i[1][1] for i in infos))
-        start = infos[0][2]  # branches merged by an op are aligned (same-padded): the first one's
+        # branches merged by an op: unit 0 sees the union of their intervals (the same where they are aligned, as
+        # same-padded branches are; a shift by torch.roll or a one-sided F.pad in one branch widens it)
+        lo = tuple(min(i[2][a] - (i[0][a] - 1) / 2 for i in infos) for a in range(2))
+        hi = tuple(max(i[2][a] + (i[0][a] - 1) / 2 for i in infos) for a in range(2))
+        rf = tuple(hi[a] - lo[a] + 1 for a in range(2))
+        start = tuple((lo[a] + hi[a]) / 2 if math.isfinite(rf[a]) else infos[0][2][a] for a in range(2))
         name = getattr(func, "__name__", "")
         src = args[0] if args else None
         pooled = _reduces_space(name, src, out)
@@ -147,19 +225,75 @@ class _RFMode(TorchFunctionMode):
             rf = (math.inf, math.inf)
         elif name in _RESAMPLING or (name == "conv_transpose2d" and _pair(
                 args[3] if len(args) > 3 else kwargs.get("stride", 1)) != (1, 1)):
-            rf = (math.inf, math.inf)
-            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if isinstance(out, torch.Tensor) and src is not None and out.dim() == src.dim() == 4 and min(
-                    out.shape[-2:]) > 0:  # the map's step in input pixels, scaled by the resampling
-                jump = tuple(jump[a] * src.shape[2 + a] / out.shape[2 + a] for a in range(2))
+            rf, jump = (math.inf, math.inf), _resampled_jump(jump, src, out)
+        elif name in _ADAPTIVE_POOLS and not pooled and isinstance(src, torch.Tensor) and src.dim() == 4:
+            # its bins depend on the map's size: exact at this input size only (list_layers' "size_dependent"); a
+            # 1 x 1 map's are itself
+            self.size_dependent = self.size_dependent or src.shape[2] * src.shape[3] > 1
+            sized = out[0] if isinstance(out, (tuple, list)) else out
+            bins = [_adaptive_bins(src.shape[2 + a], sized.shape[2 + a]) for a in range(2)]
+            if None in bins:  # bins of two widths or steps: the units lie on no grid of the input
+                rf, jump = (math.inf, math.inf), _resampled_jump(jump, src, out)
+            else:
+                kernel, stride = tuple(b[0] for b in bins), tuple(b[1] for b in bins)
+                dilation, padding = (1, 1), (0, 0)
         elif name in ("conv2d", "conv_transpose2d") and len(args) >= 2:
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             kernel = tuple(weight.shape[-2:])
             stride = _pair(args[3] if len(args) > 3 else kwargs.get("stride", 1))
-            dilation = _pair(args[5] if len(args) > 5 else kwargs.get("dilation", 1))
-            padding = _padding(args[4] if len(args) > 4 else kwargs.get("padding", 0), kernel, dilation)
-            if name == "conv_transpose2d":
-                stride, padding = (1, 1), tuple((kernel[a] - 1) * dilation[a] / 2 for a in range(2))  # not tracked
+            if name == "conv2d":
+                dilation = _pair(args[5] if len(args) > 5 else kwargs.get("dilation", 1))
+                padding = _padding(args[4] if len(args) > 4 else kwargs.get("padding", 0), kernel, dilation)
+            else:  # (input, weight, bias, stride, padding, output_padding, groups, dilation), stride 1 here: the
+                # convolution with the flipped kernel and padding d (k - 1) - p
+                dilation = _pair(args[7] if len(args) > 7 else kwargs.get("dilation", 1))
+                p = _pair(args[4] if len(args) > 4 else kwargs.get("padding", 0))
+                padding = tuple(dilation[a] * (kernel[a] - 1) - p[a] for a in range(2))
+        elif name == "lp_pool2d":  # (input, norm_type, kernel_size, stride, ceil_mode)
+            kernel = _pair(args[2] if len(args) > 2 else kwargs["kernel_size"])
+            s = args[3] if len(args) > 3 else kwargs.get("stride")
+            stride, dilation, padding = _pair(s) if s not in (None, [], ()) else kernel, (1, 1), (0, 0)
+        elif name == "pixel_unshuffle":  # space to depth: an r x r kernel of stride r
+            r = int(args[1] if len(args) > 1 else kwargs["downscale_factor"])
+            kernel = stride = (r, r)
+            dilation, padding = (1, 1), (0, 0)
+        elif func is torch.nn.functional.unfold:  # im2col: (input, kernel_size, dilation, padding, stride)
+            kernel = _pair(args[1] if len(args) > 1 else kwargs["kernel_size"])
+            dilation = _pair(args[2] if len(args) > 2 else kwargs.get("dilation", 1))
+            padding = _pair(args[3] if len(args) > 3 else kwargs.get("padding", 0))
+            stride = _pair(args[4] if len(args) > 4 else kwargs.get("stride", 1))
+        elif name == "unfold" and isinstance(src, torch.Tensor) and src.dim() >= 4:  # Tensor.unfold(dim, size, step)
+            axis = _spatial_dims(src).index(int(args[1]) % src.dim()) if int(args[1]) % src.dim() in \
+                _spatial_dims(src) else None
+            if axis is not None:  # sliding windows along y or x: a kernel of ``size`` and stride ``step``
+                size, step = int(args[2]), int(args[3])
+                kernel = tuple(size if a == axis else 1 for a in range(2))
+                stride = tuple(step if a == axis else 1 for a in range(2))
+                dilation, padding = (1, 1), (0, 0)
+        elif name == "roll" and isinstance(src, torch.Tensor) and src.dim() == 4:  # (input, shifts, dims)
+            shifts = args[1] if len(args) > 1 else kwargs["shifts"]
+            dims = args[2] if len(args) > 2 else kwargs.get("dims")
+            if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+                rf = (math.inf, math.inf)  # rolled flattened: the units lie on no grid
+            else:
+                shifts = [int(v) for v in (shifts if isinstance(shifts, (tuple, list)) else [shifts])]
+                dims = [int(v) % 4 for v in (dims if isinstance(dims, (tuple, list)) else [dims])]
+                start = list(start)
+                for shift, dim in zip(shifts, dims):
+                    if dim in _spatial_dims(src):
+                        a, n = _spatial_dims(src).index(dim), src.shape[dim]
+                        shift %= n  # unit i comes from unit i - shift; taken in (-n/2, n/2] the centre's is exact
+                        start[a] -= (shift - n if shift > n / 2 else shift) * jump[a]
+                start = tuple(start)
+        elif name == "__getitem__" and isinstance(src, torch.Tensor) and src.dim() == 4 and len(args) > 1:
+            start, jump = _sliced(src, args[1], start, jump)
+        elif name == "narrow" and isinstance(src, torch.Tensor) and src.dim() == 4:  # (input, dim, start, length)
+            start, jump = _sliced(src, (slice(None),) * (int(args[1]) % 4) + (slice(int(args[2]), None),), start,
+                                  jump)
+        elif _breaks_grid(name, src, args, kwargs):
+            rf = (math.inf, math.inf)
+        elif name == "linear" and isinstance(src, torch.Tensor) and getattr(src, _FLAT, False):
+            whole = True  # a Linear over a flattened map's units: every output depends on every pixel
         elif "pool2d" in name and "adaptive" not in name:
             kernel = _pair(args[1] if len(args) > 1 else kwargs["kernel_size"])
             s = args[2] if len(args) > 2 else kwargs.get("stride")
@@ -174,6 +308,12 @@ class _RFMode(TorchFunctionMode):
             rf = tuple(rf[a] + (kernel[a] - 1) * dilation[a] * jump[a] for a in range(2))
             jump = tuple(jump[a] * stride[a] for a in range(2))
         _tag(out, (rf, jump, start, whole, pooled))
+        if name in ("flatten", "reshape", "view") and isinstance(out, torch.Tensor) and out.dim() == 2 \
+                and isinstance(src, torch.Tensor) and src.dim() == 4 and not pooled:
+            y, x = _spatial_dims(src)
+            if src.shape[y] * src.shape[x] > 1:  # the units of a map, side by side in one axis
+                with contextlib.suppress(Exception):
+                    setattr(out, _FLAT, True)
         return out
 
 
@@ -246,7 +386,7 @@ def _features_fn(model: nn.Module):
     return model.forward_features if hasattr(model, "forward_features") else model
 
 
-def _row(name: str, t: torch.Tensor, input_size: int) -> dict:
+def _row(name: str, t: torch.Tensor, input_size: int, size_dependent: bool = False) -> dict:
     info = getattr(t, _ATTR, None)
     rf = max(info[0]) if info else None
     stride = int(max(info[1])) if info else None
@@ -260,7 +400,7 @@ def _row(name: str, t: torch.Tensor, input_size: int) -> dict:
     whole = bool(info and info[3] and rf is not None)  # every pixel reaches it; the kernels still place its units
     return {"name": name, "shape": list(t.shape[1:]), "theoretical_rf": None if rf is None or whole else int(rf),
             "stride": stride, "rf_start": start, "stride_hw": stride_hw, "rf_global": whole,
-            "kernel_rf": None if rf is None else int(rf)}
+            "kernel_rf": None if rf is None else int(rf), "size_dependent": bool(size_dependent)}
 
 
 def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = False) -> list[dict]:
@@ -270,8 +410,9 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     attention and where ``rf_global``: after a reduction over a whole map, every pixel reaches the layer),
     ``kernel_rf`` (the RF of the kernels alone; None after attention), total ``stride`` (max of both axes),
     ``rf_start`` and ``stride_hw`` (per axis, y then x; None after attention and for pooled values, SE's squeeze:
-    unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), in execution order; the default layer
-    ``forward_features`` comes last.
+    unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), ``size_dependent`` (it runs after an op whose
+    geometry depends on its map's size, an adaptive pooling to more than one unit: exact at ``input_size`` only),
+    in execution order; the default layer ``forward_features`` comes last.
     ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}
@@ -294,7 +435,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
                 heads = _heads(name, module, t)
                 t = _spatial_or_none(t, module)
                 if t is not None and (include_all or (t.dim() == 4 and t.shape[0] == 1 and not heads)):
-                    rows[name] = _row(name, t, input_size)
+                    rows[name] = _row(name, t, input_size, mode.size_dependent)
             return hook
 
         def _heads(name, module, t):
@@ -315,9 +456,10 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
             if name:
                 hooks.append(module.register_forward_hook(make_hook(name)))
         x = _probe_input(m, input_channels(m), int(input_size))
+        mode = _RFMode()
         setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0), False, False))
         try:
-            with torch.no_grad(), _RFMode():
+            with torch.no_grad(), mode:
                 feats = _features_fn(m)(x)
                 feats = _spatial_or_none(feats, None) if isinstance(feats, torch.Tensor) else feats
         except (RuntimeError, AssertionError) as e:  # timm's fixed-size patch embeddings assert the input size
@@ -327,7 +469,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
     out = list(rows.values())
     if isinstance(feats, torch.Tensor) and (include_all or feats.dim() == 4):  # logits only: no map to measure
-        out.append(_row(DEFAULT_LAYER, feats, input_size))
+        out.append(_row(DEFAULT_LAYER, feats, input_size, mode.size_dependent))
     return out
 
 
@@ -344,7 +486,8 @@ def theoretical_rf(model: nn.Module, layer: str | None = None, input_size: int =
                                   f"kernels alone reach {r['kernel_rf']} px")
             if r["theoretical_rf"] is None:
                 raise ErfLabError(f"layer {name!r} has no theoretical receptive field from kernels (it follows "
-                                  "attention, or does not depend spatially on the input)")
+                                  "attention or a resampling, after which its units lie on no grid of input pixels, "
+                                  "or does not depend spatially on the input)")
             return r["theoretical_rf"]
     resolve_layer(model, name)  # raises with close names if unknown
     raise ErfLabError(f"layer {name!r} does not run in the forward pass at input size {input_size}")

@@ -180,7 +180,10 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # v6 gave the kernels' RF there (v7: a draft that put SE's squeeze on the unit grid)
     # "v9": probed where every map is over 1 x 1 (v8 probed at 32 px: an SE in a stride-32 stage, on a 1 x 1 map
     # there, was not global) and a LayerNorm over (C, H, W) is global
-    key = structure_cache.structure_key(model, "geometry-v9", name, int(input_size))
+    # "v10": adaptive pooling to more than one unit, a stride-1 transposed conv's dilation and padding, F.unfold,
+    # lp_pool2d, pixel_unshuffle, torch.roll, crops, a Linear over a flattened map are tracked, and misaligned branches
+    # merged by the union of their intervals (v9 left the first four out, took the first branch's centre)
+    key = structure_cache.structure_key(model, "geometry-v10", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape", "rf_start",
                                                                 "stride_hw", "rf_global", "kernel_rf"} <= set(hit)):
@@ -196,9 +199,10 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
     from erf_lab.erf.prepare import num_threads
     from erf_lab.erf.receptive_field import DEFAULT_LAYER, list_layers
 
-    # RF and stride do not depend on the input size: probe small and fast, but where every map is over 1 x 1 (a
-    # pooling or norm over a 1 x 1 map reduces nothing, so an SE in a stride-32 stage was not seen as global at 32 px):
-    # at 64 px, and again at twice the deepest stride where that is more (up to the input size)
+    # RF and stride do not depend on the input size (but after an adaptive pooling, below): probe small and fast,
+    # but where every map is over 1 x 1 (a pooling or norm over a 1 x 1 map reduces nothing, so an SE in a stride-32
+    # stage was not seen as global at 32 px): at 64 px, and again at twice the deepest stride where that is more (up
+    # to the input size)
     probe = int(min(input_size, GEOMETRY_PROBE_SIZE))
     # no autotuning for shapes the measurement never uses; one thread: ~1000 tiny ops, where a second OpenMP
     # thread only adds fork/join (RepLKNet-31B with 2 busy cores: 0.7 s on one thread, 3.7-8 s on two)
@@ -223,9 +227,14 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
         # modulo every stride, which takes the same paddings as the input (RF and stride are the same anyway)
         with fastconv.use(backend="native"), num_threads(1):
             try:
-                rows = {r["name"]: r for r in list_layers(model, probe + (input_size - probe) % step)}
+                rows, probe = {r["name"]: r for r in list_layers(model, probe + (input_size - probe) % step)}, None
             except ErfLabError:  # a size the model refuses (e.g. windows): the input's own, whose error is the one
-                rows = {r["name"]: r for r in list_layers(model, input_size)}
+                rows, probe = {r["name"]: r for r in list_layers(model, input_size)}, input_size
+    if probe != input_size and (rows.get(name) or {}).get("size_dependent"):
+        # after an adaptive pooling to more than one unit (a VGG / AlexNet head's 7 x 7) the bins, and with them RF,
+        # stride and centre, depend on the map's size: probed at the input's own
+        with fastconv.use(backend="native"), num_threads(1):
+            rows = {r["name"]: r for r in list_layers(model, input_size)}
     row = rows.get(name)
     if row is None or len(row["shape"]) != 3:
         hint = (" (forward_features or, without one, the model's output: here e.g. logits, a tuple or a dict); "
@@ -237,9 +246,10 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
                "the map would hold a single unit, fed by less than one stride of image")  # "same" padding: 1 x 1
         raise ErfLabError(f"input size {input_size} is too small for layer {name!r} (total stride {stride}: "
                           f"{why}); use --input-size >= {stride}")
-    # (C, H, W) at input_size for a "same"-padded map; run.json records the measured map's own H x W
-    return {"layer": name, "theoretical_rf": row["theoretical_rf"], "stride": stride,
-            "feature_shape": [row["shape"][0], -(-input_size // stride), -(-input_size // stride)],
+    # (C, H, W) at input_size for a "same"-padded map (probed there after an adaptive pooling: its own); run.json
+    # records the measured map's own H x W
+    shape = row["shape"] if row.get("size_dependent") else [row["shape"][0], *[-(-input_size // stride)] * 2]
+    return {"layer": name, "theoretical_rf": row["theoretical_rf"], "stride": stride, "feature_shape": shape,
             "rf_start": row.get("rf_start"), "stride_hw": row.get("stride_hw"), "rf_global": bool(row.get("rf_global")),
             "kernel_rf": row.get("kernel_rf")}
 

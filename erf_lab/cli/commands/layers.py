@@ -8,7 +8,7 @@ HELP = "list a model's layers with output shapes and theoretical receptive field
 ORDER = 21
 DESCRIPTION = ("List every module that outputs a feature map, in execution order, with its (C, H, W) shape at "
                "--input-size and its theoretical receptive field computed from the module graph (kernels, strides, "
-               "dilations; parallel branches take the max). The names are those of the deploy form that 'compute' "
+               "dilations; parallel branches take their union). The names are those of the deploy form that 'compute' "
                "measures (RepLKNet's re-parameterized blocks); "
                "--no-reparam lists the train-time form, for 'compute --no-reparam --layer'.")
 

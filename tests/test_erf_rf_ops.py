@@ -1,0 +1,194 @@
+"""The theoretical RF of ops beyond plain convolutions and poolings, against the true dependency region: the input
+pixels that the gradient of the centre unit reaches (exact zeros elsewhere), on random float64 inputs."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from erf_lab.erf.receptive_field import list_layers, theoretical_rf
+from erf_lab.errors import ErfLabError
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _stem(out=4):
+    return nn.Conv2d(3, out, 3, padding=1)
+
+
+class _Unpool(nn.Module):
+    """SegNet's decoder: max pooling with indices, then max unpooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.unpool = _stem(), nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+
+    def forward(self, x):
+        return self.unpool(*self.pool(self.conv(x)))
+
+
+class _Shift(nn.Module):
+    """A shift block (ShiftViT, AS-MLP): four channel groups rolled by one pixel up, down, left and right, then a
+    1 x 1 conv: a 3 x 3 cross."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        g = self.a(x).chunk(4, 1)
+        return self.b(torch.cat([torch.roll(g[0], 1, 2), torch.roll(g[1], -1, 2), torch.roll(g[2], 1, 3),
+                                 torch.roll(g[3], -1, 3)], 1))
+
+
+def _support(net: nn.Module, size: int, draws: int = 4):
+    """(centre unit (i, j), rows (first, last), columns (first, last)) of the input pixels that the gradient of the
+    centre unit of ``net``'s output reaches on any of ``draws`` random float64 inputs (a max pooling passes one
+    pixel per window on each)."""
+    torch.manual_seed(0)
+    net = net.double().eval()
+    reached = None
+    for _ in range(draws):
+        x = torch.randn(1, 3, size, size, dtype=torch.float64, requires_grad=True)
+        out = net(x)
+        centre = (out.shape[2] // 2, out.shape[3] // 2)
+        weights = torch.randn(out.shape[1], dtype=torch.float64)
+        (g,) = torch.autograd.grad((out[0, :, centre[0], centre[1]] * weights).sum(), x)
+        reached = (g != 0).any(1)[0] | (False if reached is None else reached)
+    ys, xs = np.nonzero(reached.numpy())
+    return centre, (int(ys.min()), int(ys.max())), (int(xs.min()), int(xs.max()))
+
+
+def _reported(row: dict, centre, size: int):
+    """The (rows, columns) that the listed RF, centre and stride give the unit ``centre``, cut at the image."""
+    half = (row["theoretical_rf"] - 1) / 2
+    mid = [row["rf_start"][a] + row["stride_hw"][a] * centre[a] for a in range(2)]
+    return tuple((max(mid[a] - half, 0), min(mid[a] + half, size - 1)) for a in range(2))
+
+
+GRID_CASES = {
+    # (model, input size, expected (theoretical RF, rf_start, stride_hw) of its output)
+    # a VGG head's AdaptiveAvgPool2d(7) on a 14 x 14 map: 2 x 2 bins of stride 2 (v9: not counted, RF 7, stride 2)
+    "adaptive_avg_7_of_14": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.AdaptiveAvgPool2d(7),
+                                                   nn.Conv2d(4, 4, 3, padding=1)), 28, (13, [1.0, 1.0], [4, 4])),
+    # 7 -> 2: overlapping bins 0..3 and 3..6 (4 wide, stride 3)
+    "adaptive_max_2_of_7": (lambda: nn.Sequential(_stem(), nn.AdaptiveMaxPool2d((2, 2)), nn.Conv2d(4, 4, 1)), 7,
+                            (6, [1.5, 1.5], [3, 3])),
+    # 8 -> 7: bins 2 wide of stride 1
+    "adaptive_avg_7_of_8": (lambda: nn.Sequential(_stem(), nn.AdaptiveAvgPool2d(7), nn.Conv2d(4, 4, 3, padding=1)), 8,
+                            (6, [0.5, 0.5], [1, 1])),
+    # a stride-1 transposed conv of dilation 2, padding 0: the conv of padding 4 (v9 took dilation from
+    # output_padding: 0, and kept the centre)
+    "conv_transpose_dilated": (lambda: nn.Sequential(_stem(), nn.ConvTranspose2d(4, 4, 3, dilation=2),
+                                                     nn.Conv2d(4, 4, 3, padding=1)), 17, (9, [-2.0, -2.0], [1, 1])),
+    # im2col of 2 x 2 patches of stride 2, viewed as a map (a local-attention / involution layer's unfold)
+    "F.unfold": (lambda: nn.Sequential(_stem(), _Fn(lambda x: F.unfold(x, 2, stride=2).view(
+        x.shape[0], -1, x.shape[2] // 2, x.shape[3] // 2)), nn.Conv2d(16, 4, 1)), 16, (4, [0.5, 0.5], [2, 2])),
+    "Tensor.unfold": (lambda: nn.Sequential(_stem(), _Fn(lambda x: x.unfold(2, 3, 1).unfold(3, 3, 1).sum((-2, -1))),
+                                            nn.Conv2d(4, 4, 1)), 16, (5, [1.0, 1.0], [1, 1])),
+    "lp_pool": (lambda: nn.Sequential(_stem(), nn.LPPool2d(2, 3, 2), nn.Conv2d(4, 4, 3, padding=1)), 17,
+                (9, [1.0, 1.0], [2, 2])),
+    "pixel_unshuffle": (lambda: nn.Sequential(_stem(), nn.PixelUnshuffle(2), nn.Conv2d(16, 4, 3, padding=1)), 16,
+                        (8, [0.5, 0.5], [2, 2])),
+    # unit i of a map rolled by 3 is unit i - 3's (v9: the centre unchanged)
+    "roll": (lambda: nn.Sequential(_stem(), _Fn(lambda x: torch.roll(x, (3, 3), (2, 3))),
+                                   nn.Conv2d(4, 4, 3, padding=1)), 16, (5, [-3.0, -3.0], [1, 1])),
+    "shift_block": (_Shift, 16, (3, [0.0, 0.0], [1, 1])),
+    # U-Net's crop of a skip connection, a strided slice
+    "crop": (lambda: nn.Sequential(_stem(), _Fn(lambda x: x[..., 2:, 2:]), nn.Conv2d(4, 4, 3, padding=1)), 16,
+             (5, [2.0, 2.0], [1, 1])),
+    "strided_slice": (lambda: nn.Sequential(_stem(), _Fn(lambda x: x[:, :, ::2, ::2]), nn.Conv2d(4, 4, 3, padding=1)),
+                      16, (7, [0.0, 0.0], [2, 2])),
+    "narrow": (lambda: nn.Sequential(_stem(), _Fn(lambda x: x.narrow(3, 3, 10).narrow(2, 1, 12)), nn.Conv2d(4, 4, 1)),
+               16, (3, [1.0, 3.0], [1, 1])),
+}
+
+
+@pytest.mark.parametrize("case", list(GRID_CASES))
+def test_the_theoretical_rf_of_an_op_is_where_the_centre_units_gradient_reaches(case):
+    """Each op was left out (or misread) by the RF recursion, so every layer after it got a wrong RF or centre; now
+    the listed RF, centre and stride give the centre unit exactly the pixels its gradient reaches."""
+    make, size, expected = GRID_CASES[case]
+    torch.manual_seed(0)
+    row = list_layers(make(), size)[-1]
+    centre, ys, xs = _support(make(), size)
+    assert (row["theoretical_rf"], row["rf_start"], row["stride_hw"]) == expected
+    assert _reported(row, centre, size) == (ys, xs)
+
+
+NO_GRID_CASES = {
+    # 8 -> 3: bins 0..2, 2..5, 5..7 of two widths (v9: RF 3)
+    "adaptive_avg_3_of_8": (lambda: nn.Sequential(_stem(), nn.AdaptiveAvgPool2d(3), nn.Conv2d(4, 4, 1)), 8),
+    "fractional_max_pool": (lambda: nn.Sequential(_stem(), nn.FractionalMaxPool2d(3, output_size=6),
+                                                  nn.Conv2d(4, 4, 1)), 16),
+    "max_unpool": (_Unpool, 16),  # v9: "only one element tensors can be converted to Python scalars"
+    "flip": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), _Fn(lambda x: x.flip(-1)), nn.Conv2d(4, 4, 1)), 16),
+    "transpose": (lambda: nn.Sequential(nn.Conv2d(3, 4, (1, 3)), _Fn(lambda x: x.transpose(2, 3)),
+                                        nn.Conv2d(4, 4, 1)), 16),
+    "cat_along_width": (lambda: nn.Sequential(_stem(), _Fn(lambda x: torch.cat([x, x], 3)), nn.Conv2d(4, 4, 1)), 16),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_GRID_CASES))
+def test_after_an_op_that_leaves_no_grid_of_units_the_rf_is_none_not_a_wrong_one(case):
+    """Bins of two widths, pseudo-random pooling regions, an unpooling, a flip, a swap of y and x, two maps side by
+    side: the units lie on no grid of input pixels, and the kernels' RF and centre (v9's) missed the pixels the
+    centre unit's gradient reaches. No theoretical RF (as after a resampling), said so."""
+    make, size = NO_GRID_CASES[case]
+    torch.manual_seed(0)
+    row = list_layers(make(), size)[-1]
+    assert (row["theoretical_rf"], row["rf_start"], row["rf_global"]) == (None, None, False)
+    with pytest.raises(ErfLabError, match="no theoretical receptive field.*resampling"):
+        theoretical_rf(make(), None, size)
+    centre, ys, xs = _support(make(), size)
+    assert (ys[1] - ys[0] + 1) * (xs[1] - xs[0] + 1) >= 3  # the unit does depend on a region of the input
+
+
+def test_a_linear_over_a_flattened_map_makes_the_rf_global():
+    """Flatten -> Linear -> Unflatten (an autoencoder's bottleneck) makes every unit depend on every pixel; v9 kept
+    the stem's 3 px. A Linear over a pooled map (a classifier's head) or over the channels stays per unit."""
+    def net(pool):
+        return nn.Sequential(_stem(), nn.AdaptiveAvgPool2d(1) if pool else nn.Identity(), nn.Flatten(),
+                             nn.Linear(4 if pool else 4 * 8 * 8, 4 * 8 * 8), nn.Unflatten(1, (4, 8, 8)),
+                             nn.Conv2d(4, 4, 1))
+
+    row = list_layers(net(False), 8)[-1]
+    assert (row["theoretical_rf"], row["rf_global"], row["kernel_rf"]) == (None, True, 3)
+    _, ys, xs = _support(net(False), 8)
+    assert ys == xs == (0, 7)
+    pooled = list_layers(net(True), 8)[-1]  # global through the pooling already; the Linear adds nothing
+    assert (pooled["rf_global"], pooled["rf_start"]) == (True, None)
+    per_pixel = nn.Sequential(_stem(), _Fn(lambda x: x.permute(0, 2, 3, 1)), nn.Linear(4, 4),
+                              _Fn(lambda x: x.permute(0, 3, 1, 2)), nn.Conv2d(4, 4, 1))
+    assert (list_layers(per_pixel, 8)[-1]["theoretical_rf"], list_layers(per_pixel, 8)[-1]["rf_global"]) == (3, False)
+
+
+def test_the_geometry_after_an_adaptive_pooling_is_probed_at_the_input_size(tmp_path, monkeypatch):
+    """A 16 x 16 patchify stem, AdaptiveAvgPool2d(7) (a VGG / AlexNet head), a 3 x 3 conv. At 224 px the pooling
+    takes 2 x 2 bins of the 14 x 14 map (RF 96 px, stride 32), at 112 px it is the identity (RF 48, stride 16), at
+    the 64 px probe it upsamples 4 -> 7 (no grid): the geometry, probed at 64 px, must be taken at the input's own
+    size. v9 gave RF 48 and stride 16 at every size."""
+    from erf_lab.erf.runner import erf_centre, layer_geometry
+
+    monkeypatch.setenv("ERF_LAB_CACHE", str(tmp_path / "cache"))  # measured here, not read from an earlier entry
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 2, 16, stride=16), nn.AdaptiveAvgPool2d(7), nn.Conv2d(2, 2, 3, padding=1))
+
+    geom = layer_geometry(net(), None, 224)
+    assert (geom["theoretical_rf"], geom["stride"], geom["rf_start"], geom["feature_shape"]) == (
+        96, 32, [15.5, 15.5], [2, 7, 7])
+    centre, ys, xs = _support(net(), 224, draws=1)
+    assert centre == (3, 3) and ys == xs == (15.5 + 32 * 3 - 47.5, 15.5 + 32 * 3 + 47.5)
+    assert erf_centre(geom, 224, (7, 7)) == [112, 112]  # pixel 111.5, as any half-pixel centre
+    small = layer_geometry(net(), None, 112)
+    assert (small["theoretical_rf"], small["stride"], small["rf_start"]) == (48, 16, [7.5, 7.5])
+    rows = {r["name"]: r for r in list_layers(net(), 224)}
+    assert [rows[n]["size_dependent"] for n in ("0", "1", "2")] == [False, True, True]
