@@ -48,6 +48,19 @@ class _Shift(nn.Module):
                                  torch.roll(g[3], -1, 3)], 1))
 
 
+class _FoldBack(nn.Module):
+    """F.unfold of 3 x 3 windows (padding 1, ``stride``), a mixing within each window (an involution's or local
+    attention's weights), F.fold of the windows back onto the map (overlap-add)."""
+
+    def __init__(self, stride):
+        super().__init__()
+        self.stride, self.mix = stride, nn.Conv1d(36, 36, 1)
+
+    def forward(self, x):
+        cols = self.mix(F.unfold(x, 3, padding=1, stride=self.stride))
+        return F.fold(cols, x.shape[-2:], 3, padding=1, stride=self.stride)
+
+
 def _support(net: nn.Module, size: int, draws: int = 4):
     """(centre unit (i, j), rows (first, last), columns (first, last)) of the input pixels that the gradient of the
     centre unit of ``net``'s output reaches on any of ``draws`` random float64 inputs (a max pooling passes one
@@ -91,6 +104,9 @@ GRID_CASES = {
     # im2col of 2 x 2 patches of stride 2, viewed as a map (a local-attention / involution layer's unfold)
     "F.unfold": (lambda: nn.Sequential(_stem(), _Fn(lambda x: F.unfold(x, 2, stride=2).view(
         x.shape[0], -1, x.shape[2] // 2, x.shape[3] // 2)), nn.Conv2d(16, 4, 1)), 16, (4, [0.5, 0.5], [2, 2])),
+    # 3 x 3 windows, mixed within each, folded back (overlap-add): each pixel gathers the windows that cover it, 5 x 5
+    # of the stem's map (v9: F.unfold and F.fold left out, RF 3)
+    "F.fold": (lambda: nn.Sequential(_stem(), _FoldBack(1), nn.Conv2d(4, 4, 1)), 16, (7, [0.0, 0.0], [1, 1])),
     "Tensor.unfold": (lambda: nn.Sequential(_stem(), _Fn(lambda x: x.unfold(2, 3, 1).unfold(3, 3, 1).sum((-2, -1))),
                                             nn.Conv2d(4, 4, 1)), 16, (5, [1.0, 1.0], [1, 1])),
     "lp_pool": (lambda: nn.Sequential(_stem(), nn.LPPool2d(2, 3, 2), nn.Conv2d(4, 4, 3, padding=1)), 17,
@@ -132,6 +148,7 @@ NO_GRID_CASES = {
     "flip": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), _Fn(lambda x: x.flip(-1)), nn.Conv2d(4, 4, 1)), 16),
     "transpose": (lambda: nn.Sequential(nn.Conv2d(3, 4, (1, 3)), _Fn(lambda x: x.transpose(2, 3)),
                                         nn.Conv2d(4, 4, 1)), 16),
+    "strided_fold": (lambda: nn.Sequential(_stem(), _FoldBack(2), nn.Conv2d(4, 4, 1)), 16),
     "cat_along_width": (lambda: nn.Sequential(_stem(), _Fn(lambda x: torch.cat([x, x], 3)), nn.Conv2d(4, 4, 1)), 16),
 }
 
@@ -161,6 +178,8 @@ def test_a_linear_over_a_flattened_map_makes_the_rf_global():
 
     row = list_layers(net(False), 8)[-1]
     assert (row["theoretical_rf"], row["rf_global"], row["kernel_rf"]) == (None, True, 3)
+    with pytest.raises(ErfLabError, match="global theoretical receptive field.*a Linear over the flattened map"):
+        theoretical_rf(net(False), None, 8)
     _, ys, xs = _support(net(False), 8)
     assert ys == xs == (0, 7)
     pooled = list_layers(net(True), 8)[-1]  # global through the pooling already; the Linear adds nothing

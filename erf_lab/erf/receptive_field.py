@@ -8,7 +8,7 @@ from (1, 1, 0) at the input (Araujo et al., Distill 2019): ``start`` is the inpu
 Every torch op is intercepted while the model runs once, so parallel branches (RepLKNet's large- and
 small-kernel branches, residual shortcuts) merge by the union of their receptive fields over the op's inputs.
 Besides convolutions and poolings, ops that move or regroup the units are followed: ``F.unfold`` /
-``Tensor.unfold``, pixel unshuffle, ``F.pad``, crops and strided slices, ``torch.roll`` (exact for the centre
+``Tensor.unfold``, ``F.fold`` (stride 1), pixel unshuffle, ``F.pad``, crops and strided slices, ``torch.roll`` (exact for the centre
 unit, whose rolled source lies within half the map). An adaptive pooling pools bins that depend on its map's size
 (exact at the probed size only: rows after it are ``size_dependent``); bins of two widths or steps, resamplings,
 flips, a swap of y and x and a concatenation along a spatial axis leave the units on no grid of the input, and
@@ -262,6 +262,15 @@ class _RFMode(TorchFunctionMode):
             dilation = _pair(args[2] if len(args) > 2 else kwargs.get("dilation", 1))
             padding = _pair(args[3] if len(args) > 3 else kwargs.get("padding", 0))
             stride = _pair(args[4] if len(args) > 4 else kwargs.get("stride", 1))
+        elif func is torch.nn.functional.fold:  # col2im: (input, output_size, kernel_size, dilation, padding, stride)
+            kernel = _pair(args[2] if len(args) > 2 else kwargs["kernel_size"])
+            dilation = _pair(args[3] if len(args) > 3 else kwargs.get("dilation", 1))
+            p = _pair(args[4] if len(args) > 4 else kwargs.get("padding", 0))
+            stride = _pair(args[5] if len(args) > 5 else kwargs.get("stride", 1))
+            if stride != (1, 1):  # overlap-add of strided windows: a strided transposed conv, no grid
+                rf, jump, kernel = (math.inf, math.inf), tuple(jump[a] / stride[a] for a in range(2)), None
+            else:  # overlap-add of the windows: a stride-1 transposed conv
+                padding = tuple(dilation[a] * (kernel[a] - 1) - p[a] for a in range(2))
         elif name == "unfold" and isinstance(src, torch.Tensor) and src.dim() >= 4:  # Tensor.unfold(dim, size, step)
             axis = _spatial_dims(src).index(int(args[1]) % src.dim()) if int(args[1]) % src.dim() in \
                 _spatial_dims(src) else None
