@@ -211,3 +211,38 @@ def test_the_geometry_after_an_adaptive_pooling_is_probed_at_the_input_size(tmp_
     assert (small["theoretical_rf"], small["stride"], small["rf_start"]) == (48, 16, [7.5, 7.5])
     rows = {r["name"]: r for r in list_layers(net(), 224)}
     assert [rows[n]["size_dependent"] for n in ("0", "1", "2")] == [False, True, True]
+
+
+class _Mixer(nn.Module):
+    """A 4 x 4 patchify conv, one MLP-Mixer block (``tokens``: its token-mixing MLP over the token axis, as timm's
+    ``mlp_tokens(norm(x).transpose(1, 2)).transpose(1, 2)``; its channel MLP over the channels), back to a map."""
+
+    def __init__(self, tokens: bool, n: int = 16):
+        super().__init__()
+        self.tokens = tokens
+        self.stem, self.norm = nn.Conv2d(3, 8, 4, stride=4), nn.LayerNorm(8)
+        self.mlp_tokens = nn.Sequential(nn.Linear(n, 12), nn.GELU(), nn.Linear(12, n))
+        self.mlp_channels = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+
+    def forward(self, x):
+        y = self.stem(x)
+        b, c, h, w = y.shape
+        t = y.flatten(2).transpose(1, 2)  # (B, N, C)
+        if self.tokens:
+            t = t + self.mlp_tokens(self.norm(t).transpose(1, 2)).transpose(1, 2)
+        t = t + self.mlp_channels(self.norm(t))
+        return t.transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_an_mlp_mixers_token_mixing_makes_the_rf_global():
+    """MLP-Mixer's token-mixing MLP (a Linear over the token axis) makes every token depend on every patch: v9 kept
+    the patch's 4 px (a documented gap), while the centre unit's gradient reaches the image's corners. The channel
+    MLP alone (a Linear over the channels of each token) keeps the patch's RF."""
+    row = list_layers(_Mixer(tokens=True), 16)[-1]
+    assert (row["theoretical_rf"], row["rf_global"], row["kernel_rf"], row["rf_start"]) == (None, True, 4, [1.5, 1.5])
+    _, ys, xs = _support(_Mixer(tokens=True), 16)
+    assert ys == xs == (0, 15)
+    row = list_layers(_Mixer(tokens=False), 16)[-1]
+    assert (row["theoretical_rf"], row["rf_global"], row["rf_start"]) == (4, False, [1.5, 1.5])
+    centre, ys, xs = _support(_Mixer(tokens=False), 16)
+    assert _reported(row, centre, 16) == (ys, xs) == ((8, 11), (8, 11))

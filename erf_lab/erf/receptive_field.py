@@ -8,16 +8,18 @@ from (1, 1, 0) at the input (Araujo et al., Distill 2019): ``start`` is the inpu
 Every torch op is intercepted while the model runs once, so parallel branches (RepLKNet's large- and
 small-kernel branches, residual shortcuts) merge by the union of their receptive fields over the op's inputs.
 Besides convolutions and poolings, ops that move or regroup the units are followed: ``F.unfold`` /
-``Tensor.unfold``, ``F.fold`` (stride 1), pixel unshuffle, ``F.pad``, crops and strided slices, ``torch.roll`` (exact for the centre
-unit, whose rolled source lies within half the map). An adaptive pooling pools bins that depend on its map's size
-(exact at the probed size only: rows after it are ``size_dependent``); bins of two widths or steps, resamplings,
-flips, a swap of y and x and a concatenation along a spatial axis leave the units on no grid of the input, and
-every layer after them has no theoretical RF (``None``, as after attention) rather than a wrong one.
+``Tensor.unfold``, ``F.fold`` (stride 1), pixel unshuffle, ``F.pad``, crops and strided slices, ``torch.roll``
+(exact for the centre unit, whose rolled source lies within half the map). An adaptive pooling pools bins that
+depend on its map's size (exact at the probed size only: rows after it are ``size_dependent``); bins of two widths
+or steps, resamplings, flips, a swap of y and x and a concatenation along a spatial axis leave the units on no grid
+of the input, and every layer after them has no theoretical RF (``None``, as after attention) rather than a wrong
+one.
 
 Attention has no kernel: a product of two input-dependent tensors (``q @ k^T``, ``attn @ v``,
 ``scaled_dot_product_attention``) mixes tokens, and every layer after it has no theoretical RF in this sense
 (``None``): a ViT's patch sees the whole image after the first block, a Swin's a window that the shifts grow.
-Token-mixing MLPs (MLP-Mixer's linear layer over the token axis) are not recognised: their RF stays the patch's.
+A Linear over the units of a flattened map (MLP-Mixer's / ResMLP's / gMLP's token mixing over the token axis, a
+Linear over a map flattened to (B, C H W)) mixes them all: the RF after it is global, as after a pooling (below).
 Token and NHWC outputs are listed as (C, H, W) maps (:func:`erf_lab.erf.tokens.to_spatial`); the stride of a
 layer after attention is read off its map (input side / map side).
 
@@ -43,7 +45,9 @@ from erf_lab.errors import ErfLabError
 
 DEFAULT_LAYER = "forward_features"
 _ATTR = "_erf_lab_rf"
-_FLAT = "_erf_lab_flat"  # a (B, features) tensor that holds a map's units (a map flattened): a Linear mixes them
+# the axis of a flattened map (2-D (B, C H W), 3-D tokens (B, C, H W) or (B, H W, C)) that runs over its units: a
+# Linear over it (a flattened map's classifier-style layer, MLP-Mixer's / ResMLP's token mixing) mixes them all
+_UNITS_AXIS = "_erf_lab_units_axis"
 _TOKEN_MIXING = ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention")
 # ops that resample the map: after them the units lie on no integer grid of the input, so the theoretical RF is
 # not tracked (None, as after attention) rather than given wrong (an upsampled map kept its coarse stride and RF)
@@ -147,6 +151,42 @@ def _breaks_grid(name: str, src, args, kwargs) -> bool:
         dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0)) % 4
         return dim in _spatial_dims(src[0]) and sum(isinstance(t, torch.Tensor) and t.numel() > 0 for t in src) > 1
     return False
+
+
+def _units_axis(name: str, args, out) -> int | None:
+    """The axis of ``out`` that runs over a map's units (see ``_UNITS_AXIS``): made by flattening a map's spatial
+    axes (``flatten``, ``reshape``, ``view``), moved by ``transpose`` / ``permute``, kept by ops that keep the shape
+    (a norm, an activation, a residual sum) and by a Linear over another axis; None otherwise."""
+    if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3):
+        return None
+    src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if src is None:
+        return None
+    if src.dim() == 4 and name in ("flatten", "reshape", "view"):
+        y, x = _spatial_dims(src)
+        units = src.shape[y] * src.shape[x]
+        if units <= 1:
+            return None
+        if out.dim() == 2 and out.shape[0] == src.shape[0]:
+            return 1  # (B, C H W): units and channels in one axis
+        if (y, x) == (2, 3) and tuple(out.shape) == (src.shape[0], src.shape[1], units):
+            return 2  # NCHW.flatten(2)
+        if (y, x) == (1, 2) and tuple(out.shape) == (src.shape[0], units, src.shape[3]):
+            return 1  # NHWC.flatten(1, 2)
+        return None
+    axis = next((getattr(a, _UNITS_AXIS) for a in args if isinstance(a, torch.Tensor) and hasattr(a, _UNITS_AXIS)),
+                None)
+    if axis is None or out.dim() != src.dim():
+        return None
+    if name in ("transpose", "swapaxes", "swapdims") and len(args) > 2:
+        d0, d1 = int(args[1]) % src.dim(), int(args[2]) % src.dim()
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    if name == "permute":
+        dims = [int(d) % src.dim() for d in (args[1] if isinstance(args[1], (tuple, list)) else args[1:])]
+        return dims.index(axis)
+    if out.shape == src.shape or (name == "linear" and axis != src.dim() - 1):
+        return axis
+    return None
 
 
 def _pair(v) -> tuple[int, int]:
@@ -301,7 +341,7 @@ class _RFMode(TorchFunctionMode):
                                   jump)
         elif _breaks_grid(name, src, args, kwargs):
             rf = (math.inf, math.inf)
-        elif name == "linear" and isinstance(src, torch.Tensor) and getattr(src, _FLAT, False):
+        elif name == "linear" and isinstance(src, torch.Tensor) and getattr(src, _UNITS_AXIS, None) == src.dim() - 1:
             whole = True  # a Linear over a flattened map's units: every output depends on every pixel
         elif "pool2d" in name and "adaptive" not in name:
             kernel = _pair(args[1] if len(args) > 1 else kwargs["kernel_size"])
@@ -317,12 +357,10 @@ class _RFMode(TorchFunctionMode):
             rf = tuple(rf[a] + (kernel[a] - 1) * dilation[a] * jump[a] for a in range(2))
             jump = tuple(jump[a] * stride[a] for a in range(2))
         _tag(out, (rf, jump, start, whole, pooled))
-        if name in ("flatten", "reshape", "view") and isinstance(out, torch.Tensor) and out.dim() == 2 \
-                and isinstance(src, torch.Tensor) and src.dim() == 4 and not pooled:
-            y, x = _spatial_dims(src)
-            if src.shape[y] * src.shape[x] > 1:  # the units of a map, side by side in one axis
-                with contextlib.suppress(Exception):
-                    setattr(out, _FLAT, True)
+        axis = None if pooled else _units_axis(name, args, out)
+        if axis is not None:
+            with contextlib.suppress(Exception):  # some tensor subclasses refuse attributes
+                setattr(out, _UNITS_AXIS, axis)
         return out
 
 
