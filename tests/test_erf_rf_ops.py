@@ -61,6 +61,24 @@ class _FoldBack(nn.Module):
         return F.fold(cols, x.shape[-2:], 3, padding=1, stride=self.stride)
 
 
+class _CoordAtt(nn.Module):
+    """Coordinate attention (Hou et al. 2021, MobileNet / EfficientNet variants): the map pooled along x and along y,
+    the two strips concatenated and mixed, split, and the map scaled by both: every unit sees its whole row and
+    column (v9: the stem's 3 px)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mix = _stem(), nn.Conv2d(4, 4, 1)
+        self.pool_h, self.pool_w = nn.AdaptiveAvgPool2d((None, 1)), nn.AdaptiveAvgPool2d((1, None))
+
+    def forward(self, x):
+        y = self.stem(x)
+        h, w = y.shape[2:]
+        strips = self.mix(torch.cat([self.pool_h(y), self.pool_w(y).permute(0, 1, 3, 2)], 2))
+        a_h, a_w = strips.split([h, w], 2)
+        return y * torch.sigmoid(a_h) * torch.sigmoid(a_w.permute(0, 1, 3, 2))
+
+
 def _support(net: nn.Module, size: int, draws: int = 4):
     """(centre unit (i, j), rows (first, last), columns (first, last)) of the input pixels that the gradient of the
     centre unit of ``net``'s output reaches on any of ``draws`` random float64 inputs (a max pooling passes one
@@ -149,6 +167,9 @@ NO_GRID_CASES = {
     "transpose": (lambda: nn.Sequential(nn.Conv2d(3, 4, (1, 3)), _Fn(lambda x: x.transpose(2, 3)),
                                         nn.Conv2d(4, 4, 1)), 16),
     "strided_fold": (lambda: nn.Sequential(_stem(), _FoldBack(2), nn.Conv2d(4, 4, 1)), 16),
+    "permute_y_x": (lambda: nn.Sequential(nn.Conv2d(3, 4, (1, 3)), _Fn(lambda x: x.permute(0, 1, 3, 2)),
+                                          nn.Conv2d(4, 4, 1)), 16),
+    "coordinate_attention": (lambda: _CoordAtt(), 16),
     "cat_along_width": (lambda: nn.Sequential(_stem(), _Fn(lambda x: torch.cat([x, x], 3)), nn.Conv2d(4, 4, 1)), 16),
 }
 

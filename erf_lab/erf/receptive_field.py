@@ -146,6 +146,10 @@ def _breaks_grid(name: str, src, args, kwargs) -> bool:
         return bool({int(d) % 4 for d in dims} & set(_spatial_dims(src)))
     if name in ("transpose", "swapaxes", "swapdims") and isinstance(src, torch.Tensor) and src.dim() == 4:
         return len(args) > 2 and {int(args[1]) % 4, int(args[2]) % 4} == set(_spatial_dims(src))
+    if name == "permute" and isinstance(src, torch.Tensor) and src.dim() == 4 and len(args) > 1:
+        # only the swap that keeps the layout: a function's permute to or from NHWC may leave a map untagged
+        dims = [int(d) % 4 for d in (args[1] if isinstance(args[1], (tuple, list)) else args[1:])]
+        return dims == ([0, 2, 1, 3] if _spatial_dims(src) == (1, 2) else [0, 1, 3, 2])
     if name in ("cat", "concat", "concatenate") and isinstance(src, (tuple, list)) and src \
             and isinstance(src[0], torch.Tensor) and src[0].dim() == 4:
         dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0)) % 4
