@@ -180,9 +180,10 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # v6 gave the kernels' RF there (v7: a draft that put SE's squeeze on the unit grid)
     # "v9": probed where every map is over 1 x 1 (v8 probed at 32 px: an SE in a stride-32 stage, on a 1 x 1 map
     # there, was not global) and a LayerNorm over (C, H, W) is global
-    # "v10": adaptive pooling to more than one unit, a stride-1 transposed conv's dilation and padding, F.unfold,
-    # lp_pool2d, pixel_unshuffle, torch.roll, crops, a Linear over a flattened map are tracked, and misaligned branches
-    # merged by the union of their intervals (v9 left the first four out, took the first branch's centre)
+    # "v10": adaptive pooling to more than one unit (probed at the input's size), a stride-1 transposed conv's
+    # dilation and padding, F.unfold / F.fold, lp_pool2d, pixel_unshuffle, torch.roll, crops and a Linear over a
+    # flattened map or its tokens (global) are tracked, misaligned branches merged by their union, and flips, y / x
+    # swaps and concatenations along y or x leave no grid (v9 misread or left out all of them)
     key = structure_cache.structure_key(model, "geometry-v10", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape", "rf_start",
