@@ -79,6 +79,18 @@ class _CoordAtt(nn.Module):
         return y * torch.sigmoid(a_h) * torch.sigmoid(a_w.permute(0, 1, 3, 2))
 
 
+def _space_to_depth(x, block=2):
+    """timm TResNet's SpaceToDepth: (N, C, H, W) -> (N, C block^2, H / block, W / block) by view and permute."""
+    n, c, h, w = x.shape
+    x = x.view(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4).contiguous()
+    return x.view(n, c * block * block, h // block, w // block)
+
+
+def _focus(x):
+    """YOLOv5's Focus: the four pixels of each 2 x 2 block, by strided slices, side by side in the channels."""
+    return torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
+
+
 def _support(net: nn.Module, size: int, draws: int = 4):
     """(centre unit (i, j), rows (first, last), columns (first, last)) of the input pixels that the gradient of the
     centre unit of ``net``'s output reaches on any of ``draws`` random float64 inputs (a max pooling passes one
@@ -131,6 +143,12 @@ GRID_CASES = {
                 (9, [1.0, 1.0], [2, 2])),
     "pixel_unshuffle": (lambda: nn.Sequential(_stem(), nn.PixelUnshuffle(2), nn.Conv2d(16, 4, 3, padding=1)), 16,
                         (8, [0.5, 0.5], [2, 2])),
+    # a space to depth by view and permute (timm TResNet's stem): a 2 x 2 kernel of stride 2 (v9: not seen, RF 5,
+    # stride 1); YOLOv5's Focus (four strided slices, concatenated): the same, by the union of the four
+    "space_to_depth_view": (lambda: nn.Sequential(_stem(3), _Fn(_space_to_depth), nn.Conv2d(12, 4, 3, padding=1)), 16,
+                            (8, [0.5, 0.5], [2, 2])),
+    "focus_slices": (lambda: nn.Sequential(_stem(3), _Fn(_focus), nn.Conv2d(12, 4, 3, padding=1)), 16,
+                     (8, [0.5, 0.5], [2, 2])),
     # unit i of a map rolled by 3 is unit i - 3's (v9: the centre unchanged)
     "roll": (lambda: nn.Sequential(_stem(), _Fn(lambda x: torch.roll(x, (3, 3), (2, 3))),
                                    nn.Conv2d(4, 4, 3, padding=1)), 16, (5, [-3.0, -3.0], [1, 1])),
@@ -170,6 +188,9 @@ NO_GRID_CASES = {
     "permute_y_x": (lambda: nn.Sequential(nn.Conv2d(3, 4, (1, 3)), _Fn(lambda x: x.permute(0, 1, 3, 2)),
                                           nn.Conv2d(4, 4, 1)), 16),
     "coordinate_attention": (lambda: _CoordAtt(), 16),
+    # the blocks' pixels made the map, the blocks the channels: each unit gathers a pixel of every block
+    "blocks_to_depth": (lambda: nn.Sequential(_stem(3), _Fn(lambda x: x.view(1, 3, 4, 4, 4, 4).permute(0, 1, 2, 4, 3, 5)
+                                                         .reshape(1, 48, 4, 4)), nn.Conv2d(48, 4, 1)), 16),
     "cat_along_width": (lambda: nn.Sequential(_stem(), _Fn(lambda x: torch.cat([x, x], 3)), nn.Conv2d(4, 4, 1)), 16),
 }
 

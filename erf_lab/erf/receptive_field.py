@@ -5,15 +5,15 @@ pixel) maps (rf, jump, start) to (rf + (k - 1) * d * jump, jump * s, start + ((k
 from (1, 1, 0) at the input (Araujo et al., Distill 2019): ``start`` is the input coordinate (pixel centres at
 0, 1, ...) of the centre of unit 0's receptive field, so unit i's is centred at ``start + i * jump`` (RepLKNet's
 "same" padding: 32 i; a 4 x 4 stride-4 patchify stem: 4 i + 1.5).
-Every torch op is intercepted while the model runs once, so parallel branches (RepLKNet's large- and
-small-kernel branches, residual shortcuts) merge by the union of their receptive fields over the op's inputs.
-Besides convolutions and poolings, ops that move or regroup the units are followed: ``F.unfold`` /
-``Tensor.unfold``, ``F.fold`` (stride 1), pixel unshuffle, ``F.pad``, crops and strided slices, ``torch.roll``
-(exact for the centre unit, whose rolled source lies within half the map). An adaptive pooling pools bins that
-depend on its map's size (exact at the probed size only: rows after it are ``size_dependent``); bins of two widths
-or steps, resamplings, flips, a swap of y and x and a concatenation along a spatial axis leave the units on no grid
-of the input, and every layer after them has no theoretical RF (``None``, as after attention) rather than a wrong
-one.
+Every torch op is intercepted while the model runs once, so parallel branches (RepLKNet's large- and small-kernel
+branches, residual shortcuts) merge by the union of their receptive fields over the op's inputs. Besides
+convolutions and poolings, ops that move or regroup the units are followed: ``F.unfold`` / ``Tensor.unfold``,
+``F.fold`` (stride 1), pixel unshuffle (or a space to depth by view and permute), ``F.pad``, crops and strided
+slices, ``torch.roll`` (exact for the centre unit, whose rolled source lies within half the map). An adaptive
+pooling pools bins that depend on its map's size (exact at the probed size only: rows after it are
+``size_dependent``); bins of two widths or steps, resamplings, flips, a swap of y and x and a concatenation along a
+spatial axis leave the units on no grid of the input, and every layer after them has no theoretical RF (``None``, as
+after attention) rather than a wrong one.
 
 Attention has no kernel: a product of two input-dependent tensors (``q @ k^T``, ``attn @ v``,
 ``scaled_dot_product_attention``) mixes tokens, and every layer after it has no theoretical RF in this sense
@@ -48,6 +48,9 @@ _ATTR = "_erf_lab_rf"
 # the axis of a flattened map (2-D (B, C H W), 3-D tokens (B, C, H W) or (B, H W, C)) that runs over its units: a
 # Linear over it (a flattened map's classifier-style layer, MLP-Mixer's / ResMLP's token mixing) mixes them all
 _UNITS_AXIS = "_erf_lab_units_axis"
+# a map viewed as (N, C, H / by, by, W / bx, bx): the axes of (block row, row in its block, block column, column in
+# its block) and (by, bx), followed through permutes to the view back to a map (a space-to-depth: TResNet's)
+_BLOCKS = "_erf_lab_blocks"
 _TOKEN_MIXING = ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention")
 # ops that resample the map: after them the units lie on no integer grid of the input, so the theoretical RF is
 # not tracked (None, as after attention) rather than given wrong (an upsampled map kept its coarse stride and RF)
@@ -190,6 +193,44 @@ def _units_axis(name: str, args, out) -> int | None:
         return dims.index(axis)
     if out.shape == src.shape or (name == "linear" and axis != src.dim() - 1):
         return axis
+    return None
+
+
+def _blocks(name: str, args, out):
+    """``out``'s ``_BLOCKS``: made by viewing an NCHW map as (N, C, H / by, by, W / bx, bx), moved by ``permute`` /
+    ``transpose``, kept by ops that keep the shape (``contiguous``); None otherwise."""
+    src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if src is None or not isinstance(out, torch.Tensor):
+        return None
+    if src.dim() == 4 and out.dim() == 6 and name in ("view", "reshape") and _spatial_dims(src) == (2, 3):
+        n, c, h, w = src.shape
+        if tuple(out.shape[:2]) == (n, c) and out.shape[2] * out.shape[3] == h and out.shape[4] * out.shape[5] == w:
+            return (2, 3, 4, 5), (int(out.shape[3]), int(out.shape[5]))
+        return None
+    held = getattr(src, _BLOCKS, None)
+    if held is None or out.dim() != src.dim():
+        return None
+    axes, sizes = held
+    if name == "permute":
+        dims = [int(d) % src.dim() for d in (args[1] if isinstance(args[1], (tuple, list)) else args[1:])]
+        return tuple(dims.index(a) for a in axes), sizes
+    if name in ("transpose", "swapaxes", "swapdims") and len(args) > 2:
+        d0, d1 = int(args[1]) % src.dim(), int(args[2]) % src.dim()
+        return tuple(d1 if a == d0 else d0 if a == d1 else a for a in axes), sizes
+    return held if out.shape == src.shape else None
+
+
+def _unblocked(src: torch.Tensor, out: torch.Tensor):
+    """How the view of a blocked map ``src`` (``_BLOCKS``) back into the map ``out`` regroups its units: "same"
+    (the blocks joined again), "depth" (the blocks' pixels moved to the channels: a space to depth of (by, bx)) or
+    None (any other regrouping: no grid)."""
+    (by_, y, bx_, x), _ = getattr(src, _BLOCKS)
+    d = src.dim()
+    if (by_, y, bx_, x) == (d - 4, d - 3, d - 2, d - 1) and tuple(out.shape[-2:]) == (
+            src.shape[by_] * src.shape[y], src.shape[bx_] * src.shape[x]):
+        return "same"
+    if (by_, bx_) == (d - 2, d - 1) and tuple(out.shape[-2:]) == (src.shape[by_], src.shape[bx_]):
+        return "depth"
     return None
 
 
@@ -345,6 +386,14 @@ class _RFMode(TorchFunctionMode):
                                   jump)
         elif _breaks_grid(name, src, args, kwargs):
             rf = (math.inf, math.inf)
+        elif name in ("view", "reshape") and isinstance(src, torch.Tensor) and hasattr(src, _BLOCKS) \
+                and isinstance(out, torch.Tensor) and out.dim() == 4:
+            regrouped = _unblocked(src, out)
+            if regrouped == "depth":  # each unit gathers one by x bx block: that kernel, of that stride
+                kernel = stride = getattr(src, _BLOCKS)[1]
+                dilation, padding = (1, 1), (0, 0)
+            elif regrouped is None:
+                rf = (math.inf, math.inf)
         elif name == "linear" and isinstance(src, torch.Tensor) and getattr(src, _UNITS_AXIS, None) == src.dim() - 1:
             whole = True  # a Linear over a flattened map's units: every output depends on every pixel
         elif "pool2d" in name and "adaptive" not in name:
@@ -361,10 +410,11 @@ class _RFMode(TorchFunctionMode):
             rf = tuple(rf[a] + (kernel[a] - 1) * dilation[a] * jump[a] for a in range(2))
             jump = tuple(jump[a] * stride[a] for a in range(2))
         _tag(out, (rf, jump, start, whole, pooled))
-        axis = None if pooled else _units_axis(name, args, out)
-        if axis is not None:
-            with contextlib.suppress(Exception):  # some tensor subclasses refuse attributes
-                setattr(out, _UNITS_AXIS, axis)
+        for attr, value in ((_UNITS_AXIS, None if pooled else _units_axis(name, args, out)),
+                            (_BLOCKS, _blocks(name, args, out))):
+            if value is not None:
+                with contextlib.suppress(Exception):  # some tensor subclasses refuse attributes
+                    setattr(out, attr, value)
         return out
 
 

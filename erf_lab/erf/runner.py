@@ -181,8 +181,8 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # "v9": probed where every map is over 1 x 1 (v8 probed at 32 px: an SE in a stride-32 stage, on a 1 x 1 map
     # there, was not global) and a LayerNorm over (C, H, W) is global
     # "v10": adaptive pooling to more than one unit (probed at the input's size), a stride-1 transposed conv's
-    # dilation and padding, F.unfold / F.fold, lp_pool2d, pixel_unshuffle, torch.roll, crops and a Linear over a
-    # flattened map or its tokens (global) are tracked, misaligned branches merged by their union, and flips, y / x
+    # dilation and padding, F.unfold / F.fold, lp_pool2d, pixel_unshuffle (also by view / permute), torch.roll,
+    # crops and a Linear over a flattened map or its tokens (global) are tracked, misaligned branches merged by their union, and flips, y / x
     # swaps and concatenations along y or x leave no grid (v9 misread or left out all of them)
     key = structure_cache.structure_key(model, "geometry-v10", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
