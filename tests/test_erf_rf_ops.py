@@ -182,6 +182,8 @@ NO_GRID_CASES = {
                                                   nn.Conv2d(4, 4, 1)), 16),
     "max_unpool": (_Unpool, 16),  # v9: "only one element tensors can be converted to Python scalars"
     "flip": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), _Fn(lambda x: x.flip(-1)), nn.Conv2d(4, 4, 1)), 16),
+    "gathered_rows": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), _Fn(lambda x: x[:, :, torch.arange(13, -1, -1)]),
+                                            nn.Conv2d(4, 4, 1)), 16),  # the rows reversed by an index tensor
     "transpose": (lambda: nn.Sequential(nn.Conv2d(3, 4, (1, 3)), _Fn(lambda x: x.transpose(2, 3)),
                                         nn.Conv2d(4, 4, 1)), 16),
     "strided_fold": (lambda: nn.Sequential(_stem(), _FoldBack(2), nn.Conv2d(4, 4, 1)), 16),
@@ -197,9 +199,10 @@ NO_GRID_CASES = {
 
 @pytest.mark.parametrize("case", list(NO_GRID_CASES))
 def test_after_an_op_that_leaves_no_grid_of_units_the_rf_is_none_not_a_wrong_one(case):
-    """Bins of two widths, pseudo-random pooling regions, an unpooling, a flip, a swap of y and x, two maps side by
-    side: the units lie on no grid of input pixels, and the kernels' RF and centre (v9's) missed the pixels the
-    centre unit's gradient reaches. No theoretical RF (as after a resampling), said so."""
+    """Bins of two widths, pseudo-random pooling regions, an unpooling, a flip, a gather of rows, a swap of y and x,
+    two maps side by side, a map's blocks regrouped: the units lie on no grid of input pixels, and the kernels' RF
+    and centre (v9's) missed the pixels the centre unit's gradient reaches. No theoretical RF (as after a
+    resampling), said so."""
     make, size = NO_GRID_CASES[case]
     torch.manual_seed(0)
     row = list_layers(make(), size)[-1]

@@ -123,15 +123,18 @@ def _spatial_dims(t: torch.Tensor) -> tuple[int, int]:
 
 def _sliced(src: torch.Tensor, index, start, jump):
     """(start, jump) of the map ``src[index]``: a slice of a spatial axis moves unit 0 to its first unit (a crop,
-    U-Net's skip connections) and multiplies the step by its own; unchanged where ``index`` is not basic slicing."""
+    U-Net's skip connections) and multiplies the step by its own; None where a spatial axis is indexed by a tensor
+    or list (a gather: no grid); unchanged where ``index`` inserts axes (None)."""
     index = index if isinstance(index, tuple) else (index,)
-    if any(i is None or isinstance(i, (torch.Tensor, list, bool)) for i in index):
+    if any(i is None for i in index):
         return start, jump
     if any(i is Ellipsis for i in index):
         k = next(n for n, i in enumerate(index) if i is Ellipsis)
         index = index[:k] + (slice(None),) * (src.dim() - len(index) + 1) + index[k + 1:]
     start, jump = list(start), list(jump)
     for a, dim in enumerate(_spatial_dims(src)):
+        if dim < len(index) and isinstance(index[dim], (torch.Tensor, list, tuple, bool)):
+            return None
         if dim < len(index) and isinstance(index[dim], slice):
             first, _, step = index[dim].indices(src.shape[dim])
             start[a] += first * jump[a]
@@ -149,10 +152,9 @@ def _breaks_grid(name: str, src, args, kwargs) -> bool:
         return bool({int(d) % 4 for d in dims} & set(_spatial_dims(src)))
     if name in ("transpose", "swapaxes", "swapdims") and isinstance(src, torch.Tensor) and src.dim() == 4:
         return len(args) > 2 and {int(args[1]) % 4, int(args[2]) % 4} == set(_spatial_dims(src))
-    if name == "permute" and isinstance(src, torch.Tensor) and src.dim() == 4 and len(args) > 1:
+    if name == "permute" and isinstance(src, torch.Tensor) and src.dim() == 4:
         # only the swap that keeps the layout: a function's permute to or from NHWC may leave a map untagged
-        dims = [int(d) % 4 for d in (args[1] if isinstance(args[1], (tuple, list)) else args[1:])]
-        return dims == ([0, 2, 1, 3] if _spatial_dims(src) == (1, 2) else [0, 1, 3, 2])
+        return _permutation(args, kwargs, 4) == ([0, 2, 1, 3] if _spatial_dims(src) == (1, 2) else [0, 1, 3, 2])
     if name in ("cat", "concat", "concatenate") and isinstance(src, (tuple, list)) and src \
             and isinstance(src[0], torch.Tensor) and src[0].dim() == 4:
         dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0)) % 4
@@ -160,7 +162,14 @@ def _breaks_grid(name: str, src, args, kwargs) -> bool:
     return False
 
 
-def _units_axis(name: str, args, out) -> int | None:
+def _permutation(args, kwargs, ndim: int) -> list[int]:
+    """The dims of a ``permute`` call (``x.permute(0, 2, 1)``, ``x.permute((0, 2, 1))``, ``torch.permute(x,
+    dims=...)``), each in [0, ndim)."""
+    dims = args[1:] if len(args) > 2 else args[1] if len(args) > 1 else kwargs.get("dims", ())
+    return [int(d) % ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+
+
+def _units_axis(name: str, args, kwargs, out) -> int | None:
     """The axis of ``out`` that runs over a map's units (see ``_UNITS_AXIS``): made by flattening a map's spatial
     axes (``flatten``, ``reshape``, ``view``), moved by ``transpose`` / ``permute``, kept by ops that keep the shape
     (a norm, an activation, a residual sum) and by a Linear over another axis; None otherwise."""
@@ -189,14 +198,13 @@ def _units_axis(name: str, args, out) -> int | None:
         d0, d1 = int(args[1]) % src.dim(), int(args[2]) % src.dim()
         return d1 if axis == d0 else d0 if axis == d1 else axis
     if name == "permute":
-        dims = [int(d) % src.dim() for d in (args[1] if isinstance(args[1], (tuple, list)) else args[1:])]
-        return dims.index(axis)
+        return _permutation(args, kwargs, src.dim()).index(axis)
     if out.shape == src.shape or (name == "linear" and axis != src.dim() - 1):
         return axis
     return None
 
 
-def _blocks(name: str, args, out):
+def _blocks(name: str, args, kwargs, out):
     """``out``'s ``_BLOCKS``: made by viewing an NCHW map as (N, C, H / by, by, W / bx, bx), moved by ``permute`` /
     ``transpose``, kept by ops that keep the shape (``contiguous``); None otherwise."""
     src = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -212,7 +220,7 @@ def _blocks(name: str, args, out):
         return None
     axes, sizes = held
     if name == "permute":
-        dims = [int(d) % src.dim() for d in (args[1] if isinstance(args[1], (tuple, list)) else args[1:])]
+        dims = _permutation(args, kwargs, src.dim())
         return tuple(dims.index(a) for a in axes), sizes
     if name in ("transpose", "swapaxes", "swapdims") and len(args) > 2:
         d0, d1 = int(args[1]) % src.dim(), int(args[2]) % src.dim()
@@ -380,7 +388,11 @@ class _RFMode(TorchFunctionMode):
                         start[a] -= (shift - n if shift > n / 2 else shift) * jump[a]
                 start = tuple(start)
         elif name == "__getitem__" and isinstance(src, torch.Tensor) and src.dim() == 4 and len(args) > 1:
-            start, jump = _sliced(src, args[1], start, jump)
+            sliced = _sliced(src, args[1], start, jump)
+            if sliced is None:
+                rf = (math.inf, math.inf)
+            else:
+                start, jump = sliced
         elif name == "narrow" and isinstance(src, torch.Tensor) and src.dim() == 4:  # (input, dim, start, length)
             start, jump = _sliced(src, (slice(None),) * (int(args[1]) % 4) + (slice(int(args[2]), None),), start,
                                   jump)
@@ -410,8 +422,8 @@ class _RFMode(TorchFunctionMode):
             rf = tuple(rf[a] + (kernel[a] - 1) * dilation[a] * jump[a] for a in range(2))
             jump = tuple(jump[a] * stride[a] for a in range(2))
         _tag(out, (rf, jump, start, whole, pooled))
-        for attr, value in ((_UNITS_AXIS, None if pooled else _units_axis(name, args, out)),
-                            (_BLOCKS, _blocks(name, args, out))):
+        for attr, value in ((_UNITS_AXIS, None if pooled else _units_axis(name, args, kwargs, out)),
+                            (_BLOCKS, _blocks(name, args, kwargs, out))):
             if value is not None:
                 with contextlib.suppress(Exception):  # some tensor subclasses refuse attributes
                     setattr(out, attr, value)
