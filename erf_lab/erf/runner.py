@@ -182,8 +182,9 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # there, was not global) and a LayerNorm over (C, H, W) is global
     # "v10": adaptive pooling to more than one unit (probed at the input's size), a stride-1 transposed conv's
     # dilation and padding, F.unfold / F.fold, lp_pool2d, pixel_unshuffle (also by view / permute), torch.roll,
-    # crops and a Linear over a flattened map or its tokens (global) are tracked, misaligned branches merged by their union, and flips, y / x
-    # swaps and concatenations along y or x leave no grid (v9 misread or left out all of them)
+    # crops and a Linear over a flattened map or its tokens (global) are tracked, misaligned branches merged by
+    # their union, and flips, gathers, y / x swaps and concatenations along y or x leave no grid (v9 misread or left
+    # out all of them)
     key = structure_cache.structure_key(model, "geometry-v10", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape", "rf_start",
