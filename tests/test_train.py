@@ -551,6 +551,30 @@ def test_bad_input_one_error_line_exit_2_nothing_written(tmp_path, capsys):
         assert not out.exists(), name  # validated before anything is written
 
 
+def test_a_val_accuracy_at_chance_is_said_so(tmp_path, capsys, one_thread):
+    """'val acc 0.312' after 2 epochs on 4 cue-world classes read as learning, where guessing scores 0.25 and 16 val
+    images cannot tell 0.31 from it: the final line names chance, and a note (also in run.json) says when the val
+    accuracy is within 3 standard errors of it."""
+    from erf_lab.train.loop import chance_note
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "1",
+                 "--batch-size", "8", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    info = json.loads((out / "run.json").read_text())
+    acc = info["final"]["val_acc"]
+    assert info["data"]["chance_val_acc"] == 0.25
+    assert acc <= 0.25 + 3 * (0.25 * 0.75 / 16) ** 0.5  # 1 epoch of 4 steps: this tiny model learns nothing yet
+    assert info["val_acc_at_chance"] is True and info["chance_note"] == chance_note(acc, 4, 16)
+    assert f"val acc {acc:.3f} (chance 0.250), val loss" in lines[-3]
+    assert lines[-2] == f"note: val acc {acc:.3f} is within 3 standard errors of chance (1/4 = 0.250) on 16 val " \
+        "images: the model has not measurably learned the task (train longer or on more images; more val images " \
+        "measure it more finely)"
+    # above chance + 3 standard errors (0.25 + 3 * 0.108 = 0.575 on 16 images; 0.25 + 3 * 0.0137 on 1000): no note
+    assert chance_note(0.5625, 4, 16) is not None and chance_note(0.625, 4, 16) is None
+    assert chance_note(0.3, 4, 1000) is None and chance_note(0.5, 2, 16) is not None
+
+
 def test_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch, one_thread):
     """--out '~/run' (quoted: a script, a config) trains into $HOME/run, as every other --out expands it (before:
     a FileNotFoundError traceback from the writability check, with $HOME/run left behind)."""
@@ -805,8 +829,8 @@ def test_resume_takes_the_same_data_folder_spelled_otherwise(tmp_path, monkeypat
     info = json.loads((out / "run.json").read_text())
     assert info["final"]["epoch"] == 1
     # beside the model's accuracy, that of answering the largest class alone (a folder's classes may be uneven)
-    assert f"val acc {info['final']['val_acc']:.3f} (always answering the largest training class: 0.500), val " \
-        "loss" in capsys.readouterr().out
+    assert f"val acc {info['final']['val_acc']:.3f} (chance 0.500; always answering the largest training class: " \
+        "0.500), val loss" in capsys.readouterr().out
     assert main([*args, "--data", str(tmp_path / "data")]) == 0  # complete: nothing to do, not 'other settings'
     assert "already holds a complete run" in capsys.readouterr().out
 

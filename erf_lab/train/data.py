@@ -287,16 +287,17 @@ def build_data(data: str, input_size: int, *, train_size: int = 2000, val_size: 
         kw = dict(num_classes=num_classes, seed=seed, cache=True, show_progress=show_progress)
         tr = CueWorld("train", train_size, input_size, resample=resample, **kw)
         va = CueWorld("val", val_size, input_size, **kw)
+        # the world draws every class alike: guessing (1 / classes) is the floor of a val accuracy
         return Data(tr, va, tr.classes, {"kind": CUE_WORLD, "train_size": tr.size, "val_size": va.size,
                                          "num_classes": tr.num_classes, "world_seed": seed, "resample": resample,
-                                         "classes": tr.classes})
+                                         "classes": tr.classes, "chance_val_acc": 1 / tr.num_classes})
     if resample:
         raise ErfLabError("--resample is a cue-world option (a folder dataset has a fixed set of images)")
     tr, va = image_folder(data, input_size, seed=seed)
     train_counts, val_counts = (np.bincount(s.targets, minlength=len(tr.classes)).tolist() for s in (tr, va))
     return Data(tr, va, tr.classes, {"kind": "folder", "root": str(Path(data).expanduser().resolve()),
                                      "train_size": len(tr), "val_size": len(va), "num_classes": len(tr.classes),
-                                     "classes": tr.classes,
+                                     "classes": tr.classes, "chance_val_acc": 1 / len(tr.classes),
                                      # uneven classes: the val accuracy of always answering the class with the most
                                      # training images is the floor a trained model's accuracy means something above
                                      "train_per_class": dict(zip(tr.classes, train_counts)),

@@ -186,6 +186,18 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int, device, mean, std, i
     return sums.reduced(info, device)
 
 
+def chance_note(val_acc: float, num_classes: int, val_size: int) -> str | None:
+    """What a final val accuracy at chance (:func:`erf_lab.shape_bias.analysis.at_chance`: within its standard errors
+    of guessing, 1 / classes) means, in one line; None above it."""
+    from erf_lab.shape_bias.analysis import CHANCE_SE, at_chance
+
+    if not at_chance(val_acc, num_classes, val_size):
+        return None
+    return (f"val acc {val_acc:.3f} is within {CHANCE_SE:g} standard errors of chance (1/{num_classes} = "
+            f"{1 / num_classes:.3f}) on {val_size} val images: the model has not measurably learned the task (train "
+            f"longer or on more images; more val images measure it more finely)")
+
+
 class TrainingDiverged(ErfLabError):
     """A non-finite loss: every rank raises it at the same step (agreed in the stop check's all-reduce)."""
 
@@ -801,6 +813,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors", train_input_size=input_size,
                                 classes=classes)
     plot_curves(rows, out / "curves", recipe.label_smoothing)
+    at_chance = chance_note(rows[-1]["val_acc"], n_classes, len(d.val))
     run_info = {
         "command": argv, "launch": launch(), "settings": settings, "device": device, "num_workers": num_workers,
         "checkpoint_format": checkpoint_format, "cwd": os.getcwd(), "versions": versions(), "host": host(device),
@@ -816,6 +829,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         "failed_loads": failed_so_far(),
         "seeds": {"init": seed, "data": seed, "sampler": seed}, "world_size": W, "dist_backend": info.backend,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "final": rows[-1],
+        # a final val accuracy at chance said so (data's chance_val_acc is the guessing floor)
+        "val_acc_at_chance": at_chance is not None, "chance_note": at_chance,
         "weights": [str(p.relative_to(out)) for p in files], "start_time": start_time, "end_time": now(),
         "resumed": state is not None, "wall_s_this_session": time.time() - t_start,
         # every session's command, device, versions and times (of a run resumed from an older erf-lab's state: the

@@ -101,8 +101,11 @@ def run(args: argparse.Namespace) -> int:
     f = info["final"]
     # a folder's classes may be very uneven: the accuracy of answering its largest class alone, beside the model's
     floor = info["data"].get("majority_class_val_acc")
-    print(f"trained {info['model_config']['name']} for {len(res['rows'])} epoch(s): val acc {f['val_acc']:.3f}"
-          + (f" (always answering the largest training class: {floor:.3f})" if floor is not None else "")
-          + f", val loss {f['val_loss']:.4f}, {f['img_per_s']:.0f} img/s (last epoch)")
+    print(f"trained {info['model_config']['name']} for {len(res['rows'])} epoch(s): val acc {f['val_acc']:.3f} "
+          f"(chance {info['data']['chance_val_acc']:.3f}"
+          + (f"; always answering the largest training class: {floor:.3f}" if floor is not None else "")
+          + f"), val loss {f['val_loss']:.4f}, {f['img_per_s']:.0f} img/s (last epoch)")
+    if info["chance_note"]:
+        print(f"note: {info['chance_note']}")
     print(f"wrote {res['out_dir']}")
     return 0
