@@ -575,6 +575,19 @@ def test_a_val_accuracy_at_chance_is_said_so(tmp_path, capsys, one_thread):
     assert chance_note(0.3, 4, 1000) is None and chance_note(0.5, 2, 16) is not None
 
 
+def test_an_ema_run_says_the_ema_val_accuracy(tmp_path, capsys, one_thread):
+    """With --ema the epoch lines and the final line said the raw weights' val accuracy alone, where
+    model_ema.safetensors is what shape-bias measures: the EMA's, from metrics.csv's columns, beside it."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "1",
+                 "--batch-size", "8", "--ema", "0.5", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    loss, acc = float(row["val_loss_ema"]), float(row["val_acc_ema"])
+    assert lines[0].endswith(f" acc {float(row['val_acc']):.3f}, EMA val loss {loss:.4f} acc {acc:.3f}"), lines
+    assert f"val loss {float(row['val_loss']):.4f}, EMA val acc {acc:.3f}, " in lines[1], lines
+
+
 def test_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch, one_thread):
     """--out '~/run' (quoted: a script, a config) trains into $HOME/run, as every other --out expands it (before:
     a FileNotFoundError traceback from the writability check, with $HOME/run left behind)."""

@@ -785,7 +785,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                    "safetensors", train_input_size=input_size, classes=classes)
                 _write_metrics(out / "metrics.csv", rows)
                 bar.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.3f}, "
-                          f"val loss {val_loss:.4f} acc {val_acc:.3f}")
+                          f"val loss {val_loss:.4f} acc {val_acc:.3f}"
+                          + (f", EMA val loss {row['val_loss_ema']:.4f} acc {row['val_acc_ema']:.3f}"
+                             if ema is not None else ""))
             save_state()
             last_save = time.monotonic()
             # a stop asked for during the evaluation and the saving stops here, at the epoch's end (after the last

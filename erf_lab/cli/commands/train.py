@@ -104,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {info['model_config']['name']} for {len(res['rows'])} epoch(s): val acc {f['val_acc']:.3f} "
           f"(chance {info['data']['chance_val_acc']:.3f}"
           + (f"; always answering the largest training class: {floor:.3f}" if floor is not None else "")
-          + f"), val loss {f['val_loss']:.4f}, {f['img_per_s']:.0f} img/s (last epoch)")
+          + f"), val loss {f['val_loss']:.4f}"
+          # --ema: model_ema.safetensors, what shape-bias and the timeline's --ema measure
+          + (f", EMA val acc {f['val_acc_ema']:.3f}" if "val_acc_ema" in f else "")
+          + f", {f['img_per_s']:.0f} img/s (last epoch)")
     if info["chance_note"]:
         print(f"note: {info['chance_note']}")
     print(f"wrote {res['out_dir']}")
