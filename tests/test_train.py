@@ -45,6 +45,11 @@ def test_curves_say_when_the_train_loss_is_label_smoothed(tmp_path, monkeypatch,
     acc_legend = [t.get_text() for t in figs[0].axes[1].get_legend().get_texts()]
     assert loss_legend == (["train (label smoothing 0.1)", "val"] if smoothing else ["train", "val"])
     assert acc_legend == ["train", "val"]
+    # the chance level (1 / classes) is a line on the accuracy panel: a flat val curve at 0.25 reads as guessing
+    plot_curves(rows, tmp_path / "curves", smoothing, chance=0.25)
+    assert [t.get_text() for t in figs[1].axes[1].get_legend().get_texts()] == ["train", "val", "chance (0.25)"]
+    assert [tuple(line.get_ydata()) for line in figs[1].axes[1].get_lines()][-1] == (0.25, 0.25)
+    assert len(figs[1].axes[0].get_lines()) == 2  # none on the loss panel
 
 
 def test_lr_schedule_warmup_then_cosine():

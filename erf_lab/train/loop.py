@@ -235,9 +235,10 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def plot_curves(rows: list[dict], stem, label_smoothing: float = 0.0) -> list[Path]:
+def plot_curves(rows: list[dict], stem, label_smoothing: float = 0.0, chance: float | None = None) -> list[Path]:
     """Training curves (loss and accuracy, train and val, against epoch) as ``stem.png`` / ``stem.pdf``; the
-    train loss is the training objective (with ``label_smoothing``, above the plain val cross-entropy)."""
+    train loss is the training objective (with ``label_smoothing``, above the plain val cross-entropy); ``chance``
+    (1 / classes), a line on the accuracy panel: the floor a val accuracy means something above."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,6 +257,8 @@ def plot_curves(rows: list[dict], stem, label_smoothing: float = 0.0) -> list[Pa
             ax.plot(ep, [r[f"val_{key}"] for r in rows], "s-", label="val")
             if rows and f"val_{key}_ema" in rows[0]:
                 ax.plot(ep, [r[f"val_{key}_ema"] for r in rows], "^--", label="val (EMA)")
+            if key == "acc" and chance is not None:
+                ax.axhline(chance, color="0.5", linestyle=":", linewidth=1, label=f"chance ({chance:.3g})")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs (no tick at epoch 1.2)
             ax.set_ylabel("cross-entropy" if key == "loss" else "top-1 accuracy")
@@ -814,7 +817,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     if ema is not None:
         files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors", train_input_size=input_size,
                                 classes=classes)
-    plot_curves(rows, out / "curves", recipe.label_smoothing)
+    plot_curves(rows, out / "curves", recipe.label_smoothing, d.description["chance_val_acc"])
     at_chance = chance_note(rows[-1]["val_acc"], n_classes, len(d.val))
     run_info = {
         "command": argv, "launch": launch(), "settings": settings, "device": device, "num_workers": num_workers,
