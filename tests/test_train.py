@@ -683,6 +683,13 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
     assert rc == 2 and err.count("error:") == 1 and "other settings" in err and "lr" in err
     assert "(1 differ, e.g. --lr: 0.002 there, 0.01 now)" in err, err  # the option, not the whole recipe
     assert sorted(p.name for p in out.rglob("*")) == before and not (out / "run.json").exists()
+    # more epochs do not continue it: the cosine schedule of the steps so far was the 2-epoch one (the refusal says so)
+    assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "3",
+                 "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "(1 differ, e.g. --epochs: 2 there, 3 now: the cosine learning-rate " \
+        "schedule spans all the epochs: its steps so far followed the 2-epoch curve, while a 3-epoch run's lr" in err
+    assert sorted(p.name for p in out.rglob("*")) == before
     # the same settings resume it
     assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs",
                  "2", "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"]) == 0
@@ -695,7 +702,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
     rc = main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "3",
                "--batch-size", "8", "--warmup-epochs", "0.5", "--out", str(out), "--resume"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("error:") == 1 and "complete training run with other settings (--epochs)" in err
+    assert rc == 2 and err.count("error:") == 1 and "complete training run with other settings (--epochs); --epochs " \
+        "3 would not extend it: the cosine learning-rate schedule spans all the epochs" in err, err
     assert (out / "run.json").read_text() == finished
 
 

@@ -328,6 +328,10 @@ def _check_writable(out: Path) -> None:
 
 
 _WORLD_SIZE = "processes (torchrun --nproc_per_node)"
+#: why a run's --epochs cannot change under it (formatted with its epochs and the new ones)
+_EPOCHS_WHY = ("the cosine learning-rate schedule spans all the epochs: its steps so far followed the {0}-epoch "
+               "curve, while a {1}-epoch run's lr differs at every step after the warm-up, so they would not make one "
+               "run")
 
 
 def _differences(old: dict, new: dict, keys) -> list[tuple[str, object, object]]:
@@ -507,9 +511,12 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                     and settings[k] is not None and not (folder and k == "num_classes")]
             diff = _differences(done, settings, keys)
             if diff:
+                epochs = next((d for d in diff if d[0] == "--epochs"), None)
                 raise ErfLabError(f"{out} already holds a complete training run with other settings "
-                                  f"({', '.join(d[0] for d in diff)}); use --force to overwrite or choose another "
-                                  "--out")
+                                  f"({', '.join(d[0] for d in diff)})"
+                                  + (f"; --epochs {epochs[2]} would not extend it: {_EPOCHS_WHY.format(*epochs[1:])}"
+                                     if epochs else "")
+                                  + "; use --force to overwrite or choose another --out")
         state = C.load_state(out) if mode == "resume" else None
         if channels_last is None:  # a speed setting: a resumed run keeps its own
             channels_last = (bool(state["settings"].get("channels_last", False)) if state is not None
@@ -528,7 +535,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                 name, was, now = next((d for d in diff if d[0] == _WORLD_SIZE), diff[0])
                 why = (f": --batch-size is per process, so each of its steps took {was} x "
                        f"{state['settings']['recipe'].get('batch_size')} images in the data order of {was} "
-                       f"process(es), which another number would not continue" if name == _WORLD_SIZE else "")
+                       f"process(es), which another number would not continue" if name == _WORLD_SIZE else
+                       f": {_EPOCHS_WHY.format(was, now)}" if name == "--epochs" else "")
                 raise ErfLabError(f"--resume: the run in {out} was made with other settings ({len(diff)} differ, e.g. "
                                   f"{name}: {was!r} there, {now!r} now{why}); repeat its command"
                                   f"{_nproc_hint(was) if name == _WORLD_SIZE else ''} or start over with --force")
