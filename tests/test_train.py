@@ -593,6 +593,24 @@ def test_an_ema_run_says_the_ema_val_accuracy(tmp_path, capsys, one_thread):
     assert f"val loss {float(row['val_loss']):.4f}, EMA val acc {acc:.3f}, " in lines[1], lines
 
 
+@pytest.mark.parametrize("epochs, warmup, said", [
+    ("1", None, "the warm-up (--warmup-epochs 1) spans the whole run (4 steps): the learning rate only rises, to its "
+                "peak at the last step, and the cosine never lowers it; train more epochs or warm up for fewer"),
+    ("1", "0.1", "the warm-up (--warmup-epochs 0.1) rounds to no step (0.4 of the 4 steps per epoch): training "
+                 "starts at the peak learning rate"),
+    ("1", "0.5", None)])
+def test_a_warm_up_that_is_the_whole_run_or_no_step_is_said(tmp_path, capsys, one_thread, epochs, warmup, said):
+    """--epochs 1 with the default warm-up of 1 epoch trained at a rising learning rate only, ending at the peak, the
+    cosine never reached, without a word; a warm-up that rounds to no step took none. Both are said in one line."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", epochs,
+                 "--batch-size", "8", *(["--warmup-epochs", warmup] if warmup else []), "--out", str(out)]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "warning:" in ln]
+    assert lines == ([f"erf-lab train: warning: {said}"] if said else []), lines
+    lr = [float(r["lr"]) for r in csv.DictReader((out / "metrics.csv").read_text().splitlines())]
+    assert lr == [2e-3] if warmup is None else lr[0] < 2e-3  # the whole run a warm-up: it ends at the peak
+
+
 def test_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch, one_thread):
     """--out '~/run' (quoted: a script, a config) trains into $HOME/run, as every other --out expands it (before:
     a FileNotFoundError traceback from the writability check, with $HOME/run left behind)."""

@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -617,6 +618,14 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                         "0 (every rank must read the same data and options)"))
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
+    if warmup_steps >= total_steps:  # e.g. --epochs 1 with the default warm-up of 1 epoch
+        warnings.warn(f"the warm-up (--warmup-epochs {recipe.warmup_epochs:g}) spans the whole run ({total_steps} "
+                      f"steps): the learning rate only rises, to its peak at the last step, and the cosine never "
+                      f"lowers it; train more epochs or warm up for fewer")
+    elif recipe.warmup_epochs > 0 and warmup_steps == 0:
+        warnings.warn(f"the warm-up (--warmup-epochs {recipe.warmup_epochs:g}) rounds to no step "
+                      f"({recipe.warmup_epochs * steps_per_epoch:g} of the {steps_per_epoch} steps per epoch): "
+                      f"training starts at the peak learning rate")
 
     epoch, position, step, rows, sums = 0, 0, 0, [], _Sums()
     epoch_images, epoch_time = 0, 0.0  # of the epoch so far (img/s), over sessions
