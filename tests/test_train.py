@@ -1182,6 +1182,9 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_write(tmp_path, monkey
 def test_curves_and_timeline_tick_whole_epochs(tmp_path, monkeypatch):
     """Two or three epochs gave ticks at epoch 1.2, 1.4 ... (the training curves) and 0.5, 1.5 (the timeline):
     there are no such epochs. Both axes now tick whole epochs only."""
+    # before the patch: imported first under it (by plot_timeline), erf_lab.erf.plotting kept the stub save_figure
+    # for the session, and a later ERF run in this process wrote no erf.png / .pdf (test_study's killed study)
+    import erf_lab.erf.plotting  # noqa: F401
     import erf_lab.io
     import matplotlib.axes
     from erf_lab.train.loop import plot_curves
