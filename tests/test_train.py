@@ -578,6 +578,13 @@ def test_a_val_accuracy_at_chance_is_said_so(tmp_path, capsys, one_thread):
     # above chance + 3 standard errors (0.25 + 3 * 0.108 = 0.575 on 16 images; 0.25 + 3 * 0.0137 on 1000): no note
     assert chance_note(0.5625, 4, 16) is not None and chance_note(0.625, 4, 16) is None
     assert chance_note(0.3, 4, 1000) is None and chance_note(0.5, 2, 16) is not None
+    # a folder's uneven classes: the floor is always answering the largest one where that beats guessing (0.8 of 2
+    # classes, 100 val images: 0.8 + 3 * 0.04 = 0.92), said as such
+    assert chance_note(0.9, 2, 100, majority=0.8) == "val acc 0.900 is within 3 standard errors of always answering " \
+        "the largest training class (0.800) on 100 val images: the model has not measurably learned more than the " \
+        "class frequencies (train longer or on more images; more val images measure it more finely)"
+    assert chance_note(0.93, 2, 100, majority=0.8) is None and chance_note(0.9, 2, 100) is None
+    assert chance_note(0.3, 4, 16, majority=0.2) == chance_note(0.3, 4, 16)  # below guessing: chance is the floor
 
 
 def test_an_ema_run_says_the_ema_val_accuracy(tmp_path, capsys, one_thread):

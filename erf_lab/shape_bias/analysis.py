@@ -38,10 +38,11 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float] | None:
 CHANCE_SE = 3.0
 
 
-def at_chance(val_acc: float, num_classes: int, val_size: int) -> bool:
+def at_chance(val_acc: float, num_classes: int, val_size: int, floor: float | None = None) -> bool:
     """Whether ``val_acc`` on ``val_size`` images is within CHANCE_SE binomial standard errors of guessing among
-    ``num_classes`` classes (such a model has learned nothing, so its shape bias means nothing)."""
-    p = 1.0 / num_classes
+    ``num_classes`` classes (such a model has learned nothing, so its shape bias means nothing), or of ``floor``
+    where that is higher (uneven classes: the accuracy of always answering the largest one)."""
+    p = max(1.0 / num_classes, floor or 0.0)
     return val_acc <= p + CHANCE_SE * (p * (1 - p) / val_size) ** 0.5
 
 

@@ -187,16 +187,22 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int, device, mean, std, i
     return sums.reduced(info, device)
 
 
-def chance_note(val_acc: float, num_classes: int, val_size: int) -> str | None:
+def chance_note(val_acc: float, num_classes: int, val_size: int, majority: float | None = None) -> str | None:
     """What a final val accuracy at chance (:func:`erf_lab.shape_bias.analysis.at_chance`: within its standard errors
-    of guessing, 1 / classes) means, in one line; None above it."""
+    of guessing, 1 / classes, or of ``majority``, always answering the largest training class, where that is higher)
+    means, in one line; None above it."""
     from erf_lab.shape_bias.analysis import CHANCE_SE, at_chance
 
-    if not at_chance(val_acc, num_classes, val_size):
+    if not at_chance(val_acc, num_classes, val_size, floor=majority):
         return None
-    return (f"val acc {val_acc:.3f} is within {CHANCE_SE:g} standard errors of chance (1/{num_classes} = "
-            f"{1 / num_classes:.3f}) on {val_size} val images: the model has not measurably learned the task (train "
-            f"longer or on more images; more val images measure it more finely)")
+    if majority is not None and majority > 1 / num_classes:
+        floor = f"always answering the largest training class ({majority:.3f})"
+        learned = "more than the class frequencies"
+    else:
+        floor, learned = f"chance (1/{num_classes} = {1 / num_classes:.3f})", "the task"
+    return (f"val acc {val_acc:.3f} is within {CHANCE_SE:g} standard errors of {floor} on {val_size} val images: the "
+            f"model has not measurably learned {learned} (train longer or on more images; more val images measure it "
+            f"more finely)")
 
 
 class TrainingDiverged(ErfLabError):
@@ -835,7 +841,7 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
         files += C.save_weights(ema.state_dict(), out / "model_ema", "safetensors", train_input_size=input_size,
                                 classes=classes)
     plot_curves(rows, out / "curves", recipe.label_smoothing, d.description["chance_val_acc"])
-    at_chance = chance_note(rows[-1]["val_acc"], n_classes, len(d.val))
+    at_chance = chance_note(rows[-1]["val_acc"], n_classes, len(d.val), d.description.get("majority_class_val_acc"))
     run_info = {
         "command": argv, "launch": launch(), "settings": settings, "device": device, "num_workers": num_workers,
         "checkpoint_format": checkpoint_format, "cwd": os.getcwd(), "versions": versions(), "host": host(device),
