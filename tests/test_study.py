@@ -121,6 +121,23 @@ def test_study_out_not_writable_is_one_line_before_any_work(tmp_path, monkeypatc
     assert not list((tmp_path / "s").rglob("*"))
 
 
+def test_a_studys_warnings_are_one_line_each(tmp_path, monkeypatch, capsys):
+    """A warning of the study's training (a warm-up as long as the run, at --epochs 1) was Python's four lines (file,
+    line number, category, source): one line ``erf-lab study: warning: ...`` as in train."""
+    import warnings
+
+    import erf_lab.train.study
+
+    def study(out, settings, **kw):
+        warnings.warn("the warm-up spans the whole run")
+        return {"rows": [], "out_dir": str(out)}
+
+    monkeypatch.setattr(erf_lab.train.study, "run_study", study)
+    assert main(["study", "kernel-family", "--out", str(tmp_path / "s"), "--epochs", "1", "--no-guidelines"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["erf-lab study: warning: the warm-up spans the whole run"], err
+
+
 def test_results_written_when_a_guideline_model_finishes_first(tmp_path):
     """run_study(jobs > 1) writes the results as runs finish, in any order: a guideline model may be first."""
     from erf_lab.train.study import write_results

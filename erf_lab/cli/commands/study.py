@@ -53,6 +53,7 @@ def _ints(text: str, what: str) -> tuple:
 def run(args) -> int:
     import contextlib
 
+    from erf_lab.cli.options import warnings_as_lines
     from erf_lab.io import hold_folder, missing_folders, remove_empty_folders
     from erf_lab.train.study import StudySettings, check_ship, markdown_table, run_study, ship, table_notes
 
@@ -66,8 +67,9 @@ def run(args) -> int:
             s = StudySettings(channels=_ints(args.channels, "channels"), layers=_ints(args.layers, "layers"),
                               input_size=args.input_size, train_size=args.train_size, epochs=args.epochs,
                               erf_input_size=args.erf_input_size)
-            res = run_study(args.out, s, jobs=args.jobs, threads=args.threads, guidelines=not args.no_guidelines,
-                            show_progress=not args.quiet)
+            with warnings_as_lines("study"):  # e.g. a warm-up as long as the run (--epochs 1)
+                res = run_study(args.out, s, jobs=args.jobs, threads=args.threads,
+                                guidelines=not args.no_guidelines, show_progress=not args.quiet)
             print(markdown_table(res["rows"], ["name", "val_acc", "area@20%", "area@50%", "area@99%", "r_rms",
                                                "shape_bias", "img_per_s"]) + table_notes(res["rows"]))
             print(f"wrote {res['out_dir']}/results.md, family.csv, family.png/pdf")
