@@ -117,9 +117,9 @@ def test_explorer_says_a_global_theoretical_rf(app_env):
     assert kernel_rf > 128, head  # the kernels' RF of the last stage, wider than the image
     assert metric(at, "ERF / TRF", 0) == "n/a"
     assert (f"ERF / TRF: none, the theoretical RF is the whole image: every input pixel reaches the measured layer "
-            f"through a pooling or normalization over the whole map (squeeze-and-excitation, GRN, GroupNorm) or a "
-            f"Linear over the flattened map; its "
-            f"kernels alone reach {kernel_rf} px.") in caps, caps
+            f"through a pooling, normalization or attention over the whole map (squeeze-and-excitation, GRN, "
+            f"GroupNorm, a ViT's self-attention) or a Linear over the flattened map; its kernels alone reach "
+            f"{kernel_rf} px.") in caps, caps
 
 
 def test_side_by_side_kernel_31_vs_3_and_bad_input(app_env):

@@ -276,7 +276,7 @@ def test_app_erf_explorer_takes_timm_names(tmp_path, monkeypatch):
     at.button(key="erf-run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert float([m.value for m in at.metric if m.label == "r_rms (px)"][0]) > 0
-    assert any("theoretical RF n/a" in c.value for c in at.caption)
+    assert any("theoretical RF global (16 px)" in c.value for c in at.caption)  # attention over every patch
 
     from app import models  # AppTest cannot type a new option; the page checks typed names with this
 
@@ -307,3 +307,77 @@ def test_pretrained_with_another_class_count_marks_the_random_classifier(monkeyp
     assert getattr(create_model("timm/fakenet", pretrained=True), "random_init_keys", []) == []
     assert getattr(create_model("timm/fakenet", pretrained=True, num_classes=1000), "random_init_keys", []) == []
     assert getattr(create_model("timm/fakenet", num_classes=16), "random_init_keys", []) == []  # all random: no file
+
+
+@needs_timm
+@pytest.mark.parametrize("fused", [True, False])
+def test_vit_self_attention_is_a_global_rf_on_the_patch_grid(fused):
+    """Every ViT token attends to every patch (fused scaled_dot_product_attention, or softmax(q k^T) v): the layers
+    after the first attention have a global theoretical RF, the kernels' 16 px patch kept with the patch grid
+    (they were n/a, unplaced); qkv before it is the patch's. A Swin's window attention is no global one: n/a."""
+    from erf_lab.erf.receptive_field import list_layers
+
+    model = create_model("timm/vit_tiny_patch16_224", img_size=64, reg_tokens=2).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    rows = {r["name"]: r for r in list_layers(model, 64)}
+    assert rows["blocks.0.attn.qkv"]["theoretical_rf"] == 16 and not rows["blocks.0.attn.qkv"]["rf_global"]
+    for name in ("blocks.0.attn", "blocks.0", "blocks.11", "forward_features"):
+        row = rows[name]
+        assert (row["theoretical_rf"], row["rf_global"], row["kernel_rf"]) == (None, True, 16), name
+        assert row["rf_start"] == [7.5, 7.5] and row["stride_hw"] == [16, 16] and row["stride"] == 16, name
+
+    swin = create_model("timm/swin_tiny_patch4_window7_224", img_size=64, window_size=4).eval()
+    ff = list_layers(swin, 64)[-1]
+    assert ff["name"] == "forward_features" and ff["theoretical_rf"] is None and not ff["rf_global"]
+
+
+@needs_timm
+def test_vit_erf_metrics_centred_on_the_measured_token(tmp_path):
+    """A 4 x 4 token grid at 64 px: the measured token (2, 2) is the patch of pixels 32..47, centred at 39.5; the
+    metrics took the map's middle (32, 32), a patch away from where its ERF peaks."""
+    from erf_lab.erf.runner import ErfSpec, run_erf
+
+    out = tmp_path / "vit"
+    run_erf(ErfSpec(model="timm/vit_tiny_patch16_224", overrides={"img_size": 64}, input_size=64, num_images=1),
+            out=out, show_progress=False, formats=())
+    info = json.loads((out / "run.json").read_text())
+    assert info["rf_global"] and info["kernel_rf"] == 16 and info["theoretical_rf"] is None
+    assert info["erf_centre"] == [40, 40]
+    assert json.loads((out / "metrics.json").read_text())["center"] == [40, 40]
+    erf = np.load(out / "erf.npy")
+    assert erf[32:48, 32:48].sum() > 2 * erf[24:40, 24:40].sum()  # the measured patch, not the map's middle
+
+
+@needs_timm
+def test_pvt_keys_from_a_strided_conv_keep_the_queries_grid(tmp_path):
+    """PVT v2's keys and values come from a conv of stride 8 (sr_ratio): the attention's output took their stride,
+    compounding to 131072 px at the last stage, so compute refused 64 px as 'too small'. The output is on the
+    queries' grid (strides 4, 8, 16, 32) and global: the 2 x 2 keys cover the whole map."""
+    from erf_lab.cli.commands.layers import layer_table
+    from erf_lab.erf.runner import ErfSpec, run_erf
+
+    rows = {r["name"]: r for r in layer_table("timm/pvt_v2_b0", 64)}
+    for stage, stride in enumerate((4, 8, 16, 32)):
+        row = rows[f"stages.{stage}"]
+        assert row["stride"] == stride and row["stride_hw"] == [stride, stride] and row["rf_global"], row
+        assert row["shape"][1:] == [64 // stride] * 2
+    assert rows["stages.0.blocks.0.attn.sr"]["theoretical_rf"] == 7 + 7 * 4  # 8 x 8 stride-8 conv at stride 4
+    run_erf(ErfSpec(model="timm/pvt_v2_b0", input_size=64, num_images=1), out=tmp_path / "pvt",
+            show_progress=False, formats=())
+    info = json.loads((tmp_path / "pvt" / "run.json").read_text())
+    assert info["feature_shape"] == [256, 2, 2] and info["rf_global"] and info["kernel_rf"] == rows["stages.3"][
+        "kernel_rf"]
+
+
+@needs_timm
+def test_vit_size_not_a_multiple_of_the_patch_names_dynamic_img_pad():
+    """With dynamic_img_size=True already set, a size that is no multiple of 16 pointed back at dynamic_img_size;
+    timm pads it with dynamic_img_pad=True (7 x 7 tokens at 100 px, the patch grid still from pixel 0)."""
+    from erf_lab.erf.receptive_field import list_layers
+
+    with pytest.raises(ErfLabError, match=r"dynamic_img_pad=True$"):
+        list_layers(create_model("timm/vit_tiny_patch16_224", dynamic_img_size=True).eval(), 100)
+    padded = create_model("timm/vit_tiny_patch16_224", dynamic_img_size=True, dynamic_img_pad=True).eval()
+    row = list_layers(padded, 100)[-1]
+    assert row["shape"] == [192, 7, 7] and row["rf_global"] and row["rf_start"] == [7.5, 7.5]

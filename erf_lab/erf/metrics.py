@@ -27,8 +27,9 @@ NOT_MEANINGFUL = "n/m"
 #: why a ratio to the theoretical RF (``erf/trf``) is no property of the network where that RF is wider than the
 #: image (flag ``theoretical_rf_exceeds_map``); sweep.md and the app say it beside such a ratio
 #: why a layer's theoretical RF is global (``rf_global``), as every table, page and message says it
-GLOBAL_RF_REASON = ("every input pixel reaches the measured layer through a pooling or normalization over the whole "
-                    "map (squeeze-and-excitation, GRN, GroupNorm) or a Linear over the flattened map")
+GLOBAL_RF_REASON = ("every input pixel reaches the measured layer through a pooling, normalization or attention over "
+                    "the whole map (squeeze-and-excitation, GRN, GroupNorm, a ViT's self-attention) or a Linear over "
+                    "the flattened map")
 TRF_EXCEEDS_MAP_NOTE = ("the ERF is cut by the image's edge, so the ratio is bounded by the input size, not a "
                         "property of the network alone")
 

@@ -16,12 +16,16 @@ spatial axis leave the units on no grid of the input, and every layer after them
 after attention) rather than a wrong one.
 
 Attention has no kernel: a product of two input-dependent tensors (``q @ k^T``, ``attn @ v``,
-``scaled_dot_product_attention``) mixes tokens, and every layer after it has no theoretical RF in this sense
-(``None``): a ViT's patch sees the whole image after the first block, a Swin's a window that the shifts grow.
+``scaled_dot_product_attention``) mixes tokens. Where every query attends to every token of the map (a ViT's,
+DeiT's, PVT's self-attention: as many keys as a convolution's map at the keys' stride has units), every
+input pixel reaches the layers after it: their RF is global, as after a pooling over the whole map (below), and the
+kernels still place the tokens (a ViT's patch grid). After attention within windows (Swin, MaxViT) or one whose
+keys cannot be told (a product of two tensors not after a softmax) the layers have no theoretical RF in this sense
+(``None``): a Swin's patch sees a window that the shifts grow.
 A Linear over the units of a flattened map (MLP-Mixer's / ResMLP's / gMLP's token mixing over the token axis, a
 Linear over a map flattened to (B, C H W)) mixes them all: the RF after it is global, as after a pooling (below).
 Token and NHWC outputs are listed as (C, H, W) maps (:func:`erf_lab.erf.tokens.to_spatial`); the stride of a
-layer after attention is read off its map (input side / map side).
+layer after window attention is read off its map (input side / map side).
 
 A reduction over the whole map (global pooling: squeeze-and-excitation's squeeze; a norm over H and W: GRN;
 GroupNorm's statistics, a LayerNorm over (C, H, W)) or a Linear over a flattened map makes every input pixel reach
@@ -53,7 +57,7 @@ _UNITS_AXIS = "_erf_lab_units_axis"
 _BLOCKS = "_erf_lab_blocks"
 _TOKEN_MIXING = ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention")
 # ops that resample the map: after them the units lie on no integer grid of the input, so the theoretical RF is
-# not tracked (None, as after attention) rather than given wrong (an upsampled map kept its coarse stride and RF)
+# not tracked (None, as after window attention) rather than given wrong (an upsampled map kept its coarse stride and RF)
 _RESAMPLING = ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pixel_shuffle", "grid_sample",
                "max_unpool2d", "fractional_max_pool2d", "fractional_max_pool2d_with_indices")
 _ADAPTIVE_POOLS = ("adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_max_pool2d_with_indices")
@@ -289,11 +293,17 @@ def _tag(obj, info):
 class _RFMode(TorchFunctionMode):
     """Propagates ((rf_h, rf_w), (jump_h, jump_w), (start_h, start_w), global, pooled) through every torch op
     (global: the value depends on every input pixel through a reduction over a whole map, :func:`_reduces_space`,
-    or a Linear over a flattened map; pooled: it is such a reduction's values, or made of them alone: no grid of
-    units). ``size_dependent``: an op ran whose geometry depends on its map's size (an adaptive pooling to more
-    than one unit), so what follows it holds at this input size only."""
+    or a Linear over a flattened map, or an attention over every token of the map; pooled: it is such a reduction's
+    values, or made of them alone: no grid of units). ``size_dependent``: an op ran whose geometry depends on its
+    map's size (an adaptive pooling to more than one unit), so what follows it holds at this input size only.
+    ``input_hw``: the probe input's (H, W), for the number of units a map has at a stride."""
 
     size_dependent = False
+
+    def __init__(self, input_hw: tuple[int, int] | None = None):
+        super().__init__()
+        self.input_hw = input_hw
+        self.units: dict[tuple, int] = {}  # stride (y, x) -> the most units of a convolution's map at that stride
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -315,7 +325,19 @@ class _RFMode(TorchFunctionMode):
         pooled = pooled or all(i[4] for i in infos)
         kernel = stride = dilation = None
         if name in _TOKEN_MIXING and len(infos) >= 2:
-            rf = (math.inf, math.inf)
+            query = getattr(args[0], _ATTR, None) if args and isinstance(args[0], torch.Tensor) else None
+            if query is not None:  # one output row per query (q @ k^T, attn @ v): the queries' grid, not the keys'
+                jump, start = query[1], query[2]  # (PVT's keys come from a strided conv: their stride is larger)
+            keys = self._keys(name, args, kwargs)
+            if keys is not None and self._whole_map(*keys):
+                whole = True  # every query saw every token: the kernels' RF (v's, keys') and placement stay
+                rf = tuple(max((i[0][a] for i in infos if math.isfinite(i[0][a])), default=math.inf)
+                           for a in range(2))
+            else:
+                rf = (math.inf, math.inf)
+        elif name == "softmax" and isinstance(out, torch.Tensor) and out.dim() >= 2 and self._last_dim(
+                out, args[1] if len(args) > 1 else kwargs.get("dim")):
+            _mark_attention(out)
         elif name in _RESAMPLING or (name == "conv_transpose2d" and _pair(
                 args[3] if len(args) > 3 else kwargs.get("stride", 1)) != (1, 1)):
             rf, jump = (math.inf, math.inf), _resampled_jump(jump, src, out)
@@ -421,6 +443,11 @@ class _RFMode(TorchFunctionMode):
             start = _start(start, jump, kernel, dilation, padding)
             rf = tuple(rf[a] + (kernel[a] - 1) * dilation[a] * jump[a] for a in range(2))
             jump = tuple(jump[a] * stride[a] for a in range(2))
+            if name == "conv2d" and isinstance(out, torch.Tensor) and out.dim() == 4:
+                self.units[jump] = max(self.units.get(jump, 0), int(out.shape[-2]) * int(out.shape[-1]))
+        if isinstance(out, torch.Tensor) and args and getattr(args[0], _ATTENTION, False) \
+                and name not in _TOKEN_MIXING and out.shape == args[0].shape:
+            _mark_attention(out)  # attention weights through a dropout, a mask, a copy
         _tag(out, (rf, jump, start, whole, pooled))
         for attr, value in ((_UNITS_AXIS, None if pooled else _units_axis(name, args, kwargs, out)),
                             (_BLOCKS, _blocks(name, args, kwargs, out))):
@@ -428,6 +455,50 @@ class _RFMode(TorchFunctionMode):
                 with contextlib.suppress(Exception):  # some tensor subclasses refuse attributes
                     setattr(out, attr, value)
         return out
+
+    @staticmethod
+    def _last_dim(t: torch.Tensor, dim) -> bool:
+        return isinstance(dim, int) and dim % t.dim() == t.dim() - 1
+
+    @staticmethod
+    def _keys(name: str, args, kwargs) -> tuple[int, tuple] | None:
+        """(number of keys each query attends to, the keys' (rf, jump, ...) info) of an attention op, or None where
+        the op is no attention over a known key axis: ``scaled_dot_product_attention(q, k, v)`` (k's tokens) or a
+        product ``attn @ v`` of softmax weights over their last axis (v's tokens); ``q @ k^T`` is not (its
+        contracted axis holds channels)."""
+        if name == "scaled_dot_product_attention":
+            key = args[1] if len(args) > 1 else kwargs.get("key")
+            if isinstance(key, torch.Tensor) and key.dim() >= 2 and getattr(key, _ATTR, None) is not None:
+                return int(key.shape[-2]), getattr(key, _ATTR)
+        elif len(args) >= 2 and isinstance(args[0], torch.Tensor) and getattr(args[0], _ATTENTION, False):
+            value = args[-1]
+            info = getattr(value, _ATTR, None) if isinstance(value, torch.Tensor) else None
+            if info is not None:
+                return int(args[0].shape[-1]), info
+        return None
+
+    def _whole_map(self, n_keys: int, info: tuple) -> bool:
+        """Whether ``n_keys`` keys cover every unit of the whole map at the keys' stride (class / register tokens
+        aside: there may be more): as many as the largest map a convolution made at that stride (a ViT's patch
+        embedding), else ceil(H / stride_y) x ceil(W / stride_x). A Swin's window never covers its patch embedding's
+        map: its patch merging reshapes, no kernel doubles the stride."""
+        jump = tuple(info[1])
+        units = self.units.get(jump)
+        if units is None:
+            if self.input_hw is None or not all(math.isfinite(j) and j >= 1 for j in jump):
+                return False
+            units = math.prod(math.ceil(side / step) for side, step in zip(self.input_hw, jump))
+        return n_keys >= units
+
+
+_ATTENTION = "_erf_lab_attention"  # a tensor of attention weights: a softmax over its last axis (keys)
+
+
+def _mark_attention(t: torch.Tensor) -> None:
+    try:
+        setattr(t, _ATTENTION, True)
+    except Exception:  # some tensor subclasses refuse attributes
+        pass
 
 
 def _module_hook(module, inp, out):
@@ -503,7 +574,7 @@ def _row(name: str, t: torch.Tensor, input_size: int, size_dependent: bool = Fal
     info = getattr(t, _ATTR, None)
     rf = max(info[0]) if info else None
     stride = int(max(info[1])) if info else None
-    if rf is not None and math.isinf(rf):  # after attention or resampling: no kernel RF; stride from the map's side
+    if rf is not None and math.isinf(rf):  # after window attention, resampling: no kernel RF; stride from the map
         rf = None
         if t.dim() == 4 and min(t.shape[-2:]) > 0:
             stride = max(stride, input_size // max(t.shape[-2:]), 1)
@@ -520,12 +591,12 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     """Every module that runs on a (1, C, S, S) input (C: :func:`input_channels`) with a spatial output (token and
     NHWC outputs arranged as
     (C, H, W)): ``name``, output ``shape`` (C, H, W), ``theoretical_rf`` (pixels, max of both axes; None after
-    attention and where ``rf_global``: after a reduction over a whole map, every pixel reaches the layer),
-    ``kernel_rf`` (the RF of the kernels alone; None after attention), total ``stride`` (max of both axes),
-    ``rf_start`` and ``stride_hw`` (per axis, y then x; None after attention and for pooled values, SE's squeeze:
-    unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), ``size_dependent`` (it runs after an op whose
-    geometry depends on its map's size, an adaptive pooling to more than one unit: exact at ``input_size`` only),
-    in execution order; the default layer ``forward_features`` comes last.
+    window attention and where ``rf_global``: after a reduction or attention over a whole map, every pixel reaches
+    the layer), ``kernel_rf`` (the RF of the kernels alone; None after window attention), total ``stride`` (max of
+    both axes), ``rf_start`` and ``stride_hw`` (per axis, y then x; None after window attention and for pooled
+    values, SE's squeeze: unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), ``size_dependent`` (it runs
+    after an op whose geometry depends on its map's size, an adaptive pooling to more than one unit: exact at
+    ``input_size`` only), in execution order; the default layer ``forward_features`` comes last.
     ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}
@@ -569,7 +640,7 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
             if name:
                 hooks.append(module.register_forward_hook(make_hook(name)))
         x = _probe_input(m, input_channels(m), int(input_size))
-        mode = _RFMode()
+        mode = _RFMode((int(input_size), int(input_size)))
         setattr(x, _ATTR, ((1, 1), (1, 1), (0.0, 0.0), False, False))
         try:
             with torch.no_grad(), mode:
@@ -578,6 +649,8 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
         except (RuntimeError, AssertionError) as e:  # timm's fixed-size patch embeddings assert the input size
             hint = ("; a timm ViT / Swin takes other sizes with --override img_size=N or dynamic_img_size=True"
                     if isinstance(e, AssertionError) else "")
+            if isinstance(e, AssertionError) and "divisible by patch size" in str(e):  # dynamic_img_size=True already
+                hint = "; a timm ViT pads it to whole patches with --override dynamic_img_pad=True"
             raise ErfLabError(f"input size {input_size} does not fit {type(model).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
     out = list(rows.values())
@@ -599,8 +672,8 @@ def theoretical_rf(model: nn.Module, layer: str | None = None, input_size: int =
                                   f"kernels alone reach {r['kernel_rf']} px")
             if r["theoretical_rf"] is None:
                 raise ErfLabError(f"layer {name!r} has no theoretical receptive field from kernels (it follows "
-                                  "attention or a resampling, after which its units lie on no grid of input pixels, "
-                                  "or does not depend spatially on the input)")
+                                  "window attention or a resampling, after which its units lie on no grid of input "
+                                  "pixels, or does not depend spatially on the input)")
             return r["theoretical_rf"]
     resolve_layer(model, name)  # raises with close names if unknown
     raise ErfLabError(f"layer {name!r} does not run in the forward pass at input size {input_size}")

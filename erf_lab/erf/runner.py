@@ -185,7 +185,9 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # crops and a Linear over a flattened map or its tokens (global) are tracked, misaligned branches merged by
     # their union, and flips, gathers, y / x swaps and concatenations along y or x leave no grid (v9 misread or left
     # out all of them)
-    key = structure_cache.structure_key(model, "geometry-v10", name, int(input_size))
+    # "v11": also global after an attention over every token of the map (a ViT's), placed on the patch grid (v10:
+    # n/a, the metrics centred on the map's middle instead of the measured token's patch)
+    key = structure_cache.structure_key(model, "geometry-v11", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape", "rf_start",
                                                                 "stride_hw", "rf_global", "kernel_rf"} <= set(hit)):

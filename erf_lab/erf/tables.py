@@ -61,8 +61,8 @@ def trf_note(measured: Sequence[tuple[str, dict]]) -> str:
 
 def rf_text(info: dict, unit: str = "") -> str:
     """A layer's theoretical RF as tables and pages show it, from a layer row or a run.json: ``{N}{unit}``,
-    ``global ({kernel RF}{unit})`` after a pooling or normalization over the whole map (``rf_global``), ``n/a``
-    where there is none (after attention)."""
+    ``global ({kernel RF}{unit})`` after a pooling, normalization or attention over the whole map (``rf_global``),
+    ``n/a`` where there is none (after window attention)."""
     if info.get("rf_global"):
         return f"global ({info.get('kernel_rf')}{unit})"
     return f"{info['theoretical_rf']}{unit}" if info.get("theoretical_rf") else "n/a"

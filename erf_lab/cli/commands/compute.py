@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
           f"({info['num_skipped']} skipped), input {info['input_size']}px, theoretical RF "
           + (f"{info['theoretical_rf']}px" if info["theoretical_rf"] else
              f"global ({GLOBAL_RF_REASON}; the kernels alone reach {info['kernel_rf']}px)" if info.get("rf_global") else
-             "n/a (attention)"))
+             "n/a (after window attention or a resampling)"))
     if info.get("size_note"):
         print(f"note: {info['size_note']}")
     if isinstance(info.get("num_images_requested"), int) and info["num_used"] < info["num_images_requested"]:
