@@ -381,3 +381,28 @@ def test_vit_size_not_a_multiple_of_the_patch_names_dynamic_img_pad():
     padded = create_model("timm/vit_tiny_patch16_224", dynamic_img_size=True, dynamic_img_pad=True).eval()
     row = list_layers(padded, 100)[-1]
     assert row["shape"] == [192, 7, 7] and row["rf_global"] and row["rf_start"] == [7.5, 7.5]
+
+
+@needs_timm
+def test_swin_tokens_after_window_attention_keep_their_places(tmp_path):
+    """After window attention the RF is n/a, but each token keeps its place: on the 4 px patch grid, and after
+    each patch merging (a reshape of 2 x 2 tokens, which no kernel tracks) on a twice coarser one centred on the
+    merged tokens. The metrics took the map's middle (32, 32); the measured unit (1, 1) of the 2 x 2 map at 64 px
+    covers pixels 32..63 (centre 47.5), where the ERF lies."""
+    from erf_lab.cli.commands.layers import layer_table
+    from erf_lab.erf.runner import ErfSpec, run_erf
+
+    overrides, size, _ = CASES["swin_tiny_patch4_window7_224"]
+    rows = {r["name"]: r for r in layer_table("timm/swin_tiny_patch4_window7_224", size, overrides)}
+    for name, stride in (("layers.0", 4), ("layers.1", 8), ("layers.2", 16), ("layers.3", 32),
+                         ("forward_features", 32)):
+        row = rows[name]
+        assert row["theoretical_rf"] is None and not row["rf_global"], name
+        assert row["stride_hw"] == [stride, stride] and row["rf_start"] == [(stride - 1) / 2] * 2, name
+    out = tmp_path / "swin"
+    run_erf(ErfSpec(model="timm/swin_tiny_patch4_window7_224", overrides=overrides, input_size=size, num_images=1),
+            out=out, show_progress=False, formats=())
+    assert json.loads((out / "run.json").read_text())["erf_centre"] == [48, 48]
+    assert json.loads((out / "metrics.json").read_text())["center"] == [48, 48]
+    erf = np.load(out / "erf.npy")
+    assert erf[32:, 32:].sum() > 2 * erf[:32, :32].sum()

@@ -21,7 +21,7 @@ DeiT's, PVT's self-attention: as many keys as a convolution's map at the keys' s
 input pixel reaches the layers after it: their RF is global, as after a pooling over the whole map (below), and the
 kernels still place the tokens (a ViT's patch grid). After attention within windows (Swin, MaxViT) or one whose
 keys cannot be told (a product of two tensors not after a softmax) the layers have no theoretical RF in this sense
-(``None``): a Swin's patch sees a window that the shifts grow.
+(``None``): a Swin's patch sees a window that the shifts grow; its tokens keep their places (:func:`_token_grid`).
 A Linear over the units of a flattened map (MLP-Mixer's / ResMLP's / gMLP's token mixing over the token axis, a
 Linear over a map flattened to (B, C H W)) mixes them all: the RF after it is global, as after a pooling (below).
 Token and NHWC outputs are listed as (C, H, W) maps (:func:`erf_lab.erf.tokens.to_spatial`); the stride of a
@@ -55,6 +55,9 @@ _UNITS_AXIS = "_erf_lab_units_axis"
 # a map viewed as (N, C, H / by, by, W / bx, bx): the axes of (block row, row in its block, block column, column in
 # its block) and (by, bx), followed through permutes to the view back to a map (a space-to-depth: TResNet's)
 _BLOCKS = "_erf_lab_blocks"
+#: the start of units that lie on no grid of input pixels (after a resampling, a flip, a gather ...): unlike the
+#: tokens after window attention, which keep their places (:func:`_token_grid`), they are not placed
+_OFF_GRID = (math.nan, math.nan)
 _TOKEN_MIXING = ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention")
 # ops that resample the map: after them the units lie on no integer grid of the input, so the theoretical RF is
 # not tracked (None, as after window attention) rather than given wrong (an upsampled map kept its coarse stride and RF)
@@ -341,6 +344,7 @@ class _RFMode(TorchFunctionMode):
         elif name in _RESAMPLING or (name == "conv_transpose2d" and _pair(
                 args[3] if len(args) > 3 else kwargs.get("stride", 1)) != (1, 1)):
             rf, jump = (math.inf, math.inf), _resampled_jump(jump, src, out)
+            start = _OFF_GRID  # no unit centred on a pixel grid (unlike window attention's tokens)
         elif name in _ADAPTIVE_POOLS and not pooled and isinstance(src, torch.Tensor) and src.dim() == 4:
             # its bins depend on the map's size: exact at this input size only (list_layers' "size_dependent"); a
             # 1 x 1 map's are itself
@@ -349,6 +353,7 @@ class _RFMode(TorchFunctionMode):
             bins = [_adaptive_bins(src.shape[2 + a], sized.shape[2 + a]) for a in range(2)]
             if None in bins:  # bins of two widths or steps: the units lie on no grid of the input
                 rf, jump = (math.inf, math.inf), _resampled_jump(jump, src, out)
+                start = _OFF_GRID  # no unit centred on a pixel grid (unlike window attention's tokens)
             else:
                 kernel, stride = tuple(b[0] for b in bins), tuple(b[1] for b in bins)
                 dilation, padding = (1, 1), (0, 0)
@@ -384,6 +389,7 @@ class _RFMode(TorchFunctionMode):
             stride = _pair(args[5] if len(args) > 5 else kwargs.get("stride", 1))
             if stride != (1, 1):  # overlap-add of strided windows: a strided transposed conv, no grid
                 rf, jump, kernel = (math.inf, math.inf), tuple(jump[a] / stride[a] for a in range(2)), None
+                start = _OFF_GRID  # no unit centred on a pixel grid (unlike window attention's tokens)
             else:  # overlap-add of the windows: a stride-1 transposed conv
                 padding = tuple(dilation[a] * (kernel[a] - 1) - p[a] for a in range(2))
         elif name == "unfold" and isinstance(src, torch.Tensor) and src.dim() >= 4:  # Tensor.unfold(dim, size, step)
@@ -399,6 +405,7 @@ class _RFMode(TorchFunctionMode):
             dims = args[2] if len(args) > 2 else kwargs.get("dims")
             if dims is None or (isinstance(dims, (tuple, list)) and not dims):
                 rf = (math.inf, math.inf)  # rolled flattened: the units lie on no grid
+                start = _OFF_GRID  # no unit centred on a pixel grid (unlike window attention's tokens)
             else:
                 shifts = [int(v) for v in (shifts if isinstance(shifts, (tuple, list)) else [shifts])]
                 dims = [int(v) % 4 for v in (dims if isinstance(dims, (tuple, list)) else [dims])]
@@ -413,6 +420,7 @@ class _RFMode(TorchFunctionMode):
             sliced = _sliced(src, args[1], start, jump)
             if sliced is None:
                 rf = (math.inf, math.inf)
+                start = _OFF_GRID  # no unit centred on a pixel grid (unlike window attention's tokens)
             else:
                 start, jump = sliced
         elif name == "narrow" and isinstance(src, torch.Tensor) and src.dim() == 4:  # (input, dim, start, length)
@@ -420,6 +428,7 @@ class _RFMode(TorchFunctionMode):
                                   jump)
         elif _breaks_grid(name, src, args, kwargs):
             rf = (math.inf, math.inf)
+            start = _OFF_GRID  # no unit centred on a pixel grid (unlike window attention's tokens)
         elif name in ("view", "reshape") and isinstance(src, torch.Tensor) and hasattr(src, _BLOCKS) \
                 and isinstance(out, torch.Tensor) and out.dim() == 4:
             regrouped = _unblocked(src, out)
@@ -428,6 +437,7 @@ class _RFMode(TorchFunctionMode):
                 dilation, padding = (1, 1), (0, 0)
             elif regrouped is None:
                 rf = (math.inf, math.inf)
+                start = _OFF_GRID  # no unit centred on a pixel grid (unlike window attention's tokens)
         elif name == "linear" and isinstance(src, torch.Tensor) and getattr(src, _UNITS_AXIS, None) == src.dim() - 1:
             whole = True  # a Linear over a flattened map's units: every output depends on every pixel
         elif "pool2d" in name and "adaptive" not in name:
@@ -570,17 +580,41 @@ def _features_fn(model: nn.Module):
     return model.forward_features if hasattr(model, "forward_features") else model
 
 
+def _token_grid(info, t: torch.Tensor, input_size: int) -> tuple[tuple, tuple] | None:
+    """(rf_start, stride_hw) of the units of map ``t`` after window attention: the tokens keep their places (window
+    partition and reverse, a Swin's shift and its reverse are permutations), on the kernels' grid, or on a k times
+    coarser one where a reshape merged k x k neighbouring tokens into one unit (a Swin's patch merging, which no
+    kernel tracks), centred on them; None where the map's stride (input side / map side) is no whole multiple of
+    the kernels'."""
+    if t.dim() != 4:
+        return None
+    start, jump = [], []
+    for a in range(2):
+        side = int(t.shape[2 + a])
+        if side < 1 or input_size % side or not math.isfinite(info[1][a]) or info[1][a] < 1:
+            return None
+        k = input_size // side / info[1][a]
+        if k < 1 or k != int(k):
+            return None
+        start.append(info[2][a] + info[1][a] * (k - 1) / 2)
+        jump.append(input_size // side)
+    return tuple(start), tuple(jump)
+
+
 def _row(name: str, t: torch.Tensor, input_size: int, size_dependent: bool = False) -> dict:
     info = getattr(t, _ATTR, None)
     rf = max(info[0]) if info else None
     stride = int(max(info[1])) if info else None
+    grid = (info[2], info[1]) if info else None  # (rf_start, stride_hw)
     if rf is not None and math.isinf(rf):  # after window attention, resampling: no kernel RF; stride from the map
         rf = None
         if t.dim() == 4 and min(t.shape[-2:]) > 0:
             stride = max(stride, input_size // max(t.shape[-2:]), 1)
-    placed = info and rf is not None and not info[4]  # pooled values (SE's squeeze) lie on no grid of units
-    start = [float(v) for v in info[2]] if placed else None
-    stride_hw = [int(v) for v in info[1]] if placed else None
+        grid = _token_grid(info, t, input_size)
+    # pooled values (SE's squeeze) lie on no grid of units, nor do the units after a resampling (start NaN)
+    placed = bool(info) and grid is not None and not info[4] and all(math.isfinite(v) for v in grid[0])
+    start = [float(v) for v in grid[0]] if placed else None
+    stride_hw = [int(v) for v in grid[1]] if placed else None
     whole = bool(info and info[3] and rf is not None)  # every pixel reaches it; the kernels still place its units
     return {"name": name, "shape": list(t.shape[1:]), "theoretical_rf": None if rf is None or whole else int(rf),
             "stride": stride, "rf_start": start, "stride_hw": stride_hw, "rf_global": whole,
@@ -593,10 +627,11 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     (C, H, W)): ``name``, output ``shape`` (C, H, W), ``theoretical_rf`` (pixels, max of both axes; None after
     window attention and where ``rf_global``: after a reduction or attention over a whole map, every pixel reaches
     the layer), ``kernel_rf`` (the RF of the kernels alone; None after window attention), total ``stride`` (max of
-    both axes), ``rf_start`` and ``stride_hw`` (per axis, y then x; None after window attention and for pooled
-    values, SE's squeeze: unit (i, j) is centred at ``rf_start + stride_hw * (i, j)``), ``size_dependent`` (it runs
-    after an op whose geometry depends on its map's size, an adaptive pooling to more than one unit: exact at
-    ``input_size`` only), in execution order; the default layer ``forward_features`` comes last.
+    both axes), ``rf_start`` and ``stride_hw`` (per axis, y then x; None after a resampling or another op that
+    leaves no grid, and for pooled values, SE's squeeze: unit (i, j) is centred at ``rf_start + stride_hw * (i,
+    j)``), ``size_dependent`` (it runs after an op whose geometry depends on its map's size, an adaptive pooling to
+    more than one unit: exact at ``input_size`` only), in execution order; the default layer ``forward_features``
+    comes last.
     ``include_all`` also lists modules with other outputs."""
     m = model
     rows: dict[str, dict] = {}

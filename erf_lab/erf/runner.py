@@ -185,8 +185,9 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # crops and a Linear over a flattened map or its tokens (global) are tracked, misaligned branches merged by
     # their union, and flips, gathers, y / x swaps and concatenations along y or x leave no grid (v9 misread or left
     # out all of them)
-    # "v11": also global after an attention over every token of the map (a ViT's), placed on the patch grid (v10:
-    # n/a, the metrics centred on the map's middle instead of the measured token's patch)
+    # "v11": also global after an attention over every token of the map (a ViT's), placed on the patch grid, and the
+    # tokens after window attention placed too (v10: n/a, unplaced: the metrics centred on the map's middle instead of
+    # the measured token's patch, 16 px off for a Swin at 64 px)
     key = structure_cache.structure_key(model, "geometry-v11", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape", "rf_start",
@@ -260,11 +261,12 @@ def _probe_geometry(model, name: str, input_size: int) -> dict:
 
 def erf_centre(geom: dict, input_size: int, feature_hw=None) -> list[int] | None:
     """The input pixel (y, x) at the centre of the measured unit's receptive field (the metrics' centre) on the
-    measured map (``feature_hw``, else its "same"-padded size), None where the layer has no kernel geometry (after
-    attention) or the centre falls outside the image. A global RF (SE, GRN) keeps its kernels' centre."""
+    measured map (``feature_hw``, else its "same"-padded size), None where the layer's units lie on no grid (after a
+    resampling) or the centre falls outside the image. A global RF (SE, GRN, a ViT's attention) keeps its kernels'
+    centre, window attention its tokens' (a Swin's)."""
     from erf_lab.erf.metrics import target_centre
 
-    if geom.get("rf_start") is None or (geom.get("theoretical_rf") is None and not geom.get("rf_global")):
+    if geom.get("rf_start") is None:
         return None
     stride = geom.get("stride_hw") or int(geom["stride"])  # per axis (y, x); geometry stored before: one number
     return target_centre(geom["rf_start"], stride, int(input_size), feature_hw)
