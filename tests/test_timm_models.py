@@ -406,3 +406,28 @@ def test_swin_tokens_after_window_attention_keep_their_places(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["center"] == [48, 48]
     erf = np.load(out / "erf.npy")
     assert erf[32:, 32:].sum() > 2 * erf[:32, :32].sum()
+
+
+@needs_timm
+def test_hiera_blocks_are_rolled_back_to_the_image_grid():
+    """Hiera keeps its tokens unrolled (mask-unit order) between blocks: a block outside feature_info (reached by a
+    hook) was reshaped row-major, so its 'centre unit' was another token (at 224 px blocks.1 measured pixels
+    (69..79, 0..7)). Through the hook, a block now equals timm's own rolled-back intermediate (blocks.2, the end of
+    stage 1: forward_intermediates' index 1); a module inside a block is refused."""
+    from erf_lab.cli.commands.layers import layer_table
+    from erf_lab.erf.attribution import EffectiveReceptiveField
+
+    torch.manual_seed(2)
+    model = create_model("timm/hiera_tiny_224", img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    out = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]  # (1, 192, 8, 8), timm's reroll
+    (grad,) = torch.autograd.grad(F.relu(out[:, :, 4, 4]).sum(), x)
+    model.feature_info = [f for f in model.feature_info if f["module"] != "blocks.2"]  # measured through a hook
+    erf = EffectiveReceptiveField(model, layer="blocks.2").attribute(x.detach())
+    assert max_rel_err(erf.detach().numpy(), F.relu(grad).sum(1).numpy()) < 1e-5
+    with pytest.raises(ErfLabError, match="unrolled"):
+        EffectiveReceptiveField(model, layer="blocks.1.mlp").attribute(x.detach())
+    rows = {r["name"]: r for r in layer_table("timm/hiera_tiny_224", 64, {"img_size": 64})}
+    # a 7 x 7 stride-4 patch conv padded by 3 centres token i at 4 i; the pooled unit j on tokens 2 j, 2 j + 1
+    assert rows["blocks.1"]["shape"] == [192, 8, 8] and rows["blocks.1"]["rf_start"] == [2.0, 2.0]
+    assert "blocks.1.mlp" not in rows

@@ -4,6 +4,8 @@ like a CNN's (target: the centre unit of the map).
 - (B, N, C) tokens (ViT, DeiT, Mixer; timm ``forward_features``): the ``model.num_prefix_tokens`` leading class /
   register / distillation tokens are dropped when present, the patch tokens reshaped row-major onto the patch
   grid (the order of timm's ``PatchEmbed``: ``flatten(2).transpose(1, 2)``).
+- timm's Hiera keeps its tokens unrolled between its blocks: a block's output is rolled back by the model's own
+  ``reroll``; a module inside a block is refused.
 - (B, H, W, C) maps of models whose ``output_fmt`` is ``"NHWC"`` (Swin) are permuted to NCHW, except the outputs
   of convolutions and pooling layers inside them, which are NCHW already.
 - (B, H, W, C) maps inside ConvNeXt-style blocks of NCHW models (UniRepLKNet's ``pwconv1`` / ``act``, SLaK's
@@ -162,6 +164,22 @@ def patch_grid(model: nn.Module, num_tokens: int, input_hw: tuple[int, int]) -> 
     return next((g for g in candidates if len(g) == 2 and g[0] * g[1] == num_tokens), None)
 
 
+def _rerolled(out: torch.Tensor, model: nn.Module, module: nn.Module) -> torch.Tensor | None:
+    """timm's Hiera keeps its tokens unrolled (mask-unit order, not row-major) from its ``unroll`` on: block i's
+    output as (B, C, H, W) through the model's own ``reroll`` (as its ``forward_intermediates``); None before the
+    unroll (the patch embedding: row-major); ErfLabError inside a block or at the unroll itself, whose order no
+    reroll undoes."""
+    blocks = list(getattr(model, "blocks", []))
+    for i, block in enumerate(blocks):
+        if module is block:
+            return model.reroll.forward(out, i).permute(0, 3, 1, 2)  # not __call__: no hooks (layer listing)
+    inner = [block for block in blocks if any(module is m for m in block.modules())]
+    if inner or module is getattr(model, "unroll", None):
+        raise ErfLabError(f"{type(model).__name__} keeps its tokens unrolled (mask-unit order) up to the end of each "
+                          "block: measure a whole block (blocks.i) or forward_features")
+    return None
+
+
 def to_spatial(out: torch.Tensor, model: nn.Module, input_hw: tuple[int, int],
                module: nn.Module | None = None) -> torch.Tensor:
     """``out`` (the output of ``module`` of ``model``, or of ``forward_features`` if None) as (B, C, H, W);
@@ -173,6 +191,10 @@ def to_spatial(out: torch.Tensor, model: nn.Module, input_hw: tuple[int, int],
         return out.permute(0, 3, 1, 2) if nhwc else out
     if out.dim() != 3:
         return out
+    if module is not None and hasattr(getattr(model, "reroll", None), "schedule"):
+        rolled = _rerolled(out, model, module)
+        if rolled is not None:
+            return rolled
     n = int(out.shape[1])
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
     for drop in dict.fromkeys((prefix, 0)):  # with the prefix tokens; without (e.g. the patch_embed output)
