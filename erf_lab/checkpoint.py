@@ -724,6 +724,10 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, dr
         k = mismatched[0]
         problems.append(f"{len(mismatched)} shape mismatch(es): {k} is {tuple(state_dict[k].shape)} in the file, "
                         f"{tuple(own[k].shape)} in the model")
+    if mismatched and not missing and not unexpected and all(k.rpartition(".")[2] == "pos_embed" for k in mismatched):
+        problems.append("the position embedding is built for the model's input size (img_size): for a timm ViT "
+                        "build it at the file's size with dynamic_img_size=True (CLI: --override "
+                        "dynamic_img_size=True, not img_size), which interpolates it to each input size")
     if problems:
         error = CheckpointError(f"{source} does not match {type(model).__name__} (a checkpoint of another "
                                 "architecture or size: check the model name and its options): " + "; ".join(problems))

@@ -431,3 +431,19 @@ def test_hiera_blocks_are_rolled_back_to_the_image_grid():
     # a 7 x 7 stride-4 patch conv padded by 3 centres token i at 4 i; the pooled unit j on tokens 2 j, 2 j + 1
     assert rows["blocks.1"]["shape"] == [192, 8, 8] and rows["blocks.1"]["rf_start"] == [2.0, 2.0]
     assert "blocks.1.mlp" not in rows
+
+
+@needs_timm
+def test_vit_weights_of_another_size_name_dynamic_img_size(tmp_path):
+    """Weights saved at 224 px do not load into a ViT built with img_size=64 (its position embedding has 17, not 197
+    rows): the error said only 'shape mismatch'; it names dynamic_img_size=True, with which they load unchanged and
+    the embedding is interpolated to 64 px."""
+    torch.manual_seed(3)
+    src = create_model("timm/vit_tiny_patch16_224").eval()
+    path = tmp_path / "vit224.safetensors"
+    save_weights(src, path)
+    with pytest.raises(ErfLabError, match=r"pos_embed is \(1, 197, 192\).*dynamic_img_size=True, not img_size"):
+        create_model("timm/vit_tiny_patch16_224", weights=str(path), img_size=64)
+    model = create_model("timm/vit_tiny_patch16_224", weights=str(path), dynamic_img_size=True).eval()
+    assert torch.equal(model.pos_embed, src.pos_embed)
+    assert model.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 17, 192)
