@@ -316,11 +316,15 @@ class _RFMode(TorchFunctionMode):
             return out
         jump = (max(i[1][0] for i in infos), max(i[1][1] for i in infos))
         # branches merged by an op: unit 0 sees the union of their intervals (the same where they are aligned, as
-        # same-padded branches are; a shift by torch.roll or a one-sided F.pad in one branch widens it)
-        lo = tuple(min(i[2][a] - (i[0][a] - 1) / 2 for i in infos) for a in range(2))
-        hi = tuple(max(i[2][a] + (i[0][a] - 1) / 2 for i in infos) for a in range(2))
+        # same-padded branches are; a shift by torch.roll or a one-sided F.pad in one branch widens it); a branch off
+        # any grid (its start NaN: after a resampling) leaves the merged units off it too
+        lo = tuple(min(i[2][a] - (i[0][a] - 1) / 2 if math.isfinite(i[2][a]) else -math.inf for i in infos)
+                   for a in range(2))
+        hi = tuple(max(i[2][a] + (i[0][a] - 1) / 2 if math.isfinite(i[2][a]) else math.inf for i in infos)
+                   for a in range(2))
         rf = tuple(hi[a] - lo[a] + 1 for a in range(2))
-        start = tuple((lo[a] + hi[a]) / 2 if math.isfinite(rf[a]) else infos[0][2][a] for a in range(2))
+        start = tuple((lo[a] + hi[a]) / 2 if math.isfinite(rf[a]) else
+                      math.nan if any(math.isnan(i[2][a]) for i in infos) else infos[0][2][a] for a in range(2))
         name = getattr(func, "__name__", "")
         src = args[0] if args else None
         pooled = _reduces_space(name, src, out)
