@@ -732,6 +732,55 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, one_thread):
     assert (out / "run.json").read_text() == finished
 
 
+def test_a_run_resumes_on_another_device_with_its_own_amp(tmp_path, monkeypatch, capsys, one_thread):
+    """A CUDA run (--amp auto: bf16) resumed with --device cpu, --amp not given, was refused as "--amp: 'bf16' there,
+    'none' now", an option the user never passed (the reverse too). The state is device-independent: the run keeps
+    its own autocast dtype and continues, bit-identical to the run done in one session; each session's device is
+    in run.json. An explicit other --amp is still refused; an fp16 run, which the CPU cannot continue, is refused
+    naming the devices. The first session's device choice is emulated (no CUDA here): auto resolved as on CUDA."""
+    from erf_lab.train import loop
+
+    cli = ["train", *TINY_CLI, "--num-classes", "4", "--train-size", "32", "--val-size", "16", "--epochs", "2",
+           "--batch-size", "8", "--warmup-epochs", "0.5"]
+    real = loop._amp_dtype
+    with monkeypatch.context() as m:  # the first session: auto resolved on CUDA
+        m.setattr(loop, "_amp_dtype", lambda amp, device: real(amp, "cuda" if amp == "auto" else device))
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path / "run", on_step=_Interrupt(3, KeyboardInterrupt()))
+    state = torch.load(tmp_path / "run" / C.STATE_FILE, weights_only=True)
+    assert state["settings"]["amp"] == "bf16"
+    state["sessions"][0]["device"] = "cuda"  # where it ran
+    C.save_state(tmp_path / "run", state)
+    fp16 = tmp_path / "fp16"
+    shutil.copytree(tmp_path / "run", fp16)
+    C.save_state(fp16, {**state, "settings": {**state["settings"], "amp": "fp16"}})
+    capsys.readouterr()
+
+    # an explicit other --amp is what differs
+    assert main([*cli, "--amp", "none", "--out", str(tmp_path / "run"), "--resume"]) == 2
+    assert "(1 differ, e.g. --amp: 'bf16' there, 'none' now)" in capsys.readouterr().err
+    assert main([*cli, "--out", str(tmp_path / "run"), "--resume"]) == 0, capsys.readouterr().err
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["settings"]["amp"] == "bf16" and [s["device"] for s in info["sessions"]] == ["cuda", "cpu"]
+    assert main([*cli, "--out", str(tmp_path / "run"), "--resume"]) == 0  # finished: nothing to do, not refused
+    assert "already holds a complete run" in capsys.readouterr().out
+    # the same as one session with bf16
+    assert main([*cli, "--amp", "bf16", "--out", str(tmp_path / "whole")]) == 0
+    rows = [(tmp_path / name / "metrics.csv").read_text().splitlines() for name in ("run", "whole")]
+    strip = [[",".join(v for k, v in zip(r[0].split(","), line.split(",")) if k != "img_per_s") for line in r]
+             for r in rows]
+    assert strip[0] == strip[1]
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("run", "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+    capsys.readouterr()
+    assert main([*cli, "--out", str(fp16), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"the run in {fp16} trained with --amp fp16 on --device cuda, which " \
+        "--device cpu cannot continue (fp16 needs a CUDA device); resume it on CUDA" in err, err
+
+
 @pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "older-state"])
 def test_a_resumed_run_keeps_its_checkpoint_format(tmp_path, capsys, one_thread, recorded):
     """`train --resume --checkpoint-format safetensors` of a .pth run was accepted and left a run folder with

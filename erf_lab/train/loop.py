@@ -375,6 +375,21 @@ def _format_on_disk(out: Path) -> str | None:
         frozenset(suffixes), "both" if suffixes else None)
 
 
+def _resumed_amp(state: dict, device: str, out: Path):
+    """(amp, autocast dtype) of a run resumed with ``--amp auto``: the run's own, as its first session resolved it
+    on its device (the state is device-independent: a CPU run continues on CUDA and the reverse, each session's
+    device in run.json's sessions); an fp16 run on the CPU is refused naming the devices."""
+    amp = state["settings"].get("amp")
+    if amp not in AMP_MODES or amp == "auto":  # not a resolved dtype (a damaged state): compared as it is below
+        return _amp_dtype("auto", device)
+    if amp == "fp16" and not device.startswith("cuda"):
+        was = next((s.get("device") for s in reversed(state.get("sessions") or []) if isinstance(s, dict)), None)
+        raise ErfLabError(f"--resume: the run in {out} trained with --amp fp16"
+                          + (f" on --device {was}" if was else "") + f", which --device {device} cannot continue "
+                          f"(fp16 needs a CUDA device); resume it on CUDA or start over with --force")
+    return _amp_dtype(amp, device)
+
+
 def _nproc_hint(world_size) -> str:
     if isinstance(world_size, int) and world_size > 1:
         return f" (under torchrun --nproc_per_node={world_size})"
@@ -407,6 +422,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     Returns ``{"out_dir", "rows", "run_info", "already_complete"}`` (``run_info`` None on ranks > 0).
     ``resume_hint``: how the caller's user continues a stopped run (printed with the saved state's folder);
     ``diverge_hint``: what to change when the loss turns non-finite (the end of that error line).
+    ``amp`` "auto" resolves on ``device`` for a new run; a resumed one keeps its own, on whichever device.
     """
     # under torchrun, a check that fails on one node only (its CPU count, its data) is said once the ranks have met:
     # raised before joining, it left the other ranks waiting in init_process_group
@@ -423,6 +439,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
                                   f"override")
         if resume and force:
             raise ErfLabError("--resume and --force exclude each other")
+        amp_given = amp != "auto"  # auto: the run's own on --resume (resolved on its first session's device)
         amp, amp_dtype = _amp_dtype(amp, device)
         if sync_bn and not device.startswith("cuda"):
             raise ErfLabError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
@@ -450,9 +467,9 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
             # expanded folder, then failed with a traceback removing the unexpanded one, and left it there)
             result = _train(model, data, Path(out).expanduser(), dict(overrides or {}), recipe, int(input_size),
                             int(train_size), int(val_size), num_classes, bool(resample), int(seed),
-                            D.device_for(device, info), amp, amp_dtype, channels_last, sync_bn, int(num_workers),
-                            resume, force, checkpoint_format, show_progress, argv, on_step, info, stop, resume_hint,
-                            diverge_hint, held_folder, float(checkpoint_seconds))
+                            D.device_for(device, info), amp, amp_dtype, amp_given, channels_last, sync_bn,
+                            int(num_workers), resume, force, checkpoint_format, show_progress, argv, on_step, info,
+                            stop, resume_hint, diverge_hint, held_folder, float(checkpoint_seconds))
         together = True
         return result
     except BaseException as stopped:
@@ -478,8 +495,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
 
 
 def _train(model_name, data, out, overrides, recipe, input_size, train_size, val_size, num_classes, resample, seed,
-           device, amp, amp_dtype, channels_last, sync_bn, num_workers, resume, force, checkpoint_format, show_progress,
-           argv, on_step, info: D.DistInfo, stop: StopRequest, resume_hint: str, diverge_hint: str,
+           device, amp, amp_dtype, amp_given, channels_last, sync_bn, num_workers, resume, force, checkpoint_format,
+           show_progress, argv, on_step, info: D.DistInfo, stop: StopRequest, resume_hint: str, diverge_hint: str,
            held_folder: contextlib.ExitStack, checkpoint_seconds: float) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
@@ -513,6 +530,8 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
     try:
         if mode == "complete":  # --resume on a finished run: nothing to do, if it is this run
             done = read_json_or_none(out / COMPLETE_FILE)["settings"]
+            if not amp_given and done.get("amp") in AMP_MODES:  # --amp auto: the run's own, on any device
+                settings["amp"] = done["amp"]
             folder = str(data) != CUE_WORLD
             keys = [k for k in settings if k not in ("channels_last", "world_size") and k in done
                     and settings[k] is not None and not (folder and k == "num_classes")]
@@ -525,6 +544,9 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                      if epochs else "")
                                   + "; use --force to overwrite or choose another --out")
         state = C.load_state(out) if mode == "resume" else None
+        if state is not None and not amp_given:  # a resumed run keeps its autocast dtype on any device
+            amp, amp_dtype = _resumed_amp(state, device, out)
+            settings["amp"] = amp
         if channels_last is None:  # a speed setting: a resumed run keeps its own
             channels_last = (bool(state["settings"].get("channels_last", False)) if state is not None
                              else torch.device(device).type == "cpu")

@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed, default=0, help="seed of initialization, data order and cue-world (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                   help="autocast dtype (default auto: bf16 on CUDA, none on CPU)")
+                   help="autocast dtype (default auto: bf16 on CUDA, none on CPU; a resumed run keeps its own, on "
+                        "either device)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format (default: on for the CPU, see benchmarks/results/train_cpu.md; off "
                         "on CUDA; a resumed run keeps its own)")
