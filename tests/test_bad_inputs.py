@@ -271,9 +271,9 @@ def _cases():
     add("train-data-missing", [*tr, "--batch-size", "4", "--data", "{bad}/nope", "--out", "{out}"], "")
     add("train-data-empty", [*tr, "--batch-size", "4", "--data", "{bad}/empty", "--out", "{out}"], "")
     add("train-size-beyond-the-largest-split", [*tr, "--train-size", "100000000000000000000", "--out", "{out}"],
-        "cue-world train size must be 1 to 10,000,000 images, got 100,000,000,000,000,000,000")
+        "error: --train-size: cue-world train size must be 1 to 10,000,000 images, got 100,000,000,000,000,000,000")
     add("train-val-size-beyond-the-largest-split", [*tr, "--val-size", "10000001", "--out", "{out}"],
-        "cue-world val size must be 1 to 10,000,000 images")
+        "error: --val-size: cue-world val size must be 1 to 10,000,000 images")
     add("train-num-workers-beyond-4-per-cpu", [*tr, "--num-workers", "100000", "--out", "{out}"],
         "--num-workers must be 0 to ")
     add("train-out-is-file", [*tr, "--batch-size", "4", "--out", "{bad}/file.txt"], "")

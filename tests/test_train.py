@@ -518,6 +518,14 @@ def _bad_cases(tmp_path):
                                  "--override num_classes: training sets it from --num-classes"),
         "drop_path_rate override": ([*cue, "--batch-size", "8", "--override", "drop_path_rate=0.5"],
                                     "--override drop_path_rate: training sets it from --drop-path"),
+        # cue-world's own limits, with the option that set the value (it said "cue-world val size must be ...")
+        "cue-world val size 0": ([*cue, "--batch-size", "8", "--val-size", "0"],
+                                 "error: --val-size: cue-world val size must be 1 to 10,000,000 images, got 0"),
+        "cue-world train size too large": ([*cue, "--batch-size", "8", "--train-size", "10000001"],
+                                           "error: --train-size: cue-world train size must be 1 to 10,000,000 images, "
+                                           "got 10,000,001; to train on more, --resample draws"),
+        "cue-world classes": ([*cue, "--batch-size", "8", "--num-classes", "13"],
+                              "error: --num-classes: cue-world has 2 to 12 classes, got 13"),
         # the last stage's maps are 1x1 at 32 px: one value per channel (was a ValueError traceback at step 1)
         "one image per step at a 1x1 map": ([*cue, "--batch-size", "1"],
                                             "--batch-size 1: replknet_31b's BatchNorm transitions.2.1.bn sees a 1x1"),

@@ -282,6 +282,14 @@ def renderer_version() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
 
 
+class CueWorldSettingError(ErfLabError):
+    """A cue-world setting out of its range; ``setting`` names it as ``CueWorld`` takes it (``num_classes``,
+    ``train_size``, ``val_size``, ``input_size``), so a command line can name its own option."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
 class CueWorld(torch.utils.data.Dataset):
     """``size`` images of ``split`` as ``(float32 tensor (3, S, S) in [0, 1], label)``.
 
@@ -300,13 +308,15 @@ class CueWorld(torch.utils.data.Dataset):
         if split not in SPLITS:
             raise ErfLabError(f"unknown cue-world split {split!r}; choose one of {', '.join(SPLITS)}")
         if not 2 <= int(num_classes) <= len(SHAPES):
-            raise ErfLabError(f"cue-world has 2 to {len(SHAPES)} classes, got {num_classes}")
+            raise CueWorldSettingError("num_classes", f"cue-world has 2 to {len(SHAPES)} classes, got {num_classes}")
         if not 1 <= int(size) <= MAX_SPLIT_SIZE:
-            raise ErfLabError(f"cue-world {split} size must be 1 to {MAX_SPLIT_SIZE:,} images, got {int(size):,}"
-                              + ("; to train on more, --resample draws that many new images every epoch"
-                                 if split == "train" and int(size) > MAX_SPLIT_SIZE else ""))
+            raise CueWorldSettingError(f"{split}_size", f"cue-world {split} size must be 1 to {MAX_SPLIT_SIZE:,} "
+                                       f"images, got {int(size):,}"
+                                       + ("; to train on more, --resample draws that many new images every epoch"
+                                          if split == "train" and int(size) > MAX_SPLIT_SIZE else ""))
         if not 8 <= int(input_size) <= 4096:
-            raise ErfLabError(f"cue-world input size must be in [8, 4096] pixels, got {input_size}")
+            raise CueWorldSettingError("input_size", f"cue-world input size must be in [8, 4096] pixels, got "
+                                       f"{input_size}")
         self.split, self.size, self.input_size = split, int(size), int(input_size)
         self.num_classes, self.seed = int(num_classes), int(seed)
         self.classes = class_names(self.num_classes)

@@ -66,8 +66,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+#: the option of each cue-world setting (CueWorldSettingError.setting) this command sets
+CUE_WORLD_OPTIONS = {"train_size": "--train-size", "val_size": "--val-size", "num_classes": "--num-classes",
+                     "input_size": "--input-size"}
+
+
 def run(args: argparse.Namespace) -> int:
     from erf_lab.erf.distributed import checked_together
+    from erf_lab.train.cue_world import CueWorldSettingError
     from erf_lab.train.loop import train
     from erf_lab.train.recipe import Recipe
 
@@ -83,15 +89,23 @@ def run(args: argparse.Namespace) -> int:
                         label_smoothing=args.label_smoothing, drop_path=args.drop_path, ema=args.ema,
                         clip_grad=args.clip_grad)
         overrides = parse_overrides(args.override)
-    with warnings_as_lines("train"):
-        res = train(args.model, args.data, out=args.out, overrides=overrides, recipe=recipe,
-                    input_size=args.input_size, train_size=2000 if args.train_size is None else args.train_size,
-                    val_size=500 if args.val_size is None else args.val_size,
-                    num_classes=args.num_classes, resample=args.resample, seed=args.seed, device=args.device,
-                    amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn, num_workers=args.num_workers,
-                    resume=args.resume, force=args.force, checkpoint_format=args.checkpoint_format,
-                    checkpoint_seconds=args.checkpoint_seconds,
-                    show_progress=not args.quiet, argv=command_line())
+    try:
+        with warnings_as_lines("train"):
+            res = train(args.model, args.data, out=args.out, overrides=overrides, recipe=recipe,
+                        input_size=args.input_size, train_size=2000 if args.train_size is None else args.train_size,
+                        val_size=500 if args.val_size is None else args.val_size,
+                        num_classes=args.num_classes, resample=args.resample, seed=args.seed, device=args.device,
+                        amp=args.amp, channels_last=args.channels_last, sync_bn=args.sync_bn,
+                        num_workers=args.num_workers, resume=args.resume, force=args.force,
+                        checkpoint_format=args.checkpoint_format, checkpoint_seconds=args.checkpoint_seconds,
+                        show_progress=not args.quiet, argv=command_line())
+    except CueWorldSettingError as e:  # cue-world's limits are its own; the option that set the value is ours
+        flag = CUE_WORLD_OPTIONS.get(e.setting)
+        if flag is None:
+            raise
+        named = ErfLabError(f"{flag}: {e}")
+        named.every_rank = e.every_rank  # under torchrun: said once per node when every rank met it
+        raise named from None
     if res["already_complete"]:
         if said_here():  # under torchrun: once, by rank 0
             print(f"{res['out_dir']} already holds a complete run; nothing to resume")
