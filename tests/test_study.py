@@ -121,21 +121,41 @@ def test_study_out_not_writable_is_one_line_before_any_work(tmp_path, monkeypatc
     assert not list((tmp_path / "s").rglob("*"))
 
 
-def test_a_studys_warnings_are_one_line_each(tmp_path, monkeypatch, capsys):
+def test_a_studys_warnings_are_one_line_each(tmp_path, monkeypatch, capfd):
     """A warning of the study's training (a warm-up as long as the run, at --epochs 1) was Python's four lines (file,
-    line number, category, source): one line ``erf-lab study: warning: ...`` as in train."""
+    line number, category, source): one line ``erf-lab study: warning: ...`` as in train; with --jobs 2 too, where
+    the models train in spawned processes (those still said Python's four lines)."""
     import warnings
 
     import erf_lab.train.study
+    from erf_lab.train.study import in_processes
 
     def study(out, settings, **kw):
         warnings.warn("the warm-up spans the whole run")
+        in_processes(warnings.warn, [("in a worker",)], kw["jobs"], lambda r: None, warnings_as=kw["warnings_as"])
         return {"rows": [], "out_dir": str(out)}
 
     monkeypatch.setattr(erf_lab.train.study, "run_study", study)
-    assert main(["study", "kernel-family", "--out", str(tmp_path / "s"), "--epochs", "1", "--no-guidelines"]) == 0
-    err = capsys.readouterr().err.splitlines()
-    assert err == ["erf-lab study: warning: the warm-up spans the whole run"], err
+    assert main(["study", "kernel-family", "--out", str(tmp_path / "s"), "--epochs", "1", "--no-guidelines",
+                 "--jobs", "2"]) == 0
+    err = capfd.readouterr().err.splitlines()
+    assert err == ["erf-lab study: warning: the warm-up spans the whole run",
+                   "erf-lab study: warning: in a worker"], err
+
+
+def test_a_studys_warm_up_warning_names_what_the_study_sets(tmp_path, one_thread):
+    """'study --epochs 1': the warning on a warm-up as long as the run named --warmup-epochs, which study does not
+    have; it names the study's --epochs now (the warm-up of the shipped recipe, 1 epoch, is unchanged)."""
+    from erf_lab.train.study import train_one
+
+    m = plan(TOY, kernels=(3,), seeds=(0,), guidelines=False)[0]
+    with pytest.warns(UserWarning) as said:
+        train_one(m, TOY, tmp_path / "runs")
+    assert [str(w.message) for w in said] == [
+        "the warm-up (1 epoch) spans the whole run (2 steps): the learning rate only rises, to its peak at the last "
+        "step, and the cosine never lowers it; the study's warm-up is fixed: run it with --epochs 2 or more"]
+    info = json.loads((tmp_path / "runs" / m.name / "run.json").read_text())
+    assert info["settings"]["recipe"]["warmup_epochs"] == 1.0 and StudySettings().recipe().warmup_epochs == 1.0
 
 
 def test_results_written_when_a_guideline_model_finishes_first(tmp_path):

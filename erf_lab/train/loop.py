@@ -409,7 +409,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
           num_workers: int = 0, resume: bool = False, force: bool = False, checkpoint_format: str | None = None,
           show_progress: bool = True, argv: list[str] | None = None, on_step=None, checkpoint_seconds: float = 600.0,
           resume_hint: str = "continue with --resume",
-          diverge_hint: str = "use a lower --lr (or --clip-grad, a longer --warmup-epochs) and start over with --force"
+          diverge_hint: str = "use a lower --lr (or --clip-grad, a longer --warmup-epochs) and start over with --force",
+          warmup_option: str | None = "--warmup-epochs", warmup_hint: str = "train more epochs or warm up for fewer"
           ) -> dict:
     """Train ``model`` on ``data`` (``"cue-world"`` or an ImageFolder root) into the run folder ``out``.
 
@@ -422,6 +423,9 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
     Returns ``{"out_dir", "rows", "run_info", "already_complete"}`` (``run_info`` None on ranks > 0).
     ``resume_hint``: how the caller's user continues a stopped run (printed with the saved state's folder);
     ``diverge_hint``: what to change when the loss turns non-finite (the end of that error line).
+    ``warmup_option``: the option that sets the warm-up, named in the warnings on one that spans the whole run or
+    rounds to no step (None where the caller's user has none: the epochs are said); ``warmup_hint``: what to change
+    when it spans the whole run (the end of that warning).
     ``amp`` "auto" resolves on ``device`` for a new run; a resumed one keeps its own, on whichever device.
     """
     # under torchrun, a check that fails on one node only (its CPU count, its data) is said once the ranks have met:
@@ -469,7 +473,8 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
                             int(train_size), int(val_size), num_classes, bool(resample), int(seed),
                             D.device_for(device, info), amp, amp_dtype, amp_given, channels_last, sync_bn,
                             int(num_workers), resume, force, checkpoint_format, show_progress, argv, on_step, info,
-                            stop, resume_hint, diverge_hint, held_folder, float(checkpoint_seconds))
+                            stop, resume_hint, diverge_hint, (warmup_option, warmup_hint), held_folder,
+                            float(checkpoint_seconds))
         together = True
         return result
     except BaseException as stopped:
@@ -497,7 +502,7 @@ def train(model: str, data: str = "cue-world", *, out, overrides: dict | None = 
 def _train(model_name, data, out, overrides, recipe, input_size, train_size, val_size, num_classes, resample, seed,
            device, amp, amp_dtype, amp_given, channels_last, sync_bn, num_workers, resume, force, checkpoint_format,
            show_progress, argv, on_step, info: D.DistInfo, stop: StopRequest, resume_hint: str, diverge_hint: str,
-           held_folder: contextlib.ExitStack, checkpoint_seconds: float) -> dict:
+           warmup_words: tuple, held_folder: contextlib.ExitStack, checkpoint_seconds: float) -> dict:
     from erf_lab.erf.images import model_mean_std
     from erf_lab.io import progress, write_json
     from erf_lab.models.summary import model_kernel_sizes
@@ -646,12 +651,14 @@ def _train(model_name, data, out, overrides, recipe, input_size, train_size, val
                                         "0 (every rank must read the same data and options)"))
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
+    option, hint = warmup_words
+    warmup = (f"{option} {recipe.warmup_epochs:g}" if option else
+              f"{recipe.warmup_epochs:g} epoch{'' if recipe.warmup_epochs == 1 else 's'}")
     if warmup_steps >= total_steps:  # e.g. --epochs 1 with the default warm-up of 1 epoch
-        warnings.warn(f"the warm-up (--warmup-epochs {recipe.warmup_epochs:g}) spans the whole run ({total_steps} "
-                      f"steps): the learning rate only rises, to its peak at the last step, and the cosine never "
-                      f"lowers it; train more epochs or warm up for fewer")
+        warnings.warn(f"the warm-up ({warmup}) spans the whole run ({total_steps} steps): the learning rate only "
+                      f"rises, to its peak at the last step, and the cosine never lowers it; {hint}")
     elif recipe.warmup_epochs > 0 and warmup_steps == 0:
-        warnings.warn(f"the warm-up (--warmup-epochs {recipe.warmup_epochs:g}) rounds to no step "
+        warnings.warn(f"the warm-up ({warmup}) rounds to no step "
                       f"({recipe.warmup_epochs * steps_per_epoch:g} of the {steps_per_epoch} steps per epoch): "
                       f"training starts at the peak learning rate")
 

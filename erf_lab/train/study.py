@@ -10,6 +10,7 @@ their records into ``data/trained/`` where ``builtin:`` names find them.
 """
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -175,7 +176,10 @@ def train_one(m: StudyModel, settings: StudySettings, runs: Path, threads: int |
                 resume_hint="run the same 'erf-lab study' command again to continue the study",
                 diverge_hint=f"the study's recipe does not train {m.name} at these settings; delete {out} to try "
                              "again, or run the study into another --out with other --channels / --layers / "
-                             "--input-size")
+                             "--input-size",
+                # the study has no --warmup-epochs: its recipe's warm-up is fixed, its --epochs is what a user sets
+                warmup_option=None, warmup_hint=f"the study's warm-up is fixed: run it with --epochs "
+                                                f"{math.floor(settings.recipe().warmup_epochs) + 1} or more")
     f = res["run_info"]["final"]
     tqdm.write(f"[{m.name}] done in {time.time() - t0:.0f} s: val acc {f['val_acc']:.3f}")
     return res["run_info"]
@@ -203,11 +207,13 @@ def _job(m: StudyModel, settings: StudySettings, study: Path, threads: int | Non
 
 
 def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, threads: int | None = None,
-              guidelines: bool = True, kernels=(3, 7, 13, 31), seeds=(0, 1), show_progress: bool = True) -> dict:
+              guidelines: bool = True, kernels=(3, 7, 13, 31), seeds=(0, 1), show_progress: bool = True,
+              warnings_as: str | None = None) -> dict:
     """Train and measure every model of :func:`plan` (``jobs`` processes at once, ``threads`` torch threads
     each), then write ``family.csv`` / ``guidelines.csv``, ``results.md`` and ``family.png`` / ``.pdf``. A study
     folder continues only with its own settings (ErfLabError otherwise; the model list may change). A progress
-    bar (models done, with ETA) unless ``show_progress`` is False."""
+    bar (models done, with ETA) unless ``show_progress`` is False. ``warnings_as``: the command whose one-line
+    warnings (:func:`erf_lab.cli.options.warnings_as_lines`) the ``jobs`` > 1 processes say theirs as."""
     from erf_lab.io import hold_folder, prepare_out_dir, progress, read_json_or_none, refuse_other_result, write_json
 
     models = plan(settings, kernels=kernels, seeds=seeds, guidelines=guidelines)
@@ -258,7 +264,7 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
                     done(_job(m, settings, study, threads))
             else:
                 in_processes(_job, [(m, settings, study, threads) for m in models], int(jobs), done,
-                             labels=[m.name for m in models])
+                             labels=[m.name for m in models], warnings_as=warnings_as)
         finally:
             bar.close()
         write_json(study / "study.json", {**record, **finished(started)})  # finished: its end and duration
@@ -266,14 +272,16 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
     return {"rows": rows, "out_dir": study}
 
 
-def in_processes(fn, calls: list[tuple], jobs: int, done, labels: list[str] | None = None) -> None:
+def in_processes(fn, calls: list[tuple], jobs: int, done, labels: list[str] | None = None,
+                 warnings_as: str | None = None) -> None:
     """``fn(*args)`` for each ``args`` of ``calls`` in ``jobs`` spawned processes, ``done(result)`` as each one
     finishes. A call is handed to the pool only when a process is free, so a stop or an error leaves only the calls
     under way to wait for (Ctrl-C, which a terminal sends the workers too: each saves the state of its model and
     stops). Before, every call was queued at once and leaving the pool ran them all: a Ctrl-C'd 'study --jobs N'
     went on training its remaining models first. A process that ends abruptly (killed, out of memory) is one
     ErfLabError naming its call's label (``labels``, default the call's index), not a BrokenProcessPool traceback.
-    The workers end with the study's process, a SIGKILL of it included (:func:`_end_with_parent`)."""
+    The workers end with the study's process, a SIGKILL of it included (:func:`_end_with_parent`). ``warnings_as``:
+    the command whose one-line warnings the workers say theirs as (else Python's format)."""
     import contextlib
     import multiprocessing as mp
     import os
@@ -302,7 +310,7 @@ def in_processes(fn, calls: list[tuple], jobs: int, done, labels: list[str] | No
         while todo or under_way:
             while todo and len(under_way) < jobs:
                 label, args = todo.pop()
-                under_way[ex.submit(_in_worker, os.getpid(), fn, *args)] = label
+                under_way[ex.submit(_in_worker, os.getpid(), warnings_as, fn, *args)] = label
             finished, _ = wait(set(under_way), return_when=FIRST_COMPLETED)
             for fut in finished:
                 label = under_way.pop(fut)
@@ -339,13 +347,18 @@ def _end_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="erf-lab: end with the study", daemon=True).start()
 
 
-def _in_worker(parent: int, fn, *args):
-    """``fn(*args)`` in a worker of :func:`in_processes`; the process ends after it when the study's process
-    ``parent`` is gone (no one takes its result, and it would wait for the next call for good)."""
+def _in_worker(parent: int, warnings_as: str | None, fn, *args):
+    """``fn(*args)`` in a worker of :func:`in_processes`, its warnings as the command ``warnings_as`` says them
+    (a spawned process has Python's format); the process ends after it when the study's process ``parent`` is gone
+    (no one takes its result, and it would wait for the next call for good)."""
+    import contextlib
     import os
 
+    from erf_lab.cli.options import warnings_as_lines
+
     try:
-        return fn(*args)
+        with warnings_as_lines(warnings_as) if warnings_as else contextlib.nullcontext():
+            return fn(*args)
     finally:
         if os.getppid() != parent:
             os._exit(1)

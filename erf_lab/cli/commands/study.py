@@ -69,7 +69,8 @@ def run(args) -> int:
                               erf_input_size=args.erf_input_size)
             with warnings_as_lines("study"):  # e.g. a warm-up as long as the run (--epochs 1)
                 res = run_study(args.out, s, jobs=args.jobs, threads=args.threads,
-                                guidelines=not args.no_guidelines, show_progress=not args.quiet)
+                                guidelines=not args.no_guidelines, show_progress=not args.quiet,
+                                warnings_as="study")  # its --jobs processes' warnings too
             print(markdown_table(res["rows"], ["name", "val_acc", "area@20%", "area@50%", "area@99%", "r_rms",
                                                "shape_bias", "img_per_s"]) + table_notes(res["rows"]))
             print(f"wrote {res['out_dir']}/results.md, family.csv, family.png/pdf")
