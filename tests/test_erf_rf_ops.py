@@ -291,3 +291,81 @@ def test_an_mlp_mixers_token_mixing_makes_the_rf_global():
     assert (row["theoretical_rf"], row["rf_global"], row["rf_start"]) == (4, False, [1.5, 1.5])
     centre, ys, xs = _support(_Mixer(tokens=False), 16)
     assert _reported(row, centre, 16) == (ys, xs) == ((8, 11), (8, 11))
+
+
+class _Attention(nn.Module):
+    """Two-head self-attention over the tokens of an NCHW map (timm's: softmax(q k^T) v per head, the heads joined,
+    an output projection, a residual), over every token or within ``window`` x ``window`` windows (Swin's partition
+    and reverse)."""
+
+    def __init__(self, window: int | None = None, c: int = 4):
+        super().__init__()
+        self.window, self.qkv, self.proj = window, nn.Linear(c, 3 * c), nn.Linear(c, c)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        ws = self.window
+        t = x.flatten(2).transpose(1, 2) if ws is None else \
+            x.view(b, c, h // ws, ws, w // ws, ws).permute(0, 2, 4, 3, 5, 1).reshape(-1, ws * ws, c)
+        q, k, v = self.qkv(t).reshape(t.shape[0], t.shape[1], 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        o = self.proj(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(t.shape))
+        o = o.transpose(1, 2).reshape(b, c, h, w) if ws is None else \
+            o.view(b, h // ws, w // ws, ws, ws, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return x + o
+
+
+class _SE(nn.Module):
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+GLOBAL_UNTRACKED_CASES = {
+    # (model, rf_start, stride_hw of its output): each unit depends on every pixel, while window attention or a
+    # resampling leaves the kernels no RF
+    "se_after_window_attention": (lambda: nn.Sequential(nn.Conv2d(3, 4, 2, 2), _Attention(2), _SE()), [0.5, 0.5],
+                                  [2, 2]),  # a MaxViT block: the window attention after the MBConv's SE, or before
+    "se_before_window_attention": (lambda: nn.Sequential(nn.Conv2d(3, 4, 2, 2), _SE(), _Attention(2)), [0.5, 0.5],
+                                   [2, 2]),
+    "global_after_window_attention": (lambda: nn.Sequential(nn.Conv2d(3, 4, 2, 2), _Attention(2), _Attention()),
+                                      [0.5, 0.5], [2, 2]),  # ViTDet's / SAM's image encoder
+    "window_after_global_attention": (lambda: nn.Sequential(nn.Conv2d(3, 4, 2, 2), _Attention(), _Attention(2)),
+                                      [0.5, 0.5], [2, 2]),
+    "upsampled_after_se": (lambda: nn.Sequential(nn.Conv2d(3, 4, 2, 2), _SE(), nn.Upsample(scale_factor=2)), None,
+                           None),
+}
+
+
+@pytest.mark.parametrize("case", list(GLOBAL_UNTRACKED_CASES))
+def test_a_global_rf_stays_global_after_window_attention_or_a_resampling(case):
+    """Once every pixel reaches a unit, every unit after it is reached by all of them: v11 called the layers after
+    window attention or a resampling 'no theoretical RF' (n/a, not global), so in a MaxViT the SE-global MBConv's
+    RF shrank to n/a at the attention after it. Now global, with no kernels' RF to name; the tokens stay placed."""
+    from erf_lab.erf.tables import global_rf_note, rf_text
+
+    make, start, stride_hw = GLOBAL_UNTRACKED_CASES[case]
+    torch.manual_seed(0)
+    row = list_layers(make(), 16)[-1]
+    assert (row["theoretical_rf"], row["rf_global"], row["kernel_rf"]) == (None, True, None)
+    assert (row["rf_start"], row["stride_hw"]) == (start, stride_hw)
+    assert rf_text(row) == "global"  # v11: n/a (and 'global (None)' where flagged)
+    assert global_rf_note([("net", row)]).startswith("trf -: the theoretical RF is the whole image for net: every")
+    with pytest.raises(ErfLabError, match=r"global theoretical receptive field: .*flattened map$"):
+        theoretical_rf(make(), None, 16)
+    _, ys, xs = _support(make(), 16)
+    assert ys == xs == (0, 15)
+
+
+def test_window_attention_alone_is_no_global_rf():
+    """The per-head output of window attention, (windows, N, heads, d) reshaped to (windows, N, C), was read as a
+    flattened (N, C, H, W) map, so its output projection (a Linear over C) counted as a Linear over the map's units:
+    global, where a unit sees its window alone (the 2 x 2 tokens' 4 x 4 px). No theoretical RF, placed tokens."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 2, 2), _Attention(2))
+    row = list_layers(net, 16)[-1]
+    assert (row["theoretical_rf"], row["rf_global"], row["kernel_rf"]) == (None, False, None)
+    assert (row["rf_start"], row["stride_hw"]) == ([0.5, 0.5], [2, 2])
+    centre, ys, xs = _support(net, 16)
+    assert centre == (4, 4) and ys == xs == (8, 11)

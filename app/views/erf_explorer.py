@@ -14,7 +14,7 @@ from app.commands import erf_cli_args, options_text
 from app.figures import show_figure
 from app.ui import checkpoint_upload, cli_hint, guard, model_options_input, parse_int_tuple
 from erf_lab.checkpoint import selection_text
-from erf_lab.erf.metrics import GLOBAL_RF_REASON, TRF_EXCEEDS_MAP_NOTE
+from erf_lab.erf.metrics import GLOBAL_RF_REASON, TRF_EXCEEDS_MAP_NOTE, kernels_alone
 from erf_lab.erf.tables import rf_text
 
 st.title("ERF explorer")
@@ -210,8 +210,8 @@ if specs and source is not None:
                 m4.metric("ERF / TRF", "n/a" if s.get("erf/trf") is None else f"{s['erf/trf']:.2f}",
                           help="RMS diameter (2 r_rms) / theoretical RF")
                 if res["info"].get("rf_global"):
-                    st.caption(f"ERF / TRF: none, the theoretical RF is the whole image: {GLOBAL_RF_REASON}; its "
-                               f"kernels alone reach {res['info'].get('kernel_rf')} px.")
+                    st.caption(f"ERF / TRF: none, the theoretical RF is the whole image: {GLOBAL_RF_REASON}"
+                               f"{kernels_alone(res['info'])}.")
                 if "theoretical_rf_exceeds_map" in flags and s.get("erf/trf") is not None:
                     st.caption(f"ERF / TRF: the theoretical RF ({res['trf']} px) is wider than the "
                                f"{spec['input_size']} px image; {TRF_EXCEEDS_MAP_NOTE}.")

@@ -24,14 +24,21 @@ SUMMARY_MASS_RADII = (20, 80)
 GAUSS_MIN_R2 = 0.5
 #: the marker of a not-meaningful Gaussian fit in tables (``gauss_fit`` column and beside the sigmas)
 NOT_MEANINGFUL = "n/m"
-#: why a ratio to the theoretical RF (``erf/trf``) is no property of the network where that RF is wider than the
-#: image (flag ``theoretical_rf_exceeds_map``); sweep.md and the app say it beside such a ratio
 #: why a layer's theoretical RF is global (``rf_global``), as every table, page and message says it
 GLOBAL_RF_REASON = ("every input pixel reaches the measured layer through a pooling, normalization or attention over "
                     "the whole map (squeeze-and-excitation, GRN, GroupNorm, a ViT's self-attention) or a Linear over "
                     "the flattened map")
+#: why a ratio to the theoretical RF (``erf/trf``) is no property of the network where that RF is wider than the
+#: image (flag ``theoretical_rf_exceeds_map``); sweep.md and the app say it beside such a ratio
 TRF_EXCEEDS_MAP_NOTE = ("the ERF is cut by the image's edge, so the ratio is bounded by the input size, not a "
                         "property of the network alone")
+
+
+def kernels_alone(info: dict) -> str:
+    """The clause after :data:`GLOBAL_RF_REASON` naming the RF of a global layer's kernels alone (``kernel_rf`` of a
+    layer row or a run.json): "; its kernels alone reach N px", or "" where they have none (the layer follows window
+    attention or a resampling: an SE or a ViTDet's global attention after windowed blocks)."""
+    return f"; its kernels alone reach {info['kernel_rf']} px" if info.get("kernel_rf") is not None else ""
 
 
 def validate_erf(erf) -> np.ndarray:

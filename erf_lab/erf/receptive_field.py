@@ -30,8 +30,9 @@ layer after window attention is read off its map (input side / map side).
 A reduction over the whole map (global pooling: squeeze-and-excitation's squeeze; a norm over H and W: GRN;
 GroupNorm's statistics, a LayerNorm over (C, H, W)) or a Linear over a flattened map makes every input pixel reach
 every later unit: such a layer's theoretical RF is the whole image, "global" (``None``, ``rf_global`` True), whatever
-its kernels reach (``kernel_rf``); the kernels still place its units (``rf_start``), except in the pooled values
-themselves (SE's squeeze: one per channel, no unit grid). Over a 1 x 1 map such a reduction reduces nothing:
+its kernels reach (``kernel_rf``; None after window attention or a resampling, where it is global all the same:
+MaxViT's attention after its MBConv's SE); the kernels still place its units (``rf_start``), except in the pooled
+values themselves (SE's squeeze: one per channel, no unit grid). Over a 1 x 1 map such a reduction reduces nothing:
 ``run_erf``'s geometry is probed at a size where every map is larger (``erf_lab.erf.runner._probe_geometry``).
 """
 from __future__ import annotations
@@ -52,6 +53,9 @@ _ATTR = "_erf_lab_rf"
 # the axis of a flattened map (2-D (B, C H W), 3-D tokens (B, C, H W) or (B, H W, C)) that runs over its units: a
 # Linear over it (a flattened map's classifier-style layer, MLP-Mixer's / ResMLP's token mixing) mixes them all
 _UNITS_AXIS = "_erf_lab_units_axis"
+# a product of two input-dependent tensors (attention's q k^T, attn v: (B, heads, N, d)) or a view of it of the same
+# rank (transpose, permute): a 4-D tensor that is no map, so flattening its last axes makes no units axis
+_PER_HEAD = "_erf_lab_per_head"
 # a map viewed as (N, C, H / by, by, W / bx, bx): the axes of (block row, row in its block, block column, column in
 # its block) and (by, bx), followed through permutes to the view back to a map (a space-to-depth: TResNet's)
 _BLOCKS = "_erf_lab_blocks"
@@ -186,6 +190,8 @@ def _units_axis(name: str, args, kwargs, out) -> int | None:
     if src is None:
         return None
     if src.dim() == 4 and name in ("flatten", "reshape", "view"):
+        if getattr(src, _PER_HEAD, False):  # (B, N, heads, d) -> (B, N, C): a Linear over C mixes channels
+            return None
         y, x = _spatial_dims(src)
         units = src.shape[y] * src.shape[x]
         if units <= 1:
@@ -462,6 +468,10 @@ class _RFMode(TorchFunctionMode):
         if isinstance(out, torch.Tensor) and args and getattr(args[0], _ATTENTION, False) \
                 and name not in _TOKEN_MIXING and out.shape == args[0].shape:
             _mark_attention(out)  # attention weights through a dropout, a mask, a copy
+        if isinstance(out, torch.Tensor) and ((name in _TOKEN_MIXING and len(infos) >= 2) or (
+                args and getattr(args[0], _PER_HEAD, False) and out.dim() == args[0].dim())):
+            with contextlib.suppress(Exception):  # some tensor subclasses refuse attributes
+                setattr(out, _PER_HEAD, True)
         _tag(out, (rf, jump, start, whole, pooled))
         for attr, value in ((_UNITS_AXIS, None if pooled else _units_axis(name, args, kwargs, out)),
                             (_BLOCKS, _blocks(name, args, kwargs, out))):
@@ -619,7 +629,9 @@ def _row(name: str, t: torch.Tensor, input_size: int, size_dependent: bool = Fal
     placed = bool(info) and grid is not None and not info[4] and all(math.isfinite(v) for v in grid[0])
     start = [float(v) for v in grid[0]] if placed else None
     stride_hw = [int(v) for v in grid[1]] if placed else None
-    whole = bool(info and info[3] and rf is not None)  # every pixel reaches it; the kernels still place its units
+    # every pixel reaches it (also where the kernels' RF is untracked: an SE after window attention, a ViTDet's
+    # global block after windowed ones); the kernels still place its units
+    whole = bool(info and info[3])
     return {"name": name, "shape": list(t.shape[1:]), "theoretical_rf": None if rf is None or whole else int(rf),
             "stride": stride, "rf_start": start, "stride_hw": stride_hw, "rf_global": whole,
             "kernel_rf": None if rf is None else int(rf), "size_dependent": bool(size_dependent)}
@@ -630,7 +642,8 @@ def list_layers(model: nn.Module, input_size: int = 224, *, include_all: bool = 
     NHWC outputs arranged as
     (C, H, W)): ``name``, output ``shape`` (C, H, W), ``theoretical_rf`` (pixels, max of both axes; None after
     window attention and where ``rf_global``: after a reduction or attention over a whole map, every pixel reaches
-    the layer), ``kernel_rf`` (the RF of the kernels alone; None after window attention), total ``stride`` (max of
+    the layer, whatever follows), ``kernel_rf`` (the RF of the kernels alone; None after window attention or a
+    resampling), total ``stride`` (max of
     both axes), ``rf_start`` and ``stride_hw`` (per axis, y then x; None after a resampling or another op that
     leaves no grid, and for pooled values, SE's squeeze: unit (i, j) is centred at ``rf_start + stride_hw * (i,
     j)``), ``size_dependent`` (it runs after an op whose geometry depends on its map's size, an adaptive pooling to
@@ -705,10 +718,10 @@ def theoretical_rf(model: nn.Module, layer: str | None = None, input_size: int =
     for r in rows:
         if r["name"] == name:
             if r.get("rf_global"):
-                from erf_lab.erf.metrics import GLOBAL_RF_REASON
+                from erf_lab.erf.metrics import GLOBAL_RF_REASON, kernels_alone
 
-                raise ErfLabError(f"layer {name!r} has a global theoretical receptive field: {GLOBAL_RF_REASON}; its "
-                                  f"kernels alone reach {r['kernel_rf']} px")
+                raise ErfLabError(f"layer {name!r} has a global theoretical receptive field: {GLOBAL_RF_REASON}"
+                                  f"{kernels_alone(r)}")
             if r["theoretical_rf"] is None:
                 raise ErfLabError(f"layer {name!r} has no theoretical receptive field from kernels (it follows "
                                   "window attention or a resampling, after which its units lie on no grid of input "

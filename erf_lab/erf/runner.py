@@ -188,7 +188,9 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # "v11": also global after an attention over every token of the map (a ViT's), placed on the patch grid, and the
     # tokens after window attention placed too (v10: n/a, unplaced: the metrics centred on the map's middle instead of
     # the measured token's patch, 16 px off for a Swin at 64 px)
-    key = structure_cache.structure_key(model, "geometry-v11", name, int(input_size))
+    # "v12": global also where the kernels' RF is untracked (v11: after window attention or a resampling a global
+    # layer, MaxViT's attention after its MBConv's SE, was n/a, not global; ``kernel_rf`` None there)
+    key = structure_cache.structure_key(model, "geometry-v12", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape", "rf_start",
                                                                 "stride_hw", "rf_global", "kernel_rf"} <= set(hit)):

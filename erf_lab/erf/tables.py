@@ -61,10 +61,11 @@ def trf_note(measured: Sequence[tuple[str, dict]]) -> str:
 
 def rf_text(info: dict, unit: str = "") -> str:
     """A layer's theoretical RF as tables and pages show it, from a layer row or a run.json: ``{N}{unit}``,
-    ``global ({kernel RF}{unit})`` after a pooling, normalization or attention over the whole map (``rf_global``),
+    ``global ({kernel RF}{unit})`` after a pooling, normalization or attention over the whole map (``rf_global``;
+    ``global`` where the kernels have no RF either: after window attention or a resampling),
     ``n/a`` where there is none (after window attention)."""
     if info.get("rf_global"):
-        return f"global ({info.get('kernel_rf')}{unit})"
+        return "global" if info.get("kernel_rf") is None else f"global ({info['kernel_rf']}{unit})"
     return f"{info['theoretical_rf']}{unit}" if info.get("theoretical_rf") else "n/a"
 
 
@@ -72,8 +73,8 @@ def global_rf_note(runs: Sequence[tuple[str, dict | None]]) -> str:
     """One line naming the runs ((label, run.json or a sweep row)) whose theoretical RF is global (``rf_global``:
     after a pooling or normalization over the whole map), where the tables show no trf and no erf/trf ("" for
     none)."""
-    named = [f"{label} (its kernels alone: {info.get('kernel_rf')} px)" for label, info in runs
-             if (info or {}).get("rf_global")]
+    named = [label if info.get("kernel_rf") is None else f"{label} (its kernels alone: {info['kernel_rf']} px)"
+             for label, info in runs if (info or {}).get("rf_global")]
     return ("trf -: the theoretical RF is the whole image for " + ", ".join(named) + f": {GLOBAL_RF_REASON}, so "
             "there is no erf/trf.") if named else ""
 

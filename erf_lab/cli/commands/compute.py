@@ -87,13 +87,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if res["run_info"] is None:
         return 0  # non-zero rank of a distributed run: rank 0 reports
-    from erf_lab.erf.metrics import GLOBAL_RF_REASON
+    from erf_lab.erf.metrics import GLOBAL_RF_REASON, kernels_alone
 
     info = res["run_info"]
     print(f"ERF of {info['model']} at {info['layer']} over {info['num_used']} image(s) "
           f"({info['num_skipped']} skipped), input {info['input_size']}px, theoretical RF "
           + (f"{info['theoretical_rf']}px" if info["theoretical_rf"] else
-             f"global ({GLOBAL_RF_REASON}; the kernels alone reach {info['kernel_rf']}px)" if info.get("rf_global") else
+             f"global ({GLOBAL_RF_REASON}{kernels_alone(info)})" if info.get("rf_global") else
              "n/a (after window attention or a resampling)"))
     if info.get("size_note"):
         print(f"note: {info['size_note']}")

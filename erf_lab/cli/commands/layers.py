@@ -70,5 +70,6 @@ def run(args: argparse.Namespace) -> int:
         shape = "x".join(str(s) for s in r["shape"])
         print(f"{r['name']:<{width}}  {shape:<18}  {str(r['stride']):>6}  {rf_text(r):>14}")
     if any(r.get("rf_global") for r in rows):
-        print(f"global (N): {GLOBAL_RF_REASON}; N: the RF of its kernels alone")
+        print(f"global (N): {GLOBAL_RF_REASON}; N: the RF of its kernels alone (none after window attention or a "
+              "resampling)")
     return 0
