@@ -116,6 +116,18 @@ def _reported(row: dict, centre, size: int):
     return tuple((max(mid[a] - half, 0), min(mid[a] + half, size - 1)) for a in range(2))
 
 
+class _PadNHWC(nn.Module):
+    """A channels-last map (after a LayerNorm over C, ConvNeXt-style) padded by F.pad: its pairs run (C, x, y)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm, self.out = _stem(), nn.LayerNorm(4), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        y = F.pad(self.norm(self.stem(x).permute(0, 2, 3, 1)), (0, 0, 2, 0, 1, 0))  # x: 2 before, y: 1 before
+        return self.out(y.permute(0, 3, 1, 2))
+
+
 GRID_CASES = {
     # (model, input size, expected (theoretical RF, rf_start, stride_hw) of its output)
     # a VGG head's AdaptiveAvgPool2d(7) on a 14 x 14 map: 2 x 2 bins of stride 2 (v9: not counted, RF 7, stride 2)
@@ -158,6 +170,10 @@ GRID_CASES = {
              (5, [2.0, 2.0], [1, 1])),
     "strided_slice": (lambda: nn.Sequential(_stem(), _Fn(lambda x: x[:, :, ::2, ::2]), nn.Conv2d(4, 4, 3, padding=1)),
                       16, (7, [0.0, 0.0], [2, 2])),
+    # v12 read a channels-last map's pairs as NCHW's (the channels' as x, x's as y): start [-1, 1], 1 and 2 px off
+    "pad_nhwc": (_PadNHWC, 16, (5, [0.0, -1.0], [1, 1])),
+    "pad_nchw": (lambda: nn.Sequential(_stem(), _Fn(lambda x: F.pad(x, (2, 0, 1, 0))), nn.Conv2d(4, 4, 3)), 16,
+                 (5, [0.0, -1.0], [1, 1])),
     "narrow": (lambda: nn.Sequential(_stem(), _Fn(lambda x: x.narrow(3, 3, 10).narrow(2, 1, 12)), nn.Conv2d(4, 4, 1)),
                16, (3, [1.0, 3.0], [1, 1])),
 }

@@ -456,9 +456,10 @@ class _RFMode(TorchFunctionMode):
             stride = _pair(s) if s not in (None, [], ()) else kernel
             dilation = _pair(args[4] if len(args) > 4 and "max" in name else kwargs.get("dilation", 1))
             padding = _pair(args[3] if len(args) > 3 else kwargs.get("padding", 0))
-        elif name == "pad" and len(args) > 1 and len(args[1]) >= 2:  # F.pad: (left, right[, top, bottom, ...])
-            pad = args[1]
-            start = (start[0] - (pad[2] if len(pad) >= 4 else 0) * jump[0], start[1] - pad[0] * jump[1])
+        elif name == "pad" and isinstance(src, torch.Tensor) and src.dim() == 4 and len(args) > 1:
+            # F.pad: (before, after) pairs from the last axis back: an NCHW map's x, y; an NHWC one's C, x, y
+            pad = [int(p) for p in args[1]] + [0] * 8
+            start = tuple(start[a] - pad[2 * (3 - dim)] * jump[a] for a, dim in enumerate(_spatial_dims(src)))
         if kernel is not None:
             start = _start(start, jump, kernel, dilation, padding)
             rf = tuple(rf[a] + (kernel[a] - 1) * dilation[a] * jump[a] for a in range(2))

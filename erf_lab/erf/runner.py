@@ -190,7 +190,8 @@ def layer_geometry(model, layer: str | None, input_size: int) -> dict:
     # the measured token's patch, 16 px off for a Swin at 64 px)
     # "v12": global also where the kernels' RF is untracked (v11: after window attention or a resampling a global
     # layer, MaxViT's attention after its MBConv's SE, was n/a, not global; ``kernel_rf`` None there)
-    key = structure_cache.structure_key(model, "geometry-v12", name, int(input_size))
+    # "v13": an F.pad of a channels-last map moves its units by its (x, y) pairs (v12 took the channels' as x's)
+    key = structure_cache.structure_key(model, "geometry-v13", name, int(input_size))
     hit = structure_cache.cached(GEOMETRY_CACHE, key)
     if (isinstance(hit, dict) and hit.get("layer") == name and {"theoretical_rf", "stride", "feature_shape", "rf_start",
                                                                 "stride_hw", "rf_global", "kernel_rf"} <= set(hit)):
