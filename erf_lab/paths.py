@@ -44,13 +44,17 @@ def check_erf_lab_data() -> None:
 
 
 def cache_dir() -> Path:
-    """User cache: ``$ERF_LAB_CACHE`` (unless empty) or ``~/.cache/erf-lab``. A user without a home folder (``$HOME``
-    unset and no entry in the password database: a container run under an arbitrary user id) gets a private
+    """User cache: ``$ERF_LAB_CACHE`` (unless empty), else ``erf-lab`` in the user's cache folder, ``$XDG_CACHE_HOME``
+    where that is an absolute path, else ``~/.cache`` (fastconv's :func:`~fastconv.config.user_cache_home`: the two
+    caches side by side; the CLI, the app and the tests read this one function). A user without a home folder
+    (``$HOME`` unset and no entry in the password database: a container run under an arbitrary user id) gets a private
     temporary folder for this process, removed at exit, with one warning (as fastconv's cache); a ``~`` there that
     names no home folder is an ErfLabError."""
+    from fastconv.config import user_cache_home
+
     given = os.environ.get("ERF_LAB_CACHE")
     try:
-        return Path(given).expanduser() if given else Path.home() / ".cache" / "erf-lab"
+        return Path(given).expanduser() if given else user_cache_home() / "erf-lab"
     except RuntimeError:  # no home folder to expand "~" to
         if given:
             from erf_lab.errors import ErfLabError

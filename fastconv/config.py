@@ -3,7 +3,7 @@
 Initial values come from ``$FASTCONV_BACKEND`` ("auto", one of ``BACKENDS`` or a per-op name that
 ``split_backend`` reads), ``$FASTCONV_AUTOTUNE`` ("0", "false", "no" or "off": cost model only, never timing) and
 ``$FASTCONV_CACHE`` (default ``$XDG_CACHE_HOME/fastconv`` or ``~/.cache/fastconv``; without a home folder
-a private temporary one, ``_env_cache_dir``), read on first use.
+a private temporary one, ``_env_cache_dir``; ``user_cache_home`` is the base erf-lab's cache shares), read on first use.
 ``configure`` changes the process-wide defaults; ``use`` overrides them inside a ``with`` block (a context variable:
 per thread and asyncio task, nestable, restored on exit). No torch import here.
 """
@@ -97,18 +97,31 @@ def user_stacklevel() -> int:
     return level
 
 
+def xdg_cache_home() -> Path | None:
+    """``$XDG_CACHE_HOME`` where it is an absolute path, else None: the XDG Base Directory spec has an unset, empty
+    or relative value ignored (a relative one moved the cache with the working directory)."""
+    value = os.environ.get("XDG_CACHE_HOME", "")
+    return Path(value) if value and Path(value).is_absolute() else None
+
+
+def user_cache_home() -> Path:
+    """The base of the user's caches: :func:`xdg_cache_home`, else ``~/.cache``. RuntimeError where the user has no
+    home folder to take ``~`` from (callers fall back to a private folder)."""
+    return xdg_cache_home() or Path.home() / ".cache"
+
+
 def _env_cache_dir() -> Path:
-    """``$FASTCONV_CACHE``, else ``$XDG_CACHE_HOME/fastconv``, else ``~/.cache/fastconv``. A user without a home
-    folder (``$HOME`` unset and no entry in the password database: a container run under an arbitrary user id) made
-    every call fail with "Could not determine home directory"; such a process now caches in a private temporary
-    folder of its own, removed at exit, and says so once. ValueError (one line) for a ``~`` path there."""
-    given = os.environ.get(ENV_CACHE) or (str(Path(os.environ["XDG_CACHE_HOME"]) / "fastconv")
-                                          if os.environ.get("XDG_CACHE_HOME") else None)
+    """``$FASTCONV_CACHE``, else ``fastconv`` in :func:`user_cache_home` (``$XDG_CACHE_HOME`` or ``~/.cache``). A
+    user without a home folder (``$HOME`` unset and no entry in the password database: a container run under an
+    arbitrary user id) made every call fail with "Could not determine home directory"; such a process now caches in a
+    private temporary folder of its own, removed at exit, and says so once. ValueError (one line) for a ``~`` path
+    there."""
+    given = os.environ.get(ENV_CACHE)
     try:
-        return Path(given).expanduser() if given else Path.home() / ".cache" / "fastconv"
+        return Path(given).expanduser() if given else user_cache_home() / "fastconv"
     except RuntimeError:  # no home folder to expand "~" to
         if given:
-            raise ValueError(f"fastconv: cache folder {given!r} (from ${ENV_CACHE} / $XDG_CACHE_HOME) starts with a ~ "
+            raise ValueError(f"fastconv: cache folder {given!r} (from ${ENV_CACHE}) starts with a ~ "
                              "that names no home folder (no such user, or this user has none); give a full path"
                              ) from None
     folder = tempfile.mkdtemp(prefix="fastconv-cache-")

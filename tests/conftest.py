@@ -27,7 +27,8 @@ def pytest_configure(config):
     # sets when they are beside the repository, else at the shipped fixture (unless the caller chose a folder).
     os.environ.setdefault("ERF_LAB_DATA", str(SHARED if SHARED.is_dir() else FIXTURE_DATASETS))
     # The erf-lab cache (FLOP and geometry tables, rendered cue-world splits, decoded stimuli: ~250 MB for the
-    # full sets) goes to a folder of this session, not the user's ~/.cache/erf-lab (unless the caller chose one).
+    # full sets) goes to a folder of this session, not the user's ($XDG_CACHE_HOME or ~/.cache)/erf-lab (unless the
+    # caller chose one): $ERF_LAB_CACHE wins over both, for the CLI and the app alike.
     if "ERF_LAB_CACHE" not in os.environ:
         _SESSION_CACHE.append(tempfile.mkdtemp(prefix="erf-lab-test-cache-"))
         os.environ["ERF_LAB_CACHE"] = _SESSION_CACHE[0]

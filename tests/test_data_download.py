@@ -145,6 +145,7 @@ def test_empty_cache_variable_is_unset_and_a_foreign_data_folder_is_ignored(tmp_
     import erf_lab.paths as paths
 
     monkeypatch.setenv("ERF_LAB_CACHE", "")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert paths.cache_dir() == Path.home() / ".cache" / "erf-lab"
     fake_root = tmp_path / "site-packages"
     (fake_root / "data").mkdir(parents=True)  # some other package's data folder
@@ -238,6 +239,36 @@ def test_cli_download_and_info(mirror, tmp_path, capsys, monkeypatch):
     assert main(["data", "info"]) == 0
     out = capsys.readouterr().out
     assert str(dest) in out and "edges: 3 files" in out
+
+
+def test_the_cache_honours_xdg_cache_home_as_fastconv_does(mirror, tmp_path, capsys, monkeypatch):
+    """erf-lab's cache was always ~/.cache/erf-lab while fastconv's followed $XDG_CACHE_HOME: a user who moved the
+    caches off a small home found the data sets, cue-world splits and app runs still there. Now both read the same
+    base (an absolute $XDG_CACHE_HOME, else ~/.cache: an empty or relative one is ignored, as the spec says), and
+    `data download` writes where `data info` and every command then look."""
+    from fastconv import config
+
+    url, manifest, _ = mirror
+    monkeypatch.setattr(dl, "load_manifest", lambda: manifest)
+    for name in ("ERF_LAB_CACHE", "ERF_LAB_DATA", "FASTCONV_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    for ignored in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", ignored)
+        assert paths.cache_dir() == tmp_path / "home" / ".cache" / "erf-lab"
+        assert config._env_cache_dir() == tmp_path / "home" / ".cache" / "fastconv"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert paths.cache_dir() == tmp_path / "xdg" / "erf-lab"
+    assert config._env_cache_dir() == tmp_path / "xdg" / "fastconv"
+    assert main(["data", "download", "--base-url", url, "--sets", "edges", "--quiet"]) == 0
+    assert (tmp_path / "xdg" / "erf-lab" / "datasets" / "edges").is_dir()
+    assert not (tmp_path / "home" / ".cache").exists()
+    assert paths.datasets_root() == tmp_path / "xdg" / "erf-lab" / "datasets"
+    capsys.readouterr()
+    assert main(["data", "info"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "xdg" / "erf-lab" / "datasets") in out and "edges: 3 files" in out
 
 
 def test_cli_download_quiet_shows_no_progress_bar(mirror, tmp_path, capsys, monkeypatch):
