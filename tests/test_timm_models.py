@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from erf_lab.errors import ErfLabError
 from erf_lab.models import create_model
+from erf_lab.models import timm_models
 from erf_lab.models.timm_models import INSTALL_HINT, import_timm
 
 try:
@@ -230,6 +232,7 @@ def test_pretrained_passes_through_to_timm(monkeypatch):
         return real(name, pretrained=False, **kw)
 
     monkeypatch.setattr(timm, "create_model", recording)
+    monkeypatch.setattr(timm_models, "check_hub_weights", lambda *a: None)  # whether they can be fetched: below
     model = create_model("timm/resnet18", pretrained=True, num_classes=10)
     assert calls == [("resnet18", True, {"num_classes": 10})]
     assert model.fc.out_features == 10 and model.head_names == ("fc",)
@@ -240,6 +243,70 @@ def test_pretrained_passes_through_to_timm(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(ErfLabError, match="--weights FILE"):
         create_model("timm/resnet18", pretrained=True)
+
+
+def _hub_unreachable(monkeypatch, tmp_path) -> Path:
+    """An empty Hugging Face cache under ``tmp_path`` (returned) and a hub that cannot be reached: every request goes
+    through a proxy on a local port nobody listens on (connection refused at once; never the real network)."""
+    import socket
+
+    import huggingface_hub
+    import huggingface_hub.constants as hub_constants
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    huggingface_hub.close_session()  # the next request builds a client that reads the proxy variables
+    return tmp_path / "hub"
+
+
+@needs_timm
+def test_pretrained_weights_offline_fail_at_once_unless_cached(tmp_path, monkeypatch, caplog):
+    """pretrained=True without a network: huggingface_hub retried for about 50 s, printing some 20 'Retrying' lines,
+    before erf-lab's error. Weights not in the local Hugging Face cache and a hub that cannot be reached (or
+    HF_HUB_OFFLINE) are now one line at once, after one request; weights in the cache still load offline."""
+    import huggingface_hub
+    import huggingface_hub.constants as hub_constants
+    from safetensors.torch import save_file
+
+    cache = _hub_unreachable(monkeypatch, tmp_path)
+    try:
+        with caplog.at_level("INFO"), pytest.raises(ErfLabError) as err:
+            create_model("timm/test_resnet", pretrained=True)
+        assert "Retry" not in caplog.text
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("cannot get the pretrained weights of timm/test_resnet: timm/"
+                                                  f"test_resnet.r160_in1k is not in the local Hugging Face cache "
+                                                  f"({cache}) and the hub cannot be reached (")
+        assert msg.endswith("pass --weights FILE instead")
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+        with pytest.raises(ErfLabError, match=r"not in the local Hugging Face cache .* and HF_HUB_OFFLINE is set"):
+            create_model("timm/test_resnet", pretrained=True)
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+
+        # the same weights in the cache (as a download on a network leaves them): read from there, offline
+        torch.manual_seed(0)
+        published = create_model("timm/test_resnet").state_dict()
+        repo = cache / "models--timm--test_resnet.r160_in1k"
+        snapshot = repo / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+        save_file({k: v.contiguous() for k, v in published.items()}, snapshot / "model.safetensors")
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            model = create_model("timm/test_resnet", pretrained=True)
+        assert "Retry" not in caplog.text
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, published[key]), key
+    finally:
+        huggingface_hub.close_session()
 
 
 @needs_timm

@@ -7,6 +7,7 @@ own ``pretrained_cfg`` (:func:`erf_lab.erf.images.model_data_config`).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch.nn as nn
 
@@ -60,6 +61,51 @@ def timm_factory(name: str):
     return functools.partial(build_timm_model, base)
 
 
+#: the weight files timm asks the Hugging Face Hub for (its default, the safetensors alternative, open_clip's)
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                    "open_clip_pytorch_model.bin")
+
+
+def check_hub_weights(timm, base: str, cache_dir=None) -> None:
+    """One ErfLabError line where timm would fetch ``base``'s published weights from the Hugging Face Hub, they are
+    not in the local Hugging Face cache, and the hub cannot be reached (or ``HF_HUB_OFFLINE`` is set): offline,
+    huggingface_hub retried for about 50 s, printing some 20 'Retrying' lines, before the error. One HEAD request
+    without retries decides; weights in the cache are left to timm, which reads them offline without retrying, and
+    any answer of the hub (a missing file, a gated repository) to timm's own download and error."""
+    try:
+        import huggingface_hub as hub
+        import huggingface_hub.constants as hub_constants
+        from huggingface_hub.utils import HfHubHTTPError
+
+        cfg = timm.models.get_pretrained_cfg(base)
+    except Exception:  # noqa: BLE001 - another timm / huggingface_hub: timm's own download decides
+        return
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if (not hub_id or cfg.file or cfg.state_dict or (cfg.source or "hf-hub") != "hf-hub"
+            or os.environ.get("TIMM_USE_OLD_CACHE", "0") not in ("", "0")):
+        return
+    repo_id, _, revision = hub_id.partition("@")
+    names = dict.fromkeys(n for n in (cfg.hf_hub_filename, *HUB_WEIGHT_FILES) if n)
+    if any(isinstance(hub.try_to_load_from_cache(repo_id, n, cache_dir=cache_dir, revision=revision or None), str)
+           for n in names):
+        return
+    if getattr(hub_constants, "HF_HUB_OFFLINE", False):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            hub.get_hf_file_metadata(hub.hf_hub_url(repo_id, next(iter(names)), revision=revision or None),
+                                     timeout=hub_constants.HF_HUB_ETAG_TIMEOUT)
+            return
+        except HfHubHTTPError:
+            return
+        except Exception as e:  # noqa: BLE001 - no answer at all: DNS, refused, timed out, a proxy's error
+            first = str(e).splitlines()[0] if str(e) else ""
+            reason = f"the hub cannot be reached ({type(e).__name__}: {first})"
+    raise ErfLabError(f"cannot get the pretrained weights of timm/{base}: {hub_id} is not in the local Hugging Face "
+                      f"cache ({cache_dir or hub_constants.HF_HUB_CACHE}) and {reason}; download them once on a "
+                      f"network, or pass --weights FILE instead")
+
+
 def build_timm_model(base: str, *, pretrained: bool = False, **overrides) -> nn.Module:
     """``timm.create_model(base, pretrained=pretrained, **overrides)``, with the classifier prefix recorded as
     ``head_names`` (for ``drop_head`` loading); a failed weight download is an ErfLabError. Published weights
@@ -67,6 +113,8 @@ def build_timm_model(base: str, *, pretrained: bool = False, **overrides) -> nn.
     are listed in ``model.random_init_keys``, as :func:`~erf_lab.models.create_model` lists those ``drop_head``
     leaves."""
     timm = import_timm()
+    if pretrained and not {"pretrained_cfg", "pretrained_cfg_overlay"} & overrides.keys():
+        check_hub_weights(timm, base, overrides.get("cache_dir"))
     try:
         model = timm.create_model(base, pretrained=bool(pretrained), **overrides)
     except (OSError, RuntimeError) as e:
