@@ -85,6 +85,7 @@ def bench_figure(rows: list[dict]) -> Figure:
                     ax.plot(*zip(*pts), linestyle="--", color="0.6" if "pytorch" in key else "0.3", linewidth=1,
                             label=lab)
             ax.set_yscale("log")
+            plotting._plain_log_ticks(ax.yaxis)
             ax.set_xlabel("kernel size K (px)")
             ax.set_title(title, fontsize=title_size)
             plotting._value_ticks(ax, [x["K"] for x in sub], panel)

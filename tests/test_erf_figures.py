@@ -438,6 +438,25 @@ def test_grid_names_a_row_and_a_column_whose_first_cell_is_missing(tmp_path, mon
     assert [ax.get_ylabel() for ax in axes] == ["", "train", "deploy", ""]
 
 
+def test_app_latency_figure_labels_its_log_axis_in_plain_milliseconds():
+    """The Table-1 latency figure's log y axis read '2x10^0', '3x10^0', '4x10^0' (matplotlib's default for a span
+    under a decade) and '10^1': now the milliseconds themselves, at the ticks matplotlib labels, as over decades."""
+    from app.figures import bench_figure
+
+    for scale in (1.0, 0.01, 100.0):  # under a decade (2-6 ms), and spans with decimals or thousands
+        rows = [{"R": 16, "K": k, "fwd_pytorch_nchw_ms": scale * (2 + k / 8), "fwd_fastconv_ms": scale * (2 + k / 49)}
+                for k in (3, 7, 13, 31)]
+        fig = bench_figure(rows)
+        fig.draw_without_rendering()
+        ax = fig.axes[0]
+        low, high = ax.get_ylim()
+        shown = [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True)
+                 if t.get_text() and low <= t.get_position()[1] <= high]
+        assert len(shown) >= 2 and all(text == f"{y:g}" for y, text in shown), shown
+        if scale == 1.0:
+            assert {"3", "4"} <= {text for _, text in shown}, shown
+
+
 def test_app_figures_are_drawn_as_the_cli_figures(tmp_path):
     """The app's own figures (the Table-1 latency figure of the Kernels page, the re-param page's kernels) were
     3.6 / 3 in per panel (two resolutions 7.2 in, five kernels 15 in) in matplotlib's 10 pt, the latency legend

@@ -534,6 +534,10 @@ def test_timeline_and_family_figures_fit_a_page_and_keep_legends_off_the_data(tm
             for ax in axes:
                 assert not legend.get_window_extent().overlaps(ax.get_window_extent()), legend.get_texts()[0]
         assert all(ax.get_ylabel() for ax in axes)
+    # the area ratios' log axis in plain percentages (matplotlib's default labelled them 10^0, 2x10^1)
+    area = next(ax for ax in figs[0].findobj(matplotlib.axes.Axes) if ax.get_ylabel() == "area ratio (%)")
+    labels = [t for t in area.get_yticklabels() + area.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and all(t.get_text() == f"{t.get_position()[1]:g}" for t in labels), [t.get_text() for t in labels]
     assert any(t.get_text() == "† at chance: means nothing" for t in figs[1].findobj(matplotlib.text.Text))
 
 

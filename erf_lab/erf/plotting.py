@@ -120,6 +120,19 @@ def _value_ticks(ax, xs: Sequence[float], panel_in: float) -> None:
     ax.set_xticks(list(xs), [f"{v:g}" for v in xs], **slanted)
 
 
+def _plain_log_ticks(axis) -> None:
+    """Plain numbers (``{:g}``: 0.5, 4, 20) on a log-scale ``axis`` (``ax.yaxis``), at the ticks matplotlib labels:
+    its default labels a span under a decade ``4x10^0``, ``6x10^0`` and ``10^1``, where a reader wants milliseconds."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class Plain(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(Plain())
+    axis.set_minor_formatter(Plain())  # which minor ticks get a label: matplotlib's own choice, by the span shown
+
+
 def _new_figure(figsize):
     from matplotlib.figure import Figure
 

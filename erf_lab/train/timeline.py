@@ -428,7 +428,8 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
     ``untrained`` (:data:`UNTRAINED_NOTE`) is drawn hollow and named so in the legend."""
     from matplotlib.ticker import MaxNLocator
 
-    from erf_lab.erf.plotting import PAGE_WIDTH_IN, _colorbar, _heatmap, _new_figure, _style, display_map
+    from erf_lab.erf.plotting import (PAGE_WIDTH_IN, _colorbar, _heatmap, _new_figure, _plain_log_ticks, _style,
+                                      display_map)
     from erf_lab.io import save_figure
 
     shown = _strip_epochs(sorted(maps))
@@ -454,6 +455,7 @@ def plot_timeline(rows: list[dict], maps: dict, stem, *, title: str = "", format
                     transform=a1.transAxes, ha="center", va="center", fontsize=8, color="0.35")
         a1.set_ylabel("area ratio (%)")
         a1.set_yscale("log")
+        _plain_log_ticks(a1.yaxis)
         a1.legend(**_BELOW)
         a2.plot(ep, col("r_rms"), "o-", markersize=4, label="r_rms")
         a2.plot(ep, col("r50"), "s--", markersize=4, label="r50")
