@@ -57,6 +57,37 @@ def need_cpp() -> None:
     assert reason is None, f"fastconv's cpp backend cannot be built here ({reason}): the tests need a C++ compiler (g++)"
 
 
+@pytest.fixture(autouse=True)
+def _no_stub_kept_by_a_module_imported_under_it():
+    """A module first imported while a test had patched a function it imports by name at its top (``from erf_lab.io
+    import save_figure`` under ``monkeypatch.setattr(erf_lab.io, "save_figure", stub)``) keeps the test's stub for the
+    rest of the process: later tests of the same run wrote no figures. Such a test fails at its teardown (after
+    monkeypatch's), naming the module; import that module before the patch, or patch the name there."""
+    import sys
+
+    before = set(sys.modules)
+    yield
+    tests = str(REPO_ROOT / "tests")
+    new = [name for name in set(sys.modules) - before if name.split(".")[0] in ("erf_lab", "app", "fastconv")]
+    kept = [f"{name}.{attr}" for name in new for attr, value in list(vars(sys.modules[name]).items())
+            if getattr(getattr(value, "__code__", None), "co_filename", "").startswith(tests)]
+    if kept:
+        pytest.fail(f"first imported under a test's patch, {', '.join(sorted(kept))} keep(s) the test's stub for the "
+                    f"rest of the process: import the module before patching", pytrace=False)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """The figures erf-lab saves, collected here instead of written (``erf_lab.io.save_figure`` stubbed for the test).
+    The modules that import save_figure by name are imported first, so none keeps the stub afterwards."""
+    import erf_lab.erf.plotting  # noqa: F401 - binds save_figure at its import
+    import erf_lab.io
+
+    figs = []
+    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    return figs
+
+
 @pytest.fixture(scope="session")
 def fixture_datasets() -> Path:
     """The small subset shipped in tests/fixtures/datasets (see its README for contents and credit)."""

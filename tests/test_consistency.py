@@ -362,16 +362,14 @@ def test_compare_says_when_runs_used_other_stimuli_or_crop(tmp_path):
     assert "the crop fraction differs (a: 1.0, c: 0.875)" in res["markdown"] and "numbers" not in res["note"]
 
 
-def test_shape_bias_figure_says_how_many_decisions_it_rests_on(tmp_path, monkeypatch):
+def test_shape_bias_figure_says_how_many_decisions_it_rests_on(tmp_path, monkeypatch, saved_figures):
     """The legend gave a model's shape bias as '0.667' whether it came from 6 decisions (--limit 32, 95 % interval
     0.30-0.90) or from 800; the summary has the counts and the interval, and the legend now shows them."""
     import matplotlib.pyplot as plt
 
-    import erf_lab.io
     from erf_lab.shape_bias.plotting import plot_shape_bias
 
-    figs = []
-    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    figs = saved_figures
     monkeypatch.setattr(plt, "close", lambda fig: None)
     s = {"model": "m", "label": "m (random init)", "shape_bias": 4 / 6, "shape_hits": 4, "texture_hits": 2,
          "shape_bias_ci95": [0.3, 0.903], "per_category": {}}
@@ -704,7 +702,7 @@ def test_compare_takes_the_top_folder_of_a_multi_model_from_csv_output(tmp_path,
                                                  f"folder); its sub-folders a, b are shape-bias results: pass them")
 
 
-def test_compare_notes_untrained_older_and_unmatched_runs_and_draws_the_note(tmp_path, monkeypatch):
+def test_compare_notes_untrained_older_and_unmatched_runs_and_draws_the_note(tmp_path, monkeypatch, saved_figures):
     """--compare put a random-init run beside trained ones, a run of an older erf-lab (no random_weights recorded,
     no weights given: random init then) and a run without consistency with the humans (left out of the
     error-consistency figure) side by side without a word, said nothing of another input size, and called a full
@@ -712,7 +710,6 @@ def test_compare_notes_untrained_older_and_unmatched_runs_and_draws_the_note(tmp
     table's note now says each, and both figures print it."""
     import matplotlib.pyplot as plt
 
-    import erf_lab.io
     from erf_lab.shape_bias.plotting import compare_runs
 
     vs = {"per_subject": {"subject-01": {"error_consistency": 0.1}}, "error_consistency": {"mean": 0.1}}
@@ -735,8 +732,8 @@ def test_compare_notes_untrained_older_and_unmatched_runs_and_draws_the_note(tmp
     older = run("older", **{k: v for k, v in full.items() if k not in ("random_weights", "consistency", "weights")},
                 pretrained=False, weights=None)
     small = run("small", **{**full, "preprocessing": {"crop_pct": 1.0, "input_size": [64, 64]}})
-    figs = []
-    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    figs = saved_figures
+    figs.clear()  # the second comparison's figures only
     monkeypatch.setattr(plt, "close", lambda fig: None)
     note = compare_runs([trained, random, older, small], tmp_path / "c2")["note"]
     assert note == ("the input size differs (trained: [224, 224], random: [224, 224], older: [224, 224], small: "
@@ -749,7 +746,7 @@ def test_compare_notes_untrained_older_and_unmatched_runs_and_draws_the_note(tmp
                                   for f in figs)
 
 
-def test_consistency_figure_names_every_model_and_keeps_its_legend_off_the_data(tmp_path, monkeypatch):
+def test_consistency_figure_names_every_model_and_keeps_its_legend_off_the_data(tmp_path, monkeypatch, saved_figures):
     """A model was named in the legend only at its marker on the first dataset: a run measured on edges alone
     (beside one on cue-conflict) was drawn unnamed. Its legend stood at the axes' right, six model names making
     the figure 7.4 in wide, half of it legend, and the credit line was 5.5 pt. Every model is named now, the
@@ -757,11 +754,9 @@ def test_consistency_figure_names_every_model_and_keeps_its_legend_off_the_data(
     import matplotlib.pyplot as plt
     import matplotlib.text
 
-    import erf_lab.io
     from erf_lab.shape_bias.plotting import plot_error_consistency
 
-    figs = []
-    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    figs = saved_figures
     monkeypatch.setattr(plt, "close", lambda fig: None)
 
     def run(name, datasets):

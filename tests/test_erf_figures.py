@@ -404,16 +404,14 @@ def test_one_map_figure_reads_at_a_column_width():
     assert min(t.get_fontsize() * scale for t in texts) >= 6.0, sorted((t.get_fontsize(), t.get_text()) for t in texts)
 
 
-def test_probe_figure_legend_is_off_the_points(tmp_path, monkeypatch):
+def test_probe_figure_legend_is_off_the_points(tmp_path, monkeypatch, saved_figures):
     """The cue-world probe's legend stood in the lower left, where a last class with mostly shape decisions has
     its point: the legend covered it. It is under the axes now (as the shape-bias figure's)."""
     import matplotlib.pyplot as plt
 
-    import erf_lab.io
     from erf_lab.train.probes import plot_probe
 
-    figs = []
-    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    figs = saved_figures
     monkeypatch.setattr(plt, "close", lambda fig: None)
     probe = {"per_class": {str(k): {"shape_hits": k, "texture_hits": 9 - k} for k in range(8)}, "shape_bias": 0.45,
              "label": "replknet_31b", "shape_only_accuracy": 0.3, "texture_only_accuracy": 0.9}

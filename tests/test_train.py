@@ -32,13 +32,11 @@ def _run(out, recipe=None, **kw):
 
 
 @pytest.mark.parametrize("smoothing", [0.1, 0.0])
-def test_curves_say_when_the_train_loss_is_label_smoothed(tmp_path, monkeypatch, smoothing):
+def test_curves_say_when_the_train_loss_is_label_smoothed(tmp_path, monkeypatch, smoothing, saved_figures):
     """The train loss is the smoothed objective (never near 0), the val loss plain cross-entropy: the legend says so."""
-    import erf_lab.io
     from erf_lab.train.loop import plot_curves
 
-    figs = []
-    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem: figs.append(fig) or [])
+    figs = saved_figures
     rows = [{"epoch": 1, "train_loss": 0.9, "train_acc": 0.5, "val_loss": 0.4, "val_acc": 0.9}]
     plot_curves(rows, tmp_path / "curves", smoothing)
     loss_legend = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
@@ -1243,19 +1241,14 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_write(tmp_path, monkey
                 p.name != ".notes.tmp"] and (out / ".notes.tmp").is_file()
 
 
-def test_curves_and_timeline_tick_whole_epochs(tmp_path, monkeypatch):
+def test_curves_and_timeline_tick_whole_epochs(tmp_path, monkeypatch, saved_figures):
     """Two or three epochs gave ticks at epoch 1.2, 1.4 ... (the training curves) and 0.5, 1.5 (the timeline):
     there are no such epochs. Both axes now tick whole epochs only."""
-    # before the patch: imported first under it (by plot_timeline), erf_lab.erf.plotting kept the stub save_figure
-    # for the session, and a later ERF run in this process wrote no erf.png / .pdf (test_study's killed study)
-    import erf_lab.erf.plotting  # noqa: F401
-    import erf_lab.io
     import matplotlib.axes
     from erf_lab.train.loop import plot_curves
     from erf_lab.train.timeline import plot_timeline
 
-    figs = []
-    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    figs = saved_figures
     rows = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.2 * e, "val_loss": 1.1 / e, "val_acc": 0.2 * e,
              "r_rms": 4.0 + e, "r50": 3.0, "shape_bias": 0.3} for e in (1, 2)]
     plot_curves(rows, tmp_path / "curves")

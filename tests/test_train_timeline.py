@@ -420,15 +420,13 @@ def _figure_texts(fig) -> list[str]:
     return [t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
 
 
-def test_timeline_and_family_heatmaps_say_what_their_colours_are(tmp_path, monkeypatch):
+def test_timeline_and_family_heatmaps_say_what_their_colours_are(tmp_path, monkeypatch, saved_figures):
     """The timeline's and the study's ERF strips had no colour bar: nothing said the colours are log10(A+1) over each
     map's own max (every other ERF figure says it). Both now carry the colour bar with its caption."""
-    import erf_lab.io
     from erf_lab.train.study import StudySettings, plot_family
     from erf_lab.train.timeline import plot_timeline
 
-    figs = []
-    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    figs = saved_figures
     y, x = np.mgrid[:16, :16]
     erf = np.exp(-((y - 8) ** 2 + (x - 8) ** 2) / 10.0)
     rows = [{"epoch": e, "area@20%": 1.0 + e, "area@30%": 2.0, "area@50%": 5.0, "area@99%": 50.0, "r_rms": 5.0,
@@ -447,15 +445,13 @@ def test_timeline_and_family_heatmaps_say_what_their_colours_are(tmp_path, monke
         assert any(t.startswith("log10(A+1)/max") for t in _figure_texts(fig)), _figure_texts(fig)
 
 
-def test_timeline_figure_marks_the_shape_bias_of_untrained_checkpoints(tmp_path, monkeypatch):
+def test_timeline_figure_marks_the_shape_bias_of_untrained_checkpoints(tmp_path, monkeypatch, saved_figures):
     """The table marks the shape bias of epoch 0 and of checkpoints at chance with † (it means nothing there); the
     figure drew those points like any other, so the figure alone showed a random network's 0.5 as a result. They are
     drawn hollow now, with a legend entry that says so; a timeline without such rows has none."""
-    import erf_lab.io
     from erf_lab.train.timeline import plot_timeline
 
-    figs = []
-    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    figs = saved_figures
     erf = np.ones((8, 8))
     rows = [{"epoch": e, "r_rms": 5.0, "r50": 4.0, "shape_bias": sb, "val_acc": acc, "untrained": bad}
             for e, sb, acc, bad in ((0, 0.6, None, True), (1, 0.55, 0.1, True), (2, 0.3, 0.6, False))]
@@ -470,16 +466,14 @@ def test_timeline_figure_marks_the_shape_bias_of_untrained_checkpoints(tmp_path,
     assert not any("untrained" in t for t in _figure_texts(figs[1]))
 
 
-def test_family_figure_marks_the_shape_bias_of_models_at_chance(tmp_path, monkeypatch):
+def test_family_figure_marks_the_shape_bias_of_models_at_chance(tmp_path, monkeypatch, saved_figures):
     """results.md marks the shape bias of a model whose val accuracy is at chance with † (it means nothing); the
     study's figure plotted it like the others. It is drawn hollow now, named in a legend."""
     import matplotlib.axes
 
-    import erf_lab.io
     from erf_lab.train.study import StudySettings, plot_family
 
-    figs = []
-    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    figs = saved_figures
     fam = []
     for k, chance in ((3, False), (7, True)):
         (tmp_path / "erf-16px" / f"K{k}").mkdir(parents=True)
@@ -494,7 +488,7 @@ def test_family_figure_marks_the_shape_bias_of_models_at_chance(tmp_path, monkey
     assert list(marked[0][0].get_ydata()) == [pytest.approx(0.9)] and marked[1] == []
 
 
-def test_timeline_and_family_figures_fit_a_page_and_keep_legends_off_the_data(tmp_path, monkeypatch):
+def test_timeline_and_family_figures_fit_a_page_and_keep_legends_off_the_data(tmp_path, monkeypatch, saved_figures):
     """The timeline and the study's family figure were 9-11 in wide (their 7 pt legends printed at 4 pt in a paper's
     6.875 in), their legends sat inside the panels over the curves (the † entry over the shape-bias points and its
     tick labels) and the third timeline panel had no y label. Both are now a page wide in no text under 6 pt, with
@@ -503,12 +497,10 @@ def test_timeline_and_family_figures_fit_a_page_and_keep_legends_off_the_data(tm
     import matplotlib.legend
     import matplotlib.text
 
-    import erf_lab.io
     from erf_lab.train.study import StudySettings, plot_family
     from erf_lab.train.timeline import plot_timeline
 
-    figs = []
-    monkeypatch.setattr(erf_lab.io, "save_figure", lambda fig, stem, formats=(): figs.append(fig) or [])
+    figs = saved_figures
     erf = np.ones((16, 16))
     rows = [{"epoch": e, "area@20%": 1.0 + e, "area@30%": 2.0 + e, "area@50%": 5.0 + e, "area@99%": 50.0, "r_rms": 5.0,
              "r50": 4.0, "shape_bias": 0.5, "val_acc": 0.1 * e, "shape_only_accuracy": 0.3,
