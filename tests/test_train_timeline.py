@@ -376,6 +376,10 @@ def test_cue_world_images_are_written_under_a_hold_that_removes_a_killed_writes_
     with held_by_another_process(folder), pytest.raises(FolderInUseError, match="is in use"):
         cue_world_images(folder, 3, 32, 4, seed=1)
     assert json.loads((tmp_path / "images.json").read_text())["seed"] == 0  # nothing written meanwhile
+    # written whole, the images are read while another process holds them (two study --jobs workers measuring at
+    # once: the second was refused, and the study stopped)
+    with held_by_another_process(folder):
+        assert cue_world_images(folder, 2, 32, 4, seed=0) == folder
 
 
 def test_timeline_unknown_device_is_refused_before_any_folder_is_made(tiny_run, tmp_path, capsys):

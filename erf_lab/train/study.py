@@ -192,7 +192,8 @@ def measure_one(m: StudyModel, settings: StudySettings, study: Path) -> dict:
 
     s = settings
     size, erf_size = m.sizes(s)
-    images = cue_world_images(study / f"erf-images-{erf_size}px", s.erf_images, erf_size, 10, s.world_seed)
+    images = cue_world_images(study / f"erf-images-{erf_size}px", s.erf_images, erf_size, NUM_CLASSES,
+                              s.world_seed)
     return measure_checkpoint(m.model, study / "runs" / m.name / "model.safetensors",
                               {**m.overrides, "num_classes": NUM_CLASSES}, erf_dir=study / f"erf-{erf_size}px" / m.name,
                               probe_file=study / "probes" / f"{m.name}.json", images=images,
@@ -262,7 +263,12 @@ def run_study(out, settings: StudySettings = StudySettings(), *, jobs: int = 1, 
             if jobs == 1:
                 for m in models:
                     done(_job(m, settings, study, threads))
-            else:
+            else:  # the ERF images the workers share, rendered before them: two workers rendering at once collided
+                from erf_lab.train.timeline import cue_world_images
+
+                for erf_size in sorted({m.sizes(settings)[1] for m in models}):
+                    cue_world_images(study / f"erf-images-{erf_size}px", settings.erf_images, erf_size, NUM_CLASSES,
+                                     settings.world_seed)
                 in_processes(_job, [(m, settings, study, threads) for m in models], int(jobs), done,
                              labels=[m.name for m in models], warnings_as=warnings_as)
         finally:

@@ -139,6 +139,8 @@ def cue_world_images(folder: Path, num_images: int, input_size: int, num_classes
     folder.mkdir(parents=True, exist_ok=True)
     world = {"split": "val", "input_size": int(input_size), "num_classes": int(num_classes), "seed": int(seed)}
     record = folder.parent / f"{folder.name}.json"
+    if read_json_or_none(record) == world and all((folder / f"val_{i:05d}.png").is_file() for i in range(num_images)):
+        return folder  # written whole (the record comes last): read without the hold, as study's workers do at once
     # held, the record beside the folder too: a second writer waits or is refused, and the temporaries a killed
     # write left (of the record, of an image) go
     with hold_file(record), hold_folder(folder):
