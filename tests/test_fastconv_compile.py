@@ -271,37 +271,6 @@ def test_export_trace_and_vmap_over_channels_give_conv2d_numbers(backend, one_th
         assert _rel(per_channel, F.conv2d(x, m.weight, m.bias, padding=4, groups=4)) <= 1e-5
 
 
-def test_onnx_export_holds_the_depthwise_conv(one_thread):
-    """torch.onnx.export (the TorchScript exporter, which traces) of a DepthwiseConv2d on the C++ kernel: one Conv
-    node with the depthwise conv's groups and padding, and where onnxruntime is importable, F.conv2d's numbers.
-    Skipped where the onnx package is not importable."""
-    onnx = pytest.importorskip("onnx")
-    import io
-    import warnings
-
-    import torch.nn.functional as F
-
-    m = fastconv.DepthwiseConv2d(4, 13, backend="cpp").eval()
-    x = torch.randn(2, 4, 16, 15)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings of the checks' Python branches
-        torch.onnx.export(m, (x,), buf, dynamo=False, input_names=["x"])
-    convs = [n for n in onnx.load_from_string(buf.getvalue()).graph.node if n.op_type == "Conv"]
-    assert len(convs) == 1
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in convs[0].attribute}
-    assert attrs["group"] == 4 and list(attrs["pads"]) == [6, 6, 6, 6]
-    try:
-        import onnxruntime
-    except ImportError:
-        return
-    session = onnxruntime.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    x2 = torch.randn(2, 4, 16, 15)
-    (y,) = session.run(None, {"x": x2.numpy()})
-    with torch.no_grad():
-        assert _rel(torch.from_numpy(y), F.conv2d(x2, m.weight, m.bias, padding=6, groups=4)) <= 1e-5
-
-
 def test_real_tensors_under_fake_tensor_mode_make_fx_and_functionalize_run_the_stock_op(monkeypatch, one_thread):
     """Real (not fake) tensors under FakeTensorMode(allow_non_fake_inputs=True) reached the C++ kernel, which wrote
     through the pointer of the mode's fake output and crashed the process; make_fx (tracing_mode "real") recorded only
