@@ -4,7 +4,9 @@
 //                  tile uses (input_row<RO, CO, false>), again and again on L1-resident data;
 //   ceiling_plane  corr_plane on one packed (R+K-1) x (R+K-1) plane with a K x K kernel (the forward and input
 //                  gradient of K > DMAXK), skipping the products with the zero padding as the kernel does
-//                  (skip = 1), or multiplying every tap (skip = 0).
+//                  (skip = 1), or multiplying every tap (skip = 0);
+//   ceiling_wino_plane  the same plane in Winograd F(2, 3) rows (corr_plane_wino), as the call runs it where
+//                  conv_path says 4.
 // Each returns the best over `rounds` of the mean seconds per call over `reps` calls; the caller counts the FMAs.
 #ifndef CEILING_BODY
 #include DWCONV_SRC
@@ -55,6 +57,10 @@ double ceiling_plane(int64_t K, int64_t R, int64_t skip, int64_t reps, int64_t r
     CEILING_IN_VARIANT(lanes, plane_seconds(K, R, skip, reps, rounds))
 }
 
+double ceiling_wino_plane(int64_t K, int64_t R, int64_t reps, int64_t rounds, int64_t lanes) {
+    CEILING_IN_VARIANT(lanes, wino_plane_seconds(K, R, reps, rounds))
+}
+
 }  // extern "C"
 
 #else  // ------------------------------------------------------------------- the probes, per kernel namespace
@@ -102,6 +108,31 @@ inline double plane_seconds(int64_t K, int64_t R, int64_t skip, int64_t reps, in
         const double t0 = now_seconds();
         for (int64_t i = 0; i < reps; ++i)
             corr_plane(in.data(), k.data(), out.data(), R, R, K, K, nullptr, false, lo, hi, lo, hi);
+        const double s = (now_seconds() - t0) / reps;
+        ceiling_sink = ceiling_sink + out[0];
+        best = s < best ? s : best;
+    }
+    return best;
+}
+
+// The same plane through corr_plane_wino (the Winograd rows; the kernel transformed once, outside the timing);
+// -1 where the variant has no Winograd rows.
+inline double wino_plane_seconds(int64_t K, int64_t R, int64_t reps, int64_t rounds) {
+    if (WRO == 0) return -1.0;
+    const int64_t P = R + K - 1, pad = K / 2;
+    Buffer in(P * P * L, 0.f), k(K * K * L), out(R * R * L), G(4 * wino_chunks(K) * K * L);
+    for (int64_t r = pad; r < pad + R; ++r)
+        for (int64_t c = pad; c < pad + R; ++c)
+            for (int64_t l = 0; l < L; ++l) in[(r * P + c) * L + l] = 0.001f * ((r * 7 + c * 3 + l) % 11);
+    for (size_t i = 0; i < k.size(); ++i) k[i] = 0.01f * (i % 13);
+    wino_kernel(k.data(), K, K, G.data());
+    WinoBuffers wb(true, P, P, R, K, K, false, pad, pad + R, pad, pad + R);
+    double best = 1e30;
+    for (int64_t t = 0; t < rounds; ++t) {
+        const double t0 = now_seconds();
+        for (int64_t i = 0; i < reps; ++i)
+            corr_plane_wino(in.data(), G.data(), out.data(), R, R, K, K, nullptr, false, pad, pad + R, pad, pad + R,
+                            wb);
         const double s = (now_seconds() - t0) / reps;
         ceiling_sink = ceiling_sink + out[0];
         best = s < best ? s : best;

@@ -224,6 +224,8 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     lib.dw_variant.restype = ctypes.c_int
     lib.dw_conv_path.argtypes = [i64] * 8
     lib.dw_conv_path.restype = ctypes.c_int
+    lib.dw_wgrad_wino.argtypes = [i64] * 5
+    lib.dw_wgrad_wino.restype = ctypes.c_int
     tensor, kernel = [p] + [i64] * 4, [p] + [i64] * 3  # pointer and (N, C, H, W) / (C, KH, KW) strides
     lib.dw_backward_fused.argtypes = tensor * 2 + kernel + tensor + [p] + [i64] * 8
     lib.dw_backward_fused.restype = ctypes.c_int
@@ -288,7 +290,7 @@ def cpp_library():
 
 #: what ``dw_conv_path`` returns -> how the C++ forward / input gradient computes a call
 CONV_PATHS = {0: "packed planes", 1: "direct channels_last tiles", 2: "packed planes, map and kernel swapped",
-              3: "direct tiles on rows packed per channel block"}
+              3: "direct tiles on rows packed per channel block", 4: "packed planes in Winograd F(2, 3) rows"}
 #: the ``CONV_PATHS`` values of the direct tiles (no packed planes, no write-back of whole planes)
 DIRECT_CONV_PATHS = (CONV_PATHS[1], CONV_PATHS[3])
 
@@ -297,11 +299,19 @@ def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) ->
     """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value): direct tiles of output pixels for rows at least
     one tile wide and kernels up to 13 (21 on AVX-512), from 7x7 on a compact copy of each channel block's rows (any
     layout with AVX-512, else channels_last), below that straight on channels_last tensors of whole channel blocks;
-    else through packed channel-blocked planes."""
+    else through packed channel-blocked planes, from 22 (AVX-512) or 23 (8 lanes) in Winograd F(2, 3) rows (1.4x
+    fewer multiply-adds: ``fastconv.roofline.winograd_rows_flops``; dwconv.cpp's corr_plane_wino)."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     y_stride = torch.empty_like(x, dtype=torch.float32, device="meta").stride()  # cpp_conv's output layout
     return CONV_PATHS[lib.dw_conv_path(x.stride(1), y_stride[1], c, h, wd, *w.shape[-2:], _requested_lanes(lanes))]
+
+
+def cpp_wgrad_winograd(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> bool:
+    """Whether ``cpp_weight_grad(x, g, KH, KW)`` (and the weight gradient of ``cpp_backward``) runs Winograd F(2, 3)
+    rows (the map is that correlation's kernel: maps and kernels large enough, see dwconv.cpp's wino_wgrad)."""
+    h, wd = x.shape[-2:]
+    return cpp_library().dw_wgrad_wino(h, wd, *w.shape[-2:], _requested_lanes(lanes)) == 1
 
 
 def cpp_work_split(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, threads: int | None = None,

@@ -258,3 +258,31 @@ def depthwise_flops(batch: int, channels: int, h: int, w: int, kh: int, kw: int)
     nominal = 2 * batch * channels * h * w * kh * kw
     inside = 2 * batch * channels * _inside(h, kh) * _inside(w, kw)
     return {"nominal": nominal, "inside": inside}
+
+
+def _winograd_rows(out_rows: int, kernel_rows: int, row_lo: int, row_hi: int) -> int:
+    """Chunk rows that fastconv's Winograd F(2, 3) rows multiply (dwconv.cpp's corr_plane_wino): per pair of output
+    rows p, p + 1 (p even) and each of its four products, the chunks t of three kernel rows whose transformed input
+    row p + 3t can be nonzero (the input is nonzero in rows [row_lo, row_hi) of the padded plane)."""
+    chunks, total = -(-kernel_rows // 3), 0
+    reach = ((row_lo - 2, row_hi), (row_lo - 2, row_hi - 1), (row_lo - 2, row_hi - 1), (row_lo - 3, row_hi - 1))
+    for p in range(0, out_rows, 2):
+        for lo, hi in reach:
+            t_lo = -(-(lo - p) // 3) if lo > p else 0
+            t_hi = min(chunks, -(-(hi - p) // 3)) if hi > p else 0
+            total += max(0, t_hi - t_lo)
+    return total
+
+
+def winograd_rows_flops(batch: int, channels: int, h: int, w: int, kh: int, kw: int) -> dict:
+    """Multiply-adds (as FLOPs, 2 per multiply-add) that fastconv's C++ kernel runs in Winograd F(2, 3) rows (Lavin &
+    Gray, CVPR 2016) where ``cpu_kernels.cpp_conv_path`` / ``cpp_wgrad_winograd`` say so: ``forward`` (also the
+    input gradient) and ``weight_grad``, against ``depthwise_flops``'s ``inside`` (the direct products). Two output
+    rows of a chunk of three kernel rows take four products instead of six, so a roofline fraction counted on
+    ``inside`` can pass what the FMA units execute: ``forward / inside`` is the executed share (0.71 at 32 x 32,
+    K = 31). Columns as the direct tiles (inside the map); rows as the C++ kernel chooses them."""
+    pad = kh // 2
+    cols = _inside(w, kw)
+    fwd = 2 * batch * channels * _winograd_rows(h, kh, pad, pad + h) * cols
+    wgrad = 2 * batch * channels * _winograd_rows(kh, h, pad, pad + h) * cols
+    return {"forward": fwd, "weight_grad": wgrad, "inside": depthwise_flops(batch, channels, h, w, kh, kw)["inside"]}

@@ -193,12 +193,14 @@ def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkey
     assert d["backend"] == "native" and "stock F.conv2d" in d["why"], d
 
 
-def _expected_direct_path(kernel, channels_last: bool) -> str:
+def _expected_direct_path(shape, kernel, channels_last: bool) -> str:
     """The path dw_conv_path should name for a map of at least one tile's width and whole channel blocks (the rule
     in dwconv.cpp's conv_path): direct tiles up to 21 (AVX-512) or 13, from packed rows from 49 taps (on any layout
     with AVX-512, else on channels_last only), else straight from a channels_last tensor, else packed planes."""
     avx512 = ck.cpu_variant().startswith(ck._VARIANTS[16])
     kh, kw = kernel
+    if _winograd(None, *shape[-2:], kh, kw):
+        return ck.CONV_PATHS[4]
     if max(kernel) > (21 if avx512 else 13):
         return ck.CONV_PATHS[0]
     if kh * kw >= 49 and (channels_last or avx512):
@@ -233,11 +235,11 @@ def test_direct_channels_last_tiles_match_conv2d_in_float64(lanes, shape, kernel
     c = shape[1]
     w, b = torch.randn(c, 1, *kernel, generator=g), torch.randn(c, generator=g)
     kh, kw = kernel
-    expected = _expected_direct_path(kernel, channels_last=True)
+    expected = _expected_direct_path(shape, kernel, channels_last=True)
     assert ck.cpp_conv_path(x, w) == expected
     y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert ck.cpp_conv_path(x.contiguous(), w) == _expected_direct_path(kernel, channels_last=False)
+    assert ck.cpp_conv_path(x.contiguous(), w) == _expected_direct_path(shape, kernel, channels_last=False)
     assert _rel(y.detach(), ck.cpp_conv(x.contiguous(), w, b)) <= 1e-6
     wide = torch.randn(shape[0], c, shape[2], 2 * shape[3], generator=g).contiguous(memory_format=torch.channels_last)
     view = wide[..., ::2]
@@ -269,7 +271,7 @@ def test_packed_rows_read_and_write_any_layout_in_float64(lanes, layout, monkeyp
     elif layout == "strided":
         x = torch.randn(2, 24, 19, 36, generator=g)[..., ::2]  # pixel stride 2
     w, b = torch.randn(24, 1, 9, 7, generator=g), torch.randn(24, generator=g)
-    assert ck.cpp_conv_path(x, w) == _expected_direct_path((9, 7), channels_last=layout == "channels_last")
+    assert ck.cpp_conv_path(x, w) == _expected_direct_path(x.shape, (9, 7), channels_last=layout == "channels_last")
     y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
     ref_flipped = F.conv2d(x.double(), w.flip(-1, -2).double(), padding=(4, 3), groups=24)
     one, flipped = ck.cpp_conv(x, w, b), ck.cpp_conv(x, w, None, flip=True)
@@ -293,7 +295,7 @@ def test_packed_row_bands_give_every_thread_the_same_number_of_units(layout, mon
     w, b = torch.randn(48, 1, 7, 7, generator=g), torch.randn(48, generator=g)
     assert ck.cpp_work_split(x, w, threads=2)["row_bands"] == 4 and ck.cpp_work_split(x, w, threads=1)["row_bands"] == 2
     assert ck.cpp_work_split(torch.empty(1, 384, 32, 32), torch.empty(384, 1, 13, 13), threads=2)["row_bands"] == 1
-    assert ck.cpp_conv_path(x, w) == _expected_direct_path((7, 7), channels_last=layout == "channels_last")
+    assert ck.cpp_conv_path(x, w) == _expected_direct_path(x.shape, (7, 7), channels_last=layout == "channels_last")
     y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
     one, flipped = ck.cpp_conv(x, w, b), ck.cpp_conv(x, w, None, flip=True)
     assert torch.equal(one, y.detach())
@@ -378,7 +380,7 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
         gy = gy.contiguous(memory_format=cl)
         x = x.contiguous(memory_format=cl) if layout == "channels_last" else x
     w = torch.randn(c, 1, 7, 7, generator=g)
-    fused = _expected_direct_path((7, 7), channels_last=gy.stride(1) == 1) == ck.CONV_PATHS[3]
+    fused = _expected_direct_path(gy.shape, (7, 7), channels_last=gy.stride(1) == 1) == ck.CONV_PATHS[3]
     assert ck.cpp_work_split(gy, w, threads=2) == {"threads": 2, "row_bands": 1, "row_groups": 1, "wgrad_slices": slices}
     gx_sep, gw_sep = ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, 7, 7)
     exp = torch.nn.grad.conv2d_weight(x.double(), (c, 1, 7, 7), gy.double(), padding=3, groups=c)
@@ -739,22 +741,25 @@ def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, s
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("shape,kernel", [
-    ((1, 16, 32, 32), (31, 31)), ((2, 20, 17, 23), (27, 21)), ((1, 16, 12, 40), (23, 31)), ((1, 9, 17, 18), (31, 31)),
-    ((1, 16, 13, 14), (23, 25))])
+    ((1, 16, 32, 32), (31, 31)), ((2, 20, 17, 23), (27, 17)), ((1, 16, 12, 40), (17, 31)), ((1, 9, 17, 18), (31, 15)),
+    ((1, 16, 13, 14), (25, 15)), ((1, 16, 24, 26), (23, 27))])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, one_thread):
     """The packed planes' tiles leave out the products with the zero padding (the input rows and kernel-column
     windows of a tile that lie wholly in it). Only exact zeros are left out, and the sums keep their order: the
     forward and the input gradient equal, bit for bit, the same kernel run on the map with its zero border written
-    out (where nothing of the border is known to be padding), cropped. Borders of a multiple of every lane width's
-    tile width (5 columns; 3 lowered) keep each output's columns in tiles of the same width; a tail row or column
-    may still fall in a tile of another shape, where a build could leave one multiply-add unfused (dwconv.cpp's
-    corr_plane): a last-bit difference is allowed there, 2^-20 of the sum of the products' magnitudes, far below
-    one product left out or counted twice."""
+    out (where nothing of the border is known to be padding), cropped: in plain planes (a kernel under 19 wide: no
+    Winograd rows, whose choice depends on the map's size) and, on maps large enough both ways, in the Winograd rows
+    of the 8-lane and AVX-512 variants. Borders of a multiple of every tile width (5
+    columns, 3 lowered, 8 in the Winograd rows of AVX-512) keep each output's columns in tiles of the same width, and
+    an even border keeps the Winograd rows' output row pairs; a tail row or column may still fall in a tile of
+    another shape, where a build could leave one multiply-add unfused (dwconv.cpp's corr_plane): a last-bit
+    difference is allowed there, 2^-20 of the sum of the products' magnitudes, far below one product left out or
+    counted twice."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     kh, kw = kernel
-    ph, pw = 15 * (-(-(kh // 2) // 15)), 15 * (-(-(kw // 2) // 15))  # >= the kernel's own padding
+    ph, pw = 30 * (-(-(kh // 2) // 30)), 120 * (-(-(kw // 2) // 120))  # >= the kernel's own padding
     g = torch.Generator().manual_seed(sum(shape) + 3 * kh + kw)
     x = torch.randn(*shape, generator=g)
     w = torch.randn(shape[1], 1, kh, kw, generator=g)
@@ -762,7 +767,8 @@ def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, on
     if layout == "channels_last":
         x, padded = (t.contiguous(memory_format=torch.channels_last) for t in (x, padded))
     h, wd = shape[-2:]
-    assert ck.cpp_conv_path(x, w) == ck.CONV_PATHS[0] == ck.cpp_conv_path(padded, w)  # the packed planes
+    assert ck.cpp_conv_path(x, w) in (ck.CONV_PATHS[0], ck.CONV_PATHS[4])  # the packed planes
+    assert ck.cpp_conv_path(padded, w) == ck.cpp_conv_path(x, w)
     for flip in (False, True):
         one = ck.cpp_conv(x, w, None, flip=flip)
         bordered = ck.cpp_conv(padded, w, None, flip=flip)[:, :, ph:ph + h, pw:pw + wd]
@@ -770,6 +776,73 @@ def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, on
         magnitude = F.conv2d(x.double().abs(), wk.double().abs(), padding=(kh // 2, kw // 2), groups=shape[1])
         assert ((one - bordered).double().abs() <= 2.0 ** -20 * magnitude).all(), (flip, (one - bordered).abs().max())
         assert (one == bordered).double().mean().item() >= 0.99  # bit for bit, but for a tail tile's last bits
+
+
+def _winograd(lanes, h: int, w: int, kh: int, kw: int, weight_grad: bool = False) -> bool:
+    """Whether the kernel variant that ``lanes`` selects runs Winograd rows (dwconv.cpp's wino_rows / wino_wgrad):
+    with AVX-512 kernels from 21 on maps from 22, with 8 lanes kernels from 23 on maps from 23 (the weight gradient:
+    kernels from 19 on such maps); never in the 16 lanes lowered to 256-bit vectors (8 vectors of registers hold no
+    tile of them)."""
+    variant = ck.cpu_variant(None if lanes is None else int(lanes))
+    if variant.startswith(ck._VARIANTS[17]):
+        return False
+    min_map, min_kernel = (22, 21) if variant.startswith(ck._VARIANTS[16]) else (23, 23)
+    return min(h, w) >= min_map and min(kh, kw) >= (19 if weight_grad else min_kernel)
+
+
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("shape,kernel", [
+    ((1, 16, 32, 32), (31, 31)),  # RepLKNet's 31 x 31: 11 chunks (the last with one zero row); 16 row pairs
+    ((2, 20, 25, 23), (23, 23)),  # odd rows (the last pair's second row dropped), tail columns, a lane tail
+    ((2, 16, 26, 30), (27, 25)),  # KH a multiple of 3, KH != KW; rows not a multiple of 12 (lone pairs)
+    ((1, 9, 40, 24), (29, 23)),   # several groups of 12 rows; 29 = 9 chunks + 2 zero rows; 9 channels
+    ((2, 16, 24, 26), (21, 19)),  # the weight gradient in Winograd rows, the forward in direct tiles
+    ((2, 16, 22, 25), (21, 23)),  # AVX-512: Winograd rows up to the direct tiles' limit
+    ((2, 16, 20, 24), (27, 27)),  # a map too small for them: plain planes
+])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_winograd_rows_match_conv2d_in_float64(lanes, shape, kernel, layout, monkeypatch, one_thread):
+    """Large kernels on packed planes run Winograd F(2, 3) along the rows (dwconv.cpp's corr_plane_wino: two output
+    rows of three kernel rows from four products instead of six): forward, input and weight gradient (also the
+    weight gradient of large maps, whose "kernel" is the map) vs F.conv2d in float64, with bias, odd rows, tails of
+    columns and channels, kernels that are and are not a multiple of 3 tall. The paths are the ones named: the
+    Winograd rows wherever the variant has them and the kernel and the map are large enough; two threads give one
+    thread's numbers bit for bit."""
+    need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    g = torch.Generator().manual_seed(sum(shape) * 13 + sum(kernel))
+    x = torch.randn(*shape, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c, (h, wd), (kh, kw) = shape[1], shape[-2:], kernel
+    w, b = torch.randn(c, 1, kh, kw, generator=g), torch.randn(c, generator=g)
+    assert (ck.cpp_conv_path(x, w) == ck.CONV_PATHS[4]) == _winograd(lanes, h, wd, kh, kw)
+    assert ck.cpp_wgrad_winograd(x, w) == _winograd(lanes, h, wd, kh, kw, weight_grad=True)
+    _cpp_matches_conv2d_in_float64(x, w, b, g)
+    gy = torch.randn(x.shape, generator=g)
+    one = (ck.cpp_conv(x, w, b), ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, kh, kw))
+    torch.set_num_threads(2)
+    two = (ck.cpp_conv(x, w, b), ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, kh, kw))
+    for a, t in zip(one, two):
+        assert torch.equal(a, t)
+
+
+@pytest.mark.parametrize("h,kh", [(32, 31), (25, 23), (14, 27), (40, 29), (7, 9), (26, 3)])
+def test_winograd_rows_flops_by_brute_force(h, kh):
+    """``roofline.winograd_rows_flops`` counts, per output row pair and product, the chunks of three kernel rows whose
+    transformed input row is not all zeros: the same count from the transforms of a random column (float64) of
+    the padded map, D[s] = d[s] - d[s+2], S[s] = d[s+1] + d[s+2], T[s] = d[s+2] - d[s+1] and D[s+1]. At most four
+    products per pair and chunk: 2 ceil(KH / 3) / KH of the direct multiply-adds away from the borders."""
+    from fastconv import roofline
+
+    pad, chunks = kh // 2, -(-kh // 3)
+    d = torch.zeros(h + kh - 1 + 6, dtype=torch.float64)
+    d[pad:pad + h] = torch.rand(h, dtype=torch.float64) + 0.5  # no exact zeros (nor, almost surely, equal values)
+    transformed = (d[:-3] - d[2:-1], d[1:-2] + d[2:-1], d[2:-1] - d[1:-2], d[1:-2] - d[3:])
+    brute = sum(int(u[p + 3 * t] != 0) for p in range(0, h, 2) for u in transformed for t in range(chunks))
+    counted = roofline.winograd_rows_flops(1, 1, h, 1, kh, 1)
+    assert counted["forward"] == 2 * brute
+    assert brute <= 4 * chunks * -(-h // 2)
 
 
 def test_depthwise_flops_inside_the_map_by_brute_force():
