@@ -432,12 +432,15 @@ DW_TILE_STEP void input_row(vec (&acc)[R][C], const float* inrow, const float* k
     }
     if constexpr (C > 1) {
         if (right_edge)
-            right_edge_steps<R, C, CHECK, RS>(acc, x, inrow, k, ii, KH, KW, j, std::make_integer_sequence<int, C - 1>{});
+            right_edge_steps<R, C, CHECK, RS>(acc, x, inrow, k, ii, KH, KW, j,
+                                              std::make_integer_sequence<int, C - 1>{});
     }
 }
 
 // One tile of R x C outputs (R <= RO, C <= CO) at out (row stride out_rs floats); in points at the tile's first
 // input pixel (row stride in_rs), k at the kernel (KH x KW vectors). acc starts from init (or from out when accum).
+// Output row r reads kernel row ii - RS r from input row ii: RS = 1 for neighbouring output rows; the Winograd rows
+// (RS = 2) put row pairs 6 rows apart in a tile, whose chunks read every third input row (wino_columns).
 template <int R, int C, int RS = 1>
 inline void tile(const float* in, int64_t in_rs, const float* k, int64_t KH, int64_t KW, float* out, int64_t out_rs,
                  const float* init, bool accum, Span sp) {
