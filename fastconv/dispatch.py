@@ -769,6 +769,7 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             line += " (units of one plane: image and channel block"
         line += f" over {split['threads']} thread(s))"
         if gw:
-            line += f"; weight gradient in {split['wgrad_slices']} slice(s) of the batch per channel group"
+            rows = " in Winograd F(2, 3) rows" if ck.cpp_wgrad_winograd(x, weight) else ""
+            line += f"; weight gradient{rows} in {split['wgrad_slices']} slice(s) of the batch per channel group"
         lines.append(line)
     return "\n".join(lines)

@@ -157,6 +157,12 @@ def test_explain_names_the_lane_width(monkeypatch):
     assert f"{ck.CONV_PATHS[3]} ({bands} band(s) of output rows per image and channel block over {threads} " in text
     assert "weight gradient in 2 slice(s) of the batch per channel group" in text
     assert "slice(s)" not in fastconv.explain(xc, wc.detach())
+    # large kernels on large maps: the Winograd rows, named for the forward and for the weight gradient
+    xw, ww = torch.randn(1, 32, 32, 32), torch.randn(32, 1, 31, 31, requires_grad=True)
+    text = fastconv.explain(xw, ww)
+    wino = _winograd(None, 32, 32, 31, 31)
+    assert (f"through {ck.CONV_PATHS[4]} (units of one plane" in text) == wino
+    assert ("weight gradient in Winograd F(2, 3) rows in 1 slice(s)" in text) == wino
 
 
 def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkeypatch, backend_spy):
