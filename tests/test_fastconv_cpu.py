@@ -644,8 +644,9 @@ def test_benchmark_reports_ratio_and_roofline(tmp_path, monkeypatch, capsys):
 
 def test_kernel_ceiling_benchmark_counts_each_level(tmp_path, monkeypatch, capsys):
     """benchmarks/bench_kernel_ceiling.py: the register tile's steady state, one packed plane with every tap and
-    skipping the padding, the whole call; each level's GFLOP/s from its own count of FLOPs and its time, over the
-    run's best one-thread FMA probe."""
+    skipping the padding, the same plane in Winograd rows (where the variant has them: its executed multiply-adds
+    and the direct products, from one time), the whole call; each level's GFLOP/s from its own count of FLOPs and
+    its time, over the run's best one-thread FMA probe."""
     need_cpp()
     spec = importlib.util.spec_from_file_location("bench_kernel_ceiling",
                                                   REPO_ROOT / "benchmarks" / "bench_kernel_ceiling.py")
@@ -666,9 +667,13 @@ def test_kernel_ceiling_benchmark_counts_each_level(tmp_path, monkeypatch, capsy
     lanes = res["lanes"]
     assert lanes == ck.cpu_lanes() and ro * co >= 2
     rows = {r["level"]: r for r in res["rows"]}
-    assert set(rows) == {"row", "plane, all", "plane", "call"}
+    winograd = not ck.cpu_variant().startswith(ck._VARIANTS[17])  # the lowered 16 lanes have no Winograd rows
+    assert set(rows) == {"row", "plane, all", "plane", "call"} | (
+        {"Winograd plane, executed", "Winograd plane"} if winograd else set())
     flops = {"row": 2 * ro * co * 27 * lanes, "plane, all": 2 * 12 * 12 * 27 * 27 * lanes,
              "plane": roofline.depthwise_flops(1, lanes, 12, 12, 27, 27)["inside"],
+             "Winograd plane": roofline.depthwise_flops(1, lanes, 12, 12, 27, 27)["inside"],
+             "Winograd plane, executed": roofline.winograd_rows_flops(1, lanes, 12, 12, 27, 27)["forward"],
              "call": roofline.depthwise_flops(1, 32, 12, 12, 27, 27)["inside"]}
     for level, r in rows.items():
         assert r["gflops_best"] == pytest.approx(flops[level] / r["us_best"] / 1e3, rel=1e-6)
@@ -676,6 +681,9 @@ def test_kernel_ceiling_benchmark_counts_each_level(tmp_path, monkeypatch, capsy
         assert 0 < r["us_best"] <= r["us_median"]
     # 12 x 12 with K = 27: most taps meet the padding, which the kernel skips
     assert rows["plane"]["us_best"] < rows["plane, all"]["us_best"]
+    if winograd:  # one time, two counts: fewer multiply-adds executed than the direct products
+        assert rows["Winograd plane"]["us_best"] == rows["Winograd plane, executed"]["us_best"]
+        assert rows["Winograd plane, executed"]["gflops_best"] < rows["Winograd plane"]["gflops_best"]
     assert "| 27 | 12 | plane, all |" in (tmp_path / "kernel_ceiling_cpu.md").read_text()
     assert "register tile" in capsys.readouterr().out
 
