@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -21,6 +22,8 @@ int dw_backward_fused(const float*, int64_t, int64_t, int64_t, int64_t, const fl
                       float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 int dw_variant(int64_t);
 int dw_has_openmp();
+int dw_conv_path(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+int dw_wgrad_wino(int64_t, int64_t, int64_t, int64_t, int64_t);
 }
 
 namespace {
@@ -97,28 +100,38 @@ Errors run(const Case& k, std::mt19937& rng) {
 
 int main() {
     std::mt19937 rng(0);
-    int cases = 0, fails = 0, one_pass = 0;
+    int cases = 0, fails = 0, one_pass = 0, winograd = 0;
     // (N, C): channel blocks with lane tails; whole blocks of 8 and 16 (the direct tiles straight on channels_last
     // tensors), with the blocks the one-pass backward needs
+    // (H, K): small maps with every path below the Winograd rows, then a 24 x 27 map with K = 23 and 31, where the
+    // 8-lane variant (and AVX-512) runs the Winograd rows in all three passes
+    std::vector<std::pair<int64_t, int64_t>> maps;
+    for (int64_t H : {5, 11, 20})
+        for (int64_t K : {3, 7, 13, 31}) maps.emplace_back(H, K);
+    maps.emplace_back(24, 23);
+    maps.emplace_back(24, 31);
     const int64_t batches[2][2] = {{2, 19}, {4, 48}};
     for (const auto& nc : batches)
         for (int64_t lanes : {8, 16})
-            for (int64_t H : {5, 11, 20})
-                for (int64_t K : {3, 7, 13, 31})
-                    for (bool channels_last : {false, true}) {
-                        const Case k{nc[0], nc[1], H, H + 3, K, lanes, channels_last};
-                        const Errors e = run(k, rng);
-                        ++cases;
-                        one_pass += e.one_pass;
-                        if (e.y <= 1e-5 && e.x <= 1e-5 && e.w <= 1e-5) continue;
-                        ++fails;
-                        std::printf("FAIL N=%lld C=%lld H=%lld W=%lld K=%lld lanes %lld (variant %d) %s: relative "
-                                    "error y %.2e dx %.2e dw %.2e\n",
-                                    (long long)k.N, (long long)k.C, (long long)k.H, (long long)k.W, (long long)K,
-                                    (long long)lanes, dw_variant(lanes), channels_last ? "channels_last" : "NCHW",
-                                    e.y, e.x, e.w);
-                    }
+            for (const auto& [H, K] : maps)
+                for (bool channels_last : {false, true}) {
+                    const Case k{nc[0], nc[1], H, H + 3, K, lanes, channels_last};
+                    const int64_t sC = channels_last ? 1 : k.H * k.W;
+                    winograd += dw_conv_path(sC, sC, k.C, k.H, k.W, K, K, lanes) == 4 &&
+                                dw_wgrad_wino(k.H, k.W, K, K, lanes) == 1;
+                    const Errors e = run(k, rng);
+                    ++cases;
+                    one_pass += e.one_pass;
+                    if (e.y <= 1e-5 && e.x <= 1e-5 && e.w <= 1e-5) continue;
+                    ++fails;
+                    std::printf("FAIL N=%lld C=%lld H=%lld W=%lld K=%lld lanes %lld (variant %d) %s: relative "
+                                "error y %.2e dx %.2e dw %.2e\n",
+                                (long long)k.N, (long long)k.C, (long long)k.H, (long long)k.W, (long long)K,
+                                (long long)lanes, dw_variant(lanes), channels_last ? "channels_last" : "NCHW",
+                                e.y, e.x, e.w);
+                }
     std::printf("variants %d / %d, OpenMP %d: %d of %d cases match the reference (%d through the one-pass "
-                "backward)\n", dw_variant(8), dw_variant(16), dw_has_openmp(), cases - fails, cases, one_pass);
+                "backward, %d in Winograd rows)\n", dw_variant(8), dw_variant(16), dw_has_openmp(), cases - fails,
+                cases, one_pass, winograd);
     return fails ? 1 : 0;
 }
