@@ -47,6 +47,17 @@ def _cpp_matches_conv2d_in_float64(x, w, b, g):
     return y, grads
 
 
+def _map_kernel_bias(shape, kernel, layout: str, seed: int):
+    """A random map of ``shape`` (channels_last where ``layout`` says so), a depthwise kernel and a bias from one
+    seeded generator, which is returned too (for the output gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    return x, torch.randn(c, 1, *kernel, generator=g), torch.randn(c, generator=g), g
+
+
 def _cpu_flags() -> set[str]:
     try:
         line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
@@ -736,12 +747,7 @@ def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, s
     gradient is exactly 0)."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
-    g = torch.Generator().manual_seed(sum(shape) * 7 + sum(kernel))
-    x = torch.randn(*shape, generator=g)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    c = shape[1]
-    w, b = torch.randn(c, 1, *kernel, generator=g), torch.randn(c, generator=g)
+    x, w, b, g = _map_kernel_bias(shape, kernel, layout, seed=sum(shape) * 7 + sum(kernel))
     _, grads = _cpp_matches_conv2d_in_float64(x, w, b, g)
     kh, kw = kernel
     h, wd = shape[-2:]
@@ -824,12 +830,8 @@ def test_winograd_rows_match_conv2d_in_float64(lanes, shape, kernel, layout, mon
     thread's numbers bit for bit."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
-    g = torch.Generator().manual_seed(sum(shape) * 13 + sum(kernel))
-    x = torch.randn(*shape, generator=g)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    c, (h, wd), (kh, kw) = shape[1], shape[-2:], kernel
-    w, b = torch.randn(c, 1, kh, kw, generator=g), torch.randn(c, generator=g)
+    x, w, b, g = _map_kernel_bias(shape, kernel, layout, seed=sum(shape) * 13 + sum(kernel))
+    (h, wd), (kh, kw) = shape[-2:], kernel
     assert (ck.cpp_conv_path(x, w) == ck.CONV_PATHS[4]) == _winograd(lanes, h, wd, kh, kw)
     assert ck.cpp_wgrad_winograd(x, w) == _winograd(lanes, h, wd, kh, kw, weight_grad=True)
     _cpp_matches_conv2d_in_float64(x, w, b, g)
