@@ -138,10 +138,10 @@ def summarize(m: dict) -> list[dict]:
     for (k, r, measured), ts in m["times"].items():
         if min(ts) < 0:  # a level this variant does not have (no Winograd rows)
             continue
+        best, med = min(ts), statistics.median(ts)
         counts = ("Winograd plane, executed", measured) if measured == "Winograd plane" else (measured,)
         for level in counts:
             f = level_flops(level, k, r, m["lanes"], m["ro"], m["co"], m["channels"])
-            best, med = min(ts), statistics.median(ts)
             rows.append({"K": k, "R": r, "level": level, "us_best": best * 1e6, "us_median": med * 1e6,
                          "gflops_best": f / best / 1e9, "gflops_median": f / med / 1e9,
                          "fraction_of_fma_peak": f / best / 1e9 / peak})

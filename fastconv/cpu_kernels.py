@@ -296,11 +296,12 @@ DIRECT_CONV_PATHS = (CONV_PATHS[1], CONV_PATHS[3])
 
 
 def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> str:
-    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value): direct tiles of output pixels for rows at least
-    one tile wide and kernels up to 13 (21 on AVX-512), from 7x7 on a compact copy of each channel block's rows (any
-    layout with AVX-512, else channels_last), below that straight on channels_last tensors of whole channel blocks;
-    else through packed channel-blocked planes, from 22 (AVX-512) or 23 (8 lanes) in Winograd F(2, 3) rows (1.4x
-    fewer multiply-adds: ``fastconv.roofline.winograd_rows_flops``; dwconv.cpp's corr_plane_wino)."""
+    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value): kernels from 21 on maps from 22 (AVX-512; 23 on
+    maps from 23 with 8 lanes) in Winograd F(2, 3) rows on packed planes (1.4x fewer multiply-adds:
+    ``fastconv.roofline.winograd_rows_flops``; dwconv.cpp's corr_plane_wino); else direct tiles of output pixels for
+    rows at least one tile wide and kernels up to 13 (21 on AVX-512), from 7x7 on a compact copy of each channel
+    block's rows (any layout with AVX-512, else channels_last), below that straight on channels_last tensors of whole
+    channel blocks; else through packed channel-blocked planes."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     y_stride = torch.empty_like(x, dtype=torch.float32, device="meta").stride()  # cpp_conv's output layout
