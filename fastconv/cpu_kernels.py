@@ -229,6 +229,8 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     tensor, kernel = [p] + [i64] * 4, [p] + [i64] * 3  # pointer and (N, C, H, W) / (C, KH, KW) strides
     lib.dw_backward_fused.argtypes = tensor * 2 + kernel + tensor + [p] + [i64] * 8
     lib.dw_backward_fused.restype = ctypes.c_int
+    lib.dw_backward_plan.argtypes = [i64] * 11
+    lib.dw_backward_plan.restype = ctypes.c_int
     lib.dw_row_bands.argtypes = [i64] * 7
     lib.dw_row_bands.restype = i64
     lib.dw_row_groups.argtypes = [i64] * 8
@@ -394,13 +396,36 @@ def _kernel_view(w: torch.Tensor, flip: bool) -> tuple[int, int, int, int]:
     return w.data_ptr() + ((kh - 1) * s_h + (kw - 1) * s_w) * w.element_size(), s_c, -s_h, -s_w
 
 
+#: what ``cpp_backward_plan`` returns: how ``cpp_backward`` computes a call (0: it does not; each gradient on its own)
+BACKWARD_PLANS = {0: "", 1: "direct tiles on rows packed per channel block, read by both gradients",
+                  2: "packed planes, each plane of the output gradient packed once for both gradients"}
+
+
+def cpp_backward_plan(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = None, threads: int | None = None,
+                      lanes: int | None = None) -> int:
+    """How ``cpp_backward(x, g, w)`` computes (a ``BACKWARD_PLANS`` key; ``g`` defaults to a tensor laid out like
+    ``x``) on ``threads`` (default: the threads it runs): 1 where the input gradient runs the direct tiles on packed
+    rows with one band per image and channel block (and the weight gradient groups no channel blocks), 2 where it runs
+    packed planes (plain or in Winograd rows), 0 elsewhere, and wherever the one pass's units (a group of channel
+    blocks over a slice of the images, as the weight gradient's) would leave threads idle: fewer than 4 per thread and
+    not whole rounds."""
+    lib = cpp_library()
+    n, c, h, wd = x.shape
+    g_stride = (g if g is not None else x).stride(1)
+    gx_stride = torch.empty_like(g if g is not None else x, dtype=torch.float32, device="meta").stride(1)
+    return int(lib.dw_backward_plan(x.stride(1), g_stride, gx_stride, n, c, h, wd, *w.shape[-2:],
+                                    threads or _omp_threads(lib), _requested_lanes(lanes)))
+
+
 def cpp_backward(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
                  lanes: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Input and weight gradient of ``cpp_conv(x, w, ...)`` for the output gradient ``g`` in one pass
-    (``dw_backward_fused``), where the input gradient runs the direct tiles on packed rows with one band per image
-    and channel block (and the weight gradient groups no channel blocks): the packed rows of ``g`` serve both, so
-    ``g`` is read and packed once. The same numbers as ``cpp_conv(g, w, None, flip=True)`` and
-    ``cpp_weight_grad(x, g, KH, KW)``; None (nothing computed) where the pass does not apply."""
+    (``dw_backward_fused``; ``cpp_backward_plan`` says where and how): on direct tiles the packed rows of ``g`` serve
+    both, on packed planes each plane of ``g`` is packed once for both, so ``g`` is read and packed once. The same
+    numbers as ``cpp_conv(g, w, None, flip=True)`` and ``cpp_weight_grad(x, g, KH, KW)``; None (nothing computed)
+    where the pass does not apply."""
+    if not cpp_backward_plan(x, w, g, lanes=lanes):  # (asked first: the outputs' allocation cost ~20 us per call)
+        return None
     lib = cpp_library()
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]

@@ -174,6 +174,12 @@ def test_explain_names_the_lane_width(monkeypatch):
     wino = _winograd(None, 32, 32, 31, 31)
     assert (f"through {ck.CONV_PATHS[4]} (units of one plane" in text) == wino
     assert ("weight gradient in Winograd F(2, 3) rows in 1 slice(s)" in text) == wino
+    # with both gradients: one pass, each plane of the output gradient packed once (2 blocks or 4: whole rounds of units
+    # on one or two threads)
+    xg = xw.clone().requires_grad_()
+    plan = ck.cpp_backward_plan(xg, ww)
+    assert plan == 2 or torch.get_num_threads() > 2
+    assert (f"both gradients in one pass ({ck.BACKWARD_PLANS[2]})" in fastconv.explain(xg, ww)) == (plan == 2)
 
 
 def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkeypatch, backend_spy):
@@ -386,8 +392,8 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
     per plane (16 lanes; NCHW with AVX-512 only), 16 x 16 maps, 7 x 7: N = 8, C = 16 (one block, 4 slices of 2
     images), N = 2, C = 64 (4 blocks, one slice: gw written per unit), N = 8, C = 24 (a block and a half, 2 slices).
     The same numbers as cpp_conv(g, w, flip) and cpp_weight_grad (which match float64), on 1 and 2 threads, and the
-    autograd backward of depthwise_conv2d takes it. Where it does not apply (a 5 x 5 kernel runs straight tiles; a
-    map cut into bands) it computes nothing and returns None."""
+    autograd backward of depthwise_conv2d takes it. Where it does not apply (a 5 x 5 kernel runs straight tiles of whole
+    blocks, else packed planes: the other one pass; a map cut into bands) it computes nothing and returns None."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, "16")
     g = torch.Generator().manual_seed(n * c)
@@ -404,7 +410,9 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
     assert _rel(gw_sep.double(), exp) <= 1e-5
     got = ck.cpp_backward(x, gy, w)
     assert (got is not None) == fused
-    assert ck.cpp_backward(x, gy, torch.randn(c, 1, 5, 5)) is None  # straight tiles (or planes)
+    assert ck.cpp_backward_plan(x, w, gy) == (1 if fused else 0)
+    five = torch.randn(c, 1, 5, 5)  # straight tiles, or (C = 24 or NCHW) planes: packed once for both gradients
+    assert (ck.cpp_backward(x, gy, five) is None) == (ck.cpp_conv_path(gy, five) != ck.CONV_PATHS[0])
     torch.set_num_threads(2)
     if fused:
         assert torch.equal(got[0], gx_sep) and got[0].stride() == gx_sep.stride() and torch.equal(got[1], gw_sep)
@@ -418,6 +426,57 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
         monkeypatch.setattr(ck, "cpp_backward", real)
     big = torch.randn(1, c, 96, 96)
     assert ck.cpp_work_split(big, w, threads=2)["row_bands"] > 1 and ck.cpp_backward(big, big, w) is None
+
+
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("n,c,hw,kernel", [
+    (1, 32, (32, 32), (31, 31)),  # RepLKNet's 31 x 31: Winograd rows where the variant has them, else plain planes
+    (8, 16, (24, 26), (23, 21)),  # Winograd rows (AVX-512) over 4 slices of 2 images of one block: partial sums
+    (2, 20, (14, 14), (13, 13)),  # plain planes (AVX-512: a map narrower than a direct tile), a lane tail
+])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
+def test_fused_backward_on_planes_gives_the_separate_gradients_bit_for_bit(lanes, n, c, hw, kernel, layout,
+                                                                           monkeypatch, one_thread):
+    """cpp_backward where the input gradient runs packed planes (plain, or Winograd F(2, 3) rows): each plane of the
+    output gradient is packed once, for the input gradient's padded input and, its interior, the weight gradient's
+    "kernel" (dwconv.cpp's backward_planes). The same numbers as cpp_conv(g, w, flip) and cpp_weight_grad, which
+    match float64, on 1 and 2 threads, and the autograd backward of depthwise_conv2d takes it; with too few units to
+    keep two threads busy (3 blocks of 16 channels, one image) it computes nothing and returns None."""
+    need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    g = torch.Generator().manual_seed(n * c + kernel[0])
+    x, gy = (torch.randn(n, c, *hw, generator=g) for _ in range(2))
+    if layout != "nchw":
+        gy = gy.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    w = torch.randn(c, 1, *kernel, generator=g)
+    (kh, kw), path = kernel, ck.cpp_conv_path(gy, w)
+    planes = path in (ck.CONV_PATHS[0], ck.CONV_PATHS[4])
+    assert (path == ck.CONV_PATHS[4]) == _winograd(lanes, *hw, kh, kw)
+    gx_sep, gw_sep = ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, kh, kw)
+    pad = (kh // 2, kw // 2)
+    assert _rel(gx_sep.double(), F.conv2d(gy.double(), w.double().flip(-2, -1), padding=pad, groups=c)) <= 1e-5
+    assert _rel(gw_sep.double(), torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), padding=pad,
+                                                            groups=c)) <= 1e-5
+    got = ck.cpp_backward(x, gy, w)
+    if not planes:  # direct tiles on packed rows (8 lanes, or 16 lowered to 256-bit vectors): the test above
+        assert path == ck.CONV_PATHS[3]
+        return
+    assert got is not None and ck.cpp_backward_plan(x, w, gy) == 2
+    assert torch.equal(got[0], gx_sep) and got[0].stride() == gx_sep.stride() and torch.equal(got[1], gw_sep)
+    torch.set_num_threads(2)
+    two = ck.cpp_backward(x, gy, w)
+    assert two is not None and torch.equal(two[0], gx_sep) and torch.equal(two[1], gw_sep)
+    calls, real = [], ck.cpp_backward
+    monkeypatch.setattr(ck, "cpp_backward", lambda *a: calls.append(1) or real(*a))
+    leaves = [t.clone().requires_grad_() for t in (x, w)]
+    grads = torch.autograd.grad(fastconv.depthwise_conv2d(*leaves, backend="cpp"), leaves, gy)
+    assert calls == [1] and torch.equal(grads[0], gx_sep) and torch.equal(grads[1], gw_sep)
+    monkeypatch.setattr(ck, "cpp_backward", real)
+    if lanes == "16" and kernel == (31, 31):
+        few = x[:, :16].repeat(1, 3, 1, 1)  # 3 blocks of 16 channels, one image: 3 units on 2 threads
+        assert ck.cpp_backward_plan(few, w[:16].repeat(3, 1, 1, 1)) == 0
+        assert ck.cpp_backward(few, few, w[:16].repeat(3, 1, 1, 1)) is None
 
 
 def test_small_kernels_on_nchw_are_timed_by_their_typical_time(monkeypatch):

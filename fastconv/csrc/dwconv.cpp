@@ -12,7 +12,7 @@
 //   weight grad  dw = sum_n corr(x_pad[n], gy[n])            (the output gradient is the HxW "kernel", output KHxKW)
 // corr(in, k)[p, q] = sum_{i<KH, j<KW} in[p+i, q+j] * k[i, j]  (valid, per lane).
 // Where the input gradient runs direct tiles on whole packed planes of gy, the weight gradient reads the same packed
-// plane in the same pass (dw_backward_fused).
+// plane in the same pass (dw_backward_fused); where it runs packed planes, each plane of gy is packed once for both.
 //
 // Lane widths. The kernel body (below the #else) is written once over a GCC vector type of L floats and compiled
 // three times into this one library, by including this file into three namespaces:
@@ -289,6 +289,20 @@ int dw_backward_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_
 #endif
         case 17: return dw16g::backward_fused(x, sN, sC, sH, sW, g, gN, gC, gH, gW, w, swC, swH, swW, gx, xN, xC, xH,
                                               xW, gw, N, C, H, W, KH, KW, nthreads);
+        default: return -1;
+    }
+}
+
+// How dw_backward_fused computes a call with these channel strides of x, g and gx (1 direct tiles on packed rows, 2
+// packed planes, 0 not in one pass), on nthreads threads; -1 for an invalid lane request.
+int dw_backward_plan(int64_t sC, int64_t gC, int64_t xC, int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH,
+                     int64_t KW, int64_t nthreads, int64_t lanes) {
+    switch (dw_variant(lanes)) {
+        case 8: return dw8::backward_plan(sC, gC, xC, N, C, H, W, KH, KW, nthreads);
+#if DW_HAS_AVX512
+        case 16: return dw16::backward_plan(sC, gC, xC, N, C, H, W, KH, KW, nthreads);
+#endif
+        case 17: return dw16g::backward_plan(sC, gC, xC, N, C, H, W, KH, KW, nthreads);
         default: return -1;
     }
 }
@@ -584,14 +598,16 @@ inline bool wino_rows(int64_t H, int64_t W, int64_t KH, int64_t KW) {
 
 inline int64_t wino_chunks(int64_t KH) { return (KH + 2) / 3; }
 
-// The four transformed kernels (4, ceil(KH / 3), KW, L) of a packed kernel k (KH, KW, L); rows past KH are zeros.
-inline void wino_kernel(const float* k, int64_t KH, int64_t KW, float* G) {
+// The four transformed kernels (4, ceil(KH / 3), KW, L) of a packed kernel k (KH, KW, L), whose rows lie rs floats
+// apart (0: KW * L, contiguous); rows past KH are zeros.
+inline void wino_kernel(const float* k, int64_t KH, int64_t KW, float* G, int64_t rs = 0) {
     const int64_t T = wino_chunks(KH), TS = T * KW * L;
+    if (!rs) rs = KW * L;
     for (int64_t t = 0; t < T; ++t)
         for (int64_t j = 0; j < KW; ++j) {
-            const vec g0 = load(k + (3 * t * KW + j) * L);
-            const vec g1 = 3 * t + 1 < KH ? load(k + ((3 * t + 1) * KW + j) * L) : vec{};
-            const vec g2 = 3 * t + 2 < KH ? load(k + ((3 * t + 2) * KW + j) * L) : vec{};
+            const vec g0 = load(k + 3 * t * rs + j * L);
+            const vec g1 = 3 * t + 1 < KH ? load(k + (3 * t + 1) * rs + j * L) : vec{};
+            const vec g2 = 3 * t + 2 < KH ? load(k + (3 * t + 2) * rs + j * L) : vec{};
             float* o = G + (t * KW + j) * L;
             store(o, g0);
             store(o + TS, (g0 + g1 + g2) * 0.5f);
@@ -1251,25 +1267,121 @@ inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, in
     return cl && C % L == 0 ? 1 : 0;
 }
 
+// Input and weight gradient in one pass where the input gradient runs packed planes (conv_path 0 or 4: plain planes
+// or Winograd rows): the weight gradient's units (wgrad_fused: a group of channel blocks over a slice of the images)
+// pack each plane of the output gradient g once, with its zero borders, as the input gradient's input, and copy its
+// interior (a contiguous copy within the cache) as the weight gradient's "kernel", so g is read and transposed once
+// instead of twice and both gradients run in one parallel region. The same sums in the same order as conv_fused
+// (flipped kernel) and wgrad_fused: the same numbers. Where backward_plan says 2. Measured (2 threads, AVX-512 Intel
+// Xeon, the C entry points of both builds in one process, paired rounds, one pass / the two passes, NCHW and
+// channels_last): B = 1 C = 384 R = 32 K = 31 0.91-0.95, K = 21 0.93-0.97, R = 64 K = 31 0.95-0.98; B = 4 R = 32 K = 31
+// 0.92-0.97; B = 8 C = 128 R = 56 K = 31 0.95; B = 2 C = 256 R = 28 K = 29 0.95-0.98; R = 14 K = 13 (plain planes)
+// 0.88-0.99, R = 20 K = 27 0.91-1.00; 8 lanes 0.95-1.00.
+void backward_planes(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
+                     int64_t gC, int64_t gH, int64_t gW, const float* w, int64_t swC, int64_t swH, int64_t swW,
+                     float* gx, int64_t xN, int64_t xC, int64_t xH, int64_t xW, float* gw, int64_t N, int64_t C,
+                     int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
+    const bool inner = sC == 1 || gC == 1;
+    const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
+    const int64_t G = blocks_per_line(inner), CBG = (CB + G - 1) / G, KS = G * KH * KW * L;
+    const int64_t S = wgrad_slices(N, C, inner), units = CBG * S;
+    const bool wino = wino_rows(H, W, KH, KW), wino_w = wino_wgrad(H, W, KH, KW);
+    const int64_t wks = 4 * wino_chunks(KH) * KW * L;
+    RawBuffer ker(CB * KH * KW * L), wk(wino ? CB * wks : 0);
+    Buffer part(S > 1 ? units * KS : 0);  // unit u's (KH, KW, L) sums per block of its group at u * KS
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t cb = 0; cb < CB; ++cb) {  // the flipped kernel, packed (and transformed) once per block
+            const int64_t c0 = cb * L, lanes = lane_count(C, c0);
+            for (int64_t i = 0; i < KH; ++i)
+                pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, ker.data() + (cb * KH + i) * KW * L);
+            if (wino) wino_kernel(ker.data() + cb * KH * KW * L, KH, KW, wk.data() + cb * wks);
+        }
+        // one padded plane (g's, then x's: the zero borders are the padding of both), the output gradient's interior
+        // copied where the weight gradient runs plain tiles, and one set of Winograd buffers for both passes (the
+        // same transformed rows and columns; the products as wide as the wider output): a thread's working set stays
+        // that of one pass (two sets of buffers measured 1.00-1.06x the separate passes at B = 1, R = 32 to 64)
+        Buffer pl(Hp * Wp * L), acc(KS);
+        RawBuffer gin(wino_w ? 0 : H * W * L), out(H * W * L);
+        WinoBuffers wb(wino || wino_w, Hp, Wp, max64(W, KW), H, W, wino_w, ph, ph + H, pw, pw + W);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; ++u) {
+            const int64_t cbg = u / S, n0 = u % S * N / S, n1 = (u % S + 1) * N / S;
+            const int64_t nb = CB - cbg * G < G ? CB - cbg * G : G;  // blocks in this group
+            float* a = S > 1 ? part.data() + u * KS : acc.data();
+            for (int64_t n = n0; n < n1; ++n)
+                for (int64_t k = 0; k < nb; ++k) {
+                    const int64_t cb = cbg * G + k, c0 = cb * L, lanes = lane_count(C, c0);
+                    for (int64_t r = ph; r < ph + H; ++r)
+                        pack_row(g + n * gN + c0 * gC, lanes, gC, gH, gW, H, W, ph, pw, r, pl.data() + r * Wp * L,
+                                 false);
+                    const float* interior = pl.data() + (ph * Wp + pw) * L;
+                    for (int64_t r = 0; !wino_w && r < H; ++r)
+                        std::memcpy(gin.data() + r * W * L, interior + r * Wp * L, sizeof(float) * W * L);
+                    if (wino)
+                        corr_plane_wino(pl.data(), wk.data() + cb * wks, out.data(), H, W, KH, KW, nullptr, false, ph,
+                                        ph + H, pw, pw + W, wb);
+                    else
+                        corr_plane(pl.data(), ker.data() + cb * KH * KW * L, out.data(), H, W, KH, KW, nullptr, false,
+                                   ph, ph + H, pw, pw + W);
+                    float* gxp = gx + n * xN + c0 * xC;
+                    for (int64_t h = 0; h < H; ++h) unpack_row(out.data() + h * W * L, lanes, W, gxp + h * xH, xC, xW);
+                    if (wino_w) wino_kernel(interior, H, W, wb.g.data(), Wp * L);  // (what wgrad_plane computes)
+                    for (int64_t r = ph; r < ph + H; ++r)
+                        pack_row(x + n * sN + c0 * sC, lanes, sC, sH, sW, H, W, ph, pw, r, pl.data() + r * Wp * L,
+                                 false);
+                    float* ak = a + k * KH * KW * L;
+                    if (wino_w)
+                        corr_plane_wino(pl.data(), wb.g.data(), ak, KH, KW, H, W, nullptr, n > n0, ph, ph + H, pw,
+                                        pw + W, wb);
+                    else
+                        corr_plane(pl.data(), gin.data(), ak, KH, KW, H, W, nullptr, n > n0, ph, ph + H, pw, pw + W);
+                }
+            if (S == 1) write_weight_grad(acc.data(), cbg * G, min64(CB, cbg * G + G), C, KH, KW, gw);
+        }
+        if (S > 1) {
+#pragma omp for schedule(static)
+            for (int64_t cbg = 0; cbg < CBG; ++cbg) {
+                add_slices(part.data() + cbg * S * KS, S, KS, acc.data());
+                write_weight_grad(acc.data(), cbg * G, min64(CB, cbg * G + G), C, KH, KW, gw);
+            }
+        }
+    }
+}
+
 // Input and weight gradient in one pass where the input gradient runs direct tiles on packed rows with one band per
 // (image, channel block) plane and the weight gradient groups no blocks (16 lanes, or no channels-innermost tensor):
 // each unit's packed rows of the output gradient g serve both, so g is read and packed once, and the plane is still in
-// cache for the weight gradient, where its units keep the threads busy. The same sums in the same order as conv_fused
+// cache for the weight gradient (backward_plan 1; 2: backward_planes). The same sums in the same order as conv_fused
 // (flipped kernel) and wgrad_fused: the same numbers. Returns false (and computes nothing) elsewhere. Measured (2
 // threads, AVX-512 Xeon, B=1 C=384 R=32, the two gradients alone, paired rounds, fused / separate): K=9 0.91-0.92, K=13
 // 0.92-0.94, K=17 0.94-0.96, K=21 0.95-0.98; B=4 K=13 0.91-0.93; forward + both gradients through autograd (median
 // per-round ratio): K=7 0.81-0.89, K=9 0.81-0.87, K=13 0.93-0.96, K=17 0.95-0.98, K=21 0.95-0.98.
+// How backward_fused computes a call: 1 direct tiles on packed rows that the weight gradient reads too (conv_direct
+// with a WeightGradOf), 2 packed planes (backward_planes), 0 not in one pass. Its units, (group of channel blocks,
+// slice of the images), must still keep every thread busy (the input gradient alone runs N x blocks units): whole
+// rounds of them, or at least 4 per thread.
+inline int backward_plan(int64_t sC, int64_t gC, int64_t xC, int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH,
+                         int64_t KW, int64_t nthreads) {
+    const int path = conv_path(gC, xC, C, H, W, KH, KW);
+    const bool inner = sC == 1 || gC == 1, planes = path == 0 || path == 4;
+    if (!planes && (path != 3 || row_bands(N, C, H, W, KH, nthreads) != 1 || blocks_per_line(inner) != 1)) return 0;
+    const int64_t G = planes ? blocks_per_line(inner) : 1;
+    const int64_t units = ((C + L - 1) / L + G - 1) / G * wgrad_slices(N, C, planes && inner);
+    if (units % nthreads != 0 && units < 4 * nthreads) return 0;
+    return planes ? 2 : 1;
+}
+
 bool backward_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const float* g, int64_t gN,
                     int64_t gC, int64_t gH, int64_t gW, const float* w, int64_t swC, int64_t swH, int64_t swW,
                     float* gx, int64_t xN, int64_t xC, int64_t xH, int64_t xW, float* gw, int64_t N, int64_t C,
                     int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
-    if (conv_path(gC, xC, C, H, W, KH, KW) != 3 || row_bands(N, C, H, W, KH, nthreads) != 1 ||
-        blocks_per_line(sC == 1 || gC == 1) != 1)
-        return false;
-    // its units, (channel block, slice of the images), must still keep every thread busy (the input gradient alone
-    // runs N x blocks units): whole rounds of them, or at least 4 per thread
-    const int64_t units = (C + L - 1) / L * wgrad_slices(N, C, false);
-    if (units % nthreads != 0 && units < 4 * nthreads) return false;
+    const int plan = backward_plan(sC, gC, xC, N, C, H, W, KH, KW, nthreads);
+    if (plan == 2)
+        backward_planes(x, sN, sC, sH, sW, g, gN, gC, gH, gW, w, swC, swH, swW, gx, xN, xC, xH, xW, gw, N, C, H, W,
+                        KH, KW, nthreads);
+    if (plan != 1) return plan == 2;
     const WeightGradOf wg{x, sN, sC, sH, sW, gw};
     conv_direct(g, gN, gC, gH, gW, w, swC, swH, swW, nullptr, gx, xN, xC, xH, xW, N, C, H, W, KH, KW, nthreads, true,
                 &wg);
