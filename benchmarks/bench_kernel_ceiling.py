@@ -10,10 +10,10 @@ measures, for the kernels that run on packed planes (K > DMAXK: 27 and 31 with A
   plane       the same skipping the products with the zero padding as the kernel does, counted on the products
               inside the map (``fastconv.roofline.depthwise_flops(...)["inside"]``, as the targets are);
   Winograd plane, executed / Winograd plane
-              the same plane in Winograd F(2, 3) rows (``corr_plane_wino``, what the call runs from K = 21 on maps
-              from 22 with AVX-512, 23 / 23 with 8 lanes): its executed multiply-adds
+              the same plane in Winograd F(3, 3) rows (``corr_plane_wino``, what the call runs from K = 21 on maps
+              from 22 with AVX-512, from 15 on maps from 20 with 8 lanes): its executed multiply-adds
               (``fastconv.roofline.winograd_rows_flops``), then the products inside the map (so above the FMA peak
-              where the 1.4x fewer multiply-adds outrun the tiles' losses);
+              where the 1.6-1.7x fewer multiply-adds outrun the transforms' cost);
   call        the whole forward call (``fastconv.cpu_kernels.cpp_conv``, B=1, C channels, NCHW): packing, the
               planes, the write-back, the Python around it; inside products.
 One thread (``torch.set_num_threads(1)``; the FMA probe on one thread), the probes in a random order each round;
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`)", "", f"- machine: {head}",
              f"- {a.rounds} rounds, the probes in a random order each round; row, `plane, all` and `Winograd plane, "
              "executed`: executed multiply-adds; plane, `Winograd plane` and call: the products inside the map (the "
-             "targets' count; the Winograd rows run 1.4x fewer multiply-adds than these, so their fraction can pass "
-             "100 %)", "",
+             "targets' count; the Winograd rows run 1.6-1.7x fewer multiply-adds than these, so their fraction can "
+             "pass 100 %)", "",
              "| K | R | level | us best / median | GFLOP/s best / median | % FMA peak (best) |",
              "|---|---|---|---|---|---|"]
     for r in rows:

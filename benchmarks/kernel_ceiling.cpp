@@ -5,7 +5,7 @@
 //   ceiling_plane  corr_plane on one packed (R+K-1) x (R+K-1) plane with a K x K kernel (the forward and input
 //                  gradient of K > DMAXK), skipping the products with the zero padding as the kernel does
 //                  (skip = 1), or multiplying every tap (skip = 0);
-//   ceiling_wino_plane  the same plane in Winograd F(2, 3) rows (corr_plane_wino), as the call runs it where
+//   ceiling_wino_plane  the same plane in Winograd F(3, 3) rows (corr_plane_wino), as the call runs it where
 //                  conv_path says 4.
 // Each returns the best over `rounds` of the mean seconds per call over `reps` calls; the caller counts the FMAs.
 #ifndef CEILING_BODY
@@ -118,9 +118,9 @@ inline double plane_seconds(int64_t K, int64_t R, int64_t skip, int64_t reps, in
 // The same plane through corr_plane_wino (the Winograd rows; the kernel transformed once, outside the timing);
 // -1 where the variant has no Winograd rows.
 inline double wino_plane_seconds(int64_t K, int64_t R, int64_t reps, int64_t rounds) {
-    if (WRO == 0) return -1.0;
+    if (!WINO) return -1.0;
     const int64_t P = R + K - 1, pad = K / 2;
-    Buffer in(P * P * L, 0.f), k(K * K * L), out(R * R * L), G(4 * wino_chunks(K) * K * L);
+    Buffer in(P * P * L, 0.f), k(K * K * L), out(R * R * L), G(5 * wino_chunks(K) * K * L);
     for (int64_t r = pad; r < pad + R; ++r)
         for (int64_t c = pad; c < pad + R; ++c)
             for (int64_t l = 0; l < L; ++l) in[(r * P + c) * L + l] = 0.001f * ((r * 7 + c * 3 + l) % 11);

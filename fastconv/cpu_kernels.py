@@ -292,14 +292,14 @@ def cpp_library():
 
 #: what ``dw_conv_path`` returns -> how the C++ forward / input gradient computes a call
 CONV_PATHS = {0: "packed planes", 1: "direct channels_last tiles", 2: "packed planes, map and kernel swapped",
-              3: "direct tiles on rows packed per channel block", 4: "packed planes in Winograd F(2, 3) rows"}
+              3: "direct tiles on rows packed per channel block", 4: "packed planes in Winograd F(3, 3) rows"}
 #: the ``CONV_PATHS`` values of the direct tiles (no packed planes, no write-back of whole planes)
 DIRECT_CONV_PATHS = (CONV_PATHS[1], CONV_PATHS[3])
 
 
 def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> str:
-    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value): kernels from 21 on maps from 22 (AVX-512; 23 on
-    maps from 23 with 8 lanes) in Winograd F(2, 3) rows on packed planes (1.4x fewer multiply-adds:
+    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value): kernels from 21 on maps from 22 (AVX-512; from
+    15 on maps from 20 with 8 lanes) in Winograd F(3, 3) rows on packed planes (1.69x fewer multiply-adds at K = 31:
     ``fastconv.roofline.winograd_rows_flops``; dwconv.cpp's corr_plane_wino); else direct tiles of output pixels for
     rows at least one tile wide and kernels up to 13 (21 on AVX-512), from 7x7 on a compact copy of each channel
     block's rows (any layout with AVX-512, else channels_last), below that straight on channels_last tensors of whole
@@ -311,8 +311,8 @@ def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) ->
 
 
 def cpp_wgrad_winograd(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> bool:
-    """Whether ``cpp_weight_grad(x, g, KH, KW)`` (and the weight gradient of ``cpp_backward``) runs Winograd F(2, 3)
-    rows (the map is that correlation's kernel: maps and kernels large enough, see dwconv.cpp's wino_wgrad)."""
+    """Whether ``cpp_weight_grad(x, g, KH, KW)`` (and the weight gradient of ``cpp_backward``) runs Winograd F(3, 3)
+    rows (the map is that correlation's kernel: kernels from 13 on maps from 20, see dwconv.cpp's wino_wgrad)."""
     h, wd = x.shape[-2:]
     return cpp_library().dw_wgrad_wino(h, wd, *w.shape[-2:], _requested_lanes(lanes)) == 1
 

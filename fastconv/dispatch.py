@@ -769,7 +769,7 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             line += " (units of one plane: image and channel block"
         line += f" over {split['threads']} thread(s))"
         if gw:
-            rows = " in Winograd F(2, 3) rows" if ck.cpp_wgrad_winograd(x, weight) else ""
+            rows = " in Winograd F(3, 3) rows" if ck.cpp_wgrad_winograd(x, weight) else ""
             line += f"; weight gradient{rows} in {split['wgrad_slices']} slice(s) of the batch per channel group"
             plan = ck.BACKWARD_PLANS[ck.cpp_backward_plan(x, weight)]
             if plan and gx:

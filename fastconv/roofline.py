@@ -261,25 +261,24 @@ def depthwise_flops(batch: int, channels: int, h: int, w: int, kh: int, kw: int)
 
 
 def _winograd_rows(out_rows: int, kernel_rows: int, row_lo: int, row_hi: int) -> int:
-    """Chunk rows that fastconv's Winograd F(2, 3) rows multiply (dwconv.cpp's corr_plane_wino): per pair of output
-    rows p, p + 1 (p even) and each of its four products, the chunks t of three kernel rows whose transformed input
-    row p + 3t can be nonzero (the input is nonzero in rows [row_lo, row_hi) of the padded plane)."""
-    chunks, total = -(-kernel_rows // 3), 0
-    reach = ((row_lo - 2, row_hi), (row_lo - 2, row_hi - 1), (row_lo - 2, row_hi - 1), (row_lo - 3, row_hi - 1))
-    for p in range(0, out_rows, 2):
-        for lo, hi in reach:
-            t_lo = -(-(lo - p) // 3) if lo > p else 0
-            t_hi = min(chunks, -(-(hi - p) // 3)) if hi > p else 0
-            total += max(0, t_hi - t_lo)
+    """Row products that fastconv's Winograd F(3, 3) rows multiply (dwconv.cpp's corr_plane_wino): per triplet of
+    output rows q (rows 3q .. 3q + 2) and each of its five products, the chunks t of three kernel rows whose
+    transformed row q + t (the padded plane's rows 3(q + t) + a that the product combines: a from 0 to 3, 1 to 3 or 1
+    to 4) meets its nonzero rows [row_lo, row_hi)."""
+    triplets, chunks, total = -(-out_rows // 3), -(-kernel_rows // 3), 0
+    for a_lo, a_hi in ((0, 3), (1, 3), (1, 3), (1, 3), (1, 4)):  # the input rows 3j + a each product combines
+        j_lo = max(0, -(-(row_lo - a_hi) // 3))
+        j_hi = min(triplets + chunks - 1, (row_hi - 1 - a_lo) // 3 + 1)
+        total += sum(max(0, min(chunks, j_hi - q) - max(0, j_lo - q)) for q in range(triplets))
     return total
 
 
 def winograd_rows_flops(batch: int, channels: int, h: int, w: int, kh: int, kw: int) -> dict:
-    """Multiply-adds (as FLOPs, 2 per multiply-add) that fastconv's C++ kernel runs in Winograd F(2, 3) rows (Lavin &
+    """Multiply-adds (as FLOPs, 2 per multiply-add) that fastconv's C++ kernel runs in Winograd F(3, 3) rows (Lavin &
     Gray, CVPR 2016) where ``cpu_kernels.cpp_conv_path`` / ``cpp_wgrad_winograd`` say so: ``forward`` (also the
-    input gradient) and ``weight_grad``, against ``depthwise_flops``'s ``inside`` (the direct products). Two output
-    rows of a chunk of three kernel rows take four products instead of six, so a roofline fraction counted on
-    ``inside`` can pass what the FMA units execute: ``forward / inside`` is the executed share (0.71 at 32 x 32,
+    input gradient) and ``weight_grad``, against ``depthwise_flops``'s ``inside`` (the direct products). Three output
+    rows of a chunk of three kernel rows take five products instead of nine, so a roofline fraction counted on
+    ``inside`` can pass what the FMA units execute: ``forward / inside`` is the executed share (0.64 at 32 x 32,
     K = 31). Columns as the direct tiles (inside the map); rows as the C++ kernel chooses them."""
     pad = kh // 2
     cols = _inside(w, kw)

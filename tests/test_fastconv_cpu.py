@@ -173,7 +173,8 @@ def test_explain_names_the_lane_width(monkeypatch):
     text = fastconv.explain(xw, ww)
     wino = _winograd(None, 32, 32, 31, 31)
     assert (f"through {ck.CONV_PATHS[4]} (units of one plane" in text) == wino
-    assert ("weight gradient in Winograd F(2, 3) rows in 1 slice(s)" in text) == wino
+    assert ("weight gradient in Winograd F(3, 3) rows in 1 slice(s)" in text) == _winograd(None, 32, 32, 31, 31,
+                                                                                              weight_grad=True)
     # with both gradients: one pass, each plane of the output gradient packed once (2 blocks or 4: whole rounds of units
     # on one or two threads)
     xg = xw.clone().requires_grad_()
@@ -437,7 +438,7 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
 def test_fused_backward_on_planes_gives_the_separate_gradients_bit_for_bit(lanes, n, c, hw, kernel, layout,
                                                                            monkeypatch, one_thread):
-    """cpp_backward where the input gradient runs packed planes (plain, or Winograd F(2, 3) rows): each plane of the
+    """cpp_backward where the input gradient runs packed planes (plain, or Winograd F(3, 3) rows): each plane of the
     output gradient is packed once, for the input gradient's padded input and, its interior, the weight gradient's
     "kernel" (dwconv.cpp's backward_planes). The same numbers as cpp_conv(g, w, flip) and cpp_weight_grad, which
     match float64, on 1 and 2 threads, and the autograd backward of depthwise_conv2d takes it; with too few units to
@@ -820,18 +821,18 @@ def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, s
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("shape,kernel", [
-    ((1, 16, 32, 32), (31, 31)), ((2, 20, 17, 23), (27, 17)), ((1, 16, 12, 40), (17, 31)), ((1, 9, 17, 18), (31, 15)),
-    ((1, 16, 13, 14), (25, 15)), ((1, 16, 24, 26), (23, 27))])
+    ((1, 16, 32, 32), (31, 31)), ((2, 20, 17, 23), (27, 13)), ((1, 16, 12, 40), (13, 31)), ((1, 9, 17, 18), (31, 13)),
+    ((1, 16, 13, 14), (25, 13)), ((1, 16, 24, 26), (23, 27))])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, one_thread):
     """The packed planes' tiles leave out the products with the zero padding (the input rows and kernel-column
     windows of a tile that lie wholly in it). Only exact zeros are left out, and the sums keep their order: the
     forward and the input gradient equal, bit for bit, the same kernel run on the map with its zero border written
-    out (where nothing of the border is known to be padding), cropped: in plain planes (a kernel under 19 wide: no
+    out (where nothing of the border is known to be padding), cropped: in plain planes (a kernel under 15 wide: no
     Winograd rows, whose choice depends on the map's size) and, on maps large enough both ways, in the Winograd rows
-    of the 8-lane and AVX-512 variants. Borders of a multiple of every tile width (5
-    columns, 3 lowered, 8 in the Winograd rows of AVX-512) keep each output's columns in tiles of the same width, and
-    an even border keeps the Winograd rows' output row pairs; a tail row or column may still fall in a tile of
+    of the 8-lane and AVX-512 variants. Borders of a multiple of every tile width (5 columns, 3 lowered) keep each
+    output's columns in tiles of the same width, and a border of a multiple of 3 rows keeps the Winograd rows' output
+    triplets; a tail row or column may still fall in a tile of
     another shape, where a build could leave one multiply-add unfused (dwconv.cpp's corr_plane): a last-bit
     difference is allowed there, 2^-20 of the sum of the products' magnitudes, far below one product left out or
     counted twice."""
@@ -859,34 +860,38 @@ def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, on
 
 def _winograd(lanes, h: int, w: int, kh: int, kw: int, weight_grad: bool = False) -> bool:
     """Whether the kernel variant that ``lanes`` selects runs Winograd rows (dwconv.cpp's wino_rows / wino_wgrad):
-    with AVX-512 kernels from 21 on maps from 22, with 8 lanes kernels from 23 on maps from 23 (the weight gradient:
-    kernels from 19 on such maps); never in the 16 lanes lowered to 256-bit vectors (8 vectors of registers hold no
-    tile of them)."""
+    with AVX-512 kernels from 21 on maps from 22, with 8 lanes kernels from 15 on maps from 20 (the weight gradient:
+    kernels from 13 on maps from 20); never in the 16 lanes lowered to 256-bit vectors (that variant only tests the
+    16-lane blocking without AVX-512)."""
     variant = ck.cpu_variant(None if lanes is None else int(lanes))
     if variant.startswith(ck._VARIANTS[17]):
         return False
-    min_map, min_kernel = (22, 21) if variant.startswith(ck._VARIANTS[16]) else (23, 23)
-    return min(h, w) >= min_map and min(kh, kw) >= (19 if weight_grad else min_kernel)
+    if weight_grad:
+        return min(h, w) >= 20 and min(kh, kw) >= 13
+    min_map, min_kernel = (22, 21) if variant.startswith(ck._VARIANTS[16]) else (20, 15)
+    return min(h, w) >= min_map and min(kh, kw) >= min_kernel
 
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("shape,kernel", [
-    ((1, 16, 32, 32), (31, 31)),  # RepLKNet's 31 x 31: 11 chunks (the last with one zero row); 16 row pairs
-    ((2, 20, 25, 23), (23, 23)),  # odd rows (the last pair's second row dropped), tail columns, a lane tail
-    ((2, 16, 26, 30), (27, 25)),  # KH a multiple of 3, KH != KW; rows not a multiple of 12 (lone pairs)
-    ((1, 9, 40, 24), (29, 23)),   # several groups of 12 rows; 29 = 9 chunks + 2 zero rows; 9 channels
-    ((2, 16, 24, 26), (21, 19)),  # the weight gradient in Winograd rows, the forward in direct tiles
+    ((1, 16, 32, 32), (31, 31)),  # RepLKNet's 31 x 31: 11 chunks (the last with one zero row), 11 triplets
+    ((2, 20, 25, 23), (23, 23)),  # the last triplet's last two rows past the map, tail columns, a lane tail
+    ((2, 16, 26, 30), (27, 25)),  # KH a multiple of 3, KH != KW; 26 rows = 8 triplets + 2
+    ((1, 9, 40, 24), (29, 23)),   # 29 = 9 chunks + 2 zero rows; 14 triplets (tiles of 4 and a tail); 9 channels
+    ((2, 16, 24, 26), (21, 19)),  # AVX-512: the weight gradient in Winograd rows, the forward in direct tiles
     ((2, 16, 22, 25), (21, 23)),  # AVX-512: Winograd rows up to the direct tiles' limit
-    ((2, 16, 20, 24), (27, 27)),  # a map too small for them: plain planes
+    ((2, 16, 20, 24), (27, 27)),  # AVX-512: plain planes, the weight gradient in Winograd rows; 8 lanes: both
+    ((1, 16, 21, 20), (13, 15)),  # the weight gradient of a 13 x 15 kernel in Winograd rows (7 chunks of the map)
+    ((2, 16, 18, 24), (27, 27)),  # a map too small for them: plain planes
 ])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_winograd_rows_match_conv2d_in_float64(lanes, shape, kernel, layout, monkeypatch, one_thread):
-    """Large kernels on packed planes run Winograd F(2, 3) along the rows (dwconv.cpp's corr_plane_wino: two output
-    rows of three kernel rows from four products instead of six): forward, input and weight gradient (also the
-    weight gradient of large maps, whose "kernel" is the map) vs F.conv2d in float64, with bias, odd rows, tails of
-    columns and channels, kernels that are and are not a multiple of 3 tall. The paths are the ones named: the
-    Winograd rows wherever the variant has them and the kernel and the map are large enough; two threads give one
-    thread's numbers bit for bit."""
+    """Large kernels on packed planes run Winograd F(3, 3) along the rows (dwconv.cpp's corr_plane_wino: three output
+    rows of three kernel rows from five products instead of nine): forward, input and weight gradient (also the
+    weight gradient of large maps, whose "kernel" is the map) vs F.conv2d in float64, with bias, rows past the last
+    whole triplet, tails of columns and channels, kernels that are and are not a multiple of 3 tall. The paths are the
+    ones named: the Winograd rows wherever the variant has them and the kernel and the map are large enough; two
+    threads give one thread's numbers bit for bit."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     x, w, b, g = _map_kernel_bias(shape, kernel, layout, seed=sum(shape) * 13 + sum(kernel))
@@ -902,22 +907,25 @@ def test_winograd_rows_match_conv2d_in_float64(lanes, shape, kernel, layout, mon
         assert torch.equal(a, t)
 
 
-@pytest.mark.parametrize("h,kh", [(32, 31), (25, 23), (14, 27), (40, 29), (7, 9), (26, 3)])
+@pytest.mark.parametrize("h,kh", [(32, 31), (25, 23), (14, 27), (40, 29), (7, 9), (26, 3), (20, 13), (23, 21)])
 def test_winograd_rows_flops_by_brute_force(h, kh):
-    """``roofline.winograd_rows_flops`` counts, per output row pair and product, the chunks of three kernel rows whose
-    transformed input row is not all zeros: the same count from the transforms of a random column (float64) of
-    the padded map, D[s] = d[s] - d[s+2], S[s] = d[s+1] + d[s+2], T[s] = d[s+2] - d[s+1] and D[s+1]. At most four
-    products per pair and chunk: 2 ceil(KH / 3) / KH of the direct multiply-adds away from the borders."""
+    """``roofline.winograd_rows_flops`` counts, per output triplet and product, the chunks of three kernel rows whose
+    transformed row (B^T of the padded map's rows 3j .. 3j + 4, Lavin & Gray's F(3, 3) with points 0, 1, -1, 2 and
+    infinity) is not all zeros: the same count from the five transforms of a random column (float64) of the padded
+    map. At most five products per triplet and chunk: 5/9 of the direct multiply-adds away from the borders."""
     from fastconv import roofline
 
-    pad, chunks = kh // 2, -(-kh // 3)
-    d = torch.zeros(h + kh - 1 + 6, dtype=torch.float64)
-    d[pad:pad + h] = torch.rand(h, dtype=torch.float64) + 0.5  # no exact zeros (nor, almost surely, equal values)
-    transformed = (d[:-3] - d[2:-1], d[1:-2] + d[2:-1], d[2:-1] - d[1:-2], d[1:-2] - d[3:])
-    brute = sum(int(u[p + 3 * t] != 0) for p in range(0, h, 2) for u in transformed for t in range(chunks))
+    pad, chunks, triplets = kh // 2, -(-kh // 3), -(-h // 3)
+    rows = triplets + chunks - 1
+    d = torch.zeros(3 * rows + 5, dtype=torch.float64)
+    d[pad:pad + h] = torch.rand(h, dtype=torch.float64) + 0.5  # no exact zeros (nor, almost surely, cancellations)
+    bt = torch.tensor([[2, -1, -2, 1, 0], [0, -2, -1, 1, 0], [0, 2, -3, 1, 0], [0, -1, 0, 1, 0], [0, 2, -1, -2, 1]],
+                      dtype=torch.float64)
+    u = torch.stack([bt @ d[3 * j:3 * j + 5] for j in range(rows)])  # (row j, product)
+    brute = sum(int(u[q + t, k] != 0) for q in range(triplets) for t in range(chunks) for k in range(5))
     counted = roofline.winograd_rows_flops(1, 1, h, 1, kh, 1)
     assert counted["forward"] == 2 * brute
-    assert brute <= 4 * chunks * -(-h // 2)
+    assert brute <= 5 * chunks * triplets
 
 
 def test_depthwise_flops_inside_the_map_by_brute_force():

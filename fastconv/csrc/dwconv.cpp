@@ -48,11 +48,13 @@
 // at a row's first and last steps the window columns that lie in them (input_row's edge steps).
 // A kernel at least twice the map swaps the roles of map and kernel in the forward / input gradient (swap_roles,
 // above conv_fused): then nothing is padded at all.
-// Large kernels on large maps (from 21 on maps from 22 with AVX-512, 23 / 23 with 8 lanes: wino_rows) run the planes
-// in Winograd F(2, 3) rows (corr_plane_wino): two output rows of three kernel rows from four products instead of
-// six, over transformed input rows, so 1.4x fewer multiply-adds (fastconv.roofline.winograd_rows_flops); the weight
-// gradient of such maps too (wino_wgrad). Not bit-identical to the direct sums: within a few float32 ulps of the
-// sum's magnitude (the transforms add and halve), checked against float64 in the tests.
+// Large kernels on large maps (from 21 on maps from 22 with AVX-512, from 15 on maps from 20 with 8 lanes: wino_rows)
+// run the planes in Winograd F(3, 3) rows (corr_plane_wino): three output rows of three kernel rows from five products
+// instead of nine, each a plain correlation of a transformed plane (the input rows 3j .. 3j + 4 combined) with a
+// transformed kernel of a third of the rows, so 1.69x fewer multiply-adds at K = 31
+// (fastconv.roofline.winograd_rows_flops); the weight gradient of maps from 20 too (wino_wgrad). Not bit-identical to
+// the direct sums: within a few float32 ulps of the sum's magnitude (the transforms scale by up to 4 and 1/6), checked
+// against float64 in the tests.
 #ifndef DW_KERNEL_BODY
 #include <cstdint>
 #include <cstdlib>
@@ -121,22 +123,16 @@ constexpr int RO = 2, CO = 5;
 #endif
 constexpr int DCO = 8, KCH = 6, DMAXK = 13, DANY_LAYOUT = 0;
 constexpr int NREG = 16;  // vector registers of L floats: 16 ymm (AVX2); NEON: 32 q registers, two per vector
-#ifdef DW_WRO8
-constexpr int WRO = DW_WRO8, WCO = DW_WCO8;
-#else
-constexpr int WRO = 2, WCO = 4;  // Winograd rows (corr_plane_wino): 8 accumulators + 4 window + 1 weight
-#endif
-#ifdef DW_WMINK8
-constexpr int WMINK = DW_WMINK8;
-#else
-constexpr int WMINK = 23;  // kernels from 23: 15 to 21 ran alike in Winograd rows and plain planes
-#endif
-constexpr int WMINMAP = 23;
+// Winograd rows (corr_plane_wino): the forward / input gradient of kernels from WMINK on maps from WMINMAP, the weight
+// gradient of kernels from WGMINK on maps from WGMINMAP (wino_rows, wino_wgrad: measured)
+constexpr bool WINO = true;
+constexpr int WMINK = 15, WMINMAP = 20, WGMINK = 13, WGMINMAP = 20;
 #include __FILE__
 }  // namespace dw8
 namespace dw16g {
 constexpr int L = 16, RO = 1, CO = 3, NREG = 8, DCO = 4, KCH = 2, DMAXK = 13, DANY_LAYOUT = 0;  // two ymm per vector
-constexpr int WRO = 0, WCO = 1, WMINK = 0, WMINMAP = 0;  // no Winograd rows
+constexpr bool WINO = false;  // no Winograd rows: this variant only tests the 16-lane blocking without AVX-512
+constexpr int WMINK = 0, WMINMAP = 0, WGMINK = 0, WGMINMAP = 0;
 #include __FILE__
 }  // namespace dw16g
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(DW_NO_AVX512)
@@ -159,7 +155,8 @@ constexpr int DCO = DW_DCO16, KCH = DW_KCH16;
 constexpr int DCO = 16, KCH = 13;
 #endif
 constexpr int DMAXK = 21, DANY_LAYOUT = 1;
-constexpr int WRO = 2, WCO = 8, WMINK = 21, WMINMAP = 22;  // Winograd rows: 16 accumulators + 8 window + 1 weight
+constexpr bool WINO = true;  // Winograd rows, as dw8's
+constexpr int WMINK = 21, WMINMAP = 22, WGMINK = 13, WGMINMAP = 20;
 #include __FILE__
 }  // namespace dw16
 #undef DW_IN_AVX512
@@ -378,13 +375,13 @@ DW_TILE_STEP void shift_window(vec (&x)[C]) {
 // One step j of input_row, the window held in rotation S: window column c (input pixel j + c) is in x[(c + S) % C],
 // so C consecutive steps, S = 0 .. C-1, slide the window without a register move. Only the window columns
 // [CL, CH) are multiplied (the others are known to hold zero padding: see input_row).
-template <int R, int C, bool CHECK, int RS, int S, int CL = 0, int CH = C>
+template <int R, int C, bool CHECK, int S, int CL = 0, int CH = C>
 DW_TILE_STEP void window_step(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii,
                               int64_t KH, int64_t KW, int64_t j) {
     x[(C - 1 + S) % C] = load(inrow + (j + C - 1) * L);  // one new input load per j
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-        const int64_t i = ii - RS * r;
+        const int64_t i = ii - r;
         if (CHECK && (i < 0 || i >= KH)) continue;
         const vec w = load(k + (i * KW + j) * L);
 #pragma GCC unroll 8
@@ -392,26 +389,26 @@ DW_TILE_STEP void window_step(vec (&acc)[R][C], vec (&x)[C], const float* inrow,
     }
 }
 
-template <int R, int C, bool CHECK, int RS, int... S>
+template <int R, int C, bool CHECK, int... S>
 DW_TILE_STEP void window_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii,
                                int64_t KH, int64_t KW, int64_t j, std::integer_sequence<int, S...>) {
-    (window_step<R, C, CHECK, RS, S>(acc, x, inrow, k, ii, KH, KW, j + S), ...);
+    (window_step<R, C, CHECK, S>(acc, x, inrow, k, ii, KH, KW, j + S), ...);
 }
 
 // The first C steps of a row whose window starts C - 1 columns before the map (left edge): at step S the window
 // columns below C - 1 - S still lie in the padding.
-template <int R, int C, bool CHECK, int RS, int... S>
+template <int R, int C, bool CHECK, int... S>
 DW_TILE_STEP void left_edge_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii,
                                   int64_t KH, int64_t KW, int64_t j, std::integer_sequence<int, S...>) {
-    (window_step<R, C, CHECK, RS, S, C - 1 - S>(acc, x, inrow, k, ii, KH, KW, j + S), ...);
+    (window_step<R, C, CHECK, S, C - 1 - S>(acc, x, inrow, k, ii, KH, KW, j + S), ...);
 }
 
 // The last C - 1 steps of a row whose window ends past the map (right edge), in rotation 0 with moves: at the
 // T-th of them (T = 0 .. C-2) the window columns from C - 1 - T on lie in the padding.
-template <int R, int C, bool CHECK, int RS, int... T>
+template <int R, int C, bool CHECK, int... T>
 DW_TILE_STEP void right_edge_steps(vec (&acc)[R][C], vec (&x)[C], const float* inrow, const float* k, int64_t ii,
                                    int64_t KH, int64_t KW, int64_t j, std::integer_sequence<int, T...>) {
-    ((window_step<R, C, CHECK, RS, 0, 0, C - 1 - T>(acc, x, inrow, k, ii, KH, KW, j + T), shift_window(x)), ...);
+    ((window_step<R, C, CHECK, 0, 0, C - 1 - T>(acc, x, inrow, k, ii, KH, KW, j + T), shift_window(x)), ...);
 }
 
 // Input row ii of a tile: acc[r][c] += in[ii][j + c] * k[ii - r][j] over j in [j_lo, j_hi), for every output row r
@@ -424,7 +421,7 @@ DW_TILE_STEP void right_edge_steps(vec (&acc)[R][C], vec (&x)[C], const float* i
 // AVX-512, 1 thread, thread CPU time, 7 paired rounds, new / old median): B=1 C=384 R=32 K=31 forward, input and
 // weight gradient 0.95-0.96 (8 lanes: 0.89-0.90), K=27 0.96-0.97, R=64 K=31 0.97-0.98, weight gradient at R=14-16
 // 0.89-0.94; the same numbers bit for bit (20 shapes x 2 layouts x 8 and 16 lanes x the three passes).
-template <int R, int C, bool CHECK, int RS = 1>
+template <int R, int C, bool CHECK>
 DW_TILE_STEP void input_row(vec (&acc)[R][C], const float* inrow, const float* k, int64_t ii, int64_t KH,
                             int64_t KW, int64_t j_lo, int64_t j_hi, bool left_edge, bool right_edge) {
     vec x[C];
@@ -435,27 +432,24 @@ DW_TILE_STEP void input_row(vec (&acc)[R][C], const float* inrow, const float* k
     right_edge = right_edge && C > 1 && j_hi - j_lo >= C - 1;
     const int64_t j_end = right_edge ? j_hi - (C - 1) : j_hi;
     if (C > 1 && left_edge && j + C <= j_end) {
-        left_edge_steps<R, C, CHECK, RS>(acc, x, inrow, k, ii, KH, KW, j, std::make_integer_sequence<int, C>{});
+        left_edge_steps<R, C, CHECK>(acc, x, inrow, k, ii, KH, KW, j, std::make_integer_sequence<int, C>{});
         j += C;
     }
     for (; j + C <= j_end; j += C)  // C rotations bring the window back to rotation 0
-        window_steps<R, C, CHECK, RS>(acc, x, inrow, k, ii, KH, KW, j, std::make_integer_sequence<int, C>{});
+        window_steps<R, C, CHECK>(acc, x, inrow, k, ii, KH, KW, j, std::make_integer_sequence<int, C>{});
     for (; j < j_end; ++j) {
-        window_step<R, C, CHECK, RS, 0>(acc, x, inrow, k, ii, KH, KW, j);
+        window_step<R, C, CHECK, 0>(acc, x, inrow, k, ii, KH, KW, j);
         shift_window(x);
     }
     if constexpr (C > 1) {
         if (right_edge)
-            right_edge_steps<R, C, CHECK, RS>(acc, x, inrow, k, ii, KH, KW, j,
-                                              std::make_integer_sequence<int, C - 1>{});
+            right_edge_steps<R, C, CHECK>(acc, x, inrow, k, ii, KH, KW, j, std::make_integer_sequence<int, C - 1>{});
     }
 }
 
 // One tile of R x C outputs (R <= RO, C <= CO) at out (row stride out_rs floats); in points at the tile's first
 // input pixel (row stride in_rs), k at the kernel (KH x KW vectors). acc starts from init (or from out when accum).
-// Output row r reads kernel row ii - RS r from input row ii: RS = 1 for neighbouring output rows; the Winograd rows
-// (RS = 2) put row pairs 6 rows apart in a tile, whose chunks read every third input row (wino_columns).
-template <int R, int C, int RS = 1>
+template <int R, int C>
 inline void tile(const float* in, int64_t in_rs, const float* k, int64_t KH, int64_t KW, float* out, int64_t out_rs,
                  const float* init, bool accum, Span sp) {
     vec acc[R][C];
@@ -464,12 +458,12 @@ inline void tile(const float* in, int64_t in_rs, const float* k, int64_t KH, int
 #pragma GCC unroll 8
         for (int c = 0; c < C; ++c) acc[r][c] = accum ? load(out + r * out_rs + c * L) : (init ? load(init) : vec{});
     for (int64_t ii = sp.ii_lo; ii < sp.ii_hi; ++ii) {
-        if (ii >= RS * (R - 1) && ii < KH)
-            input_row<R, C, false, RS>(acc, in + ii * in_rs, k, ii, KH, KW, sp.j_lo, sp.j_hi, sp.left_edge,
-                                     sp.right_edge);
+        if (ii >= R - 1 && ii < KH)
+            input_row<R, C, false>(acc, in + ii * in_rs, k, ii, KH, KW, sp.j_lo, sp.j_hi, sp.left_edge,
+                                   sp.right_edge);
         else
-            input_row<R, C, true, RS>(acc, in + ii * in_rs, k, ii, KH, KW, sp.j_lo, sp.j_hi, sp.left_edge,
-                                     sp.right_edge);
+            input_row<R, C, true>(acc, in + ii * in_rs, k, ii, KH, KW, sp.j_lo, sp.j_hi, sp.left_edge,
+                                  sp.right_edge);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
@@ -570,35 +564,33 @@ inline void corr_plane(const float* in, const float* k, float* out, int64_t OH, 
     }
 }
 
-// Winograd F(2, 3) along the rows (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016,
-// points 0, 1, -1, inf) for the planes of large kernels: two output rows y0 = sum_a d_a g_a, y1 = sum_a d_{a+1} g_a of
-// one chunk of three kernel rows g_0..2 (input rows d_0..3) from four products instead of six,
-//   m1 = (d0 - d2) g0,  m2 = (d1 + d2) (g0 + g1 + g2) / 2,  m3 = (d2 - d1) (g0 - g1 + g2) / 2,  m4 = (d1 - d3) g2,
-//   y0 = m1 + m2 + m3,  y1 = m2 - m3 - m4,
-// summed over the kernel's ceil(KH / 3) chunks before the output transform (it is linear). The input transforms of a
-// row s are shared by every chunk and output pair that reads it: D[s] = in[s] - in[s+2], S[s] = in[s+1] + in[s+2],
-// T[s] = in[s+2] - in[s+1], and d1 - d3 of the row pair starting at s is D[s + 1]. So each of the four products is a
-// correlation of a transformed plane with a kernel of ceil(KH / 3) rows read every third row, run in register tiles
-// of one output row pair x WCO columns (every input row of such a tile feeds all its accumulators). Multiply-adds per
-// output: 2 ceil(KH / 3) KW against KH KW (K = 31: 22 x 31 against 31 x 31, 1.41x fewer).
-constexpr int WINO_MIN_WGRAD_OUT = 19;
-
+// Winograd F(3, 3) along the rows (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016;
+// points 0, 1, -1, 2, inf) for the planes of large kernels: three output rows y_i = sum_a d_{i+a} g_a of one chunk of
+// three kernel rows g_0..2 (input rows d_0..4) from five products m_k = (B^T d)_k (G g)_k instead of nine,
+//   B^T d = (2d0 - d1 - 2d2 + d3, -2d1 - d2 + d3, 2d1 - 3d2 + d3, d3 - d1, 2d1 - d2 - 2d3 + d4),
+//   G g   = (g0 / 2, -(g0 + g1 + g2) / 2, (g1 - g0 - g2) / 6, (g0 + 2 g1 + 4 g2) / 6, g2),
+//   y0 = m0 + m1 + m2 + m3,  y1 = m1 - m2 + 2 m3,  y2 = m1 + m2 + 4 m3 + m4,
+// summed over the kernel's ceil(KH / 3) chunks before the output transform (it is linear). Output rows 3q.. and
+// chunk t read input rows 3(q + t) .. 3(q + t) + 4: the input transform of rows 3j .. 3j + 4 is shared by every
+// (triplet, chunk) with q + t = j, so each product is a plain correlation (corr_plane, its register tile and its
+// padding skip) of a transformed plane of rows j with a transformed kernel of ceil(KH / 3) rows, giving one row per
+// triplet. Multiply-adds per output: 5/3 ceil(KH / 3) KW against KH KW (K = 31: 18.3 x 31 against 31 x 31, 1.69x
+// fewer; fastconv.roofline.winograd_rows_flops counts those that meet nonzero transformed rows).
 // Whether the forward / input gradient of an H x W map with a KH x KW kernel runs the Winograd rows (conv_path 4),
-// chosen by measurement (2 threads, AVX-512 Intel Xeon, B = 1 and 4, C = 256 / 384, median of paired rounds, Winograd
-// rows / the path before): from K = 21 on maps from 22 (R = 32: K = 21 0.86 against the direct tiles, forward + both
-// gradients 0.86-0.92; 27 0.85, 31 0.87 against plain planes; R = 24: 0.74-0.96; R = 22, K = 31 0.93), not below
-// (R = 20, K = 27 / 31 0.99-1.05; R = 18 1.06-1.15; R = 14, K = 19 / 21 1.09-1.18 against the direct tiles; R = 32,
-// K = 19 forward 0.95 but forward + both gradients 1.00-1.02, where the direct tiles share the output gradient's
-// packed rows with the weight gradient (backward_fused); K = 17 0.99-1.02, 13 1.24-1.31: the rows of a chunk of
-// three are too few to pay for the transforms and the tiles' ends). 8 lanes (measured on the same Xeon): K = 27 / 31
-// 0.88-0.91, 15 / 19 0.95-1.00, so from 23.
+// chosen by measurement (2 threads, AVX-512 Intel Xeon, B = 1, C = 384, median of paired rounds, Winograd rows / the
+// path otherwise taken). AVX-512: from K = 21 on maps from 22 (R = 32: K = 21 0.97-1.00 against F(2, 3) rows, which
+// had measured 0.86 against the direct tiles; K = 31 0.89-0.91, 27 0.93-0.95, R = 64 K = 31 0.84-0.87 against F(2, 3)),
+// not below (R = 32, K = 13 1.37-1.42, 15-19 1.01-1.16 against the direct tiles, which read each input once per
+// kernel row from registers; R = 20, K = 27 1.06-1.09, R = 16, K = 13 1.7 against plain planes). 8 lanes: from K = 15
+// on maps from 20 (R = 32: K = 15-19 0.81-0.85 and K = 13 0.93-1.07 against plain planes; K = 23 / 31 0.82-0.84
+// against F(2, 3) rows; R = 24, K = 21 0.80-0.84; R = 20, K = 27 0.92-0.97; R = 14, K = 13 1.27-1.35).
 inline bool wino_rows(int64_t H, int64_t W, int64_t KH, int64_t KW) {
-    return WRO > 0 && min64(KH, KW) >= WMINK && min64(H, W) >= WMINMAP;
+    return WINO && min64(KH, KW) >= WMINK && min64(H, W) >= WMINMAP;
 }
 
 inline int64_t wino_chunks(int64_t KH) { return (KH + 2) / 3; }
 
-// The four transformed kernels (4, ceil(KH / 3), KW, L) of a packed kernel k (KH, KW, L), whose rows lie rs floats
+// The five transformed kernels (5, ceil(KH / 3), KW, L) of a packed kernel k (KH, KW, L), whose rows lie rs floats
 // apart (0: KW * L, contiguous); rows past KH are zeros.
 inline void wino_kernel(const float* k, int64_t KH, int64_t KW, float* G, int64_t rs = 0) {
     const int64_t T = wino_chunks(KH), TS = T * KW * L;
@@ -609,111 +601,43 @@ inline void wino_kernel(const float* k, int64_t KH, int64_t KW, float* G, int64_
             const vec g1 = 3 * t + 1 < KH ? load(k + (3 * t + 1) * rs + j * L) : vec{};
             const vec g2 = 3 * t + 2 < KH ? load(k + (3 * t + 2) * rs + j * L) : vec{};
             float* o = G + (t * KW + j) * L;
-            store(o, g0);
-            store(o + TS, (g0 + g1 + g2) * 0.5f);
-            store(o + 2 * TS, (g0 - g1 + g2) * 0.5f);
-            store(o + 3 * TS, g2);
+            store(o, g0 * 0.5f);
+            store(o + TS, (g0 + g1 + g2) * -0.5f);
+            store(o + 2 * TS, (g1 - g0 - g2) * (1.f / 6));
+            store(o + 3 * TS, (g0 + 2.f * g1 + 4.f * g2) * (1.f / 6));
+            store(o + 4 * TS, g2);
         }
 }
 
-// Which chunks of pair r (output rows p + 6r, p + 6r + 1) can meet nonzero transformed rows: t in [t_lo, t_hi).
-struct WinoRows {
-    int64_t t_lo[4], t_hi[4];
-};
+// Rows of the transformed planes (one per output triplet and chunk start, q + t) of an OH-row output, and the
+// triplets.
+inline int64_t wino_triplets(int64_t OH) { return (OH + 2) / 3; }
+inline int64_t wino_rows_u(int64_t OH, int64_t KH) { return wino_triplets(OH) + wino_chunks(KH) - 1; }
 
-inline WinoRows wino_rows_of(int64_t p, int64_t T, int64_t row_lo, int64_t row_hi) {
-    // chunk t reads transformed row p + 3t: D[s] is nonzero for s in [row_lo - 2, row_hi), S and T in
-    // [row_lo - 2, row_hi - 1), D[s + 1] in [row_lo - 3, row_hi - 1)
-    const int64_t lo[4] = {row_lo - 2, row_lo - 2, row_lo - 2, row_lo - 3};
-    const int64_t hi[4] = {row_hi, row_hi - 1, row_hi - 1, row_hi - 1};
-    WinoRows w;
-    for (int u = 0; u < 4; ++u) {
-        w.t_lo[u] = lo[u] > p ? (lo[u] - p + 2) / 3 : 0;
-        w.t_hi[u] = hi[u] > p ? min64(T, (hi[u] - p + 2) / 3) : 0;
-        if (w.t_hi[u] < w.t_lo[u]) w.t_hi[u] = w.t_lo[u];
-    }
-    return w;
-}
-
-// The four products of R output row pairs at p, p + 6, .. (pair r's chunk t reads transformed row p + 6r + 3t: the
-// tile's input row t + 2r, so every input row of the tile feeds all its pairs but the first and last two), columns
-// [q0, q1) (a multiple of C wide), in tiles of R pairs x C columns; pair r's products u at M + ((u * R + r) * OW) L.
-template <int R, int C>
-inline void wino_columns(const float* const (&U)[4], int64_t p, int64_t rs, const float* G, int64_t T, int64_t KW,
-                         float* M, int64_t OW, const WinoRows (&wr)[R], int64_t col_lo, int64_t col_hi, int64_t q0,
-                         int64_t q1) {
-    for (int u = 0; u < 4; ++u) {
-        int64_t ii_lo = wr[0].t_lo[u], ii_hi = wr[0].t_hi[u];
-        for (int r = 1; r < R; ++r) {
-            ii_lo = min64(ii_lo, wr[r].t_lo[u] + 2 * r);
-            ii_hi = max64(ii_hi, wr[r].t_hi[u] + 2 * r);
-        }
-        for (int64_t q = q0; q < q1; q += C) {
-            const Span sp{ii_lo, ii_hi, max64(0, col_lo - q - C + 1), min64(KW, col_hi - q), col_lo - q - C + 1 > 0,
-                          col_hi - q < KW};
-            tile<R, C, 2>(U[u] + p * rs + q * L, 3 * rs, G + u * T * KW * L, T, KW, M + (u * R * OW + q) * L, OW * L,
-                          nullptr, false, sp);
-        }
-    }
-}
-
-template <int R, int C>
-inline void wino_tail(int c, const float* const (&U)[4], int64_t p, int64_t rs, const float* G, int64_t T,
-                      int64_t KW, float* M, int64_t OW, const WinoRows (&wr)[R], int64_t col_lo, int64_t col_hi,
-                      int64_t q0, int64_t q1) {
-    if constexpr (C > 1) {
-        if (c < C) return wino_tail<R, C - 1>(c, U, p, rs, G, T, KW, M, OW, wr, col_lo, col_hi, q0, q1);
-    }
-    wino_columns<R, C>(U, p, rs, G, T, KW, M, OW, wr, col_lo, col_hi, q0, q1);
-}
-
-// R output row pairs at p, p + 6, ..: their products, then the output transform (and bias) into out.
-template <int R>
-inline void wino_pairs(const float* const (&U)[4], int64_t p, int64_t rs, const float* G, int64_t T, int64_t KW,
-                       float* M, float* out, int64_t OH, int64_t OW, const float* init, bool accum, int64_t row_lo,
-                       int64_t row_hi, int64_t col_lo, int64_t col_hi) {
-    WinoRows wr[R];
-    for (int r = 0; r < R; ++r) wr[r] = wino_rows_of(p + 6 * r, T, row_lo, row_hi);
-    const int64_t tail = OW % WCO, body = OW - tail;
-    wino_columns<R, WCO>(U, p, rs, G, T, KW, M, OW, wr, col_lo, col_hi, 0, body);
-    if constexpr (WCO > 1) {
-        if (tail) wino_tail<R, WCO - 1>((int)tail, U, p, rs, G, T, KW, M, OW, wr, col_lo, col_hi, body, OW);
-    }
-    const vec b = init ? load(init) : vec{};
-    for (int r = 0; r < R; ++r) {
-        const int64_t y = p + 6 * r;
-        float* y0 = out + y * OW * L;
-        float* y1 = y + 1 < OH ? y0 + OW * L : nullptr;
-        const float* m = M + r * OW * L;
-        const int64_t us = R * OW * L;  // from one product's rows to the next's
-        for (int64_t q = 0; q < OW; ++q) {
-            const vec m1 = load(m + q * L), m2 = load(m + us + q * L), m3 = load(m + 2 * us + q * L),
-                      m4 = load(m + 3 * us + q * L);
-            store(y0 + q * L, (accum ? load(y0 + q * L) : b) + m1 + m2 + m3);
-            if (y1) store(y1 + q * L, (accum ? load(y1 + q * L) : b) + m2 - m3 - m4);
-        }
-    }
-}
-
-// A thread's buffers for corr_plane_wino on the planes of one call: the transformed rows D, S, T (the padded plane's
-// size plus 4 rows), the products of a tile's row pairs M, a transformed kernel G where each plane brings its own
-// (the weight gradient's), and a row of zeros. Every plane of a call has the same nonzero rows [row_lo, row_hi)
-// and columns [col_lo, col_hi): corr_plane_wino writes the transformed rows [row_lo - 3, row_hi] there, and the tiles
-// read those rows from WCO - 1 columns before col_lo to WCO - 1 after col_hi, whose padding is zeroed here once (a
-// zero fill of the whole buffers took 4-8 % of a call's time at B = 1).
+// A thread's buffers for corr_plane_wino on the planes of one call: the five transformed planes U (rows j of input
+// rows 3j .. 3j + 4), their products M (one row per output triplet), a transformed kernel G where each plane brings
+// its own (the weight gradient's), and a row of zeros. Every plane of a call has the same nonzero input rows
+// [row_lo, row_hi) and columns [col_lo, col_hi): corr_plane_wino writes the transformed rows that can be nonzero
+// there, and the tiles read them from CO - 1 columns before col_lo to CO - 1 after col_hi (the padding is zeroed here
+// once: a zero fill of the whole buffers took 4-8 % of a call's time at B = 1). other_OH: the output rows of another
+// pass that the same buffers serve (backward_planes: the transformed rows are as many in both).
 struct WinoBuffers {
-    RawBuffer d, s, t, m, g;
+    RawBuffer u, m, g;
     Buffer zeros;
+    int64_t J = 0;
     WinoBuffers(bool on, int64_t Hp, int64_t Wp, int64_t OW, int64_t KH, int64_t KW, bool own_kernel, int64_t row_lo,
-                int64_t row_hi, int64_t col_lo, int64_t col_hi)
-        : d(on ? (Hp + 4) * Wp * L : 0), s(d.size()), t(d.size()), m(on ? 4 * WRO * OW * L : 0),
-          g(on && own_kernel ? 4 * wino_chunks(KH) * KW * L : 0), zeros(on ? Wp * L : 0) {
+                int64_t row_hi, int64_t col_lo, int64_t col_hi, int64_t other_OH = 0)
+        : u(on ? 5 * wino_rows_u(Hp - KH + 1, KH) * Wp * L : 0),
+          m(on ? 5 * wino_triplets(max64(Hp - KH + 1, other_OH)) * OW * L : 0),
+          g(on && own_kernel ? 5 * wino_chunks(KH) * KW * L : 0), zeros(on ? Wp * L : 0) {
         if (!on) return;
-        const int64_t c0 = max64(0, col_lo - WCO), c1 = min64(Wp, col_hi + WCO);
-        for (float* b : {d.data(), s.data(), t.data()})
-            for (int64_t r = max64(0, row_lo - 3); r <= row_hi && r < Hp + 4; ++r) {
-                std::memset(b + (r * Wp + c0) * L, 0, sizeof(float) * (col_lo - c0) * L);
-                std::memset(b + (r * Wp + col_hi) * L, 0, sizeof(float) * (c1 - col_hi) * L);
+        J = wino_rows_u(Hp - KH + 1, KH);
+        const int64_t c0 = max64(0, col_lo - CO), c1 = min64(Wp, col_hi + CO);
+        for (int k = 0; k < 5; ++k)
+            for (int64_t j = 0; j < J; ++j) {
+                float* r = u.data() + (k * J + j) * Wp * L;
+                std::memset(r + c0 * L, 0, sizeof(float) * (col_lo - c0) * L);
+                std::memset(r + col_hi * L, 0, sizeof(float) * (c1 - col_hi) * L);
             }
     }
 };
@@ -724,44 +648,64 @@ struct WinoBuffers {
 inline void corr_plane_wino(const float* in, const float* G, float* out, int64_t OH, int64_t OW, int64_t KH,
                             int64_t KW, const float* init, bool accum, int64_t row_lo, int64_t row_hi, int64_t col_lo,
                             int64_t col_hi, WinoBuffers& wb) {
-    float *D = wb.d.data(), *S = wb.s.data(), *T_ = wb.t.data(), *M = wb.m.data();
-    const int64_t Hp = OH + KH - 1, rs = (OW + KW - 1) * L, T = wino_chunks(KH);
-    // the transformed rows s in [row_lo - 3, row_hi]: every one that can be nonzero (D up to row_hi for d1 - d3)
+    const int64_t Hp = OH + KH - 1, rs = (OW + KW - 1) * L, T = wino_chunks(KH), Q = wino_triplets(OH), J = wb.J;
+    float* U = wb.u.data();
+    float* M = wb.m.data();
+    // the rows j of product k that can be nonzero: the input rows 3j + a it combines (a in [A_LO[k], A_HI[k]]) meet
+    // [row_lo, row_hi); the transforms run over all products' rows
+    constexpr int A_LO[5] = {0, 1, 1, 1, 1}, A_HI[5] = {3, 3, 3, 3, 4};
+    int64_t lo[5], hi[5], j_lo = J, j_hi = 0;
+    for (int k = 0; k < 5; ++k) {
+        lo[k] = row_lo - A_HI[k] > 0 ? (row_lo - A_HI[k] + 2) / 3 : 0;
+        hi[k] = row_hi - 1 - A_LO[k] >= 0 ? min64(J, (row_hi - 1 - A_LO[k]) / 3 + 1) : 0;
+        if (hi[k] < lo[k]) hi[k] = lo[k];
+        j_lo = min64(j_lo, lo[k]);
+        j_hi = max64(j_hi, hi[k]);
+    }
     const float* zeros = wb.zeros.data();  // the rows past the plane
-    for (int64_t s = max64(0, row_lo - 3); s <= row_hi && s < Hp + 4; ++s) {
-        const float* r0 = s < Hp ? in + s * rs : zeros;
-        const float* r1 = s + 1 < Hp ? in + (s + 1) * rs : zeros;
-        const float* r2 = s + 2 < Hp ? in + (s + 2) * rs : zeros;
-        float *d = D + s * rs, *sr = S + s * rs, *tr = T_ + s * rs;
+    for (int64_t j = j_lo; j < j_hi; ++j) {
+        const float* r[5];
+        for (int a = 0; a < 5; ++a) r[a] = 3 * j + a < Hp ? in + (3 * j + a) * rs : zeros;
+        float* o = U + j * rs;
+        const int64_t us = J * rs;  // from one transformed plane to the next
         for (int64_t q = col_lo; q < col_hi; ++q) {
-            const vec d0 = load(r0 + q * L), d1 = load(r1 + q * L), d2 = load(r2 + q * L);
-            store(d + q * L, d0 - d2);
-            store(sr + q * L, d1 + d2);
-            store(tr + q * L, d2 - d1);
+            const vec d0 = load(r[0] + q * L), d1 = load(r[1] + q * L), d2 = load(r[2] + q * L),
+                      d3 = load(r[3] + q * L), d4 = load(r[4] + q * L);
+            const vec e = d3 - d1;
+            store(o + q * L, 2.f * (d0 - d2) + e);
+            store(o + us + q * L, e - d1 - d2);
+            store(o + 2 * us + q * L, d1 - 2.f * d2 + d3 + (d1 - d2));
+            store(o + 3 * us + q * L, e);
+            store(o + 4 * us + q * L, 2.f * (d1 - d3) - d2 + d4);
         }
     }
-    const float* const U[4] = {D, S, T_, D + rs};
-    // pairs p and p + 6 in one tile (rows p .. p + 11 in three tiles of two pairs at p, p + 2, p + 4); a pair whose
-    // partner would start past the map alone
-    if constexpr (WRO > 0) {
-        static_assert(WRO <= 2, "pairs p + 6r: rows p .. p + 11 in three tiles");
-        for (int64_t p0 = 0; p0 < OH; p0 += 12)
-            for (int64_t p = p0; p < p0 + 6 && p < OH; p += 2) {
-                if (WRO == 2 && p + 6 < OH) {
-                    wino_pairs<WRO>(U, p, rs, G, T, KW, M, out, OH, OW, init, accum, row_lo, row_hi, col_lo, col_hi);
-                    continue;
-                }
-                for (int64_t q = p; q < OH && q <= p + 6; q += 6)
-                    wino_pairs<1>(U, q, rs, G, T, KW, M, out, OH, OW, init, accum, row_lo, row_hi, col_lo, col_hi);
-            }
+    const int64_t TS = T * KW * L, MS = Q * OW * L;
+    for (int k = 0; k < 5; ++k)
+        corr_plane(U + k * J * rs, G + k * TS, M + k * MS, Q, OW, T, KW, nullptr, false, lo[k], hi[k], col_lo, col_hi,
+                   rs);
+    const vec b = init ? load(init) : vec{};
+    for (int64_t t = 0; t < Q; ++t) {
+        const float* m = M + t * OW * L;
+        float* y0 = out + 3 * t * OW * L;
+        float* y1 = 3 * t + 1 < OH ? y0 + OW * L : nullptr;
+        float* y2 = 3 * t + 2 < OH ? y0 + 2 * OW * L : nullptr;
+        for (int64_t q = 0; q < OW; ++q) {
+            const vec m0 = load(m + q * L), m1 = load(m + MS + q * L), m2 = load(m + 2 * MS + q * L),
+                      m3 = load(m + 3 * MS + q * L), m4 = load(m + 4 * MS + q * L);
+            store(y0 + q * L, (accum ? load(y0 + q * L) : b) + m0 + m1 + m2 + m3);
+            if (y1) store(y1 + q * L, (accum ? load(y1 + q * L) : b) + m1 - m2 + 2.f * m3);
+            if (y2) store(y2 + q * L, (accum ? load(y2 + q * L) : b) + m1 + m2 + 4.f * m3 + m4);
+        }
     }
 }
 
-// Whether the weight gradient of an H x W map runs the Winograd rows (the map is its "kernel"): outputs (the kernel)
-// from 19 (2 threads, R = 32, dw_wgrad_fused, paired medians: K = 21 0.80-0.83, 31 0.82; 17 and 13 1.00; 8 lanes on
-// one thread K = 21 0.90, 31 0.87).
+// Whether the weight gradient of an H x W map runs the Winograd rows (the map is its "kernel": its chunks of three
+// rows are the sum's, the kernel's rows the triplets'): kernels from 13 on maps from 20 (2 threads, dw_wgrad_fused,
+// paired medians against plain planes / F(2, 3) rows; AVX-512 R = 32: K = 13 0.94-0.98, 17 0.87, 19 0.79-0.82, 21
+// 0.84-0.86, 31 0.92-0.97; R = 20, K = 27 0.92-0.94; R = 16 / 14, K = 13 1.11-1.20; B = 4, K = 9 0.97-1.02. 8 lanes:
+// R = 32, K = 13 0.91-0.93, 17-31 0.76-0.84; R = 20, K = 27 0.81-0.86; R = 16, K = 13 1.07-1.09).
 inline bool wino_wgrad(int64_t H, int64_t W, int64_t KH, int64_t KW) {
-    return WRO > 0 && min64(KH, KW) >= WINO_MIN_WGRAD_OUT && min64(H, W) >= WMINMAP;
+    return WINO && min64(KH, KW) >= WGMINK && min64(H, W) >= WGMINMAP;
 }
 
 // One image's weight gradient of one block: a (KH, KW, L) (+)= corr(xin, gin) with xin the padded input plane
@@ -1286,7 +1230,7 @@ void backward_planes(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t
     const int64_t G = blocks_per_line(inner), CBG = (CB + G - 1) / G, KS = G * KH * KW * L;
     const int64_t S = wgrad_slices(N, C, inner), units = CBG * S;
     const bool wino = wino_rows(H, W, KH, KW), wino_w = wino_wgrad(H, W, KH, KW);
-    const int64_t wks = 4 * wino_chunks(KH) * KW * L;
+    const int64_t wks = 5 * wino_chunks(KH) * KW * L;
     RawBuffer ker(CB * KH * KW * L), wk(wino ? CB * wks : 0);
     Buffer part(S > 1 ? units * KS : 0);  // unit u's (KH, KW, L) sums per block of its group at u * KS
 #pragma omp parallel num_threads(nthreads)
@@ -1304,7 +1248,7 @@ void backward_planes(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t
         // that of one pass (two sets of buffers measured 1.00-1.06x the separate passes at B = 1, R = 32 to 64)
         Buffer pl(Hp * Wp * L), acc(KS);
         RawBuffer gin(wino_w ? 0 : H * W * L), out(H * W * L);
-        WinoBuffers wb(wino || wino_w, Hp, Wp, max64(W, KW), H, W, wino_w, ph, ph + H, pw, pw + W);
+        WinoBuffers wb(wino || wino_w, Hp, Wp, max64(W, KW), H, W, wino_w, ph, ph + H, pw, pw + W, H);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < units; ++u) {
             const int64_t cbg = u / S, n0 = u % S * N / S, n1 = (u % S + 1) * N / S;
@@ -1404,7 +1348,7 @@ void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, 
     RawBuffer ker(CB * KH * KW * L);
     Buffer bias(b ? CB * L : 0);
     const bool wino = path == 4;
-    const int64_t wks = 4 * wino_chunks(KH) * KW * L;
+    const int64_t wks = 5 * wino_chunks(KH) * KW * L;
     RawBuffer wk(wino ? CB * wks : 0);
 #pragma omp parallel num_threads(nthreads)
     {
