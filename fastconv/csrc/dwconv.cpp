@@ -1231,16 +1231,18 @@ void backward_planes(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t
     const int64_t S = wgrad_slices(N, C, inner), units = CBG * S;
     const bool wino = wino_rows(H, W, KH, KW), wino_w = wino_wgrad(H, W, KH, KW);
     const int64_t wks = 5 * wino_chunks(KH) * KW * L;
-    RawBuffer ker(CB * KH * KW * L), wk(wino ? CB * wks : 0);
+    RawBuffer ker(wino ? 0 : CB * KH * KW * L), wk(wino ? CB * wks : 0);  // (as conv_fused's)
     Buffer part(S > 1 ? units * KS : 0);  // unit u's (KH, KW, L) sums per block of its group at u * KS
 #pragma omp parallel num_threads(nthreads)
     {
+        RawBuffer scratch(wino ? KH * KW * L : 0);
 #pragma omp for schedule(static)
         for (int64_t cb = 0; cb < CB; ++cb) {  // the flipped kernel, packed (and transformed) once per block
             const int64_t c0 = cb * L, lanes = lane_count(C, c0);
+            float* kp = wino ? scratch.data() : ker.data() + cb * KH * KW * L;
             for (int64_t i = 0; i < KH; ++i)
-                pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, ker.data() + (cb * KH + i) * KW * L);
-            if (wino) wino_kernel(ker.data() + cb * KH * KW * L, KH, KW, wk.data() + cb * wks);
+                pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, kp + i * KW * L);
+            if (wino) wino_kernel(kp, KH, KW, wk.data() + cb * wks);
         }
         // one padded plane (g's, then x's: the zero borders are the padding of both), the output gradient's interior
         // copied where the weight gradient runs plain tiles, and one set of Winograd buffers for both passes (the
@@ -1345,20 +1347,23 @@ void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, 
     // image-major order where a tensor has channels innermost (see below); every block's kernel (and bias) is packed
     // once, up front, so that consecutive planes of other blocks do not repack theirs
     const bool image_major = sC == 1 || yC == 1;
-    RawBuffer ker(CB * KH * KW * L);
-    Buffer bias(b ? CB * L : 0);
+    // the packed kernels, or where the Winograd rows run only their transforms (each block's packed kernel then goes
+    // through a thread's scratch: the 1.5 MB of packed kernels at C = 384, K = 31 no longer written and read back)
     const bool wino = path == 4;
     const int64_t wks = 5 * wino_chunks(KH) * KW * L;
-    RawBuffer wk(wino ? CB * wks : 0);
+    RawBuffer ker(wino ? 0 : CB * KH * KW * L), wk(wino ? CB * wks : 0);
+    Buffer bias(b ? CB * L : 0);
 #pragma omp parallel num_threads(nthreads)
     {
+        RawBuffer scratch(wino ? KH * KW * L : 0);
 #pragma omp for schedule(static)
         for (int64_t cb = 0; cb < CB; ++cb) {
             const int64_t c0 = cb * L, lanes = lane_count(C, c0);
+            float* kp = wino ? scratch.data() : ker.data() + cb * KH * KW * L;
             for (int64_t i = 0; i < KH; ++i)
-                pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, ker.data() + (cb * KH + i) * KW * L);
+                pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, kp + i * KW * L);
             for (int64_t l = 0; b && l < L; ++l) bias[c0 + l] = l < lanes ? b[c0 + l] : 0.f;
-            if (wino) wino_kernel(ker.data() + cb * KH * KW * L, KH, KW, wk.data() + cb * wks);
+            if (wino) wino_kernel(kp, KH, KW, wk.data() + cb * wks);
         }
         Buffer xin(Hp * Wp * L);  // its zero borders are the padding
         RawBuffer out(H * W * L);
@@ -1376,7 +1381,7 @@ void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, 
                           cb = (image_major ? (p / G) % CBG : p / G / N) * G + k;
             if (cb >= CB) continue;
             const int64_t c0 = cb * L, lanes = lane_count(C, c0);
-            const float* kp = ker.data() + cb * KH * KW * L;
+            const float* kp = wino ? nullptr : ker.data() + cb * KH * KW * L;
             const float* bp = b ? bias.data() + c0 : nullptr;
             const float* xp = x + n * sN + c0 * sC;
             if (swap)  // the map as the "kernel": unpadded
