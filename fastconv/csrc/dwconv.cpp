@@ -575,7 +575,9 @@ inline void corr_plane(const float* in, const float* k, float* out, int64_t OH, 
 // (triplet, chunk) with q + t = j, so each product is a plain correlation (corr_plane, its register tile and its
 // padding skip) of a transformed plane of rows j with a transformed kernel of ceil(KH / 3) rows, giving one row per
 // triplet. Multiply-adds per output: 5/3 ceil(KH / 3) KW against KH KW (K = 31: 18.3 x 31 against 31 x 31, 1.69x
-// fewer; fastconv.roofline.winograd_rows_flops counts those that meet nonzero transformed rows).
+// fewer; fastconv.roofline.winograd_rows_flops counts those that meet nonzero transformed rows). It replaced
+// F(2, 3) rows (two output rows from four products, 1.41x fewer multiply-adds; benchmarks/HISTORY.md).
+
 // Whether the forward / input gradient of an H x W map with a KH x KW kernel runs the Winograd rows (conv_path 4),
 // chosen by measurement (2 threads, AVX-512 Intel Xeon, B = 1, C = 384, median of paired rounds, Winograd rows / the
 // path otherwise taken). AVX-512: from K = 21 on maps from 22 (R = 32: K = 21 0.97-1.00 against F(2, 3) rows, which
