@@ -386,6 +386,22 @@ def test_weight_gradient_slices_the_images_of_few_channel_blocks(channels, lanes
     assert torch.equal(ck.cpp_weight_grad(x, gy, 9, 7), one)
 
 
+def _one_pass_gives_the_separate_gradients(x, gy, w, got, separate, monkeypatch) -> None:
+    """cpp_backward's one pass (``got``, computed on one thread) equals the separate gradients bit for bit, with their
+    strides, and so does it on two threads; the autograd backward of depthwise_conv2d takes it (once)."""
+    gx_sep, gw_sep = separate
+    assert torch.equal(got[0], gx_sep) and got[0].stride() == gx_sep.stride() and torch.equal(got[1], gw_sep)
+    torch.set_num_threads(2)
+    two = ck.cpp_backward(x, gy, w)
+    assert two is not None and torch.equal(two[0], gx_sep) and torch.equal(two[1], gw_sep)
+    calls, real = [], ck.cpp_backward
+    monkeypatch.setattr(ck, "cpp_backward", lambda *a: calls.append(1) or real(*a))
+    leaves = [t.clone().requires_grad_() for t in (x, w)]
+    grads = torch.autograd.grad(fastconv.depthwise_conv2d(*leaves, backend="cpp"), leaves, gy)
+    assert calls == [1] and torch.equal(grads[0], gx_sep) and torch.equal(grads[1], gw_sep)
+    monkeypatch.setattr(ck, "cpp_backward", real)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
 @pytest.mark.parametrize("n,c,slices", [(8, 16, 4), (2, 64, 1), (8, 24, 2)])
 def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, layout, monkeypatch, one_thread):
@@ -414,17 +430,9 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
     assert ck.cpp_backward_plan(x, w, gy) == (1 if fused else 0)
     five = torch.randn(c, 1, 5, 5)  # straight tiles, or (C = 24 or NCHW) planes: packed once for both gradients
     assert (ck.cpp_backward(x, gy, five) is None) == (ck.cpp_conv_path(gy, five) != ck.CONV_PATHS[0])
-    torch.set_num_threads(2)
     if fused:
-        assert torch.equal(got[0], gx_sep) and got[0].stride() == gx_sep.stride() and torch.equal(got[1], gw_sep)
-        two = ck.cpp_backward(x, gy, w)
-        assert torch.equal(two[0], gx_sep) and torch.equal(two[1], gw_sep)
-        calls, real = [], ck.cpp_backward
-        monkeypatch.setattr(ck, "cpp_backward", lambda *a: calls.append(1) or real(*a))
-        leaves = [t.clone().requires_grad_() for t in (x, w)]
-        grads = torch.autograd.grad(fastconv.depthwise_conv2d(*leaves, backend="cpp"), leaves, gy)
-        assert calls == [1] and torch.equal(grads[0], gx_sep) and torch.equal(grads[1], gw_sep)
-        monkeypatch.setattr(ck, "cpp_backward", real)
+        _one_pass_gives_the_separate_gradients(x, gy, w, got, (gx_sep, gw_sep), monkeypatch)
+    torch.set_num_threads(2)
     big = torch.randn(1, c, 96, 96)
     assert ck.cpp_work_split(big, w, threads=2)["row_bands"] > 1 and ck.cpp_backward(big, big, w) is None
 
@@ -464,16 +472,7 @@ def test_fused_backward_on_planes_gives_the_separate_gradients_bit_for_bit(lanes
         assert path == ck.CONV_PATHS[3]
         return
     assert got is not None and ck.cpp_backward_plan(x, w, gy) == 2
-    assert torch.equal(got[0], gx_sep) and got[0].stride() == gx_sep.stride() and torch.equal(got[1], gw_sep)
-    torch.set_num_threads(2)
-    two = ck.cpp_backward(x, gy, w)
-    assert two is not None and torch.equal(two[0], gx_sep) and torch.equal(two[1], gw_sep)
-    calls, real = [], ck.cpp_backward
-    monkeypatch.setattr(ck, "cpp_backward", lambda *a: calls.append(1) or real(*a))
-    leaves = [t.clone().requires_grad_() for t in (x, w)]
-    grads = torch.autograd.grad(fastconv.depthwise_conv2d(*leaves, backend="cpp"), leaves, gy)
-    assert calls == [1] and torch.equal(grads[0], gx_sep) and torch.equal(grads[1], gw_sep)
-    monkeypatch.setattr(ck, "cpp_backward", real)
+    _one_pass_gives_the_separate_gradients(x, gy, w, got, (gx_sep, gw_sep), monkeypatch)
     if lanes == "16" and kernel == (31, 31):
         few = x[:, :16].repeat(1, 3, 1, 1)  # 3 blocks of 16 channels, one image: 3 units on 2 threads
         assert ck.cpp_backward_plan(few, w[:16].repeat(3, 1, 1, 1)) == 0
