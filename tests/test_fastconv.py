@@ -646,14 +646,32 @@ def test_nan_and_inf_inputs_reach_the_outputs_conv2d_reaches(backend, one_thread
 
 
 def test_plain_backward_still_runs_the_cpp_kernels(monkeypatch):
-    """Only create_graph moves the gradients to F.conv2d: a plain backward runs the C++ input and weight gradient."""
+    """Only create_graph moves the gradients to F.conv2d: a plain backward runs the C++ input and weight gradient, in
+    one pass where ``cpp_backward_plan`` says so (on one thread here; the units of the one pass would leave a second
+    thread idle), else each on its own (on two)."""
     need_cpp()
-    calls, conv, wgrad = [], ck.cpp_conv, ck.cpp_weight_grad
+    calls, conv, wgrad, both = [], ck.cpp_conv, ck.cpp_weight_grad, ck.cpp_backward
+
+    def one_pass(*a, **k):
+        out = both(*a, **k)
+        if out is not None:
+            calls.append("one pass")
+        return out
+
     monkeypatch.setattr(ck, "cpp_conv", lambda *a, **k: calls.append(("conv", k.get("flip", False))) or conv(*a, **k))
     monkeypatch.setattr(ck, "cpp_weight_grad", lambda *a, **k: calls.append("wgrad") or wgrad(*a, **k))
+    monkeypatch.setattr(ck, "cpp_backward", one_pass)
     x, w = torch.randn(1, 8, 9, 9, requires_grad=True), torch.randn(8, 1, 9, 9, requires_grad=True)
-    fastconv.depthwise_conv2d(x, w, backend="cpp").square().sum().backward()
-    assert calls == [("conv", False), ("conv", True), "wgrad"]
+    threads = torch.get_num_threads()
+    try:
+        for n, expected in ((1, [("conv", False), "one pass"]), (2, [("conv", False), ("conv", True), "wgrad"])):
+            torch.set_num_threads(n)
+            calls.clear()
+            assert ck.cpp_backward_plan(x, w) == (2 if n == 1 else 0)  # packed planes (9 wide), one unit
+            fastconv.depthwise_conv2d(x, w, backend="cpp").square().sum().backward()
+            assert calls == expected, n
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_function_apply_skips_torchs_signature_binding(monkeypatch):
