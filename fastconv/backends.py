@@ -16,11 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
-try:  # private to torch: where it moves, torch's own Function.apply runs (with its per-call signature binding)
-    from torch._functorch.utils import unwrap_dead_wrappers
-except ImportError:
-    unwrap_dead_wrappers = None
-
 from fastconv import cpu_kernels as ck
 from fastconv import triton_backend
 from fastconv.config import BACKENDS, OP_BACKENDS, OPS, split_backend
@@ -93,6 +88,10 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 
 
 _PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+_transforms_active = torch._C._are_functorch_transforms_active
+#: private to torch (what its ``unwrap_dead_wrappers`` calls per argument): where it moves, torch's own Function.apply
+#: runs, with its per-call signature binding
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
 
 
 def dispatches_in_python(t) -> bool:
@@ -168,7 +167,13 @@ def _triton():
 def op_backends(backend: str) -> tuple[str, str, str]:
     """The backends of the forward, the input gradient and the weight gradient: a per-op name
     ("native/channels_last/cpp", ``config.split_backend``) split, any other name three times."""
-    return split_backend(backend) or (backend, backend, backend)
+    parts = _op_backends.get(backend)
+    if parts is None:
+        parts = _op_backends[backend] = split_backend(backend) or (backend, backend, backend)
+    return parts
+
+
+_op_backends: dict[str, tuple[str, str, str]] = {}  # op_backends' answers, per backend name (a few)
 
 
 def supports(backend: str, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
@@ -306,6 +311,29 @@ def _gradient_needed(ctx, i: int) -> bool:
         return True
 
 
+
+
+def _gradients_needed(ctx) -> tuple[bool, bool, bool]:
+    """``_gradient_needed`` of the Function's three tensor inputs, reading ``ctx.needs_input_grad`` and
+    ``ctx.next_functions`` (a tuple built on each access) once."""
+    needs = ctx.needs_input_grad
+    if not any(needs[:3]):
+        return False, False, False
+    if _WILL_EXECUTE is None:
+        return needs[0], needs[1], needs[2]
+    nodes = ctx.next_functions
+    return tuple(needs[i] and _will_execute(nodes[i][0]) for i in range(3))
+
+
+def _will_execute(node) -> bool:
+    if node is None:
+        return True
+    try:
+        return bool(_WILL_EXECUTE(node))
+    except RuntimeError:  # as in _gradient_needed
+        return True
+
+
 class _DepthwiseConv2dFn(torch.autograd.Function):
     """Custom autograd: each gradient is computed only when this backward pass needs it (``_gradient_needed``: frozen
     weights, or captum's gradient w.r.t. the image with trainable ones, skip dL/dw). The forward and its context are
@@ -318,10 +346,11 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
         nothing). Measured between calls of the C++ kernel (2-core AVX-512 Xeon, B=1 C=384 R=32 K=13 forward, 0.38
         ms in the kernel): 0.45 ms per call through torch's ``apply``, 0.41 ms through this one. Under functorch
         transforms (``torch.func.grad``, ``vmap``) torch's own ``apply`` runs."""
-        if unwrap_dead_wrappers is None or torch._C._are_functorch_transforms_active():
+        if _unwrap_if_dead is None or _transforms_active():
             return super().apply(x, w, b, backend)
-        x, w, b = unwrap_dead_wrappers((x, w, b))
-        return super(torch.autograd.Function, cls).apply(x, w, b, backend)  # torch's C++ apply
+        # torch's unwrap_dead_wrappers without its generator over the arguments, then torch's C++ apply
+        return super(torch.autograd.Function, cls).apply(_unwrap_if_dead(x), _unwrap_if_dead(w),
+                                                         None if b is None else _unwrap_if_dead(b), backend)
 
     @staticmethod
     def forward(x, w, b, backend):
@@ -354,7 +383,7 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
-        need_x, need_w, need_b = (_gradient_needed(ctx, i) for i in range(3))
+        need_x, need_w, need_b = _gradients_needed(ctx)
         if dispatches_in_python(g) or (_dispatch_modes() and mode_needing_stock_op()) or without_storage(g, x, w) \
                 or (torch.is_grad_enabled() and getattr(forward_ad, "_current_level", -1) >= 0
                     and any(forward_ad.unpack_dual(t).tangent is not None for t in (g, x, w))):
@@ -429,6 +458,15 @@ def backend_runner(backend: str, x, weight, bias=None):
         fmt = memory_format_of(x)
 
         fwd = op_backends(backend)[0]
+        if fwd == "cpp" and x.dtype == torch.float32 and \
+                torch.empty_like(x, device="meta").is_contiguous(memory_format=fmt):
+            # the C++ kernel's output is in x's layout already: no layout call (between the layers of a network
+            # each call costs ~1-3 us of a 75-300 us conv)
+            def cpp_forward_only(x, w, b):
+                if getattr(forward_ad, "_current_level", 0) >= 0 or _transforms_active():
+                    return _DepthwiseConv2dFn.apply(x, w, b, backend)
+                return _fwd("cpp", x, w, b)
+            return cpp_forward_only
 
         def forward_only(x, w, b):
             if getattr(forward_ad, "_current_level", 0) >= 0 or torch._C._are_functorch_transforms_active():

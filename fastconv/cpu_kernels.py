@@ -231,12 +231,20 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     lib.dw_backward_fused.restype = ctypes.c_int
     lib.dw_backward_plan.argtypes = [i64] * 11
     lib.dw_backward_plan.restype = ctypes.c_int
-    lib.dw_row_bands.argtypes = [i64] * 7
+    lib.dw_row_bands.argtypes = [i64] * 8
     lib.dw_row_bands.restype = i64
-    lib.dw_row_groups.argtypes = [i64] * 8
+    lib.dw_row_groups.argtypes = [i64] * 9
     lib.dw_row_groups.restype = i64
     lib.dw_wgrad_slices.argtypes = [i64] * 4
     lib.dw_wgrad_slices.restype = i64
+    # the passes with their integer arguments in one array (``_call_arguments``): pointers, then the array's address
+    lib.dw_conv_fused_p.argtypes = [p] * 5
+    lib.dw_conv_fused_p.restype = None
+    lib.dw_wgrad_fused_p.argtypes = [p] * 4
+    lib.dw_wgrad_fused_p.restype = None
+    lib.dw_backward_fused_p.argtypes = [p] * 6
+    lib.dw_backward_fused_p.restype = ctypes.c_int
+    lib.has_openmp = bool(lib.dw_has_openmp())
     return lib
 
 
@@ -292,18 +300,24 @@ def cpp_library():
 
 #: what ``dw_conv_path`` returns -> how the C++ forward / input gradient computes a call
 CONV_PATHS = {0: "packed planes", 1: "direct channels_last tiles", 2: "packed planes, map and kernel swapped",
-              3: "direct tiles on rows packed per channel block", 4: "packed planes in Winograd F(3, 3) rows"}
+              3: "direct tiles on rows packed per channel block", 4: "packed planes in Winograd F(3, 3) rows",
+              5: "direct tiles in Winograd F(3, 3) rows on rows packed per channel block"}
 #: the ``CONV_PATHS`` values of the direct tiles (no packed planes, no write-back of whole planes)
-DIRECT_CONV_PATHS = (CONV_PATHS[1], CONV_PATHS[3])
+DIRECT_CONV_PATHS = (CONV_PATHS[1], CONV_PATHS[3], CONV_PATHS[5])
+#: the ``CONV_PATHS`` values of the direct tiles on packed rows (in bands of output rows)
+ROW_CONV_PATHS = (CONV_PATHS[3], CONV_PATHS[5])
 
 
 def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> str:
-    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value): kernels from 21 on maps from 22 (AVX-512; from
-    15 on maps from 20 with 8 lanes) in Winograd F(3, 3) rows on packed planes (1.69x fewer multiply-adds at K = 31:
-    ``fastconv.roofline.winograd_rows_flops``; dwconv.cpp's corr_plane_wino); else direct tiles of output pixels for
-    rows at least one tile wide and kernels up to 13 (21 on AVX-512), from 7x7 on a compact copy of each channel
-    block's rows (any layout with AVX-512, else channels_last), below that straight on channels_last tensors of whole
-    channel blocks; else through packed channel-blocked planes."""
+    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value). Kernels of 13 to 31 in Winograd F(3, 3) rows
+    (1.69x fewer multiply-adds at K = 31: ``fastconv.roofline.winograd_rows_flops``), as direct tiles on a compact
+    copy of each channel block's rows (AVX-512, any layout: K = 13 on maps from 36, 15-21 from 17, 23-31 from 32 where a
+    band of two kernels' height fits the band buffer; 8 lanes, channels_last: K = 13-21 from 16, 23-31 on maps of
+    24-32; dwconv.cpp's wino_direct), else on packed planes (from 21 on maps from 22 with AVX-512, from 15 on maps
+    from 20 with 8 lanes: corr_plane_wino); else direct tiles of output pixels for rows at least one tile wide and
+    kernels up to 13 (21 on AVX-512), from 7x7 on a compact copy of each channel block's rows (any layout with
+    AVX-512, else channels_last), below that straight on channels_last tensors of whole channel blocks; else through
+    packed channel-blocked planes."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     y_stride = torch.empty_like(x, dtype=torch.float32, device="meta").stride()  # cpp_conv's output layout
@@ -333,8 +347,9 @@ def cpp_work_split(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None = No
     ln = _requested_lanes(lanes)
     channels_inner = x.stride(1) == 1 or (g if g is not None else x).stride(1) == 1
     threads = threads or _omp_threads(lib)
-    return {"threads": threads, "row_bands": int(lib.dw_row_bands(n, c, h, wd, w.shape[-2], threads, ln)),
-            "row_groups": int(lib.dw_row_groups(n, c, h, wd, w.shape[-2], threads, int(x.stride(1) == 1), ln)),
+    kh, kw = w.shape[-2:]
+    return {"threads": threads, "row_bands": int(lib.dw_row_bands(n, c, h, wd, kh, kw, threads, ln)),
+            "row_groups": int(lib.dw_row_groups(n, c, h, wd, kh, kw, threads, int(x.stride(1) == 1), ln)),
             "wgrad_slices": int(lib.dw_wgrad_slices(n, c, int(channels_inner), ln))}
 
 
@@ -347,19 +362,54 @@ def cpp_unavailable_reason() -> str | None:
     return _lib_error
 
 
+_get_num_threads = torch.get_num_threads
+
+
 def _threads() -> int:
-    return max(1, torch.get_num_threads())
+    return max(1, _get_num_threads())
 
 
 def _omp_threads(lib) -> int:
-    return _threads() if lib.dw_has_openmp() else 1
+    return _threads() if lib.has_openmp else 1
 
 
 def cpp_multithreaded() -> bool:
     """The C++ kernel is available and uses all of torch's threads (built with OpenMP, or torch runs 1 thread):
     the condition under which the cost model prefers it."""
     lib = cpp_library()
-    return lib is not None and (bool(lib.dw_has_openmp()) or _threads() == 1)
+    return lib is not None and (lib.has_openmp or _threads() == 1)
+
+
+#: per call signature (a pass, the tensors' shapes and strides, threads, lanes): the kernel's integer arguments as
+#: one ctypes array (``_call_arguments``), and what else the signature fixes
+_calls: dict[tuple, tuple] = {}
+_CALLS_MAX = 4096  # signatures kept (a sweep over many shapes starts again from empty past this)
+
+
+def _call_arguments(key: tuple, values, *extra) -> tuple:
+    """``(array, its address, *extra)`` for a call signature ``key``: ``values`` (the integer arguments of one of
+    the ``dw_*_p`` entry points, in their order) in a ctypes array kept alive in ``_calls``. Converting the 19-27
+    integers of a call took ctypes 3-8 us per call (0.12 us each on a warm cache, more between a network's layers),
+    one address takes 0.1 us."""
+    if len(_calls) >= _CALLS_MAX:
+        _calls.clear()
+    array = (ctypes.c_int64 * len(values))(*values)
+    _calls[key] = entry = (array, ctypes.addressof(array), *extra)
+    return entry
+
+
+def _lanes(lanes) -> int:
+    """``_requested_lanes(lanes)`` without its parsing where neither ``lanes`` nor ``$FASTCONV_CPU_LANES`` is set
+    (the usual call; ``os.environ.get`` of a missing name raises and catches a KeyError inside, ~1 us)."""
+    if lanes is None and not _lanes_in_environ():
+        return 0
+    return _requested_lanes(lanes)
+
+
+try:  # os.environ's own dict (POSIX: bytes names), read without the exception of a missing name
+    _lanes_in_environ = functools.partial(os.environ._data.get, os.environ.encodekey(ENV_LANES))
+except AttributeError:  # another os.environ
+    _lanes_in_environ = functools.partial(os.environ.get, ENV_LANES)
 
 
 def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: bool = False,
@@ -369,14 +419,24 @@ def cpp_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, flip: 
     register-tiled correlation and the write-back, or the direct tiles: ``cpp_conv_path``); returns an
     (N,C,H,W) tensor in ``x``'s memory format.
     ``lanes``: 8 or 16 forces a lane width (default ``cpu_lanes()``)."""
-    lib = cpp_library()
-    n, c, h, wd = x.shape
-    kh, kw = w.shape[-2:]
-    x, w = _resolved(x), _resolved(w.float())
+    lib = _lib or cpp_library()
+    w = w.float()
+    if x.is_neg() or w.is_neg():
+        x, w = _resolved(x), _resolved(w)
     b = _resolved(bias.float()).contiguous() if bias is not None else None
     y = torch.empty_like(x, dtype=torch.float32)  # x's strides when dense (NCHW, channels_last), else NCHW
-    lib.dw_conv_fused(x.data_ptr(), *x.stride(), *_kernel_view(w, flip), b.data_ptr() if b is not None else None,
-                      y.data_ptr(), *y.stride(), n, c, h, wd, kh, kw, _omp_threads(lib), _requested_lanes(lanes))
+    ln = _lanes(lanes)
+    threads = _get_num_threads() if lib.has_openmp else 1
+    key = ("conv", x.shape, x.stride(), w.shape, w.stride(), flip, threads, ln)
+    call = _calls.get(key)
+    if call is None:
+        n, c, h, wd = x.shape
+        kh, kw = w.shape[-2:]
+        w_at, *w_strides = _kernel_view(w, flip)
+        call = _call_arguments(key, (*x.stride(), *w_strides, *y.stride(), n, c, h, wd, kh, kw, max(1, threads), ln),
+                               w_at - w.data_ptr())
+    lib.dw_conv_fused_p(x.data_ptr(), w.data_ptr() + call[2], b.data_ptr() if b is not None else None, y.data_ptr(),
+                        call[1])
     return y
 
 
@@ -424,17 +484,29 @@ def cpp_backward(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
     both, on packed planes each plane of ``g`` is packed once for both, so ``g`` is read and packed once. The same
     numbers as ``cpp_conv(g, w, None, flip=True)`` and ``cpp_weight_grad(x, g, KH, KW)``; None (nothing computed)
     where the pass does not apply."""
-    if not cpp_backward_plan(x, w, g, lanes=lanes):  # (asked first: the outputs' allocation cost ~20 us per call)
+    lib = _lib or cpp_library()
+    ln = _lanes(lanes)
+    w = w.float()  # (kept alive: the kernel reads it by pointer)
+    if x.is_neg() or g.is_neg() or w.is_neg():
+        x, g, w = _resolved(x), _resolved(g), _resolved(w)
+    key = ("backward", x.shape, x.stride(), g.stride(), w.shape, w.stride(), _omp_threads(lib), ln)
+    call = _calls.get(key)
+    if call is None:
+        if not cpp_backward_plan(x, w, g, lanes=lanes):  # (asked first: the outputs' allocation cost ~20 us per call)
+            call = _call_arguments(key, (), None)
+        else:
+            n, c, h, wd = x.shape
+            kh, kw = w.shape[-2:]
+            gx_strides = torch.empty_like(g, dtype=torch.float32, device="meta").stride()  # as cpp_conv(g, ...)
+            w_at, *w_strides = _kernel_view(w, True)
+            call = _call_arguments(key, (*x.stride(), *g.stride(), *w_strides, *gx_strides, n, c, h, wd, kh, kw,
+                                         _omp_threads(lib), ln), w_at - w.data_ptr())
+    if call[2] is None:
         return None
-    lib = cpp_library()
-    n, c, h, wd = x.shape
-    kh, kw = w.shape[-2:]
-    x, g, w = _resolved(x), _resolved(g), _resolved(w.float())  # (kept alive: the kernel reads them by pointer)
-    gx = torch.empty_like(g, dtype=torch.float32)  # as cpp_conv(g, ...)
-    gw = torch.empty((c, 1, kh, kw), dtype=torch.float32)
-    done = lib.dw_backward_fused(x.data_ptr(), *x.stride(), g.data_ptr(), *g.stride(), *_kernel_view(w, True),
-                                 gx.data_ptr(), *gx.stride(), gw.data_ptr(), n, c, h, wd, kh, kw, _omp_threads(lib),
-                                 _requested_lanes(lanes))
+    gx = torch.empty_like(g, dtype=torch.float32)
+    gw = torch.empty((w.shape[0], 1, *w.shape[-2:]), dtype=torch.float32)
+    done = lib.dw_backward_fused_p(x.data_ptr(), g.data_ptr(), w.data_ptr() + call[2], gx.data_ptr(), gw.data_ptr(),
+                                   call[1])
     return (gx, gw) if done == 1 else None
 
 
@@ -442,11 +514,15 @@ def cpp_weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int, lanes: i
     """dL/dw (C,1,KH,KW) = correlation of the padded input with the output gradient, summed over the batch, in
     one fused C++ pass (``dw_wgrad_fused``) reading both tensors in any layout (``lanes`` as in ``cpp_conv``)."""
     lib = cpp_library()
-    n, c, h, wd = x.shape
-    gw = torch.empty((c, 1, kh, kw), dtype=torch.float32)
+    gw = torch.empty((x.shape[1], 1, kh, kw), dtype=torch.float32)
     x, g = _resolved(x), _resolved(g)
-    lib.dw_wgrad_fused(x.data_ptr(), *x.stride(), g.data_ptr(), *g.stride(), gw.data_ptr(), n, c, h, wd, kh, kw,
-                       _omp_threads(lib), _requested_lanes(lanes))
+    ln = _lanes(lanes)
+    key = ("wgrad", x.shape, x.stride(), g.stride(), kh, kw, _omp_threads(lib), ln)
+    call = _calls.get(key)
+    if call is None:
+        n, c, h, wd = x.shape
+        call = _call_arguments(key, (*x.stride(), *g.stride(), n, c, h, wd, kh, kw, _omp_threads(lib), ln))
+    lib.dw_wgrad_fused_p(x.data_ptr(), g.data_ptr(), gw.data_ptr(), call[1])
     return gw
 
 

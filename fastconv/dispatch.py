@@ -759,7 +759,7 @@ def explain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if x.device.type == "cpu" and not stock and ck.cpp_available():
         path, split = ck.cpp_conv_path(x, weight), ck.cpp_work_split(x, weight)
         line = f"   cpp kernel variant: {ck.cpu_variant()}; forward and input gradient through {path}"
-        if path == ck.CONV_PATHS[3]:
+        if path in ck.ROW_CONV_PATHS:
             line += f" ({split['row_bands']} band(s) of output rows per image and channel block"
             if split["row_groups"] > 1:
                 line += f", units of {split['row_groups']} neighbouring channel blocks"

@@ -154,21 +154,21 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     padding=K//2, groups=C)`` call switch by its name alone: each takes only what this op computes (1, 1, 'same' or
     K//2, C), else ValueError.
     """
-    if not is_unit(stride) or not is_unit(dilation):
+    if (stride != 1 and not is_unit(stride)) or (dilation != 1 and not is_unit(dilation)):
         raise ValueError(f"depthwise_conv2d: only stride 1 and dilation 1 are supported (got stride={stride}, "
                          f"dilation={dilation}); use F.conv2d")
-    if isinstance(x, _Proxy) or isinstance(weight, _Proxy):
-        # torch.fx.symbolic_trace (FX tools: quantize_fx, feature extractors): one node of this op, as F.conv2d is one
-        # (tracing into it failed: "x and weight must be torch.Tensors"); the node's call checks its tensors
-        given = {"padding": padding, "groups": groups} if padding != "same" or groups is not None else {}
-        return (x if isinstance(x, _Proxy) else weight).tracer.create_proxy(
-            "call_function", depthwise_conv2d, (x, weight, bias), {"backend": backend, **given})
     if padding != "same" or groups is not None:
-        _check_conv2d_args(x, weight, padding, groups)
-    if (_is_compiling() or _tracing_state() is not None or type(x) not in _PLAIN_TYPES
-            or type(weight) not in _PLAIN_TYPES or (bias is not None and type(bias) not in _PLAIN_TYPES)
+        _check_conv2d_args(x, weight, padding, groups)  # (returns at once where x or weight is no tensor)
+    if (type(x) not in _PLAIN_TYPES or type(weight) not in _PLAIN_TYPES
+            or (bias is not None and type(bias) not in _PLAIN_TYPES) or _is_compiling() or _tracing_state() is not None
             or (_dispatch_modes() and mode_needing_stock_op())
             or (_transforms_active() and under_vmap_or_functionalize())):
+        if isinstance(x, _Proxy) or isinstance(weight, _Proxy):
+            # torch.fx.symbolic_trace (FX tools: quantize_fx, feature extractors): one node of this op, as F.conv2d is
+            # one (tracing into it failed: "x and weight must be torch.Tensors"); the node's call checks its tensors
+            given = {"padding": padding, "groups": groups} if padding != "same" or groups is not None else {}
+            return (x if isinstance(x, _Proxy) else weight).tracer.create_proxy(
+                "call_function", depthwise_conv2d, (x, weight, bias), {"backend": backend, **given})
         if not _is_compiling() and _has_torch_function(x, weight, bias):
             # a tensor subclass with a __torch_function__ of its own sees this op (and runs it, as its default
             # __torch_function__ does, with that switched off inside), and the output is of its type, as F.conv2d's

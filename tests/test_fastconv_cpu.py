@@ -171,16 +171,18 @@ def test_explain_names_the_lane_width(monkeypatch):
     # large kernels on large maps: the Winograd rows, named for the forward and for the weight gradient
     xw, ww = torch.randn(1, 32, 32, 32), torch.randn(32, 1, 31, 31, requires_grad=True)
     text = fastconv.explain(xw, ww)
-    wino = _winograd(None, 32, 32, 31, 31)
-    assert (f"through {ck.CONV_PATHS[4]} (units of one plane" in text) == wino
+    path = _expected_path(xw.shape, (31, 31), channels_last=False)  # Winograd rows: in direct tiles, or on planes
+    assert (f"through {ck.CONV_PATHS[4]} (units of one plane" in text) == (path == ck.CONV_PATHS[4])
+    bands = ck.cpp_work_split(xw, ww)["row_bands"]
+    assert (f"through {ck.CONV_PATHS[5]} ({bands} band(s) of output rows" in text) == (path == ck.CONV_PATHS[5])
     assert ("weight gradient in Winograd F(3, 3) rows in 1 slice(s)" in text) == _winograd(None, 32, 32, 31, 31,
                                                                                               weight_grad=True)
-    # with both gradients: one pass, each plane of the output gradient packed once (2 blocks or 4: whole rounds of units
-    # on one or two threads)
+    # with both gradients: one pass, each plane of the output gradient packed once (2 blocks: whole rounds of units on
+    # one or two threads), or its packed rows read by both where the map is one band (on one thread)
     xg = xw.clone().requires_grad_()
     plan = ck.cpp_backward_plan(xg, ww)
-    assert plan == 2 or torch.get_num_threads() > 2
-    assert (f"both gradients in one pass ({ck.BACKWARD_PLANS[2]})" in fastconv.explain(xg, ww)) == (plan == 2)
+    assert plan == (2 if path == ck.CONV_PATHS[4] else 1 if bands == 1 else 0) or torch.get_num_threads() > 2
+    assert (f"both gradients in one pass ({ck.BACKWARD_PLANS[plan]})" in fastconv.explain(xg, ww)) == (plan != 0)
 
 
 def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkeypatch, backend_spy):
@@ -217,15 +219,19 @@ def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkey
     assert d["backend"] == "native" and "stock F.conv2d" in d["why"], d
 
 
-def _expected_direct_path(shape, kernel, channels_last: bool) -> str:
+def _expected_path(shape, kernel, channels_last: bool) -> str:
     """The path dw_conv_path should name for a map of at least one tile's width and whole channel blocks (the rule
-    in dwconv.cpp's conv_path): direct tiles up to 21 (AVX-512) or 13, from packed rows from 49 taps (on any layout
-    with AVX-512, else on channels_last only), else straight from a channels_last tensor, else packed planes."""
-    avx512 = ck.cpu_variant().startswith(ck._VARIANTS[16])
+    in dwconv.cpp's conv_path): Winograd rows in direct tiles (``_winograd_direct``), else on packed planes
+    (``_winograd``); direct tiles up to 21 (AVX-512) or 13, from packed rows from 49 taps (on any layout with AVX-512,
+    else on channels_last only), else straight from a channels_last tensor, else packed planes."""
+    variant = ck.cpu_variant()
+    avx512, tile = variant.startswith(ck._VARIANTS[16]), 4 if variant.startswith(ck._VARIANTS[17]) else 8
     kh, kw = kernel
+    if _winograd_direct(None, *shape[-2:], kh, kw, channels_last):
+        return ck.CONV_PATHS[5]
     if _winograd(None, *shape[-2:], kh, kw):
         return ck.CONV_PATHS[4]
-    if max(kernel) > (21 if avx512 else 13):
+    if max(kernel) > (21 if avx512 else 13) or shape[-1] < (16 if avx512 else tile):  # (a row narrower than a tile)
         return ck.CONV_PATHS[0]
     if kh * kw >= 49 and (channels_last or avx512):
         return ck.CONV_PATHS[3]
@@ -259,12 +265,14 @@ def test_direct_channels_last_tiles_match_conv2d_in_float64(lanes, shape, kernel
     c = shape[1]
     w, b = torch.randn(c, 1, *kernel, generator=g), torch.randn(c, generator=g)
     kh, kw = kernel
-    expected = _expected_direct_path(shape, kernel, channels_last=True)
+    expected = _expected_path(shape, kernel, channels_last=True)
     assert ck.cpp_conv_path(x, w) == expected
     y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert ck.cpp_conv_path(x.contiguous(), w) == _expected_direct_path(shape, kernel, channels_last=False)
-    assert _rel(y.detach(), ck.cpp_conv(x.contiguous(), w, b)) <= 1e-6
+    nchw_path = _expected_path(shape, kernel, channels_last=False)
+    assert ck.cpp_conv_path(x.contiguous(), w) == nchw_path
+    winograd = {expected, nchw_path} & {ck.CONV_PATHS[4], ck.CONV_PATHS[5]}  # other sums: within float32's rounding
+    assert _rel(y.detach(), ck.cpp_conv(x.contiguous(), w, b)) <= (1e-5 if winograd else 1e-6)
     wide = torch.randn(shape[0], c, shape[2], 2 * shape[3], generator=g).contiguous(memory_format=torch.channels_last)
     view = wide[..., ::2]
     assert ck.cpp_conv_path(view, w) == expected
@@ -295,7 +303,7 @@ def test_packed_rows_read_and_write_any_layout_in_float64(lanes, layout, monkeyp
     elif layout == "strided":
         x = torch.randn(2, 24, 19, 36, generator=g)[..., ::2]  # pixel stride 2
     w, b = torch.randn(24, 1, 9, 7, generator=g), torch.randn(24, generator=g)
-    assert ck.cpp_conv_path(x, w) == _expected_direct_path(x.shape, (9, 7), channels_last=layout == "channels_last")
+    assert ck.cpp_conv_path(x, w) == _expected_path(x.shape, (9, 7), channels_last=layout == "channels_last")
     y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
     ref_flipped = F.conv2d(x.double(), w.flip(-1, -2).double(), padding=(4, 3), groups=24)
     one, flipped = ck.cpp_conv(x, w, b), ck.cpp_conv(x, w, None, flip=True)
@@ -319,7 +327,7 @@ def test_packed_row_bands_give_every_thread_the_same_number_of_units(layout, mon
     w, b = torch.randn(48, 1, 7, 7, generator=g), torch.randn(48, generator=g)
     assert ck.cpp_work_split(x, w, threads=2)["row_bands"] == 4 and ck.cpp_work_split(x, w, threads=1)["row_bands"] == 2
     assert ck.cpp_work_split(torch.empty(1, 384, 32, 32), torch.empty(384, 1, 13, 13), threads=2)["row_bands"] == 1
-    assert ck.cpp_conv_path(x, w) == _expected_direct_path(x.shape, (7, 7), channels_last=layout == "channels_last")
+    assert ck.cpp_conv_path(x, w) == _expected_path(x.shape, (7, 7), channels_last=layout == "channels_last")
     y, _ = _cpp_matches_conv2d_in_float64(x, w, b, g)
     one, flipped = ck.cpp_conv(x, w, b), ck.cpp_conv(x, w, None, flip=True)
     assert torch.equal(one, y.detach())
@@ -420,7 +428,7 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
         gy = gy.contiguous(memory_format=cl)
         x = x.contiguous(memory_format=cl) if layout == "channels_last" else x
     w = torch.randn(c, 1, 7, 7, generator=g)
-    fused = _expected_direct_path(gy.shape, (7, 7), channels_last=gy.stride(1) == 1) == ck.CONV_PATHS[3]
+    fused = _expected_path(gy.shape, (7, 7), channels_last=gy.stride(1) == 1) in ck.ROW_CONV_PATHS
     assert ck.cpp_work_split(gy, w, threads=2) == {"threads": 2, "row_bands": 1, "row_groups": 1, "wgrad_slices": slices}
     gx_sep, gw_sep = ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, 7, 7)
     exp = torch.nn.grad.conv2d_weight(x.double(), (c, 1, 7, 7), gy.double(), padding=3, groups=c)
@@ -439,8 +447,10 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("n,c,hw,kernel", [
-    (1, 32, (32, 32), (31, 31)),  # RepLKNet's 31 x 31: Winograd rows where the variant has them, else plain planes
-    (8, 16, (24, 26), (23, 21)),  # Winograd rows (AVX-512) over 4 slices of 2 images of one block: partial sums
+    (1, 32, (32, 32), (31, 31)),  # RepLKNet's 31 x 31: Winograd rows (AVX-512 and 8 lanes on channels_last: in direct
+                                  # tiles on packed rows, read by both gradients), else plain planes
+    (8, 16, (24, 26), (23, 21)),  # 8 lanes: Winograd rows over 4 slices of 2 images of one block: partial sums
+    (8, 16, (26, 28), (25, 23)),  # the same on AVX-512 (a map too small for the direct tiles in Winograd rows)
     (2, 20, (14, 14), (13, 13)),  # plain planes (AVX-512: a map narrower than a direct tile), a lane tail
 ])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed"])
@@ -461,15 +471,17 @@ def test_fused_backward_on_planes_gives_the_separate_gradients_bit_for_bit(lanes
     w = torch.randn(c, 1, *kernel, generator=g)
     (kh, kw), path = kernel, ck.cpp_conv_path(gy, w)
     planes = path in (ck.CONV_PATHS[0], ck.CONV_PATHS[4])
-    assert (path == ck.CONV_PATHS[4]) == _winograd(lanes, *hw, kh, kw)
+    assert path == _expected_path(gy.shape, kernel, channels_last=layout != "nchw")
     gx_sep, gw_sep = ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, kh, kw)
     pad = (kh // 2, kw // 2)
     assert _rel(gx_sep.double(), F.conv2d(gy.double(), w.double().flip(-2, -1), padding=pad, groups=c)) <= 1e-5
     assert _rel(gw_sep.double(), torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), padding=pad,
                                                             groups=c)) <= 1e-5
     got = ck.cpp_backward(x, gy, w)
-    if not planes:  # direct tiles on packed rows (8 lanes, or 16 lowered to 256-bit vectors): the test above
-        assert path == ck.CONV_PATHS[3]
+    if not planes:  # direct tiles on packed rows (plain: the test above; or in Winograd rows), read by both gradients
+        assert path in ck.ROW_CONV_PATHS
+        if ck.cpp_backward_plan(x, w, gy) == 1:
+            _one_pass_gives_the_separate_gradients(x, gy, w, got, (gx_sep, gw_sep), monkeypatch)
         return
     assert got is not None and ck.cpp_backward_plan(x, w, gy) == 2
     _one_pass_gives_the_separate_gradients(x, gy, w, got, (gx_sep, gw_sep), monkeypatch)
@@ -820,16 +832,17 @@ def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, s
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("shape,kernel", [
-    ((1, 16, 32, 32), (31, 31)), ((2, 20, 17, 23), (27, 13)), ((1, 16, 12, 40), (13, 31)), ((1, 9, 17, 18), (31, 13)),
-    ((1, 16, 13, 14), (25, 13)), ((1, 16, 24, 26), (23, 27))])
+    ((1, 16, 23, 23), (31, 31)), ((2, 20, 17, 23), (27, 11)), ((1, 16, 12, 40), (11, 31)), ((1, 9, 17, 18), (31, 11)),
+    ((1, 16, 13, 14), (25, 11)), ((1, 16, 22, 24), (23, 27))])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, one_thread):
     """The packed planes' tiles leave out the products with the zero padding (the input rows and kernel-column
     windows of a tile that lie wholly in it). Only exact zeros are left out, and the sums keep their order: the
     forward and the input gradient equal, bit for bit, the same kernel run on the map with its zero border written
-    out (where nothing of the border is known to be padding), cropped: in plain planes (a kernel under 15 wide: no
-    Winograd rows, whose choice depends on the map's size) and, on maps large enough both ways, in the Winograd rows
-    of the 8-lane and AVX-512 variants. Borders of a multiple of every tile width (5 columns, 3 lowered) keep each
+    out (where nothing of the border is known to be padding), cropped: in plain planes (a kernel under 13 wide: no
+    Winograd rows, whose choice depends on the map's size) and, on maps of 22-23 (large enough both ways for the
+    Winograd rows on packed planes of the 8-lane and AVX-512 variants, too small for those in direct tiles), in the
+    Winograd rows on planes. Borders of a multiple of every tile width (5 columns, 3 lowered) keep each
     output's columns in tiles of the same width, and a border of a multiple of 3 rows keeps the Winograd rows' output
     triplets; a tail row or column may still fall in a tile of
     another shape, where a build could leave one multiply-add unfused (dwconv.cpp's corr_plane): a last-bit
@@ -855,6 +868,27 @@ def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, on
         magnitude = F.conv2d(x.double().abs(), wk.double().abs(), padding=(kh // 2, kw // 2), groups=shape[1])
         assert ((one - bordered).double().abs() <= 2.0 ** -20 * magnitude).all(), (flip, (one - bordered).abs().max())
         assert (one == bordered).double().mean().item() >= 0.99  # bit for bit, but for a tail tile's last bits
+
+
+def _winograd_direct(lanes, h: int, w: int, kh: int, kw: int, channels_last: bool) -> bool:
+    """Whether the variant that ``lanes`` selects runs the direct tiles in Winograd rows (dwconv.cpp's wino_direct,
+    conv_path 5): kernels of 13 to 31 where a band of two kernels' height fits the band buffer (128 Ki floats) and a
+    row is at least one tile wide; with AVX-512 on any layout, K = 13 on maps from 36, 15-21 from 17, 23-31 from 32;
+    with 8 lanes on channels_last only, K = 13-21 on maps from 16, 23-31 on maps of 24 to 32; never in the 16 lanes
+    lowered to 256-bit vectors."""
+    variant = ck.cpu_variant(None if lanes is None else int(lanes))
+    if variant.startswith(ck._VARIANTS[17]):
+        return False
+    avx512 = variant.startswith(ck._VARIANTS[16])
+    lanes_, tile = (16, 16) if avx512 else (8, 8)
+    k, r = min(kh, kw), min(h, w)
+    if k < 13 or max(kh, kw) > 31 or w < tile or not (channels_last or avx512):
+        return False
+    if 128 * 1024 // (w * lanes_) - (kh - 1) < 2 * kh:
+        return False
+    if avx512:
+        return r >= (36 if k < 15 else 17 if k <= 21 else 32)
+    return r >= 16 if k <= 21 else 24 <= r <= 32
 
 
 def _winograd(lanes, h: int, w: int, kh: int, kw: int, weight_grad: bool = False) -> bool:
@@ -895,11 +929,57 @@ def test_winograd_rows_match_conv2d_in_float64(lanes, shape, kernel, layout, mon
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     x, w, b, g = _map_kernel_bias(shape, kernel, layout, seed=sum(shape) * 13 + sum(kernel))
     (h, wd), (kh, kw) = shape[-2:], kernel
-    assert (ck.cpp_conv_path(x, w) == ck.CONV_PATHS[4]) == _winograd(lanes, h, wd, kh, kw)
+    assert ck.cpp_conv_path(x, w) == _expected_path(shape, kernel, channels_last=layout == "channels_last")
     assert ck.cpp_wgrad_winograd(x, w) == _winograd(lanes, h, wd, kh, kw, weight_grad=True)
     _cpp_matches_conv2d_in_float64(x, w, b, g)
     gy = torch.randn(x.shape, generator=g)
     one = (ck.cpp_conv(x, w, b), ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, kh, kw))
+    torch.set_num_threads(2)
+    two = (ck.cpp_conv(x, w, b), ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, kh, kw))
+    for a, t in zip(one, two):
+        assert torch.equal(a, t)
+
+
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("shape,kernel,bands,groups", [
+    ((1, 16, 40, 40), (13, 13), 4, 1),  # AVX-512 from maps of 36; 4 bands (4 units) of 12 rows (a multiple of 3: the
+                                        # map's triplets), the last one of 4 rows: a triplet of one row
+    ((2, 24, 20, 23), (17, 15), 1, 1),  # KH = 17: 6 chunks, the last with one zero row; KW != KH; a lane tail (24
+                                        # channels), the last tile of a row overlapping the one before
+    ((1, 16, 32, 34), (31, 31), 2, 1),  # RepLKNet's 31 x 31: 11 chunks, kernel rows in chunks of 13, 13 and 5 columns;
+                                        # bands of 18 and 14 rows
+    ((1, 32, 33, 35), (21, 19), 2, 1),  # 33 rows = 11 whole triplets: bands of 18 and 15 rows
+    ((8, 64, 18, 20), (15, 15), 1, 4),  # channels_last: units of 4 neighbouring blocks side by side
+])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_winograd_direct_tiles_match_conv2d_in_float64(lanes, shape, kernel, bands, groups, layout, monkeypatch,
+                                                       one_thread):
+    """Kernels from 13 on large enough maps run the direct tiles on packed rows in Winograd F(3, 3) rows (dwconv.cpp's
+    conv_direct with wino_direct: each band's rows transformed once, each of the five products a direct tile over the
+    transformed rows with a transformed kernel of ceil(KH / 3) rows, then three output rows per triplet): forward,
+    input and weight gradient vs F.conv2d in float64 with bias, where the variant runs them (AVX-512 on any layout, 8
+    lanes on channels_last); the bands and channel groups named; two threads (other bands) give one thread's numbers
+    bit for bit, and so does the backward's one pass where it applies."""
+    need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    cl = layout == "channels_last"
+    x, w, b, g = _map_kernel_bias(shape, kernel, layout, seed=sum(shape) * 7 + sum(kernel))
+    (h, wd), (kh, kw) = shape[-2:], kernel
+    path = ck.cpp_conv_path(x, w)
+    assert path == _expected_path(shape, kernel, channels_last=cl)
+    assert (path == ck.CONV_PATHS[5]) == _winograd_direct(lanes, h, wd, kh, kw, cl)
+    if ck.cpu_variant().startswith(ck._VARIANTS[16]) or (cl and lanes == "8"):
+        assert path == ck.CONV_PATHS[5]  # every case here, where the variant has them
+    if path == ck.CONV_PATHS[5] and lanes == "16":
+        split = ck.cpp_work_split(x, w, threads=1)
+        assert (split["row_bands"], split["row_groups"]) == (bands, groups if cl else 1)
+    _cpp_matches_conv2d_in_float64(x, w, b, g)
+    gy = torch.randn(x.shape, generator=g)
+    gy = gy.contiguous(memory_format=torch.channels_last) if cl else gy
+    one = (ck.cpp_conv(x, w, b), ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, kh, kw))
+    fused = ck.cpp_backward(x, gy, w)
+    if fused is not None:
+        assert torch.equal(fused[0], one[1]) and torch.equal(fused[1], one[2])
     torch.set_num_threads(2)
     two = (ck.cpp_conv(x, w, b), ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, kh, kw))
     for a, t in zip(one, two):

@@ -52,9 +52,12 @@
 // run the planes in Winograd F(3, 3) rows (corr_plane_wino): three output rows of three kernel rows from five products
 // instead of nine, each a plain correlation of a transformed plane (the input rows 3j .. 3j + 4 combined) with a
 // transformed kernel of a third of the rows, so 1.69x fewer multiply-adds at K = 31
-// (fastconv.roofline.winograd_rows_flops); the weight gradient of maps from 20 too (wino_wgrad). Not bit-identical to
-// the direct sums: within a few float32 ulps of the sum's magnitude (the transforms scale by up to 4 and 1/6), checked
-// against float64 in the tests.
+// (fastconv.roofline.winograd_rows_flops); the weight gradient of maps from 20 too (wino_wgrad). Kernels of 13 to 31
+// on maps large enough (wino_direct) run the same Winograd rows in the direct tiles on packed rows instead (conv_path
+// 5): each band's rows are transformed once and each product is a direct tile over the transformed rows. Not
+// bit-identical to the direct sums: within a few float32 ulps of the sum's magnitude (the transforms scale by up to 4
+// and 1/6), checked against float64 in the tests; the same numbers on any thread count. A NaN or inf input reaches the
+// (up to two) other output rows of its triplets as NaN, where the direct sums leave them finite.
 #ifndef DW_KERNEL_BODY
 #include <cstdint>
 #include <cstdlib>
@@ -127,12 +130,22 @@ constexpr int NREG = 16;  // vector registers of L floats: 16 ymm (AVX2); NEON: 
 // gradient of kernels from WGMINK on maps from WGMINMAP (wino_rows, wino_wgrad: measured)
 constexpr bool WINO = true;
 constexpr int WMINK = 15, WMINMAP = 20, WGMINK = 13, WGMINMAP = 20;
+// direct tiles in Winograd rows (wino_direct, measured): kernels WDMINK..WDMAXK; K = 13 on maps from WDMAP13, K = 15-21
+// from WDMINMAP, K >= 23 on maps WDMAP23..WDMAXMAP23
+#ifdef DW_WD8
+constexpr int WD_EXP[6] = {DW_WD8};  // tuning experiments: -DDW_WD8=13,31,16,16,24,32
+#else
+constexpr int WD_EXP[6] = {13, 31, 16, 16, 24, 32};
+#endif
+constexpr int WDMINK = WD_EXP[0], WDMAXK = WD_EXP[1], WDMAP13 = WD_EXP[2], WDMINMAP = WD_EXP[3], WDMAP23 = WD_EXP[4],
+              WDMAXMAP23 = WD_EXP[5];
 #include __FILE__
 }  // namespace dw8
 namespace dw16g {
 constexpr int L = 16, RO = 1, CO = 3, NREG = 8, DCO = 4, KCH = 2, DMAXK = 13, DANY_LAYOUT = 0;  // two ymm per vector
 constexpr bool WINO = false;  // no Winograd rows: this variant only tests the 16-lane blocking without AVX-512
-constexpr int WMINK = 0, WMINMAP = 0, WGMINK = 0, WGMINMAP = 0;
+constexpr int WMINK = 0, WMINMAP = 0, WGMINK = 0, WGMINMAP = 0, WDMINK = 0, WDMAXK = 0, WDMAP13 = 0, WDMINMAP = 0,
+              WDMAP23 = 0, WDMAXMAP23 = 0;
 #include __FILE__
 }  // namespace dw16g
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(DW_NO_AVX512)
@@ -157,6 +170,13 @@ constexpr int DCO = 16, KCH = 13;
 constexpr int DMAXK = 21, DANY_LAYOUT = 1;
 constexpr bool WINO = true;  // Winograd rows, as dw8's
 constexpr int WMINK = 21, WMINMAP = 22, WGMINK = 13, WGMINMAP = 20;
+#ifdef DW_WD16
+constexpr int WD_EXP[6] = {DW_WD16};  // tuning experiments: -DDW_WD16=13,31,36,17,32,1024
+#else
+constexpr int WD_EXP[6] = {13, 31, 36, 17, 32, 1 << 30};  // as dw8's
+#endif
+constexpr int WDMINK = WD_EXP[0], WDMAXK = WD_EXP[1], WDMAP13 = WD_EXP[2], WDMINMAP = WD_EXP[3], WDMAP23 = WD_EXP[4],
+              WDMAXMAP23 = WD_EXP[5];
 #include __FILE__
 }  // namespace dw16
 #undef DW_IN_AVX512
@@ -243,8 +263,9 @@ void dw_conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t s
 }
 
 // Which way dw_conv_fused computes a call (the same tests it makes): 1 direct channels_last tiles (conv_direct),
-// 3 the same from rows packed per channel block, 2 packed planes with map and kernel swapped (swap_roles), 4 packed
-// planes in Winograd rows (corr_plane_wino), 0 packed planes; -1 for an invalid lane request.
+// 3 the same from rows packed per channel block, 5 those in Winograd rows (wino_direct), 2 packed planes with map and
+// kernel swapped (swap_roles), 4 packed planes in Winograd rows (corr_plane_wino), 0 packed planes; -1 for an invalid
+// lane request.
 int dw_conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t lanes) {
     switch (dw_variant(lanes)) {
         case 8: return dw8::conv_path(sC, yC, C, H, W, KH, KW);
@@ -307,24 +328,25 @@ int dw_backward_plan(int64_t sC, int64_t gC, int64_t xC, int64_t N, int64_t C, i
 // The work split of a call (what conv_direct and wgrad_fused compute from the same arguments; -1 for an invalid
 // lane request): row bands per (image, channel block) of the packed rows and channel blocks per unit of them,
 // weight-gradient slices of the images.
-int64_t dw_row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t nthreads, int64_t lanes) {
+int64_t dw_row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads,
+                     int64_t lanes) {
     switch (dw_variant(lanes)) {
-        case 8: return dw8::row_bands(N, C, H, W, KH, nthreads);
+        case 8: return dw8::row_bands(N, C, H, W, KH, KW, nthreads);
 #if DW_HAS_AVX512
-        case 16: return dw16::row_bands(N, C, H, W, KH, nthreads);
+        case 16: return dw16::row_bands(N, C, H, W, KH, KW, nthreads);
 #endif
-        case 17: return dw16g::row_bands(N, C, H, W, KH, nthreads);
+        case 17: return dw16g::row_bands(N, C, H, W, KH, KW, nthreads);
         default: return -1;
     }
 }
-int64_t dw_row_groups(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t nthreads,
+int64_t dw_row_groups(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads,
                       int64_t channels_inner, int64_t lanes) {
     switch (dw_variant(lanes)) {
-        case 8: return dw8::row_groups(N, C, H, W, KH, nthreads, channels_inner);
+        case 8: return dw8::row_groups(N, C, H, W, KH, KW, nthreads, channels_inner);
 #if DW_HAS_AVX512
-        case 16: return dw16::row_groups(N, C, H, W, KH, nthreads, channels_inner);
+        case 16: return dw16::row_groups(N, C, H, W, KH, KW, nthreads, channels_inner);
 #endif
-        case 17: return dw16g::row_groups(N, C, H, W, KH, nthreads, channels_inner);
+        case 17: return dw16g::row_groups(N, C, H, W, KH, KW, nthreads, channels_inner);
         default: return -1;
     }
 }
@@ -337,6 +359,23 @@ int64_t dw_wgrad_slices(int64_t N, int64_t C, int64_t channels_inner, int64_t la
         case 17: return dw16g::wgrad_slices(N, C, channels_inner);
         default: return -1;
     }
+}
+
+// The three passes with their integer arguments in one array, in the order of the calls above (from sN to lanes,
+// the pointers apart): ctypes converts each argument of a call, about 0.12 us each on a warm cache and more between
+// the layers of a network, where the 23 of dw_conv_fused took 3-8 us of a 75 us call (fastconv.cpu_kernels keeps one
+// array per call signature).
+void dw_conv_fused_p(const float* x, const float* w, const float* b, float* y, const int64_t* a) {
+    dw_conv_fused(x, a[0], a[1], a[2], a[3], w, a[4], a[5], a[6], b, y, a[7], a[8], a[9], a[10], a[11], a[12], a[13],
+                  a[14], a[15], a[16], a[17], a[18]);
+}
+void dw_wgrad_fused_p(const float* x, const float* g, float* gw, const int64_t* a) {
+    dw_wgrad_fused(x, a[0], a[1], a[2], a[3], g, a[4], a[5], a[6], a[7], gw, a[8], a[9], a[10], a[11], a[12], a[13],
+                   a[14], a[15]);
+}
+int dw_backward_fused_p(const float* x, const float* g, const float* w, float* gx, float* gw, const int64_t* a) {
+    return dw_backward_fused(x, a[0], a[1], a[2], a[3], g, a[4], a[5], a[6], a[7], w, a[8], a[9], a[10], gx, a[11],
+                             a[12], a[13], a[14], gw, a[15], a[16], a[17], a[18], a[19], a[20], a[21], a[22]);
 }
 
 }  // extern "C"
@@ -1037,21 +1076,52 @@ inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float*
 //   4131, K=13 7776 vs 7679. Packed planes against packed rows (B=1 C=384 R=32): K=17 735 vs 631, K=21 930 vs 859, K=27
 //   1306 vs 1298, K=31 1547 vs 1609 (so DMAXK 21). 8 lanes (same Xeon): K=5 194 vs 200, K=9 522 vs 394, K=13 868 vs
 //   736; planes K=17 1162 vs 1100 (within the noise: DMAXK 13).
+// - in Winograd F(3, 3) rows (wino_direct, conv_path 5; packed rows as above): per band (a multiple of 3 rows tall, so
+//   that its triplets are the map's) the input rows are transformed once (corr_plane_wino's B^T, five transformed rows
+//   per three output rows), each of the five products of an output triplet runs direct tiles over its ceil(KH / 3)
+//   transformed rows with the block's transformed kernel (wino_kernel, made once per call), and the output transform
+//   writes the triplet's three rows: 5 ceil(KH / 3) KW multiply-adds per three outputs instead of 3 KH KW. The tiles
+//   keep their register use and their skipping of the columns in the padding; the products whose transformed rows are
+//   all padding are left out.
 constexpr int DPACK_TAPS = 49;
 #ifndef DW_BAND_FLOATS
 #define DW_BAND_FLOATS (128 * 1024)
 #endif
+// Whether the direct tiles on packed rows run in Winograd F(3, 3) rows (conv_path 5, see conv_direct): kernels
+// WDMINK..WDMAXK on maps from WDMAP13 (K < 15), WDMINMAP (K 15-21), WDMAP23 up to WDMAXMAP23 (K >= 23), where a band
+// of twice the kernel's height fits the band buffer (shorter bands transform KH - 1 halo rows for each few outputs:
+// R = 256, K = 31 took 2.1-2.5x the packed planes' time in bands of 2 rows; R = 256, K = 13 1.10x in bands of 20), and
+// row_bands halves no band below KH rows. Measured (2 threads, B = 1, C = 384 unless given, median of paired rounds,
+// against the path otherwise taken, NCHW / channels_last):
+//   AVX-512 (against the direct tiles up to K = 21 on maps under 22, else the Winograd rows on packed planes): R = 32
+//   K = 15 0.84 / 0.88, 17 0.84 / 0.85, 19 0.82 / 0.86, 21 0.83 / 0.79, 23 0.86 / 0.83, 25 0.87 / 0.88, 27 0.89 /
+//   0.88, 31 0.94 / 0.89; R = 64 K = 17 0.78 / 0.81, 21 0.84 / 0.83, 31 0.91 / 0.92; C = 512 R = 64 K = 27 0.89 / 0.90;
+//   C = 128 R = 128 K = 21 0.80 / 0.82; R = 17-20, K = 15-21 0.76-0.87; K = 13 at R = 36-64 0.90-0.95 (R = 32 1.01 /
+//   1.06, B = 4 0.96 / 1.01, R = 16 1.04 / 1.07: not below 36); K >= 23 not under 32 (R = 28-30 0.95-1.04, C = 256
+//   B = 2 R = 28 K = 29 1.03 / 1.10, R = 24 K = 27 1.04-1.08, R = 20 1.09-1.17).
+//   8 lanes (built for AVX2 on the same CPU, channels_last; NCHW stays on the packed planes, DANY_LAYOUT): R = 32
+//   K = 13 0.87, 17 0.86, 21 0.88, 27 0.92, 31 0.95; R = 20 K = 15 0.80; R = 64 K = 13 0.90, 17 0.92, 21 0.99, but 27
+//   1.04 and R = 48 K = 31 1.04 (so K >= 23 up to maps of 32); R = 24 K = 27 0.90; R = 16 K = 13 0.97.
+// The 8-lane numbers are from an AVX-512 CPU running AVX2 code; no AVX2-only CPU was at hand.
+inline bool wino_direct(int64_t H, int64_t W, int64_t KH, int64_t KW) {
+    const int64_t k = min64(KH, KW), r = min64(H, W);
+    if (!WDMINK || k < WDMINK || max64(KH, KW) > WDMAXK || DW_BAND_FLOATS / (W * L) - (KH - 1) < 2 * KH) return false;
+    if (k < 15) return r >= WDMAP13;
+    if (k <= 21) return r >= WDMINMAP;
+    return r >= WDMAP23 && r <= WDMAXMAP23;
+}
+
 // How many bands of output rows conv_direct's packed rows cut each (image, channel block) into: bands as tall as fit
 // DW_BAND_FLOATS with their halo, halved until there are 4 units per thread, then up to twice as many bands where
 // that gives every thread the same number of units (9 units on 2 threads left one idle for a ninth of the time).
 // Measured (2 threads, AVX-512 Xeon, B=1 C=48 R=96: 9 units -> 12, forward, us): channels_last K=13 632 -> 519, K=21
 // 1284 -> 1136; NCHW K=13 508 -> 431, K=21 1186 -> 1047. Each thread packs its share of the blocks' kernels (B=1
 // C=384 R=16 K=21 NCHW 176 -> 167 us).
-inline int64_t row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t nthreads) {
+inline int64_t row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
     if (N < 1 || C < 1 || H < 1 || W < 1 || nthreads < 1) return 1;  // (exported: dw_row_bands)
-    const int64_t CB = (C + L - 1) / L;
+    const int64_t CB = (C + L - 1) / L, min_band = wino_direct(H, W, KH, KW) ? KH : 1;
     int64_t band = max64(1, min64(H, DW_BAND_FLOATS / (W * L) - (KH - 1)));
-    while (band > 1 && N * CB * ((H + band - 1) / band) < 4 * nthreads) band = (band + 1) / 2;
+    while (band > min_band && N * CB * ((H + band - 1) / band) < 4 * nthreads) band = max64(min_band, (band + 1) / 2);
     const int64_t nb0 = (H + band - 1) / band;
     for (int64_t nb = nb0; nb <= min64(H, 2 * nb0); ++nb) {
         const int64_t rows = (H + nb - 1) / nb, bands = (H + rows - 1) / rows;
@@ -1068,10 +1138,10 @@ inline int64_t row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH,
 // B=1 K=13 forward 0.41 -> 0.38. The kernel alone (forward, best of 15 calls, 2 runs, ms): B=16 C=128 R=56 K=13
 // 10.9-11.0 -> 9.0-9.4, K=7 6.3-7.0 -> 5.8-6.0; B=2 C=128 R=128 K=13 (3 bands, 4 band buffers of 512 KB) 7.1-7.5 ->
 // 6.3-6.5; B=1 C=384 R=32 K=13 0.38 both; B=64 C=64 R=16 K=9 0.53-0.55 both.
-inline int64_t row_groups(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t nthreads,
+inline int64_t row_groups(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads,
                           bool channels_inner) {
     if (!channels_inner || C % L != 0 || nthreads < 1) return 1;  // (exported: dw_row_groups)
-    const int64_t CB = C / L, units = N * row_bands(N, C, H, W, KH, nthreads);
+    const int64_t CB = C / L, units = N * row_bands(N, C, H, W, KH, KW, nthreads);
     for (int64_t g : {4, 2})
         if (CB % g == 0 && units * (CB / g) >= 4 * nthreads && units * (CB / g) % nthreads == 0) return g;
     return 1;
@@ -1090,13 +1160,16 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads,
                  bool rows_packed, const WeightGradOf* wg = nullptr) {
     const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, QT = (W + DCO - 1) / DCO;
-    RawBuffer k(CB * L * KH * KW);
+    const bool wd = rows_packed && wino_direct(H, W, KH, KW);  // the tiles in Winograd rows (conv_path 5)
+    const int64_t T = wino_chunks(KH), TS = T * KW * L;
+    RawBuffer k(CB * L * KH * KW), gk(wd ? CB * 5 * TS : 0);
     Buffer bias(b ? CB * L : 0);
     auto pack_kernel = [&](int64_t c0) {  // one block's kernel and bias; the threads share the blocks
         const int64_t lanes = lane_count(C, c0);
         for (int64_t i = 0; i < KH; ++i)
             pack_row(w + c0 * swC, lanes, swC, swH, swW, KH, KW, 0, 0, i, k.data() + (c0 * KH + i * L) * KW);
         for (int64_t l = 0; b && l < L; ++l) bias[c0 + l] = l < lanes ? b[c0 + l] : 0.f;
+        if (wd) wino_kernel(k.data() + c0 * KH * KW, KH, KW, gk.data() + c0 / L * 5 * TS);
     };
     // one output row p of block c0 in tiles; xr: the input row of kernel row 0 (may lie outside x), pixel 0; the
     // tiles store pixel q at yr + q * ops
@@ -1127,28 +1200,116 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
         }
         return;
     }
-    const int64_t RS = W * L, NB = wg ? 1 : row_bands(N, C, H, W, KH, nthreads), band = (H + NB - 1) / NB;
+    // the bands: NB of them, each as tall (in the Winograd rows a multiple of 3 tall, so that every band's triplets
+    // are those of the whole map: the same numbers on any banding, any thread count)
+    const int64_t RS = W * L, NB = wg ? 1 : row_bands(N, C, H, W, KH, KW, nthreads),
+                  band = wd ? wino_triplets((H + NB - 1) / NB) * 3 : (H + NB - 1) / NB;
     // with the weight gradient (wg): units of (channel block, slice of the images) as in wgrad_fused, one band each
     const int64_t S = wg ? wgrad_slices(N, C, false) : 1, KS = KH * KW * L, Hp = H + 2 * ph, Wp = W + 2 * pw;
     Buffer part(wg && S > 1 ? CB * S * KS : 0);
-    const int64_t G = wg ? 1 : row_groups(N, C, H, W, KH, nthreads, sC == 1), BS = (band + KH - 1) * RS;
+    const int64_t G = wg ? 1 : row_groups(N, C, H, W, KH, KW, nthreads, sC == 1),
+                  BS = (band + KH - 1 + (wd ? 4 : 0)) * RS;  // a band's input rows (band_tiles)
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t cb = 0; cb < CB; ++cb) pack_kernel(cb * L);
-        Buffer buf(G * BS), orow(RS), xin(wg ? Hp * Wp * L : 0), acc(wg ? KS : 0);
+        Buffer buf(G * BS), orow(wd ? 3 * RS : RS), xin(wg ? Hp * Wp * L : 0), acc(wg ? KS : 0);
         const bool wino = wg && wino_wgrad(H, W, KH, KW);
         WinoBuffers wb(wino, Hp, Wp, KW, H, W, true, ph, ph + H, pw, pw + W);
+        const int64_t JU = wd ? wino_triplets(band) + T - 1 : 0;  // transformed rows of a band, at most
+        RawBuffer U(5 * JU * RS), M(wd ? 5 * RS : 0);
+        Buffer zeros(wd ? RS : 0);
+        // Output rows [p0, p1) of block c0 (image n) from its packed input rows [r0, r1) at in, in Winograd F(3, 3)
+        // rows (as corr_plane_wino): transformed row u of product k combines the map rows p0 - ph + 3u + a (a = 0..4;
+        // rows outside [r0, r1), that is outside the map, are zeros), triplet q of output rows p0 + 3q .. reads
+        // transformed rows q .. q + T - 1, and each product of a tile is a direct tile over them with the transformed
+        // kernel's T rows (the products that meet only zero rows are skipped, as corr_plane_wino skips them).
+        auto band_wino = [&](int64_t n, int64_t c0, int64_t p0, int64_t p1, int64_t r0, int64_t r1, const float* in) {
+            const int64_t Q = wino_triplets(p1 - p0), J = Q + T - 1, base = p0 - ph, row_lo = r0 - base,
+                          row_hi = r1 - base, lanes = lane_count(C, c0);
+            constexpr int A_LO[5] = {0, 1, 1, 1, 1}, A_HI[5] = {3, 3, 3, 3, 4};
+            int64_t lo[5], hi[5], j_lo = J, j_hi = 0;
+            for (int kk = 0; kk < 5; ++kk) {
+                lo[kk] = row_lo - A_HI[kk] > 0 ? (row_lo - A_HI[kk] + 2) / 3 : 0;
+                hi[kk] = row_hi - 1 - A_LO[kk] >= 0 ? min64(J, (row_hi - 1 - A_LO[kk]) / 3 + 1) : 0;
+                if (hi[kk] < lo[kk]) hi[kk] = lo[kk];
+                j_lo = min64(j_lo, lo[kk]);
+                j_hi = max64(j_hi, hi[kk]);
+            }
+            float* u = U.data();
+            const int64_t us = J * RS;  // from one product's transformed rows to the next
+            for (int64_t j = j_lo; j < j_hi; ++j) {
+                const float* r[5];
+                for (int a = 0; a < 5; ++a) {
+                    const int64_t i = base + 3 * j + a;
+                    r[a] = i >= r0 && i < r1 ? in + (i - r0) * RS : zeros.data();
+                }
+                float* o = u + j * RS;
+                for (int64_t q = 0; q < W; ++q) {
+                    const vec d0 = load(r[0] + q * L), d1 = load(r[1] + q * L), d2 = load(r[2] + q * L),
+                              d3 = load(r[3] + q * L), d4 = load(r[4] + q * L);
+                    const vec e = d3 - d1;
+                    store(o + q * L, 2.f * (d0 - d2) + e);
+                    store(o + us + q * L, e - d1 - d2);
+                    store(o + 2 * us + q * L, d1 - 2.f * d2 + d3 + (d1 - d2));
+                    store(o + 3 * us + q * L, e);
+                    store(o + 4 * us + q * L, 2.f * (d1 - d3) - d2 + d4);
+                }
+            }
+            const float* gb = gk.data() + c0 / L * 5 * TS;
+            const vec bv = b ? load(bias.data() + c0) : vec{};
+            const bool straight = yC == 1 && lanes == L;  // channels_last output: stored into y
+            float* m = M.data();
+            const int64_t ms = RS;  // from one product's row of the triplet to the next
+            for (int64_t q = 0; q < Q; ++q) {
+                const int64_t P = p0 + 3 * q, rows = min64(3, p1 - P);
+                for (int kk = 0; kk < 5; ++kk) {  // the product's row, its tiles one after another
+                    const int64_t t_lo = max64(0, lo[kk] - q), t_hi = min64(T, hi[kk] - q);
+                    float* mk = m + kk * ms;
+                    if (t_lo >= t_hi) {
+                        std::memset(mk, 0, sizeof(float) * ms);
+                        continue;
+                    }
+                    for (int64_t t = 0; t < QT; ++t) {
+                        const int64_t qc = min64(t * DCO, W - DCO), x0 = qc - pw;  // the last tile may overlap
+                        const float* ui = u + kk * us + q * RS + x0 * L;
+                        if (qc < pw || qc + DCO + pw > W)
+                            direct_tile<true>(ui, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr, mk + qc * L, L, x0, W);
+                        else
+                            direct_tile<false>(ui, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr, mk + qc * L, L, x0, W);
+                    }
+                }
+                float* yr = y + n * yN + c0 * yC + P * yH;
+                float* o0 = straight ? yr : orow.data();
+                const int64_t os = straight ? yH : RS, ops = straight ? yW : L;
+                for (int64_t c = 0; c < W; ++c) {
+                    const vec m0 = load(m + c * L), m1 = load(m + ms + c * L), m2 = load(m + 2 * ms + c * L),
+                              m3 = load(m + 3 * ms + c * L), m4 = load(m + 4 * ms + c * L);
+                    store(o0 + c * ops, bv + m0 + m1 + m2 + m3);
+                    if (rows > 1) store(o0 + os + c * ops, bv + m1 - m2 + 2.f * m3);
+                    if (rows > 2) store(o0 + 2 * os + c * ops, bv + m1 + m2 + 4.f * m3 + m4);
+                }
+                if (!straight)
+                    for (int64_t i = 0; i < rows; ++i) unpack_row(orow.data() + i * RS, lanes, W, yr + i * yH, yC, yW);
+            }
+        };
         // output rows [p0, p1) of image n, the G blocks from c0 (G > 1 only where row_groups says so), from the
         // blocks' input rows copied to buf side by side (block g's at g * BS), row by row
         auto band_tiles = [&](int64_t n, int64_t c0, int64_t p0, int64_t p1) {
-            const int64_t r0 = max64(0, p0 - ph), r1 = min64(H, p1 + KH - 1 - ph);  // the input rows the band reads
+            // the input rows the band reads; in Winograd rows all that its transformed rows combine (up to 4 more: the
+            // last triplet's rows past p1 and the kernel's zero rows past KH), the same as a band of the whole map's
+            const int64_t r0 = max64(0, p0 - ph),
+                          r1 = min64(H, wd ? p0 - ph + 3 * (wino_triplets(p1 - p0) + T - 2) + 5 : p1 + KH - 1 - ph);
             for (int64_t r = r0; r < r1; ++r)
                 for (int64_t g = 0; g < G; ++g) {
                     const int64_t cg = c0 + g * L;
                     pack_row(x + n * sN + cg * sC, lane_count(C, cg), sC, sH, sW, H, W, 0, 0, r,
                              buf.data() + g * BS + (r - r0) * RS);
                 }
+            if (wd) {
+                for (int64_t g = 0; g < G; ++g) band_wino(n, c0 + g * L, p0, p1, r0, r1, buf.data() + g * BS);
+                return;
+            }
             for (int64_t p = p0; p < p1; ++p)
                 for (int64_t g = 0; g < G; ++g) {
                     const int64_t cg = c0 + g * L, lanes = lane_count(C, cg);
@@ -1164,7 +1325,7 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 #pragma omp for schedule(static)
             for (int64_t u = 0; u < N * CG * NB; ++u) {
                 const int64_t p0 = u % NB * band;
-                band_tiles(u / (CG * NB), (u / NB) % CG * G * L, p0, min64(H, p0 + band));
+                if (p0 < H) band_tiles(u / (CG * NB), (u / NB) % CG * G * L, p0, min64(H, p0 + band));
             }
         } else {
 #pragma omp for schedule(dynamic, 1)
@@ -1191,7 +1352,9 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
     }
 }
 
-// Which way conv_fused computes a call (dw_conv_path): 2 swapped roles (a kernel at least twice the map); the direct
+// Which way conv_fused computes a call (dw_conv_path): 2 swapped roles (a kernel at least twice the map); 5 the direct
+// tiles in Winograd rows (wino_direct) on packed rows, where those run (channels_last, or any layout where
+// DANY_LAYOUT); 4 the Winograd rows on packed planes (wino_rows); the direct
 // tiles (conv_direct: rows of at least DCO pixels, kernels up to DMAXK): 3 from packed rows from DPACK_TAPS taps (7x7)
 // up on channels_last x and y (on any layout where DANY_LAYOUT: NCHW forward, 2 threads, B=1 C=384 R=32, us, planes vs
 // packed rows, AVX-512 K=7 233 vs 168, K=13 449 vs 344, K=21 838 vs 785; B=4: K=13 1754 vs 1363, K=21 3246 vs 2818; B=8
@@ -1206,9 +1369,10 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 // always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms): the dispatcher times it.
 inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW) {
     if (swap_roles(H, W, KH, KW)) return 2;
+    const bool cl = sC == 1 && yC == 1;
+    if (W >= DCO && (cl || DANY_LAYOUT) && wino_direct(H, W, KH, KW)) return 5;
     if (wino_rows(H, W, KH, KW)) return 4;
     if (W < DCO || KH > DMAXK || KW > DMAXK) return 0;
-    const bool cl = sC == 1 && yC == 1;
     if (KH * KW >= DPACK_TAPS && (cl || DANY_LAYOUT)) return 3;
     return cl && C % L == 0 ? 1 : 0;
 }
@@ -1306,15 +1470,20 @@ void backward_planes(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t
 // threads, AVX-512 Xeon, B=1 C=384 R=32, the two gradients alone, paired rounds, fused / separate): K=9 0.91-0.92, K=13
 // 0.92-0.94, K=17 0.94-0.96, K=21 0.95-0.98; B=4 K=13 0.91-0.93; forward + both gradients through autograd (median
 // per-round ratio): K=7 0.81-0.89, K=9 0.81-0.87, K=13 0.93-0.96, K=17 0.95-0.98, K=21 0.95-0.98.
-// How backward_fused computes a call: 1 direct tiles on packed rows that the weight gradient reads too (conv_direct
-// with a WeightGradOf), 2 packed planes (backward_planes), 0 not in one pass. Its units, (group of channel blocks,
-// slice of the images), must still keep every thread busy (the input gradient alone runs N x blocks units): whole
-// rounds of them, or at least 4 per thread.
+// How backward_fused computes a call: 1 direct tiles on packed rows (plain or in Winograd rows) that the weight
+// gradient reads too (conv_direct with a WeightGradOf), 2 packed planes (backward_planes), 0 not in one pass. Where
+// the direct tiles in Winograd rows replaced the packed planes, one pass on rows against the former one pass on planes
+// (2 threads, AVX-512 Xeon, B = 1, C = 384, paired, NCHW / channels_last): R = 32 K = 31 0.98 / 0.99, K = 27 0.96 /
+// 0.99, K = 21 0.94 / 0.94, R = 64 K = 31 0.99 / 1.00, B = 4 R = 32 K = 31 0.97 / 0.99. Its units, (group of channel
+// blocks, slice of the images), must still keep every thread busy (the input gradient alone runs N x blocks units):
+// whole rounds of them, or at least 4 per thread.
 inline int backward_plan(int64_t sC, int64_t gC, int64_t xC, int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH,
                          int64_t KW, int64_t nthreads) {
     const int path = conv_path(gC, xC, C, H, W, KH, KW);
     const bool inner = sC == 1 || gC == 1, planes = path == 0 || path == 4;
-    if (!planes && (path != 3 || row_bands(N, C, H, W, KH, nthreads) != 1 || blocks_per_line(inner) != 1)) return 0;
+    if (!planes && ((path != 3 && path != 5) || row_bands(N, C, H, W, KH, KW, nthreads) != 1 ||
+                    blocks_per_line(inner) != 1))
+        return 0;
     const int64_t G = planes ? blocks_per_line(inner) : 1;
     const int64_t units = ((C + L - 1) / L + G - 1) / G * wgrad_slices(N, C, planes && inner);
     if (units % nthreads != 0 && units < 4 * nthreads) return 0;
@@ -1340,9 +1509,9 @@ void conv_fused(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, 
                 int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
     const int path = conv_path(sC, yC, C, H, W, KH, KW);
-    if (path == 1 || path == 3)
+    if (path == 1 || path == 3 || path == 5)
         return conv_direct(x, sN, sC, sH, sW, w, swC, swH, swW, b, y, yN, yC, yH, yW, N, C, H, W, KH, KW, nthreads,
-                           path == 3);
+                           path != 1);
     const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
     const bool swap = swap_roles(H, W, KH, KW);
     const int64_t G = blocks_per_line(sC == 1 || yC == 1), CBG = (CB + G - 1) / G;
