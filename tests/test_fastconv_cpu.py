@@ -832,17 +832,17 @@ def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, s
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("shape,kernel", [
-    ((1, 16, 23, 23), (31, 31)), ((2, 20, 17, 23), (27, 11)), ((1, 16, 12, 40), (11, 31)), ((1, 9, 17, 18), (31, 11)),
-    ((1, 16, 13, 14), (25, 11)), ((1, 16, 22, 24), (23, 27))])
+    ((1, 16, 23, 26), (31, 31)), ((2, 20, 17, 23), (27, 11)), ((1, 16, 12, 40), (11, 31)), ((1, 9, 17, 18), (31, 11)),
+    ((1, 16, 13, 14), (25, 11)), ((1, 16, 22, 26), (23, 27))])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, one_thread):
     """The packed planes' tiles leave out the products with the zero padding (the input rows and kernel-column
     windows of a tile that lie wholly in it). Only exact zeros are left out, and the sums keep their order: the
     forward and the input gradient equal, bit for bit, the same kernel run on the map with its zero border written
     out (where nothing of the border is known to be padding), cropped: in plain planes (a kernel under 13 wide: no
-    Winograd rows, whose choice depends on the map's size) and, on maps of 22-23 (large enough both ways for the
-    Winograd rows on packed planes of the 8-lane and AVX-512 variants, too small for those in direct tiles), in the
-    Winograd rows on planes. Borders of a multiple of every tile width (5 columns, 3 lowered) keep each
+    Winograd rows, whose choice depends on the map's size) and, on maps of 22-23 by 26 (large enough both ways for the
+    Winograd rows on packed planes of the 8-lane and AVX-512 variants; too small for those in direct tiles, and rows
+    of 26 and 266 pixels end in 10 that fit no narrow tile), in the Winograd rows on planes. Borders of a multiple of every tile width (5 columns, 3 lowered) keep each
     output's columns in tiles of the same width, and a border of a multiple of 3 rows keeps the Winograd rows' output
     triplets; a tail row or column may still fall in a tile of
     another shape, where a build could leave one multiply-add unfused (dwconv.cpp's corr_plane): a last-bit
@@ -872,23 +872,24 @@ def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, on
 
 def _winograd_direct(lanes, h: int, w: int, kh: int, kw: int, channels_last: bool) -> bool:
     """Whether the variant that ``lanes`` selects runs the direct tiles in Winograd rows (dwconv.cpp's wino_direct,
-    conv_path 5): kernels of 13 to 31 where a band of two kernels' height fits the band buffer (128 Ki floats) and a
-    row is at least one tile wide; with AVX-512 on any layout, K = 13 on maps from 36, 15-21 from 17, 23-31 from 32;
-    with 8 lanes on channels_last only, K = 13-21 on maps from 16, 23-31 on maps of 24 to 32; never in the 16 lanes
-    lowered to 256-bit vectors."""
+    conv_path 5): kernels of 13 to 31 where a band of two kernels' height fits the band buffer (128 Ki floats for
+    K = 13, 512 Ki from 15) and a row is at least one tile wide; with AVX-512 on any layout, K = 13 on maps from 36,
+    15-21 from 17, 23-31 from K - 3 (and 20) where a row's last W mod 16 pixels are none or fit a tile of 8; with 8
+    lanes on channels_last only, K = 13-21 on maps from 16, 23-31 on maps from K - 3 (and 24) up to 32; never in the
+    16 lanes lowered to 256-bit vectors."""
     variant = ck.cpu_variant(None if lanes is None else int(lanes))
     if variant.startswith(ck._VARIANTS[17]):
         return False
     avx512 = variant.startswith(ck._VARIANTS[16])
-    lanes_, tile = (16, 16) if avx512 else (8, 8)
+    tile = 16 if avx512 else 8  # (and the lanes)
     k, r = min(kh, kw), min(h, w)
     if k < 13 or max(kh, kw) > 31 or w < tile or not (channels_last or avx512):
         return False
-    if 128 * 1024 // (w * lanes_) - (kh - 1) < 2 * kh:
+    if (512 if k >= 15 else 128) * 1024 // (w * tile) - (kh - 1) < 2 * kh:
         return False
     if avx512:
-        return r >= (36 if k < 15 else 17 if k <= 21 else 32)
-    return r >= 16 if k <= 21 else 24 <= r <= 32
+        return r >= 36 if k < 15 else r >= 17 if k <= 21 else r >= max(20, k - 3) and w % 16 in range(9)
+    return r >= 16 if k <= 21 else max(24, k - 3) <= r <= 32
 
 
 def _winograd(lanes, h: int, w: int, kh: int, kw: int, weight_grad: bool = False) -> bool:
@@ -945,7 +946,7 @@ def test_winograd_rows_match_conv2d_in_float64(lanes, shape, kernel, layout, mon
     ((1, 16, 40, 40), (13, 13), 4, 1),  # AVX-512 from maps of 36; 4 bands (4 units) of 12 rows (a multiple of 3: the
                                         # map's triplets), the last one of 4 rows: a triplet of one row
     ((2, 24, 20, 23), (17, 15), 1, 1),  # KH = 17: 6 chunks, the last with one zero row; KW != KH; a lane tail (24
-                                        # channels), the last tile of a row overlapping the one before
+                                        # channels), the last 7 pixels of a row in a narrow tile (AVX-512)
     ((1, 16, 32, 34), (31, 31), 2, 1),  # RepLKNet's 31 x 31: 11 chunks, kernel rows in chunks of 13, 13 and 5 columns;
                                         # bands of 18 and 14 rows
     ((1, 32, 33, 35), (21, 19), 2, 1),  # 33 rows = 11 whole triplets: bands of 18 and 15 rows

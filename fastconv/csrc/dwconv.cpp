@@ -173,7 +173,7 @@ constexpr int WMINK = 21, WMINMAP = 22, WGMINK = 13, WGMINMAP = 20;
 #ifdef DW_WD16
 constexpr int WD_EXP[6] = {DW_WD16};  // tuning experiments: -DDW_WD16=13,31,36,17,32,1024
 #else
-constexpr int WD_EXP[6] = {13, 31, 36, 17, 32, 1 << 30};  // as dw8's
+constexpr int WD_EXP[6] = {13, 31, 36, 17, 20, 1 << 30};  // as dw8's
 #endif
 constexpr int WDMINK = WD_EXP[0], WDMAXK = WD_EXP[1], WDMAP13 = WD_EXP[2], WDMINMAP = WD_EXP[3], WDMAP23 = WD_EXP[4],
               WDMAXMAP23 = WD_EXP[5];
@@ -1007,55 +1007,66 @@ inline bool swap_roles(int64_t H, int64_t W, int64_t KH, int64_t KW) { return KH
 // feeds the up to KC outputs it reaches, in ascending kernel column per output. row: input pixel x0 of the window
 // (pixel stride ps floats), kr: the chunk's first weight vector. EDGE: pixels outside columns [0, W) are zeros (the
 // padding) and are skipped.
-template <int KC, bool EDGE>
-__attribute__((always_inline)) inline void direct_chunk(vec (&acc)[DCO], const float* row, int64_t ps,
+template <int TC, int KC, bool EDGE>
+__attribute__((always_inline)) inline void direct_chunk(vec (&acc)[TC], const float* row, int64_t ps,
                                                         const float* kr, int64_t x0, int64_t W) {
     vec w[KC];
 #pragma GCC unroll 16
     for (int kx = 0; kx < KC; ++kx) w[kx] = load(kr + kx * L);
 #pragma GCC unroll 64
-    for (int m = 0; m < DCO + KC - 1; ++m) {
+    for (int m = 0; m < TC + KC - 1; ++m) {
         if (EDGE && (uint64_t)(x0 + m) >= (uint64_t)W) continue;
         const vec v = load(row + m * ps);
 #pragma GCC unroll 16
         for (int kx = 0; kx < KC; ++kx)
-            if (m - kx >= 0 && m - kx < DCO) acc[m - kx] = fma(v, w[kx], acc[m - kx]);
+            if (m - kx >= 0 && m - kx < TC) acc[m - kx] = fma(v, w[kx], acc[m - kx]);
     }
 }
 
 // The last KW mod KCH columns of a kernel row: the chunk of that width.
-template <int KC, bool EDGE>
-__attribute__((always_inline)) inline void direct_rest(int r, vec (&acc)[DCO], const float* row, int64_t ps,
+template <int TC, int KC, bool EDGE>
+__attribute__((always_inline)) inline void direct_rest(int r, vec (&acc)[TC], const float* row, int64_t ps,
                                                        const float* kr, int64_t x0, int64_t W) {
     if constexpr (KC > 1) {
-        if (r < KC) return direct_rest<KC - 1, EDGE>(r, acc, row, ps, kr, x0, W);
+        if (r < KC) return direct_rest<TC, KC - 1, EDGE>(r, acc, row, ps, kr, x0, W);
     }
-    direct_chunk<KC, EDGE>(acc, row, ps, kr, x0, W);
+    direct_chunk<TC, KC, EDGE>(acc, row, ps, kr, x0, W);
 }
 
-// One row of DCO output pixels of one L-channel block, from a channels_last tensor or a block's packed rows:
-// acc[c] += in[ky][c + kx] * k[ky][kx] over kernel rows [ky_lo, ky_hi) and all kernel columns, in the planar
-// kernel's order (input row, then kernel column), the columns in chunks of KCH (weights in registers). in: input
-// pixel x0 = q - pw of kernel row 0 (row stride in_rs, pixel stride ps floats); k: the block's (KH, KW) vectors.
-template <bool EDGE>
+// One row of TC output pixels (DCO, or HCO at a row's end) of one L-channel block, from a channels_last tensor or a
+// block's packed rows: acc[c] += in[ky][c + kx] * k[ky][kx] over kernel rows [ky_lo, ky_hi) and all kernel columns, in
+// the planar kernel's order (input row, then kernel column), the columns in chunks of KCH (weights in registers). in:
+// input pixel x0 = q - pw of kernel row 0 (row stride in_rs, pixel stride ps floats); k: the block's (KH, KW) vectors.
+template <int TC, bool EDGE>
 inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float* k, int64_t KW, int64_t ky_lo,
                         int64_t ky_hi, const float* bias, float* out, int64_t out_ps, int64_t x0, int64_t W) {
-    vec acc[DCO];
+    vec acc[TC];
     const vec init = bias ? load(bias) : vec{};
 #pragma GCC unroll 32
-    for (int c = 0; c < DCO; ++c) acc[c] = init;
+    for (int c = 0; c < TC; ++c) acc[c] = init;
     for (int64_t ky = ky_lo; ky < ky_hi; ++ky) {
         const float* row = in + ky * in_rs;
         const float* kr = k + ky * KW * L;
         int64_t k0 = 0;
-        for (; k0 + KCH <= KW; k0 += KCH) direct_chunk<KCH, EDGE>(acc, row + k0 * ps, ps, kr + k0 * L, x0 + k0, W);
+        for (; k0 + KCH <= KW; k0 += KCH)
+            direct_chunk<TC, KCH, EDGE>(acc, row + k0 * ps, ps, kr + k0 * L, x0 + k0, W);
         if constexpr (KCH > 1) {
-            if (k0 < KW) direct_rest<KCH - 1, EDGE>((int)(KW - k0), acc, row + k0 * ps, ps, kr + k0 * L, x0 + k0, W);
+            if (k0 < KW)
+                direct_rest<TC, KCH - 1, EDGE>((int)(KW - k0), acc, row + k0 * ps, ps, kr + k0 * L, x0 + k0, W);
         }
     }
 #pragma GCC unroll 32
-    for (int c = 0; c < DCO; ++c) store(out + c * out_ps, acc[c]);
+    for (int c = 0; c < TC; ++c) store(out + c * out_ps, acc[c]);
 }
+
+// A row of W >= DCO output pixels runs W / DCO tiles of DCO from 0, then the last W mod DCO pixels in one tile of HCO
+// where they fit it (narrow_tail), else in one of DCO; the last tile ends at W (overlapping the one before, whose
+// pixels are then written twice with the same values). Measured (2 threads, AVX-512 Xeon, C = 384, paired rounds,
+// against a last tile of DCO; NCHW / channels_last): R = 56 K = 7 0.94 / 0.93, K = 13 0.92 / 0.92; Winograd rows
+// R = 20 K = 15 0.84 / 0.80, R = 24 K = 21 0.81 / 0.83, B = 8 C = 128 R = 56 K = 31 0.89 / 0.90; R = 32 (no tail)
+// 0.99-1.03.
+constexpr int HCO = DCO >= 16 ? DCO / 2 : DCO;  // (8 accumulators: as many as the FMA latency needs in flight)
+inline bool narrow_tail(int64_t W) { return HCO < DCO && W % DCO != 0 && W % DCO <= HCO; }
 
 // Forward / input gradient in DCO-pixel tiles. The kernel is repacked once to (ceil(C / L), KH, KW, L) by pack_row
 // (as the packed planes' kernels are): a block's kernel in consecutive cache lines. Two ways to read x:
@@ -1087,6 +1098,14 @@ constexpr int DPACK_TAPS = 49;
 #ifndef DW_BAND_FLOATS
 #define DW_BAND_FLOATS (128 * 1024)
 #endif
+// the band buffer of the Winograd rows (wino_direct) of kernels from 15: their bands must be tall (each transforms
+// KH - 1 halo rows), and 2 MB per thread measured faster than 512 KB at large maps (2 threads, AVX-512 Xeon, against
+// 512 KB, where those maps then ran the planes: R = 256 C = 128 K = 31 0.92-0.95, K = 21 0.83-0.86, K = 17 0.79-0.88,
+// K = 15 0.80-0.94; R = 128 C = 256 K = 29 0.90; B = 2 C = 128 R = 96 K = 31 0.88-0.90; 4 MB: 0.98-1.00 against
+// 2 MB). Not for K = 13, whose transforms weigh more: R = 128 1.01-1.14, R = 256 0.97-1.12 against the 512 KB bands.
+#ifndef DW_WD_BAND_FLOATS
+#define DW_WD_BAND_FLOATS (512 * 1024)
+#endif
 // Whether the direct tiles on packed rows run in Winograd F(3, 3) rows (conv_path 5, see conv_direct): kernels
 // WDMINK..WDMAXK on maps from WDMAP13 (K < 15), WDMINMAP (K 15-21), WDMAP23 up to WDMAXMAP23 (K >= 23), where a band
 // of twice the kernel's height fits the band buffer (shorter bands transform KH - 1 halo rows for each few outputs:
@@ -1103,12 +1122,16 @@ constexpr int DPACK_TAPS = 49;
 //   K = 13 0.87, 17 0.86, 21 0.88, 27 0.92, 31 0.95; R = 20 K = 15 0.80; R = 64 K = 13 0.90, 17 0.92, 21 0.99, but 27
 //   1.04 and R = 48 K = 31 1.04 (so K >= 23 up to maps of 32); R = 24 K = 27 0.90; R = 16 K = 13 0.97.
 // The 8-lane numbers are from an AVX-512 CPU running AVX2 code; no AVX2-only CPU was at hand.
+inline int64_t wd_band_floats(int64_t KH, int64_t KW) {
+    return min64(KH, KW) >= 15 ? DW_WD_BAND_FLOATS : DW_BAND_FLOATS;
+}
 inline bool wino_direct(int64_t H, int64_t W, int64_t KH, int64_t KW) {
     const int64_t k = min64(KH, KW), r = min64(H, W);
-    if (!WDMINK || k < WDMINK || max64(KH, KW) > WDMAXK || DW_BAND_FLOATS / (W * L) - (KH - 1) < 2 * KH) return false;
+    if (!WDMINK || k < WDMINK || max64(KH, KW) > WDMAXK || wd_band_floats(KH, KW) / (W * L) - (KH - 1) < 2 * KH)
+        return false;
     if (k < 15) return r >= WDMAP13;
     if (k <= 21) return r >= WDMINMAP;
-    return r >= WDMAP23 && r <= WDMAXMAP23;
+    return r >= max64(WDMAP23, k - 3) && r <= WDMAXMAP23 && (W % DCO == 0 || W % DCO <= HCO);
 }
 
 // How many bands of output rows conv_direct's packed rows cut each (image, channel block) into: bands as tall as fit
@@ -1120,7 +1143,7 @@ inline bool wino_direct(int64_t H, int64_t W, int64_t KH, int64_t KW) {
 inline int64_t row_bands(int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads) {
     if (N < 1 || C < 1 || H < 1 || W < 1 || nthreads < 1) return 1;  // (exported: dw_row_bands)
     const int64_t CB = (C + L - 1) / L, min_band = wino_direct(H, W, KH, KW) ? KH : 1;
-    int64_t band = max64(1, min64(H, DW_BAND_FLOATS / (W * L) - (KH - 1)));
+    int64_t band = max64(1, min64(H, (min_band > 1 ? wd_band_floats(KH, KW) : DW_BAND_FLOATS) / (W * L) - (KH - 1)));
     while (band > min_band && N * CB * ((H + band - 1) / band) < 4 * nthreads) band = max64(min_band, (band + 1) / 2);
     const int64_t nb0 = (H + band - 1) / band;
     for (int64_t nb = nb0; nb <= min64(H, 2 * nb0); ++nb) {
@@ -1159,7 +1182,8 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                  int64_t swH, int64_t swW, const float* b, float* y, int64_t yN, int64_t yC, int64_t yH, int64_t yW,
                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t nthreads,
                  bool rows_packed, const WeightGradOf* wg = nullptr) {
-    const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, QT = (W + DCO - 1) / DCO;
+    const bool narrow = narrow_tail(W);  // the tiles of a row: QT of DCO pixels, then one of HCO where narrow
+    const int64_t CB = (C + L - 1) / L, ph = KH / 2, pw = KW / 2, QT = narrow ? W / DCO : (W + DCO - 1) / DCO;
     const bool wd = rows_packed && wino_direct(H, W, KH, KW);  // the tiles in Winograd rows (conv_path 5)
     const int64_t T = wino_chunks(KH), TS = T * KW * L;
     RawBuffer k(CB * L * KH * KW), gk(wd ? CB * 5 * TS : 0);
@@ -1181,9 +1205,13 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
             const int64_t q = min64(t * DCO, W - DCO);  // the last tile may overlap the one before
             const float* in = xr + (q - pw) * ps;
             if (q < pw || q + DCO + pw > W)
-                direct_tile<true>(in, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * ops, ops, q - pw, W);
+                direct_tile<DCO, true>(in, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * ops, ops, q - pw, W);
             else
-                direct_tile<false>(in, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * ops, ops, q - pw, W);
+                direct_tile<DCO, false>(in, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * ops, ops, q - pw, W);
+        }
+        if (narrow) {  // the last W mod DCO pixels
+            const int64_t q = W - HCO;
+            direct_tile<HCO, true>(xr + (q - pw) * ps, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * ops, ops, q - pw, W);
         }
     };
     if (!rows_packed) {  // channels_last x and y of whole blocks
@@ -1270,13 +1298,20 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                         std::memset(mk, 0, sizeof(float) * ms);
                         continue;
                     }
+                    const float* uq = u + kk * us + q * RS;
                     for (int64_t t = 0; t < QT; ++t) {
                         const int64_t qc = min64(t * DCO, W - DCO), x0 = qc - pw;  // the last tile may overlap
-                        const float* ui = u + kk * us + q * RS + x0 * L;
                         if (qc < pw || qc + DCO + pw > W)
-                            direct_tile<true>(ui, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr, mk + qc * L, L, x0, W);
+                            direct_tile<DCO, true>(uq + x0 * L, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr,
+                                                   mk + qc * L, L, x0, W);
                         else
-                            direct_tile<false>(ui, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr, mk + qc * L, L, x0, W);
+                            direct_tile<DCO, false>(uq + x0 * L, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr,
+                                                    mk + qc * L, L, x0, W);
+                    }
+                    if (narrow) {  // the last W mod DCO pixels
+                        const int64_t qc = W - HCO, x0 = qc - pw;
+                        direct_tile<HCO, true>(uq + x0 * L, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr, mk + qc * L,
+                                               L, x0, W);
                     }
                 }
                 float* yr = y + n * yN + c0 * yC + P * yH;
