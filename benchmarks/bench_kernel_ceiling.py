@@ -11,11 +11,13 @@ measures, for the kernels that run on packed planes (K > DMAXK: 27 and 31 with A
               inside the map (``fastconv.roofline.depthwise_flops(...)["inside"]``, as the targets are);
   Winograd plane, executed / Winograd plane
               the same plane in Winograd F(3, 3) rows (``corr_plane_wino``, what the call runs from K = 21 on maps
-              from 22 with AVX-512, from 15 on maps from 20 with 8 lanes): its executed multiply-adds
-              (``fastconv.roofline.winograd_rows_flops``), then the products inside the map (so above the FMA peak
-              where the 1.6-1.7x fewer multiply-adds outrun the transforms' cost);
+              from 22 with AVX-512, from 15 on maps from 20 with 8 lanes, where the Winograd rows in direct tiles do
+              not run): its executed multiply-adds (``fastconv.roofline.winograd_rows_flops``), then the products
+              inside the map (so above the FMA peak where the 1.6-1.7x fewer multiply-adds outrun the transforms'
+              cost);
   call        the whole forward call (``fastconv.cpu_kernels.cpp_conv``, B=1, C channels, NCHW): packing, the
-              planes, the write-back, the Python around it; inside products.
+              planes or (``cpp_conv_path``: on AVX-512 at K = 27 / 31 on maps from 32) the Winograd rows in direct
+              tiles on packed rows, the write-back, the Python around it; inside products.
 One thread (``torch.set_num_threads(1)``; the FMA probe on one thread), the probes in a random order each round;
 best and median over the rounds, each level as a fraction of the run's best FMA probe. Not a test: the machine is
 noisy. Writes ``benchmarks/results/<--name>.{json,md}``.
