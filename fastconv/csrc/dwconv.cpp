@@ -683,6 +683,37 @@ struct WinoBuffers {
     }
 };
 
+// The input transform of one transformed row j (B^T above): pixels [q0, q1) of the input rows 3j .. 3j + 4 at
+// r[0..4] (pixel stride L) to the five products' rows o, o + us, .., o + 4 us.
+inline void wino_input_row(const float* const* r, float* o, int64_t us, int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+        const vec d0 = load(r[0] + q * L), d1 = load(r[1] + q * L), d2 = load(r[2] + q * L), d3 = load(r[3] + q * L),
+                  d4 = load(r[4] + q * L);
+        const vec e = d3 - d1;
+        store(o + q * L, 2.f * (d0 - d2) + e);
+        store(o + us + q * L, e - d1 - d2);
+        store(o + 2 * us + q * L, d1 - 2.f * d2 + d3 + (d1 - d2));
+        store(o + 3 * us + q * L, e);
+        store(o + 4 * us + q * L, 2.f * (d1 - d3) - d2 + d4);
+    }
+}
+
+// The output transform of one triplet: its first `rows` (1..3) output rows at y (row stride ys, pixel stride ps) from
+// the five products' rows m, m + ms, .., m + 4 ms (pixel stride L), OW pixels; outputs start from b, or from y where
+// accum.
+inline void wino_output_rows(const float* m, int64_t ms, float* y, int64_t ys, int64_t ps, int64_t OW, int64_t rows,
+                             vec b, bool accum) {
+    float* y1 = y + ys;
+    float* y2 = y + 2 * ys;
+    for (int64_t q = 0; q < OW; ++q) {
+        const vec m0 = load(m + q * L), m1 = load(m + ms + q * L), m2 = load(m + 2 * ms + q * L),
+                  m3 = load(m + 3 * ms + q * L), m4 = load(m + 4 * ms + q * L);
+        store(y + q * ps, (accum ? load(y + q * ps) : b) + m0 + m1 + m2 + m3);
+        if (rows > 1) store(y1 + q * ps, (accum ? load(y1 + q * ps) : b) + m1 - m2 + 2.f * m3);
+        if (rows > 2) store(y2 + q * ps, (accum ? load(y2 + q * ps) : b) + m1 + m2 + 4.f * m3 + m4);
+    }
+}
+
 // What corr_plane computes, by the Winograd rows: in is the packed plane (OH + KH - 1 rows of OW + KW - 1 pixels),
 // nonzero only in rows [row_lo, row_hi) and columns [col_lo, col_hi); G its kernel's wino_kernel; outputs start from
 // init (a bias vector, or null: zeros), or from out where accum.
@@ -707,37 +738,15 @@ inline void corr_plane_wino(const float* in, const float* G, float* out, int64_t
     for (int64_t j = j_lo; j < j_hi; ++j) {
         const float* r[5];
         for (int a = 0; a < 5; ++a) r[a] = 3 * j + a < Hp ? in + (3 * j + a) * rs : zeros;
-        float* o = U + j * rs;
-        const int64_t us = J * rs;  // from one transformed plane to the next
-        for (int64_t q = col_lo; q < col_hi; ++q) {
-            const vec d0 = load(r[0] + q * L), d1 = load(r[1] + q * L), d2 = load(r[2] + q * L),
-                      d3 = load(r[3] + q * L), d4 = load(r[4] + q * L);
-            const vec e = d3 - d1;
-            store(o + q * L, 2.f * (d0 - d2) + e);
-            store(o + us + q * L, e - d1 - d2);
-            store(o + 2 * us + q * L, d1 - 2.f * d2 + d3 + (d1 - d2));
-            store(o + 3 * us + q * L, e);
-            store(o + 4 * us + q * L, 2.f * (d1 - d3) - d2 + d4);
-        }
+        wino_input_row(r, U + j * rs, J * rs, col_lo, col_hi);  // (J * rs: from one transformed plane to the next)
     }
     const int64_t TS = T * KW * L, MS = Q * OW * L;
     for (int k = 0; k < 5; ++k)
         corr_plane(U + k * J * rs, G + k * TS, M + k * MS, Q, OW, T, KW, nullptr, false, lo[k], hi[k], col_lo, col_hi,
                    rs);
     const vec b = init ? load(init) : vec{};
-    for (int64_t t = 0; t < Q; ++t) {
-        const float* m = M + t * OW * L;
-        float* y0 = out + 3 * t * OW * L;
-        float* y1 = 3 * t + 1 < OH ? y0 + OW * L : nullptr;
-        float* y2 = 3 * t + 2 < OH ? y0 + 2 * OW * L : nullptr;
-        for (int64_t q = 0; q < OW; ++q) {
-            const vec m0 = load(m + q * L), m1 = load(m + MS + q * L), m2 = load(m + 2 * MS + q * L),
-                      m3 = load(m + 3 * MS + q * L), m4 = load(m + 4 * MS + q * L);
-            store(y0 + q * L, (accum ? load(y0 + q * L) : b) + m0 + m1 + m2 + m3);
-            if (y1) store(y1 + q * L, (accum ? load(y1 + q * L) : b) + m1 - m2 + 2.f * m3);
-            if (y2) store(y2 + q * L, (accum ? load(y2 + q * L) : b) + m1 + m2 + 4.f * m3 + m4);
-        }
-    }
+    for (int64_t t = 0; t < Q; ++t)
+        wino_output_rows(M + t * OW * L, MS, out + 3 * t * OW * L, OW * L, L, OW, min64(3, OH - 3 * t), b, accum);
 }
 
 // Whether the weight gradient of an H x W map runs the Winograd rows (the map is its "kernel": its chunks of three
@@ -1272,17 +1281,7 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                     const int64_t i = base + 3 * j + a;
                     r[a] = i >= r0 && i < r1 ? in + (i - r0) * RS : zeros.data();
                 }
-                float* o = u + j * RS;
-                for (int64_t q = 0; q < W; ++q) {
-                    const vec d0 = load(r[0] + q * L), d1 = load(r[1] + q * L), d2 = load(r[2] + q * L),
-                              d3 = load(r[3] + q * L), d4 = load(r[4] + q * L);
-                    const vec e = d3 - d1;
-                    store(o + q * L, 2.f * (d0 - d2) + e);
-                    store(o + us + q * L, e - d1 - d2);
-                    store(o + 2 * us + q * L, d1 - 2.f * d2 + d3 + (d1 - d2));
-                    store(o + 3 * us + q * L, e);
-                    store(o + 4 * us + q * L, 2.f * (d1 - d3) - d2 + d4);
-                }
+                wino_input_row(r, u + j * RS, us, 0, W);
             }
             const float* gb = gk.data() + c0 / L * 5 * TS;
             const vec bv = b ? load(bias.data() + c0) : vec{};
@@ -1315,15 +1314,10 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                     }
                 }
                 float* yr = y + n * yN + c0 * yC + P * yH;
-                float* o0 = straight ? yr : orow.data();
-                const int64_t os = straight ? yH : RS, ops = straight ? yW : L;
-                for (int64_t c = 0; c < W; ++c) {
-                    const vec m0 = load(m + c * L), m1 = load(m + ms + c * L), m2 = load(m + 2 * ms + c * L),
-                              m3 = load(m + 3 * ms + c * L), m4 = load(m + 4 * ms + c * L);
-                    store(o0 + c * ops, bv + m0 + m1 + m2 + m3);
-                    if (rows > 1) store(o0 + os + c * ops, bv + m1 - m2 + 2.f * m3);
-                    if (rows > 2) store(o0 + 2 * os + c * ops, bv + m1 + m2 + 4.f * m3 + m4);
-                }
+                if (straight)
+                    wino_output_rows(m, ms, yr, yH, yW, W, rows, bv, false);
+                else
+                    wino_output_rows(m, ms, orow.data(), RS, L, W, rows, bv, false);
                 if (!straight)
                     for (int64_t i = 0; i < rows; ++i) unpack_row(orow.data() + i * RS, lanes, W, yr + i * yH, yC, yW);
             }
