@@ -683,6 +683,23 @@ struct WinoBuffers {
     }
 };
 
+// The transformed rows j of each product k that can be nonzero, [lo[k], hi[k]) of J: the input rows 3j + a it combines
+// (a in A_LO[k] .. A_HI[k]) meet the nonzero input rows [row_lo, row_hi); [j_lo, j_hi) spans them all (the transforms
+// run over all products' rows there).
+struct WinoRows {
+    int64_t lo[5], hi[5], j_lo, j_hi;
+    WinoRows(int64_t row_lo, int64_t row_hi, int64_t J) : j_lo(J), j_hi(0) {
+        constexpr int A_LO[5] = {0, 1, 1, 1, 1}, A_HI[5] = {3, 3, 3, 3, 4};
+        for (int k = 0; k < 5; ++k) {
+            lo[k] = row_lo - A_HI[k] > 0 ? (row_lo - A_HI[k] + 2) / 3 : 0;
+            hi[k] = row_hi - 1 - A_LO[k] >= 0 ? min64(J, (row_hi - 1 - A_LO[k]) / 3 + 1) : 0;
+            if (hi[k] < lo[k]) hi[k] = lo[k];
+            j_lo = min64(j_lo, lo[k]);
+            j_hi = max64(j_hi, hi[k]);
+        }
+    }
+};
+
 // The input transform of one transformed row j (B^T above): pixels [q0, q1) of the input rows 3j .. 3j + 4 at
 // r[0..4] (pixel stride L) to the five products' rows o, o + us, .., o + 4 us.
 inline void wino_input_row(const float* const* r, float* o, int64_t us, int64_t q0, int64_t q1) {
@@ -723,17 +740,8 @@ inline void corr_plane_wino(const float* in, const float* G, float* out, int64_t
     const int64_t Hp = OH + KH - 1, rs = (OW + KW - 1) * L, T = wino_chunks(KH), Q = wino_triplets(OH), J = wb.J;
     float* U = wb.u.data();
     float* M = wb.m.data();
-    // the rows j of product k that can be nonzero: the input rows 3j + a it combines (a in [A_LO[k], A_HI[k]]) meet
-    // [row_lo, row_hi); the transforms run over all products' rows
-    constexpr int A_LO[5] = {0, 1, 1, 1, 1}, A_HI[5] = {3, 3, 3, 3, 4};
-    int64_t lo[5], hi[5], j_lo = J, j_hi = 0;
-    for (int k = 0; k < 5; ++k) {
-        lo[k] = row_lo - A_HI[k] > 0 ? (row_lo - A_HI[k] + 2) / 3 : 0;
-        hi[k] = row_hi - 1 - A_LO[k] >= 0 ? min64(J, (row_hi - 1 - A_LO[k]) / 3 + 1) : 0;
-        if (hi[k] < lo[k]) hi[k] = lo[k];
-        j_lo = min64(j_lo, lo[k]);
-        j_hi = max64(j_hi, hi[k]);
-    }
+    const WinoRows wr(row_lo, row_hi, J);
+    const int64_t *lo = wr.lo, *hi = wr.hi, j_lo = wr.j_lo, j_hi = wr.j_hi;
     const float* zeros = wb.zeros.data();  // the rows past the plane
     for (int64_t j = j_lo; j < j_hi; ++j) {
         const float* r[5];
@@ -1264,18 +1272,11 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
         auto band_wino = [&](int64_t n, int64_t c0, int64_t p0, int64_t p1, int64_t r0, int64_t r1, const float* in) {
             const int64_t Q = wino_triplets(p1 - p0), J = Q + T - 1, base = p0 - ph, row_lo = r0 - base,
                           row_hi = r1 - base, lanes = lane_count(C, c0);
-            constexpr int A_LO[5] = {0, 1, 1, 1, 1}, A_HI[5] = {3, 3, 3, 3, 4};
-            int64_t lo[5], hi[5], j_lo = J, j_hi = 0;
-            for (int kk = 0; kk < 5; ++kk) {
-                lo[kk] = row_lo - A_HI[kk] > 0 ? (row_lo - A_HI[kk] + 2) / 3 : 0;
-                hi[kk] = row_hi - 1 - A_LO[kk] >= 0 ? min64(J, (row_hi - 1 - A_LO[kk]) / 3 + 1) : 0;
-                if (hi[kk] < lo[kk]) hi[kk] = lo[kk];
-                j_lo = min64(j_lo, lo[kk]);
-                j_hi = max64(j_hi, hi[kk]);
-            }
+            const WinoRows wr(row_lo, row_hi, J);
+            const int64_t *lo = wr.lo, *hi = wr.hi;
             float* u = U.data();
             const int64_t us = J * RS;  // from one product's transformed rows to the next
-            for (int64_t j = j_lo; j < j_hi; ++j) {
+            for (int64_t j = wr.j_lo; j < wr.j_hi; ++j) {
                 const float* r[5];
                 for (int a = 0; a < 5; ++a) {
                     const int64_t i = base + 3 * j + a;
