@@ -293,29 +293,14 @@ def _cudnn_weight_grad_nhwc(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int) 
 _WILL_EXECUTE = getattr(torch._C, "_will_engine_execute_node", None)
 
 
-def _gradient_needed(ctx, i: int) -> bool:
-    """Whether this backward pass uses the gradient of the Function's input ``i``: ``ctx.needs_input_grad`` (the
-    input requires grad), narrowed as PyTorch's own convolution narrows its output mask: False where the autograd
-    engine will not run that input's gradient node in the current pass (``torch.autograd.grad`` with respect to some
-    inputs only, ``backward(inputs=...)``). So captum's gradients with respect to the image skip dL/dw of trainable
-    weights (the C++ kernel's weight gradient costs as much as its input gradient). True where the engine cannot
-    tell."""
-    if not ctx.needs_input_grad[i]:
-        return False
-    node = ctx.next_functions[i][0]
-    if _WILL_EXECUTE is None or node is None:
-        return True
-    try:
-        return bool(_WILL_EXECUTE(node))
-    except RuntimeError:  # the engine refuses to answer for a leaf that torch.autograd.grad was asked for: needed
-        return True
-
-
-
-
 def _gradients_needed(ctx) -> tuple[bool, bool, bool]:
-    """``_gradient_needed`` of the Function's three tensor inputs, reading ``ctx.needs_input_grad`` and
-    ``ctx.next_functions`` (a tuple built on each access) once."""
+    """Whether this backward pass uses the gradient of each of the Function's three tensor inputs:
+    ``ctx.needs_input_grad`` (the input requires grad), narrowed as PyTorch's own convolution narrows its output mask:
+    False where the autograd engine will not run that input's gradient node in the current pass
+    (``torch.autograd.grad`` with respect to some inputs only, ``backward(inputs=...)``). So captum's gradients with
+    respect to the image skip dL/dw of trainable weights (the C++ kernel's weight gradient costs as much as its input
+    gradient). True where the engine cannot tell. ``ctx.needs_input_grad`` and ``ctx.next_functions`` (a tuple built on
+    each access) are read once."""
     needs = ctx.needs_input_grad
     if not any(needs[:3]):
         return False, False, False
@@ -326,16 +311,17 @@ def _gradients_needed(ctx) -> tuple[bool, bool, bool]:
 
 
 def _will_execute(node) -> bool:
+    """Whether the engine runs ``node`` (a gradient node of an input) in the current pass; True where it cannot tell."""
     if node is None:
         return True
     try:
         return bool(_WILL_EXECUTE(node))
-    except RuntimeError:  # as in _gradient_needed
+    except RuntimeError:  # the engine refuses to answer for a leaf that torch.autograd.grad was asked for: needed
         return True
 
 
 class _DepthwiseConv2dFn(torch.autograd.Function):
-    """Custom autograd: each gradient is computed only when this backward pass needs it (``_gradient_needed``: frozen
+    """Custom autograd: each gradient is computed only when this backward pass needs it (``_gradients_needed``: frozen
     weights, or captum's gradient w.r.t. the image with trainable ones, skip dL/dw). The forward and its context are
     separate (``setup_context``), as ``torch.func.grad`` / ``vjp`` need."""
 
