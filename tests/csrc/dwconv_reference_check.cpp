@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -100,25 +101,29 @@ Errors run(const Case& k, std::mt19937& rng) {
 
 int main() {
     std::mt19937 rng(0);
-    int cases = 0, fails = 0, one_pass = 0, winograd = 0;
+    int cases = 0, fails = 0, one_pass = 0, winograd = 0, winograd_direct = 0;
     // (N, C): channel blocks with lane tails; whole blocks of 8 and 16 (the direct tiles straight on channels_last
     // tensors), with the blocks the one-pass backward needs
-    // (H, K): small maps with every path below the Winograd rows, then a 24 x 27 map with K = 23 and 31, where the
-    // 8-lane variant (and AVX-512) runs the Winograd rows in all three passes
-    std::vector<std::pair<int64_t, int64_t>> maps;
+    // (H, W, K): small maps (W = H + 3) with every path below the Winograd rows, then a 24 x 27 map with K = 23 and 31,
+    // where the 8-lane variant (and AVX-512) runs the Winograd rows on planes in all three passes, and a 24 x 32 map
+    // with K = 23, where AVX-512 (and 8 lanes on channels_last) runs them in the direct tiles on packed rows (as the
+    // 8-lane channels_last 20 x 23 map with K = 13 does)
+    std::vector<std::tuple<int64_t, int64_t, int64_t>> maps;
     for (int64_t H : {5, 11, 20})
-        for (int64_t K : {3, 7, 13, 31}) maps.emplace_back(H, K);
-    maps.emplace_back(24, 23);
-    maps.emplace_back(24, 31);
+        for (int64_t K : {3, 7, 13, 31}) maps.emplace_back(H, H + 3, K);
+    maps.emplace_back(24, 27, 23);
+    maps.emplace_back(24, 27, 31);
+    maps.emplace_back(24, 32, 23);
     const int64_t batches[2][2] = {{2, 19}, {4, 48}};
     for (const auto& nc : batches)
         for (int64_t lanes : {8, 16})
-            for (const auto& [H, K] : maps)
+            for (const auto& [H, W, K] : maps)
                 for (bool channels_last : {false, true}) {
-                    const Case k{nc[0], nc[1], H, H + 3, K, lanes, channels_last};
+                    const Case k{nc[0], nc[1], H, W, K, lanes, channels_last};
                     const int64_t sC = channels_last ? 1 : k.H * k.W;
-                    winograd += dw_conv_path(sC, sC, k.C, k.H, k.W, K, K, lanes) == 4 &&
-                                dw_wgrad_wino(k.H, k.W, K, K, lanes) == 1;
+                    const int path = dw_conv_path(sC, sC, k.C, H, W, K, K, lanes);
+                    winograd += path == 4 && dw_wgrad_wino(k.H, k.W, K, K, lanes) == 1;
+                    winograd_direct += path == 5;
                     const Errors e = run(k, rng);
                     ++cases;
                     one_pass += e.one_pass;
@@ -131,7 +136,7 @@ int main() {
                                 e.y, e.x, e.w);
                 }
     std::printf("variants %d / %d, OpenMP %d: %d of %d cases match the reference (%d through the one-pass "
-                "backward, %d in Winograd rows)\n", dw_variant(8), dw_variant(16), dw_has_openmp(), cases - fails,
-                cases, one_pass, winograd);
+                "backward, %d in Winograd rows on planes, %d in direct tiles)\n", dw_variant(8), dw_variant(16),
+                dw_has_openmp(), cases - fails, cases, one_pass, winograd, winograd_direct);
     return fails ? 1 : 0;
 }
