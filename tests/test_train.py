@@ -1415,3 +1415,31 @@ def test_a_run_checkpoint_that_does_not_fit_names_the_options_it_was_trained_wit
     shutil.copy(weights, other)
     assert main(["compute", "--model", "replknet_31b", *erf[:-1], str(other), "--out", str(tmp_path / "e4")]) == 2
     assert "trained it as" not in capsys.readouterr().err
+
+
+def test_the_writability_check_leaves_folders_another_process_filled(tmp_path, monkeypatch):
+    """A study's jobs check their runs' folders side by side: the check removes the folders it made (``runs/`` and
+    the run's own), but where another job made its folder in ``runs/`` meanwhile, removing ``runs/`` failed with
+    "Directory not empty" and stopped the study (seen in CI). Now the check leaves such a folder, removes its own, and
+    a folder it cannot make still fails as before."""
+    import erf_lab.io as eio
+    from erf_lab.train import loop
+
+    real = eio.prepare_out_dir
+
+    def and_another_job(path, *a, **k):
+        made = real(path, *a, **k)
+        (made.parent / "K31-seed0").mkdir()  # the other job, between this one's check and its cleanup
+        return made
+
+    monkeypatch.setattr(eio, "prepare_out_dir", and_another_job)
+    out = tmp_path / "study" / "runs" / "K3-seed0"
+    loop._check_writable(out)
+    assert not out.exists() and sorted(p.name for p in out.parent.iterdir()) == ["K31-seed0"]
+    monkeypatch.setattr(eio, "prepare_out_dir", real)
+    loop._check_writable(tmp_path / "fresh" / "run")
+    assert not (tmp_path / "fresh").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ErfLabError):
+        loop._check_writable(blocker / "run")

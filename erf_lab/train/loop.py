@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import gc
 import io
 import json
@@ -325,13 +326,20 @@ def _only_initialisation(out: Path) -> bool:
 
 def _check_writable(out: Path) -> None:
     """ErfLabError (one line) when ``out`` cannot be written (read-only filesystem, permissions); folders made for
-    the check are removed again (training makes them when it starts, so a later error leaves nothing behind)."""
+    the check are removed again (training makes them when it starts, so a later error leaves nothing behind), but for
+    those another process filled or removed meanwhile: a study's jobs check their runs' folders side by side, and the
+    first one's removal of the shared ``runs/`` failed when the second had just made its own folder in it
+    ("Directory not empty", the study stopped)."""
     from erf_lab.io import prepare_out_dir
 
     made = [p for p in [out, *out.parents] if not p.exists()]
     prepare_out_dir(out)
     for p in made:
-        p.rmdir()
+        try:
+            p.rmdir()
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                raise
 
 
 _WORLD_SIZE = "processes (torchrun --nproc_per_node)"
