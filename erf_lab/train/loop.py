@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import gc
 import io
 import json
@@ -330,16 +329,11 @@ def _check_writable(out: Path) -> None:
     those another process filled or removed meanwhile: a study's jobs check their runs' folders side by side, and the
     first one's removal of the shared ``runs/`` failed when the second had just made its own folder in it
     ("Directory not empty", the study stopped)."""
-    from erf_lab.io import prepare_out_dir
+    from erf_lab.io import missing_folders, prepare_out_dir, remove_empty_folders
 
-    made = [p for p in [out, *out.parents] if not p.exists()]
+    made = missing_folders(out)
     prepare_out_dir(out)
-    for p in made:
-        try:
-            p.rmdir()
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                raise
+    remove_empty_folders(made)
 
 
 _WORLD_SIZE = "processes (torchrun --nproc_per_node)"
