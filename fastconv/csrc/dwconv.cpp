@@ -1085,6 +1085,27 @@ inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float*
 constexpr int HCO = DCO >= 16 ? DCO / 2 : DCO;  // (8 accumulators: as many as the FMA latency needs in flight)
 inline bool narrow_tail(int64_t W) { return HCO < DCO && W % DCO != 0 && W % DCO <= HCO; }
 
+// The tiles of one output row of W pixels: QT of DCO pixels (the last may overlap the one before), then, where narrow,
+// one of HCO ending at W. in: the row's input pixel 0 of kernel row 0 (row stride in_rs, pixel stride ps); output
+// pixel q at out + q * out_ps; the other arguments as direct_tile's.
+__attribute__((always_inline)) inline void row_of_tiles(const float* in, int64_t in_rs, int64_t ps, const float* k,
+                                                        int64_t KW, int64_t ky_lo, int64_t ky_hi, const float* bias,
+                                                        float* out, int64_t out_ps, int64_t W, int64_t pw, int64_t QT,
+                                                        bool narrow) {
+    for (int64_t t = 0; t < QT; ++t) {
+        const int64_t q = min64(t * DCO, W - DCO), x0 = q - pw;
+        if (q < pw || q + DCO + pw > W)
+            direct_tile<DCO, true>(in + x0 * ps, in_rs, ps, k, KW, ky_lo, ky_hi, bias, out + q * out_ps, out_ps, x0, W);
+        else
+            direct_tile<DCO, false>(in + x0 * ps, in_rs, ps, k, KW, ky_lo, ky_hi, bias, out + q * out_ps, out_ps, x0,
+                                    W);
+    }
+    if (narrow) {
+        const int64_t q = W - HCO, x0 = q - pw;
+        direct_tile<HCO, true>(in + x0 * ps, in_rs, ps, k, KW, ky_lo, ky_hi, bias, out + q * out_ps, out_ps, x0, W);
+    }
+}
+
 // Forward / input gradient in DCO-pixel tiles. The kernel is repacked once to (ceil(C / L), KH, KW, L) by pack_row
 // (as the packed planes' kernels are): a block's kernel in consecutive cache lines. Two ways to read x:
 // - rows_packed false (channels_last x and y, C a multiple of L): output rows split over the threads, each row's
@@ -1133,8 +1154,10 @@ constexpr int DPACK_TAPS = 49;
 //   K = 15 0.84 / 0.88, 17 0.84 / 0.85, 19 0.82 / 0.86, 21 0.83 / 0.79, 23 0.86 / 0.83, 25 0.87 / 0.88, 27 0.89 /
 //   0.88, 31 0.94 / 0.89; R = 64 K = 17 0.78 / 0.81, 21 0.84 / 0.83, 31 0.91 / 0.92; C = 512 R = 64 K = 27 0.89 / 0.90;
 //   C = 128 R = 128 K = 21 0.80 / 0.82; R = 17-20, K = 15-21 0.76-0.87; K = 13 at R = 36-64 0.90-0.95 (R = 32 1.01 /
-//   1.06, B = 4 0.96 / 1.01, R = 16 1.04 / 1.07: not below 36); K >= 23 not under 32 (R = 28-30 0.95-1.04, C = 256
-//   B = 2 R = 28 K = 29 1.03 / 1.10, R = 24 K = 27 1.04-1.08, R = 20 1.09-1.17).
+//   1.06, B = 4 0.96 / 1.01, R = 16 1.04 / 1.07: not below 36); K >= 23 from maps of K - 3 where a row's last W mod 16
+//   pixels fit the narrow tile (R = 24 K = 27 0.86 / 0.90, R = 22 K = 23 0.90 / 0.88, R = 56 K = 31 0.89 / 0.90; tails
+//   of 10-14 pixels: R = 28 K = 29 1.02 / 1.07, R = 30 K = 31 1.03 / 0.90, R = 44 K = 31 1.01 / 1.02; R = 20 K = 31
+//   1.09 / 1.12).
 //   8 lanes (built for AVX2 on the same CPU, channels_last; NCHW stays on the packed planes, DANY_LAYOUT): R = 32
 //   K = 13 0.87, 17 0.86, 21 0.88, 27 0.92, 31 0.95; R = 20 K = 15 0.80; R = 64 K = 13 0.90, 17 0.92, 21 0.99, but 27
 //   1.04 and R = 48 K = 31 1.04 (so K >= 23 up to maps of 32); R = 24 K = 27 0.90; R = 16 K = 13 0.97.
@@ -1152,8 +1175,9 @@ inline bool wino_direct(int64_t H, int64_t W, int64_t KH, int64_t KW) {
 }
 
 // How many bands of output rows conv_direct's packed rows cut each (image, channel block) into: bands as tall as fit
-// DW_BAND_FLOATS with their halo, halved until there are 4 units per thread, then up to twice as many bands where
-// that gives every thread the same number of units (9 units on 2 threads left one idle for a ninth of the time).
+// DW_BAND_FLOATS (in Winograd rows wd_band_floats) with their halo, halved until there are 4 units per thread (in
+// Winograd rows not below KH), then up to twice as many bands where that gives every thread the same number of units
+// (9 units on 2 threads left one idle for a ninth of the time).
 // Measured (2 threads, AVX-512 Xeon, B=1 C=48 R=96: 9 units -> 12, forward, us): channels_last K=13 632 -> 519, K=21
 // 1284 -> 1136; NCHW K=13 508 -> 431, K=21 1186 -> 1047. Each thread packs its share of the blocks' kernels (B=1
 // C=384 R=16 K=21 NCHW 176 -> 167 us).
@@ -1218,18 +1242,7 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
         const int64_t ky_lo = max64(0, ph - p), ky_hi = min64(KH, H + ph - p);
         const float* kb = k.data() + c0 * KH * KW;
         const float* bb = b ? bias.data() + c0 : nullptr;
-        for (int64_t t = 0; t < QT; ++t) {
-            const int64_t q = min64(t * DCO, W - DCO);  // the last tile may overlap the one before
-            const float* in = xr + (q - pw) * ps;
-            if (q < pw || q + DCO + pw > W)
-                direct_tile<DCO, true>(in, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * ops, ops, q - pw, W);
-            else
-                direct_tile<DCO, false>(in, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * ops, ops, q - pw, W);
-        }
-        if (narrow) {  // the last W mod DCO pixels
-            const int64_t q = W - HCO;
-            direct_tile<HCO, true>(xr + (q - pw) * ps, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr + q * ops, ops, q - pw, W);
-        }
+        row_of_tiles(xr, rs, ps, kb, KW, ky_lo, ky_hi, bb, yr, ops, W, pw, QT, narrow);
     };
     if (!rows_packed) {  // channels_last x and y of whole blocks
 #pragma omp parallel num_threads(nthreads)
@@ -1298,29 +1311,16 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                         std::memset(mk, 0, sizeof(float) * ms);
                         continue;
                     }
-                    const float* uq = u + kk * us + q * RS;
-                    for (int64_t t = 0; t < QT; ++t) {
-                        const int64_t qc = min64(t * DCO, W - DCO), x0 = qc - pw;  // the last tile may overlap
-                        if (qc < pw || qc + DCO + pw > W)
-                            direct_tile<DCO, true>(uq + x0 * L, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr,
-                                                   mk + qc * L, L, x0, W);
-                        else
-                            direct_tile<DCO, false>(uq + x0 * L, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr,
-                                                    mk + qc * L, L, x0, W);
-                    }
-                    if (narrow) {  // the last W mod DCO pixels
-                        const int64_t qc = W - HCO, x0 = qc - pw;
-                        direct_tile<HCO, true>(uq + x0 * L, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr, mk + qc * L,
-                                               L, x0, W);
-                    }
+                    row_of_tiles(u + kk * us + q * RS, RS, L, gb + kk * TS, KW, t_lo, t_hi, nullptr, mk, L, W, pw, QT,
+                                 narrow);
                 }
                 float* yr = y + n * yN + c0 * yC + P * yH;
-                if (straight)
+                if (straight) {
                     wino_output_rows(m, ms, yr, yH, yW, W, rows, bv, false);
-                else
+                } else {
                     wino_output_rows(m, ms, orow.data(), RS, L, W, rows, bv, false);
-                if (!straight)
                     for (int64_t i = 0; i < rows; ++i) unpack_row(orow.data() + i * RS, lanes, W, yr + i * yH, yC, yW);
+                }
             }
         };
         // output rows [p0, p1) of image n, the G blocks from c0 (G > 1 only where row_groups says so), from the
