@@ -220,6 +220,10 @@ def _build_with(cxx: str, flags: list[str]) -> ctypes.CDLL:
     for name in ("dw_has_openmp", "dw_has_avx512_build", "dw_cpu_avx512f"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = ctypes.c_int
+    lib.dw_tuning.argtypes = []
+    lib.dw_tuning.restype = ctypes.c_int
+    lib.dw_set_tuning.argtypes = [ctypes.c_int]
+    lib.dw_set_tuning.restype = None
     lib.dw_variant.argtypes = [i64]
     lib.dw_variant.restype = ctypes.c_int
     lib.dw_conv_path.argtypes = [i64] * 8
@@ -262,6 +266,20 @@ def cpu_lanes(lanes=None) -> int:
     return 16 if lib is not None and lib.dw_variant(0) == 16 else 8
 
 
+#: the AVX-512 variant's tunings (``dwconv.cpp``'s WD_RULES: where the direct tiles run in Winograd rows), by the
+#: kind of core they were measured on
+TUNINGS = {0: "two 512-bit FMA units per core (tuned on an Intel Xeon)",
+           1: "512-bit FMAs in two 256-bit halves (tuned on an AMD EPYC of Zen 4)"}
+
+
+def cpu_tuning() -> int:
+    """The AVX-512 variant's tuning (a ``TUNINGS`` key): 1 on cores that run a 512-bit FMA as two 256-bit halves
+    (AMD family 19h with AVX-512: Zen 4), where the Winograd rows in direct tiles pay from smaller kernels and maps,
+    else 0."""
+    lib = cpp_library()
+    return int(lib.dw_tuning()) if lib is not None else 0
+
+
 def cpu_variant(lanes=None) -> str:
     """Which variant of the C++ kernel runs, in words (for ``explain`` and the benchmark header)."""
     lib = cpp_library()
@@ -270,7 +288,8 @@ def cpu_variant(lanes=None) -> str:
     req = _requested_lanes(lanes)
     how = f"forced by {'lanes' if lanes is not None else '$' + ENV_LANES}" if req else (
         "auto: CPU has avx512f" if lib.dw_cpu_avx512f() else "auto: CPU without avx512f")
-    return f"{_VARIANTS[lib.dw_variant(req)]}, {how}"
+    variant = lib.dw_variant(req)
+    return f"{_VARIANTS[variant]}, {how}" + (f"; {TUNINGS[int(lib.dw_tuning())]}" if variant == 16 else "")
 
 
 def kernel_id() -> str:
@@ -327,7 +346,8 @@ def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) ->
 
 def cpp_wgrad_winograd(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> bool:
     """Whether ``cpp_weight_grad(x, g, KH, KW)`` (and the weight gradient of ``cpp_backward``) runs Winograd F(3, 3)
-    rows (the map is that correlation's kernel: kernels from 13 on maps from 20, see dwconv.cpp's wino_wgrad)."""
+    rows (the map is that correlation's kernel: kernels from 13 on maps from 20, with AVX-512 on cores that split
+    512-bit FMAs from 9 on maps from 16 (``cpu_tuning``); see dwconv.cpp's wino_wgrad)."""
     h, wd = x.shape[-2:]
     return cpp_library().dw_wgrad_wino(h, wd, *w.shape[-2:], _requested_lanes(lanes)) == 1
 

@@ -165,8 +165,11 @@ def test_explain_names_the_lane_width(monkeypatch):
     split = ck.cpp_work_split(xc, wc)
     threads, bands = split["threads"], split["row_bands"]
     text = fastconv.explain(xc, wc)
-    assert f"{ck.CONV_PATHS[3]} ({bands} band(s) of output rows per image and channel block over {threads} " in text
-    assert "weight gradient in 2 slice(s) of the batch per channel group" in text
+    path = _expected_path(xc.shape, (9, 9), channels_last=True)  # (in Winograd rows where the AVX-512 tuning says)
+    assert path in (ck.CONV_PATHS[3], ck.CONV_PATHS[5])
+    assert f"{path} ({bands} band(s) of output rows per image and channel block over {threads} " in text
+    rows = " in Winograd F(3, 3) rows" if _winograd(None, 48, 48, 9, 9, weight_grad=True) else ""
+    assert f"weight gradient{rows} in 2 slice(s) of the batch per channel group" in text
     assert "slice(s)" not in fastconv.explain(xc, wc.detach())
     # large kernels on large maps: the Winograd rows, named for the forward and for the weight gradient
     xw, ww = torch.randn(1, 32, 32, 32), torch.randn(32, 1, 31, 31, requires_grad=True)
@@ -832,15 +835,15 @@ def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, s
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("shape,kernel", [
-    ((1, 16, 23, 26), (31, 31)), ((2, 20, 17, 23), (27, 11)), ((1, 16, 12, 40), (11, 31)), ((1, 9, 17, 18), (31, 11)),
+    ((1, 16, 23, 26), (31, 31)), ((2, 20, 15, 23), (27, 11)), ((1, 16, 12, 40), (11, 31)), ((1, 9, 15, 18), (31, 11)),
     ((1, 16, 13, 14), (25, 11)), ((1, 16, 22, 26), (23, 27))])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, one_thread):
     """The packed planes' tiles leave out the products with the zero padding (the input rows and kernel-column
     windows of a tile that lie wholly in it). Only exact zeros are left out, and the sums keep their order: the
     forward and the input gradient equal, bit for bit, the same kernel run on the map with its zero border written
-    out (where nothing of the border is known to be padding), cropped: in plain planes (a kernel under 13 wide: no
-    Winograd rows, whose choice depends on the map's size) and, on maps of 22-23 by 26 (large enough both ways for the
+    out (where nothing of the border is known to be padding), cropped: in plain planes (a kernel under 13 wide on a
+    map under 16 high or wide: no Winograd rows, whose choice depends on the map's size) and, on maps of 22-23 by 26 (large enough both ways for the
     Winograd rows on packed planes of the 8-lane and AVX-512 variants; too small for those in direct tiles, and rows
     of 26 and 266 pixels end in 10 that fit no narrow tile), in the Winograd rows on planes. Borders of a multiple of every tile width (5 columns, 3 lowered) keep each
     output's columns in tiles of the same width, and a border of a multiple of 3 rows keeps the Winograd rows' output
@@ -872,36 +875,42 @@ def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, on
 
 def _winograd_direct(lanes, h: int, w: int, kh: int, kw: int, channels_last: bool) -> bool:
     """Whether the variant that ``lanes`` selects runs the direct tiles in Winograd rows (dwconv.cpp's wino_direct,
-    conv_path 5): kernels of 13 to 31 where a band of two kernels' height fits the band buffer (128 Ki floats for
-    K = 13, 512 Ki from 15) and a row is at least one tile wide; with AVX-512 on any layout, K = 13 on maps from 36,
-    15-21 from 17, 23-31 from K - 3 (and 20) where a row's last W mod 16 pixels are none or fit a tile of 8; with 8
-    lanes on channels_last only, K = 13-21 on maps from 16, 23-31 on maps from K - 3 (and 24) up to 32; never in the
-    16 lanes lowered to 256-bit vectors."""
+    conv_path 5): kernels up to 31 where a band of two kernels' height fits the band buffer (128 Ki floats under
+    K = 15, 512 Ki from 15) and a row is at least one tile wide; with AVX-512 on any layout, tuned for two 512-bit FMA
+    units per core (``ck.cpu_tuning()`` 0): K = 13 on maps from 36, 15-21 from 17, for 512-bit FMAs in two halves
+    (tuning 1): K = 9-21 on maps from 16, then (both) 23-31 from K - 3 (and 20) where a row's last W mod 16 pixels are
+    none or fit a tile of 8; with 8 lanes on channels_last only, K = 13-21 on maps from 16, 23-31 on maps from K - 3
+    (and 24) up to 32; never in the 16 lanes lowered to 256-bit vectors."""
     variant = ck.cpu_variant(None if lanes is None else int(lanes))
     if variant.startswith(ck._VARIANTS[17]):
         return False
     avx512 = variant.startswith(ck._VARIANTS[16])
+    split_fma = avx512 and ck.cpu_tuning() == 1
     tile = 16 if avx512 else 8  # (and the lanes)
     k, r = min(kh, kw), min(h, w)
-    if k < 13 or max(kh, kw) > 31 or w < tile or not (channels_last or avx512):
+    if k < (9 if split_fma else 13) or max(kh, kw) > 31 or w < tile or not (channels_last or avx512):
         return False
     if (512 if k >= 15 else 128) * 1024 // (w * tile) - (kh - 1) < 2 * kh:
         return False
     if avx512:
-        return r >= 36 if k < 15 else r >= 17 if k <= 21 else r >= max(20, k - 3) and w % 16 in range(9)
+        if k <= 21:
+            return r >= (16 if split_fma else 36 if k < 15 else 17)
+        return r >= max(20, k - 3) and w % 16 in range(9)
     return r >= 16 if k <= 21 else max(24, k - 3) <= r <= 32
 
 
 def _winograd(lanes, h: int, w: int, kh: int, kw: int, weight_grad: bool = False) -> bool:
     """Whether the kernel variant that ``lanes`` selects runs Winograd rows (dwconv.cpp's wino_rows / wino_wgrad):
     with AVX-512 kernels from 21 on maps from 22, with 8 lanes kernels from 15 on maps from 20 (the weight gradient:
-    kernels from 13 on maps from 20); never in the 16 lanes lowered to 256-bit vectors (that variant only tests the
-    16-lane blocking without AVX-512)."""
+    kernels from 13 on maps from 20, or from 9 on maps from 16 with AVX-512 tuned for cores that split 512-bit FMAs,
+    ``ck.cpu_tuning()`` 1); never in the 16 lanes lowered to 256-bit vectors (that variant only tests the 16-lane
+    blocking without AVX-512)."""
     variant = ck.cpu_variant(None if lanes is None else int(lanes))
     if variant.startswith(ck._VARIANTS[17]):
         return False
     if weight_grad:
-        return min(h, w) >= 20 and min(kh, kw) >= 13
+        split_fma = variant.startswith(ck._VARIANTS[16]) and ck.cpu_tuning() == 1
+        return min(h, w) >= (16 if split_fma else 20) and min(kh, kw) >= (9 if split_fma else 13)
     min_map, min_kernel = (22, 21) if variant.startswith(ck._VARIANTS[16]) else (20, 15)
     return min(h, w) >= min_map and min(kh, kw) >= min_kernel
 
@@ -941,7 +950,19 @@ def test_winograd_rows_match_conv2d_in_float64(lanes, shape, kernel, layout, mon
         assert torch.equal(a, t)
 
 
-@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.fixture
+def avx512_tuning(request):
+    """The AVX-512 variant's tuning (``ck.TUNINGS``) that the test's ``tuning`` parameter names, on any CPU (None:
+    the CPU's own); the CPU's own again after the test."""
+    tuning = request.param
+    if tuning is not None and ck.cpp_available():
+        ck.cpp_library().dw_set_tuning(tuning)
+    yield tuning
+    if ck.cpp_available():
+        ck.cpp_library().dw_set_tuning(-1)
+
+
+@pytest.mark.parametrize("lanes,avx512_tuning", [("8", None), ("16", 0), ("16", 1)], indirect=["avx512_tuning"])
 @pytest.mark.parametrize("shape,kernel,bands,groups", [
     ((1, 16, 40, 40), (13, 13), 4, 1),  # AVX-512 from maps of 36; 4 bands (4 units) of 12 rows (a multiple of 3: the
                                         # map's triplets), the last one of 4 rows: a triplet of one row
@@ -951,16 +972,21 @@ def test_winograd_rows_match_conv2d_in_float64(lanes, shape, kernel, layout, mon
                                         # bands of 18 and 14 rows
     ((1, 32, 33, 35), (21, 19), 2, 1),  # 33 rows = 11 whole triplets: bands of 18 and 15 rows
     ((8, 64, 18, 20), (15, 15), 1, 4),  # channels_last: units of 4 neighbouring blocks side by side
+    ((1, 16, 24, 26), (11, 9), 3, 1),  # AVX-512 tuned for split FMAs: from K = 9; 4 chunks, the last with one zero
+                                       # row; bands halved to no fewer rows than KH = 11: 3; else the direct tiles
+    ((1, 16, 16, 16), (9, 9), 2, 1),  # the same at the least map (16) and kernel (9): 2 bands (of at least 9 rows)
 ])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_winograd_direct_tiles_match_conv2d_in_float64(lanes, shape, kernel, bands, groups, layout, monkeypatch,
-                                                       one_thread):
-    """Kernels from 13 on large enough maps run the direct tiles on packed rows in Winograd F(3, 3) rows (dwconv.cpp's
-    conv_direct with wino_direct: each band's rows transformed once, each of the five products a direct tile over the
-    transformed rows with a transformed kernel of ceil(KH / 3) rows, then three output rows per triplet): forward,
-    input and weight gradient vs F.conv2d in float64 with bias, where the variant runs them (AVX-512 on any layout, 8
-    lanes on channels_last); the bands and channel groups named; two threads (other bands) give one thread's numbers
-    bit for bit, and so does the backward's one pass where it applies."""
+def test_winograd_direct_tiles_match_conv2d_in_float64(lanes, avx512_tuning, shape, kernel, bands, groups, layout,
+                                                       monkeypatch, one_thread):
+    """Large enough kernels on large enough maps run the direct tiles on packed rows in Winograd F(3, 3) rows
+    (dwconv.cpp's conv_direct with wino_direct: each band's rows transformed once, each of the five products a direct
+    tile over the transformed rows with a transformed kernel of ceil(KH / 3) rows, then three output rows per
+    triplet): forward, input and weight gradient vs F.conv2d in float64 with bias, where the variant runs them
+    (AVX-512 on any layout, from K = 13 or, tuned for cores that split 512-bit FMAs, from 9; 8 lanes on channels_last
+    from 13), under both AVX-512 tunings on any AVX-512 CPU (and so the weight gradient's Winograd rows from K = 9
+    under the second); the bands and channel groups named; two threads (other bands) give one thread's numbers bit for
+    bit, and so does the backward's one pass where it applies."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     cl = layout == "channels_last"
@@ -969,7 +995,9 @@ def test_winograd_direct_tiles_match_conv2d_in_float64(lanes, shape, kernel, ban
     path = ck.cpp_conv_path(x, w)
     assert path == _expected_path(shape, kernel, channels_last=cl)
     assert (path == ck.CONV_PATHS[5]) == _winograd_direct(lanes, h, wd, kh, kw, cl)
-    if ck.cpu_variant().startswith(ck._VARIANTS[16]) or (cl and lanes == "8"):
+    assert ck.cpp_wgrad_winograd(x, w) == _winograd(lanes, h, wd, kh, kw, weight_grad=True)
+    avx512 = ck.cpu_variant().startswith(ck._VARIANTS[16])
+    if (avx512 and (min(kernel) >= 13 or avx512_tuning == 1)) or (cl and lanes == "8" and min(kernel) >= 13):
         assert path == ck.CONV_PATHS[5]  # every case here, where the variant has them
     if path == ck.CONV_PATHS[5] and lanes == "16":
         split = ck.cpp_work_split(x, w, threads=1)

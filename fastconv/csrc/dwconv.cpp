@@ -67,6 +67,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -112,6 +113,36 @@ struct LineAlignedRaw : LineAligned<T> {
 };
 typedef std::vector<float, LineAlignedRaw<float>> RawBuffer;
 
+// Where Winograd F(3, 3) rows replace direct sums, measured per variant and, with AVX-512, per kind of core
+// (dw_tuning): the direct tiles on packed rows (wino_direct, conv_path 5) for kernels min_k..max_k, K < 15 on maps
+// from map_k13, K = 15-21 from min_map, K >= 23 on maps map_k23..max_map_k23 (and the band and tail rules in
+// wino_direct); the weight gradient (wino_wgrad) of kernels from wgrad_min_k on maps from wgrad_min_map.
+struct WinogradRules {
+    int min_k, max_k, map_k13, min_map, map_k23, max_map_k23, wgrad_min_k, wgrad_min_map;
+};
+
+// The AVX-512 variant's rules for cores that run a 512-bit FMA as two 256-bit halves (AMD Zen 4: half the FMA rate
+// of the Intel Xeon's two 512-bit units per core, the same loads and shuffles, so that fewer multiply-adds pay for
+// the Winograd transforms sooner): 1 where the core is one (AMD family 19h; the dw16 variant runs only where the CPU
+// has avx512f, which Zen 3 of the same family lacks), 0 for the others, unless dw_set_tuning chose.
+static int g_tuning = -1;
+inline int cpu_splits_512bit_fma() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541 || d != 0x69746e65 || c != 0x444d4163)  // AuthenticAMD
+        return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const unsigned base = (a >> 8) & 0xf, family = base + (base == 0xf ? (a >> 20) & 0xff : 0);
+    return family == 0x19 ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+inline int tuning() {
+    static const int detected = cpu_splits_512bit_fma();
+    return g_tuning >= 0 ? g_tuning : detected;
+}
+
 // The register tile's steps must inline into the tile, whose accumulators then stay in registers: GCC's size limits
 // left some input_row instances out of line (accumulators in memory, the tile 1.3x slower) once the edge steps came.
 #define DW_TILE_STEP inline __attribute__((always_inline))
@@ -126,26 +157,24 @@ constexpr int RO = 2, CO = 5;
 #endif
 constexpr int DCO = 8, KCH = 6, DMAXK = 13, DANY_LAYOUT = 0;
 constexpr int NREG = 16;  // vector registers of L floats: 16 ymm (AVX2); NEON: 32 q registers, two per vector
-// Winograd rows (corr_plane_wino): the forward / input gradient of kernels from WMINK on maps from WMINMAP, the weight
-// gradient of kernels from WGMINK on maps from WGMINMAP (wino_rows, wino_wgrad: measured)
+// Winograd rows on packed planes (corr_plane_wino): the forward / input gradient of kernels from WMINK on maps from
+// WMINMAP (wino_rows, measured); in direct tiles and in the weight gradient: WINOGRAD_RULES
 constexpr bool WINO = true;
-constexpr int WMINK = 15, WMINMAP = 20, WGMINK = 13, WGMINMAP = 20;
-// direct tiles in Winograd rows (wino_direct, measured): kernels WDMINK..WDMAXK; K = 13 on maps from WDMAP13, K = 15-21
-// from WDMINMAP, K >= 23 on maps WDMAP23..WDMAXMAP23
+constexpr int WMINK = 15, WMINMAP = 20;
 #ifdef DW_WD8
-constexpr int WD_EXP[6] = {DW_WD8};  // tuning experiments: -DDW_WD8=13,31,16,16,24,32
+constexpr WinogradRules WINOGRAD_RULES = {DW_WD8};  // tuning experiments: -DDW_WD8=13,31,16,16,24,32,13,20
 #else
-constexpr int WD_EXP[6] = {13, 31, 16, 16, 24, 32};
+constexpr WinogradRules WINOGRAD_RULES = {13, 31, 16, 16, 24, 32, 13, 20};
 #endif
-constexpr int WDMINK = WD_EXP[0], WDMAXK = WD_EXP[1], WDMAP13 = WD_EXP[2], WDMINMAP = WD_EXP[3], WDMAP23 = WD_EXP[4],
-              WDMAXMAP23 = WD_EXP[5];
+inline const WinogradRules& winograd_rules() { return WINOGRAD_RULES; }
 #include __FILE__
 }  // namespace dw8
 namespace dw16g {
 constexpr int L = 16, RO = 1, CO = 3, NREG = 8, DCO = 4, KCH = 2, DMAXK = 13, DANY_LAYOUT = 0;  // two ymm per vector
 constexpr bool WINO = false;  // no Winograd rows: this variant only tests the 16-lane blocking without AVX-512
-constexpr int WMINK = 0, WMINMAP = 0, WGMINK = 0, WGMINMAP = 0, WDMINK = 0, WDMAXK = 0, WDMAP13 = 0, WDMINMAP = 0,
-              WDMAP23 = 0, WDMAXMAP23 = 0;
+constexpr int WMINK = 0, WMINMAP = 0;
+constexpr WinogradRules WINOGRAD_RULES = {0, 0, 0, 0, 0, 0, 0, 0};
+inline const WinogradRules& winograd_rules() { return WINOGRAD_RULES; }
 #include __FILE__
 }  // namespace dw16g
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(DW_NO_AVX512)
@@ -169,14 +198,16 @@ constexpr int DCO = 16, KCH = 13;
 #endif
 constexpr int DMAXK = 21, DANY_LAYOUT = 1;
 constexpr bool WINO = true;  // Winograd rows, as dw8's
-constexpr int WMINK = 21, WMINMAP = 22, WGMINK = 13, WGMINMAP = 20;
+constexpr int WMINK = 21, WMINMAP = 22;
+// tuning 0 measured on an Intel Xeon, tuning 1 (cores that split 512-bit FMAs) on an AMD EPYC of Zen 4: see
+// wino_direct and wino_wgrad
 #ifdef DW_WD16
-constexpr int WD_EXP[6] = {DW_WD16};  // tuning experiments: -DDW_WD16=13,31,36,17,32,1024
+constexpr WinogradRules WINOGRAD_RULES[2] = {{DW_WD16}, {DW_WD16}};  // experiments: -DDW_WD16=13,31,36,17,20,1024,13,20
 #else
-constexpr int WD_EXP[6] = {13, 31, 36, 17, 20, 1 << 30};  // as dw8's
+constexpr WinogradRules WINOGRAD_RULES[2] = {{13, 31, 36, 17, 20, 1 << 30, 13, 20},
+                                             {9, 31, 16, 16, 20, 1 << 30, 9, 16}};
 #endif
-constexpr int WDMINK = WD_EXP[0], WDMAXK = WD_EXP[1], WDMAP13 = WD_EXP[2], WDMINMAP = WD_EXP[3], WDMAP23 = WD_EXP[4],
-              WDMAXMAP23 = WD_EXP[5];
+inline const WinogradRules& winograd_rules() { return WINOGRAD_RULES[tuning()]; }
 #include __FILE__
 }  // namespace dw16
 #undef DW_IN_AVX512
@@ -212,6 +243,12 @@ int dw_has_openmp() {
 // 1 when the AVX-512 variant is in this library; 1 when the CPU runs it.
 int dw_has_avx512_build() { return DW_HAS_AVX512; }
 int dw_cpu_avx512f() { return cpu_avx512f() ? 1 : 0; }
+
+// The AVX-512 variant's tuning (its WINOGRAD_RULES): 1 for cores that run a 512-bit FMA as two 256-bit halves (AMD
+// Zen 4), 0 for the others. dw_set_tuning(0 or 1) chooses one for the process (the tests run both on one CPU), -1
+// the CPU's again; not while a call runs.
+int dw_tuning() { return tuning(); }
+void dw_set_tuning(int t) { g_tuning = t == 0 || t == 1 ? t : -1; }
 
 // Which variant a lane request runs: 8 (dw8), 16 (dw16, AVX-512), 17 (dw16g, 16 lanes lowered to the build's
 // target), 0 for an invalid request. lanes 0 = auto (16 on an avx512f CPU with the variant built, else 8).
@@ -758,12 +795,16 @@ inline void corr_plane_wino(const float* in, const float* G, float* out, int64_t
 }
 
 // Whether the weight gradient of an H x W map runs the Winograd rows (the map is its "kernel": its chunks of three
-// rows are the sum's, the kernel's rows the triplets'): kernels from 13 on maps from 20 (2 threads, dw_wgrad_fused,
+// rows are the sum's, the kernel's rows the triplets'): winograd_rules(), tuning 0 and 8 lanes kernels from 13 on maps
+// from 20 (2 threads, dw_wgrad_fused,
 // paired medians against plain planes / F(2, 3) rows; AVX-512 R = 32: K = 13 0.94-0.98, 17 0.87, 19 0.79-0.82, 21
 // 0.84-0.86, 31 0.92-0.97; R = 20, K = 27 0.92-0.94; R = 16 / 14, K = 13 1.11-1.20; B = 4, K = 9 0.97-1.02. 8 lanes:
-// R = 32, K = 13 0.91-0.93, 17-31 0.76-0.84; R = 20, K = 27 0.81-0.86; R = 16, K = 13 1.07-1.09).
+// R = 32, K = 13 0.91-0.93, 17-31 0.76-0.84; R = 20, K = 27 0.81-0.86; R = 16, K = 13 1.07-1.09). Tuning 1 (AMD Zen 4,
+// against plain planes): kernels from 9 on maps from 16: R = 32 K = 9 0.72-0.78, K = 11 0.72, R = 16 K = 13 0.90;
+// R = 32 K = 13 0.81-0.86 (as tuning 0).
 inline bool wino_wgrad(int64_t H, int64_t W, int64_t KH, int64_t KW) {
-    return WINO && min64(KH, KW) >= WGMINK && min64(H, W) >= WGMINMAP;
+    const WinogradRules& rules = winograd_rules();
+    return WINO && min64(KH, KW) >= rules.wgrad_min_k && min64(H, W) >= rules.wgrad_min_map;
 }
 
 // One image's weight gradient of one block: a (KH, KW, L) (+)= corr(xin, gin) with xin the padded input plane
@@ -1145,19 +1186,25 @@ constexpr int DPACK_TAPS = 49;
 #define DW_WD_BAND_FLOATS (512 * 1024)
 #endif
 // Whether the direct tiles on packed rows run in Winograd F(3, 3) rows (conv_path 5, see conv_direct): kernels
-// WDMINK..WDMAXK on maps from WDMAP13 (K < 15), WDMINMAP (K 15-21), WDMAP23 up to WDMAXMAP23 (K >= 23), where a band
-// of twice the kernel's height fits the band buffer (shorter bands transform KH - 1 halo rows for each few outputs:
-// R = 256, K = 31 took 2.1-2.5x the packed planes' time in bands of 2 rows; R = 256, K = 13 1.10x in bands of 20), and
-// row_bands halves no band below KH rows. Measured (2 threads, B = 1, C = 384 unless given, median of paired rounds,
-// against the path otherwise taken, NCHW / channels_last):
-//   AVX-512 (against the direct tiles up to K = 21 on maps under 22, else the Winograd rows on packed planes): R = 32
-//   K = 15 0.84 / 0.88, 17 0.84 / 0.85, 19 0.82 / 0.86, 21 0.83 / 0.79, 23 0.86 / 0.83, 25 0.87 / 0.88, 27 0.89 /
-//   0.88, 31 0.94 / 0.89; R = 64 K = 17 0.78 / 0.81, 21 0.84 / 0.83, 31 0.91 / 0.92; C = 512 R = 64 K = 27 0.89 / 0.90;
+// min_k..max_k of the variant's winograd_rules() on maps from map_k13 (K < 15), min_map (K 15-21), map_k23 up to
+// max_map_k23 (K >= 23), where a band of twice the kernel's height fits the band buffer (shorter bands transform
+// KH - 1 halo rows for each few outputs: R = 256, K = 31 took 2.1-2.5x the packed planes' time in bands of 2 rows;
+// R = 256, K = 13 1.10x in bands of 20), and row_bands halves no band below KH rows. Measured (2 threads, B = 1,
+// C = 384 unless given, median of paired rounds, against the path otherwise taken, NCHW / channels_last):
+//   AVX-512 on an Intel Xeon (tuning 0; against the direct tiles up to K = 21 on maps under 22, else the Winograd
+//   rows on packed planes): R = 32 K = 15 0.84 / 0.88, 17 0.84 / 0.85, 19 0.82 / 0.86, 21 0.83 / 0.79, 23 0.86 /
+//   0.83, 25 0.87 / 0.88, 27 0.89 / 0.88, 31 0.94 / 0.89; R = 64 K = 17 0.78 / 0.81, 21 0.84 / 0.83, 31 0.91 / 0.92;
+//   C = 512 R = 64 K = 27 0.89 / 0.90;
 //   C = 128 R = 128 K = 21 0.80 / 0.82; R = 17-20, K = 15-21 0.76-0.87; K = 13 at R = 36-64 0.90-0.95 (R = 32 1.01 /
 //   1.06, B = 4 0.96 / 1.01, R = 16 1.04 / 1.07: not below 36); K >= 23 from maps of K - 3 where a row's last W mod 16
 //   pixels fit the narrow tile (R = 24 K = 27 0.86 / 0.90, R = 22 K = 23 0.90 / 0.88, R = 56 K = 31 0.89 / 0.90; tails
 //   of 10-14 pixels: R = 28 K = 29 1.02 / 1.07, R = 30 K = 31 1.03 / 0.90, R = 44 K = 31 1.01 / 1.02; R = 20 K = 31
 //   1.09 / 1.12).
+//   AVX-512 on an AMD EPYC of Zen 4 (tuning 1, against the direct tiles; forward, then the backward's one pass):
+//   K = 13 at R = 32 0.85 / 0.83 (B = 4 0.83 / 0.87), R = 16-28 0.80-0.91, backward R = 32 0.94 / 0.95; K = 11 R = 32
+//   0.89 / 0.81, R = 16 0.90, C = 128 R = 64 0.90, B = 4 C = 128 R = 56 0.78 / backward 0.96; K = 9 R = 32 0.88 /
+//   0.93, R = 56 0.83 / backward 0.88, C = 128 R = 128 0.91; K = 15-21 at R = 16 0.82-0.83 (backward 0.98); but
+//   K = 7 R = 32 1.09 (R = 56 0.98).
 //   8 lanes (built for AVX2 on the same CPU, channels_last; NCHW stays on the packed planes, DANY_LAYOUT): R = 32
 //   K = 13 0.87, 17 0.86, 21 0.88, 27 0.92, 31 0.95; R = 20 K = 15 0.80; R = 64 K = 13 0.90, 17 0.92, 21 0.99, but 27
 //   1.04 and R = 48 K = 31 1.04 (so K >= 23 up to maps of 32); R = 24 K = 27 0.90; R = 16 K = 13 0.97.
@@ -1166,12 +1213,14 @@ inline int64_t wd_band_floats(int64_t KH, int64_t KW) {
     return min64(KH, KW) >= 15 ? DW_WD_BAND_FLOATS : DW_BAND_FLOATS;
 }
 inline bool wino_direct(int64_t H, int64_t W, int64_t KH, int64_t KW) {
+    const WinogradRules& rules = winograd_rules();
     const int64_t k = min64(KH, KW), r = min64(H, W);
-    if (!WDMINK || k < WDMINK || max64(KH, KW) > WDMAXK || wd_band_floats(KH, KW) / (W * L) - (KH - 1) < 2 * KH)
+    if (!rules.min_k || k < rules.min_k || max64(KH, KW) > rules.max_k ||
+        wd_band_floats(KH, KW) / (W * L) - (KH - 1) < 2 * KH)
         return false;
-    if (k < 15) return r >= WDMAP13;
-    if (k <= 21) return r >= WDMINMAP;
-    return r >= max64(WDMAP23, k - 3) && r <= WDMAXMAP23 && (W % DCO == 0 || W % DCO <= HCO);
+    if (k < 15) return r >= rules.map_k13;
+    if (k <= 21) return r >= rules.min_map;
+    return r >= max64(rules.map_k23, k - 3) && r <= rules.max_map_k23 && (W % DCO == 0 || W % DCO <= HCO);
 }
 
 // How many bands of output rows conv_direct's packed rows cut each (image, channel block) into: bands as tall as fit
