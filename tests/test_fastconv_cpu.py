@@ -149,6 +149,36 @@ def test_lane_width_selection_and_override(monkeypatch):
         ck.cpp_conv(x, w, None, lanes=32)
 
 
+def test_the_avx512_tuning_follows_the_cpu():
+    """The AVX-512 variant's Winograd rules (``ck.cpu_tuning()``) are those for cores that run a 512-bit FMA as two
+    256-bit halves (1) exactly on an AMD CPU of family 19h (25) with avx512f (Zen 4), as /proc/cpuinfo says, else the
+    others (0); ``dw_set_tuning`` chooses either for the process, -1 (or an unknown value) gives the CPU's back; the
+    variant's description names the tuning where the AVX-512 variant runs."""
+    need_cpp()
+    try:
+        block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    zen4 = (fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
+            and "avx512f" in fields.get("flags", "").split())
+    own = 1 if zen4 else 0
+    lib = ck.cpp_library()
+    assert ck.cpu_tuning() == own
+    try:
+        for forced in (1 - own, own, 1 - own):
+            lib.dw_set_tuning(forced)
+            assert ck.cpu_tuning() == forced
+            named = ck.TUNINGS[forced] in ck.cpu_variant()
+            assert named == ck.cpu_variant().startswith(ck._VARIANTS[16])
+        lib.dw_set_tuning(7)
+        assert ck.cpu_tuning() == own
+    finally:
+        lib.dw_set_tuning(-1)
+    assert ck.cpu_tuning() == own
+
+
 def test_explain_names_the_lane_width(monkeypatch):
     need_cpp()
     x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 9, 9)
