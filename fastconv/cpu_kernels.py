@@ -266,16 +266,15 @@ def cpu_lanes(lanes=None) -> int:
     return 16 if lib is not None and lib.dw_variant(0) == 16 else 8
 
 
-#: the AVX-512 variant's tunings (``dwconv.cpp``'s WD_RULES: where the direct tiles run in Winograd rows), by the
-#: kind of core they were measured on
+#: the AVX-512 variant's tunings (``dwconv.cpp``'s WINOGRAD_RULES: where the direct tiles and the weight gradient run
+#: in Winograd rows), by the kind of core they were measured on
 TUNINGS = {0: "two 512-bit FMA units per core (tuned on an Intel Xeon)",
            1: "512-bit FMAs in two 256-bit halves (tuned on an AMD EPYC of Zen 4)"}
 
 
 def cpu_tuning() -> int:
     """The AVX-512 variant's tuning (a ``TUNINGS`` key): 1 on cores that run a 512-bit FMA as two 256-bit halves
-    (AMD family 19h with AVX-512: Zen 4), where the Winograd rows in direct tiles pay from smaller kernels and maps,
-    else 0."""
+    (AMD family 19h with AVX-512: Zen 4), where the Winograd rows pay from smaller kernels and maps, else 0."""
     lib = cpp_library()
     return int(lib.dw_tuning()) if lib is not None else 0
 

@@ -114,17 +114,17 @@ struct LineAlignedRaw : LineAligned<T> {
 typedef std::vector<float, LineAlignedRaw<float>> RawBuffer;
 
 // Where Winograd F(3, 3) rows replace direct sums, measured per variant and, with AVX-512, per kind of core
-// (dw_tuning): the direct tiles on packed rows (wino_direct, conv_path 5) for kernels min_k..max_k, K < 15 on maps
-// from map_k13, K = 15-21 from min_map, K >= 23 on maps map_k23..max_map_k23 (and the band and tail rules in
+// (tuning): the direct tiles on packed rows (wino_direct, conv_path 5) for kernels min_k..max_k, K < 15 on maps from
+// map_under_k15, K = 15-21 from min_map, K >= 23 on maps map_k23..max_map_k23 (and the band and tail rules in
 // wino_direct); the weight gradient (wino_wgrad) of kernels from wgrad_min_k on maps from wgrad_min_map.
 struct WinogradRules {
-    int min_k, max_k, map_k13, min_map, map_k23, max_map_k23, wgrad_min_k, wgrad_min_map;
+    int min_k, max_k, map_under_k15, min_map, map_k23, max_map_k23, wgrad_min_k, wgrad_min_map;
 };
 
-// The AVX-512 variant's rules for cores that run a 512-bit FMA as two 256-bit halves (AMD Zen 4: half the FMA rate
-// of the Intel Xeon's two 512-bit units per core, the same loads and shuffles, so that fewer multiply-adds pay for
-// the Winograd transforms sooner): 1 where the core is one (AMD family 19h; the dw16 variant runs only where the CPU
-// has avx512f, which Zen 3 of the same family lacks), 0 for the others, unless dw_set_tuning chose.
+// Which of the AVX-512 variant's two WINOGRAD_RULES apply: 1 on cores that run a 512-bit FMA as two 256-bit halves
+// (AMD Zen 4: half the FMA rate per core of the Intel Xeon's two 512-bit units, the same loads and shuffles, so that
+// fewer multiply-adds pay for the Winograd transforms sooner; AMD family 19h, whose Zen 3 lacks the avx512f that the
+// variant needs), 0 on the others; dw_set_tuning overrides it.
 static int g_tuning = -1;
 inline int cpu_splits_512bit_fma() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -795,13 +795,12 @@ inline void corr_plane_wino(const float* in, const float* G, float* out, int64_t
 }
 
 // Whether the weight gradient of an H x W map runs the Winograd rows (the map is its "kernel": its chunks of three
-// rows are the sum's, the kernel's rows the triplets'): winograd_rules(), tuning 0 and 8 lanes kernels from 13 on maps
-// from 20 (2 threads, dw_wgrad_fused,
-// paired medians against plain planes / F(2, 3) rows; AVX-512 R = 32: K = 13 0.94-0.98, 17 0.87, 19 0.79-0.82, 21
-// 0.84-0.86, 31 0.92-0.97; R = 20, K = 27 0.92-0.94; R = 16 / 14, K = 13 1.11-1.20; B = 4, K = 9 0.97-1.02. 8 lanes:
-// R = 32, K = 13 0.91-0.93, 17-31 0.76-0.84; R = 20, K = 27 0.81-0.86; R = 16, K = 13 1.07-1.09). Tuning 1 (AMD Zen 4,
-// against plain planes): kernels from 9 on maps from 16: R = 32 K = 9 0.72-0.78, K = 11 0.72, R = 16 K = 13 0.90;
-// R = 32 K = 13 0.81-0.86 (as tuning 0).
+// rows are the sum's, the kernel's rows the triplets'), as winograd_rules() say: with 8 lanes and AVX-512's tuning 0
+// kernels from 13 on maps from 20 (2 threads, dw_wgrad_fused, paired medians against plain planes / F(2, 3) rows;
+// AVX-512 R = 32: K = 13 0.94-0.98, 17 0.87, 19 0.79-0.82, 21 0.84-0.86, 31 0.92-0.97; R = 20, K = 27 0.92-0.94;
+// R = 16 / 14, K = 13 1.11-1.20; B = 4, K = 9 0.97-1.02. 8 lanes: R = 32, K = 13 0.91-0.93, 17-31 0.76-0.84; R = 20,
+// K = 27 0.81-0.86; R = 16, K = 13 1.07-1.09); with tuning 1 (AMD Zen 4, against plain planes) kernels from 9 on maps
+// from 16: R = 32 K = 9 0.72-0.78, K = 11 0.72, K = 13 0.81-0.86; R = 16 K = 13 0.90.
 inline bool wino_wgrad(int64_t H, int64_t W, int64_t KH, int64_t KW) {
     const WinogradRules& rules = winograd_rules();
     return WINO && min64(KH, KW) >= rules.wgrad_min_k && min64(H, W) >= rules.wgrad_min_map;
@@ -1186,7 +1185,7 @@ constexpr int DPACK_TAPS = 49;
 #define DW_WD_BAND_FLOATS (512 * 1024)
 #endif
 // Whether the direct tiles on packed rows run in Winograd F(3, 3) rows (conv_path 5, see conv_direct): kernels
-// min_k..max_k of the variant's winograd_rules() on maps from map_k13 (K < 15), min_map (K 15-21), map_k23 up to
+// min_k..max_k of the variant's winograd_rules() on maps from map_under_k15 (K < 15), min_map (K 15-21), map_k23 up to
 // max_map_k23 (K >= 23), where a band of twice the kernel's height fits the band buffer (shorter bands transform
 // KH - 1 halo rows for each few outputs: R = 256, K = 31 took 2.1-2.5x the packed planes' time in bands of 2 rows;
 // R = 256, K = 13 1.10x in bands of 20), and row_bands halves no band below KH rows. Measured (2 threads, B = 1,
@@ -1194,8 +1193,8 @@ constexpr int DPACK_TAPS = 49;
 //   AVX-512 on an Intel Xeon (tuning 0; against the direct tiles up to K = 21 on maps under 22, else the Winograd
 //   rows on packed planes): R = 32 K = 15 0.84 / 0.88, 17 0.84 / 0.85, 19 0.82 / 0.86, 21 0.83 / 0.79, 23 0.86 /
 //   0.83, 25 0.87 / 0.88, 27 0.89 / 0.88, 31 0.94 / 0.89; R = 64 K = 17 0.78 / 0.81, 21 0.84 / 0.83, 31 0.91 / 0.92;
-//   C = 512 R = 64 K = 27 0.89 / 0.90;
-//   C = 128 R = 128 K = 21 0.80 / 0.82; R = 17-20, K = 15-21 0.76-0.87; K = 13 at R = 36-64 0.90-0.95 (R = 32 1.01 /
+//   C = 512 R = 64 K = 27 0.89 / 0.90; C = 128 R = 128 K = 21 0.80 / 0.82; R = 17-20, K = 15-21 0.76-0.87; K = 13
+//   at R = 36-64 0.90-0.95 (R = 32 1.01 /
 //   1.06, B = 4 0.96 / 1.01, R = 16 1.04 / 1.07: not below 36); K >= 23 from maps of K - 3 where a row's last W mod 16
 //   pixels fit the narrow tile (R = 24 K = 27 0.86 / 0.90, R = 22 K = 23 0.90 / 0.88, R = 56 K = 31 0.89 / 0.90; tails
 //   of 10-14 pixels: R = 28 K = 29 1.02 / 1.07, R = 30 K = 31 1.03 / 0.90, R = 44 K = 31 1.01 / 1.02; R = 20 K = 31
@@ -1218,7 +1217,7 @@ inline bool wino_direct(int64_t H, int64_t W, int64_t KH, int64_t KW) {
     if (!rules.min_k || k < rules.min_k || max64(KH, KW) > rules.max_k ||
         wd_band_floats(KH, KW) / (W * L) - (KH - 1) < 2 * KH)
         return false;
-    if (k < 15) return r >= rules.map_k13;
+    if (k < 15) return r >= rules.map_under_k15;
     if (k <= 21) return r >= rules.min_map;
     return r >= max64(rules.map_k23, k - 3) && r <= rules.max_map_k23 && (W % DCO == 0 || W % DCO <= HCO);
 }
