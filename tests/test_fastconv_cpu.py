@@ -157,8 +157,8 @@ def test_the_avx512_tuning_follows_the_cpu():
     need_cpp()
     try:
         block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        pytest.skip("no /proc/cpuinfo to compare with")
+    except OSError:  # not Linux: macOS runs on no AMD CPU
+        block = ""
     fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     zen4 = (fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
