@@ -873,14 +873,14 @@ def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, on
     windows of a tile that lie wholly in it). Only exact zeros are left out, and the sums keep their order: the
     forward and the input gradient equal, bit for bit, the same kernel run on the map with its zero border written
     out (where nothing of the border is known to be padding), cropped: in plain planes (a kernel under 13 wide on a
-    map under 16 high or wide: no Winograd rows, whose choice depends on the map's size) and, on maps of 22-23 by 26 (large enough both ways for the
-    Winograd rows on packed planes of the 8-lane and AVX-512 variants; too small for those in direct tiles, and rows
-    of 26 and 266 pixels end in 10 that fit no narrow tile), in the Winograd rows on planes. Borders of a multiple of every tile width (5 columns, 3 lowered) keep each
-    output's columns in tiles of the same width, and a border of a multiple of 3 rows keeps the Winograd rows' output
-    triplets; a tail row or column may still fall in a tile of
-    another shape, where a build could leave one multiply-add unfused (dwconv.cpp's corr_plane): a last-bit
-    difference is allowed there, 2^-20 of the sum of the products' magnitudes, far below one product left out or
-    counted twice."""
+    map under 16 high or wide: no Winograd rows, whose choice depends on the map's size) and, on maps of 22-23 by 26
+    (large enough both ways for the Winograd rows on packed planes of the 8-lane and AVX-512 variants; too small for
+    those in direct tiles, and rows of 26 and 266 pixels end in 10 that fit no narrow tile), in the Winograd rows on
+    planes. Borders of a multiple of every tile width (5 columns, 3 lowered) keep each output's columns in tiles of
+    the same width, and a border of a multiple of 3 rows keeps the Winograd rows' output triplets; a tail row or
+    column may still fall in a tile of another shape, where a build could leave one multiply-add unfused (dwconv.cpp's
+    corr_plane): a last-bit difference is allowed there, 2^-20 of the sum of the products' magnitudes, far below one
+    product left out or counted twice."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     kh, kw = kernel
@@ -982,8 +982,8 @@ def test_winograd_rows_match_conv2d_in_float64(lanes, shape, kernel, layout, mon
 
 @pytest.fixture
 def avx512_tuning(request):
-    """The AVX-512 variant's tuning (``ck.TUNINGS``) that the test's ``tuning`` parameter names, on any CPU (None:
-    the CPU's own); the CPU's own again after the test."""
+    """The AVX-512 variant's tuning (a ``ck.TUNINGS`` key) that the test's ``avx512_tuning`` parameter names, set on
+    any CPU (None: the CPU's own); the CPU's own again after the test."""
     tuning = request.param
     if tuning is not None and ck.cpp_available():
         ck.cpp_library().dw_set_tuning(tuning)
