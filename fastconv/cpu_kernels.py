@@ -331,7 +331,8 @@ def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) ->
     to 31 in Winograd F(3, 3) rows (1.69x fewer multiply-adds at K = 31: ``fastconv.roofline.winograd_rows_flops``),
     as direct tiles on a compact copy of each channel block's rows (AVX-512, any layout: K = 13 on maps from 36, 15-21
     from 17, on Zen 4 K = 9-21 from 16; 23-31 from K - 3 where a row's last W mod 16 pixels fit a tile of 8; 8
-    lanes, channels_last: K = 13-21 from 16, 23-31 on maps from max(24, K - 3) up to 32; where a band of two kernels' height fits the band buffer: dwconv.cpp's wino_direct),
+    lanes, channels_last: K = 13-21 from 16, 23-31 on maps from max(24, K - 3) up to 32; where a band of two
+    kernels' height fits the band buffer: dwconv.cpp's wino_direct),
     else on packed planes (from 21 on maps from 22 with AVX-512, from 15 on maps from 20 with 8 lanes:
     corr_plane_wino); else direct tiles of output pixels for rows at least one tile wide and kernels up to 13 (21 on
     AVX-512), from 7x7 on a compact copy of each channel block's rows (any layout with
