@@ -28,6 +28,9 @@ OPS = ("forward", "input gradient", "weight gradient")
 ENV_BACKEND, ENV_AUTOTUNE, ENV_CACHE = "FASTCONV_BACKEND", "FASTCONV_AUTOTUNE", "FASTCONV_CACHE"
 #: the C++ kernel's fp32 lanes per vector (8 or 16; "auto" or unset: 16 where the CPU has avx512f)
 ENV_LANES = "FASTCONV_CPU_LANES"
+#: the C++ kernel's build target, the compiler's -march (unset: "native", this CPU): e.g. "x86-64-v3" builds the AVX2
+#: code an AVX2-only CPU gets (16 vector registers), to measure or test it on an AVX-512 machine
+ENV_MARCH = "FASTCONV_CPU_MARCH"
 
 
 @dataclasses.dataclass(frozen=True)

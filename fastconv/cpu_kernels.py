@@ -6,10 +6,11 @@ process, with one warning) and called through ``ctypes`` (which releases the
 GIL). Per (image, L-channel block) plane it packs a cache-resident channel-blocked copy and computes forward, input
 gradient and weight gradient with one register-tiled correlation (see the source); the forward and input gradient
 of kernels up to 13 (21 on AVX-512) on rows at least one tile wide run in direct tiles of output pixels instead:
-straight on channels_last tensors of whole channel blocks, or from 7x7 on a compact copy of each block's rows
-(channels_last, or any layout with AVX-512) (``cpp_conv_path``). L, the lane width, is chosen at
-run time (``cpu_lanes``): 16 (the AVX-512 variant) on a CPU that reports avx512f, else 8; ``$FASTCONV_CPU_LANES`` =
-8 or 16 forces one (16 on a CPU without AVX-512 runs the same 16-lane code lowered to pairs of 256-bit vectors: how
+straight on channels_last tensors of whole channel blocks, or from 7x7 on a compact copy of each block's rows (any
+layout; channels_last only in the 16 lanes lowered to 256-bit vectors), from 9x9 (13x13 with two 512-bit FMA units
+per core) on maps large enough in Winograd F(3, 3) rows (``cpp_conv_path``). L, the lane width, is chosen at run
+time (``cpu_lanes``): 16 (the AVX-512 variant) on a CPU that reports avx512f, else 8; ``$FASTCONV_CPU_LANES`` = 8
+or 16 forces one (16 on a CPU without AVX-512 runs the same 16-lane code lowered to pairs of 256-bit vectors: how
 the tests check it on an AVX2 machine). Built with OpenMP, its loops run on PyTorch's own OpenMP pool: measured on
 the 2-core dev box, running them on separate Python threads instead lost a third of the speed to PyTorch's spinning
 OpenMP workers (R=32, K=31: 45 vs 71 GFLOP/s). Without OpenMP the kernel runs on one thread
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastconv.config import _OFF, ENV_LANES, settings, user_stacklevel
+from fastconv.config import _OFF, ENV_LANES, ENV_MARCH, settings, user_stacklevel
 from fastconv.config import requested_lanes as _requested_lanes
 from fastconv.jsonstore import MKSTEMP_RANDOM, locked, plain_mode, remove_stale_temporaries
 
@@ -82,6 +83,11 @@ KERNEL_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-Wno-psabi")
 _LIB_FLAGS = ["-shared", "-fPIC", *KERNEL_FLAGS]
 
 
+def build_target() -> str:
+    """The compiler's -march the kernel is built for: ``$FASTCONV_CPU_MARCH``, else "native" (this CPU)."""
+    return os.environ.get(ENV_MARCH, "").strip() or "native"
+
+
 def _build() -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
@@ -89,9 +95,13 @@ def _build() -> ctypes.CDLL:
     last_error = ""
     # without OpenMP: one thread; without -march=native (which some compilers refuse: older Apple clang on arm64,
     # "the clang compiler does not support '-march=native'"): the compiler's baseline target, where the AVX-512
-    # variant still runs on a CPU that has it (built for its own target, chosen at run time)
-    target = ["-march=native"]
-    for flags in ([*target, *_LIB_FLAGS, "-fopenmp"], [*target, *_LIB_FLAGS], [*_LIB_FLAGS, "-fopenmp"], _LIB_FLAGS):
+    # variant still runs on a CPU that has it (built for its own target, chosen at run time); a target the user
+    # named ($FASTCONV_CPU_MARCH) is kept, or the build fails and says why
+    target = [f"-march={build_target()}"]
+    tries = [[*target, *_LIB_FLAGS, "-fopenmp"], [*target, *_LIB_FLAGS]]
+    if build_target() == "native":
+        tries += [[*_LIB_FLAGS, "-fopenmp"], _LIB_FLAGS]
+    for flags in tries:
         try:
             return _build_with(cxx, flags)
         except (RuntimeError, OSError) as e:  # OSError: built, but does not load (an OpenMP library missing)
@@ -288,12 +298,15 @@ def cpu_variant(lanes=None) -> str:
     how = f"forced by {'lanes' if lanes is not None else '$' + ENV_LANES}" if req else (
         "auto: CPU has avx512f" if lib.dw_cpu_avx512f() else "auto: CPU without avx512f")
     variant = lib.dw_variant(req)
-    return f"{_VARIANTS[variant]}, {how}" + (f"; {TUNINGS[int(lib.dw_tuning())]}" if variant == 16 else "")
+    target = "" if build_target() == "native" else f"; built for -march={build_target()} (${ENV_MARCH})"
+    return f"{_VARIANTS[variant]}, {how}" + (f"; {TUNINGS[int(lib.dw_tuning())]}" if variant == 16 else "") + target
 
 
 def kernel_id() -> str:
-    """Short hash of the C++ source: part of the autotune cache key, so a changed kernel is timed again."""
-    return hashlib.sha256(_SRC.read_bytes()).hexdigest()[:10]
+    """Short hash of the C++ source, and the build target where it is not this CPU's own: part of the autotune cache
+    key, so a changed kernel is timed again."""
+    source = hashlib.sha256(_SRC.read_bytes()).hexdigest()[:10]
+    return source if build_target() == "native" else f"{source}-{build_target()}"
 
 
 def cpp_library():
@@ -327,17 +340,16 @@ ROW_CONV_PATHS = (CONV_PATHS[3], CONV_PATHS[5])
 
 
 def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> str:
-    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value). Kernels of 13 (9 on AMD Zen 4: ``cpu_tuning``)
-    to 31 in Winograd F(3, 3) rows (1.69x fewer multiply-adds at K = 31: ``fastconv.roofline.winograd_rows_flops``),
-    as direct tiles on a compact copy of each channel block's rows (AVX-512, any layout: K = 13 on maps from 36, 15-21
-    from 17, on Zen 4 K = 9-21 from 16; 23-31 from K - 3 where a row's last W mod 16 pixels fit a tile of 8; 8
-    lanes, channels_last: K = 13-21 from 16, 23-31 on maps from max(24, K - 3) up to 32; where a band of two
-    kernels' height fits the band buffer: dwconv.cpp's wino_direct),
-    else on packed planes (from 21 on maps from 22 with AVX-512, from 15 on maps from 20 with 8 lanes:
-    corr_plane_wino); else direct tiles of output pixels for rows at least one tile wide and kernels up to 13 (21 on
-    AVX-512), from 7x7 on a compact copy of each channel block's rows (any layout with
-    AVX-512, else channels_last), below that straight on channels_last tensors of whole channel blocks; else through
-    packed channel-blocked planes."""
+    """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value). Kernels of 9 (13 on AVX-512 CPUs with two
+    512-bit FMA units per core: ``cpu_tuning``) to 31 in Winograd F(3, 3) rows (1.69x fewer multiply-adds at K = 31:
+    ``fastconv.roofline.winograd_rows_flops``), as direct tiles on a compact copy of each channel block's rows, on any
+    layout (AVX-512: K = 13 on maps from 36, 15-21 from 17, on Zen 4 K = 9-21 from 16; 23-31 from K - 3 where a row's
+    last W mod 16 pixels fit a tile of 8; 8 lanes: K = 9-21 from 16, 23-31 on maps from max(24, K - 3) up to 32;
+    where a band of two kernels' height fits the band buffer: dwconv.cpp's wino_direct), else on packed planes (from
+    21 on maps from 22 with AVX-512, from 15 on maps from 20 with 8 lanes: corr_plane_wino); else direct tiles of
+    output pixels for rows at least one tile wide and kernels up to 13 (21 on AVX-512), from 7x7 on a compact copy of
+    each channel block's rows (any layout; channels_last only in the 16 lanes lowered to 256-bit vectors), below that
+    straight on channels_last tensors of whole channel blocks; else through packed channel-blocked planes."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     y_stride = torch.empty_like(x, dtype=torch.float32, device="meta").stride()  # cpp_conv's output layout
@@ -346,8 +358,9 @@ def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) ->
 
 def cpp_wgrad_winograd(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> bool:
     """Whether ``cpp_weight_grad(x, g, KH, KW)`` (and the weight gradient of ``cpp_backward``) runs Winograd F(3, 3)
-    rows (the map is that correlation's kernel: kernels from 13 on maps from 20, with AVX-512 on cores that split
-    512-bit FMAs from 9 on maps from 16 (``cpu_tuning``); see dwconv.cpp's wino_wgrad)."""
+    rows (the map is that correlation's kernel: kernels from 9 on maps from 20 with 8 lanes; with AVX-512 from 13 on
+    maps from 20 on cores with two 512-bit FMA units, from 9 on maps from 16 on cores that split 512-bit FMAs
+    (``cpu_tuning``); see dwconv.cpp's wino_wgrad)."""
     h, wd = x.shape[-2:]
     return cpp_library().dw_wgrad_wino(h, wd, *w.shape[-2:], _requested_lanes(lanes)) == 1
 

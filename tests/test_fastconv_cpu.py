@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,6 +181,92 @@ def test_the_avx512_tuning_follows_the_cpu():
     assert ck.cpu_tuning() == own
 
 
+def test_the_build_target_follows_the_environment(monkeypatch):
+    """``$FASTCONV_CPU_MARCH`` names the compiler's -march (unset or blank: native) in the flags the kernel is built
+    with, in the variant's description and in the kernel id of the autotune key (decisions timed on another build are
+    not reused); a named target that the compiler refuses fails the build with the compiler's words, where an
+    unnamed -march=native falls back to the compiler's baseline."""
+    need_cpp()  # (loaded before the builds below are made to fail: the process keeps this library)
+    tried = []
+
+    def refuse(cxx, flags):
+        tried.append(flags[0])
+        raise RuntimeError(f"refused {flags[0]}")
+
+    monkeypatch.setattr(ck, "_compiler", lambda: "c++")
+    monkeypatch.setattr(ck, "_build_with", refuse)
+    for unset in (None, " "):
+        if unset is None:
+            monkeypatch.delenv(ck.ENV_MARCH, raising=False)
+        else:
+            monkeypatch.setenv(ck.ENV_MARCH, unset)
+        tried.clear()
+        with pytest.raises(RuntimeError, match="refused -shared"):
+            ck._build()
+        assert tried == ["-march=native", "-march=native", "-shared", "-shared"] and ck.build_target() == "native"
+    source_id = ck.kernel_id()
+    assert len(source_id) == 10
+    monkeypatch.setenv(ck.ENV_MARCH, "x86-64-v3")
+    tried.clear()
+    with pytest.raises(RuntimeError, match="refused -march=x86-64-v3"):
+        ck._build()
+    assert tried == ["-march=x86-64-v3"] * 2
+    assert ck.kernel_id() == f"{source_id}-x86-64-v3"
+    assert ck.cpu_variant().endswith(f"; built for -march=x86-64-v3 (${ck.ENV_MARCH})")
+
+
+_AVX2_BUILD_CHECK = """
+import torch, torch.nn.functional as F
+from fastconv import cpu_kernels as ck
+assert ck.cpp_available(), ck.cpp_unavailable_reason()
+print(ck.cpu_variant())
+paths, wgrad_winograd = set(), False
+for shape, k in [((2, 16, 12, 12), 3), ((1, 16, 6, 6), 13), ((2, 24, 12, 13), 7), ((1, 16, 24, 27), 31),
+                 ((2, 16, 18, 20), 9), ((1, 24, 20, 22), 9)]:
+    for cl in (False, True):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            g = torch.Generator().manual_seed(sum(shape) + k)
+            x, gy = (torch.randn(*shape, generator=g) for _ in range(2))
+            if cl:
+                x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+            w, b = torch.randn(shape[1], 1, k, k, generator=g), torch.randn(shape[1], generator=g)
+            paths.add(ck.cpp_conv_path(x, w))
+            wgrad_winograd |= ck.cpp_wgrad_winograd(x, w)
+            c, pad = shape[1], k // 2
+            got = [ck.cpp_conv(x, w, b), ck.cpp_conv(gy, w, None, flip=True), ck.cpp_weight_grad(x, gy, k, k)]
+            ref = [F.conv2d(x.double(), w.double(), b.double(), padding=pad, groups=c),
+                   F.conv2d(gy.double(), w.double().flip(-2, -1), padding=pad, groups=c),
+                   torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), padding=pad, groups=c)]
+            for a, r in zip(got, ref):
+                err = ((a.double() - r).abs().max() / r.abs().max()).item()
+                assert err <= 1e-5, (shape, k, cl, threads, err)
+print(sorted(paths), wgrad_winograd)
+assert len(paths) == len(ck.CONV_PATHS) and wgrad_winograd
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86-64 build target")
+def test_the_avx2_build_matches_conv2d_in_every_path():
+    """What an AVX2-only CPU runs: the kernel built for ``-march=x86-64-v3`` (AVX2 and FMA, 16 vector registers,
+    ``$FASTCONV_CPU_MARCH``; the native build's 8-lane code on an AVX-512 machine may use AVX-512VL's 32 registers
+    and other instructions), its 8-lane variant, in a fresh process: forward, input gradient (flipped kernel) and
+    weight gradient against F.conv2d in float64, on NCHW and channels_last input, 1 and 2 threads, in every forward
+    path of ``ck.CONV_PATHS`` (packed planes plain, swapped and in Winograd rows, the direct tiles straight, on packed
+    rows and in Winograd rows) and the weight gradient's Winograd rows."""
+    need_cpp()
+    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "").split() \
+        if Path("/proc/cpuinfo").exists() else []
+    if not {"avx2", "fma", "bmi2", "movbe"} <= set(flags):
+        pytest.skip("the CPU cannot run x86-64-v3 code")
+    env = {**os.environ, ck.ENV_MARCH: "x86-64-v3", ck.ENV_LANES: "8"}
+    proc = subprocess.run([sys.executable, "-c", _AVX2_BUILD_CHECK], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0].startswith(f"{ck._VARIANTS[8]}, forced by ${ck.ENV_LANES}; built for "
+                                                  f"-march=x86-64-v3")
+
+
 def test_explain_names_the_lane_width(monkeypatch):
     need_cpp()
     x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 9, 9)
@@ -255,10 +343,12 @@ def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkey
 def _expected_path(shape, kernel, channels_last: bool) -> str:
     """The path dw_conv_path should name for a map of at least one tile's width and whole channel blocks (the rule
     in dwconv.cpp's conv_path): Winograd rows in direct tiles (``_winograd_direct``), else on packed planes
-    (``_winograd``); direct tiles up to 21 (AVX-512) or 13, from packed rows from 49 taps (on any layout with AVX-512,
-    else on channels_last only), else straight from a channels_last tensor, else packed planes."""
+    (``_winograd``); direct tiles up to 21 (AVX-512) or 13, from packed rows from 49 taps (on any layout, but on
+    channels_last only in the 16 lanes lowered to 256-bit vectors), else straight from a channels_last tensor, else
+    packed planes."""
     variant = ck.cpu_variant()
-    avx512, tile = variant.startswith(ck._VARIANTS[16]), 4 if variant.startswith(ck._VARIANTS[17]) else 8
+    avx512, lowered = variant.startswith(ck._VARIANTS[16]), variant.startswith(ck._VARIANTS[17])
+    tile = 4 if lowered else 8
     kh, kw = kernel
     if _winograd_direct(None, *shape[-2:], kh, kw, channels_last):
         return ck.CONV_PATHS[5]
@@ -266,7 +356,7 @@ def _expected_path(shape, kernel, channels_last: bool) -> str:
         return ck.CONV_PATHS[4]
     if max(kernel) > (21 if avx512 else 13) or shape[-1] < (16 if avx512 else tile):  # (a row narrower than a tile)
         return ck.CONV_PATHS[0]
-    if kh * kw >= 49 and (channels_last or avx512):
+    if kh * kw >= 49 and (channels_last or not lowered):
         return ck.CONV_PATHS[3]
     return ck.CONV_PATHS[1] if channels_last else ck.CONV_PATHS[0]
 
@@ -326,7 +416,7 @@ def test_packed_rows_read_and_write_any_layout_in_float64(lanes, layout, monkeyp
     a channels_last output of whole blocks, else through one row buffer and unpack_row). C = 24: a block and a half
     with 16 lanes, three blocks with 8; a 9 x 7 kernel. Forward, input and weight gradient vs F.conv2d in float64
     (through autograd, on a dense copy of the input: the strided view's own forward must equal it bit for bit), the
-    flipped kernel of the input gradient, and two threads bit-equal to one (8 lanes run NCHW on the planes)."""
+    flipped kernel of the input gradient, and two threads bit-equal to one."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     g = torch.Generator().manual_seed(24)
@@ -480,8 +570,8 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("n,c,hw,kernel", [
-    (1, 32, (32, 32), (31, 31)),  # RepLKNet's 31 x 31: Winograd rows (AVX-512 and 8 lanes on channels_last: in direct
-                                  # tiles on packed rows, read by both gradients), else plain planes
+    (1, 32, (32, 32), (31, 31)),  # RepLKNet's 31 x 31: Winograd rows (in direct tiles on packed rows, read by both
+                                  # gradients; plain planes in the 16 lanes lowered to 256-bit vectors)
     (8, 16, (24, 26), (23, 21)),  # 8 lanes: Winograd rows over 4 slices of 2 images of one block: partial sums
     (8, 16, (26, 28), (25, 23)),  # the same on AVX-512 (a map too small for the direct tiles in Winograd rows)
     (2, 20, (14, 14), (13, 13)),  # plain planes (AVX-512: a map narrower than a direct tile), a lane tail
@@ -513,8 +603,10 @@ def test_fused_backward_on_planes_gives_the_separate_gradients_bit_for_bit(lanes
     got = ck.cpp_backward(x, gy, w)
     if not planes:  # direct tiles on packed rows (plain: the test above; or in Winograd rows), read by both gradients
         assert path in ck.ROW_CONV_PATHS
-        if ck.cpp_backward_plan(x, w, gy) == 1:
+        if ck.cpp_backward_plan(x, w, gy) == 1 and ck.cpp_backward_plan(x, w, gy, threads=2) == 1:
             _one_pass_gives_the_separate_gradients(x, gy, w, got, (gx_sep, gw_sep), monkeypatch)
+        elif got is not None:  # one pass on one thread only (two threads cut the planes into bands: 8 lanes, C = 32)
+            assert torch.equal(got[0], gx_sep) and torch.equal(got[1], gw_sep)
         return
     assert got is not None and ck.cpp_backward_plan(x, w, gy) == 2
     _one_pass_gives_the_separate_gradients(x, gy, w, got, (gx_sep, gw_sep), monkeypatch)
@@ -865,7 +957,7 @@ def test_padding_skip_keeps_the_sums_when_the_kernel_outgrows_the_input(lanes, s
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("shape,kernel", [
-    ((1, 16, 23, 26), (31, 31)), ((2, 20, 15, 23), (27, 11)), ((1, 16, 12, 40), (11, 31)), ((1, 9, 15, 18), (31, 11)),
+    ((1, 16, 23, 26), (31, 31)), ((2, 20, 15, 23), (27, 11)), ((1, 16, 12, 300), (11, 31)), ((1, 9, 15, 18), (31, 11)),
     ((1, 16, 13, 14), (25, 11)), ((1, 16, 22, 26), (23, 27))])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, one_thread):
@@ -873,7 +965,8 @@ def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, on
     windows of a tile that lie wholly in it). Only exact zeros are left out, and the sums keep their order: the
     forward and the input gradient equal, bit for bit, the same kernel run on the map with its zero border written
     out (where nothing of the border is known to be padding), cropped: in plain planes (a kernel under 13 wide on a
-    map under 16 high or wide: no Winograd rows, whose choice depends on the map's size) and, on maps of 22-23 by 26
+    map under 16 high or wide: no Winograd rows, whose choice depends on the map's size; the 12 x 300 map's bordered
+    rows, 540 pixels, too long for the band buffer of the Winograd rows in direct tiles) and, on maps of 22-23 by 26
     (large enough both ways for the Winograd rows on packed planes of the 8-lane and AVX-512 variants; too small for
     those in direct tiles, and rows of 26 and 266 pixels end in 10 that fit no narrow tile), in the Winograd rows on
     planes. Borders of a multiple of every tile width (5 columns, 3 lowered) keep each output's columns in tiles of
@@ -905,12 +998,12 @@ def test_padding_skip_is_bit_exact(lanes, shape, kernel, layout, monkeypatch, on
 
 def _winograd_direct(lanes, h: int, w: int, kh: int, kw: int, channels_last: bool) -> bool:
     """Whether the variant that ``lanes`` selects runs the direct tiles in Winograd rows (dwconv.cpp's wino_direct,
-    conv_path 5): kernels up to 31 where a band of two kernels' height fits the band buffer (128 Ki floats under
-    K = 15, 512 Ki from 15) and a row is at least one tile wide; with AVX-512 on any layout, tuned for two 512-bit FMA
+    conv_path 5), on any layout: kernels up to 31 where a band of two kernels' height fits the band buffer (128 Ki
+    floats under K = 15, 512 Ki from 15) and a row is at least one tile wide; with AVX-512 tuned for two 512-bit FMA
     units per core (``ck.cpu_tuning()`` 0): K = 13 on maps from 36, 15-21 from 17, for 512-bit FMAs in two halves
     (tuning 1): K = 9-21 on maps from 16, then (both) 23-31 from K - 3 (and 20) where a row's last W mod 16 pixels are
-    none or fit a tile of 8; with 8 lanes on channels_last only, K = 13-21 on maps from 16, 23-31 on maps from K - 3
-    (and 24) up to 32; never in the 16 lanes lowered to 256-bit vectors."""
+    none or fit a tile of 8; with 8 lanes K = 9-21 on maps from 16, 23-31 on maps from K - 3 (and 24) up to 32; never
+    in the 16 lanes lowered to 256-bit vectors."""
     variant = ck.cpu_variant(None if lanes is None else int(lanes))
     if variant.startswith(ck._VARIANTS[17]):
         return False
@@ -918,7 +1011,7 @@ def _winograd_direct(lanes, h: int, w: int, kh: int, kw: int, channels_last: boo
     split_fma = avx512 and ck.cpu_tuning() == 1
     tile = 16 if avx512 else 8  # (and the lanes)
     k, r = min(kh, kw), min(h, w)
-    if k < (9 if split_fma else 13) or max(kh, kw) > 31 or w < tile or not (channels_last or avx512):
+    if k < (13 if avx512 and not split_fma else 9) or max(kh, kw) > 31 or w < tile:
         return False
     if (512 if k >= 15 else 128) * 1024 // (w * tile) - (kh - 1) < 2 * kh:
         return False
@@ -932,15 +1025,16 @@ def _winograd_direct(lanes, h: int, w: int, kh: int, kw: int, channels_last: boo
 def _winograd(lanes, h: int, w: int, kh: int, kw: int, weight_grad: bool = False) -> bool:
     """Whether the kernel variant that ``lanes`` selects runs Winograd rows (dwconv.cpp's wino_rows / wino_wgrad):
     with AVX-512 kernels from 21 on maps from 22, with 8 lanes kernels from 15 on maps from 20 (the weight gradient:
-    kernels from 13 on maps from 20, or from 9 on maps from 16 with AVX-512 tuned for cores that split 512-bit FMAs,
-    ``ck.cpu_tuning()`` 1); never in the 16 lanes lowered to 256-bit vectors (that variant only tests the 16-lane
-    blocking without AVX-512)."""
+    kernels from 13 on maps from 20, with 8 lanes from 9 on maps from 20, with AVX-512 tuned for cores that split
+    512-bit FMAs, ``ck.cpu_tuning()`` 1, from 9 on maps from 16); never in the 16 lanes lowered to 256-bit vectors (that
+    variant only tests the 16-lane blocking without AVX-512)."""
     variant = ck.cpu_variant(None if lanes is None else int(lanes))
     if variant.startswith(ck._VARIANTS[17]):
         return False
     if weight_grad:
-        split_fma = variant.startswith(ck._VARIANTS[16]) and ck.cpu_tuning() == 1
-        return min(h, w) >= (16 if split_fma else 20) and min(kh, kw) >= (9 if split_fma else 13)
+        avx512 = variant.startswith(ck._VARIANTS[16])
+        split_fma = avx512 and ck.cpu_tuning() == 1
+        return min(h, w) >= (16 if split_fma else 20) and min(kh, kw) >= (13 if avx512 and not split_fma else 9)
     min_map, min_kernel = (22, 21) if variant.startswith(ck._VARIANTS[16]) else (20, 15)
     return min(h, w) >= min_map and min(kh, kw) >= min_kernel
 
@@ -1002,8 +1096,9 @@ def avx512_tuning(request):
                                         # bands of 18 and 14 rows
     ((1, 32, 33, 35), (21, 19), 2, 1),  # 33 rows = 11 whole triplets: bands of 18 and 15 rows
     ((8, 64, 18, 20), (15, 15), 1, 4),  # channels_last: units of 4 neighbouring blocks side by side
-    ((1, 16, 24, 26), (11, 9), 3, 1),  # AVX-512 tuned for split FMAs: from K = 9; 4 chunks, the last with one zero
-                                       # row; bands halved to no fewer rows than KH = 11: 3; else the direct tiles
+    ((1, 16, 24, 26), (11, 9), 3, 1),  # 8 lanes and AVX-512 tuned for split FMAs: from K = 9; 4 chunks, the last
+                                       # with one zero row; bands halved to no fewer rows than KH = 11: 3; else the
+                                       # direct tiles
     ((1, 16, 16, 16), (9, 9), 2, 1),  # the same at the least map (16) and kernel (9): 2 bands (of at least 9 rows)
 ])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -1013,9 +1108,9 @@ def test_winograd_direct_tiles_match_conv2d_in_float64(lanes, avx512_tuning, sha
     (dwconv.cpp's conv_direct with wino_direct: each band's rows transformed once, each of the five products a direct
     tile over the transformed rows with a transformed kernel of ceil(KH / 3) rows, then three output rows per
     triplet): forward, input and weight gradient vs F.conv2d in float64 with bias, where the variant runs them
-    (AVX-512 on any layout, from K = 13 or, tuned for cores that split 512-bit FMAs, from 9; 8 lanes on channels_last
-    from 13), under both AVX-512 tunings on any AVX-512 CPU (and so the weight gradient's Winograd rows from K = 9
-    under the second); the bands and channel groups named; two threads (other bands) give one thread's numbers bit for
+    (on any layout; AVX-512 from K = 13 or, tuned for cores that split 512-bit FMAs, from 9; 8 lanes from 9), under
+    both AVX-512 tunings on any AVX-512 CPU (and so the weight gradient's Winograd rows from K = 9 under the second);
+    the bands and channel groups named; two threads (other bands) give one thread's numbers bit for
     bit, and so does the backward's one pass where it applies."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
@@ -1027,7 +1122,7 @@ def test_winograd_direct_tiles_match_conv2d_in_float64(lanes, avx512_tuning, sha
     assert (path == ck.CONV_PATHS[5]) == _winograd_direct(lanes, h, wd, kh, kw, cl)
     assert ck.cpp_wgrad_winograd(x, w) == _winograd(lanes, h, wd, kh, kw, weight_grad=True)
     avx512 = ck.cpu_variant().startswith(ck._VARIANTS[16])
-    if (avx512 and (min(kernel) >= 13 or avx512_tuning == 1)) or (cl and lanes == "8" and min(kernel) >= 13):
+    if (avx512 and (min(kernel) >= 13 or avx512_tuning == 1)) or lanes == "8":
         assert path == ck.CONV_PATHS[5]  # every case here, where the variant has them
     if path == ck.CONV_PATHS[5] and lanes == "16":
         split = ck.cpp_work_split(x, w, threads=1)

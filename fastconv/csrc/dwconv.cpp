@@ -29,7 +29,7 @@
 //
 // The forward / input gradient of kernels up to DMAXK skip the planes (conv_direct, see conv_path): a tile of DCO
 // output pixels of one block, read straight from a channels_last tensor of whole blocks or, from 7x7, from the
-// block's rows copied to a compact buffer (channels_last, or any layout with AVX-512), and written straight to a
+// block's rows copied to a compact buffer (any layout where DANY_LAYOUT: all but dw16g), and written straight to a
 // channels_last output (else through one row buffer), the kernel row's columns in chunks of KCH weight
 // vectors held in registers (DCO accumulators + KCH weights + 1 input of the register file: AVX-512 16 + 13 + 1 of
 // 32; 8 lanes 8 + 6 + 1 of 16; 16 lanes lowered to AVX2 4 + 2 + 1 vectors, two ymm each).
@@ -155,16 +155,17 @@ constexpr int RO = DW_RO8, CO = DW_CO8;  // tuning experiments: -DDW_RO8=.. -DDW
 #else
 constexpr int RO = 2, CO = 5;
 #endif
-constexpr int DCO = 8, KCH = 6, DMAXK = 13, DANY_LAYOUT = 0;
+// DANY_LAYOUT: the direct tiles on packed rows (conv_path 3 and 5) on NCHW input too (see conv_path)
+constexpr int DCO = 8, KCH = 6, DMAXK = 13, DANY_LAYOUT = 1;
 constexpr int NREG = 16;  // vector registers of L floats: 16 ymm (AVX2); NEON: 32 q registers, two per vector
 // Winograd rows on packed planes (corr_plane_wino): the forward / input gradient of kernels from WMINK on maps from
 // WMINMAP (wino_rows, measured); in direct tiles and in the weight gradient: WINOGRAD_RULES
 constexpr bool WINO = true;
 constexpr int WMINK = 15, WMINMAP = 20;
 #ifdef DW_WD8
-constexpr WinogradRules WINOGRAD_RULES = {DW_WD8};  // tuning experiments: -DDW_WD8=13,31,16,16,24,32,13,20
+constexpr WinogradRules WINOGRAD_RULES = {DW_WD8};  // tuning experiments: -DDW_WD8=9,31,16,16,24,32,9,20
 #else
-constexpr WinogradRules WINOGRAD_RULES = {13, 31, 16, 16, 24, 32, 13, 20};
+constexpr WinogradRules WINOGRAD_RULES = {9, 31, 16, 16, 24, 32, 9, 20};
 #endif
 inline const WinogradRules& winograd_rules() { return WINOGRAD_RULES; }
 #include __FILE__
@@ -795,12 +796,14 @@ inline void corr_plane_wino(const float* in, const float* G, float* out, int64_t
 }
 
 // Whether the weight gradient of an H x W map runs the Winograd rows (the map is its "kernel": its chunks of three
-// rows are the sum's, the kernel's rows the triplets'), as winograd_rules() say: with 8 lanes and AVX-512's tuning 0
-// kernels from 13 on maps from 20 (2 threads, dw_wgrad_fused, paired medians against plain planes / F(2, 3) rows;
-// AVX-512 R = 32: K = 13 0.94-0.98, 17 0.87, 19 0.79-0.82, 21 0.84-0.86, 31 0.92-0.97; R = 20, K = 27 0.92-0.94;
-// R = 16 / 14, K = 13 1.11-1.20; B = 4, K = 9 0.97-1.02. 8 lanes: R = 32, K = 13 0.91-0.93, 17-31 0.76-0.84; R = 20,
-// K = 27 0.81-0.86; R = 16, K = 13 1.07-1.09); with tuning 1 (AMD Zen 4, against plain planes) kernels from 9 on maps
-// from 16: R = 32 K = 9 0.72-0.78, K = 11 0.72, K = 13 0.81-0.86; R = 16 K = 13 0.90.
+// rows are the sum's, the kernel's rows the triplets'), as winograd_rules() say: with AVX-512's tuning 0 kernels from
+// 13 on maps from 20, with 8 lanes from 9 on maps from 20 (2 threads, dw_wgrad_fused, paired medians against plain
+// planes / F(2, 3) rows; AVX-512 R = 32: K = 13 0.94-0.98, 17 0.87, 19 0.79-0.82, 21 0.84-0.86, 31 0.92-0.97; R =
+// 20, K = 27 0.92-0.94; R = 16 / 14, K = 13 1.11-1.20; B = 4, K = 9 0.97-1.02. 8 lanes: R = 32, K = 13 0.91-0.93,
+// 17-31 0.76-0.84; R = 20, K = 27 0.81-0.86; R = 16, K = 13 1.07-1.09); with tuning 1 (AMD Zen 4, against plain
+// planes) kernels from 9 on maps from 16: R = 32 K = 9 0.72-0.78, K = 11 0.72, K = 13 0.81-0.86; R = 16 K = 13 0.90.
+// 8 lanes on the Zen 4 (AVX2 build), from 9 on maps from 16 against 13 from 20: R = 32 K = 9 0.85, K = 11 0.79;
+// R = 16 K = 9 and 13 0.95-0.99 (on the Xeon R = 16 K = 13 1.07-1.09 above: maps from 20 kept).
 inline bool wino_wgrad(int64_t H, int64_t W, int64_t KH, int64_t KW) {
     const WinogradRules& rules = winograd_rules();
     return WINO && min64(KH, KW) >= rules.wgrad_min_k && min64(H, W) >= rules.wgrad_min_map;
@@ -1164,7 +1167,8 @@ __attribute__((always_inline)) inline void row_of_tiles(const float* in, int64_t
 //   181, K=9 265 vs 222, K=13 453 vs 369; where x streams from memory (B=16 C=128 R=56) K=5 2076 vs 2876, K=7 4260 vs
 //   4131, K=13 7776 vs 7679. Packed planes against packed rows (B=1 C=384 R=32): K=17 735 vs 631, K=21 930 vs 859, K=27
 //   1306 vs 1298, K=31 1547 vs 1609 (so DMAXK 21). 8 lanes (same Xeon): K=5 194 vs 200, K=9 522 vs 394, K=13 868 vs
-//   736; planes K=17 1162 vs 1100 (within the noise: DMAXK 13).
+//   736; planes K=17 1162 vs 1100 (within the noise: DMAXK 13); on the Zen 4 (built for AVX2), where maps from 16 run
+//   K=15-21 in Winograd rows, direct tiles up to 21 on the maps under 16 took 1.00-1.12x the planes' time (R=8-14).
 // - in Winograd F(3, 3) rows (wino_direct, conv_path 5; packed rows as above): per band (a multiple of 3 rows tall, so
 //   that its triplets are the map's) the input rows are transformed once (corr_plane_wino's B^T, five transformed rows
 //   per three output rows), each of the five products of an output triplet runs direct tiles over its ceil(KH / 3)
@@ -1204,10 +1208,15 @@ constexpr int DPACK_TAPS = 49;
 //   0.89 / 0.81, R = 16 0.90, C = 128 R = 64 0.90, B = 4 C = 128 R = 56 0.78 / backward 0.96; K = 9 R = 32 0.88 /
 //   0.93, R = 56 0.83 / backward 0.88, C = 128 R = 128 0.91; K = 15-21 at R = 16 0.82-0.83 (backward 0.98); but
 //   K = 7 R = 32 1.09 (R = 56 0.98).
-//   8 lanes (built for AVX2 on the same CPU, channels_last; NCHW stays on the packed planes, DANY_LAYOUT): R = 32
-//   K = 13 0.87, 17 0.86, 21 0.88, 27 0.92, 31 0.95; R = 20 K = 15 0.80; R = 64 K = 13 0.90, 17 0.92, 21 0.99, but 27
-//   1.04 and R = 48 K = 31 1.04 (so K >= 23 up to maps of 32); R = 24 K = 27 0.90; R = 16 K = 13 0.97.
-// The 8-lane numbers are from an AVX-512 CPU running AVX2 code; no AVX2-only CPU was at hand.
+//   8 lanes (built for AVX2 on the same Xeon, channels_last): R = 32 K = 13 0.87, 17 0.86, 21 0.88, 27 0.92, 31
+//   0.95; R = 20 K = 15 0.80; R = 64 K = 13 0.90, 17 0.92, 21 0.99, but 27 1.04 and R = 48 K = 31 1.04 (so K >= 23 up
+//   to maps of 32); R = 24 K = 27 0.90; R = 16 K = 13 0.97. 8 lanes on the Zen 4 (built with -march=znver3: AVX2
+//   with 16 ymm registers, as on an AVX2-only CPU; a -march=native build there, whose 8-lane code gets AVX-512VL's 32
+//   registers and wider packing loops, ran the planes 1.18-1.25x faster than an AVX2 CPU would), K = 9 and 11 too,
+//   from maps of 16: forward K = 9 R = 32 0.51 / 0.64-0.69, K = 11 0.69 / 0.70, R = 16 K = 11 0.79, B = 4 C = 128
+//   R = 56 K = 9 0.75 (K = 13: 0.99, the same rule); backward K = 9 0.63, K = 11 0.67; the weight gradient alone
+//   (wino_wgrad) K = 9 R = 32 0.85 / 0.86, K = 11 0.79.
+// The 8-lane numbers are from AVX-512 CPUs running AVX2 code; no AVX2-only CPU was at hand.
 inline int64_t wd_band_floats(int64_t KH, int64_t KW) {
     return min64(KH, KW) >= 15 ? DW_WD_BAND_FLOATS : DW_BAND_FLOATS;
 }
@@ -1437,8 +1446,14 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 // up on channels_last x and y (on any layout where DANY_LAYOUT: NCHW forward, 2 threads, B=1 C=384 R=32, us, planes vs
 // packed rows, AVX-512 K=7 233 vs 168, K=13 449 vs 344, K=21 838 vs 785; B=4: K=13 1754 vs 1363, K=21 3246 vs 2818; B=8
 // C=128 R=56: K=7 1850 vs 1564, K=13 3619 vs 3301, but K=17 5045 vs 5313, K=21 7203 vs 7615, and on channels_last there
-// K=17 6265 vs 5929, K=21 8328 vs 8270; K=27 / 31 stay on the planes at every size measured; 8 lanes K=13 624-709 vs
-// 652-915), else 1 straight from channels_last x and y of whole L-channel blocks; else 0 packed planes. The direct
+// K=17 6265 vs 5929, K=21 8328 vs 8270; K=27 / 31 stay on the planes at every size measured; 8 lanes on the Xeon,
+// before the Winograd rows in direct tiles: K=13 624-709 vs 652-915. 8 lanes on the Zen 4, built for AVX2
+// (-march=znver3), NCHW, median of paired rounds, packed rows over planes: forward R=32 K=7 0.88 (1.10 in another
+// run), K=9 0.75, K=11 0.82, K=13 0.61-0.63, K=17 0.76, K=21 0.78, K=27 0.84, K=31 0.82-0.85; R=64 K=7 0.82, K=13
+// 0.64, K=31 1.00 (planes: K >= 23 on maps over 32); B=4 K=7 0.86; R=16 K=7 0.87, K=13 0.66; B=16 C=128 R=56 K=7 0.80,
+// K=13 0.63; B=64 C=64 R=8 K=13 0.83 but B=2 C=256 R=12 K=13 1.09; backward (both gradients) K=7 0.85, K=13 0.79-0.81,
+// K=17-21 0.88, K=31 1.0), else 1 straight from channels_last x and y of whole L-channel blocks; else 0 packed
+// planes. The direct
 // tiles against packed planes (2 threads, B=1 C=384 R=32, channels_last, forward, us): AVX-512 straight from x K=3 74
 // vs 202, K=5 121 vs 252; from packed rows K=7 181 vs 293, K=9 222 vs 350, K=13 369 vs 528, K=17 631 vs 735, K=21 859
 // vs 930; past that the packed planes win (their 4-row tiles share input loads and skip whole tiles of padding); the
