@@ -1452,14 +1452,13 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 // run), K=9 0.75, K=11 0.82, K=13 0.61-0.63, K=17 0.76, K=21 0.78, K=27 0.84, K=31 0.82-0.85; R=64 K=7 0.82, K=13
 // 0.64, K=31 1.00 (planes: K >= 23 on maps over 32); B=4 K=7 0.86; R=16 K=7 0.87, K=13 0.66; B=16 C=128 R=56 K=7 0.80,
 // K=13 0.63; B=64 C=64 R=8 K=13 0.83 but B=2 C=256 R=12 K=13 1.09; backward (both gradients) K=7 0.85, K=13 0.79-0.81,
-// K=17-21 0.88, K=31 1.0), else 1 straight from channels_last x and y of whole L-channel blocks; else 0 packed
-// planes. The direct
-// tiles against packed planes (2 threads, B=1 C=384 R=32, channels_last, forward, us): AVX-512 straight from x K=3 74
-// vs 202, K=5 121 vs 252; from packed rows K=7 181 vs 293, K=9 222 vs 350, K=13 369 vs 528, K=17 631 vs 735, K=21 859
-// vs 930; past that the packed planes win (their 4-row tiles share input loads and skip whole tiles of padding); the
-// 8-lane variant built for AVX2 K=3 122 vs 247, K=9 394 vs 538 (packed rows), K=17 1100 vs 1162 (planes). Against
-// oneDNN's channels_last kernel they win where the tensors stay in cache (B=1 C=384 R=32, K=3 74 vs 100 us) and not
-// always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms): the dispatcher times it.
+// K=17-21 0.88, K=31 1.0), else 1 straight from channels_last x and y of whole L-channel blocks; else 0 packed planes.
+// The direct tiles against packed planes (2 threads, B=1 C=384 R=32, channels_last, forward, us): AVX-512 straight from
+// x K=3 74 vs 202, K=5 121 vs 252; from packed rows K=7 181 vs 293, K=9 222 vs 350, K=13 369 vs 528, K=17 631 vs 735,
+// K=21 859 vs 930; past that the packed planes win (their 4-row tiles share input loads and skip whole tiles of
+// padding); the 8-lane variant built for AVX2 K=3 122 vs 247, K=9 394 vs 538 (packed rows), K=17 1100 vs 1162 (planes).
+// Against oneDNN's channels_last kernel they win where the tensors stay in cache (B=1 C=384 R=32, K=3 74 vs 100 us) and
+// not always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms): the dispatcher times it.
 inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW) {
     if (swap_roles(H, W, KH, KW)) return 2;
     const bool cl = sC == 1 && yC == 1;

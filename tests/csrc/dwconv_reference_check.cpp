@@ -105,9 +105,9 @@ int main() {
     // (N, C): channel blocks with lane tails; whole blocks of 8 and 16 (the direct tiles straight on channels_last
     // tensors), with the blocks the one-pass backward needs
     // (H, W, K): small maps (W = H + 3) with every path below the Winograd rows, then a 24 x 27 map with K = 23 and 31,
-    // where the 8-lane variant (and AVX-512) runs the Winograd rows on planes (K = 31; with 8 lanes K = 23 in direct
-    // tiles) or in the weight gradient, and a 24 x 32 map with K = 23, where AVX-512 and 8 lanes run them in the
-    // direct tiles on packed rows (as the 8-lane 20 x 23 map with K = 13 does)
+    // where the Winograd rows run on planes (AVX-512 both; 8 lanes K = 31, and K = 23 in direct tiles) and in the
+    // weight gradient, and a 24 x 32 map with K = 23, where AVX-512 and 8 lanes run them in the direct tiles on packed
+    // rows (as the 8-lane 20 x 23 map with K = 13 does)
     std::vector<std::tuple<int64_t, int64_t, int64_t>> maps;
     for (int64_t H : {5, 11, 20})
         for (int64_t K : {3, 7, 13, 31}) maps.emplace_back(H, H + 3, K);
