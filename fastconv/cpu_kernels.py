@@ -44,6 +44,8 @@ from fastconv.jsonstore import MKSTEMP_RANDOM, locked, plain_mode, remove_stale_
 _SRC = Path(__file__).with_name("csrc") / "dwconv.cpp"
 _lib = None
 _lib_error: str | None = None
+#: the -march the loaded library was built for (None: not loaded, or built for the compiler's baseline)
+_built_target: str | None = None
 _lock = threading.Lock()
 
 
@@ -101,9 +103,12 @@ def _build() -> ctypes.CDLL:
     tries = [[*target, *_LIB_FLAGS, "-fopenmp"], [*target, *_LIB_FLAGS]]
     if build_target() == "native":
         tries += [[*_LIB_FLAGS, "-fopenmp"], _LIB_FLAGS]
+    global _built_target
     for flags in tries:
         try:
-            return _build_with(cxx, flags)
+            lib = _build_with(cxx, flags)
+            _built_target = flags[0].removeprefix("-march=") if flags[0].startswith("-march=") else None
+            return lib
         except (RuntimeError, OSError) as e:  # OSError: built, but does not load (an OpenMP library missing)
             last_error = str(e)
     raise RuntimeError(last_error)
@@ -298,7 +303,7 @@ def cpu_variant(lanes=None) -> str:
     how = f"forced by {'lanes' if lanes is not None else '$' + ENV_LANES}" if req else (
         "auto: CPU has avx512f" if lib.dw_cpu_avx512f() else "auto: CPU without avx512f")
     variant = lib.dw_variant(req)
-    target = "" if build_target() == "native" else f"; built for -march={build_target()} (${ENV_MARCH})"
+    target = "" if _built_target in (None, "native") else f"; built for -march={_built_target} (${ENV_MARCH})"
     return f"{_VARIANTS[variant]}, {how}" + (f"; {TUNINGS[int(lib.dw_tuning())]}" if variant == 16 else "") + target
 
 

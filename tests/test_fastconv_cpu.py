@@ -183,9 +183,10 @@ def test_the_avx512_tuning_follows_the_cpu():
 
 def test_the_build_target_follows_the_environment(monkeypatch):
     """``$FASTCONV_CPU_MARCH`` names the compiler's -march (unset or blank: native) in the flags the kernel is built
-    with, in the variant's description and in the kernel id of the autotune key (decisions timed on another build are
-    not reused); a named target that the compiler refuses fails the build with the compiler's words, where an
-    unnamed -march=native falls back to the compiler's baseline."""
+    with and in the kernel id of the autotune key (decisions timed on another build are not reused); the variant's
+    description names the target the loaded library was built for, where it is not native; a named target that the
+    compiler refuses fails the build with the compiler's words, where an unnamed -march=native falls back to the
+    compiler's baseline."""
     need_cpp()  # (loaded before the builds below are made to fail: the process keeps this library)
     tried = []
 
@@ -212,6 +213,9 @@ def test_the_build_target_follows_the_environment(monkeypatch):
         ck._build()
     assert tried == ["-march=x86-64-v3"] * 2
     assert ck.kernel_id() == f"{source_id}-x86-64-v3"
+    monkeypatch.setattr(ck, "_built_target", "native")  # (the loaded library's, whatever the environment says now)
+    assert "built for" not in ck.cpu_variant()
+    monkeypatch.setattr(ck, "_built_target", "x86-64-v3")
     assert ck.cpu_variant().endswith(f"; built for -march=x86-64-v3 (${ck.ENV_MARCH})")
 
 
