@@ -99,15 +99,16 @@ def _build() -> ctypes.CDLL:
     # "the clang compiler does not support '-march=native'"): the compiler's baseline target, where the AVX-512
     # variant still runs on a CPU that has it (built for its own target, chosen at run time); a target the user
     # named ($FASTCONV_CPU_MARCH) is kept, or the build fails and says why
-    target = [f"-march={build_target()}"]
+    march = build_target()
+    target = [f"-march={march}"]
     tries = [[*target, *_LIB_FLAGS, "-fopenmp"], [*target, *_LIB_FLAGS]]
-    if build_target() == "native":
+    if march == "native":
         tries += [[*_LIB_FLAGS, "-fopenmp"], _LIB_FLAGS]
     global _built_target
     for flags in tries:
         try:
             lib = _build_with(cxx, flags)
-            _built_target = flags[0].removeprefix("-march=") if flags[0].startswith("-march=") else None
+            _built_target = march if flags[0] == target[0] else None
             return lib
         except (RuntimeError, OSError) as e:  # OSError: built, but does not load (an OpenMP library missing)
             last_error = str(e)
