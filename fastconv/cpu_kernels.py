@@ -355,7 +355,8 @@ def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) ->
     21 on maps from 22 with AVX-512, from 15 on maps from 20 with 8 lanes: corr_plane_wino); else direct tiles of
     output pixels for rows at least one tile wide and kernels up to 13 (21 on AVX-512), from 7x7 on a compact copy of
     each channel block's rows (any layout; channels_last only in the 16 lanes lowered to 256-bit vectors), below that
-    straight on channels_last tensors of whole channel blocks; else through packed channel-blocked planes."""
+    straight on channels_last tensors of whole channel blocks, and on the compact copy for other layouts on maps from
+    16 wide (not in the lowered lanes); else through packed channel-blocked planes."""
     lib = cpp_library()
     n, c, h, wd = x.shape
     y_stride = torch.empty_like(x, dtype=torch.float32, device="meta").stride()  # cpp_conv's output layout

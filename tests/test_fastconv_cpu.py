@@ -70,7 +70,8 @@ def _cpu_flags() -> set[str]:
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
 @pytest.mark.parametrize("shape,kernel", [((2, 21, 9, 11), (7, 5)), ((3, 37, 8, 7), (3, 9)),
-                                          ((1, 16, 12, 12), (13, 13)), ((2, 5, 6, 5), (1, 3))])
+                                          ((1, 16, 12, 12), (13, 13)), ((2, 5, 6, 5), (1, 3)),
+                                          ((2, 21, 9, 19), (5, 3))])  # a small kernel on packed rows (from 16 wide)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_forced_lane_width_matches_conv2d_in_float64(lanes, shape, kernel, layout, monkeypatch, one_thread):
     """The cpp backend with $FASTCONV_CPU_LANES forced (16 on a CPU without AVX-512 runs the 16-lane code lowered to
@@ -79,6 +80,10 @@ def test_forced_lane_width_matches_conv2d_in_float64(lanes, shape, kernel, layou
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
     assert ck.cpu_lanes() == int(lanes)
+    if shape[-1] == 19:  # no whole channel blocks: the packed rows on both layouts, except in the lowered lanes
+        lowered = ck.cpu_variant().startswith(ck._VARIANTS[17])
+        assert ck.cpp_conv_path(torch.empty(shape), torch.empty(shape[1], 1, *kernel)) == \
+            ck.CONV_PATHS[0 if lowered else 3]
     g = torch.Generator().manual_seed(sum(shape) + sum(kernel))
     x = torch.randn(*shape, generator=g)
     if layout == "channels_last":
@@ -354,7 +359,7 @@ def _expected_path(shape, kernel, channels_last: bool) -> str:
     in dwconv.cpp's conv_path): Winograd rows in direct tiles (``_winograd_direct``), else on packed planes
     (``_winograd``); direct tiles up to 21 (AVX-512) or 13, from packed rows from 49 taps (on any layout, but on
     channels_last only in the 16 lanes lowered to 256-bit vectors), else straight from a channels_last tensor, else
-    packed planes."""
+    from packed rows on maps from 16 wide (not in the lowered lanes), else packed planes."""
     variant = ck.cpu_variant()
     avx512, lowered = variant.startswith(ck._VARIANTS[16]), variant.startswith(ck._VARIANTS[17])
     tile = 4 if lowered else 8
@@ -367,7 +372,9 @@ def _expected_path(shape, kernel, channels_last: bool) -> str:
         return ck.CONV_PATHS[0]
     if kh * kw >= 49 and (channels_last or not lowered):
         return ck.CONV_PATHS[3]
-    return ck.CONV_PATHS[1] if channels_last else ck.CONV_PATHS[0]
+    if channels_last:
+        return ck.CONV_PATHS[1]
+    return ck.CONV_PATHS[3] if not lowered and shape[-1] >= 16 else ck.CONV_PATHS[0]  # (packed rows from 16 wide)
 
 
 @pytest.mark.parametrize("lanes", ["8", "16"])
@@ -549,8 +556,9 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
     per plane (16 lanes; NCHW with AVX-512 only), 16 x 16 maps, 7 x 7: N = 8, C = 16 (one block, 4 slices of 2
     images), N = 2, C = 64 (4 blocks, one slice: gw written per unit), N = 8, C = 24 (a block and a half, 2 slices).
     The same numbers as cpp_conv(g, w, flip) and cpp_weight_grad (which match float64), on 1 and 2 threads, and the
-    autograd backward of depthwise_conv2d takes it. Where it does not apply (a 5 x 5 kernel runs straight tiles of whole
-    blocks, else packed planes: the other one pass; a map cut into bands) it computes nothing and returns None."""
+    autograd backward of depthwise_conv2d takes it (and a 5 x 5 kernel where it runs packed rows too: NCHW, or a
+    partial block). Where it does not apply (a 5 x 5 kernel on channels_last tensors of whole blocks, which runs
+    straight tiles; a map cut into bands) it computes nothing and returns None."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, "16")
     g = torch.Generator().manual_seed(n * c)
@@ -568,8 +576,10 @@ def test_fused_backward_gives_the_separate_gradients_bit_for_bit(n, c, slices, l
     got = ck.cpp_backward(x, gy, w)
     assert (got is not None) == fused
     assert ck.cpp_backward_plan(x, w, gy) == (1 if fused else 0)
-    five = torch.randn(c, 1, 5, 5)  # straight tiles, or (C = 24 or NCHW) planes: packed once for both gradients
-    assert (ck.cpp_backward(x, gy, five) is None) == (ck.cpp_conv_path(gy, five) != ck.CONV_PATHS[0])
+    five = torch.randn(c, 1, 5, 5)  # straight tiles of whole blocks, else (C = 24 or NCHW) packed rows: one pass
+    straight = ck.cpp_conv_path(gy, five) == ck.CONV_PATHS[1]
+    assert straight == (layout != "nchw" and c % 16 == 0)
+    assert (ck.cpp_backward(x, gy, five) is None) == straight
     if fused:
         _one_pass_gives_the_separate_gradients(x, gy, w, got, (gx_sep, gw_sep), monkeypatch)
     torch.set_num_threads(2)

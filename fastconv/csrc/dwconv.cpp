@@ -1452,13 +1452,22 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 // run), K=9 0.75, K=11 0.82, K=13 0.61-0.63, K=17 0.76, K=21 0.78, K=27 0.84, K=31 0.82-0.85; R=64 K=7 0.82, K=13
 // 0.64, K=31 1.00 (planes: K >= 23 on maps over 32); B=4 K=7 0.86; R=16 K=7 0.87, K=13 0.66; B=16 C=128 R=56 K=7 0.80,
 // K=13 0.63; B=64 C=64 R=8 K=13 0.83 but B=2 C=256 R=12 K=13 1.09; backward (both gradients) K=7 0.85, K=13 0.79-0.81,
-// K=17-21 0.88, K=31 1.0), else 1 straight from channels_last x and y of whole L-channel blocks; else 0 packed planes.
+// K=17-21 0.88, K=31 1.0), else 1 straight from channels_last x and y of whole L-channel blocks; else 3 on maps from
+// DROWS_MIN_W wide (below); else 0 packed planes.
 // The direct tiles against packed planes (2 threads, B=1 C=384 R=32, channels_last, forward, us): AVX-512 straight from
 // x K=3 74 vs 202, K=5 121 vs 252; from packed rows K=7 181 vs 293, K=9 222 vs 350, K=13 369 vs 528, K=17 631 vs 735,
 // K=21 859 vs 930; past that the packed planes win (their 4-row tiles share input loads and skip whole tiles of
 // padding); the 8-lane variant built for AVX2 K=3 122 vs 247, K=9 394 vs 538 (packed rows), K=17 1100 vs 1162 (planes).
 // Against oneDNN's channels_last kernel they win where the tensors stay in cache (B=1 C=384 R=32, K=3 74 vs 100 us) and
 // not always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms): the dispatcher times it.
+// Below 49 taps, the inputs that are not channels_last of whole blocks (NCHW, a partial last block) run the packed
+// rows too on maps from DROWS_MIN_W wide, where DANY_LAYOUT (before: the packed planes). Measured on the Zen 4 (2
+// threads, median of paired rounds, packed rows over planes), forward: AVX-512 NCHW B=1 C=384 R=16-64 K=3 / 5
+// 0.82-0.89, B=4 K=5 0.82, B=8 C=128 R=56 K=3 0.94, C=96 R=112 K=3 0.88; channels_last C=100 R=32 K=3 / 5 0.71-0.72,
+// C=40 R=56 K=3 0.85; 1 thread 0.82-0.93; both gradients (one pass) NCHW 0.84-0.91. 8 lanes built for AVX2 (x86-64-v3):
+// NCHW R=16-64 0.74-0.90, B=8 C=128 R=56 K=3 0.74, C=96 R=112 0.72; channels_last C=100 / 44 / 204 0.69-0.84; both
+// gradients 0.76-0.87; but maps under 16 wide (R=8-14) 1.07-1.29, so they keep the planes.
+constexpr int DROWS_MIN_W = 16;
 inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW) {
     if (swap_roles(H, W, KH, KW)) return 2;
     const bool cl = sC == 1 && yC == 1;
@@ -1466,7 +1475,8 @@ inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, in
     if (wino_rows(H, W, KH, KW)) return 4;
     if (W < DCO || KH > DMAXK || KW > DMAXK) return 0;
     if (KH * KW >= DPACK_TAPS && (cl || DANY_LAYOUT)) return 3;
-    return cl && C % L == 0 ? 1 : 0;
+    if (cl && C % L == 0) return 1;
+    return DANY_LAYOUT && W >= DROWS_MIN_W ? 3 : 0;
 }
 
 // Input and weight gradient in one pass where the input gradient runs packed planes (conv_path 0 or 4: plain planes
