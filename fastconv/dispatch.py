@@ -269,9 +269,9 @@ def _cpp_direct(cands: list[str], x, weight) -> bool:
     """The C++ kernel is a candidate, runs on all threads, and computes this call's forward (and input gradient) in
     direct tiles (``cpu_kernels.DIRECT_CONV_PATHS``; at the small kernels asked about here, straight on the
     channels_last tensors, or on packed rows where the channels are not whole vectors): then it can beat the stock
-    call from K=3 up, and small kernels are timed rather than given to the stock call. Measured (2-core AVX-512 Xeon, B=1 C=384
-    R=32, forward per call through fastconv, interleaved): K=3 75 vs F.conv2d 86 us, K=5 118 vs 146, K=7 175 vs 235;
-    on other CPUs the autotuner's timing decides."""
+    call from K=3 up, and small kernels are timed rather than given to the stock call. Measured (2-core AVX-512
+    Xeon, B=1 C=384 R=32, forward per call through fastconv, interleaved): K=3 75 vs F.conv2d 86 us, K=5 118 vs 146,
+    K=7 175 vs 235; on other CPUs the autotuner's timing decides."""
     return "cpp" in cands and ck.cpp_multithreaded() and ck.cpp_conv_path(x, weight) in ck.DIRECT_CONV_PATHS
 
 
