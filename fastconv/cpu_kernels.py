@@ -308,11 +308,19 @@ def cpu_variant(lanes=None) -> str:
     return f"{_VARIANTS[variant]}, {how}" + (f"; {TUNINGS[int(lib.dw_tuning())]}" if variant == 16 else "") + target
 
 
+@functools.lru_cache(maxsize=None)
+def _source_id() -> str:
+    return hashlib.sha256(_SRC.read_bytes()).hexdigest()[:10]
+
+
 def kernel_id() -> str:
     """Short hash of the C++ source, and the build target where it is not this CPU's own: part of the autotune cache
-    key, so a changed kernel is timed again."""
-    source = hashlib.sha256(_SRC.read_bytes()).hexdigest()[:10]
-    return source if build_target() == "native" else f"{source}-{build_target()}"
+    key, so a changed kernel is timed again. The target is the loaded library's ("baseline" where -march=native was
+    refused and the compiler's default target built it), else the one it will be built for (``build_target``): a
+    process that changes ``$FASTCONV_CPU_MARCH`` after the library is built keys its decisions by the library that
+    runs them."""
+    target = (_built_target or "baseline") if _lib is not None else build_target()
+    return _source_id() if target == "native" else f"{_source_id()}-{target}"
 
 
 def cpp_library():

@@ -54,7 +54,6 @@ STOCK_MAX_K_FWD = 5
 #: over the rounds, the median of its time over the reference's in the same round, scaled by the reference's best
 #: time (``_paired_times``)
 _ESTIMATOR = "median-of-first-round,single-calls-after,paired-median-over-3-15-rounds,per-op,head-to-head"
-_KERNEL_ID = ck.kernel_id()  # a changed C++ kernel invalidates earlier timings
 
 _mem: dict[str, dict] = {}
 _mem_file: Path | None = None
@@ -203,7 +202,7 @@ def cache_key(x, weight, bias) -> str:
     bias_only = "|bias_grad_only" if gw and not weight.requires_grad else ""  # no weight gradient to time
     return (f"{dev}|{str(x.dtype).replace('torch.', '')}|{layout}|{n}x{c}x{h}x{w}|k{kh}x{kw}"
             f"|grad_x{int(gx)}w{int(gw)}{bias_only}|bias{int(bias is not None)}|torch{torch.__version__}"
-            f"|kernel{_KERNEL_ID}"
+            f"|kernel{ck.kernel_id()}"  # a changed C++ kernel (or build target) invalidates earlier timings
             f"|{_ESTIMATOR}")
 
 

@@ -188,7 +188,8 @@ def test_the_avx512_tuning_follows_the_cpu():
 
 def test_the_build_target_follows_the_environment(monkeypatch):
     """``$FASTCONV_CPU_MARCH`` names the compiler's -march (unset or blank: native) in the flags the kernel is built
-    with and in the kernel id of the autotune key (decisions timed on another build are not reused); the variant's
+    with and in the kernel id of the autotune key (decisions timed on another build are not reused: the id takes the
+    loaded library's target, "baseline" for the compiler's default, else the one it will be built for); the variant's
     description names the target the loaded library was built for, where it is not native; a named target that the
     compiler refuses fails the build with the compiler's words, where an unnamed -march=native falls back to the
     compiler's baseline."""
@@ -210,6 +211,7 @@ def test_the_build_target_follows_the_environment(monkeypatch):
         with pytest.raises(RuntimeError, match="refused -shared"):
             ck._build()
         assert tried == ["-march=native", "-march=native", "-shared", "-shared"] and ck.build_target() == "native"
+    monkeypatch.setattr(ck, "_built_target", "native")  # (the loaded library's, whatever the environment says now)
     source_id = ck.kernel_id()
     assert len(source_id) == 10
     monkeypatch.setenv(ck.ENV_MARCH, "x86-64-v3")
@@ -217,11 +219,17 @@ def test_the_build_target_follows_the_environment(monkeypatch):
     with pytest.raises(RuntimeError, match="refused -march=x86-64-v3"):
         ck._build()
     assert tried == ["-march=x86-64-v3"] * 2
-    assert ck.kernel_id() == f"{source_id}-x86-64-v3"
-    monkeypatch.setattr(ck, "_built_target", "native")  # (the loaded library's, whatever the environment says now)
-    assert "built for" not in ck.cpu_variant()
+    assert "built for" not in ck.cpu_variant() and ck.kernel_id() == source_id  # the loaded library's target
     monkeypatch.setattr(ck, "_built_target", "x86-64-v3")
     assert ck.cpu_variant().endswith(f"; built for -march=x86-64-v3 (${ck.ENV_MARCH})")
+    monkeypatch.delenv(ck.ENV_MARCH)
+    assert ck.kernel_id() == f"{source_id}-x86-64-v3"
+    monkeypatch.setattr(ck, "_built_target", None)  # -march=native refused: the compiler's default target
+    assert ck.kernel_id() == f"{source_id}-baseline"
+    monkeypatch.setattr(ck, "_lib", None)  # not built yet: the target it will be built for
+    assert ck.kernel_id() == source_id
+    monkeypatch.setenv(ck.ENV_MARCH, "x86-64-v3")
+    assert ck.kernel_id() == f"{source_id}-x86-64-v3"
 
 
 _AVX2_BUILD_CHECK = """
