@@ -301,7 +301,9 @@ def _cost_model(cands: list[str], x, weight, bias) -> str:
     channels_last input: plain F.conv2d ("native") there, with no layout copy, and "channels_last" (one copy per call)
     on an NCHW input; other CPU calls with weight gradients (no multi-threaded C++ kernel, or not float32) take
     "channels_last". (The C++ kernel's direct channels_last tiles below 9x9 are left to the timing: at B=1 C=384 R=32
-    they beat the stock call, at B=16 C=128 R=56 K=5 forward they took 2.2 ms against its 1.8.)"""
+    they beat the stock call; where the tensors stream from memory it varies: since the straight tiles' loads were
+    fixed, Zen 4, 2 threads, forward B=16 C=128 R=56 K=5 2.3 against 2.9 ms, but K=3 at B=64 C=128 R=32 13.5
+    against 12.6, B=32 C=96 R=56 15.6 against 13.7.)"""
     big = max(weight.shape[-2:]) >= CPP_MIN_K and ck.cpp_multithreaded()
     with_wgrad = _cpu_weight_grad_choice(cands, x, weight) if _needs_grad(x, weight, bias)[1] else None
     if x.device.type == "cuda":

@@ -437,7 +437,7 @@ inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 // a * b + c: one FMA instruction per register (the build passes -ffp-contract=fast)
 inline vec fma(vec a, vec b, vec c) { return a * b + c; }
 
-// The input loads of the direct tiles read straight from a channels_last tensor (direct_chunk with STRAIGHT): there
+// The input loads of the direct tiles that read straight from a channels_last tensor (direct_chunk with STRAIGHT):
 // each input vector feeds up to KC FMAs, and GCC folded its load into every one of them (a memory operand per FMA: KC
 // loads of one line), each at an address of its own (row + m * ps for the run-time pixel stride ps: more address
 // registers than the general ones, spilled to vector registers). in_register keeps the loaded vector in a register
@@ -445,12 +445,12 @@ inline vec fma(vec a, vec b, vec c) { return a * b + c; }
 // addresses are not recomputed from the row start). Measured (Zen 4, 2 threads, the C entry points of both builds in
 // one process, median of 40-400 paired rounds, channels_last forward): AVX-512 B=1 C=384 R=32 K=3 0.81-0.84, K=5
 // 0.82-0.90, R=16 K=3 0.79, C=768 K=3 0.72, B=8 C=128 R=56 K=3 0.69-0.75, K=5 0.78, 1 thread K=3 0.69-0.87; both
-// gradients (input gradient straight, weight gradient as before) K=3 0.86, K=5 0.91; 8 lanes built for AVX2 K=3
-// 0.85-0.96, K=5 0.89, B=8 C=128 R=56 K=3 0.93. One K=3 tile alone, its lines in L1 (1 thread): 66 -> 39 ns, 99 % of
-// the FMA peak. Not on the packed rows, whose pixel stride is L: there both measured 1.13-1.16 (NCHW K=3,
-// channels_last C=100), in_register alone forward 0.92-1.00 with AVX-512 but 1.00-1.09 with 8 lanes, both gradients
-// (one pass) 1.00-1.06. Where one register holds no vec (16 lanes built for AVX2: two ymm), in_register leaves the
-// value as it is.
+// gradients (input gradient straight, weight gradient as before) K=3 0.86-0.93, K=5 0.91-1.00, B=8 C=128 R=56 K=5
+// 0.87; 8 lanes built for AVX2 K=3 0.85-0.96, K=5 0.88-0.92, B=8 C=128 R=56 K=3 0.93. One K=3 tile alone, its lines
+// in L1 (1 thread): 66 -> 39 ns, 99 % of the FMA peak. Not on the packed rows, whose pixel stride is L: there both
+// measured 1.13-1.16 (NCHW K=3, channels_last C=100), in_register alone forward 0.92-1.00 with AVX-512 but 1.00-1.09
+// with 8 lanes, both gradients (one pass) 1.00-1.06. Where one register holds no vec (16 lanes built for AVX2: two
+// ymm), in_register leaves the value as it is.
 #if defined(__GNUC__) && (DW_IN_AVX512 || defined(__AVX512F__) || (defined(__AVX__) && DW_LANES == 8))
 __attribute__((always_inline)) inline void in_register(vec& v) { asm("" : "+v"(v)); }
 #else
@@ -1543,7 +1543,8 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 // K=21 859 vs 930; past that the packed planes win (their 4-row tiles share input loads and skip whole tiles of
 // padding); the 8-lane variant built for AVX2 K=3 122 vs 247, K=9 394 vs 538 (packed rows), K=17 1100 vs 1162 (planes).
 // Against oneDNN's channels_last kernel they win where the tensors stay in cache (B=1 C=384 R=32, K=3 74 vs 100 us) and
-// not always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms): the dispatcher times it.
+// not always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms; since the loads of the straight
+// tiles were fixed, Zen 4: 2.3 vs 2.9 ms, but K=3 at B=64 C=128 R=32 13.5 vs 12.6): the dispatcher times it.
 // Below 49 taps, the inputs that are not channels_last of whole blocks (NCHW, a partial last block) run the packed
 // rows too on maps from DROWS_MIN_W wide, where DANY_LAYOUT (before: the packed planes). Measured on the Zen 4 (2
 // threads, median of paired rounds, packed rows over planes), forward: AVX-512 NCHW B=1 C=384 R=16-64 K=3 / 5
