@@ -115,6 +115,28 @@ def test_edge_tiles_and_wide_rows_match_conv2d_in_float64(lanes, channels, rows,
     _cpp_matches_conv2d_in_float64(x, w, b, g)
 
 
+@pytest.mark.parametrize("lanes", ["8", "16"])
+@pytest.mark.parametrize("kernel", [(13, 13), (21, 19), (11, 9)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_weight_gradient_last_rows_match_conv2d_in_float64(lanes, kernel, layout, monkeypatch, one_thread):
+    """The weight gradient's planes whose rows the tile height does not divide: in Winograd rows (8 lanes, maps from
+    20) the products have ceil(KH / 3) rows, 5 / 7 / 4 here, whose last 2 / 1 / 1 run in tiles of their own height
+    below the 3 x 3 tiles (dwconv.cpp's WREST); 16 lanes: 4-row tiles, 1 / 3 / 0 rows below them. Through the
+    weight gradient's own call and through autograd (where the backward may run both gradients in one pass)."""
+    need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    x, w, b, g = _map_kernel_bias((2, 19, 20, 22), kernel, layout, seed=kernel[0] * 100 + kernel[1])
+    if lanes == "8":
+        assert ck.cpp_wgrad_winograd(x, w)
+    gy = torch.randn(x.shape, generator=g)
+    if layout == "channels_last":
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    pad = (kernel[0] // 2, kernel[1] // 2)
+    ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), padding=pad, groups=x.shape[1])
+    assert _rel(ck.cpp_weight_grad(x, gy, *kernel).double(), ref) <= 1e-5
+    _cpp_matches_conv2d_in_float64(x, w, b, g)
+
+
 def test_lane_width_argument_equals_the_other_width():
     need_cpp()
     g = torch.Generator().manual_seed(3)

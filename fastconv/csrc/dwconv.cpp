@@ -151,11 +151,21 @@ inline int tuning() {
 namespace dw8 {
 constexpr int L = 8;
 #define DW_LANES 8
+#define DW_PLANE_COLUMNS inline  // see plane_columns
 #ifdef DW_RO8
 constexpr int RO = DW_RO8, CO = DW_CO8;  // tuning experiments: -DDW_RO8=.. -DDW_CO8=..
 #else
 constexpr int RO = 2, CO = 5;
 #endif
+#ifdef DW_WRO8
+constexpr int WRO = DW_WRO8, WCO = DW_WCO8;  // tuning experiments: -DDW_WRO8=.. -DDW_WCO8=..
+#else
+constexpr int WRO = 3, WCO = 3;  // the weight gradient's tile (corr_plane): see wgrad_plane
+#endif
+#ifndef DW_WREST8
+#define DW_WREST8 true
+#endif
+constexpr bool WREST = DW_WREST8;
 // DANY_LAYOUT: the direct tiles on packed rows (conv_path 3 and 5) on NCHW input too (see conv_path)
 constexpr int DCO = 8, KCH = 6, DMAXK = 13, DANY_LAYOUT = 1;
 constexpr int NREG = 16;  // vector registers of L floats: 16 ymm (AVX2); NEON: 32 q registers, two per vector
@@ -171,16 +181,21 @@ constexpr WinogradRules WINOGRAD_RULES = {9, 31, 16, 16, 24, 32, 9, 20};
 inline const WinogradRules& winograd_rules() { return WINOGRAD_RULES; }
 #include __FILE__
 #undef DW_LANES
+#undef DW_PLANE_COLUMNS
 }  // namespace dw8
 namespace dw16g {
 #define DW_LANES 16
+#define DW_PLANE_COLUMNS inline  // see plane_columns
 constexpr int L = 16, RO = 1, CO = 3, NREG = 8, DCO = 4, KCH = 2, DMAXK = 13, DANY_LAYOUT = 0;  // two ymm per vector
+constexpr int WRO = RO, WCO = CO;
+constexpr bool WREST = false;
 constexpr bool WINO = false;  // no Winograd rows: this variant only tests the 16-lane blocking without AVX-512
 constexpr int WMINK = 0, WMINMAP = 0;
 constexpr WinogradRules WINOGRAD_RULES = {0, 0, 0, 0, 0, 0, 0, 0};
 inline const WinogradRules& winograd_rules() { return WINOGRAD_RULES; }
 #include __FILE__
 #undef DW_LANES
+#undef DW_PLANE_COLUMNS
 }  // namespace dw16g
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(DW_NO_AVX512)
 #define DW_HAS_AVX512 1
@@ -196,7 +211,12 @@ DW_AVX512_BEGIN
 #define DW_IN_AVX512 1
 namespace dw16 {
 #define DW_LANES 16
-constexpr int L = 16, RO = 4, CO = 5, NREG = 32;
+#define DW_PLANE_COLUMNS __attribute__((always_inline)) inline  // see plane_columns
+constexpr int L = 16, RO = 4, CO = 5, NREG = 32, WRO = RO, WCO = CO;
+#ifndef DW_WREST16
+#define DW_WREST16 false
+#endif
+constexpr bool WREST = DW_WREST16;
 #ifdef DW_DCO16
 constexpr int DCO = DW_DCO16, KCH = DW_KCH16;
 #else
@@ -216,6 +236,7 @@ constexpr WinogradRules WINOGRAD_RULES[2] = {{13, 31, 36, 17, 20, 1 << 30, 13, 2
 inline const WinogradRules& winograd_rules() { return WINOGRAD_RULES[tuning()]; }
 #include __FILE__
 #undef DW_LANES
+#undef DW_PLANE_COLUMNS
 }  // namespace dw16
 #undef DW_IN_AVX512
 DW_AVX512_END
@@ -462,6 +483,18 @@ __attribute__((always_inline)) inline const float* next_pixel(const float* p, in
     return p;
 }
 
+// The interior direct tiles' pixel stride as a run-time value where the target has 16 vector registers (AVX2), also
+// where the caller passes a constant (the packed rows' L) and GCC inlines the tile or clones it for that constant: GCC
+// then folded the input loads into the FMAs at constant offsets and kept 4 of the 8 accumulators in memory (8 lanes
+// built for AVX2, K = 9-17: 1.12-1.14 the time, once code added elsewhere in the file had changed what GCC inlined).
+// The edge tiles keep the constant (a run-time stride in them too: 1.02-1.04 at K = 21-31), and so does AVX-512 with
+// its 32 registers (a run-time stride there: 1.06-1.22).
+#if defined(__GNUC__) && defined(__AVX__) && !defined(__AVX512F__) && !DW_IN_AVX512
+__attribute__((always_inline)) inline void opaque_stride(int64_t& ps) { asm("" : "+r"(ps)); }
+#else
+__attribute__((always_inline)) inline void opaque_stride(int64_t&) {}
+#endif
+
 // The part of a tile's work that can be nonzero: input rows [ii_lo, ii_hi) of the tile's R+KH-1, and kernel
 // columns [j_lo, j_hi). Rows and column windows that lie wholly in the zero padding of the packed input are skipped
 // (their products are zeros): at 14x14 with K=27 (RepLKNet-31B's stage 3 at 224 px) 73% of the taps.
@@ -617,40 +650,80 @@ inline void tile_at(const Plane& pl, int64_t p, int r, int64_t q) {
 }
 
 // All output rows of columns [q0, q1) (a multiple of C wide) in tiles of R x C, the last rows (fewer than R) in
-// tiles of up to RO rows: R x C and 1..RO x C are the only tile instances (every row count up to a tail's R would
-// double the build time).
-template <int R, int C>
+// tiles of up to TR rows (the plane's tile height): R x C and 1..TR x C are the only tile instances (every row count
+// up to a tail's R would double the build time).
+template <int R, int C, int TR = RO>
 inline void tile_columns(const Plane& pl, int64_t q0, int64_t q1) {
     int64_t p = 0;
     for (; p + R <= pl.OH; p += R)
         for (int64_t q = q0; q < q1; q += C) tile_at<R, C, true>(pl, p, R, q);
-    for (; p < pl.OH; p += RO) {
-        const int r = (int)((pl.OH - p) < RO ? (pl.OH - p) : RO);
-        for (int64_t q = q0; q < q1; q += C) tile_at<RO, C, false>(pl, p, r, q);
+    for (; p < pl.OH; p += TR) {
+        const int r = (int)((pl.OH - p) < TR ? (pl.OH - p) : TR);
+        for (int64_t q = q0; q < q1; q += C) tile_at<TR, C, false>(pl, p, r, q);
     }
 }
 
-// Output rows per tile for the last c < CO columns of a plane. An RO x c tile has too few accumulators to hide the
-// FMA latency (each accumulator is one dependency chain: Zen 2 needs 5 cycles x 2 ports = 10 in flight), so the
-// tail columns take taller tiles: about 10 accumulators, within the registers (c accumulators per row, a c-vector
-// window, one weight). dw8: c = 1, 2, 3, 4 -> 10, 5, 4, 2 rows (RO x c tiles: 2-8 accumulators, so c tail columns
-// took the time of CO). The tails are wide: 32 = 6 x 5 + 2 output columns at R = 32, 13 = 2 x 5 + 3 and 31 = 6 x 5
-// + 1 kernel columns in the weight gradient. Measured on the dev box against RO x c tails (1 thread, B=1, C=96,
-// R=32, per-round paired medians, the same build flags; the spread is the host's): forward K=13 0.80-0.95x,
-// K=31 0.80-0.98x; weight gradient K=13 0.83-0.96x, K=31 0.83-1.02x; 2 threads, C=384: 0.87-0.93x.
-template <int C>
+// Output rows per tile for the last c < CO columns of a plane whose tiles are TR rows high. A TR x c tile has too few
+// accumulators to hide the FMA latency (each accumulator is one dependency chain: Zen 2 needs 5 cycles x 2 ports = 10
+// in flight), so the tail columns take taller tiles: about 10 accumulators, within the registers (c accumulators per
+// row, a c-vector window, one weight). dw8: c = 1, 2, 3, 4 -> 10, 5, 4, 2 rows (RO x c tiles: 2-8 accumulators, so c
+// tail columns took the time of CO). The tails are wide: 32 = 6 x 5 + 2 output columns at R = 32, 13 = 2 x 5 + 3 and
+// 31 = 6 x 5 + 1 kernel columns in the weight gradient (before its 3 x 3 tiles). Measured on the dev box against
+// RO x c tails (1 thread, B=1, C=96, R=32, per-round paired medians, the same build flags; the spread is the host's):
+// forward K=13 0.80-0.95x, K=31 0.80-0.98x; weight gradient K=13 0.83-0.96x, K=31 0.83-1.02x; 2 threads, C=384:
+// 0.87-0.93x.
+template <int C, int TR = RO>
 constexpr int tail_rows() {
     constexpr int fit = (NREG - C - 1) / C, want = (10 + C - 1) / C;
     constexpr int rows = fit < want ? fit : want;
-    return rows > RO ? rows : RO;
+    return rows > TR ? rows : TR;
 }
 
-template <int C>
+template <int C, int TR = RO>
 inline void tail_columns(int c, const Plane& pl, int64_t q0, int64_t q1) {
     if constexpr (C > 1) {
-        if (c < C) return tail_columns<C - 1>(c, pl, q0, q1);
+        if (c < C) return tail_columns<C - 1, TR>(c, pl, q0, q1);
     }
-    tile_columns<tail_rows<C>(), C>(pl, q0, q1);
+    tile_columns<tail_rows<C, TR>(), C, TR>(pl, q0, q1);
+}
+
+// The OW columns of a plane in TR x TC tiles, the last OW % TC columns in tail tiles. Inlined into corr_plane in the
+// AVX-512 variant (DW_PLANE_COLUMNS), where GCC's own placement measured 1.05 at R = 7, K = 13 (forward); left to GCC
+// in the others. (GCC's inlining budget is the file's: forcing it in every variant moved the 8-lane packed rows' tiles
+// by 0.87-1.20 at K = 3-13, with 8 lanes built for AVX2.)
+template <int TR, int TC>
+DW_PLANE_COLUMNS void plane_columns(const Plane& pl, int64_t OW) {
+    const int64_t tail = OW % TC, body = OW - tail;
+    tile_columns<TR, TC>(pl, 0, body);
+    if constexpr (TC > 1) {
+        if (tail) tail_columns<TC - 1, TR>((int)tail, pl, body, OW);
+    }
+}
+
+// Output rows [p, OH) of a plane, as a plane of their own.
+inline Plane rows_from(const Plane& pl, int64_t p) {
+    Plane s = pl;
+    s.in += p * pl.in_rs;
+    s.out += p * pl.out_rs;
+    s.OH -= p;
+    s.row_lo -= p;
+    s.row_hi -= p;
+    return s;
+}
+
+// The last r < TR rows of a plane (REST): tiles r rows high and as wide as the registers allow (r x C accumulators,
+// a C-vector window, one weight: dw8 1 x 7, 2 x 5), where TR-row tiles would hold r x TC accumulators, too few
+// chains to hide the FMA latency (see tail_rows).
+template <int r>
+constexpr int rest_columns() {
+    return (NREG - 1) / (r + 1) < 1 ? 1 : (NREG - 1) / (r + 1);
+}
+template <int r>
+inline void rest_rows(int rest, const Plane& pl, int64_t OW) {
+    if constexpr (r > 1) {
+        if (rest < r) return rest_rows<r - 1>(rest, pl, OW);
+    }
+    plane_columns<r, rest_columns<r>()>(pl, OW);
 }
 
 // corr of one plane: in (OH+KH-1, OW+KW-1, L), k (KH, KW, L), out (OH, OW, L). Only input rows [row_lo, row_hi)
@@ -659,17 +732,22 @@ inline void tail_columns(int c, const Plane& pl, int64_t q0, int64_t q1) {
 // zeros are left out of the sums; an inf or NaN weight that meets only padding no longer turns its output NaN).
 // ``in_rs``: the input's row stride in floats (0: packed, (OW + KW - 1) * L). Every output sums its products in the
 // same order (input row, then kernel column) whatever tile computes it (up to a multiply-add the compiler leaves
-// unfused in some tile: a last-bit difference).
+// unfused in some tile: a last-bit difference). TR x TC: the register tile, RO x CO, or the weight gradient's
+// WRO x WCO; REST: the last OH % TR rows in tiles of their own height (rest_rows).
+template <int TR = RO, int TC = CO, bool REST = false>
 inline void corr_plane(const float* in, const float* k, float* out, int64_t OH, int64_t OW, int64_t KH, int64_t KW,
                        const float* init, bool accum, int64_t row_lo, int64_t row_hi, int64_t col_lo,
                        int64_t col_hi, int64_t in_rs = 0) {
-    const Plane pl{in, k, out, OH, KH, KW, in_rs ? in_rs : (OW + KW - 1) * L, OW * L, init, accum,
-                   row_lo, row_hi, col_lo, col_hi};
-    const int64_t tail = OW % CO, body = OW - tail;
-    tile_columns<RO, CO>(pl, 0, body);
-    if constexpr (CO > 1) {
-        if (tail) tail_columns<CO - 1>((int)tail, pl, body, OW);
+    Plane pl{in, k, out, OH, KH, KW, in_rs ? in_rs : (OW + KW - 1) * L, OW * L, init, accum,
+             row_lo, row_hi, col_lo, col_hi};
+    if constexpr (REST && TR > 1) {
+        const int64_t rest = OH % TR;
+        if (rest) {
+            rest_rows<TR - 1>((int)rest, rows_from(pl, OH - rest), OW);
+            pl.OH -= rest;
+        }
     }
+    plane_columns<TR, TC>(pl, OW);
 }
 
 // Winograd F(3, 3) along the rows (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016;
@@ -802,7 +880,8 @@ inline void wino_output_rows(const float* m, int64_t ms, float* y, int64_t ys, i
 
 // What corr_plane computes, by the Winograd rows: in is the packed plane (OH + KH - 1 rows of OW + KW - 1 pixels),
 // nonzero only in rows [row_lo, row_hi) and columns [col_lo, col_hi); G its kernel's wino_kernel; outputs start from
-// init (a bias vector, or null: zeros), or from out where accum.
+// init (a bias vector, or null: zeros), or from out where accum. TR, TC, REST: corr_plane's.
+template <int TR = RO, int TC = CO, bool REST = false>
 inline void corr_plane_wino(const float* in, const float* G, float* out, int64_t OH, int64_t OW, int64_t KH,
                             int64_t KW, const float* init, bool accum, int64_t row_lo, int64_t row_hi, int64_t col_lo,
                             int64_t col_hi, WinoBuffers& wb) {
@@ -819,8 +898,8 @@ inline void corr_plane_wino(const float* in, const float* G, float* out, int64_t
     }
     const int64_t TS = T * KW * L, MS = Q * OW * L;
     for (int k = 0; k < 5; ++k)
-        corr_plane(U + k * J * rs, G + k * TS, M + k * MS, Q, OW, T, KW, nullptr, false, lo[k], hi[k], col_lo, col_hi,
-                   rs);
+        corr_plane<TR, TC, REST>(U + k * J * rs, G + k * TS, M + k * MS, Q, OW, T, KW, nullptr, false, lo[k], hi[k],
+                                 col_lo, col_hi, rs);
     const vec b = init ? load(init) : vec{};
     for (int64_t t = 0; t < Q; ++t)
         wino_output_rows(M + t * OW * L, MS, out + 3 * t * OW * L, OW * L, L, OW, min64(3, OH - 3 * t), b, accum);
@@ -841,12 +920,20 @@ inline bool wino_wgrad(int64_t H, int64_t W, int64_t KH, int64_t KW) {
 }
 
 // One image's weight gradient of one block: a (KH, KW, L) (+)= corr(xin, gin) with xin the padded input plane
-// (nonzero in rows [ph, ph + H), columns [pw, pw + W)) and gin the (H, W, L) output gradient.
+// (nonzero in rows [ph, ph + H), columns [pw, pw + W)) and gin the (H, W, L) output gradient. Its planes are small
+// (the kernel's, and in Winograd rows ceil(KH / 3) x KW: 5 x 13 at K = 13) and their sums long, so their tiles are
+// their own (WRO x WCO, the last rows in tiles of their own height: WREST). 8 lanes: 3 x 3, the last rows 2 x 5 or
+// 1 x 7, where the forward's 2 x 5 ran the last row of a 5-row plane in 1 x 5 tiles (five dependency chains).
+// Measured (Zen 4, built for AVX2, 2 threads, B = 1, C = 384, median of 40 paired rounds, the weight gradient alone,
+// against 2 x 5): R = 32 K = 9 0.84, 13 0.88, 17 0.94, 21 0.85, 27 0.86, 31 0.92; R = 14 K = 27 0.78; R = 16 K = 13
+// 0.83; B = 8 C = 128 R = 56 K = 13 0.90 (3 x 3 without WREST: 0.87-0.94 at R = 32; 2 x 4 0.78-1.15, 4 x 3
+// 1.34-1.42; against 3 x 3: 4 x 2, 6 x 2, 3 x 4 1.13-1.56). The AVX-512 variant keeps its 4 x 5 (5 x 5, 3 x 6,
+// 4 x 6, 3 x 7 measured 0.96-1.03; 5 x 4 1.05-1.13).
 inline void wgrad_plane(const float* xin, const float* gin, float* a, int64_t KH, int64_t KW, int64_t H, int64_t W,
                         bool accum, int64_t ph, int64_t pw, bool wino, WinoBuffers& wb) {
-    if (!wino) return corr_plane(xin, gin, a, KH, KW, H, W, nullptr, accum, ph, ph + H, pw, pw + W);
+    if (!wino) return corr_plane<WRO, WCO, WREST>(xin, gin, a, KH, KW, H, W, nullptr, accum, ph, ph + H, pw, pw + W);
     wino_kernel(gin, H, W, wb.g.data());
-    corr_plane_wino(xin, wb.g.data(), a, KH, KW, H, W, nullptr, accum, ph, ph + H, pw, pw + W, wb);
+    corr_plane_wino<WRO, WCO, WREST>(xin, wb.g.data(), a, KH, KW, H, W, nullptr, accum, ph, ph + H, pw, pw + W, wb);
 }
 
 inline int64_t lane_count(int64_t C, int64_t c0) { return (C - c0) < L ? (C - c0) : L; }
@@ -1146,6 +1233,7 @@ __attribute__((always_inline)) inline void direct_rest(int r, vec (&acc)[TC], co
 template <int TC, bool EDGE, bool STRAIGHT>
 inline void direct_tile(const float* in, int64_t in_rs, int64_t ps, const float* k, int64_t KW, int64_t ky_lo,
                         int64_t ky_hi, const float* bias, float* out, int64_t out_ps, int64_t x0, int64_t W) {
+    if constexpr (!EDGE) opaque_stride(ps);
     vec acc[TC];
     const vec init = bias ? load(bias) : vec{};
 #pragma GCC unroll 32
@@ -1632,10 +1720,11 @@ void backward_planes(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t
                                  false);
                     float* ak = a + k * KH * KW * L;
                     if (wino_w)
-                        corr_plane_wino(pl.data(), wb.g.data(), ak, KH, KW, H, W, nullptr, n > n0, ph, ph + H, pw,
-                                        pw + W, wb);
+                        corr_plane_wino<WRO, WCO, WREST>(pl.data(), wb.g.data(), ak, KH, KW, H, W, nullptr, n > n0,
+                                                         ph, ph + H, pw, pw + W, wb);
                     else
-                        corr_plane(pl.data(), gin.data(), ak, KH, KW, H, W, nullptr, n > n0, ph, ph + H, pw, pw + W);
+                        corr_plane<WRO, WCO, WREST>(pl.data(), gin.data(), ak, KH, KW, H, W, nullptr, n > n0, ph,
+                                                    ph + H, pw, pw + W);
                 }
             if (S == 1) write_weight_grad(acc.data(), cbg * G, min64(CB, cbg * G + G), C, KH, KW, gw);
         }
