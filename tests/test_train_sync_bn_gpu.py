@@ -44,6 +44,10 @@ F.cross_entropy(logits, y[part].to(device)).backward()
 kinds = sorted({{type(m).__name__ for m in net.modules() if "BatchNorm" in type(m).__name__}})
 torch.save({{"logits": logits.detach().cpu(), "grads": {{n: p.grad.cpu() for n, p in net.named_parameters()}},
              "buffers": {{n: b.cpu() for n, b in net.named_buffers()}}, "bn": kinds}}, out + f"/rank{{rank}}.pt")
+# the ranks leave together, as erf_lab.train.loop's do: a rank that left right after DDP's last all-reduce could start
+# interpreter shutdown while a gloo worker thread still released that collective's tensors (SIGABRT, "terminate called
+# without an active exception", once in a CI run)
+dist.barrier()
 dist.destroy_process_group()
 """
 
