@@ -282,15 +282,17 @@ def cpu_lanes(lanes=None) -> int:
     return 16 if lib is not None and lib.dw_variant(0) == 16 else 8
 
 
-#: the AVX-512 variant's tunings (``dwconv.cpp``'s WINOGRAD_RULES: where the direct tiles and the weight gradient run
-#: in Winograd rows), by the kind of core they were measured on
+#: the kernel's tunings, by the kind of core they were measured on (``dwconv.cpp``: the AVX-512 variant's
+#: WINOGRAD_RULES, where the direct tiles and the weight gradient run in Winograd rows; in every variant straight_taps,
+#: up to which kernels run the straight channels_last tiles)
 TUNINGS = {0: "two 512-bit FMA units per core (tuned on an Intel Xeon)",
            1: "512-bit FMAs in two 256-bit halves (tuned on an AMD EPYC of Zen 4)"}
 
 
 def cpu_tuning() -> int:
-    """The AVX-512 variant's tuning (a ``TUNINGS`` key): 1 on cores that run a 512-bit FMA as two 256-bit halves
-    (AMD family 19h with AVX-512: Zen 4), where the Winograd rows pay from smaller kernels and maps, else 0."""
+    """The kernel's tuning (a ``TUNINGS`` key): 1 on cores that run a 512-bit FMA as two 256-bit halves (AMD family
+    19h with AVX-512: Zen 4), where the Winograd rows pay from smaller kernels and maps and a 7x7 kernel on
+    channels_last runs the straight tiles (in every variant), else 0."""
     lib = cpp_library()
     return int(lib.dw_tuning()) if lib is not None else 0
 

@@ -178,11 +178,12 @@ def test_lane_width_selection_and_override(monkeypatch):
         ck.cpp_conv(x, w, None, lanes=32)
 
 
-def test_the_avx512_tuning_follows_the_cpu():
-    """The AVX-512 variant's Winograd rules (``ck.cpu_tuning()``) are those for cores that run a 512-bit FMA as two
-    256-bit halves (1) exactly on an AMD CPU of family 19h (25) with avx512f (Zen 4), as /proc/cpuinfo says, else the
-    others (0); ``dw_set_tuning`` chooses either for the process, -1 (or an unknown value) gives the CPU's back; the
-    variant's description names the tuning where the AVX-512 variant runs."""
+def test_the_tuning_follows_the_cpu():
+    """The kernel's tuning (``ck.cpu_tuning()``: the AVX-512 variant's Winograd rules, every variant's reach of the
+    straight tiles) is that for cores that run a 512-bit FMA as two 256-bit halves (1) exactly on an AMD CPU of family
+    19h (25) with avx512f (Zen 4; not its Zen 3), as /proc/cpuinfo says, else the others (0); ``dw_set_tuning``
+    chooses either for the process, -1 (or an unknown value) gives the CPU's back; the variant's description names the
+    tuning where the AVX-512 variant runs."""
     need_cpp()
     try:
         block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
@@ -206,6 +207,38 @@ def test_the_avx512_tuning_follows_the_cpu():
     finally:
         lib.dw_set_tuning(-1)
     assert ck.cpu_tuning() == own
+
+
+@pytest.mark.parametrize("lanes", ["8", "16"])
+def test_the_tuning_sets_where_7x7_runs_straight_with_the_same_numbers(lanes, monkeypatch, one_thread):
+    """A 7 x 7 kernel on a channels_last input of whole channel blocks runs the straight tiles with the Zen 4 tuning
+    (1) and the packed rows with the other (0), 5 x 5 straight and 9 x 7 packed rows with both; an NCHW input runs
+    the packed rows (where the variant has them on any layout). The two tunings' forward, input and weight gradient
+    match F.conv2d in float64, and each other (the same sums in the same order, up to a multiply-add left unfused).
+    A wrong reach of the straight tiles makes the path assertions fail."""
+    need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, lanes)
+    lib = ck.cpp_library()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 32, 11, 20, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, 1, 7, 7, generator=g), torch.randn(32, generator=g)
+    lowered = ck.cpu_variant().startswith(ck._VARIANTS[17])
+    results = []
+    try:
+        for tuning in (0, 1):
+            lib.dw_set_tuning(tuning)
+            ck._calls.clear()  # (the backward's plan is memoized per signature; the tuning changes it)
+            assert ck.cpp_conv_path(x, w) == ck.CONV_PATHS[1 if tuning == 1 else 3]
+            assert ck.cpp_conv_path(x, w[..., 1:-1, 1:-1]) == ck.CONV_PATHS[1]
+            assert ck.cpp_conv_path(x, torch.empty(32, 1, 9, 7)) == ck.CONV_PATHS[3]
+            assert ck.cpp_conv_path(x.contiguous(), w) == ck.CONV_PATHS[0 if lowered else 3]
+            results.append(_cpp_matches_conv2d_in_float64(x, w, b, torch.Generator().manual_seed(70)))
+    finally:
+        lib.dw_set_tuning(-1)
+        ck._calls.clear()
+    (y0, grads0), (y1, grads1) = results
+    for a, c in zip((y0, *grads0), (y1, *grads1)):
+        assert _rel(a.double(), c.double()) <= 1e-6
 
 
 def test_the_build_target_follows_the_environment(monkeypatch):
@@ -261,7 +294,7 @@ assert ck.cpp_available(), ck.cpp_unavailable_reason()
 print(ck.cpu_variant())
 paths, wgrad_winograd = set(), False
 for shape, k in [((2, 16, 12, 12), 3), ((1, 16, 6, 6), 13), ((2, 24, 12, 13), 7), ((1, 16, 24, 27), 31),
-                 ((2, 16, 18, 20), 9), ((1, 24, 20, 22), 9)]:
+                 ((2, 16, 18, 20), 9), ((1, 24, 20, 22), 9), ((1, 24, 10, 17), 7)]:
     for cl in (False, True):
         for threads in (1, 2):
             torch.set_num_threads(threads)
@@ -387,8 +420,9 @@ def test_small_kernels_run_the_stock_call_without_timing_on_channels_last(monkey
 def _expected_path(shape, kernel, channels_last: bool) -> str:
     """The path dw_conv_path should name for a map of at least one tile's width and whole channel blocks (the rule
     in dwconv.cpp's conv_path): Winograd rows in direct tiles (``_winograd_direct``), else on packed planes
-    (``_winograd``); direct tiles up to 21 (AVX-512) or 13, from packed rows from 49 taps (on any layout, but on
-    channels_last only in the 16 lanes lowered to 256-bit vectors), else straight from a channels_last tensor, else
+    (``_winograd``); direct tiles up to 21 (AVX-512) or 13, from packed rows past 48 taps (49 with the Zen 4 tuning,
+    ``ck.cpu_tuning()``: 7x7 runs straight there; on any layout, but on channels_last only in the 16 lanes lowered to
+    256-bit vectors), else straight from a channels_last tensor of whole blocks, else
     from packed rows on maps from 16 wide (not in the lowered lanes), else packed planes."""
     variant = ck.cpu_variant()
     avx512, lowered = variant.startswith(ck._VARIANTS[16]), variant.startswith(ck._VARIANTS[17])
@@ -400,9 +434,9 @@ def _expected_path(shape, kernel, channels_last: bool) -> str:
         return ck.CONV_PATHS[4]
     if max(kernel) > (21 if avx512 else 13) or shape[-1] < (16 if avx512 else tile):  # (a row narrower than a tile)
         return ck.CONV_PATHS[0]
-    if kh * kw >= 49 and (channels_last or not lowered):
+    if kh * kw > (49 if ck.cpu_tuning() == 1 else 48) and (channels_last or not lowered):
         return ck.CONV_PATHS[3]
-    if channels_last:
+    if channels_last and shape[1] % (8 if variant.startswith(ck._VARIANTS[8]) else 16) == 0:
         return ck.CONV_PATHS[1]
     return ck.CONV_PATHS[3] if not lowered and shape[-1] >= 16 else ck.CONV_PATHS[0]  # (packed rows from 16 wide)
 

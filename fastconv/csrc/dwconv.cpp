@@ -28,9 +28,9 @@
 // forward and weight gradient, paired rounds): each of them 1.05-1.37x slower.
 //
 // The forward / input gradient of kernels up to DMAXK skip the planes (conv_direct, see conv_path): a tile of DCO
-// output pixels of one block, read straight from a channels_last tensor of whole blocks or, from 7x7, from the
-// block's rows copied to a compact buffer (any layout where DANY_LAYOUT: all but dw16g), and written straight to a
-// channels_last output (else through one row buffer), the kernel row's columns in chunks of KCH weight
+// output pixels of one block, read straight from a channels_last tensor of whole blocks or, past straight_taps()
+// taps, from the block's rows copied to a compact buffer (any layout where DANY_LAYOUT: all but dw16g), and written
+// straight to a channels_last output (else through one row buffer), the kernel row's columns in chunks of KCH weight
 // vectors held in registers (DCO accumulators + KCH weights + 1 input of the register file: AVX-512 16 + 13 + 1 of
 // 32; 8 lanes 8 + 6 + 1 of 16; 16 lanes lowered to AVX2 4 + 2 + 1 vectors, two ymm each).
 //
@@ -121,10 +121,11 @@ struct WinogradRules {
     int min_k, max_k, map_under_k15, min_map, map_k23, max_map_k23, wgrad_min_k, wgrad_min_map;
 };
 
-// Which of the AVX-512 variant's two WINOGRAD_RULES apply: 1 on cores that run a 512-bit FMA as two 256-bit halves
-// (AMD Zen 4: half the FMA rate per core of the Intel Xeon's two 512-bit units, the same loads and shuffles, so that
-// fewer multiply-adds pay for the Winograd transforms sooner; AMD family 19h, whose Zen 3 lacks the avx512f that the
-// variant needs), 0 on the others; dw_set_tuning overrides it.
+// The tuning, what was measured per kind of core: 1 on cores that run a 512-bit FMA as two 256-bit halves (AMD Zen 4:
+// half the FMA rate per core of the Intel Xeon's two 512-bit units, the same loads and shuffles, so that fewer
+// multiply-adds pay for the Winograd transforms sooner; AMD family 19h with avx512f, which its Zen 3 lacks), 0 on the
+// others. It picks the AVX-512 variant's WINOGRAD_RULES and, in every variant, straight_taps; dw_set_tuning
+// overrides it.
 static int g_tuning = -1;
 inline int cpu_splits_512bit_fma() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -133,7 +134,7 @@ inline int cpu_splits_512bit_fma() {
         return 0;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
     const unsigned base = (a >> 8) & 0xf, family = base + (base == 0xf ? (a >> 20) & 0xff : 0);
-    return family == 0x19 ? 1 : 0;
+    return family == 0x19 && __builtin_cpu_supports("avx512f") ? 1 : 0;
 #else
     return 0;
 #endif
@@ -272,9 +273,9 @@ int dw_has_openmp() {
 int dw_has_avx512_build() { return DW_HAS_AVX512; }
 int dw_cpu_avx512f() { return cpu_avx512f() ? 1 : 0; }
 
-// The AVX-512 variant's tuning (its WINOGRAD_RULES): 1 for cores that run a 512-bit FMA as two 256-bit halves (AMD
-// Zen 4), 0 for the others. dw_set_tuning(0 or 1) chooses one for the process (the tests run both on one CPU), -1
-// the CPU's again; not while a call runs.
+// The tuning (the AVX-512 variant's WINOGRAD_RULES, every variant's straight_taps): 1 for cores that run a 512-bit FMA
+// as two 256-bit halves (AMD Zen 4), 0 for the others. dw_set_tuning(0 or 1) chooses one for the process (the tests
+// run both on one CPU), -1 the CPU's again; not while a call runs.
 int dw_tuning() { return tuning(); }
 void dw_set_tuning(int t) { g_tuning = t == 0 || t == 1 ? t : -1; }
 
@@ -1308,7 +1309,7 @@ constexpr bool DTILES_FIRST = DCO >= 16;
 //   partial last block too); the tiles store into a channels_last y of whole blocks, else into one row buffer that
 //   unpack_row writes back (transposed on NCHW). The bands: row_bands (as tall as fit DW_BAND_FLOATS, at least 4 units
 //   per thread, whole rounds of units). The copy costs about 1.5 ns per 64-byte line in L2 and more where x streams
-//   from memory, which small kernels do not win back (from DPACK_TAPS taps). Measured (2 threads, AVX-512 Xeon, B=1
+//   from memory, which small kernels do not win back (straight_taps, below). Measured (2 threads, AVX-512 Xeon, B=1
 //   C=384 R=32 channels_last forward, us, straight vs packed rows): K=3 78 vs 103, K=5 110-137 vs 117-132, K=7 198 vs
 //   181, K=9 265 vs 222, K=13 453 vs 369; where x streams from memory (B=16 C=128 R=56) K=5 2076 vs 2876, K=7 4260 vs
 //   4131, K=13 7776 vs 7679. Packed planes against packed rows (B=1 C=384 R=32): K=17 735 vs 631, K=21 930 vs 859, K=27
@@ -1322,7 +1323,16 @@ constexpr bool DTILES_FIRST = DCO >= 16;
 //   writes the triplet's three rows: 5 ceil(KH / 3) KW multiply-adds per three outputs instead of 3 KH KW. The tiles
 //   keep their register use and their skipping of the columns in the padding; the products whose transformed rows are
 //   all padding are left out.
-constexpr int DPACK_TAPS = 49;
+// conv_path: the straight channels_last tiles up to straight_taps() taps, the packed rows from the next. 48 (kernels
+// to 5 x 5 and 5 x 7 / 7 x 5), as measured on the Intel Xeon above (K = 7: packed rows 0.91-0.97 of the straight tiles'
+// time); 49 (7 x 7 too) with the Zen 4 tuning, in every variant. Measured on the Zen 4 (2 threads, channels_last, the
+// C entry points of both builds in one process, median of 80-200 paired rounds, straight over packed rows, forward):
+// AVX-512 B=1 C=384 R=32 K=7 0.95, B=4 0.81, B=2 C=256 R=56 0.68, B=16 C=128 R=56 0.63; 8 lanes built for AVX2
+// (x86-64-v3) B=1 0.94-0.99, B=2 0.94, B=4 0.69-0.72, B=8 0.69, B=2 C=256 R=56 0.68-0.72, C=128 R=112 0.82, B=64 C=64
+// R=16 0.86, B=16 C=128 R=56 0.63-0.70; forward + both gradients through autograd (the backward then in two passes)
+// AVX-512 0.83-0.89, 8 lanes 0.77-0.81; the same outputs, bit for bit. K = 5 unchanged (0.98-1.00); from 9 x 9 the
+// Winograd rows beat the straight tiles (1.12-1.42 against them).
+inline int64_t straight_taps() { return tuning() == 1 ? 49 : 48; }
 #ifndef DW_BAND_FLOATS
 #define DW_BAND_FLOATS (128 * 1024)
 #endif
@@ -1613,29 +1623,28 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
 
 // Which way conv_fused computes a call (dw_conv_path): 2 swapped roles (a kernel at least twice the map); 5 the direct
 // tiles in Winograd rows (wino_direct) on packed rows, where those run (channels_last, or any layout where
-// DANY_LAYOUT); 4 the Winograd rows on packed planes (wino_rows); the direct
-// tiles (conv_direct: rows of at least DCO pixels, kernels up to DMAXK): 3 from packed rows from DPACK_TAPS taps (7x7)
-// up on channels_last x and y (on any layout where DANY_LAYOUT: NCHW forward, 2 threads, B=1 C=384 R=32, us, planes vs
-// packed rows, AVX-512 K=7 233 vs 168, K=13 449 vs 344, K=21 838 vs 785; B=4: K=13 1754 vs 1363, K=21 3246 vs 2818; B=8
-// C=128 R=56: K=7 1850 vs 1564, K=13 3619 vs 3301, but K=17 5045 vs 5313, K=21 7203 vs 7615, and on channels_last there
-// K=17 6265 vs 5929, K=21 8328 vs 8270; K=27 / 31 stay on the planes at every size measured; 8 lanes on the Xeon,
-// before the Winograd rows in direct tiles: K=13 624-709 vs 652-915. 8 lanes on the Zen 4, built for AVX2
-// (-march=znver3), NCHW, median of paired rounds, packed rows over planes: forward R=32 K=7 0.88 (1.10 in another
-// run), K=9 0.75, K=11 0.82, K=13 0.61-0.63, K=17 0.76, K=21 0.78, K=27 0.84, K=31 0.82-0.85; R=64 K=7 0.82, K=13
-// 0.64, K=31 1.00 (planes: K >= 23 on maps over 32); B=4 K=7 0.86; R=16 K=7 0.87, K=13 0.66; B=16 C=128 R=56 K=7 0.80,
-// K=13 0.63; B=64 C=64 R=8 K=13 0.83 but B=2 C=256 R=12 K=13 1.09; backward (both gradients) K=7 0.85, K=13 0.79-0.81,
-// K=17-21 0.88, K=31 1.0), else 1 straight from channels_last x and y of whole L-channel blocks; else 3 on maps from
-// DROWS_MIN_W wide (below); else 0 packed planes.
+// DANY_LAYOUT); 4 the Winograd rows on packed planes (wino_rows); the direct tiles (conv_direct: rows of at least DCO
+// pixels, kernels up to DMAXK): 3 from packed rows past straight_taps() taps on channels_last x and y (on any layout
+// where DANY_LAYOUT: NCHW forward, 2 threads, B=1 C=384 R=32, us, planes vs packed rows, AVX-512 K=7 233 vs 168, K=13
+// 449 vs 344, K=21 838 vs 785; B=4: K=13 1754 vs 1363, K=21 3246 vs 2818; B=8 C=128 R=56: K=7 1850 vs 1564, K=13 3619
+// vs 3301, but K=17 5045 vs 5313, K=21 7203 vs 7615, and on channels_last there K=17 6265 vs 5929, K=21 8328 vs 8270;
+// K=27 / 31 stay on the planes at every size measured; 8 lanes on the Xeon, before the Winograd rows in direct tiles:
+// K=13 624-709 vs 652-915. 8 lanes on the Zen 4, built for AVX2 (-march=znver3), NCHW, median of paired rounds, packed
+// rows over planes: forward R=32 K=7 0.88 (1.10 in another run), K=9 0.75, K=11 0.82, K=13 0.61-0.63, K=17 0.76, K=21
+// 0.78, K=27 0.84, K=31 0.82-0.85; R=64 K=7 0.82, K=13 0.64, K=31 1.00 (planes: K >= 23 on maps over 32); B=4 K=7 0.86;
+// R=16 K=7 0.87, K=13 0.66; B=16 C=128 R=56 K=7 0.80, K=13 0.63; B=64 C=64 R=8 K=13 0.83 but B=2 C=256 R=12 K=13 1.09;
+// backward (both gradients) K=7 0.85, K=13 0.79-0.81, K=17-21 0.88, K=31 1.0), else 1 straight from channels_last x and
+// y of whole L-channel blocks; else 3 on maps from DROWS_MIN_W wide (below); else 0 packed planes.
 // The direct tiles against packed planes (2 threads, B=1 C=384 R=32, channels_last, forward, us): AVX-512 straight from
 // x K=3 74 vs 202, K=5 121 vs 252; from packed rows K=7 181 vs 293, K=9 222 vs 350, K=13 369 vs 528, K=17 631 vs 735,
 // K=21 859 vs 930; past that the packed planes win (their 4-row tiles share input loads and skip whole tiles of
 // padding); the 8-lane variant built for AVX2 K=3 122 vs 247, K=9 394 vs 538 (packed rows), K=17 1100 vs 1162 (planes).
 // Against oneDNN's channels_last kernel they win where the tensors stay in cache (B=1 C=384 R=32, K=3 74 vs 100 us) and
-// not always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms; since the loads of the straight
-// tiles were fixed, Zen 4: 2.3 vs 2.9 ms, but K=3 at B=64 C=128 R=32 13.5 vs 12.6): the dispatcher times it.
-// Below 49 taps, the inputs that are not channels_last of whole blocks (NCHW, a partial last block) run the packed
-// rows too on maps from DROWS_MIN_W wide, where DANY_LAYOUT (before: the packed planes). Measured on the Zen 4 (2
-// threads, median of paired rounds, packed rows over planes), forward: AVX-512 NCHW B=1 C=384 R=16-64 K=3 / 5
+// not always where they stream from memory (B=16 C=128 R=56 K=5 2.2 vs 1.8 ms; since the loads of the straight tiles
+// were fixed, Zen 4: 2.3 vs 2.9 ms, but K=3 at B=64 C=128 R=32 13.5 vs 12.6): the dispatcher times it.
+// Up to straight_taps() taps, the inputs that are not channels_last of whole blocks (NCHW, a partial last block) run
+// the packed rows too on maps from DROWS_MIN_W wide, where DANY_LAYOUT (before: the packed planes). Measured on the Zen
+// 4 (2 threads, median of paired rounds, packed rows over planes), forward: AVX-512 NCHW B=1 C=384 R=16-64 K=3 / 5
 // 0.82-0.89, B=4 K=5 0.82, B=8 C=128 R=56 K=3 0.94, C=96 R=112 K=3 0.88; channels_last C=100 R=32 K=3 / 5 0.71-0.72,
 // C=40 R=56 K=3 0.85; 1 thread 0.82-0.93; both gradients (one pass) NCHW 0.84-0.91. 8 lanes built for AVX2 (x86-64-v3):
 // NCHW R=16-64 0.74-0.90, B=8 C=128 R=56 K=3 0.74, C=96 R=112 0.72; channels_last C=100 / 44 / 204 0.69-0.84; both
@@ -1647,7 +1656,7 @@ inline int conv_path(int64_t sC, int64_t yC, int64_t C, int64_t H, int64_t W, in
     if (W >= DCO && (cl || DANY_LAYOUT) && wino_direct(H, W, KH, KW)) return 5;
     if (wino_rows(H, W, KH, KW)) return 4;
     if (W < DCO || KH > DMAXK || KW > DMAXK) return 0;
-    if (KH * KW >= DPACK_TAPS && (cl || DANY_LAYOUT)) return 3;
+    if (KH * KW > straight_taps() && (cl || DANY_LAYOUT)) return 3;
     if (cl && C % L == 0) return 1;
     return DANY_LAYOUT && W >= DROWS_MIN_W ? 3 : 0;
 }
