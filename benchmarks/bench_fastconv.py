@@ -27,6 +27,9 @@ not get a core each. On a
 shared machine a competing process makes the 2-thread times jump in scheduler ticks (4 ms multiples seen on the dev
 box): --threads 1 is the steadier view. Writes
 ``benchmarks/results/<--name>.{json,md}`` (default fastconv_cpu).
+To model an AVX2-only CPU on an AVX-512 one, hold both sides to AVX2: fastconv's kernel
+(FASTCONV_CPU_MARCH=x86-64-v3 FASTCONV_CPU_LANES=8) and the stock libraries (ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2, read when they start: set them in the environment); the header says which caps were set.
 Not a test: the machine is noisy.
 Usage: python benchmarks/bench_fastconv.py [--batch 1] [--res 32] [--repeats 7] [--kernels 3,5,...] [--noise 0.05]
 """
@@ -98,6 +101,8 @@ def main(argv=None) -> int:
               + ("" if scaling >= SCALING_WARN else " -- WARNING: the threads do not get a core each (SMT siblings, "
                  "or another process or VM on the cores); fractions of the peak are unsteady: --threads 1 is the "
                  "steadier view"))
+    caps = stock_isa_caps()
+    print(f"stock libraries: {_describe_caps(caps)}")
     print(f"cpp kernel: {variant}; load average {load}; B={a.batch} C={a.channels}; times = min of >= {a.repeats} "
           f"round-robin rounds (>= {a.min_time:g} s); never-slower allowance {a.noise:.0%}")
     rows, probes = [], [peak] if peak else []
@@ -131,7 +136,8 @@ def main(argv=None) -> int:
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": machine, "roofline": roof, "cpp_variant": variant, "load_average_start": load,
+        meta = {"machine": machine, "roofline": roof, "cpp_variant": variant, "stock_isa_caps": caps,
+                "load_average_start": load,
                 "load_average_end": _loadavg(), "batch": a.batch, "channels": a.channels, "repeats": a.repeats,
                 "noise_allowance": a.noise, "targets": {"fwd_fraction_of_fma_peak": TARGET_FWD,
                                                         "fwdbwd_fraction_of_fma_peak": TARGET_FWDBWD,
@@ -262,6 +268,21 @@ def _bench(fastconv, a, r, k, peak, probe_fma):
     return rows
 
 
+#: the environment variables that hold the stock libraries (oneDNN, MKL) below the CPU's own instruction set
+STOCK_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def stock_isa_caps() -> dict[str, str]:
+    """The ``STOCK_ISA_CAPS`` set in this process's environment (name -> value)."""
+    return {n: os.environ[n] for n in STOCK_ISA_CAPS if os.environ.get(n, "").strip()}
+
+
+def _describe_caps(caps: dict[str, str]) -> str:
+    if not caps:
+        return "the CPU's own instruction set (no ISA cap set)"
+    return "capped by " + ", ".join(f"${n}={v}" for n, v in caps.items())
+
+
 def paired_ratio(rounds: list[dict[str, float]], fast: str, stock: tuple[str, ...]) -> float | None:
     """The median over rounds of ``fast``'s time / the fastest of the ``stock`` ways that ran in the same round
     (a way 10x slower than the best is run only twice, so later rounds compare against the ones left): slow swings
@@ -282,6 +303,7 @@ def paired_fraction(rounds: list[dict[str, float]], name: str, flops: float) -> 
 def _markdown(meta, rows) -> str:
     lines = [f"# fastconv CPU targets ({meta['command']})", "",
              f"- machine: {meta['machine']}", f"- cpp kernel: {meta['cpp_variant']}",
+             f"- stock libraries: {_describe_caps(meta.get('stock_isa_caps') or {})}",
              f"- load average at start / end: {meta['load_average_start']} / {meta['load_average_end']}",
              f"- B={meta['batch']} C={meta['channels']}; >= {meta['repeats']} round-robin rounds; times = best / "
              "median over the rounds; never slower is judged on the median of the per-round ratios (the typical "

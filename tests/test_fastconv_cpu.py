@@ -890,6 +890,8 @@ def test_benchmark_reports_ratio_and_roofline(tmp_path, monkeypatch, capsys):
         return 20.0 if len(calls) <= 3 else 25.0
 
     monkeypatch.setattr(roofline, "fma_peak_gflops", probe)
+    for name in bench.STOCK_ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
     bench.main(["--kernels", "3,13", "--res", "8", "--channels", "4", "--repeats", "3", "--min-time", "0",
                 "--out", str(tmp_path)])
     text = capsys.readouterr().out
@@ -929,7 +931,13 @@ def test_benchmark_reports_ratio_and_roofline(tmp_path, monkeypatch, capsys):
             assert r["fastconv_backend"] == "native"
     md = (tmp_path / "fastconv_cpu.md").read_text()
     assert "fastconv / best stock" in md and "% FMA peak (paired per round)" in md
-    assert len(md.splitlines()) == 9 + len(rows)
+    assert len(md.splitlines()) == 10 + len(rows)
+    # the stock libraries' instruction-set caps, as the environment set them (none here); an AVX2 model names them
+    assert res["stock_isa_caps"] == {} and "- stock libraries: the CPU's own instruction set (no ISA cap set)" in md
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", " ")
+    assert bench.stock_isa_caps() == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert bench._describe_caps(bench.stock_isa_caps()) == "capped by $ONEDNN_MAX_CPU_ISA=AVX2"
 
 
 def test_kernel_ceiling_benchmark_counts_each_level(tmp_path, monkeypatch, capsys):

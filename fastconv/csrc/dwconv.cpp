@@ -1328,10 +1328,12 @@ constexpr bool DTILES_FIRST = DCO >= 16;
 // time); 49 (7 x 7 too) with the Zen 4 tuning, in every variant. Measured on the Zen 4 (2 threads, channels_last, the
 // C entry points of both builds in one process, median of 80-200 paired rounds, straight over packed rows, forward):
 // AVX-512 B=1 C=384 R=32 K=7 0.95, B=4 0.81, B=2 C=256 R=56 0.68, B=16 C=128 R=56 0.63; 8 lanes built for AVX2
-// (x86-64-v3) B=1 0.94-0.99, B=2 0.94, B=4 0.69-0.72, B=8 0.69, B=2 C=256 R=56 0.68-0.72, C=128 R=112 0.82, B=64 C=64
-// R=16 0.86, B=16 C=128 R=56 0.63-0.70; forward + both gradients through autograd (the backward then in two passes)
-// AVX-512 0.83-0.89, 8 lanes 0.77-0.81; the same outputs, bit for bit. K = 5 unchanged (0.98-1.00); from 9 x 9 the
-// Winograd rows beat the straight tiles (1.12-1.42 against them).
+// (x86-64-v3) B=1 0.91-1.03, B=2 0.94, B=4 0.69-0.72, B=8 0.69, B=2 C=256 R=56 0.68-0.72, C=128 R=112 0.82, B=64 C=64
+// R=16 0.86, B=16 C=128 R=56 0.63-0.70; ConvNeXt-T's 7x7 layers at B=32 (C=96 R=56, C=192 R=28, C=384 R=14) AVX-512
+// 0.90 / 0.80 / 1.00 (R=14 is under a 16-pixel tile: planes), 8 lanes 0.90 / 0.70 / 0.67; 1 thread 0.71-0.89; forward +
+// both gradients through autograd (the backward then in two passes) AVX-512 0.80-0.90, 8 lanes 0.75-0.94; the same
+// outputs, bit for bit. K = 5 unchanged (0.98-1.00); from 9 x 9 the Winograd rows beat the straight tiles (1.12-1.42
+// against them).
 inline int64_t straight_taps() { return tuning() == 1 ? 49 : 48; }
 #ifndef DW_BAND_FLOATS
 #define DW_BAND_FLOATS (128 * 1024)
