@@ -303,7 +303,7 @@ def paired_fraction(rounds: list[dict[str, float]], name: str, flops: float) -> 
 def _markdown(meta, rows) -> str:
     lines = [f"# fastconv CPU targets ({meta['command']})", "",
              f"- machine: {meta['machine']}", f"- cpp kernel: {meta['cpp_variant']}",
-             f"- stock libraries: {_describe_caps(meta.get('stock_isa_caps') or {})}",
+             f"- stock libraries: {_describe_caps(meta['stock_isa_caps'])}",
              f"- load average at start / end: {meta['load_average_start']} / {meta['load_average_end']}",
              f"- B={meta['batch']} C={meta['channels']}; >= {meta['repeats']} round-robin rounds; times = best / "
              "median over the rounds; never slower is judged on the median of the per-round ratios (the typical "

@@ -297,6 +297,16 @@ def cpu_tuning() -> int:
     return int(lib.dw_tuning()) if lib is not None else 0
 
 
+def set_tuning(tuning: int | None) -> None:
+    """Run the kernel with tuning ``tuning`` (a ``TUNINGS`` key) in this process, None: the CPU's own again (for tests
+    and measurements of both on one CPU; not while a call runs). The memoized call arguments go with it: the
+    backward's plan (``cpp_backward``) depends on the tuning's paths."""
+    lib = cpp_library()
+    if lib is not None:
+        lib.dw_set_tuning(-1 if tuning is None else int(tuning))
+        _calls.clear()
+
+
 def cpu_variant(lanes=None) -> str:
     """Which variant of the C++ kernel runs, in words (for ``explain`` and the benchmark header)."""
     lib = cpp_library()

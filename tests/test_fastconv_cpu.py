@@ -218,7 +218,6 @@ def test_the_tuning_sets_where_7x7_runs_straight_with_the_same_numbers(lanes, mo
     A wrong reach of the straight tiles makes the path assertions fail."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
-    lib = ck.cpp_library()
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 32, 11, 20, generator=g).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(32, 1, 7, 7, generator=g), torch.randn(32, generator=g)
@@ -226,16 +225,14 @@ def test_the_tuning_sets_where_7x7_runs_straight_with_the_same_numbers(lanes, mo
     results = []
     try:
         for tuning in (0, 1):
-            lib.dw_set_tuning(tuning)
-            ck._calls.clear()  # (the backward's plan is memoized per signature; the tuning changes it)
+            ck.set_tuning(tuning)
             assert ck.cpp_conv_path(x, w) == ck.CONV_PATHS[1 if tuning == 1 else 3]
             assert ck.cpp_conv_path(x, w[..., 1:-1, 1:-1]) == ck.CONV_PATHS[1]
             assert ck.cpp_conv_path(x, torch.empty(32, 1, 9, 7)) == ck.CONV_PATHS[3]
             assert ck.cpp_conv_path(x.contiguous(), w) == ck.CONV_PATHS[0 if lowered else 3]
             results.append(_cpp_matches_conv2d_in_float64(x, w, b, torch.Generator().manual_seed(70)))
     finally:
-        lib.dw_set_tuning(-1)
-        ck._calls.clear()
+        ck.set_tuning(None)
     (y0, grads0), (y1, grads1) = results
     for a, c in zip((y0, *grads0), (y1, *grads1)):
         assert _rel(a.double(), c.double()) <= 1e-6
@@ -436,7 +433,7 @@ def _expected_path(shape, kernel, channels_last: bool) -> str:
         return ck.CONV_PATHS[0]
     if kh * kw > (49 if ck.cpu_tuning() == 1 else 48) and (channels_last or not lowered):
         return ck.CONV_PATHS[3]
-    if channels_last and shape[1] % (8 if variant.startswith(ck._VARIANTS[8]) else 16) == 0:
+    if channels_last and shape[1] % ck.cpu_lanes() == 0:
         return ck.CONV_PATHS[1]
     return ck.CONV_PATHS[3] if not lowered and shape[-1] >= 16 else ck.CONV_PATHS[0]  # (packed rows from 16 wide)
 
@@ -1170,11 +1167,10 @@ def avx512_tuning(request):
     """The AVX-512 variant's tuning (a ``ck.TUNINGS`` key) that the test's ``avx512_tuning`` parameter names, set on
     any CPU (None: the CPU's own); the CPU's own again after the test."""
     tuning = request.param
-    if tuning is not None and ck.cpp_available():
-        ck.cpp_library().dw_set_tuning(tuning)
+    if tuning is not None:
+        ck.set_tuning(tuning)
     yield tuning
-    if ck.cpp_available():
-        ck.cpp_library().dw_set_tuning(-1)
+    ck.set_tuning(None)
 
 
 @pytest.mark.parametrize("lanes,avx512_tuning", [("8", None), ("16", 0), ("16", 1)], indirect=["avx512_tuning"])
