@@ -1009,7 +1009,8 @@ inline void transpose16x16(const float* src, int64_t ss, float* dst, int64_t ds)
 // (sC == 1: channels_last), else scalar. The AVX-512 variant transposes 16 x 16 blocks where W >= 16 (the same
 // overlap at the end). Measured (2-core AVX-512 Xeon, B=1 C=384 R=32, NCHW, paired rounds, 1 / 2 threads): forward
 // K=13 0.86 / 0.87x, K=31 0.97 / 0.95x; weight gradient 1.00 / 0.97x at both K. channels_last rows are copies
-// (unchanged; prefetching 4-16 pixels ahead or two channel blocks per thread gained nothing there).
+// (unchanged; prefetching 4-16 pixels of the same row ahead or two channel blocks per thread gained nothing there,
+// with warm caches; the next row, fetched into L2, is pack_row's: see prefetch_row).
 template <bool to_planes>
 inline void transpose_row(float* chan, int64_t lanes, int64_t sC, int64_t sW, int64_t W, float* pix) {
 #if DW_IN_AVX512
