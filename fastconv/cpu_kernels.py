@@ -367,7 +367,7 @@ ROW_CONV_PATHS = (CONV_PATHS[3], CONV_PATHS[5])
 
 def cpp_conv_path(x: torch.Tensor, w: torch.Tensor, lanes: int | None = None) -> str:
     """How ``cpp_conv(x, w, ...)`` computes (a ``CONV_PATHS`` value). Kernels of 9 (13 on AVX-512 CPUs with two
-    512-bit FMA units per core: ``cpu_tuning``) to 31 in Winograd F(3, 3) rows (1.69x fewer multiply-adds at K = 31:
+    512-bit FMA units per core: ``cpu_tuning``) to 31 in Winograd F(3, 3) rows (1.72x fewer multiply-adds at K = 31:
     ``fastconv.roofline.winograd_rows_flops``), as direct tiles on a compact copy of each channel block's rows, on any
     layout (AVX-512: K = 13 on maps from 36, 15-21 from 17, on Zen 4 K = 9-21 from 16; 23-31 from K - 3 where a row's
     last W mod 16 pixels fit a tile of 8; 8 lanes: K = 9-21 from 16, 23-31 on maps from max(24, K - 3) up to 32;

@@ -264,12 +264,14 @@ def _winograd_rows(out_rows: int, kernel_rows: int, row_lo: int, row_hi: int) ->
     """Row products that fastconv's Winograd F(3, 3) rows multiply (dwconv.cpp's corr_plane_wino): per triplet of
     output rows q (rows 3q .. 3q + 2) and each of its five products, the chunks t of three kernel rows whose
     transformed row q + t (the padded plane's rows 3(q + t) + a that the product combines: a from 0 to 3, 1 to 3 or 1
-    to 4) meets its nonzero rows [row_lo, row_hi)."""
+    to 4) meets its nonzero rows [row_lo, row_hi). The fifth product (the chunk's third kernel row, read by the
+    triplet's third output row only) skips a last chunk or triplet that lacks that row (wino_chunks_m4)."""
     triplets, chunks, total = -(-out_rows // 3), -(-kernel_rows // 3), 0
-    for a_lo, a_hi in ((0, 3), (1, 3), (1, 3), (1, 3), (1, 4)):  # the input rows 3j + a each product combines
+    for k, (a_lo, a_hi) in enumerate(((0, 3), (1, 3), (1, 3), (1, 3), (1, 4))):  # the input rows 3j + a it combines
         j_lo = max(0, -(-(row_lo - a_hi) // 3))
         j_hi = min(triplets + chunks - 1, (row_hi - 1 - a_lo) // 3 + 1)
-        total += sum(max(0, min(chunks, j_hi - q) - max(0, j_lo - q)) for q in range(triplets))
+        t_n, q_n = (kernel_rows // 3, out_rows // 3) if k == 4 else (chunks, triplets)
+        total += sum(max(0, min(t_n, j_hi - q) - max(0, j_lo - q)) for q in range(q_n))
     return total
 
 
@@ -278,8 +280,8 @@ def winograd_rows_flops(batch: int, channels: int, h: int, w: int, kh: int, kw: 
     Gray, CVPR 2016) where ``cpu_kernels.cpp_conv_path`` / ``cpp_wgrad_winograd`` say so: ``forward`` (also the
     input gradient) and ``weight_grad``, against ``depthwise_flops``'s ``inside`` (the direct products). Three output
     rows of a chunk of three kernel rows take five products instead of nine, so a roofline fraction counted on
-    ``inside`` can pass what the FMA units execute: ``forward / inside`` is the executed share (0.64 at 32 x 32,
-    K = 31). Columns as the direct tiles (inside the map); rows as the C++ kernel chooses them."""
+    ``inside`` can pass what the FMA units execute: ``forward / inside`` is the executed share (0.62 at 32 x 32,
+    K = 31; 0.65 at K = 13). Columns as the direct tiles (inside the map); rows as the C++ kernel chooses them."""
     pad = kh // 2
     cols = _inside(w, kw)
     fwd = 2 * batch * channels * _winograd_rows(h, kh, pad, pad + h) * cols

@@ -1231,8 +1231,10 @@ def test_winograd_direct_tiles_match_conv2d_in_float64(lanes, avx512_tuning, sha
 def test_winograd_rows_flops_by_brute_force(h, kh):
     """``roofline.winograd_rows_flops`` counts, per output triplet and product, the chunks of three kernel rows whose
     transformed row (B^T of the padded map's rows 3j .. 3j + 4, Lavin & Gray's F(3, 3) with points 0, 1, -1, 2 and
-    infinity) is not all zeros: the same count from the five transforms of a random column (float64) of the padded
-    map. At most five products per triplet and chunk: 5/9 of the direct multiply-adds away from the borders."""
+    infinity) and transformed kernel row (G of the chunk's rows, zeros past KH) are not all zeros, where an output row
+    of the triplet reads the product (A^T: the fifth only by the third row): the same count from the transforms of a
+    random column (float64) of the padded map and of the kernel. At most five products per triplet and chunk: 5/9 of
+    the direct multiply-adds away from the borders."""
     from fastconv import roofline
 
     pad, chunks, triplets = kh // 2, -(-kh // 3), -(-h // 3)
@@ -1242,7 +1244,16 @@ def test_winograd_rows_flops_by_brute_force(h, kh):
     bt = torch.tensor([[2, -1, -2, 1, 0], [0, -2, -1, 1, 0], [0, 2, -3, 1, 0], [0, -1, 0, 1, 0], [0, 2, -1, -2, 1]],
                       dtype=torch.float64)
     u = torch.stack([bt @ d[3 * j:3 * j + 5] for j in range(rows)])  # (row j, product)
-    brute = sum(int(u[q + t, k] != 0) for q in range(triplets) for t in range(chunks) for k in range(5))
+    g = torch.zeros(3 * chunks, dtype=torch.float64)
+    g[:kh] = torch.rand(kh, dtype=torch.float64) + 0.5
+    gm = torch.tensor([[1 / 2, 0, 0], [-1 / 2, -1 / 2, -1 / 2], [-1 / 6, 1 / 6, -1 / 6], [1 / 6, 1 / 3, 2 / 3],
+                       [0, 0, 1]], dtype=torch.float64)
+    gt = torch.stack([gm @ g[3 * t:3 * t + 3] for t in range(chunks)])  # (chunk t, product)
+    # A^T: (output row, product)
+    at = torch.tensor([[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 1]], dtype=torch.float64)
+    read = [[any(at[i, k] != 0 for i in range(min(3, h - 3 * q))) for k in range(5)] for q in range(triplets)]
+    brute = sum(int(u[q + t, k] != 0 and gt[t, k] != 0 and read[q][k])
+                for q in range(triplets) for t in range(chunks) for k in range(5))
     counted = roofline.winograd_rows_flops(1, 1, h, 1, kh, 1)
     assert counted["forward"] == 2 * brute
     assert brute <= 5 * chunks * triplets

@@ -51,7 +51,7 @@
 // Large kernels on large maps (from 21 on maps from 22 with AVX-512, from 15 on maps from 20 with 8 lanes: wino_rows)
 // run the planes in Winograd F(3, 3) rows (corr_plane_wino): three output rows of three kernel rows from five products
 // instead of nine, each a plain correlation of a transformed plane (the input rows 3j .. 3j + 4 combined) with a
-// transformed kernel of a third of the rows, so 1.69x fewer multiply-adds at K = 31
+// transformed kernel of a third of the rows, so 1.72x fewer multiply-adds at K = 31
 // (fastconv.roofline.winograd_rows_flops); the weight gradient of maps from 20 too (wino_wgrad). Kernels of 13 to 31
 // on maps large enough (wino_direct) run the same Winograd rows in the direct tiles on packed rows instead (conv_path
 // 5): each band's rows are transformed once and each product is a direct tile over the transformed rows. Not
@@ -761,8 +761,9 @@ inline void corr_plane(const float* in, const float* k, float* out, int64_t OH, 
 // chunk t read input rows 3(q + t) .. 3(q + t) + 4: the input transform of rows 3j .. 3j + 4 is shared by every
 // (triplet, chunk) with q + t = j, so each product is a plain correlation (corr_plane, its register tile and its
 // padding skip) of a transformed plane of rows j with a transformed kernel of ceil(KH / 3) rows, giving one row per
-// triplet. Multiply-adds per output: 5/3 ceil(KH / 3) KW against KH KW (K = 31: 18.3 x 31 against 31 x 31, 1.69x
-// fewer; fastconv.roofline.winograd_rows_flops counts those that meet nonzero transformed rows). It replaced
+// triplet. Multiply-adds per output: 5/3 ceil(KH / 3) KW against KH KW, 1/3 KW fewer where KH is no multiple of 3
+// (wino_chunks_m4; K = 31: 18 x 31 against 31 x 31, 1.72x fewer; fastconv.roofline.winograd_rows_flops counts those
+// that meet nonzero transformed rows). It replaced
 // F(2, 3) rows (two output rows from four products, 1.41x fewer multiply-adds; benchmarks/HISTORY.md).
 
 // Whether the forward / input gradient of an H x W map with a KH x KW kernel runs the Winograd rows (conv_path 4),
@@ -778,6 +779,13 @@ inline bool wino_rows(int64_t H, int64_t W, int64_t KH, int64_t KW) {
 }
 
 inline int64_t wino_chunks(int64_t KH) { return (KH + 2) / 3; }
+
+// Product 4 (its transformed kernel row is a chunk's third row, g2) is zero in a last chunk whose third row lies past
+// KH, and only a triplet's third output row reads it (y2 above): its chunks and its triplets stop one short where KH,
+// or the output rows, are no multiple of 3. The same sums: only products with an exact zero and products no output
+// reads are left out (an inf or NaN input no longer meets the zero row). 4-5 % fewer multiply-adds at K = 13, R = 32.
+inline int64_t wino_chunks_m4(int64_t KH) { return KH / 3; }
+inline int64_t wino_triplets_m4(int64_t OH) { return OH / 3; }
 
 // The five transformed kernels (5, ceil(KH / 3), KW, L) of a packed kernel k (KH, KW, L), whose rows lie rs floats
 // apart (0: KW * L, contiguous); rows past KH are zeros.
@@ -807,9 +815,11 @@ inline int64_t wino_rows_u(int64_t OH, int64_t KH) { return wino_triplets(OH) + 
 // rows 3j .. 3j + 4), their products M (one row per output triplet), a transformed kernel G where each plane brings
 // its own (the weight gradient's), and a row of zeros. Every plane of a call has the same nonzero input rows
 // [row_lo, row_hi) and columns [col_lo, col_hi): corr_plane_wino writes the transformed rows that can be nonzero
-// there, and the tiles read them from CO - 1 columns before col_lo to CO - 1 after col_hi (the padding is zeroed here
-// once: a zero fill of the whole buffers took 4-8 % of a call's time at B = 1). other_OH: the output rows of another
-// pass that the same buffers serve (backward_planes: the transformed rows are as many in both).
+// there, and the tiles read them from up to C - 1 columns before col_lo to C - 1 after col_hi, C the widest tile's
+// columns: CO, or where the weight gradient's planes end in 1-row tiles (WREST), rest_columns<1>() (1 x 7 with 8
+// lanes; at K = 13 product 4's four triplet rows end in one, wino_chunks_m4). The padding is zeroed here once: a zero
+// fill of the whole buffers took 4-8 % of a call's time at B = 1. other_OH: the output rows of another pass that the
+// same buffers serve (backward_planes: the transformed rows are as many in both).
 struct WinoBuffers {
     RawBuffer u, m, g;
     Buffer zeros;
@@ -821,7 +831,8 @@ struct WinoBuffers {
           g(on && own_kernel ? 5 * wino_chunks(KH) * KW * L : 0), zeros(on ? Wp * L : 0) {
         if (!on) return;
         J = wino_rows_u(Hp - KH + 1, KH);
-        const int64_t c0 = max64(0, col_lo - CO), c1 = min64(Wp, col_hi + CO);
+        constexpr int64_t widest = WREST && WRO > 1 && rest_columns<1>() > CO ? rest_columns<1>() : CO;
+        const int64_t c0 = max64(0, col_lo - widest), c1 = min64(Wp, col_hi + widest);
         for (int k = 0; k < 5; ++k)
             for (int64_t j = 0; j < J; ++j) {
                 float* r = u.data() + (k * J + j) * Wp * L;
@@ -872,10 +883,11 @@ inline void wino_output_rows(const float* m, int64_t ms, float* y, int64_t ys, i
     float* y2 = y + 2 * ys;
     for (int64_t q = 0; q < OW; ++q) {
         const vec m0 = load(m + q * L), m1 = load(m + ms + q * L), m2 = load(m + 2 * ms + q * L),
-                  m3 = load(m + 3 * ms + q * L), m4 = load(m + 4 * ms + q * L);
+                  m3 = load(m + 3 * ms + q * L);
         store(y + q * ps, (accum ? load(y + q * ps) : b) + m0 + m1 + m2 + m3);
         if (rows > 1) store(y1 + q * ps, (accum ? load(y1 + q * ps) : b) + m1 - m2 + 2.f * m3);
-        if (rows > 2) store(y2 + q * ps, (accum ? load(y2 + q * ps) : b) + m1 + m2 + 4.f * m3 + m4);
+        if (rows > 2)  // (product 4's row is computed for whole triplets only: wino_chunks_m4)
+            store(y2 + q * ps, (accum ? load(y2 + q * ps) : b) + m1 + m2 + 4.f * m3 + load(m + 4 * ms + q * L));
     }
 }
 
@@ -898,9 +910,12 @@ inline void corr_plane_wino(const float* in, const float* G, float* out, int64_t
         wino_input_row(r, U + j * rs, J * rs, col_lo, col_hi);  // (J * rs: from one transformed plane to the next)
     }
     const int64_t TS = T * KW * L, MS = Q * OW * L;
-    for (int k = 0; k < 5; ++k)
-        corr_plane<TR, TC, REST>(U + k * J * rs, G + k * TS, M + k * MS, Q, OW, T, KW, nullptr, false, lo[k], hi[k],
-                                 col_lo, col_hi, rs);
+    for (int k = 0; k < 5; ++k) {
+        const int64_t Tk = k == 4 ? wino_chunks_m4(KH) : T, Qk = k == 4 ? wino_triplets_m4(OH) : Q;  // (see there)
+        if (Tk > 0 && Qk > 0)
+            corr_plane<TR, TC, REST>(U + k * J * rs, G + k * TS, M + k * MS, Qk, OW, Tk, KW, nullptr, false, lo[k],
+                                     hi[k], col_lo, col_hi, rs);
+    }
     const vec b = init ? load(init) : vec{};
     for (int64_t t = 0; t < Q; ++t)
         wino_output_rows(M + t * OW * L, MS, out + 3 * t * OW * L, OW * L, L, OW, min64(3, OH - 3 * t), b, accum);
@@ -1546,7 +1561,7 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
         auto band_wino = [&](int64_t n, int64_t c0, int64_t p0, int64_t p1, int64_t r0, int64_t r1,
                              const float* in) __attribute__((noinline)) {
             const int64_t Q = wino_triplets(p1 - p0), J = Q + T - 1, base = p0 - ph, row_lo = r0 - base,
-                          row_hi = r1 - base, lanes = lane_count(C, c0);
+                          row_hi = r1 - base, lanes = lane_count(C, c0), T4 = wino_chunks_m4(KH);
             const WinoRows wr(row_lo, row_hi, J);
             const int64_t *lo = wr.lo, *hi = wr.hi;
             float* u = U.data();
@@ -1570,7 +1585,8 @@ void conv_direct(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                     for (int64_t i = P + 3; i < min64(P + 6, p1); ++i)
                         prefetch_row(y + n * yN + c0 * yC + i * yH, yW, W);
                 for (int kk = 0; kk < 5; ++kk) {  // the product's row, its tiles one after another
-                    const int64_t t_lo = max64(0, lo[kk] - q), t_hi = min64(T, hi[kk] - q);
+                    if (kk == 4 && rows < 3) continue;  // product 4: its chunks and triplets (wino_chunks_m4)
+                    const int64_t t_lo = max64(0, lo[kk] - q), t_hi = min64(kk == 4 ? T4 : T, hi[kk] - q);
                     float* mk = m + kk * ms;
                     if (t_lo >= t_hi) {
                         std::memset(mk, 0, sizeof(float) * ms);
