@@ -60,6 +60,18 @@ def _map_kernel_bias(shape, kernel, layout: str, seed: int):
     return x, torch.randn(c, 1, *kernel, generator=g), torch.randn(c, generator=g), g
 
 
+def _weight_grad_case(shape, kernel, layout: str):
+    """``_map_kernel_bias``'s map, kernel, bias and generator, an output gradient in the map's layout and the weight
+    gradient in float64 (``torch.nn.grad.conv2d_weight``)."""
+    x, w, b, g = _map_kernel_bias(shape, kernel, layout, seed=kernel[0] * 100 + kernel[1])
+    gy = torch.randn(x.shape, generator=g)
+    if layout == "channels_last":
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    pad = (kernel[0] // 2, kernel[1] // 2)
+    ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), padding=pad, groups=x.shape[1])
+    return x, w, b, g, gy, ref
+
+
 def _cpu_flags() -> set[str]:
     try:
         line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
@@ -125,16 +137,33 @@ def test_weight_gradient_last_rows_match_conv2d_in_float64(lanes, kernel, layout
     weight gradient's own call and through autograd (where the backward may run both gradients in one pass)."""
     need_cpp()
     monkeypatch.setenv(ck.ENV_LANES, lanes)
-    x, w, b, g = _map_kernel_bias((2, 19, 20, 22), kernel, layout, seed=kernel[0] * 100 + kernel[1])
+    x, w, b, g, gy, ref = _weight_grad_case((2, 19, 20, 22), kernel, layout)
     if lanes == "8":
         assert ck.cpp_wgrad_winograd(x, w)
-    gy = torch.randn(x.shape, generator=g)
-    if layout == "channels_last":
-        gy = gy.contiguous(memory_format=torch.channels_last)
-    pad = (kernel[0] // 2, kernel[1] // 2)
-    ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), padding=pad, groups=x.shape[1])
     assert _rel(ck.cpp_weight_grad(x, gy, *kernel).double(), ref) <= 1e-5
     _cpp_matches_conv2d_in_float64(x, w, b, g)
+
+
+@pytest.mark.parametrize("kernel", [(21, 13), (11, 13), (29, 13), (13, 13)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_weight_gradient_one_row_tiles_read_zeroed_padding(kernel, layout, monkeypatch, one_thread):
+    """8 lanes, Winograd rows: a weight-gradient product whose triplet rows leave one at the end (KH = 11, 19, 21, 29;
+    at K = 13 the fifth product's four, dwconv.cpp's wino_chunks_m4) ends in 1 x 7 tiles, which read up to six
+    columns left of the map. With KW = 13 (padding 6) the Winograd buffers had zeroed five, and what the heap had left
+    in the sixth reached the gradient (relative errors up to 1e18). NaN-filled buffers freed before each call leave
+    such leftovers on purpose."""
+    need_cpp()
+    monkeypatch.setenv(ck.ENV_LANES, "8")
+    x, w, _, _, gy, ref = _weight_grad_case((2, 19, 24, 22), kernel, layout)
+    assert ck.cpp_wgrad_winograd(x, w)
+    for _ in range(3):
+        for n in (1 << 12, 1 << 14, 1 << 16):  # 16-256 KB, as the kernel's buffers: the heap hands them out again
+            torch.full((n,), float("nan"))
+        assert _rel(ck.cpp_weight_grad(x, gy, *kernel).double(), ref) <= 1e-5
+        both = ck.cpp_backward(x, gy, w)  # the one-pass backward, where it applies (NCHW here)
+        assert (both is None) == (layout == "channels_last")
+        if both is not None:
+            assert _rel(both[1].double(), ref) <= 1e-5
 
 
 def test_lane_width_argument_equals_the_other_width():
