@@ -818,9 +818,9 @@ inline int64_t wino_rows_u(int64_t OH, int64_t KH) { return wino_triplets(OH) + 
 // there, and the tiles read them from up to C - 1 columns before col_lo to C - 1 after col_hi, C the widest tile's
 // columns: CO, or where the weight gradient's planes end in 1-row tiles (WREST), rest_columns<1>() (1 x 7 with 8
 // lanes: KH = 11, 19, 21, 29, and product 4's four triplet rows at K = 13, wino_chunks_m4; zeroing CO columns left
-// the sixth of a KW = 13 kernel's padding to the heap's leftovers, which reached the gradient). The padding is zeroed
-// here once: a zero fill of the whole buffers took 4-8 % of a call's time at B = 1. other_OH: the output rows of
-// another pass that the same buffers serve (backward_planes: the transformed rows are as many in both).
+// the sixth to the heap's leftovers, which reached those kernels' gradients). The padding is zeroed here once: a
+// zero fill of the whole buffers took 4-8 % of a call's time at B = 1. other_OH: the output rows of another pass that
+// the same buffers serve (backward_planes: the transformed rows are as many in both).
 struct WinoBuffers {
     RawBuffer u, m, g;
     Buffer zeros;
