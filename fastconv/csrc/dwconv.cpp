@@ -763,8 +763,8 @@ inline void corr_plane(const float* in, const float* k, float* out, int64_t OH, 
 // padding skip) of a transformed plane of rows j with a transformed kernel of ceil(KH / 3) rows, giving one row per
 // triplet. Multiply-adds per output: 5/3 ceil(KH / 3) KW against KH KW, 1/3 KW fewer where KH is no multiple of 3
 // (wino_chunks_m4; K = 31: 18 x 31 against 31 x 31, 1.72x fewer; fastconv.roofline.winograd_rows_flops counts those
-// that meet nonzero transformed rows). It replaced
-// F(2, 3) rows (two output rows from four products, 1.41x fewer multiply-adds; benchmarks/HISTORY.md).
+// that meet nonzero transformed rows). It replaced F(2, 3) rows (two output rows from four products, 1.41x fewer
+// multiply-adds; benchmarks/HISTORY.md).
 
 // Whether the forward / input gradient of an H x W map with a KH x KW kernel runs the Winograd rows (conv_path 4),
 // chosen by measurement (2 threads, AVX-512 Intel Xeon, B = 1, C = 384, median of paired rounds, Winograd rows / the
