@@ -72,6 +72,13 @@ def _weight_grad_case(shape, kernel, layout: str):
     return x, w, b, g, gy, ref
 
 
+def _leave_nan_in_freed_memory():
+    """Free NaN-filled buffers of 16-256 KB, the sizes of the C++ kernel's own buffers, which the heap hands out again:
+    a read of memory the kernel never wrote then shows as NaN or garbage in its result."""
+    for n in (1 << 12, 1 << 14, 1 << 16):
+        torch.full((n,), float("nan"))
+
+
 def _cpu_flags() -> set[str]:
     try:
         line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
@@ -157,8 +164,7 @@ def test_weight_gradient_one_row_tiles_read_zeroed_padding(kernel, layout, monke
     x, w, _, _, gy, ref = _weight_grad_case((2, 19, 28, 26), kernel, layout)
     assert ck.cpp_wgrad_winograd(x, w)
     for _ in range(3):
-        for n in (1 << 12, 1 << 14, 1 << 16):  # 16-256 KB, as the kernel's buffers: the heap hands them out again
-            torch.full((n,), float("nan"))
+        _leave_nan_in_freed_memory()
         assert _rel(ck.cpp_weight_grad(x, gy, *kernel).double(), ref) <= 1e-5
         both = ck.cpp_backward(x, gy, w)  # the one-pass backward, where it applies (NCHW here)
         assert (both is None) == (layout == "channels_last")
@@ -191,8 +197,7 @@ def test_random_shapes_match_float64_after_nan_filled_frees(one_thread):
                            ("input gradient", lambda: ck.cpp_conv(gy, wt, None, flip=True, lanes=lanes)),
                            ("weight gradient", lambda: ck.cpp_weight_grad(x, gy, kh, kw, lanes=lanes)),
                            ("one pass", lambda: ck.cpp_backward(x, gy, wt, lanes=lanes))):
-            for n in (1 << 12, 1 << 14, 1 << 16):  # 16-256 KB, as the kernel's buffers: the heap hands them out again
-                torch.full((n,), float("nan"))
+            _leave_nan_in_freed_memory()
             results[name] = call()
         one_pass = results.pop("one pass")
         if one_pass is not None:
