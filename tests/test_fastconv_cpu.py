@@ -172,6 +172,24 @@ def test_weight_gradient_one_row_tiles_read_zeroed_padding(kernel, layout, monke
             assert _rel(both[1].double(), ref) <= 1e-5
 
 
+def _every_pass_after_nan_frees(x, w, bias, gy, lanes) -> dict:
+    """The C++ kernel's forward (with ``bias``), input gradient, weight gradient and one-pass backward (where it has
+    one: "one pass, input gradient" and "one pass, weight gradient") of ``x`` and the output gradient ``gy``, each
+    called after ``_leave_nan_in_freed_memory``."""
+    kh, kw = w.shape[-2:]
+    results = {}
+    for name, call in (("forward", lambda: ck.cpp_conv(x, w, bias, lanes=lanes)),
+                       ("input gradient", lambda: ck.cpp_conv(gy, w, None, flip=True, lanes=lanes)),
+                       ("weight gradient", lambda: ck.cpp_weight_grad(x, gy, kh, kw, lanes=lanes)),
+                       ("one pass", lambda: ck.cpp_backward(x, gy, w, lanes=lanes))):
+        _leave_nan_in_freed_memory()
+        results[name] = call()
+    one_pass = results.pop("one pass")
+    if one_pass is not None:
+        results["one pass, input gradient"], results["one pass, weight gradient"] = one_pass
+    return results
+
+
 def test_random_shapes_match_float64_after_nan_filled_frees(one_thread):
     """200 seeded random calls (B 1-2, C 3-24, maps 8-40 a side, kernels 9-31 a side, square or not, 8 and 16 lanes,
     NCHW and channels_last): forward, input gradient, weight gradient and the one-pass backward against float64,
@@ -192,17 +210,7 @@ def test_random_shapes_match_float64_after_nan_filled_frees(one_thread):
         ref_y = F.conv2d(x.double(), wt.double(), padding=pad, groups=c)
         ref_gx = torch.nn.grad.conv2d_input(x.shape, wt.double(), gy.double(), padding=pad, groups=c)
         case = f"{(b, c, h, w)} kernel {(kh, kw)} {lanes} lanes {layout}"
-        results = {}
-        for name, call in (("forward", lambda: ck.cpp_conv(x, wt, None, lanes=lanes)),
-                           ("input gradient", lambda: ck.cpp_conv(gy, wt, None, flip=True, lanes=lanes)),
-                           ("weight gradient", lambda: ck.cpp_weight_grad(x, gy, kh, kw, lanes=lanes)),
-                           ("one pass", lambda: ck.cpp_backward(x, gy, wt, lanes=lanes))):
-            _leave_nan_in_freed_memory()
-            results[name] = call()
-        one_pass = results.pop("one pass")
-        if one_pass is not None:
-            results["one pass, input gradient"], results["one pass, weight gradient"] = one_pass
-        for name, out in results.items():
+        for name, out in _every_pass_after_nan_frees(x, wt, None, gy, lanes).items():
             ref = ref_y if name == "forward" else ref_gx if "input" in name else ref_gw
             assert _rel(out.double(), ref) <= 1e-5, f"{name}, {case}"
 
@@ -257,18 +265,8 @@ def test_random_calls_of_every_path_match_float64():
                     "weight gradient": (torch.nn.grad.conv2d_weight(xd, wt.shape, gd, padding=pad, groups=c),
                                         torch.nn.grad.conv2d_weight(xd.abs(), wt.shape, gd.abs(), padding=pad,
                                                                     groups=c))}
-            results = {}
-            for name, call in (("forward", lambda: ck.cpp_conv(x, wt, bias, lanes=lanes)),
-                               ("input gradient", lambda: ck.cpp_conv(gy, wt, None, flip=True, lanes=lanes)),
-                               ("weight gradient", lambda: ck.cpp_weight_grad(x, gy, kh, kw, lanes=lanes)),
-                               ("one pass", lambda: ck.cpp_backward(x, gy, wt, lanes=lanes))):
-                _leave_nan_in_freed_memory()
-                results[name] = call()
-            one_pass = results.pop("one pass")
-            if one_pass is not None:
-                results["one pass, input gradient"], results["one pass, weight gradient"] = one_pass
             case = f"{(b, c, h, w)} kernel {(kh, kw)} {layout} bias {with_bias} {n_threads} threads {lanes} lanes"
-            for name, out in results.items():
+            for name, out in _every_pass_after_nan_frees(x, wt, bias, gy, lanes).items():
                 ref, abs_sum = refs[name.replace("one pass, ", "")]
                 assert out.shape == ref.shape, f"{name}, {case}"
                 assert _error_over_abs_sum(out, ref, abs_sum) <= 3e-6, f"{name}, {case}"
